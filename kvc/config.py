@@ -1,0 +1,250 @@
+"""One YAML file -> one frozen tree of typed config dataclasses.
+
+Unknown keys and bad values are errors that name the key and the allowed values. The `kvc`
+section keeps KTransformers' kvc2 key names, and `kvc2:` is accepted as an alias of `kvc:`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _range(lo=None, hi=None, lo_open=False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:tiny-qwen3-moe"
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "float16")})
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    page_size: int = field(default=16, metadata=_range(1, 4096))
+    chunk_size: int = field(default=256, metadata=_range(1, 1 << 20))
+
+
+@dataclass(frozen=True)
+class KvcConfig:
+    gpu_only: bool = False
+    utilization_percentage: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
+    cpu_memory_size_GB: float = field(default=4.0, metadata=_range(0.0))
+    disk_path: str | None = "~/.cache/kvc/pages"
+    disk_size_GB: float = field(default=32.0, metadata=_range(0.0))
+    # Where cpu pages go: "back" writes them to disk when evicted from cpu, "through" on every put.
+    disk_write: str = field(default="back", metadata={"choices": ("back", "through")})
+    # Eviction runs when a tier passes the high watermark and stops at the low one.
+    high_watermark: float = field(default=0.95, metadata=_range(0.0, 1.0, lo_open=True))
+    low_watermark: float = field(default=0.85, metadata=_range(0.0, 1.0, lo_open=True))
+    # Device pool size in blocks; null sizes it from utilization_percentage of free memory.
+    num_device_blocks: int | None = field(default=None, metadata=_range(1))
+    lease_ttl_s: float = field(default=60.0, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    num_gpu_experts: int | None = field(default=None, metadata=_range(0))
+    gpu_experts_ratio: float | None = field(default=None, metadata=_range(0.0, 1.0))
+    placement_strategy: str = field(
+        default="uniform", metadata={"choices": ("uniform", "frequency", "front-loading", "random")})
+    init_expert_location: str | None = None
+    dynamic_update: bool = False
+    gpu_prefill_token_threshold: int = field(default=512, metadata=_range(1))
+    cpu_expert_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
+    record_expert_stats: str | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = field(default=64, metadata=_range(1))
+    max_num_batched_tokens: int = field(default=2048, metadata=_range(1))
+    max_model_len: int | None = field(default=None, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    http_port: int = field(default=30000, metadata=_range(0, 65535))
+    grpc_port: int = field(default=50051, metadata=_range(0, 65535))
+    metrics_port: int = field(default=9400, metadata=_range(0, 65535))
+    cache_url: str | None = None
+    # Bearer token -> tenant name; the tenant's salt is applied by the cache service.
+    auth_tokens: Mapping[str, str] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_bytes: int = field(default=64 << 20, metadata=_range(1 << 20))
+    shared_memory: bool = False
+    rpc_timeout_s: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    kvc: KvcConfig = field(default_factory=KvcConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with leaf keys replaced, e.g. replace(page_size=32, disk_path=None).
+
+        A leaf name is unique across sections; a dotted name ("kvc.disk_path") also works.
+        """
+        tree = to_dict(self)
+        for name, value in overrides.items():
+            section = _section_of(name)
+            tree[section][name.split(".")[-1]] = value
+        return from_dict(tree)
+
+
+def _section_of(name: str) -> str:
+    if "." in name:
+        section, leaf = name.split(".", 1)
+        if section not in _SECTIONS or leaf not in _leaf_names(_SECTIONS[section]):
+            raise ConfigError(f"unknown config key {name!r}")
+        return section
+    owners = [s for s, cls in _SECTIONS.items() if name in _leaf_names(cls)]
+    if not owners:
+        raise ConfigError(f"unknown config key {name!r}; known keys: {', '.join(sorted(_all_leaves()))}")
+    assert len(owners) == 1, f"config leaf {name!r} is ambiguous: {owners}"
+    return owners[0]
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def _leaf_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _all_leaves() -> list[str]:
+    return [leaf for cls in _SECTIONS.values() for leaf in _leaf_names(cls)]
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
+    key = f"{section}.{f.name}"
+    hints = typing.get_type_hints(_SECTIONS[section])
+    hint = hints[f.name]
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    elif origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+    elif origin is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+    elif origin in (Mapping, dict, typing.Mapping):
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key} must be a mapping of strings to strings, got {value!r}")
+        value = dict(value)
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    if "lo" in meta:
+        lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and value > hi
+        if too_low or too_high:
+            lo_s = "-inf" if lo is None else str(lo)
+            hi_s = "inf" if hi is None else str(hi)
+            bracket = "(" if lo_open else "["
+            raise ConfigError(f"{key} must be in {bracket}{lo_s}, {hi_s}]; got {value!r}")
+    return value
+
+
+def _total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def from_dict(data: Mapping[str, Any] | None) -> Config:
+    data = dict(data or {})
+    if "kvc2" in data:
+        if "kvc" in data:
+            raise ConfigError("config has both 'kvc' and its alias 'kvc2'; keep one")
+        data["kvc"] = data.pop("kvc2")
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {raw!r}")
+        known = {f.name: f for f in fields(cls)}
+        bad = set(raw) - set(known)
+        if bad:
+            raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(bad))}; "
+                              f"known keys in {name}: {', '.join(known)}")
+        values = {k: _check_value(name, known[k], v) for k, v in raw.items()}
+        sections[name] = cls(**values)
+    cfg = Config(**sections)
+    return _validate(cfg)
+
+
+def _validate(cfg: Config) -> Config:
+    kvc = cfg.kvc
+    if kvc.low_watermark >= kvc.high_watermark:
+        raise ConfigError(f"kvc.low_watermark ({kvc.low_watermark}) must be below "
+                          f"kvc.high_watermark ({kvc.high_watermark})")
+    total = _total_memory_bytes()
+    if total is not None and kvc.cpu_memory_size_GB * (1 << 30) > total:
+        raise ConfigError(f"kvc.cpu_memory_size_GB={kvc.cpu_memory_size_GB} is larger than this "
+                          f"machine's memory ({total / (1 << 30):.1f} GB); lower it")
+    if kvc.disk_path is not None:
+        kvc = dataclasses.replace(kvc, disk_path=os.path.expanduser(kvc.disk_path))
+    ex = cfg.experts
+    if ex.num_gpu_experts is not None and ex.gpu_experts_ratio is not None:
+        raise ConfigError("set one of experts.num_gpu_experts and experts.gpu_experts_ratio, not both")
+    if ex.init_expert_location is not None:
+        ex = dataclasses.replace(ex, init_expert_location=os.path.expanduser(ex.init_expert_location))
+    return dataclasses.replace(cfg, kvc=kvc, experts=ex)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {s.name: dict(dataclasses.asdict(getattr(cfg, s.name))) for s in fields(Config)}
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply leaf overrides."""
+    data: Mapping[str, Any] = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    cfg = from_dict(data)
+    return cfg.replace(**overrides) if overrides else cfg

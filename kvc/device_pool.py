@@ -1,0 +1,143 @@
+"""The device tier: a block pool (ids, ref counts, hash map, LRU free queue) and the KV tensors.
+
+BlockPool knows nothing of tensors, requests or tiers. Eviction policy is the order of the free
+queue: blocks are freed tail-first, so the deepest page of a chain is evicted before its parent.
+DevicePool holds the per-layer K and V tensors and moves whole pages in and out with one
+batched gather or scatter per direction.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .hashing import PageSpec
+from .record import torch_dtype
+
+
+@dataclass
+class _Cached:
+    hash: bytes
+    parent: bytes
+    tokens: bytes  # little-endian uint32
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        assert num_blocks > 0, "a block pool needs at least one block"
+        self.num_blocks = num_blocks
+        self.ref_count = [0] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        self._cached: dict[int, _Cached] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    def block_hash(self, block: int) -> bytes | None:
+        c = self._cached.get(block)
+        return c.hash if c else None
+
+    def match_prefix(self, hashes: Sequence[bytes], parents: Sequence[bytes],
+                     tokens: Sequence[bytes]) -> list[int]:
+        """Blocks holding the longest prefix of `hashes` whose parent and tokens also match."""
+        out = []
+        for h, p, t in zip(hashes, parents, tokens):
+            b = self.hash_to_block.get(h)
+            if b is None:
+                break
+            c = self._cached[b]
+            if c.parent != p or c.tokens != t:
+                break
+            out.append(b)
+        return out
+
+    def touch(self, blocks: Sequence[int]) -> None:
+        """Take a reference on blocks (cached hits); a block at ref 0 leaves the free queue."""
+        for b in blocks:
+            if self.ref_count[b] == 0:
+                del self.free_queue[b]
+            self.ref_count[b] += 1
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks, evicting the least recently freed cached ones; None if too few are free."""
+        if n > len(self.free_queue):
+            return None
+        out = []
+        for _ in range(n):
+            b, _ = self.free_queue.popitem(last=False)
+            self._uncache(b)
+            self.ref_count[b] = 1
+            out.append(b)
+        return out
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop a reference on a request's blocks, given in sequence order.
+
+        Blocks reaching ref 0 join the free queue tail-first, so a later allocation evicts the end
+        of the sequence before its prefix.
+        """
+        for b in reversed(blocks):
+            assert self.ref_count[b] > 0, f"block {b} freed more often than referenced"
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                self.free_queue[b] = None
+
+    def cache_block(self, block: int, h: bytes, parent: bytes, tokens: bytes) -> bool:
+        """Register a full, computed block under its hash; False if the hash is already held."""
+        if h in self.hash_to_block or block in self._cached:
+            return False
+        self.hash_to_block[h] = block
+        self._cached[block] = _Cached(h, parent, tokens)
+        return True
+
+    def _uncache(self, b: int) -> None:
+        c = self._cached.pop(b, None)
+        if c is not None:
+            del self.hash_to_block[c.hash]
+
+    def reset_cache(self) -> int:
+        """Forget every cached hash of unreferenced blocks; returns how many were dropped."""
+        dropped = [b for b in self.free_queue if b in self._cached]
+        for b in dropped:
+            self._uncache(b)
+        return len(dropped)
+
+
+class DevicePool:
+    """KV tensors for all layers: kv[layer, part] is [num_blocks, page_size, kv_heads, head_dim]."""
+
+    def __init__(self, spec: PageSpec, num_blocks: int, device: str | torch.device = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.num_blocks = num_blocks
+        L, parts, P, H, D = spec.shape
+        self.kv = torch.zeros((L, parts, num_blocks, P, H, D), dtype=torch_dtype(spec.dtype), device=self.device)
+        self.blocks = BlockPool(num_blocks)
+
+    @staticmethod
+    def blocks_for_budget(spec: PageSpec, budget_bytes: int) -> int:
+        return max(1, budget_bytes // spec.page_bytes)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) views of one layer; for an MLA latent pool both are the same tensor."""
+        kv = self.kv[layer]
+        return kv[0], kv[-1]
+
+    def gather(self, blocks: Sequence[int]) -> torch.Tensor:
+        """Pages of `blocks` as one [n, layers, parts, page_size, heads, head_dim] device tensor."""
+        idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
+        return self.kv.index_select(2, idx).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+    def scatter(self, blocks: Sequence[int], pages: torch.Tensor) -> None:
+        """Write pages [n, layers, parts, page_size, heads, head_dim] (any device) into `blocks`."""
+        n = len(blocks)
+        assert tuple(pages.shape) == (n, *self.spec.shape), \
+            f"pages shape {tuple(pages.shape)} != {(n, *self.spec.shape)}"
+        idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
+        src = pages.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
+        self.kv.index_copy_(2, idx, src)

@@ -1,0 +1,115 @@
+"""Hash spec v1: namespaces and chained page hashes.
+
+    root  = xxh3_128(b"kvc/v1" + canonical namespace encoding)
+    h[i]  = xxh3_128(h[i-1] || tokens[i*P:(i+1)*P] as little-endian uint32),  h[-1] = root
+
+Digests are the 16 big-endian bytes of xxh3_128 (xxhash's `digest()`). The namespace encoding is a
+sequence of tagged fields, `tag_len:u8 tag value_len:u32le value`, in a fixed order; integers are
+written as decimal ASCII. Nothing depends on Python's `hash()`, pickling or the process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import xxhash
+
+HASH_SPEC = b"kvc/v1"
+DIGEST_BYTES = 16
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """The shape of one page's KV: [layers, kv_parts, page_size, kv_heads, head_dim].
+
+    kv_parts is 2 for K and V, 1 for an MLA latent.
+    """
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: str  # a torch dtype name: "float32", "bfloat16", "float16"
+    kv_parts: int = 2
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "kv_parts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"PageSpec.{name} must be a positive integer, got {v!r}")
+        if self.kv_parts not in (1, 2):
+            raise ValueError(f"PageSpec.kv_parts must be 1 (MLA latent) or 2 (K and V), got {self.kv_parts}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"PageSpec.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, self.kv_parts, self.page_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def page_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * DTYPE_BYTES[self.dtype]
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "uint8": 1}
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What makes KV compatible: the model's fingerprint, the adapter and the tenant's salt."""
+    architecture: str
+    spec: PageSpec
+    weights_digest: str = ""
+    adapter: str = ""
+    cache_salt: str = ""
+
+    def encode(self) -> bytes:
+        """The canonical tagged encoding (hash spec v1)."""
+        items: list[tuple[str, str]] = [("architecture", self.architecture)]
+        items += [(f"spec.{f.name}", str(getattr(self.spec, f.name))) for f in fields(PageSpec)]
+        items += [("weights_digest", self.weights_digest), ("adapter", self.adapter),
+                  ("cache_salt", self.cache_salt)]
+        out = bytearray()
+        for tag, value in items:
+            t, v = tag.encode(), value.encode("utf-8")
+            out += len(t).to_bytes(1, "little") + t + len(v).to_bytes(4, "little") + v
+        return bytes(out)
+
+    @property
+    def root(self) -> bytes:
+        return namespace_root(self)
+
+    def with_salt(self, salt: str) -> "Namespace":
+        from dataclasses import replace
+        return replace(self, cache_salt=salt)
+
+
+def namespace_root(ns: Namespace) -> bytes:
+    return xxhash.xxh3_128_digest(HASH_SPEC + ns.encode())
+
+
+def tokens_bytes(tokens) -> bytes:
+    """Token ids as little-endian uint32 bytes; ids outside uint32 are an error."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"token ids must be a flat sequence, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must fit in uint32 (0 .. 4294967295)")
+    return arr.astype("<u4").tobytes()
+
+
+def page_hashes(root: bytes, tokens, page_size: int) -> list[bytes]:
+    """Chained hashes of every full page of `tokens`; a partial tail page is not hashed."""
+    if page_size <= 0:
+        raise ValueError(f"page_size must be positive, got {page_size}")
+    raw = tokens_bytes(tokens)
+    step = 4 * page_size
+    out: list[bytes] = []
+    parent = root
+    digest = xxhash.xxh3_128_digest
+    for off in range(0, len(raw) - step + 1, step):
+        parent = digest(parent + raw[off:off + step])
+        out.append(parent)
+    return out
