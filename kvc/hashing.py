@@ -100,16 +100,21 @@ def tokens_bytes(tokens) -> bytes:
     return arr.astype("<u4").tobytes()
 
 
+def chain_hash(parent: bytes, page_tokens: bytes) -> bytes:
+    """One link of the chain: xxh3_128(parent || page tokens as little-endian uint32)."""
+    return xxhash.xxh3_128_digest(parent + page_tokens)
+
+
 def page_hashes(root: bytes, tokens, page_size: int) -> list[bytes]:
     """Chained hashes of every full page of `tokens`; a partial tail page is not hashed."""
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
-    raw = tokens_bytes(tokens)
+    raw = tokens if isinstance(tokens, bytes) else tokens_bytes(tokens)
     step = 4 * page_size
     out: list[bytes] = []
     parent = root
-    digest = xxhash.xxh3_128_digest
+    link = chain_hash
     for off in range(0, len(raw) - step + 1, step):
-        parent = digest(parent + raw[off:off + step])
+        parent = link(parent, raw[off:off + step])
         out.append(parent)
     return out

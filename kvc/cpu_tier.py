@@ -1,0 +1,172 @@
+"""The cpu tier: one preallocated slab of page slots (pinned where CUDA is present).
+
+The slab is cut into extents; an extent is given to one page size (a size class) when that size
+first needs room, and carved into slots. Pages of several models can then share one budget. The
+tier never holds more bytes than its slab. Eviction order is the LRU order of `entries`
+(front = next victim); the store decides what is evicted and where it goes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .record import checksum
+
+EXTENT_BYTES = 64 << 20
+
+
+@dataclass
+class Entry:
+    """What a tier keeps about a page besides its payload."""
+    ns_root: bytes
+    parent: bytes
+    tokens: bytes          # little-endian uint32 ids
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int
+    slot: int = -1         # byte offset in the slab (cpu tier only)
+
+
+@dataclass
+class _SizeClass:
+    size: int
+    free: list[int] = field(default_factory=list)            # free slot offsets
+    extents: dict[int, int] = field(default_factory=dict)    # extent index -> used slots
+
+
+class CpuTier:
+    name = "cpu"
+
+    def __init__(self, capacity_bytes: int, pin: bool | None = None):
+        assert capacity_bytes > 0, "use NullTier for a cpu tier of size 0"
+        if pin is None:
+            pin = torch.cuda.is_available()
+        self.capacity = int(capacity_bytes)
+        self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin)  # [capacity]
+        self.slab_np = self.slab.numpy()
+        self.extent_bytes = min(EXTENT_BYTES, self.capacity)
+        self.free_extents = list(range(self.capacity // self.extent_bytes))
+        self.classes: dict[int, _SizeClass] = {}
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.used = 0
+
+    @property
+    def pages(self) -> int:
+        return len(self.entries)
+
+    def get(self, h: bytes) -> Entry | None:
+        return self.entries.get(h)
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.extent_bytes
+
+    # -- allocation -----------------------------------------------------------------------------
+    def _class(self, nbytes: int) -> _SizeClass:
+        c = self.classes.get(nbytes)
+        if c is None:
+            c = self.classes[nbytes] = _SizeClass(nbytes)
+        return c
+
+    def _alloc(self, nbytes: int) -> int | None:
+        c = self._class(nbytes)
+        if not c.free and self.free_extents:
+            ext = self.free_extents.pop()
+            base = ext * self.extent_bytes
+            per = self.extent_bytes // nbytes
+            c.free.extend(base + i * nbytes for i in reversed(range(per)))
+            c.extents[ext] = 0
+        if not c.free:
+            return None
+        off = c.free.pop()
+        c.extents[off // self.extent_bytes] += 1
+        return off
+
+    def _release(self, off: int, nbytes: int) -> None:
+        c = self.classes[nbytes]
+        ext = off // self.extent_bytes
+        c.extents[ext] -= 1
+        c.free.append(off)
+        if c.extents[ext] == 0:  # a whole extent is free again: any size class may take it
+            del c.extents[ext]
+            lo, hi = ext * self.extent_bytes, (ext + 1) * self.extent_bytes
+            c.free = [o for o in c.free if not lo <= o < hi]
+            self.free_extents.append(ext)
+
+    def victims_for(self, nbytes: int, is_pinned) -> list[bytes] | None:
+        """LRU pages whose removal makes room for one page of nbytes; None if pins prevent it."""
+        c = self._class(nbytes)
+        if c.free or self.free_extents:
+            return []
+        for h, e in self.entries.items():  # same size class first: frees a slot directly
+            if e.nbytes == nbytes and not is_pinned(h):
+                return [h]
+        for h, e in self.entries.items():  # else empty the extent of the oldest other page
+            if is_pinned(h):
+                continue
+            ext = e.slot // self.extent_bytes
+            lo, hi = ext * self.extent_bytes, (ext + 1) * self.extent_bytes
+            group = [g for g, f in self.entries.items() if lo <= f.slot < hi]
+            if not any(is_pinned(g) for g in group):
+                return group
+        return None
+
+    # -- data -----------------------------------------------------------------------------------
+    def put(self, h: bytes, entry: Entry, payload: np.ndarray) -> bool:
+        """Copy a payload (flat uint8) into a free slot; False when no slot is free."""
+        assert payload.nbytes == entry.nbytes, "payload size does not match its entry"
+        off = self._alloc(entry.nbytes)
+        if off is None:
+            return False
+        self.slab_np[off:off + entry.nbytes] = payload
+        entry.slot = off
+        self.entries[h] = entry
+        self.used += entry.nbytes
+        return True
+
+    def view(self, h: bytes) -> np.ndarray:
+        e = self.entries[h]
+        return self.slab_np[e.slot:e.slot + e.nbytes]
+
+    def read_into(self, h: bytes, dst: torch.Tensor) -> bool:
+        """Verify the page's checksum and copy it into dst (flat uint8); False on a mismatch."""
+        src = self.view(h)
+        if checksum(src) != self.entries[h].checksum:
+            return False
+        dst.copy_(torch.from_numpy(src))
+        return True
+
+    def touch(self, h: bytes) -> None:
+        self.entries.move_to_end(h)
+
+    def remove(self, h: bytes) -> Entry:
+        e = self.entries.pop(h)
+        self._release(e.slot, e.nbytes)
+        self.used -= e.nbytes
+        return e
+
+
+class NullTier:
+    """A tier that holds nothing (cpu_memory_size_GB: 0, or no disk_path)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.capacity = 0
+        self.used = 0
+        self.pages = 0
+        self.entries: dict = {}
+
+    def get(self, h: bytes) -> None:
+        return None
+
+    def fits(self, nbytes: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass

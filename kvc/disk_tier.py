@@ -1,0 +1,356 @@
+"""The disk tier: page records in LMDB at `disk_path`, written by one writer thread.
+
+Layout under disk_path: `kvc.lock` (flock: one process per disk_path) and `lmdb/` with two
+databases: `data` (hash -> page record) and `meta` (hash -> ns_root, parent, seq, size, tokens),
+from which the in-memory index is rebuilt at start (warm restart). Settings follow DESIGN
+section 6: writemap off (a full disk is an error, not SIGBUS), metasync off, map size from the
+budget, a startup check of the data file against its last page (a truncated or unreadable
+environment is moved aside and the tier starts cold, loudly), reader checks for killed readers.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import lmdb
+
+from .record import ChecksumError, RecordError, decode_header, checksum
+
+log = logging.getLogger("kvc.disk")
+
+_META = struct.Struct("<16s16sQQ")  # ns_root, parent, seq, record size; then tokens
+LMDB_PAGE = 4096
+READER_CHECK_S = 60.0
+DEGRADED_RETRY_S = 30.0
+
+
+class DiskPathLocked(RuntimeError):
+    """Another process holds this disk_path."""
+
+
+@dataclass
+class DiskEntry:
+    ns_root: bytes
+    parent: bytes
+    tokens: bytes
+    seq: int
+    size: int  # record bytes
+
+    @property
+    def footprint(self) -> int:
+        # LMDB keeps a large value in whole overflow pages; the meta record and key are small.
+        return -(-(self.size + 64) // LMDB_PAGE) * LMDB_PAGE + 128 + len(self.tokens)
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, path: str, capacity_bytes: int, metrics, high: float = 0.95, low: float = 0.85):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.capacity = int(capacity_bytes)
+        self.high, self.low = high, low
+        self.metrics = metrics
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._lock_fd = self._take_lock()
+        self.env_path = os.path.join(self.path, "lmdb")
+        self.map_size = int(self.capacity * 1.10) + (1 << 20)
+        self.index: OrderedDict[bytes, DiskEntry] = OrderedDict()
+        self.pending: dict[bytes, bytes] = {}   # queued records, readable before their commit
+        self.used = 0
+        self._seq = 0
+        self._lock = threading.RLock()
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self.degraded_until = 0.0
+        self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
+        self.env = self._open()
+        self._load_index()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="kvc-disk-writer", daemon=True)
+        self._writer.start()
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _take_lock(self) -> int:
+        fd = os.open(os.path.join(self.path, "kvc.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DiskPathLocked(f"disk_path {self.path!r} is in use by another kvc process (pid {holder}); "
+                                 f"give each process its own kvc.disk_path, or share one cache-server") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def _open(self) -> lmdb.Environment:
+        try:
+            env = self._open_env()
+            problem = self._check(env)
+        except lmdb.Error as e:
+            env, problem = None, f"cannot be opened: {e}"
+        if problem is None:
+            return env
+        if env is not None:
+            env.close()
+        aside = f"{self.env_path}.corrupt-{int(time.time())}"
+        os.rename(self.env_path, aside)
+        log.error("disk tier at %s %s; moved it aside to %s and starting cold", self.env_path, problem, aside)
+        self.metrics.quarantines.labels(reason="startup_check").inc()
+        return self._open_env()
+
+    def _open_env(self) -> lmdb.Environment:
+        env = lmdb.open(self.env_path, map_size=self.map_size, max_dbs=2, writemap=False,
+                        metasync=False, sync=True, readahead=False, meminit=True, mode=0o700,
+                        max_spare_txns=4, lock=True)
+        self._data = env.open_db(b"data")
+        self._meta = env.open_db(b"meta")
+        env.reader_check()
+        return env
+
+    def _check(self, env: lmdb.Environment) -> str | None:
+        info, stat = env.info(), env.stat()
+        need = (info["last_pgno"] + 1) * stat["psize"]
+        have = os.path.getsize(os.path.join(self.env_path, "data.mdb"))
+        if have < need:
+            return f"is truncated (data.mdb is {have} bytes, its last page needs {need})"
+        try:
+            with env.begin() as txn:
+                for _ in txn.cursor(self._meta):
+                    pass
+        except lmdb.Error as e:
+            return f"is unreadable: {e}"
+        return None
+
+    def _load_index(self) -> None:
+        rows = []
+        with self.env.begin() as txn:
+            for key, val in txn.cursor(self._meta):
+                if len(key) != 16 or len(val) < _META.size:
+                    continue
+                ns_root, parent, seq, size = _META.unpack_from(val)
+                rows.append((seq, bytes(key), DiskEntry(ns_root, parent, bytes(val[_META.size:]), seq, size)))
+        rows.sort(key=lambda r: r[0])
+        for seq, key, e in rows:
+            self.index[key] = e
+            self.used += e.footprint
+        self._seq = rows[-1][0] + 1 if rows else 0
+        if rows:
+            log.info("disk tier at %s: %d pages from the last run", self.path, len(rows))
+
+    # -- reads ---------------------------------------------------------------------------------
+    @property
+    def pages(self) -> int:
+        return len(self.index)
+
+    @property
+    def entries(self) -> OrderedDict[bytes, DiskEntry]:
+        return self.index
+
+    def get(self, h: bytes) -> DiskEntry | None:
+        return self.index.get(h)
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes + 4096 <= self.capacity * self.low
+
+    def read(self, h: bytes, sink) -> bool | None:
+        """Pass the page's verified record (a buffer valid during the call) to sink(info, buf).
+
+        Returns True when served, None on a miss, False on a failed checksum or a bad record
+        (the page is then dropped and counted).
+        """
+        with self._lock:
+            rec = self.pending.get(h)
+        try:
+            if rec is not None:
+                return self._serve(h, rec, sink)
+            with self.env.begin(db=self._data, buffers=True) as txn:
+                buf = txn.get(h)
+                if buf is None:
+                    return None
+                return self._serve(h, buf, sink)
+        except lmdb.Error as e:
+            self.metrics.disk_errors.labels(op="read", kind=_kind(e)).inc()
+            return None
+
+    def _serve(self, h: bytes, buf, sink) -> bool:
+        try:
+            info = decode_header(buf)
+            if info.hash != h or checksum(memoryview(buf)[info.payload_offset:]) != info.checksum:
+                raise ChecksumError(f"page {h.hex()} failed its checksum on disk")
+        except RecordError as e:
+            log.warning("disk tier dropped page %s: %s", h.hex(), e)
+            self.metrics.checksum_failures.labels(tier="disk").inc()
+            self.remove([h])
+            return False
+        sink(info, buf)
+        return True
+
+    def touch(self, h: bytes) -> None:
+        with self._lock:
+            if h in self.index:
+                self.index.move_to_end(h)
+
+    # -- writes --------------------------------------------------------------------------------
+    def put(self, h: bytes, record: bytes, ns_root: bytes, parent: bytes, tokens: bytes) -> bool:
+        """Queue a record for the writer; False when the tier is degraded or it already holds h."""
+        with self._lock:
+            if h in self.index or time.monotonic() < self.degraded_until:
+                return False
+            e = DiskEntry(ns_root, parent, tokens, self._seq, len(record))
+            self._seq += 1
+            self.index[h] = e
+            self.used += e.footprint
+            self.pending[h] = record
+            self._inflight += 1
+        self._queue.put(("put", h, record, e))
+        return True
+
+    def over_budget(self) -> bool:
+        return self.used > self.high * self.capacity
+
+    def lru_victims(self, is_pinned) -> list[bytes]:
+        """Unpinned LRU pages to drop so that usage falls to the low watermark."""
+        out, freed, need = [], 0, self.used - self.low * self.capacity
+        with self._lock:
+            for h, e in self.index.items():
+                if freed >= need:
+                    break
+                if not is_pinned(h):
+                    out.append(h)
+                    freed += e.footprint
+        return out
+
+    def remove(self, hashes) -> list[tuple[bytes, DiskEntry]]:
+        removed = []
+        with self._lock:
+            for h in hashes:
+                e = self.index.pop(h, None)
+                if e is None:
+                    continue
+                self.used -= e.footprint
+                self.pending.pop(h, None)
+                removed.append((h, e))
+            if removed:
+                self._inflight += 1
+        if removed:
+            self._queue.put(("del", [h for h, _ in removed]))
+        return removed
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued write has been committed (or dropped)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout)
+
+    def _write_loop(self) -> None:
+        last_check = time.monotonic()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < 256:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            with self._idle:
+                self._inflight -= len(batch)
+                self._idle.notify_all()
+            if time.monotonic() - last_check > READER_CHECK_S:
+                self.env.reader_check()
+                last_check = time.monotonic()
+
+    def _commit(self, batch) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self.env.begin(write=True) as txn:
+                for item in batch:
+                    if item[0] == "put":
+                        _, h, rec, e = item
+                        with self._lock:
+                            if self.index.get(h) is not e:
+                                continue  # removed (or replaced) before it reached the disk
+                        txn.put(h, rec, db=self._data)
+                        txn.put(h, _META.pack(e.ns_root, e.parent, e.seq, e.size) + e.tokens, db=self._meta)
+                    else:
+                        for h in item[1]:
+                            with self._lock:
+                                if h in self.index:
+                                    continue  # stored again after the removal was queued
+                            txn.delete(h, db=self._data)
+                            txn.delete(h, db=self._meta)
+        except lmdb.Error as e:
+            self._failed(batch, e)
+            return
+        finally:
+            with self._lock:
+                for item in batch:
+                    if item[0] == "put" and self.pending.get(item[1]) is item[2]:
+                        del self.pending[item[1]]
+        self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
+        self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
+
+    def _failed(self, batch, err: lmdb.Error) -> None:
+        kind = _kind(err)
+        self.metrics.disk_errors.labels(op="commit", kind=kind).inc()
+        lost = [item[1] for item in batch if item[0] == "put"]
+        log.error("disk tier commit failed (%s: %s); %d pages not written; degraded for %.0fs",
+                  kind, err, len(lost), DEGRADED_RETRY_S)
+        with self._lock:
+            for h in lost:
+                e = self.index.pop(h, None)
+                if e is not None:
+                    self.used -= e.footprint
+                    if self.listener:
+                        self.listener("removed", e.ns_root, h, e.parent)
+            if kind != "map_full":
+                self.degraded_until = time.monotonic() + DEGRADED_RETRY_S
+        self.metrics.degraded.labels(component="disk").set(1 if kind != "map_full" else 0)
+
+    @property
+    def degraded(self) -> bool:
+        return time.monotonic() < self.degraded_until
+
+    def file_bytes(self) -> int:
+        return os.path.getsize(os.path.join(self.env_path, "data.mdb"))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+        self.env.close()
+        os.close(self._lock_fd)
+
+
+def _kind(e: Exception) -> str:
+    if isinstance(e, lmdb.MapFullError):
+        return "map_full"
+    if isinstance(e, lmdb.ReadersFullError):
+        return "readers_full"
+    if isinstance(e, (lmdb.CorruptedError, lmdb.PanicError)):
+        return "corrupt"
+    code = getattr(e, "errno", None) or (e.args[0] if e.args and isinstance(e.args[0], int) else None)
+    text = str(e)
+    if code == errno.ENOSPC or "No space" in text:
+        return "enospc"
+    if code == errno.EIO or "I/O error" in text or "Input/output" in text:
+        return "eio"
+    return "other"

@@ -1,0 +1,375 @@
+"""TieredStore: the cpu and disk tiers behind one CacheBackend.
+
+Policies (DESIGN section 5): puts land in the cpu tier (and on disk too with
+`disk_write: through`); a page evicted from cpu is written back to disk; a disk hit is promoted
+to cpu; eviction is LRU over unpinned pages with the deepest page of a chain first (pages of a
+chain are touched tail-first), in batches between the watermarks. Every read verifies the
+page's checksum; a mismatch is a miss, the page is dropped and counted. Hits are verified: the
+stored parent hash and token ids must equal the query's.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import hashing
+from .backend import LookupResult, PutResult
+from .config import KvcConfig
+from .cpu_tier import CpuTier, Entry, NullTier
+from .disk_tier import DiskTier
+from .hashing import DIGEST_BYTES, Namespace
+from .metrics import KvcMetrics
+from .record import Page, as_tokens, checksum, encode_header, torch_dtype
+
+log = logging.getLogger("kvc.store")
+GB = 1 << 30
+
+Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+
+
+class TieredStore:
+    def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or KvcMetrics()
+        self._lock = threading.RLock()
+        cpu_bytes = int(config.cpu_memory_size_GB * GB)
+        disk_bytes = int(config.disk_size_GB * GB)
+        self.cpu = CpuTier(cpu_bytes) if cpu_bytes > 0 and not config.gpu_only else NullTier("cpu")
+        if config.disk_path and disk_bytes > 0 and not config.gpu_only:
+            self.disk = DiskTier(config.disk_path, disk_bytes, self.metrics,
+                                 config.high_watermark, config.low_watermark)
+            self.disk.listener = lambda kind, ns, h, p: self._emit(kind, ns, h, p, "disk")
+        else:
+            self.disk = NullTier("disk")
+        self._pins: dict[bytes, int] = {}
+        self._leases: dict[str, tuple[list[bytes], float]] = {}
+        self._listeners: list[Listener] = []
+        for tier in (self.cpu, self.disk):
+            self.metrics.capacity.labels(tier=tier.name).set(tier.capacity)
+        self._update_gauges()
+
+    # -- lookup --------------------------------------------------------------------------------
+    def lookup(self, ns: Namespace, tokens=None, hashes=None) -> LookupResult:
+        t0 = time.perf_counter()
+        P = ns.spec.page_size
+        root = ns.root
+        if tokens is not None:
+            raw = hashing.tokens_bytes(tokens)
+            hashes = hashing.page_hashes(root, raw, P) if hashes is None else list(hashes)
+            n_query = len(raw) // 4
+        else:
+            if hashes is None:
+                raise ValueError("lookup needs tokens or page hashes")
+            hashes, raw, n_query = list(hashes), None, len(hashes) * P
+        located: list[str] = []
+        step = 4 * P
+        with self._lock:
+            parent = root
+            for i, h in enumerate(hashes):
+                e = self.cpu.get(h)
+                tier = "cpu"
+                if e is None:
+                    e, tier = self.disk.get(h), "disk"
+                    if e is None:
+                        break
+                if e.parent != parent or (raw is not None and e.tokens != raw[i * step:(i + 1) * step]):
+                    self.metrics.collisions.inc()
+                    break
+                located.append(tier)
+                parent = h
+            n = len(located)
+            tiers = {t.name: _leading(hashes, n, t) for t in (self.cpu, self.disk) if t.capacity}
+        m = self.metrics
+        m.lookup_requests.labels(result="hit" if n and n == len(hashes) else "partial" if n else "miss").inc()
+        m.lookup_query_tokens.inc(n_query)
+        for tier in ("cpu", "disk"):
+            k = located.count(tier)
+            if k:
+                m.lookup_hit_tokens.labels(tier=tier).inc(k * P)
+        m.lookup_duration.observe(time.perf_counter() - t0)
+        return LookupResult(hashes, tiers, located)
+
+    # -- get -----------------------------------------------------------------------------------
+    def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:
+        spec = ns.spec
+        if out is not None and (tuple(out.shape[1:]) != spec.shape or out.shape[0] < len(hashes)
+                                or out.dtype != torch_dtype(spec.dtype) or out.device.type != "cpu"):
+            raise ValueError(f"out must be a cpu tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
+        pages: list[Page] = []
+        promote: list[tuple[bytes, Entry, np.ndarray]] = []
+        t0 = time.perf_counter()
+        disk_bytes = 0
+        with self._lock:
+            for i, h in enumerate(hashes):
+                data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
+                flat = data.view(torch.uint8).reshape(-1)
+                e = self.cpu.get(h)
+                if e is not None:
+                    if e.nbytes != flat.numel() or e.ns_root != ns.root:
+                        break
+                    if not self.cpu.read_into(h, flat):
+                        self._corrupt_cpu(h)
+                        break
+                else:
+                    got = {}
+
+                    def sink(info, buf, flat=flat, got=got):
+                        if info.payload_len != flat.numel() or info.ns_root != ns.root:
+                            return
+                        flat.numpy()[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
+                        got["e"] = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
+                                         info.dtype, info.shape, info.payload_len, info.checksum)
+                    if not self.disk.read(h, sink) or "e" not in got:
+                        break
+                    e = got["e"]
+                    disk_bytes += e.nbytes
+                    promote.append((h, e, flat.numpy()))
+                pages.append(Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4").astype(np.uint32), data))
+            for p in reversed(pages):  # tail first: the deepest page becomes the oldest
+                if self.cpu.get(p.hash) is not None:
+                    self.cpu.touch(p.hash)
+                self.disk.touch(p.hash)
+            for h, e, payload in promote:
+                self._put_cpu(h, e, payload)
+            self._update_gauges()
+        if disk_bytes:
+            self.metrics.transfer_bytes.labels(src="disk", dst="cpu").inc(disk_bytes)
+            self.metrics.transfer_duration.labels(src="disk", dst="cpu").observe(time.perf_counter() - t0)
+        return pages
+
+    def _corrupt_cpu(self, h: bytes) -> None:
+        e = self.cpu.remove(h)
+        log.warning("cpu tier page %s failed its checksum; dropped", h.hex())
+        self.metrics.checksum_failures.labels(tier="cpu").inc()
+        self.metrics.evictions.labels(tier="cpu", reason="corrupt").inc()
+        self._emit("removed", e.ns_root, h, e.parent, "cpu")
+
+    # -- put -----------------------------------------------------------------------------------
+    def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
+        spec = ns.spec
+        root = ns.root
+        for i, p in enumerate(pages):  # check everything first, then commit
+            try:
+                p.check(spec)
+                toks = hashing.tokens_bytes(p.tokens)
+            except ValueError as e:
+                raise ValueError(f"page {i}: {e}") from None
+            if hashing.chain_hash(p.parent, toks) != p.hash:
+                raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
+        stored = dup = rejected = 0
+        reasons = []
+        with self._lock:
+            for p in pages:
+                toks = as_tokens(p.tokens).astype("<u4").tobytes()
+                held = self.cpu.get(p.hash) or self.disk.get(p.hash)
+                if held is not None:
+                    if held.parent == p.parent and held.tokens == toks and held.ns_root == root:
+                        dup += 1
+                        continue
+                    self.metrics.collisions.inc()
+                    rejected += 1
+                    reasons.append(f"hash collision on {p.hash.hex()}")
+                    continue
+                payload = p.payload()
+                e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, checksum(payload))
+                ok = self._put_cpu(p.hash, e, payload)
+                if self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier):
+                    ok = self._put_disk(p.hash, e, payload) or ok
+                if ok:
+                    stored += 1
+                else:
+                    rejected += 1
+                    reasons.append(f"no room for page {p.hash.hex()}")
+            self._evict_disk()
+            self._update_gauges()
+        self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)
+        self.metrics.store_pages.labels(tier="any", result="duplicate").inc(dup)
+        self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
+        return PutResult(stored, dup, rejected, tuple(reasons))
+
+    def _put_cpu(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
+        if not self.cpu.fits(e.nbytes) or self.cpu.get(h) is not None:
+            return False
+        victims = self.cpu.victims_for(e.nbytes, self._pinned)
+        if victims is None:
+            return False
+        if victims and self.cpu.used + e.nbytes > self.config.high_watermark * self.cpu.capacity:
+            victims = self._cpu_batch(e.nbytes, victims)
+        self._demote(victims)
+        if not self.cpu.put(h, e, payload):
+            return False
+        self.metrics.store_bytes.labels(tier="cpu").inc(e.nbytes)
+        self._emit("stored", e.ns_root, h, e.parent, "cpu")
+        return True
+
+    def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
+        """Extend a victim set of the same size class down to the low watermark."""
+        target = self.cpu.used + nbytes - self.config.low_watermark * self.cpu.capacity
+        out, freed = list(first), sum(self.cpu.get(h).nbytes for h in first)
+        for h, e in self.cpu.entries.items():
+            if freed >= target:
+                break
+            if h not in out and e.nbytes == nbytes and not self._pinned(h):
+                out.append(h)
+                freed += e.nbytes
+        return out
+
+    def _demote(self, victims: list[bytes]) -> None:
+        moved = 0
+        for h in victims:
+            payload = self.cpu.view(h).copy()
+            e = self.cpu.remove(h)
+            self.metrics.evictions.labels(tier="cpu", reason="capacity").inc()
+            if self.disk.get(h) is None and self._put_disk(h, e, payload):
+                moved += e.nbytes
+            self._emit("removed", e.ns_root, h, e.parent, "cpu")
+        if moved:
+            self.metrics.transfer_bytes.labels(src="cpu", dst="disk").inc(moved)
+
+    def _put_disk(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
+        if not self.disk.fits(e.nbytes):
+            return False
+        page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
+                    torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
+        record = encode_header(e.ns_root, page, payload, e.checksum) + payload.tobytes()
+        if not self.disk.put(h, record, e.ns_root, e.parent, e.tokens):
+            return False
+        self._emit("stored", e.ns_root, h, e.parent, "disk")
+        return True
+
+    def _evict_disk(self) -> None:
+        if not isinstance(self.disk, DiskTier) or not self.disk.over_budget():
+            return
+        for h, e in self.disk.remove(self.disk.lru_victims(self._pinned)):
+            self.metrics.evictions.labels(tier="disk", reason="capacity").inc()
+            self._emit("removed", e.ns_root, h, e.parent, "disk")
+
+    # -- pins ----------------------------------------------------------------------------------
+    def _pinned(self, h: bytes) -> bool:
+        return self._pins.get(h, 0) > 0
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for lease, (_, deadline) in list(self._leases.items()):
+            if deadline <= now:
+                self._release(lease)
+                self.metrics.forced_unpins.inc()
+
+    def _release(self, lease: str) -> bool:
+        entry = self._leases.pop(lease, None)
+        if entry is None:
+            return False
+        for h in entry[0]:
+            self._pins[h] -= 1
+            if not self._pins[h]:
+                del self._pins[h]
+        self.metrics.pinned_pages.set(len(self._pins))
+        return True
+
+    def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None) -> str:
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
+        if not ttl > 0:
+            raise ValueError(f"pin ttl_s must be positive, got {ttl_s}")
+        hashes = [bytes(h) for h in hashes]
+        if any(len(h) != DIGEST_BYTES for h in hashes):
+            raise ValueError(f"page hashes must be {DIGEST_BYTES} bytes")
+        lease = uuid.uuid4().hex
+        with self._lock:
+            self._expire()
+            self._leases[lease] = (hashes, time.monotonic() + ttl)
+            for h in hashes:
+                self._pins[h] = self._pins.get(h, 0) + 1
+            self.metrics.pinned_pages.set(len(self._pins))
+        return lease
+
+    def unpin(self, lease_id: str) -> bool:
+        with self._lock:
+            self._expire()
+            return self._release(lease_id)
+
+    # -- delete, stats, events -----------------------------------------------------------------
+    def delete(self, ns: Namespace, hashes: Sequence[bytes] | None = None) -> int:
+        root = ns.root
+        with self._lock:
+            cands = set(self.cpu.entries) | set(self.disk.entries)
+            targets = cands if hashes is None else {bytes(h) for h in hashes} & cands
+            dropped = set()
+            for h in targets:
+                e = self.cpu.get(h)
+                if e is not None and e.ns_root == root:
+                    self.cpu.remove(h)
+                    dropped.add(h)
+                    self.metrics.evictions.labels(tier="cpu", reason="admin").inc()
+                    self._emit("removed", root, h, e.parent, "cpu")
+                d = self.disk.get(h)
+                if d is not None and d.ns_root == root:
+                    self.disk.remove([h])
+                    dropped.add(h)
+                    self.metrics.evictions.labels(tier="disk", reason="admin").inc()
+                    self._emit("removed", root, h, d.parent, "disk")
+            self._update_gauges()
+        return len(dropped)
+
+    def stats(self) -> dict:
+        with self._lock:
+            self._expire()
+            tiers = {t.name: {"capacity_bytes": t.capacity, "used_bytes": t.used, "pages": t.pages}
+                     for t in (self.cpu, self.disk)}
+            if isinstance(self.disk, DiskTier):
+                tiers["disk"]["degraded"] = self.disk.degraded
+                tiers["disk"]["path"] = self.disk.path
+            return {"tiers": tiers, "pinned_pages": len(self._pins), "leases": len(self._leases)}
+
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _emit(self, kind: str, ns_root: bytes, h: bytes, parent: bytes, tier: str) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(kind, ns_root, h, parent, tier)
+            except Exception:  # a listener must never break the store
+                log.exception("cache event listener failed")
+
+    def _update_gauges(self) -> None:
+        for t in (self.cpu, self.disk):
+            self.metrics.used.labels(tier=t.name).set(t.used)
+            self.metrics.pages.labels(tier=t.name).set(t.pages)
+
+    def flush(self) -> None:
+        """Wait for queued disk writes (tests, shutdown)."""
+        self.disk.flush()
+
+    def close(self) -> None:
+        """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
+        with self._lock:
+            if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
+                for h, e in list(self.cpu.entries.items()):
+                    if self.disk.get(h) is None:
+                        self._put_disk(h, e, self.cpu.view(h).copy())
+                self._evict_disk()
+        self.disk.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _leading(hashes: list[bytes], limit: int, tier) -> int:
+    n = 0
+    for h in hashes[:limit]:
+        if tier.get(h) is None:
+            break
+        n += 1
+    return n
