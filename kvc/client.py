@@ -1,0 +1,272 @@
+"""RemoteCache: the CacheBackend protocol over gRPC, against `kvc cache-server`.
+
+Every call has a deadline. While the service is down or unreachable the cache answers "miss"
+at once (lookup: no hits, get: [], put: everything rejected), so the engine recomputes instead
+of hanging; after a failure calls are skipped for a short, growing back-off, and the channel
+reconnects by itself when the service is back. Caller errors (a bad page, a bad namespace) are
+ValueError, as from the in-process store.
+
+    cache = RemoteCache("grpc://127.0.0.1:50051", token="...", timeout=2.0)
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Sequence
+from urllib.parse import urlsplit
+
+import grpc
+import torch
+
+from . import wire
+from .backend import LookupResult, PutResult
+from .hashing import Namespace, page_hashes
+from .pb import pb, pb_grpc
+from .record import Page
+from .shm import Segment
+
+log = logging.getLogger("kvc.client")
+
+_DOWN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+               grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+PUT_RPC_BYTES = 256 << 20  # payload bytes per PutPages call
+TRANSFER_BYTES_PER_S = 100e6  # deadline allowance for payloads, on top of the base timeout
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class ServiceDown(Exception):
+    """The service cannot be reached now (internal: public methods answer a miss instead)."""
+
+
+class RemoteCache:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 2.0,
+                 shared_memory: bool = False, root_certificates: bytes | None = None,
+                 max_message_bytes: int = 64 << 20, chunk_bytes: int = wire.CHUNK_BYTES):
+        u = urlsplit(url)
+        if u.scheme not in ("grpc", "grpcs") or not u.hostname or not u.port:
+            raise ValueError(f"cache URL {url!r} must look like grpc://host:port or grpcs://host:port")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.url, self.timeout, self.chunk_bytes = url, float(timeout), chunk_bytes
+        target = f"{u.hostname}:{u.port}" if ":" not in u.hostname else f"[{u.hostname}]:{u.port}"
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.enable_retries", 0)]
+        if u.scheme == "grpcs":
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.KVCacheStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._shm_wanted = shared_memory and u.hostname in _LOOPBACK
+        self._shm: Segment | None = None
+        self._shm_lock = threading.Lock()
+        self._down_until = 0.0
+        self._backoff = 0.05
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _deadline(self, nbytes: int = 0) -> float:
+        return self.timeout + nbytes / TRANSFER_BYTES_PER_S
+
+    def _check_up(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise ServiceDown(self.url)
+
+    def _failed(self, e: grpc.RpcError) -> Exception:
+        """The exception for a failed call: ServiceDown (and a back-off) or the caller's error."""
+        code = e.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return ValueError(e.details())
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return PermissionError(f"cache service {self.url}: {e.details()}")
+        self._down_until = time.monotonic() + self._backoff
+        self._backoff = min(2.0, self._backoff * 2)
+        log.warning("cache service %s unavailable (%s: %s); answering misses", self.url, code.name, e.details())
+        return ServiceDown(self.url)
+
+    def _ok(self) -> None:
+        self._backoff = 0.05
+
+    def _unary(self, method, request, nbytes: int = 0):
+        self._check_up()
+        try:
+            resp = method(request, timeout=self._deadline(nbytes), metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise self._failed(e) from None
+        self._ok()
+        return resp
+
+    def _segment(self, nbytes: int) -> Segment:
+        if self._shm is None or self._shm.size < nbytes:
+            if self._shm is not None:
+                self._shm.close()
+            self._shm = Segment.create(max(nbytes, 64 << 20))
+        return self._shm
+
+    # -- CacheBackend --------------------------------------------------------------------------
+    def lookup(self, ns: Namespace, tokens: Sequence[int] | None = None,
+               hashes: Sequence[bytes] | None = None) -> LookupResult:
+        if tokens is None and hashes is None:
+            raise ValueError("lookup needs tokens or page hashes")
+        req = pb.LookupRequest(namespace=wire.ns_to_pb(ns), tokens=[] if tokens is None else list(tokens),
+                               hashes=[] if hashes is None else list(hashes))
+        try:
+            r = self._unary(self._stub.Lookup, req)
+        except ServiceDown:
+            hs = list(hashes) if hashes is not None else page_hashes(ns.root, tokens, ns.spec.page_size)
+            return LookupResult(hs)
+        return LookupResult(list(r.hashes), dict(r.tiers), list(r.located))
+
+    def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:
+        hashes = wire.check_hashes(hashes)
+        spec = ns.spec
+        if out is not None and (tuple(out.shape[1:]) != spec.shape or out.shape[0] < len(hashes)
+                                or str(out.dtype) != f"torch.{spec.dtype}" or out.device.type != "cpu"):
+            raise ValueError(f"out must be a cpu tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
+        if not hashes:
+            return []
+        nbytes = len(hashes) * spec.page_bytes
+        if self._shm_wanted:
+            with self._shm_lock:
+                seg = self._segment(nbytes)
+                try:
+                    return self._get(ns, hashes, out, nbytes, seg)
+                except _ShmRefused:
+                    self._shm_wanted = False
+        return self._get(ns, hashes, out, nbytes, None)
+
+    def _get(self, ns, hashes, out, nbytes, seg) -> list[Page]:
+        try:
+            self._check_up()
+        except ServiceDown:
+            return []
+        req = pb.GetPagesRequest(namespace=wire.ns_to_pb(ns), hashes=hashes)
+        if seg is not None:
+            req.shm.name, req.shm.size = seg.name, seg.size
+        asm = wire.PageAssembler(ns.spec, out=out, shm=None if seg is None else seg.array,
+                                 max_pages=len(hashes))
+        try:
+            for resp in self._stub.GetPages(req, timeout=self._deadline(nbytes), metadata=self._metadata):
+                asm.add_all(resp.frames)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and seg is not None:
+                raise _ShmRefused() from None
+            err = self._failed(e)
+            if not isinstance(err, ServiceDown):
+                raise err
+            return asm.pages  # the pages completed (and verified) before the failure
+        except ValueError as e:  # a malformed answer: keep what verified, never wrong bytes
+            log.warning("cache service %s sent a bad page: %s", self.url, e)
+            return asm.pages
+        self._ok()
+        pages = asm.pages
+        for i, (p, h) in enumerate(zip(pages, hashes)):
+            if p.hash != h:
+                log.warning("cache service %s answered page %s for %s", self.url, p.hash.hex(), h.hex())
+                return pages[:i]
+        return pages
+
+    def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
+        for i, p in enumerate(pages):
+            try:
+                p.check(ns.spec)
+            except ValueError as e:
+                raise ValueError(f"page {i}: {e}") from None
+        total = PutResult()
+        per_call = max(1, PUT_RPC_BYTES // ns.spec.page_bytes)
+        for start in range(0, len(pages), per_call):
+            batch = pages[start:start + per_call]
+            try:
+                total += self._put(ns, batch)
+            except ServiceDown:
+                rest = len(pages) - start
+                return total + PutResult(rejected=rest, reasons=(f"cache service {self.url} unavailable",))
+        return total
+
+    def _put(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
+        nbytes = len(pages) * ns.spec.page_bytes
+        if self._shm_wanted:
+            with self._shm_lock:
+                seg = self._segment(nbytes)
+                size = ns.spec.page_bytes
+                for i, p in enumerate(pages):
+                    seg.array[i * size:(i + 1) * size] = p.payload()
+                try:
+                    return self._put_call(ns, pages, nbytes, seg)
+                except _ShmRefused:
+                    self._shm_wanted = False
+        return self._put_call(ns, pages, nbytes, None)
+
+    def _put_call(self, ns, pages, nbytes, seg) -> PutResult:
+        def requests():
+            first = pb.PutPagesRequest(namespace=wire.ns_to_pb(ns))
+            if seg is not None:
+                first.shm.name, first.shm.size = seg.name, seg.size
+                size = ns.spec.page_bytes
+                frames = (f for i, p in enumerate(pages) for f in wire.page_frames(p, shm_offset=i * size))
+            else:
+                frames = (f for p in pages for f in wire.page_frames(p, self.chunk_bytes))
+            yield first
+            for batch in wire.batch_frames(frames, self.chunk_bytes):
+                yield pb.PutPagesRequest(frames=batch)
+
+        self._check_up()
+        try:
+            r = self._stub.PutPages(requests(), timeout=self._deadline(nbytes), metadata=self._metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and seg is not None:
+                raise _ShmRefused() from None
+            raise self._failed(e) from None
+        self._ok()
+        return PutResult(r.stored, r.duplicate, r.rejected, tuple(r.reasons))
+
+    def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None) -> str:
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"pin ttl_s must be positive, got {ttl_s}")
+        req = pb.PinRequest(namespace=wire.ns_to_pb(ns), hashes=wire.check_hashes(hashes), ttl_s=ttl_s or 0.0)
+        try:
+            return self._unary(self._stub.Pin, req).lease_id
+        except ServiceDown:
+            return ""  # no lease: nothing is protected, and unpin("") is False
+
+    def unpin(self, lease_id: str) -> bool:
+        try:
+            return self._unary(self._stub.Unpin, pb.UnpinRequest(lease_id=lease_id)).released
+        except ServiceDown:
+            return False
+
+    def delete(self, ns: Namespace, hashes: Sequence[bytes] | None = None) -> int:
+        req = pb.DeleteRequest(namespace=wire.ns_to_pb(ns), whole_namespace=hashes is None,
+                               hashes=[] if hashes is None else wire.check_hashes(hashes))
+        try:
+            return self._unary(self._stub.Delete, req).deleted
+        except ServiceDown:
+            return 0
+
+    def stats(self) -> dict:
+        from google.protobuf.json_format import MessageToDict
+        try:
+            r = self._unary(self._stub.Stats, pb.StatsRequest())
+        except ServiceDown:
+            return {"available": False, "tiers": {}}
+        return wire.to_plain(MessageToDict(r.stats))
+
+    def close(self) -> None:
+        self._channel.close()
+        with self._shm_lock:
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _ShmRefused(Exception):
+    """The service does not take shared memory (server.shared_memory off or another host)."""

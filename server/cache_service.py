@@ -1,0 +1,271 @@
+"""The kvc.v1.KVCache servicer: thin methods over a TieredStore (from_pb -> store call -> to_pb).
+
+`_rpc` is the one place that admits a call (serving state, bearer token) and maps exceptions to
+status codes. Store calls run in a thread pool (the store is thread-safe), so the event loop
+only moves messages. With tokens configured, every namespace's cache_salt is replaced by one
+derived from the caller's tenant, so tenants share no keys on any tier.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import inspect
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import struct_pb2
+
+from kvc import wire
+from kvc.config import ServerConfig
+from kvc.hashing import Namespace
+from kvc.metrics import KvcMetrics
+from kvc.pb import pb, pb_grpc
+from kvc.shm import SegmentCache
+from server.cache_events import EventHub
+
+log = logging.getLogger("kvc.cache_service")
+
+MAX_PUT_RPC_BYTES = 1 << 30  # payload bytes one PutPages stream may carry
+MAX_GET_BATCH_BYTES = 64 << 20  # payload bytes fetched from the store per step of GetPages
+
+
+class NotServing(Exception):
+    pass
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+class TooLarge(Exception):
+    pass
+
+
+class ShmUnavailable(Exception):
+    pass
+
+
+_CODES = ((NotServing, grpc.StatusCode.UNAVAILABLE), (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+          (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED), (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+
+
+def tenant_salt(tenant: str, client_salt: str) -> str:
+    """The salt the service applies for a tenant (the client's own salt partitions further)."""
+    return f"tenant:{len(tenant)}:{tenant}:{client_salt}"
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str | None
+
+    def namespace(self, msg: pb.Namespace) -> Namespace:
+        ns = wire.ns_from_pb(msg)
+        return ns if self.tenant is None else ns.with_salt(tenant_salt(self.tenant, ns.cache_salt))
+
+
+def _rpc(fn):
+    """Admit the call, time it, and turn exceptions into status codes (unary and server streams)."""
+    name = fn.__name__
+
+    async def fail(self, context, e: BaseException):
+        if isinstance(e, (asyncio.CancelledError, grpc.aio.AbortError)):
+            raise e
+        for exc, code in _CODES:
+            if isinstance(e, exc):
+                await context.abort(code, str(e) or exc.__name__)
+        log.exception("%s failed", name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
+
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            t0 = time.perf_counter()
+            try:
+                async for item in fn(self, request, context, self._admit(context)):
+                    yield item
+            except BaseException as e:
+                await fail(self, context, e)
+            finally:
+                self.metrics.rpc_duration.labels(method=name).observe(time.perf_counter() - t0)
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            return await fn(self, request, context, self._admit(context))
+        except BaseException as e:
+            await fail(self, context, e)
+        finally:
+            self.metrics.rpc_duration.labels(method=name).observe(time.perf_counter() - t0)
+    return unary
+
+
+class CacheService(pb_grpc.KVCacheServicer):
+    def __init__(self, config: ServerConfig, metrics: KvcMetrics, workers: int = 4):
+        self.config = config
+        self.metrics = metrics
+        self.store = None  # set by serve() once the store is open
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvc-rpc")
+        self.events = EventHub()
+        self.segments = SegmentCache()
+        self._tokens = {t.encode(): tenant for t, tenant in (config.auth_tokens or {}).items()}
+        self._lease_key = secrets.token_bytes(32)
+        self._stopping = False
+
+    # -- lifecycle (called by server.cache_server) ---------------------------------------------
+    def serve(self, store) -> None:
+        self.store = store
+        self.events.attach(store, asyncio.get_running_loop())
+
+    def begin_shutdown(self) -> None:
+        self._stopping = True
+        self.events.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.segments.close()
+
+    # -- admission -----------------------------------------------------------------------------
+    def _admit(self, context) -> Caller:
+        if self.store is None or self._stopping:
+            raise NotServing("the cache service is " + ("shutting down" if self._stopping else "starting"))
+        if not self._tokens:
+            return Caller(None)
+        auth = dict(context.invocation_metadata() or ()).get("authorization", "")
+        given = auth[7:].encode() if auth.startswith("Bearer ") else b""
+        tenant = None
+        for token, name in self._tokens.items():  # compare against every token, in constant time
+            if hmac.compare_digest(token, given):
+                tenant = name
+        if tenant is None:
+            raise Unauthenticated("a valid bearer token is required" if given else
+                                  "missing bearer token (metadata 'authorization: Bearer <token>')")
+        return Caller(tenant)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _segment(self, msg: pb.SharedMemory):
+        if not self.config.shared_memory:
+            raise ShmUnavailable("shared memory is off on this service (server.shared_memory)")
+        return self.segments.get(msg.name, msg.size)
+
+    def _lease_mac(self, caller: Caller, lease: str) -> str:
+        return hmac.new(self._lease_key, f"{caller.tenant}\0{lease}".encode(), hashlib.sha256).hexdigest()[:24]
+
+    # -- methods -------------------------------------------------------------------------------
+    @_rpc
+    async def Lookup(self, request, context, caller):
+        ns = caller.namespace(request.namespace)
+        hashes = wire.check_hashes(request.hashes) or None
+        tokens = list(request.tokens) if request.tokens or hashes is None else None
+        if hashes is not None and tokens is not None and len(tokens) // ns.spec.page_size != len(hashes):
+            raise ValueError(f"{len(hashes)} hashes given for {len(tokens) // ns.spec.page_size} full pages of tokens")
+        r = await self._run(self.store.lookup, ns, tokens, hashes)
+        return pb.LookupResponse(hashes=r.hashes, tiers=r.tiers, located=r.located, root=ns.root)
+
+    @_rpc
+    async def GetPages(self, request, context, caller):
+        ns = caller.namespace(request.namespace)
+        hashes = wire.check_hashes(request.hashes)
+        seg = self._segment(request.shm) if request.HasField("shm") else None
+        per_batch = max(1, MAX_GET_BATCH_BYTES // ns.spec.page_bytes)
+        if seg is not None and len(hashes) * ns.spec.page_bytes > seg.size:
+            raise ValueError(f"shared-memory segment of {seg.size} bytes is too small for "
+                             f"{len(hashes)} pages of {ns.spec.page_bytes} bytes")
+        for start in range(0, len(hashes), per_batch):
+            if context.time_remaining() is not None and context.time_remaining() <= 0:
+                return
+            batch = hashes[start:start + per_batch]
+            messages, complete = await self._run(self._get_batch, ns, batch, seg, start)
+            for m in messages:
+                yield m
+            if not complete:
+                return
+
+    def _get_batch(self, ns: Namespace, hashes, seg, first: int):
+        pages = self.store.get_pages(ns, hashes)
+        if seg is None:
+            frames = (f for p in pages for f in wire.page_frames(p))
+        else:
+            size = ns.spec.page_bytes
+            for i, p in enumerate(pages):
+                off = (first + i) * size
+                seg.array[off:off + size] = p.payload()
+            frames = (f for i, p in enumerate(pages) for f in wire.page_frames(p, shm_offset=(first + i) * size))
+        messages = [pb.GetPagesResponse(frames=b) for b in wire.batch_frames(frames)]
+        return messages, len(pages) == len(hashes)
+
+    @_rpc
+    async def PutPages(self, requests, context, caller):
+        assembler = ns = None
+        async for req in requests:
+            if assembler is None:
+                if not req.HasField("namespace"):
+                    raise ValueError("the first PutPages message must carry the namespace")
+                ns = caller.namespace(req.namespace)
+                seg = self._segment(req.shm) if req.HasField("shm") else None
+                assembler = wire.PageAssembler(ns.spec, shm=None if seg is None else seg.array)
+            elif req.HasField("namespace") or req.HasField("shm"):
+                raise ValueError("only the first PutPages message may carry namespace and shm")
+            if req.frames:
+                await self._run(assembler.add_all, req.frames)
+            if assembler.bytes > MAX_PUT_RPC_BYTES:
+                raise TooLarge(f"PutPages carried more than {MAX_PUT_RPC_BYTES} payload bytes; "
+                               "split the pages over several calls")
+        if assembler is None:
+            return pb.PutPagesResponse()
+        pages = assembler.finish()
+        r = await self._run(self.store.put_pages, ns, pages)
+        return pb.PutPagesResponse(stored=r.stored, duplicate=r.duplicate, rejected=r.rejected,
+                                   reasons=list(r.reasons))
+
+    @_rpc
+    async def Pin(self, request, context, caller):
+        ns = caller.namespace(request.namespace)
+        hashes = wire.check_hashes(request.hashes)
+        if request.ttl_s < 0 or request.ttl_s != request.ttl_s:
+            raise ValueError(f"ttl_s must be positive (or 0 for the default), got {request.ttl_s}")
+        lease = await self._run(self.store.pin, ns, hashes, request.ttl_s or None)
+        return pb.PinResponse(lease_id=f"{lease}.{self._lease_mac(caller, lease)}")
+
+    @_rpc
+    async def Unpin(self, request, context, caller):
+        lease, _, mac = request.lease_id.rpartition(".")
+        if not lease or not hmac.compare_digest(mac, self._lease_mac(caller, lease)):
+            return pb.UnpinResponse(released=False)  # not a lease this caller was given
+        return pb.UnpinResponse(released=await self._run(self.store.unpin, lease))
+
+    @_rpc
+    async def Delete(self, request, context, caller):
+        ns = caller.namespace(request.namespace)
+        hashes = wire.check_hashes(request.hashes)
+        if request.whole_namespace and hashes:
+            raise ValueError("Delete takes hashes or whole_namespace, not both")
+        n = await self._run(self.store.delete, ns, None if request.whole_namespace else hashes)
+        return pb.DeleteResponse(deleted=n)
+
+    @_rpc
+    async def Stats(self, request, context, caller):
+        stats = await self._run(self.store.stats)
+        msg = struct_pb2.Struct()
+        msg.update(stats)
+        return pb.StatsResponse(stats=msg)
+
+    @_rpc
+    async def WatchEvents(self, request, context, caller):
+        root = None
+        if request.HasField("namespace"):
+            root = caller.namespace(request.namespace).root
+        elif caller.tenant is not None:
+            raise ValueError("WatchEvents needs a namespace when bearer tokens are configured")
+        async for ev in self.events.watch(root):
+            yield ev

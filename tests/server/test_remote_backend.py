@@ -1,0 +1,52 @@
+"""The library's CacheBackend suite, unchanged, against RemoteCache and a real cache-server."""
+import pytest
+
+from tests.kvc.backend_suite import BackendSuite
+
+
+@pytest.fixture(scope="module")
+def _server(tmp_path_factory):
+    from .conftest import CacheServer
+    s = CacheServer(tmp_path_factory.mktemp("suite")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def backend(_server, client_factory):
+    """A fresh, empty cache: the suite's namespaces are cleared before each test."""
+    from tests.kvc.conftest import NS
+    from kvc.hashing import Namespace, PageSpec
+    c = client_factory(_server.url, timeout=5.0)
+    for ns in (NS, NS.with_salt("tenant-a"), NS.with_salt("tenant-b"), NS.with_salt("other"),
+               Namespace("bf16-arch", PageSpec(2, 1, 8, 4, "bfloat16"))):
+        c.delete(ns)
+    return c
+
+
+@pytest.fixture
+def make_backend(_server, client_factory):
+    return lambda: client_factory(_server.url, timeout=5.0)
+
+
+class TestRemoteBackend(BackendSuite):
+    pass
+
+
+class TestRemoteBackendSharedMemory(BackendSuite):
+    @pytest.fixture(scope="class")
+    def _server(self, tmp_path_factory):
+        from .conftest import CacheServer
+        s = CacheServer(tmp_path_factory.mktemp("suite-shm"), shared_memory=True).start()
+        yield s
+        s.stop()
+
+    @pytest.fixture
+    def backend(self, _server, client_factory):
+        from tests.kvc.conftest import NS
+        from kvc.hashing import Namespace, PageSpec
+        c = client_factory(_server.url, timeout=5.0, shared_memory=True)
+        for ns in (NS, NS.with_salt("tenant-a"), NS.with_salt("tenant-b"), NS.with_salt("other"),
+                   Namespace("bf16-arch", PageSpec(2, 1, 8, 4, "bfloat16"))):
+            c.delete(ns)
+        return c
