@@ -1,0 +1,69 @@
+"""HostTier: the engine's side of a CacheBackend (cpu, disk, remote tiers).
+
+Loads run on a background thread (the request waits in LOADING while others run); puts go through
+a bounded queue to another thread and are dropped when it is full: the engine never waits for put.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from kvc.backend import CacheBackend
+from kvc.hashing import Namespace
+from kvc.record import Page
+
+
+class HostTier:
+    def __init__(self, cache: CacheBackend, max_pending_puts: int = 64):
+        self.cache = cache
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvc-load")
+        self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
+        self.dropped_puts = 0
+        self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
+        self._putter.start()
+
+    def lookup(self, ns: Namespace, tokens: list[int]) -> int:
+        """Leading full pages of `tokens` held by the host tiers."""
+        return self.cache.lookup(ns, tokens=tokens).num_pages
+
+    def load(self, ns: Namespace, hashes: list[bytes]) -> Future:
+        """Fetch pages in the background; the future gives list[Page] (possibly fewer: a miss ends it)."""
+        return self._loader.submit(self.cache.get_pages, ns, hashes)
+
+    def offer(self, ns: Namespace, hashes: list[bytes], parents: list[bytes], tokens: list[np.ndarray],
+              data: torch.Tensor) -> bool:
+        """Queue pages (data [n, L, parts, P, H, D], any device) for put; False if dropped."""
+        try:
+            self._puts.put_nowait((ns, hashes, parents, tokens, data))
+            return True
+        except queue.Full:
+            self.dropped_puts += 1
+            return False
+
+    def _put_loop(self) -> None:
+        while True:
+            item = self._puts.get()
+            if item is None:
+                return
+            ns, hashes, parents, tokens, data = item
+            try:
+                data = data.cpu()  # the copy waits for the device here, not in the engine's thread
+                pages = [Page(h, p, t, data[i]) for i, (h, p, t) in enumerate(zip(hashes, parents, tokens))]
+                self.cache.put_pages(ns, pages)
+            except Exception:  # a failing tier must not stop the engine; the store counts its errors
+                pass
+            finally:
+                self._puts.task_done()
+
+    def flush(self) -> None:
+        """Wait until queued puts are done (tests, shutdown)."""
+        self._puts.join()
+
+    def close(self) -> None:
+        self._puts.put(None)
+        self._putter.join(timeout=5)
+        self._loader.shutdown(wait=True)

@@ -1,0 +1,135 @@
+"""Shared layers: RMSNorm, NeoX RoPE, gated MLP and paged attention over the device pool.
+
+Attention is the reference path: write the step's K/V into the pool through `slot_mapping`, then
+gather each sequence's pages and run SDPA. Decodes are batched into one padded SDPA call; prefill
+pieces run one SDPA each with a causal mask offset by the cached prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back to the input dtype, then scale (as transformers does)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rope(nn.Module):
+    """NeoX-style rotary embedding over the full head_dim."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)  # [D/2]
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, H, D], cos/sin [T, D]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Piece:
+    """One request's share of a step: q_len new tokens after k_len - q_len cached ones."""
+    q_start: int  # first row in the flat batch
+    q_len: int
+    k_len: int
+    block_table: torch.Tensor  # [num_blocks] long, device
+
+
+@dataclass
+class AttnMetadata:
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: block * page_size + offset
+    prefills: list[Piece]  # pieces with q_len > 1, one SDPA each
+    decode_rows: torch.Tensor | None  # [B] rows of single-token pieces
+    decode_tables: torch.Tensor | None  # [B, max_blocks] long, padded with 0
+    decode_lens: torch.Tensor | None  # [B] long, keys per decode
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
+    N, P, Hkv, D = k_cache.shape
+    k_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for p in meta.prefills:
+        nb = (p.k_len + P - 1) // P
+        keys = k_cache[p.block_table[:nb]].reshape(nb * P, Hkv, D)[:p.k_len]  # [K, Hkv, D]
+        vals = v_cache[p.block_table[:nb]].reshape(nb * P, Hkv, D)[:p.k_len]
+        qs = q[p.q_start:p.q_start + p.q_len]  # [Q, Hq, D]
+        off = p.k_len - p.q_len
+        rows = torch.arange(p.q_len, device=q.device)[:, None] + off
+        mask = torch.arange(p.k_len, device=q.device)[None, :] <= rows  # [Q, K]
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                           vals.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                           enable_gqa=True)  # [1, Hq, Q, D]
+        out[p.q_start:p.q_start + p.q_len] = o[0].transpose(0, 1)
+    if meta.decode_rows is not None:
+        B, nb = meta.decode_tables.shape
+        keys = k_cache[meta.decode_tables].reshape(B, nb * P, Hkv, D).transpose(1, 2)  # [B, Hkv, K, D]
+        vals = v_cache[meta.decode_tables].reshape(B, nb * P, Hkv, D).transpose(1, 2)
+        mask = torch.arange(nb * P, device=q.device)[None, :] < meta.decode_lens[:, None]  # [B, K]
+        qs = q[meta.decode_rows][:, :, None, :]  # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=True)  # [B, Hq, 1, D]
+        out[meta.decode_rows] = o[:, :, 0, :]
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps)
+            self.k_norm = RMSNorm(head_dim, eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5)  # [T, Hq, D]
+        return self.o_proj(o.reshape(T, self.heads * self.head_dim))

@@ -1,0 +1,69 @@
+"""LLM: the offline API in vLLM's shape. `LLM(path, **config_overrides).generate(prompts, params)`."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from kvc.config import Config, load_config
+
+from .llm_engine import LLMEngine
+from .request import RequestOutput
+from .sampling import SamplingParams
+
+
+def _make_store(config: Config):
+    """The host tiers (cpu + disk TieredStore), unless gpu_only or there is nothing to hold."""
+    kvc = config.kvc
+    if kvc.gpu_only or (kvc.cpu_memory_size_GB <= 0 and kvc.disk_path is None):
+        return None
+    from kvc.store import TieredStore
+    return TieredStore(kvc)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, config: Config | str | None = None, **overrides):
+        """model: a checkpoint directory or builtin:<name>; overrides: config leaf names."""
+        if not isinstance(config, Config):
+            config = load_config(config)
+        if model is not None:
+            overrides["path"] = str(model)
+        self.config = config.replace(**overrides) if overrides else config
+        self._store = _make_store(self.config)
+        self.engine = LLMEngine(self.config, cache=self._store)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 cache_salt: str = "") -> list[RequestOutput]:
+        """One output per prompt, in order. A flat list of ints is a single token-id prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params):
+            self.engine.add_request(rid, list(prompt) if not isinstance(prompt, str) else prompt, p, cache_salt)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[r] for r in ids]
+
+    def close(self) -> None:
+        self.engine.close()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

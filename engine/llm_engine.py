@@ -1,0 +1,194 @@
+"""LLMEngine: add_request / step / abort over the scheduler, runner, device pool and host tiers."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from kvc.backend import CacheBackend
+from kvc.config import Config
+from kvc.hashing import PageSpec
+from kvc.metrics import KvcMetrics
+from kvc.record import as_tokens, dtype_name
+
+from .host_tier import HostTier
+from .kv_cache import KVCache
+from .loader import load_model
+from .metrics import EngineMetrics
+from .request import Request, RequestOutput, Status
+from .runner import ModelRunner
+from .sampling import SamplingParams, make_generator
+from .scheduler import Scheduler
+from .tokenizer import Tokenizer
+
+BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral"}
+CPU_POOL_BYTES = 1 << 30  # the device pool's budget when the "device" is the CPU
+
+
+def resolve_model_path(path: str) -> Path:
+    """A directory, or builtin:<name> (a tiny random model written once under ~/.cache/kvc/models)."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise ValueError(f"model.path {path!r}: unknown builtin model; known: "
+                             f"{', '.join('builtin:' + n for n in BUILTIN)}")
+        out = Path("~/.cache/kvc/models").expanduser() / name
+        if not (out / "config.json").is_file():
+            from .tiny import make_tiny_model
+            make_tiny_model(out, BUILTIN[name])
+        return out
+    return Path(path).expanduser()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"model.device {device!r} is not a torch device (use auto, cpu, cuda, cuda:N)") from None
+
+
+def _num_blocks(config: Config, spec: PageSpec, device: torch.device) -> int:
+    if config.kvc.num_device_blocks is not None:
+        return config.kvc.num_device_blocks
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * config.kvc.utilization_percentage)
+    else:
+        budget = int(CPU_POOL_BYTES * config.kvc.utilization_percentage)
+    return max(1, budget // spec.page_bytes)
+
+
+class LLMEngine:
+    def __init__(self, config: Config, cache: CacheBackend | None = None,
+                 registry: CollectorRegistry | None = None, kvc_metrics: KvcMetrics | None = None):
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        path = resolve_model_path(config.model.path)
+        dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
+        self.model, self.args, digest = load_model(path, dtype, self.device)
+        self.model_name = config.model.path
+        self.tokenizer = Tokenizer.from_dir(path, self.args.eos_token_ids)
+        self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.args.eos_token_ids
+        a = self.args
+        kv_dtype = dtype_name(self.model.lm_head.weight.dtype)
+        spec = PageSpec(a.num_layers, a.num_kv_heads, a.head_dim, config.attn.page_size, kv_dtype)
+        self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
+        self.host = HostTier(cache) if cache is not None and not config.kvc.gpu_only else None
+        self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.kv, self.host)
+        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
+        self.metrics = EngineMetrics(registry, kvc_metrics)
+        self.requests: dict[str, Request] = {}
+        self._update_gauges()
+
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    cache_salt: str = "") -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json; send token ids, not text")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.args.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model length is {self.max_model_len} "
+                             f"(scheduler.max_model_len)")
+        max_len = min(len(ids) + params.max_tokens, self.max_model_len)
+        P = self.kv.page_size
+        if (max_len + P - 1) // P > self.kv.pool.num_blocks:
+            raise ValueError(f"a request of {max_len} tokens needs more than the device pool's "
+                             f"{self.kv.pool.num_blocks} pages; raise kvc.num_device_blocks or lower max_tokens")
+        req = Request(request_id, text, ids, params, cache_salt, max_len=max_len,
+                      generator=make_generator(params, self.device))
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.metrics.prompt_tokens.inc(len(ids))
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.remove(req)
+            req.status = Status.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        preempted = self.scheduler.num_preemptions
+        sched = self.scheduler.schedule()
+        self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted)
+        if not sched:
+            self.scheduler.finish_loads(wait=True)
+            return []
+        tokens = self.runner.step(sched)
+        now = time.monotonic()
+        outputs = []
+        for req, n in sched:
+            req.num_computed += n
+            self._offer(req, self.kv.register_full_pages(req))
+            tok = tokens.get(req)
+            if tok is None:
+                continue
+            if req.last_token_time is None:
+                self.metrics.ttft.observe(now - req.arrival)
+                self.metrics.cached_tokens.inc(req.num_cached_tokens)
+            else:
+                self.metrics.tpot.observe(now - req.last_token_time)
+            req.last_token_time = now
+            req.output_ids.append(tok)
+            self._check_stop(req, tok)
+            if req.finish_reason is not None:
+                req.status = Status.FINISHED
+                self.scheduler.remove(req)
+                self.requests.pop(req.request_id, None)
+            outputs.append(req.output())
+        self._update_gauges()
+        return outputs
+
+    def _offer(self, req: Request, pages: list[int]) -> None:
+        if self.host is None or not pages:
+            return
+        P = self.kv.page_size
+        ids = req.all_ids
+        data = self.kv.pool.gather([req.block_table[i] for i in pages])  # [n, L, parts, P, H, D]
+        self.host.offer(self.kv.namespace(req.cache_salt), [req.hashes[i] for i in pages],
+                        [self.kv.parent(req, i) for i in pages],
+                        [as_tokens(ids[i * P:(i + 1) * P]) for i in pages], data)
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        p = req.params
+        if self.tokenizer is not None:
+            prev = len(req.text)
+            text = self.tokenizer.decode(req.output_ids)
+            if not text.endswith("\ufffd"):  # hold back a split UTF-8 character
+                req.text = text
+            for s in p.stop_strings:
+                at = req.text.find(s, max(0, prev - len(s) + 1))
+                if at >= 0:
+                    req.text = req.text[:at + len(s)] if p.include_stop_str_in_output else req.text[:at]
+                    req.finish_reason = "stop"
+                    return
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            req.finish_reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= req.max_len:
+            req.finish_reason = "length"
+
+    def _update_gauges(self) -> None:
+        b = self.kv.blocks
+        self.metrics.device_tier(self.kv.pool.num_blocks * self.kv.spec.page_bytes,
+                                 b.num_blocks - b.num_free, self.kv.spec.page_bytes)
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()

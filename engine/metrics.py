@@ -1,0 +1,37 @@
+"""Engine-side Prometheus metrics (DESIGN section 11) and the device tier's gauges.
+
+The device tier's `kvc_tier_*{tier="device"}` series go on the store's KvcMetrics when one is
+given (it owns those names); otherwise the engine registers the gauges itself.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvc.metrics import KvcMetrics
+
+_TTFT = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None, kvc_metrics: KvcMetrics | None):
+        r = registry if registry is not None else CollectorRegistry()
+        self.prompt_tokens = Counter("kvc_request_prompt_tokens_total", "Prompt tokens of admitted requests", registry=r)
+        self.cached_tokens = Counter("kvc_request_cached_tokens_total",
+                                     "Prompt tokens whose KV was reused (device or host tiers)", registry=r)
+        self.ttft = Histogram("kvc_time_to_first_token_seconds", "Arrival to first output token",
+                              buckets=_TTFT, registry=r)
+        self.tpot = Histogram("kvc_time_per_output_token_seconds", "Time between output tokens",
+                              buckets=_TPOT, registry=r)
+        self.preemptions = Counter("kvc_engine_preemptions_total", "Requests preempted (recompute)", registry=r)
+        if kvc_metrics is not None:
+            self.capacity, self.used, self.pages = kvc_metrics.capacity, kvc_metrics.used, kvc_metrics.pages
+        else:
+            self.capacity = Gauge("kvc_tier_capacity_bytes", "Configured budget of a tier", ["tier"], registry=r)
+            self.used = Gauge("kvc_tier_used_bytes", "Bytes held by a tier", ["tier"], registry=r)
+            self.pages = Gauge("kvc_tier_pages", "Pages held by a tier", ["tier"], registry=r)
+
+    def device_tier(self, capacity_bytes: int, used_pages: int, page_bytes: int) -> None:
+        self.capacity.labels(tier="device").set(capacity_bytes)
+        self.used.labels(tier="device").set(used_pages * page_bytes)
+        self.pages.labels(tier="device").set(used_pages)

@@ -1,0 +1,74 @@
+"""Request: one sequence's state across steps (tokens, pages, progress, outputs)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # in the waiting queue (new, preempted, or host pages loaded)
+    LOADING = "loading"  # host-tier pages are being fetched in the background
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """Shaped like vLLM's RequestOutput."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache_salt: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the device pool
+    num_registered: int = 0  # full pages registered in the pool's hash map (and offered to host)
+    num_cached_tokens: int = 0  # prompt tokens reused from a cache (set once, at first admission)
+    admitted: bool = False
+    hashes: list[bytes] = field(default_factory=list)  # chained page hashes of full pages
+    generator: torch.Generator | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None
+    max_len: int = 0  # prompt + max_tokens capped by the model length
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def output(self) -> RequestOutput:
+        done = self.status is Status.FINISHED
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids,
+                             [CompletionOutput(0, self.text, list(self.output_ids), self.finish_reason)],
+                             done, self.num_cached_tokens)

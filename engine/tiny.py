@@ -1,0 +1,150 @@
+"""make_tiny_model: a small random-weight Hugging Face-format checkpoint, deterministic per seed.
+
+Writes config.json (transformers v5 key style), model.safetensors with the Hub weight names
+(per-expert tensors), generation_config.json, a byte-level tokenizer.json (token id = byte value,
+then the ChatML specials), tokenizer_config.json and chat_template.jinja. No transformers import
+and no network: transformers can load the result, which is what the parity tests do.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+_BASE = {
+    "qwen3_moe": dict(vocab_size=272, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=4096,
+                      rope_theta=10000.0),
+    "mixtral": dict(vocab_size=272, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                    rope_theta=1e6),
+}
+
+# Qwen3-30B-A3B's shapes (layers chosen by the caller): for GPU benchmarks with random weights.
+PRESETS = {
+    "qwen3-30b-a3b-shapes": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                 moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4,
+                                 head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                 max_position_embeddings=40960, rope_theta=1e6),
+}
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE without merges: id i is byte i; specials follow at 256."""
+    alphabet = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _config(arch: str, overrides: dict) -> dict:
+    if arch not in _BASE:
+        raise ValueError(f"arch must be one of {', '.join(_BASE)}, got {arch!r}")
+    cfg = dict(_BASE[arch])
+    for k, v in overrides.items():
+        if arch == "mixtral" and k == "num_experts":
+            k = "num_local_experts"
+        if k not in cfg and k not in ("tie_word_embeddings",):
+            raise ValueError(f"unknown tiny-model option {k!r}; known: {', '.join(sorted(cfg))}")
+        cfg[k] = v
+    theta = cfg.pop("rope_theta")
+    eos = 256 + SPECIALS.index("<|im_end|>")
+    cfg.update(model_type=arch, architectures=["Qwen3MoeForCausalLM" if arch == "qwen3_moe" else "MixtralForCausalLM"],
+               hidden_act="silu", rope_parameters={"rope_theta": theta, "rope_type": "default"},
+               tie_word_embeddings=cfg.get("tie_word_embeddings", False), attention_bias=False,
+               bos_token_id=None, eos_token_id=eos, use_cache=True)
+    if arch == "qwen3_moe":
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    return cfg
+
+
+def _weights(cfg: dict, gen: torch.Generator, std: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    arch = cfg["model_type"]
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    D, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E = cfg.get("num_experts", cfg.get("num_local_experts"))
+    I = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
+
+    def rnd(*shape, scale=std):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    def norm(n):
+        return (1.0 + torch.randn(n, generator=gen) * 0.1).to(dtype)
+
+    w = {"model.embed_tokens.weight": rnd(V, H, scale=1.0), "model.norm.weight": norm(H)}
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = rnd(V, H)
+    moe, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch == "qwen3_moe" else \
+        ("block_sparse_moe", ("w1", "w3", "w2"))
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm(H)
+        w[p + "post_attention_layernorm.weight"] = norm(H)
+        for n, rows, cols in (("q", nh * D, H), ("k", nkv * D, H), ("v", nkv * D, H), ("o", H, nh * D)):
+            w[p + f"self_attn.{n}_proj.weight"] = rnd(rows, cols)
+        if arch == "qwen3_moe":
+            w[p + "self_attn.q_norm.weight"] = norm(D)
+            w[p + "self_attn.k_norm.weight"] = norm(D)
+        dense = arch == "qwen3_moe" and (i in cfg["mlp_only_layers"] or (i + 1) % cfg["decoder_sparse_step"] != 0)
+        if dense:
+            Id = cfg["intermediate_size"]
+            w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"] = rnd(Id, H), rnd(Id, H)
+            w[p + "mlp.down_proj.weight"] = rnd(H, Id)
+            continue
+        w[p + f"{moe}.gate.weight"] = rnd(E, H)
+        for e in range(E):
+            q = p + f"{moe}.experts.{e}."
+            w[q + f"{names[0]}.weight"], w[q + f"{names[1]}.weight"] = rnd(I, H), rnd(I, H)
+            w[q + f"{names[2]}.weight"] = rnd(H, I)
+    return w
+
+
+def make_tiny_model(path: str | Path, arch: str = "qwen3_moe", seed: int = 0, *, std: float = 0.2,
+                    dtype: str = "float32", preset: str | None = None, **overrides) -> Path:
+    """Write a random checkpoint to `path`; `overrides` are config.json keys (e.g. num_hidden_layers=4)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        overrides = {**PRESETS[preset], **overrides}
+    cfg = _config(arch, overrides)
+    cfg["dtype"] = dtype
+    out = Path(path).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    save_file(_weights(cfg, gen, std, getattr(torch, dtype)), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    eos = [256 + SPECIALS.index("<|im_end|>"), 256 + SPECIALS.index("<|endoftext|>")]
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
+    byte_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+        "model_max_length": cfg["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast",
+    }, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return out

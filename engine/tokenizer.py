@@ -1,0 +1,119 @@
+"""Tokenizer: tokenizer.json through the `tokenizers` library, chat templates through jinja2.
+
+The chat template comes from chat_template.jinja, then tokenizer_config.json["chat_template"] (a
+string or a list of {name, template}), then chat_template.json; it is rendered the way
+transformers renders it (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, tojson).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .model_args import CheckpointError
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON: {e}") from None
+
+
+def _find_template(path: Path, tok_cfg: dict) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    if isinstance(t, str):
+        return t
+    if (path / "chat_template.json").is_file():
+        return _read_json(path / "chat_template.json").get("chat_template")
+    return None
+
+
+def _token_str(v) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path, extra_eos_ids: tuple[int, ...] = ()):
+        path = Path(path)
+        try:
+            self._tok = _HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own Exception type
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot load tokenizer: {e}") from None
+        cfg_path = path / "tokenizer_config.json"
+        tok_cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        self.eos_token = _token_str(tok_cfg.get("eos_token"))
+        self.bos_token = _token_str(tok_cfg.get("bos_token"))
+        eos = list(extra_eos_ids)
+        if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
+            eos.append(self._tok.token_to_id(self.eos_token))
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        src = _find_template(path, tok_cfg)
+        self._template = _compile(src) if src is not None else None
+
+    @staticmethod
+    def from_dir(path: str | Path, extra_eos_ids: tuple[int, ...] = ()) -> "Tokenizer | None":
+        """The directory's tokenizer, or None when it has no tokenizer.json (token-id prompts only)."""
+        if not (Path(path) / "tokenizer.json").is_file():
+            return None
+        return Tokenizer(path, extra_eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        if self._template is None:
+            raise ValueError("this model has no chat template (chat_template.jinja or "
+                             "tokenizer_config.json chat_template); send a plain completion prompt")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     **kwargs)
+
+
+def _compile(source: str) -> jinja2.Template:
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise CheckpointError(f"chat template does not parse: {e}") from None
+
+
+class Detokenizer:
+    """Incremental text for a growing id list; holds back text that ends in a split UTF-8 char."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.text = ""
+
+    def update(self, ids: list[int]) -> str:
+        """The full text so far of `ids` (the request's output ids)."""
+        text = self.tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            self.text = text
+        return self.text
