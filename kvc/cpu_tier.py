@@ -165,6 +165,9 @@ class NullTier:
     def fits(self, nbytes: int) -> bool:
         return False
 
+    def touch(self, h: bytes) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

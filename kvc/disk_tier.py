@@ -73,6 +73,10 @@ class DiskTier:
         self.degraded_until = 0.0
         self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
         self.env = self._open()
+        if self.capacity > self.free_bytes() + self.file_bytes():
+            log.warning("kvc.disk_size_GB (%.1f GB) is more than the free space under %s (%.1f GB); "
+                        "the disk tier will degrade when the filesystem fills",
+                        self.capacity / (1 << 30), self.path, self.free_bytes() / (1 << 30))
         self._load_index()
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="kvc-disk-writer", daemon=True)
@@ -307,6 +311,8 @@ class DiskTier:
 
     def _failed(self, batch, err: lmdb.Error) -> None:
         kind = _kind(err)
+        if kind == "eio" and self.free_bytes() < sum(len(i[2]) for i in batch if i[0] == "put") + (1 << 20):
+            kind = "enospc"  # LMDB reports a short write on a full filesystem as EIO
         self.metrics.disk_errors.labels(op="commit", kind=kind).inc()
         lost = [item[1] for item in batch if item[0] == "put"]
         log.error("disk tier commit failed (%s: %s); %d pages not written; degraded for %.0fs",
@@ -325,6 +331,10 @@ class DiskTier:
     @property
     def degraded(self) -> bool:
         return time.monotonic() < self.degraded_until
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
 
     def file_bytes(self) -> int:
         return os.path.getsize(os.path.join(self.env_path, "data.mdb"))

@@ -186,12 +186,27 @@ class TieredStore:
                 else:
                     rejected += 1
                     reasons.append(f"no room for page {p.hash.hex()}")
+            self._touch_chains(pages)
             self._evict_disk()
             self._update_gauges()
         self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)
         self.metrics.store_pages.labels(tier="any", result="duplicate").inc(dup)
         self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
         return PutResult(stored, dup, rejected, tuple(reasons))
+
+    def _touch_chains(self, pages: Sequence[Page]) -> None:
+        """Make each chain in `pages` most recent, deepest page first, ancestors included.
+
+        A parent is then always newer than its children in the LRU order, so eviction takes the
+        tail of a chain before its prefix and never strands a child without its parent.
+        """
+        parents = {p.parent for p in pages}
+        for leaf in (p.hash for p in pages if p.hash not in parents):
+            h = leaf
+            while (e := self.cpu.get(h)) is not None:
+                self.cpu.touch(h)
+                self.disk.touch(h)
+                h = e.parent
 
     def _put_cpu(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
         if not self.cpu.fits(e.nbytes) or self.cpu.get(h) is not None:

@@ -1,0 +1,60 @@
+import pytest
+
+from kvc.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults():
+    cfg = load_config(None)
+    assert cfg.attn.page_size == 16 and cfg.kvc.cpu_memory_size_GB == 4
+    assert cfg.server.host == "127.0.0.1" and cfg.server.http_port == 30000
+
+
+def test_yaml_and_kvc2_alias_and_tilde(tmp_path):
+    cfg = load_config(write(tmp_path, "kvc2:\n  disk_path: ~/kv\n  cpu_memory_size_GB: 1\nattn: {page_size: 32}\n"))
+    assert cfg.kvc.cpu_memory_size_GB == 1.0 and cfg.attn.page_size == 32
+    assert not cfg.kvc.disk_path.startswith("~") and cfg.kvc.disk_path.endswith("/kv")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("kvc: {cpu_memory_GB: 1}", "kvc.cpu_memory_GB"),
+    ("kvcache: {}", "kvcache"),
+    ("attn: {page_size: 0}", "attn.page_size"),
+    ("attn: {page_size: 1.5}", "attn.page_size"),
+    ("kvc: {utilization_percentage: 1.5}", "kvc.utilization_percentage"),
+    ("kvc: {gpu_only: 'yes'}", "kvc.gpu_only"),
+    ("experts: {placement_strategy: hottest}", "experts.placement_strategy"),
+    ("kvc: {cpu_memory_size_GB: 100000}", "larger than this machine"),
+    ("kvc: {}\nkvc2: {}", "alias"),
+    ("kvc: {low_watermark: 0.99}", "low_watermark"),
+    ("experts: {num_gpu_experts: 2, gpu_experts_ratio: 0.5}", "not both"),
+    ("- a\n- b", "mapping"),
+])
+def test_bad_values_name_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_and_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "kvc: {a: [1,"))
+
+
+def test_overrides_by_leaf_and_dotted_name():
+    cfg = load_config(None, page_size=8, **{"kvc.disk_path": None})
+    assert cfg.attn.page_size == 8 and cfg.kvc.disk_path is None
+    with pytest.raises(ConfigError, match="unknown config key 'pagesize'"):
+        load_config(None, pagesize=8)
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.attn.page_size = 3

@@ -1,0 +1,69 @@
+import torch
+
+from kvc.device_pool import BlockPool, DevicePool
+from kvc.hashing import PageSpec
+
+
+def test_allocate_free_order_and_refcounts():
+    pool = BlockPool(6)
+    a = pool.allocate(3)
+    assert a == [0, 1, 2] and pool.num_free == 3
+    assert pool.ref_count[:3] == [1, 1, 1]
+    for i, b in enumerate(a):
+        pool.cache_block(b, bytes([i]) * 16, bytes(16), b"t%d" % i)
+    pool.free(a)
+    # freed tail first: the next allocations evict block 2 (deepest) before 1 and 0
+    assert list(pool.free_queue) == [3, 4, 5, 2, 1, 0]
+    assert pool.allocate(4) == [3, 4, 5, 2]
+    assert bytes([2]) * 16 not in pool.hash_to_block and bytes([1]) * 16 in pool.hash_to_block
+
+
+def test_shortage_is_none_and_changes_nothing():
+    pool = BlockPool(2)
+    pool.allocate(1)
+    assert pool.allocate(2) is None
+    assert pool.num_free == 1
+
+
+def test_match_prefix_verifies_parent_and_tokens():
+    pool = BlockPool(4)
+    b = pool.allocate(2)
+    h0, h1 = b"\x00" * 16, b"\x01" * 16
+    pool.cache_block(b[0], h0, b"r" * 16, b"aaaa")
+    pool.cache_block(b[1], h1, h0, b"bbbb")
+    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], [b"aaaa", b"bbbb"]) == b
+    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], [b"aaaa", b"XXXX"]) == b[:1]
+    assert pool.match_prefix([h0, h1], [b"q" * 16, h0], [b"aaaa", b"bbbb"]) == []
+
+
+def test_touch_shares_blocks_and_keeps_them_out_of_the_free_queue():
+    pool = BlockPool(3)
+    b = pool.allocate(1)
+    pool.cache_block(b[0], b"\x05" * 16, bytes(16), b"x")
+    pool.free(b)
+    assert b[0] in pool.free_queue
+    pool.touch(b)
+    pool.touch(b)
+    assert pool.ref_count[b[0]] == 2 and b[0] not in pool.free_queue
+    pool.free(b)
+    assert b[0] not in pool.free_queue
+    pool.free(b)
+    assert b[0] in pool.free_queue and pool.block_hash(b[0]) == b"\x05" * 16
+
+
+def test_cache_block_refuses_a_second_holder_of_a_hash():
+    pool = BlockPool(2)
+    b = pool.allocate(2)
+    assert pool.cache_block(b[0], b"\x07" * 16, bytes(16), b"x")
+    assert not pool.cache_block(b[1], b"\x07" * 16, bytes(16), b"x")
+
+
+def test_gather_scatter_roundtrip():
+    spec = PageSpec(3, 2, 4, 2, "float32")
+    pool = DevicePool(spec, 5)
+    pages = torch.randn(2, *spec.shape)
+    pool.scatter([3, 1], pages)
+    assert torch.equal(pool.gather([3, 1]), pages)
+    k, v = pool.layer(2)
+    assert torch.equal(k[3], pages[0, 2, 0]) and torch.equal(v[1], pages[1, 2, 1])
+    assert torch.count_nonzero(pool.kv[:, :, [0, 2, 4]]) == 0

@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+
+from kvc import hashing
+from kvc.metrics import KvcMetrics
+from kvc.store import TieredStore
+
+from .backend_suite import BackendSuite
+from .conftest import NS, SPEC, kvc_config, make_pages
+
+
+@pytest.fixture
+def backend(tmp_path):
+    store = TieredStore(kvc_config(tmp_path))
+    yield store
+    store.close()
+
+
+class TestTieredStoreSuite(BackendSuite):
+    pass
+
+
+def metric(store, name, **labels):
+    v = store.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def test_lookup_counts_tokens_and_hits_by_tier(tmp_path):
+    with TieredStore(kvc_config(tmp_path)) as s:
+        toks = list(range(22))
+        _, pages = make_pages(NS, toks)
+        s.put_pages(NS, pages[:3])
+        r = s.lookup(NS, tokens=toks)
+        assert r.located == ["cpu"] * 3 and r.tiers["cpu"] == 3
+        assert metric(s, "kvc_lookup_query_tokens_total") == 22
+        assert metric(s, "kvc_lookup_hit_tokens_total", tier="cpu") == 12
+
+
+def test_forced_collision_never_returns_other_prompts_pages(tmp_path, monkeypatch):
+    """With a hash function that maps every page to one key, prompt B must never get A's KV."""
+    monkeypatch.setattr(hashing, "chain_hash", lambda parent, toks: b"\x01" * 16)
+    with TieredStore(kvc_config(tmp_path)) as s:
+        a, b = [1, 2, 3, 4], [5, 6, 7, 8]
+        ha, pa = make_pages(NS, a)
+        hb, pb = make_pages(NS, b, seed=1)
+        assert ha == hb  # the patched hash collides
+        assert s.put_pages(NS, pa).stored == 1
+        res = s.put_pages(NS, pb)
+        assert (res.stored, res.rejected) == (0, 1)
+        assert metric(s, "kvc_hash_collisions_total") == 1
+        assert s.lookup(NS, tokens=b).num_pages == 0  # tokens differ: not a hit
+        assert metric(s, "kvc_hash_collisions_total") == 2
+        assert s.lookup(NS, tokens=a).num_pages == 1
+
+
+def test_cpu_tier_never_exceeds_budget_and_evicts_lru_deepest_first(tmp_path):
+    page = SPEC.page_bytes  # 256 bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=8 * page / (1 << 30), disk_path=None,
+                     high_watermark=0.99, low_watermark=0.5)
+    with TieredStore(cfg) as s:
+        assert s.cpu.capacity == 8 * page
+        ha, pa = make_pages(NS, list(range(16)))          # chain A: 4 pages
+        hb, pb = make_pages(NS, list(range(100, 116)))    # chain B: 4 pages
+        s.put_pages(NS, pa)
+        s.put_pages(NS, pb)
+        assert s.cpu.used == 8 * page
+        # each put makes its chain most recent, deepest page first
+        assert list(s.cpu.entries) == [ha[3], ha[2], ha[1], ha[0], hb[3], hb[2], hb[1], hb[0]]
+        s.get_pages(NS, ha)  # A is now more recent than B, again tail first
+        assert list(s.cpu.entries) == [hb[3], hb[2], hb[1], hb[0], ha[3], ha[2], ha[1], ha[0]]
+        hc, pc = make_pages(NS, list(range(200, 204)))
+        s.put_pages(NS, pc)
+        # eviction runs down to the low watermark (9 - 4 = 5 pages): all of B, then A's tail
+        assert set(s.cpu.entries) == {ha[0], ha[1], ha[2], hc[0]}
+        assert s.cpu.used <= s.cpu.capacity
+        assert metric(s, "kvc_evictions_total", tier="cpu", reason="capacity") == 5
+
+
+def test_deepest_page_evicted_first(tmp_path):
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30), disk_path=None,
+                     high_watermark=0.99, low_watermark=0.9)
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(16)))
+        s.put_pages(NS, pa)
+        s.get_pages(NS, ha)
+        _, pc = make_pages(NS, list(range(200, 204)))
+        s.put_pages(NS, pc)
+        # down to the low watermark (3.6 of 4 pages) takes two pages: the tail, not the prefix
+        assert s.lookup(NS, hashes=ha).num_pages == 2
+        assert s.cpu.get(ha[0]) and s.cpu.get(ha[1])
+
+
+def test_pinned_pages_are_not_evicted_and_leases_expire(tmp_path):
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30), disk_path=None)
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(16)))
+        s.put_pages(NS, pa)
+        lease = s.pin(NS, ha)
+        _, pb = make_pages(NS, list(range(100, 104)))
+        res = s.put_pages(NS, pb)
+        assert res.rejected == 1 and s.lookup(NS, hashes=ha).num_pages == 4
+        assert s.stats()["pinned_pages"] == 4
+        s.unpin(lease)
+        assert s.put_pages(NS, pb).stored == 1
+        short = s.pin(NS, [pb[0].hash], ttl_s=1e-6)
+        assert s.stats()["leases"] == 0 and metric(s, "kvc_forced_unpins_total") == 1
+        assert s.unpin(short) is False
+
+
+def test_pin_rejects_bad_ttl_and_hash(tmp_path):
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        with pytest.raises(ValueError, match="ttl"):
+            s.pin(NS, [], ttl_s=0)
+        with pytest.raises(ValueError, match="16 bytes"):
+            s.pin(NS, [b"short"])
+
+
+def test_write_back_to_disk_then_promote_on_hit(tmp_path):
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30))
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(16)))
+        s.put_pages(NS, pa)
+        assert s.disk.pages == 0  # write-back: nothing on disk yet
+        hb, pb = make_pages(NS, list(range(100, 116)))
+        s.put_pages(NS, pb)
+        s.flush()
+        r = s.lookup(NS, hashes=ha)
+        assert r.num_pages == 4 and "disk" in r.located
+        assert metric(s, "kvc_transfer_bytes_total", src="cpu", dst="disk") > 0
+        got = s.get_pages(NS, ha)
+        assert all(torch.equal(a.data, b.data) for a, b in zip(got, pa))
+        assert s.lookup(NS, hashes=ha).located == ["cpu"] * 4  # promoted
+        assert metric(s, "kvc_transfer_bytes_total", src="disk", dst="cpu") == 4 * page
+
+
+def test_write_through(tmp_path):
+    with TieredStore(kvc_config(tmp_path, disk_write="through")) as s:
+        ha, pa = make_pages(NS, list(range(8)))
+        s.put_pages(NS, pa)
+        s.flush()
+        assert s.disk.pages == 2 and s.cpu.pages == 2
+
+
+def test_cpu_zero_goes_straight_to_disk(tmp_path):
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=0)) as s:
+        ha, pa = make_pages(NS, list(range(8)))
+        assert s.put_pages(NS, pa).stored == 2
+        s.flush()
+        assert s.lookup(NS, hashes=ha).located == ["disk", "disk"]
+        assert torch.equal(s.get_pages(NS, ha)[1].data, pa[1].data)
+
+
+def test_flipped_byte_in_cpu_is_a_miss_and_counted(tmp_path):
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        ha, pa = make_pages(NS, list(range(12)))
+        s.put_pages(NS, pa)
+        s.cpu.view(ha[1])[7] ^= 0xFF
+        got = s.get_pages(NS, ha)
+        assert len(got) == 1
+        assert metric(s, "kvc_checksum_failures_total", tier="cpu") == 1
+        assert s.lookup(NS, hashes=ha).num_pages == 1  # the bad page is gone
+
+
+def test_events_reach_listeners(tmp_path):
+    seen = []
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        s.add_listener(lambda kind, root, h, parent, tier: seen.append((kind, h, tier)))
+        ha, pa = make_pages(NS, list(range(8)))
+        s.put_pages(NS, pa)
+        s.delete(NS, ha[1:])
+    assert seen == [("stored", ha[0], "cpu"), ("stored", ha[1], "cpu"), ("removed", ha[1], "cpu")]
+
+
+def test_gpu_only_holds_nothing(tmp_path):
+    with TieredStore(kvc_config(tmp_path, gpu_only=True)) as s:
+        _, pa = make_pages(NS, list(range(8)))
+        assert s.put_pages(NS, pa).rejected == 2
+        assert s.stats()["tiers"]["cpu"]["capacity_bytes"] == 0
+
+
+def test_metrics_share_a_registry(tmp_path):
+    m = KvcMetrics()
+    with TieredStore(kvc_config(tmp_path, disk_path=None), metrics=m) as s:
+        _, pa = make_pages(NS, list(range(8)))
+        s.put_pages(NS, pa)
+    assert m.registry.get_sample_value("kvc_tier_pages", {"tier": "cpu"}) == 2
+    assert m.registry.get_sample_value("kvc_tier_capacity_bytes", {"tier": "cpu"}) == 1 << 20
