@@ -1,0 +1,149 @@
+"""Engine paths against the plain path: prefix hits, host-tier hits, batching, preemption, stops."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvc.config import load_config
+from engine import LLM, LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPT = [(i * 37 + 11) % 250 for i in range(29)]
+
+
+def make_engine(path, cache=None, **kw):
+    kw = {"page_size": 4, "chunk_size": 64, "num_device_blocks": 64, **kw}
+    cfg = load_config().replace(path=str(path), dtype="float32", device="cpu",
+                                gpu_only=cache is None, **kw)
+    return LLMEngine(cfg, cache=cache)
+
+
+def run(engine, prompts, params=GREEDY, salt=""):
+    """Run prompts to completion; returns the final outputs in prompt order."""
+    base = len(getattr(engine, "_test_ids", []))
+    ids = [f"r{base + i}" for i in range(len(prompts))]
+    engine._test_ids = getattr(engine, "_test_ids", []) + ids
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params, salt)
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    return [done[r] for r in ids]
+
+
+def test_prefix_hit_matches_cold(model_dir):
+    eng = make_engine(model_dir)
+    cold = run(eng, [PROMPT])[0]
+    assert cold.num_cached_tokens == 0
+    warm = run(eng, [PROMPT])[0]
+    assert warm.num_cached_tokens == 28  # 7 full pages; the cap leaves the last token to compute
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+    other = run(eng, [PROMPT[:9] + [1, 2, 3]])[0]
+    assert other.num_cached_tokens == 8
+    salted = run(eng, [PROMPT], salt="tenant-b")[0]
+    assert salted.num_cached_tokens == 0
+
+
+def test_host_tier_hit_with_device_pool_emptied_matches_cold(model_dir, store):
+    cold = run(make_engine(model_dir), [PROMPT])[0]
+    eng = make_engine(model_dir, cache=store)
+    first = run(eng, [PROMPT])[0]
+    eng.host.flush()
+    assert eng.kv.blocks.reset_cache() > 0  # the device tier forgets everything
+    second = run(eng, [PROMPT])[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 28
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids == cold.outputs[0].token_ids
+    eng.close()
+
+
+def test_host_load_does_not_block_other_requests(model_dir, store):
+    eng = make_engine(model_dir, cache=store)
+    run(eng, [PROMPT])
+    eng.host.flush()
+    eng.kv.blocks.reset_cache()
+    eng.add_request("loads", PROMPT, GREEDY)
+    eng.add_request("cold", [9, 8, 7], GREEDY)
+    eng.step()  # the first request starts loading and the second one runs meanwhile
+    assert eng.requests["cold"].num_computed == 3
+    eng.close()
+
+
+def test_batched_matches_single(model_dir):
+    prompts = [PROMPT, PROMPT[:5], [3, 1, 4, 1, 5, 9, 2, 6], PROMPT[3:20]]
+    singles = [run(make_engine(model_dir), [p])[0].outputs[0].token_ids for p in prompts]
+    eng = make_engine(model_dir, chunk_size=6, max_num_batched_tokens=10)
+    batched = run(eng, prompts)
+    assert [o.outputs[0].token_ids for o in batched] == singles
+
+
+def test_preemption_and_resume_match_unpreempted(model_dir):
+    prompts = [PROMPT[:13], PROMPT[5:18], PROMPT[10:22]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    singles = [run(make_engine(model_dir), [p], params)[0].outputs[0].token_ids for p in prompts]
+    eng = make_engine(model_dir, num_device_blocks=12)  # 48 slots for 3 x 25 tokens
+    outs = run(eng, prompts, params)
+    assert eng.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == singles
+    assert all(o.num_cached_tokens == 0 for o in outs)  # recompute is not a hit
+    assert eng.kv.blocks.num_free == 12
+
+
+def test_stop_strings_and_tokens(qwen_dir):
+    eng = make_engine(qwen_dir)
+    free = run(eng, ["hello"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    text = free.text
+    assert len(text) >= 4
+    stop = text[2:4]
+    out = run(eng, ["hello"], SamplingParams(temperature=0, max_tokens=10, stop=[stop], ignore_eos=True))[0]
+    assert out.outputs[0].text == text[:text.index(stop)]
+    assert out.outputs[0].finish_reason == "stop"
+    tok = free.token_ids[3]
+    out = run(eng, ["hello"], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[tok], ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == free.token_ids[:free.token_ids.index(tok) + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    assert free.finish_reason == "length" and len(free.token_ids) == 10
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(qwen_dir):
+    eng = make_engine(qwen_dir)
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=10, ignore_eos=True)
+    a, b = run(eng, [PROMPT, PROMPT], p)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    c = run(eng, [PROMPT], SamplingParams(temperature=1.0, seed=8, max_tokens=10, ignore_eos=True))[0]
+    assert c.outputs[0].token_ids != a.outputs[0].token_ids
+    g = run(eng, [PROMPT], GREEDY)[0].outputs[0].token_ids
+    k1 = run(eng, [PROMPT], SamplingParams(temperature=0.7, top_k=1, seed=1, max_tokens=8, ignore_eos=True))
+    assert k1[0].outputs[0].token_ids == g
+
+
+def test_abort_frees_pages(qwen_dir):
+    eng = make_engine(qwen_dir)
+    eng.add_request("x", PROMPT, GREEDY)
+    eng.step()
+    assert eng.kv.blocks.num_free < 64
+    eng.abort("x")
+    assert eng.kv.blocks.num_free == 64 and not eng.has_unfinished()
+
+
+def test_llm_api_strings_ids_and_unknown_override(qwen_dir, tmp_path):
+    llm = LLM(str(qwen_dir), dtype="float32", device="cpu", page_size=4, chunk_size=8,
+              disk_path=str(tmp_path / "pages"), cpu_memory_size_GB=0.01)
+    outs = llm.generate(["hello world", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("hello world")
+    assert isinstance(outs[0].outputs[0].text, str)
+    llm.close()
+    with pytest.raises(ValueError, match="no_such_key"):
+        LLM(str(qwen_dir), no_such_key=1)
+
+
+def test_model_without_tokenizer_serves_token_ids(qwen_dir, tmp_path):
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((qwen_dir / f).read_bytes())
+    eng = make_engine(tmp_path)
+    assert eng.tokenizer is None
+    assert len(run(eng, [[1, 2, 3]])[0].outputs[0].token_ids) == 8
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.add_request("t", "text", GREEDY)

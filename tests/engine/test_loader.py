@@ -1,0 +1,124 @@
+"""Checkpoint loading: shards, fused v5 expert names, malformed directories, tokenizer and template."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.loader import load_model
+from engine.model_args import CheckpointError
+from engine.tiny import make_tiny_model
+from engine.tokenizer import Tokenizer
+
+
+def _copy_meta(src, dst):
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=0, rtol=0)
+
+
+def test_sharded_with_index_loads_the_same(qwen_dir, tmp_path):
+    tensors = load_file(str(qwen_dir / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for f, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / f))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    _copy_meta(qwen_dir, tmp_path)
+    _same(load_model(tmp_path)[0], load_model(qwen_dir)[0])
+
+
+def test_fused_v5_expert_names_load_the_same(mixtral_dir, tmp_path):
+    t = load_file(str(mixtral_dir / "model.safetensors"))
+    out = {}
+    for layer in range(2):
+        p = f"model.layers.{layer}.block_sparse_moe.experts."
+        w1 = torch.stack([t.pop(f"{p}{e}.w1.weight") for e in range(4)])
+        w3 = torch.stack([t.pop(f"{p}{e}.w3.weight") for e in range(4)])
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat((w1, w3), 1)
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [t.pop(f"{p}{e}.w2.weight") for e in range(4)])
+    out.update(t)
+    out["model.layers.2.mtp.extra_scale_inv"] = torch.zeros(1)  # unknown keys are ignored
+    save_file(out, str(tmp_path / "model.safetensors"))
+    _copy_meta(mixtral_dir, tmp_path)
+    _same(load_model(tmp_path)[0], load_model(mixtral_dir)[0])
+
+
+@pytest.mark.parametrize("breakage, needle", [
+    ("no_config", "config.json"),
+    ("bad_json", "config.json"),
+    ("no_weights", "model.safetensors"),
+    ("missing_weight", "model.layers.1.self_attn.q_proj.weight"),
+    ("missing_shard", "model-00002"),
+    ("corrupt_weights", "model.safetensors"),
+    ("bad_model_type", "model_type"),
+    ("wrong_shape", "model.norm.weight"),
+])
+def test_malformed_directory_names_the_file(qwen_dir, tmp_path, breakage, needle):
+    _copy_meta(qwen_dir, tmp_path)
+    shutil.copy(qwen_dir / "model.safetensors", tmp_path / "model.safetensors")
+    cfg = json.loads((qwen_dir / "config.json").read_text())
+    if breakage == "no_config":
+        (tmp_path / "config.json").unlink()
+    elif breakage == "bad_json":
+        (tmp_path / "config.json").write_text("{not json")
+    elif breakage == "no_weights":
+        (tmp_path / "model.safetensors").unlink()
+    elif breakage in ("missing_weight", "wrong_shape"):
+        t = load_file(str(qwen_dir / "model.safetensors"))
+        if breakage == "missing_weight":
+            del t["model.layers.1.self_attn.q_proj.weight"]
+        else:
+            t["model.norm.weight"] = torch.ones(3)
+        save_file(t, str(tmp_path / "model.safetensors"))
+    elif breakage == "missing_shard":
+        (tmp_path / "model.safetensors").unlink()
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    elif breakage == "corrupt_weights":
+        (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    elif breakage == "bad_model_type":
+        cfg["model_type"] = "llama"
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=needle.replace(".", r"\.")):
+        load_model(tmp_path)
+
+
+def test_tiny_model_is_deterministic_per_seed(tmp_path):
+    a = make_tiny_model(tmp_path / "a", "qwen3_moe", seed=3)
+    b = make_tiny_model(tmp_path / "b", "qwen3_moe", seed=3)
+    c = make_tiny_model(tmp_path / "c", "qwen3_moe", seed=4)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_tokenizer_round_trip_and_chat_template_matches_transformers(qwen_dir, tmp_path):
+    tok = Tokenizer(qwen_dir)
+    text = "héllo, wörld ✓"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|im_end|>") == [258] and 258 in tok.eos_token_ids
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(qwen_dir)
+    assert tok.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    # the template may also come from tokenizer_config.json
+    _copy_meta(qwen_dir, tmp_path)
+    src = (tmp_path / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.jinja").unlink()
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = src
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert Tokenizer(tmp_path).apply_chat_template(msgs) == tok.apply_chat_template(msgs)
