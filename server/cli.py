@@ -10,28 +10,50 @@ from kvc.config import ConfigError
 
 def _cache_server(args: argparse.Namespace) -> int:
     from server import cache_server
-    try:
-        config = cache_server.config_from_args(args)
-    except ConfigError as e:
-        print(f"kvc cache-server: {e}", file=sys.stderr)
-        return 2
+    config = cache_server.config_from_args(args)
     return cache_server.run_cache_server(config)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from server import serve
+    return serve.main_serve(args)
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.tiny import make_tiny_model
+    make_tiny_model(args.dir, args.arch, seed=args.seed)
+    print(f"wrote a random-weight {args.arch} checkpoint to {args.dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from server import cache_server
+    from server import cache_server, serve
     parser = argparse.ArgumentParser(prog="kvc", description="kvc: tiered KV cache, engine and servers")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server with the engine and its cache")
+    serve.add_arguments(p)
+    p.set_defaults(func=_serve)
     p = sub.add_parser("cache-server", help="run the gRPC cache service (configs/cache.yaml)")
     cache_server.add_arguments(p)
     p.set_defaults(func=_cache_server)
+    p = sub.add_parser("make-tiny-model", help="write a small random-weight checkpoint in Hugging Face format")
+    p.add_argument("dir")
+    p.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "mixtral"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_model)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as e:
+        print(f"kvc {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

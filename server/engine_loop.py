@@ -1,0 +1,148 @@
+"""AsyncEngine: the engine's step loop on its own thread, with asyncio streams for the HTTP side.
+
+The engine is not thread-safe, so every call into it (add, abort, step) happens on the loop
+thread; handlers hand requests over through a queue and get their outputs back through an
+asyncio.Queue per request. A handler that goes away (a client disconnect) aborts its request,
+which frees its pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+log = logging.getLogger("kvc.server")
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: object
+    params: object
+    cache_salt: str
+    loop: asyncio.AbstractEventLoop
+    accepted: asyncio.Future
+    stream: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Add] = {}
+        self._stopped = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvc-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                if not self.engine.has_unfinished():
+                    continue
+                for out in self.engine.step():
+                    add = self._streams.get(out.request_id)
+                    if add is None:
+                        continue
+                    if out.finished:
+                        del self._streams[out.request_id]
+                    add.loop.call_soon_threadsafe(add.stream.put_nowait, out)
+        except BaseException as e:  # the loop is dead: fail every waiting request loudly
+            log.exception("engine loop failed")
+            self.error = e
+            for add in self._streams.values():
+                add.loop.call_soon_threadsafe(add.stream.put_nowait, e)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, _Add):
+                self._add(item)
+            elif item is not None:
+                self.engine.abort(item)
+                self._streams.pop(item, None)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, add: _Add) -> None:
+        def settle(error):
+            if not add.accepted.done():
+                add.accepted.set_exception(error) if error else add.accepted.set_result(True)
+        try:
+            self.engine.add_request(add.request_id, add.prompt, add.params, add.cache_salt)
+        except ValueError as e:
+            add.loop.call_soon_threadsafe(settle, e)
+            return
+        self._streams[add.request_id] = add
+        add.loop.call_soon_threadsafe(settle, None)
+
+    # -- asyncio side ----------------------------------------------------------------------------
+    async def submit(self, request_id: str, prompt, params, cache_salt: str = "") -> "Stream":
+        """Hand a request to the engine; raises ValueError (a 400) if the engine refuses it."""
+        if not self.alive:
+            raise RuntimeError("the engine loop is not running")
+        loop = asyncio.get_running_loop()
+        add = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue())
+        self._inbox.put(add)
+        await add.accepted
+        return Stream(self, request_id, add.stream)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(request_id)
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+
+class Stream:
+    """The outputs of one request, in order; aborts the request if left before it finished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue):
+        self.engine, self.request_id, self._q = engine, request_id, q
+        self.finished = False
+
+    async def _next(self):
+        out = await self._q.get()
+        if isinstance(out, BaseException):
+            self.finished = True
+            raise RuntimeError(f"the engine failed: {out}") from out
+        self.finished = out.finished
+        return out
+
+    async def __aiter__(self) -> AsyncIterator:
+        try:
+            while not self.finished:
+                yield await self._next()
+        finally:
+            self.close()
+
+    async def final(self):
+        """The last output (all tokens); aborts the request if cancelled first."""
+        try:
+            out = None
+            while not self.finished:
+                out = await self._next()
+            return out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)

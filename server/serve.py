@@ -1,0 +1,116 @@
+"""`kvc serve`: the engine, its cache and the OpenAI-compatible HTTP server in one process.
+
+Embedded default: the host tiers are an in-process TieredStore (cpu + disk). With --cache-url
+they are a shared `kvc cache-server`, reached through kvc.client.RemoteCache.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from kvc.config import Config, ConfigError, load_config
+from kvc.metrics import KvcMetrics
+
+log = logging.getLogger("kvc.serve")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml, else built-in defaults)")
+    p.add_argument("--model", help="model directory in Hugging Face format, or builtin:<name>")
+    p.add_argument("--cache-url", help="grpc://host:port of a shared kvc cache-server for the host tiers")
+    p.add_argument("--cache-token", help="bearer token for the cache-server (or KVC_CACHE_TOKEN)")
+    p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--port", type=int, help="HTTP port (server.http_port)")
+    p.add_argument("--disk-path", help="disk tier directory (kvc.disk_path)")
+    p.add_argument("--device", help="torch device: auto, cpu, cuda (model.device)")
+    p.add_argument("--record-expert-stats", metavar="DIR",
+                   help="write MoE expert activation counts (.pt) under DIR (experts.record_expert_stats)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    over = {}
+    for arg, key in (("model", "model.path"), ("cache_url", "server.cache_url"), ("host", "server.host"),
+                     ("port", "server.http_port"), ("disk_path", "kvc.disk_path"), ("device", "model.device"),
+                     ("record_expert_stats", "experts.record_expert_stats")):
+        if getattr(args, arg, None) is not None:
+            over[key] = getattr(args, arg)
+    return load_config(path, **over)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); "
+                              f"is another server running? choose another --port") from None
+
+
+def build(config: Config, cache_token: str | None = None):
+    """The registry, the cache backend (or None) and the engine for a config."""
+    from engine import LLMEngine
+
+    registry = CollectorRegistry()
+    kvc_metrics = KvcMetrics(registry)
+    cache = None
+    if config.server.cache_url:
+        from kvc.client import RemoteCache
+        cache = RemoteCache(config.server.cache_url, token=cache_token, timeout=config.server.rpc_timeout_s)
+    elif not config.kvc.gpu_only and (config.kvc.cpu_memory_size_GB > 0 or config.kvc.disk_path):
+        from kvc.store import TieredStore
+        cache = TieredStore(config.kvc, metrics=kvc_metrics)
+    try:
+        engine = LLMEngine(config, cache=cache, registry=registry, kvc_metrics=kvc_metrics)
+    except Exception:
+        if cache is not None:
+            cache.close()
+        raise
+    return registry, cache, engine
+
+
+def served_names(config: Config) -> list[str]:
+    path = config.model.path
+    short = path.removeprefix("builtin:") if path.startswith("builtin:") else Path(path).name
+    return [short, path] if short != path else [path]
+
+
+def run_serve(config: Config, cache_token: str | None = None) -> int:
+    import uvicorn
+
+    from .api import create_app
+    from .engine_loop import AsyncEngine
+
+    host, port = config.server.host, config.server.http_port
+    _check_port_free(host, port)
+    registry, cache, engine = build(config, cache_token)
+    loop = AsyncEngine(engine)
+    names = served_names(config)
+    app = create_app(loop, names, registry)
+    where = "shared cache-server " + config.server.cache_url if config.server.cache_url else (
+        "embedded cache: cpu %.1f GB, disk %s" % (config.kvc.cpu_memory_size_GB, config.kvc.disk_path))
+    print(f"kvc serve: model {names[0]!r} on {engine.device}, {where}", flush=True)
+    print(f"kvc serve: OpenAI API at http://{host}:{port}/v1  (metrics: http://{host}:{port}/metrics)",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    try:
+        server.run()
+    finally:
+        loop.shutdown()
+        engine.close()
+        if cache is not None:
+            cache.close()
+    return 0
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    token = args.cache_token or os.environ.get("KVC_CACHE_TOKEN")
+    return run_serve(config, token)
