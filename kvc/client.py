@@ -18,11 +18,13 @@ from urllib.parse import urlsplit
 
 import grpc
 import torch
+import xxhash
 
 from . import wire
 from .backend import LookupResult, PutResult
-from .hashing import Namespace, page_hashes
+from .hashing import Namespace, page_hashes, tokens_bytes
 from .pb import pb, pb_grpc
+from .rebase import Rebase
 from .record import Page
 from .shm import Segment
 
@@ -66,6 +68,7 @@ class RemoteCache:
         self._shm_lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = 0.05
+        self._rebases: dict[bytes, Rebase | None] = {}  # client root -> map to the tenant's chain
 
     # -- plumbing ------------------------------------------------------------------------------
     def _deadline(self, nbytes: int = 0) -> float:
@@ -99,6 +102,16 @@ class RemoteCache:
         self._ok()
         return resp
 
+    def _rebase(self, ns: Namespace, service_root: bytes | None = None) -> Rebase | None:
+        """None when the service keeps this namespace's root (no tenant salt applied)."""
+        root = ns.root
+        if root not in self._rebases:
+            if service_root is None:
+                req = pb.LookupRequest(namespace=wire.ns_to_pb(ns))
+                service_root = self._unary(self._stub.Lookup, req).root
+            self._rebases[root] = None if service_root == root else Rebase(root, service_root)
+        return self._rebases[root]
+
     def _segment(self, nbytes: int) -> Segment:
         if self._shm is None or self._shm.size < nbytes:
             if self._shm is not None:
@@ -111,14 +124,26 @@ class RemoteCache:
                hashes: Sequence[bytes] | None = None) -> LookupResult:
         if tokens is None and hashes is None:
             raise ValueError("lookup needs tokens or page hashes")
-        req = pb.LookupRequest(namespace=wire.ns_to_pb(ns), tokens=[] if tokens is None else list(tokens),
-                               hashes=[] if hashes is None else list(hashes))
+        client_hashes = None if hashes is None else wire.check_hashes(hashes)
         try:
+            known = ns.root in self._rebases
+            rb = self._rebases.get(ns.root) if tokens is not None else self._rebase(ns)
+            send = [] if client_hashes is None else client_hashes if rb is None else rb.to_service(client_hashes)
+            if tokens is not None and not (known and rb is None):
+                send = []  # the service hashes the tokens itself
+            req = pb.LookupRequest(namespace=wire.ns_to_pb(ns), hashes=send,
+                                   tokens=[] if tokens is None else list(tokens))
             r = self._unary(self._stub.Lookup, req)
+            rb = self._rebase(ns, r.root)
         except ServiceDown:
-            hs = list(hashes) if hashes is not None else page_hashes(ns.root, tokens, ns.spec.page_size)
+            hs = client_hashes if client_hashes is not None else page_hashes(ns.root, tokens, ns.spec.page_size)
             return LookupResult(hs)
-        return LookupResult(list(r.hashes), dict(r.tiers), list(r.located))
+        if rb is None:
+            return LookupResult(list(r.hashes), dict(r.tiers), list(r.located))
+        if client_hashes is None:
+            client_hashes = page_hashes(ns.root, tokens, ns.spec.page_size)
+            rb.learn(client_hashes, r.hashes)
+        return LookupResult(client_hashes, dict(r.tiers), list(r.located))
 
     def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:
         hashes = wire.check_hashes(hashes)
@@ -128,7 +153,20 @@ class RemoteCache:
             raise ValueError(f"out must be a cpu tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
         if not hashes:
             return []
-        nbytes = len(hashes) * spec.page_bytes
+        try:
+            rb = self._rebase(ns)
+        except ServiceDown:
+            return []
+        if rb is not None:
+            pages = self._get_pages(ns, rb.to_service(hashes), out)
+            mapped = [rb.page_to_client(p) for p in pages]
+            return mapped[:mapped.index(None)] if None in mapped else mapped
+        return self._get_pages(ns, hashes, out)
+
+    def _get_pages(self, ns: Namespace, hashes: list[bytes], out) -> list[Page]:
+        if not hashes:
+            return []
+        nbytes = len(hashes) * ns.spec.page_bytes
         if self._shm_wanted:
             with self._shm_lock:
                 seg = self._segment(nbytes)
@@ -176,6 +214,18 @@ class RemoteCache:
             except ValueError as e:
                 raise ValueError(f"page {i}: {e}") from None
         total = PutResult()
+        try:
+            rb = self._rebase(ns)
+        except ServiceDown:
+            return PutResult(rejected=len(pages), reasons=(f"cache service {self.url} unavailable",))
+        if rb is not None:
+            for i, p in enumerate(pages):
+                if xxhash.xxh3_128_digest(p.parent + tokens_bytes(p.tokens)) != p.hash:
+                    raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
+            pages, unplaced = rb.pages_to_service(pages)
+            if unplaced:
+                total = PutResult(rejected=unplaced, reasons=(f"{unplaced} pages have a parent this client "
+                                                              "has not seen (tenant hashes)",))
         per_call = max(1, PUT_RPC_BYTES // ns.spec.page_bytes)
         for start in range(0, len(pages), per_call):
             batch = pages[start:start + per_call]
@@ -226,8 +276,11 @@ class RemoteCache:
     def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None) -> str:
         if ttl_s is not None and not ttl_s > 0:
             raise ValueError(f"pin ttl_s must be positive, got {ttl_s}")
-        req = pb.PinRequest(namespace=wire.ns_to_pb(ns), hashes=wire.check_hashes(hashes), ttl_s=ttl_s or 0.0)
+        hashes = wire.check_hashes(hashes)
         try:
+            rb = self._rebase(ns)
+            req = pb.PinRequest(namespace=wire.ns_to_pb(ns), ttl_s=ttl_s or 0.0,
+                                hashes=hashes if rb is None else rb.to_service(hashes))
             return self._unary(self._stub.Pin, req).lease_id
         except ServiceDown:
             return ""  # no lease: nothing is protected, and unpin("") is False
@@ -239,9 +292,11 @@ class RemoteCache:
             return False
 
     def delete(self, ns: Namespace, hashes: Sequence[bytes] | None = None) -> int:
-        req = pb.DeleteRequest(namespace=wire.ns_to_pb(ns), whole_namespace=hashes is None,
-                               hashes=[] if hashes is None else wire.check_hashes(hashes))
+        hashes = None if hashes is None else wire.check_hashes(hashes)
         try:
+            rb = None if hashes is None else self._rebase(ns)
+            req = pb.DeleteRequest(namespace=wire.ns_to_pb(ns), whole_namespace=hashes is None,
+                                   hashes=[] if hashes is None else hashes if rb is None else rb.to_service(hashes))
             return self._unary(self._stub.Delete, req).deleted
         except ServiceDown:
             return 0

@@ -26,8 +26,9 @@ def free_port() -> int:
 class CacheServer:
     """One service process; start() waits until it reports SERVING (or fails)."""
 
-    def __init__(self, tmp: Path, disk_path: Path | None = None, **server):
+    def __init__(self, tmp: Path, disk_path: Path | None = None, kvc: dict | None = None, **server):
         self.tmp = tmp
+        self.kvc = kvc or {}
         self.port = server.pop("grpc_port", None) or free_port()
         self.metrics_port = server.pop("metrics_port", None) or free_port()
         self.disk_path = disk_path or tmp / "pages"
@@ -40,7 +41,8 @@ class CacheServer:
         return f"grpc://127.0.0.1:{self.port}"
 
     def write_config(self) -> Path:
-        cfg = {"kvc": {"cpu_memory_size_GB": 0.02, "disk_path": str(self.disk_path), "disk_size_GB": 0.2},
+        cfg = {"kvc": {"cpu_memory_size_GB": 0.02, "disk_path": str(self.disk_path), "disk_size_GB": 0.2,
+                       **self.kvc},
                "server": self.server}
         path = self.tmp / f"cache-{self.port}.yaml"
         path.write_text(yaml.safe_dump(cfg))

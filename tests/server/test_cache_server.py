@@ -1,0 +1,143 @@
+"""cache-server as a process: health, metrics, shutdown, single instance, restarts, crashes."""
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvc import wire
+from kvc.pb import pb, pb_grpc
+from tests.kvc.conftest import NS, make_pages
+
+from .conftest import wait_until
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+THROUGH = {"disk_write": "through"}
+
+
+def health_status(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+
+def test_health_reflection_and_metrics(shared_server, client_factory):
+    s = shared_server
+    assert health_status(s.port) == SERVING and health_status(s.port, "kvc.v1.KVCache") == SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "kvc.v1.KVCache" in {svc.name for svc in resp.list_services_response.service}
+    c = client_factory(s.url)
+    c.lookup(NS, tokens=list(range(8)))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'kvc_rpc_duration_seconds_count{method="Lookup"}' in text
+    assert "kvc_lookup_query_tokens_total" in text
+
+
+def test_port_in_use_and_disk_path_held_are_refused(make_server, client_factory, tmp_path):
+    a = make_server().start()
+    _, pages = make_pages(NS, list(range(8)))
+    client_factory(a.url).put_pages(NS, pages)
+    same_port = make_server(disk_path=tmp_path / "other", grpc_port=a.port)
+    with pytest.raises(RuntimeError, match="cannot listen"):
+        same_port.start()
+    assert same_port.proc.returncode == 1
+    same_disk = make_server(disk_path=a.disk_path)
+    with pytest.raises(RuntimeError, match="in use by another kvc process"):
+        same_disk.start()
+    assert same_disk.proc.returncode == 1
+    assert health_status(a.port) == SERVING  # the first instance is unaffected
+    assert client_factory(a.url).lookup(NS, tokens=list(range(8))).num_pages == 2
+
+
+def test_sigterm_finishes_inflight_and_refuses_new(make_server):
+    s = make_server().start()
+    hashes, pages = make_pages(NS, list(range(16)))
+    ch = grpc.insecure_channel(f"127.0.0.1:{s.port}")
+    stub = pb_grpc.KVCacheStub(ch)
+    watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
+    assert next(watch).status == SERVING
+    sent_first = threading.Event()
+
+    def slow_requests():  # an in-flight PutPages that is still sending when SIGTERM arrives
+        yield pb.PutPagesRequest(namespace=wire.ns_to_pb(NS))
+        for p in pages:
+            yield pb.PutPagesRequest(frames=list(wire.page_frames(p)))
+            sent_first.set()
+            time.sleep(0.3)
+
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", stub.PutPages(slow_requests(), timeout=20)))
+    t.start()
+    assert sent_first.wait(10)
+    s.proc.send_signal(signal.SIGTERM)
+    assert next(watch).status == NOT_SERVING
+    watch.cancel()  # an open Watch stream would hold the grace period
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Lookup(pb.LookupRequest(namespace=wire.ns_to_pb(NS), tokens=[1, 2, 3, 4]), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    t.join(20)
+    assert result["r"].stored == 4  # the in-flight call completed
+    assert s.proc.wait(20) == 0
+    ch.close()
+
+
+def test_two_clients_share_pages(shared_server, client_factory):
+    toks = list(range(500, 540))
+    hashes, pages = make_pages(NS, toks)
+    assert client_factory(shared_server.url).put_pages(NS, pages).stored == 10
+    other = client_factory(shared_server.url)
+    r = other.lookup(NS, tokens=toks)
+    assert r.num_pages == 10
+    got = other.get_pages(NS, r.hashes)
+    assert len(got) == 10 and all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+
+
+def test_restart_serves_disk_pages_client_rides_out_a_crash(make_server, client_factory):
+    s = make_server(kvc=THROUGH).start()
+    c = client_factory(s.url, timeout=1.0)
+    toks = list(range(40))
+    hashes, pages = make_pages(NS, toks)
+    assert c.put_pages(NS, pages).stored == 10
+    assert s.stop() == 0  # graceful: queued disk writes are flushed
+    s.start()
+    assert wait_until(lambda: c.lookup(NS, tokens=toks).num_pages == 10, timeout=10)
+    r = c.lookup(NS, tokens=toks)
+    assert r.located == ["disk"] * 10
+    got = c.get_pages(NS, r.hashes)
+    assert len(got) == 10 and all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+    s.stop(signal.SIGKILL)
+    for _ in range(3):  # down: every call answers "miss" at once
+        t0 = time.monotonic()
+        assert c.lookup(NS, tokens=toks).num_pages == 0
+        assert c.get_pages(NS, hashes) == []
+        assert c.put_pages(NS, pages).rejected == 10
+        assert c.pin(NS, hashes) == "" and c.unpin("x") is False and c.delete(NS) == 0
+        assert time.monotonic() - t0 < 0.5
+    s.start()  # back: the same client reconnects by itself
+    assert wait_until(lambda: c.lookup(NS, tokens=toks).num_pages == 10, timeout=10)
+    assert len(c.get_pages(NS, hashes)) == 10
+
+
+def test_watch_events_report_stores_and_removals(shared_server, client_factory):
+    s = shared_server
+    c = client_factory(s.url)
+    with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+        stream = pb_grpc.KVCacheStub(ch).WatchEvents(pb.WatchEventsRequest(namespace=wire.ns_to_pb(NS)), timeout=10)
+        time.sleep(0.3)  # the watch is registered
+        hashes, pages = make_pages(NS, list(range(900, 908)))
+        c.put_pages(NS, pages)
+        c.put_pages(NS.with_salt("elsewhere"), make_pages(NS.with_salt("elsewhere"), list(range(8)))[1])
+        c.delete(NS, hashes[1:])
+        events = [next(stream) for _ in range(3)]
+        stream.cancel()
+    assert [(e.kind, e.hash, e.tier) for e in events] == [
+        ("stored", hashes[0], "cpu"), ("stored", hashes[1], "cpu"), ("removed", hashes[1], "cpu")]
+    assert all(e.namespace_root == NS.root for e in events)
+    assert events[0].event_id < events[1].event_id < events[2].event_id
