@@ -119,6 +119,7 @@ class LLMEngine:
         if req is not None:
             self.scheduler.remove(req)
             req.status = Status.FINISHED
+            self._update_gauges()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

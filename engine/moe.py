@@ -86,8 +86,9 @@ def experts_sorted(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: to
                 y[start:start + n] = (F.silu(h[:, :I]) * h[:, I:]) @ w2[e].T  # [n, H]
                 start += n
     y = y.float() * weights.reshape(-1)[order][:, None]  # [N, H]
-    out = torch.zeros(T, H, device=x.device, dtype=torch.float32).index_add_(0, rows, y)
-    return out.to(x.dtype)
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y  # back to (token, slot) order; index_add_ is far slower on CPU
+    return unsorted.view(T, k, H).sum(1).to(x.dtype)  # [T, H]
 
 
 class StackedExperts(nn.Module):
