@@ -21,8 +21,8 @@ from prometheus_client import start_http_server
 
 from kvc.config import Config, ConfigError, load_config
 from kvc.metrics import KvcMetrics
-from kvc.pb import pb, pb_grpc
-from server.cache_service import CacheService
+from kvc.pb import pb
+from server.cache_service import CacheService, add_to_server
 
 log = logging.getLogger("kvc.cache_server")
 
@@ -78,7 +78,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(options=_options(s.max_message_bytes),
                              maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-    pb_grpc.add_KVCacheServicer_to_server(service, server)
+    add_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):

@@ -56,6 +56,42 @@ _CODES = ((NotServing, grpc.StatusCode.UNAVAILABLE), (Unauthenticated, grpc.Stat
           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
+class Malformed:
+    """A request whose bytes did not parse (the deserializer cannot abort; the method does)."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.reason = f"malformed {type_name}: {error}"
+
+
+def _safe_parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as e:  # DecodeError and friends: never a traceback, never UNKNOWN
+            return Malformed(cls.DESCRIPTOR.name, e)
+    return parse
+
+
+def add_to_server(service: "CacheService", server) -> None:
+    """Register the servicer with request parsers that turn undecodable bytes into INVALID_ARGUMENT."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["KVCache"].methods:
+        req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        kind = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = kind(getattr(service, m.name), request_deserializer=_safe_parser(req),
+                                response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvc.v1.KVCache", handlers),))
+
+
+def _parsed(request):
+    if isinstance(request, Malformed):
+        raise ValueError(request.reason)
+    return request
+
+
 def tenant_salt(tenant: str, client_salt: str) -> str:
     """The salt the service applies for a tenant (the client's own salt partitions further)."""
     return f"tenant:{len(tenant)}:{tenant}:{client_salt}"
@@ -88,7 +124,8 @@ def _rpc(fn):
         async def stream(self, request, context):
             t0 = time.perf_counter()
             try:
-                async for item in fn(self, request, context, self._admit(context)):
+                caller = self._admit(context)
+                async for item in fn(self, _parsed(request), context, caller):
                     yield item
             except BaseException as e:
                 await fail(self, context, e)
@@ -100,7 +137,8 @@ def _rpc(fn):
     async def unary(self, request, context):
         t0 = time.perf_counter()
         try:
-            return await fn(self, request, context, self._admit(context))
+            caller = self._admit(context)
+            return await fn(self, request if fn.__name__ == "PutPages" else _parsed(request), context, caller)
         except BaseException as e:
             await fail(self, context, e)
         finally:
@@ -208,6 +246,7 @@ class CacheService(pb_grpc.KVCacheServicer):
     async def PutPages(self, requests, context, caller):
         assembler = ns = None
         async for req in requests:
+            req = _parsed(req)
             if assembler is None:
                 if not req.HasField("namespace"):
                     raise ValueError("the first PutPages message must carry the namespace")
