@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def build(config: Config, cache_token: str | None = None):
     cache = None
     if config.server.cache_url:
         from kvc.client import RemoteCache
-        cache = RemoteCache(config.server.cache_url, token=cache_token, timeout=config.server.rpc_timeout_s)
+        cache = RemoteCache(config.server.cache_url, token=cache_token, timeout=config.server.rpc_timeout_s,
+                            shared_memory=config.server.shared_memory,
+                            max_message_bytes=config.server.max_message_bytes)
     elif not config.kvc.gpu_only and (config.kvc.cpu_memory_size_GB > 0 or config.kvc.disk_path):
         from kvc.store import TieredStore
         cache = TieredStore(config.kvc, metrics=kvc_metrics)
@@ -100,6 +103,10 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=10))
+    # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place
+    # that is a no-op, so the cleanup below runs and the cpu tier is written back to disk.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:
