@@ -132,7 +132,7 @@ class RemoteCache:
             if tokens is not None and not (known and rb is None):
                 send = []  # the service hashes the tokens itself
             req = pb.LookupRequest(namespace=wire.ns_to_pb(ns), hashes=send,
-                                   tokens=[] if tokens is None else list(tokens))
+                                   tokens_u32le=b"" if tokens is None else wire.tokens_u32le(tokens))
             r = self._unary(self._stub.Lookup, req)
             rb = self._rebase(ns, r.root)
         except ServiceDown:
@@ -253,15 +253,12 @@ class RemoteCache:
     def _put_call(self, ns, pages, nbytes, seg) -> PutResult:
         def requests():
             first = pb.PutPagesRequest(namespace=wire.ns_to_pb(ns))
+            offsets = None
             if seg is not None:
                 first.shm.name, first.shm.size = seg.name, seg.size
-                size = ns.spec.page_bytes
-                frames = (f for i, p in enumerate(pages) for f in wire.page_frames(p, shm_offset=i * size))
-            else:
-                frames = (f for p in pages for f in wire.page_frames(p, self.chunk_bytes))
+                offsets = [i * ns.spec.page_bytes for i in range(len(pages))]
             yield first
-            for batch in wire.batch_frames(frames, self.chunk_bytes):
-                yield pb.PutPagesRequest(frames=batch)
+            yield from wire.page_messages(pages, pb.PutPagesRequest, self.chunk_bytes, offsets)
 
         self._check_up()
         try:

@@ -8,6 +8,8 @@ Everything received is checked here; a bad frame raises ValueError naming the pr
 """
 from __future__ import annotations
 
+import array
+import sys
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -49,6 +51,33 @@ def ns_from_pb(msg: pb.Namespace) -> Namespace:
     return Namespace(msg.architecture, spec, msg.weights_digest, msg.adapter, msg.cache_salt)
 
 
+def lookup_tokens(req: pb.LookupRequest) -> np.ndarray:
+    """The prompt of a LookupRequest, from `tokens` or `tokens_u32le` (not both)."""
+    if req.tokens_u32le:
+        if req.tokens:
+            raise ValueError("give tokens or tokens_u32le, not both")
+        if len(req.tokens_u32le) % 4:
+            raise ValueError(f"tokens_u32le is {len(req.tokens_u32le)} bytes, not a multiple of 4")
+        return np.frombuffer(req.tokens_u32le, dtype="<u4")
+    return np.asarray(req.tokens, dtype=np.uint32)
+
+
+def tokens_u32le(tokens) -> bytes:
+    """Token ids as little-endian uint32 bytes; ids outside uint32 are a ValueError."""
+    if isinstance(tokens, (list, tuple)) and sys.byteorder == "little":
+        try:
+            return array.array("I", tokens).tobytes()  # 5x faster than numpy for a list of ints
+        except (OverflowError, TypeError):
+            pass  # negative or too large: numpy below names the problem
+    arr = np.asarray(tokens)
+    if arr.dtype != np.dtype("<u4"):
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+            raise ValueError("token ids must fit in uint32 (0 .. 4294967295)")
+        arr = arr.astype("<u4")
+    return arr.tobytes()
+
+
 def check_hashes(hashes: Iterable[bytes], what: str = "hashes") -> list[bytes]:
     out = [bytes(h) for h in hashes]
     for i, h in enumerate(out):
@@ -57,35 +86,43 @@ def check_hashes(hashes: Iterable[bytes], what: str = "hashes") -> list[bytes]:
     return out
 
 
-def page_frames(page: Page, chunk_bytes: int = CHUNK_BYTES,
-                shm_offset: int | None = None) -> Iterator[pb.PageFrame]:
-    """The frames of one page; with shm_offset, one header frame (payload already in the segment)."""
-    payload = page.payload()
-    header = pb.PageHeader(hash=page.hash, parent=page.parent, tokens=as_tokens(page.tokens).tolist(),
-                           checksum=checksum(payload), payload_bytes=payload.nbytes)
-    if shm_offset is not None:
-        yield pb.PageFrame(header=header, shm_offset=shm_offset)
-        return
-    n = payload.nbytes
-    yield pb.PageFrame(header=header, data=payload[:chunk_bytes].tobytes())
-    for off in range(chunk_bytes, n, chunk_bytes):
-        yield pb.PageFrame(data=payload[off:off + chunk_bytes].tobytes())
+def _header(page: Page, payload: np.ndarray, into: pb.PageHeader) -> None:
+    into.hash, into.parent = page.hash, page.parent
+    into.tokens.extend(as_tokens(page.tokens).tolist())
+    into.checksum, into.payload_bytes = checksum(payload), payload.nbytes
 
 
-def batch_frames(frames: Iterable[pb.PageFrame], chunk_bytes: int = CHUNK_BYTES,
-                 max_frames: int = 256) -> Iterator[list[pb.PageFrame]]:
-    """Group frames into messages of at most chunk_bytes of data (small pages share a message)."""
-    batch: list[pb.PageFrame] = []
-    size = 0
-    for f in frames:
-        n = len(f.data)
-        if batch and (size + n > chunk_bytes or len(batch) >= max_frames):
-            yield batch
-            batch, size = [], 0
-        batch.append(f)
-        size += n
-    if batch:
-        yield batch
+def page_messages(pages: Sequence[Page], new_message, chunk_bytes: int = CHUNK_BYTES,
+                  shm_offsets: Sequence[int] | None = None, max_frames: int = 256) -> Iterator:
+    """Messages (from `new_message()`, with a repeated `frames` field) carrying the pages.
+
+    Each message holds at most chunk_bytes of payload: small pages share a message, a large page
+    spans several. With shm_offsets the payloads are already in shared memory at those offsets,
+    and each page is one header frame. Frames are built in place (no intermediate copies).
+    """
+    msg, size = new_message(), 0
+    for i, page in enumerate(pages):
+        payload = page.payload()
+        if shm_offsets is not None:
+            if len(msg.frames) >= max_frames:
+                yield msg
+                msg = new_message()
+            f = msg.frames.add()
+            _header(page, payload, f.header)
+            f.shm_offset = shm_offsets[i]
+            continue
+        for off in range(0, max(payload.nbytes, 1), chunk_bytes):
+            n = min(chunk_bytes, payload.nbytes - off)
+            if len(msg.frames) and (size + n > chunk_bytes or len(msg.frames) >= max_frames):
+                yield msg
+                msg, size = new_message(), 0
+            f = msg.frames.add()
+            if off == 0:
+                _header(page, payload, f.header)
+            f.data = payload[off:off + n].tobytes()
+            size += n
+    if len(msg.frames):
+        yield msg
 
 
 class PageAssembler:

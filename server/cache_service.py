@@ -204,7 +204,8 @@ class CacheService(pb_grpc.KVCacheServicer):
     async def Lookup(self, request, context, caller):
         ns = caller.namespace(request.namespace)
         hashes = wire.check_hashes(request.hashes) or None
-        tokens = list(request.tokens) if request.tokens or hashes is None else None
+        tokens = wire.lookup_tokens(request)
+        tokens = tokens if len(tokens) or hashes is None else None
         if hashes is not None and tokens is not None and len(tokens) // ns.spec.page_size != len(hashes):
             raise ValueError(f"{len(hashes)} hashes given for {len(tokens) // ns.spec.page_size} full pages of tokens")
         r = await self._run(self.store.lookup, ns, tokens, hashes)
@@ -231,15 +232,13 @@ class CacheService(pb_grpc.KVCacheServicer):
 
     def _get_batch(self, ns: Namespace, hashes, seg, first: int):
         pages = self.store.get_pages(ns, hashes)
-        if seg is None:
-            frames = (f for p in pages for f in wire.page_frames(p))
-        else:
+        offsets = None
+        if seg is not None:
             size = ns.spec.page_bytes
-            for i, p in enumerate(pages):
-                off = (first + i) * size
+            offsets = [(first + i) * size for i in range(len(pages))]
+            for off, p in zip(offsets, pages):
                 seg.array[off:off + size] = p.payload()
-            frames = (f for i, p in enumerate(pages) for f in wire.page_frames(p, shm_offset=(first + i) * size))
-        messages = [pb.GetPagesResponse(frames=b) for b in wire.batch_frames(frames)]
+        messages = list(wire.page_messages(pages, pb.GetPagesResponse, shm_offsets=offsets))
         return messages, len(pages) == len(hashes)
 
     @_rpc

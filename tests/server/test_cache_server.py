@@ -68,7 +68,7 @@ def test_sigterm_finishes_inflight_and_refuses_new(make_server):
     def slow_requests():  # an in-flight PutPages that is still sending when SIGTERM arrives
         yield pb.PutPagesRequest(namespace=wire.ns_to_pb(NS))
         for p in pages:
-            yield pb.PutPagesRequest(frames=list(wire.page_frames(p)))
+            yield from wire.page_messages([p], pb.PutPagesRequest)
             sent_first.set()
             time.sleep(0.3)
 

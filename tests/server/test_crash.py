@@ -45,7 +45,7 @@ def test_kill_during_put_never_serves_partial_or_wrong_pages(make_server, client
         def stream():
             yield pb.PutPagesRequest(namespace=wire.ns_to_pb(BIG))
             for i, p in enumerate(cut):
-                yield pb.PutPagesRequest(frames=list(wire.page_frames(p, chunk_bytes=64 << 10)))
+                yield from wire.page_messages([p], pb.PutPagesRequest, chunk_bytes=64 << 10)
                 if i + 1 == kill_after:
                     sent.set()
                 time.sleep(0.02)

@@ -96,6 +96,10 @@ def test_invalid_requests_name_the_problem(stub, method, req, reason):
     assert code == INVALID and reason in details
 
 
+def frames_of(page):
+    return [f for m in wire.page_messages([page], pb.PutPagesRequest) for f in m.frames]
+
+
 def _put_stream(frames_per_msg, ns=NS):
     yield pb.PutPagesRequest(namespace=wire.ns_to_pb(ns))
     for frames in frames_per_msg:
@@ -106,12 +110,12 @@ def test_bad_pages_are_rejected_and_change_nothing(auth_server, client_factory, 
     alice = client_factory(auth_server.url, token="tok-alice")
     toks = list(range(4000, 4016))
     hashes, pages = make_pages(NS, toks)
-    good = [list(wire.page_frames(p)) for p in pages]
-    corrupt = [f for f in wire.page_frames(pages[3])]
+    good = [list(frames_of(p)) for p in pages]
+    corrupt = [f for f in frames_of(pages[3])]
     corrupt[0].data = bytes(len(corrupt[0].data))  # payload no longer matches its checksum
-    wrong_hash = list(wire.page_frames(pages[3]))
+    wrong_hash = list(frames_of(pages[3]))
     wrong_hash[0].header.hash = b"\1" * 16
-    short = list(wire.page_frames(pages[3]))
+    short = list(frames_of(pages[3]))
     short[0].data = short[0].data[:-4]
     cases = [(good[:3] + [corrupt], "checksum"), (good[:3] + [wrong_hash], "xxh3_128"),
              (good[:3] + [short], "ended inside"), ([good[0][0:1] + good[1]], None)]

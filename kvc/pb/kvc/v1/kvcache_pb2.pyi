@@ -38,14 +38,16 @@ class Namespace(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., spec: _Optional[_Union[PageSpec, _Mapping]] = ..., weights_digest: _Optional[str] = ..., adapter: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace", "tokens", "hashes")
+    __slots__ = ("namespace", "tokens", "hashes", "tokens_u32le")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_U32LE_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens: _containers.RepeatedScalarFieldContainer[int]
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    tokens_u32le: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., hashes: _Optional[_Iterable[bytes]] = ..., tokens_u32le: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hashes", "tiers", "located", "root")

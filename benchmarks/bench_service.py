@@ -1,0 +1,217 @@
+"""The gRPC cache service against Redis over loopback, side by side in one run.
+
+    python benchmarks/bench_service.py [--pages 128] [--reps 3] [--lookups 300]
+
+Starts `kvc cache-server` (shared memory on) and a `redis-server` (installed with apt-get when
+missing) on free 127.0.0.1 ports, moves the same pages through RemoteCache (gRPC stream, and
+/dev/shm) and through redis-py (pipelined SET / MGET of the payload bytes), and times Lookup of a
+32K-token prompt whose pages are all cached. Prints a Markdown table; results: RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kvc.client import RemoteCache  # noqa: E402
+from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
+from kvc.record import Page, torch_dtype  # noqa: E402
+
+# One 16-token page of a Llama-3-8B-shaped model: 32 layers x K,V x 16 x 8 heads x 128 x bf16 = 2 MiB.
+PAGE_SPEC = PageSpec(num_layers=32, num_kv_heads=8, head_dim=128, page_size=16, dtype="bfloat16")
+# Lookup: a 32K-token prompt in 16-token pages of a small model (2048 pages, all cached).
+LOOKUP_SPEC = PageSpec(num_layers=1, num_kv_heads=1, head_dim=8, page_size=16, dtype="float16")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_pages(ns: Namespace, n: int, seed: int) -> tuple[list[int], list[Page]]:
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 150_000, size=n * ns.spec.page_size).tolist()
+    hashes = page_hashes(ns.root, toks, ns.spec.page_size)
+    data = torch.randn((n, *ns.spec.shape), generator=torch.Generator().manual_seed(seed)).to(torch_dtype(ns.spec.dtype))
+    P = ns.spec.page_size
+    parents = [ns.root] + hashes[:-1]
+    return toks, [Page(h, p, np.asarray(toks[i * P:(i + 1) * P], dtype=np.uint32), data[i])
+                  for i, (h, p) in enumerate(zip(hashes, parents))]
+
+
+def start_cache_server(tmp: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cfg = {"kvc": {"cpu_memory_size_GB": 3, "disk_path": str(tmp / "pages"), "disk_size_GB": 1},
+           "server": {"grpc_port": port, "metrics_port": free_port(), "shared_memory": True}}
+    (tmp / "cache.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "cache-server", "--config", str(tmp / "cache.yaml")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if "serving" not in proc.stdout.readline():
+        raise SystemExit("cache-server did not start")
+    return proc, port
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
+    if shutil.which("redis-server") is None:
+        print("installing redis-server (apt-get install -y redis-server) ...", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "redis-server"], check=True, stdout=subprocess.DEVNULL)
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp), "--proto-max-bulk-len", "1gb"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    r = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            return proc, port
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+def best_rate(fn, nbytes: int, reps: int, before=None) -> float:
+    times = []
+    for _ in range(reps):
+        if before:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return nbytes / min(times) / 1e9
+
+
+def bench_remote(url: str, shm: bool, n: int, reps: int) -> tuple[float, float]:
+    ns = Namespace("bench", PAGE_SPEC, cache_salt="shm" if shm else "stream")
+    c = RemoteCache(url, timeout=30.0, shared_memory=shm)
+    nbytes = n * PAGE_SPEC.page_bytes
+    _, rebuilt = make_pages(ns, n, seed=1)
+
+    def put():
+        r = c.put_pages(ns, rebuilt)
+        assert r.stored == n, r
+    put_rate = best_rate(put, nbytes, reps, before=lambda: c.delete(ns))
+    hashes = [p.hash for p in rebuilt]
+
+    def get():
+        got = c.get_pages(ns, hashes)
+        assert len(got) == len(hashes)
+    get_rate = best_rate(get, nbytes, reps)
+    got = c.get_pages(ns, hashes[:2])
+    assert torch.equal(got[1].data, rebuilt[1].data)
+    c.delete(ns)
+    c.close()
+    return put_rate, get_rate
+
+
+def bench_redis(port: int, pages, reps: int) -> tuple[float, float]:
+    import redis
+    r = redis.Redis(host="127.0.0.1", port=port)
+    nbytes = len(pages) * PAGE_SPEC.page_bytes
+    keys = [p.hash for p in pages]
+
+    def put():
+        pipe = r.pipeline(transaction=False)
+        for p in pages:
+            pipe.set(p.hash, p.payload().tobytes())
+        pipe.execute()
+
+    def get():
+        out = []
+        for k in range(0, len(keys), 16):
+            for v in r.mget(keys[k:k + 16]):
+                out.append(torch.frombuffer(bytearray(v), dtype=torch.bfloat16).view(PAGE_SPEC.shape))
+        assert len(out) == len(keys)
+    put_rate = best_rate(put, nbytes, reps, before=r.flushall)
+    get_rate = best_rate(get, nbytes, reps)
+    r.flushall()
+    r.close()
+    return put_rate, get_rate
+
+
+def bench_lookup(url: str, redis_port: int, n: int) -> tuple[list[float], list[float]]:
+    import redis
+    ns = Namespace("bench-lookup", LOOKUP_SPEC)
+    toks, pages = make_pages(ns, 2048, seed=3)
+    c = RemoteCache(url, timeout=30.0)
+    c.put_pages(ns, pages)
+    lat = []
+    for i in range(n + 20):
+        t0 = time.perf_counter()
+        res = c.lookup(ns, tokens=toks)
+        if i >= 20:
+            lat.append(time.perf_counter() - t0)
+        assert res.num_pages == 2048
+    r = redis.Redis(host="127.0.0.1", port=redis_port)
+    r.mset({p.hash: b"1" for p in pages})
+    rlat = []
+    for i in range(n + 20):  # the same question asked of Redis: hash the prompt, EXISTS per page
+        t0 = time.perf_counter()
+        hashes = page_hashes(ns.root, toks, 16)
+        pipe = r.pipeline(transaction=False)
+        for h in hashes:
+            pipe.exists(h)
+        hit = pipe.execute()
+        if i >= 20:
+            rlat.append(time.perf_counter() - t0)
+        assert all(hit)
+    c.close()
+    r.close()
+    return lat, rlat
+
+
+def pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pages", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--lookups", type=int, default=300)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cache, cport = start_cache_server(tmp)
+        redis_proc, rport = start_redis(tmp)
+        try:
+            url = f"grpc://127.0.0.1:{cport}"
+            _, pages = make_pages(Namespace("bench", PAGE_SPEC, cache_salt="stream"), args.pages, seed=1)
+            mib = args.pages * PAGE_SPEC.page_bytes / 2**20
+            rows = [("kvc gRPC stream",) + bench_remote(url, False, args.pages, args.reps),
+                    ("kvc gRPC + /dev/shm",) + bench_remote(url, True, args.pages, args.reps),
+                    ("Redis 7 (redis-py, pipelined)",) + bench_redis(rport, pages, args.reps)]
+            lat, rlat = bench_lookup(url, rport, args.lookups)
+        finally:
+            cache.terminate()
+            redis_proc.terminate()
+            cache.wait(30)
+            redis_proc.wait(30)
+    print(f"\n{args.pages} pages of {PAGE_SPEC.page_bytes / 2**20:.0f} MiB ({mib:.0f} MiB), best of {args.reps}:\n")
+    print("| path | PutPages GB/s | GetPages GB/s |\n| --- | --- | --- |")
+    for name, put, get in rows:
+        print(f"| {name} | {put:.2f} | {get:.2f} |")
+    print(f"\nLookup of a 32K-token prompt (2048 pages, all hits), {args.lookups} calls:\n")
+    print("| path | p50 ms | p99 ms |\n| --- | --- | --- |")
+    print(f"| kvc Lookup (tokens) | {pct(lat, .5):.2f} | {pct(lat, .99):.2f} |")
+    print(f"| Redis: hash + pipelined EXISTS x 2048 | {pct(rlat, .5):.2f} | {pct(rlat, .99):.2f} |")
+    print(f"\nmean kvc Lookup {statistics.mean(lat) * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
