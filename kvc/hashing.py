@@ -9,6 +9,8 @@ written as decimal ASCII. Nothing depends on Python's `hash()`, pickling or the 
 """
 from __future__ import annotations
 
+import array
+import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -92,6 +94,11 @@ def namespace_root(ns: Namespace) -> bytes:
 
 def tokens_bytes(tokens) -> bytes:
     """Token ids as little-endian uint32 bytes; ids outside uint32 are an error."""
+    if isinstance(tokens, list) and sys.byteorder == "little":
+        try:
+            return array.array("I", tokens).tobytes()  # 3x faster than numpy for a list of ints
+        except (OverflowError, TypeError):
+            pass  # fall through for the error message (or numpy ints in the list)
     arr = np.asarray(tokens, dtype=np.int64)
     if arr.ndim != 1:
         raise ValueError(f"token ids must be a flat sequence, got shape {arr.shape}")

@@ -67,24 +67,9 @@ class TieredStore:
             if hashes is None:
                 raise ValueError("lookup needs tokens or page hashes")
             hashes, raw, n_query = list(hashes), None, len(hashes) * P
-        located: list[str] = []
-        step = 4 * P
         with self._lock:
-            parent = root
-            for i, h in enumerate(hashes):
-                e = self.cpu.get(h)
-                tier = "cpu"
-                if e is None:
-                    e, tier = self.disk.get(h), "disk"
-                    if e is None:
-                        break
-                if e.parent != parent or (raw is not None and e.tokens != raw[i * step:(i + 1) * step]):
-                    self.metrics.collisions.inc()
-                    break
-                located.append(tier)
-                parent = h
-            n = len(located)
-            tiers = {t.name: _leading(hashes, n, t) for t in (self.cpu, self.disk) if t.capacity}
+            located, tiers = self._verified_prefix(root, hashes, raw, 4 * P)
+        n = len(located)
         m = self.metrics
         m.lookup_requests.labels(result="hit" if n and n == len(hashes) else "partial" if n else "miss").inc()
         m.lookup_query_tokens.inc(n_query)
@@ -94,6 +79,33 @@ class TieredStore:
                 m.lookup_hit_tokens.labels(tier=tier).inc(k * P)
         m.lookup_duration.observe(time.perf_counter() - t0)
         return LookupResult(hashes, tiers, located)
+
+    def _verified_prefix(self, root: bytes, hashes: list[bytes], raw: bytes | None, step: int):
+        """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
+        own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
+        bytes compare for tokens); page by page only to find where a mismatch starts."""
+        cpu = list(map(self.cpu.entries.get, hashes))
+        disk = list(map(self.disk.entries.get, hashes))
+        n = 0
+        for c, d in zip(cpu, disk):  # longest run held by some tier
+            if c is None and d is None:
+                break
+            n += 1
+        held = [c if c is not None else d for c, d in zip(cpu[:n], disk[:n])]
+        parents = [root] + hashes[:n - 1] if n else []
+        if [e.parent for e in held] != parents:
+            n = next(i for i, (e, p) in enumerate(zip(held, parents)) if e.parent != p)
+            self.metrics.collisions.inc()
+        if raw is not None and n and b"".join(e.tokens for e in held[:n]) != raw[:n * step]:
+            n = next(i for i, e in enumerate(held[:n]) if e.tokens != raw[i * step:(i + 1) * step])
+            self.metrics.collisions.inc()
+        located = ["cpu" if c is not None else "disk" for c in cpu[:n]]
+        tiers = {}
+        for tier, col in (("cpu", cpu), ("disk", disk)):
+            if getattr(self, tier).capacity:
+                k = next((i for i, e in enumerate(col[:n]) if e is None), n)
+                tiers[tier] = k
+        return located, tiers
 
     # -- get -----------------------------------------------------------------------------------
     def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:
@@ -380,11 +392,3 @@ class TieredStore:
     def __exit__(self, *exc):
         self.close()
 
-
-def _leading(hashes: list[bytes], limit: int, tier) -> int:
-    n = 0
-    for h in hashes[:limit]:
-        if tier.get(h) is None:
-            break
-        n += 1
-    return n
