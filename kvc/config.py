@@ -39,6 +39,8 @@ class AttnConfig:
 @dataclass(frozen=True)
 class KvcConfig:
     gpu_only: bool = False
+    # false: no reuse at all (no lookups, no puts): the baseline that benchmarks compare against.
+    prefix_caching: bool = True
     utilization_percentage: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
     cpu_memory_size_GB: float = field(default=4.0, metadata=_range(0.0))
     disk_path: str | None = "~/.cache/kvc/pages"
