@@ -5,6 +5,7 @@ import threading
 import time
 
 import grpc
+import pytest
 import torch
 
 from kvc import wire
@@ -26,11 +27,12 @@ def _check_served(client, ns, toks, pages) -> int:
     return r.num_pages
 
 
-def test_kill_during_put_never_serves_partial_or_wrong_pages(make_server, client_factory):
+@pytest.mark.parametrize("rounds", [2, pytest.param(10, marks=pytest.mark.slow)])
+def test_kill_during_put_never_serves_partial_or_wrong_pages(make_server, client_factory, rounds):
     rng = random.Random(7)
     s = make_server(kvc={"disk_write": "through"}).start()
     done = {}
-    for it in range(3):
+    for it in range(rounds):
         acked_toks = list(range(it * 1000, it * 1000 + 64))
         _, acked = make_pages(BIG, acked_toks, seed=it)
         c = client_factory(s.url, timeout=5.0)

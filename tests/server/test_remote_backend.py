@@ -50,3 +50,23 @@ class TestRemoteBackendSharedMemory(BackendSuite):
                    Namespace("bf16-arch", PageSpec(2, 1, 8, 4, "bfloat16"))):
             c.delete(ns)
         return c
+
+    def test_payloads_travel_through_shared_memory(self, backend):
+        from tests.kvc.conftest import NS, make_pages
+        hashes, pages = make_pages(NS, list(range(8)))
+        backend.put_pages(NS, pages)
+        assert backend._shm is not None and backend._shm_wanted
+        before = backend._shm.array[:pages[0].payload().nbytes].copy()
+        got = backend.get_pages(NS, hashes)
+        assert (backend._shm.array[:pages[0].payload().nbytes] == pages[0].payload()).all()
+        assert len(got) == 2 and (before == pages[0].payload()).all()
+
+
+def test_shared_memory_refused_falls_back_to_the_stream(_server, client_factory):
+    from tests.kvc.conftest import NS, make_pages
+    c = client_factory(_server.url, shared_memory=True)  # this service has server.shared_memory off
+    hashes, pages = make_pages(NS.with_salt("fallback"), list(range(8)))
+    assert c.put_pages(NS.with_salt("fallback"), pages).stored == 2
+    assert not c._shm_wanted
+    assert len(c.get_pages(NS.with_salt("fallback"), hashes)) == 2
+    c.delete(NS.with_salt("fallback"))
