@@ -17,6 +17,7 @@ from .host_tier import HostTier
 from .kv_cache import KVCache
 from .loader import load_model
 from .metrics import EngineMetrics
+from .offload import experts_load_device, setup_experts
 from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator
@@ -69,7 +70,7 @@ class LLMEngine:
         self.device = resolve_device(config.model.device)
         path = resolve_model_path(config.model.path)
         dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
-        self.model, self.args, digest = load_model(path, dtype, self.device)
+        self.model, self.args, digest = load_model(path, dtype, self.device, experts_load_device(config.experts))
         self.model_name = config.model.path
         self.tokenizer = Tokenizer.from_dir(path, self.args.eos_token_ids)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.args.eos_token_ids
@@ -81,7 +82,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.kv, self.host)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
+        registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(registry, kvc_metrics)
+        self.experts = setup_experts(self.model, config.experts, self.device, registry)
         self.requests: dict[str, Request] = {}
         self._update_gauges()
 
@@ -133,6 +136,7 @@ class LLMEngine:
             self.scheduler.finish_loads(wait=True)
             return []
         tokens = self.runner.step(sched)
+        self.experts.step()
         now = time.monotonic()
         outputs = []
         for req, n in sched:
@@ -191,5 +195,6 @@ class LLMEngine:
                                  b.num_blocks - b.num_free, self.kv.spec.page_bytes)
 
     def close(self) -> None:
+        self.experts.close()
         if self.host is not None:
             self.host.close()

@@ -95,9 +95,11 @@ def _read_tensors(files: list[Path], args: ModelArgs) -> dict[str, torch.Tensor]
     return out
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> tuple[CausalLM, ModelArgs, str]:
-    """(model in eval mode on `device`, its args, a weights digest); dtype None keeps config's."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               experts_device: str | torch.device | None = None) -> tuple[CausalLM, ModelArgs, str]:
+    """(model in eval mode on `device`, its args, a weights digest); dtype None keeps config's.
+
+    experts_device puts the MoE expert weights elsewhere (CPU memory, for offload)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model path {str(path)!r} is not a directory")
@@ -118,7 +120,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
             raise CheckpointError(f"checkpoint in {str(path)!r} lacks weight {name!r}")
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"weight {name!r} has shape {tuple(t.shape)}, config.json implies {tuple(p.shape)}")
-        state[name] = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        dev = experts_device if experts_device is not None and ".mlp.experts." in name else device
+        state[name] = torch.nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=False)
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,141 @@
+"""Apply expert placement, CPU offload and the activation recorder to a loaded model, from outside.
+
+`setup_experts` swaps each MoE block's experts backend (MoEBlock.set_experts); the model itself
+knows nothing of this. With neither experts.num_gpu_experts nor experts.gpu_experts_ratio set,
+every expert stays on the device, as before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from kvc.config import ExpertsConfig
+
+from ..moe import MoEBlock, grouped_mm_works
+from .experts import OffloadContext, OffloadedExperts
+from .metrics import ExpertsMetrics
+from .placement import load_counts, place, total_device_experts
+from .recorder import ExpertRecorder, RecordingExperts
+from .worker import CpuWorker, CudaStaging, HostStaging
+
+log = logging.getLogger("kvc.engine.experts")
+
+
+def offloading(cfg: ExpertsConfig) -> bool:
+    return cfg.num_gpu_experts is not None or cfg.gpu_experts_ratio is not None
+
+
+def experts_load_device(cfg: ExpertsConfig) -> str | None:
+    """Where the loader should put expert weights: CPU memory when offloading, else with the rest."""
+    return "cpu" if offloading(cfg) else None
+
+
+def moe_blocks(model: nn.Module) -> dict[int, MoEBlock]:
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEBlock)}
+
+
+def worker_threads(device: torch.device) -> int:
+    """All cores but one for the CPU experts when a GPU computes; the torch default on a CPU device."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1) if device.type == "cuda" else torch.get_num_threads()
+
+
+class ExpertsRuntime:
+    """The expert split of one engine: placement table, per-layer backends, recorder, worker."""
+
+    def __init__(self, placement: torch.Tensor | None, backends: dict[int, object],
+                 recorder: ExpertRecorder | None, context: OffloadContext | None):
+        self.placement, self.backends = placement, backends  # placement [L, E] bool or None
+        self.recorder, self.context = recorder, context
+
+    def device_table(self) -> torch.Tensor | None:
+        """The live placement [L, E] (dynamic update moves it), or None when all are on the device."""
+        if self.placement is None:
+            return None
+        table = torch.zeros_like(self.placement)
+        for i, b in self.backends.items():
+            table[i, b.device_ids] = True
+        return table
+
+    def step(self) -> None:
+        if self.recorder is not None:
+            self.recorder.step()
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.context is not None:
+            self.context.worker.close()
+
+
+def setup_experts(model: nn.Module, cfg: ExpertsConfig, device: torch.device,
+                  registry: CollectorRegistry) -> ExpertsRuntime:
+    a = model.args
+    blocks = moe_blocks(model)
+    layers = sorted(blocks)
+    E = a.num_experts
+    total = total_device_experts(cfg.num_gpu_experts, cfg.gpu_experts_ratio, len(layers), E)
+    backends: dict[int, object] = {i: b.experts for i, b in blocks.items()}
+    table = context = None
+    if total is not None and layers:
+        counts = None
+        if cfg.placement_strategy == "frequency":
+            if cfg.init_expert_location is None:
+                log.warning("experts.placement_strategy=frequency without experts.init_expert_location: "
+                            "all counts are equal, so the pick is the first layers' lowest ids")
+            else:
+                counts = load_counts(cfg.init_expert_location, a.num_layers, E)
+        table = place(cfg.placement_strategy, total, layers, a.num_layers, E, counts)
+        context = _context(cfg, blocks[layers[0]], device, registry, a.hidden_size, a.top_k)
+        for i in layers:
+            backends[i] = _offload_layer(context, blocks[i], table[i], device)
+        n_dev = int(table.sum())
+        context.metrics.placement(n_dev, len(layers) * E - n_dev)
+        log.info("experts: %d of %d (layer, expert) pairs on %s, %d in CPU memory (strategy %s, %s); per MoE "
+                 "layer on device: %s; cpu experts in %s with %d worker threads (cpu capability %s); "
+                 "dynamic update %s (threshold %d tokens)", n_dev, len(layers) * E, device,
+                 len(layers) * E - n_dev, cfg.placement_strategy,
+                 f"num_gpu_experts={cfg.num_gpu_experts}" if cfg.num_gpu_experts is not None
+                 else f"gpu_experts_ratio={cfg.gpu_experts_ratio}",
+                 [int(table[i].sum()) for i in layers], str(context.cpu_dtype).removeprefix("torch."),
+                 context.worker.threads, torch.backends.cpu.get_cpu_capability(),
+                 "on" if cfg.dynamic_update else "off", cfg.gpu_prefill_token_threshold)
+    recorder = None
+    if cfg.record_expert_stats is not None:
+        recorder = ExpertRecorder(cfg.record_expert_stats, a.num_layers, E, device)
+        log.info("experts: recording routing counts to %s", recorder.path)
+        backends = {i: RecordingExperts(b, recorder, i) for i, b in backends.items()}
+    if table is not None or recorder is not None:
+        for i, b in backends.items():
+            blocks[i].set_experts(b)
+    return ExpertsRuntime(table, {i: _unwrap(b) for i, b in backends.items()} if table is not None else {},
+                          recorder, context)
+
+
+def _unwrap(b):
+    return b.inner if isinstance(b, RecordingExperts) else b
+
+
+def _context(cfg: ExpertsConfig, block: MoEBlock, device: torch.device, registry: CollectorRegistry,
+             hidden: int, top_k: int) -> OffloadContext:
+    w2 = block.experts.w2
+    model_dtype = w2.dtype
+    cpu_dtype = model_dtype if cfg.cpu_expert_dtype == "auto" else getattr(torch, cfg.cpu_expert_dtype)
+    staging = CudaStaging(device, hidden, top_k, model_dtype) if device.type == "cuda" else HostStaging()
+    return OffloadContext(device, CpuWorker(worker_threads(device)), staging, ExpertsMetrics(registry),
+                          cpu_dtype, device.type == "cuda" and grouped_mm_works(device, model_dtype, *w2.shape[1:]),
+                          cfg.dynamic_update, cfg.gpu_prefill_token_threshold)
+
+
+def _offload_layer(ctx: OffloadContext, block: MoEBlock, on_device: torch.Tensor,
+                   device: torch.device) -> OffloadedExperts:
+    """Move the block's stacked weights to (pinned) CPU memory in place and build the split backend."""
+    ex = block.experts
+    for p in (ex.w13, ex.w2):
+        host = p.data.to("cpu")
+        p.data = host.pin_memory() if device.type == "cuda" else host
+    return OffloadedExperts(ctx, ex.w13.data, ex.w2.data, on_device.nonzero().squeeze(1).tolist())
