@@ -307,8 +307,12 @@ class TieredStore:
         if any(len(h) != DIGEST_BYTES for h in hashes):
             raise ValueError(f"page hashes must be {DIGEST_BYTES} bytes")
         lease = uuid.uuid4().hex
+        root = ns.root
         with self._lock:
             self._expire()
+            # a namespace can never hold another namespace's pages in place (tenant isolation)
+            hashes = [h for h in hashes if (e := self.cpu.get(h) or self.disk.get(h)) is None
+                      or e.ns_root == root]
             self._leases[lease] = (hashes, time.monotonic() + ttl)
             for h in hashes:
                 self._pins[h] = self._pins.get(h, 0) + 1

@@ -189,3 +189,16 @@ def test_metrics_share_a_registry(tmp_path):
         s.put_pages(NS, pa)
     assert m.registry.get_sample_value("kvc_tier_pages", {"tier": "cpu"}) == 2
     assert m.registry.get_sample_value("kvc_tier_capacity_bytes", {"tier": "cpu"}) == 1 << 20
+
+
+def test_pin_ignores_other_namespaces_pages(tmp_path):
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30), disk_path=None)
+    with TieredStore(cfg) as s:
+        other = NS.with_salt("other-tenant")
+        ho, po = make_pages(other, list(range(16)))
+        s.put_pages(other, po)
+        s.pin(NS, ho)  # a different namespace: pins nothing
+        assert s.stats()["pinned_pages"] == 0
+        _, pb = make_pages(NS, list(range(100, 104)))
+        assert s.put_pages(NS, pb).stored == 1  # the other tenant's pages stayed evictable
