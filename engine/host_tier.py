@@ -5,6 +5,7 @@ a bounded queue to another thread and are dropped when it is full: the engine ne
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,8 @@ from kvc.backend import CacheBackend
 from kvc.hashing import Namespace
 from kvc.record import Page
 
+log = logging.getLogger("kvc.engine")
+
 
 class HostTier:
     def __init__(self, cache: CacheBackend, max_pending_puts: int = 64):
@@ -23,12 +26,13 @@ class HostTier:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvc-load")
         self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
         self.dropped_puts = 0
+        self.failed_puts = 0
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
-    def lookup(self, ns: Namespace, tokens: list[int]) -> int:
-        """Leading full pages of `tokens` held by the host tiers."""
-        return self.cache.lookup(ns, tokens=tokens).num_pages
+    def lookup(self, ns: Namespace, tokens: list[int], hashes: list[bytes] | None = None) -> int:
+        """Leading full pages of `tokens` held by the host tiers (hashes: already computed)."""
+        return self.cache.lookup(ns, tokens=tokens, hashes=hashes).num_pages
 
     def load(self, ns: Namespace, hashes: list[bytes]) -> Future:
         """Fetch pages in the background; the future gives list[Page] (possibly fewer: a miss ends it)."""
@@ -54,8 +58,9 @@ class HostTier:
                 data = data.cpu()  # the copy waits for the device here, not in the engine's thread
                 pages = [Page(h, p, t, data[i]) for i, (h, p, t) in enumerate(zip(hashes, parents, tokens))]
                 self.cache.put_pages(ns, pages)
-            except Exception:  # a failing tier must not stop the engine; the store counts its errors
-                pass
+            except Exception:  # a failing tier must not stop the engine; say so and go on
+                self.failed_puts += 1
+                log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)
             finally:
                 self._puts.task_done()
 

@@ -78,8 +78,9 @@ class LLMEngine:
         kv_dtype = dtype_name(self.model.lm_head.weight.dtype)
         spec = PageSpec(a.num_layers, a.num_kv_heads, a.head_dim, config.attn.page_size, kv_dtype)
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
-        self.host = HostTier(cache) if cache is not None and not config.kvc.gpu_only else None
-        self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.kv, self.host)
+        reuse = config.kvc.prefix_caching
+        self.host = HostTier(cache) if cache is not None and not config.kvc.gpu_only and reuse else None
+        self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.kv, self.host, reuse)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
         registry = registry if registry is not None else CollectorRegistry()
@@ -141,13 +142,15 @@ class LLMEngine:
         outputs = []
         for req, n in sched:
             req.num_computed += n
-            self._offer(req, self.kv.register_full_pages(req))
+            if self.scheduler.prefix_caching:
+                self._offer(req, self.kv.register_full_pages(req))
             tok = tokens.get(req)
             if tok is None:
                 continue
             if req.last_token_time is None:
                 self.metrics.ttft.observe(now - req.arrival)
                 self.metrics.cached_tokens.inc(req.num_cached_tokens)
+                self.metrics.device_hit_tokens.inc(req.num_device_hit_tokens)
             else:
                 self.metrics.tpot.observe(now - req.last_token_time)
             req.last_token_time = now

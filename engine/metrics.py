@@ -26,10 +26,16 @@ class EngineMetrics:
         self.preemptions = Counter("kvc_engine_preemptions_total", "Requests preempted (recompute)", registry=r)
         if kvc_metrics is not None:
             self.capacity, self.used, self.pages = kvc_metrics.capacity, kvc_metrics.used, kvc_metrics.pages
+            hits = kvc_metrics.lookup_hit_tokens
         else:
             self.capacity = Gauge("kvc_tier_capacity_bytes", "Configured budget of a tier", ["tier"], registry=r)
             self.used = Gauge("kvc_tier_used_bytes", "Bytes held by a tier", ["tier"], registry=r)
             self.pages = Gauge("kvc_tier_pages", "Pages held by a tier", ["tier"], registry=r)
+            hits = Counter("kvc_lookup_hit_tokens", "Contiguous prefix tokens found, by the fastest tier "
+                           "holding them", ["tier"], registry=r)
+        # Prompt tokens the device pool already held at admission (the engine's own lookup; the
+        # host tiers count theirs in the store, from page 0, which may overlap these).
+        self.device_hit_tokens = hits.labels(tier="device")
 
     def device_tier(self, capacity_bytes: int, used_pages: int, page_bytes: int) -> None:
         self.capacity.labels(tier="device").set(capacity_bytes)

@@ -51,6 +51,7 @@ class Request:
     num_registered: int = 0  # full pages registered in the pool's hash map (and offered to host)
     num_cached_tokens: int = 0  # prompt tokens reused from a cache (set once, at first admission)
     admitted: bool = False
+    num_device_hit_tokens: int = 0  # the part of num_cached_tokens that the device pool held
     hashes: list[bytes] = field(default_factory=list)  # chained page hashes of full pages
     generator: torch.Generator | None = None
     text: str = ""

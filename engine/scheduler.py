@@ -22,9 +22,11 @@ from .request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, chunk_size: int, kv: KVCache, host: HostTier | None):
+    def __init__(self, cfg: SchedulerConfig, chunk_size: int, kv: KVCache, host: HostTier | None,
+                 prefix_caching: bool = True):
         self.max_tokens, self.max_seqs, self.chunk = cfg.max_num_batched_tokens, cfg.max_num_seqs, chunk_size
         self.kv, self.host = kv, host
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.loading: list[tuple[Request, Future, int]] = []  # (request, pages future, first page)
@@ -78,14 +80,19 @@ class Scheduler:
     def _admit_prefix(self, req: Request) -> bool:
         """Take the device hit; start a host load if the host tiers extend it. True if LOADING."""
         P = self.kv.page_size
+        if not self.prefix_caching:
+            self._count_hit(req)
+            return False
         cap = (req.num_tokens - 1) // P  # at least one token is computed, for its logits
         hits = self.kv.match(req, cap)
+        if not req.admitted:
+            req.num_device_hit_tokens = len(hits) * P
         self.kv.blocks.touch(hits)
         req.block_table = list(hits)
         req.num_computed, req.num_registered = len(hits) * P, len(hits)
         if self.host is not None and cap > len(hits):
             ns = self.kv.namespace(req.cache_salt)
-            n_host = self.host.lookup(ns, req.all_ids[:cap * P])
+            n_host = self.host.lookup(ns, req.all_ids[:cap * P], req.hashes[:cap])
             if n_host > len(hits) and self.kv.grow(req, n_host - len(hits)):
                 req.status = Status.LOADING
                 self.waiting.popleft()

@@ -147,3 +147,27 @@ def test_model_without_tokenizer_serves_token_ids(qwen_dir, tmp_path):
     assert len(run(eng, [[1, 2, 3]])[0].outputs[0].token_ids) == 8
     with pytest.raises(ValueError, match="tokenizer"):
         eng.add_request("t", "text", GREEDY)
+
+
+def test_prefix_caching_off_reuses_nothing_and_matches(model_dir, store):
+    on = make_engine(model_dir, cache=store)
+    cold = run(on, [PROMPT])[0]
+    off = make_engine(model_dir, cache=store, prefix_caching=False)
+    assert off.host is None
+    outs = run(off, [PROMPT, PROMPT])
+    assert [o.num_cached_tokens for o in outs] == [0, 0]
+    assert all(o.outputs[0].token_ids == cold.outputs[0].token_ids for o in outs)
+    on.close()
+
+
+def test_device_hits_are_counted_by_tier(model_dir):
+    from prometheus_client import CollectorRegistry
+    reg = CollectorRegistry()
+    cfg = load_config().replace(path=str(model_dir), dtype="float32", device="cpu", gpu_only=True,
+                                page_size=4, chunk_size=64, num_device_blocks=64)
+    eng = LLMEngine(cfg, registry=reg)
+    run(eng, [PROMPT])
+    run(eng, [PROMPT])
+    assert reg.get_sample_value("kvc_lookup_hit_tokens_total", {"tier": "device"}) == 28
+    assert reg.get_sample_value("kvc_request_cached_tokens_total") == 28
+    assert reg.get_sample_value("kvc_request_prompt_tokens_total") == 2 * len(PROMPT)
