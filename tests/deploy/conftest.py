@@ -58,11 +58,13 @@ server: {{host: 127.0.0.1, grpc_port: {port}, metrics_port: {mport}}}
 """
 
 # A device pool of 24 pages: a few unrelated prompts push a prefix out of it, so the next request
-# for that prefix is served from the cache-server's cpu tier (a host-tier hit).
+# for that prefix is served from the cache-server's cpu tier (a host-tier hit). Half the MoE experts
+# run from CPU memory, so that the kvc_experts_* series exist.
 SERVE_YAML = """
 model: {{path: {model}, device: cpu, dtype: float32}}
 attn: {{page_size: 16, chunk_size: 128}}
 kvc: {{num_device_blocks: 24}}
+experts: {{gpu_experts_ratio: 0.5}}
 scheduler: {{max_num_seqs: 4, max_num_batched_tokens: 512}}
 server: {{host: 127.0.0.1, http_port: {port}}}
 """

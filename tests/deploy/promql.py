@@ -38,6 +38,15 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def selectors(expr: str) -> set[str]:
+    """The instant-vector selectors of an expression, matchers kept: {'kvc_x_total{tier="cpu"}', ...}."""
+    out = set()
+    for name in metric_names(expr):
+        for m in re.finditer(r"(?<![A-Za-z0-9_:])" + re.escape(name) + r"\s*(\{[^}]*\})?", expr):
+            out.add(name + (m.group(1) or ""))
+    return out
+
+
 def exported_names(exposition: str) -> set[str]:
     """Every series name a /metrics page can carry: sampled names, and each `# TYPE` family with
     its histogram/summary suffixes (labelled families show only their TYPE until first use)."""

@@ -70,7 +70,8 @@ def test_dashboard_covers_the_required_panels():
                  "kvc_tier_used_bytes", "kvc_tier_capacity_bytes", "kvc_evictions_total",
                  "kvc_transfer_bytes_total", "kvc_checksum_failures_total", "kvc_disk_errors_total",
                  "kvc_time_to_first_token_seconds_bucket", "kvc_time_per_output_token_seconds_bucket",
-                 "kvc_time_to_first_token_seconds_count"):                           # request rate
+                 "kvc_time_to_first_token_seconds_count",                            # request rate
+                 "kvc_experts_tokens_total", "kvc_experts_resident"):
         assert name in used, f"no panel uses {name}"
     quantiles = [e for e in exprs if "kvc_time_to_first_token_seconds_bucket" in e]
     assert {e.split(",")[0] for e in quantiles} == {f"histogram_quantile({q}" for q in ("0.5", "0.95", "0.99")}
