@@ -50,3 +50,14 @@ class KvcMetrics:
                                       ["method"], buckets=_LAT_BUCKETS, registry=r)
         self.lookup_duration = Histogram("kvc_lookup_duration_seconds", "In-process lookup latency",
                                          buckets=_LAT_BUCKETS, registry=r)
+        # Create the labelled series up front so that rate() sees their first event after a start.
+        for tier in ("cpu", "disk"):
+            self.lookup_hit_tokens.labels(tier=tier)
+            self.checksum_failures.labels(tier=tier)
+            self.evictions.labels(tier=tier, reason="capacity")
+            self.store_bytes.labels(tier=tier)
+        for result in ("hit", "partial", "miss"):
+            self.lookup_requests.labels(result=result)
+        self.transfer_bytes.labels(src="disk", dst="cpu")
+        self.transfer_bytes.labels(src="cpu", dst="disk")
+        self.degraded.labels(component="disk").set(0)
