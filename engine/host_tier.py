@@ -15,7 +15,8 @@ import torch
 
 from kvc.backend import CacheBackend
 from kvc.hashing import Namespace
-from kvc.record import Page
+from kvc.device_pool import DevicePool
+from kvc.record import Page, torch_dtype
 
 log = logging.getLogger("kvc.engine")
 
@@ -26,6 +27,8 @@ class HostTier:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvc-load")
         self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
         self.dropped_puts = 0
+        self._staging: torch.Tensor | None = None  # used by the loader thread only
+        self._stream = None
         self.failed_puts = 0
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
@@ -34,9 +37,39 @@ class HostTier:
         """Leading full pages of `tokens` held by the host tiers (hashes: already computed)."""
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes).num_pages
 
-    def load(self, ns: Namespace, hashes: list[bytes]) -> Future:
-        """Fetch pages in the background; the future gives list[Page] (possibly fewer: a miss ends it)."""
-        return self._loader.submit(self.cache.get_pages, ns, hashes)
+    def load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int]) -> Future:
+        """Fetch pages into `blocks` of the device pool in the background.
+
+        The future gives how many leading pages landed (a miss or a failed checksum ends the run).
+        The blocks belong to the loading request alone, so writing them off the engine thread is
+        safe; on CUDA the copy runs on its own stream and is complete when the future is.
+        """
+        return self._loader.submit(self._load, ns, list(hashes), pool, list(blocks))
+
+    def _load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int]) -> int:
+        staging = self._staging_for(ns, len(hashes), pool.device)
+        n = len(self.cache.get_pages(ns, hashes, out=staging))
+        if n:
+            if pool.device.type == "cuda":
+                stream = self._stream or torch.cuda.Stream(pool.device)
+                self._stream = stream
+                with torch.cuda.stream(stream):
+                    pool.scatter(blocks[:n], staging[:n])
+                stream.synchronize()
+            else:
+                pool.scatter(blocks[:n], staging[:n])
+        return n
+
+    def _staging_for(self, ns: Namespace, n: int, device: torch.device) -> torch.Tensor:
+        """A reused staging buffer [>= n, *page shape] (pinned when the pool is on CUDA)."""
+        spec = ns.spec
+        dtype = torch_dtype(spec.dtype)
+        s = self._staging
+        if s is None or s.shape[0] < n or tuple(s.shape[1:]) != spec.shape or s.dtype != dtype:
+            rows = max(n, 0 if s is None else s.shape[0])
+            s = torch.empty((rows, *spec.shape), dtype=dtype, pin_memory=device.type == "cuda")
+            self._staging = s
+        return s
 
     def offer(self, ns: Namespace, hashes: list[bytes], parents: list[bytes], tokens: list[np.ndarray],
               data: torch.Tensor) -> bool:

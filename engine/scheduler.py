@@ -9,16 +9,19 @@ A prefix hit only sets the first uncomputed position: chunked prefill continues 
 """
 from __future__ import annotations
 
+import logging
+
 from collections import deque
 from concurrent.futures import Future
 
-import torch
 
 from kvc.config import SchedulerConfig
 
 from .host_tier import HostTier
 from .kv_cache import KVCache
 from .request import Request, Status
+
+log = logging.getLogger("kvc.engine")
 
 
 class Scheduler:
@@ -96,7 +99,9 @@ class Scheduler:
             if n_host > len(hits) and self.kv.grow(req, n_host - len(hits)):
                 req.status = Status.LOADING
                 self.waiting.popleft()
-                self.loading.append((req, self.host.load(ns, req.hashes[len(hits):n_host]), len(hits)))
+                blocks = req.block_table[len(hits):n_host]
+                self.loading.append((req, self.host.load(ns, req.hashes[len(hits):n_host], self.kv.pool, blocks),
+                                     len(hits)))
                 return True
         self._count_hit(req)
         return False
@@ -116,13 +121,11 @@ class Scheduler:
                 still.append((req, fut, start))
                 continue
             try:
-                pages = fut.result()
+                n = fut.result()  # pages already in their blocks
             except Exception:  # a failed load is a miss: the request computes those pages
-                pages = []
-            n = len(pages)
-            if n:
-                data = torch.stack([p.data for p in pages])  # [n, L, parts, P, H, D]
-                self.kv.pool.scatter(req.block_table[start:start + n], data)
+                log.warning("loading %s's prefix from the host tiers failed; recomputing it",
+                            req.request_id, exc_info=True)
+                n = 0
             self.kv.blocks.free(req.block_table[start + n:])
             req.block_table = req.block_table[:start + n]
             req.num_computed = (start + n) * self.kv.page_size
