@@ -89,8 +89,11 @@ class OffloadedExperts:
         self.num_experts = E = w13.shape[0]
         ids = torch.tensor(sorted(device_ids), dtype=torch.long)
         dev = ctx.device
-        self.slot13 = w13[ids].to(dev)  # [S, 2I, H]
-        self.slot2 = w2[ids].to(dev)  # [S, H, I]
+        self.slot13 = torch.empty((len(ids), *w13.shape[1:]), dtype=w13.dtype, device=dev)  # [S, 2I, H]
+        self.slot2 = torch.empty((len(ids), *w2.shape[1:]), dtype=w2.dtype, device=dev)  # [S, H, I]
+        for s, e in enumerate(ids.tolist()):  # expert by expert from the pinned source, no gather copy
+            self.slot13[s].copy_(w13[e], non_blocking=True)
+            self.slot2[s].copy_(w2[e], non_blocking=True)
         self.slot_to_logical = ids.to(dev)  # [S]
         self.logical_to_slot = torch.full((E,), -1, dtype=torch.long, device=dev)  # [E]
         self.logical_to_slot[self.slot_to_logical] = torch.arange(len(ids), device=dev)

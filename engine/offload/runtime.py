@@ -74,23 +74,30 @@ class ExpertsRuntime:
 
 def setup_experts(model: nn.Module, cfg: ExpertsConfig, device: torch.device,
                   registry: CollectorRegistry) -> ExpertsRuntime:
-    a = model.args
-    blocks = moe_blocks(model)
+    return apply_experts(moe_blocks(model), model.args.num_layers, cfg, device, registry)
+
+
+def apply_experts(blocks: dict[int, MoEBlock], num_layers: int, cfg: ExpertsConfig, device: torch.device,
+                  registry: CollectorRegistry) -> ExpertsRuntime:
+    """Swap the experts backend of `blocks` (layer index -> MoE block of a `num_layers` model)."""
     layers = sorted(blocks)
-    E = a.num_experts
+    if not layers:
+        return ExpertsRuntime(None, {}, None, None)
+    first = blocks[layers[0]]
+    E, hidden, top_k = first.gate.out_features, first.gate.in_features, first.top_k
     total = total_device_experts(cfg.num_gpu_experts, cfg.gpu_experts_ratio, len(layers), E)
     backends: dict[int, object] = {i: b.experts for i, b in blocks.items()}
     table = context = None
-    if total is not None and layers:
+    if total is not None:
         counts = None
         if cfg.placement_strategy == "frequency":
             if cfg.init_expert_location is None:
                 log.warning("experts.placement_strategy=frequency without experts.init_expert_location: "
                             "all counts are equal, so the pick is the first layers' lowest ids")
             else:
-                counts = load_counts(cfg.init_expert_location, a.num_layers, E)
-        table = place(cfg.placement_strategy, total, layers, a.num_layers, E, counts)
-        context = _context(cfg, blocks[layers[0]], device, registry, a.hidden_size, a.top_k)
+                counts = load_counts(cfg.init_expert_location, num_layers, E)
+        table = place(cfg.placement_strategy, total, layers, num_layers, E, counts)
+        context = _context(cfg, first, device, registry, hidden, top_k)
         for i in layers:
             backends[i] = _offload_layer(context, blocks[i], table[i], device)
         n_dev = int(table.sum())
@@ -106,7 +113,7 @@ def setup_experts(model: nn.Module, cfg: ExpertsConfig, device: torch.device,
                  "on" if cfg.dynamic_update else "off", cfg.gpu_prefill_token_threshold)
     recorder = None
     if cfg.record_expert_stats is not None:
-        recorder = ExpertRecorder(cfg.record_expert_stats, a.num_layers, E, device)
+        recorder = ExpertRecorder(cfg.record_expert_stats, num_layers, E, device)
         log.info("experts: recording routing counts to %s", recorder.path)
         backends = {i: RecordingExperts(b, recorder, i) for i, b in backends.items()}
     if table is not None or recorder is not None:
@@ -137,5 +144,5 @@ def _offload_layer(ctx: OffloadContext, block: MoEBlock, on_device: torch.Tensor
     ex = block.experts
     for p in (ex.w13, ex.w2):
         host = p.data.to("cpu")
-        p.data = host.pin_memory() if device.type == "cuda" else host
+        p.data = host.pin_memory() if device.type == "cuda" and not host.is_pinned() else host
     return OffloadedExperts(ctx, ex.w13.data, ex.w2.data, on_device.nonzero().squeeze(1).tolist())

@@ -1,0 +1,240 @@
+"""CPU-offloaded MoE experts: tokens/s by placement strategy and device-expert ratio, and overlap.
+
+A stack of --layers random MoE layers with Qwen3-30B-A3B expert shapes (hidden 2048,
+moe_intermediate 768, 128 experts, top-8) and routing skewed as real traffic is: each layer's
+router logits get a bias of log(Zipf prior) over a per-layer random ranking of its experts. Only
+the MoE part runs (router + experts + residual), so the numbers isolate the expert split.
+A calibration pass through the recorder writes the `.pt` that `frequency` then reads (record ->
+restart with frequency, as an operator would). Columns follow KTransformers' table
+(research/engine.md 2.7); `dynamic` is uniform + experts.dynamic_update with the threshold at the
+prefill size (prefill runs layerwise on the device and re-picks; decode then uses the new pick).
+
+Overlap ratio = hybrid layer time / max(CPU part alone, device part alone), on the first layer.
+The 0% check compares the 0% layer with its CPU experts alone (same pairs, same worker thread).
+
+    python benchmarks/bench_offload.py --quick                 # CPU smoke run, small shapes
+    python benchmarks/bench_offload.py --device cuda           # H200: bf16, 6 layers, ~3-5 min
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvc.config import load_config  # noqa: E402
+from engine.moe import MoEBlock, route  # noqa: E402
+from engine.offload import apply_experts, cpu_experts, device_experts, load_counts  # noqa: E402
+
+FULL = dict(hidden=2048, inter=768, experts=128, top_k=8, layers=6, decode=32, prefill=2048)
+QUICK = dict(hidden=256, inter=128, experts=32, top_k=4, layers=2, decode=8, prefill=256)
+STRATEGIES = ("random", "uniform", "front-loading", "frequency", "dynamic")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def build(s, dtype, device, zipf, seed=0):
+    """MoE blocks with random experts and a Zipf-biased router per layer."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, I, E = s["hidden"], s["inter"], s["experts"]
+    blocks = {}
+    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -zipf
+    for i in range(s["layers"]):
+        b = MoEBlock(H, I, E, s["top_k"], True).to(device=device, dtype=dtype)
+        b.gate = nn.Linear(H, E, bias=True, device=device, dtype=dtype)
+        with torch.no_grad():
+            b.gate.weight.copy_(torch.randn(E, H, generator=g, device=device) / H ** 0.5)
+            rank = torch.randperm(E, generator=torch.Generator().manual_seed(seed * 100 + i))
+            b.gate.bias.copy_(prior[rank].log().to(device))
+            b.experts.w13.copy_(torch.randn(E, 2 * I, H, generator=g, device=device) * 0.02)
+            b.experts.w2.copy_(torch.randn(E, H, I, generator=g, device=device) * 0.02)
+        b.requires_grad_(False)
+        blocks[i] = b
+    return blocks
+
+
+def forward(blocks, x):
+    for i in sorted(blocks):
+        x = x + blocks[i](x)
+    return x
+
+
+def inputs(T, H, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(T, H, generator=g, device=device).to(dtype)
+
+
+def experts_cfg(**kw):
+    return dataclasses.replace(load_config().experts, **kw)
+
+
+def hot_share(path, layers, E):
+    """Share of routed pairs that go to the hottest half of each layer's experts (the skew)."""
+    c = load_counts(path, layers, E)
+    top = c.sort(dim=1, descending=True).values[:, :E // 2].sum()
+    return float(top / c.sum())
+
+
+def calibrate(blocks, s, dtype, device, out_dir):
+    rt = apply_experts(blocks, s["layers"], experts_cfg(record_expert_stats=str(out_dir)), device,
+                       CollectorRegistry())
+    for seed in range(4):
+        forward(blocks, inputs(s["prefill"], s["hidden"], dtype, device, 1000 + seed))
+    rt.close()  # writes the file; the next apply_experts replaces the recording backends
+    return rt.recorder.path
+
+
+def run_config(blocks, s, dtype, device, strategy, ratio, stats, a):
+    kw = dict(gpu_experts_ratio=ratio, cpu_expert_dtype=a.cpu_dtype)
+    if strategy == "dynamic":
+        kw.update(placement_strategy="uniform", dynamic_update=True, gpu_prefill_token_threshold=s["prefill"])
+    else:
+        kw.update(placement_strategy=strategy, init_expert_location=str(stats) if strategy == "frequency" else None)
+    rt = apply_experts(blocks, s["layers"], experts_cfg(**kw), device, CollectorRegistry())
+    xp = inputs(s["prefill"], s["hidden"], dtype, device, 1)
+    xd = inputs(s["decode"], s["hidden"], dtype, device, 2)
+    t_pre = timed(lambda: forward(blocks, xp), device, a.iters_prefill)
+    t_dec = timed(lambda: forward(blocks, xd), device, a.iters_decode, warmup=2)
+    return rt, s["prefill"] / t_pre, s["decode"] / t_dec
+
+
+def overlap(blocks, rt, s, dtype, device, T, a):
+    """(hybrid, its CPU job, cpu part alone, device part alone): median seconds, first layer, T tokens.
+
+    The three are timed in turn inside one loop so that drift in the CPU's speed hits all three.
+    """
+    i = min(blocks)
+    b, be = blocks[i], rt.backends[i]
+    x = inputs(T, s["hidden"], dtype, device, 3)
+    with torch.inference_mode():
+        ids, w = route(b.gate(x), b.top_k, b.renormalize)
+        slots = be.logical_to_slot[ids]
+        hx, hids, hw = x.cpu(), ids.masked_fill(slots >= 0, -1).cpu(), w.cpu()
+    out = torch.empty(T, s["hidden"])
+
+    def cpu_once():
+        with torch.inference_mode():
+            t = time.perf_counter()
+            cpu_experts(be.cpu13, be.cpu2, hx, hids, hw, out)
+            return time.perf_counter() - t
+
+    def dev_once():
+        if be.num_slots:
+            device_experts(be.slot13, be.slot2, x, slots, w, be.ctx.grouped)
+
+    hist = be.ctx.metrics.cpu_seconds
+
+    def job_sum():
+        return next(m.value for m in hist.collect()[0].samples if m.name.endswith("_sum"))
+
+    times = []
+    with torch.inference_mode():
+        for n in range(2 * a.iters_decode + 2):
+            before = job_sum()
+            row = (timed(lambda: be.forward(x, ids, w), device, 1, warmup=0), job_sum() - before,
+                   be.ctx.worker.submit(cpu_once).result(),  # same thread and thread count as the real job
+                   timed(dev_once, device, 1, warmup=0) if be.num_slots else 0.0)
+            if n >= 2:
+                times.append(row)
+    return tuple(statistics.median(r[j] for r in times) for j in range(4))
+
+
+def table(title, rows, ratios, strategies):
+    print(f"\n{title}")
+    print("| GPU expert ratio | " + " | ".join(strategies) + " |")
+    print("|---|" + "---|" * len(strategies))
+    for r in ratios:
+        print(f"| {r}% | " + " | ".join(f"{rows[(st, r)]:.1f}" for st in strategies) + " |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes for a CPU smoke run")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--decode-batch", type=int, help="tokens per decode step (concurrent requests)")
+    p.add_argument("--prefill-tokens", type=int, help="tokens per prefill chunk")
+    p.add_argument("--ratios", default="0,10,30,50,80,100", help="device expert ratios in percent")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--dtype", help="model dtype (default bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--zipf", type=float, default=0.4,
+                   help="exponent of the per-expert routing prior (0.4: the hottest half of 128 experts gets ~77%%)")
+    p.add_argument("--rounds", type=int, default=3, help="passes over the strategies per ratio (median)")
+    p.add_argument("--iters-decode", type=int, default=4, help="timed decode steps per pass (median)")
+    p.add_argument("--iters-prefill", type=int, default=1, help="timed prefill chunks per pass (median)")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    s = dict(QUICK if a.quick else FULL)
+    for key, v in (("layers", a.layers), ("decode", a.decode_batch), ("prefill", a.prefill_tokens)):
+        if v is not None:
+            s[key] = v
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ratios = [int(r) for r in a.ratios.split(",")]
+    strategies = a.strategies.split(",")
+    t0 = time.perf_counter()
+    print(f"# bench_offload: device {device}, {dtype}, cpu experts {a.cpu_dtype}, {s}, zipf {a.zipf}, "
+          f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    blocks = build(s, dtype, device, a.zipf)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.inference_mode():
+            stats = calibrate(blocks, s, dtype, device, tmp)
+        print(f"# routing skew: the hottest half of each layer's experts gets "
+              f"{hot_share(stats, s['layers'], s['experts']):.0%} of the pairs (calibration, recorder .pt)")
+        pre, dec, ov = {}, {}, {}
+        for r in ratios:  # strategies in turn, several rounds: drift in the host's CPU speed hits all alike
+            for rnd in range(a.rounds):
+                for st in strategies:
+                    rt, p_, d_ = run_config(blocks, s, dtype, device, st, r / 100, stats, a)
+                    pre.setdefault((st, r), []).append(p_)
+                    dec.setdefault((st, r), []).append(d_)
+                    if rnd == 0 and (st == "uniform" and r in (0, 50) or st == "frequency" and r == 50):
+                        for name, T in (("decode", s["decode"]), ("prefill", s["prefill"])):
+                            ov[(st, r, name)] = overlap(blocks, rt, s, dtype, device, T, a)
+                    rt.close()
+            for st in strategies:
+                pre[(st, r)] = statistics.median(pre[(st, r)])
+                dec[(st, r)] = statistics.median(dec[(st, r)])
+                print(f"#   {st:>13} {r:3d}%: prefill {pre[(st, r)]:9.1f} tok/s, decode {dec[(st, r)]:8.1f} tok/s"
+                      f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    table(f"Decode tokens/s ({s['decode']} tokens per step, {s['layers']} MoE layers)", dec, ratios, strategies)
+    table(f"Prefill tokens/s ({s['prefill']}-token chunk, {s['layers']} MoE layers)", pre, ratios, strategies)
+    print("\nOverlap (first layer; ms): ratio = hybrid / max(cpu part alone, device part alone); "
+          "'cpu job' is the worker's compute inside the hybrid call")
+    print("| case | hybrid | cpu job | cpu alone | device alone | ratio |")
+    print("|---|---|---|---|---|---|")
+    for (st, r, name), (h, j, c, d) in ov.items():
+        print(f"| {st} {r}% {name} | {h * 1e3:.2f} | {j * 1e3:.2f} | {c * 1e3:.2f} | {d * 1e3:.2f} "
+              f"| {h / max(c, d):.2f} |")
+    if "uniform" in strategies and "frequency" in strategies and 50 in ratios:
+        for name, rows in (("decode", dec), ("prefill", pre)):
+            print(f"# frequency vs uniform at 50% ({name}): {rows[('frequency', 50)] / rows[('uniform', 50)] - 1:+.0%}")
+    print(f"# total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
