@@ -35,21 +35,24 @@ class KVCache:
         if len(req.hashes) < full:
             start = len(req.hashes)
             parent = req.hashes[-1] if start else self.namespace(req.cache_salt).root
-            req.hashes += page_hashes(parent, req.all_ids[start * P:full * P], P)
+            req.hashes += page_hashes(parent, req.ids(start * P, full * P), P)
 
     def parent(self, req: Request, page: int) -> bytes:
         return req.hashes[page - 1] if page else self.namespace(req.cache_salt).root
 
     def page_tokens(self, req: Request, page: int) -> bytes:
         P = self.page_size
-        return tokens_bytes(req.all_ids[page * P:(page + 1) * P])
+        return tokens_bytes(req.ids(page * P, (page + 1) * P))
 
     def match(self, req: Request, max_pages: int) -> list[int]:
         """Device blocks holding the request's first pages (at most max_pages); not yet referenced."""
         self.update_hashes(req)
         n = min(max_pages, len(req.hashes))
+        P = self.page_size
+        raw = tokens_bytes(req.ids(0, n * P))  # packed once, sliced per page
+        step = 4 * P
         return self.blocks.match_prefix(req.hashes[:n], [self.parent(req, i) for i in range(n)],
-                                        [self.page_tokens(req, i) for i in range(n)])
+                                        [raw[i * step:(i + 1) * step] for i in range(n)])
 
     def blocks_needed(self, req: Request, num_new: int) -> int:
         P = self.page_size

@@ -25,7 +25,7 @@ class ModelRunner:
         row = 0
         for req, n in sched:
             start = req.num_computed
-            toks = req.all_ids[start:start + n]
+            toks = req.ids(start, start + n)
             pos = list(range(start, start + n))
             ids += toks
             positions += pos

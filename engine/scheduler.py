@@ -95,7 +95,7 @@ class Scheduler:
         req.num_computed, req.num_registered = len(hits) * P, len(hits)
         if self.host is not None and cap > len(hits):
             ns = self.kv.namespace(req.cache_salt)
-            n_host = self.host.lookup(ns, req.all_ids[:cap * P], req.hashes[:cap])
+            n_host = self.host.lookup(ns, req.ids(0, cap * P), req.hashes[:cap])
             if n_host > len(hits) and self.kv.grow(req, n_host - len(hits)):
                 req.status = Status.LOADING
                 self.waiting.popleft()

@@ -176,6 +176,18 @@ class NullTier:
     def touch(self, h: bytes) -> None:
         pass
 
+    def reader(self) -> "NullTier":
+        return self
+
+    def read(self, h: bytes, sink) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
     def close(self) -> None:
         pass
 

@@ -166,22 +166,27 @@ class DiskTier:
     def fits(self, nbytes: int) -> bool:
         return nbytes + 4096 <= self.capacity * self.low
 
-    def read(self, h: bytes, sink) -> bool | None:
+    def reader(self) -> "_Reader":
+        """A context for reading many pages in one LMDB read transaction (short-lived)."""
+        return _Reader(self)
+
+    def read(self, h: bytes, sink, txn=None) -> bool | None:
         """Pass the page's verified record (a buffer valid during the call) to sink(info, buf).
 
         Returns True when served, None on a miss, False on a failed checksum or a bad record
-        (the page is then dropped and counted).
+        (the page is then dropped and counted). `txn`: an open read transaction (see reader()).
         """
         with self._lock:
             rec = self.pending.get(h)
         try:
             if rec is not None:
                 return self._serve(h, rec, sink)
-            with self.env.begin(db=self._data, buffers=True) as txn:
+            if txn is not None:
                 buf = txn.get(h)
-                if buf is None:
-                    return None
-                return self._serve(h, buf, sink)
+                return None if buf is None else self._serve(h, buf, sink)
+            with self.env.begin(db=self._data, buffers=True) as own:
+                buf = own.get(h)
+                return None if buf is None else self._serve(h, buf, sink)
         except lmdb.Error as e:
             self.metrics.disk_errors.labels(op="read", kind=_kind(e)).inc()
             return None
@@ -364,3 +369,26 @@ def _kind(e: Exception) -> str:
     if code == errno.EIO or "I/O error" in text or "Input/output" in text:
         return "eio"
     return "other"
+
+
+class _Reader:
+    """One read transaction for a batch of reads; closed on exit (never held across calls)."""
+
+    def __init__(self, tier: DiskTier):
+        self.tier, self.txn = tier, None
+
+    def __enter__(self):
+        try:
+            self.txn = self.tier.env.begin(db=self.tier._data, buffers=True)
+        except lmdb.Error as e:
+            self.tier.metrics.disk_errors.labels(op="read", kind=_kind(e)).inc()
+        return self
+
+    def read(self, h: bytes, sink) -> bool | None:
+        if self.txn is None:
+            return None
+        return self.tier.read(h, sink, self.txn)
+
+    def __exit__(self, *exc):
+        if self.txn is not None:
+            self.txn.abort()

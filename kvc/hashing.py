@@ -10,6 +10,7 @@ written as decimal ASCII. Nothing depends on Python's `hash()`, pickling or the 
 from __future__ import annotations
 
 import array
+import functools
 import sys
 from dataclasses import dataclass, fields
 
@@ -79,8 +80,9 @@ class Namespace:
             out += len(t).to_bytes(1, "little") + t + len(v).to_bytes(4, "little") + v
         return bytes(out)
 
-    @property
+    @functools.cached_property
     def root(self) -> bytes:
+        """The chain root; computed once per object (it is read per page on hot paths)."""
         return namespace_root(self)
 
     def with_salt(self, salt: str) -> "Namespace":

@@ -136,7 +136,9 @@ def decode_header(buf) -> RecordInfo:
         raise RecordError(f"truncated or malformed record header: {e}") from None
     if dtype not in DTYPE_BYTES:
         raise RecordError(f"record has unsupported dtype {dtype!r}")
-    expected = DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=np.int64))
+    expected = DTYPE_BYTES[dtype]
+    for d in shape:
+        expected *= d
     if plen != expected:
         raise RecordError(f"record payload is {plen} bytes, but shape {shape} of {dtype} needs {expected}")
     tok_end = off + 4 * n_tok

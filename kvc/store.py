@@ -117,13 +117,14 @@ class TieredStore:
         promote: list[tuple[bytes, Entry, np.ndarray]] = []
         t0 = time.perf_counter()
         disk_bytes = 0
-        with self._lock:
+        root = ns.root
+        with self._lock, self.disk.reader() as disk:
             for i, h in enumerate(hashes):
                 data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
                 flat = data.view(torch.uint8).reshape(-1)
                 e = self.cpu.get(h)
                 if e is not None:
-                    if e.nbytes != flat.numel() or e.ns_root != ns.root:
+                    if e.nbytes != flat.numel() or e.ns_root != root:
                         break
                     if not self.cpu.read_into(h, flat):
                         self._corrupt_cpu(h)
@@ -132,12 +133,12 @@ class TieredStore:
                     got = {}
 
                     def sink(info, buf, flat=flat, got=got):
-                        if info.payload_len != flat.numel() or info.ns_root != ns.root:
+                        if info.payload_len != flat.numel() or info.ns_root != root:
                             return
                         flat.numpy()[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
                         got["e"] = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
                                          info.dtype, info.shape, info.payload_len, info.checksum)
-                    if not self.disk.read(h, sink) or "e" not in got:
+                    if not disk.read(h, sink) or "e" not in got:
                         break
                     e = got["e"]
                     disk_bytes += e.nbytes
