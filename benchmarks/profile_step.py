@@ -39,6 +39,26 @@ def main():
         except Exception:
             traceback.print_exc()
     print("grouped_mm_works:", grouped_mm_works(dev, getattr(torch, dtype), 2048, 768))
+    if dev.type == "cuda":  # the expert GEMMs alone, both paths, Qwen3-30B-A3B shapes, 512 tokens
+        from engine.moe import experts_sorted
+        E, H, I, T, k = 128, 2048, 768, a.prompt_len, 8
+        w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
+        w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        ids = torch.randint(0, E, (T, k), device=dev)
+        w = torch.rand(T, k, device=dev)
+        for grouped in (True, False):
+            try:
+                for _ in range(3):
+                    experts_sorted(w13, w2, x, ids, w, grouped)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(10):
+                    experts_sorted(w13, w2, x, ids, w, grouped)
+                torch.cuda.synchronize()
+                print(f"experts_sorted grouped={grouped}: {(time.perf_counter() - t) * 100:.2f} ms per layer")
+            except Exception:
+                traceback.print_exc()
     cfg = load_config().replace(path=d, dtype=dtype, device=a.device, gpu_only=True, page_size=16,
                                 chunk_size=4096, max_num_batched_tokens=4096)
     eng = LLMEngine(cfg)

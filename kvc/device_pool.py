@@ -102,7 +102,7 @@ class BlockPool:
 
     def reset_cache(self) -> int:
         """Forget every cached hash of unreferenced blocks; returns how many were dropped."""
-        dropped = [b for b in self.free_queue if b in self._cached]
+        dropped = [b for b in self._cached if self.ref_count[b] == 0]  # O(cached), not O(pool)
         for b in dropped:
             self._uncache(b)
         return len(dropped)
