@@ -19,6 +19,7 @@ from kvc.device_pool import DevicePool
 from kvc.record import Page, torch_dtype
 
 log = logging.getLogger("kvc.engine")
+CHUNK_BYTES = 64 << 20  # host loads move in chunks of this size on CUDA (two in flight)
 
 
 class HostTier:
@@ -47,27 +48,43 @@ class HostTier:
         return self._loader.submit(self._load, ns, list(hashes), pool, list(blocks))
 
     def _load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int]) -> int:
-        staging = self._staging_for(ns, len(hashes), pool.device)
-        n = len(self.cache.get_pages(ns, hashes, out=staging))
-        if n:
-            if pool.device.type == "cuda":
-                stream = self._stream or torch.cuda.Stream(pool.device)
-                self._stream = stream
-                with torch.cuda.stream(stream):
-                    pool.scatter(blocks[:n], staging[:n])
-                stream.synchronize()
-            else:
+        if pool.device.type != "cuda":
+            staging = self._staging_for(ns, 1, len(hashes), False)[0]
+            n = len(self.cache.get_pages(ns, hashes, out=staging))
+            if n:
                 pool.scatter(blocks[:n], staging[:n])
-        return n
+            return n
+        # CUDA: chunks through two pinned halves, so reading chunk i+1 from the host tiers
+        # overlaps the host-to-device copy of chunk i on the side stream.
+        chunk = max(1, min(len(hashes), CHUNK_BYTES // ns.spec.page_bytes))
+        halves = self._staging_for(ns, 2, chunk, True)
+        stream = self._stream = self._stream or torch.cuda.Stream(pool.device)
+        events = [None, None]
+        done = 0
+        for c, start in enumerate(range(0, len(hashes), chunk)):
+            half = c % 2
+            if events[half] is not None:
+                events[half].synchronize()  # the copy that used this half has landed
+            got = len(self.cache.get_pages(ns, hashes[start:start + chunk], out=halves[half]))
+            if got:
+                with torch.cuda.stream(stream):
+                    pool.scatter(blocks[start:start + got], halves[half][:got])
+                    events[half] = torch.cuda.Event()
+                    events[half].record(stream)
+            done += got
+            if got < len(hashes[start:start + chunk]):
+                break
+        stream.synchronize()
+        return done
 
-    def _staging_for(self, ns: Namespace, n: int, device: torch.device) -> torch.Tensor:
-        """A reused staging buffer [>= n, *page shape] (pinned when the pool is on CUDA)."""
+    def _staging_for(self, ns: Namespace, halves: int, n: int, pin: bool) -> torch.Tensor:
+        """A reused staging buffer [halves, >= n, *page shape] (pinned for CUDA copies)."""
         spec = ns.spec
         dtype = torch_dtype(spec.dtype)
         s = self._staging
-        if s is None or s.shape[0] < n or tuple(s.shape[1:]) != spec.shape or s.dtype != dtype:
-            rows = max(n, 0 if s is None else s.shape[0])
-            s = torch.empty((rows, *spec.shape), dtype=dtype, pin_memory=device.type == "cuda")
+        if (s is None or s.shape[0] != halves or s.shape[1] < n or tuple(s.shape[2:]) != spec.shape
+                or s.dtype != dtype):
+            s = torch.empty((halves, n, *spec.shape), dtype=dtype, pin_memory=pin)
             self._staging = s
         return s
 

@@ -7,7 +7,9 @@ tier never holds more bytes than its slab. Eviction order is the LRU order of `e
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +44,7 @@ class _SizeClass:
 class CpuTier:
     name = "cpu"
 
-    def __init__(self, capacity_bytes: int, pin: bool | None = None):
+    def __init__(self, capacity_bytes: int, pin: bool | None = None, reader_threads: int | None = None):
         assert capacity_bytes > 0, "use NullTier for a cpu tier of size 0"
         if pin is None:
             pin = torch.cuda.is_available()
@@ -54,6 +56,12 @@ class CpuTier:
         self.classes: dict[int, _SizeClass] = {}
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.used = 0
+        threads = min(16, (os.cpu_count() or 1) - 1) if reader_threads is None else reader_threads
+        self._readers = ThreadPoolExecutor(threads, thread_name_prefix="kvc-cpu-read") if threads > 1 else None
+
+    def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
 
     @property
     def pages(self) -> int:
@@ -146,6 +154,13 @@ class CpuTier:
             out[off:end] = src[off:end]  # numpy: one thread, no OpenMP stalls on a busy machine
             digest.update(out[off:end])
         return digest.intdigest() == self.entries[h].checksum
+
+    def read_many(self, hashes: list[bytes], dsts: list[torch.Tensor]) -> list[bool]:
+        """read_into for a batch, spread over the tier's reader threads (numpy copies and xxh3
+        release the GIL, so this scales with cores); one bool per page."""
+        if len(hashes) == 1 or self._readers is None:
+            return [self.read_into(h, d) for h, d in zip(hashes, dsts)]
+        return list(self._readers.map(self.read_into, hashes, dsts))
 
     def touch(self, h: bytes) -> None:
         self.entries.move_to_end(h)

@@ -119,11 +119,25 @@ class TieredStore:
         disk_bytes = 0
         root = ns.root
         with self._lock, self.disk.reader() as disk:
-            for i, h in enumerate(hashes):
-                data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
-                flat = data.view(torch.uint8).reshape(-1)
+            rows = [out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
+                    for i in range(len(hashes))]
+            flats = [r.view(torch.uint8).reshape(-1) for r in rows]
+            # the leading run of cpu pages is read (copied and verified) by the tier's threads
+            run = 0
+            for h, flat in zip(hashes, flats):
                 e = self.cpu.get(h)
-                if e is not None:
+                if e is None or e.nbytes != flat.numel() or e.ns_root != root:
+                    break
+                run += 1
+            ok = self.cpu.read_many(hashes[:run], flats[:run]) if run else []
+            for i, h in enumerate(hashes):
+                data, flat = rows[i], flats[i]
+                e = self.cpu.get(h)
+                if i < run:
+                    if not ok[i]:
+                        self._corrupt_cpu(h)
+                        break
+                elif e is not None:
                     if e.nbytes != flat.numel() or e.ns_root != root:
                         break
                     if not self.cpu.read_into(h, flat):
@@ -390,6 +404,7 @@ class TieredStore:
                         self._put_disk(h, e, self.cpu.view(h).copy())
                 self._evict_disk()
         self.disk.close()
+        self.cpu.close()
 
     def __enter__(self):
         return self

@@ -202,3 +202,20 @@ def test_pin_ignores_other_namespaces_pages(tmp_path):
         assert s.stats()["pinned_pages"] == 0
         _, pb = make_pages(NS, list(range(100, 104)))
         assert s.put_pages(NS, pb).stored == 1  # the other tenant's pages stayed evictable
+
+
+def test_cpu_tier_parallel_reads_verify_each_page():
+    import numpy as np
+    from kvc.cpu_tier import CpuTier, Entry
+    from kvc.record import checksum
+    tier = CpuTier(1 << 20, pin=False, reader_threads=3)
+    rng = np.random.default_rng(0)
+    hashes = [bytes([i]) * 16 for i in range(6)]
+    payloads = [rng.integers(0, 255, 4096, dtype=np.uint8) for _ in hashes]
+    for h, p in zip(hashes, payloads):
+        assert tier.put(h, Entry(b"r" * 16, b"p" * 16, b"", "uint8", (4096,), 4096, checksum(p)), p)
+    tier.view(hashes[4])[100] ^= 1
+    dsts = [torch.empty(4096, dtype=torch.uint8) for _ in hashes]
+    assert tier.read_many(hashes, dsts) == [True, True, True, True, False, True]
+    assert all(torch.equal(d, torch.from_numpy(p)) for d, p in zip(dsts[:4], payloads))
+    tier.close()
