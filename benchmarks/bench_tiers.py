@@ -617,7 +617,7 @@ def bench_device(name: str, spec: PageSpec, n: int, reps: int, device: str) -> l
         Row(name, "cpu-tier read: get_pages(out=pinned staging)", bw["get"], ref=h2d, ref_name="H2D"),
         Row(name, "pure scatter: pool.scatter(blocks, staging)", bw["scatter"], ref=h2d, ref_name="H2D"),
         Row(name, "get_pages(out=staging) + scatter, one batch", bw["e2e"], ref=h2d, ref_name="H2D"),
-        Row(name, "engine load: HostTier.load (chunked, overlapped)", bw["engine"], ref=h2d, ref_name="H2D",
+        Row(name, "engine load: HostTier.load (slab -> device, verify on threads)", bw["engine"], ref=h2d, ref_name="H2D",
             target=TARGET_DEVICE if cuda else None, note="" if cuda else "code-path check only: no target on cpu"),
         Row(name, "ceiling: H2D per page from slab, no checksum", bw["direct"], ref=h2d, ref_name="H2D"),
     ]

@@ -19,7 +19,6 @@ from kvc.device_pool import DevicePool
 from kvc.record import Page, torch_dtype
 
 log = logging.getLogger("kvc.engine")
-CHUNK_BYTES = 64 << 20  # host loads move in chunks of this size on CUDA (two in flight)
 
 
 class HostTier:
@@ -48,43 +47,36 @@ class HostTier:
         return self._loader.submit(self._load, ns, list(hashes), pool, list(blocks))
 
     def _load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int]) -> int:
-        if pool.device.type != "cuda":
-            staging = self._staging_for(ns, 1, len(hashes), False)[0]
-            n = len(self.cache.get_pages(ns, hashes, out=staging))
-            if n:
-                pool.scatter(blocks[:n], staging[:n])
+        cuda = pool.device.type == "cuda"
+        # On CUDA the buffer is on the device: the store copies its pinned slab straight into it
+        # (verifying on its reader threads meanwhile); then one device-side scatter. Elsewhere
+        # it is a host buffer.
+        staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))
+        if cuda:
+            with torch.cuda.stream(self._side_stream(pool.device)):
+                n = len(self.cache.get_pages(ns, hashes, out=staging))
+                if n:
+                    pool.scatter(blocks[:n], staging[:n])
+                torch.cuda.current_stream(pool.device).synchronize()
             return n
-        # CUDA: chunks through two pinned halves, so reading chunk i+1 from the host tiers
-        # overlaps the host-to-device copy of chunk i on the side stream.
-        chunk = max(1, min(len(hashes), CHUNK_BYTES // ns.spec.page_bytes))
-        halves = self._staging_for(ns, 2, chunk, True)
-        stream = self._stream = self._stream or torch.cuda.Stream(pool.device)
-        events = [None, None]
-        done = 0
-        for c, start in enumerate(range(0, len(hashes), chunk)):
-            half = c % 2
-            if events[half] is not None:
-                events[half].synchronize()  # the copy that used this half has landed
-            got = len(self.cache.get_pages(ns, hashes[start:start + chunk], out=halves[half]))
-            if got:
-                with torch.cuda.stream(stream):
-                    pool.scatter(blocks[start:start + got], halves[half][:got])
-                    events[half] = torch.cuda.Event()
-                    events[half].record(stream)
-            done += got
-            if got < len(hashes[start:start + chunk]):
-                break
-        stream.synchronize()
-        return done
+        n = len(self.cache.get_pages(ns, hashes, out=staging))
+        if n:
+            pool.scatter(blocks[:n], staging[:n])
+        return n
 
-    def _staging_for(self, ns: Namespace, halves: int, n: int, pin: bool) -> torch.Tensor:
-        """A reused staging buffer [halves, >= n, *page shape] (pinned for CUDA copies)."""
+    def _side_stream(self, device: torch.device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def _staging_for(self, ns: Namespace, n: int, device: torch.device) -> torch.Tensor:
+        """A reused buffer [>= n, *page shape] on `device`; used by the loader thread only."""
         spec = ns.spec
         dtype = torch_dtype(spec.dtype)
         s = self._staging
-        if (s is None or s.shape[0] != halves or s.shape[1] < n or tuple(s.shape[2:]) != spec.shape
-                or s.dtype != dtype):
-            s = torch.empty((halves, n, *spec.shape), dtype=dtype, pin_memory=pin)
+        if (s is None or s.shape[0] < n or tuple(s.shape[1:]) != spec.shape or s.dtype != dtype
+                or s.device.type != device.type):
+            s = torch.empty((n, *spec.shape), dtype=dtype, device=device)
             self._staging = s
         return s
 

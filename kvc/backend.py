@@ -64,7 +64,8 @@ class CacheBackend(Protocol):
         """The pages for `hashes`, in order, stopping at the first one it cannot return.
 
         A page whose checksum fails is dropped and ends the run (never wrong bytes). When `out`
-        ([n, *spec.shape], e.g. a pinned staging buffer) is given, payloads land in out[i].
+        ([n, *spec.shape] on any device: a pinned staging buffer, or a CUDA buffer that the
+        store fills straight from its pinned slab) is given, payloads land in out[i].
         """
 
     def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:

@@ -17,6 +17,8 @@ import torch
 
 import xxhash
 
+from .record import checksum
+
 EXTENT_BYTES = 64 << 20
 READ_PIECE = 256 << 10
 
@@ -154,6 +156,20 @@ class CpuTier:
             out[off:end] = src[off:end]  # numpy: one thread, no OpenMP stalls on a busy machine
             digest.update(out[off:end])
         return digest.intdigest() == self.entries[h].checksum
+
+    def slab_view(self, h: bytes) -> torch.Tensor:
+        """The page's bytes in the slab as a tensor (pinned when CUDA is present): no copy."""
+        e = self.entries[h]
+        return self.slab[e.slot:e.slot + e.nbytes]
+
+    def verify(self, h: bytes) -> bool:
+        return checksum(self.view(h)) == self.entries[h].checksum
+
+    def verify_many(self, hashes: list[bytes]) -> list[bool]:
+        """Checksums of a batch in place, on the reader threads; one bool per page."""
+        if len(hashes) <= 1 or self._readers is None:
+            return [self.verify(h) for h in hashes]
+        return list(self._readers.map(self.verify, hashes))
 
     def read_many(self, hashes: list[bytes], dsts: list[torch.Tensor]) -> list[bool]:
         """read_into for a batch, spread over the tier's reader threads (numpy copies and xxh3
