@@ -121,6 +121,7 @@ class MoEBlock(nn.Module):
 
     def set_experts(self, backend: ExpertsBackend) -> None:
         """Replace the expert execution (e.g. an offloaded implementation); routing stays here."""
+        self._modules.pop("_backend", None)  # a module set earlier would refuse a plain object
         self._backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,3 +55,16 @@ def test_backend_swaps_from_outside():
         slow = block(x)
     assert calls == [(7, 2)]
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_set_experts_accepts_a_module_then_a_plain_backend():
+    from engine.moe import MoEBlock, StackedExperts
+
+    class Plain:
+        def forward(self, x, ids, w):
+            return x * 0
+
+    block = MoEBlock(8, 4, 4, 2, True)
+    block.set_experts(StackedExperts(4, 8, 4))
+    block.set_experts(Plain())
+    assert torch.count_nonzero(block(torch.randn(3, 8))) == 0
