@@ -85,10 +85,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for p in meta.prefills:
+        qs = q[p.q_start:p.q_start + p.q_len]  # [Q, Hq, D]
+        if p.k_len == p.q_len:  # nothing cached before this piece: attend to its own K/V, causal
+            ks, vs = k[p.q_start:p.q_start + p.q_len], v[p.q_start:p.q_start + p.q_len]
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                               vs.transpose(0, 1)[None], is_causal=True, scale=scale,
+                                               enable_gqa=True)  # [1, Hq, Q, D]
+            out[p.q_start:p.q_start + p.q_len] = o[0].transpose(0, 1)
+            continue
         nb = (p.k_len + P - 1) // P
         keys = k_cache[p.block_table[:nb]].reshape(nb * P, Hkv, D)[:p.k_len]  # [K, Hkv, D]
         vals = v_cache[p.block_table[:nb]].reshape(nb * P, Hkv, D)[:p.k_len]
-        qs = q[p.q_start:p.q_start + p.q_len]  # [Q, Hq, D]
         off = p.k_len - p.q_len
         rows = torch.arange(p.q_len, device=q.device)[:, None] + off
         mask = torch.arange(p.k_len, device=q.device)[None, :] <= rows  # [Q, K]
