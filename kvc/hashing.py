@@ -96,6 +96,8 @@ def namespace_root(ns: Namespace) -> bytes:
 
 def tokens_bytes(tokens) -> bytes:
     """Token ids as little-endian uint32 bytes; ids outside uint32 are an error."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.dtype("<u4") and tokens.ndim == 1:
+        return tokens.tobytes()  # already the wire form (e.g. a decoded tokens_u32le field)
     if isinstance(tokens, list) and sys.byteorder == "little":
         try:
             return array.array("I", tokens).tobytes()  # 3x faster than numpy for a list of ints
