@@ -22,7 +22,7 @@ from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler
-from .tokenizer import Tokenizer
+from .tokenizer import Detokenizer, Tokenizer
 
 BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral"}
 CPU_POOL_BYTES = 1 << 30  # the device pool's budget when the "device" is the CPU
@@ -178,9 +178,9 @@ class LLMEngine:
         p = req.params
         if self.tokenizer is not None:
             prev = len(req.text)
-            text = self.tokenizer.decode(req.output_ids)
-            if not text.endswith("\ufffd"):  # hold back a split UTF-8 character
-                req.text = text
+            if req.detok is None:
+                req.detok = Detokenizer(self.tokenizer)
+            req.text = req.detok.update(req.output_ids)
             for s in p.stop_strings:
                 at = req.text.find(s, max(0, prev - len(s) + 1))
                 if at >= 0:

@@ -55,6 +55,7 @@ class Request:
     hashes: list[bytes] = field(default_factory=list)  # chained page hashes of full pages
     generator: torch.Generator | None = None
     text: str = ""
+    detok: object = None  # engine.tokenizer.Detokenizer of the output, when there is a tokenizer
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None

@@ -105,15 +105,27 @@ def _compile(source: str) -> jinja2.Template:
 
 
 class Detokenizer:
-    """Incremental text for a growing id list; holds back text that ends in a split UTF-8 char."""
+    """Incremental text of a growing id list, in O(new tokens) per update.
+
+    Each update decodes only a short window: the ids since the last emitted boundary plus the
+    new ones, and appends the part of that window's text that the previous window did not
+    produce. Text ending in a split UTF-8 character (U+FFFD) is held back until it completes.
+    The result equals decoding the whole list (tested).
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.text = ""
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # ids before this are in self.text
 
     def update(self, ids: list[int]) -> str:
-        """The full text so far of `ids` (the request's output ids)."""
-        text = self.tok.decode(ids)
-        if not text.endswith("\ufffd"):
-            self.text = text
+        """The full text so far of `ids` (all ids of the output, the new ones at the end)."""
+        if len(ids) == self._read:
+            return self.text
+        before = self.tok.decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        window = self.tok.decode(ids[self._prefix:])
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            self.text += window[len(before):]
+            self._prefix, self._read = self._read, len(ids)
         return self.text
