@@ -122,3 +122,19 @@ def test_tokenizer_round_trip_and_chat_template_matches_transformers(qwen_dir, t
     cfg["chat_template"] = src
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert Tokenizer(tmp_path).apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+
+
+def test_weights_digest_sees_every_byte(tmp_path):
+    import shutil
+
+    from engine.loader import shard_files, weights_digest
+    from engine.tiny import make_tiny_model
+    a = make_tiny_model(tmp_path / "a", "qwen3_moe", seed=0)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert weights_digest(a, shard_files(a)) == weights_digest(b, shard_files(b))
+    f = b / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1  # a fine-tune that changes one weight in the middle of the file
+    f.write_bytes(bytes(data))
+    assert weights_digest(a, shard_files(a)) != weights_digest(b, shard_files(b))
