@@ -120,20 +120,22 @@ class TieredStore:
         t0 = time.perf_counter()
         disk_bytes = 0
         root = ns.root
+        def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (page tensor, its flat bytes)
+            data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
+            return data, data.view(torch.uint8).reshape(-1)
+
         with self._lock, self.disk.reader() as disk:
-            rows = [out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
-                    for i in range(len(hashes))]
-            flats = [r.view(torch.uint8).reshape(-1) for r in rows]
             # the leading run of cpu pages is read (copied and verified) by the tier's threads
             run = 0
-            for h, flat in zip(hashes, flats):
+            for h in hashes:
                 e = self.cpu.get(h)
-                if e is None or e.nbytes != flat.numel() or e.ns_root != root:
+                if e is None or e.nbytes != spec.page_bytes or e.ns_root != root:
                     break
                 run += 1
-            ok = self.cpu.read_many(hashes[:run], flats[:run]) if run else []
+            rows = [row(i) for i in range(run)]
+            ok = self.cpu.read_many(hashes[:run], [f for _, f in rows]) if run else []
             for i, h in enumerate(hashes):
-                data, flat = rows[i], flats[i]
+                data, flat = rows[i] if i < run else row(i)
                 e = self.cpu.get(h)
                 if i < run:
                     if not ok[i]:
