@@ -7,7 +7,11 @@ tier never holds more bytes than its slab. Eviction order is the LRU order of `e
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ from .record import checksum
 
 EXTENT_BYTES = 64 << 20
 READ_PIECE = 256 << 10
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
 @dataclass
@@ -60,8 +65,35 @@ class CpuTier:
         self.used = 0
         threads = min(16, (os.cpu_count() or 1) - 1) if reader_threads is None else reader_threads
         self._readers = ThreadPoolExecutor(threads, thread_name_prefix="kvc-cpu-read") if threads > 1 else None
+        # A lazily mapped slab makes the first put into every page pay a page fault (half the put
+        # time measured). Populate it in the background, in the order extents are handed out;
+        # MADV_POPULATE_WRITE maps pages without changing their bytes, so puts can run meanwhile.
+        self._stop = threading.Event()
+        self._populator = None
+        if not pin and sys.platform.startswith("linux"):
+            self._populator = threading.Thread(target=self._populate, name="kvc-cpu-populate", daemon=True)
+            self._populator.start()
+
+    def _populate(self) -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            return
+        page = mmap.PAGESIZE
+        base = self.slab.data_ptr()
+        for ext in reversed(range(len(self.free_extents))):
+            if self._stop.is_set():
+                return
+            lo = -(-(base + ext * self.extent_bytes) // page) * page
+            hi = (base + (ext + 1) * self.extent_bytes) // page * page
+            if hi > lo and libc.madvise(lo, hi - lo, MADV_POPULATE_WRITE) != 0:
+                return  # an older kernel (< 5.14) or a refusal: pages fault in on first use
 
     def close(self) -> None:
+        self._stop.set()
+        if self._populator is not None:
+            self._populator.join()
         if self._readers is not None:
             self._readers.shutdown(wait=True)
 

@@ -219,3 +219,19 @@ def test_cpu_tier_parallel_reads_verify_each_page():
     assert tier.read_many(hashes, dsts) == [True, True, True, True, False, True]
     assert all(torch.equal(d, torch.from_numpy(p)) for d, p in zip(dsts[:4], payloads))
     tier.close()
+
+
+def test_background_populate_never_changes_stored_bytes():
+    """The slab is populated (MADV_POPULATE_WRITE) while puts land in the same extents."""
+    import numpy as np
+    from kvc.cpu_tier import CpuTier, Entry
+    from kvc.record import checksum
+    tier = CpuTier(256 << 20, pin=False, reader_threads=1)
+    rng = np.random.default_rng(1)
+    payloads = {bytes([i % 256, i // 256]) * 8: rng.integers(0, 255, 1 << 20, dtype=np.uint8) for i in range(200)}
+    for h, p in payloads.items():
+        assert tier.put(h, Entry(b"r" * 16, b"p" * 16, b"", "uint8", (1 << 20,), 1 << 20, checksum(p)), p)
+    dst = torch.empty(1 << 20, dtype=torch.uint8)
+    for h, p in payloads.items():
+        assert tier.read_into(h, dst) and np.array_equal(dst.numpy(), p)
+    tier.close()
