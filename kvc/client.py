@@ -132,7 +132,7 @@ class RemoteCache:
             if tokens is not None and not (known and rb is None):
                 send = []  # the service hashes the tokens itself
             req = pb.LookupRequest(namespace=wire.ns_to_pb(ns), hashes=send,
-                                   tokens_u32le=b"" if tokens is None else wire.tokens_u32le(tokens))
+                                   tokens_u32le=b"" if tokens is None else tokens_bytes(tokens))
             r = self._unary(self._stub.Lookup, req)
             rb = self._rebase(ns, r.root)
         except ServiceDown:

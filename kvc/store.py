@@ -25,7 +25,7 @@ from .cpu_tier import CpuTier, Entry, NullTier
 from .disk_tier import DiskTier
 from .hashing import DIGEST_BYTES, Namespace
 from .metrics import KvcMetrics
-from .record import Page, as_tokens, checksum, encode_header, torch_dtype
+from .record import Page, checksum, encode_header, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
@@ -223,19 +223,19 @@ class TieredStore:
     def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
         spec = ns.spec
         root = ns.root
+        packed = []  # each page's token ids as uint32le bytes, packed once
         for i, p in enumerate(pages):  # check everything first, then commit
             try:
                 p.check(spec)
-                toks = hashing.tokens_bytes(p.tokens)
+                packed.append(hashing.tokens_bytes(p.tokens))
             except ValueError as e:
                 raise ValueError(f"page {i}: {e}") from None
-            if hashing.chain_hash(p.parent, toks) != p.hash:
+            if hashing.chain_hash(p.parent, packed[-1]) != p.hash:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         stored = dup = rejected = 0
         reasons = []
         with self._lock:
-            for p in pages:
-                toks = as_tokens(p.tokens).astype("<u4").tobytes()
+            for p, toks in zip(pages, packed):
                 held = self.cpu.get(p.hash) or self.disk.get(p.hash)
                 if held is not None:
                     if held.parent == p.parent and held.tokens == toks and held.ns_root == root:
