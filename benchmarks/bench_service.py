@@ -10,7 +10,6 @@ missing) on free 127.0.0.1 ports, moves the same pages through RemoteCache (gRPC
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics

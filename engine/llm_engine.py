@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from kvc.backend import CacheBackend
 from kvc.config import Config
+from kvc.device_pool import DevicePool
 from kvc.hashing import PageSpec
 from kvc.metrics import KvcMetrics
 from kvc.record import as_tokens, dtype_name
@@ -60,7 +61,7 @@ def _num_blocks(config: Config, spec: PageSpec, device: torch.device) -> int:
         budget = int(free * config.kvc.utilization_percentage)
     else:
         budget = int(CPU_POOL_BYTES * config.kvc.utilization_percentage)
-    return max(1, budget // spec.page_bytes)
+    return DevicePool.blocks_for_budget(spec, budget)
 
 
 class LLMEngine:

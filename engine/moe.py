@@ -107,9 +107,6 @@ class StackedExperts(nn.Module):
                 self.w2.device, self.w2.dtype, self.w2.shape[1], self.w2.shape[2])
         return experts_sorted(self.w13, self.w2, x, topk_ids, topk_weights, self._grouped)
 
-    def forward_reference(self, x, topk_ids, topk_weights) -> torch.Tensor:
-        return experts_reference(self.w13, self.w2, x, topk_ids, topk_weights)
-
 
 class MoEBlock(nn.Module):
     def __init__(self, hidden: int, inter: int, num_experts: int, top_k: int, renormalize: bool):

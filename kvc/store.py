@@ -417,10 +417,6 @@ class TieredStore:
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
 
-    def remove_listener(self, fn: Listener) -> None:
-        if fn in self._listeners:
-            self._listeners.remove(fn)
-
     def _emit(self, kind: str, ns_root: bytes, h: bytes, parent: bytes, tier: str) -> None:
         for fn in list(self._listeners):
             try:

@@ -204,6 +204,3 @@ def to_plain(value):
         return int(value)
     return value
 
-
-def pages_payload_bytes(pages: Sequence[Page]) -> int:
-    return sum(p.data.numel() * p.data.element_size() for p in pages)

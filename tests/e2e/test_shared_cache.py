@@ -3,7 +3,6 @@ import signal
 import time
 
 import openai
-import pytest
 
 from .conftest import Proc, free_port, metric_value, start_serve, wait_port
 
@@ -63,7 +62,7 @@ def test_two_engines_share_pages_and_survive_an_outage(tmp_path, tiny_model):
         again = "Another new prompt after the service came back. " * 3
         deadline = time.monotonic() + 20
         while True:  # the client reconnects after its backoff
-            r = complete(base_a, again + str(time.monotonic()))
+            complete(base_a, again + str(time.monotonic()))
             if metric_value(mbase, "kvc_tier_pages", tier="cpu") > 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

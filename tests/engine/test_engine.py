@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvc.config import load_config
 from engine import LLM, LLMEngine, SamplingParams

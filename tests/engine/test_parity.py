@@ -8,7 +8,6 @@ import torch
 
 from kvc.config import load_config
 from engine import LLMEngine, SamplingParams
-from engine.loader import load_model
 from engine.model_args import ModelArgs
 from engine.request import Request
 

@@ -205,7 +205,7 @@ def test_pin_ignores_other_namespaces_pages(tmp_path):
 
 
 def test_cpu_tier_parallel_reads_verify_each_page():
-    import numpy as np
+
     from kvc.cpu_tier import CpuTier, Entry
     from kvc.record import checksum
     tier = CpuTier(1 << 20, pin=False, reader_threads=3)
@@ -223,7 +223,7 @@ def test_cpu_tier_parallel_reads_verify_each_page():
 
 def test_background_populate_never_changes_stored_bytes():
     """The slab is populated (MADV_POPULATE_WRITE) while puts land in the same extents."""
-    import numpy as np
+
     from kvc.cpu_tier import CpuTier, Entry
     from kvc.record import checksum
     tier = CpuTier(256 << 20, pin=False, reader_threads=1)

@@ -3,7 +3,6 @@ import random
 import subprocess
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
