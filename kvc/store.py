@@ -201,7 +201,7 @@ class TieredStore:
                 self.disk.touch(p.hash)
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
-            tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype, pin_memory=True)
+            tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype)  # pageable: disk reads are slower than its copy
             more = self.get_pages(ns, rest, out=tmp)
             if more:
                 out[run:run + len(more)].copy_(tmp[:len(more)])
