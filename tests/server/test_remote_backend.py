@@ -33,19 +33,20 @@ class TestRemoteBackend(BackendSuite):
     pass
 
 
-class TestRemoteBackendSharedMemory(BackendSuite):
-    @pytest.fixture(scope="class")
-    def _server(self, tmp_path_factory):
-        from .conftest import CacheServer
-        s = CacheServer(tmp_path_factory.mktemp("suite-shm"), shared_memory=True).start()
-        yield s
-        s.stop()
+@pytest.fixture(scope="module")
+def _shm_server(tmp_path_factory):
+    from .conftest import CacheServer
+    s = CacheServer(tmp_path_factory.mktemp("suite-shm"), shared_memory=True).start()
+    yield s
+    s.stop()
 
+
+class TestRemoteBackendSharedMemory(BackendSuite):
     @pytest.fixture
-    def backend(self, _server, client_factory):
+    def backend(self, _shm_server, client_factory):
         from tests.kvc.conftest import NS
         from kvc.hashing import Namespace, PageSpec
-        c = client_factory(_server.url, timeout=5.0, shared_memory=True)
+        c = client_factory(_shm_server.url, timeout=5.0, shared_memory=True)
         for ns in (NS, NS.with_salt("tenant-a"), NS.with_salt("tenant-b"), NS.with_salt("other"),
                    Namespace("bf16-arch", PageSpec(2, 1, 8, 4, "bfloat16"))):
             c.delete(ns)
