@@ -77,7 +77,7 @@ class LLMEngine:
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.args.eos_token_ids
         a = self.args
         kv_dtype = dtype_name(self.model.lm_head.weight.dtype)
-        spec = PageSpec(a.num_layers, a.num_kv_heads, a.head_dim, config.attn.page_size, kv_dtype)
+        spec = a.page_spec(config.attn.page_size, kv_dtype)  # MLA models cache one latent part
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
         reuse = config.kvc.prefix_caching
         self.host = HostTier(cache) if cache is not None and not config.kvc.gpu_only and reuse else None
