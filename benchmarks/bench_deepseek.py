@@ -255,7 +255,7 @@ def main():
                                    **QUICK)
         else:
             path = make_tiny_model(tmp / "model", "deepseek_v2", preset="deepseek-v2-lite-shapes", dtype=a.dtype,
-                                   std=0.02, num_hidden_layers=a.layers)
+                                   std=0.02, num_hidden_layers=a.layers, device=str(a.device))
         args = ModelArgs.from_dir(path)
         print(f"# DeepSeek-V2 {'tiny' if a.quick else 'V2-Lite'} shapes, {a.layers} layers, {a.dtype}, "
               f"device={a.device} ({torch.cuda.get_device_name(a.device) if a.device.type == 'cuda' else 'cpu'}), "

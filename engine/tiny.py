@@ -97,10 +97,10 @@ def _weights(cfg: dict, gen: torch.Generator, std: float, dtype: torch.dtype) ->
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
 
     def rnd(*shape, scale=std):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(dtype).cpu()
 
     def norm(n):
-        return (1.0 + torch.randn(n, generator=gen) * 0.1).to(dtype)
+        return (1.0 + torch.randn(n, generator=gen, device=gen.device) * 0.1).to(dtype).cpu()
 
     w = {"model.embed_tokens.weight": rnd(V, H, scale=1.0), "model.norm.weight": norm(H)}
     if not cfg["tie_word_embeddings"]:
@@ -136,8 +136,11 @@ def _weights(cfg: dict, gen: torch.Generator, std: float, dtype: torch.dtype) ->
 
 
 def make_tiny_model(path: str | Path, arch: str = "qwen3_moe", seed: int = 0, *, std: float = 0.2,
-                    dtype: str = "float32", preset: str | None = None, **overrides) -> Path:
-    """Write a random checkpoint to `path`; `overrides` are config.json keys (e.g. num_hidden_layers=4)."""
+                    dtype: str = "float32", preset: str | None = None, device: str = "cpu", **overrides) -> Path:
+    """Write a random checkpoint to `path`; `overrides` are config.json keys (e.g. num_hidden_layers=4).
+
+    device "cuda" draws the numbers there (other values than on the CPU for the same seed): a
+    multi-GB benchmark checkpoint takes seconds instead of a minute of single-threaded randn."""
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -146,7 +149,7 @@ def make_tiny_model(path: str | Path, arch: str = "qwen3_moe", seed: int = 0, *,
     cfg["dtype"] = dtype
     out = Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     save_file(_weights(cfg, gen, std, getattr(torch, dtype)), str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
