@@ -271,3 +271,19 @@ def test_bad_deepseek_configs_are_named(v3_dir):
                               ("rope_scaling", {"type": "linear", "factor": 2.0}, "linear")):
         with pytest.raises(CheckpointError, match=words):
             ModelArgs.from_dict({**cfg, key: value})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ratio", [None, 0.5])
+def test_cuda_matches_cpu_and_offload_on_cuda(v3_dir, ratio):
+    want = all_logits(make_engine(v3_dir), PROMPT, 5)
+    kw = {} if ratio is None else {"gpu_experts_ratio": ratio}
+    cfg = load_config().replace(path=str(v3_dir), dtype="float32", device="cuda", gpu_only=True, page_size=4,
+                                chunk_size=64, num_device_blocks=64, **kw)
+    eng = LLMEngine(cfg, registry=CollectorRegistry())
+    got = all_logits(eng, PROMPT, 5).cpu()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    dec = all_logits(eng, PROMPT[:9], 1).cpu()  # absorbed decode on the device
+    torch.testing.assert_close(dec, want[:9], atol=2e-3, rtol=2e-3)
+    eng.close()
