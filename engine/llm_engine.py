@@ -25,7 +25,8 @@ from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler
 from .tokenizer import Detokenizer, Tokenizer
 
-BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral"}
+BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral", "tiny-deepseek-v2": "deepseek_v2",
+           "tiny-deepseek-v3": "deepseek_v3"}
 CPU_POOL_BYTES = 1 << 30  # the device pool's budget when the "device" is the CPU
 
 
