@@ -25,7 +25,8 @@ from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler
 from .tokenizer import Detokenizer, Tokenizer
 
-BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral"}
+BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral", "tiny-deepseek-v2": "deepseek_v2",
+           "tiny-deepseek-v3": "deepseek_v3"}
 CPU_POOL_BYTES = 1 << 30  # the device pool's budget when the "device" is the CPU
 
 
@@ -77,7 +78,7 @@ class LLMEngine:
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.args.eos_token_ids
         a = self.args
         kv_dtype = dtype_name(self.model.lm_head.weight.dtype)
-        spec = PageSpec(a.num_layers, a.num_kv_heads, a.head_dim, config.attn.page_size, kv_dtype)
+        spec = a.page_spec(config.attn.page_size, kv_dtype)  # MLA models cache one latent part
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
         reuse = config.kvc.prefix_caching
         self.host = HostTier(cache) if cache is not None and not config.kvc.gpu_only and reuse else None

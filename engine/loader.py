@@ -15,6 +15,7 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
+from .deepseek import DeepseekCausalLM
 from .model import CausalLM
 from .model_args import CheckpointError, ModelArgs
 
@@ -97,6 +98,10 @@ def _read_tensors(files: list[Path], args: ModelArgs) -> dict[str, torch.Tensor]
     return out
 
 
+def model_class(args: ModelArgs) -> type:
+    return DeepseekCausalLM if args.is_mla else CausalLM
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                experts_device: str | torch.device | None = None) -> tuple[CausalLM, ModelArgs, str]:
     """(model in eval mode on `device`, its args, a weights digest); dtype None keeps config's.
@@ -111,11 +116,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     if dtype is None:
         dtype = getattr(torch, args.dtype, torch.float32)
     with torch.device("meta"):
-        model = CausalLM(args)
+        model = model_class(args)(args)
     expected = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state = {}
+    fp32 = getattr(model, "fp32_weights", ())
     for name, p in expected.items():
         t = tensors.get(name)
         if t is None:
@@ -123,9 +129,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"weight {name!r} has shape {tuple(t.shape)}, config.json implies {tuple(p.shape)}")
         dev = experts_device if experts_device is not None and ".mlp.experts." in name else device
-        state[name] = torch.nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=False)
+        dt = torch.float32 if name.endswith(fp32) else dtype
+        state[name] = torch.nn.Parameter(t.to(device=dev, dtype=dt), requires_grad=False)
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rope = type(model.rope)(args.head_dim, args.rope_theta).to(device)
+    model.rope = model.build_rope().to(device)  # its buffers were built on the meta device
     return model.eval(), args, weights_digest(path, files)

@@ -46,9 +46,12 @@ class CausalLM(nn.Module):
         self.args = a
         self.model = Backbone(a)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
-        self.rope = Rope(a.head_dim, a.rope_theta)
+        self.rope = self.build_rope()
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def build_rope(self) -> Rope:
+        return Rope(self.args.head_dim, self.args.rope_theta)
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [l.mlp for l in self.model.layers if isinstance(l.mlp, MoEBlock)]

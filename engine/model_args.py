@@ -9,7 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ARCHITECTURES = ("qwen3_moe", "mixtral")
+ARCHITECTURES = ("qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
 
 
 class CheckpointError(ValueError):
@@ -38,9 +39,35 @@ class ModelArgs:
     dtype: str = "float32"
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     eos_token_ids: tuple[int, ...] = ()
+    # DeepSeek (MLA + shared experts + grouped routing); unused by the other architectures
+    q_lora_rank: int = 0  # 0: a plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    n_shared_experts: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    scoring: str = "softmax"  # V2 softmax, V3 sigmoid with e_score_correction_bias
+    topk_method: str = "greedy"  # V2 greedy | group_limited_greedy; V3 noaux_tc
+    rope_interleave: bool = False  # rotate (x0, x1), (x2, x3) pairs instead of NeoX halves
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # YaRN parameters, sorted (key, value) pairs
 
     def is_moe_layer(self, i: int) -> bool:
         return i not in self.dense_layers
+
+    @property
+    def is_mla(self) -> bool:
+        return self.arch in MLA_ARCHITECTURES
+
+    def page_spec(self, page_size: int, dtype: str):
+        """The KV page this model caches: per-head K and V, or MLA's latent + rope key (one part)."""
+        from kvc.hashing import PageSpec
+        if self.is_mla:
+            return PageSpec(self.num_layers, 1, self.kv_lora_rank + self.qk_rope_head_dim, page_size, dtype,
+                            kv_parts=1)
+        return PageSpec(self.num_layers, self.num_kv_heads, self.head_dim, page_size, dtype)
 
     @staticmethod
     def from_dict(cfg: dict, source: str = "config.json") -> "ModelArgs":
@@ -54,6 +81,9 @@ class ModelArgs:
         if arch not in ARCHITECTURES:
             raise CheckpointError(f"{source}: model_type {arch!r} is not supported; "
                                   f"supported: {', '.join(ARCHITECTURES)}")
+        if arch in MLA_ARCHITECTURES:
+            from .deepseek_args import deepseek_args
+            return deepseek_args(cfg, source, need)
         if cfg.get("attention_bias"):
             raise CheckpointError(f"{source}: attention_bias=true is not supported")
         hidden = int(need("hidden_size"))

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from . import tiny_deepseek
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
@@ -30,6 +32,7 @@ _BASE = {
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                     num_experts_per_tok=2, rms_norm_eps=1e-5, max_position_embeddings=4096,
                     rope_theta=1e6),
+    **tiny_deepseek.BASE,
 }
 
 # Qwen3-30B-A3B's shapes (layers chosen by the caller): for GPU benchmarks with random weights.
@@ -38,6 +41,7 @@ PRESETS = {
                                  moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4,
                                  head_dim=128, num_experts=128, num_experts_per_tok=8,
                                  max_position_embeddings=40960, rope_theta=1e6),
+    **tiny_deepseek.PRESETS,
 }
 
 
@@ -72,8 +76,13 @@ def _config(arch: str, overrides: dict) -> dict:
         if k not in cfg and k not in ("tie_word_embeddings",):
             raise ValueError(f"unknown tiny-model option {k!r}; known: {', '.join(sorted(cfg))}")
         cfg[k] = v
-    theta = cfg.pop("rope_theta")
     eos = 256 + SPECIALS.index("<|im_end|>")
+    if arch in tiny_deepseek.BASE:
+        tiny_deepseek.finish_config(cfg, arch)
+        cfg.update(tie_word_embeddings=cfg.get("tie_word_embeddings", False), bos_token_id=None,
+                   eos_token_id=eos, use_cache=True)
+        return cfg
+    theta = cfg.pop("rope_theta")
     cfg.update(model_type=arch, architectures=["Qwen3MoeForCausalLM" if arch == "qwen3_moe" else "MixtralForCausalLM"],
                hidden_act="silu", rope_parameters={"rope_theta": theta, "rope_type": "default"},
                tie_word_embeddings=cfg.get("tie_word_embeddings", False), attention_bias=False,
@@ -86,21 +95,23 @@ def _config(arch: str, overrides: dict) -> dict:
 def _weights(cfg: dict, gen: torch.Generator, std: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     arch = cfg["model_type"]
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    D, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    E = cfg.get("num_experts", cfg.get("num_local_experts"))
-    I = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
 
     def rnd(*shape, scale=std):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=gen.device) * scale).to(dtype).cpu()
 
     def norm(n):
-        return (1.0 + torch.randn(n, generator=gen) * 0.1).to(dtype)
+        return (1.0 + torch.randn(n, generator=gen, device=gen.device) * 0.1).to(dtype).cpu()
 
     w = {"model.embed_tokens.weight": rnd(V, H, scale=1.0), "model.norm.weight": norm(H)}
     if not cfg["tie_word_embeddings"]:
         w["lm_head.weight"] = rnd(V, H)
+    if arch in tiny_deepseek.BASE:
+        return {**w, **tiny_deepseek.weights(cfg, rnd, norm)}
     moe, names = ("mlp", ("gate_proj", "up_proj", "down_proj")) if arch == "qwen3_moe" else \
         ("block_sparse_moe", ("w1", "w3", "w2"))
+    D, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E = cfg.get("num_experts", cfg.get("num_local_experts"))
+    I = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
     for i in range(L):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm(H)
@@ -125,8 +136,11 @@ def _weights(cfg: dict, gen: torch.Generator, std: float, dtype: torch.dtype) ->
 
 
 def make_tiny_model(path: str | Path, arch: str = "qwen3_moe", seed: int = 0, *, std: float = 0.2,
-                    dtype: str = "float32", preset: str | None = None, **overrides) -> Path:
-    """Write a random checkpoint to `path`; `overrides` are config.json keys (e.g. num_hidden_layers=4)."""
+                    dtype: str = "float32", preset: str | None = None, device: str = "cpu", **overrides) -> Path:
+    """Write a random checkpoint to `path`; `overrides` are config.json keys (e.g. num_hidden_layers=4).
+
+    device "cuda" draws the numbers there (other values than on the CPU for the same seed): a
+    multi-GB benchmark checkpoint takes seconds instead of a minute of single-threaded randn."""
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -135,7 +149,7 @@ def make_tiny_model(path: str | Path, arch: str = "qwen3_moe", seed: int = 0, *,
     cfg["dtype"] = dtype
     out = Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     save_file(_weights(cfg, gen, std, getattr(torch, dtype)), str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -45,6 +45,13 @@ class PageSpec:
             raise ValueError(f"PageSpec.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
 
     @property
+    def layout(self) -> str:
+        """"mla" (one latent part: compressed KV + rope key per token) or "kv" (per-head K and V).
+
+        kv_parts is part of the namespace encoding, so the two layouts never share a chain root."""
+        return "mla" if self.kv_parts == 1 else "kv"
+
+    @property
     def shape(self) -> tuple[int, int, int, int, int]:
         return (self.num_layers, self.kv_parts, self.page_size, self.num_kv_heads, self.head_dim)
 

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cache_server)
     p = sub.add_parser("make-tiny-model", help="write a small random-weight checkpoint in Hugging Face format")
     p.add_argument("dir")
-    p.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "mixtral"])
+    p.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_model)
     return parser

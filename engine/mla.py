@@ -1,0 +1,171 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over latent KV pages.
+
+Per token and layer the cache holds what MLA needs and nothing more: the normalised compressed KV
+c [r] and the rotated rope key k_pe [dr], one row [r + dr] (576 for the real models) in a pool
+[N, P, 1, r + dr]. Two ways to attend over it:
+
+- expanded (the oracle, and prefill): kv_b_proj(c) -> per-head k_nope [dn] and v [dv], then SDPA
+  with key = [k_nope, k_pe] and query = [q_nope, q_pe];
+- absorbed (decode): fold kv_b_proj's K half into the query (q_lat = q_nope @ W_UK, [H, r]) and its
+  V half into the output (o = o_lat @ W_UV^T), so the scores are [q_lat, q_pe] . [c, k_pe] against
+  the latent rows directly; per-head K/V of the context is never materialised.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import AttnMetadata, RMSNorm
+from .model_args import ModelArgs
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class MlaRope(nn.Module):
+    """Rotary embedding over the rope part only: default or YaRN, pairwise (interleaved) or NeoX."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        dim, base, y = a.qk_rope_head_dim, a.rope_theta, dict(a.rope_scaling)
+        pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dr/2]
+        inv, factor = 1.0 / pos, 1.0
+        if y:  # YaRN, as transformers' _compute_yarn_parameters (which DeepSeek's own code matches)
+            factor, orig = y["factor"], y["original_max_position_embeddings"]
+            fast, slow = y.get("beta_fast", 32.0), y.get("beta_slow", 1.0)
+
+            def corr_dim(rot):
+                return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+            low, high = corr_dim(fast), corr_dim(slow)
+            if y.get("truncate", 1.0):
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, dim - 1)
+            ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low or 0.001), 0, 1)
+            extra = 1 - ramp  # [dr/2] share of the unscaled frequency
+            inv = (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra
+        self.register_buffer("inv_freq", inv, persistent=False)  # [dr/2]
+        m, m_all = y.get("mscale"), y.get("mscale_all_dim")
+        att = y.get("attention_factor")
+        if att is None:
+            att = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all else _yarn_mscale(factor)
+        self.attention_factor = float(att) if y else 1.0  # multiplies cos and sin
+        # softmax scale: (dn + dr)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN
+        s = _yarn_mscale(factor, m_all) if y and m_all else 1.0
+        self.softmax_scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5 * s * s
+        self.interleave = a.rope_interleave
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, dr/2]
+        f = self.attention_factor
+        return (freqs.cos() * f).to(dtype), (freqs.sin() * f).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, h, dr] -> rotated [T, h, dr]. Interleaved pairs come out de-interleaved
+        ([even', odd'], as transformers V3 does); q and k share the layout, so q.k is unchanged."""
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        H = a.hidden_size
+        self.heads, self.r, self.dr = a.num_heads, a.kv_lora_rank, a.qk_rope_head_dim
+        self.dn, self.dv = a.qk_nope_head_dim, a.v_head_dim
+        qk = self.dn + self.dr
+        if a.q_lora_rank:
+            self.q_a_proj = nn.Linear(H, a.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank, 1e-6)  # transformers builds it with eps 1e-6
+            self.q_b_proj = nn.Linear(a.q_lora_rank, self.heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(H, self.heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.r + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.r, 1e-6)
+        self.kv_b_proj = nn.Linear(self.r, self.heads * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.dv, H, bias=False)
+        self.absorb = True  # decode in the absorbed form; False runs the expanded oracle
+
+    def forward(self, x: torch.Tensor, rope: MlaRope, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttnMetadata, cache: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; cache [N, P, 1, r + dr], this step's rows written through meta.slot_mapping."""
+        T = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, self.heads, self.dn + self.dr)  # [T, h, dn + dr]
+        q_nope, q_pe = q[..., :self.dn], rope.apply(q[..., self.dn:], cos, sin)
+        ckv = self.kv_a_proj_with_mqa(x)  # [T, r + dr]
+        c = self.kv_a_layernorm(ckv[:, :self.r])  # [T, r]
+        k_pe = rope.apply(ckv[:, None, self.r:], cos, sin)[:, 0]  # [T, dr]
+        latent = torch.cat((c, k_pe), dim=-1)  # [T, r + dr]
+        N, P = cache.shape[:2]
+        cache.view(N * P, self.r + self.dr).index_copy_(0, meta.slot_mapping, latent.to(cache.dtype))
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [T, h, dn + dr]
+        out = q.new_empty(T, self.heads, self.dv)
+        scale = rope.softmax_scale
+        for p in meta.prefills:
+            rows = slice(p.q_start, p.q_start + p.q_len)
+            if p.k_len == p.q_len:  # nothing cached before: this piece's own latents, no gather
+                lat = latent[rows]
+            else:
+                nb = (p.k_len + P - 1) // P
+                lat = cache[p.block_table[:nb]].reshape(nb * P, -1)[:p.k_len].to(q.dtype)  # [K, r + dr]
+            out[rows] = self._expanded(q[rows], lat, p.k_len - p.q_len, None, scale)
+        if meta.decode_rows is not None:
+            B, nb = meta.decode_tables.shape
+            lat = cache[meta.decode_tables].reshape(B, nb * P, -1).to(q.dtype)  # [B, K, r + dr]
+            valid = torch.arange(nb * P, device=x.device)[None, :] < meta.decode_lens[:, None]  # [B, K]
+            qd = q[meta.decode_rows]  # [B, h, dn + dr]
+            if self.absorb:
+                out[meta.decode_rows] = self._absorbed(qd, lat, valid, scale)
+            else:
+                for b in range(B):
+                    out[meta.decode_rows[b]] = self._expanded(qd[b:b + 1], lat[b], 0, valid[b], scale)[0]
+        return self.o_proj(out.reshape(T, self.heads * self.dv))
+
+    def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.r)
+        return w[:, :self.dn], w[:, self.dn:]  # W_UK [h, dn, r], W_UV [h, dv, r]
+
+    def _expanded(self, q: torch.Tensor, lat: torch.Tensor, offset: int, valid: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+        """q [Q, h, dn+dr] over latents lat [K, r+dr] (queries start at key `offset`) -> [Q, h, dv].
+
+        valid [K] masks padded keys (decode); otherwise causal with the offset."""
+        Q, K = q.shape[0], lat.shape[0]
+        kv = self.kv_b_proj(lat[:, :self.r]).view(K, self.heads, self.dn + self.dv)  # [K, h, dn + dv]
+        k = torch.cat((kv[..., :self.dn], lat[:, None, self.r:].expand(K, self.heads, self.dr)), -1)  # [K, h, dn+dr]
+        v = kv[..., self.dn:]  # [K, h, dv]
+        if self.dv < self.dn + self.dr:  # pad V to the QK width so fused SDPA kernels apply
+            v = F.pad(v, (0, self.dn + self.dr - self.dv))
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        if valid is not None:
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=valid[None, None, None, :], scale=scale)
+        elif offset == 0:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        else:
+            rows = torch.arange(Q, device=q.device)[:, None] + offset
+            mask = torch.arange(K, device=q.device)[None, :] <= rows  # [Q, K]
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        return o[0].transpose(0, 1)[..., :self.dv]  # [Q, h, dv]
+
+    def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, h, dn+dr] over lat [B, K, r+dr] with valid [B, K] -> [B, h, dv], in latent space."""
+        w_uk, w_uv = self._w_kv_b()
+        q_lat = torch.einsum("bhd,hdr->bhr", q[..., :self.dn], w_uk)  # [B, h, r]
+        qf = torch.cat((q_lat, q[..., self.dn:]), dim=-1)  # [B, h, r + dr]
+        # the heads act as query rows of one shared key/value head: no GQA expansion of the context
+        o = F.scaled_dot_product_attention(qf[:, None], lat[:, None], lat[:, None, :, :self.r],
+                                           attn_mask=valid[:, None, None, :], scale=scale)  # [B, 1, h, r]
+        return torch.einsum("bhr,hvr->bhv", o[:, 0], w_uv)  # [B, h, dv]
