@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import lmdb
 import numpy as np
@@ -191,14 +192,17 @@ class DiskTier:
     def fits(self, nbytes: int) -> bool:
         return nbytes + 4096 <= self.capacity * self.low
 
-    def read_run(self, hashes: list[bytes], dsts: list[np.ndarray], ns_root: bytes) -> list[RecordInfo]:
+    def read_run(self, hashes: list[bytes], dsts: list[np.ndarray], ns_root: bytes,
+                 served: Callable[[int, RecordInfo], None] | None = None) -> list[RecordInfo]:
         """Read the leading run of `hashes` into `dsts` (flat uint8 arrays, one per page) and
         return the verified records of that run, in order.
 
         The run ends at the first page that is missing, of another namespace or size (a miss),
         or that fails its checks (dropped and counted as a checksum failure). Pages are read on
         the reader threads when the run is large; the result is the same as reading serially.
-        Bytes past the run in `dsts` are unspecified.
+        `served(i, info)` is called on the caller's thread, in order, as soon as page i and all
+        before it are verified, while later pages are still being read (the store promotes
+        pages to the cpu tier there). Bytes past the run in `dsts` are unspecified.
         """
         n = len(hashes)
         if not n:
@@ -211,7 +215,7 @@ class DiskTier:
             per = max(1, min(-(-n // self.reader_threads), READ_TASK_BYTES * n // nbytes))
             futs = [self._readers.submit(self._read_group, hashes, dsts, ns_root, lo, min(n, lo + per), end)
                     for lo in range(0, n, per)]
-            parts = [f.result() for f in futs]
+            parts = (f.result() for f in futs)  # in order, each as soon as it is done
         infos = []
         for part in parts:
             for r in part:
@@ -223,6 +227,8 @@ class DiskTier:
                         self.remove([h])
                     return infos
                 infos.append(r)
+                if served is not None:
+                    served(len(infos) - 1, r)
         return infos
 
     def _read_group(self, hashes, dsts, ns_root, lo, hi, end: "_RunEnd") -> list:

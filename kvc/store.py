@@ -115,7 +115,6 @@ class TieredStore:
             raise ValueError(f"out must be a tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
         if out is not None and out.device.type == "cuda":
             return self._get_to_device(ns, list(hashes), out)
-        promote: list[tuple[bytes, Entry, np.ndarray]] = []
         t0 = time.perf_counter()
         disk_bytes = 0
         root = ns.root
@@ -158,13 +157,15 @@ class TieredStore:
                 if j == i:
                     break
                 got = [row(k) for k in range(i, j)]
-                infos = self.disk.read_run(hashes[i:j], [f.numpy() for _, f in got], root)
-                for (data, flat), info in zip(got, infos):
+
+                def served(k: int, info, got=got) -> None:  # promote to cpu while later pages are read
+                    data, flat = got[k]
                     e = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
                               info.dtype, info.shape, info.payload_len, info.checksum)
-                    disk_bytes += e.nbytes
-                    promote.append((info.hash, e, flat.numpy()))
                     pages.append(Page(info.hash, info.parent, info.tokens, data))
+                    self._put_cpu(info.hash, e, flat.numpy())
+                infos = self.disk.read_run(hashes[i:j], [f.numpy() for _, f in got], root, served)
+                disk_bytes += sum(info.payload_len for info in infos)
                 if len(infos) < j - i:
                     break
                 i = j
@@ -172,8 +173,6 @@ class TieredStore:
                 if self.cpu.get(p.hash) is not None:
                     self.cpu.touch(p.hash)
                 self.disk.touch(p.hash)
-            for h, e, payload in promote:
-                self._put_cpu(h, e, payload)
             self._update_gauges()
         if disk_bytes:
             self.metrics.transfer_bytes.labels(src="disk", dst="cpu").inc(disk_bytes)

@@ -210,3 +210,21 @@ def test_cpu_and_disk_pages_interleaved_in_one_get(tmp_path, monkeypatch):
         got = s.get_pages(NS, hashes)
         assert len(got) == 16 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
         assert s.lookup(NS, hashes=hashes).located == ["cpu"] * 16  # disk hits were promoted
+
+
+def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkeypatch):
+    cfg, hashes, pages = _disk_store(tmp_path, 30)
+    env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
+    with env.begin(write=True, db=env.open_db(b"data")) as txn:
+        rec = bytearray(txn.get(hashes[13]))
+        rec[-1] ^= 0x01
+        txn.put(hashes[13], bytes(rec))
+    env.close()
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 4 * SPEC.page_bytes)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=1 / 1024)) as s:
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 13 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
+        assert list(s.cpu.entries) == hashes[:13][::-1]  # promoted; the deepest page is evicted first
+        assert all(s.cpu.verify(h) for h in hashes[:13])
+        assert metric(s, "kvc_checksum_failures_total", tier="disk") == 1
