@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,6 +209,7 @@ class DiskTier:
             return []
         end = _RunEnd(n)
         nbytes = sum(d.nbytes for d in dsts)
+        futs = []
         if self._readers is None or nbytes < PARALLEL_MIN_BYTES:
             parts = [self._read_group(hashes, dsts, ns_root, 0, n, end)]
         else:
@@ -217,19 +218,22 @@ class DiskTier:
                     for lo in range(0, n, per)]
             parts = (f.result() for f in futs)  # in order, each as soon as it is done
         infos = []
-        for part in parts:
-            for r in part:
-                if not isinstance(r, RecordInfo):
-                    if isinstance(r, RecordError):
-                        h = hashes[len(infos)]
-                        log.warning("disk tier dropped page %s: %s", h.hex(), r)
-                        self.metrics.checksum_failures.labels(tier="disk").inc()
-                        self.remove([h])
-                    return infos
-                infos.append(r)
-                if served is not None:
-                    served(len(infos) - 1, r)
-        return infos
+        try:
+            for part in parts:
+                for r in part:
+                    if not isinstance(r, RecordInfo):
+                        if isinstance(r, RecordError):
+                            h = hashes[len(infos)]
+                            log.warning("disk tier dropped page %s: %s", h.hex(), r)
+                            self.metrics.checksum_failures.labels(tier="disk").inc()
+                            self.remove([h])
+                        return infos
+                    infos.append(r)
+                    if served is not None:
+                        served(len(infos) - 1, r)
+            return infos
+        finally:
+            wait(futs)  # tasks past the end stop early; none may write into dsts after the return
 
     def _read_group(self, hashes, dsts, ns_root, lo, hi, end: "_RunEnd") -> list:
         """Pages lo..hi-1 in one read transaction, stopping at the first one that is not served

@@ -228,3 +228,34 @@ def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkey
         assert list(s.cpu.entries) == hashes[:13][::-1]  # promoted; the deepest page is evicted first
         assert all(s.cpu.verify(h) for h in hashes[:13])
         assert metric(s, "kvc_checksum_failures_total", tier="disk") == 1
+
+
+def test_no_reader_task_writes_into_out_after_get_returns(tmp_path, monkeypatch):
+    import threading
+    import time
+    cfg, hashes, pages = _disk_store(tmp_path, 30)
+    env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
+    with env.begin(write=True, db=env.open_db(b"data")) as txn:
+        rec = bytearray(txn.get(hashes[13]))
+        rec[-1] ^= 0x01
+        txn.put(hashes[13], bytes(rec))
+    env.close()
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 8 * SPEC.page_bytes)  # tasks 0-7, 8-15, 16-23, 24-29
+    real, entered = disk_tier._copy_verified, threading.Event()
+
+    def slow(h, rec, dst, root):
+        if h == hashes[16]:  # a later task, already past its start when page 13 fails
+            entered.set()
+            time.sleep(0.3)
+        elif h == hashes[13]:
+            entered.wait(5)
+        return real(h, rec, dst, root)
+    monkeypatch.setattr(disk_tier, "_copy_verified", slow)
+    out = torch.full((30, *SPEC.shape), float("nan"))
+    with TieredStore(cfg) as s:
+        assert s.disk.reader_threads >= 4
+        assert len(s.get_pages(NS, hashes, out=out)) == 13
+        after = out.clone()
+        time.sleep(0.5)
+        assert torch.equal(out.view(torch.uint8), after.view(torch.uint8))
