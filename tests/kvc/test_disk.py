@@ -176,7 +176,7 @@ def test_parallel_disk_read_equals_serial_read(tmp_path, monkeypatch, task_pages
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("damage", ["payload", "other_page"])
+@pytest.mark.parametrize("damage", ["payload", "other_page", "format_version"])
 def test_bad_page_in_the_middle_of_a_read_task_ends_the_hit_there(tmp_path, monkeypatch, parallel, damage):
     cfg, hashes, pages = _disk_store(tmp_path, 30)
     env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
@@ -185,6 +185,9 @@ def test_bad_page_in_the_middle_of_a_read_task_ends_the_hit_there(tmp_path, monk
         if damage == "payload":
             rec = bytearray(txn.get(hashes[13]))
             rec[-5] ^= 0x40
+        elif damage == "format_version":  # a record of a format this version does not read
+            rec = bytearray(txn.get(hashes[13]))
+            rec[4:6] = (99).to_bytes(2, "little")
         else:  # a valid record, but of another page
             rec = txn.get(hashes[20])
         txn.put(hashes[13], bytes(rec))
