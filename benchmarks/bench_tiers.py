@@ -409,12 +409,9 @@ def bench_disk_tier(name: str, spec: PageSpec, budget: int, batch: int, reps: in
                 t_cpy.append(now() - t0)
                 del bufs
             t0 = now()
-            for i, h in enumerate(pp.hashes):
-                dst = flat[i % b].numpy()
-
-                def sink(info, buf, dst=dst):
-                    dst[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
-                assert disk.read(h, sink)
+            for lo in range(0, n, b):  # staging-sized runs, as get_pages(out=staging) reads them
+                hs = pp.hashes[lo:lo + b]
+                assert len(disk.read_run(hs, [flat[i].numpy() for i in range(len(hs))], ns.root)) == len(hs)
             t_read.append(now() - t0)
         prof.append(Row(name, "disk get: LMDB txn + get + header only", total / min(t_txn) / GB,
                         note=f"{min(t_txn) / n * 1e6:.1f} us/page (payload not read)"))
@@ -422,7 +419,7 @@ def bench_disk_tier(name: str, spec: PageSpec, budget: int, batch: int, reps: in
                         ref_name="seqread"))
         prof.append(Row(name, "disk get: copy map -> staging only", total / min(t_cpy) / GB, ref=seq,
                         ref_name="seqread"))
-        prof.append(Row(name, "disk get: DiskTier.read (all of it)", total / min(t_read) / GB, ref=seq,
+        prof.append(Row(name, "disk get: DiskTier.read_run (all of it)", total / min(t_read) / GB, ref=seq,
                         ref_name="seqread"))
         del staging, flat
     finally:

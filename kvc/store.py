@@ -115,8 +115,6 @@ class TieredStore:
             raise ValueError(f"out must be a tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
         if out is not None and out.device.type == "cuda":
             return self._get_to_device(ns, list(hashes), out)
-        pages: list[Page] = []
-        promote: list[tuple[bytes, Entry, np.ndarray]] = []
         t0 = time.perf_counter()
         disk_bytes = 0
         root = ns.root
@@ -124,7 +122,7 @@ class TieredStore:
             data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
             return data, data.view(torch.uint8).reshape(-1)
 
-        with self._lock, self.disk.reader() as disk:
+        with self._lock:
             # the leading run of cpu pages is read (copied and verified) by the tier's threads
             run = 0
             for h in hashes:
@@ -134,40 +132,47 @@ class TieredStore:
                 run += 1
             rows = [row(i) for i in range(run)]
             ok = self.cpu.read_many(hashes[:run], [f for _, f in rows]) if run else []
-            for i, h in enumerate(hashes):
-                data, flat = rows[i] if i < run else row(i)
+            good = next((i for i, v in enumerate(ok) if not v), run)
+            pages = [self._page_of(h, self.cpu.get(h), rows[i][0]) for i, h in enumerate(hashes[:good])]
+            if good < run:
+                self._corrupt_cpu(hashes[good])
+            i = run if good == run else len(hashes)
+            while i < len(hashes):
+                h = hashes[i]
                 e = self.cpu.get(h)
-                if i < run:
-                    if not ok[i]:
-                        self._corrupt_cpu(h)
-                        break
-                elif e is not None:
+                if e is not None:  # a cpu page after disk pages
+                    data, flat = row(i)
                     if e.nbytes != flat.numel() or e.ns_root != root:
                         break
                     if not self.cpu.read_into(h, flat):
                         self._corrupt_cpu(h)
                         break
-                else:
-                    got = {}
+                    pages.append(self._page_of(h, e, data))
+                    i += 1
+                    continue
+                # a run of disk-only pages, read side by side on the disk tier's reader threads
+                j = i
+                while j < len(hashes) and self.cpu.get(hashes[j]) is None and self.disk.get(hashes[j]) is not None:
+                    j += 1
+                if j == i:
+                    break
+                got = [row(k) for k in range(i, j)]
 
-                    def sink(info, buf, flat=flat, got=got):
-                        if info.payload_len != flat.numel() or info.ns_root != root:
-                            return
-                        flat.numpy()[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
-                        got["e"] = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
-                                         info.dtype, info.shape, info.payload_len, info.checksum)
-                    if not disk.read(h, sink) or "e" not in got:
-                        break
-                    e = got["e"]
-                    disk_bytes += e.nbytes
-                    promote.append((h, e, flat.numpy()))
-                pages.append(Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4").astype(np.uint32), data))
+                def served(k: int, info, got=got) -> None:  # promote to cpu while later pages are read
+                    data, flat = got[k]
+                    e = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
+                              info.dtype, info.shape, info.payload_len, info.checksum)
+                    pages.append(Page(info.hash, info.parent, info.tokens, data))
+                    self._put_cpu(info.hash, e, flat.numpy())
+                infos = self.disk.read_run(hashes[i:j], [f.numpy() for _, f in got], root, served)
+                disk_bytes += sum(info.payload_len for info in infos)
+                if len(infos) < j - i:
+                    break
+                i = j
             for p in reversed(pages):  # tail first: the deepest page becomes the oldest
                 if self.cpu.get(p.hash) is not None:
                     self.cpu.touch(p.hash)
                 self.disk.touch(p.hash)
-            for h, e, payload in promote:
-                self._put_cpu(h, e, payload)
             self._update_gauges()
         if disk_bytes:
             self.metrics.transfer_bytes.labels(src="disk", dst="cpu").inc(disk_bytes)

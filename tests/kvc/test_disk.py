@@ -8,6 +8,7 @@ import lmdb
 import pytest
 import torch
 
+from kvc import disk_tier
 from kvc.disk_tier import DiskPathLocked
 from kvc.store import TieredStore
 
@@ -145,3 +146,119 @@ def test_full_disk_degrades_disk_tier_and_cpu_keeps_serving(tmp_path):
             assert s.put_pages(NS, make_pages(NS, list(range(10**6, 10**6 + 16)))[1]).stored == 4
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _disk_store(tmp_path, n_pages, **over):
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=0, **over)
+    hashes, pages = make_pages(NS, list(range(n_pages * SPEC.page_size)))
+    with TieredStore(cfg) as s:
+        s.put_pages(NS, pages)
+    return cfg, hashes, pages
+
+
+def _get_all(cfg, hashes, out=None):
+    with TieredStore(cfg) as s:
+        got = s.get_pages(NS, hashes, out=out)
+        return [p.data.clone() for p in got], metric(s, "kvc_checksum_failures_total", tier="disk"), s.disk.pages
+
+
+@pytest.mark.parametrize("task_pages", [1, 3, 64])
+def test_parallel_disk_read_equals_serial_read(tmp_path, monkeypatch, task_pages):
+    cfg, hashes, pages = _disk_store(tmp_path, 40)
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 1 << 62)
+    serial, _, _ = _get_all(cfg, hashes)
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", task_pages * SPEC.page_bytes)
+    out = torch.full((len(hashes), *SPEC.shape), float("nan"))
+    parallel, fails, _ = _get_all(cfg, hashes, out=out)
+    assert len(serial) == len(parallel) == 40 and fails == 0
+    assert all(torch.equal(a, b) and torch.equal(a, p.data) for a, b, p in zip(serial, parallel, pages))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("damage", ["payload", "other_page", "format_version"])
+def test_bad_page_in_the_middle_of_a_read_task_ends_the_hit_there(tmp_path, monkeypatch, parallel, damage):
+    cfg, hashes, pages = _disk_store(tmp_path, 30)
+    env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
+    data = env.open_db(b"data")
+    with env.begin(write=True, db=data) as txn:
+        if damage == "payload":
+            rec = bytearray(txn.get(hashes[13]))
+            rec[-5] ^= 0x40
+        elif damage == "format_version":  # a record of a format this version does not read
+            rec = bytearray(txn.get(hashes[13]))
+            rec[4:6] = (99).to_bytes(2, "little")
+        else:  # a valid record, but of another page
+            rec = txn.get(hashes[20])
+        txn.put(hashes[13], bytes(rec))
+    env.close()
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 62)
+    monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 4 * SPEC.page_bytes)  # page 13 is mid-task (12-15)
+    got, fails, left = _get_all(cfg, hashes)
+    assert len(got) == 13 and all(torch.equal(a, p.data) for a, p in zip(got, pages))
+    assert fails == 1 and left == 29  # counted and dropped; the pages after it stay
+    with TieredStore(cfg) as s:
+        assert s.lookup(NS, hashes=hashes).num_pages == 13
+
+
+def test_cpu_and_disk_pages_interleaved_in_one_get(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
+    cfg = kvc_config(tmp_path, disk_write="through")
+    hashes, pages = make_pages(NS, list(range(16 * SPEC.page_size)))
+    with TieredStore(cfg) as s:
+        s.put_pages(NS, pages)
+        s.flush()
+        for i in (2, 3, 4, 9, 10, 15):  # these are then on disk only
+            s.cpu.remove(hashes[i])
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 16 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
+        assert s.lookup(NS, hashes=hashes).located == ["cpu"] * 16  # disk hits were promoted
+
+
+def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkeypatch):
+    cfg, hashes, pages = _disk_store(tmp_path, 30)
+    env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
+    with env.begin(write=True, db=env.open_db(b"data")) as txn:
+        rec = bytearray(txn.get(hashes[13]))
+        rec[-1] ^= 0x01
+        txn.put(hashes[13], bytes(rec))
+    env.close()
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 4 * SPEC.page_bytes)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=1 / 1024)) as s:
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 13 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
+        assert list(s.cpu.entries) == hashes[:13][::-1]  # promoted; the deepest page is evicted first
+        assert all(s.cpu.verify(h) for h in hashes[:13])
+        assert metric(s, "kvc_checksum_failures_total", tier="disk") == 1
+
+
+def test_no_reader_task_writes_into_out_after_get_returns(tmp_path, monkeypatch):
+    import threading
+    import time
+    cfg, hashes, pages = _disk_store(tmp_path, 30)
+    env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
+    with env.begin(write=True, db=env.open_db(b"data")) as txn:
+        rec = bytearray(txn.get(hashes[13]))
+        rec[-1] ^= 0x01
+        txn.put(hashes[13], bytes(rec))
+    env.close()
+    monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 8 * SPEC.page_bytes)  # tasks 0-7, 8-15, 16-23, 24-29
+    real, entered = disk_tier._copy_verified, threading.Event()
+
+    def slow(h, rec, dst, root):
+        if h == hashes[16]:  # a later task, already past its start when page 13 fails
+            entered.set()
+            time.sleep(0.3)
+        elif h == hashes[13]:
+            entered.wait(5)
+        return real(h, rec, dst, root)
+    monkeypatch.setattr(disk_tier, "_copy_verified", slow)
+    out = torch.full((30, *SPEC.shape), float("nan"))
+    with TieredStore(cfg) as s:
+        assert s.disk.reader_threads >= 4
+        assert len(s.get_pages(NS, hashes, out=out)) == 13
+        after = out.clone()
+        time.sleep(0.5)
+        assert torch.equal(out.view(torch.uint8), after.view(torch.uint8))
