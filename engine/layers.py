@@ -1,8 +1,9 @@
 """Shared layers: RMSNorm, NeoX RoPE, gated MLP and paged attention over the device pool.
 
-Attention is the reference path: write the step's K/V into the pool through `slot_mapping`, then
-gather each sequence's pages and run SDPA. Decodes are batched into one padded SDPA call; prefill
-pieces run one SDPA each with a causal mask offset by the cached prefix.
+`paged_attention` runs the Triton kernels of engine.attention on CUDA (they read the pool in
+place) and otherwise the reference path: write the step's K/V into the pool through
+`slot_mapping`, then gather each sequence's pages and run SDPA. Decodes are batched into one padded
+SDPA call; prefill pieces run one SDPA each with a causal mask offset by the cached prefix.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import kernel_attention, use_kernels
 
 
 class RMSNorm(nn.Module):
@@ -75,11 +78,26 @@ class AttnMetadata:
     decode_rows: torch.Tensor | None  # [B] rows of single-token pieces
     decode_tables: torch.Tensor | None  # [B, max_blocks] long, padded with 0
     decode_lens: torch.Tensor | None  # [B] long, keys per decode
+    # Packed prefill pieces for the kernels (None: derived from `prefills` when needed)
+    prefill_tables: torch.Tensor | None = None  # [Np, max_blocks] int32, padded with 0
+    prefill_q_starts: torch.Tensor | None = None  # [Np] int32, first row of each piece
+    prefill_q_lens: torch.Tensor | None = None  # [Np] int32 (pieces need not be adjacent rows)
+    prefill_k_lens: torch.Tensor | None = None  # [Np] int32, cached + new keys per piece
+    prefill_max_q: int = 0  # longest piece's q_len
+    decode_max_len: int = 0  # host bound on decode_lens (0: decode_tables' width * page size)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
+    if use_kernels(q):
+        return kernel_attention(q, k, v, k_cache, v_cache, meta, scale)
+    return paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Gather + SDPA; the CPU path and the kernels' oracle. Shapes as paged_attention."""
     N, P, Hkv, D = k_cache.shape
     k_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, v)

@@ -22,6 +22,7 @@ class ModelRunner:
         P = self.kv.page_size
         ids, positions, slots, prefills, logit_rows = [], [], [], [], []
         dec_rows, dec_tables, dec_lens = [], [], []
+        pre_tables, pre_cu, pre_lens = [], [], []
         row = 0
         for req, n in sched:
             start = req.num_computed
@@ -38,13 +39,25 @@ class ModelRunner:
             else:
                 table = torch.tensor(req.block_table[:nb], dtype=torch.long, device=self.device)
                 prefills.append(Piece(row, n, start + n, table))
+                pre_tables.append(req.block_table[:nb])
+                pre_cu.append(row)
+                pre_lens.append(start + n)
             if start + n == req.num_tokens:
                 logit_rows.append(row + n - 1)
             row += n
         dev = self.device
         meta = AttnMetadata(torch.tensor(positions, dtype=torch.long, device=dev),
                             torch.tensor(slots, dtype=torch.long, device=dev), prefills, None, None, None)
+        if prefills:
+            width = max(len(t) for t in pre_tables)
+            meta.prefill_tables = torch.tensor([t + [0] * (width - len(t)) for t in pre_tables],
+                                               dtype=torch.int32, device=dev)  # [Np, width]
+            meta.prefill_q_starts = torch.tensor(pre_cu, dtype=torch.int32, device=dev)
+            meta.prefill_q_lens = torch.tensor([p.q_len for p in prefills], dtype=torch.int32, device=dev)
+            meta.prefill_k_lens = torch.tensor(pre_lens, dtype=torch.int32, device=dev)
+            meta.prefill_max_q = max(p.q_len for p in prefills)
         if dec_rows:
+            meta.decode_max_len = max(dec_lens)
             width = max(len(t) for t in dec_tables)
             padded = [t + [0] * (width - len(t)) for t in dec_tables]
             meta.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=dev)

@@ -1,0 +1,136 @@
+"""Split-K (flash-decoding) attention for single-token queries over the paged pool, plus a reduce.
+
+Each program takes one sequence, one kv head (all `group` query heads sharing it, padded to a
+tile of at least 16 rows for tl.dot) and one slice of `keys_per_split` keys, and writes a partial
+output with its log-sum-exp; the reduce merges the slices. Slices past a sequence's length write
+an empty partial, so one grid sized from an upper bound on the length (what a CUDA graph needs)
+serves every batch; lengths and block tables are read from device tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64
+TARGET_PROGRAMS = 512  # enough slices to fill an H200's 132 SMs a few times over
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys_per_split,
+                         stride_qt, stride_qh, stride_kb, stride_kp, stride_kh,
+                         stride_vb, stride_vp, stride_vh, stride_tb, stride_mb, stride_mh, stride_ms,
+                         stride_lb, stride_lh,
+                         GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(Lens + b).to(tl.int32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, length)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g  # [G] query heads of this kv head
+    row = tl.load(Rows + b).to(tl.int64)
+    q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [G, D]
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    table = Tables + b * stride_tb
+    for start in range(lo, hi, BLOCK_N):
+        kj = start + offs_n
+        n_mask = kj < hi
+        blk = tl.load(table + kj // PAGE, mask=n_mask, other=0).to(tl.int64)
+        off = kj % PAGE
+        k = tl.load(K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+        s = tl.dot(q, k) * qk_scale  # [G, N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0  # slice past the end (or an empty row): contributes nothing
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    base = b * stride_mb + heads * stride_mh + split * stride_ms  # [G]
+    tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidL + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_ms,
+                          stride_lb, stride_lh, stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_mask = offs_d < HEAD_DIM
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sj = s0 + offs_s
+        s_mask = sj < num_splits
+        lse = tl.load(MidL + b * stride_lb + head * stride_lh + sj, mask=s_mask, other=float("-inf"))  # [S]
+        o = tl.load(MidO + b * stride_mb + head * stride_mh + sj[:, None] * stride_ms + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [S, D]
+        m_new = tl.maximum(m_i, tl.max(lse, 0))  # [1]
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_safe)  # [S]; empty slices weigh 0
+        alpha = tl.math.exp2(m_i - m_safe)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    row = tl.load(Rows + b).to(tl.int64)
+    tl.store(O + row * stride_ot + head * stride_oh + offs_d, (acc / l_i).to(O.dtype.element_ty), mask=d_mask)
+
+
+def keys_per_split(batch: int, kv_heads: int, max_len: int) -> int:
+    """Keys per slice (a multiple of BLOCK_N) so that batch * kv_heads * slices fills the GPU."""
+    max_len = max(max_len, 1)
+    tiles = triton.cdiv(max_len, BLOCK_N)
+    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
+    return triton.cdiv(tiles, splits) * BLOCK_N
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                     rows: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
+                     scale: float) -> None:
+    """q/out [T, Hq, D]; rows [B] (row of q/out per sequence); tables [B, max_blocks] int; lens [B]
+    keys per sequence, each <= max_len (a host-side bound: the grid is sized from it)."""
+    _, P, Hkv, D = k_cache.shape
+    Hq = q.shape[1]
+    B = rows.shape[0]
+    if B == 0:
+        return
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
+    group = Hq // Hkv
+    kps = keys_per_split(B, Hkv, max_len)
+    S = triton.cdiv(max(max_len, 1), kps)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    mid_o = torch.empty(B, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
+    mid_l = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)  # [B, Hq, S] log2-sum-exp
+    _decode_split_kernel[(B, Hkv, S)](
+        q, k_cache, v_cache, rows, tables, lens, mid_o, mid_l, scale, kps,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
+        GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), PAGE=P, HEAD_DIM=D,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+    _decode_reduce_kernel[(B, Hq)](
+        mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_l.stride(0), mid_l.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=16, num_warps=4)
