@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .layers import AttnMetadata, Piece
 from .model import CausalLM
@@ -17,6 +18,7 @@ from .sampling import sample
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv, device
+        self.graphs: DecodeGraphs | None = None  # set by the engine when decode graphs apply
 
     def prepare(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, AttnMetadata, list[int]]:
         P = self.kv.page_size
@@ -67,6 +69,10 @@ class ModelRunner:
 
     def logits(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         """Run one step; logits [n, vocab] fp32 for the requests that produce a token."""
+        if self.graphs is not None and self.graphs.can_run(sched):
+            out = self.graphs.logits(sched)
+            if out is not None:
+                return out, [req for req, _ in sched]
         input_ids, meta, rows = self.prepare(sched)
         hidden = self.model(input_ids, meta, self.kv.pool.layer)  # [T, H]
         reqs = [req for req, n in sched if req.num_computed + n == req.num_tokens]

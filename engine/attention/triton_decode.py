@@ -12,8 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_prefill import dot_precision
+
 BLOCK_N = 64
-TARGET_PROGRAMS = 512  # enough slices to fill an H200's 132 SMs a few times over
+TARGET_PROGRAMS = 512  # (sequence, kv head, slice) programs: enough to fill an H200's 132 SMs a few times over
 
 
 @triton.jit
@@ -22,7 +24,8 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
                          stride_vb, stride_vp, stride_vh, stride_tb, stride_mb, stride_mh, stride_ms,
                          stride_lb, stride_lh,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -50,7 +53,7 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
         off = kj % PAGE
         k = tl.load(K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
-        s = tl.dot(q, k) * qk_scale  # [G, N]
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [G, N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -58,7 +61,7 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0  # slice past the end (or an empty row): contributes nothing
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -129,7 +132,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), PAGE=P, HEAD_DIM=D,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=4, num_stages=2)
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     _decode_reduce_kernel[(B, Hq)](
         mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_l.stride(0), mid_l.stride(1), out.stride(0), out.stride(1),

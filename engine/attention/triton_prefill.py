@@ -13,12 +13,17 @@ import triton
 import triton.language as tl
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 models get fp32 dots, not TF32
+
+
 @triton.jit
 def _prefill_kernel(Q, K, V, O, Tables, QStarts, QLens, KLens, sm_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_tb,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
     m_blk = tl.program_id(0)
     piece = tl.program_id(1)
     head = tl.program_id(2)
@@ -53,7 +58,7 @@ def _prefill_kernel(Q, K, V, O, Tables, QStarts, QLens, KLens, sm_scale,
         off = kj % PAGE
         k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
         k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
-        s = tl.dot(q, k) * qk_scale  # [M, N] in log2 units
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
         causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(causal, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -63,7 +68,7 @@ def _prefill_kernel(Q, K, V, O, Tables, QStarts, QLens, KLens, sm_scale,
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
         v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -84,7 +89,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if max_q >= 128 and BLOCK_D <= 128:  # long pieces: bigger query tiles, fewer K/V re-reads
+    if q.element_size() == 4:  # fp32 tiles take twice the shared memory
+        BLOCK_M, BLOCK_N, warps, stages = (64 if max_q > 16 else 16), 32, 4, 2
+    elif max_q >= 128 and BLOCK_D <= 128:  # long pieces: bigger query tiles, fewer K/V re-reads
         BLOCK_M, BLOCK_N, warps, stages = 128, 64, 8, 3
     else:
         BLOCK_M, BLOCK_N, warps, stages = (64 if max_q > 16 else 16), (64 if BLOCK_D <= 128 else 32), 4, 2
@@ -94,4 +101,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
                           GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                          BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages)
+                          BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
+                          num_warps=warps, num_stages=stages)

@@ -83,20 +83,42 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 
 
 INTERP = """
-import torch
-from tests.engine.test_attention_kernels import check
+import os, sys, torch
+from tests.engine.test_attention_kernels import check, engine_tokens
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
 check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
+os.environ["KVC_ATTENTION"] = "reference"
+ref = engine_tokens(sys.argv[1])
+del os.environ["KVC_ATTENTION"]
+got = engine_tokens(sys.argv[1])
+assert got == ref, (got, ref)
 print("ok")
 """
 
 
-def test_kernels_match_reference_interpreter():
+def engine_tokens(path: str) -> dict[str, list[int]]:
+    """Greedy tokens of a ragged batch run twice (the second round hits the device pool)."""
+    from engine import LLMEngine, SamplingParams
+    from kvc.config import load_config
+    eng = LLMEngine(load_config().replace(path=path, device="cpu", page_size=4, chunk_size=8,
+                                          num_device_blocks=64, gpu_only=True))
+    prompts = [[(i * 7 + 3) % 250 for i in range(13)], [(i * 5 + 1) % 250 for i in range(6)]]
+    out = {}
+    for r in range(2):
+        for i, p in enumerate(prompts):
+            eng.add_request(f"{r}{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        while eng.has_unfinished():
+            out.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+    return out
+
+
+def test_kernels_match_reference_interpreter(qwen_dir):
+    """Kernels and the engine's kernel dispatch on CPU tensors under triton's interpreter."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    r = subprocess.run([sys.executable, "-c", INTERP], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", INTERP, str(qwen_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
