@@ -84,6 +84,7 @@ class AttnMetadata:
     prefill_q_lens: torch.Tensor | None = None  # [Np] int32 (pieces need not be adjacent rows)
     prefill_k_lens: torch.Tensor | None = None  # [Np] int32, cached + new keys per piece
     prefill_max_q: int = 0  # longest piece's q_len
+    prefill_max_k: int = 0  # longest piece's k_len (0: unknown, no split-K for short suffixes)
     decode_max_len: int = 0  # host bound on decode_lens (0: decode_tables' width * page size)
 
 

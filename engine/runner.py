@@ -58,6 +58,7 @@ class ModelRunner:
             meta.prefill_q_lens = torch.tensor([p.q_len for p in prefills], dtype=torch.int32, device=dev)
             meta.prefill_k_lens = torch.tensor(pre_lens, dtype=torch.int32, device=dev)
             meta.prefill_max_q = max(p.q_len for p in prefills)
+            meta.prefill_max_k = max(pre_lens)
         if dec_rows:
             meta.decode_max_len = max(dec_lens)
             width = max(len(t) for t in dec_tables)

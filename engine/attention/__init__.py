@@ -30,13 +30,14 @@ def use_kernels(q: torch.Tensor) -> bool:
 
 
 def prefill_inputs(meta, P: int, device: torch.device):
-    """(tables [B, W], q_starts [B], q_lens [B], k_lens [B] (int32), max_q) of the prefill pieces.
+    """(tables [B, W], q_starts [B], q_lens [B], k_lens [B] (int32), max_q, max_k) of the prefill
+    pieces.
 
     The runner fills them in AttnMetadata; a metadata built without them gets them from `prefills`.
     """
     if meta.prefill_tables is not None:
         return (meta.prefill_tables, meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_k_lens,
-                meta.prefill_max_q)
+                meta.prefill_max_q, meta.prefill_max_k)
     ps = meta.prefills
     width = max((p.k_len + P - 1) // P for p in ps)
     tables = torch.zeros(len(ps), width, dtype=torch.int32, device=device)
@@ -45,7 +46,7 @@ def prefill_inputs(meta, P: int, device: torch.device):
         tables[i, :nb] = p.block_table[:nb]
     starts, q_lens, k_lens = (torch.tensor(x, dtype=torch.int32, device=device) for x in
                               ([p.q_start for p in ps], [p.q_len for p in ps], [p.k_len for p in ps]))
-    return tables, starts, q_lens, k_lens, max(p.q_len for p in ps)
+    return tables, starts, q_lens, k_lens, max(p.q_len for p in ps), max(p.k_len for p in ps)
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -59,8 +60,8 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     q = q.contiguous()
     out = torch.empty_like(q)
     if meta.prefills:
-        tables, starts, q_lens, k_lens, max_q = prefill_inputs(meta, P, q.device)
-        prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale)
+        tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
+        prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)
     if meta.decode_rows is not None:
         bound = meta.decode_max_len or meta.decode_tables.shape[1] * P
         decode_attention(q, k_cache, v_cache, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,

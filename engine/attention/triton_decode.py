@@ -12,10 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prefill import dot_precision
+from .triton_merge import dot_precision, keys_per_split, merge_splits
 
 BLOCK_N = 64
-TARGET_PROGRAMS = 512  # (sequence, kv head, slice) programs: enough to fill an H200's 132 SMs a few times over
 
 
 @triton.jit
@@ -71,44 +70,6 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
     tl.store(MidL + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@triton.jit
-def _decode_reduce_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_ms,
-                          stride_lb, stride_lh, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
-    d_mask = offs_d < HEAD_DIM
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        sj = s0 + offs_s
-        s_mask = sj < num_splits
-        lse = tl.load(MidL + b * stride_lb + head * stride_lh + sj, mask=s_mask, other=float("-inf"))  # [S]
-        o = tl.load(MidO + b * stride_mb + head * stride_mh + sj[:, None] * stride_ms + offs_d[None, :],
-                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [S, D]
-        m_new = tl.maximum(m_i, tl.max(lse, 0))  # [1]
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.math.exp2(lse - m_safe)  # [S]; empty slices weigh 0
-        alpha = tl.math.exp2(m_i - m_safe)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    row = tl.load(Rows + b).to(tl.int64)
-    tl.store(O + row * stride_ot + head * stride_oh + offs_d, (acc / l_i).to(O.dtype.element_ty), mask=d_mask)
-
-
-def keys_per_split(batch: int, kv_heads: int, max_len: int) -> int:
-    """Keys per slice (a multiple of BLOCK_N) so that batch * kv_heads * slices fills the GPU."""
-    max_len = max(max_len, 1)
-    tiles = triton.cdiv(max_len, BLOCK_N)
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
-    return triton.cdiv(tiles, splits) * BLOCK_N
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      rows: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
                      scale: float) -> None:
@@ -121,7 +82,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
     group = Hq // Hkv
-    kps = keys_per_split(B, Hkv, max_len)
+    kps = keys_per_split(B * Hkv, max_len, BLOCK_N)
     S = triton.cdiv(max(max_len, 1), kps)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     mid_o = torch.empty(B, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
@@ -133,7 +94,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), PAGE=P, HEAD_DIM=D,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
-    _decode_reduce_kernel[(B, Hq)](
-        mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_l.stride(0), mid_l.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=16, num_warps=4)
+    merge_splits(mid_o, mid_l, out, rows)

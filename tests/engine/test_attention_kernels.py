@@ -54,14 +54,23 @@ def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, 
 
 
 def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
-    from engine.attention import kernel_attention
+    """Kernels == reference, with the prefill keys split across programs (split-K) and not."""
+    from engine.attention import kernel_attention, prefill_inputs
     q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, D, P, dtype, device)
-    kc2, vc2 = kc.clone(), vc.clone()
-    ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)
-    out = kernel_attention(q, k, v, kc2, vc2, meta, D ** -0.5)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2), "the kernels wrote the pool differently"
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= atol, f"max abs error {err} > {atol} for pieces {pieces} Hq={Hq} Hkv={Hkv} D={D} P={P} {dtype}"
+    ref = paged_attention_reference(q, k, v, kc.clone(), vc.clone(), meta, D ** -0.5)
+    for split in (True, False):
+        kc2, vc2 = kc.clone(), vc.clone()
+        if meta.prefills:  # packed as the runner does; max_k = 0 turns split-K off
+            (meta.prefill_tables, meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_k_lens,
+             meta.prefill_max_q, max_k) = prefill_inputs(meta, P, q.device)
+            meta.prefill_max_k = max_k if split else 0
+        out = kernel_attention(q, k, v, kc2, vc2, meta, D ** -0.5)
+        ref_kc, ref_vc = kc.clone(), vc.clone()
+        paged_attention_reference(q, k, v, ref_kc, ref_vc, meta, D ** -0.5)
+        assert torch.equal(kc2, ref_kc) and torch.equal(vc2, ref_vc), "the kernels wrote the pool differently"
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol, (f"max abs error {err} > {atol} for pieces {pieces} Hq={Hq} Hkv={Hkv} D={D} "
+                             f"P={P} {dtype} split={split}")
 
 
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
@@ -79,6 +88,7 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
     check(RAGGED, Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)
     long = [(3000, 1), (2048 + 5, 300), (0, 700), (40, 1)] + [(i * 97, 1) for i in range(1, 33)]
     check(long, Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)
+    check([(8000 + 7, 64)], Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)  # short suffix, long prefix
     check([(0, 1), (9, 1)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
 
 
@@ -89,6 +99,7 @@ pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
 check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
+check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
 os.environ["KVC_ATTENTION"] = "reference"
 ref = engine_tokens(sys.argv[1])
 del os.environ["KVC_ATTENTION"]
