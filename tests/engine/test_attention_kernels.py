@@ -79,9 +79,9 @@ RAGGED = [(0, 37), (21, 50), (5, 1), (130, 1), (64, 17), (1, 1), (77, 2)]
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page", [16, 32, 64])
-@pytest.mark.parametrize("heads", [(8, 8), (16, 4), (32, 4)])
+@pytest.mark.parametrize("dtype,page,heads", [  # every dtype, page size and GQA ratio, 6 compiles
+    (torch.bfloat16, 16, (8, 8)), (torch.bfloat16, 32, (16, 4)), (torch.bfloat16, 64, (32, 4)),
+    (torch.float16, 16, (32, 4)), (torch.float16, 32, (8, 8)), (torch.float16, 64, (16, 4))])
 def test_kernels_match_reference_cuda(dtype, page, heads):
     pytest.importorskip("triton")
     Hq, Hkv = heads
@@ -89,7 +89,8 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
     long = [(3000, 1), (2048 + 5, 300), (0, 700), (40, 1)] + [(i * 97, 1) for i in range(1, 33)]
     check(long, Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)
     check([(8000 + 7, 64)], Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)  # short suffix, long prefix
-    check([(0, 1), (9, 1)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
+    if page == 16:
+        check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
 
 
 INTERP = """
