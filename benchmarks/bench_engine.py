@@ -14,6 +14,7 @@ CUDA graphs (on CUDA). The HBM floor is the checkpoint's bytes read per single-r
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -193,17 +194,22 @@ def main():
               f"{time.perf_counter() - t_start:.1f}s since start\n", flush=True)
 
         print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
-              "transformers (ms) | transformers / kvc chunked |")
-        print("|---|---|---|---|---|---|")
+              f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | transformers (ms) | "
+              "transformers / kvc chunked |")
+        print("|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
             ours.mode(chunk=a.chunk)
             chunked = timed(ours.prefill(L, L), a.device, a.repeat)
+            os.environ["KVC_PREFILL"] = "triton"  # long pieces otherwise go to FA2 varlen on CUDA
+            triton_only = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
+            del os.environ["KVC_PREFILL"]
             ours.mode(chunk=L)
             one = timed(ours.prefill(L, L), a.device, a.repeat)
             ours.mode(chunk=a.chunk)
             ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
             hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
-            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {hf_cols} |",
+            tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
+            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {tri} | {hf_cols} |",
                   flush=True)
         if hf is not None:
             del hf

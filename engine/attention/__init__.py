@@ -1,7 +1,8 @@
 """Paged attention kernels (Triton) over the device pool, used on CUDA when triton imports.
 
 `use_kernels(q)` decides; `kernel_attention` runs one step: store the new K/V, one launch for all
-prefill pieces, one split-K decode launch plus its reduce. The gather+SDPA path in engine.layers
+prefill pieces (the Triton kernel, or PyTorch's FA2 varlen kernel over gathered keys for long
+pieces: see flash_prefill), one split-K decode launch plus its reduce. The gather+SDPA path in engine.layers
 is the CPU path and the oracle the kernels are tested against.
 """
 from __future__ import annotations
@@ -49,9 +50,21 @@ def prefill_inputs(meta, P: int, device: torch.device):
     return tables, starts, q_lens, k_lens, max(p.q_len for p in ps), max(p.k_len for p in ps)
 
 
+def prefill_backend(q: torch.Tensor, max_q: int, choice: str | None = None) -> str:
+    """"flash" (FA2 varlen over gathered keys) for long pieces where it runs, else "triton".
+
+    `choice` (or env KVC_PREFILL) forces one: tests and benchmarks compare both."""
+    from .flash_prefill import FLASH_MIN_Q, flash_usable
+    choice = choice or os.environ.get("KVC_PREFILL") or "auto"
+    if choice == "triton" or not flash_usable(q):
+        return "triton"
+    return "flash" if choice == "flash" or max_q >= FLASH_MIN_Q else "triton"
+
+
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
+                     v_cache: torch.Tensor, meta, scale: float, prefill: str | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
+    from .flash_prefill import flash_prefill
     from .triton_cache import store_kv
     from .triton_decode import decode_attention
     from .triton_prefill import prefill_attention
@@ -60,8 +73,12 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     q = q.contiguous()
     out = torch.empty_like(q)
     if meta.prefills:
-        tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
-        prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)
+        max_q = meta.prefill_max_q or max(p.q_len for p in meta.prefills)
+        done = (prefill_backend(q, max_q, prefill) == "flash"
+                and flash_prefill(q, k_cache, v_cache, out, meta.prefills, scale))
+        if not done:
+            tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
+            prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)
     if meta.decode_rows is not None:
         bound = meta.decode_max_len or meta.decode_tables.shape[1] * P
         decode_attention(q, k_cache, v_cache, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,

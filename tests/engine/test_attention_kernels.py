@@ -54,23 +54,28 @@ def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, 
 
 
 def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
-    """Kernels == reference, with the prefill keys split across programs (split-K) and not."""
-    from engine.attention import kernel_attention, prefill_inputs
+    """Kernels == reference: prefill by the Triton kernel with and without split-K, and by FA2 varlen
+    where it runs (CUDA, fp16/bf16)."""
+    from engine.attention import kernel_attention, prefill_backend, prefill_inputs
     q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, D, P, dtype, device)
     ref = paged_attention_reference(q, k, v, kc.clone(), vc.clone(), meta, D ** -0.5)
-    for split in (True, False):
+    backends = ["triton"] + (["flash"] if prefill_backend(q, 1, "flash") == "flash" else [])
+    for split, backend in [(True, b) for b in backends] + [(False, "triton")]:
         kc2, vc2 = kc.clone(), vc.clone()
         if meta.prefills:  # packed as the runner does; max_k = 0 turns split-K off
             (meta.prefill_tables, meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_k_lens,
              meta.prefill_max_q, max_k) = prefill_inputs(meta, P, q.device)
             meta.prefill_max_k = max_k if split else 0
-        out = kernel_attention(q, k, v, kc2, vc2, meta, D ** -0.5)
+        out = kernel_attention(q, k, v, kc2, vc2, meta, D ** -0.5, prefill=backend)
         ref_kc, ref_vc = kc.clone(), vc.clone()
         paged_attention_reference(q, k, v, ref_kc, ref_vc, meta, D ** -0.5)
         assert torch.equal(kc2, ref_kc) and torch.equal(vc2, ref_vc), "the kernels wrote the pool differently"
+        if backend == "flash":
+            from engine.attention import flash_prefill
+            assert flash_prefill._broken is None, flash_prefill._broken  # it ran, no silent fallback
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= atol, (f"max abs error {err} > {atol} for pieces {pieces} Hq={Hq} Hkv={Hkv} D={D} "
-                             f"P={P} {dtype} split={split}")
+                             f"P={P} {dtype} split={split} prefill={backend}")
 
 
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
