@@ -61,6 +61,11 @@ def prefill_backend(q: torch.Tensor, max_q: int, choice: str | None = None) -> s
     return "flash" if choice == "flash" or max_q >= FLASH_MIN_Q else "triton"
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from .triton_norm import rms_norm as kernel
+    return kernel(x, weight, eps)
+
+
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta, scale: float, prefill: str | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""

@@ -78,6 +78,20 @@ def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
                              f"P={P} {dtype} split={split} prefill={backend}")
 
 
+def check_norm(device):
+    """The RMSNorm kernel against the eager reference (fp32 sums may differ in order only)."""
+    from engine.layers import RMSNorm
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)):  # ~2 ulp
+        norm = RMSNorm(96, 1e-6).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(96) + 1)
+        x = (torch.randn(7, 3, 96) * 3).to(device=device, dtype=dtype)
+        from engine.attention import rms_norm
+        got, want = rms_norm(x, norm.weight, norm.eps), norm.reference(x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
+
+
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
 RAGGED = [(0, 37), (21, 50), (5, 1), (130, 1), (64, 17), (1, 1), (77, 2)]
 
@@ -96,11 +110,13 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
     check([(8000 + 7, 64)], Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)  # short suffix, long prefix
     if page == 16:
         check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
+        check_norm("cuda")
 
 
 INTERP = """
 import os, sys, torch
-from tests.engine.test_attention_kernels import check, engine_tokens
+from tests.engine.test_attention_kernels import check, check_norm, engine_tokens
+check_norm("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
