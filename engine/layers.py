@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import kernel_attention, rms_norm, use_kernels
+from .attention import kernel_attention, rms_norm, rope_kernel, use_kernels
 
 
 class RMSNorm(nn.Module):
@@ -50,6 +50,12 @@ class Rope(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [T, H, D], cos/sin [T, D]
+    if use_kernels(x):  # one launch instead of five (decode steps are launch-bound)
+        return rope_kernel(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]

@@ -66,6 +66,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel(x, weight, eps)
 
 
+def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    from .triton_rope import apply_rope
+    return apply_rope(x, cos, sin)
+
+
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta, scale: float, prefill: str | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
