@@ -115,7 +115,8 @@ RAGGED = [(0, 37), (21, 50), (5, 1), (130, 1), (64, 17), (1, 1), (77, 2)]
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,page,heads", [  # every dtype, page size and GQA ratio, 6 compiles
     (torch.bfloat16, 16, (8, 8)), (torch.bfloat16, 32, (16, 4)), (torch.bfloat16, 64, (32, 4)),
-    (torch.float16, 16, (32, 4)), (torch.float16, 32, (8, 8)), (torch.float16, 64, (16, 4))])
+    (torch.float16, 16, (32, 4)), (torch.float16, 32, (8, 8)), (torch.float16, 64, (16, 4))],
+    ids=["bf16-p16-gqa1", "bf16-p32-gqa4", "bf16-p64-gqa8", "fp16-p16-gqa8", "fp16-p32-gqa1", "fp16-p64-gqa4"])
 def test_kernels_match_reference_cuda(dtype, page, heads):
     pytest.importorskip("triton")
     Hq, Hkv = heads

@@ -71,8 +71,8 @@ def test_graph_decode_equals_eager(bf16_dirs, arch, page):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("page,chunk", [(16, 2048), (32, 16), (64, 24)])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("page,chunk", [(16, 2048), (32, 16), (64, 24)], ids=["p16c2048", "p32c16", "p64c24"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["gqa1", "gqa4", "gqa8"])
 def test_kernels_greedy_equal_reference(tmp_path, monkeypatch, page, chunk, heads):
     path = make_tiny_model(tmp_path, "qwen3_moe", num_attention_heads=heads[0], num_key_value_heads=heads[1])
     prompts = PROMPTS + [PROMPTS[0][:40] + [5, 6, 7]]  # the last one hits the first's cached pages
