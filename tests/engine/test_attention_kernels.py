@@ -93,7 +93,7 @@ def check_norm(device):
 
 
 def check_rope(device):
-    """The RoPE kernel against eager apply_rope: same roundings (fp32 may differ by FMA only).
+    """The RoPE kernel against eager apply_rope: the same roundings, equal to an ulp of the addends.
     bf16 on CUDA only: triton's interpreter converts to bf16 by truncating, torch rounds."""
     from engine.attention import rope_kernel
     from engine.layers import Rope, apply_rope_reference
@@ -104,7 +104,9 @@ def check_rope(device):
         x = torch.randn(4, 8, 48).to(device=device, dtype=dtype)[..., 8:40]  # strided rows, as q_proj views
         got, want = rope_kernel(x, cos, sin), apply_rope_reference(x, cos, sin)
         assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
+        # addends rounded by a different unit than torch's separate kernels can differ by one ulp,
+        # which a near-cancelling sum shows as an absolute error of one ulp of the addends
+        torch.testing.assert_close(got, want, rtol=rtol, atol=4 * rtol)  # |x| < 4 here
 
 
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
