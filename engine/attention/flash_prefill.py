@@ -47,7 +47,8 @@ def flash_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     for p in pieces:
         cu_q.append(cu_q[-1] + p.q_len)
         cu_k.append(cu_k[-1] + p.k_len)
-    cu = torch.tensor([cu_q, cu_k], dtype=torch.int32).to(dev, non_blocking=True)  # [2, B+1]
+    # pinned + non_blocking: a pageable upload would wait for the GPU and stall the host
+    cu = torch.tensor([cu_q, cu_k], dtype=torch.int32).pin_memory().to(dev, non_blocking=True)  # [2, B+1]
     try:
         o = torch.ops.aten._flash_attention_forward(
             qp.contiguous(), keys, vals, cu[0], cu[1], max(p.q_len for p in pieces),
