@@ -1,16 +1,20 @@
-"""Engine throughput against transformers on the same random checkpoint, in the same run.
+"""Engine prefill, prefix-hit TTFT and decode against transformers on the same random checkpoint.
 
-Prefill: one prompt of --prompt-len tokens (engine: one chunk, device pool only, no prefix hit;
-transformers: one forward with logits_to_keep=1). Decode: aggregate tokens/s of --concurrency
-requests each generating --decode-tokens greedy tokens after a --decode-prompt-len prompt
-(engine: step loop after the first token; transformers: generate(N) - generate(1), batched).
+Prefill: one cold prompt per --prompt-len (device pool only, no prefix hit), once in --chunk-token
+chunks and once as a single chunk; transformers: one forward with logits_to_keep=1. TTFT: a
+prompt whose first max(--prompt-len) tokens are already in the device pool plus --hit-new new
+tokens, against the new tokens alone. Decode: aggregate tokens/s of --concurrency requests each
+generating --decode-tokens greedy tokens after a --decode-prompt-len prompt, eager steps against
+CUDA graphs (on CUDA). The HBM floor is the checkpoint's bytes read per single-request decode step
+(attention, router, top-k experts, norms, lm_head) over --hbm-tbps.
 
-    python benchmarks/bench_engine.py                         # CPU, "small" preset, float32
-    python benchmarks/bench_engine.py --device cuda --preset qwen3-30b-a3b-shapes --layers 4
+    python benchmarks/bench_engine.py                      # CPU: "small" preset, float32, short prompts
+    python benchmarks/bench_engine.py --device cuda        # H200: Qwen3-30B-A3B shapes, 12 layers, 8K/32K
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +35,10 @@ PRESETS = {
                   num_experts_per_tok=4),
     "qwen3-30b-a3b-shapes": "qwen3-30b-a3b-shapes",
 }
+CUDA_DEFAULTS = dict(preset="qwen3-30b-a3b-shapes", layers=12, prompt_len=[8192, 32768], chunk=2048,
+                     concurrency=[1, 8, 32], decode_tokens=64)
+CPU_DEFAULTS = dict(preset="small", layers=4, prompt_len=[128, 512], chunk=256, concurrency=[1, 8],
+                    decode_tokens=32)
 
 
 def sync(device):
@@ -55,36 +63,76 @@ def prompts(n, length, vocab, seed):
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
+def active_bytes(a, elem: int) -> int:
+    """Weights one single-request decode step reads: per layer q/k/v/o, norms, router and the top-k
+    experts (or the dense MLP), then the final norm and lm_head."""
+    H, D = a.hidden_size, a.head_dim
+    per_attn = H * D * (2 * a.num_heads + 2 * a.num_kv_heads) + 2 * H + (2 * D if a.qk_norm else 0)
+    total = 0
+    for i in range(a.num_layers):
+        mlp = (a.num_experts * H + a.top_k * 3 * H * a.moe_intermediate_size if a.is_moe_layer(i)
+               else 3 * H * a.intermediate_size)
+        total += per_attn + mlp
+    return (total + H + a.vocab_size * H + H) * elem  # + final norm, lm_head, one embedding row
+
+
 class Ours:
     def __init__(self, path, a):
+        longest = max(a.prompt_len) + a.hit_new
+        blocks = 2 * (longest // 16 + 64) + max(a.concurrency) * ((a.decode_prompt_len + a.decode_tokens) // 16 + 2)
         cfg = load_config().replace(path=str(path), dtype=a.dtype, device=a.device, gpu_only=True,
-                                    page_size=16, chunk_size=max(*a.prompt_len, 256),
-                                    max_num_batched_tokens=max(*a.prompt_len, 2048), max_num_seqs=64)
+                                    page_size=16, chunk_size=a.chunk, num_device_blocks=blocks,
+                                    max_num_batched_tokens=max(longest, 2048),
+                                    max_num_seqs=max(64, max(a.concurrency)))
         self.eng = LLMEngine(cfg)
-        self.vocab, self.n = self.eng.args.vocab_size, 0
+        self.graphs = self.eng.runner.graphs
+        self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
+
+    def mode(self, chunk: int | None = None, graphs: bool | None = None):
+        if chunk is not None:
+            self.eng.scheduler.chunk = chunk
+        if graphs is not None:
+            self.eng.runner.graphs = self.graphs if graphs else None
 
     def _run(self, ps, max_tokens, after_first=False):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for p in ps:
             self.n += 1
             self.eng.add_request(f"b{self.n}", p, params)
-        started, t0, produced = False, time.perf_counter(), 0
+        started, t0, produced, cached = False, time.perf_counter(), 0, 0
         while self.eng.has_unfinished():
             outs = self.eng.step()
+            cached += sum(o.num_cached_tokens for o in outs if o.finished)
             if after_first and not started and all(r.output_ids for r in self.eng.requests.values()):
                 started, t0, produced = True, time.perf_counter(), 0
                 continue
             produced += len(outs)
-        return produced, time.perf_counter() - t0
+        sync(self.device)
+        return produced, time.perf_counter() - t0, cached
 
     def prefill(self, length, seed):
         p = prompts(1, length, self.vocab, seed)
         return lambda: self._run([p[0]], 1) and self.eng.kv.blocks.reset_cache()
 
+    def ttft(self, cached, new, repeat):
+        """(TTFT with `cached` tokens in the device pool + `new` ones, TTFT of the `new` alone) in s."""
+        base = prompts(1, cached, self.vocab, 7)[0]
+        self._run([base], 1)
+        hit, alone = [], []
+        for r in range(repeat + 1):
+            suffix, other = prompts(2, new, self.vocab, 1000 + r)
+            _, dt, got = self._run([base + suffix], 1)
+            assert got >= cached, f"expected a device hit of {cached} tokens, got {got}"
+            _, dt_alone, _ = self._run([other], 1)
+            if r:
+                hit.append(dt), alone.append(dt_alone)
+        self.eng.kv.blocks.reset_cache()
+        return statistics.median(hit), statistics.median(alone)
+
     def decode_tps(self, c, plen, n, repeat):
         best = []
         for r in range(repeat + 1):
-            produced, dt = self._run(prompts(c, plen, self.vocab, 100 + r), n, after_first=True)
+            produced, dt, _ = self._run(prompts(c, plen, self.vocab, 100 + r), n, after_first=True)
             self.eng.kv.blocks.reset_cache()
             if r:
                 best.append(produced / dt)
@@ -106,62 +154,92 @@ class HF:
     def _fwd(self, ids):
         self.m(ids, logits_to_keep=1, use_cache=False)
 
-    @torch.inference_mode()
-    def _gen(self, ids, n):
-        self.m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    def decode_tps(self, c, plen, n, repeat):
-        ids = torch.tensor(prompts(c, plen, self.vocab, 100), device=self.device)
-        t_n = timed(lambda: self._gen(ids, n), self.device, repeat)
-        t_1 = timed(lambda: self._gen(ids, 1), self.device, repeat)
-        return c * (n - 1) / max(t_n - t_1, 1e-9)
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     ap.add_argument("--arch", default="qwen3_moe", choices=("qwen3_moe", "mixtral"))
-    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS))
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, nargs="+", default=None)
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (attn.chunk_size) for the chunked runs")
+    ap.add_argument("--hit-new", type=int, default=64, help="new tokens after the cached prefix (TTFT)")
     ap.add_argument("--decode-prompt-len", type=int, default=32)
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--decode-tokens", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     a = ap.parse_args()
-    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    cuda = a.device.startswith("cuda")
+    for k, v in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
     preset = PRESETS[a.preset]
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         if isinstance(preset, str):
             path = make_tiny_model(tmp, a.arch, preset=preset, dtype=a.dtype, std=0.02, num_hidden_layers=a.layers)
         else:
             path = make_tiny_model(tmp, a.arch, dtype=a.dtype, num_hidden_layers=a.layers, **preset)
-        print(f"# checkpoint: {a.arch} preset={a.preset} layers={a.layers} dtype={a.dtype} "
-              f"device={a.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-              f"(written in {time.perf_counter() - t:.1f}s)\n")
-        systems = {"kvc engine": Ours(path, a)}
-        if not a.no_hf:
-            systems["transformers"] = HF(path, a)
-        print("| prefill tokens | " + " | ".join(f"{s} tok/s" for s in systems) + " | ratio |")
-        print("|---|" + "---|" * (len(systems) + 1))
+        print(f"# checkpoint: {a.arch} preset={a.preset} layers={a.layers} dtype={a.dtype} page=16 gpu_only "
+              f"device={a.device} torch={torch.__version__} (written in {time.perf_counter() - t:.1f}s)",
+              flush=True)
+        ours = Ours(path, a)
+        hf = None if a.no_hf else HF(path, a)
+        print(f"# decode CUDA graphs: {'on' if ours.graphs is not None else 'off'}; loaded in "
+              f"{time.perf_counter() - t_start:.1f}s since start\n", flush=True)
+
+        print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
+              f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | transformers (ms) | "
+              "transformers / kvc chunked |")
+        print("|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
-            tps = [L / timed(s.prefill(L, L), a.device, a.repeat) for s in systems.values()]
-            ratio = f"{tps[0] / tps[1]:.2f}x" if len(tps) > 1 else "-"
-            print(f"| {L} | " + " | ".join(f"{x:,.0f}" for x in tps) + f" | {ratio} |", flush=True)
-        print("\n| concurrent requests | " + " | ".join(f"{s} decode tok/s" for s in systems) + " | ratio |")
-        print("|---|" + "---|" * (len(systems) + 1))
-        single = {}
+            ours.mode(chunk=a.chunk)
+            chunked = timed(ours.prefill(L, L), a.device, a.repeat)
+            os.environ["KVC_PREFILL"] = "triton"  # long pieces otherwise go to FA2 varlen on CUDA
+            triton_only = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
+            del os.environ["KVC_PREFILL"]
+            ours.mode(chunk=L)
+            one = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(chunk=a.chunk)
+            ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
+            hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
+            tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
+            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {tri} | {hf_cols} |",
+                  flush=True)
+        if hf is not None:
+            del hf
+            if cuda:
+                torch.cuda.empty_cache()
+
+        cached = max(a.prompt_len)
+        hit, alone = ours.ttft(cached, a.hit_new, a.repeat)
+        print(f"\n| TTFT, device hit | {cached} cached + {a.hit_new} new (ms) | {a.hit_new} alone (ms) | ratio |")
+        print("|---|---|---|---|")
+        print(f"| chunk {a.chunk} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |", flush=True)
+
+        elem = torch.finfo(getattr(torch, a.dtype)).bits // 8
+        nbytes = active_bytes(ours.eng.args, elem)
+        floor_s = nbytes / (a.hbm_tbps * 1e12)
+        modes = [("eager", False)] + ([("graphs", True)] if ours.graphs is not None else [])
+        print(f"\n| concurrent | " + " | ".join(f"{m} tok/s" for m, _ in modes) + " | step ms (last) | "
+              "single-request step / HBM floor |")
+        print("|---|" + "---|" * len(modes) + "---|---|")
         for c in a.concurrency:
-            tps = [s.decode_tps(c, a.decode_prompt_len, a.decode_tokens, a.repeat) for s in systems.values()]
-            single.setdefault("v", tps)
-            ratio = f"{tps[0] / tps[1]:.2f}x" if len(tps) > 1 else "-"
-            print(f"| {c} | " + " | ".join(f"{x:,.1f}" for x in tps) + f" | {ratio} |", flush=True)
-            if c != a.concurrency[0]:
-                print(f"|   (vs {a.concurrency[0]}) | " + " | ".join(
-                    f"{x / y:.2f}x" for x, y in zip(tps, single['v'])) + " | |")
+            tps = []
+            for _, g in modes:
+                ours.mode(graphs=g)
+                tps.append(ours.decode_tps(c, a.decode_prompt_len, a.decode_tokens, a.repeat))
+            step = c / tps[-1]
+            floor = f"{step / floor_s:.1f}x" if c == 1 else "-"
+            print(f"| {c} | " + " | ".join(f"{x:,.1f}" for x in tps) + f" | {step * 1e3:.2f} | {floor} |", flush=True)
+        print(f"\nHBM floor: {nbytes / 1e9:.2f} GB of weights per single-request decode step / "
+              f"{a.hbm_tbps} TB/s = {floor_s * 1e3:.3f} ms ({1 / floor_s:,.0f} tok/s). "
+              f"Total {time.perf_counter() - t_start:.0f}s.")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Shared layers: RMSNorm, NeoX RoPE, gated MLP and paged attention over the device pool.
 
-Attention is the reference path: write the step's K/V into the pool through `slot_mapping`, then
-gather each sequence's pages and run SDPA. Decodes are batched into one padded SDPA call; prefill
-pieces run one SDPA each with a causal mask offset by the cached prefix.
+`paged_attention` runs the Triton kernels of engine.attention on CUDA (they read the pool in
+place) and otherwise the reference path: write the step's K/V into the pool through
+`slot_mapping`, then gather each sequence's pages and run SDPA. Decodes are batched into one padded
+SDPA call; prefill pieces run one SDPA each with a causal mask offset by the cached prefix.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import kernel_attention, rms_norm, rope_kernel, use_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -20,6 +23,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(x):  # one launch instead of seven (decode steps are launch-bound)
+            return rms_norm(x, self.weight, self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics, cast back to the input dtype, then scale (as transformers does)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -42,6 +50,12 @@ class Rope(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x [T, H, D], cos/sin [T, D]
+    if use_kernels(x):  # one launch instead of five (decode steps are launch-bound)
+        return rope_kernel(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
@@ -75,11 +89,27 @@ class AttnMetadata:
     decode_rows: torch.Tensor | None  # [B] rows of single-token pieces
     decode_tables: torch.Tensor | None  # [B, max_blocks] long, padded with 0
     decode_lens: torch.Tensor | None  # [B] long, keys per decode
+    # Packed prefill pieces for the kernels (None: derived from `prefills` when needed)
+    prefill_tables: torch.Tensor | None = None  # [Np, max_blocks] int32, padded with 0
+    prefill_q_starts: torch.Tensor | None = None  # [Np] int32, first row of each piece
+    prefill_q_lens: torch.Tensor | None = None  # [Np] int32 (pieces need not be adjacent rows)
+    prefill_k_lens: torch.Tensor | None = None  # [Np] int32, cached + new keys per piece
+    prefill_max_q: int = 0  # longest piece's q_len
+    prefill_max_k: int = 0  # longest piece's k_len (0: unknown, no split-K for short suffixes)
+    decode_max_len: int = 0  # host bound on decode_lens (0: decode_tables' width * page size)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
+    if use_kernels(q):
+        return kernel_attention(q, k, v, k_cache, v_cache, meta, scale)
+    return paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Gather + SDPA; the CPU path and the kernels' oracle. Shapes as paged_attention."""
     N, P, Hkv, D = k_cache.shape
     k_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(N * P, Hkv, D).index_copy_(0, meta.slot_mapping, v)

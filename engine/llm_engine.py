@@ -14,6 +14,7 @@ from kvc.hashing import PageSpec
 from kvc.metrics import KvcMetrics
 from kvc.record import as_tokens, dtype_name
 
+from .cuda_graphs import DecodeGraphs, graphs_supported
 from .host_tier import HostTier
 from .kv_cache import KVCache
 from .loader import load_model
@@ -88,6 +89,10 @@ class LLMEngine:
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(registry, kvc_metrics)
         self.experts = setup_experts(self.model, config.experts, self.device, registry)
+        why_not = "model.enforce_eager" if config.model.enforce_eager else graphs_supported(self.model, self.device)
+        if why_not is None:
+            self.runner.graphs = DecodeGraphs(self.model, self.kv, self.device, config.scheduler.max_num_seqs,
+                                              self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._update_gauges()
 

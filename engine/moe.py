@@ -71,13 +71,16 @@ def experts_sorted(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: to
     order = torch.argsort(flat, stable=True)  # [T*k]
     rows = order // k  # token of each sorted pair
     xs = x[rows]  # [N, H]
-    counts = torch.bincount(flat, minlength=E)  # [E]
     if grouped:
+        # scatter_add_, not bincount: bincount reads its max back to the host, which a CUDA graph
+        # capture cannot do; every shape here is fixed by T, so decode steps are capturable
+        counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
         h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [N, 2I]
         a = F.silu(h[:, :I]) * h[:, I:]  # [N, I]
         y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [N, H]
     else:
+        counts = torch.bincount(flat, minlength=E)  # [E]
         y = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts.tolist()):

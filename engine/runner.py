@@ -5,8 +5,12 @@ ends at the request's last token give logits; a partial prefill chunk yields no 
 """
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .layers import AttnMetadata, Piece
 from .model import CausalLM
@@ -17,50 +21,79 @@ from .sampling import sample
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv, device
+        self.graphs: DecodeGraphs | None = None  # set by the engine when decode graphs apply
+
+    def _upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """All of a step's int lists in one host-to-device copy: pinned and non-blocking on CUDA, so
+        the host prepares the next chunk while this one runs (a plain torch.tensor(..., device=cuda)
+        waits for the GPU to drain, exposing every step's host work). Returns long tensors."""
+        sizes = [len(p) for p in parts]
+        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64,
+                                            count=sum(sizes)))
+        if self.device.type == "cuda":
+            pinned = torch.empty(flat.shape, dtype=torch.long, pin_memory=True)  # caching host allocator
+            flat = pinned.copy_(flat).to(self.device, non_blocking=True)
+        return list(torch.split(flat, sizes))
 
     def prepare(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, AttnMetadata, list[int]]:
         P = self.kv.page_size
-        ids, positions, slots, prefills, logit_rows = [], [], [], [], []
+        ids, positions, slots, logit_rows = [], [], [], []
         dec_rows, dec_tables, dec_lens = [], [], []
+        pre_tables, pre_starts, pre_qlens, pre_lens = [], [], [], []
         row = 0
         for req, n in sched:
             start = req.num_computed
-            toks = req.ids(start, start + n)
-            pos = list(range(start, start + n))
-            ids += toks
-            positions += pos
-            slots += [req.block_table[p // P] * P + p % P for p in pos]
+            ids += req.ids(start, start + n)
+            positions += range(start, start + n)
+            table = req.block_table
+            slots += [table[p // P] * P + p % P for p in range(start, start + n)]
             nb = (start + n + P - 1) // P
             if n == 1:
                 dec_rows.append(row)
-                dec_tables.append(req.block_table[:nb])
+                dec_tables.append(table[:nb])
                 dec_lens.append(start + 1)
             else:
-                table = torch.tensor(req.block_table[:nb], dtype=torch.long, device=self.device)
-                prefills.append(Piece(row, n, start + n, table))
+                pre_tables.append(table[:nb])
+                pre_starts.append(row)
+                pre_qlens.append(n)
+                pre_lens.append(start + n)
             if start + n == req.num_tokens:
                 logit_rows.append(row + n - 1)
             row += n
-        dev = self.device
-        meta = AttnMetadata(torch.tensor(positions, dtype=torch.long, device=dev),
-                            torch.tensor(slots, dtype=torch.long, device=dev), prefills, None, None, None)
+        pre_w = max((len(t) for t in pre_tables), default=0)
+        dec_w = max((len(t) for t in dec_tables), default=0)
+        parts = [ids, positions, slots, logit_rows, pre_starts, pre_qlens, pre_lens, dec_rows, dec_lens,
+                 [b for t in pre_tables for b in t + [0] * (pre_w - len(t))],
+                 [b for t in dec_tables for b in t + [0] * (dec_w - len(t))]]
+        (ids_d, pos_d, slots_d, self._logit_idx, starts_d, qlens_d, klens_d, rows_d, lens_d, ptab_d,
+         dtab_d) = self._upload(parts)
+        meta = AttnMetadata(pos_d, slots_d, [], None, None, None)
+        if pre_tables:
+            ptab = ptab_d.view(len(pre_tables), pre_w)  # [Np, width] long
+            meta.prefills = [Piece(r, q, k, ptab[i, :(k + P - 1) // P])
+                             for i, (r, q, k) in enumerate(zip(pre_starts, pre_qlens, pre_lens))]
+            meta.prefill_tables = ptab.to(torch.int32)
+            meta.prefill_q_starts, meta.prefill_q_lens = starts_d.to(torch.int32), qlens_d.to(torch.int32)
+            meta.prefill_k_lens = klens_d.to(torch.int32)
+            meta.prefill_max_q, meta.prefill_max_k = max(pre_qlens), max(pre_lens)
         if dec_rows:
-            width = max(len(t) for t in dec_tables)
-            padded = [t + [0] * (width - len(t)) for t in dec_tables]
-            meta.decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=dev)
-            meta.decode_tables = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, width]
-            meta.decode_lens = torch.tensor(dec_lens, dtype=torch.long, device=dev)
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta, logit_rows
+            meta.decode_max_len = max(dec_lens)
+            meta.decode_rows, meta.decode_lens = rows_d, lens_d
+            meta.decode_tables = dtab_d.view(len(dec_rows), dec_w)  # [B, width] long
+        return ids_d, meta, logit_rows
 
     def logits(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         """Run one step; logits [n, vocab] fp32 for the requests that produce a token."""
+        if self.graphs is not None and self.graphs.can_run(sched):
+            out = self.graphs.logits(sched)
+            if out is not None:
+                return out, [req for req, _ in sched]
         input_ids, meta, rows = self.prepare(sched)
         hidden = self.model(input_ids, meta, self.kv.pool.layer)  # [T, H]
         reqs = [req for req, n in sched if req.num_computed + n == req.num_tokens]
         if not rows:
             return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32), reqs
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return self.model.logits(hidden[idx]), reqs
+        return self.model.logits(hidden[self._logit_idx]), reqs  # rows uploaded with the step
 
     def step(self, sched: list[tuple[Request, int]]) -> dict[Request, int]:
         logits, reqs = self.logits(sched)

@@ -28,6 +28,8 @@ class ModelConfig:
     path: str = "builtin:tiny-qwen3-moe"
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "float16")})
     device: str = "auto"
+    # true: no CUDA graphs for decode (every step eager), for debugging and profiling
+    enforce_eager: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""Paged attention kernels (Triton) over the device pool, used on CUDA when triton imports.
+
+`use_kernels(q)` decides; `kernel_attention` runs one step: store the new K/V, one launch for all
+prefill pieces (the Triton kernel, or PyTorch's FA2 varlen kernel over gathered keys for long
+pieces: see flash_prefill), one split-K decode launch plus its reduce. The gather+SDPA path in engine.layers
+is the CPU path and the oracle the kernels are tested against.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install: fall back to the reference path
+        return False
+    return True
+
+
+def use_kernels(q: torch.Tensor) -> bool:
+    """Kernels on CUDA tensors (or any device under TRITON_INTERPRET=1) when triton imports."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return os.environ.get("KVC_ATTENTION", "") != "reference" and triton_available()
+
+
+def prefill_inputs(meta, P: int, device: torch.device):
+    """(tables [B, W], q_starts [B], q_lens [B], k_lens [B] (int32), max_q, max_k) of the prefill
+    pieces.
+
+    The runner fills them in AttnMetadata; a metadata built without them gets them from `prefills`.
+    """
+    if meta.prefill_tables is not None:
+        return (meta.prefill_tables, meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_k_lens,
+                meta.prefill_max_q, meta.prefill_max_k)
+    ps = meta.prefills
+    width = max((p.k_len + P - 1) // P for p in ps)
+    tables = torch.zeros(len(ps), width, dtype=torch.int32, device=device)
+    for i, p in enumerate(ps):
+        nb = (p.k_len + P - 1) // P
+        tables[i, :nb] = p.block_table[:nb]
+    starts, q_lens, k_lens = (torch.tensor(x, dtype=torch.int32, device=device) for x in
+                              ([p.q_start for p in ps], [p.q_len for p in ps], [p.k_len for p in ps]))
+    return tables, starts, q_lens, k_lens, max(p.q_len for p in ps), max(p.k_len for p in ps)
+
+
+def prefill_backend(q: torch.Tensor, max_q: int, choice: str | None = None) -> str:
+    """"flash" (FA2 varlen over gathered keys) for long pieces where it runs, else "triton".
+
+    `choice` (or env KVC_PREFILL) forces one: tests and benchmarks compare both."""
+    from .flash_prefill import FLASH_MIN_Q, flash_usable
+    choice = choice or os.environ.get("KVC_PREFILL") or "auto"
+    if choice == "triton" or not flash_usable(q):
+        return "triton"
+    return "flash" if choice == "flash" or max_q >= FLASH_MIN_Q else "triton"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from .triton_norm import rms_norm as kernel
+    return kernel(x, weight, eps)
+
+
+def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    from .triton_rope import apply_rope
+    return apply_rope(x, cos, sin)
+
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, meta, scale: float, prefill: str | None = None) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
+    from .flash_prefill import flash_prefill
+    from .triton_cache import store_kv
+    from .triton_decode import decode_attention
+    from .triton_prefill import prefill_attention
+    P = k_cache.shape[1]
+    store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, meta.slot_mapping)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if meta.prefills:
+        max_q = meta.prefill_max_q or max(p.q_len for p in meta.prefills)
+        done = (prefill_backend(q, max_q, prefill) == "flash"
+                and flash_prefill(q, k_cache, v_cache, out, meta.prefills, scale))
+        if not done:
+            tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
+            prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)
+    if meta.decode_rows is not None:
+        bound = meta.decode_max_len or meta.decode_tables.shape[1] * P
+        decode_attention(q, k_cache, v_cache, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,
+                         bound, scale)
+    return out

@@ -1,0 +1,61 @@
+"""Shared pieces of the attention kernels: dot precision, and merging split-K partial outputs.
+
+A split-K pass writes, per (row, head, slice), the slice's softmax-normalised output and its
+log2-sum-exp (-inf for a slice that saw no key); `merge_splits` combines the slices of each row.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TARGET_PROGRAMS = 512  # programs per launch that fill an H200's 132 SMs a few times over
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 models get fp32 dots, not TF32
+
+
+def keys_per_split(programs: int, max_len: int, block_n: int) -> int:
+    """Keys per slice (a multiple of block_n) so that `programs` x slices fills the GPU."""
+    tiles = triton.cdiv(max(max_len, 1), block_n)
+    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(programs, 1))))
+    return triton.cdiv(tiles, splits) * block_n
+
+
+@triton.jit
+def _merge_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_ms,
+                          stride_lb, stride_lh, stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    d_mask = offs_d < HEAD_DIM
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sj = s0 + offs_s
+        s_mask = sj < num_splits
+        lse = tl.load(MidL + b * stride_lb + head * stride_lh + sj, mask=s_mask, other=float("-inf"))  # [S]
+        o = tl.load(MidO + b * stride_mb + head * stride_mh + sj[:, None] * stride_ms + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [S, D]
+        m_new = tl.maximum(m_i, tl.max(lse, 0))  # [1]
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_safe)  # [S]; empty slices weigh 0
+        alpha = tl.math.exp2(m_i - m_safe)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    row = tl.load(Rows + b).to(tl.int64)
+    tl.store(O + row * stride_ot + head * stride_oh + offs_d, (acc / l_i).to(O.dtype.element_ty), mask=d_mask)
+
+
+def merge_splits(mid_o: torch.Tensor, mid_l: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
+    """mid_o [B, Hq, S, D] fp32, mid_l [B, Hq, S] fp32 -> out[rows[b], h] for every b, h."""
+    B, Hq, S, BLOCK_D = mid_o.shape
+    _merge_kernel[(B, Hq)](mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+                           mid_l.stride(0), mid_l.stride(1), out.stride(0), out.stride(1),
+                           HEAD_DIM=out.shape[-1], BLOCK_D=BLOCK_D, BLOCK_S=16, num_warps=4)

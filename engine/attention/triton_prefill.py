@@ -1,0 +1,136 @@
+"""Prefill attention over the paged pool in one launch for all prefill pieces of a step.
+
+Each piece is q_len new queries after k_len - q_len cached keys (bottom-right causal). The step's
+own K/V are already in the pool (written through slot_mapping), so every key is read in place
+through the piece's block table: key j lives at block_table[j // P] * P + j % P. Flash-attention
+style: one program per (query tile, piece, query head), online softmax in fp32, GQA by mapping
+query head h to kv head h // group. Any page size works: the key tile is gathered per row.
+
+A step with few query tiles over a long cached prefix (a short suffix after a prefix hit) would
+leave most SMs idle, so it also splits the keys (split-K, as the decode kernel does) and merges
+the slices afterwards.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_merge import TARGET_PROGRAMS, dot_precision, keys_per_split, merge_splits
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
+                    num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_tb,
+                    stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
+                    GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    m_blk = tl.program_id(0)
+    piece = tl.program_id(1) // num_splits
+    split = tl.program_id(1) % num_splits
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start = tl.load(QStarts + piece)
+    q_len = tl.load(QLens + piece)
+    if m_blk * BLOCK_M >= q_len:
+        return
+    k_len = tl.load(KLens + piece)
+    ctx = k_len - q_len  # cached keys before this piece's first query
+
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)  # [M] query rows within the piece
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [M, D]
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    q_pos = ctx + offs_m  # [M] absolute position of each query
+    # keys past the last query of this tile are masked for every row: stop there
+    end = tl.minimum(k_len, ctx + (m_blk + 1) * BLOCK_M)
+    lo = 0
+    if SPLIT:
+        lo = split * keys_per_split
+        end = tl.minimum(end, lo + keys_per_split)
+    table = Tables + piece * stride_tb
+    for start in range(lo, end, BLOCK_N):
+        kj = start + offs_n  # [N] key positions
+        n_mask = kj < end
+        blk = tl.load(table + kj // PAGE, mask=n_mask, other=0).to(tl.int64)
+        off = kj % PAGE
+        k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+        causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(causal, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    rows = (q_start + offs_m).to(tl.int64)
+    if SPLIT:  # partial output and its log2-sum-exp; merge_splits combines the slices
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        base = rows * stride_mt + head * stride_mh + split * stride_ms
+        tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(MidL + rows * stride_lt + head * stride_lh + split, lse, mask=m_mask)
+    else:
+        o_ptrs = O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+                      k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0) -> None:
+    """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
+    int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
+    Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
+    enables split-K when the query tiles alone cannot fill the GPU."""
+    T, Hq = q.shape[0], q.shape[1]
+    _, P, Hkv, D = k_cache.shape
+    B = k_lens.shape[0]
+    if B == 0 or max_q == 0:
+        return
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if q.element_size() == 4:  # fp32 tiles take twice the shared memory
+        BLOCK_M, BLOCK_N, warps, stages = (64 if max_q > 16 else 16), 32, 4, 2
+    elif max_q >= 128 and BLOCK_D <= 128:  # long pieces: bigger query tiles, fewer K/V re-reads
+        BLOCK_M, BLOCK_N, warps, stages = 128, 64, 8, 3
+    else:
+        BLOCK_M, BLOCK_N, warps, stages = (64 if max_q > 16 else 16), (64 if BLOCK_D <= 128 else 32), 4, 2
+    programs = triton.cdiv(max_q, BLOCK_M) * B * Hq
+    S, kps = 1, 0
+    if max_k and programs < TARGET_PROGRAMS // 2:
+        kps = keys_per_split(programs, max_k, BLOCK_N)
+        S = triton.cdiv(max_k, kps)
+    if S > 1:
+        mid_o = torch.empty(T, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device)  # [T, Hq, S, D]
+        mid_l = torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_l = out  # unused
+    grid = (triton.cdiv(max_q, BLOCK_M), B * S, Hq)
+    _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, tables, q_starts, q_lens, k_lens, scale,
+                          kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
+                          mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if S > 1 else 0,
+                          mid_l.stride(0), mid_l.stride(1),
+                          GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, SPLIT=S > 1, BLOCK_M=BLOCK_M,
+                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
+                          num_warps=warps, num_stages=stages)
+    if S > 1:
+        # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
+        merge_splits(mid_o, mid_l, out, torch.arange(T, device=q.device))

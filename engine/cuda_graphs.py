@@ -1,0 +1,137 @@
+"""Decode steps as CUDA graphs: one graph per bucketed batch size, replayed over static buffers.
+
+A decode-only step of B requests runs the graph of the smallest bucket >= B (1, 2, 4, ..., up to
+scheduler.max_num_seqs). Rows past B are padding: slot -1 (the K/V store skips them), length 0
+(attention reads nothing), token 0; their logits are dropped. The graph covers embedding, every
+layer (norms, RoPE, the K/V store, split-K decode attention sized for `max_blocks` pages, router
+and grouped expert GEMMs) and the lm_head; sampling stays outside. Graphs are captured lazily, the
+first time a bucket is needed. Only engine.model.CausalLM with its own device experts qualifies:
+offloaded or recording experts, CPU, missing triton or `model.enforce_eager` keep steps eager.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .attention import use_kernels
+from .kv_cache import KVCache
+from .layers import AttnMetadata
+from .model import CausalLM
+from .request import Request
+
+log = logging.getLogger(__name__)
+
+
+def buckets(max_num_seqs: int) -> list[int]:
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    return out + [max_num_seqs]
+
+
+def graphs_supported(model: torch.nn.Module, device: torch.device) -> str | None:
+    """None when decode graphs can be used, else why not."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    if type(model) is not CausalLM:
+        return f"{type(model).__name__} is not engine.model.CausalLM"
+    if not use_kernels(torch.empty(0, device=device)):
+        return "triton kernels unavailable"
+    if any(b._backend is not None for b in model.moe_blocks()):
+        return "MoE experts are offloaded or recorded (their execution syncs with the host)"
+    return None
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv: KVCache, device: torch.device, max_num_seqs: int,
+                 max_model_len: int):
+        self.model, self.kv, self.device = model, kv, device
+        self.sizes = buckets(max_num_seqs)
+        P = kv.page_size
+        self.max_blocks = (max_model_len + P - 1) // P
+        B = self.sizes[-1]
+        long = dict(dtype=torch.long, device=device)
+        self.ids = torch.zeros(B, **long)  # [B] static inputs
+        self.positions = torch.zeros(B, **long)
+        self.slots = torch.full((B,), -1, **long)
+        self.rows = torch.arange(B, **long)
+        self.tables = torch.zeros(B, self.max_blocks, dtype=torch.int32, device=device)  # [B, max_blocks]
+        self.lens = torch.zeros(B, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.disabled: str | None = None
+        self.replays = 0
+
+    def _meta(self, B: int) -> AttnMetadata:
+        return AttnMetadata(self.positions[:B], self.slots[:B], [], self.rows[:B], self.tables[:B],
+                            self.lens[:B], decode_max_len=self.max_blocks * self.kv.page_size)
+
+    def _forward(self, B: int) -> torch.Tensor:
+        hidden = self.model(self.ids[:B], self._meta(B), self.kv.pool.layer)  # [B, H]
+        return self.model.logits(hidden)  # [B, vocab] fp32
+
+    def _capture(self, B: int) -> None:
+        self._pad(0, B)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: triton compiles, cuBLAS picks, experts decide
+            self._forward(B)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if not all(getattr(b.experts, "_grouped", False) for b in self.model.moe_blocks()):
+            raise RuntimeError("grouped expert GEMMs unavailable for this device/dtype; "
+                               "the per-expert loop syncs with the host")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = self._forward(B)
+        if self.pool is None:
+            self.pool = g.pool()
+        self.graphs[B] = (g, out)
+
+    def _pad(self, start: int, end: int) -> None:
+        self.ids[start:end] = 0
+        self.positions[start:end] = 0
+        self.slots[start:end] = -1
+        self.lens[start:end] = 0
+
+    def can_run(self, sched: list[tuple[Request, int]]) -> bool:
+        return (self.disabled is None and 0 < len(sched) <= self.sizes[-1] and all(n == 1 for _, n in sched))
+
+    def logits(self, sched: list[tuple[Request, int]]) -> torch.Tensor | None:
+        """Logits [B, vocab] fp32 of a decode-only step, or None when it must run eagerly."""
+        B = len(sched)
+        size = next(s for s in self.sizes if s >= B)
+        if size not in self.graphs:
+            try:
+                self._capture(size)
+            except Exception as e:  # a model whose decode cannot be captured: stay eager
+                self.disabled = f"capture failed: {e}"
+                log.warning("decode CUDA graphs off: %s", self.disabled)
+                return None
+        P = self.kv.page_size
+        ids, pos, slots, lens = [], [], [], []
+        width = 0
+        for req, _ in sched:
+            p = req.num_computed
+            ids.append(req.ids(p, p + 1)[0])
+            pos.append(p)
+            slots.append(req.block_table[p // P] * P + p % P)
+            lens.append(p + 1)
+            width = max(width, p // P + 1)
+        rows = []
+        for req, n_keys in zip((r for r, _ in sched), lens):
+            nb = (n_keys + P - 1) // P
+            rows.append(req.block_table[:nb] + [0] * (width - nb))
+        table = torch.tensor(rows, dtype=torch.int32)  # [B, width]
+        host = torch.tensor([ids, pos, slots], dtype=torch.long)  # [3, B]
+        self.ids[:B].copy_(host[0], non_blocking=True)
+        self.positions[:B].copy_(host[1], non_blocking=True)
+        self.slots[:B].copy_(host[2], non_blocking=True)
+        self.lens[:B].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self.tables[:B, :width].copy_(table, non_blocking=True)  # entries past a length are never read
+        self._pad(B, size)
+        g, out = self.graphs[size]
+        g.replay()
+        self.replays += 1
+        return out[:B]

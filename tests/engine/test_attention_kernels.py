@@ -1,0 +1,177 @@
+"""The Triton paged-attention kernels against the gather+SDPA reference: random block tables,
+ragged pieces, cached prefixes that end mid-page, decodes mixed into the same step, GQA 1:1/4:1/8:1.
+
+On CUDA (`-m gpu`) at real shapes; on CPU under triton's interpreter (TRITON_INTERPRET=1, in a
+subprocess because the flag is read when the kernels are defined) at tiny shapes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.layers import AttnMetadata, Piece, paged_attention_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, dtype, device, seed=0):
+    """pieces: (cached, new) per sequence; new == 1 is a decode. Returns inputs and AttnMetadata."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum((c + n + P - 1) // P for c, n in pieces)
+    N = need + 3
+    k_cache = torch.randn(N, P, Hkv, D, generator=g).to(dtype).to(device)  # [N, P, Hkv, D]
+    v_cache = torch.randn(N, P, Hkv, D, generator=g).to(dtype).to(device)
+    perm = torch.randperm(N, generator=g).tolist()  # blocks scattered over the pool
+    T = sum(n for _, n in pieces)
+    q = torch.randn(T, Hq, D, generator=g).to(dtype).to(device)
+    k = torch.randn(T, Hkv, D, generator=g).to(dtype).to(device)
+    v = torch.randn(T, Hkv, D, generator=g).to(dtype).to(device)
+    positions, slots, prefills, dec = [], [], [], ([], [], [])
+    row = 0
+    for c, n in pieces:
+        nb = (c + n + P - 1) // P
+        table = [perm.pop() for _ in range(nb)]
+        pos = list(range(c, c + n))
+        positions += pos
+        slots += [table[p // P] * P + p % P for p in pos]
+        if n == 1:
+            dec[0].append(row), dec[1].append(table), dec[2].append(c + 1)
+        else:
+            prefills.append(Piece(row, n, c + n, torch.tensor(table, dtype=torch.long, device=device)))
+        row += n
+    lt = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    meta = AttnMetadata(lt(positions), lt(slots), prefills, None, None, None)
+    if dec[0]:
+        width = max(len(t) for t in dec[1])
+        meta.decode_rows, meta.decode_lens = lt(dec[0]), lt(dec[2])
+        meta.decode_tables = lt([t + [0] * (width - len(t)) for t in dec[1]])
+    return q, k, v, k_cache, v_cache, meta
+
+
+def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
+    """Kernels == reference: prefill by the Triton kernel with and without split-K, and by FA2 varlen
+    where it runs (CUDA, fp16/bf16)."""
+    from engine.attention import kernel_attention, prefill_backend, prefill_inputs
+    q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, D, P, dtype, device)
+    ref = paged_attention_reference(q, k, v, kc.clone(), vc.clone(), meta, D ** -0.5)
+    backends = ["triton"] + (["flash"] if prefill_backend(q, 1, "flash") == "flash" else [])
+    for split, backend in [(True, b) for b in backends] + [(False, "triton")]:
+        kc2, vc2 = kc.clone(), vc.clone()
+        if meta.prefills:  # packed as the runner does; max_k = 0 turns split-K off
+            (meta.prefill_tables, meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_k_lens,
+             meta.prefill_max_q, max_k) = prefill_inputs(meta, P, q.device)
+            meta.prefill_max_k = max_k if split else 0
+        out = kernel_attention(q, k, v, kc2, vc2, meta, D ** -0.5, prefill=backend)
+        ref_kc, ref_vc = kc.clone(), vc.clone()
+        paged_attention_reference(q, k, v, ref_kc, ref_vc, meta, D ** -0.5)
+        assert torch.equal(kc2, ref_kc) and torch.equal(vc2, ref_vc), "the kernels wrote the pool differently"
+        if backend == "flash":
+            from engine.attention import flash_prefill
+            assert flash_prefill._broken is None, flash_prefill._broken  # it ran, no silent fallback
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol, (f"max abs error {err} > {atol} for pieces {pieces} Hq={Hq} Hkv={Hkv} D={D} "
+                             f"P={P} {dtype} split={split} prefill={backend}")
+
+
+def check_norm(device):
+    """The RMSNorm kernel against the eager reference (fp32 sums may differ in order only)."""
+    from engine.layers import RMSNorm
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)):  # ~2 ulp
+        norm = RMSNorm(96, 1e-6).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(96) + 1)
+        x = (torch.randn(7, 3, 96) * 3).to(device=device, dtype=dtype)
+        from engine.attention import rms_norm
+        got, want = rms_norm(x, norm.weight, norm.eps), norm.reference(x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
+
+
+def check_rope(device):
+    """The RoPE kernel against eager apply_rope: the same roundings, equal to an ulp of the addends.
+    bf16 on CUDA only: triton's interpreter converts to bf16 by truncating, torch rounds."""
+    from engine.attention import rope_kernel
+    from engine.layers import Rope, apply_rope_reference
+    rope = Rope(32, 1e6).to(device)
+    cases = [(torch.float32, 1e-5), (torch.float16, 1e-3)] + ([(torch.bfloat16, 1e-2)] if device == "cuda" else [])
+    for dtype, rtol in cases:
+        cos, sin = rope.cos_sin(torch.tensor([0, 5, 77, 4000], device=device), dtype)  # [4, 32]
+        x = torch.randn(4, 8, 48).to(device=device, dtype=dtype)[..., 8:40]  # strided rows, as q_proj views
+        got, want = rope_kernel(x, cos, sin), apply_rope_reference(x, cos, sin)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # addends rounded by a different unit than torch's separate kernels can differ by one ulp,
+        # which a near-cancelling sum shows as an absolute error of one ulp of the addends
+        torch.testing.assert_close(got, want, rtol=rtol, atol=4 * rtol)  # |x| < 4 here
+
+
+# (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
+RAGGED = [(0, 37), (21, 50), (5, 1), (130, 1), (64, 17), (1, 1), (77, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,page,heads", [  # every dtype, page size and GQA ratio, 6 compiles
+    (torch.bfloat16, 16, (8, 8)), (torch.bfloat16, 32, (16, 4)), (torch.bfloat16, 64, (32, 4)),
+    (torch.float16, 16, (32, 4)), (torch.float16, 32, (8, 8)), (torch.float16, 64, (16, 4))],
+    ids=["bf16-p16-gqa1", "bf16-p32-gqa4", "bf16-p64-gqa8", "fp16-p16-gqa8", "fp16-p32-gqa1", "fp16-p64-gqa4"])
+def test_kernels_match_reference_cuda(dtype, page, heads):
+    pytest.importorskip("triton")
+    Hq, Hkv = heads
+    check(RAGGED, Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)
+    long = [(3000, 1), (2048 + 5, 300), (0, 700), (40, 1)] + [(i * 97, 1) for i in range(1, 33)]
+    check(long, Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)
+    check([(8000 + 7, 64)], Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)  # short suffix, long prefix
+    if page == 16:
+        check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
+        check_norm("cuda")
+        check_rope("cuda")
+
+
+INTERP = """
+import os, sys, torch
+from tests.engine.test_attention_kernels import check, check_norm, check_rope, engine_tokens
+check_norm("cpu")
+check_rope("cpu")
+pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
+for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
+    check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
+check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
+check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
+os.environ["KVC_ATTENTION"] = "reference"
+ref = engine_tokens(sys.argv[1])
+del os.environ["KVC_ATTENTION"]
+got = engine_tokens(sys.argv[1])
+assert got == ref, (got, ref)
+print("ok")
+"""
+
+
+def engine_tokens(path: str) -> dict[str, list[int]]:
+    """Greedy tokens of a ragged batch run twice (the second round hits the device pool)."""
+    from engine import LLMEngine, SamplingParams
+    from kvc.config import load_config
+    eng = LLMEngine(load_config().replace(path=path, device="cpu", page_size=4, chunk_size=8,
+                                          num_device_blocks=64, gpu_only=True))
+    prompts = [[(i * 7 + 3) % 250 for i in range(13)], [(i * 5 + 1) % 250 for i in range(6)]]
+    out = {}
+    for r in range(2):
+        for i, p in enumerate(prompts):
+            eng.add_request(f"{r}{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        while eng.has_unfinished():
+            out.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+    return out
+
+
+def test_kernels_match_reference_interpreter(qwen_dir):
+    """Kernels and the engine's kernel dispatch on CPU tensors under triton's interpreter."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    r = subprocess.run([sys.executable, "-c", INTERP, str(qwen_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

@@ -1,0 +1,85 @@
+"""Decode CUDA graphs and the attention kernels inside the engine: greedy tokens equal eager decode
+and the gather+SDPA reference across page sizes, chunk sizes, GQA ratios and ragged batches.
+The GPU tests run on the device (`-m gpu`); bucket sizing and the CPU fallback run everywhere."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLMEngine, SamplingParams
+from engine.cuda_graphs import buckets
+from engine.tiny import make_tiny_model
+from kvc.config import ConfigError, load_config
+
+PROMPTS = [[(i * 37 + 11 + j) % 250 for i in range(n)] for j, n in enumerate((45, 20, 33, 7, 60, 16))]
+
+
+def engine(path, dtype="float32", device="cuda", **kw):
+    cfg = load_config().replace(path=str(path), dtype=dtype, device=device, num_device_blocks=256,
+                                gpu_only=True, max_num_seqs=8, **kw)
+    return LLMEngine(cfg)
+
+
+_ids = iter(range(1 << 30))
+
+
+def run(eng, prompts, max_tokens=(9, 4, 12, 6, 3, 10)):
+    """Greedy tokens per prompt; different max_tokens so the decode batch shrinks through buckets."""
+    tag = f"r{next(_ids)}"
+    for i, p in enumerate(prompts):
+        eng.add_request(f"{tag}-{i}", p, SamplingParams(temperature=0, max_tokens=max_tokens[i % len(max_tokens)],
+                                                        ignore_eos=True))
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    return [done[f"{tag}-{i}"] for i in range(len(prompts))]
+
+
+def test_buckets():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def test_enforce_eager_is_a_bool_key_and_cpu_stays_eager(qwen_dir):
+    with pytest.raises(ConfigError, match="enforce_eager"):
+        load_config().replace(enforce_eager="maybe")
+    eng = engine(qwen_dir, device="cpu")
+    assert eng.runner.graphs is None  # no CUDA: every step eager
+
+
+@pytest.fixture(scope="module")
+def bf16_dirs(tmp_path_factory):
+    return {a: make_tiny_model(tmp_path_factory.mktemp(a), a, dtype="bfloat16") for a in ("qwen3_moe", "mixtral")}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("page", [16, 64])
+def test_graph_decode_equals_eager(bf16_dirs, arch, page):
+    path = bf16_dirs[arch]
+    eager = run(engine(path, "bfloat16", page_size=page, chunk_size=32, enforce_eager=True), PROMPTS)
+    eng = engine(path, "bfloat16", page_size=page, chunk_size=32)
+    graphs = run(eng, PROMPTS)
+    g = eng.runner.graphs
+    assert g is not None and g.disabled is None and g.replays > 0 and len(g.graphs) >= 3
+    assert graphs == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("page,chunk", [(16, 2048), (32, 16), (64, 24)], ids=["p16c2048", "p32c16", "p64c24"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["gqa1", "gqa4", "gqa8"])
+def test_kernels_greedy_equal_reference(tmp_path, monkeypatch, page, chunk, heads):
+    path = make_tiny_model(tmp_path, "qwen3_moe", num_attention_heads=heads[0], num_key_value_heads=heads[1])
+    prompts = PROMPTS + [PROMPTS[0][:40] + [5, 6, 7]]  # the last one hits the first's cached pages
+    monkeypatch.setenv("KVC_ATTENTION", "reference")
+    ref = run(engine(path, page_size=page, chunk_size=chunk, enforce_eager=True), prompts)
+    monkeypatch.delenv("KVC_ATTENTION")
+    eng = engine(path, page_size=page, chunk_size=chunk)
+    assert run(eng, prompts) == ref
+    first = run(eng, prompts[:1])  # a device hit of the whole prompt but its last token
+    assert first == ref[:1]
