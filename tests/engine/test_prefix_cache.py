@@ -170,3 +170,46 @@ def run_one(eng, prompt) -> list[int]:
     done = {}
     drain(eng, done, 500)
     return done[rid].outputs[0].token_ids
+
+
+def test_planner_loads_what_pays_with_injected_rates():
+    from engine.load_policy import LoadPlanner
+    p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
+    assert p.pages_to_load(["disk"] * 4, 0) == 4  # nothing measured yet: load, and so measure
+    p.observe_prefill(16_000, 1.0)                 # recomputing a page: 1 ms
+    p.observe_load("cpu", 10 << 30, 1.0)           # loading one from cpu: 0.1 ms
+    p.observe_load("disk", 1 << 29, 1.0)           # from disk: 2 ms
+    assert p.pages_to_load(["cpu"] * 4, 0) == 4    # a fast tier is used
+    assert p.pages_to_load(["disk"] * 4, 0) == 0   # a slow one is skipped
+    assert p.pages_to_load(["cpu"] * 3 + ["disk"] * 5, 1) == 3  # partial load, then recompute
+    assert p.pages_to_load(["cpu"] * 3, 3) == 3    # nothing past the device hit
+    assert LoadPlanner("always", 16, 1 << 20).pages_to_load(["disk"] * 4, 1) == 4
+    assert LoadPlanner("never", 16, 1 << 20).pages_to_load(["cpu"] * 4, 1) == 1
+    with pytest.raises(ValueError, match="load_policy"):
+        LoadPlanner("sometimes")
+    with pytest.raises(ValueError, match="load_policy"):
+        load_config().replace(load_policy="sometimes")
+
+
+@pytest.mark.parametrize("cpu_bytes_per_s,loaded", [(1e3, 0), (1e13, 28)])
+def test_engine_skips_a_slow_tier_and_uses_a_fast_one(qwen_dir, store, cpu_bytes_per_s, loaded):
+    from prometheus_client import CollectorRegistry
+    cold = run_one(make_engine(qwen_dir), PROMPT)
+    cfg = load_config().replace(path=str(qwen_dir), dtype="float32", device="cpu", gpu_only=False,
+                                page_size=4, chunk_size=64, num_device_blocks=64)
+    reg = CollectorRegistry()
+    eng = LLMEngine(cfg, cache=store, registry=reg)
+    run_one(eng, PROMPT)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    eng.planner.observe_prefill(1000, 1.0)  # injected: a page recomputes in 4 ms
+    eng.planner.bandwidth.clear()
+    eng.planner.observe_load("cpu", int(cpu_bytes_per_s), 1.0)
+    eng.add_request("again", PROMPT, GREEDY)
+    done = {}
+    drain(eng, done, 100)
+    assert done["again"].num_cached_tokens == loaded
+    assert done["again"].outputs[0].token_ids == cold
+    assert reg.get_sample_value("kvc_engine_prefill_tokens_per_second") == 1000
+    assert reg.get_sample_value("kvc_tier_load_bytes_per_second", {"tier": "cpu"}) > 0
+    eng.close()
