@@ -26,6 +26,8 @@ from kvc.record import Page, torch_dtype
 log = logging.getLogger("kvc.engine")
 
 Observer = Callable[[str, int, float], None]  # (tier, bytes, seconds) of one load run
+MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: not reported
+PUT_BATCH = 16  # pages per put_pages call: the store's lock is held that long, not a chunk's worth
 
 
 class HostTier:
@@ -57,11 +59,17 @@ class HostTier:
         so each tier's bandwidth is measured; on CUDA the copies are complete when the future is.
         """
         tiers = list(tiers) if tiers is not None else ["host"] * len(hashes)
-        return self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers)
+        ready = None
+        if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(pool.device))
+        return self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready)
 
     def _load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
-              tiers: list[str]) -> int:
+              tiers: list[str], ready=None) -> int:
         cuda = pool.device.type == "cuda"
+        if cuda:
+            self._side(pool.device, "_load_stream").wait_event(ready)
         # On CUDA the staging buffer is on the device: the store copies its pinned slab straight
         # into it (verifying on its reader threads meanwhile); then one device-side scatter.
         staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))
@@ -81,7 +89,7 @@ class HostTier:
                 n = len(self.cache.get_pages(ns, hashes[done:end], out=staging[done:end]))
                 if n:
                     pool.scatter(blocks[done:done + n], staging[done:done + n])
-            if self.observe is not None and n:
+            if self.observe is not None and n * ns.spec.page_bytes >= MIN_SAMPLE_BYTES:
                 self.observe(tier, n * ns.spec.page_bytes, time.perf_counter() - t0)
             done += n
             if done < end:
@@ -162,7 +170,8 @@ class HostTier:
                 if event is not None:
                     event.synchronize()  # this thread waits for the copy; the engine does not
                 pages = [Page(h, p, t, data[i]) for i, (h, p, t) in enumerate(zip(hashes, parents, tokens))]
-                self.cache.put_pages(ns, pages)
+                for i in range(0, len(pages), PUT_BATCH):
+                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH])
             except Exception:  # a failing tier must not stop the engine; say so and go on
                 self.failed_puts += 1
                 log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)
