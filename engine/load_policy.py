@@ -5,7 +5,7 @@ page_size / prefill rate. The plan loads the leading run whose summed saving is 
 are loaded in order, so a slow tier after a fast one ends the run where it stops paying). Both
 rates are measured online (EWMA) by the engine: the prefill rate from its own steps, each tier's
 bandwidth from its own loads. A rate not yet measured counts as "loading pays" so that it gets
-measured. `kvc.load_policy` pins the choice: always (load every hit), never (recompute).
+measured, and a tier skipped REPROBE times is loaded once to re-measure it. `kvc.load_policy` pins the choice: always (load every hit), never (recompute).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import threading
 from typing import Sequence
 
 POLICIES = ("auto", "always", "never")
+REPROBE = 64  # after this many decisions that skipped a tier, load from it once to re-measure it
 
 
 class Ewma:
@@ -30,6 +31,7 @@ class LoadPlanner:
         self.policy, self.page_size, self.page_bytes = policy, page_size, page_bytes
         self.prefill = Ewma()  # tokens / s
         self.bandwidth: dict[str, Ewma] = {}  # tier -> bytes / s
+        self._skips: dict[str, int] = {}  # tier -> decisions that stopped loading at it
         self._lock = threading.Lock()  # loads report from the loader thread
 
     # -- measurements ----------------------------------------------------------------------------
@@ -41,6 +43,7 @@ class LoadPlanner:
         if nbytes > 0 and seconds > 0:
             with self._lock:
                 self.bandwidth.setdefault(tier, Ewma()).add(nbytes / seconds)
+                self._skips[tier] = 0
 
     def prefill_rate(self) -> float | None:
         return self.prefill.value
@@ -69,4 +72,10 @@ class LoadPlanner:
             saving += recompute - (self.page_bytes / bw if bw else 0.0)
             if saving > best:
                 best, best_at = saving, i + 1
+        if best_at < end:  # a measured-slow tier is never loaded, so never re-measured: now and
+            tier = located[best_at]  # then it is, in case it got faster (e.g. a cold disk warmed)
+            self._skips[tier] = self._skips.get(tier, 0) + 1
+            if self._skips[tier] >= REPROBE:
+                self._skips[tier] = 0
+                return end
         return best_at
