@@ -50,7 +50,7 @@ VOCAB = 150_000
 
 
 def size(n: int) -> str:
-    return f"{size(n)}" if n % 1024 == 0 else str(n)
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def ms(x: float) -> str:
@@ -199,7 +199,7 @@ def main() -> None:
     global VOCAB
     VOCAB = 256 if smoke else VOCAB
     base = dict(dtype="bfloat16", device=a.device, page_size=16, chunk_size=2048)
-    tiers = dict(base, cpu_memory_size_GB=4, disk_path=str(disk_path), disk_size_GB=64)
+    tiers = dict(base, cpu_memory_size_GB=4, disk_path=str(disk_path), disk_size_GB=16)
     rng = random.Random(0)
     prefixes = {n: rand_ids(rng, n) for n in lengths}
     rows: list[tuple[str, str, str, str]] = []  # what, measured, floor/peer, note
