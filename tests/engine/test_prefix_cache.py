@@ -2,6 +2,7 @@
 and the load-or-recompute choice. Every output is compared with the cache-off output."""
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 
@@ -99,10 +100,10 @@ def churn_case(qwen_dir, tmp_path, seed: int, aborts: bool) -> None:
 
 # seeds 2 and 3 stalled (a fresh head that could not be admitted, with requests back from
 # LOADING holding blocks behind it) before the engine-side prefix cache; the slow test below
-# runs 8 seeds with and without aborts
-@pytest.mark.parametrize("seed", [2, 3])
-def test_churn_under_pool_pressure_never_stalls(qwen_dir, tmp_path, seed):
-    churn_case(qwen_dir, tmp_path, seed, aborts=False)
+# runs 8 seeds with and without aborts (aborts hit requests waiting, loading and running)
+@pytest.mark.parametrize("seed,aborts", [(2, False), (3, False), (0, True), (4, True)])
+def test_churn_under_pool_pressure_never_stalls(qwen_dir, tmp_path, seed, aborts):
+    churn_case(qwen_dir, tmp_path, seed, aborts)
 
 
 @pytest.mark.slow
@@ -164,8 +165,11 @@ def test_abort_while_loading_defers_the_free(qwen_dir, store):
     eng.close()
 
 
+_ids = itertools.count()
+
+
 def run_one(eng, prompt) -> list[int]:
-    rid = f"one{len(eng.requests)}-{id(prompt)}-{eng.metrics.prompt_tokens._value.get()}"
+    rid = f"one{next(_ids)}"
     eng.add_request(rid, prompt, GREEDY)
     done = {}
     drain(eng, done, 500)
