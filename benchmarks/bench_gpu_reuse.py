@@ -247,6 +247,7 @@ def main() -> None:
         tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len)
         host = eng.prefix_cache.host
         notes.append(f"# host tiers on: dropped_puts {host.dropped_puts}, failed_puts {host.failed_puts}")
+        del host
     llm.close()
     del llm, eng
     free_gpu()
