@@ -1,7 +1,7 @@
-"""KVCache: the engine's device tier. Owns the DevicePool and maps requests to pages in it.
+"""KVCache: the device pool and the page naming of requests (namespaces and chained page hashes).
 
-Page hashes follow hash spec v1 under a namespace per cache salt. A page is registered in the
-pool's hash map (and so becomes a prefix hit for others) only after the step that computed it.
+The model runner reads KV through `pool`; everything that changes a request's block table or the
+pool's hash map lives in engine.prefix_cache.
 """
 from __future__ import annotations
 
@@ -43,41 +43,3 @@ class KVCache:
     def page_tokens(self, req: Request, page: int) -> bytes:
         P = self.page_size
         return tokens_bytes(req.ids(page * P, (page + 1) * P))
-
-    def match(self, req: Request, max_pages: int) -> list[int]:
-        """Device blocks holding the request's first pages (at most max_pages); not yet referenced."""
-        self.update_hashes(req)
-        n = min(max_pages, len(req.hashes))
-        P = self.page_size
-        raw = tokens_bytes(req.ids(0, n * P))  # packed once, sliced per page
-        step = 4 * P
-        return self.blocks.match_prefix(req.hashes[:n], [self.parent(req, i) for i in range(n)],
-                                        [raw[i * step:(i + 1) * step] for i in range(n)])
-
-    def blocks_needed(self, req: Request, num_new: int) -> int:
-        P = self.page_size
-        return max(0, (req.num_computed + num_new + P - 1) // P - len(req.block_table))
-
-    def grow(self, req: Request, n: int) -> bool:
-        """Allocate n more blocks for req; False (nothing changed) when the pool is short."""
-        if n == 0:
-            return True
-        got = self.blocks.allocate(n)
-        if got is None:
-            return False
-        req.block_table += got
-        return True
-
-    def free(self, req: Request) -> None:
-        self.blocks.free(req.block_table)
-        req.block_table = []
-
-    def register_full_pages(self, req: Request) -> list[int]:
-        """Register pages that became full and computed; returns their page indices."""
-        self.update_hashes(req)
-        done = min(req.num_computed // self.page_size, len(req.hashes))
-        new = list(range(req.num_registered, done))
-        for i in new:
-            self.blocks.cache_block(req.block_table[i], req.hashes[i], self.parent(req, i), self.page_tokens(req, i))
-        req.num_registered = max(req.num_registered, done)
-        return new

@@ -12,14 +12,16 @@ from kvc.config import Config
 from kvc.device_pool import DevicePool
 from kvc.hashing import PageSpec
 from kvc.metrics import KvcMetrics
-from kvc.record import as_tokens, dtype_name
+from kvc.record import dtype_name
 
 from .cuda_graphs import DecodeGraphs, graphs_supported
 from .host_tier import HostTier
 from .kv_cache import KVCache
+from .load_policy import LoadPlanner
 from .loader import load_model
 from .metrics import EngineMetrics
 from .offload import experts_load_device, setup_experts
+from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
 from .sampling import SamplingParams, make_generator
@@ -29,6 +31,7 @@ from .tokenizer import Detokenizer, Tokenizer
 BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral", "tiny-deepseek-v2": "deepseek_v2",
            "tiny-deepseek-v3": "deepseek_v3"}
 CPU_POOL_BYTES = 1 << 30  # the device pool's budget when the "device" is the CPU
+PREFILL_SAMPLE_TOKENS = 256  # steps of at least this many tokens measure the prefill rate
 
 
 def resolve_model_path(path: str) -> Path:
@@ -82,8 +85,11 @@ class LLMEngine:
         spec = a.page_spec(config.attn.page_size, kv_dtype)  # MLA models cache one latent part
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
         reuse = config.kvc.prefix_caching
-        self.host = HostTier(cache) if cache is not None and not config.kvc.gpu_only and reuse else None
-        self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.kv, self.host, reuse)
+        self.planner = LoadPlanner(config.kvc.load_policy, spec.page_size, spec.page_bytes)
+        host = (HostTier(cache, observe=self.planner.observe_load)
+                if cache is not None and not config.kvc.gpu_only and reuse else None)
+        self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
+        self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
         registry = registry if registry is not None else CollectorRegistry()
@@ -141,16 +147,20 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted)
         if not sched:
-            self.scheduler.finish_loads(wait=True)
+            self.scheduler.wait_for_loads()  # nothing else can run until a load lands
             return []
-        tokens = self.runner.step(sched)
+        t0 = time.perf_counter()
+        tokens = self.runner.step(sched)  # sampling reads the tokens back: the step is complete
+        dt = time.perf_counter() - t0
         self.experts.step()
+        n_tokens = sum(n for _, n in sched)
+        if n_tokens >= PREFILL_SAMPLE_TOKENS:  # mostly prefill: a sample of the recompute rate
+            self.planner.observe_prefill(n_tokens, dt)
         now = time.monotonic()
         outputs = []
         for req, n in sched:
             req.num_computed += n
-            if self.scheduler.prefix_caching:
-                self._offer(req, self.kv.register_full_pages(req))
+            self.prefix_cache.commit(req)
             tok = tokens.get(req)
             if tok is None:
                 continue
@@ -170,16 +180,6 @@ class LLMEngine:
             outputs.append(req.output())
         self._update_gauges()
         return outputs
-
-    def _offer(self, req: Request, pages: list[int]) -> None:
-        if self.host is None or not pages:
-            return
-        P = self.kv.page_size
-        ids = req.all_ids
-        data = self.kv.pool.gather([req.block_table[i] for i in pages])  # [n, L, parts, P, H, D]
-        self.host.offer(self.kv.namespace(req.cache_salt), [req.hashes[i] for i in pages],
-                        [self.kv.parent(req, i) for i in pages],
-                        [as_tokens(ids[i * P:(i + 1) * P]) for i in pages], data)
 
     def _check_stop(self, req: Request, tok: int) -> None:
         p = req.params
@@ -203,8 +203,8 @@ class LLMEngine:
         b = self.kv.blocks
         self.metrics.device_tier(self.kv.pool.num_blocks * self.kv.spec.page_bytes,
                                  b.num_blocks - b.num_free, self.kv.spec.page_bytes)
+        self.metrics.rates(self.planner.prefill_rate(), self.planner.tier_rates())
 
     def close(self) -> None:
         self.experts.close()
-        if self.host is not None:
-            self.host.close()
+        self.prefix_cache.close()

@@ -36,8 +36,20 @@ class EngineMetrics:
         # Prompt tokens the device pool already held at admission (the engine's own lookup; the
         # host tiers count theirs in the store, from page 0, which may overlap these).
         self.device_hit_tokens = hits.labels(tier="device")
+        # The rates behind kvc.load_policy: auto (engine.load_policy), measured online.
+        self.prefill_rate = Gauge("kvc_engine_prefill_tokens_per_second",
+                                  "Measured prefill rate (EWMA over steps of mostly prefill)", registry=r)
+        self.load_rate = Gauge("kvc_tier_load_bytes_per_second",
+                               "Measured bandwidth of loads from a host tier into the device pool (EWMA)",
+                               ["tier"], registry=r)
 
     def device_tier(self, capacity_bytes: int, used_pages: int, page_bytes: int) -> None:
         self.capacity.labels(tier="device").set(capacity_bytes)
         self.used.labels(tier="device").set(used_pages * page_bytes)
         self.pages.labels(tier="device").set(used_pages)
+
+    def rates(self, prefill: float | None, tiers: dict[str, float]) -> None:
+        if prefill is not None:
+            self.prefill_rate.set(prefill)
+        for tier, bw in tiers.items():
+            self.load_rate.labels(tier=tier).set(bw)

@@ -55,6 +55,9 @@ class KvcConfig:
     # Device pool size in blocks; null sizes it from utilization_percentage of free memory.
     num_device_blocks: int | None = field(default=None, metadata=_range(1))
     lease_ttl_s: float = field(default=60.0, metadata=_range(0.0, lo_open=True))
+    # Host-tier hits: auto loads a page only when the measured tier bandwidth beats the measured
+    # prefill rate; always loads every hit; never recomputes (device-pool hits are always taken).
+    load_policy: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
 
 
 @dataclass(frozen=True)

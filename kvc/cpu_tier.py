@@ -201,7 +201,10 @@ class CpuTier:
         """Checksums of a batch in place, on the reader threads; one bool per page."""
         if len(hashes) <= 1 or self._readers is None:
             return [self.verify(h) for h in hashes]
-        return list(self._readers.map(self.verify, hashes))
+        step = -(-len(hashes) // self._readers._max_workers)  # one task per thread, not per page
+        parts = self._readers.map(lambda part: [self.verify(h) for h in part],
+                                  [hashes[i:i + step] for i in range(0, len(hashes), step)])
+        return [ok for part in parts for ok in part]
 
     def read_many(self, hashes: list[bytes], dsts: list[torch.Tensor]) -> list[bool]:
         """read_into for a batch, spread over the tier's reader threads (numpy copies and xxh3

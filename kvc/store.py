@@ -185,16 +185,24 @@ class TieredStore:
         (and the slab slots free to change) before the lock is released. The rest of the run
         (disk pages) goes through a host buffer."""
         root = ns.root
+        nbytes = out[0].numel() * out.element_size() if len(out) else 0
         with self._lock:
-            run = 0
+            slots = []
             for h in hashes:
                 e = self.cpu.get(h)
-                if e is None or e.nbytes != out[0].numel() * out.element_size() or e.ns_root != root:
+                if e is None or e.nbytes != nbytes or e.ns_root != root:
                     break
-                run += 1
-            flat = out.view(torch.uint8).reshape(out.shape[0], -1)  # [n, page bytes] on the device
-            for i, h in enumerate(hashes[:run]):
-                flat[i].copy_(self.cpu.slab_view(h), non_blocking=True)
+                slots.append(e.slot)
+            run = len(slots)
+            flat = out.view(torch.uint8).reshape(-1)  # [n * page bytes] on the device
+            i = 0
+            while i < run:  # one H2D per run of adjacent slab slots (puts in order fill them so)
+                j = i + 1
+                while j < run and slots[j] == slots[j - 1] + nbytes:
+                    j += 1
+                flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[slots[i]:slots[i] + (j - i) * nbytes],
+                                                  non_blocking=True)
+                i = j
             ok = self.cpu.verify_many(hashes[:run])
             torch.cuda.current_stream(out.device).synchronize()
             good = next((i for i, v in enumerate(ok) if not v), run)

@@ -35,8 +35,8 @@ def test_cuda_prefix_and_host_hits_match_cold(model_dir, store):
     eng = engine(model_dir, cache=store)
     first = run(eng, [PROMPT], "a")[0]
     warm = run(eng, [PROMPT], "b")[0]  # device hit
-    eng.host.flush()
-    eng.kv.blocks.reset_cache()
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
     host = run(eng, [PROMPT], "d")[0]  # cpu-tier hit through the staging buffer and side stream
     assert (first.num_cached_tokens, warm.num_cached_tokens, host.num_cached_tokens) == (0, 44, 44)
     for o in (first, warm, host):

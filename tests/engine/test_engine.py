@@ -49,8 +49,8 @@ def test_host_tier_hit_with_device_pool_emptied_matches_cold(model_dir, store):
     cold = run(make_engine(model_dir), [PROMPT])[0]
     eng = make_engine(model_dir, cache=store)
     first = run(eng, [PROMPT])[0]
-    eng.host.flush()
-    assert eng.kv.blocks.reset_cache() > 0  # the device tier forgets everything
+    eng.prefix_cache.flush()
+    assert eng.prefix_cache.reset_device_cache() > 0  # the device tier forgets everything
     second = run(eng, [PROMPT])[0]
     assert first.num_cached_tokens == 0 and second.num_cached_tokens == 28
     assert first.outputs[0].token_ids == second.outputs[0].token_ids == cold.outputs[0].token_ids
@@ -60,8 +60,8 @@ def test_host_tier_hit_with_device_pool_emptied_matches_cold(model_dir, store):
 def test_host_load_does_not_block_other_requests(model_dir, store):
     eng = make_engine(model_dir, cache=store)
     run(eng, [PROMPT])
-    eng.host.flush()
-    eng.kv.blocks.reset_cache()
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
     eng.add_request("loads", PROMPT, GREEDY)
     eng.add_request("cold", [9, 8, 7], GREEDY)
     eng.step()  # the first request starts loading and the second one runs meanwhile
@@ -152,7 +152,7 @@ def test_prefix_caching_off_reuses_nothing_and_matches(model_dir, store):
     on = make_engine(model_dir, cache=store)
     cold = run(on, [PROMPT])[0]
     off = make_engine(model_dir, cache=store, prefix_caching=False)
-    assert off.host is None
+    assert off.prefix_cache.host is None
     outs = run(off, [PROMPT, PROMPT])
     assert [o.num_cached_tokens for o in outs] == [0, 0]
     assert all(o.outputs[0].token_ids == cold.outputs[0].token_ids for o in outs)

@@ -42,11 +42,11 @@ def all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
     out = []
     while req.num_computed < len(ids):
         n = min(chunk, len(ids) - req.num_computed)
-        assert engine.kv.grow(req, engine.kv.blocks_needed(req, n))
+        assert engine.prefix_cache.grow(req, n)
         input_ids, meta, _ = engine.runner.prepare([(req, n)])
         out.append(engine.model.logits(engine.model(input_ids, meta, engine.kv.pool.layer)))
         req.num_computed += n
-    engine.kv.free(req)
+    engine.prefix_cache.free(req)
     return torch.cat(out)
 
 

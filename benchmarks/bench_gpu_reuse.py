@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""bench_gpu_reuse: what prefix reuse costs and saves on a GPU, through engine.LLM (issue 10).
+
+Checkpoint: make_tiny_model(preset="qwen3-30b-a3b-shapes", num_hidden_layers=--layers) (random
+weights, Qwen3-30B-A3B shapes), bf16, page 16, chunk 2048; written once under --model-dir.
+Every TTFT is the wall time of LLM.generate(prefix + 64 fresh tokens, max_tokens=1), median of
+--repeats, each with a new 64-token delta:
+
+  cold    a prefix that no tier holds (this run also stores it)
+  device  the same LLM right after: the prefix is in the device pool
+  cpu     device pool emptied (reset_device_cache): the prefix comes from the cpu tier
+  disk    a new LLM on the same disk_path (the first one wrote its cpu tier back on close), with
+          the OS page cache dropped (as root: sync; echo 3 > /proc/sys/vm/drop_caches)
+Floors: delta = TTFT of the 64 tokens alone (cold, same LLM); cpu floor = page bytes / pinned
+H2D measured here + delta; disk floor = page bytes / sequential read of a file on the disk_path's
+device with the page cache dropped + delta. Peer: transformers' cold prefill (one forward) of the
+same prompts on the same checkpoint.
+No-reuse throughput: 48 unique 2K-token prompts x 16 new tokens in one generate call, timed on the
+second batch (steady state), (prompt + output tokens) / s, for prefix_caching off / device pool
+only (gpu_only) / host tiers on (4 GB cpu + disk).
+CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, page cache dropped).
+
+    python benchmarks/bench_gpu_reuse.py            # every row, <= 6 min on one H200
+    python benchmarks/bench_gpu_reuse.py --quick    # 2 layers, 2K prefix, small batches: a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.tiny import make_tiny_model  # noqa: E402
+
+GB = 1e9
+ONE = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+VOCAB = 150_000
+
+
+def size(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def ms(x: float) -> str:
+    return f"{x * 1e3:.1f} ms"
+
+
+def rand_ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def drop_page_cache() -> bool:
+    """Drop the OS page cache (root only); False when it could not."""
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, capture_output=True)
+    return r.returncode == 0
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
+    """(seconds to the first token, prompt tokens reused from a cache)."""
+    t0 = time.perf_counter()
+    out = llm.generate(prompt, ONE)[0]
+    return time.perf_counter() - t0, out.num_cached_tokens
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def pinned_h2d_bw(nbytes: int) -> float:
+    if not torch.cuda.is_available():
+        return float("inf")  # --device cpu (a smoke run): no transfer
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return nbytes / min(times[1:])
+
+
+def seq_read_bw(directory: Path, nbytes: int) -> tuple[float, bool]:
+    """Sequential read of a fresh file on `directory`'s device, page cache dropped if we can."""
+    path = directory / "seqread.bin"
+    block = os.urandom(8 << 20)
+    with open(path, "wb") as f:
+        for _ in range(max(1, nbytes // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dropped = drop_page_cache()
+    buf = bytearray(8 << 20)
+    t0 = time.perf_counter()
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while (n := f.readinto(buf)):
+            total += n
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return total / dt, dropped
+
+
+def transformers_prefill(model_dir: Path, prompts: dict[int, list[int]], device: str,
+                         dtype: torch.dtype) -> dict[int, float]:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)  # no accelerate needed
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        model(torch.tensor([prompts[min(prompts)][:256]], device=device), use_cache=False, logits_to_keep=1)
+        for n, ids in prompts.items():
+            x = torch.tensor([ids], device=device)
+            times = []
+            for _ in range(2):
+                sync()
+                t0 = time.perf_counter()
+                model(x, use_cache=False, logits_to_keep=1)
+                sync()
+                times.append(time.perf_counter() - t0)
+            out[n] = min(times)
+    del model
+    free_gpu()
+    return out
+
+
+def throughput(llm: LLM, rng: random.Random, n: int, length: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm.generate([rand_ids(rng, length) for _ in range(n)], params)  # first batch: warm-up, fills tiers
+    batch = [rand_ids(rng, length) for _ in range(n)]
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate(batch, params)
+    dt = time.perf_counter() - t0
+    return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 layers, 2K prefix, small batches")
+    ap.add_argument("--layers", type=int, default=None, help="hidden layers of the checkpoint (12)")
+    ap.add_argument("--lengths", default=None, help="prefix lengths in tokens, comma-separated (8192,32768)")
+    ap.add_argument("--repeats", type=int, default=None, help="TTFT samples per row (3)")
+    ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
+    ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
+    ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
+    ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
+    ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,cpu-experts")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script "
+                    "with the small tiny-qwen3-moe model")
+    a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu_reuse needs CUDA (--device cpu is a smoke run of the script only)")
+    smoke = a.device == "cpu"
+    layers = a.layers or (2 if a.quick else 12)
+    lengths = [int(x) for x in (a.lengths or ("2048" if a.quick else "8192,32768")).split(",")]
+    repeats = a.repeats or (2 if a.quick else 3)
+    n_tput = a.tput_prompts or (8 if a.quick else 48)
+    tput_len = 1024 if a.quick and a.tput_len == 2048 else a.tput_len
+    skip = set(filter(None, a.skip.split(",")))
+    model_dir = Path(a.model_dir or f"{tempfile.gettempdir()}/kvc-bench-{'tiny' if smoke else 'q30b-shapes'}-{layers}l")
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="kvc-gpu-reuse-"))
+    disk_path = work / "pages"
+    shutil.rmtree(disk_path, ignore_errors=True)
+    t_start = time.perf_counter()
+    if not (model_dir / "config.json").is_file():
+        t0 = time.perf_counter()
+        if smoke:
+            make_tiny_model(model_dir, "qwen3_moe", num_hidden_layers=layers, dtype="bfloat16",
+                            max_position_embeddings=40960)
+        else:
+            make_tiny_model(model_dir, "qwen3_moe", preset="qwen3-30b-a3b-shapes", num_hidden_layers=layers,
+                            dtype="bfloat16")
+        print(f"# wrote the checkpoint in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
+    global VOCAB
+    VOCAB = 256 if smoke else VOCAB
+    base = dict(dtype="bfloat16", device=a.device, page_size=16, chunk_size=2048)
+    tiers = dict(base, cpu_memory_size_GB=4, disk_path=str(disk_path), disk_size_GB=16)
+    rng = random.Random(0)
+    prefixes = {n: rand_ids(rng, n) for n in lengths}
+    rows: list[tuple[str, str, str, str]] = []  # what, measured, floor/peer, note
+    notes = [f"# {torch.cuda.get_device_name() if not smoke else 'cpu (smoke run)'}, {layers} layers of {'tiny-qwen3-moe' if smoke else 'Qwen3-30B-A3B'} shapes, bf16, page 16, "
+             f"chunk 2048, TTFT median of {repeats}"]
+
+    hf = {}
+    if "transformers" not in skip:
+        hf = transformers_prefill(model_dir, {n: p + rand_ids(rng, 64) for n, p in prefixes.items()},
+                                  a.device, torch.bfloat16)
+        print(f"# transformers done at {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    # --- cold / device / cpu, then throughput with host tiers on, in one LLM -------------------
+    llm = LLM(str(model_dir), **tiers)
+    eng = llm.engine
+    page_bytes = eng.kv.spec.page_bytes
+    ttft(llm, rand_ids(rng, 2048))  # warm-up (kernels, allocator) and a prefill-rate sample
+    delta = statistics.median(ttft(llm, rand_ids(rng, 64))[0] for _ in range(repeats))
+    h2d = pinned_h2d_bw(max(page_bytes * (max(lengths) // 16), 1 << 26))
+    rows.append(("delta alone (64 tokens, cold)", ms(delta), "", ""))
+    for n, prefix in prefixes.items():
+        cold = ttft(llm, prefix + rand_ids(rng, 64))[0]
+        devs = [ttft(llm, prefix + rand_ids(rng, 64)) for _ in range(repeats)]
+        dev = statistics.median(t for t, _ in devs)
+        cpus = []
+        for _ in range(repeats):
+            eng.prefix_cache.flush()
+            eng.prefix_cache.reset_device_cache()
+            cpus.append(ttft(llm, prefix + rand_ids(rng, 64)))
+        cpu = [t for t, _ in cpus]
+        bytes_ = (n // 16) * page_bytes
+        peer = f"transformers {ms(hf[n])}" if n in hf else ""
+        rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
+        rows.append((f"{size(n)} TTFT device hit", ms(dev), f"{ms(delta)} (delta)",
+                     f"{dev / delta:.2f}x floor; {devs[-1][1]} tokens reused"))
+        cfloor = bytes_ / h2d + delta
+        rows.append((f"{size(n)} TTFT cpu hit", ms(statistics.median(cpu)), ms(cfloor),
+                     f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
+                     f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s"))
+    rates = eng.planner.tier_rates()
+    notes.append(f"# measured: prefill {eng.planner.prefill_rate() or 0:.0f} tok/s; load "
+                 + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))
+    tput = {}
+    if "throughput" not in skip:
+        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len)
+        host = eng.prefix_cache.host
+        notes.append(f"# host tiers on: dropped_puts {host.dropped_puts}, failed_puts {host.failed_puts}")
+        del host
+    llm.close()
+    del llm, eng
+    free_gpu()
+    print(f"# first LLM done at {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    # --- disk hits: a new LLM on the same disk_path, page cache dropped --------------------------
+    seq, seq_dropped = seq_read_bw(work, 2 << 30)
+    llm = LLM(str(model_dir), **tiers)
+    ttft(llm, rand_ids(rng, 2048))  # warm-up and a prefill-rate sample
+    dropped = drop_page_cache()
+    for n, prefix in prefixes.items():
+        d, cached = ttft(llm, prefix + rand_ids(rng, 64))
+        bytes_ = (n // 16) * page_bytes
+        dfloor = bytes_ / seq + delta
+        rows.append((f"{size(n)} TTFT disk hit", ms(d), ms(dfloor),
+                     f"{d / dfloor:.2f}x floor; {cached} tokens loaded; seq read {seq / GB:.2f} GB/s"))
+    notes.append(f"# disk: page cache dropped before the disk hits: {dropped}; before the sequential "
+                 f"read: {seq_dropped}" + ("" if dropped else " (not root: numbers include the page cache)"))
+    llm.close()
+    del llm
+    free_gpu()
+    print(f"# disk rows done at {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    # --- no-reuse throughput: off / device pool only ---------------------------------------------
+    if "throughput" not in skip:
+        for name, kw in (("prefix_caching off", dict(base, prefix_caching=False)),
+                         ("device pool only (gpu_only)", dict(base, gpu_only=True))):
+            llm = LLM(str(model_dir), **kw)
+            tput[name] = throughput(llm, rng, n_tput, tput_len)
+            llm.close()
+            del llm
+            free_gpu()
+        off = tput["prefix_caching off"]
+        for name in ("prefix_caching off", "device pool only (gpu_only)", "host tiers on (4 GB cpu + disk)"):
+            rows.append((f"no-reuse throughput, {name}", f"{tput[name] / 1e3:.1f}K tok/s", "",
+                         f"{tput[name] / off:.2f}x off"))
+        print(f"# throughput done at {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    # --- CPU experts: cold vs disk hit --------------------------------------------------------------
+    if "cpu-experts" not in skip:
+        n = min(lengths)
+        llm = LLM(str(model_dir), **tiers, gpu_experts_ratio=0.25)
+        cold = ttft(llm, rand_ids(rng, n) + rand_ids(rng, 64))[0]  # also a prefill-rate sample
+        drop_page_cache()
+        d, cached = ttft(llm, prefixes[n] + rand_ids(rng, 64))
+        rows.append((f"CPU experts (gpu_experts_ratio 0.25), {size(n)} TTFT cold", ms(cold), "", ""))
+        rows.append((f"CPU experts (gpu_experts_ratio 0.25), {size(n)} TTFT disk hit", ms(d), "",
+                     f"{cold / d:.1f}x faster than cold; {cached} tokens loaded"))
+        llm.close()
+        del llm
+        free_gpu()
+
+    print("\n".join(notes))
+    print(f"# total {time.perf_counter() - t_start:.0f} s\n")
+    print("| what | measured | floor / peer | note |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if a.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

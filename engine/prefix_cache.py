@@ -1,0 +1,233 @@
+"""PrefixCache: the engine's one owner of prefix reuse and of every request's block table.
+
+It matches prompts against the device pool, looks the rest up in the host tiers, decides how
+much of a host hit to load (engine.load_policy), runs the loads, registers computed pages and
+offers them to the host tiers. The scheduler asks it for room through `admit` / `grow` and gets
+a small `Admission` back; it never touches the pool or the host tiers itself.
+
+Invariants that keep the engine from stalling:
+- a request that `admit` cannot place holds no blocks afterwards (its pages stay cached in the
+  pool's hash map, so retrying costs nothing unless they are evicted meanwhile);
+- a LOADING request holds exactly the blocks its load writes plus room for its next chunk; the
+  loader thread finishes on its own, so those blocks always come back;
+- a request freed while LOADING (abort) keeps its blocks until the load is done (deferred free):
+  the loader thread may still be writing them.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+
+from kvc.hashing import tokens_bytes
+from kvc.record import as_tokens
+
+from .host_tier import HostTier
+from .kv_cache import KVCache
+from .load_policy import LoadPlanner
+from .request import Request, Status
+
+log = logging.getLogger("kvc.engine")
+
+
+class Grant(enum.Enum):
+    RUN = "run"          # blocks for the next chunk are allocated
+    LOADING = "loading"  # host pages are being loaded; the request waits in LOADING
+    NO_ROOM = "no_room"  # the pool is short; the request now holds no blocks
+
+
+@dataclass(frozen=True)
+class Admission:
+    grant: Grant
+    num_tokens: int = 0  # tokens to compute this step (RUN)
+
+
+@dataclass
+class _Load:
+    req: Request
+    future: Future
+    start: int          # first loaded page (the device hit ends there)
+    freed: bool = False  # the request was freed (aborted) meanwhile: free when the load ends
+
+
+class PrefixCache:
+    def __init__(self, kv: KVCache, host: HostTier | None, chunk: int, prefix_caching: bool = True,
+                 planner: LoadPlanner | None = None):
+        self.kv, self.host, self.chunk = kv, host, chunk
+        self.blocks, self.page_size = kv.blocks, kv.page_size
+        self.prefix_caching = prefix_caching
+        self.planner = planner or LoadPlanner("auto", kv.page_size, kv.spec.page_bytes)
+        self._loads: dict[Request, _Load] = {}
+
+    # -- admission ---------------------------------------------------------------------------------
+    def admit(self, req: Request, budget: int) -> Admission:
+        """Place a waiting request: reuse its cached prefix, start a host load, or give it room
+        for its next chunk of at most `budget` tokens."""
+        fresh = not req.block_table
+        if fresh and self.prefix_caching:
+            loading = self._match(req)
+            if loading is not None:
+                return loading
+        n = min(req.num_tokens - req.num_computed, self.chunk, budget)
+        if self._grow(req, self._blocks_needed(req, n)):
+            self._count_hit(req)
+            return Admission(Grant.RUN, n)
+        self.release(req)
+        return Admission(Grant.NO_ROOM)
+
+    def _match(self, req: Request) -> Admission | None:
+        """Take the device hit; start a host load when the host tiers extend it and loading pays."""
+        P = self.page_size
+        cap = (req.num_tokens - 1) // P  # at least one token is computed, for its logits
+        self.kv.update_hashes(req)
+        n = min(cap, len(req.hashes))
+        packed, step = tokens_bytes(req.ids(0, n * P)), 4 * P  # packed once, sliced per page
+        hits = self.blocks.match_prefix(req.hashes[:n], [self.kv.parent(req, i) for i in range(n)],
+                                        [packed[i * step:(i + 1) * step] for i in range(n)])
+        if not req.admitted:
+            req.num_device_hit_tokens = len(hits) * P
+        self.blocks.touch(hits)
+        req.block_table = list(hits)
+        req.num_computed, req.num_registered = len(hits) * P, len(hits)
+        if self.host is None or cap <= len(hits):
+            return None
+        ns = self.kv.namespace(req.cache_salt)
+        located = self.host.lookup(ns, req.ids(0, cap * P), req.hashes[:cap]).located[:cap]
+        end = self.planner.pages_to_load(located, len(hits))
+        if end <= len(hits):
+            return None
+        rest = min(req.num_tokens - end * P, self.chunk)  # room for the chunk after the load too
+        if not self._grow(req, end - len(hits) + self._blocks_after(end, rest)):
+            self.release(req)
+            return Admission(Grant.NO_ROOM)
+        req.status = Status.LOADING
+        blocks = req.block_table[len(hits):end]
+        fut = self.host.load(ns, req.hashes[len(hits):end], self.kv.pool, blocks, located[len(hits):end])
+        self._loads[req] = _Load(req, fut, len(hits))
+        return Admission(Grant.LOADING)
+
+    def _blocks_after(self, pages: int, tokens: int) -> int:
+        return (pages * self.page_size + tokens + self.page_size - 1) // self.page_size - pages
+
+    def grow(self, req: Request, n: int) -> bool:
+        """Room for n more tokens of a running request; False (nothing changed) when short."""
+        return self._grow(req, self._blocks_needed(req, n))
+
+    def _blocks_needed(self, req: Request, n: int) -> int:
+        P = self.page_size
+        return max(0, (req.num_computed + n + P - 1) // P - len(req.block_table))
+
+    def _grow(self, req: Request, n: int) -> bool:
+        if n <= 0:
+            return True
+        got = self.blocks.allocate(n)
+        if got is None:
+            return False
+        req.block_table += got
+        return True
+
+    def _count_hit(self, req: Request) -> None:
+        if not req.admitted:  # a preempted request's recompute is never a hit
+            req.num_cached_tokens = min(req.num_computed, len(req.prompt_ids))
+            req.admitted = True
+
+    # -- release -----------------------------------------------------------------------------------
+    def release(self, req: Request) -> None:
+        """Give back a request's blocks to retry later from scratch (preemption, no room); its
+        registered pages stay cached in the pool and match again."""
+        self.free(req)
+        req.num_computed = req.num_registered = 0
+
+    def free(self, req: Request) -> None:
+        """Drop a request's blocks; while its load runs they stay taken (deferred free)."""
+        load = self._loads.get(req)
+        if load is not None:
+            load.freed = True
+            return
+        self.blocks.free(req.block_table)
+        req.block_table = []
+
+    # -- loads -------------------------------------------------------------------------------------
+    @property
+    def num_loading(self) -> int:
+        return sum(not x.freed for x in self._loads.values())
+
+    def poll(self, wait_one: bool = False) -> list[Request]:
+        """Requests whose load ended, now WAITING with their loaded pages computed and registered
+        (hits for others too). wait_one: block until at least one load ends, if any runs."""
+        if wait_one and self._loads and not any(x.future.done() for x in self._loads.values()):
+            wait([x.future for x in self._loads.values()], return_when=FIRST_COMPLETED)
+        back = []
+        for req, load in list(self._loads.items()):
+            if not load.future.done():
+                continue
+            del self._loads[req]
+            try:
+                n = load.future.result()  # pages already in their blocks
+            except Exception:  # a failed load is a miss: the request computes those pages
+                log.warning("loading %s's prefix from the host tiers failed; recomputing it",
+                            req.request_id, exc_info=True)
+                n = 0
+            keep = load.start + n
+            req.num_computed = keep * self.page_size
+            self._register(req, keep)  # loaded pages are hits now; they are not offered back
+            if load.freed:
+                self.free(req)
+                continue
+            # the load's blocks past what landed stay as room for the next chunk, up to its need
+            need = keep + self._blocks_after(keep, min(req.num_tokens - req.num_computed, self.chunk))
+            self.blocks.free(req.block_table[need:])
+            del req.block_table[need:]
+            req.status = Status.WAITING
+            self._count_hit(req)
+            back.append(req)
+        return back
+
+    # -- registration and offers -------------------------------------------------------------------
+    def commit(self, req: Request) -> None:
+        """After a step: register the request's newly full pages and offer them to the host tiers."""
+        if not self.prefix_caching:
+            return
+        start = req.num_registered
+        new = self._register(req, req.num_computed // self.page_size)
+        if self.host is None or not new:
+            return
+        P = self.page_size
+        pages = range(start, start + new)
+        data = self.kv.pool.gather([req.block_table[i] for i in pages])  # [n, L, parts, P, H, D]
+        self.host.offer(self.kv.namespace(req.cache_salt), [req.hashes[i] for i in pages],
+                        [self.kv.parent(req, i) for i in pages],
+                        [as_tokens(req.ids(i * P, (i + 1) * P)) for i in pages], data)
+
+    def _register(self, req: Request, full: int) -> int:
+        """Register pages [num_registered, full) in the pool's hash map; returns how many."""
+        self.kv.update_hashes(req)
+        full = min(full, len(req.hashes))
+        start = req.num_registered
+        for i in range(start, full):
+            self.blocks.cache_block(req.block_table[i], req.hashes[i], self.kv.parent(req, i),
+                                    self.kv.page_tokens(req, i))
+        req.num_registered = max(start, full)
+        return max(0, full - start)
+
+    # -- engine-wide -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
+    def reset_device_cache(self) -> int:
+        """Forget every cached page of the device pool that no request holds; returns how many."""
+        return self.blocks.reset_cache()
+
+    def flush(self) -> None:
+        """Wait until offered pages are in the host tiers (tests, benchmarks)."""
+        if self.host is not None:
+            self.host.flush()
+
+    def close(self) -> None:
+        """Wait for running loads (their blocks come back), then stop the host tier's threads."""
+        while self._loads:
+            self.poll(wait_one=True)
+        if self.host is not None:
+            self.host.close()

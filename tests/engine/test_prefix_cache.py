@@ -1,0 +1,219 @@
+"""The engine's prefix cache under pressure: no stall with a small pool, aborts while LOADING,
+and the load-or-recompute choice. Every output is compared with the cache-off output."""
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+
+import pytest
+
+from kvc.config import load_config
+from kvc.store import TieredStore
+from engine import LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+SHORT = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+PROMPT = [(i * 37 + 11) % 250 for i in range(29)]
+VOCAB = 272
+
+
+def make_engine(path, cache=None, **kw):
+    kw = {"page_size": 4, "chunk_size": 64, "num_device_blocks": 64, **kw}
+    cfg = load_config().replace(path=str(path), dtype="float32", device="cpu",
+                                gpu_only=cache is None, **kw)
+    return LLMEngine(cfg, cache=cache)
+
+
+def drain(eng, done, max_steps):
+    steps = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+        steps += 1
+        assert steps < max_steps, f"engine stalled: {describe(eng)}"
+    return steps
+
+
+def describe(eng) -> str:
+    reqs = sorted(eng.requests.values(), key=lambda r: r.arrival)[:6]
+    return "; ".join(f"{r.request_id} {r.status.value} blocks={len(r.block_table)} "
+                     f"computed={r.num_computed}/{r.num_tokens}" for r in reqs)
+
+
+def churn_prompts(seed: int, n: int = 80) -> list[list[int]]:
+    """n prompts over 6 shared prefixes of 96-224 tokens, each with a short private suffix."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randrange(96, 225))] for _ in range(6)]
+    return [rng.choice(prefixes) + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 18))]
+            for _ in range(n)]
+
+
+def churn(eng, prompts, seed: int, aborts: bool, max_steps: int = 3000) -> dict:
+    """Waves of 4 requests every third step, stepping as LLM.generate does; with aborts, a random
+    live request (whatever its state: waiting, loading or running) is aborted now and then."""
+    rng = random.Random(seed + 1000)
+    done, added, steps = {}, 0, 0
+    while added < len(prompts) or eng.has_unfinished():
+        if added < len(prompts) and steps % 3 == 0:
+            for _ in range(4):
+                eng.add_request(f"r{added}", prompts[added], SHORT)
+                added += 1
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+        if aborts and eng.requests and rng.random() < 0.1:
+            eng.abort(rng.choice(sorted(eng.requests)))
+        steps += 1
+        assert steps < max_steps, f"engine stalled (seed {seed}, aborts {aborts}): {describe(eng)}"
+    return done
+
+
+def reference(qwen_dir, prompts) -> dict[tuple, list[int]]:
+    """Cache-off outputs of the distinct prompts, one batch in a pool big enough for all."""
+    uniq = list(dict.fromkeys(tuple(p) for p in prompts))
+    eng = make_engine(qwen_dir, page_size=16, num_device_blocks=16 * len(uniq), prefix_caching=False,
+                      chunk_size=256, max_num_seqs=len(uniq), max_num_batched_tokens=1 << 16)
+    for i, p in enumerate(uniq):
+        eng.add_request(f"u{i}", list(p), SHORT)
+    done = {}
+    drain(eng, done, 1000)
+    return {p: done[f"u{i}"].outputs[0].token_ids for i, p in enumerate(uniq)}
+
+
+def churn_case(qwen_dir, tmp_path, seed: int, aborts: bool) -> None:
+    prompts = churn_prompts(seed)
+    ref = reference(qwen_dir, prompts)
+    cfg = load_config().replace(cpu_memory_size_GB=0.01, disk_path=str(tmp_path / f"p{seed}{aborts}"),
+                                disk_size_GB=0.05).kvc
+    with TieredStore(cfg) as store:
+        eng = make_engine(qwen_dir, cache=store, page_size=16, num_device_blocks=40, chunk_size=256)
+        done = churn(eng, prompts, seed, aborts)
+        eng.close()
+    for rid, o in done.items():
+        assert o.outputs[0].token_ids == ref[tuple(prompts[int(rid[1:])])], rid
+    if not aborts:
+        assert len(done) == len(prompts)
+    assert eng.prefix_cache.num_free_blocks == 40
+
+
+# seeds 2 and 3 stalled (a fresh head that could not be admitted, with requests back from
+# LOADING holding blocks behind it) before the engine-side prefix cache; the slow test below
+# runs 8 seeds with and without aborts (aborts hit requests waiting, loading and running)
+@pytest.mark.parametrize("seed,aborts", [(2, False), (3, False), (0, True), (4, True)])
+def test_churn_under_pool_pressure_never_stalls(qwen_dir, tmp_path, seed, aborts):
+    churn_case(qwen_dir, tmp_path, seed, aborts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("aborts", [False, True])
+def test_churn_many_seeds(qwen_dir, tmp_path, seed, aborts):
+    churn_case(qwen_dir, tmp_path, seed, aborts)
+
+
+class GatedStore:
+    """A real TieredStore whose get_pages waits until `gate` is set (a slow load on demand)."""
+
+    def __init__(self, store: TieredStore):
+        self.store = store
+        self.gate, self.entered, self.returned = threading.Event(), threading.Event(), threading.Event()
+
+    def get_pages(self, ns, hashes, out=None):
+        self.entered.set()
+        self.gate.wait(30)
+        try:
+            return self.store.get_pages(ns, hashes, out=out)
+        finally:
+            self.returned.set()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_abort_while_loading_defers_the_free(qwen_dir, store):
+    """The aborted request's blocks are still the loader's target: they must not be handed to
+    another request before the load ends (before: the loader wrote into the new owner's KV)."""
+    other = [(i * 53 + 7) % 250 for i in range(32)]  # 32 + 8 tokens: 10 blocks, the whole pool
+    cold = run_one(make_engine(qwen_dir, num_device_blocks=10), other)
+    gated = GatedStore(store)
+    eng = make_engine(qwen_dir, cache=gated, num_device_blocks=10)
+    gated.gate.set()
+    run_one(eng, PROMPT)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    gated.gate.clear()
+    gated.entered.clear()
+    eng.add_request("loads", PROMPT, GREEDY)  # 7 pages to load + 1 block for the last token
+    eng.add_request("tiny", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))  # runs meanwhile
+    eng.step()
+    assert gated.entered.wait(10) and eng.requests["loads"].status.value == "loading"
+    eng.abort("loads")
+    eng.add_request("other", other, GREEDY)
+    timer = threading.Timer(1.0, gated.gate.set)  # the load ends a second from now
+    timer.start()
+    done = {}
+    for o in eng.step():  # before: "other" prefilled into the aborted request's blocks here
+        done[o.request_id] = o
+    assert gated.returned.wait(10)
+    threading.Event().wait(0.3)  # let the loader's scatter land
+    drain(eng, done, 200)
+    timer.join()
+    assert done["other"].outputs[0].token_ids == cold
+    assert eng.prefix_cache.num_free_blocks == 10
+    eng.close()
+
+
+_ids = itertools.count()
+
+
+def run_one(eng, prompt) -> list[int]:
+    rid = f"one{next(_ids)}"
+    eng.add_request(rid, prompt, GREEDY)
+    done = {}
+    drain(eng, done, 500)
+    return done[rid].outputs[0].token_ids
+
+
+def test_planner_loads_what_pays_with_injected_rates():
+    from engine.load_policy import LoadPlanner
+    p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
+    assert p.pages_to_load(["disk"] * 4, 0) == 4  # nothing measured yet: load, and so measure
+    p.observe_prefill(16_000, 1.0)                 # recomputing a page: 1 ms
+    p.observe_load("cpu", 10 << 30, 1.0)           # loading one from cpu: 0.1 ms
+    p.observe_load("disk", 1 << 29, 1.0)           # from disk: 2 ms
+    assert p.pages_to_load(["cpu"] * 4, 0) == 4    # a fast tier is used
+    assert p.pages_to_load(["disk"] * 4, 0) == 0   # a slow one is skipped
+    assert p.pages_to_load(["cpu"] * 3 + ["disk"] * 5, 1) == 3  # partial load, then recompute
+    assert p.pages_to_load(["cpu"] * 3, 3) == 3    # nothing past the device hit
+    assert LoadPlanner("always", 16, 1 << 20).pages_to_load(["disk"] * 4, 1) == 4
+    assert LoadPlanner("never", 16, 1 << 20).pages_to_load(["cpu"] * 4, 1) == 1
+    with pytest.raises(ValueError, match="load_policy"):
+        LoadPlanner("sometimes")
+    with pytest.raises(ValueError, match="load_policy"):
+        load_config().replace(load_policy="sometimes")
+
+
+@pytest.mark.parametrize("cpu_bytes_per_s,loaded", [(1e3, 0), (1e13, 28)])
+def test_engine_skips_a_slow_tier_and_uses_a_fast_one(qwen_dir, store, cpu_bytes_per_s, loaded):
+    from prometheus_client import CollectorRegistry
+    cold = run_one(make_engine(qwen_dir), PROMPT)
+    cfg = load_config().replace(path=str(qwen_dir), dtype="float32", device="cpu", gpu_only=False,
+                                page_size=4, chunk_size=64, num_device_blocks=64)
+    reg = CollectorRegistry()
+    eng = LLMEngine(cfg, cache=store, registry=reg)
+    run_one(eng, PROMPT)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    eng.planner.observe_prefill(1000, 1.0)  # injected: a page recomputes in 4 ms
+    eng.planner.bandwidth.clear()
+    eng.planner.observe_load("cpu", int(cpu_bytes_per_s), 1.0)
+    eng.add_request("again", PROMPT, GREEDY)
+    done = {}
+    drain(eng, done, 100)
+    assert done["again"].num_cached_tokens == loaded
+    assert done["again"].outputs[0].token_ids == cold
+    assert reg.get_sample_value("kvc_engine_prefill_tokens_per_second") == 1000
+    assert reg.get_sample_value("kvc_tier_load_bytes_per_second", {"tier": "cpu"}) > 0
+    eng.close()
