@@ -85,7 +85,7 @@ def ttft(eng: LLMEngine, prompt: list[int], max_tokens=1) -> tuple[float, int]:
                 sync(eng.device)
                 first, cached = time.perf_counter() - t0, o.num_cached_tokens
     if eng.host is not None:
-        eng.host.flush()
+        eng.prefix_cache.flush()
     return first, cached
 
 

@@ -90,11 +90,11 @@ def all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
     out = []
     while req.num_computed < len(ids):
         n = min(chunk, len(ids) - req.num_computed)
-        assert engine.kv.grow(req, engine.kv.blocks_needed(req, n))
+        assert engine.prefix_cache.grow(req, n)
         input_ids, meta, _ = engine.runner.prepare([(req, n)])
         out.append(engine.model.logits(engine.model(input_ids, meta, engine.kv.pool.layer)))
         req.num_computed += n
-    engine.kv.free(req)
+    engine.prefix_cache.free(req)
     return torch.cat(out)
 
 
@@ -171,8 +171,8 @@ def test_prefix_reuse_from_device_pool_and_host_tiers(v3_dir, tmp_path):
     store = TieredStore(kvc)
     eng = make_engine(v3_dir, cache=store)
     assert run(eng, [PROMPT])[0].num_cached_tokens == 0
-    eng.host.flush()
-    assert eng.kv.blocks.reset_cache() > 0  # the device pool forgets; the cpu tier answers
+    eng.prefix_cache.flush()
+    assert eng.prefix_cache.reset_device_cache() > 0  # the device pool forgets; the cpu tier answers
     cpu_hit = run(eng, [PROMPT])[0]
     eng.close()
     store.close()
@@ -195,7 +195,7 @@ def test_prefix_reuse_through_cache_server(v3_dir, tmp_path):
             cache = RemoteCache(server.url)
             eng = make_engine(v3_dir, cache=cache)
             out = run(eng, [PROMPT])[0]
-            eng.host.flush()
+            eng.prefix_cache.flush()
             eng.close()
             assert out.num_cached_tokens == expect and out.outputs[0].token_ids == cold.outputs[0].token_ids
     finally:
