@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 NODE_CONF = """port {port}
 bind 127.0.0.1
 protected-mode no
@@ -146,3 +148,13 @@ class RedisClusterProcs:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """A fresh 3-master + 3-replica cluster for one test module (skipped without redis-server)."""
+    why = redis_missing()
+    if why:
+        pytest.skip(why)
+    with RedisClusterProcs(tmp_path_factory.mktemp("redis-cluster")) as rc:
+        yield rc
