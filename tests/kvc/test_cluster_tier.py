@@ -126,3 +126,15 @@ def test_unreachable_cluster_is_misses_and_backs_off(tmp_path):
 def test_bad_cluster_url_names_the_key():
     with pytest.raises(ConfigError, match="kvc.cluster_url"):
         load_config(None, cluster_url="http://10.0.0.5:7000")
+
+
+def test_admission_gates_the_cluster(redis_cluster, client, tmp_path):
+    toks = list(range(300, 316))
+    hashes, pages = make_pages(NS, toks)
+    with TieredStore(kvc_config(tmp_path, cluster_url=redis_cluster.url, disk_admission_hits=2)) as s:
+        s.put_pages(NS, pages)
+        s.flush()
+        assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 0  # one use: not admitted
+        s.get_pages(NS, hashes[:2])
+        s.flush()
+        assert [client.exists(page_key(NS.root, h)) for h in hashes] == [1, 1, 0, 0]
