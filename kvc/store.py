@@ -199,6 +199,7 @@ class TieredStore:
             self.metrics.transfer_duration.labels(src="disk", dst="cpu").observe(time.perf_counter() - t0)
         if cluster_bytes:
             self.metrics.transfer_bytes.labels(src="cluster", dst="cpu").inc(cluster_bytes)
+            self.metrics.transfer_duration.labels(src="cluster", dst="cpu").observe(time.perf_counter() - t0)
         return pages
 
     # -- cluster tier and admission ------------------------------------------------------------
