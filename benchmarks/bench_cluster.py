@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from redis.utils import HIREDIS_AVAILABLE
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -206,7 +207,7 @@ def main() -> int:
         try:
             print(f"# bench_cluster  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
                   f"{platform.node()}  {os.cpu_count()} cores  torch {torch.__version__}  "
-                  f"cluster {'local 3+3 redis-server' if procs else url}")
+                  f"cluster {'local 3+3 redis-server' if procs else url}  hiredis parser: {HIREDIS_AVAILABLE}")
             if "bandwidth" in sections:
                 spec = SHAPES[args.shape]
                 print(f"\n## bandwidth ({args.shape}, best of {args.reps})")

@@ -138,3 +138,15 @@ def test_admission_gates_the_cluster(redis_cluster, client, tmp_path):
         s.get_pages(NS, hashes[:2])
         s.flush()
         assert [client.exists(page_key(NS.root, h)) for h in hashes] == [1, 1, 0, 0]
+
+
+def test_cluster_events_reach_listeners(backend):
+    events = []
+    backend.add_listener(lambda kind, ns_root, h, parent, tier: events.append((kind, ns_root, h, parent, tier)))
+    hashes, pages = make_pages(NS, list(range(8)))
+    backend.put_pages(NS, pages)
+    backend.flush()
+    assert [e for e in events if e[4] == "cluster"] == [
+        ("stored", NS.root, hashes[0], NS.root, "cluster"), ("stored", NS.root, hashes[1], hashes[0], "cluster")]
+    backend.delete(NS, hashes[1:])
+    assert events[-1][:3] == ("removed", NS.root, hashes[1]) and events[-1][4] == "cluster"
