@@ -37,6 +37,7 @@ BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0
 WRITE_BATCH_BYTES = 32 << 20
 KNOWN_PAGES = 1 << 16
+KNOWN_S = 30.0  # how long a written page counts as held for duplicate puts (Redis may evict it)
 PASSWORD_ENV = "KVC_CLUSTER_PASSWORD"
 
 
@@ -92,7 +93,8 @@ class ClusterTier:
         self._backoff = 0.0
         self._lock = threading.Lock()
         self.pending: dict[bytes, bytes] = {}   # key -> queued record, readable before it is written
-        self.known: OrderedDict[bytes, tuple[bytes, bytes, bytes]] = OrderedDict()  # written: ns, parent, tokens
+        # recently written pages: hash -> (ns_root, parent, tokens, monotonic time written)
+        self.known: OrderedDict[bytes, tuple[bytes, bytes, bytes, float]] = OrderedDict()
         self.source: Callable[[bytes], bytes | None] | None = None  # the record of a queued page (cpu tier)
         self.listener = None  # fn(kind, ns_root, hash, parent)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_pages)
@@ -266,16 +268,20 @@ class ClusterTier:
         return info
 
     def holds(self, h: bytes) -> tuple[bytes, bytes, bytes] | None:
-        """(ns_root, parent, tokens) of a page this process queued or wrote lately (a hint, not a promise)."""
+        """(ns_root, parent, tokens) of a page this process queued or wrote in the last KNOWN_S seconds
+        (a hint for duplicate puts, not a promise: the cluster may have evicted it since)."""
         with self._lock:
-            return self.known.get(h) or self._queued.get(h)
+            k = self.known.get(h)
+            if k is not None and time.monotonic() - k[3] < KNOWN_S:
+                return k[:3]
+            return self._queued.get(h)
 
     # -- writes --------------------------------------------------------------------------------
     def offer(self, ns_root: bytes, h: bytes, record: bytes | None = None) -> bool:
         """Queue a page for the writer: its record, or None to read it from `source` when written."""
         key = page_key(ns_root, h)
         with self._lock:
-            if h in self.known or h in self._queued:
+            if h in self._queued:
                 return True
             try:
                 self._queue.put_nowait((ns_root, h, record))
@@ -292,6 +298,7 @@ class ClusterTier:
         return True
 
     def _write_loop(self) -> None:
+        self._conn()  # connect now, so that the first lookup does not pay for it
         while True:
             item = self._queue.get()
             if item is None:
@@ -342,7 +349,8 @@ class ClusterTier:
             stored += len(rec)
             info = decode_header(rec)
             with self._lock:
-                self.known[h] = (r, info.parent, info.tokens.astype("<u4").tobytes())
+                self.known[h] = (r, info.parent, info.tokens.astype("<u4").tobytes(), time.monotonic())
+                self.known.move_to_end(h)
                 if len(self.known) > KNOWN_PAGES:
                     self.known.popitem(last=False)
             if self.listener:

@@ -311,7 +311,8 @@ class TieredStore:
         reasons = []
         with self._lock:
             for p, toks in zip(pages, packed):
-                held = self.cpu.get(p.hash) or self.disk.get(p.hash) or self._cluster_held(p.hash)
+                held = self.cpu.get(p.hash) or self.disk.get(p.hash) or (
+                    self._cluster_held(p.hash) if not isinstance(self.cpu, CpuTier) else None)
                 if held is not None:
                     if held.parent == p.parent and held.tokens == toks and held.ns_root == root:
                         dup += 1

@@ -150,3 +150,21 @@ def test_cluster_events_reach_listeners(backend):
         ("stored", NS.root, hashes[0], NS.root, "cluster"), ("stored", NS.root, hashes[1], hashes[0], "cluster")]
     backend.delete(NS, hashes[1:])
     assert events[-1][:3] == ("removed", NS.root, hashes[1]) and events[-1][4] == "cluster"
+
+
+def test_a_page_the_cluster_evicted_is_stored_and_written_again(redis_cluster, client, tmp_path):
+    """kvc never relies on a key staying: a page that left cpu and was evicted by Redis is a new put."""
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * SPEC.page_bytes / (1 << 30), disk_path=None,
+                     high_watermark=0.99, low_watermark=0.1, cluster_url=redis_cluster.url)
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(16)))
+        _, pb = make_pages(NS, list(range(900, 916)), seed=9)
+        s.put_pages(NS, pa)
+        s.flush()
+        s.put_pages(NS, pb)  # A leaves the cpu tier
+        s.flush()
+        assert all(s.cpu.get(h) is None for h in ha)
+        client.delete(*[page_key(NS.root, h) for h in ha])  # as maxmemory + allkeys-lru would
+        assert s.put_pages(NS, pa).stored == 4
+        s.flush()
+        assert [client.exists(page_key(NS.root, h)) for h in ha] == [1, 1, 1, 1]
