@@ -3,7 +3,7 @@ import pytest
 import redis
 import torch
 
-from kvc.cluster_tier import page_key
+from kvc.cluster_tier import page_key, redacted
 from kvc.config import ConfigError, load_config
 from kvc.store import TieredStore
 from tests.redis_cluster import redis_cluster  # noqa: F401  (the module's cluster fixture)
@@ -126,6 +126,7 @@ def test_unreachable_cluster_is_misses_and_backs_off(tmp_path):
 def test_bad_cluster_url_names_the_key():
     with pytest.raises(ConfigError, match="kvc.cluster_url"):
         load_config(None, cluster_url="http://10.0.0.5:7000")
+    assert redacted("rediss://user:s3cret@10.0.0.5:7000") == "rediss://user:***@10.0.0.5:7000"  # logs, stats
 
 
 def test_admission_gates_the_cluster(redis_cluster, client, tmp_path):
