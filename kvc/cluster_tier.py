@@ -101,6 +101,14 @@ class ClusterTier:
         self._queued: dict[bytes, tuple[bytes, bytes, bytes] | None] = {}  # hash -> as in known, None: from cpu
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
+        # the labelled series, up front (as KvcMetrics does for cpu and disk); only where the tier exists
+        metrics.lookup_hit_tokens.labels(tier="cluster")
+        metrics.checksum_failures.labels(tier="cluster")
+        metrics.store_bytes.labels(tier="cluster")
+        for result in ("stored", "dropped"):
+            metrics.store_pages.labels(tier="cluster", result=result)
+        metrics.transfer_bytes.labels(src="cluster", dst="cpu")
+        metrics.transfer_bytes.labels(src="cpu", dst="cluster")
         for op in ("lookup", "get", "put", "delete"):
             metrics.cluster_calls.labels(op=op)
             metrics.cluster_errors.labels(op=op, kind="timeout")

@@ -57,7 +57,7 @@ class KvcMetrics:
                                       "Cluster tier failures and timeouts (served as misses)", ["op", "kind"],
                                       registry=r)
         # Create the labelled series up front so that rate() sees their first event after a start.
-        for tier in ("cpu", "disk", "cluster"):
+        for tier in ("cpu", "disk"):  # the cluster tier creates its own series when configured
             self.lookup_hit_tokens.labels(tier=tier)
             self.checksum_failures.labels(tier=tier)
             self.evictions.labels(tier=tier, reason="capacity")
@@ -66,6 +66,4 @@ class KvcMetrics:
             self.lookup_requests.labels(result=result)
         self.transfer_bytes.labels(src="disk", dst="cpu")
         self.transfer_bytes.labels(src="cpu", dst="disk")
-        self.transfer_bytes.labels(src="cluster", dst="cpu")
-        self.transfer_bytes.labels(src="cpu", dst="cluster")
         self.degraded.labels(component="disk").set(0)
