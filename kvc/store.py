@@ -237,7 +237,7 @@ class TieredStore:
     def _record(h: bytes, e: Entry, payload: np.ndarray) -> bytes:
         page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
                     torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
-        return encode_header(e.ns_root, page, payload, e.checksum) + payload.tobytes()
+        return b"".join((encode_header(e.ns_root, page, payload, e.checksum), memoryview(payload)))  # one copy
 
     def _hit(self, h: bytes) -> None:
         """A cpu page was served; the use that admits it sends it down (write-through disk, cluster)."""
