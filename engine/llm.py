@@ -12,10 +12,11 @@ from .sampling import SamplingParams
 
 
 def _make_store(config: Config):
-    """The host tiers (cpu + disk TieredStore), unless gpu_only, prefix_caching off (the engine would
-    not use them; the slab alone is cpu_memory_size_GB) or there is nothing to hold."""
+    """The host tiers (cpu + disk [+ cluster] TieredStore), unless gpu_only, prefix_caching off (the
+    engine would not use them; the slab alone is cpu_memory_size_GB) or there is nothing to hold."""
     kvc = config.kvc
-    if kvc.gpu_only or not kvc.prefix_caching or (kvc.cpu_memory_size_GB <= 0 and kvc.disk_path is None):
+    if kvc.gpu_only or not kvc.prefix_caching or (kvc.cpu_memory_size_GB <= 0 and kvc.disk_path is None
+                                                  and kvc.cluster_url is None):
         return None
     from kvc.store import TieredStore
     return TieredStore(kvc)

@@ -58,6 +58,12 @@ class KvcConfig:
     # Host-tier hits: auto loads a page only when the measured tier bandwidth beats the measured
     # prefill rate; always loads every hit; never recomputes (device-pool hits are always taken).
     load_policy: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
+    # A page goes down to disk (and the cluster) only after N uses: its put and N-1 hits.
+    disk_admission_hits: int = field(default=1, metadata=_range(1))
+    # A Redis Cluster (any node) or one Redis below disk, shared by many kvc processes:
+    # redis://host:port or rediss://host:port (TLS); password in the URL or KVC_CLUSTER_PASSWORD.
+    cluster_url: str | None = None
+    cluster_timeout_s: float = field(default=0.2, metadata=_range(0.0, lo_open=True))  # per call
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,12 @@ def _validate(cfg: Config) -> Config:
     if total is not None and kvc.cpu_memory_size_GB * (1 << 30) > total:
         raise ConfigError(f"kvc.cpu_memory_size_GB={kvc.cpu_memory_size_GB} is larger than this "
                           f"machine's memory ({total / (1 << 30):.1f} GB); lower it")
+    if kvc.cluster_url is not None:
+        from .cluster_tier import check_url  # imports redis-py only when a cluster is configured
+        try:
+            check_url(kvc.cluster_url)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if kvc.disk_path is not None:
         kvc = dataclasses.replace(kvc, disk_path=os.path.expanduser(kvc.disk_path))
     ex = cfg.experts

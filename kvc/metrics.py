@@ -50,8 +50,14 @@ class KvcMetrics:
                                       ["method"], buckets=_LAT_BUCKETS, registry=r)
         self.lookup_duration = Histogram("kvc_lookup_duration_seconds", "In-process lookup latency",
                                          buckets=_LAT_BUCKETS, registry=r)
+        self.cluster_calls = Histogram("kvc_cluster_call_duration_seconds",
+                                       "Cluster tier round trips (one pipeline per call)", ["op"],
+                                       buckets=_LAT_BUCKETS, registry=r)
+        self.cluster_errors = Counter("kvc_cluster_errors_total",
+                                      "Cluster tier failures and timeouts (served as misses)", ["op", "kind"],
+                                      registry=r)
         # Create the labelled series up front so that rate() sees their first event after a start.
-        for tier in ("cpu", "disk"):
+        for tier in ("cpu", "disk"):  # the cluster tier creates its own series when configured
             self.lookup_hit_tokens.labels(tier=tier)
             self.checksum_failures.labels(tier=tier)
             self.evictions.labels(tier=tier, reason="capacity")

@@ -113,7 +113,8 @@ class RecordInfo:
     payload_len: int
 
 
-def decode_header(buf) -> RecordInfo:
+def decode_header(buf, partial: bool = False) -> RecordInfo:
+    """The record's header and tokens. partial: buf may stop after the tokens (a header-only read)."""
     mv = memoryview(buf)
     if len(mv) < _FIXED.size:
         raise RecordError(f"record is {len(mv)} bytes, shorter than its fixed header")
@@ -142,8 +143,10 @@ def decode_header(buf) -> RecordInfo:
     if plen != expected:
         raise RecordError(f"record payload is {plen} bytes, but shape {shape} of {dtype} needs {expected}")
     tok_end = off + 4 * n_tok
-    if len(mv) != tok_end + plen:
+    if len(mv) != tok_end + plen and not (partial and len(mv) >= tok_end):
         raise RecordError(f"record is {len(mv)} bytes, its header says {tok_end + plen}")
+    if len(mv) < tok_end:
+        raise RecordError(f"record is {len(mv)} bytes, its tokens end at {tok_end}")
     tokens = np.frombuffer(mv[off:tok_end], dtype="<u4").astype(np.uint32)
     return RecordInfo(ns_root, h, parent, csum, tokens, dtype, tuple(shape), tok_end, plen)
 
@@ -157,3 +160,8 @@ def decode(buf, verify: bool = True) -> tuple[RecordInfo, Page]:
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     data = data.view(torch_dtype(info.dtype)).reshape(info.shape)
     return info, Page(info.hash, info.parent, info.tokens, data)
+
+
+def header_bytes(spec: PageSpec) -> int:
+    """Bytes before the payload in a record of a page of `spec` (header and token ids)."""
+    return _FIXED.size + 1 + len(spec.dtype) + 1 + 4 * len(spec.shape) + 8 + 4 * spec.page_size

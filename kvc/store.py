@@ -6,6 +6,11 @@ to cpu; eviction is LRU over unpinned pages with the deepest page of a chain fir
 chain are touched tail-first), in batches between the watermarks. Every read verifies the
 page's checksum; a mismatch is a miss, the page is dropped and counted. Hits are verified: the
 stored parent hash and token ids must equal the query's.
+
+With `kvc.cluster_url` a cluster tier (kvc/cluster_tier.py) sits below disk: lookups and gets
+ask it for what cpu and disk lack (outside the store lock), its hits are promoted to cpu, and
+admitted pages reach it write-behind from the cpu tier. `kvc.disk_admission_hits` gates what goes
+down to disk and the cluster (kvc/admission.py).
 """
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ import numpy as np
 import torch
 
 from . import hashing
+from .admission import Admission
 from .backend import LookupResult, PutResult
+from .cluster_tier import ClusterTier, NullCluster
 from .config import KvcConfig
 from .cpu_tier import CpuTier, Entry, NullTier
 from .disk_tier import DiskTier
 from .hashing import DIGEST_BYTES, Namespace
 from .metrics import KvcMetrics
-from .record import Page, checksum, encode_header, torch_dtype
+from .record import Page, RecordInfo, checksum, encode_header, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
@@ -47,6 +54,13 @@ class TieredStore:
             self.disk.listener = lambda kind, ns, h, p: self._emit(kind, ns, h, p, "disk")
         else:
             self.disk = NullTier("disk")
+        self.admission = Admission(config.disk_admission_hits)
+        if config.cluster_url and not config.gpu_only:
+            self.cluster = ClusterTier(config.cluster_url, self.metrics, config.cluster_timeout_s)
+            self.cluster.source = self._cluster_record
+            self.cluster.listener = lambda kind, ns, h, p: self._emit(kind, ns, h, p, "cluster")
+        else:
+            self.cluster = NullCluster()
         self._pins: dict[bytes, int] = {}
         self._leases: dict[str, tuple[list[bytes], float]] = {}
         self._listeners: list[Listener] = []
@@ -70,10 +84,16 @@ class TieredStore:
         with self._lock:
             located, tiers = self._verified_prefix(root, hashes, raw, 4 * P)
         n = len(located)
+        if n < len(hashes) and not isinstance(self.cluster, NullCluster):  # below disk, outside the lock
+            k = self.cluster.lookup(ns, hashes[n:], hashes[n - 1] if n else root,
+                                    raw[n * 4 * P:] if raw is not None else None)
+            located += ["cluster"] * k
+            tiers["cluster"] = k  # the cluster's run after the local tiers' (it is not asked about theirs)
+            n += k
         m = self.metrics
         m.lookup_requests.labels(result="hit" if n and n == len(hashes) else "partial" if n else "miss").inc()
         m.lookup_query_tokens.inc(n_query)
-        for tier in ("cpu", "disk"):
+        for tier in ("cpu", "disk", "cluster"):
             k = located.count(tier)
             if k:
                 m.lookup_hit_tokens.labels(tier=tier).inc(k * P)
@@ -115,8 +135,9 @@ class TieredStore:
             raise ValueError(f"out must be a tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
         if out is not None and out.device.type == "cuda":
             return self._get_to_device(ns, list(hashes), out)
+        fetched = self._cluster_fetch(ns, list(hashes))  # before the lock: it is a network call
         t0 = time.perf_counter()
-        disk_bytes = 0
+        disk_bytes = cluster_bytes = 0
         root = ns.root
         def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (page tensor, its flat bytes)
             data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
@@ -154,8 +175,17 @@ class TieredStore:
                 j = i
                 while j < len(hashes) and self.cpu.get(hashes[j]) is None and self.disk.get(hashes[j]) is not None:
                     j += 1
-                if j == i:
-                    break
+                if j == i:  # neither cpu nor disk: the cluster tier's verified record, if fetched
+                    data, flat = row(i)
+                    got1: dict = {}
+                    if not self._from_cluster(fetched.get(h), root, flat, got1):
+                        break
+                    e = got1["e"]
+                    cluster_bytes += e.nbytes
+                    pages.append(self._page_of(h, e, data))
+                    self._put_cpu(h, e, flat.numpy())  # promoted, as disk hits are
+                    i += 1
+                    continue
                 got = [row(k) for k in range(i, j)]
 
                 def served(k: int, info, got=got) -> None:  # promote to cpu while later pages are read
@@ -172,12 +202,62 @@ class TieredStore:
             for p in reversed(pages):  # tail first: the deepest page becomes the oldest
                 if self.cpu.get(p.hash) is not None:
                     self.cpu.touch(p.hash)
+                    self._hit(p.hash)
                 self.disk.touch(p.hash)
             self._update_gauges()
         if disk_bytes:
             self.metrics.transfer_bytes.labels(src="disk", dst="cpu").inc(disk_bytes)
             self.metrics.transfer_duration.labels(src="disk", dst="cpu").observe(time.perf_counter() - t0)
+        if cluster_bytes:
+            self.metrics.transfer_bytes.labels(src="cluster", dst="cpu").inc(cluster_bytes)
+            self.metrics.transfer_duration.labels(src="cluster", dst="cpu").observe(time.perf_counter() - t0)
         return pages
+
+    # -- cluster tier and admission ------------------------------------------------------------
+    def _cluster_fetch(self, ns: Namespace, hashes: list[bytes]) -> dict[bytes, tuple[RecordInfo, bytes]]:
+        """Verified cluster records for the pages from the first one that cpu and disk both lack."""
+        if isinstance(self.cluster, NullCluster):
+            return {}
+        with self._lock:
+            i = next((i for i, h in enumerate(hashes) if self.cpu.get(h) is None and self.disk.get(h) is None),
+                     len(hashes))
+        return self.cluster.get(ns, hashes[i:])
+
+    @staticmethod
+    def _from_cluster(rec, root: bytes, flat: torch.Tensor, got: dict) -> bool:
+        """Copy a verified cluster record's payload into flat; its Entry goes to got["e"]."""
+        if rec is None:
+            return False
+        info, buf = rec
+        if info.payload_len != flat.numel() or info.ns_root != root:
+            return False
+        flat.numpy()[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
+        got["e"] = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
+                         info.dtype, info.shape, info.payload_len, info.checksum)
+        return True
+
+    def _cluster_record(self, h: bytes) -> bytes | None:
+        """The record of a cpu-tier page for the cluster writer (its thread); None once it left."""
+        with self._lock:
+            e = self.cpu.get(h)
+            if e is None:
+                return None
+            return self._record(h, e, self.cpu.view(h))
+
+    @staticmethod
+    def _record(h: bytes, e: Entry, payload: np.ndarray) -> bytes:
+        page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
+                    torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
+        return b"".join((encode_header(e.ns_root, page, payload, e.checksum), memoryview(payload)))  # one copy
+
+    def _hit(self, h: bytes) -> None:
+        """A cpu page was served; the use that admits it sends it down (write-through disk, cluster)."""
+        if not self.admission.on_hit(h):
+            return
+        e = self.cpu.get(h)
+        if self.config.disk_write == "through" and self.disk.get(h) is None:
+            self._put_disk(h, e, self.cpu.view(h).copy())
+        self.cluster.offer(e.ns_root, h)
 
     def _get_to_device(self, ns: Namespace, hashes: list[bytes], out: torch.Tensor) -> list[Page]:
         """get_pages into a CUDA tensor: cpu-tier pages go host-to-device straight from the
@@ -227,6 +307,7 @@ class TieredStore:
 
     def _corrupt_cpu(self, h: bytes) -> None:
         e = self.cpu.remove(h)
+        self.admission.forget(h)
         log.warning("cpu tier page %s failed its checksum; dropped", h.hex())
         self.metrics.checksum_failures.labels(tier="cpu").inc()
         self.metrics.evictions.labels(tier="cpu", reason="corrupt").inc()
@@ -249,7 +330,8 @@ class TieredStore:
         reasons = []
         with self._lock:
             for p, toks in zip(pages, packed):
-                held = self.cpu.get(p.hash) or self.disk.get(p.hash)
+                held = self.cpu.get(p.hash) or self.disk.get(p.hash) or (
+                    self._cluster_held(p.hash) if not isinstance(self.cpu, CpuTier) else None)
                 if held is not None:
                     if held.parent == p.parent and held.tokens == toks and held.ns_root == root:
                         dup += 1
@@ -261,8 +343,14 @@ class TieredStore:
                 payload = p.payload()
                 e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, checksum(payload))
                 ok = self._put_cpu(p.hash, e, payload)
-                if self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier):
+                # without a cpu tier nothing counts uses: pages go down at once
+                down = not ok or self.admission.on_put(p.hash)
+                if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)):
                     ok = self._put_disk(p.hash, e, payload) or ok
+                if down and not isinstance(self.cluster, NullCluster):
+                    # from the cpu tier, read by the writer thread; without one, the record itself
+                    rec = None if self.cpu.get(p.hash) is not None else self._record(p.hash, e, payload)
+                    ok = self.cluster.offer(root, p.hash, rec) or ok
                 if ok:
                     stored += 1
                 else:
@@ -275,6 +363,10 @@ class TieredStore:
         self.metrics.store_pages.labels(tier="any", result="duplicate").inc(dup)
         self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
         return PutResult(stored, dup, rejected, tuple(reasons))
+
+    def _cluster_held(self, h: bytes) -> Entry | None:
+        held = self.cluster.holds(h)
+        return None if held is None else Entry(held[0], held[1], held[2], "", (), 0, 0)
 
     def _touch_chains(self, pages: Sequence[Page]) -> None:
         """Make each chain in `pages` most recent, deepest page first, ancestors included.
@@ -323,7 +415,10 @@ class TieredStore:
             payload = self.cpu.view(h).copy()
             e = self.cpu.remove(h)
             self.metrics.evictions.labels(tier="cpu", reason="capacity").inc()
-            if self.disk.get(h) is None and self._put_disk(h, e, payload):
+            if not self.admission.admitted(h):  # used fewer than disk_admission_hits times
+                self.admission.forget(h)
+                self.metrics.store_pages.labels(tier="disk", result="not_admitted").inc()
+            elif self.disk.get(h) is None and self._put_disk(h, e, payload):
                 moved += e.nbytes
             self._emit("removed", e.ns_root, h, e.parent, "cpu")
         if moved:
@@ -405,6 +500,7 @@ class TieredStore:
                 e = self.cpu.get(h)
                 if e is not None and e.ns_root == root:
                     self.cpu.remove(h)
+                    self.admission.forget(h)
                     dropped.add(h)
                     self.metrics.evictions.labels(tier="cpu", reason="admin").inc()
                     self._emit("removed", root, h, e.parent, "cpu")
@@ -415,6 +511,7 @@ class TieredStore:
                     self.metrics.evictions.labels(tier="disk", reason="admin").inc()
                     self._emit("removed", root, h, d.parent, "disk")
             self._update_gauges()
+        dropped |= self.cluster.delete(ns, None if hashes is None else [bytes(h) for h in hashes])
         return len(dropped)
 
     def stats(self) -> dict:
@@ -425,6 +522,8 @@ class TieredStore:
             if isinstance(self.disk, DiskTier):
                 tiers["disk"]["degraded"] = self.disk.degraded
                 tiers["disk"]["path"] = self.disk.path
+            if isinstance(self.cluster, ClusterTier):
+                tiers["cluster"] = self.cluster.stats()
             return {"tiers": tiers, "pinned_pages": len(self._pins), "leases": len(self._leases)}
 
     def add_listener(self, fn: Listener) -> None:
@@ -443,17 +542,19 @@ class TieredStore:
             self.metrics.pages.labels(tier=t.name).set(t.pages)
 
     def flush(self) -> None:
-        """Wait for queued disk writes (tests, shutdown)."""
+        """Wait for queued disk and cluster writes (tests, shutdown)."""
         self.disk.flush()
+        self.cluster.flush()
 
     def close(self) -> None:
         """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
         with self._lock:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
                 for h, e in list(self.cpu.entries.items()):
-                    if self.disk.get(h) is None:
+                    if self.disk.get(h) is None and self.admission.admitted(h):
                         self._put_disk(h, e, self.cpu.view(h).copy())
                 self._evict_disk()
+        self.cluster.close()
         self.disk.close()
         self.cpu.close()
 

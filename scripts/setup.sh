@@ -9,6 +9,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 if [ "${1:-}" = "--test" ]; then
   "$PY" -m pip install -q -e ".[test]"
+  # the cluster tier's tests need a local redis-server; best effort (they skip, saying why, without it)
+  if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null; then
+    bash scripts/install_redis.sh || echo "setup.sh: redis-server not installed; the cluster tier tests will skip" >&2
+  fi
 else
   "$PY" -m pip install -q -e .
 fi

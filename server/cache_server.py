@@ -141,11 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="override server.grpc_port")
     parser.add_argument("--metrics-port", type=int, default=None, help="override server.metrics_port")
     parser.add_argument("--disk-path", default=None, help="override kvc.disk_path")
+    parser.add_argument("--cluster-url", default=None, help="override kvc.cluster_url (redis://host:port)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {k: v for k, v in (("grpc_port", args.port), ("metrics_port", args.metrics_port),
-                                   ("disk_path", args.disk_path)) if v is not None}
+                                   ("disk_path", args.disk_path), ("cluster_url", args.cluster_url))
+                 if v is not None}
     return load_config(args.config, **overrides)
 
 

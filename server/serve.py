@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="listen address (server.host)")
     p.add_argument("--port", type=int, help="HTTP port (server.http_port)")
     p.add_argument("--disk-path", help="disk tier directory (kvc.disk_path)")
+    p.add_argument("--cluster-url", help="redis://host:port of a Redis Cluster shared by machines (kvc.cluster_url)")
     p.add_argument("--device", help="torch device: auto, cpu, cuda (model.device)")
     p.add_argument("--record-expert-stats", metavar="DIR",
                    help="write MoE expert activation counts (.pt) under DIR (experts.record_expert_stats)")
@@ -39,7 +40,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     over = {}
     for arg, key in (("model", "model.path"), ("cache_url", "server.cache_url"), ("host", "server.host"),
                      ("port", "server.http_port"), ("disk_path", "kvc.disk_path"), ("device", "model.device"),
-                     ("record_expert_stats", "experts.record_expert_stats")):
+                     ("record_expert_stats", "experts.record_expert_stats"), ("cluster_url", "kvc.cluster_url")):
         if getattr(args, arg, None) is not None:
             over[key] = getattr(args, arg)
     return load_config(path, **over)
@@ -66,7 +67,8 @@ def build(config: Config, cache_token: str | None = None):
         cache = RemoteCache(config.server.cache_url, token=cache_token, timeout=config.server.rpc_timeout_s,
                             shared_memory=config.server.shared_memory,
                             max_message_bytes=config.server.max_message_bytes)
-    elif not config.kvc.gpu_only and (config.kvc.cpu_memory_size_GB > 0 or config.kvc.disk_path):
+    elif not config.kvc.gpu_only and (config.kvc.cpu_memory_size_GB > 0 or config.kvc.disk_path
+                                      or config.kvc.cluster_url):
         from kvc.store import TieredStore
         cache = TieredStore(config.kvc, metrics=kvc_metrics)
     try:
@@ -97,7 +99,8 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
     names = served_names(config)
     app = create_app(loop, names, registry)
     where = "shared cache-server " + config.server.cache_url if config.server.cache_url else (
-        "embedded cache: cpu %.1f GB, disk %s" % (config.kvc.cpu_memory_size_GB, config.kvc.disk_path))
+        "embedded cache: cpu %.1f GB, disk %s" % (config.kvc.cpu_memory_size_GB, config.kvc.disk_path)
+        + (", cluster tier" if config.kvc.cluster_url else ""))
     print(f"kvc serve: model {names[0]!r} on {engine.device}, {where}", flush=True)
     print(f"kvc serve: OpenAI API at http://{host}:{port}/v1  (metrics: http://{host}:{port}/metrics)",
           flush=True)

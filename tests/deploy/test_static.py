@@ -70,7 +70,8 @@ def test_dashboard_covers_the_required_panels():
                  "kvc_transfer_bytes_total", "kvc_checksum_failures_total", "kvc_disk_errors_total",
                  "kvc_time_to_first_token_seconds_bucket", "kvc_time_per_output_token_seconds_bucket",
                  "kvc_time_to_first_token_seconds_count",                            # request rate
-                 "kvc_experts_tokens_total", "kvc_experts_resident"):
+                 "kvc_experts_tokens_total", "kvc_experts_resident",
+                 "kvc_cluster_errors_total", "kvc_cluster_call_duration_seconds_bucket"):  # cluster tier
         assert name in used, f"no panel uses {name}"
     quantiles = [e for e in exprs if "kvc_time_to_first_token_seconds_bucket" in e]
     assert {e.split(",")[0] for e in quantiles} == {f"histogram_quantile({q}" for q in ("0.5", "0.95", "0.99")}
@@ -102,7 +103,8 @@ def test_compose_file_validates(docker_compose):
     assert r.returncode == 0, r.stdout + r.stderr
     cfg = yaml.safe_load(r.stdout)
     services = cfg["services"]
-    assert set(services) == {"cache-server", "serve", "prometheus", "grafana"}
+    redis = {f"redis-{i}" for i in range(1, 7)}
+    assert set(services) == {"cache-server", "serve", "prometheus", "grafana", "redis-cluster-init"} | redis
     cache, serve = services["cache-server"], services["serve"]
     assert cache["command"][:1] == ["cache-server"] and serve["command"][:1] == ["serve"]
     assert cache["image"] == serve["image"], "one image for both commands"
@@ -110,6 +112,13 @@ def test_compose_file_validates(docker_compose):
     i = serve["command"].index("--cache-url")
     assert serve["command"][i + 1] == "grpc://cache-server:50051"
     assert serve["depends_on"]["cache-server"]["condition"] == "service_healthy"
+    # the cluster tier: 6 cluster-enabled nodes, created by the one-shot init before the cache-server
+    i = cache["command"].index("--cluster-url")
+    assert cache["command"][i + 1] == "redis://redis-1:6379"
+    assert cache["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+    for name in redis:
+        assert "--cluster-enabled yes" in services[name]["command"][-1] and "allkeys-lru" in services[name]["command"][-1]
+    assert "--cluster-replicas 1" in services["redis-cluster-init"]["command"][-1]
 
     # every bind mount exists in the repository; the disk tier is on a named volume
     for name, svc in services.items():

@@ -1,0 +1,440 @@
+"""The cluster tier: page records in a Redis Cluster (or one plain Redis) shared by many kvc processes.
+
+It sits below disk: lookups and gets ask it only for what the local tiers lack. Keys are
+`kvc:v1:<namespace root hex>:<page hash hex>` (tenant salts and weight digests give different
+roots, so namespaces never share a key); values are page records (kvc/record.py). Every value is
+verified on read (decodable record, key hash, namespace, dtype and shape, xxh3_128(parent ||
+tokens) == hash, and for gets the payload checksum): anything else is a miss, counted, and the key
+is deleted. Writes are write-behind: the store offers pages, one writer thread pipelines SETs from
+a bounded queue (full: the page is dropped and counted), so no request ever waits for the cluster.
+A call that fails or passes its deadline (socket timeouts of `kvc.cluster_timeout_s`) is a miss;
+the tier then backs off (0.25 s doubling to 5 s) and retries by itself. Memory is the cluster's
+business (maxmemory + allkeys-lru): kvc never relies on a key staying there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from . import hashing
+from .hashing import Namespace
+from .record import RecordError, RecordInfo, checksum, decode_header, header_bytes
+
+log = logging.getLogger("kvc.cluster")
+
+BACKOFF_MIN_S = 0.25
+BACKOFF_MAX_S = 5.0
+WRITE_BATCH_BYTES = 32 << 20
+KNOWN_PAGES = 1 << 16
+KNOWN_S = 30.0  # how long a written page counts as held for duplicate puts (Redis may evict it)
+PASSWORD_ENV = "KVC_CLUSTER_PASSWORD"
+
+
+def page_key(ns_root: bytes, h: bytes) -> bytes:
+    return b"kvc:v1:" + ns_root.hex().encode() + b":" + h.hex().encode()
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError naming kvc.cluster_url unless url is redis://host:port or rediss://host:port."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"kvc.cluster_url must be redis://host:port or rediss://host:port (TLS), got {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"kvc.cluster_url has a bad port: {url!r}") from None
+
+
+def redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _kind(e: BaseException) -> str:
+    if isinstance(e, (redis.exceptions.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(e, (redis.exceptions.ConnectionError, OSError)):
+        return "connection"
+    if isinstance(e, (redis.exceptions.ClusterDownError, redis.exceptions.RedisClusterException)):
+        return "cluster_down"
+    if isinstance(e, redis.exceptions.ResponseError):
+        return "response"
+    return "other"
+
+
+class ClusterTier:
+    name = "cluster"
+    capacity = used = pages = 0  # the cluster's memory is the operator's; kvc does not count it
+
+    def __init__(self, url: str, metrics, timeout_s: float = 0.2, queue_pages: int = 4096,
+                 password: str | None = None):
+        check_url(url)
+        self.url = url
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self._password = password if password is not None else os.environ.get(PASSWORD_ENV)
+        self._client = None
+        self.mode = "unconnected"
+        self._connect_lock = threading.Lock()
+        self._down_until = 0.0
+        self._backoff = 0.0
+        self._lock = threading.Lock()
+        self.pending: dict[bytes, bytes] = {}   # key -> queued record, readable before it is written
+        # recently written pages: hash -> (ns_root, parent, tokens, monotonic time written)
+        self.known: OrderedDict[bytes, tuple[bytes, bytes, bytes, float]] = OrderedDict()
+        self.source: Callable[[bytes], bytes | None] | None = None  # the record of a queued page (cpu tier)
+        self.listener = None  # fn(kind, ns_root, hash, parent)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_pages)
+        self._queued: dict[bytes, tuple[bytes, bytes, bytes] | None] = {}  # hash -> as in known, None: from cpu
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        # the labelled series, up front (as KvcMetrics does for cpu and disk); only where the tier exists
+        metrics.lookup_hit_tokens.labels(tier="cluster")
+        metrics.checksum_failures.labels(tier="cluster")
+        metrics.store_bytes.labels(tier="cluster")
+        for result in ("stored", "dropped"):
+            metrics.store_pages.labels(tier="cluster", result=result)
+        metrics.transfer_bytes.labels(src="cluster", dst="cpu")
+        metrics.transfer_bytes.labels(src="cpu", dst="cluster")
+        for op in ("lookup", "get", "put", "delete"):
+            metrics.cluster_calls.labels(op=op)
+            metrics.cluster_errors.labels(op=op, kind="timeout")
+            metrics.cluster_errors.labels(op=op, kind="connection")
+        metrics.degraded.labels(component="cluster").set(0)
+        self._writer = threading.Thread(target=self._write_loop, name="kvc-cluster-writer", daemon=True)
+        self._writer.start()
+
+    # -- connection and failures ---------------------------------------------------------------
+    def _conn(self):
+        """The client, connecting on first use; None while backing off (callers treat it as a miss)."""
+        if time.monotonic() < self._down_until:
+            return None
+        if self._client is not None:
+            return self._client
+        with self._connect_lock:
+            if self._client is None:
+                try:
+                    self._client = self._open()
+                except Exception as e:  # unreachable at start: misses until it answers
+                    self._failed("connect", e)
+                    return None
+        return self._client
+
+    def _open(self):
+        kw = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                  retry=Retry(NoBackoff(), 1))
+        if self._password and urlsplit(self.url).password is None:
+            kw["password"] = self._password
+        probe = redis.Redis.from_url(self.url, **kw)
+        try:
+            enabled = probe.info("cluster").get("cluster_enabled", 0)
+        except Exception:
+            probe.close()
+            raise
+        if not enabled:
+            self.mode = "standalone"
+            log.info("cluster tier: standalone Redis at %s", redacted(self.url))
+            return probe
+        probe.close()
+        client = RedisCluster.from_url(self.url, require_full_coverage=False, **kw)
+        self.mode = "cluster"
+        log.info("cluster tier: Redis Cluster at %s (%d nodes)", redacted(self.url), len(client.get_nodes()))
+        return client
+
+    def _failed(self, op: str, e: BaseException) -> None:
+        kind = _kind(e)
+        self.metrics.cluster_errors.labels(op=op, kind=kind).inc()
+        self._backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self._backoff))
+        self._down_until = time.monotonic() + self._backoff
+        self.metrics.degraded.labels(component="cluster").set(1)
+        log.warning("cluster tier %s failed (%s: %s); misses for %.2fs", op, kind, e, self._backoff)
+        if kind != "timeout" and self._client is not None and self.mode == "standalone":
+            self._client = None  # reconnect (a restarted standalone server) after the back-off
+
+    def _ok(self) -> None:
+        if self._backoff:
+            self._backoff = 0.0
+            self.metrics.degraded.labels(component="cluster").set(0)
+
+    @property
+    def degraded(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _pipeline(self, op: str, build) -> list | None:
+        """Run build(pipe) as one pipeline (grouped by node in cluster mode); results or None."""
+        client = self._conn()
+        if client is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            out = pipe.execute(raise_on_error=False)
+        except Exception as e:
+            self._failed(op, e)
+            return None
+        self.metrics.cluster_calls.labels(op=op).observe(time.perf_counter() - t0)
+        err = next((r for r in out if isinstance(r, Exception)), None)
+        if err is not None:
+            self._failed(op, err)  # the other results stand
+        else:
+            self._ok()
+        return [None if isinstance(r, Exception) else r for r in out]
+
+    # -- reads ---------------------------------------------------------------------------------
+    def lookup(self, ns: Namespace, hashes: Sequence[bytes], parent: bytes, raw: bytes | None) -> int:
+        """Leading pages of `hashes` held and verified (header and tokens only; payload at get).
+
+        parent: the hash before hashes[0]; raw: the query's token bytes from hashes[0] on, or None.
+        """
+        if not hashes:
+            return 0
+        root, spec = ns.root, ns.spec
+        step = 4 * spec.page_size
+        with self._lock:
+            queued = [self.pending.get(page_key(root, h)) for h in hashes]
+        ask = [i for i, q in enumerate(queued) if q is None]
+        hdr = header_bytes(spec)
+        if ask:
+            got = self._pipeline("lookup", lambda p: [p.getrange(page_key(root, hashes[i]), 0, hdr - 1)
+                                                      for i in ask])
+            if got is None:
+                return 0
+            for i, v in zip(ask, got):
+                queued[i] = v or None
+        n = 0
+        for i, (h, buf) in enumerate(zip(hashes, queued)):
+            if buf is None:
+                break
+            info = self._verify(ns, h, buf, partial=True)
+            if info is None or info.parent != parent or (
+                    raw is not None and info.tokens.astype("<u4").tobytes() != raw[i * step:(i + 1) * step]):
+                if info is not None:
+                    self.metrics.collisions.inc()
+                break
+            parent = h
+            n += 1
+        return n
+
+    def get(self, ns: Namespace, hashes: Sequence[bytes]) -> dict[bytes, tuple[RecordInfo, bytes]]:
+        """Verified records of the leading pages of `hashes` that the cluster holds (hash -> info, record)."""
+        if not hashes:
+            return {}
+        root = ns.root
+        with self._lock:
+            bufs = [self.pending.get(page_key(root, h)) for h in hashes]
+        ask = [i for i, b in enumerate(bufs) if b is None]
+        if ask:
+            got = self._pipeline("get", lambda p: [p.get(page_key(root, hashes[i])) for i in ask])
+            if got is None:
+                got = [None] * len(ask)
+            for i, v in zip(ask, got):
+                bufs[i] = v
+        out = {}
+        for h, buf in zip(hashes, bufs):
+            if buf is None:
+                break
+            info = self._verify(ns, h, buf, partial=False)
+            if info is None:
+                break
+            out[h] = (info, buf)
+        return out
+
+    def _verify(self, ns: Namespace, h: bytes, buf: bytes, partial: bool) -> RecordInfo | None:
+        spec = ns.spec
+        try:
+            info = decode_header(buf, partial=partial)
+            if info.hash != h or info.ns_root != ns.root:
+                raise RecordError("the record is not this key's page")
+            if info.dtype != spec.dtype or info.shape != spec.shape or len(info.tokens) != spec.page_size:
+                raise RecordError(f"record holds {info.dtype} {info.shape}, the namespace needs "
+                                  f"{spec.dtype} {spec.shape}")
+            if hashing.chain_hash(info.parent, info.tokens.astype("<u4").tobytes()) != h:
+                raise RecordError("xxh3_128(parent || tokens) is not the key's hash")
+            if not partial and checksum(memoryview(buf)[info.payload_offset:]) != info.checksum:
+                raise RecordError("payload checksum mismatch")
+        except RecordError as e:
+            log.warning("cluster tier dropped page %s: %s", h.hex(), e)
+            self.metrics.checksum_failures.labels(tier="cluster").inc()
+            with self._lock:
+                self.known.pop(h, None)
+            self._pipeline("delete", lambda p: p.delete(page_key(ns.root, h)))
+            return None
+        return info
+
+    def holds(self, h: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """(ns_root, parent, tokens) of a page this process queued or wrote in the last KNOWN_S seconds
+        (a hint for duplicate puts, not a promise: the cluster may have evicted it since)."""
+        with self._lock:
+            k = self.known.get(h)
+            if k is not None and time.monotonic() - k[3] < KNOWN_S:
+                return k[:3]
+            return self._queued.get(h)
+
+    # -- writes --------------------------------------------------------------------------------
+    def offer(self, ns_root: bytes, h: bytes, record: bytes | None = None) -> bool:
+        """Queue a page for the writer: its record, or None to read it from `source` when written."""
+        key = page_key(ns_root, h)
+        with self._lock:
+            if h in self._queued:
+                return True
+            try:
+                self._queue.put_nowait((ns_root, h, record))
+            except queue.Full:
+                self.metrics.store_pages.labels(tier="cluster", result="dropped").inc()
+                return False
+            if record is not None:
+                self.pending[key] = record
+                info = decode_header(record)
+                self._queued[h] = (ns_root, info.parent, info.tokens.astype("<u4").tobytes())
+            else:
+                self._queued[h] = None
+            self._inflight += 1
+        return True
+
+    def _write_loop(self) -> None:
+        self._conn()  # connect now, so that the first lookup does not pay for it
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, size = [item], 0
+            while size < WRITE_BATCH_BYTES:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                self._write(batch)
+            except Exception:  # never let the writer die
+                log.exception("cluster tier writer failed")
+            finally:
+                with self._idle:
+                    for r, h, rec in batch:
+                        self._queued.pop(h, None)
+                        if rec is not None:
+                            self.pending.pop(page_key(r, h), None)
+                    self._inflight -= len(batch)
+                    self._idle.notify_all()
+
+    def _write(self, batch) -> None:
+        rows = []
+        for ns_root, h, rec in batch:
+            if rec is None and self.source is not None:
+                rec = self.source(h)  # None: the page left the cpu tier before its turn
+            if rec is not None:
+                rows.append((ns_root, h, rec))
+        if len(rows) < len(batch):
+            self.metrics.store_pages.labels(tier="cluster", result="dropped").inc(len(batch) - len(rows))
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        out = self._pipeline("put", lambda p: [p.set(page_key(r, h), rec) for r, h, rec in rows])
+        if out is None:
+            self.metrics.store_pages.labels(tier="cluster", result="dropped").inc(len(rows))
+            return
+        stored = 0
+        for (r, h, rec), ok in zip(rows, out):
+            if not ok:
+                continue
+            stored += len(rec)
+            info = decode_header(rec)
+            with self._lock:
+                self.known[h] = (r, info.parent, info.tokens.astype("<u4").tobytes(), time.monotonic())
+                self.known.move_to_end(h)
+                if len(self.known) > KNOWN_PAGES:
+                    self.known.popitem(last=False)
+            if self.listener:
+                self.listener("stored", r, h, info.parent)
+        m = self.metrics
+        m.store_pages.labels(tier="cluster", result="stored").inc(sum(1 for ok in out if ok))
+        m.store_bytes.labels(tier="cluster").inc(stored)
+        m.transfer_bytes.labels(src="cpu", dst="cluster").inc(stored)
+        m.transfer_duration.labels(src="cpu", dst="cluster").observe(time.perf_counter() - t0)
+
+    def delete(self, ns: Namespace, hashes: Sequence[bytes] | None) -> set[bytes]:
+        """Drop this namespace's pages (all of them when hashes is None); the hashes dropped."""
+        self.flush()
+        root = ns.root
+        if hashes is None:
+            client = self._conn()
+            if client is None:
+                return set()
+            prefix = page_key(root, b"")
+            try:
+                keys = list(client.scan_iter(match=prefix + b"*", count=1000))
+            except Exception as e:
+                self._failed("delete", e)
+                return set()
+            hashes = [bytes.fromhex(k[len(prefix):].decode()) for k in keys]
+        hashes = list(hashes)
+        out = self._pipeline("delete", lambda p: [p.delete(page_key(root, h)) for h in hashes]) or []
+        dropped = {h for h, n in zip(hashes, out) if n}
+        with self._lock:
+            for h in hashes:
+                self.known.pop(h, None)
+        for h in dropped:
+            if self.listener:
+                self.listener("removed", root, h, b"")
+        return dropped
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued page has been written (or dropped)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout)
+
+    def stats(self) -> dict:
+        return {"url": redacted(self.url), "mode": self.mode, "degraded": self.degraded,
+                "queued_pages": self._queue.qsize()}
+
+    def close(self) -> None:
+        self.flush(timeout=5.0)
+        self._queue.put(None)
+        self._writer.join(timeout=5)
+        if self._client is not None:
+            self._client.close()
+
+
+class NullCluster:
+    """No cluster tier (kvc.cluster_url unset): holds nothing, asks nothing."""
+    name = "cluster"
+    capacity = used = pages = 0
+    source = listener = None
+
+    def lookup(self, ns, hashes, parent, raw) -> int:
+        return 0
+
+    def get(self, ns, hashes) -> dict:
+        return {}
+
+    def holds(self, h):
+        return None
+
+    def offer(self, ns_root, h, record=None) -> bool:
+        return False
+
+    def delete(self, ns, hashes) -> set:
+        return set()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,171 @@
+"""The cluster tier against a real Redis Cluster (3 masters + 3 replicas on 127.0.0.1)."""
+import pytest
+import redis
+import torch
+
+from kvc.cluster_tier import page_key, redacted
+from kvc.config import ConfigError, load_config
+from kvc.store import TieredStore
+from tests.redis_cluster import redis_cluster  # noqa: F401  (the module's cluster fixture)
+
+from .backend_suite import BackendSuite
+from .conftest import NS, SPEC, kvc_config, make_pages
+
+
+def cluster_only(url: str):
+    return load_config(None, cpu_memory_size_GB=0, disk_path=None, cluster_url=url).kvc
+
+
+def metric(store, name, **labels):
+    v = store.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+@pytest.fixture
+def client(redis_cluster):
+    c = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    c.flushall()  # every test starts from an empty cluster
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def backend(redis_cluster, client):
+    store = TieredStore(cluster_only(redis_cluster.url))
+    yield store
+    store.close()
+
+
+class TestClusterOnlySuite(BackendSuite):
+    """The CacheBackend suite with the cluster as the only host tier (no cpu, no disk)."""
+
+    def test_stats(self, backend):
+        _, pages = make_pages(NS, list(range(8)))
+        backend.put_pages(NS, pages)
+        backend.flush()  # the writer connects on its first batch
+        st = backend.stats()
+        assert st["tiers"]["cpu"]["pages"] == 0 and st["tiers"]["disk"]["pages"] == 0
+        assert st["tiers"]["cluster"]["mode"] == "cluster" and st["tiers"]["cluster"]["degraded"] is False
+
+
+def test_second_process_reads_what_the_first_wrote(redis_cluster, client, tmp_path):
+    """A store with cpu + disk writes behind to the cluster; another store (own disk) hits it,
+    verifies, promotes to its cpu tier, and counts tier="cluster" hits and bytes."""
+    toks = list(range(1000, 1030))  # 7 full pages
+    hashes, pages = make_pages(NS, toks)
+    with TieredStore(kvc_config(tmp_path / "a", cluster_url=redis_cluster.url)) as a:
+        assert a.put_pages(NS, pages).stored == 7
+        a.flush()
+        assert metric(a, "kvc_store_bytes_total", tier="cluster") > 7 * SPEC.page_bytes
+    assert client.exists(page_key(NS.root, hashes[0])) == 1
+    with TieredStore(kvc_config(tmp_path / "b", cluster_url=redis_cluster.url)) as b:
+        r = b.lookup(NS, tokens=toks)
+        assert r.located == ["cluster"] * 7
+        got = b.get_pages(NS, hashes)
+        assert len(got) == 7 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
+        assert metric(b, "kvc_lookup_hit_tokens_total", tier="cluster") == 7 * SPEC.page_size
+        assert metric(b, "kvc_transfer_bytes_total", src="cluster", dst="cpu") == 7 * SPEC.page_bytes
+        assert b.lookup(NS, tokens=toks).located == ["cpu"] * 7  # promoted
+
+
+def test_garbage_values_are_misses_counted_and_deleted(backend, client):
+    toks = list(range(16))
+    hashes, pages = make_pages(NS, toks)
+    backend.put_pages(NS, pages)
+    backend.flush()
+    good = client.get(page_key(NS.root, hashes[1]))
+    client.set(page_key(NS.root, hashes[2]), b"garbage" * 10)  # not a record
+    flipped = bytearray(good)
+    flipped[-1] ^= 0xFF  # a record whose payload no longer matches its checksum
+    client.set(page_key(NS.root, hashes[1]), bytes(flipped))
+    assert backend.lookup(NS, tokens=toks).num_pages == 2  # header of page 2 is garbage
+    assert metric(backend, "kvc_checksum_failures_total", tier="cluster") == 1
+    got = backend.get_pages(NS, hashes)
+    assert len(got) == 1 and torch.equal(got[0].data, pages[0].data)  # page 1's payload fails
+    assert metric(backend, "kvc_checksum_failures_total", tier="cluster") == 2
+    assert client.exists(page_key(NS.root, hashes[1])) == 0 and client.exists(page_key(NS.root, hashes[2])) == 0
+    # another namespace's record copied under this key (same length, valid checksum) is rejected too
+    other_hashes, other = make_pages(NS.with_salt("x"), toks)
+    client.set(page_key(NS.root, hashes[1]), client.get(page_key(NS.with_salt("x").root, other_hashes[1])) or b"")
+    assert backend.lookup(NS, hashes=hashes).num_pages == 1
+
+
+def test_tenants_never_share_pages(redis_cluster, client, tmp_path):
+    toks = list(range(500, 532))
+    a, b = NS.with_salt("tenant-a"), NS.with_salt("tenant-b")
+    ha, pa = make_pages(a, toks)
+    with TieredStore(kvc_config(tmp_path / "a", cluster_url=redis_cluster.url)) as s:
+        s.put_pages(a, pa)
+        s.flush()
+    with TieredStore(cluster_only(redis_cluster.url)) as other:
+        assert other.lookup(b, tokens=toks).num_pages == 0
+        assert other.lookup(NS, tokens=toks).num_pages == 0
+        assert other.get_pages(b, ha) == []  # a's hashes under b's namespace: other keys
+        assert other.lookup(a, tokens=toks).num_pages == 8
+    keys = {k for k in client.scan_iter(match=b"kvc:v1:*")}
+    assert keys == {page_key(a.root, h) for h in ha}
+
+
+def test_unreachable_cluster_is_misses_and_backs_off(tmp_path):
+    from tests.e2e.conftest import free_port
+    cfg = kvc_config(tmp_path, cluster_url=f"redis://127.0.0.1:{free_port()}", cluster_timeout_s=0.1)
+    with TieredStore(cfg) as s:
+        toks = list(range(12))
+        hashes, pages = make_pages(NS, toks)
+        assert s.put_pages(NS, pages).stored == 3  # the cpu tier takes them; the cluster write is dropped
+        s.flush()
+        other = list(range(100, 112))
+        assert s.lookup(NS, tokens=other).num_pages == 0
+        assert s.lookup(NS, tokens=toks).num_pages == 3
+        assert s.cluster.degraded
+        assert metric(s, "kvc_degraded", component="cluster") == 1
+        assert sum(metric(s, "kvc_cluster_errors_total", op="connect", kind=k)
+                   for k in ("connection", "timeout")) >= 1
+
+
+def test_bad_cluster_url_names_the_key():
+    with pytest.raises(ConfigError, match="kvc.cluster_url"):
+        load_config(None, cluster_url="http://10.0.0.5:7000")
+    assert redacted("rediss://user:s3cret@10.0.0.5:7000") == "rediss://user:***@10.0.0.5:7000"  # logs, stats
+
+
+def test_admission_gates_the_cluster(redis_cluster, client, tmp_path):
+    toks = list(range(300, 316))
+    hashes, pages = make_pages(NS, toks)
+    with TieredStore(kvc_config(tmp_path, cluster_url=redis_cluster.url, disk_admission_hits=2)) as s:
+        s.put_pages(NS, pages)
+        s.flush()
+        assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 0  # one use: not admitted
+        s.get_pages(NS, hashes[:2])
+        s.flush()
+        assert [client.exists(page_key(NS.root, h)) for h in hashes] == [1, 1, 0, 0]
+
+
+def test_cluster_events_reach_listeners(backend):
+    events = []
+    backend.add_listener(lambda kind, ns_root, h, parent, tier: events.append((kind, ns_root, h, parent, tier)))
+    hashes, pages = make_pages(NS, list(range(8)))
+    backend.put_pages(NS, pages)
+    backend.flush()
+    assert [e for e in events if e[4] == "cluster"] == [
+        ("stored", NS.root, hashes[0], NS.root, "cluster"), ("stored", NS.root, hashes[1], hashes[0], "cluster")]
+    backend.delete(NS, hashes[1:])
+    assert events[-1][:3] == ("removed", NS.root, hashes[1]) and events[-1][4] == "cluster"
+
+
+def test_a_page_the_cluster_evicted_is_stored_and_written_again(redis_cluster, client, tmp_path):
+    """kvc never relies on a key staying: a page that left cpu and was evicted by Redis is a new put."""
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * SPEC.page_bytes / (1 << 30), disk_path=None,
+                     high_watermark=0.99, low_watermark=0.1, cluster_url=redis_cluster.url)
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(16)))
+        _, pb = make_pages(NS, list(range(900, 916)), seed=9)
+        s.put_pages(NS, pa)
+        s.flush()
+        s.put_pages(NS, pb)  # A leaves the cpu tier
+        s.flush()
+        assert all(s.cpu.get(h) is None for h in ha)
+        client.delete(*[page_key(NS.root, h) for h in ha])  # as maxmemory + allkeys-lru would
+        assert s.put_pages(NS, pa).stored == 4
+        s.flush()
+        assert [client.exists(page_key(NS.root, h)) for h in ha] == [1, 1, 1, 1]
