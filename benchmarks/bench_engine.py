@@ -90,7 +90,7 @@ class Ours:
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None):
         if chunk is not None:
-            self.eng.scheduler.chunk = chunk
+            self.eng.scheduler.chunk = self.eng.prefix_cache.chunk = chunk  # admission sizes the first piece
         if graphs is not None:
             self.eng.runner.graphs = self.graphs if graphs else None
 
