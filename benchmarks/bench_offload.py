@@ -14,11 +14,13 @@ The 0% check compares the 0% layer with its CPU experts alone (same pairs, same 
 
     python benchmarks/bench_offload.py --quick                 # CPU smoke run, small shapes
     python benchmarks/bench_offload.py --device cuda           # H200: bf16, 6 layers, ~3-5 min
+    python benchmarks/bench_offload.py --cpu-layer --device cuda   # per-layer CPU experts vs floor, ~1-2 min
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvc.config import load_config  # noqa: E402
 from engine.moe import MoEBlock, route  # noqa: E402
 from engine.offload import apply_experts, cpu_experts, device_experts, load_counts  # noqa: E402
+from engine.offload.grouped import ExpertThreads, grouped_cpu_experts, prepare  # noqa: E402
+from engine.offload.runtime import amx  # noqa: E402
 
 FULL = dict(hidden=2048, inter=768, experts=128, top_k=8, layers=6, decode=32, prefill=2048)
 QUICK = dict(hidden=256, inter=128, experts=32, top_k=4, layers=2, decode=8, prefill=256)
@@ -139,7 +143,7 @@ def overlap(blocks, rt, s, dtype, device, T, a):
     def cpu_once():
         with torch.inference_mode():
             t = time.perf_counter()
-            cpu_experts(be.cpu13, be.cpu2, hx, hids, hw, out)
+            cpu_experts(be.cpu.w13, be.cpu.w2, hx, hids, hw, out)
             return time.perf_counter() - t
 
     def dev_once():
@@ -171,6 +175,72 @@ def table(title, rows, ratios, strategies):
         print(f"| {r}% | " + " | ".join(f"{rows[(st, r)]:.1f}" for st in strategies) + " |")
 
 
+def cpu_threads(device):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1) if device.type == "cuda" else torch.get_num_threads()
+
+
+def read_bandwidth(gib, threads):
+    """Host read bandwidth, bytes/s: torch.sum over `gib` GiB of fp32 with `threads` threads, best of 3."""
+    t0 = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    big = torch.ones(int(gib * 2 ** 30) // 4)
+    big.sum()
+    best = min(timed(big.sum, torch.device("cpu"), 1, warmup=0) for _ in range(3))
+    torch.set_num_threads(t0)
+    return big.nbytes / best
+
+
+def cpu_layer(a, s):
+    """Per-layer CPU expert time against the floor (touched bytes / read bandwidth), old vs grouped path.
+
+    One MoE layer, half its experts on the CPU (ids E/2.. after a Zipf-ranked router), --copies copies
+    of the weights used in turn so a call does not find the previous call's weights in cache.
+    """
+    dev = torch.device("cpu")
+    H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
+    Ec = E // 2  # 50% GPU experts: logical ids E/2.. run here, renumbered 0..Ec-1
+    P = a.threads or cpu_threads(torch.device(a.device))
+    torch.set_num_threads(P)
+    pool = ExpertThreads(P)
+    bw = read_bandwidth(a.bw_gib, P)
+    g = torch.Generator().manual_seed(0)
+    base = [(torch.randn(Ec, 2 * I, H, generator=g) * 0.02, torch.randn(Ec, H, I, generator=g) * 0.02)
+            for _ in range(a.copies)]
+    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -a.zipf
+    bias = prior[torch.randperm(E, generator=g)].log().float()
+    print(f"# cpu-layer: {P} threads, read bandwidth {bw / 1e9:.1f} GB/s ({a.bw_gib} GiB torch.sum), "
+          f"{Ec} of {E} experts on the CPU, hidden {H}, moe_intermediate {I}, top-{k}, {a.copies} weight copies, "
+          f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, amx {amx()}")
+    print("| tokens | cpu dtype | path | kernel | experts touched | MB touched | floor ms | ms | x floor | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for fmt in a.formats.split(","):
+        wts = [prepare(w13.to(torch.bfloat16) if fmt != "float32" else w13,
+                       w2.to(torch.bfloat16) if fmt != "float32" else w2, fmt) for w13, w2 in base]
+        for T in [int(t) for t in a.cpu_tokens.split(",")]:
+            x = torch.randn(T, H, generator=g).to(torch.bfloat16 if fmt != "float32" else torch.float32)
+            ids, w = route(torch.randn(T, E, generator=g) + bias, k, True)
+            ids = torch.where(ids >= E - Ec, ids - (E - Ec), -1)
+            touched = int(torch.unique(ids[ids >= 0]).numel())
+            floor = touched * wts[0].expert_bytes / bw
+            out = torch.empty(T, H)
+            paths = {"grouped": lambda wt: grouped_cpu_experts(wt, x, ids, w, out, pool)}
+            if fmt != "int8":  # the per-expert loop has no int8
+                paths = {"loop": lambda wt: cpu_experts(wt.w13, wt.w2, x, ids, w, out), **paths}
+            res = {}
+            iters = a.iters_decode * 3 if T <= s["decode"] else a.iters_prefill + 1
+            with torch.inference_mode():
+                for name, fn in paths.items():
+                    turn = iter(range(10 ** 9))
+                    res[name] = timed(lambda: fn(wts[next(turn) % len(wts)]), dev, iters, warmup=len(wts))
+            for name, t in res.items():
+                up = f"{res['loop'] / t:.2f}x" if "loop" in res and name != "loop" else ""
+                kern = "mm loop" if name == "loop" else wts[0].kernel
+                print(f"| {T} | {fmt} | {name} | {kern} | {touched} | {touched * wts[0].expert_bytes / 1e6:.0f} | "
+                      f"{floor * 1e3:.2f} | {t * 1e3:.2f} | {t / floor:.2f} | {up} |", flush=True)
+    pool.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -180,7 +250,13 @@ def main():
     p.add_argument("--prefill-tokens", type=int, help="tokens per prefill chunk")
     p.add_argument("--ratios", default="0,10,30,50,80,100", help="device expert ratios in percent")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"))
+    p.add_argument("--cpu-layer", action="store_true", help="only the per-layer CPU expert table (old loop vs grouped)")
+    p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
+    p.add_argument("--formats", default="bfloat16,int8", help="--cpu-layer: CPU expert dtypes")
+    p.add_argument("--copies", type=int, default=3, help="--cpu-layer: weight copies used in turn (defeat the cache)")
+    p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
+    p.add_argument("--threads", type=int, help="--cpu-layer: CPU threads (default: the engine's worker count)")
     p.add_argument("--dtype", help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--zipf", type=float, default=0.4,
                    help="exponent of the per-expert routing prior (0.4: the hottest half of 128 experts gets ~77%%)")
@@ -193,6 +269,8 @@ def main():
     for key, v in (("layers", a.layers), ("decode", a.decode_batch), ("prefill", a.prefill_tokens)):
         if v is not None:
             s[key] = v
+    if a.cpu_layer:
+        return cpu_layer(a, s)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ratios = [int(r) for r in a.ratios.split(",")]
     strategies = a.strategies.split(",")
