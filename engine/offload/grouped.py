@@ -35,6 +35,7 @@ class CpuExpertWeights:
     w2: torch.Tensor  # [E, H, I]
     s13: torch.Tensor | None = None  # [E, 2I] fp32 per-output-channel scales (int8)
     s2: torch.Tensor | None = None  # [E, H]
+    packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # kernel "onednn": per-expert prepacked w13, w2
 
     @property
     def expert_bytes(self) -> int:
@@ -43,14 +44,17 @@ class CpuExpertWeights:
         return n + (self.s13[0].nbytes + self.s2[0].nbytes if self.s13 is not None else 0)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [E, N, K] -> int8 [E, N, K] and fp32 scales [E, N]: per output channel, symmetric, expert by expert."""
+def quantize_int8(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, N, K] -> int8 [E, N, K] and fp32 scales [E, N]: per output channel, symmetric.
+
+    `chunk` experts at a time: fp32 temporaries of a few experts, never of a whole layer.
+    """
     q = torch.empty(w.shape, dtype=torch.int8)
     s = torch.empty(w.shape[:2], dtype=torch.float32)
-    for e in range(w.shape[0]):  # one expert of fp32 temporaries at a time, not a whole layer
-        we = w[e].float()  # [N, K]
-        s[e] = we.abs().amax(1).clamp_min(1e-12) / 127
-        q[e] = torch.round(we / s[e][:, None]).clamp_(-127, 127).to(torch.int8)
+    for e in range(0, w.shape[0], chunk):
+        we = w[e:e + chunk].to(torch.float32, copy=True)  # [c, N, K]; divided in place below
+        s[e:e + chunk] = we.abs().amax(-1).clamp_min(1e-12) / 127
+        q[e:e + chunk] = we.div_(s[e:e + chunk, :, None]).round_().clamp_(-127, 127)
     return q, s
 
 
@@ -70,13 +74,21 @@ def grouped_mm_works(dtype: torch.dtype, H: int, I: int) -> bool:
         return False
 
 
-def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str) -> CpuExpertWeights:
-    """w13 [E, 2I, H], w2 [E, H, I] in the checkpoint dtype -> the CPU form (shared when no conversion)."""
+def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "int_mm") -> CpuExpertWeights:
+    """w13 [E, 2I, H], w2 [E, H, I] in the checkpoint dtype -> the CPU form (shared when no conversion).
+
+    int8_kernel: "int_mm" (torch._int_mm on plain weights) or "onednn" (weights prepacked for oneDNN's
+    int8 linear, u8 activations; a candidate the benchmark compares).
+    """
     assert fmt in FORMATS, f"cpu expert format {fmt!r} not in {FORMATS}"
     if fmt == "int8":
         q13, s13 = quantize_int8(w13)
         q2, s2 = quantize_int8(w2)
-        return CpuExpertWeights(fmt, "int_mm", q13, q2, s13, s2)
+        packed = None
+        if int8_kernel == "onednn":
+            packed = ([torch.ops.onednn.qlinear_prepack(q, None) for q in q13],
+                      [torch.ops.onednn.qlinear_prepack(q, None) for q in q2])
+        return CpuExpertWeights(fmt, int8_kernel, q13, q2, s13, s2, packed)
     dt = getattr(torch, fmt)
     w13, w2 = w13.to(dt), w2.to(dt)  # no copy when already in dt
     return CpuExpertWeights(fmt, "grouped_mm" if grouped_mm_works(dt, w2.shape[1], w2.shape[2]) else "mm", w13, w2)
@@ -186,6 +198,10 @@ def _int8(wt: CpuExpertWeights, xs: torch.Tensor, experts: torch.Tensor, counts:
     spans = [(e, a, a + c) for e, a, c in zip(range(e0, e0 + len(counts)),
                                               (counts.cumsum(0) - counts).tolist(), counts.tolist()) if c]
     xq, xs_s = quantize_rows(xs)  # [n, H] int8, [n, 1]
+    if wt.kernel == "onednn":
+        h = _onednn(xq, wt.packed[0], wt.s13, spans, 2 * I) * xs_s  # [n, 2I]
+        aq, a_s = quantize_rows(F.silu(h[:, :I]) * h[:, I:])  # [n, I] int8, [n, 1]
+        return _onednn(aq, wt.packed[1], wt.s2, spans, wt.w2.shape[1]) * a_s  # [n, H]
     h32 = torch.empty(n, 2 * I, dtype=torch.int32)
     for e, a, b in spans:
         torch._int_mm(xq[a:b], wt.w13[e].t(), out=h32[a:b])  # [rows, 2I]
@@ -195,3 +211,17 @@ def _int8(wt: CpuExpertWeights, xs: torch.Tensor, experts: torch.Tensor, counts:
     for e, a, b in spans:
         torch._int_mm(aq[a:b], wt.w2[e].t(), out=y32[a:b])  # [rows, H]
     return y32.float() * a_s * wt.s2[experts]  # [n, H]
+
+
+_ONE, _ZP = torch.tensor(1.0), torch.tensor(128)
+
+
+def _onednn(q: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tensor, spans: list, N: int) -> torch.Tensor:
+    """q [n, K] int8 rows -> fp32 [n, N] = (q @ w.T) * w_scale, through oneDNN's int8 linear (u8 + zero point 128)."""
+    u = (q.to(torch.int16) + 128).to(torch.uint8)  # [n, K]
+    out = torch.empty(len(q), N)
+    zeros = torch.zeros(N, dtype=torch.long)
+    for e, a, b in spans:
+        out[a:b] = torch.ops.onednn.qlinear_pointwise.tensor(u[a:b], _ONE, _ZP, packed[e], scales[e], zeros, None,
+                                                             1.0, 0, torch.float32, "none", [], "")
+    return out

@@ -73,17 +73,20 @@ def test_grouped_equals_the_per_expert_loop(pools, threads, kernel):
 
 def test_int8_quantization_is_per_output_channel():
     w13, _ = weights()
-    q, s = quantize_int8(w13)
+    before = w13.clone()
+    q, s = quantize_int8(w13, chunk=5)  # chunks that do not divide E
+    assert torch.equal(w13, before)  # fp32 weights are not scaled in place
     assert q.dtype == torch.int8 and s.shape == (E, 2 * I) and q.abs().max() == 127
     torch.testing.assert_close(s, w13.abs().amax(-1) / 127)
     assert ((q.float() * s[..., None] - w13).abs() <= s[..., None] / 2 + 1e-6).all()
 
 
-def test_int8_equals_a_dequantized_reference(pools):
+@pytest.mark.parametrize("kernel", ["int_mm", "onednn"])
+def test_int8_equals_a_dequantized_reference(pools, kernel):
     """w8a8: dequantized weights, activations rounded per token as the kernel does, in fp32."""
     w13, w2 = weights(1)
-    wt = prepare(w13, w2, "int8")
-    assert (wt.fmt, wt.kernel, wt.w13.dtype) == ("int8", "int_mm", torch.int8)
+    wt = prepare(w13, w2, "int8", kernel)
+    assert (wt.fmt, wt.kernel, wt.w13.dtype) == ("int8", kernel, torch.int8)
     d13, d2 = wt.w13.float() * wt.s13[..., None], wt.w2.float() * wt.s2[..., None]
 
     def fake_quant(v):  # [n, K] per-row symmetric int8, back to fp32
