@@ -309,7 +309,7 @@ def main():
     p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"))
     p.add_argument("--cpu-layer", action="store_true", help="only the per-layer CPU expert table (old loop vs grouped)")
     p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
-    p.add_argument("--formats", default="bfloat16,int8,int8:onednn", help="--cpu-layer: CPU expert dtype[:int8 kernel],...")
+    p.add_argument("--formats", default="bfloat16,int8,int8:onednn", help="--cpu-layer: dtype[:int8 kernel],...")
     p.add_argument("--flush-gib", type=float, default=1.0, help="--cpu-layer: GiB read before each timed call")
     p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
     p.add_argument("--e2e", action="store_true", help="only the end-to-end TTFT rows through engine.LLM")
