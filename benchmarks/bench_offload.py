@@ -14,11 +14,14 @@ The 0% check compares the 0% layer with its CPU experts alone (same pairs, same 
 
     python benchmarks/bench_offload.py --quick                 # CPU smoke run, small shapes
     python benchmarks/bench_offload.py --device cuda           # H200: bf16, 6 layers, ~3-5 min
+    python benchmarks/bench_offload.py --cpu-layer --device cuda   # per-layer CPU experts vs floor, ~1-2 min
+    python benchmarks/bench_offload.py --e2e --device cuda         # 8K cold + 64-token delta TTFT, 12 layers
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvc.config import load_config  # noqa: E402
 from engine.moe import MoEBlock, route  # noqa: E402
 from engine.offload import apply_experts, cpu_experts, device_experts, load_counts  # noqa: E402
+from engine.offload.grouped import ExpertThreads, grouped_cpu_experts, prepare  # noqa: E402
+from engine.offload.runtime import amx  # noqa: E402
 
 FULL = dict(hidden=2048, inter=768, experts=128, top_k=8, layers=6, decode=32, prefill=2048)
 QUICK = dict(hidden=256, inter=128, experts=32, top_k=4, layers=2, decode=8, prefill=256)
@@ -139,7 +144,7 @@ def overlap(blocks, rt, s, dtype, device, T, a):
     def cpu_once():
         with torch.inference_mode():
             t = time.perf_counter()
-            cpu_experts(be.cpu13, be.cpu2, hx, hids, hw, out)
+            cpu_experts(be.cpu.w13, be.cpu.w2, hx, hids, hw, out)
             return time.perf_counter() - t
 
     def dev_once():
@@ -171,6 +176,127 @@ def table(title, rows, ratios, strategies):
         print(f"| {r}% | " + " | ".join(f"{rows[(st, r)]:.1f}" for st in strategies) + " |")
 
 
+def cpu_threads(device):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1) if device.type == "cuda" else torch.get_num_threads()
+
+
+def read_bandwidth(gib, threads):
+    """Host read bandwidth, bytes/s: torch.sum over `gib` GiB of fp32 with `threads` threads, best of 3."""
+    t0 = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    big = torch.ones(int(gib * 2 ** 30) // 4)
+    big.sum()
+    best = min(timed(big.sum, torch.device("cpu"), 1, warmup=0) for _ in range(3))
+    torch.set_num_threads(t0)
+    return big.nbytes / best
+
+
+def cpu_layer(a, s):
+    """Per-layer CPU expert time against the floor (touched bytes / read bandwidth), old loop vs grouped.
+
+    One MoE layer, half its experts on the CPU (ids E/2.. after a Zipf-ranked router). Before each
+    timed call a --flush-gib buffer is summed (untimed) so the call finds its weights in DRAM, not cache.
+    --formats: bfloat16, float32, int8 (kernel int_mm) or int8:onednn.
+    """
+    dev = torch.device("cpu")
+    H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
+    Ec = E // 2  # 50% GPU experts: logical ids E/2.. run here, renumbered 0..Ec-1
+    P = a.threads or cpu_threads(torch.device(a.device))
+    torch.set_num_threads(P)
+    pool = ExpertThreads(P)
+    bw = read_bandwidth(a.bw_gib, P)
+    flush = torch.ones(int(a.flush_gib * 2 ** 30) // 4)
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(Ec, 2 * I, H, generator=g) * 0.02, torch.randn(Ec, H, I, generator=g) * 0.02
+    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -a.zipf
+    bias = prior[torch.randperm(E, generator=g)].log().float()
+    print(f"# cpu-layer: {P} threads, read bandwidth {bw / 1e9:.1f} GB/s ({a.bw_gib} GiB torch.sum), "
+          f"{Ec} of {E} experts on the CPU, hidden {H}, moe_intermediate {I}, top-{k}, cache flushed with "
+          f"{a.flush_gib} GiB, torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"amx {amx()}", flush=True)
+    calls = {}
+    for T in [int(t) for t in a.cpu_tokens.split(",")]:  # the same routing for every dtype
+        ids, w = route(torch.randn(T, E, generator=g) + bias, k, True)
+        calls[T] = (torch.randn(T, H, generator=g), torch.where(ids >= E - Ec, ids - (E - Ec), -1), w)
+    print("| tokens | cpu dtype | path | kernel | experts touched | MB touched | floor ms | ms | x floor | vs loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in a.formats.split(","):
+        fmt, _, kern = spec.partition(":")
+        src = torch.float32 if fmt == "float32" else torch.bfloat16
+        t0 = time.perf_counter()
+        wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm")
+        print(f"# {spec}: prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+        for T, (x, ids, w) in calls.items():
+            x = x.to(src)
+            touched = int(torch.unique(ids[ids >= 0]).numel())
+            floor = touched * wt.expert_bytes / bw
+            out = torch.empty(T, H)
+            paths = {"grouped": lambda: grouped_cpu_experts(wt, x, ids, w, out, pool)}
+            if fmt != "int8":  # the per-expert loop has no int8
+                paths = {"loop": lambda: cpu_experts(wt.w13, wt.w2, x, ids, w, out), **paths}
+            res = {}
+            iters = a.iters_decode * 3 if T <= s["decode"] else a.iters_prefill + 1
+            with torch.inference_mode():
+                for name, fn in paths.items():
+                    fn()
+                    ts = []
+                    for _ in range(iters):
+                        flush.sum()
+                        t0 = time.perf_counter()
+                        fn()
+                        ts.append(time.perf_counter() - t0)
+                    res[name] = statistics.median(ts)
+            for name, t in res.items():
+                up = f"{res['loop'] / t:.2f}x" if "loop" in res and name != "loop" else ""
+                print(f"| {T} | {fmt} | {name} | {'mm loop' if name == 'loop' else wt.kernel} | {touched} | "
+                      f"{touched * wt.expert_bytes / 1e6:.0f} | {floor * 1e3:.2f} | {t * 1e3:.2f} | {t / floor:.2f} "
+                      f"| {up} |", flush=True)
+        del wt
+    pool.close()
+
+def e2e(a):
+    """TTFT through engine.LLM: an 8K cold prefill, then a 64-token delta on that cached prefix.
+
+    A random checkpoint with Qwen3-30B-A3B shapes (--layers, default 12) is written once; each row
+    loads it with experts.gpu_experts_ratio --e2e-ratio, CPU experts in a dtype and on a path (the
+    old per-expert loop or grouped).
+    """
+    from engine import LLM, SamplingParams
+    from engine.tiny import make_tiny_model
+    layers = a.layers or 12
+    rows = [r.split(":") for r in a.e2e_rows.split(",")]  # dtype:path
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    print(f"# e2e: qwen3-30b-a3b-shapes, {layers} layers, gpu_experts_ratio {a.e2e_ratio}, device {a.device}, "
+          f"prefill {a.e2e_prefill} + delta 64, torch {torch.__version__}, amx {amx()}")
+    print("| cpu dtype | path | cold prefill TTFT s | 64-token delta TTFT s |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        path = make_tiny_model(tmp, "qwen3_moe", preset="qwen3-30b-a3b-shapes", dtype="bfloat16", std=0.02,
+                               num_hidden_layers=layers)
+        print(f"# checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+        g = torch.Generator().manual_seed(0)
+        for n, (fmt, cpu_path) in enumerate(rows):
+            llm = LLM(str(path), device=a.device, dtype="bfloat16", gpu_only=True, gpu_experts_ratio=a.e2e_ratio,
+                      cpu_expert_dtype=fmt)
+            llm.engine.experts.context.grouped_cpu = cpu_path == "grouped"
+            vocab = llm.engine.model.args.vocab_size
+            llm.generate(torch.randint(0, vocab, (256,), generator=g).tolist(), one)  # warm-up
+            prefix = torch.randint(0, vocab, (a.e2e_prefill,), generator=g).tolist()
+            sync(torch.device(a.device))
+            t0 = time.perf_counter()
+            llm.generate(prefix, one)
+            cold = time.perf_counter() - t0
+            deltas = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                llm.generate(prefix + torch.randint(0, vocab, (64,), generator=g).tolist(), one)
+                deltas.append(time.perf_counter() - t0)
+            llm.close()
+            print(f"| {fmt} | {cpu_path} | {cold:.2f} | {statistics.median(deltas):.3f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -180,7 +306,17 @@ def main():
     p.add_argument("--prefill-tokens", type=int, help="tokens per prefill chunk")
     p.add_argument("--ratios", default="0,10,30,50,80,100", help="device expert ratios in percent")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"))
+    p.add_argument("--cpu-layer", action="store_true", help="only the per-layer CPU expert table (old loop vs grouped)")
+    p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
+    p.add_argument("--formats", default="bfloat16,int8,int8:onednn", help="--cpu-layer: dtype[:int8 kernel],...")
+    p.add_argument("--flush-gib", type=float, default=1.0, help="--cpu-layer: GiB read before each timed call")
+    p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
+    p.add_argument("--e2e", action="store_true", help="only the end-to-end TTFT rows through engine.LLM")
+    p.add_argument("--e2e-ratio", type=float, default=0.25, help="--e2e: experts.gpu_experts_ratio")
+    p.add_argument("--e2e-prefill", type=int, default=8192, help="--e2e: cold prompt tokens")
+    p.add_argument("--e2e-rows", default="auto:loop,auto:grouped,int8:grouped", help="--e2e: dtype:path,...")
+    p.add_argument("--threads", type=int, help="--cpu-layer: CPU threads (default: the engine's worker count)")
     p.add_argument("--dtype", help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--zipf", type=float, default=0.4,
                    help="exponent of the per-expert routing prior (0.4: the hottest half of 128 experts gets ~77%%)")
@@ -193,6 +329,10 @@ def main():
     for key, v in (("layers", a.layers), ("decode", a.decode_batch), ("prefill", a.prefill_tokens)):
         if v is not None:
             s[key] = v
+    if a.cpu_layer:
+        return cpu_layer(a, s)
+    if a.e2e:
+        return e2e(a)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ratios = [int(r) for r in a.ratios.split(",")]
     strategies = a.strategies.split(",")

@@ -75,7 +75,7 @@ class ExpertsConfig:
     init_expert_location: str | None = None
     dynamic_update: bool = False
     gpu_prefill_token_threshold: int = field(default=512, metadata=_range(1))
-    cpu_expert_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16")})
+    cpu_expert_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "int8")})
     record_expert_stats: str | None = None
 
 

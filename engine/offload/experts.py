@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .grouped import CpuExpertWeights, grouped_cpu_experts, prepare
 from .metrics import ExpertsMetrics
 from .placement import top_ids
 from .worker import CpuWorker, CudaStaging, HostStaging, Stage, cpu_experts
@@ -65,10 +66,11 @@ class OffloadContext:
     worker: CpuWorker
     staging: HostStaging | CudaStaging
     metrics: ExpertsMetrics
-    cpu_dtype: torch.dtype
+    cpu_format: str  # the CPU experts' weights, one of grouped.FORMATS
     grouped: bool
     dynamic_update: bool
     threshold: int
+    grouped_cpu: bool = True  # False: the per-expert loop (`cpu_experts`), kept as the benchmark's baseline
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def full_layer(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +86,7 @@ class OffloadedExperts:
         """w13 [E, 2I, H], w2 [E, H, I]: all of the layer's experts in CPU memory, model dtype."""
         self.ctx = ctx
         self.src13, self.src2 = w13, w2
-        self.cpu13 = w13 if w13.dtype == ctx.cpu_dtype else w13.to(ctx.cpu_dtype)
-        self.cpu2 = w2 if w2.dtype == ctx.cpu_dtype else w2.to(ctx.cpu_dtype)
+        self.cpu: CpuExpertWeights = prepare(w13, w2, ctx.cpu_format)  # shares w13/w2 when no conversion
         self.num_experts = E = w13.shape[0]
         ids = torch.tensor(sorted(device_ids), dtype=torch.long)
         dev = ctx.device
@@ -132,7 +133,11 @@ class OffloadedExperts:
             stage.wait_ready()
             t0 = time.perf_counter()
             stage.wait_free()
-            n = cpu_experts(self.cpu13, self.cpu2, stage.x, stage.ids, stage.weights, stage.out)
+            if self.ctx.grouped_cpu:
+                n = grouped_cpu_experts(self.cpu, stage.x, stage.ids, stage.weights, stage.out,
+                                        self.ctx.worker.experts)
+            else:
+                n = cpu_experts(self.cpu.w13, self.cpu.w2, stage.x, stage.ids, stage.weights, stage.out)
             self.ctx.metrics.cpu_call(time.perf_counter() - t0, n, pairs - n)
 
     def _layerwise(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

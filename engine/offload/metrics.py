@@ -19,10 +19,15 @@ class ExpertsMetrics:
                                  "(CPU experts streamed in; experts.gpu_prefill_token_threshold)", registry=r)
         self.updates = Counter("kvc_experts_updates_total", "Per-layer re-picks of the device experts "
                                "(experts.dynamic_update)", registry=r)
+        self.kernel = Gauge("kvc_experts_cpu_kernel", "1 for what each MoE layer's CPU experts run as: weight "
+                            "dtype and kernel (experts.cpu_expert_dtype)", ["layer", "dtype", "kernel"], registry=r)
 
     def placement(self, on_device: int, on_cpu: int) -> None:
         self.resident.labels(location="device").set(on_device)
         self.resident.labels(location="cpu").set(on_cpu)
+
+    def cpu_kernel(self, layer: int, dtype: str, kernel: str) -> None:
+        self.kernel.labels(layer=str(layer), dtype=dtype, kernel=kernel).set(1)
 
     def cpu_call(self, seconds: float, cpu_pairs: int, device_pairs: int) -> None:
         self.cpu_seconds.observe(seconds)

@@ -102,14 +102,20 @@ def apply_experts(blocks: dict[int, MoEBlock], num_layers: int, cfg: ExpertsConf
             backends[i] = _offload_layer(context, blocks[i], table[i], device)
         n_dev = int(table.sum())
         context.metrics.placement(n_dev, len(layers) * E - n_dev)
+        kinds: dict[tuple[str, str], list[int]] = {}
+        for i in layers:
+            kinds.setdefault((backends[i].cpu.fmt, backends[i].cpu.kernel), []).append(i)
+            context.metrics.cpu_kernel(i, backends[i].cpu.fmt, backends[i].cpu.kernel)
         log.info("experts: %d of %d (layer, expert) pairs on %s, %d in CPU memory (strategy %s, %s); per MoE "
-                 "layer on device: %s; cpu experts in %s with %d worker threads (cpu capability %s); "
+                 "layer on device: %s; cpu experts (dtype/kernel: layers) %s, grouped over %d threads (cpu "
+                 "capability %s, amx %s); "
                  "dynamic update %s (threshold %d tokens)", n_dev, len(layers) * E, device,
                  len(layers) * E - n_dev, cfg.placement_strategy,
                  f"num_gpu_experts={cfg.num_gpu_experts}" if cfg.num_gpu_experts is not None
                  else f"gpu_experts_ratio={cfg.gpu_experts_ratio}",
-                 [int(table[i].sum()) for i in layers], str(context.cpu_dtype).removeprefix("torch."),
-                 context.worker.threads, torch.backends.cpu.get_cpu_capability(),
+                 [int(table[i].sum()) for i in layers],
+                 "; ".join(f"{f}/{k}: {ls}" for (f, k), ls in kinds.items()),
+                 context.worker.threads, torch.backends.cpu.get_cpu_capability(), amx(),
                  "on" if cfg.dynamic_update else "off", cfg.gpu_prefill_token_threshold)
     recorder = None
     if cfg.record_expert_stats is not None:
@@ -123,6 +129,12 @@ def apply_experts(blocks: dict[int, MoEBlock], num_layers: int, cfg: ExpertsConf
                           recorder, context)
 
 
+def amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN then runs bf16 and int8 GEMMs on them)."""
+    probe = getattr(torch._C._cpu, "_init_amx", None)  # True once the kernel grants the tiles
+    return bool(probe and probe())
+
+
 def _unwrap(b):
     return b.inner if isinstance(b, RecordingExperts) else b
 
@@ -131,10 +143,10 @@ def _context(cfg: ExpertsConfig, block: MoEBlock, device: torch.device, registry
              hidden: int, top_k: int) -> OffloadContext:
     w2 = block.experts.w2
     model_dtype = w2.dtype
-    cpu_dtype = model_dtype if cfg.cpu_expert_dtype == "auto" else getattr(torch, cfg.cpu_expert_dtype)
+    fmt = str(model_dtype).removeprefix("torch.") if cfg.cpu_expert_dtype == "auto" else cfg.cpu_expert_dtype
     staging = CudaStaging(device, hidden, top_k, model_dtype) if device.type == "cuda" else HostStaging()
     return OffloadContext(device, CpuWorker(worker_threads(device)), staging, ExpertsMetrics(registry),
-                          cpu_dtype, device.type == "cuda" and grouped_mm_works(device, model_dtype, *w2.shape[1:]),
+                          fmt, device.type == "cuda" and grouped_mm_works(device, model_dtype, *w2.shape[1:]),
                           cfg.dynamic_update, cfg.gpu_prefill_token_threshold)
 
 

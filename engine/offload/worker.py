@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .grouped import ExpertThreads
+
 POLL_S = 2e-5
 
 
@@ -128,10 +130,11 @@ class CudaStaging:
 
 
 class CpuWorker:
-    """One thread that runs CPU expert jobs in submission order."""
+    """One thread that runs CPU expert jobs in submission order, and the pool their experts split over."""
 
     def __init__(self, threads: int):
         self.threads = threads
+        self.experts = ExpertThreads(threads)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvc-cpu-experts",
                                         initializer=torch.set_num_threads, initargs=(threads,))
 
@@ -140,3 +143,4 @@ class CpuWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.experts.close()
