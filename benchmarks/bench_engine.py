@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--model-dir", default=None, help="write the checkpoint here, or reuse the one there")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     for k, v in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
@@ -181,10 +182,15 @@ def main():
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        if isinstance(preset, str):
-            path = make_tiny_model(tmp, a.arch, preset=preset, dtype=a.dtype, std=0.02, num_hidden_layers=a.layers)
+        draw = "cuda" if a.device.startswith("cuda") else "cpu"
+        if a.model_dir and (Path(a.model_dir) / "config.json").is_file():
+            path = Path(a.model_dir)
+        elif isinstance(preset, str):
+            path = make_tiny_model(a.model_dir or tmp, a.arch, preset=preset, dtype=a.dtype, std=0.02,
+                                   num_hidden_layers=a.layers, device=draw)
         else:
-            path = make_tiny_model(tmp, a.arch, dtype=a.dtype, num_hidden_layers=a.layers, **preset)
+            path = make_tiny_model(a.model_dir or tmp, a.arch, dtype=a.dtype, num_hidden_layers=a.layers,
+                                   device=draw, **preset)
         print(f"# checkpoint: {a.arch} preset={a.preset} layers={a.layers} dtype={a.dtype} page=16 gpu_only "
               f"device={a.device} torch={torch.__version__} (written in {time.perf_counter() - t:.1f}s)",
               flush=True)

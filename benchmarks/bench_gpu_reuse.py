@@ -194,7 +194,7 @@ def main() -> None:
                             max_position_embeddings=40960)
         else:
             make_tiny_model(model_dir, "qwen3_moe", preset="qwen3-30b-a3b-shapes", num_hidden_layers=layers,
-                            dtype="bfloat16")
+                            dtype="bfloat16", std=0.02, device="cpu" if smoke else "cuda")
         print(f"# wrote the checkpoint in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
     global VOCAB
     VOCAB = 256 if smoke else VOCAB

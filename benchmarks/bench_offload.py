@@ -273,8 +273,12 @@ def e2e(a):
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        path = make_tiny_model(tmp, "qwen3_moe", preset="qwen3-30b-a3b-shapes", dtype="bfloat16", std=0.02,
-                               num_hidden_layers=layers)
+        if a.model_dir and (Path(a.model_dir) / "config.json").is_file():
+            path = Path(a.model_dir)
+        else:
+            path = make_tiny_model(a.model_dir or tmp, "qwen3_moe", preset="qwen3-30b-a3b-shapes", dtype="bfloat16",
+                                   std=0.02, num_hidden_layers=layers,
+                                   device="cuda" if a.device.startswith("cuda") else "cpu")
         print(f"# checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
         g = torch.Generator().manual_seed(0)
         for n, (fmt, cpu_path) in enumerate(rows):
@@ -313,6 +317,7 @@ def main():
     p.add_argument("--flush-gib", type=float, default=1.0, help="--cpu-layer: GiB read before each timed call")
     p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
     p.add_argument("--e2e", action="store_true", help="only the end-to-end TTFT rows through engine.LLM")
+    p.add_argument("--model-dir", default=None, help="--e2e: write the checkpoint here, or reuse the one there")
     p.add_argument("--e2e-ratio", type=float, default=0.25, help="--e2e: experts.gpu_experts_ratio")
     p.add_argument("--e2e-prefill", type=int, default=8192, help="--e2e: cold prompt tokens")
     p.add_argument("--e2e-rows", default="auto:loop,auto:grouped,int8:grouped", help="--e2e: dtype:path,...")
