@@ -247,6 +247,7 @@ def test_split_halves_sum_to_the_reference(T):
     torch.testing.assert_close(dev + out, experts_reference(w13, w2, x, ids, w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned staging, side stream)")
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 def test_cuda_split_matches_all_device(moe_dir, ratio):

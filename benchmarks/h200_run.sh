@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
+# writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
+# PARTs: tests, reuse, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-./h200-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+ckpt=/tmp/kvc-q30b-12l
+step() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s) $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$out/$name.txt" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  tail -n 40 "$out/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for part in "$@"; do
+  case $part in
+    tests) step tests 170 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
+        tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
+        tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py ;;
+    reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" ;;
+    disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
+    engine) step engine 240 python3 benchmarks/bench_engine.py --device cuda --model-dir "$ckpt" ;;
+    deepseek) step deepseek 200 python3 benchmarks/bench_deepseek.py --ttft-len 8192 32768 ;;
+    offload-layer) step offload-layer 80 python3 benchmarks/bench_offload.py --cpu-layer --device cuda \
+        --formats bfloat16,int8 --iters-decode 3 --iters-prefill 2 ;;
+    offload-e2e) step offload-e2e 200 python3 benchmarks/bench_offload.py --e2e --device cuda --model-dir "$ckpt" \
+        --e2e-rows auto:loop,auto:grouped,int8:grouped ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
