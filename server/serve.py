@@ -46,7 +46,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on. SO_REUSEADDR, as uvicorn binds it: connections a
+    previous run closed (TIME_WAIT, FIN_WAIT2) must not block a restart on the same port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
