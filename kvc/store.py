@@ -273,7 +273,8 @@ class TieredStore:
                 payload = p.payload()
                 e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, checksum(payload))
                 ok = self._put_cpu(k, e, payload)
-                if self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier):
+                if (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
+                        or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
                     ok = self._put_disk(k, e, payload) or ok
                 if ok:
                     stored += 1
