@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from kvc import wire
+from kvc.backend import PinBudgetExceeded
 from kvc.config import ServerConfig
 from kvc.hashing import Namespace
 from kvc.metrics import KvcMetrics
@@ -53,7 +54,8 @@ class ShmUnavailable(Exception):
 
 
 _CODES = ((NotServing, grpc.StatusCode.UNAVAILABLE), (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-          (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED), (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+          (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED), (PinBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
@@ -280,7 +282,7 @@ class CacheService(pb_grpc.KVCacheServicer):
         hashes = wire.check_hashes(request.hashes)
         if request.ttl_s < 0 or request.ttl_s != request.ttl_s:
             raise ValueError(f"ttl_s must be positive (or 0 for the default), got {request.ttl_s}")
-        lease = await self._run(self.store.pin, ns, hashes, request.ttl_s or None)
+        lease = await self._run(self.store.pin, ns, hashes, request.ttl_s or None, caller.tenant)
         return pb.PinResponse(lease_id=f"{lease}.{self._lease_mac(caller, lease)}")
 
     @_rpc

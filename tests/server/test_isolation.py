@@ -101,3 +101,21 @@ def test_tenant_secret_is_created_once_private_and_overridable(tmp_path):
     with pytest.raises(ConfigError, match="readable by others"):
         load_tenant_secret(config, environ={})
     assert load_tenant_secret(load_config(None, disk_path=None), environ={}) != first  # per process
+
+
+def test_pins_over_the_tenant_budget_are_resource_exhausted(make_server, client_factory):
+    s = make_server(auth_tokens=TOKENS, kvc={"pin_budget_fraction": 1e-4}).start()  # about 2 KB
+    alice = client_factory(s.url, token="tok-alice")
+    hashes, pages = make_pages(NS, list(range(40)))  # 10 pages of 512 B
+    assert alice.put_pages(NS, pages).stored == 10
+    with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+        stub = pb_grpc.KVCacheStub(ch)
+        service_hashes = stub.Lookup(pb.LookupRequest(namespace=wire.ns_to_pb(NS), tokens=list(range(40))),
+                                     metadata=ALICE, timeout=5).hashes
+        pin = pb.PinRequest(namespace=wire.ns_to_pb(NS), hashes=service_hashes, ttl_s=float("inf"))
+        code, details = code_of(stub.Pin, pin, metadata=ALICE)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pin_budget_fraction" in details
+        pin = pb.PinRequest(namespace=wire.ns_to_pb(NS), hashes=service_hashes[:2], ttl_s=float("inf"))
+        assert code_of(stub.Pin, pin, metadata=ALICE)[0] == grpc.StatusCode.OK  # inf: cut to the ceiling
+    assert alice.pin(NS, hashes) == ""  # the client: no lease, and no back-off
+    assert alice.lookup(NS, tokens=list(range(40))).num_pages == 10
