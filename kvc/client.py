@@ -55,7 +55,10 @@ class RemoteCache:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.enable_retries", 0)]
+                   ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.enable_retries", 0),
+                   # own subchannels: gRPC otherwise shares one between channels with equal options,
+                   # and an older client's connect back-off makes a new one fail on a live service
+                   ("grpc.use_local_subchannel_pool", 1)]
         if u.scheme == "grpcs":
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, creds, options=options)
@@ -284,7 +287,13 @@ class RemoteCache:
             rb = self._rebase(ns)
             req = pb.PinRequest(namespace=wire.ns_to_pb(ns), ttl_s=ttl_s or 0.0,
                                 hashes=hashes if rb is None else rb.to_service(hashes))
-            return self._unary(self._stub.Pin, req).lease_id
+            self._check_up()
+            try:
+                return self._stub.Pin(req, timeout=self._deadline(), metadata=self._metadata).lease_id
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return ""  # over the tenant's pin budget: no lease, and the service is fine
+                raise self._failed(e) from None
         except ServiceDown:
             return ""  # no lease: nothing is protected, and unpin("") is False
 

@@ -95,7 +95,7 @@ class ClusterTier:
         self.pending: dict[bytes, bytes] = {}   # key -> queued record, readable before it is written
         # recently written pages: hash -> (ns_root, parent, tokens, monotonic time written)
         self.known: OrderedDict[bytes, tuple[bytes, bytes, bytes, float]] = OrderedDict()
-        self.source: Callable[[bytes], bytes | None] | None = None  # the record of a queued page (cpu tier)
+        self.source: Callable[[bytes, bytes], bytes | None] | None = None  # (ns_root, hash) -> record (cpu tier)
         self.listener = None  # fn(kind, ns_root, hash, parent)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_pages)
         self._queued: dict[bytes, tuple[bytes, bytes, bytes] | None] = {}  # hash -> as in known, None: from cpu
@@ -338,7 +338,7 @@ class ClusterTier:
         rows = []
         for ns_root, h, rec in batch:
             if rec is None and self.source is not None:
-                rec = self.source(h)  # None: the page left the cpu tier before its turn
+                rec = self.source(ns_root, h)  # None: the page left the cpu tier before its turn
             if rec is not None:
                 rows.append((ns_root, h, rec))
         if len(rows) < len(batch):

@@ -64,6 +64,10 @@ class KvcConfig:
     # redis://host:port or rediss://host:port (TLS); password in the URL or KVC_CLUSTER_PASSWORD.
     cluster_url: str | None = None
     cluster_timeout_s: float = field(default=0.2, metadata=_range(0.0, lo_open=True))  # per call
+    # The longest a lease may live: a longer (or infinite) Pin TTL is cut to it.
+    max_lease_ttl_s: float = field(default=3600.0, metadata=_range(0.0, 30 * 86400.0, lo_open=True))
+    # Share of the cpu tier (the disk tier when there is none) one tenant's leases may pin.
+    pin_budget_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class ServerConfig:
     max_message_bytes: int = field(default=64 << 20, metadata=_range(1 << 20))
     shared_memory: bool = False
     rpc_timeout_s: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
+    # Where the cache service keeps the key of its tenants' salts; null: <kvc.disk_path>/tenant-secret.
+    tenant_secret_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,9 @@ def _validate(cfg: Config) -> Config:
     if kvc.low_watermark >= kvc.high_watermark:
         raise ConfigError(f"kvc.low_watermark ({kvc.low_watermark}) must be below "
                           f"kvc.high_watermark ({kvc.high_watermark})")
+    if not kvc.lease_ttl_s <= kvc.max_lease_ttl_s:
+        raise ConfigError(f"kvc.lease_ttl_s ({kvc.lease_ttl_s}) must not exceed "
+                          f"kvc.max_lease_ttl_s ({kvc.max_lease_ttl_s})")
     total = _total_memory_bytes()
     if total is not None and kvc.cpu_memory_size_GB * (1 << 30) > total:
         raise ConfigError(f"kvc.cpu_memory_size_GB={kvc.cpu_memory_size_GB} is larger than this "

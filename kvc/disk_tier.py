@@ -1,11 +1,12 @@
 """The disk tier: page records in LMDB at `disk_path`, written by one writer thread.
 
 Layout under disk_path: `kvc.lock` (flock: one process per disk_path) and `lmdb/` with two
-databases: `data` (hash -> page record) and `meta` (hash -> ns_root, parent, seq, size, tokens),
-from which the in-memory index is rebuilt at start (warm restart). Settings follow DESIGN
-section 6: writemap off (a full disk is an error, not SIGBUS), metasync off, map size from the
-budget, a startup check of the data file against its last page (a truncated or unreadable
-environment is moved aside and the tier starts cold, loudly), reader checks for killed readers.
+databases: `data` (key -> page record) and `meta` (key -> ns_root, parent, seq, size, tokens),
+where a key is the store's namespace root + page hash, from which the in-memory index is rebuilt
+at start (warm restart). Settings follow DESIGN section 6: writemap off (a full disk is an error,
+not SIGBUS), metasync off, map size from the budget, a startup check of the data file against
+its last page (a truncated or unreadable environment is moved aside and the tier starts cold,
+loudly), reader checks for killed readers.
 
 Reads (read_run): py-lmdb's get() faults in every 4 KiB page of a value with the GIL released
 before it returns, so a get *is* the disk read. A run of pages is therefore read on reader
@@ -47,6 +48,10 @@ READ_TASK_BYTES = 4 << 20       # pages per reader task: about this many bytes
 PARALLEL_MIN_BYTES = 2 << 20    # smaller runs are read on the caller's thread
 
 
+class _Truncated(Exception):
+    pass
+
+
 class DiskPathLocked(RuntimeError):
     """Another process holds this disk_path."""
 
@@ -61,8 +66,9 @@ class DiskEntry:
 
     @property
     def footprint(self) -> int:
-        # LMDB keeps a large value in whole overflow pages; the meta record and key are small.
-        return -(-(self.size + 64) // LMDB_PAGE) * LMDB_PAGE + 128 + len(self.tokens)
+        # LMDB keeps a large value in whole overflow pages; the meta record and the two 32-byte
+        # keys (with their branch-page copies) are small.
+        return -(-(self.size + 64) // LMDB_PAGE) * LMDB_PAGE + 256 + len(self.tokens)
 
 
 class DiskTier:
@@ -122,6 +128,8 @@ class DiskTier:
             problem = self._check(env)  # opens the databases once the file is known to be whole
         except lmdb.Error as e:
             env, problem = None, f"cannot be opened: {e}"
+        except _Truncated as e:
+            env, problem = None, str(e)
         if problem is None:
             return env
         if env is not None:
@@ -162,13 +170,21 @@ class DiskTier:
         return None
 
     def _load_index(self) -> None:
-        rows = []
+        rows, stale = [], []
         with self.env.begin() as txn:
             for key, val in txn.cursor(self._meta):
-                if len(key) != 16 or len(val) < _META.size:
+                if len(key) != 32 or len(val) < _META.size:
+                    stale.append(bytes(key))  # keyed by the hash alone (an older version): unreachable
                     continue
                 ns_root, parent, seq, size = _META.unpack_from(val)
                 rows.append((seq, bytes(key), DiskEntry(ns_root, parent, bytes(val[_META.size:]), seq, size)))
+        if stale:
+            with self.env.begin(write=True) as txn:
+                for key in stale:
+                    txn.delete(key, db=self._data)
+                    txn.delete(key, db=self._meta)
+            log.info("disk tier at %s: dropped %d pages stored under the older hash-only keys",
+                     self.path, len(stale))
         rows.sort(key=lambda r: r[0])
         for seq, key, e in rows:
             self.index[key] = e
@@ -456,8 +472,8 @@ def _copy_verified(h: bytes, rec, dst: np.ndarray, ns_root: bytes):
     copies and xxh3 release the GIL, so reader threads run this side by side."""
     try:
         info = decode_header(rec)
-        if info.hash != h:
-            raise RecordError(f"the record stored under page {h.hex()} is page {info.hash.hex()}'s")
+        if info.ns_root + info.hash != h:  # h is the tier's key: namespace root + page hash
+            raise RecordError(f"the record stored under key {h.hex()} is page {info.hash.hex()}'s")
     except RecordError as e:
         return e
     if info.payload_len != dst.nbytes or info.ns_root != ns_root:

@@ -11,9 +11,15 @@ With `kvc.cluster_url` a cluster tier (kvc/cluster_tier.py) sits below disk: loo
 ask it for what cpu and disk lack (outside the store lock), its hits are promoted to cpu, and
 admitted pages reach it write-behind from the cpu tier. `kvc.disk_admission_hits` gates what goes
 down to disk and the cluster (kvc/admission.py).
+
+Every tier keys a page by its namespace root and its hash (`key`), never by the hash alone: a
+chain hash depends on the parent, not on the root, so a page put in namespace B under the last
+page of A's prefix has the hash A's next page would have. Scoped keys keep it out of A's chain:
+A's lookups never count it, and A's own put of that page is stored, not a "collision".
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -25,7 +31,7 @@ import torch
 
 from . import hashing
 from .admission import Admission
-from .backend import LookupResult, PutResult
+from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
 from .config import KvcConfig
 from .cpu_tier import CpuTier, Entry, NullTier
@@ -36,8 +42,18 @@ from .record import Page, RecordInfo, checksum, encode_header, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
+MAX_LEASES = 1 << 16  # live leases per owner (tenant): each costs the service memory
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+
+
+def key(root: bytes, h: bytes) -> bytes:
+    """A page's key in the tiers: its namespace root, then its hash (32 bytes)."""
+    return root + h
+
+
+def hash_of(k: bytes) -> bytes:
+    return k[DIGEST_BYTES:]
 
 
 class TieredStore:
@@ -51,7 +67,7 @@ class TieredStore:
         if config.disk_path and disk_bytes > 0 and not config.gpu_only:
             self.disk = DiskTier(config.disk_path, disk_bytes, self.metrics,
                                  config.high_watermark, config.low_watermark)
-            self.disk.listener = lambda kind, ns, h, p: self._emit(kind, ns, h, p, "disk")
+            self.disk.listener = lambda kind, ns, k, p: self._emit(kind, ns, hash_of(k), p, "disk")
         else:
             self.disk = NullTier("disk")
         self.admission = Admission(config.disk_admission_hits)
@@ -62,7 +78,11 @@ class TieredStore:
         else:
             self.cluster = NullCluster()
         self._pins: dict[bytes, int] = {}
-        self._leases: dict[str, tuple[list[bytes], float]] = {}
+        self._leases: dict[str, tuple[list[bytes], str | None, int]] = {}  # keys, owner, bytes
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, lease)
+        self._pinned_bytes: dict[str | None, int] = {}  # owner -> page bytes of its live leases
+        self._owner_leases: dict[str | None, int] = {}
+        self.pin_budget = int(config.pin_budget_fraction * (self.cpu.capacity or self.disk.capacity))
         self._listeners: list[Listener] = []
         for tier in (self.cpu, self.disk):
             self.metrics.capacity.labels(tier=tier.name).set(tier.capacity)
@@ -104,8 +124,9 @@ class TieredStore:
         """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
         own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
         bytes compare for tokens); page by page only to find where a mismatch starts."""
-        cpu = list(map(self.cpu.entries.get, hashes))
-        disk = list(map(self.disk.entries.get, hashes))
+        keys = [root + h for h in hashes]
+        cpu = list(map(self.cpu.entries.get, keys))
+        disk = list(map(self.disk.entries.get, keys))
         n = 0
         for c, d in zip(cpu, disk):  # longest run held by some tier
             if c is None and d is None:
@@ -143,37 +164,38 @@ class TieredStore:
             data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
             return data, data.view(torch.uint8).reshape(-1)
 
+        keys = [key(root, bytes(h)) for h in hashes]
         with self._lock:
             # the leading run of cpu pages is read (copied and verified) by the tier's threads
             run = 0
-            for h in hashes:
-                e = self.cpu.get(h)
+            for k in keys:
+                e = self.cpu.get(k)
                 if e is None or e.nbytes != spec.page_bytes or e.ns_root != root:
                     break
                 run += 1
             rows = [row(i) for i in range(run)]
-            ok = self.cpu.read_many(hashes[:run], [f for _, f in rows]) if run else []
+            ok = self.cpu.read_many(keys[:run], [f for _, f in rows]) if run else []
             good = next((i for i, v in enumerate(ok) if not v), run)
-            pages = [self._page_of(h, self.cpu.get(h), rows[i][0]) for i, h in enumerate(hashes[:good])]
+            pages = [self._page_of(h, self.cpu.get(k), rows[i][0]) for i, (h, k) in enumerate(zip(hashes[:good], keys))]
             if good < run:
-                self._corrupt_cpu(hashes[good])
+                self._corrupt_cpu(keys[good])
             i = run if good == run else len(hashes)
             while i < len(hashes):
-                h = hashes[i]
-                e = self.cpu.get(h)
+                h, k = hashes[i], keys[i]
+                e = self.cpu.get(k)
                 if e is not None:  # a cpu page after disk pages
                     data, flat = row(i)
                     if e.nbytes != flat.numel() or e.ns_root != root:
                         break
-                    if not self.cpu.read_into(h, flat):
-                        self._corrupt_cpu(h)
+                    if not self.cpu.read_into(k, flat):
+                        self._corrupt_cpu(k)
                         break
                     pages.append(self._page_of(h, e, data))
                     i += 1
                     continue
                 # a run of disk-only pages, read side by side on the disk tier's reader threads
                 j = i
-                while j < len(hashes) and self.cpu.get(hashes[j]) is None and self.disk.get(hashes[j]) is not None:
+                while j < len(hashes) and self.cpu.get(keys[j]) is None and self.disk.get(keys[j]) is not None:
                     j += 1
                 if j == i:  # neither cpu nor disk: the cluster tier's verified record, if fetched
                     data, flat = row(i)
@@ -183,27 +205,27 @@ class TieredStore:
                     e = got1["e"]
                     cluster_bytes += e.nbytes
                     pages.append(self._page_of(h, e, data))
-                    self._put_cpu(h, e, flat.numpy())  # promoted, as disk hits are
+                    self._put_cpu(k, e, flat.numpy())  # promoted, as disk hits are
                     i += 1
                     continue
-                got = [row(k) for k in range(i, j)]
+                got = [row(x) for x in range(i, j)]
 
-                def served(k: int, info, got=got) -> None:  # promote to cpu while later pages are read
-                    data, flat = got[k]
+                def served(x: int, info, got=got) -> None:  # promote to cpu while later pages are read
+                    data, flat = got[x]
                     e = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
                               info.dtype, info.shape, info.payload_len, info.checksum)
                     pages.append(Page(info.hash, info.parent, info.tokens, data))
-                    self._put_cpu(info.hash, e, flat.numpy())
-                infos = self.disk.read_run(hashes[i:j], [f.numpy() for _, f in got], root, served)
+                    self._put_cpu(key(info.ns_root, info.hash), e, flat.numpy())
+                infos = self.disk.read_run(keys[i:j], [f.numpy() for _, f in got], root, served)
                 disk_bytes += sum(info.payload_len for info in infos)
                 if len(infos) < j - i:
                     break
                 i = j
-            for p in reversed(pages):  # tail first: the deepest page becomes the oldest
-                if self.cpu.get(p.hash) is not None:
-                    self.cpu.touch(p.hash)
-                    self._hit(p.hash)
-                self.disk.touch(p.hash)
+            for k in reversed(keys[:len(pages)]):  # tail first: the deepest page becomes the oldest
+                if self.cpu.get(k) is not None:
+                    self.cpu.touch(k)
+                    self._hit(k)
+                self.disk.touch(k)
             self._update_gauges()
         if disk_bytes:
             self.metrics.transfer_bytes.labels(src="disk", dst="cpu").inc(disk_bytes)
@@ -218,9 +240,10 @@ class TieredStore:
         """Verified cluster records for the pages from the first one that cpu and disk both lack."""
         if isinstance(self.cluster, NullCluster):
             return {}
+        root = ns.root
         with self._lock:
-            i = next((i for i, h in enumerate(hashes) if self.cpu.get(h) is None and self.disk.get(h) is None),
-                     len(hashes))
+            i = next((i for i, h in enumerate(hashes)
+                      if self.cpu.get(key(root, h)) is None and self.disk.get(key(root, h)) is None), len(hashes))
         return self.cluster.get(ns, hashes[i:])
 
     @staticmethod
@@ -236,13 +259,14 @@ class TieredStore:
                          info.dtype, info.shape, info.payload_len, info.checksum)
         return True
 
-    def _cluster_record(self, h: bytes) -> bytes | None:
+    def _cluster_record(self, root: bytes, h: bytes) -> bytes | None:
         """The record of a cpu-tier page for the cluster writer (its thread); None once it left."""
+        k = key(root, h)
         with self._lock:
-            e = self.cpu.get(h)
+            e = self.cpu.get(k)
             if e is None:
                 return None
-            return self._record(h, e, self.cpu.view(h))
+            return self._record(h, e, self.cpu.view(k))
 
     @staticmethod
     def _record(h: bytes, e: Entry, payload: np.ndarray) -> bytes:
@@ -250,14 +274,14 @@ class TieredStore:
                     torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
         return b"".join((encode_header(e.ns_root, page, payload, e.checksum), memoryview(payload)))  # one copy
 
-    def _hit(self, h: bytes) -> None:
+    def _hit(self, k: bytes) -> None:
         """A cpu page was served; the use that admits it sends it down (write-through disk, cluster)."""
-        if not self.admission.on_hit(h):
+        if not self.admission.on_hit(k):
             return
-        e = self.cpu.get(h)
-        if self.config.disk_write == "through" and self.disk.get(h) is None:
-            self._put_disk(h, e, self.cpu.view(h).copy())
-        self.cluster.offer(e.ns_root, h)
+        e = self.cpu.get(k)
+        if self.config.disk_write == "through" and self.disk.get(k) is None:
+            self._put_disk(k, e, self.cpu.view(k).copy())
+        self.cluster.offer(e.ns_root, hash_of(k))
 
     def _get_to_device(self, ns: Namespace, hashes: list[bytes], out: torch.Tensor) -> list[Page]:
         """get_pages into a CUDA tensor: cpu-tier pages go host-to-device straight from the
@@ -265,11 +289,12 @@ class TieredStore:
         (and the slab slots free to change) before the lock is released. The rest of the run
         (disk pages) goes through a host buffer."""
         root = ns.root
+        keys = [key(root, bytes(h)) for h in hashes]
         nbytes = out[0].numel() * out.element_size() if len(out) else 0
         with self._lock:
             slots = []
-            for h in hashes:
-                e = self.cpu.get(h)
+            for k in keys:
+                e = self.cpu.get(k)
                 if e is None or e.nbytes != nbytes or e.ns_root != root:
                     break
                 slots.append(e.slot)
@@ -283,15 +308,15 @@ class TieredStore:
                 flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[slots[i]:slots[i] + (j - i) * nbytes],
                                                   non_blocking=True)
                 i = j
-            ok = self.cpu.verify_many(hashes[:run])
+            ok = self.cpu.verify_many(keys[:run])
             torch.cuda.current_stream(out.device).synchronize()
             good = next((i for i, v in enumerate(ok) if not v), run)
             if good < run:
-                self._corrupt_cpu(hashes[good])
-            pages = [self._page_of(h, self.cpu.get(h), out[i]) for i, h in enumerate(hashes[:good])]
-            for p in reversed(pages):
-                self.cpu.touch(p.hash)
-                self.disk.touch(p.hash)
+                self._corrupt_cpu(keys[good])
+            pages = [self._page_of(hashes[i], self.cpu.get(k), out[i]) for i, k in enumerate(keys[:good])]
+            for k in reversed(keys[:good]):
+                self.cpu.touch(k)
+                self.disk.touch(k)
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
             tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype)  # pageable: disk reads are slower than its copy
@@ -305,13 +330,13 @@ class TieredStore:
     def _page_of(h: bytes, e: Entry, data: torch.Tensor) -> Page:
         return Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4").astype(np.uint32), data)
 
-    def _corrupt_cpu(self, h: bytes) -> None:
-        e = self.cpu.remove(h)
-        self.admission.forget(h)
-        log.warning("cpu tier page %s failed its checksum; dropped", h.hex())
+    def _corrupt_cpu(self, k: bytes) -> None:
+        e = self.cpu.remove(k)
+        self.admission.forget(k)
+        log.warning("cpu tier page %s failed its checksum; dropped", hash_of(k).hex())
         self.metrics.checksum_failures.labels(tier="cpu").inc()
         self.metrics.evictions.labels(tier="cpu", reason="corrupt").inc()
-        self._emit("removed", e.ns_root, h, e.parent, "cpu")
+        self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
 
     # -- put -----------------------------------------------------------------------------------
     def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
@@ -328,13 +353,23 @@ class TieredStore:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         stored = dup = rejected = 0
         reasons = []
+        placed = {root}  # parents a page of this call may hang from besides held pages
         with self._lock:
             for p, toks in zip(pages, packed):
-                held = self.cpu.get(p.hash) or self.disk.get(p.hash) or (
-                    self._cluster_held(p.hash) if not isinstance(self.cpu, CpuTier) else None)
+                k = key(root, p.hash)
+                if (p.parent not in placed and isinstance(self.cluster, NullCluster)
+                        and not (self.cpu.get(key(root, p.parent)) or self.disk.get(key(root, p.parent)))):
+                    # a page hangs from its namespace's root or from its own pages (the cluster's keys
+                    # carry the namespace, and a parent may live there only)
+                    rejected += 1
+                    reasons.append(f"parent of page {p.hash.hex()} is not a page of this namespace")
+                    continue
+                held = self.cpu.get(k) or self.disk.get(k) or (
+                    self._cluster_held(root, p.hash) if not isinstance(self.cpu, CpuTier) else None)
                 if held is not None:
-                    if held.parent == p.parent and held.tokens == toks and held.ns_root == root:
+                    if held.parent == p.parent and held.tokens == toks:
                         dup += 1
+                        placed.add(p.hash)
                         continue
                     self.metrics.collisions.inc()
                     rejected += 1
@@ -342,21 +377,23 @@ class TieredStore:
                     continue
                 payload = p.payload()
                 e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, checksum(payload))
-                ok = self._put_cpu(p.hash, e, payload)
+                ok = self._put_cpu(k, e, payload)
                 # without a cpu tier nothing counts uses: pages go down at once
-                down = not ok or self.admission.on_put(p.hash)
-                if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)):
-                    ok = self._put_disk(p.hash, e, payload) or ok
+                down = not ok or self.admission.on_put(k)
+                if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
+                             or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
+                    ok = self._put_disk(k, e, payload) or ok
                 if down and not isinstance(self.cluster, NullCluster):
                     # from the cpu tier, read by the writer thread; without one, the record itself
-                    rec = None if self.cpu.get(p.hash) is not None else self._record(p.hash, e, payload)
+                    rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, payload)
                     ok = self.cluster.offer(root, p.hash, rec) or ok
                 if ok:
                     stored += 1
+                    placed.add(p.hash)
                 else:
                     rejected += 1
                     reasons.append(f"no room for page {p.hash.hex()}")
-            self._touch_chains(pages)
+            self._touch_chains(root, pages)
             self._evict_disk()
             self._update_gauges()
         self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)
@@ -364,11 +401,13 @@ class TieredStore:
         self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
         return PutResult(stored, dup, rejected, tuple(reasons))
 
-    def _cluster_held(self, h: bytes) -> Entry | None:
+    def _cluster_held(self, root: bytes, h: bytes) -> Entry | None:
         held = self.cluster.holds(h)
-        return None if held is None else Entry(held[0], held[1], held[2], "", (), 0, 0)
+        if held is None or held[0] != root:
+            return None
+        return Entry(held[0], held[1], held[2], "", (), 0, 0)
 
-    def _touch_chains(self, pages: Sequence[Page]) -> None:
+    def _touch_chains(self, root: bytes, pages: Sequence[Page]) -> None:
         """Make each chain in `pages` most recent, deepest page first, ancestors included.
 
         A parent is then always newer than its children in the LRU order, so eviction takes the
@@ -376,14 +415,14 @@ class TieredStore:
         """
         parents = {p.parent for p in pages}
         for leaf in (p.hash for p in pages if p.hash not in parents):
-            h = leaf
-            while (e := self.cpu.get(h)) is not None:
-                self.cpu.touch(h)
-                self.disk.touch(h)
-                h = e.parent
+            k = key(root, leaf)
+            while (e := self.cpu.get(k)) is not None:
+                self.cpu.touch(k)
+                self.disk.touch(k)
+                k = key(root, e.parent)
 
-    def _put_cpu(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
-        if not self.cpu.fits(e.nbytes) or self.cpu.get(h) is not None:
+    def _put_cpu(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
+        if not self.cpu.fits(e.nbytes) or self.cpu.get(k) is not None:
             return False
         victims = self.cpu.victims_for(e.nbytes, self._pinned)
         if victims is None:
@@ -391,56 +430,56 @@ class TieredStore:
         if victims and self.cpu.used + e.nbytes > self.config.high_watermark * self.cpu.capacity:
             victims = self._cpu_batch(e.nbytes, victims)
         self._demote(victims)
-        if not self.cpu.put(h, e, payload):
+        if not self.cpu.put(k, e, payload):
             return False
         self.metrics.store_bytes.labels(tier="cpu").inc(e.nbytes)
-        self._emit("stored", e.ns_root, h, e.parent, "cpu")
+        self._emit("stored", e.ns_root, hash_of(k), e.parent, "cpu")
         return True
 
     def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
         """Extend a victim set of the same size class down to the low watermark."""
         target = self.cpu.used + nbytes - self.config.low_watermark * self.cpu.capacity
-        out, freed = list(first), sum(self.cpu.get(h).nbytes for h in first)
-        for h, e in self.cpu.entries.items():
+        out, freed = list(first), sum(self.cpu.get(k).nbytes for k in first)
+        for k, e in self.cpu.entries.items():
             if freed >= target:
                 break
-            if h not in out and e.nbytes == nbytes and not self._pinned(h):
-                out.append(h)
+            if k not in out and e.nbytes == nbytes and not self._pinned(k):
+                out.append(k)
                 freed += e.nbytes
         return out
 
     def _demote(self, victims: list[bytes]) -> None:
         moved = 0
-        for h in victims:
-            payload = self.cpu.view(h).copy()
-            e = self.cpu.remove(h)
+        for k in victims:
+            payload = self.cpu.view(k).copy()
+            e = self.cpu.remove(k)
             self.metrics.evictions.labels(tier="cpu", reason="capacity").inc()
-            if not self.admission.admitted(h):  # used fewer than disk_admission_hits times
-                self.admission.forget(h)
+            if not self.admission.admitted(k):  # used fewer than disk_admission_hits times
+                self.admission.forget(k)
                 self.metrics.store_pages.labels(tier="disk", result="not_admitted").inc()
-            elif self.disk.get(h) is None and self._put_disk(h, e, payload):
+            elif self.disk.get(k) is None and self._put_disk(k, e, payload):
                 moved += e.nbytes
-            self._emit("removed", e.ns_root, h, e.parent, "cpu")
+            self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
         if moved:
             self.metrics.transfer_bytes.labels(src="cpu", dst="disk").inc(moved)
 
-    def _put_disk(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
+    def _put_disk(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
         if not self.disk.fits(e.nbytes):
             return False
-        page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
+        page = Page(hash_of(k), e.parent, np.frombuffer(e.tokens, dtype="<u4"),
                     torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
         record = encode_header(e.ns_root, page, payload, e.checksum) + payload.tobytes()
-        if not self.disk.put(h, record, e.ns_root, e.parent, e.tokens):
+        if not self.disk.put(k, record, e.ns_root, e.parent, e.tokens):
             return False
-        self._emit("stored", e.ns_root, h, e.parent, "disk")
+        self._emit("stored", e.ns_root, hash_of(k), e.parent, "disk")
         return True
 
     def _evict_disk(self) -> None:
         if not isinstance(self.disk, DiskTier) or not self.disk.over_budget():
             return
-        for h, e in self.disk.remove(self.disk.lru_victims(self._pinned)):
+        for k, e in self.disk.remove(self.disk.lru_victims(self._pinned)):
             self.metrics.evictions.labels(tier="disk", reason="capacity").inc()
-            self._emit("removed", e.ns_root, h, e.parent, "disk")
+            self._emit("removed", e.ns_root, hash_of(k), e.parent, "disk")
 
     # -- pins ----------------------------------------------------------------------------------
     def _pinned(self, h: bytes) -> bool:
@@ -448,26 +487,35 @@ class TieredStore:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for lease, (_, deadline) in list(self._leases.items()):
-            if deadline <= now:
-                self._release(lease)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            if self._release(heapq.heappop(self._deadlines)[1]):
                 self.metrics.forced_unpins.inc()
 
     def _release(self, lease: str) -> bool:
         entry = self._leases.pop(lease, None)
         if entry is None:
             return False
-        for h in entry[0]:
+        keys, owner, cost = entry
+        self._pinned_bytes[owner] -= cost
+        self._owner_leases[owner] -= 1
+        if not self._owner_leases[owner]:
+            del self._owner_leases[owner], self._pinned_bytes[owner]
+        for h in keys:
             self._pins[h] -= 1
             if not self._pins[h]:
                 del self._pins[h]
         self.metrics.pinned_pages.set(len(self._pins))
         return True
 
-    def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None) -> str:
+    def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None,
+            owner: str | None = None) -> str:
+        """A lease on the namespace's pages among `hashes`. The TTL is cut to kvc.max_lease_ttl_s
+        (inf included); NaN, 0 and negative TTLs are errors. The owner's (tenant's) leases may
+        cost at most kvc.pin_budget_fraction of the host tier: PinBudgetExceeded beyond."""
         ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
         if not ttl > 0:
             raise ValueError(f"pin ttl_s must be positive, got {ttl_s}")
+        ttl = min(ttl, self.config.max_lease_ttl_s)
         hashes = [bytes(h) for h in hashes]
         if any(len(h) != DIGEST_BYTES for h in hashes):
             raise ValueError(f"page hashes must be {DIGEST_BYTES} bytes")
@@ -475,14 +523,27 @@ class TieredStore:
         root = ns.root
         with self._lock:
             self._expire()
-            # a namespace can never hold another namespace's pages in place (tenant isolation)
-            hashes = [h for h in hashes if (e := self.cpu.get(h) or self.disk.get(h)) is None
-                      or e.ns_root == root]
-            self._leases[lease] = (hashes, time.monotonic() + ttl)
+            # only pages this namespace holds (another namespace's pages are not in its keys)
+            hashes = [k for h in hashes if self.cpu.get(k := key(root, h)) or self.disk.get(k)]
+            cost = sum(self._page_bytes(k) for k in hashes)
+            held, n = self._pinned_bytes.get(owner, 0), self._owner_leases.get(owner, 0)
+            if held + cost > self.pin_budget or n >= MAX_LEASES:
+                raise PinBudgetExceeded(
+                    f"pin budget exceeded: this lease needs {cost} bytes, {held} of {self.pin_budget} are "
+                    f"pinned already by {n} leases (kvc.pin_budget_fraction, at most {MAX_LEASES} leases); "
+                    "unpin or let leases expire")
+            self._pinned_bytes[owner] = held + cost
+            self._owner_leases[owner] = n + 1
+            self._leases[lease] = (hashes, owner, cost)
+            heapq.heappush(self._deadlines, (time.monotonic() + ttl, lease))
             for h in hashes:
                 self._pins[h] = self._pins.get(h, 0) + 1
             self.metrics.pinned_pages.set(len(self._pins))
         return lease
+
+    def _page_bytes(self, k: bytes) -> int:
+        e = self.cpu.get(k)
+        return e.nbytes if e is not None else self.disk.get(k).size
 
     def unpin(self, lease_id: str) -> bool:
         with self._lock:
@@ -493,23 +554,23 @@ class TieredStore:
     def delete(self, ns: Namespace, hashes: Sequence[bytes] | None = None) -> int:
         root = ns.root
         with self._lock:
-            cands = set(self.cpu.entries) | set(self.disk.entries)
-            targets = cands if hashes is None else {bytes(h) for h in hashes} & cands
+            cands = {k for k in set(self.cpu.entries) | set(self.disk.entries) if k[:DIGEST_BYTES] == root}
+            targets = cands if hashes is None else {key(root, bytes(h)) for h in hashes} & cands
             dropped = set()
-            for h in targets:
-                e = self.cpu.get(h)
-                if e is not None and e.ns_root == root:
-                    self.cpu.remove(h)
-                    self.admission.forget(h)
-                    dropped.add(h)
+            for k in targets:
+                e = self.cpu.get(k)
+                if e is not None:
+                    self.cpu.remove(k)
+                    self.admission.forget(k)
+                    dropped.add(k)
                     self.metrics.evictions.labels(tier="cpu", reason="admin").inc()
-                    self._emit("removed", root, h, e.parent, "cpu")
-                d = self.disk.get(h)
-                if d is not None and d.ns_root == root:
-                    self.disk.remove([h])
-                    dropped.add(h)
+                    self._emit("removed", root, hash_of(k), e.parent, "cpu")
+                d = self.disk.get(k)
+                if d is not None:
+                    self.disk.remove([k])
+                    dropped.add(k)
                     self.metrics.evictions.labels(tier="disk", reason="admin").inc()
-                    self._emit("removed", root, h, d.parent, "disk")
+                    self._emit("removed", root, hash_of(k), d.parent, "disk")
             self._update_gauges()
         dropped |= self.cluster.delete(ns, None if hashes is None else [bytes(h) for h in hashes])
         return len(dropped)
@@ -550,9 +611,9 @@ class TieredStore:
         """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
         with self._lock:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
-                for h, e in list(self.cpu.entries.items()):
-                    if self.disk.get(h) is None and self.admission.admitted(h):
-                        self._put_disk(h, e, self.cpu.view(h).copy())
+                for k, e in list(self.cpu.entries.items()):
+                    if self.disk.get(k) is None and self.admission.admitted(k):
+                        self._put_disk(k, e, self.cpu.view(k).copy())
                 self._evict_disk()
         self.cluster.close()
         self.disk.close()

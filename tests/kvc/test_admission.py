@@ -43,7 +43,7 @@ def test_only_pages_used_n_times_reach_disk(tmp_path, hits, on_disk):
         s.get_pages(NS, ha[:2])             # use 2 of pages 0, 1
         s.get_pages(NS, ha[:1])             # use 3 of page 0
         _evict_all(s)
-        assert [s.disk.get(h) is not None for h in ha] == [i < on_disk for i in range(4)]
+        assert [s.disk.get(NS.root + h) is not None for h in ha] == [i < on_disk for i in range(4)]
         assert metric(s, "kvc_store_pages_total", tier="disk", result="not_admitted") == 4 - on_disk
         assert s.admission.uses.keys() <= set(s.cpu.entries)  # counts only for cpu pages
         assert s.lookup(NS, hashes=ha).num_pages == on_disk
@@ -56,7 +56,7 @@ def test_write_through_waits_for_admission(tmp_path):
         s.put_pages(NS, pa)
         assert s.disk.pages == 0
         s.get_pages(NS, ha[:1])
-        assert s.disk.get(ha[0]) is not None and s.disk.get(ha[1]) is None
+        assert s.disk.get(NS.root + ha[0]) is not None and s.disk.get(NS.root + ha[1]) is None
         s.get_pages(NS, ha[:1])
         assert s.disk.pages == 1  # written once
 

@@ -164,7 +164,7 @@ def test_a_page_the_cluster_evicted_is_stored_and_written_again(redis_cluster, c
         s.flush()
         s.put_pages(NS, pb)  # A leaves the cpu tier
         s.flush()
-        assert all(s.cpu.get(h) is None for h in ha)
+        assert all(s.cpu.get(NS.root + h) is None for h in ha)
         client.delete(*[page_key(NS.root, h) for h in ha])  # as maxmemory + allkeys-lru would
         assert s.put_pages(NS, pa).stored == 4
         s.flush()

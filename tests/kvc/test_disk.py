@@ -40,9 +40,9 @@ def test_flipped_byte_on_disk_is_a_miss_never_wrong_bytes(tmp_path):
     env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
     data = env.open_db(b"data")
     with env.begin(write=True, db=data) as txn:
-        rec = bytearray(txn.get(ha[1]))
+        rec = bytearray(txn.get(NS.root + ha[1]))
         rec[-3] ^= 0x01
-        txn.put(ha[1], bytes(rec))
+        txn.put(NS.root + ha[1], bytes(rec))
     env.close()
     with TieredStore(cfg) as s:
         got = s.get_pages(NS, ha)
@@ -183,14 +183,14 @@ def test_bad_page_in_the_middle_of_a_read_task_ends_the_hit_there(tmp_path, monk
     data = env.open_db(b"data")
     with env.begin(write=True, db=data) as txn:
         if damage == "payload":
-            rec = bytearray(txn.get(hashes[13]))
+            rec = bytearray(txn.get(NS.root + hashes[13]))
             rec[-5] ^= 0x40
         elif damage == "format_version":  # a record of a format this version does not read
-            rec = bytearray(txn.get(hashes[13]))
+            rec = bytearray(txn.get(NS.root + hashes[13]))
             rec[4:6] = (99).to_bytes(2, "little")
         else:  # a valid record, but of another page
-            rec = txn.get(hashes[20])
-        txn.put(hashes[13], bytes(rec))
+            rec = txn.get(NS.root + hashes[20])
+        txn.put(NS.root + hashes[13], bytes(rec))
     env.close()
     monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 62)
     monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 4 * SPEC.page_bytes)  # page 13 is mid-task (12-15)
@@ -209,7 +209,7 @@ def test_cpu_and_disk_pages_interleaved_in_one_get(tmp_path, monkeypatch):
         s.put_pages(NS, pages)
         s.flush()
         for i in (2, 3, 4, 9, 10, 15):  # these are then on disk only
-            s.cpu.remove(hashes[i])
+            s.cpu.remove(NS.root + hashes[i])
         got = s.get_pages(NS, hashes)
         assert len(got) == 16 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
         assert s.lookup(NS, hashes=hashes).located == ["cpu"] * 16  # disk hits were promoted
@@ -219,17 +219,17 @@ def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkey
     cfg, hashes, pages = _disk_store(tmp_path, 30)
     env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
     with env.begin(write=True, db=env.open_db(b"data")) as txn:
-        rec = bytearray(txn.get(hashes[13]))
+        rec = bytearray(txn.get(NS.root + hashes[13]))
         rec[-1] ^= 0x01
-        txn.put(hashes[13], bytes(rec))
+        txn.put(NS.root + hashes[13], bytes(rec))
     env.close()
     monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 4 * SPEC.page_bytes)
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=1 / 1024)) as s:
         got = s.get_pages(NS, hashes)
         assert len(got) == 13 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
-        assert list(s.cpu.entries) == hashes[:13][::-1]  # promoted; the deepest page is evicted first
-        assert all(s.cpu.verify(h) for h in hashes[:13])
+        assert list(s.cpu.entries) == [NS.root + h for h in hashes[:13][::-1]]  # promoted; the deepest page is evicted first
+        assert all(s.cpu.verify(NS.root + h) for h in hashes[:13])
         assert metric(s, "kvc_checksum_failures_total", tier="disk") == 1
 
 
@@ -239,19 +239,19 @@ def test_no_reader_task_writes_into_out_after_get_returns(tmp_path, monkeypatch)
     cfg, hashes, pages = _disk_store(tmp_path, 30)
     env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
     with env.begin(write=True, db=env.open_db(b"data")) as txn:
-        rec = bytearray(txn.get(hashes[13]))
+        rec = bytearray(txn.get(NS.root + hashes[13]))
         rec[-1] ^= 0x01
-        txn.put(hashes[13], bytes(rec))
+        txn.put(NS.root + hashes[13], bytes(rec))
     env.close()
     monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 8 * SPEC.page_bytes)  # tasks 0-7, 8-15, 16-23, 24-29
     real, entered = disk_tier._copy_verified, threading.Event()
 
     def slow(h, rec, dst, root):
-        if h == hashes[16]:  # a later task, already past its start when page 13 fails
+        if h == NS.root + hashes[16]:  # a later task, already past its start when page 13 fails
             entered.set()
             time.sleep(0.3)
-        elif h == hashes[13]:
+        elif h == NS.root + hashes[13]:
             entered.wait(5)
         return real(h, rec, dst, root)
     monkeypatch.setattr(disk_tier, "_copy_verified", slow)
