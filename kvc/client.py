@@ -55,7 +55,10 @@ class RemoteCache:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.enable_retries", 0)]
+                   ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.enable_retries", 0),
+                   # own subchannels: gRPC otherwise shares one between channels with equal options,
+                   # and an older client's connect back-off makes a new one fail on a live service
+                   ("grpc.use_local_subchannel_pool", 1)]
         if u.scheme == "grpcs":
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, creds, options=options)

@@ -2,7 +2,10 @@
 
 The slab is cut into extents; an extent is given to one page size (a size class) when that size
 first needs room, and carved into slots. Pages of several models can then share one budget. The
-tier never holds more bytes than its slab. Eviction order is the LRU order of `entries`
+tier never holds more bytes than its slab. A slab under 512 MiB still has MIN_EXTENTS extents
+(a page larger than one goes to disk instead), so one page size cannot take the whole tier. Slots are handed
+out from a bump pointer per extent, so the index grows with the pages stored, not with the
+slots an extent could hold. Eviction order is the LRU order of `entries`
 (front = next victim); the store decides what is evicted and where it goes.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ import xxhash
 from .record import checksum
 
 EXTENT_BYTES = 64 << 20
+MIN_EXTENTS = 8
+MIN_EXTENT_BYTES = 1 << 20
 READ_PIECE = 256 << 10
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
@@ -44,8 +49,9 @@ class Entry:
 @dataclass
 class _SizeClass:
     size: int
-    free: list[int] = field(default_factory=list)            # free slot offsets
+    free: list[int] = field(default_factory=list)            # released slot offsets
     extents: dict[int, int] = field(default_factory=dict)    # extent index -> used slots
+    fresh: dict[int, int] = field(default_factory=dict)      # extent index -> next never-used offset
 
 
 class CpuTier:
@@ -58,7 +64,9 @@ class CpuTier:
         self.capacity = int(capacity_bytes)
         self.slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin)  # [capacity]
         self.slab_np = self.slab.numpy()
-        self.extent_bytes = min(EXTENT_BYTES, self.capacity)
+        # at least MIN_EXTENTS extents, none under MIN_EXTENT_BYTES (a tiny tier is one extent)
+        self.extent_bytes = min(EXTENT_BYTES, self.capacity,
+                                max(self.capacity // MIN_EXTENTS, MIN_EXTENT_BYTES))
         self.free_extents = list(range(self.capacity // self.extent_bytes))
         self.classes: dict[int, _SizeClass] = {}
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
@@ -114,17 +122,25 @@ class CpuTier:
             c = self.classes[nbytes] = _SizeClass(nbytes)
         return c
 
+    def _has_room(self, c: _SizeClass) -> bool:
+        return bool(c.free or c.fresh or self.free_extents)
+
     def _alloc(self, nbytes: int) -> int | None:
         c = self._class(nbytes)
-        if not c.free and self.free_extents:
-            ext = self.free_extents.pop()
-            base = ext * self.extent_bytes
-            per = self.extent_bytes // nbytes
-            c.free.extend(base + i * nbytes for i in reversed(range(per)))
-            c.extents[ext] = 0
-        if not c.free:
-            return None
-        off = c.free.pop()
+        if c.free:
+            off = c.free.pop()
+        else:
+            if not c.fresh:
+                if not self.free_extents:
+                    return None
+                ext = self.free_extents.pop()
+                c.extents[ext] = 0
+                c.fresh[ext] = ext * self.extent_bytes
+            ext, off = next(iter(c.fresh.items()))
+            if off + 2 * nbytes > (ext + 1) * self.extent_bytes:
+                del c.fresh[ext]  # the extent's last slot
+            else:
+                c.fresh[ext] = off + nbytes
         c.extents[off // self.extent_bytes] += 1
         return off
 
@@ -135,14 +151,14 @@ class CpuTier:
         c.free.append(off)
         if c.extents[ext] == 0:  # a whole extent is free again: any size class may take it
             del c.extents[ext]
+            c.fresh.pop(ext, None)
             lo, hi = ext * self.extent_bytes, (ext + 1) * self.extent_bytes
             c.free = [o for o in c.free if not lo <= o < hi]
             self.free_extents.append(ext)
 
     def victims_for(self, nbytes: int, is_pinned) -> list[bytes] | None:
         """LRU pages whose removal makes room for one page of nbytes; None if pins prevent it."""
-        c = self._class(nbytes)
-        if c.free or self.free_extents:
+        if self._has_room(self._class(nbytes)):
             return []
         for h, e in self.entries.items():  # same size class first: frees a slot directly
             if e.nbytes == nbytes and not is_pinned(h):

@@ -1,11 +1,12 @@
 """The disk tier: page records in LMDB at `disk_path`, written by one writer thread.
 
 Layout under disk_path: `kvc.lock` (flock: one process per disk_path) and `lmdb/` with two
-databases: `data` (hash -> page record) and `meta` (hash -> ns_root, parent, seq, size, tokens),
-from which the in-memory index is rebuilt at start (warm restart). Settings follow DESIGN
-section 6: writemap off (a full disk is an error, not SIGBUS), metasync off, map size from the
-budget, a startup check of the data file against its last page (a truncated or unreadable
-environment is moved aside and the tier starts cold, loudly), reader checks for killed readers.
+databases: `data` (key -> page record) and `meta` (key -> ns_root, parent, seq, size, tokens),
+where a key is the store's namespace root + page hash, from which the in-memory index is rebuilt
+at start (warm restart). Settings follow DESIGN section 6: writemap off (a full disk is an error,
+not SIGBUS), metasync off, map size from the budget, a startup check of the data file against
+its last page (a truncated or unreadable environment is moved aside and the tier starts cold,
+loudly), reader checks for killed readers.
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ class DiskEntry:
 
     @property
     def footprint(self) -> int:
-        # LMDB keeps a large value in whole overflow pages; the meta record and key are small.
-        return -(-(self.size + 64) // LMDB_PAGE) * LMDB_PAGE + 128 + len(self.tokens)
+        # LMDB keeps a large value in whole overflow pages; the meta record and the two 32-byte
+        # keys (with their branch-page copies) are small.
+        return -(-(self.size + 64) // LMDB_PAGE) * LMDB_PAGE + 256 + len(self.tokens)
 
 
 class DiskTier:
@@ -139,13 +141,21 @@ class DiskTier:
         return None
 
     def _load_index(self) -> None:
-        rows = []
+        rows, stale = [], []
         with self.env.begin() as txn:
             for key, val in txn.cursor(self._meta):
-                if len(key) != 16 or len(val) < _META.size:
+                if len(key) != 32 or len(val) < _META.size:
+                    stale.append(bytes(key))  # keyed by the hash alone (an older version): unreachable
                     continue
                 ns_root, parent, seq, size = _META.unpack_from(val)
                 rows.append((seq, bytes(key), DiskEntry(ns_root, parent, bytes(val[_META.size:]), seq, size)))
+        if stale:
+            with self.env.begin(write=True) as txn:
+                for key in stale:
+                    txn.delete(key, db=self._data)
+                    txn.delete(key, db=self._meta)
+            log.info("disk tier at %s: dropped %d pages stored under the older hash-only keys",
+                     self.path, len(stale))
         rows.sort(key=lambda r: r[0])
         for seq, key, e in rows:
             self.index[key] = e
@@ -197,7 +207,7 @@ class DiskTier:
     def _serve(self, h: bytes, buf, sink) -> bool:
         try:
             info = decode_header(buf)
-            if info.hash != h or checksum(memoryview(buf)[info.payload_offset:]) != info.checksum:
+            if info.ns_root + info.hash != h or checksum(memoryview(buf)[info.payload_offset:]) != info.checksum:
                 raise ChecksumError(f"page {h.hex()} failed its checksum on disk")
         except RecordError as e:
             log.warning("disk tier dropped page %s: %s", h.hex(), e)

@@ -6,6 +6,11 @@ to cpu; eviction is LRU over unpinned pages with the deepest page of a chain fir
 chain are touched tail-first), in batches between the watermarks. Every read verifies the
 page's checksum; a mismatch is a miss, the page is dropped and counted. Hits are verified: the
 stored parent hash and token ids must equal the query's.
+
+Every tier keys a page by its namespace root and its hash (`key`), never by the hash alone: a
+chain hash depends on the parent, not on the root, so a page put in namespace B under the last
+page of A's prefix has the hash A's next page would have. Scoped keys keep it out of A's chain:
+A's lookups never count it, and A's own put of that page is stored, not a "collision".
 """
 from __future__ import annotations
 
@@ -33,6 +38,15 @@ GB = 1 << 30
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
 
 
+def key(root: bytes, h: bytes) -> bytes:
+    """A page's key in the tiers: its namespace root, then its hash (32 bytes)."""
+    return root + h
+
+
+def hash_of(k: bytes) -> bytes:
+    return k[DIGEST_BYTES:]
+
+
 class TieredStore:
     def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None):
         self.config = config
@@ -44,7 +58,7 @@ class TieredStore:
         if config.disk_path and disk_bytes > 0 and not config.gpu_only:
             self.disk = DiskTier(config.disk_path, disk_bytes, self.metrics,
                                  config.high_watermark, config.low_watermark)
-            self.disk.listener = lambda kind, ns, h, p: self._emit(kind, ns, h, p, "disk")
+            self.disk.listener = lambda kind, ns, k, p: self._emit(kind, ns, hash_of(k), p, "disk")
         else:
             self.disk = NullTier("disk")
         self._pins: dict[bytes, int] = {}
@@ -84,8 +98,9 @@ class TieredStore:
         """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
         own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
         bytes compare for tokens); page by page only to find where a mismatch starts."""
-        cpu = list(map(self.cpu.entries.get, hashes))
-        disk = list(map(self.disk.entries.get, hashes))
+        keys = [root + h for h in hashes]
+        cpu = list(map(self.cpu.entries.get, keys))
+        disk = list(map(self.disk.entries.get, keys))
         n = 0
         for c, d in zip(cpu, disk):  # longest run held by some tier
             if c is None and d is None:
@@ -124,28 +139,29 @@ class TieredStore:
             data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
             return data, data.view(torch.uint8).reshape(-1)
 
+        keys = [key(root, bytes(h)) for h in hashes]
         with self._lock, self.disk.reader() as disk:
             # the leading run of cpu pages is read (copied and verified) by the tier's threads
             run = 0
-            for h in hashes:
-                e = self.cpu.get(h)
+            for k in keys:
+                e = self.cpu.get(k)
                 if e is None or e.nbytes != spec.page_bytes or e.ns_root != root:
                     break
                 run += 1
             rows = [row(i) for i in range(run)]
-            ok = self.cpu.read_many(hashes[:run], [f for _, f in rows]) if run else []
-            for i, h in enumerate(hashes):
+            ok = self.cpu.read_many(keys[:run], [f for _, f in rows]) if run else []
+            for i, (h, k) in enumerate(zip(hashes, keys)):
                 data, flat = rows[i] if i < run else row(i)
-                e = self.cpu.get(h)
+                e = self.cpu.get(k)
                 if i < run:
                     if not ok[i]:
-                        self._corrupt_cpu(h)
+                        self._corrupt_cpu(k)
                         break
                 elif e is not None:
                     if e.nbytes != flat.numel() or e.ns_root != root:
                         break
-                    if not self.cpu.read_into(h, flat):
-                        self._corrupt_cpu(h)
+                    if not self.cpu.read_into(k, flat):
+                        self._corrupt_cpu(k)
                         break
                 else:
                     got = {}
@@ -156,18 +172,18 @@ class TieredStore:
                         flat.numpy()[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
                         got["e"] = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
                                          info.dtype, info.shape, info.payload_len, info.checksum)
-                    if not disk.read(h, sink) or "e" not in got:
+                    if not disk.read(k, sink) or "e" not in got:
                         break
                     e = got["e"]
                     disk_bytes += e.nbytes
-                    promote.append((h, e, flat.numpy()))
+                    promote.append((k, e, flat.numpy()))
                 pages.append(Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4").astype(np.uint32), data))
-            for p in reversed(pages):  # tail first: the deepest page becomes the oldest
-                if self.cpu.get(p.hash) is not None:
-                    self.cpu.touch(p.hash)
-                self.disk.touch(p.hash)
-            for h, e, payload in promote:
-                self._put_cpu(h, e, payload)
+            for k in reversed(keys[:len(pages)]):  # tail first: the deepest page becomes the oldest
+                if self.cpu.get(k) is not None:
+                    self.cpu.touch(k)
+                self.disk.touch(k)
+            for k, e, payload in promote:
+                self._put_cpu(k, e, payload)
             self._update_gauges()
         if disk_bytes:
             self.metrics.transfer_bytes.labels(src="disk", dst="cpu").inc(disk_bytes)
@@ -180,25 +196,26 @@ class TieredStore:
         (and the slab slots free to change) before the lock is released. The rest of the run
         (disk pages) goes through a host buffer."""
         root = ns.root
+        keys = [key(root, bytes(h)) for h in hashes]
         with self._lock:
             run = 0
-            for h in hashes:
-                e = self.cpu.get(h)
+            for k in keys:
+                e = self.cpu.get(k)
                 if e is None or e.nbytes != out[0].numel() * out.element_size() or e.ns_root != root:
                     break
                 run += 1
             flat = out.view(torch.uint8).reshape(out.shape[0], -1)  # [n, page bytes] on the device
-            for i, h in enumerate(hashes[:run]):
-                flat[i].copy_(self.cpu.slab_view(h), non_blocking=True)
-            ok = self.cpu.verify_many(hashes[:run])
+            for i, k in enumerate(keys[:run]):
+                flat[i].copy_(self.cpu.slab_view(k), non_blocking=True)
+            ok = self.cpu.verify_many(keys[:run])
             torch.cuda.current_stream(out.device).synchronize()
             good = next((i for i, v in enumerate(ok) if not v), run)
             if good < run:
-                self._corrupt_cpu(hashes[good])
-            pages = [self._page_of(h, self.cpu.get(h), out[i]) for i, h in enumerate(hashes[:good])]
-            for p in reversed(pages):
-                self.cpu.touch(p.hash)
-                self.disk.touch(p.hash)
+                self._corrupt_cpu(keys[good])
+            pages = [self._page_of(hashes[i], self.cpu.get(k), out[i]) for i, k in enumerate(keys[:good])]
+            for k in reversed(keys[:good]):
+                self.cpu.touch(k)
+                self.disk.touch(k)
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
             tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype)  # pageable: disk reads are slower than its copy
@@ -212,12 +229,12 @@ class TieredStore:
     def _page_of(h: bytes, e: Entry, data: torch.Tensor) -> Page:
         return Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4").astype(np.uint32), data)
 
-    def _corrupt_cpu(self, h: bytes) -> None:
-        e = self.cpu.remove(h)
-        log.warning("cpu tier page %s failed its checksum; dropped", h.hex())
+    def _corrupt_cpu(self, k: bytes) -> None:
+        e = self.cpu.remove(k)
+        log.warning("cpu tier page %s failed its checksum; dropped", hash_of(k).hex())
         self.metrics.checksum_failures.labels(tier="cpu").inc()
         self.metrics.evictions.labels(tier="cpu", reason="corrupt").inc()
-        self._emit("removed", e.ns_root, h, e.parent, "cpu")
+        self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
 
     # -- put -----------------------------------------------------------------------------------
     def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
@@ -234,12 +251,20 @@ class TieredStore:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         stored = dup = rejected = 0
         reasons = []
+        placed = {root}  # parents a page of this call may hang from besides held pages
         with self._lock:
             for p, toks in zip(pages, packed):
-                held = self.cpu.get(p.hash) or self.disk.get(p.hash)
+                k = key(root, p.hash)
+                if p.parent not in placed and not (self.cpu.get(key(root, p.parent))
+                                                   or self.disk.get(key(root, p.parent))):
+                    rejected += 1  # a page hangs from its namespace's root or from its own pages
+                    reasons.append(f"parent of page {p.hash.hex()} is not a page of this namespace")
+                    continue
+                held = self.cpu.get(k) or self.disk.get(k)
                 if held is not None:
-                    if held.parent == p.parent and held.tokens == toks and held.ns_root == root:
+                    if held.parent == p.parent and held.tokens == toks:
                         dup += 1
+                        placed.add(p.hash)
                         continue
                     self.metrics.collisions.inc()
                     rejected += 1
@@ -247,15 +272,17 @@ class TieredStore:
                     continue
                 payload = p.payload()
                 e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, checksum(payload))
-                ok = self._put_cpu(p.hash, e, payload)
-                if self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier):
-                    ok = self._put_disk(p.hash, e, payload) or ok
+                ok = self._put_cpu(k, e, payload)
+                if (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
+                        or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
+                    ok = self._put_disk(k, e, payload) or ok
                 if ok:
                     stored += 1
+                    placed.add(p.hash)
                 else:
                     rejected += 1
                     reasons.append(f"no room for page {p.hash.hex()}")
-            self._touch_chains(pages)
+            self._touch_chains(root, pages)
             self._evict_disk()
             self._update_gauges()
         self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)
@@ -263,7 +290,7 @@ class TieredStore:
         self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
         return PutResult(stored, dup, rejected, tuple(reasons))
 
-    def _touch_chains(self, pages: Sequence[Page]) -> None:
+    def _touch_chains(self, root: bytes, pages: Sequence[Page]) -> None:
         """Make each chain in `pages` most recent, deepest page first, ancestors included.
 
         A parent is then always newer than its children in the LRU order, so eviction takes the
@@ -271,14 +298,14 @@ class TieredStore:
         """
         parents = {p.parent for p in pages}
         for leaf in (p.hash for p in pages if p.hash not in parents):
-            h = leaf
-            while (e := self.cpu.get(h)) is not None:
-                self.cpu.touch(h)
-                self.disk.touch(h)
-                h = e.parent
+            k = key(root, leaf)
+            while (e := self.cpu.get(k)) is not None:
+                self.cpu.touch(k)
+                self.disk.touch(k)
+                k = key(root, e.parent)
 
-    def _put_cpu(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
-        if not self.cpu.fits(e.nbytes) or self.cpu.get(h) is not None:
+    def _put_cpu(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
+        if not self.cpu.fits(e.nbytes) or self.cpu.get(k) is not None:
             return False
         victims = self.cpu.victims_for(e.nbytes, self._pinned)
         if victims is None:
@@ -286,53 +313,53 @@ class TieredStore:
         if victims and self.cpu.used + e.nbytes > self.config.high_watermark * self.cpu.capacity:
             victims = self._cpu_batch(e.nbytes, victims)
         self._demote(victims)
-        if not self.cpu.put(h, e, payload):
+        if not self.cpu.put(k, e, payload):
             return False
         self.metrics.store_bytes.labels(tier="cpu").inc(e.nbytes)
-        self._emit("stored", e.ns_root, h, e.parent, "cpu")
+        self._emit("stored", e.ns_root, hash_of(k), e.parent, "cpu")
         return True
 
     def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
         """Extend a victim set of the same size class down to the low watermark."""
         target = self.cpu.used + nbytes - self.config.low_watermark * self.cpu.capacity
-        out, freed = list(first), sum(self.cpu.get(h).nbytes for h in first)
-        for h, e in self.cpu.entries.items():
+        out, freed = list(first), sum(self.cpu.get(k).nbytes for k in first)
+        for k, e in self.cpu.entries.items():
             if freed >= target:
                 break
-            if h not in out and e.nbytes == nbytes and not self._pinned(h):
-                out.append(h)
+            if k not in out and e.nbytes == nbytes and not self._pinned(k):
+                out.append(k)
                 freed += e.nbytes
         return out
 
     def _demote(self, victims: list[bytes]) -> None:
         moved = 0
-        for h in victims:
-            payload = self.cpu.view(h).copy()
-            e = self.cpu.remove(h)
+        for k in victims:
+            payload = self.cpu.view(k).copy()
+            e = self.cpu.remove(k)
             self.metrics.evictions.labels(tier="cpu", reason="capacity").inc()
-            if self.disk.get(h) is None and self._put_disk(h, e, payload):
+            if self.disk.get(k) is None and self._put_disk(k, e, payload):
                 moved += e.nbytes
-            self._emit("removed", e.ns_root, h, e.parent, "cpu")
+            self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
         if moved:
             self.metrics.transfer_bytes.labels(src="cpu", dst="disk").inc(moved)
 
-    def _put_disk(self, h: bytes, e: Entry, payload: np.ndarray) -> bool:
+    def _put_disk(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
         if not self.disk.fits(e.nbytes):
             return False
-        page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
+        page = Page(hash_of(k), e.parent, np.frombuffer(e.tokens, dtype="<u4"),
                     torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
         record = encode_header(e.ns_root, page, payload, e.checksum) + payload.tobytes()
-        if not self.disk.put(h, record, e.ns_root, e.parent, e.tokens):
+        if not self.disk.put(k, record, e.ns_root, e.parent, e.tokens):
             return False
-        self._emit("stored", e.ns_root, h, e.parent, "disk")
+        self._emit("stored", e.ns_root, hash_of(k), e.parent, "disk")
         return True
 
     def _evict_disk(self) -> None:
         if not isinstance(self.disk, DiskTier) or not self.disk.over_budget():
             return
-        for h, e in self.disk.remove(self.disk.lru_victims(self._pinned)):
+        for k, e in self.disk.remove(self.disk.lru_victims(self._pinned)):
             self.metrics.evictions.labels(tier="disk", reason="capacity").inc()
-            self._emit("removed", e.ns_root, h, e.parent, "disk")
+            self._emit("removed", e.ns_root, hash_of(k), e.parent, "disk")
 
     # -- pins ----------------------------------------------------------------------------------
     def _pinned(self, h: bytes) -> bool:
@@ -367,9 +394,8 @@ class TieredStore:
         root = ns.root
         with self._lock:
             self._expire()
-            # a namespace can never hold another namespace's pages in place (tenant isolation)
-            hashes = [h for h in hashes if (e := self.cpu.get(h) or self.disk.get(h)) is None
-                      or e.ns_root == root]
+            # only pages this namespace holds (another namespace's pages are not in its keys)
+            hashes = [k for h in hashes if self.cpu.get(k := key(root, h)) or self.disk.get(k)]
             self._leases[lease] = (hashes, time.monotonic() + ttl)
             for h in hashes:
                 self._pins[h] = self._pins.get(h, 0) + 1
@@ -385,22 +411,22 @@ class TieredStore:
     def delete(self, ns: Namespace, hashes: Sequence[bytes] | None = None) -> int:
         root = ns.root
         with self._lock:
-            cands = set(self.cpu.entries) | set(self.disk.entries)
-            targets = cands if hashes is None else {bytes(h) for h in hashes} & cands
+            cands = {k for k in set(self.cpu.entries) | set(self.disk.entries) if k[:DIGEST_BYTES] == root}
+            targets = cands if hashes is None else {key(root, bytes(h)) for h in hashes} & cands
             dropped = set()
-            for h in targets:
-                e = self.cpu.get(h)
-                if e is not None and e.ns_root == root:
-                    self.cpu.remove(h)
-                    dropped.add(h)
+            for k in targets:
+                e = self.cpu.get(k)
+                if e is not None:
+                    self.cpu.remove(k)
+                    dropped.add(k)
                     self.metrics.evictions.labels(tier="cpu", reason="admin").inc()
-                    self._emit("removed", root, h, e.parent, "cpu")
-                d = self.disk.get(h)
-                if d is not None and d.ns_root == root:
-                    self.disk.remove([h])
-                    dropped.add(h)
+                    self._emit("removed", root, hash_of(k), e.parent, "cpu")
+                d = self.disk.get(k)
+                if d is not None:
+                    self.disk.remove([k])
+                    dropped.add(k)
                     self.metrics.evictions.labels(tier="disk", reason="admin").inc()
-                    self._emit("removed", root, h, d.parent, "disk")
+                    self._emit("removed", root, hash_of(k), d.parent, "disk")
             self._update_gauges()
         return len(dropped)
 
@@ -443,9 +469,9 @@ class TieredStore:
         """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
         with self._lock:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
-                for h, e in list(self.cpu.entries.items()):
-                    if self.disk.get(h) is None:
-                        self._put_disk(h, e, self.cpu.view(h).copy())
+                for k, e in list(self.cpu.entries.items()):
+                    if self.disk.get(k) is None:
+                        self._put_disk(k, e, self.cpu.view(k).copy())
                 self._evict_disk()
         self.disk.close()
         self.cpu.close()

@@ -302,7 +302,8 @@ class CacheService(pb_grpc.KVCacheServicer):
     @_rpc
     async def Unpin(self, request, context, caller):
         lease, _, mac = request.lease_id.rpartition(".")
-        if not lease or not hmac.compare_digest(mac, self._lease_mac(caller, lease)):
+        # bytes: compare_digest raises TypeError on a str that is not ASCII
+        if not lease or not hmac.compare_digest(mac.encode(), self._lease_mac(caller, lease).encode()):
             return pb.UnpinResponse(released=False)  # not a lease this caller was given
         return pb.UnpinResponse(released=await self._run(self.store.unpin, lease))
 

@@ -46,7 +46,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on. SO_REUSEADDR, as uvicorn binds it: connections a
+    previous run closed (TIME_WAIT, FIN_WAIT2) must not block a restart on the same port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -84,6 +87,13 @@ def served_names(config: Config) -> list[str]:
     return [short, path] if short != path else [path]
 
 
+def cache_description(config: Config) -> str:
+    """Where the host tiers are, with the sizes as configured (0.25 GB prints as 0.25, not 0.2)."""
+    if config.server.cache_url:
+        return "shared cache-server " + config.server.cache_url
+    return f"embedded cache: cpu {config.kvc.cpu_memory_size_GB:g} GB, disk {config.kvc.disk_path}"
+
+
 def run_serve(config: Config, cache_token: str | None = None) -> int:
     import uvicorn
 
@@ -96,9 +106,7 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
     loop = AsyncEngine(engine)
     names = served_names(config)
     app = create_app(loop, names, registry)
-    where = "shared cache-server " + config.server.cache_url if config.server.cache_url else (
-        "embedded cache: cpu %.1f GB, disk %s" % (config.kvc.cpu_memory_size_GB, config.kvc.disk_path))
-    print(f"kvc serve: model {names[0]!r} on {engine.device}, {where}", flush=True)
+    print(f"kvc serve: model {names[0]!r} on {engine.device}, {cache_description(config)}", flush=True)
     print(f"kvc serve: OpenAI API at http://{host}:{port}/v1  (metrics: http://{host}:{port}/metrics)",
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",

@@ -17,7 +17,7 @@ def test_get_into_cuda_equals_pages_and_stops_at_a_corrupt_one(tmp_path):
         got = s.get_pages(NS, hashes, out=out)
         assert len(got) == 16 and got[3].data.device.type == "cuda"
         assert all(torch.equal(out[i].cpu(), pages[i].data) for i in range(16))
-        s.cpu.view(hashes[9])[5] ^= 0x40
+        s.cpu.view(NS.root + hashes[9])[5] ^= 0x40
         out.zero_()
         got = s.get_pages(NS, hashes, out=out)
         assert len(got) == 9 and torch.equal(out[8].cpu(), pages[8].data)

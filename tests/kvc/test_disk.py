@@ -39,9 +39,9 @@ def test_flipped_byte_on_disk_is_a_miss_never_wrong_bytes(tmp_path):
     env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
     data = env.open_db(b"data")
     with env.begin(write=True, db=data) as txn:
-        rec = bytearray(txn.get(ha[1]))
+        rec = bytearray(txn.get(NS.root + ha[1]))
         rec[-3] ^= 0x01
-        txn.put(ha[1], bytes(rec))
+        txn.put(NS.root + ha[1], bytes(rec))
     env.close()
     with TieredStore(cfg) as s:
         got = s.get_pages(NS, ha)

@@ -54,6 +54,11 @@ def test_forced_collision_never_returns_other_prompts_pages(tmp_path, monkeypatc
         assert s.lookup(NS, tokens=a).num_pages == 1
 
 
+def keys(*hashes):
+    """The tiers' keys of NS's pages: namespace root + hash."""
+    return [NS.root + h for h in hashes]
+
+
 def test_cpu_tier_never_exceeds_budget_and_evicts_lru_deepest_first(tmp_path):
     page = SPEC.page_bytes  # 256 bytes
     cfg = kvc_config(tmp_path, cpu_memory_size_GB=8 * page / (1 << 30), disk_path=None,
@@ -66,13 +71,13 @@ def test_cpu_tier_never_exceeds_budget_and_evicts_lru_deepest_first(tmp_path):
         s.put_pages(NS, pb)
         assert s.cpu.used == 8 * page
         # each put makes its chain most recent, deepest page first
-        assert list(s.cpu.entries) == [ha[3], ha[2], ha[1], ha[0], hb[3], hb[2], hb[1], hb[0]]
+        assert list(s.cpu.entries) == keys(ha[3], ha[2], ha[1], ha[0], hb[3], hb[2], hb[1], hb[0])
         s.get_pages(NS, ha)  # A is now more recent than B, again tail first
-        assert list(s.cpu.entries) == [hb[3], hb[2], hb[1], hb[0], ha[3], ha[2], ha[1], ha[0]]
+        assert list(s.cpu.entries) == keys(hb[3], hb[2], hb[1], hb[0], ha[3], ha[2], ha[1], ha[0])
         hc, pc = make_pages(NS, list(range(200, 204)))
         s.put_pages(NS, pc)
         # eviction runs down to the low watermark (9 - 4 = 5 pages): all of B, then A's tail
-        assert set(s.cpu.entries) == {ha[0], ha[1], ha[2], hc[0]}
+        assert set(s.cpu.entries) == set(keys(ha[0], ha[1], ha[2], hc[0]))
         assert s.cpu.used <= s.cpu.capacity
         assert metric(s, "kvc_evictions_total", tier="cpu", reason="capacity") == 5
 
@@ -89,7 +94,7 @@ def test_deepest_page_evicted_first(tmp_path):
         s.put_pages(NS, pc)
         # down to the low watermark (3.6 of 4 pages) takes two pages: the tail, not the prefix
         assert s.lookup(NS, hashes=ha).num_pages == 2
-        assert s.cpu.get(ha[0]) and s.cpu.get(ha[1])
+        assert s.cpu.get(NS.root + ha[0]) and s.cpu.get(NS.root + ha[1])
 
 
 def test_pinned_pages_are_not_evicted_and_leases_expire(tmp_path):
@@ -158,7 +163,7 @@ def test_flipped_byte_in_cpu_is_a_miss_and_counted(tmp_path):
     with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
         ha, pa = make_pages(NS, list(range(12)))
         s.put_pages(NS, pa)
-        s.cpu.view(ha[1])[7] ^= 0xFF
+        s.cpu.view(NS.root + ha[1])[7] ^= 0xFF
         got = s.get_pages(NS, ha)
         assert len(got) == 1
         assert metric(s, "kvc_checksum_failures_total", tier="cpu") == 1
