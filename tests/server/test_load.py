@@ -16,7 +16,7 @@ from kvc.hashing import Namespace, PageSpec, page_hashes
 from kvc.pb import pb, pb_grpc
 from kvc.record import Page
 
-BIG = PageSpec(num_layers=4, num_kv_heads=4, head_dim=64, page_size=64, dtype="float32")  # 1 MiB pages
+BIG = PageSpec(num_layers=4, num_kv_heads=4, head_dim=64, page_size=64, dtype="float32")  # 512 KiB pages
 SMALL = PageSpec(num_layers=2, num_kv_heads=2, head_dim=16, page_size=16, dtype="float16")  # 8 KiB pages
 MiB = 1 << 20
 
@@ -61,7 +61,7 @@ def test_inflight_budget_refuses_before_memory_grows(make_server):
     stub = pb_grpc.KVCacheStub(ch)
     assert put_stream(stub, ns, chain(ns, 2, seed=99))[0] == grpc.StatusCode.OK  # warm up
     base = rss_kb(s.proc.pid)
-    # 8 clients x 24 MiB streams that stay open: without the budget the service holds 192 MiB at once
+    # 8 clients x 12 MiB streams that stay open: without the budget the service holds 96 MiB at once
     streams = [chain(ns, 24, seed=i) for i in range(8)]
     out = [None] * len(streams)
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, put_stream(stub, ns, streams[i], 0.0, 2.0)))
@@ -78,11 +78,11 @@ def test_inflight_budget_refuses_before_memory_grows(make_server):
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
     refused = next(o[1] for o in out if o[0] == grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "server.max_inflight_bytes" in refused
-    # Without the budget the peak grows by about all that is offered (190 MiB of 192 measured on
-    # the 2-core VM); with it, by the held streams, the accepted pages' copies on their way to
-    # disk and what the transport buffers for refused streams (128 MiB measured).
+    # Without the budget the peak grows by about twice what is offered (message + assembled page:
+    # 190 MiB for 96 MiB on the 2-core VM); with it, by the held streams, the accepted pages'
+    # copies on their way to disk and what the transport buffers for refused streams (88-128 MiB).
     offered = sum(len(p) for p in streams) * BIG.page_bytes
-    assert peak_growth < 0.8 * offered, f"the service grew {peak_growth >> 20} MiB with a {budget >> 20} MiB budget"
+    assert peak_growth < 1.6 * offered, f"the service grew {peak_growth >> 20} MiB with a {budget >> 20} MiB budget"
     # refused streams stored nothing; accepted ones are whole
     lk = stub.Lookup(pb.LookupRequest(namespace=wire.ns_to_pb(ns), hashes=[p.hash for p in streams[0]]))
     assert len(lk.located) in (0, 24)
