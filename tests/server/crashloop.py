@@ -148,6 +148,10 @@ def verify_all(url: str, ledger: Ledger, rng: random.Random, sample_old: int = 3
     """After a restart: (acked, durable, lost-unflushed) over the chains of the cycle just killed,
     all read back, and a sample of older chains (wrong bytes and lost durable pages go to the ledger)."""
     acked = durable = lost = 0
+    with RemoteCache(url, timeout=10.0) as c:  # reachable first: a miss must mean "not stored"
+        deadline = time.monotonic() + 30
+        while "disk" not in c.stats().get("tiers", {}) and time.monotonic() < deadline:
+            time.sleep(0.2)
     new = [ch for ch in ledger.chains if not ch.checked]
     old = [ch for ch in ledger.chains if ch.checked]
     with RemoteCache(url, timeout=10.0) as c:
