@@ -16,6 +16,10 @@ from .record import Page
 TIERS = ("device", "cpu", "disk", "cluster")
 
 
+class PinBudgetExceeded(Exception):
+    """A pin that would take its owner past kvc.pin_budget_fraction (gRPC: RESOURCE_EXHAUSTED)."""
+
+
 @dataclass(frozen=True)
 class LookupResult:
     """The answer to "how much of this prompt is cached".

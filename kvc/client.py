@@ -287,7 +287,13 @@ class RemoteCache:
             rb = self._rebase(ns)
             req = pb.PinRequest(namespace=wire.ns_to_pb(ns), ttl_s=ttl_s or 0.0,
                                 hashes=hashes if rb is None else rb.to_service(hashes))
-            return self._unary(self._stub.Pin, req).lease_id
+            self._check_up()
+            try:
+                return self._stub.Pin(req, timeout=self._deadline(), metadata=self._metadata).lease_id
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return ""  # over the tenant's pin budget: no lease, and the service is fine
+                raise self._failed(e) from None
         except ServiceDown:
             return ""  # no lease: nothing is protected, and unpin("") is False
 

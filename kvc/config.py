@@ -53,6 +53,10 @@ class KvcConfig:
     # Device pool size in blocks; null sizes it from utilization_percentage of free memory.
     num_device_blocks: int | None = field(default=None, metadata=_range(1))
     lease_ttl_s: float = field(default=60.0, metadata=_range(0.0, lo_open=True))
+    # The longest a lease may live: a longer (or infinite) Pin TTL is cut to it.
+    max_lease_ttl_s: float = field(default=3600.0, metadata=_range(0.0, 30 * 86400.0, lo_open=True))
+    # Share of the cpu tier (the disk tier when there is none) one tenant's leases may pin.
+    pin_budget_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class ServerConfig:
     # Page bytes the cache service holds for PutPages / GetPages calls in progress, all callers
     # together; a call that would pass it gets RESOURCE_EXHAUSTED (the client retries later).
     max_inflight_bytes: int = field(default=2 << 30, metadata=_range(1 << 20))
+    # Where the cache service keeps the key of its tenants' salts; null: <kvc.disk_path>/tenant-secret.
+    tenant_secret_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,9 @@ def _validate(cfg: Config) -> Config:
     if kvc.low_watermark >= kvc.high_watermark:
         raise ConfigError(f"kvc.low_watermark ({kvc.low_watermark}) must be below "
                           f"kvc.high_watermark ({kvc.high_watermark})")
+    if not kvc.lease_ttl_s <= kvc.max_lease_ttl_s:
+        raise ConfigError(f"kvc.lease_ttl_s ({kvc.lease_ttl_s}) must not exceed "
+                          f"kvc.max_lease_ttl_s ({kvc.max_lease_ttl_s})")
     total = _total_memory_bytes()
     if total is not None and kvc.cpu_memory_size_GB * (1 << 30) > total:
         raise ConfigError(f"kvc.cpu_memory_size_GB={kvc.cpu_memory_size_GB} is larger than this "

@@ -14,6 +14,7 @@ A's lookups never count it, and A's own put of that page is stored, not a "colli
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from . import hashing
-from .backend import LookupResult, PutResult
+from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .config import KvcConfig
 from .cpu_tier import CpuTier, Entry, NullTier
 from .disk_tier import DiskTier
@@ -34,6 +35,7 @@ from .record import Page, checksum, encode_header, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
+MAX_LEASES = 1 << 16  # live leases per owner (tenant): each costs the service memory
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
 
@@ -62,7 +64,11 @@ class TieredStore:
         else:
             self.disk = NullTier("disk")
         self._pins: dict[bytes, int] = {}
-        self._leases: dict[str, tuple[list[bytes], float]] = {}
+        self._leases: dict[str, tuple[list[bytes], str | None, int]] = {}  # keys, owner, bytes
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, lease)
+        self._pinned_bytes: dict[str | None, int] = {}  # owner -> page bytes of its live leases
+        self._owner_leases: dict[str | None, int] = {}
+        self.pin_budget = int(config.pin_budget_fraction * (self.cpu.capacity or self.disk.capacity))
         self._listeners: list[Listener] = []
         for tier in (self.cpu, self.disk):
             self.metrics.capacity.labels(tier=tier.name).set(tier.capacity)
@@ -367,26 +373,35 @@ class TieredStore:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for lease, (_, deadline) in list(self._leases.items()):
-            if deadline <= now:
-                self._release(lease)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            if self._release(heapq.heappop(self._deadlines)[1]):
                 self.metrics.forced_unpins.inc()
 
     def _release(self, lease: str) -> bool:
         entry = self._leases.pop(lease, None)
         if entry is None:
             return False
-        for h in entry[0]:
+        keys, owner, cost = entry
+        self._pinned_bytes[owner] -= cost
+        self._owner_leases[owner] -= 1
+        if not self._owner_leases[owner]:
+            del self._owner_leases[owner], self._pinned_bytes[owner]
+        for h in keys:
             self._pins[h] -= 1
             if not self._pins[h]:
                 del self._pins[h]
         self.metrics.pinned_pages.set(len(self._pins))
         return True
 
-    def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None) -> str:
+    def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None,
+            owner: str | None = None) -> str:
+        """A lease on the namespace's pages among `hashes`. The TTL is cut to kvc.max_lease_ttl_s
+        (inf included); NaN, 0 and negative TTLs are errors. The owner's (tenant's) leases may
+        cost at most kvc.pin_budget_fraction of the host tier: PinBudgetExceeded beyond."""
         ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
         if not ttl > 0:
             raise ValueError(f"pin ttl_s must be positive, got {ttl_s}")
+        ttl = min(ttl, self.config.max_lease_ttl_s)
         hashes = [bytes(h) for h in hashes]
         if any(len(h) != DIGEST_BYTES for h in hashes):
             raise ValueError(f"page hashes must be {DIGEST_BYTES} bytes")
@@ -396,11 +411,25 @@ class TieredStore:
             self._expire()
             # only pages this namespace holds (another namespace's pages are not in its keys)
             hashes = [k for h in hashes if self.cpu.get(k := key(root, h)) or self.disk.get(k)]
-            self._leases[lease] = (hashes, time.monotonic() + ttl)
+            cost = sum(self._page_bytes(k) for k in hashes)
+            held, n = self._pinned_bytes.get(owner, 0), self._owner_leases.get(owner, 0)
+            if held + cost > self.pin_budget or n >= MAX_LEASES:
+                raise PinBudgetExceeded(
+                    f"pin budget exceeded: this lease needs {cost} bytes, {held} of {self.pin_budget} are "
+                    f"pinned already by {n} leases (kvc.pin_budget_fraction, at most {MAX_LEASES} leases); "
+                    "unpin or let leases expire")
+            self._pinned_bytes[owner] = held + cost
+            self._owner_leases[owner] = n + 1
+            self._leases[lease] = (hashes, owner, cost)
+            heapq.heappush(self._deadlines, (time.monotonic() + ttl, lease))
             for h in hashes:
                 self._pins[h] = self._pins.get(h, 0) + 1
             self.metrics.pinned_pages.set(len(self._pins))
         return lease
+
+    def _page_bytes(self, k: bytes) -> int:
+        e = self.cpu.get(k)
+        return e.nbytes if e is not None else self.disk.get(k).size
 
     def unpin(self, lease_id: str) -> bool:
         with self._lock:

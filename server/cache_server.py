@@ -23,6 +23,7 @@ from kvc.config import Config, ConfigError, load_config
 from kvc.metrics import KvcMetrics
 from kvc.pb import pb
 from server.cache_service import CacheService, add_to_server
+from server.tenant_secret import load_tenant_secret
 
 log = logging.getLogger("kvc.cache_server")
 
@@ -74,7 +75,12 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
     s = config.server
     metrics = KvcMetrics()
-    service = CacheService(s, metrics)
+    try:
+        secret = load_tenant_secret(config) if s.auth_tokens else None
+    except ConfigError as e:
+        log.error("%s", e)
+        return 1
+    service = CacheService(s, metrics, tenant_secret=secret)
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(options=_options(s.max_message_bytes),
                              maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)

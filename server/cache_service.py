@@ -3,7 +3,8 @@
 `_rpc` is the one place that admits a call (serving state, bearer token) and maps exceptions to
 status codes. Store calls run in a thread pool (the store is thread-safe), so the event loop
 only moves messages. With tokens configured, every namespace's cache_salt is replaced by one
-derived from the caller's tenant, so tenants share no keys on any tier.
+derived from the caller's tenant and the service's secret (server.tenant_secret), so tenants
+share no keys on any tier and none can compute another's.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from kvc import wire
+from kvc.backend import PinBudgetExceeded
 from kvc.config import ServerConfig
 from kvc.hashing import Namespace
 from kvc.metrics import KvcMetrics
@@ -53,7 +55,8 @@ class ShmUnavailable(Exception):
 
 
 _CODES = ((NotServing, grpc.StatusCode.UNAVAILABLE), (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-          (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED), (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+          (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED), (PinBudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (ShmUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
@@ -93,18 +96,23 @@ def _parsed(request):
     return request
 
 
-def tenant_salt(tenant: str, client_salt: str) -> str:
-    """The salt the service applies for a tenant (the client's own salt partitions further)."""
-    return f"tenant:{len(tenant)}:{tenant}:{client_salt}"
+def tenant_salt(secret: bytes, tenant: str, client_salt: str) -> str:
+    """The salt the service applies for a tenant (the client's own salt partitions further).
+
+    Keyed with the service's secret: without it no tenant can compute another's namespace root,
+    so none can compute (and squat or graft onto) another's page hashes."""
+    tag = hmac.new(secret, f"kvc-tenant\0{tenant}".encode(), hashlib.sha256).hexdigest()[:32]
+    return f"tenant:{tag}:{client_salt}"
 
 
 @dataclass(frozen=True)
 class Caller:
     tenant: str | None
+    secret: bytes = b""
 
     def namespace(self, msg: pb.Namespace) -> Namespace:
         ns = wire.ns_from_pb(msg)
-        return ns if self.tenant is None else ns.with_salt(tenant_salt(self.tenant, ns.cache_salt))
+        return ns if self.tenant is None else ns.with_salt(tenant_salt(self.secret, self.tenant, ns.cache_salt))
 
 
 def _rpc(fn):
@@ -148,7 +156,8 @@ def _rpc(fn):
 
 
 class CacheService(pb_grpc.KVCacheServicer):
-    def __init__(self, config: ServerConfig, metrics: KvcMetrics, workers: int = 4):
+    def __init__(self, config: ServerConfig, metrics: KvcMetrics, workers: int = 4,
+                 tenant_secret: bytes | None = None):
         self.config = config
         self.metrics = metrics
         self.store = None  # set by serve() once the store is open
@@ -157,6 +166,7 @@ class CacheService(pb_grpc.KVCacheServicer):
         self.segments = SegmentCache()
         self._tokens = {t.encode(): tenant for t, tenant in (config.auth_tokens or {}).items()}
         self._lease_key = secrets.token_bytes(32)
+        self._tenant_secret = tenant_secret or secrets.token_bytes(32)  # per process unless kept
         self._stopping = False
         self.inflight_bytes = 0  # page bytes held by PutPages / GetPages calls (event loop only)
 
@@ -188,7 +198,7 @@ class CacheService(pb_grpc.KVCacheServicer):
         if tenant is None:
             raise Unauthenticated("a valid bearer token is required" if given else
                                   "missing bearer token (metadata 'authorization: Bearer <token>')")
-        return Caller(tenant)
+        return Caller(tenant, self._tenant_secret)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -296,7 +306,7 @@ class CacheService(pb_grpc.KVCacheServicer):
         hashes = wire.check_hashes(request.hashes)
         if request.ttl_s < 0 or request.ttl_s != request.ttl_s:
             raise ValueError(f"ttl_s must be positive (or 0 for the default), got {request.ttl_s}")
-        lease = await self._run(self.store.pin, ns, hashes, request.ttl_s or None)
+        lease = await self._run(self.store.pin, ns, hashes, request.ttl_s or None, caller.tenant)
         return pb.PinResponse(lease_id=f"{lease}.{self._lease_mac(caller, lease)}")
 
     @_rpc

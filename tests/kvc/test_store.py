@@ -99,7 +99,8 @@ def test_deepest_page_evicted_first(tmp_path):
 
 def test_pinned_pages_are_not_evicted_and_leases_expire(tmp_path):
     page = SPEC.page_bytes
-    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30), disk_path=None)
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30), disk_path=None,
+                     pin_budget_fraction=1.0)  # all of the tier
     with TieredStore(cfg) as s:
         ha, pa = make_pages(NS, list(range(16)))
         s.put_pages(NS, pa)
