@@ -40,10 +40,12 @@ def main() -> None:
                              args.cycles, seed, report=lambda line: print(line, file=sys.stderr))
         lost = [r.lost_pages for r in results]
         problems = [e for r in results for e in r.errors]
+        if problems:
+            print("problems:", *problems[:10], sep="\n  ", file=sys.stderr)
         rows += [("kill -9 cycles survived", f"{len(results) if not problems else len(results) - 1} / {args.cycles}"),
                  ("pages read and byte-checked", str(results[-1].reads_checked if results else 0)),
                  ("wrong bytes served", str(results[-1].wrong_bytes if results else 0)),
-                 ("durable pages lost", str(sum("durable" in e for e in problems))),
+                 ("durable pages lost", str(results[-1].durable_lost if results else 0)),
                  ("acked pages per cycle (mean)", f"{sum(r.acked_pages for r in results) / max(len(results), 1):.0f}"),
                  ("unflushed pages lost per cycle (mean / max)",
                   f"{sum(lost) / max(len(lost), 1):.1f} / {max(lost, default=0)}")]

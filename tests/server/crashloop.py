@@ -60,6 +60,7 @@ class CycleResult:
     lost_pages: int = 0  # acknowledged, not durable at the kill, not served after it
     reads_checked: int = 0
     wrong_bytes: int = 0
+    durable_lost: int = 0  # of the whole run so far: must stay 0
     errors: list[str] = field(default_factory=list)
     timings: tuple = ()  # seconds: joining the clients, restarting, verifying
 
@@ -71,6 +72,7 @@ class Ledger:
         self.lock = threading.Lock()
         self.chains: list[Chain] = []
         self.wrong_bytes = 0
+        self.durable_lost = 0
         self.reads = 0
         self.problems: list[str] = []
 
@@ -159,6 +161,7 @@ def verify_all(url: str, ledger: Ledger, rng: random.Random, sample_old: int = 3
             r = c.lookup(ch.ns, hashes=ch.hashes)
             served = ledger.check_pages(ch, c.get_pages(ch.ns, ch.hashes[:r.num_pages])) if r.num_pages else 0
             if served < ch.durable:
+                ledger.durable_lost += ch.durable - served
                 ledger.problems.append(f"{ch.durable - served} durable pages lost ({ch.durable} durable, "
                                        f"{served} served)")
             if ch.acked and not ch.checked:
@@ -215,6 +218,7 @@ def run_cycles(server, cycles: int, seed: int, report=print, keep_cycles: int = 
                     c.delete(n)
             ledger.chains = [ch for ch in ledger.chains if ch.ns not in old]
         res.wrong_bytes = ledger.wrong_bytes
+        res.durable_lost = ledger.durable_lost
         res.reads_checked = ledger.reads
         res.errors = list(ledger.problems)
         report(f"crash-loop seed={seed} cycle={cycle} mode={res.mode} kill_after={kill_after:.2f}s "
