@@ -24,9 +24,25 @@ from tests.server.crashloop import run_cycles  # noqa: E402
 from tests.server.test_load import MiB, rss_kb, run_mixed_load  # noqa: E402
 
 
+def crash_rows(cycles: int, seed: int) -> list[tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_cycles(CacheServer(Path(tmp), kvc={"disk_size_GB": 0.25}), cycles, seed,
+                             report=lambda line: print(line, file=sys.stderr))
+    problems = [e for r in results for e in r.errors]
+    if problems:
+        print("problems:", *problems[:10], sep="\n  ", file=sys.stderr)
+    last, lost = results[-1], [r.lost_pages for r in results]
+    return [("kill -9 cycles survived", f"{len(results) - bool(problems)} / {cycles}"),
+            ("pages read and byte-checked", str(last.reads_checked)),
+            ("wrong bytes served", str(last.wrong_bytes)),
+            ("durable pages lost", str(last.durable_lost)),
+            ("acked pages per cycle (mean)", f"{sum(r.acked_pages for r in results) / len(results):.0f}"),
+            ("unflushed pages lost per cycle (mean / max)", f"{sum(lost) / len(lost):.1f} / {max(lost)}")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--cycles", type=int, default=100, help="kill -9 cycles (0: only the load)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=None)
@@ -35,34 +51,23 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        results = run_cycles(CacheServer(Path(tmp), kvc={"disk_size_GB": 0.25}),
-                             args.cycles, seed, report=lambda line: print(line, file=sys.stderr))
-        lost = [r.lost_pages for r in results]
-        problems = [e for r in results for e in r.errors]
-        if problems:
-            print("problems:", *problems[:10], sep="\n  ", file=sys.stderr)
-        rows += [("kill -9 cycles survived", f"{len(results) if not problems else len(results) - 1} / {args.cycles}"),
-                 ("pages read and byte-checked", str(results[-1].reads_checked if results else 0)),
-                 ("wrong bytes served", str(results[-1].wrong_bytes if results else 0)),
-                 ("durable pages lost", str(results[-1].durable_lost if results else 0)),
-                 ("acked pages per cycle (mean)", f"{sum(r.acked_pages for r in results) / max(len(results), 1):.0f}"),
-                 ("unflushed pages lost per cycle (mean / max)",
-                  f"{sum(lost) / max(len(lost), 1):.1f} / {max(lost, default=0)}")]
+    if args.cycles:
+        rows += crash_rows(args.cycles, seed)
     with tempfile.TemporaryDirectory() as tmp:
         s = CacheServer(Path(tmp), kvc={"cpu_memory_size_GB": 0.05, "disk_size_GB": 0.3},
                         max_inflight_bytes=64 * MiB).start()
         try:
             run_mixed_load(s.port, args.clients, min(args.seconds / 4, 10), seed)
-            warm = rss_kb(s.proc.pid)
+            warm = rss_kb(s.proc.pid), rss_kb(s.proc.pid, "RssAnon")
             c = run_mixed_load(s.port, args.clients, args.seconds, seed + 1,
                                report=lambda line: print(line, file=sys.stderr))
-            end = rss_kb(s.proc.pid)
+            end = rss_kb(s.proc.pid), rss_kb(s.proc.pid, "RssAnon")
         finally:
             s.stop()
         rows += [(f"load: {args.clients} clients x {args.seconds:.0f} s requests", str(c["requests"])),
                  ("load: errors / refused (RESOURCE_EXHAUSTED)", f"{c['errors']} / {c['refused']}"),
-                 ("load: RSS after warm-up -> end (MiB)", f"{warm >> 10} -> {end >> 10}")]
+                 ("load: RSS after warm-up -> end (MiB)", f"{warm[0] >> 10} -> {end[0] >> 10}"),
+                 ("load: anonymous RSS (not the LMDB map) (MiB)", f"{warm[1] >> 10} -> {end[1] >> 10}")]
     print(f"\nkvc reliability, seed {seed}, {date}, commit {commit}\n")
     print(f"| {'measure':<46} | {'value':>16} |\n|{'-' * 48}|{'-' * 18}|")
     for k, v in rows:
