@@ -91,6 +91,7 @@ def test_cache_salts_do_not_share(client):
     ({"model": "tiny-qwen3-moe"}, 400, "prompt"),
     ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
     ({"model": "tiny-qwen3-moe", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": "tiny-qwen3-moe", "prompt": "x", "max_tokens": 10 ** 12}, 400, "max_tokens"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, needle):
     r = httpx.post(server[1] + "/v1/completions", json=body, timeout=30)
