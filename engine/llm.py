@@ -6,7 +6,7 @@ from typing import Sequence
 
 from kvc.config import Config, load_config
 
-from .llm_engine import LLMEngine
+from .llm_engine import Closed, LLMEngine, release_device_memory
 from .request import RequestOutput
 from .sampling import SamplingParams
 
@@ -58,9 +58,18 @@ class LLM:
         return [done[r] for r in ids]
 
     def close(self) -> None:
-        self.engine.close()
+        """Give everything back: the engine's weights and device pool, the host tiers (the disk
+        path's lock included). Using a closed LLM raises RuntimeError."""
+        if isinstance(self.engine, Closed):
+            return
+        engine, self.engine = self.engine, Closed("this LLM is closed; create a new one")
+        engine.close()
         if self._store is not None:
             self._store.close()
+            self._store = None
+        device = engine.device
+        del engine
+        release_device_memory(device)
 
     def __enter__(self):
         return self

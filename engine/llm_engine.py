@@ -1,6 +1,7 @@
 """LLMEngine: add_request / step / abort over the scheduler, runner, device pool and host tiers."""
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -62,6 +63,26 @@ def _num_blocks(config: Config, spec: PageSpec, device: torch.device) -> int:
     else:
         budget = int(CPU_POOL_BYTES * config.kvc.utilization_percentage)
     return DevicePool.blocks_for_budget(spec, budget)
+
+
+class Closed:
+    """Stands in for what a closed engine (or LLM) dropped: any use is a clear error."""
+
+    def __init__(self, message: str):
+        self._message = message
+
+    def __getattr__(self, name):
+        raise RuntimeError(self._message)
+
+    def __bool__(self):
+        raise RuntimeError(self._message)
+
+
+def release_device_memory(device: torch.device) -> None:
+    gc.collect()  # modules and closures can hold tensors in reference cycles
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 class LLMEngine:
@@ -202,6 +223,15 @@ class LLMEngine:
                                  b.num_blocks - b.num_free, self.kv.spec.page_bytes)
 
     def close(self) -> None:
+        """Stop the workers and drop the weights, the device pool and everything that holds them
+        (the device memory goes back to the allocator, and to the driver on CUDA). A closed
+        engine raises RuntimeError when used."""
+        if isinstance(self.__dict__.get("model"), Closed):
+            return
         self.experts.close()
         if self.host is not None:
             self.host.close()
+        gone = Closed("this LLMEngine is closed")
+        for name in ("model", "kv", "host", "scheduler", "runner", "experts", "requests"):
+            setattr(self, name, gone)
+        release_device_memory(self.device)

@@ -1,0 +1,53 @@
+"""`LLM.close()` and `with LLM(...)` give the model and the device pool back (issue 13)."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+
+def held_tensors(llm):
+    """Weak references to the weights and the KV pool, which close() must release."""
+    eng = llm.engine
+    return [weakref.ref(t) for t in (*list(eng.model.parameters())[:3], eng.kv.pool.kv)]
+
+
+def make(qwen_dir, tmp_path, device="cpu"):
+    return LLM(str(qwen_dir), dtype="float32", device=device, page_size=4, chunk_size=8,
+               disk_path=str(tmp_path / "pages"), cpu_memory_size_GB=0.01, num_device_blocks=64)
+
+
+def test_close_releases_the_model_and_the_pool(qwen_dir, tmp_path):
+    llm = make(qwen_dir, tmp_path)
+    first = llm.generate([1, 2, 3, 4, 5], GREEDY)[0].outputs[0].token_ids
+    refs = held_tensors(llm)
+    llm.close()
+    gc.collect()
+    assert all(r() is None for r in refs), "a closed LLM still holds its weights or pool"
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate([1, 2, 3], GREEDY)
+    llm.close()  # twice is fine
+    with make(qwen_dir, tmp_path) as again:  # the same disk_path is free again, too
+        assert again.generate([1, 2, 3, 4, 5], GREEDY)[0].outputs[0].token_ids == first
+        refs = held_tensors(again)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.gpu
+def test_close_gives_device_memory_back(qwen_dir, tmp_path):
+    torch.cuda.empty_cache()
+    base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    llm = LLM(str(qwen_dir), dtype="bfloat16", device="cuda", disk_path=None, cpu_memory_size_GB=0)
+    llm.generate([1, 2, 3, 4, 5], GREEDY)
+    assert torch.cuda.memory_allocated() > base + (1 << 30)  # the pool takes most of the device
+    llm.close()
+    assert torch.cuda.memory_allocated() <= base + (16 << 20)
+    assert torch.cuda.memory_reserved() <= base_reserved + (64 << 20)  # empty_cache gave the pool back
+    with LLM(str(qwen_dir), dtype="bfloat16", device="cuda", disk_path=None, cpu_memory_size_GB=0) as again:
+        again.generate([1, 2, 3], GREEDY)  # a second LLM of the same size fits: the first one's memory is back
+    assert torch.cuda.memory_allocated() <= base + (16 << 20)
