@@ -151,7 +151,7 @@ def run_http_load(base: str, clients: int, seconds: float, seed: int) -> dict:
     return counts
 
 
-@pytest.mark.parametrize("clients,seconds", [(6, 12), pytest.param(64, 60, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("clients,seconds", [(6, 8), pytest.param(64, 60, marks=pytest.mark.slow)])
 def test_concurrent_openai_clients(serve, clients, seconds):
     proc, base = serve
     seed = int(os.environ.get("KVC_LOAD_SEED") or random.randrange(1 << 32))

@@ -173,7 +173,7 @@ def run_mixed_load(port: int, clients: int, seconds: float, seed: int, report=pr
     return counts
 
 
-@pytest.mark.parametrize("clients,seconds", [(8, 6), pytest.param(64, 60, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("clients,seconds", [(8, 4), pytest.param(64, 60, marks=pytest.mark.slow)])
 def test_mixed_load_has_no_errors_and_bounded_memory(make_server, clients, seconds):
     seed = int(os.environ.get("KVC_LOAD_SEED") or random.randrange(1 << 32))
     s = make_server(kvc={"cpu_memory_size_GB": 0.05, "disk_size_GB": 0.3}, max_inflight_bytes=64 * MiB).start()
