@@ -67,7 +67,7 @@ def admitted(base: str) -> tuple:
             metric_value(base, "kvc_tier_pages", tier="cpu"), metric_value(base, "kvc_tier_pages", tier="disk"))
 
 
-@pytest.mark.parametrize("cases", [60, pytest.param(600, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cases", [40, pytest.param(600, marks=pytest.mark.slow)])
 def test_http_fuzz_gets_4xx_and_admits_nothing(serve, cases):
     proc, base = serve
     seed = int(os.environ.get("KVC_FUZZ_SEED") or random.randrange(1 << 32))
