@@ -92,7 +92,8 @@ def test_inflight_budget_refuses_before_memory_grows(make_server):
 @pytest.mark.slow  # the transport absorbs ~10k events before the queue can fill: ~30 s of puts
 def test_stalled_watch_subscriber_is_bounded(make_server):
     """A subscriber that stops reading gets at most the queue (4096 events) plus what the
-    transport buffers, then one "overflow" event; the service keeps serving everyone else."""
+    transport buffers, then one "overflow" event (an unbounded queue would never overflow); the
+    service keeps serving everyone else."""
     from server.cache_events import QUEUE_EVENTS
     s = make_server(kvc={"cpu_memory_size_GB": 0.002}).start()
     ns = Namespace("watch-arch", SMALL)
@@ -103,13 +104,13 @@ def test_stalled_watch_subscriber_is_bounded(make_server):
     pstub = pb_grpc.KVCacheStub(put)
     assert put_stream(pstub, ns, chain(ns, 1, seed=999))[0] == grpc.StatusCode.OK
     assert next(watch).kind == "stored"  # the subscription is live; from here on it reads nothing
-    base = rss_kb(s.proc.pid)
+    base = rss_kb(s.proc.pid, "RssAnon")
     t0 = time.monotonic()
     for i in range(400):  # 400 x 64 pages: ~77k stored, written-back and removed events
         code, _ = put_stream(pstub, ns, chain(ns, 64, seed=1000 + i))
         assert code == grpc.StatusCode.OK
     print(f"puts took {time.monotonic() - t0:.1f} s")
-    growth = (rss_kb(s.proc.pid) - base) * 1024
+    growth = (rss_kb(s.proc.pid, "RssAnon") - base) * 1024
     got = 0
     kinds = {}
     try:
@@ -123,7 +124,8 @@ def test_stalled_watch_subscriber_is_bounded(make_server):
     watch.cancel()
     print(f"stalled watcher: {got} events {kinds} before overflow; RSS growth {growth >> 20} MiB")
     assert kinds.get("overflow") == 1, kinds
-    assert got < 16 * QUEUE_EVENTS, got
+    # the queue plus what HTTP/2 flow control lets the transport hold (~55k small events measured)
+    assert got < 32 * QUEUE_EVENTS, got
     assert growth < 64 * MiB
     ch.close()
     put.close()
