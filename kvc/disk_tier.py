@@ -33,6 +33,10 @@ READER_CHECK_S = 60.0
 DEGRADED_RETRY_S = 30.0
 
 
+class _Truncated(Exception):
+    pass
+
+
 class DiskPathLocked(RuntimeError):
     """Another process holds this disk_path."""
 
@@ -103,10 +107,12 @@ class DiskTier:
 
     def _open(self) -> lmdb.Environment:
         try:
-            env = self._open_env()
+            env = self._open_env(check_size=True)
             problem = self._check(env)
         except lmdb.Error as e:
             env, problem = None, f"cannot be opened: {e}"
+        except _Truncated as e:
+            env, problem = None, str(e)
         if problem is None:
             return env
         if env is not None:
@@ -117,21 +123,29 @@ class DiskTier:
         self.metrics.quarantines.labels(reason="startup_check").inc()
         return self._open_env()
 
-    def _open_env(self) -> lmdb.Environment:
+    def _open_env(self, check_size: bool = False) -> lmdb.Environment:
         env = lmdb.open(self.env_path, map_size=self.map_size, max_dbs=2, writemap=False,
                         metasync=False, sync=True, readahead=False, meminit=True, mode=0o700,
                         max_spare_txns=4, lock=True)
+        if check_size:  # before any page past the meta pages is read: past the end is SIGBUS
+            problem = self._size_problem(env)
+            if problem is not None:
+                env.close()
+                raise _Truncated(problem)
         self._data = env.open_db(b"data")
         self._meta = env.open_db(b"meta")
         env.reader_check()
         return env
 
-    def _check(self, env: lmdb.Environment) -> str | None:
+    def _size_problem(self, env: lmdb.Environment) -> str | None:
         info, stat = env.info(), env.stat()
         need = (info["last_pgno"] + 1) * stat["psize"]
         have = os.path.getsize(os.path.join(self.env_path, "data.mdb"))
         if have < need:
             return f"is truncated (data.mdb is {have} bytes, its last page needs {need})"
+        return None
+
+    def _check(self, env: lmdb.Environment) -> str | None:
         try:
             with env.begin() as txn:
                 for _ in txn.cursor(self._meta):

@@ -3,7 +3,7 @@
 `_rpc` is the one place that admits a call (serving state, bearer token) and maps exceptions to
 status codes. Store calls run in a thread pool (the store is thread-safe), so the event loop
 only moves messages. With tokens configured, every namespace's cache_salt is replaced by one
-derived from the caller's tenant and the service's secret (server.tenant_secret), so tenants
+derived from the caller's tenant and the service's secret (server.tenant_secret_file), so tenants
 share no keys on any tier and none can compute another's.
 """
 from __future__ import annotations
