@@ -238,7 +238,8 @@ class CacheService(pb_grpc.KVCacheServicer):
         ns = caller.namespace(request.namespace)
         hashes = wire.check_hashes(request.hashes)
         seg = self._segment(request.shm) if request.HasField("shm") else None
-        per_batch = max(1, MAX_GET_BATCH_BYTES // ns.spec.page_bytes)
+        # a batch is a quarter of the in-flight budget at most, so a small budget still serves big gets
+        per_batch = max(1, min(MAX_GET_BATCH_BYTES, self.config.max_inflight_bytes // 4) // ns.spec.page_bytes)
         if seg is not None and len(hashes) * ns.spec.page_bytes > seg.size:
             raise ValueError(f"shared-memory segment of {seg.size} bytes is too small for "
                              f"{len(hashes)} pages of {ns.spec.page_bytes} bytes")
