@@ -232,6 +232,7 @@ class LLMEngine:
         if self.host is not None:
             self.host.close()
         gone = Closed("this LLMEngine is closed")
-        for name in ("model", "kv", "host", "scheduler", "runner", "experts", "requests"):
+        for name in ("model", "kv", "host", "scheduler", "runner", "requests"):
             setattr(self, name, gone)
+        self.experts.backends, self.experts.context = {}, None  # its recorder stays readable
         release_device_memory(self.device)
