@@ -141,6 +141,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model length is {self.max_model_len} "
                              f"(scheduler.max_model_len)")
+        if params.max_tokens > self.max_model_len:  # an impossible request, not "until the end"
+            raise ValueError(f"max_tokens is {params.max_tokens}; the model length is {self.max_model_len} "
+                             f"(scheduler.max_model_len)")
         max_len = min(len(ids) + params.max_tokens, self.max_model_len)
         P = self.kv.page_size
         if (max_len + P - 1) // P > self.kv.pool.num_blocks:

@@ -104,6 +104,9 @@ class ServerConfig:
     max_message_bytes: int = field(default=64 << 20, metadata=_range(1 << 20))
     shared_memory: bool = False
     rpc_timeout_s: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
+    # Page bytes the cache service holds for PutPages / GetPages calls in progress, all callers
+    # together; a call that would pass it gets RESOURCE_EXHAUSTED (the client retries later).
+    max_inflight_bytes: int = field(default=2 << 30, metadata=_range(1 << 20))
     # Where the cache service keeps the key of its tenants' salts; null: <kvc.disk_path>/tenant-secret.
     tenant_secret_file: str | None = None
 

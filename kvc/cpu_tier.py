@@ -273,5 +273,8 @@ class NullTier:
     def close(self) -> None:
         pass
 
+    def sync(self, timeout: float = 10.0) -> bool:
+        return True
+
     def flush(self) -> None:
         pass

@@ -92,6 +92,9 @@ class DiskTier:
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
+        self._queued = 0     # writes ever queued; the writer commits them in this order
+        self._committed = 0  # of those, how many the writer has finished (committed or failed)
+        self._failures: list[tuple[int, int]] = []  # recent failed commits as (first, last) positions
         self.degraded_until = 0.0
         self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
         self.env = self._open()
@@ -298,7 +301,8 @@ class DiskTier:
             self.used += e.footprint
             self.pending[h] = record
             self._inflight += 1
-        self._queue.put(("put", h, record, e))
+            self._queued += 1
+            self._queue.put(("put", h, record, e))
         return True
 
     def over_budget(self) -> bool:
@@ -328,14 +332,26 @@ class DiskTier:
                 removed.append((h, e))
             if removed:
                 self._inflight += 1
-        if removed:
-            self._queue.put(("del", [h for h, _ in removed]))
+                self._queued += 1
+                self._queue.put(("del", [h for h, _ in removed]))
         return removed
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued write has been committed (or dropped)."""
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout)
+
+    def sync(self, timeout: float = 10.0) -> bool:
+        """The durability point: wait until every write queued before this call is committed.
+
+        True when they all were (those pages now survive a kill of the process), False on a
+        timeout or when one of their commits failed (those pages were dropped from the tier).
+        Writes queued during the wait are not waited for, so a busy writer cannot stall it.
+        """
+        with self._idle:
+            first, target = self._committed, self._queued
+            done = self._idle.wait_for(lambda: self._committed >= target, timeout=timeout)
+            return done and not any(lo <= target and hi > first for lo, hi in self._failures)
 
     def _write_loop(self) -> None:
         last_check = time.monotonic()
@@ -344,7 +360,11 @@ class DiskTier:
             if item is None:
                 return
             batch = [item]
-            while len(batch) < 256:
+            # a commit takes new LMDB pages before the pages its deletes free can be reused, so
+            # the file outgrows the budget by up to one batch: keep a batch small next to it
+            room = max(self.capacity // 64, 1)
+            size = _item_bytes(item)
+            while len(batch) < 256 and size < room:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -353,15 +373,19 @@ class DiskTier:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            self._commit(batch)
+                size += _item_bytes(nxt)
+            ok = self._commit(batch)
             with self._idle:
                 self._inflight -= len(batch)
+                if not ok:
+                    self._failures = self._failures[-63:] + [(self._committed + 1, self._committed + len(batch))]
+                self._committed += len(batch)
                 self._idle.notify_all()
             if time.monotonic() - last_check > READER_CHECK_S:
                 self.env.reader_check()
                 last_check = time.monotonic()
 
-    def _commit(self, batch) -> None:
+    def _commit(self, batch) -> bool:
         t0 = time.perf_counter()
         try:
             with self.env.begin(write=True) as txn:
@@ -382,7 +406,7 @@ class DiskTier:
                             txn.delete(h, db=self._meta)
         except lmdb.Error as e:
             self._failed(batch, e)
-            return
+            return False
         finally:
             with self._lock:
                 for item in batch:
@@ -390,6 +414,7 @@ class DiskTier:
                         del self.pending[item[1]]
         self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
         self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
+        return True
 
     def _failed(self, batch, err: lmdb.Error) -> None:
         kind = _kind(err)
@@ -432,6 +457,10 @@ class DiskTier:
             self._readers.shutdown(wait=True)
         self.env.close()
         os.close(self._lock_fd)
+
+
+def _item_bytes(item) -> int:
+    return len(item[2]) + 128 if item[0] == "put" else 64 * len(item[1])
 
 
 def _kind(e: Exception) -> str:

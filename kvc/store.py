@@ -607,6 +607,12 @@ class TieredStore:
         self.disk.flush()
         self.cluster.flush()
 
+    def sync(self, timeout: float = 10.0) -> bool:
+        """The durability point: True once every page the disk tier held when called is committed
+        (it survives a kill of the process). Pages only in the cpu tier are not durable until
+        written back; with `disk_write: through` every stored page goes to disk at once."""
+        return self.disk.sync(timeout)
+
     def close(self) -> None:
         """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
         with self._lock:

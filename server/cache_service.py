@@ -35,6 +35,7 @@ log = logging.getLogger("kvc.cache_service")
 
 MAX_PUT_RPC_BYTES = 1 << 30  # payload bytes one PutPages stream may carry
 MAX_GET_BATCH_BYTES = 64 << 20  # payload bytes fetched from the store per step of GetPages
+STATS_SYNC_S = 10.0  # the longest Stats waits for queued disk writes
 
 
 class NotServing(Exception):
@@ -167,6 +168,7 @@ class CacheService(pb_grpc.KVCacheServicer):
         self._lease_key = secrets.token_bytes(32)
         self._tenant_secret = tenant_secret or secrets.token_bytes(32)  # per process unless kept
         self._stopping = False
+        self.inflight_bytes = 0  # page bytes held by PutPages / GetPages calls (event loop only)
 
     # -- lifecycle (called by server.cache_server) ---------------------------------------------
     def serve(self, store) -> None:
@@ -201,6 +203,16 @@ class CacheService(pb_grpc.KVCacheServicer):
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def _reserve(self, nbytes: int, method: str) -> int:
+        """Count nbytes against server.max_inflight_bytes, or refuse before holding them."""
+        budget = self.config.max_inflight_bytes
+        if self.inflight_bytes + nbytes > budget:
+            self.metrics.inflight_refused.labels(method=method).inc()
+            raise TooLarge(f"the service holds {self.inflight_bytes} page bytes for calls in progress and "
+                           f"{method} needs {nbytes} more (server.max_inflight_bytes = {budget}); retry later")
+        self.inflight_bytes += nbytes
+        return nbytes
+
     def _segment(self, msg: pb.SharedMemory):
         if not self.config.shared_memory:
             raise ShmUnavailable("shared memory is off on this service (server.shared_memory)")
@@ -226,7 +238,8 @@ class CacheService(pb_grpc.KVCacheServicer):
         ns = caller.namespace(request.namespace)
         hashes = wire.check_hashes(request.hashes)
         seg = self._segment(request.shm) if request.HasField("shm") else None
-        per_batch = max(1, MAX_GET_BATCH_BYTES // ns.spec.page_bytes)
+        # a batch is a quarter of the in-flight budget at most, so a small budget still serves big gets
+        per_batch = max(1, min(MAX_GET_BATCH_BYTES, self.config.max_inflight_bytes // 4) // ns.spec.page_bytes)
         if seg is not None and len(hashes) * ns.spec.page_bytes > seg.size:
             raise ValueError(f"shared-memory segment of {seg.size} bytes is too small for "
                              f"{len(hashes)} pages of {ns.spec.page_bytes} bytes")
@@ -234,9 +247,13 @@ class CacheService(pb_grpc.KVCacheServicer):
             if context.time_remaining() is not None and context.time_remaining() <= 0:
                 return
             batch = hashes[start:start + per_batch]
-            messages, complete = await self._run(self._get_batch, ns, batch, seg, start)
-            for m in messages:
-                yield m
+            held = self._reserve(0 if seg is not None else len(batch) * ns.spec.page_bytes, "GetPages")
+            try:
+                messages, complete = await self._run(self._get_batch, ns, batch, seg, start)
+                for m in messages:
+                    yield m
+            finally:
+                self.inflight_bytes -= held
             if not complete:
                 return
 
@@ -253,9 +270,17 @@ class CacheService(pb_grpc.KVCacheServicer):
 
     @_rpc
     async def PutPages(self, requests, context, caller):
+        held = []  # bytes reserved per message, released when the call ends however it ends
+        try:
+            return await self._put_pages(requests, caller, held)
+        finally:
+            self.inflight_bytes -= sum(held)
+
+    async def _put_pages(self, requests, caller, held: list[int]):
         assembler = ns = None
         async for req in requests:
             req = _parsed(req)
+            held.append(self._reserve(sum(len(f.data) for f in req.frames), "PutPages"))
             if assembler is None:
                 if not req.HasField("namespace"):
                     raise ValueError("the first PutPages message must carry the namespace")
@@ -304,7 +329,13 @@ class CacheService(pb_grpc.KVCacheServicer):
 
     @_rpc
     async def Stats(self, request, context, caller):
+        # Stats is the durability point: the answer comes once the disk writes queued before
+        # the call are committed (tiers.disk.synced), so a client that sees a page on the disk
+        # tier in a Lookup made before Stats knows it survives a crash of the service.
+        synced = await self._run(self.store.sync, STATS_SYNC_S)
         stats = await self._run(self.store.stats)
+        if "disk" in stats["tiers"]:
+            stats["tiers"]["disk"]["synced"] = synced
         msg = struct_pb2.Struct()
         msg.update(stats)
         return pb.StatsResponse(stats=msg)

@@ -91,6 +91,7 @@ def test_cache_salts_do_not_share(client):
     ({"model": "tiny-qwen3-moe"}, 400, "prompt"),
     ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
     ({"model": "tiny-qwen3-moe", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": "tiny-qwen3-moe", "prompt": "x", "max_tokens": 10 ** 12}, 400, "max_tokens"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, needle):
     r = httpx.post(server[1] + "/v1/completions", json=body, timeout=30)
@@ -115,19 +116,57 @@ def test_openai_client_sees_bad_request(client):
         client.completions.create(model="tiny-qwen3-moe", prompt="x", max_tokens=-5)
 
 
+def _generated(base: str) -> float:
+    """Output tokens the engine has produced so far (one TPOT sample per token after the first)."""
+    return metric_value(base, "kvc_time_per_output_token_seconds_count")
+
+
+def _assert_aborted(base: str, long_run_s: float) -> None:
+    """The engine stops producing tokens and frees the request's device pages within a few
+    seconds, while the request, left alone, would still run for `long_run_s`."""
+    import time
+    deadline = time.monotonic() + 5
+    while metric_value(base, "kvc_tier_used_bytes", tier="device") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric_value(base, "kvc_tier_used_bytes", tier="device") == 0
+    before = _generated(base)
+    time.sleep(1.0)
+    assert _generated(base) == before, "the engine kept generating for a client that went away"
+    assert long_run_s > 6
+
+
+def _rate(base: str) -> float:
+    """Tokens per second of this server on one request (to size a request that outlives the test)."""
+    import time
+    t0, n0 = time.monotonic(), _generated(base)
+    httpx.post(base + "/v1/completions", timeout=60, json={
+        "model": "tiny-qwen3-moe", "prompt": "rate", "max_tokens": 64, "temperature": 0, "ignore_eos": True})
+    return (_generated(base) - n0) / (time.monotonic() - t0)
+
+
 def test_disconnect_aborts_and_frees_pages(server):
     base = server[1]
+    max_tokens = 3000
+    long_run_s = max_tokens / _rate(base)
     with httpx.stream("POST", base + "/v1/completions", timeout=60, json={
-            "model": "tiny-qwen3-moe", "prompt": SYSTEM, "max_tokens": 3000, "temperature": 0,
+            "model": "tiny-qwen3-moe", "prompt": SYSTEM, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
                 break
-    import time
-    deadline = time.monotonic() + 20
-    while metric_value(base, "kvc_tier_used_bytes", tier="device") > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metric_value(base, "kvc_tier_used_bytes", tier="device") == 0
+    _assert_aborted(base, long_run_s)
+
+
+def test_non_streaming_client_that_goes_away_is_aborted(server):
+    """The 499 path: a non-streaming request whose client times out is aborted, not finished."""
+    base = server[1]
+    max_tokens = 3000
+    long_run_s = max_tokens / _rate(base)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", timeout=1.5, json={
+            "model": "tiny-qwen3-moe", "prompt": SYSTEM, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True})
+    _assert_aborted(base, long_run_s)
 
 
 def test_metrics_and_health(server, client):

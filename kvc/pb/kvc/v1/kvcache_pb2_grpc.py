@@ -122,7 +122,9 @@ class KVCacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Per-tier capacity, usage and page counts.
+        """Per-tier capacity, usage and page counts. Also the durability point: it answers once the
+        disk writes queued before the call are committed (stats.tiers.disk.synced), so the pages a
+        Lookup made before Stats reported on the disk tier survive a crash of the service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
