@@ -343,6 +343,7 @@ class TieredStore:
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
+        payloads, sums = [], []  # flat payloads and their checksums, computed before the lock
         for i, p in enumerate(pages):  # check everything first, then commit
             try:
                 p.check(spec)
@@ -351,11 +352,13 @@ class TieredStore:
                 raise ValueError(f"page {i}: {e}") from None
             if hashing.chain_hash(p.parent, packed[-1]) != p.hash:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
+            payloads.append(p.payload())
+            sums.append(checksum(payloads[-1]))
         stored = dup = rejected = 0
         reasons = []
         placed = {root}  # parents a page of this call may hang from besides held pages
         with self._lock:
-            for p, toks in zip(pages, packed):
+            for p, toks, payload, csum in zip(pages, packed, payloads, sums):
                 k = key(root, p.hash)
                 if (p.parent not in placed and isinstance(self.cluster, NullCluster)
                         and not (self.cpu.get(key(root, p.parent)) or self.disk.get(key(root, p.parent)))):
@@ -375,8 +378,7 @@ class TieredStore:
                     rejected += 1
                     reasons.append(f"hash collision on {p.hash.hex()}")
                     continue
-                payload = p.payload()
-                e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, checksum(payload))
+                e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, csum)
                 ok = self._put_cpu(k, e, payload)
                 # without a cpu tier nothing counts uses: pages go down at once
                 down = not ok or self.admission.on_put(k)
@@ -451,7 +453,9 @@ class TieredStore:
     def _demote(self, victims: list[bytes]) -> None:
         moved = 0
         for k in victims:
-            payload = self.cpu.view(k).copy()
+            # the slab bytes themselves: _put_disk copies them into the record at once, and no put
+            # can reuse the slot before that (puts hold the store lock, as this does)
+            payload = self.cpu.view(k)
             e = self.cpu.remove(k)
             self.metrics.evictions.labels(tier="cpu", reason="capacity").inc()
             if not self.admission.admitted(k):  # used fewer than disk_admission_hits times
@@ -468,7 +472,13 @@ class TieredStore:
             return False
         page = Page(hash_of(k), e.parent, np.frombuffer(e.tokens, dtype="<u4"),
                     torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
-        record = encode_header(e.ns_root, page, payload, e.checksum) + payload.tobytes()
+        head = encode_header(e.ns_root, page, payload, e.checksum)
+        # one numpy copy into a fresh buffer: numpy releases the GIL for it, and the first touch
+        # of a fresh 100s-of-KiB allocation (page faults) is most of a copy's cost, so the
+        # engine's thread is not held up while a demotion copies (bytes.join holds the GIL)
+        record = np.empty(len(head) + payload.nbytes, dtype=np.uint8)
+        record[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+        record[len(head):] = payload
         if not self.disk.put(k, record, e.ns_root, e.parent, e.tokens):
             return False
         self._emit("stored", e.ns_root, hash_of(k), e.parent, "disk")
