@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 ckpt=/tmp/kvc-q30b-12l
 step() {  # name, seconds, command...
   local name=$1 secs=$2; shift 2
-  echo "=== $name (limit ${secs}s) $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+  echo "=== $name (limit ${secs}s) $(date -u +%FT%TZ) commit ${KVC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo ?)}"
   local t0=$SECONDS
   timeout "$secs" "$@" >"$out/$name.txt" 2>&1
   local rc=$?
@@ -25,10 +25,13 @@ for part in "$@"; do
     tests) step tests 170 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
         tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
         tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py ;;
-    reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" ;;
+    reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
+    reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
+        --skip transformers,cpu-experts ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
     engine) step engine 240 python3 benchmarks/bench_engine.py --device cuda --model-dir "$ckpt" ;;
     deepseek) step deepseek 200 python3 benchmarks/bench_deepseek.py --ttft-len 8192 32768 ;;
+    deepseek-short) step deepseek 150 python3 benchmarks/bench_deepseek.py --layers 6 --ttft-len 8192 --repeat 1 ;;
     offload-layer) step offload-layer 80 python3 benchmarks/bench_offload.py --cpu-layer --device cuda \
         --formats bfloat16,int8 --iters-decode 3 --iters-prefill 2 ;;
     offload-e2e) step offload-e2e 200 python3 benchmarks/bench_offload.py --e2e --device cuda --model-dir "$ckpt" \
