@@ -159,7 +159,7 @@ def ttft(url: str, tmp: Path, prompt_tokens: int, reps: int) -> tuple[float, flo
             t0 = time.perf_counter()
             ra = a.generate(prompt, greedy)[0]
             t_cold = time.perf_counter() - t0
-            a.engine.host.flush()  # the engine has offered its pages
+            a.engine.prefix_cache.flush()  # the engine has offered its pages
             a._store.flush()  # and the write-behind has reached the cluster
             t0 = time.perf_counter()
             rb = b.generate(prompt, greedy)[0]

@@ -84,8 +84,7 @@ def ttft(eng: LLMEngine, prompt: list[int], max_tokens=1) -> tuple[float, int]:
             if o.request_id == rid and first is None and o.outputs[0].token_ids:
                 sync(eng.device)
                 first, cached = time.perf_counter() - t0, o.num_cached_tokens
-    if eng.host is not None:
-        eng.prefix_cache.flush()
+    eng.prefix_cache.flush()
     return first, cached
 
 

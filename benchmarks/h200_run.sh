@@ -26,6 +26,8 @@ for part in "$@"; do
         tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
         tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py ;;
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
+    reuse-8k) step reuse 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
+        --skip transformers,cpu-experts --lengths 8192 ;;
     reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;

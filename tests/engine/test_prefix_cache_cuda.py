@@ -55,8 +55,9 @@ def test_corrupt_cpu_page_ends_the_cuda_load_there(qwen_dir, store):
     run(eng, [prompt], "a")
     eng.prefix_cache.flush()
     eng.prefix_cache.reset_device_cache()
-    req_hashes = store.lookup(eng.kv.namespace(""), tokens=prompt).hashes
-    e = store.cpu.get(req_hashes[5])
+    ns = eng.kv.namespace("")
+    req_hashes = store.lookup(ns, tokens=prompt).hashes
+    e = store.cpu.get(ns.root + req_hashes[5])  # the tiers key a page by namespace root + hash
     store.cpu.slab[e.slot + 3] ^= 0xFF  # page 5's bytes no longer match its checksum
     hit = run(eng, [prompt], "b")[0]
     assert hit.num_cached_tokens == 5 * 4
