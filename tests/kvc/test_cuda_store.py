@@ -22,3 +22,15 @@ def test_get_into_cuda_equals_pages_and_stops_at_a_corrupt_one(tmp_path):
         got = s.get_pages(NS, hashes, out=out)
         assert len(got) == 9 and torch.equal(out[8].cpu(), pages[8].data)
         assert s.lookup(NS, hashes=hashes).num_pages == 9
+
+
+def test_get_into_cuda_from_disk_alone(tmp_path):
+    """A store without a cpu tier (cpu_memory_size_GB: 0) serves a CUDA get from disk (it raised
+    AttributeError on the H200: the empty cpu tier had no verify_many)."""
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=0)) as s:
+        hashes, pages = make_pages(NS, list(range(64)))
+        s.put_pages(NS, pages)
+        s.flush()
+        out = torch.zeros((16, *NS.spec.shape), device="cuda")
+        got = s.get_pages(NS, hashes, out=out)
+        assert len(got) == 16 and all(torch.equal(out[i].cpu(), pages[i].data) for i in range(16))
