@@ -20,6 +20,7 @@ from engine.model_args import CheckpointError, ModelArgs
 from engine.offload import OffloadedExperts
 from engine.request import Request
 from engine.tiny import make_tiny_model
+from .paged import all_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,18 +85,6 @@ def make_engine(path, cache=None, registry=None, **kw):
     return LLMEngine(cfg, cache=cache, registry=registry)
 
 
-def all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
-    """Logits of every prompt position, computed in chunks through the paged path (chunk 1 = decode)."""
-    req = Request("r", None, list(ids), SamplingParams(temperature=0))
-    out = []
-    while req.num_computed < len(ids):
-        n = min(chunk, len(ids) - req.num_computed)
-        assert engine.prefix_cache.grow(req, n)
-        input_ids, meta, _ = engine.runner.prepare([(req, n)])
-        out.append(engine.model.logits(engine.model(input_ids, meta, engine.kv.pool.layer)))
-        req.num_computed += n
-    engine.prefix_cache.free(req)
-    return torch.cat(out)
 
 
 def run(engine, prompts, params=GREEDY):

@@ -18,6 +18,7 @@ from engine.offload import (ExpertRecorder, cpu_experts, device_experts, load_co
                             top_ids, total_device_experts)
 from engine.request import Request
 from engine.tiny import make_tiny_model
+from .paged import all_logits
 
 E, K = 16, 4
 MOE_LAYERS = [0, 2]  # layer 1 is dense
@@ -36,18 +37,6 @@ def make_engine(path, registry=None, **kw):
     return LLMEngine(cfg, registry=registry)
 
 
-def all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
-    """Logits of every prompt position, computed in chunks of `chunk` through the paged path."""
-    req = Request("r", None, list(ids), SamplingParams(temperature=0))
-    out = []
-    while req.num_computed < len(ids):
-        n = min(chunk, len(ids) - req.num_computed)
-        assert engine.prefix_cache.grow(req, n)
-        input_ids, meta, _ = engine.runner.prepare([(req, n)])
-        out.append(engine.model.logits(engine.model(input_ids, meta, engine.kv.pool.layer)))
-        req.num_computed += n
-    engine.prefix_cache.free(req)
-    return torch.cat(out)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from kvc.config import load_config
 from engine import LLMEngine, SamplingParams
 from engine.model_args import ModelArgs
 from engine.request import Request
+from .paged import all_logits as engine_all_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,19 +20,6 @@ def hf_model(path):
         path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
 
 
-def engine_all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
-    """Logits of every prompt position, computed in chunks of `chunk` through the paged path."""
-    req = Request("r", None, list(ids), SamplingParams(temperature=0))
-    out = []
-    while req.num_computed < len(ids):
-        n = min(chunk, len(ids) - req.num_computed)
-        assert engine.prefix_cache.grow(req, n)
-        input_ids, meta, _ = engine.runner.prepare([(req, n)])
-        hidden = engine.model(input_ids, meta, engine.kv.pool.layer)
-        out.append(engine.model.logits(hidden))
-        req.num_computed += n
-    engine.prefix_cache.free(req)
-    return torch.cat(out)
 
 
 def make_engine(path, **kw):
