@@ -94,6 +94,12 @@ class PrefixCache:
             return None
         ns = self.kv.namespace(req.cache_salt)
         located = self.host.lookup(ns, req.ids(0, cap * P), req.hashes[:cap]).located[:cap]
+        if len(located) < len(hits):
+            # The host tiers lack part of what the device pool holds: its puts were lost (a cache
+            # service that was down) or evicted there. Offer those pages again: otherwise the
+            # service refuses every later page of the prompt (its parent is unknown there) and no
+            # other engine reuses this prefix until our device pool forgets it.
+            self._offer(req, range(len(located), len(hits)))
         end = self.planner.pages_to_load(located, len(hits))
         if end <= len(hits):
             return None
@@ -191,10 +197,12 @@ class PrefixCache:
             return
         start = req.num_registered
         new = self._register(req, req.num_computed // self.page_size)
-        if self.host is None or not new:
-            return
+        if self.host is not None and new:
+            self._offer(req, range(start, start + new))
+
+    def _offer(self, req: Request, pages: range) -> None:
+        """Offer the request's pages (registered, in its block table) to the host tiers."""
         P = self.page_size
-        pages = range(start, start + new)
         data = self.kv.pool.gather([req.block_table[i] for i in pages])  # [n, L, parts, P, H, D]
         self.host.offer(self.kv.namespace(req.cache_salt), [req.hashes[i] for i in pages],
                         [self.kv.parent(req, i) for i in pages],

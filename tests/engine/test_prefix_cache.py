@@ -167,6 +167,42 @@ def test_abort_while_loading_defers_the_free(qwen_dir, store):
     eng.close()
 
 
+class DownStore:
+    """A real TieredStore whose put_pages fails while `down` is set (a cache service that is away)."""
+
+    def __init__(self, store: TieredStore):
+        self.store, self.down = store, True
+
+    def put_pages(self, ns, pages):
+        if self.down:
+            raise ConnectionError("cache service unavailable")
+        return self.store.put_pages(ns, pages)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_pages_lost_while_the_host_was_down_are_offered_again(qwen_dir, store):
+    """A prefix computed while the host tiers dropped its puts stays a device hit; when a later
+    request reuses it, the host tiers get it again (before: only the request's new pages were
+    offered, the store refused them for their unknown parent, and the prefix never reached it)."""
+    P = 4
+    prefix = PROMPT[:24]  # 6 full pages
+    down = DownStore(store)
+    eng = make_engine(qwen_dir, cache=down)
+    run_one(eng, prefix + [5, 6, 7])
+    eng.prefix_cache.flush()
+    ns = eng.kv.namespace("")
+    assert store.lookup(ns, tokens=prefix).num_pages == 0  # every put was lost
+    down.down = False
+    out = run_one(eng, prefix + [9, 9, 9, 9, 9])  # the prefix is a device hit
+    eng.prefix_cache.flush()
+    assert store.lookup(ns, tokens=prefix).num_pages == len(prefix) // P
+    assert store.lookup(ns, tokens=prefix + [9, 9, 9, 9]).num_pages == len(prefix) // P + 1
+    eng.close()
+    assert out == run_one(make_engine(qwen_dir), prefix + [9, 9, 9, 9, 9])
+
+
 _ids = itertools.count()
 
 
