@@ -127,7 +127,7 @@ class TieredStore:
         """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
         own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
         bytes compare for tokens); page by page only to find where a mismatch starts."""
-        keys = [root + h for h in hashes]
+        keys = [key(root, h) for h in hashes]
         cpu = list(map(self.cpu.entries.get, keys))
         disk = list(map(self.disk.entries.get, keys))
         n = 0
@@ -262,7 +262,7 @@ class TieredStore:
                          info.dtype, info.shape, info.payload_len, info.checksum)
         return True
 
-    def _cluster_record(self, root: bytes, h: bytes) -> bytes | None:
+    def _cluster_record(self, root: bytes, h: bytes) -> memoryview | None:
         """The record of a cpu-tier page for the cluster writer (its thread); None once it left."""
         k = key(root, h)
         with self._lock:
@@ -272,10 +272,19 @@ class TieredStore:
             return self._record(h, e, self.cpu.view(k))
 
     @staticmethod
-    def _record(h: bytes, e: Entry, payload: np.ndarray) -> bytes:
+    def _record(h: bytes, e: Entry, payload: np.ndarray) -> memoryview:
+        """The page's record (header + payload) in a fresh buffer, for the disk and cluster writers.
+
+        One numpy copy: numpy releases the GIL for it, and the first touch of a fresh buffer of
+        some 100 KiB (page faults) is most of a copy's cost, so the engine's thread is not held
+        up while a put or a demotion builds records (bytes.join holds the GIL throughout)."""
         page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
                     torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
-        return b"".join((encode_header(e.ns_root, page, payload, e.checksum), memoryview(payload)))  # one copy
+        head = encode_header(e.ns_root, page, payload, e.checksum)
+        record = np.empty(len(head) + payload.nbytes, dtype=np.uint8)
+        record[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+        record[len(head):] = payload
+        return memoryview(record)
 
     def _hit(self, k: bytes) -> None:
         """A cpu page was served; the use that admits it sends it down (write-through disk, cluster)."""
@@ -283,7 +292,7 @@ class TieredStore:
             return
         e = self.cpu.get(k)
         if self.config.disk_write == "through" and self.disk.get(k) is None:
-            self._put_disk(k, e, self.cpu.view(k).copy())
+            self._put_disk(k, e, self.cpu.view(k))
         self.cluster.offer(e.ns_root, hash_of(k))
 
     def _get_to_device(self, ns: Namespace, hashes: list[bytes], out: torch.Tensor) -> list[Page]:
@@ -319,6 +328,7 @@ class TieredStore:
             pages = [self._page_of(hashes[i], self.cpu.get(k), out[i]) for i, k in enumerate(keys[:good])]
             for k in reversed(keys[:good]):
                 self.cpu.touch(k)
+                self._hit(k)  # a use, as in get_pages: admission counts it
                 self.disk.touch(k)
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
@@ -473,15 +483,7 @@ class TieredStore:
     def _put_disk(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
         if not self.disk.fits(e.nbytes):
             return False
-        page = Page(hash_of(k), e.parent, np.frombuffer(e.tokens, dtype="<u4"),
-                    torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
-        head = encode_header(e.ns_root, page, payload, e.checksum)
-        # one numpy copy into a fresh buffer: numpy releases the GIL for it, and the first touch
-        # of a fresh 100s-of-KiB allocation (page faults) is most of a copy's cost, so the
-        # engine's thread is not held up while a demotion copies (bytes.join holds the GIL)
-        record = np.empty(len(head) + payload.nbytes, dtype=np.uint8)
-        record[:len(head)] = np.frombuffer(head, dtype=np.uint8)
-        record[len(head):] = payload
+        record = self._record(hash_of(k), e, payload)
         if not self.disk.put(k, record, e.ns_root, e.parent, e.tokens):
             return False
         self._emit("stored", e.ns_root, hash_of(k), e.parent, "disk")
@@ -632,7 +634,7 @@ class TieredStore:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
                 for k, e in list(self.cpu.entries.items()):
                     if self.disk.get(k) is None and self.admission.admitted(k):
-                        self._put_disk(k, e, self.cpu.view(k).copy())
+                        self._put_disk(k, e, self.cpu.view(k))
                 self._evict_disk()
         self.cluster.close()
         self.disk.close()
