@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .load_policy import LoadPlanner
 from .request import Request, Status
 
 log = logging.getLogger("kvc.engine")
+REOFFER_EVERY_S = 30.0
 
 
 class Grant(enum.Enum):
@@ -59,6 +61,7 @@ class PrefixCache:
         self.prefix_caching = prefix_caching
         self.planner = planner or LoadPlanner("auto", kv.page_size, kv.spec.page_bytes)
         self._loads: dict[Request, _Load] = {}
+        self._reoffered: dict[bytes, float] = {}  # page hash -> when a device hit was last offered again
 
     # -- admission ---------------------------------------------------------------------------------
     def admit(self, req: Request, budget: int) -> Admission:
@@ -94,7 +97,7 @@ class PrefixCache:
             return None
         ns = self.kv.namespace(req.cache_salt)
         located = self.host.lookup(ns, req.ids(0, cap * P), req.hashes[:cap]).located[:cap]
-        if len(located) < len(hits):
+        if len(located) < len(hits) and self._may_reoffer(req.hashes[len(located)]):
             # The host tiers lack part of what the device pool holds: its puts were lost (a cache
             # service that was down) or evicted there. Offer those pages again: otherwise the
             # service refuses every later page of the prompt (its parent is unknown there) and no
@@ -112,6 +115,18 @@ class PrefixCache:
         fut = self.host.load(ns, req.hashes[len(hits):end], self.kv.pool, blocks, located[len(hits):end])
         self._loads[req] = _Load(req, fut, len(hits))
         return Admission(Grant.LOADING)
+
+    def _may_reoffer(self, h: bytes) -> bool:
+        """At most one re-offer of a prefix (named by its first missing page) per REOFFER_EVERY_S:
+        while a cache service is down its lookups answer nothing, and every request that reuses a
+        prefix from the device pool would otherwise copy it out again."""
+        now = time.monotonic()
+        if now - self._reoffered.get(h, -REOFFER_EVERY_S) < REOFFER_EVERY_S:
+            return False
+        if len(self._reoffered) >= 4096:
+            self._reoffered = {k: t for k, t in self._reoffered.items() if now - t < REOFFER_EVERY_S}
+        self._reoffered[h] = now
+        return True
 
     def _blocks_after(self, pages: int, tokens: int) -> int:
         return (pages * self.page_size + tokens + self.page_size - 1) // self.page_size - pages

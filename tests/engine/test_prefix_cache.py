@@ -203,6 +203,25 @@ def test_pages_lost_while_the_host_was_down_are_offered_again(qwen_dir, store):
     assert out == run_one(make_engine(qwen_dir), prefix + [9, 9, 9, 9, 9])
 
 
+def test_a_prefix_is_offered_again_at_most_once_per_interval(qwen_dir, store):
+    """While the host stays down, requests that reuse a prefix from the device pool do not each
+    copy it out again: one re-offer per prefix per REOFFER_EVERY_S."""
+    prefix = PROMPT[:24]
+    down = DownStore(store)
+    calls = []
+    real = down.put_pages
+    down.put_pages = lambda ns, pages: (calls.append(len(pages)), real(ns, pages))[1]
+    eng = make_engine(qwen_dir, cache=down)
+    run_one(eng, prefix + [5, 6, 7])
+    eng.prefix_cache.flush()
+    calls.clear()
+    for tail in ([9, 9, 9, 9, 9], [8, 8, 8, 8, 8], [7, 7, 7, 7, 7]):
+        run_one(eng, prefix + tail)  # 6 device-hit pages; 29 + 8 tokens: 3 new full pages each
+    eng.prefix_cache.flush()
+    assert sum(calls) == 6 + 3 * 3  # the prefix once (not 3 times), plus each request's own pages
+    eng.close()
+
+
 _ids = itertools.count()
 
 
