@@ -28,6 +28,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from . import hashing
+from .batching import take_batch
 from .hashing import Namespace
 from .record import RecordError, RecordInfo, checksum, decode_header, header_bytes
 
@@ -36,6 +37,7 @@ log = logging.getLogger("kvc.cluster")
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0
 WRITE_BATCH_BYTES = 32 << 20
+WRITE_BATCH_ITEMS = 256  # records read from the cpu tier at write time count as a page each
 KNOWN_PAGES = 1 << 16
 KNOWN_S = 30.0  # how long a written page counts as held for duplicate puts (Redis may evict it)
 PASSWORD_ENV = "KVC_CLUSTER_PASSWORD"
@@ -311,16 +313,7 @@ class ClusterTier:
             item = self._queue.get()
             if item is None:
                 return
-            batch, size = [item], 0
-            while size < WRITE_BATCH_BYTES:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
+            batch = take_batch(self._queue, item, WRITE_BATCH_ITEMS, WRITE_BATCH_BYTES, _queued_bytes)
             try:
                 self._write(batch)
             except Exception:  # never let the writer die
@@ -438,3 +431,9 @@ class NullCluster:
 
     def close(self) -> None:
         pass
+
+
+def _queued_bytes(item) -> int:
+    """A queued write's record size; 0 when the writer reads it from the cpu tier (counted by items)."""
+    rec = item[2]
+    return len(rec) if rec is not None else 0

@@ -35,6 +35,7 @@ import lmdb
 import numpy as np
 import xxhash
 
+from .batching import take_batch
 from .record import ChecksumError, RecordError, RecordInfo, decode_header
 
 log = logging.getLogger("kvc.disk")
@@ -359,21 +360,9 @@ class DiskTier:
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
             # a commit takes new LMDB pages before the pages its deletes free can be reused, so
             # the file outgrows the budget by up to one batch: keep a batch small next to it
-            room = max(self.capacity // 64, 1)
-            size = _item_bytes(item)
-            while len(batch) < 256 and size < room:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-                size += _item_bytes(nxt)
+            batch = take_batch(self._queue, item, 256, max(self.capacity // 64, 1), _item_bytes)
             ok = self._commit(batch)
             with self._idle:
                 self._inflight -= len(batch)
