@@ -1,10 +1,15 @@
-"""A test helper: every prompt position's logits through the engine's paged path."""
+"""Test helpers that drive an LLMEngine directly: run prompts to the end, or take every prompt
+position's logits through the paged path."""
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from engine import LLMEngine, SamplingParams
-from engine.request import Request
+from engine.request import Request, RequestOutput
+
+_ids = itertools.count()
 
 
 def all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
@@ -19,3 +24,16 @@ def all_logits(engine: LLMEngine, ids: list[int], chunk: int) -> torch.Tensor:
         req.num_computed += n
     engine.prefix_cache.free(req)
     return torch.cat(out)
+
+
+def run_to_end(engine: LLMEngine, prompts: list, params: SamplingParams, salt: str = "") -> list[RequestOutput]:
+    """Add the prompts, step until all finish; the final outputs in prompt order."""
+    ids = [f"t{next(_ids)}" for _ in prompts]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params, salt)
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    return [done[r] for r in ids]

@@ -7,6 +7,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from kvc.config import load_config
+from .paged import run_to_end
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -19,29 +20,22 @@ def engine(path, cache=None, **kw):
     return LLMEngine(cfg, cache=cache)
 
 
-def run(eng, prompts, tag):
-    for i, p in enumerate(prompts):
-        eng.add_request(f"{tag}{i}", p, GREEDY)
-    done = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o
-    return [done[f"{tag}{i}"] for i in range(len(prompts))]
+def run(eng, prompts):
+    return run_to_end(eng, prompts, GREEDY)
 
 
 def test_cuda_prefix_and_host_hits_match_cold(model_dir, store):
-    cold = run(engine(model_dir), [PROMPT], "c")[0]
+    cold = run(engine(model_dir), [PROMPT])[0]
     eng = engine(model_dir, cache=store)
-    first = run(eng, [PROMPT], "a")[0]
-    warm = run(eng, [PROMPT], "b")[0]  # device hit
+    first = run(eng, [PROMPT])[0]
+    warm = run(eng, [PROMPT])[0]  # device hit
     eng.prefix_cache.flush()
     eng.prefix_cache.reset_device_cache()
-    host = run(eng, [PROMPT], "d")[0]  # cpu-tier hit through the staging buffer and side stream
+    host = run(eng, [PROMPT])[0]  # cpu-tier hit through the staging buffer and side stream
     assert (first.num_cached_tokens, warm.num_cached_tokens, host.num_cached_tokens) == (0, 44, 44)
     for o in (first, warm, host):
         assert o.outputs[0].token_ids == cold.outputs[0].token_ids
-    batched = run(eng, [PROMPT, PROMPT[:20], PROMPT[5:]], "e")
-    singles = [run(engine(model_dir), [p], "s")[0] for p in (PROMPT, PROMPT[:20], PROMPT[5:])]
+    batched = run(eng, [PROMPT, PROMPT[:20], PROMPT[5:]])
+    singles = [run(engine(model_dir), [p])[0] for p in (PROMPT, PROMPT[:20], PROMPT[5:])]
     assert [o.outputs[0].token_ids for o in batched] == [o.outputs[0].token_ids for o in singles]
     eng.close()

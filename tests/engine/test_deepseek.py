@@ -18,9 +18,9 @@ from engine import LLMEngine, SamplingParams
 from engine.deepseek import DeepseekCausalLM, DeepseekMoE
 from engine.model_args import CheckpointError, ModelArgs
 from engine.offload import OffloadedExperts
-from engine.request import Request
 from engine.tiny import make_tiny_model
 from .paged import all_logits
+from .paged import run_to_end
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,17 +88,7 @@ def make_engine(path, cache=None, registry=None, **kw):
 
 
 def run(engine, prompts, params=GREEDY):
-    base = getattr(engine, "_n", 0)
-    engine._n = base + len(prompts)
-    ids = [f"r{base + i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, params)
-    done = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o
-    return [done[r] for r in ids]
+    return run_to_end(engine, prompts, params)
 
 
 def test_logits_and_greedy_tokens_match_transformers(hf_dir):

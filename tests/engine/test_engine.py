@@ -5,6 +5,7 @@ import pytest
 
 from kvc.config import load_config
 from engine import LLM, LLMEngine, SamplingParams
+from .paged import run_to_end
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPT = [(i * 37 + 11) % 250 for i in range(29)]
@@ -19,17 +20,7 @@ def make_engine(path, cache=None, **kw):
 
 def run(engine, prompts, params=GREEDY, salt=""):
     """Run prompts to completion; returns the final outputs in prompt order."""
-    base = len(getattr(engine, "_test_ids", []))
-    ids = [f"r{base + i}" for i in range(len(prompts))]
-    engine._test_ids = getattr(engine, "_test_ids", []) + ids
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, params, salt)
-    done = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o
-    return [done[r] for r in ids]
+    return run_to_end(engine, prompts, params, salt)
 
 
 def test_prefix_hit_matches_cold(model_dir):

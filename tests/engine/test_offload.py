@@ -16,7 +16,6 @@ from engine import LLMEngine, SamplingParams
 from engine.moe import experts_reference, route
 from engine.offload import (ExpertRecorder, cpu_experts, device_experts, load_counts, moe_blocks, place,
                             top_ids, total_device_experts)
-from engine.request import Request
 from engine.tiny import make_tiny_model
 from .paged import all_logits
 

@@ -9,7 +9,6 @@ import torch
 from kvc.config import load_config
 from engine import LLMEngine, SamplingParams
 from engine.model_args import ModelArgs
-from engine.request import Request
 from .paged import all_logits as engine_all_logits
 
 transformers = pytest.importorskip("transformers")

@@ -7,6 +7,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from kvc.config import load_config
+from .paged import run_to_end
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -21,27 +22,20 @@ def engine(path, cache=None, **kw):
     return LLMEngine(cfg, cache=cache)
 
 
-def run(eng, prompts, tag):
-    for i, p in enumerate(prompts):
-        eng.add_request(f"{tag}{i}", p, GREEDY)
-    done = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o
-    return [done[f"{tag}{i}"] for i in range(len(prompts))]
+def run(eng, prompts):
+    return run_to_end(eng, prompts, GREEDY)
 
 
 def test_side_stream_puts_under_concurrent_prefill_match_cache_off(qwen_dir, store):
-    off = run(engine(qwen_dir, prefix_caching=False), PROMPTS, "o")
+    off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
     eng = engine(qwen_dir, cache=store)
-    first = run(eng, PROMPTS, "a")  # pages are offered while the other prompts still prefill
+    first = run(eng, PROMPTS)  # pages are offered while the other prompts still prefill
     eng.prefix_cache.flush()
     host = eng.prefix_cache.host
     assert host.dropped_puts == 0 and host.failed_puts == 0
     assert store.stats()["tiers"]["cpu"]["pages"] > 0
     eng.prefix_cache.reset_device_cache()
-    again = run(eng, PROMPTS, "b")  # every prefix now comes back from the cpu tier
+    again = run(eng, PROMPTS)  # every prefix now comes back from the cpu tier
     assert all(o.num_cached_tokens > 0 for o in again)
     for a, b, c in zip(off, first, again):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids == c.outputs[0].token_ids
@@ -50,16 +44,16 @@ def test_side_stream_puts_under_concurrent_prefill_match_cache_off(qwen_dir, sto
 
 def test_corrupt_cpu_page_ends_the_cuda_load_there(qwen_dir, store):
     prompt = BASE[:45]
-    cold = run(engine(qwen_dir), [prompt], "c")[0]
+    cold = run(engine(qwen_dir), [prompt])[0]
     eng = engine(qwen_dir, cache=store, load_policy="always")
-    run(eng, [prompt], "a")
+    run(eng, [prompt])
     eng.prefix_cache.flush()
     eng.prefix_cache.reset_device_cache()
     ns = eng.kv.namespace("")
     req_hashes = store.lookup(ns, tokens=prompt).hashes
     e = store.cpu.get(ns.root + req_hashes[5])  # the tiers key a page by namespace root + hash
     store.cpu.slab[e.slot + 3] ^= 0xFF  # page 5's bytes no longer match its checksum
-    hit = run(eng, [prompt], "b")[0]
+    hit = run(eng, [prompt])[0]
     assert hit.num_cached_tokens == 5 * 4
     assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
     eng.close()
