@@ -215,14 +215,19 @@ def test_cpu_and_disk_pages_interleaved_in_one_get(tmp_path, monkeypatch):
         assert s.lookup(NS, hashes=hashes).located == ["cpu"] * 16  # disk hits were promoted
 
 
-def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkeypatch):
-    cfg, hashes, pages = _disk_store(tmp_path, 30)
+def _flip_last_byte(cfg, h: bytes) -> None:
+    """Damage page h's stored record on disk (its payload's last byte), behind the tier's back."""
     env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
     with env.begin(write=True, db=env.open_db(b"data")) as txn:
-        rec = bytearray(txn.get(NS.root + hashes[13]))
+        rec = bytearray(txn.get(NS.root + h))
         rec[-1] ^= 0x01
-        txn.put(NS.root + hashes[13], bytes(rec))
+        txn.put(NS.root + h, bytes(rec))
     env.close()
+
+
+def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkeypatch):
+    cfg, hashes, pages = _disk_store(tmp_path, 30)
+    _flip_last_byte(cfg, hashes[13])
     monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 4 * SPEC.page_bytes)
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=1 / 1024)) as s:
@@ -237,12 +242,7 @@ def test_no_reader_task_writes_into_out_after_get_returns(tmp_path, monkeypatch)
     import threading
     import time
     cfg, hashes, pages = _disk_store(tmp_path, 30)
-    env = lmdb.open(os.path.join(cfg.disk_path, "lmdb"), max_dbs=2)
-    with env.begin(write=True, db=env.open_db(b"data")) as txn:
-        rec = bytearray(txn.get(NS.root + hashes[13]))
-        rec[-1] ^= 0x01
-        txn.put(NS.root + hashes[13], bytes(rec))
-    env.close()
+    _flip_last_byte(cfg, hashes[13])
     monkeypatch.setattr(disk_tier, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(disk_tier, "READ_TASK_BYTES", 8 * SPEC.page_bytes)  # tasks 0-7, 8-15, 16-23, 24-29
     real, entered = disk_tier._copy_verified, threading.Event()
