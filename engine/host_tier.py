@@ -78,23 +78,46 @@ class HostTier:
             tier, end = tiers[done], done
             while end < len(hashes) and tiers[end] == tier:
                 end += 1
-            t0 = time.perf_counter()
-            if cuda:
-                with torch.cuda.stream(self._side(pool.device, "_load_stream")):
-                    n = len(self.cache.get_pages(ns, hashes[done:end], out=staging[done:end]))
-                    if n:
-                        pool.scatter(blocks[done:done + n], staging[done:done + n])
-                    torch.cuda.current_stream(pool.device).synchronize()
-            else:
-                n = len(self.cache.get_pages(ns, hashes[done:end], out=staging[done:end]))
-                if n:
-                    pool.scatter(blocks[done:done + n], staging[done:done + n])
-            if self.observe is not None and n * ns.spec.page_bytes >= MIN_SAMPLE_BYTES:
-                self.observe(tier, n * ns.spec.page_bytes, time.perf_counter() - t0)
+            n = self._get_run(ns, hashes[done:end], tier, staging[done:end],
+                              lambda n: pool.scatter(blocks[done:done + n], staging[done:done + n]))
             done += n
             if done < end:
                 break
         return done
+
+    def _get_run(self, ns: Namespace, hashes: list[bytes], tier: str, out: torch.Tensor,
+                 then: Callable[[int], None] | None = None) -> int:
+        """Get one tier's run of pages into `out` (then `then(n)` on the same stream); report the
+        tier's bandwidth; how many leading pages landed."""
+        t0 = time.perf_counter()
+        if out.is_cuda:
+            stream = self._side(out.device, "_load_stream")
+            with torch.cuda.stream(stream):
+                n = len(self.cache.get_pages(ns, hashes, out=out))
+                if n and then is not None:
+                    then(n)
+                stream.synchronize()
+        else:
+            n = len(self.cache.get_pages(ns, hashes, out=out))
+            if n and then is not None:
+                then(n)
+        if self.observe is not None and n * ns.spec.page_bytes >= MIN_SAMPLE_BYTES:
+            self.observe(tier, n * ns.spec.page_bytes, time.perf_counter() - t0)
+        return n
+
+    def probe(self, ns: Namespace, hashes: Sequence[bytes], tier: str, device: torch.device) -> Future:
+        """Read pages of one tier into the loader's staging buffer only to measure the tier's
+        bandwidth (the load planner asks for it where it does not load from that tier); runs
+        after the loads already queued, never into a request's blocks."""
+        return self._loader.submit(self._probe, ns, list(hashes), tier, device)
+
+    def _probe(self, ns: Namespace, hashes: list[bytes], tier: str, device: torch.device) -> int:
+        try:
+            staging = self._staging_for(ns, len(hashes), device if device.type == "cuda" else torch.device("cpu"))
+            return self._get_run(ns, hashes, tier, staging[:len(hashes)])
+        except Exception:  # a probe is advice: a failing tier shows up in the loads themselves
+            log.warning("probing the %s tier failed", tier, exc_info=True)
+            return 0
 
     def _side(self, device: torch.device, attr: str):
         s = getattr(self, attr)

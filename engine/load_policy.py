@@ -4,16 +4,30 @@ Loading page i costs page_bytes / bandwidth(tier of page i); recomputing it cost
 page_size / prefill rate. The plan loads the leading run whose summed saving is largest (pages
 are loaded in order, so a slow tier after a fast one ends the run where it stops paying). Both
 rates are measured online (EWMA) by the engine: the prefill rate from its own steps, each tier's
-bandwidth from its own loads. A rate not yet measured counts as "loading pays" so that it gets
-measured, and a tier skipped REPROBE times is loaded once to re-measure it. `kvc.load_policy` pins the choice: always (load every hit), never (recompute).
+bandwidth from its own loads.
+
+A tier not yet measured counts at a cautious prior (PRIOR_BYTES_PER_S): a disk read on a fast GPU
+is often slower than recomputing, and the first hit after a restart must not find that out by
+being slower than no cache at all. Where the plan stops before such a tier, a probe reads a few
+MiB of it in the background (into the loader's staging buffer, not the request's blocks) to
+measure it; the request recomputes meanwhile. A measured tier that keeps being skipped is probed
+again every REPROBE skips, in case it got faster (a cold disk warmed). `kvc.load_policy` pins the
+choice: always (load every hit), never (recompute).
 """
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 POLICIES = ("auto", "always", "never")
-REPROBE = 64  # after this many decisions that skipped a tier, load from it once to re-measure it
+REPROBE = 64  # a measured tier skipped this many times is probed again
+PROBE_BYTES = 4 << 20  # a probe reads this much (whole pages, at least one)
+# Bandwidth assumed for a tier before its first measurement, on the slow side of what each is
+# (a cpu tier behind a cache service, a network-attached disk with a cold page cache, a remote
+# Redis): loading still wins wherever recomputing is slow (CPU experts, a small GPU).
+PRIOR_BYTES_PER_S = {"cpu": 2e9, "disk": 0.25e9, "cluster": 0.1e9}
+OTHER_PRIOR = 0.1e9
 
 
 class Ewma:
@@ -24,6 +38,12 @@ class Ewma:
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
 
 
+@dataclass(frozen=True)
+class Plan:
+    end: int                                # load pages [start, end) of the request
+    probe: tuple[int, int] | None = None    # pages [a, b) of one tier to read only to measure it
+
+
 class LoadPlanner:
     def __init__(self, policy: str = "auto", page_size: int = 16, page_bytes: int = 1):
         if policy not in POLICIES:
@@ -31,8 +51,8 @@ class LoadPlanner:
         self.policy, self.page_size, self.page_bytes = policy, page_size, page_bytes
         self.prefill = Ewma()  # tokens / s
         self.bandwidth: dict[str, Ewma] = {}  # tier -> bytes / s
-        self._skips: dict[str, int] = {}  # tier -> decisions that stopped loading at it
-        self._lock = threading.Lock()  # loads report from the loader thread
+        self._skips: dict[str, int] = {}  # tier -> decisions that stopped loading at it since its last probe
+        self._lock = threading.Lock()  # loads and probes report from the loader thread
 
     # -- measurements ----------------------------------------------------------------------------
     def observe_prefill(self, tokens: int, seconds: float) -> None:
@@ -43,7 +63,6 @@ class LoadPlanner:
         if nbytes > 0 and seconds > 0:
             with self._lock:
                 self.bandwidth.setdefault(tier, Ewma()).add(nbytes / seconds)
-                self._skips[tier] = 0
 
     def prefill_rate(self) -> float | None:
         return self.prefill.value
@@ -53,29 +72,40 @@ class LoadPlanner:
             return {t: e.value for t, e in self.bandwidth.items() if e.value is not None}
 
     # -- the decision ----------------------------------------------------------------------------
-    def pages_to_load(self, located: Sequence[str], start: int) -> int:
-        """End (exclusive) of the run of pages [start, end) to load; `located` gives the tier of
-        every leading page that the host tiers hold; pages before `start` are already on device."""
+    def plan(self, located: Sequence[str], start: int) -> Plan:
+        """Which of the leading pages the host tiers hold to load: `located` gives the tier of
+        every such page; pages before `start` are already on the device."""
         end = len(located)
         if self.policy == "never" or end <= start:
-            return start
+            return Plan(start)
         if self.policy == "always":
-            return end
+            return Plan(end)
         prefill = self.prefill.value
-        if prefill is None:
-            return end
+        if prefill is None:  # nothing to compare with yet (the engine's first steps): load
+            return Plan(end)
         recompute = self.page_size / prefill
         rates = self.tier_rates()
         best, best_at, saving = 0.0, start, 0.0
         for i in range(start, end):
-            bw = rates.get(located[i])
-            saving += recompute - (self.page_bytes / bw if bw else 0.0)
+            bw = rates.get(located[i]) or PRIOR_BYTES_PER_S.get(located[i], OTHER_PRIOR)
+            saving += recompute - self.page_bytes / bw
             if saving > best:
                 best, best_at = saving, i + 1
-        if best_at < end:  # a measured-slow tier is never loaded, so never re-measured: now and
-            tier = located[best_at]  # then it is, in case it got faster (e.g. a cold disk warmed)
-            self._skips[tier] = self._skips.get(tier, 0) + 1
-            if self._skips[tier] >= REPROBE:
-                self._skips[tier] = 0
-                return end
-        return best_at
+        if best_at == end:
+            return Plan(end)
+        return Plan(best_at, self._probe(located, best_at, located[best_at] in rates))
+
+    def _probe(self, located: Sequence[str], at: int, measured: bool) -> tuple[int, int] | None:
+        """The pages to probe where the plan stopped at page `at`, if its tier is due: at once when
+        never measured, else every REPROBE skips."""
+        tier = located[at]
+        with self._lock:
+            n = self._skips.get(tier, 0)
+            self._skips[tier] = n + 1
+        if n % REPROBE != (0 if not measured else REPROBE - 1):
+            return None
+        end = at
+        want = max(1, -(-PROBE_BYTES // self.page_bytes))
+        while end < len(located) and located[end] == tier and end - at < want:
+            end += 1
+        return at, end

@@ -103,7 +103,11 @@ class PrefixCache:
             # service refuses every later page of the prompt (its parent is unknown there) and no
             # other engine reuses this prefix until our device pool forgets it.
             self._offer(req, range(len(located), len(hits)))
-        end = self.planner.pages_to_load(located, len(hits))
+        plan = self.planner.plan(located, len(hits))
+        if plan.probe is not None:  # the planner measures a tier it does not load from
+            a, b = plan.probe
+            self.host.probe(ns, req.hashes[a:b], located[a], self.kv.pool.device)
+        end = plan.end
         if end <= len(hits):
             return None
         rest = min(req.num_tokens - end * P, self.chunk)  # room for the chunk after the load too

@@ -236,20 +236,61 @@ def run_one(eng, prompt) -> list[int]:
 def test_planner_loads_what_pays_with_injected_rates():
     from engine.load_policy import LoadPlanner
     p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
-    assert p.pages_to_load(["disk"] * 4, 0) == 4  # nothing measured yet: load, and so measure
+    assert p.plan(["disk"] * 4, 0).end == 4        # no prefill rate yet: nothing to compare, load
     p.observe_prefill(16_000, 1.0)                 # recomputing a page: 1 ms
     p.observe_load("cpu", 10 << 30, 1.0)           # loading one from cpu: 0.1 ms
     p.observe_load("disk", 1 << 29, 1.0)           # from disk: 2 ms
-    assert p.pages_to_load(["cpu"] * 4, 0) == 4    # a fast tier is used
-    assert p.pages_to_load(["disk"] * 4, 0) == 0   # a slow one is skipped
-    assert p.pages_to_load(["cpu"] * 3 + ["disk"] * 5, 1) == 3  # partial load, then recompute
-    assert p.pages_to_load(["cpu"] * 3, 3) == 3    # nothing past the device hit
-    assert LoadPlanner("always", 16, 1 << 20).pages_to_load(["disk"] * 4, 1) == 4
-    assert LoadPlanner("never", 16, 1 << 20).pages_to_load(["cpu"] * 4, 1) == 1
+    assert p.plan(["cpu"] * 4, 0).end == 4         # a fast tier is used
+    assert p.plan(["disk"] * 4, 0).end == 0        # a slow one is skipped
+    assert p.plan(["cpu"] * 3 + ["disk"] * 5, 1).end == 3  # partial load, then recompute
+    assert p.plan(["cpu"] * 3, 3).end == 3         # nothing past the device hit
+    assert LoadPlanner("always", 16, 1 << 20).plan(["disk"] * 4, 1).end == 4
+    assert LoadPlanner("never", 16, 1 << 20).plan(["cpu"] * 4, 1).end == 1
     with pytest.raises(ValueError, match="load_policy"):
         LoadPlanner("sometimes")
     with pytest.raises(ValueError, match="load_policy"):
         load_config().replace(load_policy="sometimes")
+
+
+def test_planner_probes_an_unmeasured_tier_instead_of_loading_from_it():
+    from engine.load_policy import PROBE_BYTES, REPROBE, LoadPlanner
+    p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
+    p.observe_prefill(160_000, 1.0)                # a fast GPU: recomputing a page takes 0.1 ms
+    plan = p.plan(["cpu"] * 2 + ["disk"] * 20, 0)  # cpu's prior (2 GB/s) is 0.5 ms a page: no load
+    assert plan.end == 0 and plan.probe == (0, 2)  # ...but a probe of the cpu run, to measure it
+    p.observe_load("cpu", 20 << 30, 1.0)           # the probe measured 20 GB/s
+    plan = p.plan(["cpu"] * 2 + ["disk"] * 20, 0)  # disk's prior (0.25 GB/s) is 4 ms a page
+    assert plan.end == 2 and plan.probe == (2, 2 + PROBE_BYTES // (1 << 20))  # cpu loaded, disk probed
+    assert p.plan(["cpu"] * 2 + ["disk"] * 20, 0).probe is None  # one probe, not one per request
+    p.observe_load("disk", 1 << 30, 1.0)           # the probe measured 1 GB/s: still slower than recompute
+    probes = [p.plan(["disk"] * 8, 0).probe for _ in range(2 * REPROBE)]
+    assert sum(x is not None for x in probes) == 2  # re-measured every REPROBE skips
+    assert all(x is None or x == (0, 4) for x in probes)  # a probe never runs past the tier's pages
+    slow = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
+    slow.observe_prefill(1_000, 1.0)                # CPU experts: a page recomputes in 16 ms
+    assert slow.plan(["disk"] * 8, 0).end == 8     # the cautious prior still says load
+
+
+def test_engine_probes_an_unmeasured_tier_while_it_recomputes(qwen_dir, store, monkeypatch):
+    import engine.host_tier
+    monkeypatch.setattr(engine.host_tier, "MIN_SAMPLE_BYTES", 1)  # the tiny model's pages are small
+    cold = run_one(make_engine(qwen_dir), PROMPT)
+    cfg = load_config().replace(path=str(qwen_dir), dtype="float32", device="cpu", gpu_only=False,
+                                page_size=4, chunk_size=64, num_device_blocks=64)
+    eng = LLMEngine(cfg, cache=store)
+    run_one(eng, PROMPT)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    eng.planner.observe_prefill(10**9, 1.0)  # injected: recomputing beats the cpu tier's prior
+    eng.planner.bandwidth.clear()
+    eng.add_request("again", PROMPT, GREEDY)
+    done = {}
+    drain(eng, done, 100)
+    eng.prefix_cache.host._loader.submit(lambda: None).result()  # the probe ran before this
+    assert done["again"].num_cached_tokens == 0  # recomputed...
+    assert done["again"].outputs[0].token_ids == cold
+    assert "cpu" in eng.planner.tier_rates()     # ...and the cpu tier got measured meanwhile
+    eng.close()
 
 
 @pytest.mark.parametrize("cpu_bytes_per_s,loaded", [(1e3, 0), (1e13, 28)])
