@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread is during the "
                     "host-tiers throughput batch")
-    ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,cpu-experts")
+    ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,tput-variants,cpu-experts")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script "
                     "with the small tiny-qwen3-moe model")
     a = ap.parse_args()
@@ -292,7 +292,7 @@ def main() -> None:
     if "throughput" not in skip:
         tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile)
         host = eng.prefix_cache.host
-        notes.append(f"# host tiers on: dropped_puts {host.dropped_puts}, failed_puts {host.failed_puts}")
+        notes.append(f"# host tiers on: dropped put pages {host.dropped_puts} (both batches), failed puts {host.failed_puts}")
         del host
     llm.close()
     del llm, eng
@@ -326,8 +326,21 @@ def main() -> None:
             llm.close()
             del llm
             free_gpu()
+        names = ["prefix_caching off", "device pool only (gpu_only)", "host tiers on (4 GB cpu + disk)"]
+        if "tput-variants" not in skip:  # where the host tiers' cost comes from
+            for name, kw in (("host tiers, cpu tier only (4 GB, no disk)", dict(base, cpu_memory_size_GB=4, disk_path=None)),
+                             ("host tiers, disk_admission_hits 2", dict(tiers, disk_admission_hits=2))):
+                shutil.rmtree(disk_path, ignore_errors=True)
+                llm = LLM(str(model_dir), **kw)
+                tput[name] = throughput(llm, rng, n_tput, tput_len)
+                host = llm.engine.prefix_cache.host
+                notes.append(f"# {name}: dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+                llm.close()
+                del llm, host
+                free_gpu()
+                names.append(name)
         off = tput["prefix_caching off"]
-        for name in ("prefix_caching off", "device pool only (gpu_only)", "host tiers on (4 GB cpu + disk)"):
+        for name in names:
             rows.append((f"no-reuse throughput, {name}", f"{tput[name] / 1e3:.1f}K tok/s", "",
                          f"{tput[name] / off:.2f}x off"))
         print(f"# throughput done at {time.perf_counter() - t_start:.0f} s", flush=True)

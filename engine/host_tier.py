@@ -2,9 +2,13 @@
 
 Only engine.prefix_cache calls it. Loads run on a background thread and write the blocks they
 were given (their owner keeps them until the future is done). Puts never slow the engine: on
-CUDA the offered pages leave the device on a side stream into reused pinned buffers, recorded
-with an event; the put thread waits for the event, then does the checksum, slab and disk work.
-The put queue is bounded and a put is dropped when it is full.
+CUDA the offered pages leave the device on a side stream into a pinned ring (engine.pinned_ring),
+recorded with an event; the put thread waits for the event, then does the checksum, slab and
+disk work. That work is Python and holds the GIL much of the time, and a GIL held by another
+thread stalls every kernel launch of the engine's thread: so the put thread works only while the
+GPU is busy with work the engine already launched (the engine marks each step's launches with an
+event) or while the engine is idle. The put queue and the ring are bounded; an offer that finds
+either full is dropped (counted).
 """
 from __future__ import annotations
 
@@ -23,11 +27,15 @@ from kvc.hashing import Namespace
 from kvc.device_pool import DevicePool
 from kvc.record import Page, torch_dtype
 
+from .pinned_ring import PinnedRing
+
 log = logging.getLogger("kvc.engine")
 
 Observer = Callable[[str, int, float], None]  # (tier, bytes, seconds) of one load run
 MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: not reported
-PUT_BATCH = 16  # pages per put_pages call: the store's lock is held that long, not a chunk's worth
+PUT_BATCH = 4  # pages per put_pages call: the store's lock (and the GIL) is held that long
+PUT_RING_BYTES = 256 << 20  # the pinned ring offered pages are copied into on CUDA
+IDLE_S = 0.01  # no step marked for this long: the engine is idle and puts run freely
 
 
 class HostTier:
@@ -41,8 +49,8 @@ class HostTier:
         self._staging: torch.Tensor | None = None  # used by the loader thread only
         self._load_stream = None
         self._put_stream = None
-        self._pinned: dict[tuple, list[torch.Tensor]] = {}  # free pinned put buffers by shape
-        self._pinned_lock = threading.Lock()
+        self._ring: PinnedRing | None = None  # made at the first CUDA offer
+        self._mark: tuple[torch.cuda.Event, float] | None = None  # the engine's last step: (event, when)
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
@@ -138,69 +146,86 @@ class HostTier:
         return s
 
     # -- puts ----------------------------------------------------------------------------------
+    def mark_step(self, device: torch.device) -> None:
+        """The engine launched a step's work on `device`'s current stream (called on CUDA before the
+        step's host sync): puts may run while the GPU is busy with it."""
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(device))
+        self._mark = (ev, time.monotonic())
+
+    def _wait_for_slack(self) -> None:
+        """Hold the put thread while the engine's thread is what limits the engine: it marked a
+        step recently and the GPU has already finished all of it (the engine is launching the
+        next one, or doing its host work between steps)."""
+        while True:
+            mark = self._mark
+            if mark is None or not mark[0].query() or time.monotonic() - mark[1] > IDLE_S:
+                return
+            time.sleep(0.0002)
+
     def offer(self, ns: Namespace, hashes: list[bytes], parents: list[bytes], tokens: list[np.ndarray],
               data: torch.Tensor) -> bool:
         """Queue pages (data [n, L, parts, P, H, D], any device) for put; False if dropped.
 
         On CUDA `data` must be a fresh tensor made on the current stream (a gather): the side
-        stream waits for it, copies it into a pinned buffer and records an event; the current
+        stream waits for it, copies it into the pinned ring and records an event; the current
         stream never waits for the copy.
         """
         if self._puts.full():
-            self.dropped_puts += 1
+            self.dropped_puts += len(hashes)
             return False
-        event = buf = None
+        event = slot = ring = None
+        n = data.shape[0]
         if data.device.type == "cuda":
+            ring = self._ring_for(tuple(data.shape[1:]), data.dtype)
+            slot = ring.take(n)
+            if slot is None:
+                self.dropped_puts += len(hashes)
+                return False
             side = self._side(data.device, "_put_stream")
             side.wait_stream(torch.cuda.current_stream(data.device))
-            buf = self._take_pinned(tuple(data.shape), data.dtype)
             with torch.cuda.stream(side):
-                buf[:data.shape[0]].copy_(data, non_blocking=True)  # device -> pinned host, off the compute stream
+                ring.buf[slot:slot + n].copy_(data, non_blocking=True)  # device -> pinned host, off the compute stream
                 event = torch.cuda.Event()
                 event.record(side)
             data.record_stream(side)  # the allocator keeps `data` until the side stream is past it
-            data = buf[:data.shape[0]]
+            data = ring.buf[slot:slot + n]
         try:
-            self._puts.put_nowait((ns, hashes, parents, tokens, data, event, buf))
+            self._puts.put_nowait((ns, hashes, parents, tokens, data, event, slot, ring if slot is not None else None))
             return True
-        except queue.Full:
-            self.dropped_puts += 1
+        except queue.Full:  # not reached while this thread is the only producer; kept for safety
+            if slot is not None:
+                ring.untake(slot)
+            self.dropped_puts += len(hashes)
             return False
 
-    def _take_pinned(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A pinned buffer of >= shape[0] pages (capacity rounded up to a power of two, so a few
-        buffers serve every offer size); the caller slices it."""
-        key = (1 << max(0, shape[0] - 1).bit_length(), shape[1:], dtype)
-        with self._pinned_lock:
-            free = self._pinned.get(key)
-            if free:
-                return free.pop()
-        return torch.empty((key[0], *shape[1:]), dtype=dtype, pin_memory=True)
-
-    def _give_pinned(self, buf: torch.Tensor) -> None:
-        with self._pinned_lock:
-            free = self._pinned.setdefault((buf.shape[0], tuple(buf.shape[1:]), buf.dtype), [])
-            if len(free) < 4:  # enough for the puts in flight at one size
-                free.append(buf)
+    def _ring_for(self, page_shape: tuple, dtype: torch.dtype) -> PinnedRing:
+        ring = self._ring
+        if ring is None or not ring.fits(page_shape, dtype):  # one model per engine: made once
+            page_bytes = int(np.prod(page_shape)) * torch.empty(0, dtype=dtype).element_size()
+            ring = PinnedRing(max(1, PUT_RING_BYTES // page_bytes), page_shape, dtype)
+            self._ring = ring
+        return ring
 
     def _put_loop(self) -> None:
         while True:
             item = self._puts.get()
             if item is None:
                 return
-            ns, hashes, parents, tokens, data, event, buf = item
+            ns, hashes, parents, tokens, data, event, slot, ring = item
             try:
                 if event is not None:
                     event.synchronize()  # this thread waits for the copy; the engine does not
                 pages = [Page(h, p, t, data[i]) for i, (h, p, t) in enumerate(zip(hashes, parents, tokens))]
                 for i in range(0, len(pages), PUT_BATCH):
+                    self._wait_for_slack()
                     self.cache.put_pages(ns, pages[i:i + PUT_BATCH])
             except Exception:  # a failing tier must not stop the engine; say so and go on
                 self.failed_puts += 1
                 log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)
             finally:
-                if buf is not None:
-                    self._give_pinned(buf)
+                if slot is not None:
+                    ring.give(slot)
                 self._puts.task_done()
 
     def flush(self) -> None:

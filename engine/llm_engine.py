@@ -112,6 +112,8 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
         self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        if host is not None and self.device.type == "cuda":
+            self.runner.on_launched = self.prefix_cache.mark_step
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(registry, kvc_metrics)
@@ -228,6 +230,8 @@ class LLMEngine:
         self.metrics.device_tier(self.kv.pool.num_blocks * self.kv.spec.page_bytes,
                                  b.num_blocks - b.num_free, self.kv.spec.page_bytes)
         self.metrics.rates(self.planner.prefill_rate(), self.planner.tier_rates())
+        if self.prefix_cache.host is not None:
+            self.metrics.dropped(self.prefix_cache.host.dropped_puts)
 
     def close(self) -> None:
         """Stop the workers and drop the weights, the device pool and everything that holds them

@@ -39,6 +39,10 @@ class EngineMetrics:
         # The rates behind kvc.load_policy: auto (engine.load_policy), measured online.
         self.prefill_rate = Gauge("kvc_engine_prefill_tokens_per_second",
                                   "Measured prefill rate (EWMA over steps of mostly prefill)", registry=r)
+        # Puts are best-effort: an offer is dropped when the put queue or the pinned ring is full.
+        self.dropped_puts = Counter("kvc_engine_dropped_put_pages_total",
+                                    "Pages offered to the host tiers and dropped (put queue or buffer full)", registry=r)
+        self._dropped_seen = 0
         self.load_rate = Gauge("kvc_tier_load_bytes_per_second",
                                "Measured bandwidth of loads from a host tier into the device pool (EWMA)",
                                ["tier"], registry=r)
@@ -47,6 +51,12 @@ class EngineMetrics:
         self.capacity.labels(tier="device").set(capacity_bytes)
         self.used.labels(tier="device").set(used_pages * page_bytes)
         self.pages.labels(tier="device").set(used_pages)
+
+    def dropped(self, total: int) -> None:
+        """The host tier's running count of dropped pages."""
+        if total > self._dropped_seen:
+            self.dropped_puts.inc(total - self._dropped_seen)
+            self._dropped_seen = total
 
     def rates(self, prefill: float | None, tiers: dict[str, float]) -> None:
         if prefill is not None:

@@ -239,6 +239,11 @@ class PrefixCache:
         return max(0, full - start)
 
     # -- engine-wide -------------------------------------------------------------------------------
+    def mark_step(self) -> None:
+        """The runner queued a step's kernels: the host tier's puts may use the GPU's busy time."""
+        if self.host is not None and self.kv.pool.device.type == "cuda":
+            self.host.mark_step(self.kv.pool.device)
+
     @property
     def num_free_blocks(self) -> int:
         return self.blocks.num_free

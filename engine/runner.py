@@ -22,6 +22,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv, device
         self.graphs: DecodeGraphs | None = None  # set by the engine when decode graphs apply
+        self.on_launched = None  # called once a step's kernels are queued, before the host waits for them
 
     def _upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """All of a step's int lists in one host-to-device copy: pinned and non-blocking on CUDA, so
@@ -97,6 +98,8 @@ class ModelRunner:
 
     def step(self, sched: list[tuple[Request, int]]) -> dict[Request, int]:
         logits, reqs = self.logits(sched)
+        if self.on_launched is not None:
+            self.on_launched()
         if not reqs:
             return {}
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])

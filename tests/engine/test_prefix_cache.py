@@ -209,9 +209,10 @@ def test_a_prefix_is_offered_again_at_most_once_per_interval(qwen_dir, store):
     prefix = PROMPT[:24]
     down = DownStore(store)
     calls = []
-    real = down.put_pages
-    down.put_pages = lambda ns, pages: (calls.append(len(pages)), real(ns, pages))[1]
     eng = make_engine(qwen_dir, cache=down)
+    host = eng.prefix_cache.host
+    real = host.offer
+    host.offer = lambda ns, hashes, *rest: (calls.append(len(hashes)), real(ns, hashes, *rest))[1]
     run_one(eng, prefix + [5, 6, 7])
     eng.prefix_cache.flush()
     calls.clear()
