@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvc.device_pool import DevicePool
-from kvc.hashing import Namespace, PageSpec, page_hashes, tokens_bytes
+from kvc.hashing import Namespace, PageSpec, page_hashes
 
 from .request import Request
 
@@ -39,7 +39,3 @@ class KVCache:
 
     def parent(self, req: Request, page: int) -> bytes:
         return req.hashes[page - 1] if page else self.namespace(req.cache_salt).root
-
-    def page_tokens(self, req: Request, page: int) -> bytes:
-        P = self.page_size
-        return tokens_bytes(req.ids(page * P, (page + 1) * P))

@@ -232,9 +232,12 @@ class PrefixCache:
         self.kv.update_hashes(req)
         full = min(full, len(req.hashes))
         start = req.num_registered
-        for i in range(start, full):
-            self.blocks.cache_block(req.block_table[i], req.hashes[i], self.kv.parent(req, i),
-                                    self.kv.page_tokens(req, i))
+        if full > start:  # in bulk: a 32K-token load registers 2048 pages at once
+            P, step = self.page_size, 4 * self.page_size
+            packed = tokens_bytes(req.ids(start * P, full * P))
+            self.blocks.cache_blocks(req.block_table[start:full], req.hashes[start:full],
+                                     [self.kv.parent(req, start)] + req.hashes[start:full - 1],
+                                     [packed[i * step:(i + 1) * step] for i in range(full - start)])
         req.num_registered = max(start, full)
         return max(0, full - start)
 

@@ -213,14 +213,24 @@ class CpuTier:
     def verify(self, h: bytes) -> bool:
         return checksum(self.view(h)) == self.entries[h].checksum
 
-    def verify_many(self, hashes: list[bytes]) -> list[bool]:
-        """Checksums of a batch in place, on the reader threads; one bool per page."""
-        if len(hashes) <= 1 or self._readers is None:
-            return [self.verify(h) for h in hashes]
-        step = -(-len(hashes) // self._readers._max_workers)  # one task per thread, not per page
-        parts = self._readers.map(lambda part: [self.verify(h) for h in part],
-                                  [hashes[i:i + step] for i in range(0, len(hashes), step)])
+    def verify_entries(self, entries: list[Entry]) -> list[bool]:
+        """Checksums of pages in place in the slab, spread over the reader threads (xxh3 releases the
+        GIL); one bool per entry."""
+        slab = self.slab_np
+
+        def check(part: list[Entry]) -> list[bool]:
+            return [checksum(slab[e.slot:e.slot + e.nbytes]) == e.checksum for e in part]
+        if len(entries) <= 1 or self._readers is None:
+            return check(entries)
+        step = -(-len(entries) // self._readers._max_workers)  # one task per thread, not per page
+        parts = self._readers.map(check, [entries[i:i + step] for i in range(0, len(entries), step)])
         return [ok for part in parts for ok in part]
+
+    def touch_many(self, hashes: list[bytes]) -> None:
+        """touch each, in order (the last becomes the most recent)."""
+        move = self.entries.move_to_end
+        for h in hashes:
+            move(h)
 
     def read_many(self, hashes: list[bytes], dsts: list[torch.Tensor]) -> list[bool]:
         """read_into for a batch, spread over the tier's reader threads (numpy copies and xxh3
@@ -258,8 +268,11 @@ class NullTier:
     def touch(self, h: bytes) -> None:
         pass
 
-    def verify_many(self, keys) -> list[bool]:
-        return [False] * len(keys)  # holds nothing, so verifies nothing (a CUDA get asks with [])
+    def verify_entries(self, entries) -> list[bool]:
+        return [False] * len(entries)  # holds nothing, so verifies nothing (a CUDA get asks with [])
+
+    def touch_many(self, hashes) -> None:
+        pass
 
     def reader(self) -> "NullTier":
         return self

@@ -89,11 +89,19 @@ class BlockPool:
 
     def cache_block(self, block: int, h: bytes, parent: bytes, tokens: bytes) -> bool:
         """Register a full, computed block under its hash; False if the hash is already held."""
-        if h in self.hash_to_block or block in self._cached:
-            return False
-        self.hash_to_block[h] = block
-        self._cached[block] = _Cached(h, parent, tokens)
-        return True
+        return self.cache_blocks([block], [h], [parent], [tokens]) == 1
+
+    def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[bytes], parents: Sequence[bytes],
+                     tokens: Sequence[bytes]) -> int:
+        """cache_block for each (a loaded or computed run of pages); returns how many registered."""
+        h2b, cached, n = self.hash_to_block, self._cached, 0
+        for b, h, p, t in zip(blocks, hashes, parents, tokens):
+            if h in h2b or b in cached:
+                continue
+            h2b[h] = b
+            cached[b] = _Cached(h, p, t)
+            n += 1
+        return n
 
     def _uncache(self, b: int) -> None:
         c = self._cached.pop(b, None)

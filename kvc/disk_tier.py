@@ -290,6 +290,14 @@ class DiskTier:
             if h in self.index:
                 self.index.move_to_end(h)
 
+    def touch_many(self, hashes: list[bytes]) -> None:
+        """touch each, in order, under one lock."""
+        with self._lock:
+            index = self.index
+            for h in hashes:
+                if h in index:
+                    index.move_to_end(h)
+
     # -- writes --------------------------------------------------------------------------------
     def put(self, h: bytes, record: bytes, ns_root: bytes, parent: bytes, tokens: bytes) -> bool:
         """Queue a record for the writer; False when the tier is degraded or it already holds h."""

@@ -304,32 +304,34 @@ class TieredStore:
         keys = [key(root, bytes(h)) for h in hashes]
         nbytes = out[0].numel() * out.element_size() if len(out) else 0
         with self._lock:
-            slots = []
-            for k in keys:
-                e = self.cpu.get(k)
+            held = []
+            for e in map(self.cpu.entries.get, keys):
                 if e is None or e.nbytes != nbytes or e.ns_root != root:
                     break
-                slots.append(e.slot)
-            run = len(slots)
+                held.append(e)
+            run = len(held)
             flat = out.view(torch.uint8).reshape(-1)  # [n * page bytes] on the device
             i = 0
             while i < run:  # one H2D per run of adjacent slab slots (puts in order fill them so)
                 j = i + 1
-                while j < run and slots[j] == slots[j - 1] + nbytes:
+                while j < run and held[j].slot == held[j - 1].slot + nbytes:
                     j += 1
-                flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[slots[i]:slots[i] + (j - i) * nbytes],
+                flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[held[i].slot:held[i].slot + (j - i) * nbytes],
                                                   non_blocking=True)
                 i = j
-            ok = self.cpu.verify_many(keys[:run])
-            torch.cuda.current_stream(out.device).synchronize()
+            ok = self.cpu.verify_entries(held)
+            if out.is_cuda:
+                torch.cuda.current_stream(out.device).synchronize()
             good = next((i for i, v in enumerate(ok) if not v), run)
             if good < run:
                 self._corrupt_cpu(keys[good])
-            pages = [self._page_of(hashes[i], self.cpu.get(k), out[i]) for i, k in enumerate(keys[:good])]
-            for k in reversed(keys[:good]):
-                self.cpu.touch(k)
+            rows = out.unbind(0)
+            pages = [Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"), rows[i])
+                     for i, (h, e) in enumerate(zip(hashes, held[:good]))]
+            self.cpu.touch_many(keys[good - 1::-1] if good else [])
+            for k in keys[:good]:
                 self._hit(k)  # a use, as in get_pages: admission counts it
-                self.disk.touch(k)
+            self.disk.touch_many(keys[good - 1::-1] if good else [])
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
             tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype)  # pageable: disk reads are slower than its copy

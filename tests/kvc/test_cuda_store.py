@@ -26,7 +26,7 @@ def test_get_into_cuda_equals_pages_and_stops_at_a_corrupt_one(tmp_path):
 
 def test_get_into_cuda_from_disk_alone(tmp_path):
     """A store without a cpu tier (cpu_memory_size_GB: 0) serves a CUDA get from disk (it raised
-    AttributeError on the H200: the empty cpu tier had no verify_many)."""
+    AttributeError on the H200: the empty cpu tier had no checksum method)."""
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=0)) as s:
         hashes, pages = make_pages(NS, list(range(64)))
         s.put_pages(NS, pages)

@@ -67,3 +67,12 @@ def test_gather_scatter_roundtrip():
     k, v = pool.layer(2)
     assert torch.equal(k[3], pages[0, 2, 0]) and torch.equal(v[1], pages[1, 2, 1])
     assert torch.count_nonzero(pool.kv[:, :, [0, 2, 4]]) == 0
+
+
+def test_cache_blocks_registers_a_run_like_one_at_a_time():
+    pool = BlockPool(8)
+    b = pool.allocate(4)
+    hs = [bytes([i]) * 16 for i in range(4)]
+    assert pool.cache_block(b[1], hs[1], hs[0], b"y")  # already held: skipped in the run below
+    assert pool.cache_blocks(b, hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == 3
+    assert pool.match_prefix(hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == b
