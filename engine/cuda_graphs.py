@@ -7,6 +7,15 @@ layer (norms, RoPE, the K/V store, split-K decode attention sized for `max_block
 and grouped expert GEMMs) and the lm_head; sampling stays outside. Graphs are captured lazily, the
 first time a bucket is needed. Only engine.model.CausalLM with its own device experts qualifies:
 offloaded or recording experts, CPU, missing triton or `model.enforce_eager` keep steps eager.
+
+Capture uses capture_error_mode="thread_local": the engine's other threads keep using CUDA while a
+bucket is captured (the kvc-load thread copies pages host -> device on its own stream and
+synchronizes it, the kvc-put thread waits on events). In the default "global" mode any such call
+from any thread during the capture fails ("operation not permitted when stream is capturing") and
+invalidates the capture. thread_local forbids unsafe calls only on the capturing thread, and the
+captured region itself makes none: every input is already on the device (static buffers), the
+warm-up before it compiles the Triton kernels and settles the experts' grouped-GEMM choice, and
+the MoE path counts tokens per expert on the device (no host read-back).
 """
 from __future__ import annotations
 
@@ -83,7 +92,8 @@ class DecodeGraphs:
             raise RuntimeError("grouped expert GEMMs unavailable for this device/dtype; "
                                "the per-expert loop syncs with the host")
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        # thread_local: other engine threads' CUDA calls meanwhile must not void it (module doc)
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             out = self._forward(B)
         if self.pool is None:
             self.pool = g.pool()
