@@ -117,12 +117,10 @@ def test_graph_capture_while_another_thread_copies(bf16_dirs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("page,chunk", [(16, 2048), (32, 16), (64, 24)], ids=["p16c2048", "p32c16", "p64c24"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["gqa1", "gqa4", "gqa8"])
-def test_kernels_greedy_equal_reference(tmp_path, monkeypatch, page, chunk, heads):
+def test_kernels_greedy_equal_reference(tmp_path, page, chunk, heads):
     path = make_tiny_model(tmp_path, "qwen3_moe", num_attention_heads=heads[0], num_key_value_heads=heads[1])
     prompts = PROMPTS + [PROMPTS[0][:40] + [5, 6, 7]]  # the last one hits the first's cached pages
-    monkeypatch.setenv("KVC_ATTENTION", "reference")
-    ref = run(engine(path, page_size=page, chunk_size=chunk, enforce_eager=True), prompts)
-    monkeypatch.delenv("KVC_ATTENTION")
+    ref = run(engine(path, page_size=page, chunk_size=chunk, backend="reference"), prompts)
     eng = engine(path, page_size=page, chunk_size=chunk)
     assert run(eng, prompts) == ref
     first = run(eng, prompts[:1])  # a device hit of the whole prompt but its last token
