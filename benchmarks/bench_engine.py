@@ -14,7 +14,6 @@ CUDA graphs (on CUDA). The HBM floor is the checkpoint's bytes read per single-r
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvc.config import load_config  # noqa: E402
 from engine import LLMEngine, SamplingParams  # noqa: E402
+from engine.layers import set_attention_backend  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
 PRESETS = {
@@ -88,7 +88,9 @@ class Ours:
         self.graphs = self.eng.runner.graphs
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
 
-    def mode(self, chunk: int | None = None, graphs: bool | None = None):
+    def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None):
+        if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
+            set_attention_backend(self.eng.model, self.eng.config.attn.backend, prefill)
         if chunk is not None:
             self.eng.scheduler.chunk = self.eng.prefix_cache.chunk = chunk  # admission sizes the first piece
         if graphs is not None:
@@ -206,9 +208,9 @@ def main():
         for L in sorted(set(a.prompt_len)):
             ours.mode(chunk=a.chunk)
             chunked = timed(ours.prefill(L, L), a.device, a.repeat)
-            os.environ["KVC_PREFILL"] = "triton"  # long pieces otherwise go to FA2 varlen on CUDA
+            ours.mode(prefill="triton")  # long pieces otherwise go to FA2 varlen on CUDA
             triton_only = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
-            del os.environ["KVC_PREFILL"]
+            ours.mode(prefill=ours.eng.config.attn.prefill_kernel)
             ours.mode(chunk=L)
             one = timed(ours.prefill(L, L), a.device, a.repeat)
             ours.mode(chunk=a.chunk)

@@ -6,7 +6,17 @@ scheduler.max_num_seqs). Rows past B are padding: slot -1 (the K/V store skips t
 layer (norms, RoPE, the K/V store, split-K decode attention sized for `max_blocks` pages, router
 and grouped expert GEMMs) and the lm_head; sampling stays outside. Graphs are captured lazily, the
 first time a bucket is needed. Only engine.model.CausalLM with its own device experts qualifies:
-offloaded or recording experts, CPU, missing triton or `model.enforce_eager` keep steps eager.
+offloaded or recording experts, CPU, missing triton, `attn.backend: reference` or
+`model.enforce_eager` keep steps eager.
+
+Capture uses capture_error_mode="thread_local": the engine's other threads keep using CUDA while a
+bucket is captured (the kvc-load thread copies pages host -> device on its own stream and
+synchronizes it, the kvc-put thread waits on events). In the default "global" mode any such call
+from any thread during the capture fails ("operation not permitted when stream is capturing") and
+invalidates the capture. thread_local forbids unsafe calls only on the capturing thread, and the
+captured region itself makes none: every input is already on the device (static buffers), the
+warm-up before it compiles the Triton kernels and settles the experts' grouped-GEMM choice, and
+the MoE path counts tokens per expert on the device (no host read-back).
 """
 from __future__ import annotations
 
@@ -31,12 +41,14 @@ def buckets(max_num_seqs: int) -> list[int]:
     return out + [max_num_seqs]
 
 
-def graphs_supported(model: torch.nn.Module, device: torch.device) -> str | None:
-    """None when decode graphs can be used, else why not."""
+def graphs_supported(model: torch.nn.Module, device: torch.device, backend: str = "auto") -> str | None:
+    """None when decode graphs can be used (backend: attn.backend), else why not."""
     if device.type != "cuda":
         return "not on CUDA"
     if type(model) is not CausalLM:
         return f"{type(model).__name__} is not engine.model.CausalLM"
+    if backend == "reference":
+        return "attn.backend is reference"
     if not use_kernels(torch.empty(0, device=device)):
         return "triton kernels unavailable"
     if any(b._backend is not None for b in model.moe_blocks()):
@@ -83,7 +95,8 @@ class DecodeGraphs:
             raise RuntimeError("grouped expert GEMMs unavailable for this device/dtype; "
                                "the per-expert loop syncs with the host")
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        # thread_local: other engine threads' CUDA calls meanwhile must not void it (module doc)
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             out = self._forward(B)
         if self.pool is None:
             self.pool = g.pool()

@@ -1,7 +1,8 @@
 """Shared layers: RMSNorm, NeoX RoPE, gated MLP and paged attention over the device pool.
 
 `paged_attention` runs the Triton kernels of engine.attention on CUDA (they read the pool in
-place) and otherwise the reference path: write the step's K/V into the pool through
+place) and otherwise the reference path (always with config attn.backend "reference", which
+`set_attention_backend` hands to every norm and attention layer of a model): write the step's K/V into the pool through
 `slot_mapping`, then gather each sequence's pages and run SDPA. Decodes are batched into one padded
 SDPA call; prefill pieces run one SDPA each with a causal mask offset by the cached prefix.
 """
@@ -21,9 +22,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.backend = "auto"  # attn.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernels(x):  # one launch instead of seven (decode steps are launch-bound)
+        if use_kernels(x, self.backend):  # one launch instead of seven (decode steps are launch-bound)
             return rms_norm(x, self.weight, self.eps)
         return self.reference(x)
 
@@ -48,9 +50,9 @@ class Rope(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, H, D], cos/sin [T, D]
-    if use_kernels(x):  # one launch instead of five (decode steps are launch-bound)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    # x [T, H, D], cos/sin [T, D]; backend: attn.backend
+    if use_kernels(x, backend):  # one launch instead of five (decode steps are launch-bound)
         return rope_kernel(x, cos, sin)
     return apply_rope_reference(x, cos, sin)
 
@@ -100,10 +102,12 @@ class AttnMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
-    if use_kernels(q):
-        return kernel_attention(q, k, v, k_cache, v_cache, meta, scale)
+                    v_cache: torch.Tensor, meta: AttnMetadata, scale: float, backend: str = "auto",
+                    prefill: str = "auto") -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; backend and prefill
+    are attn.backend and attn.prefill_kernel."""
+    if use_kernels(q, backend):
+        return kernel_attention(q, k, v, k_cache, v_cache, meta, scale, prefill)
     return paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
 
 
@@ -158,6 +162,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, eps)
         else:
             self.q_norm = self.k_norm = None
+        self.backend, self.prefill_kernel = "auto", "auto"  # attn.backend, attn.prefill_kernel
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -167,6 +172,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5)  # [T, Hq, D]
+        q, k = apply_rope(q, cos, sin, self.backend), apply_rope(k, cos, sin, self.backend)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5, self.backend,
+                            self.prefill_kernel)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.heads * self.head_dim))
+
+
+def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto") -> None:
+    """Hand config attn.backend and attn.prefill_kernel to every norm and attention layer of
+    `model` (MLA layers run their own attention; their norms follow `backend`)."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, Attention)):
+            m.backend = backend
+        if isinstance(m, Attention):
+            m.prefill_kernel = prefill_kernel

@@ -18,6 +18,7 @@ from kvc.record import dtype_name
 from .cuda_graphs import DecodeGraphs, graphs_supported
 from .host_tier import HostTier
 from .kv_cache import KVCache
+from .layers import set_attention_backend
 from .load_policy import LoadPlanner
 from .loader import load_model
 from .metrics import EngineMetrics
@@ -98,6 +99,7 @@ class LLMEngine:
         path = resolve_model_path(config.model.path)
         dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
         self.model, self.args, digest = load_model(path, dtype, self.device, experts_load_device(config.experts))
+        set_attention_backend(self.model, config.attn.backend, config.attn.prefill_kernel)
         self.model_name = config.model.path
         self.tokenizer = Tokenizer.from_dir(path, self.args.eos_token_ids)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.args.eos_token_ids
@@ -118,7 +120,8 @@ class LLMEngine:
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(registry, kvc_metrics)
         self.experts = setup_experts(self.model, config.experts, self.device, registry)
-        why_not = "model.enforce_eager" if config.model.enforce_eager else graphs_supported(self.model, self.device)
+        why_not = ("model.enforce_eager" if config.model.enforce_eager
+                   else graphs_supported(self.model, self.device, config.attn.backend))
         if why_not is None:
             self.runner.graphs = DecodeGraphs(self.model, self.kv, self.device, config.scheduler.max_num_seqs,
                                               self.max_model_len)

@@ -36,6 +36,12 @@ class ModelConfig:
 class AttnConfig:
     page_size: int = field(default=16, metadata=_range(1, 4096))
     chunk_size: int = field(default=256, metadata=_range(1, 1 << 20))
+    # "auto": the Triton paged-attention kernels on CUDA when triton imports, else the gather + SDPA
+    # reference path; "reference" always takes the reference path (debugging, the kernels' oracle).
+    backend: str = field(default="auto", metadata={"choices": ("auto", "reference")})
+    # Prefill pieces under the kernels: "auto" sends long pieces to FA2 varlen where it runs, the
+    # rest to the Triton kernel; "triton" or "flash" forces one (comparisons, debugging).
+    prefill_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "flash")})
 
 
 @dataclass(frozen=True)

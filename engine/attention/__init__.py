@@ -1,9 +1,10 @@
 """Paged attention kernels (Triton) over the device pool, used on CUDA when triton imports.
 
-`use_kernels(q)` decides; `kernel_attention` runs one step: store the new K/V, one launch for all
-prefill pieces (the Triton kernel, or PyTorch's FA2 varlen kernel over gathered keys for long
-pieces: see flash_prefill), one split-K decode launch plus its reduce. The gather+SDPA path in engine.layers
-is the CPU path and the oracle the kernels are tested against.
+`use_kernels(q, backend)` decides (config `attn.backend`); `kernel_attention` runs one step: store
+the new K/V, one launch for all prefill pieces (the Triton kernel, or PyTorch's FA2 varlen kernel
+over gathered keys for long pieces: see flash_prefill; config `attn.prefill_kernel` can force one),
+one split-K decode launch plus its reduce. The gather+SDPA path in engine.layers is the CPU path
+and the oracle the kernels are tested against.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ def triton_available() -> bool:
     return True
 
 
-def use_kernels(q: torch.Tensor) -> bool:
-    """Kernels on CUDA tensors (or any device under TRITON_INTERPRET=1) when triton imports."""
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+def use_kernels(q: torch.Tensor, backend: str = "auto") -> bool:
+    """Kernels on CUDA tensors (or any device under TRITON_INTERPRET=1, triton's own switch) when
+    triton imports and `backend` (config attn.backend) is "auto"; "reference" never uses them."""
+    if backend == "reference" or not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return os.environ.get("KVC_ATTENTION", "") != "reference" and triton_available()
+    return triton_available()
 
 
 def prefill_inputs(meta, P: int, device: torch.device):
@@ -50,12 +52,11 @@ def prefill_inputs(meta, P: int, device: torch.device):
     return tables, starts, q_lens, k_lens, max(p.q_len for p in ps), max(p.k_len for p in ps)
 
 
-def prefill_backend(q: torch.Tensor, max_q: int, choice: str | None = None) -> str:
+def prefill_backend(q: torch.Tensor, max_q: int, choice: str = "auto") -> str:
     """"flash" (FA2 varlen over gathered keys) for long pieces where it runs, else "triton".
 
-    `choice` (or env KVC_PREFILL) forces one: tests and benchmarks compare both."""
+    `choice` (config attn.prefill_kernel) "triton" or "flash" forces one where it runs."""
     from .flash_prefill import FLASH_MIN_Q, flash_usable
-    choice = choice or os.environ.get("KVC_PREFILL") or "auto"
     if choice == "triton" or not flash_usable(q):
         return "triton"
     return "flash" if choice == "flash" or max_q >= FLASH_MIN_Q else "triton"
@@ -72,8 +73,9 @@ def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, meta, scale: float, prefill: str | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]."""
+                     v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto") -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
+    attn.prefill_kernel."""
     from .flash_prefill import flash_prefill
     from .triton_cache import store_kv
     from .triton_decode import decode_attention

@@ -133,8 +133,8 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 
 
 INTERP = """
-import os, sys, torch
-from tests.engine.test_attention_kernels import check, check_norm, check_rope, engine_tokens
+import sys, torch
+from tests.engine.test_attention_kernels import check, check_norm, check_rope, count_paths, engine_tokens
 check_norm("cpu")
 check_rope("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
@@ -142,21 +142,38 @@ for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
 check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
 check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
-os.environ["KVC_ATTENTION"] = "reference"
-ref = engine_tokens(sys.argv[1])
-del os.environ["KVC_ATTENTION"]
+calls = count_paths()
+ref = engine_tokens(sys.argv[1], backend="reference")  # attn.backend is obeyed under the interpreter
+assert calls["reference"] > 0 and calls["kernels"] == calls["norm"] == calls["rope"] == 0, calls
+calls.update(dict.fromkeys(calls, 0))
 got = engine_tokens(sys.argv[1])
+assert calls["reference"] == 0 and min(calls["kernels"], calls["norm"], calls["rope"]) > 0, calls
 assert got == ref, (got, ref)
 print("ok")
 """
 
 
-def engine_tokens(path: str) -> dict[str, list[int]]:
+def count_paths() -> dict[str, int]:
+    """Count the calls engine.layers makes to the kernels and to the reference attention (each
+    call still runs the real function)."""
+    import engine.layers as layers
+    calls = {}
+    for key, name in (("kernels", "kernel_attention"), ("norm", "rms_norm"), ("rope", "rope_kernel"),
+                      ("reference", "paged_attention_reference")):
+        def counted(*a, _fn=getattr(layers, name), _key=key, **kw):
+            calls[_key] += 1
+            return _fn(*a, **kw)
+        calls[key] = 0
+        setattr(layers, name, counted)
+    return calls
+
+
+def engine_tokens(path: str, **overrides) -> dict[str, list[int]]:
     """Greedy tokens of a ragged batch run twice (the second round hits the device pool)."""
     from engine import LLMEngine, SamplingParams
     from kvc.config import load_config
     eng = LLMEngine(load_config().replace(path=path, device="cpu", page_size=4, chunk_size=8,
-                                          num_device_blocks=64, gpu_only=True))
+                                          num_device_blocks=64, gpu_only=True, **overrides))
     prompts = [[(i * 7 + 3) % 250 for i in range(13)], [(i * 5 + 1) % 250 for i in range(6)]]
     out = {}
     for r in range(2):
@@ -175,3 +192,19 @@ def test_kernels_match_reference_interpreter(qwen_dir):
     r = subprocess.run([sys.executable, "-c", INTERP, str(qwen_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_attn_backend_config_reaches_the_layers_cpu(qwen_dir):
+    """attn.backend / attn.prefill_kernel from the config land on every norm and attention layer;
+    on CPU (no interpreter) both backends run the reference path, so the tokens are equal."""
+    from engine import LLMEngine
+    from engine.layers import Attention, RMSNorm
+    from kvc.config import load_config
+    eng = LLMEngine(load_config().replace(path=str(qwen_dir), device="cpu", num_device_blocks=64, gpu_only=True,
+                                          backend="reference", prefill_kernel="triton"))
+    attn = [m for m in eng.model.modules() if isinstance(m, Attention)]
+    norms = [m for m in eng.model.modules() if isinstance(m, RMSNorm)]
+    assert attn and norms and eng.runner.graphs is None
+    assert all(m.backend == "reference" and m.prefill_kernel == "triton" for m in attn)
+    assert all(m.backend == "reference" for m in norms)
+    assert engine_tokens(str(qwen_dir), backend="reference") == engine_tokens(str(qwen_dir))

@@ -3,6 +3,9 @@ and the gather+SDPA reference across page sizes, chunk sizes, GQA ratios and rag
 The GPU tests run on the device (`-m gpu`); bucket sizing and the CPU fallback run everywhere."""
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 import torch
 
@@ -71,14 +74,53 @@ def test_graph_decode_equals_eager(bf16_dirs, arch, page):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_capture_while_another_thread_copies(bf16_dirs):
+    """Decode graphs captured while another thread copies pinned pages to the device on its own
+    stream and synchronizes it, as the kvc-load thread does: every capture holds (a "global" mode
+    capture fails or voids the other thread's calls) and tokens equal eager decode."""
+    path = bf16_dirs["qwen3_moe"]
+    eager = run(engine(path, "bfloat16", chunk_size=32, enforce_eager=True), PROMPTS)
+    eng = engine(path, "bfloat16", chunk_size=32)
+    stop, errors, copies = threading.Event(), [], [0]
+    src = torch.arange(1 << 20, dtype=torch.float32).pin_memory()  # [1M] 4 MiB, like a staged page run
+
+    def loader():
+        try:
+            stream, dst = torch.cuda.Stream(), None
+            while not stop.is_set():
+                with torch.cuda.stream(stream):
+                    dst = src.to("cuda", non_blocking=True)  # a fresh device buffer, as the staging is
+                stream.synchronize()
+                copies[0] += 1
+            assert dst is not None and torch.equal(dst.cpu(), src)
+        except Exception as e:  # reported below: the thread must never see a capture error
+            errors.append(e)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # hand the GIL over often, so the copies land inside the captures
+    t = threading.Thread(target=loader, daemon=True)
+    t.start()
+    try:
+        graphs = run(eng, PROMPTS)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+        sys.setswitchinterval(switch)
+    g = eng.runner.graphs
+    assert not errors, errors
+    assert copies[0] > 0
+    assert g is not None and g.disabled is None and g.replays > 0 and len(g.graphs) >= 3, getattr(g, "disabled", None)
+    assert graphs == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("page,chunk", [(16, 2048), (32, 16), (64, 24)], ids=["p16c2048", "p32c16", "p64c24"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)], ids=["gqa1", "gqa4", "gqa8"])
-def test_kernels_greedy_equal_reference(tmp_path, monkeypatch, page, chunk, heads):
+def test_kernels_greedy_equal_reference(tmp_path, page, chunk, heads):
     path = make_tiny_model(tmp_path, "qwen3_moe", num_attention_heads=heads[0], num_key_value_heads=heads[1])
     prompts = PROMPTS + [PROMPTS[0][:40] + [5, 6, 7]]  # the last one hits the first's cached pages
-    monkeypatch.setenv("KVC_ATTENTION", "reference")
-    ref = run(engine(path, page_size=page, chunk_size=chunk, enforce_eager=True), prompts)
-    monkeypatch.delenv("KVC_ATTENTION")
+    ref = run(engine(path, page_size=page, chunk_size=chunk, backend="reference"), prompts)
     eng = engine(path, page_size=page, chunk_size=chunk)
     assert run(eng, prompts) == ref
     first = run(eng, prompts[:1])  # a device hit of the whole prompt but its last token

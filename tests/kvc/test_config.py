@@ -34,6 +34,8 @@ def test_yaml_and_kvc2_alias_and_tilde(tmp_path):
     ("kvc: {low_watermark: 0.99}", "low_watermark"),
     ("experts: {num_gpu_experts: 2, gpu_experts_ratio: 0.5}", "not both"),
     ("- a\n- b", "mapping"),
+    ("attn: {backend: triton}", "attn.backend must be one of auto, reference"),
+    ("attn: {prefill_kernel: fa3}", "attn.prefill_kernel must be one of auto, triton, flash"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle):
