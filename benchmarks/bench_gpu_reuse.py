@@ -330,7 +330,9 @@ def main() -> None:
         if "tput-variants" not in skip:  # where the host tiers' cost comes from
             for name, kw in (("host tiers, cpu tier only (4 GB, no disk)", dict(base, cpu_memory_size_GB=4, disk_path=None)),
                              ("host tiers, disk_admission_hits 2", dict(tiers, disk_admission_hits=2))):
-                shutil.rmtree(disk_path, ignore_errors=True)
+                if kw.get("disk_path"):  # its own, empty disk tier: the CPU-experts row reads disk_path
+                    kw["disk_path"] = str(work / "pages-variant")
+                    shutil.rmtree(kw["disk_path"], ignore_errors=True)
                 llm = LLM(str(model_dir), **kw)
                 tput[name] = throughput(llm, rng, n_tput, tput_len)
                 host = llm.engine.prefix_cache.host

@@ -6,8 +6,8 @@ CUDA the offered pages leave the device on a side stream into a pinned ring (eng
 recorded with an event; the put thread waits for the event, then does the checksum, slab and
 disk work. That work is Python and holds the GIL much of the time, and a GIL held by another
 thread stalls every kernel launch of the engine's thread: so the put thread works only while the
-GPU is busy with work the engine already launched (the engine marks each step's launches with an
-event) or while the engine is idle. The put queue and the ring are bounded; an offer that finds
+GPU has work queued by the engine (each step's launches are marked with an event) or while the
+engine is idle (no step started for IDLE_S). The put queue and the ring are bounded; an offer that finds
 either full is dropped (counted).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ Observer = Callable[[str, int, float], None]  # (tier, bytes, seconds) of one lo
 MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: not reported
 PUT_BATCH = 4  # pages per put_pages call: the store's lock (and the GIL) is held that long
 PUT_RING_BYTES = 256 << 20  # the pinned ring offered pages are copied into on CUDA
-IDLE_S = 0.01  # no step marked for this long: the engine is idle and puts run freely
+IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely
 
 
 class HostTier:
@@ -50,7 +50,8 @@ class HostTier:
         self._load_stream = None
         self._put_stream = None
         self._ring: PinnedRing | None = None  # made at the first CUDA offer
-        self._mark: tuple[torch.cuda.Event, float] | None = None  # the engine's last step: (event, when)
+        self._launched = None  # the last launched step's kernels (a CUDA event)
+        self._active = 0.0  # when the engine last started or launched a step (monotonic)
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
@@ -146,22 +147,37 @@ class HostTier:
         return s
 
     # -- puts ----------------------------------------------------------------------------------
-    def mark_step(self, device: torch.device) -> None:
-        """The engine launched a step's work on `device`'s current stream (called on CUDA before the
-        step's host sync): puts may run while the GPU is busy with it."""
+    def step_started(self) -> None:
+        """The engine's thread began a step (scheduling, then kernel launches)."""
+        self._active = time.monotonic()
+
+    def step_launched(self, device: torch.device) -> None:
+        """The step's kernels are queued on `device`'s current stream (called before the step's
+        host sync): puts may run until the GPU has finished them."""
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(device))
-        self._mark = (ev, time.monotonic())
+        self._launched = ev
+        self._active = time.monotonic()
 
     def _wait_for_slack(self) -> None:
-        """Hold the put thread while the engine's thread is what limits the engine: it marked a
-        step recently and the GPU has already finished all of it (the engine is launching the
-        next one, or doing its host work between steps)."""
+        """Hold the put thread while the engine's own thread limits the engine: the GPU has
+        finished every step launched so far and the engine is busy (scheduling, launching, or
+        handling outputs). Run while the GPU has queued work (slower launches cost nothing then:
+        if they fall behind, the GPU catches up and puts stop), or when the engine is idle."""
         while True:
-            mark = self._mark
-            if mark is None or not mark[0].query() or time.monotonic() - mark[1] > IDLE_S:
+            ev = self._launched
+            if ev is not None and not ev.query():
+                return
+            if time.monotonic() - self._active > IDLE_S:
                 return
             time.sleep(0.0002)
+
+    def room(self, n: int, on_cuda: bool) -> bool:
+        """Whether an offer of n pages would be taken now (callers skip the gather otherwise)."""
+        if self._puts.full():
+            return False
+        ring = self._ring
+        return not on_cuda or ring is None or n <= ring.pages
 
     def offer(self, ns: Namespace, hashes: list[bytes], parents: list[bytes], tokens: list[np.ndarray],
               data: torch.Tensor) -> bool:

@@ -114,8 +114,9 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
         self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)
-        if host is not None and self.device.type == "cuda":
-            self.runner.on_launched = self.prefix_cache.mark_step
+        self._pace_puts = host is not None and self.device.type == "cuda"
+        if self._pace_puts:
+            self.runner.on_launched = self.prefix_cache.step_launched
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(registry, kvc_metrics)
@@ -172,6 +173,8 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._pace_puts:
+            self.prefix_cache.step_started()
         preempted = self.scheduler.num_preemptions
         sched = self.scheduler.schedule()
         self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted)

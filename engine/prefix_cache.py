@@ -222,6 +222,9 @@ class PrefixCache:
     def _offer(self, req: Request, pages: range) -> None:
         """Offer the request's pages (registered, in its block table) to the host tiers."""
         P = self.page_size
+        if not self.host.room(len(pages), self.kv.pool.device.type == "cuda"):
+            self.host.dropped_puts += len(pages)  # no gather for an offer that would be dropped
+            return
         data = self.kv.pool.gather([req.block_table[i] for i in pages])  # [n, L, parts, P, H, D]
         self.host.offer(self.kv.namespace(req.cache_salt), [req.hashes[i] for i in pages],
                         [self.kv.parent(req, i) for i in pages],
@@ -242,10 +245,15 @@ class PrefixCache:
         return max(0, full - start)
 
     # -- engine-wide -------------------------------------------------------------------------------
-    def mark_step(self) -> None:
-        """The runner queued a step's kernels: the host tier's puts may use the GPU's busy time."""
-        if self.host is not None and self.kv.pool.device.type == "cuda":
-            self.host.mark_step(self.kv.pool.device)
+    def step_started(self) -> None:
+        """The engine's thread began a step (the host tier's puts tell a busy engine from an idle one)."""
+        if self.host is not None:
+            self.host.step_started()
+
+    def step_launched(self) -> None:
+        """The runner queued the step's kernels: puts may use the GPU's busy time."""
+        if self.host is not None:
+            self.host.step_launched(self.kv.pool.device)
 
     @property
     def num_free_blocks(self) -> int:
