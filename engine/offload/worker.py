@@ -118,6 +118,8 @@ class CudaStaging:
             b["w"][:T].copy_(weights, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.stream)
+        for t in (x, ids, weights):  # the caller may drop these (ids is a temporary) before the side
+            t.record_stream(self.stream)  # stream copies them: the allocator must not hand them out meanwhile
         return Stage(b["x"][:T], b["ids"][:T], b["w"][:T], b["out"][:T], ready, self.out_done[self.turn],
                      self.turn)
 
