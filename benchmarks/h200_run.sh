@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, reuse, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -30,6 +30,7 @@ for part in "$@"; do
         --skip transformers,cpu-experts --lengths 8192 ;;
     reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
+    put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
     engine) step engine 240 python3 benchmarks/bench_engine.py --device cuda --model-dir "$ckpt" ;;
     deepseek) step deepseek 200 python3 benchmarks/bench_deepseek.py --ttft-len 8192 32768 ;;

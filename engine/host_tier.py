@@ -52,6 +52,7 @@ class HostTier:
         self._ring: PinnedRing | None = None  # made at the first CUDA offer
         self._launched = None  # the last launched step's kernels (a CUDA event)
         self._active = 0.0  # when the engine last started or launched a step (monotonic)
+        self._launch_signal = threading.Event()  # set at each step_launched: wakes a waiting put thread
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
@@ -158,19 +159,22 @@ class HostTier:
         ev.record(torch.cuda.current_stream(device))
         self._launched = ev
         self._active = time.monotonic()
+        self._launch_signal.set()
 
     def _wait_for_slack(self) -> None:
         """Hold the put thread while the engine's own thread limits the engine: the GPU has
         finished every step launched so far and the engine is busy (scheduling, launching, or
         handling outputs). Run while the GPU has queued work (slower launches cost nothing then:
-        if they fall behind, the GPU catches up and puts stop), or when the engine is idle."""
+        if they fall behind, the GPU catches up and puts stop), or when the engine is idle. The
+        wait sleeps on an event the next launch sets: no polling that would take the GIL."""
         while True:
             ev = self._launched
             if ev is not None and not ev.query():
                 return
             if time.monotonic() - self._active > IDLE_S:
                 return
-            time.sleep(0.0002)
+            self._launch_signal.clear()
+            self._launch_signal.wait(IDLE_S)
 
     def room(self, n: int, on_cuda: bool) -> bool:
         """Whether an offer of n pages would be taken now (callers skip the gather otherwise)."""
