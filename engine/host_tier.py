@@ -43,6 +43,8 @@ class HostTier:
         self.cache = cache
         self.observe = observe
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvc-load")
+        self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvc-probe")
+        self._probe_stream = None
         self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
         self.dropped_puts = 0
         self.failed_puts = 0
@@ -96,12 +98,12 @@ class HostTier:
         return done
 
     def _get_run(self, ns: Namespace, hashes: list[bytes], tier: str, out: torch.Tensor,
-                 then: Callable[[int], None] | None = None) -> int:
+                 then: Callable[[int], None] | None = None, stream_attr: str = "_load_stream") -> int:
         """Get one tier's run of pages into `out` (then `then(n)` on the same stream); report the
         tier's bandwidth; how many leading pages landed."""
         t0 = time.perf_counter()
         if out.is_cuda:
-            stream = self._side(out.device, "_load_stream")
+            stream = self._side(out.device, stream_attr)
             with torch.cuda.stream(stream):
                 n = len(self.cache.get_pages(ns, hashes, out=out))
                 if n and then is not None:
@@ -116,15 +118,19 @@ class HostTier:
         return n
 
     def probe(self, ns: Namespace, hashes: Sequence[bytes], tier: str, device: torch.device) -> Future:
-        """Read pages of one tier into the loader's staging buffer only to measure the tier's
-        bandwidth (the load planner asks for it where it does not load from that tier); runs
-        after the loads already queued, never into a request's blocks."""
-        return self._loader.submit(self._probe, ns, list(hashes), tier, device)
+        """Read pages of one tier into a scratch buffer only to measure the tier's bandwidth (the
+        load planner asks for it where it does not load from that tier). A probe is not urgent:
+        it runs on its own thread, after the engine's GPU work like the puts (it must not slow
+        the recompute it stands beside), never into a request's blocks."""
+        return self._prober.submit(self._probe, ns, list(hashes), tier, device)
 
     def _probe(self, ns: Namespace, hashes: list[bytes], tier: str, device: torch.device) -> int:
         try:
-            staging = self._staging_for(ns, len(hashes), device if device.type == "cuda" else torch.device("cpu"))
-            return self._get_run(ns, hashes, tier, staging[:len(hashes)])
+            self._wait_for_slack()
+            spec = ns.spec
+            out = torch.empty((len(hashes), *spec.shape), dtype=torch_dtype(spec.dtype),
+                              device=device if device.type == "cuda" else "cpu")
+            return self._get_run(ns, hashes, tier, out, stream_attr="_probe_stream")
         except Exception:  # a probe is advice: a failing tier shows up in the loads themselves
             log.warning("probing the %s tier failed", tier, exc_info=True)
             return 0
@@ -255,4 +261,5 @@ class HostTier:
     def close(self) -> None:
         self._puts.put(None)
         self._putter.join(timeout=5)
+        self._prober.shutdown(wait=True)
         self._loader.shutdown(wait=True)

@@ -22,11 +22,11 @@ from typing import Sequence
 
 POLICIES = ("auto", "always", "never")
 REPROBE = 64  # a measured tier skipped this many times is probed again
-PROBE_BYTES = 4 << 20  # a probe reads this much (whole pages, at least one)
+PROBE_BYTES = 16 << 20  # a probe reads this much (whole pages, at least one): enough that the
+# rate it measures is bandwidth, not the fixed cost of one get (4 MiB from a 20 GB/s cpu tier read 1.8 GB/s)
 # Bandwidth assumed for a tier before its first measurement, on the slow side of what each is
-# (a cpu tier behind a cache service, a network-attached disk with a cold page cache, a remote
-# Redis): loading still wins wherever recomputing is slow (CPU experts, a small GPU).
-PRIOR_BYTES_PER_S = {"cpu": 2e9, "disk": 0.25e9, "cluster": 0.1e9}
+# (pinned host memory over PCIe 3, a network-attached disk with a cold page cache, a remote Redis): loading still wins wherever recomputing is slow (CPU experts, a small GPU).
+PRIOR_BYTES_PER_S = {"cpu": 8e9, "disk": 0.25e9, "cluster": 0.1e9}
 OTHER_PRIOR = 0.1e9
 
 

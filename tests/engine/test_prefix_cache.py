@@ -257,7 +257,7 @@ def test_planner_probes_an_unmeasured_tier_instead_of_loading_from_it():
     from engine.load_policy import PROBE_BYTES, REPROBE, LoadPlanner
     p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
     p.observe_prefill(160_000, 1.0)                # a fast GPU: recomputing a page takes 0.1 ms
-    plan = p.plan(["cpu"] * 2 + ["disk"] * 20, 0)  # cpu's prior (2 GB/s) is 0.5 ms a page: no load
+    plan = p.plan(["cpu"] * 2 + ["disk"] * 20, 0)  # cpu's prior (8 GB/s) is 0.13 ms a page: no load
     assert plan.end == 0 and plan.probe == (0, 2)  # ...but a probe of the cpu run, to measure it
     p.observe_load("cpu", 20 << 30, 1.0)           # the probe measured 20 GB/s
     plan = p.plan(["cpu"] * 2 + ["disk"] * 20, 0)  # disk's prior (0.25 GB/s) is 4 ms a page
@@ -266,7 +266,7 @@ def test_planner_probes_an_unmeasured_tier_instead_of_loading_from_it():
     p.observe_load("disk", 1 << 30, 1.0)           # the probe measured 1 GB/s: still slower than recompute
     probes = [p.plan(["disk"] * 8, 0).probe for _ in range(2 * REPROBE)]
     assert sum(x is not None for x in probes) == 2  # re-measured every REPROBE skips
-    assert all(x is None or x == (0, 4) for x in probes)  # a probe never runs past the tier's pages
+    assert all(x is None or x == (0, 8) for x in probes)  # a probe never runs past the tier's pages
     slow = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
     slow.observe_prefill(1_000, 1.0)                # CPU experts: a page recomputes in 16 ms
     assert slow.plan(["disk"] * 8, 0).end == 8     # the cautious prior still says load
