@@ -9,8 +9,9 @@ Every TTFT is the wall time of LLM.generate(prefix + 64 fresh tokens, max_tokens
   cold    a prefix that no tier holds (this run also stores it)
   device  the same LLM right after: the prefix is in the device pool
   cpu     device pool emptied (reset_device_cache): the prefix comes from the cpu tier
-  disk    a new LLM on the same disk_path (the first one wrote its cpu tier back on close), with
-          the OS page cache dropped (as root: sync; echo 3 > /proc/sys/vm/drop_caches)
+  disk    a new LLM on the same disk_path (the first one wrote its cpu tier back on close), warmed
+          up with an unrelated prompt of each length, then the OS page cache dropped (as root:
+          sync; echo 3 > /proc/sys/vm/drop_caches)
 Floors: delta = TTFT of the 64 tokens alone (cold, same LLM); cpu floor = page bytes / pinned
 H2D measured here + delta; disk floor = page bytes / sequential read of a file on the disk_path's
 device with the page cache dropped + delta. Peer: transformers' cold prefill (one forward) of the
@@ -303,6 +304,9 @@ def main() -> None:
     seq, seq_dropped = seq_read_bw(work, 2 << 30)
     llm = LLM(str(model_dir), **tiers)
     ttft(llm, rand_ids(rng, 2048))  # warm-up and a prefill-rate sample
+    for n in prefixes:  # as for cold: the first prompt of a length in a process pays one-time costs
+        ttft(llm, rand_ids(rng, n + 64))
+    llm.engine.prefix_cache.flush()
     dropped = drop_page_cache()
     for n, prefix in prefixes.items():
         d, cached = ttft(llm, prefix + rand_ids(rng, 64))

@@ -28,6 +28,8 @@ for part in "$@"; do
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
     reuse-8k) step reuse 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts --lengths 8192 ;;
+    reuse-ttft) step reuse 170 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
+        --skip transformers,throughput,cpu-experts ;;
     reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
