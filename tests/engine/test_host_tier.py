@@ -1,0 +1,55 @@
+"""HostTier's put thread keeps off a busy engine: it waits while the engine steps with no launched
+work pending, and catches up once the engine is idle (the CPU side of the gate; on CUDA it also
+runs while a launched step is still on the GPU, which the GPU tests cover through the engine)."""
+import time
+
+import numpy as np
+import torch
+
+from engine.host_tier import IDLE_S, HostTier
+from kvc.hashing import Namespace, page_hashes
+from kvc.record import PageSpec
+
+
+def offer_pages(host: HostTier, ns: Namespace, n: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 1000, n * ns.spec.page_size).tolist()
+    hs = page_hashes(ns.root, toks, ns.spec.page_size)
+    parents = [ns.root] + hs[:-1]
+    P = ns.spec.page_size
+    data = torch.randn(n, *ns.spec.shape)
+    assert host.offer(ns, hs, parents, [np.array(toks[i * P:(i + 1) * P], dtype=np.uint32) for i in range(n)], data)
+    return hs
+
+
+def test_puts_wait_while_the_engine_steps_and_run_once_it_is_idle(store):
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    try:
+        host.step_started()
+        hs = offer_pages(host, ns, 8, seed=1)
+        t_end = time.monotonic() + 0.4
+        while time.monotonic() < t_end:  # a busy engine: a step starts every few ms
+            host.step_started()
+            time.sleep(IDLE_S / 4)
+        assert store.lookup(ns, hashes=hs).num_pages == 0  # nothing was put meanwhile
+        host.flush()  # the engine stopped stepping: puts run
+        assert store.lookup(ns, hashes=hs).num_pages == 8
+    finally:
+        host.close()
+
+
+def test_room_says_no_when_the_queue_is_full(store):
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store, max_pending_puts=1)
+    try:
+        host.step_started()
+        offer_pages(host, ns, 2, seed=2)   # the put thread picks it up and then waits for the gate
+        time.sleep(0.05)
+        offer_pages(host, ns, 2, seed=3)   # fills the one queue slot
+        assert not host.room(2, on_cuda=False)
+        before = host.dropped_puts
+        assert not host.offer(ns, [b"x" * 16], [ns.root], [np.zeros(4, dtype=np.uint32)], torch.zeros(1, *ns.spec.shape))
+        assert host.dropped_puts == before + 1
+    finally:
+        host.close()
