@@ -245,7 +245,7 @@ class HostTier:
                 pages = [Page(h, p, t, data[i]) for i, (h, p, t) in enumerate(zip(hashes, parents, tokens))]
                 for i in range(0, len(pages), PUT_BATCH):
                     self._wait_for_slack()
-                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH])
+                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH], chain_continues=i + PUT_BATCH < len(pages))
             except Exception:  # a failing tier must not stop the engine; say so and go on
                 self.failed_puts += 1
                 log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)

@@ -72,8 +72,12 @@ class CacheBackend(Protocol):
         store fills straight from its pinned slab) is given, payloads land in out[i].
         """
 
-    def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
-        """Store full pages; a page already held is a duplicate, a bad or colliding one rejected."""
+    def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
+        """Store full pages; a page already held is a duplicate, a bad or colliding one rejected.
+
+        chain_continues: the caller's next call carries more pages of the same chain (one offer
+        cut into small calls); a store may leave the chain's LRU order to that call.
+        """
 
     def pin(self, ns: Namespace, hashes: Sequence[bytes], ttl_s: float | None = None) -> str:
         """Protect pages from eviction until unpin or the lease's TTL; returns the lease id."""

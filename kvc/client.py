@@ -216,7 +216,8 @@ class RemoteCache:
                 return pages[:i]
         return pages
 
-    def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
+    def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
+        # chain_continues is advice for an in-process store; the service orders each call's chains itself
         for i, p in enumerate(pages):
             try:
                 p.check(ns.spec)

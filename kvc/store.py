@@ -354,7 +354,7 @@ class TieredStore:
         self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
 
     # -- put -----------------------------------------------------------------------------------
-    def put_pages(self, ns: Namespace, pages: Sequence[Page]) -> PutResult:
+    def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
@@ -410,7 +410,8 @@ class TieredStore:
                 else:
                     rejected += 1
                     reasons.append(f"no room for page {p.hash.hex()}")
-            self._touch_chains(root, pages)
+            if not chain_continues:  # one walk per offer: a walk costs the chain's depth, and an
+                self._touch_chains(root, pages)  # offer cut in calls of 4 pages walked a 32K chain 512 times
             self._evict_disk()
             self._update_gauges()
         self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)

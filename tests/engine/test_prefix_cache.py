@@ -173,10 +173,10 @@ class DownStore:
     def __init__(self, store: TieredStore):
         self.store, self.down = store, True
 
-    def put_pages(self, ns, pages):
+    def put_pages(self, ns, pages, chain_continues=False):
         if self.down:
             raise ConnectionError("cache service unavailable")
-        return self.store.put_pages(ns, pages)
+        return self.store.put_pages(ns, pages, chain_continues)
 
     def __getattr__(self, name):
         return getattr(self.store, name)

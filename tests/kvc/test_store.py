@@ -241,3 +241,15 @@ def test_background_populate_never_changes_stored_bytes():
     for h, p in payloads.items():
         assert tier.read_into(h, dst) and np.array_equal(dst.numpy(), p)
     tier.close()
+
+
+def test_a_chain_put_in_small_calls_is_ordered_once_at_its_end(tmp_path):
+    """An offer cut into calls (chain_continues) walks the chain's LRU order once, at the last call:
+    the result is the order of one call with every page, deepest page oldest."""
+    ha, pa = make_pages(NS, list(range(40)))  # 10 pages
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as one, \
+            TieredStore(kvc_config(tmp_path / "b", disk_path=None)) as cut:
+        one.put_pages(NS, pa)
+        for i in range(0, len(pa), 3):
+            cut.put_pages(NS, pa[i:i + 3], chain_continues=i + 3 < len(pa))
+        assert list(cut.cpu.entries) == list(one.cpu.entries) == [NS.root + h for h in ha[::-1]]
