@@ -23,9 +23,11 @@ def make(qwen_dir, tmp_path, device="cpu"):
 
 def test_close_releases_the_model_and_the_pool(qwen_dir, tmp_path):
     llm = make(qwen_dir, tmp_path)
+    assert gc.get_freeze_count() > 0  # the engine put its startup objects out of the collector's reach
     first = llm.generate([1, 2, 3, 4, 5], GREEDY)[0].outputs[0].token_ids
     refs = held_tensors(llm)
     llm.close()
+    assert gc.get_freeze_count() == 0  # ...and gave them back to it at close, so cycles are reclaimed
     gc.collect()
     assert all(r() is None for r in refs), "a closed LLM still holds its weights or pool"
     with pytest.raises(RuntimeError, match="closed"):
