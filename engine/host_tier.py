@@ -54,7 +54,9 @@ class HostTier:
         self._ring: PinnedRing | None = None  # made at the first CUDA offer
         self._launched = None  # the last launched step's kernels (a CUDA event)
         self._active = 0.0  # when the engine last started or launched a step (monotonic)
-        self._launch_signal = threading.Event()  # set at each step_launched: wakes a waiting put thread
+        self._launch_signal = threading.Event()  # set at each step_launched and load end: wakes a waiting put thread
+        self._loads_in_flight = 0  # loads are on a request's critical path: puts and probes wait for them
+        self._loads_lock = threading.Lock()
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
@@ -75,7 +77,16 @@ class HostTier:
         if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(pool.device))
-        return self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready)
+        with self._loads_lock:
+            self._loads_in_flight += 1
+        fut = self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready)
+        fut.add_done_callback(self._load_ended)
+        return fut
+
+    def _load_ended(self, _fut: Future) -> None:
+        with self._loads_lock:
+            self._loads_in_flight -= 1
+        self._launch_signal.set()  # a put thread waiting for the load to end looks again
 
     def _load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
               tiers: list[str], ready=None) -> int:
@@ -171,14 +182,17 @@ class HostTier:
         """Hold the put thread while the engine's own thread limits the engine: the GPU has
         finished every step launched so far and the engine is busy (scheduling, launching, or
         handling outputs). Run while the GPU has queued work (slower launches cost nothing then:
-        if they fall behind, the GPU catches up and puts stop), or when the engine is idle. The
-        wait sleeps on an event the next launch sets: no polling that would take the GIL."""
+        if they fall behind, the GPU catches up and puts stop), or when the engine is idle. Never
+        while a load runs: a request waits for it (its TTFT), and the load needs the GIL and the
+        store's lock that puts take. The wait sleeps on an event the next launch or the end of a
+        load sets: no polling that would take the GIL."""
         while True:
-            ev = self._launched
-            if ev is not None and not ev.query():
-                return
-            if time.monotonic() - self._active > IDLE_S:
-                return
+            if not self._loads_in_flight:
+                ev = self._launched
+                if ev is not None and not ev.query():
+                    return
+                if time.monotonic() - self._active > IDLE_S:
+                    return
             self._launch_signal.clear()
             self._launch_signal.wait(IDLE_S)
 

@@ -53,3 +53,41 @@ def test_room_says_no_when_the_queue_is_full(store):
         assert host.dropped_puts == before + 1
     finally:
         host.close()
+
+
+def test_puts_wait_while_a_load_runs(store):
+    """A load is on a request's critical path: the put thread keeps off the GIL and the store's
+    lock until it ends, even when the engine is otherwise idle."""
+    import threading
+
+    from kvc.device_pool import DevicePool
+
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    gate, entered = threading.Event(), threading.Event()
+
+    class SlowGets:  # the real store, whose get_pages waits for the gate
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def get_pages(self, ns, hashes, out=None):
+            entered.set()
+            gate.wait(10)
+            return store.get_pages(ns, hashes, out=out)
+
+    host = HostTier(SlowGets())
+    try:
+        loaded = offer_pages(host, ns, 4, seed=4)
+        host.flush()  # the engine is idle: these go at once
+        pool = DevicePool(ns.spec, 8)
+        fut = host.load(ns, loaded, pool, [0, 1, 2, 3], ["cpu"] * 4)
+        assert entered.wait(5)
+        hs = offer_pages(host, ns, 4, seed=5)
+        time.sleep(5 * IDLE_S)  # idle engine, but a load in flight: nothing is put
+        assert store.lookup(ns, hashes=hs).num_pages == 0
+        gate.set()
+        assert fut.result(5) == 4
+        host.flush()
+        assert store.lookup(ns, hashes=hs).num_pages == 4
+    finally:
+        gate.set()
+        host.close()
