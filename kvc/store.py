@@ -86,6 +86,9 @@ class TieredStore:
         self._listeners: list[Listener] = []
         for tier in (self.cpu, self.disk):
             self.metrics.capacity.labels(tier=tier.name).set(tier.capacity)
+        # the children counted once per page on the put path, looked up once
+        self._m_cpu_stored = self.metrics.store_bytes.labels(tier="cpu")
+        self._m_cpu_evicted = self.metrics.evictions.labels(tier="cpu", reason="capacity")
         self._update_gauges()
 
     # -- lookup --------------------------------------------------------------------------------
@@ -450,7 +453,7 @@ class TieredStore:
         self._demote(victims)
         if not self.cpu.put(k, e, payload):
             return False
-        self.metrics.store_bytes.labels(tier="cpu").inc(e.nbytes)
+        self._m_cpu_stored.inc(e.nbytes)
         self._emit("stored", e.ns_root, hash_of(k), e.parent, "cpu")
         return True
 
@@ -473,7 +476,7 @@ class TieredStore:
             # can reuse the slot before that (puts hold the store lock, as this does)
             payload = self.cpu.view(k)
             e = self.cpu.remove(k)
-            self.metrics.evictions.labels(tier="cpu", reason="capacity").inc()
+            self._m_cpu_evicted.inc()
             if not self.admission.admitted(k):  # used fewer than disk_admission_hits times
                 self.admission.forget(k)
                 self.metrics.store_pages.labels(tier="disk", result="not_admitted").inc()
