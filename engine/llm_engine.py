@@ -1,6 +1,7 @@
 """LLMEngine: add_request / step / abort over the scheduler, runner, device pool and host tiers."""
 from __future__ import annotations
 
+import atexit
 import gc
 import time
 from pathlib import Path
@@ -84,6 +85,9 @@ class Closed:
         raise RuntimeError(self._message)
 
 
+_unfreeze_at_exit = False
+
+
 def freeze_long_lived_objects() -> None:
     """Put every object alive now (torch's, the model's modules, the tokenizer: some 200K) out of
     the cyclic collector's reach. A full collection traverses every tracked object; with torch
@@ -92,8 +96,12 @@ def freeze_long_lived_objects() -> None:
     release_device_memory unfreezes before it collects, so a closed engine's cycles are reclaimed.
     Only the young generations are collected first (cheap): older garbage frozen here is reclaimed
     at close."""
+    global _unfreeze_at_exit
     gc.collect(1)
     gc.freeze()
+    if not _unfreeze_at_exit:  # the shutdown's last collection must see them (nanobind, used by
+        atexit.register(gc.unfreeze)  # triton, reports objects it never saw finalized as leaks)
+        _unfreeze_at_exit = True
 
 
 def release_device_memory(device: torch.device) -> None:
