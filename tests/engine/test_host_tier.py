@@ -4,9 +4,18 @@ runs while a launched step is still on the GPU, which the GPU tests cover throug
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from engine.host_tier import IDLE_S, HostTier
+import engine.host_tier
+from engine.host_tier import HostTier
+
+IDLE_S = 0.2  # the tests' idle window: wide, so a busy CI machine's scheduling hiccups stay inside it
+
+
+@pytest.fixture(autouse=True)
+def wide_idle_window(monkeypatch):
+    monkeypatch.setattr(engine.host_tier, "IDLE_S", IDLE_S)
 from kvc.hashing import Namespace, page_hashes
 from kvc.record import PageSpec
 
@@ -28,10 +37,10 @@ def test_puts_wait_while_the_engine_steps_and_run_once_it_is_idle(store):
     try:
         host.step_started()
         hs = offer_pages(host, ns, 8, seed=1)
-        t_end = time.monotonic() + 0.4
+        t_end = time.monotonic() + 2 * IDLE_S
         while time.monotonic() < t_end:  # a busy engine: a step starts every few ms
             host.step_started()
-            time.sleep(IDLE_S / 4)
+            time.sleep(IDLE_S / 20)
         assert store.lookup(ns, hashes=hs).num_pages == 0  # nothing was put meanwhile
         host.flush()  # the engine stopped stepping: puts run
         assert store.lookup(ns, hashes=hs).num_pages == 8
@@ -40,18 +49,31 @@ def test_puts_wait_while_the_engine_steps_and_run_once_it_is_idle(store):
 
 
 def test_room_says_no_when_the_queue_is_full(store):
+    import threading
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store, max_pending_puts=1)
+    busy = threading.Event()
+
+    def engine_steps():  # a busy engine: the put thread holds its item and the queue stays full
+        while not busy.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    stepper = threading.Thread(target=engine_steps)
+    host.step_started()
+    stepper.start()
     try:
-        host.step_started()
-        offer_pages(host, ns, 2, seed=2)   # the put thread picks it up and then waits for the gate
-        time.sleep(0.05)
+        offer_pages(host, ns, 2, seed=2)   # the put thread picks it up and waits for the gate
+        deadline = time.monotonic() + 5
+        while host._puts.qsize() and time.monotonic() < deadline:
+            time.sleep(0.001)
         offer_pages(host, ns, 2, seed=3)   # fills the one queue slot
         assert not host.room(2, on_cuda=False)
         before = host.dropped_puts
         assert not host.offer(ns, [b"x" * 16], [ns.root], [np.zeros(4, dtype=np.uint32)], torch.zeros(1, *ns.spec.shape))
         assert host.dropped_puts == before + 1
     finally:
+        busy.set()
+        stepper.join()
         host.close()
 
 
@@ -82,7 +104,7 @@ def test_puts_wait_while_a_load_runs(store):
         fut = host.load(ns, loaded, pool, [0, 1, 2, 3], ["cpu"] * 4)
         assert entered.wait(5)
         hs = offer_pages(host, ns, 4, seed=5)
-        time.sleep(5 * IDLE_S)  # idle engine, but a load in flight: nothing is put
+        time.sleep(2 * IDLE_S)  # idle engine, but a load in flight: nothing is put
         assert store.lookup(ns, hashes=hs).num_pages == 0
         gate.set()
         assert fut.result(5) == 4
