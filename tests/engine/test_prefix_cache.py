@@ -287,7 +287,7 @@ def test_engine_probes_an_unmeasured_tier_while_it_recomputes(qwen_dir, store, m
     eng.add_request("again", PROMPT, GREEDY)
     done = {}
     drain(eng, done, 100)
-    eng.prefix_cache.host._loader.submit(lambda: None).result()  # the probe ran before this
+    eng.prefix_cache.host._prober.submit(lambda: None).result()  # the probe ran before this
     assert done["again"].num_cached_tokens == 0  # recomputed...
     assert done["again"].outputs[0].token_ids == cold
     assert "cpu" in eng.planner.tier_rates()     # ...and the cpu tier got measured meanwhile
