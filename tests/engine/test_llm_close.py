@@ -41,6 +41,7 @@ def test_close_releases_the_model_and_the_pool(qwen_dir, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_close_gives_device_memory_back(qwen_dir, tmp_path):
     torch.cuda.empty_cache()
     base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
