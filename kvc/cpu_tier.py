@@ -210,9 +210,6 @@ class CpuTier:
         e = self.entries[h]
         return self.slab[e.slot:e.slot + e.nbytes]
 
-    def verify(self, h: bytes) -> bool:
-        return checksum(self.view(h)) == self.entries[h].checksum
-
     def verify_entries(self, entries: list[Entry]) -> list[bool]:
         """Checksums of pages in place in the slab, spread over the reader threads (xxh3 releases the
         GIL); one bool per entry."""

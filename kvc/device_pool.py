@@ -87,13 +87,10 @@ class BlockPool:
             if self.ref_count[b] == 0:
                 self.free_queue[b] = None
 
-    def cache_block(self, block: int, h: bytes, parent: bytes, tokens: bytes) -> bool:
-        """Register a full, computed block under its hash; False if the hash is already held."""
-        return self.cache_blocks([block], [h], [parent], [tokens]) == 1
-
     def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[bytes], parents: Sequence[bytes],
                      tokens: Sequence[bytes]) -> int:
-        """cache_block for each (a loaded or computed run of pages); returns how many registered."""
+        """Register full, computed blocks under their hashes (a loaded or computed run of pages);
+        a block whose hash (or the block itself) is already held is skipped. Returns how many registered."""
         h2b, cached, n = self.hash_to_block, self._cached, 0
         for b, h, p, t in zip(blocks, hashes, parents, tokens):
             if h in h2b or b in cached:

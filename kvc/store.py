@@ -329,12 +329,12 @@ class TieredStore:
             if good < run:
                 self._corrupt_cpu(keys[good])
             rows = out.unbind(0)
-            pages = [Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"), rows[i])
-                     for i, (h, e) in enumerate(zip(hashes, held[:good]))]
-            self.cpu.touch_many(keys[good - 1::-1] if good else [])
+            pages = [self._page_of(h, e, rows[i]) for i, (h, e) in enumerate(zip(hashes, held[:good]))]
+            tail_first = keys[:good][::-1]  # the deepest page becomes the oldest
+            self.cpu.touch_many(tail_first)
             for k in keys[:good]:
                 self._hit(k)  # a use, as in get_pages: admission counts it
-            self.disk.touch_many(keys[good - 1::-1] if good else [])
+            self.disk.touch_many(tail_first)
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
             tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype)  # pageable: disk reads are slower than its copy
@@ -346,7 +346,7 @@ class TieredStore:
 
     @staticmethod
     def _page_of(h: bytes, e: Entry, data: torch.Tensor) -> Page:
-        return Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4").astype(np.uint32), data)
+        return Page(h, e.parent, np.frombuffer(e.tokens, dtype=np.uint32), data)  # a view: no copy per page
 
     def _corrupt_cpu(self, k: bytes) -> None:
         e = self.cpu.remove(k)

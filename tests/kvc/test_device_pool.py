@@ -4,13 +4,17 @@ from kvc.device_pool import BlockPool, DevicePool
 from kvc.hashing import PageSpec
 
 
+def cache_one(pool: BlockPool, block: int, h: bytes, parent: bytes, tokens: bytes) -> bool:
+    return pool.cache_blocks([block], [h], [parent], [tokens]) == 1
+
+
 def test_allocate_free_order_and_refcounts():
     pool = BlockPool(6)
     a = pool.allocate(3)
     assert a == [0, 1, 2] and pool.num_free == 3
     assert pool.ref_count[:3] == [1, 1, 1]
     for i, b in enumerate(a):
-        pool.cache_block(b, bytes([i]) * 16, bytes(16), b"t%d" % i)
+        cache_one(pool, b, bytes([i]) * 16, bytes(16), b"t%d" % i)
     pool.free(a)
     # freed tail first: the next allocations evict block 2 (deepest) before 1 and 0
     assert list(pool.free_queue) == [3, 4, 5, 2, 1, 0]
@@ -29,8 +33,8 @@ def test_match_prefix_verifies_parent_and_tokens():
     pool = BlockPool(4)
     b = pool.allocate(2)
     h0, h1 = b"\x00" * 16, b"\x01" * 16
-    pool.cache_block(b[0], h0, b"r" * 16, b"aaaa")
-    pool.cache_block(b[1], h1, h0, b"bbbb")
+    cache_one(pool, b[0], h0, b"r" * 16, b"aaaa")
+    cache_one(pool, b[1], h1, h0, b"bbbb")
     assert pool.match_prefix([h0, h1], [b"r" * 16, h0], [b"aaaa", b"bbbb"]) == b
     assert pool.match_prefix([h0, h1], [b"r" * 16, h0], [b"aaaa", b"XXXX"]) == b[:1]
     assert pool.match_prefix([h0, h1], [b"q" * 16, h0], [b"aaaa", b"bbbb"]) == []
@@ -39,7 +43,7 @@ def test_match_prefix_verifies_parent_and_tokens():
 def test_touch_shares_blocks_and_keeps_them_out_of_the_free_queue():
     pool = BlockPool(3)
     b = pool.allocate(1)
-    pool.cache_block(b[0], b"\x05" * 16, bytes(16), b"x")
+    cache_one(pool, b[0], b"\x05" * 16, bytes(16), b"x")
     pool.free(b)
     assert b[0] in pool.free_queue
     pool.touch(b)
@@ -54,8 +58,8 @@ def test_touch_shares_blocks_and_keeps_them_out_of_the_free_queue():
 def test_cache_block_refuses_a_second_holder_of_a_hash():
     pool = BlockPool(2)
     b = pool.allocate(2)
-    assert pool.cache_block(b[0], b"\x07" * 16, bytes(16), b"x")
-    assert not pool.cache_block(b[1], b"\x07" * 16, bytes(16), b"x")
+    assert cache_one(pool, b[0], b"\x07" * 16, bytes(16), b"x")
+    assert not cache_one(pool, b[1], b"\x07" * 16, bytes(16), b"x")
 
 
 def test_gather_scatter_roundtrip():
@@ -73,6 +77,6 @@ def test_cache_blocks_registers_a_run_like_one_at_a_time():
     pool = BlockPool(8)
     b = pool.allocate(4)
     hs = [bytes([i]) * 16 for i in range(4)]
-    assert pool.cache_block(b[1], hs[1], hs[0], b"y")  # already held: skipped in the run below
+    assert cache_one(pool, b[1], hs[1], hs[0], b"y")  # already held: skipped in the run below
     assert pool.cache_blocks(b, hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == 3
     assert pool.match_prefix(hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == b

@@ -234,7 +234,7 @@ def test_disk_hits_up_to_a_bad_page_are_promoted_deepest_oldest(tmp_path, monkey
         got = s.get_pages(NS, hashes)
         assert len(got) == 13 and all(torch.equal(a.data, p.data) for a, p in zip(got, pages))
         assert list(s.cpu.entries) == [NS.root + h for h in hashes[:13][::-1]]  # promoted; the deepest page is evicted first
-        assert all(s.cpu.verify(NS.root + h) for h in hashes[:13])
+        assert all(s.cpu.verify_entries([s.cpu.get(NS.root + h) for h in hashes[:13]]))
         assert metric(s, "kvc_checksum_failures_total", tier="disk") == 1
 
 
