@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +33,7 @@ for part in "$@"; do
         --skip transformers,throughput,cpu-experts ;;
     reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
+    profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
     engine) step engine 240 python3 benchmarks/bench_engine.py --device cuda --model-dir "$ckpt" ;;

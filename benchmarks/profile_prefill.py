@@ -1,0 +1,120 @@
+"""Where a long prefill's and a decode step's GPU time goes: kernel tables from torch.profiler.
+
+For each case (kvc chunked, kvc one chunk, transformers; decode at 1 and 32 requests with CUDA
+graphs) it prints the wall time of one profiled run, the GPU busy time (the union of kernel
+intervals), the idle share, and the kernels grouped by name with their total time and count.
+Issue 11's prefill and decode gaps are attributed from these tables.
+
+    python benchmarks/profile_prefill.py --model-dir /tmp/kvc-q30b-12l --prompt-len 8192 32768
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import CUDA_DEFAULTS, HF, Ours, prompts  # noqa: E402
+from engine.tiny import make_tiny_model  # noqa: E402
+
+
+def short(name: str) -> str:
+    """A kernel name without templates and arguments, so instances group together."""
+    name = re.sub(r"<.*", "", name)
+    name = re.sub(r"\(.*", "", name)
+    return name[:70]
+
+
+def kernel_table(fn, label: str, top: int) -> None:
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    path = tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    os.unlink(path)
+    kern = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kern)
+    busy, end = 0.0, -1.0
+    for s, e in spans:
+        if e <= end:
+            continue
+        busy += e - max(s, end)
+        end = e
+    first, last = (spans[0][0], max(e for _, e in spans)) if spans else (0, 0)
+    by = collections.defaultdict(lambda: [0.0, 0])
+    for e in kern:
+        k = by[short(e["name"])]
+        k[0] += e["dur"]
+        k[1] += 1
+    total = sum(v[0] for v in by.values())
+    print(f"\n## {label}: wall {wall * 1e3:.1f} ms (profiled), GPU span {(last - first) / 1e3:.1f} ms, "
+          f"busy {busy / 1e3:.1f} ms ({busy / max(last - first, 1) * 100:.0f}% of the span), "
+          f"{len(kern)} kernels")
+    print("| kernel | ms | share | count |\n|---|---|---|---|")
+    for name, (dur, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"| {name} | {dur / 1e3:.2f} | {dur / max(total, 1) * 100:.1f}% | {n} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--prompt-len", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--decode", type=int, nargs="*", default=[1, 32])
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs CUDA")
+    path = Path(a.model_dir or tempfile.mkdtemp())
+    if not (path / "config.json").exists():
+        make_tiny_model(str(path), "qwen3_moe", preset=CUDA_DEFAULTS["preset"], num_hidden_layers=a.layers,
+                        dtype="bfloat16", std=0.02)
+    ns = argparse.Namespace(prompt_len=a.prompt_len, hit_new=64, concurrency=[max(a.decode or [1])],
+                            decode_prompt_len=32, decode_tokens=16, dtype="bfloat16", device="cuda",
+                            chunk=a.chunk)
+    ours = Ours(path, ns)
+    for L in a.prompt_len:
+        for chunk, label in ((a.chunk, f"kvc {L} tokens, chunk {a.chunk}"), (L, f"kvc {L} tokens, one chunk")):
+            ours.mode(chunk=chunk)
+            run = ours.prefill(L, seed=L)
+            run(), run()  # warm-up (autotune, allocator)
+            kernel_table(run, label, a.top)
+    ours.mode(chunk=a.chunk)
+    for c in a.decode:
+        ps = prompts(c, 32, ours.vocab, 5)
+        ours._run(ps, 8)
+        ours.eng.kv.blocks.reset_cache()
+
+        def dec(ps=ps):
+            ours._run(ps, 17)
+            ours.eng.kv.blocks.reset_cache()
+        kernel_table(dec, f"kvc decode, {c} requests x 16 steps after a 32-token prefill (graphs)", a.top)
+    del ours
+    torch.cuda.empty_cache()
+    if not a.no_hf:
+        hf = HF(str(path), ns)
+        for L in a.prompt_len:
+            run = hf.prefill(L, seed=L)
+            run(), run()
+            kernel_table(run, f"transformers {L} tokens", a.top)
+
+
+if __name__ == "__main__":
+    main()
