@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, moe, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ for part in "$@"; do
     tests) step tests 170 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
         tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
         tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py \
-        tests/engine/test_llm_close.py ;;
+        tests/engine/test_llm_close.py tests/engine/test_moe_kernels.py ;;
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
     reuse-8k) step reuse 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts --lengths 8192 ;;
@@ -33,6 +33,7 @@ for part in "$@"; do
         --skip transformers,throughput,cpu-experts ;;
     reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
+    moe) step moe 200 python3 benchmarks/bench_moe.py --sweep --tokens 1 32 256 2048 8192 ;;
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;

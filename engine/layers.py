@@ -178,10 +178,14 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(T, self.heads * self.head_dim))
 
 
-def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto") -> None:
-    """Hand config attn.backend and attn.prefill_kernel to every norm and attention layer of
-    `model` (MLA layers run their own attention; their norms follow `backend`)."""
+def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto",
+                          moe_kernel: str = "auto") -> None:
+    """Hand config attn.backend, attn.prefill_kernel and attn.moe_kernel to every norm, attention
+    and expert layer of `model` (MLA layers run their own attention; their norms follow `backend`)."""
+    from .moe import StackedExperts
     for m in model.modules():
+        if isinstance(m, StackedExperts):
+            m.backend, m.kernel = backend, moe_kernel
         if isinstance(m, (RMSNorm, Attention)):
             m.backend = backend
         if isinstance(m, Attention):

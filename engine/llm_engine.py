@@ -120,7 +120,8 @@ class LLMEngine:
         path = resolve_model_path(config.model.path)
         dtype = None if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
         self.model, self.args, digest = load_model(path, dtype, self.device, experts_load_device(config.experts))
-        set_attention_backend(self.model, config.attn.backend, config.attn.prefill_kernel)
+        set_attention_backend(self.model, config.attn.backend, config.attn.prefill_kernel,
+                              config.attn.moe_kernel)
         self.model_name = config.model.path
         self.tokenizer = Tokenizer.from_dir(path, self.args.eos_token_ids)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else self.args.eos_token_ids

@@ -41,7 +41,10 @@ class AttnConfig:
     backend: str = field(default="auto", metadata={"choices": ("auto", "reference")})
     # Prefill pieces under the kernels: "auto" sends long pieces to FA2 varlen where it runs, the
     # rest to the Triton kernel; "triton" or "flash" forces one (comparisons, debugging).
-    prefill_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "flash")})
+    prefill_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "flash", "cudnn")})
+    # MoE experts under the kernels: "auto" runs the fused Triton MoE kernels (engine.moe_kernels)
+    # where the attention kernels run; "torch" keeps sort + torch._grouped_mm (comparisons, debugging).
+    moe_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "torch")})
 
 
 @dataclass(frozen=True)

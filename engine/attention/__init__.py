@@ -1,8 +1,9 @@
 """Paged attention kernels (Triton) over the device pool, used on CUDA when triton imports.
 
 `use_kernels(q, backend)` decides (config `attn.backend`); `kernel_attention` runs one step: store
-the new K/V, one launch for all prefill pieces (the Triton kernel, or PyTorch's FA2 varlen kernel
-over gathered keys for long pieces: see flash_prefill; config `attn.prefill_kernel` can force one),
+the new K/V, the prefill pieces (cuDNN attention for a few long pieces, see cudnn_prefill; PyTorch's
+FA2 varlen kernel over gathered keys for many long ones, see flash_prefill; the Triton kernel for
+short ones; config `attn.prefill_kernel` can force one),
 one split-K decode launch plus its reduce. The gather+SDPA path in engine.layers is the CPU path
 and the oracle the kernels are tested against.
 """
@@ -52,14 +53,22 @@ def prefill_inputs(meta, P: int, device: torch.device):
     return tables, starts, q_lens, k_lens, max(p.q_len for p in ps), max(p.k_len for p in ps)
 
 
-def prefill_backend(q: torch.Tensor, max_q: int, choice: str = "auto") -> str:
-    """"flash" (FA2 varlen over gathered keys) for long pieces where it runs, else "triton".
+def prefill_backend(q: torch.Tensor, max_q: int, choice: str = "auto", pieces: int = 1) -> str:
+    """"cudnn" (cuDNN attention, a pair of calls per piece) for steps of a few long pieces, "flash"
+    (FA2 varlen over gathered keys) for many long pieces, else "triton", each where it runs.
 
-    `choice` (config attn.prefill_kernel) "triton" or "flash" forces one where it runs."""
+    `choice` (config attn.prefill_kernel) "triton", "flash" or "cudnn" forces one where it runs."""
+    from .cudnn_prefill import CUDNN_MAX_PIECES, cudnn_usable
     from .flash_prefill import FLASH_MIN_Q, flash_usable
-    if choice == "triton" or not flash_usable(q):
+    if choice == "triton":
         return "triton"
-    return "flash" if choice == "flash" or max_q >= FLASH_MIN_Q else "triton"
+    if choice == "cudnn" and cudnn_usable(q):
+        return "cudnn"
+    if choice not in ("flash", "cudnn") and max_q < FLASH_MIN_Q:
+        return "triton"
+    if choice == "auto" and pieces <= CUDNN_MAX_PIECES and cudnn_usable(q):
+        return "cudnn"
+    return "flash" if flash_usable(q) else "triton"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -76,18 +85,23 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto") -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
     attn.prefill_kernel."""
-    from .flash_prefill import flash_prefill
+    from .cudnn_prefill import cudnn_prefill
+    from .flash_prefill import flash_prefill, flash_usable
     from .triton_cache import store_kv
     from .triton_decode import decode_attention
     from .triton_prefill import prefill_attention
     P = k_cache.shape[1]
-    store_kv(k.contiguous(), v.contiguous(), k_cache, v_cache, meta.slot_mapping)
+    k, v = k.contiguous(), v.contiguous()
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     q = q.contiguous()
     out = torch.empty_like(q)
     if meta.prefills:
         max_q = meta.prefill_max_q or max(p.q_len for p in meta.prefills)
-        done = (prefill_backend(q, max_q, prefill) == "flash"
-                and flash_prefill(q, k_cache, v_cache, out, meta.prefills, scale))
+        which = prefill_backend(q, max_q, prefill, len(meta.prefills))
+        done = which == "cudnn" and cudnn_prefill(q, k, v, k_cache, v_cache, out, meta.prefills, scale)
+        if which == "cudnn" and not done and flash_usable(q):
+            which = "flash"
+        done = done or (which == "flash" and flash_prefill(q, k_cache, v_cache, out, meta.prefills, scale))
         if not done:
             tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
             prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)

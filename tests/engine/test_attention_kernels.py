@@ -55,11 +55,11 @@ def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, 
 
 def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
     """Kernels == reference: prefill by the Triton kernel with and without split-K, and by FA2 varlen
-    where it runs (CUDA, fp16/bf16)."""
+    and cuDNN attention where they run (CUDA, fp16/bf16; cuDNN from sm90)."""
     from engine.attention import kernel_attention, prefill_backend, prefill_inputs
     q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, D, P, dtype, device)
     ref = paged_attention_reference(q, k, v, kc.clone(), vc.clone(), meta, D ** -0.5)
-    backends = ["triton"] + (["flash"] if prefill_backend(q, 1, "flash") == "flash" else [])
+    backends = ["triton"] + [b for b in ("flash", "cudnn") if prefill_backend(q, 1, b) == b]
     for split, backend in [(True, b) for b in backends] + [(False, "triton")]:
         kc2, vc2 = kc.clone(), vc.clone()
         if meta.prefills:  # packed as the runner does; max_k = 0 turns split-K off
@@ -73,6 +73,9 @@ def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
         if backend == "flash":
             from engine.attention import flash_prefill
             assert flash_prefill._broken is None, flash_prefill._broken  # it ran, no silent fallback
+        if backend == "cudnn":
+            from engine.attention import cudnn_prefill
+            assert cudnn_prefill._broken is None, cudnn_prefill._broken  # it ran, no silent fallback
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= atol, (f"max abs error {err} > {atol} for pieces {pieces} Hq={Hq} Hkv={Hkv} D={D} "
                              f"P={P} {dtype} split={split} prefill={backend}")

@@ -1,0 +1,83 @@
+"""Long prefill pieces through cuDNN's fused attention (PyTorch's cuDNN SDPA op, wgmma on Hopper).
+
+Measured on the H200 at 12 layers of Qwen3-30B-A3B shapes, cuDNN's kernel takes 171 ms for a 32K
+causal prefill where FA2 (flash_prefill) takes 297 ms; transformers gets it through SDPA. It takes
+GQA natively, but its causal mask is top-left aligned, which is wrong for a chunk after a cached
+prefix. So each piece runs as two calls whose results are merged by their log-sum-exp:
+- the piece's own keys (the fresh K/V, Q == K): causal;
+- the cached prefix (pages gathered out of the pool, one index_select per K and V): no mask.
+Pieces run one after another; steps with many short pieces stay on flash_prefill or the Triton kernel
+(see engine.attention.prefill_backend).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+CUDNN_MAX_PIECES = 8  # more pieces than this: one varlen launch beats a pair of calls per piece
+_broken: str | None = None  # set when the op failed once; the other kernels take over
+_lse_to_e: float | None = None  # factor that turns the op's log-sum-exp into natural log
+
+
+def cudnn_usable(q: torch.Tensor) -> bool:
+    if _broken is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    D = q.shape[-1]
+    return (D % 8 == 0 and D <= 128 and torch.cuda.get_device_capability(q.device) >= (9, 0)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+def _attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Q, Hq, D], k/v [K, Hkv, D] -> (out [Q, Hq, D], lse [Hq, Q] fp32, natural log)."""
+    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, 0.0,
+        causal, False, scale=scale)[:2]  # [1, Hq, Q, D], [1, Hq, Q(, 1)]
+    return o[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0]).float() * _lse_to_e
+
+
+def _calibrate(device: torch.device, dtype: torch.dtype) -> None:
+    """Which log base the op's log-sum-exp uses (an internal detail that has changed before)."""
+    global _lse_to_e
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(64, 2, 64, device=device, dtype=dtype, generator=g) for _ in range(3))
+    _lse_to_e = 1.0
+    _, lse = _attend(q, k, v, False, 0.125)
+    want = torch.logsumexp(torch.einsum("qhd,khd->hqk", q.float(), k.float()) * 0.125, -1)  # [H, Q]
+    for f in (1.0, math.log(2.0)):
+        if torch.allclose(lse * f, want, atol=0.05, rtol=0.01):
+            _lse_to_e = f
+            return
+    raise RuntimeError("cuDNN attention's log-sum-exp matches neither base e nor base 2")
+
+
+def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, out: torch.Tensor, pieces, scale: float) -> bool:
+    """Attention of every prefill piece into out's rows; q [T, Hq, D], k/v [T, Hkv, D] the step's
+    fresh keys (already stored in the pool too). False if the op failed (the caller falls back)."""
+    global _broken
+    N, P, Hkv, D = k_cache.shape
+    try:
+        if _lse_to_e is None:
+            _calibrate(q.device, q.dtype)
+        for p in pieces:
+            rows = slice(p.q_start, p.q_start + p.q_len)
+            o, lse = _attend(q[rows], k[rows], v[rows], True, scale)  # the piece's own keys
+            off = p.k_len - p.q_len
+            if off > 0:  # the cached prefix: every query sees all of it
+                ar = torch.arange(P, device=q.device)
+                slots = (p.block_table[:(off + P - 1) // P, None] * P + ar).reshape(-1)[:off]  # [off]
+                kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [off, Hkv, D]
+                vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
+                o2, lse2 = _attend(q[rows], kp, vp, False, scale)
+                m = torch.maximum(lse, lse2)  # [Hq, Q]
+                w1, w2 = torch.exp(lse - m).T[:, :, None], torch.exp(lse2 - m).T[:, :, None]  # [Q, Hq, 1]
+                o = (o.float() * w1 + o2.float() * w2) / (w1 + w2)
+            out[rows] = o
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        _broken = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("cuDNN prefill off, using the other kernels: %s", _broken)
+        return False
+    return True

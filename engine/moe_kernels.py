@@ -1,0 +1,185 @@
+"""Fused MoE experts in Triton: the (token, slot) pairs of a step sorted by expert in padded blocks,
+two kernels that read the expert weights in place.
+
+`fused_experts(w13, w2, x, ids, weights)` equals `engine.moe.experts_sorted` (the torch path: sort,
+gather rows, torch._grouped_mm, SiLU, weight, scatter, sum) up to rounding, in four launches:
+1. align: pairs grouped by expert, each expert's run padded to a multiple of BLOCK_M
+   (`sorted_ids`, sentinel = number of pairs) and the expert of every block (`block_expert`, >= E
+   past the end). One Triton program for decode-sized steps (atomics give each pair its slot, so the
+   order inside an expert is not stable: every row is computed on its own, the result is the same);
+   torch ops (a stable sort) for prefill-sized ones.
+2. gate/up GEMM: each block's rows are gathered from x inside the kernel (no copy of x per pair),
+   gate and up tiles accumulate side by side, SiLU(gate) * up is stored: `act` [pairs, I].
+3. down GEMM: act rows times w2, scaled by the routing weight in the epilogue: `y` [pairs, H].
+4. y.view(T, k, H).sum(1): fp32 accumulation inside torch's sum.
+Every shape is fixed by T, nothing is read back to the host: decode steps stay capturable in a CUDA
+graph. Block sizes: small M tiles when few rows land on each expert (decode), large ones for prefill.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SMALL_ALIGN_MAX = 8192  # pairs up to which one Triton program aligns (decode, short prefill)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@triton.jit
+def _align_kernel(Ids, SortedIds, BlockExpert, Scratch, N, E, P, NB,
+                  BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BM: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    valid = offs_n < N
+    offs_e = tl.arange(0, BLOCK_E)
+    tl.store(Scratch + offs_e, tl.zeros([BLOCK_E], tl.int32))  # per-expert counters
+    for p0 in range(0, P, BLOCK_P):  # every slot starts as padding
+        op = p0 + tl.arange(0, BLOCK_P)
+        tl.store(SortedIds + op, tl.full([BLOCK_P], 0, tl.int32) + N, mask=op < P)
+    tl.debug_barrier()
+    ids = tl.load(Ids + offs_n, mask=valid, other=0).to(tl.int32)  # [BLOCK_N]
+    slot = tl.atomic_add(Scratch + ids, tl.full([BLOCK_N], 1, tl.int32), mask=valid)  # rank in expert
+    tl.debug_barrier()
+    counts = tl.load(Scratch + offs_e, mask=offs_e < E, other=0)  # [BLOCK_E]
+    padded = (counts + BM - 1) // BM * BM
+    pend = tl.cumsum(padded, 0)  # [BLOCK_E] end of each expert's padded run
+    tl.store(Scratch + BLOCK_E + offs_e, pend - padded)
+    tl.debug_barrier()
+    start = tl.load(Scratch + BLOCK_E + ids, mask=valid, other=0)
+    tl.store(SortedIds + start + slot, offs_n.to(tl.int32), mask=valid)
+    for b0 in range(0, NB, BLOCK_B):
+        ob = b0 + tl.arange(0, BLOCK_B)
+        first = ob * BM  # [BLOCK_B] first slot of each block
+        ex = tl.sum((pend[None, :] <= first[:, None]).to(tl.int32), axis=1)  # experts ending before it
+        tl.store(BlockExpert + ob, ex, mask=ob < NB)
+
+
+def padded_size(n_pairs: int, E: int, bm: int) -> int:
+    """Slots of the padded layout: every expert with a pair may waste up to bm - 1."""
+    return triton.cdiv(n_pairs + min(E, n_pairs) * (bm - 1), bm) * bm
+
+
+def align(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (sorted_ids [P] int32, block_expert [P // bm] int32)."""
+    flat = ids.reshape(-1)
+    N = flat.numel()
+    P = padded_size(N, E, bm)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(P // bm, dtype=torch.int32, device=ids.device)
+    if N <= SMALL_ALIGN_MAX:
+        BLOCK_E = _pow2(E)
+        scratch = torch.empty(2 * BLOCK_E, dtype=torch.int32, device=ids.device)
+        _align_kernel[(1,)](flat, sorted_ids, block_expert, scratch, N, E, P, P // bm,
+                            BLOCK_N=_pow2(N), BLOCK_E=BLOCK_E, BLOCK_P=1024, BLOCK_B=64, BM=bm,
+                            num_warps=8)
+        return sorted_ids, block_expert
+    flat = flat.long()
+    counts = torch.zeros(E, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm  # [E]
+    pend = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)  # [N]
+    e_sorted = flat[order]
+    rank = torch.arange(N, device=ids.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+    sorted_ids.fill_(N)
+    sorted_ids[(pend - padded)[e_sorted] + rank] = order.to(torch.int32)
+    starts = torch.arange(0, P, bm, device=ids.device)
+    block_expert.copy_(torch.searchsorted(pend, starts, right=True))
+    return sorted_ids, block_expert
+
+
+@triton.jit
+def _moe_gemm_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, row_div,
+                     stride_am, stride_be, stride_bn, stride_bk, stride_cm, gate_off,
+                     GATED: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """C[pair, n] = A[pair // row_div] . B[expert, n] (GATED: silu(gate) * up, up rows at n +
+    gate_off), times Wt[pair] when MUL_W; blocks of BLOCK_M pairs of one expert."""
+    pid = tl.program_id(0)
+    num_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)  # GROUP_M row blocks share their B tiles in L2
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    e = tl.load(BlockExpert + pid_m)
+    if e >= E:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(SortedIds + offs_m)  # [BM]
+    valid = pair < num_pairs
+    rows = (pair // row_div).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = B + e.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            bu = tl.load(b_ptrs + gate_off * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_W:
+        acc = acc * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
+    c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+def configs(n_pairs: int, E: int) -> tuple[dict, dict]:
+    """Tile sizes (gate/up, down) by rows per expert: small M tiles for decode-sized steps."""
+    per_expert = n_pairs / E
+    if per_expert <= 8:
+        return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
+    if per_expert <= 256:
+        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3))
+    return (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
+
+
+def _launch(a, b, c, wt, sorted_ids, block_expert, num_pairs, E, N, K, row_div, gated, mul_w, cfg):
+    cfg = dict(cfg)
+    bn = cfg["BLOCK_N"]
+    grid = (block_expert.numel() * triton.cdiv(N, bn),)
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    _moe_gemm_kernel[grid](a, b, c, wt, sorted_ids, block_expert, num_pairs, E, N, K, row_div,
+                           a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), N,
+                           GATED=gated, MUL_W=mul_w, PRECISION=precision, **cfg)
+
+
+def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, cfg: tuple[dict, dict] | None = None) -> torch.Tensor:
+    """w13 [E, 2I, H], w2 [E, H, I], x [T, H], ids [T, k], weights [T, k] fp32 -> [T, H] in x's dtype.
+
+    cfg: (gate/up, down) tile sizes instead of `configs`' choice (benchmarks)."""
+    T, k = ids.shape
+    E, H, I = w2.shape
+    if T == 0:
+        return x.new_zeros(0, H)
+    x = x.contiguous()
+    n_pairs = T * k
+    cfg13, cfg2 = cfg or configs(n_pairs, E)
+    sorted_ids, block_expert = align(ids, E, cfg13["BLOCK_M"])
+    act = torch.empty(n_pairs, I, dtype=x.dtype, device=x.device)  # [T*k, I]
+    _launch(x, w13, act, weights, sorted_ids, block_expert, n_pairs, E, I, H, k, True, False, cfg13)
+    if cfg2["BLOCK_M"] != cfg13["BLOCK_M"]:
+        sorted_ids, block_expert = align(ids, E, cfg2["BLOCK_M"])
+    y = torch.empty(n_pairs, H, dtype=x.dtype, device=x.device)  # [T*k, H], weighted
+    _launch(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, E, H, I,
+            1, False, True, cfg2)
+    return y.view(T, k, H).sum(1)
