@@ -33,7 +33,9 @@ for part in "$@"; do
         --skip transformers,throughput,cpu-experts ;;
     reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
-    moe) step moe 200 python3 benchmarks/bench_moe.py --sweep --tokens 1 32 256 2048 8192 ;;
+    moe) step moe 100 python3 benchmarks/bench_moe.py ;;
+    moe-sweep) step moe 200 python3 benchmarks/bench_moe.py --sweep --tokens 1 32 256 2048 8192 ;;
+    probe-close) step probe-close 60 python3 benchmarks/probe_close.py ;;
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;

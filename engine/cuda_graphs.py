@@ -4,7 +4,7 @@ A decode-only step of B requests runs the graph of the smallest bucket >= B (1, 
 scheduler.max_num_seqs). Rows past B are padding: slot -1 (the K/V store skips them), length 0
 (attention reads nothing), token 0; their logits are dropped. The graph covers embedding, every
 layer (norms, RoPE, the K/V store, split-K decode attention sized for `max_blocks` pages, router
-and grouped expert GEMMs) and the lm_head; sampling stays outside. Graphs are captured lazily, the
+and the fused MoE kernels) and the lm_head; sampling stays outside. Graphs are captured lazily, the
 first time a bucket is needed. Only engine.model.CausalLM with its own device experts qualifies:
 offloaded or recording experts, CPU, missing triton, `attn.backend: reference` or
 `model.enforce_eager` keep steps eager.
@@ -15,8 +15,8 @@ synchronizes it, the kvc-put thread waits on events). In the default "global" mo
 from any thread during the capture fails ("operation not permitted when stream is capturing") and
 invalidates the capture. thread_local forbids unsafe calls only on the capturing thread, and the
 captured region itself makes none: every input is already on the device (static buffers), the
-warm-up before it compiles the Triton kernels and settles the experts' grouped-GEMM choice, and
-the MoE path counts tokens per expert on the device (no host read-back).
+warm-up before it compiles the Triton kernels and settles the experts' path, and the MoE path
+counts tokens per expert on the device (no host read-back).
 """
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ class DecodeGraphs:
         with torch.cuda.stream(side):  # warm-up: triton compiles, cuBLAS picks, experts decide
             self._forward(B)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if not all(getattr(b.experts, "_grouped", False) for b in self.model.moe_blocks()):
-            raise RuntimeError("grouped expert GEMMs unavailable for this device/dtype; "
-                               "the per-expert loop syncs with the host")
+        if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
+            raise RuntimeError("neither the fused MoE kernels nor grouped expert GEMMs run for this "
+                               "device/dtype; the per-expert loop syncs with the host")
         g = torch.cuda.CUDAGraph()
         # thread_local: other engine threads' CUDA calls meanwhile must not void it (module doc)
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):

@@ -105,15 +105,23 @@ class StackedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter))  # [E, H, I]
         self._grouped: bool | None = None
         self.backend, self.kernel = "auto", "auto"  # attn.backend, attn.moe_kernel
+        self.path: str | None = None  # the last forward's: "fused", "grouped" or "loop"
+
+    @property
+    def capturable(self) -> bool:
+        """Whether the last forward ran without host read-backs (a CUDA graph can capture it)."""
+        return self.path in ("fused", "grouped")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.kernel != "torch" and use_kernels(x, self.backend):
             from .moe_kernels import fused_experts
+            self.path = "fused"
             return fused_experts(self.w13, self.w2, x, topk_ids, topk_weights)
         if self._grouped is None:  # decided once, on the device and dtype the weights ended on
             # On CPU the per-expert loop measured 2x faster than torch._grouped_mm (torch 2.13).
             self._grouped = self.w2.device.type == "cuda" and grouped_mm_works(
                 self.w2.device, self.w2.dtype, self.w2.shape[1], self.w2.shape[2])
+        self.path = "grouped" if self._grouped else "loop"
         return experts_sorted(self.w13, self.w2, x, topk_ids, topk_weights, self._grouped)
 
 

@@ -142,12 +142,13 @@ def _moe_gemm_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, ro
 def configs(n_pairs: int, E: int) -> tuple[dict, dict]:
     """Tile sizes (gate/up, down) by rows per expert: small M tiles for decode-sized steps."""
     per_expert = n_pairs / E
+    # chosen with `bench_moe.py --sweep` on the H200 (RESULTS.md, "Fused MoE kernels")
     if per_expert <= 8:
-        return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
-                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3))
+        return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=3),
+                dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=3))
     if per_expert <= 256:
         return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3))
+                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
     return (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
 

@@ -3,7 +3,8 @@
 Measured on the H200 at 12 layers of Qwen3-30B-A3B shapes, cuDNN's kernel takes 171 ms for a 32K
 causal prefill where FA2 (flash_prefill) takes 297 ms; transformers gets it through SDPA. It takes
 GQA natively, but its causal mask is top-left aligned, which is wrong for a chunk after a cached
-prefix. So each piece runs as two calls whose results are merged by their log-sum-exp:
+prefix. So each piece runs as two calls whose results are merged by their log-sum-exp (one Triton
+launch, `merge_two`):
 - the piece's own keys (the fresh K/V, Q == K): causal;
 - the cached prefix (pages gathered out of the pool, one index_select per K and V): no mask.
 Pieces run one after another; steps with many short pieces stay on flash_prefill or the Triton kernel
@@ -15,6 +16,8 @@ import logging
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 log = logging.getLogger(__name__)
 CUDNN_MAX_PIECES = 8  # more pieces than this: one varlen launch beats a pair of calls per piece
@@ -31,11 +34,43 @@ def cudnn_usable(q: torch.Tensor) -> bool:
 
 
 def _attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [Q, Hq, D], k/v [K, Hkv, D] -> (out [Q, Hq, D], lse [Hq, Q] fp32, natural log)."""
+    """q [Q, Hq, D], k/v [K, Hkv, D] -> (out [Q, Hq, D], lse [Hq, Q] fp32 in the op's own base)."""
     o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, 0.0,
         causal, False, scale=scale)[:2]  # [1, Hq, Q, D], [1, Hq, Q(, 1)]
-    return o[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0]).float() * _lse_to_e
+    return o[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0])
+
+
+@triton.jit
+def _merge_two_kernel(O1, L1, O2, L2, Out, Q, lse_to_e, s1q, s1h, s2q, s2h, sl1, sl2, soq, soh,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    h = tl.program_id(1)
+    qm = q < Q
+    d = tl.arange(0, BLOCK_D)
+    m2 = qm[:, None] & (d[None, :] < D)
+    l1 = tl.load(L1 + h * sl1 + q, mask=qm, other=0.0).to(tl.float32) * lse_to_e  # [BQ]
+    l2 = tl.load(L2 + h * sl2 + q, mask=qm, other=0.0).to(tl.float32) * lse_to_e
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    o1 = tl.load(O1 + q[:, None] * s1q + h * s1h + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + q[:, None] * s2q + h * s2h + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    o = (o1 * w1[:, None] + o2 * w2[:, None]) / (w1 + w2)[:, None]
+    tl.store(Out + q[:, None] * soq + h * soh + d[None, :], o.to(Out.dtype.element_ty), mask=m2)
+
+
+def merge_two(o1, lse1, o2, lse2, out) -> None:
+    """out [Q, Hq, D] = the softmax-weighted merge of two partial attentions over disjoint keys;
+    o* [Q, Hq, D] (unit stride in D), lse* [Hq, Q] (unit stride in Q) in the op's base. One launch."""
+    Q, Hq, D = out.shape
+    o1, o2 = (o if o.stride(-1) == 1 else o.contiguous() for o in (o1, o2))
+    lse1, lse2 = (l if l.stride(-1) == 1 else l.contiguous() for l in (lse1, lse2))
+    BLOCK_Q = 16
+    _merge_two_kernel[(triton.cdiv(Q, BLOCK_Q), Hq)](
+        o1, lse1, o2, lse2, out, Q, _lse_to_e, o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1),
+        lse1.stride(0), lse2.stride(0), out.stride(0), out.stride(1), D=D, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_Q=BLOCK_Q, num_warps=4)
 
 
 def _calibrate(device: torch.device, dtype: torch.dtype) -> None:
@@ -43,11 +78,10 @@ def _calibrate(device: torch.device, dtype: torch.dtype) -> None:
     global _lse_to_e
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(64, 2, 64, device=device, dtype=dtype, generator=g) for _ in range(3))
-    _lse_to_e = 1.0
     _, lse = _attend(q, k, v, False, 0.125)
     want = torch.logsumexp(torch.einsum("qhd,khd->hqk", q.float(), k.float()) * 0.125, -1)  # [H, Q]
     for f in (1.0, math.log(2.0)):
-        if torch.allclose(lse * f, want, atol=0.05, rtol=0.01):
+        if torch.allclose(lse.float() * f, want, atol=0.05, rtol=0.01):
             _lse_to_e = f
             return
     raise RuntimeError("cuDNN attention's log-sum-exp matches neither base e nor base 2")
@@ -72,10 +106,9 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
                 kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [off, Hkv, D]
                 vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
                 o2, lse2 = _attend(q[rows], kp, vp, False, scale)
-                m = torch.maximum(lse, lse2)  # [Hq, Q]
-                w1, w2 = torch.exp(lse - m).T[:, :, None], torch.exp(lse2 - m).T[:, :, None]  # [Q, Hq, 1]
-                o = (o.float() * w1 + o2.float() * w2) / (w1 + w2)
-            out[rows] = o
+                merge_two(o, lse, o2, lse2, out[rows])
+            else:
+                out[rows] = o
     except (RuntimeError, TypeError, NotImplementedError) as e:
         _broken = str(e).splitlines()[0] if str(e) else type(e).__name__
         log.warning("cuDNN prefill off, using the other kernels: %s", _broken)

@@ -95,6 +95,31 @@ def check_norm(device):
         torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
 
 
+def check_merge_two(device):
+    """merge_two (the cuDNN path's merge of a piece's own keys and its cached prefix) against the
+    softmax over the union of both key sets, D not a power of two included."""
+    from engine.attention import cudnn_prefill
+    g = torch.Generator().manual_seed(3)
+    for D in (16, 24):
+        Q, Hq, K1, K2 = 5, 3, 7, 4
+        q = torch.randn(Q, Hq, D, generator=g)
+        k1, v1, k2, v2 = (torch.randn(n, Hq, D, generator=g) for n in (K1, K1, K2, K2))
+
+        def part(k, v):
+            s = torch.einsum("qhd,khd->hqk", q, k)  # [Hq, Q, K]
+            return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v), torch.logsumexp(s, -1)
+
+        (o1, l1), (o2, l2) = part(k1, v1), part(k2, v2)
+        want = part(torch.cat([k1, k2]), torch.cat([v1, v2]))[0]
+        out = torch.empty(Q, Hq, D, device=device)
+        saved, cudnn_prefill._lse_to_e = cudnn_prefill._lse_to_e, 1.0
+        try:
+            cudnn_prefill.merge_two(o1.to(device), l1.to(device), o2.to(device), l2.to(device), out)
+        finally:
+            cudnn_prefill._lse_to_e = saved
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def check_rope(device):
     """The RoPE kernel against eager apply_rope: the same roundings, equal to an ulp of the addends.
     bf16 on CUDA only: triton's interpreter converts to bf16 by truncating, torch rounds."""
@@ -133,11 +158,12 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
         check_norm("cuda")
         check_rope("cuda")
+        check_merge_two("cuda")
 
 
 INTERP = """
 import sys, torch
-from tests.engine.test_attention_kernels import check, check_norm, check_rope, count_paths, engine_tokens
+from tests.engine.test_attention_kernels import check, check_merge_two, check_norm, check_rope, count_paths, engine_tokens
 check_norm("cpu")
 check_rope("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
@@ -145,6 +171,7 @@ for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
 check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
 check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
+check_merge_two("cpu")
 calls = count_paths()
 ref = engine_tokens(sys.argv[1], backend="reference")  # attn.backend is obeyed under the interpreter
 assert calls["reference"] > 0 and calls["kernels"] == calls["norm"] == calls["rope"] == 0, calls

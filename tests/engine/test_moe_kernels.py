@@ -84,10 +84,11 @@ def test_fused_moe_cuda_bf16(T, skew):
     check_align(ids, 128, 16)
     y = fused_experts(w13, w2, x, ids, w).float()
     ref = experts_sorted(w13, w2, x, ids, w, grouped=True).float()  # the torch path (grouped_mm)
-    exact = experts_reference(w13.float(), w2.float(), x.float(), ids, w) if T <= 256 else ref
-    tol = 0.02 * exact.abs().max().item() + 1e-3
-    assert (y - exact).abs().max().item() < tol
-    assert (ref - exact).abs().max().item() < tol
+    tol = 0.02 * ref.abs().max().item() + 1e-3
+    assert (y - ref).abs().max().item() < tol
+    n = min(T, 4)  # fp32 per-pair reference on a few tokens (it gathers [n, k, 2I, H] weights)
+    exact = experts_reference(w13.float(), w2.float(), x[:n].float(), ids[:n], w[:n])
+    assert (y[:n] - exact).abs().max().item() < tol
 
 
 @pytest.mark.gpu
