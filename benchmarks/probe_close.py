@@ -14,7 +14,7 @@ d = tempfile.mkdtemp()
 make_tiny_model(d, "qwen3_moe", dtype="bfloat16")
 torch.cuda.empty_cache()
 base = torch.cuda.memory_allocated()
-torch.cuda.memory._record_memory_history(max_entries=200000)
+torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
 llm = LLM(d, dtype="bfloat16", device="cuda", disk_path=None, cpu_memory_size_GB=0)
 llm.generate([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
 llm.close()
@@ -25,7 +25,8 @@ for seg in snap["segments"]:
     for b in seg["blocks"]:
         if b["state"] == "active_allocated":
             fr = b.get("frames", [])
-            key = " <- ".join(f"{f['filename'].split('/')[-1]}:{f['line']}:{f['name']}" for f in fr if 'torch/' not in f['filename'])[:400]
+            key = " <- ".join(f"{f['filename'].split('/')[-1]}:{f['line']}:{f['name']}" for f in fr
+                              if f['filename'].endswith('.py'))[:600]
             live[key] += b["size"]
 for k, v in live.most_common(8):
     print(v, k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import add_rms_norm, use_kernels
 from .layers import Attention, AttnMetadata, GatedMLP, RMSNorm, Rope
 from .model_args import ModelArgs
 from .moe import MoEBlock
@@ -28,8 +29,14 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(a.hidden_size, a.intermediate_size)
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        norm = self.post_attention_layernorm
+        if use_kernels(x, norm.backend):  # residual add + norm in one launch
+            x, h = add_rms_norm(x, a, norm.weight, norm.eps)
+        else:
+            x = x + a
+            h = norm(x)
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):

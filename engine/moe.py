@@ -139,6 +139,10 @@ class MoEBlock(nn.Module):
         self._backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = route(self.gate(x), self.top_k, self.renormalize)  # [T, k], [T, k]
+        if self.experts.kernel != "torch" and use_kernels(x, self.experts.backend):
+            from .moe_kernels import fused_route
+            ids, weights = fused_route(self.gate(x), self.top_k, self.renormalize)  # one launch
+        else:
+            ids, weights = route(self.gate(x), self.top_k, self.renormalize)  # [T, k], [T, k]
         backend = self._backend if self._backend is not None else self.experts
         return backend.forward(x, ids, weights)

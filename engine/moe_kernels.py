@@ -5,9 +5,8 @@ two kernels that read the expert weights in place.
 gather rows, torch._grouped_mm, SiLU, weight, scatter, sum) up to rounding, in four launches:
 1. align: pairs grouped by expert, each expert's run padded to a multiple of BLOCK_M
    (`sorted_ids`, sentinel = number of pairs) and the expert of every block (`block_expert`, >= E
-   past the end). One Triton program for decode-sized steps (atomics give each pair its slot, so the
-   order inside an expert is not stable: every row is computed on its own, the result is the same);
-   torch ops (a stable sort) for prefill-sized ones.
+   past the end), by one Triton program (atomics give each pair its slot, so the order inside an
+   expert is not stable: every row is computed on its own, the result is the same).
 2. gate/up GEMM: each block's rows are gathered from x inside the kernel (no copy of x per pair),
    gate and up tiles accumulate side by side, SiLU(gate) * up is stored: `act` [pairs, I].
 3. down GEMM: act rows times w2, scaled by the routing weight in the epilogue: `y` [pairs, H].
@@ -21,35 +20,41 @@ import torch
 import triton
 import triton.language as tl
 
-SMALL_ALIGN_MAX = 8192  # pairs up to which one Triton program aligns (decode, short prefill)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 @triton.jit
-def _align_kernel(Ids, SortedIds, BlockExpert, Scratch, N, E, P, NB,
+def _align_kernel(Ids, SortedIds, BlockExpert, Scratch, Slots, N, E, P, NB,
                   BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
                   BLOCK_B: tl.constexpr, BM: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    valid = offs_n < N
+    """One program: counts per expert and each pair's slot in its expert by atomics (pass 1), the
+    padded starts by a cumsum, then every pair to start + slot (pass 2) and each block's expert."""
     offs_e = tl.arange(0, BLOCK_E)
     tl.store(Scratch + offs_e, tl.zeros([BLOCK_E], tl.int32))  # per-expert counters
     for p0 in range(0, P, BLOCK_P):  # every slot starts as padding
         op = p0 + tl.arange(0, BLOCK_P)
         tl.store(SortedIds + op, tl.full([BLOCK_P], 0, tl.int32) + N, mask=op < P)
     tl.debug_barrier()
-    ids = tl.load(Ids + offs_n, mask=valid, other=0).to(tl.int32)  # [BLOCK_N]
-    slot = tl.atomic_add(Scratch + ids, tl.full([BLOCK_N], 1, tl.int32), mask=valid)  # rank in expert
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < N
+        ids = tl.load(Ids + offs_n, mask=valid, other=0).to(tl.int32)
+        slot = tl.atomic_add(Scratch + ids, tl.full([BLOCK_N], 1, tl.int32), mask=valid)  # rank in expert
+        tl.store(Slots + offs_n, slot, mask=valid)
     tl.debug_barrier()
     counts = tl.load(Scratch + offs_e, mask=offs_e < E, other=0)  # [BLOCK_E]
     padded = (counts + BM - 1) // BM * BM
     pend = tl.cumsum(padded, 0)  # [BLOCK_E] end of each expert's padded run
     tl.store(Scratch + BLOCK_E + offs_e, pend - padded)
     tl.debug_barrier()
-    start = tl.load(Scratch + BLOCK_E + ids, mask=valid, other=0)
-    tl.store(SortedIds + start + slot, offs_n.to(tl.int32), mask=valid)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < N
+        ids = tl.load(Ids + offs_n, mask=valid, other=0).to(tl.int32)
+        start = tl.load(Scratch + BLOCK_E + ids, mask=valid, other=0)
+        slot = tl.load(Slots + offs_n, mask=valid, other=0)
+        tl.store(SortedIds + start + slot, offs_n.to(tl.int32), mask=valid)
     for b0 in range(0, NB, BLOCK_B):
         ob = b0 + tl.arange(0, BLOCK_B)
         first = ob * BM  # [BLOCK_B] first slot of each block
@@ -63,31 +68,37 @@ def padded_size(n_pairs: int, E: int, bm: int) -> int:
 
 
 def align(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [T, k] -> (sorted_ids [P] int32, block_expert [P // bm] int32)."""
+    """ids [T, k] -> (sorted_ids [P] int32, block_expert [P // bm] int32), in one launch (a chunked
+    prefill step is bound by launches: the torch-ops version, `align_torch`, took ~25)."""
     flat = ids.reshape(-1)
     N = flat.numel()
     P = padded_size(N, E, bm)
     sorted_ids = torch.empty(P, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(P // bm, dtype=torch.int32, device=ids.device)
-    if N <= SMALL_ALIGN_MAX:
-        BLOCK_E = _pow2(E)
-        scratch = torch.empty(2 * BLOCK_E, dtype=torch.int32, device=ids.device)
-        _align_kernel[(1,)](flat, sorted_ids, block_expert, scratch, N, E, P, P // bm,
-                            BLOCK_N=_pow2(N), BLOCK_E=BLOCK_E, BLOCK_P=1024, BLOCK_B=64, BM=bm,
-                            num_warps=8)
-        return sorted_ids, block_expert
-    flat = flat.long()
+    BLOCK_E = _pow2(E)
+    scratch = torch.empty(2 * BLOCK_E, dtype=torch.int32, device=ids.device)
+    slots = torch.empty(N, dtype=torch.int32, device=ids.device)
+    _align_kernel[(1,)](flat, sorted_ids, block_expert, scratch, slots, N, E, P, P // bm,
+                        BLOCK_N=min(_pow2(N), 4096), BLOCK_E=BLOCK_E, BLOCK_P=1024, BLOCK_B=64, BM=bm,
+                        num_warps=8)
+    return sorted_ids, block_expert
+
+
+def align_torch(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same layout from torch ops (a stable sort): the tests' second opinion on `align`."""
+    flat = ids.reshape(-1).long()
+    N = flat.numel()
+    P = padded_size(N, E, bm)
     counts = torch.zeros(E, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + bm - 1) // bm * bm  # [E]
     pend = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)  # [N]
     e_sorted = flat[order]
     rank = torch.arange(N, device=ids.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
-    sorted_ids.fill_(N)
+    sorted_ids = torch.full((P,), N, dtype=torch.int32, device=ids.device)
     sorted_ids[(pend - padded)[e_sorted] + rank] = order.to(torch.int32)
     starts = torch.arange(0, P, bm, device=ids.device)
-    block_expert.copy_(torch.searchsorted(pend, starts, right=True))
-    return sorted_ids, block_expert
+    return sorted_ids, torch.searchsorted(pend, starts, right=True).to(torch.int32)
 
 
 @triton.jit
@@ -184,3 +195,49 @@ def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: tor
     _launch(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, E, H, I,
             1, False, True, cfg2)
     return y.view(T, k, H).sum(1)
+
+
+@triton.jit
+def _route_kernel(L, Ids, Wt, T, E, stride_l, K: tl.constexpr, RENORM: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Softmax over the experts in fp32, top-k, optionally renormalised: engine.moe.route's math."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rm = rows < T
+    cols = tl.arange(0, BLOCK_E)
+    cm = cols < E
+    logit = tl.load(L + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=rm[:, None] & cm[None, :],
+                    other=float("-inf")).to(tl.float32)  # [BT, BE]
+    logit = tl.where(rm[:, None], logit, 0.0)  # rows past T: finite, never stored
+    p = tl.exp(logit - tl.max(logit, 1)[:, None])
+    p = tl.where(cm[None, :], p, 0.0)
+    p = p / tl.sum(p, 1)[:, None]
+    kk = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    top_i = tl.zeros([BLOCK_T, BLOCK_K], tl.int64)
+    for j in tl.static_range(K):
+        best = tl.max(p, 1)  # [BT]
+        idx = tl.argmax(p, 1)  # first index of the largest
+        top_w = tl.where(kk[None, :] == j, best[:, None], top_w)
+        top_i = tl.where(kk[None, :] == j, idx[:, None].to(tl.int64), top_i)
+        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)  # taken
+    if RENORM:
+        top_w = top_w / tl.sum(top_w, 1)[:, None]
+    km = rm[:, None] & (kk[None, :] < K)
+    tl.store(Ids + rows[:, None] * K + kk[None, :], top_i, mask=km)
+    tl.store(Wt + rows[:, None] * K + kk[None, :], top_w, mask=km)
+
+
+def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine.moe.route in one launch (five small launches in torch): logits [T, E] -> (ids [T, k]
+    int64, weights [T, k] fp32). The same choice up to exact ties between probabilities."""
+    T, E = router_logits.shape
+    ids = torch.empty(T, top_k, dtype=torch.long, device=router_logits.device)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    if T:
+        logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+        BLOCK_E = _pow2(E)
+        BLOCK_T = max(1, min(16, 4096 // BLOCK_E))
+        _route_kernel[(triton.cdiv(T, BLOCK_T),)](logits, ids, w, T, E, logits.stride(0), K=top_k,
+                                                  RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
+                                                  BLOCK_K=_pow2(top_k), num_warps=4)
+    return ids, w

@@ -76,6 +76,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    from .triton_norm import add_rms_norm as kernel
+    return kernel(x, delta, weight, eps)
+
+
 def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     from .triton_rope import apply_rope
     return apply_rope(x, cos, sin)

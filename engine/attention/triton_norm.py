@@ -32,3 +32,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), eps, N=N,
                                          BLOCK=triton.next_power_of_2(N), num_warps=4 if N <= 4096 else 8)
     return y.view(x.shape)
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, D, S, W, Y, stride_x, stride_d, stride_s, stride_y, eps, N: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    s = (tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(D + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+    tl.store(S + row * stride_s + offs, s, mask=mask)  # the residual stream, rounded as torch's add
+    x = s.to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
+    h = (x * r).to(S.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + offs, (w * h).to(Y.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + delta, rms_norm(x + delta)) in one launch instead of two; x, delta [T, N] of one dtype."""
+    T, N = x.shape
+    x, delta = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, delta))
+    s = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if T:
+        _add_rms_norm_kernel[(T,)](x, delta, s, weight, y, x.stride(0), delta.stride(0), s.stride(0), y.stride(0),
+                                   eps, N=N, BLOCK=triton.next_power_of_2(N), num_warps=4 if N <= 4096 else 8)
+    return s, y

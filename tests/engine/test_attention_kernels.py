@@ -93,6 +93,13 @@ def check_norm(device):
         got, want = rms_norm(x, norm.weight, norm.eps), norm.reference(x)
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
+        from engine.attention import add_rms_norm  # the fused residual add + norm
+        x2, d = x.reshape(21, 96), (torch.randn(21, 96) * 3).to(device=device, dtype=dtype)
+        s, h = add_rms_norm(x2, d, norm.weight, norm.eps)
+        if device == "cuda" or dtype != torch.bfloat16:  # the interpreter truncates to bf16, torch rounds
+            assert torch.equal(s, x2 + d)  # the residual stream exactly as torch's add rounds it
+        torch.testing.assert_close(s, x2 + d, rtol=rtol, atol=1e-5)
+        torch.testing.assert_close(h, norm.reference(s), rtol=rtol, atol=1e-5)
 
 
 def check_merge_two(device):

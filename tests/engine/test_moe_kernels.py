@@ -1,6 +1,6 @@
 """The fused Triton MoE kernels (engine.moe_kernels) against the per-pair reference: routings with
-idle experts, one expert taking every token, both align paths (one Triton program, and torch ops for
-large steps), fp32 and bf16.
+idle experts, one expert taking every token, the align kernel against a sorted torch version (more
+pairs than one pass of the kernel holds included), fp32 and bf16.
 
 On CUDA (`-m gpu`) at Qwen3-30B-A3B expert shapes; on CPU under triton's interpreter
 (TRITON_INTERPRET=1, in a subprocess because the flag is read when the kernels are defined) at tiny
@@ -35,33 +35,41 @@ def case(T, E, k, H, I, dtype, device, skew=False, seed=0):
 
 
 def check_align(ids, E, bm):
-    from engine.moe_kernels import align
+    """align's layout is valid and has the same blocks as the sorted torch version."""
+    from engine.moe_kernels import align, align_torch
     s, b = align(ids, E, bm)
+    s2, b2 = align_torch(ids, E, bm)
     flat = ids.reshape(-1)
     N = flat.numel()
     assert sorted(s[s < N].tolist()) == list(range(N))  # every pair exactly once
+    assert torch.equal(b.clamp(max=E), b2.clamp(max=E))  # the same expert per block
     for blk, e in enumerate(b.tolist()):
         rows = s[blk * bm:(blk + 1) * bm]
         rows = rows[rows < N].long()
         assert (e >= E and rows.numel() == 0) or bool((flat[rows] == e).all())
+    for e in range(E):  # an expert's pairs in its blocks (their order inside the expert is free)
+        mine, theirs = s.view(-1, bm)[b == e].flatten(), s2.view(-1, bm)[b2 == e].flatten()
+        assert torch.equal(mine.sort().values, theirs.sort().values)
 
 
 INTERP = r"""
 import torch
 import engine.moe_kernels as mk
 from tests.engine.test_moe_kernels import case, check_align
-from engine.moe import experts_reference
-for T, E, k, skew in [(1, 8, 2, False), (5, 8, 2, False), (40, 16, 4, True), (1100, 8, 8, False)]:
+from engine.moe import experts_reference, route
+for T, E, k, skew in [(1, 8, 2, False), (5, 8, 2, False), (40, 16, 4, True), (1100, 8, 8, False), (600, 16, 8, True)]:
     w13, w2, x, ids, w = case(T, E, k, 32, 16, torch.float32, "cpu", skew)
     for bm in (16, 64):
         check_align(ids, E, bm)
     y = mk.fused_experts(w13, w2, x, ids, w)
     ref = experts_reference(w13, w2, x, ids, w)
     assert (y - ref).abs().max() < 1e-5, (T, (y - ref).abs().max())
-    mk.SMALL_ALIGN_MAX, small = 0, mk.SMALL_ALIGN_MAX  # the torch-ops align path on the same case
-    check_align(ids, E, 16)
-    assert (mk.fused_experts(w13, w2, x, ids, w) - ref).abs().max() < 1e-5
-    mk.SMALL_ALIGN_MAX = small
+for T, E, k, renorm in [(1, 128, 8, True), (37, 128, 8, False), (5, 8, 2, True), (20, 60, 4, True)]:
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T)) * 3
+    ids, w = mk.fused_route(logits, k, renorm)
+    ref_ids, ref_w = route(logits, k, renorm)
+    assert torch.equal(ids, ref_ids) and ids.dtype == ref_ids.dtype, (ids, ref_ids)
+    assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-7)
 print("ok")
 """
 
