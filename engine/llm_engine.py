@@ -137,7 +137,7 @@ class LLMEngine:
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
         reuse = config.kvc.prefix_caching
         self.planner = LoadPlanner(config.kvc.load_policy, spec.page_size, spec.page_bytes)
-        host = (HostTier(cache, observe=self.planner.observe_load)
+        host = (HostTier(cache, observe=self.planner.observe_load, ring_bytes=int(config.kvc.put_buffer_GB * (1 << 30)))
                 if cache is not None and not config.kvc.gpu_only and reuse else None)
         self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
         self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
@@ -145,6 +145,7 @@ class LLMEngine:
         self._pace_puts = host is not None and self.device.type == "cuda"
         if self._pace_puts:
             self.runner.on_launched = self.prefix_cache.step_launched
+            host.pace_disk_writes()
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = EngineMetrics(registry, kvc_metrics)

@@ -69,6 +69,10 @@ class KvcConfig:
     load_policy: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
     # A page goes down to disk (and the cluster) only after N uses: its put and N-1 hits.
     disk_admission_hits: int = field(default=1, metadata=_range(1))
+    # Pinned host buffer that offered pages leave the GPU into (CUDA); an offer that finds it full
+    # is dropped. It must hold the pages of the longest prompt that should be stored whole while
+    # the engine is busy (32K tokens of Qwen3-30B-A3B at 48 layers: 3 GB; at 12 layers: 0.8 GB).
+    put_buffer_GB: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     # A Redis Cluster (any node) or one Redis below disk, shared by many kvc processes:
     # redis://host:port or rediss://host:port (TLS); password in the URL or KVC_CLUSTER_PASSWORD.
     cluster_url: str | None = None

@@ -43,6 +43,8 @@ log = logging.getLogger("kvc.disk")
 _META = struct.Struct("<16s16sQQ")  # ns_root, parent, seq, record size; then tokens
 LMDB_PAGE = 4096
 READER_CHECK_S = 60.0
+MAX_BACKLOG_BYTES = 1 << 30  # queued, uncommitted records past which put() refuses (counted)
+GATE_EVERY = 16  # records between two calls of write_gate inside a commit
 DEGRADED_RETRY_S = 30.0
 READ_PIECE = 256 << 10          # copy-then-hash piece: still in cache when hashed
 READ_TASK_BYTES = 4 << 20       # pages per reader task: about this many bytes
@@ -76,7 +78,7 @@ class DiskTier:
     name = "disk"
 
     def __init__(self, path: str, capacity_bytes: int, metrics, high: float = 0.95, low: float = 0.85,
-                 reader_threads: int | None = None):
+                 reader_threads: int | None = None, max_backlog_bytes: int = MAX_BACKLOG_BYTES):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.capacity = int(capacity_bytes)
         self.high, self.low = high, low
@@ -97,6 +99,14 @@ class DiskTier:
         self._committed = 0  # of those, how many the writer has finished (committed or failed)
         self._failures: list[tuple[int, int]] = []  # recent failed commits as (first, last) positions
         self.degraded_until = 0.0
+        # Records queued but not committed, in bytes, and the bound past which put() refuses (a
+        # writer held back by write_gate must not grow memory without limit): refusals are counted
+        self.backlog_bytes = 0
+        self.max_backlog_bytes = int(max_backlog_bytes)
+        # Called by the writer before each few records (it may block): an embedding engine hands in
+        # its GPU-slack wait, so LMDB's puts (which hold the GIL) run when the engine's own thread
+        # is not the limit. None: write at once (the cache server, tests).
+        self.write_gate = None
         self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
         self.env = self._open()
         if self.capacity > self.free_bytes() + self.file_bytes():
@@ -304,6 +314,10 @@ class DiskTier:
         with self._lock:
             if h in self.index or time.monotonic() < self.degraded_until:
                 return False
+            if self.backlog_bytes + len(record) > self.max_backlog_bytes:
+                self.metrics.store_pages.labels(tier="disk", result="backlog_full").inc()
+                return False
+            self.backlog_bytes += len(record)
             e = DiskEntry(ns_root, parent, tokens, self._seq, len(record))
             self._seq += 1
             self.index[h] = e
@@ -383,6 +397,9 @@ class DiskTier:
                 last_check = time.monotonic()
 
     def _commit(self, batch) -> bool:
+        gate, gated = self.write_gate, 0
+        if gate is not None:
+            gate()
         t0 = time.perf_counter()
         try:
             with self.env.begin(write=True) as txn:
@@ -392,6 +409,9 @@ class DiskTier:
                         with self._lock:
                             if self.index.get(h) is not e:
                                 continue  # removed (or replaced) before it reached the disk
+                        gated += 1
+                        if gate is not None and gated % GATE_EVERY == 0:
+                            gate()  # between puts: a write txn may stay open, readers are MVCC
                         txn.put(h, rec, db=self._data)
                         txn.put(h, _META.pack(e.ns_root, e.parent, e.seq, e.size) + e.tokens, db=self._meta)
                     else:
@@ -407,8 +427,10 @@ class DiskTier:
         finally:
             with self._lock:
                 for item in batch:
-                    if item[0] == "put" and self.pending.get(item[1]) is item[2]:
-                        del self.pending[item[1]]
+                    if item[0] == "put":
+                        self.backlog_bytes -= len(item[2])
+                        if self.pending.get(item[1]) is item[2]:
+                            del self.pending[item[1]]
         self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
         self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
         return True

@@ -634,8 +634,15 @@ class TieredStore:
         written back; with `disk_write: through` every stored page goes to disk at once."""
         return self.disk.sync(timeout)
 
+    def set_write_gate(self, gate) -> None:
+        """A callable the disk writer calls before each few records (it may block), or None. An
+        engine in the same process hands in its wait for GPU slack: LMDB's puts hold the GIL."""
+        if isinstance(self.disk, DiskTier):
+            self.disk.write_gate = gate
+
     def close(self) -> None:
         """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
+        self.set_write_gate(None)  # the pages below are written at once, whatever an engine did
         with self._lock:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
                 for k, e in list(self.cpu.entries.items()):

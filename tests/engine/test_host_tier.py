@@ -113,3 +113,41 @@ def test_puts_wait_while_a_load_runs(store):
     finally:
         gate.set()
         host.close()
+
+
+def test_disk_writes_are_paced_like_puts(tmp_path):
+    """pace_disk_writes hands the put thread's GPU-slack wait to an in-process store's disk writer:
+    while the engine steps nothing reaches LMDB, once it is idle the writes commit; close() takes
+    the gate back."""
+    import threading
+    from kvc.config import load_config
+    from kvc.store import TieredStore
+    from tests.kvc.conftest import NS, make_pages
+    s = TieredStore(load_config(None, disk_path=str(tmp_path / "p"), disk_write="through",
+                                cpu_memory_size_GB=0.01, disk_size_GB=0.05).kvc)
+    host = HostTier(s)
+    stepping = threading.Event()
+
+    def engine():  # a busy engine: a step starts every few ms
+        while not stepping.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    try:
+        host.pace_disk_writes()
+        assert s.disk.write_gate is not None
+        t = threading.Thread(target=engine)
+        host.step_started()
+        t.start()
+        hs, pages = make_pages(NS, list(range(40)))
+        s.put_pages(NS, pages)  # queued for the disk writer
+        time.sleep(4 * IDLE_S)
+        assert s.disk._committed == 0 and s.disk.backlog_bytes > 0  # it waits for slack
+        stepping.set()
+        t.join()
+        s.disk.flush(timeout=5)  # idle now: it writes
+        assert s.disk._committed > 0 and s.disk.backlog_bytes == 0
+    finally:
+        stepping.set()
+        host.close()
+        assert s.disk.write_gate is None
+        s.close()

@@ -262,3 +262,52 @@ def test_no_reader_task_writes_into_out_after_get_returns(tmp_path, monkeypatch)
         after = out.clone()
         time.sleep(0.5)
         assert torch.equal(out.view(torch.uint8), after.view(torch.uint8))
+
+
+
+def test_write_gate_holds_commits_until_it_opens(tmp_path):
+    """An engine's GPU-slack wait, handed in as the writer's gate, holds LMDB commits back; the
+    pages commit once the gate opens (a new process then finds them on disk)."""
+    import threading
+    opened = threading.Event()
+    calls = []
+
+    def gate():
+        calls.append(1)
+        opened.wait(10)
+    hs, pages = make_pages(NS, list(range(40)))
+    with TieredStore(kvc_config(tmp_path, disk_write="through")) as s:
+        s.set_write_gate(gate)
+        s.put_pages(NS, pages)
+        s.disk.flush(timeout=0.3)
+        assert s.disk._committed == 0 and calls  # the writer waits in the gate
+        assert all(torch.equal(a.data, b.data) for a, b in zip(s.get_pages(NS, hs), pages))
+        opened.set()
+        assert s.sync(timeout=10)
+    with TieredStore(kvc_config(tmp_path)) as s:
+        assert s.lookup(NS, tokens=list(range(40))).located == ["disk"] * 10
+
+
+def test_disk_backlog_is_bounded_and_refusals_counted(tmp_path):
+    """A writer held back by its gate does not let queued records grow without limit: past
+    max_backlog_bytes the disk tier refuses pages (counted) and takes them again once written."""
+    import threading
+    from kvc.store import key
+    opened = threading.Event()
+    hs, pages = make_pages(NS, list(range(80)))
+    with TieredStore(kvc_config(tmp_path, disk_write="through")) as s:
+        s.set_write_gate(lambda: opened.wait(10))
+        s.put_pages(NS, pages[:1])
+        rec = s.disk.backlog_bytes  # one queued record
+        assert rec > SPEC.page_bytes
+        s.disk.max_backlog_bytes = 5 * rec + rec // 2  # room for five
+        s.put_pages(NS, pages[1:10])
+        assert metric(s, "kvc_store_pages_total", tier="disk", result="backlog_full") == 5
+        assert s.disk.backlog_bytes == 5 * rec
+        opened.set()
+        s.disk.flush()
+        assert s.disk.backlog_bytes == 0
+        s.put_pages(NS, pages[10:14])
+        s.disk.flush()
+        assert metric(s, "kvc_store_pages_total", tier="disk", result="backlog_full") == 5
+        assert sum(1 for h in hs[:14] if s.disk.get(key(NS.root, h)) is not None) == 9
