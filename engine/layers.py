@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import kernel_attention, rms_norm, rope_kernel, use_kernels
+from .attention import kernel_attention, qk_norm_rope, rms_norm, rope_kernel, use_kernels
 
 
 class RMSNorm(nn.Module):
@@ -170,9 +170,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, self.backend), apply_rope(k, cos, sin, self.backend)
+        if use_kernels(x, self.backend):  # norms and RoPE of q and k: one launch instead of four
+            qn, kn = self.q_norm, self.k_norm
+            q, k = qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
+                                0.0 if qn is None else qn.eps, cos, sin)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin, self.backend), apply_rope(k, cos, sin, self.backend)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5, self.backend,
                             self.prefill_kernel)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.heads * self.head_dim))

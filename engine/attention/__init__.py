@@ -81,6 +81,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return kernel(x, delta, weight, eps)
 
 
+def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
+    from .triton_rope import qk_norm_rope as kernel
+    return kernel(q, k, q_weight, k_weight, eps, cos, sin)
+
+
 def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     from .triton_rope import apply_rope
     return apply_rope(x, cos, sin)

@@ -102,6 +102,30 @@ def check_norm(device):
         torch.testing.assert_close(h, norm.reference(s), rtol=rtol, atol=1e-5)
 
 
+def check_qk_norm_rope(device):
+    """The fused per-head RMSNorm + RoPE of q and k against RMSNorm.reference then apply_rope,
+    with and without the norms (Qwen3 / Mixtral), GQA head counts, strided q/k as projections give."""
+    from engine.attention import qk_norm_rope
+    from engine.layers import RMSNorm, Rope, apply_rope_reference
+    rope = Rope(32, 1e6).to(device)
+    cases = [(torch.float32, 1e-5), (torch.float16, 2e-3)] + ([(torch.bfloat16, 1.6e-2)] if device == "cuda" else [])
+    for dtype, rtol in cases:
+        cos, sin = rope.cos_sin(torch.tensor([0, 5, 77, 4000, 9], device=device), dtype)  # [5, 32]
+        qkv = (torch.randn(5, 12, 32) * 2).to(device=device, dtype=dtype)  # q: heads 0-7, k: 8-9, v: 10-11
+        q, k = qkv[:, :8], qkv[:, 8:10]  # strided views, as q_proj/k_proj outputs can be
+        for normed in (True, False):
+            qn, kn = RMSNorm(32, 1e-6).to(device=device, dtype=dtype), RMSNorm(32, 1e-6).to(device=device, dtype=dtype)
+            with torch.no_grad():
+                qn.weight.copy_(torch.randn(32) + 1), kn.weight.copy_(torch.randn(32) + 1)
+            got_q, got_k = qk_norm_rope(q, k, qn.weight if normed else None, kn.weight if normed else None,
+                                        1e-6, cos, sin)
+            want_q = apply_rope_reference(qn.reference(q) if normed else q, cos, sin)
+            want_k = apply_rope_reference(kn.reference(k) if normed else k, cos, sin)
+            assert got_q.dtype == want_q.dtype and got_q.shape == want_q.shape and got_k.shape == want_k.shape
+            torch.testing.assert_close(got_q, want_q, rtol=rtol, atol=4 * rtol)
+            torch.testing.assert_close(got_k, want_k, rtol=rtol, atol=4 * rtol)
+
+
 def check_merge_two(device):
     """merge_two (the cuDNN path's merge of a piece's own keys and its cached prefix) against the
     softmax over the union of both key sets, D not a power of two included."""
@@ -166,11 +190,13 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check_norm("cuda")
         check_rope("cuda")
         check_merge_two("cuda")
+        check_qk_norm_rope("cuda")
 
 
 INTERP = """
 import sys, torch
-from tests.engine.test_attention_kernels import check, check_merge_two, check_norm, check_rope, count_paths, engine_tokens
+from tests.engine.test_attention_kernels import (check, check_merge_two, check_norm, check_qk_norm_rope, check_rope,
+                                                count_paths, engine_tokens)
 check_norm("cpu")
 check_rope("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
@@ -179,6 +205,7 @@ for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
 check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
 check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
 check_merge_two("cpu")
+check_qk_norm_rope("cpu")
 calls = count_paths()
 ref = engine_tokens(sys.argv[1], backend="reference")  # attn.backend is obeyed under the interpreter
 assert calls["reference"] > 0 and calls["kernels"] == calls["norm"] == calls["rope"] == 0, calls
@@ -195,7 +222,7 @@ def count_paths() -> dict[str, int]:
     call still runs the real function)."""
     import engine.layers as layers
     calls = {}
-    for key, name in (("kernels", "kernel_attention"), ("norm", "rms_norm"), ("rope", "rope_kernel"),
+    for key, name in (("kernels", "kernel_attention"), ("norm", "rms_norm"), ("rope", "qk_norm_rope"),
                       ("reference", "paged_attention_reference")):
         def counted(*a, _fn=getattr(layers, name), _key=key, **kw):
             calls[_key] += 1
