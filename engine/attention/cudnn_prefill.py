@@ -101,8 +101,11 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
             o, lse = _attend(q[rows], k[rows], v[rows], True, scale)  # the piece's own keys
             off = p.k_len - p.q_len
             if off > 0:  # the cached prefix: every query sees all of it
-                ar = torch.arange(P, device=q.device)
-                slots = (p.block_table[:(off + P - 1) // P, None] * P + ar).reshape(-1)[:off]  # [off]
+                slots = p.__dict__.get("prefix_slots")  # the same for every layer: made once a step
+                if slots is None:
+                    ar = torch.arange(P, device=q.device)
+                    slots = (p.block_table[:(off + P - 1) // P, None] * P + ar).reshape(-1)[:off]  # [off]
+                    p.prefix_slots = slots
                 kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [off, Hkv, D]
                 vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
                 o2, lse2 = _attend(q[rows], kp, vp, False, scale)
