@@ -197,7 +197,9 @@ def cpu_layer(a, s):
 
     One MoE layer, half its experts on the CPU (ids E/2.. after a Zipf-ranked router). Before each
     timed call a --flush-gib buffer is summed (untimed) so the call finds its weights in DRAM, not cache.
-    --formats: bfloat16, float32, int8 (kernel int_mm) or int8:onednn.
+    --formats: dtype[:kernel], dtype bfloat16 / float32 / int8; kernel: the torch kernels by default
+    (int8: int_mm, or onednn), `native` (the C kernel at every size: no hand-off to torch at prefill)
+    or `native_wo` (int8 weight-only native).
     """
     dev = torch.device("cpu")
     H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
@@ -225,15 +227,22 @@ def cpu_layer(a, s):
         fmt, _, kern = spec.partition(":")
         src = torch.float32 if fmt == "float32" else torch.bfloat16
         t0 = time.perf_counter()
-        wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm")
+        if kern.startswith("native"):
+            wt = dataclasses.replace(prepare(w13.to(src), w2.to(src), fmt, kernel=kern), max_rows=float("inf"))
+            if wt.kernel != "native":
+                print(f"# {spec}: the native kernel did not build (log above); skipped", flush=True)
+                continue
+        else:
+            wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm", kernel="torch")
         print(f"# {spec}: prepared in {time.perf_counter() - t0:.1f} s", flush=True)
         for T, (x, ids, w) in calls.items():
             x = x.to(src)
             touched = int(torch.unique(ids[ids >= 0]).numel())
             floor = touched * wt.expert_bytes / bw
             out = torch.empty(T, H)
-            paths = {"grouped": lambda: grouped_cpu_experts(wt, x, ids, w, out, pool)}
-            if fmt != "int8":  # the per-expert loop has no int8
+            name = "native" if wt.kernel == "native" else "grouped"
+            paths = {name: lambda: grouped_cpu_experts(wt, x, ids, w, out, pool)}
+            if fmt != "int8" and name == "grouped" and not a.no_loop:  # the per-expert loop has no int8
                 paths = {"loop": lambda: cpu_experts(wt.w13, wt.w2, x, ids, w, out), **paths}
             res = {}
             iters = a.iters_decode * 3 if T <= s["decode"] else a.iters_prefill + 1
@@ -249,7 +258,8 @@ def cpu_layer(a, s):
                     res[name] = statistics.median(ts)
             for name, t in res.items():
                 up = f"{res['loop'] / t:.2f}x" if "loop" in res and name != "loop" else ""
-                print(f"| {T} | {fmt} | {name} | {'mm loop' if name == 'loop' else wt.kernel} | {touched} | "
+                kname = "mm loop" if name == "loop" else kern if name == "native" else wt.kernel
+                print(f"| {T} | {fmt} | {name} | {kname} | {touched} | "
                       f"{touched * wt.expert_bytes / 1e6:.0f} | {floor * 1e3:.2f} | {t * 1e3:.2f} | {t / floor:.2f} "
                       f"| {up} |", flush=True)
         del wt
@@ -313,7 +323,9 @@ def main():
     p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"))
     p.add_argument("--cpu-layer", action="store_true", help="only the per-layer CPU expert table (old loop vs grouped)")
     p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
-    p.add_argument("--formats", default="bfloat16,int8,int8:onednn", help="--cpu-layer: dtype[:int8 kernel],...")
+    p.add_argument("--formats", default="bfloat16,bfloat16:native,int8,int8:onednn,int8:native",
+                   help="--cpu-layer: dtype[:kernel],... (kernel: int_mm, onednn, native, native_wo)")
+    p.add_argument("--no-loop", action="store_true", help="--cpu-layer: skip the old per-expert loop rows")
     p.add_argument("--flush-gib", type=float, default=1.0, help="--cpu-layer: GiB read before each timed call")
     p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
     p.add_argument("--e2e", action="store_true", help="only the end-to-end TTFT rows through engine.LLM")

@@ -1,0 +1,584 @@
+/* CPU MoE experts of one layer in one call: gate/up, silu * up, down, weighted sum per token.
+ *
+ * Built at first use by engine/offload/native/__init__.py (cc -O3 -march=native) and called through
+ * ctypes, which releases the GIL. No torch headers: plain pointers, row-major, contiguous.
+ *
+ * Work split: a persistent pthread pool (the caller takes part) claims tasks from an atomic counter.
+ *   phase x:    convert / quantize the T input rows (bf16 round-to-nearest-even, or u8 + scale);
+ *   phase gu:   task = (active expert, block of intermediate channels j): gate row j and up row I+j
+ *               are the two rows of one register block, so silu(g) * u is formed at once;
+ *   phase q:    (w8a8 only) quantize each pair's activation row;
+ *   phase down: task = block of output channels h over all active experts in id order, so every
+ *               out[t, h] has one writer and the sum order does not depend on the thread count.
+ * Each weight row is read once per call; the rows of one task are contiguous.
+ *
+ * Weight formats: 0 fp32 (fp32 activations, FMA), 1 bf16 (bf16 activations, dpbf16 where the CPU has
+ * avx512_bf16, else bf16 -> fp32 by shift + FMA), 2 int8 w8a8 (per-channel weights, per-row u8
+ * activations with zero point 128, VNNI dpbusd), 3 int8 weight-only (int8 -> fp32 + FMA, fp32
+ * activations). Without AVX-512 (F, BW, VL) every format runs as scalar C.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SIMD 1
+#else
+#define SIMD 0
+#endif
+
+enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3 };
+#define TB 4 /* activation rows per register block */
+#ifndef PF
+#define PF 2048 /* bytes ahead to prefetch weight rows: past the 4 KiB pages the hardware stops at */
+#endif
+
+/* ---------------------------------------------------------------- thread pool */
+typedef void (*task_fn)(void *ctx, int task);
+
+typedef struct {
+    int n; /* threads including the caller */
+    pthread_t *th;
+    pthread_mutex_t mu, call_mu;
+    pthread_cond_t go, done;
+    atomic_int gen, next, busy;
+    int ntasks, stop;
+    task_fn fn;
+    void *ctx;
+} pool_t;
+
+static void claim(pool_t *p) {
+    for (int t; (t = atomic_fetch_add(&p->next, 1)) < p->ntasks;) p->fn(p->ctx, t);
+}
+
+static void *pool_main(void *arg) {
+    pool_t *p = arg;
+    int seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load(&p->gen) == seen && spins < 20000) {  /* short spin: calls come per layer */
+#if SIMD
+            _mm_pause();
+#endif
+            spins++;
+        }
+        if (atomic_load(&p->gen) == seen) {
+            pthread_mutex_lock(&p->mu);
+            while (atomic_load(&p->gen) == seen && !p->stop) pthread_cond_wait(&p->go, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (p->stop) return NULL;
+        seen = atomic_load(&p->gen);
+        claim(p);
+        if (atomic_fetch_sub(&p->busy, 1) == 1) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
+    }
+}
+
+void *kvc_pool_new(int n) {
+    pool_t *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->n = n < 1 ? 1 : n;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_mutex_init(&p->call_mu, NULL);
+    pthread_cond_init(&p->go, NULL);
+    pthread_cond_init(&p->done, NULL);
+    p->th = calloc(p->n, sizeof(pthread_t));
+    for (int i = 0; i < p->n - 1; i++) pthread_create(&p->th[i], NULL, pool_main, p);
+    return p;
+}
+
+void kvc_pool_free(void *h) {
+    pool_t *p = h;
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->n - 1; i++) pthread_join(p->th[i], NULL);
+    free(p->th);
+    free(p);
+}
+
+/* Run fn(ctx, 0..ntasks-1) on the pool and the calling thread; returns when all are done. */
+static void pool_run(pool_t *p, task_fn fn, void *ctx, int ntasks) {
+    if (ntasks <= 0) return;
+    if (p->n == 1 || ntasks == 1) {
+        for (int t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    p->ntasks = ntasks;
+    atomic_store(&p->next, 0);
+    atomic_store(&p->busy, p->n - 1);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    claim(p);
+    int spins = 0;
+    while (atomic_load(&p->busy) > 0 && spins < 20000) {
+#if SIMD
+        _mm_pause();
+#endif
+        spins++;
+    }
+    if (atomic_load(&p->busy) > 0) {
+        pthread_mutex_lock(&p->mu);
+        while (atomic_load(&p->busy) > 0) pthread_cond_wait(&p->done, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
+/* ---------------------------------------------------------------- scalar helpers */
+static inline float bf2f(uint16_t b) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)b << 16};
+    return v.f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1)) >> 16);
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* ---------------------------------------------------------------- dot kernels
+ * res[r][t] = sum_k w[r][k] * a[t][k] for NR weight rows (1 or 2) and NT activation rows (1..TB).
+ * NR and NT are literals at every call site, so the loops unroll into registers.
+ */
+#define KERNEL static inline __attribute__((always_inline)) void
+
+#if SIMD
+static inline __mmask16 m16(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+static inline __mmask32 m32(int n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1); }
+static inline __mmask64 m64(int n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }
+#endif
+
+KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
+#if SIMD
+    __m512 acc[2][TB];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __mmask16 m = m16(K - k);
+        __m512 wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
+        for (int t = 0; t < NT; t++) {
+            __m512 av = _mm512_maskz_loadu_ps(m, a[t] + k);
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#else
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            float s = 0;
+            for (int k = 0; k < K; k++) s += w[r][k] * a[t][k];
+            res[r][t] = s;
+        }
+#endif
+}
+
+KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float res[2][TB], const int NR,
+                const int NT) {
+#if SIMD && defined(__AVX512BF16__)
+    __m512 acc[2][TB];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        __mmask32 m = m32(K - k);
+        __m512i wv[2];
+        for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + k);
+        for (int t = 0; t < NT; t++) {
+            __m512i av = _mm512_maskz_loadu_epi16(m, a[t] + k);
+            for (int r = 0; r < NR; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)av, (__m512bh)wv[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#elif SIMD
+    __m512 acc[2][TB];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __mmask16 m = m16(K - k);
+        __m512 wv[2];
+        for (int r = 0; r < NR; r++)
+            wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w[r] + k)), 16));
+        for (int t = 0; t < NT; t++) {
+            __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a[t] + k)), 16));
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#else
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            float s = 0;
+            for (int k = 0; k < K; k++) s += bf2f(w[r][k]) * bf2f(a[t][k]);
+            res[r][t] = s;
+        }
+#endif
+}
+
+/* u8 activations (q + 128) times s8 weights: the raw int32 sums, stored as int32 in res (a float array
+ * by type; sums pass 2^24, so they stay integers until the caller removes 128 * rowsum(w)). */
+KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float res[2][TB], const int NR, const int NT) {
+#if SIMD && defined(__AVX512VNNI__)
+    __m512i acc[2][TB];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k += 64) {
+        __mmask64 m = m64(K - k);
+        __m512i wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi8(m, w[r] + k);
+        for (int t = 0; t < NT; t++) {
+            __m512i av = _mm512_maskz_loadu_epi8(m, a[t] + k);
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], av, wv[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+#elif SIMD
+    __m512i acc[2][TB];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k += 32) {
+        __mmask32 m = m32(K - k);
+        __m512i wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w[r] + k));
+        for (int t = 0; t < NT; t++) {
+            __m512i av = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, a[t] + k));
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_madd_epi16(av, wv[r]));
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+#else
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            int32_t s = 0;
+            for (int k = 0; k < K; k++) s += (int32_t)w[r][k] * (int32_t)a[t][k];
+            ((int32_t (*)[TB])res)[r][t] = s;
+        }
+#endif
+}
+
+/* int8 weights times fp32 activations (weight-only int8); the caller applies the channel scale. */
+KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
+#if SIMD
+    __m512 acc[2][TB];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __mmask16 m = m16(K - k);
+        __m512 wv[2];
+        for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w[r] + k)));
+        for (int t = 0; t < NT; t++) {
+            __m512 av = _mm512_maskz_loadu_ps(m, a[t] + k);
+            for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+#else
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            float s = 0;
+            for (int k = 0; k < K; k++) s += (float)w[r][k] * a[t][k];
+            res[r][t] = s;
+        }
+#endif
+}
+
+#define CASES(NR, call)                                                                          \
+    switch (nt) {                                                                                \
+    case 1: call(NR, 1); break;                                                                  \
+    case 2: call(NR, 2); break;                                                                  \
+    case 3: call(NR, 3); break;                                                                  \
+    default: call(NR, 4); break;                                                                 \
+    }
+
+/* res[r][t] for rows w[0..nr) (weight format wf) and activation rows a[0..nt), length K. */
+static void dot_block(int wf, const void *const *w, const void *const *a, int K, float res[2][TB], int nr, int nt) {
+#define F32(R, N) dot_f32((const float *const *)w, (const float *const *)a, K, res, R, N)
+#define BF(R, N) dot_bf16((const uint16_t *const *)w, (const uint16_t *const *)a, K, res, R, N)
+#define U8(R, N) dot_u8s8((const int8_t *const *)w, (const uint8_t *const *)a, K, res, R, N)
+#define S8(R, N) dot_s8f32((const int8_t *const *)w, (const float *const *)a, K, res, R, N)
+    switch (wf * 2 + (nr == 2)) {
+    case WF_F32 * 2: CASES(1, F32); break;
+    case WF_F32 * 2 + 1: CASES(2, F32); break;
+    case WF_BF16 * 2: CASES(1, BF); break;
+    case WF_BF16 * 2 + 1: CASES(2, BF); break;
+    case WF_I8 * 2: CASES(1, U8); break;
+    case WF_I8 * 2 + 1: CASES(2, U8); break;
+    case WF_I8W * 2: CASES(1, S8); break;
+    default: CASES(2, S8); break;
+    }
+}
+
+/* ---------------------------------------------------------------- one layer call */
+typedef struct {
+    int wf, T, H, I, k, E, nthreads, xdt; /* xdt: 0 fp32, 1 bf16 */
+    const void *x, *w13, *w2;
+    const float *s13, *s2;
+    const int32_t *rs13, *rs2; /* w8a8: row sums of the int8 weights [E, 2I], [E, H] */
+    int nact, N;
+    int32_t *act_e, *act_start, *ptok; /* [nact], [nact + 1], [N]: pairs sorted by expert */
+    float *pw;                         /* [N] routing weights */
+    void *xc;                          /* [T, H] activations in the dot's type (or x itself) */
+    float *xs;                         /* [T] w8a8 scales */
+    float *actf;                       /* [N, I] fp32 silu(g) * u (fp32 / int8 kernels) */
+    void *act;                         /* [N, I] in the dot's type */
+    float *as;                         /* [N] w8a8 scales */
+    float *out;                        /* [T, H] */
+    int jb, njb, hb, nhb, rb;          /* block sizes and counts; rb: rows per prep task */
+} call_t;
+
+static size_t wsize(int wf) { return wf == WF_F32 ? 4 : wf == WF_BF16 ? 2 : 1; }
+static size_t asize(int wf) { return wf == WF_BF16 ? 2 : wf == WF_I8 ? 1 : 4; }
+
+/* Per-row symmetric int8 as quantize_rows (amax.clamp_min(1e-12) / 127, round half to even), stored
+ * as u8 = q + 128 for dpbusd; v is fp32 (vb NULL) or bf16 (vf NULL). */
+static void quant_row(const float *vf, const uint16_t *vb, int n, uint8_t *q, float *scale) {
+    float m = 0;
+    for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(vf ? vf[i] : bf2f(vb[i])));
+    float s = fmaxf(m, 1e-12f) / 127.0f;
+    for (int i = 0; i < n; i++) {
+        float r = nearbyintf((vf ? vf[i] : bf2f(vb[i])) / s);
+        r = r > 127 ? 127 : r < -127 ? -127 : r;
+        q[i] = (uint8_t)((int)r + 128);
+    }
+    *scale = s;
+}
+
+static void task_x(void *ctx, int task) {
+    call_t *c = ctx;
+    int H = c->H;
+    for (int t = task * c->rb; t < c->T && t < (task + 1) * c->rb; t++) {
+        const float *xf = c->xdt == 0 ? (const float *)c->x + (size_t)t * H : NULL;
+        const uint16_t *xb = c->xdt == 1 ? (const uint16_t *)c->x + (size_t)t * H : NULL;
+        if (c->wf == WF_BF16) { /* only reached with fp32 x */
+            uint16_t *d = (uint16_t *)c->xc + (size_t)t * H;
+            for (int i = 0; i < H; i++) d[i] = f2bf(xf[i]);
+        } else if (c->wf == WF_I8) {
+            quant_row(xf, xb, H, (uint8_t *)c->xc + (size_t)t * H, &c->xs[t]);
+        } else { /* fp32 dot with bf16 x */
+            float *d = (float *)c->xc + (size_t)t * H;
+            for (int i = 0; i < H; i++) d[i] = bf2f(xb[i]);
+        }
+    }
+}
+
+static void task_gu(void *ctx, int task) {
+    call_t *c = ctx;
+    int a = task / c->njb, jblk = task % c->njb;
+    int e = c->act_e[a], p0 = c->act_start[a], p1 = c->act_start[a + 1];
+    int H = c->H, I = c->I, j0 = jblk * c->jb, j1 = j0 + c->jb < I ? j0 + c->jb : I;
+    size_t ws = wsize(c->wf), xsz = asize(c->wf);
+    const char *we = (const char *)c->w13 + (size_t)e * 2 * I * H * ws;
+    const float *s = c->s13 ? c->s13 + (size_t)e * 2 * I : NULL;
+    const int32_t *rs = c->rs13 ? c->rs13 + (size_t)e * 2 * I : NULL;
+    for (int j = j0; j < j1; j++) {
+        const void *w[2] = {we + (size_t)j * H * ws, we + (size_t)(I + j) * H * ws};
+        for (int p = p0; p < p1; p += TB) {
+            int nt = p1 - p < TB ? p1 - p : TB;
+            const void *ar[TB];
+            for (int t = 0; t < nt; t++) ar[t] = (const char *)c->xc + (size_t)c->ptok[p + t] * H * xsz;
+            float res[2][TB];
+            dot_block(c->wf, w, ar, H, res, 2, nt);
+            for (int t = 0; t < nt; t++) {
+                float g = res[0][t], u = res[1][t];
+                if (c->wf == WF_I8) {
+                    float xs = c->xs[c->ptok[p + t]];
+                    int32_t (*ri)[TB] = (int32_t (*)[TB])res;
+                    g = (float)(ri[0][t] - 128 * rs[j]) * xs * s[j];
+                    u = (float)(ri[1][t] - 128 * rs[I + j]) * xs * s[I + j];
+                } else if (c->wf == WF_I8W) {
+                    g *= s[j];
+                    u *= s[I + j];
+                }
+                float v = silu(g) * u;
+                size_t at = (size_t)(p + t) * I + j;
+                if (c->wf == WF_BF16) ((uint16_t *)c->act)[at] = f2bf(v);
+                else c->actf[at] = v;
+            }
+        }
+    }
+}
+
+static void task_q(void *ctx, int task) {
+    call_t *c = ctx;
+    for (int p = task * c->rb; p < c->N && p < (task + 1) * c->rb; p++)
+        quant_row(c->actf + (size_t)p * c->I, NULL, c->I, (uint8_t *)c->act + (size_t)p * c->I, &c->as[p]);
+}
+
+static void task_down(void *ctx, int task) {
+    call_t *c = ctx;
+    int H = c->H, I = c->I, h0 = task * c->hb, h1 = h0 + c->hb < H ? h0 + c->hb : H;
+    size_t ws = wsize(c->wf), xsz = asize(c->wf);
+    for (int t = 0; t < c->T; t++) memset(c->out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
+    for (int a = 0; a < c->nact; a++) {
+        int e = c->act_e[a], p0 = c->act_start[a], p1 = c->act_start[a + 1];
+        const char *we = (const char *)c->w2 + (size_t)e * H * I * ws;
+        const float *s = c->s2 ? c->s2 + (size_t)e * H : NULL;
+        const int32_t *rs = c->rs2 ? c->rs2 + (size_t)e * H : NULL;
+        for (int h = h0; h < h1; h += 2) {
+            int nr = h + 1 < h1 ? 2 : 1;
+            const void *w[2] = {we + (size_t)h * I * ws, we + (size_t)(h + nr - 1) * I * ws};
+            for (int p = p0; p < p1; p += TB) {
+                int nt = p1 - p < TB ? p1 - p : TB;
+                const void *ar[TB];
+                for (int t = 0; t < nt; t++) ar[t] = (const char *)c->act + (size_t)(p + t) * I * xsz;
+                float res[2][TB];
+                dot_block(c->wf, w, ar, I, res, nr, nt);
+                for (int r = 0; r < nr; r++)
+                    for (int t = 0; t < nt; t++) {
+                        float y = res[r][t];
+                        if (c->wf == WF_I8)
+                            y = (float)(((int32_t (*)[TB])res)[r][t] - 128 * rs[h + r]) * c->as[p + t] * s[h + r];
+                        else if (c->wf == WF_I8W) y *= s[h + r];
+                        c->out[(size_t)c->ptok[p + t] * H + h + r] += c->pw[p + t] * y;
+                    }
+            }
+        }
+    }
+}
+
+/* The calling thread's scratch, kept between calls (the worker thread calls once per layer). */
+static __thread char *scratch;
+static __thread size_t scratch_cap;
+
+static void *carve(char **at, size_t bytes) {
+    void *p = *at;
+    *at += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H, int I, int k, int E,
+                const int64_t *ids, const float *weights, const void *w13, const void *w2, const float *s13,
+                const float *s2, const int32_t *rs13, const int32_t *rs2, float *out, double max_rows);
+
+/* out [T, H] fp32 = sum over pairs (t, slot) with ids[t, slot] >= 0 of weights[t, slot] * expert(x[t]).
+ * ids [T, k] int64 (-1 = not here), weights [T, k] fp32, x [T, H] fp32 (xdt 0) or bf16 (xdt 1);
+ * w13 [E, 2I, H], w2 [E, H, I] in format wf; s13 [E, 2I], s2 [E, H] fp32 scales and rs13, rs2 int32
+ * row sums for the int8 formats (rs only for w8a8). Returns the pair count; -1 for an id >= E; -2
+ * without computing when the pairs per active expert exceed max_rows (the caller's other kernel). */
+long kvc_moe(void *pool, int wf, const void *x, int xdt, int T, int H, int I, int k, int E, const int64_t *ids,
+             const float *weights, const void *w13, const void *w2, const float *s13, const float *s2,
+             const int32_t *rs13, const int32_t *rs2, float *out, double max_rows) {
+    pool_t *pl = pool;
+    int n = pl->n;
+    pthread_mutex_lock(&pl->call_mu); /* one call at a time per pool */
+    long r = moe(pl, n, wf, x, xdt, T, H, I, k, E, ids, weights, w13, w2, s13, s2, rs13, rs2, out, max_rows);
+    pthread_mutex_unlock(&pl->call_mu);
+    return r;
+}
+
+static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H, int I, int k, int E,
+                const int64_t *ids, const float *weights, const void *w13, const void *w2, const float *s13,
+                const float *s2, const int32_t *rs13, const int32_t *rs2, float *out, double max_rows) {
+    size_t need = sizeof(int32_t) * (E + 1) * 3 + 64 * 12;
+    int N = 0, nact = 0;
+    for (long i = 0; i < (long)T * k; i++) {
+        if (ids[i] >= E) return -1;
+        N += ids[i] >= 0;
+    }
+    need += (sizeof(int32_t) + sizeof(float)) * (size_t)N + (size_t)T * H * 4 + sizeof(float) * T +
+            (size_t)N * I * (4 + 4) + sizeof(float) * N;
+    if (need > scratch_cap) {
+        free(scratch);
+        scratch = malloc(need);
+        scratch_cap = scratch ? need : 0;
+        if (!scratch) return -3;
+    }
+    char *at = scratch;
+    call_t c = {.wf = wf, .T = T, .H = H, .I = I, .k = k, .E = E, .nthreads = n, .xdt = xdt, .x = x, .w13 = w13,
+                .w2 = w2, .s13 = s13, .s2 = s2, .rs13 = rs13, .rs2 = rs2, .N = N, .out = out};
+    int32_t *count = carve(&at, sizeof(int32_t) * (E + 1));
+    c.act_e = carve(&at, sizeof(int32_t) * (E + 1));
+    c.act_start = carve(&at, sizeof(int32_t) * (E + 1));
+    c.ptok = carve(&at, sizeof(int32_t) * (N + 1));
+    c.pw = carve(&at, sizeof(float) * (N + 1));
+    memset(count, 0, sizeof(int32_t) * (E + 1));
+    for (long i = 0; i < (long)T * k; i++)
+        if (ids[i] >= 0) count[ids[i]]++;
+    int32_t *fill = count; /* reused as the next free slot of each active expert */
+    int pos = 0;
+    for (int e = 0; e < E; e++) {
+        int cnt = count[e];
+        if (cnt) {
+            c.act_e[nact] = e;
+            c.act_start[nact++] = pos;
+        }
+        fill[e] = pos;
+        pos += cnt;
+    }
+    c.act_start[nact] = pos;
+    c.nact = nact;
+    if (nact && (double)N / nact > max_rows) return -2;
+    if (N == 0) {
+        memset(out, 0, sizeof(float) * (size_t)T * H);
+        return 0;
+    }
+    for (long i = 0; i < (long)T * k; i++) /* stable: pairs of one expert in token order */
+        if (ids[i] >= 0) {
+            int p = fill[ids[i]]++;
+            c.ptok[p] = (int32_t)(i / k);
+            c.pw[p] = weights[i];
+        }
+    int need_x = !((wf == WF_BF16 && xdt == 1) || ((wf == WF_F32 || wf == WF_I8W) && xdt == 0));
+    c.xc = need_x ? carve(&at, (size_t)T * H * 4) : (void *)x;
+    c.xs = carve(&at, sizeof(float) * T);
+    c.actf = carve(&at, sizeof(float) * (size_t)N * I);
+    c.act = wf == WF_F32 || wf == WF_I8W ? (void *)c.actf : carve(&at, (size_t)N * I * 4);
+    c.as = carve(&at, sizeof(float) * N);
+    if (need_x) {
+        c.rb = (T + 4 * n - 1) / (4 * n);
+        if (c.rb < 1) c.rb = 1;
+        pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
+    }
+    /* blocks: about 4 tasks per thread, each at least a few rows so a task streams a contiguous run */
+    int jb = (int)(((long)I * nact + 4L * n - 1) / (4L * n));
+    c.jb = jb < 4 ? 4 : jb > 64 ? 64 : jb;
+    c.njb = (I + c.jb - 1) / c.jb;
+    pool_run(pl, task_gu, &c, nact * c.njb);
+    if (wf == WF_I8) {
+        c.rb = (N + 4 * n - 1) / (4 * n);
+        if (c.rb < 1) c.rb = 1;
+        pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
+    }
+    int hb = (H + 4 * n - 1) / (4 * n);
+    hb = (hb + 15) & ~15; /* whole cache lines of out per task */
+    c.hb = hb < 16 ? 16 : hb;
+    c.nhb = (H + c.hb - 1) / c.hb;
+    pool_run(pl, task_down, &c, c.nhb);
+    return N;
+}
+
+/* What this build compiled in, for the start-up log: bit 0 AVX-512, 1 avx512_bf16, 2 avx512_vnni. */
+int kvc_isa(void) {
+    int f = SIMD;
+#if SIMD && defined(__AVX512BF16__)
+    f |= 2;
+#endif
+#if SIMD && defined(__AVX512VNNI__)
+    f |= 4;
+#endif
+    return f;
+}
