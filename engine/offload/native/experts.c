@@ -32,7 +32,7 @@
 #endif
 
 enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3 };
-#define TB 4 /* activation rows per register block */
+#define TB 8 /* activation rows per register block: 2 x 8 accumulators + 2 weight vectors in 32 zmm */
 #ifndef PF
 #define PF 2048 /* bytes ahead to prefetch weight rows: past the 4 KiB pages the hardware stops at */
 #endif
@@ -168,21 +168,30 @@ static inline __mmask64 m64(int n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask
 KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
 #if SIMD
     __m512 acc[2][TB];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
         __m512 wv[2];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512 av = _mm512_maskz_loadu_ps(m, a[t] + k);
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 #else
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             float s = 0;
             for (int k = 0; k < K; k++) s += w[r][k] * a[t][k];
@@ -195,39 +204,66 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
                 const int NT) {
 #if SIMD && defined(__AVX512BF16__)
     __m512 acc[2][TB];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 32) {
-        __mmask32 m = m32(K - k);
-        __m512i wv[2];
-        for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
-        for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi16(m, w[r] + k);
-        for (int t = 0; t < NT; t++) {
-            __m512i av = _mm512_maskz_loadu_epi16(m, a[t] + k);
-            for (int r = 0; r < NR; r++)
-                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)av, (__m512bh)wv[r]);
-        }
+#define BF_STEP(LOAD)                                                                            \
+    {                                                                                            \
+        __m512i wv[2];                                                                           \
+        _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) wv[r] = LOAD(w[r] + k);             \
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {                                   \
+            __m512i av = LOAD(a[t] + k);                                                         \
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++)                                 \
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)av, (__m512bh)wv[r]);          \
+        }                                                                                        \
     }
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
+#define LD(p) _mm512_loadu_si512((const void *)(p))
+        BF_STEP(LD)
+#undef LD
+    }
+    if (k < K) {
+        __mmask32 m = m32(K - k);
+#define LD(p) _mm512_maskz_loadu_epi16(m, (p))
+        BF_STEP(LD)
+#undef LD
+    }
+#undef BF_STEP
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 #elif SIMD
     __m512 acc[2][TB];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
         __m512 wv[2];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++)
             wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w[r] + k)), 16));
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a[t] + k)), 16));
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 #else
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             float s = 0;
             for (int k = 0; k < K; k++) s += bf2f(w[r][k]) * bf2f(a[t][k]);
@@ -241,36 +277,52 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
 KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float res[2][TB], const int NR, const int NT) {
 #if SIMD && defined(__AVX512VNNI__)
     __m512i acc[2][TB];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += 64) {
         __mmask64 m = m64(K - k);
         __m512i wv[2];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi8(m, w[r] + k);
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512i av = _mm512_maskz_loadu_epi8(m, a[t] + k);
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], av, wv[r]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
 #elif SIMD
     __m512i acc[2][TB];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += 32) {
         __mmask32 m = m32(K - k);
         __m512i wv[2];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w[r] + k));
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512i av = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, a[t] + k));
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_madd_epi16(av, wv[r]));
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
 #else
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             int32_t s = 0;
             for (int k = 0; k < K; k++) s += (int32_t)w[r][k] * (int32_t)a[t][k];
@@ -283,21 +335,30 @@ KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float re
 KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
 #if SIMD
     __m512 acc[2][TB];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
         __m512 wv[2];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w[r] + k)));
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             __m512 av = _mm512_maskz_loadu_ps(m, a[t] + k);
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
 #else
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) {
             float s = 0;
             for (int k = 0; k < K; k++) s += (float)w[r][k] * a[t][k];
@@ -311,7 +372,11 @@ KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res
     case 1: call(NR, 1); break;                                                                  \
     case 2: call(NR, 2); break;                                                                  \
     case 3: call(NR, 3); break;                                                                  \
-    default: call(NR, 4); break;                                                                 \
+    case 4: call(NR, 4); break;                                                                  \
+    case 5: call(NR, 5); break;                                                                  \
+    case 6: call(NR, 6); break;                                                                  \
+    case 7: call(NR, 7); break;                                                                  \
+    default: call(NR, 8); break;                                                                 \
     }
 
 /* res[r][t] for rows w[0..nr) (weight format wf) and activation rows a[0..nt), length K. */
@@ -553,9 +618,10 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         if (c.rb < 1) c.rb = 1;
         pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
     }
-    /* blocks: about 4 tasks per thread, each at least a few rows so a task streams a contiguous run */
-    int jb = (int)(((long)I * nact + 4L * n - 1) / (4L * n));
-    c.jb = jb < 4 ? 4 : jb > 64 ? 64 : jb;
+    /* blocks: about 8 tasks per thread (dynamic claiming evens out the rest), each at least 8 rows so a
+     * task streams a contiguous run */
+    int jb = (int)(((long)I * nact + 8L * n - 1) / (8L * n));
+    c.jb = jb < 8 ? 8 : jb > 64 ? 64 : jb;
     c.njb = (I + c.jb - 1) / c.jb;
     pool_run(pl, task_gu, &c, nact * c.njb);
     if (wf == WF_I8) {
@@ -563,7 +629,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         if (c.rb < 1) c.rb = 1;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
-    int hb = (H + 4 * n - 1) / (4 * n);
+    int hb = (H + 8 * n - 1) / (8 * n);
     hb = (hb + 15) & ~15; /* whole cache lines of out per task */
     c.hb = hb < 16 ? 16 : hb;
     c.nhb = (H + c.hb - 1) / c.hb;
