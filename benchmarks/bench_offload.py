@@ -221,8 +221,9 @@ def cpu_layer(a, s):
     for T in [int(t) for t in a.cpu_tokens.split(",")]:  # the same routing for every dtype
         ids, w = route(torch.randn(T, E, generator=g) + bias, k, True)
         calls[T] = (torch.randn(T, H, generator=g), torch.where(ids >= E - Ec, ids - (E - Ec), -1), w)
-    print("| tokens | cpu dtype | path | kernel | experts touched | MB touched | floor ms | ms | x floor | vs loop |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | cpu dtype | path | kernel | experts touched | pairs per expert | MB touched | floor ms | ms | x floor "
+          "| vs loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in a.formats.split(","):
         fmt, _, kern = spec.partition(":")
         src = torch.float32 if fmt == "float32" else torch.bfloat16
@@ -259,7 +260,7 @@ def cpu_layer(a, s):
             for name, t in res.items():
                 up = f"{res['loop'] / t:.2f}x" if "loop" in res and name != "loop" else ""
                 kname = "mm loop" if name == "loop" else kern if name == "native" else wt.kernel
-                print(f"| {T} | {fmt} | {name} | {kname} | {touched} | "
+                print(f"| {T} | {fmt} | {name} | {kname} | {touched} | {int((ids >= 0).sum()) / touched:.1f} | "
                       f"{touched * wt.expert_bytes / 1e6:.0f} | {floor * 1e3:.2f} | {t * 1e3:.2f} | {t / floor:.2f} "
                       f"| {up} |", flush=True)
         del wt

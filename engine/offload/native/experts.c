@@ -630,7 +630,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
     int hb = (H + 8 * n - 1) / (8 * n);
-    hb = (hb + 15) & ~15; /* whole cache lines of out per task */
+    hb = (hb + 8) & ~15; /* whole cache lines of out per task, the multiple of 16 nearest */
     c.hb = hb < 16 ? 16 : hb;
     c.nhb = (H + c.hb - 1) / c.hb;
     pool_run(pl, task_down, &c, c.nhb);
