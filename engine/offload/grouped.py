@@ -31,9 +31,12 @@ from . import native
 FORMATS = ("float32", "bfloat16", "float16", "int8")
 # Compute of one row relative to reading one expert's weights, for cutting the experts into ranges.
 ROW_COST = 0.02
-# Pairs per active expert above which the native kernel hands a call to the torch kernel (prefill):
-# see benchmarks/RESULTS.md, "native CPU expert kernel".
-NATIVE_MAX_ROWS = 64.0
+# Pairs per active expert above which the native kernel hands a call to the torch kernel. On the AMX
+# host native was faster at every size measured, up to 125 pairs per expert (a 2048-token chunk at
+# 50% GPU experts: 127 vs 188 ms bf16, 57 vs 194 ms int8), both costs about linear in the pairs; past
+# twice that, torch's AMX GEMMs are unmeasured against it, so they keep those calls (benchmarks/RESULTS.md,
+# "Native CPU expert kernel").
+NATIVE_MAX_ROWS = 256.0
 KERNELS = ("auto", "native", "native_wo", "torch")  # prepare(kernel=): native_wo = int8 weight-only
 
 
