@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from prometheus_client import CollectorRegistry
 
+from kvc.config import ConfigError, load_config
 from engine.moe import route
 from engine.offload import cpu_experts, native
 from engine.offload.grouped import ExpertThreads, grouped_cpu_experts, prepare
@@ -180,17 +181,27 @@ def test_native_rejects_an_expert_id_out_of_range(pools):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_offloaded_model_greedy_equals_the_torch_kernel(tmp_path, arch):
+def test_offloaded_model_greedy_equals_the_torch_kernel(tmp_path, arch, caplog):
     path = make_tiny_model(tmp_path, arch, seed=3, num_hidden_layers=2)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 272, (int(n),), generator=g).tolist() for n in (5, 17, 40)]
     outs = {}
     for kernel in ("torch", "auto"):
         reg = CollectorRegistry()
-        eng = make_engine(path, reg, gpu_experts_ratio=0.25, cpu_expert_kernel=kernel)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kvc.engine.experts"):
+            eng = make_engine(path, reg, gpu_experts_ratio=0.25, cpu_expert_kernel=kernel)
+        line = next(r.getMessage() for r in caplog.records if "cpu experts (dtype/kernel" in r.getMessage())
+        assert ("float32/native" in line and f"native {native.library().isa}" in line) == (kernel == "auto"), line
         outs[kernel] = greedy(eng, prompts, 8)
         label = "native" if kernel == "auto" else "grouped_mm"
         assert reg.get_sample_value("kvc_experts_cpu_kernel", {"layer": "0", "dtype": "float32", "kernel": label}) == 1
         assert reg.get_sample_value("kvc_experts_tokens_total", {"location": "cpu"}) > 0
         eng.close()
     assert outs["auto"] == outs["torch"]
+
+
+def test_cpu_expert_kernel_choices():
+    assert load_config().replace(cpu_expert_kernel="torch").experts.cpu_expert_kernel == "torch"
+    with pytest.raises(ConfigError, match="cpu_expert_kernel"):
+        load_config().replace(cpu_expert_kernel="native2")
