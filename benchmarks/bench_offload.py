@@ -271,7 +271,7 @@ def e2e(a):
 
     A random checkpoint with Qwen3-30B-A3B shapes (--layers, default 12) is written once; each row
     loads it with experts.gpu_experts_ratio --e2e-ratio, CPU experts in a dtype and on a path (the
-    old per-expert loop or grouped).
+    old per-expert loop, grouped torch kernels, or the native kernel).
     """
     from engine import LLM, SamplingParams
     from engine.tiny import make_tiny_model
@@ -294,8 +294,8 @@ def e2e(a):
         g = torch.Generator().manual_seed(0)
         for n, (fmt, cpu_path) in enumerate(rows):
             llm = LLM(str(path), device=a.device, dtype="bfloat16", gpu_only=True, gpu_experts_ratio=a.e2e_ratio,
-                      cpu_expert_dtype=fmt)
-            llm.engine.experts.context.grouped_cpu = cpu_path == "grouped"
+                      cpu_expert_dtype=fmt, cpu_expert_kernel="auto" if cpu_path == "native" else "torch")
+            llm.engine.experts.context.grouped_cpu = cpu_path != "loop"
             vocab = llm.engine.model.args.vocab_size
             llm.generate(torch.randint(0, vocab, (256,), generator=g).tolist(), one)  # warm-up
             prefix = torch.randint(0, vocab, (a.e2e_prefill,), generator=g).tolist()
@@ -333,7 +333,8 @@ def main():
     p.add_argument("--model-dir", default=None, help="--e2e: write the checkpoint here, or reuse the one there")
     p.add_argument("--e2e-ratio", type=float, default=0.25, help="--e2e: experts.gpu_experts_ratio")
     p.add_argument("--e2e-prefill", type=int, default=8192, help="--e2e: cold prompt tokens")
-    p.add_argument("--e2e-rows", default="auto:loop,auto:grouped,int8:grouped", help="--e2e: dtype:path,...")
+    p.add_argument("--e2e-rows", default="auto:loop,auto:grouped,auto:native,int8:grouped,int8:native",
+                   help="--e2e: dtype:path,... (path: loop, grouped (torch kernels) or native)")
     p.add_argument("--threads", type=int, help="--cpu-layer: CPU threads (default: the engine's worker count)")
     p.add_argument("--dtype", help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--zipf", type=float, default=0.4,
