@@ -174,6 +174,8 @@ KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2]
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
+        if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
         __m512 wv[2];
         _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
@@ -245,6 +247,8 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
+        if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
         __m512 wv[2];
         _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++)
@@ -283,6 +287,8 @@ KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float re
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += 64) {
         __mmask64 m = m64(K - k);
+        if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
         __m512i wv[2];
         _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_maskz_loadu_epi8(m, w[r] + k);
@@ -305,6 +311,8 @@ KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float re
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
     for (int k = 0; k < K; k += 32) {
         __mmask32 m = m32(K - k);
+        if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
         __m512i wv[2];
         _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w[r] + k));
@@ -341,6 +349,8 @@ KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res
         for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
+        if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
+            _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(w[r] + k) + PF, _MM_HINT_T0);
         __m512 wv[2];
         _Pragma("GCC unroll 8")
         for (int r = 0; r < NR; r++) wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w[r] + k)));
