@@ -126,18 +126,19 @@ def test_prefill_sized_calls_go_to_the_torch_kernel(pools):
     torch.testing.assert_close(nat, torch_out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("flags", [("-mno-avx512bf16", "-mno-avx512vnni"), ("-mno-avx512f",)],
-                         ids=["avx512f-only", "scalar"])
+@pytest.mark.parametrize("flags", [("-mno-avx512bf16", "-mno-avx512vnni"), ("-mno-avx512f",), ("-DL2_BLOCK=512",)],
+                         ids=["avx512f-only", "scalar", "small-l2-blocks"])
 def test_isa_fallbacks_equal_the_native_build(tmp_path, flags):
-    """The same source built without bf16/VNNI dot products, or without AVX-512: the same numbers."""
+    """The same source built without bf16/VNNI dot products, without AVX-512, or with weight sub-blocks
+    of a row or two (prefill's loop order, many blocks per task): the same numbers."""
     lib, base = native.library(directory=tmp_path, flags=flags), native.library()
     assert lib is not None and base is not None and lib.path != base.path
-    assert lib.isa == ("avx512" if flags[0] == "-mno-avx512bf16" else "scalar")
+    assert lib.isa == {"-mno-avx512bf16": "avx512", "-mno-avx512f": "scalar"}.get(flags[0], base.isa)
     pool = lib.pool(3)
     try:
         for fmt in ("float32", "bfloat16", "int8", "int8_wo"):
             wt, w13, _ = native_weights(fmt)
-            for name, x, ids, w in routings()[1:3]:
+            for name, x, ids, w in [r for r in routings() if r[0] in ("random8", "random32", "one")]:  # one: 33 pairs
                 got = torch.empty(x.shape[0], H)
                 lib.moe(pool, wt.native_wf, x, ids, w, wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2, got, INF)
                 want = expected(fmt, wt, w13, x, ids, w)

@@ -15,7 +15,7 @@
  * Weight formats: 0 fp32 (fp32 activations, FMA), 1 bf16 (bf16 activations, dpbf16 where the CPU has
  * avx512_bf16, else bf16 -> fp32 by shift + FMA), 2 int8 w8a8 (per-channel weights, per-row u8
  * activations with zero point 128, VNNI dpbusd), 3 int8 weight-only (int8 -> fp32 + FMA, fp32
- * activations). Without AVX-512 (F, BW, VL) every format runs as scalar C.
+ * activations). Without AVX-512 (F, BW, VL) every format runs as one plain C loop.
  */
 #include <math.h>
 #include <pthread.h>
@@ -33,6 +33,9 @@
 
 enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3 };
 #define TB 8 /* activation rows per register block: 2 x 8 accumulators + 2 weight vectors in 32 zmm */
+#ifndef L2_BLOCK
+#define L2_BLOCK (192 * 1024) /* bytes of weight rows a task re-reads per group of TB pairs (prefill) */
+#endif
 #ifndef PF
 #define PF 2048 /* bytes ahead to prefetch weight rows: past the 4 KiB pages the hardware stops at */
 #endif
@@ -165,8 +168,8 @@ static inline __mmask32 m32(int n) { return n >= 32 ? (__mmask32)0xffffffffu : (
 static inline __mmask64 m64(int n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }
 #endif
 
-KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
 #if SIMD
+KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
     __m512 acc[2][TB];
     _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
@@ -190,16 +193,6 @@ KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2]
     for (int r = 0; r < NR; r++)
         _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-#else
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) {
-            float s = 0;
-            for (int k = 0; k < K; k++) s += w[r][k] * a[t][k];
-            res[r][t] = s;
-        }
-#endif
 }
 
 KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float res[2][TB], const int NR,
@@ -264,15 +257,6 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
     for (int r = 0; r < NR; r++)
         _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-#else
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) {
-            float s = 0;
-            for (int k = 0; k < K; k++) s += bf2f(w[r][k]) * bf2f(a[t][k]);
-            res[r][t] = s;
-        }
 #endif
 }
 
@@ -327,21 +311,11 @@ KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float re
     for (int r = 0; r < NR; r++)
         _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
-#else
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) {
-            int32_t s = 0;
-            for (int k = 0; k < K; k++) s += (int32_t)w[r][k] * (int32_t)a[t][k];
-            ((int32_t (*)[TB])res)[r][t] = s;
-        }
 #endif
 }
 
 /* int8 weights times fp32 activations (weight-only int8); the caller applies the channel scale. */
 KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
-#if SIMD
     __m512 acc[2][TB];
     _Pragma("GCC unroll 8")
     for (int r = 0; r < NR; r++)
@@ -365,17 +339,9 @@ KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res
     for (int r = 0; r < NR; r++)
         _Pragma("GCC unroll 8")
         for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-#else
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) {
-            float s = 0;
-            for (int k = 0; k < K; k++) s += (float)w[r][k] * a[t][k];
-            res[r][t] = s;
-        }
-#endif
 }
+
+#endif /* SIMD kernels */
 
 #define CASES(NR, call)                                                                          \
     switch (nt) {                                                                                \
@@ -389,8 +355,30 @@ KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res
     default: call(NR, 8); break;                                                                 \
     }
 
+#if !SIMD
+/* Without AVX-512: one plain loop for every format and block shape (small code, quick to build). */
+static void dot_scalar(int wf, const void *const *w, const void *const *a, int K, float res[2][TB], int nr, int nt) {
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            float s = 0;
+            int32_t si = 0;
+            for (int k = 0; k < K; k++) {
+                if (wf == WF_F32) s += ((const float *)w[r])[k] * ((const float *)a[t])[k];
+                else if (wf == WF_BF16) s += bf2f(((const uint16_t *)w[r])[k]) * bf2f(((const uint16_t *)a[t])[k]);
+                else if (wf == WF_I8) si += (int32_t)((const int8_t *)w[r])[k] * (int32_t)((const uint8_t *)a[t])[k];
+                else s += (float)((const int8_t *)w[r])[k] * ((const float *)a[t])[k];
+            }
+            if (wf == WF_I8) ((int32_t (*)[TB])res)[r][t] = si;
+            else res[r][t] = s;
+        }
+}
+#endif
+
 /* res[r][t] for rows w[0..nr) (weight format wf) and activation rows a[0..nt), length K. */
 static void dot_block(int wf, const void *const *w, const void *const *a, int K, float res[2][TB], int nr, int nt) {
+#if !SIMD
+    dot_scalar(wf, w, a, K, res, nr, nt);
+#else
 #define F32(R, N) dot_f32((const float *const *)w, (const float *const *)a, K, res, R, N)
 #define BF(R, N) dot_bf16((const uint16_t *const *)w, (const uint16_t *const *)a, K, res, R, N)
 #define U8(R, N) dot_u8s8((const int8_t *const *)w, (const uint8_t *const *)a, K, res, R, N)
@@ -405,6 +393,7 @@ static void dot_block(int wf, const void *const *w, const void *const *a, int K,
     case WF_I8W * 2: CASES(1, S8); break;
     default: CASES(2, S8); break;
     }
+#endif
 }
 
 /* ---------------------------------------------------------------- one layer call */
@@ -469,29 +458,36 @@ static void task_gu(void *ctx, int task) {
     const char *we = (const char *)c->w13 + (size_t)e * 2 * I * H * ws;
     const float *s = c->s13 ? c->s13 + (size_t)e * 2 * I : NULL;
     const int32_t *rs = c->rs13 ? c->rs13 + (size_t)e * 2 * I : NULL;
-    for (int j = j0; j < j1; j++) {
-        const void *w[2] = {we + (size_t)j * H * ws, we + (size_t)(I + j) * H * ws};
+    /* Sub-blocks of weight rows that stay in L2 while every group of TB pairs passes over them (one
+     * group at decode: then this is a plain walk over the rows). */
+    int js = (int)(L2_BLOCK / (2 * (size_t)H * ws));
+    js = js < 1 ? 1 : js;
+    for (int jb0 = j0; jb0 < j1; jb0 += js) {
+        int jb1 = jb0 + js < j1 ? jb0 + js : j1;
         for (int p = p0; p < p1; p += TB) {
             int nt = p1 - p < TB ? p1 - p : TB;
             const void *ar[TB];
             for (int t = 0; t < nt; t++) ar[t] = (const char *)c->xc + (size_t)c->ptok[p + t] * H * xsz;
-            float res[2][TB];
-            dot_block(c->wf, w, ar, H, res, 2, nt);
-            for (int t = 0; t < nt; t++) {
-                float g = res[0][t], u = res[1][t];
-                if (c->wf == WF_I8) {
-                    float xs = c->xs[c->ptok[p + t]];
-                    int32_t (*ri)[TB] = (int32_t (*)[TB])res;
-                    g = (float)(ri[0][t] - 128 * rs[j]) * xs * s[j];
-                    u = (float)(ri[1][t] - 128 * rs[I + j]) * xs * s[I + j];
-                } else if (c->wf == WF_I8W) {
-                    g *= s[j];
-                    u *= s[I + j];
+            for (int j = jb0; j < jb1; j++) {
+                const void *w[2] = {we + (size_t)j * H * ws, we + (size_t)(I + j) * H * ws};
+                float res[2][TB];
+                dot_block(c->wf, w, ar, H, res, 2, nt);
+                for (int t = 0; t < nt; t++) {
+                    float g = res[0][t], u = res[1][t];
+                    if (c->wf == WF_I8) {
+                        float xs = c->xs[c->ptok[p + t]];
+                        int32_t (*ri)[TB] = (int32_t (*)[TB])res;
+                        g = (float)(ri[0][t] - 128 * rs[j]) * xs * s[j];
+                        u = (float)(ri[1][t] - 128 * rs[I + j]) * xs * s[I + j];
+                    } else if (c->wf == WF_I8W) {
+                        g *= s[j];
+                        u *= s[I + j];
+                    }
+                    float v = silu(g) * u;
+                    size_t at = (size_t)(p + t) * I + j;
+                    if (c->wf == WF_BF16) ((uint16_t *)c->act)[at] = f2bf(v);
+                    else c->actf[at] = v;
                 }
-                float v = silu(g) * u;
-                size_t at = (size_t)(p + t) * I + j;
-                if (c->wf == WF_BF16) ((uint16_t *)c->act)[at] = f2bf(v);
-                else c->actf[at] = v;
             }
         }
     }
@@ -513,23 +509,28 @@ static void task_down(void *ctx, int task) {
         const char *we = (const char *)c->w2 + (size_t)e * H * I * ws;
         const float *s = c->s2 ? c->s2 + (size_t)e * H : NULL;
         const int32_t *rs = c->rs2 ? c->rs2 + (size_t)e * H : NULL;
-        for (int h = h0; h < h1; h += 2) {
-            int nr = h + 1 < h1 ? 2 : 1;
-            const void *w[2] = {we + (size_t)h * I * ws, we + (size_t)(h + nr - 1) * I * ws};
+        int hs = (int)(L2_BLOCK / ((size_t)I * ws)) & ~1; /* rows kept in L2 across the pair groups */
+        hs = hs < 2 ? 2 : hs;
+        for (int hb0 = h0; hb0 < h1; hb0 += hs) {
+            int hb1 = hb0 + hs < h1 ? hb0 + hs : h1;
             for (int p = p0; p < p1; p += TB) {
                 int nt = p1 - p < TB ? p1 - p : TB;
                 const void *ar[TB];
                 for (int t = 0; t < nt; t++) ar[t] = (const char *)c->act + (size_t)(p + t) * I * xsz;
-                float res[2][TB];
-                dot_block(c->wf, w, ar, I, res, nr, nt);
-                for (int r = 0; r < nr; r++)
-                    for (int t = 0; t < nt; t++) {
-                        float y = res[r][t];
-                        if (c->wf == WF_I8)
-                            y = (float)(((int32_t (*)[TB])res)[r][t] - 128 * rs[h + r]) * c->as[p + t] * s[h + r];
-                        else if (c->wf == WF_I8W) y *= s[h + r];
-                        c->out[(size_t)c->ptok[p + t] * H + h + r] += c->pw[p + t] * y;
-                    }
+                for (int h = hb0; h < hb1; h += 2) {
+                    int nr = h + 1 < hb1 ? 2 : 1;
+                    const void *w[2] = {we + (size_t)h * I * ws, we + (size_t)(h + nr - 1) * I * ws};
+                    float res[2][TB];
+                    dot_block(c->wf, w, ar, I, res, nr, nt);
+                    for (int r = 0; r < nr; r++)
+                        for (int t = 0; t < nt; t++) {
+                            float y = res[r][t];
+                            if (c->wf == WF_I8)
+                                y = (float)(((int32_t (*)[TB])res)[r][t] - 128 * rs[h + r]) * c->as[p + t] * s[h + r];
+                            else if (c->wf == WF_I8W) y *= s[h + r];
+                            c->out[(size_t)c->ptok[p + t] * H + h + r] += c->pw[p + t] * y;
+                        }
+                }
             }
         }
     }
