@@ -37,7 +37,8 @@ ROW_COST = 0.02
 # twice that, torch's AMX GEMMs are unmeasured against it, so they keep those calls (benchmarks/RESULTS.md,
 # "Native CPU expert kernel").
 NATIVE_MAX_ROWS = 256.0
-KERNELS = ("auto", "native", "native_wo", "torch")  # prepare(kernel=): native_wo = int8 weight-only
+# prepare(kernel=): native_wo = int8 weight-only; native_unpacked = int8 w8a8 on plain rows (A/B of the packing)
+KERNELS = ("auto", "native", "native_wo", "native_unpacked", "torch")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class CpuExpertWeights:
     packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # kernel "onednn": per-expert prepacked w13, w2
     rs13: torch.Tensor | None = None  # [E, 2I] int32 row sums of int8 w13 (native w8a8: the u8 zero point)
     rs2: torch.Tensor | None = None  # [E, H]
-    fallback: str | None = None  # kernel "native": the torch kernel of calls past max_rows pairs per expert
+    fallback: str | None = None  # kernel "native": the torch kernel of calls past max_rows (None: packed int8)
     native_wf: int = -1  # kernel "native": the weight format code of experts.c
     max_rows: float = NATIVE_MAX_ROWS
 
@@ -122,8 +123,13 @@ def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "i
             return wt
         if kernel == "native_wo":
             return dataclasses.replace(wt, kernel="native", fallback=int8_kernel, native_wf=native.WF["int8_wo"])
-        return dataclasses.replace(wt, kernel="native", fallback=int8_kernel, native_wf=native.WF["int8"],
-                                   rs13=q13.sum(-1, dtype=torch.int32), rs2=q2.sum(-1, dtype=torch.int32))
+        rs = dict(rs13=q13.sum(-1, dtype=torch.int32), rs2=q2.sum(-1, dtype=torch.int32))
+        H, I = q2.shape[1:]
+        if kernel == "native_unpacked" or "vnni" not in lib.isa or H % 16 or I % 16:
+            return dataclasses.replace(wt, kernel="native", fallback=int8_kernel, native_wf=native.WF["int8"], **rs)
+        # packed for dpbusd: the int8 copy is ours, so the torch kernels cannot read it; native takes every size
+        return dataclasses.replace(wt, kernel="native", w13=native.pack16(q13), w2=native.pack16(q2), packed=None,
+                                   fallback=None, max_rows=float("inf"), native_wf=native.WF["int8_packed"], **rs)
     dt = getattr(torch, fmt)
     w13, w2 = w13.to(dt).contiguous(), w2.to(dt).contiguous()  # no copy when already in dt and contiguous
     torch_kernel = "grouped_mm" if grouped_mm_works(dt, w2.shape[1], w2.shape[2]) else "mm"
@@ -193,6 +199,7 @@ def grouped_cpu_experts(wt: CpuExpertWeights, x: torch.Tensor, ids: torch.Tensor
                                  wt.max_rows)
         if n >= 0:
             return n
+        assert wt.fallback is not None, "native weights without a torch fallback took a hand-off"
         wt = wt.torch_kernel()  # prefill-sized: more pairs per expert than wt.max_rows
     T, k = ids.shape
     E, H = wt.w2.shape[:2]

@@ -141,7 +141,8 @@ def _native_note(backends: dict, layers: list[int]) -> str:
     cpu = next((backends[i].cpu for i in layers if backends[i].cpu.kernel == "native"), None)
     if cpu is None:
         return ""
-    return f", native {native.library().isa}, {cpu.fallback} above {cpu.max_rows:g} pairs per expert"
+    hand = f"{cpu.fallback} above {cpu.max_rows:g} pairs per expert" if cpu.fallback else "at every size"
+    return f", native {native.library().isa}, {hand}"
 
 
 def _unwrap(b):

@@ -18,6 +18,7 @@ from engine.tiny import make_tiny_model
 from .test_cpu_experts import greedy, make_engine
 
 E, H, I, K = 12, 80, 40, 3  # H, I: not multiples of the vector widths, so the masked tails run
+PH, PI = 64, 48  # packed int8 needs multiples of 16
 INF = float("inf")
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -31,12 +32,12 @@ def pools():
         p.close()
 
 
-def weights(seed=0):
+def weights(seed=0, h=H, i=I):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(E, 2 * I, H, generator=g) * 0.3, torch.randn(E, H, I, generator=g) * 0.3
+    return torch.randn(E, 2 * i, h, generator=g) * 0.3, torch.randn(E, h, i, generator=g) * 0.3
 
 
-def routings():
+def routings(H=H):
     """(name, x, ids, weights) for T = 1, 8, 32, 300; an idle expert; one expert with every pair; none."""
     g = torch.Generator().manual_seed(5)
     out = []
@@ -53,6 +54,7 @@ def routings():
 
 def reference(x, ids, w, f13, f2, act=lambda v: v, inp=lambda v: v):
     """fp32 per pair: inp(x) @ f13[e].T, act(silu(g) * u) @ f2[e].T, weighted; f13/f2 fp32 weights."""
+    I = f2.shape[2]
     want = torch.zeros(x.shape[0], f2.shape[1], dtype=torch.float64)
     for t, j in (ids >= 0).nonzero().tolist():
         e = int(ids[t, j])
@@ -67,34 +69,48 @@ def fake_quant(v):  # per-row symmetric int8 and back, as the w8a8 kernel rounds
     return torch.round(v / s).clamp(-127, 127) * s
 
 
-def native_weights(fmt, kernel="native", seed=0):
-    w13, w2 = weights(seed)
-    wt = prepare(w13, w2, "int8" if fmt == "int8_wo" else fmt, kernel="native_wo" if fmt == "int8_wo" else kernel)
+KERNEL = {"int8_wo": "native_wo", "int8_rows": "native_unpacked"}
+
+
+def native_weights(fmt, seed=0):
+    """fmt: float32, bfloat16, int8_rows (w8a8 on plain rows), int8_wo (weight-only), int8 (packed w8a8)."""
+    w13, w2 = weights(seed, *((PH, PI) if fmt == "int8" else (H, I)))
+    wt = prepare(w13, w2, "int8" if fmt.startswith("int8") else fmt, kernel=KERNEL.get(fmt, "native"))
     assert wt.kernel == "native", "the native kernel did not build"
+    want = {"int8": native.WF["int8_packed"], "int8_rows": native.WF["int8"]}.get(fmt, native.WF.get(fmt))
+    assert wt.native_wf == want
     return dataclasses.replace(wt, max_rows=INF), w13, w2
+
+
+def plain(wt):
+    """The int8 weights as rows (packed ones unpacked)."""
+    if wt.native_wf == native.WF["int8_packed"]:
+        return native.unpack16(wt.w13), native.unpack16(wt.w2)
+    return wt.w13, wt.w2
 
 
 def expected(fmt, wt, w13, x, ids, w):
     if fmt == "float32":
-        want = torch.empty(x.shape[0], H)
+        want = torch.empty(x.shape)
         cpu_experts(w13, wt.w2, x, ids, w, want)
         return want
     if fmt == "bfloat16":
         bf = (lambda v: v.bfloat16().float())
         return reference(x, ids, w, wt.w13.float(), wt.w2.float(), act=bf, inp=bf)
-    d13, d2 = wt.w13.float() * wt.s13[..., None], wt.w2.float() * wt.s2[..., None]
-    if fmt == "int8":
+    q13, q2 = plain(wt)
+    d13, d2 = q13.float() * wt.s13[..., None], q2.float() * wt.s2[..., None]
+    if fmt in ("int8", "int8_rows"):
         return reference(x, ids, w, d13, d2, act=fake_quant, inp=fake_quant)
     return reference(x, ids, w, d13, d2)  # int8 weight-only: fp32 activations
 
 
-@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int8_wo"])
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int8_rows", "int8_wo"])
 def test_native_equals_the_per_expert_reference(pools, fmt):
     wt, w13, w2 = native_weights(fmt)
-    for name, x, ids, w in routings():
+    for name, x, ids, w in routings(w2.shape[1]):
         want = expected(fmt, wt, w13, x, ids, w)
         for threads in (1, 3):
-            out = torch.full((x.shape[0], H), float("nan"))
+            out = torch.full(x.shape, float("nan"))
             assert grouped_cpu_experts(wt, x, ids, w, out, pools[threads]) == int((ids >= 0).sum())
             # fp32 sums in another order; bf16 / w8a8: one activation may round the other way
             tol = 1e-5 if fmt in ("float32", "int8_wo") else 2e-3
@@ -136,10 +152,16 @@ def test_isa_fallbacks_equal_the_native_build(tmp_path, flags):
     assert lib.isa == {"-mno-avx512bf16": "avx512", "-mno-avx512f": "scalar"}.get(flags[0], base.isa)
     pool = lib.pool(3)
     try:
-        for fmt in ("float32", "bfloat16", "int8", "int8_wo"):
-            wt, w13, _ = native_weights(fmt)
-            for name, x, ids, w in [r for r in routings() if r[0] in ("random8", "random32", "one")]:  # one: 33 pairs
-                got = torch.empty(x.shape[0], H)
+        for fmt in ("float32", "bfloat16", "int8", "int8_rows", "int8_wo"):
+            wt, w13, w2 = native_weights(fmt)
+            if fmt == "int8" and "vnni" not in lib.isa:  # packed int8 is VNNI-only: the call refuses it
+                with pytest.raises(ValueError, match="packed int8"):
+                    x, ids, w = routings(PH)[1][1:]
+                    lib.moe(pool, wt.native_wf, x, ids, w, wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2,
+                            torch.empty(x.shape), INF)
+                continue
+            for name, x, ids, w in [r for r in routings(w2.shape[1]) if r[0] in ("random8", "random32", "one")]:
+                got = torch.empty(x.shape)  # "one": 33 pairs of one expert, several groups per weight block
                 lib.moe(pool, wt.native_wf, x, ids, w, wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2, got, INF)
                 want = expected(fmt, wt, w13, x, ids, w)
                 tol = 1e-5 if fmt in ("float32", "int8_wo") else 2e-3

@@ -19,6 +19,10 @@ converts + FMA: 16 per instruction plus 2 converts, so more compute per weight b
 the H200 host (one layer, 64 CPU experts): w8a8 0.68 / 1.89 / 2.99 ms at 1 / 8 / 32 tokens against
 0.75 / 2.15 / 3.95 weight-only, and 57 against 169 ms at 2048 (benchmarks/RESULTS.md, "Native CPU
 expert kernel"). w8a8 also quantizes exactly as the torch int8 path does, so the two agree.
+Where the CPU has VNNI and the sizes are multiples of 16, the int8 copy is stored packed for dpbusd
+(`pack16`: 16 rows x 4 bytes per vector; no horizontal sums, a vector epilogue): 1.2-1.4x faster
+than plain rows at decode on the 2-core VM, slower at prefill there (300-2048 tokens: 1.2-1.3x), and
+the torch int8 kernels cannot read it, so packed int8 runs native at every size.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 log = logging.getLogger("kvc.engine.experts")
 
 SOURCE = Path(__file__).with_name("experts.c")
-WF = {"float32": 0, "bfloat16": 1, "int8": 2, "int8_wo": 3}  # experts.c weight formats
+WF = {"float32": 0, "bfloat16": 1, "int8": 2, "int8_wo": 3, "int8_packed": 4}  # experts.c weight formats
 _lock = threading.Lock()
 _libs: dict[tuple, "NativeLib | None"] = {}
 
@@ -71,6 +75,8 @@ class NativeLib:
                               ptr(rs13), ptr(rs2), out.data_ptr(), max_rows)
         if n == -1:
             raise ValueError(f"expert id out of range (>= {E}) in the CPU expert ids")
+        if n == -4:
+            raise ValueError("packed int8 CPU experts need a VNNI build and hidden / intermediate sizes divisible by 16")
         if n == -3:
             raise MemoryError("native CPU experts: scratch allocation failed")
         return n
@@ -87,6 +93,19 @@ class NativePool:
         if self.handle:
             self._lib.kvc_pool_free(self.handle)
             self.handle = None
+
+
+def pack16(q: torch.Tensor) -> torch.Tensor:
+    """int8 [E, N, K] (N % 16 == 0, K % 4 == 0) -> the same shape holding blocks [N/16][K/4][16][4]:
+    one 64-byte vector is 4 bytes of 16 rows, what dpbusd multiplies with 4 broadcast activation bytes."""
+    E, N, K = q.shape
+    return q.view(E, N // 16, 16, K // 4, 4).permute(0, 1, 3, 2, 4).contiguous().view(E, N, K)
+
+
+def unpack16(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack16: the plain [E, N, K] rows."""
+    E, N, K = p.shape
+    return p.view(E, N // 16, K // 4, 16, 4).permute(0, 1, 3, 2, 4).contiguous().view(E, N, K)
 
 
 def cache_dir() -> Path:

@@ -15,7 +15,8 @@
  * Weight formats: 0 fp32 (fp32 activations, FMA), 1 bf16 (bf16 activations, dpbf16 where the CPU has
  * avx512_bf16, else bf16 -> fp32 by shift + FMA), 2 int8 w8a8 (per-channel weights, per-row u8
  * activations with zero point 128, VNNI dpbusd), 3 int8 weight-only (int8 -> fp32 + FMA, fp32
- * activations). Without AVX-512 (F, BW, VL) every format runs as one plain C loop.
+ * activations), 4 int8 w8a8 on weights packed in 16-row blocks for dpbusd (no horizontal sums; VNNI
+ * builds only). Without AVX-512 (F, BW, VL) every format runs as one plain C loop.
  */
 #include <math.h>
 #include <pthread.h>
@@ -31,7 +32,8 @@
 #define SIMD 0
 #endif
 
-enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3 };
+enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
+#define Q8(wf) ((wf) == WF_I8 || (wf) == WF_I8P) /* u8 activations, per-row scales */
 #define TB 8 /* activation rows per register block: 2 x 8 accumulators + 2 weight vectors in 32 zmm */
 #ifndef L2_BLOCK
 #define L2_BLOCK (192 * 1024) /* bytes of weight rows a task re-reads per group of TB pairs (prefill) */
@@ -415,7 +417,7 @@ typedef struct {
 } call_t;
 
 static size_t wsize(int wf) { return wf == WF_F32 ? 4 : wf == WF_BF16 ? 2 : 1; }
-static size_t asize(int wf) { return wf == WF_BF16 ? 2 : wf == WF_I8 ? 1 : 4; }
+static size_t asize(int wf) { return wf == WF_BF16 ? 2 : Q8(wf) ? 1 : 4; }
 
 /* Per-row symmetric int8 as quantize_rows (amax.clamp_min(1e-12) / 127, round half to even), stored
  * as u8 = q + 128 for dpbusd; v is fp32 (vb NULL) or bf16 (vf NULL). */
@@ -440,7 +442,7 @@ static void task_x(void *ctx, int task) {
         if (c->wf == WF_BF16) { /* only reached with fp32 x */
             uint16_t *d = (uint16_t *)c->xc + (size_t)t * H;
             for (int i = 0; i < H; i++) d[i] = f2bf(xf[i]);
-        } else if (c->wf == WF_I8) {
+        } else if (Q8(c->wf)) {
             quant_row(xf, xb, H, (uint8_t *)c->xc + (size_t)t * H, &c->xs[t]);
         } else { /* fp32 dot with bf16 x */
             float *d = (float *)c->xc + (size_t)t * H;
@@ -449,8 +451,126 @@ static void task_x(void *ctx, int task) {
     }
 }
 
+#if SIMD && defined(__AVX512VNNI__)
+#define PACKED 1
+/* w8a8 on weights packed for dpbusd: 16 rows x 4 bytes per 64-byte vector, blocks [N/16][K/4][16][4]
+ * (prepare packs them; N % 16 == 0, K % 4 == 0). A vector of 16 int32 sums per activation row, so no
+ * horizontal reductions and a vector epilogue. acc[t] += the rows of `w` times a[t] (u8, 4 at a time). */
+static inline __attribute__((always_inline)) void dot16(const int8_t *w0, const int8_t *w1,
+                                                        const uint8_t *const *a, int K, __m512i *acc0,
+                                                        __m512i *acc1, const int NB, const int NT) {
+    for (int k = 0; k < K; k += 4) {
+        _mm_prefetch((const char *)(w0 + (size_t)k * 16) + PF, _MM_HINT_T0); /* one cache line per step */
+        __m512i v0 = _mm512_loadu_si512((const void *)(w0 + (size_t)k * 16)), v1 = v0;
+        if (NB == 2) {
+            _mm_prefetch((const char *)(w1 + (size_t)k * 16) + PF, _MM_HINT_T0);
+            v1 = _mm512_loadu_si512((const void *)(w1 + (size_t)k * 16));
+        }
+        _Pragma("GCC unroll 8")
+        for (int t = 0; t < NT; t++) {
+            int32_t a4;
+            memcpy(&a4, a[t] + k, 4);
+            __m512i av = _mm512_set1_epi32(a4); /* 4 activation bytes, shared by both blocks */
+            acc0[t] = _mm512_dpbusd_epi32(acc0[t], av, v0);
+            if (NB == 2) acc1[t] = _mm512_dpbusd_epi32(acc1[t], av, v1);
+        }
+    }
+}
+
+/* acc0[t] (and acc1[t] when w1) = the 16 int32 sums of the packed rows at w0 (w1) with activation row a[t] */
+static void dot16_block(const int8_t *w0, const int8_t *w1, const uint8_t *const *a, int K, __m512i *acc0,
+                        __m512i *acc1, int nt) {
+    for (int t = 0; t < TB; t++) acc0[t] = acc1[t] = _mm512_setzero_si512();
+#define D16(N) (w1 ? dot16(w0, w1, a, K, acc0, acc1, 2, N) : dot16(w0, w1, a, K, acc0, acc1, 1, N))
+    switch (nt) {
+    case 1: D16(1); break;
+    case 2: D16(2); break;
+    case 3: D16(3); break;
+    case 4: D16(4); break;
+    case 5: D16(5); break;
+    case 6: D16(6); break;
+    case 7: D16(7); break;
+    default: D16(8); break;
+    }
+#undef D16
+}
+
+/* (sum - 128 * rowsum) * scale_a * scale_w for 16 rows */
+static inline __m512 deq16(__m512i sum, const int32_t *rs, float sa, const float *sw) {
+    __m512i v = _mm512_sub_epi32(sum, _mm512_slli_epi32(_mm512_loadu_si512((const void *)rs), 7));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(sa)), _mm512_loadu_ps(sw));
+}
+
+static void task_gu_packed(call_t *c, int task) {
+    int a = task / c->njb, jblk = task % c->njb;
+    int e = c->act_e[a], p0 = c->act_start[a], p1 = c->act_start[a + 1];
+    int H = c->H, I = c->I, j0 = jblk * c->jb, j1 = j0 + c->jb < I ? j0 + c->jb : I;
+    const int8_t *we = (const int8_t *)c->w13 + (size_t)e * 2 * I * H; /* block j/16 at we + j * H */
+    const float *s = c->s13 + (size_t)e * 2 * I;
+    const int32_t *rs = c->rs13 + (size_t)e * 2 * I;
+    int js = (int)(L2_BLOCK / (2 * (size_t)H)) & ~15;
+    js = js < 16 ? 16 : js;
+    for (int jb0 = j0; jb0 < j1; jb0 += js) {
+        int jb1 = jb0 + js < j1 ? jb0 + js : j1;
+        for (int p = p0; p < p1; p += TB) {
+            int nt = p1 - p < TB ? p1 - p : TB;
+            const uint8_t *ar[TB];
+            for (int t = 0; t < nt; t++) ar[t] = (const uint8_t *)c->xc + (size_t)c->ptok[p + t] * H;
+            for (int j = jb0; j < jb1; j += 16) {
+                __m512i g[TB], u[TB];
+                dot16_block(we + (size_t)j * H, we + (size_t)(I + j) * H, ar, H, g, u, nt);
+                for (int t = 0; t < nt; t++) {
+                    float xs = c->xs[c->ptok[p + t]], gv[16], uv[16];
+                    _mm512_storeu_ps(gv, deq16(g[t], rs + j, xs, s + j));
+                    _mm512_storeu_ps(uv, deq16(u[t], rs + I + j, xs, s + I + j));
+                    float *dst = c->actf + (size_t)(p + t) * I + j;
+                    for (int i = 0; i < 16; i++) dst[i] = silu(gv[i]) * uv[i];
+                }
+            }
+        }
+    }
+}
+
+static void task_down_packed(call_t *c, int task) {
+    int H = c->H, I = c->I, h0 = task * c->hb, h1 = h0 + c->hb < H ? h0 + c->hb : H;
+    for (int t = 0; t < c->T; t++) memset(c->out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
+    int hs = (int)(L2_BLOCK / (size_t)I) & ~15;
+    hs = hs < 16 ? 16 : hs;
+    for (int a = 0; a < c->nact; a++) {
+        int e = c->act_e[a], p0 = c->act_start[a], p1 = c->act_start[a + 1];
+        const int8_t *we = (const int8_t *)c->w2 + (size_t)e * H * I;
+        const float *s = c->s2 + (size_t)e * H;
+        const int32_t *rs = c->rs2 + (size_t)e * H;
+        for (int hb0 = h0; hb0 < h1; hb0 += hs) {
+            int hb1 = hb0 + hs < h1 ? hb0 + hs : h1;
+            for (int p = p0; p < p1; p += TB) {
+                int nt = p1 - p < TB ? p1 - p : TB;
+                const uint8_t *ar[TB];
+                for (int t = 0; t < nt; t++) ar[t] = (const uint8_t *)c->act + (size_t)(p + t) * I;
+                for (int h = hb0; h < hb1; h += 32) { /* two 16-row blocks share the activation broadcasts */
+                    int nb = h + 16 < hb1 ? 2 : 1;
+                    __m512i acc[2][TB];
+                    dot16_block(we + (size_t)h * I, nb == 2 ? we + (size_t)(h + 16) * I : NULL, ar, I, acc[0], acc[1], nt);
+                    for (int b = 0; b < nb; b++)
+                        for (int t = 0; t < nt; t++) {
+                            float *o = c->out + (size_t)c->ptok[p + t] * H + h + 16 * b;
+                            __m512 y = deq16(acc[b][t], rs + h + 16 * b, c->as[p + t] * c->pw[p + t], s + h + 16 * b);
+                            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), y));
+                        }
+                }
+            }
+        }
+    }
+}
+#else
+#define PACKED 0
+#endif
+
 static void task_gu(void *ctx, int task) {
     call_t *c = ctx;
+#if PACKED
+    if (c->wf == WF_I8P) return task_gu_packed(c, task);
+#endif
     int a = task / c->njb, jblk = task % c->njb;
     int e = c->act_e[a], p0 = c->act_start[a], p1 = c->act_start[a + 1];
     int H = c->H, I = c->I, j0 = jblk * c->jb, j1 = j0 + c->jb < I ? j0 + c->jb : I;
@@ -501,6 +621,9 @@ static void task_q(void *ctx, int task) {
 
 static void task_down(void *ctx, int task) {
     call_t *c = ctx;
+#if PACKED
+    if (c->wf == WF_I8P) return task_down_packed(c, task);
+#endif
     int H = c->H, I = c->I, h0 = task * c->hb, h1 = h0 + c->hb < H ? h0 + c->hb : H;
     size_t ws = wsize(c->wf), xsz = asize(c->wf);
     for (int t = 0; t < c->T; t++) memset(c->out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
@@ -560,6 +683,7 @@ long kvc_moe(void *pool, int wf, const void *x, int xdt, int T, int H, int I, in
              const int32_t *rs13, const int32_t *rs2, float *out, double max_rows) {
     pool_t *pl = pool;
     int n = pl->n;
+    if (wf == WF_I8P && (!PACKED || H % 16 || I % 16)) return -4; /* packed: VNNI builds, 16-row blocks */
     pthread_mutex_lock(&pl->call_mu); /* one call at a time per pool */
     long r = moe(pl, n, wf, x, xdt, T, H, I, k, E, ids, weights, w13, w2, s13, s2, rs13, rs2, out, max_rows);
     pthread_mutex_unlock(&pl->call_mu);
@@ -633,9 +757,10 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
      * task streams a contiguous run */
     int jb = (int)(((long)I * nact + 8L * n - 1) / (8L * n));
     c.jb = jb < 8 ? 8 : jb > 64 ? 64 : jb;
+    if (wf == WF_I8P) c.jb = (c.jb + 15) & ~15; /* whole packed blocks */
     c.njb = (I + c.jb - 1) / c.jb;
     pool_run(pl, task_gu, &c, nact * c.njb);
-    if (wf == WF_I8) {
+    if (Q8(wf)) {
         c.rb = (N + 4 * n - 1) / (4 * n);
         if (c.rb < 1) c.rb = 1;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
