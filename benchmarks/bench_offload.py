@@ -196,7 +196,8 @@ def cpu_layer(a, s):
     """Per-layer CPU expert time against the floor (touched bytes / read bandwidth), old loop vs grouped.
 
     One MoE layer, half its experts on the CPU (ids E/2.. after a Zipf-ranked router). Before each
-    timed call a --flush-gib buffer is summed (untimed) so the call finds its weights in DRAM, not cache.
+    timed call a --flush-gib buffer is summed (untimed) so the call finds its weights in DRAM, not cache,
+    then --settle-ms pass so the sum's OpenMP threads stop spinning on the cores the call uses.
     --formats: dtype[:kernel], dtype bfloat16 / float32 / int8; kernel: the torch kernels by default
     (int8: int_mm, or onednn), `native` (the C kernel at every size: no hand-off to torch at prefill)
     or `native_wo` (int8 weight-only native).
@@ -253,6 +254,7 @@ def cpu_layer(a, s):
                     ts = []
                     for _ in range(iters):
                         flush.sum()
+                        time.sleep(a.settle_ms / 1e3)  # torch's OpenMP threads stop spinning, as in the engine
                         t0 = time.perf_counter()
                         fn()
                         ts.append(time.perf_counter() - t0)
@@ -327,6 +329,8 @@ def main():
     p.add_argument("--formats", default="bfloat16,bfloat16:native,int8,int8:onednn,int8:native",
                    help="--cpu-layer: dtype[:kernel],... (kernel: int_mm, onednn, native, native_wo)")
     p.add_argument("--no-loop", action="store_true", help="--cpu-layer: skip the old per-expert loop rows")
+    p.add_argument("--settle-ms", type=float, default=10.0,
+                   help="--cpu-layer: pause after the flush, so the flush's OpenMP threads are idle (0: none)")
     p.add_argument("--flush-gib", type=float, default=1.0, help="--cpu-layer: GiB read before each timed call")
     p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
     p.add_argument("--e2e", action="store_true", help="only the end-to-end TTFT rows through engine.LLM")
