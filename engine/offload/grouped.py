@@ -14,7 +14,7 @@ measured (2-core VM: 2x at 1 row, 4x at 32-128), so int8 is w8a8: an approximati
 
 Kernel "native" (the default where it builds; engine/offload/native): one C call per layer for
 fp32 / bf16 / int8 weights, for calls of at most NATIVE_MAX_ROWS pairs per active expert; larger
-(prefill-sized) calls run the torch kernel kept in `fallback`.
+(prefill-sized) calls run the torch kernel kept in `fallback` (packed int8 has none: native at every size).
 """
 from __future__ import annotations
 
