@@ -1,4 +1,4 @@
-"""The native CPU expert kernel: experts.c compiled at first use, loaded with ctypes.
+"""The native CPU expert kernel: experts.c (with pool.h, dot.h) compiled at first use, loaded with ctypes.
 
 One call per MoE layer (`kvc_moe`): it sorts the (token, expert) pairs, then a pthread pool runs
 gate/up with silu * up fused, then down, writing out [T, H] fp32; each weight row is read once per
@@ -141,7 +141,7 @@ def library(cc: str | None = None, directory: Path | None = None, flags: tuple[s
 
 
 def _build(cc: str, directory: Path, flags: tuple[str, ...]) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]")))  # experts.c and its headers
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
     h = hashlib.sha256(src + version.encode() + cpu_flags().encode() + " ".join(flags).encode()).hexdigest()[:20]
     path = directory / f"kvc_experts_{h}.so"
