@@ -144,7 +144,10 @@ def overlap(blocks, rt, s, dtype, device, T, a):
     def cpu_once():
         with torch.inference_mode():
             t = time.perf_counter()
-            cpu_experts(be.cpu.w13, be.cpu.w2, hx, hids, hw, out)
+            if be.ctx.grouped_cpu:  # the kernel the worker's job runs (native, or torch's grouped kernels)
+                grouped_cpu_experts(be.cpu, hx, hids, hw, out, be.ctx.worker.experts)
+            else:
+                cpu_experts(be.cpu.w13, be.cpu.w2, hx, hids, hw, out)
             return time.perf_counter() - t
 
     def dev_once():
