@@ -144,7 +144,10 @@ def overlap(blocks, rt, s, dtype, device, T, a):
     def cpu_once():
         with torch.inference_mode():
             t = time.perf_counter()
-            cpu_experts(be.cpu.w13, be.cpu.w2, hx, hids, hw, out)
+            if be.ctx.grouped_cpu:  # the kernel the worker's job runs (native, or torch's grouped kernels)
+                grouped_cpu_experts(be.cpu, hx, hids, hw, out, be.ctx.worker.experts)
+            else:
+                cpu_experts(be.cpu.w13, be.cpu.w2, hx, hids, hw, out)
             return time.perf_counter() - t
 
     def dev_once():
@@ -196,8 +199,11 @@ def cpu_layer(a, s):
     """Per-layer CPU expert time against the floor (touched bytes / read bandwidth), old loop vs grouped.
 
     One MoE layer, half its experts on the CPU (ids E/2.. after a Zipf-ranked router). Before each
-    timed call a --flush-gib buffer is summed (untimed) so the call finds its weights in DRAM, not cache.
-    --formats: bfloat16, float32, int8 (kernel int_mm) or int8:onednn.
+    timed call a --flush-gib buffer is summed (untimed) so the call finds its weights in DRAM, not cache,
+    then --settle-ms pass so the sum's OpenMP threads stop spinning on the cores the call uses.
+    --formats: dtype[:kernel], dtype bfloat16 / float32 / int8; kernel: the torch kernels by default
+    (int8: int_mm, or onednn), `native` (the C kernel at every size: no hand-off to torch at prefill)
+    or `native_wo` (int8 weight-only native).
     """
     dev = torch.device("cpu")
     H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
@@ -219,21 +225,29 @@ def cpu_layer(a, s):
     for T in [int(t) for t in a.cpu_tokens.split(",")]:  # the same routing for every dtype
         ids, w = route(torch.randn(T, E, generator=g) + bias, k, True)
         calls[T] = (torch.randn(T, H, generator=g), torch.where(ids >= E - Ec, ids - (E - Ec), -1), w)
-    print("| tokens | cpu dtype | path | kernel | experts touched | MB touched | floor ms | ms | x floor | vs loop |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | cpu dtype | path | kernel | experts touched | pairs per expert | MB touched | floor ms | ms | x floor "
+          "| vs loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in a.formats.split(","):
         fmt, _, kern = spec.partition(":")
         src = torch.float32 if fmt == "float32" else torch.bfloat16
         t0 = time.perf_counter()
-        wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm")
+        if kern.startswith("native"):
+            wt = dataclasses.replace(prepare(w13.to(src), w2.to(src), fmt, kernel=kern), max_rows=float("inf"))
+            if wt.kernel != "native":
+                print(f"# {spec}: the native kernel did not build (log above); skipped", flush=True)
+                continue
+        else:
+            wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm", kernel="torch")
         print(f"# {spec}: prepared in {time.perf_counter() - t0:.1f} s", flush=True)
         for T, (x, ids, w) in calls.items():
             x = x.to(src)
             touched = int(torch.unique(ids[ids >= 0]).numel())
             floor = touched * wt.expert_bytes / bw
             out = torch.empty(T, H)
-            paths = {"grouped": lambda: grouped_cpu_experts(wt, x, ids, w, out, pool)}
-            if fmt != "int8":  # the per-expert loop has no int8
+            name = "native" if wt.kernel == "native" else "grouped"
+            paths = {name: lambda: grouped_cpu_experts(wt, x, ids, w, out, pool)}
+            if fmt != "int8" and name == "grouped" and not a.no_loop:  # the per-expert loop has no int8
                 paths = {"loop": lambda: cpu_experts(wt.w13, wt.w2, x, ids, w, out), **paths}
             res = {}
             iters = a.iters_decode * 3 if T <= s["decode"] else a.iters_prefill + 1
@@ -243,13 +257,15 @@ def cpu_layer(a, s):
                     ts = []
                     for _ in range(iters):
                         flush.sum()
+                        time.sleep(a.settle_ms / 1e3)  # torch's OpenMP threads stop spinning, as in the engine
                         t0 = time.perf_counter()
                         fn()
                         ts.append(time.perf_counter() - t0)
                     res[name] = statistics.median(ts)
             for name, t in res.items():
                 up = f"{res['loop'] / t:.2f}x" if "loop" in res and name != "loop" else ""
-                print(f"| {T} | {fmt} | {name} | {'mm loop' if name == 'loop' else wt.kernel} | {touched} | "
+                kname = "mm loop" if name == "loop" else kern if name == "native" else wt.kernel
+                print(f"| {T} | {fmt} | {name} | {kname} | {touched} | {int((ids >= 0).sum()) / touched:.1f} | "
                       f"{touched * wt.expert_bytes / 1e6:.0f} | {floor * 1e3:.2f} | {t * 1e3:.2f} | {t / floor:.2f} "
                       f"| {up} |", flush=True)
         del wt
@@ -260,7 +276,7 @@ def e2e(a):
 
     A random checkpoint with Qwen3-30B-A3B shapes (--layers, default 12) is written once; each row
     loads it with experts.gpu_experts_ratio --e2e-ratio, CPU experts in a dtype and on a path (the
-    old per-expert loop or grouped).
+    old per-expert loop, grouped torch kernels, or the native kernel).
     """
     from engine import LLM, SamplingParams
     from engine.tiny import make_tiny_model
@@ -283,8 +299,8 @@ def e2e(a):
         g = torch.Generator().manual_seed(0)
         for n, (fmt, cpu_path) in enumerate(rows):
             llm = LLM(str(path), device=a.device, dtype="bfloat16", gpu_only=True, gpu_experts_ratio=a.e2e_ratio,
-                      cpu_expert_dtype=fmt)
-            llm.engine.experts.context.grouped_cpu = cpu_path == "grouped"
+                      cpu_expert_dtype=fmt, cpu_expert_kernel="auto" if cpu_path == "native" else "torch")
+            llm.engine.experts.context.grouped_cpu = cpu_path != "loop"
             vocab = llm.engine.model.args.vocab_size
             llm.generate(torch.randint(0, vocab, (256,), generator=g).tolist(), one)  # warm-up
             prefix = torch.randint(0, vocab, (a.e2e_prefill,), generator=g).tolist()
@@ -313,14 +329,19 @@ def main():
     p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"))
     p.add_argument("--cpu-layer", action="store_true", help="only the per-layer CPU expert table (old loop vs grouped)")
     p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
-    p.add_argument("--formats", default="bfloat16,int8,int8:onednn", help="--cpu-layer: dtype[:int8 kernel],...")
+    p.add_argument("--formats", default="bfloat16,bfloat16:native,int8,int8:onednn,int8:native",
+                   help="--cpu-layer: dtype[:kernel],... (kernel: int_mm, onednn, native, native_wo)")
+    p.add_argument("--no-loop", action="store_true", help="--cpu-layer: skip the old per-expert loop rows")
+    p.add_argument("--settle-ms", type=float, default=10.0,
+                   help="--cpu-layer: pause after the flush, so the flush's OpenMP threads are idle (0: none)")
     p.add_argument("--flush-gib", type=float, default=1.0, help="--cpu-layer: GiB read before each timed call")
     p.add_argument("--bw-gib", type=float, default=4.0, help="--cpu-layer: GiB summed for the read bandwidth")
     p.add_argument("--e2e", action="store_true", help="only the end-to-end TTFT rows through engine.LLM")
     p.add_argument("--model-dir", default=None, help="--e2e: write the checkpoint here, or reuse the one there")
     p.add_argument("--e2e-ratio", type=float, default=0.25, help="--e2e: experts.gpu_experts_ratio")
     p.add_argument("--e2e-prefill", type=int, default=8192, help="--e2e: cold prompt tokens")
-    p.add_argument("--e2e-rows", default="auto:loop,auto:grouped,int8:grouped", help="--e2e: dtype:path,...")
+    p.add_argument("--e2e-rows", default="auto:loop,auto:grouped,auto:native,int8:grouped,int8:native",
+                   help="--e2e: dtype:path,... (path: loop, grouped (torch kernels) or native)")
     p.add_argument("--threads", type=int, help="--cpu-layer: CPU threads (default: the engine's worker count)")
     p.add_argument("--dtype", help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--zipf", type=float, default=0.4,

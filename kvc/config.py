@@ -93,6 +93,7 @@ class ExpertsConfig:
     dynamic_update: bool = False
     gpu_prefill_token_threshold: int = field(default=512, metadata=_range(1))
     cpu_expert_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "int8")})
+    cpu_expert_kernel: str = field(default="auto", metadata={"choices": ("auto", "torch")})
     record_expert_stats: str | None = None
 
 

@@ -71,6 +71,7 @@ class OffloadContext:
     dynamic_update: bool
     threshold: int
     grouped_cpu: bool = True  # False: the per-expert loop (`cpu_experts`), kept as the benchmark's baseline
+    cpu_kernel: str = "auto"  # experts.cpu_expert_kernel: "auto" (native where it builds) or "torch"
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def full_layer(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +87,7 @@ class OffloadedExperts:
         """w13 [E, 2I, H], w2 [E, H, I]: all of the layer's experts in CPU memory, model dtype."""
         self.ctx = ctx
         self.src13, self.src2 = w13, w2
-        self.cpu: CpuExpertWeights = prepare(w13, w2, ctx.cpu_format)  # shares w13/w2 when no conversion
+        self.cpu: CpuExpertWeights = prepare(w13, w2, ctx.cpu_format, kernel=ctx.cpu_kernel)  # shares w13/w2 when no conversion
         self.num_experts = E = w13.shape[0]
         ids = torch.tensor(sorted(device_ids), dtype=torch.long)
         dev = ctx.device

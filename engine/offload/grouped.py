@@ -11,9 +11,14 @@ fewer active experts than threads a range gets several intra-op threads. Inside 
   grouped int8 GEMM, so this one loop remains, spread over the pool's threads.
 Per-expert int8 weight-only (`_weight_int8pack_mm`) was slower than `_int_mm` at every row count
 measured (2-core VM: 2x at 1 row, 4x at 32-128), so int8 is w8a8: an approximation, like int8 always is.
+
+Kernel "native" (the default where it builds; engine/offload/native): one C call per layer for
+fp32 / bf16 / int8 weights, for calls of at most NATIVE_MAX_ROWS pairs per active expert; larger
+(prefill-sized) calls run the torch kernel kept in `fallback` (packed int8 has none: native at every size).
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,27 +26,47 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 FORMATS = ("float32", "bfloat16", "float16", "int8")
 # Compute of one row relative to reading one expert's weights, for cutting the experts into ranges.
 ROW_COST = 0.02
+# Pairs per active expert above which the native kernel hands a call to the torch kernel. On the AMX
+# host native was faster at every size measured, up to 125 pairs per expert (a 2048-token chunk at
+# 50% GPU experts: 127 vs 188 ms bf16, 57 vs 194 ms int8), both costs about linear in the pairs; past
+# twice that, torch's AMX GEMMs are unmeasured against it, so they keep those calls (benchmarks/RESULTS.md,
+# "Native CPU expert kernel").
+NATIVE_MAX_ROWS = 256.0
+# prepare(kernel=): native_wo = int8 weight-only; native_unpacked = int8 w8a8 on plain rows (A/B of the packing)
+KERNELS = ("auto", "native", "native_wo", "native_unpacked", "torch")
 
 
 @dataclass(frozen=True)
 class CpuExpertWeights:
     """One layer's CPU expert weights in the form the CPU kernels read."""
     fmt: str  # one of FORMATS
-    kernel: str  # what computes them: "grouped_mm", "mm" (per-expert loop) or "int_mm"
+    kernel: str  # what computes them: "native", "grouped_mm", "mm" (per-expert loop), "int_mm" or "onednn"
     w13: torch.Tensor  # [E, 2I, H] float32 / bfloat16 / int8
     w2: torch.Tensor  # [E, H, I]
     s13: torch.Tensor | None = None  # [E, 2I] fp32 per-output-channel scales (int8)
     s2: torch.Tensor | None = None  # [E, H]
     packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # kernel "onednn": per-expert prepacked w13, w2
+    rs13: torch.Tensor | None = None  # [E, 2I] int32 row sums of int8 w13 (native w8a8: the u8 zero point)
+    rs2: torch.Tensor | None = None  # [E, H]
+    fallback: str | None = None  # kernel "native": the torch kernel of calls past max_rows (None: packed int8)
+    native_wf: int = -1  # kernel "native": the weight format code of experts.c
+    max_rows: float = NATIVE_MAX_ROWS
 
     @property
     def expert_bytes(self) -> int:
         """Bytes one expert's weights (and scales) take: what a call reads per active expert."""
         n = self.w13[0].nbytes + self.w2[0].nbytes
-        return n + (self.s13[0].nbytes + self.s2[0].nbytes if self.s13 is not None else 0)
+        n += self.s13[0].nbytes + self.s2[0].nbytes if self.s13 is not None else 0
+        return n + (self.rs13[0].nbytes + self.rs2[0].nbytes if self.rs13 is not None else 0)
+
+    def torch_kernel(self) -> "CpuExpertWeights":
+        """The same weights under the torch kernel (kernel "native": its fallback)."""
+        return dataclasses.replace(self, kernel=self.fallback) if self.kernel == "native" else self
 
 
 def quantize_int8(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +99,18 @@ def grouped_mm_works(dtype: torch.dtype, H: int, I: int) -> bool:
         return False
 
 
-def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "int_mm") -> CpuExpertWeights:
+def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "int_mm",
+            kernel: str = "auto") -> CpuExpertWeights:
     """w13 [E, 2I, H], w2 [E, H, I] in the checkpoint dtype -> the CPU form (shared when no conversion).
 
-    int8_kernel: "int_mm" (torch._int_mm on plain weights) or "onednn" (weights prepacked for oneDNN's
-    int8 linear, u8 activations; a candidate the benchmark compares).
+    int8_kernel: the torch int8 kernel, "int_mm" (torch._int_mm on plain weights) or "onednn" (weights
+    prepacked for oneDNN's int8 linear, u8 activations; a candidate the benchmark compares).
+    kernel: "auto" / "native" (the native kernel where it builds and takes fmt, else torch), "native_wo"
+    (int8 weight-only native, for the benchmark) or "torch".
     """
     assert fmt in FORMATS, f"cpu expert format {fmt!r} not in {FORMATS}"
+    assert kernel in KERNELS, f"cpu expert kernel {kernel!r} not in {KERNELS}"
+    lib = native.library() if kernel != "torch" and fmt != "float16" else None
     if fmt == "int8":
         q13, s13 = quantize_int8(w13)
         q2, s2 = quantize_int8(w2)
@@ -88,10 +118,24 @@ def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "i
         if int8_kernel == "onednn":
             packed = ([torch.ops.onednn.qlinear_prepack(q, None) for q in q13],
                       [torch.ops.onednn.qlinear_prepack(q, None) for q in q2])
-        return CpuExpertWeights(fmt, int8_kernel, q13, q2, s13, s2, packed)
+        wt = CpuExpertWeights(fmt, int8_kernel, q13, q2, s13, s2, packed)
+        if lib is None:
+            return wt
+        if kernel == "native_wo":
+            return dataclasses.replace(wt, kernel="native", fallback=int8_kernel, native_wf=native.WF["int8_wo"])
+        rs = dict(rs13=q13.sum(-1, dtype=torch.int32), rs2=q2.sum(-1, dtype=torch.int32))
+        H, I = q2.shape[1:]
+        if kernel == "native_unpacked" or "vnni" not in lib.isa or H % 16 or I % 16:
+            return dataclasses.replace(wt, kernel="native", fallback=int8_kernel, native_wf=native.WF["int8"], **rs)
+        # packed for dpbusd: the int8 copy is ours, so the torch kernels cannot read it; native takes every size
+        return dataclasses.replace(wt, kernel="native", w13=native.pack16(q13), w2=native.pack16(q2), packed=None,
+                                   fallback=None, max_rows=float("inf"), native_wf=native.WF["int8_packed"], **rs)
     dt = getattr(torch, fmt)
-    w13, w2 = w13.to(dt), w2.to(dt)  # no copy when already in dt
-    return CpuExpertWeights(fmt, "grouped_mm" if grouped_mm_works(dt, w2.shape[1], w2.shape[2]) else "mm", w13, w2)
+    w13, w2 = w13.to(dt).contiguous(), w2.to(dt).contiguous()  # no copy when already in dt and contiguous
+    torch_kernel = "grouped_mm" if grouped_mm_works(dt, w2.shape[1], w2.shape[2]) else "mm"
+    if lib is None:
+        return CpuExpertWeights(fmt, torch_kernel, w13, w2)
+    return CpuExpertWeights(fmt, "native", w13, w2, fallback=torch_kernel, native_wf=native.WF[fmt])
 
 
 class ExpertThreads:
@@ -99,6 +143,7 @@ class ExpertThreads:
 
     def __init__(self, threads: int):
         self.threads = threads
+        self._native: native.NativePool | None = None
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="kvc-cpu-expert")
         list(self._pool.map(self._use, [1] * max(1, threads - 1)))  # start them all now, not mid-call
@@ -127,8 +172,16 @@ class ExpertThreads:
             for f in futs:
                 f.result()
 
+    def native(self) -> native.NativePool:
+        """The native kernel's pool of as many threads, started at first use."""
+        if self._native is None:
+            self._native = native.library().pool(self.threads)
+        return self._native
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._native is not None:
+            self._native.close()
 
 
 def grouped_cpu_experts(wt: CpuExpertWeights, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -137,6 +190,17 @@ def grouped_cpu_experts(wt: CpuExpertWeights, x: torch.Tensor, ids: torch.Tensor
 
     x [T, H], ids [T, k] (-1 = run elsewhere), weights [T, k] fp32; same contract as `cpu_experts`.
     """
+    if wt.kernel == "native":
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        assert out.dtype == torch.float32 and out.is_contiguous(), "out must be contiguous fp32 [T, H]"
+        n = native.library().moe(threads.native(), wt.native_wf, x.contiguous(), ids.to(torch.int64).contiguous(),
+                                 weights.float().contiguous(), wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2, out,
+                                 wt.max_rows)
+        if n >= 0:
+            return n
+        assert wt.fallback is not None, "native weights without a torch fallback took a hand-off"
+        wt = wt.torch_kernel()  # prefill-sized: more pairs per expert than wt.max_rows
     T, k = ids.shape
     E, H = wt.w2.shape[:2]
     flat = ids.reshape(-1)  # [T*k]

@@ -16,6 +16,7 @@ from torch import nn
 from kvc.config import ExpertsConfig
 
 from ..moe import MoEBlock, grouped_mm_works
+from . import native
 from .experts import OffloadContext, OffloadedExperts
 from .metrics import ExpertsMetrics
 from .placement import load_counts, place, total_device_experts
@@ -108,14 +109,14 @@ def apply_experts(blocks: dict[int, MoEBlock], num_layers: int, cfg: ExpertsConf
             context.metrics.cpu_kernel(i, backends[i].cpu.fmt, backends[i].cpu.kernel)
         log.info("experts: %d of %d (layer, expert) pairs on %s, %d in CPU memory (strategy %s, %s); per MoE "
                  "layer on device: %s; cpu experts (dtype/kernel: layers) %s, grouped over %d threads (cpu "
-                 "capability %s, amx %s); "
+                 "capability %s, amx %s%s); "
                  "dynamic update %s (threshold %d tokens)", n_dev, len(layers) * E, device,
                  len(layers) * E - n_dev, cfg.placement_strategy,
                  f"num_gpu_experts={cfg.num_gpu_experts}" if cfg.num_gpu_experts is not None
                  else f"gpu_experts_ratio={cfg.gpu_experts_ratio}",
                  [int(table[i].sum()) for i in layers],
                  "; ".join(f"{f}/{k}: {ls}" for (f, k), ls in kinds.items()),
-                 context.worker.threads, torch.backends.cpu.get_cpu_capability(), amx(),
+                 context.worker.threads, torch.backends.cpu.get_cpu_capability(), amx(), _native_note(backends, layers),
                  "on" if cfg.dynamic_update else "off", cfg.gpu_prefill_token_threshold)
     recorder = None
     if cfg.record_expert_stats is not None:
@@ -135,6 +136,15 @@ def amx() -> bool:
     return bool(probe and probe())
 
 
+def _native_note(backends: dict, layers: list[int]) -> str:
+    """', native <isa>, torch above N pairs per expert' when some layer runs the native kernel."""
+    cpu = next((backends[i].cpu for i in layers if backends[i].cpu.kernel == "native"), None)
+    if cpu is None:
+        return ""
+    hand = f"{cpu.fallback} above {cpu.max_rows:g} pairs per expert" if cpu.fallback else "at every size"
+    return f", native {native.library().isa}, {hand}"
+
+
 def _unwrap(b):
     return b.inner if isinstance(b, RecordingExperts) else b
 
@@ -147,7 +157,8 @@ def _context(cfg: ExpertsConfig, block: MoEBlock, device: torch.device, registry
     staging = CudaStaging(device, hidden, top_k, model_dtype) if device.type == "cuda" else HostStaging()
     return OffloadContext(device, CpuWorker(worker_threads(device)), staging, ExpertsMetrics(registry),
                           fmt, device.type == "cuda" and grouped_mm_works(device, model_dtype, *w2.shape[1:]),
-                          cfg.dynamic_update, cfg.gpu_prefill_token_threshold)
+                          cfg.dynamic_update, cfg.gpu_prefill_token_threshold,
+                          cpu_kernel=cfg.cpu_expert_kernel)
 
 
 def _offload_layer(ctx: OffloadContext, block: MoEBlock, on_device: torch.Tensor,

@@ -57,7 +57,7 @@ def run(wt, x, ids, w, pool):
 def test_grouped_equals_the_per_expert_loop(pools, threads, kernel):
     w13, w2 = weights()
     for fmt, tol in (("float32", 1e-5), ("bfloat16", None)):
-        wt = prepare(w13, w2, fmt)
+        wt = prepare(w13, w2, fmt, kernel="torch")
         assert wt.kernel == "grouped_mm"
         wt = CpuExpertWeights(fmt, kernel, wt.w13, wt.w2)
         for name, x, ids, w in routings():
@@ -85,7 +85,7 @@ def test_int8_quantization_is_per_output_channel():
 def test_int8_equals_a_dequantized_reference(pools, kernel):
     """w8a8: dequantized weights, activations rounded per token as the kernel does, in fp32."""
     w13, w2 = weights(1)
-    wt = prepare(w13, w2, "int8", kernel)
+    wt = prepare(w13, w2, "int8", kernel, kernel="torch")
     assert (wt.fmt, wt.kernel, wt.w13.dtype) == ("int8", kernel, torch.int8)
     d13, d2 = wt.w13.float() * wt.s13[..., None], wt.w2.float() * wt.s2[..., None]
 
@@ -133,7 +133,7 @@ def test_int8_greedy_agrees_with_the_unquantized_model(tmp_path, arch):
     eng = make_engine(path, reg, gpu_experts_ratio=0.25, cpu_expert_dtype="int8")
     got = greedy(eng, prompts, 8)
     eng.close()
-    assert reg.get_sample_value("kvc_experts_cpu_kernel", {"layer": "0", "dtype": "int8", "kernel": "int_mm"}) == 1
+    assert reg.get_sample_value("kvc_experts_cpu_kernel", {"layer": "0", "dtype": "int8", "kernel": "native"}) == 1
     first = sum(a[0] == b[0] for a, b in zip(got, want)) / len(want)
     same = sum(a == b for ga, wa in zip(got, want) for a, b in zip(ga, wa)) / sum(map(len, want))
     print(f"\n{arch}: int8 next-token agreement {first:.0%} of {len(want)} prompts, greedy tokens {same:.0%}")

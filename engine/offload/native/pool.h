@@ -1,0 +1,103 @@
+/* The native kernel's thread pool: persistent pthreads that claim tasks from an atomic counter; the
+ * caller takes part. Included once, by experts.c (one translation unit). */
+/* ---------------------------------------------------------------- thread pool */
+typedef void (*task_fn)(void *ctx, int task);
+
+typedef struct {
+    int n; /* threads including the caller */
+    pthread_t *th;
+    pthread_mutex_t mu, call_mu;
+    pthread_cond_t go, done;
+    atomic_int gen, next, busy;
+    int ntasks, stop;
+    task_fn fn;
+    void *ctx;
+} pool_t;
+
+static void claim(pool_t *p) {
+    for (int t; (t = atomic_fetch_add(&p->next, 1)) < p->ntasks;) p->fn(p->ctx, t);
+}
+
+static void *pool_main(void *arg) {
+    pool_t *p = arg;
+    int seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load(&p->gen) == seen && spins < 20000) {  /* short spin: calls come per layer */
+#if SIMD
+            _mm_pause();
+#endif
+            spins++;
+        }
+        if (atomic_load(&p->gen) == seen) {
+            pthread_mutex_lock(&p->mu);
+            while (atomic_load(&p->gen) == seen && !p->stop) pthread_cond_wait(&p->go, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (p->stop) return NULL;
+        seen = atomic_load(&p->gen);
+        claim(p);
+        if (atomic_fetch_sub(&p->busy, 1) == 1) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
+    }
+}
+
+void *kvc_pool_new(int n) {
+    pool_t *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->n = n < 1 ? 1 : n;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_mutex_init(&p->call_mu, NULL);
+    pthread_cond_init(&p->go, NULL);
+    pthread_cond_init(&p->done, NULL);
+    p->th = calloc(p->n, sizeof(pthread_t));
+    for (int i = 0; i < p->n - 1; i++) pthread_create(&p->th[i], NULL, pool_main, p);
+    return p;
+}
+
+void kvc_pool_free(void *h) {
+    pool_t *p = h;
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->n - 1; i++) pthread_join(p->th[i], NULL);
+    free(p->th);
+    free(p);
+}
+
+/* Run fn(ctx, 0..ntasks-1) on the pool and the calling thread; returns when all are done. */
+static void pool_run(pool_t *p, task_fn fn, void *ctx, int ntasks) {
+    if (ntasks <= 0) return;
+    if (p->n == 1 || ntasks == 1) {
+        for (int t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    p->ntasks = ntasks;
+    atomic_store(&p->next, 0);
+    atomic_store(&p->busy, p->n - 1);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    claim(p);
+    int spins = 0;
+    while (atomic_load(&p->busy) > 0 && spins < 20000) {
+#if SIMD
+        _mm_pause();
+#endif
+        spins++;
+    }
+    if (atomic_load(&p->busy) > 0) {
+        pthread_mutex_lock(&p->mu);
+        while (atomic_load(&p->busy) > 0) pthread_cond_wait(&p->done, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
