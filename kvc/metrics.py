@@ -48,6 +48,8 @@ class KvcMetrics:
         self.forced_unpins = Counter("kvc_forced_unpins_total", "Leases released by their TTL", registry=r)
         self.rpc_duration = Histogram("kvc_rpc_duration_seconds", "Server handling time per RPC",
                                       ["method"], buckets=_LAT_BUCKETS, registry=r)
+        self.rpc_in_flight = Gauge("kvc_rpc_in_flight", "Cache-server calls admitted and not finished",
+                                   registry=r)
         self.inflight_refused = Counter("kvc_inflight_refused_total",
                                         "Calls refused at server.max_inflight_bytes", ["method"], registry=r)
         self.lookup_duration = Histogram("kvc_lookup_duration_seconds", "In-process lookup latency",

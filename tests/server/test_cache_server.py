@@ -56,6 +56,11 @@ def test_port_in_use_and_disk_path_held_are_refused(make_server, client_factory,
     assert client_factory(a.url).lookup(NS, tokens=list(range(8))).num_pages == 2
 
 
+def in_flight(s) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("kvc_rpc_in_flight ")))
+
+
 def test_sigterm_finishes_inflight_and_refuses_new(make_server):
     s = make_server().start()
     hashes, pages = make_pages(NS, list(range(16)))
@@ -76,6 +81,10 @@ def test_sigterm_finishes_inflight_and_refuses_new(make_server):
     t = threading.Thread(target=lambda: result.setdefault("r", stub.PutPages(slow_requests(), timeout=20)))
     t.start()
     assert sent_first.wait(10)
+    deadline = time.monotonic() + 10  # the server has admitted the call (the client's first send
+    while in_flight(s) < 1:  # alone does not say so: SIGTERM could beat the call to the server)
+        assert time.monotonic() < deadline, "the PutPages call never reached the server"
+        time.sleep(0.02)
     s.proc.send_signal(signal.SIGTERM)
     assert next(watch).status == NOT_SERVING
     watch.cancel()  # an open Watch stream would hold the grace period
