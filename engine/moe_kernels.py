@@ -153,7 +153,7 @@ def _moe_gemm_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, ro
 def configs(n_pairs: int, E: int) -> tuple[dict, dict]:
     """Tile sizes (gate/up, down) by rows per expert: small M tiles for decode-sized steps."""
     per_expert = n_pairs / E
-    # chosen with `bench_moe.py --sweep` on the H200 (RESULTS.md, "Fused MoE kernels")
+    # chosen with `bench_moe.py --sweep` on the H200 (RESULTS.md, "Fused MoE kernels: tile sweep")
     if per_expert <= 8:
         return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=3),
                 dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=3))
