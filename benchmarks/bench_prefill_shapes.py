@@ -1,0 +1,79 @@
+"""Cold prefill of prompts whose lengths the engine has not seen before, per prefill kernel.
+
+cuDNN's attention builds an execution plan per new (query, key) shape and PyTorch caches it per
+shape; the other benchmarks warm every shape they time, so they cannot show what a first-seen
+length costs. Serving sees arbitrary prompt lengths. For each attn.prefill_kernel this prints the
+median TTFT of --n prompts of distinct random lengths seen for the first time, then the same
+prompts again (the shapes now cached), and the ratio.
+
+    python benchmarks/bench_prefill_shapes.py --model-dir /tmp/kvc-q30b-12l      # H200
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import CUDA_DEFAULTS, Ours, prompts  # noqa: E402
+from engine.tiny import make_tiny_model  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--n", type=int, default=12, help="distinct prompt lengths per kernel")
+    ap.add_argument("--min-len", type=int, default=1000)
+    ap.add_argument("--max-len", type=int, default=9000)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--kernels", default="cudnn,flash,triton")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs CUDA")
+    path = Path(a.model_dir or tempfile.mkdtemp())
+    if not (path / "config.json").exists():
+        make_tiny_model(str(path), "qwen3_moe", preset=CUDA_DEFAULTS["preset"], num_hidden_layers=a.layers,
+                        dtype="bfloat16", std=0.02)
+    ns = argparse.Namespace(prompt_len=[a.max_len], hit_new=64, concurrency=[1], decode_prompt_len=32,
+                            decode_tokens=16, dtype="bfloat16", device="cuda", chunk=a.chunk)
+    ours = Ours(path, ns)
+    ours.mode(chunk=a.chunk)
+    ours.prefill(2048, seed=1)()  # compile the Triton kernels on an unrelated length first
+    rng = random.Random(0)
+    print(f"| prefill kernel | first-seen lengths: median TTFT | same prompts again | first / again | lengths |")
+    print("|---|---|---|---|---|")
+    used: set[int] = {2048}
+    for kernel in a.kernels.split(","):
+        ours.mode(prefill=kernel)
+        lengths = []
+        while len(lengths) < a.n:
+            L = rng.randrange(a.min_len, a.max_len)
+            if L not in used:  # never seen by any kernel: every shape is new
+                used.add(L)
+                lengths.append(L)
+        ps = [prompts(1, L, ours.vocab, seed=L)[0] for L in lengths]
+        rounds = []
+        for _ in range(2):
+            times = []
+            for p in ps:
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                ours._run([p], 1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+                ours.eng.kv.blocks.reset_cache()
+            rounds.append(statistics.median(times))
+        print(f"| {kernel} | {rounds[0] * 1e3:.1f} ms | {rounds[1] * 1e3:.1f} ms | {rounds[0] / rounds[1]:.2f}x | "
+              f"{min(lengths)}-{max(lengths)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
