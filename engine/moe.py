@@ -4,7 +4,9 @@ Experts live as two stacked tensors, w13 [E, 2I, H] (gate rows first, then up, t
 transformers v5 uses in memory) and w2 [E, H, I]. Execution is an `ExpertsBackend`: anything with
 `forward(x, topk_ids, topk_weights) -> y`. `MoEBlock.set_experts` swaps it from outside the model
 (CPU offload plugs in there). `experts_reference` is the slow, obviously-correct path;
-`experts_sorted` (sort by expert, then grouped GEMMs) is the fast one and is tested against it.
+`experts_sorted` (sort by expert, then grouped GEMMs) is the CPU path and is tested against it; on
+CUDA (and under triton's interpreter) the router and the experts run as the fused Triton kernels of
+engine.moe_kernels unless config attn.moe_kernel is "torch".
 """
 from __future__ import annotations
 
