@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import kernel_attention, qk_norm_rope, rms_norm, rope_kernel, use_kernels
+from .attention import kernel_attention, qk_norm_rope, rms_norm, use_kernels
 
 
 class RMSNorm(nn.Module):
@@ -48,13 +48,6 @@ class Rope(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    # x [T, H, D], cos/sin [T, D]; backend: attn.backend
-    if use_kernels(x, backend):  # one launch instead of five (decode steps are launch-bound)
-        return rope_kernel(x, cos, sin)
-    return apply_rope_reference(x, cos, sin)
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -177,7 +170,7 @@ class Attention(nn.Module):
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin, self.backend), apply_rope(k, cos, sin, self.backend)
+            q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5, self.backend,
                             self.prefill_kernel)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.heads * self.head_dim))

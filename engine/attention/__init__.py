@@ -86,11 +86,6 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
     return kernel(q, k, q_weight, k_weight, eps, cos, sin)
 
 
-def rope_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from .triton_rope import apply_rope
-    return apply_rope(x, cos, sin)
-
-
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto") -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
