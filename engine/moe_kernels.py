@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+from .attention.triton_merge import dot_precision
 
 
 @triton.jit
@@ -69,36 +68,20 @@ def padded_size(n_pairs: int, E: int, bm: int) -> int:
 
 def align(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [T, k] -> (sorted_ids [P] int32, block_expert [P // bm] int32), in one launch (a chunked
-    prefill step is bound by launches: the torch-ops version, `align_torch`, took ~25)."""
+    prefill step is bound by launches: the same layout from torch ops, a stable sort, took ~25;
+    the tests keep that version as the oracle)."""
     flat = ids.reshape(-1)
     N = flat.numel()
     P = padded_size(N, E, bm)
     sorted_ids = torch.empty(P, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(P // bm, dtype=torch.int32, device=ids.device)
-    BLOCK_E = _pow2(E)
+    BLOCK_E = triton.next_power_of_2(E)
     scratch = torch.empty(2 * BLOCK_E, dtype=torch.int32, device=ids.device)
     slots = torch.empty(N, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](flat, sorted_ids, block_expert, scratch, slots, N, E, P, P // bm,
-                        BLOCK_N=min(_pow2(N), 4096), BLOCK_E=BLOCK_E, BLOCK_P=1024, BLOCK_B=64, BM=bm,
+                        BLOCK_N=min(triton.next_power_of_2(N), 4096), BLOCK_E=BLOCK_E, BLOCK_P=1024, BLOCK_B=64, BM=bm,
                         num_warps=8)
     return sorted_ids, block_expert
-
-
-def align_torch(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same layout from torch ops (a stable sort): the tests' second opinion on `align`."""
-    flat = ids.reshape(-1).long()
-    N = flat.numel()
-    P = padded_size(N, E, bm)
-    counts = torch.zeros(E, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + bm - 1) // bm * bm  # [E]
-    pend = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)  # [N]
-    e_sorted = flat[order]
-    rank = torch.arange(N, device=ids.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
-    sorted_ids = torch.full((P,), N, dtype=torch.int32, device=ids.device)
-    sorted_ids[(pend - padded)[e_sorted] + rank] = order.to(torch.int32)
-    starts = torch.arange(0, P, bm, device=ids.device)
-    return sorted_ids, torch.searchsorted(pend, starts, right=True).to(torch.int32)
 
 
 @triton.jit
@@ -165,13 +148,10 @@ def configs(n_pairs: int, E: int) -> tuple[dict, dict]:
 
 
 def _launch(a, b, c, wt, sorted_ids, block_expert, num_pairs, E, N, K, row_div, gated, mul_w, cfg):
-    cfg = dict(cfg)
-    bn = cfg["BLOCK_N"]
-    grid = (block_expert.numel() * triton.cdiv(N, bn),)
-    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    grid = (block_expert.numel() * triton.cdiv(N, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](a, b, c, wt, sorted_ids, block_expert, num_pairs, E, N, K, row_div,
                            a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0), N,
-                           GATED=gated, MUL_W=mul_w, PRECISION=precision, **cfg)
+                           GATED=gated, MUL_W=mul_w, PRECISION=dot_precision(a.dtype), **cfg)
 
 
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
@@ -235,9 +215,9 @@ def fused_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> t
     w = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
     if T:
         logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
-        BLOCK_E = _pow2(E)
+        BLOCK_E = triton.next_power_of_2(E)
         BLOCK_T = max(1, min(16, 4096 // BLOCK_E))
         _route_kernel[(triton.cdiv(T, BLOCK_T),)](logits, ids, w, T, E, logits.stride(0), K=top_k,
                                                   RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
-                                                  BLOCK_K=_pow2(top_k), num_warps=4)
+                                                  BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
     return ids, w

@@ -34,9 +34,27 @@ def case(T, E, k, H, I, dtype, device, skew=False, seed=0):
     return w13, w2, x, ids, w
 
 
+def align_torch(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """align's layout from torch ops (a stable sort): the oracle the align kernel is checked against."""
+    from engine.moe_kernels import padded_size
+    flat = ids.reshape(-1).long()
+    N = flat.numel()
+    P = padded_size(N, E, bm)
+    counts = torch.zeros(E, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + bm - 1) // bm * bm  # [E]
+    pend = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)  # [N]
+    e_sorted = flat[order]
+    rank = torch.arange(N, device=ids.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+    sorted_ids = torch.full((P,), N, dtype=torch.int32, device=ids.device)
+    sorted_ids[(pend - padded)[e_sorted] + rank] = order.to(torch.int32)
+    starts = torch.arange(0, P, bm, device=ids.device)
+    return sorted_ids, torch.searchsorted(pend, starts, right=True).to(torch.int32)
+
+
 def check_align(ids, E, bm):
     """align's layout is valid and has the same blocks as the sorted torch version."""
-    from engine.moe_kernels import align, align_torch
+    from engine.moe_kernels import align
     s, b = align(ids, E, bm)
     s2, b2 = align_torch(ids, E, bm)
     flat = ids.reshape(-1)
