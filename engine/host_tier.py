@@ -66,9 +66,12 @@ class HostTier:
         """Hand the put thread's GPU-slack wait to an in-process store's disk writer (its LMDB puts
         hold the GIL like the put work does; measured: host tiers with disk 0.49x of off, cpu tier
         only 0.99x, run L). A remote cache has its own process and nothing to pace."""
+        self._gate_disk_writes(self._wait_for_slack)
+
+    def _gate_disk_writes(self, gate) -> None:
         setter = getattr(self.cache, "set_write_gate", None)
         if setter is not None:
-            setter(self._wait_for_slack)
+            setter(gate)
 
     def lookup(self, ns: Namespace, tokens: list[int], hashes: list[bytes] | None = None) -> LookupResult:
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes)
@@ -241,7 +244,7 @@ class HostTier:
             data.record_stream(side)  # the allocator keeps `data` until the side stream is past it
             data = ring.buf[slot:slot + n]
         try:
-            self._puts.put_nowait((ns, hashes, parents, tokens, data, event, slot, ring if slot is not None else None))
+            self._puts.put_nowait((ns, hashes, parents, tokens, data, event, slot, ring))
             return True
         except queue.Full:  # not reached while this thread is the only producer; kept for safety
             if slot is not None:
@@ -283,9 +286,7 @@ class HostTier:
         self._puts.join()
 
     def close(self) -> None:
-        setter = getattr(self.cache, "set_write_gate", None)
-        if setter is not None:
-            setter(None)
+        self._gate_disk_writes(None)
         self._puts.put(None)
         self._putter.join(timeout=5)
         self._prober.shutdown(wait=True)

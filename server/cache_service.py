@@ -131,32 +131,28 @@ def _rpc(fn):
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def stream(self, request, context):
-            t0, admitted = time.perf_counter(), False
+            t0 = time.perf_counter()
             try:
                 caller = self._admit(context)
-                admitted = self._enter()
-                async for item in fn(self, _parsed(request), context, caller):
-                    yield item
+                with self.metrics.rpc_in_flight.track_inprogress():
+                    async for item in fn(self, _parsed(request), context, caller):
+                        yield item
             except BaseException as e:
                 await fail(self, context, e)
             finally:
-                if admitted:
-                    self._leave()
                 self.metrics.rpc_duration.labels(method=name).observe(time.perf_counter() - t0)
         return stream
 
     @functools.wraps(fn)
     async def unary(self, request, context):
-        t0, admitted = time.perf_counter(), False
+        t0 = time.perf_counter()
         try:
             caller = self._admit(context)
-            admitted = self._enter()
-            return await fn(self, request if fn.__name__ == "PutPages" else _parsed(request), context, caller)
+            with self.metrics.rpc_in_flight.track_inprogress():
+                return await fn(self, request if fn.__name__ == "PutPages" else _parsed(request), context, caller)
         except BaseException as e:
             await fail(self, context, e)
         finally:
-            if admitted:
-                self._leave()
             self.metrics.rpc_duration.labels(method=name).observe(time.perf_counter() - t0)
     return unary
 
@@ -184,14 +180,6 @@ class CacheService(pb_grpc.KVCacheServicer):
     def begin_shutdown(self) -> None:
         self._stopping = True
         self.events.close()
-
-    def _enter(self) -> bool:
-        """An admitted call starts (kvc_rpc_in_flight counts them)."""
-        self.metrics.rpc_in_flight.inc()
-        return True
-
-    def _leave(self) -> None:
-        self.metrics.rpc_in_flight.dec()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
