@@ -14,7 +14,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import CUDA_DEFAULTS, Ours, prompts  # noqa: E402
-from engine.tiny import make_tiny_model  # noqa: E402
+from bench_engine import cuda_engine, prompts  # noqa: E402
 
 
 def main():
@@ -38,17 +36,11 @@ def main():
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
-    path = Path(a.model_dir or tempfile.mkdtemp())
-    if not (path / "config.json").exists():
-        make_tiny_model(str(path), "qwen3_moe", preset=CUDA_DEFAULTS["preset"], num_hidden_layers=a.layers,
-                        dtype="bfloat16", std=0.02)
-    ns = argparse.Namespace(prompt_len=[a.max_len], hit_new=64, concurrency=[1], decode_prompt_len=32,
-                            decode_tokens=16, dtype="bfloat16", device="cuda", chunk=a.chunk)
-    ours = Ours(path, ns)
+    _, ours = cuda_engine(a.model_dir, a.layers, a.chunk, a.max_len)
     ours.mode(chunk=a.chunk)
     ours.prefill(2048, seed=1)()  # compile the Triton kernels on an unrelated length first
     rng = random.Random(0)
-    print(f"| prefill kernel | first-seen lengths: median TTFT | same prompts again | first / again | lengths |")
+    print("| prefill kernel | first-seen lengths: median TTFT | same prompts again | first / again | lengths |")
     print("|---|---|---|---|---|")
     used: set[int] = {2048}
     for kernel in a.kernels.split(","):

@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import CUDA_DEFAULTS, HF, Ours, prompts  # noqa: E402
-from engine.tiny import make_tiny_model  # noqa: E402
+from bench_engine import HF, cuda_engine, prompts  # noqa: E402
 
 
 def short(name: str) -> str:
@@ -82,14 +81,7 @@ def main():
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
-    path = Path(a.model_dir or tempfile.mkdtemp())
-    if not (path / "config.json").exists():
-        make_tiny_model(str(path), "qwen3_moe", preset=CUDA_DEFAULTS["preset"], num_hidden_layers=a.layers,
-                        dtype="bfloat16", std=0.02)
-    ns = argparse.Namespace(prompt_len=a.prompt_len, hit_new=64, concurrency=[max(a.decode or [1])],
-                            decode_prompt_len=32, decode_tokens=16, dtype="bfloat16", device="cuda",
-                            chunk=a.chunk)
-    ours = Ours(path, ns)
+    path, ours = cuda_engine(a.model_dir, a.layers, a.chunk, max(a.prompt_len), max(a.decode or [1]))
     for L in a.prompt_len:
         for chunk, label in ((a.chunk, f"kvc {L} tokens, chunk {a.chunk}"), (L, f"kvc {L} tokens, one chunk")):
             ours.mode(chunk=chunk)
@@ -102,14 +94,14 @@ def main():
         ours._run(ps, 8)
         ours.eng.kv.blocks.reset_cache()
 
-        def dec(ps=ps):
+        def dec(ps=ps, ours=ours):
             ours._run(ps, 17)
             ours.eng.kv.blocks.reset_cache()
         kernel_table(dec, f"kvc decode, {c} requests x 16 steps after a 32-token prefill (graphs)", a.top)
     del ours
     torch.cuda.empty_cache()
     if not a.no_hf:
-        hf = HF(str(path), ns)
+        hf = HF(str(path), argparse.Namespace(dtype="bfloat16", device="cuda"))
         for L in a.prompt_len:
             run = hf.prefill(L, seed=L)
             run(), run()
