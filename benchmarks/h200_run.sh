@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, moe, shapes, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, moe, shapes, shapes-norecompile, load-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -37,16 +37,20 @@ for part in "$@"; do
     moe-sweep) step moe 200 python3 benchmarks/bench_moe.py --sweep --tokens 1 32 256 2048 8192 ;;
     probe-close) step probe-close 60 python3 benchmarks/probe_close.py ;;
     shapes) step shapes 240 python3 benchmarks/bench_prefill_shapes.py --model-dir "$ckpt" ;;
+    shapes-norecompile) TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 step shapes-norecompile 120 \
+        python3 benchmarks/bench_prefill_shapes.py --model-dir "$ckpt" --kernels cudnn ;;
+    load-path) step load-path 120 python3 benchmarks/probe_load_path.py ;;
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
     engine) step engine 240 python3 benchmarks/bench_engine.py --device cuda --model-dir "$ckpt" ;;
     deepseek) step deepseek 200 python3 benchmarks/bench_deepseek.py --ttft-len 8192 32768 ;;
     deepseek-short) step deepseek 150 python3 benchmarks/bench_deepseek.py --layers 6 --ttft-len 8192 --repeat 1 ;;
-    offload-layer) step offload-layer 80 python3 benchmarks/bench_offload.py --cpu-layer --device cuda \
-        --formats bfloat16,int8 --iters-decode 3 --iters-prefill 2 ;;
+    offload-layer) step offload-layer 150 python3 benchmarks/bench_offload.py --cpu-layer --device cuda \
+        --formats bfloat16,bfloat16:native,int8,int8:native_unpacked,int8:native \
+        --cpu-tokens 1,8,32,128,512,2048 --iters-decode 3 --iters-prefill 2 --no-loop ;;
     offload-e2e) step offload-e2e 200 python3 benchmarks/bench_offload.py --e2e --device cuda --model-dir "$ckpt" \
-        --e2e-rows auto:loop,auto:grouped,int8:grouped ;;
+        --e2e-rows auto:grouped,auto:native,int8:native ;;
     *) echo "unknown part $part" ;;
   esac
 done

@@ -1,0 +1,110 @@
+"""Where a cpu-tier hit's load time goes, on CUDA (issue 10, item 3).
+
+Stores a prompt's pages (12-layer Qwen3-30B-A3B shapes by default: 384 KiB a page) in a cpu tier
+only, then times, median of --reps, for 8K and 32K tokens:
+
+  pinned H2D, one copy     the floor's transfer: the same bytes from one pinned buffer in one copy
+  get_pages -> cuda        TieredStore.get_pages(out=<cuda staging>): the engine's load path (H2D
+                           from the pinned slab while the reader threads verify the checksums)
+  ... checksums skipped    the same with the cpu tier's verify_entries answering True unread
+  checksums only           verify_entries of every page, no copy
+  lookup                   TieredStore.lookup of the prompt's tokens (hashing included)
+
+    python benchmarks/probe_load_path.py        # needs CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvc.config import KvcConfig  # noqa: E402
+from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
+from kvc.record import Page, torch_dtype  # noqa: E402
+from kvc.store import TieredStore  # noqa: E402
+
+GB = 1e9
+
+
+def timed(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs CUDA")
+    spec = PageSpec(num_layers=a.layers, num_kv_heads=a.kv_heads, head_dim=a.head_dim, page_size=a.page,
+                    dtype="bfloat16")
+    ns = Namespace("probe-load", spec, weights_digest="probe")
+    longest = max(a.lengths)
+    n_max = longest // a.page
+    cfg = KvcConfig(cpu_memory_size_GB=n_max * spec.page_bytes * 1.25 / 2**30 + 0.25, disk_path=None)
+    toks = np.random.default_rng(0).integers(0, 150_000, longest, dtype=np.uint32)
+    hashes = page_hashes(ns.root, toks, a.page)
+    g = torch.Generator().manual_seed(0)
+    print(f"# page {spec.page_bytes / 2**10:.0f} KiB, {torch.cuda.get_device_name()}")
+    print("| tokens | bytes | pinned H2D, one copy | get_pages -> cuda | ... checksums skipped | checksums only "
+          "| lookup |")
+    print("|---|---|---|---|---|---|---|")
+    with TieredStore(cfg) as s:
+        parent = ns.root
+        for lo in range(0, n_max, 64):
+            batch = []
+            for i in range(lo, min(n_max, lo + 64)):
+                data = torch.empty(spec.page_bytes // 8, dtype=torch.int64).random_(generator=g)
+                batch.append(Page(hashes[i], parent, toks[i * a.page:(i + 1) * a.page],
+                                  data.view(torch_dtype(spec.dtype)).reshape(spec.shape)))
+                parent = hashes[i]
+            assert s.put_pages(ns, batch).stored == len(batch), "the cpu tier refused pages"
+        for L in a.lengths:
+            n = L // a.page
+            nbytes = n * spec.page_bytes
+            out = torch.empty((n, *spec.shape), dtype=torch_dtype(spec.dtype), device="cuda")
+            src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            flat = out.view(torch.uint8).reshape(-1)
+            h2d = timed(lambda: flat.copy_(src, non_blocking=True), a.reps)
+
+            def get():
+                got = s.get_pages(ns, hashes[:n], out=out)
+                assert len(got) == n, f"{len(got)} of {n} pages"
+            full = timed(get, a.reps)
+            keys = [e for e in s.cpu.entries.values()]
+            real = s.cpu.verify_entries
+            s.cpu.verify_entries = lambda entries: [True] * len(entries)
+            try:
+                nocheck = timed(get, a.reps)
+            finally:
+                s.cpu.verify_entries = real
+            held = keys[:n]
+            check = timed(lambda: real(held), a.reps)
+            look = timed(lambda: s.lookup(ns, tokens=toks[:L].tolist()), a.reps)
+
+            def row(t):
+                return f"{t * 1e3:.1f} ms ({nbytes / t / GB:.1f} GB/s)"
+            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(full)} | {row(nocheck)} | {row(check)} | "
+                  f"{look * 1e3:.1f} ms |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
