@@ -90,7 +90,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto") -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
     attn.prefill_kernel."""
-    from .cudnn_prefill import cudnn_prefill
+    from .cudnn_prefill import cudnn_piece, cudnn_prefill
     from .flash_prefill import flash_prefill, flash_usable
     from .triton_cache import store_kv
     from .triton_decode import decode_attention
@@ -103,10 +103,13 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if meta.prefills:
         max_q = meta.prefill_max_q or max(p.q_len for p in meta.prefills)
         which = prefill_backend(q, max_q, prefill, len(meta.prefills))
-        done = which == "cudnn" and cudnn_prefill(q, k, v, k_cache, v_cache, out, meta.prefills, scale)
-        if which == "cudnn" and not done and flash_usable(q):
-            which = "flash"
-        done = done or (which == "flash" and flash_prefill(q, k_cache, v_cache, out, meta.prefills, scale))
+        rest = meta.prefills
+        if which == "cudnn":  # pieces with a bucketable prefix (cudnn_prefill's doc); the rest: FA2
+            mine = [p for p in rest if cudnn_piece(p, prefill == "cudnn")]
+            if mine and cudnn_prefill(q, k, v, k_cache, v_cache, out, mine, scale):
+                rest = [p for p in rest if not cudnn_piece(p, prefill == "cudnn")]
+            which = "flash" if flash_usable(q) else "triton"
+        done = not rest or (which == "flash" and flash_prefill(q, k_cache, v_cache, out, rest, scale))
         if not done:
             tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
             prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)

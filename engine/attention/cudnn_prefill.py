@@ -9,6 +9,16 @@ launch, `merge_two`):
 - the cached prefix (pages gathered out of the pool, one index_select per K and V): no mask.
 Pieces run one after another; steps with many short pieces stay on flash_prefill or the Triton kernel
 (see engine.attention.prefill_backend).
+
+cuDNN builds an execution plan for every new (query length, key length) pair; PyTorch caches plans
+per shape, per thread, without bound. Measured on the H200 (bench_prefill_shapes.py, 12 layers), a
+prompt whose length had not been seen took 4x its warm time (157 vs 39 ms) where FA2 took 1.45x. So
+shapes are bucketed: a piece's queries (and, in the causal call, its own keys) are padded with zero
+rows up to a multiple of CUDNN_ALIGN (pad rows come after the real ones, so the top-left causal mask
+keeps them out of every real row; their outputs are dropped), and under `auto` only pieces whose
+cached prefix is a multiple of CUDNN_ALIGN (every chunk of a cold chunked prefill with the default
+chunk) take this path; the others go to FA2 (`cudnn_piece`). The plans are then a bounded set:
+(query buckets) x (prefix lengths / CUDNN_ALIGN), each built once per engine thread.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import triton.language as tl
 
 log = logging.getLogger(__name__)
 CUDNN_MAX_PIECES = 8  # more pieces than this: one varlen launch beats a pair of calls per piece
+CUDNN_ALIGN = 512  # query lengths are padded to, and (under auto) prefixes must be, a multiple of this
 _broken: str | None = None  # set when the op failed once; the other kernels take over
 _lse_to_e: float | None = None  # factor that turns the op's log-sum-exp into natural log
 
@@ -31,6 +42,17 @@ def cudnn_usable(q: torch.Tensor) -> bool:
     D = q.shape[-1]
     return (D % 8 == 0 and D <= 128 and torch.cuda.get_device_capability(q.device) >= (9, 0)
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+def cudnn_piece(p, forced: bool = False) -> bool:
+    """Whether piece p runs here: always when attn.prefill_kernel forces cudnn, else only with a
+    cached prefix that is a multiple of CUDNN_ALIGN (its plans then come from a bounded set)."""
+    return forced or (p.k_len - p.q_len) % CUDNN_ALIGN == 0
+
+
+def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [Q, ...] with zero rows appended up to n rows (x itself when Q == n); one launch."""
+    return x if x.shape[0] == n else torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n - x.shape[0]))
 
 
 def _attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +119,13 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         if _lse_to_e is None:
             _calibrate(q.device, q.dtype)
         for p in pieces:
-            rows = slice(p.q_start, p.q_start + p.q_len)
-            o, lse = _attend(q[rows], k[rows], v[rows], True, scale)  # the piece's own keys
-            off = p.k_len - p.q_len
+            Q = p.q_len
+            rows = slice(p.q_start, p.q_start + Q)
+            Qp = -(-Q // CUDNN_ALIGN) * CUDNN_ALIGN  # bucketed: a bounded set of plans (module doc)
+            qs = _padded(q[rows], Qp)  # [Qp, Hq, D]
+            o, lse = _attend(qs, _padded(k[rows], Qp), _padded(v[rows], Qp), True, scale)  # own keys
+            o, lse = o[:Q], lse[:, :Q]  # [Q, Hq, D], [Hq, Q]: pad rows dropped
+            off = p.k_len - Q
             if off > 0:  # the cached prefix: every query sees all of it
                 slots = p.__dict__.get("prefix_slots")  # the same for every layer: made once a step
                 if slots is None:
@@ -108,8 +134,8 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
                     p.prefix_slots = slots
                 kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [off, Hkv, D]
                 vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
-                o2, lse2 = _attend(q[rows], kp, vp, False, scale)
-                merge_two(o, lse, o2, lse2, out[rows])
+                o2, lse2 = _attend(qs, kp, vp, False, scale)
+                merge_two(o, lse, o2[:Q], lse2[:, :Q], out[rows])
             else:
                 out[rows] = o
     except (RuntimeError, TypeError, NotImplementedError) as e:

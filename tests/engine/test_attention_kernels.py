@@ -59,7 +59,7 @@ def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
     from engine.attention import kernel_attention, prefill_backend, prefill_inputs
     q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, D, P, dtype, device)
     ref = paged_attention_reference(q, k, v, kc.clone(), vc.clone(), meta, D ** -0.5)
-    backends = ["triton"] + [b for b in ("flash", "cudnn") if prefill_backend(q, 1, b) == b]
+    backends = ["triton"] + [b for b in ("flash", "cudnn") if prefill_backend(q, 1, b) == b] + ["auto"]
     for split, backend in [(True, b) for b in backends] + [(False, "triton")]:
         kc2, vc2 = kc.clone(), vc.clone()
         if meta.prefills:  # packed as the runner does; max_k = 0 turns split-K off
@@ -152,6 +152,41 @@ def check_merge_two(device):
 
 
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
+def check_cudnn_buckets(Hq, Hkv, dtype):
+    """Under attn.prefill_kernel auto, a step mixing pieces whose cached prefix is a multiple of
+    CUDNN_ALIGN (cuDNN, queries padded to the bucket) and one whose prefix is not (FA2) matches the
+    reference; cuDNN ran only the aligned pieces and with bucketed query lengths."""
+    from engine.attention import cudnn_prefill, prefill_backend
+    from engine.attention.cudnn_prefill import CUDNN_ALIGN
+    q = torch.empty(1, Hq, 128, dtype=dtype, device="cuda")
+    if prefill_backend(q, 1, "cudnn") != "cudnn":
+        pytest.skip("cuDNN attention does not run here")
+    from engine.attention import kernel_attention, prefill_inputs
+    A = CUDNN_ALIGN
+    pieces = [(2 * A, A + 188), (0, A + 388), (2 * A + 5, 600)]  # aligned, aligned (no prefix), not
+    q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, 128, 16, dtype, "cuda")
+    ref = paged_attention_reference(q, k, v, kc.clone(), vc.clone(), meta, 128 ** -0.5)
+    (meta.prefill_tables, meta.prefill_q_starts, meta.prefill_q_lens, meta.prefill_k_lens,
+     meta.prefill_max_q, meta.prefill_max_k) = prefill_inputs(meta, 16, q.device)
+    seen = []
+    real = cudnn_prefill._attend
+
+    def spy(q, k, v, causal, scale):
+        seen.append((q.shape[0], k.shape[0]))
+        return real(q, k, v, causal, scale)
+    cudnn_prefill._attend = spy
+    try:
+        out = kernel_attention(q, k, v, kc, vc, meta, 128 ** -0.5, prefill="auto")
+    finally:
+        cudnn_prefill._attend = real
+    assert cudnn_prefill._broken is None, cudnn_prefill._broken
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= 2e-2, f"max abs error {err} under auto with bucketed cuDNN shapes"
+    # own keys of the two aligned pieces and the first one's prefix, each padded to 2A queries;
+    # nothing of the unaligned piece (its prefix 2A + 5 went to FA2)
+    assert sorted(seen) == [(2 * A, 2 * A)] * 3, seen
+
+
 RAGGED = [(0, 37), (21, 50), (5, 1), (130, 1), (64, 17), (1, 1), (77, 2)]
 
 
@@ -168,6 +203,8 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
     long = [(3000, 1), (2048 + 5, 300), (0, 700), (40, 1)] + [(i * 97, 1) for i in range(1, 33)]
     check(long, Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)
     check([(8000 + 7, 64)], Hq, Hkv, 128, page, dtype, "cuda", atol=2e-2)  # short suffix, long prefix
+    if page == 16:  # auto: cuDNN for the aligned prefixes (padded queries), FA2 for the other piece
+        check_cudnn_buckets(Hq, Hkv, dtype)
     if page == 16:
         check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
         check_norm("cuda")
