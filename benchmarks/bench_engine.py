@@ -86,15 +86,19 @@ class Ours:
                                     max_num_seqs=max(64, max(a.concurrency)))
         self.eng = LLMEngine(cfg)
         self.graphs = self.eng.runner.graphs
+        self.prefill_graphs = self.eng.runner.prefill_graphs
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
 
-    def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None):
+    def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
+             prefill_graphs: bool | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             set_attention_backend(self.eng.model, self.eng.config.attn.backend, prefill)
         if chunk is not None:
             self.eng.scheduler.chunk = self.eng.prefix_cache.chunk = chunk  # admission sizes the first piece
         if graphs is not None:
             self.eng.runner.graphs = self.graphs if graphs else None
+        if prefill_graphs is not None:
+            self.eng.runner.prefill_graphs = self.prefill_graphs if prefill_graphs else None
 
     def _run(self, ps, max_tokens, after_first=False):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -211,16 +215,20 @@ def main():
               flush=True)
         ours = Ours(path, a)
         hf = None if a.no_hf else HF(path, a)
-        print(f"# decode CUDA graphs: {'on' if ours.graphs is not None else 'off'}; loaded in "
+        print(f"# decode CUDA graphs: {'on' if ours.graphs is not None else 'off'}; prefill CUDA graphs: "
+              f"{'up to %d tokens' % ours.prefill_graphs.sizes[-1] if ours.prefill_graphs is not None else 'off'}; loaded in "
               f"{time.perf_counter() - t_start:.1f}s since start\n", flush=True)
 
         print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
-              f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | transformers (ms) | "
-              "transformers / kvc chunked |")
-        print("|---|---|---|---|---|---|---|")
+              f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
+              "transformers (ms) | transformers / kvc chunked |")
+        print("|---|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
             ours.mode(chunk=a.chunk)
             chunked = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(prefill_graphs=False)  # prefill CUDA graphs off: the eager steps, side by side
+            eager = timed(ours.prefill(L, L), a.device, a.repeat) if ours.prefill_graphs is not None else None
+            ours.mode(prefill_graphs=True)
             ours.mode(prefill="triton")  # long pieces otherwise go to FA2 varlen on CUDA
             triton_only = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
             ours.mode(prefill=ours.eng.config.attn.prefill_kernel)
@@ -230,8 +238,9 @@ def main():
             ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
             hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
             tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
-            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {tri} | {hf_cols} |",
-                  flush=True)
+            eag = f"{eager * 1e3:,.1f}" if eager else "-"
+            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {tri} | {eag} | "
+                  f"{hf_cols} |", flush=True)
         if hf is not None:
             del hf
             if cuda:

@@ -159,6 +159,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.backend,
+                            self.prefill_kernel)  # [T, Hq, D]
+        return self.out(o)
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """o [T, Hq, D] -> [T, hidden]: the output projection."""
+        return self.o_proj(o.reshape(o.shape[0], self.heads * self.head_dim))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, hidden] -> q [T, Hq, D], k, v [T, Hkv, D]: projections, q/k norms and RoPE (the part
+        before attention; engine.prefill_graphs captures it)."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -171,9 +187,7 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim ** -0.5, self.backend,
-                            self.prefill_kernel)  # [T, Hq, D]
-        return self.o_proj(o.reshape(T, self.heads * self.head_dim))
+        return q, k, v
 
 
 def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto",

@@ -17,6 +17,7 @@ from kvc.metrics import KvcMetrics
 from kvc.record import dtype_name
 
 from .cuda_graphs import DecodeGraphs, graphs_supported
+from .prefill_graphs import PrefillGraphs
 from .host_tier import HostTier
 from .kv_cache import KVCache
 from .layers import set_attention_backend
@@ -155,6 +156,9 @@ class LLMEngine:
         if why_not is None:
             self.runner.graphs = DecodeGraphs(self.model, self.kv, self.device, config.scheduler.max_num_seqs,
                                               self.max_model_len)
+            most = min(config.model.prefill_graph_tokens, config.scheduler.max_num_batched_tokens)
+            if most > 0:
+                self.runner.prefill_graphs = PrefillGraphs(self.model, self.kv, self.device, most)
         self.requests: dict[str, Request] = {}
         self._update_gauges()
         freeze_long_lived_objects()

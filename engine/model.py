@@ -29,7 +29,15 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(a.hidden_size, a.intermediate_size)
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        return self.post(x, self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache))
+
+    def pre(self, x, cos, sin):
+        """The part before attention: x [T, H] -> q [T, Hq, D], k, v [T, Hkv, D]."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def post(self, x, a):
+        """The part after attention: residual x [T, H] and the attention's projected output a [T, H]
+        -> the layer's output [T, H]."""
         norm = self.post_attention_layernorm
         if use_kernels(x, norm.backend):  # residual add + norm in one launch
             x, h = add_rms_norm(x, a, norm.weight, norm.eps)

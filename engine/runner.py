@@ -14,6 +14,7 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .layers import AttnMetadata, Piece
 from .model import CausalLM
+from .prefill_graphs import PrefillGraphs
 from .request import Request
 from .sampling import sample
 
@@ -22,6 +23,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv, device
         self.graphs: DecodeGraphs | None = None  # set by the engine when decode graphs apply
+        self.prefill_graphs: PrefillGraphs | None = None  # likewise, for the other steps
         self.on_launched = None  # called once a step's kernels are queued, before the host waits for them
 
     def _upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
@@ -90,7 +92,9 @@ class ModelRunner:
             if out is not None:
                 return out, [req for req, _ in sched]
         input_ids, meta, rows = self.prepare(sched)
-        hidden = self.model(input_ids, meta, self.kv.pool.layer)  # [T, H]
+        hidden = None if self.prefill_graphs is None else self.prefill_graphs.forward(input_ids, meta)
+        if hidden is None:  # eager: no graphs here, or more tokens than the largest bucket
+            hidden = self.model(input_ids, meta, self.kv.pool.layer)  # [T, H]
         reqs = [req for req, n in sched if req.num_computed + n == req.num_tokens]
         if not rows:
             return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32), reqs

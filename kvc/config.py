@@ -28,8 +28,11 @@ class ModelConfig:
     path: str = "builtin:tiny-qwen3-moe"
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "float16")})
     device: str = "auto"
-    # true: no CUDA graphs for decode (every step eager), for debugging and profiling
+    # true: no CUDA graphs (decode or prefill: every step eager), for debugging and profiling
     enforce_eager: bool = False
+    # steps of up to this many tokens (prefill chunks, mixed steps) run as piecewise CUDA graphs
+    # (attention eager, the rest captured per token-count bucket); 0: such steps run eagerly
+    prefill_graph_tokens: int = field(default=4096, metadata=_range(0, 1 << 16))
 
 
 @dataclass(frozen=True)

@@ -87,9 +87,11 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto") -> torch.Tensor:
+                     v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto",
+                     out: torch.Tensor | None = None, store: bool = True) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
-    attn.prefill_kernel."""
+    attn.prefill_kernel. `out`: written in place (rows no piece covers are left as they are);
+    store=False: the step's K/V are already in the pool (engine.prefill_graphs stores them)."""
     from .cudnn_prefill import cudnn_piece, cudnn_prefill
     from .flash_prefill import flash_prefill, flash_usable
     from .triton_cache import store_kv
@@ -97,9 +99,10 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     from .triton_prefill import prefill_attention
     P = k_cache.shape[1]
     k, v = k.contiguous(), v.contiguous()
-    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if store:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if meta.prefills:
         max_q = meta.prefill_max_q or max(p.q_len for p in meta.prefills)
         which = prefill_backend(q, max_q, prefill, len(meta.prefills))

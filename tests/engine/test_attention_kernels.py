@@ -231,6 +231,8 @@ calls.update(dict.fromkeys(calls, 0))
 got = engine_tokens(sys.argv[1])
 assert calls["reference"] == 0 and min(calls["kernels"], calls["norm"], calls["rope"]) > 0, calls
 assert got == ref, (got, ref)
+split = engine_tokens(sys.argv[1], split_steps=True)  # prefill graphs' split, run without capture
+assert split == ref, (split, ref)
 print("ok")
 """
 
@@ -250,12 +252,26 @@ def count_paths() -> dict[str, int]:
     return calls
 
 
-def engine_tokens(path: str, **overrides) -> dict[str, list[int]]:
-    """Greedy tokens of a ragged batch run twice (the second round hits the device pool)."""
+def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str, list[int]]:
+    """Greedy tokens of a ragged batch run twice (the second round hits the device pool).
+    split_steps: every step goes through engine.prefill_graphs' pieces (padded to a bucket, static
+    buffers, attention between them) without capturing graphs."""
     from engine import LLMEngine, SamplingParams
+    from engine.prefill_graphs import PrefillGraphs
     from kvc.config import load_config
     eng = LLMEngine(load_config().replace(path=path, device="cpu", page_size=4, chunk_size=8,
                                           num_device_blocks=64, gpu_only=True, **overrides))
+    if split_steps:
+        eng.runner.graphs = None  # decode steps too
+        pg = eng.runner.prefill_graphs = PrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False)
+        split = pg.forward
+
+        def checked(input_ids, meta):  # hidden states of every step equal the model's own forward
+            got = split(input_ids, meta).clone()
+            want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same K/V again
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            return got
+        pg.forward = checked
     prompts = [[(i * 7 + 3) % 250 for i in range(13)], [(i * 5 + 1) % 250 for i in range(6)]]
     out = {}
     for r in range(2):
@@ -263,6 +279,8 @@ def engine_tokens(path: str, **overrides) -> dict[str, list[int]]:
             eng.add_request(f"{r}{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         while eng.has_unfinished():
             out.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+    if split_steps:
+        assert eng.runner.prefill_graphs.replays > 0
     return out
 
 

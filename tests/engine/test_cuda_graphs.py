@@ -1,5 +1,5 @@
-"""Decode CUDA graphs and the attention kernels inside the engine: greedy tokens equal eager decode
-and the gather+SDPA reference across page sizes, chunk sizes, GQA ratios and ragged batches.
+"""Decode and prefill CUDA graphs and the attention kernels inside the engine: greedy tokens equal
+eager steps and the gather+SDPA reference across page sizes, chunk sizes, GQA ratios and ragged batches.
 The GPU tests run on the device (`-m gpu`); bucket sizing and the CPU fallback run everywhere."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.cuda_graphs import buckets
+from engine.prefill_graphs import buckets as prefill_buckets
 from engine.tiny import make_tiny_model
 from kvc.config import ConfigError, load_config
 
@@ -18,8 +19,8 @@ PROMPTS = [[(i * 37 + 11 + j) % 250 for i in range(n)] for j, n in enumerate((45
 
 
 def engine(path, dtype="float32", device="cuda", **kw):
-    cfg = load_config().replace(path=str(path), dtype=dtype, device=device, num_device_blocks=256,
-                                gpu_only=True, max_num_seqs=8, **kw)
+    cfg = load_config().replace(**{"path": str(path), "dtype": dtype, "device": device, "num_device_blocks": 256,
+                                   "gpu_only": True, "max_num_seqs": 8, **kw})
     return LLMEngine(cfg)
 
 
@@ -46,11 +47,61 @@ def test_buckets():
     assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
+def test_prefill_buckets():
+    assert prefill_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 1536, 2048]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+    assert prefill_buckets(1300) == [16, 32, 64, 128, 256, 512, 1024, 1300]
+    assert prefill_buckets(8) == [8]
+
+
 def test_enforce_eager_is_a_bool_key_and_cpu_stays_eager(qwen_dir):
     with pytest.raises(ConfigError, match="enforce_eager"):
         load_config().replace(enforce_eager="maybe")
+    with pytest.raises(ConfigError, match="prefill_graph_tokens"):
+        load_config().replace(prefill_graph_tokens=-1)
     eng = engine(qwen_dir, device="cpu")
-    assert eng.runner.graphs is None  # no CUDA: every step eager
+    assert eng.runner.graphs is None and eng.runner.prefill_graphs is None  # no CUDA: every step eager
+
+
+def rounds(eng, prompts):
+    """Greedy tokens of two rounds of the same prompts: cold, then hits in the device pool."""
+    return run(eng, prompts), run(eng, prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("page,chunk", [(16, 16), (32, 48), (16, 2048)], ids=["p16c16", "p32c48", "p16c2048"])
+def test_prefill_graphs_equal_eager(qwen_dir, bf16_dirs, dtype, page, chunk):
+    """Prefill chunks and mixed prefill + decode steps replayed as piecewise graphs give the tokens
+    of the same steps run eagerly (decode graphs on in both), cold and after device-pool hits."""
+    path = qwen_dir if dtype == "float32" else bf16_dirs["qwen3_moe"]
+    prompts = PROMPTS + [PROMPTS[4][:50] + [9, 8, 7, 6]]  # the last one also hits the fifth's pages
+    eager_eng = engine(path, dtype, page_size=page, chunk_size=chunk, prefill_graph_tokens=0)
+    assert eager_eng.runner.prefill_graphs is None
+    eager = rounds(eager_eng, prompts)
+    eng = engine(path, dtype, page_size=page, chunk_size=chunk)
+    got = rounds(eng, prompts)
+    pg = eng.runner.prefill_graphs
+    assert pg is not None and pg.disabled is None, getattr(pg, "disabled", None)
+    assert pg.replays > 0 and len(pg.graphs) >= 2  # several buckets (ragged steps)
+    assert got == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
+    """A 3,000-token prompt in chunks of 1,024 (aligned prefixes: cuDNN runs between the graphs
+    where it can) and its repeat after a partial hit give the eager tokens."""
+    path = bf16_dirs["qwen3_moe"]
+    long = [[(i * 31 + 7 + j) % 250 for i in range(3000)] for j in range(2)]
+    prompts = [long[0], long[0][:2100] + long[1][:500]]
+    eager = rounds(engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024, prefill_graph_tokens=0),
+                   prompts)
+    eng = engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024)
+    assert rounds(eng, prompts) == eager
+    pg = eng.runner.prefill_graphs
+    assert pg.disabled is None and 1024 in pg.graphs
 
 
 @pytest.fixture(scope="module")
