@@ -86,8 +86,8 @@ class PrefixCache:
         self.kv.update_hashes(req)
         n = min(cap, len(req.hashes))
         packed, step = tokens_bytes(req.ids(0, n * P)), 4 * P  # packed once, sliced per page
-        hits = self.blocks.match_prefix(req.hashes[:n], [self.kv.parent(req, i) for i in range(n)],
-                                        [packed[i * step:(i + 1) * step] for i in range(n)])
+        parents = [self.kv.parent(req, 0)] + req.hashes[:n - 1] if n else []  # page i's parent: hash i-1
+        hits = self.blocks.match_prefix(req.hashes[:n], parents, [packed[i * step:(i + 1) * step] for i in range(n)])
         if not req.admitted:
             req.num_device_hit_tokens = len(hits) * P
         self.blocks.touch(hits)

@@ -3,8 +3,11 @@
 Each piece is q_len new queries after k_len - q_len cached keys (bottom-right causal). The step's
 own K/V are already in the pool (written through slot_mapping), so every key is read in place
 through the piece's block table: key j lives at block_table[j // P] * P + j % P. Flash-attention
-style: one program per (query tile, piece, query head), online softmax in fp32, GQA by mapping
-query head h to kv head h // group. Any page size works: the key tile is gathered per row.
+style: one program per (query tile, piece, kv head), online softmax in fp32. GQA: a tile's rows are
+(query, query head) pairs over the group of query heads that share one kv head, so every K/V tile is
+loaded once for the whole group (one program per query head read it group times: with 32 query
+heads over 4 kv heads, a short suffix after a 32K prefix read 8x the pool's bytes). Any page size
+works: the key tile is gathered per row.
 
 A step with few query tiles over a long cached prefix (a short suffix after a prefix hit) would
 leave most SMs idle, so it also splits the keys (split-K, as the decode kernel does) and merges
@@ -27,24 +30,26 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
+    QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
     split = tl.program_id(1) % num_splits
-    head = tl.program_id(2)
-    kv_head = head // GROUP
+    kv_head = tl.program_id(2)
     q_start = tl.load(QStarts + piece)
     q_len = tl.load(QLens + piece)
-    if m_blk * BLOCK_M >= q_len:
+    if m_blk * QB >= q_len:
         return
     k_len = tl.load(KLens + piece)
     ctx = k_len - q_len  # cached keys before this piece's first query
 
-    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)  # [M] query rows within the piece
+    r = tl.arange(0, BLOCK_M)
+    offs_m = m_blk * QB + r // GROUP  # [M] query row within the piece of each tile row
+    head = kv_head * GROUP + r % GROUP  # [M] its query head: the GROUP heads of one kv head share K/V
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < q_len
+    m_mask = (r < QB * GROUP) & (offs_m < q_len)
     d_mask = offs_d < HEAD_DIM
-    q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [M, D]
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -53,7 +58,7 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     q_pos = ctx + offs_m  # [M] absolute position of each query
     # keys past the last query of this tile are masked for every row: stop there
-    end = tl.minimum(k_len, ctx + (m_blk + 1) * BLOCK_M)
+    end = tl.minimum(k_len, ctx + (m_blk + 1) * QB)
     lo = 0
     if SPLIT:
         lo = split * keys_per_split
@@ -87,7 +92,7 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
         tl.store(MidL + rows * stride_lt + head * stride_lh + split, lse, mask=m_mask)
     else:
-        o_ptrs = O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        o_ptrs = O + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -105,13 +110,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    G = Hq // Hkv
+    rows = max_q * G  # tile rows are (query, head) pairs: a kv head's G query heads share each K/V load
     if q.element_size() == 4:  # fp32 tiles take twice the shared memory
-        BLOCK_M, BLOCK_N, warps, stages = (64 if max_q > 16 else 16), 32, 4, 2
-    elif max_q >= 128 and BLOCK_D <= 128:  # long pieces: bigger query tiles, fewer K/V re-reads
+        BLOCK_M, BLOCK_N, warps, stages = (64 if rows > 16 else 16), 32, 4, 2
+    elif rows >= 128 and BLOCK_D <= 128:  # long pieces: bigger tiles, fewer K/V re-reads
         BLOCK_M, BLOCK_N, warps, stages = 128, 64, 8, 3
     else:
-        BLOCK_M, BLOCK_N, warps, stages = (64 if max_q > 16 else 16), (64 if BLOCK_D <= 128 else 32), 4, 2
-    programs = triton.cdiv(max_q, BLOCK_M) * B * Hq
+        BLOCK_M, BLOCK_N, warps, stages = (64 if rows > 16 else 16), (64 if BLOCK_D <= 128 else 32), 4, 2
+    BLOCK_M = max(BLOCK_M, triton.next_power_of_2(G))
+    QB = BLOCK_M // G  # queries per tile
+    programs = triton.cdiv(max_q, QB) * B * Hkv
     S, kps = 1, 0
     if max_k and programs < TARGET_PROGRAMS // 2:
         kps = keys_per_split(programs, max_k, BLOCK_N)
@@ -121,7 +130,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         mid_l = torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_l = out  # unused
-    grid = (triton.cdiv(max_q, BLOCK_M), B * S, Hq)
+    grid = (triton.cdiv(max_q, QB), B * S, Hkv)
     _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, tables, q_starts, q_lens, k_lens, scale,
                           kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

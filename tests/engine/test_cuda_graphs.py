@@ -93,15 +93,28 @@ def test_prefill_graphs_equal_eager(qwen_dir, bf16_dirs, dtype, page, chunk):
 def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
     """A 3,000-token prompt in chunks of 1,024 (aligned prefixes: cuDNN runs between the graphs
     where it can) and its repeat after a partial hit give the eager tokens."""
+    from engine.attention import cudnn_prefill
     path = bf16_dirs["qwen3_moe"]
     long = [[(i * 31 + 7 + j) % 250 for i in range(3000)] for j in range(2)]
     prompts = [long[0], long[0][:2100] + long[1][:500]]
     eager = rounds(engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024, prefill_graph_tokens=0),
                    prompts)
     eng = engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024)
-    assert rounds(eng, prompts) == eager
+    calls, real = [0], cudnn_prefill._attend
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+    cudnn_prefill._attend = counted
+    try:
+        got = rounds(eng, prompts)
+    finally:
+        cudnn_prefill._attend = real
+    assert got == eager
     pg = eng.runner.prefill_graphs
-    assert pg.disabled is None and 1024 in pg.graphs
+    assert pg.disabled is None and pg.replays > 0
+    if cudnn_prefill.cudnn_usable(torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16)):
+        assert calls[0] > 0  # cuDNN ran between the graphs
 
 
 @pytest.fixture(scope="module")
