@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -213,15 +214,20 @@ class CpuTier:
     def verify_entries(self, entries: list[Entry]) -> list[bool]:
         """Checksums of pages in place in the slab, spread over the reader threads (xxh3 releases the
         GIL); one bool per entry."""
+        return self.start_verify(entries)()
+
+    def start_verify(self, entries: list[Entry]) -> Callable[[], list[bool]]:
+        """verify_entries started on the reader threads; the returned call waits for its answer (the
+        caller does its own work meanwhile). The slots must not change until then."""
         slab = self.slab_np
 
         def check(part: list[Entry]) -> list[bool]:
             return [checksum(slab[e.slot:e.slot + e.nbytes]) == e.checksum for e in part]
         if len(entries) <= 1 or self._readers is None:
-            return check(entries)
+            return lambda: check(entries)
         step = -(-len(entries) // self._readers._max_workers)  # one task per thread, not per page
-        parts = self._readers.map(check, [entries[i:i + step] for i in range(0, len(entries), step)])
-        return [ok for part in parts for ok in part]
+        futs = [self._readers.submit(check, entries[i:i + step]) for i in range(0, len(entries), step)]
+        return lambda: [ok for f in futs for ok in f.result()]
 
     def touch_many(self, hashes: list[bytes]) -> None:
         """touch each, in order (the last becomes the most recent)."""
@@ -267,6 +273,9 @@ class NullTier:
 
     def verify_entries(self, entries) -> list[bool]:
         return [False] * len(entries)  # holds nothing, so verifies nothing (a CUDA get asks with [])
+
+    def start_verify(self, entries):
+        return lambda: self.verify_entries(entries)
 
     def touch_many(self, hashes) -> None:
         pass
