@@ -41,6 +41,8 @@ for part in "$@"; do
         python3 benchmarks/bench_prefill_shapes.py --model-dir "$ckpt" --kernels cudnn ;;
     load-path) step load-path 120 python3 benchmarks/probe_load_path.py ;;
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
+    profile-hit) step profile-hit 150 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
+        --cases hit,prefill --prompt-len 8192 32768 --top 12 ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
     engine) step engine 240 python3 benchmarks/bench_engine.py --device cuda --model-dir "$ckpt" ;;

@@ -78,18 +78,43 @@ def main():
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--decode", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--cases", default="prefill,decode,hf",
+                    help="prefill (chunked and one chunk), hit (device-pool hit of the longest prompt "
+                         "+ --hit-new tokens, and those tokens alone), decode, hf (transformers)")
+    ap.add_argument("--hit-new", type=int, default=64)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
-    path, ours = cuda_engine(a.model_dir, a.layers, a.chunk, max(a.prompt_len), max(a.decode or [1]))
-    for L in a.prompt_len:
+    cases = set(a.cases.split(","))
+    path, ours = cuda_engine(a.model_dir, a.layers, a.chunk, max(a.prompt_len) + a.hit_new, max(a.decode or [1]))
+    if "hit" in cases:
+        ours.mode(chunk=a.chunk)
+        L = max(a.prompt_len)
+        base = prompts(1, L, ours.vocab, 7)[0]
+        ours._run([base], 1)  # now in the device pool
+        for r in range(3):
+            suffix, other = prompts(2, a.hit_new, ours.vocab, 1000 + r)
+
+            def hit(p=base + suffix):
+                _, _, got = ours._run([p], 1)
+                assert got >= L, f"expected a device hit of {L} tokens, got {got}"
+
+            def alone(p=other):
+                ours._run([p], 1)
+            if r < 2:
+                hit(), alone()  # warm-up: graphs, plans
+            else:
+                kernel_table(hit, f"kvc device hit, {L} cached + {a.hit_new} new", a.top)
+                kernel_table(alone, f"kvc {a.hit_new} new tokens alone", a.top)
+        ours.eng.kv.blocks.reset_cache()
+    for L in a.prompt_len if "prefill" in cases else []:
         for chunk, label in ((a.chunk, f"kvc {L} tokens, chunk {a.chunk}"), (L, f"kvc {L} tokens, one chunk")):
             ours.mode(chunk=chunk)
             run = ours.prefill(L, seed=L)
             run(), run()  # warm-up (autotune, allocator)
             kernel_table(run, label, a.top)
     ours.mode(chunk=a.chunk)
-    for c in a.decode:
+    for c in a.decode if "decode" in cases else []:
         ps = prompts(c, 32, ours.vocab, 5)
         ours._run(ps, 8)
         ours.eng.kv.blocks.reset_cache()
@@ -100,7 +125,7 @@ def main():
         kernel_table(dec, f"kvc decode, {c} requests x 16 steps after a 32-token prefill (graphs)", a.top)
     del ours
     torch.cuda.empty_cache()
-    if not a.no_hf:
+    if not a.no_hf and "hf" in cases:
         hf = HF(str(path), argparse.Namespace(dtype="bfloat16", device="cuda"))
         for L in a.prompt_len:
             run = hf.prefill(L, seed=L)
