@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import hashing
+from . import hashing, pagecopy
 from .admission import Admission
 from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
@@ -38,7 +38,7 @@ from .cpu_tier import CpuTier, Entry, NullTier
 from .disk_tier import DiskTier
 from .hashing import DIGEST_BYTES, Namespace
 from .metrics import KvcMetrics
-from .record import Page, RecordInfo, checksum, encode_header, torch_dtype
+from .record import Page, RecordInfo, encode_header, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
@@ -57,7 +57,10 @@ def hash_of(k: bytes) -> bytes:
 
 
 class TieredStore:
-    def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None):
+    def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None,
+                 sum_copy: pagecopy.SumCopy | None = None):
+        """sum_copy: how a put computes checksums and fills cpu slots (kvc.pagecopy); default the
+        native batch where it builds, else the per-page path."""
         self.config = config
         self.metrics = metrics or KvcMetrics()
         self._lock = threading.RLock()
@@ -86,6 +89,9 @@ class TieredStore:
         self._listeners: list[Listener] = []
         for tier in (self.cpu, self.disk):
             self.metrics.capacity.labels(tier=tier.name).set(tier.capacity)
+        # a put's checksums and slab copies: one native call per batch where it builds
+        self._sum_copy = sum_copy or pagecopy.best()
+        self._slab = self.cpu.slab_np if isinstance(self.cpu, CpuTier) else None
         # the children counted once per page on the put path, looked up once
         self._m_cpu_stored = self.metrics.store_bytes.labels(tier="cpu")
         self._m_cpu_evicted = self.metrics.evictions.labels(tier="cpu", reason="capacity")
@@ -358,10 +364,15 @@ class TieredStore:
 
     # -- put -----------------------------------------------------------------------------------
     def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
+        """Store pages (each hanging from the namespace's root, a held page or an earlier page of
+        the call). Every page is checked first. Then, under the store lock: each page is decided (a
+        duplicate, a collision, a bad parent) and its cpu slot reserved; one call computes every
+        checksum and fills every slot (with the native path a single GIL hand-off for the batch,
+        kvc.pagecopy); then the entries are published and pages sent down. No reader sees an entry
+        before its bytes are in the slab (the entries are published under the lock, after the copy)."""
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
-        payloads, sums = [], []  # flat payloads and their checksums, computed before the lock
         for i, p in enumerate(pages):  # check everything first, then commit
             try:
                 p.check(spec)
@@ -370,22 +381,21 @@ class TieredStore:
                 raise ValueError(f"page {i}: {e}") from None
             if hashing.chain_hash(p.parent, packed[-1]) != p.hash:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
-            payloads.append(p.payload())
-            sums.append(checksum(payloads[-1]))
+        nbytes = spec.page_bytes
         stored = dup = rejected = 0
         reasons = []
-        placed = {root}  # parents a page of this call may hang from besides held pages
+        bad_parent = "parent of page {} is not a page of this namespace"
         with self._lock:
-            for p, toks, payload, csum in zip(pages, packed, payloads, sums):
+            placed = {root}  # parents a page of this call may hang from besides held pages
+            todo: list[tuple[Page, bytes, Entry, int | None]] = []  # page, key, entry, reserved slot
+            planned: dict[bytes, Entry] = {}
+            for p, toks in zip(pages, packed):
                 k = key(root, p.hash)
-                if (p.parent not in placed and isinstance(self.cluster, NullCluster)
-                        and not (self.cpu.get(key(root, p.parent)) or self.disk.get(key(root, p.parent)))):
-                    # a page hangs from its namespace's root or from its own pages (the cluster's keys
-                    # carry the namespace, and a parent may live there only)
+                if not self._parent_ok(root, p.parent, placed):
                     rejected += 1
-                    reasons.append(f"parent of page {p.hash.hex()} is not a page of this namespace")
+                    reasons.append(bad_parent.format(p.hash.hex()))
                     continue
-                held = self.cpu.get(k) or self.disk.get(k) or (
+                held = planned.get(k) or self.cpu.get(k) or self.disk.get(k) or (
                     self._cluster_held(root, p.hash) if not isinstance(self.cpu, CpuTier) else None)
                 if held is not None:
                     if held.parent == p.parent and held.tokens == toks:
@@ -396,16 +406,31 @@ class TieredStore:
                     rejected += 1
                     reasons.append(f"hash collision on {p.hash.hex()}")
                     continue
-                e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, csum)
-                ok = self._put_cpu(k, e, payload)
+                e = planned[k] = Entry(root, p.parent, toks, spec.dtype, spec.shape, nbytes, 0)  # checksum below
+                todo.append((p, k, e, self._reserve_cpu(k, nbytes)))
+                placed.add(p.hash)  # for now: a page that lands nowhere is taken out below
+            # the checksums (from the source bytes) and the copies into the reserved slots
+            sums = self._sum_copy([t[0].data for t in todo], [t[3] for t in todo], self._slab) if todo else []
+            placed -= {t[0].hash for t in todo}
+            for (p, k, e, off), csum in zip(todo, sums):
+                e.checksum = csum
+                if not self._parent_ok(root, p.parent, placed):  # its parent of this call landed nowhere
+                    if off is not None:
+                        self.cpu.cancel(off, nbytes)
+                    rejected += 1
+                    reasons.append(bad_parent.format(p.hash.hex()))
+                    continue
+                ok = off is not None
+                if ok:
+                    self._cpu_stored(k, e, off)
                 # without a cpu tier nothing counts uses: pages go down at once
                 down = not ok or self.admission.on_put(k)
                 if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
                              or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
-                    ok = self._put_disk(k, e, payload) or ok
+                    ok = self._put_disk(k, e, self.cpu.view(k) if ok else p.payload()) or ok
                 if down and not isinstance(self.cluster, NullCluster):
                     # from the cpu tier, read by the writer thread; without one, the record itself
-                    rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, payload)
+                    rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, p.payload())
                     ok = self.cluster.offer(root, p.hash, rec) or ok
                 if ok:
                     stored += 1
@@ -421,6 +446,12 @@ class TieredStore:
         self.metrics.store_pages.labels(tier="any", result="duplicate").inc(dup)
         self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
         return PutResult(stored, dup, rejected, tuple(reasons))
+
+    def _parent_ok(self, root: bytes, parent: bytes, placed: set[bytes]) -> bool:
+        """A page hangs from its namespace's root or from its own pages (the cluster's keys carry
+        the namespace, and a parent may live there only)."""
+        return (parent in placed or not isinstance(self.cluster, NullCluster)
+                or bool(self.cpu.get(key(root, parent)) or self.disk.get(key(root, parent))))
 
     def _cluster_held(self, root: bytes, h: bytes) -> Entry | None:
         held = self.cluster.holds(h)
@@ -443,19 +474,30 @@ class TieredStore:
                 k = key(root, e.parent)
 
     def _put_cpu(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
-        if not self.cpu.fits(e.nbytes) or self.cpu.get(k) is not None:
+        off = self._reserve_cpu(k, e.nbytes)
+        if off is None:
             return False
-        victims = self.cpu.victims_for(e.nbytes, self._pinned)
+        self.cpu.slab_np[off:off + e.nbytes] = payload
+        self._cpu_stored(k, e, off)
+        return True
+
+    def _reserve_cpu(self, k: bytes, nbytes: int) -> int | None:
+        """A cpu slot for a page of nbytes (LRU pages demoted to make room); None if none can be had."""
+        if not self.cpu.fits(nbytes) or self.cpu.get(k) is not None:
+            return None
+        victims = self.cpu.victims_for(nbytes, self._pinned)
         if victims is None:
-            return False
-        if victims and self.cpu.used + e.nbytes > self.config.high_watermark * self.cpu.capacity:
-            victims = self._cpu_batch(e.nbytes, victims)
+            return None
+        if victims and self.cpu.used + nbytes > self.config.high_watermark * self.cpu.capacity:
+            victims = self._cpu_batch(nbytes, victims)
         self._demote(victims)
-        if not self.cpu.put(k, e, payload):
-            return False
+        return self.cpu.reserve(nbytes)
+
+    def _cpu_stored(self, k: bytes, e: Entry, off: int) -> None:
+        """Publish a reserved slot whose bytes are in place."""
+        self.cpu.commit(k, e, off)
         self._m_cpu_stored.inc(e.nbytes)
         self._emit("stored", e.ns_root, hash_of(k), e.parent, "cpu")
-        return True
 
     def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
         """Extend a victim set of the same size class down to the low watermark."""
