@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,6 +46,7 @@ GB = 1 << 30
 MAX_LEASES = 1 << 16  # live leases per owner (tenant): each costs the service memory
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
 def key(root: bytes, h: bytes) -> bytes:
@@ -54,6 +56,19 @@ def key(root: bytes, h: bytes) -> bytes:
 
 def hash_of(k: bytes) -> bytes:
     return k[DIGEST_BYTES:]
+
+
+@dataclass
+class _Tally:
+    """What a put_pages call did, page by page."""
+    stored: int = 0
+    dup: int = 0
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reasons.append(reason)
 
 
 class TieredStore:
@@ -363,11 +378,12 @@ class TieredStore:
     # -- put -----------------------------------------------------------------------------------
     def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
         """Store pages (each hanging from the namespace's root, a held page or an earlier page of
-        the call). Every page is checked first. Then, under the store lock: each page is decided (a
-        duplicate, a collision, a bad parent) and its cpu slot reserved; one call computes every
-        checksum and fills every slot (with the native path a single GIL hand-off for the batch,
-        kvc.pagecopy); then the entries are published and pages sent down. No reader sees an entry
-        before its bytes are in the slab (the entries are published under the lock, after the copy)."""
+        the call). Every page is checked first. Under the store lock each page is decided (a
+        duplicate, a collision, a bad parent) and its cpu slot reserved; then, outside the lock, one
+        call computes every checksum and fills every slot (with the native path a single GIL
+        hand-off for the batch, kvc.pagecopy); then, under the lock again, the entries are published
+        and pages sent down. No reader sees an entry before its bytes are in the slab, and no load
+        waits for the lock while this call waits to get the GIL back."""
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
@@ -379,71 +395,88 @@ class TieredStore:
                 raise ValueError(f"page {i}: {e}") from None
             if hashing.chain_hash(p.parent, packed[-1]) != p.hash:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
-        nbytes = spec.page_bytes
-        stored = dup = rejected = 0
-        reasons = []
-        bad_parent = "parent of page {} is not a page of this namespace"
+        tally = _Tally()
         with self._lock:
-            placed = {root}  # parents a page of this call may hang from besides held pages
-            todo: list[tuple[Page, bytes, Entry, int | None]] = []  # page, key, entry, reserved slot
-            planned: dict[bytes, Entry] = {}
-            for p, toks in zip(pages, packed):
-                k = key(root, p.hash)
-                if not self._parent_ok(root, p.parent, placed):
-                    rejected += 1
-                    reasons.append(bad_parent.format(p.hash.hex()))
-                    continue
-                held = planned.get(k) or self.cpu.get(k) or self.disk.get(k) or (
-                    self._cluster_held(root, p.hash) if not isinstance(self.cpu, CpuTier) else None)
-                if held is not None:
-                    if held.parent == p.parent and held.tokens == toks:
-                        dup += 1
-                        placed.add(p.hash)
-                        continue
-                    self.metrics.collisions.inc()
-                    rejected += 1
-                    reasons.append(f"hash collision on {p.hash.hex()}")
-                    continue
-                e = planned[k] = Entry(root, p.parent, toks, spec.dtype, spec.shape, nbytes, 0)  # checksum below
-                todo.append((p, k, e, self._reserve_cpu(k, nbytes)))
-                placed.add(p.hash)  # for now: a page that lands nowhere is taken out below
-            # the checksums (from the source bytes) and the copies into the reserved slots
-            sums = self._sum_copy([t[0].data for t in todo], [t[3] for t in todo], self._slab) if todo else []
-            placed -= {t[0].hash for t in todo}
-            for (p, k, e, off), csum in zip(todo, sums):
-                e.checksum = csum
-                if not self._parent_ok(root, p.parent, placed):  # its parent of this call landed nowhere
-                    if off is not None:
-                        self.cpu.cancel(off, nbytes)
-                    rejected += 1
-                    reasons.append(bad_parent.format(p.hash.hex()))
-                    continue
-                ok = off is not None
-                if ok:
-                    self._cpu_stored(k, e, off)
-                # without a cpu tier nothing counts uses: pages go down at once
-                down = not ok or self.admission.on_put(k)
-                if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
-                             or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
-                    ok = self._put_disk(k, e, self.cpu.view(k) if ok else p.payload()) or ok
-                if down and not isinstance(self.cluster, NullCluster):
-                    # from the cpu tier, read by the writer thread; without one, the record itself
-                    rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, p.payload())
-                    ok = self.cluster.offer(root, p.hash, rec) or ok
-                if ok:
-                    stored += 1
-                    placed.add(p.hash)
-                else:
-                    rejected += 1
-                    reasons.append(f"no room for page {p.hash.hex()}")
+            todo, placed = self._plan_puts(ns, pages, packed, tally)
+        # the checksums (from the source bytes) and the copies into the reserved slots: no entry
+        # points at those slots, and a demoted page's record was copied out of its slot already
+        sums = self._sum_copy([t[0].data for t in todo], [t[3] for t in todo], self._slab) if todo else []
+        with self._lock:
+            self._publish_puts(root, todo, sums, placed, tally)
             if not chain_continues:  # one walk per offer: a walk costs the chain's depth, and an
                 self._touch_chains(root, pages)  # offer cut in calls of 4 pages walked a 32K chain 512 times
             self._evict_disk()
             self._update_gauges()
-        self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)
-        self.metrics.store_pages.labels(tier="any", result="duplicate").inc(dup)
-        self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
-        return PutResult(stored, dup, rejected, tuple(reasons))
+        self.metrics.store_pages.labels(tier="any", result="stored").inc(tally.stored)
+        self.metrics.store_pages.labels(tier="any", result="duplicate").inc(tally.dup)
+        self.metrics.store_pages.labels(tier="any", result="rejected").inc(tally.rejected)
+        return PutResult(tally.stored, tally.dup, tally.rejected, tuple(tally.reasons))
+
+    def _held_as(self, p: Page, toks: bytes, held, placed: set[bytes], tally: "_Tally") -> bool:
+        """Count a page some tier (or this call) holds already: a duplicate, or a collision; False if not held."""
+        if held is None:
+            return False
+        if held.parent == p.parent and held.tokens == toks:
+            tally.dup += 1
+            placed.add(p.hash)
+        else:
+            self.metrics.collisions.inc()
+            tally.reject(f"hash collision on {p.hash.hex()}")
+        return True
+
+    def _plan_puts(self, ns: Namespace, pages: Sequence[Page], packed: list[bytes], tally: "_Tally"):
+        """(todo, placed) under the lock: the pages to store as (page, key, entry, reserved cpu slot
+        or None), and the hashes a later page of the call may hang from."""
+        root, spec = ns.root, ns.spec
+        placed = {root}  # parents a page of this call may hang from besides held pages
+        todo: list[tuple[Page, bytes, Entry, int | None]] = []
+        planned: dict[bytes, Entry] = {}
+        for p, toks in zip(pages, packed):
+            k = key(root, p.hash)
+            if not self._parent_ok(root, p.parent, placed):
+                tally.reject(BAD_PARENT.format(p.hash.hex()))
+                continue
+            held = planned.get(k) or self.cpu.get(k) or self.disk.get(k) or (
+                self._cluster_held(root, p.hash) if not isinstance(self.cpu, CpuTier) else None)
+            if self._held_as(p, toks, held, placed, tally):
+                continue
+            e = planned[k] = Entry(root, p.parent, toks, spec.dtype, spec.shape, spec.page_bytes, 0)  # checksum later
+            todo.append((p, k, e, self._reserve_cpu(k, spec.page_bytes)))
+            placed.add(p.hash)  # for now: a page that lands nowhere is taken out when published
+        placed -= {t[0].hash for t in todo}
+        return todo, placed
+
+    def _publish_puts(self, root: bytes, todo: list, sums: list[int], placed: set[bytes], tally: "_Tally") -> None:
+        """Under the lock, after the copies: commit the reserved slots, send pages down, count."""
+        pending = {t[0].hash for t in todo}
+        for (p, k, e, off), csum in zip(todo, sums):
+            e.checksum = csum
+            if p.parent in pending and p.parent not in placed:  # its parent of this call landed nowhere
+                if off is not None:
+                    self.cpu.cancel(off, e.nbytes)
+                tally.reject(BAD_PARENT.format(p.hash.hex()))
+                continue
+            if self._held_as(p, e.tokens, self.cpu.get(k) or self.disk.get(k), placed, tally):
+                if off is not None:  # a put on another thread stored it meanwhile
+                    self.cpu.cancel(off, e.nbytes)
+                continue
+            ok = off is not None
+            if ok:
+                self._cpu_stored(k, e, off)
+            # without a cpu tier nothing counts uses: pages go down at once
+            down = not ok or self.admission.on_put(k)
+            if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
+                         or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
+                ok = self._put_disk(k, e, self.cpu.view(k) if ok else p.payload()) or ok
+            if down and not isinstance(self.cluster, NullCluster):
+                # from the cpu tier, read by the writer thread; without one, the record itself
+                rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, p.payload())
+                ok = self.cluster.offer(root, p.hash, rec) or ok
+            if ok:
+                tally.stored += 1
+                placed.add(p.hash)
+            else:
+                tally.reject(f"no room for page {p.hash.hex()}")
 
     def _parent_ok(self, root: bytes, parent: bytes, placed: set[bytes]) -> bool:
         """A page hangs from its namespace's root or from its own pages (the cluster's keys carry

@@ -1,6 +1,7 @@
 """The put path's checksums and slab copies in one native call (kvc.pagecopy) against the per-page path."""
 import logging
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -104,12 +105,16 @@ def test_write_through_records_carry_the_same_checksum(tmp_path, path):
         assert len(got) == len(pages) and all(torch.equal(g.data, p.data) for g, p in zip(got, pages))
 
 
-def test_entries_are_published_only_after_their_bytes_are_in_the_slab(tmp_path, monkeypatch):
-    """The copy runs with every slot reserved and no entry published: neither a lookup nor the tier's
-    index sees the pages of the call until their bytes are in place."""
+def test_the_copy_runs_outside_the_lock_and_entries_are_published_after_their_bytes(tmp_path):
+    """The copy runs with every slot reserved, no entry published and the store lock free (a load
+    never waits for a put to get the GIL back): neither a lookup nor the tier's index sees the
+    pages of the call until their bytes are in place."""
     seen = []
 
     def spy(datas, offsets, slab):
+        free = threading.Thread(target=lambda: seen.append(s._lock.acquire(blocking=False) and s._lock.release() is None))
+        free.start()
+        free.join()
         seen.append((s.lookup(NS, hashes=hashes).num_pages, sum(key(NS.root, h) in s.cpu.entries for h in hashes),
                      s.cpu.used))
         return (pagecopy.library() or pagecopy.sum_copy_python)(datas, offsets, slab)
@@ -117,8 +122,28 @@ def test_entries_are_published_only_after_their_bytes_are_in_the_slab(tmp_path, 
     with TieredStore(kvc_config(tmp_path, disk_path=None), sum_copy=spy) as s:
         hashes, pages = make_pages(NS, list(range(16)))
         assert s.put_pages(NS, pages).stored == 4
-        assert seen == [(0, 0, 4 * SPEC.page_bytes)]  # reserved (counted as used), not visible
+        assert seen == [True, (0, 0, 4 * SPEC.page_bytes)]  # lock free; reserved (counted as used), not visible
         assert s.lookup(NS, hashes=hashes).num_pages == 4
+        assert [torch.equal(g.data, p.data) for g, p in zip(s.get_pages(NS, hashes), pages)] == [True] * 4
+
+
+def test_pages_stored_by_another_put_during_the_copy_are_duplicates(tmp_path):
+    """Two puts of the same pages side by side (the cache service's handlers): the one that
+    publishes second counts duplicates and gives its reserved slots back."""
+    inner = []
+
+    def racing(datas, offsets, slab):
+        if not inner:  # the first call's copy: another put of the same pages runs to its end meanwhile
+            inner.append(None)
+            inner.append(s.put_pages(NS, pages))
+        return pagecopy.sum_copy_python(datas, offsets, slab)
+
+    with TieredStore(kvc_config(tmp_path, disk_path=None), sum_copy=racing) as s:
+        hashes, pages = make_pages(NS, list(range(16)))
+        res = s.put_pages(NS, pages)
+        assert inner[1].stored == 4 and (res.stored, res.duplicate, res.rejected) == (0, 4, 0)
+        assert s.cpu.pages == 4 and s.cpu.used == 4 * SPEC.page_bytes
+        assert [torch.equal(g.data, p.data) for g, p in zip(s.get_pages(NS, hashes), pages)] == [True] * 4
 
 
 @pytest.mark.parametrize("path", ["native", "python"])
