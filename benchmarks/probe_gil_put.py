@@ -11,7 +11,7 @@ spinning alone, and the spinner's time lost per page put (a faster put path that
 its whole, shorter, run shows a low rate over a short time: the loss per page is the figure that
 compares).
 
-    python benchmarks/probe_gil_put.py [--pages 1024] [--engine]
+    python benchmarks/probe_gil_put.py [--pages 1024] [--engine] [--calls 4,16]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_put_chain import pages_of  # noqa: E402
+from engine.host_tier import PUT_BATCH, HostTier  # noqa: E402
 from kvc import pagecopy  # noqa: E402
 from kvc.config import load_config  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
@@ -34,19 +35,18 @@ from kvc.record import PageSpec  # noqa: E402
 from kvc.store import TieredStore  # noqa: E402
 
 
-def put_all(store, ns, pages) -> float:
+def put_all(store, ns, pages, call: int = 4) -> float:
     t = time.perf_counter()
     for o in range(0, len(pages), 128):
         offer = pages[o:o + 128]
-        for i in range(0, len(offer), 4):
-            store.put_pages(ns, offer[i:i + 4], chain_continues=i + 4 < len(offer))
+        for i in range(0, len(offer), call):
+            store.put_pages(ns, offer[i:i + call], chain_continues=i + call < len(offer))
     return (time.perf_counter() - t) / len(pages) * 1e6
 
 
 def put_host_tier(store, ns, pages, data) -> float:
     """The engine's put thread: offers of 128 pages as one [n, *page] tensor (a copy of the pages'
-    data, made before the clock starts), put_pages calls of 4 on its own thread; until all are in."""
-    from engine.host_tier import HostTier
+    data, made before the clock starts), put_pages calls of PUT_BATCH on its own thread; until all are in."""
     offers = []
     for o in range(0, len(pages), 128):
         chunk = pages[o:o + 128]
@@ -92,6 +92,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pages", type=int, default=1024)
     ap.add_argument("--engine", action="store_true", help="add a row through the engine's put thread (HostTier)")
+    ap.add_argument("--calls", default="4", help="pages per put_pages call, a comma list: native rows for each")
     a = ap.parse_args()
     spec = PageSpec(12, 4, 128, 16, "bfloat16")
     ns = Namespace("qwen3_moe", spec, "bench")
@@ -102,18 +103,22 @@ def main():
     lib = pagecopy.library()
     if lib is None:
         sys.exit("the native put path does not build here (see the log line above)")
-    rows = [("per page (torch views, xxhash, numpy copy)", pagecopy.sum_copy_python, None),
-            ("native: one C call per put_pages", lib, None)]
+    calls = [int(c) for c in a.calls.split(",")]
+    rows = [(f"per page (torch views, xxhash, numpy copy), calls of {calls[0]}", pagecopy.sum_copy_python,
+             lambda s: put_all(s, ns, pages, calls[0]))]
+    rows += [(f"native: one C call per put_pages, calls of {c}", lib, lambda s, c=c: put_all(s, ns, pages, c))
+             for c in calls]
     if a.engine:
-        rows.append(("native, through the engine's put thread", lib, lambda s: put_host_tier(s, ns, pages, data)))
+        rows.append((f"native, through the engine's put thread (calls of {PUT_BATCH})", lib,
+                     lambda s: put_host_tier(s, ns, pages, data)))
     base = spin_rate(1.0)
-    print(f"{a.pages} pages of {spec.page_bytes >> 10} KiB, put_pages calls of 4, switch interval "
+    print(f"{a.pages} pages of {spec.page_bytes >> 10} KiB in offers of 128, switch interval "
           f"{sys.getswitchinterval() * 1e3:.0f} ms")
     print("| put path | put us/page alone | put us/page beside a spinning thread | spinner's rate vs alone "
           "| spinner's time lost per page (us) |")
     print("|---|---|---|---|---|")
     for name, sum_copy, put in rows:
-        alone, beside, rate = measure(cfg, put or (lambda s: put_all(s, ns, pages)), base, sum_copy)
+        alone, beside, rate = measure(cfg, put, base, sum_copy)
         print(f"| {name} | {alone:.0f} | {beside:.0f} | {rate:.2f} | {beside * (1 - rate):.0f} |")
 
 
