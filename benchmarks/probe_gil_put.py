@@ -11,13 +11,15 @@ spinning alone, and the spinner's time lost per page put (a faster put path that
 its whole, shorter, run shows a low rate over a short time: the loss per page is the figure that
 compares).
 
-    python benchmarks/probe_gil_put.py [--pages 1024] [--engine] [--calls 4,16]
+    python benchmarks/probe_gil_put.py [--pages 1024] [--engine] [--calls 4,32] [--disk]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,6 +43,7 @@ def put_all(store, ns, pages, call: int = 4) -> float:
         offer = pages[o:o + 128]
         for i in range(0, len(offer), call):
             store.put_pages(ns, offer[i:i + call], chain_continues=i + call < len(offer))
+    store.flush()  # with --disk: until the disk writer has committed every record
     return (time.perf_counter() - t) / len(pages) * 1e6
 
 
@@ -58,6 +61,7 @@ def put_host_tier(store, ns, pages, data) -> float:
         for hashes, parents, tokens, d in offers:
             assert host.offer(ns, hashes, parents, tokens, d)
         host.flush()
+        store.flush()
         return (time.perf_counter() - t) / len(pages) * 1e6
     finally:
         host.close()
@@ -71,12 +75,13 @@ def spin_rate(secs: float) -> float:
 
 
 def measure(cfg, put, base: float, sum_copy) -> tuple[float, float, float]:
-    """(put us/page alone, put us/page beside a spinning thread, the spinner's rate vs alone)."""
-    with TieredStore(cfg, sum_copy=sum_copy) as s:
+    """(put us/page alone, put us/page beside a spinning thread, the spinner's rate vs alone);
+    cfg() gives the config of each fresh store."""
+    with TieredStore(cfg(), sum_copy=sum_copy) as s:
         put(s)  # touch the slab once: first-touch page faults are not the point here
-    with TieredStore(cfg, sum_copy=sum_copy) as s:
+    with TieredStore(cfg(), sum_copy=sum_copy) as s:
         alone = put(s)
-    with TieredStore(cfg, sum_copy=sum_copy) as s:
+    with TieredStore(cfg(), sum_copy=sum_copy) as s:
         out = {}
         th = threading.Thread(target=lambda: out.setdefault("us", put(s)))
         t0, n = time.perf_counter(), 0
@@ -93,13 +98,19 @@ def main():
     ap.add_argument("--pages", type=int, default=1024)
     ap.add_argument("--engine", action="store_true", help="add a row through the engine's put thread (HostTier)")
     ap.add_argument("--calls", default="4", help="pages per put_pages call, a comma list: native rows for each")
+    ap.add_argument("--disk", action="store_true",
+                    help="a write-through disk tier too (LMDB in a temp dir); a put lasts until its records are committed")
     a = ap.parse_args()
     spec = PageSpec(12, 4, 128, 16, "bfloat16")
     ns = Namespace("qwen3_moe", spec, "bench")
     data = torch.randn(16, *spec.shape).to(torch.bfloat16)
     pages = pages_of(ns, a.pages, random.Random(0), data)
     gb = a.pages * spec.page_bytes * 1.3 / 1e9 + 0.1
-    cfg = load_config(None).replace(cpu_memory_size_GB=gb, disk_path=None).kvc
+    base_cfg = load_config(None).replace(cpu_memory_size_GB=gb, disk_path=None, disk_write="through",
+                                         disk_size_GB=2 * gb).kvc
+    tmp = tempfile.TemporaryDirectory()
+    cfg = ((lambda: dataclasses.replace(base_cfg, disk_path=tempfile.mkdtemp(dir=tmp.name))) if a.disk
+           else (lambda: base_cfg))
     lib = pagecopy.library()
     if lib is None:
         sys.exit("the native put path does not build here (see the log line above)")
@@ -112,14 +123,15 @@ def main():
         rows.append((f"native, through the engine's put thread (calls of {PUT_BATCH})", lib,
                      lambda s: put_host_tier(s, ns, pages, data)))
     base = spin_rate(1.0)
-    print(f"{a.pages} pages of {spec.page_bytes >> 10} KiB in offers of 128, switch interval "
-          f"{sys.getswitchinterval() * 1e3:.0f} ms")
+    print(f"{a.pages} pages of {spec.page_bytes >> 10} KiB in offers of 128, "
+          f"{'write-through disk, ' if a.disk else ''}switch interval {sys.getswitchinterval() * 1e3:.0f} ms")
     print("| put path | put us/page alone | put us/page beside a spinning thread | spinner's rate vs alone "
           "| spinner's time lost per page (us) |")
     print("|---|---|---|---|---|")
     for name, sum_copy, put in rows:
         alone, beside, rate = measure(cfg, put, base, sum_copy)
         print(f"| {name} | {alone:.0f} | {beside:.0f} | {rate:.2f} | {beside * (1 - rate):.0f} |")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
