@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.host_tier import PUT_BATCH  # noqa: E402
 from kvc.config import load_config  # noqa: E402
 from kvc.hashing import Namespace, page_hashes  # noqa: E402
 from kvc.record import Page, PageSpec  # noqa: E402
@@ -52,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,8192,32768", help="prompt lengths in tokens")
     ap.add_argument("--offer", type=int, default=128, help="pages per offer (a 2048-token chunk of 16-token pages)")
-    ap.add_argument("--call", type=int, default=4, help="pages per put_pages call")
+    ap.add_argument("--call", type=int, default=PUT_BATCH, help="pages per put_pages call (default: the engine's)")
     ap.add_argument("--layers", type=int, default=12)
     a = ap.parse_args()
     spec = PageSpec(a.layers, 4, 128, 16, "bfloat16")  # Qwen3-30B-A3B's KV heads and head_dim

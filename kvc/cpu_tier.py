@@ -178,14 +178,31 @@ class CpuTier:
     def put(self, h: bytes, entry: Entry, payload: np.ndarray) -> bool:
         """Copy a payload (flat uint8) into a free slot; False when no slot is free."""
         assert payload.nbytes == entry.nbytes, "payload size does not match its entry"
-        off = self._alloc(entry.nbytes)
+        off = self.reserve(entry.nbytes)
         if off is None:
             return False
         self.slab_np[off:off + entry.nbytes] = payload  # numpy copy: see read_into
+        self.commit(h, entry, off)
+        return True
+
+    def reserve(self, nbytes: int) -> int | None:
+        """A free slot for a page of nbytes (its offset in the slab), counted as used but in no
+        entry: nobody reads it until commit; None when no slot is free. A batch of puts reserves
+        every slot first, fills them all in one native call, then commits."""
+        off = self._alloc(nbytes)
+        if off is not None:
+            self.used += nbytes
+        return off
+
+    def commit(self, h: bytes, entry: Entry, off: int) -> None:
+        """Publish a reserved slot whose bytes are in place."""
         entry.slot = off
         self.entries[h] = entry
-        self.used += entry.nbytes
-        return True
+
+    def cancel(self, off: int, nbytes: int) -> None:
+        """Give back a reserved slot that will not be committed."""
+        self._release(off, nbytes)
+        self.used -= nbytes
 
     def view(self, h: bytes) -> np.ndarray:
         e = self.entries[h]

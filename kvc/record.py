@@ -83,15 +83,21 @@ def checksum(payload) -> int:
 
 
 def encode_header(ns_root: bytes, page: Page, payload: np.ndarray, csum: int | None = None) -> bytes:
-    dt = dtype_name(page.data.dtype).encode()
-    shape = tuple(page.data.shape)
-    tokens = as_tokens(page.tokens).astype("<u4")
     if csum is None:
         csum = checksum(payload)
-    head = _FIXED.pack(MAGIC, VERSION, ns_root, page.hash, page.parent, csum, len(tokens))
+    return pack_header(ns_root, page.hash, page.parent, csum, as_tokens(page.tokens).astype("<u4").tobytes(),
+                       dtype_name(page.data.dtype), tuple(page.data.shape), payload.nbytes)
+
+
+def pack_header(ns_root: bytes, h: bytes, parent: bytes, csum: int, tokens: bytes, dtype: str,
+                shape: tuple[int, ...], payload_len: int) -> bytes:
+    """A record's header and token ids (tokens: little-endian uint32 bytes), from plain values: no
+    tensor is made (torch's view ops hand the GIL over, which a put path beside a busy thread avoids)."""
+    dt = dtype.encode()
+    head = _FIXED.pack(MAGIC, VERSION, ns_root, h, parent, csum, len(tokens) // 4)
     head += struct.pack("<B", len(dt)) + dt + struct.pack("<B", len(shape))
-    head += struct.pack(f"<{len(shape)}I", *shape) + struct.pack("<Q", payload.nbytes)
-    return head + tokens.tobytes()
+    head += struct.pack(f"<{len(shape)}I", *shape) + struct.pack("<Q", payload_len)
+    return head + tokens
 
 
 def encode(ns_root: bytes, page: Page) -> bytes:

@@ -24,12 +24,13 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import hashing
+from . import hashing, pagecopy
 from .admission import Admission
 from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
@@ -38,13 +39,14 @@ from .cpu_tier import CpuTier, Entry, NullTier
 from .disk_tier import DiskTier
 from .hashing import DIGEST_BYTES, Namespace
 from .metrics import KvcMetrics
-from .record import Page, RecordInfo, checksum, encode_header, torch_dtype
+from .record import Page, RecordInfo, pack_header, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
 MAX_LEASES = 1 << 16  # live leases per owner (tenant): each costs the service memory
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
 def key(root: bytes, h: bytes) -> bytes:
@@ -56,8 +58,24 @@ def hash_of(k: bytes) -> bytes:
     return k[DIGEST_BYTES:]
 
 
+@dataclass
+class _Tally:
+    """What a put_pages call did, page by page."""
+    stored: int = 0
+    dup: int = 0
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reasons.append(reason)
+
+
 class TieredStore:
-    def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None):
+    def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None,
+                 sum_copy: pagecopy.SumCopy | None = None):
+        """sum_copy: how a put computes checksums and fills cpu slots (kvc.pagecopy); default the
+        native batch where it builds, else the per-page path."""
         self.config = config
         self.metrics = metrics or KvcMetrics()
         self._lock = threading.RLock()
@@ -86,6 +104,9 @@ class TieredStore:
         self._listeners: list[Listener] = []
         for tier in (self.cpu, self.disk):
             self.metrics.capacity.labels(tier=tier.name).set(tier.capacity)
+        # a put's checksums and slab copies: one native call per batch where it builds
+        self._sum_copy = sum_copy or pagecopy.best()
+        self._slab = self.cpu.slab_np if isinstance(self.cpu, CpuTier) else None
         # the children counted once per page on the put path, looked up once
         self._m_cpu_stored = self.metrics.store_bytes.labels(tier="cpu")
         self._m_cpu_evicted = self.metrics.evictions.labels(tier="cpu", reason="capacity")
@@ -278,16 +299,14 @@ class TieredStore:
     def _record(h: bytes, e: Entry, payload: np.ndarray) -> memoryview:
         """The page's record (header + payload) in a fresh buffer, for the disk and cluster writers.
 
-        One numpy copy: numpy releases the GIL for it, and the first touch of a fresh buffer of
-        some 100 KiB (page faults) is most of a copy's cost, so the engine's thread is not held
-        up while a put or a demotion builds records (bytes.join holds the GIL throughout)."""
-        page = Page(h, e.parent, np.frombuffer(e.tokens, dtype="<u4"),
-                    torch.from_numpy(payload).view(torch_dtype(e.dtype)).reshape(e.shape))
-        head = encode_header(e.ns_root, page, payload, e.checksum)
-        record = np.empty(len(head) + payload.nbytes, dtype=np.uint8)
-        record[:len(head)] = np.frombuffer(head, dtype=np.uint8)
-        record[len(head):] = payload
-        return memoryview(record)
+        One copy that keeps the GIL (a memoryview assignment, ~10 us for 384 KiB): beside a thread
+        that always wants the GIL, a copy that hands it over (numpy's) costs the caller that
+        thread's switch interval, 5 ms, to get it back, for every record of a put or demotion."""
+        head = pack_header(e.ns_root, h, e.parent, e.checksum, e.tokens, e.dtype, e.shape, payload.nbytes)
+        record = memoryview(np.empty(len(head) + payload.nbytes, dtype=np.uint8))
+        record[:len(head)] = head
+        record[len(head):] = payload.data
+        return record
 
     def _hit(self, k: bytes) -> None:
         """A cpu page was served; the use that admits it sends it down (write-through disk, cluster)."""
@@ -360,10 +379,16 @@ class TieredStore:
 
     # -- put -----------------------------------------------------------------------------------
     def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
+        """Store pages (each hanging from the namespace's root, a held page or an earlier page of
+        the call). Every page is checked first. Under the store lock each page is decided (a
+        duplicate, a collision, a bad parent) and its cpu slot reserved; then, outside the lock, one
+        call computes every checksum and fills every slot (with the native path a single GIL
+        hand-off for the batch, kvc.pagecopy); then, under the lock again, the entries are published
+        and pages sent down. No reader sees an entry before its bytes are in the slab, and no load
+        waits for the lock while this call waits to get the GIL back."""
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
-        payloads, sums = [], []  # flat payloads and their checksums, computed before the lock
         for i, p in enumerate(pages):  # check everything first, then commit
             try:
                 p.check(spec)
@@ -372,57 +397,94 @@ class TieredStore:
                 raise ValueError(f"page {i}: {e}") from None
             if hashing.chain_hash(p.parent, packed[-1]) != p.hash:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
-            payloads.append(p.payload())
-            sums.append(checksum(payloads[-1]))
-        stored = dup = rejected = 0
-        reasons = []
-        placed = {root}  # parents a page of this call may hang from besides held pages
+        tally = _Tally()
         with self._lock:
-            for p, toks, payload, csum in zip(pages, packed, payloads, sums):
-                k = key(root, p.hash)
-                if (p.parent not in placed and isinstance(self.cluster, NullCluster)
-                        and not (self.cpu.get(key(root, p.parent)) or self.disk.get(key(root, p.parent)))):
-                    # a page hangs from its namespace's root or from its own pages (the cluster's keys
-                    # carry the namespace, and a parent may live there only)
-                    rejected += 1
-                    reasons.append(f"parent of page {p.hash.hex()} is not a page of this namespace")
-                    continue
-                held = self.cpu.get(k) or self.disk.get(k) or (
-                    self._cluster_held(root, p.hash) if not isinstance(self.cpu, CpuTier) else None)
-                if held is not None:
-                    if held.parent == p.parent and held.tokens == toks:
-                        dup += 1
-                        placed.add(p.hash)
-                        continue
-                    self.metrics.collisions.inc()
-                    rejected += 1
-                    reasons.append(f"hash collision on {p.hash.hex()}")
-                    continue
-                e = Entry(root, p.parent, toks, spec.dtype, spec.shape, payload.nbytes, csum)
-                ok = self._put_cpu(k, e, payload)
-                # without a cpu tier nothing counts uses: pages go down at once
-                down = not ok or self.admission.on_put(k)
-                if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
-                             or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
-                    ok = self._put_disk(k, e, payload) or ok
-                if down and not isinstance(self.cluster, NullCluster):
-                    # from the cpu tier, read by the writer thread; without one, the record itself
-                    rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, payload)
-                    ok = self.cluster.offer(root, p.hash, rec) or ok
-                if ok:
-                    stored += 1
-                    placed.add(p.hash)
-                else:
-                    rejected += 1
-                    reasons.append(f"no room for page {p.hash.hex()}")
+            todo, placed = self._plan_puts(ns, pages, packed, tally)
+        # the checksums (from the source bytes) and the copies into the reserved slots: no entry
+        # points at those slots, and a demoted page's record was copied out of its slot already
+        sums = self._sum_copy([t[0].data for t in todo], [t[3] for t in todo], self._slab) if todo else []
+        with self._lock:
+            self._publish_puts(root, todo, sums, placed, tally)
             if not chain_continues:  # one walk per offer: a walk costs the chain's depth, and an
                 self._touch_chains(root, pages)  # offer cut in calls of 4 pages walked a 32K chain 512 times
             self._evict_disk()
             self._update_gauges()
-        self.metrics.store_pages.labels(tier="any", result="stored").inc(stored)
-        self.metrics.store_pages.labels(tier="any", result="duplicate").inc(dup)
-        self.metrics.store_pages.labels(tier="any", result="rejected").inc(rejected)
-        return PutResult(stored, dup, rejected, tuple(reasons))
+        self.metrics.store_pages.labels(tier="any", result="stored").inc(tally.stored)
+        self.metrics.store_pages.labels(tier="any", result="duplicate").inc(tally.dup)
+        self.metrics.store_pages.labels(tier="any", result="rejected").inc(tally.rejected)
+        return PutResult(tally.stored, tally.dup, tally.rejected, tuple(tally.reasons))
+
+    def _held_as(self, p: Page, toks: bytes, held, placed: set[bytes], tally: "_Tally") -> bool:
+        """Count a page some tier (or this call) holds already: a duplicate, or a collision; False if not held."""
+        if held is None:
+            return False
+        if held.parent == p.parent and held.tokens == toks:
+            tally.dup += 1
+            placed.add(p.hash)
+        else:
+            self.metrics.collisions.inc()
+            tally.reject(f"hash collision on {p.hash.hex()}")
+        return True
+
+    def _plan_puts(self, ns: Namespace, pages: Sequence[Page], packed: list[bytes], tally: "_Tally"):
+        """(todo, placed) under the lock: the pages to store as (page, key, entry, reserved cpu slot
+        or None), and the hashes a later page of the call may hang from."""
+        root, spec = ns.root, ns.spec
+        placed = {root}  # parents a page of this call may hang from besides held pages
+        todo: list[tuple[Page, bytes, Entry, int | None]] = []
+        planned: dict[bytes, Entry] = {}
+        for p, toks in zip(pages, packed):
+            k = key(root, p.hash)
+            if not self._parent_ok(root, p.parent, placed):
+                tally.reject(BAD_PARENT.format(p.hash.hex()))
+                continue
+            held = planned.get(k) or self.cpu.get(k) or self.disk.get(k) or (
+                self._cluster_held(root, p.hash) if not isinstance(self.cpu, CpuTier) else None)
+            if self._held_as(p, toks, held, placed, tally):
+                continue
+            e = planned[k] = Entry(root, p.parent, toks, spec.dtype, spec.shape, spec.page_bytes, 0)  # checksum later
+            todo.append((p, k, e, self._reserve_cpu(k, spec.page_bytes)))
+            placed.add(p.hash)  # for now: a page that lands nowhere is taken out when published
+        placed -= {t[0].hash for t in todo}
+        return todo, placed
+
+    def _publish_puts(self, root: bytes, todo: list, sums: list[int], placed: set[bytes], tally: "_Tally") -> None:
+        """Under the lock, after the copies: commit the reserved slots, send pages down, count."""
+        pending = {t[0].hash for t in todo}
+        for (p, k, e, off), csum in zip(todo, sums):
+            e.checksum = csum
+            if p.parent in pending and p.parent not in placed:  # its parent of this call landed nowhere
+                if off is not None:
+                    self.cpu.cancel(off, e.nbytes)
+                tally.reject(BAD_PARENT.format(p.hash.hex()))
+                continue
+            if self._held_as(p, e.tokens, self.cpu.get(k) or self.disk.get(k), placed, tally):
+                if off is not None:  # a put on another thread stored it meanwhile
+                    self.cpu.cancel(off, e.nbytes)
+                continue
+            ok = off is not None
+            if ok:
+                self._cpu_stored(k, e, off)
+            # without a cpu tier nothing counts uses: pages go down at once
+            down = not ok or self.admission.on_put(k)
+            if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
+                         or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
+                ok = self._put_disk(k, e, self.cpu.view(k) if ok else p.payload()) or ok
+            if down and not isinstance(self.cluster, NullCluster):
+                # from the cpu tier, read by the writer thread; without one, the record itself
+                rec = None if self.cpu.get(k) is not None else self._record(p.hash, e, p.payload())
+                ok = self.cluster.offer(root, p.hash, rec) or ok
+            if ok:
+                tally.stored += 1
+                placed.add(p.hash)
+            else:
+                tally.reject(f"no room for page {p.hash.hex()}")
+
+    def _parent_ok(self, root: bytes, parent: bytes, placed: set[bytes]) -> bool:
+        """A page hangs from its namespace's root or from its own pages (the cluster's keys carry
+        the namespace, and a parent may live there only)."""
+        return (parent in placed or not isinstance(self.cluster, NullCluster)
+                or bool(self.cpu.get(key(root, parent)) or self.disk.get(key(root, parent))))
 
     def _cluster_held(self, root: bytes, h: bytes) -> Entry | None:
         held = self.cluster.holds(h)
@@ -445,19 +507,30 @@ class TieredStore:
                 k = key(root, e.parent)
 
     def _put_cpu(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:
-        if not self.cpu.fits(e.nbytes) or self.cpu.get(k) is not None:
+        off = self._reserve_cpu(k, e.nbytes)
+        if off is None:
             return False
-        victims = self.cpu.victims_for(e.nbytes, self._pinned)
+        self.cpu.slab_np[off:off + e.nbytes] = payload
+        self._cpu_stored(k, e, off)
+        return True
+
+    def _reserve_cpu(self, k: bytes, nbytes: int) -> int | None:
+        """A cpu slot for a page of nbytes (LRU pages demoted to make room); None if none can be had."""
+        if not self.cpu.fits(nbytes) or self.cpu.get(k) is not None:
+            return None
+        victims = self.cpu.victims_for(nbytes, self._pinned)
         if victims is None:
-            return False
-        if victims and self.cpu.used + e.nbytes > self.config.high_watermark * self.cpu.capacity:
-            victims = self._cpu_batch(e.nbytes, victims)
+            return None
+        if victims and self.cpu.used + nbytes > self.config.high_watermark * self.cpu.capacity:
+            victims = self._cpu_batch(nbytes, victims)
         self._demote(victims)
-        if not self.cpu.put(k, e, payload):
-            return False
+        return self.cpu.reserve(nbytes)
+
+    def _cpu_stored(self, k: bytes, e: Entry, off: int) -> None:
+        """Publish a reserved slot whose bytes are in place."""
+        self.cpu.commit(k, e, off)
         self._m_cpu_stored.inc(e.nbytes)
         self._emit("stored", e.ns_root, hash_of(k), e.parent, "cpu")
-        return True
 
     def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
         """Extend a victim set of the same size class down to the low watermark."""

@@ -6,12 +6,10 @@ call and every thread streams its own rows (details in experts.c). ctypes releas
 call, so the worker thread holds no lock while the kernel runs. The pool is the kernel's own
 threads, not torch's OpenMP pool: torch's threads of the calling thread sit idle during the call.
 
-Build: `cc -O3 -march=native` (the compiler enables exactly the extensions the CPU has: AVX-512,
-avx512_bf16 dpbf16, avx512_vnni dpbusd; scalar C where it has none) into a cache dir,
-`$KVC_NATIVE_DIR` or `~/.cache/kvc/native/`, under a name keyed by the source hash, the compiler's
-version and the CPU's flags, written to a temp file and renamed (concurrent builders are safe).
-`$KVC_NATIVE_CC` picks the compiler (default `cc`). A missing compiler or a failed build logs one
-line and returns None: the callers then use the torch kernels.
+Build: kvc.native's builder, `cc -O3 -march=native` (the compiler enables exactly the extensions the
+CPU has: AVX-512, avx512_bf16 dpbf16, avx512_vnni dpbusd; scalar C where it has none), cached under
+a name keyed by the source and headers, the compiler's version and the CPU's flags. A missing
+compiler or a failed build logs one line and returns None: the callers then use the torch kernels.
 
 int8: w8a8 (per-channel int8 weights, per-row int8 activations as u8 with zero point 128, VNNI
 dpbusd: 64 multiply-adds per instruction) is the default over weight-only int8 (int8 -> fp32
@@ -27,21 +25,17 @@ the torch int8 kernels cannot read it, so packed int8 runs native at every size.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
+
+from kvc import native as kvc_native
 
 log = logging.getLogger("kvc.engine.experts")
 
 SOURCE = Path(__file__).with_name("experts.c")
 WF = {"float32": 0, "bfloat16": 1, "int8": 2, "int8_wo": 3, "int8_packed": 4}  # experts.c weight formats
-_lock = threading.Lock()
 _libs: dict[tuple, "NativeLib | None"] = {}
 
 
@@ -108,56 +102,13 @@ def unpack16(p: torch.Tensor) -> torch.Tensor:
     return p.view(E, N // 16, K // 4, 16, 4).permute(0, 1, 3, 2, 4).contiguous().view(E, N, K)
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("KVC_NATIVE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvc" / "native"
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
-    except OSError:
-        import platform
-        return platform.processor()
-
-
 def library(cc: str | None = None, directory: Path | None = None, flags: tuple[str, ...] = ()) -> NativeLib | None:
     """The kernel built for this CPU (once per process and arguments), or None when it cannot be built."""
-    cc = cc or os.environ.get("KVC_NATIVE_CC") or "cc"
-    directory = Path(directory) if directory is not None else cache_dir()
-    key = (cc, str(directory), flags)
-    with _lock:
-        if key not in _libs:
-            try:
-                _libs[key] = NativeLib(_build(cc, directory, flags))
-            except Exception as e:  # noqa: BLE001 - any failure means: use the torch kernels
-                log.warning("experts: native CPU expert kernel unavailable (%s: %s); CPU experts use the torch "
-                            "kernels", type(e).__name__, str(e).strip().splitlines()[-1][:300] if str(e).strip() else "")
-                _libs[key] = None
-        return _libs[key]
-
-
-def _build(cc: str, directory: Path, flags: tuple[str, ...]) -> Path:
-    src = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.glob("*.[ch]")))  # experts.c and its headers
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    h = hashlib.sha256(src + version.encode() + cpu_flags().encode() + " ".join(flags).encode()).hexdigest()[:20]
-    path = directory / f"kvc_experts_{h}.so"
-    if path.is_file():
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=directory)
-    os.close(fd)
-    try:
-        cmd = [cc, "-O3", "-march=native", *flags, "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", tmp, "-lm"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-300:]}")
-        os.replace(tmp, path)  # atomic: a concurrent loader sees the whole file or none
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("experts: built the native CPU expert kernel %s", path)
-    return path
+    cc = kvc_native.compiler(cc)
+    directory = Path(directory) if directory is not None else kvc_native.cache_dir()
+    headers = sorted(SOURCE.parent.glob("*.h"))  # experts.c's headers: part of the build's key
+    return kvc_native.once(
+        _libs, (cc, str(directory), flags),
+        lambda: NativeLib(kvc_native.build(SOURCE, "kvc_experts", cc, directory, ("-pthread", *flags),
+                                           headers, ("-lm",))),
+        log, "experts: native CPU expert kernel unavailable", "CPU experts use the torch kernels")
