@@ -24,7 +24,7 @@ from .prefill_graphs import PrefillGraphs
 from .host_tier import HostTier
 from .kv_cache import KVCache
 from .layers import set_attention_backend
-from .load_policy import LoadPlanner
+from .load_policy import LoadPlanner, PrefillClock
 from .loader import load_model
 from .metrics import EngineMetrics
 from .offload import experts_load_device, setup_experts
@@ -156,6 +156,7 @@ class LLMEngine:
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
         reuse = config.kvc.prefix_caching
         self.planner = LoadPlanner(config.kvc.load_policy, spec.page_size, spec.page_bytes)
+        self.prefill_clock = PrefillClock(self.planner, self.device)
         host = (HostTier(cache, observe=self.planner.observe_load, ring_bytes=int(config.kvc.put_buffer_GB * (1 << 30)))
                 if cache is not None and not config.kvc.gpu_only and reuse else None)
         self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
@@ -235,13 +236,13 @@ class LLMEngine:
         if not sched:
             self.scheduler.wait_for_loads()  # nothing else can run until a load lands
             return []
-        t0 = time.perf_counter()
-        tokens = self.runner.step(sched)  # sampling reads the tokens back: the step is complete
-        dt = time.perf_counter() - t0
-        self.experts.step()
         n_tokens = sum(n for _, n in sched)
-        if n_tokens >= PREFILL_SAMPLE_TOKENS:  # mostly prefill: a sample of the recompute rate
-            self.planner.observe_prefill(n_tokens, dt)
+        sample = n_tokens >= PREFILL_SAMPLE_TOKENS  # mostly prefill: a sample of the recompute rate
+        started = self.prefill_clock.start() if sample else None
+        tokens = self.runner.step(sched)
+        if sample:
+            self.prefill_clock.stop(n_tokens, started)
+        self.experts.step()
         now = time.monotonic()
         outputs = []
         for req, n in sched:

@@ -57,3 +57,42 @@ def test_corrupt_cpu_page_ends_the_cuda_load_there(qwen_dir, store):
     assert hit.num_cached_tokens == 5 * 4
     assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
     eng.close()
+
+
+def test_prefill_clock_times_the_gpu_not_the_host():
+    """A prefill step that reads nothing back returns before the GPU ran it (with CUDA graphs its
+    host time is a fraction of its GPU time): its rate sample must come from the GPU's timeline."""
+    from engine.load_policy import LoadPlanner, PrefillClock
+    planner = LoadPlanner()
+    clock = PrefillClock(planner, torch.device("cuda"))
+    started = clock.start()
+    torch.cuda._sleep(int(3e8))  # ~150 ms of GPU work queued; the host goes on at once
+    clock.stop(1000, started)
+    assert planner.prefill_rate() is None  # not done yet: nothing reported, nothing waited for
+    torch.cuda.synchronize()
+    clock.poll()
+    assert planner.prefill_rate() is not None and planner.prefill_rate() < 1000 / 0.05
+
+
+def test_load_bandwidth_excludes_kernels_queued_before_it(qwen_dir, store, monkeypatch):
+    """A cpu-tier load waits for the kernels queued before it (they may still touch its blocks), but
+    that wait is not the tier's cost: timing it in made the planner stop loading on the H200."""
+    import engine.host_tier as host_tier
+    monkeypatch.setattr(host_tier, "MIN_SAMPLE_BYTES", 0)  # the tiny model's pages are small
+    prompt = BASE[:45]
+    eng = engine(qwen_dir, cache=store, load_policy="always")
+    run(eng, [prompt])
+    eng.prefix_cache.flush()
+    ns = eng.kv.namespace("")
+    found = store.lookup(ns, tokens=prompt)
+    hashes, tiers = found.hashes[:len(found.located)], list(found.located)
+    assert hashes and set(tiers) == {"cpu"}
+    blocks = eng.kv.blocks.allocate(len(hashes))
+    host = eng.prefix_cache.host
+    samples = []
+    host.observe = lambda tier, nbytes, seconds: samples.append(seconds)
+    torch.cuda._sleep(int(6e8))  # ~300 ms of kernels queued on the compute stream
+    assert host.load(ns, hashes, eng.kv.pool, blocks, tiers).result(timeout=60) == len(hashes)
+    assert samples and max(samples) < 0.1, samples
+    eng.kv.blocks.free(blocks)
+    eng.close()
