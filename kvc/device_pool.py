@@ -135,14 +135,22 @@ class DevicePool:
 
     def gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Pages of `blocks` as one [n, layers, parts, page_size, heads, head_dim] device tensor."""
-        idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
-        return self.kv.index_select(2, idx).permute(2, 0, 1, 3, 4, 5).contiguous()
+        return self.kv.index_select(2, self._index(blocks)).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+    def _index(self, blocks: Sequence[int]) -> torch.Tensor:
+        """blocks as a long tensor on the pool's device. On CUDA through pinned memory, non-blocking:
+        a copy from pageable memory first waits for everything queued on the stream, which stalled
+        the engine's thread at every offer (5.7% of its time in a saturating H200 run)."""
+        idx = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
+        if self.device.type != "cuda":
+            return idx
+        return idx.pin_memory().to(self.device, non_blocking=True)
 
     def scatter(self, blocks: Sequence[int], pages: torch.Tensor) -> None:
         """Write pages [n, layers, parts, page_size, heads, head_dim] (any device) into `blocks`."""
         n = len(blocks)
         assert tuple(pages.shape) == (n, *self.spec.shape), \
             f"pages shape {tuple(pages.shape)} != {(n, *self.spec.shape)}"
-        idx = torch.as_tensor(np.asarray(blocks, dtype=np.int64), device=self.device)
+        idx = self._index(blocks)
         src = pages.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
         self.kv.index_copy_(2, idx, src)

@@ -13,9 +13,10 @@ Pieces run one after another; steps with many short pieces stay on flash_prefill
 cuDNN builds an execution plan for every new (query length, key length) pair; PyTorch caches plans
 per shape, per thread, without bound. Measured on the H200 (bench_prefill_shapes.py, 12 layers), a
 prompt whose length had not been seen took 4x its warm time (157 vs 39 ms) where FA2 took 1.45x. So
-shapes are bucketed: a piece's queries (and, in the causal call, its own keys) are padded with zero
-rows up to a multiple of CUDNN_ALIGN (pad rows come after the real ones, so the top-left causal mask
-keeps them out of every real row; their outputs are dropped), and under `auto` only pieces whose
+shapes are bucketed: a piece's queries (and, in the causal call, its own keys) are extended up to a
+multiple of CUDNN_ALIGN rows (the rows after it in the batch, or zero rows where the batch ends:
+they come after the real ones, so the top-left causal mask keeps them out of every real row, and
+their outputs are dropped), and under `auto` only pieces whose
 cached prefix is a multiple of CUDNN_ALIGN (every chunk of a cold chunked prefill with the default
 chunk) take this path; the others go to FA2 (`cudnn_piece`). The plans are then a bounded set:
 (query buckets) x (prefix lengths / CUDNN_ALIGN), each built once per engine thread.
@@ -50,9 +51,15 @@ def cudnn_piece(p, forced: bool = False) -> bool:
     return forced or (p.k_len - p.q_len) % CUDNN_ALIGN == 0
 
 
-def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x [Q, ...] with zero rows appended up to n rows (x itself when Q == n); one launch."""
-    return x if x.shape[0] == n else torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n - x.shape[0]))
+def _rows(x: torch.Tensor, start: int, q: int, n: int) -> torch.Tensor:
+    """x[start:start + q] extended to n rows. The rows after a piece in the step's batch (the next
+    pieces, or a graph bucket's padding) serve as they are: they come after every real query, so
+    the top-left causal mask keeps them out of the real rows, and their outputs are dropped. Zero
+    rows are appended (one launch) only where the batch ends first."""
+    if start + n <= x.shape[0]:
+        return x[start:start + n]
+    part = x[start:start + q]
+    return part if q == n else torch.nn.functional.pad(part, (0, 0, 0, 0, 0, n - q))
 
 
 def _attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +129,8 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
             Q = p.q_len
             rows = slice(p.q_start, p.q_start + Q)
             Qp = -(-Q // CUDNN_ALIGN) * CUDNN_ALIGN  # bucketed: a bounded set of plans (module doc)
-            qs = _padded(q[rows], Qp)  # [Qp, Hq, D]
-            o, lse = _attend(qs, _padded(k[rows], Qp), _padded(v[rows], Qp), True, scale)  # own keys
+            qs = _rows(q, p.q_start, Q, Qp)  # [Qp, Hq, D]
+            o, lse = _attend(qs, _rows(k, p.q_start, Q, Qp), _rows(v, p.q_start, Q, Qp), True, scale)  # own keys
             o, lse = o[:Q], lse[:, :Q]  # [Q, Hq, D], [Hq, Q]: pad rows dropped
             off = p.k_len - Q
             if off > 0:  # the cached prefix: every query sees all of it

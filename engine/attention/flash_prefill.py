@@ -26,29 +26,43 @@ def flash_usable(q: torch.Tensor) -> bool:
             and hasattr(torch.ops.aten, "_flash_attention_forward"))
 
 
-def flash_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                  pieces, scale: float) -> bool:
-    """Attention of every prefill piece (engine.layers.Piece) into out's rows; False if the op failed
-    (nothing written: the caller falls back)."""
-    global _broken
-    N, P, Hkv, D = k_cache.shape
-    dev = q.device
+def _step_inputs(pieces, P: int, dev: torch.device):
+    """(key slots [sum k_len], query rows [sum q_len] or None when the pieces are adjacent rows,
+    cu_seqlens [2, B+1] int32, first row, end row) of a step's pieces. The same for every layer:
+    made once a step and kept on the first piece (a step's Piece objects are new each step)."""
+    key = tuple(map(id, pieces))
+    got = pieces[0].__dict__.get("flash_inputs")
+    if got is not None and got[0] == key:
+        return got[1]
     ar = torch.arange(P, device=dev)
     slots = torch.cat([(p.block_table[:(p.k_len + P - 1) // P, None] * P + ar).reshape(-1)[:p.k_len]
                        for p in pieces])  # [sum k_len] pool rows of every key, piece after piece
-    keys = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [Tk, Hkv, D]
-    vals = v_cache.view(N * P, Hkv, D).index_select(0, slots)
     first, last = pieces[0].q_start, pieces[-1].q_start + pieces[-1].q_len
     adjacent = all(a.q_start + a.q_len == b.q_start for a, b in zip(pieces, pieces[1:]))
     rows = None if adjacent else torch.cat([torch.arange(p.q_start, p.q_start + p.q_len, device=dev)
                                             for p in pieces])
-    qp = q[first:last] if adjacent else q.index_select(0, rows)  # [Tq, Hq, D]
     cu_q, cu_k = [0], [0]
     for p in pieces:
         cu_q.append(cu_q[-1] + p.q_len)
         cu_k.append(cu_k[-1] + p.k_len)
     # pinned + non_blocking: a pageable upload would wait for the GPU and stall the host
     cu = torch.tensor([cu_q, cu_k], dtype=torch.int32).pin_memory().to(dev, non_blocking=True)  # [2, B+1]
+    made = (slots, rows, cu, first, last)
+    pieces[0].flash_inputs = (key, made)
+    return made
+
+
+def flash_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                  pieces, scale: float) -> bool:
+    """Attention of every prefill piece (engine.layers.Piece) into out's rows; False if the op failed
+    (nothing written: the caller falls back)."""
+    global _broken
+    N, P, Hkv, D = k_cache.shape
+    slots, rows, cu, first, last = _step_inputs(pieces, P, q.device)
+    keys = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [Tk, Hkv, D]
+    vals = v_cache.view(N * P, Hkv, D).index_select(0, slots)
+    adjacent = rows is None
+    qp = q[first:last] if adjacent else q.index_select(0, rows)  # [Tq, Hq, D]
     try:
         o = torch.ops.aten._flash_attention_forward(
             qp.contiguous(), keys, vals, cu[0], cu[1], max(p.q_len for p in pieces),
