@@ -41,6 +41,20 @@ def buckets(max_num_seqs: int) -> list[int]:
     return out + [max_num_seqs]
 
 
+def ensure_captured(owner, size: int, what: str) -> bool:
+    """Whether owner.graphs holds bucket `size`, capturing it now (owner._capture) if needed. A
+    failed capture sets owner.disabled, logs once, and the caller runs the step eagerly."""
+    if size in owner.graphs:
+        return True
+    try:
+        owner._capture(size)
+        return True
+    except Exception as e:  # a model whose steps cannot be captured: stay eager
+        owner.disabled = f"capture failed: {e}"
+        log.warning("%s CUDA graphs off: %s", what, owner.disabled)
+        return False
+
+
 def graphs_supported(model: torch.nn.Module, device: torch.device, backend: str = "auto") -> str | None:
     """None when decode graphs can be used (backend: attn.backend), else why not."""
     if device.type != "cuda":
@@ -115,13 +129,8 @@ class DecodeGraphs:
         """Logits [B, vocab] fp32 of a decode-only step, or None when it must run eagerly."""
         B = len(sched)
         size = next(s for s in self.sizes if s >= B)
-        if size not in self.graphs:
-            try:
-                self._capture(size)
-            except Exception as e:  # a model whose decode cannot be captured: stay eager
-                self.disabled = f"capture failed: {e}"
-                log.warning("decode CUDA graphs off: %s", self.disabled)
-                return None
+        if not ensure_captured(self, size, "decode"):
+            return None
         P = self.kv.page_size
         ids, pos, slots, lens = [], [], [], []
         width = 0

@@ -26,18 +26,14 @@ bucket run eagerly: they are compute-bound, launches do not matter there.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .attention import kernel_attention
 from .attention.triton_cache import store_kv
+from .cuda_graphs import ensure_captured
 from .kv_cache import KVCache
 from .layers import AttnMetadata
 from .model import CausalLM
-
-log = logging.getLogger(__name__)
-
 
 def buckets(max_tokens: int) -> list[int]:
     """Token-count buckets: powers of two from 16 to 512, then multiples of 512, up to max_tokens
@@ -152,13 +148,8 @@ class PrefillGraphs:
         B = self.bucket(T)
         if B is None:
             return None
-        if B not in self.graphs and self.capture:
-            try:
-                self._capture(B)
-            except Exception as e:  # a model whose prefill cannot be captured: stay eager
-                self.disabled = f"capture failed: {e}"
-                log.warning("prefill CUDA graphs off: %s", self.disabled)
-                return None
+        if self.capture and not ensure_captured(self, B, "prefill"):
+            return None
         self.ids[:T].copy_(input_ids)
         self.positions[:T].copy_(meta.positions)
         self.slots[:T].copy_(meta.slot_mapping)

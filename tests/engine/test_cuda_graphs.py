@@ -47,6 +47,23 @@ def test_buckets():
     assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
 
 
+def test_a_failed_capture_disables_the_graphs_once(caplog):
+    from engine.cuda_graphs import ensure_captured
+
+    class Owner:
+        graphs, disabled, tries = {}, None, 0
+
+        def _capture(self, size):
+            self.tries += 1
+            if size > 4:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.graphs[size] = "graph"
+    o = Owner()
+    assert ensure_captured(o, 4, "decode") and ensure_captured(o, 4, "decode") and o.tries == 1
+    assert not ensure_captured(o, 8, "prefill") and "not permitted" in o.disabled
+    assert "prefill CUDA graphs off" in caplog.text
+
+
 def test_prefill_buckets():
     assert prefill_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 1536, 2048]
     assert prefill_buckets(100) == [16, 32, 64, 100]
