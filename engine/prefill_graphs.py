@@ -35,6 +35,7 @@ from .kv_cache import KVCache
 from .layers import AttnMetadata
 from .model import CausalLM
 
+
 def buckets(max_tokens: int) -> list[int]:
     """Token-count buckets: powers of two from 16 to 512, then multiples of 512, up to max_tokens
     (included even when it is not on that grid)."""
