@@ -76,7 +76,8 @@ class NativeSumCopy:
                 keep.append(t)
             src[i], lens[i] = t.data_ptr(), t.nbytes
             if off is not None:
-                assert 0 <= off and off + t.nbytes <= slab.nbytes, f"slot {off} + {t.nbytes} bytes is outside the slab"
+                if not (0 <= off and off + t.nbytes <= slab.nbytes):  # a real check: memcpy follows
+                    raise ValueError(f"slot {off} + {t.nbytes} bytes is outside the slab of {slab.nbytes}")
                 dst[i] = base + off
         self._fn(n, src, dst, lens, sums, self._xxh3)
         return list(sums)

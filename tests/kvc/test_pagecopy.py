@@ -52,6 +52,17 @@ def test_native_checksums_and_copies_equal_xxhash_and_the_bytes(native):
 
 
 @needs_cc
+def test_native_refuses_a_slot_outside_the_slab_before_copying(native):
+    """The bounds check guards a memcpy: it must hold under python -O too (no assert)."""
+    slab = np.zeros(100, dtype=np.uint8)
+    page = torch.ones(40, dtype=torch.uint8)
+    for off in (61, -1):
+        with pytest.raises(ValueError, match="outside the slab"):
+            native([page], [off], slab)
+    assert not slab.any()  # nothing was written
+
+
+@needs_cc
 def test_native_reads_non_contiguous_and_typed_pages_as_their_payload(native):
     x = torch.randn(4, 6, 10).to(torch.bfloat16)
     pages = [x.transpose(0, 2), x[1], x[:, 2:5]]  # a strided view, a contiguous row, a slice
