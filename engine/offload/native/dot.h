@@ -19,6 +19,9 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
  * NR and NT are literals at every call site, so the loops unroll into registers.
  */
 #define KERNEL static inline __attribute__((always_inline)) void
+/* stmt for every (weight row r < NR, token t < NT) of a kernel's accumulators, fully unrolled */
+#define FOR_RT(stmt)                                                                              \
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; r++) _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) stmt
 
 #if SIMD
 static inline __mmask16 m16(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
@@ -29,10 +32,7 @@ static inline __mmask64 m64(int n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask
 #if SIMD
 KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
     __m512 acc[2][TB];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    FOR_RT(acc[r][t] = _mm512_setzero_ps());
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
         if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
@@ -47,20 +47,14 @@ KERNEL dot_f32(const float *const *w, const float *const *a, int K, float res[2]
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
         }
     }
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    FOR_RT(res[r][t] = _mm512_reduce_add_ps(acc[r][t]));
 }
 
 KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float res[2][TB], const int NR,
                 const int NT) {
 #if SIMD && defined(__AVX512BF16__)
     __m512 acc[2][TB];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    FOR_RT(acc[r][t] = _mm512_setzero_ps());
 #define BF_STEP(LOAD)                                                                            \
     {                                                                                            \
         __m512i wv[2];                                                                           \
@@ -86,16 +80,10 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
 #undef LD
     }
 #undef BF_STEP
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    FOR_RT(res[r][t] = _mm512_reduce_add_ps(acc[r][t]));
 #elif SIMD
     __m512 acc[2][TB];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    FOR_RT(acc[r][t] = _mm512_setzero_ps());
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
         if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
@@ -111,10 +99,7 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
         }
     }
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    FOR_RT(res[r][t] = _mm512_reduce_add_ps(acc[r][t]));
 #endif
 }
 
@@ -123,10 +108,7 @@ KERNEL dot_bf16(const uint16_t *const *w, const uint16_t *const *a, int K, float
 KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float res[2][TB], const int NR, const int NT) {
 #if SIMD && defined(__AVX512VNNI__)
     __m512i acc[2][TB];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
+    FOR_RT(acc[r][t] = _mm512_setzero_si512());
     for (int k = 0; k < K; k += 64) {
         __mmask64 m = m64(K - k);
         if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
@@ -141,16 +123,10 @@ KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float re
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], av, wv[r]);
         }
     }
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+    FOR_RT(((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]));
 #elif SIMD
     __m512i acc[2][TB];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_si512();
+    FOR_RT(acc[r][t] = _mm512_setzero_si512());
     for (int k = 0; k < K; k += 32) {
         __mmask32 m = m32(K - k);
         if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
@@ -165,20 +141,14 @@ KERNEL dot_u8s8(const int8_t *const *w, const uint8_t *const *a, int K, float re
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_add_epi32(acc[r][t], _mm512_madd_epi16(av, wv[r]));
         }
     }
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) ((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+    FOR_RT(((int32_t (*)[TB])res)[r][t] = _mm512_reduce_add_epi32(acc[r][t]));
 #endif
 }
 
 /* int8 weights times fp32 activations (weight-only int8); the caller applies the channel scale. */
 KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res[2][TB], const int NR, const int NT) {
     __m512 acc[2][TB];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    FOR_RT(acc[r][t] = _mm512_setzero_ps());
     for (int k = 0; k < K; k += 16) {
         __mmask16 m = m16(K - k);
         if ((k * (int)sizeof(*w[0])) % 64 == 0) /* once per cache line of each weight row */
@@ -193,10 +163,7 @@ KERNEL dot_s8f32(const int8_t *const *w, const float *const *a, int K, float res
             for (int r = 0; r < NR; r++) acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
         }
     }
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < NR; r++)
-        _Pragma("GCC unroll 8")
-        for (int t = 0; t < NT; t++) res[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    FOR_RT(res[r][t] = _mm512_reduce_add_ps(acc[r][t]));
 }
 
 #endif /* SIMD kernels */
