@@ -109,11 +109,11 @@ class HostTier:
               tiers: list[str], ready=None) -> int:
         cuda = pool.device.type == "cuda"
         if cuda:
-            # Wait here, not only on the stream: the tier's bandwidth is timed from here, and kernels
-            # queued before the load (another request's prefill) are not the tier's cost (on the
-            # H200 timing them in measured the cpu tier at 3.7 GB/s and the planner stopped loading).
+            # Wait here (then the load stream has nothing to wait for): the tier's bandwidth is timed
+            # from here, and kernels queued before the load (another request's prefill) are not the
+            # tier's cost (on the H200 timing them in measured the cpu tier at 3.7 GB/s and the
+            # planner stopped loading).
             ready.synchronize()
-            self._side(pool.device, "_load_stream").wait_event(ready)
         # On CUDA the staging buffer is on the device: the store copies its pinned slab straight
         # into it (verifying on its reader threads meanwhile); then one device-side scatter.
         staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))

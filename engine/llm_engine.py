@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import array
-
 import atexit
 import gc
 import time
@@ -190,13 +189,12 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer.json; send token ids, not text")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, raw = prompt, self.tokenizer.encode(prompt)
         else:
-            text, (ids, low, high) = None, _token_ids(prompt)
+            text, raw = None, prompt
+        ids, low, high = _token_ids(raw)
         if not ids:
             raise ValueError("the prompt is empty")
-        if text is not None:
-            low, high = min(ids), max(ids)
         if low < 0 or high >= self.args.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.args.vocab_size}); got {low}..{high}")
         if len(ids) >= self.max_model_len:

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 POLICIES = ("auto", "always", "never")
 REPROBE = 64  # a measured tier skipped this many times is probed again
 PROBE_BYTES = 16 << 20  # a probe reads this much (whole pages, at least one): enough that the
@@ -52,7 +54,6 @@ class PrefillClock:
         self.poll()
         if not self.cuda:
             return time.perf_counter()
-        import torch
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(torch.cuda.current_stream(self.device))
         return ev
@@ -61,7 +62,6 @@ class PrefillClock:
         if not self.cuda:
             self.planner.observe_prefill(tokens, time.perf_counter() - started)
             return
-        import torch
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(torch.cuda.current_stream(self.device))
         self._pending.append((tokens, started, ev))

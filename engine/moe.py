@@ -114,8 +114,12 @@ class StackedExperts(nn.Module):
         """Whether the last forward ran without host read-backs (a CUDA graph can capture it)."""
         return self.path in ("fused", "grouped")
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the router and these experts run as the fused Triton kernels (attn.moe_kernel)."""
+        return self.kernel != "torch" and use_kernels(x, self.backend)
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.kernel != "torch" and use_kernels(x, self.backend):
+        if self.fused(x):
             from .moe_kernels import fused_experts
             self.path = "fused"
             return fused_experts(self.w13, self.w2, x, topk_ids, topk_weights)
@@ -141,7 +145,7 @@ class MoEBlock(nn.Module):
         self._backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.experts.kernel != "torch" and use_kernels(x, self.experts.backend):
+        if self.experts.fused(x):
             from .moe_kernels import fused_route
             ids, weights = fused_route(self.gate(x), self.top_k, self.renormalize)  # one launch
         else:

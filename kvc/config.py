@@ -42,8 +42,9 @@ class AttnConfig:
     # "auto": the Triton paged-attention kernels on CUDA when triton imports, else the gather + SDPA
     # reference path; "reference" always takes the reference path (debugging, the kernels' oracle).
     backend: str = field(default="auto", metadata={"choices": ("auto", "reference")})
-    # Prefill pieces under the kernels: "auto" sends long pieces to FA2 varlen where it runs, the
-    # rest to the Triton kernel; "triton" or "flash" forces one (comparisons, debugging).
+    # Prefill pieces under the kernels: "auto" sends long pieces to cuDNN attention (steps of a few
+    # pieces, bucketed shapes) or FA2 varlen where they run, short ones to the Triton kernel;
+    # "triton", "flash" or "cudnn" forces one (comparisons, debugging).
     prefill_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "flash", "cudnn")})
     # MoE experts under the kernels: "auto" runs the fused Triton MoE kernels (engine.moe_kernels)
     # where the attention kernels run; "torch" keeps sort + torch._grouped_mm (comparisons, debugging).

@@ -33,6 +33,24 @@ def use_kernels(q: torch.Tensor, backend: str = "auto") -> bool:
     return triton_available()
 
 
+def sdpa_op_usable(q: torch.Tensor, broken: str | None, max_head_dim: int, capability: tuple[int, int],
+                   op: str) -> bool:
+    """Whether one of PyTorch's fused attention ops (cuDNN's, FA2's) runs for q: not failed before
+    (`broken`), CUDA fp16/bf16, head_dim a multiple of 8 up to max_head_dim, the device's compute
+    capability, and the op present in this torch."""
+    if broken is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    D = q.shape[-1]
+    return (D % 8 == 0 and D <= max_head_dim and torch.cuda.get_device_capability(q.device) >= capability
+            and hasattr(torch.ops.aten, op))
+
+
+def key_slots(block_table: torch.Tensor, n: int, P: int) -> torch.Tensor:
+    """Pool rows (block * P + offset) of a piece's first n keys: [n] long, on the table's device."""
+    ar = torch.arange(P, device=block_table.device)
+    return (block_table[:(n + P - 1) // P, None] * P + ar).reshape(-1)[:n]
+
+
 def prefill_inputs(meta, P: int, device: torch.device):
     """(tables [B, W], q_starts [B], q_lens [B], k_lens [B] (int32), max_q, max_k) of the prefill
     pieces.
@@ -108,9 +126,11 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         which = prefill_backend(q, max_q, prefill, len(meta.prefills))
         rest = meta.prefills
         if which == "cudnn":  # pieces with a bucketable prefix (cudnn_prefill's doc); the rest: FA2
-            mine = [p for p in rest if cudnn_piece(p, prefill == "cudnn")]
+            mine, others = [], []
+            for p in rest:
+                (mine if cudnn_piece(p, prefill == "cudnn") else others).append(p)
             if mine and cudnn_prefill(q, k, v, k_cache, v_cache, out, mine, scale):
-                rest = [p for p in rest if not cudnn_piece(p, prefill == "cudnn")]
+                rest = others
             which = "flash" if flash_usable(q) else "triton"
         done = not rest or (which == "flash" and flash_prefill(q, k_cache, v_cache, out, rest, scale))
         if not done:

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import key_slots, sdpa_op_usable
+
 log = logging.getLogger(__name__)
 CUDNN_MAX_PIECES = 8  # more pieces than this: one varlen launch beats a pair of calls per piece
 CUDNN_ALIGN = 512  # query lengths are padded to, and (under auto) prefixes must be, a multiple of this
@@ -38,11 +40,7 @@ _lse_to_e: float | None = None  # factor that turns the op's log-sum-exp into na
 
 
 def cudnn_usable(q: torch.Tensor) -> bool:
-    if _broken is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    D = q.shape[-1]
-    return (D % 8 == 0 and D <= 128 and torch.cuda.get_device_capability(q.device) >= (9, 0)
-            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+    return sdpa_op_usable(q, _broken, 128, (9, 0), "_scaled_dot_product_cudnn_attention")
 
 
 def cudnn_piece(p, forced: bool = False) -> bool:
@@ -136,9 +134,7 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
             if off > 0:  # the cached prefix: every query sees all of it
                 slots = p.__dict__.get("prefix_slots")  # the same for every layer: made once a step
                 if slots is None:
-                    ar = torch.arange(P, device=q.device)
-                    slots = (p.block_table[:(off + P - 1) // P, None] * P + ar).reshape(-1)[:off]  # [off]
-                    p.prefix_slots = slots
+                    slots = p.prefix_slots = key_slots(p.block_table, off, P)  # [off]
                 kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [off, Hkv, D]
                 vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
                 o2, lse2 = _attend(qs, kp, vp, False, scale)

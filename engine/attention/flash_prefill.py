@@ -13,17 +13,15 @@ import logging
 
 import torch
 
+from . import key_slots, sdpa_op_usable
+
 log = logging.getLogger(__name__)
 FLASH_MIN_Q = 512
 _broken: str | None = None  # set when the op failed once; the Triton kernel takes over
 
 
 def flash_usable(q: torch.Tensor) -> bool:
-    if _broken is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    D = q.shape[-1]
-    return (D % 8 == 0 and D <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0)
-            and hasattr(torch.ops.aten, "_flash_attention_forward"))
+    return sdpa_op_usable(q, _broken, 256, (8, 0), "_flash_attention_forward")
 
 
 def _step_inputs(pieces, P: int, dev: torch.device):
@@ -34,9 +32,7 @@ def _step_inputs(pieces, P: int, dev: torch.device):
     got = pieces[0].__dict__.get("flash_inputs")
     if got is not None and got[0] == key:
         return got[1]
-    ar = torch.arange(P, device=dev)
-    slots = torch.cat([(p.block_table[:(p.k_len + P - 1) // P, None] * P + ar).reshape(-1)[:p.k_len]
-                       for p in pieces])  # [sum k_len] pool rows of every key, piece after piece
+    slots = torch.cat([key_slots(p.block_table, p.k_len, P) for p in pieces])  # [sum k_len], piece after piece
     first, last = pieces[0].q_start, pieces[-1].q_start + pieces[-1].q_len
     adjacent = all(a.q_start + a.q_len == b.q_start for a, b in zip(pieces, pieces[1:]))
     rows = None if adjacent else torch.cat([torch.arange(p.q_start, p.q_start + p.q_len, device=dev)
