@@ -41,21 +41,38 @@ def redis_missing() -> str | None:
     return None
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_ports(n: int) -> list[int]:
-    """n ports whose cluster-bus port (+10000) is free too."""
-    out = []
-    while len(out) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 55000 or port in out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        out.append(port)
+    """n ports whose cluster-bus port (+10000) is free too, both below the kernel's ephemeral range:
+    a port taken from that range (bind to 0) can be handed to any outgoing connection of this machine
+    before redis-server binds it, and the node then never answers."""
+    import random
+    hi = min(_ephemeral_low(), 65536) - 10000 - 1
+    lo = max(1024, hi - 20000)
+    if hi <= lo:
+        lo, hi = 20000, 22767
+    out: list[int] = []
+    for port in random.sample(range(lo, hi), min(hi - lo, 4000)):
+        if len(out) == n:
+            break
+        ok = True
+        for p in (port, port + 10000):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            out.append(port)
+    if len(out) < n:
+        raise RuntimeError(f"redis cluster: found only {len(out)} of {n} free port pairs in {lo}..{hi}")
     return out
 
 
@@ -79,16 +96,9 @@ class RedisClusterProcs:
                               timeout=timeout).stdout
 
     def start(self) -> "RedisClusterProcs":
-        self.ports = _free_ports(self.n)
-        for port in self.ports:
-            d = self.root / f"node-{port}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "redis.conf").write_text(NODE_CONF.format(port=port, dir=d, node_timeout_ms=self.node_timeout_ms,
-                                                           maxmemory=self.maxmemory))
-            self.procs[port] = subprocess.Popen(["redis-server", str(d / "redis.conf")], stdout=open(d / "log", "ab"),
-                                                stderr=subprocess.STDOUT)
-        for port in self.ports:
-            self._wait(lambda: self.cli(port, "ping").strip() == "PONG", f"node {port} to answer")
+        self.ports = []
+        for port in _free_ports(self.n):
+            self.ports.append(self._start_node(port))
         r = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                            capture_output=True, text=True, timeout=60)
@@ -97,6 +107,35 @@ class RedisClusterProcs:
             raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-800:]} {r.stderr[-800:]}")
         self.wait_ok()
         return self
+
+    def _start_node(self, port: int, tries: int = 5) -> int:
+        """Start one node and wait for its PONG; a node that exits first (its port was taken between
+        the check and redis-server's bind) is started again on another free port. Returns the port."""
+        for _ in range(tries):
+            d = self.root / f"node-{port}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "redis.conf").write_text(NODE_CONF.format(port=port, dir=d, node_timeout_ms=self.node_timeout_ms,
+                                                           maxmemory=self.maxmemory))
+            with open(d / "log", "ab") as log:
+                proc = subprocess.Popen(["redis-server", str(d / "redis.conf")], stdout=log,
+                                        stderr=subprocess.STDOUT)
+            self.procs[port] = proc
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if self.cli(port, "ping", timeout=2).strip() == "PONG":
+                        return port
+                except (subprocess.SubprocessError, OSError):
+                    pass
+                time.sleep(0.1)
+            self.procs.pop(port)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            tail = (d / "log").read_text(errors="replace")[-400:]
+            port = next(p for p in _free_ports(self.n + 1) if p not in self.procs)
+        self.stop()
+        raise TimeoutError(f"redis cluster: no node answered after {tries} starts; last log: {tail}")
 
     def wait_ok(self, timeout: float = 30) -> None:
         """Until every live node reports cluster_state:ok and sees every slot served."""

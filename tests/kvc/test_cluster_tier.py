@@ -169,3 +169,26 @@ def test_a_page_the_cluster_evicted_is_stored_and_written_again(redis_cluster, c
         assert s.put_pages(NS, pa).stored == 4
         s.flush()
         assert [client.exists(page_key(NS.root, h)) for h in ha] == [1, 1, 1, 1]
+
+
+def test_cluster_fixture_restarts_a_node_whose_port_was_taken(tmp_path):
+    """CI once saw a node never answer: its port, drawn from the ephemeral range, went to another
+    socket before redis-server bound it. The helper now draws ports below that range and starts a
+    node that exits on another port."""
+    import socket
+
+    from tests.redis_cluster import RedisClusterProcs, _ephemeral_low, _free_ports, redis_missing
+    if redis_missing():
+        pytest.skip(redis_missing())
+    port = _free_ports(1)[0]
+    assert port + 10000 < _ephemeral_low()
+    rc = RedisClusterProcs(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen(1)
+        try:
+            got = rc._start_node(port)
+            assert got != port
+            assert rc.cli(got, "ping").strip() == "PONG"
+        finally:
+            rc.stop()
