@@ -77,7 +77,7 @@ class HostTier:
         if setter is not None:
             setter(gate)
 
-    def lookup(self, ns: Namespace, tokens: list[int], hashes: list[bytes] | None = None) -> LookupResult:
+    def lookup(self, ns: Namespace, tokens: list[int] | bytes, hashes: list[bytes] | None = None) -> LookupResult:
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes)
 
     # -- loads ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class KVCache:
         if len(req.hashes) < full:
             start = len(req.hashes)
             parent = req.hashes[-1] if start else self.namespace(req.cache_salt).root
-            req.hashes += page_hashes(parent, req.ids(start * P, full * P), P)
+            req.hashes += page_hashes(parent, req.ids_bytes(start * P, full * P), P)
 
     def parent(self, req: Request, page: int) -> bytes:
         return req.hashes[page - 1] if page else self.namespace(req.cache_salt).root

@@ -21,7 +21,6 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
-from kvc.hashing import tokens_bytes
 from kvc.record import as_tokens
 
 from .host_tier import HostTier
@@ -85,9 +84,8 @@ class PrefixCache:
         cap = (req.num_tokens - 1) // P  # at least one token is computed, for its logits
         self.kv.update_hashes(req)
         n = min(cap, len(req.hashes))
-        packed, step = tokens_bytes(req.ids(0, n * P)), 4 * P  # packed once, sliced per page
         parents = [self.kv.parent(req, 0)] + req.hashes[:n - 1] if n else []  # page i's parent: hash i-1
-        hits = self.blocks.match_prefix(req.hashes[:n], parents, [packed[i * step:(i + 1) * step] for i in range(n)])
+        hits = self.blocks.match_prefix(req.hashes[:n], parents, req.ids_bytes(0, n * P))
         if not req.admitted:
             req.num_device_hit_tokens = len(hits) * P
         self.blocks.touch(hits)
@@ -96,7 +94,7 @@ class PrefixCache:
         if self.host is None or cap <= len(hits):
             return None
         ns = self.kv.namespace(req.cache_salt)
-        located = self.host.lookup(ns, req.ids(0, cap * P), req.hashes[:cap]).located[:cap]
+        located = self.host.lookup(ns, req.ids_bytes(0, cap * P), req.hashes[:cap]).located[:cap]
         if len(located) < len(hits) and self._may_reoffer(req.hashes[len(located)]):
             # The host tiers lack part of what the device pool holds: its puts were lost (a cache
             # service that was down) or evicted there. Offer those pages again: otherwise the
@@ -237,7 +235,7 @@ class PrefixCache:
         start = req.num_registered
         if full > start:  # in bulk: a 32K-token load registers 2048 pages at once
             P, step = self.page_size, 4 * self.page_size
-            packed = tokens_bytes(req.ids(start * P, full * P))
+            packed = req.ids_bytes(start * P, full * P)
             self.blocks.cache_blocks(req.block_table[start:full], req.hashes[start:full],
                                      [self.kv.parent(req, start)] + req.hashes[start:full - 1],
                                      [packed[i * step:(i + 1) * step] for i in range(full - start)])

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvc.hashing import tokens_bytes
+
 from .sampling import SamplingParams
 
 
@@ -60,6 +62,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None
     max_len: int = 0  # prompt + max_tokens capped by the model length
+    prompt_bytes: bytes | None = None  # prompt_ids as little-endian uint32 (packed once, at add_request)
 
     @property
     def all_ids(self) -> list[int]:
@@ -73,6 +76,13 @@ class Request:
         if start >= n:
             return self.output_ids[start - n:stop - n]
         return self.prompt_ids[start:] + self.output_ids[:stop - n]
+
+    def ids_bytes(self, start: int, stop: int) -> bytes:
+        """ids(start, stop) as little-endian uint32 bytes: a slice of prompt_bytes inside the prompt
+        (page hashes and prefix matches of a long prompt read these, never packing it again)."""
+        if self.prompt_bytes is not None and stop <= len(self.prompt_ids):
+            return self.prompt_bytes[4 * start:4 * stop]
+        return tokens_bytes(self.ids(start, stop))
 
     @property
     def num_tokens(self) -> int:

@@ -5,9 +5,8 @@ ends at the request's last token give logits; a partial prefill chunk yields no 
 """
 from __future__ import annotations
 
-import itertools
+import array
 
-import numpy as np
 import torch
 
 from .cuda_graphs import DecodeGraphs
@@ -17,6 +16,16 @@ from .model import CausalLM
 from .prefill_graphs import PrefillGraphs
 from .request import Request
 from .sampling import sample
+
+
+def _padded(tables: list[list[int]], width: int) -> list[int]:
+    """The tables back to back, each padded with 0 to `width` (list += runs in C)."""
+    out: list[int] = []
+    for t in tables:
+        out += t
+        if len(t) < width:
+            out += [0] * (width - len(t))
+    return out
 
 
 class ModelRunner:
@@ -31,8 +40,10 @@ class ModelRunner:
         the host prepares the next chunk while this one runs (a plain torch.tensor(..., device=cuda)
         waits for the GPU to drain, exposing every step's host work). Returns long tensors."""
         sizes = [len(p) for p in parts]
-        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64,
-                                            count=sum(sizes)))
+        packed = array.array("q")
+        for p in parts:  # extend converts in C: a 32K-token hit's 2,048-entry block table is ~20 us
+            packed.extend(p)
+        flat = torch.frombuffer(packed, dtype=torch.long) if packed else torch.empty(0, dtype=torch.long)
         if self.device.type == "cuda":
             pinned = torch.empty(flat.shape, dtype=torch.long, pin_memory=True)  # caching host allocator
             flat = pinned.copy_(flat).to(self.device, non_blocking=True)
@@ -66,8 +77,7 @@ class ModelRunner:
         pre_w = max((len(t) for t in pre_tables), default=0)
         dec_w = max((len(t) for t in dec_tables), default=0)
         parts = [ids, positions, slots, logit_rows, pre_starts, pre_qlens, pre_lens, dec_rows, dec_lens,
-                 [b for t in pre_tables for b in t + [0] * (pre_w - len(t))],
-                 [b for t in dec_tables for b in t + [0] * (dec_w - len(t))]]
+                 _padded(pre_tables, pre_w), _padded(dec_tables, dec_w)]
         (ids_d, pos_d, slots_d, self._logit_idx, starts_d, qlens_d, klens_d, rows_d, lens_d, ptab_d,
          dtab_d) = self._upload(parts)
         meta = AttnMetadata(pos_d, slots_d, [], None, None, None)

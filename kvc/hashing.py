@@ -102,7 +102,12 @@ def namespace_root(ns: Namespace) -> bytes:
 
 
 def tokens_bytes(tokens) -> bytes:
-    """Token ids as little-endian uint32 bytes; ids outside uint32 are an error."""
+    """Token ids as little-endian uint32 bytes; ids outside uint32 are an error. Bytes are taken
+    as that form already (an engine packs a prompt once and hands out slices)."""
+    if isinstance(tokens, bytes):
+        if len(tokens) % 4:
+            raise ValueError(f"packed token ids must be whole uint32s, got {len(tokens)} bytes")
+        return tokens
     if isinstance(tokens, np.ndarray) and tokens.dtype == np.dtype("<u4") and tokens.ndim == 1:
         return tokens.tobytes()  # already the wire form (e.g. a decoded tokens_u32le field)
     if isinstance(tokens, list) and sys.byteorder == "little":
@@ -123,11 +128,7 @@ def chain_hash(parent: bytes, page_tokens: bytes) -> bytes:
     return xxhash.xxh3_128_digest(parent + page_tokens)
 
 
-def page_hashes(root: bytes, tokens, page_size: int) -> list[bytes]:
-    """Chained hashes of every full page of `tokens`; a partial tail page is not hashed."""
-    if page_size <= 0:
-        raise ValueError(f"page_size must be positive, got {page_size}")
-    raw = tokens if isinstance(tokens, bytes) else tokens_bytes(tokens)
+def _page_hashes_python(root: bytes, raw: bytes, page_size: int) -> list[bytes]:
     step = 4 * page_size
     out: list[bytes] = []
     parent = root
@@ -136,3 +137,69 @@ def page_hashes(root: bytes, tokens, page_size: int) -> list[bytes]:
         parent = link(parent, raw[off:off + step])
         out.append(parent)
     return out
+
+
+class _NativeChain:
+    """chainhash.c's kvc_chain_hash: a run of pages in one C call. Loaded with ctypes.PyDLL, which
+    keeps the GIL: the call is short (~30 ns a page), and an engine thread that let go of the GIL
+    would wait a switch interval to get it back beside a busy put thread."""
+
+    def __init__(self, path):
+        import ctypes
+        lib = ctypes.PyDLL(str(path))
+        fn = lib.kvc_chain_hash
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                       ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        self._fn, self._ct = fn, ctypes
+        xx = ctypes.CDLL(xxhash._xxhash.__file__)  # the extension module itself: already loaded
+        self._xxh3 = ctypes.cast(xx.XXH3_128bits, ctypes.c_void_p).value
+        for P in (1, 16, 2048):  # short and long inputs (xxh3 has separate code paths), and the heap buffer
+            raw = bytes(range(256)) * (3 * P // 64 + 1)
+            raw = raw[:(len(raw) // (4 * P)) * 4 * P]
+            root = xxhash.xxh3_128_digest(b"probe")
+            if self(root, raw, P) != _page_hashes_python(root, raw, P):
+                raise RuntimeError("kvc_chain_hash does not equal xxhash.xxh3_128_digest's chain")
+
+    def __call__(self, root: bytes, raw: bytes, page_size: int) -> list[bytes]:
+        step = 4 * page_size
+        n = len(raw) // step
+        if n == 0:
+            return []
+        out = self._ct.create_string_buffer(16 * n)
+        if self._fn(root, raw, n, step, out, self._xxh3) != 0:
+            raise MemoryError(f"kvc_chain_hash: no buffer for a page of {step} bytes")
+        return np.frombuffer(out, dtype="V16").tolist()  # 16-byte bytes objects, 5x faster than slicing
+
+
+_chain_libs: dict = {}
+
+
+def _native_chain():
+    from pathlib import Path
+    import logging
+    from . import native
+    cc = native.compiler()
+    return native.once(_chain_libs, (cc, str(native.cache_dir())),
+                       lambda: _NativeChain(native.build(Path(__file__).with_name("chainhash.c"),
+                                                         "kvc_chainhash", cc)),
+                       logging.getLogger("kvc.hashing"), "hashing: native page chain unavailable",
+                       "pages are hashed one xxhash call at a time")
+
+
+NATIVE_MIN_PAGES = 8  # below this the per-call set-up costs more than the Python loop
+
+
+def page_hashes(root: bytes, tokens, page_size: int) -> list[bytes]:
+    """Chained hashes of every full page of `tokens`; a partial tail page is not hashed.
+
+    `tokens`: ids, or their little-endian uint32 bytes. Long runs go through one native call
+    (chainhash.c, built at first use; the Python loop where no compiler is)."""
+    if page_size <= 0:
+        raise ValueError(f"page_size must be positive, got {page_size}")
+    raw = tokens if isinstance(tokens, bytes) else tokens_bytes(tokens)
+    if len(raw) >= NATIVE_MIN_PAGES * 4 * page_size:
+        lib = _native_chain()
+        if lib is not None:
+            return lib(root, raw, page_size)
+    return _page_hashes_python(root, raw, page_size)

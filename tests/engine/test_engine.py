@@ -161,3 +161,35 @@ def test_device_hits_are_counted_by_tier(model_dir):
     assert reg.get_sample_value("kvc_lookup_hit_tokens_total", {"tier": "device"}) == 28
     assert reg.get_sample_value("kvc_request_cached_tokens_total") == 28
     assert reg.get_sample_value("kvc_request_prompt_tokens_total") == 2 * len(PROMPT)
+
+
+def test_prompt_ids_are_checked_and_packed_once(model_dir):
+    """add_request converts a prompt in C (array('I')) and keeps its uint32 bytes for the page
+    hashes and the prefix match; whatever array('I') refuses goes through operator.index() and the same checks."""
+    import numpy as np
+
+    from engine.llm_engine import _token_ids
+    from kvc.hashing import tokens_bytes
+    ids, packed, low, high = _token_ids([5, 0, 7])
+    assert ids == [5, 0, 7] and packed == tokens_bytes([5, 0, 7]) and (low, high) == (0, 7)
+    ids, packed, low, high = _token_ids(np.array([3, 9], dtype=np.int64))
+    assert ids == [3, 9] and all(type(t) is int for t in ids) and (low, high) == (3, 9)
+    assert _token_ids([-1, 4])[2:] == (-1, 4)  # array('I') refuses: the slow path reports the range
+    assert _token_ids([2 ** 40])[3] == 2 ** 40
+    with pytest.raises(ValueError, match="must be integers"):
+        _token_ids([1, 1.5])  # not truncated to 1
+    eng = make_engine(model_dir)
+    vocab = eng.args.vocab_size
+    for bad, what in (([1, -1], "-1..1"), ([vocab], f"{vocab}..{vocab}"), ([1, 2 ** 40], "1..")):
+        with pytest.raises(ValueError, match=f"must be in \\[0, {vocab}\\); got {what}"):
+            eng.add_request("bad", bad, GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("bad", [], GREEDY)
+    assert not eng.requests
+    eng.add_request("np", np.array(PROMPT, dtype=np.int32), GREEDY)
+    req = eng.requests["np"]
+    assert req.prompt_ids == PROMPT and req.ids_bytes(0, 8) == tokens_bytes(PROMPT[:8])
+    cold = run(make_engine(model_dir), [PROMPT])[0]
+    while eng.has_unfinished():
+        outs = eng.step()
+    assert outs[0].outputs[0].token_ids == cold.outputs[0].token_ids

@@ -35,9 +35,13 @@ def test_match_prefix_verifies_parent_and_tokens():
     h0, h1 = b"\x00" * 16, b"\x01" * 16
     cache_one(pool, b[0], h0, b"r" * 16, b"aaaa")
     cache_one(pool, b[1], h1, h0, b"bbbb")
-    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], [b"aaaa", b"bbbb"]) == b
-    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], [b"aaaa", b"XXXX"]) == b[:1]
-    assert pool.match_prefix([h0, h1], [b"q" * 16, h0], [b"aaaa", b"bbbb"]) == []
+    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], b"aaaabbbb") == b
+    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], b"aaaaXXXX") == b[:1]
+    assert pool.match_prefix([h0, h1], [b"q" * 16, h0], b"aaaabbbb") == []
+    assert pool.match_prefix([h0, h1], [b"r" * 16, b"z" * 16], b"aaaabbbb") == b[:1]  # parent of page 1
+    assert pool.match_prefix([h0, h1], [b"r" * 16, h0], b"aaaa") == b[:1]  # tokens for one page only
+    assert pool.match_prefix([h0, b"\x09" * 16, h1], [b"r" * 16, h0, h0], b"aaaabbbbbbbb") == b[:1]  # a miss
+    assert pool.match_prefix([], [], b"") == []
 
 
 def test_touch_shares_blocks_and_keeps_them_out_of_the_free_queue():
@@ -79,4 +83,4 @@ def test_cache_blocks_registers_a_run_like_one_at_a_time():
     hs = [bytes([i]) * 16 for i in range(4)]
     assert cache_one(pool, b[1], hs[1], hs[0], b"y")  # already held: skipped in the run below
     assert pool.cache_blocks(b, hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == 3
-    assert pool.match_prefix(hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == b
+    assert pool.match_prefix(hs, [bytes(16)] + hs[:3], b"xyzw") == b

@@ -81,3 +81,54 @@ def test_bad_spec_rejected():
         PageSpec(2, 2, 4, 4, "int7")
     with pytest.raises(ValueError, match="num_layers"):
         PageSpec(0, 2, 4, 4, "float32")
+
+
+def _python_chain(root, tokens, P):
+    from kvc import hashing
+    return hashing._page_hashes_python(root, hashing.tokens_bytes(tokens), P)
+
+
+@pytest.mark.parametrize("P", [1, 4, 16, 64, 1024, 2048])
+def test_native_chain_equals_the_python_chain(P):
+    """Long runs go through chainhash.c (one call); every digest equals xxhash's, including pages
+    over its 4 KiB stack buffer (P=2048: 8 KiB) and a partial tail that is not hashed."""
+    import random
+
+    from kvc import hashing
+    assert hashing._native_chain() is not None  # CI has a compiler: the native path is what runs
+    rng = random.Random(P)
+    tokens = [rng.randrange(2 ** 32) for _ in range(P * 20 + P // 2)]
+    got = page_hashes(NS.root, tokens, P)
+    assert got == _python_chain(NS.root, tokens, P)
+    assert len(got) == 20 and all(type(h) is bytes and len(h) == 16 for h in got)
+    packed = hashing.tokens_bytes(tokens)
+    assert page_hashes(NS.root, packed, P) == got  # bytes in: the same chain
+
+
+def test_test_vectors_hold_on_the_native_path():
+    from kvc import hashing
+    tokens = list(range(12)) * hashing.NATIVE_MIN_PAGES  # long enough for the native call
+    got = page_hashes(NS.root, tokens, 4)
+    assert [h.hex() for h in got[:3]] == PAGES_0_12 and got == _python_chain(NS.root, tokens, 4)
+
+
+def test_packed_tokens_must_be_whole_uint32s():
+    from kvc.hashing import tokens_bytes
+    with pytest.raises(ValueError, match="whole uint32s"):
+        tokens_bytes(b"\x01\x02\x03")
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_native_chain_build_failure_falls_back_with_one_log_line(tmp_path, monkeypatch, caplog, cc):
+    import logging
+
+    from kvc import hashing
+    monkeypatch.setenv("KVC_NATIVE_CC", cc)
+    monkeypatch.setenv("KVC_NATIVE_DIR", str(tmp_path / "native"))
+    monkeypatch.setattr(hashing, "_chain_libs", {})
+    tokens = list(range(4 * 64))
+    with caplog.at_level(logging.WARNING, logger="kvc.hashing"):
+        assert page_hashes(NS.root, tokens, 4) == _python_chain(NS.root, tokens, 4)
+        assert page_hashes(NS.root, tokens, 4) == _python_chain(NS.root, tokens, 4)
+    lines = [r.getMessage() for r in caplog.records if "native page chain unavailable" in r.getMessage()]
+    assert len(lines) == 1, caplog.text

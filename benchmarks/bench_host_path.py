@@ -1,0 +1,130 @@
+"""The engine thread's host work for a long cached prompt: where a device hit's time goes outside
+the model (issue 11's device-hit TTFT, issue 10's per-request cost).
+
+A device-pool hit of L cached tokens + `--new` new ones does per-request work that grows with L
+on the engine thread before the step's kernels start: the prompt's id check (add_request), its
+page hashes, the prefix match in the pool, the block table's upload, and at the end the blocks'
+release. This script times each of those functions (wall time, summed per request) for hits of
+8K and 32K cached tokens and for the new tokens alone, over --repeat requests, and prints a table.
+The model's own time is listed too: on CPU it is the reference attention over the prefix (not the
+point here); on CUDA it is the host time to queue the kernels.
+
+    python benchmarks/bench_host_path.py                       # CPU, a 1-layer tiny model
+    python benchmarks/bench_host_path.py --device cuda --preset qwen3-30b-a3b-shapes --layers 12
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import prompts  # noqa: E402
+from engine import LLMEngine, SamplingParams  # noqa: E402
+from engine.tiny import make_tiny_model  # noqa: E402
+from kvc.config import load_config  # noqa: E402
+
+# (label, object path on the engine, method, counted in the host total): host functions a request
+# passes through; the admission total contains the three rows above it
+PHASES = [
+    ("add_request (id check, packing)", "", "add_request", True),
+    ("page hashes", "kv", "update_hashes", False),
+    ("pool match", "prefix_cache.blocks", "match_prefix", False),
+    ("pool touch", "prefix_cache.blocks", "touch", False),
+    ("admission total (hashes, match, touch)", "prefix_cache", "_match", True),
+    ("step inputs + block tables (prepare)", "runner", "prepare", True),
+    ("model forward (host)", "model", "forward", False),
+    ("release blocks", "prefix_cache", "free", True),
+    ("register pages (commit)", "prefix_cache", "commit", True),
+]
+
+def instrument(eng) -> dict[str, float]:
+    times: dict[str, float] = collections.defaultdict(float)
+    for label, where, name, _ in PHASES:
+        obj = functools.reduce(getattr, where.split("."), eng) if where else eng
+        fn = getattr(obj, name)
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                times[_label] += time.perf_counter() - t
+        setattr(obj, name, timed)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=None, help="e.g. qwen3-30b-a3b-shapes (default: the tiny model)")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--cached", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=20)
+    a = ap.parse_args()
+    cuda = a.device.startswith("cuda")
+    dtype = "bfloat16" if cuda else "float32"
+    longest = max(a.cached) + a.new
+    d = tempfile.mkdtemp()
+    make_tiny_model(d, "qwen3_moe", preset=a.preset, num_hidden_layers=a.layers, dtype=dtype, std=0.02,
+                    max_position_embeddings=max(65536, 2 * longest))
+    if not cuda:
+        torch.set_num_threads(1)
+    cfg = load_config().replace(path=d, dtype=dtype, device=a.device, gpu_only=True, page_size=16,
+                                chunk_size=2048, num_device_blocks=2 * (longest // 16 + 64),
+                                max_num_batched_tokens=longest)
+    eng = LLMEngine(cfg)
+    times = instrument(eng)
+    vocab = eng.args.vocab_size
+    n = 0
+
+    def run(p) -> tuple[float, int]:
+        nonlocal n
+        n += 1
+        t = time.perf_counter()
+        eng.add_request(f"r{n}", p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        cached = 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                cached = o.num_cached_tokens if o.finished else cached
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, cached
+
+    print(f"device {a.device}, {eng.args.num_layers} layers, hidden {eng.args.hidden_size}, page 16; "
+          f"{a.repeat} requests a row; ms per request (wall time of each function, summed)")
+    cols = []
+    for L in a.cached:
+        base = prompts(1, L, vocab, 7)[0]
+        run(base)  # now in the device pool
+        for label in (f"{L} cached + {a.new}", f"{a.new} alone"):
+            times.clear()
+            total = 0.0
+            for r in range(a.repeat):
+                suffix, other = prompts(2, a.new, vocab, 1000 + r)
+                dt, got = run(base + suffix if "cached" in label else other)
+                if "cached" in label:
+                    assert got >= L, f"expected a device hit of {L} tokens, got {got}"
+                total += dt
+            cols.append((label, total / a.repeat, dict(times)))
+        eng.kv.blocks.reset_cache()
+    print("| phase | " + " | ".join(c[0] for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for label, _, _, _ in PHASES:
+        print(f"| {label} | " + " | ".join(f"{c[2].get(label, 0.0) / a.repeat * 1e3:.3f}" for c in cols) + " |")
+    counted = {label for label, _, _, yes in PHASES if yes}
+    host = [sum(v for k, v in c[2].items() if k in counted) / a.repeat * 1e3 for c in cols]
+    print("| host work outside the model | " + " | ".join(f"{h:.3f}" for h in host) + " |")
+    print("| request wall time (TTFT) | " + " | ".join(f"{c[1] * 1e3:.2f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
