@@ -11,6 +11,9 @@ point here); on CUDA it is the host time to queue the kernels.
 
     python benchmarks/bench_host_path.py                       # CPU, a 1-layer tiny model
     python benchmarks/bench_host_path.py --device cuda --preset qwen3-30b-a3b-shapes --layers 12
+
+A last table times the tokenizer on a text of the longest prompt's length and the longest pause it
+causes a thread running beside it (the server tokenizes on a worker thread; see server/api.py).
 """
 from __future__ import annotations
 
@@ -124,6 +127,43 @@ def main():
     host = [sum(v for k, v in c[2].items() if k in counted) / a.repeat * 1e3 for c in cols]
     print("| host work outside the model | " + " | ".join(f"{h:.3f}" for h in host) + " |")
     print("| request wall time (TTFT) | " + " | ".join(f"{c[1] * 1e3:.2f}" for c in cols) + " |")
+    if eng.tokenizer is not None:
+        tokenizer_stall(eng.tokenizer, max(a.cached))
+
+
+def tokenizer_stall(tok, tokens: int) -> None:
+    """How long a text of ~`tokens` tokens takes to tokenize, and how long another thread (the
+    engine's, when the server tokenized there) is stopped meanwhile: tokenizers' encode holds the
+    GIL for the whole call, encode_batch lets go of it."""
+    import random
+    import threading
+    rng = random.Random(0)
+    words = ["the", "cache", "prefix", "tokens", "model", "page", "hash", "tier", "disk", "memory"]
+    text = " ".join(rng.choice(words) for _ in range(tokens // 6 + 1))
+    n = len(tok.encode(text))
+    raw = tok._tok
+    print(f"\ntokenizing a {len(text):,}-character text ({n:,} tokens) on a worker thread, 3 times; "
+          "the longest pause of a thread that runs beside it:")
+    print("| call | ms per text | longest pause of the other thread (ms) |\n|---|---|---|")
+    for name, fn in (("encode (holds the GIL)", lambda: raw.encode(text, add_special_tokens=False)),
+                     ("encode_batch (Tokenizer.encode)", lambda: tok.encode(text))):
+        done, took = threading.Event(), []
+
+        def work():
+            t = time.perf_counter()
+            for _ in range(3):
+                fn()
+            took.append((time.perf_counter() - t) / 3)
+            done.set()
+        worst, last = 0.0, time.perf_counter()
+        th = threading.Thread(target=work)
+        th.start()
+        while not done.is_set():
+            sum(range(200))  # a thread with work of its own, as the engine's is
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+        th.join()
+        print(f"| {name} | {took[0] * 1e3:.1f} | {worst * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
 
     async def submit(prompt, params, salt: str | None, http: Request) -> Stream:
         rid = f"{uuid.uuid4().hex}"
+        tok = engine.engine.tokenizer
+        if isinstance(prompt, str) and tok is not None:
+            # Here, on a worker thread, not on the engine's thread: a 32K-token prompt takes
+            # ~10-15 ms to tokenize, and every running request's next step would wait for it
+            # (Tokenizer.encode lets go of the GIL while it works).
+            prompt = await asyncio.to_thread(tok.encode, prompt)
         try:
             return await engine.submit(rid, prompt, params, salt or "")
         except ValueError as e:
