@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import prompts  # noqa: E402
 from engine import LLMEngine, SamplingParams  # noqa: E402
+from engine.llm import _make_store  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 from kvc.config import load_config  # noqa: E402
 
@@ -46,12 +47,18 @@ PHASES = [
     ("model forward (host)", "model", "forward", False),
     ("release blocks", "prefix_cache", "free", True),
     ("register pages (commit)", "prefix_cache", "commit", True),
+    ("  of which offers to the host tiers", "prefix_cache", "_offer", False),
+    ("host-tier lookup (in admission)", "prefix_cache.host", "lookup", False),
+    ("host-tier load start (in admission)", "prefix_cache.host", "load", False),
+    ("loads polled and registered", "prefix_cache", "poll", True),
 ]
 
 def instrument(eng) -> dict[str, float]:
     times: dict[str, float] = collections.defaultdict(float)
     for label, where, name, _ in PHASES:
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
+        if obj is None:  # no host tiers
+            continue
         fn = getattr(obj, name)
 
         def timed(*a, _fn=fn, _label=label, **k):
@@ -72,6 +79,9 @@ def main():
     ap.add_argument("--cached", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--tiers", choices=["none", "cpu", "cpu+disk"], default="none",
+                    help="host tiers (none: gpu_only); with tiers a cpu-hit column is added (the device "
+                         "pool emptied before each request, the prefix loaded from the cpu tier)")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     dtype = "bfloat16" if cuda else "float32"
@@ -81,10 +91,14 @@ def main():
                     max_position_embeddings=max(65536, 2 * longest))
     if not cuda:
         torch.set_num_threads(1)
-    cfg = load_config().replace(path=d, dtype=dtype, device=a.device, gpu_only=True, page_size=16,
-                                chunk_size=2048, num_device_blocks=2 * (longest // 16 + 64),
-                                max_num_batched_tokens=longest)
-    eng = LLMEngine(cfg)
+    tiers = {"gpu_only": True} if a.tiers == "none" else {
+        "gpu_only": False, "cpu_memory_size_GB": 4,
+        "disk_path": tempfile.mkdtemp(prefix="kvc-host-path-") if a.tiers == "cpu+disk" else None}
+    cfg = load_config().replace(path=d, dtype=dtype, device=a.device, page_size=16, chunk_size=2048,
+                                num_device_blocks=2 * (longest // 16 + 64), max_num_batched_tokens=longest,
+                                **tiers)
+    store = _make_store(cfg)  # the host tiers, as LLM builds them (None: gpu_only)
+    eng = LLMEngine(cfg, cache=store)
     times = instrument(eng)
     vocab = eng.args.vocab_size
     n = 0
@@ -102,23 +116,34 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - t, cached
 
-    print(f"device {a.device}, {eng.args.num_layers} layers, hidden {eng.args.hidden_size}, page 16; "
-          f"{a.repeat} requests a row; ms per request (wall time of each function, summed)")
+    print(f"device {a.device}, {eng.args.num_layers} layers, hidden {eng.args.hidden_size}, page 16, host tiers "
+          f"{a.tiers}; {a.repeat} requests a column; ms per request (wall time of each function, summed)")
+    pc = eng.prefix_cache
     cols = []
     for L in a.cached:
         base = prompts(1, L, vocab, 7)[0]
-        run(base)  # now in the device pool
-        for label in (f"{L} cached + {a.new}", f"{a.new} alone"):
+        run(base)  # now in the device pool (and offered to the host tiers)
+        if pc.host is not None:
+            pc.flush()  # its puts done: the rows below do not share the host with them
+        kinds = [("device", f"{L} device hit + {a.new}"), ("alone", f"{a.new} alone")]
+        if pc.host is not None:
+            kinds.insert(1, ("cpu", f"{L} cpu hit + {a.new}"))
+        for kind, label in kinds:
             times.clear()
             total = 0.0
             for r in range(a.repeat):
                 suffix, other = prompts(2, a.new, vocab, 1000 + r)
-                dt, got = run(base + suffix if "cached" in label else other)
-                if "cached" in label:
-                    assert got >= L, f"expected a device hit of {L} tokens, got {got}"
+                if kind == "cpu":
+                    pc.flush()
+                    pc.reset_device_cache()
+                dt, got = run(other if kind == "alone" else base + suffix)
+                if kind != "alone":
+                    assert got >= L, f"expected a {kind} hit of {L} tokens, got {got}"
                 total += dt
             cols.append((label, total / a.repeat, dict(times)))
-        eng.kv.blocks.reset_cache()
+        if pc.host is not None:
+            pc.flush()
+        pc.reset_device_cache()
     print("| phase | " + " | ".join(c[0] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for label, _, _, _ in PHASES:

@@ -277,7 +277,7 @@ class HostTier:
             try:
                 if event is not None:
                     event.synchronize()  # this thread waits for the copy; the engine does not
-                pages = [Page(h, p, t, data[i]) for i, (h, p, t) in enumerate(zip(hashes, parents, tokens))]
+                pages = list(map(Page, hashes, parents, tokens, data.unbind(0)))
                 for i in range(0, len(pages), PUT_BATCH):
                     self._wait_for_slack()
                     self.cache.put_pages(ns, pages[i:i + PUT_BATCH], chain_continues=i + PUT_BATCH < len(pages))

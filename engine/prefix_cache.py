@@ -21,7 +21,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
-from kvc.record import as_tokens
+import numpy as np
 
 from .host_tier import HostTier
 from .kv_cache import KVCache
@@ -223,10 +223,12 @@ class PrefixCache:
         if not self.host.room(len(pages), self.kv.pool.device.type == "cuda"):
             self.host.dropped_puts += len(pages)  # no gather for an offer that would be dropped
             return
-        data = self.kv.pool.gather([req.block_table[i] for i in pages])  # [n, L, parts, P, H, D]
-        self.host.offer(self.kv.namespace(req.cache_salt), [req.hashes[i] for i in pages],
-                        [self.kv.parent(req, i) for i in pages],
-                        [as_tokens(req.ids(i * P, (i + 1) * P)) for i in pages], data)
+        data = self.kv.pool.gather(req.block_table[pages.start:pages.stop])  # [n, L, parts, P, H, D]
+        a, b = pages.start, pages.stop
+        tokens = np.frombuffer(req.ids_bytes(a * P, b * P), dtype="<u4").astype(np.uint32, copy=False)
+        self.host.offer(self.kv.namespace(req.cache_salt), req.hashes[a:b],
+                        [self.kv.parent(req, a)] + req.hashes[a:b - 1],
+                        list(tokens.reshape(b - a, P)), data)  # one row view per page: no per-page conversion
 
     def _register(self, req: Request, full: int) -> int:
         """Register pages [num_registered, full) in the pool's hash map; returns how many."""

@@ -51,11 +51,11 @@ class PageSpec:
         kv_parts is part of the namespace encoding, so the two layouts never share a chain root."""
         return "mla" if self.kv_parts == 1 else "kv"
 
-    @property
+    @functools.cached_property  # read per page on the put path: computed once per spec
     def shape(self) -> tuple[int, int, int, int, int]:
         return (self.num_layers, self.kv_parts, self.page_size, self.num_kv_heads, self.head_dim)
 
-    @property
+    @functools.cached_property
     def page_bytes(self) -> int:
         n = 1
         for d in self.shape:

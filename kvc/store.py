@@ -151,7 +151,7 @@ class TieredStore:
         """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
         own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
         bytes compare for tokens); page by page only to find where a mismatch starts."""
-        keys = [key(root, h) for h in hashes]
+        keys = list(map(root.__add__, hashes))  # key(root, h) for each, without a call per page
         cpu = list(map(self.cpu.entries.get, keys))
         disk = list(map(self.disk.entries.get, keys))
         n = 0
@@ -167,7 +167,7 @@ class TieredStore:
         if raw is not None and n and b"".join(e.tokens for e in held[:n]) != raw[:n * step]:
             n = next(i for i, e in enumerate(held[:n]) if e.tokens != raw[i * step:(i + 1) * step])
             self.metrics.collisions.inc()
-        located = ["cpu" if c is not None else "disk" for c in cpu[:n]]
+        located = ["disk" if c is None else "cpu" for c in cpu[:n]]
         tiers = {}
         for tier, col in (("cpu", cpu), ("disk", disk)):
             if getattr(self, tier).capacity:
