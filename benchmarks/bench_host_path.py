@@ -75,6 +75,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default=None, help="e.g. qwen3-30b-a3b-shapes (default: the tiny model)")
+    ap.add_argument("--model-dir", default=None, help="an existing checkpoint to use instead (e.g. the 12-layer "
+                    "Qwen3-30B-A3B-shapes one the other GPU benchmarks write)")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--cached", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--new", type=int, default=64)
@@ -86,9 +88,11 @@ def main():
     cuda = a.device.startswith("cuda")
     dtype = "bfloat16" if cuda else "float32"
     longest = max(a.cached) + a.new
-    d = tempfile.mkdtemp()
-    make_tiny_model(d, "qwen3_moe", preset=a.preset, num_hidden_layers=a.layers, dtype=dtype, std=0.02,
-                    max_position_embeddings=max(65536, 2 * longest))
+    d = a.model_dir
+    if d is None or not (Path(d) / "config.json").exists():
+        d = d or tempfile.mkdtemp()
+        make_tiny_model(d, "qwen3_moe", preset=a.preset, num_hidden_layers=a.layers, dtype=dtype, std=0.02,
+                        max_position_embeddings=max(65536, 2 * longest))
     if not cuda:
         torch.set_num_threads(1)
     tiers = {"gpu_only": True} if a.tiers == "none" else {

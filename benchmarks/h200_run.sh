@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, moe, shapes, shapes-norecompile, load-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, moe, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -40,6 +40,8 @@ for part in "$@"; do
     shapes-norecompile) TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 step shapes-norecompile 120 \
         python3 benchmarks/bench_prefill_shapes.py --model-dir "$ckpt" --kernels cudnn ;;
     load-path) step load-path 120 python3 benchmarks/probe_load_path.py ;;
+    host-path) step host-path 200 python3 benchmarks/bench_host_path.py --device cuda --model-dir "$ckpt" \
+        --preset qwen3-30b-a3b-shapes --layers 12 --tiers cpu --repeat 10 ;;
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
     profile-hit) step profile-hit 150 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
         --cases hit,prefill --prompt-len 8192 32768 --top 12 ;;
