@@ -253,3 +253,19 @@ def test_a_chain_put_in_small_calls_is_ordered_once_at_its_end(tmp_path):
         for i in range(0, len(pa), 3):
             cut.put_pages(NS, pa[i:i + 3], chain_continues=i + 3 < len(pa))
         assert list(cut.cpu.entries) == list(one.cpu.entries) == [NS.root + h for h in ha[::-1]]
+
+
+def test_a_put_at_the_end_of_a_long_chain_makes_the_whole_chain_recent_in_both_tiers(tmp_path):
+    """The chain walk collects the ancestors, then touches them in bulk: the order is the same as
+    touching them one by one (deepest first, so the root is the most recent), cpu and disk alike."""
+    with TieredStore(kvc_config(tmp_path, disk_write="through")) as s:
+        hs, ps = make_pages(NS, list(range(4 * 40)))  # a chain of 40 pages
+        hx, px = make_pages(NS, list(range(1000, 1008)))  # another chain, put after it
+        s.put_pages(NS, ps[:39])
+        s.put_pages(NS, px)
+        s.flush()
+        s.put_pages(NS, ps[39:])  # one page at depth 39
+        s.flush()
+        want = keys(*reversed(hs))
+        assert list(s.cpu.entries) == keys(*reversed(hx)) + want
+        assert list(s.disk.index) == keys(*reversed(hx)) + want
