@@ -83,6 +83,17 @@ class NativeSumCopy:
         return list(sums)
 
 
+    def pointers(self, src: Sequence[int], dst: Sequence[int], lens: Sequence[int]) -> list[int]:
+        """xxh3_64 of each src[i] .. src[i] + lens[i], then its copy to dst[i] where that is not 0
+        (0: checksum only), in one call without the GIL. Raw addresses: for callers that own both
+        buffers and have checked every range (the cpu tier's reads of its own slab)."""
+        n = len(src)
+        arr = ctypes.c_uint64 * n
+        sums = arr()
+        self._fn(n, arr(*src), arr(*dst), arr(*lens), sums, self._xxh3)
+        return list(sums)
+
+
 def library(cc: str | None = None) -> NativeSumCopy | None:
     """The native batch, built for this CPU once per process, or None where it cannot be."""
     cc = native.compiler(cc)

@@ -200,10 +200,15 @@ class TieredStore:
                 if e is None or e.nbytes != spec.page_bytes or e.ns_root != root:
                     break
                 run += 1
-            rows = [row(i) for i in range(run)]
-            ok = self.cpu.read_many(keys[:run], [f for _, f in rows]) if run else []
+            datas: tuple = ()
+            if run:  # the run's page tensors and flat bytes as views of one block (unbind, not a view op a page)
+                block = out[:run] if out is not None else torch.empty((run, *spec.shape), dtype=torch_dtype(spec.dtype))
+                datas = block.unbind(0)
+                ok = self.cpu.read_many(keys[:run], block.view(torch.uint8).reshape(run, -1).unbind(0))
+            else:
+                ok = []
             good = next((i for i, v in enumerate(ok) if not v), run)
-            pages = [self._page_of(h, self.cpu.get(k), rows[i][0]) for i, (h, k) in enumerate(zip(hashes[:good], keys))]
+            pages = [self._page_of(h, self.cpu.get(k), datas[i]) for i, (h, k) in enumerate(zip(hashes[:good], keys))]
             if good < run:
                 self._corrupt_cpu(keys[good])
             i = run if good == run else len(hashes)

@@ -2,6 +2,7 @@
 import logging
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -198,3 +199,29 @@ def test_a_failed_build_falls_back_to_the_per_page_path_with_one_log_line(tmp_pa
     lines = [r.getMessage() for r in caplog.records if "native put path unavailable" in r.getMessage()]
     assert len(lines) == 1 and "page by page" in lines[0], caplog.text
     assert not (tmp_path / "native").exists() or list((tmp_path / "native").iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("path", ["native", "per-page"])
+@pytest.mark.parametrize("readers", [0, 3])
+def test_batch_reads_and_verifies_equal_the_pages_and_stop_at_a_flipped_byte(tmp_path, monkeypatch, path, readers):
+    """The cpu tier's batch read (get_pages on the CPU) and in-place verify (the CUDA get) run one
+    native call per reader thread; the per-page path is what runs without a compiler. Both give
+    the stored bytes, and a flipped byte in page 9 of 20 ends the run there."""
+    if path == "native" and pagecopy.library() is None:
+        pytest.skip("the native put path does not build here")
+    if path == "per-page":
+        monkeypatch.setattr(pagecopy, "library", lambda cc=None: None)
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        if s.cpu._readers is not None:
+            s.cpu._readers.shutdown()
+        s.cpu._readers = ThreadPoolExecutor(readers) if readers else None  # 3: parts of 7, 7 and 6 pages
+        hashes, pages = make_pages(NS, list(range(4 * 20)))
+        assert s.put_pages(NS, pages).stored == 20
+        entries = [s.cpu.get(key(NS.root, h)) for h in hashes]
+        assert s.cpu.verify_entries(entries) == [True] * 20
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 20 and all(torch.equal(g.data, p.data) for g, p in zip(got, pages))
+        s.cpu.view(key(NS.root, hashes[9]))[3] ^= 0x5A
+        assert s.cpu.verify_entries(entries) == [True] * 9 + [False] + [True] * 10
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 9 and all(torch.equal(g.data, p.data) for g, p in zip(got, pages))
