@@ -456,6 +456,7 @@ class TieredStore:
     def _publish_puts(self, root: bytes, todo: list, sums: list[int], placed: set[bytes], tally: "_Tally") -> None:
         """Under the lock, after the copies: commit the reserved slots, send pages down, count."""
         pending = {t[0].hash for t in todo}
+        cpu_bytes = 0
         for (p, k, e, off), csum in zip(todo, sums):
             e.checksum = csum
             if p.parent in pending and p.parent not in placed:  # its parent of this call landed nowhere
@@ -469,7 +470,8 @@ class TieredStore:
                 continue
             ok = off is not None
             if ok:
-                self._cpu_stored(k, e, off)
+                self._cpu_stored(k, e, off, count=False)
+                cpu_bytes += e.nbytes
             # without a cpu tier nothing counts uses: pages go down at once
             down = not ok or self.admission.on_put(k)
             if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
@@ -484,6 +486,8 @@ class TieredStore:
                 placed.add(p.hash)
             else:
                 tally.reject(f"no room for page {p.hash.hex()}")
+        if cpu_bytes:
+            self._m_cpu_stored.inc(cpu_bytes)
 
     def _parent_ok(self, root: bytes, parent: bytes, placed: set[bytes]) -> bool:
         """A page hangs from its namespace's root or from its own pages (the cluster's keys carry
@@ -527,6 +531,9 @@ class TieredStore:
         """A cpu slot for a page of nbytes (LRU pages demoted to make room); None if none can be had."""
         if not self.cpu.fits(nbytes) or self.cpu.get(k) is not None:
             return None
+        off = self.cpu.reserve(nbytes)  # a free slot: no victims to look for (the common case)
+        if off is not None:
+            return off
         victims = self.cpu.victims_for(nbytes, self._pinned)
         if victims is None:
             return None
@@ -535,10 +542,12 @@ class TieredStore:
         self._demote(victims)
         return self.cpu.reserve(nbytes)
 
-    def _cpu_stored(self, k: bytes, e: Entry, off: int) -> None:
-        """Publish a reserved slot whose bytes are in place."""
+    def _cpu_stored(self, k: bytes, e: Entry, off: int, count: bool = True) -> None:
+        """Publish a reserved slot whose bytes are in place (count=False: the caller counts the
+        bytes in kvc_store_bytes_total itself, once for a batch)."""
         self.cpu.commit(k, e, off)
-        self._m_cpu_stored.inc(e.nbytes)
+        if count:
+            self._m_cpu_stored.inc(e.nbytes)
         self._emit("stored", e.ns_root, hash_of(k), e.parent, "cpu")
 
     def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
@@ -696,6 +705,8 @@ class TieredStore:
         self._listeners.append(fn)
 
     def _emit(self, kind: str, ns_root: bytes, h: bytes, parent: bytes, tier: str) -> None:
+        if not self._listeners:  # per page on the put path: most stores have none
+            return
         for fn in list(self._listeners):
             try:
                 fn(kind, ns_root, h, parent, tier)

@@ -269,3 +269,15 @@ def test_a_put_at_the_end_of_a_long_chain_makes_the_whole_chain_recent_in_both_t
         want = keys(*reversed(hs))
         assert list(s.cpu.entries) == keys(*reversed(hx)) + want
         assert list(s.disk.index) == keys(*reversed(hx)) + want
+
+
+def test_stored_bytes_are_counted_once_per_stored_page(tmp_path):
+    """put_pages counts kvc_store_bytes_total{tier="cpu"} once per batch: stored pages only, not
+    duplicates or refused ones."""
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        ha, pa = make_pages(NS, list(range(12)))
+        assert s.put_pages(NS, pa[:2]).stored == 2
+        assert metric(s, "kvc_store_bytes_total", tier="cpu") == 2 * SPEC.page_bytes
+        res = s.put_pages(NS, [pa[1], pa[2]])  # one duplicate, one new
+        assert (res.stored, res.duplicate) == (1, 1)
+        assert metric(s, "kvc_store_bytes_total", tier="cpu") == 3 * SPEC.page_bytes
