@@ -49,6 +49,7 @@ PHASES = [
     ("register pages (commit)", "prefix_cache", "commit", True),
     ("  of which offers to the host tiers", "prefix_cache", "_offer", False),
     ("host-tier lookup (in admission)", "prefix_cache.host", "lookup", False),
+    ("host-tier lookup_from a device hit (in admission)", "prefix_cache.host", "lookup_from", False),
     ("host-tier load start (in admission)", "prefix_cache.host", "load", False),
     ("loads polled and registered", "prefix_cache", "poll", True),
 ]

@@ -80,6 +80,13 @@ class HostTier:
     def lookup(self, ns: Namespace, tokens: list[int] | bytes, hashes: list[bytes] | None = None) -> LookupResult:
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes)
 
+    def lookup_from(self, ns: Namespace, parent: bytes, hashes: list[bytes], tokens: bytes) -> list[str] | None:
+        """The tiers of the leading verified pages of a run hanging from `parent` (a page the
+        engine holds), where the backend can answer that (an in-process TieredStore); None where it
+        cannot (the gRPC client: the caller looks the whole prompt up)."""
+        fn = getattr(self.cache, "lookup_from", None)
+        return None if fn is None else fn(ns, parent, hashes, tokens)
+
     # -- loads ---------------------------------------------------------------------------------
     def load(self, ns: Namespace, hashes: Sequence[bytes], pool: DevicePool, blocks: Sequence[int],
              tiers: Sequence[str] | None = None) -> Future:

@@ -94,7 +94,7 @@ class PrefixCache:
         if self.host is None or cap <= len(hits):
             return None
         ns = self.kv.namespace(req.cache_salt)
-        located = self.host.lookup(ns, req.ids_bytes(0, cap * P), req.hashes[:cap]).located[:cap]
+        located = self._host_located(req, ns, len(hits), cap)
         if len(located) < len(hits) and self._may_reoffer(req.hashes[len(located)]):
             # The host tiers lack part of what the device pool holds: its puts were lost (a cache
             # service that was down) or evicted there. Offer those pages again: otherwise the
@@ -117,6 +117,25 @@ class PrefixCache:
         fut = self.host.load(ns, req.hashes[len(hits):end], self.kv.pool, blocks, located[len(hits):end])
         self._loads[req] = _Load(req, fut, len(hits))
         return Admission(Grant.LOADING)
+
+    def _host_located(self, req: Request, ns, hits: int, cap: int) -> list[str]:
+        """The host tiers' tier for each of the request's first pages (at most cap), as far as they
+        hold a verified run; pages before `hits` are in the device pool.
+
+        With a device hit, only its last page and the pages after it are looked up: the host
+        tiers evict a chain tail first (a put makes every ancestor newer than its pages), so a
+        held last page means a held prefix. The planner reads the tiers from `hits` on only; the
+        earlier entries repeat the last page's tier. A 32K-token prompt's device hit then asks
+        about 1 + its new pages instead of 2,048. Where the last page is missing (puts lost or
+        evicted) or the backend cannot answer that, the whole prompt is looked up, which is what
+        finds pages to offer again."""
+        P = self.page_size
+        if hits:
+            tail = self.host.lookup_from(ns, self.kv.parent(req, hits - 1), req.hashes[hits - 1:cap],
+                                         req.ids_bytes((hits - 1) * P, cap * P))
+            if tail:
+                return [tail[0]] * (hits - 1) + tail
+        return self.host.lookup(ns, req.ids_bytes(0, cap * P), req.hashes[:cap]).located[:cap]
 
     def _may_reoffer(self, h: bytes) -> bool:
         """At most one re-offer of a prefix (named by its first missing page) per REOFFER_EVERY_S:

@@ -129,25 +129,51 @@ class TieredStore:
         # batches (on the H200 a third of the engine thread's time waited here). The tiers' maps are
         # read with single dict.get calls, atomic under the GIL; the answer is advice that
         # get_pages verifies again, page by page, under the lock.
-        located, tiers = self._verified_prefix(root, hashes, raw, 4 * P)
+        located, tiers = self._located(ns, root, hashes, raw)
+        self._count_lookup(P, len(hashes), n_query, located, t0)
+        return LookupResult(hashes, tiers, located)
+
+    def lookup_from(self, ns: Namespace, parent: bytes, hashes: Sequence[bytes], tokens) -> list[str]:
+        """lookup for a run of pages that hangs from `parent`, a page the caller holds and has
+        verified itself (an engine's device pool): the tier of each page of the run's longest
+        verified prefix. `tokens`: the run's token ids (or their uint32 bytes). An engine that
+        reuses a 32K-token prefix from its device pool asks this about the last pool page and the
+        pages after it instead of the whole prompt (0.8-1.1 ms of lookup a request on the 2-core VM)."""
+        t0 = time.perf_counter()
+        hashes = list(hashes)
+        raw = hashing.tokens_bytes(tokens)
+        if len(raw) < 4 * ns.spec.page_size * len(hashes):
+            raise ValueError(f"lookup_from: {len(raw) // 4} token ids for {len(hashes)} pages")
+        located, _ = self._located(ns, parent, hashes, raw)
+        self._count_lookup(ns.spec.page_size, len(hashes), len(raw) // 4, located, t0)
+        return located
+
+    def _located(self, ns: Namespace, parent: bytes, hashes: list[bytes], raw: bytes | None):
+        """(located, tiers) of the longest verified run of `hashes` hanging from `parent`: the local
+        tiers, then the cluster below them."""
+        P = ns.spec.page_size
+        located, tiers = self._verified_prefix(ns.root, hashes, raw, 4 * P, parent)
         n = len(located)
         if n < len(hashes) and not isinstance(self.cluster, NullCluster):  # below disk, outside the lock
-            k = self.cluster.lookup(ns, hashes[n:], hashes[n - 1] if n else root,
+            k = self.cluster.lookup(ns, hashes[n:], hashes[n - 1] if n else parent,
                                     raw[n * 4 * P:] if raw is not None else None)
             located += ["cluster"] * k
             tiers["cluster"] = k  # the cluster's run after the local tiers' (it is not asked about theirs)
-            n += k
+        return located, tiers
+
+    def _count_lookup(self, P: int, asked: int, n_query: int, located: list[str], t0: float) -> None:
+        n = len(located)
         m = self.metrics
-        m.lookup_requests.labels(result="hit" if n and n == len(hashes) else "partial" if n else "miss").inc()
+        m.lookup_requests.labels(result="hit" if n and n == asked else "partial" if n else "miss").inc()
         m.lookup_query_tokens.inc(n_query)
         for tier in ("cpu", "disk", "cluster"):
             k = located.count(tier)
             if k:
                 m.lookup_hit_tokens.labels(tier=tier).inc(k * P)
         m.lookup_duration.observe(time.perf_counter() - t0)
-        return LookupResult(hashes, tiers, located)
 
-    def _verified_prefix(self, root: bytes, hashes: list[bytes], raw: bytes | None, step: int):
+    def _verified_prefix(self, root: bytes, hashes: list[bytes], raw: bytes | None, step: int,
+                         parent: bytes | None = None):
         """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
         own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
         bytes compare for tokens); page by page only to find where a mismatch starts."""
@@ -160,7 +186,7 @@ class TieredStore:
                 break
             n += 1
         held = [c if c is not None else d for c, d in zip(cpu[:n], disk[:n])]
-        parents = [root] + hashes[:n - 1] if n else []
+        parents = [root if parent is None else parent] + hashes[:n - 1] if n else []
         if [e.parent for e in held] != parents:
             n = next(i for i, (e, p) in enumerate(zip(held, parents)) if e.parent != p)
             self.metrics.collisions.inc()

@@ -316,3 +316,54 @@ def test_engine_skips_a_slow_tier_and_uses_a_fast_one(qwen_dir, store, cpu_bytes
     assert reg.get_sample_value("kvc_engine_prefill_tokens_per_second") == 1000
     assert reg.get_sample_value("kvc_tier_load_bytes_per_second", {"tier": "cpu"}) > 0
     eng.close()
+
+
+def test_a_device_hit_asks_the_host_tiers_about_its_last_page_and_what_follows(qwen_dir, store):
+    """With a device hit the host tiers are asked (lookup_from) about the hit's last page and the
+    pages after it, not the whole prompt; pages the device pool lost but the host tiers hold are
+    still loaded, and outputs equal the cache-off output."""
+    P = 4
+    prompt = PROMPT[:28]  # 7 full pages
+    eng = make_engine(qwen_dir, cache=store, num_device_blocks=16)
+    calls = {"lookup": 0, "from": []}
+    real_lookup, real_from = store.lookup, store.lookup_from
+
+    def lookup(*a, **k):
+        calls["lookup"] += 1
+        return real_lookup(*a, **k)
+
+    def lookup_from(ns, parent, hashes, tokens):
+        calls["from"].append(len(hashes))
+        return real_from(ns, parent, hashes, tokens)
+    store.lookup, store.lookup_from = lookup, lookup_from
+    run_one(eng, prompt + [1, 2, 3])
+    eng.prefix_cache.flush()
+    calls.update(lookup=0, **{"from": []})
+    warm = run_one(eng, prompt + [4, 5, 6] * 2)  # a device hit of 7 pages, then 1 full page
+    assert calls["lookup"] == 0 and calls["from"] == [2]  # the last pool page and the one after it
+    # pressure on the pool (blocks taken as other requests would): it drops the prompt's tail
+    # pages first, while the host tiers keep every page
+    pool, taken = eng.prefix_cache.blocks, []
+    while _device_pages(eng, prompt) > 4:
+        taken += pool.allocate(1)
+    pool.free(taken)
+    kept = _device_pages(eng, prompt)
+    assert kept == 4, kept
+    calls.update(lookup=0, **{"from": []})
+    eng.add_request("again", prompt + [7] * 6, GREEDY)
+    done = {}
+    drain(eng, done, 500)
+    assert done["again"].num_cached_tokens >= 7 * P  # pool pages + host pages (+ the warm run's 8th)
+    assert calls["lookup"] == 0 and calls["from"] == [8 - kept + 1]
+    eng.close()
+    cold = make_engine(qwen_dir)
+    assert warm == run_one(cold, prompt + [4, 5, 6] * 2)
+    assert done["again"].outputs[0].token_ids == run_one(cold, prompt + [7] * 6)
+
+
+def _device_pages(eng, prompt) -> int:
+    """How many of the prompt's leading pages the device pool holds."""
+    from kvc.hashing import page_hashes, tokens_bytes
+    root = eng.kv.namespace("").root
+    hs = page_hashes(root, prompt, eng.kv.page_size)
+    return len(eng.prefix_cache.blocks.match_prefix(hs, [root] + hs[:-1], tokens_bytes(prompt)))

@@ -281,3 +281,25 @@ def test_stored_bytes_are_counted_once_per_stored_page(tmp_path):
         res = s.put_pages(NS, [pa[1], pa[2]])  # one duplicate, one new
         assert (res.stored, res.duplicate) == (1, 1)
         assert metric(s, "kvc_store_bytes_total", tier="cpu") == 3 * SPEC.page_bytes
+
+
+def test_lookup_from_a_held_page_equals_the_whole_lookup_from_there(tmp_path):
+    """lookup_from(parent, run) answers for a run hanging from a page the caller holds: the same
+    tiers as the whole prompt's lookup from that page on; a wrong parent or tokens end the run."""
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        toks = list(range(4 * 10))
+        ha, pa = make_pages(NS, toks)
+        s.put_pages(NS, pa[:8])
+        raw = hashing.tokens_bytes(toks)
+        whole = s.lookup(NS, tokens=toks).located
+        assert whole == ["cpu"] * 8
+        for k in (1, 5, 7, 8):
+            got = s.lookup_from(NS, ha[k - 1], ha[k:], raw[16 * k:])
+            assert got == whole[k:], k
+        assert s.lookup_from(NS, NS.root, ha, toks) == whole  # from the root: the plain lookup
+        assert s.lookup_from(NS, ha[3], ha[5:], raw[16 * 5:]) == []  # page 5's parent is ha[4]
+        bad = bytearray(raw[16 * 4:])
+        bad[20] ^= 1  # a token of page 5
+        assert s.lookup_from(NS, ha[3], ha[4:], bytes(bad)) == ["cpu"]
+        with pytest.raises(ValueError, match="token ids for"):
+            s.lookup_from(NS, ha[3], ha[4:], raw[16 * 4:16 * 5])
