@@ -22,3 +22,12 @@ void kvc_sum_copy(long n, const uint64_t *src, const uint64_t *dst, const uint64
             memcpy((void *)(uintptr_t)dst[i], s, (size_t)len[i]);
     }
 }
+
+/* Plain copies for a batch (the cpu tier's demoted pages into their disk records), in one call
+ * that runs without the GIL. */
+void kvc_copy(long n, const uint64_t *src, const uint64_t *dst, const uint64_t *len)
+{
+    for (long i = 0; i < n; i++)
+        if (len[i])
+            memcpy((void *)(uintptr_t)dst[i], (const void *)(uintptr_t)src[i], (size_t)len[i]);
+}

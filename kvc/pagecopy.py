@@ -55,6 +55,10 @@ class NativeSumCopy:
         fn.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 5
         fn.restype = None
         self._fn = fn
+        cp = lib.kvc_copy
+        cp.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 3
+        cp.restype = None
+        self._copy = cp
         xx = ctypes.CDLL(xxhash._xxhash.__file__)  # the extension module itself: already loaded
         self._xxh3 = ctypes.cast(xx.XXH3_64bits, ctypes.c_void_p).value
         probe = torch.arange(1000, dtype=torch.int32)  # 4,000 bytes: xxh3's long-input code path
@@ -92,6 +96,14 @@ class NativeSumCopy:
         sums = arr()
         self._fn(n, arr(*src), arr(*dst), arr(*lens), sums, self._xxh3)
         return list(sums)
+
+
+    def copy(self, src: Sequence[int], dst: Sequence[int], lens: Sequence[int]) -> None:
+        """memcpy(dst[i], src[i], lens[i]) for each, in one call without the GIL (raw addresses,
+        as `pointers`)."""
+        n = len(src)
+        arr = ctypes.c_uint64 * n
+        self._copy(n, arr(*src), arr(*dst), arr(*lens))
 
 
 def library(cc: str | None = None) -> NativeSumCopy | None:

@@ -225,3 +225,12 @@ def test_batch_reads_and_verifies_equal_the_pages_and_stop_at_a_flipped_byte(tmp
         assert s.cpu.verify_entries(entries) == [True] * 9 + [False] + [True] * 10
         got = s.get_pages(NS, hashes)
         assert len(got) == 9 and all(torch.equal(g.data, p.data) for g, p in zip(got, pages))
+
+
+@needs_cc
+def test_native_plain_copies_equal_the_bytes(native):
+    g = torch.Generator().manual_seed(1)
+    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in SIZES]
+    dsts = [torch.zeros(n, dtype=torch.uint8) for n in SIZES]
+    native.copy([t.data_ptr() for t in srcs], [t.data_ptr() for t in dsts], [t.numel() for t in srcs])
+    assert all(torch.equal(a, b) for a, b in zip(srcs, dsts))
