@@ -401,17 +401,23 @@ class DiskTier:
         if gate is not None:
             gate()
         t0 = time.perf_counter()
+        def stale() -> set[int]:  # puts whose page was removed or replaced since they were queued
+            with self._lock:  # once for the batch (and after each gate wait), not per record
+                return {id(i) for i in batch if i[0] == "put" and self.index.get(i[1]) is not i[3]}
+        skip = stale()
         try:
             with self.env.begin(write=True) as txn:
                 for item in batch:
                     if item[0] == "put":
                         _, h, rec, e = item
-                        with self._lock:
-                            if self.index.get(h) is not e:
-                                continue  # removed (or replaced) before it reached the disk
+                        if id(item) in skip:
+                            continue  # removed (or replaced) before it reached the disk
                         gated += 1
                         if gate is not None and gated % GATE_EVERY == 0:
                             gate()  # between puts: a write txn may stay open, readers are MVCC
+                            skip = stale()  # the wait may have been long
+                            if id(item) in skip:
+                                continue
                         txn.put(h, rec, db=self._data)
                         txn.put(h, _META.pack(e.ns_root, e.parent, e.seq, e.size) + e.tokens, db=self._meta)
                     else:
