@@ -10,14 +10,20 @@ written as decimal ASCII. Nothing depends on Python's `hash()`, pickling or the 
 from __future__ import annotations
 
 import array
+import ctypes
 import functools
+import logging
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import xxhash
 
+from . import native
+
 HASH_SPEC = b"kvc/v1"
+log = logging.getLogger("kvc.hashing")
 DIGEST_BYTES = 16
 
 
@@ -145,13 +151,12 @@ class _NativeChain:
     would wait a switch interval to get it back beside a busy put thread."""
 
     def __init__(self, path):
-        import ctypes
         lib = ctypes.PyDLL(str(path))
         fn = lib.kvc_chain_hash
         fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                        ctypes.c_void_p]
         fn.restype = ctypes.c_int
-        self._fn, self._ct = fn, ctypes
+        self._fn = fn
         xx = ctypes.CDLL(xxhash._xxhash.__file__)  # the extension module itself: already loaded
         self._xxh3 = ctypes.cast(xx.XXH3_128bits, ctypes.c_void_p).value
         for P in (1, 16, 2048):  # short and long inputs (xxh3 has separate code paths), and the heap buffer
@@ -166,7 +171,7 @@ class _NativeChain:
         n = len(raw) // step
         if n == 0:
             return []
-        out = self._ct.create_string_buffer(16 * n)
+        out = ctypes.create_string_buffer(16 * n)
         if self._fn(root, raw, n, step, out, self._xxh3) != 0:
             raise MemoryError(f"kvc_chain_hash: no buffer for a page of {step} bytes")
         return np.frombuffer(out, dtype="V16").tolist()  # 16-byte bytes objects, 5x faster than slicing
@@ -176,14 +181,11 @@ _chain_libs: dict = {}
 
 
 def _native_chain():
-    from pathlib import Path
-    import logging
-    from . import native
     cc = native.compiler()
     return native.once(_chain_libs, (cc, str(native.cache_dir())),
                        lambda: _NativeChain(native.build(Path(__file__).with_name("chainhash.c"),
                                                          "kvc_chainhash", cc)),
-                       logging.getLogger("kvc.hashing"), "hashing: native page chain unavailable",
+                       log, "hashing: native page chain unavailable",
                        "pages are hashed one xxhash call at a time")
 
 
