@@ -97,7 +97,8 @@ class ClusterTier:
         self.pending: dict[bytes, bytes] = {}   # key -> queued record, readable before it is written
         # recently written pages: hash -> (ns_root, parent, tokens, monotonic time written)
         self.known: OrderedDict[bytes, tuple[bytes, bytes, bytes, float]] = OrderedDict()
-        self.source: Callable[[bytes, bytes], bytes | None] | None = None  # (ns_root, hash) -> record (cpu tier)
+        # [(ns_root, hash)] -> their records from the cpu tier (None: the page left it), one call a batch
+        self.source: Callable[[list[tuple[bytes, bytes]]], list] | None = None
         self.listener = None  # fn(kind, ns_root, hash, parent)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_pages)
         self._queued: dict[bytes, tuple[bytes, bytes, bytes] | None] = {}  # hash -> as in known, None: from cpu
@@ -328,10 +329,12 @@ class ClusterTier:
                     self._idle.notify_all()
 
     def _write(self, batch) -> None:
+        want = [(r, h) for r, h, rec in batch if rec is None] if self.source is not None else []
+        sourced = iter(self.source(want) if want else [])  # None: the page left the cpu tier before its turn
         rows = []
         for ns_root, h, rec in batch:
             if rec is None and self.source is not None:
-                rec = self.source(ns_root, h)  # None: the page left the cpu tier before its turn
+                rec = next(sourced)
             if rec is not None:
                 rows.append((ns_root, h, rec))
         if len(rows) < len(batch):

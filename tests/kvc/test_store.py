@@ -332,3 +332,25 @@ def test_a_batch_of_demotions_writes_every_record_whole(tmp_path, monkeypatch, n
         assert len(got) == 18 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
         got = s.get_pages(NS, hb)
         assert len(got) == 10 and all(torch.equal(g.data, p.data) for g, p in zip(got, pb))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cluster_writer_records_are_built_together_and_decode_to_the_pages(tmp_path, monkeypatch, native):
+    """The cluster writer asks for a batch's records in one call: each decodes (checksum included)
+    to the page that was put, and a page no longer in the cpu tier gives None in its place."""
+    from kvc import pagecopy
+    from kvc.record import decode
+    if native and pagecopy.library() is None:
+        pytest.skip("the native put path does not build here")
+    if not native:
+        monkeypatch.setattr(pagecopy, "library", lambda cc=None: None)
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        ha, pa = make_pages(NS, list(range(4 * 6)))
+        s.put_pages(NS, pa)
+        s.delete(NS, ha[4:5])
+        recs = s._cluster_records([(NS.root, h) for h in ha] + [(NS.root, b"\x07" * 16)])
+        assert [r is None for r in recs] == [False] * 4 + [True, False, True]
+        for rec, page in zip(recs[:4] + recs[5:6], pa[:4] + pa[5:6]):
+            info, got = decode(bytes(rec))
+            assert info.hash == page.hash and info.parent == page.parent
+            assert torch.equal(got.data, page.data)
