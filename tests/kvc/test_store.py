@@ -354,3 +354,18 @@ def test_cluster_writer_records_are_built_together_and_decode_to_the_pages(tmp_p
             info, got = decode(bytes(rec))
             assert info.hash == page.hash and info.parent == page.parent
             assert torch.equal(got.data, page.data)
+
+
+@pytest.mark.parametrize("cfg", [{"disk_write": "through"}, {"cpu_memory_size_GB": 0}])
+def test_write_through_and_disk_only_records_read_back_whole(tmp_path, cfg):
+    """Pages that go to disk as a put lands (write-through, or no cpu tier) have their records built
+    for the whole put_pages call at once: a new store on the same disk reads every page back equal."""
+    ha, pa = make_pages(NS, list(range(4 * 12)))
+    with TieredStore(kvc_config(tmp_path, **cfg)) as s:
+        assert s.put_pages(NS, pa[:7]).stored == 7
+        assert s.put_pages(NS, pa[7:]).stored == 5
+        s.flush()
+        assert s.disk.pages == 12
+    with TieredStore(kvc_config(tmp_path, **cfg)) as s:
+        got = s.get_pages(NS, ha)
+        assert len(got) == 12 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
