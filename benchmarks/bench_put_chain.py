@@ -46,7 +46,8 @@ def pages_of(ns: Namespace, n: int, rng: random.Random, data: torch.Tensor) -> l
             for i in range(n)]
 
 
-def extensions(ns: Namespace, parent: bytes, k: int, n: int, rng: random.Random, data: torch.Tensor) -> list[list[Page]]:
+def extensions(ns: Namespace, parent: bytes, k: int, n: int, rng: random.Random,
+               data: torch.Tensor) -> list[list[Page]]:
     """k different runs of n pages hanging from `parent` (the new tokens of k device hits)."""
     P = ns.spec.page_size
     out = []

@@ -83,8 +83,10 @@ def main():
             s.flush()
             demoted = int(s.metrics.evictions.labels(tier="cpu", reason="capacity")._value.get())
             print(f"{a.pages} pages of {spec.page_bytes >> 10} KiB into a {a.cpu_gb} GB cpu tier "
-                  f"{'(no disk)' if a.no_disk else '+ disk (write-back)'}, put_pages calls of {a.call}, switch interval {sys.getswitchinterval() * 1e3:.0f} ms")
-            print("| put us/page | pages demoted | demotions' time | spinner's longest pause | spinner's rate vs alone |")
+                  f"{'(no disk)' if a.no_disk else '+ disk (write-back)'}, put_pages calls of {a.call}, "
+                  f"switch interval {sys.getswitchinterval() * 1e3:.0f} ms")
+            print("| put us/page | pages demoted | demotions' time | spinner's longest pause "
+                  "| spinner's rate vs alone |")
             print("|---|---|---|---|---|")
             print(f"| {wall / a.pages * 1e6:.0f} | {demoted} | {demote_time[0] * 1e3:.0f} ms | "
                   f"{worst * 1e3:.1f} ms | {n / wall / base:.2f} |")
