@@ -36,7 +36,7 @@ MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: 
 # pages per put_pages call. A call hands the GIL over once (its checksums and slab copies are one
 # native call) and beside the engine's busy thread each hand-off costs the put thread a 5 ms switch
 # interval: calls of 32 lose the spinning thread of probe_gil_put.py 3x less time per page than
-# calls of 4. The store's lock and the GIL are held for the Python part only (~20 us a page).
+# calls of 4. The store's lock and the GIL are held for the Python part only (~10-20 us a page).
 PUT_BATCH = 32
 PUT_RING_BYTES = 1 << 30  # default size of the pinned ring offered pages are copied into on CUDA
 IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely

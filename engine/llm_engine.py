@@ -5,7 +5,6 @@ import array
 import atexit
 import gc
 import operator
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from kvc.metrics import KvcMetrics
 from kvc.record import dtype_name
 
 from .cuda_graphs import DecodeGraphs, graphs_supported
-from .prefill_graphs import PrefillGraphs
 from .host_tier import HostTier
 from .kv_cache import KVCache
 from .layers import set_attention_backend
@@ -29,6 +27,7 @@ from .load_policy import LoadPlanner, PrefillClock
 from .loader import load_model
 from .metrics import EngineMetrics
 from .offload import experts_load_device, setup_experts
+from .prefill_graphs import PrefillGraphs
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
 from .runner import ModelRunner
@@ -78,40 +77,31 @@ def _num_blocks(config: Config, spec: PageSpec, device: torch.device) -> int:
 
 
 def _token_ids(prompt) -> tuple[list[int], bytes | None, int, int]:
-    """(the prompt's token ids as Python ints, the same as little-endian uint32 bytes or None, their
-    min, their max). A 32K-token prompt arrives on every request of a long shared prefix:
-    array('I') converts and range-checks it in C (0.2 ms, where int() per token and min/max took
-    4 ms), numpy reads its buffer for the bounds, and the packed bytes it already holds are what
-    the page hashes and the prefix match read (they packed the ids again, twice). Anything
-    array('I') refuses (numpy ints, negative ids, floats) goes through int() and its error."""
+    """(the prompt's token ids as Python ints, the same as little-endian uint32 bytes or None when
+    they do not fit, their min, their max). A 32K-token prompt arrives on every request of a long
+    shared prefix: array('I') converts and range-checks it in C (0.2 ms, where int() per token and
+    min/max took 4 ms), numpy reads its buffer for the bounds, and the packed bytes are what the
+    page hashes and the prefix match read (they packed the ids again, twice). Anything array('I')
+    refuses (numpy ints, negative ids, floats) goes through operator.index() and its error."""
     try:
         arr = array.array("I", prompt)
-        if arr.itemsize != 4:
+        if arr.itemsize != 4:  # 32-bit wherever torch runs; the general path otherwise
             raise TypeError("array('I') is not 32-bit here")
-    except (TypeError, OverflowError):
-        arr = None
-    if arr is not None:
-        if not arr:
-            return [], b"", 0, 0
         view = np.frombuffer(arr, dtype=np.uint32)  # no copy
-        if sys.byteorder != "little":
-            arr.byteswap()
-            packed = arr.tobytes()
-            arr.byteswap()
-        else:
-            packed = arr.tobytes()
-        return arr.tolist(), packed, int(view.min()), int(view.max())
-    try:
-        arr = array.array("q", prompt)
     except (TypeError, OverflowError):
         try:
-            arr = array.array("q", [operator.index(t) for t in prompt])  # numpy ints, not floats
-        except TypeError as e:
-            raise ValueError(f"prompt token ids must be integers ({e})") from None
+            arr = array.array("q", prompt)
+        except (TypeError, OverflowError):
+            try:
+                arr = array.array("q", [operator.index(t) for t in prompt])  # numpy ints, not floats
+            except TypeError as e:
+                raise ValueError(f"prompt token ids must be integers ({e})") from None
+        view = np.frombuffer(arr, dtype=np.int64)  # no copy
     if not arr:
         return [], b"", 0, 0
-    view = np.frombuffer(arr, dtype=np.int64)  # no copy
-    return arr.tolist(), None, int(view.min()), int(view.max())
+    low, high = int(view.min()), int(view.max())
+    packed = view.astype("<u4", copy=False).tobytes() if 0 <= low and high <= 0xFFFFFFFF else None
+    return arr.tolist(), packed, low, high
 
 
 class Closed:

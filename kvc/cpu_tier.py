@@ -240,15 +240,19 @@ class CpuTier:
         slab = self.slab_np
         lib = pagecopy.library()
         if lib is not None:  # one native call per thread: no GIL hand-off per page
-            base = slab.ctypes.data
-
             def check(part: list[Entry]) -> list[bool]:
-                sums = lib.pointers([base + e.slot for e in part], [0] * len(part), [e.nbytes for e in part])
-                return [s == e.checksum for s, e in zip(sums, part)]
+                return self._native_sums(lib, part, [0] * len(part))
         else:
             def check(part: list[Entry]) -> list[bool]:
                 return [checksum(slab[e.slot:e.slot + e.nbytes]) == e.checksum for e in part]
         return self._in_parts(check, entries)
+
+    def _native_sums(self, lib, entries: list[Entry], dsts: list[int]) -> list[bool]:
+        """Whether each entry's slab bytes match its checksum, and their copies to dsts (addresses;
+        0: checksum only), in one native call without the GIL."""
+        base = self.slab_np.ctypes.data
+        sums = lib.pointers([base + e.slot for e in entries], dsts, [e.nbytes for e in entries])
+        return [s == e.checksum for s, e in zip(sums, entries)]
 
     def _in_parts(self, fn: Callable[[list], list], items: list) -> Callable[[], list]:
         """fn over items in one part per reader thread (fn(part) -> one result per item), started
@@ -275,13 +279,9 @@ class CpuTier:
         entries = [self.entries[h] for h in hashes]
         if lib is not None and all(d.device.type == "cpu" and d.is_contiguous() and d.nbytes == e.nbytes
                                    for d, e in zip(dsts, entries)):
-            base = self.slab_np.ctypes.data
-            jobs = [(base + e.slot, d.data_ptr(), e.nbytes, e.checksum) for e, d in zip(entries, dsts)]
-
-            def copy(part: list[tuple]) -> list[bool]:
-                sums = lib.pointers([j[0] for j in part], [j[1] for j in part], [j[2] for j in part])
-                return [s == j[3] for s, j in zip(sums, part)]
-            return self._in_parts(copy, jobs)()
+            def copy(part: list[tuple[Entry, int]]) -> list[bool]:
+                return self._native_sums(lib, [e for e, _ in part], [d for _, d in part])
+            return self._in_parts(copy, [(e, d.data_ptr()) for e, d in zip(entries, dsts)])()
         if len(hashes) == 1 or self._readers is None:
             return [self.read_into(h, d) for h, d in zip(hashes, dsts)]
         return list(self._readers.map(self.read_into, hashes, dsts))

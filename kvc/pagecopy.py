@@ -68,24 +68,19 @@ class NativeSumCopy:
 
     def __call__(self, datas: Sequence[torch.Tensor], offsets: Sequence[int | None],
                  slab: np.ndarray | None) -> list[int]:
-        n = len(datas)
-        arr = ctypes.c_uint64 * n
-        src, dst, lens, sums = arr(), arr(), arr(), arr()
         base = slab.ctypes.data if slab is not None else 0
-        keep = []  # tensors made here must outlive the call
-        for i, (t, off) in enumerate(zip(datas, offsets)):
+        keep, src, dst, lens = [], [], [], []  # keep: tensors made here must outlive the call
+        for t, off in zip(datas, offsets):
             # data_ptr, is_contiguous and nbytes keep the GIL; a torch view op would hand it over
             if t.device.type != "cpu" or not t.is_contiguous():
                 t = t.detach().contiguous().cpu()
                 keep.append(t)
-            src[i], lens[i] = t.data_ptr(), t.nbytes
-            if off is not None:
-                if not (0 <= off and off + t.nbytes <= slab.nbytes):  # a real check: memcpy follows
-                    raise ValueError(f"slot {off} + {t.nbytes} bytes is outside the slab of {slab.nbytes}")
-                dst[i] = base + off
-        self._fn(n, src, dst, lens, sums, self._xxh3)
-        return list(sums)
-
+            src.append(t.data_ptr())
+            lens.append(t.nbytes)
+            if off is not None and not (0 <= off and off + t.nbytes <= slab.nbytes):  # a real check: memcpy follows
+                raise ValueError(f"slot {off} + {t.nbytes} bytes is outside the slab of {slab.nbytes}")
+            dst.append(0 if off is None else base + off)
+        return self.pointers(src, dst, lens)
 
     def pointers(self, src: Sequence[int], dst: Sequence[int], lens: Sequence[int]) -> list[int]:
         """xxh3_64 of each src[i] .. src[i] + lens[i], then its copy to dst[i] where that is not 0
@@ -96,7 +91,6 @@ class NativeSumCopy:
         sums = arr()
         self._fn(n, arr(*src), arr(*dst), arr(*lens), sums, self._xxh3)
         return list(sums)
-
 
     def copy(self, src: Sequence[int], dst: Sequence[int], lens: Sequence[int]) -> None:
         """memcpy(dst[i], src[i], lens[i]) for each, in one call without the GIL (raw addresses,

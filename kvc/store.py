@@ -534,8 +534,7 @@ class TieredStore:
                 cpu_bytes += e.nbytes
             # without a cpu tier nothing counts uses: pages go down at once
             down = not ok or self.admission.on_put(k)
-            if down and (self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
-                         or not self.cpu.fits(e.nbytes)):  # larger than a cpu extent: disk only
+            if down and self._disk_on_put(e.nbytes):
                 ok = self._put_disk(k, e, self.cpu.view(k) if ok else p.payload(), records.get(k)) or ok
             if down and not isinstance(self.cluster, NullCluster):
                 # from the cpu tier, read by the writer thread; without one, the record itself
@@ -654,16 +653,19 @@ class TieredStore:
         if moved:
             self.metrics.transfer_bytes.labels(src="cpu", dst="disk").inc(moved)
 
+    def _disk_on_put(self, nbytes: int) -> bool:
+        """Whether a page that goes down when it is put goes to disk at once: write-through, no cpu
+        tier, or a page larger than a cpu extent (disk only); else disk gets it on demotion."""
+        return self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier) or not self.cpu.fits(nbytes)
+
     def _put_records(self, todo: list) -> dict[bytes, memoryview]:
-        """Records built ahead, in one _records call, for a put's pages that may go to disk or the
-        cluster as records (write-through, no cpu tier, pages over a cpu extent, no cpu slot):
-        one native copy for the batch instead of a GIL-held copy per page. Keyed by tier key."""
-        through = self.config.disk_write == "through" or not isinstance(self.cpu, CpuTier)
+        """Records built ahead, in one _records call, for the put's pages that _publish_puts may send
+        down as records (to disk at once, or to the cluster without a cpu slot): one native copy
+        for the batch instead of a GIL-held copy per page. Keyed by tier key."""
+        cluster = not isinstance(self.cluster, NullCluster)
         items, keys = [], []
         for p, k, e, off in todo:
-            if not (through or off is None or not self.cpu.fits(e.nbytes)):
-                continue  # write-back: the cpu tier keeps it, disk gets it on demotion
-            if not self.disk.fits(e.nbytes) and isinstance(self.cluster, NullCluster):
+            if not ((self._disk_on_put(e.nbytes) and self.disk.fits(e.nbytes)) or (cluster and off is None)):
                 continue
             payload = self.cpu.slab_np[off:off + e.nbytes] if off is not None else p.payload()
             items.append((p.hash, e, payload))
