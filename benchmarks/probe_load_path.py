@@ -4,10 +4,14 @@ Stores a prompt's pages (12-layer Qwen3-30B-A3B shapes by default: 384 KiB a pag
 only, then times, median of --reps, for 8K and 32K tokens:
 
   pinned H2D, one copy     the floor's transfer: the same bytes from one pinned buffer in one copy
-  get_pages -> cuda        TieredStore.get_pages(out=<cuda staging>): the engine's load path (H2D
-                           from the pinned slab while the reader threads verify the checksums)
-  ... checksums skipped    the same with the cpu tier's verify_entries answering True unread
-  checksums only           verify_entries of every page, no copy
+  get, device verify       TieredStore.get_pages(out=<cuda staging>): the engine's load path (H2D
+                           from the pinned slab, then the page checksums on the device where the
+                           bytes landed: kvc.gpu_checksum)
+  get, host verify         the same with store.verify_on_device False: the reader threads hash
+                           the slab while the copy engine reads it (the path before the kernel)
+  device sums              kvc.gpu_checksum.xxh3_64_rows over the pages already on the device,
+                           for 1 KiB blocks per program step G = 4 / 8 / 16 (8 is the default)
+  host sums                the cpu tier's verify_entries of every page, no copy
   lookup                   TieredStore.lookup of the prompt's tokens (hashing included)
 
     python benchmarks/probe_load_path.py        # needs CUDA
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvc import gpu_checksum  # noqa: E402
 from kvc.config import KvcConfig  # noqa: E402
 from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
 from kvc.record import Page, torch_dtype  # noqa: E402
@@ -64,9 +69,9 @@ def main():
     hashes = page_hashes(ns.root, toks, a.page)
     g = torch.Generator().manual_seed(0)
     print(f"# page {spec.page_bytes / 2**10:.0f} KiB, {torch.cuda.get_device_name()}")
-    print("| tokens | bytes | pinned H2D, one copy | get_pages -> cuda | ... checksums skipped | checksums only "
-          "| lookup |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tokens | bytes | pinned H2D, one copy | get, device verify | get, host verify | device sums G4 / G8 / G16 "
+          "| host sums | lookup |")
+    print("|---|---|---|---|---|---|---|---|")
     with TieredStore(cfg) as s:
         parent = ns.root
         for lo in range(0, n_max, 64):
@@ -89,21 +94,21 @@ def main():
                 got = s.get_pages(ns, hashes[:n], out=out)
                 assert len(got) == n, f"{len(got)} of {n} pages"
             full = timed(get, a.reps)
-            keys = [e for e in s.cpu.entries.values()]
-            real = s.cpu.verify_entries
-            s.cpu.verify_entries = lambda entries: [True] * len(entries)
+            s.verify_on_device = False
             try:
-                nocheck = timed(get, a.reps)
+                host = timed(get, a.reps)
             finally:
-                s.cpu.verify_entries = real
-            held = keys[:n]
-            check = timed(lambda: real(held), a.reps)
+                s.verify_on_device = True
+            rows = out.view(torch.uint8).reshape(n, -1)
+            sums = [timed(lambda: gpu_checksum.xxh3_64_rows(rows, block_group=G), a.reps) for G in (4, 8, 16)]
+            held = list(s.cpu.entries.values())[:n]
+            check = timed(lambda: s.cpu.verify_entries(held), a.reps)
             look = timed(lambda: s.lookup(ns, tokens=toks[:L].tolist()), a.reps)
 
             def row(t):
                 return f"{t * 1e3:.1f} ms ({nbytes / t / GB:.1f} GB/s)"
-            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(full)} | {row(nocheck)} | {row(check)} | "
-                  f"{look * 1e3:.1f} ms |", flush=True)
+            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(full)} | {row(host)} | "
+                  f"{' / '.join(f'{t * 1e3:.2f}' for t in sums)} ms | {row(check)} | {look * 1e3:.1f} ms |", flush=True)
 
 
 if __name__ == "__main__":

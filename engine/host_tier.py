@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from kvc import gpu_checksum
 from kvc.backend import CacheBackend, LookupResult
 from kvc.hashing import Namespace
 from kvc.device_pool import DevicePool
@@ -76,6 +77,13 @@ class HostTier:
         setter = getattr(self.cache, "set_write_gate", None)
         if setter is not None:
             setter(gate)
+
+    def warm(self, page_bytes: int, device: torch.device) -> None:
+        """Start-up work for loads on `device`: an in-process store verifies cpu-tier pages on the
+        device after their copy (kvc.gpu_checksum); its kernel is compiled now, not at the first
+        hit."""
+        if device.type == "cuda" and getattr(self.cache, "verify_on_device", False):
+            gpu_checksum.warm(page_bytes, device)
 
     def lookup(self, ns: Namespace, tokens: list[int] | bytes, hashes: list[bytes] | None = None) -> LookupResult:
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes)

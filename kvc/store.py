@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import hashing, pagecopy
+from . import gpu_checksum, hashing, pagecopy
 from .admission import Admission
 from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
@@ -79,6 +79,9 @@ class TieredStore:
         self.config = config
         self.metrics = metrics or KvcMetrics()
         self._lock = threading.RLock()
+        # a CUDA get verifies the cpu tier's pages on the device, after the copy (one read of the
+        # slab instead of two): kvc.gpu_checksum; False hashes them on the host (benchmarks compare)
+        self.verify_on_device = True
         cpu_bytes = int(config.cpu_memory_size_GB * GB)
         disk_bytes = int(config.disk_size_GB * GB)
         self.cpu = CpuTier(cpu_bytes) if cpu_bytes > 0 and not config.gpu_only else NullTier("cpu")
@@ -382,9 +385,11 @@ class TieredStore:
 
     def _get_to_device(self, ns: Namespace, hashes: list[bytes], out: torch.Tensor) -> list[Page]:
         """get_pages into a CUDA tensor: cpu-tier pages go host-to-device straight from the
-        pinned slab while the reader threads verify the same slab bytes; the copies are complete
-        (and the slab slots free to change) before the lock is released. The rest of the run
-        (disk pages) goes through a host buffer."""
+        pinned slab and are verified where they land (kvc.gpu_checksum, after the copies on the
+        same stream: the slab is read once; where that kernel cannot run, the reader threads hash
+        the slab bytes beside the copies); the copies are complete (and the slab slots free to
+        change) before the lock is released. The rest of the run (disk pages) goes through a host
+        buffer."""
         root = ns.root
         keys = [key(root, bytes(h)) for h in hashes]
         nbytes = out[0].numel() * out.element_size() if len(out) else 0
@@ -396,6 +401,11 @@ class TieredStore:
                 held.append(e)
             run = len(held)
             flat = out.view(torch.uint8).reshape(-1)  # [n * page bytes] on the device
+            rows = flat[:run * nbytes].view(run, nbytes)
+            on_gpu = run > 0 and self.verify_on_device and gpu_checksum.supported(rows)
+            if on_gpu:  # the expected sums go up first: behind the big copies they would wait
+                want = torch.tensor(gpu_checksum.to_signed([e.checksum for e in held]),
+                                    dtype=torch.int64).to(out.device, non_blocking=True)
             i = 0
             while i < run:  # one H2D per run of adjacent slab slots (puts in order fill them so)
                 j = i + 1
@@ -404,13 +414,23 @@ class TieredStore:
                 flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[held[i].slot:held[i].slot + (j - i) * nbytes],
                                                   non_blocking=True)
                 i = j
-            verified = self.cpu.start_verify(held)  # on the reader threads, beside the copies
-            rows = out.unbind(0)  # the per-page host work overlaps both (~5 us a page)
-            pages = [self._page_of(h, e, rows[i]) for i, (h, e) in enumerate(zip(hashes, held))]
-            ok = verified()
-            if out.is_cuda:
-                torch.cuda.current_stream(out.device).synchronize()
-            good = next((i for i, v in enumerate(ok) if not v), run)
+            bad = None
+            if on_gpu:  # hashed where the bytes land, after the copies on the same stream
+                try:
+                    bad = gpu_checksum.xxh3_64_rows(rows) != want
+                except Exception as e:  # a kernel that does not build here: verify on the host
+                    gpu_checksum.mark_broken(f"{type(e).__name__}: {e}")
+            verified = self.cpu.start_verify(held) if bad is None else None  # on the reader threads, beside the copies
+            views = out.unbind(0)  # the per-page host work overlaps both (~5 us a page)
+            pages = [self._page_of(h, e, views[i]) for i, (h, e) in enumerate(zip(hashes, held))]
+            if bad is not None:
+                flags = bad.cpu()  # waits for the copies and the checksums
+                good = int(flags.int().argmax()) if bool(flags.any()) else run
+            else:
+                ok = verified()
+                if out.is_cuda:
+                    torch.cuda.current_stream(out.device).synchronize()
+                good = next((i for i, v in enumerate(ok) if not v), run)
             if good < run:
                 self._corrupt_cpu(keys[good])
                 del pages[good:]

@@ -1,4 +1,4 @@
-"""get_pages into a CUDA buffer (slab -> device, verified on threads). Skipped without CUDA."""
+"""get_pages into a CUDA buffer (slab -> device, verified on the device or on threads). Skipped without CUDA."""
 import pytest
 import torch
 
@@ -9,8 +9,12 @@ from .conftest import NS, kvc_config, make_pages
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_get_into_cuda_equals_pages_and_stops_at_a_corrupt_one(tmp_path):
+@pytest.mark.parametrize("on_device", [True, False])
+def test_get_into_cuda_equals_pages_and_stops_at_a_corrupt_one(tmp_path, on_device):
+    """Verified on the device after the copy (kvc.gpu_checksum) or on the host threads: either way a
+    page whose slab bytes changed ends the hit there and leaves the tier."""
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=4 / 1024)) as s:
+        s.verify_on_device = on_device
         hashes, pages = make_pages(NS, list(range(64)))
         s.put_pages(NS, pages)
         out = torch.zeros((16, *NS.spec.shape), device="cuda")
@@ -34,3 +38,28 @@ def test_get_into_cuda_from_disk_alone(tmp_path):
         out = torch.zeros((16, *NS.spec.shape), device="cuda")
         got = s.get_pages(NS, hashes, out=out)
         assert len(got) == 16 and all(torch.equal(out[i].cpu(), pages[i].data) for i in range(16))
+
+
+def test_device_checksums_equal_xxhash_at_real_page_sizes():
+    """The kernel at a 12-layer Qwen3-30B-A3B page (384 KiB), a DeepSeek-like odd size, and strided
+    rows, against the xxhash package; a flipped bit changes exactly its page's sum."""
+    import numpy as np
+    import xxhash
+
+    from kvc import gpu_checksum
+    g = torch.Generator().manual_seed(0)
+    for nbytes in (393216, 12 * 576 * 2 * 16 + 8, 1096):
+        rows = torch.randint(0, 256, (5, nbytes), dtype=torch.uint8, generator=g)
+        want = [xxhash.xxh3_64_intdigest(r.numpy().tobytes()) for r in rows]
+        dev = rows.cuda()
+        assert gpu_checksum.supported(dev)
+        got = gpu_checksum.xxh3_64_rows(dev).cpu().numpy().view(np.uint64).tolist()
+        assert got == want, nbytes
+        dev[3, nbytes // 2] ^= 1
+        again = gpu_checksum.xxh3_64_rows(dev).cpu().numpy().view(np.uint64).tolist()
+        assert [a != b for a, b in zip(again, want)] == [False, False, False, True, False]
+    wide = torch.randint(0, 256, (4, 4096), dtype=torch.uint8, generator=g)
+    half = wide.cuda()[:, :2048]
+    got = gpu_checksum.xxh3_64_rows(half).cpu().numpy().view(np.uint64).tolist()
+    assert got == [xxhash.xxh3_64_intdigest(r[:2048].numpy().tobytes()) for r in wide]
+    assert gpu_checksum.warm(393216, torch.device("cuda"))
