@@ -333,13 +333,21 @@ def main() -> None:
             free_gpu()
         names = ["prefix_caching off", "device pool only (gpu_only)", "host tiers on (4 GB cpu + disk)"]
         if "tput-variants" not in skip:  # where the host tiers' cost comes from
-            for name, kw in (("host tiers, cpu tier only (4 GB, no disk)", dict(base, cpu_memory_size_GB=4, disk_path=None)),
-                             ("host tiers, disk_admission_hits 2", dict(tiers, disk_admission_hits=2))):
+            cpu_only = dict(base, cpu_memory_size_GB=4, disk_path=None)
+            for name, kw, switch in (("host tiers, cpu tier only (4 GB, no disk)", cpu_only, None),
+                                     ("host tiers, disk_admission_hits 2", dict(tiers, disk_admission_hits=2), None),
+                                     ("host tiers, cpu tier only, GIL switch interval 0.5 ms", cpu_only, 5e-4)):
                 if kw.get("disk_path"):  # its own, empty disk tier: the CPU-experts row reads disk_path
                     kw["disk_path"] = str(work / "pages-variant")
                     shutil.rmtree(kw["disk_path"], ignore_errors=True)
                 llm = LLM(str(model_dir), **kw)
-                tput[name] = throughput(llm, rng, n_tput, tput_len)
+                before = sys.getswitchinterval()
+                if switch is not None:  # does the engine thread wait for the put thread's GIL (5 ms default)?
+                    sys.setswitchinterval(switch)
+                try:
+                    tput[name] = throughput(llm, rng, n_tput, tput_len)
+                finally:
+                    sys.setswitchinterval(before)
                 host = llm.engine.prefix_cache.host
                 notes.append(f"# {name}: dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}")
                 llm.close()
