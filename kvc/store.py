@@ -44,6 +44,10 @@ from .record import Page, RecordInfo, pack_header, torch_dtype
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
 MAX_LEASES = 1 << 16  # live leases per owner (tenant): each costs the service memory
+# a CUDA get copies and hashes its cpu pages in this many parts (each >= MIN_VERIFY_PART pages), so
+# the checksum kernel of one part overlaps the next part's copy and only the last part's is serial
+VERIFY_PARTS = 4
+MIN_VERIFY_PART = 64
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
 BAD_PARENT = "parent of page {} is not a page of this namespace"
@@ -82,6 +86,7 @@ class TieredStore:
         # a CUDA get verifies the cpu tier's pages on the device, after the copy (one read of the
         # slab instead of two): kvc.gpu_checksum; False hashes them on the host (benchmarks compare)
         self.verify_on_device = True
+        self._verify_streams: dict = {}  # device -> the side stream the device checksums run on
         cpu_bytes = int(config.cpu_memory_size_GB * GB)
         disk_bytes = int(config.disk_size_GB * GB)
         self.cpu = CpuTier(cpu_bytes) if cpu_bytes > 0 and not config.gpu_only else NullTier("cpu")
@@ -406,20 +411,15 @@ class TieredStore:
             if on_gpu:  # the expected sums go up first: behind the big copies they would wait
                 want = torch.tensor(gpu_checksum.to_signed([e.checksum for e in held]),
                                     dtype=torch.int64).to(out.device, non_blocking=True)
-            i = 0
-            while i < run:  # one H2D per run of adjacent slab slots (puts in order fill them so)
-                j = i + 1
-                while j < run and held[j].slot == held[j - 1].slot + nbytes:
-                    j += 1
-                flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[held[i].slot:held[i].slot + (j - i) * nbytes],
-                                                  non_blocking=True)
-                i = j
             bad = None
-            if on_gpu:  # hashed where the bytes land, after the copies on the same stream
+            if on_gpu:
                 try:
-                    bad = gpu_checksum.xxh3_64_rows(rows) != want
+                    bad = self._copy_and_hash(held, flat, rows, nbytes, want)
                 except Exception as e:  # a kernel that does not build here: verify on the host
                     gpu_checksum.mark_broken(f"{type(e).__name__}: {e}")
+                    on_gpu = False
+            if not on_gpu:
+                self._copy_runs(held, flat, nbytes, 0, run)
             verified = self.cpu.start_verify(held) if bad is None else None  # on the reader threads, beside the copies
             views = out.unbind(0)  # the per-page host work overlaps both (~5 us a page)
             pages = [self._page_of(h, e, views[i]) for i, (h, e) in enumerate(zip(hashes, held))]
@@ -447,6 +447,39 @@ class TieredStore:
                 out[run:run + len(more)].copy_(tmp[:len(more)])
                 pages += [Page(p.hash, p.parent, p.tokens, out[run + i]) for i, p in enumerate(more)]
         return pages
+
+    def _copy_runs(self, held: list[Entry], flat: torch.Tensor, nbytes: int, lo: int, hi: int) -> None:
+        """Pages lo..hi of held from the slab into flat on the current stream: one H2D per run of
+        adjacent slab slots (puts in order fill them so)."""
+        i = lo
+        while i < hi:
+            j = i + 1
+            while j < hi and held[j].slot == held[j - 1].slot + nbytes:
+                j += 1
+            flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[held[i].slot:held[i].slot + (j - i) * nbytes],
+                                              non_blocking=True)
+            i = j
+
+    def _copy_and_hash(self, held: list[Entry], flat: torch.Tensor, rows: torch.Tensor, nbytes: int,
+                       want: torch.Tensor) -> torch.Tensor:
+        """The copies in VERIFY_PARTS parts on the current stream, each part hashed on a side stream
+        as soon as it landed (the kernel of one part runs beside the next part's copy); the
+        current stream then waits for the sums. Returns a bool [run] tensor: page i is bad."""
+        run = len(held)
+        cur = torch.cuda.current_stream(flat.device)
+        side = self._verify_streams.get(flat.device)
+        if side is None:
+            side = self._verify_streams[flat.device] = torch.cuda.Stream(flat.device)
+        sums = torch.empty(run, dtype=torch.int64, device=flat.device)
+        step = max(MIN_VERIFY_PART, -(-run // VERIFY_PARTS))
+        for lo in range(0, run, step):
+            hi = min(run, lo + step)
+            self._copy_runs(held, flat, nbytes, lo, hi)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                gpu_checksum.xxh3_64_rows(rows[lo:hi], out=sums[lo:hi])
+        cur.wait_stream(side)
+        return sums != want
 
     @staticmethod
     def _page_of(h: bytes, e: Entry, data: torch.Tensor) -> Page:

@@ -1,0 +1,175 @@
+"""The timeline of one cpu-tier hit on CUDA (issue 10, item 3): where its TTFT goes.
+
+Puts a prompt of --cached tokens in the cpu tier (4 GB, no disk), drops it from the device pool,
+then asks again with --new new tokens under torch.profiler. The host functions a hit passes
+through (admission, host lookup, the loader thread's get, the device checksum, the scatter, the
+poll, the step) are marked with record_function; the GPU side is grouped into host-to-device
+copies, device-to-host copies and kernels by name. Every row gives first start and last end in ms
+from add_request, the summed duration and the count, so serial gaps show:
+
+    python benchmarks/probe_cpu_hit.py --model-dir /tmp/kvc-q30b-12l      # needs CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.llm import LLM  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from engine.tiny import make_tiny_model  # noqa: E402
+from kvc import gpu_checksum  # noqa: E402
+
+ONE = SamplingParams(max_tokens=1, temperature=0.0)
+# (label, object path from the engine, method): marked with record_function on every call
+MARKS = [
+    ("add_request", "", "add_request"),
+    ("admission (_match)", "prefix_cache", "_match"),
+    ("host lookup", "prefix_cache.host", "lookup"),
+    ("load start", "prefix_cache.host", "load"),
+    ("loader: _load", "prefix_cache.host", "_load"),
+    ("loader: store get to device", "prefix_cache.host.cache", "_get_to_device"),
+    ("loader: pool scatter", "kv.pool", "scatter"),
+    ("poll (waits for the load)", "prefix_cache", "poll"),
+    ("prepare", "runner", "prepare"),
+    ("model forward (host)", "model", "forward"),
+    ("commit", "prefix_cache", "commit"),
+]
+
+
+HOST: list[tuple[str, float, float]] = []  # (label, start, end) perf_counter seconds, any thread
+
+
+def mark(obj, name: str, label: str) -> None:
+    """Time every call (the profiler records annotations of the thread that started it only; the
+    loader runs on its own thread), and annotate add_request so both clocks meet there."""
+    fn = getattr(obj, name)
+
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        try:
+            if label == "add_request":
+                with torch.profiler.record_function(label):
+                    return fn(*a, **k)
+            return fn(*a, **k)
+        finally:
+            HOST.append((label, t, time.perf_counter()))
+    setattr(obj, name, wrapped)
+
+
+def short(name: str) -> str:
+    return re.sub(r"\(.*", "", re.sub(r"<.*", "", name))[:60]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--cached", type=int, default=32768)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (tiny model)")
+    a = ap.parse_args()
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("needs CUDA (or --device cpu for a smoke run)")
+    model_dir = Path(a.model_dir or f"{tempfile.gettempdir()}/kvc-{'q30b' if cuda else 'tiny'}-{a.layers}l")
+    if not (model_dir / "config.json").is_file():
+        if cuda:
+            make_tiny_model(model_dir, "qwen3_moe", preset="qwen3-30b-a3b-shapes", num_hidden_layers=a.layers,
+                            dtype="bfloat16", std=0.02, device="cuda")
+        else:
+            make_tiny_model(model_dir, "qwen3_moe", num_hidden_layers=a.layers, dtype="bfloat16",
+                            max_position_embeddings=a.cached + 4096)
+    llm = LLM(str(model_dir), dtype="bfloat16", device=a.device, page_size=16, chunk_size=2048,
+              cpu_memory_size_GB=4, disk_path=None)
+    eng = llm.engine
+    rng = random.Random(0)
+
+    vocab = min(100_000, eng.args.vocab_size)
+
+    def ids(n):
+        return [rng.randrange(10, vocab) for _ in range(n)]
+
+    def ttft(p):
+        t = time.perf_counter()
+        out = llm.generate(p, ONE)[0]
+        return time.perf_counter() - t, out.num_cached_tokens
+
+    def drop():
+        eng.prefix_cache.flush()
+        eng.prefix_cache.reset_device_cache()
+
+    prefix = ids(a.cached)
+    ttft(ids(2048))
+    ttft(prefix + ids(a.new))  # cold: the prefix goes to the cpu tier
+    for _ in range(2):  # warm-up hits (first-use costs of the load path)
+        drop()
+        print(f"# warm-up cpu hit: {ttft(prefix + ids(a.new))[0] * 1e3:.1f} ms", flush=True)
+    for label, where, name in MARKS:
+        obj = functools.reduce(getattr, where.split("."), eng) if where else eng
+        mark(obj, name, label)
+    mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
+    drop()
+    HOST.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        wall, cached = ttft(prefix + ids(a.new))
+    timed = list(HOST)
+    drop()
+    plain, _ = ttft(prefix + ids(a.new))
+    path = tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
+    os.unlink(path)
+    marks = [e for e in events if e.get("name") == "add_request" and e.get("cat") in ("user_annotation", "cpu_op")]
+    zero = min(e["ts"] for e in marks) if marks else min(e["ts"] for e in events)
+    HOST[:] = timed  # the profiled request's calls only
+    host_zero = min(t for label, t, _ in HOST if label == "add_request")
+    rows: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])  # in us from zero
+    for label, t0, t1 in HOST:
+        r = rows[label]
+        s0, s1 = (t0 - host_zero) * 1e6 + zero, (t1 - host_zero) * 1e6 + zero
+        r[0], r[1] = min(r[0], s0), max(r[1], s1)
+        r[2] += s1 - s0
+        r[3] += 1
+    gpu: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])
+    for e in events:
+        cat = e.get("cat")
+        if cat == "gpu_memcpy":
+            key = "GPU copy " + e["name"]
+        elif cat == "kernel":
+            key = "GPU kernel " + short(e["name"])
+        else:
+            continue
+        if e["ts"] < zero:
+            continue
+        r = gpu[key]
+        r[0], r[1] = min(r[0], e["ts"]), max(r[1], e["ts"] + e["dur"])
+        r[2] += e["dur"]
+        r[3] += 1
+    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, {a.layers} layers, cpu hit of {a.cached} cached + {a.new} new "
+          f"tokens: TTFT {wall * 1e3:.1f} ms profiled ({cached} tokens reused), {plain * 1e3:.1f} ms unprofiled")
+    print("| what | first start (ms) | last end (ms) | summed (ms) | count |\n|---|---|---|---|---|")
+    kernels = sorted(gpu.items(), key=lambda kv: -kv[1][2])
+    top = [kv for kv in kernels if not kv[0].startswith("GPU kernel")] + \
+        [kv for kv in kernels if kv[0].startswith("GPU kernel")][:12]
+    for name, (s, e, d, n) in sorted(list(rows.items()) + top, key=lambda kv: kv[1][0]):
+        print(f"| {name} | {(s - zero) / 1e3:.2f} | {(e - zero) / 1e3:.2f} | {d / 1e3:.2f} | {n} |")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
