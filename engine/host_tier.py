@@ -138,28 +138,36 @@ class HostTier:
             while end < len(hashes) and tiers[end] == tier:
                 end += 1
             n = self._get_run(ns, hashes[done:end], tier, staging[done:end],
-                              lambda n: pool.scatter(blocks[done:done + n], staging[done:done + n]))
+                              lambda lo, hi, d=done: pool.scatter(blocks[d + lo:d + hi], staging[d + lo:d + hi]))
             done += n
             if done < end:
                 break
         return done
 
     def _get_run(self, ns: Namespace, hashes: list[bytes], tier: str, out: torch.Tensor,
-                 then: Callable[[int], None] | None = None, stream_attr: str = "_load_stream") -> int:
-        """Get one tier's run of pages into `out` (then `then(n)` on the same stream); report the
-        tier's bandwidth; how many leading pages landed."""
+                 landed: Callable[[int, int], None] | None = None, stream_attr: str = "_load_stream") -> int:
+        """Get one tier's run of pages into `out`, landed(lo, hi) on the stream rows lo..hi land on
+        (an in-process store calls it part by part, so the scatter of one part overlaps the next
+        part's copy; otherwise once for the rows that landed); report the tier's bandwidth; how
+        many leading pages landed (only those are used: later rows may have been scattered with
+        bytes that failed their checksum, into blocks the caller does not register)."""
         t0 = time.perf_counter()
+        get_into = getattr(self.cache, "get_into", None)
+
+        def get() -> int:
+            if get_into is not None:  # no Page objects, the landed rows used part by part
+                return get_into(ns, hashes, out, landed)
+            n = len(self.cache.get_pages(ns, hashes, out=out))
+            if n and landed is not None:
+                landed(0, n)
+            return n
         if out.is_cuda:
             stream = self._side(out.device, stream_attr)
             with torch.cuda.stream(stream):
-                n = len(self.cache.get_pages(ns, hashes, out=out))
-                if n and then is not None:
-                    then(n)
+                n = get()
                 stream.synchronize()
         else:
-            n = len(self.cache.get_pages(ns, hashes, out=out))
-            if n and then is not None:
-                then(n)
+            n = get()
         if self.observe is not None and n * ns.spec.page_bytes >= MIN_SAMPLE_BYTES:
             self.observe(tier, n * ns.spec.page_bytes, time.perf_counter() - t0)
         return n

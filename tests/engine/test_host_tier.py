@@ -87,7 +87,7 @@ def test_puts_wait_while_a_load_runs(store):
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     gate, entered = threading.Event(), threading.Event()
 
-    class SlowGets:  # the real store, whose get_pages waits for the gate
+    class SlowGets:  # the real store, whose gets wait for the gate
         def __getattr__(self, name):
             return getattr(store, name)
 
@@ -95,6 +95,11 @@ def test_puts_wait_while_a_load_runs(store):
             entered.set()
             gate.wait(10)
             return store.get_pages(ns, hashes, out=out)
+
+        def get_into(self, ns, hashes, out, landed=None):
+            entered.set()
+            gate.wait(10)
+            return store.get_into(ns, hashes, out, landed)
 
     host = HostTier(SlowGets())
     try:

@@ -116,17 +116,23 @@ def test_churn_many_seeds(qwen_dir, tmp_path, seed, aborts):
 
 
 class GatedStore:
-    """A real TieredStore whose get_pages waits until `gate` is set (a slow load on demand)."""
+    """A real TieredStore whose gets wait until `gate` is set (a slow load on demand)."""
 
     def __init__(self, store: TieredStore):
         self.store = store
         self.gate, self.entered, self.returned = threading.Event(), threading.Event(), threading.Event()
 
     def get_pages(self, ns, hashes, out=None):
+        return self._gated(self.store.get_pages, ns, hashes, out=out)
+
+    def get_into(self, ns, hashes, out, landed=None):  # the engine's load
+        return self._gated(self.store.get_into, ns, hashes, out, landed)
+
+    def _gated(self, fn, *a, **k):
         self.entered.set()
         self.gate.wait(30)
         try:
-            return self.store.get_pages(ns, hashes, out=out)
+            return fn(*a, **k)
         finally:
             self.returned.set()
 

@@ -63,3 +63,32 @@ def test_device_checksums_equal_xxhash_at_real_page_sizes():
     got = gpu_checksum.xxh3_64_rows(half).cpu().numpy().view(np.uint64).tolist()
     assert got == [xxhash.xxh3_64_intdigest(r[:2048].numpy().tobytes()) for r in wide]
     assert gpu_checksum.warm(393216, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_get_into_cuda_lands_parts_on_their_stream(tmp_path, on_device):
+    """get_into a CUDA buffer: landed(lo, hi) covers the rows in order, and a copy queued in the
+    callback on its current stream (the engine's scatter) sees the landed bytes; a corrupt page
+    ends the count there while later rows may still have been handed to landed."""
+    from kvc import store as store_mod
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=64 / 1024)) as s:
+        s.verify_on_device = on_device
+        hashes, pages = make_pages(NS, list(range(4 * 300)))  # 300 pages: several parts
+        s.put_pages(NS, pages)
+        n = len(hashes)
+        out = torch.zeros((n, *NS.spec.shape), device="cuda")
+        dst = torch.zeros_like(out)
+        parts = []
+
+        def landed(lo, hi):
+            parts.append((lo, hi))
+            dst[lo:hi].copy_(out[lo:hi], non_blocking=True)  # on the stream the rows land on
+        assert s.get_into(NS, hashes, out, landed) == n
+        torch.cuda.synchronize()
+        assert parts[0][0] == 0 and parts[-1][1] == n and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        if on_device:
+            assert len(parts) == min(store_mod.VERIFY_PARTS, -(-n // store_mod.MIN_VERIFY_PART))
+        assert all(torch.equal(dst[i].cpu(), pages[i].data) for i in range(n))
+        s.cpu.view(NS.root + hashes[250])[1] ^= 0x02
+        assert s.get_into(NS, hashes, out.zero_(), landed) == 250
+        assert s.lookup(NS, hashes=hashes).num_pages == 250

@@ -369,3 +369,20 @@ def test_write_through_and_disk_only_records_read_back_whole(tmp_path, cfg):
     with TieredStore(kvc_config(tmp_path, **cfg)) as s:
         got = s.get_pages(NS, ha)
         assert len(got) == 12 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
+
+
+def test_get_into_a_host_buffer_equals_get_pages_and_stops_at_a_corrupt_page(tmp_path):
+    """get_into (the engine's load: bytes and a count, no Page objects) lands what get_pages
+    returns, calls landed once for the rows that landed, and ends at a page that fails its sum."""
+    with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
+        hashes, pages = make_pages(NS, list(range(40)))
+        s.put_pages(NS, pages)
+        out = torch.zeros((len(hashes), *SPEC.shape))
+        seen = []
+        assert s.get_into(NS, hashes, out, lambda lo, hi: seen.append((lo, hi))) == len(hashes)
+        assert seen == [(0, len(hashes))]
+        assert all(torch.equal(out[i], pages[i].data) for i in range(len(hashes)))
+        s.cpu.view(NS.root + hashes[6])[3] ^= 0x10
+        assert s.get_into(NS, hashes, out.zero_()) == 6
+        with pytest.raises(ValueError, match="out must be"):
+            s.get_into(NS, hashes, torch.zeros((2, *SPEC.shape)))
