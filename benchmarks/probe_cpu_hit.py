@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import json
 import os
 import random
@@ -127,10 +128,21 @@ def main():
     mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
     drop()
     HOST.clear()
+    gc_start: dict[int, float] = {}
+
+    def on_gc(phase, info):  # cyclic-GC collections during the request, by generation
+        if phase == "start":
+            gc_start[info["generation"]] = time.perf_counter()
+        else:
+            t0 = gc_start.pop(info["generation"], None)
+            if t0 is not None:
+                HOST.append((f"GC collection, generation {info['generation']}", t0, time.perf_counter()))
+    gc.callbacks.append(on_gc)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         wall, cached = ttft(prefix + ids(a.new))
     timed = list(HOST)
+    gc.callbacks.remove(on_gc)
     drop()
     plain, _ = ttft(prefix + ids(a.new))
     path = tempfile.mktemp(suffix=".json")

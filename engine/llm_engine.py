@@ -178,8 +178,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self._pace_puts = host is not None and self.device.type == "cuda"
+        self.runner.on_launched = self.prefix_cache.step_launched  # loaded pages register beside the GPU's step
         if self._pace_puts:
-            self.runner.on_launched = self.prefix_cache.step_launched
             host.pace_disk_writes()
         self.max_model_len = config.scheduler.max_model_len or a.max_position_embeddings
         registry = registry if registry is not None else CollectorRegistry()

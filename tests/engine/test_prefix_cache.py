@@ -373,3 +373,47 @@ def _device_pages(eng, prompt) -> int:
     root = eng.kv.namespace("").root
     hs = page_hashes(root, prompt, eng.kv.page_size)
     return len(eng.prefix_cache.blocks.match_prefix(hs, [root] + hs[:-1], tokens_bytes(prompt)))
+
+
+def test_loaded_pages_register_at_the_step_launch_and_are_never_offered_back(qwen_dir, store):
+    """A load's pages enter the pool's hash map when the request's step is launched (beside the
+    GPU's work, not in series before it), are not offered to the host tiers again, and a request
+    dropped after its load but before its step still leaves them cached in the pool."""
+    cold = run_one(make_engine(qwen_dir), PROMPT)
+    eng = make_engine(qwen_dir, cache=store, load_policy="always")
+    run_one(eng, PROMPT)
+    pc = eng.prefix_cache
+    pc.flush()
+    pc.reset_device_cache()
+    n_pages = (len(PROMPT) - 1) // 4  # the pages a 29-token prompt reuses (one token is computed)
+    prompt_pages = store.lookup(eng.kv.namespace(""), tokens=PROMPT).hashes[:n_pages]
+    offered = []
+    real_offer = pc.host.offer
+
+    def offer(ns, hashes, *a, **k):
+        offered.extend(hashes)
+        return real_offer(ns, hashes, *a, **k)
+    pc.host.offer = offer
+    seen = []
+    real_launched = eng.runner.on_launched
+
+    def launched():
+        before = len(pc.blocks.hash_to_block)
+        real_launched()
+        seen.append((before, len(pc.blocks.hash_to_block)))
+    eng.runner.on_launched = launched
+    assert run_one(eng, PROMPT) == cold
+    assert seen[0] == (0, n_pages)  # registered at the first step's launch, not before it
+    assert not set(prompt_pages) & set(offered) and offered  # only the decoded pages go out
+    assert all(h in pc.blocks.hash_to_block for h in prompt_pages)
+
+    # loaded, then aborted before its step: the pages still match in the pool afterwards
+    pc.flush()
+    pc.reset_device_cache()
+    eng.runner.on_launched = real_launched
+    eng.add_request("dropped", PROMPT, GREEDY)
+    eng.step()  # admission starts the load
+    eng.scheduler.wait_for_loads()  # the load landed; the request waits for its step
+    assert len(pc.blocks.hash_to_block) == 0
+    eng.abort("dropped")
+    assert all(h in pc.blocks.hash_to_block for h in prompt_pages) and pc.num_free_blocks == 64
