@@ -26,6 +26,7 @@ import torch
 import xxhash
 
 from . import pagecopy
+from .gcfree import Untracked
 from .record import checksum
 
 EXTENT_BYTES = 64 << 20
@@ -36,7 +37,7 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
 @dataclass
-class Entry:
+class Entry(Untracked):  # out of the cyclic GC (kvc.gcfree)
     """What a tier keeps about a page besides its payload."""
     ns_root: bytes
     parent: bytes

@@ -14,12 +14,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .gcfree import Untracked
 from .hashing import PageSpec
 from .record import torch_dtype
 
 
 @dataclass
-class _Cached:
+class _Cached(Untracked):  # out of the cyclic GC (kvc.gcfree)
     hash: bytes
     parent: bytes
     tokens: bytes  # little-endian uint32

@@ -36,6 +36,7 @@ import numpy as np
 import xxhash
 
 from .batching import take_batch
+from .gcfree import Untracked
 from .record import ChecksumError, RecordError, RecordInfo, decode_header
 
 log = logging.getLogger("kvc.disk")
@@ -60,7 +61,7 @@ class DiskPathLocked(RuntimeError):
 
 
 @dataclass
-class DiskEntry:
+class DiskEntry(Untracked):  # out of the cyclic GC (kvc.gcfree)
     ns_root: bytes
     parent: bytes
     tokens: bytes
