@@ -17,6 +17,9 @@ engine's thread for the host (and the GIL).
 
     python benchmarks/bench_put_cost.py --model-dir /tmp/kvc-q30b-12l     # H200: ~3 min
     python benchmarks/bench_put_cost.py --quick --device cpu              # a smoke run of the script
+
+The first table also counts the cyclic GC's collections during the timed batch (each stops every
+Python thread).
 """
 from __future__ import annotations
 
@@ -59,7 +62,31 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def run(llm: LLM, rng: random.Random, n: int, length: int, vocab: int) -> tuple[float, dict[str, float]]:
+class GcTimes:
+    """Cyclic-GC collections in a window (gc.callbacks): count, total and longest per generation.
+    A collection stops every Python thread, the engine's included."""
+
+    def __init__(self):
+        self.by_gen: dict[int, list] = {}  # generation -> [count, total s, longest s]
+        self._t0: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            r = self.by_gen.setdefault(info["generation"], [0, 0.0, 0.0])
+            r[0] += 1
+            r[1] += dt
+            r[2] = max(r[2], dt)
+            self._t0 = None
+
+    def summary(self) -> str:
+        return ", ".join(f"gen{g}: {c} in {t * 1e3:.1f} ms (longest {m * 1e3:.2f})"
+                         for g, (c, t, m) in sorted(self.by_gen.items())) or "none"
+
+
+def run(llm: LLM, rng: random.Random, n: int, length: int, vocab: int) -> tuple[float, dict[str, float], str]:
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = lambda: [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]  # noqa: E731
     llm.generate(prompts(), params)  # warm-up: kernels, allocator, tiers filling
@@ -67,26 +94,32 @@ def run(llm: LLM, rng: random.Random, n: int, length: int, vocab: int) -> tuple[
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     before = thread_cpu()
+    gct = GcTimes()
+    gc.callbacks.append(gct)
     t0 = time.perf_counter()
-    outs = llm.generate(batch, params)
-    dt = time.perf_counter() - t0
+    try:
+        outs = llm.generate(batch, params)
+    finally:
+        dt = time.perf_counter() - t0
+        gc.callbacks.remove(gct)
     after = thread_cpu()
     used = {k: after[k] - before.get(k, 0.0) for k in after}
-    return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt, used
+    return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt, used, gct.summary()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--prompts", type=int, default=48)
-    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--prompts", type=int, default=None, help="default 48 (8 with --quick)")
+    ap.add_argument("--length", type=int, default=None, help="default 2048 (512 with --quick)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny model, 8 prompts of 512: a smoke run")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_put_cost needs CUDA (--device cpu --quick is a smoke run of the script)")
-    n, length, layers = (8, 512, 2) if a.quick else (a.prompts, a.length, a.layers)
+    n, length, layers = (8, 512, 2) if a.quick else (48, 2048, a.layers)
+    n, length = a.prompts or n, a.length or length
     model_dir = Path(a.model_dir or f"{tempfile.gettempdir()}/kvc-bench-{'tiny' if a.quick else 'q30b-shapes'}-{layers}l")
     if not (model_dir / "config.json").is_file():
         if a.quick:
@@ -109,14 +142,14 @@ def main() -> None:
         host = llm.engine.prefix_cache.host
         if no_puts:
             host.room = lambda n, on_cuda: False  # every offer dropped before its gather
-        tput, used = run(llm, rng, n, length, vocab)
+        tput, used, gcs = run(llm, rng, n, length, vocab)
         dropped = host.dropped_puts if host is not None else 0
         llm.close()
         del llm, host
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        rows.append((name, tput, dropped))
+        rows.append((name, tput, dropped, gcs))
         top = sorted(used.items(), key=lambda kv: -kv[1])[:6]
         threads.append((name, ", ".join(f"{k} {v:.2f}" for k, v in top if v >= 0.01)))
         print(f"# {name}: {tput / 1e3:.1f}K tok/s", flush=True)
@@ -125,10 +158,10 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (smoke run)"
     print(f"\n# {dev}, {layers} layers of {'tiny' if a.quick else 'Qwen3-30B-A3B'} shapes, bf16, page 16, chunk 2048; "
           f"{n} prompts x {length} tokens + 16 new, second batch timed")
-    print("| configuration | tok/s | vs off | dropped put pages (both batches) |")
-    print("| --- | --- | --- | --- |")
-    for name, tput, dropped in rows:
-        print(f"| {name} | {tput / 1e3:.1f}K | {tput / off:.2f}x | {dropped} |")
+    print("| configuration | tok/s | vs off | dropped put pages (both batches) | GC collections in the timed batch |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, tput, dropped, gcs in rows:
+        print(f"| {name} | {tput / 1e3:.1f}K | {tput / off:.2f}x | {dropped} | {gcs} |")
     print("\n| configuration | CPU seconds per thread during the timed batch (top 6) |")
     print("| --- | --- |")
     for name, t in threads:
