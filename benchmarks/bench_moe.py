@@ -34,12 +34,20 @@ def timeit(fn, iters):
     return start.elapsed_time(end) / iters
 
 
-def grid():
+def grid(wide: bool = False):
+    """Tile configurations to time. wide: for prefill-sized calls (>= 64 rows per expert) also
+    a deeper pipeline (num_stages 4) and other L2 groupings (GROUP_M 1, 16, 32)."""
     for bm, bn, bk, warps, stages in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8), (3,)):
         if bm * bn * bk > 128 * 128 * 64 or (bm == 128 and warps == 4):
             continue
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8 if bm >= 64 else 1, num_warps=warps,
                    num_stages=stages)
+    if wide:
+        for bm, bn, bk, warps, stages, group in itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (4,),
+                                                                   (1, 16, 32)):
+            if bm * bn * bk > 128 * 128 * 64 or (bm == 128 and warps == 4):
+                continue
+            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
 
 
 def main():
@@ -51,6 +59,8 @@ def main():
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--hbm-tbps", type=float, default=4.8)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="with --sweep: deeper pipelines and L2 groupings too "
+                    "(for the 2048-token chunk's call, issue 11's chunked-prefill gap)")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     E, H, I, k = a.experts, a.hidden, a.inter, a.top_k
@@ -75,7 +85,7 @@ def main():
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []
-            for c in grid():
+            for c in grid(a.wide and T * k / E >= 64):
                 try:
                     res13.append((timeit(lambda: fused_experts(w13, w2, x, ids, w, (c, d2)), iters), c))
                     res2.append((timeit(lambda: fused_experts(w13, w2, x, ids, w, (d13, c)), iters), c))
