@@ -10,7 +10,7 @@ only, then times, median of --reps, for 8K and 32K tokens:
   get, host verify         the same with store.verify_on_device False: the reader threads hash
                            the slab while the copy engine reads it (the path before the kernel)
   device sums              kvc.gpu_checksum.xxh3_64_rows over the pages already on the device,
-                           for 1 KiB blocks per program step G = 1 / 2 / 4 / 8 (4 is the default)
+                           for 1 KiB blocks per program step G = 1 / 2 / 4 / 8 (2 is the default)
   host sums                the cpu tier's verify_entries of every page, no copy
   lookup                   TieredStore.lookup of the prompt's tokens (hashing included)
 
