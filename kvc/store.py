@@ -465,8 +465,9 @@ class TieredStore:
             if good < run:
                 self._corrupt_cpu(keys[good])
                 del got[good:]
-            for k in keys[:good]:
-                self._hit(k)  # a use, as in get_pages: admission counts it (served pages only)
+            if self.admission.uses:  # a use, as in get_pages: admission counts it (served pages only;
+                for k in keys[:good]:  # nothing is counted with disk_admission_hits 1)
+                    self._hit(k)
         count = good
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
