@@ -3,8 +3,9 @@
 Puts a prompt of --cached tokens in the cpu tier (4 GB, no disk), drops it from the device pool,
 then asks again with --new new tokens under torch.profiler. The host functions a hit passes
 through (admission, host lookup, the loader thread's get, the device checksum, the scatter, the
-poll, the step) are marked with record_function; the GPU side is grouped into host-to-device
-copies, device-to-host copies and kernels by name. Every row gives first start and last end in ms
+poll, the step) are timed on whatever thread runs them, and so are the cyclic GC's collections
+and the CUDA events' record and synchronize calls; the GPU side (torch.profiler's trace, aligned
+on add_request) is grouped into host-to-device copies, device-to-host copies and kernels by name. Every row gives first start and last end in ms
 from add_request, the summed duration and the count, so serial gaps show:
 
     python benchmarks/probe_cpu_hit.py --model-dir /tmp/kvc-q30b-12l      # needs CUDA
@@ -74,6 +75,26 @@ def mark(obj, name: str, label: str) -> None:
     setattr(obj, name, wrapped)
 
 
+def timed_events():
+    """A torch.cuda.Event whose record and synchronize are timed into HOST (the hit's load records
+    one on the engine's stream and the loader waits for it: run W left ~2.8 ms around each)."""
+    class TimedEvent(torch.cuda.Event):
+        def record(self, stream=None):
+            t = time.perf_counter()
+            try:
+                return super().record(stream)
+            finally:
+                HOST.append(("cuda Event.record", t, time.perf_counter()))
+
+        def synchronize(self):
+            t = time.perf_counter()
+            try:
+                return super().synchronize()
+            finally:
+                HOST.append(("cuda Event.synchronize", t, time.perf_counter()))
+    return TimedEvent
+
+
 def short(name: str) -> str:
     return re.sub(r"\(.*", "", re.sub(r"<.*", "", name))[:60]
 
@@ -138,11 +159,15 @@ def main():
             if t0 is not None:
                 HOST.append((f"GC collection, generation {info['generation']}", t0, time.perf_counter()))
     gc.callbacks.append(on_gc)
+    plain_event = torch.cuda.Event
+    if cuda:
+        torch.cuda.Event = timed_events()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         wall, cached = ttft(prefix + ids(a.new))
     timed = list(HOST)
     gc.callbacks.remove(on_gc)
+    torch.cuda.Event = plain_event
     drop()
     plain, _ = ttft(prefix + ids(a.new))
     path = tempfile.mktemp(suffix=".json")
