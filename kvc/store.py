@@ -50,6 +50,10 @@ VERIFY_PARTS = 4
 MIN_VERIFY_PART = 64
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+
+
+class _DeviceChecksumError(RuntimeError):
+    """The device checksum kernel failed to build or launch (not a caller's callback)."""
 BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
@@ -437,8 +441,8 @@ class TieredStore:
             if on_gpu:
                 try:
                     bad = self._copy_and_hash(held, flat, rows, nbytes, landed)
-                except Exception as e:  # a kernel that does not build here: verify on the host
-                    gpu_checksum.mark_broken(f"{type(e).__name__}: {e}")
+                except _DeviceChecksumError as e:  # a kernel that does not build here: verify on the host
+                    gpu_checksum.mark_broken(str(e))
                     on_gpu = False
             if not on_gpu:
                 self._copy_runs(held, flat, nbytes, 0, run)
@@ -511,7 +515,10 @@ class TieredStore:
             self._copy_runs(held, flat, nbytes, lo, hi)
             side.wait_stream(cur)
             with torch.cuda.stream(side):
-                gpu_checksum.xxh3_64_rows(rows[lo:hi], out=sums[lo:hi])
+                try:
+                    gpu_checksum.xxh3_64_rows(rows[lo:hi], out=sums[lo:hi])
+                except Exception as e:  # only the kernel's own failure turns device verifying off
+                    raise _DeviceChecksumError(f"{type(e).__name__}: {e}") from e
                 if landed is not None:
                     landed(lo, hi)
         # the expected sums go up after the copies are queued, from pinned memory (a pageable

@@ -92,3 +92,30 @@ def test_get_into_cuda_lands_parts_on_their_stream(tmp_path, on_device):
         s.cpu.view(NS.root + hashes[250])[1] ^= 0x02
         assert s.get_into(NS, hashes, out.zero_(), landed) == 250
         assert s.lookup(NS, hashes=hashes).num_pages == 250
+
+
+def test_a_failing_checksum_kernel_falls_back_to_the_host_and_a_failing_callback_does_not(tmp_path, monkeypatch):
+    """The kernel's own failure turns device verifying off (logged once) and the get still verifies
+    on the host threads; a caller's landed callback that raises propagates and changes nothing."""
+    from kvc import gpu_checksum
+    monkeypatch.setattr(gpu_checksum, "_broken", None)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=4 / 1024)) as s:
+        hashes, pages = make_pages(NS, list(range(64)))
+        s.put_pages(NS, pages)
+        out = torch.zeros((16, *NS.spec.shape), device="cuda")
+
+        def boom(lo, hi):
+            raise KeyError("callback")
+        with pytest.raises(KeyError, match="callback"):
+            s.get_into(NS, hashes, out, boom)
+        assert gpu_checksum._broken is None
+        real = gpu_checksum.xxh3_64_rows
+
+        def broken_kernel(*a, **k):
+            raise RuntimeError("no kernel here")
+        monkeypatch.setattr(gpu_checksum, "xxh3_64_rows", broken_kernel)
+        s.cpu.view(NS.root + hashes[5])[2] ^= 0x08
+        assert s.get_into(NS, hashes, out.zero_()) == 5  # verified on the host: stops at the bad page
+        assert "no kernel here" in gpu_checksum._broken
+        assert all(torch.equal(out[i].cpu(), pages[i].data) for i in range(5))
+        monkeypatch.setattr(gpu_checksum, "xxh3_64_rows", real)
