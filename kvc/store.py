@@ -510,22 +510,24 @@ class TieredStore:
             side = self._verify_streams[flat.device] = torch.cuda.Stream(flat.device)
         sums = torch.empty(run, dtype=torch.int64, device=flat.device)
         step = max(MIN_VERIFY_PART, -(-run // VERIFY_PARTS))
-        for lo in range(0, run, step):
-            hi = min(run, lo + step)
-            self._copy_runs(held, flat, nbytes, lo, hi)
-            side.wait_stream(cur)
-            with torch.cuda.stream(side):
-                try:
-                    gpu_checksum.xxh3_64_rows(rows[lo:hi], out=sums[lo:hi])
-                except Exception as e:  # only the kernel's own failure turns device verifying off
-                    raise _DeviceChecksumError(f"{type(e).__name__}: {e}") from e
-                if landed is not None:
-                    landed(lo, hi)
-        # the expected sums go up after the copies are queued, from pinned memory (a pageable
-        # upload would first wait for the stream, i.e. for every copy)
-        want = torch.from_numpy(np.fromiter((e.checksum for e in held), dtype=np.uint64, count=run)
-                                .view(np.int64)).pin_memory().to(flat.device, non_blocking=True)
-        cur.wait_stream(side)
+        try:
+            for lo in range(0, run, step):
+                hi = min(run, lo + step)
+                self._copy_runs(held, flat, nbytes, lo, hi)
+                side.wait_stream(cur)
+                with torch.cuda.stream(side):
+                    try:
+                        gpu_checksum.xxh3_64_rows(rows[lo:hi], out=sums[lo:hi])
+                    except Exception as e:  # only the kernel's own failure turns device verifying off
+                        raise _DeviceChecksumError(f"{type(e).__name__}: {e}") from e
+                    if landed is not None:
+                        landed(lo, hi)
+            # the expected sums go up after the copies are queued, from pinned memory (a pageable
+            # upload would first wait for the stream, i.e. for every copy)
+            want = torch.from_numpy(np.fromiter((e.checksum for e in held), dtype=np.uint64, count=run)
+                                    .view(np.int64)).pin_memory().to(flat.device, non_blocking=True)
+        finally:  # whatever was queued on the side stream is done before the caller's stream goes on
+            cur.wait_stream(side)
         return sums != want
 
     @staticmethod
