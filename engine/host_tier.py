@@ -1,7 +1,9 @@
 """HostTier: data movement between the device pool and a CacheBackend (cpu, disk, remote tiers).
 
 Only engine.prefix_cache calls it. Loads run on a background thread and write the blocks they
-were given (their owner keeps them until the future is done). Puts never slow the engine: on
+were given (their owner keeps them until the future is done); from an in-process store they land
+part by part (TieredStore.get_into: on CUDA each part is verified on the device and scattered into
+the pool beside the next part's copy). Puts never slow the engine: on
 CUDA the offered pages leave the device on a side stream into a pinned ring (engine.pinned_ring),
 recorded with an event; the put thread waits for the event, then does the checksum, slab and
 disk work. That work is Python and holds the GIL much of the time, and a GIL held by another
