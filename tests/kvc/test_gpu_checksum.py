@@ -1,7 +1,8 @@
 """kvc.gpu_checksum: XXH3_64 of pages in Triton. The algorithm's Python form against the xxhash
 package at every path through the long input (no block, one block, a partial last block, whole
 blocks only); the kernel under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the flag
-is read when kernels are defined) at the same sizes. On CUDA, tests/kvc/test_cuda_store.py."""
+is read when kernels are defined) at the same sizes, and the CUDA get's device-verify path on CPU
+tensors. On CUDA, tests/kvc/test_cuda_store.py."""
 import os
 import subprocess
 import sys
@@ -55,10 +56,56 @@ print("ok")
 """
 
 
-def test_kernel_under_interpreter():
+def interpret(code: str) -> None:
+    """Run code in a subprocess under Triton's interpreter (the flag is read when kernels are
+    defined); it prints ok."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    code = f"SIZES = {SIZES!r}\n" + INTERP
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_kernel_under_interpreter():
+    interpret(f"SIZES = {SIZES!r}\n" + INTERP)
+
+
+GET = """
+import contextlib, tempfile
+import torch
+from kvc import gpu_checksum
+from kvc.store import TieredStore
+from tests.kvc.conftest import NS, kvc_config, make_pages
+
+
+class Stream:  # the get's stream calls, as no-ops: on the CPU every copy is done when it returns
+    def wait_stream(self, other):
+        pass
+
+
+torch.cuda.current_stream = lambda device=None: Stream()
+torch.cuda.Stream = lambda device=None: Stream()
+torch.cuda.stream = lambda s: contextlib.nullcontext()
+torch.Tensor.pin_memory = lambda self: self
+gpu_checksum.supported = lambda rows: True  # CPU rows run under the interpreter
+with tempfile.TemporaryDirectory() as d, TieredStore(kvc_config(__import__("pathlib").Path(d),
+                                                                cpu_memory_size_GB=4 / 1024)) as s:
+    hashes, pages = make_pages(NS, list(range(4 * 300)))
+    s.put_pages(NS, pages)
+    out = torch.zeros((300, *NS.spec.shape))
+    parts = []
+    assert s._get_to_device(NS, hashes, out, landed=lambda lo, hi: parts.append((lo, hi))) == 300
+    assert parts == [(0, 75), (75, 150), (150, 225), (225, 300)], parts
+    assert all(torch.equal(out[i], pages[i].data) for i in range(300))
+    s.cpu.view(NS.root + hashes[250])[9] ^= 0x04
+    assert s._get_to_device(NS, hashes, out.zero_()) == 250
+    assert s.lookup(NS, hashes=hashes).num_pages == 250 and gpu_checksum._broken is None
+print("ok")
+"""
+
+
+def test_device_verified_get_under_interpreter():
+    """The CUDA get's device-verify path (copies and checksums in parts, landed per part, the
+    first bad page ends the run and leaves the tier) on CPU tensors under the interpreter, its
+    stream calls as no-ops; on CUDA the same runs with -m gpu (tests/kvc/test_cuda_store.py)."""
+    interpret(GET)
