@@ -8,22 +8,20 @@ batched gather or scatter per direction.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .gcfree import Untracked
 from .hashing import PageSpec
 from .record import torch_dtype
 
 
-@dataclass
-class _Cached(Untracked):  # out of the cyclic GC (kvc.gcfree)
-    hash: bytes
-    parent: bytes
-    tokens: bytes  # little-endian uint32
+# A cached block's record: a plain tuple (hash, parent, tokens as little-endian uint32 bytes). The
+# cyclic GC untracks a tuple of bytes at its first collection, so the records of a large pool add
+# nothing to later collections (kvc.gcfree), and a tuple is built 3x faster than a dataclass (a
+# 32K-token load registers 2,048 at once).
+HASH, PARENT, TOKENS = 0, 1, 2
 
 
 class BlockPool:
@@ -33,7 +31,7 @@ class BlockPool:
         self.ref_count = [0] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
-        self._cached: dict[int, _Cached] = {}
+        self._cached: dict[int, tuple[bytes, bytes, bytes]] = {}  # block -> (hash, parent, tokens)
 
     @property
     def num_free(self) -> int:
@@ -41,7 +39,7 @@ class BlockPool:
 
     def block_hash(self, block: int) -> bytes | None:
         c = self._cached.get(block)
-        return c.hash if c else None
+        return c[HASH] if c else None
 
     def match_prefix(self, hashes: Sequence[bytes], parents: Sequence[bytes], tokens: bytes) -> list[int]:
         """Blocks holding the longest prefix of `hashes` whose parent and tokens also match.
@@ -55,11 +53,11 @@ class BlockPool:
         if not n:
             return []
         held = list(map(self._cached.__getitem__, blocks[:n]))
-        if [c.parent for c in held] != list(parents[:n]):
-            n = next(i for i, (c, p) in enumerate(zip(held, parents)) if c.parent != p)
-        step = len(held[0].tokens)
-        if n and (len(tokens) < n * step or b"".join([c.tokens for c in held[:n]]) != tokens[:n * step]):
-            n = next((i for i, c in enumerate(held[:n]) if c.tokens != tokens[i * step:(i + 1) * step]), n)
+        if [c[PARENT] for c in held] != list(parents[:n]):
+            n = next(i for i, (c, p) in enumerate(zip(held, parents)) if c[PARENT] != p)
+        step = len(held[0][TOKENS])
+        if n and (len(tokens) < n * step or b"".join([c[TOKENS] for c in held[:n]]) != tokens[:n * step]):
+            n = next((i for i, c in enumerate(held[:n]) if c[TOKENS] != tokens[i * step:(i + 1) * step]), n)
         return blocks[:n]
 
     def touch(self, blocks: Sequence[int]) -> None:
@@ -107,14 +105,14 @@ class BlockPool:
             if h in h2b or b in cached:
                 continue
             h2b[h] = b
-            cached[b] = _Cached(h, p, t)
+            cached[b] = (h, p, t)
             n += 1
         return n
 
     def _uncache(self, b: int) -> None:
         c = self._cached.pop(b, None)
         if c is not None:
-            del self.hash_to_block[c.hash]
+            del self.hash_to_block[c[HASH]]
 
     def reset_cache(self) -> int:
         """Forget every cached hash of unreferenced blocks; returns how many were dropped."""
