@@ -1,7 +1,8 @@
 """The timeline of one cpu-tier hit on CUDA (issue 10, item 3): where its TTFT goes.
 
-Puts a prompt of --cached tokens in the cpu tier (4 GB, no disk), drops it from the device pool,
-then asks again with --new new tokens under torch.profiler. The host functions a hit passes
+For each --cached length (8K and 32K by default, one LLM): puts a prompt of that many tokens in the
+cpu tier (4 GB, no disk), drops it from the device pool, then asks again with --new new tokens
+under torch.profiler. The host functions a hit passes
 through (admission, host lookup, the loader thread's get, the device checksum, the scatter, the
 poll, the step) are timed on whatever thread runs them, and so are the cyclic GC's collections
 and the CUDA events' record and synchronize calls; the GPU side (torch.profiler's trace, aligned
@@ -103,7 +104,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--cached", type=int, default=32768)
+    ap.add_argument("--cached", type=int, nargs="+", default=[8192, 32768], help="prefix lengths, one hit each")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (tiny model)")
     a = ap.parse_args()
@@ -117,7 +118,7 @@ def main():
                             dtype="bfloat16", std=0.02, device="cuda")
         else:
             make_tiny_model(model_dir, "qwen3_moe", num_hidden_layers=a.layers, dtype="bfloat16",
-                            max_position_embeddings=a.cached + 4096)
+                            max_position_embeddings=max(a.cached) + 4096)
     llm = LLM(str(model_dir), dtype="bfloat16", device=a.device, page_size=16, chunk_size=2048,
               cpu_memory_size_GB=4, disk_path=None)
     eng = llm.engine
@@ -137,78 +138,82 @@ def main():
         eng.prefix_cache.flush()
         eng.prefix_cache.reset_device_cache()
 
-    prefix = ids(a.cached)
-    ttft(ids(2048))
-    ttft(prefix + ids(a.new))  # cold: the prefix goes to the cpu tier
-    for _ in range(2):  # warm-up hits (first-use costs of the load path)
+    def one_hit(cached_len: int) -> None:
+        prefix = ids(cached_len)
+        ttft(prefix + ids(a.new))  # cold: the prefix goes to the cpu tier
+        for _ in range(2):  # warm-up hits (first-use costs of the load path)
+            drop()
+            print(f"# warm-up cpu hit: {ttft(prefix + ids(a.new))[0] * 1e3:.1f} ms", flush=True)
         drop()
-        print(f"# warm-up cpu hit: {ttft(prefix + ids(a.new))[0] * 1e3:.1f} ms", flush=True)
+        HOST.clear()
+        gc_start: dict[int, float] = {}
+
+        def on_gc(phase, info):  # cyclic-GC collections during the request, by generation
+            if phase == "start":
+                gc_start[info["generation"]] = time.perf_counter()
+            else:
+                t0 = gc_start.pop(info["generation"], None)
+                if t0 is not None:
+                    HOST.append((f"GC collection, generation {info['generation']}", t0, time.perf_counter()))
+        gc.callbacks.append(on_gc)
+        plain_event = torch.cuda.Event
+        if cuda:
+            torch.cuda.Event = timed_events()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            wall, cached = ttft(prefix + ids(a.new))
+        timed = list(HOST)
+        gc.callbacks.remove(on_gc)
+        torch.cuda.Event = plain_event
+        drop()
+        plain, _ = ttft(prefix + ids(a.new))
+        path = tempfile.mktemp(suffix=".json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
+        os.unlink(path)
+        marks = [e for e in events if e.get("name") == "add_request" and e.get("cat") in ("user_annotation", "cpu_op")]
+        zero = min(e["ts"] for e in marks) if marks else min(e["ts"] for e in events)
+        HOST[:] = timed  # the profiled request's calls only
+        host_zero = min(t for label, t, _ in HOST if label == "add_request")
+        rows: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])  # in us from zero
+        for label, t0, t1 in HOST:
+            r = rows[label]
+            s0, s1 = (t0 - host_zero) * 1e6 + zero, (t1 - host_zero) * 1e6 + zero
+            r[0], r[1] = min(r[0], s0), max(r[1], s1)
+            r[2] += s1 - s0
+            r[3] += 1
+        gpu: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])
+        for e in events:
+            cat = e.get("cat")
+            if cat == "gpu_memcpy":
+                key = "GPU copy " + e["name"]
+            elif cat == "kernel":
+                key = "GPU kernel " + short(e["name"])
+            else:
+                continue
+            if e["ts"] < zero:
+                continue
+            r = gpu[key]
+            r[0], r[1] = min(r[0], e["ts"]), max(r[1], e["ts"] + e["dur"])
+            r[2] += e["dur"]
+            r[3] += 1
+        print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, {a.layers} layers, cpu hit of {cached_len} cached + {a.new} new "
+              f"tokens: TTFT {wall * 1e3:.1f} ms profiled ({cached} tokens reused), {plain * 1e3:.1f} ms unprofiled")
+        print("| what | first start (ms) | last end (ms) | summed (ms) | count |\n|---|---|---|---|---|")
+        kernels = sorted(gpu.items(), key=lambda kv: -kv[1][2])
+        top = [kv for kv in kernels if not kv[0].startswith("GPU kernel")] + \
+            [kv for kv in kernels if kv[0].startswith("GPU kernel")][:12]
+        for name, (s, e, d, n) in sorted(list(rows.items()) + top, key=lambda kv: kv[1][0]):
+            print(f"| {name} | {(s - zero) / 1e3:.2f} | {(e - zero) / 1e3:.2f} | {d / 1e3:.2f} | {n} |")
+
     for label, where, name in MARKS:
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
         mark(obj, name, label)
     mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
-    drop()
-    HOST.clear()
-    gc_start: dict[int, float] = {}
-
-    def on_gc(phase, info):  # cyclic-GC collections during the request, by generation
-        if phase == "start":
-            gc_start[info["generation"]] = time.perf_counter()
-        else:
-            t0 = gc_start.pop(info["generation"], None)
-            if t0 is not None:
-                HOST.append((f"GC collection, generation {info['generation']}", t0, time.perf_counter()))
-    gc.callbacks.append(on_gc)
-    plain_event = torch.cuda.Event
-    if cuda:
-        torch.cuda.Event = timed_events()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        wall, cached = ttft(prefix + ids(a.new))
-    timed = list(HOST)
-    gc.callbacks.remove(on_gc)
-    torch.cuda.Event = plain_event
-    drop()
-    plain, _ = ttft(prefix + ids(a.new))
-    path = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
-    os.unlink(path)
-    marks = [e for e in events if e.get("name") == "add_request" and e.get("cat") in ("user_annotation", "cpu_op")]
-    zero = min(e["ts"] for e in marks) if marks else min(e["ts"] for e in events)
-    HOST[:] = timed  # the profiled request's calls only
-    host_zero = min(t for label, t, _ in HOST if label == "add_request")
-    rows: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])  # in us from zero
-    for label, t0, t1 in HOST:
-        r = rows[label]
-        s0, s1 = (t0 - host_zero) * 1e6 + zero, (t1 - host_zero) * 1e6 + zero
-        r[0], r[1] = min(r[0], s0), max(r[1], s1)
-        r[2] += s1 - s0
-        r[3] += 1
-    gpu: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])
-    for e in events:
-        cat = e.get("cat")
-        if cat == "gpu_memcpy":
-            key = "GPU copy " + e["name"]
-        elif cat == "kernel":
-            key = "GPU kernel " + short(e["name"])
-        else:
-            continue
-        if e["ts"] < zero:
-            continue
-        r = gpu[key]
-        r[0], r[1] = min(r[0], e["ts"]), max(r[1], e["ts"] + e["dur"])
-        r[2] += e["dur"]
-        r[3] += 1
-    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, {a.layers} layers, cpu hit of {a.cached} cached + {a.new} new "
-          f"tokens: TTFT {wall * 1e3:.1f} ms profiled ({cached} tokens reused), {plain * 1e3:.1f} ms unprofiled")
-    print("| what | first start (ms) | last end (ms) | summed (ms) | count |\n|---|---|---|---|---|")
-    kernels = sorted(gpu.items(), key=lambda kv: -kv[1][2])
-    top = [kv for kv in kernels if not kv[0].startswith("GPU kernel")] + \
-        [kv for kv in kernels if kv[0].startswith("GPU kernel")][:12]
-    for name, (s, e, d, n) in sorted(list(rows.items()) + top, key=lambda kv: kv[1][0]):
-        print(f"| {name} | {(s - zero) / 1e3:.2f} | {(e - zero) / 1e3:.2f} | {d / 1e3:.2f} | {n} |")
+    ttft(ids(2048))
+    for cached_len in a.cached:
+        one_hit(cached_len)
     llm.close()
 
 
