@@ -58,18 +58,22 @@ def instrument(eng) -> dict[str, float]:
     times: dict[str, float] = collections.defaultdict(float)
     for label, where, name, _ in PHASES:
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
-        if obj is None:  # no host tiers
-            continue
-        fn = getattr(obj, name)
-
-        def timed(*a, _fn=fn, _label=label, **k):
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                times[_label] += time.perf_counter() - t
-        setattr(obj, name, timed)
+        if obj is not None:  # None: no host tiers
+            time_calls(obj, name, label, times)
     return times
+
+
+def time_calls(obj, name: str, label: str, times: dict[str, float]) -> None:
+    """Wrap obj.name so every call adds its wall time to times[label]."""
+    fn = getattr(obj, name)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            times[label] += time.perf_counter() - t
+    setattr(obj, name, timed)
 
 
 def main():

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host_path import time_calls  # noqa: E402
 from kvc.config import KvcConfig  # noqa: E402
 from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
 from kvc.record import Page  # noqa: E402
@@ -47,15 +49,7 @@ def main() -> None:
     total = 0.0
     with TieredStore(KvcConfig(cpu_memory_size_GB=a.cpu_gb, disk_path=None)) as s:
         for name in PHASES:
-            fn = getattr(s, name)
-
-            def timed(*args, _fn=fn, _name=name, **kw):
-                t = time.perf_counter()
-                try:
-                    return _fn(*args, **kw)
-                finally:
-                    spent[_name] += time.perf_counter() - t
-            setattr(s, name, timed)
+            time_calls(s, name, name, spent)
         for p in range(n // per_prompt):
             tk = toks[p * per_prompt * 16:(p + 1) * per_prompt * 16]
             hs = page_hashes(ns.root, tk, 16)

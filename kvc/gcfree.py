@@ -2,11 +2,11 @@
 
 The tiers keep one small record per page (CpuTier's Entry, DiskTier's DiskEntry; the device pool's
 cached-block record is a plain tuple of bytes, which CPython untracks by itself): bytes, ints, a
-str, a tuple of ints. Python tracks every such instance for
-its cyclic collector, and a full collection walks all tracked objects: a 20,000-page cpu tier
-alone made one take 2.4 ms on a 2-core VM, and an H200's device pool registers up to ~270,000
-blocks of 384 KiB, so an engine paused for tens of milliseconds at whatever allocation tripped a
-collection (in the middle of a request's admission or load). These records hold no reference to
+str, a tuple of ints. Python tracks every such instance for its cyclic collector, and a full
+collection walks all tracked objects, so its pause grew with the cache (benchmarks/probe_gc.py:
+3.1 ms with 32,768 cpu pages on a 2-core VM, 0.5 ms with the records untracked) and landed at
+whatever allocation tripped it, in the middle of a request's admission or load. A GPU's device
+pool registers far more blocks than that. These records hold no reference to
 any container, so they can never be part of a reference cycle and reference counting frees them:
 untracking them is safe. Where the C API is not reachable (another interpreter) this is a no-op.
 """

@@ -50,11 +50,11 @@ VERIFY_PARTS = 4
 MIN_VERIFY_PART = 64
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
 class _DeviceChecksumError(RuntimeError):
     """The device checksum kernel failed to build or launch (not a caller's callback)."""
-BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
 def key(root: bytes, h: bytes) -> bytes:
@@ -670,7 +670,7 @@ class TieredStore:
         tail of a chain before its prefix and never strands a child without its parent.
         """
         parents = {p.parent for p in pages}
-        get = self.cpu.entries.get if isinstance(self.cpu, CpuTier) else self.cpu.get
+        get = self.cpu.entries.get
         for leaf in (p.hash for p in pages if p.hash not in parents):
             # collected first, then touched in two bulk calls (the disk tier takes its lock once):
             # an offer of a 32K-token prompt's next pages walks 2,048 ancestors under the GIL
