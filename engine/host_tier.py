@@ -99,13 +99,19 @@ class HostTier:
 
     # -- loads ---------------------------------------------------------------------------------
     def load(self, ns: Namespace, hashes: Sequence[bytes], pool: DevicePool, blocks: Sequence[int],
-             tiers: Sequence[str] | None = None) -> Future:
+             tiers: Sequence[str] | None = None,
+             on_queued: Callable[[torch.cuda.Event | None], None] | None = None) -> Future:
         """Fetch pages into `blocks` of the device pool in the background.
 
         The future gives how many leading pages landed (a miss or a failed checksum ends the run).
         `tiers` (the tier of each page, from lookup) splits the load into one get per tier run,
         so each tier's bandwidth is measured; on CUDA the copies are complete when the future is.
-        """
+
+        on_queued(event): called on the loader thread once the writes of every page into its
+        block are queued, before they are verified (on CUDA the event follows them on the load's
+        stream; elsewhere None: the writes are done). Work queued behind the event sees the
+        pages' bytes; only the future says whether they passed their checksums. Not called when
+        the load ends early (a miss, a failed page before the last part)."""
         tiers = list(tiers) if tiers is not None else ["host"] * len(hashes)
         ready = None
         if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
@@ -113,7 +119,7 @@ class HostTier:
             ready.record(torch.cuda.current_stream(pool.device))
         with self._loads_lock:
             self._loads_in_flight += 1
-        fut = self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready)
+        fut = self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready, on_queued)
         fut.add_done_callback(self._load_ended)
         return fut
 
@@ -123,7 +129,7 @@ class HostTier:
         self._launch_signal.set()  # a put thread waiting for the load to end looks again
 
     def _load(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
-              tiers: list[str], ready=None) -> int:
+              tiers: list[str], ready=None, on_queued=None) -> int:
         cuda = pool.device.type == "cuda"
         if cuda:
             # Wait here (then the load stream has nothing to wait for): the tier's bandwidth is timed
@@ -134,13 +140,23 @@ class HostTier:
         # On CUDA the staging buffer is on the device: the store copies its pinned slab straight
         # into it (verifying on its reader threads meanwhile); then one device-side scatter.
         staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))
+        total = len(hashes)
+
+        def landed(lo: int, hi: int, d: int) -> None:  # on the stream the rows land on
+            pool.scatter(blocks[d + lo:d + hi], staging[d + lo:d + hi])
+            if on_queued is not None and d + hi == total:  # the last rows: every write is queued
+                event = None
+                if cuda:
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(pool.device))
+                on_queued(event)
         done = 0
-        while done < len(hashes):
+        while done < total:
             tier, end = tiers[done], done
-            while end < len(hashes) and tiers[end] == tier:
+            while end < total and tiers[end] == tier:
                 end += 1
             n = self._get_run(ns, hashes[done:end], tier, staging[done:end],
-                              lambda lo, hi, d=done: pool.scatter(blocks[d + lo:d + hi], staging[d + lo:d + hi]))
+                              lambda lo, hi, d=done: landed(lo, hi, d))
             done += n
             if done < end:
                 break

@@ -251,7 +251,9 @@ class LLMEngine:
             self.scheduler.wait_for_loads()  # nothing else can run until a load lands
             return []
         n_tokens = sum(n for _, n in sched)
-        sample = n_tokens >= PREFILL_SAMPLE_TOKENS  # mostly prefill: a sample of the recompute rate
+        early = self.prefix_cache.step_waits(sched)  # the GPU waits for early loads' writes
+        # mostly prefill: a sample of the recompute rate (not a step that waited for a load)
+        sample = n_tokens >= PREFILL_SAMPLE_TOKENS and not early
         started = self.prefill_clock.start() if sample else None
         tokens = self.runner.step(sched)
         if sample:
@@ -260,6 +262,8 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for req, n in sched:
+            if early and not self.prefix_cache.settle(req):
+                continue  # it read pages that then failed their checksum: recomputed from there
             req.num_computed += n
             self.prefix_cache.commit(req)
             tok = tokens.get(req)

@@ -5,6 +5,12 @@ much of a host hit to load (engine.load_policy), runs the loads, registers compu
 offers them to the host tiers. The scheduler asks it for room through `admit` / `grow` and gets
 a small `Admission` back; it never touches the pool or the host tiers itself.
 
+A load whose writes are all queued on the GPU (not yet verified) may go back to the queue early
+when the engine has nothing else to run: its step waits for the load's event on the GPU instead
+of the engine thread waiting for the loader, and `settle` voids the step's work for the request
+if a page then fails its checksum (it recomputes from that page; nothing of the failed pages was
+registered or offered).
+
 Invariants that keep the engine from stalling:
 - a request that `admit` cannot place holds no blocks afterwards (its pages stay cached in the
   pool's hash map, so retrying costs nothing unless they are evicted meanwhile);
@@ -22,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .host_tier import HostTier
 from .kv_cache import KVCache
@@ -49,7 +56,11 @@ class _Load:
     req: Request
     future: Future
     start: int          # first loaded page (the device hit ends there)
+    pages: int          # pages asked for
+    queued: Future      # the loader's on_queued: the event every write of the load is queued before
     freed: bool = False  # the request was freed (aborted) meanwhile: free when the load ends
+    early: bool = False  # the request went back to the queue before the load was verified
+    landed: int | None = None  # the future's count, once read
 
 
 class PrefixCache:
@@ -66,6 +77,8 @@ class PrefixCache:
         # (registering a 32K load's 2,048 pages sat in the 3.4 ms between the load's end and the
         # request's step in run W's timeline, probe_cpu_hit.py)
         self._unregistered: dict[Request, int] = {}
+        self.early_loads = 0  # loads whose request went back to the queue before they were verified
+        self.early_loads_failed = 0  # of those, loads whose pages then failed: the step's work was voided
 
     # -- admission ---------------------------------------------------------------------------------
     def admit(self, req: Request, budget: int) -> Admission:
@@ -119,8 +132,14 @@ class PrefixCache:
             return Admission(Grant.NO_ROOM)
         req.status = Status.LOADING
         blocks = req.block_table[len(hits):end]
-        fut = self.host.load(ns, req.hashes[len(hits):end], self.kv.pool, blocks, located[len(hits):end])
-        self._loads[req] = _Load(req, fut, len(hits))
+        queued: Future = Future()
+
+        def on_queued(event) -> None:  # the loader thread
+            if not queued.done():
+                queued.set_result(event)
+        fut = self.host.load(ns, req.hashes[len(hits):end], self.kv.pool, blocks, located[len(hits):end],
+                             on_queued=on_queued)
+        self._loads[req] = _Load(req, fut, len(hits), end - len(hits), queued)
         return Admission(Grant.LOADING)
 
     def _host_located(self, req: Request, ns, hits: int, cap: int) -> list[str]:
@@ -191,8 +210,12 @@ class PrefixCache:
         pages are registered first: they stay cached in the pool and match again."""
         load = self._loads.get(req)
         if load is not None:
-            load.freed = True
-            return
+            if not load.early:
+                load.freed = True
+                return
+            # back in the queue early: its blocks are in its table, which the caller may reuse
+            # (a retry after release); the load's writes are queued, so its end is near
+            self._settle(req, load)
         self._register_loaded(req)
         self.blocks.free(req.block_table)
         req.block_table = []
@@ -200,39 +223,108 @@ class PrefixCache:
     # -- loads -------------------------------------------------------------------------------------
     @property
     def num_loading(self) -> int:
-        return sum(not x.freed for x in self._loads.values())
+        return sum(not (x.freed or x.early) for x in self._loads.values())
 
     def poll(self, wait_one: bool = False) -> list[Request]:
         """Requests whose load ended, now WAITING with their loaded pages computed and registered
-        (hits for others too). wait_one: block until at least one load ends, if any runs."""
-        if wait_one and self._loads and not any(x.future.done() for x in self._loads.values()):
-            wait([x.future for x in self._loads.values()], return_when=FIRST_COMPLETED)
+        (hits for others too). wait_one (the engine has nothing else to run): block until a load
+        ends or has every write queued on the GPU; a queued one goes back early (see `settle`)."""
+        if wait_one and self._loads and not any(self._ready(x) for x in self._loads.values()):
+            waits = [x.future for x in self._loads.values()]
+            waits += [x.queued for x in self._loads.values() if not (x.early or x.freed)]
+            wait(waits, return_when=FIRST_COMPLETED)
         back = []
         for req, load in list(self._loads.items()):
-            if not load.future.done():
-                continue
-            del self._loads[req]
+            if load.future.done():
+                del self._loads[req]
+                keep = load.start + self._result(load)
+                if load.freed:
+                    req.num_computed = keep * self.page_size
+                    self._register(req, keep)  # loaded pages are hits now; they are not offered back
+                    self.free(req)
+                elif load.early:  # back in the queue already, its step not run yet: nothing used the pages
+                    self._landed(req, keep)
+                else:
+                    self._landed(req, keep)
+                    req.status = Status.WAITING
+                    back.append(req)
+            elif wait_one and not (load.early or load.freed) and load.queued.done():
+                load.early = True
+                self.early_loads += 1
+                self._landed(req, load.start + load.pages, registered=False)
+                req.status = Status.WAITING
+                back.append(req)
+        return back
+
+    @staticmethod
+    def _ready(load: _Load) -> bool:
+        return load.future.done() or (not (load.early or load.freed) and load.queued.done())
+
+    @staticmethod
+    def _result(load: _Load) -> int:
+        """How many pages the load verified into their blocks (waits for its end)."""
+        if load.landed is None:
             try:
-                n = load.future.result()  # pages already in their blocks
+                load.landed = load.future.result()
             except Exception:  # a failed load is a miss: the request computes those pages
                 log.warning("loading %s's prefix from the host tiers failed; recomputing it",
-                            req.request_id, exc_info=True)
-                n = 0
-            keep = load.start + n
-            req.num_computed = keep * self.page_size
-            if load.freed:
-                self._register(req, keep)  # loaded pages are hits now; they are not offered back
-                self.free(req)
-                continue
-            self._unregistered[req] = keep  # registered (not offered back) at the next launch
-            # the load's blocks past what landed stay as room for the next chunk, up to its need
-            need = keep + self._blocks_after(keep, min(req.num_tokens - req.num_computed, self.chunk))
-            self.blocks.free(req.block_table[need:])
-            del req.block_table[need:]
-            req.status = Status.WAITING
-            self._count_hit(req)
-            back.append(req)
-        return back
+                            load.req.request_id, exc_info=True)
+                load.landed = 0
+        return load.landed
+
+    def _landed(self, req: Request, keep: int, registered: bool = True) -> None:
+        """The request's first `keep` pages are in its blocks (registered: verified, so they are
+        registered, not offered back, at the next launch); the load's blocks past them stay as room
+        for the next chunk, up to its need."""
+        req.num_computed = keep * self.page_size
+        if registered:
+            self._unregistered[req] = keep
+        need = keep + self._blocks_after(keep, min(req.num_tokens - req.num_computed, self.chunk))
+        self.blocks.free(req.block_table[need:])
+        del req.block_table[need:]
+        if req.num_cached_tokens > req.num_computed:  # an early count the load did not keep
+            req.num_cached_tokens = req.num_computed
+        self._count_hit(req)
+
+    def step_waits(self, sched) -> bool:
+        """Before a step: the GPU waits for the queued writes of early loads among its requests.
+        Whether there are any (then `settle` each request after the step)."""
+        early = False
+        if not self._loads:
+            return early
+        for req, _ in sched:
+            load = self._loads.get(req)
+            if load is not None and load.early:
+                early = True
+                event = load.queued.result()
+                if event is not None:
+                    event.wait(torch.cuda.current_stream(self.kv.pool.device))
+        return early
+
+    def settle(self, req: Request) -> bool:
+        """After a step that ran `req`: whether the step's work for it stands. False when the
+        request came back early and a page of its load then failed: its state is back at the
+        first bad page (the step read bytes that failed their checksum; its token is void, its
+        KV past that page is recomputed over). Waits for the load's end (its writes were queued
+        before the step, so the step's own wait covered them)."""
+        load = self._loads.get(req)
+        if load is None or not load.early:
+            return True
+        return self._settle(req, load)
+
+    def _settle(self, req: Request, load: _Load) -> bool:
+        del self._loads[req]
+        keep = load.start + self._result(load)
+        self._unregistered[req] = keep
+        if keep == load.start + load.pages:
+            return True
+        self.early_loads_failed += 1
+        log.warning("request %s used loaded pages that failed their checksum; recomputing from page %d",
+                    req.request_id, keep)
+        req.num_computed = keep * self.page_size
+        if req.num_cached_tokens > req.num_computed:
+            req.num_cached_tokens = req.num_computed
+        return False
 
     # -- registration and offers -------------------------------------------------------------------
     def commit(self, req: Request) -> None:
@@ -283,6 +375,9 @@ class PrefixCache:
         runs them, and let puts use the GPU's busy time."""
         for req in list(self._unregistered):
             self._register_loaded(req)
+        for req, load in self._loads.items():  # early loads: theirs once verified (their writes
+            if load.early and self._result(load) == load.pages:  # were queued before this step:
+                self._register(req, load.start + load.pages)  # the loader is about done)
         if self.host is not None and self.kv.pool.device.type == "cuda":
             self.host.step_launched(self.kv.pool.device)
 

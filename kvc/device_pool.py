@@ -8,6 +8,7 @@ batched gather or scatter per direction.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from typing import Sequence
 
 import numpy as np
@@ -71,14 +72,17 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int] | None:
         """n fresh blocks, evicting the least recently freed cached ones; None if too few are free."""
-        if n > len(self.free_queue):
+        free_queue = self.free_queue
+        if n > len(free_queue):
             return None
-        out = []
-        for _ in range(n):
-            b, _ = self.free_queue.popitem(last=False)
-            self._uncache(b)
-            self.ref_count[b] = 1
-            out.append(b)
+        out = list(islice(free_queue, n))  # the oldest n, in order; then each one's state inline
+        cached, h2b, rc = self._cached, self.hash_to_block, self.ref_count  # (a 32K-token load
+        for b in out:                                                        # takes 2,048 at once)
+            del free_queue[b]
+            c = cached.pop(b, None)
+            if c is not None:
+                del h2b[c[HASH]]
+            rc[b] = 1
         return out
 
     def free(self, blocks: Sequence[int]) -> None:

@@ -417,3 +417,94 @@ def test_loaded_pages_register_at_the_step_launch_and_are_never_offered_back(qwe
     assert len(pc.blocks.hash_to_block) == 0
     eng.abort("dropped")
     assert all(h in pc.blocks.hash_to_block for h in prompt_pages) and pc.num_free_blocks == 64
+
+
+class LateVerifyStore:
+    """A real TieredStore whose engine loads land every page (row `bad` overwritten with garbage
+    when set), report them all queued, and only then, once `gate` is set, return the count:
+    `bad` when set (that page failed its checksum), else all. This is the CUDA load's order (the
+    writes are queued, the checksums compared later) made slow on demand."""
+
+    def __init__(self, store: TieredStore, bad: int | None):
+        self.store, self.bad = store, bad
+        self.gate = threading.Event()
+
+    def get_into(self, ns, hashes, out, landed=None):
+        n = self.store.get_into(ns, hashes, out)
+        if self.bad is not None and self.bad < n:
+            out[self.bad].fill_(1e4)
+            n = self.bad
+        if landed is not None:
+            landed(0, len(hashes))  # every row's write is queued: the host tier signals on_queued
+        assert self.gate.wait(30)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def early_hit(qwen_dir, store, bad):
+    """A cpu-tier hit of PROMPT whose load reports its writes queued and verifies late; the
+    verification ends (gate) once the engine's step read the pages. (engine, outputs, cold)."""
+    cold = run_one(make_engine(qwen_dir), PROMPT)
+    late = LateVerifyStore(store, bad)
+    late.gate.set()
+    eng = make_engine(qwen_dir, cache=late, load_policy="always")
+    run_one(eng, PROMPT)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    late.gate.clear()
+    real_logits = eng.runner.logits
+
+    def logits(sched):  # the step's model ran on the loaded pages: now their checksums "end"
+        out = real_logits(sched)
+        late.gate.set()
+        return out
+    eng.runner.logits = logits
+    return eng, run_one(eng, PROMPT), cold
+
+
+def test_an_early_load_runs_its_step_before_the_loader_verified_it(qwen_dir, store):
+    eng, out, cold = early_hit(qwen_dir, store, bad=None)
+    pc = eng.prefix_cache
+    assert out == cold
+    assert (pc.early_loads, pc.early_loads_failed) == (1, 0)
+    assert _device_pages(eng, PROMPT) == len(PROMPT) // 4  # loaded (verified) and computed pages
+    eng.close()
+
+
+def test_a_page_that_fails_after_an_early_step_voids_the_step(qwen_dir, store):
+    """The step read a page whose checksum then failed: its token is dropped and the request
+    recomputes from that page (before: the garbage page's token was emitted and the page kept)."""
+    eng, out, cold = early_hit(qwen_dir, store, bad=3)
+    pc = eng.prefix_cache
+    assert (pc.early_loads, pc.early_loads_failed) == (1, 1)
+    assert out == cold
+    # the pages before the bad one came from the load, the rest were recomputed: all cached again
+    assert _device_pages(eng, PROMPT) == len(PROMPT) // 4  # loaded before the bad page, computed from it
+    eng.close()
+
+
+def test_an_early_request_freed_before_its_step_waits_for_its_load(qwen_dir, store):
+    """Aborting a request that came back early (its load's writes queued, not verified) frees
+    its blocks only after the load ends, and registers only what verified."""
+    cold = run_one(make_engine(qwen_dir), PROMPT)
+    late = LateVerifyStore(store, bad=2)
+    late.gate.set()
+    eng = make_engine(qwen_dir, cache=late, load_policy="always")
+    run_one(eng, PROMPT)
+    pc = eng.prefix_cache
+    pc.flush()
+    pc.reset_device_cache()
+    late.gate.clear()
+    eng.add_request("early", PROMPT, GREEDY)
+    # admission starts the load; with nothing else to run the engine waits until its writes are
+    # queued, and the request is back early, not verified
+    assert eng.step() == []
+    assert pc.early_loads == 1 and eng.requests["early"].status.value == "waiting"
+    threading.Timer(0.3, late.gate.set).start()
+    eng.abort("early")  # waits for the load's end
+    assert pc.num_free_blocks == 64 and pc.early_loads_failed == 1
+    assert _device_pages(eng, PROMPT) == 2  # the two pages before the bad one
+    assert run_one(eng, PROMPT) == cold
+    eng.close()

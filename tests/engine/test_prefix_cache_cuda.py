@@ -59,6 +59,37 @@ def test_corrupt_cpu_page_ends_the_cuda_load_there(qwen_dir, store):
     eng.close()
 
 
+@pytest.mark.parametrize("bad", [None, 5])
+def test_an_early_cuda_load_feeds_its_step_through_an_event(qwen_dir, store, bad):
+    """The request goes back to the queue once the load's writes are queued: its step waits for
+    the load's event on the GPU, not for the loader. A page that fails after the step read it
+    voids the step (bad=5): the request recomputes from there. Outputs equal cold either way."""
+    from .test_prefix_cache import LateVerifyStore
+    prompt = BASE[:45]
+    cold = run(engine(qwen_dir), [prompt])[0]
+    late = LateVerifyStore(store, bad)
+    late.gate.set()
+    eng = engine(qwen_dir, cache=late, load_policy="always")
+    run(eng, [prompt])
+    pc = eng.prefix_cache
+    pc.flush()
+    pc.reset_device_cache()
+    late.gate.clear()
+    real_logits = eng.runner.logits
+
+    def logits(sched):  # the step is queued behind the load's event: now the verdict comes
+        out = real_logits(sched)
+        late.gate.set()
+        return out
+    eng.runner.logits = logits
+    hit = run(eng, [prompt])[0]
+    assert pc.early_loads == 1
+    assert pc.early_loads_failed == (bad is not None)
+    assert hit.num_cached_tokens == (11 if bad is None else bad) * 4
+    assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
+    eng.close()
+
+
 def test_prefill_clock_times_the_gpu_not_the_host():
     """A prefill step that reads nothing back returns before the GPU ran it (with CUDA graphs its
     host time is a fraction of its GPU time): its rate sample must come from the GPU's timeline."""
