@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.llm import LLM  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
-from kvc import gpu_checksum  # noqa: E402
+from kvc import gpu_checksum, pinned  # noqa: E402
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0)
 # (label, object path from the engine, method): marked with record_function on every call
@@ -211,6 +211,7 @@ def main():
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
         mark(obj, name, label)
     mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
+    mark(pinned.UPLOADER, "upload", "pinned upload (kvc.pinned, any thread)")
     ttft(ids(2048))
     for cached_len in a.cached:
         one_hit(cached_len)

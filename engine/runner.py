@@ -9,6 +9,8 @@ import array
 
 import torch
 
+from kvc import pinned
+
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .layers import AttnMetadata, Piece
@@ -45,8 +47,7 @@ class ModelRunner:
             packed.extend(p)
         flat = torch.frombuffer(packed, dtype=torch.long) if packed else torch.empty(0, dtype=torch.long)
         if self.device.type == "cuda":
-            pinned = torch.empty(flat.shape, dtype=torch.long, pin_memory=True)  # caching host allocator
-            flat = pinned.copy_(flat).to(self.device, non_blocking=True)
+            flat = pinned.upload(flat, self.device)  # a page-locked buffer this thread reuses
         return list(torch.split(flat, sizes))
 
     def prepare(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, AttnMetadata, list[int]]:

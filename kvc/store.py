@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import gpu_checksum, hashing, pagecopy
+from . import gpu_checksum, hashing, pagecopy, pinned
 from .admission import Admission
 from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
@@ -523,9 +523,9 @@ class TieredStore:
                     if landed is not None:
                         landed(lo, hi)
             # the expected sums go up after the copies are queued, from pinned memory (a pageable
-            # upload would first wait for the stream, i.e. for every copy)
-            want = torch.from_numpy(np.fromiter((e.checksum for e in held), dtype=np.uint64, count=run)
-                                    .view(np.int64)).pin_memory().to(flat.device, non_blocking=True)
+            # upload would first wait for the stream, i.e. for every copy) this thread reuses
+            want = pinned.upload(torch.from_numpy(np.fromiter((e.checksum for e in held), dtype=np.uint64,
+                                                              count=run).view(np.int64)), flat.device)
         finally:  # whatever was queued on the side stream is done before the caller's stream goes on
             cur.wait_stream(side)
         return sums != want

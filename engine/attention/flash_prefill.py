@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from kvc import pinned
+
 from . import key_slots, sdpa_op_usable
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def _step_inputs(pieces, P: int, dev: torch.device):
         cu_q.append(cu_q[-1] + p.q_len)
         cu_k.append(cu_k[-1] + p.k_len)
     # pinned + non_blocking: a pageable upload would wait for the GPU and stall the host
-    cu = torch.tensor([cu_q, cu_k], dtype=torch.int32).pin_memory().to(dev, non_blocking=True)  # [2, B+1]
+    cu = pinned.upload(torch.tensor([cu_q, cu_k], dtype=torch.int32), dev)  # [2, B+1]
     made = (slots, rows, cu, first, last)
     pieces[0].flash_inputs = (key, made)
     return made

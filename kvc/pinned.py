@@ -1,0 +1,90 @@
+"""Small host-to-device uploads (block indices, a step's token ids, expected checksums) through
+page-locked buffers that are allocated once per thread and reused.
+
+A non_blocking upload needs a page-locked (pinned) source; from pageable memory the copy first
+waits for everything queued on the stream. Pinning a fresh tensor per upload (`pin_memory()`,
+torch's caching host allocator) falls through to cudaHostAlloc whenever no cached block of that
+size is free, and a block stays busy until the work its stream had queued by its release is done.
+In run Z's probe_cpu_hit.py timeline (benchmarks/RESULTS.md) an engine step's preparation, which
+pinned one such upload while a 32K-token load's copies ran (the loader pinned its own beside it),
+stood still until the load ended (14.7 ms); these allocations are the suspect this module removes.
+
+Here each thread owns a ring of buffers. A slot is reused once the copy that last read it is done
+(an event, normally long done), and grows (one allocation, to the next power of two) when an
+upload is larger than it: after warm-up no upload allocates page-locked memory.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+SLOTS = 8  # per thread: a step's few uploads may wait behind a load on the stream without a stall
+MIN_SLOT_BYTES = 64 << 10
+
+
+class _Ring:
+    def __init__(self, slots: int):
+        self.bufs: list[torch.Tensor | None] = [None] * slots
+        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.next = 0
+        self.allocations = 0  # page-locked allocations made (warm-up and growth)
+
+    def upload(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
+        src = src.contiguous()
+        nbytes = src.numel() * src.element_size()
+        if nbytes == 0:
+            return torch.empty(src.shape, dtype=src.dtype, device=device)
+        i = self.next
+        self.next = (i + 1) % len(self.bufs)
+        event = self.events[i]
+        if event is not None:
+            event.synchronize()  # the copy that last read this slot is done: it may be overwritten
+        buf = self.bufs[i]
+        if buf is None or buf.numel() < nbytes:
+            size = max(MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
+            buf = self.bufs[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self.allocations += 1
+        staged = buf[:nbytes].view(src.dtype).view(src.shape)
+        staged.copy_(src)
+        out = staged.to(device, non_blocking=True)
+        if event is None:
+            event = self.events[i] = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return out
+
+
+class PinnedUploader:
+    """upload(src, device): src (a CPU tensor) on `device`, queued on the current stream without
+    waiting for it (CUDA) or as is (other devices). The result is a new device tensor; src may be
+    changed as soon as the call returns."""
+
+    def __init__(self, slots: int = SLOTS):
+        self.slots = slots
+        self._local = threading.local()
+        self._rings: list[_Ring] = []
+        self._lock = threading.Lock()
+
+    def upload(self, src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return src.to(device)
+        ring = getattr(self._local, "ring", None)
+        if ring is None:
+            ring = self._local.ring = _Ring(self.slots)
+            with self._lock:
+                self._rings.append(ring)
+        return ring.upload(src, device)
+
+    @property
+    def allocations(self) -> int:
+        """Page-locked buffers allocated so far, all threads (tests: no growth after warm-up)."""
+        with self._lock:
+            return sum(r.allocations for r in self._rings)
+
+
+UPLOADER = PinnedUploader()  # the process's: engine, loader and put threads each get their own ring
+
+
+def upload(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return UPLOADER.upload(src, device)
