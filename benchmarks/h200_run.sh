@@ -25,7 +25,7 @@ for part in "$@"; do
     tests) step tests 170 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
         tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
         tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py \
-        tests/engine/test_llm_close.py tests/engine/test_moe_kernels.py ;;
+        tests/engine/test_llm_close.py tests/engine/test_moe_kernels.py tests/kvc/test_pinned.py ;;
     tests-kvc) step tests-kvc 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kvc/test_cuda_store.py ;;
     cpu-hit) step cpu-hit 150 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" ;;
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
