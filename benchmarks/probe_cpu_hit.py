@@ -23,6 +23,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,69 @@ def timed_events():
     return TimedEvent
 
 
+class StackSampler:
+    """Where each thread of interest is, every ~0.2 ms of wall time, during one (unprofiled) hit:
+    the innermost frame of the project's own code on the engine's thread and on the kvc-load /
+    kvc-put threads. A thread blocked in C code with the GIL released still shows the line that
+    called it; a gap between samples means some thread held the GIL in C code meanwhile (the
+    sampler needs it to run)."""
+
+    def __init__(self, period: float = 2e-4):
+        self.period, self.samples, self._stop = period, [], threading.Event()
+        self.main = threading.main_thread().ident
+
+    def _where(self, frame) -> str:
+        here = None
+        while frame is not None:
+            f = frame.f_code.co_filename
+            if "/site-packages/" not in f and "/lib/python" not in f and "probe_cpu_hit" not in f:
+                here = f"{Path(f).parent.name}/{Path(f).name}:{frame.f_lineno} {frame.f_code.co_name}"
+                break
+            frame = frame.f_back
+        return here or "(library code)"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            names = {th.ident: th.name for th in threading.enumerate()}
+            now = {}
+            for ident, frame in sys._current_frames().items():
+                name = "engine" if ident == self.main else names.get(ident, "")
+                if name == "engine" or name.startswith(("kvc-load", "kvc-put")):
+                    now[name.split("_")[0]] = self._where(frame)
+            self.samples.append((t, now))
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, zero: float) -> None:
+        """Spans of consecutive samples at the same place, per thread (ms from zero), and gaps."""
+        print("| thread | where (innermost project frame) | from (ms) | to (ms) | samples |\n|---|---|---|---|---|")
+        for who in ("engine", "kvc-load", "kvc-put"):
+            spans = []
+            for t, now in self.samples:
+                w = now.get(who)
+                if w is None:
+                    continue
+                if spans and spans[-1][0] == w:
+                    spans[-1][2], spans[-1][3] = t, spans[-1][3] + 1
+                else:
+                    spans.append([w, t, t, 1])
+            for w, t0, t1, n in spans:
+                if t1 - t0 >= 5e-4:  # spans of half a millisecond or more
+                    print(f"| {who} | {w} | {(t0 - zero) * 1e3:.2f} | {(t1 - zero) * 1e3:.2f} | {n} |")
+        gaps = [(a[0], b[0]) for a, b in zip(self.samples, self.samples[1:]) if b[0] - a[0] > 1e-3]
+        print("sampler gaps over 1 ms (the GIL held in C code): " +
+              (", ".join(f"{(a - zero) * 1e3:.2f}-{(b - zero) * 1e3:.2f}" for a, b in gaps) or "none"))
+
+
 def short(name: str) -> str:
     return re.sub(r"\(.*", "", re.sub(r"<.*", "", name))[:60]
 
@@ -167,6 +231,10 @@ def main():
         torch.cuda.Event = plain_event
         drop()
         plain, _ = ttft(prefix + ids(a.new))
+        drop()  # once more, with a stack sampler beside it
+        with StackSampler() as sampler:
+            t_sampled = time.perf_counter()
+            sampled, _ = ttft(prefix + ids(a.new))
         path = tempfile.mktemp(suffix=".json")
         prof.export_chrome_trace(path)
         with open(path) as f:
@@ -206,6 +274,10 @@ def main():
             [kv for kv in kernels if kv[0].startswith("GPU kernel")][:12]
         for name, (s, e, d, n) in sorted(list(rows.items()) + top, key=lambda kv: kv[1][0]):
             print(f"| {name} | {(s - zero) / 1e3:.2f} | {(e - zero) / 1e3:.2f} | {d / 1e3:.2f} | {n} |")
+        print(f"\n# the same hit again with a stack sampler beside it: TTFT {sampled * 1e3:.1f} ms; "
+              f"{len(sampler.samples)} samples")
+        sampler.report(t_sampled)
+        print()
 
     for label, where, name in MARKS:
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
