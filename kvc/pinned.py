@@ -1,5 +1,6 @@
-"""Small host-to-device uploads (block indices, a step's token ids, expected checksums) through
-page-locked buffers that are allocated once per thread and reused.
+"""Small host-to-device uploads (block indices, a step's token ids, expected checksums) and small
+downloads (a load's checksum verdicts) through page-locked buffers allocated once per thread and
+reused.
 
 A non_blocking upload needs a page-locked (pinned) source; from pageable memory the copy first
 waits for everything queued on the stream. Pinning a fresh tensor per upload (`pin_memory()`,
@@ -53,6 +54,32 @@ class _Ring:
         event.record(torch.cuda.current_stream(device))
         return out
 
+    def download(self, src: torch.Tensor) -> torch.Tensor:
+        """src (on CUDA) as a new CPU tensor, through a slot: an asynchronous copy and a wait for
+        its event, not a copy into pageable memory (a synchronous cudaMemcpy into pageable memory
+        held every other thread's copies for as long as it waited: run AB's stack samples)."""
+        src = src.contiguous()
+        nbytes = src.numel() * src.element_size()
+        if nbytes == 0:
+            return torch.empty(src.shape, dtype=src.dtype)
+        i = self.next
+        self.next = (i + 1) % len(self.bufs)
+        event = self.events[i]
+        if event is not None:
+            event.synchronize()
+        buf = self.bufs[i]
+        if buf is None or buf.numel() < nbytes:
+            size = max(MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
+            buf = self.bufs[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            self.allocations += 1
+        staged = buf[:nbytes].view(src.dtype).view(src.shape)
+        staged.copy_(src, non_blocking=True)
+        if event is None:
+            event = self.events[i] = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(src.device))
+        event.synchronize()  # releases the GIL; holds no lock other threads' copies need
+        return staged.clone()
+
 
 class PinnedUploader:
     """upload(src, device): src (a CPU tensor) on `device`, queued on the current stream without
@@ -69,12 +96,21 @@ class PinnedUploader:
         device = torch.device(device)
         if device.type != "cuda":
             return src.to(device)
+        return self._ring().upload(src, device)
+
+    def download(self, src: torch.Tensor) -> torch.Tensor:
+        """src as a new CPU tensor; from CUDA through this thread's ring (see _Ring.download)."""
+        if src.device.type != "cuda":
+            return src.to("cpu", copy=True)
+        return self._ring().download(src)
+
+    def _ring(self) -> _Ring:
         ring = getattr(self._local, "ring", None)
         if ring is None:
             ring = self._local.ring = _Ring(self.slots)
             with self._lock:
                 self._rings.append(ring)
-        return ring.upload(src, device)
+        return ring
 
     @property
     def allocations(self) -> int:
@@ -88,3 +124,7 @@ UPLOADER = PinnedUploader()  # the process's: engine, loader and put threads eac
 
 def upload(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return UPLOADER.upload(src, device)
+
+
+def download(src: torch.Tensor) -> torch.Tensor:
+    return UPLOADER.download(src)

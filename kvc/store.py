@@ -459,7 +459,7 @@ class TieredStore:
             self.cpu.touch_many(tail_first)
             self.disk.touch_many(tail_first)
             if bad is not None:
-                flags = bad.cpu()  # waits for the copies and the checksums
+                flags = pinned.download(bad)  # waits for the copies and the checksums
                 good = int(flags.int().argmax()) if bool(flags.any()) else run
             else:
                 ok = verified()

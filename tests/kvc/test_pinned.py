@@ -69,3 +69,23 @@ def test_each_thread_has_its_own_ring():
     for t in threads:
         t.join()
     assert not errors and up.allocations == 3 * 2
+
+
+def test_download_from_the_cpu_is_a_copy():
+    up = PinnedUploader()
+    src = torch.arange(6)
+    out = up.download(src)
+    src.zero_()
+    assert out.tolist() == list(range(6))
+
+
+@pytest.mark.gpu
+@cuda
+def test_downloads_equal_their_sources_and_outlive_the_slot():
+    up = PinnedUploader(slots=2)
+    srcs = [torch.full((1000,), i, device="cuda", dtype=torch.int64) for i in range(5)]
+    outs = [up.download(s) for s in srcs]  # more downloads than slots: each result is its own copy
+    assert [o.device.type for o in outs] == ["cpu"] * 5
+    assert [int(o[0]) for o in outs] == list(range(5)) and all(bool((o == o[0]).all()) for o in outs)
+    flags = torch.tensor([False, False, True], device="cuda")
+    assert up.download(flags).tolist() == [False, False, True]
