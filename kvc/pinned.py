@@ -31,27 +31,37 @@ class _Ring:
         self.next = 0
         self.allocations = 0  # page-locked allocations made (warm-up and growth)
 
-    def upload(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
-        src = src.contiguous()
-        nbytes = src.numel() * src.element_size()
-        if nbytes == 0:
-            return torch.empty(src.shape, dtype=src.dtype, device=device)
+    def _slot(self, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The next slot, free (the copy that last used it is done), as a pinned tensor shaped
+        and typed like `like`; and its index (record its event after queuing the copy)."""
+        nbytes = like.numel() * like.element_size()
         i = self.next
         self.next = (i + 1) % len(self.bufs)
         event = self.events[i]
         if event is not None:
-            event.synchronize()  # the copy that last read this slot is done: it may be overwritten
+            event.synchronize()  # the copy that last used this slot is done: it may be overwritten
         buf = self.bufs[i]
         if buf is None or buf.numel() < nbytes:
             size = max(MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
             buf = self.bufs[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             self.allocations += 1
-        staged = buf[:nbytes].view(src.dtype).view(src.shape)
-        staged.copy_(src)
-        out = staged.to(device, non_blocking=True)
+        return buf[:nbytes].view(like.dtype).view(like.shape), i
+
+    def _record(self, i: int, device: torch.device) -> torch.cuda.Event:
+        event = self.events[i]
         if event is None:
             event = self.events[i] = torch.cuda.Event()
         event.record(torch.cuda.current_stream(device))
+        return event
+
+    def upload(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
+        src = src.contiguous()
+        if src.numel() == 0:
+            return torch.empty(src.shape, dtype=src.dtype, device=device)
+        staged, i = self._slot(src)
+        staged.copy_(src)
+        out = staged.to(device, non_blocking=True)
+        self._record(i, device)
         return out
 
     def download(self, src: torch.Tensor) -> torch.Tensor:
@@ -59,25 +69,11 @@ class _Ring:
         its event, not a copy into pageable memory (a synchronous cudaMemcpy into pageable memory
         held every other thread's copies for as long as it waited: run AB's stack samples)."""
         src = src.contiguous()
-        nbytes = src.numel() * src.element_size()
-        if nbytes == 0:
+        if src.numel() == 0:
             return torch.empty(src.shape, dtype=src.dtype)
-        i = self.next
-        self.next = (i + 1) % len(self.bufs)
-        event = self.events[i]
-        if event is not None:
-            event.synchronize()
-        buf = self.bufs[i]
-        if buf is None or buf.numel() < nbytes:
-            size = max(MIN_SLOT_BYTES, 1 << (nbytes - 1).bit_length())
-            buf = self.bufs[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            self.allocations += 1
-        staged = buf[:nbytes].view(src.dtype).view(src.shape)
+        staged, i = self._slot(src)
         staged.copy_(src, non_blocking=True)
-        if event is None:
-            event = self.events[i] = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(src.device))
-        event.synchronize()  # releases the GIL; holds no lock other threads' copies need
+        self._record(i, src.device).synchronize()  # releases the GIL; holds no lock copies need
         return staged.clone()
 
 
