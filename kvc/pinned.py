@@ -6,13 +6,17 @@ A non_blocking upload needs a page-locked (pinned) source; from pageable memory 
 waits for everything queued on the stream. Pinning a fresh tensor per upload (`pin_memory()`,
 torch's caching host allocator) falls through to cudaHostAlloc whenever no cached block of that
 size is free, and a block stays busy until the work its stream had queued by its release is done.
-In run Z's probe_cpu_hit.py timeline (benchmarks/RESULTS.md) an engine step's preparation, which
-pinned one such upload while a 32K-token load's copies ran (the loader pinned its own beside it),
-stood still until the load ended (14.7 ms); these allocations are the suspect this module removes.
 
-Here each thread owns a ring of buffers. A slot is reused once the copy that last read it is done
-(an event, normally long done), and grows (one allocation, to the next power of two) when an
-upload is larger than it: after warm-up no upload allocates page-locked memory.
+A download into pageable memory (`tensor.cpu()`) is a synchronous copy, and while one thread waited
+in it for a 32K-token load's copies, another thread's non-blocking upload did not return either:
+in run AB's stack samples (probe_cpu_hit.py, benchmarks/RESULTS.md) the engine's upload of a step's
+ids ended on the same sample as the loader's `.cpu()` of its checksum verdicts, 10.5 ms later.
+`download` reads through a pinned slot and waits on an event instead. (Run AA had first ruled out
+the per-call pinning as that stall's cause; the uploads keep their rings all the same.)
+
+Here each thread owns a ring of buffers. A slot is reused once the copy that last used it is done
+(an event, normally long done), and grows (one allocation, to the next power of two) when a copy
+is larger than it: after warm-up no copy allocates page-locked memory.
 """
 from __future__ import annotations
 
