@@ -242,10 +242,9 @@ class PrefixCache:
                     req.num_computed = keep * self.page_size
                     self._register(req, keep)  # loaded pages are hits now; they are not offered back
                     self.free(req)
-                elif load.early:  # back in the queue already, its step not run yet: nothing used the pages
-                    self._landed(req, keep)
-                else:
-                    self._landed(req, keep)
+                    continue
+                self._landed(req, keep)
+                if not load.early:  # an early one is back in the queue already (its step not run yet)
                     req.status = Status.WAITING
                     back.append(req)
             elif wait_one and not (load.early or load.freed) and load.queued.done():
@@ -276,15 +275,20 @@ class PrefixCache:
         """The request's first `keep` pages are in its blocks (registered: verified, so they are
         registered, not offered back, at the next launch); the load's blocks past them stay as room
         for the next chunk, up to its need."""
-        req.num_computed = keep * self.page_size
+        self._rewind(req, keep)
         if registered:
             self._unregistered[req] = keep
         need = keep + self._blocks_after(keep, min(req.num_tokens - req.num_computed, self.chunk))
         self.blocks.free(req.block_table[need:])
         del req.block_table[need:]
-        if req.num_cached_tokens > req.num_computed:  # an early count the load did not keep
-            req.num_cached_tokens = req.num_computed
         self._count_hit(req)
+
+    def _rewind(self, req: Request, keep: int) -> None:
+        """The request's computed tokens end at page `keep` (a load's verified end); an early count
+        of cached tokens the load did not keep comes down with them."""
+        req.num_computed = keep * self.page_size
+        if req.num_cached_tokens > req.num_computed:
+            req.num_cached_tokens = req.num_computed
 
     def step_waits(self, sched) -> bool:
         """Before a step: the GPU waits for the queued writes of early loads among its requests.
@@ -321,9 +325,7 @@ class PrefixCache:
         self.early_loads_failed += 1
         log.warning("request %s used loaded pages that failed their checksum; recomputing from page %d",
                     req.request_id, keep)
-        req.num_computed = keep * self.page_size
-        if req.num_cached_tokens > req.num_computed:
-            req.num_cached_tokens = req.num_computed
+        self._rewind(req, keep)
         return False
 
     # -- registration and offers -------------------------------------------------------------------
