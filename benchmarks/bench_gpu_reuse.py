@@ -278,6 +278,14 @@ def main() -> None:
             eng.prefix_cache.reset_device_cache()
             cpus.append(ttft(llm, prefix + rand_ids(rng, 64)))
         cpu = [t for t, _ in cpus]
+        host = eng.prefix_cache.host
+        host.layer_loads = False  # side by side: loads of whole pages (the path before layer-by-layer loads)
+        whole = []
+        for _ in range(repeats):
+            eng.prefix_cache.flush()
+            eng.prefix_cache.reset_device_cache()
+            whole.append(ttft(llm, prefix + rand_ids(rng, 64))[0])
+        host.layer_loads = True
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -286,7 +294,9 @@ def main() -> None:
         cfloor = bytes_ / h2d + delta
         rows.append((f"{size(n)} TTFT cpu hit", ms(statistics.median(cpu)), ms(cfloor),
                      f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
-                     f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s"))
+                     f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s; layered loads so far {host.layered_loads}"))
+        rows.append((f"{size(n)} TTFT cpu hit, whole-page loads", ms(statistics.median(whole)), ms(cfloor),
+                     f"{statistics.median(whole) / cfloor:.2f}x floor"))
     rates = eng.planner.tier_rates()
     notes.append(f"# measured: prefill {eng.planner.prefill_rate() or 0:.0f} tok/s; load "
                  + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))

@@ -49,6 +49,10 @@ MARKS = [
     ("loader: store get to device", "prefix_cache.host.cache", "_get_to_device"),
     ("loader: copies + checksums queued", "prefix_cache.host.cache", "_copy_and_hash"),
     ("loader: pool scatter", "kv.pool", "scatter"),
+    ("loader: layer by layer (_load_layers)", "prefix_cache.host", "_load_layers"),
+    ("loader: store get, layer by layer", "prefix_cache.host.cache", "get_layers_into"),
+    ("loader: layer scatters", "kv.pool", "scatter_layer"),
+    ("loader: verdict (waits for copies + checksums)", "prefix_cache.host.cache", "_verdict"),
     ("poll (waits for the load)", "prefix_cache", "poll"),
     ("prepare", "runner", "prepare"),
     ("model forward (host)", "model", "forward"),
@@ -231,6 +235,11 @@ def main():
         torch.cuda.Event = plain_event
         drop()
         plain, _ = ttft(prefix + ids(a.new))
+        host = eng.prefix_cache.host
+        host.layer_loads = False  # side by side: the same hit loading whole pages
+        drop()
+        whole, _ = ttft(prefix + ids(a.new))
+        host.layer_loads = True
         drop()  # once more, with a stack sampler beside it
         with StackSampler() as sampler:
             t_sampled = time.perf_counter()
@@ -267,7 +276,9 @@ def main():
             r[2] += e["dur"]
             r[3] += 1
         print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, {a.layers} layers, cpu hit of {cached_len} cached + {a.new} new "
-              f"tokens: TTFT {wall * 1e3:.1f} ms profiled ({cached} tokens reused), {plain * 1e3:.1f} ms unprofiled")
+              f"tokens: TTFT {wall * 1e3:.1f} ms profiled ({cached} tokens reused), {plain * 1e3:.1f} ms unprofiled; "
+              f"loading whole pages instead of layer by layer {whole * 1e3:.1f} ms (layered loads so far "
+              f"{host.layered_loads}{', off: ' + host.layer_loads_off if host.layer_loads_off else ''})")
         print("| what | first start (ms) | last end (ms) | summed (ms) | count |\n|---|---|---|---|---|")
         kernels = sorted(gpu.items(), key=lambda kv: -kv[1][2])
         top = [kv for kv in kernels if not kv[0].startswith("GPU kernel")] + \

@@ -11,6 +11,10 @@ only, then times, median of --reps, for 8K and 32K tokens:
                            the slab while the copy engine reads it (the path before the kernel)
   device sums              kvc.gpu_checksum.xxh3_64_rows over the pages already on the device,
                            for 1 KiB blocks per program step G = 1 / 2 / 4 / 8 (2 is the default)
+  strided H2D, by layer    the same bytes as one strided copy per layer (kvc.cudacopy: rows of a
+                           layer's bytes, a page apart) into a layer-major buffer
+  get by layer             TieredStore.get_layers_into: the engine's layer-by-layer load (strided
+                           copies from the slab, then the device checksums over the layer-major rows)
   host sums                the cpu tier's verify_entries of every page, no copy
   lookup                   TieredStore.lookup of the prompt's tokens (hashing included)
 
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvc import gpu_checksum  # noqa: E402
+from kvc import cudacopy, gpu_checksum  # noqa: E402
 from kvc.config import KvcConfig  # noqa: E402
 from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
 from kvc.record import Page, torch_dtype  # noqa: E402
@@ -69,9 +73,9 @@ def main():
     hashes = page_hashes(ns.root, toks, a.page)
     g = torch.Generator().manual_seed(0)
     print(f"# page {spec.page_bytes / 2**10:.0f} KiB, {torch.cuda.get_device_name()}")
-    print("| tokens | bytes | pinned H2D, one copy | get, device verify | get, host verify | device sums G1 / G2 / G4 / G8 "
-          "| host sums | lookup |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | get, device verify | get by layer "
+          "| get, host verify | device sums G1 / G2 / G4 / G8 | host sums | lookup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with TieredStore(cfg) as s:
         parent = ns.root
         for lo in range(0, n_max, 64):
@@ -89,6 +93,19 @@ def main():
             src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             flat = out.view(torch.uint8).reshape(-1)
             h2d = timed(lambda: flat.copy_(src, non_blocking=True), a.reps)
+            Ls, seg = spec.shape[0], spec.page_bytes // spec.shape[0]
+            stream = torch.cuda.current_stream()
+
+            def strided():
+                for layer in range(Ls):
+                    cudacopy.copy2d(flat.data_ptr() + layer * n * seg, seg, src.data_ptr() + layer * seg,
+                                    spec.page_bytes, seg, n, stream)
+            by_layer = timed(strided, a.reps)
+            lm = out.view(-1).view(Ls, n, *spec.shape[1:])
+
+            def get_layers():
+                assert s.get_layers_into(ns, hashes[:n], lm, lambda layer, run: None) == n
+            get_lm = timed(get_layers, a.reps)
 
             def get():
                 got = s.get_pages(ns, hashes[:n], out=out)
@@ -107,7 +124,7 @@ def main():
 
             def row(t):
                 return f"{t * 1e3:.1f} ms ({nbytes / t / GB:.1f} GB/s)"
-            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(full)} | {row(host)} | "
+            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(by_layer)} | {row(full)} | {row(get_lm)} | {row(host)} | "
                   f"{' / '.join(f'{t * 1e3:.2f}' for t in sums)} ms | {row(check)} | {look * 1e3:.1f} ms |", flush=True)
 
 

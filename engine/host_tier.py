@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kvc import gpu_checksum
+from kvc import cudacopy, gpu_checksum
 from kvc.backend import CacheBackend, LookupResult
 from kvc.hashing import Namespace
 from kvc.device_pool import DevicePool
@@ -58,6 +58,9 @@ class HostTier:
         self.dropped_puts = 0
         self.failed_puts = 0
         self._staging: torch.Tensor | None = None  # used by the loader thread only
+        self.layer_loads = True  # cpu-tier loads on CUDA go layer by layer where they can (_layered)
+        self.layer_loads_off: str | None = None  # why they stopped (a failure), if they did
+        self.layered_loads = 0  # loads that went layer by layer
         self._load_stream = None
         self._put_stream = None
         self._ring: PinnedRing | None = None  # made at the first CUDA offer
@@ -111,7 +114,9 @@ class HostTier:
         block are queued, before they are verified (on CUDA the event follows them on the load's
         stream; elsewhere None: the writes are done). Work queued behind the event sees the
         pages' bytes; only the future says whether they passed their checksums. Not called when
-        the load ends early (a miss, a failed page before the last part)."""
+        the load ends early (a miss, a failed page before the last part). A load that goes layer
+        by layer (`_layered`) passes a list instead, one event per layer: work behind events[i]
+        sees layer i of every page."""
         tiers = list(tiers) if tiers is not None else ["host"] * len(hashes)
         ready = None
         if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
@@ -137,6 +142,13 @@ class HostTier:
             # tier's cost (on the H200 timing them in measured the cpu tier at 3.7 GB/s and the
             # planner stopped loading).
             ready.synchronize()
+        if cuda and self._layered(ns, tiers):
+            try:
+                return self._load_layers(ns, hashes, pool, blocks, on_queued)
+            except Exception as e:  # the driver's strided copy or the kernel: whole pages from now on
+                self.layer_loads_off = f"{type(e).__name__}: {e}"
+                log.warning("layer-by-layer loads disabled, loading whole pages: %s", self.layer_loads_off,
+                            exc_info=True)
         # On CUDA the staging buffer is on the device: the store copies its pinned slab straight
         # into it (verifying on its reader threads meanwhile); then one device-side scatter.
         staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))
@@ -161,6 +173,44 @@ class HostTier:
             if done < end:
                 break
         return done
+
+    def _layered(self, ns: Namespace, tiers: list[str]) -> bool:
+        """Whether a load goes layer by layer: on CUDA, every page from the cpu tier of an in-process
+        store, a page that splits into layers, and strided copies available (kvc.cudacopy)."""
+        L = ns.spec.shape[0]
+        return (self.layer_loads and self.layer_loads_off is None and L > 1 and ns.spec.page_bytes % L == 0
+                and all(t == "cpu" for t in tiers) and hasattr(self.cache, "get_layers_into")
+                and cudacopy.available())
+
+    def _load_layers(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
+                     on_queued) -> int:
+        """A cpu-tier load on CUDA, layer by layer (TieredStore.get_layers_into): each layer of every
+        page is scattered into the pool as soon as its copy lands, and records an event;
+        on_queued(events) (one per layer) once all are queued, so the step that waits for the load
+        can run layer i's attention after events[i] while later layers are still being copied."""
+        spec = ns.spec
+        L, n = spec.shape[0], len(hashes)
+        staging = self._staging_for(ns, n, pool.device)
+        lm = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
+        events: list = []
+        stream = self._side(pool.device, "_load_stream")
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            index = pool.index(blocks)
+
+            def layer_landed(layer: int, run: int) -> None:  # on the stream the layer landed on
+                pool.scatter_layer(layer, index[:run], lm[layer, :run])
+                ev = torch.cuda.Event()
+                ev.record()
+                events.append(ev)
+                if on_queued is not None and layer == L - 1 and run == n:
+                    on_queued(list(events))
+            got = self.cache.get_layers_into(ns, hashes, lm, layer_landed)
+            stream.synchronize()
+        self.layered_loads += 1
+        if self.observe is not None and got * spec.page_bytes >= MIN_SAMPLE_BYTES:
+            self.observe("cpu", got * spec.page_bytes, time.perf_counter() - t0)
+        return got
 
     def _get_run(self, ns: Namespace, hashes: list[bytes], tier: str, out: torch.Tensor,
                  landed: Callable[[int, int], None] | None = None, stream_attr: str = "_load_stream") -> int:

@@ -21,6 +21,35 @@ class KVCache:
         self.page_size = spec.page_size
         self._architecture, self._digest, self.spec = architecture, weights_digest, spec
         self._ns: dict[str, Namespace] = {}
+        self._layer_waits: list[list] | None = None  # per layer, events the next step waits for
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (K, V) of the pool, for the step being launched: first the current stream
+        waits for the events of loads landing layer by layer (`wait_layers`), so layer i's
+        attention reads their pages while later layers are still being copied."""
+        waits = self._layer_waits
+        if waits is not None and waits[i]:
+            stream = torch.cuda.current_stream(self.pool.device)
+            for ev in waits[i]:
+                stream.wait_event(ev)
+            waits[i] = []
+        return self.pool.layer(i)
+
+    def wait_layers(self, events: list) -> None:
+        """Until `clear_layer_waits`: layer i of the steps launched waits for events[i] (one per layer)."""
+        if self._layer_waits is None:
+            self._layer_waits = [[] for _ in events]
+        for w, ev in zip(self._layer_waits, events):
+            w.append(ev)
+
+    def wait_all_layers(self) -> None:
+        """The current stream waits for every pending layer event now (a step that does not fetch
+        its layers through `layer`: a captured decode graph)."""
+        for i in range(len(self._layer_waits or ())):
+            self.layer(i)
+
+    def clear_layer_waits(self) -> None:
+        self._layer_waits = None
 
     def namespace(self, salt: str) -> Namespace:
         ns = self._ns.get(salt)

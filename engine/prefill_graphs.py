@@ -163,7 +163,7 @@ class PrefillGraphs:
         pieces[0]()
         for i, layer in enumerate(self.model.model.layers):
             att = layer.self_attn
-            k_cache, v_cache = self.kv.pool.layer(i)
+            k_cache, v_cache = self.kv.layer(i)  # after the layer's load events (KVCache.layer)
             kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
                              att.prefill_kernel, out=self.o[:B], store=False)
             pieces[i + 1]()

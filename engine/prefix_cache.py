@@ -294,6 +294,7 @@ class PrefixCache:
         """Before a step: the GPU waits for the queued writes of early loads among its requests.
         Whether there are any (then `settle` each request after the step)."""
         early = False
+        self.kv.clear_layer_waits()
         if not self._loads:
             return early
         for req, _ in sched:
@@ -301,7 +302,9 @@ class PrefixCache:
             if load is not None and load.early:
                 early = True
                 event = load.queued.result()
-                if event is not None:
+                if isinstance(event, list):  # a load landing layer by layer: each layer waits for its own
+                    self.kv.wait_layers(event)
+                elif event is not None:
                     event.wait(torch.cuda.current_stream(self.kv.pool.device))
         return early
 
@@ -375,11 +378,13 @@ class PrefixCache:
     def step_launched(self) -> None:
         """The runner queued the step's kernels: register the pages loads brought in while the GPU
         runs them, and let puts use the GPU's busy time."""
+        self.kv.clear_layer_waits()  # the step's layers have their waits queued
         for req in list(self._unregistered):
             self._register_loaded(req)
-        for req, load in self._loads.items():  # early loads: theirs once verified (their writes
-            if load.early and self._result(load) == load.pages:  # were queued before this step:
-                self._register(req, load.start + load.pages)  # the loader is about done)
+        for req, load in self._loads.items():  # early loads already verified (the others: at settle,
+            if load.early and load.future.done() and self._result(load) == load.pages:  # registered
+                self._register(req, load.start + load.pages)  # at the next launch; a layer-by-layer
+                # load is still copying its last layers while this step runs, waiting would stall here)
         if self.host is not None and self.kv.pool.device.type == "cuda":
             self.host.step_launched(self.kv.pool.device)
 

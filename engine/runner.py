@@ -99,13 +99,14 @@ class ModelRunner:
     def logits(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         """Run one step; logits [n, vocab] fp32 for the requests that produce a token."""
         if self.graphs is not None and self.graphs.can_run(sched):
+            self.kv.wait_all_layers()  # the captured layers read the pool without asking kv.layer
             out = self.graphs.logits(sched)
             if out is not None:
                 return out, [req for req, _ in sched]
         input_ids, meta, rows = self.prepare(sched)
         hidden = None if self.prefill_graphs is None else self.prefill_graphs.forward(input_ids, meta)
         if hidden is None:  # eager: no graphs here, or more tokens than the largest bucket
-            hidden = self.model(input_ids, meta, self.kv.pool.layer)  # [T, H]
+            hidden = self.model(input_ids, meta, self.kv.layer)  # [T, H]
         reqs = [req for req, n in sched if req.num_computed + n == req.num_tokens]
         if not rows:
             return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32), reqs

@@ -161,6 +161,19 @@ class DevicePool:
             return idx
         return pinned.upload(idx, self.device)
 
+    def index(self, blocks: Sequence[int]) -> torch.Tensor:
+        """blocks as an index tensor on the pool's device (queued on the current stream), for
+        scatter_layer calls that share it."""
+        return self._index(blocks)
+
+    def scatter_layer(self, layer: int, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write one layer of pages, rows [n, parts, page_size, heads, head_dim] on the pool's device,
+        into the blocks of `index` (from `index`, n entries)."""
+        L, parts, P, H, D = self.spec.shape
+        assert tuple(rows.shape) == (len(index), parts, P, H, D), \
+            f"layer rows shape {tuple(rows.shape)} != {(len(index), parts, P, H, D)}"
+        self.kv[layer].index_copy_(1, index, rows.transpose(0, 1))
+
     def scatter(self, blocks: Sequence[int], pages: torch.Tensor) -> None:
         """Write pages [n, layers, parts, page_size, heads, head_dim] (any device) into `blocks`."""
         n = len(blocks)

@@ -98,8 +98,10 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def _xxh3_kernel(X, Out, C, stride_x, n_words, n_blocks, last_stripes, G: tl.constexpr):
-        """One row of X (int64 words) per program: XXH3_64bits of its n_words * 8 bytes."""
+    def _xxh3_kernel(X, Out, C, stride_x, n_words, n_blocks, last_stripes, seg_words, seg_stride,
+                     G: tl.constexpr):
+        """One row of X (int64 words) per program: XXH3_64bits of its n_words * 8 bytes. A row is
+        segments of seg_words words (a multiple of 128: whole blocks), seg_stride words apart."""
         row = tl.program_id(0)
         base = X + row.to(tl.int64) * stride_x
         lane = tl.arange(0, 8)
@@ -115,7 +117,8 @@ def _build():
         for b0 in range(0, n_blocks, G):
             blk = b0 + g  # [G]
             live = blk < n_blocks
-            at = blk[:, None, None].to(tl.int64) * 128
+            w0 = blk * 128  # [G] each block's first word in the row, then where it lies
+            at = ((w0 // seg_words).to(tl.int64) * seg_stride + w0 % seg_words)[:, None, None]
             v = tl.load(base + at + word[None], mask=live[:, None, None], other=0).to(tl.uint64, bitcast=True)
             vs = tl.load(base + at + swap[None], mask=live[:, None, None], other=0).to(tl.uint64, bitcast=True)
             k = v ^ key[None]
@@ -128,14 +131,17 @@ def _build():
                 a = (a ^ (a >> 47) ^ scr) * p32_1
                 acc = tl.where(b0 + j < n_blocks, a, acc)
         # the last, partial block's stripes (no scramble), then the last stripe of the input
-        at = n_blocks * 128  # an int: n_blocks may arrive as the constant 1
+        w0 = n_blocks * 128  # an int where n_blocks arrives as the constant 1
+        at = (w0 // seg_words).to(tl.int64) * seg_stride + w0 % seg_words  # the tail: the last segment
         sm = st[:, None] < last_stripes
         v = tl.load(base + at + word, mask=sm, other=0).to(tl.uint64, bitcast=True)
         vs = tl.load(base + at + swap, mask=sm, other=0).to(tl.uint64, bitcast=True)
         k = v ^ key
         acc += tl.sum(tl.where(sm, (k & lo32) * (k >> 32) + vs, 0), axis=0)
-        v = tl.load(base + n_words - 8 + lane).to(tl.uint64, bitcast=True)
-        vs = tl.load(base + n_words - 8 + (lane ^ 1)).to(tl.uint64, bitcast=True)
+        w0 = n_words - 8
+        tail = base + (w0 // seg_words).to(tl.int64) * seg_stride + w0 % seg_words
+        v = tl.load(tail + lane).to(tl.uint64, bitcast=True)
+        vs = tl.load(tail + (lane ^ 1)).to(tl.uint64, bitcast=True)
         k = v ^ tl.load(C + 24 + lane).to(tl.uint64, bitcast=True)
         acc += (k & lo32) * (k >> 32) + vs
         # merge: sum over pairs of fold64(128-bit product), then the avalanche
@@ -183,7 +189,6 @@ def xxh3_64_rows(rows: torch.Tensor, block_group: int = 2, out: torch.Tensor | N
     0.33-0.36 / 0.26-0.28 / 0.30-0.31 / 0.49-0.60 ms for 0.20 GB and 0.52-0.60 / 0.66-0.72 /
     0.99-1.02 / 1.60-1.65 ms for 0.81 GB; a get hashes in parts of a quarter). out: an int64 [n]
     tensor to write into."""
-    global _kernel
     n, nbytes = rows.shape
     if nbytes % 8 or nbytes < MIN_BYTES or rows.stride(1) != 1 or rows.stride(0) % 8:
         raise ValueError(f"rows must be [n, nbytes] with nbytes % 8 == 0 and >= {MIN_BYTES}, "
@@ -194,14 +199,38 @@ def xxh3_64_rows(rows: torch.Tensor, block_group: int = 2, out: torch.Tensor | N
         raise ValueError(f"out must be a contiguous int64 tensor [{n}], got {out.dtype} {tuple(out.shape)}")
     if n == 0:
         return out
+    words = rows.view(torch.int64)  # [n, nbytes // 8]
+    _launch(words, out, rows.stride(0) // 8, nbytes // 8, nbytes // 8, 0, block_group)
+    return out
+
+
+def xxh3_64_segmented(data: torch.Tensor, out: torch.Tensor, block_group: int = 2) -> torch.Tensor:
+    """out int64 [k]: xxh3_64 of each of the first k rows whose bytes lie in segments: data
+    [S, n, seg_bytes] uint8 (contiguous, k <= n), row i = data[0, i] + data[1, i] + ... +
+    data[S-1, i] back to back. A cpu-tier load copies pages layer by layer into such a layer-major
+    buffer (one segment a layer), and the sums equal those of the pages' own bytes. seg_bytes a
+    multiple of BLOCK_BYTES."""
+    S, n, seg = data.shape
+    if data.dtype != torch.uint8 or not data.is_contiguous() or seg % BLOCK_BYTES or S * seg < MIN_BYTES:
+        raise ValueError(f"data must be contiguous uint8 [S, n, seg_bytes] with seg_bytes % {BLOCK_BYTES} == 0; "
+                         f"got {data.dtype} {tuple(data.shape)}")
+    if out.dim() != 1 or out.shape[0] > n or out.dtype != torch.int64 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous int64 tensor of at most {n} rows, got {out.dtype} {tuple(out.shape)}")
+    if len(out):
+        _launch(data.view(torch.int64), out, seg // 8, S * seg // 8, seg // 8, n * seg // 8, block_group)
+    return out
+
+
+def _launch(words: torch.Tensor, out: torch.Tensor, stride_x: int, n_words: int, seg_words: int,
+            seg_stride: int, block_group: int) -> None:
+    global _kernel
     if _kernel is None:
         _kernel = _build()
-    words = rows.view(torch.int64)  # [n, nbytes // 8]
+    nbytes = n_words * 8
     blocks = (nbytes - 1) // BLOCK_BYTES
     last = ((nbytes - 1) - blocks * BLOCK_BYTES) // 64
-    _kernel[(n,)](words, out, _table(rows.device), rows.stride(0) // 8, nbytes // 8, blocks, last,
-                  G=block_group, num_warps=4)
-    return out
+    _kernel[(len(out),)](words, out, _table(words.device), stride_x, n_words, blocks, last, seg_words, seg_stride,
+                         G=block_group, num_warps=4)
 
 
 def warm(nbytes: int, device: torch.device) -> bool:

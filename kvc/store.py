@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import gpu_checksum, hashing, pagecopy, pinned
+from . import cudacopy, gpu_checksum, hashing, pagecopy, pinned
 from .admission import Admission
 from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
@@ -428,11 +428,7 @@ class TieredStore:
         keys = list(map(root.__add__, map(bytes, hashes)))  # key(root, h) in bulk (2,048 calls at 32K)
         nbytes = out[0].numel() * out.element_size() if len(out) else 0
         with self._lock:
-            held = []
-            for e in map(self.cpu.entries.get, keys):
-                if e is None or e.nbytes != nbytes or e.ns_root != root:
-                    break
-                held.append(e)
+            held = self._cpu_run(keys, nbytes, root)
             run = len(held)
             flat = out.view(torch.uint8).reshape(-1)  # [n * page bytes] on the device
             rows = flat[:run * nbytes].view(run, nbytes)
@@ -453,25 +449,11 @@ class TieredStore:
             if pages:  # the per-page host work overlaps the copies (~5 us a page)
                 views = out.unbind(0)
                 got = [self._page_of(h, e, views[i]) for i, (h, e) in enumerate(zip(hashes, held))]
-            # the LRU touches overlap the copies (a corrupt page is removed below; pages after it
-            # are touched though not served, which only reorders the LRU)
-            tail_first = keys[:run][::-1]  # the deepest page becomes the oldest
-            self.cpu.touch_many(tail_first)
-            self.disk.touch_many(tail_first)
-            if bad is not None:
-                flags = pinned.download(bad)  # waits for the copies and the checksums
-                good = int(flags.int().argmax()) if bool(flags.any()) else run
-            else:
-                ok = verified()
-                if out.is_cuda:
-                    torch.cuda.current_stream(out.device).synchronize()
-                good = next((i for i, v in enumerate(ok) if not v), run)
+            self._touch_run(keys, run)  # overlaps the copies
+            good = self._verdict(bad, verified, run, out.device)
             if good < run:
-                self._corrupt_cpu(keys[good])
                 del got[good:]
-            if self.admission.uses:  # a use, as in get_pages: admission counts it (served pages only;
-                for k in keys[:good]:  # nothing is counted with disk_admission_hits 1)
-                    self._hit(k)
+            self._served(keys, run, good)
         count = good
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
@@ -484,6 +466,110 @@ class TieredStore:
                 got += [Page(p.hash, p.parent, p.tokens, out[run + i]) for i, p in enumerate(more)]
                 count += len(more)
         return got if pages else count
+
+    def get_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
+                        layer_landed: Callable[[int, int], None]) -> int:
+        """get_into for a load that is used layer by layer: out [L, n, *page shape[1:]] (layer-major,
+        contiguous, on CUDA; n = len(hashes)) receives the leading run of cpu-tier pages one layer at
+        a time (kvc.cudacopy: one strided copy per layer and run of adjacent slab slots), so layer 0
+        of every page lands first. layer_landed(layer, run): every page's `layer` of the run is
+        queued to land; called on a side stream that waited for those copies (the engine scatters
+        the layer into its pool there and records an event its step waits for before the layer's
+        attention). Verified after the last layer (kvc.gpu_checksum over the layer-major rows, or
+        on the reader threads), so the callbacks precede the verdict: a caller uses the bytes before
+        the count only if it can void that use. How many leading pages landed and verified; stops
+        at the first page not in the cpu tier (the caller loads the rest another way)."""
+        spec = ns.spec
+        L, n = spec.shape[0], len(hashes)
+        nbytes = spec.page_bytes
+        if (not out.is_cuda or out.dtype != torch_dtype(spec.dtype) or not out.is_contiguous()
+                or tuple(out.shape) != (L, n, *spec.shape[1:]) or nbytes % L):
+            raise ValueError(f"out must be a contiguous CUDA tensor [{L}, {n}, {spec.shape[1:]}] of {spec.dtype}")
+        seg = nbytes // L
+        root = ns.root
+        keys = list(map(root.__add__, map(bytes, hashes)))
+        with self._lock:
+            held = self._cpu_run(keys, nbytes, root)
+            run = len(held)
+            if not run:
+                return 0
+            lm = out.view(torch.uint8).view(L, n, seg)
+            cur = torch.cuda.current_stream(out.device)
+            side = self._verify_stream(out.device)
+            on_gpu = (self.verify_on_device and seg % gpu_checksum.BLOCK_BYTES == 0
+                      and gpu_checksum.supported(lm[0, :run]))
+            verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
+            runs, i = [], 0
+            while i < run:
+                j = i + 1
+                while j < run and held[j].slot == held[j - 1].slot + nbytes:
+                    j += 1
+                runs.append((i, j, self.cpu.slab.data_ptr() + held[i].slot))
+                i = j
+            bad = None
+            try:
+                for layer in range(L):
+                    for i, j, src in runs:
+                        cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i, cur)
+                    side.wait_stream(cur)
+                    with torch.cuda.stream(side):
+                        layer_landed(layer, run)
+                if on_gpu:
+                    with torch.cuda.stream(side):
+                        sums = torch.empty(run, dtype=torch.int64, device=out.device)
+                        gpu_checksum.xxh3_64_segmented(lm, sums)
+                    want = pinned.upload(torch.from_numpy(np.fromiter(
+                        (e.checksum for e in held), dtype=np.uint64, count=run).view(np.int64)), out.device)
+                    side.wait_stream(cur)
+                    with torch.cuda.stream(side):
+                        bad = sums != want
+            finally:  # the caller's stream goes on after everything queued on the side stream
+                cur.wait_stream(side)
+            self._touch_run(keys, run)
+            good = self._verdict(bad, verified, run, out.device)
+            self._served(keys, run, good)
+        return good
+
+    def _verify_stream(self, device: torch.device):
+        side = self._verify_streams.get(device)
+        if side is None:
+            side = self._verify_streams[device] = torch.cuda.Stream(device)
+        return side
+
+    def _cpu_run(self, keys: list[bytes], nbytes: int, root: bytes) -> list[Entry]:
+        """The cpu-tier entries of the leading run of keys (pages of nbytes in this namespace)."""
+        held = []
+        for e in map(self.cpu.entries.get, keys):
+            if e is None or e.nbytes != nbytes or e.ns_root != root:
+                break
+            held.append(e)
+        return held
+
+    def _touch_run(self, keys: list[bytes], run: int) -> None:
+        """LRU touches of a device get's cpu run (a corrupt page is removed later; pages after it are
+        touched though not served, which only reorders the LRU)."""
+        tail_first = keys[:run][::-1]  # the deepest page becomes the oldest
+        self.cpu.touch_many(tail_first)
+        self.disk.touch_many(tail_first)
+
+    def _verdict(self, bad: torch.Tensor | None, verified, run: int, device: torch.device) -> int:
+        """How many leading pages of a device get's run verified: from the device's flags (bad), or
+        from the reader threads' answer (then after the current stream's copies are done)."""
+        if bad is not None:
+            flags = pinned.download(bad)  # waits for the copies and the checksums
+            return int(flags.int().argmax()) if bool(flags.any()) else run
+        ok = verified()
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return next((i for i, v in enumerate(ok) if not v), run)
+
+    def _served(self, keys: list[bytes], run: int, good: int) -> None:
+        """After a device get's verdict: a corrupt page leaves the tier; admission counts the uses."""
+        if good < run:
+            self._corrupt_cpu(keys[good])
+        if self.admission.uses:  # a use, as in get_pages: admission counts it (served pages only;
+            for k in keys[:good]:  # nothing is counted with disk_admission_hits 1)
+                self._hit(k)
 
     def _copy_runs(self, held: list[Entry], flat: torch.Tensor, nbytes: int, lo: int, hi: int) -> None:
         """Pages lo..hi of held from the slab into flat on the current stream: one H2D per run of
@@ -505,9 +591,7 @@ class TieredStore:
         [run] tensor: page i is bad (compared on the device)."""
         run = len(held)
         cur = torch.cuda.current_stream(flat.device)
-        side = self._verify_streams.get(flat.device)
-        if side is None:
-            side = self._verify_streams[flat.device] = torch.cuda.Stream(flat.device)
+        side = self._verify_stream(flat.device)
         sums = torch.empty(run, dtype=torch.int64, device=flat.device)
         step = max(MIN_VERIFY_PART, -(-run // VERIFY_PARTS))
         try:

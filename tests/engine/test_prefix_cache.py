@@ -439,6 +439,16 @@ class LateVerifyStore:
         assert self.gate.wait(30)
         return n
 
+    def get_layers_into(self, ns, hashes, out, layer_landed):  # a CUDA load layer by layer, as above
+        n = self.store.get_layers_into(ns, hashes, out, lambda layer, run: None)
+        if self.bad is not None and self.bad < n:
+            out[:, self.bad].fill_(1e4)
+            n = self.bad
+        for layer in range(out.shape[0]):
+            layer_landed(layer, len(hashes))
+        assert self.gate.wait(30)
+        return n
+
     def __getattr__(self, name):
         return getattr(self.store, name)
 

@@ -59,17 +59,20 @@ def test_corrupt_cpu_page_ends_the_cuda_load_there(qwen_dir, store):
     eng.close()
 
 
+@pytest.mark.parametrize("layered", [True, False])
 @pytest.mark.parametrize("bad", [None, 5])
-def test_an_early_cuda_load_feeds_its_step_through_an_event(qwen_dir, store, bad):
+def test_an_early_cuda_load_feeds_its_step_through_an_event(qwen_dir, store, bad, layered):
     """The request goes back to the queue once the load's writes are queued: its step waits for
-    the load's event on the GPU, not for the loader. A page that fails after the step read it
-    voids the step (bad=5): the request recomputes from there. Outputs equal cold either way."""
+    the load's event on the GPU (layered: layer i's attention waits for layer i's event), not for
+    the loader. A page that fails after the step read it voids the step (bad=5): the request
+    recomputes from there. Outputs equal cold either way."""
     from .test_prefix_cache import LateVerifyStore
     prompt = BASE[:45]
     cold = run(engine(qwen_dir), [prompt])[0]
     late = LateVerifyStore(store, bad)
     late.gate.set()
     eng = engine(qwen_dir, cache=late, load_policy="always")
+    eng.prefix_cache.host.layer_loads = layered
     run(eng, [prompt])
     pc = eng.prefix_cache
     pc.flush()
@@ -84,6 +87,7 @@ def test_an_early_cuda_load_feeds_its_step_through_an_event(qwen_dir, store, bad
     eng.runner.logits = logits
     hit = run(eng, [prompt])[0]
     assert pc.early_loads == 1
+    assert pc.host.layered_loads == int(layered) and pc.host.layer_loads_off is None
     assert pc.early_loads_failed == (bad is not None)
     assert hit.num_cached_tokens == (11 if bad is None else bad) * 4
     assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
@@ -126,4 +130,23 @@ def test_load_bandwidth_excludes_kernels_queued_before_it(qwen_dir, store, monke
     assert host.load(ns, hashes, eng.kv.pool, blocks, tiers).result(timeout=60) == len(hashes)
     assert samples and max(samples) < 0.1, samples
     eng.kv.blocks.free(blocks)
+    eng.close()
+
+
+@pytest.mark.parametrize("layered", [True, False])
+def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered):
+    """cpu-tier hits that land layer by layer (or whole pages), beside other requests' prefill and
+    puts: every output equals cache-off, and the hits really took that path."""
+    off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
+    eng = engine(qwen_dir, cache=store, load_policy="always")
+    host = eng.prefix_cache.host
+    host.layer_loads = layered
+    run(eng, PROMPTS)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    again = run(eng, PROMPTS)
+    assert any(o.num_cached_tokens > 0 for o in again)
+    assert (host.layered_loads > 0) == layered and host.layer_loads_off is None
+    for a, b in zip(off, again):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
     eng.close()

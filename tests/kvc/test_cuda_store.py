@@ -119,3 +119,58 @@ def test_a_failing_checksum_kernel_falls_back_to_the_host_and_a_failing_callback
         assert "no kernel here" in gpu_checksum._broken
         assert all(torch.equal(out[i].cpu(), pages[i].data) for i in range(5))
         monkeypatch.setattr(gpu_checksum, "xxh3_64_rows", real)
+
+
+def test_copy2d_moves_a_strided_host_region_to_the_device():
+    """kvc.cudacopy: rows of `width` bytes, src_pitch apart in pinned memory, land dst_pitch apart on
+    the device, on the given stream; bytes outside the rows are untouched; a width wider than a
+    pitch is refused before the driver sees it."""
+    from kvc import cudacopy
+    assert cudacopy.available()
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(0, 256, (6, 100), dtype=torch.uint8, generator=g).pin_memory()
+    dst = torch.zeros((5, 40), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    cudacopy.copy2d(dst.data_ptr(), 40, src.data_ptr() + 100 + 20, 100, 32, 5, stream)
+    stream.synchronize()
+    assert torch.equal(dst[:, :32].cpu(), src[1:6, 20:52]) and not dst[:, 32:].any()
+    with pytest.raises(ValueError, match="pitch"):
+        cudacopy.copy2d(dst.data_ptr(), 40, src.data_ptr(), 100, 41, 5, stream)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, on_device):
+    """The layer-by-layer get (an engine's cpu-tier load on CUDA): out [L, n, ...] holds every
+    page's layers (slab runs that are not adjacent included), layer_landed(layer, run) comes once
+    per layer in order with a stream where that layer's bytes are visible, and a corrupt page ends
+    the count there (verified on the device over the layer-major rows, or on the host threads)."""
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=3, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 4 KiB a layer
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        s.verify_on_device = on_device
+        hashes, pages = make_pages(ns, list(range(4 * 40)))
+        s.put_pages(ns, pages[:20])
+        _, other = make_pages(ns, list(range(1000, 1000 + 4 * 5)), seed=1)
+        s.put_pages(ns, other)  # the next pages' slab slots are not adjacent to page 19's
+        s.put_pages(ns, pages[20:])
+        n = len(hashes)
+        out = torch.zeros((3, n, *spec.shape[1:]), device="cuda")
+        dst = torch.zeros_like(out)
+        seen = []
+
+        def landed(layer, run):
+            seen.append((layer, run))
+            dst[layer, :run].copy_(out[layer, :run], non_blocking=True)  # queued where the layer landed
+        assert s.get_layers_into(ns, hashes, out, landed) == n
+        torch.cuda.synchronize()
+        assert seen == [(layer, n) for layer in range(3)]
+        assert torch.equal(dst.cpu(), torch.stack([p.data for p in pages]).transpose(0, 1))
+        s.cpu.view(ns.root + hashes[17])[9] ^= 0x10
+        assert s.get_layers_into(ns, hashes, out.zero_(), landed) == 17
+        assert s.lookup(ns, hashes=hashes).num_pages == 17
+        seen.clear()
+        assert s.get_layers_into(ns, hashes, out.zero_(), landed) == 17  # the run ends at the dropped page
+        assert seen == [(layer, 17) for layer in range(3)]
+        with pytest.raises(ValueError, match="contiguous CUDA"):
+            s.get_layers_into(ns, hashes, torch.zeros((n, 3, *spec.shape[1:]), device="cuda"), landed)

@@ -52,6 +52,21 @@ got = gc.xxh3_64_rows(half).numpy().view(np.uint64).tolist()
 assert got == [xxhash.xxh3_64_intdigest(r.numpy().tobytes()) for r in half]
 for g in (1, 2):  # blocks per step (a power of two): the result does not depend on it
     assert gc.xxh3_64_rows(half, block_group=g).numpy().view(np.uint64).tolist() == got
+# segmented rows (a layer-major load buffer [S, n, seg]): the sums of the rows put back together
+for S, seg in ((1, 1024), (3, 1024), (4, 2048)):
+    data = torch.from_numpy(rng.integers(0, 256, (S, 5, seg), dtype=np.uint8))
+    pages = data.permute(1, 0, 2).reshape(5, S * seg)
+    want = [xxhash.xxh3_64_intdigest(r.numpy().tobytes()) for r in pages]
+    out = torch.empty(5, dtype=torch.int64)
+    for g in (1, 2):
+        assert gc.xxh3_64_segmented(data, out, block_group=g).numpy().view(np.uint64).tolist() == want, (S, seg, g)
+head = torch.empty(3, dtype=torch.int64)  # the first rows only (a load whose cpu run ended early)
+assert gc.xxh3_64_segmented(data, head).numpy().view(np.uint64).tolist() == want[:3]
+try:
+    gc.xxh3_64_segmented(torch.zeros((2, 3, 1000), dtype=torch.uint8), out[:3])
+    raise SystemExit("a segment of 1000 bytes was taken")
+except ValueError as e:
+    assert "seg_bytes" in str(e)
 print("ok")
 """
 
