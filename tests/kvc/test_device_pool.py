@@ -84,3 +84,21 @@ def test_cache_blocks_registers_a_run_like_one_at_a_time():
     assert cache_one(pool, b[1], hs[1], hs[0], b"y")  # already held: skipped in the run below
     assert pool.cache_blocks(b, hs, [bytes(16)] + hs[:3], [b"x", b"y", b"z", b"w"]) == 3
     assert pool.match_prefix(hs, [bytes(16)] + hs[:3], b"xyzw") == b
+
+
+def test_cache_blocks_in_bulk_equals_one_at_a_time():
+    """A run with nothing held goes in bulk (a load's 2,048 pages); a run that repeats a hash or a
+    block inside itself, or has fewer parents than blocks, still registers what the loop would."""
+    def state(pool):
+        return dict(pool.hash_to_block), dict(pool._cached)
+    hs = [bytes([i]) * 16 for i in range(6)]
+    parents = [bytes(16)] + hs[:5]
+    toks = [bytes([65 + i]) for i in range(6)]
+    for blocks, hashes, ps, ts in (([0, 1, 2, 3, 4, 5], hs, parents, toks),
+                                   ([0, 1, 2, 3], [hs[0], hs[1], hs[1], hs[2]], parents, toks),  # a hash twice
+                                   ([0, 1, 1, 2], hs[:4], parents, toks),  # a block twice
+                                   ([0, 1, 2, 3, 4], hs[:5], parents[:3], toks)):  # fewer parents
+        bulk, loop = BlockPool(8), BlockPool(8)
+        got = bulk.cache_blocks(blocks, hashes, ps, ts)
+        want = sum(cache_one(loop, b, h, p, t) for b, h, p, t in zip(blocks, hashes, ps, ts))
+        assert got == want and state(bulk) == state(loop)
