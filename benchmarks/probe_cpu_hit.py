@@ -57,6 +57,10 @@ MARKS = [
     ("prepare", "runner", "prepare"),
     ("model forward (host)", "model", "forward"),
     ("commit", "prefix_cache", "commit"),
+    ("engine step", "", "step"),
+    ("step_waits", "prefix_cache", "step_waits"),
+    ("runner: launch (logits)", "runner", "logits"),
+    ("settle (waits for the verdict)", "prefix_cache", "settle"),
 ]
 
 
@@ -234,7 +238,12 @@ def main():
         gc.callbacks.remove(on_gc)
         torch.cuda.Event = plain_event
         drop()
+        HOST.clear()  # the same hit without the profiler (CUPTI), timed by the marks alone
+        if cuda:
+            torch.cuda.Event = timed_events()
         plain, _ = ttft(prefix + ids(a.new))
+        torch.cuda.Event = plain_event
+        unprofiled = list(HOST)
         host = eng.prefix_cache.host
         host.layer_loads = False  # side by side: the same hit loading whole pages
         drop()
@@ -285,6 +294,17 @@ def main():
             [kv for kv in kernels if kv[0].startswith("GPU kernel")][:12]
         for name, (s, e, d, n) in sorted(list(rows.items()) + top, key=lambda kv: kv[1][0]):
             print(f"| {name} | {(s - zero) / 1e3:.2f} | {(e - zero) / 1e3:.2f} | {d / 1e3:.2f} | {n} |")
+        z = min(t for label, t, _ in unprofiled if label == "add_request")
+        spans: dict[str, list] = collections.defaultdict(lambda: [float("inf"), 0.0, 0.0, 0])
+        for label, t0, t1 in unprofiled:
+            r = spans[label]
+            r[0], r[1] = min(r[0], t0 - z), max(r[1], t1 - z)
+            r[2] += t1 - t0
+            r[3] += 1
+        print(f"\n# the same hit without the profiler, host marks only: TTFT {plain * 1e3:.1f} ms")
+        print("| what | first start (ms) | last end (ms) | summed (ms) | count |\n|---|---|---|---|---|")
+        for name, (s0, e0, d, n) in sorted(spans.items(), key=lambda kv: kv[1][0]):
+            print(f"| {name} | {s0 * 1e3:.2f} | {e0 * 1e3:.2f} | {d * 1e3:.2f} | {n} |")
         print(f"\n# the same hit again with a stack sampler beside it: TTFT {sampled * 1e3:.1f} ms; "
               f"{len(sampler.samples)} samples")
         sampler.report(t_sampled)
@@ -295,7 +315,12 @@ def main():
         mark(obj, name, label)
     mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
     mark(pinned.UPLOADER, "upload", "pinned upload (kvc.pinned, any thread)")
+    import engine.runner as runner_module
+    mark(runner_module, "sample", "sample (waits for the GPU)")
     ttft(ids(2048))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,  # CUPTI's first-use
+                                            torch.profiler.ProfilerActivity.CUDA]):  # costs, not in a hit
+        ttft(ids(2048))
     for cached_len in a.cached:
         one_hit(cached_len)
     llm.close()
