@@ -57,6 +57,8 @@ MARKS = [
     ("prepare", "runner", "prepare"),
     ("model forward (host)", "model", "forward"),
     ("commit", "prefix_cache", "commit"),
+    ("commit: loaded pages registered", "prefix_cache", "_register_loaded"),
+    ("commit: new pages offered", "prefix_cache", "_offer"),
     ("engine step", "", "step"),
     ("step_waits", "prefix_cache", "step_waits"),
     ("runner: launch (logits)", "runner", "logits"),

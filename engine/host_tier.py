@@ -45,6 +45,35 @@ PUT_RING_BYTES = 1 << 30  # default size of the pinned ring offered pages are co
 IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely
 
 
+class LayerEvents:
+    """The events of a load landing layer by layer, one per layer in order, as the loader records
+    them; get(i) waits (on the host) until event i is recorded. A loader that stops early (an
+    error) ends the handle: get then gives None for the layers it never queued, and the load's
+    future fails, which voids a step that used them."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.given = False  # handed to on_queued: a step may wait on it
+        self._events: list = []
+        self._ended = False
+        self._cond = threading.Condition()
+
+    def add(self, event) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def get(self, layer: int):
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._events) > layer or self._ended)
+            return self._events[layer] if layer < len(self._events) else None
+
+
 class HostTier:
     def __init__(self, cache: CacheBackend, max_pending_puts: int = 64, observe: Observer | None = None,
                  ring_bytes: int = PUT_RING_BYTES):
@@ -115,8 +144,8 @@ class HostTier:
         stream; elsewhere None: the writes are done). Work queued behind the event sees the
         pages' bytes; only the future says whether they passed their checksums. Not called when
         the load ends early (a miss, a failed page before the last part). A load that goes layer
-        by layer (`_layered`) passes a list instead, one event per layer: work behind events[i]
-        sees layer i of every page."""
+        by layer (`_layered`) passes a LayerEvents instead, as soon as its first layer is queued:
+        work behind its get(i) sees layer i of every page."""
         tiers = list(tiers) if tiers is not None else ["host"] * len(hashes)
         ready = None
         if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
@@ -143,12 +172,15 @@ class HostTier:
             # planner stopped loading).
             ready.synchronize()
         if cuda and self._layered(ns, tiers):
+            handle = LayerEvents(ns.spec.shape[0])
             try:
-                return self._load_layers(ns, hashes, pool, blocks, on_queued)
+                return self._load_layers(ns, hashes, pool, blocks, on_queued, handle)
             except Exception as e:  # the driver's strided copy or the kernel: whole pages from now on
                 self.layer_loads_off = f"{type(e).__name__}: {e}"
                 log.warning("layer-by-layer loads disabled, loading whole pages: %s", self.layer_loads_off,
                             exc_info=True)
+                if handle.given:  # a step may already read these layers: fail the load (the step is void)
+                    raise
         # On CUDA the staging buffer is on the device: the store copies its pinned slab straight
         # into it (verifying on its reader threads meanwhile); then one device-side scatter.
         staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))
@@ -183,30 +215,34 @@ class HostTier:
                 and cudacopy.available())
 
     def _load_layers(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
-                     on_queued) -> int:
+                     on_queued, handle: "LayerEvents") -> int:
         """A cpu-tier load on CUDA, layer by layer (TieredStore.get_layers_into): each layer of every
-        page is scattered into the pool as soon as its copy lands, and records an event;
-        on_queued(events) (one per layer) once all are queued, so the step that waits for the load
-        can run layer i's attention after events[i] while later layers are still being copied."""
+        page is scattered into the pool as soon as its copy lands, and records an event into
+        `handle`; on_queued(handle) once the first layer is queued (when the run covers every page),
+        so the engine prepares and launches the step that waits for the load while the loader queues
+        the later layers, and layer i's attention runs after event i while later layers copy."""
         spec = ns.spec
         L, n = spec.shape[0], len(hashes)
         staging = self._staging_for(ns, n, pool.device)
         lm = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
-        events: list = []
         stream = self._side(pool.device, "_load_stream")
         t0 = time.perf_counter()
-        with torch.cuda.stream(stream):
-            index = pool.index(blocks)
+        try:
+            with torch.cuda.stream(stream):
+                index = pool.index(blocks)
 
-            def layer_landed(layer: int, run: int) -> None:  # on the stream the layer landed on
-                pool.scatter_layer(layer, index[:run], lm[layer, :run])
-                ev = torch.cuda.Event()
-                ev.record()
-                events.append(ev)
-                if on_queued is not None and layer == L - 1 and run == n:
-                    on_queued(list(events))
-            got = self.cache.get_layers_into(ns, hashes, lm, layer_landed)
-            stream.synchronize()
+                def layer_landed(layer: int, run: int) -> None:  # on the stream the layer landed on
+                    pool.scatter_layer(layer, index[:run], lm[layer, :run])
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    handle.add(ev)
+                    if on_queued is not None and layer == 0 and run == n:
+                        handle.given = True
+                        on_queued(handle)
+                got = self.cache.get_layers_into(ns, hashes, lm, layer_landed)
+                stream.synchronize()
+        finally:
+            handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
         self.layered_loads += 1
         if self.observe is not None and got * spec.page_bytes >= MIN_SAMPLE_BYTES:
             self.observe("cpu", got * spec.page_bytes, time.perf_counter() - t0)

@@ -21,35 +21,38 @@ class KVCache:
         self.page_size = spec.page_size
         self._architecture, self._digest, self.spec = architecture, weights_digest, spec
         self._ns: dict[str, Namespace] = {}
-        self._layer_waits: list[list] | None = None  # per layer, events the next step waits for
+        self._loads = []  # LayerEvents of loads the step being launched waits for, layer by layer
+        self._waited: list[int] = []  # per layer: how many of those loads it has waited for
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's (K, V) of the pool, for the step being launched: first the current stream
-        waits for the events of loads landing layer by layer (`wait_layers`), so layer i's
-        attention reads their pages while later layers are still being copied."""
-        waits = self._layer_waits
-        if waits is not None and waits[i]:
+        waits for layer i's event of each load landing layer by layer (`wait_layers`; the host
+        waits until the loader has recorded it), so layer i's attention reads their pages while
+        later layers are still being copied."""
+        if self._loads and self._waited[i] < len(self._loads):
             stream = torch.cuda.current_stream(self.pool.device)
-            for ev in waits[i]:
-                stream.wait_event(ev)
-            waits[i] = []
+            for handle in self._loads[self._waited[i]:]:
+                ev = handle.get(i)
+                if ev is not None:  # None: the loader stopped before it (the load fails, the step is void)
+                    stream.wait_event(ev)
+            self._waited[i] = len(self._loads)
         return self.pool.layer(i)
 
-    def wait_layers(self, events: list) -> None:
-        """Until `clear_layer_waits`: layer i of the steps launched waits for events[i] (one per layer)."""
-        if self._layer_waits is None:
-            self._layer_waits = [[] for _ in events]
-        for w, ev in zip(self._layer_waits, events):
-            w.append(ev)
+    def wait_layers(self, handle) -> None:
+        """Until `clear_layer_waits`: layer i of the steps launched waits for handle.get(i)
+        (an engine.host_tier.LayerEvents)."""
+        if not self._loads:
+            self._waited = [0] * handle.layers
+        self._loads.append(handle)
 
     def wait_all_layers(self) -> None:
         """The current stream waits for every pending layer event now (a step that does not fetch
         its layers through `layer`: a captured decode graph)."""
-        for i in range(len(self._layer_waits or ())):
+        for i in range(len(self._waited) if self._loads else 0):
             self.layer(i)
 
     def clear_layer_waits(self) -> None:
-        self._layer_waits = None
+        self._loads = []
 
     def namespace(self, salt: str) -> Namespace:
         ns = self._ns.get(salt)

@@ -9,7 +9,9 @@ A load whose writes are all queued on the GPU (not yet verified) may go back to 
 when the engine has nothing else to run: its step waits for the load's event on the GPU instead
 of the engine thread waiting for the loader, and `settle` voids the step's work for the request
 if a page then fails its checksum (it recomputes from that page; nothing of the failed pages was
-registered or offered).
+registered or offered). A cpu-tier load on CUDA lands layer by layer (HostTier's LayerEvents):
+its request goes back once the first layer is queued, and each layer of its step waits for that
+layer's event, so the step's first layers run while the last layers are still being copied.
 
 Invariants that keep the engine from stalling:
 - a request that `admit` cannot place holds no blocks afterwards (its pages stay cached in the
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .host_tier import HostTier
+from .host_tier import HostTier, LayerEvents
 from .kv_cache import KVCache
 from .load_policy import LoadPlanner
 from .request import Request, Status
@@ -302,7 +304,7 @@ class PrefixCache:
             if load is not None and load.early:
                 early = True
                 event = load.queued.result()
-                if isinstance(event, list):  # a load landing layer by layer: each layer waits for its own
+                if isinstance(event, LayerEvents):  # a load landing layer by layer: each layer waits for its own
                     self.kv.wait_layers(event)
                 elif event is not None:
                     event.wait(torch.cuda.current_stream(self.kv.pool.device))

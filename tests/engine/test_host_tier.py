@@ -156,3 +156,23 @@ def test_disk_writes_are_paced_like_puts(tmp_path):
         host.close()
         assert s.disk.write_gate is None
         s.close()
+
+
+def test_layer_events_wait_for_each_layer_and_end_early():
+    """LayerEvents (a load landing layer by layer): get(i) waits until the loader recorded layer i;
+    once the loader ends (an error) the layers it never queued give None instead of blocking."""
+    import threading
+    import time
+
+    from engine.host_tier import LayerEvents
+    h = LayerEvents(3)
+    got = []
+    t = threading.Thread(target=lambda: got.extend([h.get(0), h.get(1), h.get(2)]))
+    t.start()
+    h.add("e0")
+    time.sleep(0.05)
+    assert not got and t.is_alive()  # still waiting for layer 1
+    h.add("e1")
+    h.end()  # the loader stopped before layer 2
+    t.join(5)
+    assert got == ["e0", "e1", None]

@@ -150,3 +150,47 @@ def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, sto
     for a, b in zip(off, again):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     eng.close()
+
+
+def test_a_layered_load_failing_after_its_first_layer_voids_the_early_step(qwen_dir, store):
+    """The step of a layer-by-layer load starts once the first layer is queued; a loader that then
+    fails (here: after layer 0) fails the load, the step that read unqueued layers is void, the
+    request recomputes (output equal to cold), and later loads go whole pages."""
+    import threading
+    prompt = BASE[:45]
+    cold = run(engine(qwen_dir), [prompt])[0]
+
+    class DiesAfterLayer0:  # the real store, whose layer-by-layer get dies after its first layer
+        def __init__(self, s):
+            self.s, self.gate = s, threading.Event()
+
+        def get_layers_into(self, ns, hashes, out, layer_landed):
+            self.s.get_layers_into(ns, hashes, out, lambda layer, run: None)
+            layer_landed(0, len(hashes))
+            assert self.gate.wait(30)  # the engine took the request back early
+            raise RuntimeError("driver gone")
+
+        def __getattr__(self, name):
+            return getattr(self.s, name)
+    dying = DiesAfterLayer0(store)
+    eng = engine(qwen_dir, cache=dying, load_policy="always")
+    run(eng, [prompt])
+    pc = eng.prefix_cache
+    pc.flush()
+    pc.reset_device_cache()
+    real_waits = pc.step_waits
+
+    def step_waits(sched):
+        early = real_waits(sched)
+        if early:
+            dying.gate.set()
+        return early
+    pc.step_waits = step_waits
+    hit = run(eng, [prompt])[0]
+    assert pc.early_loads == 1 and pc.early_loads_failed == 1
+    assert "driver gone" in pc.host.layer_loads_off
+    assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
+    pc.reset_device_cache()
+    again = run(eng, [prompt])[0]  # whole pages now
+    assert again.num_cached_tokens == 11 * 4 and again.outputs[0].token_ids == cold.outputs[0].token_ids
+    eng.close()
