@@ -10,7 +10,7 @@ when the engine has nothing else to run: its step waits for the load's event on 
 of the engine thread waiting for the loader, and `settle` voids the step's work for the request
 if a page then fails its checksum (it recomputes from that page; nothing of the failed pages was
 registered or offered). A cpu-tier load on CUDA lands layer by layer (HostTier's LayerEvents):
-its request goes back once the first layer is queued, and each layer of its step waits for that
+its request goes back once every layer is queued, and each layer of its step waits for that
 layer's event, so the step's first layers run while the last layers are still being copied.
 
 Invariants that keep the engine from stalling:

@@ -152,27 +152,28 @@ def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, sto
     eng.close()
 
 
-def test_a_layered_load_failing_after_its_first_layer_voids_the_early_step(qwen_dir, store):
-    """The step of a layer-by-layer load starts once the first layer is queued; a loader that then
-    fails (here: after layer 0) fails the load, the step that read unqueued layers is void, the
-    request recomputes (output equal to cold), and later loads go whole pages."""
+def test_a_layered_load_failing_after_the_hand_off_voids_the_early_step(qwen_dir, store):
+    """The step of a layer-by-layer load starts once its layers are queued; a loader that then
+    fails fails the load, the step that read them is void, the request recomputes (output equal
+    to cold), and later loads go whole pages."""
     import threading
     prompt = BASE[:45]
     cold = run(engine(qwen_dir), [prompt])[0]
 
-    class DiesAfterLayer0:  # the real store, whose layer-by-layer get dies after its first layer
+    class DiesAfterQueueing:  # the real store, whose layer-by-layer get dies after its layers landed
         def __init__(self, s):
             self.s, self.gate = s, threading.Event()
 
         def get_layers_into(self, ns, hashes, out, layer_landed):
             self.s.get_layers_into(ns, hashes, out, lambda layer, run: None)
-            layer_landed(0, len(hashes))
+            for layer in range(out.shape[0]):
+                layer_landed(layer, len(hashes))
             assert self.gate.wait(30)  # the engine took the request back early
             raise RuntimeError("driver gone")
 
         def __getattr__(self, name):
             return getattr(self.s, name)
-    dying = DiesAfterLayer0(store)
+    dying = DiesAfterQueueing(store)
     eng = engine(qwen_dir, cache=dying, load_policy="always")
     run(eng, [prompt])
     pc = eng.prefix_cache
