@@ -90,7 +90,6 @@ class TieredStore:
         # a CUDA get verifies the cpu tier's pages on the device, after the copy (one read of the
         # slab instead of two): kvc.gpu_checksum; False hashes them on the host (benchmarks compare)
         self.verify_on_device = True
-        self._copy_streams: dict = {}  # device -> the second stream of a layered get's copies
         self._verify_streams: dict = {}  # device -> the side stream the device checksums run on
         cpu_bytes = int(config.cpu_memory_size_GB * GB)
         disk_bytes = int(config.disk_size_GB * GB)
@@ -508,18 +507,11 @@ class TieredStore:
                 runs.append((i, j, self.cpu.slab.data_ptr() + held[i].slot))
                 i = j
             bad = None
-            # runs alternate between two streams: one stream leaves the copy engine idle ~30 us between
-            # its copies (run AH: 160 copies of a 32K load, 17.3 ms of copying over a 22 ms span)
-            copiers = (cur, self._copy_stream(out.device)) if len(runs) > 1 else (cur,)
-            if len(copiers) > 1:
-                copiers[1].wait_stream(cur)
             try:
                 for layer in range(L):
-                    for r, (i, j, src) in enumerate(runs):
-                        cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i,
-                                        copiers[r % len(copiers)])
-                    for c in copiers:
-                        side.wait_stream(c)
+                    for i, j, src in runs:
+                        cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i, cur)
+                    side.wait_stream(cur)
                     with torch.cuda.stream(side):
                         layer_landed(layer, run)
                 if on_gpu:
@@ -537,13 +529,6 @@ class TieredStore:
             good = self._verdict(bad, verified, run, out.device)
             self._served(keys, run, good)
         return good
-
-    def _copy_stream(self, device: torch.device):
-        """A second stream for a layered get's copies (TieredStore.get_layers_into)."""
-        s = self._copy_streams.get(device)
-        if s is None:
-            s = self._copy_streams[device] = torch.cuda.Stream(device)
-        return s
 
     def _verify_stream(self, device: torch.device):
         side = self._verify_streams.get(device)
