@@ -144,8 +144,8 @@ class HostTier:
         stream; elsewhere None: the writes are done). Work queued behind the event sees the
         pages' bytes; only the future says whether they passed their checksums. Not called when
         the load ends early (a miss, a failed page before the last part). A load that goes layer
-        by layer (`_layered`) passes a LayerEvents instead, as soon as its first layer is queued:
-        work behind its get(i) sees layer i of every page."""
+        by layer (`_layered`) passes a LayerEvents instead, once all its layers are queued: work
+        behind its get(i) sees layer i of every page."""
         tiers = list(tiers) if tiers is not None else ["host"] * len(hashes)
         ready = None
         if pool.device.type == "cuda":  # kernels already queued may still touch these blocks

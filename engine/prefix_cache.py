@@ -383,9 +383,9 @@ class PrefixCache:
         self.kv.clear_layer_waits()  # the step's layers have their waits queued
         for req in list(self._unregistered):
             self._register_loaded(req)
-        for req, load in self._loads.items():  # early loads already verified (the others: at settle,
-            if load.early and load.future.done() and self._result(load) == load.pages:  # registered
-                self._register(req, load.start + load.pages)  # at the next launch; a layer-by-layer
+        for req, load in self._loads.items():  # early loads already verified (the others settle after
+            if load.early and load.future.done() and self._result(load) == load.pages:  # the step and
+                self._register(req, load.start + load.pages)  # register at commit: a layer-by-layer
                 # load is still copying its last layers while this step runs, waiting would stall here)
         if self.host is not None and self.kv.pool.device.type == "cuda":
             self.host.step_launched(self.kv.pool.device)
