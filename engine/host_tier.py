@@ -181,8 +181,8 @@ class HostTier:
                             exc_info=True)
                 if handle.given:  # a step may already read these layers: fail the load (the step is void)
                     raise
-        # On CUDA the staging buffer is on the device: the store copies its pinned slab straight
-        # into it (verifying on its reader threads meanwhile); then one device-side scatter.
+        # Whole pages. On CUDA the staging buffer is on the device: an in-process store copies its
+        # pinned slab straight into it part by part, and each part is scattered into the pool as it lands.
         staging = self._staging_for(ns, len(hashes), pool.device if cuda else torch.device("cpu"))
         total = len(hashes)
 

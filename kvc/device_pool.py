@@ -160,10 +160,11 @@ class DevicePool:
 
     def gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Pages of `blocks` as one [n, layers, parts, page_size, heads, head_dim] device tensor."""
-        return self.kv.index_select(2, self._index(blocks)).permute(2, 0, 1, 3, 4, 5).contiguous()
+        return self.kv.index_select(2, self.index(blocks)).permute(2, 0, 1, 3, 4, 5).contiguous()
 
-    def _index(self, blocks: Sequence[int]) -> torch.Tensor:
-        """blocks as a long tensor on the pool's device. On CUDA through pinned memory, non-blocking:
+    def index(self, blocks: Sequence[int]) -> torch.Tensor:
+        """blocks as a long tensor on the pool's device (gather, scatter; scatter_layer calls share
+        one). On CUDA through pinned memory, non-blocking:
         a copy from pageable memory first waits for everything queued on the stream, which stalled
         the engine's thread at every offer (5.7% of its time in a saturating H200 run); and through
         a buffer the calling thread reuses (kvc.pinned), not one pinned per call."""
@@ -171,11 +172,6 @@ class DevicePool:
         if self.device.type != "cuda":
             return idx
         return pinned.upload(idx, self.device)
-
-    def index(self, blocks: Sequence[int]) -> torch.Tensor:
-        """blocks as an index tensor on the pool's device (queued on the current stream), for
-        scatter_layer calls that share it."""
-        return self._index(blocks)
 
     def scatter_layer(self, layer: int, index: torch.Tensor, rows: torch.Tensor) -> None:
         """Write one layer of pages, rows [n, parts, page_size, heads, head_dim] on the pool's device,
@@ -190,6 +186,6 @@ class DevicePool:
         n = len(blocks)
         assert tuple(pages.shape) == (n, *self.spec.shape), \
             f"pages shape {tuple(pages.shape)} != {(n, *self.spec.shape)}"
-        idx = self._index(blocks)
+        idx = self.index(blocks)
         src = pages.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
         self.kv.index_copy_(2, idx, src)

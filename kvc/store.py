@@ -499,13 +499,8 @@ class TieredStore:
             on_gpu = (self.verify_on_device and seg % gpu_checksum.BLOCK_BYTES == 0
                       and gpu_checksum.supported(lm[0, :run]))
             verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
-            runs, i = [], 0
-            while i < run:
-                j = i + 1
-                while j < run and held[j].slot == held[j - 1].slot + nbytes:
-                    j += 1
-                runs.append((i, j, self.cpu.slab.data_ptr() + held[i].slot))
-                i = j
+            base = self.cpu.slab.data_ptr()
+            runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
             bad = None
             try:
                 for layer in range(L):
@@ -518,8 +513,7 @@ class TieredStore:
                     with torch.cuda.stream(side):
                         sums = torch.empty(run, dtype=torch.int64, device=out.device)
                         gpu_checksum.xxh3_64_segmented(lm, sums)
-                    want = pinned.upload(torch.from_numpy(np.fromiter(
-                        (e.checksum for e in held), dtype=np.uint64, count=run).view(np.int64)), out.device)
+                    want = self._expected_sums(held, out.device)  # after the copies are queued
                     side.wait_stream(cur)
                     with torch.cuda.stream(side):
                         bad = sums != want
@@ -571,17 +565,31 @@ class TieredStore:
             for k in keys[:good]:  # nothing is counted with disk_admission_hits 1)
                 self._hit(k)
 
-    def _copy_runs(self, held: list[Entry], flat: torch.Tensor, nbytes: int, lo: int, hi: int) -> None:
-        """Pages lo..hi of held from the slab into flat on the current stream: one H2D per run of
-        adjacent slab slots (puts in order fill them so)."""
-        i = lo
+    @staticmethod
+    def _slab_runs(held: list[Entry], nbytes: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Pages lo..hi of held as runs [i, j) of adjacent slab slots (puts in order fill them so)."""
+        runs, i = [], lo
         while i < hi:
             j = i + 1
             while j < hi and held[j].slot == held[j - 1].slot + nbytes:
                 j += 1
+            runs.append((i, j))
+            i = j
+        return runs
+
+    def _copy_runs(self, held: list[Entry], flat: torch.Tensor, nbytes: int, lo: int, hi: int) -> None:
+        """Pages lo..hi of held from the slab into flat on the current stream: one H2D per run of
+        adjacent slab slots."""
+        for i, j in self._slab_runs(held, nbytes, lo, hi):
             flat[i * nbytes:j * nbytes].copy_(self.cpu.slab[held[i].slot:held[i].slot + (j - i) * nbytes],
                                               non_blocking=True)
-            i = j
+
+    @staticmethod
+    def _expected_sums(held: list[Entry], device: torch.device) -> torch.Tensor:
+        """The entries' checksums as int64 on the device, uploaded from pinned memory this thread
+        reuses (a pageable upload would first wait for the stream, i.e. for every copy queued)."""
+        sums = np.fromiter((e.checksum for e in held), dtype=np.uint64, count=len(held)).view(np.int64)
+        return pinned.upload(torch.from_numpy(sums), device)
 
     def _copy_and_hash(self, held: list[Entry], flat: torch.Tensor, rows: torch.Tensor, nbytes: int,
                        landed: Callable[[int, int], None] | None) -> torch.Tensor:
@@ -606,10 +614,7 @@ class TieredStore:
                         raise _DeviceChecksumError(f"{type(e).__name__}: {e}") from e
                     if landed is not None:
                         landed(lo, hi)
-            # the expected sums go up after the copies are queued, from pinned memory (a pageable
-            # upload would first wait for the stream, i.e. for every copy) this thread reuses
-            want = pinned.upload(torch.from_numpy(np.fromiter((e.checksum for e in held), dtype=np.uint64,
-                                                              count=run).view(np.int64)), flat.device)
+            want = self._expected_sums(held, flat.device)  # after the copies are queued
         finally:  # whatever was queued on the side stream is done before the caller's stream goes on
             cur.wait_stream(side)
         return sums != want
