@@ -105,9 +105,9 @@ class BlockPool:
                      tokens: Sequence[bytes]) -> int:
         """Register full, computed blocks under their hashes (a loaded or computed run of pages);
         a block whose hash (or the block itself) is already held is skipped. Returns how many registered.
-        A run with none held (a load's pages, a prefill's new pages) goes in bulk: dict updates in C,
-        ~3x faster than the loop for the 2,048 pages of a 32K-token load, which register after its
-        step when the load ran layer by layer."""
+        A run with none held (a load's pages, a prefill's new pages) goes in bulk, dict updates in C:
+        a 32K-token load's 2,048 pages register after its step when the load ran layer by layer
+        (probe_cpu_hit.py's commit rows: 1.0-1.5 ms on the H200 host, runs AG-AH)."""
         h2b, cached, n = self.hash_to_block, self._cached, 0
         k = min(len(blocks), len(hashes), len(parents), len(tokens))
         if k != len(blocks) or k != len(hashes):
