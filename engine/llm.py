@@ -57,6 +57,7 @@ class LLM:
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out
+        self.engine.flush_commits()  # the pages are cached (and offered) when generate returns
         return [done[r] for r in ids]
 
     def close(self) -> None:

@@ -240,8 +240,18 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def flush_commits(self) -> None:
+        """The last step's page bookkeeping, now: register its newly full pages in the device pool,
+        offer them to the host tiers, free the pages of the requests it finished. A step hands its
+        tokens out first and leaves this to the next call into the engine (the next step does it
+        before it schedules, so its admissions see the pages; so do abort, close and
+        LLM.generate before it returns): a first token does not wait for its prompt's registration
+        and offers. A loop that goes idle calls this (the server's engine loop does)."""
+        self.prefix_cache.run_deferred()
+
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.prefix_cache.run_deferred()  # the last step's bookkeeping, before this one schedules
         if self._pace_puts:
             self.prefix_cache.step_started()
         preempted = self.scheduler.num_preemptions
@@ -265,7 +275,7 @@ class LLMEngine:
             if early and not self.prefix_cache.settle(req):
                 continue  # it read pages that then failed their checksum: recomputed from there
             req.num_computed += n
-            self.prefix_cache.commit(req)
+            self.prefix_cache.commit_later(req)  # registered and offered after the outputs go out
             tok = tokens.get(req)
             if tok is None:
                 continue
@@ -280,7 +290,8 @@ class LLMEngine:
             self._check_stop(req, tok)
             if req.finish_reason is not None:
                 req.status = Status.FINISHED
-                self.scheduler.remove(req)
+                self.scheduler.remove(req, free=False)
+                self.prefix_cache.free_later(req)  # once committed
                 self.requests.pop(req.request_id, None)
             outputs.append(req.output())
         self._update_gauges()

@@ -79,6 +79,10 @@ class PrefixCache:
         # (registering a 32K load's 2,048 pages sat in the 3.4 ms between the load's end and the
         # request's step in run W's timeline, probe_cpu_hit.py)
         self._unregistered: dict[Request, int] = {}
+        # The last step's bookkeeping, done after its tokens went out (run_deferred): requests whose
+        # newly full pages are still to register and offer, and finished ones whose pages to free
+        self._deferred: dict[Request, None] = {}
+        self._deferred_free: list[Request] = []
         self.early_loads = 0  # loads whose request went back to the queue before they were verified
         self.early_loads_failed = 0  # of those, loads whose pages then failed: the step's work was voided
 
@@ -207,9 +211,30 @@ class PrefixCache:
         self.free(req)
         req.num_computed = req.num_registered = 0
 
+    def commit_later(self, req: Request) -> None:
+        """commit(req) at run_deferred: the engine hands the step's tokens out first."""
+        if self.prefix_caching:
+            self._deferred[req] = None
+
+    def free_later(self, req: Request) -> None:
+        """free(req) at run_deferred, after its commit (a request the step finished)."""
+        self._deferred_free.append(req)
+
+    def run_deferred(self) -> None:
+        """The last step's commits, then its frees: before the next step schedules (its admissions
+        see the pages, its allocations get the freed blocks), and before anything else that reads or
+        changes what they touch (a free, a reset of the pool, flush, close)."""
+        while self._deferred:
+            self.commit(next(iter(self._deferred)))
+        frees, self._deferred_free = self._deferred_free, []
+        for req in frees:
+            self.free(req)
+
     def free(self, req: Request) -> None:
         """Drop a request's blocks; while its load runs they stay taken (deferred free). Loaded
         pages are registered first: they stay cached in the pool and match again."""
+        if req in self._deferred:  # its last step's pages are registered before they are freed
+            self.commit(req)
         load = self._loads.get(req)
         if load is not None:
             if not load.early:
@@ -338,6 +363,7 @@ class PrefixCache:
         """After a step: register the request's newly full pages and offer them to the host tiers."""
         if not self.prefix_caching:
             return
+        self._deferred.pop(req, None)
         self._register_loaded(req)
         start = req.num_registered
         new = self._register(req, req.num_computed // self.page_size)
@@ -401,15 +427,21 @@ class PrefixCache:
 
     def reset_device_cache(self) -> int:
         """Forget every cached page of the device pool that no request holds; returns how many."""
+        self.run_deferred()
         return self.blocks.reset_cache()
 
     def flush(self) -> None:
         """Wait until offered pages are in the host tiers (tests, benchmarks)."""
+        self.run_deferred()
         if self.host is not None:
             self.host.flush()
 
     def close(self) -> None:
         """Wait for running loads (their blocks come back), then stop the host tier's threads."""
+        try:
+            self.run_deferred()  # the last step's pages reach the host tiers before they close
+        except Exception:  # closing goes on: a tier that fails here loses those pages, nothing else
+            log.warning("the last step's page bookkeeping failed at close", exc_info=True)
         while self._loads:
             self.poll(wait_one=True)
         if self.host is not None:

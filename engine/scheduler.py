@@ -90,11 +90,12 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def remove(self, req: Request) -> None:
+    def remove(self, req: Request, free: bool = True) -> None:
         """Drop a finished or aborted request wherever it is and free its pages (a LOADING
-        request's pages once its load is done)."""
+        request's pages once its load is done); free=False: the caller has them freed later."""
         for q in (self.running, self.loaded, self.waiting):
             if req in q:
                 q.remove(req)
                 break
-        self.cache.free(req)
+        if free:
+            self.cache.free(req)

@@ -46,6 +46,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
+                if not self.engine.has_unfinished():
+                    self.engine.flush_commits()  # idle: the last step's pages reach the tiers now
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if not self.engine.has_unfinished():
                     continue

@@ -36,4 +36,5 @@ def run_to_end(engine: LLMEngine, prompts: list, params: SamplingParams, salt: s
         for o in engine.step():
             if o.finished:
                 done[o.request_id] = o
+    engine.flush_commits()  # as LLM.generate: the last step's pages are cached on return
     return [done[r] for r in ids]

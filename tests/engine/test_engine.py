@@ -190,6 +190,7 @@ def test_prompt_ids_are_checked_and_packed_once(model_dir):
     req = eng.requests["np"]
     assert req.prompt_ids == PROMPT and req.ids_bytes(0, 8) == tokens_bytes(PROMPT[:8])
     cold = run(make_engine(model_dir), [PROMPT])[0]
+    done = []
     while eng.has_unfinished():
-        outs = eng.step()
-    assert outs[0].outputs[0].token_ids == cold.outputs[0].token_ids
+        done += [o for o in eng.step() if o.finished]
+    assert done[0].outputs[0].token_ids == cold.outputs[0].token_ids

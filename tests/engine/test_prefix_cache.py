@@ -33,6 +33,7 @@ def drain(eng, done, max_steps):
                 done[o.request_id] = o
         steps += 1
         assert steps < max_steps, f"engine stalled: {describe(eng)}"
+    eng.flush_commits()  # idle now: the last step's bookkeeping, as the server's loop does it
     return steps
 
 
@@ -518,3 +519,53 @@ def test_an_early_request_freed_before_its_step_waits_for_its_load(qwen_dir, sto
     assert _device_pages(eng, PROMPT) == 2  # the two pages before the bad one
     assert run_one(eng, PROMPT) == cold
     eng.close()
+
+
+def test_a_step_hands_its_tokens_out_before_its_page_bookkeeping(qwen_dir, store):
+    """The step that produces a request's first (here: only) token returns it before registering
+    and offering the prompt's pages (its TTFT does not wait for them); the bookkeeping is done
+    before the next step admits anything, so a repeat of the prompt is a full device hit, and
+    LLM-style callers see every page once the engine has nothing left to do."""
+    P = 4
+    eng = make_engine(qwen_dir, cache=store)
+    eng.add_request("a", PROMPT, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    outs = eng.step()  # one chunk: the whole prompt, and the token
+    assert [o.request_id for o in outs if o.finished] == ["a"]
+    ns = eng.kv.namespace("")
+    full = len(PROMPT) // P
+    assert not eng.has_unfinished()  # nothing to run: a loop on has_unfinished ends here
+    assert eng.prefix_cache.num_free_blocks < 64  # the bookkeeping is still to do: a's pages are held
+    eng.add_request("b", PROMPT, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    done = {}
+    drain(eng, done, 50)
+    assert done["b"].num_cached_tokens == full * P  # the first step of b saw a's registered pages
+    assert done["b"].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    eng.flush_commits()  # what an idle engine loop does
+    assert eng.prefix_cache.num_free_blocks == 64
+    eng.prefix_cache.flush()
+    assert store.lookup(ns, tokens=PROMPT).num_pages == full  # offered when committed
+    eng.close()
+
+
+def test_abort_and_close_do_the_last_steps_bookkeeping_first(qwen_dir, store):
+    """A request aborted while its last step's pages await registration keeps them cached (the
+    abort commits first, then frees); close offers the last step's pages to the host tiers."""
+    P = 4
+    eng = make_engine(qwen_dir, cache=store, chunk_size=8)
+    eng.add_request("a", PROMPT, GREEDY)
+    eng.step()
+    eng.step()  # 16 tokens computed, 4 pages: registered only by the next call into the engine
+    eng.abort("a")
+    assert eng.prefix_cache.num_free_blocks == 64
+    eng.add_request("b", PROMPT[:16] + [1, 2, 3], GREEDY)
+    done = {}
+    drain(eng, done, 50)
+    assert done["b"].num_cached_tokens == 16
+    eng.add_request("c", PROMPT[:20] + [7], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while "c" not in done:
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    ns = eng.kv.namespace("")
+    eng.prefix_cache.host.flush()  # the puts queued so far (not the deferred bookkeeping)
+    assert store.lookup(ns, tokens=PROMPT[:20]).num_pages == 4  # a's; c's fifth page is not offered yet
+    eng.close()  # closing waits for the puts it queued
+    assert store.lookup(ns, tokens=PROMPT[:20]).num_pages == 5
