@@ -101,7 +101,7 @@ def decode_tps(eng: LLMEngine, conc: int, plen: int, n: int, seed: int) -> float
             continue
         produced += len(outs)
     sync(eng.device)
-    eng.kv.blocks.reset_cache()
+    eng.prefix_cache.reset_device_cache()
     return produced / (time.perf_counter() - t0)
 
 
@@ -129,7 +129,7 @@ def section_throughput(path, a):
         times = []
         for i, q in enumerate(p):
             t, _ = ttft(eng, q)
-            eng.kv.blocks.reset_cache()
+            eng.prefix_cache.reset_device_cache()
             if i:
                 times.append(t)
         rows[("prefill", L)] = [L / statistics.median(times)]
@@ -188,7 +188,7 @@ def tier_table(path, a, tmp: Path, lens: list[int], label: str, **kw):
         w = rand_prompts(1, min(a.chunk, lens[0]), V, seed)[0]
         ttft(e, w)
         ttft(e, w + [1] * a.delta)
-        e.kv.blocks.reset_cache()
+        e.prefix_cache.reset_device_cache()
     out = []
     for n in lens:
         res = {"cold": [], "device": [], "cpu": [], "disk": []}
@@ -197,13 +197,13 @@ def tier_table(path, a, tmp: Path, lens: list[int], label: str, **kw):
             delta = lambda k: rand_prompts(1, a.delta, V, 7 * n + 31 * r + k)[0]  # noqa: E731
             res["cold"].append(ttft(hot, prefix + delta(0)))
             res["device"].append(ttft(hot, prefix + delta(1)))
-            hot.kv.blocks.reset_cache()
+            hot.prefix_cache.reset_device_cache()
             res["cpu"].append(ttft(hot, prefix + delta(2)))
-            hot.kv.blocks.reset_cache()
+            hot.prefix_cache.reset_device_cache()
             ttft(disk, prefix + delta(3))  # fills the disk-only store
-            disk.kv.blocks.reset_cache()
+            disk.prefix_cache.reset_device_cache()
             res["disk"].append(ttft(disk, prefix + delta(4)))
-            disk.kv.blocks.reset_cache()
+            disk.prefix_cache.reset_device_cache()
         out.append((n, res))
     close(hot)
     close(disk)

@@ -3,7 +3,7 @@
 Prefill: one cold prompt per --prompt-len (device pool only, no prefix hit), once in --chunk-token
 chunks and once as a single chunk; transformers: one forward with logits_to_keep=1. TTFT: a
 prompt whose first max(--prompt-len) tokens are already in the device pool plus --hit-new new
-tokens, against the new tokens alone. Decode: aggregate tokens/s of --concurrency requests each
+tokens, against the new tokens alone, each timed until a step hands the token out. Decode: aggregate tokens/s of --concurrency requests each
 generating --decode-tokens greedy tokens after a --decode-prompt-len prompt, eager steps against
 CUDA graphs (on CUDA). The HBM floor is the checkpoint's bytes read per single-request decode step
 (attention, router, top-k experts, norms, lm_head) over --hbm-tbps.
@@ -100,25 +100,32 @@ class Ours:
         if prefill_graphs is not None:
             self.eng.runner.prefill_graphs = self.prefill_graphs if prefill_graphs else None
 
-    def _run(self, ps, max_tokens, after_first=False):
+    def _run(self, ps, max_tokens, after_first=False, first_token=False):
+        """(tokens produced, seconds, prompt tokens reused): the time of the whole run, or from the
+        first step with every first token (after_first), or until a step hands out a first token
+        (first_token: a TTFT; the engine's page bookkeeping follows, untimed)."""
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         for p in ps:
             self.n += 1
             self.eng.add_request(f"b{self.n}", p, params)
         started, t0, produced, cached = False, time.perf_counter(), 0, 0
+        ttft = None
         while self.eng.has_unfinished():
             outs = self.eng.step()
+            if first_token and ttft is None and any(o.outputs[0].token_ids for o in outs):
+                ttft = time.perf_counter() - t0
             cached += sum(o.num_cached_tokens for o in outs if o.finished)
             if after_first and not started and all(r.output_ids for r in self.eng.requests.values()):
                 started, t0, produced = True, time.perf_counter(), 0
                 continue
             produced += len(outs)
+        self.eng.flush_commits()  # the last step's page bookkeeping (timed, except for a TTFT)
         sync(self.device)
-        return produced, time.perf_counter() - t0, cached
+        return produced, ttft if first_token else time.perf_counter() - t0, cached
 
     def prefill(self, length, seed):
         p = prompts(1, length, self.vocab, seed)
-        return lambda: self._run([p[0]], 1) and self.eng.kv.blocks.reset_cache()
+        return lambda: self._run([p[0]], 1) and self.eng.prefix_cache.reset_device_cache()
 
     def ttft(self, cached, new, repeat):
         """(TTFT with `cached` tokens in the device pool + `new` ones, TTFT of the `new` alone) in s."""
@@ -127,19 +134,19 @@ class Ours:
         hit, alone = [], []
         for r in range(repeat + 1):
             suffix, other = prompts(2, new, self.vocab, 1000 + r)
-            _, dt, got = self._run([base + suffix], 1)
+            _, dt, got = self._run([base + suffix], 1, first_token=True)
             assert got >= cached, f"expected a device hit of {cached} tokens, got {got}"
-            _, dt_alone, _ = self._run([other], 1)
+            _, dt_alone, _ = self._run([other], 1, first_token=True)
             if r:
                 hit.append(dt), alone.append(dt_alone)
-        self.eng.kv.blocks.reset_cache()
+        self.eng.prefix_cache.reset_device_cache()
         return statistics.median(hit), statistics.median(alone)
 
     def decode_tps(self, c, plen, n, repeat):
         best = []
         for r in range(repeat + 1):
             produced, dt, _ = self._run(prompts(c, plen, self.vocab, 100 + r), n, after_first=True)
-            self.eng.kv.blocks.reset_cache()
+            self.eng.prefix_cache.reset_device_cache()
             if r:
                 best.append(produced / dt)
         return statistics.median(best)

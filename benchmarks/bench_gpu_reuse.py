@@ -3,8 +3,9 @@
 
 Checkpoint: make_tiny_model(preset="qwen3-30b-a3b-shapes", num_hidden_layers=--layers) (random
 weights, Qwen3-30B-A3B shapes), bf16, page 16, chunk 2048; written once under --model-dir.
-Every TTFT is the wall time of LLM.generate(prefix + 64 fresh tokens, max_tokens=1), median of
---repeats, each with a new 64-token delta:
+Every TTFT is the wall time from add_request(prefix + 64 fresh tokens, max_tokens=1) until a step
+hands the token out (the engine's page bookkeeping comes after it, untimed), median of --repeats,
+each with a new 64-token delta:
 
   cold    a prefix that no tier holds (this run also stores it)
   device  the same LLM right after: the prefix is in the device pool
@@ -16,8 +17,8 @@ Floors: delta = TTFT of the 64 tokens alone (cold, same LLM); cpu floor = page b
 H2D measured here + delta; disk floor = page bytes / sequential read of a file on the disk_path's
 device with the page cache dropped + delta. Peer: transformers' cold prefill (one forward) of the
 same prompts on the same checkpoint.
-No-reuse throughput: 48 unique 2K-token prompts x 16 new tokens in one generate call, timed on the
-second batch (steady state), (prompt + output tokens) / s, for prefix_caching off / device pool
+No-reuse throughput: 48 unique 2K-token prompts x 16 new tokens in one generate call, an untimed
+batch first, then the median of --tput-reps timed batches (steady state), (prompt + output tokens) / s, for prefix_caching off / device pool
 only (gpu_only) / host tiers on (4 GB cpu + disk); off is measured first and again last, and the
 ratios are to the mean of the two.
 CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, page cache dropped).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import random
 import shutil
@@ -49,6 +51,7 @@ from engine.tiny import make_tiny_model  # noqa: E402
 
 GB = 1e9
 ONE = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+_TTFT_IDS = itertools.count()
 VOCAB = 150_000
 
 
@@ -80,10 +83,22 @@ def free_gpu() -> None:
 
 
 def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
-    """(seconds to the first token, prompt tokens reused from a cache)."""
+    """(seconds from add_request until a step hands the token out, prompt tokens reused from a
+    cache). The engine registers and offers the step's pages after that (at the next call into
+    it, as a server's engine loop does once the token is on its way): done here, untimed, so every
+    row starts from the same state."""
+    eng = llm.engine
+    rid = f"ttft-{next(_TTFT_IDS)}"
     t0 = time.perf_counter()
-    out = llm.generate(prompt, ONE)[0]
-    return time.perf_counter() - t0, out.num_cached_tokens
+    eng.add_request(rid, prompt, ONE)
+    out = None
+    while out is None:
+        out = next((o for o in eng.step() if o.request_id == rid and o.outputs[0].token_ids), None)
+    dt = time.perf_counter() - t0
+    while eng.has_unfinished():
+        eng.step()
+    eng.flush_commits()
+    return dt, out.num_cached_tokens
 
 
 def sync() -> None:
@@ -151,18 +166,23 @@ def transformers_prefill(model_dir: Path, prompts: dict[int, list[int]], device:
     return out
 
 
-def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool = False) -> float:
+def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool = False, reps: int = 3) -> float:
+    """Tokens/s (prompt + generated) of a batch of n fresh prompts, median of `reps` batches after
+    one untimed batch (warm-up; it fills the host tiers)."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    llm.generate([rand_ids(rng, length) for _ in range(n)], params)  # first batch: warm-up, fills tiers
-    batch = [rand_ids(rng, length) for _ in range(n)]
-    sync()
-    sampler = StackSampler(threading.get_ident()) if profile else None
-    t0 = time.perf_counter()
-    outs = llm.generate(batch, params)
-    dt = time.perf_counter() - t0
-    if sampler is not None:
-        print(sampler.report(), flush=True)
-    return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt
+    llm.generate([rand_ids(rng, length) for _ in range(n)], params)
+    rates = []
+    for r in range(reps):
+        batch = [rand_ids(rng, length) for _ in range(n)]
+        sync()
+        sampler = StackSampler(threading.get_ident()) if profile and r == 0 else None
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, params)
+        dt = time.perf_counter() - t0
+        if sampler is not None:
+            print(sampler.report(), flush=True)
+        rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
+    return statistics.median(rates)
 
 
 class StackSampler:
@@ -208,6 +228,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="TTFT samples per row (3)")
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
+    ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread is during the "
@@ -302,9 +323,9 @@ def main() -> None:
                  + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))
     tput = {}
     if "throughput" not in skip:
-        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile)
+        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile, reps=a.tput_reps)
         host = eng.prefix_cache.host
-        notes.append(f"# host tiers on: dropped put pages {host.dropped_puts} (both batches), failed puts {host.failed_puts}")
+        notes.append(f"# host tiers on: dropped put pages {host.dropped_puts} (all batches), failed puts {host.failed_puts}")
         del host
     llm.close()
     del llm, eng
@@ -337,7 +358,7 @@ def main() -> None:
         for name, kw in (("prefix_caching off", dict(base, prefix_caching=False)),
                          ("device pool only (gpu_only)", dict(base, gpu_only=True))):
             llm = LLM(str(model_dir), **kw)
-            tput[name] = throughput(llm, rng, n_tput, tput_len)
+            tput[name] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps)
             llm.close()
             del llm
             free_gpu()
@@ -355,7 +376,7 @@ def main() -> None:
                 if switch is not None:  # does the engine thread wait for the put thread's GIL (5 ms default)?
                     sys.setswitchinterval(switch)
                 try:
-                    tput[name] = throughput(llm, rng, n_tput, tput_len)
+                    tput[name] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps)
                 finally:
                     sys.setswitchinterval(before)
                 host = llm.engine.prefix_cache.host
@@ -367,7 +388,7 @@ def main() -> None:
         # off once more, last: one timed batch per row swings between machines (run M's first off
         # row was 0.74x of run L's), so the ratios use the mean of both off rows and both are shown
         llm = LLM(str(model_dir), **dict(base, prefix_caching=False))
-        tput["prefix_caching off (again, last)"] = throughput(llm, rng, n_tput, tput_len)
+        tput["prefix_caching off (again, last)"] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps)
         llm.close()
         del llm
         free_gpu()

@@ -15,6 +15,7 @@ The 0% check compares the 0% layer with its CPU experts alone (same pairs, same 
     python benchmarks/bench_offload.py --quick                 # CPU smoke run, small shapes
     python benchmarks/bench_offload.py --device cuda           # H200: bf16, 6 layers, ~3-5 min
     python benchmarks/bench_offload.py --cpu-layer --device cuda   # per-layer CPU experts vs floor, ~1-2 min
+    python benchmarks/bench_offload.py --cpu-steps --device cuda   # the same inside back-to-back decode steps
     python benchmarks/bench_offload.py --e2e --device cuda         # 8K cold + 64-token delta TTFT, 12 layers
 """
 from __future__ import annotations
@@ -271,6 +272,97 @@ def cpu_layer(a, s):
         del wt
     pool.close()
 
+def _spin(seconds: float) -> None:
+    """Busy-wait (the engine's thread is busy, not asleep, between its CPU expert calls)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _layer_copy(wt):
+    """The same prepared weights in fresh memory (one decoder layer's own experts)."""
+    fields = ("w13", "w2", "s13", "s2", "rs13", "rs2")
+    return dataclasses.replace(wt, **{f: getattr(wt, f).clone() for f in fields if getattr(wt, f) is not None})
+
+
+def cpu_steps(a, s):
+    """Per-layer CPU expert time inside decode steps run as the engine runs them, against the floor.
+
+    A step is --step-layers layer calls back to back, each after a --gap-us busy pause (the layer's
+    GPU part: attention, router, device experts and the hidden state's trip to the host; ~0.13 ms a
+    layer for the whole 12-layer device step of run X's graphs), and steps follow each other after
+    --step-gap-ms (sampling, scheduling). Every layer has its own copy of the weights (half of 128
+    experts on the CPU each: --step-layers x 604 MB in bf16, far more than the L3) and every step a
+    fresh routing, so each call reads its experts from DRAM, while the kernel's thread pool is as warm
+    as the engine keeps it (its threads spin ~1 ms after a call). The floor of a layer: the bytes of
+    the experts it touches / the host read bandwidth measured in the same run; the table gives the
+    mean per layer over --iters-decode x 3 timed steps (after one untimed), and the first layer of a
+    step apart (its pool may have gone to sleep during the step gap).
+    """
+    H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
+    Ec, L = E // 2, a.step_layers
+    P = a.threads or cpu_threads(torch.device(a.device))
+    torch.set_num_threads(P)
+    pool = ExpertThreads(P)
+    bw = read_bandwidth(a.bw_gib, P)
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(Ec, 2 * I, H, generator=g) * 0.02, torch.randn(Ec, H, I, generator=g) * 0.02
+    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -a.zipf
+    steps = a.iters_decode * 3 + 1
+    print(f"# cpu-steps: {P} threads, read bandwidth {bw / 1e9:.1f} GB/s ({a.bw_gib} GiB torch.sum), {L} layers "
+          f"of {Ec} of {E} CPU experts each, gap {a.gap_us:.0f} us between layers and {a.step_gap_ms} ms between "
+          f"steps, {steps - 1} timed steps, torch {torch.__version__}, amx {amx()}", flush=True)
+    print("| tokens | cpu dtype | kernel | experts touched a layer | MB a layer | floor ms a layer | ms a layer "
+          "| x floor | first layer of a step, x floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec in a.formats.split(","):
+        fmt, _, kern = spec.partition(":")
+        src = torch.float32 if fmt == "float32" else torch.bfloat16
+        t0 = time.perf_counter()
+        if kern.startswith("native"):
+            wt = dataclasses.replace(prepare(w13.to(src), w2.to(src), fmt, kernel=kern), max_rows=float("inf"))
+            if wt.kernel != "native":
+                print(f"# {spec}: the native kernel did not build (log above); skipped", flush=True)
+                continue
+        else:
+            wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm", kernel="torch")
+        layers = [wt] + [_layer_copy(wt) for _ in range(L - 1)]
+        print(f"# {spec}: {L} layers prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+        for T in [int(t) for t in a.cpu_tokens.split(",")]:
+            gr = torch.Generator().manual_seed(T)
+            calls = []  # [step][layer] (x, cpu ids, weights, touched)
+            for _ in range(steps):
+                row = []
+                for _ in range(L):
+                    bias = prior[torch.randperm(E, generator=gr)].log().float()
+                    ids, w = route(torch.randn(T, E, generator=gr) + bias, k, True)
+                    cid = torch.where(ids >= E - Ec, ids - (E - Ec), -1)
+                    row.append((torch.randn(T, H, generator=gr).to(src), cid, w, int(torch.unique(cid[cid >= 0]).numel())))
+                calls.append(row)
+            out = torch.empty(T, H)
+            times, firsts, floors, first_floors = [], [], [], []
+            with torch.inference_mode():
+                for i, row in enumerate(calls):
+                    _spin(a.step_gap_ms / 1e3)
+                    for j, (x, cid, w, touched) in enumerate(row):
+                        _spin(a.gap_us / 1e6)
+                        t0 = time.perf_counter()
+                        grouped_cpu_experts(layers[j], x, cid, w, out, pool)
+                        dt = time.perf_counter() - t0
+                        if i:  # the first step is a warm-up
+                            fl = touched * wt.expert_bytes / bw
+                            times.append(dt), floors.append(fl)
+                            if j == 0:
+                                firsts.append(dt), first_floors.append(fl)
+            mean_t, mean_f = sum(times) / len(times), sum(floors) / len(floors)
+            touched = sum(r[3] for row in calls[1:] for r in row) / len(times)
+            print(f"| {T} | {fmt} | {kern or wt.kernel} | {touched:.1f} | {touched * wt.expert_bytes / 1e6:.0f} | "
+                  f"{mean_f * 1e3:.2f} | {mean_t * 1e3:.2f} | {mean_t / mean_f:.2f} | "
+                  f"{sum(firsts) / sum(first_floors):.2f} |", flush=True)
+        del wt, layers
+    pool.close()
+
+
 def e2e(a):
     """TTFT through engine.LLM: an 8K cold prefill, then a 64-token delta on that cached prefix.
 
@@ -328,6 +420,11 @@ def main():
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--cpu-dtype", default="auto", choices=("auto", "float32", "bfloat16", "int8"))
     p.add_argument("--cpu-layer", action="store_true", help="only the per-layer CPU expert table (old loop vs grouped)")
+    p.add_argument("--cpu-steps", action="store_true",
+                   help="only the per-layer CPU expert table inside back-to-back decode steps (the engine's case)")
+    p.add_argument("--step-layers", type=int, default=12, help="--cpu-steps: layers per step, each with its own weights")
+    p.add_argument("--gap-us", type=float, default=130.0, help="--cpu-steps: busy pause before each layer call")
+    p.add_argument("--step-gap-ms", type=float, default=1.0, help="--cpu-steps: busy pause between steps")
     p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
     p.add_argument("--formats", default="bfloat16,bfloat16:native,int8,int8:onednn,int8:native",
                    help="--cpu-layer: dtype[:kernel],... (kernel: int_mm, onednn, native, native_wo)")
@@ -357,6 +454,8 @@ def main():
             s[key] = v
     if a.cpu_layer:
         return cpu_layer(a, s)
+    if a.cpu_steps:
+        return cpu_steps(a, s)
     if a.e2e:
         return e2e(a)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

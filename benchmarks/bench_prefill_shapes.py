@@ -64,7 +64,7 @@ def main():
             ours._run([p], 1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            ours.eng.kv.blocks.reset_cache()
+            ours.eng.prefix_cache.reset_device_cache()
         return statistics.median(times)
     for kernel in a.kernels.split(","):
         ours.mode(prefill=kernel)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, tests-kvc, cpu-hit, moe, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, tests-kvc, cpu-hit, moe, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -56,6 +56,8 @@ for part in "$@"; do
     offload-layer) step offload-layer 150 python3 benchmarks/bench_offload.py --cpu-layer --device cuda \
         --formats bfloat16,bfloat16:native,int8,int8:native_unpacked,int8:native \
         --cpu-tokens 1,8,32,128,512,2048 --iters-decode 3 --iters-prefill 2 --no-loop ;;
+    offload-steps) step offload-steps 150 python3 benchmarks/bench_offload.py --cpu-steps --device cuda \
+        --formats bfloat16:native,int8:native --cpu-tokens 1,8,32 --iters-decode 4 ;;
     offload-e2e) step offload-e2e 200 python3 benchmarks/bench_offload.py --e2e --device cuda --model-dir "$ckpt" \
         --e2e-rows auto:grouped,auto:native,int8:native ;;
     *) echo "unknown part $part" ;;

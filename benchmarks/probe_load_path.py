@@ -13,6 +13,9 @@ only, then times, median of --reps, for 8K and 32K tokens:
                            for 1 KiB blocks per program step G = 1 / 2 / 4 / 8 (2 is the default)
   strided H2D, by layer    the same bytes as one strided copy per layer (kvc.cudacopy: rows of a
                            layer's bytes, a page apart) into a layer-major buffer
+  ... slab runs            the strided copies get by layer issues, alone: one per layer and run of
+                           adjacent slab slots (a run ends where the cpu tier's extent does; the
+                           count is printed), no checksums
   get by layer             TieredStore.get_layers_into: the engine's layer-by-layer load (strided
                            copies from the slab, then the device checksums over the layer-major rows)
   host sums                the cpu tier's verify_entries of every page, no copy
@@ -73,9 +76,9 @@ def main():
     hashes = page_hashes(ns.root, toks, a.page)
     g = torch.Generator().manual_seed(0)
     print(f"# page {spec.page_bytes / 2**10:.0f} KiB, {torch.cuda.get_device_name()}")
-    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | get, device verify | get by layer "
-          "| get, host verify | device sums G1 / G2 / G4 / G8 | host sums | lookup |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | ... slab runs | get, device verify "
+          "| get by layer | get, host verify | device sums G1 / G2 / G4 / G8 | host sums | lookup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with TieredStore(cfg) as s:
         parent = ns.root
         for lo in range(0, n_max, 64):
@@ -102,6 +105,16 @@ def main():
                                     spec.page_bytes, seg, n, stream)
             by_layer = timed(strided, a.reps)
             lm = out.view(-1).view(Ls, n, *spec.shape[1:])
+            held = [s.cpu.entries[ns.root + bytes(h)] for h in hashes[:n]]
+            runs = s._slab_runs(held, spec.page_bytes, 0, n)
+            base = s.cpu.slab.data_ptr()
+
+            def slab_runs():
+                for layer in range(Ls):
+                    for i, j in runs:
+                        cudacopy.copy2d(flat.data_ptr() + (layer * n + i) * seg, seg,
+                                        base + held[i].slot + layer * seg, spec.page_bytes, seg, j - i, stream)
+            by_runs = timed(slab_runs, a.reps)
 
             def get_layers():
                 assert s.get_layers_into(ns, hashes[:n], lm, lambda layer, run: None) == n
@@ -118,13 +131,13 @@ def main():
                 s.verify_on_device = True
             rows = out.view(torch.uint8).reshape(n, -1)
             sums = [timed(lambda: gpu_checksum.xxh3_64_rows(rows, block_group=G), a.reps) for G in (1, 2, 4, 8)]
-            held = list(s.cpu.entries.values())[:n]
             check = timed(lambda: s.cpu.verify_entries(held), a.reps)
             look = timed(lambda: s.lookup(ns, tokens=toks[:L].tolist()), a.reps)
 
             def row(t):
                 return f"{t * 1e3:.1f} ms ({nbytes / t / GB:.1f} GB/s)"
-            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(by_layer)} | {row(full)} | {row(get_lm)} | {row(host)} | "
+            print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(by_layer)} | {row(by_runs)}, {len(runs)} runs x {Ls} "
+                  f"| {row(full)} | {row(get_lm)} | {row(host)} | "
                   f"{' / '.join(f'{t * 1e3:.2f}' for t in sums)} ms | {row(check)} | {look * 1e3:.1f} ms |", flush=True)
 
 

@@ -106,7 +106,7 @@ def main():
             else:
                 kernel_table(hit, f"kvc device hit, {L} cached + {a.hit_new} new", a.top)
                 kernel_table(alone, f"kvc {a.hit_new} new tokens alone", a.top)
-        ours.eng.kv.blocks.reset_cache()
+        ours.eng.prefix_cache.reset_device_cache()
     for L in a.prompt_len if "prefill" in cases else []:
         for chunk, label in ((a.chunk, f"kvc {L} tokens, chunk {a.chunk}"), (L, f"kvc {L} tokens, one chunk")):
             ours.mode(chunk=chunk)
@@ -117,11 +117,11 @@ def main():
     for c in a.decode if "decode" in cases else []:
         ps = prompts(c, 32, ours.vocab, 5)
         ours._run(ps, 8)
-        ours.eng.kv.blocks.reset_cache()
+        ours.eng.prefix_cache.reset_device_cache()
 
         def dec(ps=ps, ours=ours):
             ours._run(ps, 17)
-            ours.eng.kv.blocks.reset_cache()
+            ours.eng.prefix_cache.reset_device_cache()
         kernel_table(dec, f"kvc decode, {c} requests x 16 steps after a 32-token prefill (graphs)", a.top)
     del ours
     torch.cuda.empty_cache()

@@ -72,7 +72,7 @@ def main():
                         SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
         while eng.has_unfinished():
             eng.step()
-        eng.kv.blocks.reset_cache()
+        eng.prefix_cache.reset_device_cache()
 
     for _ in range(3):
         once(a.prompt_len, 1)
