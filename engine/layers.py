@@ -8,7 +8,7 @@ SDPA call; prefill pieces run one SDPA each with a causal mask offset by the cac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,7 @@ class AttnMetadata:
     prefill_max_q: int = 0  # longest piece's q_len
     prefill_max_k: int = 0  # longest piece's k_len (0: unknown, no split-K for short suffixes)
     decode_max_len: int = 0  # host bound on decode_lens (0: decode_tables' width * page size)
+    scratch: dict = field(default_factory=dict)  # kernels' buffers shared by the step's layers
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

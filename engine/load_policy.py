@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from itertools import groupby, islice
 from typing import Sequence
 
 import torch
@@ -129,11 +130,14 @@ class LoadPlanner:
         recompute = self.page_size / prefill
         rates = self.tier_rates()
         best, best_at, saving = 0.0, start, 0.0
-        for i in range(start, end):
-            bw = rates.get(located[i]) or PRIOR_BYTES_PER_S.get(located[i], OTHER_PRIOR)
-            saving += recompute - self.page_bytes / bw
-            if saving > best:
-                best, best_at = saving, i + 1
+        i = start
+        for tier, run in groupby(islice(located, start, end)):  # runs of one tier: a 32K hit is one
+            k = len(list(run))
+            bw = rates.get(tier) or PRIOR_BYTES_PER_S.get(tier, OTHER_PRIOR)
+            saving += k * (recompute - self.page_bytes / bw)  # per page: the same gain (or loss)
+            i += k
+            if saving > best:  # a gain grows to the run's end; a loss never makes a new best
+                best, best_at = saving, i
         if best_at == end:
             return Plan(end)
         return Plan(best_at, self._probe(located, best_at, located[best_at] in rates))

@@ -66,6 +66,14 @@ def hash_of(k: bytes) -> bytes:
     return k[DIGEST_BYTES:]
 
 
+def _first_none(col: list, n: int) -> int:
+    """Index of the first None among col[:n], or n."""
+    try:
+        return col.index(None, 0, n)
+    except ValueError:
+        return n
+
+
 @dataclass
 class _Tally:
     """What a put_pages call did, page by page."""
@@ -192,25 +200,28 @@ class TieredStore:
         keys = list(map(root.__add__, hashes))  # key(root, h) for each, without a call per page
         cpu = list(map(self.cpu.entries.get, keys))
         disk = list(map(self.disk.entries.get, keys))
-        n = 0
-        for c, d in zip(cpu, disk):  # longest run held by some tier
-            if c is None and d is None:
-                break
-            n += 1
-        held = [c if c is not None else d for c, d in zip(cpu[:n], disk[:n])]
+        n = _first_none(cpu, len(cpu))
+        if n == len(cpu) or disk[n] is None:  # the run is the cpu tier's (a cpu hit): no walk per page
+            held = cpu[:n]
+            located = ["cpu"] * n
+        else:
+            while n < len(cpu) and (cpu[n] is not None or disk[n] is not None):  # longest run held by some tier
+                n += 1
+            held = [c if c is not None else d for c, d in zip(cpu[:n], disk[:n])]
+            located = ["disk" if c is None else "cpu" for c in cpu[:n]]
         parents = [root if parent is None else parent] + hashes[:n - 1] if n else []
         if [e.parent for e in held] != parents:
             n = next(i for i, (e, p) in enumerate(zip(held, parents)) if e.parent != p)
+            del located[n:]
             self.metrics.collisions.inc()
-        if raw is not None and n and b"".join(e.tokens for e in held[:n]) != raw[:n * step]:
+        if raw is not None and n and b"".join([e.tokens for e in held[:n]]) != raw[:n * step]:
             n = next(i for i, e in enumerate(held[:n]) if e.tokens != raw[i * step:(i + 1) * step])
+            del located[n:]
             self.metrics.collisions.inc()
-        located = ["disk" if c is None else "cpu" for c in cpu[:n]]
         tiers = {}
         for tier, col in (("cpu", cpu), ("disk", disk)):
             if getattr(self, tier).capacity:
-                k = next((i for i, e in enumerate(col[:n]) if e is None), n)
-                tiers[tier] = k
+                tiers[tier] = _first_none(col, n)
         return located, tiers
 
     # -- get -----------------------------------------------------------------------------------
@@ -501,6 +512,11 @@ class TieredStore:
             verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
+            # Host work before the first copy, not after the last layer's callback: the caller's
+            # thread (an engine launching the step that reads these layers) then meets less of this
+            # thread's Python on the GIL
+            want = self._expected_sums(held, out.device) if on_gpu else None
+            self._touch_run(keys, run)
             bad = None
             try:
                 for layer in range(L):
@@ -513,13 +529,9 @@ class TieredStore:
                     with torch.cuda.stream(side):
                         sums = torch.empty(run, dtype=torch.int64, device=out.device)
                         gpu_checksum.xxh3_64_segmented(lm, sums)
-                    want = self._expected_sums(held, out.device)  # after the copies are queued
-                    side.wait_stream(cur)
-                    with torch.cuda.stream(side):
                         bad = sums != want
             finally:  # the caller's stream goes on after everything queued on the side stream
                 cur.wait_stream(side)
-            self._touch_run(keys, run)
             good = self._verdict(bad, verified, run, out.device)
             self._served(keys, run, good)
         return good

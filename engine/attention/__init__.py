@@ -135,7 +135,8 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         done = not rest or (which == "flash" and flash_prefill(q, k_cache, v_cache, out, rest, scale))
         if not done:
             tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
-            prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k)
+            prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k,
+                              scratch=meta.scratch)
     if meta.decode_rows is not None:
         bound = meta.decode_max_len or meta.decode_tables.shape[1] * P
         decode_attention(q, k_cache, v_cache, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,

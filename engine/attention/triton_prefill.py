@@ -98,11 +98,13 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
-                      k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0) -> None:
+                      k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
+                      scratch: dict | None = None) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
-    enables split-K when the query tiles alone cannot fill the GPU."""
+    enables split-K when the query tiles alone cannot fill the GPU. scratch: a dict that lives for
+    one step (the same pieces in every layer): split-K's buffers are made once there, not per layer."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]
@@ -126,8 +128,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         kps = keys_per_split(programs, max_k, BLOCK_N)
         S = triton.cdiv(max_k, kps)
     if S > 1:
-        mid_o = torch.empty(T, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device)  # [T, Hq, S, D]
-        mid_l = torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device)
+        # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
+        # where no program writes (rows outside the pieces merge to 0), so the buffers serve every
+        # layer of a step
+        key = ("prefill_split", T, Hq, S, BLOCK_D, q.device)
+        bufs = None if scratch is None else scratch.get(key)
+        if bufs is None:
+            bufs = (torch.zeros(T, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device),  # [T, Hq, S, D]
+                    torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device),
+                    torch.arange(T, device=q.device))
+            if scratch is not None:
+                scratch[key] = bufs
+        mid_o, mid_l, all_rows = bufs
     else:
         mid_o = mid_l = out  # unused
     grid = (triton.cdiv(max_q, QB), B * S, Hkv)
@@ -142,4 +154,4 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           num_warps=warps, num_stages=stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
-        merge_splits(mid_o, mid_l, out, torch.arange(T, device=q.device))
+        merge_splits(mid_o, mid_l, out, all_rows)

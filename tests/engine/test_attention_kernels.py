@@ -81,6 +81,24 @@ def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
                              f"P={P} {dtype} split={split} prefill={backend}")
 
 
+def check_split_scratch(device):
+    """Split-K's buffers made once per step (meta.scratch) and used by every layer: each layer's
+    output equals the same kernel with buffers of its own, across two layers' different caches."""
+    from engine.attention import prefill_inputs
+    from engine.attention.triton_prefill import prefill_attention
+    pieces = [(200, 5), (3, 1), (90, 7)]
+    q, k, v, kc, vc, meta = make_step(pieces, 4, 2, 16, 16, torch.float32, device)
+    tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, 16, q.device)
+    scratch = {}
+    for layer in range(2):
+        kc_l, vc_l = torch.randn_like(kc), torch.randn_like(vc)  # another layer's keys
+        want, got = torch.zeros_like(q), torch.zeros_like(q)
+        prefill_attention(q, kc_l, vc_l, want, tables, starts, q_lens, k_lens, max_q, 0.25, max_k)
+        prefill_attention(q, kc_l, vc_l, got, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, scratch=scratch)
+        assert scratch, "split-K did not run"
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def check_norm(device):
     """The RMSNorm kernel against the eager reference (fp32 sums may differ in order only)."""
     from engine.layers import RMSNorm
@@ -208,6 +226,7 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
     if page == 16:
         check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
         check_norm("cuda")
+        check_split_scratch("cuda")
         check_merge_two("cuda")
         check_qk_norm_rope("cuda")
 
@@ -215,8 +234,9 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 INTERP = """
 import sys, torch
 from tests.engine.test_attention_kernels import (check, check_merge_two, check_norm, check_qk_norm_rope,
-                                                count_paths, engine_tokens)
+                                                check_split_scratch, count_paths, engine_tokens)
 check_norm("cpu")
+check_split_scratch("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)

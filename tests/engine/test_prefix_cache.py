@@ -260,6 +260,31 @@ def test_planner_loads_what_pays_with_injected_rates():
         load_config().replace(load_policy="sometimes")
 
 
+def test_planner_walks_tier_runs_as_the_page_by_page_plan_did():
+    """plan() sums a run of one tier at once (a 32K-token hit is one run of 2,048 pages): the same
+    choice as the page-by-page walk, on random mixes of fast and slow tiers."""
+    from engine.load_policy import OTHER_PRIOR, PRIOR_BYTES_PER_S, LoadPlanner
+    rng = random.Random(5)
+    p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
+    p.observe_prefill(16_000, 1.0)
+    p.observe_load("cpu", 10 << 30, 1.0)
+    p.observe_load("disk", 1 << 29, 1.0)
+
+    def by_page(located, start):
+        recompute, rates = 16 / p.prefill_rate(), p.tier_rates()
+        best, best_at, saving = 0.0, start, 0.0
+        for i in range(start, len(located)):
+            bw = rates.get(located[i]) or PRIOR_BYTES_PER_S.get(located[i], OTHER_PRIOR)
+            saving += recompute - (1 << 20) / bw
+            if saving > best:
+                best, best_at = saving, i + 1
+        return best_at
+    for _ in range(300):
+        located = [rng.choice(["cpu", "cpu", "disk", "cluster"]) for _ in range(rng.randrange(1, 40))]
+        start = rng.randrange(len(located))
+        assert p.plan(located, start).end == by_page(located, start), (located, start)
+
+
 def test_planner_probes_an_unmeasured_tier_instead_of_loading_from_it():
     from engine.load_policy import PROBE_BYTES, REPROBE, LoadPlanner
     p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
