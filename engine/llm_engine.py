@@ -243,21 +243,23 @@ class LLMEngine:
     def flush_commits(self) -> None:
         """The last step's page bookkeeping, now: register its newly full pages in the device pool,
         offer them to the host tiers, free the pages of the requests it finished. A step hands its
-        tokens out first and leaves this to the next call into the engine (the next step does it
-        before it schedules, so its admissions see the pages; so do abort, close and
-        LLM.generate before it returns): a first token does not wait for its prompt's registration
-        and offers. A loop that goes idle calls this (the server's engine loop does)."""
+        tokens out first and leaves this to the next call into the engine (the next step does the
+        finished requests' before it schedules and the running ones' once its kernels are queued;
+        abort, close and LLM.generate before it returns do it all): a first token does not wait
+        for its prompt's registration and offers. A loop that goes idle calls this (the server's
+        engine loop does)."""
         self.prefix_cache.run_deferred()
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self.prefix_cache.run_deferred()  # the last step's bookkeeping, before this one schedules
+        self.prefix_cache.run_deferred(running=False)  # the finished requests', before scheduling
         if self._pace_puts:
             self.prefix_cache.step_started()
         preempted = self.scheduler.num_preemptions
         sched = self.scheduler.schedule()
         self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted)
         if not sched:
+            self.prefix_cache.run_deferred()  # no launch to do it beside
             self.scheduler.wait_for_loads()  # nothing else can run until a load lands
             return []
         n_tokens = sum(n for _, n in sched)

@@ -220,15 +220,19 @@ class PrefixCache:
         """free(req) at run_deferred, after its commit (a request the step finished)."""
         self._deferred_free.append(req)
 
-    def run_deferred(self) -> None:
-        """The last step's commits, then its frees: before the next step schedules (its admissions
-        see the pages, its allocations get the freed blocks), and before anything else that reads or
-        changes what they touch (a free, a reset of the pool, flush, close)."""
-        while self._deferred:
-            self.commit(next(iter(self._deferred)))
+    def run_deferred(self, running: bool = True) -> None:
+        """The last step's bookkeeping: the finished requests' commits and frees (before the next
+        step schedules: its allocations get their blocks, its admissions see their pages), and
+        with `running` the commits of the requests still running. Those can wait for the next
+        step's launch (step_launched: the GPU runs meanwhile; their blocks stay theirs, and the
+        step only writes past their full pages); anything that reads or changes what they touch
+        (a free, a reset of the pool, flush, close) runs them all first."""
         frees, self._deferred_free = self._deferred_free, []
         for req in frees:
-            self.free(req)
+            self.free(req)  # commits it first
+        if running:
+            while self._deferred:
+                self.commit(next(iter(self._deferred)))
 
     def free(self, req: Request) -> None:
         """Drop a request's blocks; while its load runs they stay taken (deferred free). Loaded
@@ -407,6 +411,7 @@ class PrefixCache:
         """The runner queued the step's kernels: register the pages loads brought in while the GPU
         runs them, and let puts use the GPU's busy time."""
         self.kv.clear_layer_waits()  # the step's layers have their waits queued
+        self.run_deferred()  # the last step's running requests' pages, beside this step's kernels
         for req in list(self._unregistered):
             self._register_loaded(req)
         for req, load in self._loads.items():  # early loads already verified (the others settle after
