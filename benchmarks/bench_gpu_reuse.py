@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.host_tier import LAYERED_MIN_BYTES  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
 GB = 1e9
