@@ -47,7 +47,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.host_tier import LAYERED_MIN_BYTES  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
 GB = 1e9
@@ -301,29 +300,24 @@ def main() -> None:
             cpus.append(ttft(llm, prefix + rand_ids(rng, 64)))
         cpu = [t for t, _ in cpus]
         host = eng.prefix_cache.host
-        bytes_ = (n // 16) * page_bytes
-        layered = bytes_ >= host.layer_loads_min_bytes  # the engine's choice for this load
-        if layered:  # side by side: the other path (whole pages, or layer by layer for a small load)
-            host.layer_loads = False
-        else:
-            host.layer_loads_min_bytes = 0
-        other = []
+        host.layer_loads = False  # side by side: loads of whole pages (the path before layer-by-layer loads)
+        whole = []
         for _ in range(repeats):
             eng.prefix_cache.flush()
             eng.prefix_cache.reset_device_cache()
-            other.append(ttft(llm, prefix + rand_ids(rng, 64))[0])
-        host.layer_loads, host.layer_loads_min_bytes = True, LAYERED_MIN_BYTES
+            whole.append(ttft(llm, prefix + rand_ids(rng, 64))[0])
+        host.layer_loads = True
+        bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
         rows.append((f"{size(n)} TTFT device hit", ms(dev), f"{ms(delta)} (delta)",
                      f"{dev / delta:.2f}x floor; {devs[-1][1]} tokens reused"))
         cfloor = bytes_ / h2d + delta
-        rows.append((f"{size(n)} TTFT cpu hit ({'layer by layer' if layered else 'whole pages'})",
-                     ms(statistics.median(cpu)), ms(cfloor),
+        rows.append((f"{size(n)} TTFT cpu hit", ms(statistics.median(cpu)), ms(cfloor),
                      f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
                      f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s; layered loads so far {host.layered_loads}"))
-        rows.append((f"{size(n)} TTFT cpu hit, {'whole pages' if layered else 'layer by layer'} instead",
-                     ms(statistics.median(other)), ms(cfloor), f"{statistics.median(other) / cfloor:.2f}x floor"))
+        rows.append((f"{size(n)} TTFT cpu hit, whole-page loads", ms(statistics.median(whole)), ms(cfloor),
+                     f"{statistics.median(whole) / cfloor:.2f}x floor"))
     rates = eng.planner.tier_rates()
     notes.append(f"# measured: prefill {eng.planner.prefill_rate() or 0:.0f} tok/s; load "
                  + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))

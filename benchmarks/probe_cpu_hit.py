@@ -195,8 +195,6 @@ def main():
     llm = LLM(str(model_dir), dtype="bfloat16", device=a.device, page_size=16, chunk_size=2048,
               cpu_memory_size_GB=4, disk_path=None)
     eng = llm.engine
-    if eng.prefix_cache.host is not None:  # the layer-by-layer path's timeline at every length (the
-        eng.prefix_cache.host.layer_loads_min_bytes = 0  # engine loads short prefixes whole)
     rng = random.Random(0)
 
     vocab = min(100_000, eng.args.vocab_size)

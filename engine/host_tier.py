@@ -43,11 +43,6 @@ MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: 
 PUT_BATCH = 32
 PUT_RING_BYTES = 1 << 30  # default size of the pinned ring offered pages are copied into on CUDA
 IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely
-# Smaller loads go whole pages even from the cpu tier. At 8K tokens of Qwen3-30B-A3B shapes (0.2 GB,
-# 3.7 ms of copies) layer by layer was no faster than whole pages in runs AH, AJ and AK of
-# benchmarks/RESULTS.md and slower on a slow host (its per-layer Python costs more than the overlap
-# saves there); at 32K (0.8 GB) it was 4-5 ms faster in each.
-LAYERED_MIN_BYTES = 384 << 20
 
 
 class LayerEvents:
@@ -93,7 +88,6 @@ class HostTier:
         self.failed_puts = 0
         self._staging: torch.Tensor | None = None  # used by the loader thread only
         self.layer_loads = True  # cpu-tier loads on CUDA go layer by layer where they can (_layered)
-        self.layer_loads_min_bytes = LAYERED_MIN_BYTES  # ... if at least this large
         self.layer_loads_off: str | None = None  # why they stopped (a failure), if they did
         self.layered_loads = 0  # loads that went layer by layer
         self._load_stream = None
@@ -214,11 +208,9 @@ class HostTier:
 
     def _layered(self, ns: Namespace, tiers: list[str]) -> bool:
         """Whether a load goes layer by layer: on CUDA, every page from the cpu tier of an in-process
-        store, a page that splits into layers, at least layer_loads_min_bytes in all, and strided
-        copies available (kvc.cudacopy)."""
+        store, a page that splits into layers, and strided copies available (kvc.cudacopy)."""
         L = ns.spec.shape[0]
         return (self.layer_loads and self.layer_loads_off is None and L > 1 and ns.spec.page_bytes % L == 0
-                and len(tiers) * ns.spec.page_bytes >= self.layer_loads_min_bytes
                 and all(t == "cpu" for t in tiers) and hasattr(self.cache, "get_layers_into")
                 and cudacopy.available())
 

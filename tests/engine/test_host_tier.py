@@ -176,22 +176,3 @@ def test_layer_events_wait_for_each_layer_and_end_early():
     h.end()  # the loader stopped before layer 2
     t.join(5)
     assert got == ["e0", "e1", None]
-
-
-def test_only_large_cpu_loads_go_layer_by_layer(store, monkeypatch):
-    """Layer by layer pays for a long load (its copies overlap the step's first layers) and not
-    for a short one (its per-layer work costs more than the overlap saves): the choice follows the
-    load's bytes, and every other condition still applies."""
-    monkeypatch.setattr(engine.host_tier.cudacopy, "available", lambda: True)
-    ns = Namespace("qwen3_moe", PageSpec(4, 2, 8, 4, "bfloat16"), "digest")
-    host = HostTier(store)
-    try:
-        host.layer_loads_min_bytes = 10 * ns.spec.page_bytes
-        assert not host._layered(ns, ["cpu"] * 9)
-        assert host._layered(ns, ["cpu"] * 10)
-        assert not host._layered(ns, ["cpu"] * 9 + ["disk"])  # from the cpu tier only
-        host.layer_loads = False
-        assert not host._layered(ns, ["cpu"] * 10)
-        assert engine.host_tier.LAYERED_MIN_BYTES > 0.2e9  # 8K tokens of Qwen3-30B-A3B go whole
-    finally:
-        host.close()

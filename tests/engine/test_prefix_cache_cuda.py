@@ -73,7 +73,6 @@ def test_an_early_cuda_load_feeds_its_step_through_an_event(qwen_dir, store, bad
     late.gate.set()
     eng = engine(qwen_dir, cache=late, load_policy="always")
     eng.prefix_cache.host.layer_loads = layered
-    eng.prefix_cache.host.layer_loads_min_bytes = 0  # these tiny pages would otherwise go whole
     run(eng, [prompt])
     pc = eng.prefix_cache
     pc.flush()
@@ -142,7 +141,6 @@ def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, sto
     eng = engine(qwen_dir, cache=store, load_policy="always")
     host = eng.prefix_cache.host
     host.layer_loads = layered
-    host.layer_loads_min_bytes = 0  # these tiny pages would otherwise go whole
     run(eng, PROMPTS)
     eng.prefix_cache.flush()
     eng.prefix_cache.reset_device_cache()
@@ -177,7 +175,6 @@ def test_a_layered_load_failing_after_the_hand_off_voids_the_early_step(qwen_dir
             return getattr(self.s, name)
     dying = DiesAfterQueueing(store)
     eng = engine(qwen_dir, cache=dying, load_policy="always")
-    eng.prefix_cache.host.layer_loads_min_bytes = 0  # these tiny pages would otherwise go whole
     run(eng, [prompt])
     pc = eng.prefix_cache
     pc.flush()
