@@ -196,6 +196,23 @@ def read_bandwidth(gib, threads):
     return big.nbytes / best
 
 
+def prepared(spec: str, w13: torch.Tensor, w2: torch.Tensor):
+    """(fmt, kernel, activation dtype, weights) for a --formats entry dtype[:kernel]; weights None
+    (said) when the native kernel did not build."""
+    fmt, _, kern = spec.partition(":")
+    src = torch.float32 if fmt == "float32" else torch.bfloat16
+    t0 = time.perf_counter()
+    if kern.startswith("native"):
+        wt = dataclasses.replace(prepare(w13.to(src), w2.to(src), fmt, kernel=kern), max_rows=float("inf"))
+        if wt.kernel != "native":
+            print(f"# {spec}: the native kernel did not build (log above); skipped", flush=True)
+            return fmt, kern, src, None
+    else:
+        wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm", kernel="torch")
+    print(f"# {spec}: prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+    return fmt, kern, src, wt
+
+
 def cpu_layer(a, s):
     """Per-layer CPU expert time against the floor (touched bytes / read bandwidth), old loop vs grouped.
 
@@ -230,17 +247,9 @@ def cpu_layer(a, s):
           "| vs loop |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in a.formats.split(","):
-        fmt, _, kern = spec.partition(":")
-        src = torch.float32 if fmt == "float32" else torch.bfloat16
-        t0 = time.perf_counter()
-        if kern.startswith("native"):
-            wt = dataclasses.replace(prepare(w13.to(src), w2.to(src), fmt, kernel=kern), max_rows=float("inf"))
-            if wt.kernel != "native":
-                print(f"# {spec}: the native kernel did not build (log above); skipped", flush=True)
-                continue
-        else:
-            wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm", kernel="torch")
-        print(f"# {spec}: prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+        fmt, kern, src, wt = prepared(spec, w13, w2)
+        if wt is None:
+            continue
         for T, (x, ids, w) in calls.items():
             x = x.to(src)
             touched = int(torch.unique(ids[ids >= 0]).numel())
@@ -316,18 +325,12 @@ def cpu_steps(a, s):
           "| x floor | first layer of a step, x floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spec in a.formats.split(","):
-        fmt, _, kern = spec.partition(":")
-        src = torch.float32 if fmt == "float32" else torch.bfloat16
+        fmt, kern, src, wt = prepared(spec, w13, w2)
+        if wt is None:
+            continue
         t0 = time.perf_counter()
-        if kern.startswith("native"):
-            wt = dataclasses.replace(prepare(w13.to(src), w2.to(src), fmt, kernel=kern), max_rows=float("inf"))
-            if wt.kernel != "native":
-                print(f"# {spec}: the native kernel did not build (log above); skipped", flush=True)
-                continue
-        else:
-            wt = prepare(w13.to(src), w2.to(src), fmt, kern or "int_mm", kernel="torch")
         layers = [wt] + [_layer_copy(wt) for _ in range(L - 1)]
-        print(f"# {spec}: {L} layers prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"# {spec}: {L - 1} more layers copied in {time.perf_counter() - t0:.1f} s", flush=True)
         for T in [int(t) for t in a.cpu_tokens.split(",")]:
             gr = torch.Generator().manual_seed(T)
             calls = []  # [step][layer] (x, cpu ids, weights, touched)
