@@ -248,7 +248,8 @@ class LLMEngine:
         abort, close and LLM.generate before it returns do it all): a first token does not wait
         for its prompt's registration and offers. A loop that goes idle calls this (the server's
         engine loop does)."""
-        self.prefix_cache.run_deferred()
+        if self.prefix_cache.run_deferred():
+            self._update_gauges()  # the freed pages show in the device tier's gauges while idle
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

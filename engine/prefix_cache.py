@@ -220,19 +220,22 @@ class PrefixCache:
         """free(req) at run_deferred, after its commit (a request the step finished)."""
         self._deferred_free.append(req)
 
-    def run_deferred(self, running: bool = True) -> None:
+    def run_deferred(self, running: bool = True) -> bool:
         """The last step's bookkeeping: the finished requests' commits and frees (before the next
         step schedules: its allocations get their blocks, its admissions see their pages), and
         with `running` the commits of the requests still running. Those can wait for the next
         step's launch (step_launched: the GPU runs meanwhile; their blocks stay theirs, and the
         step only writes past their full pages); anything that reads or changes what they touch
-        (a free, a reset of the pool, flush, close) runs them all first."""
+        (a free, a reset of the pool, flush, close) runs them all first. Whether there was any."""
         frees, self._deferred_free = self._deferred_free, []
         for req in frees:
             self.free(req)  # commits it first
+        did = bool(frees)
         if running:
+            did = did or bool(self._deferred)
             while self._deferred:
                 self.commit(next(iter(self._deferred)))
+        return did
 
     def free(self, req: Request) -> None:
         """Drop a request's blocks; while its load runs they stay taken (deferred free). Loaded

@@ -549,24 +549,32 @@ def test_an_early_request_freed_before_its_step_waits_for_its_load(qwen_dir, sto
 def test_a_step_hands_its_tokens_out_before_its_page_bookkeeping(qwen_dir, store):
     """The step that produces a request's first (here: only) token returns it before registering
     and offering the prompt's pages (its TTFT does not wait for them); the bookkeeping is done
-    before the next step admits anything, so a repeat of the prompt is a full device hit, and
-    LLM-style callers see every page once the engine has nothing left to do."""
+    before the next step admits anything, so a repeat of the prompt is a full device hit, and an
+    idle engine's flush_commits frees the pages and updates the gauges."""
+    from prometheus_client import CollectorRegistry
     P = 4
-    eng = make_engine(qwen_dir, cache=store)
-    eng.add_request("a", PROMPT, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    reg = CollectorRegistry()
+    cfg = load_config().replace(path=str(qwen_dir), dtype="float32", device="cpu", gpu_only=False,
+                                page_size=4, chunk_size=64, num_device_blocks=64)
+    eng = LLMEngine(cfg, cache=store, registry=reg)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def device_pages():
+        return reg.get_sample_value("kvc_tier_pages", {"tier": "device"})
+    eng.add_request("a", PROMPT, one)
     outs = eng.step()  # one chunk: the whole prompt, and the token
     assert [o.request_id for o in outs if o.finished] == ["a"]
     ns = eng.kv.namespace("")
     full = len(PROMPT) // P
     assert not eng.has_unfinished()  # nothing to run: a loop on has_unfinished ends here
-    assert eng.prefix_cache.num_free_blocks < 64  # the bookkeeping is still to do: a's pages are held
-    eng.add_request("b", PROMPT, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    done = {}
-    drain(eng, done, 50)
-    assert done["b"].num_cached_tokens == full * P  # the first step of b saw a's registered pages
-    assert done["b"].outputs[0].token_ids == outs[0].outputs[0].token_ids
-    eng.flush_commits()  # what an idle engine loop does
-    assert eng.prefix_cache.num_free_blocks == 64
+    assert eng.prefix_cache.num_free_blocks < 64 and device_pages() > 0  # the bookkeeping is to do
+    eng.add_request("b", PROMPT, one)
+    out = next(o for o in eng.step() if o.request_id == "b")  # its admission follows a's bookkeeping
+    assert out.finished and out.num_cached_tokens == full * P
+    assert out.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert eng.prefix_cache.num_free_blocks < 64
+    eng.flush_commits()  # what an idle engine loop does; the gauges follow
+    assert eng.prefix_cache.num_free_blocks == 64 and device_pages() == 0
     eng.prefix_cache.flush()
     assert store.lookup(ns, tokens=PROMPT).num_pages == full  # offered when committed
     eng.close()
