@@ -196,6 +196,22 @@ def read_bandwidth(gib, threads):
     return big.nbytes / best
 
 
+def _cpu_setup(a, s):
+    """What --cpu-layer and --cpu-steps share: the thread count (set for torch too), the expert
+    thread pool, the host read bandwidth, the generator, half of the experts' weights (the CPU's:
+    50% GPU experts, logical ids E/2.. renumbered 0..E/2-1) and the Zipf routing prior."""
+    H, I, E = s["hidden"], s["inter"], s["experts"]
+    Ec = E // 2
+    P = a.threads or cpu_threads(torch.device(a.device))
+    torch.set_num_threads(P)
+    pool = ExpertThreads(P)
+    bw = read_bandwidth(a.bw_gib, P)
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(Ec, 2 * I, H, generator=g) * 0.02, torch.randn(Ec, H, I, generator=g) * 0.02
+    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -a.zipf
+    return P, pool, bw, g, w13, w2, prior
+
+
 def prepared(spec: str, w13: torch.Tensor, w2: torch.Tensor):
     """(fmt, kernel, activation dtype, weights) for a --formats entry dtype[:kernel]; weights None
     (said) when the native kernel did not build."""
@@ -223,17 +239,10 @@ def cpu_layer(a, s):
     (int8: int_mm, or onednn), `native` (the C kernel at every size: no hand-off to torch at prefill)
     or `native_wo` (int8 weight-only native).
     """
-    dev = torch.device("cpu")
     H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
-    Ec = E // 2  # 50% GPU experts: logical ids E/2.. run here, renumbered 0..Ec-1
-    P = a.threads or cpu_threads(torch.device(a.device))
-    torch.set_num_threads(P)
-    pool = ExpertThreads(P)
-    bw = read_bandwidth(a.bw_gib, P)
+    P, pool, bw, g, w13, w2, prior = _cpu_setup(a, s)
+    Ec = w13.shape[0]
     flush = torch.ones(int(a.flush_gib * 2 ** 30) // 4)
-    g = torch.Generator().manual_seed(0)
-    w13, w2 = torch.randn(Ec, 2 * I, H, generator=g) * 0.02, torch.randn(Ec, H, I, generator=g) * 0.02
-    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -a.zipf
     bias = prior[torch.randperm(E, generator=g)].log().float()
     print(f"# cpu-layer: {P} threads, read bandwidth {bw / 1e9:.1f} GB/s ({a.bw_gib} GiB torch.sum), "
           f"{Ec} of {E} experts on the CPU, hidden {H}, moe_intermediate {I}, top-{k}, cache flushed with "
@@ -309,14 +318,8 @@ def cpu_steps(a, s):
     step apart (its pool may have gone to sleep during the step gap).
     """
     H, I, E, k = s["hidden"], s["inter"], s["experts"], s["top_k"]
-    Ec, L = E // 2, a.step_layers
-    P = a.threads or cpu_threads(torch.device(a.device))
-    torch.set_num_threads(P)
-    pool = ExpertThreads(P)
-    bw = read_bandwidth(a.bw_gib, P)
-    g = torch.Generator().manual_seed(0)
-    w13, w2 = torch.randn(Ec, 2 * I, H, generator=g) * 0.02, torch.randn(Ec, H, I, generator=g) * 0.02
-    prior = torch.arange(1, E + 1, dtype=torch.float64) ** -a.zipf
+    P, pool, bw, _, w13, w2, prior = _cpu_setup(a, s)
+    Ec, L = w13.shape[0], a.step_layers
     steps = a.iters_decode * 3 + 1
     print(f"# cpu-steps: {P} threads, read bandwidth {bw / 1e9:.1f} GB/s ({a.bw_gib} GiB torch.sum), {L} layers "
           f"of {Ec} of {E} CPU experts each, gap {a.gap_us:.0f} us between layers and {a.step_gap_ms} ms between "
