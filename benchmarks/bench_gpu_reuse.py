@@ -371,7 +371,10 @@ def main() -> None:
         if "tput-variants" not in skip:  # where the host tiers' cost comes from
             cpu_only = dict(base, cpu_memory_size_GB=4, disk_path=None)
             for name, kw, switch in (("host tiers, cpu tier only (4 GB, no disk)", cpu_only, None),
-                                     ("host tiers, disk_admission_hits 2", dict(tiers, disk_admission_hits=2), None),
+                                     # a put buffer smaller than one offer: every offer is dropped before
+                                     # its gather; what is left is the host tiers' other work (lookups)
+                                     ("host tiers, cpu tier only, every offer dropped (put_buffer_GB 1e-4)",
+                                      dict(cpu_only, put_buffer_GB=1e-4), None),
                                      ("host tiers, cpu tier only, GIL switch interval 0.5 ms", cpu_only, 5e-4)):
                 if kw.get("disk_path"):  # its own, empty disk tier: the CPU-experts row reads disk_path
                     kw["disk_path"] = str(work / "pages-variant")

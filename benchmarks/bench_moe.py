@@ -3,10 +3,13 @@ the fused Triton kernels (engine.moe_kernels), Qwen3-30B-A3B expert shapes, by t
 
 Prints ms per call, the achieved TFLOP/s, and the weight-read floor (bytes of the experts touched /
 --hbm-tbps). --sweep also times a grid of tile sizes per row count and prints the best (how the
-defaults in engine.moe_kernels.configs were chosen).
+defaults in engine.moe_kernels.configs were chosen). --parts times each launch of the call on its
+own (align, gate/up GEMM, down GEMM, the final sum) and the gate/up GEMM with its gate and up tiles
+as one interleaved dot (ONE_DOT) at several tiles.
 
     python benchmarks/bench_moe.py                    # H200
     python benchmarks/bench_moe.py --sweep
+    python benchmarks/bench_moe.py --parts --tokens 2048
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.moe import experts_sorted, route  # noqa: E402
-from engine.moe_kernels import configs, fused_experts  # noqa: E402
+from engine.moe_kernels import _launch, align, configs, fused_experts  # noqa: E402
 
 
 def timeit(fn, iters):
@@ -50,6 +53,45 @@ def grid(wide: bool = False):
             yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
 
 
+def one_dot_grid():
+    """gate/up tiles for ONE_DOT (the dot is 2 * BLOCK_N wide)."""
+    for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (32, 64), (4, 8), (3, 4)):
+        if bm == 128 and warps == 4:
+            continue
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, ONE_DOT=True)
+
+
+def parts(w13, w2, x, ids, w, iters):
+    """Each launch of fused_experts timed on its own, default tiles; then ONE_DOT gate/up tiles."""
+    T, k = ids.shape
+    E, H, I = w2.shape
+    n = T * k
+    c13, c2 = configs(n, E)
+    s13, b13 = align(ids, E, c13["BLOCK_M"])
+    s2, b2 = align(ids, E, c2["BLOCK_M"]) if c2["BLOCK_M"] != c13["BLOCK_M"] else (s13, b13)
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    wf = w.reshape(-1).float().contiguous()
+    rows = [("align", timeit(lambda: align(ids, E, c13["BLOCK_M"]), iters)),
+            (f"gate/up {c13}", timeit(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13),
+                                      iters)),
+            (f"down {c2}", timeit(lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters)),
+            ("sum", timeit(lambda: y.view(T, k, H).sum(1), iters))]
+    ref = act.clone()
+    for c in one_dot_grid():
+        try:
+            sc, bc = align(ids, E, c["BLOCK_M"])
+            t = timeit(lambda: _launch(x, w13, act, w, sc, bc, n, E, I, H, k, True, False, c), iters)
+            err = (act.float() - ref.float()).abs().max().item()
+            rows.append((f"gate/up {c} (max diff {err:.4f})", t))
+        except Exception as e:  # e.g. out of shared memory for this tile
+            rows.append((f"gate/up {c}: {type(e).__name__}", float("nan")))
+    print(f"\n{T} tokens, each launch alone:\n| launch | ms | gate/up TFLOP/s |\n|---|---|---|")
+    for name, t in rows:
+        fl = n * 2 * H * I * 2 / (t * 1e-3) / 1e12 if name.startswith("gate/up") and t == t else None
+        print(f"| {name} | {t:.3f} | {'' if fl is None else f'{fl:.0f}'} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
@@ -59,6 +101,7 @@ def main():
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--hbm-tbps", type=float, default=4.8)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--parts", action="store_true", help="time each launch alone, and ONE_DOT gate/up tiles")
     ap.add_argument("--wide", action="store_true", help="with --sweep: deeper pipelines and L2 groupings too "
                     "(for the 2048-token chunk's call, issue 11's chunked-prefill gap)")
     a = ap.parse_args()
@@ -82,6 +125,8 @@ def main():
         tflops = T * k * 3 * H * I * 2 / (t_fused * 1e-3) / 1e12
         print(f"| {T} | {touched} | {floor:.3f} | {t_torch:.3f} | {t_fused:.3f} | {tflops:.0f} | "
               f"{t_fused / t_torch:.2f}x | {diff.item():.4f} |")
+        if a.parts:
+            parts(w13, w2, x, ids, w, iters)
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []
