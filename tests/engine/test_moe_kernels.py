@@ -1,6 +1,7 @@
 """The fused Triton MoE kernels (engine.moe_kernels) against the per-pair reference: routings with
-idle experts, one expert taking every token, the align kernel against a sorted torch version (more
-pairs than one pass of the kernel holds included), fp32 and bf16.
+idle experts, one expert taking every token, the align kernels against a sorted torch version (more
+pairs than one of their programs holds included), the gate/up GEMM as one interleaved dot (ONE_DOT),
+fp32 and bf16.
 
 On CUDA (`-m gpu`) at Qwen3-30B-A3B expert shapes; on CPU under triton's interpreter
 (TRITON_INTERPRET=1, in a subprocess because the flag is read when the kernels are defined) at tiny
@@ -82,6 +83,13 @@ for T, E, k, skew in [(1, 8, 2, False), (5, 8, 2, False), (40, 16, 4, True), (11
     y = mk.fused_experts(w13, w2, x, ids, w)
     ref = experts_reference(w13, w2, x, ids, w)
     assert (y - ref).abs().max() < 1e-5, (T, (y - ref).abs().max())
+    # the gate and up tiles as one interleaved dot (ONE_DOT), I not a multiple of the tile
+    w13, w2, x, ids, w = case(T, E, k, 32, 24, torch.float32, "cpu", skew)
+    one = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1, ONE_DOT=True)
+    two = dict(one, ONE_DOT=False)
+    y = mk.fused_experts(w13, w2, x, ids, w, (one, two))
+    ref = experts_reference(w13, w2, x, ids, w)
+    assert (y - ref).abs().max() < 1e-5, (T, "ONE_DOT", (y - ref).abs().max())
 for T, E, k, renorm in [(1, 128, 8, True), (37, 128, 8, False), (5, 8, 2, True), (20, 60, 4, True)]:
     logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T)) * 3
     ids, w = mk.fused_route(logits, k, renorm)
