@@ -4,8 +4,8 @@ the fused Triton kernels (engine.moe_kernels), Qwen3-30B-A3B expert shapes, by t
 Prints ms per call, the achieved TFLOP/s, and the weight-read floor (bytes of the experts touched /
 --hbm-tbps). --sweep also times a grid of tile sizes per row count and prints the best (how the
 defaults in engine.moe_kernels.configs were chosen). --parts times each launch of the call on its
-own (align, gate/up GEMM, down GEMM, the final sum) and the gate/up GEMM with its gate and up tiles
-as one interleaved dot (ONE_DOT) at several tiles.
+own, as GPU time in CUDA-graph replays (align, gate/up GEMM, down GEMM, the final sum), the gate/up GEMM with its gate and up tiles
+as one interleaved dot (ONE_DOT) at several tiles and the down GEMM at 128-row tiles.
 
     python benchmarks/bench_moe.py                    # H200
     python benchmarks/bench_moe.py --sweep
@@ -53,6 +53,31 @@ def grid(wide: bool = False):
             yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages)
 
 
+def graph_time(fn, iters):
+    """GPU time of fn, ms: `iters` calls captured in one CUDA graph and replayed. A small launch
+    timed back to back from Python (timeit) measures the host's launch rate, not the kernel; in
+    the engine, steps up to prefill_graph_tokens replay graphs, so this is the time that counts."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def one_dot_grid():
     """gate/up tiles for ONE_DOT (the dot is 2 * BLOCK_N wide)."""
     for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (32, 64), (4, 8), (3, 4)):
@@ -62,7 +87,8 @@ def one_dot_grid():
 
 
 def parts(w13, w2, x, ids, w, iters):
-    """Each launch of fused_experts timed on its own, default tiles; then ONE_DOT gate/up tiles."""
+    """Each launch of fused_experts on its own, default tiles, GPU time (graph_time); then the
+    gate/up GEMM's ONE_DOT tiles and the down GEMM's 128-row tiles (one align for both GEMMs)."""
     T, k = ids.shape
     E, H, I = w2.shape
     n = T * k
@@ -72,21 +98,33 @@ def parts(w13, w2, x, ids, w, iters):
     act = torch.empty(n, I, dtype=x.dtype, device=x.device)
     y = torch.empty(n, H, dtype=x.dtype, device=x.device)
     wf = w.reshape(-1).float().contiguous()
-    rows = [("align", timeit(lambda: align(ids, E, c13["BLOCK_M"]), iters)),
-            (f"gate/up {c13}", timeit(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13),
-                                      iters)),
-            (f"down {c2}", timeit(lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters)),
-            ("sum", timeit(lambda: y.view(T, k, H).sum(1), iters))]
+    rows = [("whole call, default tiles", graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters))]
+    for bm in sorted({c13["BLOCK_M"], c2["BLOCK_M"]}):
+        rows.append((f"align, {bm}-row blocks", graph_time(lambda: align(ids, E, bm), iters)))
+    rows += [(f"gate/up {c13}", graph_time(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False,
+                                                           c13), iters)),
+             (f"down {c2}", graph_time(lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2),
+                                       iters)),
+             ("sum", graph_time(lambda: y.view(T, k, H).sum(1), iters))]
     ref = act.clone()
     for c in one_dot_grid():
         try:
             sc, bc = align(ids, E, c["BLOCK_M"])
-            t = timeit(lambda: _launch(x, w13, act, w, sc, bc, n, E, I, H, k, True, False, c), iters)
+            t = graph_time(lambda: _launch(x, w13, act, w, sc, bc, n, E, I, H, k, True, False, c), iters)
             err = (act.float() - ref.float()).abs().max().item()
             rows.append((f"gate/up {c} (max diff {err:.4f})", t))
         except Exception as e:  # e.g. out of shared memory for this tile
             rows.append((f"gate/up {c}: {type(e).__name__}", float("nan")))
-    print(f"\n{T} tokens, each launch alone:\n| launch | ms | gate/up TFLOP/s |\n|---|---|---|")
+    s128, b128 = align(ids, E, 128)
+    for bn, stages in ((64, 3), (128, 3), (128, 4)):
+        c = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
+        try:
+            t = graph_time(lambda: _launch(act, w2, y, wf, s128, b128, n, E, H, I, 1, False, True, c), iters)
+            rows.append((f"down {c}", t))
+        except Exception as e:
+            rows.append((f"down {c}: {type(e).__name__}", float("nan")))
+    print(f"\n{T} tokens, each launch alone (GPU time, CUDA-graph replays):\n| launch | ms | gate/up TFLOP/s |\n"
+          "|---|---|---|")
     for name, t in rows:
         fl = n * 2 * H * I * 2 / (t * 1e-3) / 1e12 if name.startswith("gate/up") and t == t else None
         print(f"| {name} | {t:.3f} | {'' if fl is None else f'{fl:.0f}'} |")
