@@ -243,9 +243,10 @@ def configs(n_pairs: int, E: int) -> tuple[dict, dict]:
         return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=3),
                 dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=3))
     if 96 <= per_expert <= 256:  # a 2,048-token prefill chunk of top-8 of 128: the gate/up dot 256 wide
-        # (ONE_DOT, M128 N128 K64, 4 stages: 0.286 ms against the two 64-wide dots' 0.321, run AN)
+        # (ONE_DOT, M128 N128 K64, 4 stages: 0.286 ms against the two 64-wide dots' 0.321, run AN); the
+        # down GEMM at 128-row tiles too (0.175 ms against 0.179 at 64: one align for both, run AP)
         return (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, ONE_DOT=True),
-                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
+                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
     if per_expert <= 256:
         return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
