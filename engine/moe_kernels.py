@@ -16,6 +16,8 @@ graph. Block sizes: small M tiles when few rows land on each expert (decode), la
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -235,18 +237,40 @@ def _moe_gemm_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, ro
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
-def configs(n_pairs: int, E: int) -> tuple[dict, dict]:
-    """Tile sizes (gate/up, down) by rows per expert: small M tiles for decode-sized steps."""
+SMEM_BYTES = 227 * 1024  # shared memory a block may use on Hopper (A100: 163 KiB, Ada: 99 KiB)
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(device_index: int) -> int:
+    """The device's shared memory per block (opt-in), from Triton's driver; 0 when it cannot say
+    (then only the tiles every GPU since Ampere holds are chosen)."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # no driver query here: stay with the small tiles
+        return 0
+
+
+def smem_bytes(cfg: dict, elem_bytes: int, gated: bool) -> int:
+    """The pipelined tiles' shared memory: num_stages x (an A tile + the B tiles a K step loads)."""
+    b_cols = cfg["BLOCK_N"] * (2 if gated else 1)  # two B tiles, or one of twice the width (ONE_DOT)
+    return cfg["num_stages"] * (cfg["BLOCK_M"] + b_cols) * cfg["BLOCK_K"] * elem_bytes
+
+
+def configs(n_pairs: int, E: int, elem_bytes: int = 2, smem: int = SMEM_BYTES) -> tuple[dict, dict]:
+    """Tile sizes (gate/up, down) by rows per expert: small M tiles for decode-sized steps.
+    elem_bytes: the weights' element size; smem: the device's shared memory per block. The
+    2,048-token chunk's tiles need Hopper's (192 KiB in bf16); elsewhere, and in fp32, the
+    64-row tiles below them (72 KiB in bf16)."""
     per_expert = n_pairs / E
     # chosen with `bench_moe.py --sweep` on the H200 (RESULTS.md, "Fused MoE kernels: tile sweep")
     if per_expert <= 8:
         return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=3),
                 dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=3))
-    if 96 <= per_expert <= 256:  # a 2,048-token prefill chunk of top-8 of 128: the gate/up dot 256 wide
+    wide = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, ONE_DOT=True)
+    if 96 <= per_expert <= 256 and smem_bytes(wide, elem_bytes, True) <= smem:  # a 2,048-token prefill chunk of top-8 of 128: the gate/up dot 256 wide
         # (ONE_DOT, M128 N128 K64, 4 stages: 0.286 ms against the two 64-wide dots' 0.321, run AN); the
         # down GEMM at 128-row tiles too (0.175 ms against 0.179 at 64: one align for both, run AP)
-        return (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, ONE_DOT=True),
-                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
+        return (wide, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
     if per_expert <= 256:
         return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
@@ -272,7 +296,11 @@ def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: tor
         return x.new_zeros(0, H)
     x = x.contiguous()
     n_pairs = T * k
-    cfg13, cfg2 = cfg or configs(n_pairs, E)
+    if cfg is None:
+        smem = smem_limit(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if x.is_cuda else SMEM_BYTES
+        cfg = configs(n_pairs, E, x.element_size(), smem)
+    cfg13, cfg2 = cfg
     sorted_ids, block_expert = align(ids, E, cfg13["BLOCK_M"])
     act = torch.empty(n_pairs, I, dtype=x.dtype, device=x.device)  # [T*k, I]
     _launch(x, w13, act, weights, sorted_ids, block_expert, n_pairs, E, I, H, k, True, False, cfg13)

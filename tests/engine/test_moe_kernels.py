@@ -146,3 +146,34 @@ def test_fused_moe_cuda_fp32_and_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+def test_tiles_fit_shared_memory():
+    """Every tile `configs` picks fits the device's shared memory per block at every size: in
+    bf16/fp16 on Hopper and A100, in fp32 on Hopper (the 2,048-token ONE_DOT tile takes
+    192 KiB in bf16 and would take 384 KiB in fp32: it is chosen only where it fits)."""
+    from engine.moe_kernels import SMEM_BYTES, configs, smem_bytes
+    for smem in (SMEM_BYTES, 163 * 1024):  # Hopper, A100
+        for elem in (2, 4):
+            for n_pairs in (1, 8, 64, 512, 1024, 4096, 12288, 16384, 32768, 65536, 262144):
+                c13, c2 = configs(n_pairs, 128, elem, smem)
+                if elem == 2:
+                    assert smem_bytes(c13, elem, gated=True) <= smem, (smem, elem, n_pairs, c13)
+                    assert smem_bytes(c2, elem, gated=False) <= smem, (smem, elem, n_pairs, c2)
+                else:
+                    assert smem_bytes(c13, elem, gated=True) <= SMEM_BYTES, (smem, elem, n_pairs, c13)
+    assert configs(16384, 128, 2, SMEM_BYTES)[0].get("ONE_DOT")  # the 2,048-token tile on Hopper
+    assert not configs(16384, 128, 2, 163 * 1024)[0].get("ONE_DOT")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smem_limit_from_the_driver():
+    """The driver's shared memory per block reaches configs (0 would silently keep Hopper on the
+    small 2,048-token tiles)."""
+    from engine.moe_kernels import configs, smem_limit
+    limit = smem_limit(torch.cuda.current_device())
+    assert limit >= 48 * 1024
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper: 227 KiB, the ONE_DOT tile is chosen
+        assert limit >= 227 * 1024
+        assert configs(16384, 128, 2, limit)[0].get("ONE_DOT")
