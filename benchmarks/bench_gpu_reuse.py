@@ -175,11 +175,14 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
     for r in range(reps):
         batch = [rand_ids(rng, length) for _ in range(n)]
         sync()
-        sampler = StackSampler(threading.get_ident()) if profile and r == 0 else None
+        samplers = []
+        if profile and r == 0:  # the engine's thread, and the put thread it contends with for the GIL
+            samplers.append(StackSampler(threading.get_ident(), "engine thread"))
+            samplers += [StackSampler(t.ident, "put thread") for t in threading.enumerate() if t.name == "kvc-put"]
         t0 = time.perf_counter()
         outs = llm.generate(batch, params)
         dt = time.perf_counter() - t0
-        if sampler is not None:
+        for sampler in samplers:
             print(sampler.report(), flush=True)
         rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
     return statistics.median(rates)
@@ -190,8 +193,8 @@ class StackSampler:
     (engine/, kvc/) and the call they are in, counted. A profile without a profiler's overhead
     on the thread it samples."""
 
-    def __init__(self, ident: int, interval: float = 1e-3):
-        self.ident, self.interval, self.counts, self.n = ident, interval, {}, 0
+    def __init__(self, ident: int, label: str = "engine thread", interval: float = 1e-3):
+        self.ident, self.label, self.interval, self.counts, self.n = ident, label, interval, {}, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -216,7 +219,7 @@ class StackSampler:
         self._stop.set()
         self._thread.join()
         rows = sorted(self.counts.items(), key=lambda kv: -kv[1])[:top]
-        return "# engine thread samples (host tiers on, steady batch), top:\n" + "\n".join(
+        return f"# {self.label} samples (host tiers on, steady batch), top:\n" + "\n".join(
             f"#   {c / max(self.n, 1):6.1%}  {k}" for k, c in rows)
 
 
@@ -231,8 +234,8 @@ def main() -> None:
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
-    ap.add_argument("--profile", action="store_true", help="sample where the engine's thread is during the "
-                    "host-tiers throughput batch")
+    ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "
+                    "thread are during the host-tiers throughput batch")
     ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,tput-variants,cpu-experts")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script "
                     "with the small tiny-qwen3-moe model")

@@ -29,7 +29,7 @@ for part in "$@"; do
     tests-kvc) step tests-kvc 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kvc/test_cuda_store.py ;;
     cpu-hit) step cpu-hit 150 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" ;;
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
-    reuse-8k) step reuse 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
+    reuse-8k) step reuse 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts --lengths 8192 ;;
     reuse-ttft) step reuse 170 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts ;;
