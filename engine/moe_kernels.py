@@ -26,6 +26,17 @@ from .attention.triton_merge import dot_precision
 
 
 @triton.jit
+def _block_experts(pend, BlockExpert, NB, BLOCK_B: tl.constexpr, BM: tl.constexpr):
+    """Each block's expert from the ends of the experts' padded runs (pend [BLOCK_E], a cumsum):
+    the number of experts whose run ends at or before the block's first slot (>= E past the end)."""
+    for b0 in range(0, NB, BLOCK_B):
+        ob = b0 + tl.arange(0, BLOCK_B)
+        first = ob * BM  # [BLOCK_B] first slot of each block
+        ex = tl.sum((pend[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(BlockExpert + ob, ex, mask=ob < NB)
+
+
+@triton.jit
 def _align_kernel(Ids, SortedIds, BlockExpert, Scratch, Slots, N, E, P, NB,
                   BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
                   BLOCK_B: tl.constexpr, BM: tl.constexpr):
@@ -56,11 +67,7 @@ def _align_kernel(Ids, SortedIds, BlockExpert, Scratch, Slots, N, E, P, NB,
         start = tl.load(Scratch + BLOCK_E + ids, mask=valid, other=0)
         slot = tl.load(Slots + offs_n, mask=valid, other=0)
         tl.store(SortedIds + start + slot, offs_n.to(tl.int32), mask=valid)
-    for b0 in range(0, NB, BLOCK_B):
-        ob = b0 + tl.arange(0, BLOCK_B)
-        first = ob * BM  # [BLOCK_B] first slot of each block
-        ex = tl.sum((pend[None, :] <= first[:, None]).to(tl.int32), axis=1)  # experts ending before it
-        tl.store(BlockExpert + ob, ex, mask=ob < NB)
+    _block_experts(pend, BlockExpert, NB, BLOCK_B, BM)
 
 
 @triton.jit
@@ -103,11 +110,7 @@ def _offsets_kernel(Cnt, Base, BlockExpert, G, E, NB, BLOCK_G: tl.constexpr, BLO
         c = tl.load(Cnt + rows[:, None] * BLOCK_E + offs_e[None, :], mask=m, other=0)
         tl.store(Base + rows[:, None] * BLOCK_E + offs_e[None, :], run[None, :] + tl.cumsum(c, 0) - c, mask=m)
         run += tl.sum(c, 0)
-    for b0 in range(0, NB, BLOCK_B):
-        ob = b0 + tl.arange(0, BLOCK_B)
-        first = ob * BM  # [BLOCK_B] first slot of each block
-        ex = tl.sum((pend[None, :] <= first[:, None]).to(tl.int32), axis=1)  # experts ending before it
-        tl.store(BlockExpert + ob, ex, mask=ob < NB)
+    _block_experts(pend, BlockExpert, NB, BLOCK_B, BM)
 
 
 @triton.jit
