@@ -76,7 +76,8 @@ import torch
 import engine.moe_kernels as mk
 from tests.engine.test_moe_kernels import case, check_align
 from engine.moe import experts_reference, route
-for T, E, k, skew in [(1, 8, 2, False), (5, 8, 2, False), (40, 16, 4, True), (1100, 8, 8, False), (600, 16, 8, True)]:
+for T, E, k, skew in [(1, 8, 2, False), (5, 8, 2, False), (40, 16, 4, True), (1100, 8, 8, False), (600, 16, 8, True),
+                      (300, 60, 4, False), (220, 160, 6, True)]:  # E not a power of two; E > 128
     w13, w2, x, ids, w = case(T, E, k, 32, 16, torch.float32, "cpu", skew)
     for bm in (16, 64):
         check_align(ids, E, bm)
