@@ -199,7 +199,6 @@ def _moe_gemm_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, ro
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = B + e.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     if GATED and ONE_DOT:
         offs_j = tl.arange(0, 2 * BLOCK_N)
         col = pid_n * BLOCK_N + offs_j // 2  # [2BN] output column of each B column
@@ -215,26 +214,23 @@ def _moe_gemm_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, ro
             b2_ptrs += BLOCK_K * stride_bk
         gate, up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
         acc = gate / (1.0 + tl.exp(-gate)) * up
-        if MUL_W:
-            acc = acc * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
-        c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
-        return
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if GATED:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        b_ptrs = B + e.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if GATED:
-            bu = tl.load(b_ptrs + gate_off * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if GATED:
+                bu = tl.load(b_ptrs + gate_off * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc_up = tl.dot(a, bu, acc_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_W:
         acc = acc * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
     c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -271,9 +267,10 @@ def configs(n_pairs: int, E: int, elem_bytes: int = 2, smem: int = SMEM_BYTES) -
         return (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=3),
                 dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=8, num_stages=3))
     wide = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, ONE_DOT=True)
-    if 96 <= per_expert <= 256 and smem_bytes(wide, elem_bytes, True) <= smem:  # a 2,048-token prefill chunk of top-8 of 128: the gate/up dot 256 wide
-        # (ONE_DOT, M128 N128 K64, 4 stages: 0.286 ms against the two 64-wide dots' 0.321, run AN); the
-        # down GEMM at 128-row tiles too (0.175 ms against 0.179 at 64: one align for both, run AP)
+    if 96 <= per_expert <= 256 and smem_bytes(wide, elem_bytes, True) <= smem:
+        # a 2,048-token prefill chunk of top-8 of 128: the gate/up dot 256 wide (ONE_DOT, M128 N128 K64,
+        # 4 stages: 0.286 ms against the two 64-wide dots' 0.321, run AN); the down GEMM at 128-row
+        # tiles too (0.175 ms against 0.179 at 64: one align for both, run AP)
         return (wide, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
     if per_expert <= 256:
         return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
