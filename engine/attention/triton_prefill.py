@@ -23,13 +23,52 @@ from .triton_merge import TARGET_PROGRAMS, dot_precision, keys_per_split, merge_
 
 
 @triton.jit
+def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n, offs_d, d_mask,
+          stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One BLOCK_N tile of keys from `start` into the online softmax. MASKED=False: every key of the
+    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard)."""
+    kj = start + offs_n  # [N] key positions
+    if MASKED:
+        n_mask = kj < end
+        blk = tl.load(table + kj // PAGE, mask=n_mask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(table + kj // PAGE).to(tl.int64)
+    off = kj % PAGE
+    k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
+    v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+    if MASKED:
+        causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(causal, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    else:
+        m_safe = m_new  # every row sees this tile's keys: finite
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
+    else:
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
                     num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_tb,
                     stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -64,25 +103,20 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         lo = split * keys_per_split
         end = tl.minimum(end, lo + keys_per_split)
     table = Tables + piece * stride_tb
-    for start in range(lo, end, BLOCK_N):
-        kj = start + offs_n  # [N] key positions
-        n_mask = kj < end
-        blk = tl.load(table + kj // PAGE, mask=n_mask, other=0).to(tl.int64)
-        off = kj % PAGE
-        k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
-        causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(causal, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    mid = lo
+    if UNMASKED:
+        # keys before the tile's first query are visible to all its rows (a short suffix after a
+        # long prefix: nearly every key): whole tiles of them skip the bounds and causal masks
+        full = tl.minimum(end, ctx + m_blk * QB)
+        mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, mid, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
+                                  offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                                  PAGE, PRECISION, False)
+    for start in range(mid, end, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
+                              offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                              PAGE, PRECISION, True)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     rows = (q_start + offs_m).to(tl.int64)
@@ -99,12 +133,15 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
-                      scratch: dict | None = None) -> None:
+                      scratch: dict | None = None, unmasked: bool = True,
+                      tiles: tuple[int, int, int, int] | None = None) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
     enables split-K when the query tiles alone cannot fill the GPU. scratch: a dict that lives for
-    one step (the same pieces in every layer): split-K's buffers are made once there, not per layer."""
+    one step (the same pieces in every layer): split-K's buffers are made once there, not per layer.
+    unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
+    benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]
@@ -120,6 +157,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_M, BLOCK_N, warps, stages = 128, 64, 8, 3
     else:
         BLOCK_M, BLOCK_N, warps, stages = (64 if rows > 16 else 16), (64 if BLOCK_D <= 128 else 32), 4, 2
+    if tiles is not None:
+        BLOCK_M, BLOCK_N, warps, stages = tiles
     BLOCK_M = max(BLOCK_M, triton.next_power_of_2(G))
     QB = BLOCK_M // G  # queries per tile
     programs = triton.cdiv(max_q, QB) * B * Hkv
@@ -151,7 +190,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           mid_l.stride(0), mid_l.stride(1),
                           GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, SPLIT=S > 1, BLOCK_M=BLOCK_M,
                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                          num_warps=warps, num_stages=stages)
+                          UNMASKED=unmasked, num_warps=warps, num_stages=stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
         merge_splits(mid_o, mid_l, out, all_rows)

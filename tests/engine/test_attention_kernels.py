@@ -99,6 +99,30 @@ def check_split_scratch(device):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
+    """The kernel's unmasked loop (whole key tiles that every row of a query tile sees) against the
+    reference and against the same kernel with every tile masked, with and without split-K, with tile
+    overrides whose key tiles straddle pages, splits and each piece's first query."""
+    from engine.attention import prefill_inputs
+    from engine.attention.triton_prefill import prefill_attention
+    pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]  # prefixes whole tiles and not
+    q, k, v, kc, vc, meta = make_step(pieces, 8, 2, 16, 16, dtype, device)
+    ref = paged_attention_reference(q, k, v, kc, vc, meta, 0.25)  # also stores the step's K/V in kc, vc
+    tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, 16, q.device)
+    tile_sets = [None, (16, 16, 4, 2), (32, 32, 4, 2)]
+    for tiles in tile_sets:
+        for split_k in (max_k, 0):
+            outs = []
+            for unmasked in (True, False):
+                out = torch.zeros_like(q)
+                prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, split_k,
+                                  unmasked=unmasked, tiles=tiles)
+                err = (out.float() - ref.float()).abs().max().item()
+                assert err <= atol, f"max abs error {err} tiles={tiles} split={bool(split_k)} unmasked={unmasked}"
+                outs.append(out)
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=atol)
+
+
 def check_norm(device):
     """The RMSNorm kernel against the eager reference (fp32 sums may differ in order only)."""
     from engine.layers import RMSNorm
@@ -227,6 +251,8 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check([(0, 1), (9, 1), (30, 20)], Hq, Hkv, 64, page, dtype, "cuda", atol=2e-2)  # smaller head_dim
         check_norm("cuda")
         check_split_scratch("cuda")
+        check_unmasked_loop("cuda")
+        check_unmasked_loop("cuda", torch.bfloat16, atol=2e-2)
         check_merge_two("cuda")
         check_qk_norm_rope("cuda")
 
@@ -234,9 +260,11 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 INTERP = """
 import sys, torch
 from tests.engine.test_attention_kernels import (check, check_merge_two, check_norm, check_qk_norm_rope,
-                                                check_split_scratch, count_paths, engine_tokens)
+                                                check_split_scratch, check_unmasked_loop, count_paths,
+                                                engine_tokens)
 check_norm("cpu")
 check_split_scratch("cpu")
+check_unmasked_loop("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)

@@ -1,0 +1,145 @@
+"""Prefill attention of a short suffix over a long cached prefix: the device-hit step's attention.
+
+A device hit of 32K cached tokens + 64 new ones runs one prefill piece of 64 queries whose keys are
+the whole 32K prefix: in the engine (12 layers of Qwen3-30B-A3B shapes: 32 query heads over 4 kv
+heads, head_dim 128, page 16, bf16) that attention is the step's largest cost after the MoE weights.
+This script times one layer's attention for such pieces, reading the pool in place through a
+shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
+merge), the same kernel with every key tile through the masks (the kernel before its unmasked
+loop), tile overrides, and the cuDNN pair (prefix gathered, queries padded to 512) where it runs.
+Every variant is checked against the first one before it is timed.
+
+    python benchmarks/bench_attention.py                  # CUDA
+    python benchmarks/bench_attention.py --device cpu --prefix 300 --new 5 --iters 1   # smoke (interpreter)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2),
+         (256, 64, 8, 2)]
+
+
+def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    K = prefix + new
+    nb = -(-K // P)
+    N = nb + 8
+    kc = (torch.randn(N, P, Hkv, D, generator=g) * 0.5).to(device=device, dtype=dtype)
+    vc = torch.randn(N, P, Hkv, D, generator=g).to(device=device, dtype=dtype)
+    table = torch.randperm(N, generator=g)[:nb].to(torch.int32)  # scattered pages, as a pool holds them
+    q = torch.randn(new, Hq, D, generator=g).to(device=device, dtype=dtype)
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(q=q, kc=kc, vc=vc, tables=table[None].to(device), starts=torch.zeros(1, **i32),
+                q_lens=torch.tensor([new], **i32), k_lens=torch.tensor([K], **i32), table=table.to(device),
+                prefix=prefix, new=new)
+
+
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None):
+    from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
+    prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
+                      x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles)
+
+
+def run_cudnn(x, out, scale):
+    from engine.attention.cudnn_prefill import cudnn_prefill
+    p = types.SimpleNamespace(q_start=0, q_len=x["new"], k_len=x["prefix"] + x["new"], block_table=x["table"])
+    T = x["new"]
+    # the piece's own keys: the last `new` keys of the table, as the engine passes the step's k/v
+    flat_k = x["kc"].view(-1, *x["kc"].shape[2:])
+    flat_v = x["vc"].view(-1, *x["vc"].shape[2:])
+    P = x["kc"].shape[1]
+    pos = torch.arange(x["prefix"], x["prefix"] + T, device=out.device)
+    slots = x["table"][pos // P].long() * P + pos % P
+    if not cudnn_prefill(x["q"], flat_k[slots], flat_v[slots], x["kc"], x["vc"], out, [p], scale):
+        raise RuntimeError("cuDNN attention did not run")
+
+
+def timed(fn, iters: int, device) -> float:
+    """Mean ms of fn() over iters calls (after two warm-up calls), by CUDA events."""
+    fn()
+    fn()
+    if device.type != "cuda":
+        import time
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters * 1e3
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prefix", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--new", type=int, nargs="+", default=[64, 16])
+    ap.add_argument("--heads", type=int, nargs=2, default=[32, 4], metavar=("HQ", "HKV"))
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=12, help="the per-step column multiplies by this")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--no-sweep", action="store_true", help="only the engine's kernel, the masked one and cuDNN")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    Hq, Hkv, D = args.heads[0], args.heads[1], args.head_dim
+    commit = os.environ.get("KVC_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parents[1]).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    print(f"# {name}, torch {torch.__version__}, commit {commit}, {datetime.date.today()}; "
+          f"Hq {Hq}, Hkv {Hkv}, head_dim {D}, page {args.page}, {dtype}; ms per layer (mean of {args.iters})")
+    print("| cached + new | variant | ms a layer | x the engine's | TFLOP/s | ms a step of "
+          f"{args.layers} layers | max abs diff vs the engine's |")
+    print("|---|---|---|---|---|---|---|")
+    scale = D ** -0.5
+    for prefix in args.prefix:
+        for new in args.new:
+            x = make(prefix, new, Hq, Hkv, D, args.page, dtype, device)
+            flop = 4.0 * new * Hq * (prefix + new / 2) * D
+            variants = [("Triton, the engine's (unmasked loop + masked tail)", lambda o, s: run_triton(x, o, scale, scratch=s)),
+                        ("Triton, every tile masked (before)", lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s))]
+            if not args.no_sweep:
+                for t in TILES:
+                    variants.append((f"Triton, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st",
+                                     lambda o, s, t=t: run_triton(x, o, scale, tiles=t, scratch=s)))
+            if device.type == "cuda" and prefix % 512 == 0:
+                variants.append(("cuDNN pair (prefix gathered, queries padded to 512) + merge",
+                                 lambda o, s: run_cudnn(x, o, scale)))
+            base = base_ms = None
+            for label, fn in variants:
+                out, scratch = torch.empty_like(x["q"]), {}
+                try:
+                    fn(out, scratch)
+                    if base is None:
+                        base = out.clone()
+                    diff = (out.float() - base.float()).abs().max().item()
+                    ms = timed(lambda: fn(out, scratch), args.iters, device)
+                except Exception as e:  # a tile that does not fit (shared memory) or a kernel that does not run here
+                    print(f"| {prefix:,} + {new} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |")
+                    continue
+                base_ms = base_ms or ms
+                print(f"| {prefix:,} + {new} | {label} | {ms:.4f} | {ms / base_ms:.2f}x | {flop / ms / 1e9:,.0f} | "
+                      f"{ms * args.layers:.2f} | {diff:.2e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
