@@ -166,11 +166,36 @@ def transformers_prefill(model_dir: Path, prompts: dict[int, list[int]], device:
     return out
 
 
-def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool = False, reps: int = 3) -> float:
+STEP_NOTES: list[str] = []  # one line per throughput row: its steps and where their time went
+
+
+def _timed_method(obj, name: str, acc: list) -> None:
+    """Wrap obj.name so each call adds 1 and its wall time to acc ([calls, seconds])."""
+    fn = getattr(obj, name)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[0] += 1
+            acc[1] += time.perf_counter() - t
+    setattr(obj, name, timed)
+
+
+def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool = False, reps: int = 3,
+               label: str = "") -> float:
     """Tokens/s (prompt + generated) of a batch of n fresh prompts, median of `reps` batches after
-    one untimed batch (warm-up; it fills the host tiers)."""
+    one untimed batch (warm-up; it fills the host tiers). Appends to STEP_NOTES the timed batches'
+    engine steps: how many, their mean wall time, of it the runner's (prepare, launches and the
+    wait for the sampled tokens), and the batch time outside every step (add_request, outputs):
+    a host tier that costs throughput shows as more steps, longer steps or time between them."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm.generate([rand_ids(rng, length) for _ in range(n)], params)
+    eng = llm.engine
+    steps, runner, total = [0, 0.0], [0, 0.0], 0.0
+    _timed_method(eng, "step", steps)
+    _timed_method(eng.runner, "step", runner)
     rates = []
     for r in range(reps):
         batch = [rand_ids(rng, length) for _ in range(n)]
@@ -182,9 +207,15 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
         t0 = time.perf_counter()
         outs = llm.generate(batch, params)
         dt = time.perf_counter() - t0
+        total += dt
         for sampler in samplers:
             print(sampler.report(), flush=True)
         rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
+    del eng.step, eng.runner.step  # the instance attributes: the class's methods again
+    if steps[0]:
+        STEP_NOTES.append(f"# {label or 'throughput'}: {steps[0] / reps:.0f} steps a batch, {steps[1] / steps[0] * 1e3:.2f} "
+                          f"ms a step (runner {runner[1] / max(runner[0], 1) * 1e3:.2f} ms), outside steps "
+                          f"{(total - steps[1]) / reps * 1e3:.1f} ms a batch of {total / reps * 1e3:.0f} ms")
     return statistics.median(rates)
 
 
@@ -326,7 +357,8 @@ def main() -> None:
                  + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))
     tput = {}
     if "throughput" not in skip:
-        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile, reps=a.tput_reps)
+        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile, reps=a.tput_reps,
+                                                             label="host tiers on (4 GB cpu + disk)")
         host = eng.prefix_cache.host
         notes.append(f"# host tiers on: dropped put pages {host.dropped_puts} (all batches), failed puts {host.failed_puts}")
         del host
@@ -366,7 +398,7 @@ def main() -> None:
         for name, kw in (("prefix_caching off", dict(base, prefix_caching=False)),
                          ("device pool only (gpu_only)", dict(base, gpu_only=True))):
             llm = LLM(str(model_dir), **kw)
-            tput[name] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps)
+            tput[name] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps, label=name)
             llm.close()
             del llm
             free_gpu()
@@ -387,7 +419,7 @@ def main() -> None:
                 if switch is not None:  # does the engine thread wait for the put thread's GIL (5 ms default)?
                     sys.setswitchinterval(switch)
                 try:
-                    tput[name] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps)
+                    tput[name] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps, label=name)
                 finally:
                     sys.setswitchinterval(before)
                 host = llm.engine.prefix_cache.host
@@ -399,7 +431,8 @@ def main() -> None:
         # off once more, last: one timed batch per row swings between machines (run M's first off
         # row was 0.74x of run L's), so the ratios use the mean of both off rows and both are shown
         llm = LLM(str(model_dir), **dict(base, prefix_caching=False))
-        tput["prefix_caching off (again, last)"] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps)
+        tput["prefix_caching off (again, last)"] = throughput(llm, rng, n_tput, tput_len, reps=a.tput_reps,
+                                                              label="prefix_caching off (again, last)")
         llm.close()
         del llm
         free_gpu()
@@ -424,7 +457,7 @@ def main() -> None:
         del llm
         free_gpu()
 
-    print("\n".join(notes))
+    print("\n".join(notes + STEP_NOTES))
     print(f"# total {time.perf_counter() - t_start:.0f} s\n")
     print("| what | measured | floor / peer | note |")
     print("| --- | --- | --- | --- |")
