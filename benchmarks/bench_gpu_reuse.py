@@ -219,6 +219,28 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
     return statistics.median(rates)
 
 
+def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, pairs: int) -> list[float]:
+    """b's tokens/s over a's, one ratio per pair of batches: both LLMs resident, their batches
+    alternating (a b, b a, a b, ...) after one untimed batch each. The GPU's step time drifts by
+    several percent between rows run one after another (both off rows of one run have differed by
+    7%), more than the few percent these rows compare; alternating batches cancels the drift."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for llm in (a, b):
+        llm.generate([rand_ids(rng, length) for _ in range(n)], params)
+    ratios = []
+    for i in range(pairs):
+        rate = {}
+        for which in ((a, b) if i % 2 == 0 else (b, a)):
+            batch = [rand_ids(rng, length) for _ in range(n)]
+            sync()
+            t0 = time.perf_counter()
+            outs = which.generate(batch, params)
+            rate[id(which)] = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / (
+                time.perf_counter() - t0)
+        ratios.append(rate[id(b)] / rate[id(a)])
+    return ratios
+
+
 class StackSampler:
     """Where the engine's thread is, every millisecond: the innermost frames of kvc's own code
     (engine/, kvc/) and the call they are in, counted. A profile without a profiler's overhead
@@ -263,6 +285,8 @@ def main() -> None:
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
+    ap.add_argument("--tput-pairs", type=int, default=6, help="pairs of alternating batches, off vs host tiers on "
+                    "with both LLMs resident (0: no paired row)")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "
@@ -428,6 +452,25 @@ def main() -> None:
                 del llm, host
                 free_gpu()
                 names.append(name)
+        if a.tput_pairs:
+            # off and host tiers on, side by side: both resident (their device pools sized for the
+            # batch, not from free memory), batches alternating
+            blocks = 2 * n_tput * (tput_len + 16) // 16 + 64
+            pair_kw = dict(tiers, disk_path=str(work / "pages-paired"))
+            shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
+            llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
+            llm_on = LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks))
+            ratios = paired_throughput(llm_off, llm_on, rng, n_tput, tput_len, a.tput_pairs)
+            host = llm_on.engine.prefix_cache.host
+            notes.append(f"# paired rows: pair ratios {', '.join(f'{r:.3f}' for r in ratios)}; host tiers on dropped "
+                         f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+            llm_off.close()
+            llm_on.close()
+            del llm_off, llm_on, host
+            free_gpu()
+            paired = (f"no-reuse throughput, host tiers on (4 GB cpu + disk) / off, paired: {a.tput_pairs} pairs of "
+                      f"alternating batches, both LLMs resident", f"{statistics.median(ratios):.3f}x", "",
+                      f"median of the pair ratios; min {min(ratios):.3f}x, max {max(ratios):.3f}x")
         # off once more, last: one timed batch per row swings between machines (run M's first off
         # row was 0.74x of run L's), so the ratios use the mean of both off rows and both are shown
         llm = LLM(str(model_dir), **dict(base, prefix_caching=False))
@@ -441,6 +484,8 @@ def main() -> None:
         for name in names:
             rows.append((f"no-reuse throughput, {name}", f"{tput[name] / 1e3:.1f}K tok/s", "",
                          f"{tput[name] / off:.2f}x off (mean of both off rows)"))
+        if a.tput_pairs:
+            rows.append(paired)
         print(f"# throughput done at {time.perf_counter() - t_start:.0f} s", flush=True)
 
     # --- CPU experts: cold vs disk hit --------------------------------------------------------------

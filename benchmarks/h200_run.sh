@@ -34,7 +34,7 @@ for part in "$@"; do
         --skip transformers,cpu-experts --lengths 8192 ;;
     reuse-ttft) step reuse 170 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts ;;
-    reuse-noref) step reuse 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
+    reuse-noref) step reuse 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts ;;
     moe) step moe 100 python3 benchmarks/bench_moe.py ;;
     moe-sweep) step moe 200 python3 benchmarks/bench_moe.py --sweep --tokens 1 32 256 2048 8192 ;;
