@@ -241,6 +241,28 @@ def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, p
     return ratios
 
 
+def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
+               pairs: int, notes: list[str]) -> tuple[str, str, str, str]:
+    """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
+    sized for the batch, not from free memory), batches alternating (paired_throughput)."""
+    blocks = 2 * n * (length + 16) // 16 + 64
+    pair_kw = dict(tiers, disk_path=str(work / "pages-paired"))
+    shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
+    llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
+    llm_on = LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks))
+    ratios = paired_throughput(llm_off, llm_on, rng, n, length, pairs)
+    host = llm_on.engine.prefix_cache.host
+    notes.append(f"# paired rows: pair ratios {', '.join(f'{r:.3f}' for r in ratios)}; host tiers on dropped "
+                 f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+    llm_off.close()
+    llm_on.close()
+    del llm_off, llm_on, host
+    free_gpu()
+    return (f"no-reuse throughput, host tiers on (4 GB cpu + disk) / off, paired: {pairs} pairs of "
+            f"alternating batches, both LLMs resident", f"{statistics.median(ratios):.3f}x", "",
+            f"median of the pair ratios; min {min(ratios):.3f}x, max {max(ratios):.3f}x")
+
+
 class StackSampler:
     """Where the engine's thread is, every millisecond: the innermost frames of kvc's own code
     (engine/, kvc/) and the call they are in, counted. A profile without a profiler's overhead
@@ -287,6 +309,7 @@ def main() -> None:
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
     ap.add_argument("--tput-pairs", type=int, default=6, help="pairs of alternating batches, off vs host tiers on "
                     "with both LLMs resident (0: no paired row)")
+    ap.add_argument("--paired-only", action="store_true", help="only the paired throughput row")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "
@@ -323,6 +346,13 @@ def main() -> None:
     base = dict(dtype="bfloat16", device=a.device, page_size=16, chunk_size=2048)
     tiers = dict(base, cpu_memory_size_GB=4, disk_path=str(disk_path), disk_size_GB=16)
     rng = random.Random(0)
+    if a.paired_only:  # the paired throughput row alone (~1 min on the H200 once the checkpoint is written)
+        notes = []
+        row = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes)
+        print("\n".join(notes))
+        print(f"# total {time.perf_counter() - t_start:.0f} s\n")
+        print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |\n| " + " | ".join(row) + " |")
+        return
     prefixes = {n: rand_ids(rng, n) for n in lengths}
     rows: list[tuple[str, str, str, str]] = []  # what, measured, floor/peer, note
     notes = [f"# {torch.cuda.get_device_name() if not smoke else 'cpu (smoke run)'}, {layers} layers of {'tiny-qwen3-moe' if smoke else 'Qwen3-30B-A3B'} shapes, bf16, page 16, "
@@ -453,24 +483,7 @@ def main() -> None:
                 free_gpu()
                 names.append(name)
         if a.tput_pairs:
-            # off and host tiers on, side by side: both resident (their device pools sized for the
-            # batch, not from free memory), batches alternating
-            blocks = 2 * n_tput * (tput_len + 16) // 16 + 64
-            pair_kw = dict(tiers, disk_path=str(work / "pages-paired"))
-            shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
-            llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
-            llm_on = LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks))
-            ratios = paired_throughput(llm_off, llm_on, rng, n_tput, tput_len, a.tput_pairs)
-            host = llm_on.engine.prefix_cache.host
-            notes.append(f"# paired rows: pair ratios {', '.join(f'{r:.3f}' for r in ratios)}; host tiers on dropped "
-                         f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
-            llm_off.close()
-            llm_on.close()
-            del llm_off, llm_on, host
-            free_gpu()
-            paired = (f"no-reuse throughput, host tiers on (4 GB cpu + disk) / off, paired: {a.tput_pairs} pairs of "
-                      f"alternating batches, both LLMs resident", f"{statistics.median(ratios):.3f}x", "",
-                      f"median of the pair ratios; min {min(ratios):.3f}x, max {max(ratios):.3f}x")
+            paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs, notes)
         # off once more, last: one timed batch per row swings between machines (run M's first off
         # row was 0.74x of run L's), so the ratios use the mean of both off rows and both are shown
         llm = LLM(str(model_dir), **dict(base, prefix_caching=False))

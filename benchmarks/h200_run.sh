@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, tests-kvc, attention, cpu-hit, reuse-paired, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, tests-kvc, attention, cpu-hit, reuse-paired, paired, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -32,8 +32,9 @@ for part in "$@"; do
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
     reuse-8k) step reuse 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts --lengths 8192 ;;
-    reuse-paired) step reuse 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
+    reuse-paired) step reuse 260 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,cpu-experts,tput-variants ;;
+    paired) step paired 150 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only ;;
     reuse-ttft) step reuse 170 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts ;;
     reuse-noref) step reuse 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
