@@ -29,6 +29,7 @@ CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, pag
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import itertools
 import os
@@ -45,7 +46,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_host_path import time_calls  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
@@ -169,20 +172,6 @@ def transformers_prefill(model_dir: Path, prompts: dict[int, list[int]], device:
 STEP_NOTES: list[str] = []  # one line per throughput row: its steps and where their time went
 
 
-def _timed_method(obj, name: str, acc: list) -> None:
-    """Wrap obj.name so each call adds 1 and its wall time to acc ([calls, seconds])."""
-    fn = getattr(obj, name)
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            acc[0] += 1
-            acc[1] += time.perf_counter() - t
-    setattr(obj, name, timed)
-
-
 def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool = False, reps: int = 3,
                label: str = "") -> float:
     """Tokens/s (prompt + generated) of a batch of n fresh prompts, median of `reps` batches after
@@ -193,9 +182,9 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm.generate([rand_ids(rng, length) for _ in range(n)], params)
     eng = llm.engine
-    steps, runner, total = [0, 0.0], [0, 0.0], 0.0
-    _timed_method(eng, "step", steps)
-    _timed_method(eng.runner, "step", runner)
+    times, counts, total = collections.defaultdict(float), collections.Counter(), 0.0
+    time_calls(eng, "step", "step", times, counts)
+    time_calls(eng.runner, "step", "runner", times, counts)
     rates = []
     for r in range(reps):
         batch = [rand_ids(rng, length) for _ in range(n)]
@@ -212,10 +201,11 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
             print(sampler.report(), flush=True)
         rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
     del eng.step, eng.runner.step  # the instance attributes: the class's methods again
-    if steps[0]:
-        STEP_NOTES.append(f"# {label or 'throughput'}: {steps[0] / reps:.0f} steps a batch, {steps[1] / steps[0] * 1e3:.2f} "
-                          f"ms a step (runner {runner[1] / max(runner[0], 1) * 1e3:.2f} ms), outside steps "
-                          f"{(total - steps[1]) / reps * 1e3:.1f} ms a batch of {total / reps * 1e3:.0f} ms")
+    if counts["step"]:
+        STEP_NOTES.append(f"# {label or 'throughput'}: {counts['step'] / reps:.0f} steps a batch, "
+                          f"{times['step'] / counts['step'] * 1e3:.2f} ms a step (runner "
+                          f"{times['runner'] / max(counts['runner'], 1) * 1e3:.2f} ms), outside steps "
+                          f"{(total - times['step']) / reps * 1e3:.1f} ms a batch of {total / reps * 1e3:.0f} ms")
     return statistics.median(rates)
 
 

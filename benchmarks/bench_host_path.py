@@ -63,8 +63,9 @@ def instrument(eng) -> dict[str, float]:
     return times
 
 
-def time_calls(obj, name: str, label: str, times: dict[str, float]) -> None:
-    """Wrap obj.name so every call adds its wall time to times[label]."""
+def time_calls(obj, name: str, label: str, times: dict[str, float], counts: dict[str, int] | None = None) -> None:
+    """Wrap obj.name (an instance attribute: `del obj.name` undoes it) so every call adds its wall
+    time to times[label] and, given counts, 1 to counts[label]."""
     fn = getattr(obj, name)
 
     def timed(*a, **k):
@@ -73,6 +74,8 @@ def time_calls(obj, name: str, label: str, times: dict[str, float]) -> None:
             return fn(*a, **k)
         finally:
             times[label] += time.perf_counter() - t
+            if counts is not None:
+                counts[label] += 1
     setattr(obj, name, timed)
 
 
