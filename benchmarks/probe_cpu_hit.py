@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +63,8 @@ MARKS = [
     ("step_waits", "prefix_cache", "step_waits"),
     ("runner: launch (logits)", "runner", "logits"),
     ("settle (waits for the verdict)", "prefix_cache", "settle"),
+    # the step's launch, piece by piece (run AW: 7.9 ms to launch an 8K hit's 64-token step)
+    ("step: layer waits (kv.layer: the load's layer events)", "kv", "layer"),
 ]
 
 
@@ -240,9 +243,16 @@ def main():
         HOST.clear()  # the same hit without the profiler (CUPTI), timed by the marks alone
         if cuda:
             torch.cuda.Event = timed_events()
-        plain, _ = ttft(prefix + ids(a.new))
+            torch.cuda.set_sync_debug_mode("warn")  # any op that makes the host wait for the GPU
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            plain, _ = ttft(prefix + ids(a.new))
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
         torch.cuda.Event = plain_event
         unprofiled = list(HOST)
+        sync_ops = collections.Counter(f"{Path(w.filename).name}:{w.lineno} {str(w.message).splitlines()[0][:80]}"
+                                       for w in syncs if "synchroniz" in str(w.message))
         host = eng.prefix_cache.host
         host.layer_loads = False  # side by side: the same hit loading whole pages
         drop()
@@ -304,6 +314,8 @@ def main():
         print("| what | first start (ms) | last end (ms) | summed (ms) | count |\n|---|---|---|---|---|")
         for name, (s0, e0, d, n) in sorted(spans.items(), key=lambda kv: kv[1][0]):
             print(f"| {name} | {s0 * 1e3:.2f} | {e0 * 1e3:.2f} | {d * 1e3:.2f} | {n} |")
+        print("\n# synchronizing ops in the unprofiled hit (torch.cuda.set_sync_debug_mode), any thread: " +
+              ("; ".join(f"{k} x{n}" for k, n in sync_ops.items()) or "none"))
         print(f"\n# the same hit again with a stack sampler beside it: TTFT {sampled * 1e3:.1f} ms; "
               f"{len(sampler.samples)} samples")
         sampler.report(t_sampled)
@@ -316,6 +328,11 @@ def main():
     mark(pinned.UPLOADER, "upload", "pinned upload (kvc.pinned, any thread)")
     import engine.runner as runner_module
     mark(runner_module, "sample", "sample (waits for the GPU)")
+    import engine.prefill_graphs as graphs_module
+    mark(graphs_module, "kernel_attention", "step: attention launches (kernel_attention, a layer each)")
+    if eng.runner.prefill_graphs is not None:
+        mark(eng.runner.prefill_graphs, "forward", "step: prefill graphs' forward (replays + attention)")
+        mark(torch.cuda.CUDAGraph, "replay", "step: CUDA graph replays (any graph)")
     ttft(ids(2048))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,  # CUPTI's first-use
                                             torch.profiler.ProfilerActivity.CUDA]):  # costs, not in a hit
