@@ -7,7 +7,8 @@ This script times one layer's attention for such pieces, reading the pool in pla
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
 loop), tile overrides, and the cuDNN pair (prefix gathered, queries padded to 512) where it runs.
-Every variant is checked against the first one before it is timed.
+Every variant is checked against the first one before it is timed. A last table (CUDA) gives the
+host time of one launch, alone and beside a thread that waits for copies as a cpu hit's loader does.
 
     python benchmarks/bench_attention.py                  # CUDA
     python benchmarks/bench_attention.py --device cpu --prefix 300 --new 5 --iters 1   # smoke (interpreter)
@@ -85,6 +86,57 @@ def timed(fn, iters: int, device) -> float:
     return a.elapsed_time(b) / iters
 
 
+def launch_table(x, scale, device, calls: int = 200) -> None:
+    """Host time of one prefill_attention call (the split-K kernel and the merge, launched, not run)
+    with the engine's thread alone, and beside a thread that waits for a side stream's copies as a
+    cpu hit's loader waits for its verdict: by Event.synchronize, or by polling Event.query with
+    short sleeps. Run AW's 8K cpu hit launched its 64-token step in 7.9 ms while its loader waited
+    in an event synchronize; a device hit's step launches in a fraction of that."""
+    import threading
+    import time
+    src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)  # a ~1.2 ms copy at ~55 GB/s
+    dst = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    out, scratch = torch.empty_like(x["q"]), {}
+
+    def waiter(stop: threading.Event, how: str) -> None:
+        while not stop.is_set():
+            with torch.cuda.stream(side):
+                dst.copy_(src, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(side)
+            if how == "synchronize":
+                ev.synchronize()
+            else:
+                while not ev.query():
+                    time.sleep(5e-5)
+
+    print("\n| host time of one prefill_attention call (kernel + merge launched) | us | x alone |\n|---|---|---|")
+    alone = None
+    for how in ("alone", "synchronize", "query"):
+        stop = threading.Event()
+        th = None if how == "alone" else threading.Thread(target=waiter, args=(stop, how), daemon=True)
+        if th is not None:
+            th.start()
+            time.sleep(0.05)
+        per = []
+        for _ in range(5):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            for _ in range(calls):
+                run_triton(x, out, scale, scratch=scratch)
+            per.append((time.perf_counter() - t) / calls * 1e6)
+        us = sorted(per)[len(per) // 2]
+        stop.set()
+        if th is not None:
+            th.join()
+        alone = alone or us
+        label = {"alone": "the engine's thread alone",
+                 "synchronize": "beside a thread waiting on side-stream copies by Event.synchronize",
+                 "query": "beside a thread waiting on the same copies by Event.query + 50 us sleeps"}[how]
+        print(f"| {label} | {us:.1f} | {us / alone:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -96,6 +148,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12, help="the per-step column multiplies by this")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-sweep", action="store_true", help="only the engine's kernel, the masked one and cuDNN")
+    ap.add_argument("--no-launch", action="store_true", help="no table of the launch's host time (CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -145,6 +198,8 @@ def main() -> None:
                 base_ms = base_ms or ms
                 print(f"| {prefix:,} + {new} | {label} | {ms:.4f} | {ms / base_ms:.2f}x | {flop / ms / 1e9:,.0f} | "
                       f"{ms * args.layers:.2f} | {diff:.2e} |", flush=True)
+    if device.type == "cuda" and not args.no_launch:
+        launch_table(make(args.prefix[0], args.new[0], Hq, Hkv, D, args.page, dtype, device), scale, device)
 
 
 if __name__ == "__main__":
