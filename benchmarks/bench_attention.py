@@ -156,7 +156,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     Hq, Hkv, D = args.heads[0], args.heads[1], args.head_dim
     commit = os.environ.get("KVC_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parents[1]).stdout.strip()
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=Path(__file__).parents[1]).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(f"# {name}, torch {torch.__version__}, commit {commit}, {datetime.date.today()}; "
           f"Hq {Hq}, Hkv {Hkv}, head_dim {D}, page {args.page}, {dtype}; ms per layer (mean of {args.iters})")
@@ -174,8 +175,10 @@ def main() -> None:
         for new in args.new:
             x = make(prefix, new, Hq, Hkv, D, args.page, dtype, device)
             flop = 4.0 * new * Hq * (prefix + new / 2) * D
-            variants = [("Triton, the engine's (unmasked loop + masked tail)", lambda o, s: run_triton(x, o, scale, scratch=s)),
-                        ("Triton, every tile masked (before)", lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s))]
+            variants = [("Triton, the engine's (unmasked loop + masked tail)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s)),
+                        ("Triton, every tile masked (before)",
+                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s))]
             if not args.no_sweep:
                 for t in TILES:
                     variants.append((f"Triton, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st",
@@ -193,7 +196,8 @@ def main() -> None:
                     diff = (out.float() - base.float()).abs().max().item()
                     ms = timed(lambda: fn(out, scratch), args.iters, device)
                 except Exception as e:  # a tile that does not fit (shared memory) or a kernel that does not run here
-                    print(f"| {prefix:,} + {new} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |")
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                    print(f"| {prefix:,} + {new} | {label} | failed: {why} | | | | |")
                     continue
                 base_ms = base_ms or ms
                 print(f"| {prefix:,} + {new} | {label} | {ms:.4f} | {ms / base_ms:.2f}x | {flop / ms / 1e9:,.0f} | "

@@ -401,8 +401,8 @@ def main() -> None:
                  + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))
     tput = {}
     if "throughput" not in skip:
-        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile, reps=a.tput_reps,
-                                                             label="host tiers on (4 GB cpu + disk)")
+        tput["host tiers on (4 GB cpu + disk)"] = throughput(llm, rng, n_tput, tput_len, profile=a.profile,
+                                                             reps=a.tput_reps, label="host tiers on (4 GB cpu + disk)")
         host = eng.prefix_cache.host
         notes.append(f"# host tiers on: dropped put pages {host.dropped_puts} (all batches), failed puts {host.failed_puts}")
         del host
