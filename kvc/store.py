@@ -20,7 +20,9 @@ A's lookups never count it, and A's own put of that page is stored, not a "colli
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
+import operator
 import threading
 import time
 import uuid
@@ -67,9 +69,11 @@ def hash_of(k: bytes) -> bytes:
 
 
 def _first_none(col: list, n: int) -> int:
-    """Index of the first None among col[:n], or n."""
+    """Index of the first None among col[:n], or n. By identity: list.index(None) compares with ==,
+    which calls the dataclass __eq__ of every Entry before it from Python (0.27 ms of a 32K-token
+    lookup's 0.54 ms on the 2-core VM, twice a lookup); operator.is_ over the column runs in C."""
     try:
-        return col.index(None, 0, n)
+        return list(map(operator.is_, itertools.islice(col, n), itertools.repeat(None))).index(True)
     except ValueError:
         return n
 

@@ -386,3 +386,21 @@ def test_get_into_a_host_buffer_equals_get_pages_and_stops_at_a_corrupt_page(tmp
         assert s.get_into(NS, hashes, out.zero_()) == 6
         with pytest.raises(ValueError, match="out must be"):
             s.get_into(NS, hashes, torch.zeros((2, *SPEC.shape)))
+
+
+def test_first_none_finds_the_first_missing_entry_by_identity():
+    """The lookup's search for a column's first missing page: the index of the first None in
+    col[:n], or n; it never compares entries with == (an Entry whose __eq__ would say it equals
+    None must not count as missing)."""
+    from kvc.store import _first_none
+
+    class EqualsAnything:
+        def __eq__(self, other):
+            return True
+
+    e = EqualsAnything()
+    assert _first_none([e, e, None, e, None], 5) == 2
+    assert _first_none([e, e, e], 3) == 3
+    assert _first_none([e, None], 1) == 1  # only col[:n] is searched
+    assert _first_none([None, e], 2) == 0
+    assert _first_none([], 0) == 0
