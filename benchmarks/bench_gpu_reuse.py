@@ -20,7 +20,10 @@ same prompts on the same checkpoint.
 No-reuse throughput: 48 unique 2K-token prompts x 16 new tokens in one generate call, an untimed
 batch first, then the median of --tput-reps timed batches (steady state), (prompt + output tokens) / s, for prefix_caching off / device pool
 only (gpu_only) / host tiers on (4 GB cpu + disk); off is measured first and again last, and the
-ratios are to the mean of the two.
+ratios are to the mean of the two. Each row also prints its steps a batch and where their time
+went. These rows drift by several percent between rows, so a paired row (--tput-pairs, default 6;
+--paired-only runs it alone) keeps off and host tiers on both resident and alternates their batches:
+the median of the pairs' ratios.
 CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, page cache dropped).
 
     python benchmarks/bench_gpu_reuse.py            # every row, <= 6 min on one H200
