@@ -4,7 +4,8 @@ A 32K-token cpu hit asks the store about its 2,048 pages before its load starts 
 host: 1.5 ms of the ~5 ms before the first copy). This script puts a prompt in the cpu tier of an
 in-process engine (tiny model, CPU), then times `HostTier.lookup` for it, and the search for the
 first missing page of a column of 2,048 entries two ways: `list.index(None)` (compares with ==,
-the dataclass __eq__ of each Entry) and kvc.store._first_none (identity, in C).
+the dataclass __eq__ of each Entry) and kvc.store._first_none (identity, in C); and the pages'
+tier keys three ways (the two map forms the lookup and the loads used, and kvc.store.keys_of).
 
     python benchmarks/probe_lookup.py [--tokens 32768] [--reps 300]
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
-from kvc.store import _first_none  # noqa: E402
+from kvc.store import _first_none, keys_of  # noqa: E402
 
 
 def main() -> None:
@@ -59,14 +60,20 @@ def main() -> None:
             return col.index(None, 0, n)
         except ValueError:
             return n
+    root = ns.root
     per = {name: min(timeit.repeat(fn, number=100, repeat=5)) / 100 for name, fn in
-           (("list.index(None)", by_index), ("_first_none (identity)", lambda: _first_none(col, n)))}
+           ((f"first missing of {n} entries, list.index(None)", by_index),
+            (f"first missing of {n} entries, _first_none (identity)", lambda: _first_none(col, n)),
+            (f"keys of {n} pages, list(map(root.__add__, map(bytes, hashes)))",
+             lambda: list(map(root.__add__, map(bytes, hashes)))),
+            (f"keys of {n} pages, list(map(root.__add__, hashes))", lambda: list(map(root.__add__, hashes))),
+            (f"keys of {n} pages, keys_of (a list comprehension)", lambda: keys_of(root, hashes)))}
     print(f"# {a.tokens} tokens, {len(hashes)} pages, {len(located)} located in the cpu tier; {a.reps} lookups")
     print("| what | ms |\n|---|---|")
     print(f"| HostTier.lookup, median | {statistics.median(times) * 1e3:.3f} |")
     print(f"| HostTier.lookup, min | {min(times) * 1e3:.3f} |")
     for name, s in per.items():
-        print(f"| first missing of {n} entries, {name} | {s * 1e3:.3f} |")
+        print(f"| {name} | {s * 1e3:.3f} |")
     llm.close()
 
 

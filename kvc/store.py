@@ -64,6 +64,13 @@ def key(root: bytes, h: bytes) -> bytes:
     return root + h
 
 
+def keys_of(root: bytes, hashes) -> list[bytes]:
+    """key(root, h) for each h (bytes or any buffer: the concatenation is bytes either way). A list
+    comprehension: a 32K-token request's 2,048 keys in 0.12 ms on the 2-core VM, where
+    list(map(root.__add__, map(bytes, hashes))) took 0.37 (probe_lookup.py)."""
+    return [root + h for h in hashes]
+
+
 def hash_of(k: bytes) -> bytes:
     return k[DIGEST_BYTES:]
 
@@ -201,7 +208,7 @@ class TieredStore:
         """(located, tiers): the tier of each page of the longest verified prefix, and per tier its
         own leading run. Done in bulk (dict lookups via map, one list compare for parents, one
         bytes compare for tokens); page by page only to find where a mismatch starts."""
-        keys = list(map(root.__add__, hashes))  # key(root, h) for each, without a call per page
+        keys = keys_of(root, hashes)
         cpu = list(map(self.cpu.entries.get, keys))
         disk = list(map(self.disk.entries.get, keys))
         n = _first_none(cpu, len(cpu))
@@ -440,7 +447,7 @@ class TieredStore:
         buffer. pages: return the Page objects (get_pages), else the count (get_into); landed: as
         in get_into."""
         root = ns.root
-        keys = list(map(root.__add__, map(bytes, hashes)))  # key(root, h) in bulk (2,048 calls at 32K)
+        keys = keys_of(root, hashes)
         nbytes = out[0].numel() * out.element_size() if len(out) else 0
         with self._lock:
             held = self._cpu_run(keys, nbytes, root)
@@ -502,7 +509,7 @@ class TieredStore:
             raise ValueError(f"out must be a contiguous CUDA tensor [{L}, {n}, {spec.shape[1:]}] of {spec.dtype}")
         seg = nbytes // L
         root = ns.root
-        keys = list(map(root.__add__, map(bytes, hashes)))
+        keys = keys_of(root, hashes)
         with self._lock:
             held = self._cpu_run(keys, nbytes, root)
             run = len(held)

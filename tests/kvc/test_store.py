@@ -404,3 +404,16 @@ def test_first_none_finds_the_first_missing_entry_by_identity():
     assert _first_none([e, None], 1) == 1  # only col[:n] is searched
     assert _first_none([None, e], 2) == 0
     assert _first_none([], 0) == 0
+
+
+def test_keys_of_equals_key_per_page_for_any_buffer():
+    """The bulk tier keys equal key(root, bytes(h)) page by page, for hashes given as bytes,
+    bytearray or memoryview (a client's decoded hashes), and are bytes."""
+    from kvc.store import key, keys_of
+    root = bytes(range(16))
+    hs = [bytes([i] * 16) for i in range(5)]
+    mixed = [hs[0], bytearray(hs[1]), memoryview(hs[2]), hs[3], bytearray(hs[4])]
+    for given in (hs, mixed, []):
+        got = keys_of(root, given)
+        assert got == [key(root, bytes(h)) for h in given]
+        assert all(type(k) is bytes for k in got)
