@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, tests-kvc, attention, cpu-hit, reuse-paired, paired, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, tests-kvc, attention, cpu-hit, cpu-hit-switch, reuse-paired, paired, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,6 +29,8 @@ for part in "$@"; do
     tests-kvc) step tests-kvc 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kvc/test_cuda_store.py ;;
     attention) step attention 150 python3 benchmarks/bench_attention.py ;;
     cpu-hit) step cpu-hit 150 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" ;;
+    cpu-hit-switch) step cpu-hit-switch 150 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" --cached 8192 \
+        --switch-interval 0.0002 ;;
     reuse) step reuse 330 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile ;;
     reuse-8k) step reuse 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
         --skip transformers,cpu-experts --lengths 8192 ;;

@@ -183,7 +183,14 @@ def main():
     ap.add_argument("--cached", type=int, nargs="+", default=[8192, 32768], help="prefix lengths, one hit each")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (tiny model)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in seconds for the whole run (Python's default 0.005): a "
+                    "thread that hands the GIL over around each CUDA launch waits up to this long to get it "
+                    "back while another thread runs Python")
     a = ap.parse_args()
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
+        print(f"# GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("needs CUDA (or --device cpu for a smoke run)")
