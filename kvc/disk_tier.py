@@ -270,7 +270,7 @@ class DiskTier:
         """Pages lo..hi-1 in one read transaction, stopping at the first one that is not served
         (or past a failure another task found). Each result: RecordInfo, None (a miss) or the
         RecordError that disqualified the page."""
-        out, txn = [], None
+        out, txn, began = [], None, lo
         try:
             for i in range(lo, hi):
                 if i > end.first:
@@ -280,8 +280,15 @@ class DiskTier:
                     rec = self.pending.get(h)
                 if rec is None:
                     if txn is None:
-                        txn = self.env.begin(db=self._data, buffers=True)
+                        txn, began = self.env.begin(db=self._data, buffers=True), i
                     rec = txn.get(h)  # faults the whole value in, GIL released
+                    if rec is None and began < i:
+                        # The writer commits, then takes its pages out of `pending`: a transaction
+                        # begun at an earlier page may predate the commit of a page that was no
+                        # longer pending when checked just now. One that begins now sees it.
+                        txn.abort()
+                        txn, began = self.env.begin(db=self._data, buffers=True), i
+                        rec = txn.get(h)
                 r = None if rec is None else _copy_verified(h, rec, dsts[i], ns_root)
                 out.append(r)
                 if not isinstance(r, RecordInfo):
