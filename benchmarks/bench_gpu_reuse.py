@@ -175,6 +175,11 @@ def transformers_prefill(model_dir: Path, prompts: dict[int, list[int]], device:
 STEP_NOTES: list[str] = []  # one line per throughput row: its steps and where their time went
 
 
+def batch_rate(outs, seconds: float) -> float:
+    """(prompt + generated tokens) / s of one generate call's outputs."""
+    return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / seconds
+
+
 def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool = False, reps: int = 3,
                label: str = "") -> float:
     """Tokens/s (prompt + generated) of a batch of n fresh prompts, median of `reps` batches after
@@ -202,7 +207,7 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
         total += dt
         for sampler in samplers:
             print(sampler.report(), flush=True)
-        rates.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / dt)
+        rates.append(batch_rate(outs, dt))
     del eng.step, eng.runner.step  # the instance attributes: the class's methods again
     if counts["step"]:
         STEP_NOTES.append(f"# {label or 'throughput'}: {counts['step'] / reps:.0f} steps a batch, "
@@ -228,8 +233,7 @@ def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, p
             sync()
             t0 = time.perf_counter()
             outs = which.generate(batch, params)
-            rate[id(which)] = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs) / (
-                time.perf_counter() - t0)
+            rate[id(which)] = batch_rate(outs, time.perf_counter() - t0)
         ratios.append(rate[id(b)] / rate[id(a)])
     return ratios
 
