@@ -6,7 +6,9 @@ heads, head_dim 128, page 16, bf16) that attention is the step's largest cost af
 This script times one layer's attention for such pieces, reading the pool in place through a
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
-loop), tile overrides, and the cuDNN pair (prefix gathered, queries padded to 512) where it runs.
+loop), with its key tiles loaded as [N, D] rows, over the same pages laid out in table order (what
+the scattered table's gather costs), tile overrides, and the cuDNN pair (prefix gathered, queries
+padded to 512) where it runs.
 Every variant is checked against the first one before it is timed. A last table (CUDA) gives the
 host time of one launch, alone and beside a thread that waits for copies as a cpu hit's loader does.
 
@@ -48,10 +50,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
-                      x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles)
+                      x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
+                      k_rows=k_rows)
 
 
 def run_cudnn(x, out, scale):
@@ -178,8 +181,18 @@ def main() -> None:
             variants = [("Triton, the engine's (unmasked loop + masked tail)",
                          lambda o, s: run_triton(x, o, scale, scratch=s)),
                         ("Triton, every tile masked (before)",
-                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s))]
+                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
+                        ("Triton, the engine's with key tiles loaded as rows [N, D] (k_rows)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s, k_rows=True))]
             if not args.no_sweep:
+                # the same keys with the pages in table order (block i at pool slot i): what the
+                # gather through a scattered block table costs against sequential pages
+                nb = x["table"].numel()
+                xs = dict(x, kc=x["kc"][x["table"].long()].contiguous(), vc=x["vc"][x["table"].long()].contiguous())
+                xs["table"] = torch.arange(nb, dtype=torch.int32, device=device)
+                xs["tables"] = xs["table"][None]
+                variants.append(("Triton, the engine's, pages in table order (no scatter)",
+                                 lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
                 for t in TILES:
                     variants.append((f"Triton, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st",
                                      lambda o, s, t=t: run_triton(x, o, scale, tiles=t, scratch=s)))

@@ -34,9 +34,11 @@ def _smem(device: torch.device) -> int:
 @triton.jit
 def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n, offs_d, d_mask,
           stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, K_ROWS: tl.constexpr):
     """One BLOCK_N tile of keys from `start` into the online softmax. MASKED=False: every key of the
-    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard)."""
+    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard).
+    K_ROWS: the key tile is loaded as [N, D] (as V is, each key's row contiguous) and transposed for
+    the dot, instead of loaded as [D, N]."""
     kj = start + offs_n  # [N] key positions
     if MASKED:
         n_mask = kj < end
@@ -44,13 +46,23 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
     else:
         blk = tl.load(table + kj // PAGE).to(tl.int64)
     off = kj % PAGE
-    k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
-    v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+    if K_ROWS:
+        k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[:, None] + offs_d[None, :]
     else:
-        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+        k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
+    v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
+    if K_ROWS:
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
+        else:
+            k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+    else:
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+        else:
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
     if MASKED:
         causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(causal, s, float("-inf"))
@@ -77,7 +89,7 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                     stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr):
+                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, K_ROWS: tl.constexpr):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -121,11 +133,11 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         for start in range(lo, mid, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                                   offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                                  PAGE, PRECISION, False)
+                                  PAGE, PRECISION, False, K_ROWS)
     for start in range(mid, end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                               offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                              PAGE, PRECISION, True)
+                              PAGE, PRECISION, True, K_ROWS)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     rows = (q_start + offs_m).to(tl.int64)
@@ -143,14 +155,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
-                      tiles: tuple[int, int, int, int] | None = None) -> None:
+                      tiles: tuple[int, int, int, int] | None = None, k_rows: bool = False) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
     enables split-K when the query tiles alone cannot fill the GPU. scratch: a dict that lives for
     one step (the same pieces in every layer): split-K's buffers are made once there, not per layer.
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
-    benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below."""
+    benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below;
+    k_rows=True loads key tiles as [N, D] rows and transposes them for the dot (a benchmark's
+    variant: which layout the compiler pipelines better on this GPU)."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]
@@ -207,7 +221,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           mid_l.stride(0), mid_l.stride(1),
                           GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, SPLIT=S > 1, BLOCK_M=BLOCK_M,
                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                          UNMASKED=unmasked, num_warps=warps, num_stages=stages)
+                          UNMASKED=unmasked, K_ROWS=k_rows, num_warps=warps, num_stages=stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
         merge_splits(mid_o, mid_l, out, all_rows)

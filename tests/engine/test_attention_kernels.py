@@ -102,7 +102,8 @@ def check_split_scratch(device):
 def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
     """The kernel's unmasked loop (whole key tiles that every row of a query tile sees) against the
     reference and against the same kernel with every tile masked, with and without split-K, with tile
-    overrides whose key tiles straddle pages, splits and each piece's first query."""
+    overrides whose key tiles straddle pages, splits and each piece's first query; and the key tiles
+    loaded as rows (k_rows) against the same."""
     from engine.attention import prefill_inputs
     from engine.attention.triton_prefill import prefill_attention
     pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]  # prefixes whole tiles and not
@@ -113,14 +114,16 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
     for tiles in tile_sets:
         for split_k in (max_k, 0):
             outs = []
-            for unmasked in (True, False):
+            for unmasked, k_rows in ((True, False), (False, False), (True, True)):
                 out = torch.zeros_like(q)
                 prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, split_k,
-                                  unmasked=unmasked, tiles=tiles)
+                                  unmasked=unmasked, tiles=tiles, k_rows=k_rows)
                 err = (out.float() - ref.float()).abs().max().item()
-                assert err <= atol, f"max abs error {err} tiles={tiles} split={bool(split_k)} unmasked={unmasked}"
+                assert err <= atol, (f"max abs error {err} tiles={tiles} split={bool(split_k)} unmasked={unmasked} "
+                                     f"k_rows={k_rows}")
                 outs.append(out)
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=atol)
+            torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=atol)
 
 
 def check_norm(device):
