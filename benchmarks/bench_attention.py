@@ -7,7 +7,7 @@ This script times one layer's attention for such pieces, reading the pool in pla
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
 loop), with its key tiles loaded as [N, D] rows, over the same pages laid out in table order (what
-the scattered table's gather costs), tile overrides, and the cuDNN pair (prefix gathered, queries
+the scattered table's gather costs), slice counts and tile overrides, and the cuDNN pair (prefix gathered, queries
 padded to 512) where it runs.
 Every variant is checked against the first one before it is timed. A last table (CUDA) gives the
 host time of one launch, alone and beside a thread that waits for copies as a cpu hit's loader does.
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2),
          (256, 64, 8, 2)]
+SPLITS = [4, 8, 16, 64]  # key slices (the engine fills 512 programs: 32 slices at 64 new tokens, 8 at 16)
 
 
 def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device, seed: int = 0):
@@ -50,11 +51,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False, splits=None):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      k_rows=k_rows)
+                      k_rows=k_rows, splits=splits)
 
 
 def run_cudnn(x, out, scale):
@@ -193,6 +194,9 @@ def main() -> None:
                 xs["tables"] = xs["table"][None]
                 variants.append(("Triton, the engine's, pages in table order (no scatter)",
                                  lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
+                for sp in SPLITS:
+                    variants.append((f"Triton, the engine's tiles, {sp} key slices",
+                                     lambda o, s, sp=sp: run_triton(x, o, scale, scratch=s, splits=sp)))
                 for t in TILES:
                     variants.append((f"Triton, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st",
                                      lambda o, s, t=t: run_triton(x, o, scale, tiles=t, scratch=s)))

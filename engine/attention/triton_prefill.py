@@ -155,7 +155,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
-                      tiles: tuple[int, int, int, int] | None = None, k_rows: bool = False) -> None:
+                      tiles: tuple[int, int, int, int] | None = None, k_rows: bool = False,
+                      splits: int | None = None) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -164,7 +165,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below;
     k_rows=True loads key tiles as [N, D] rows and transposes them for the dot (a benchmark's
-    variant: which layout the compiler pipelines better on this GPU)."""
+    variant: which layout the compiler pipelines better on this GPU); splits (with max_k) sets the
+    number of key slices instead of filling TARGET_PROGRAMS (a benchmark's sweep)."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]
@@ -196,6 +198,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # run AU); ~160 KiB of shared memory, Hopper's (227 KiB), not Ampere's
         BLOCK_N, stages = 128, 2
         kps = keys_per_split(programs, max_k, BLOCK_N)
+        S = triton.cdiv(max_k, kps)
+    if splits is not None and max_k:  # a benchmark's override of the slice count
+        kps = triton.cdiv(triton.cdiv(max_k, BLOCK_N), max(1, splits)) * BLOCK_N
         S = triton.cdiv(max_k, kps)
     if S > 1:
         # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
