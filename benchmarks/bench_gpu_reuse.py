@@ -314,7 +314,12 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,tput-variants,cpu-experts")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script "
                     "with the small tiny-qwen3-moe model")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in seconds for the whole run (Python's default 0.005)")
     a = ap.parse_args()
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
+        print(f"# GIL switch interval {sys.getswitchinterval() * 1e3:g} ms")
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu_reuse needs CUDA (--device cpu is a smoke run of the script only)")
     smoke = a.device == "cpu"

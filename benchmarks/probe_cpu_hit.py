@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import threading
@@ -187,8 +188,14 @@ def main():
                     help="sys.setswitchinterval in seconds for the whole run (Python's default 0.005): a "
                     "thread that hands the GIL over around each CUDA launch waits up to this long to get it "
                     "back while another thread runs Python")
+    ap.add_argument("--switch-pairs", type=int, default=0,
+                    help="instead of the timelines: this many rounds, each timing a cpu hit (layer by layer "
+                    "and whole pages) and a device hit under Python's default switch interval and under "
+                    "--switch-interval (default 0.2 ms), alternating in one process; prints the medians")
     a = ap.parse_args()
-    if a.switch_interval is not None:
+    if a.switch_pairs:
+        a.switch_interval = a.switch_interval or 2e-4
+    elif a.switch_interval is not None:
         sys.setswitchinterval(a.switch_interval)
         print(f"# GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
     cuda = a.device == "cuda"
@@ -218,6 +225,37 @@ def main():
     def drop():
         eng.prefix_cache.flush()
         eng.prefix_cache.reset_device_cache()
+
+    def switch_pairs(cached_len: int) -> None:
+        """The same hits under the two switch intervals, alternating (this host's drift between
+        runs is larger than the effect looked for: run AX's single samples)."""
+        prefix = ids(cached_len)
+        ttft(prefix + ids(a.new))  # cold: the prefix goes to the cpu tier
+        host = eng.prefix_cache.host
+        times = collections.defaultdict(list)
+        default = sys.getswitchinterval()
+        for rnd in range(a.switch_pairs + 1):  # round 0 warms both paths up, untimed
+            for interval in ((default, a.switch_interval) if rnd % 2 else (a.switch_interval, default)):
+                sys.setswitchinterval(interval)
+                for kind in ("cpu hit, layer by layer", "cpu hit, whole pages", "device hit"):
+                    host.layer_loads = kind != "cpu hit, whole pages"
+                    if kind != "device hit":
+                        drop()
+                    t, got = ttft(prefix + ids(a.new))
+                    if got < cached_len:
+                        print(f"# {kind}: only {got} of {cached_len} tokens reused")
+                    if rnd:
+                        times[(kind, interval)].append(t * 1e3)
+        sys.setswitchinterval(default)
+        host.layer_loads = True
+        print(f"\n# {cached_len} cached + {a.new} new, {a.switch_pairs} rounds alternating the GIL switch "
+              f"interval; TTFT ms, median (min-max)")
+        print(f"| hit | switch interval {default * 1e3:g} ms | {a.switch_interval * 1e3:g} ms | ratio |\n|---|---|---|---|")
+        for kind in ("cpu hit, layer by layer", "cpu hit, whole pages", "device hit"):
+            d, f = times[(kind, default)], times[(kind, a.switch_interval)]
+            md, mf = statistics.median(d), statistics.median(f)
+            print(f"| {kind} | {md:.2f} ({min(d):.2f}-{max(d):.2f}) | {mf:.2f} ({min(f):.2f}-{max(f):.2f}) | "
+                  f"{mf / md:.2f}x |", flush=True)
 
     def one_hit(cached_len: int) -> None:
         prefix = ids(cached_len)
@@ -328,6 +366,12 @@ def main():
         sampler.report(t_sampled)
         print()
 
+    if a.switch_pairs:  # no marks: the hits as an application sees them
+        ttft(ids(2048))
+        for cached_len in a.cached:
+            switch_pairs(cached_len)
+        llm.close()
+        return
     for label, where, name in MARKS:
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
         mark(obj, name, label)
