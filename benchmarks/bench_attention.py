@@ -35,7 +35,8 @@ TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (6
          (256, 64, 8, 2)]
 SLEEP_MS = 100.0  # the sleep kernel ahead of timed launches; its cycles at the H200's ~1.98 GHz
 SLEEP_CYCLES = int(SLEEP_MS * 1.98e6)
-SPLITS = [4, 8, 16, 64]  # key slices (the engine fills 512 programs: 32 slices at 64 new tokens, 8 at 16)
+SPLITS = [4, 8, 16, 32, 64, 128]  # key slices (before run AY the engine filled 512 programs: 32 slices at 64 new
+# tokens, 128 at 16; now about one wave of programs: 8 and 33)
 
 
 def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device, seed: int = 0):
@@ -53,11 +54,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False, splits=None):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False, splits=None, fused_merge=True):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      k_rows=k_rows, splits=splits)
+                      k_rows=k_rows, splits=splits, fused_merge=fused_merge)
 
 
 def run_cudnn(x, out, scale):
@@ -128,11 +129,11 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
                 while not ev.query():
                     time.sleep(5e-5)
 
-    print("\n| host time of one prefill_attention call (kernel + merge launched) | us | x alone |\n|---|---|---|")
+    print("\n| host time of one prefill_attention call (launched, not run) | us | x alone |\n|---|---|---|")
     alone = None
-    for how in ("alone", "synchronize", "query"):
+    for how in ("alone", "alone, merge launched", "synchronize", "query"):
         stop = threading.Event()
-        th = None if how == "alone" else threading.Thread(target=waiter, args=(stop, how), daemon=True)
+        th = None if how.startswith("alone") else threading.Thread(target=waiter, args=(stop, how), daemon=True)
         if th is not None:
             th.start()
             time.sleep(0.05)
@@ -141,7 +142,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
             torch.cuda.synchronize(device)
             t = time.perf_counter()
             for _ in range(calls):
-                run_triton(x, out, scale, scratch=scratch)
+                run_triton(x, out, scale, scratch=scratch, fused_merge=how != "alone, merge launched")
             per.append((time.perf_counter() - t) / calls * 1e6)
         us = sorted(per)[len(per) // 2]
         stop.set()
@@ -149,6 +150,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
             th.join()
         alone = alone or us
         label = {"alone": "the engine's thread alone",
+                 "alone, merge launched": "alone, the slices merged in a second launch (before run AY)",
                  "synchronize": "beside a thread waiting on side-stream copies by Event.synchronize",
                  "query": "beside a thread waiting on the same copies by Event.query + 50 us sleeps"}[how]
         print(f"| {label} | {us:.1f} | {us / alone:.2f}x |", flush=True)
@@ -196,6 +198,8 @@ def main() -> None:
                          lambda o, s: run_triton(x, o, scale, scratch=s)),
                         ("Triton, every tile masked (before)",
                          lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
+                        ("Triton, the engine's, slices merged in a second launch (before run AY)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s, fused_merge=False)),
                         ("Triton, the engine's with key tiles loaded as rows [N, D] (k_rows)",
                          lambda o, s: run_triton(x, o, scale, scratch=s, k_rows=True))]
             if not args.no_sweep:

@@ -15,6 +15,8 @@ the slices afterwards.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,8 +29,15 @@ WIDE_TILE_SMEM = 200 << 10  # shared memory per block the split-K 128x128 tiles 
 def _smem(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
+    return _limits(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _limits(index: int) -> tuple[int, int]:
+    """(shared memory per block, SMs) of CUDA device `index`, asked of the driver once: a query per
+    call was host time in every split-K layer of a hit's launch-bound step."""
     from ..moe_kernels import smem_limit
-    return smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    return smem_limit(index), torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -83,13 +92,14 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
+def _prefill_kernel(Q, K, V, O, MidO, MidL, Counts, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
                     num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_tb,
                     stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, K_ROWS: tl.constexpr):
+                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, K_ROWS: tl.constexpr,
+                    FUSED: tl.constexpr):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -146,6 +156,30 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         base = rows * stride_mt + head * stride_mh + split * stride_ms
         tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
         tl.store(MidL + rows * stride_lt + head * stride_lh + split, lse, mask=m_mask)
+        if FUSED:  # the tile's last slice to finish merges all of them: no second launch
+            count = Counts + (m_blk * (tl.num_programs(1) // num_splits) + piece) * tl.num_programs(2) + kv_head
+            tl.debug_barrier()  # every thread's partial stored before the count releases them
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                o_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                o_l = tl.zeros([BLOCK_M], tl.float32)
+                o_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                row_l = rows * stride_lt + head * stride_lh
+                row_o = rows * stride_mt + head * stride_mh
+                for sj in range(0, num_splits):  # .cg: from L2, never an SM's stale L1 line of a layer before
+                    lse_j = tl.load(MidL + row_l + sj, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
+                    o_j = tl.load(MidO + (row_o + sj * stride_ms)[:, None] + offs_d[None, :],
+                                  mask=m_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(o_m, lse_j)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    w = tl.math.exp2(lse_j - m_safe)  # an empty slice weighs 0
+                    alpha = tl.math.exp2(o_m - m_safe)
+                    o_acc = o_acc * alpha[:, None] + o_j * w[:, None]
+                    o_l = o_l * alpha + w
+                    o_m = m_new
+                o_l = tl.where(o_l == 0.0, 1.0, o_l)
+                o_ptrs = O + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+                tl.store(o_ptrs, (o_acc / o_l[:, None]).to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # zero again: the next layer counts anew
     else:
         o_ptrs = O + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -156,7 +190,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
                       tiles: tuple[int, int, int, int] | None = None, k_rows: bool = False,
-                      splits: int | None = None) -> None:
+                      splits: int | None = None, fused_merge: bool = True) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -166,7 +200,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below;
     k_rows=True loads key tiles as [N, D] rows and transposes them for the dot (a benchmark's
     variant: which layout the compiler pipelines better on this GPU); splits (with max_k) sets the
-    number of key slices instead of filling TARGET_PROGRAMS (a benchmark's sweep)."""
+    number of key slices instead of filling TARGET_PROGRAMS (a benchmark's sweep). With split-K the
+    last slice of each query tile to finish merges the tile's slices in the same launch (a count per
+    tile); fused_merge=False merges them in a second launch over every row instead (the kernel
+    before run AY; there rows outside every piece come out as zeros, here they are left as they are,
+    as without split-K)."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]
@@ -195,30 +233,37 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             and _smem(q.device) >= WIDE_TILE_SMEM):
         # split-K (a short suffix over a long prefix, the device hit's step): 128-key tiles in 2
         # stages, 7-18% faster than 64-key ones at 64 new tokens after 8K/32K (bench_attention.py,
-        # run AU); ~160 KiB of shared memory, Hopper's (227 KiB), not Ampere's
+        # run AU); ~160 KiB of shared memory, Hopper's (227 KiB), not Ampere's. One such program
+        # fits an SM: about one wave of them (programs x slices ~ the SM count), not TARGET_PROGRAMS
+        # (~4 waves, each program writing a partial the merge reads back): 8 slices instead of 32
+        # at 64 new tokens, 0.161 -> 0.132 ms at 32K, 0.064 -> 0.043 ms at 8K (run AY)
         BLOCK_N, stages = 128, 2
-        kps = keys_per_split(programs, max_k, BLOCK_N)
+        sms = _limits(q.device.index if q.device.index is not None else torch.cuda.current_device())[1]
+        tiles_k = triton.cdiv(max_k, BLOCK_N)
+        kps = triton.cdiv(tiles_k, max(1, min(tiles_k, sms // programs))) * BLOCK_N
         S = triton.cdiv(max_k, kps)
     if splits is not None and max_k:  # a benchmark's override of the slice count
         kps = triton.cdiv(triton.cdiv(max_k, BLOCK_N), max(1, splits)) * BLOCK_N
         S = triton.cdiv(max_k, kps)
+    grid = (triton.cdiv(max_q, QB), B * S, Hkv)
     if S > 1:
         # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
-        # where no program writes (rows outside the pieces merge to 0), so the buffers serve every
-        # layer of a step
-        key = ("prefill_split", T, Hq, S, BLOCK_D, q.device)
+        # where no program writes (rows outside the pieces merge to 0), and the last slice of a tile
+        # sets its count back to 0 after merging, so the buffers serve every layer of a step
+        key = ("prefill_split", T, Hq, S, BLOCK_D, grid, q.device)
         bufs = None if scratch is None else scratch.get(key)
         if bufs is None:
             bufs = (torch.zeros(T, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device),  # [T, Hq, S, D]
                     torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device),
-                    torch.arange(T, device=q.device))
+                    torch.arange(T, device=q.device),
+                    torch.zeros(grid[0] * B * Hkv, dtype=torch.int32, device=q.device))  # a count per tile
             if scratch is not None:
                 scratch[key] = bufs
-        mid_o, mid_l, all_rows = bufs
+        mid_o, mid_l, all_rows, counts = bufs
     else:
-        mid_o = mid_l = out  # unused
-    grid = (triton.cdiv(max_q, QB), B * S, Hkv)
-    _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, tables, q_starts, q_lens, k_lens, scale,
+        mid_o = mid_l = counts = out  # unused
+    fused = S > 1 and fused_merge
+    _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, counts, tables, q_starts, q_lens, k_lens, scale,
                           kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
@@ -226,7 +271,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           mid_l.stride(0), mid_l.stride(1),
                           GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, SPLIT=S > 1, BLOCK_M=BLOCK_M,
                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                          UNMASKED=unmasked, K_ROWS=k_rows, num_warps=warps, num_stages=stages)
-    if S > 1:
+                          UNMASKED=unmasked, K_ROWS=k_rows, FUSED=fused, num_warps=warps, num_stages=stages)
+    if S > 1 and not fused:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
         merge_splits(mid_o, mid_l, out, all_rows)

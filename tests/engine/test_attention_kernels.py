@@ -103,7 +103,8 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
     """The kernel's unmasked loop (whole key tiles that every row of a query tile sees) against the
     reference and against the same kernel with every tile masked, with and without split-K, with tile
     overrides whose key tiles straddle pages, splits and each piece's first query; and the key tiles
-    loaded as rows (k_rows) and other slice counts against the same."""
+    loaded as rows (k_rows) and other slice counts, merged in the kernel or by a second launch,
+    against the same."""
     from engine.attention import prefill_inputs
     from engine.attention.triton_prefill import prefill_attention
     pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]  # prefixes whole tiles and not
@@ -125,10 +126,12 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=atol)
             torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=atol)
     for splits in (1, 2, 7):  # slice counts other than the one chosen, each key run split unevenly
-        out = torch.zeros_like(q)
-        prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, splits=splits)
-        err = (out.float() - ref.float()).abs().max().item()
-        assert err <= atol, f"max abs error {err} splits={splits}"
+        for fused in (True, False):  # the last slice of a tile merges, or a second launch does
+            out = torch.zeros_like(q)
+            prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, splits=splits,
+                              fused_merge=fused)
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err <= atol, f"max abs error {err} splits={splits} fused_merge={fused}"
 
 
 def check_norm(device):
