@@ -54,7 +54,7 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False, splits=None, fused_merge=True):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False, splits=None, fused_merge=False):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
@@ -131,7 +131,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
 
     print("\n| host time of one prefill_attention call (launched, not run) | us | x alone |\n|---|---|---|")
     alone = None
-    for how in ("alone", "alone, merge launched", "synchronize", "query"):
+    for how in ("alone", "alone, merge fused", "synchronize", "query"):
         stop = threading.Event()
         th = None if how.startswith("alone") else threading.Thread(target=waiter, args=(stop, how), daemon=True)
         if th is not None:
@@ -142,7 +142,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
             torch.cuda.synchronize(device)
             t = time.perf_counter()
             for _ in range(calls):
-                run_triton(x, out, scale, scratch=scratch, fused_merge=how != "alone, merge launched")
+                run_triton(x, out, scale, scratch=scratch, fused_merge=how == "alone, merge fused")
             per.append((time.perf_counter() - t) / calls * 1e6)
         us = sorted(per)[len(per) // 2]
         stop.set()
@@ -150,7 +150,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
             th.join()
         alone = alone or us
         label = {"alone": "the engine's thread alone",
-                 "alone, merge launched": "alone, the slices merged in a second launch (before run AY)",
+                 "alone, merge fused": "alone, the slices merged by each tile's last program (fused_merge)",
                  "synchronize": "beside a thread waiting on side-stream copies by Event.synchronize",
                  "query": "beside a thread waiting on the same copies by Event.query + 50 us sleeps"}[how]
         print(f"| {label} | {us:.1f} | {us / alone:.2f}x |", flush=True)
@@ -198,8 +198,8 @@ def main() -> None:
                          lambda o, s: run_triton(x, o, scale, scratch=s)),
                         ("Triton, every tile masked (before)",
                          lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
-                        ("Triton, the engine's, slices merged in a second launch (before run AY)",
-                         lambda o, s: run_triton(x, o, scale, scratch=s, fused_merge=False)),
+                        ("Triton, the engine's, slices merged by each tile's last program (fused_merge)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s, fused_merge=True)),
                         ("Triton, the engine's with key tiles loaded as rows [N, D] (k_rows)",
                          lambda o, s: run_triton(x, o, scale, scratch=s, k_rows=True))]
             if not args.no_sweep:

@@ -190,7 +190,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
                       tiles: tuple[int, int, int, int] | None = None, k_rows: bool = False,
-                      splits: int | None = None, fused_merge: bool = True) -> None:
+                      splits: int | None = None, fused_merge: bool = False) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -200,11 +200,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below;
     k_rows=True loads key tiles as [N, D] rows and transposes them for the dot (a benchmark's
     variant: which layout the compiler pipelines better on this GPU); splits (with max_k) sets the
-    number of key slices instead of filling TARGET_PROGRAMS (a benchmark's sweep). With split-K the
-    last slice of each query tile to finish merges the tile's slices in the same launch (a count per
-    tile); fused_merge=False merges them in a second launch over every row instead (the kernel
-    before run AY; there rows outside every piece come out as zeros, here they are left as they are,
-    as without split-K)."""
+    number of key slices instead of filling TARGET_PROGRAMS (a benchmark's sweep). Split-K's slices
+    are merged by a second launch over every row (rows outside every piece come out as zeros);
+    fused_merge=True has the last slice of each query tile to finish merge the tile's slices in the
+    same launch instead (a count per tile; rows outside the pieces are left as they are). That saves
+    ~20 us of host time a layer but costs more GPU time than it saves there: one program reads all
+    of a tile's partials (run AZ: 0.131 -> 0.149 ms at 32K + 64, 0.022 -> 0.063 ms at 8K + 16 with
+    33 slices), so it is a benchmark's variant, not the default."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]

@@ -89,14 +89,17 @@ def check_split_scratch(device):
     pieces = [(200, 5), (3, 1), (90, 7)]
     q, k, v, kc, vc, meta = make_step(pieces, 4, 2, 16, 16, torch.float32, device)
     tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, 16, q.device)
-    scratch = {}
-    for layer in range(2):
-        kc_l, vc_l = torch.randn_like(kc), torch.randn_like(vc)  # another layer's keys
-        want, got = torch.zeros_like(q), torch.zeros_like(q)
-        prefill_attention(q, kc_l, vc_l, want, tables, starts, q_lens, k_lens, max_q, 0.25, max_k)
-        prefill_attention(q, kc_l, vc_l, got, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, scratch=scratch)
-        assert scratch, "split-K did not run"
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for fused in (False, True):  # the fused merge's per-tile counts must be zero again for the next layer
+        scratch = {}
+        for layer in range(2):
+            kc_l, vc_l = torch.randn_like(kc), torch.randn_like(vc)  # another layer's keys
+            want, got = torch.zeros_like(q), torch.zeros_like(q)
+            prefill_attention(q, kc_l, vc_l, want, tables, starts, q_lens, k_lens, max_q, 0.25, max_k,
+                              fused_merge=fused)
+            prefill_attention(q, kc_l, vc_l, got, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, scratch=scratch,
+                              fused_merge=fused)
+            assert scratch, "split-K did not run"
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if fused else 0)
 
 
 def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
