@@ -6,10 +6,10 @@ heads, head_dim 128, page 16, bf16) that attention is the step's largest cost af
 This script times one layer's attention for such pieces, reading the pool in place through a
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
-loop), with its key tiles loaded as [N, D] rows, over the same pages laid out in table order (what
-the scattered table's gather costs), slice counts and tile overrides, and the cuDNN pair (prefix gathered, queries
-padded to 512) where it runs.
-Every variant is checked against the first one before it is timed. A last table (CUDA) gives the
+loop), over the same pages laid out in table order (what the scattered table's gather costs), slice
+counts and tile overrides, and the cuDNN pair (prefix gathered, queries padded to 512) where it
+runs. Every variant is checked against the first one before it is timed; GPU time (launches queued
+behind a sleep kernel) and the host time of a launch are both given. A last table (CUDA) gives the
 host time of one launch, alone and beside a thread that waits for copies as a cpu hit's loader does.
 
     python benchmarks/bench_attention.py                  # CUDA
@@ -54,11 +54,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, k_rows=False, splits=None, fused_merge=False):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      k_rows=k_rows, splits=splits, fused_merge=fused_merge)
+                      splits=splits)
 
 
 def run_cudnn(x, out, scale):
@@ -131,7 +131,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
 
     print("\n| host time of one prefill_attention call (launched, not run) | us | x alone |\n|---|---|---|")
     alone = None
-    for how in ("alone", "alone, merge fused", "synchronize", "query"):
+    for how in ("alone", "synchronize", "query"):
         stop = threading.Event()
         th = None if how.startswith("alone") else threading.Thread(target=waiter, args=(stop, how), daemon=True)
         if th is not None:
@@ -142,7 +142,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
             torch.cuda.synchronize(device)
             t = time.perf_counter()
             for _ in range(calls):
-                run_triton(x, out, scale, scratch=scratch, fused_merge=how == "alone, merge fused")
+                run_triton(x, out, scale, scratch=scratch)
             per.append((time.perf_counter() - t) / calls * 1e6)
         us = sorted(per)[len(per) // 2]
         stop.set()
@@ -150,7 +150,6 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
             th.join()
         alone = alone or us
         label = {"alone": "the engine's thread alone",
-                 "alone, merge fused": "alone, the slices merged by each tile's last program (fused_merge)",
                  "synchronize": "beside a thread waiting on side-stream copies by Event.synchronize",
                  "query": "beside a thread waiting on the same copies by Event.query + 50 us sleeps"}[how]
         print(f"| {label} | {us:.1f} | {us / alone:.2f}x |", flush=True)
@@ -197,11 +196,7 @@ def main() -> None:
             variants = [("Triton, the engine's (unmasked loop + masked tail)",
                          lambda o, s: run_triton(x, o, scale, scratch=s)),
                         ("Triton, every tile masked (before)",
-                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
-                        ("Triton, the engine's, slices merged by each tile's last program (fused_merge)",
-                         lambda o, s: run_triton(x, o, scale, scratch=s, fused_merge=True)),
-                        ("Triton, the engine's with key tiles loaded as rows [N, D] (k_rows)",
-                         lambda o, s: run_triton(x, o, scale, scratch=s, k_rows=True))]
+                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s))]
             if not args.no_sweep:
                 # the same keys with the pages in table order (block i at pool slot i): what the
                 # gather through a scattered block table costs against sequential pages

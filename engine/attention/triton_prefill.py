@@ -43,11 +43,9 @@ def _limits(index: int) -> tuple[int, int]:
 @triton.jit
 def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n, offs_d, d_mask,
           stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, K_ROWS: tl.constexpr):
+          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One BLOCK_N tile of keys from `start` into the online softmax. MASKED=False: every key of the
-    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard).
-    K_ROWS: the key tile is loaded as [N, D] (as V is, each key's row contiguous) and transposed for
-    the dot, instead of loaded as [D, N]."""
+    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard)."""
     kj = start + offs_n  # [N] key positions
     if MASKED:
         n_mask = kj < end
@@ -55,23 +53,13 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
     else:
         blk = tl.load(table + kj // PAGE).to(tl.int64)
     off = kj % PAGE
-    if K_ROWS:
-        k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[:, None] + offs_d[None, :]
-    else:
-        k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
+    k_ptrs = K + (blk * stride_kb + off * stride_kp + kv_head * stride_kh)[None, :] + offs_d[:, None]
     v_ptrs = V + (blk * stride_vb + off * stride_vp + kv_head * stride_vh)[:, None] + offs_d[None, :]
-    if K_ROWS:
-        if MASKED:
-            k = tl.load(k_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
-        else:
-            k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+    if MASKED:
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
     else:
-        if MASKED:
-            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
-        else:
-            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+        k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
     if MASKED:
         causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(causal, s, float("-inf"))
@@ -92,14 +80,13 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, O, MidO, MidL, Counts, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
+def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
                     num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_tb,
                     stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, K_ROWS: tl.constexpr,
-                    FUSED: tl.constexpr):
+                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -143,11 +130,11 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Counts, Tables, QStarts, QLens, KLen
         for start in range(lo, mid, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                                   offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                                  PAGE, PRECISION, False, K_ROWS)
+                                  PAGE, PRECISION, False)
     for start in range(mid, end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                               offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                              PAGE, PRECISION, True, K_ROWS)
+                              PAGE, PRECISION, True)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     rows = (q_start + offs_m).to(tl.int64)
@@ -156,30 +143,6 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Counts, Tables, QStarts, QLens, KLen
         base = rows * stride_mt + head * stride_mh + split * stride_ms
         tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
         tl.store(MidL + rows * stride_lt + head * stride_lh + split, lse, mask=m_mask)
-        if FUSED:  # the tile's last slice to finish merges all of them: no second launch
-            count = Counts + (m_blk * (tl.num_programs(1) // num_splits) + piece) * tl.num_programs(2) + kv_head
-            tl.debug_barrier()  # every thread's partial stored before the count releases them
-            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                o_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                o_l = tl.zeros([BLOCK_M], tl.float32)
-                o_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                row_l = rows * stride_lt + head * stride_lh
-                row_o = rows * stride_mt + head * stride_mh
-                for sj in range(0, num_splits):  # .cg: from L2, never an SM's stale L1 line of a layer before
-                    lse_j = tl.load(MidL + row_l + sj, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
-                    o_j = tl.load(MidO + (row_o + sj * stride_ms)[:, None] + offs_d[None, :],
-                                  mask=m_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(o_m, lse_j)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    w = tl.math.exp2(lse_j - m_safe)  # an empty slice weighs 0
-                    alpha = tl.math.exp2(o_m - m_safe)
-                    o_acc = o_acc * alpha[:, None] + o_j * w[:, None]
-                    o_l = o_l * alpha + w
-                    o_m = m_new
-                o_l = tl.where(o_l == 0.0, 1.0, o_l)
-                o_ptrs = O + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-                tl.store(o_ptrs, (o_acc / o_l[:, None]).to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # zero again: the next layer counts anew
     else:
         o_ptrs = O + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -189,8 +152,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
-                      tiles: tuple[int, int, int, int] | None = None, k_rows: bool = False,
-                      splits: int | None = None, fused_merge: bool = False) -> None:
+                      tiles: tuple[int, int, int, int] | None = None, splits: int | None = None) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -198,15 +160,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     one step (the same pieces in every layer): split-K's buffers are made once there, not per layer.
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below;
-    k_rows=True loads key tiles as [N, D] rows and transposes them for the dot (a benchmark's
-    variant: which layout the compiler pipelines better on this GPU); splits (with max_k) sets the
-    number of key slices instead of filling TARGET_PROGRAMS (a benchmark's sweep). Split-K's slices
-    are merged by a second launch over every row (rows outside every piece come out as zeros);
-    fused_merge=True has the last slice of each query tile to finish merge the tile's slices in the
-    same launch instead (a count per tile; rows outside the pieces are left as they are). That saves
-    ~20 us of host time a layer but costs more GPU time than it saves there: one program reads all
-    of a tile's partials (run AZ: 0.131 -> 0.149 ms at 32K + 64, 0.022 -> 0.063 ms at 8K + 16 with
-    33 slices), so it is a benchmark's variant, not the default."""
+    splits (with max_k) sets the number of key slices (a benchmark's sweep). Two variants measured and
+    left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
+    slices merged by each query tile's last program instead of a second launch (~20 us less host
+    time a call, 0.02-0.04 ms more GPU time: one program reads all of its tile's partials)."""
     T, Hq = q.shape[0], q.shape[1]
     _, P, Hkv, D = k_cache.shape
     B = k_lens.shape[0]
@@ -238,7 +195,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # run AU); ~160 KiB of shared memory, Hopper's (227 KiB), not Ampere's. One such program
         # fits an SM: about one wave of them (programs x slices ~ the SM count), not TARGET_PROGRAMS
         # (~4 waves, each program writing a partial the merge reads back): 8 slices instead of 32
-        # at 64 new tokens, 0.161 -> 0.132 ms at 32K, 0.064 -> 0.043 ms at 8K (run AY)
+        # at 64 new tokens, 0.161 -> 0.131 ms at 32K, 0.064 -> 0.043 ms at 8K (runs AY, AZ)
         BLOCK_N, stages = 128, 2
         sms = _limits(q.device.index if q.device.index is not None else torch.cuda.current_device())[1]
         tiles_k = triton.cdiv(max_k, BLOCK_N)
@@ -247,25 +204,23 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if splits is not None and max_k:  # a benchmark's override of the slice count
         kps = triton.cdiv(triton.cdiv(max_k, BLOCK_N), max(1, splits)) * BLOCK_N
         S = triton.cdiv(max_k, kps)
-    grid = (triton.cdiv(max_q, QB), B * S, Hkv)
     if S > 1:
         # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
-        # where no program writes (rows outside the pieces merge to 0), and the last slice of a tile
-        # sets its count back to 0 after merging, so the buffers serve every layer of a step
-        key = ("prefill_split", T, Hq, S, BLOCK_D, grid, q.device)
+        # where no program writes (rows outside the pieces merge to 0), so the buffers serve every
+        # layer of a step
+        key = ("prefill_split", T, Hq, S, BLOCK_D, q.device)
         bufs = None if scratch is None else scratch.get(key)
         if bufs is None:
             bufs = (torch.zeros(T, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device),  # [T, Hq, S, D]
                     torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device),
-                    torch.arange(T, device=q.device),
-                    torch.zeros(grid[0] * B * Hkv, dtype=torch.int32, device=q.device))  # a count per tile
+                    torch.arange(T, device=q.device))
             if scratch is not None:
                 scratch[key] = bufs
-        mid_o, mid_l, all_rows, counts = bufs
+        mid_o, mid_l, all_rows = bufs
     else:
-        mid_o = mid_l = counts = out  # unused
-    fused = S > 1 and fused_merge
-    _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, counts, tables, q_starts, q_lens, k_lens, scale,
+        mid_o = mid_l = out  # unused
+    grid = (triton.cdiv(max_q, QB), B * S, Hkv)
+    _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, tables, q_starts, q_lens, k_lens, scale,
                           kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
@@ -273,7 +228,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           mid_l.stride(0), mid_l.stride(1),
                           GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, SPLIT=S > 1, BLOCK_M=BLOCK_M,
                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                          UNMASKED=unmasked, K_ROWS=k_rows, FUSED=fused, num_warps=warps, num_stages=stages)
-    if S > 1 and not fused:
+                          UNMASKED=unmasked, num_warps=warps, num_stages=stages)
+    if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
         merge_splits(mid_o, mid_l, out, all_rows)

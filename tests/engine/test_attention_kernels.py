@@ -89,25 +89,21 @@ def check_split_scratch(device):
     pieces = [(200, 5), (3, 1), (90, 7)]
     q, k, v, kc, vc, meta = make_step(pieces, 4, 2, 16, 16, torch.float32, device)
     tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, 16, q.device)
-    for fused in (False, True):  # the fused merge's per-tile counts must be zero again for the next layer
-        scratch = {}
-        for layer in range(2):
-            kc_l, vc_l = torch.randn_like(kc), torch.randn_like(vc)  # another layer's keys
-            want, got = torch.zeros_like(q), torch.zeros_like(q)
-            prefill_attention(q, kc_l, vc_l, want, tables, starts, q_lens, k_lens, max_q, 0.25, max_k,
-                              fused_merge=fused)
-            prefill_attention(q, kc_l, vc_l, got, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, scratch=scratch,
-                              fused_merge=fused)
-            assert scratch, "split-K did not run"
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if fused else 0)
+    scratch = {}
+    for layer in range(2):
+        kc_l, vc_l = torch.randn_like(kc), torch.randn_like(vc)  # another layer's keys
+        want, got = torch.zeros_like(q), torch.zeros_like(q)
+        prefill_attention(q, kc_l, vc_l, want, tables, starts, q_lens, k_lens, max_q, 0.25, max_k)
+        prefill_attention(q, kc_l, vc_l, got, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, scratch=scratch)
+        assert scratch, "split-K did not run"
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
     """The kernel's unmasked loop (whole key tiles that every row of a query tile sees) against the
     reference and against the same kernel with every tile masked, with and without split-K, with tile
     overrides whose key tiles straddle pages, splits and each piece's first query; and the key tiles
-    loaded as rows (k_rows) and other slice counts, merged in the kernel or by a second launch,
-    against the same."""
+    other slice counts against the same."""
     from engine.attention import prefill_inputs
     from engine.attention.triton_prefill import prefill_attention
     pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]  # prefixes whole tiles and not
@@ -118,23 +114,19 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
     for tiles in tile_sets:
         for split_k in (max_k, 0):
             outs = []
-            for unmasked, k_rows in ((True, False), (False, False), (True, True)):
+            for unmasked in (True, False):
                 out = torch.zeros_like(q)
                 prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, split_k,
-                                  unmasked=unmasked, tiles=tiles, k_rows=k_rows)
+                                  unmasked=unmasked, tiles=tiles)
                 err = (out.float() - ref.float()).abs().max().item()
-                assert err <= atol, (f"max abs error {err} tiles={tiles} split={bool(split_k)} unmasked={unmasked} "
-                                     f"k_rows={k_rows}")
+                assert err <= atol, f"max abs error {err} tiles={tiles} split={bool(split_k)} unmasked={unmasked}"
                 outs.append(out)
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=atol)
-            torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=atol)
     for splits in (1, 2, 7):  # slice counts other than the one chosen, each key run split unevenly
-        for fused in (True, False):  # the last slice of a tile merges, or a second launch does
-            out = torch.zeros_like(q)
-            prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, splits=splits,
-                              fused_merge=fused)
-            err = (out.float() - ref.float()).abs().max().item()
-            assert err <= atol, f"max abs error {err} splits={splits} fused_merge={fused}"
+        out = torch.zeros_like(q)
+        prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, splits=splits)
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol, f"max abs error {err} splits={splits}"
 
 
 def check_norm(device):
