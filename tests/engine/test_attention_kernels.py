@@ -102,8 +102,8 @@ def check_split_scratch(device):
 def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
     """The kernel's unmasked loop (whole key tiles that every row of a query tile sees) against the
     reference and against the same kernel with every tile masked, with and without split-K, with tile
-    overrides whose key tiles straddle pages, splits and each piece's first query; and the key tiles
-    other slice counts against the same."""
+    overrides whose key tiles straddle pages, splits and each piece's first query; and other slice
+    counts than the one chosen against the reference."""
     from engine.attention import prefill_inputs
     from engine.attention.triton_prefill import prefill_attention
     pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]  # prefixes whole tiles and not
