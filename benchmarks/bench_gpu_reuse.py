@@ -22,7 +22,8 @@ batch first, then the median of --tput-reps timed batches (steady state), (promp
 only (gpu_only) / host tiers on (4 GB cpu + disk); off is measured first and again last, and the
 ratios are to the mean of the two. Each row also prints its steps a batch and where their time
 went. These rows drift by several percent between rows, so a paired row (--tput-pairs, default 6;
---paired-only runs it alone) keeps off and host tiers on both resident and alternates their batches:
+--paired-only runs it alone) keeps off and host tiers on both resident and times their batches in
+adjacent pairs (off after host tiers' puts have drained, host tiers after one batch of their own):
 the median of the pairs' ratios.
 CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, page cache dropped).
 
@@ -218,30 +219,38 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
 
 
 def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, pairs: int) -> list[float]:
-    """b's tokens/s over a's, one ratio per pair of batches: both LLMs resident, their batches
-    alternating (a b, b a, a b, ...) after one untimed batch each. The GPU's step time drifts by
-    several percent between rows run one after another (both off rows of one run have differed by
-    7%), more than the few percent these rows compare; alternating batches cancels the drift."""
+    """b's tokens/s over a's, one ratio per pair of adjacent timed batches, both LLMs resident (the
+    GPU's step time drifts by several percent between rows run one after another, more than the few
+    percent these rows compare). Each pair: b's offered pages drained (untimed), a's batch timed, an
+    untimed batch of b, then b's batch timed. So a is timed clean, and b in its steady state: its
+    timed batch meets the puts its batch before left behind, as a serving engine's next batch does.
+    (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran beside the next
+    batch of either LLM, and the ratios split by order, 0.87-0.94x in one order, 1.00-1.13x in the
+    other.)"""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     for llm in (a, b):
         llm.generate([rand_ids(rng, length) for _ in range(n)], params)
+
+    def timed(llm: LLM) -> float:
+        batch = [rand_ids(rng, length) for _ in range(n)]
+        sync()
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, params)
+        return batch_rate(outs, time.perf_counter() - t0)
     ratios = []
-    for i in range(pairs):
-        rate = {}
-        for which in ((a, b) if i % 2 == 0 else (b, a)):
-            batch = [rand_ids(rng, length) for _ in range(n)]
-            sync()
-            t0 = time.perf_counter()
-            outs = which.generate(batch, params)
-            rate[id(which)] = batch_rate(outs, time.perf_counter() - t0)
-        ratios.append(rate[id(b)] / rate[id(a)])
+    for _ in range(pairs):
+        b.engine.prefix_cache.flush()  # nothing of b's left to run beside a's batch
+        sync()
+        rate_a = timed(a)
+        b.generate([rand_ids(rng, length) for _ in range(n)], params)  # b's steady state: puts in flight
+        ratios.append(timed(b) / rate_a)
     return ratios
 
 
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
                pairs: int, notes: list[str]) -> tuple[str, str, str, str]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
-    sized for the batch, not from free memory), batches alternating (paired_throughput)."""
+    sized for the batch, not from free memory), adjacent timed batches (paired_throughput)."""
     blocks = 2 * n * (length + 16) // 16 + 64
     pair_kw = dict(tiers, disk_path=str(work / "pages-paired"))
     shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
@@ -255,9 +264,10 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
     llm_on.close()
     del llm_off, llm_on, host
     free_gpu()
-    return (f"no-reuse throughput, host tiers on (4 GB cpu + disk) / off, paired: {pairs} pairs of "
-            f"alternating batches, both LLMs resident", f"{statistics.median(ratios):.3f}x", "",
-            f"median of the pair ratios; min {min(ratios):.3f}x, max {max(ratios):.3f}x")
+    return (f"no-reuse throughput, host tiers on (4 GB cpu + disk) / off, paired: {pairs} pairs of adjacent "
+            f"batches (off after the puts drained, host tiers after a batch of their own), both LLMs resident",
+            f"{statistics.median(ratios):.3f}x", "", f"median of the pair ratios; min {min(ratios):.3f}x, "
+            f"max {max(ratios):.3f}x")
 
 
 class StackSampler:
@@ -304,7 +314,7 @@ def main() -> None:
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
-    ap.add_argument("--tput-pairs", type=int, default=6, help="pairs of alternating batches, off vs host tiers on "
+    ap.add_argument("--tput-pairs", type=int, default=6, help="pairs of adjacent timed batches, off vs host tiers on "
                     "with both LLMs resident (0: no paired row)")
     ap.add_argument("--paired-only", action="store_true", help="only the paired throughput row")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")

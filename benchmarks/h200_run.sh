@@ -36,8 +36,8 @@ for part in "$@"; do
         --skip transformers,cpu-experts --lengths 8192 ;;
     reuse-paired) step reuse 260 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,cpu-experts,tput-variants ;;
-    paired) step paired 150 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only ;;
-    paired-switch) step paired-switch 150 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \
+    paired) step paired 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only ;;
+    paired-switch) step paired-switch 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \
         --switch-interval 0.0002 ;;
     switch-pairs) step switch-pairs 200 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" --switch-pairs 6 ;;
     reuse-ttft) step reuse 170 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
