@@ -71,22 +71,36 @@ def prefill_inputs(meta, P: int, device: torch.device):
     return tables, starts, q_lens, k_lens, max(p.q_len for p in ps), max(p.k_len for p in ps)
 
 
+_KERNELS = None
+
+
+def _kernels():
+    """The kernel modules (cudnn_prefill, flash_prefill, triton_cache, triton_decode, triton_prefill),
+    imported at the first call, not when this package is (triton's interpreter flag is read when the
+    kernels are defined), and kept: five `from .x import y` statements a layer were ~8 us of host
+    time in a step whose attention launches already bound it (runs AX-AZ)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import cudnn_prefill, flash_prefill, triton_cache, triton_decode, triton_prefill
+        _KERNELS = (cudnn_prefill, flash_prefill, triton_cache, triton_decode, triton_prefill)
+    return _KERNELS
+
+
 def prefill_backend(q: torch.Tensor, max_q: int, choice: str = "auto", pieces: int = 1) -> str:
     """"cudnn" (cuDNN attention, a pair of calls per piece) for steps of a few long pieces, "flash"
     (FA2 varlen over gathered keys) for many long pieces, else "triton", each where it runs.
 
     `choice` (config attn.prefill_kernel) "triton", "flash" or "cudnn" forces one where it runs."""
-    from .cudnn_prefill import CUDNN_MAX_PIECES, cudnn_usable
-    from .flash_prefill import FLASH_MIN_Q, flash_usable
+    cudnn, flash = _kernels()[:2]
     if choice == "triton":
         return "triton"
-    if choice == "cudnn" and cudnn_usable(q):
+    if choice == "cudnn" and cudnn.cudnn_usable(q):
         return "cudnn"
-    if choice not in ("flash", "cudnn") and max_q < FLASH_MIN_Q:
+    if choice not in ("flash", "cudnn") and max_q < flash.FLASH_MIN_Q:
         return "triton"
-    if choice == "auto" and pieces <= CUDNN_MAX_PIECES and cudnn_usable(q):
+    if choice == "auto" and pieces <= cudnn.CUDNN_MAX_PIECES and cudnn.cudnn_usable(q):
         return "cudnn"
-    return "flash" if flash_usable(q) else "triton"
+    return "flash" if flash.flash_usable(q) else "triton"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,15 +124,11 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
     attn.prefill_kernel. `out`: written in place (rows no piece covers are left as they are);
     store=False: the step's K/V are already in the pool (engine.prefill_graphs stores them)."""
-    from .cudnn_prefill import cudnn_piece, cudnn_prefill
-    from .flash_prefill import flash_prefill, flash_usable
-    from .triton_cache import store_kv
-    from .triton_decode import decode_attention
-    from .triton_prefill import prefill_attention
+    cudnn, flash, cache, decode, prefill_k = _kernels()
     P = k_cache.shape[1]
     k, v = k.contiguous(), v.contiguous()
     if store:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        cache.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
     if meta.prefills:
@@ -128,17 +138,17 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         if which == "cudnn":  # pieces with a bucketable prefix (cudnn_prefill's doc); the rest: FA2
             mine, others = [], []
             for p in rest:
-                (mine if cudnn_piece(p, prefill == "cudnn") else others).append(p)
-            if mine and cudnn_prefill(q, k, v, k_cache, v_cache, out, mine, scale):
+                (mine if cudnn.cudnn_piece(p, prefill == "cudnn") else others).append(p)
+            if mine and cudnn.cudnn_prefill(q, k, v, k_cache, v_cache, out, mine, scale):
                 rest = others
-            which = "flash" if flash_usable(q) else "triton"
-        done = not rest or (which == "flash" and flash_prefill(q, k_cache, v_cache, out, rest, scale))
+            which = "flash" if flash.flash_usable(q) else "triton"
+        done = not rest or (which == "flash" and flash.flash_prefill(q, k_cache, v_cache, out, rest, scale))
         if not done:
             tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
-            prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale, max_k,
-                              scratch=meta.scratch)
+            prefill_k.prefill_attention(q, k_cache, v_cache, out, tables, starts, q_lens, k_lens, max_q, scale,
+                                        max_k, scratch=meta.scratch)
     if meta.decode_rows is not None:
         bound = meta.decode_max_len or meta.decode_tables.shape[1] * P
-        decode_attention(q, k_cache, v_cache, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,
-                         bound, scale)
+        decode.decode_attention(q, k_cache, v_cache, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,
+                                bound, scale)
     return out
