@@ -40,6 +40,15 @@ def _limits(index: int) -> tuple[int, int]:
     return smem_limit(index), torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def one_wave(programs: int, max_k: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(keys per slice, slices) so that `programs` query-tile programs x slices is about one wave on
+    `sms` SMs (at most sms programs, at least one slice, at most one slice per key tile): for split-K
+    programs of which one fits an SM (the 160 KiB wide tiles)."""
+    tiles = triton.cdiv(max(max_k, 1), block_n)
+    kps = triton.cdiv(tiles, max(1, min(tiles, sms // max(programs, 1)))) * block_n
+    return kps, triton.cdiv(max_k, kps)
+
+
 @triton.jit
 def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n, offs_d, d_mask,
           stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
@@ -197,10 +206,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # (~4 waves, each program writing a partial the merge reads back): 8 slices instead of 32
         # at 64 new tokens, 0.161 -> 0.131 ms at 32K, 0.064 -> 0.043 ms at 8K (runs AY, AZ)
         BLOCK_N, stages = 128, 2
-        sms = _limits(q.device.index if q.device.index is not None else torch.cuda.current_device())[1]
-        tiles_k = triton.cdiv(max_k, BLOCK_N)
-        kps = triton.cdiv(tiles_k, max(1, min(tiles_k, sms // programs))) * BLOCK_N
-        S = triton.cdiv(max_k, kps)
+        kps, S = one_wave(programs, max_k, BLOCK_N,
+                          _limits(q.device.index if q.device.index is not None else torch.cuda.current_device())[1])
     if splits is not None and max_k:  # a benchmark's override of the slice count
         kps = triton.cdiv(triton.cdiv(max_k, BLOCK_N), max(1, splits)) * BLOCK_N
         S = triton.cdiv(max_k, kps)
