@@ -133,7 +133,7 @@ def launch_table(x, scale, device, calls: int = 200) -> None:
     alone = None
     for how in ("alone", "synchronize", "query"):
         stop = threading.Event()
-        th = None if how.startswith("alone") else threading.Thread(target=waiter, args=(stop, how), daemon=True)
+        th = None if how == "alone" else threading.Thread(target=waiter, args=(stop, how), daemon=True)
         if th is not None:
             th.start()
             time.sleep(0.05)

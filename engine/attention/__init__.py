@@ -77,8 +77,9 @@ _KERNELS = None
 def _kernels():
     """The kernel modules (cudnn_prefill, flash_prefill, triton_cache, triton_decode, triton_prefill),
     imported at the first call, not when this package is (triton's interpreter flag is read when the
-    kernels are defined), and kept: seven `from .x import y` statements a layer were ~8 us of host
-    time in a step whose attention launches already bound it (runs AX-AZ)."""
+    kernels are defined), and kept: seven `from .x import y` statements a layer were ~3.8 us of host
+    time on the 2-core VM (benchmarks/probe_dispatch.py) in a step whose attention launches already
+    bound it (runs AX-AZ)."""
     global _KERNELS
     if _KERNELS is None:
         from . import cudnn_prefill, flash_prefill, triton_cache, triton_decode, triton_prefill
