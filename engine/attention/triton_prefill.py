@@ -26,27 +26,33 @@ from .triton_merge import TARGET_PROGRAMS, dot_precision, keys_per_split, merge_
 WIDE_TILE_SMEM = 200 << 10  # shared memory per block the split-K 128x128 tiles are used from
 
 
-def _smem(device: torch.device) -> int:
+def _limits(device: torch.device) -> tuple[int, int]:
+    """(shared memory per block, SMs) of a CUDA device; (0, 0) elsewhere."""
     if device.type != "cuda":
-        return 0
-    return _limits(device.index if device.index is not None else torch.cuda.current_device())[0]
+        return 0, 0
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _limits(index: int) -> tuple[int, int]:
-    """(shared memory per block, SMs) of CUDA device `index`, asked of the driver once: a query per
-    call was host time in every split-K layer of a hit's launch-bound step."""
+def _cuda_limits(index: int) -> tuple[int, int]:
+    """Asked of the driver once: a query per call was host time in every split-K layer of a hit's
+    launch-bound step."""
     from ..moe_kernels import smem_limit
     return smem_limit(index), torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _slices(max_k: int, block_n: int, want: int) -> tuple[int, int]:
+    """(keys per slice, slices): max_k keys in about `want` slices of whole block_n tiles."""
+    tiles = triton.cdiv(max(max_k, 1), block_n)
+    kps = triton.cdiv(tiles, max(1, min(tiles, want))) * block_n
+    return kps, triton.cdiv(max_k, kps)
 
 
 def one_wave(programs: int, max_k: int, block_n: int, sms: int) -> tuple[int, int]:
     """(keys per slice, slices) so that `programs` query-tile programs x slices is about one wave on
     `sms` SMs (at most sms programs, at least one slice, at most one slice per key tile): for split-K
     programs of which one fits an SM (the 160 KiB wide tiles)."""
-    tiles = triton.cdiv(max(max_k, 1), block_n)
-    kps = triton.cdiv(tiles, max(1, min(tiles, sms // max(programs, 1)))) * block_n
-    return kps, triton.cdiv(max_k, kps)
+    return _slices(max_k, block_n, sms // max(programs, 1))
 
 
 @triton.jit
@@ -198,7 +204,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         kps = keys_per_split(programs, max_k, BLOCK_N)
         S = triton.cdiv(max_k, kps)
     if (S > 1 and tiles is None and BLOCK_M == 128 and BLOCK_D <= 128 and q.element_size() == 2
-            and _smem(q.device) >= WIDE_TILE_SMEM):
+            and _limits(q.device)[0] >= WIDE_TILE_SMEM):
         # split-K (a short suffix over a long prefix, the device hit's step): 128-key tiles in 2
         # stages, 7-18% faster than 64-key ones at 64 new tokens after 8K/32K (bench_attention.py,
         # run AU); ~160 KiB of shared memory, Hopper's (227 KiB), not Ampere's. One such program
@@ -206,11 +212,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # (~4 waves, each program writing a partial the merge reads back): 8 slices instead of 32
         # at 64 new tokens, 0.161 -> 0.131 ms at 32K, 0.064 -> 0.043 ms at 8K (runs AY, AZ)
         BLOCK_N, stages = 128, 2
-        kps, S = one_wave(programs, max_k, BLOCK_N,
-                          _limits(q.device.index if q.device.index is not None else torch.cuda.current_device())[1])
+        kps, S = one_wave(programs, max_k, BLOCK_N, _limits(q.device)[1])
     if splits is not None and max_k:  # a benchmark's override of the slice count
-        kps = triton.cdiv(triton.cdiv(max_k, BLOCK_N), max(1, splits)) * BLOCK_N
-        S = triton.cdiv(max_k, kps)
+        kps, S = _slices(max_k, BLOCK_N, splits)
     if S > 1:
         # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
         # where no program writes (rows outside the pieces merge to 0), so the buffers serve every
