@@ -87,10 +87,11 @@ class Ours:
         self.eng = LLMEngine(cfg)
         self.graphs = self.eng.runner.graphs
         self.prefill_graphs = self.eng.runner.prefill_graphs
+        self.attn_sizes = None if self.prefill_graphs is None else self.prefill_graphs.attn_sizes
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
-             prefill_graphs: bool | None = None):
+             prefill_graphs: bool | None = None, graph_attention: bool | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             set_attention_backend(self.eng.model, self.eng.config.attn.backend, prefill)
         if chunk is not None:
@@ -99,6 +100,8 @@ class Ours:
             self.eng.runner.graphs = self.graphs if graphs else None
         if prefill_graphs is not None:
             self.eng.runner.prefill_graphs = self.prefill_graphs if prefill_graphs else None
+        if graph_attention is not None and self.prefill_graphs is not None:  # short steps' attention captured
+            self.prefill_graphs.attn_sizes = self.attn_sizes if graph_attention else set()
 
     def _run(self, ps, max_tokens, after_first=False, first_token=False):
         """(tokens produced, seconds, prompt tokens reused): the time of the whole run, or from the
@@ -254,10 +257,17 @@ def main():
                 torch.cuda.empty_cache()
 
         cached = max(a.prompt_len)
-        hit, alone = ours.ttft(cached, a.hit_new, a.repeat)
         print(f"\n| TTFT, device hit | {cached} cached + {a.hit_new} new (ms) | {a.hit_new} alone (ms) | ratio |")
         print("|---|---|---|---|")
-        print(f"| chunk {a.chunk} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |", flush=True)
+        variants = [("", None)]
+        if ours.attn_sizes:  # side by side: the short steps' attention inside the prefill graphs or not
+            variants = [(", attention in the graphs", True), (", attention eager between graphs", False)]
+        for label, inside in variants:
+            ours.mode(graph_attention=inside)
+            hit, alone = ours.ttft(cached, a.hit_new, a.repeat)
+            print(f"| chunk {a.chunk}{label} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |",
+                  flush=True)
+        ours.mode(graph_attention=True)
 
         elem = torch.finfo(getattr(torch, a.dtype)).bits // 8
         nbytes = active_bytes(ours.eng.args, elem)

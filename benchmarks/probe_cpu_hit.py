@@ -192,6 +192,9 @@ def main():
                     help="instead of the timelines: this many rounds, each timing a cpu hit (layer by layer "
                     "and whole pages) and a device hit under Python's default switch interval and under "
                     "--switch-interval (default 0.2 ms), alternating in one process; prints the medians")
+    ap.add_argument("--graph-pairs", type=int, default=0,
+                    help="instead of the timelines: this many rounds of the same hits with a short step's "
+                    "attention captured in the prefill graphs and eager between them, alternating")
     a = ap.parse_args()
     if a.switch_pairs:
         a.switch_interval = a.switch_interval or 2e-4
@@ -226,18 +229,19 @@ def main():
         eng.prefix_cache.flush()
         eng.prefix_cache.reset_device_cache()
 
-    def switch_pairs(cached_len: int) -> None:
-        """The same hits under the two switch intervals, alternating (this host's drift between
-        runs is larger than the effect looked for: run AX's single samples)."""
+    def alternate(cached_len: int, rounds: int, variants, what: str) -> None:
+        """The same hits (cpu hits layer by layer and whole pages, a device hit) under each of the two
+        variants (label, apply), alternating in one process: this host's drift between runs is
+        larger than the effects looked for (run AX's single samples)."""
         prefix = ids(cached_len)
         ttft(prefix + ids(a.new))  # cold: the prefix goes to the cpu tier
         host = eng.prefix_cache.host
         times = collections.defaultdict(list)
-        default = sys.getswitchinterval()
-        for rnd in range(a.switch_pairs + 1):  # round 0 warms both paths up, untimed
-            for interval in ((default, a.switch_interval) if rnd % 2 else (a.switch_interval, default)):
-                sys.setswitchinterval(interval)
-                for kind in ("cpu hit, layer by layer", "cpu hit, whole pages", "device hit"):
+        kinds = ("cpu hit, layer by layer", "cpu hit, whole pages", "device hit")
+        for rnd in range(rounds + 1):  # round 0 warms both paths up, untimed
+            for label, apply in (variants if rnd % 2 else variants[::-1]):
+                apply()
+                for kind in kinds:
                     host.layer_loads = kind != "cpu hit, whole pages"
                     if kind != "device hit":
                         drop()
@@ -245,17 +249,36 @@ def main():
                     if got < cached_len:
                         print(f"# {kind}: only {got} of {cached_len} tokens reused")
                     if rnd:
-                        times[(kind, interval)].append(t * 1e3)
-        sys.setswitchinterval(default)
+                        times[(kind, label)].append(t * 1e3)
+        variants[0][1]()
         host.layer_loads = True
-        print(f"\n# {cached_len} cached + {a.new} new, {a.switch_pairs} rounds alternating the GIL switch "
-              f"interval; TTFT ms, median (min-max)")
-        print(f"| hit | switch interval {default * 1e3:g} ms | {a.switch_interval * 1e3:g} ms | ratio |\n|---|---|---|---|")
-        for kind in ("cpu hit, layer by layer", "cpu hit, whole pages", "device hit"):
-            d, f = times[(kind, default)], times[(kind, a.switch_interval)]
+        (l0, _), (l1, _) = variants
+        print(f"\n# {cached_len} cached + {a.new} new, {rounds} rounds alternating {what}; TTFT ms, median (min-max)")
+        print(f"| hit | {l0} | {l1} | ratio |\n|---|---|---|---|")
+        for kind in kinds:
+            d, f = times[(kind, l0)], times[(kind, l1)]
             md, mf = statistics.median(d), statistics.median(f)
             print(f"| {kind} | {md:.2f} ({min(d):.2f}-{max(d):.2f}) | {mf:.2f} ({min(f):.2f}-{max(f):.2f}) | "
                   f"{mf / md:.2f}x |", flush=True)
+
+    def switch_pairs(cached_len: int) -> None:
+        default = sys.getswitchinterval()
+        alternate(cached_len, a.switch_pairs, [
+            (f"switch interval {default * 1e3:g} ms", lambda: sys.setswitchinterval(default)),
+            (f"{a.switch_interval * 1e3:g} ms", lambda: sys.setswitchinterval(a.switch_interval))],
+            "the GIL switch interval")
+
+    def graph_pairs(cached_len: int) -> None:
+        pg = eng.runner.prefill_graphs
+        sizes = pg.attn_sizes
+
+        def inside(on):
+            def apply():
+                pg.attn_sizes = sizes if on else set()
+            return apply
+        alternate(cached_len, a.graph_pairs, [("attention in the prefill graphs", inside(True)),
+                                              ("attention eager between them", inside(False))],
+                  "where a short step's attention runs")
 
     def one_hit(cached_len: int) -> None:
         prefix = ids(cached_len)
@@ -366,10 +389,12 @@ def main():
         sampler.report(t_sampled)
         print()
 
-    if a.switch_pairs:  # no marks: the hits as an application sees them
+    if a.switch_pairs or a.graph_pairs:  # no marks: the hits as an application sees them
         ttft(ids(2048))
+        if a.graph_pairs and (eng.runner.prefill_graphs is None or not eng.runner.prefill_graphs.attn_sizes):
+            sys.exit("--graph-pairs: this engine captures no attention in prefill graphs (not CUDA?)")
         for cached_len in a.cached:
-            switch_pairs(cached_len)
+            (switch_pairs if a.switch_pairs else graph_pairs)(cached_len)
         llm.close()
         return
     for label, where, name in MARKS:

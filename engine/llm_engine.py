@@ -192,7 +192,8 @@ class LLMEngine:
                                               self.max_model_len)
             most = min(config.model.prefill_graph_tokens, config.scheduler.max_num_batched_tokens)
             if most > 0:
-                self.runner.prefill_graphs = PrefillGraphs(self.model, self.kv, self.device, most)
+                self.runner.prefill_graphs = PrefillGraphs(self.model, self.kv, self.device, most,
+                                                           max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._update_gauges()
         freeze_long_lived_objects()

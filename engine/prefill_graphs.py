@@ -23,12 +23,23 @@ warm-up (Triton compiles, cuBLAS picks). Models and settings that keep decode ea
 (engine.cuda_graphs.graphs_supported) keep prefill eager too; so does config
 `model.prefill_graph_tokens: 0` or `model.enforce_eager`. Steps of more tokens than the largest
 bucket run eagerly: they are compute-bound, launches do not matter there.
+
+Short steps of prefill pieces only (a prefix hit's suffix, below FLASH_MIN_Q tokens, no decode
+rows, at most MAX_PIECES pieces) capture the attention too: the Triton prefill kernel and its
+split-K merge read the pieces from static device buffers (tables, query starts and lengths, key
+lengths) with a plan fixed per bucket (engine.attention.triton_prefill.fixed_plan: each piece
+splits its own keys), so graph j runs layer j-1's attention first and the step is L + 1 graph
+launches. Those steps were bound by the host: each eager attention call (kernel + merge through
+Triton's Python launcher) took 0.05-0.26 ms of host time against 0.02-0.13 ms of GPU time on the
+H200. A step's pieces pick the graphs for one piece or for up to MAX_PIECES (pieces past the step's
+have no queries and return at once); config `attn.prefill_kernel` other than auto/triton keeps
+attention eager.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import kernel_attention
+from .attention import kernel_attention, use_kernels
 from .attention.triton_cache import store_kv
 from .cuda_graphs import ensure_captured
 from .kv_cache import KVCache
@@ -50,15 +61,28 @@ def buckets(max_tokens: int) -> list[int]:
     return out + [max_tokens]
 
 
+MAX_PIECES = 8  # prefill pieces a step with captured attention may have
+
+
 class PrefillGraphs:
     def __init__(self, model: CausalLM, kv: KVCache, device: torch.device, max_tokens: int,
-                 capture: bool = True):
+                 capture: bool = True, max_model_len: int | None = None):
         """capture=False runs the same pieces over the same static buffers without graphs (the
-        tests check the split on CPU that way, under triton's interpreter)."""
+        tests check the split on CPU that way, under triton's interpreter). max_model_len (default:
+        the model's max_position_embeddings) bounds a piece's keys in captured attention."""
         self.model, self.kv, self.device, self.capture = model, kv, device, capture
         self.sizes = buckets(max_tokens)
         a = model.args
         T = self.sizes[-1]
+        P = kv.page_size
+        self.max_k = max_model_len or a.max_position_embeddings
+        self.max_blocks = (self.max_k + P - 1) // P
+        from .attention.flash_prefill import FLASH_MIN_Q  # the eager path's Triton range
+        self.attn_sizes = {s for s in self.sizes if s < FLASH_MIN_Q} if use_kernels(torch.empty(0, device=device)) \
+            else set()
+        self.tables = torch.zeros(MAX_PIECES, self.max_blocks, dtype=torch.int32, device=device)
+        self.spans = torch.zeros(3, MAX_PIECES, dtype=torch.int32, device=device)  # q_starts, q_lens, k_lens
+        self.plans: dict[int, tuple] = {}  # bucket -> (fixed plan, its split buffers)
         dt = model.lm_head.weight.dtype
         long = dict(dtype=torch.long, device=device)
         self.ids = torch.zeros(T, **long)  # [T] static inputs
@@ -72,10 +96,12 @@ class PrefillGraphs:
         self.cos = torch.zeros(T, a.head_dim, dtype=dt, device=device)  # [T, D]
         self.sin = torch.zeros_like(self.cos)
         self.hidden = torch.zeros_like(self.x)  # [T, H] the final norm's output
-        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        # (bucket, pieces): pieces 0 = attention eager between the graphs, 1 or MAX_PIECES captured
+        self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
         self.pool = None
         self.disabled: str | None = None
         self.replays = 0
+        self.attention_replays = 0  # steps whose attention ran inside the graphs
 
     def bucket(self, T: int) -> int | None:
         """The bucket a step of T tokens runs in, or None (eager)."""
@@ -98,8 +124,18 @@ class PrefillGraphs:
         layer = self.model.model.layers[i]
         self.x[:B].copy_(layer.post(self.x[:B], layer.self_attn.out(self.o[:B])))
 
-    def _piece(self, j: int, B: int) -> None:
-        """Graph j of bucket B (module doc)."""
+    def _attend(self, i: int, B: int, n: int) -> None:
+        """Layer i's attention over the first B rows, n pieces from the static buffers."""
+        from .attention.triton_prefill import launch
+        plan, bufs = self.plans[B]
+        att = self.model.model.layers[i].self_attn
+        k_cache, v_cache = self.kv.pool.layer(i)
+        launch(plan, self.q[:B], k_cache, v_cache, self.o[:B], self.tables[:n], self.spans[0, :n],
+               self.spans[1, :n], self.spans[2, :n], B, att.scale, bufs)
+
+    def _piece(self, j: int, B: int, pieces: int = 0) -> None:
+        """Graph j of bucket B (module doc); pieces > 0: layer j-1's attention over that many
+        pieces first."""
         L = len(self.model.model.layers)
         if j == 0:
             x = self.model.model.embed_tokens(self.ids[:B])  # [B, H]
@@ -108,23 +144,37 @@ class PrefillGraphs:
             self.cos[:B].copy_(cos)
             self.sin[:B].copy_(sin)
         else:
+            if pieces:
+                self._attend(j - 1, B, pieces)
             self._after(j - 1, B)
         if j < L:
             self._before(j, B)
         else:
             self.hidden[:B].copy_(self.model.model.norm(self.x[:B]))
 
-    def _capture(self, B: int) -> None:
+    def _plan(self, B: int) -> None:
+        from .attention.triton_prefill import fixed_plan, split_buffers
+        if B not in self.plans:
+            a = self.model.args
+            plan = fixed_plan(self.q[:B], a.num_kv_heads, B, self.max_k)
+            bufs = split_buffers(B, a.num_heads, plan, self.device) if plan.splits > 1 else None
+            self.plans[B] = (plan, bufs)
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        B, pieces = key
         self.ids[:B] = 0
         self.positions[:B] = 0
         self.slots[:B] = -1  # the warm-up stores nothing into the pool
         self.o[:B] = 0
+        self.spans.zero_()  # the warm-up's attention has no pieces (every program returns at once)
+        if pieces:
+            self._plan(B)
         n = len(self.model.model.layers) + 1
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.inference_mode():  # warm-up: triton compiles, cuBLAS picks
             for j in range(n):
-                self._piece(j, B)
+                self._piece(j, B, pieces)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
             raise RuntimeError("the MoE experts' path syncs with the host")
@@ -134,11 +184,21 @@ class PrefillGraphs:
                 g = torch.cuda.CUDAGraph()
                 # thread_local: the engine's other threads (loads, puts) keep using CUDA meanwhile
                 with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                    self._piece(j, B)
+                    self._piece(j, B, pieces)
                 if self.pool is None:
                     self.pool = g.pool()
                 graphs.append(g)
-        self.graphs[B] = graphs
+        self.graphs[key] = graphs
+
+    def _pieces(self, B: int, meta: AttnMetadata) -> int:
+        """1 or MAX_PIECES: the captured-attention graphs this step can run; 0: attention eager."""
+        n = len(meta.prefills)
+        if (B not in self.attn_sizes or meta.decode_rows is not None or not 0 < n <= MAX_PIECES
+                or meta.prefill_tables is None or meta.prefill_tables.shape[1] > self.max_blocks
+                or meta.prefill_max_k > self.max_k
+                or any(layer.self_attn.prefill_kernel not in ("auto", "triton") for layer in self.model.model.layers)):
+            return 0
+        return 1 if n == 1 else MAX_PIECES
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor | None:
@@ -149,23 +209,37 @@ class PrefillGraphs:
         B = self.bucket(T)
         if B is None:
             return None
-        if self.capture and not ensure_captured(self, B, "prefill"):
+        pieces = self._pieces(B, meta)
+        key = (B, pieces)
+        if self.capture and not ensure_captured(self, key, "prefill"):
             return None
         self.ids[:T].copy_(input_ids)
         self.positions[:T].copy_(meta.positions)
         self.slots[:T].copy_(meta.slot_mapping)
         if B > T:
             self.slots[T:B] = -1  # padding rows store nothing (their ids / positions may be stale)
+        if pieces:
+            n, w = meta.prefill_tables.shape
+            self.tables[:n, :w].copy_(meta.prefill_tables)  # entries past a piece's keys are never read
+            if n < pieces:
+                self.spans[:, n:pieces] = 0  # pieces past the step's have no queries
+            self.spans[0, :n].copy_(meta.prefill_q_starts)
+            self.spans[1, :n].copy_(meta.prefill_q_lens)
+            self.spans[2, :n].copy_(meta.prefill_k_lens)
+            if not self.capture:
+                self._plan(B)
         if self.capture:
-            pieces = [g.replay for g in self.graphs[B]]
+            run = [g.replay for g in self.graphs[key]]
         else:
-            pieces = [lambda j=j: self._piece(j, B) for j in range(len(self.model.model.layers) + 1)]
-        pieces[0]()
+            run = [lambda j=j: self._piece(j, B, pieces) for j in range(len(self.model.model.layers) + 1)]
+        run[0]()
         for i, layer in enumerate(self.model.model.layers):
             att = layer.self_attn
             k_cache, v_cache = self.kv.layer(i)  # after the layer's load events (KVCache.layer)
-            kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
-                             att.prefill_kernel, out=self.o[:B], store=False)
-            pieces[i + 1]()
+            if not pieces:
+                kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
+                                 att.prefill_kernel, out=self.o[:B], store=False)
+            run[i + 1]()
         self.replays += 1
+        self.attention_replays += pieces > 0
         return self.hidden[:T]

@@ -16,6 +16,7 @@ the slices afterwards.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -133,8 +134,11 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
     end = tl.minimum(k_len, ctx + (m_blk + 1) * QB)
     lo = 0
     if SPLIT:
-        lo = split * keys_per_split
-        end = tl.minimum(end, lo + keys_per_split)
+        kps = keys_per_split
+        if kps == 0:  # a plan fixed for any prefix (a captured graph): this piece's keys in num_splits
+            kps = tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N
+        lo = split * kps
+        end = tl.minimum(end, lo + kps)
     table = Tables + piece * stride_tb
     mid = lo
     if UNMASKED:
@@ -163,28 +167,22 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                      tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
-                      k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
-                      scratch: dict | None = None, unmasked: bool = True,
-                      tiles: tuple[int, int, int, int] | None = None, splits: int | None = None) -> None:
-    """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
-    int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
-    Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
-    enables split-K when the query tiles alone cannot fill the GPU. scratch: a dict that lives for
-    one step (the same pieces in every layer): split-K's buffers are made once there, not per layer.
-    unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
-    benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice below;
-    splits (with max_k) sets the number of key slices (a benchmark's sweep). Two variants measured and
-    left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
-    slices merged by each query tile's last program instead of a second launch (~20 us less host
-    time a call, 0.02-0.04 ms more GPU time: one program reads all of its tile's partials)."""
-    T, Hq = q.shape[0], q.shape[1]
-    _, P, Hkv, D = k_cache.shape
-    B = k_lens.shape[0]
-    if B == 0 or max_q == 0:
-        return
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
+class Plan(NamedTuple):
+    """How prefill_attention launches: tiles, warps, stages, and the key slices (split-K)."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    block_d: int
+    kps: int  # keys per slice; 0 with splits > 1: each piece splits its own keys (see _prefill_kernel)
+    splits: int
+
+
+def plan(q: torch.Tensor, Hkv: int, max_q: int, max_k: int, pieces: int,
+         tiles: tuple[int, int, int, int] | None = None, splits: int | None = None) -> Plan:
+    """The launch for `pieces` pieces of at most max_q queries and max_k keys (0: unknown, no split-K)
+    of q [T, Hq, D] over Hkv kv heads; tiles and splits: prefill_attention's overrides."""
+    Hq, D = q.shape[1], q.shape[2]
     BLOCK_D = max(16, triton.next_power_of_2(D))
     G = Hq // Hkv
     rows = max_q * G  # tile rows are (query, head) pairs: a kv head's G query heads share each K/V load
@@ -198,7 +196,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_M, BLOCK_N, warps, stages = tiles
     BLOCK_M = max(BLOCK_M, triton.next_power_of_2(G))
     QB = BLOCK_M // G  # queries per tile
-    programs = triton.cdiv(max_q, QB) * B * Hkv
+    programs = triton.cdiv(max_q, QB) * pieces * Hkv
     S, kps = 1, 0
     if max_k and programs < TARGET_PROGRAMS // 2:
         kps = keys_per_split(programs, max_k, BLOCK_N)
@@ -215,31 +213,80 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         kps, S = one_wave(programs, max_k, BLOCK_N, _limits(q.device)[1])
     if splits is not None and max_k:  # a benchmark's override of the slice count
         kps, S = _slices(max_k, BLOCK_N, splits)
-    if S > 1:
-        # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
-        # where no program writes (rows outside the pieces merge to 0), so the buffers serve every
-        # layer of a step
-        key = ("prefill_split", T, Hq, S, BLOCK_D, q.device)
-        bufs = None if scratch is None else scratch.get(key)
-        if bufs is None:
-            bufs = (torch.zeros(T, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device),  # [T, Hq, S, D]
-                    torch.full((T, Hq, S), float("-inf"), dtype=torch.float32, device=q.device),
-                    torch.arange(T, device=q.device))
-            if scratch is not None:
-                scratch[key] = bufs
-        mid_o, mid_l, all_rows = bufs
-    else:
-        mid_o = mid_l = out  # unused
-    grid = (triton.cdiv(max_q, QB), B * S, Hkv)
+    return Plan(BLOCK_M, BLOCK_N, warps, stages, BLOCK_D, kps, S)
+
+
+def fixed_plan(q: torch.Tensor, Hkv: int, max_q: int, max_k: int) -> Plan:
+    """A plan for any pieces of at most max_q queries over at most max_k keys, sized as for one
+    piece: with slices, each piece splits its own keys in the kernel (kps 0), so one plan, and a
+    CUDA graph holding its launch, serves every prefix length (engine.prefill_graphs)."""
+    p = plan(q, Hkv, max_q, max_k, 1)
+    return p._replace(kps=0) if p.splits > 1 else p
+
+
+def split_buffers(T: int, Hq: int, p: Plan, device: torch.device):
+    """(partial outputs [T, Hq, S, D] fp32 zeros, their log2-sum-exps [T, Hq, S] -inf, rows [T]) for
+    a split-K launch over T rows: what no program writes (rows outside the pieces) merges to 0."""
+    return (torch.zeros(T, Hq, p.splits, p.block_d, dtype=torch.float32, device=device),
+            torch.full((T, Hq, p.splits), float("-inf"), dtype=torch.float32, device=device),
+            torch.arange(T, device=device))
+
+
+def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+           tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, k_lens: torch.Tensor,
+           max_q: int, scale: float, bufs=None, unmasked: bool = True) -> None:
+    """The kernel (and the merge of its slices) as planned, over tables.shape[0] pieces; bufs:
+    split_buffers' when p.splits > 1. Reads the pieces from device tensors only, so a fixed plan
+    and fixed buffers can be captured in a CUDA graph (engine.prefill_graphs)."""
+    S, G = p.splits, q.shape[1] // k_cache.shape[2]
+    mid_o, mid_l, all_rows = bufs if S > 1 else (out, out, None)  # unused without slices
+    grid = (triton.cdiv(max_q, p.block_m // G), tables.shape[0] * S, k_cache.shape[2])
     _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, tables, q_starts, q_lens, k_lens, scale,
-                          kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+                          p.kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
                           mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if S > 1 else 0,
                           mid_l.stride(0), mid_l.stride(1),
-                          GROUP=Hq // Hkv, PAGE=P, HEAD_DIM=D, SPLIT=S > 1, BLOCK_M=BLOCK_M,
-                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-                          UNMASKED=unmasked, num_warps=warps, num_stages=stages)
+                          GROUP=G, PAGE=k_cache.shape[1], HEAD_DIM=q.shape[2], SPLIT=S > 1,
+                          BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
+                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, num_warps=p.warps,
+                          num_stages=p.stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
         merge_splits(mid_o, mid_l, out, all_rows)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+                      k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
+                      scratch: dict | None = None, unmasked: bool = True,
+                      tiles: tuple[int, int, int, int] | None = None, splits: int | None = None) -> None:
+    """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
+    int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
+    Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
+    enables split-K when the query tiles alone cannot fill the GPU. scratch: a dict that lives for
+    one step (the same pieces in every layer): split-K's buffers are made once there, not per layer.
+    unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
+    benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice in `plan`;
+    splits (with max_k) sets the number of key slices (a benchmark's sweep). Two variants measured and
+    left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
+    slices merged by each query tile's last program instead of a second launch (~20 us less host
+    time a call, 0.02-0.04 ms more GPU time: one program reads all of its tile's partials)."""
+    T, Hq = q.shape[0], q.shape[1]
+    B = k_lens.shape[0]
+    if B == 0 or max_q == 0:
+        return
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and out.stride(-1) == 1
+    p = plan(q, k_cache.shape[2], max_q, max_k, B, tiles, splits)
+    bufs = None
+    if p.splits > 1:
+        # a layer overwrites exactly what the one before wrote (the same pieces): zeros and -inf stay
+        # where no program writes (rows outside the pieces merge to 0), so the buffers serve every
+        # layer of a step
+        key = ("prefill_split", T, Hq, p.splits, p.block_d, q.device)
+        bufs = None if scratch is None else scratch.get(key)
+        if bufs is None:
+            bufs = split_buffers(T, Hq, p, q.device)
+            if scratch is not None:
+                scratch[key] = bufs
+    launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked)

@@ -129,6 +129,37 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
         assert err <= atol, f"max abs error {err} splits={splits}"
 
 
+def check_fixed_plan(device, dtype=torch.float32, atol=1e-4, heads=(4, 2), D=16, NP=3, width=40, T=48,
+                     steps=([(300, 5), (64, 40), (0, 3)], [(129, 17), (600, 2)])):
+    """The launch engine.prefill_graphs captures: one plan fixed for any prefix (each piece splits its
+    own keys in the kernel), tables padded to NP pieces and `width` pages (pieces past the step's
+    have no queries), T rows, split buffers kept across steps. Each step of pieces (cached, new)
+    through the same buffers equals the reference."""
+    from engine.attention import prefill_inputs
+    from engine.attention.triton_prefill import fixed_plan, launch, split_buffers
+    Hq, Hkv = heads
+    bufs = None
+    for seed, pieces in enumerate(steps):
+        q, k, v, kc, vc, meta = make_step(pieces, Hq, Hkv, D, 16, dtype, device, seed=seed)
+        ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)  # stores the step's K/V
+        tables, starts, q_lens, k_lens, _, _ = prefill_inputs(meta, 16, q.device)
+        n = tables.shape[0]
+        st_tables = torch.zeros(NP, width, dtype=torch.int32, device=device)
+        st_tables[:n, :tables.shape[1]] = tables
+        st = [torch.zeros(NP, dtype=torch.int32, device=device) for _ in range(3)]
+        for dst, src in zip(st, (starts, q_lens, k_lens)):
+            dst[:n] = src
+        qp = torch.zeros(T, Hq, D, dtype=dtype, device=device)
+        qp[:q.shape[0]] = q
+        p = fixed_plan(qp, Hkv, T, width * 16)
+        assert p.splits > 1 and p.kps == 0, p
+        bufs = bufs or split_buffers(T, Hq, p, device)
+        out = torch.zeros_like(qp)
+        launch(p, qp, kc, vc, out, st_tables, st[0], st[1], st[2], T, D ** -0.5, bufs)
+        err = (out[:q.shape[0]].float() - ref.float()).abs().max().item()
+        assert err <= atol, f"max abs error {err} step {seed} {dtype} heads {heads} plan {p}"
+
+
 def check_one_wave():
     """The split-K slice count of the wide tiles: about one wave of programs on the SMs (run AY:
     8 slices at 64 new tokens after 32K were 18% faster than the 32 that filled 512 programs)."""
@@ -270,6 +301,10 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check_norm("cuda")
         check_one_wave()
         check_split_scratch("cuda")
+        check_fixed_plan("cuda")
+        check_fixed_plan("cuda", torch.bfloat16, atol=2e-2)
+        check_fixed_plan("cuda", torch.bfloat16, atol=2e-2, heads=(32, 4), D=128, NP=8, width=2200, T=64,
+                         steps=([(32768 + 7, 64)], [(8000, 20), (100, 30), (0, 9)]))  # the engine's hit plan
         check_unmasked_loop("cuda")
         check_unmasked_loop("cuda", torch.bfloat16, atol=2e-2)
         check_merge_two("cuda")
@@ -278,12 +313,13 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 
 INTERP = """
 import sys, torch
-from tests.engine.test_attention_kernels import (check, check_merge_two, check_norm, check_one_wave,
-                                                check_qk_norm_rope, check_split_scratch, check_unmasked_loop,
-                                                count_paths, engine_tokens)
+from tests.engine.test_attention_kernels import (check, check_fixed_plan, check_merge_two, check_norm,
+                                                check_one_wave, check_qk_norm_rope, check_split_scratch,
+                                                check_unmasked_loop, count_paths, engine_tokens)
 check_norm("cpu")
 check_one_wave()
 check_split_scratch("cpu")
+check_fixed_plan("cpu")
 check_unmasked_loop("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
@@ -323,7 +359,8 @@ def count_paths() -> dict[str, int]:
 def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str, list[int]]:
     """Greedy tokens of a ragged batch run twice (the second round hits the device pool).
     split_steps: every step goes through engine.prefill_graphs' pieces (padded to a bucket, static
-    buffers, attention between them) without capturing graphs."""
+    buffers, attention between them or, in steps of prefill pieces only, inside them) without
+    capturing graphs."""
     from engine import LLMEngine, SamplingParams
     from engine.prefill_graphs import PrefillGraphs
     from kvc.config import load_config
@@ -331,7 +368,8 @@ def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str
                                           num_device_blocks=64, gpu_only=True, **overrides))
     if split_steps:
         eng.runner.graphs = None  # decode steps too
-        pg = eng.runner.prefill_graphs = PrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False)
+        pg = eng.runner.prefill_graphs = PrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False,
+                                                       max_model_len=64)
         split = pg.forward
 
         def checked(input_ids, meta):  # hidden states of every step equal the model's own forward
@@ -347,8 +385,9 @@ def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str
             eng.add_request(f"{r}{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         while eng.has_unfinished():
             out.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
-    if split_steps:
-        assert eng.runner.prefill_graphs.replays > 0
+    if split_steps:  # steps of prefill pieces only ran their attention inside the pieces, mixed ones not
+        pg = eng.runner.prefill_graphs
+        assert pg.replays > pg.attention_replays > 0, (pg.replays, pg.attention_replays)
     return out
 
 

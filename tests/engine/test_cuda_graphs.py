@@ -134,6 +134,33 @@ def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
         assert calls[0] > 0  # cuDNN ran between the graphs
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_graphs_capture_the_attention_of_hit_steps(qwen_dir):
+    """A prefix hit's short suffix alone (one piece over 1,500 cached tokens) and several suffixes in
+    one step (pieces over shared prefixes) run their attention inside the graphs (the one-piece and
+    the MAX_PIECES graphs), and give the tokens of the same steps with attention eager between the
+    graphs and with no prefill graphs at all."""
+    from engine.prefill_graphs import MAX_PIECES
+    long = [(i * 13 + 5) % 250 for i in range(1500)]
+    hit = [long + [(i * 3 + 1) % 250 for i in range(40)]]
+    many = [long[:700 + 37 * j] + [(i * 7 + j) % 250 for i in range(5 + 9 * j)] for j in range(3)]
+
+    def tokens(**kw):
+        eng = engine(qwen_dir, chunk_size=512, num_device_blocks=512, **kw)
+        out = [run(eng, [long]), run(eng, hit), run(eng, many)]
+        return out, eng.runner.prefill_graphs
+
+    plain, _ = tokens(prefill_graph_tokens=0)
+    eager_attn, pg = tokens(prefill_kernel="flash")  # flash forced: attention stays eager between graphs
+    assert pg.attention_replays == 0 and pg.replays > 0
+    got, pg = tokens()
+    assert pg.disabled is None, pg.disabled
+    assert {1, MAX_PIECES} <= {pieces for _, pieces in pg.graphs}, sorted(pg.graphs)
+    assert pg.attention_replays >= 2
+    assert got == plain and eager_attn == plain
+
+
 @pytest.fixture(scope="module")
 def bf16_dirs(tmp_path_factory):
     return {a: make_tiny_model(tmp_path_factory.mktemp(a), a, dtype="bfloat16") for a in ("qwen3_moe", "mixtral")}
