@@ -218,7 +218,8 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
     return statistics.median(rates)
 
 
-def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, pairs: int) -> list[float]:
+def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, pairs: int,
+                      timeline: list | None = None) -> list[float]:
     """b's tokens/s over a's, one ratio per pair of adjacent timed batches, both LLMs resident (the
     GPU's step time drifts by several percent between rows run one after another, more than the few
     percent these rows compare). Each pair: b's offered pages drained (untimed), a's batch timed, an
@@ -226,7 +227,7 @@ def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, p
     timed batch meets the puts its batch before left behind, as a serving engine's next batch does.
     (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran beside the next
     batch of either LLM, and the ratios split by order, 0.87-0.94x in one order, 1.00-1.13x in the
-    other.)"""
+    other.) timeline: a list that gets one profiled pair's gpu_timeline rows."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     for llm in (a, b):
         llm.generate([rand_ids(rng, length) for _ in range(n)], params)
@@ -244,22 +245,75 @@ def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, p
         rate_a = timed(a)
         b.generate([rand_ids(rng, length) for _ in range(n)], params)  # b's steady state: puts in flight
         ratios.append(timed(b) / rate_a)
+    if timeline is not None:  # one more pair, each batch under torch.profiler: where the GPU's time goes
+        b.engine.prefix_cache.flush()
+        sync()
+        timeline.append(("off", gpu_timeline(a, [rand_ids(rng, length) for _ in range(n)], params)))
+        b.generate([rand_ids(rng, length) for _ in range(n)], params)
+        timeline.append(("host tiers on", gpu_timeline(b, [rand_ids(rng, length) for _ in range(n)], params)))
     return ratios
 
 
+def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams) -> dict[str, float]:
+    """One batch under torch.profiler (CUPTI): its wall time, and on the GPU the engine's stream
+    (the one with the most kernel time) busy / idle within the batch, idle gaps over 0.1 ms, kernel
+    time on every other stream (put gathers, load checksums), and device-to-host copy time (puts).
+    Tells a put path that slows the GPU's own kernels (busy grows) from one that keeps the engine's
+    thread from feeding it (idle grows). The profiler's own launch overhead is in both batches."""
+    import json
+    path = tempfile.mktemp(suffix=".json")
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate(batch, params)
+        sync()
+        wall = time.perf_counter() - t0
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
+    os.unlink(path)
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    per_stream = collections.Counter()
+    for e in kernels:
+        per_stream[e.get("args", {}).get("stream")] += e["dur"]
+    main = per_stream.most_common(1)[0][0] if per_stream else None
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels if e.get("args", {}).get("stream") == main)
+    busy, gaps, big_gaps, end = 0.0, 0.0, 0, None
+    for s0, s1 in spans:
+        if end is not None and s0 > end:
+            gaps += s0 - end
+            big_gaps += s0 - end > 100
+        if end is None or s1 > end:
+            busy += s1 - max(s0, end if end is not None else s0)
+            end = s1
+    d2h = sum(e["dur"] for e in events if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", ""))
+    return {"wall ms": wall * 1e3, "engine stream busy ms": busy / 1e3, "engine stream idle ms": gaps / 1e3,
+            "idle gaps > 0.1 ms": big_gaps, "kernels on other streams ms": (sum(per_stream.values()) - per_stream[main]) / 1e3,
+            "kernels on the engine stream": len(spans), "DtoH copies ms": d2h / 1e3}
+
+
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
-               pairs: int, notes: list[str]) -> tuple[str, str, str, str]:
+               pairs: int, notes: list[str], profile: bool = False) -> tuple[str, str, str, str]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
-    sized for the batch, not from free memory), adjacent timed batches (paired_throughput)."""
+    sized for the batch, not from free memory), adjacent timed batches (paired_throughput); profile:
+    one more pair under torch.profiler (gpu_timeline) into the notes."""
     blocks = 2 * n * (length + 16) // 16 + 64
     pair_kw = dict(tiers, disk_path=str(work / "pages-paired"))
     shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
     llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
     llm_on = LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks))
-    ratios = paired_throughput(llm_off, llm_on, rng, n, length, pairs)
+    timeline = [] if profile else None
+    ratios = paired_throughput(llm_off, llm_on, rng, n, length, pairs, timeline)
     host = llm_on.engine.prefix_cache.host
     notes.append(f"# paired rows: pair ratios {', '.join(f'{r:.3f}' for r in ratios)}; host tiers on dropped "
                  f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+    if timeline:
+        keys = list(timeline[0][1])
+        notes.append("\n# one more pair under torch.profiler: the GPU's timeline of each batch\n| batch | " +
+                     " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for label, row in timeline:
+            notes.append(f"| {label} | " + " | ".join(f"{row[k]:,.1f}" if isinstance(row[k], float) else f"{row[k]:,}"
+                                                     for k in keys) + " |")
     llm_off.close()
     llm_on.close()
     del llm_off, llm_on, host
@@ -320,7 +374,8 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "
-                    "thread are during the host-tiers throughput batch")
+                    "thread are during the host-tiers throughput batch; with --paired-only, one more pair of "
+                    "batches under torch.profiler: the GPU's busy and idle time in each")
     ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,tput-variants,cpu-experts")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script "
                     "with the small tiny-qwen3-moe model")
@@ -360,7 +415,8 @@ def main() -> None:
     rng = random.Random(0)
     if a.paired_only:  # the paired throughput row alone (~1 min on the H200 once the checkpoint is written)
         notes = []
-        row = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes)
+        row = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes,
+                         profile=a.profile and a.device == "cuda")
         print("\n".join(notes))
         print(f"# total {time.perf_counter() - t_start:.0f} s\n")
         print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |\n| " + " | ".join(row) + " |")
