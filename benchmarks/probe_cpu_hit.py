@@ -56,6 +56,7 @@ MARKS = [
     ("loader: verdict (waits for copies + checksums)", "prefix_cache.host.cache", "_verdict"),
     ("poll (waits for the load)", "prefix_cache", "poll"),
     ("prepare", "runner", "prepare"),
+    ("prepare: upload (runner._upload)", "runner", "_upload"),
     ("model forward (host)", "model", "forward"),
     ("commit", "prefix_cache", "commit"),
     ("commit: loaded pages registered", "prefix_cache", "_register_loaded"),
