@@ -218,18 +218,20 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
     return statistics.median(rates)
 
 
-def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, pairs: int,
-                      timeline: list | None = None) -> list[float]:
-    """b's tokens/s over a's, one ratio per pair of adjacent timed batches, both LLMs resident (the
-    GPU's step time drifts by several percent between rows run one after another, more than the few
-    percent these rows compare). Each pair: b's offered pages drained (untimed), a's batch timed, an
-    untimed batch of b, then b's batch timed. So a is timed clean, and b in its steady state: its
-    timed batch meets the puts its batch before left behind, as a serving engine's next batch does.
-    (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran beside the next
-    batch of either LLM, and the ratios split by order, 0.87-0.94x in one order, 1.00-1.13x in the
-    other.) timeline: a list that gets one profiled pair's gpu_timeline rows."""
+def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length: int, pairs: int,
+                      timeline: list | None = None) -> list[list[float]]:
+    """Each b's tokens/s over a's, one ratio per pair of adjacent timed batches, every LLM resident
+    (the GPU's step time drifts by several percent between rows run one after another, more than
+    the few percent these rows compare). Each pair: every b's offered pages drained (untimed), a's
+    batch timed; then for each b an untimed batch of b and b's batch timed, its puts drained after
+    (nothing of one b runs beside another's batch). So a is timed clean, and each b in its steady
+    state: its timed batch meets the puts its batch before left behind, as a serving engine's next
+    batch does. (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran
+    beside the next batch of either LLM, and the ratios split by order, 0.87-0.94x in one order,
+    1.00-1.13x in the other.) timeline: a list that gets one more pair's gpu_timeline rows (a and
+    the first b)."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for llm in (a, b):
+    for llm in (a, *bs):
         llm.generate([rand_ids(rng, length) for _ in range(n)], params)
 
     def timed(llm: LLM) -> float:
@@ -238,14 +240,18 @@ def paired_throughput(a: LLM, b: LLM, rng: random.Random, n: int, length: int, p
         t0 = time.perf_counter()
         outs = llm.generate(batch, params)
         return batch_rate(outs, time.perf_counter() - t0)
-    ratios = []
+    ratios: list[list[float]] = [[] for _ in bs]
     for _ in range(pairs):
-        b.engine.prefix_cache.flush()  # nothing of b's left to run beside a's batch
+        for b in bs:
+            b.engine.prefix_cache.flush()  # nothing of b's left to run beside a's batch
         sync()
         rate_a = timed(a)
-        b.generate([rand_ids(rng, length) for _ in range(n)], params)  # b's steady state: puts in flight
-        ratios.append(timed(b) / rate_a)
+        for b, out in zip(bs, ratios):
+            b.generate([rand_ids(rng, length) for _ in range(n)], params)  # b's steady state: puts in flight
+            out.append(timed(b) / rate_a)
+            b.engine.prefix_cache.flush()
     if timeline is not None:  # one more pair, each batch under torch.profiler: where the GPU's time goes
+        b = bs[0]
         b.engine.prefix_cache.flush()
         sync()
         timeline.append(("off", gpu_timeline(a, [rand_ids(rng, length) for _ in range(n)], params)))
@@ -293,20 +299,33 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams) -> di
 
 
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
-               pairs: int, notes: list[str], profile: bool = False) -> tuple[str, str, str, str]:
+               pairs: int, notes: list[str], profile: bool = False,
+               variants: bool = False) -> list[tuple[str, str, str, str]]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
     sized for the batch, not from free memory), adjacent timed batches (paired_throughput); profile:
-    one more pair under torch.profiler (gpu_timeline) into the notes."""
+    one more pair under torch.profiler (gpu_timeline) into the notes; variants: a third LLM, host
+    tiers on with the put path as before run BE (no pause before publishing), in the same pairs."""
     blocks = 2 * n * (length + 16) // 16 + 64
-    pair_kw = dict(tiers, disk_path=str(work / "pages-paired"))
-    shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
     llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
-    llm_on = LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks))
+    ons = []
+    for tag in ("paired", "paired-nopause")[:1 + variants]:
+        pair_kw = dict(tiers, disk_path=str(work / f"pages-{tag}"))
+        shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
+        ons.append(LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks)))
+    if variants:
+        ons[1].engine.prefix_cache.host.pause_puts = False
     timeline = [] if profile else None
-    ratios = paired_throughput(llm_off, llm_on, rng, n, length, pairs, timeline)
-    host = llm_on.engine.prefix_cache.host
-    notes.append(f"# paired rows: pair ratios {', '.join(f'{r:.3f}' for r in ratios)}; host tiers on dropped "
-                 f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+    ratios = paired_throughput(llm_off, ons, rng, n, length, pairs, timeline)
+    labels = ["host tiers on (4 GB cpu + disk)", "host tiers on, no pause before publishing (the put path before run BE)"]
+    rows = []
+    for label, llm, rs in zip(labels, ons, ratios):
+        host = llm.engine.prefix_cache.host
+        notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}; dropped "
+                     f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+        rows.append((f"no-reuse throughput, {label} / off, paired: {pairs} pairs of adjacent batches (off after "
+                     f"the puts drained, host tiers after a batch of their own), all LLMs resident",
+                     f"{statistics.median(rs):.3f}x", "", f"median of the pair ratios; min {min(rs):.3f}x, "
+                     f"max {max(rs):.3f}x"))
     if timeline:
         keys = list(timeline[0][1])
         notes.append("\n# one more pair under torch.profiler: the GPU's timeline of each batch\n| batch | " +
@@ -314,14 +333,11 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         for label, row in timeline:
             notes.append(f"| {label} | " + " | ".join(f"{row[k]:,.1f}" if isinstance(row[k], float) else f"{row[k]:,}"
                                                      for k in keys) + " |")
-    llm_off.close()
-    llm_on.close()
-    del llm_off, llm_on, host
+    for llm in (llm_off, *ons):
+        llm.close()
+    del llm_off, ons, llm
     free_gpu()
-    return (f"no-reuse throughput, host tiers on (4 GB cpu + disk) / off, paired: {pairs} pairs of adjacent "
-            f"batches (off after the puts drained, host tiers after a batch of their own), both LLMs resident",
-            f"{statistics.median(ratios):.3f}x", "", f"median of the pair ratios; min {min(ratios):.3f}x, "
-            f"max {max(ratios):.3f}x")
+    return rows
 
 
 class StackSampler:
@@ -371,6 +387,8 @@ def main() -> None:
     ap.add_argument("--tput-pairs", type=int, default=6, help="pairs of adjacent timed batches, off vs host tiers on "
                     "with both LLMs resident (0: no paired row)")
     ap.add_argument("--paired-only", action="store_true", help="only the paired throughput row")
+    ap.add_argument("--put-variants", action="store_true", help="the paired row also times host tiers on with the "
+                    "put path before run BE (no pause before publishing), in the same pairs")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "
@@ -415,11 +433,13 @@ def main() -> None:
     rng = random.Random(0)
     if a.paired_only:  # the paired throughput row alone (~1 min on the H200 once the checkpoint is written)
         notes = []
-        row = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes,
-                         profile=a.profile and a.device == "cuda")
+        paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes,
+                            profile=a.profile and a.device == "cuda", variants=a.put_variants)
         print("\n".join(notes))
         print(f"# total {time.perf_counter() - t_start:.0f} s\n")
-        print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |\n| " + " | ".join(row) + " |")
+        print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |")
+        for row in paired:
+            print("| " + " | ".join(row) + " |")
         return
     prefixes = {n: rand_ids(rng, n) for n in lengths}
     rows: list[tuple[str, str, str, str]] = []  # what, measured, floor/peer, note
@@ -551,7 +571,8 @@ def main() -> None:
                 free_gpu()
                 names.append(name)
         if a.tput_pairs:
-            paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs, notes)
+            paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs, notes,
+                                variants=a.put_variants)
         # off once more, last: one timed batch per row swings between machines (run M's first off
         # row was 0.74x of run L's), so the ratios use the mean of both off rows and both are shown
         llm = LLM(str(model_dir), **dict(base, prefix_caching=False))
@@ -566,7 +587,7 @@ def main() -> None:
             rows.append((f"no-reuse throughput, {name}", f"{tput[name] / 1e3:.1f}K tok/s", "",
                          f"{tput[name] / off:.2f}x off (mean of both off rows)"))
         if a.tput_pairs:
-            rows.append(paired)
+            rows += paired
         print(f"# throughput done at {time.perf_counter() - t_start:.0f} s", flush=True)
 
     # --- CPU experts: cold vs disk hit --------------------------------------------------------------

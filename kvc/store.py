@@ -656,14 +656,19 @@ class TieredStore:
         self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
 
     # -- put -----------------------------------------------------------------------------------
-    def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False) -> PutResult:
+    def put_pages(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False,
+                  pause: Callable[[], None] | None = None) -> PutResult:
         """Store pages (each hanging from the namespace's root, a held page or an earlier page of
         the call). Every page is checked first. Under the store lock each page is decided (a
         duplicate, a collision, a bad parent) and its cpu slot reserved; then, outside the lock, one
         call computes every checksum and fills every slot (with the native path a single GIL
         hand-off for the batch, kvc.pagecopy); then, under the lock again, the entries are published
         and pages sent down. No reader sees an entry before its bytes are in the slab, and no load
-        waits for the lock while this call waits to get the GIL back."""
+        waits for the lock while this call waits to get the GIL back.
+
+        pause: called (no lock held) after the copies and before the publishing, which holds the
+        GIL: an engine's put thread waits there until its engine's thread is waiting on the GPU,
+        rather than take the GIL back from it while it launches a step."""
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
@@ -681,6 +686,8 @@ class TieredStore:
         # the checksums (from the source bytes) and the copies into the reserved slots: no entry
         # points at those slots, and a demoted page's record was copied out of its slot already
         sums = self._sum_copy([t[0].data for t in todo], [t[3] for t in todo], self._slab) if todo else []
+        if pause is not None:
+            pause()
         with self._lock:
             self._publish_puts(root, todo, sums, placed, tally)
             if not chain_continues:  # one walk per offer: a walk costs the chain's depth, and an

@@ -48,6 +48,47 @@ def test_puts_wait_while_the_engine_steps_and_run_once_it_is_idle(store):
         host.close()
 
 
+@pytest.mark.parametrize("pause", [True, False])
+def test_a_put_pauses_before_publishing_while_the_engine_steps(store, pause):
+    """A put that began while the engine was idle finds it stepping once its copies are done: it
+    waits there (its publishing holds the GIL the engine's launches need) and publishes once the
+    engine is idle again. With pause_puts off it publishes at once (the control: the check can fail)."""
+    import threading
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    assert host.pause_puts  # an in-process store takes the pause
+    host.pause_puts = pause
+    copied, stop = threading.Event(), threading.Event()
+    real = store._sum_copy
+
+    def sum_copy(*a):  # the engine starts stepping while the put copies
+        host.step_started()
+        stepper.start()
+        out = real(*a)
+        copied.set()
+        return out
+
+    def engine_steps():
+        while not stop.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    stepper = threading.Thread(target=engine_steps)
+    store._sum_copy = sum_copy
+    try:
+        hs = offer_pages(host, ns, 4, seed=7)
+        assert copied.wait(5)
+        time.sleep(IDLE_S / 2)  # the engine still steps
+        published = store.lookup(ns, hashes=hs).num_pages
+        stop.set()
+        stepper.join()
+        host.flush()
+        assert store.lookup(ns, hashes=hs).num_pages == 4
+        assert published == (0 if pause else 4)
+    finally:
+        stop.set()
+        host.close()
+
+
 def test_room_says_no_when_the_queue_is_full(store):
     import threading
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
