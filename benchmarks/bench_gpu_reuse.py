@@ -303,20 +303,25 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
                variants: bool = False) -> list[tuple[str, str, str, str]]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
     sized for the batch, not from free memory), adjacent timed batches (paired_throughput); profile:
-    one more pair under torch.profiler (gpu_timeline) into the notes; variants: a third LLM, host
-    tiers on with the put path as before run BE (no pause before publishing), in the same pairs."""
+    one more pair under torch.profiler (gpu_timeline) into the notes; variants: in the same pairs,
+    host tiers on with the put path as before run BE (no pause before publishing) and with the cpu
+    tier only (no disk writer)."""
     blocks = 2 * n * (length + 16) // 16 + 64
     llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
-    ons = []
-    for tag in ("paired", "paired-nopause")[:1 + variants]:
-        pair_kw = dict(tiers, disk_path=str(work / f"pages-{tag}"))
-        shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
+    kinds = [("paired", "host tiers on (4 GB cpu + disk)", True),
+             ("paired-nopause", "host tiers on, no pause before publishing (the put path before run BE)", True),
+             ("paired-cpu", "host tiers on, cpu tier only (no disk writer)", False)][:3 if variants else 1]
+    ons, labels = [], []
+    for tag, label, disk in kinds:
+        pair_kw = dict(tiers, disk_path=str(work / f"pages-{tag}") if disk else None)
+        if disk:
+            shutil.rmtree(pair_kw["disk_path"], ignore_errors=True)
         ons.append(LLM(str(model_dir), **dict(pair_kw, num_device_blocks=blocks)))
+        labels.append(label)
     if variants:
         ons[1].engine.prefix_cache.host.pause_puts = False
     timeline = [] if profile else None
     ratios = paired_throughput(llm_off, ons, rng, n, length, pairs, timeline)
-    labels = ["host tiers on (4 GB cpu + disk)", "host tiers on, no pause before publishing (the put path before run BE)"]
     rows = []
     for label, llm, rs in zip(labels, ons, ratios):
         host = llm.engine.prefix_cache.host
@@ -388,7 +393,8 @@ def main() -> None:
                     "with both LLMs resident (0: no paired row)")
     ap.add_argument("--paired-only", action="store_true", help="only the paired throughput row")
     ap.add_argument("--put-variants", action="store_true", help="the paired row also times host tiers on with the "
-                    "put path before run BE (no pause before publishing), in the same pairs")
+                    "put path before run BE (no pause before publishing) and with the cpu tier only, in the "
+                    "same pairs")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is written (reused)")
     ap.add_argument("--work-dir", default=None, help="disk_path parent (default: a temp dir)")
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "

@@ -71,7 +71,8 @@ def test_gather_scatter_roundtrip():
     pool = DevicePool(spec, 5)
     pages = torch.randn(2, *spec.shape)
     pool.scatter([3, 1], pages)
-    assert torch.equal(pool.gather([3, 1]), pages)
+    got = pool.gather([3, 1])
+    assert torch.equal(got, pages) and got.is_contiguous()  # page-major: what the put path copies out
     k, v = pool.layer(2)
     assert torch.equal(k[3], pages[0, 2, 0]) and torch.equal(v[1], pages[1, 2, 1])
     assert torch.count_nonzero(pool.kv[:, :, [0, 2, 4]]) == 0
