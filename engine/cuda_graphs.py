@@ -20,6 +20,7 @@ counts tokens per expert on the device (no host read-back).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -53,6 +54,46 @@ def ensure_captured(owner, size: int, what: str) -> bool:
         owner.disabled = f"capture failed: {e}"
         log.warning("%s CUDA graphs off: %s", what, owner.disabled)
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def capture_streams(index: int) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(warm-up stream, capture stream) of device `index`, made once and shared by every capture
+    (one runs at a time, on the engine's thread). From the high-priority pool: torch.cuda.Stream()
+    hands out the 32 streams of its default-priority pool round-robin, so a stream asked for per
+    capture (as the warm-up's was) came round to the one the loader, put or verify work of the
+    host tier had been given, and a capture then took that thread's copies into the graph (run BF:
+    "operation not permitted on an event last recorded in a capturing stream", the load failed,
+    layer-by-layer loads and the prefill graphs turned off). Those streams are default priority;
+    these two are never one of them."""
+    with torch.cuda.device(index):
+        return torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=-1)
+
+
+def warm_and_capture(device: torch.device, pool, fn, pieces: int = 1, check=None):
+    """fn(j) for j in range(pieces) once on the warm-up stream (Triton compiles, cuBLAS picks, the
+    experts decide their path), check() (it raises when the pieces cannot be captured), then each
+    piece captured into its own graph on the capture stream (capture_streams), in `pool` (None: a
+    new one). Returns (graphs, their outputs)."""
+    side, capture = capture_streams(device.index if device.index is not None else torch.cuda.current_device())
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        for j in range(pieces):
+            fn(j)
+    torch.cuda.current_stream(device).wait_stream(side)
+    if check is not None:
+        check()
+    graphs, outs = [], []
+    with torch.inference_mode():
+        for j in range(pieces):
+            g = torch.cuda.CUDAGraph()
+            # thread_local: other engine threads' CUDA calls meanwhile must not void it (module doc)
+            with torch.cuda.graph(g, pool=pool, stream=capture, capture_error_mode="thread_local"):
+                outs.append(fn(j))
+            if pool is None:
+                pool = g.pool()
+            graphs.append(g)
+    return graphs, outs
 
 
 def graphs_supported(model: torch.nn.Module, device: torch.device, backend: str = "auto") -> str | None:
@@ -100,21 +141,15 @@ class DecodeGraphs:
 
     def _capture(self, B: int) -> None:
         self._pad(0, B)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: triton compiles, cuBLAS picks, experts decide
-            self._forward(B)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
-            raise RuntimeError("neither the fused MoE kernels nor grouped expert GEMMs run for this "
-                               "device/dtype; the per-expert loop syncs with the host")
-        g = torch.cuda.CUDAGraph()
-        # thread_local: other engine threads' CUDA calls meanwhile must not void it (module doc)
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._forward(B)
+
+        def check() -> None:
+            if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
+                raise RuntimeError("neither the fused MoE kernels nor grouped expert GEMMs run for this "
+                                   "device/dtype; the per-expert loop syncs with the host")
+        graphs, outs = warm_and_capture(self.device, self.pool, lambda _j: self._forward(B), check=check)
         if self.pool is None:
-            self.pool = g.pool()
-        self.graphs[B] = (g, out)
+            self.pool = graphs[0].pool()
+        self.graphs[B] = (graphs[0], outs[0])
 
     def _pad(self, start: int, end: int) -> None:
         self.ids[start:end] = 0

@@ -41,7 +41,7 @@ import torch
 
 from .attention import kernel_attention, use_kernels
 from .attention.triton_cache import store_kv
-from .cuda_graphs import ensure_captured
+from .cuda_graphs import ensure_captured, warm_and_capture
 from .kv_cache import KVCache
 from .layers import AttnMetadata
 from .model import CausalLM
@@ -170,24 +170,13 @@ class PrefillGraphs:
         if pieces:
             self._plan(B)
         n = len(self.model.model.layers) + 1
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():  # warm-up: triton compiles, cuBLAS picks
-            for j in range(n):
-                self._piece(j, B, pieces)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
-            raise RuntimeError("the MoE experts' path syncs with the host")
-        graphs = []
-        with torch.inference_mode():
-            for j in range(n):
-                g = torch.cuda.CUDAGraph()
-                # thread_local: the engine's other threads (loads, puts) keep using CUDA meanwhile
-                with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                    self._piece(j, B, pieces)
-                if self.pool is None:
-                    self.pool = g.pool()
-                graphs.append(g)
+
+        def check() -> None:
+            if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
+                raise RuntimeError("the MoE experts' path syncs with the host")
+        graphs, _ = warm_and_capture(self.device, self.pool, lambda j: self._piece(j, B, pieces), n, check)
+        if self.pool is None:
+            self.pool = graphs[0].pool()
         self.graphs[key] = graphs
 
     def _pieces(self, B: int, meta: AttnMetadata) -> int:

@@ -161,6 +161,27 @@ def test_prefill_graphs_capture_the_attention_of_hit_steps(qwen_dir):
     assert got == plain and eager_attn == plain
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_capture_on_streams_outside_the_default_pool(qwen_dir, monkeypatch):
+    """torch.cuda.Stream() hands out 32 default-priority streams round-robin; the host tier's load,
+    put and verify streams are among them. Decode and prefill graphs must capture (and warm up) on
+    none of them: a capture on the loader's stream took its copies into the graph (run BF)."""
+    pool = {torch.cuda.Stream().cuda_stream for _ in range(64)}  # every stream of the default pool
+    assert len(pool) <= 32
+    seen = []
+    real = torch.cuda.CUDAGraph.capture_begin
+
+    def spy(self, *a, **kw):
+        seen.append(torch.cuda.current_stream().cuda_stream)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", spy)
+    eng = engine(qwen_dir)
+    run(eng, PROMPTS[:3])  # prefill and decode steps: captures of both kinds
+    assert eng.runner.graphs.graphs and eng.runner.prefill_graphs.graphs
+    assert seen and not pool & set(seen)
+
+
 @pytest.fixture(scope="module")
 def bf16_dirs(tmp_path_factory):
     return {a: make_tiny_model(tmp_path_factory.mktemp(a), a, dtype="bfloat16") for a in ("qwen3_moe", "mixtral")}
