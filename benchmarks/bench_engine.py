@@ -3,7 +3,8 @@
 Prefill: one cold prompt per --prompt-len (device pool only, no prefix hit), once in --chunk-token
 chunks and once as a single chunk; transformers: one forward with logits_to_keep=1. TTFT: a
 prompt whose first max(--prompt-len) tokens are already in the device pool plus --hit-new new
-tokens, against the new tokens alone, each timed until a step hands the token out. Decode: aggregate tokens/s of --concurrency requests each
+tokens, against the new tokens alone, each timed until a step hands the token out (on CUDA twice, side by side: the
+hit's attention inside the prefill graphs and eager between them). Decode: aggregate tokens/s of --concurrency requests each
 generating --decode-tokens greedy tokens after a --decode-prompt-len prompt, eager steps against
 CUDA graphs (on CUDA). The HBM floor is the checkpoint's bytes read per single-request decode step
 (attention, router, top-k experts, norms, lm_head) over --hbm-tbps.

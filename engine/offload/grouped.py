@@ -99,12 +99,24 @@ def grouped_mm_works(dtype: torch.dtype, H: int, I: int) -> bool:
         return False
 
 
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has an int8 dot that does not saturate (AVX512-VNNI, AVX-VNNI or AMX-INT8), from
+    the kernel's flags (False where they cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "int_mm",
             kernel: str = "auto") -> CpuExpertWeights:
     """w13 [E, 2I, H], w2 [E, H, I] in the checkpoint dtype -> the CPU form (shared when no conversion).
 
     int8_kernel: the torch int8 kernel, "int_mm" (torch._int_mm on plain weights) or "onednn" (weights
-    prepacked for oneDNN's int8 linear, u8 activations; a candidate the benchmark compares).
+    prepacked for oneDNN's int8 linear, u8 activations; a candidate the benchmark compares; refused,
+    ValueError, on a CPU without VNNI or AMX-INT8, where its dot saturates).
     kernel: "auto" / "native" (the native kernel where it builds and takes fmt, else torch), "native_wo"
     (int8 weight-only native, for the benchmark) or "torch".
     """
@@ -116,6 +128,11 @@ def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "i
         q2, s2 = quantize_int8(w2)
         packed = None
         if int8_kernel == "onednn":
+            if not cpu_has_vnni():
+                # its u8 x s8 products go through a saturating 16-bit pair sum without VNNI: on an AVX2
+                # machine outputs were off by the size of the outputs (test_cpu_experts)
+                raise ValueError("int8_kernel 'onednn' needs a CPU with VNNI or AMX-INT8 (oneDNN's u8 x s8 "
+                                 "int8 dot saturates without them: wrong outputs on this CPU); use 'int_mm'")
             packed = ([torch.ops.onednn.qlinear_prepack(q, None) for q in q13],
                       [torch.ops.onednn.qlinear_prepack(q, None) for q in q2])
         wt = CpuExpertWeights(fmt, int8_kernel, q13, q2, s13, s2, packed)

@@ -83,8 +83,15 @@ def test_int8_quantization_is_per_output_channel():
 
 @pytest.mark.parametrize("kernel", ["int_mm", "onednn"])
 def test_int8_equals_a_dequantized_reference(pools, kernel):
-    """w8a8: dequantized weights, activations rounded per token as the kernel does, in fp32."""
+    """w8a8: dequantized weights, activations rounded per token as the kernel does, in fp32. oneDNN's
+    int8 linear saturates without VNNI (outputs off by their own size on an AVX2 machine): there
+    prepare refuses it, naming the CPU feature."""
+    from engine.offload.grouped import cpu_has_vnni
     w13, w2 = weights(1)
+    if kernel == "onednn" and not cpu_has_vnni():
+        with pytest.raises(ValueError, match="VNNI"):
+            prepare(w13, w2, "int8", kernel, kernel="torch")
+        return
     wt = prepare(w13, w2, "int8", kernel, kernel="torch")
     assert (wt.fmt, wt.kernel, wt.w13.dtype) == ("int8", kernel, torch.int8)
     d13, d2 = wt.w13.float() * wt.s13[..., None], wt.w2.float() * wt.s2[..., None]
@@ -157,3 +164,13 @@ def test_cpu_expert_dtype_choices():
     assert load_config().replace(cpu_expert_dtype="int8").experts.cpu_expert_dtype == "int8"
     with pytest.raises(ConfigError, match="cpu_expert_dtype"):
         load_config().replace(cpu_expert_dtype="int4")
+
+
+def test_cpu_has_vnni_reads_the_flags(tmp_path):
+    from engine.offload.grouped import cpu_has_vnni
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not cpu_has_vnni(str(info))
+    assert not cpu_has_vnni(str(tmp_path / "missing"))
