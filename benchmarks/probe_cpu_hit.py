@@ -403,6 +403,10 @@ def main():
         mark(obj, name, label)
     mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
     mark(pinned.UPLOADER, "upload", "pinned upload (kvc.pinned, any thread)")
+    # inside it (any thread): the slot's wait for its last copy, the event record; the rest of an
+    # upload is the host copy into the slot and the non-blocking .to(), each of which releases the GIL
+    mark(pinned._Ring, "_slot", "pinned upload: slot (waits for the slot's last copy)")
+    mark(pinned._Ring, "_record", "pinned upload: event record")
     import engine.runner as runner_module
     mark(runner_module, "sample", "sample (waits for the GPU)")
     import engine.prefill_graphs as graphs_module
