@@ -402,6 +402,9 @@ def main():
         obj = functools.reduce(getattr, where.split("."), eng) if where else eng
         mark(obj, name, label)
     mark(gpu_checksum, "xxh3_64_rows", "loader: device checksums")
+    # a layer-by-layer load's checksums, launched after its last layer (run BH: 1.75 ms from the last
+    # layer to the verdict, while the engine's upload waited)
+    mark(gpu_checksum, "xxh3_64_segmented", "loader: device checksums, segmented (launch)")
     mark(pinned.UPLOADER, "upload", "pinned upload (kvc.pinned, any thread)")
     # inside it (any thread): the slot's wait for its last copy, the event record; the rest of an
     # upload is the host copy into the slot and the non-blocking .to(), each of which releases the GIL
