@@ -6,7 +6,7 @@ heads, head_dim 128, page 16, bf16) that attention is the step's largest cost af
 This script times one layer's attention for such pieces, reading the pool in place through a
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
-loop), over the same pages laid out in table order (what the scattered table's gather costs), slice
+loop), the same kernel with P.V accumulated inside the dot (acc_dot), over the same pages laid out in table order (what the scattered table's gather costs), slice
 counts and tile overrides, and the cuDNN pair (prefix gathered, queries padded to 512) where it
 runs. Every variant is checked against the first one before it is timed; GPU time (launches queued
 behind a sleep kernel) and the host time of a launch are both given. A last table (CUDA) gives the
@@ -54,11 +54,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      splits=splits)
+                      splits=splits, acc_dot=acc_dot)
 
 
 def run_cudnn(x, out, scale):
@@ -196,7 +196,9 @@ def main() -> None:
             variants = [("Triton, the engine's (unmasked loop + masked tail)",
                          lambda o, s: run_triton(x, o, scale, scratch=s)),
                         ("Triton, every tile masked (before)",
-                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s))]
+                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
+                        ("Triton, the engine's, P.V accumulated inside the dot (acc_dot)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s, acc_dot=True))]
             if not args.no_sweep:
                 # the same keys with the pages in table order (block i at pool slot i): what the
                 # gather through a scattered block table costs against sequential pages

@@ -59,9 +59,12 @@ def one_wave(programs: int, max_k: int, block_n: int, sms: int) -> tuple[int, in
 @triton.jit
 def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n, offs_d, d_mask,
           stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+          PAGE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, ACC_DOT: tl.constexpr):
     """One BLOCK_N tile of keys from `start` into the online softmax. MASKED=False: every key of the
-    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard)."""
+    tile is below `end` and visible to every row (no bounds, no causal mask, no empty-row guard).
+    ACC_DOT: the P.V product accumulates into the rescaled accumulator inside the dot (tl.dot(p, v,
+    acc), as Triton's fused-attention tutorial does on Hopper) and the scale folds into the
+    exponent's subtraction; a variant the benchmark compares, not yet measured."""
     kj = start + offs_n  # [N] key positions
     if MASKED:
         n_mask = kj < end
@@ -75,23 +78,35 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
         k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
     else:
         k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+    if ACC_DOT:
+        s = tl.dot(q, k, input_precision=PRECISION)  # [M, N], scaled below
+    else:
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
     if MASKED:
         causal = (kj[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(causal, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if ACC_DOT:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
     else:
         m_safe = m_new  # every row sees this tile's keys: finite
-    p = tl.math.exp2(s - m_safe[:, None])
+    if ACC_DOT:
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
     else:
         v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if ACC_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -102,7 +117,7 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                     stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr):
+                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, ACC_DOT: tl.constexpr):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -149,11 +164,11 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         for start in range(lo, mid, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                                   offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                                  PAGE, PRECISION, False)
+                                  PAGE, PRECISION, False, ACC_DOT)
     for start in range(mid, end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                               offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                              PAGE, PRECISION, True)
+                              PAGE, PRECISION, True, ACC_DOT)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     rows = (q_start + offs_m).to(tl.int64)
@@ -234,10 +249,11 @@ def split_buffers(T: int, Hq: int, p: Plan, device: torch.device):
 
 def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, k_lens: torch.Tensor,
-           max_q: int, scale: float, bufs=None, unmasked: bool = True) -> None:
+           max_q: int, scale: float, bufs=None, unmasked: bool = True, acc_dot: bool = False) -> None:
     """The kernel (and the merge of its slices) as planned, over tables.shape[0] pieces; bufs:
-    split_buffers' when p.splits > 1. Reads the pieces from device tensors only, so a fixed plan
-    and fixed buffers can be captured in a CUDA graph (engine.prefill_graphs)."""
+    split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's). Reads the
+    pieces from device tensors only, so a fixed plan and fixed buffers can be captured in a CUDA
+    graph (engine.prefill_graphs)."""
     S, G = p.splits, q.shape[1] // k_cache.shape[2]
     mid_o, mid_l, all_rows = bufs if S > 1 else (out, out, None)  # unused without slices
     grid = (triton.cdiv(max_q, p.block_m // G), tables.shape[0] * S, k_cache.shape[2])
@@ -249,7 +265,7 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                           mid_l.stride(0), mid_l.stride(1),
                           GROUP=G, PAGE=k_cache.shape[1], HEAD_DIM=q.shape[2], SPLIT=S > 1,
                           BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
-                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, num_warps=p.warps,
+                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, ACC_DOT=acc_dot, num_warps=p.warps,
                           num_stages=p.stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
@@ -260,7 +276,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
-                      tiles: tuple[int, int, int, int] | None = None, splits: int | None = None) -> None:
+                      tiles: tuple[int, int, int, int] | None = None, splits: int | None = None,
+                      acc_dot: bool = False) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -268,7 +285,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     one step (the same pieces in every layer): split-K's buffers are made once there, not per layer.
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice in `plan`;
-    splits (with max_k) sets the number of key slices (a benchmark's sweep). Two variants measured and
+    splits (with max_k) sets the number of key slices (a benchmark's sweep); acc_dot: the ACC_DOT
+    variant of _tile (a benchmark's). Two variants measured and
     left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
     slices merged by each query tile's last program instead of a second launch (~20 us less host
     time a call, 0.02-0.04 ms more GPU time: one program reads all of its tile's partials)."""
@@ -289,4 +307,4 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             bufs = split_buffers(T, Hq, p, q.device)
             if scratch is not None:
                 scratch[key] = bufs
-    launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked)
+    launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked, acc_dot)

@@ -122,6 +122,11 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
                 assert err <= atol, f"max abs error {err} tiles={tiles} split={bool(split_k)} unmasked={unmasked}"
                 outs.append(out)
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=atol)
+    for split_k in (max_k, 0):  # the ACC_DOT variant (P.V accumulated inside the dot, scale folded)
+        out = torch.zeros_like(q)
+        prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, split_k, acc_dot=True)
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol, f"max abs error {err} acc_dot split={bool(split_k)}"
     for splits in (1, 2, 7):  # slice counts other than the one chosen, each key run split unevenly
         out = torch.zeros_like(q)
         prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, splits=splits)
