@@ -70,22 +70,22 @@ def capture_streams(index: int) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         return torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=-1)
 
 
-def warm_and_capture(device: torch.device, pool, fn, pieces: int = 1, check=None):
-    """fn(j) for j in range(pieces) once on the warm-up stream (Triton compiles, cuBLAS picks, the
-    experts decide their path), check() (it raises when the pieces cannot be captured), then each
-    piece captured into its own graph on the capture stream (capture_streams), in `pool` (None: a
+def warm_and_capture(device: torch.device, pool, fn, count: int = 1, check=None):
+    """fn(j) for j in range(count) once on the warm-up stream (Triton compiles, cuBLAS picks, the
+    experts decide their path), check() (it raises when they cannot be captured), then each
+    fn(j) captured into its own graph on the capture stream (capture_streams), in `pool` (None: a
     new one). Returns (graphs, their outputs)."""
     side, capture = capture_streams(device.index if device.index is not None else torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.inference_mode():
-        for j in range(pieces):
+        for j in range(count):
             fn(j)
     torch.cuda.current_stream(device).wait_stream(side)
     if check is not None:
         check()
     graphs, outs = [], []
     with torch.inference_mode():
-        for j in range(pieces):
+        for j in range(count):
             g = torch.cuda.CUDAGraph()
             # thread_local: other engine threads' CUDA calls meanwhile must not void it (module doc)
             with torch.cuda.graph(g, pool=pool, stream=capture, capture_error_mode="thread_local"):

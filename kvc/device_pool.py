@@ -161,8 +161,8 @@ class DevicePool:
     def gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Pages of `blocks` as one [n, layers, parts, page_size, heads, head_dim] device tensor: one
         index_select over the pool seen page-major (a gather into the pool's layout and then a
-        permuted copy was two passes over the bytes: ~10 ms of GPU time a 2.4 GB batch of offers in
-        run BD's profile; on the CPU one pass is 4.5x faster)."""
+        permuted copy was two passes over the bytes: +8.9 / +10.3 ms of GPU time a 2.4 GB batch of
+        offers in runs BD / BE's profiles, +5.5-5.8 ms with one pass in BF / BG)."""
         return torch.index_select(self.kv.permute(2, 0, 1, 3, 4, 5), 0, self.index(blocks))
 
     def index(self, blocks: Sequence[int]) -> torch.Tensor:

@@ -130,7 +130,7 @@ def prepare(w13: torch.Tensor, w2: torch.Tensor, fmt: str, int8_kernel: str = "i
         if int8_kernel == "onednn":
             if not cpu_has_vnni():
                 # its u8 x s8 products go through a saturating 16-bit pair sum without VNNI: on an AVX2
-                # machine outputs were off by the size of the outputs (test_cpu_experts)
+                # machine it failed test_cpu_experts' dequantized reference on every routing
                 raise ValueError("int8_kernel 'onednn' needs a CPU with VNNI or AMX-INT8 (oneDNN's u8 x s8 "
                                  "int8 dot saturates without them: wrong outputs on this CPU); use 'int_mm'")
             packed = ([torch.ops.onednn.qlinear_prepack(q, None) for q in q13],

@@ -84,7 +84,7 @@ def test_int8_quantization_is_per_output_channel():
 @pytest.mark.parametrize("kernel", ["int_mm", "onednn"])
 def test_int8_equals_a_dequantized_reference(pools, kernel):
     """w8a8: dequantized weights, activations rounded per token as the kernel does, in fp32. oneDNN's
-    int8 linear saturates without VNNI (outputs off by their own size on an AVX2 machine): there
+    int8 linear saturates without VNNI (it failed this comparison on an AVX2 machine): there
     prepare refuses it, naming the CPU feature."""
     from engine.offload.grouped import cpu_has_vnni
     w13, w2 = weights(1)
