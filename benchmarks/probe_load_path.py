@@ -16,8 +16,13 @@ only, then times, median of --reps, for 8K and 32K tokens:
   ... slab runs            the strided copies get by layer issues, alone: one per layer and run of
                            adjacent slab slots (a run ends where the cpu tier's extent does; the
                            count is printed), no checksums
-  get by layer             TieredStore.get_layers_into: the engine's layer-by-layer load (strided
-                           copies from the slab, then the device checksums over the layer-major rows)
+  kernel by layer          the same layers moved by kvc.hostcopy (one kernel a layer, the GPU
+                           reading the pinned slab in place), with its cap on programs 32 / 96 / 264
+  next launch after        host time of one small kernel launched right after every layer's copy
+                           is queued (DMA / kernel): run BI saw it block until the copies drained
+  get by layer             TieredStore.get_layers_into: the engine's layer-by-layer load (each layer
+                           moved by the kernel, then the device checksums over the layer-major rows);
+                           ", DMA": the same with strided copies (store.layer_copy "dma")
   host sums                the cpu tier's verify_entries of every page, no copy
   lookup                   TieredStore.lookup of the prompt's tokens (hashing included)
 
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kvc import cudacopy, gpu_checksum  # noqa: E402
+from kvc import cudacopy, gpu_checksum, hostcopy  # noqa: E402
 from kvc.config import KvcConfig  # noqa: E402
 from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
 from kvc.record import Page, torch_dtype  # noqa: E402
@@ -76,9 +81,10 @@ def main():
     hashes = page_hashes(ns.root, toks, a.page)
     g = torch.Generator().manual_seed(0)
     print(f"# page {spec.page_bytes / 2**10:.0f} KiB, {torch.cuda.get_device_name()}")
-    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | ... slab runs | get, device verify "
-          "| get by layer | get, host verify | device sums G1 / G2 / G4 / G8 | host sums | lookup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | ... slab runs | kernel by layer 32 / 96 / 264 "
+          "| next launch after DMA / kernel | get, device verify | get by layer | get by layer, DMA | get, host verify "
+          "| device sums G1 / G2 / G4 / G8 | host sums | lookup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with TieredStore(cfg) as s:
         parent = ns.root
         for lo in range(0, n_max, 64):
@@ -116,9 +122,35 @@ def main():
                                         base + held[i].slot + layer * seg, spec.page_bytes, seg, j - i, stream)
             by_runs = timed(slab_runs, a.reps)
 
+            offs = torch.tensor([e.slot // 8 for e in held], dtype=torch.int64, device="cuda")
+            words = s.cpu.slab[:s.cpu.slab.numel() // 8 * 8].view(torch.int64)
+            lm64 = flat.view(torch.int64).view(Ls, n, seg // 8)
+
+            def kernel(ctas):
+                for layer in range(Ls):
+                    hostcopy.gather_rows(lm64[layer], words, offs, layer * seg // 8, ctas=ctas)
+            by_kernel = [timed(lambda c=c: kernel(c), a.reps) for c in (32, 96, 264)]
+            tiny = torch.zeros(1, device="cuda")
+
+            def next_launch(queue):  # host seconds of one small launch right after the copies are queued
+                torch.cuda.synchronize()
+                queue()
+                t0 = time.perf_counter()
+                tiny.add_(1)
+                t = time.perf_counter() - t0
+                torch.cuda.synchronize()
+                return t
+            blocked = [statistics.median(next_launch(q) for _ in range(a.reps)) for q in (slab_runs, lambda: kernel(96))]
+
             def get_layers():
                 assert s.get_layers_into(ns, hashes[:n], lm, lambda layer, run: None) == n
             get_lm = timed(get_layers, a.reps)
+            s.layer_copy = "dma"
+            try:
+                get_dma = timed(get_layers, a.reps)
+            finally:
+                s.layer_copy = "kernel"
+            assert s.layer_copy_off is None, s.layer_copy_off
 
             def get():
                 got = s.get_pages(ns, hashes[:n], out=out)
@@ -137,7 +169,8 @@ def main():
             def row(t):
                 return f"{t * 1e3:.1f} ms ({nbytes / t / GB:.1f} GB/s)"
             print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(by_layer)} | {row(by_runs)}, {len(runs)} runs x {Ls} "
-                  f"| {row(full)} | {row(get_lm)} | {row(host)} | "
+                  f"| {' / '.join(row(t) for t in by_kernel)} | {blocked[0] * 1e3:.2f} / {blocked[1] * 1e3:.2f} ms "
+                  f"| {row(full)} | {row(get_lm)} | {row(get_dma)} | {row(host)} | "
                   f"{' / '.join(f'{t * 1e3:.2f}' for t in sums)} ms | {row(check)} | {look * 1e3:.1f} ms |", flush=True)
 
 

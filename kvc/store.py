@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import cudacopy, gpu_checksum, hashing, pagecopy, pinned
+from . import cudacopy, gpu_checksum, hashing, hostcopy, pagecopy, pinned
 from .admission import Admission
 from .backend import LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
@@ -111,6 +111,11 @@ class TieredStore:
         # slab instead of two): kvc.gpu_checksum; False hashes them on the host (benchmarks compare)
         self.verify_on_device = True
         self._verify_streams: dict = {}  # device -> the side stream the device checksums run on
+        # how a layer-by-layer get moves each layer: "kernel" (kvc.hostcopy, one launch a layer, the
+        # GPU reading the pinned slab) or "dma" (kvc.cudacopy, strided copies); a kernel that fails
+        # to launch here turns itself off (layer_copy_off says why) and the get goes on as DMA
+        self.layer_copy = "kernel"
+        self.layer_copy_off: str | None = None
         cpu_bytes = int(config.cpu_memory_size_GB * GB)
         disk_bytes = int(config.disk_size_GB * GB)
         self.cpu = CpuTier(cpu_bytes) if cpu_bytes > 0 and not config.gpu_only else NullTier("cpu")
@@ -524,6 +529,11 @@ class TieredStore:
             verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
+            words = self._slab_words(held, seg)
+            if words is not None:  # each page's first word in the slab, on the device
+                offs = np.fromiter((e.slot // 8 for e in held), dtype=np.int64, count=run)
+                offs = pinned.upload(torch.from_numpy(offs), out.device)
+                lm64 = lm.view(torch.int64)  # [L, n, seg / 8]
             # Host work before the first copy, not after the last layer's callback: the caller's
             # thread (an engine launching the step that reads these layers) then meets less of this
             # thread's Python on the GIL
@@ -532,8 +542,18 @@ class TieredStore:
             bad = None
             try:
                 for layer in range(L):
-                    for i, j, src in runs:
-                        cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i, cur)
+                    if words is not None:
+                        try:
+                            hostcopy.gather_rows(lm64[layer, :run], words, offs, layer * seg // 8)
+                        except Exception as e:  # e.g. a driver that does not map the slab: DMA from here on
+                            self.layer_copy_off = f"{type(e).__name__}: {e}"
+                            log.warning("layer copies by kernel disabled, copying by DMA: %s",
+                                        self.layer_copy_off, exc_info=True)
+                            words = None
+                    if words is None:
+                        for i, j, src in runs:
+                            cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i,
+                                            cur)
                     side.wait_stream(cur)
                     with torch.cuda.stream(side):
                         layer_landed(layer, run)
@@ -547,6 +567,16 @@ class TieredStore:
             good = self._verdict(bad, verified, run, out.device)
             self._served(keys, run, good)
         return good
+
+    def _slab_words(self, held: list[Entry], seg: int) -> torch.Tensor | None:
+        """The slab as int64 words for a kernel-copied layered get (layer_copy "kernel", not turned
+        off, every slot and layer 8-byte aligned), else None (the get copies by DMA)."""
+        if self.layer_copy != "kernel" or self.layer_copy_off is not None or seg % 8:
+            return None
+        if any(e.slot % 8 for e in held):
+            return None
+        slab = self.cpu.slab
+        return slab[:slab.numel() - slab.numel() % 8].view(torch.int64)
 
     def _verify_stream(self, device: torch.device):
         side = self._verify_streams.get(device)

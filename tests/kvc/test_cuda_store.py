@@ -138,17 +138,20 @@ def test_copy2d_moves_a_strided_host_region_to_the_device():
         cudacopy.copy2d(dst.data_ptr(), 40, src.data_ptr(), 100, 41, 5, stream)
 
 
+@pytest.mark.parametrize("copy", ["kernel", "dma"])
 @pytest.mark.parametrize("on_device", [True, False])
-def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, on_device):
+def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, on_device, copy):
     """The layer-by-layer get (an engine's cpu-tier load on CUDA): out [L, n, ...] holds every
     page's layers (slab runs that are not adjacent included), layer_landed(layer, run) comes once
     per layer in order with a stream where that layer's bytes are visible, and a corrupt page ends
-    the count there (verified on the device over the layer-major rows, or on the host threads)."""
+    the count there (verified on the device over the layer-major rows, or on the host threads).
+    Both ways of moving a layer: the GPU kernel reading the pinned slab, and strided DMA."""
     from kvc.hashing import Namespace, PageSpec
     spec = PageSpec(num_layers=3, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 4 KiB a layer
     ns = Namespace("test-arch", spec, weights_digest="w0")
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
         s.verify_on_device = on_device
+        s.layer_copy = copy
         hashes, pages = make_pages(ns, list(range(4 * 40)))
         s.put_pages(ns, pages[:20])
         _, other = make_pages(ns, list(range(1000, 1000 + 4 * 5)), seed=1)
@@ -174,3 +177,43 @@ def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_pa
         assert seen == [(layer, 17) for layer in range(3)]
         with pytest.raises(ValueError, match="contiguous CUDA"):
             s.get_layers_into(ns, hashes, torch.zeros((n, 3, *spec.shape[1:]), device="cuda"), landed)
+        assert s.layer_copy_off is None  # the kernel launched on the mapped slab (not a silent DMA)
+
+
+def test_gather_rows_reads_pinned_host_memory_in_place():
+    """kvc.hostcopy on CUDA: rows scattered over a pinned host buffer land in order on the device,
+    from the offsets (plus the shared `add`), widths that are not a multiple of a tile included,
+    with fewer programs than tiles; from a device source too."""
+    from kvc import hostcopy
+    g = torch.Generator().manual_seed(2)
+    src = torch.randint(-2**62, 2**62, (50_000,), dtype=torch.int64, generator=g).pin_memory()
+    for width, n, ctas in ((1000, 37, 8), (4096, 300, 96), (3, 5, 1)):
+        offs = torch.randint(0, 50_000 - width - 16, (n,), generator=g)
+        dst = torch.zeros((n, width), dtype=torch.int64, device="cuda")
+        hostcopy.gather_rows(dst, src, offs.cuda(), 16, ctas=ctas)
+        want = torch.stack([src[o + 16:o + 16 + width] for o in offs.tolist()])
+        assert torch.equal(dst.cpu(), want), (width, n, ctas)
+        dst.zero_()
+        hostcopy.gather_rows(dst, src.cuda(), offs.cuda(), 16)
+        assert torch.equal(dst.cpu(), want)
+
+
+def test_a_layer_copy_kernel_that_fails_falls_back_to_dma(tmp_path, monkeypatch):
+    """A kernel that cannot launch here (a driver that does not map the slab) turns the kernel off,
+    says why, and the get still lands every layer by DMA."""
+    from kvc import hostcopy
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, dtype="float32")
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+
+    def broken(*a, **k):
+        raise ValueError("Pointer argument cannot be accessed from Triton (cpu tensor?)")
+    monkeypatch.setattr(hostcopy, "gather_rows", broken)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        hashes, pages = make_pages(ns, list(range(4 * 9)))
+        s.put_pages(ns, pages)
+        out = torch.zeros((2, 9, *spec.shape[1:]), device="cuda")
+        assert s.get_layers_into(ns, hashes, out, lambda layer, run: None) == 9
+        torch.cuda.synchronize()
+        assert "cannot be accessed" in s.layer_copy_off
+        assert torch.equal(out.cpu(), torch.stack([p.data for p in pages]).transpose(0, 1))
