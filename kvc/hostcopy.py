@@ -2,17 +2,17 @@
 
 A layer-by-layer cpu-tier load moves one layer of every page: n rows of `width` bytes, one per
 page, scattered over the pinned slab. As DMA (kvc.cudacopy's cuMemcpy2DAsync) that is one copy
-per run of adjacent slots and layer, which the driver queues row by row: an 8K-token load of a
-12-layer model is 12 x 512 rows of 32 KiB. Run BI (benchmarks/RESULTS.md) found the cost: once
-the last layer's copies were queued, the next launch on that thread (the checksum kernel) blocked
-2.9 ms until they had drained, and the engine thread's own CUDA calls waited as long; the strided
-copies also ran at 39-42 GB/s against 55 GB/s for one contiguous copy.
+per run of adjacent slots and layer. Here one kernel launch moves a whole layer: pinned host
+memory is mapped into the GPU's address space (unified addressing), so a kernel can load from it
+over PCIe, and a row's source is an offset read from a small device table. The grid is capped
+(`CTAS`): each program loops over (row, chunk) tiles, so the copy keeps a bounded share of the SMs
+while the step that waits for it runs beside it.
 
-Here one kernel launch moves a whole layer: pinned host memory is mapped into the GPU's address
-space (unified addressing), so a kernel can load from it over PCIe, and a row's source is an
-offset read from a small device table. A few hundred launches' worth of queue entries become one.
-The grid is capped (`CTAS`): each program loops over (row, chunk) tiles, so the copy keeps a
-bounded share of the SMs while the step that waits for it runs beside it.
+Written to test whether the DMA rows were what blocked other CUDA calls during a load (run BI,
+benchmarks/RESULTS.md). Measured in run BK they were not (a launch right after a load's DMA copies
+are queued took 0.02 ms), and this kernel moved a layered load at 50 GB/s against DMA's 53, and
+slower beside the step it feeds: DMA is the store's default (TieredStore.layer_copy); the kernel
+stays as the benchmarks' side-by-side variant.
 
 `gather_rows(dst, src, offsets, add)`: dst [n, w] (int64 words, contiguous, CUDA) receives, for
 each row r, the w words of src starting at word offsets[r] + add. src is a 1-D int64 tensor on

@@ -210,6 +210,7 @@ def test_a_layer_copy_kernel_that_fails_falls_back_to_dma(tmp_path, monkeypatch)
         raise ValueError("Pointer argument cannot be accessed from Triton (cpu tensor?)")
     monkeypatch.setattr(hostcopy, "gather_rows", broken)
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        s.layer_copy = "kernel"
         hashes, pages = make_pages(ns, list(range(4 * 9)))
         s.put_pages(ns, pages)
         out = torch.zeros((2, 9, *spec.shape[1:]), device="cuda")
