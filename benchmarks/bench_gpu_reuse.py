@@ -485,6 +485,8 @@ def main() -> None:
             ttft(llm, rand_ids(rng, n))
             eng.prefix_cache.reset_device_cache()
         variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy}
+        if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
+            variants["loader"] = lambda: setattr(host, "queue_here", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
             other = "kernel" if default_copy == "dma" else "dma"
             variants[other] = lambda: setattr(store, "layer_copy", other)
@@ -500,6 +502,8 @@ def main() -> None:
                     t, got = ttft(llm, prefix + rand_ids(rng, 64))
                 finally:
                     host.layer_loads = True
+                    if hasattr(host, "queue_here"):
+                        host.queue_here = True
                     if default_copy is not None:
                         store.layer_copy = default_copy
                 timed[name].append(t)
@@ -507,7 +511,7 @@ def main() -> None:
                     cpus.append((t, got))
         cpu = [t for t, _ in cpus]
         whole = timed["whole"]
-        other_rows = [(k, v) for k, v in timed.items() if k not in ("default", "whole", "busy")]
+        other_rows = [(k, v) for k, v in timed.items() if k not in ("default", "whole", "busy", "loader")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -524,6 +528,9 @@ def main() -> None:
                      ms(statistics.median(timed["busy"])), ms(cfloor),
                      f"{statistics.median(timed['busy']) / cfloor:.2f}x floor; that prompt's puts and disk writes "
                      f"still running (the other rows wait for them)"))
+        if timed.get("loader"):
+            rows.append((f"{size(n)} TTFT cpu hit, layers queued on the loader thread", ms(statistics.median(timed["loader"])),
+                         ms(cfloor), f"{statistics.median(timed['loader']) / cfloor:.2f}x floor"))
         for k, v in other_rows:
             how = "by strided DMA" if k == "dma" else "by the kernel reading the slab"
             rows.append((f"{size(n)} TTFT cpu hit, layers copied {how}", ms(statistics.median(v)), ms(cfloor),

@@ -94,6 +94,11 @@ class HostTier:
         self.layer_loads = True  # cpu-tier loads on CUDA go layer by layer where they can (_layered)
         self.layer_loads_off: str | None = None  # why they stopped (a failure), if they did
         self.layered_loads = 0  # loads that went layer by layer
+        # a layered load is queued on the thread that asks for it (_queue_layers_here), else on the
+        # loader thread (the path before; benchmarks compare)
+        self.queue_here = True
+        self._layer_stream = None
+        self._layer_staging: torch.Tensor | None = None  # used by the thread that queues loads here
         self._load_stream = None
         self._put_stream = None
         self._ring: PinnedRing | None = None  # made at the first CUDA offer
@@ -156,15 +161,90 @@ class HostTier:
         by layer (`_layered`) passes a LayerEvents instead, once all its layers are queued: work
         behind its get(i) sees layer i of every page."""
         tiers = list(tiers) if tiers is not None else ["host"] * len(hashes)
-        ready = None
-        if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(pool.device))
         with self._loads_lock:
             self._loads_in_flight += 1
-        fut = self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready, on_queued)
+        fut = None
+        if (pool.device.type == "cuda" and self.queue_here and self._layered(ns, tiers)
+                and hasattr(self.cache, "start_layers_into")):
+            fut = self._queue_layers_here(ns, list(hashes), pool, list(blocks), on_queued)
+        if fut is None:
+            ready = None
+            if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(pool.device))
+            fut = self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready, on_queued)
         fut.add_done_callback(self._load_ended)
         return fut
+
+    def _queue_layers_here(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
+                           on_queued) -> Future | None:
+        """A layer-by-layer cpu-tier load queued on the calling thread (the engine's): every
+        layer's copies, scatters and events and the checksums go on the GPU's queues now, no thread
+        hop and no host wait, and on_queued(handle) is called before this returns, so the step that
+        reads the layers can be launched at once and run beside the copies. The loader thread only
+        waits for the verdict (the future). None where it cannot start here (the store's lock is
+        held by a put: the engine does not wait for it): the caller hands the load to the loader.
+
+        Queued from the loader thread instead (run BL's timeline, 8K), the engine's step launch
+        began 3.6 ms after the request arrived and its upload and the loader's checksum launch
+        waited on each other for ~1 ms (the two threads' Python on the GIL), so the step's GPU work
+        ran after the copies instead of beside them."""
+        spec = ns.spec
+        L, n = spec.shape[0], len(hashes)
+        device = pool.device
+        stream = self._side(device, "_layer_stream")
+        stream.wait_stream(torch.cuda.current_stream(device))  # kernels already queued may touch these blocks
+        handle = LayerEvents(L)
+        try:
+            with torch.cuda.stream(stream):
+                staging = self._layer_staging_for(ns, n, device)
+                lm = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                index = pool.index(blocks)
+
+                def layer_landed(layer: int, run: int) -> None:  # on the stream the layer landed on
+                    pool.scatter_layer(layer, index[:run], lm[layer, :run])
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    handle.add(ev)
+                    if on_queued is not None and layer == L - 1 and run == n:
+                        handle.given = True
+                        on_queued(handle)
+                got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False)
+                if got is None:  # a put holds the store: the loader thread takes the load
+                    return None
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+        except Exception as e:  # the driver's strided copy or the kernel: whole pages from now on
+            self.layer_loads_off = f"{type(e).__name__}: {e}"
+            log.warning("layer-by-layer loads disabled, loading whole pages: %s", self.layer_loads_off,
+                        exc_info=True)
+            if not handle.given:  # the loader's whole-page load comes after what was queued here
+                torch.cuda.current_stream(device).wait_stream(stream)
+                return None
+            failed: Future = Future()  # a step may already read these layers: fail the load (the step is void)
+            failed.set_exception(e)
+            return failed
+        finally:
+            handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
+        return self._loader.submit(self._finish_layers, got, start, end, spec.page_bytes)
+
+    def _finish_layers(self, got, start, end, page_bytes: int) -> int:
+        """The loader thread's part of a load queued by _queue_layers_here: its verdict."""
+        try:
+            n = self.cache.finish_layers(got)
+        except Exception as e:  # a step may have read these layers: the load fails (the step is void)
+            self.layer_loads_off = f"{type(e).__name__}: {e}"
+            log.warning("layer-by-layer loads disabled, loading whole pages: %s", self.layer_loads_off,
+                        exc_info=True)
+            raise
+        end.synchronize()
+        self.layered_loads += 1
+        seconds = start.elapsed_time(end) / 1e3  # GPU time from the load's start to its last write
+        if self.observe is not None and n * page_bytes >= MIN_SAMPLE_BYTES and seconds > 0:
+            self.observe("cpu", n * page_bytes, seconds)
+        return n
 
     def _load_ended(self, _fut: Future) -> None:
         with self._loads_lock:
@@ -320,6 +400,21 @@ class HostTier:
                 or s.device.type != device.type):
             s = torch.empty((n, *spec.shape), dtype=dtype, device=device)
             self._staging = s
+        return s
+
+    def _layer_staging_for(self, ns: Namespace, n: int, device: torch.device) -> torch.Tensor:
+        """_staging_for's buffer for loads queued on the engine's thread (the loader's own may be in
+        use by a whole-page load at the same time). Allocated on the current (layer) stream; when
+        it grows, the old one may still be read by an earlier load's scatters and checksums on
+        other streams: the device finishes its queued work first (once per larger size)."""
+        spec = ns.spec
+        dtype = torch_dtype(spec.dtype)
+        s = self._layer_staging
+        if s is None or s.shape[0] < n or tuple(s.shape[1:]) != spec.shape or s.dtype != dtype:
+            if s is not None:
+                torch.cuda.synchronize(device)
+            s = torch.empty((max(n, 2 * s.shape[0] if s is not None else n), *spec.shape), dtype=dtype, device=device)
+            self._layer_staging = s
         return s
 
     # -- puts ----------------------------------------------------------------------------------

@@ -99,6 +99,19 @@ class _Tally:
         self.reasons.append(reason)
 
 
+@dataclass(eq=False)
+class LayeredGet:
+    """A layer-by-layer get queued by TieredStore.start_layers_into; finish_layers gives its count."""
+    keys: list[bytes]  # the run's keys (its pages are not evicted until finished)
+    run: int
+    device: torch.device
+    flags: torch.Tensor | None = None  # pinned bool [run], page i failed its device checksum (after done)
+    done: "torch.cuda.Event | None" = None  # after the copies, the callbacks' work and the flags' copy
+    verified: Callable | None = None  # the reader threads' verdict (host verify)
+    finished: bool = False
+    good: int = 0
+
+
 class TieredStore:
     def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None,
                  sum_copy: pagecopy.SumCopy | None = None):
@@ -134,6 +147,7 @@ class TieredStore:
         else:
             self.cluster = NullCluster()
         self._pins: dict[bytes, int] = {}
+        self._reading: dict[bytes, int] = {}  # key -> layered gets still reading its slab slot
         self._leases: dict[str, tuple[list[bytes], str | None, int]] = {}  # keys, owner, bytes
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, lease)
         self._pinned_bytes: dict[str | None, int] = {}  # owner -> page bytes of its live leases
@@ -507,7 +521,17 @@ class TieredStore:
         attention). Verified after the last layer (kvc.gpu_checksum over the layer-major rows, or
         on the reader threads), so the callbacks precede the verdict: a caller uses the bytes before
         the count only if it can void that use. How many leading pages landed and verified; stops
-        at the first page not in the cpu tier (the caller loads the rest another way)."""
+        at the first page not in the cpu tier (the caller loads the rest another way).
+        The same as start_layers_into then finish_layers on one thread."""
+        return self.finish_layers(self.start_layers_into(ns, hashes, out, layer_landed))
+
+    def start_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
+                          layer_landed: Callable[[int, int], None], block: bool = True) -> "LayeredGet | None":
+        """The first half of get_layers_into: queue every layer's copies, the callbacks and the
+        checksums, and return at once (nothing here waits for the GPU). finish_layers(get), on any
+        thread, waits for the verdict and gives the count. Until then the run's pages are not
+        evicted (their slab slots are still being read). block=False: None when the store's lock
+        is held by another thread (an engine thread that must not wait for a put)."""
         spec = ns.spec
         L, n = spec.shape[0], len(hashes)
         nbytes = spec.page_bytes
@@ -517,17 +541,20 @@ class TieredStore:
         seg = nbytes // L
         root = ns.root
         keys = keys_of(root, hashes)
-        with self._lock:
+        if not self._lock.acquire(blocking=block):
+            return None
+        try:
             held = self._cpu_run(keys, nbytes, root)
             run = len(held)
+            got = LayeredGet(keys[:run], run, out.device)
             if not run:
-                return 0
+                return got
             lm = out.view(torch.uint8).view(L, n, seg)
             cur = torch.cuda.current_stream(out.device)
             side = self._verify_stream(out.device)
             on_gpu = (self.verify_on_device and seg % gpu_checksum.BLOCK_BYTES == 0
                       and gpu_checksum.supported(lm[0, :run]))
-            verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
+            got.verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
             words = self._slab_words(held, seg)
@@ -535,12 +562,9 @@ class TieredStore:
                 offs = np.fromiter((e.slot // 8 for e in held), dtype=np.int64, count=run)
                 offs = pinned.upload(torch.from_numpy(offs), out.device)
                 lm64 = lm.view(torch.int64)  # [L, n, seg / 8]
-            # Host work before the first copy, not after the last layer's callback: the caller's
-            # thread (an engine launching the step that reads these layers) then meets less of this
-            # thread's Python on the GIL
             want = self._expected_sums(held, out.device) if on_gpu else None
-            self._touch_run(keys, run)
-            bad = None
+            for k in got.keys:  # read until finish_layers: not evicted (their slots not reused) before
+                self._reading[k] = self._reading.get(k, 0) + 1
             try:
                 for layer in range(L):
                     if words is not None:
@@ -558,16 +582,56 @@ class TieredStore:
                     side.wait_stream(cur)
                     with torch.cuda.stream(side):
                         layer_landed(layer, run)
-                if on_gpu:
-                    with torch.cuda.stream(side):
+                with torch.cuda.stream(side):
+                    if on_gpu:
                         sums = torch.empty(run, dtype=torch.int64, device=out.device)
                         gpu_checksum.xxh3_64_segmented(lm, sums)
-                        bad = sums != want
+                        got.flags = torch.empty(run, dtype=torch.bool, pin_memory=True)
+                        got.flags.copy_(sums != want, non_blocking=True)
+                    got.done = torch.cuda.Event()
+                    got.done.record()
+            except BaseException:
+                self._unread(got.keys)
+                raise
             finally:  # the caller's stream goes on after everything queued on the side stream
                 cur.wait_stream(side)
-            good = self._verdict(bad, verified, run, out.device)
-            self._served(keys, run, good)
+            return got
+        finally:
+            self._lock.release()
+
+    def finish_layers(self, got: "LayeredGet | None") -> int:
+        """The second half of get_layers_into (see start_layers_into): wait for the copies and the
+        checksums, drop a corrupt page, count the uses, touch the run in the LRU; how many leading
+        pages landed and verified."""
+        if got is None or not got.run:
+            return 0
+        if got.finished:
+            return got.good
+        run = got.run
+        try:
+            if got.flags is not None:
+                got.done.synchronize()  # the copies and the checksums
+                good = int(got.flags.int().argmax()) if bool(got.flags.any()) else run
+            else:
+                ok = got.verified()
+                got.done.synchronize()  # the copies (the count says which landed bytes to use)
+                good = next((i for i, v in enumerate(ok) if not v), run)
+        finally:
+            with self._lock:
+                self._unread(got.keys)
+        with self._lock:
+            self._touch_run(got.keys, run)
+            self._served(got.keys, run, good)
+        got.finished, got.good = True, good
         return good
+
+    def _unread(self, keys: list[bytes]) -> None:
+        for k in keys:
+            c = self._reading.get(k, 0) - 1
+            if c > 0:
+                self._reading[k] = c
+            else:
+                self._reading.pop(k, None)
 
     def _slab_words(self, held: list[Entry], seg: int) -> torch.Tensor | None:
         """The slab as int64 words for a kernel-copied layered get (layer_copy "kernel", not turned
@@ -946,7 +1010,8 @@ class TieredStore:
 
     # -- pins ----------------------------------------------------------------------------------
     def _pinned(self, h: bytes) -> bool:
-        return self._pins.get(h, 0) > 0
+        """Not to be evicted: pinned by a lease, or read by a layered get not yet finished."""
+        return self._pins.get(h, 0) > 0 or h in self._reading
 
     def _expire(self) -> None:
         now = time.monotonic()

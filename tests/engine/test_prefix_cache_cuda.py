@@ -133,14 +133,16 @@ def test_load_bandwidth_excludes_kernels_queued_before_it(qwen_dir, store, monke
     eng.close()
 
 
-@pytest.mark.parametrize("layered", [True, False])
-def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered):
-    """cpu-tier hits that land layer by layer (or whole pages), beside other requests' prefill and
-    puts: every output equals cache-off, and the hits really took that path."""
+@pytest.mark.parametrize("layered,here", [(True, True), (True, False), (False, True)])
+def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here):
+    """cpu-tier hits that land layer by layer (queued on the engine's thread, or on the loader's),
+    or whole pages, beside other requests' prefill and puts: every output equals cache-off, and the
+    hits really took that path."""
     off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
     eng = engine(qwen_dir, cache=store, load_policy="always")
     host = eng.prefix_cache.host
     host.layer_loads = layered
+    host.queue_here = here
     run(eng, PROMPTS)
     eng.prefix_cache.flush()
     eng.prefix_cache.reset_device_cache()
@@ -171,6 +173,17 @@ def test_a_layered_load_failing_after_the_hand_off_voids_the_early_step(qwen_dir
             assert self.gate.wait(30)  # the engine took the request back early
             raise RuntimeError("driver gone")
 
+        def start_layers_into(self, ns, hashes, out, layer_landed, block=True):  # queued on the engine's thread
+            got = self.s.start_layers_into(ns, hashes, out, lambda layer, run: None, block=block)
+            for layer in range(out.shape[0]):
+                layer_landed(layer, len(hashes))
+            return got
+
+        def finish_layers(self, got):  # the loader thread's verdict
+            self.s.finish_layers(got)
+            assert self.gate.wait(30)  # the engine took the request back early
+            raise RuntimeError("driver gone")
+
         def __getattr__(self, name):
             return getattr(self.s, name)
     dying = DiesAfterQueueing(store)
@@ -194,4 +207,50 @@ def test_a_layered_load_failing_after_the_hand_off_voids_the_early_step(qwen_dir
     pc.reset_device_cache()
     again = run(eng, [prompt])[0]  # whole pages now
     assert again.num_cached_tokens == 11 * 4 and again.outputs[0].token_ids == cold.outputs[0].token_ids
+    eng.close()
+
+
+def _loadable(eng, store, prompt):
+    """The prompt's pages put in the cpu tier and dropped from the device: (ns, hashes, tiers)."""
+    run(eng, [prompt])
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    ns = eng.kv.namespace("")
+    found = store.lookup(ns, tokens=prompt)
+    hashes, tiers = found.hashes[:len(found.located)], list(found.located)
+    assert hashes and set(tiers) == {"cpu"}
+    return ns, hashes, tiers
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_layered_load_is_queued_before_load_returns(qwen_dir, store, busy):
+    """On the engine's thread: every layer is queued and on_queued called before host.load returns,
+    so the step can be launched at once; the loader's future gives the verified count, and the
+    pool's blocks hold the pages. With the store's lock held by another thread (a put), the load is
+    not waited for here: the loader thread takes it, and the result is the same."""
+    import threading
+    prompt = BASE[:45]
+    eng = engine(qwen_dir, cache=store, load_policy="always")
+    ns, hashes, tiers = _loadable(eng, store, prompt)
+    host, pool = eng.prefix_cache.host, eng.kv.pool
+    blocks = eng.kv.blocks.allocate(len(hashes))
+    queued = []
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store._lock:
+            held.set()
+            release.wait(30)
+    if busy:
+        threading.Thread(target=hold, daemon=True).start()
+        assert held.wait(10)
+    fut = host.load(ns, hashes, pool, blocks, tiers, on_queued=queued.append)
+    assert bool(queued) == (not busy)  # queued here unless a put held the store
+    release.set()
+    assert fut.result(timeout=60) == len(hashes)
+    assert len(queued) == 1 and queued[0].given and host.layered_loads == 1
+    got = pool.gather(blocks).cpu()
+    want = torch.stack([p.data for p in store.get_pages(ns, hashes)])
+    assert torch.equal(got.view_as(want), want)
+    eng.kv.blocks.free(blocks)
     eng.close()

@@ -218,3 +218,61 @@ def test_a_layer_copy_kernel_that_fails_falls_back_to_dma(tmp_path, monkeypatch)
         torch.cuda.synchronize()
         assert "cannot be accessed" in s.layer_copy_off
         assert torch.equal(out.cpu(), torch.stack([p.data for p in pages]).transpose(0, 1))
+
+
+def test_a_started_layered_get_keeps_its_pages_until_another_thread_finishes_it(tmp_path):
+    """start_layers_into queues everything and returns (an engine's thread); finish_layers, on
+    another thread, gives the count. In between, puts that need room evict other pages, not the
+    ones whose slab slots the copies still read; after it they are evictable again."""
+    import threading
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=3, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 12 KiB a page
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        hashes, pages = make_pages(ns, list(range(4 * 40)))
+        s.put_pages(ns, pages)
+        out = torch.zeros((3, 40, *spec.shape[1:]), device="cuda")
+        got = s.start_layers_into(ns, hashes, out, lambda layer, run: None)
+        assert got is not None and got.run == 40
+        for k in range(4):  # 2,000 more pages (24 MiB) through a 16 MiB cpu tier
+            _, more = make_pages(ns, list(range(10_000 + k * 2000, 10_000 + (k + 1) * 2000)), seed=k + 2)
+            s.put_pages(ns, more)
+        assert all(s.cpu.get(ns.root + h) is not None for h in hashes)
+        result = []
+        t = threading.Thread(target=lambda: result.append(s.finish_layers(got)))
+        t.start()
+        t.join(30)
+        assert result == [40]
+        assert torch.equal(out.cpu(), torch.stack([p.data for p in pages]).transpose(0, 1))
+        assert not s._reading
+        for k in range(4):
+            _, more = make_pages(ns, list(range(30_000 + k * 2000, 30_000 + (k + 1) * 2000)), seed=k + 9)
+            s.put_pages(ns, more)
+        assert any(s.cpu.get(ns.root + h) is None for h in hashes)  # evictable again
+
+
+def test_start_layers_into_does_not_wait_for_a_held_store(tmp_path):
+    """block=False (the engine's thread): None while another thread holds the store's lock."""
+    import threading
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=2, num_kv_heads=2, head_dim=32, page_size=4, dtype="float32")
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        hashes, pages = make_pages(ns, list(range(4 * 5)))
+        s.put_pages(ns, pages)
+        out = torch.zeros((2, 5, *spec.shape[1:]), device="cuda")
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with s._lock:
+                held.set()
+                release.wait(30)
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        assert held.wait(10)
+        assert s.start_layers_into(ns, hashes, out, lambda layer, run: None, block=False) is None
+        release.set()
+        holder.join(10)
+        assert s.finish_layers(s.start_layers_into(ns, hashes, out, lambda layer, run: None, block=False)) == 5
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), torch.stack([p.data for p in pages]).transpose(0, 1))
