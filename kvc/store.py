@@ -558,7 +558,15 @@ class TieredStore:
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
             words = self._slab_words(held, seg)
-            if words is not None:  # each page's first word in the slab, on the device
+            landed_at = None
+            if words is None:  # DMA: every layer's copies first, so the copy engine starts now and the
+                landed_at = []  # rest of this host work runs beside it; an event after each layer
+                for layer in range(L):
+                    for i, j, src in runs:
+                        cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i, cur)
+                    landed_at.append(torch.cuda.Event())
+                    landed_at[-1].record(cur)
+            else:  # each page's first word in the slab, on the device
                 offs = np.fromiter((e.slot // 8 for e in held), dtype=np.int64, count=run)
                 offs = pinned.upload(torch.from_numpy(offs), out.device)
                 lm64 = lm.view(torch.int64)  # [L, n, seg / 8]
@@ -567,21 +575,25 @@ class TieredStore:
                 self._reading[k] = self._reading.get(k, 0) + 1
             try:
                 for layer in range(L):
-                    if words is not None:
-                        try:
-                            hostcopy.gather_rows(lm64[layer, :run], words, offs, layer * seg // 8)
-                        except Exception as e:  # e.g. a driver that does not map the slab: DMA from here on
-                            self.layer_copy_off = f"{type(e).__name__}: {e}"
-                            log.warning("layer copies by kernel disabled, copying by DMA: %s",
-                                        self.layer_copy_off, exc_info=True)
-                            words = None
-                    if words is None:
-                        for i, j, src in runs:
-                            cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i,
-                                            cur)
-                    side.wait_stream(cur)
+                    if landed_at is not None:
+                        side.wait_event(landed_at[layer])
+                    else:
+                        if words is not None:
+                            try:
+                                hostcopy.gather_rows(lm64[layer, :run], words, offs, layer * seg // 8)
+                            except Exception as e:  # e.g. a driver that does not map the slab: DMA from here on
+                                self.layer_copy_off = f"{type(e).__name__}: {e}"
+                                log.warning("layer copies by kernel disabled, copying by DMA: %s",
+                                            self.layer_copy_off, exc_info=True)
+                                words = None
+                        if words is None:
+                            for i, j, src in runs:
+                                cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg,
+                                                j - i, cur)
+                        side.wait_stream(cur)
                     with torch.cuda.stream(side):
                         layer_landed(layer, run)
+                side.wait_stream(cur)  # every copy, and the expected sums' upload queued behind them
                 with torch.cuda.stream(side):
                     if on_gpu:
                         sums = torch.empty(run, dtype=torch.int64, device=out.device)
