@@ -16,6 +16,8 @@ only, then times, median of --reps, for 8K and 32K tokens:
   ... slab runs            the strided copies get by layer issues, alone: one per layer and run of
                            adjacent slab slots (a run ends where the cpu tier's extent does; the
                            count is printed), no checksums
+  ... beside gemm / hbm    the slab runs' copies (GPU time, events) while another stream runs
+                           bf16 matmuls or memory-bound adds (does a step beside a load slow it?)
   kernel by layer          the same layers moved by kvc.hostcopy (one kernel a layer, the GPU
                            reading the pinned slab in place), with its cap on programs 32 / 96 / 264
   next launch after        host time of one small kernel launched right after every layer's copy
@@ -60,6 +62,33 @@ def timed(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def beside(copies, work: str, reps: int) -> float:
+    """GPU seconds of `copies` (queued on the current stream) while another stream runs `work`
+    ("gemm": bf16 8192^3 matmuls, compute-bound; "hbm": adds over a 2 GiB tensor, memory-bound
+    like a 64-token step's MoE) for longer than the copies take: run BM's engine saw its strided
+    copies at 47 GB/s beside a step's kernels against 53.5 GB/s alone."""
+    other = torch.cuda.Stream()
+    if work == "gemm":
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        op = lambda: a @ a  # noqa: E731
+    else:
+        a = torch.zeros(1 << 30, device="cuda", dtype=torch.bfloat16)
+        op = lambda: a.add_(1)  # noqa: E731
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        with torch.cuda.stream(other):
+            for _ in range(40):  # ~40-60 ms of work: longer than a 32K load's copies
+                op()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        copies()
+        end.record()
+        torch.cuda.synchronize()
+        ts.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(ts)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=12)
@@ -81,10 +110,11 @@ def main():
     hashes = page_hashes(ns.root, toks, a.page)
     g = torch.Generator().manual_seed(0)
     print(f"# page {spec.page_bytes / 2**10:.0f} KiB, {torch.cuda.get_device_name()}")
-    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | ... slab runs | kernel by layer 32 / 96 / 264 "
+    print("| tokens | bytes | pinned H2D, one copy | strided H2D, by layer | ... slab runs | slab runs beside gemm / hbm work "
+          "| kernel by layer 32 / 96 / 264 "
           "| next launch after DMA / kernel | get, device verify | get by layer (DMA) | get by layer, kernel | get, host verify "
           "| device sums G1 / G2 / G4 / G8 | host sums | lookup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with TieredStore(cfg) as s:
         parent = ns.root
         for lo in range(0, n_max, 64):
@@ -121,6 +151,7 @@ def main():
                         cudacopy.copy2d(flat.data_ptr() + (layer * n + i) * seg, seg,
                                         base + held[i].slot + layer * seg, spec.page_bytes, seg, j - i, stream)
             by_runs = timed(slab_runs, a.reps)
+            by_runs_busy = [beside(slab_runs, w, a.reps) for w in ("gemm", "hbm")]
 
             offs = torch.tensor([e.slot // 8 for e in held], dtype=torch.int64, device="cuda")
             words = s.cpu.slab[:s.cpu.slab.numel() // 8 * 8].view(torch.int64)
@@ -171,7 +202,7 @@ def main():
             def row(t):
                 return f"{t * 1e3:.1f} ms ({nbytes / t / GB:.1f} GB/s)"
             print(f"| {L} | {nbytes / GB:.2f} GB | {row(h2d)} | {row(by_layer)} | {row(by_runs)}, {len(runs)} runs x {Ls} "
-                  f"| {' / '.join(row(t) for t in by_kernel)} | {blocked[0] * 1e3:.2f} / {blocked[1] * 1e3:.2f} ms "
+                  f"| {' / '.join(row(t) for t in by_runs_busy)} | {' / '.join(row(t) for t in by_kernel)} | {blocked[0] * 1e3:.2f} / {blocked[1] * 1e3:.2f} ms "
                   f"| {row(full)} | {row(got['dma'])} | {row(got['kernel'])} | {row(host)} | "
                   f"{' / '.join(f'{t * 1e3:.2f}' for t in sums)} ms | {row(check)} | {look * 1e3:.1f} ms |", flush=True)
 
