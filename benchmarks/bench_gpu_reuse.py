@@ -481,9 +481,11 @@ def main() -> None:
         host = eng.prefix_cache.host
         store = host.cache
         default_copy = getattr(store, "layer_copy", None)
+        pc = eng.prefix_cache
+
         def busy():  # another cold prompt of this length just ran: its puts and disk writes are running
             ttft(llm, rand_ids(rng, n))
-            eng.prefix_cache.reset_device_cache()
+            pc.reset_device_cache()
         variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy}
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)

@@ -202,15 +202,7 @@ class HostTier:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
                 index = pool.index(blocks)
-
-                def layer_landed(layer: int, run: int) -> None:  # on the stream the layer landed on
-                    pool.scatter_layer(layer, index[:run], lm[layer, :run])
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    handle.add(ev)
-                    if on_queued is not None and layer == L - 1 and run == n:
-                        handle.given = True
-                        on_queued(handle)
+                layer_landed = self._layer_landed(pool, index, lm, handle, on_queued)
                 got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False)
                 if got is None:  # a put holds the store: the loader thread takes the load
                     return None
@@ -320,16 +312,7 @@ class HostTier:
         try:
             with torch.cuda.stream(stream):
                 index = pool.index(blocks)
-
-                def layer_landed(layer: int, run: int) -> None:  # on the stream the layer landed on
-                    pool.scatter_layer(layer, index[:run], lm[layer, :run])
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    handle.add(ev)
-                    if on_queued is not None and layer == L - 1 and run == n:
-                        handle.given = True
-                        on_queued(handle)
-                got = self.cache.get_layers_into(ns, hashes, lm, layer_landed)
+                got = self.cache.get_layers_into(ns, hashes, lm, self._layer_landed(pool, index, lm, handle, on_queued))
                 stream.synchronize()
         finally:
             handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
@@ -337,6 +320,23 @@ class HostTier:
         if self.observe is not None and got * spec.page_bytes >= MIN_SAMPLE_BYTES:
             self.observe("cpu", got * spec.page_bytes, time.perf_counter() - t0)
         return got
+
+    @staticmethod
+    def _layer_landed(pool: DevicePool, index: torch.Tensor, lm: torch.Tensor, handle: "LayerEvents", on_queued):
+        """A layered get's callback: scatter layer `layer` of the run's pages from the layer-major
+        staging `lm` into the pool's blocks (on the stream it landed on) and record its event into
+        `handle`; once the last layer of every page is queued, hand the handle to on_queued."""
+        L, n = lm.shape[0], lm.shape[1]
+
+        def layer_landed(layer: int, run: int) -> None:
+            pool.scatter_layer(layer, index[:run], lm[layer, :run])
+            ev = torch.cuda.Event()
+            ev.record()
+            handle.add(ev)
+            if on_queued is not None and layer == L - 1 and run == n:
+                handle.given = True
+                on_queued(handle)
+        return layer_landed
 
     def _get_run(self, ns: Namespace, hashes: list[bytes], tier: str, out: torch.Tensor,
                  landed: Callable[[int, int], None] | None = None, stream_attr: str = "_load_stream") -> int:

@@ -10,9 +10,9 @@ while the step that waits for it runs beside it.
 
 Written to test whether the DMA rows were what blocked other CUDA calls during a load (run BI,
 benchmarks/RESULTS.md). Measured in run BK they were not (a launch right after a load's DMA copies
-are queued took 0.02 ms), and this kernel moved a layered load at 50 GB/s against DMA's 53, and
-slower beside the step it feeds: DMA is the store's default (TieredStore.layer_copy); the kernel
-stays as the benchmarks' side-by-side variant.
+are queued took 0.02 ms), and this kernel moved a layered load at 50 GB/s against DMA's 53; the
+cpu hits it fed were slower than DMA's in 7 of 8 interleaved rows (runs BL-BO, 8K and 32K). DMA is
+the store's default (TieredStore.layer_copy); the kernel stays as the benchmarks' variant.
 
 `gather_rows(dst, src, offsets, add)`: dst [n, w] (int64 words, contiguous, CUDA) receives, for
 each row r, the w words of src starting at word offsets[r] + add. src is a 1-D int64 tensor on
