@@ -166,7 +166,11 @@ class HostTier:
         fut = None
         if (pool.device.type == "cuda" and self.queue_here and self._layered(ns, tiers)
                 and hasattr(self.cache, "start_layers_into")):
-            fut = self._queue_layers_here(ns, list(hashes), pool, list(blocks), on_queued)
+            try:
+                fut = self._queue_layers_here(ns, list(hashes), pool, list(blocks), on_queued)
+            except Exception:  # before anything was queued (its own errors end in a future): the loader's way
+                log.warning("queueing a layer-by-layer load here failed; the loader thread takes it", exc_info=True)
+                fut = None
         if fut is None:
             ready = None
             if pool.device.type == "cuda":  # kernels already queued may still touch these blocks
@@ -406,14 +410,15 @@ class HostTier:
         """_staging_for's buffer for loads queued on the engine's thread (the loader's own may be in
         use by a whole-page load at the same time). Allocated on the current (layer) stream; when
         it grows, the old one may still be read by an earlier load's scatters and checksums on
-        other streams: the device finishes its queued work first (once per larger size)."""
+        other streams: the device finishes its queued work first (once per larger load: the engine's
+        thread waits for the step in flight then)."""
         spec = ns.spec
         dtype = torch_dtype(spec.dtype)
         s = self._layer_staging
         if s is None or s.shape[0] < n or tuple(s.shape[1:]) != spec.shape or s.dtype != dtype:
             if s is not None:
                 torch.cuda.synchronize(device)
-            s = torch.empty((max(n, 2 * s.shape[0] if s is not None else n), *spec.shape), dtype=dtype, device=device)
+            s = torch.empty((n, *spec.shape), dtype=dtype, device=device)
             self._layer_staging = s
         return s
 
