@@ -105,6 +105,7 @@ class LayeredGet:
     keys: list[bytes]  # the run's keys (its pages are not evicted until finished)
     run: int
     device: torch.device
+    entries: list = field(default_factory=list)  # the cpu tier's entries read (an admin delete may drop one)
     flags: torch.Tensor | None = None  # pinned bool [run], page i failed its device checksum (after done)
     done: "torch.cuda.Event | None" = None  # after the copies, the callbacks' work and the flags' copy
     verified: Callable | None = None  # the reader threads' verdict (host verify)
@@ -547,7 +548,7 @@ class TieredStore:
         try:
             held = self._cpu_run(keys, nbytes, root)
             run = len(held)
-            got = LayeredGet(keys[:run], run, out.device)
+            got = LayeredGet(keys[:run], run, out.device, held)
             if not run:
                 return got
             lm = out.view(torch.uint8).view(L, n, seg)
@@ -633,8 +634,13 @@ class TieredStore:
             with self._lock:
                 self._unread(got.keys)
         with self._lock:
-            self._touch_run(got.keys, run)
-            self._served(got.keys, run, good)
+            # only the entries this get read: an admin delete may have dropped a page meanwhile (its
+            # slot then failed the checksum, or not), and a put may have stored it again since
+            live = [k for k, e in zip(got.keys, got.entries) if self.cpu.entries.get(k) is e]
+            self._touch_run(live, len(live))
+            if good < run and self.cpu.entries.get(got.keys[good]) is got.entries[good]:
+                self._corrupt_cpu(got.keys[good])
+            self._served(got.keys, good, good)  # admission counts the served pages
         got.finished, got.good = True, good
         return good
 

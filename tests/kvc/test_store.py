@@ -417,3 +417,35 @@ def test_keys_of_equals_key_per_page_for_any_buffer():
         got = keys_of(root, given)
         assert got == [key(root, bytes(h)) for h in given]
         assert all(type(k) is bytes for k in got)
+
+
+class _Done:  # a layered get's last event, already passed (the verdict's bookkeeping is what is tested)
+    def synchronize(self):
+        pass
+
+
+def test_a_layered_gets_verdict_survives_pages_deleted_or_stored_again_meanwhile(tmp_path):
+    """finish_layers runs after the store's lock was let go (the copies were only queued): an admin
+    delete may drop a page of the run meanwhile, and a put may store it again in a new slot. The
+    verdict then neither fails (its LRU touches and its corrupt-page drop skip a missing page) nor
+    drops the new, good copy of a page whose old slot failed its checksum; a page still the one
+    read is dropped as before."""
+    from kvc.store import LayeredGet, keys_of
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=4 / 1024, disk_path=None)) as s:
+        hashes, pages = make_pages(NS, list(range(4 * 6)))
+        s.put_pages(NS, pages)
+        keys = keys_of(NS.root, hashes)
+
+        def started(bad, n=6):
+            flags = torch.zeros(n, dtype=torch.bool)
+            flags[bad] = True
+            return LayeredGet(keys[:n], n, torch.device("cpu"), [s.cpu.entries[k] for k in keys[:n]],
+                              flags=flags, done=_Done())
+        got = started(2)
+        s.delete(NS, [hashes[2], hashes[4]])  # page 2's slot failed; page 4 is gone before the touches
+        assert s.put_pages(NS, [pages[2]]).stored == 1  # and page 2 stored again, a new entry
+        assert s.finish_layers(got) == 2
+        assert s.cpu.get(keys[2]) is not None and s.cpu.get(keys[4]) is None
+        assert s.finish_layers(started(3, n=4)) == 3  # nothing changed meanwhile: the bad page is dropped
+        assert s.cpu.get(keys[3]) is None
+        assert not s._reading
