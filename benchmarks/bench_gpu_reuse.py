@@ -400,7 +400,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="sample where the engine's thread and the put "
                     "thread are during the host-tiers throughput batch; with --paired-only, one more pair of "
                     "batches under torch.profiler: the GPU's busy and idle time in each")
-    ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,tput-variants,cpu-experts")
+    ap.add_argument("--skip", default="", help="comma-separated: transformers,throughput,tput-variants,cpu-experts,disk")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script "
                     "with the small tiny-qwen3-moe model")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -553,30 +553,31 @@ def main() -> None:
     print(f"# first LLM done at {time.perf_counter() - t_start:.0f} s", flush=True)
 
     # --- disk hits: a new LLM on the same disk_path, page cache dropped --------------------------
-    seq, seq_dropped = seq_read_bw(work, 2 << 30)
-    llm = LLM(str(model_dir), **tiers)
-    ttft(llm, rand_ids(rng, 2048))  # warm-up and a prefill-rate sample
-    for n in prefixes:  # as for cold: the first prompt of a length in a process pays one-time costs
-        ttft(llm, rand_ids(rng, n + 64))
-    llm.engine.prefix_cache.flush()
-    dropped = drop_page_cache()
-    for n, prefix in prefixes.items():
-        d, cached = ttft(llm, prefix + rand_ids(rng, 64))
-        # a prompt no tier holds, in the same LLM right after: the disk hit's cold in this process
-        # (the first LLM's cold rows are another process state; the planner's first look at the
-        # unmeasured disk tier also sends a probe, beside the hit's recompute)
-        same = ttft(llm, rand_ids(rng, n) + rand_ids(rng, 64))[0]
-        bytes_ = (n // 16) * page_bytes
-        dfloor = bytes_ / seq + delta
-        rows.append((f"{size(n)} TTFT disk hit", ms(d), ms(dfloor),
-                     f"{d / dfloor:.2f}x floor; {cached} tokens loaded; seq read {seq / GB:.2f} GB/s; "
-                     f"{d / same:.2f}x a cold prompt in the same LLM right after ({ms(same)})"))
-    notes.append(f"# disk: page cache dropped before the disk hits: {dropped}; before the sequential "
-                 f"read: {seq_dropped}" + ("" if dropped else " (not root: numbers include the page cache)"))
-    llm.close()
-    del llm
-    free_gpu()
-    print(f"# disk rows done at {time.perf_counter() - t_start:.0f} s", flush=True)
+    if "disk" not in skip:
+        seq, seq_dropped = seq_read_bw(work, 2 << 30)
+        llm = LLM(str(model_dir), **tiers)
+        ttft(llm, rand_ids(rng, 2048))  # warm-up and a prefill-rate sample
+        for n in prefixes:  # as for cold: the first prompt of a length in a process pays one-time costs
+            ttft(llm, rand_ids(rng, n + 64))
+        llm.engine.prefix_cache.flush()
+        dropped = drop_page_cache()
+        for n, prefix in prefixes.items():
+            d, cached = ttft(llm, prefix + rand_ids(rng, 64))
+            # a prompt no tier holds, in the same LLM right after: the disk hit's cold in this process
+            # (the first LLM's cold rows are another process state; the planner's first look at the
+            # unmeasured disk tier also sends a probe, beside the hit's recompute)
+            same = ttft(llm, rand_ids(rng, n) + rand_ids(rng, 64))[0]
+            bytes_ = (n // 16) * page_bytes
+            dfloor = bytes_ / seq + delta
+            rows.append((f"{size(n)} TTFT disk hit", ms(d), ms(dfloor),
+                         f"{d / dfloor:.2f}x floor; {cached} tokens loaded; seq read {seq / GB:.2f} GB/s; "
+                         f"{d / same:.2f}x a cold prompt in the same LLM right after ({ms(same)})"))
+        notes.append(f"# disk: page cache dropped before the disk hits: {dropped}; before the sequential "
+                     f"read: {seq_dropped}" + ("" if dropped else " (not root: numbers include the page cache)"))
+        llm.close()
+        del llm
+        free_gpu()
+        print(f"# disk rows done at {time.perf_counter() - t_start:.0f} s", flush=True)
 
     # --- no-reuse throughput: off / device pool only ---------------------------------------------
     if "throughput" not in skip:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, tests-kvc, attention, cpu-hit, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-profile, paired-variants, paired-switch, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-profile, paired-variants, paired-switch, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -47,6 +47,8 @@ for part in "$@"; do
     graph-pairs) step graph-pairs 200 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" --graph-pairs 6 ;;
     reuse-ttft) step reuse 170 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts ;;
+    cpu-hits) step cpu-hits 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
+        --skip transformers,throughput,cpu-experts,disk --repeats 5 ;;
     reuse-sweep) step reuse-sweep 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts --lengths 4096,8192,16384,24576,32768 ;;
     reuse-noref) step reuse 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --profile \
