@@ -30,9 +30,10 @@ split-K merge read the pieces from static device buffers (tables, query starts a
 lengths) with a plan fixed per bucket (engine.attention.triton_prefill.fixed_plan: each piece
 splits its own keys), so graph j runs layer j-1's attention first and the step is L + 1 graph
 launches. Each eager attention call (kernel + merge through Triton's Python launcher) took
-0.05-0.26 ms of host time against 0.02-0.13 ms of GPU time on the H200; captured, a 32K device hit
-took 0.4-1.2 ms less (runs BB, BG: most of those launches had hidden behind the GPU). A step's pieces pick the graphs for one piece or for up to MAX_PIECES (pieces past the step's
-have no queries and return at once); config `attn.prefill_kernel` other than auto/triton keeps
+0.05-0.26 ms of host time against 0.02-0.13 ms of GPU time on the H200; captured, a 32K device
+hit took 0.4-1.2 ms less (runs BB, BG: most of those launches had hidden behind the GPU). A step's
+pieces pick the graphs for one piece or for up to MAX_PIECES (pieces past the step's have no
+queries and return at once); config `attn.prefill_kernel` other than auto/triton keeps
 attention eager.
 """
 from __future__ import annotations

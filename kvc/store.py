@@ -559,19 +559,14 @@ class TieredStore:
             got.verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
-            words = self._slab_words(held, seg)
+            kernel = self._kernel_copier(held, lm, seg, out.device)
             landed_at = None
-            if words is None:  # DMA: every layer's copies first, so the copy engine starts now and the
+            if kernel is None:  # DMA: every layer's copies first, so the copy engine starts now and the
                 landed_at = []  # rest of this host work runs beside it; an event after each layer
                 for layer in range(L):
-                    for i, j, src in runs:
-                        cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i, cur)
+                    self._copy_layer(lm, runs, layer, seg, nbytes, cur)
                     landed_at.append(torch.cuda.Event())
                     landed_at[-1].record(cur)
-            else:  # each page's first word in the slab, on the device
-                offs = np.fromiter((e.slot // 8 for e in held), dtype=np.int64, count=run)
-                offs = pinned.upload(torch.from_numpy(offs), out.device)
-                lm64 = lm.view(torch.int64)  # [L, n, seg / 8]
             want = self._expected_sums(held, out.device) if on_gpu else None
             for k in got.keys:  # read until finish_layers: not evicted (their slots not reused) before
                 self._reading[k] = self._reading.get(k, 0) + 1
@@ -580,18 +575,8 @@ class TieredStore:
                     if landed_at is not None:
                         side.wait_event(landed_at[layer])
                     else:
-                        if words is not None:
-                            try:
-                                hostcopy.gather_rows(lm64[layer, :run], words, offs, layer * seg // 8)
-                            except Exception as e:  # e.g. a driver that does not map the slab: DMA from here on
-                                self.layer_copy_off = f"{type(e).__name__}: {e}"
-                                log.warning("layer copies by kernel disabled, copying by DMA: %s",
-                                            self.layer_copy_off, exc_info=True)
-                                words = None
-                        if words is None:
-                            for i, j, src in runs:
-                                cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg,
-                                                j - i, cur)
+                        if not kernel(layer):  # the kernel failed here: this layer and the rest by DMA
+                            self._copy_layer(lm, runs, layer, seg, nbytes, cur)
                         side.wait_stream(cur)
                     with torch.cuda.stream(side):
                         layer_landed(layer, run)
@@ -652,15 +637,38 @@ class TieredStore:
             else:
                 self._reading.pop(k, None)
 
-    def _slab_words(self, held: list[Entry], seg: int) -> torch.Tensor | None:
-        """The slab as int64 words for a kernel-copied layered get (layer_copy "kernel", not turned
-        off, every slot and layer 8-byte aligned), else None (the get copies by DMA)."""
-        if self.layer_copy != "kernel" or self.layer_copy_off is not None or seg % 8:
-            return None
-        if any(e.slot % 8 for e in held):
+    @staticmethod
+    def _copy_layer(lm: torch.Tensor, runs: list, layer: int, seg: int, nbytes: int, stream) -> None:
+        """One layer of a layered get by DMA: a strided copy per run of adjacent slab slots."""
+        for i, j, src in runs:
+            cudacopy.copy2d(lm[layer, i].data_ptr(), seg, src + layer * seg, nbytes, seg, j - i, stream)
+
+    def _kernel_copier(self, held: list[Entry], lm: torch.Tensor, seg: int, device: torch.device):
+        """For layer_copy "kernel" (not turned off, every slot and layer 8-byte aligned): copy(layer)
+        queues kvc.hostcopy's gather of that layer from the slab into lm [L, n, seg] on the current
+        stream, or returns False when the kernel fails (it is then turned off: layer_copy_off says
+        why). None otherwise: the get copies by DMA."""
+        if (self.layer_copy != "kernel" or self.layer_copy_off is not None or seg % 8
+                or any(e.slot % 8 for e in held)):
             return None
         slab = self.cpu.slab
-        return slab[:slab.numel() - slab.numel() % 8].view(torch.int64)
+        words = slab[:slab.numel() - slab.numel() % 8].view(torch.int64)
+        offs = np.fromiter((e.slot // 8 for e in held), dtype=np.int64, count=len(held))
+        offs = pinned.upload(torch.from_numpy(offs), device)  # each page's first word in the slab
+        lm64 = lm.view(torch.int64)  # [L, n, seg / 8]
+
+        def copy(layer: int) -> bool:
+            if self.layer_copy_off is not None:
+                return False
+            try:
+                hostcopy.gather_rows(lm64[layer, :len(held)], words, offs, layer * seg // 8)
+                return True
+            except Exception as e:  # e.g. a driver that does not map the slab: DMA from here on
+                self.layer_copy_off = f"{type(e).__name__}: {e}"
+                log.warning("layer copies by kernel disabled, copying by DMA: %s", self.layer_copy_off,
+                            exc_info=True)
+                return False
+        return copy
 
     def _verify_stream(self, device: torch.device):
         side = self._verify_streams.get(device)
