@@ -300,12 +300,13 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams) -> di
 
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
                pairs: int, notes: list[str], profile: bool = False,
-               variants: bool = False) -> list[tuple[str, str, str, str]]:
+               variants: bool = False, sync_variants: bool = False) -> list[tuple[str, str, str, str]]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
     sized for the batch, not from free memory), adjacent timed batches (paired_throughput); profile:
     one more pair under torch.profiler (gpu_timeline) into the notes; variants: in the same pairs,
     host tiers on with the put path as before run BE (no pause before publishing) and with the cpu
-    tier only (no disk writer)."""
+    tier only (no disk writer); sync_variants: in the same pairs, off and host tiers on with
+    scheduler.async_scheduling off (each step read back before the next is scheduled)."""
     blocks = 2 * n * (length + 16) // 16 + 64
     llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
     kinds = [("paired", "host tiers on (4 GB cpu + disk)", True),
@@ -320,13 +321,20 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         labels.append(label)
     if variants:
         ons[1].engine.prefix_cache.host.pause_puts = False
+    if sync_variants:
+        for label, kw in (("prefix_caching off, synchronous scheduling", dict(base, prefix_caching=False)),
+                          ("host tiers on, synchronous scheduling", dict(tiers, disk_path=str(work / "pages-sync")))):
+            shutil.rmtree(work / "pages-sync", ignore_errors=True)
+            ons.append(LLM(str(model_dir), **dict(kw, num_device_blocks=blocks, async_scheduling=False)))
+            labels.append(label)
+    notes.append(f"# paired rows: the off LLM schedules {'a' if llm_off.engine.async_scheduling else ''}synchronously")
     timeline = [] if profile else None
     ratios = paired_throughput(llm_off, ons, rng, n, length, pairs, timeline)
     rows = []
     for label, llm, rs in zip(labels, ons, ratios):
         host = llm.engine.prefix_cache.host
-        notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}; dropped "
-                     f"put pages {host.dropped_puts}, failed puts {host.failed_puts}")
+        puts = f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}" if host is not None else ""
+        notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}{puts}")
         rows.append((f"no-reuse throughput, {label} / off, paired: {pairs} pairs of adjacent batches (off after "
                      f"the puts drained, host tiers after a batch of their own), all LLMs resident",
                      f"{statistics.median(rs):.3f}x", "", f"median of the pair ratios; min {min(rs):.3f}x, "
@@ -392,6 +400,8 @@ def main() -> None:
     ap.add_argument("--tput-pairs", type=int, default=6, help="pairs of adjacent timed batches, off vs host tiers on "
                     "with both LLMs resident (0: no paired row)")
     ap.add_argument("--paired-only", action="store_true", help="only the paired throughput row")
+    ap.add_argument("--sync-variants", action="store_true", help="the paired row also times off and host "
+                    "tiers on with scheduler.async_scheduling off, in the same pairs")
     ap.add_argument("--put-variants", action="store_true", help="the paired row also times host tiers on with the "
                     "put path before run BE (no pause before publishing) and with the cpu tier only, in the "
                     "same pairs")
@@ -440,7 +450,8 @@ def main() -> None:
     if a.paired_only:  # the paired throughput row alone (~1 min on the H200 once the checkpoint is written)
         notes = []
         paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes,
-                            profile=a.profile and a.device == "cuda", variants=a.put_variants)
+                            profile=a.profile and a.device == "cuda", variants=a.put_variants,
+                            sync_variants=a.sync_variants)
         print("\n".join(notes))
         print(f"# total {time.perf_counter() - t_start:.0f} s\n")
         print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |")

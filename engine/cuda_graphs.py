@@ -29,7 +29,7 @@ from .attention import use_kernels
 from .kv_cache import KVCache
 from .layers import AttnMetadata
 from .model import CausalLM
-from .request import Request
+from .request import Request, pending_patch
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,9 @@ class DecodeGraphs:
     def can_run(self, sched: list[tuple[Request, int]]) -> bool:
         return (self.disabled is None and 0 < len(sched) <= self.sizes[-1] and all(n == 1 for _, n in sched))
 
-    def logits(self, sched: list[tuple[Request, int]]) -> torch.Tensor | None:
-        """Logits [B, vocab] fp32 of a decode-only step, or None when it must run eagerly."""
+    def logits(self, sched: list[tuple[Request, int]], runner=None) -> torch.Tensor | None:
+        """Logits [B, vocab] fp32 of a decode-only step, or None when it must run eagerly. A pending
+        token's id is patched in from the step in flight by runner.patch_pending."""
         B = len(sched)
         size = next(s for s in self.sizes if s >= B)
         if not ensure_captured(self, size, "decode"):
@@ -171,7 +172,7 @@ class DecodeGraphs:
         width = 0
         for req, _ in sched:
             p = req.num_computed
-            ids.append(req.ids(p, p + 1)[0])
+            ids.append(req.ids(p, p + 1)[0] if not req.pending else 0)
             pos.append(p)
             slots.append(req.block_table[p // P] * P + p % P)
             lens.append(p + 1)
@@ -187,6 +188,10 @@ class DecodeGraphs:
         self.slots[:B].copy_(host[2], non_blocking=True)
         self.lens[:B].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
         self.tables[:B, :width].copy_(table, non_blocking=True)  # entries past a length are never read
+        patch_rows, patch_srcs = pending_patch(sched)
+        if patch_rows:
+            patch = torch.tensor([patch_rows, patch_srcs], dtype=torch.long).to(self.device, non_blocking=True)
+            runner.patch_pending(self.ids, patch[0], patch[1])
         self._pad(B, size)
         g, out = self.graphs[size]
         g.replay()

@@ -7,6 +7,7 @@ import gc
 import operator
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from .offload import experts_load_device, setup_experts
 from .prefill_graphs import PrefillGraphs
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
-from .runner import ModelRunner
+from .runner import Launched, ModelRunner
 from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler
 from .tokenizer import Detokenizer, Tokenizer
@@ -150,6 +151,12 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class _Step(NamedTuple):
+    sched: list[tuple[Request, int]]
+    launched: Launched
+    early: bool  # it read early loads' pages (settled when read back)
+
+
 class LLMEngine:
     def __init__(self, config: Config, cache: CacheBackend | None = None,
                  registry: CollectorRegistry | None = None, kvc_metrics: KvcMetrics | None = None):
@@ -195,6 +202,8 @@ class LLMEngine:
                 self.runner.prefill_graphs = PrefillGraphs(self.model, self.kv, self.device, most,
                                                            max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: _Step | None = None  # a launched step not yet read back
         self._update_gauges()
         freeze_long_lived_objects()
 
@@ -239,7 +248,11 @@ class LLMEngine:
             self._update_gauges()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a request is unfinished (a step in flight whose requests were all aborted or
+        stopped holds nothing back: the next step or close reads it)."""
+        step = self._in_flight
+        return self.scheduler.has_unfinished() or (
+            step is not None and any(req.status is not Status.FINISHED for req, _ in step.sched))
 
     def flush_commits(self) -> None:
         """The last step's page bookkeeping, now: register its newly full pages in the device pool,
@@ -254,6 +267,18 @@ class LLMEngine:
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the outputs of the step before it.
+
+        With scheduler.async_scheduling the engine keeps one step in flight: it schedules and
+        launches the next step before it reads the last one's samples back, so the GPU has queued
+        work while the host hands outputs out, registers pages and prepares. A request whose token
+        is still on the GPU is scheduled as a decode of it (its id patched in on the device), unless
+        that token ends it by length; one that then stops on an EOS, a stop token or a stop string
+        has computed one step more than it needed, and that step's sample is dropped. Without it
+        each step is read back before the next is scheduled (the outputs are this step's)."""
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and prev.early:  # its verdict decides what the next step computes
+            return self._finish(prev)
         self.prefix_cache.run_deferred(running=False)  # the finished requests', before scheduling
         if self._pace_puts:
             self.prefix_cache.step_started()
@@ -261,26 +286,49 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted)
         if not sched:
+            if prev is not None:
+                return self._finish(prev)
             self.prefix_cache.run_deferred()  # no launch to do it beside
             self.scheduler.wait_for_loads()  # nothing else can run until a load lands
             return []
+        launched = self._launch(sched)
+        if prev is None and not self.async_scheduling:
+            return self._finish(launched)
+        self._in_flight = launched
+        return self._finish(prev) if prev is not None else []
+
+    def _launch(self, sched: list[tuple[Request, int]]) -> "_Step":
         n_tokens = sum(n for _, n in sched)
         early = self.prefix_cache.step_waits(sched)  # the GPU waits for early loads' writes
         # mostly prefill: a sample of the recompute rate (not a step that waited for a load)
         sample = n_tokens >= PREFILL_SAMPLE_TOKENS and not early
         started = self.prefill_clock.start() if sample else None
-        tokens = self.runner.step(sched)
+        launched = self.runner.launch(sched)
         if sample:
             self.prefill_clock.stop(n_tokens, started)
+        for j, req in enumerate(launched.reqs):  # its token is pending until _finish reads it
+            req.pending += 1
+            req.pending_row = j
+        for req, n in sched:  # queued: the next schedule goes on from there
+            req.num_computed += n
+        return _Step(sched, launched, early)
+
+    def _finish(self, step: "_Step") -> list[RequestOutput]:
+        """Read a launched step's samples back and hand its outputs out."""
+        tokens = step.launched.tokens()
         self.experts.step()
+        early = step.early
         now = time.monotonic()
         outputs = []
-        for req, n in sched:
+        for req, n in step.sched:
+            tok = tokens.get(req)
+            if tok is not None:
+                req.pending -= 1
             if early and not self.prefix_cache.settle(req):
                 continue  # it read pages that then failed their checksum: recomputed from there
-            req.num_computed += n
+            if req.status is Status.FINISHED:
+                continue  # aborted, or stopped by the step before (this step ran it once more)
             self.prefix_cache.commit_later(req)  # registered and offered after the outputs go out
-            tok = tokens.get(req)
             if tok is None:
                 continue
             if req.last_token_time is None:
@@ -333,6 +381,9 @@ class LLMEngine:
         engine raises RuntimeError when used."""
         if isinstance(self.__dict__.get("model"), Closed):
             return
+        if self._in_flight is not None:  # its kernels may still write the pool
+            self._in_flight.launched.tokens()
+            self._in_flight = None
         self.experts.close()
         self.prefix_cache.close()
         gone = Closed("this LLMEngine is closed")

@@ -63,6 +63,10 @@ class Request:
     last_token_time: float | None = None
     max_len: int = 0  # prompt + max_tokens capped by the model length
     prompt_bytes: bytes | None = None  # prompt_ids as little-endian uint32 (packed once, at add_request)
+    # a token sampled by the step in flight, not yet read back (scheduler.async_scheduling): the
+    # next step may already compute its KV, its id patched in on the GPU from that step's samples
+    pending: int = 0
+    pending_row: int = -1  # its row in the in-flight step's sampled tokens
 
     @property
     def all_ids(self) -> list[int]:
@@ -86,10 +90,33 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens whose ids are on the host (a pending token is not among them)."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_tokens_ahead(self) -> int:
+        """num_tokens and the pending token: what the next step may compute up to."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    def stops_by_length_ahead(self) -> bool:
+        """Whether the pending token ends the request by its length (max_tokens or max_len):
+        then no step computes past it."""
+        return self.pending > 0 and (len(self.output_ids) + self.pending >= self.params.max_tokens
+                                     or self.num_tokens_ahead >= self.max_len)
 
     def output(self) -> RequestOutput:
         done = self.status is Status.FINISHED
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids,
                              [CompletionOutput(0, self.text, list(self.output_ids), self.finish_reason)],
                              done, self.num_cached_tokens)
+
+
+def pending_patch(sched: list[tuple[Request, int]], rows: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(rows, sources) of the step's input ids that are pending tokens: row r's id is source s of
+    the sampled tokens of the step in flight. rows: each piece's first row (default: piece i at i)."""
+    out_rows, srcs = [], []
+    for i, (req, n) in enumerate(sched):
+        if req.pending:
+            out_rows.append((i if rows is None else rows[i]) + req.num_tokens - req.num_computed)
+            srcs.append(req.pending_row)
+    return out_rows, srcs

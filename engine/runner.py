@@ -16,8 +16,8 @@ from .kv_cache import KVCache
 from .layers import AttnMetadata, Piece
 from .model import CausalLM
 from .prefill_graphs import PrefillGraphs
-from .request import Request
-from .sampling import sample
+from .request import Request, pending_patch
+from .sampling import sample_on_device
 
 
 def _padded(tables: list[list[int]], width: int) -> list[int]:
@@ -30,12 +30,43 @@ def _padded(tables: list[list[int]], width: int) -> list[int]:
     return out
 
 
+class Launched:
+    """A step whose kernels (and sampling) are queued: tokens() reads its samples back.
+
+    On CUDA the samples are copied into pinned memory right behind the sampling and an event is
+    recorded: tokens() waits for that event only, not for whatever was queued after it (the next
+    step, with async scheduling). A plain .tolist() would queue its copy behind the next step."""
+
+    def __init__(self, reqs: list[Request], sampled: torch.Tensor | None):
+        self.reqs, self.sampled = reqs, sampled  # sampled [len(reqs)] long on the device
+        self._tokens: dict[Request, int] | None = None
+        self._host = self._ready = None
+        if sampled is not None and sampled.device.type == "cuda":
+            self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            self._host.copy_(sampled, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(sampled.device))
+
+    def tokens(self) -> dict[Request, int]:
+        """Each token-producing request's sampled id (waits for the GPU the first time)."""
+        if self._tokens is None:
+            if not self.reqs:
+                self._tokens = {}
+            elif self._ready is not None:
+                self._ready.synchronize()  # releases the GIL
+                self._tokens = dict(zip(self.reqs, self._host.tolist()))
+            else:
+                self._tokens = dict(zip(self.reqs, self.sampled.tolist()))
+        return self._tokens
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv, device
         self.graphs: DecodeGraphs | None = None  # set by the engine when decode graphs apply
         self.prefill_graphs: PrefillGraphs | None = None  # likewise, for the other steps
         self.on_launched = None  # called once a step's kernels are queued, before the host waits for them
+        self.in_flight: torch.Tensor | None = None  # the sampled ids of the last launched step
 
     def _upload(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """All of a step's int lists in one host-to-device copy: pinned and non-blocking on CUDA, so
@@ -56,9 +87,13 @@ class ModelRunner:
         dec_rows, dec_tables, dec_lens = [], [], []
         pre_tables, pre_starts, pre_qlens, pre_lens = [], [], [], []
         row = 0
+        firsts = []
         for req, n in sched:
             start = req.num_computed
+            firsts.append(row)
             ids += req.ids(start, start + n)
+            if req.pending:  # its last id is still on the GPU: a placeholder, patched after the upload
+                ids += [0] * req.pending
             positions += range(start, start + n)
             table = req.block_table
             slots += [table[p // P] * P + p % P for p in range(start, start + n)]
@@ -72,15 +107,18 @@ class ModelRunner:
                 pre_starts.append(row)
                 pre_qlens.append(n)
                 pre_lens.append(start + n)
-            if start + n == req.num_tokens:
+            if start + n == req.num_tokens_ahead:
                 logit_rows.append(row + n - 1)
             row += n
         pre_w = max((len(t) for t in pre_tables), default=0)
         dec_w = max((len(t) for t in dec_tables), default=0)
+        patch_rows, patch_srcs = pending_patch(sched, firsts)
         parts = [ids, positions, slots, logit_rows, pre_starts, pre_qlens, pre_lens, dec_rows, dec_lens,
-                 _padded(pre_tables, pre_w), _padded(dec_tables, dec_w)]
+                 _padded(pre_tables, pre_w), _padded(dec_tables, dec_w), patch_rows, patch_srcs]
         (ids_d, pos_d, slots_d, self._logit_idx, starts_d, qlens_d, klens_d, rows_d, lens_d, ptab_d,
-         dtab_d) = self._upload(parts)
+         dtab_d, patch_d, src_d) = self._upload(parts)
+        if patch_rows:
+            self.patch_pending(ids_d, patch_d, src_d)
         meta = AttnMetadata(pos_d, slots_d, [], None, None, None)
         if pre_tables:
             ptab = ptab_d.view(len(pre_tables), pre_w)  # [Np, width] long
@@ -96,27 +134,38 @@ class ModelRunner:
             meta.decode_tables = dtab_d.view(len(dec_rows), dec_w)  # [B, width] long
         return ids_d, meta, logit_rows
 
+    def patch_pending(self, ids: torch.Tensor, rows: torch.Tensor, srcs: torch.Tensor) -> None:
+        """ids[rows] = the in-flight step's samples[srcs], on the device (no host sync)."""
+        assert self.in_flight is not None, "a pending token without a step in flight"
+        ids.index_copy_(0, rows, self.in_flight.index_select(0, srcs).to(ids.dtype))
+
     def logits(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         """Run one step; logits [n, vocab] fp32 for the requests that produce a token."""
         if self.graphs is not None and self.graphs.can_run(sched):
             self.kv.wait_all_layers()  # the captured layers read the pool without asking kv.layer
-            out = self.graphs.logits(sched)
+            out = self.graphs.logits(sched, self)
             if out is not None:
                 return out, [req for req, _ in sched]
         input_ids, meta, rows = self.prepare(sched)
         hidden = None if self.prefill_graphs is None else self.prefill_graphs.forward(input_ids, meta)
         if hidden is None:  # eager: no graphs here, or more tokens than the largest bucket
             hidden = self.model(input_ids, meta, self.kv.layer)  # [T, H]
-        reqs = [req for req, n in sched if req.num_computed + n == req.num_tokens]
+        reqs = [req for req, n in sched if req.num_computed + n == req.num_tokens_ahead]
         if not rows:
             return hidden.new_empty(0, self.model.args.vocab_size, dtype=torch.float32), reqs
         return self.model.logits(hidden[self._logit_idx]), reqs  # rows uploaded with the step
 
-    def step(self, sched: list[tuple[Request, int]]) -> dict[Request, int]:
+    def launch(self, sched: list[tuple[Request, int]]) -> Launched:
+        """Queue one step and its sampling; nothing waits for the GPU. A piece whose request has a
+        pending token reads that id from the previous launch's samples on the device."""
         logits, reqs = self.logits(sched)
+        sampled = sample_on_device(logits, [r.params for r in reqs], [r.generator for r in reqs]) if reqs else None
+        if sampled is not None:
+            self.in_flight = sampled
+        launched = Launched(reqs, sampled)  # the samples' copy to the host queued before anything else
         if self.on_launched is not None:
             self.on_launched()
-        if not reqs:
-            return {}
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        return dict(zip(reqs, tokens))
+        return launched
+
+    def step(self, sched: list[tuple[Request, int]]) -> dict[Request, int]:
+        return self.launch(sched).tokens()

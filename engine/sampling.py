@@ -52,6 +52,11 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """logits [B, V] fp32 -> one token id per row."""
+    return sample_on_device(logits, params, generators).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B] long on logits' device, queued without a host sync."""
     out = logits.argmax(-1)  # [B]
     for i, p in enumerate(params):
         if p.greedy:
@@ -67,4 +72,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
             row = row.scatter(0, idx, sorted_logits.masked_fill(drop, float("-inf")))
         probs = torch.softmax(row, -1)
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out.tolist()
+    return out

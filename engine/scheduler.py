@@ -6,7 +6,8 @@ requests whose host load landed are placed, then the waiting queue, unless somet
 preempted this step. All room comes from the PrefixCache: a request it cannot place holds no
 blocks, so nothing in the waiting queue ever holds blocks while it cannot run (the engine cannot
 stall behind it). A prefix hit only sets the first uncomputed position: chunked prefill
-continues from there.
+continues from there. With a step in flight (the engine's async scheduling) a running request may
+have a pending token: it is scheduled as a decode of that token, unless the token ends it by length.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, self.chunk, budget)
+            if req.stops_by_length_ahead():  # its pending token ends it: nothing left to compute
+                i += 1
+                continue
+            n = min(req.num_tokens_ahead - req.num_computed, self.chunk, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
             while not self.cache.grow(req, n):
                 victim = self.running.pop()  # FCFS: the latest arrival gives way

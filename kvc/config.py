@@ -106,6 +106,9 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata=_range(1))
     max_num_batched_tokens: int = field(default=2048, metadata=_range(1))
     max_model_len: int | None = field(default=None, metadata=_range(1))
+    # keep one step in flight: the next step is scheduled and launched before the last one's
+    # samples are read back (the GPU is not idle while the host prepares)
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)
