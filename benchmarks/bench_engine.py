@@ -92,7 +92,8 @@ class Ours:
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
-             prefill_graphs: bool | None = None, graph_attention: bool | None = None):
+             prefill_graphs: bool | None = None, graph_attention: bool | None = None,
+             async_scheduling: bool | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             set_attention_backend(self.eng.model, self.eng.config.attn.backend, prefill)
         if chunk is not None:
@@ -101,6 +102,9 @@ class Ours:
             self.eng.runner.graphs = self.graphs if graphs else None
         if prefill_graphs is not None:
             self.eng.runner.prefill_graphs = self.prefill_graphs if prefill_graphs else None
+        if async_scheduling is not None:  # switched between runs (nothing in flight then)
+            assert self.eng._in_flight is None
+            self.eng.async_scheduling = async_scheduling
         if graph_attention is not None and self.prefill_graphs is not None:  # short steps' attention captured
             self.prefill_graphs.attn_sizes = self.attn_sizes if graph_attention else set()
 
@@ -263,24 +267,29 @@ def main():
         variants = [("", None)]
         if ours.attn_sizes:  # side by side: the short steps' attention inside the prefill graphs or not
             variants = [(", attention in the graphs", True), (", attention eager between graphs", False)]
+        variants.append((", synchronous scheduling", variants[0][1]))  # the step read back before the next
         for label, inside in variants:
-            ours.mode(graph_attention=inside)
+            ours.mode(graph_attention=inside, async_scheduling="synchronous" not in label)
             hit, alone = ours.ttft(cached, a.hit_new, a.repeat)
             print(f"| chunk {a.chunk}{label} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |",
                   flush=True)
-        ours.mode(graph_attention=True)
+        ours.mode(graph_attention=True, async_scheduling=True)
 
         elem = torch.finfo(getattr(torch, a.dtype)).bits // 8
         nbytes = active_bytes(ours.eng.args, elem)
         floor_s = nbytes / (a.hbm_tbps * 1e12)
-        modes = [("eager", False)] + ([("graphs", True)] if ours.graphs is not None else [])
-        print(f"\n| concurrent | " + " | ".join(f"{m} tok/s" for m, _ in modes) + " | step ms (last) | "
+        # the last column is the default (graphs where they run, async scheduling)
+        modes = [("eager", False, True)] + ([("graphs, sync scheduling", True, False), ("graphs", True, True)]
+                                            if ours.graphs is not None else [("eager, sync scheduling", False, False)])
+        if ours.graphs is None:
+            modes.reverse()
+        print("\n| concurrent | " + " | ".join(f"{m} tok/s" for m, _, _ in modes) + " | step ms (last) | "
               "single-request step / HBM floor |")
         print("|---|" + "---|" * len(modes) + "---|---|")
         for c in a.concurrency:
             tps = []
-            for _, g in modes:
-                ours.mode(graphs=g)
+            for _, g, asy in modes:
+                ours.mode(graphs=g, async_scheduling=asy)
                 tps.append(ours.decode_tps(c, a.decode_prompt_len, a.decode_tokens, a.repeat))
             step = c / tps[-1]
             floor = f"{step / floor_s:.1f}x" if c == 1 else "-"
