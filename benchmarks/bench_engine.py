@@ -135,20 +135,24 @@ class Ours:
         p = prompts(1, length, self.vocab, seed)
         return lambda: self._run([p[0]], 1) and self.eng.prefix_cache.reset_device_cache()
 
-    def ttft(self, cached, new, repeat):
-        """(TTFT with `cached` tokens in the device pool + `new` ones, TTFT of the `new` alone) in s."""
+    def ttft(self, cached, new, repeat, modes=({},)):
+        """Per mode (kwargs of `mode`), (TTFT with `cached` tokens in the device pool + `new` ones,
+        TTFT of the `new` alone) in s, medians; the modes interleaved in each repetition (rows run
+        one after another drift by more than they differ)."""
         base = prompts(1, cached, self.vocab, 7)[0]
         self._run([base], 1)
-        hit, alone = [], []
+        hit, alone = [[] for _ in modes], [[] for _ in modes]
         for r in range(repeat + 1):
-            suffix, other = prompts(2, new, self.vocab, 1000 + r)
-            _, dt, got = self._run([base + suffix], 1, first_token=True)
-            assert got >= cached, f"expected a device hit of {cached} tokens, got {got}"
-            _, dt_alone, _ = self._run([other], 1, first_token=True)
-            if r:
-                hit.append(dt), alone.append(dt_alone)
+            for i, m in enumerate(modes):
+                self.mode(**m)
+                suffix, other = prompts(2, new, self.vocab, 1000 + r * len(modes) + i)
+                _, dt, got = self._run([base + suffix], 1, first_token=True)
+                assert got >= cached, f"expected a device hit of {cached} tokens, got {got}"
+                _, dt_alone, _ = self._run([other], 1, first_token=True)
+                if r:
+                    hit[i].append(dt), alone[i].append(dt_alone)
         self.eng.prefix_cache.reset_device_cache()
-        return statistics.median(hit), statistics.median(alone)
+        return [(statistics.median(h), statistics.median(a)) for h, a in zip(hit, alone)]
 
     def decode_tps(self, c, plen, n, repeat):
         best = []
@@ -262,15 +266,14 @@ def main():
                 torch.cuda.empty_cache()
 
         cached = max(a.prompt_len)
-        print(f"\n| TTFT, device hit | {cached} cached + {a.hit_new} new (ms) | {a.hit_new} alone (ms) | ratio |")
+        print(f"\n| TTFT, device hit (variants interleaved) | {cached} cached + {a.hit_new} new (ms) | {a.hit_new} alone (ms) | ratio |")
         print("|---|---|---|---|")
         variants = [("", None)]
         if ours.attn_sizes:  # side by side: the short steps' attention inside the prefill graphs or not
             variants = [(", attention in the graphs", True), (", attention eager between graphs", False)]
         variants.append((", synchronous scheduling", variants[0][1]))  # the step read back before the next
-        for label, inside in variants:
-            ours.mode(graph_attention=inside, async_scheduling="synchronous" not in label)
-            hit, alone = ours.ttft(cached, a.hit_new, a.repeat)
+        modes = [dict(graph_attention=inside, async_scheduling="synchronous" not in label) for label, inside in variants]
+        for (label, _), (hit, alone) in zip(variants, ours.ttft(cached, a.hit_new, a.repeat, modes)):
             print(f"| chunk {a.chunk}{label} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |",
                   flush=True)
         ours.mode(graph_attention=True, async_scheduling=True)

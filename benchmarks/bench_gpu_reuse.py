@@ -484,7 +484,15 @@ def main() -> None:
         ttft(llm, rand_ids(rng, n + 64))
         cold = statistics.median([ttft(llm, rand_ids(rng, n) + rand_ids(rng, 64))[0] for _ in range(repeats - 1)]
                                  + [ttft(llm, prefix + rand_ids(rng, 64))[0]])
-        devs = [ttft(llm, prefix + rand_ids(rng, 64)) for _ in range(repeats)]
+        devs, devs_sync = [], []  # async scheduling (the default) and synchronous, interleaved
+        default_async = eng.async_scheduling
+        for _ in range(repeats):
+            devs.append(ttft(llm, prefix + rand_ids(rng, 64)))
+            eng.async_scheduling = False
+            try:
+                devs_sync.append(ttft(llm, prefix + rand_ids(rng, 64))[0])
+            finally:
+                eng.async_scheduling = default_async
         dev = statistics.median(t for t, _ in devs)
         # the cpu hit with the engine's defaults and two variants side by side, interleaved (run BK's
         # rows measured one after the other got faster in order: 11.6 / 9.8 / 8.5 ms at 8K), each
@@ -497,7 +505,8 @@ def main() -> None:
         def busy():  # another cold prompt of this length just ran: its puts and disk writes are running
             ttft(llm, rand_ids(rng, n))
             pc.reset_device_cache()
-        variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy}
+        variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy,
+                    "sync": lambda e=eng: setattr(e, "async_scheduling", False)}
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
@@ -514,6 +523,7 @@ def main() -> None:
                 try:
                     t, got = ttft(llm, prefix + rand_ids(rng, 64))
                 finally:
+                    eng.async_scheduling = default_async
                     host.layer_loads = True
                     if hasattr(host, "queue_here"):
                         host.queue_here = True
@@ -524,12 +534,14 @@ def main() -> None:
                     cpus.append((t, got))
         cpu = [t for t, _ in cpus]
         whole = timed["whole"]
-        other_rows = [(k, v) for k, v in timed.items() if k not in ("default", "whole", "busy", "loader")]
+        other_rows = [(k, v) for k, v in timed.items() if k not in ("default", "whole", "busy", "loader", "sync")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
         rows.append((f"{size(n)} TTFT device hit", ms(dev), f"{ms(delta)} (delta)",
                      f"{dev / delta:.2f}x floor; {devs[-1][1]} tokens reused"))
+        rows.append((f"{size(n)} TTFT device hit, synchronous scheduling", ms(statistics.median(devs_sync)),
+                     f"{ms(delta)} (delta)", f"{statistics.median(devs_sync) / delta:.2f}x floor; interleaved with the row above"))
         cfloor = bytes_ / h2d + delta
         rows.append((f"{size(n)} TTFT cpu hit", ms(statistics.median(cpu)), ms(cfloor),
                      f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
@@ -541,6 +553,8 @@ def main() -> None:
                      ms(statistics.median(timed["busy"])), ms(cfloor),
                      f"{statistics.median(timed['busy']) / cfloor:.2f}x floor; that prompt's puts and disk writes "
                      f"still running (the other rows wait for them)"))
+        rows.append((f"{size(n)} TTFT cpu hit, synchronous scheduling", ms(statistics.median(timed["sync"])),
+                     ms(cfloor), f"{statistics.median(timed['sync']) / cfloor:.2f}x floor"))
         if timed.get("loader"):
             rows.append((f"{size(n)} TTFT cpu hit, layers queued on the loader thread", ms(statistics.median(timed["loader"])),
                          ms(cfloor), f"{statistics.median(timed['loader']) / cfloor:.2f}x floor"))
