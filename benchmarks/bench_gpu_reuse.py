@@ -200,7 +200,7 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
         sync()
         samplers = []
         if profile and r == 0:  # the engine's thread, and the put thread it contends with for the GIL
-            samplers.append(StackSampler(threading.get_ident(), "engine thread"))
+            samplers.append(StackSampler(threading.get_ident(), "engine thread (host tiers on, steady batch)"))
             samplers += [StackSampler(t.ident, "put thread") for t in threading.enumerate() if t.name == "kvc-put"]
         t0 = time.perf_counter()
         outs = llm.generate(batch, params)
@@ -384,7 +384,7 @@ class StackSampler:
         self._stop.set()
         self._thread.join()
         rows = sorted(self.counts.items(), key=lambda kv: -kv[1])[:top]
-        return f"# {self.label} samples (host tiers on, steady batch), top:\n" + "\n".join(
+        return f"# {self.label} samples, top:\n" + "\n".join(
             f"#   {c / max(self.n, 1):6.1%}  {k}" for k, c in rows)
 
 
