@@ -55,8 +55,13 @@ def main() -> None:
     for name, kw in kinds:
         llm = LLM(str(model_dir), **kw)
         eng = llm.engine
-        for asy in (True, False, True):
+        host = eng.prefix_cache.host
+        modes = [(True, None), (False, None), (True, None)] if host is None else \
+            [(True, "gpu-wait"), (True, "gpu-queued"), (False, "gpu-wait"), (True, "gpu-wait"), (True, "gpu-queued")]
+        for asy, gate in modes:
             eng.async_scheduling = asy
+            if host is not None:
+                host.put_gate = gate
             llm.generate([rand_ids(rng, a.length) for _ in range(a.prompts)], params)  # warm / steady state
             steps = [0]
             real = eng.step
@@ -65,7 +70,7 @@ def main() -> None:
                 steps[0] += 1
                 return real()
             eng.step = counted
-            tag = f"{name}, {'async' if asy else 'sync'}"
+            tag = f"{name}, {'async' if asy else 'sync'}" + (f", put gate {gate}" if gate else "")
             samplers = [StackSampler(threading.get_ident(), f"engine thread, {tag}")]
             samplers += [StackSampler(t.ident, f"put thread, {tag}") for t in threading.enumerate() if t.name == "kvc-put"]
             sync()
@@ -73,8 +78,10 @@ def main() -> None:
             outs = llm.generate([rand_ids(rng, a.length) for _ in range(a.prompts)], params)
             dt = time.perf_counter() - t0
             report = "\n".join(x.report(a.top) for x in samplers)
+            if host is not None:
+                report += f"\n# dropped put pages so far {host.dropped_puts}"
             del eng.step
-            print(f"| {name} | {'async' if asy else 'sync'} | {batch_rate(outs, dt):,.0f} | {steps[0]} | "
+            print(f"| {name} | {'async' if asy else 'sync'}{', put gate ' + gate if gate else ''} | {batch_rate(outs, dt):,.0f} | {steps[0]} | "
                   f"{dt / steps[0] * 1e3:.2f} |", flush=True)
             reports.append(report)
         llm.close()

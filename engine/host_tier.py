@@ -112,6 +112,13 @@ class HostTier:
         # time and 109 ms more GPU idle a batch (the engine's thread kept from launching), not slower
         # kernels. Against the put path without it, in the same pairs: within their spread (BE-BG)
         self.pause_puts = "pause" in inspect.signature(cache.put_pages).parameters
+        # when puts may hold the GIL: "gpu-wait" (default) only while the engine's thread waits for
+        # a step's samples (gpu_wait) or is idle; "gpu-queued" (before) whenever the GPU has queued
+        # work. With async scheduling the GPU always has queued work, so under "gpu-queued" the put
+        # thread took the GIL at every torch op of the engine's thread (each op lets it go): run BS,
+        # host tiers on at 0.74x of off, the engine's thread 3% of its time waiting for the GPU
+        self.put_gate = "gpu-wait"
+        self._gpu_wait = False
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
@@ -436,22 +443,33 @@ class HostTier:
         self._active = time.monotonic()
         self._launch_signal.set()
 
+    def gpu_wait(self, waiting: bool) -> None:
+        """The engine's thread starts (True) or ends (False) waiting for a step's samples: the
+        GPU is the limit meanwhile, and puts may take the GIL."""
+        self._gpu_wait = waiting
+        if waiting:
+            self._launch_signal.set()
+
     def _wait_for_slack(self) -> None:
-        """Hold the put thread while the engine's own thread limits the engine: the GPU has
-        finished every step launched so far and the engine is busy (scheduling, launching, or
-        handling outputs). Run while the GPU has queued work (slower launches cost nothing then:
-        if they fall behind, the GPU catches up and puts stop), or when the engine is idle. Never
-        while a load runs: a request waits for it (its TTFT), and the load needs the GIL and the
-        store's lock that puts take. The wait sleeps on an event the next launch or the end of a
-        load sets: no polling that would take the GIL."""
+        """Hold the put thread while the engine's own thread limits the engine. Under the default
+        gate (put_gate "gpu-wait") puts run while the engine's thread waits for a step's samples
+        (the GPU is the limit then) or when the engine is idle; under "gpu-queued" whenever the GPU
+        has queued work. Never while a load runs: a request waits for it (its TTFT), and the load
+        needs the GIL and the store's lock that puts take. The wait sleeps on an event that the
+        engine's wait, the next launch or the end of a load sets: no polling that would take the
+        GIL (cleared before the checks, so a set between them is not missed)."""
         while True:
+            self._launch_signal.clear()
             if not self._loads_in_flight:
-                ev = self._launched
-                if ev is not None and not ev.query():
-                    return
+                if self.put_gate == "gpu-wait":
+                    if self._gpu_wait:
+                        return
+                else:
+                    ev = self._launched
+                    if ev is not None and not ev.query():
+                        return
                 if time.monotonic() - self._active > IDLE_S:
                     return
-            self._launch_signal.clear()
             self._launch_signal.wait(IDLE_S)
 
     def room(self, n: int, on_cuda: bool) -> bool:

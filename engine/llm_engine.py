@@ -315,7 +315,14 @@ class LLMEngine:
 
     def _finish(self, step: "_Step") -> list[RequestOutput]:
         """Read a launched step's samples back and hand its outputs out."""
-        tokens = step.launched.tokens()
+        if self._pace_puts:
+            self.prefix_cache.gpu_wait(True)
+            try:
+                tokens = step.launched.tokens()
+            finally:
+                self.prefix_cache.gpu_wait(False)
+        else:
+            tokens = step.launched.tokens()
         self.experts.step()
         early = step.early
         now = time.monotonic()

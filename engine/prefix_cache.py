@@ -410,6 +410,11 @@ class PrefixCache:
         if self.host is not None:
             self.host.step_started()
 
+    def gpu_wait(self, waiting: bool) -> None:
+        """The engine's thread starts or ends waiting for a step's samples (puts run meanwhile)."""
+        if self.host is not None:
+            self.host.gpu_wait(waiting)
+
     def step_launched(self) -> None:
         """The runner queued the step's kernels: register the pages loads brought in while the GPU
         runs them, and let puts use the GPU's busy time."""

@@ -217,3 +217,41 @@ def test_layer_events_wait_for_each_layer_and_end_early():
     h.end()  # the loader stopped before layer 2
     t.join(5)
     assert got == ["e0", "e1", None]
+
+
+@pytest.mark.parametrize("gate", ["gpu-wait", "gpu-queued"])
+def test_puts_run_while_the_engine_waits_for_the_gpu(store, gate):
+    """Under the default gate a busy engine's puts run only while its thread waits for a step's
+    samples (gpu_wait): with async scheduling the GPU always has queued work, so "the GPU is busy"
+    no longer says the engine's thread is free. The control gate ("gpu-queued", with no step on a
+    GPU here) keeps them held even while the engine waits: the check can fail."""
+    import threading
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    host.put_gate = gate
+    stop = threading.Event()
+
+    def engine_steps():  # a busy engine: a step starts every few ms
+        while not stop.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    host.step_started()
+    stepper = threading.Thread(target=engine_steps)
+    stepper.start()
+    try:
+        hs = offer_pages(host, ns, 8, seed=11)
+        time.sleep(2 * IDLE_S)
+        assert store.lookup(ns, hashes=hs).num_pages == 0  # busy, not waiting: held
+        host.gpu_wait(True)  # the engine's thread now waits for the GPU (still stepping)
+        deadline = time.monotonic() + 2
+        while store.lookup(ns, hashes=hs).num_pages < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        put_while_waiting = store.lookup(ns, hashes=hs).num_pages
+        host.gpu_wait(False)
+        assert put_while_waiting == (8 if gate == "gpu-wait" else 0)
+    finally:
+        stop.set()
+        stepper.join()
+        host.flush()
+        host.close()
+    assert store.lookup(ns, hashes=hs).num_pages == 8
