@@ -300,7 +300,8 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams) -> di
 
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
                pairs: int, notes: list[str], profile: bool = False,
-               variants: bool = False, sync_variants: bool = False) -> list[tuple[str, str, str, str]]:
+               variants: bool = False, sync_variants: bool = False,
+               gate_variants: bool = False) -> list[tuple[str, str, str, str]]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
     sized for the batch, not from free memory), adjacent timed batches (paired_throughput); profile:
     one more pair under torch.profiler (gpu_timeline) into the notes; variants: in the same pairs,
@@ -327,6 +328,11 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
             shutil.rmtree(work / "pages-sync", ignore_errors=True)
             ons.append(LLM(str(model_dir), **dict(kw, num_device_blocks=blocks, async_scheduling=False)))
             labels.append(label)
+    if gate_variants:  # the put gate before ("gpu-queued": whenever the GPU has queued work)
+        shutil.rmtree(work / "pages-gate", ignore_errors=True)
+        ons.append(LLM(str(model_dir), **dict(tiers, disk_path=str(work / "pages-gate"), num_device_blocks=blocks)))
+        ons[-1].engine.prefix_cache.host.put_gate = "gpu-queued"
+        labels.append("host tiers on, put gate gpu-queued (puts whenever the GPU has queued work)")
     notes.append(f"# paired rows: the off LLM schedules {'a' if llm_off.engine.async_scheduling else ''}synchronously")
     timeline = [] if profile else None
     ratios = paired_throughput(llm_off, ons, rng, n, length, pairs, timeline)
@@ -402,6 +408,8 @@ def main() -> None:
     ap.add_argument("--paired-only", action="store_true", help="only the paired throughput row")
     ap.add_argument("--sync-variants", action="store_true", help="the paired row also times off and host "
                     "tiers on with scheduler.async_scheduling off, in the same pairs")
+    ap.add_argument("--gate-variants", action="store_true", help="the paired row also times host tiers on "
+                    "with the put gate before (gpu-queued), in the same pairs")
     ap.add_argument("--put-variants", action="store_true", help="the paired row also times host tiers on with the "
                     "put path before run BE (no pause before publishing) and with the cpu tier only, in the "
                     "same pairs")
@@ -451,7 +459,7 @@ def main() -> None:
         notes = []
         paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes,
                             profile=a.profile and a.device == "cuda", variants=a.put_variants,
-                            sync_variants=a.sync_variants)
+                            sync_variants=a.sync_variants, gate_variants=a.gate_variants)
         print("\n".join(notes))
         print(f"# total {time.perf_counter() - t_start:.0f} s\n")
         print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |")
