@@ -513,14 +513,21 @@ def main() -> None:
         def busy():  # another cold prompt of this length just ran: its puts and disk writes are running
             ttft(llm, rand_ids(rng, n))
             pc.reset_device_cache()
+        default_gate = getattr(host, "put_gate", None)
+
+        def busy_old_gate():  # the same, the puts under the gate before (whenever the GPU has queued work)
+            host.put_gate = "gpu-queued"
+            busy()
         variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy,
                     "sync": lambda e=eng: setattr(e, "async_scheduling", False)}
+        if default_gate is not None:
+            variants["busy-old-gate"] = busy_old_gate
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
             other = "kernel" if default_copy == "dma" else "dma"
             variants[other] = lambda: setattr(store, "layer_copy", other)
-        cpus, timed = [], {k: [] for k in variants}
+        cpus, timed, reused = [], {k: [] for k in variants}, {}
         for _ in range(repeats):
             for name, setup in variants.items():
                 eng.prefix_cache.flush()
@@ -532,17 +539,21 @@ def main() -> None:
                     t, got = ttft(llm, prefix + rand_ids(rng, 64))
                 finally:
                     eng.async_scheduling = default_async
+                    if default_gate is not None:
+                        host.put_gate = default_gate
                     host.layer_loads = True
                     if hasattr(host, "queue_here"):
                         host.queue_here = True
                     if default_copy is not None:
                         store.layer_copy = default_copy
                 timed[name].append(t)
+                reused[name] = got
                 if name == "default":
                     cpus.append((t, got))
         cpu = [t for t, _ in cpus]
         whole = timed["whole"]
-        other_rows = [(k, v) for k, v in timed.items() if k not in ("default", "whole", "busy", "loader", "sync")]
+        other_rows = [(k, v) for k, v in timed.items()
+                      if k not in ("default", "whole", "busy", "busy-old-gate", "loader", "sync")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -560,7 +571,12 @@ def main() -> None:
         rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt",
                      ms(statistics.median(timed["busy"])), ms(cfloor),
                      f"{statistics.median(timed['busy']) / cfloor:.2f}x floor; that prompt's puts and disk writes "
-                     f"still running (the other rows wait for them)"))
+                     f"still running (the other rows wait for them); last {reused['busy']} tokens reused"))
+        if timed.get("busy-old-gate"):
+            rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt, put gate gpu-queued",
+                         ms(statistics.median(timed["busy-old-gate"])), ms(cfloor),
+                         f"{statistics.median(timed['busy-old-gate']) / cfloor:.2f}x floor; that prompt's puts ran "
+                         f"whenever the GPU had queued work (the gate before); last {reused['busy-old-gate']} tokens reused"))
         rows.append((f"{size(n)} TTFT cpu hit, synchronous scheduling", ms(statistics.median(timed["sync"])),
                      ms(cfloor), f"{statistics.median(timed['sync']) / cfloor:.2f}x floor"))
         if timed.get("loader"):
