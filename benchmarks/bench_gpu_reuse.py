@@ -328,11 +328,12 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
             shutil.rmtree(work / "pages-sync", ignore_errors=True)
             ons.append(LLM(str(model_dir), **dict(kw, num_device_blocks=blocks, async_scheduling=False)))
             labels.append(label)
-    if gate_variants:  # the put gate before ("gpu-queued": whenever the GPU has queued work)
+    if gate_variants:  # the other put gate (HostTier.put_gate: "gpu-queued" or "gpu-wait")
         shutil.rmtree(work / "pages-gate", ignore_errors=True)
         ons.append(LLM(str(model_dir), **dict(tiers, disk_path=str(work / "pages-gate"), num_device_blocks=blocks)))
-        ons[-1].engine.prefix_cache.host.put_gate = "gpu-queued"
-        labels.append("host tiers on, put gate gpu-queued (puts whenever the GPU has queued work)")
+        host = ons[-1].engine.prefix_cache.host
+        host.put_gate = "gpu-wait" if host.put_gate == "gpu-queued" else "gpu-queued"
+        labels.append(f"host tiers on, put gate {host.put_gate} (the other gate)")
     notes.append(f"# paired rows: the off LLM schedules {'a' if llm_off.engine.async_scheduling else ''}synchronously")
     timeline = [] if profile else None
     ratios = paired_throughput(llm_off, ons, rng, n, length, pairs, timeline)
@@ -409,7 +410,7 @@ def main() -> None:
     ap.add_argument("--sync-variants", action="store_true", help="the paired row also times off and host "
                     "tiers on with scheduler.async_scheduling off, in the same pairs")
     ap.add_argument("--gate-variants", action="store_true", help="the paired row also times host tiers on "
-                    "with the put gate before (gpu-queued), in the same pairs")
+                    "with the other put gate (HostTier.put_gate), in the same pairs")
     ap.add_argument("--put-variants", action="store_true", help="the paired row also times host tiers on with the "
                     "put path before run BE (no pause before publishing) and with the cpu tier only, in the "
                     "same pairs")
@@ -515,13 +516,15 @@ def main() -> None:
             pc.reset_device_cache()
         default_gate = getattr(host, "put_gate", None)
 
-        def busy_old_gate():  # the same, the puts under the gate before (whenever the GPU has queued work)
-            host.put_gate = "gpu-queued"
+        other_gate = "gpu-wait" if default_gate == "gpu-queued" else "gpu-queued"
+
+        def busy_other_gate():  # the same, the puts under the other gate (HostTier.put_gate)
+            host.put_gate = other_gate
             busy()
         variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy,
                     "sync": lambda e=eng: setattr(e, "async_scheduling", False)}
         if default_gate is not None:
-            variants["busy-old-gate"] = busy_old_gate
+            variants["busy-other-gate"] = busy_other_gate
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
@@ -553,7 +556,7 @@ def main() -> None:
         cpu = [t for t, _ in cpus]
         whole = timed["whole"]
         other_rows = [(k, v) for k, v in timed.items()
-                      if k not in ("default", "whole", "busy", "busy-old-gate", "loader", "sync")]
+                      if k not in ("default", "whole", "busy", "busy-other-gate", "loader", "sync")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -572,11 +575,11 @@ def main() -> None:
                      ms(statistics.median(timed["busy"])), ms(cfloor),
                      f"{statistics.median(timed['busy']) / cfloor:.2f}x floor; that prompt's puts and disk writes "
                      f"still running (the other rows wait for them); last {reused['busy']} tokens reused"))
-        if timed.get("busy-old-gate"):
-            rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt, put gate gpu-queued",
-                         ms(statistics.median(timed["busy-old-gate"])), ms(cfloor),
-                         f"{statistics.median(timed['busy-old-gate']) / cfloor:.2f}x floor; that prompt's puts ran "
-                         f"whenever the GPU had queued work (the gate before); last {reused['busy-old-gate']} tokens reused"))
+        if timed.get("busy-other-gate"):
+            rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt, put gate {other_gate}",
+                         ms(statistics.median(timed["busy-other-gate"])), ms(cfloor),
+                         f"{statistics.median(timed['busy-other-gate']) / cfloor:.2f}x floor; that prompt's puts under "
+                         f"the other gate; last {reused['busy-other-gate']} tokens reused"))
         rows.append((f"{size(n)} TTFT cpu hit, synchronous scheduling", ms(statistics.median(timed["sync"])),
                      ms(cfloor), f"{statistics.median(timed['sync']) / cfloor:.2f}x floor"))
         if timed.get("loader"):

@@ -112,12 +112,15 @@ class HostTier:
         # time and 109 ms more GPU idle a batch (the engine's thread kept from launching), not slower
         # kernels. Against the put path without it, in the same pairs: within their spread (BE-BG)
         self.pause_puts = "pause" in inspect.signature(cache.put_pages).parameters
-        # when puts may hold the GIL: "gpu-wait" (default) only while the engine's thread waits for
-        # a step's samples (gpu_wait) or is idle; "gpu-queued" (before) whenever the GPU has queued
-        # work. With async scheduling the GPU always has queued work, so under "gpu-queued" the put
-        # thread took the GIL at every torch op of the engine's thread (each op lets it go): run BS,
-        # host tiers on at 0.74x of off, the engine's thread 3% of its time waiting for the GPU
-        self.put_gate = "gpu-wait"
+        # when puts may hold the GIL: "gpu-queued" (default) whenever the GPU has queued work (or the
+        # engine is idle); "gpu-wait" only while the engine's thread waits for a step's samples
+        # (gpu_wait) or is idle. With async scheduling the GPU always has queued work, so under
+        # "gpu-queued" the put thread can take the GIL at any torch call of the engine's thread
+        # (run BS: host tiers on 0.74x of off in one batch). "gpu-wait" was not better where both
+        # ran in one run (BT's single batches: 4-7% slower), and a 32K cpu hit right after a cold
+        # 32K prompt took 117 ms under it (BT; 27-35 ms under "gpu-queued" in BN-BR): it stays a
+        # variant the benchmarks time, not the default
+        self.put_gate = "gpu-queued"
         self._gpu_wait = False
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
@@ -452,9 +455,10 @@ class HostTier:
 
     def _wait_for_slack(self) -> None:
         """Hold the put thread while the engine's own thread limits the engine. Under the default
-        gate (put_gate "gpu-wait") puts run while the engine's thread waits for a step's samples
-        (the GPU is the limit then) or when the engine is idle; under "gpu-queued" whenever the GPU
-        has queued work. Never while a load runs: a request waits for it (its TTFT), and the load
+        gate (put_gate "gpu-queued") puts run whenever the GPU has queued work (slower launches
+        cost nothing then: if they fall behind, the GPU catches up and puts stop) or when the
+        engine is idle; under "gpu-wait" only while the engine's thread waits for a step's samples
+        or when the engine is idle. Never while a load runs: a request waits for it (its TTFT), and the load
         needs the GIL and the store's lock that puts take. The wait sleeps on an event that the
         engine's wait, the next launch or the end of a load sets: no polling that would take the
         GIL (cleared before the checks, so a set between them is not missed)."""

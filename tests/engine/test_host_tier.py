@@ -221,10 +221,9 @@ def test_layer_events_wait_for_each_layer_and_end_early():
 
 @pytest.mark.parametrize("gate", ["gpu-wait", "gpu-queued"])
 def test_puts_run_while_the_engine_waits_for_the_gpu(store, gate):
-    """Under the default gate a busy engine's puts run only while its thread waits for a step's
-    samples (gpu_wait): with async scheduling the GPU always has queued work, so "the GPU is busy"
-    no longer says the engine's thread is free. The control gate ("gpu-queued", with no step on a
-    GPU here) keeps them held even while the engine waits: the check can fail."""
+    """Under the "gpu-wait" gate a busy engine's puts run only while its thread waits for a step's
+    samples (gpu_wait). The default gate ("gpu-queued", with no step on a GPU here) keeps them
+    held even while the engine waits: the check can fail either way."""
     import threading
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store)
