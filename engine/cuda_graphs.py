@@ -25,6 +25,8 @@ import logging
 
 import torch
 
+from kvc import pinned
+
 from .attention import use_kernels
 from .kv_cache import KVCache
 from .layers import AttnMetadata
@@ -160,7 +162,7 @@ class DecodeGraphs:
     def can_run(self, sched: list[tuple[Request, int]]) -> bool:
         return (self.disabled is None and 0 < len(sched) <= self.sizes[-1] and all(n == 1 for _, n in sched))
 
-    def logits(self, sched: list[tuple[Request, int]], runner=None) -> torch.Tensor | None:
+    def logits(self, sched: list[tuple[Request, int]], runner) -> torch.Tensor | None:
         """Logits [B, vocab] fp32 of a decode-only step, or None when it must run eagerly. A pending
         token's id is patched in from the step in flight by runner.patch_pending."""
         B = len(sched)
@@ -190,7 +192,7 @@ class DecodeGraphs:
         self.tables[:B, :width].copy_(table, non_blocking=True)  # entries past a length are never read
         patch_rows, patch_srcs = pending_patch(sched)
         if patch_rows:
-            patch = torch.tensor([patch_rows, patch_srcs], dtype=torch.long).to(self.device, non_blocking=True)
+            patch = pinned.upload(torch.tensor([patch_rows, patch_srcs], dtype=torch.long), self.device)
             runner.patch_pending(self.ids, patch[0], patch[1])
         self._pad(B, size)
         g, out = self.graphs[size]

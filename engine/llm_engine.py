@@ -315,14 +315,11 @@ class LLMEngine:
 
     def _finish(self, step: "_Step") -> list[RequestOutput]:
         """Read a launched step's samples back and hand its outputs out."""
-        if self._pace_puts:
-            self.prefix_cache.gpu_wait(True)
-            try:
-                tokens = step.launched.tokens()
-            finally:
-                self.prefix_cache.gpu_wait(False)
-        else:
+        self.prefix_cache.gpu_wait(True)  # puts may run meanwhile (HostTier.put_gate "gpu-wait")
+        try:
             tokens = step.launched.tokens()
+        finally:
+            self.prefix_cache.gpu_wait(False)
         self.experts.step()
         early = step.early
         now = time.monotonic()
