@@ -128,6 +128,14 @@ class CpuTier:
     def _has_room(self, c: _SizeClass) -> bool:
         return bool(c.free or c.fresh or self.free_extents)
 
+    def free_slots(self, nbytes: int) -> int:
+        """How many pages of nbytes the tier can take without evicting: its size class's free and
+        fresh slots and the free extents'."""
+        c = self._class(nbytes)
+        E = self.extent_bytes
+        fresh = sum(((ext + 1) * E - off) // nbytes for ext, off in c.fresh.items())
+        return len(c.free) + fresh + len(self.free_extents) * (E // nbytes)
+
     def _alloc(self, nbytes: int) -> int | None:
         c = self._class(nbytes)
         if c.free:

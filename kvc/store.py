@@ -52,6 +52,11 @@ VERIFY_PARTS = 4
 MIN_VERIFY_PART = 64
 
 Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, hash, parent, tier
+# Pages demoted from the cpu tier per hold of the store lock: a demotion copies each page's record
+# out of the slab under the lock (before its slot is reused), and a batch down to the low watermark
+# is ~1,000 pages (~400 MB) for a 4 GB tier: one such hold kept a cpu hit's load waiting 117-145 ms
+# (runs BT, BU; 150-270 ms on the 2-core VM for 400 pages). 32 pages are ~12 MiB a hold.
+DEMOTE_CHUNK = 32
 BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
@@ -803,6 +808,8 @@ class TieredStore:
             if hashing.chain_hash(p.parent, packed[-1]) != p.hash:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         tally = _Tally()
+        if self._slab is not None and pages:
+            self._make_room(spec.page_bytes, len(pages), pause)
         with self._lock:
             todo, placed = self._plan_puts(ns, pages, packed, tally)
         # the checksums (from the source bytes) and the copies into the reserved slots: no entry
@@ -945,6 +952,39 @@ class TieredStore:
             victims = self._cpu_batch(nbytes, victims)
         self._demote(victims)
         return self.cpu.reserve(nbytes)
+
+    def _make_room(self, nbytes: int, n: int, pause: Callable[[], None] | None) -> None:
+        """Before a put of n pages of nbytes plans its slots: demote what it will evict, as
+        _reserve_cpu would once the tier is full (down to the low watermark when past the high
+        one), but DEMOTE_CHUNK pages per hold of the store lock, with pause() between holds (an
+        engine's put thread waits there while a load runs, so a hit waits for one chunk at most,
+        not for the whole batch's records). Pages of another size class or pinned ones are left to
+        _reserve_cpu."""
+        cpu, cfg = self.cpu, self.config
+        with self._lock:
+            if not cpu.fits(nbytes):
+                return
+            free = cpu.free_slots(nbytes)
+            if n <= free:
+                return
+            full = cpu.used + free * nbytes  # the tier once this put took the free slots
+            want = n - free
+            if full + nbytes > cfg.high_watermark * cpu.capacity:
+                want = max(want, -int(-(full + nbytes - cfg.low_watermark * cpu.capacity) // nbytes))
+        while want > 0:
+            with self._lock:
+                victims = []
+                for k, e in cpu.entries.items():  # LRU first, as _cpu_batch
+                    if e.nbytes == nbytes and not self._pinned(k):
+                        victims.append(k)
+                        if len(victims) == min(want, DEMOTE_CHUNK):
+                            break
+                if not victims:
+                    return
+                self._demote(victims)
+            want -= len(victims)
+            if want > 0 and pause is not None:
+                pause()
 
     def _cpu_stored(self, k: bytes, e: Entry, off: int, count: bool = True) -> None:
         """Publish a reserved slot whose bytes are in place (count=False: the caller counts the
