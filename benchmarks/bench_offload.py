@@ -331,6 +331,7 @@ def cpu_steps(a, s):
     print("| tokens | cpu dtype | kernel | experts touched a layer | MB a layer | floor ms a layer | ms a layer "
           "| x floor | first layer of a step, x floor |")
     print("|---|---|---|---|---|---|---|---|---|")
+    phase_notes = []  # the native kernel's time per phase (setup, x, gu, q, down) and outside it
     for spec in a.formats.split(","):
         fmt, kern, src, wt = prepared(spec, w13, w2)
         if wt is None:
@@ -353,6 +354,8 @@ def cpu_steps(a, s):
             times, firsts, floors, first_floors = [], [], [], []
             with torch.inference_mode():
                 for i, row in enumerate(calls):
+                    if i == 1 and wt.kernel == "native":  # the kernel's phase times from the timed steps on
+                        pool.native().phases()
                     _spin(a.step_gap_ms / 1e3)
                     for j, (x, cid, w, touched) in enumerate(row):
                         _spin(a.gap_us / 1e6)
@@ -369,7 +372,15 @@ def cpu_steps(a, s):
             print(f"| {T} | {fmt} | {kern or wt.kernel} | {touched:.1f} | {touched * wt.expert_bytes / 1e6:.0f} | "
                   f"{mean_f * 1e3:.2f} | {mean_t * 1e3:.2f} | {mean_t / mean_f:.2f} | "
                   f"{sum(firsts) / sum(first_floors):.2f} |", flush=True)
+            if wt.kernel == "native":
+                ph = pool.native().phases()
+                n = max(ph.pop("calls"), 1)
+                inside = sum(ph.values()) / n
+                phase_notes.append(f"# {T} token(s), {fmt}: us a call: " + ", ".join(
+                    f"{k} {v / n * 1e6:.1f}" for k, v in ph.items()) +
+                    f"; outside the kernel (Python, ctypes) {(mean_t - inside) * 1e6:.1f}")
         del wt, layers
+    print("\n".join(phase_notes))
     pool.close()
 
 

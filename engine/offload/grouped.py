@@ -211,9 +211,10 @@ def grouped_cpu_experts(wt: CpuExpertWeights, x: torch.Tensor, ids: torch.Tensor
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
         assert out.dtype == torch.float32 and out.is_contiguous(), "out must be contiguous fp32 [T, H]"
-        n = native.library().moe(threads.native(), wt.native_wf, x.contiguous(), ids.to(torch.int64).contiguous(),
-                                 weights.float().contiguous(), wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2, out,
-                                 wt.max_rows)
+        pool = threads.native()
+        n = pool.lib.moe(pool, wt.native_wf, x.contiguous(), ids.to(torch.int64).contiguous(),
+                         weights.float().contiguous(), wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2, out,
+                         wt.max_rows)
         if n >= 0:
             return n
         assert wt.fallback is not None, "native weights without a torch fallback took a hand-off"

@@ -132,6 +132,20 @@ def test_bf16_activations_are_accepted_as_they_are(pools):
     assert torch.equal(a, b)
 
 
+def test_the_pool_counts_its_calls_and_phase_times(pools):
+    """NativePool.phases: seconds per phase summed over the calls since the last read, and the call
+    count (bench_offload prints them per row); reading resets them."""
+    wt, _, _ = native_weights("int8")
+    pool = pools[3].native()
+    pool.phases()
+    for _, x, ids, w in routings()[:3]:
+        grouped_cpu_experts(wt, x, ids, w, torch.empty(x.shape[0], H), pools[3])
+    ph = pool.phases()
+    assert ph["calls"] == 3 and ph["gu"] > 0 and ph["down"] > 0, ph
+    assert all(v >= 0 for v in ph.values()), ph
+    assert pool.phases()["calls"] == 0
+
+
 def test_prefill_sized_calls_go_to_the_torch_kernel(pools):
     wt, w13, _ = native_weights("float32")
     _, x, ids, w = routings()[3]  # 300 tokens: ~50 pairs per active expert

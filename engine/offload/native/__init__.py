@@ -51,12 +51,13 @@ class NativeLib:
         lib.kvc_moe.argtypes = [P, I32, P, I32, I32, I32, I32, I32, I32, P, P, P, P, P, P, P, P, P, F64]
         lib.kvc_moe.restype = ctypes.c_long
         lib.kvc_isa.restype = I32
+        lib.kvc_pool_phases.argtypes, lib.kvc_pool_phases.restype = [P, P], None
         self._lib = lib
         isa = lib.kvc_isa()
         self.isa = "+".join(n for b, n in ((1, "avx512"), (2, "bf16"), (4, "vnni")) if isa & b) or "scalar"
 
     def pool(self, threads: int) -> "NativePool":
-        return NativePool(self._lib, threads)
+        return NativePool(self, threads)
 
     def moe(self, pool: "NativePool", wf: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
             w13: torch.Tensor, w2: torch.Tensor, s13, s2, rs13, rs2, out: torch.Tensor, max_rows: float) -> int:
@@ -77,11 +78,23 @@ class NativeLib:
 
 
 class NativePool:
-    def __init__(self, lib, threads: int):
-        self._lib, self.threads = lib, threads
-        self.handle = lib.kvc_pool_new(threads)
+    """The kernel's thread pool; `lib` the NativeLib it runs (a layer call reaches the kernel
+    through it, not through library(), whose cache key costs a directory glob: ~60 us a call on the
+    2-core VM, a tenth of a 1-token int8 layer)."""
+
+    def __init__(self, lib: NativeLib, threads: int):
+        self.lib, self._lib, self.threads = lib, lib._lib, threads
+        self.handle = self._lib.kvc_pool_new(threads)
         if not self.handle:
             raise MemoryError("native CPU experts: pool allocation failed")
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase of the kernel's calls since the last read (setup: pair sorting; x: the
+        input rows converted or quantized; gu: gate/up; q: the activations quantized (w8a8); down),
+        summed, and "calls"; reading resets them."""
+        out = (ctypes.c_double * 6)()
+        self._lib.kvc_pool_phases(self.handle, out)
+        return dict(zip(("setup", "x", "gu", "q", "down", "calls"), out))
 
     def close(self) -> None:
         if self.handle:

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -40,6 +41,11 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #endif
 #ifndef PF
 #define PF 2048 /* bytes ahead to prefetch weight rows: past the 4 KiB pages the hardware stops at */
+#endif
+
+#ifndef SMALL_PREP
+#define SMALL_PREP 4096 /* elements to convert / quantize below which the caller does it alone: a
+                          * pool round (wake, claim, barrier) costs more than a few rows */
 #endif
 
 #include "pool.h"
@@ -306,6 +312,26 @@ static void task_down(void *ctx, int task) {
     }
 }
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The phase times summed since the last read (setup, x, gu, q, down, in seconds) and the call count
+ * into out[0..5]; resets them. */
+void kvc_pool_phases(void *pool, double *out) {
+    pool_t *pl = pool;
+    pthread_mutex_lock(&pl->call_mu);
+    for (int i = 0; i < 5; i++) {
+        out[i] = pl->phase[i];
+        pl->phase[i] = 0;
+    }
+    out[5] = (double)pl->calls;
+    pl->calls = 0;
+    pthread_mutex_unlock(&pl->call_mu);
+}
+
 /* The calling thread's scratch, kept between calls (the worker thread calls once per layer). */
 static __thread char *scratch;
 static __thread size_t scratch_cap;
@@ -340,6 +366,7 @@ long kvc_moe(void *pool, int wf, const void *x, int xdt, int T, int H, int I, in
 static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H, int I, int k, int E,
                 const int64_t *ids, const float *weights, const void *w13, const void *w2, const float *s13,
                 const float *s2, const int32_t *rs13, const int32_t *rs2, float *out, double max_rows) {
+    double t0 = now_s(), t1, t2, t3;
     size_t need = sizeof(int32_t) * (E + 1) * 3 + 64 * 12;
     int N = 0, nact = 0;
     for (long i = 0; i < (long)T * k; i++) {
@@ -395,9 +422,11 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
     c.actf = carve(&at, sizeof(float) * (size_t)N * I);
     c.act = wf == WF_F32 || wf == WF_I8W ? (void *)c.actf : carve(&at, (size_t)N * I * 4);
     c.as = carve(&at, sizeof(float) * N);
+    t1 = now_s();
+    pl->phase[0] += t1 - t0;
     if (need_x) {
         c.rb = (T + 4 * n - 1) / (4 * n);
-        if (c.rb < 1) c.rb = 1;
+        if (c.rb < 1 || (long)T * H <= SMALL_PREP) c.rb = T; /* a decode step's rows: here, no pool round */
         pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
     }
     /* blocks: about 8 tasks per thread (dynamic claiming evens out the rest), each at least 8 rows so a
@@ -406,17 +435,25 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
     c.jb = jb < 8 ? 8 : jb > 64 ? 64 : jb;
     if (wf == WF_I8P) c.jb = (c.jb + 15) & ~15; /* whole packed blocks */
     c.njb = (I + c.jb - 1) / c.jb;
+    t2 = now_s();
+    pl->phase[1] += t2 - t1;
     pool_run(pl, task_gu, &c, nact * c.njb);
+    t3 = now_s();
+    pl->phase[2] += t3 - t2;
     if (Q8(wf)) {
         c.rb = (N + 4 * n - 1) / (4 * n);
-        if (c.rb < 1) c.rb = 1;
+        if (c.rb < 1 || (long)N * I <= SMALL_PREP) c.rb = N;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
     int hb = (H + 8 * n - 1) / (8 * n);
     hb = (hb + 8) & ~15; /* whole cache lines of out per task, the multiple of 16 nearest */
     c.hb = hb < 16 ? 16 : hb;
     c.nhb = (H + c.hb - 1) / c.hb;
+    t1 = now_s();
+    pl->phase[3] += t1 - t3;
     pool_run(pl, task_down, &c, c.nhb);
+    pl->phase[4] += now_s() - t1;
+    pl->calls++;
     return N;
 }
 

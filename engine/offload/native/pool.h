@@ -12,6 +12,10 @@ typedef struct {
     int ntasks, stop;
     task_fn fn;
     void *ctx;
+    /* seconds spent per phase of kvc_moe calls (setup, x, gu, q, down) and the call count, summed
+     * under call_mu until kvc_pool_phases reads and resets them: where a decode step's time goes */
+    double phase[5];
+    long calls;
 } pool_t;
 
 static void claim(pool_t *p) {
