@@ -809,7 +809,7 @@ class TieredStore:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         tally = _Tally()
         if self._slab is not None and pages:
-            self._make_room(spec.page_bytes, len(pages), pause)
+            self._make_room(root, spec.page_bytes, pages, pause)
         with self._lock:
             todo, placed = self._plan_puts(ns, pages, packed, tally)
         # the checksums (from the source bytes) and the copies into the reserved slots: no entry
@@ -953,8 +953,8 @@ class TieredStore:
         self._demote(victims)
         return self.cpu.reserve(nbytes)
 
-    def _make_room(self, nbytes: int, n: int, pause: Callable[[], None] | None) -> None:
-        """Before a put of n pages of nbytes plans its slots: demote what it will evict, as
+    def _make_room(self, root: bytes, nbytes: int, pages: Sequence[Page], pause: Callable[[], None] | None) -> None:
+        """Before a put of pages of nbytes plans its slots: demote what it will evict, as
         _reserve_cpu would once the tier is full (down to the low watermark when past the high
         one), but DEMOTE_CHUNK pages per hold of the store lock, with pause() between holds (an
         engine's put thread waits there while a load runs, so a hit waits for one chunk at most,
@@ -964,6 +964,8 @@ class TieredStore:
         with self._lock:
             if not cpu.fits(nbytes):
                 return
+            held = cpu.entries
+            n = sum(key(root, p.hash) not in held for p in pages)  # a page held already takes no slot
             free = cpu.free_slots(nbytes)
             if n <= free:
                 return

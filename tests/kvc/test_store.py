@@ -376,6 +376,19 @@ def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch
         assert len(got) == 18 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
 
 
+def test_offering_held_pages_to_a_full_tier_demotes_nothing(tmp_path):
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=8 * page / (1 << 30), high_watermark=0.9, low_watermark=0.4)
+    with TieredStore(cfg) as s:
+        _, pa = make_pages(NS, list(range(4 * 8)))
+        s.put_pages(NS, pa)
+        before = list(s.cpu.entries)
+        assert len(before) == 8  # full
+        res = s.put_pages(NS, pa)
+        assert res.duplicate == 8 and list(s.cpu.entries) == before
+        assert metric(s, "kvc_evictions_total", tier="cpu", reason="capacity") == 0
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_cluster_writer_records_are_built_together_and_decode_to_the_pages(tmp_path, monkeypatch, native):
     """The cluster writer asks for a batch's records in one call: each decodes (checksum included)
