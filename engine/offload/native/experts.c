@@ -43,11 +43,6 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #define PF 2048 /* bytes ahead to prefetch weight rows: past the 4 KiB pages the hardware stops at */
 #endif
 
-#ifndef SMALL_PREP
-#define SMALL_PREP 4096 /* elements to convert / quantize below which the caller does it alone: a
-                          * pool round (wake, claim, barrier) costs more than a few rows */
-#endif
-
 #include "pool.h"
 #include "dot.h"
 
@@ -426,7 +421,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
     pl->phase[0] += t1 - t0;
     if (need_x) {
         c.rb = (T + 4 * n - 1) / (4 * n);
-        if (c.rb < 1 || (long)T * H <= SMALL_PREP) c.rb = T; /* a decode step's rows: here, no pool round */
+        if (c.rb < 1) c.rb = 1;
         pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
     }
     /* blocks: about 8 tasks per thread (dynamic claiming evens out the rest), each at least 8 rows so a
@@ -442,7 +437,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
     pl->phase[2] += t3 - t2;
     if (Q8(wf)) {
         c.rb = (N + 4 * n - 1) / (4 * n);
-        if (c.rb < 1 || (long)N * I <= SMALL_PREP) c.rb = N;
+        if (c.rb < 1) c.rb = 1;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
     int hb = (H + 8 * n - 1) / (8 * n);

@@ -18,6 +18,27 @@ typedef struct {
     long calls;
 } pool_t;
 
+/* How long a thread spins for the next round before it sleeps (and the caller for the last worker
+ * before it waits on the condition): a decode step's layer calls come ~0.1-0.2 ms apart. Timed by the
+ * clock, not by a count of pause instructions, whose latency differs ~10x between CPU models (a
+ * count that spins 1 ms on one host lets the threads fall asleep between a call's phases on another,
+ * and every phase then waits for the slowest thread to wake). */
+#ifndef SPIN_NS
+#define SPIN_NS 2000000L
+#endif
+
+static long mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if SIMD
+    _mm_pause();
+#endif
+}
+
 static void claim(pool_t *p) {
     for (int t; (t = atomic_fetch_add(&p->next, 1)) < p->ntasks;) p->fn(p->ctx, t);
 }
@@ -26,12 +47,14 @@ static void *pool_main(void *arg) {
     pool_t *p = arg;
     int seen = 0;
     for (;;) {
-        int spins = 0;
-        while (atomic_load(&p->gen) == seen && spins < 20000) {  /* short spin: calls come per layer */
-#if SIMD
-            _mm_pause();
-#endif
-            spins++;
+        long until = 0;
+        for (int spins = 0; atomic_load(&p->gen) == seen; spins++) { /* short spin: calls come per layer */
+            cpu_relax();
+            if ((spins & 63) == 0) {
+                long t = mono_ns();
+                if (!until) until = t + SPIN_NS;
+                else if (t > until) break;
+            }
         }
         if (atomic_load(&p->gen) == seen) {
             pthread_mutex_lock(&p->mu);
@@ -92,12 +115,14 @@ static void pool_run(pool_t *p, task_fn fn, void *ctx, int ntasks) {
     pthread_cond_broadcast(&p->go);
     pthread_mutex_unlock(&p->mu);
     claim(p);
-    int spins = 0;
-    while (atomic_load(&p->busy) > 0 && spins < 20000) {
-#if SIMD
-        _mm_pause();
-#endif
-        spins++;
+    long until = 0;
+    for (int spins = 0; atomic_load(&p->busy) > 0; spins++) {
+        cpu_relax();
+        if ((spins & 63) == 0) {
+            long t = mono_ns();
+            if (!until) until = t + SPIN_NS;
+            else if (t > until) break;
+        }
     }
     if (atomic_load(&p->busy) > 0) {
         pthread_mutex_lock(&p->mu);
