@@ -24,7 +24,6 @@ import argparse
 import mmap
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from kvc import disk_tier
 from kvc.config import KvcConfig
 from kvc.hashing import Namespace, PageSpec, page_hashes
 from kvc.record import Page, torch_dtype
-from kvc.store import TieredStore
+from kvc.store import TieredStore, keys_of
 
 GB = 1e9
 MiB = 1 << 20
@@ -152,8 +151,9 @@ def disk_get(path: str, ns: Namespace, hashes, sums, out: torch.Tensor, cold: bo
     return dt
 
 
-def lmdb_gets(path: str, hashes, readahead: bool, cold: bool) -> float:
-    """Seconds for a raw get() of each record on one thread (no copy, no checksum)."""
+def lmdb_gets(path: str, keys, readahead: bool, cold: bool) -> float:
+    """Seconds for a raw get() of each record (keys: the tiers' namespaced keys) on one thread (no
+    copy, no checksum)."""
     env = lmdb.open(os.path.join(path, "lmdb"), max_dbs=2, readonly=True, lock=False, readahead=readahead)
     try:
         db = env.open_db(b"data", create=False)
@@ -161,8 +161,8 @@ def lmdb_gets(path: str, hashes, readahead: bool, cold: bool) -> float:
             drop_caches()
         t0 = time.perf_counter()
         with env.begin(db=db, buffers=True) as txn:
-            for h in hashes:
-                assert txn.get(h) is not None
+            for k in keys:
+                assert txn.get(k) is not None, "a page the store wrote is not in LMDB under its key"
         return time.perf_counter() - t0
     finally:
         env.close()
@@ -232,10 +232,10 @@ def main(argv=None) -> int:
                              best(lambda: disk_get(path, ns, hashes, sums, out, cold,
                                                    cpu_gb=nbytes * 1.3 / 2**30 + 0.1), False), ref))
                 rows.append(("LMDB get() only, 1 thread, readahead on", cache,
-                             best(lambda: lmdb_gets(path, hashes, True, cold), False), ref))
+                             best(lambda: lmdb_gets(path, keys_of(ns.root, hashes), True, cold), False), ref))
                 k = min(n, args.old_pages)
                 rows.append((f"LMDB get() only, 1 thread, readahead off ({k} pages)", cache,
-                             best(lambda: lmdb_gets(path, hashes[:k], False, cold), False,
+                             best(lambda: lmdb_gets(path, keys_of(ns.root, hashes[:k]), False, cold), False,
                                   k * spec.page_bytes), ref))
             print(f"\n{n_tok} tokens = {n} pages = {nbytes / MiB:.0f} MiB (data.mdb {mdb / MiB:.0f} MiB), "
                   f"{threads} disk reader threads   "
