@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -305,6 +307,19 @@ def test_lookup_from_a_held_page_equals_the_whole_lookup_from_there(tmp_path):
             s.lookup_from(NS, ha[3], ha[4:], raw[16 * 4:16 * 5])
 
 
+@contextlib.contextmanager
+def store_with_a_chain(tmp_path):
+    """A store whose cpu tier holds 20 pages (watermarks 0.9 / 0.4) with chain A's 18 pages in it,
+    and chain B's 10 pages to put next: (store, A's hashes, A's pages, B's hashes, B's pages)."""
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=20 * page / (1 << 30), high_watermark=0.9, low_watermark=0.4)
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(4 * 18)))
+        hb, pb = make_pages(NS, list(range(1000, 1000 + 4 * 10)))
+        s.put_pages(NS, pa)
+        yield s, ha, pa, hb, pb
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_a_batch_of_demotions_writes_every_record_whole(tmp_path, monkeypatch, native):
     """An eviction batch's records are built in one buffer by one native copy (the per-record
@@ -315,12 +330,7 @@ def test_a_batch_of_demotions_writes_every_record_whole(tmp_path, monkeypatch, n
         pytest.skip("the native put path does not build here")
     if not native:
         monkeypatch.setattr(pagecopy, "library", lambda cc=None: None)
-    page = SPEC.page_bytes
-    cfg = kvc_config(tmp_path, cpu_memory_size_GB=20 * page / (1 << 30), high_watermark=0.9, low_watermark=0.4)
-    with TieredStore(cfg) as s:
-        ha, pa = make_pages(NS, list(range(4 * 18)))
-        hb, pb = make_pages(NS, list(range(1000, 1000 + 4 * 10)))
-        s.put_pages(NS, pa)
+    with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
         sizes, real = [], s._records
         s._records = lambda items: (sizes.append(len(items)), real(items))[1]
         s.put_pages(NS, pb)  # one batch demotes A's oldest pages down to the low watermark
@@ -343,12 +353,7 @@ def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch
 
     from kvc import store as store_mod
     monkeypatch.setattr(store_mod, "DEMOTE_CHUNK", 4, raising=False)
-    page = SPEC.page_bytes
-    cfg = kvc_config(tmp_path, cpu_memory_size_GB=20 * page / (1 << 30), high_watermark=0.9, low_watermark=0.4)
-    with TieredStore(cfg) as s:
-        ha, pa = make_pages(NS, list(range(4 * 18)))
-        hb, pb = make_pages(NS, list(range(1000, 1000 + 4 * 10)))
-        s.put_pages(NS, pa)
+    with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
         sizes, real = [], s._demote
         s._demote = lambda victims: (sizes.append(len(victims)), real(victims))[1]
         lock_free = []
