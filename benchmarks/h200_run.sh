@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-profile, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-profile, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -27,6 +27,7 @@ for part in "$@"; do
         tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py \
         tests/engine/test_llm_close.py tests/engine/test_moe_kernels.py tests/kvc/test_pinned.py ;;
     cpu-info) step cpu-info 20 bash -c "lscpu | grep -E 'Model name|Thread|Core|Socket|NUMA node|Flags' | cut -c1-400" ;;
+    native-tests) step native-tests 90 python3 -m pytest -q -p no:cacheprovider tests/engine/test_native_experts.py ;;
     tests-kvc) step tests-kvc 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kvc/test_cuda_store.py ;;
     attention) step attention 150 python3 benchmarks/bench_attention.py ;;
     cpu-hit) step cpu-hit 150 python3 benchmarks/probe_cpu_hit.py --model-dir "$ckpt" ;;

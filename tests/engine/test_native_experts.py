@@ -146,6 +146,27 @@ def test_the_pool_counts_its_calls_and_phase_times(pools):
     assert pool.phases()["calls"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_int8_quantization_equals_torchs(dtype):
+    """The w8a8 calls' per-row quantization (vectorized with AVX-512) gives the very int8 values and
+    scales of grouped.quantize_rows: lengths with masked tails, exact .5 ties (round half to even),
+    a zero row, a row with one nonzero value, huge and tiny magnitudes."""
+    from engine.offload.grouped import quantize_rows
+    g = torch.Generator().manual_seed(3)
+    lib = native.library()
+    for n in (1, 15, 16, 17, 80, 768, 2048 + 7):
+        x = torch.randn(6, n, generator=g) * torch.tensor([1.0, 1e-30, 1e30, 0.0, 1.0, 3.0])[:, None]
+        x[4] = 0
+        x[4, n // 2] = -2.5
+        x[5] = (torch.arange(n) % 254 - 127) + 0.5  # k + 0.5 with a max of exactly 127: scale 1, exact ties
+        x[5, 0] = 127
+        x = x.to(dtype)
+        q, s = lib.quant_rows(x)
+        want_q, want_s = quantize_rows(x)
+        assert torch.equal(s, want_s), (n, s.flatten(), want_s.flatten())
+        assert torch.equal(q, want_q), (n, (q != want_q).nonzero()[:5])
+
+
 def test_prefill_sized_calls_go_to_the_torch_kernel(pools):
     wt, w13, _ = native_weights("float32")
     _, x, ids, w = routings()[3]  # 300 tokens: ~50 pairs per active expert

@@ -52,6 +52,7 @@ class NativeLib:
         lib.kvc_moe.restype = ctypes.c_long
         lib.kvc_isa.restype = I32
         lib.kvc_pool_phases.argtypes, lib.kvc_pool_phases.restype = [P, P], None
+        lib.kvc_quant_rows.argtypes, lib.kvc_quant_rows.restype = [P, I32, I32, I32, P, P], None
         self._lib = lib
         isa = lib.kvc_isa()
         self.isa = "+".join(n for b, n in ((1, "avx512"), (2, "bf16"), (4, "vnni")) if isa & b) or "scalar"
@@ -75,6 +76,17 @@ class NativeLib:
         if n == -3:
             raise MemoryError("native CPU experts: scratch allocation failed")
         return n
+
+
+    def quant_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's per-row int8 quantization of x [T, H] (fp32 or bf16): (int8 [T, H], fp32
+        scales [T, 1]), as engine.offload.grouped.quantize_rows computes them."""
+        x = x.contiguous()
+        T, H = x.shape
+        q = torch.empty(T, H, dtype=torch.uint8)
+        s = torch.empty(T, 1, dtype=torch.float32)
+        self._lib.kvc_quant_rows(x.data_ptr(), 1 if x.dtype == torch.bfloat16 else 0, T, H, q.data_ptr(), s.data_ptr())
+        return (q.to(torch.int16) - 128).to(torch.int8), s
 
 
 class NativePool:

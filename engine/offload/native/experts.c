@@ -43,6 +43,13 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #define PF 2048 /* bytes ahead to prefetch weight rows: past the 4 KiB pages the hardware stops at */
 #endif
 
+/* Values to convert or quantize below which the calling thread does it alone: with AVX-512 a few
+ * thousand take ~1 us, less than a pool round (wake, claim, barrier: 8-21 us for an int8 1-token
+ * call's activations in runs BW / BX); the scalar build keeps the pool rounds. */
+#ifndef SMALL_PREP
+#define SMALL_PREP (SIMD ? 16384 : 0)
+#endif
+
 #include "pool.h"
 #include "dot.h"
 
@@ -69,6 +76,35 @@ static size_t asize(int wf) { return wf == WF_BF16 ? 2 : Q8(wf) ? 1 : 4; }
 
 /* Per-row symmetric int8 as quantize_rows (amax.clamp_min(1e-12) / 127, round half to even), stored
  * as u8 = q + 128 for dpbusd; v is fp32 (vb NULL) or bf16 (vf NULL). */
+#if SIMD
+/* 16 values from i on (masked past n) as fp32: vf's, or vb's bf16 widened. */
+static inline __m512 load16(const float *vf, const uint16_t *vb, int i, __mmask16 m) {
+    if (vf) return _mm512_maskz_loadu_ps(m, vf + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + i)), 16));
+}
+
+/* The same numbers as the scalar loop below, 16 at a time (the compiler left its max loop scalar and
+ * a decode step's rows run on one thread): the max of |v| ignoring NaNs as fmaxf does (vmaxps gives
+ * its second operand when one is NaN), the same division, round half to even, clamp and offset. */
+static void quant_row(const float *vf, const uint16_t *vb, int n, uint8_t *q, float *scale) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __m512 a = _mm512_abs_ps(load16(vf, vb, i, m16(n - i)));
+        mx = _mm512_max_ps(a, mx);
+    }
+    float s = fmaxf(_mm512_reduce_max_ps(mx), 1e-12f) / 127.0f;
+    __m512 sv = _mm512_set1_ps(s), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    __m512i off = _mm512_set1_epi32(128);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = m16(n - i);
+        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load16(vf, vb, i, m), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        _mm512_mask_cvtepi32_storeu_epi8(q + i, m, _mm512_add_epi32(_mm512_cvtps_epi32(r), off));
+    }
+    *scale = s;
+}
+#else
 static void quant_row(const float *vf, const uint16_t *vb, int n, uint8_t *q, float *scale) {
     float m = 0;
     for (int i = 0; i < n; i++) m = fmaxf(m, fabsf(vf ? vf[i] : bf2f(vb[i])));
@@ -80,6 +116,7 @@ static void quant_row(const float *vf, const uint16_t *vb, int n, uint8_t *q, fl
     }
     *scale = s;
 }
+#endif
 
 static void task_x(void *ctx, int task) {
     call_t *c = ctx;
@@ -327,6 +364,14 @@ void kvc_pool_phases(void *pool, double *out) {
     pthread_mutex_unlock(&pl->call_mu);
 }
 
+/* quant_row over T rows of x [T, H] (fp32 when xdt 0, bf16 when 1) into q [T, H] (u8 = int8 + 128)
+ * and scale [T]: what the w8a8 calls do to their inputs, for the tests' comparison with torch. */
+void kvc_quant_rows(const void *x, int xdt, int T, int H, uint8_t *q, float *scale) {
+    for (int t = 0; t < T; t++)
+        quant_row(xdt == 0 ? (const float *)x + (size_t)t * H : NULL,
+                  xdt == 1 ? (const uint16_t *)x + (size_t)t * H : NULL, H, q + (size_t)t * H, &scale[t]);
+}
+
 /* The calling thread's scratch, kept between calls (the worker thread calls once per layer). */
 static __thread char *scratch;
 static __thread size_t scratch_cap;
@@ -421,7 +466,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
     pl->phase[0] += t1 - t0;
     if (need_x) {
         c.rb = (T + 4 * n - 1) / (4 * n);
-        if (c.rb < 1) c.rb = 1;
+        if (c.rb < 1 || (long)T * H <= SMALL_PREP) c.rb = T; /* a decode step's few rows: no pool round */
         pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
     }
     /* blocks: about 8 tasks per thread (dynamic claiming evens out the rest), each at least 8 rows so a
@@ -437,7 +482,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
     pl->phase[2] += t3 - t2;
     if (Q8(wf)) {
         c.rb = (N + 4 * n - 1) / (4 * n);
-        if (c.rb < 1) c.rb = 1;
+        if (c.rb < 1 || (long)N * I <= SMALL_PREP) c.rb = N;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
     int hb = (H + 8 * n - 1) / (8 * n);
