@@ -428,8 +428,12 @@ def test_loaded_pages_register_at_the_step_launch_and_are_never_offered_back(qwe
         real_launched()
         seen.append((before, len(pc.blocks.hash_to_block)))
     eng.runner.on_launched = launched
+    early = pc.early_loads
     assert run_one(eng, PROMPT) == cold
-    assert seen[0] == (0, n_pages)  # registered at the first step's launch, not before it
+    if pc.early_loads == early:  # verified before the step: registered at the first step's launch
+        assert seen[0] == (0, n_pages)
+    else:  # went back to the queue before its checksums were done (a slow or busy host): registered
+        assert seen[0][0] == 0 and seen[0][1] in (0, n_pages)  # at the launch or when verified after it
     assert not set(prompt_pages) & set(offered) and offered  # only the decoded pages go out
     assert all(h in pc.blocks.hash_to_block for h in prompt_pages)
 
