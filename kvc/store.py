@@ -964,9 +964,11 @@ class TieredStore:
         with self._lock:
             if not cpu.fits(nbytes):
                 return
+            free = cpu.free_slots(nbytes)
+            if len(pages) <= free:  # the common case: no keys built
+                return
             held = cpu.entries
             n = sum(key(root, p.hash) not in held for p in pages)  # a page held already takes no slot
-            free = cpu.free_slots(nbytes)
             if n <= free:
                 return
             full = cpu.used + free * nbytes  # the tier once this put took the free slots
@@ -975,12 +977,7 @@ class TieredStore:
                 want = max(want, -int(-(full + nbytes - cfg.low_watermark * cpu.capacity) // nbytes))
         while want > 0:
             with self._lock:
-                victims = []
-                for k, e in cpu.entries.items():  # LRU first, as _cpu_batch
-                    if e.nbytes == nbytes and not self._pinned(k):
-                        victims.append(k)
-                        if len(victims) == min(want, DEMOTE_CHUNK):
-                            break
+                victims = self._lru_victims(nbytes, min(want, DEMOTE_CHUNK))
                 if not victims:
                     return
                 self._demote(victims)
@@ -999,15 +996,22 @@ class TieredStore:
     def _cpu_batch(self, nbytes: int, first: list[bytes]) -> list[bytes]:
         """Extend a victim set of the same size class down to the low watermark."""
         target = self.cpu.used + nbytes - self.config.low_watermark * self.cpu.capacity
-        out, freed = list(first), sum(self.cpu.get(k).nbytes for k in first)
-        chosen = set(out)  # a set: a list's `in` made this quadratic (~1,000 victims for a 4 GB tier)
+        freed = sum(self.cpu.get(k).nbytes for k in first)
+        more = max(0, -int(-(target - freed) // nbytes))  # pages of nbytes still to free
+        # a set: a list's `in` made this quadratic (~1,000 victims for a 4 GB tier)
+        return list(first) + self._lru_victims(nbytes, more, set(first))
+
+    def _lru_victims(self, nbytes: int, count: int, skip: set[bytes] = frozenset()) -> list[bytes]:
+        """Up to count of the cpu tier's least recently used pages of nbytes that are not pinned
+        (nor in skip), oldest first."""
+        out: list[bytes] = []
+        if count <= 0:
+            return out
         for k, e in self.cpu.entries.items():
-            if freed >= target:
-                break
-            if k not in chosen and e.nbytes == nbytes and not self._pinned(k):
+            if e.nbytes == nbytes and k not in skip and not self._pinned(k):
                 out.append(k)
-                chosen.add(k)
-                freed += e.nbytes
+                if len(out) == count:
+                    break
         return out
 
     def _demote(self, victims: list[bytes]) -> None:
