@@ -77,7 +77,6 @@ class NativeLib:
             raise MemoryError("native CPU experts: scratch allocation failed")
         return n
 
-
     def quant_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's per-row int8 quantization of x [T, H] (fp32 or bf16): (int8 [T, H], fp32
         scales [T, 1]), as engine.offload.grouped.quantize_rows computes them."""
@@ -95,8 +94,8 @@ class NativePool:
     2-core VM, a tenth of a 1-token int8 layer)."""
 
     def __init__(self, lib: NativeLib, threads: int):
-        self.lib, self._lib, self.threads = lib, lib._lib, threads
-        self.handle = self._lib.kvc_pool_new(threads)
+        self.lib, self.threads = lib, threads
+        self.handle = lib._lib.kvc_pool_new(threads)
         if not self.handle:
             raise MemoryError("native CPU experts: pool allocation failed")
 
@@ -105,12 +104,12 @@ class NativePool:
         input rows converted or quantized; gu: gate/up; q: the activations quantized (w8a8); down),
         summed, and "calls"; reading resets them."""
         out = (ctypes.c_double * 6)()
-        self._lib.kvc_pool_phases(self.handle, out)
+        self.lib._lib.kvc_pool_phases(self.handle, out)
         return dict(zip(("setup", "x", "gu", "q", "down", "calls"), out))
 
     def close(self) -> None:
         if self.handle:
-            self._lib.kvc_pool_free(self.handle)
+            self.lib._lib.kvc_pool_free(self.handle)
             self.handle = None
 
 

@@ -344,11 +344,7 @@ static void task_down(void *ctx, int task) {
     }
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+static double now_s(void) { return 1e-9 * (double)mono_ns(); }
 
 /* The phase times summed since the last read (setup, x, gu, q, down, in seconds) and the call count
  * into out[0..5]; resets them. */

@@ -33,10 +33,19 @@ static long mono_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-static inline void cpu_relax(void) {
+/* Spin while *a == v (eq) or *a != v (!eq), for at most SPIN_NS; the caller then sleeps if needed. */
+static void spin_while(atomic_int *a, int v, int eq) {
+    long until = 0;
+    for (int spins = 0; (atomic_load(a) == v) == eq; spins++) {
 #if SIMD
-    _mm_pause();
+        _mm_pause();
 #endif
+        if ((spins & 63) == 0) {
+            long t = mono_ns();
+            if (!until) until = t + SPIN_NS;
+            else if (t > until) return;
+        }
+    }
 }
 
 static void claim(pool_t *p) {
@@ -47,15 +56,7 @@ static void *pool_main(void *arg) {
     pool_t *p = arg;
     int seen = 0;
     for (;;) {
-        long until = 0;
-        for (int spins = 0; atomic_load(&p->gen) == seen; spins++) { /* short spin: calls come per layer */
-            cpu_relax();
-            if ((spins & 63) == 0) {
-                long t = mono_ns();
-                if (!until) until = t + SPIN_NS;
-                else if (t > until) break;
-            }
-        }
+        spin_while(&p->gen, seen, 1); /* short spin: calls come per layer */
         if (atomic_load(&p->gen) == seen) {
             pthread_mutex_lock(&p->mu);
             while (atomic_load(&p->gen) == seen && !p->stop) pthread_cond_wait(&p->go, &p->mu);
@@ -115,15 +116,7 @@ static void pool_run(pool_t *p, task_fn fn, void *ctx, int ntasks) {
     pthread_cond_broadcast(&p->go);
     pthread_mutex_unlock(&p->mu);
     claim(p);
-    long until = 0;
-    for (int spins = 0; atomic_load(&p->busy) > 0; spins++) {
-        cpu_relax();
-        if ((spins & 63) == 0) {
-            long t = mono_ns();
-            if (!until) until = t + SPIN_NS;
-            else if (t > until) break;
-        }
-    }
+    spin_while(&p->busy, 0, 0); /* busy only counts down to 0 */
     if (atomic_load(&p->busy) > 0) {
         pthread_mutex_lock(&p->mu);
         while (atomic_load(&p->busy) > 0) pthread_cond_wait(&p->done, &p->mu);
