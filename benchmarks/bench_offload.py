@@ -332,6 +332,7 @@ def cpu_steps(a, s):
           "| x floor | first layer of a step, x floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     phase_notes = []  # the native kernel's time per phase (setup, x, gu, q, down) and outside it
+    per_layer = {}  # (dtype, tokens) -> mean seconds a layer
     for spec in a.formats.split(","):
         fmt, kern, src, wt = prepared(spec, w13, w2)
         if wt is None:
@@ -372,6 +373,7 @@ def cpu_steps(a, s):
             print(f"| {T} | {fmt} | {kern or wt.kernel} | {touched:.1f} | {touched * wt.expert_bytes / 1e6:.0f} | "
                   f"{mean_f * 1e3:.2f} | {mean_t * 1e3:.2f} | {mean_t / mean_f:.2f} | "
                   f"{sum(firsts) / sum(first_floors):.2f} |", flush=True)
+            per_layer[fmt, T] = mean_t
             if wt.kernel == "native":
                 ph = pool.native().phases()
                 n = max(ph.pop("calls"), 1)
@@ -381,6 +383,9 @@ def cpu_steps(a, s):
                     f"; outside the kernel (Python, ctypes) {(mean_t - inside) * 1e6:.1f}")
         del wt, layers
     print("\n".join(phase_notes))
+    for T in [int(t) for t in a.cpu_tokens.split(",")]:
+        if ("int8", T) in per_layer and ("bfloat16", T) in per_layer:
+            print(f"# int8 faster than bf16 at {T} token(s): {per_layer['bfloat16', T] / per_layer['int8', T]:.2f}x")
     pool.close()
 
 
