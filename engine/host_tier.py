@@ -450,7 +450,7 @@ class HostTier:
         """The engine's thread starts (True) or ends (False) waiting for a step's samples: the
         GPU is the limit meanwhile, and puts may take the GIL."""
         self._gpu_wait = waiting
-        if waiting and self.put_gate == "gpu-wait":  # the default gate does not wait for this: no wake-up a step
+        if waiting:
             self._launch_signal.set()
 
     def _wait_for_slack(self) -> None:
