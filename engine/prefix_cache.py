@@ -270,13 +270,11 @@ class PrefixCache:
         back = []
         for req, load in list(self._loads.items()):
             if load.future.done():
+                if load.freed:
+                    self._end_freed(req, load)
+                    continue
                 del self._loads[req]
                 keep = load.start + self._result(load)
-                if load.freed:
-                    req.num_computed = keep * self.page_size
-                    self._register(req, keep)  # loaded pages are hits now; they are not offered back
-                    self.free(req)
-                    continue
                 self._landed(req, keep)
                 if not load.early:  # an early one is back in the queue already (its step not run yet)
                     req.status = Status.WAITING
@@ -288,6 +286,14 @@ class PrefixCache:
                 req.status = Status.WAITING
                 back.append(req)
         return back
+
+    def _end_freed(self, req: Request, load: _Load) -> None:
+        """The load of a freed (aborted) request ended (waits for it): its blocks come back."""
+        del self._loads[req]
+        keep = load.start + self._result(load)
+        req.num_computed = keep * self.page_size
+        self._register(req, keep)  # loaded pages are hits now; they are not offered back
+        self.free(req)
 
     @staticmethod
     def _ready(load: _Load) -> bool:
@@ -444,7 +450,12 @@ class PrefixCache:
         return self.blocks.reset_cache()
 
     def flush(self) -> None:
-        """Wait until offered pages are in the host tiers (tests, benchmarks)."""
+        """Wait until offered pages are in the host tiers and the loads of freed (aborted) requests
+        have ended, their blocks free again (tests, benchmarks). A live request's load is left to
+        the scheduler, which takes the request back when it ends."""
+        for req, load in list(self._loads.items()):
+            if load.freed:
+                self._end_freed(req, load)
         self.run_deferred()
         if self.host is not None:
             self.host.flush()

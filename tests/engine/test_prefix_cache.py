@@ -174,6 +174,34 @@ def test_abort_while_loading_defers_the_free(qwen_dir, store):
     eng.close()
 
 
+def test_flush_waits_for_the_load_of_an_aborted_request(qwen_dir, store):
+    """An aborted request's load still holds its blocks (deferred free); flush() promises that
+    pending loads and puts end and every block is free again. Before: it returned with the load
+    running and its blocks taken (the churn test read 13 of 40 blocks held once in CI)."""
+    gated = GatedStore(store)
+    eng = make_engine(qwen_dir, cache=gated, num_device_blocks=10)
+    gated.gate.set()
+    run_one(eng, PROMPT)
+    eng.prefix_cache.flush()
+    eng.prefix_cache.reset_device_cache()
+    gated.gate.clear()
+    gated.entered.clear()
+    eng.add_request("loads", PROMPT, GREEDY)
+    eng.add_request("tiny", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))  # runs meanwhile
+    eng.step()
+    assert gated.entered.wait(10) and eng.requests["loads"].status.value == "loading"
+    eng.abort("loads")
+    drain(eng, {}, 20)  # "tiny" ends; the engine is idle with the aborted request's load running
+    assert not gated.returned.is_set()
+    timer = threading.Timer(0.5, gated.gate.set)  # the load ends half a second from now
+    timer.start()
+    eng.prefix_cache.flush()
+    free = eng.prefix_cache.num_free_blocks
+    timer.join()
+    eng.close()
+    assert free == 10
+
+
 class DownStore:
     """A real TieredStore whose put_pages fails while `down` is set (a cache service that is away)."""
 
