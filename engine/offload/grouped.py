@@ -19,6 +19,7 @@ fp32 / bf16 / int8 weights, for calls of at most NATIVE_MAX_ROWS pairs per activ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ class CpuExpertWeights:
     fallback: str | None = None  # kernel "native": the torch kernel of calls past max_rows (None: packed int8)
     native_wf: int = -1  # kernel "native": the weight format code of experts.c
     max_rows: float = NATIVE_MAX_ROWS
+
+    @functools.cached_property
+    def native_args(self) -> tuple:
+        """kernel "native": the kernel's constant arguments of this layer (pointers into the
+        tensors above, which this object keeps), made at the first call."""
+        return native.weight_args(self.native_wf, self.w13, self.w2, self.s13, self.s2, self.rs13, self.rs2)
 
     @property
     def expert_bytes(self) -> int:
@@ -208,13 +215,19 @@ def grouped_cpu_experts(wt: CpuExpertWeights, x: torch.Tensor, ids: torch.Tensor
     x [T, H], ids [T, k] (-1 = run elsewhere), weights [T, k] fp32; same contract as `cpu_experts`.
     """
     if wt.kernel == "native":
-        if x.dtype not in (torch.float32, torch.bfloat16):
+        # a decode step's call is ~200 us: attribute checks here, no tensor op that returns its input
+        if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16:
             x = x.float()
-        assert out.dtype == torch.float32 and out.is_contiguous(), "out must be contiguous fp32 [T, H]"
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if ids.dtype is not torch.int64 or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        if weights.dtype is not torch.float32 or not weights.is_contiguous():
+            weights = weights.float().contiguous()
+        assert out.dtype is torch.float32 and out.is_contiguous(), "out must be contiguous fp32 [T, H]"
+        assert x.shape == out.shape and x.shape[0] == ids.shape[0] == weights.shape[0], "x, ids, weights, out: T rows each"
         pool = threads.native()
-        n = pool.lib.moe(pool, wt.native_wf, x.contiguous(), ids.to(torch.int64).contiguous(),
-                         weights.float().contiguous(), wt.w13, wt.w2, wt.s13, wt.s2, wt.rs13, wt.rs2, out,
-                         wt.max_rows)
+        n = pool.lib.moe_bound(pool, wt.native_args, x, ids, weights, out, wt.max_rows)
         if n >= 0:
             return n
         assert wt.fallback is not None, "native weights without a torch fallback took a hand-off"

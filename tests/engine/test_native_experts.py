@@ -122,6 +122,23 @@ def test_native_equals_the_per_expert_reference(pools, fmt):
                 assert out.eq(0).all()
 
 
+def test_a_layer_copy_reads_its_own_weights(pools):
+    """The kernel's weight pointers are made once per weights object: a copy with other tensors
+    (dataclasses.replace, as a decoder layer's own experts are made) reads its own, never the
+    first object's; non-contiguous and int32 inputs are made contiguous int64 / fp32 first."""
+    wt, _, _ = native_weights("float32")
+    _, x, ids, w = routings()[1]
+    a, b = torch.empty(x.shape), torch.empty(x.shape)
+    grouped_cpu_experts(wt, x, ids, w, a, pools[3])  # wt's pointers made here
+    other = dataclasses.replace(wt, w13=wt.w13 * 2, w2=wt.w2.clone())
+    grouped_cpu_experts(other, x, ids, w, b, pools[3])
+    assert other.native_args[4] == other.w13.data_ptr() != wt.native_args[4]
+    assert not torch.allclose(a, b)
+    c = torch.empty(x.shape)
+    grouped_cpu_experts(wt, x.t().contiguous().t(), ids.to(torch.int32), w.double().t().contiguous().t(), c, pools[3])
+    torch.testing.assert_close(c, a)
+
+
 def test_bf16_activations_are_accepted_as_they_are(pools):
     """bf16 x with bf16 weights is read in place; fp32 x is rounded to bf16 first: the same result."""
     wt, _, _ = native_weights("bfloat16")
