@@ -141,11 +141,9 @@ class GatedStore:
         return getattr(self.store, name)
 
 
-def test_abort_while_loading_defers_the_free(qwen_dir, store):
-    """The aborted request's blocks are still the loader's target: they must not be handed to
-    another request before the load ends (before: the loader wrote into the new owner's KV)."""
-    other = [(i * 53 + 7) % 250 for i in range(32)]  # 32 + 8 tokens: 10 blocks, the whole pool
-    cold = run_one(make_engine(qwen_dir, num_device_blocks=10), other)
+def engine_with_prompt_in_the_host_tiers(qwen_dir, store):
+    """A 10-block engine over a GatedStore whose host tiers hold PROMPT's pages and whose device
+    pool does not: the next PROMPT loads, and its load waits for `gate`."""
     gated = GatedStore(store)
     eng = make_engine(qwen_dir, cache=gated, num_device_blocks=10)
     gated.gate.set()
@@ -154,6 +152,15 @@ def test_abort_while_loading_defers_the_free(qwen_dir, store):
     eng.prefix_cache.reset_device_cache()
     gated.gate.clear()
     gated.entered.clear()
+    return eng, gated
+
+
+def test_abort_while_loading_defers_the_free(qwen_dir, store):
+    """The aborted request's blocks are still the loader's target: they must not be handed to
+    another request before the load ends (before: the loader wrote into the new owner's KV)."""
+    other = [(i * 53 + 7) % 250 for i in range(32)]  # 32 + 8 tokens: 10 blocks, the whole pool
+    cold = run_one(make_engine(qwen_dir, num_device_blocks=10), other)
+    eng, gated = engine_with_prompt_in_the_host_tiers(qwen_dir, store)
     eng.add_request("loads", PROMPT, GREEDY)  # 7 pages to load + 1 block for the last token
     eng.add_request("tiny", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))  # runs meanwhile
     eng.step()
@@ -178,14 +185,7 @@ def test_flush_waits_for_the_load_of_an_aborted_request(qwen_dir, store):
     """An aborted request's load still holds its blocks (deferred free); flush() promises that
     pending loads and puts end and every block is free again. Before: it returned with the load
     running and its blocks taken (the churn test read 13 of 40 blocks held once in CI)."""
-    gated = GatedStore(store)
-    eng = make_engine(qwen_dir, cache=gated, num_device_blocks=10)
-    gated.gate.set()
-    run_one(eng, PROMPT)
-    eng.prefix_cache.flush()
-    eng.prefix_cache.reset_device_cache()
-    gated.gate.clear()
-    gated.entered.clear()
+    eng, gated = engine_with_prompt_in_the_host_tiers(qwen_dir, store)
     eng.add_request("loads", PROMPT, GREEDY)
     eng.add_request("tiny", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))  # runs meanwhile
     eng.step()
@@ -643,7 +643,6 @@ def test_a_step_hands_its_tokens_out_before_its_page_bookkeeping(qwen_dir, store
 def test_abort_and_close_do_the_last_steps_bookkeeping_first(qwen_dir, store):
     """A request aborted while its last step's pages await registration keeps them cached (the
     abort commits first, then frees); close offers the last step's pages to the host tiers."""
-    P = 4
     eng = make_engine(qwen_dir, cache=store, chunk_size=8)
     eng.add_request("a", PROMPT, GREEDY)
     eng.step()
