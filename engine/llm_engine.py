@@ -261,8 +261,10 @@ class LLMEngine:
         finished requests' before it schedules and the running ones' once its kernels are queued;
         abort, close and LLM.generate before it returns do it all): a first token does not wait
         for its prompt's registration and offers. A loop that goes idle calls this (the server's
-        engine loop does)."""
-        if self.prefix_cache.run_deferred():
+        engine loop does, every 50 ms while idle); the blocks of a request aborted while its load
+        ran come back here once that load has ended."""
+        did = self.prefix_cache.run_deferred()
+        if self.prefix_cache.end_freed_loads() or did:  # an aborted request's load that ended meanwhile
             self._update_gauges()  # the freed pages show in the device tier's gauges while idle
 
     # --- the loop -------------------------------------------------------------------------------

@@ -287,6 +287,15 @@ class PrefixCache:
                 back.append(req)
         return back
 
+    def end_freed_loads(self, wait: bool = False) -> bool:
+        """Give back the blocks of freed (aborted) requests whose load has ended (wait: wait for
+        every such load). The scheduler's poll does this at each step; an idle engine calls it so
+        that an abort's blocks do not stay taken until the next request. Whether any came back."""
+        ended = [(req, load) for req, load in self._loads.items() if load.freed and (wait or load.future.done())]
+        for req, load in ended:
+            self._end_freed(req, load)
+        return bool(ended)
+
     def _end_freed(self, req: Request, load: _Load) -> None:
         """The load of a freed (aborted) request ended (waits for it): its blocks come back."""
         del self._loads[req]
@@ -453,9 +462,7 @@ class PrefixCache:
         """Wait until offered pages are in the host tiers and the loads of freed (aborted) requests
         have ended, their blocks free again (tests, benchmarks). A live request's load is left to
         the scheduler, which takes the request back when it ends."""
-        for req, load in list(self._loads.items()):
-            if load.freed:
-                self._end_freed(req, load)
+        self.end_freed_loads(wait=True)
         self.run_deferred()
         if self.host is not None:
             self.host.flush()

@@ -202,6 +202,27 @@ def test_flush_waits_for_the_load_of_an_aborted_request(qwen_dir, store):
     assert free == 10
 
 
+def test_an_idle_engine_gives_back_an_aborted_loads_blocks(qwen_dir, store):
+    """The server's loop calls flush_commits while idle: once the load of a request aborted while
+    LOADING has ended, its blocks are free again there, not only at the next request's step."""
+    eng, gated = engine_with_prompt_in_the_host_tiers(qwen_dir, store)
+    eng.add_request("loads", PROMPT, GREEDY)
+    eng.add_request("tiny", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1))
+    eng.step()
+    assert gated.entered.wait(10) and eng.requests["loads"].status.value == "loading"
+    eng.abort("loads")
+    drain(eng, {}, 20)  # idle now, the load still gated
+    eng.flush_commits()
+    held = eng.prefix_cache.num_free_blocks
+    gated.gate.set()
+    load = next(iter(eng.prefix_cache._loads.values()))
+    load.future.result(10)
+    eng.flush_commits()
+    free = eng.prefix_cache.num_free_blocks
+    eng.close()
+    assert held < 10 and free == 10
+
+
 class DownStore:
     """A real TieredStore whose put_pages fails while `down` is set (a cache service that is away)."""
 
