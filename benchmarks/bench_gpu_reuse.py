@@ -218,6 +218,12 @@ def throughput(llm: LLM, rng: random.Random, n: int, length: int, profile: bool 
     return statistics.median(rates)
 
 
+def _stderr(xs: list[float]) -> float:
+    """The standard error of the mean of xs (0 for fewer than two): how far a run's pairs leave
+    the ratio uncertain (six pairs that spread 0.80-1.02 leave it +-0.03 or so)."""
+    return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+
+
 def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length: int, pairs: int,
                       timeline: list | None = None) -> list[list[float]]:
     """Each b's tokens/s over a's, one ratio per pair of adjacent timed batches, every LLM resident
@@ -345,7 +351,7 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         rows.append((f"no-reuse throughput, {label} / off, paired: {pairs} pairs of adjacent batches (off after "
                      f"the puts drained, host tiers after a batch of their own), all LLMs resident",
                      f"{statistics.median(rs):.3f}x", "", f"median of the pair ratios; min {min(rs):.3f}x, "
-                     f"max {max(rs):.3f}x"))
+                     f"max {max(rs):.3f}x; mean {statistics.fmean(rs):.3f}x +- {_stderr(rs):.3f} (standard error)"))
     if timeline:
         keys = list(timeline[0][1])
         notes.append("\n# one more pair under torch.profiler: the GPU's timeline of each batch\n| batch | " +
