@@ -260,26 +260,34 @@ def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length:
         b = bs[0]
         b.engine.prefix_cache.flush()
         sync()
-        timeline.append(("off", gpu_timeline(a, [rand_ids(rng, length) for _ in range(n)], params)))
+        gaps_a, gaps_b = [], []
+        timeline.append(("off", gpu_timeline(a, [rand_ids(rng, length) for _ in range(n)], params, gaps_a), gaps_a))
         b.generate([rand_ids(rng, length) for _ in range(n)], params)
-        timeline.append(("host tiers on", gpu_timeline(b, [rand_ids(rng, length) for _ in range(n)], params)))
+        timeline.append(("host tiers on", gpu_timeline(b, [rand_ids(rng, length) for _ in range(n)], params, gaps_b),
+                         gaps_b))
     return ratios
 
 
-def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams) -> dict[str, float]:
+def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams,
+                 gaps_out: list | None = None) -> dict[str, float]:
     """One batch under torch.profiler (CUPTI): its wall time, and on the GPU the engine's stream
     (the one with the most kernel time) busy / idle within the batch, idle gaps over 0.1 ms, kernel
     time on every other stream (put gathers, load checksums), and device-to-host copy time (puts).
     Tells a put path that slows the GPU's own kernels (busy grows) from one that keeps the engine's
-    thread from feeding it (idle grows). The profiler's own launch overhead is in both batches."""
+    thread from feeding it (idle grows). The profiler's own launch overhead is in both batches.
+    gaps_out: gets idle_gaps' rows (each idle gap over 0.1 ms of the engine's stream, attributed),
+    then a StackSampler report of the calling thread (the engine's, in LLM.generate) over the batch."""
     import json
     path = tempfile.mktemp(suffix=".json")
     sync()
+    sampler = StackSampler(threading.get_ident()) if gaps_out is not None else None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         llm.generate(batch, params)
         sync()
         wall = time.perf_counter() - t0
+    if sampler is not None:
+        gaps_out.append(sampler.report(12))
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
@@ -299,9 +307,69 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams) -> di
             busy += s1 - max(s0, end if end is not None else s0)
             end = s1
     d2h = sum(e["dur"] for e in events if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", ""))
+    if gaps_out is not None:
+        gaps_out[:0] = idle_gaps(events, main)  # then the sampler's report, last
     return {"wall ms": wall * 1e3, "engine stream busy ms": busy / 1e3, "engine stream idle ms": gaps / 1e3,
             "idle gaps > 0.1 ms": big_gaps, "kernels on other streams ms": (sum(per_stream.values()) - per_stream[main]) / 1e3,
             "kernels on the engine stream": len(spans), "DtoH copies ms": d2h / 1e3}
+
+
+SHORT = 48  # characters of a kernel or runtime call's name in the gap tables
+
+
+def _short(name: str) -> str:
+    name = name.split("(")[0].split("<")[0]
+    return name if len(name) <= SHORT else name[:SHORT - 3] + "..."
+
+
+def idle_gaps(events: list[dict], stream) -> list[tuple[float, str, str, str, float]]:
+    """The engine stream's idle gaps over 0.1 ms in a profiled batch, each as (gap us, kernel before,
+    kernel after, why, the host's share in us): "launched late" when the kernel after the gap was
+    launched (its cudaLaunchKernel, by correlation id) after the kernel before it ended, so the
+    GPU waited for the host, and then the longest CUDA runtime call of the launching thread inside
+    the gap names what the host was doing if it was a call (a synchronize, a copy), else "python";
+    "queued" when it was launched before the gap (the GPU waited on something else: an event of
+    another stream, a copy)."""
+    launches = {e.get("args", {}).get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    runtime_by_tid = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cuda_runtime":
+            runtime_by_tid[e.get("tid")].append(e)
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and e.get("args", {}).get("stream") == stream),
+                     key=lambda e: e["ts"])
+    out, end, before = [], None, None
+    for k in kernels:
+        if end is not None and k["ts"] - end > 100:
+            gap = k["ts"] - end
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            if launch is not None and launch["ts"] > end:
+                late = launch["ts"] - end
+                inside = [r for r in runtime_by_tid[launch.get("tid")]
+                          if r["ts"] < launch["ts"] and r["ts"] + r["dur"] > end and r is not launch]
+                longest = max(inside, key=lambda r: min(r["ts"] + r["dur"], launch["ts"]) - max(r["ts"], end),
+                              default=None)
+                share = 0.0 if longest is None else min(longest["ts"] + longest["dur"], launch["ts"]) - max(longest["ts"], end)
+                why = "launched late: " + (_short(longest["name"]) if longest is not None and share > 0.5 * late
+                                           else "python")
+                out.append((gap, _short(before["name"]), _short(k["name"]), why, share))
+            else:
+                out.append((gap, _short(before["name"]), _short(k["name"]), "queued", 0.0))
+        if end is None or k["ts"] + k["dur"] > end:
+            end, before = k["ts"] + k["dur"], k
+    return out
+
+
+def gap_table(label: str, gaps: list[tuple[float, str, str, str, float]], top: int = 10) -> str:
+    """idle_gaps' rows summed by (why, kernel after), the largest totals first."""
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for gap, _before, after, why, _share in gaps:
+        by[(why, after)][0] += 1
+        by[(why, after)][1] += gap
+    rows = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
+    total = sum(g[0] for g in gaps)
+    return (f"\n# {label}: {len(gaps)} idle gaps over 0.1 ms, {total / 1e3:,.1f} ms; by cause and the kernel after "
+            f"the gap (top {top})\n| why | kernel after the gap | gaps | ms |\n|---|---|---|---|\n" +
+            "\n".join(f"| {why} | {after} | {c} | {t / 1e3:,.1f} |" for (why, after), (c, t) in rows))
 
 
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
@@ -356,9 +424,11 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         keys = list(timeline[0][1])
         notes.append("\n# one more pair under torch.profiler: the GPU's timeline of each batch\n| batch | " +
                      " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
-        for label, row in timeline:
+        for label, row, _gaps in timeline:
             notes.append(f"| {label} | " + " | ".join(f"{row[k]:,.1f}" if isinstance(row[k], float) else f"{row[k]:,}"
                                                      for k in keys) + " |")
+        for label, _row, gaps in timeline:  # gaps: idle_gaps' rows, then the engine thread's samples
+            notes.append(gap_table(label, gaps[:-1]) + "\n" + gaps[-1])
     for llm in (llm_off, *ons):
         llm.close()
     del llm_off, ons, llm
