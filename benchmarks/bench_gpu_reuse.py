@@ -280,17 +280,18 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams,
     import json
     path = tempfile.mktemp(suffix=".json")
     sync()
-    sampler = StackSampler(threading.get_ident()) if gaps_out is not None else None
+    sampler = StackSampler(threading.get_ident(), timed=True) if gaps_out is not None else None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         llm.generate(batch, params)
         sync()
         wall = time.perf_counter() - t0
     if sampler is not None:
-        gaps_out.append(sampler.report(12))
+        gaps_out.append(sampler)
     prof.export_chrome_trace(path)
     with open(path) as f:
-        events = [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
+        trace = json.load(f)
+    events = [e for e in trace["traceEvents"] if "dur" in e and "ts" in e]
     os.unlink(path)
     kernels = [e for e in events if e.get("cat") == "kernel"]
     per_stream = collections.Counter()
@@ -308,7 +309,10 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams,
             end = s1
     d2h = sum(e["dur"] for e in events if e.get("cat") == "gpu_memcpy" and "DtoH" in e.get("name", ""))
     if gaps_out is not None:
-        gaps_out[:0] = idle_gaps(events, main)  # then the sampler's report, last
+        found = idle_gaps(events, main)
+        gaps_out[:0] = found  # then the sampler, last
+        if sampler is not None:
+            sampler.in_gaps = samples_in_gaps(sampler, found, trace.get("baseTimeNanoseconds"), spans)
     return {"wall ms": wall * 1e3, "engine stream busy ms": busy / 1e3, "engine stream idle ms": gaps / 1e3,
             "idle gaps > 0.1 ms": big_gaps, "kernels on other streams ms": (sum(per_stream.values()) - per_stream[main]) / 1e3,
             "kernels on the engine stream": len(spans), "DtoH copies ms": d2h / 1e3}
@@ -318,13 +322,16 @@ SHORT = 48  # characters of a kernel or runtime call's name in the gap tables
 
 
 def _short(name: str) -> str:
-    name = name.split("(")[0].split("<")[0]
+    """A kernel's name without its return type, namespaces and template or call arguments."""
+    for junk in ("void ", "(anonymous namespace)::"):
+        name = name.replace(junk, "")
+    name = name.split("<")[0].split("(")[0].rsplit("::", 1)[-1] or name
     return name if len(name) <= SHORT else name[:SHORT - 3] + "..."
 
 
-def idle_gaps(events: list[dict], stream) -> list[tuple[float, str, str, str, float]]:
+def idle_gaps(events: list[dict], stream) -> list[tuple]:
     """The engine stream's idle gaps over 0.1 ms in a profiled batch, each as (gap us, kernel before,
-    kernel after, why, the host's share in us): "launched late" when the kernel after the gap was
+    kernel after, why, the host's share in us, start, end (trace us)): "launched late" when the kernel after the gap was
     launched (its cudaLaunchKernel, by correlation id) after the kernel before it ended, so the
     GPU waited for the host, and then the longest CUDA runtime call of the launching thread inside
     the gap names what the host was doing if it was a call (a synchronize, a copy), else "python";
@@ -351,18 +358,39 @@ def idle_gaps(events: list[dict], stream) -> list[tuple[float, str, str, str, fl
                 share = 0.0 if longest is None else min(longest["ts"] + longest["dur"], launch["ts"]) - max(longest["ts"], end)
                 why = "launched late: " + (_short(longest["name"]) if longest is not None and share > 0.5 * late
                                            else "python")
-                out.append((gap, _short(before["name"]), _short(k["name"]), why, share))
+                out.append((gap, _short(before["name"]), _short(k["name"]), why, share, end, k["ts"]))
             else:
-                out.append((gap, _short(before["name"]), _short(k["name"]), "queued", 0.0))
+                out.append((gap, _short(before["name"]), _short(k["name"]), "queued", 0.0, end, k["ts"]))
         if end is None or k["ts"] + k["dur"] > end:
             end, before = k["ts"] + k["dur"], k
     return out
 
 
-def gap_table(label: str, gaps: list[tuple[float, str, str, str, float]], top: int = 10) -> str:
+def samples_in_gaps(sampler: "StackSampler", gaps: list, base_ns, spans: list) -> str:
+    """The engine thread's stacks sampled inside the "launched late" gaps (the host was late there):
+    the sampler's wall-clock samples mapped onto the trace's clock (its baseTimeNanoseconds)."""
+    if not base_ns or not sampler.timed or not spans:
+        return "# (no baseTimeNanoseconds in the trace, no samples or no kernels: samples not placed in the gaps)"
+    at = [((t * 1e9 - base_ns) / 1e3, key) for t, key in sampler.timed]  # trace microseconds
+    first, last = spans[0][0], spans[-1][1]
+    inside = sum(first <= ts <= last for ts, _ in at)
+    late = sorted((g[5], g[6]) for g in gaps if g[3].startswith("launched late"))
+    counts, n, j = collections.Counter(), 0, 0
+    for ts, key in sorted(at):
+        while j < len(late) and late[j][1] < ts:
+            j += 1
+        if j < len(late) and late[j][0] <= ts:
+            counts[key] += 1
+            n += 1
+    return (f"# engine thread samples inside the launched-late gaps: {n} of {len(at)} samples "
+            f"({inside} inside the batch's kernels' span: the clocks line up if that is most of them)\n" +
+            "\n".join(f"#   {c:4d}  {k}" for k, c in counts.most_common(15)))
+
+
+def gap_table(label: str, gaps: list[tuple], top: int = 10) -> str:
     """idle_gaps' rows summed by (why, kernel after), the largest totals first."""
     by = collections.defaultdict(lambda: [0, 0.0])
-    for gap, _before, after, why, _share in gaps:
+    for gap, _before, after, why, *_ in gaps:
         by[(why, after)][0] += 1
         by[(why, after)][1] += gap
     rows = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
@@ -427,8 +455,10 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         for label, row, _gaps in timeline:
             notes.append(f"| {label} | " + " | ".join(f"{row[k]:,.1f}" if isinstance(row[k], float) else f"{row[k]:,}"
                                                      for k in keys) + " |")
-        for label, _row, gaps in timeline:  # gaps: idle_gaps' rows, then the engine thread's samples
-            notes.append(gap_table(label, gaps[:-1]) + "\n" + gaps[-1])
+        for label, _row, gaps in timeline:  # gaps: idle_gaps' rows, then the engine thread's sampler
+            sampler = gaps[-1]
+            notes.append(gap_table(label, gaps[:-1]) + "\n" + sampler.report(12) + "\n" +
+                         getattr(sampler, "in_gaps", ""))
     for llm in (llm_off, *ons):
         llm.close()
     del llm_off, ons, llm
@@ -441,8 +471,9 @@ class StackSampler:
     (engine/, kvc/) and the call they are in, counted. A profile without a profiler's overhead
     on the thread it samples."""
 
-    def __init__(self, ident: int, label: str = "engine thread", interval: float = 1e-3):
+    def __init__(self, ident: int, label: str = "engine thread", interval: float = 1e-3, timed: bool = False):
         self.ident, self.label, self.interval, self.counts, self.n = ident, label, interval, {}, 0
+        self.timed: list[tuple[float, str]] | None = [] if timed else None  # (time.time(), stack) per sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -462,6 +493,21 @@ class StackSampler:
             key = f"{where} <- in {leaf}"
             self.counts[key] = self.counts.get(key, 0) + 1
             self.n += 1
+            if self.timed is not None:
+                self.timed.append((time.time(), self._stack(sys._current_frames().get(self.ident))))
+
+    @staticmethod
+    def _stack(frame, depth: int = 3) -> str:
+        """The innermost `depth` frames of engine/ and kvc/ code, innermost first, and the call they are in."""
+        parts, leaf = [], None
+        while frame is not None and len(parts) < depth:
+            code = frame.f_code
+            if leaf is None:
+                leaf = f"{Path(code.co_filename).name}:{code.co_name}"
+            if "/engine/" in code.co_filename or "/kvc/" in code.co_filename:
+                parts.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+            frame = frame.f_back
+        return " < ".join(parts) + f" (in {leaf})"
 
     def report(self, top: int = 15) -> str:
         self._stop.set()
