@@ -48,6 +48,11 @@ from .layers import AttnMetadata
 from .model import CausalLM
 
 
+# rows of q / k / v past the largest bucket (finite: zeros, or an earlier step's): cudnn_prefill's
+# CUDNN_ALIGN (not imported: that module needs triton; with fewer, its pieces would pad again)
+SPARE_ROWS = 512
+
+
 def buckets(max_tokens: int) -> list[int]:
     """Token-count buckets: powers of two from 16 to 512, then multiples of 512, up to max_tokens
     (included even when it is not on that grid)."""
@@ -90,10 +95,12 @@ class PrefillGraphs:
         self.positions = torch.zeros(T, **long)
         self.slots = torch.full((T,), -1, **long)
         self.x = torch.zeros(T, a.hidden_size, dtype=dt, device=device)  # [T, H] the residual stream
-        self.q = torch.zeros(T, a.num_heads, a.head_dim, dtype=dt, device=device)  # [T, Hq, D]
-        self.k = torch.zeros(T, a.num_kv_heads, a.head_dim, dtype=dt, device=device)  # [T, Hkv, D]
+        # q, k, v keep SPARE_ROWS zero rows past the largest bucket: the eager cuDNN path reads a
+        # piece's padding up to its CUDNN_ALIGN bucket in place there (cudnn_prefill._rows)
+        self.q = torch.zeros(T + SPARE_ROWS, a.num_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hq, D]
+        self.k = torch.zeros(T + SPARE_ROWS, a.num_kv_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hkv, D]
         self.v = torch.zeros_like(self.k)
-        self.o = torch.zeros_like(self.q)  # [T, Hq, D] the attention's output (written eagerly)
+        self.o = torch.zeros(T, a.num_heads, a.head_dim, dtype=dt, device=device)  # the attention's output (eager)
         self.cos = torch.zeros(T, a.head_dim, dtype=dt, device=device)  # [T, D]
         self.sin = torch.zeros_like(self.cos)
         self.hidden = torch.zeros_like(self.x)  # [T, H] the final norm's output
@@ -228,7 +235,7 @@ class PrefillGraphs:
             k_cache, v_cache = self.kv.layer(i)  # after the layer's load events (KVCache.layer)
             if not pieces:
                 kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
-                                 att.prefill_kernel, out=self.o[:B], store=False)
+                                 att.prefill_kernel, out=self.o[:B], store=False, spare_rows=SPARE_ROWS)
             run[i + 1]()
         self.replays += 1
         self.attention_replays += pieces > 0

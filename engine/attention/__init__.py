@@ -121,10 +121,12 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin):
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, meta, scale: float, prefill: str = "auto",
-                     out: torch.Tensor | None = None, store: bool = True) -> torch.Tensor:
+                     out: torch.Tensor | None = None, store: bool = True, spare_rows: int = 0) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], caches [N, P, Hkv, D] -> out [T, Hq, D]; `prefill` is
     attn.prefill_kernel. `out`: written in place (rows no piece covers are left as they are);
-    store=False: the step's K/V are already in the pool (engine.prefill_graphs stores them)."""
+    store=False: the step's K/V are already in the pool (engine.prefill_graphs stores them).
+    spare_rows: rows of finite values that the storage of q, k and v (contiguous) holds past their
+    last row; the cuDNN path reads its pieces' padding there instead of padding copies."""
     cudnn, flash, cache, decode, prefill_k = _kernels()
     P = k_cache.shape[1]
     k, v = k.contiguous(), v.contiguous()
@@ -140,7 +142,7 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             mine, others = [], []
             for p in rest:
                 (mine if cudnn.cudnn_piece(p, prefill == "cudnn") else others).append(p)
-            if mine and cudnn.cudnn_prefill(q, k, v, k_cache, v_cache, out, mine, scale):
+            if mine and cudnn.cudnn_prefill(q, k, v, k_cache, v_cache, out, mine, scale, spare_rows):
                 rest = others
             which = "flash" if flash.flash_usable(q) else "triton"
         done = not rest or (which == "flash" and flash.flash_prefill(q, k_cache, v_cache, out, rest, scale))

@@ -49,15 +49,21 @@ def cudnn_piece(p, forced: bool = False) -> bool:
     return forced or (p.k_len - p.q_len) % CUDNN_ALIGN == 0
 
 
-def _rows(x: torch.Tensor, start: int, q: int, n: int) -> torch.Tensor:
+def _rows(x: torch.Tensor, start: int, q: int, n: int, spare: int = 0) -> torch.Tensor:
     """x[start:start + q] extended to n rows. The rows after a piece in the step's batch (the next
     pieces, or a graph bucket's padding) serve as they are: they come after every real query, so
-    the top-left causal mask keeps them out of the real rows, and their outputs are dropped. Zero
-    rows are appended (one launch) only where the batch ends first."""
+    the top-left causal mask keeps them out of every real row, and their outputs are dropped; any
+    finite values do. `spare`: rows of finite values that x's storage holds past x's last row (the
+    prefill graphs' static buffers keep CUDNN_ALIGN of them), read in place the same way. Zero rows
+    are appended only where both end first: F.pad is a new tensor, a fill and a copy, ~10 operator
+    dispatches of host time each, three times a layer, in a step whose host time is its limit."""
     if start + n <= x.shape[0]:
         return x[start:start + n]
-    part = x[start:start + q]
-    return part if q == n else torch.nn.functional.pad(part, (0, 0, 0, 0, 0, n - q))
+    if q == n:
+        return x[start:start + q]
+    if spare and start + n <= x.shape[0] + spare and x.is_contiguous():
+        return x.as_strided((n, *x.shape[1:]), x.stride(), x.storage_offset() + start * x.stride(0))
+    return torch.nn.functional.pad(x[start:start + q], (0, 0, 0, 0, 0, n - q))
 
 
 def _attend(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +121,10 @@ def _calibrate(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, out: torch.Tensor, pieces, scale: float) -> bool:
+                  v_cache: torch.Tensor, out: torch.Tensor, pieces, scale: float, spare_rows: int = 0) -> bool:
     """Attention of every prefill piece into out's rows; q [T, Hq, D], k/v [T, Hkv, D] the step's
-    fresh keys (already stored in the pool too). False if the op failed (the caller falls back)."""
+    fresh keys (already stored in the pool too). spare_rows: rows of finite values that q, k and v's
+    storage holds past their last row (_rows). False if the op failed (the caller falls back)."""
     global _broken
     N, P, Hkv, D = k_cache.shape
     try:
@@ -127,8 +134,9 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
             Q = p.q_len
             rows = slice(p.q_start, p.q_start + Q)
             Qp = -(-Q // CUDNN_ALIGN) * CUDNN_ALIGN  # bucketed: a bounded set of plans (module doc)
-            qs = _rows(q, p.q_start, Q, Qp)  # [Qp, Hq, D]
-            o, lse = _attend(qs, _rows(k, p.q_start, Q, Qp), _rows(v, p.q_start, Q, Qp), True, scale)  # own keys
+            qs = _rows(q, p.q_start, Q, Qp, spare_rows)  # [Qp, Hq, D]
+            o, lse = _attend(qs, _rows(k, p.q_start, Q, Qp, spare_rows), _rows(v, p.q_start, Q, Qp, spare_rows),
+                             True, scale)  # own keys
             o, lse = o[:Q], lse[:, :Q]  # [Q, Hq, D], [Hq, Q]: pad rows dropped
             off = p.k_len - Q
             if off > 0:  # the cached prefix: every query sees all of it

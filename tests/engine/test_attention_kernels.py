@@ -283,6 +283,25 @@ def check_cudnn_buckets(Hq, Hkv, dtype):
     assert sorted(seen) == [(2 * A, 2 * A)] * 3, seen
 
 
+def test_cudnn_rows_read_spare_rows_in_place_or_pad_with_zeros():
+    """cudnn_prefill._rows: a piece's rows extended to its bucket: the rows after it where x has
+    them, then `spare` rows of x's storage past its end (a view, no copy), else zero rows (a copy)."""
+    pytest.importorskip("triton")
+    from engine.attention.cudnn_prefill import _rows
+    buf = torch.arange(12 * 2 * 3, dtype=torch.float32).reshape(12, 2, 3)  # a static buffer, 12 rows
+    x = buf[:8]  # a bucket of 8 rows, 4 spare rows after it in the storage
+    assert _rows(x, 2, 3, 5).data_ptr() == buf[2].data_ptr()  # rows after the piece inside x
+    got = _rows(x, 5, 3, 6, spare=4)  # 5 + 6 = 11 rows: 3 past x's end, inside the spare rows
+    assert got.shape == (6, 2, 3) and torch.equal(got, buf[5:11])
+    assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # in place
+    padded = _rows(x, 5, 3, 6)  # no spare rows: zero rows appended
+    assert torch.equal(padded[:3], buf[5:8]) and not padded[3:].any()
+    assert torch.equal(_rows(x, 5, 3, 12, spare=4)[:3], buf[5:8])  # past the spare rows too: padded
+    assert not _rows(x, 5, 3, 12, spare=4)[3:].any()
+    strided = buf[:8, :1]  # not contiguous: its storage rows hold other data; padded
+    assert not _rows(strided, 5, 3, 6, spare=4)[3:].any()
+
+
 RAGGED = [(0, 37), (21, 50), (5, 1), (130, 1), (64, 17), (1, 1), (77, 2)]
 
 

@@ -136,6 +136,38 @@ def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_graphs_pad_cudnn_pieces_in_the_spare_rows(bf16_dirs):
+    """A step whose cuDNN piece starts after another piece and is padded to its CUDNN_ALIGN bucket
+    past the step's bucket: between the graphs it reads that padding in place from the static
+    buffers' spare rows (no F.pad copies), and the tokens equal the eager steps', which pad."""
+    from engine.attention import cudnn_prefill
+    from engine.prefill_graphs import SPARE_ROWS
+    assert SPARE_ROWS >= cudnn_prefill.CUDNN_ALIGN  # fewer would pad again
+    if not cudnn_prefill.cudnn_usable(torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("cuDNN attention does not run here")
+    path = bf16_dirs["qwen3_moe"]
+    prompts = [[(i * 13 + 5) % 250 for i in range(20)], [(i * 31 + 7) % 250 for i in range(1500)]]
+    seen, real = [], cudnn_prefill._rows
+
+    def spy(x, start, q, n, spare=0):
+        out = real(x, start, q, n, spare)
+        if start + n > x.shape[0] and q != n:  # padded past x's rows: in place, or a copy
+            seen.append(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+        return out
+    cudnn_prefill._rows = spy
+    try:
+        eager = rounds(engine(path, "bfloat16", chunk_size=1024, prefill_graph_tokens=0), prompts)
+        padded_eagerly, seen[:] = list(seen), []
+        got = rounds(engine(path, "bfloat16", chunk_size=1024), prompts)
+    finally:
+        cudnn_prefill._rows = real
+    assert got == eager
+    assert padded_eagerly and not any(padded_eagerly)  # eager steps: fresh tensors, padded by copies
+    assert seen and all(seen)  # between the graphs: every such piece read its padding in place
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_graphs_capture_the_attention_of_hit_steps(qwen_dir):
     """A prefix hit's short suffix alone (one piece over 1,500 cached tokens) and several suffixes in
     one step (pieces over shared prefixes) run their attention inside the graphs (the one-piece and
