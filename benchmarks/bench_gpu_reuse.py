@@ -287,6 +287,7 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams,
         sync()
         wall = time.perf_counter() - t0
     if sampler is not None:
+        sampler.stop()  # the batch only, not the trace's processing below
         gaps_out.append(sampler)
     prof.export_chrome_trace(path)
     with open(path) as f:
@@ -509,9 +510,12 @@ class StackSampler:
             frame = frame.f_back
         return " < ".join(parts) + f" (in {leaf})"
 
-    def report(self, top: int = 15) -> str:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def report(self, top: int = 15) -> str:
+        self.stop()
         rows = sorted(self.counts.items(), key=lambda kv: -kv[1])[:top]
         return f"# {self.label} samples, top:\n" + "\n".join(
             f"#   {c / max(self.n, 1):6.1%}  {k}" for k, c in rows)

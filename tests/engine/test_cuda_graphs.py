@@ -117,16 +117,16 @@ def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
     eager = rounds(engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024, prefill_graph_tokens=0),
                    prompts)
     eng = engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024)
-    calls, real = [0], cudnn_prefill._attend
+    calls, real = [0], cudnn_prefill._attend4
 
     def counted(*a, **kw):
         calls[0] += 1
         return real(*a, **kw)
-    cudnn_prefill._attend = counted
+    cudnn_prefill._attend4 = counted
     try:
         got = rounds(eng, prompts)
     finally:
-        cudnn_prefill._attend = real
+        cudnn_prefill._attend4 = real
     assert got == eager
     pg = eng.runner.prefill_graphs
     assert pg.disabled is None and pg.replays > 0
@@ -138,8 +138,9 @@ def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_graphs_pad_cudnn_pieces_in_the_spare_rows(bf16_dirs):
     """A step whose cuDNN piece starts after another piece and is padded to its CUDNN_ALIGN bucket
-    past the step's bucket: between the graphs it reads that padding in place from the static
-    buffers' spare rows (no F.pad copies), and the tokens equal the eager steps', which pad."""
+    past the step's bucket (a 1,024-token budget: 20 + 1,004 tokens): between the graphs it reads
+    that padding in place from the static buffers' spare rows (no F.pad copies), and the tokens
+    equal the eager steps', which pad."""
     from engine.attention import cudnn_prefill
     from engine.prefill_graphs import SPARE_ROWS
     assert SPARE_ROWS >= cudnn_prefill.CUDNN_ALIGN  # fewer would pad again
@@ -156,9 +157,10 @@ def test_prefill_graphs_pad_cudnn_pieces_in_the_spare_rows(bf16_dirs):
         return out
     cudnn_prefill._rows = spy
     try:
-        eager = rounds(engine(path, "bfloat16", chunk_size=1024, prefill_graph_tokens=0), prompts)
+        kw = dict(chunk_size=1024, max_num_batched_tokens=1024)
+        eager = rounds(engine(path, "bfloat16", prefill_graph_tokens=0, **kw), prompts)
         padded_eagerly, seen[:] = list(seen), []
-        got = rounds(engine(path, "bfloat16", chunk_size=1024), prompts)
+        got = rounds(engine(path, "bfloat16", **kw), prompts)
     finally:
         cudnn_prefill._rows = real
     assert got == eager
