@@ -1,0 +1,45 @@
+"""ModelRunner.prepare: a step's ids, positions and pool slots, uploaded in one copy, equal their
+definitions for every kind of piece (numpy for long prefill pieces, lists for the rest)."""
+from __future__ import annotations
+
+import random
+
+from engine import LLMEngine, SamplingParams
+from engine.request import Request
+from engine.runner import VECTOR_MIN
+from kvc.config import load_config
+from kvc.hashing import tokens_bytes
+
+
+def test_prepare_packs_ids_positions_and_slots_of_every_piece(qwen_dir):
+    eng = LLMEngine(load_config().replace(path=str(qwen_dir), device="cpu", num_device_blocks=64, gpu_only=True))
+    P, V = eng.kv.page_size, eng.args.vocab_size
+    rng = random.Random(0)
+
+    def req(prompt: int, computed: int, outputs: int = 0, packed: bool = True) -> Request:
+        ids = [rng.randrange(V) for _ in range(prompt)]
+        r = Request(f"q{rng.random()}", None, ids, SamplingParams(temperature=0),
+                    prompt_bytes=tokens_bytes(ids) if packed else None)
+        r.output_ids = [rng.randrange(V) for _ in range(outputs)]
+        r.num_computed = computed
+        r.block_table = rng.sample(range(4096), (prompt + outputs) // P + 2)  # scattered blocks
+        return r
+    sched = [(req(300, 37), 200),  # a long piece after a prefix that ends mid-page: numpy
+             (req(3 * VECTOR_MIN, 0, packed=False), 3 * VECTOR_MIN),  # long, no packed prompt bytes
+             (req(20, 3), 10),  # a short piece: lists
+             (req(VECTOR_MIN, 1), VECTOR_MIN - 1),  # the last piece of a prompt, just under the limit
+             (req(50, 52, outputs=3), 1), (req(30, 31, outputs=2), 1)]  # decodes
+    want_ids, want_pos, want_slots = [], [], []
+    for r, n in sched:
+        s = r.num_computed
+        want_ids += r.ids(s, s + n)
+        want_pos += range(s, s + n)
+        want_slots += [r.block_table[p // P] * P + p % P for p in range(s, s + n)]
+    input_ids, meta, _ = eng.runner.prepare(sched)
+    assert input_ids.tolist() == want_ids
+    assert meta.positions.tolist() == want_pos
+    assert meta.slot_mapping.tolist() == want_slots
+    assert [(p.q_start, p.q_len, p.k_len) for p in meta.prefills] == [
+        (0, 200, 237), (200, 3 * VECTOR_MIN, 3 * VECTOR_MIN), (200 + 3 * VECTOR_MIN, 10, 13),
+        (210 + 3 * VECTOR_MIN, VECTOR_MIN - 1, VECTOR_MIN)]
+    assert meta.decode_lens.tolist() == [53, 32]
