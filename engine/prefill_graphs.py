@@ -95,6 +95,7 @@ class PrefillGraphs:
         self.positions = torch.zeros(T, **long)
         self.slots = torch.full((T,), -1, **long)
         self.x = torch.zeros(T, a.hidden_size, dtype=dt, device=device)  # [T, H] the residual stream
+        self.spare_rows = SPARE_ROWS  # (benchmarks set 0 to time the padding copies and per-layer views)
         # q, k, v keep SPARE_ROWS zero rows past the largest bucket: the eager cuDNN path reads a
         # piece's padding up to its CUDNN_ALIGN bucket in place there (cudnn_prefill._rows)
         self.q = torch.zeros(T + SPARE_ROWS, a.num_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hq, D]
@@ -235,7 +236,7 @@ class PrefillGraphs:
             k_cache, v_cache = self.kv.layer(i)  # after the layer's load events (KVCache.layer)
             if not pieces:
                 kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
-                                 att.prefill_kernel, out=self.o[:B], store=False, spare_rows=SPARE_ROWS)
+                                 att.prefill_kernel, out=self.o[:B], store=False, spare_rows=self.spare_rows)
             run[i + 1]()
         self.replays += 1
         self.attention_replays += pieces > 0

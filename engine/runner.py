@@ -100,6 +100,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None  # likewise, for the other steps
         self.on_launched = None  # called once a step's kernels are queued, before the host waits for them
         self.in_flight: torch.Tensor | None = None  # the sampled ids of the last launched step
+        self.vector_min = VECTOR_MIN  # (benchmarks set it past any piece to time the per-token lists)
 
     def _upload(self, parts: list[list]) -> list[torch.Tensor]:
         """All of a step's int lists in one host-to-device copy: pinned and non-blocking on CUDA, so
@@ -129,7 +130,7 @@ class ModelRunner:
             start = req.num_computed
             firsts.append(row)
             table = req.block_table
-            if n >= VECTOR_MIN and not req.pending and start + n <= len(req.prompt_ids):
+            if n >= self.vector_min and not req.pending and start + n <= len(req.prompt_ids):
                 # a prefill piece: numpy over the packed prompt, not a Python int per token
                 ids.add(np.frombuffer(req.ids_bytes(start, start + n), dtype="<u4"))
                 pos = np.arange(start, start + n, dtype=np.int64)
