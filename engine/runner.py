@@ -47,11 +47,6 @@ class Segments:
             else:
                 packed.extend(seg)
 
-    def tolist(self) -> list[int]:
-        out = array.array("q")
-        self.pack_into(out)
-        return out.tolist()
-
 
 def _padded(tables: list[list[int]], width: int) -> list[int]:
     """The tables back to back, each padded with 0 to `width` (list += runs in C)."""

@@ -55,8 +55,8 @@ def _rows(x: torch.Tensor, start: int, q: int, n: int, spare: int = 0) -> torch.
     the top-left causal mask keeps them out of every real row, and their outputs are dropped; any
     finite values do. `spare`: rows of finite values that x's storage holds past x's last row (the
     prefill graphs' static buffers keep CUDNN_ALIGN of them), read in place the same way. Zero rows
-    are appended only where both end first: F.pad is a new tensor, a fill and a copy, ~10 operator
-    dispatches of host time each, three times a layer, in a step whose host time is its limit."""
+    are appended only where both end first: F.pad is a new tensor, a fill and a copy (~10 operator
+    dispatches of host time, three times a layer, in a step whose host time is its limit)."""
     if start + n <= x.shape[0]:
         return x[start:start + n]
     if q == n:
