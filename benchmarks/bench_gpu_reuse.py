@@ -276,7 +276,8 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams,
     Tells a put path that slows the GPU's own kernels (busy grows) from one that keeps the engine's
     thread from feeding it (idle grows). The profiler's own launch overhead is in both batches.
     gaps_out: gets idle_gaps' rows (each idle gap over 0.1 ms of the engine's stream, attributed),
-    then a StackSampler report of the calling thread (the engine's, in LLM.generate) over the batch."""
+    then the StackSampler of the calling thread (the engine's, in LLM.generate) over the batch, its
+    `in_gaps` the samples that fell inside the launched-late gaps (samples_in_gaps)."""
     import json
     path = tempfile.mktemp(suffix=".json")
     sync()
