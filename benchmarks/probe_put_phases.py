@@ -8,6 +8,8 @@ Qwen3-30B-A3B pages of 384 KiB by default, a cpu tier only), each phase timed pe
   _publish_puts           entries published, pages sent down (Python, GIL)
   _touch_chains           the LRU walk over the chain (Python, GIL)
   _evict_disk             write-back bookkeeping (Python, GIL)
+  _make_room              demotions ahead of the plan when the cpu tier is full (Python, GIL)
+  _update_gauges          the tiers' used / pages gauges after each call (Python, GIL)
 
     python benchmarks/probe_put_phases.py [--pages 4096] [--layers 12]
 """
@@ -30,7 +32,7 @@ from kvc.hashing import Namespace, PageSpec, page_hashes  # noqa: E402
 from kvc.record import Page  # noqa: E402
 from kvc.store import TieredStore  # noqa: E402
 
-PHASES = ("_plan_puts", "_sum_copy", "_publish_puts", "_touch_chains", "_evict_disk")
+PHASES = ("_plan_puts", "_sum_copy", "_publish_puts", "_touch_chains", "_evict_disk", "_make_room", "_update_gauges")
 
 
 def main() -> None:

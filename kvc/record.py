@@ -37,8 +37,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dt)  # per page on the put path
+    if name is None:
+        name = _DTYPE_NAMES[dt] = str(dt).removeprefix("torch.")
+    return name
 
 
 @dataclass
@@ -62,10 +68,11 @@ class Page:
             raise ValueError(f"page hash and parent must be {DIGEST_BYTES} bytes")
         if len(self.tokens) != spec.page_size:
             raise ValueError(f"page has {len(self.tokens)} token ids, the namespace's page_size is {spec.page_size}")
-        if tuple(self.data.shape) != spec.shape:
-            raise ValueError(f"page data has shape {tuple(self.data.shape)}, expected {spec.shape}")
-        if dtype_name(self.data.dtype) != spec.dtype:
-            raise ValueError(f"page data has dtype {dtype_name(self.data.dtype)}, expected {spec.dtype}")
+        data = self.data
+        if data.shape != spec.shape:  # torch.Size is a tuple
+            raise ValueError(f"page data has shape {tuple(data.shape)}, expected {spec.shape}")
+        if dtype_name(data.dtype) != spec.dtype:
+            raise ValueError(f"page data has dtype {dtype_name(data.dtype)}, expected {spec.dtype}")
 
 
 def as_tokens(tokens) -> np.ndarray:
