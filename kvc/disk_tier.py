@@ -104,6 +104,7 @@ class DiskTier:
         # writer held back by write_gate must not grow memory without limit): refusals are counted
         self.backlog_bytes = 0
         self.max_backlog_bytes = int(max_backlog_bytes)
+        self._m_backlog_full = metrics.store_pages.labels(tier="disk", result="backlog_full")
         # Called by the writer before each few records (it may block): an embedding engine hands in
         # its GPU-slack wait, so LMDB's puts (which hold the GIL) run when the engine's own thread
         # is not the limit. None: write at once (the cache server, tests).
@@ -323,7 +324,7 @@ class DiskTier:
             if h in self.index or time.monotonic() < self.degraded_until:
                 return False
             if self.backlog_bytes + len(record) > self.max_backlog_bytes:
-                self.metrics.store_pages.labels(tier="disk", result="backlog_full").inc()
+                self._m_backlog_full.inc()
                 return False
             self.backlog_bytes += len(record)
             e = DiskEntry(ns_root, parent, tokens, self._seq, len(record))
@@ -335,6 +336,15 @@ class DiskTier:
             self._queued += 1
             self._queue.put(("put", h, record, e))
         return True
+
+    def accepts(self, nbytes: int) -> bool:
+        """Whether put() would now take records of nbytes more (not degraded, the backlog has room):
+        callers skip building records the writer would refuse. A hint: put() decides."""
+        return self.backlog_bytes + nbytes <= self.max_backlog_bytes and time.monotonic() >= self.degraded_until
+
+    def refused(self, n: int) -> None:
+        """Count n records a caller did not build because accepts() said no (as put() counts its own)."""
+        self._m_backlog_full.inc(n)
 
     def over_budget(self) -> bool:
         return self.used > self.high * self.capacity

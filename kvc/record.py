@@ -96,6 +96,11 @@ def encode_header(ns_root: bytes, page: Page, payload: np.ndarray, csum: int | N
                        dtype_name(page.data.dtype), tuple(page.data.shape), payload.nbytes)
 
 
+def record_len(tokens: bytes, dtype: str, shape: tuple[int, ...], payload_len: int) -> int:
+    """len(pack_header(...)) + payload_len: a record's size, without building it."""
+    return _FIXED.size + 2 + len(dtype.encode()) + 4 * len(shape) + 8 + len(tokens) + payload_len
+
+
 def pack_header(ns_root: bytes, h: bytes, parent: bytes, csum: int, tokens: bytes, dtype: str,
                 shape: tuple[int, ...], payload_len: int) -> bytes:
     """A record's header and token ids (tokens: little-endian uint32 bytes), from plain values: no

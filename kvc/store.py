@@ -41,7 +41,7 @@ from .cpu_tier import CpuTier, Entry, NullTier
 from .disk_tier import DiskTier
 from .hashing import DIGEST_BYTES, Namespace
 from .metrics import KvcMetrics
-from .record import Page, RecordInfo, pack_header, torch_dtype
+from .record import Page, RecordInfo, pack_header, record_len, torch_dtype
 
 log = logging.getLogger("kvc.store")
 GB = 1 << 30
@@ -1025,7 +1025,7 @@ class TieredStore:
         built together (_records: one native copy for the batch, without the GIL): an eviction
         batch is ~1,000 pages of 384 KiB for a 4 GB tier, and one GIL-held copy per page held
         a busy engine thread off the GIL for 10-18 ms at a time (probe_demote.py)."""
-        removed, down = [], []
+        removed, down, refused, room = [], [], 0, 0
         for k in victims:
             # the slab bytes themselves: the records copy them before this returns, and no put can
             # reuse the slots before that (puts hold the store lock, as this does)
@@ -1036,7 +1036,14 @@ class TieredStore:
                 self.admission.forget(k)
                 self.metrics.store_pages.labels(tier="disk", result="not_admitted").inc()
             elif self.disk.get(k) is None and self.disk.fits(e.nbytes):
-                down.append((k, e, payload))
+                size = record_len(e.tokens, e.dtype, e.shape, e.nbytes)
+                if self.disk.accepts(room + size):  # no record built for a writer that would refuse it
+                    down.append((k, e, payload))
+                    room += size
+                else:
+                    refused += 1
+        if refused:
+            self.disk.refused(refused)
         if removed:
             self._m_cpu_evicted.inc(len(removed))
         moved = 0

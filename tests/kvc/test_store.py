@@ -344,6 +344,33 @@ def test_a_batch_of_demotions_writes_every_record_whole(tmp_path, monkeypatch, n
         assert len(got) == 10 and all(torch.equal(g.data, p.data) for g, p in zip(got, pb))
 
 
+def test_demotions_build_no_records_the_disk_writer_would_refuse(tmp_path):
+    """With the disk writer's backlog full (it writes slower than the puts demote), a demotion
+    builds records only for the pages the backlog still takes: the others are counted as refused
+    (kvc_store_pages_total{tier="disk", result="backlog_full"}) and dropped from the cpu tier
+    without a copy of their bytes (what the writer took reads back as before: the test above)."""
+    import threading
+
+    from kvc.record import record_len
+    from kvc.store import key
+    opened = threading.Event()
+    with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
+        s.set_write_gate(lambda: opened.wait(10))
+        e = next(iter(s.cpu.entries.values()))
+        rec = record_len(e.tokens, e.dtype, e.shape, e.nbytes)
+        s.disk.max_backlog_bytes = 3 * rec + rec // 2  # room for three records
+        built, real = [], s._records
+        s._records = lambda items: (built.append(len(items)), real(items))[1]
+        s.put_pages(NS, pb)  # demotes A's oldest pages down to the low watermark: more than three
+        evicted = metric(s, "kvc_evictions_total", tier="cpu", reason="capacity")
+        refused = metric(s, "kvc_store_pages_total", tier="disk", result="backlog_full")
+        assert evicted >= 8 and sum(built) == 3 and refused == evicted - 3, (built, evicted, refused)
+        opened.set()
+        s.flush()
+        assert s.disk.pages == 3
+        assert sum(s.disk.get(key(NS.root, h)) is not None for h in ha) == 3  # the pages taken
+
+
 def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch):
     """A put into a full cpu tier demotes DEMOTE_CHUNK pages per hold of the store lock and calls
     its pause between holds with the lock free, so a load waits for one chunk's records, not the
