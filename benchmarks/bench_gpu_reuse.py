@@ -492,7 +492,7 @@ class StackSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            frame = sys._current_frames().get(self.ident)
+            frame = top = sys._current_frames().get(self.ident)
             where, leaf = None, None
             while frame is not None:
                 code = frame.f_code
@@ -506,7 +506,7 @@ class StackSampler:
             self.counts[key] = self.counts.get(key, 0) + 1
             self.n += 1
             if self.timed is not None:
-                self.timed.append((time.time(), self._stack(sys._current_frames().get(self.ident))))
+                self.timed.append((time.time(), self._stack(top)))
 
     @staticmethod
     def _stack(frame, depth: int = 3) -> str:

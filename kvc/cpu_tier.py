@@ -321,12 +321,6 @@ class NullTier:
     def fits(self, nbytes: int) -> bool:
         return False
 
-    def accepts(self, nbytes: int) -> bool:
-        return False
-
-    def refused(self, n: int) -> None:
-        pass
-
     def touch(self, h: bytes) -> None:
         pass
 

@@ -854,7 +854,7 @@ class TieredStore:
         cpu_get, disk_get = self.cpu.get, self.disk.get
         no_cpu = not isinstance(self.cpu, CpuTier)
         for p, toks in zip(pages, packed):
-            k = root + p.hash  # key(root, p.hash)
+            k = key(root, p.hash)
             if p.parent not in placed and not self._parent_ok(root, p.parent, placed):
                 tally.reject(BAD_PARENT.format(p.hash.hex()))
                 continue
@@ -862,7 +862,7 @@ class TieredStore:
             if held is not None and self._held_as(p, toks, held, placed, tally):
                 continue
             e = planned[k] = Entry(root, p.parent, toks, spec.dtype, spec.shape, spec.page_bytes, 0)  # checksum later
-            todo.append((p, k, e, self._reserve_cpu(k, spec.page_bytes, held=False)))
+            todo.append((p, k, e, self._reserve_cpu(k, spec.page_bytes, check_held=False)))
             placed.add(p.hash)  # for now: a page that lands nowhere is taken out when published
         placed -= {t[0].hash for t in todo}
         return todo, placed
@@ -943,10 +943,10 @@ class TieredStore:
         self._cpu_stored(k, e, off)
         return True
 
-    def _reserve_cpu(self, k: bytes, nbytes: int, held: bool = True) -> int | None:
+    def _reserve_cpu(self, k: bytes, nbytes: int, check_held: bool = True) -> int | None:
         """A cpu slot for a page of nbytes (LRU pages demoted to make room); None if none can be had.
-        held=False: the caller looked k up in the cpu tier already (under the same lock hold)."""
-        if not self.cpu.fits(nbytes) or (held and self.cpu.get(k) is not None):
+        check_held=False: the caller looked k up in the cpu tier already (under the same lock hold)."""
+        if not self.cpu.fits(nbytes) or (check_held and self.cpu.get(k) is not None):
             return None
         off = self.cpu.reserve(nbytes)  # a free slot: no victims to look for (the common case)
         if off is not None:

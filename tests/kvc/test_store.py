@@ -536,3 +536,14 @@ def test_a_layered_gets_verdict_survives_pages_deleted_or_stored_again_meanwhile
         assert s.finish_layers(started(3, n=4)) == 3  # nothing changed meanwhile: the bad page is dropped
         assert s.cpu.get(keys[3]) is None
         assert not s._reading
+
+
+def test_record_len_is_the_size_of_the_record_pack_header_starts():
+    """record_len (a demotion's check of the disk backlog) says what pack_header + payload make."""
+    import numpy as np
+
+    from kvc.record import pack_header, record_len
+    for tokens, dtype, shape, n in [(np.arange(4, dtype="<u4").tobytes(), "float32", (2, 2, 4, 2, 4), 512),
+                                    (np.arange(16, dtype="<u4").tobytes(), "bfloat16", (12, 2, 16, 4, 128), 393216)]:
+        head = pack_header(b"r" * 16, b"h" * 16, b"p" * 16, 7, tokens, dtype, shape, n)
+        assert record_len(tokens, dtype, shape, n) == len(head) + n
