@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvc.config import load_config  # noqa: E402
 from engine.moe import MoEBlock, route  # noqa: E402
 from engine.offload import apply_experts, cpu_experts, device_experts, load_counts  # noqa: E402
+from engine.offload import native  # noqa: E402
 from engine.offload.grouped import ExpertThreads, grouped_cpu_experts, prepare  # noqa: E402
 from engine.offload.runtime import amx  # noqa: E402
 
@@ -333,10 +334,23 @@ def cpu_steps(a, s):
     print("|---|---|---|---|---|---|---|---|---|")
     phase_notes = []  # the native kernel's time per phase (setup, x, gu, q, down) and outside it
     per_layer = {}  # (dtype, tokens) -> mean seconds a layer
-    for spec in a.formats.split(","):
+    variants = [v.partition("=") for v in a.native_variants.split(";") if v.strip()]
+    runs = [(spec, "", "") for spec in a.formats.split(",")]
+    runs += [(spec, name, flags) for name, _, flags in variants for spec in a.formats.split(",")
+             if spec.partition(":")[2].startswith("native")]
+    for spec, vname, vflags in runs:
+        if vname:  # the same weights on a build of the kernel with other compile-time settings
+            lib = native.library(flags=tuple(vflags.split()))
+            if lib is None:
+                print(f"# variant {vname} ({vflags}): did not build; skipped", flush=True)
+                continue
+            pool.use_native(lib)
+            print(f"# variant {vname}: {vflags}", flush=True)
         fmt, kern, src, wt = prepared(spec, w13, w2)
         if wt is None:
             continue
+        if vname:
+            kern = f"{kern or wt.kernel} {vname}"
         t0 = time.perf_counter()
         layers = [wt] + [_layer_copy(wt) for _ in range(L - 1)]
         print(f"# {spec}: {L - 1} more layers copied in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -373,12 +387,12 @@ def cpu_steps(a, s):
             print(f"| {T} | {fmt} | {kern or wt.kernel} | {touched:.1f} | {touched * wt.expert_bytes / 1e6:.0f} | "
                   f"{mean_f * 1e3:.2f} | {mean_t * 1e3:.2f} | {mean_t / mean_f:.2f} | "
                   f"{sum(firsts) / sum(first_floors):.2f} |", flush=True)
-            per_layer[fmt, T] = mean_t
+            per_layer.setdefault((fmt, T), mean_t)  # the default build's, for the int8 / bf16 line
             if wt.kernel == "native":
                 ph = pool.native().phases()
                 n = max(ph.pop("calls"), 1)
                 inside = sum(ph.values()) / n
-                phase_notes.append(f"# {T} token(s), {fmt}: us a call: " + ", ".join(
+                phase_notes.append(f"# {T} token(s), {fmt}{' ' + vname if vname else ''}: us a call: " + ", ".join(
                     f"{k} {v / n * 1e6:.1f}" for k, v in ph.items()) +
                     f"; outside the kernel (Python, ctypes) {(mean_t - inside) * 1e6:.1f}")
         del wt, layers
@@ -451,6 +465,9 @@ def main():
     p.add_argument("--step-layers", type=int, default=12, help="--cpu-steps: layers per step, each with its own weights")
     p.add_argument("--gap-us", type=float, default=130.0, help="--cpu-steps: busy pause before each layer call")
     p.add_argument("--step-gap-ms", type=float, default=1.0, help="--cpu-steps: busy pause between steps")
+    p.add_argument("--native-variants", default="",
+                   help="--cpu-steps: 'name=cc flags;...': the native --formats again on builds with these flags "
+                        "(experts.c's compile-time settings, e.g. -DDOWN_TASKS=4), rows marked with the name")
     p.add_argument("--cpu-tokens", default="1,8,32,2048", help="--cpu-layer: tokens per call")
     p.add_argument("--formats", default="bfloat16,bfloat16:native,int8,int8:onednn,int8:native",
                    help="--cpu-layer: dtype[:kernel],... (kernel: int_mm, onednn, native, native_wo)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-gaps, paired-host, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-gaps, paired-host, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -90,6 +90,9 @@ for part in "$@"; do
         --cpu-tokens 1,8,32,128,512,2048 --iters-decode 3 --iters-prefill 2 --no-loop ;;
     offload-steps) step offload-steps 150 python3 benchmarks/bench_offload.py --cpu-steps --device cuda \
         --formats bfloat16:native,int8:native --cpu-tokens 1,8,32 --iters-decode 4 ;;
+    offload-variants) step offload-variants 280 python3 benchmarks/bench_offload.py --cpu-steps --device cuda \
+        --formats bfloat16:native,int8:native --cpu-tokens 1,8,32 --iters-decode 4 \
+        --native-variants "${KVC_NATIVE_VARIANTS:-d4=-DDOWN_TASKS=4;d2=-DDOWN_TASKS=2;g16=-DGU_TASKS=16;s1=-DSPLIT1=1;pf1k=-DPF=1024}" ;;
     offload-e2e) step offload-e2e 200 python3 benchmarks/bench_offload.py --e2e --device cuda --model-dir "$ckpt" \
         --e2e-rows auto:grouped,auto:native,int8:native ;;
     *) echo "unknown part $part" ;;

@@ -202,6 +202,13 @@ class ExpertThreads:
             self._native = native.library().pool(self.threads)
         return self._native
 
+    def use_native(self, lib: native.NativeLib) -> None:
+        """Run the native calls on `lib` from now on (a build with other flags: the benchmark's
+        kernel variants); the old pool's threads end."""
+        if self._native is not None:
+            self._native.close()
+        self._native = lib.pool(self.threads)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self._native is not None:

@@ -196,11 +196,13 @@ def test_prefill_sized_calls_go_to_the_torch_kernel(pools):
     torch.testing.assert_close(nat, torch_out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("flags", [("-mno-avx512bf16", "-mno-avx512vnni"), ("-mno-avx512f",), ("-DL2_BLOCK=512",)],
-                         ids=["avx512f-only", "scalar", "small-l2-blocks"])
+@pytest.mark.parametrize("flags", [("-mno-avx512bf16", "-mno-avx512vnni"), ("-mno-avx512f",), ("-DL2_BLOCK=512",),
+                                   ("-DSPLIT1=1", "-DGU_TASKS=16", "-DDOWN_TASKS=2")],
+                         ids=["avx512f-only", "scalar", "small-l2-blocks", "decode-task-variants"])
 def test_isa_fallbacks_equal_the_native_build(tmp_path, flags):
-    """The same source built without bf16/VNNI dot products, without AVX-512, or with weight sub-blocks
-    of a row or two (prefill's loop order, many blocks per task): the same numbers."""
+    """The same source built without bf16/VNNI dot products, without AVX-512, with weight sub-blocks
+    of a row or two (prefill's loop order, many blocks per task), or with the decode settings the
+    benchmark compares (two chains for a packed 1-token dot, other task sizes): the same numbers."""
     lib, base = native.library(directory=tmp_path, flags=flags), native.library()
     assert lib is not None and base is not None and lib.path != base.path
     if base.isa == "scalar":  # a CPU without AVX-512: every build is the plain C loop

@@ -50,6 +50,20 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #define SMALL_PREP (SIMD ? 16384 : 0)
 #endif
 
+/* Tasks per thread the gate/up and down phases aim for (dynamic claiming evens out the rest); fewer,
+ * larger tasks stream longer runs of weight rows, more even out the threads' finishing times. */
+#ifndef GU_TASKS
+#define GU_TASKS 8
+#endif
+#ifndef DOWN_TASKS
+#define DOWN_TASKS 8
+#endif
+/* 1: a 1-token packed dot runs two accumulator chains over alternate 4-byte steps of K (dpbusd's
+ * latency, not the memory, bounds one chain at ~64 bytes a 5 cycles). */
+#ifndef SPLIT1
+#define SPLIT1 0
+#endif
+
 #include "pool.h"
 #include "dot.h"
 
@@ -162,9 +176,39 @@ static inline __attribute__((always_inline)) void dot16(const int8_t *w0, const 
     }
 }
 
+/* dot16 for one activation row with two chains per block: even and odd 4-byte steps of K (K % 8 == 0,
+ * as H % 16 == I % 16 == 0 for packed weights), summed at the end. */
+static inline __attribute__((always_inline)) void dot16_one(const int8_t *w0, const int8_t *w1, const uint8_t *a,
+                                                            int K, __m512i *acc0, __m512i *acc1, const int NB) {
+    __m512i a0 = _mm512_setzero_si512(), b0 = a0, a1 = a0, b1 = a0;
+    for (int k = 0; k < K; k += 8) {
+        _mm_prefetch((const char *)(w0 + (size_t)k * 16) + PF, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w0 + (size_t)k * 16) + PF + 64, _MM_HINT_T0);
+        int32_t x0, x1;
+        memcpy(&x0, a + k, 4);
+        memcpy(&x1, a + k + 4, 4);
+        __m512i v0 = _mm512_set1_epi32(x0), v1 = _mm512_set1_epi32(x1);
+        a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_loadu_si512((const void *)(w0 + (size_t)k * 16)));
+        b0 = _mm512_dpbusd_epi32(b0, v1, _mm512_loadu_si512((const void *)(w0 + (size_t)k * 16 + 64)));
+        if (NB == 2) {
+            _mm_prefetch((const char *)(w1 + (size_t)k * 16) + PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + (size_t)k * 16) + PF + 64, _MM_HINT_T0);
+            a1 = _mm512_dpbusd_epi32(a1, v0, _mm512_loadu_si512((const void *)(w1 + (size_t)k * 16)));
+            b1 = _mm512_dpbusd_epi32(b1, v1, _mm512_loadu_si512((const void *)(w1 + (size_t)k * 16 + 64)));
+        }
+    }
+    acc0[0] = _mm512_add_epi32(a0, b0);
+    acc1[0] = _mm512_add_epi32(a1, b1);
+}
+
 /* acc0[t] (and acc1[t] when w1) = the 16 int32 sums of the packed rows at w0 (w1) with activation row a[t] */
 static void dot16_block(const int8_t *w0, const int8_t *w1, const uint8_t *const *a, int K, __m512i *acc0,
                         __m512i *acc1, int nt) {
+    if (SPLIT1 && nt == 1) {
+        if (w1) dot16_one(w0, w1, a[0], K, acc0, acc1, 2);
+        else dot16_one(w0, w1, a[0], K, acc0, acc1, 1);
+        return;
+    }
     for (int t = 0; t < TB; t++) acc0[t] = acc1[t] = _mm512_setzero_si512();
 #define D16(N) (w1 ? dot16(w0, w1, a, K, acc0, acc1, 2, N) : dot16(w0, w1, a, K, acc0, acc1, 1, N))
     switch (nt) {
@@ -465,9 +509,8 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         if (c.rb < 1 || (long)T * H <= SMALL_PREP) c.rb = T; /* a decode step's few rows: no pool round */
         pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
     }
-    /* blocks: about 8 tasks per thread (dynamic claiming evens out the rest), each at least 8 rows so a
-     * task streams a contiguous run */
-    int jb = (int)(((long)I * nact + 8L * n - 1) / (8L * n));
+    /* blocks: about GU_TASKS tasks per thread, each at least 8 rows so a task streams a contiguous run */
+    int jb = (int)(((long)I * nact + (long)GU_TASKS * n - 1) / ((long)GU_TASKS * n));
     c.jb = jb < 8 ? 8 : jb > 64 ? 64 : jb;
     if (wf == WF_I8P) c.jb = (c.jb + 15) & ~15; /* whole packed blocks */
     c.njb = (I + c.jb - 1) / c.jb;
@@ -481,7 +524,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         if (c.rb < 1 || (long)N * I <= SMALL_PREP) c.rb = N;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
-    int hb = (H + 8 * n - 1) / (8 * n);
+    int hb = (H + DOWN_TASKS * n - 1) / (DOWN_TASKS * n);
     hb = (hb + 8) & ~15; /* whole cache lines of out per task, the multiple of 16 nearest */
     c.hb = hb < 16 ? 16 : hb;
     c.nhb = (H + c.hb - 1) / c.hb;
