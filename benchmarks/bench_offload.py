@@ -336,7 +336,7 @@ def cpu_steps(a, s):
     per_layer = {}  # (dtype, tokens) -> mean seconds a layer
     variants = [v.partition("=") for v in a.native_variants.split(";") if v.strip()]
     runs = [(spec, "", "") for spec in a.formats.split(",")]
-    runs += [(spec, name, flags) for name, _, flags in variants for spec in a.formats.split(",")
+    runs += [(spec, name, flags) for name, _, flags in variants for spec in (a.variant_formats or a.formats).split(",")
              if spec.partition(":")[2].startswith("native")]
     for spec, vname, vflags in runs:
         if vname:  # the same weights on a build of the kernel with other compile-time settings
@@ -465,6 +465,8 @@ def main():
     p.add_argument("--step-layers", type=int, default=12, help="--cpu-steps: layers per step, each with its own weights")
     p.add_argument("--gap-us", type=float, default=130.0, help="--cpu-steps: busy pause before each layer call")
     p.add_argument("--step-gap-ms", type=float, default=1.0, help="--cpu-steps: busy pause between steps")
+    p.add_argument("--variant-formats", default="", help="--native-variants: the formats to run them on "
+                   "(default: --formats)")
     p.add_argument("--native-variants", default="",
                    help="--cpu-steps: 'name=cc flags;...': the native --formats again on builds with these flags "
                         "(experts.c's compile-time settings, e.g. -DDOWN_TASKS=4), rows marked with the name")

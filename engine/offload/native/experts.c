@@ -58,6 +58,15 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #ifndef DOWN_TASKS
 #define DOWN_TASKS 8
 #endif
+/* The same for packed int8 (w8a8 on 16-row blocks): gate/up's blocks round up to 16 rows, so 8 tasks a
+ * thread left the last round of a 4-expert decode call 6 of 15 threads busy; 16 and 4 were 8-13%
+ * faster at 1-32 tokens on the H200 host (benchmarks/RESULTS.md, runs CJ-CK). */
+#ifndef GU_TASKS_PACKED
+#define GU_TASKS_PACKED 16
+#endif
+#ifndef DOWN_TASKS_PACKED
+#define DOWN_TASKS_PACKED 4
+#endif
 /* 1: a 1-token packed dot runs two accumulator chains over alternate 4-byte steps of K (dpbusd's
  * latency, not the memory, bounds one chain at ~64 bytes a 5 cycles). */
 #ifndef SPLIT1
@@ -510,7 +519,8 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         pool_run(pl, task_x, &c, (T + c.rb - 1) / c.rb);
     }
     /* blocks: about GU_TASKS tasks per thread, each at least 8 rows so a task streams a contiguous run */
-    int jb = (int)(((long)I * nact + (long)GU_TASKS * n - 1) / ((long)GU_TASKS * n));
+    long gut = wf == WF_I8P ? GU_TASKS_PACKED : GU_TASKS, dnt = wf == WF_I8P ? DOWN_TASKS_PACKED : DOWN_TASKS;
+    int jb = (int)(((long)I * nact + gut * n - 1) / (gut * n));
     c.jb = jb < 8 ? 8 : jb > 64 ? 64 : jb;
     if (wf == WF_I8P) c.jb = (c.jb + 15) & ~15; /* whole packed blocks */
     c.njb = (I + c.jb - 1) / c.jb;
@@ -524,7 +534,7 @@ static long moe(pool_t *pl, int n, int wf, const void *x, int xdt, int T, int H,
         if (c.rb < 1 || (long)N * I <= SMALL_PREP) c.rb = N;
         pool_run(pl, task_q, &c, (N + c.rb - 1) / c.rb);
     }
-    int hb = (H + DOWN_TASKS * n - 1) / (DOWN_TASKS * n);
+    int hb = (int)((H + dnt * n - 1) / (dnt * n));
     hb = (hb + 8) & ~15; /* whole cache lines of out per task, the multiple of 16 nearest */
     c.hb = hb < 16 ? 16 : hb;
     c.nhb = (H + c.hb - 1) / c.hb;
