@@ -58,14 +58,14 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #ifndef DOWN_TASKS
 #define DOWN_TASKS 8
 #endif
-/* The same for packed int8 (w8a8 on 16-row blocks): gate/up's blocks round up to 16 rows, so 8 tasks a
- * thread left the last round of a 4-expert decode call 6 of 15 threads busy; 16 and 4 were 8-13%
- * faster at 1-32 tokens on the H200 host (benchmarks/RESULTS.md, runs CJ-CK). */
+/* The same for packed int8 (w8a8 on 16-row blocks, whose gate/up blocks round up to 16 rows). 16 / 4
+ * looked 8-13% faster at 1-32 tokens in one pass on one H200 host and equal on another, inside the
+ * ~5-7% spread of one build's passes there (benchmarks/RESULTS.md, runs CJ, CK): 8 / 8 stays. */
 #ifndef GU_TASKS_PACKED
-#define GU_TASKS_PACKED 16
+#define GU_TASKS_PACKED 8
 #endif
 #ifndef DOWN_TASKS_PACKED
-#define DOWN_TASKS_PACKED 4
+#define DOWN_TASKS_PACKED 8
 #endif
 /* 1: a 1-token packed dot runs two accumulator chains over alternate 4-byte steps of K (dpbusd's
  * latency, not the memory, bounds one chain at ~64 bytes a 5 cycles). */
