@@ -93,7 +93,7 @@ for part in "$@"; do
     offload-variants) step offload-variants 280 python3 benchmarks/bench_offload.py --cpu-steps --device cuda \
         --formats bfloat16:native,int8:native --cpu-tokens 1,8,32 --iters-decode 4 \
         --variant-formats "${KVC_VARIANT_FORMATS:-int8:native}" \
-        --native-variants "${KVC_NATIVE_VARIANTS:-again=;g16d4=-DGU_TASKS_PACKED=16 -DDOWN_TASKS_PACKED=4;s1=-DSPLIT1=1;again2=}" ;;
+        --native-variants "${KVC_NATIVE_VARIANTS:-again=;pin=-DPIN=1;g16d4=-DGU_TASKS_PACKED=16 -DDOWN_TASKS_PACKED=4;again2=;pin2=-DPIN=1}" ;;
     offload-e2e) step offload-e2e 200 python3 benchmarks/bench_offload.py --e2e --device cuda --model-dir "$ckpt" \
         --e2e-rows auto:grouped,auto:native,int8:native ;;
     *) echo "unknown part $part" ;;

@@ -197,7 +197,7 @@ def test_prefill_sized_calls_go_to_the_torch_kernel(pools):
 
 
 @pytest.mark.parametrize("flags", [("-mno-avx512bf16", "-mno-avx512vnni"), ("-mno-avx512f",), ("-DL2_BLOCK=512",),
-                                   ("-DSPLIT1=1", "-DGU_TASKS=16", "-DDOWN_TASKS=2", "-DGU_TASKS_PACKED=16", "-DDOWN_TASKS_PACKED=2")],
+                                   ("-DSPLIT1=1", "-DGU_TASKS=16", "-DDOWN_TASKS=2", "-DGU_TASKS_PACKED=16", "-DDOWN_TASKS_PACKED=2", "-DPIN=1")],
                          ids=["avx512f-only", "scalar", "small-l2-blocks", "decode-task-variants"])
 def test_isa_fallbacks_equal_the_native_build(tmp_path, flags):
     """The same source built without bf16/VNNI dot products, without AVX-512, with weight sub-blocks

@@ -18,8 +18,10 @@
  * activations), 4 int8 w8a8 on weights packed in 16-row blocks for dpbusd (no horizontal sums; VNNI
  * builds only). Without AVX-512 (F, BW, VL) every format runs as one plain C loop.
  */
+#define _GNU_SOURCE /* sched_getaffinity, pthread_setaffinity_np (pool.h's PIN setting) */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
