@@ -130,6 +130,54 @@ def parts(w13, w2, x, ids, w, iters):
         print(f"| {name} | {t:.3f} | {'' if fl is None else f'{fl:.0f}'} |")
 
 
+def wide_tiles(w13, w2, x, ids, w, iters):
+    """The 2,048-token chunk's GEMMs on tiles 256 columns wide (the down GEMM's N, the widest that
+    Hopper's shared memory holds at 128 rows and 64-deep K steps) and other L2 groupings, each launch
+    alone (GPU time, CUDA-graph replays) with its largest difference from the default tile's output;
+    then the whole call on the fastest down tile. grid() leaves these out (its largest tile is
+    128 x 128 x 64)."""
+    T, k = ids.shape
+    E, H, I = w2.shape
+    n = T * k
+    c13, c2 = configs(n, E)
+    s13, b13 = align(ids, E, c13["BLOCK_M"])
+    s2, b2 = align(ids, E, c2["BLOCK_M"]) if c2["BLOCK_M"] != c13["BLOCK_M"] else (s13, b13)
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    wf = w.reshape(-1).float().contiguous()
+    rows = [("whole call, default tiles", graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters), "")]
+    rows.append((f"gate/up {c13} (default)", graph_time(
+        lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13), iters), ""))
+    ref13 = act.clone()
+    rows.append((f"down {c2} (default)", graph_time(
+        lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters), ""))
+    ref2 = y.clone()
+    for group in (1, 16):
+        c = dict(c13, GROUP_M=group)
+        t = graph_time(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c), iters)
+        rows.append((f"gate/up {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
+    _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13)  # the default's act again
+    best = (rows[2][1], c2)
+    for bm, bn, stages, group in itertools.product((128, 64), (128, 256), (3, 4), (1, 8)):
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=group, num_warps=8, num_stages=stages)
+        if c == c2:
+            continue
+        try:
+            sc, bc = align(ids, E, bm)
+            t = graph_time(lambda: _launch(act, w2, y, wf, sc, bc, n, E, H, I, 1, False, True, c), iters)
+            rows.append((f"down {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
+            if bm == c13["BLOCK_M"] and t < best[0]:  # one align for both GEMMs
+                best = (t, c)
+        except Exception as e:  # out of shared memory for this tile
+            rows.append((f"down {c}: {type(e).__name__}", float("nan"), ""))
+    rows.append((f"whole call, down on {best[1]}",
+                 graph_time(lambda: fused_experts(w13, w2, x, ids, w, (c13, best[1])), iters), ""))
+    print(f"\n{T} tokens, wide tiles (GPU time, CUDA-graph replays):\n| launch | ms | max diff from the default |\n"
+          "|---|---|---|")
+    for name, t, d in rows:
+        print(f"| {name} | {t:.3f} | {d} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
@@ -142,6 +190,8 @@ def main():
     ap.add_argument("--parts", action="store_true", help="time each launch alone, and ONE_DOT gate/up tiles")
     ap.add_argument("--wide", action="store_true", help="with --sweep: deeper pipelines and L2 groupings too "
                     "(for the 2048-token chunk's call, issue 11's chunked-prefill gap)")
+    ap.add_argument("--wide-tiles", action="store_true", help="each GEMM alone on 256-wide tiles and other L2 "
+                    "groupings, against the defaults (wide_tiles)")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     E, H, I, k = a.experts, a.hidden, a.inter, a.top_k
@@ -165,6 +215,8 @@ def main():
               f"{t_fused / t_torch:.2f}x | {diff.item():.4f} |")
         if a.parts:
             parts(w13, w2, x, ids, w, iters)
+        if a.wide_tiles:
+            wide_tiles(w13, w2, x, ids, w, iters)
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []
