@@ -86,9 +86,10 @@ def one_dot_grid():
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, ONE_DOT=True)
 
 
-def parts(w13, w2, x, ids, w, iters):
-    """Each launch of fused_experts on its own, default tiles, GPU time (graph_time); then the
-    gate/up GEMM's ONE_DOT tiles and the down GEMM's 128-row tiles (one align for both GEMMs)."""
+def _launch_setup(w2, x, ids, w):
+    """What timing single launches of fused_experts needs: (T, k, E, H, I, pairs, the default
+    tiles c13 and c2, their aligned ids and block experts s13, b13, s2, b2, the act and y outputs,
+    the flat fp32 weights)."""
     T, k = ids.shape
     E, H, I = w2.shape
     n = T * k
@@ -97,7 +98,13 @@ def parts(w13, w2, x, ids, w, iters):
     s2, b2 = align(ids, E, c2["BLOCK_M"]) if c2["BLOCK_M"] != c13["BLOCK_M"] else (s13, b13)
     act = torch.empty(n, I, dtype=x.dtype, device=x.device)
     y = torch.empty(n, H, dtype=x.dtype, device=x.device)
-    wf = w.reshape(-1).float().contiguous()
+    return T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, w.reshape(-1).float().contiguous()
+
+
+def parts(w13, w2, x, ids, w, iters):
+    """Each launch of fused_experts on its own, default tiles, GPU time (graph_time); then the
+    gate/up GEMM's ONE_DOT tiles and the down GEMM's 128-row tiles (one align for both GEMMs)."""
+    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
     rows = [("whole call, default tiles", graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters))]
     for bm in sorted({c13["BLOCK_M"], c2["BLOCK_M"]}):
         rows.append((f"align, {bm}-row blocks", graph_time(lambda: align(ids, E, bm), iters)))
@@ -136,15 +143,7 @@ def wide_tiles(w13, w2, x, ids, w, iters):
     alone (GPU time, CUDA-graph replays) with its largest difference from the default tile's output;
     then the whole call on the fastest down tile. grid() leaves these out (its largest tile is
     128 x 128 x 64)."""
-    T, k = ids.shape
-    E, H, I = w2.shape
-    n = T * k
-    c13, c2 = configs(n, E)
-    s13, b13 = align(ids, E, c13["BLOCK_M"])
-    s2, b2 = align(ids, E, c2["BLOCK_M"]) if c2["BLOCK_M"] != c13["BLOCK_M"] else (s13, b13)
-    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
-    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
-    wf = w.reshape(-1).float().contiguous()
+    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
     rows = [("whole call, default tiles", graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters), "")]
     rows.append((f"gate/up {c13} (default)", graph_time(
         lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13), iters), ""))
