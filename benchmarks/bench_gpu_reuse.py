@@ -405,7 +405,8 @@ def gap_table(label: str, gaps: list[tuple], top: int = 10) -> str:
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
                pairs: int, notes: list[str], profile: bool = False,
                variants: bool = False, sync_variants: bool = False,
-               gate_variants: bool = False, host_variants: bool = False) -> list[tuple[str, str, str, str]]:
+               gate_variants: bool = False, host_variants: bool = False,
+               buffer_variants: tuple[float, ...] = ()) -> list[tuple[str, str, str, str]]:
     """The paired throughput row: off and host tiers on (cpu + disk) both resident (their device pools
     sized for the batch, not from free memory), adjacent timed batches (paired_throughput); profile:
     one more pair under torch.profiler (gpu_timeline) into the notes; variants: in the same pairs,
@@ -414,7 +415,9 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
     scheduler.async_scheduling off (each step read back before the next is scheduled); host_variants:
     in the same pairs, prefix caching off with the engine's host path as before 5856a61 (a prefill
     piece's ids, positions and slots as Python lists, cuDNN pieces padded by F.pad copies with their
-    views made every layer): what those host costs take from a batch bound by its host."""
+    views made every layer): what those host costs take from a batch bound by its host;
+    buffer_variants: in the same pairs, host tiers on with kvc.put_buffer_GB at each of these sizes
+    (a smaller pinned put ring drops more offers: fewer pages stored, less put work beside the engine)."""
     blocks = 2 * n * (length + 16) // 16 + 64
     llm_off = LLM(str(model_dir), **dict(base, prefix_caching=False, num_device_blocks=blocks))
     kinds = [("paired", "host tiers on (4 GB cpu + disk)", True),
@@ -442,6 +445,12 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         if runner.prefill_graphs is not None:
             runner.prefill_graphs.spare_rows = 0
         labels.append("prefix caching off, host path before 5856a61 (per-token lists, F.pad, views a layer)")
+    for gb in buffer_variants:
+        tag = f"pages-buffer-{gb:g}"
+        shutil.rmtree(work / tag, ignore_errors=True)
+        ons.append(LLM(str(model_dir), **dict(tiers, disk_path=str(work / tag), num_device_blocks=blocks,
+                                              put_buffer_GB=gb)))
+        labels.append(f"host tiers on, put_buffer_GB {gb:g}")
     if gate_variants:  # the other put gate (HostTier.put_gate: "gpu-queued" or "gpu-wait")
         shutil.rmtree(work / "pages-gate", ignore_errors=True)
         ons.append(LLM(str(model_dir), **dict(tiers, disk_path=str(work / "pages-gate"), num_device_blocks=blocks)))
@@ -551,6 +560,8 @@ def main() -> None:
                     "the same pairs")
     ap.add_argument("--gate-variants", action="store_true", help="the paired row also times host tiers on "
                     "with the other put gate (HostTier.put_gate), in the same pairs")
+    ap.add_argument("--buffer-variants", default="", help="comma-separated GB: the paired row also times host "
+                    "tiers on with kvc.put_buffer_GB at each size, in the same pairs")
     ap.add_argument("--put-variants", action="store_true", help="the paired row also times host tiers on with the "
                     "put path before run BE (no pause before publishing) and with the cpu tier only, in the "
                     "same pairs")
@@ -601,7 +612,8 @@ def main() -> None:
         paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs or 6, notes,
                             profile=a.profile and a.device == "cuda", variants=a.put_variants,
                             sync_variants=a.sync_variants, gate_variants=a.gate_variants,
-                            host_variants=a.host_variants)
+                            host_variants=a.host_variants,
+                            buffer_variants=tuple(float(g) for g in a.buffer_variants.split(",") if g))
         print("\n".join(notes))
         print(f"# total {time.perf_counter() - t_start:.0f} s\n")
         print("| what | measured | floor / peer | note |\n| --- | --- | --- | --- |")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-gaps, paired-host, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -50,6 +50,8 @@ for part in "$@"; do
         --profile --put-variants ;;
     paired-async) step paired-async 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \
         --profile --sync-variants ;;
+    paired-buffer) step paired-buffer 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \
+        --tput-pairs 12 --buffer-variants 0.25,0.5 ;;
     paired-gate) step paired-gate 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \
         --gate-variants ;;
     busy-hit) step busy-hit 200 python3 benchmarks/probe_busy_hit.py --cpu-gb 4 --pages 2048 ;;
