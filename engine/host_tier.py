@@ -477,11 +477,13 @@ class HostTier:
             self._launch_signal.wait(IDLE_S)
 
     def room(self, n: int, on_cuda: bool) -> bool:
-        """Whether an offer of n pages would be taken now (callers skip the gather otherwise)."""
+        """Whether an offer of n pages would be taken now (callers skip the gather otherwise): the
+        put queue has a place and, on CUDA, the pinned ring has n adjacent free slots (not only n
+        slots in all: a full ring dropped the offer after its gather)."""
         if self._puts.full():
             return False
         ring = self._ring
-        return not on_cuda or ring is None or n <= ring.pages
+        return not on_cuda or ring is None or ring.can_take(n)
 
     def offer(self, ns: Namespace, hashes: list[bytes], parents: list[bytes], tokens: list[np.ndarray],
               data: torch.Tensor) -> bool:

@@ -27,23 +27,30 @@ class PinnedRing:
     def fits(self, page_shape: tuple, dtype: torch.dtype) -> bool:
         return tuple(self.buf.shape[1:]) == tuple(page_shape) and self.buf.dtype == dtype
 
+    def _start(self, n: int) -> int | None:
+        """Where take(n) would put its run now (under the lock), or None."""
+        if not self._live:
+            return 0 if n <= self.pages else None
+        tail, head = self._live[0][0], self._head
+        if head > tail:  # free: [head, pages) and [0, tail)
+            return head if self.pages - head >= n else 0 if tail >= n else None
+        return head if tail - head >= n else None  # free: [head, tail); head == tail: full
+
     def take(self, n: int) -> int | None:
         """The first slot of n adjacent free slots, or None when the ring lacks them."""
         with self._lock:
-            if not self._live:
-                self._head = 0
-                start = 0 if n <= self.pages else None
-            else:
-                tail, head = self._live[0][0], self._head
-                if head > tail:  # free: [head, pages) and [0, tail)
-                    start = head if self.pages - head >= n else 0 if tail >= n else None
-                else:  # free: [head, tail); head == tail: full
-                    start = head if tail - head >= n else None
+            start = self._start(n)
             if start is None:
                 return None
             self._live.append((start, n))
             self._head = start + n
             return start
+
+    def can_take(self, n: int) -> bool:
+        """Whether take(n) would succeed now. Only the put thread gives slots back meanwhile (more
+        room), so for the one thread that takes, a yes stays a yes until it takes."""
+        with self._lock:
+            return self._start(n) is not None
 
     def give(self, start: int) -> None:
         """Return the oldest taken run (its first slot is `start`)."""

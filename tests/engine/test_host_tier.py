@@ -254,3 +254,22 @@ def test_puts_run_while_the_engine_waits_for_the_gpu(store, gate):
         host.flush()
         host.close()
     assert store.lookup(ns, hashes=hs).num_pages == 8
+
+
+def test_room_says_no_when_the_put_ring_lacks_free_slots(store):
+    """An offer the ring cannot take now is dropped after its gather (a GPU copy of its pages for
+    nothing); room() is what lets the engine skip that gather, so it must ask about free slots, not
+    only about the ring's size."""
+    from engine.pinned_ring import PinnedRing
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    try:
+        host._ring = PinnedRing(4, tuple(ns.spec.shape), torch.float32, pin=False)
+        assert host.room(4, on_cuda=True)
+        slot = host._ring.take(3)  # a put in flight holds three of four slots
+        assert host.room(1, on_cuda=True)
+        assert not host.room(2, on_cuda=True)
+        host._ring.give(slot)
+        assert host.room(4, on_cuda=True)
+    finally:
+        host.close()

@@ -59,3 +59,17 @@ def test_many_random_offers_never_overlap():
                 for s2, n2 in live:
                     assert s + n <= s2 or s2 + n2 <= s, "overlapping runs"
                 live.append((s, n))
+
+
+def test_can_take_answers_what_take_would_without_taking():
+    r = ring()
+    for n in (1, 3, 8, 9):
+        assert r.can_take(n) == (n <= 8)
+    a = r.take(3)
+    r.take(3)
+    assert not r.can_take(3) and r.can_take(2) and r.used == 6  # [6, 8) free; asking took nothing
+    r.give(a)
+    assert r.can_take(3) and not r.can_take(4)  # [0, 3) free at the start, [6, 8) at the end
+    assert r.take(3) == 0               # take agrees with the answer
+    assert not r.can_take(1)            # [3, 6) taken, [6, 8) skipped by the wrap: as take(1) gives None
+    assert r.take(1) is None
