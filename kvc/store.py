@@ -326,48 +326,35 @@ class TieredStore:
             pages = [self._page_of(h, self.cpu.get(k), datas[i]) for i, (h, k) in enumerate(zip(hashes[:good], keys))]
             if good < run:
                 self._corrupt_cpu(keys[good])
-            i = run if good == run else len(hashes)
-            while i < len(hashes):
-                h, k = hashes[i], keys[i]
-                e = self.cpu.get(k)
-                if e is not None:  # a cpu page after disk pages
-                    data, flat = row(i)
-                    if e.nbytes != flat.numel() or e.ns_root != root:
-                        break
-                    if not self.cpu.read_into(k, flat):
-                        self._corrupt_cpu(k)
-                        break
-                    pages.append(self._page_of(h, e, data))
-                    i += 1
-                    continue
-                # a run of disk-only pages, read side by side on the disk tier's reader threads
-                j = i
-                while j < len(hashes) and self.cpu.get(keys[j]) is None and self.disk.get(keys[j]) is not None:
-                    j += 1
-                if j == i:  # neither cpu nor disk: the cluster tier's verified record, if fetched
-                    data, flat = row(i)
-                    got1: dict = {}
-                    if not self._from_cluster(fetched.get(h), root, flat, got1):
-                        break
-                    e = got1["e"]
-                    cluster_bytes += e.nbytes
-                    pages.append(self._page_of(h, e, data))
-                    self._put_cpu(k, e, flat.numpy())  # promoted, as disk hits are
-                    i += 1
-                    continue
-                got = [row(x) for x in range(i, j)]
+        i = run if good == run else len(hashes)
+        while i < len(hashes):
+            with self._lock:
+                step = self._get_step(root, hashes, keys, i, pages, row, fetched)
+            if step is None:  # the run ends here
+                break
+            if isinstance(step, int):  # a cpu or cluster page, read under the lock
+                cluster_bytes += step
+                i += 1
+                continue
+            # a run [i, j) of disk-only pages, read without the store's lock (its reader threads, a
+            # slow device: other clients' puts, lookups and gets go on meanwhile); each page is
+            # promoted to the cpu tier under the lock as soon as it and all before it are verified
+            j = step[1]
+            got = [row(x) for x in range(i, j)]
 
-                def served(x: int, info, got=got) -> None:  # promote to cpu while later pages are read
-                    data, flat = got[x]
-                    e = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
-                              info.dtype, info.shape, info.payload_len, info.checksum)
-                    pages.append(Page(info.hash, info.parent, info.tokens, data))
+            def served(x: int, info, got=got) -> None:
+                data, flat = got[x]
+                e = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
+                          info.dtype, info.shape, info.payload_len, info.checksum)
+                pages.append(Page(info.hash, info.parent, info.tokens, data))
+                with self._lock:
                     self._put_cpu(key(info.ns_root, info.hash), e, flat.numpy())
-                infos = self.disk.read_run(keys[i:j], [f.numpy() for _, f in got], root, served)
-                disk_bytes += sum(info.payload_len for info in infos)
-                if len(infos) < j - i:
-                    break
-                i = j
+            infos = self.disk.read_run(keys[i:j], [f.numpy() for _, f in got], root, served)
+            disk_bytes += sum(info.payload_len for info in infos)
+            if len(infos) < j - i:
+                break
+            i = j
+        with self._lock:
             for k in reversed(keys[:len(pages)]):  # tail first: the deepest page becomes the oldest
                 if self.cpu.get(k) is not None:
                     self.cpu.touch(k)
@@ -381,6 +368,37 @@ class TieredStore:
             self.metrics.transfer_bytes.labels(src="cluster", dst="cpu").inc(cluster_bytes)
             self.metrics.transfer_duration.labels(src="cluster", dst="cpu").observe(time.perf_counter() - t0)
         return pages
+
+    def _get_step(self, root: bytes, hashes, keys: list[bytes], i: int, pages: list[Page], row,
+                  fetched: dict) -> "int | tuple[int, int] | None":
+        """get_pages' next step from page i, under the lock: a cpu page (read and verified here) or a
+        cluster page (its fetched record verified, promoted to the cpu tier): its bytes from the
+        cluster (0 for a cpu page) after appending it to `pages`; a run of disk-only pages:
+        (i, j), for the caller to read without the lock; None where the run ends."""
+        h, k = hashes[i], keys[i]
+        e = self.cpu.get(k)
+        if e is not None:  # a cpu page after disk pages
+            data, flat = row(i)
+            if e.nbytes != flat.numel() or e.ns_root != root:
+                return None
+            if not self.cpu.read_into(k, flat):
+                self._corrupt_cpu(k)
+                return None
+            pages.append(self._page_of(h, e, data))
+            return 0
+        j = i
+        while j < len(hashes) and self.cpu.get(keys[j]) is None and self.disk.get(keys[j]) is not None:
+            j += 1
+        if j > i:
+            return i, j
+        data, flat = row(i)  # neither cpu nor disk: the cluster tier's verified record, if fetched
+        got1: dict = {}
+        if not self._from_cluster(fetched.get(h), root, flat, got1):
+            return None
+        e = got1["e"]
+        pages.append(self._page_of(h, e, data))
+        self._put_cpu(k, e, flat.numpy())  # promoted, as disk hits are
+        return e.nbytes
 
     # -- cluster tier and admission ------------------------------------------------------------
     def _cluster_fetch(self, ns: Namespace, hashes: list[bytes]) -> dict[bytes, tuple[RecordInfo, bytes]]:
