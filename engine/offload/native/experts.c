@@ -69,8 +69,9 @@ enum { WF_F32 = 0, WF_BF16 = 1, WF_I8 = 2, WF_I8W = 3, WF_I8P = 4 };
 #ifndef DOWN_TASKS_PACKED
 #define DOWN_TASKS_PACKED 8
 #endif
-/* 1: a 1-token packed dot runs two accumulator chains over alternate 4-byte steps of K (dpbusd's
- * latency, not the memory, bounds one chain at ~64 bytes a 5 cycles). */
+/* 1: a 1-token packed dot runs two accumulator chains over alternate 4-byte steps of K (one chain
+ * waits on dpbusd's ~5-cycle latency a 64-byte step). Within the spread of the default's passes at
+ * 1-32 tokens on the H200 host (run CJ): off by default. */
 #ifndef SPLIT1
 #define SPLIT1 0
 #endif

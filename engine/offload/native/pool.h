@@ -74,8 +74,8 @@ static void *pool_main(void *arg) {
 }
 
 /* 1: each worker thread is bound to its own CPU of the caller's allowed set (worker i to the
- * (i+1)-th, the caller's thread left free), so the scheduler does not move or stack them; a setting
- * the benchmark compares. */
+ * (i+1)-th, the caller's thread left free), so the scheduler does not move or stack them. A setting
+ * the benchmark compares; no faster than the free threads on the H200 host (run CL): off. */
 #ifndef PIN
 #define PIN 0
 #endif
