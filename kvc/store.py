@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -340,6 +340,8 @@ class TieredStore:
             # slow device: other clients' puts, lookups and gets go on meanwhile); each page is
             # promoted to the cpu tier under the lock as soon as it and all before it are verified
             j = step[1]
+            if self._slab is not None:  # a full cpu tier: room for the promotions, a chunk per lock hold
+                self._make_room(spec.page_bytes, j - i, lambda: keys[i:j], None)
             got = [row(x) for x in range(i, j)]
 
             def served(x: int, info, got=got) -> None:
@@ -831,7 +833,7 @@ class TieredStore:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         tally = _Tally()
         if self._slab is not None and pages:
-            self._make_room(root, spec.page_bytes, pages, pause)
+            self._make_room(spec.page_bytes, len(pages), lambda: (key(root, p.hash) for p in pages), pause)
         with self._lock:
             todo, placed = self._plan_puts(ns, pages, packed, tally)
         # the checksums (from the source bytes) and the copies into the reserved slots: no entry
@@ -977,10 +979,12 @@ class TieredStore:
         self._demote(victims)
         return self.cpu.reserve(nbytes)
 
-    def _make_room(self, root: bytes, nbytes: int, pages: Sequence[Page], pause: Callable[[], None] | None) -> None:
-        """Before a put of pages of nbytes plans its slots: demote what it will evict, as
-        _reserve_cpu would once the tier is full (down to the low watermark when past the high
-        one), but DEMOTE_CHUNK pages per hold of the store lock, with pause() between holds (an
+    def _make_room(self, nbytes: int, count: int, keys: Callable[[], Iterable[bytes]],
+                   pause: Callable[[], None] | None) -> None:
+        """Before `count` pages of nbytes (their tier keys: keys(), asked only when the free slots
+        fall short) go into the cpu tier (a put, or a disk hit's promotions): demote what they will
+        evict, as _reserve_cpu would once the tier is full (down to the low watermark when past the
+        high one), but DEMOTE_CHUNK pages per hold of the store lock, with pause() between holds (an
         engine's put thread waits there while a load runs, so a hit waits for one chunk at most,
         not for the whole batch's records). Pages of another size class or pinned ones are left to
         _reserve_cpu."""
@@ -989,10 +993,10 @@ class TieredStore:
             if not cpu.fits(nbytes):
                 return
             free = cpu.free_slots(nbytes)
-            if len(pages) <= free:  # the common case: no keys built
+            if count <= free:  # the common case: no keys built
                 return
             held = cpu.entries
-            n = sum(key(root, p.hash) not in held for p in pages)  # a page held already takes no slot
+            n = sum(k not in held for k in keys())  # a page held already takes no slot
             if n <= free:
                 return
             full = cpu.used + free * nbytes  # the tier once this put took the free slots

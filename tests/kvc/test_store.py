@@ -626,3 +626,23 @@ def test_disk_reads_beside_puts_and_evictions_return_right_bytes_or_stop(tmp_pat
             t.join(10)
         assert not errors, errors[:3]
         assert metric(s, "kvc_transfer_bytes_total", src="disk", dst="cpu") > 0
+
+
+def test_a_disk_hit_into_a_full_cpu_tier_demotes_in_chunks(tmp_path, monkeypatch):
+    """A get that promotes disk pages into a full cpu tier makes room as a put does: DEMOTE_CHUNK
+    pages per hold of the store lock, before its disk read, not one batch down to the low watermark
+    under the lock at the first promotion. What reads back is the same."""
+    from kvc import store as store_mod
+    with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
+        s.put_pages(NS, pb)  # A's tail goes to disk: A[:5] and B in the cpu tier (15 of 20)
+        s.flush()
+        hc, pc = make_pages(NS, list(range(2000, 2000 + 4 * 5)))
+        s.put_pages(NS, pc)  # full: 20 of 20
+        s.flush()
+        assert len(s.cpu.entries) == 20 and s.lookup(NS, hashes=ha).located[5:] == ["disk"] * 13
+        monkeypatch.setattr(store_mod, "DEMOTE_CHUNK", 4, raising=False)
+        sizes, real = [], s._demote
+        s._demote = lambda victims: (sizes.append(len(victims)), real(victims))[1]
+        got = s.get_pages(NS, ha)
+        assert len(got) == 18 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
+        assert sizes and max(sizes) <= 4, sizes
