@@ -2,7 +2,9 @@
 it reads the disk?
 
 A store with no cpu tier (pages go straight to the disk tier, LMDB under --dir) holds --pages
-Qwen3-30B-A3B-shaped pages (12 layers, 384 KiB). The main thread reads them back in gets of
+Qwen3-30B-A3B-shaped pages (12 layers, 384 KiB). With --cpu-pages N the store has a cpu tier of N
+pages, filled by another chain after the read chain went down to disk: each get then promotes its
+pages into a full tier (demotions), and the puts beside it demote too. The main thread reads them back in gets of
 --run pages, over and over, while a second thread puts fresh pages in offers of 16 every
 --put-every-ms (an engine's offers) and times each put. Printed: the get's time, and the puts' latency (median, longest) beside the gets and alone.
 With the disk read under the store's lock a put waits for the whole read of a run; without it, for
@@ -49,13 +51,14 @@ def main() -> None:
     ap.add_argument("--run", type=int, default=256, help="pages a get reads")
     ap.add_argument("--gets", type=int, default=8)
     ap.add_argument("--put-every-ms", type=float, default=20.0)
+    ap.add_argument("--cpu-pages", type=int, default=0, help="a cpu tier of this many pages, full (0: none)")
     ap.add_argument("--dir", default=None, help="where the disk tier lives (default: a temp dir)")
     ap.add_argument("--drop-caches", action="store_true", help="drop the OS page cache before each get (root)")
     a = ap.parse_args()
     spec = PageSpec(12, 4, 128, 16, "bfloat16")
     ns = Namespace("qwen3_moe", spec, "probe")
     work = Path(tempfile.mkdtemp(prefix="kvc-disk-lock-", dir=a.dir))
-    cfg = load_config(None, disk_path=str(work / "pages"), cpu_memory_size_GB=0,
+    cfg = load_config(None, disk_path=str(work / "pages"), cpu_memory_size_GB=a.cpu_pages * spec.page_bytes / 2**30,
                       disk_size_GB=8.0).kvc  # room for the whole run's puts: nothing is evicted
     rng = random.Random(0)
     data = torch.randn(8, *spec.shape).to(torch.bfloat16)
@@ -63,7 +66,13 @@ def main() -> None:
         chain = pages_of(ns, a.pages, rng, data)
         for i in range(0, a.pages, 64):
             s.put_pages(ns, chain[i:i + 64])
+        if a.cpu_pages:  # the read chain down to disk, the cpu tier full of another chain
+            filler = pages_of(ns, 2 * a.cpu_pages, random.Random(3), data)
+            for i in range(0, len(filler), 64):
+                s.put_pages(ns, filler[i:i + 64])
         s.flush()
+        located = s.lookup(ns, hashes=[p.hash for p in chain]).located
+        print(f"# the read chain: {located.count('disk')} pages on disk, {located.count('cpu')} in the cpu tier")
         hashes = [p.hash for p in chain]
         alone: list[float] = []
         stop = threading.Event()
@@ -79,7 +88,8 @@ def main() -> None:
         t.start()
         try:
             for g in range(a.gets):
-                lo = (g * a.run) % max(1, a.pages - a.run + 1)
+                lo = (g % 2) * (a.pages - a.run)  # the two ends in turn: with a cpu tier smaller than
+                # both, each get reads the disk again (its pages were demoted by the other's)
                 if a.drop_caches:
                     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
                 t0 = time.perf_counter()
@@ -91,8 +101,8 @@ def main() -> None:
             stop.set()
             t.join()
     ms = lambda xs, f: f"{f(xs) * 1e3:.1f}" if xs else "-"  # noqa: E731
-    print(f"# {a.pages} pages of {spec.page_bytes // 1024} KiB on disk, gets of {a.run}, puts of 16 pages every "
-          f"{a.put_every_ms:g} ms on a thread")
+    print(f"# {a.pages} pages of {spec.page_bytes // 1024} KiB on disk, cpu tier {a.cpu_pages} pages, gets of "
+          f"{a.run}, puts of 16 pages every {a.put_every_ms:g} ms on a thread")
     print("| what | count | median ms | longest ms |\n|---|---|---|---|")
     print(f"| get of {a.run} pages from disk (puts beside it) | {len(gets)} | {ms(gets, statistics.median)} | {ms(gets, max)} |")
     print(f"| put of 16 pages, alone | {len(alone)} | {ms(alone, statistics.median)} | {ms(alone, max)} |")
