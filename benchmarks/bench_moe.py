@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.moe import experts_sorted, route  # noqa: E402
-from engine.moe_kernels import _launch, align, configs, fused_experts  # noqa: E402
+from engine.moe_kernels import _launch, align, configs, fused_experts, gate_up_tma, interleave_gate_up  # noqa: E402
 
 
 def timeit(fn, iters):
@@ -141,8 +141,9 @@ def wide_tiles(w13, w2, x, ids, w, iters):
     """The 2,048-token chunk's GEMMs on tiles 256 columns wide (the down GEMM's N, the widest that
     Hopper's shared memory holds at 128 rows and 64-deep K steps) and other L2 groupings, each launch
     alone (GPU time, CUDA-graph replays) with its largest difference from the default tile's output;
-    then the whole call on the fastest down tile. grid() leaves these out (its largest tile is
-    128 x 128 x 64)."""
+    then the gate/up GEMM with its weight tiles loaded by TMA (engine.moe_kernels.gate_up_tma, over
+    w13 with gate and up rows interleaved), then the whole call on the fastest down tile. grid()
+    leaves these out (its largest tile is 128 x 128 x 64)."""
     T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
     rows = [("whole call, default tiles", graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters), "")]
     rows.append((f"gate/up {c13} (default)", graph_time(
@@ -155,6 +156,15 @@ def wide_tiles(w13, w2, x, ids, w, iters):
         c = dict(c13, GROUP_M=group)
         t = graph_time(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c), iters)
         rows.append((f"gate/up {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
+    w13i = interleave_gate_up(w13)  # the TMA candidate's weights: gate and up rows interleaved
+    for bn, stages, warps in itertools.product((128, 64), (3, 4), (8, 4)):
+        c = dict(BLOCK_M=c13["BLOCK_M"], BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages)
+        try:
+            t = graph_time(lambda: gate_up_tma(x, w13i, act, s13, b13, n, k, c), iters)
+            rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
+        except Exception as e:  # a Triton without tensor descriptors, or out of shared memory
+            rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
     _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13)  # the default's act again
     best = (rows[2][1], c2)
     for bm, bn, stages, group in itertools.product((128, 64), (128, 256), (3, 4), (1, 8)):
