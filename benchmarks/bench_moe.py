@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.moe import experts_sorted, route  # noqa: E402
-from engine.moe_kernels import _launch, align, configs, fused_experts, gate_up_tma, interleave_gate_up  # noqa: E402
+from engine.moe_kernels import _launch, align, configs, fused_experts, interleave_gate_up, launch_tma  # noqa: E402
 
 
 def timeit(fn, iters):
@@ -141,7 +141,7 @@ def wide_tiles(w13, w2, x, ids, w, iters):
     """The 2,048-token chunk's GEMMs on tiles 256 columns wide (the down GEMM's N, the widest that
     Hopper's shared memory holds at 128 rows and 64-deep K steps) and other L2 groupings, each launch
     alone (GPU time, CUDA-graph replays) with its largest difference from the default tile's output;
-    then the gate/up GEMM with its weight tiles loaded by TMA (engine.moe_kernels.gate_up_tma, over
+    then both GEMMs with their weight tiles loaded by TMA (engine.moe_kernels.launch_tma; gate/up over
     w13 with gate and up rows interleaved), then the whole call on the fastest down tile. grid()
     leaves these out (its largest tile is 128 x 128 x 64)."""
     T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
@@ -160,12 +160,20 @@ def wide_tiles(w13, w2, x, ids, w, iters):
     for bn, stages, warps in itertools.product((128, 64), (3, 4), (8, 4)):
         c = dict(BLOCK_M=c13["BLOCK_M"], BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages)
         try:
-            t = graph_time(lambda: gate_up_tma(x, w13i, act, s13, b13, n, k, c), iters)
+            t = graph_time(lambda: launch_tma(x, w13i, act, None, s13, b13, n, k, True, c), iters)
             rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
         except Exception as e:  # a Triton without tensor descriptors, or out of shared memory
             rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
                          float("nan"), ""))
     _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13)  # the default's act again
+    for bn, stages, warps in itertools.product((128, 256), (3, 4), (8, 4)):
+        c = dict(BLOCK_M=c2["BLOCK_M"], BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages)
+        try:
+            t = graph_time(lambda: launch_tma(act, w2, y, wf, s2, b2, n, 1, False, c), iters)
+            rows.append((f"down by TMA {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
+        except Exception as e:  # a Triton without tensor descriptors, or out of shared memory
+            rows.append((f"down by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
     best = (rows[2][1], c2)
     for bm, bn, stages, group in itertools.product((128, 64), (128, 256), (3, 4), (1, 8)):
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=group, num_warps=8, num_stages=stages)

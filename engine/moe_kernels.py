@@ -288,21 +288,22 @@ def _launch(a, b, c, wt, sorted_ids, block_expert, num_pairs, E, N, K, row_div, 
 
 def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
     """w13 [E, 2I, H] (gate rows, then up rows) -> [E, 2I, H] with row 2c the gate row c and row
-    2c + 1 the up row c: the ONE_DOT tile's B columns as one box of rows (gate_up_tma)."""
+    2c + 1 the up row c: the ONE_DOT tile's B columns as one box of rows (launch_tma)."""
     E, I2, H = w13.shape
     return w13.view(E, 2, I2 // 2, H).transpose(1, 2).reshape(E, I2, H).contiguous()
 
 
 @triton.jit
-def _gate_up_tma_kernel(A, B, C, SortedIds, BlockExpert, num_pairs, E, I, K, row_div, stride_am, stride_cm,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """The gate/up GEMM as ONE_DOT computes it, its weight tiles loaded by TMA (a tensor descriptor
-    over B = interleave_gate_up(w13) viewed [E * 2I, K]: a tile's 2 * BLOCK_N rows are one box, and
-    K's tail reads as zeros). The A rows are gathered by pointer (TMA has no row gather on Hopper).
-    Programs go column tile fastest (no row-block grouping: it moved nothing in run CM). A benchmark
-    variant (bench_moe --wide-tiles): the engine does not use it."""
-    num_n = tl.cdiv(I, BLOCK_N)
+def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, row_div, stride_am, stride_cm,
+                         GATED: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_moe_gemm_kernel's GEMMs with their weight tiles loaded by TMA: a tensor descriptor over B
+    viewed [E * R, K], R = 2N when GATED (B = interleave_gate_up(w13): a tile's 2 * BLOCK_N rows
+    are one box, split back into gate and up as ONE_DOT does) else N (w2); K's tail reads as zeros.
+    The A rows are gathered by pointer (TMA has no row gather on Hopper). Programs go column tile
+    fastest (no row-block grouping: it moved nothing in run CM). A benchmark variant (bench_moe
+    --wide-tiles): the engine does not use it."""
+    num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = tl.program_id(0) // num_n, tl.program_id(0) % num_n
     e = tl.load(BlockExpert + pid_m)
     if e >= E:
@@ -313,39 +314,47 @@ def _gate_up_tma_kernel(A, B, C, SortedIds, BlockExpert, num_pairs, E, I, K, row
     rows = (pair // row_div).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
-    desc = tl.make_tensor_descriptor(B, shape=[E * 2 * I, K], strides=[K, 1], block_shape=[2 * BLOCK_N, BLOCK_K])
-    row0 = e * 2 * I + pid_n * 2 * BLOCK_N  # past the expert's rows only in the last N tile: masked below
-    acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
+    G: tl.constexpr = 2 if GATED else 1  # B rows per output column
+    desc = tl.make_tensor_descriptor(B, shape=[E * G * N, K], strides=[K, 1], block_shape=[G * BLOCK_N, BLOCK_K])
+    row0 = (e * N + pid_n * BLOCK_N) * G  # past the expert's rows only in the last N tile: masked below
+    acc = tl.zeros([BLOCK_M, G * BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        b = desc.load([row0, k0])  # [2BN, BK]
-        acc2 = tl.dot(a, tl.trans(b), acc2, input_precision=PRECISION)
+        b = desc.load([row0, k0])  # [G * BN, BK]
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
-    gate, up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
-    acc = gate / (1.0 + tl.exp(-gate)) * up
+    if GATED:
+        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        out = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        out = acc
+    if MUL_W:
+        out = out * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n < I)[None, :])
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
 
 
 _tma_scratch_set = False
 
 
-def gate_up_tma(x: torch.Tensor, w13i: torch.Tensor, act: torch.Tensor, sorted_ids: torch.Tensor,
-                block_expert: torch.Tensor, num_pairs: int, row_div: int, cfg: dict) -> None:
-    """act [pairs, I] = silu(x . gate) * (x . up) as _launch's gated ONE_DOT GEMM does, with w13i =
-    interleave_gate_up(w13) read through TMA (_gate_up_tma_kernel). cfg: BLOCK_M / BLOCK_N /
-    BLOCK_K / num_warps / num_stages. The descriptors need a scratch allocator: set once (device
-    memory from torch's allocator, so a CUDA-graph capture takes it from its pool)."""
+def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tensor | None, sorted_ids: torch.Tensor,
+               block_expert: torch.Tensor, num_pairs: int, row_div: int, gated: bool, cfg: dict) -> None:
+    """_launch's GEMM through _moe_gemm_tma_kernel: gated, c [pairs, I] = silu(a . gate) * (a . up)
+    with b = interleave_gate_up(w13); else c [pairs, N] = a . b[e] (b = w2 [E, N, K]) times wt[pair]
+    when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages. The descriptors need a
+    scratch allocator: set once (device memory from torch's allocator, so a CUDA-graph capture takes
+    it from its pool)."""
     global _tma_scratch_set
     if not _tma_scratch_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=x.device))
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a.device))
         _tma_scratch_set = True
-    E, I2, K = w13i.shape
-    I = I2 // 2
-    grid = (block_expert.numel() * triton.cdiv(I, cfg["BLOCK_N"]),)
-    _gate_up_tma_kernel[grid](x, w13i.view(E * I2, K), act, sorted_ids, block_expert, num_pairs, E, I, K, row_div,
-                              x.stride(0), act.stride(0), PRECISION=dot_precision(x.dtype), **cfg)
+    E, R, K = b.shape
+    N = R // 2 if gated else R
+    grid = (block_expert.numel() * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _moe_gemm_tma_kernel[grid](a, b.view(E * R, K), c, wt if wt is not None else c, sorted_ids, block_expert,
+                               num_pairs, E, N, K, row_div, a.stride(0), c.stride(0), GATED=gated,
+                               MUL_W=wt is not None, PRECISION=dot_precision(a.dtype), **cfg)
 
 
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,

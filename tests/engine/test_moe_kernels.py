@@ -195,17 +195,24 @@ s, b = mk.align(ids, E, 16)
 want = torch.empty(n, I)
 mk._launch(x, w13, want, w, s, b, n, E, I, H, k, True, False, dict(cfg, GROUP_M=1, ONE_DOT=True))
 got = torch.full((n, I), float("nan"))
-mk.gate_up_tma(x, mk.interleave_gate_up(w13), got, s, b, n, k, cfg)
+mk.launch_tma(x, mk.interleave_gate_up(w13), got, None, s, b, n, k, True, cfg)
 assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+w2 = torch.randn(E, H, I, generator=g) * 0.1  # the down GEMM: N = H = 40 (a tail), K = I = 24 (a tail)
+wf = w.reshape(-1).float().contiguous()
+want2 = torch.empty(n, H)
+mk._launch(want, w2, want2, wf, s, b, n, E, H, I, 1, False, True, dict(cfg, GROUP_M=1))
+got2 = torch.full((n, H), float("nan"))
+mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, cfg)
+assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), (got2 - want2).abs().max()
 il = mk.interleave_gate_up(w13)
 assert torch.equal(il[:, 0::2], w13[:, :I]) and torch.equal(il[:, 1::2], w13[:, I:])
 print("ok")
 """
 
 
-def test_gate_up_tma_equals_one_dot_interpreter():
-    """The TMA variant of the gate/up GEMM (bench_moe --wide-tiles' candidate) computes what the
-    ONE_DOT GEMM computes, with tails in N and K, under triton's interpreter."""
+def test_tma_gemms_equal_the_fused_ones_interpreter():
+    """The TMA variants of the gate/up and down GEMMs (bench_moe --wide-tiles' candidates) compute
+    what the fused GEMMs compute, with tails in N and K, under triton's interpreter."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -216,8 +223,8 @@ def test_gate_up_tma_equals_one_dot_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gate_up_tma_equals_one_dot_cuda():
-    """The TMA variant on the H200 at a 2,048-token chunk's shapes, the tiles bench_moe times."""
+def test_tma_gemms_equal_the_fused_ones_cuda():
+    """The TMA variants on the H200 at a 2,048-token chunk's shapes, tiles bench_moe times."""
     from engine import moe_kernels as mk
     w13, w2, x, ids, w = case(2048, 128, 8, 2048, 768, torch.bfloat16, "cuda", seed=5)
     n, E, I, H, k = 2048 * 8, 128, 768, 2048, 8
@@ -226,5 +233,11 @@ def test_gate_up_tma_equals_one_dot_cuda():
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
     mk._launch(x, w13, want, w, s, b, n, E, I, H, k, True, False, dict(cfg, GROUP_M=8, ONE_DOT=True))
     got = torch.empty_like(want)
-    mk.gate_up_tma(x, mk.interleave_gate_up(w13), got, s, b, n, k, cfg)
+    mk.launch_tma(x, mk.interleave_gate_up(w13), got, None, s, b, n, k, True, cfg)
     assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3
+    wf = w.reshape(-1).float().contiguous()
+    want2 = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    mk._launch(want, w2, want2, wf, s, b, n, E, H, I, 1, False, True, dict(cfg, GROUP_M=8, num_stages=3))
+    got2 = torch.empty_like(want2)
+    mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, BLOCK_N=256))
+    assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3
