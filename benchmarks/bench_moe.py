@@ -156,24 +156,6 @@ def wide_tiles(w13, w2, x, ids, w, iters):
         c = dict(c13, GROUP_M=group)
         t = graph_time(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c), iters)
         rows.append((f"gate/up {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
-    w13i = interleave_gate_up(w13)  # the TMA candidate's weights: gate and up rows interleaved
-    for bn, stages, warps in itertools.product((128, 64), (3, 4), (8, 4)):
-        c = dict(BLOCK_M=c13["BLOCK_M"], BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages)
-        try:
-            t = graph_time(lambda: launch_tma(x, w13i, act, None, s13, b13, n, k, True, c), iters)
-            rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
-        except Exception as e:  # a Triton without tensor descriptors, or out of shared memory
-            rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                         float("nan"), ""))
-    _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13)  # the default's act again
-    for bn, stages, warps in itertools.product((128, 256), (3, 4), (8, 4)):
-        c = dict(BLOCK_M=c2["BLOCK_M"], BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages)
-        try:
-            t = graph_time(lambda: launch_tma(act, w2, y, wf, s2, b2, n, 1, False, c), iters)
-            rows.append((f"down by TMA {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
-        except Exception as e:  # a Triton without tensor descriptors, or out of shared memory
-            rows.append((f"down by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                         float("nan"), ""))
     best = (rows[2][1], c2)
     for bm, bn, stages, group in itertools.product((128, 64), (128, 256), (3, 4), (1, 8)):
         c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=group, num_warps=8, num_stages=stages)
@@ -195,6 +177,75 @@ def wide_tiles(w13, w2, x, ids, w, iters):
         print(f"| {name} | {t:.3f} | {d} |")
 
 
+def _tma_call(w13, w2, x, ids, w, c13, c2):
+    """fused_experts with both GEMMs through launch_tma (c13 with SPLIT: w13 as it is; else the
+    caller passes w13 interleaved)."""
+    T, k = ids.shape
+    E, H, I = w2.shape
+    n = T * k
+    s, b = align(ids, E, c13["BLOCK_M"])
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    launch_tma(x, w13, act, None, s, b, n, k, True, c13)
+    if c2["BLOCK_M"] != c13["BLOCK_M"]:
+        s, b = align(ids, E, c2["BLOCK_M"])
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    launch_tma(act, w2, y, w.reshape(-1).float().contiguous(), s, b, n, 1, False, c2)
+    return y.view(T, k, H).sum(1)
+
+
+def tma_tiles(w13, w2, x, ids, w, iters):
+    """Both GEMMs with their weight tiles loaded by TMA (engine.moe_kernels.launch_tma), each launch
+    alone (GPU time, CUDA-graph replays) with its largest difference from the default fused GEMM's
+    output: gate/up over w13 interleaved (one box) or as it is (SPLIT, two boxes and two dots), each
+    on a grid of every tile, a persistent grid (one program an SM), and a persistent grid whose tile
+    loop Triton flattens (the next tile's loads under this tile's epilogue); then the whole call with
+    the fastest of each against fused_experts, and its difference from it."""
+    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
+    t_default = graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters)
+    rows = [("whole call, default tiles", t_default, "")]
+    rows.append((f"gate/up {c13} (default)", graph_time(
+        lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13), iters), ""))
+    ref13 = act.clone()
+    rows.append((f"down {c2} (default)", graph_time(
+        lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters), ""))
+    ref2 = y.clone()
+    w13i = interleave_gate_up(w13)
+    grids = (dict(), dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True))
+    s128, b128 = align(ids, E, 128)
+    best13, best2 = (float("inf"), None), (float("inf"), None)
+    for split, stages, g in itertools.product((False, True), (3, 4), grids):
+        c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, **g)
+        try:
+            t = graph_time(lambda: launch_tma(x, w13 if split else w13i, act, None, s128, b128, n, k, True, c),
+                           iters)
+            rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
+            best13 = min(best13, (t, c), key=lambda r: r[0])
+        except Exception as e:  # a Triton without tensor descriptors or flatten, or out of shared memory
+            rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
+    _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13)  # the default's act again
+    for (bn, stages), g in itertools.product(((128, 3), (256, 4)), grids):
+        c = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, num_warps=8, num_stages=stages, **g)
+        try:
+            t = graph_time(lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, c), iters)
+            rows.append((f"down by TMA {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
+            best2 = min(best2, (t, c), key=lambda r: r[0])
+        except Exception as e:
+            rows.append((f"down by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
+    if best13[1] is not None and best2[1] is not None:
+        wa = w13 if best13[1].get("SPLIT") else w13i
+        ref = fused_experts(w13, w2, x, ids, w)
+        got = _tma_call(wa, w2, x, ids, w, best13[1], best2[1])
+        t = graph_time(lambda: _tma_call(wa, w2, x, ids, w, best13[1], best2[1]), iters)
+        rows.append((f"whole call by TMA, the fastest of each ({t / t_default:.3f}x the default)", t,
+                     f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+    print(f"\n{T} tokens, TMA variants (GPU time, CUDA-graph replays):\n| launch | ms | max diff from the default |\n"
+          "|---|---|---|")
+    for name, t, d in rows:
+        print(f"| {name} | {t:.3f} | {d} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
@@ -209,6 +260,8 @@ def main():
                     "(for the 2048-token chunk's call, issue 11's chunked-prefill gap)")
     ap.add_argument("--wide-tiles", action="store_true", help="each GEMM alone on 256-wide tiles and other L2 "
                     "groupings, against the defaults (wide_tiles)")
+    ap.add_argument("--tma", action="store_true", help="both GEMMs with their weights loaded by TMA, on full and "
+                    "persistent grids, and the whole call with the fastest (tma_tiles)")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     E, H, I, k = a.experts, a.hidden, a.inter, a.top_k
@@ -234,6 +287,8 @@ def main():
             parts(w13, w2, x, ids, w, iters)
         if a.wide_tiles:
             wide_tiles(w13, w2, x, ids, w, iters)
+        if a.tma:
+            tma_tiles(w13, w2, x, ids, w, iters)
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []

@@ -294,45 +294,73 @@ def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, row_div, stride_am, stride_cm,
-                         GATED: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_moe_gemm_kernel's GEMMs with their weight tiles loaded by TMA: a tensor descriptor over B
-    viewed [E * R, K], R = 2N when GATED (B = interleave_gate_up(w13): a tile's 2 * BLOCK_N rows
-    are one box, split back into gate and up as ONE_DOT does) else N (w2); K's tail reads as zeros.
-    The A rows are gathered by pointer (TMA has no row gather on Hopper). Programs go column tile
-    fastest (no row-block grouping: it moved nothing in run CM). A benchmark variant (bench_moe
-    --wide-tiles): the engine does not use it."""
+def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, NB, row_div, stride_am, stride_cm,
+                         GATED: tl.constexpr, SPLIT: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         NUM_PROGS, FLATTEN: tl.constexpr):
+    """_moe_gemm_kernel's GEMMs with their weight tiles loaded by TMA, over the output tiles of the
+    blocks that hold pairs (block_expert < E: sentinel blocks cost nothing), program p taking tiles
+    p, p + NUM_PROGS, ... (one tile each when launched on every tile; a persistent grid of about one
+    program an SM otherwise, its loop flattened by Triton's pipeliner when FLATTEN so the next
+    tile's loads overlap this tile's epilogue). B is viewed [E * R, K] by a tensor descriptor, R = 2N
+    when GATED else N; K's tail reads as zeros. GATED: SPLIT reads w13 as it is (gate and up boxes
+    of BLOCK_N rows, two dots), else B = interleave_gate_up(w13) (one box of 2 * BLOCK_N rows split
+    back into gate and up as ONE_DOT does). The A rows are gathered by pointer (TMA has no row
+    gather on Hopper). Columns go fastest. A benchmark variant (bench_moe --wide-tiles): the engine
+    does not use it."""
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = tl.program_id(0) // num_n, tl.program_id(0) % num_n
-    e = tl.load(BlockExpert + pid_m)
-    if e >= E:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SortedIds + offs_m)
-    valid = pair < num_pairs
-    rows = (pair // row_div).to(tl.int64)
+    nvalid = 0  # block_expert is non-decreasing; the sentinel blocks (>= E) come last
+    for b0 in range(0, NB, 1024):
+        ob = b0 + tl.arange(0, 1024)
+        nvalid += tl.sum((tl.load(BlockExpert + ob, mask=ob < NB, other=E) < E).to(tl.int32))
+    num_tiles = nvalid * num_n
+    ROWS: tl.constexpr = 2 if (GATED and not SPLIT) else 1  # B rows a box holds per output column
+    desc = tl.make_tensor_descriptor(B, shape=[E * (2 if GATED else 1) * N, K], strides=[K, 1],
+                                     block_shape=[ROWS * BLOCK_N, BLOCK_K])
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
-    G: tl.constexpr = 2 if GATED else 1  # B rows per output column
-    desc = tl.make_tensor_descriptor(B, shape=[E * G * N, K], strides=[K, 1], block_shape=[G * BLOCK_N, BLOCK_K])
-    row0 = (e * N + pid_n * BLOCK_N) * G  # past the expert's rows only in the last N tile: masked below
-    acc = tl.zeros([BLOCK_M, G * BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        b = desc.load([row0, k0])  # [G * BN, BK]
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-    if GATED:
-        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
-        out = gate / (1.0 + tl.exp(-gate)) * up
-    else:
-        out = acc
-    if MUL_W:
-        out = out * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
+    tile_c = tl.program_id(0) - NUM_PROGS  # the epilogue's own tile counter (as Triton's persistent tutorial)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
+        pid_m = tile // num_n
+        pid_n = tile % num_n
+        e = tl.load(BlockExpert + pid_m)
+        pair = tl.load(SortedIds + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pair < num_pairs
+        rows = (pair // row_div).to(tl.int64)
+        a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
+        if GATED:
+            if SPLIT:
+                row0 = e * 2 * N + pid_n * BLOCK_N  # gate rows; up rows N further (a tail box reads masked columns)
+            else:
+                row0 = (e * N + pid_n * BLOCK_N) * 2
+        else:
+            row0 = e * N + pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, ROWS * BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N if SPLIT else 1], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            b = desc.load([row0, k0])
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+            if SPLIT:
+                bu = desc.load([row0 + N, k0])
+                acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+        tile_c += NUM_PROGS
+        pid_mc = tile_c // num_n
+        pair_c = tl.load(SortedIds + pid_mc * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid_c = pair_c < num_pairs
+        if GATED:
+            if SPLIT:
+                out = acc / (1.0 + tl.exp(-acc)) * acc_up
+            else:
+                gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+                out = gate / (1.0 + tl.exp(-gate)) * up
+        else:
+            out = acc
+        if MUL_W:
+            out = out * tl.load(Wt + pair_c, mask=valid_c, other=0.0)[:, None]
+        offs_n = (tile_c % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = C + pair_c.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid_c[:, None] & (offs_n < N)[None, :])
 
 
 _tma_scratch_set = False
@@ -341,20 +369,36 @@ _tma_scratch_set = False
 def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tensor | None, sorted_ids: torch.Tensor,
                block_expert: torch.Tensor, num_pairs: int, row_div: int, gated: bool, cfg: dict) -> None:
     """_launch's GEMM through _moe_gemm_tma_kernel: gated, c [pairs, I] = silu(a . gate) * (a . up)
-    with b = interleave_gate_up(w13); else c [pairs, N] = a . b[e] (b = w2 [E, N, K]) times wt[pair]
-    when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages. The descriptors need a
-    scratch allocator: set once (device memory from torch's allocator, so a CUDA-graph capture takes
-    it from its pool)."""
+    with b = w13 when cfg["SPLIT"], else b = interleave_gate_up(w13); not gated, c [pairs, N] =
+    a . b[e] (b = w2 [E, N, K]) times wt[pair] when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K /
+    num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN (default
+    off). The descriptors need a scratch allocator: set once (device memory from torch's allocator,
+    so a CUDA-graph capture takes it from its pool)."""
     global _tma_scratch_set
     if not _tma_scratch_set:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a.device))
         _tma_scratch_set = True
+    cfg = dict(cfg)
+    split = bool(cfg.pop("SPLIT", False)) and gated
+    persistent = bool(cfg.pop("PERSISTENT", False))
+    flatten = bool(cfg.pop("FLATTEN", False))
     E, R, K = b.shape
     N = R // 2 if gated else R
-    grid = (block_expert.numel() * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _moe_gemm_tma_kernel[grid](a, b.view(E * R, K), c, wt if wt is not None else c, sorted_ids, block_expert,
-                               num_pairs, E, N, K, row_div, a.stride(0), c.stride(0), GATED=gated,
-                               MUL_W=wt is not None, PRECISION=dot_precision(a.dtype), **cfg)
+    NB = block_expert.numel()
+    tiles = NB * triton.cdiv(N, cfg["BLOCK_N"])
+    progs = min(tiles, _num_sms(a.device)) if persistent else tiles
+    _moe_gemm_tma_kernel[(max(progs, 1),)](
+        a, b.view(E * R, K), c, wt if wt is not None else c, sorted_ids, block_expert, num_pairs, E, N, K, NB,
+        row_div, a.stride(0), c.stride(0), GATED=gated, SPLIT=split, MUL_W=wt is not None,
+        PRECISION=dot_precision(a.dtype), NUM_PROGS=max(progs, 1), FLATTEN=flatten, **cfg)
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a persistent grid's size); 4 elsewhere (the
+    interpreter's tests)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,

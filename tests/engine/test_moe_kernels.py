@@ -194,16 +194,21 @@ cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
 s, b = mk.align(ids, E, 16)
 want = torch.empty(n, I)
 mk._launch(x, w13, want, w, s, b, n, E, I, H, k, True, False, dict(cfg, GROUP_M=1, ONE_DOT=True))
-got = torch.full((n, I), float("nan"))
-mk.launch_tma(x, mk.interleave_gate_up(w13), got, None, s, b, n, k, True, cfg)
-assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+for extra in ({}, dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
+    got = torch.full((n, I), float("nan"))
+    mk.launch_tma(x, mk.interleave_gate_up(w13), got, None, s, b, n, k, True, dict(cfg, **extra))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (extra, (got - want).abs().max())
+    got = torch.full((n, I), float("nan"))
+    mk.launch_tma(x, w13, got, None, s, b, n, k, True, dict(cfg, SPLIT=True, **extra))  # w13 as it is
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (extra, (got - want).abs().max())
 w2 = torch.randn(E, H, I, generator=g) * 0.1  # the down GEMM: N = H = 40 (a tail), K = I = 24 (a tail)
 wf = w.reshape(-1).float().contiguous()
 want2 = torch.empty(n, H)
 mk._launch(want, w2, want2, wf, s, b, n, E, H, I, 1, False, True, dict(cfg, GROUP_M=1))
-got2 = torch.full((n, H), float("nan"))
-mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, cfg)
-assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), (got2 - want2).abs().max()
+for extra in ({}, dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
+    got2 = torch.full((n, H), float("nan"))
+    mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, **extra))
+    assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), (extra, (got2 - want2).abs().max())
 il = mk.interleave_gate_up(w13)
 assert torch.equal(il[:, 0::2], w13[:, :I]) and torch.equal(il[:, 1::2], w13[:, I:])
 print("ok")
@@ -232,12 +237,17 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
     want = torch.empty(n, I, dtype=x.dtype, device=x.device)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
     mk._launch(x, w13, want, w, s, b, n, E, I, H, k, True, False, dict(cfg, GROUP_M=8, ONE_DOT=True))
-    got = torch.empty_like(want)
-    mk.launch_tma(x, mk.interleave_gate_up(w13), got, None, s, b, n, k, True, cfg)
-    assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3
     wf = w.reshape(-1).float().contiguous()
     want2 = torch.empty(n, H, dtype=x.dtype, device=x.device)
     mk._launch(want, w2, want2, wf, s, b, n, E, H, I, 1, False, True, dict(cfg, GROUP_M=8, num_stages=3))
-    got2 = torch.empty_like(want2)
-    mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, BLOCK_N=256))
-    assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3
+    w13i = mk.interleave_gate_up(w13)
+    for extra in ({}, dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
+        for weights, split in ((w13i, False), (w13, True)):
+            got = torch.full_like(want, float("nan"))
+            mk.launch_tma(x, weights, got, None, s, b, n, k, True, dict(cfg, SPLIT=split, **extra))
+            assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3, \
+                (extra, split)
+        got2 = torch.full_like(want2, float("nan"))
+        mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, BLOCK_N=256, **extra))
+        assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
+            extra
