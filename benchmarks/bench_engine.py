@@ -90,12 +90,18 @@ class Ours:
         self.prefill_graphs = self.eng.runner.prefill_graphs
         self.attn_sizes = None if self.prefill_graphs is None else self.prefill_graphs.attn_sizes
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
+        self._prefill, self._moe = self.eng.config.attn.prefill_kernel, self.eng.config.attn.moe_kernel
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
              prefill_graphs: bool | None = None, graph_attention: bool | None = None,
-             async_scheduling: bool | None = None):
+             async_scheduling: bool | None = None, moe: str | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
-            set_attention_backend(self.eng.model, self.eng.config.attn.backend, prefill)
+            self._prefill = prefill
+        if prefill is not None or moe is not None:
+            self._moe = moe or self._moe
+            set_attention_backend(self.eng.model, self.eng.config.attn.backend, self._prefill, self._moe)
+        if moe is not None and self.prefill_graphs is not None:
+            self.prefill_graphs.graphs.clear()  # captured with the other MoE kernels: captured again when next used
         if chunk is not None:
             self.eng.scheduler.chunk = self.eng.prefix_cache.chunk = chunk  # admission sizes the first piece
         if graphs is not None:
@@ -239,9 +245,11 @@ def main():
               f"{time.perf_counter() - t_start:.1f}s since start\n", flush=True)
 
         print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
+              f"kvc, chunk {a.chunk}, MoE without TMA (ms) | kvc, one chunk, MoE without TMA (ms) | "
+              f"chunked / one, MoE without TMA | "
               f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
               "transformers (ms) | transformers / kvc chunked |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
             ours.mode(chunk=a.chunk)
             chunked = timed(ours.prefill(L, L), a.device, a.repeat)
@@ -253,13 +261,17 @@ def main():
             ours.mode(prefill=ours.eng.config.attn.prefill_kernel)
             ours.mode(chunk=L)
             one = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(moe="triton")  # the fused MoE kernels with pointer loads only (no TMA), side by side
+            one_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
             ours.mode(chunk=a.chunk)
+            chunked_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(moe=ours.eng.config.attn.moe_kernel)
             ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
             hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
             tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
             eag = f"{eager * 1e3:,.1f}" if eager else "-"
-            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {tri} | {eag} | "
-                  f"{hf_cols} |", flush=True)
+            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {chunked_ptr * 1e3:,.1f} | "
+                  f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {hf_cols} |", flush=True)
         if hf is not None:
             del hf
             if cuda:

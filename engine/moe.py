@@ -6,7 +6,8 @@ transformers v5 uses in memory) and w2 [E, H, I]. Execution is an `ExpertsBacken
 (CPU offload plugs in there). `experts_reference` is the slow, obviously-correct path;
 `experts_sorted` (sort by expert, then grouped GEMMs) is the CPU path and is tested against it; on
 CUDA (and under triton's interpreter) the router and the experts run as the fused Triton kernels of
-engine.moe_kernels unless config attn.moe_kernel is "torch".
+engine.moe_kernels unless config attn.moe_kernel is "torch" ("triton": those kernels without their
+TMA weight loads).
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class StackedExperts(nn.Module):
         if self.fused(x):
             from .moe_kernels import fused_experts
             self.path = "fused"
-            return fused_experts(self.w13, self.w2, x, topk_ids, topk_weights)
+            return fused_experts(self.w13, self.w2, x, topk_ids, topk_weights, tma=self.kernel != "triton")
         if self._grouped is None:  # decided once, on the device and dtype the weights ended on
             # On CPU the per-expert loop measured 2x faster than torch._grouped_mm (torch 2.13).
             self._grouped = self.w2.device.type == "cuda" and grouped_mm_works(

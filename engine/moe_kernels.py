@@ -13,6 +13,8 @@ gather rows, torch._grouped_mm, SiLU, weight, scatter, sum) up to rounding, in f
 4. y.view(T, k, H).sum(1): fp32 accumulation inside torch's sum.
 Every shape is fixed by T, nothing is read back to the host: decode steps stay capturable in a CUDA
 graph. Block sizes: small M tiles when few rows land on each expert (decode), large ones for prefill.
+On Hopper and newer, prefill-sized calls load the weight tiles by TMA (tensor descriptors) on a
+persistent grid (launch_tma); the pointer-load kernels stay for the rest and as the comparison.
 """
 from __future__ import annotations
 
@@ -306,8 +308,8 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
     when GATED else N; K's tail reads as zeros. GATED: SPLIT reads w13 as it is (gate and up boxes
     of BLOCK_N rows, two dots), else B = interleave_gate_up(w13) (one box of 2 * BLOCK_N rows split
     back into gate and up as ONE_DOT does). The A rows are gathered by pointer (TMA has no row
-    gather on Hopper). Columns go fastest. A benchmark variant (bench_moe --wide-tiles): the engine
-    does not use it."""
+    gather on Hopper). Columns go fastest. fused_experts runs it for prefill-sized calls where
+    tma_ready; bench_moe --tma times its variants."""
     num_n = tl.cdiv(N, BLOCK_N)
     nvalid = 0  # block_expert is non-decreasing; the sentinel blocks (>= E) come last
     for b0 in range(0, NB, 1024):
@@ -372,11 +374,13 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     with b = w13 when cfg["SPLIT"], else b = interleave_gate_up(w13); not gated, c [pairs, N] =
     a . b[e] (b = w2 [E, N, K]) times wt[pair] when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K /
     num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN (default
-    off). The descriptors need a scratch allocator: set once (device memory from torch's allocator,
-    so a CUDA-graph capture takes it from its pool)."""
+    off). The descriptors need a scratch allocator: set once, process-wide (Triton has one), to
+    device memory from torch's allocator on the current device, so a CUDA-graph capture takes it
+    from its pool."""
     global _tma_scratch_set
     if not _tma_scratch_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=a.device))
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+                             if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8))
         _tma_scratch_set = True
     cfg = dict(cfg)
     split = bool(cfg.pop("SPLIT", False)) and gated
@@ -401,17 +405,62 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# The TMA GEMMs' tiles for prefill-sized calls (>= TMA_MIN_ROWS pairs an expert on average), from
+# bench_moe --tma on the H200 (RESULTS.md, run CP): gate/up over w13 as it is (two boxes, two dots)
+# on a persistent grid; down on 256-wide tiles, a persistent grid whose tile loop is flattened.
+TMA_GATE_UP = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, SPLIT=True, PERSISTENT=True)
+TMA_DOWN = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, PERSISTENT=True, FLATTEN=True)
+TMA_MIN_ROWS = 96  # measured at 128, 512 and 2,048 rows an expert (2,048, 8,192 and 32,768 tokens, top-8 of 128)
+
+
+def tma_ready(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether launch_tma can take this call: a CUDA device of compute capability 9 or newer (TMA),
+    a Triton with in-kernel tensor descriptors, 2-byte weights in x's dtype, contiguous weights
+    whose rows are 16-byte aligned (TMA's rule), and shared memory for both tiles."""
+    if not (x.is_cuda and w13.is_cuda and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        return False
+    if not (w13.is_contiguous() and w2.is_contiguous()) or w13.data_ptr() % 16 or w2.data_ptr() % 16:
+        return False
+    E, H, I = w2.shape
+    if (H * x.element_size()) % 16 or (I * x.element_size()) % 16:
+        return False
+    return _tma_device(x.device.index if x.device.index is not None else torch.cuda.current_device(),
+                       x.element_size())
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(device_index: int, elem_bytes: int) -> bool:
+    """tma_ready's device half (asked once a device): compute capability 9+, the tiles' shared memory."""
+    if torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    need = max(smem_bytes(TMA_GATE_UP, elem_bytes, True), smem_bytes(TMA_DOWN, elem_bytes, False))
+    return need <= smem_limit(device_index)
+
+
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
-                  weights: torch.Tensor, cfg: tuple[dict, dict] | None = None) -> torch.Tensor:
+                  weights: torch.Tensor, cfg: tuple[dict, dict] | None = None, tma: bool = True) -> torch.Tensor:
     """w13 [E, 2I, H], w2 [E, H, I], x [T, H], ids [T, k], weights [T, k] fp32 -> [T, H] in x's dtype.
 
-    cfg: (gate/up, down) tile sizes instead of `configs`' choice (benchmarks)."""
+    cfg: (gate/up, down) tile sizes instead of `configs`' choice (benchmarks; pointer loads). tma:
+    prefill-sized calls (TMA_MIN_ROWS pairs an expert or more) load their weight tiles by TMA where
+    tma_ready says they can (launch_tma, TMA_GATE_UP / TMA_DOWN); False keeps the pointer-load
+    kernels everywhere (config attn.moe_kernel: triton)."""
     T, k = ids.shape
     E, H, I = w2.shape
     if T == 0:
         return x.new_zeros(0, H)
     x = x.contiguous()
     n_pairs = T * k
+    if cfg is None and tma and n_pairs >= TMA_MIN_ROWS * E and tma_ready(x, w13, w2):
+        sorted_ids, block_expert = align(ids, E, TMA_GATE_UP["BLOCK_M"])  # both tiles 128 rows
+        act = torch.empty(n_pairs, I, dtype=x.dtype, device=x.device)
+        launch_tma(x, w13, act, None, sorted_ids, block_expert, n_pairs, k, True, TMA_GATE_UP)
+        y = torch.empty(n_pairs, H, dtype=x.dtype, device=x.device)
+        launch_tma(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, 1,
+                   False, TMA_DOWN)
+        return y.view(T, k, H).sum(1)
     if cfg is None:
         smem = smem_limit(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
             if x.is_cuda else SMEM_BYTES

@@ -47,7 +47,9 @@ class AttnConfig:
     # "triton", "flash" or "cudnn" forces one (comparisons, debugging).
     prefill_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "flash", "cudnn")})
     # MoE experts under the kernels: "auto" runs the fused Triton MoE kernels (engine.moe_kernels)
-    # where the attention kernels run; "torch" keeps sort + torch._grouped_mm (comparisons, debugging).
+    # where the attention kernels run, prefill-sized calls with their weight tiles loaded by TMA on
+    # Hopper and newer; "triton" the same kernels with pointer loads only; "torch" keeps sort +
+    # torch._grouped_mm (comparisons, debugging).
     moe_kernel: str = field(default="auto", metadata={"choices": ("auto", "triton", "torch")})
 
 

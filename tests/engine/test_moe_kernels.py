@@ -251,3 +251,41 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
         mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, BLOCK_N=256, **extra))
         assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
             extra
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("T", [1536, 2048, 8192])
+def test_fused_experts_on_tma_equal_the_pointer_kernels_cuda(T):
+    """Prefill-sized calls take the TMA GEMMs on Hopper (tma_ready); their output equals the
+    pointer-load kernels' (tma=False) up to bf16 rounding, eager and replayed from a CUDA graph."""
+    from engine import moe_kernels as mk
+    w13, w2, x, ids, w = case(T, 128, 8, 2048, 768, torch.bfloat16, "cuda", skew=T == 1536, seed=T)
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert not mk.tma_ready(x, w13, w2)
+        pytest.skip("TMA needs compute capability 9 or newer")
+    assert mk.tma_ready(x, w13, w2)
+    assert not mk.tma_ready(x.float(), w13.float(), w2.float())  # 4-byte weights: pointer loads
+    assert not mk.tma_ready(x, w13[:, :, :-8], w2)  # not contiguous
+    want = mk.fused_experts(w13, w2, x, ids, w, tma=False).float()
+    got = mk.fused_experts(w13, w2, x, ids, w).float()
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item() + 1e-3
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mk.fused_experts(w13, w2, x, ids, w)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = mk.fused_experts(w13, w2, x, ids, w)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.float(), got)
+
+
+def test_tma_is_not_taken_off_cuda():
+    """On CPU (the interpreter's and torch's paths) fused_experts never asks for TMA."""
+    from engine import moe_kernels as mk
+    w13, w2, x, ids, w = case(4, 4, 2, 16, 8, torch.float32, "cpu")
+    assert not mk.tma_ready(x, w13, w2)
+    assert not mk.tma_ready(x.bfloat16(), w13.bfloat16(), w2.bfloat16())
