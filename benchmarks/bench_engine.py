@@ -91,17 +91,21 @@ class Ours:
         self.attn_sizes = None if self.prefill_graphs is None else self.prefill_graphs.attn_sizes
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
         self._prefill, self._moe = self.eng.config.attn.prefill_kernel, self.eng.config.attn.moe_kernel
+        self._graph_sets: dict[str, dict] = {}  # attn.moe_kernel -> its prefill graphs (mode(moe=...))
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
              prefill_graphs: bool | None = None, graph_attention: bool | None = None,
              async_scheduling: bool | None = None, moe: str | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             self._prefill = prefill
+        if moe is not None and moe != self._moe and self.prefill_graphs is not None:
+            # each MoE kernel keeps its own prefill graphs (captured when first used, in the same pool);
+            # none is deleted: releasing graphs of a shared pool and capturing into it again fails
+            self._graph_sets[self._moe] = self.prefill_graphs.graphs
+            self.prefill_graphs.graphs = self._graph_sets.setdefault(moe, {})
         if prefill is not None or moe is not None:
             self._moe = moe or self._moe
             set_attention_backend(self.eng.model, self.eng.config.attn.backend, self._prefill, self._moe)
-        if moe is not None and self.prefill_graphs is not None:
-            self.prefill_graphs.graphs.clear()  # captured with the other MoE kernels: captured again when next used
         if chunk is not None:
             self.eng.scheduler.chunk = self.eng.prefix_cache.chunk = chunk  # admission sizes the first piece
         if graphs is not None:
@@ -272,6 +276,9 @@ def main():
             eag = f"{eager * 1e3:,.1f}" if eager else "-"
             print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {chunked_ptr * 1e3:,.1f} | "
                   f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {hf_cols} |", flush=True)
+            if ours.prefill_graphs is not None and ours.prefill_graphs.disabled is not None:
+                print(f"# WARNING: the prefill CUDA graphs were turned off during this row ({ours.prefill_graphs.disabled}):"
+                      " this row and the later ones ran eager", flush=True)
         if hf is not None:
             del hf
             if cuda:
