@@ -246,6 +246,73 @@ def tma_tiles(w13, w2, x, ids, w, iters):
         print(f"| {name} | {t:.3f} | {d} |")
 
 
+def tma_rows(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs (engine.moe_kernels.TMA_GATE_UP / TMA_DOWN, 128-row blocks) against
+    64-row blocks: each expert's run is padded to a multiple of BLOCK_M, so at 2,048 tokens of top-8
+    of 128 a 128-row block is on average ~1.45x the tiles the rows need (~1.13x at 8,192); 64-row
+    blocks pad less but read each expert's weight tiles in more programs (from L2 when they run
+    together). Each launch alone (GPU time, CUDA-graph replays), then the whole call on the fastest
+    64-row tiles against fused_experts (the engine's choice), with the differences from it."""
+    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
+    T, k = ids.shape
+    E, H, I = w2.shape
+    n = T * k
+    wf = w.reshape(-1).float().contiguous()
+    cnt = torch.bincount(ids.reshape(-1), minlength=E)
+    rows = [(f"tiles a GEMM column, {bm}-row blocks: {int(((cnt + bm - 1) // bm).sum())} "
+             f"(the rows need {n / bm:.0f})", float("nan"), "") for bm in (128, 64)]
+    t_engine = graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters)
+    ref = fused_experts(w13, w2, x, ids, w)
+    rows.append(("whole call, the engine's choice (TMA, 128-row blocks)", t_engine, ""))
+    s128, b128 = align(ids, E, 128)
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)
+    rows.append((f"gate/up {TMA_GATE_UP} (engine)", graph_time(
+        lambda: launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP), iters), ""))
+    ref13 = act.clone()
+    rows.append((f"down {TMA_DOWN} (engine)", graph_time(
+        lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, TMA_DOWN), iters), ""))
+    ref2 = y.clone()
+    w13i = interleave_gate_up(w13)
+    s64, b64 = align(ids, E, 64)
+    modes = (dict(SPLIT=False, PERSISTENT=True, FLATTEN=True), dict(SPLIT=True, PERSISTENT=True),
+             dict(SPLIT=True))
+    best13, best2 = (float("inf"), None), (float("inf"), None)
+    for g, warps, stages in itertools.product(modes, (4, 8), (4, 5)):
+        c = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=warps, num_stages=stages, **g)
+        try:
+            t = graph_time(lambda: launch_tma(x, w13 if g["SPLIT"] else w13i, act, None, s64, b64, n, k, True, c),
+                           iters)
+            rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
+            best13 = min(best13, (t, c), key=lambda r: r[0])
+        except Exception as e:  # out of shared memory, or registers
+            rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
+    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
+    for bn, warps, stages in itertools.product((256, 128), (4, 8), (4, 5)):
+        c = dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages, PERSISTENT=True, FLATTEN=True)
+        try:
+            t = graph_time(lambda: launch_tma(act, w2, y, wf, s64, b64, n, 1, False, c), iters)
+            rows.append((f"down by TMA {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
+            best2 = min(best2, (t, c), key=lambda r: r[0])
+        except Exception as e:
+            rows.append((f"down by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
+    for c13, c2, label in ((best13[1], best2[1], "64-row blocks, the fastest of each"),
+                           (best13[1], TMA_DOWN, "gate/up on the fastest 64-row tile, down the engine's")):
+        if c13 is None or c2 is None:
+            continue
+        wa = w13 if c13.get("SPLIT") else w13i
+        got = _tma_call(wa, w2, x, ids, w, c13, c2)
+        t = graph_time(lambda: _tma_call(wa, w2, x, ids, w, c13, c2), iters)
+        rows.append((f"whole call by TMA, {label} ({t / t_engine:.3f}x the engine's)", t,
+                     f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+    print(f"\n{T} tokens, TMA GEMMs on 64-row blocks (GPU time, CUDA-graph replays):\n"
+          "| launch | ms | max diff from the engine's |\n|---|---|---|")
+    for name, t, d in rows:
+        print(f"| {name} | {t:.3f} | {d} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
@@ -260,6 +327,8 @@ def main():
                     "(for the 2048-token chunk's call, issue 11's chunked-prefill gap)")
     ap.add_argument("--wide-tiles", action="store_true", help="each GEMM alone on 256-wide tiles and other L2 "
                     "groupings, against the defaults (wide_tiles)")
+    ap.add_argument("--tma-rows", action="store_true", help="the engine's TMA GEMMs against 64-row blocks "
+                    "(less padding), and the whole call on them (tma_rows)")
     ap.add_argument("--tma", action="store_true", help="both GEMMs with their weights loaded by TMA, on full and "
                     "persistent grids, and the whole call with the fastest (tma_tiles)")
     a = ap.parse_args()
@@ -289,6 +358,8 @@ def main():
             wide_tiles(w13, w2, x, ids, w, iters)
         if a.tma:
             tma_tiles(w13, w2, x, ids, w, iters)
+        if a.tma_rows:
+            tma_rows(w13, w2, x, ids, w, iters)
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []
