@@ -137,6 +137,18 @@ def parts(w13, w2, x, ids, w, iters):
         print(f"| {name} | {t:.3f} | {'' if fl is None else f'{fl:.0f}'} |")
 
 
+def _default_rows(rows, w13, w2, x, w, setup, iters):
+    """The default tiles' gate/up and down launches timed into rows, over _launch_setup's buffers
+    (setup); returns their outputs, the variants' references."""
+    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = setup
+    rows.append((f"gate/up {c13} (default)", graph_time(
+        lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13), iters), ""))
+    ref13 = act.clone()
+    rows.append((f"down {c2} (default)", graph_time(
+        lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters), ""))
+    return ref13, y.clone()
+
+
 def wide_tiles(w13, w2, x, ids, w, iters):
     """The 2,048-token chunk's GEMMs on tiles 256 columns wide (the down GEMM's N, the widest that
     Hopper's shared memory holds at 128 rows and 64-deep K steps) and other L2 groupings, each launch
@@ -144,14 +156,10 @@ def wide_tiles(w13, w2, x, ids, w, iters):
     then both GEMMs with their weight tiles loaded by TMA (engine.moe_kernels.launch_tma; gate/up over
     w13 with gate and up rows interleaved), then the whole call on the fastest down tile. grid()
     leaves these out (its largest tile is 128 x 128 x 64)."""
-    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
+    setup = _launch_setup(w2, x, ids, w)
+    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = setup
     rows = [("whole call, default tiles", graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters), "")]
-    rows.append((f"gate/up {c13} (default)", graph_time(
-        lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13), iters), ""))
-    ref13 = act.clone()
-    rows.append((f"down {c2} (default)", graph_time(
-        lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters), ""))
-    ref2 = y.clone()
+    ref13, ref2 = _default_rows(rows, w13, w2, x, w, setup, iters)
     for group in (1, 16):
         c = dict(c13, GROUP_M=group)
         t = graph_time(lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c), iters)
@@ -193,6 +201,29 @@ def _tma_call(w13, w2, x, ids, w, c13, c2):
     return y.view(T, k, H).sum(1)
 
 
+def _whole_call_row(rows, label, against, t_against, ref, w13, w13i, w2, x, ids, w, c13, c2, iters):
+    """The whole call through _tma_call on tiles c13 / c2 (w13 interleaved unless c13 SPLITs),
+    timed into rows beside t_against with its difference from ref."""
+    wa = w13 if c13.get("SPLIT") else w13i
+    got = _tma_call(wa, w2, x, ids, w, c13, c2)
+    t = graph_time(lambda: _tma_call(wa, w2, x, ids, w, c13, c2), iters)
+    rows.append((f"whole call by TMA, {label} ({t / t_against:.3f}x {against})", t,
+                 f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+
+
+def _variant_row(rows, name, fn, out, ref, iters) -> float:
+    """Time fn (graph_time) into rows as `name` with out's largest difference from ref; a variant
+    that fails (a Triton without tensor descriptors or flatten, out of shared memory) gets a row
+    naming the error. Returns its time (inf when it failed)."""
+    try:
+        t = graph_time(fn, iters)
+    except Exception as e:
+        rows.append((f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}", float("nan"), ""))
+        return float("inf")
+    rows.append((name, t, f"{(out.float() - ref.float()).abs().max().item():.4f}"))
+    return t
+
+
 def tma_tiles(w13, w2, x, ids, w, iters):
     """Both GEMMs with their weight tiles loaded by TMA (engine.moe_kernels.launch_tma), each launch
     alone (GPU time, CUDA-graph replays) with its largest difference from the default fused GEMM's
@@ -200,46 +231,29 @@ def tma_tiles(w13, w2, x, ids, w, iters):
     on a grid of every tile, a persistent grid (one program an SM), and a persistent grid whose tile
     loop Triton flattens (the next tile's loads under this tile's epilogue); then the whole call with
     the fastest of each against fused_experts, and its difference from it."""
-    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = _launch_setup(w2, x, ids, w)
+    setup = _launch_setup(w2, x, ids, w)
+    T, k, E, H, I, n, c13, c2, s13, b13, s2, b2, act, y, wf = setup
     t_default = graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters)
     rows = [("whole call, default tiles", t_default, "")]
-    rows.append((f"gate/up {c13} (default)", graph_time(
-        lambda: _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13), iters), ""))
-    ref13 = act.clone()
-    rows.append((f"down {c2} (default)", graph_time(
-        lambda: _launch(act, w2, y, wf, s2, b2, n, E, H, I, 1, False, True, c2), iters), ""))
-    ref2 = y.clone()
+    ref13, ref2 = _default_rows(rows, w13, w2, x, w, setup, iters)
     w13i = interleave_gate_up(w13)
     grids = (dict(), dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True))
     s128, b128 = align(ids, E, 128)
     best13, best2 = (float("inf"), None), (float("inf"), None)
     for split, stages, g in itertools.product((False, True), (3, 4), grids):
         c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, **g)
-        try:
-            t = graph_time(lambda: launch_tma(x, w13 if split else w13i, act, None, s128, b128, n, k, True, c),
-                           iters)
-            rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
-            best13 = min(best13, (t, c), key=lambda r: r[0])
-        except Exception as e:  # a Triton without tensor descriptors or flatten, or out of shared memory
-            rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                         float("nan"), ""))
+        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
+            x, w13 if split else w13i, act, None, s128, b128, n, k, True, c), act, ref13, iters)
+        best13 = min(best13, (t, c), key=lambda r: r[0])
     _launch(x, w13, act, w, s13, b13, n, E, I, H, k, True, False, c13)  # the default's act again
     for (bn, stages), g in itertools.product(((128, 3), (256, 4)), grids):
         c = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, num_warps=8, num_stages=stages, **g)
-        try:
-            t = graph_time(lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, c), iters)
-            rows.append((f"down by TMA {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
-            best2 = min(best2, (t, c), key=lambda r: r[0])
-        except Exception as e:
-            rows.append((f"down by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                         float("nan"), ""))
+        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, c),
+                         y, ref2, iters)
+        best2 = min(best2, (t, c), key=lambda r: r[0])
     if best13[1] is not None and best2[1] is not None:
-        wa = w13 if best13[1].get("SPLIT") else w13i
-        ref = fused_experts(w13, w2, x, ids, w)
-        got = _tma_call(wa, w2, x, ids, w, best13[1], best2[1])
-        t = graph_time(lambda: _tma_call(wa, w2, x, ids, w, best13[1], best2[1]), iters)
-        rows.append((f"whole call by TMA, the fastest of each ({t / t_default:.3f}x the default)", t,
-                     f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+        _whole_call_row(rows, "the fastest of each", "the default", t_default, fused_experts(w13, w2, x, ids, w),
+                        w13, w13i, w2, x, ids, w, best13[1], best2[1], iters)
     print(f"\n{T} tokens, TMA variants (GPU time, CUDA-graph replays):\n| launch | ms | max diff from the default |\n"
           "|---|---|---|")
     for name, t, d in rows:
@@ -280,33 +294,20 @@ def tma_rows(w13, w2, x, ids, w, iters):
     best13, best2 = (float("inf"), None), (float("inf"), None)
     for g, warps, stages in itertools.product(modes, (4, 8), (4, 5)):
         c = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=warps, num_stages=stages, **g)
-        try:
-            t = graph_time(lambda: launch_tma(x, w13 if g["SPLIT"] else w13i, act, None, s64, b64, n, k, True, c),
-                           iters)
-            rows.append((f"gate/up by TMA {c}", t, f"{(act.float() - ref13.float()).abs().max().item():.4f}"))
-            best13 = min(best13, (t, c), key=lambda r: r[0])
-        except Exception as e:  # out of shared memory, or registers
-            rows.append((f"gate/up by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                         float("nan"), ""))
+        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
+            x, w13 if g["SPLIT"] else w13i, act, None, s64, b64, n, k, True, c), act, ref13, iters)
+        best13 = min(best13, (t, c), key=lambda r: r[0])
     launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
     for bn, warps, stages in itertools.product((256, 128), (4, 8), (4, 5)):
         c = dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages, PERSISTENT=True, FLATTEN=True)
-        try:
-            t = graph_time(lambda: launch_tma(act, w2, y, wf, s64, b64, n, 1, False, c), iters)
-            rows.append((f"down by TMA {c}", t, f"{(y.float() - ref2.float()).abs().max().item():.4f}"))
-            best2 = min(best2, (t, c), key=lambda r: r[0])
-        except Exception as e:
-            rows.append((f"down by TMA {c}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                         float("nan"), ""))
+        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s64, b64, n, 1, False, c),
+                         y, ref2, iters)
+        best2 = min(best2, (t, c), key=lambda r: r[0])
     for c13, c2, label in ((best13[1], best2[1], "64-row blocks, the fastest of each"),
                            (best13[1], TMA_DOWN, "gate/up on the fastest 64-row tile, down the engine's")):
         if c13 is None or c2 is None:
             continue
-        wa = w13 if c13.get("SPLIT") else w13i
-        got = _tma_call(wa, w2, x, ids, w, c13, c2)
-        t = graph_time(lambda: _tma_call(wa, w2, x, ids, w, c13, c2), iters)
-        rows.append((f"whole call by TMA, {label} ({t / t_engine:.3f}x the engine's)", t,
-                     f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
     print(f"\n{T} tokens, TMA GEMMs on 64-row blocks (GPU time, CUDA-graph replays):\n"
           "| launch | ms | max diff from the engine's |\n|---|---|---|")
     for name, t, d in rows:
