@@ -191,11 +191,13 @@ def _tma_call(w13, w2, x, ids, w, c13, c2):
     T, k = ids.shape
     E, H, I = w2.shape
     n = T * k
-    s, b = align(ids, E, c13["BLOCK_M"])
+    def rows(c):  # a block's rows: TWO_M blocks hold two tiles of BLOCK_M
+        return c["BLOCK_M"] * (2 if c.get("TWO_M") else 1)
+    s, b = align(ids, E, rows(c13))
     act = torch.empty(n, I, dtype=x.dtype, device=x.device)
     launch_tma(x, w13, act, None, s, b, n, k, True, c13)
-    if c2["BLOCK_M"] != c13["BLOCK_M"]:
-        s, b = align(ids, E, c2["BLOCK_M"])
+    if rows(c2) != rows(c13):
+        s, b = align(ids, E, rows(c2))
     y = torch.empty(n, H, dtype=x.dtype, device=x.device)
     launch_tma(act, w2, y, w.reshape(-1).float().contiguous(), s, b, n, 1, False, c2)
     return y.view(T, k, H).sum(1)
@@ -260,21 +262,21 @@ def tma_tiles(w13, w2, x, ids, w, iters):
         print(f"| {name} | {t:.3f} | {d} |")
 
 
-def tma_rows(w13, w2, x, ids, w, iters):
-    """The engine's TMA GEMMs (engine.moe_kernels.TMA_GATE_UP / TMA_DOWN, 128-row blocks) against
-    64-row blocks: each expert's run is padded to a multiple of BLOCK_M, so at 2,048 tokens of top-8
-    of 128 a 128-row block is on average ~1.45x the tiles the rows need (~1.13x at 8,192); 64-row
-    blocks pad less but read each expert's weight tiles in more programs (from L2 when they run
-    together). Each launch alone (GPU time, CUDA-graph replays), then the whole call on the fastest
-    64-row tiles against fused_experts (the engine's choice), with the differences from it."""
+def _call_shapes(w2, ids, w):
+    """(T, k, E, H, I, pairs, the flat fp32 routing weights, pairs per expert) of one call."""
+    T, k = ids.shape
+    E, H, I = w2.shape
+    return T, k, E, H, I, T * k, w.reshape(-1).float().contiguous(), torch.bincount(ids.reshape(-1), minlength=E)
+
+
+def _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters):
+    """The engine's TMA call (fused_experts) and its two GEMMs (TMA_GATE_UP / TMA_DOWN) timed into
+    rows; returns (the call's time, its output, the 128-row align, act and y buffers, the GEMMs'
+    outputs as the variants' references, w13 interleaved)."""
     from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
     T, k = ids.shape
     E, H, I = w2.shape
     n = T * k
-    wf = w.reshape(-1).float().contiguous()
-    cnt = torch.bincount(ids.reshape(-1), minlength=E)
-    rows = [(f"tiles a GEMM column, {bm}-row blocks: {int(((cnt + bm - 1) // bm).sum())} "
-             f"(the rows need {n / bm:.0f})", float("nan"), "") for bm in (128, 64)]
     t_engine = graph_time(lambda: fused_experts(w13, w2, x, ids, w), iters)
     ref = fused_experts(w13, w2, x, ids, w)
     rows.append(("whole call, the engine's choice (TMA, 128-row blocks)", t_engine, ""))
@@ -286,8 +288,27 @@ def tma_rows(w13, w2, x, ids, w, iters):
     ref13 = act.clone()
     rows.append((f"down {TMA_DOWN} (engine)", graph_time(
         lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, TMA_DOWN), iters), ""))
-    ref2 = y.clone()
-    w13i = interleave_gate_up(w13)
+    return t_engine, ref, s128, b128, act, y, ref13, y.clone(), interleave_gate_up(w13)
+
+
+def _print_rows(title, rows):
+    print(f"\n{title} (GPU time, CUDA-graph replays):\n| launch | ms | max diff from the engine's |\n|---|---|---|")
+    for name, t, d in rows:
+        print(f"| {name} | {t:.3f} | {d} |")
+
+
+def tma_rows(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs (engine.moe_kernels.TMA_GATE_UP / TMA_DOWN, 128-row blocks) against
+    64-row blocks: each expert's run is padded to a multiple of BLOCK_M, so at 2,048 tokens of top-8
+    of 128 a 128-row block is on average ~1.45x the tiles the rows need (~1.13x at 8,192); 64-row
+    blocks pad less but read each expert's weight tiles in more programs (from L2 when they run
+    together). Each launch alone (GPU time, CUDA-graph replays), then the whole call on the fastest
+    64-row tiles against fused_experts (the engine's choice), with the differences from it."""
+    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
+    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
+    rows = [(f"tiles a GEMM column, {bm}-row blocks: {int(((cnt + bm - 1) // bm).sum())} "
+             f"(the rows need {n / bm:.0f})", float("nan"), "") for bm in (128, 64)]
+    t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
     s64, b64 = align(ids, E, 64)
     modes = (dict(SPLIT=False, PERSISTENT=True, FLATTEN=True), dict(SPLIT=True, PERSISTENT=True),
              dict(SPLIT=True))
@@ -308,10 +329,44 @@ def tma_rows(w13, w2, x, ids, w, iters):
         if c13 is None or c2 is None:
             continue
         _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
-    print(f"\n{T} tokens, TMA GEMMs on 64-row blocks (GPU time, CUDA-graph replays):\n"
-          "| launch | ms | max diff from the engine's |\n|---|---|---|")
-    for name, t, d in rows:
-        print(f"| {name} | {t:.3f} | {d} |")
+    _print_rows(f"{T} tokens, TMA GEMMs on 64-row blocks", rows)
+
+
+def tma_two_m(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs (128-row blocks) against TWO_M blocks (launch_tma's TWO_M: 256 rows
+    a block, each weight tile loaded once for two 128-row dots, the second skipped when its half
+    holds no pairs): an expert with up to 256 pairs streams its weights once, where 128-row blocks
+    stream them again for its partly filled last block (run CS: fewer rows of math in 64-row tiles
+    did not help; the weight streams did not fall there). Gate/up tiles 64 columns wide (four
+    128 x 64 accumulators when SPLIT), down 128. Each launch alone (GPU time, CUDA-graph replays),
+    then the whole call on the fastest TWO_M tiles against fused_experts (the engine's choice)."""
+    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
+    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
+    rows = [(f"weight streams a GEMM column: 128-row blocks {int(((cnt + 127) // 128).sum())}, 256-row TWO_M "
+             f"blocks {int(((cnt + 255) // 256).sum())} (experts with pairs: {int((cnt > 0).sum())})",
+             float("nan"), "")]
+    t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
+    s256, b256 = align(ids, E, 256)
+    grids = (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True))
+    best13, best2 = (float("inf"), None), (float("inf"), None)
+    for split, g, stages in itertools.product((False, True), grids, (3, 4)):
+        c = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, TWO_M=True, **g)
+        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
+            x, w13 if split else w13i, act, None, s256, b256, n, k, True, c), act, ref13, iters)
+        best13 = min(best13, (t, c), key=lambda r: r[0])
+    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
+    for g, stages in itertools.product(grids, (3, 4)):
+        c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, TWO_M=True, **g)
+        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s256, b256, n, 1, False, c),
+                         y, ref2, iters)
+        best2 = min(best2, (t, c), key=lambda r: r[0])
+    for c13, c2, label in ((best13[1], best2[1], "TWO_M blocks, the fastest of each"),
+                           (best13[1], TMA_DOWN, "gate/up on the fastest TWO_M tile, down the engine's"),
+                           (TMA_GATE_UP, best2[1], "gate/up the engine's, down on the fastest TWO_M tile")):
+        if c13 is None or c2 is None:
+            continue
+        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
+    _print_rows(f"{T} tokens, TMA GEMMs on TWO_M blocks", rows)
 
 
 def main():
@@ -330,6 +385,8 @@ def main():
                     "groupings, against the defaults (wide_tiles)")
     ap.add_argument("--tma-rows", action="store_true", help="the engine's TMA GEMMs against 64-row blocks "
                     "(less padding), and the whole call on them (tma_rows)")
+    ap.add_argument("--tma-two-m", action="store_true", help="the engine's TMA GEMMs against TWO_M blocks (one "
+                    "weight stream for up to 256 rows of an expert), and the whole call on them (tma_two_m)")
     ap.add_argument("--tma", action="store_true", help="both GEMMs with their weights loaded by TMA, on full and "
                     "persistent grids, and the whole call with the fastest (tma_tiles)")
     a = ap.parse_args()
@@ -361,6 +418,8 @@ def main():
             tma_tiles(w13, w2, x, ids, w, iters)
         if a.tma_rows:
             tma_rows(w13, w2, x, ids, w, iters)
+        if a.tma_two_m:
+            tma_two_m(w13, w2, x, ids, w, iters)
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []

@@ -296,10 +296,32 @@ def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _tma_epilogue(acc, acc_up, C, Wt, pair, num_pairs, N, pid_n, stride_cm, GATED: tl.constexpr,
+                  SPLIT: tl.constexpr, MUL_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile's output: SiLU(gate) * up when GATED (acc holds gate and up interleaved, or gate
+    with acc_up the up half when SPLIT), times the routing weight when MUL_W, stored to the rows of
+    its pairs (padding rows masked)."""
+    valid = pair < num_pairs
+    if GATED:
+        if SPLIT:
+            out = acc / (1.0 + tl.exp(-acc)) * acc_up
+        else:
+            gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+            out = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        out = acc
+    if MUL_W:
+        out = out * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, NB, row_div, stride_am, stride_cm,
                          GATED: tl.constexpr, SPLIT: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         NUM_PROGS, FLATTEN: tl.constexpr):
+                         NUM_PROGS, FLATTEN: tl.constexpr, TWO_M: tl.constexpr):
     """_moe_gemm_kernel's GEMMs with their weight tiles loaded by TMA, over the output tiles of the
     blocks that hold pairs (block_expert < E: sentinel blocks cost nothing), program p taking tiles
     p, p + NUM_PROGS, ... (one tile each when launched on every tile; a persistent grid of about one
@@ -308,8 +330,12 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
     when GATED else N; K's tail reads as zeros. GATED: SPLIT reads w13 as it is (gate and up boxes
     of BLOCK_N rows, two dots), else B = interleave_gate_up(w13) (one box of 2 * BLOCK_N rows split
     back into gate and up as ONE_DOT does). The A rows are gathered by pointer (TMA has no row
-    gather on Hopper). Columns go fastest. fused_experts runs it for prefill-sized calls where
-    tma_ready; bench_moe --tma times its variants."""
+    gather on Hopper). Columns go fastest. TWO_M: a block is 2 * BLOCK_M rows (align with that
+    block size) and each weight tile loaded serves both halves; the second half's dots run only when
+    it holds pairs (an expert's pairs come first in its padded run), so an expert with up to
+    2 * BLOCK_M pairs streams its weights once, where 128-row blocks stream them again for a partly
+    filled last block. fused_experts runs it for prefill-sized calls where tma_ready; bench_moe
+    --tma and --tma-rows time its variants."""
     num_n = tl.cdiv(N, BLOCK_N)
     nvalid = 0  # block_expert is non-decreasing; the sentinel blocks (>= E) come last
     for b0 in range(0, NB, 1024):
@@ -317,6 +343,8 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
         nvalid += tl.sum((tl.load(BlockExpert + ob, mask=ob < NB, other=E) < E).to(tl.int32))
     num_tiles = nvalid * num_n
     ROWS: tl.constexpr = 2 if (GATED and not SPLIT) else 1  # B rows a box holds per output column
+    BLOCK_ROWS: tl.constexpr = 2 * BLOCK_M if TWO_M else BLOCK_M  # the rows of one aligned block
+    UP: tl.constexpr = BLOCK_N if SPLIT else 1  # the up accumulator's width (unused unless SPLIT)
     desc = tl.make_tensor_descriptor(B, shape=[E * (2 if GATED else 1) * N, K], strides=[K, 1],
                                      block_shape=[ROWS * BLOCK_N, BLOCK_K])
     offs_k = tl.arange(0, BLOCK_K)
@@ -325,10 +353,9 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
         pid_m = tile // num_n
         pid_n = tile % num_n
         e = tl.load(BlockExpert + pid_m)
-        pair = tl.load(SortedIds + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        pair = tl.load(SortedIds + pid_m * BLOCK_ROWS + tl.arange(0, BLOCK_M))
         valid = pair < num_pairs
-        rows = (pair // row_div).to(tl.int64)
-        a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :]
+        a_ptrs = A + (pair // row_div).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
         if GATED:
             if SPLIT:
                 row0 = e * 2 * N + pid_n * BLOCK_N  # gate rows; up rows N further (a tail box reads masked columns)
@@ -337,32 +364,48 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
         else:
             row0 = e * N + pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, ROWS * BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N if SPLIT else 1], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            b = desc.load([row0, k0])
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-            if SPLIT:
-                bu = desc.load([row0 + N, k0])
-                acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
+        acc_up = tl.zeros([BLOCK_M, UP], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, ROWS * BLOCK_N if TWO_M else 1], tl.float32)
+        acc2_up = tl.zeros([BLOCK_M, UP if TWO_M else 1], tl.float32)
+        has2 = False
+        if TWO_M:
+            pair2 = tl.load(SortedIds + pid_m * BLOCK_ROWS + BLOCK_M + tl.arange(0, BLOCK_M))
+            valid2 = pair2 < num_pairs
+            a2_ptrs = A + (pair2 // row_div).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+            has2 = tl.load(SortedIds + pid_m * BLOCK_ROWS + BLOCK_M) < num_pairs
+        if has2:  # both halves hold pairs: one weight tile, two dots (never true unless TWO_M)
+            for k0 in range(0, K, BLOCK_K):
+                km = (offs_k < K - k0)[None, :]
+                a = tl.load(a_ptrs, mask=valid[:, None] & km, other=0.0)
+                a2 = tl.load(a2_ptrs, mask=valid2[:, None] & km, other=0.0)
+                b = desc.load([row0, k0])
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+                acc2 = tl.dot(a2, tl.trans(b), acc2, input_precision=PRECISION)
+                if SPLIT:
+                    bu = desc.load([row0 + N, k0])
+                    acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
+                    acc2_up = tl.dot(a2, tl.trans(bu), acc2_up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                a2_ptrs += BLOCK_K
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+                b = desc.load([row0, k0])
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+                if SPLIT:
+                    bu = desc.load([row0 + N, k0])
+                    acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
         tile_c += NUM_PROGS
         pid_mc = tile_c // num_n
-        pair_c = tl.load(SortedIds + pid_mc * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid_c = pair_c < num_pairs
-        if GATED:
-            if SPLIT:
-                out = acc / (1.0 + tl.exp(-acc)) * acc_up
-            else:
-                gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
-                out = gate / (1.0 + tl.exp(-gate)) * up
-        else:
-            out = acc
-        if MUL_W:
-            out = out * tl.load(Wt + pair_c, mask=valid_c, other=0.0)[:, None]
-        offs_n = (tile_c % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_ptrs = C + pair_c.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid_c[:, None] & (offs_n < N)[None, :])
+        pid_nc = tile_c % num_n
+        pair_c = tl.load(SortedIds + pid_mc * BLOCK_ROWS + tl.arange(0, BLOCK_M))
+        _tma_epilogue(acc, acc_up, C, Wt, pair_c, num_pairs, N, pid_nc, stride_cm, GATED, SPLIT, MUL_W,
+                      BLOCK_M, BLOCK_N)
+        if TWO_M:
+            pair2_c = tl.load(SortedIds + pid_mc * BLOCK_ROWS + BLOCK_M + tl.arange(0, BLOCK_M))
+            _tma_epilogue(acc2, acc2_up, C, Wt, pair2_c, num_pairs, N, pid_nc, stride_cm, GATED, SPLIT, MUL_W,
+                          BLOCK_M, BLOCK_N)
 
 
 _tma_scratch_set = False
@@ -373,8 +416,8 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     """_launch's GEMM through _moe_gemm_tma_kernel: gated, c [pairs, I] = silu(a . gate) * (a . up)
     with b = w13 when cfg["SPLIT"], else b = interleave_gate_up(w13); not gated, c [pairs, N] =
     a . b[e] (b = w2 [E, N, K]) times wt[pair] when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K /
-    num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN (default
-    off). The descriptors need a scratch allocator: set once, process-wide (Triton has one), to
+    num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN, TWO_M
+    (sorted_ids / block_expert from align with 2 * BLOCK_M rows a block; default off). The descriptors need a scratch allocator: set once, process-wide (Triton has one), to
     device memory from torch's allocator on the current device, so a CUDA-graph capture takes it
     from its pool."""
     global _tma_scratch_set
@@ -383,6 +426,7 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
                              if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8))
         _tma_scratch_set = True
     cfg = dict(cfg)
+    two_m = bool(cfg.pop("TWO_M", False))
     split = bool(cfg.pop("SPLIT", False)) and gated
     persistent = bool(cfg.pop("PERSISTENT", False))
     flatten = bool(cfg.pop("FLATTEN", False))
@@ -394,7 +438,7 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     _moe_gemm_tma_kernel[(max(progs, 1),)](
         a, b.view(E * R, K), c, wt if wt is not None else c, sorted_ids, block_expert, num_pairs, E, N, K, NB,
         row_div, a.stride(0), c.stride(0), GATED=gated, SPLIT=split, MUL_W=wt is not None,
-        PRECISION=dot_precision(a.dtype), NUM_PROGS=max(progs, 1), FLATTEN=flatten, **cfg)
+        PRECISION=dot_precision(a.dtype), NUM_PROGS=max(progs, 1), FLATTEN=flatten, TWO_M=two_m, **cfg)
 
 
 def _num_sms(device: torch.device) -> int:

@@ -211,6 +211,31 @@ for extra in ({}, dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
     assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), (extra, (got2 - want2).abs().max())
 il = mk.interleave_gate_up(w13)
 assert torch.equal(il[:, 0::2], w13[:, :I]) and torch.equal(il[:, 1::2], w13[:, I:])
+# TWO_M: blocks of 2 x 16 rows; 80 pairs over 4 experts, the second expert in every token's top-2,
+# so one expert fills both halves of its blocks and the others one half or both
+T2 = 40
+x2 = torch.randn(T2, H, generator=g)
+logits = torch.randn(T2, E, generator=g)
+logits[:, 1] += 100
+ids2, w2r = route(logits, k, True)
+n2 = T2 * k
+counts = torch.bincount(ids2.reshape(-1), minlength=E)
+assert (counts > 16).any() and ((counts % 32 > 0) & (counts % 32 <= 16)).any(), counts  # both cases
+s16, b16 = mk.align(ids2, E, 16)
+want = torch.empty(n2, I)
+mk._launch(x2, w13, want, w2r, s16, b16, n2, E, I, H, k, True, False, dict(cfg, GROUP_M=1, ONE_DOT=True))
+wf2 = w2r.reshape(-1).float().contiguous()
+want2 = torch.empty(n2, H)
+mk._launch(want, w2, want2, wf2, s16, b16, n2, E, H, I, 1, False, True, dict(cfg, GROUP_M=1))
+s32, b32 = mk.align(ids2, E, 32)
+for extra in ({}, dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
+    for weights, split in ((il, False), (w13, True)):
+        got = torch.full((n2, I), float("nan"))
+        mk.launch_tma(x2, weights, got, None, s32, b32, n2, k, True, dict(cfg, TWO_M=True, SPLIT=split, **extra))
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), ("two_m", split, extra, (got - want).abs().max())
+    got2 = torch.full((n2, H), float("nan"))
+    mk.launch_tma(want, w2, got2, wf2, s32, b32, n2, 1, False, dict(cfg, TWO_M=True, **extra))
+    assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), ("two_m", extra, (got2 - want2).abs().max())
 print("ok")
 """
 
@@ -251,6 +276,18 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
         mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, BLOCK_N=256, **extra))
         assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
             extra
+    s256, b256 = mk.align(ids, E, 256)  # TWO_M: 256-row blocks, two 128-row dots a weight tile
+    for extra in (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
+        for weights, split in ((w13i, False), (w13, True)):
+            got = torch.full_like(want, float("nan"))
+            mk.launch_tma(x, weights, got, None, s256, b256, n, k, True,
+                          dict(cfg, BLOCK_N=64, SPLIT=split, TWO_M=True, **extra))
+            assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3, \
+                ("two_m", extra, split)
+        got2 = torch.full_like(want2, float("nan"))
+        mk.launch_tma(want, w2, got2, wf, s256, b256, n, 1, False, dict(cfg, TWO_M=True, **extra))
+        assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
+            ("two_m", extra)
 
 
 @pytest.mark.gpu
