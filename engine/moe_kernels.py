@@ -318,6 +318,42 @@ def _tma_epilogue(acc, acc_up, C, Wt, pair, num_pairs, N, pid_n, stride_cm, GATE
 
 
 @triton.jit
+def _tma_k_loop(acc, acc_up, a_ptrs, valid, desc, row0, N, K, offs_k, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """One tile's K loop: A rows by pointer, the weight box (and the up box N rows further when
+    SPLIT) by TMA, accumulated into acc (and acc_up)."""
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+        b = desc.load([row0, k0])
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        if SPLIT:
+            bu = desc.load([row0 + N, k0])
+            acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+    return acc, acc_up
+
+
+@triton.jit
+def _tma_k_loop_two(acc, acc_up, acc2, acc2_up, a_ptrs, valid, a2_ptrs, valid2, desc, row0, N, K, offs_k,
+                    SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_tma_k_loop for the two row tiles of a TWO_M block: each weight box loaded once, two dots."""
+    for k0 in range(0, K, BLOCK_K):
+        km = (offs_k < K - k0)[None, :]
+        a = tl.load(a_ptrs, mask=valid[:, None] & km, other=0.0)
+        a2 = tl.load(a2_ptrs, mask=valid2[:, None] & km, other=0.0)
+        b = desc.load([row0, k0])
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc2 = tl.dot(a2, tl.trans(b), acc2, input_precision=PRECISION)
+        if SPLIT:
+            bu = desc.load([row0 + N, k0])
+            acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
+            acc2_up = tl.dot(a2, tl.trans(bu), acc2_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        a2_ptrs += BLOCK_K
+    return acc, acc_up, acc2, acc2_up
+
+
+@triton.jit
 def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, NB, row_div, stride_am, stride_cm,
                          GATED: tl.constexpr, SPLIT: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -367,35 +403,18 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
         acc_up = tl.zeros([BLOCK_M, UP], tl.float32)
         acc2 = tl.zeros([BLOCK_M, ROWS * BLOCK_N if TWO_M else 1], tl.float32)
         acc2_up = tl.zeros([BLOCK_M, UP if TWO_M else 1], tl.float32)
-        has2 = False
         if TWO_M:
             pair2 = tl.load(SortedIds + pid_m * BLOCK_ROWS + BLOCK_M + tl.arange(0, BLOCK_M))
-            valid2 = pair2 < num_pairs
             a2_ptrs = A + (pair2 // row_div).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-            has2 = tl.load(SortedIds + pid_m * BLOCK_ROWS + BLOCK_M) < num_pairs
-        if has2:  # both halves hold pairs: one weight tile, two dots (never true unless TWO_M)
-            for k0 in range(0, K, BLOCK_K):
-                km = (offs_k < K - k0)[None, :]
-                a = tl.load(a_ptrs, mask=valid[:, None] & km, other=0.0)
-                a2 = tl.load(a2_ptrs, mask=valid2[:, None] & km, other=0.0)
-                b = desc.load([row0, k0])
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-                acc2 = tl.dot(a2, tl.trans(b), acc2, input_precision=PRECISION)
-                if SPLIT:
-                    bu = desc.load([row0 + N, k0])
-                    acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
-                    acc2_up = tl.dot(a2, tl.trans(bu), acc2_up, input_precision=PRECISION)
-                a_ptrs += BLOCK_K
-                a2_ptrs += BLOCK_K
+            if tl.load(SortedIds + pid_m * BLOCK_ROWS + BLOCK_M) < num_pairs:  # both halves hold pairs
+                acc, acc_up, acc2, acc2_up = _tma_k_loop_two(acc, acc_up, acc2, acc2_up, a_ptrs, valid, a2_ptrs,
+                                                             pair2 < num_pairs, desc, row0, N, K, offs_k, SPLIT,
+                                                             PRECISION, BLOCK_K)
+            else:
+                acc, acc_up = _tma_k_loop(acc, acc_up, a_ptrs, valid, desc, row0, N, K, offs_k, SPLIT, PRECISION,
+                                          BLOCK_K)
         else:
-            for k0 in range(0, K, BLOCK_K):
-                a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-                b = desc.load([row0, k0])
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-                if SPLIT:
-                    bu = desc.load([row0 + N, k0])
-                    acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
-                a_ptrs += BLOCK_K
+            acc, acc_up = _tma_k_loop(acc, acc_up, a_ptrs, valid, desc, row0, N, K, offs_k, SPLIT, PRECISION, BLOCK_K)
         tile_c += NUM_PROGS
         pid_mc = tile_c // num_n
         pid_nc = tile_c % num_n
