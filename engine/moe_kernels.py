@@ -19,12 +19,15 @@ persistent grid (launch_tma); the pointer-load kernels stay for the rest and as 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
 import triton.language as tl
 
 from .attention.triton_merge import dot_precision
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -502,28 +505,52 @@ def _tma_device(device_index: int, elem_bytes: int) -> bool:
     return need <= smem_limit(device_index)
 
 
+_tma_broken: str | None = None  # set when the TMA path failed once (its first compile, say); pointer loads take over
+
+
+def _tma_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor | None:
+    """fused_experts through the TMA GEMMs (TMA_GATE_UP / TMA_DOWN, one 128-row align for both), or
+    None when they fail: a Triton that cannot build them (an older compiler with tensor descriptors
+    but not the persistent loop's options, say) logs one warning and turns the TMA path off for
+    the process, as a failed cuDNN prefill does. Compile errors come before anything is queued, so
+    the caller's pointer-load path runs the call instead, in a graph capture too."""
+    global _tma_broken
+    T, k = ids.shape
+    E, H, I = w2.shape
+    n_pairs = T * k
+    try:
+        sorted_ids, block_expert = align(ids, E, TMA_GATE_UP["BLOCK_M"])
+        act = torch.empty(n_pairs, I, dtype=x.dtype, device=x.device)
+        launch_tma(x, w13, act, None, sorted_ids, block_expert, n_pairs, k, True, TMA_GATE_UP)
+        y = torch.empty(n_pairs, H, dtype=x.dtype, device=x.device)
+        launch_tma(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, 1,
+                   False, TMA_DOWN)
+    except Exception as e:  # triton's CompilationError and friends have no common base
+        _tma_broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("MoE TMA kernels off, using the pointer-load kernels: %s", _tma_broken)
+        return None
+    return y.view(T, k, H).sum(1)
+
+
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor, cfg: tuple[dict, dict] | None = None, tma: bool = True) -> torch.Tensor:
     """w13 [E, 2I, H], w2 [E, H, I], x [T, H], ids [T, k], weights [T, k] fp32 -> [T, H] in x's dtype.
 
     cfg: (gate/up, down) tile sizes instead of `configs`' choice (benchmarks; pointer loads). tma:
     prefill-sized calls (TMA_MIN_ROWS pairs an expert or more) load their weight tiles by TMA where
-    tma_ready says they can (launch_tma, TMA_GATE_UP / TMA_DOWN); False keeps the pointer-load
-    kernels everywhere (config attn.moe_kernel: triton)."""
+    tma_ready says they can (launch_tma, TMA_GATE_UP / TMA_DOWN) and they have not failed
+    (_tma_experts); False keeps the pointer-load kernels everywhere (config attn.moe_kernel: triton)."""
     T, k = ids.shape
     E, H, I = w2.shape
     if T == 0:
         return x.new_zeros(0, H)
     x = x.contiguous()
     n_pairs = T * k
-    if cfg is None and tma and n_pairs >= TMA_MIN_ROWS * E and tma_ready(x, w13, w2):
-        sorted_ids, block_expert = align(ids, E, TMA_GATE_UP["BLOCK_M"])  # both tiles 128 rows
-        act = torch.empty(n_pairs, I, dtype=x.dtype, device=x.device)
-        launch_tma(x, w13, act, None, sorted_ids, block_expert, n_pairs, k, True, TMA_GATE_UP)
-        y = torch.empty(n_pairs, H, dtype=x.dtype, device=x.device)
-        launch_tma(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, 1,
-                   False, TMA_DOWN)
-        return y.view(T, k, H).sum(1)
+    if cfg is None and tma and _tma_broken is None and n_pairs >= TMA_MIN_ROWS * E and tma_ready(x, w13, w2):
+        y = _tma_experts(w13, w2, x, ids, weights)
+        if y is not None:
+            return y
     if cfg is None:
         smem = smem_limit(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
             if x.is_cuda else SMEM_BYTES
