@@ -1,7 +1,8 @@
 """The fused Triton MoE kernels (engine.moe_kernels) against the per-pair reference: routings with
 idle experts, one expert taking every token, the align kernels against a sorted torch version (more
 pairs than one of their programs holds included), the gate/up GEMM as one interleaved dot (ONE_DOT),
-fp32 and bf16.
+fp32 and bf16; the TMA GEMMs (launch_tma: every variant against the fused GEMMs, compiled ahead of
+time for sm_90, the fallback when they fail, the config switch that turns them off).
 
 On CUDA (`-m gpu`) at Qwen3-30B-A3B expert shapes; on CPU under triton's interpreter
 (TRITON_INTERPRET=1, in a subprocess because the flag is read when the kernels are defined) at tiny
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from engine.moe import experts_reference, experts_sorted, route
 
@@ -407,3 +409,20 @@ def test_a_failing_tma_path_falls_back_to_the_pointer_kernels():
     r = subprocess.run([sys.executable, "-c", INTERP_TMA_FALLBACK], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("moe_kernel,tma", [("auto", True), ("triton", False)])
+def test_attn_moe_kernel_reaches_the_tma_switch(monkeypatch, moe_kernel, tma):
+    """config attn.moe_kernel, handed to the experts by set_attention_backend, decides whether
+    fused_experts may take the TMA path: "auto" may, "triton" keeps the pointer-load kernels."""
+    from engine import moe, moe_kernels
+    from engine.layers import set_attention_backend
+    seen = []
+    monkeypatch.setattr(moe, "use_kernels", lambda x, backend: True)
+    monkeypatch.setattr(moe_kernels, "fused_experts", lambda *a, **kw: seen.append(kw) or a[2])
+    block = nn.Module()
+    block.experts = moe.StackedExperts(4, 8, 4)
+    set_attention_backend(block, "auto", "auto", moe_kernel)
+    x = torch.zeros(2, 8)
+    block.experts(x, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+    assert seen == [dict(tma=tma)] and block.experts.path == "fused"
