@@ -95,29 +95,33 @@ def record(script: str, argv: list[str] | tuple = (), timeout: float = 600) -> l
         return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
 
-def compile_all(records: list[dict]) -> list[str]:
-    """Compile each recorded launch for sm_90; the failures, one line each (kernel, error)."""
+def compile_one(rec: dict):
+    """Compile one launch record (record()'s form: module, name, signature, constexprs, options) for
+    sm_90 and return Triton's compiled kernel; compile errors propagate."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    target = GPUTarget("cuda", 90, 32)
+    mod = importlib.import_module(rec["module"])
+    fn = getattr(mod, rec["name"], None)
+    if fn is None and hasattr(mod, "_build"):  # a kernel its module defines in a factory (kvc.gpu_checksum)
+        fn = mod._build()
+    while fn is not None and not hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # autotune / heuristics
+        fn = fn.fn
+    if getattr(fn, "__name__", None) != rec["name"]:
+        raise LookupError(f"{rec['module']}.{rec['name']}: not found in its module")
+    consts = {(fn.arg_names.index(k),): v for k, v in rec["constexprs"].items()}
+    return triton.compile(ASTSource(fn=fn, signature=rec["signature"], constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options=rec["options"])
+
+
+def compile_all(records: list[dict]) -> list[str]:
+    """Compile each recorded launch for sm_90; the failures, one line each (kernel, error)."""
     failures = []
     for rec in records:
         if "skip" in rec:
             continue
-        mod = importlib.import_module(rec["module"])
-        fn = getattr(mod, rec["name"], None)
-        if fn is None and hasattr(mod, "_build"):  # a kernel its module defines in a factory (kvc.gpu_checksum)
-            fn = mod._build()
-        if getattr(fn, "__name__", None) != rec["name"] and getattr(getattr(fn, "fn", None), "__name__", None) != rec["name"]:
-            failures.append(f"{rec['module']}.{rec['name']}: not found in its module")
-            continue
-        while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # autotune / heuristics wrappers
-            fn = fn.fn
-        consts = {(fn.arg_names.index(k),): v for k, v in rec["constexprs"].items()}
         try:
-            triton.compile(ASTSource(fn=fn, signature=rec["signature"], constexprs=consts), target=target,
-                           options=rec["options"])
+            compile_one(rec)
         except Exception as e:
             first = str(e).strip().splitlines()
             failures.append(f"{rec['module']}.{rec['name']} {rec['constexprs']}: {type(e).__name__}: "

@@ -332,23 +332,19 @@ def test_tma_is_not_taken_off_cuda():
 
 def _compile_tma_for_hopper(consts: dict, warps: int, stages: int):
     """The TMA kernel compiled ahead of time for sm_90 (no GPU needed: Triton's own compiler and
-    ptxas): what the H200 would build for these constants."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton has no ahead-of-time compile API")
-    from engine import moe_kernels as mk
-    kern = mk._moe_gemm_tma_kernel
+    ptxas, tests/aot_record.compile_one): what the H200 would build for these constants."""
+    pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.compiler")
+    from tests import aot_record
     sig = {"A": "*bf16", "B": "*bf16", "C": "*bf16", "Wt": "*fp32", "SortedIds": "*i32", "BlockExpert": "*i32",
            "num_pairs": "i32", "E": "i32", "N": "i32", "K": "i32", "NB": "i32", "row_div": "i32",
            "stride_am": "i32", "stride_cm": "i32", "NUM_PROGS": "i32"}
     consts = {**dict(PRECISION="ieee", FLATTEN=False, TWO_M=False, SPLIT=False), **consts}
     sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn=kern, signature=sig, constexprs={(kern.arg_names.index(k),): v for k, v in consts.items()})
+    rec = dict(module="engine.moe_kernels", name="_moe_gemm_tma_kernel", signature=sig, constexprs=consts,
+               options={"num_warps": warps, "num_stages": stages})
     try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        return aot_record.compile_one(rec)
     except FileNotFoundError as e:  # no ptxas in this triton
         pytest.skip(f"cannot compile for CUDA here: {e}")
 
