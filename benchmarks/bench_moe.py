@@ -10,6 +10,7 @@ as one interleaved dot (ONE_DOT) at several tiles and the down GEMM at 128-row t
     python benchmarks/bench_moe.py                    # H200
     python benchmarks/bench_moe.py --sweep
     python benchmarks/bench_moe.py --parts --tokens 2048
+    python benchmarks/bench_moe.py --grouped --tokens 2048 8192 32768   # against torch._grouped_mm
 """
 from __future__ import annotations
 
@@ -369,6 +370,78 @@ def tma_two_m(w13, w2, x, ids, w, iters):
     _print_rows(f"{T} tokens, TMA GEMMs on TWO_M blocks", rows)
 
 
+def grouped_rows(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs against torch._grouped_mm (CUTLASS's grouped GEMM on Hopper): the
+    rows sorted by expert and not padded (each expert's run is as long as its pairs, where the
+    engine's 128-row blocks pad it: ~1.45x the rows at 2,048 tokens), but the rows gathered
+    before the GEMM, SiLU between them, and the routing weights and the sum over the k slots after,
+    each a pass over memory. Each part alone (GPU time, CUDA-graph replays), then the whole call
+    built from them, with its difference from fused_experts (the engine's choice)."""
+    import torch.nn.functional as F
+    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
+    rows = [(f"rows of math a GEMM: 128-row blocks {int(((cnt + 127) // 128).sum()) * 128}, sorted pairs {n}",
+             float("nan"), "")]
+    t_engine, ref, s128, b128, act, y, ref13, ref2, _ = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
+    flat = ids.reshape(-1)
+    wt = w.to(x.dtype)
+
+    def sort():
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        return order, torch.cumsum(counts, 0, dtype=torch.int32)
+
+    order, offs = sort()
+    xs = x[order // k]
+    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+    a = F.silu(h[:, :I]) * h[:, I:]
+    ys = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
+    back = torch.empty_like(ys)
+    rows.append(("sort pairs by expert (argsort, counts, offsets)", graph_time(sort, iters), ""))
+    rows.append(("gather the sorted rows (x[order // k])", graph_time(lambda: x[order // k], iters), ""))
+    _variant_row(rows, "gate/up torch._grouped_mm on the sorted rows (then SiLU below)",
+                 lambda: torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs), h, h, iters)
+    rows.append(("SiLU(gate) * up (torch)", graph_time(lambda: F.silu(h[:, :I]) * h[:, I:], iters), ""))
+    _variant_row(rows, "down torch._grouped_mm on the sorted rows", lambda: torch._grouped_mm(
+        a, w2.transpose(1, 2), offs=offs), ys, ys, iters)
+
+    def unsort():
+        back[order] = ys
+        return torch.bmm(wt.view(T, 1, k), back.view(T, k, H)).view(T, H)
+
+    rows.append(("unsort, weight and sum the k slots (index_put, bmm)", graph_time(unsort, iters), ""))
+
+    def call():
+        order, offs = sort()
+        h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)
+        out = torch.empty_like(y)
+        out[order] = y
+        return torch.bmm(wt.view(T, 1, k), out.view(T, k, H)).view(T, H)
+
+    got = call()
+    t = graph_time(call, iters)
+    rows.append((f"whole call from the parts above ({t / t_engine:.3f}x the engine's)", t,
+                 f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+
+    def mixed():  # the engine's gate/up (rows gathered, SiLU fused), down on the sorted rows
+        order, offs = sort()
+        s, b = align(ids, E, 128)
+        from engine.moe_kernels import TMA_GATE_UP
+        act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+        launch_tma(x, w13, act, None, s, b, n, k, True, TMA_GATE_UP)
+        y = torch._grouped_mm(act[order], w2.transpose(1, 2), offs=offs)
+        out = torch.empty_like(y)
+        out[order] = y
+        return torch.bmm(wt.view(T, 1, k), out.view(T, k, H)).view(T, H)
+
+    got = mixed()
+    t = graph_time(mixed, iters)
+    rows.append((f"whole call, gate/up the engine's, down torch._grouped_mm ({t / t_engine:.3f}x the engine's)", t,
+                 f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+    _print_rows(f"{T} tokens, torch._grouped_mm on sorted rows", rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
@@ -387,6 +460,8 @@ def main():
                     "(less padding), and the whole call on them (tma_rows)")
     ap.add_argument("--tma-two-m", action="store_true", help="the engine's TMA GEMMs against TWO_M blocks (one "
                     "weight stream for up to 256 rows of an expert), and the whole call on them (tma_two_m)")
+    ap.add_argument("--grouped", action="store_true", help="the engine's TMA GEMMs against torch._grouped_mm on "
+                    "rows sorted by expert, unpadded, and the whole call built on it (grouped_rows)")
     ap.add_argument("--tma", action="store_true", help="both GEMMs with their weights loaded by TMA, on full and "
                     "persistent grids, and the whole call with the fastest (tma_tiles)")
     a = ap.parse_args()
@@ -420,6 +495,8 @@ def main():
             tma_rows(w13, w2, x, ids, w, iters)
         if a.tma_two_m:
             tma_two_m(w13, w2, x, ids, w, iters)
+        if a.grouped:
+            grouped_rows(w13, w2, x, ids, w, iters)
         if a.sweep:
             d13, d2 = configs(T * k, E)
             res13, res2 = [], []
