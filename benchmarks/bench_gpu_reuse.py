@@ -386,7 +386,36 @@ def samples_in_gaps(sampler: "StackSampler", gaps: list, base_ns, spans: list) -
             n += 1
     return (f"# engine thread samples inside the launched-late gaps: {n} of {len(at)} samples "
             f"({inside} inside the batch's kernels' span: the clocks line up if that is most of them)\n" +
-            "\n".join(f"#   {c:4d}  {k}" for k, c in counts.most_common(15)))
+            "\n".join(f"#   {c:4d}  {k}" for k, c in counts.most_common(15)) + others_in_gaps(sampler, late, base_ns))
+
+
+def others_in_gaps(sampler: "StackSampler", late: list, base_ns) -> str:
+    """Where the host tiers' threads were at the samples inside the launched-late gaps against all
+    the batch's samples: a place a thread sits far more often while the engine's thread is late
+    than otherwise is what keeps it from the GIL (or the store's lock)."""
+    if not sampler.others:
+        return ""
+    inside, overall = collections.Counter(), collections.Counter()
+    n_in = 0
+    j = 0
+    for t, stacks in sorted(sampler.others, key=lambda r: r[0]):
+        ts = (t * 1e9 - base_ns) / 1e3
+        while j < len(late) and late[j][1] < ts:
+            j += 1
+        gap = j < len(late) and late[j][0] <= ts
+        n_in += gap
+        for name, where in stacks.items():
+            name = name.rsplit("_", 1)[0]  # pool threads: kvc-load_0 -> kvc-load
+            overall[(name, where)] += 1
+            if gap:
+                inside[(name, where)] += 1
+    if not n_in:
+        return "\n# host tiers' threads: no sample inside the gaps"
+    n_all = len(sampler.others)
+    rows = sorted(inside.items(), key=lambda kv: -(kv[1] / n_in - overall[kv[0]] / n_all))[:12]
+    return (f"\n# host tiers' threads at the {n_in} samples inside the gaps (share of those samples) against all "
+            f"{n_all} samples of the batch, the largest excess first:\n" +
+            "\n".join(f"#   {c / n_in:6.1%} vs {overall[k] / n_all:6.1%}  {k[0]}: {k[1]}" for k, c in rows))
 
 
 def gap_table(label: str, gaps: list[tuple], top: int = 10) -> str:
@@ -495,6 +524,9 @@ class StackSampler:
     def __init__(self, ident: int, label: str = "engine thread", interval: float = 1e-3, timed: bool = False):
         self.ident, self.label, self.interval, self.counts, self.n = ident, label, interval, {}, 0
         self.timed: list[tuple[float, str]] | None = [] if timed else None  # (time.time(), stack) per sample
+        # timed: also the host tiers' threads (kvc-put, kvc-disk-writer, ...) at each sample: where
+        # they were while the engine's thread was late (samples_in_gaps)
+        self.others: list[tuple[float, dict[str, str]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -515,7 +547,11 @@ class StackSampler:
             self.counts[key] = self.counts.get(key, 0) + 1
             self.n += 1
             if self.timed is not None:
-                self.timed.append((time.time(), self._stack(top)))
+                now = time.time()
+                self.timed.append((now, self._stack(top)))
+                names = {t.ident: t.name for t in threading.enumerate() if t.name.startswith("kvc-")}
+                self.others.append((now, {names[i]: self._stack(f) for i, f in sys._current_frames().items()
+                                          if i in names}))
 
     @staticmethod
     def _stack(frame, depth: int = 3) -> str:
