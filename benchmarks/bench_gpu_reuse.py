@@ -224,15 +224,27 @@ def _stderr(xs: list[float]) -> float:
     return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
 
 
+def drain(llm: LLM) -> None:
+    """Wait until llm's offered pages are in its host tiers and its in-process store's disk writer
+    has committed what they sent down. Before run CY the paired rows drained the puts only: the
+    disk writer's write-back of the host-tier LLM's earlier batches then ran beside the "off"
+    batch (CX's sampler: at every sample of it), which slowed "off" too and flattered the ratio."""
+    llm.engine.prefix_cache.flush()
+    host = llm.engine.prefix_cache.host
+    store_flush = getattr(getattr(host, "cache", None), "flush", None)
+    if store_flush is not None:
+        store_flush()
+
+
 def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length: int, pairs: int,
                       timeline: list | None = None) -> list[list[float]]:
     """Each b's tokens/s over a's, one ratio per pair of adjacent timed batches, every LLM resident
     (the GPU's step time drifts by several percent between rows run one after another, more than
-    the few percent these rows compare). Each pair: every b's offered pages drained (untimed), a's
-    batch timed; then for each b an untimed batch of b and b's batch timed, its puts drained after
-    (nothing of one b runs beside another's batch). So a is timed clean, and each b in its steady
-    state: its timed batch meets the puts its batch before left behind, as a serving engine's next
-    batch does. (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran
+    the few percent these rows compare). Each pair: every b's offered pages and disk writes drained
+    (untimed, `drain`), a's batch timed; then for each b an untimed batch of b and b's batch timed,
+    its puts and disk writes drained after (nothing of one b runs beside another's batch). So a is
+    timed clean, and each b in its steady state: its timed batch meets the puts its batch before
+    left behind, as a serving engine's next batch does. (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran
     beside the next batch of either LLM, and the ratios split by order, 0.87-0.94x in one order,
     1.00-1.13x in the other.) timeline: a list that gets one more pair's gpu_timeline rows (a and
     the first b)."""
@@ -249,16 +261,16 @@ def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length:
     ratios: list[list[float]] = [[] for _ in bs]
     for _ in range(pairs):
         for b in bs:
-            b.engine.prefix_cache.flush()  # nothing of b's left to run beside a's batch
+            drain(b)  # nothing of b's left to run beside a's batch
         sync()
         rate_a = timed(a)
         for b, out in zip(bs, ratios):
             b.generate([rand_ids(rng, length) for _ in range(n)], params)  # b's steady state: puts in flight
             out.append(timed(b) / rate_a)
-            b.engine.prefix_cache.flush()
+            drain(b)
     if timeline is not None:  # one more pair, each batch under torch.profiler: where the GPU's time goes
         b = bs[0]
-        b.engine.prefix_cache.flush()
+        drain(b)
         sync()
         gaps_a, gaps_b = [], []
         timeline.append(("off", gpu_timeline(a, [rand_ids(rng, length) for _ in range(n)], params, gaps_a), gaps_a))
@@ -495,7 +507,7 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         puts = f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}" if host is not None else ""
         notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}{puts}")
         rows.append((f"no-reuse throughput, {label} / off, paired: {pairs} pairs of adjacent batches (off after "
-                     f"the puts drained, host tiers after a batch of their own), all LLMs resident",
+                     f"the puts and disk writes drained, host tiers after a batch of their own), all LLMs resident",
                      f"{statistics.median(rs):.3f}x", "", f"median of the pair ratios; min {min(rs):.3f}x, "
                      f"max {max(rs):.3f}x; mean {statistics.fmean(rs):.3f}x +- {_stderr(rs):.3f} (standard error)"))
     if timeline:
