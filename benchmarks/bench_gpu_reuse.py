@@ -224,6 +224,18 @@ def _stderr(xs: list[float]) -> float:
     return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
 
 
+ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def alloc_stats() -> dict[str, int]:
+    """The CUDA caching allocator's counters that can stall a launching thread (cudaMalloc, cudaFree
+    and its device sync, retries after freeing the cache); zeros without CUDA."""
+    if not torch.cuda.is_available():
+        return dict.fromkeys(ALLOC_KEYS, 0)
+    st = torch.cuda.memory_stats()
+    return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
+
+
 def drain(llm: LLM) -> None:
     """Wait until llm's offered pages are in its host tiers and its in-process store's disk writer
     has committed what they sent down. Before run CY the paired rows drained the puts only: the
@@ -255,9 +267,14 @@ def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length:
     def timed(llm: LLM) -> float:
         batch = [rand_ids(rng, length) for _ in range(n)]
         sync()
+        before = alloc_stats()
         t0 = time.perf_counter()
         outs = llm.generate(batch, params)
-        return batch_rate(outs, time.perf_counter() - t0)
+        rate = batch_rate(outs, time.perf_counter() - t0)
+        after = alloc_stats()
+        stats = llm.__dict__.setdefault("bench_alloc", collections.Counter())
+        stats.update({k: after[k] - before[k] for k in after})
+        return rate
     ratios: list[list[float]] = [[] for _ in bs]
     for _ in range(pairs):
         for b in bs:
@@ -326,10 +343,48 @@ def gpu_timeline(llm: LLM, batch: list[list[int]], params: SamplingParams,
         found = idle_gaps(events, main)
         gaps_out[:0] = found  # then the sampler, last
         if sampler is not None:
-            sampler.in_gaps = samples_in_gaps(sampler, found, trace.get("baseTimeNanoseconds"), spans)
+            sampler.in_gaps = (samples_in_gaps(sampler, found, trace.get("baseTimeNanoseconds"), spans) +
+                               other_calls_in_gaps(events, found, main))
     return {"wall ms": wall * 1e3, "engine stream busy ms": busy / 1e3, "engine stream idle ms": gaps / 1e3,
             "idle gaps > 0.1 ms": big_gaps, "kernels on other streams ms": (sum(per_stream.values()) - per_stream[main]) / 1e3,
             "kernels on the engine stream": len(spans), "DtoH copies ms": d2h / 1e3}
+
+
+def other_calls_in_gaps(events: list[dict], gaps: list[tuple], stream) -> str:
+    """CUDA runtime calls of threads other than the engine's (the one that launches the stream's
+    kernels) that overlap the launched-late gaps, by name: a call another thread is inside while
+    the engine's thread is late (a synchronize, a host allocation, a free) may hold a lock of the
+    driver that the engine's next launch waits for."""
+    import bisect
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    by_corr = {e.get("args", {}).get("correlation"): e for e in runtime}
+    tids = collections.Counter(by_corr[k["args"]["correlation"]].get("tid") for k in events
+                               if k.get("cat") == "kernel" and k.get("args", {}).get("stream") == stream
+                               and k.get("args", {}).get("correlation") in by_corr)
+    if not tids:
+        return ""
+    engine_tid = tids.most_common(1)[0][0]
+    late = sorted((g[5], g[6]) for g in gaps if g[3].startswith("launched late"))
+    starts = [g[0] for g in late]
+    calls: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for e in runtime:
+        if e.get("tid") == engine_tid:
+            continue
+        e0, e1 = e["ts"], e["ts"] + e["dur"]
+        i = bisect.bisect_right(starts, e1) - 1
+        over = 0.0
+        while i >= 0 and late[i][1] > e0:
+            over += min(e1, late[i][1]) - max(e0, late[i][0])
+            i -= 1
+        if over > 0:
+            calls[e.get("name", "?")][0] += 1
+            calls[e.get("name", "?")][1] += over
+    total = sum(b - a for a, b in late)
+    if not calls:
+        return f"\n# other threads' CUDA runtime calls inside the launched-late gaps ({total / 1e3:,.1f} ms): none"
+    rows = sorted(calls.items(), key=lambda kv: -kv[1][1])[:8]
+    return (f"\n# other threads' CUDA runtime calls inside the launched-late gaps ({total / 1e3:,.1f} ms), by time "
+            f"inside them:\n" + "\n".join(f"#   {n:6d} calls {t / 1e3:8.1f} ms  {_short(name)}" for name, (n, t) in rows))
 
 
 SHORT = 48  # characters of a kernel or runtime call's name in the gap tables
@@ -501,11 +556,13 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
     notes.append(f"# paired rows: the off LLM schedules {'a' if llm_off.engine.async_scheduling else ''}synchronously")
     timeline = [] if profile else None
     ratios = paired_throughput(llm_off, ons, rng, n, length, pairs, timeline)
+    notes.append(f"# CUDA allocator over the off LLM's timed batches: {dict(llm_off.__dict__.get('bench_alloc', {}))}")
     rows = []
     for label, llm, rs in zip(labels, ons, ratios):
         host = llm.engine.prefix_cache.host
         puts = f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}" if host is not None else ""
         notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}{puts}")
+        notes.append(f"# CUDA allocator over its timed batches: {dict(llm.__dict__.get('bench_alloc', {}))}")
         rows.append((f"no-reuse throughput, {label} / off, paired: {pairs} pairs of adjacent batches (off after "
                      f"the puts and disk writes drained, host tiers after a batch of their own), all LLMs resident",
                      f"{statistics.median(rs):.3f}x", "", f"median of the pair ratios; min {min(rs):.3f}x, "
