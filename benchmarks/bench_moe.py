@@ -11,6 +11,7 @@ as one interleaved dot (ONE_DOT) at several tiles and the down GEMM at 128-row t
     python benchmarks/bench_moe.py --sweep
     python benchmarks/bench_moe.py --parts --tokens 2048
     python benchmarks/bench_moe.py --grouped --tokens 2048 8192 32768   # against torch._grouped_mm
+    python benchmarks/bench_moe.py --tma-halves --tokens 2048 8192 32768  # 64-row halves, empty ones skipped
 """
 from __future__ import annotations
 
@@ -370,6 +371,46 @@ def tma_two_m(w13, w2, x, ids, w, iters):
     _print_rows(f"{T} tokens, TMA GEMMs on TWO_M blocks", rows)
 
 
+def tma_halves(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs against TWO_M with 64-row halves on the engine's own 128-row blocks
+    (align with 128): each weight tile loaded once feeds two 64-row dots, and the second is skipped
+    when the block's last 64 rows hold no pairs, so an expert's last block with up to 64 pairs does
+    half the math (at 2,048 tokens, top-8 of 128, about half the experts hold 129-192 pairs: one
+    full block and one that is at most half full). The tiles stay as wide as the engine's (gate/up
+    128 columns, down 256): two 64-row accumulators hold what one 128-row one does, where TWO_M's
+    256-row blocks (run CV) had to halve the width. Each launch alone (GPU time, CUDA-graph
+    replays), then the whole call on the fastest of each against fused_experts."""
+    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
+    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
+    blocks = (cnt + 127) // 128
+    last = cnt - 128 * (blocks - 1).clamp(min=0)
+    halves = int((128 * (blocks - 1).clamp(min=0) + torch.where(last <= 64, 64, 128) * (cnt > 0)).sum())
+    rows = [(f"rows of math a GEMM: 128-row blocks {int(blocks.sum()) * 128}, 64-row halves skipped when empty "
+             f"{halves} (pairs {n})", float("nan"), "")]
+    t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
+    best13, best2 = (float("inf"), None), (float("inf"), None)
+    for split, flat, stages in itertools.product((True, False), (False, True), (3, 4)):
+        c = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, TWO_M=True,
+                 PERSISTENT=True, FLATTEN=flat)
+        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
+            x, w13 if split else w13i, act, None, s128, b128, n, k, True, c), act, ref13, iters)
+        best13 = min(best13, (t, c), key=lambda r: r[0])
+    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
+    for bn, flat, stages in itertools.product((256, 128), (True, False), (3, 4)):
+        c = dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=8, num_stages=stages, TWO_M=True, PERSISTENT=True,
+                 FLATTEN=flat)
+        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, c),
+                         y, ref2, iters)
+        best2 = min(best2, (t, c), key=lambda r: r[0])
+    for c13, c2, label in ((best13[1], best2[1], "64-row halves, the fastest of each"),
+                           (best13[1], TMA_DOWN, "gate/up on the fastest halves tile, down the engine's"),
+                           (TMA_GATE_UP, best2[1], "gate/up the engine's, down on the fastest halves tile")):
+        if c13 is None or c2 is None:
+            continue
+        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
+    _print_rows(f"{T} tokens, TMA GEMMs with 64-row halves on 128-row blocks", rows)
+
+
 def grouped_rows(w13, w2, x, ids, w, iters):
     """The engine's TMA GEMMs against torch._grouped_mm (CUTLASS's grouped GEMM on Hopper): the
     rows sorted by expert and not padded (each expert's run is as long as its pairs, where the
@@ -460,6 +501,8 @@ def main():
                     "(less padding), and the whole call on them (tma_rows)")
     ap.add_argument("--tma-two-m", action="store_true", help="the engine's TMA GEMMs against TWO_M blocks (one "
                     "weight stream for up to 256 rows of an expert), and the whole call on them (tma_two_m)")
+    ap.add_argument("--tma-halves", action="store_true", help="the engine's TMA GEMMs against TWO_M with 64-row "
+                    "halves on 128-row blocks (an empty second half skipped), and the whole call (tma_halves)")
     ap.add_argument("--grouped", action="store_true", help="the engine's TMA GEMMs against torch._grouped_mm on "
                     "rows sorted by expert, unpadded, and the whole call built on it (grouped_rows)")
     ap.add_argument("--tma", action="store_true", help="both GEMMs with their weights loaded by TMA, on full and "
@@ -495,6 +538,8 @@ def main():
             tma_rows(w13, w2, x, ids, w, iters)
         if a.tma_two_m:
             tma_two_m(w13, w2, x, ids, w, iters)
+        if a.tma_halves:
+            tma_halves(w13, w2, x, ids, w, iters)
         if a.grouped:
             grouped_rows(w13, w2, x, ids, w, iters)
         if a.sweep:

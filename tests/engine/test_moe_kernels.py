@@ -290,6 +290,15 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
         mk.launch_tma(want, w2, got2, wf, s256, b256, n, 1, False, dict(cfg, TWO_M=True, **extra))
         assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
             ("two_m", extra)
+    # TWO_M with 64-row halves of the engine's own 128-row blocks (bench_moe --tma-halves)
+    halves = dict(cfg, BLOCK_M=64, TWO_M=True, PERSISTENT=True, FLATTEN=True)
+    got = torch.full_like(want, float("nan"))
+    mk.launch_tma(x, w13, got, None, s, b, n, k, True, dict(halves, SPLIT=True))
+    assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3, "halves"
+    got2 = torch.full_like(want2, float("nan"))
+    mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(halves, BLOCK_N=256))
+    assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
+        "halves"
 
 
 @pytest.mark.gpu
@@ -349,15 +358,20 @@ def _compile_tma_for_hopper(consts: dict, warps: int, stages: int):
         pytest.skip(f"cannot compile for CUDA here: {e}")
 
 
-@pytest.mark.parametrize("case", ["engine-gate-up", "engine-down", "two-m-gate-up", "two-m-down"])
+@pytest.mark.parametrize("case", ["engine-gate-up", "engine-down", "two-m-gate-up", "two-m-down",
+                                  "halves-gate-up", "halves-down"])
 def test_tma_kernel_compiles_for_hopper(case):
     """Every TMA kernel configuration the engine launches (TMA_GATE_UP / TMA_DOWN) and the TWO_M
-    variant compile for sm_90 on a machine without a GPU: Triton's interpreter runs code the
-    compiler rejects (a name bound only under a constexpr branch, used under a runtime one, passed
-    the interpreter and failed this)."""
+    variants bench_moe times (256-row blocks; 64-row halves of the engine's 128-row blocks) compile
+    for sm_90 on a machine without a GPU: Triton's interpreter runs code the compiler rejects (a
+    name bound only under a constexpr branch, used under a runtime one, passed the interpreter and
+    failed this)."""
     from engine import moe_kernels as mk
     if case.startswith("engine"):
         cfg = dict(mk.TMA_GATE_UP if case == "engine-gate-up" else mk.TMA_DOWN)
+    elif case.startswith("halves"):
+        cfg = dict(BLOCK_M=64, BLOCK_N=128 if case == "halves-gate-up" else 256, BLOCK_K=64, num_warps=8,
+                   num_stages=4, SPLIT=case == "halves-gate-up", TWO_M=True, PERSISTENT=True, FLATTEN=True)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64 if case == "two-m-gate-up" else 128, BLOCK_K=64, num_warps=8,
                    num_stages=4, SPLIT=case == "two-m-gate-up", TWO_M=True, PERSISTENT=True)
