@@ -334,6 +334,31 @@ def tma_rows(w13, w2, x, ids, w, iters):
     _print_rows(f"{T} tokens, TMA GEMMs on 64-row blocks", rows)
 
 
+def _sweep(rows, x, w13, w13i, w2, wf, ids, w, n, k, s, b, act, y, ref13, ref2, ref, t_engine, cfgs13, cfgs2,
+           name, iters):
+    """Time each gate/up tile of cfgs13 and each down tile of cfgs2 (launch_tma on the align s / b)
+    into rows, then the whole call on the fastest of each, and each fastest beside the engine's
+    other GEMM (TMA_GATE_UP / TMA_DOWN); `name` labels the whole-call rows."""
+    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
+    best13, best2 = (float("inf"), None), (float("inf"), None)
+    for c in cfgs13:
+        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
+            x, w13 if c.get("SPLIT") else w13i, act, None, s, b, n, k, True, c), act, ref13, iters)
+        best13 = min(best13, (t, c), key=lambda r: r[0])
+    s128, b128 = align(ids, w2.shape[0], 128)
+    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
+    for c in cfgs2:
+        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s, b, n, 1, False, c),
+                         y, ref2, iters)
+        best2 = min(best2, (t, c), key=lambda r: r[0])
+    for c13, c2, label in ((best13[1], best2[1], f"{name}, the fastest of each"),
+                           (best13[1], TMA_DOWN, f"gate/up on the fastest {name} tile, down the engine's"),
+                           (TMA_GATE_UP, best2[1], f"gate/up the engine's, down on the fastest {name} tile")):
+        if c13 is None or c2 is None:
+            continue
+        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
+
+
 def tma_two_m(w13, w2, x, ids, w, iters):
     """The engine's TMA GEMMs (128-row blocks) against TWO_M blocks (launch_tma's TWO_M: 256 rows
     a block, each weight tile loaded once for two 128-row dots, the second skipped when its half
@@ -342,7 +367,6 @@ def tma_two_m(w13, w2, x, ids, w, iters):
     did not help; the weight streams did not fall there). Gate/up tiles 64 columns wide (four
     128 x 64 accumulators when SPLIT), down 128. Each launch alone (GPU time, CUDA-graph replays),
     then the whole call on the fastest TWO_M tiles against fused_experts (the engine's choice)."""
-    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
     T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
     rows = [(f"weight streams a GEMM column: 128-row blocks {int(((cnt + 127) // 128).sum())}, 256-row TWO_M "
              f"blocks {int(((cnt + 255) // 256).sum())} (experts with pairs: {int((cnt > 0).sum())})",
@@ -350,24 +374,12 @@ def tma_two_m(w13, w2, x, ids, w, iters):
     t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
     s256, b256 = align(ids, E, 256)
     grids = (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True))
-    best13, best2 = (float("inf"), None), (float("inf"), None)
-    for split, g, stages in itertools.product((False, True), grids, (3, 4)):
-        c = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, TWO_M=True, **g)
-        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
-            x, w13 if split else w13i, act, None, s256, b256, n, k, True, c), act, ref13, iters)
-        best13 = min(best13, (t, c), key=lambda r: r[0])
-    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
-    for g, stages in itertools.product(grids, (3, 4)):
-        c = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, TWO_M=True, **g)
-        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s256, b256, n, 1, False, c),
-                         y, ref2, iters)
-        best2 = min(best2, (t, c), key=lambda r: r[0])
-    for c13, c2, label in ((best13[1], best2[1], "TWO_M blocks, the fastest of each"),
-                           (best13[1], TMA_DOWN, "gate/up on the fastest TWO_M tile, down the engine's"),
-                           (TMA_GATE_UP, best2[1], "gate/up the engine's, down on the fastest TWO_M tile")):
-        if c13 is None or c2 is None:
-            continue
-        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
+    cfgs13 = [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, TWO_M=True, **g)
+              for split, g, stages in itertools.product((False, True), grids, (3, 4))]
+    cfgs2 = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, TWO_M=True, **g)
+             for g, stages in itertools.product(grids, (3, 4))]
+    _sweep(rows, x, w13, w13i, w2, wf, ids, w, n, k, s256, b256, act, y, ref13, ref2, ref, t_engine, cfgs13, cfgs2,
+           "TWO_M blocks", iters)
     _print_rows(f"{T} tokens, TMA GEMMs on TWO_M blocks", rows)
 
 
@@ -380,7 +392,6 @@ def tma_halves(w13, w2, x, ids, w, iters):
     128 columns, down 256): two 64-row accumulators hold what one 128-row one does, where TWO_M's
     256-row blocks (run CV) had to halve the width. Each launch alone (GPU time, CUDA-graph
     replays), then the whole call on the fastest of each against fused_experts."""
-    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
     T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
     blocks = (cnt + 127) // 128
     last = cnt - 128 * (blocks - 1).clamp(min=0)
@@ -388,26 +399,13 @@ def tma_halves(w13, w2, x, ids, w, iters):
     rows = [(f"rows of math a GEMM: 128-row blocks {int(blocks.sum()) * 128}, 64-row halves skipped when empty "
              f"{halves} (pairs {n})", float("nan"), "")]
     t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
-    best13, best2 = (float("inf"), None), (float("inf"), None)
-    for split, flat, stages in itertools.product((True, False), (False, True), (3, 4)):
-        c = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, TWO_M=True,
-                 PERSISTENT=True, FLATTEN=flat)
-        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
-            x, w13 if split else w13i, act, None, s128, b128, n, k, True, c), act, ref13, iters)
-        best13 = min(best13, (t, c), key=lambda r: r[0])
-    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
-    for bn, flat, stages in itertools.product((256, 128), (True, False), (3, 4)):
-        c = dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=8, num_stages=stages, TWO_M=True, PERSISTENT=True,
-                 FLATTEN=flat)
-        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s128, b128, n, 1, False, c),
-                         y, ref2, iters)
-        best2 = min(best2, (t, c), key=lambda r: r[0])
-    for c13, c2, label in ((best13[1], best2[1], "64-row halves, the fastest of each"),
-                           (best13[1], TMA_DOWN, "gate/up on the fastest halves tile, down the engine's"),
-                           (TMA_GATE_UP, best2[1], "gate/up the engine's, down on the fastest halves tile")):
-        if c13 is None or c2 is None:
-            continue
-        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
+    cfgs13 = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, SPLIT=split, TWO_M=True,
+                   PERSISTENT=True, FLATTEN=flat) for split, flat, stages in itertools.product((True, False),
+                                                                                              (False, True), (3, 4))]
+    cfgs2 = [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=8, num_stages=stages, TWO_M=True, PERSISTENT=True,
+                  FLATTEN=flat) for bn, flat, stages in itertools.product((256, 128), (True, False), (3, 4))]
+    _sweep(rows, x, w13, w13i, w2, wf, ids, w, n, k, s128, b128, act, y, ref13, ref2, ref, t_engine, cfgs13, cfgs2,
+           "64-row halves", iters)
     _print_rows(f"{T} tokens, TMA GEMMs with 64-row halves on 128-row blocks", rows)
 
 
