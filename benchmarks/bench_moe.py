@@ -450,34 +450,31 @@ def grouped_rows(w13, w2, x, ids, w, iters):
 
     rows.append(("unsort, weight and sum the k slots (index_put, bmm)", graph_time(unsort, iters), ""))
 
+    def down_unsort(a_sorted, order, offs):  # down on the sorted rows, back to (token, slot), weighted sum
+        y = torch._grouped_mm(a_sorted, w2.transpose(1, 2), offs=offs)
+        out = torch.empty_like(y)
+        out[order] = y
+        return torch.bmm(wt.view(T, 1, k), out.view(T, k, H)).view(T, H)
+
     def call():
         order, offs = sort()
         h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
-        y = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w2.transpose(1, 2), offs=offs)
-        out = torch.empty_like(y)
-        out[order] = y
-        return torch.bmm(wt.view(T, 1, k), out.view(T, k, H)).view(T, H)
-
-    got = call()
-    t = graph_time(call, iters)
-    rows.append((f"whole call from the parts above ({t / t_engine:.3f}x the engine's)", t,
-                 f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+        return down_unsort(F.silu(h[:, :I]) * h[:, I:], order, offs)
 
     def mixed():  # the engine's gate/up (rows gathered, SiLU fused), down on the sorted rows
+        from engine.moe_kernels import TMA_GATE_UP
         order, offs = sort()
         s, b = align(ids, E, 128)
-        from engine.moe_kernels import TMA_GATE_UP
         act = torch.empty(n, I, dtype=x.dtype, device=x.device)
         launch_tma(x, w13, act, None, s, b, n, k, True, TMA_GATE_UP)
-        y = torch._grouped_mm(act[order], w2.transpose(1, 2), offs=offs)
-        out = torch.empty_like(y)
-        out[order] = y
-        return torch.bmm(wt.view(T, 1, k), out.view(T, k, H)).view(T, H)
+        return down_unsort(act[order], order, offs)
 
-    got = mixed()
-    t = graph_time(mixed, iters)
-    rows.append((f"whole call, gate/up the engine's, down torch._grouped_mm ({t / t_engine:.3f}x the engine's)", t,
-                 f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+    for fn, label in ((call, "whole call from the parts above"),
+                      (mixed, "whole call, gate/up the engine's, down torch._grouped_mm")):
+        got = fn()
+        t = graph_time(fn, iters)
+        rows.append((f"{label} ({t / t_engine:.3f}x the engine's)", t,
+                     f"{(got.float() - ref.float()).abs().max().item():.4f}"))
     _print_rows(f"{T} tokens, torch._grouped_mm on sorted rows", rows)
 
 
