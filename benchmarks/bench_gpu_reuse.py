@@ -33,6 +33,7 @@ CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, pag
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gc
 import itertools
@@ -256,10 +257,10 @@ def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length:
     (untimed, `drain`), a's batch timed; then for each b an untimed batch of b and b's batch timed,
     its puts and disk writes drained after (nothing of one b runs beside another's batch). So a is
     timed clean, and each b in its steady state: its timed batch meets the puts its batch before
-    left behind, as a serving engine's next batch does. (Runs AX/AY alternated single batches a b, b a, ...: b's trailing puts then ran
-    beside the next batch of either LLM, and the ratios split by order, 0.87-0.94x in one order,
-    1.00-1.13x in the other.) timeline: a list that gets one more pair's gpu_timeline rows (a and
-    the first b)."""
+    left behind, as a serving engine's next batch does. (Runs AX/AY alternated single batches a b,
+    b a, ...: b's trailing puts then ran beside the next batch of either LLM, and the ratios split
+    by order, 0.87-0.94x in one order, 1.00-1.13x in the other.) timeline: a list that gets one
+    more pair's gpu_timeline rows (a and the first b)."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     for llm in (a, *bs):
         llm.generate([rand_ids(rng, length) for _ in range(n)], params)
@@ -355,7 +356,6 @@ def other_calls_in_gaps(events: list[dict], gaps: list[tuple], stream) -> str:
     kernels) that overlap the launched-late gaps, by name: a call another thread is inside while
     the engine's thread is late (a synchronize, a host allocation, a free) may hold a lock of the
     driver that the engine's next launch waits for."""
-    import bisect
     runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
     by_corr = {e.get("args", {}).get("correlation"): e for e in runtime}
     tids = collections.Counter(by_corr[k["args"]["correlation"]].get("tid") for k in events
@@ -384,7 +384,8 @@ def other_calls_in_gaps(events: list[dict], gaps: list[tuple], stream) -> str:
         return f"\n# other threads' CUDA runtime calls inside the launched-late gaps ({total / 1e3:,.1f} ms): none"
     rows = sorted(calls.items(), key=lambda kv: -kv[1][1])[:8]
     return (f"\n# other threads' CUDA runtime calls inside the launched-late gaps ({total / 1e3:,.1f} ms), by time "
-            f"inside them:\n" + "\n".join(f"#   {n:6d} calls {t / 1e3:8.1f} ms  {_short(name)}" for name, (n, t) in rows))
+            f"inside them:\n" + "\n".join(f"#   {n:6d} calls {t / 1e3:8.1f} ms  {_short(name)}"
+                                           for name, (n, t) in rows))
 
 
 SHORT = 48  # characters of a kernel or runtime call's name in the gap tables
