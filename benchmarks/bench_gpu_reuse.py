@@ -237,6 +237,22 @@ def alloc_stats() -> dict[str, int]:
     return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
 
 
+def step_table(off: LLM, on: LLM, ratios: list[float]) -> str:
+    """Each pair's timed batches side by side, the engine thread's host phases of each (ms): batch
+    wall time, steps, time inside steps, of it in the runner's launch (prepare, the launches, the
+    sampling's queueing) and in prepare alone, and the batch's time outside steps. A slow batch
+    whose steps took longer on the host shows in launch / prepare; one that waited between steps
+    (outputs, add_request, the host tiers' commit) in the outside column."""
+    rows = ["| pair | ratio | batch | wall | steps | in steps | launch | prepare | outside steps |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for i, (r, a, b) in enumerate(zip(ratios, off.__dict__.get("bench_batches", []),
+                                      on.__dict__.get("bench_batches", []))):
+        for label, (wall, steps, in_steps, launch, prep) in (("off", a), ("on", b)):
+            rows.append(f"| {i + 1} | {r:.3f} | {label} | {wall * 1e3:.1f} | {steps} | {in_steps * 1e3:.1f} | "
+                        f"{launch * 1e3:.1f} | {prep * 1e3:.1f} | {(wall - in_steps) * 1e3:.1f} |")
+    return "# the engine thread's host phases of each timed batch (ms):\n" + "\n".join(rows)
+
+
 def drain(llm: LLM) -> None:
     """Wait until llm's offered pages are in its host tiers and its in-process store's disk writer
     has committed what they sent down. Before run CY the paired rows drained the puts only: the
@@ -269,13 +285,23 @@ def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length:
         batch = [rand_ids(rng, length) for _ in range(n)]
         sync()
         before = alloc_stats()
+        eng = llm.engine
+        times, counts = collections.defaultdict(float), collections.Counter()
+        time_calls(eng, "step", "step", times, counts)  # the engine thread's host phases of this batch
+        time_calls(eng.runner, "prepare", "prepare", times, counts)
+        time_calls(eng.runner, "launch", "launch", times, counts)
         t0 = time.perf_counter()
-        outs = llm.generate(batch, params)
-        rate = batch_rate(outs, time.perf_counter() - t0)
+        try:
+            outs = llm.generate(batch, params)
+            wall = time.perf_counter() - t0
+        finally:
+            del eng.step, eng.runner.prepare, eng.runner.launch  # the class's methods again
         after = alloc_stats()
         stats = llm.__dict__.setdefault("bench_alloc", collections.Counter())
         stats.update({k: after[k] - before[k] for k in after})
-        return rate
+        llm.__dict__.setdefault("bench_batches", []).append(
+            (wall, counts["step"], times["step"], times["launch"], times["prepare"]))
+        return batch_rate(outs, wall)
     ratios: list[list[float]] = [[] for _ in bs]
     for _ in range(pairs):
         for b in bs:
@@ -564,6 +590,7 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         puts = f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}" if host is not None else ""
         notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}{puts}")
         notes.append(f"# CUDA allocator over its timed batches: {dict(llm.__dict__.get('bench_alloc', {}))}")
+        notes.append(step_table(llm_off, llm, rs))
         rows.append((f"no-reuse throughput, {label} / off, paired: {pairs} pairs of adjacent batches (off after "
                      f"the puts and disk writes drained, host tiers after a batch of their own), all LLMs resident",
                      f"{statistics.median(rs):.3f}x", "", f"median of the pair ratios; min {min(rs):.3f}x, "
