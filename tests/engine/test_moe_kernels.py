@@ -24,6 +24,22 @@ from engine.moe import experts_reference, experts_sorted, route
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_interpreted(script: str) -> None:
+    """Run `script` under triton's interpreter in a subprocess (the flag is read when the kernels
+    are defined); it must print "ok"."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """got equals want up to bf16 rounding (2% of want's largest magnitude)."""
+    return (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3
+
+
 def case(T, E, k, H, I, dtype, device, skew=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * 0.05).to(dtype).to(device)  # [E, 2I, H]
@@ -104,11 +120,7 @@ print("ok")
 
 
 def test_fused_moe_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    r = subprocess.run([sys.executable, "-c", INTERP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_interpreted(INTERP)
 
 
 @pytest.mark.gpu
@@ -245,12 +257,7 @@ print("ok")
 def test_tma_gemms_equal_the_fused_ones_interpreter():
     """The TMA variants of the gate/up and down GEMMs (bench_moe --wide-tiles' candidates) compute
     what the fused GEMMs compute, with tails in N and K, under triton's interpreter."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    r = subprocess.run([sys.executable, "-c", INTERP_TMA], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_interpreted(INTERP_TMA)
 
 
 @pytest.mark.gpu
@@ -272,33 +279,28 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
         for weights, split in ((w13i, False), (w13, True)):
             got = torch.full_like(want, float("nan"))
             mk.launch_tma(x, weights, got, None, s, b, n, k, True, dict(cfg, SPLIT=split, **extra))
-            assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3, \
-                (extra, split)
+            assert close_bf16(got, want), (extra, split)
         got2 = torch.full_like(want2, float("nan"))
         mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(cfg, BLOCK_N=256, **extra))
-        assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
-            extra
+        assert close_bf16(got2, want2), extra
     s256, b256 = mk.align(ids, E, 256)  # TWO_M: 256-row blocks, two 128-row dots a weight tile
     for extra in (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
         for weights, split in ((w13i, False), (w13, True)):
             got = torch.full_like(want, float("nan"))
             mk.launch_tma(x, weights, got, None, s256, b256, n, k, True,
                           dict(cfg, BLOCK_N=64, SPLIT=split, TWO_M=True, **extra))
-            assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3, \
-                ("two_m", extra, split)
+            assert close_bf16(got, want), ("two_m", extra, split)
         got2 = torch.full_like(want2, float("nan"))
         mk.launch_tma(want, w2, got2, wf, s256, b256, n, 1, False, dict(cfg, TWO_M=True, **extra))
-        assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
-            ("two_m", extra)
+        assert close_bf16(got2, want2), ("two_m", extra)
     # TWO_M with 64-row halves of the engine's own 128-row blocks (bench_moe --tma-halves)
     halves = dict(cfg, BLOCK_M=64, TWO_M=True, PERSISTENT=True, FLATTEN=True)
     got = torch.full_like(want, float("nan"))
     mk.launch_tma(x, w13, got, None, s, b, n, k, True, dict(halves, SPLIT=True))
-    assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3, "halves"
+    assert close_bf16(got, want), "halves"
     got2 = torch.full_like(want2, float("nan"))
     mk.launch_tma(want, w2, got2, wf, s, b, n, 1, False, dict(halves, BLOCK_N=256))
-    assert (got2.float() - want2.float()).abs().max().item() <= 0.02 * want2.float().abs().max().item() + 1e-3, \
-        "halves"
+    assert close_bf16(got2, want2), "halves"
 
 
 @pytest.mark.gpu
@@ -317,7 +319,7 @@ def test_fused_experts_on_tma_equal_the_pointer_kernels_cuda(T):
     assert not mk.tma_ready(x, w13[:, :, :-8], w2)  # not contiguous
     want = mk.fused_experts(w13, w2, x, ids, w, tma=False).float()
     got = mk.fused_experts(w13, w2, x, ids, w).float()
-    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item() + 1e-3
+    assert close_bf16(got, want)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -413,12 +415,7 @@ print("ok")
 def test_a_failing_tma_path_falls_back_to_the_pointer_kernels():
     """If the TMA kernels fail (a Triton that cannot build them), fused_experts logs once, turns the
     TMA path off and computes the call with the pointer-load kernels: same output, no error."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    r = subprocess.run([sys.executable, "-c", INTERP_TMA_FALLBACK], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_interpreted(INTERP_TMA_FALLBACK)
 
 
 @pytest.mark.parametrize("moe_kernel,tma", [("auto", True), ("triton", False)])
