@@ -23,8 +23,9 @@ only (gpu_only) / host tiers on (4 GB cpu + disk); off is measured first and aga
 ratios are to the mean of the two. Each row also prints its steps a batch and where their time
 went. These rows drift by several percent between rows, so a paired row (--tput-pairs, default 6;
 --paired-only runs it alone) keeps off and host tiers on both resident and times their batches in
-adjacent pairs (off after host tiers' puts have drained, host tiers after one batch of their own):
-the median of the pairs' ratios.
+adjacent pairs (off after the host tiers' puts and disk writes have drained, host tiers after one
+batch of their own): the median of the pairs' ratios, each pair's batches with the engine thread's
+host phases, and the CUDA allocator's counters over each LLM's timed batches.
 CPU experts: gpu_experts_ratio 0.25, 8K prefix: cold vs disk hit (a new LLM, page cache dropped).
 
     python benchmarks/bench_gpu_reuse.py            # every row, <= 6 min on one H200

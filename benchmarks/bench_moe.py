@@ -299,41 +299,6 @@ def _print_rows(title, rows):
         print(f"| {name} | {t:.3f} | {d} |")
 
 
-def tma_rows(w13, w2, x, ids, w, iters):
-    """The engine's TMA GEMMs (engine.moe_kernels.TMA_GATE_UP / TMA_DOWN, 128-row blocks) against
-    64-row blocks: each expert's run is padded to a multiple of BLOCK_M, so at 2,048 tokens of top-8
-    of 128 a 128-row block is on average ~1.45x the tiles the rows need (~1.13x at 8,192); 64-row
-    blocks pad less but read each expert's weight tiles in more programs (from L2 when they run
-    together). Each launch alone (GPU time, CUDA-graph replays), then the whole call on the fastest
-    64-row tiles against fused_experts (the engine's choice), with the differences from it."""
-    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP
-    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
-    rows = [(f"tiles a GEMM column, {bm}-row blocks: {int(((cnt + bm - 1) // bm).sum())} "
-             f"(the rows need {n / bm:.0f})", float("nan"), "") for bm in (128, 64)]
-    t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
-    s64, b64 = align(ids, E, 64)
-    modes = (dict(SPLIT=False, PERSISTENT=True, FLATTEN=True), dict(SPLIT=True, PERSISTENT=True),
-             dict(SPLIT=True))
-    best13, best2 = (float("inf"), None), (float("inf"), None)
-    for g, warps, stages in itertools.product(modes, (4, 8), (4, 5)):
-        c = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=warps, num_stages=stages, **g)
-        t = _variant_row(rows, f"gate/up by TMA {c}", lambda: launch_tma(
-            x, w13 if g["SPLIT"] else w13i, act, None, s64, b64, n, k, True, c), act, ref13, iters)
-        best13 = min(best13, (t, c), key=lambda r: r[0])
-    launch_tma(x, w13, act, None, s128, b128, n, k, True, TMA_GATE_UP)  # the engine's act again
-    for bn, warps, stages in itertools.product((256, 128), (4, 8), (4, 5)):
-        c = dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages, PERSISTENT=True, FLATTEN=True)
-        t = _variant_row(rows, f"down by TMA {c}", lambda: launch_tma(act, w2, y, wf, s64, b64, n, 1, False, c),
-                         y, ref2, iters)
-        best2 = min(best2, (t, c), key=lambda r: r[0])
-    for c13, c2, label in ((best13[1], best2[1], "64-row blocks, the fastest of each"),
-                           (best13[1], TMA_DOWN, "gate/up on the fastest 64-row tile, down the engine's")):
-        if c13 is None or c2 is None:
-            continue
-        _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
-    _print_rows(f"{T} tokens, TMA GEMMs on 64-row blocks", rows)
-
-
 def _sweep(rows, x, w13, w13i, w2, wf, ids, w, n, k, s, b, act, y, ref13, ref2, ref, t_engine, cfgs13, cfgs2,
            name, iters):
     """Time each gate/up tile of cfgs13 and each down tile of cfgs2 (launch_tma on the align s / b)
@@ -357,6 +322,29 @@ def _sweep(rows, x, w13, w13i, w2, wf, ids, w, n, k, s, b, act, y, ref13, ref2, 
         if c13 is None or c2 is None:
             continue
         _whole_call_row(rows, label, "the engine's", t_engine, ref, w13, w13i, w2, x, ids, w, c13, c2, iters)
+
+
+def tma_rows(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs (engine.moe_kernels.TMA_GATE_UP / TMA_DOWN, 128-row blocks) against
+    64-row blocks: each expert's run is padded to a multiple of BLOCK_M, so at 2,048 tokens of top-8
+    of 128 a 128-row block is on average ~1.45x the tiles the rows need (~1.13x at 8,192); 64-row
+    blocks pad less but read each expert's weight tiles in more programs (from L2 when they run
+    together). Each launch alone (GPU time, CUDA-graph replays), then the whole call on the fastest
+    64-row tiles against fused_experts (the engine's choice), with the differences from it."""
+    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
+    rows = [(f"tiles a GEMM column, {bm}-row blocks: {int(((cnt + bm - 1) // bm).sum())} "
+             f"(the rows need {n / bm:.0f})", float("nan"), "") for bm in (128, 64)]
+    t_engine, ref, s128, b128, act, y, ref13, ref2, w13i = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
+    s64, b64 = align(ids, E, 64)
+    modes = (dict(SPLIT=False, PERSISTENT=True, FLATTEN=True), dict(SPLIT=True, PERSISTENT=True),
+             dict(SPLIT=True))
+    cfgs13 = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=warps, num_stages=stages, **g)
+              for g, warps, stages in itertools.product(modes, (4, 8), (4, 5))]
+    cfgs2 = [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, num_warps=warps, num_stages=stages, PERSISTENT=True,
+                  FLATTEN=True) for bn, warps, stages in itertools.product((256, 128), (4, 8), (4, 5))]
+    _sweep(rows, x, w13, w13i, w2, wf, ids, w, n, k, s64, b64, act, y, ref13, ref2, ref, t_engine, cfgs13, cfgs2,
+           "64-row blocks", iters)
+    _print_rows(f"{T} tokens, TMA GEMMs on 64-row blocks", rows)
 
 
 def tma_two_m(w13, w2, x, ids, w, iters):

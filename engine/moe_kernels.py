@@ -374,7 +374,7 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
     it holds pairs (an expert's pairs come first in its padded run), so an expert with up to
     2 * BLOCK_M pairs streams its weights once, where 128-row blocks stream them again for a partly
     filled last block. fused_experts runs it for prefill-sized calls where tma_ready; bench_moe
-    --tma and --tma-rows time its variants."""
+    --tma, --tma-rows, --tma-two-m and --tma-halves time its variants."""
     num_n = tl.cdiv(N, BLOCK_N)
     nvalid = 0  # block_expert is non-decreasing; the sentinel blocks (>= E) come last
     for b0 in range(0, NB, 1024):
@@ -439,9 +439,9 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     with b = w13 when cfg["SPLIT"], else b = interleave_gate_up(w13); not gated, c [pairs, N] =
     a . b[e] (b = w2 [E, N, K]) times wt[pair] when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K /
     num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN, TWO_M
-    (sorted_ids / block_expert from align with 2 * BLOCK_M rows a block; default off). The descriptors need a scratch allocator: set once, process-wide (Triton has one), to
-    device memory from torch's allocator on the current device, so a CUDA-graph capture takes it
-    from its pool."""
+    (sorted_ids / block_expert from align with 2 * BLOCK_M rows a block; default off). The
+    descriptors need a scratch allocator: set once, process-wide (Triton has one), to device memory
+    from torch's allocator on the current device, so a CUDA-graph capture takes it from its pool."""
     global _tma_scratch_set
     if not _tma_scratch_set:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
