@@ -468,7 +468,13 @@ def _num_sms(device: torch.device) -> int:
     interpreter's tests)."""
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """Asked once a device: every eager prefill-sized MoE call sizes its persistent grid from it."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # The TMA GEMMs' tiles for prefill-sized calls (>= TMA_MIN_ROWS pairs an expert on average), from
