@@ -238,19 +238,58 @@ def alloc_stats() -> dict[str, int]:
     return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
 
 
+def thread_sched(tid: int) -> tuple[float, float, int, int]:
+    """Linux's scheduler counters of one thread (native id): (seconds on a CPU, seconds runnable
+    but waiting for a CPU, voluntary switches, involuntary switches). A thread that waits for the
+    GIL or a lock sleeps: a voluntary switch, no CPU time. Zeros where /proc lacks them."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            run_ns, wait_ns = (int(x) for x in f.read().split()[:2])
+        with open(f"/proc/self/task/{tid}/status") as f:
+            st = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+        return run_ns / 1e9, wait_ns / 1e9, int(st["voluntary_ctxt_switches"]), int(st["nonvoluntary_ctxt_switches"])
+    except (OSError, ValueError, KeyError):
+        return 0.0, 0.0, 0, 0
+
+
+def sched_snapshot() -> dict[str, tuple[float, float, int, int]]:
+    """thread_sched of this (the engine's) thread and of every kvc-* thread, by name (threads of
+    one name summed)."""
+    out: dict[str, tuple] = {"engine": thread_sched(threading.get_native_id())}
+    for t in threading.enumerate():
+        if t.name.startswith("kvc-") and t.native_id is not None:
+            prev = out.get(t.name, (0.0, 0.0, 0, 0))
+            out[t.name] = tuple(a + b for a, b in zip(prev, thread_sched(t.native_id)))
+    return out
+
+
+def sched_delta(before: dict, after: dict) -> dict[str, tuple]:
+    return {k: tuple(a - b for a, b in zip(v, before.get(k, (0.0, 0.0, 0, 0)))) for k, v in after.items()}
+
+
 def step_table(off: LLM, on: LLM, ratios: list[float]) -> str:
     """Each pair's timed batches side by side, the engine thread's host phases of each (ms): batch
     wall time, steps, time inside steps, of it in the runner's launch (prepare, the launches, the
     sampling's queueing) and in prepare alone, and the batch's time outside steps. A slow batch
     whose steps took longer on the host shows in launch / prepare; one that waited between steps
-    (outputs, add_request, the host tiers' commit) in the outside column."""
-    rows = ["| pair | ratio | batch | wall | steps | in steps | launch | prepare | outside steps |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    (outputs, add_request, the host tiers' commit) in the outside column. Then the scheduler's
+    counters over the batch (thread_sched): the engine thread's CPU time, its time runnable but
+    off a CPU, its voluntary / involuntary switches, and the CPU time of the host tiers' threads
+    (put, disk writer). A slower launch with the engine's CPU time up as much ran slower (caches,
+    memory); with the CPU time flat and more voluntary switches it waited (the GIL, a lock)."""
+    rows = ["| pair | ratio | batch | wall | steps | in steps | launch | prepare | outside steps | engine cpu "
+            "| engine runnable | vol / invol switches | put cpu | disk writer cpu |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, (r, a, b) in enumerate(zip(ratios, off.__dict__.get("bench_batches", []),
                                       on.__dict__.get("bench_batches", []))):
-        for label, (wall, steps, in_steps, launch, prep) in (("off", a), ("on", b)):
+        for label, (wall, steps, in_steps, launch, prep, sched) in (("off", a), ("on", b)):
+            eng = sched.get("engine", (0.0, 0.0, 0, 0))
+            put = sched.get("kvc-put", (0.0,))[0]
+            writer = sched.get("kvc-disk-writer", (0.0,))[0]
             rows.append(f"| {i + 1} | {r:.3f} | {label} | {wall * 1e3:.1f} | {steps} | {in_steps * 1e3:.1f} | "
-                        f"{launch * 1e3:.1f} | {prep * 1e3:.1f} | {(wall - in_steps) * 1e3:.1f} |")
+                        f"{launch * 1e3:.1f} | {prep * 1e3:.1f} | {(wall - in_steps) * 1e3:.1f} | "
+                        f"{eng[0] * 1e3:.1f} | {eng[1] * 1e3:.1f} | {eng[2]} / {eng[3]} | {put * 1e3:.1f} | "
+                        f"{writer * 1e3:.1f} |")
     return "# the engine thread's host phases of each timed batch (ms):\n" + "\n".join(rows)
 
 
@@ -291,17 +330,19 @@ def paired_throughput(a: LLM, bs: list[LLM], rng: random.Random, n: int, length:
         time_calls(eng, "step", "step", times, counts)  # the engine thread's host phases of this batch
         time_calls(eng.runner, "prepare", "prepare", times, counts)
         time_calls(eng.runner, "launch", "launch", times, counts)
+        s0 = sched_snapshot()
         t0 = time.perf_counter()
         try:
             outs = llm.generate(batch, params)
             wall = time.perf_counter() - t0
+            sched = sched_delta(s0, sched_snapshot())
         finally:
             del eng.step, eng.runner.prepare, eng.runner.launch  # the class's methods again
         after = alloc_stats()
         stats = llm.__dict__.setdefault("bench_alloc", collections.Counter())
         stats.update({k: after[k] - before[k] for k in after})
         llm.__dict__.setdefault("bench_batches", []).append(
-            (wall, counts["step"], times["step"], times["launch"], times["prepare"]))
+            (wall, counts["step"], times["step"], times["launch"], times["prepare"], sched))
         return batch_rate(outs, wall)
     ratios: list[list[float]] = [[] for _ in bs]
     for _ in range(pairs):
