@@ -238,33 +238,58 @@ def alloc_stats() -> dict[str, int]:
     return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
 
 
-def thread_sched(tid: int) -> tuple[float, float, int, int]:
-    """Linux's scheduler counters of one thread (native id): (seconds on a CPU, seconds runnable
-    but waiting for a CPU, voluntary switches, involuntary switches). A thread that waits for the
-    GIL or a lock sleeps: a voluntary switch, no CPU time. Zeros where /proc lacks them."""
+SCHED_FIELDS = 7  # cpu, runnable, voluntary, involuntary switches, user, system, minor faults
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_sched(tid: int) -> tuple:
+    """Linux's counters of one thread (native id): (seconds on a CPU, seconds runnable but waiting
+    for a CPU, voluntary switches, involuntary switches, user seconds, system seconds, minor page
+    faults). A thread that waits for the GIL or a lock sleeps: a voluntary switch, no CPU time;
+    CUDA's synchronizations spin: CPU time. User / system come in clock ticks (10 ms). Zeros where
+    /proc lacks them."""
     try:
         with open(f"/proc/self/task/{tid}/schedstat") as f:
             run_ns, wait_ns = (int(x) for x in f.read().split()[:2])
         with open(f"/proc/self/task/{tid}/status") as f:
             st = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
-        return run_ns / 1e9, wait_ns / 1e9, int(st["voluntary_ctxt_switches"]), int(st["nonvoluntary_ctxt_switches"])
-    except (OSError, ValueError, KeyError):
-        return 0.0, 0.0, 0, 0
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        minflt, utime, stime = int(fields[7]), int(fields[11]), int(fields[12])
+        return (run_ns / 1e9, wait_ns / 1e9, int(st["voluntary_ctxt_switches"]),
+                int(st["nonvoluntary_ctxt_switches"]), utime / _TICK, stime / _TICK, minflt)
+    except (OSError, ValueError, KeyError, IndexError):
+        return (0.0, 0.0, 0, 0, 0.0, 0.0, 0)
 
 
-def sched_snapshot() -> dict[str, tuple[float, float, int, int]]:
+def tlb_shootdowns() -> int:
+    """The machine's TLB shootdown interrupts so far (/proc/interrupts' TLB row, all CPUs; 0 where
+    absent). Each munmap / madvise / mprotect of memory that threads of this process have touched
+    on other CPUs interrupts those CPUs and waits for them."""
+    try:
+        with open("/proc/interrupts") as f:
+            for line in f:
+                if line.lstrip().startswith("TLB:"):
+                    return sum(int(x) for x in line.split()[1:] if x.isdigit())
+    except OSError:
+        pass
+    return 0
+
+
+def sched_snapshot() -> dict[str, tuple]:
     """thread_sched of this (the engine's) thread and of every kvc-* thread, by name (threads of
-    one name summed)."""
-    out: dict[str, tuple] = {"engine": thread_sched(threading.get_native_id())}
+    one name summed), and the machine's TLB shootdowns."""
+    zero = (0.0, 0.0, 0, 0, 0.0, 0.0, 0)
+    out: dict[str, tuple] = {"engine": thread_sched(threading.get_native_id()), "tlb": (tlb_shootdowns(),)}
     for t in threading.enumerate():
         if t.name.startswith("kvc-") and t.native_id is not None:
-            prev = out.get(t.name, (0.0, 0.0, 0, 0))
+            prev = out.get(t.name, zero)
             out[t.name] = tuple(a + b for a, b in zip(prev, thread_sched(t.native_id)))
     return out
 
 
 def sched_delta(before: dict, after: dict) -> dict[str, tuple]:
-    return {k: tuple(a - b for a, b in zip(v, before.get(k, (0.0, 0.0, 0, 0)))) for k, v in after.items()}
+    return {k: tuple(a - b for a, b in zip(v, before.get(k, (0,) * len(v)))) for k, v in after.items()}
 
 
 def step_table(off: LLM, on: LLM, ratios: list[float]) -> str:
@@ -275,21 +300,26 @@ def step_table(off: LLM, on: LLM, ratios: list[float]) -> str:
     (outputs, add_request, the host tiers' commit) in the outside column. Then the scheduler's
     counters over the batch (thread_sched): the engine thread's CPU time, its time runnable but
     off a CPU, its voluntary / involuntary switches, and the CPU time of the host tiers' threads
-    (put, disk writer). A slower launch with the engine's CPU time up as much ran slower (caches,
-    memory); with the CPU time flat and more voluntary switches it waited (the GIL, a lock)."""
+    (put, disk writer), the engine's user / system split and minor faults, and the machine's TLB
+    shootdowns. The engine's thread spins in CUDA's synchronizations, so its CPU time is about its
+    wall time when it never sleeps; time it slept (the GIL, a lock) is wall minus CPU, with
+    voluntary switches; system time and shootdowns say whether the kernel took its time."""
     rows = ["| pair | ratio | batch | wall | steps | in steps | launch | prepare | outside steps | engine cpu "
-            "| engine runnable | vol / invol switches | put cpu | disk writer cpu |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| engine user / sys | engine runnable | vol / invol switches | engine minor faults | put cpu "
+            "| disk writer cpu | TLB shootdowns |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    zero = (0.0, 0.0, 0, 0, 0.0, 0.0, 0)
     for i, (r, a, b) in enumerate(zip(ratios, off.__dict__.get("bench_batches", []),
                                       on.__dict__.get("bench_batches", []))):
         for label, (wall, steps, in_steps, launch, prep, sched) in (("off", a), ("on", b)):
-            eng = sched.get("engine", (0.0, 0.0, 0, 0))
-            put = sched.get("kvc-put", (0.0,))[0]
-            writer = sched.get("kvc-disk-writer", (0.0,))[0]
+            eng = sched.get("engine", zero)
+            put = sched.get("kvc-put", zero)[0]
+            writer = sched.get("kvc-disk-writer", zero)[0]
             rows.append(f"| {i + 1} | {r:.3f} | {label} | {wall * 1e3:.1f} | {steps} | {in_steps * 1e3:.1f} | "
                         f"{launch * 1e3:.1f} | {prep * 1e3:.1f} | {(wall - in_steps) * 1e3:.1f} | "
-                        f"{eng[0] * 1e3:.1f} | {eng[1] * 1e3:.1f} | {eng[2]} / {eng[3]} | {put * 1e3:.1f} | "
-                        f"{writer * 1e3:.1f} |")
+                        f"{eng[0] * 1e3:.1f} | {eng[4] * 1e3:.0f} / {eng[5] * 1e3:.0f} | {eng[1] * 1e3:.1f} | "
+                        f"{eng[2]} / {eng[3]} | {eng[6]} | {put * 1e3:.1f} | {writer * 1e3:.1f} | "
+                        f"{sched.get('tlb', (0,))[0]} |")
     return "# the engine thread's host phases of each timed batch (ms):\n" + "\n".join(rows)
 
 
