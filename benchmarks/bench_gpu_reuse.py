@@ -238,7 +238,7 @@ def alloc_stats() -> dict[str, int]:
     return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
 
 
-SCHED_FIELDS = 7  # cpu, runnable, voluntary, involuntary switches, user, system, minor faults
+SCHED_ZERO = (0.0, 0.0, 0, 0, 0.0, 0.0, 0)  # thread_sched's counters of a thread /proc does not show
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -259,7 +259,7 @@ def thread_sched(tid: int) -> tuple:
         return (run_ns / 1e9, wait_ns / 1e9, int(st["voluntary_ctxt_switches"]),
                 int(st["nonvoluntary_ctxt_switches"]), utime / _TICK, stime / _TICK, minflt)
     except (OSError, ValueError, KeyError, IndexError):
-        return (0.0, 0.0, 0, 0, 0.0, 0.0, 0)
+        return SCHED_ZERO
 
 
 def tlb_shootdowns() -> int:
@@ -279,11 +279,10 @@ def tlb_shootdowns() -> int:
 def sched_snapshot() -> dict[str, tuple]:
     """thread_sched of this (the engine's) thread and of every kvc-* thread, by name (threads of
     one name summed), and the machine's TLB shootdowns."""
-    zero = (0.0, 0.0, 0, 0, 0.0, 0.0, 0)
     out: dict[str, tuple] = {"engine": thread_sched(threading.get_native_id()), "tlb": (tlb_shootdowns(),)}
     for t in threading.enumerate():
         if t.name.startswith("kvc-") and t.native_id is not None:
-            prev = out.get(t.name, zero)
+            prev = out.get(t.name, SCHED_ZERO)
             out[t.name] = tuple(a + b for a, b in zip(prev, thread_sched(t.native_id)))
     return out
 
@@ -308,13 +307,12 @@ def step_table(off: LLM, on: LLM, ratios: list[float]) -> str:
             "| engine user / sys | engine runnable | vol / invol switches | engine minor faults | put cpu "
             "| disk writer cpu | TLB shootdowns |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    zero = (0.0, 0.0, 0, 0, 0.0, 0.0, 0)
     for i, (r, a, b) in enumerate(zip(ratios, off.__dict__.get("bench_batches", []),
                                       on.__dict__.get("bench_batches", []))):
         for label, (wall, steps, in_steps, launch, prep, sched) in (("off", a), ("on", b)):
-            eng = sched.get("engine", zero)
-            put = sched.get("kvc-put", zero)[0]
-            writer = sched.get("kvc-disk-writer", zero)[0]
+            eng = sched.get("engine", SCHED_ZERO)
+            put = sched.get("kvc-put", SCHED_ZERO)[0]
+            writer = sched.get("kvc-disk-writer", SCHED_ZERO)[0]
             rows.append(f"| {i + 1} | {r:.3f} | {label} | {wall * 1e3:.1f} | {steps} | {in_steps * 1e3:.1f} | "
                         f"{launch * 1e3:.1f} | {prep * 1e3:.1f} | {(wall - in_steps) * 1e3:.1f} | "
                         f"{eng[0] * 1e3:.1f} | {eng[4] * 1e3:.0f} / {eng[5] * 1e3:.0f} | {eng[1] * 1e3:.1f} | "
