@@ -595,6 +595,12 @@ def gap_table(label: str, gaps: list[tuple], top: int = 10) -> str:
             "\n".join(f"| {why} | {after} | {c} | {t / 1e3:,.1f} |" for (why, after), (c, t) in rows))
 
 
+def other_gate(gate: str | None) -> str:
+    """The put gate a variant compares with `gate`: the put thread's default before the "engine"
+    gate ("gpu-queued") against "engine", else "gpu-queued" against "gpu-wait" and vice versa."""
+    return {"engine": "gpu-queued", "gpu-queued": "engine"}.get(gate, "gpu-queued")
+
+
 def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Random, n: int, length: int,
                pairs: int, notes: list[str], profile: bool = False,
                variants: bool = False, sync_variants: bool = False,
@@ -644,11 +650,11 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
         ons.append(LLM(str(model_dir), **dict(tiers, disk_path=str(work / tag), num_device_blocks=blocks,
                                               put_buffer_GB=gb)))
         labels.append(f"host tiers on, put_buffer_GB {gb:g}")
-    if gate_variants:  # the other put gate (HostTier.put_gate: "gpu-queued" or "gpu-wait")
+    if gate_variants:  # the other put gate (HostTier.put_gate): "engine" <-> "gpu-queued", "gpu-wait" -> "gpu-queued"
         shutil.rmtree(work / "pages-gate", ignore_errors=True)
         ons.append(LLM(str(model_dir), **dict(tiers, disk_path=str(work / "pages-gate"), num_device_blocks=blocks)))
         host = ons[-1].engine.prefix_cache.host
-        host.put_gate = "gpu-wait" if host.put_gate == "gpu-queued" else "gpu-queued"
+        host.put_gate = other_gate(host.put_gate)
         labels.append(f"host tiers on, put gate {host.put_gate} (the other gate)")
     notes.append(f"# paired rows: the off LLM schedules {'a' if llm_off.engine.async_scheduling else ''}synchronously")
     timeline = [] if profile else None
@@ -657,7 +663,9 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
     rows = []
     for label, llm, rs in zip(labels, ons, ratios):
         host = llm.engine.prefix_cache.host
-        puts = f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}" if host is not None else ""
+        puts = (f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}; put gate {host.put_gate}, "
+                f"pieces of put work on the engine's thread {host.engine_put_pieces}, on the put thread "
+                f"{host.thread_put_pieces}") if host is not None else ""
         notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}{puts}")
         notes.append(f"# CUDA allocator over its timed batches: {dict(llm.__dict__.get('bench_alloc', {}))}")
         notes.append(step_table(llm_off, llm, rs))
@@ -872,10 +880,10 @@ def main() -> None:
             pc.reset_device_cache()
         default_gate = getattr(host, "put_gate", None)
 
-        other_gate = "gpu-wait" if default_gate == "gpu-queued" else "gpu-queued"
+        other = other_gate(default_gate)
 
         def busy_other_gate():  # the same, the puts under the other gate (HostTier.put_gate)
-            host.put_gate = other_gate
+            host.put_gate = other
             busy()
         variants = {"default": lambda: None, "whole": lambda: setattr(host, "layer_loads", False), "busy": busy,
                     "sync": lambda e=eng: setattr(e, "async_scheduling", False)}
@@ -932,7 +940,7 @@ def main() -> None:
                      f"{statistics.median(timed['busy']) / cfloor:.2f}x floor; that prompt's puts and disk writes "
                      f"still running (the other rows wait for them); last {reused['busy']} tokens reused"))
         if timed.get("busy-other-gate"):
-            rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt, put gate {other_gate}",
+            rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt, put gate {other}",
                          ms(statistics.median(timed["busy-other-gate"])), ms(cfloor),
                          f"{statistics.median(timed['busy-other-gate']) / cfloor:.2f}x floor; that prompt's puts under "
                          f"the other gate; last {reused['busy-other-gate']} tokens reused"))

@@ -67,6 +67,8 @@ for part in "$@"; do
         --tput-pairs 12 --buffer-variants 0.25,0.5 ;;
     paired-gate) step paired-gate 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \
         --gate-variants ;;
+    paired-gate-12) step paired-gate-12 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
+        --paired-only --tput-pairs 12 --gate-variants ;;
     busy-hit) step busy-hit 200 python3 benchmarks/probe_busy_hit.py --cpu-gb 4 --pages 2048 ;;
     step-host) step step-host 200 python3 benchmarks/probe_step_host.py --model-dir "$ckpt" ;;
     paired-switch) step paired-switch 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" --paired-only \

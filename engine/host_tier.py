@@ -5,15 +5,21 @@ were given (their owner keeps them until the future is done); from an in-process
 part by part (TieredStore.get_into: on CUDA each part is verified on the device and scattered into
 the pool beside the next part's copy). Puts never slow the engine: on
 CUDA the offered pages leave the device on a side stream into a pinned ring (engine.pinned_ring),
-recorded with an event; the put thread waits for the event, then does the checksum, slab and
-disk work. That work is Python and holds the GIL much of the time, and a GIL held by another
-thread stalls every kernel launch of the engine's thread: so the put thread works only while the
-GPU has work queued by the engine (each step's launches are marked with an event) or while the
-engine is idle (no step started for IDLE_S), and an in-process store's put waits for that again
-after its copies, before it publishes the batch (the part that holds the GIL): a batch that began
-while the GPU ran a step no longer takes the GIL from the engine's thread while it launches the
-next one. The put queue and the ring are bounded; an offer that finds either full is dropped
-(counted).
+recorded with an event; then the checksum, slab and disk work follows. Its Python (the store's
+bookkeeping) holds the GIL, and a GIL held by another thread stalls every kernel launch of the
+engine's thread: beside a busy engine the put thread cost no-reuse throughput 6-11% (runs BE-DE),
+most of it the engine's thread waiting hundreds of times a batch to get the GIL back.
+
+So with an in-process store (put_gate "engine", the default) the engine's thread does the put
+work itself, in its waits for a step's samples (gpu_wait): one piece at a time (the Python of up
+to PUT_BATCH pages) until the GPU has finished the step, with the byte work (checksums, slab and
+record copies) started on native threads that never take the GIL (kvc.pagecopy's jobs) and polled.
+No other Python thread then runs while the engine launches. The put thread takes the work over
+only while the engine is idle (no step started for IDLE_S; always off CUDA, where no step leaves
+the engine waiting) and never while a load runs. The other gates keep the put thread doing the
+work beside the engine ("gpu-queued": whenever the GPU has queued work; "gpu-wait": while the
+engine's thread waits for samples); benchmarks compare them. The put queue and the ring are
+bounded; an offer that finds either full is dropped (counted).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kvc import cudacopy, gpu_checksum
+from kvc import cudacopy, gpu_checksum, pagecopy
 from kvc.backend import CacheBackend, LookupResult
 from kvc.hashing import Namespace
 from kvc.device_pool import DevicePool
@@ -47,6 +53,72 @@ MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: 
 PUT_BATCH = 32
 PUT_RING_BYTES = 1 << 30  # default size of the pinned ring offered pages are copied into on CUDA
 IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely
+
+
+class _EventWork:
+    """A put's wait for its pages' copy into the ring, as a piece of work (kvc.pagecopy.drive)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def run(self) -> None:
+        self.event.synchronize()  # this thread waits for the copy; the engine does not
+
+    def start(self) -> "_EventWork":
+        return self
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def result(self) -> None:
+        return None
+
+
+class _Failed:
+    """A piece of work that failed to start: its error goes back into the put (Stepping)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        raise self.error
+
+
+class Stepping:
+    """A generator of put work (an offer) advanced one piece at a time by whichever thread holds
+    the host tier's driver lock: advance() runs the Python up to the next piece of byte work,
+    starts it (a native thread, kvc.pagecopy) and returns; the next advance() goes on once that
+    work is done. Results and errors are sent back into the generator."""
+
+    def __init__(self, steps):
+        self.steps = steps
+        self.pending = None
+
+    def advance(self, start: bool = True) -> str:
+        """'ran' (some of its Python ran), 'busy' (its byte work or copy is not done) or 'done'.
+        start=False: the byte work runs here, before the return (work.run)."""
+        send, exc = None, None
+        if self.pending is not None:
+            if not self.pending.done():
+                return "busy"
+            pending, self.pending = self.pending, None
+            try:
+                send = pending.result()
+            except Exception as e:  # noqa: BLE001 - handed to the generator, which logs it
+                exc = e
+        try:
+            work = self.steps.throw(exc) if exc is not None else self.steps.send(send)
+        except StopIteration:
+            return "done"
+        if work is not None:
+            try:
+                self.pending = work.start() if start else pagecopy.Ready(work.run())
+            except Exception as e:  # noqa: BLE001 - as above
+                self.pending = _Failed(e)
+        return "ran"
 
 
 class LayerEvents:
@@ -120,8 +192,17 @@ class HostTier:
         # ran in one run (BT's single batches: 4-7% slower), and a 32K cpu hit right after a cold
         # 32K prompt took 117 ms under it (BT; 27-35 ms under "gpu-queued" in BN-BR): it stays a
         # variant the benchmarks time, not the default
-        self.put_gate = "gpu-queued"
+        # "engine" (default with an in-process store): the engine's thread does the put work in its
+        # waits, the put thread only while the engine is idle (the module docstring)
+        self.stepped = hasattr(cache, "put_steps")
+        self.put_gate = "engine" if self.stepped else "gpu-queued"
         self._gpu_wait = False
+        self._driver = threading.Lock()  # held by the thread advancing the put work ("engine" gate)
+        self._task: Stepping | None = None  # the offer being put ("engine" gate)
+        self._offered = threading.Event()  # set by offer: wakes an idle put thread
+        self._closed = False
+        self.engine_put_pieces = 0  # pieces of put work the engine's thread did in its waits
+        self.thread_put_pieces = 0  # ... the put thread did (idle engine, or the other gates)
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 
@@ -446,12 +527,61 @@ class HostTier:
         self._active = time.monotonic()
         self._launch_signal.set()
 
-    def gpu_wait(self, waiting: bool) -> None:
-        """The engine's thread starts (True) or ends (False) waiting for a step's samples: the
-        GPU is the limit meanwhile, and puts may take the GIL."""
+    def gpu_wait(self, waiting: bool, ready=None) -> None:
+        """The engine's thread starts (True) or ends (False) waiting for a step's samples (ready:
+        the CUDA event it waits for): the GPU is the limit meanwhile. Under the "engine" gate the
+        put work runs here, on the engine's thread, until `ready` has happened; under "gpu-wait"
+        the put thread may take the GIL meanwhile."""
         self._gpu_wait = waiting
         if waiting:
-            self._launch_signal.set()
+            if self.put_gate == "engine":
+                if ready is not None:
+                    self._work_until(ready)
+            else:
+                self._launch_signal.set()
+
+    def _work_until(self, ready) -> None:
+        """Put work on the engine's thread while the GPU runs the step `ready` ends: a piece at a
+        time, each started piece of byte work polled between checks of `ready`. Stops at once if
+        a load is in flight (a request waits for it) or the put thread holds the work (an idle
+        engine's puts: it lets go within a piece)."""
+        if self._loads_in_flight or not self._driver.acquire(blocking=False):
+            return
+        try:
+            while not ready.query() and not self._loads_in_flight:
+                st = self._advance()
+                if st == "idle":
+                    return
+                if st == "ran":
+                    self.engine_put_pieces += 1
+                else:  # busy: the byte work runs on its native thread; give the GIL to others meanwhile
+                    time.sleep(0)
+        finally:
+            self._driver.release()
+
+    def _advance(self, start: bool = True) -> str:
+        """One piece of the put work on the calling thread, which holds the driver lock: 'ran',
+        'busy' (the current offer waits for its byte work or its copy into the ring) or 'idle'
+        (nothing queued). start=False: the piece's byte work runs here before the return."""
+        t = self._task
+        if t is None:
+            try:
+                item = self._puts.get_nowait()
+            except queue.Empty:
+                return "idle"
+            if item is None:  # close()
+                self._closed = True
+                self._puts.task_done()
+                return "idle"
+            t = self._task = Stepping(self._offer_steps(item))
+        st = t.advance(start)
+        if st == "done":
+            self._task = None
+            return "ran"
+        return st
+
+    def _engine_idle(self) -> bool:
+        return not self._loads_in_flight and time.monotonic() - self._active > IDLE_S
 
     def _wait_for_slack(self) -> None:
         """Hold the put thread while the engine's own thread limits the engine. Under the default
@@ -514,6 +644,7 @@ class HostTier:
             data = ring.buf[slot:slot + n]
         try:
             self._puts.put_nowait((ns, hashes, parents, tokens, data, event, slot, ring))
+            self._offered.set()
             return True
         except queue.Full:  # not reached while this thread is the only producer; kept for safety
             if slot is not None:
@@ -529,28 +660,57 @@ class HostTier:
             self._ring = ring
         return ring
 
+    def _offer_steps(self, item):
+        """One offer's put as a generator of work (Stepping, or kvc.pagecopy.drive): the wait for
+        its copy into the ring, then the store's put_steps for each PUT_BATCH pages (a remote
+        cache's put_pages, which has no steps, as one piece each). A failure is logged and counted
+        here; the ring slot and the queue's count are given back at the end."""
+        ns, hashes, parents, tokens, data, event, slot, ring = item
+        try:
+            if event is not None:
+                yield _EventWork(event)
+            pages = list(map(Page, hashes, parents, tokens, data.unbind(0)))
+            kw = {"pause": self._wait_for_slack} if self.pause_puts and not self.stepped else {}
+            for i in range(0, len(pages), PUT_BATCH):
+                more = i + PUT_BATCH < len(pages)
+                yield None  # a place to stop between batches
+                if self.stepped:
+                    yield from self.cache.put_steps(ns, pages[i:i + PUT_BATCH], chain_continues=more)
+                else:
+                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH], chain_continues=more, **kw)
+        except Exception:  # a failing tier must not stop the engine; say so and go on
+            self.failed_puts += 1
+            log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)
+        finally:
+            if slot is not None:
+                ring.give(slot)
+            self._puts.task_done()
+
     def _put_loop(self) -> None:
+        """The put thread. Under the "engine" gate it does the put work only while the engine is
+        idle (or not on CUDA), starting the byte work on native threads like the engine's thread;
+        under the others it runs each piece's byte work itself (one GIL hand-over a piece) and
+        waits for GPU slack before each piece's Python (_wait_for_slack; before each offer only
+        with pause_puts off)."""
         while True:
-            item = self._puts.get()
-            if item is None:
+            if self._closed and self._task is None:
                 return
-            ns, hashes, parents, tokens, data, event, slot, ring = item
-            try:
-                if event is not None:
-                    event.synchronize()  # this thread waits for the copy; the engine does not
-                pages = list(map(Page, hashes, parents, tokens, data.unbind(0)))
-                kw = {"pause": self._wait_for_slack} if self.pause_puts else {}
-                for i in range(0, len(pages), PUT_BATCH):
-                    self._wait_for_slack()
-                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH], chain_continues=i + PUT_BATCH < len(pages),
-                                         **kw)
-            except Exception:  # a failing tier must not stop the engine; say so and go on
-                self.failed_puts += 1
-                log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)
-            finally:
-                if slot is not None:
-                    ring.give(slot)
-                self._puts.task_done()
+            engine = self.put_gate == "engine"
+            if engine and not self._engine_idle():
+                self._launch_signal.wait(IDLE_S)
+                self._launch_signal.clear()
+                continue
+            if not engine and (self.pause_puts or not self.stepped or self._task is None):
+                self._wait_for_slack()  # pause_puts off: before each offer only (benchmarks compare)
+            with self._driver:
+                st = self._advance(start=engine)
+            if st == "ran":
+                self.thread_put_pieces += 1
+            elif st == "busy":
+                time.sleep(0.0002)
+            elif not self._closed:
+                self._offered.wait(IDLE_S)
+                self._offered.clear()
 
     def flush(self) -> None:
         """Wait until queued puts are done (tests, shutdown)."""
@@ -559,6 +719,7 @@ class HostTier:
     def close(self) -> None:
         self._gate_disk_writes(None)
         self._puts.put(None)
+        self._offered.set()
         self._putter.join(timeout=5)
         self._prober.shutdown(wait=True)
         self._loader.shutdown(wait=True)

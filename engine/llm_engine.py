@@ -317,7 +317,9 @@ class LLMEngine:
 
     def _finish(self, step: "_Step") -> list[RequestOutput]:
         """Read a launched step's samples back and hand its outputs out."""
-        self.prefix_cache.gpu_wait(True)  # puts may run meanwhile (HostTier.put_gate "gpu-wait")
+        # put work runs here until the samples are ready (HostTier.put_gate "engine"), or on the put
+        # thread meanwhile ("gpu-wait")
+        self.prefix_cache.gpu_wait(True, step.launched.ready)
         try:
             tokens = step.launched.tokens()
         finally:

@@ -425,10 +425,11 @@ class PrefixCache:
         if self.host is not None:
             self.host.step_started()
 
-    def gpu_wait(self, waiting: bool) -> None:
-        """The engine's thread starts or ends waiting for a step's samples (puts run meanwhile)."""
+    def gpu_wait(self, waiting: bool, ready=None) -> None:
+        """The engine's thread starts or ends waiting for a step's samples (`ready`: their CUDA
+        event); puts run meanwhile, on this thread or the put thread (HostTier.put_gate)."""
         if self.host is not None:
-            self.host.gpu_wait(waiting)
+            self.host.gpu_wait(waiting, ready)
 
     def step_launched(self) -> None:
         """The runner queued the step's kernels: register the pages loads brought in while the GPU

@@ -75,6 +75,11 @@ class Launched:
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(sampled.device))
 
+    @property
+    def ready(self):
+        """The CUDA event after the samples' copy (None off CUDA or when tokens() has read them)."""
+        return self._ready if self._tokens is None else None
+
     def tokens(self) -> dict[Request, int]:
         """Each token-producing request's sampled id (waits for the GPU the first time)."""
         if self._tokens is None:

@@ -298,6 +298,11 @@ class CpuTier:
     def touch(self, h: bytes) -> None:
         self.entries.move_to_end(h)
 
+    def detach(self, h: bytes) -> Entry:
+        """Take the page out of the index but keep its slot taken (its bytes are still being
+        copied out): give the slot back with cancel(entry.slot, entry.nbytes) when done."""
+        return self.entries.pop(h)
+
     def remove(self, h: bytes) -> Entry:
         e = self.entries.pop(h)
         self._release(e.slot, e.nbytes)

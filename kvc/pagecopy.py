@@ -12,11 +12,19 @@ The checksum is the page contract, xxh3_64 of the payload bytes: the C code call
 XXH3_64bits, taken by address from the xxhash package's extension module, and the library is
 checked against xxhash.xxh3_64_intdigest when loaded. Without a compiler (or if any of that fails)
 one log line, and `sum_copy_python`, the per-page path, runs instead; it is also the tests' oracle.
+
+A put can also hand its byte work over without waiting for it (`SumCopyWork` / `CopyWork`, started
+with `start`): the native library runs it on a thread of its own that never takes the GIL, and the
+caller polls `Pending.done()` (no GIL hand-over either: those two calls are made through
+ctypes.PyDLL, which keeps the GIL). An engine's thread drives puts that way inside its waits for the
+GPU (engine.host_tier, put_gate "engine"), so no other Python thread runs while it launches.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -59,6 +67,13 @@ class NativeSumCopy:
         cp.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 3
         cp.restype = None
         self._copy = cp
+        held = ctypes.PyDLL(str(path))  # PyDLL: these calls keep the GIL (they return at once)
+        self._start = held.kvc_start
+        self._start.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * 6
+        self._start.restype = ctypes.c_int
+        self._done = held.kvc_done
+        self._done.argtypes = [ctypes.c_void_p]
+        self._done.restype = ctypes.c_int
         xx = ctypes.CDLL(xxhash._xxhash.__file__)  # the extension module itself: already loaded
         self._xxh3 = ctypes.cast(xx.XXH3_64bits, ctypes.c_void_p).value
         probe = torch.arange(1000, dtype=torch.int32)  # 4,000 bytes: xxh3's long-input code path
@@ -68,6 +83,22 @@ class NativeSumCopy:
 
     def __call__(self, datas: Sequence[torch.Tensor], offsets: Sequence[int | None],
                  slab: np.ndarray | None) -> list[int]:
+        keep, src, dst, lens = self._pointers_of(datas, offsets, slab)
+        return self.pointers(src, dst, lens)
+
+    def start(self, datas: Sequence[torch.Tensor], offsets: Sequence[int | None],
+              slab: np.ndarray | None) -> "NativeJob":
+        """__call__'s work on a thread of its own; the job's result() is the checksums."""
+        keep, src, dst, lens = self._pointers_of(datas, offsets, slab)
+        return self.start_pointers(src, dst, lens, sums=True, keep=(keep, list(datas), slab))
+
+    def start_pointers(self, src: Sequence[int], dst: Sequence[int], lens: Sequence[int], sums: bool,
+                       keep=None) -> "NativeJob":
+        """`pointers` (sums=True) or `copy` (sums=False) on a thread of its own. The caller keeps
+        every buffer alive until the job is done; `keep` is held by the job until then too."""
+        return NativeJob(self, src, dst, lens, sums, keep)
+
+    def _pointers_of(self, datas, offsets, slab):
         base = slab.ctypes.data if slab is not None else 0
         keep, src, dst, lens = [], [], [], []  # keep: tensors made here must outlive the call
         for t, off in zip(datas, offsets):
@@ -80,7 +111,7 @@ class NativeSumCopy:
             if off is not None and not (0 <= off and off + t.nbytes <= slab.nbytes):  # a real check: memcpy follows
                 raise ValueError(f"slot {off} + {t.nbytes} bytes is outside the slab of {slab.nbytes}")
             dst.append(0 if off is None else base + off)
-        return self.pointers(src, dst, lens)
+        return keep, src, dst, lens
 
     def pointers(self, src: Sequence[int], dst: Sequence[int], lens: Sequence[int]) -> list[int]:
         """xxh3_64 of each src[i] .. src[i] + lens[i], then its copy to dst[i] where that is not 0
@@ -98,6 +129,125 @@ class NativeSumCopy:
         n = len(src)
         arr = ctypes.c_uint64 * n
         self._copy(n, arr(*src), arr(*dst), arr(*lens))
+
+
+_live: set = set()  # started jobs not yet seen done: their buffers must outlive them
+_live_lock = threading.Lock()
+
+
+class NativeJob:
+    """Byte work running on a native thread; done() polls it without giving up the GIL."""
+
+    def __init__(self, lib: NativeSumCopy, src, dst, lens, sums: bool, keep=None):
+        n = len(src)
+        arr = ctypes.c_uint64 * n
+        self._args = (arr(*src), arr(*dst), arr(*lens))
+        self._sums = arr() if sums else None
+        self._flag = ctypes.c_int(0)
+        self._keep = keep
+        self._lib = lib
+        with _live_lock:
+            _live.add(self)
+        lib._start(n, *self._args, self._sums, lib._xxh3, ctypes.byref(self._flag))
+
+    def done(self) -> bool:
+        if self._lib is None:
+            return True
+        if not self._lib._done(ctypes.byref(self._flag)):
+            return False
+        self._lib = None
+        with _live_lock:
+            _live.discard(self)
+        return True
+
+    def wait(self, poll_s: float = 0.0002) -> None:
+        while not self.done():
+            time.sleep(poll_s)
+
+    def result(self) -> list[int] | None:
+        """The checksums (None for copies); only once done."""
+        assert self._lib is None, "NativeJob.result before done()"
+        return list(self._sums) if self._sums is not None else None
+
+
+def wait_all(timeout: float = 30.0) -> bool:
+    """Wait for every started job (before the buffers they write are freed: a slab's close)."""
+    end = time.monotonic() + timeout
+    while True:
+        with _live_lock:
+            jobs = list(_live)
+        if not jobs:
+            return True
+        for j in jobs:
+            j.done()
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+
+
+class Ready:
+    """A Pending whose work ran already."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
+    def result(self):
+        return self.value
+
+
+class SumCopyWork:
+    """A put's checksums and slab copies (a SumCopy call), to run now (run) or to start (start)."""
+
+    def __init__(self, fn: SumCopy, datas: Sequence[torch.Tensor], offsets: Sequence["int | None"],
+                 slab: np.ndarray | None):
+        self.fn, self.datas, self.offsets, self.slab = fn, datas, offsets, slab
+
+    def run(self) -> list[int]:
+        return self.fn(self.datas, self.offsets, self.slab)
+
+    def start(self):
+        if isinstance(self.fn, NativeSumCopy):
+            return self.fn.start(self.datas, self.offsets, self.slab)
+        return Ready(self.run())
+
+
+class CopyWork:
+    """Copies between buffers its caller owns (raw addresses): NativeSumCopy.copy, now or started."""
+
+    def __init__(self, lib: NativeSumCopy, src, dst, lens, keep=None):
+        self.lib, self.src, self.dst, self.lens, self.keep = lib, src, dst, lens, keep
+
+    def run(self) -> None:
+        self.lib.copy(self.src, self.dst, self.lens)
+
+    def start(self):
+        return self.lib.start_pointers(self.src, self.dst, self.lens, sums=False, keep=self.keep)
+
+
+def drive(steps, pause=None):
+    """Run a generator of work items to its end on this thread: each item yielded is run at once
+    (None: no work, a place to stop) and its result sent back, or its error thrown back in; pause(),
+    if given, is called after each. Returns the generator's return value."""
+    send, error = None, None
+    while True:
+        try:
+            work = steps.throw(error) if error is not None else steps.send(send)
+        except StopIteration as stop:
+            return stop.value
+        send = error = None
+        try:
+            send = work.run() if work is not None else None
+        except Exception as e:  # noqa: BLE001 - the generator cleans up (or not) and re-raises
+            error = e
+            continue
+        if pause is not None:
+            pause()
 
 
 def library(cc: str | None = None) -> NativeSumCopy | None:

@@ -460,6 +460,11 @@ class TieredStore:
         """The records of (hash, entry, payload) items, as _record builds them, in one buffer: the
         headers are written here, the payloads by one native call that lets go of the GIL once
         (kvc.pagecopy); one _record per item where it does not build."""
+        return pagecopy.drive(self._records_steps(items))
+
+    def _records_steps(self, items: list[tuple[bytes, Entry, np.ndarray]]):
+        """_records as a generator of its byte work (pagecopy.drive runs it now; an engine's thread
+        starts it and polls): yields the payloads' copy, returns the records."""
         lib = pagecopy.library() if len(items) > 1 else None
         if lib is None or not all(p.flags.c_contiguous for _, _, p in items):
             return [self._record(h, e, p) for h, e, p in items]
@@ -475,7 +480,8 @@ class TieredStore:
             lens.append(p.nbytes)
             out.append(whole[off:off + len(hd) + p.nbytes])  # the records keep the buffer alive
             off += len(hd) + p.nbytes
-        lib.copy(src, dst, lens)  # first: the fresh buffer's page faults (2 MiB each, zeroed) land here
+        # first: the fresh buffer's page faults (2 MiB each, zeroed) land in the native copy
+        yield pagecopy.CopyWork(lib, src, dst, lens, keep=(buf, items))
         for hd, o in zip(heads, at):
             whole[o:o + len(hd)] = hd
         return out
@@ -817,9 +823,19 @@ class TieredStore:
         and pages sent down. No reader sees an entry before its bytes are in the slab, and no load
         waits for the lock while this call waits to get the GIL back.
 
-        pause: called (no lock held) after the copies and before the publishing, which holds the
-        GIL: an engine's put thread waits there until its engine's thread is waiting on the GPU,
-        rather than take the GIL back from it while it launches a step."""
+        pause: called (no lock held) after each piece of byte work (the copies of a chunk of
+        demoted pages' records, the checksums and slab copies), before the Python that follows,
+        which holds the GIL: an engine's put thread waits there until its engine's thread is
+        waiting on the GPU, rather than take the GIL back from it while it launches a step."""
+        return pagecopy.drive(self.put_steps(ns, pages, chain_continues), pause)
+
+    def put_steps(self, ns: Namespace, pages: Sequence[Page], chain_continues: bool = False):
+        """put_pages as a generator: it yields its byte work (pagecopy.SumCopyWork / CopyWork, and
+        None where a driver may stop for now) and takes each one's result back; it returns the
+        PutResult. pagecopy.drive runs each piece at once (put_pages); an engine's thread starts
+        each on a native thread and goes on with its own work until it is done (engine.host_tier).
+        The store lock is never held across a yield. Invalid pages raise ValueError before any
+        work is yielded."""
         spec = ns.spec
         root = ns.root
         packed = []  # each page's token ids as uint32le bytes, packed once
@@ -833,14 +849,21 @@ class TieredStore:
                 raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         tally = _Tally()
         if self._slab is not None and pages:
-            self._make_room(spec.page_bytes, len(pages), lambda: (key(root, p.hash) for p in pages), pause)
+            yield None  # the checks were Python: a place to stop
+            yield from self._make_room_steps(spec.page_bytes, len(pages), lambda: (key(root, p.hash) for p in pages))
         with self._lock:
             todo, placed = self._plan_puts(ns, pages, packed, tally)
         # the checksums (from the source bytes) and the copies into the reserved slots: no entry
         # points at those slots, and a demoted page's record was copied out of its slot already
-        sums = self._sum_copy([t[0].data for t in todo], [t[3] for t in todo], self._slab) if todo else []
-        if pause is not None:
-            pause()
+        try:
+            sums = (yield pagecopy.SumCopyWork(self._sum_copy, [t[0].data for t in todo], [t[3] for t in todo],
+                                               self._slab)) if todo else []
+        except BaseException:  # the reserved slots go back; no entry points at them
+            with self._lock:
+                for _, _, e, off in todo:
+                    if off is not None:
+                        self.cpu.cancel(off, e.nbytes)
+            raise
         with self._lock:
             self._publish_puts(root, todo, sums, placed, tally)
             if not chain_continues:  # one walk per offer: a walk costs the chain's depth, and an
@@ -976,17 +999,21 @@ class TieredStore:
             return None
         if victims and self.cpu.used + nbytes > self.config.high_watermark * self.cpu.capacity:
             victims = self._cpu_batch(nbytes, victims)
-        self._demote(victims)
+        pagecopy.drive(self._demote_steps(lambda: victims))
         return self.cpu.reserve(nbytes)
 
     def _make_room(self, nbytes: int, count: int, keys: Callable[[], Iterable[bytes]],
                    pause: Callable[[], None] | None) -> None:
+        """_make_room_steps run here (pagecopy.drive), pause() after each chunk's copies."""
+        pagecopy.drive(self._make_room_steps(nbytes, count, keys), pause)
+
+    def _make_room_steps(self, nbytes: int, count: int, keys: Callable[[], Iterable[bytes]]):
         """Before `count` pages of nbytes (their tier keys: keys(), asked only when the free slots
         fall short) go into the cpu tier (a put, or a disk hit's promotions): demote what they will
         evict, as _reserve_cpu would once the tier is full (down to the low watermark when past the
-        high one), but DEMOTE_CHUNK pages per hold of the store lock, with pause() between holds (an
-        engine's put thread waits there while a load runs, so a hit waits for one chunk at most,
-        not for the whole batch's records). Pages of another size class or pinned ones are left to
+        high one), but DEMOTE_CHUNK pages per hold of the store lock, each chunk's records copied
+        outside it (yielded: an engine's put thread pauses after each while a load runs, so a hit
+        waits for one chunk at most, not for the whole batch's records). Pages of another size class or pinned ones are left to
         _reserve_cpu."""
         cpu, cfg = self.cpu, self.config
         with self._lock:
@@ -1004,14 +1031,11 @@ class TieredStore:
             if full + nbytes > cfg.high_watermark * cpu.capacity:
                 want = max(want, -int(-(full + nbytes - cfg.low_watermark * cpu.capacity) // nbytes))
         while want > 0:
-            with self._lock:
-                victims = self._lru_victims(nbytes, min(want, DEMOTE_CHUNK))
-                if not victims:
-                    return
-                self._demote(victims)
-            want -= len(victims)
-            if want > 0 and pause is not None:
-                pause()
+            chunk = min(want, DEMOTE_CHUNK)
+            got = yield from self._demote_steps(lambda: self._lru_victims(nbytes, chunk))
+            if not got:
+                return
+            want -= got
 
     def _cpu_stored(self, k: bytes, e: Entry, off: int, count: bool = True) -> None:
         """Publish a reserved slot whose bytes are in place (count=False: the caller counts the
@@ -1042,41 +1066,53 @@ class TieredStore:
                     break
         return out
 
-    def _demote(self, victims: list[bytes]) -> None:
-        """Remove victims from the cpu tier, writing the admitted ones to disk. Their records are
-        built together (_records: one native copy for the batch, without the GIL): an eviction
-        batch is ~1,000 pages of 384 KiB for a 4 GB tier, and one GIL-held copy per page held
-        a busy engine thread off the GIL for 10-18 ms at a time (probe_demote.py)."""
+    def _demote_steps(self, choose: Callable[[], list[bytes]]):
+        """Remove the victims choose() names (under the store lock) from the cpu tier, writing the
+        admitted ones to disk; returns how many were removed. Their records are built together
+        (_records_steps: one copy for the chunk, yielded: without the GIL, and on a native thread
+        where an engine's thread drives the put): an eviction batch is ~1,000 pages of 384 KiB for
+        a 4 GB tier, and one GIL-held copy per page held a busy engine thread off the GIL for 10-18
+        ms at a time (probe_demote.py). While the records are copied the victims are out of the
+        index (a lookup misses them) but their slots stay taken; they are given back, the records
+        sent down and the events emitted once the copy is done."""
         removed, down, refused, room = [], [], 0, 0
-        for k in victims:
-            # the slab bytes themselves: the records copy them before this returns, and no put can
-            # reuse the slots before that (puts hold the store lock, as this does)
-            payload = self.cpu.view(k)
-            e = self.cpu.remove(k)
-            removed.append((k, e))
-            if not self.admission.admitted(k):  # used fewer than disk_admission_hits times
-                self.admission.forget(k)
-                self.metrics.store_pages.labels(tier="disk", result="not_admitted").inc()
-            elif self.disk.get(k) is None and self.disk.fits(e.nbytes):
-                size = record_len(e.tokens, e.dtype, e.shape, e.nbytes)
-                if self.disk.accepts(room + size):  # no record built for a writer that would refuse it
-                    down.append((k, e, payload))
-                    room += size
-                else:
-                    refused += 1
-        if refused:
-            self.disk.refused(refused)
-        if removed:
-            self._m_cpu_evicted.inc(len(removed))
-        moved = 0
-        for (k, e, _), record in zip(down, self._records([(hash_of(k), e, p) for k, e, p in down])):
-            if self.disk.put(k, record, e.ns_root, e.parent, e.tokens):
-                moved += e.nbytes
-                self._emit("stored", e.ns_root, hash_of(k), e.parent, "disk")
-        for k, e in removed:
-            self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
-        if moved:
-            self.metrics.transfer_bytes.labels(src="cpu", dst="disk").inc(moved)
+        with self._lock:
+            for k in choose():
+                e = self.cpu.detach(k)  # out of the index; its slot stays taken until given back below
+                removed.append((k, e))
+                if not self.admission.admitted(k):  # used fewer than disk_admission_hits times
+                    self.admission.forget(k)
+                    self.metrics.store_pages.labels(tier="disk", result="not_admitted").inc()
+                elif self.disk.get(k) is None and self.disk.fits(e.nbytes):
+                    size = record_len(e.tokens, e.dtype, e.shape, e.nbytes)
+                    if self.disk.accepts(room + size):  # no record built for a writer that would refuse it
+                        down.append((k, e, self.cpu.slab_np[e.slot:e.slot + e.nbytes]))
+                        room += size
+                    else:
+                        refused += 1
+            if refused:
+                self.disk.refused(refused)
+            if removed:
+                self._m_cpu_evicted.inc(len(removed))
+        if not removed:
+            return 0
+        try:
+            records = yield from self._records_steps([(hash_of(k), e, p) for k, e, p in down])
+        finally:  # the copies are done (or never started): the slots may be reused
+            with self._lock:
+                for _, e in removed:
+                    self.cpu.cancel(e.slot, e.nbytes)
+        with self._lock:
+            moved = 0
+            for (k, e, _), record in zip(down, records):
+                if self.disk.get(k) is None and self.disk.put(k, record, e.ns_root, e.parent, e.tokens):
+                    moved += e.nbytes
+                    self._emit("stored", e.ns_root, hash_of(k), e.parent, "disk")
+            for k, e in removed:
+                self._emit("removed", e.ns_root, hash_of(k), e.parent, "cpu")
+            if moved:
+                self.metrics.transfer_bytes.labels(src="cpu", dst="disk").inc(moved)
+        return len(removed)
 
     def _disk_on_put(self, nbytes: int) -> bool:
         """Whether a page that goes down when it is put goes to disk at once: write-through, no cpu
@@ -1260,6 +1296,8 @@ class TieredStore:
     def close(self) -> None:
         """Write cpu pages that are not on disk yet back to it (a warm restart keeps them), then close."""
         self.set_write_gate(None)  # the pages below are written at once, whatever an engine did
+        if not pagecopy.wait_all():  # a put's byte work still running on a native thread writes the slab
+            log.warning("byte work of a put still running after 30 s; closing the tiers anyway")
         with self._lock:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
                 for k, e in list(self.cpu.entries.items()):

@@ -57,6 +57,7 @@ def test_a_put_pauses_before_publishing_while_the_engine_steps(store, pause):
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store)
     assert host.pause_puts  # an in-process store takes the pause
+    host.put_gate = "gpu-queued"  # the put thread does the work (the "engine" gate: the test below)
     host.pause_puts = pause
     copied, stop = threading.Event(), threading.Event()
     real = store._sum_copy
@@ -89,10 +90,12 @@ def test_a_put_pauses_before_publishing_while_the_engine_steps(store, pause):
         host.close()
 
 
-def test_room_says_no_when_the_queue_is_full(store):
+@pytest.mark.parametrize("gate", ["engine", "gpu-queued"])
+def test_room_says_no_when_the_queue_is_full(store, gate):
     import threading
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store, max_pending_puts=1)
+    host.put_gate = gate
     busy = threading.Event()
 
     def engine_steps():  # a busy engine: the put thread holds its item and the queue stays full
@@ -103,11 +106,10 @@ def test_room_says_no_when_the_queue_is_full(store):
     host.step_started()
     stepper.start()
     try:
-        offer_pages(host, ns, 2, seed=2)   # the put thread picks it up and waits for the gate
-        deadline = time.monotonic() + 5
-        while host._puts.qsize() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        offer_pages(host, ns, 2, seed=3)   # fills the one queue slot
+        # it stays queued: the put thread waits for the gate before it takes an offer (under
+        # "engine" the engine's thread would take it in its waits for the GPU, and none come here)
+        offer_pages(host, ns, 2, seed=2)
+        time.sleep(IDLE_S)
         assert not host.room(2, on_cuda=False)
         before = host.dropped_puts
         assert not host.offer(ns, [b"x" * 16], [ns.root], [np.zeros(4, dtype=np.uint32)], torch.zeros(1, *ns.spec.shape))
@@ -272,4 +274,107 @@ def test_room_says_no_when_the_put_ring_lacks_free_slots(store):
         host._ring.give(slot)
         assert host.room(4, on_cuda=True)
     finally:
+        host.close()
+
+
+class FakeReady:
+    """A step's samples' CUDA event as the engine's wait sees it: query() is False `busy` times."""
+
+    def __init__(self, busy: int):
+        self.busy, self.queries = busy, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.queries > self.busy
+
+
+def test_the_engine_gate_puts_on_the_engines_thread_only_while_it_waits(store):
+    """Under the "engine" gate (the default with an in-process store) a busy engine's puts run on
+    its own thread, in gpu_wait, only while the step's event has not happened, and the put thread
+    does none of them meanwhile; the pages stored equal what was offered."""
+    import threading
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    assert host.put_gate == "engine"
+    stop = threading.Event()
+
+    def engine_steps():
+        while not stop.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    host.step_started()
+    stepper = threading.Thread(target=engine_steps)
+    stepper.start()
+    try:
+        hs = offer_pages(host, ns, 40, seed=21)  # two batches of PUT_BATCH
+        time.sleep(2 * IDLE_S)
+        assert store.lookup(ns, hashes=hs).num_pages == 0 and host.thread_put_pieces == 0
+        host.gpu_wait(True, FakeReady(0))  # the step is done already: no put work
+        host.gpu_wait(False)
+        assert host.engine_put_pieces == 0 and store.lookup(ns, hashes=hs).num_pages == 0
+        ready = FakeReady(3)
+        host.gpu_wait(True, ready)  # a few pieces, then the step is done
+        host.gpu_wait(False)
+        assert 1 <= host.engine_put_pieces <= 3 and ready.queries == 4
+        deadline = time.monotonic() + 10
+        while store.lookup(ns, hashes=hs).num_pages < 40 and time.monotonic() < deadline:
+            host.gpu_wait(True, FakeReady(10 ** 9 if host._puts.unfinished_tasks else 0))
+            host.gpu_wait(False)
+        assert store.lookup(ns, hashes=hs).num_pages == 40
+        assert host.thread_put_pieces == 0  # all of it on this thread
+    finally:
+        stop.set()
+        stepper.join()
+        host.flush()
+        host.close()
+    got = store.get_pages(ns, hs)
+    assert len(got) == 40
+
+
+def test_the_engine_gate_does_no_put_work_while_a_load_runs(store):
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    host.step_started()
+    try:
+        hs = offer_pages(host, ns, 4, seed=22)
+        host._loads_in_flight = 1
+        host.gpu_wait(True, FakeReady(100))
+        host.gpu_wait(False)
+        assert host.engine_put_pieces == 0 and store.lookup(ns, hashes=hs).num_pages == 0
+        host._loads_in_flight = 0
+    finally:
+        host.flush()  # idle now: the put thread puts them
+        host.close()
+    assert store.lookup(ns, hashes=hs).num_pages == 4 and host.thread_put_pieces > 0
+
+
+def test_a_failing_piece_of_put_work_is_counted_and_the_work_goes_on(store, monkeypatch):
+    """A piece whose byte work fails to start (here: its native start raises) fails that offer
+    only: counted in failed_puts, its reserved slots given back, the next offer stored."""
+    from kvc import pagecopy
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    calls = []
+    real = pagecopy.SumCopyWork.start
+
+    def start(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("no thread")
+        return real(self)
+    monkeypatch.setattr(pagecopy.SumCopyWork, "start", start)
+    host.step_started()
+    try:
+        bad = offer_pages(host, ns, 4, seed=23)
+        good = offer_pages(host, ns, 4, seed=24)
+        for _ in range(200):
+            host.gpu_wait(True, FakeReady(50))
+            host.gpu_wait(False)
+            if not host._puts.unfinished_tasks:
+                break
+        assert host.failed_puts == 1
+        assert store.lookup(ns, hashes=bad).num_pages == 0 and store.lookup(ns, hashes=good).num_pages == 4
+        assert store.cpu.used == 4 * ns.spec.page_bytes  # the failed offer's slots were given back
+    finally:
+        host.flush()
         host.close()

@@ -234,6 +234,11 @@ class DownStore:
             raise ConnectionError("cache service unavailable")
         return self.store.put_pages(ns, pages, chain_continues)
 
+    def put_steps(self, ns, pages, chain_continues=False):  # the host tier's "engine" gate drives this
+        if self.down:
+            raise ConnectionError("cache service unavailable")
+        return (yield from self.store.put_steps(ns, pages, chain_continues))
+
     def __getattr__(self, name):
         return getattr(self.store, name)
 

@@ -53,6 +53,61 @@ def test_native_checksums_and_copies_equal_xxhash_and_the_bytes(native):
 
 
 @needs_cc
+def test_started_jobs_equal_the_call_and_run_off_the_calling_thread(native):
+    """start / start_pointers: the same checksums and bytes as the blocking call, done() polled;
+    every live job is tracked until seen done (wait_all)."""
+    g = torch.Generator().manual_seed(1)
+    datas = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in SIZES]
+    offsets = list(np.cumsum([0] + SIZES[:-1]))
+    slab = np.zeros(sum(SIZES), dtype=np.uint8)
+    job = native.start(datas, offsets, slab)
+    job.wait()
+    assert job.result() == [xxhash.xxh3_64_intdigest(d.numpy()) for d in datas]
+    assert np.array_equal(slab, np.concatenate([d.numpy() for d in datas]))
+    out = np.zeros(sum(SIZES), dtype=np.uint8)
+    work = pagecopy.CopyWork(native, [slab.ctypes.data], [out.ctypes.data], [slab.nbytes], keep=(slab, out))
+    pending = work.start()
+    assert pagecopy.wait_all(10) and pending.done() and pending.result() is None
+    assert np.array_equal(out, slab)
+    big = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, generator=g)  # long enough to poll
+    job = native.start([big], [None], None)
+    polls = 0
+    while not job.done():
+        polls += 1
+    assert job.result() == [xxhash.xxh3_64_intdigest(big.numpy())] and polls > 0
+
+
+def test_drive_runs_work_in_order_and_throws_errors_back_in():
+    seen = []
+
+    class Work:
+        def __init__(self, v):
+            self.v = v
+
+        def run(self):
+            if self.v == "bad":
+                raise OSError("bad work")
+            return self.v * 2
+
+    def steps():
+        seen.append((yield Work(1)))
+        seen.append((yield None))
+        try:
+            yield Work("bad")
+        except OSError as e:
+            seen.append(str(e))
+        return "end"
+    pauses = []
+    assert pagecopy.drive(steps(), lambda: pauses.append(1)) == "end"
+    assert seen == [2, None, "bad work"] and len(pauses) == 2
+
+    def unhandled():
+        yield Work("bad")
+    with pytest.raises(OSError, match="bad work"):
+        pagecopy.drive(unhandled())
+
+
+@needs_cc
 def test_native_refuses_a_slot_outside_the_slab_before_copying(native):
     """The bounds check guards a memcpy: it must hold under python -O too (no assert)."""
     slab = np.zeros(100, dtype=np.uint8)

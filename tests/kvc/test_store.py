@@ -28,6 +28,20 @@ def metric(store, name, **labels):
     return 0.0 if v is None else v
 
 
+def count_demotions(s) -> list[int]:
+    """The size of each chunk of victims s demotes from now on (appended as each is chosen)."""
+    sizes, real = [], s._demote_steps
+
+    def chosen(choose):
+        def pick():
+            victims = choose()
+            sizes.append(len(victims))
+            return victims
+        return real(pick)
+    s._demote_steps = chosen
+    return sizes
+
+
 def test_lookup_counts_tokens_and_hits_by_tier(tmp_path):
     with TieredStore(kvc_config(tmp_path)) as s:
         toks = list(range(22))
@@ -331,8 +345,8 @@ def test_a_batch_of_demotions_writes_every_record_whole(tmp_path, monkeypatch, n
     if not native:
         monkeypatch.setattr(pagecopy, "library", lambda cc=None: None)
     with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
-        sizes, real = [], s._records
-        s._records = lambda items: (sizes.append(len(items)), real(items))[1]
+        sizes, real = [], s._records_steps
+        s._records_steps = lambda items: (sizes.append(len(items)), real(items))[1]
         s.put_pages(NS, pb)  # one batch demotes A's oldest pages down to the low watermark
         s.flush()
         assert max(sizes) >= 8, sizes
@@ -359,8 +373,8 @@ def test_demotions_build_no_records_the_disk_writer_would_refuse(tmp_path):
         e = next(iter(s.cpu.entries.values()))
         rec = record_len(e.tokens, e.dtype, e.shape, e.nbytes)
         s.disk.max_backlog_bytes = 3 * rec + rec // 2  # room for three records
-        built, real = [], s._records
-        s._records = lambda items: (built.append(len(items)), real(items))[1]
+        built, real = [], s._records_steps
+        s._records_steps = lambda items: (built.append(len(items)), real(items))[1]
         s.put_pages(NS, pb)  # demotes A's oldest pages down to the low watermark: more than three
         evicted = metric(s, "kvc_evictions_total", tier="cpu", reason="capacity")
         refused = metric(s, "kvc_store_pages_total", tier="disk", result="backlog_full")
@@ -381,8 +395,7 @@ def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch
     from kvc import store as store_mod
     monkeypatch.setattr(store_mod, "DEMOTE_CHUNK", 4, raising=False)
     with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
-        sizes, real = [], s._demote
-        s._demote = lambda victims: (sizes.append(len(victims)), real(victims))[1]
+        sizes = count_demotions(s)
         lock_free = []
 
         def pause():  # another thread (a load) can take the store's lock here
@@ -401,7 +414,9 @@ def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch
         # 18 of 20 pages held: the 3rd page of B finds the tier full and the batch goes down to the
         # low watermark, 8 pages: 13 of A's pages, its tail first (deepest first in the LRU)
         assert sizes == [4, 4, 4, 1], sizes
-        assert [n for n, _ in lock_free] == [4, 8, 12, 13] and all(free for _, free in lock_free), lock_free
+        # a pause after the checks, after each chunk's records' copy (a one-page chunk's record is
+        # built in place: no copy to pause after) and after the checksums and slab copies
+        assert [n for n, _ in lock_free] == [0, 4, 8, 12, 13] and all(free for _, free in lock_free), lock_free
         assert set(s.cpu.entries) == set(keys(*ha[:5], *hb))
         assert metric(s, "kvc_evictions_total", tier="cpu", reason="capacity") == 13
         got = s.get_pages(NS, ha)
@@ -641,8 +656,54 @@ def test_a_disk_hit_into_a_full_cpu_tier_demotes_in_chunks(tmp_path, monkeypatch
         s.flush()
         assert len(s.cpu.entries) == 20 and s.lookup(NS, hashes=ha).located[5:] == ["disk"] * 13
         monkeypatch.setattr(store_mod, "DEMOTE_CHUNK", 4, raising=False)
-        sizes, real = [], s._demote
-        s._demote = lambda victims: (sizes.append(len(victims)), real(victims))[1]
+        sizes = count_demotions(s)
         got = s.get_pages(NS, ha)
         assert len(got) == 18 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
         assert sizes and max(sizes) <= 4, sizes
+
+
+def drive_started(steps, between):
+    """Drive a store generator as an engine's thread does: each piece of byte work started (a
+    native thread where the library builds) and polled; between() runs while it is in flight."""
+    send = None
+    while True:
+        try:
+            work = steps.send(send)
+        except StopIteration as stop:
+            return stop.value
+        send = None
+        if work is not None:
+            pending = work.start()
+            between()
+            while not pending.done():
+                between()
+            send = pending.result()
+
+
+def test_puts_with_started_byte_work_store_what_the_blocking_put_stores(tmp_path):
+    """put_steps with its copies on native threads, other threads' lookups and gets running while
+    each copy is in flight, into a full tier that demotes chunk by chunk: the same pages end in the
+    same tiers as with put_pages, and every page reads back equal."""
+    results = []
+    for started in (False, True):
+        with store_with_a_chain(tmp_path / str(started)) as (s, ha, pa, hb, pb):
+            reads = []
+
+            def between():
+                got = s.get_pages(NS, hb[:2])  # hits or misses, never wrong bytes
+                reads.append(all(torch.equal(g.data, p.data) for g, p in zip(got, pb)))
+                s.lookup(NS, hashes=ha)
+            if started:
+                res = drive_started(s.put_steps(NS, pb), between)
+            else:
+                res = s.put_pages(NS, pb)
+            s.flush()
+            assert all(reads)
+            located = (s.lookup(NS, hashes=ha).located, s.lookup(NS, hashes=hb).located)
+            results.append((res.stored, located, sorted(s.cpu.entries)))
+            assert s.cpu.used == len(s.cpu.entries) * SPEC.page_bytes  # every detached slot given back
+            got = s.get_pages(NS, ha)
+            assert len(got) == 18 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
+            got = s.get_pages(NS, hb)
+            assert len(got) == 10 and all(torch.equal(g.data, p.data) for g, p in zip(got, pb))
+    assert results[0] == results[1]
