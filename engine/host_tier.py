@@ -201,6 +201,7 @@ class HostTier:
         self._task: Stepping | None = None  # the offer being put ("engine" gate)
         self._offered = threading.Event()  # set by offer: wakes an idle put thread
         self._closed = False
+        self._stop = threading.Event()  # set by close(): wakes a put thread waiting for an idle engine
         self.engine_put_pieces = 0  # pieces of put work the engine's thread did in its waits
         self.thread_put_pieces = 0  # ... the put thread did (idle engine, or the other gates)
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
@@ -697,8 +698,8 @@ class HostTier:
                 return
             engine = self.put_gate == "engine"
             if engine and not self._engine_idle():
-                self._launch_signal.wait(IDLE_S)
-                self._launch_signal.clear()
+                # asleep until the engine could be idle (not woken by each launch: a wake takes the GIL)
+                self._stop.wait(max(self._active + IDLE_S - time.monotonic(), IDLE_S / 4))
                 continue
             if not engine and (self.pause_puts or not self.stepped or self._task is None):
                 self._wait_for_slack()  # pause_puts off: before each offer only (benchmarks compare)
@@ -720,6 +721,7 @@ class HostTier:
         self._gate_disk_writes(None)
         self._puts.put(None)
         self._offered.set()
+        self._stop.set()
         self._putter.join(timeout=5)
         self._prober.shutdown(wait=True)
         self._loader.shutdown(wait=True)
