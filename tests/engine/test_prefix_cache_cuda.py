@@ -26,12 +26,19 @@ def run(eng, prompts):
     return run_to_end(eng, prompts, GREEDY)
 
 
-def test_side_stream_puts_under_concurrent_prefill_match_cache_off(qwen_dir, store):
+@pytest.mark.parametrize("gate", ["engine", "gpu-queued"])
+def test_side_stream_puts_under_concurrent_prefill_match_cache_off(qwen_dir, store, gate):
+    """Under the "engine" gate (the default) the engine's thread does put work in its waits for the
+    GPU while the other prompts prefill; under "gpu-queued" the put thread does it beside them."""
     off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
     eng = engine(qwen_dir, cache=store)
-    first = run(eng, PROMPTS)  # pages are offered while the other prompts still prefill
-    eng.prefix_cache.flush()
     host = eng.prefix_cache.host
+    assert host.put_gate == "engine"
+    host.put_gate = gate
+    first = run(eng, PROMPTS)  # pages are offered while the other prompts still prefill
+    if gate == "engine":
+        assert host.engine_put_pieces > 0  # the engine stepped throughout: its own thread did them
+    eng.prefix_cache.flush()
     assert host.failed_puts == 0  # puts are best-effort (a busy engine drops some): none may fail
     assert store.stats()["tiers"]["cpu"]["pages"] > 0
     eng.prefix_cache.reset_device_cache()
