@@ -414,7 +414,8 @@ def main():
     mark(pinned._Ring, "_slot", "pinned upload: slot (waits for the slot's last copy)")
     mark(pinned._Ring, "_record", "pinned upload: event record")
     import engine.runner as runner_module
-    mark(runner_module, "sample", "sample (waits for the GPU)")
+    mark(runner_module.Launched, "tokens", "samples read back (Launched.tokens: waits for the GPU)")
+    mark(eng.prefix_cache, "gpu_wait", "gpu_wait (the engine gate's put work, then the wait)")
     import engine.prefill_graphs as graphs_module
     mark(graphs_module, "kernel_attention", "step: attention launches (kernel_attention, a layer each)")
     if eng.runner.prefill_graphs is not None:
