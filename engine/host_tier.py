@@ -269,7 +269,7 @@ class HostTier:
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(pool.device))
             fut = self._loader.submit(self._load, ns, list(hashes), pool, list(blocks), tiers, ready, on_queued)
-        fut.add_done_callback(self._load_ended)
+        getattr(fut, "finished", fut).add_done_callback(self._load_ended)
         return fut
 
     def _queue_layers_here(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],
@@ -316,13 +316,23 @@ class HostTier:
             return failed
         finally:
             handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
-        return self._loader.submit(self._finish_layers, got, start, end, spec.page_bytes)
+        fut: Future = Future()  # done at the verdict, before the store's bookkeeping and the rate sample
+        # the load counts as in flight (puts keep off the store's lock) until the loader is done
+        fut.finished = self._loader.submit(self._finish_layers, got, start, end, spec.page_bytes, fut)
+        return fut
 
-    def _finish_layers(self, got, start, end, page_bytes: int) -> int:
-        """The loader thread's part of a load queued by _queue_layers_here: its verdict."""
+    def _finish_layers(self, got, start, end, page_bytes: int, fut: Future | None = None) -> int:
+        """The loader thread's part of a load queued by _queue_layers_here: its verdict, into fut
+        as soon as it is known (finish_layers' on_verdict), then the bookkeeping."""
+        def verdict(n: int) -> None:
+            if fut is not None and not fut.done():
+                fut.set_result(n)
         try:
-            n = self.cache.finish_layers(got)
+            n = self.cache.finish_layers(got, on_verdict=verdict)
+            verdict(n)  # a wrapper may not call on_verdict: the count it returns is the verdict
         except Exception as e:  # a step may have read these layers: the load fails (the step is void)
+            if fut is not None and not fut.done():
+                fut.set_exception(e)
             self.layer_loads_off = f"{type(e).__name__}: {e}"
             log.warning("layer-by-layer loads disabled, loading whole pages: %s", self.layer_loads_off,
                         exc_info=True)

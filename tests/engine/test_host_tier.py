@@ -378,3 +378,38 @@ def test_a_failing_piece_of_put_work_is_counted_and_the_work_goes_on(store, monk
     finally:
         host.flush()
         host.close()
+
+
+def test_a_layered_loads_future_is_done_at_its_verdict_before_the_bookkeeping(store):
+    """The loader's part of a layer-by-layer load hands the verdict to the request's future as soon
+    as the store knows it; the store's bookkeeping and the rate sample come after."""
+    import threading
+    from concurrent.futures import Future
+
+    class Event:
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+    release = threading.Event()
+
+    class Cache:
+        def finish_layers(self, got, on_verdict=None):
+            on_verdict(7)
+            assert release.wait(10)  # the bookkeeping
+            return 7
+    host = HostTier(store)
+    try:
+        host.cache = Cache()
+        fut: Future = Future()
+        t = threading.Thread(target=host._finish_layers, args=(object(), Event(), Event(), 1 << 20, fut))
+        t.start()
+        assert fut.result(timeout=10) == 7 and t.is_alive()  # done while the bookkeeping still runs
+        release.set()
+        t.join(10)
+        assert host.layered_loads == 1
+    finally:
+        release.set()
+        host.cache = store
+        host.close()

@@ -545,7 +545,7 @@ class LateVerifyStore:
             layer_landed(layer, len(hashes))
         return got, n
 
-    def finish_layers(self, started):  # on the loader thread: the verdict comes once gate is set
+    def finish_layers(self, started, on_verdict=None):  # on the loader thread: the verdict once gate is set
         got, n = started
         assert self.gate.wait(30)
         return min(n, self.store.finish_layers(got))

@@ -186,7 +186,7 @@ def test_a_layered_load_failing_after_the_hand_off_voids_the_early_step(qwen_dir
                 layer_landed(layer, len(hashes))
             return got
 
-        def finish_layers(self, got):  # the loader thread's verdict
+        def finish_layers(self, got, on_verdict=None):  # the loader thread's verdict
             self.s.finish_layers(got)
             assert self.gate.wait(30)  # the engine took the request back early
             raise RuntimeError("driver gone")

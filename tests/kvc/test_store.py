@@ -553,6 +553,28 @@ def test_a_layered_gets_verdict_survives_pages_deleted_or_stored_again_meanwhile
         assert not s._reading
 
 
+def test_a_layered_gets_verdict_is_handed_out_before_its_bookkeeping(tmp_path):
+    """on_verdict gets the count as soon as it is known: the run's pages are still marked as read
+    and a corrupt page is still in the tier then; after the return both are done."""
+    from kvc.store import LayeredGet, keys_of
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=4 / 1024, disk_path=None)) as s:
+        hashes, pages = make_pages(NS, list(range(4 * 6)))
+        s.put_pages(NS, pages)
+        keys = keys_of(NS.root, hashes)
+        flags = torch.zeros(6, dtype=torch.bool)
+        flags[4] = True
+        got = LayeredGet(keys, 6, torch.device("cpu"), [s.cpu.entries[k] for k in keys], flags=flags, done=_Done())
+        for k in keys:
+            s._reading[k] = s._reading.get(k, 0) + 1  # as start_layers_into marks them
+        seen = []
+
+        def verdict(n):
+            seen.append((n, len(s._reading), s.cpu.get(keys[4]) is not None))
+        assert s.finish_layers(got, on_verdict=verdict) == 4
+        assert seen == [(4, 6, True)]
+        assert not s._reading and s.cpu.get(keys[4]) is None
+
+
 def test_record_len_is_the_size_of_the_record_pack_header_starts():
     """record_len (a demotion's check of the disk backlog) says what pack_header + payload make."""
     import numpy as np
