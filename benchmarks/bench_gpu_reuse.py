@@ -664,8 +664,8 @@ def paired_row(model_dir, base: dict, tiers: dict, work: Path, rng: random.Rando
     for label, llm, rs in zip(labels, ons, ratios):
         host = llm.engine.prefix_cache.host
         puts = (f"; dropped put pages {host.dropped_puts}, failed puts {host.failed_puts}; put gate {host.put_gate}, "
-                f"pieces of put work on the engine's thread {host.engine_put_pieces}, on the put thread "
-                f"{host.thread_put_pieces}") if host is not None else ""
+                f"pieces of put work on the engine's thread {host.engine_put_pieces} (starved, past the GPU: "
+                f"{host.engine_forced_pieces}), on the put thread {host.thread_put_pieces}") if host is not None else ""
         notes.append(f"# paired rows, {label}: pair ratios {', '.join(f'{r:.3f}' for r in rs)}{puts}")
         notes.append(f"# CUDA allocator over its timed batches: {dict(llm.__dict__.get('bench_alloc', {}))}")
         notes.append(step_table(llm_off, llm, rs))

@@ -53,6 +53,13 @@ MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: 
 PUT_BATCH = 32
 PUT_RING_BYTES = 1 << 30  # default size of the pinned ring offered pages are copied into on CUDA
 IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely
+# The "engine" gate when the engine is host-bound (its step is done before it waits: a small model,
+# decode-heavy batches): no put work fits in its waits, and offers would only be put while it is
+# idle. After STARVED_S with offers queued and no put work in its waits, its thread does a piece
+# past the GPU now and then, at most FORCED_SHARE of its time (a starved cache loses hit rate; the
+# share bounds what that costs the engine).
+STARVED_S = 0.5
+FORCED_SHARE = 0.02
 
 
 class _EventWork:
@@ -203,6 +210,9 @@ class HostTier:
         self._closed = False
         self._stop = threading.Event()  # set by close(): wakes a put thread waiting for an idle engine
         self.engine_put_pieces = 0  # pieces of put work the engine's thread did in its waits
+        self.engine_forced_pieces = 0  # ... past the GPU, starved (STARVED_S, FORCED_SHARE)
+        self._slack_t = time.monotonic()  # the last piece in a wait, or the last time nothing was queued
+        self._forced_t0, self._forced_s = time.monotonic(), 0.0  # the forced pieces' window and time
         self.thread_put_pieces = 0  # ... the put thread did (idle engine, or the other gates)
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
@@ -559,16 +569,38 @@ class HostTier:
         if self._loads_in_flight or not self._driver.acquire(blocking=False):
             return
         try:
+            if ready.query():
+                self._forced_piece()
+                return
             while not ready.query() and not self._loads_in_flight:
                 st = self._advance()
                 if st == "idle":
                     return
                 if st == "ran":
                     self.engine_put_pieces += 1
+                    self._slack_t = time.monotonic()
                 else:  # busy: the byte work runs on its native thread; give the GIL to others meanwhile
                     time.sleep(0)
         finally:
             self._driver.release()
+
+    def _forced_piece(self) -> None:
+        """The engine's step was done before it waited (host-bound): one piece of put work anyway if
+        offers have waited STARVED_S without any done in its waits, within FORCED_SHARE of its time."""
+        now = time.monotonic()
+        if self._task is None and self._puts.empty():
+            self._slack_t = now  # nothing waits: not starved
+            return
+        if now - self._slack_t < STARVED_S:
+            return
+        if now - self._forced_t0 > 10.0:  # a fresh window, with one second's allowance
+            self._forced_t0, self._forced_s = now - 1.0, 0.0
+        if self._forced_s > FORCED_SHARE * (now - self._forced_t0):
+            return
+        st = self._advance()
+        self._forced_s += time.monotonic() - now
+        if st == "ran":
+            self.engine_forced_pieces += 1
 
     def _advance(self, start: bool = True) -> str:
         """One piece of the put work on the calling thread, which holds the driver lock: 'ran',

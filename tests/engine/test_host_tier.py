@@ -413,3 +413,45 @@ def test_a_layered_loads_future_is_done_at_its_verdict_before_the_bookkeeping(st
         release.set()
         host.cache = store
         host.close()
+
+
+def test_a_host_bound_engine_does_a_bounded_share_of_put_work_past_the_gpu(store, monkeypatch):
+    """Under the "engine" gate a host-bound engine (every step done before it waits) does no put
+    work at first; once offers have waited STARVED_S it does a piece now and then, at most
+    FORCED_SHARE of its time, so a busy engine's cache is not starved of pages."""
+    import threading
+    from engine import host_tier
+    monkeypatch.setattr(host_tier, "STARVED_S", 0.2)
+    monkeypatch.setattr(host_tier, "FORCED_SHARE", 0.05)
+    ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
+    host = HostTier(store)
+    stop = threading.Event()
+
+    def engine_steps():
+        while not stop.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    host.step_started()
+    stepper = threading.Thread(target=engine_steps)
+    stepper.start()
+    try:
+        hs = offer_pages(host, ns, 40, seed=31)
+        t0 = time.monotonic()
+        first = None
+        while time.monotonic() - t0 < 1.5:
+            host.gpu_wait(True, FakeReady(0))  # the step is always done already
+            host.gpu_wait(False)
+            if first is None and time.monotonic() - t0 > 0.1:
+                first = host.engine_forced_pieces
+            time.sleep(0.001)
+        elapsed = time.monotonic() - t0
+        assert first == 0  # not starved yet
+        assert host.engine_forced_pieces > 0 and host.engine_put_pieces == 0 and host.thread_put_pieces == 0
+        # within the share (+ one piece's overshoot; the window starts with a second's allowance)
+        assert host._forced_s <= 0.05 * (elapsed + 1.0) + 0.05
+        assert store.lookup(ns, hashes=hs).num_pages > 0
+    finally:
+        stop.set()
+        stepper.join()
+        host.flush()
+        host.close()
