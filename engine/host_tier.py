@@ -211,9 +211,9 @@ class HostTier:
         self._stop = threading.Event()  # set by close(): wakes a put thread waiting for an idle engine
         self.engine_put_pieces = 0  # pieces of put work the engine's thread did in its waits
         self.engine_forced_pieces = 0  # ... past the GPU, starved (STARVED_S, FORCED_SHARE)
+        self.thread_put_pieces = 0  # ... the put thread did (idle engine, or the other gates)
         self._slack_t = time.monotonic()  # the last piece in a wait, or the last time nothing was queued
         self._forced_t0, self._forced_s = time.monotonic(), 0.0  # the forced pieces' window and time
-        self.thread_put_pieces = 0  # ... the put thread did (idle engine, or the other gates)
         self._putter = threading.Thread(target=self._put_loop, name="kvc-put", daemon=True)
         self._putter.start()
 

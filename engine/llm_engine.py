@@ -380,8 +380,10 @@ class LLMEngine:
         self.metrics.device_tier(self.kv.pool.num_blocks * self.kv.spec.page_bytes,
                                  b.num_blocks - b.num_free, self.kv.spec.page_bytes)
         self.metrics.rates(self.planner.prefill_rate(), self.planner.tier_rates())
-        if self.prefix_cache.host is not None:
-            self.metrics.dropped(self.prefix_cache.host.dropped_puts)
+        host = self.prefix_cache.host
+        if host is not None:
+            self.metrics.dropped(host.dropped_puts)
+            self.metrics.put_pieces(host.engine_put_pieces, host.engine_forced_pieces, host.thread_put_pieces)
 
     def close(self) -> None:
         """Stop the workers and drop the weights, the device pool and everything that holds them

@@ -43,6 +43,11 @@ class EngineMetrics:
         self.dropped_puts = Counter("kvc_engine_dropped_put_pages_total",
                                     "Pages offered to the host tiers and dropped (put queue or buffer full)", registry=r)
         self._dropped_seen = 0
+        # Who did the put work (engine.host_tier's "engine" gate): the engine's thread in its waits
+        # for the GPU, the same thread past the GPU when starved, or the put thread.
+        pieces = Counter("kvc_engine_put_pieces_total", "Pieces of put work (up to 32 pages of the host "
+                         "tiers' bookkeeping each), by the thread and the time they ran in", ["where"], registry=r)
+        self._pieces = {w: (pieces.labels(where=w), [0]) for w in ("engine_wait", "engine_forced", "put_thread")}
         self.load_rate = Gauge("kvc_tier_load_bytes_per_second",
                                "Measured bandwidth of loads from a host tier into the device pool (EWMA)",
                                ["tier"], registry=r)
@@ -57,6 +62,14 @@ class EngineMetrics:
         if total > self._dropped_seen:
             self.dropped_puts.inc(total - self._dropped_seen)
             self._dropped_seen = total
+
+    def put_pieces(self, engine_wait: int, engine_forced: int, put_thread: int) -> None:
+        """The host tier's running counts of pieces of put work."""
+        for w, total in (("engine_wait", engine_wait), ("engine_forced", engine_forced), ("put_thread", put_thread)):
+            counter, seen = self._pieces[w]
+            if total > seen[0]:
+                counter.inc(total - seen[0])
+                seen[0] = total
 
     def rates(self, prefill: float | None, tiers: dict[str, float]) -> None:
         if prefill is not None:

@@ -31,6 +31,21 @@ def offer_pages(host: HostTier, ns: Namespace, n: int, seed: int) -> list[bytes]
     return hs
 
 
+def busy_engine(host: HostTier):
+    """A busy engine beside the test (a step starts every few ms) from now on; returns its stop."""
+    import threading
+    stop = threading.Event()
+
+    def engine_steps():
+        while not stop.is_set():
+            host.step_started()
+            time.sleep(IDLE_S / 20)
+    host.step_started()
+    stepper = threading.Thread(target=engine_steps)
+    stepper.start()
+    return lambda: (stop.set(), stepper.join())
+
+
 def test_puts_wait_while_the_engine_steps_and_run_once_it_is_idle(store):
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store)
@@ -226,19 +241,10 @@ def test_puts_run_while_the_engine_waits_for_the_gpu(store, gate):
     """Under the "gpu-wait" gate a busy engine's puts run only while its thread waits for a step's
     samples (gpu_wait). The default gate ("gpu-queued", with no step on a GPU here) keeps them
     held even while the engine waits: the check can fail either way."""
-    import threading
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store)
     host.put_gate = gate
-    stop = threading.Event()
-
-    def engine_steps():  # a busy engine: a step starts every few ms
-        while not stop.is_set():
-            host.step_started()
-            time.sleep(IDLE_S / 20)
-    host.step_started()
-    stepper = threading.Thread(target=engine_steps)
-    stepper.start()
+    stop_engine = busy_engine(host)
     try:
         hs = offer_pages(host, ns, 8, seed=11)
         time.sleep(2 * IDLE_S)
@@ -251,8 +257,7 @@ def test_puts_run_while_the_engine_waits_for_the_gpu(store, gate):
         host.gpu_wait(False)
         assert put_while_waiting == (8 if gate == "gpu-wait" else 0)
     finally:
-        stop.set()
-        stepper.join()
+        stop_engine()
         host.flush()
         host.close()
     assert store.lookup(ns, hashes=hs).num_pages == 8
@@ -292,19 +297,10 @@ def test_the_engine_gate_puts_on_the_engines_thread_only_while_it_waits(store):
     """Under the "engine" gate (the default with an in-process store) a busy engine's puts run on
     its own thread, in gpu_wait, only while the step's event has not happened, and the put thread
     does none of them meanwhile; the pages stored equal what was offered."""
-    import threading
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store)
     assert host.put_gate == "engine"
-    stop = threading.Event()
-
-    def engine_steps():
-        while not stop.is_set():
-            host.step_started()
-            time.sleep(IDLE_S / 20)
-    host.step_started()
-    stepper = threading.Thread(target=engine_steps)
-    stepper.start()
+    stop_engine = busy_engine(host)
     try:
         hs = offer_pages(host, ns, 40, seed=21)  # two batches of PUT_BATCH
         time.sleep(2 * IDLE_S)
@@ -323,8 +319,7 @@ def test_the_engine_gate_puts_on_the_engines_thread_only_while_it_waits(store):
         assert store.lookup(ns, hashes=hs).num_pages == 40
         assert host.thread_put_pieces == 0  # all of it on this thread
     finally:
-        stop.set()
-        stepper.join()
+        stop_engine()
         host.flush()
         host.close()
     got = store.get_pages(ns, hs)
@@ -419,21 +414,12 @@ def test_a_host_bound_engine_does_a_bounded_share_of_put_work_past_the_gpu(store
     """Under the "engine" gate a host-bound engine (every step done before it waits) does no put
     work at first; once offers have waited STARVED_S it does a piece now and then, at most
     FORCED_SHARE of its time, so a busy engine's cache is not starved of pages."""
-    import threading
     from engine import host_tier
     monkeypatch.setattr(host_tier, "STARVED_S", 0.2)
     monkeypatch.setattr(host_tier, "FORCED_SHARE", 0.05)
     ns = Namespace("qwen3_moe", PageSpec(2, 2, 8, 4, "float32"), "digest")
     host = HostTier(store)
-    stop = threading.Event()
-
-    def engine_steps():
-        while not stop.is_set():
-            host.step_started()
-            time.sleep(IDLE_S / 20)
-    host.step_started()
-    stepper = threading.Thread(target=engine_steps)
-    stepper.start()
+    stop_engine = busy_engine(host)
     try:
         hs = offer_pages(host, ns, 40, seed=31)
         t0 = time.monotonic()
@@ -451,7 +437,6 @@ def test_a_host_bound_engine_does_a_bounded_share_of_put_work_past_the_gpu(store
         assert host._forced_s <= 0.05 * (elapsed + 1.0) + 0.05
         assert store.lookup(ns, hashes=hs).num_pages > 0
     finally:
-        stop.set()
-        stepper.join()
+        stop_engine()
         host.flush()
         host.close()

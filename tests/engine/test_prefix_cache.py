@@ -401,6 +401,9 @@ def test_engine_skips_a_slow_tier_and_uses_a_fast_one(qwen_dir, store, cpu_bytes
     assert done["again"].outputs[0].token_ids == cold
     assert reg.get_sample_value("kvc_engine_prefill_tokens_per_second") == 1000
     assert reg.get_sample_value("kvc_tier_load_bytes_per_second", {"tier": "cpu"}) > 0
+    # off CUDA no step leaves the engine waiting: the put thread did the first run's puts
+    assert reg.get_sample_value("kvc_engine_put_pieces_total", {"where": "put_thread"}) > 0
+    assert reg.get_sample_value("kvc_engine_put_pieces_total", {"where": "engine_wait"}) == 0
     eng.close()
 
 
