@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import time
 
 import pytest
 
@@ -690,3 +691,44 @@ def test_abort_and_close_do_the_last_steps_bookkeeping_first(qwen_dir, store):
     assert store.lookup(ns, tokens=PROMPT[:20]).num_pages == 4  # a's; c's fifth page is not offered yet
     eng.close()  # closing waits for the puts it queued
     assert store.lookup(ns, tokens=PROMPT[:20]).num_pages == 5
+
+
+def test_the_engine_gate_puts_on_the_engines_thread_inside_real_steps(qwen_dir, store, monkeypatch):
+    """The engine's own thread does the put work in its waits for each step's samples (the "engine"
+    gate), here on CPU with every step's samples made to look busy for a few polls (off CUDA no
+    step leaves the engine waiting): prompts with shared prefixes run while their pages are put,
+    outputs equal cache-off, the pages land in the host tiers and come back as cpu hits."""
+    from engine import runner as runner_mod
+    from engine.host_tier import IDLE_S
+
+    class Busy:  # a step's samples' event that is "on the GPU" for a few polls
+        def __init__(self):
+            self.polls = 0
+
+        def query(self):
+            self.polls += 1
+            return self.polls > 4
+    monkeypatch.setattr(runner_mod.Launched, "ready", property(lambda self: Busy()))
+    prompts = [PROMPT[:16 + 4 * k] + [(k * 13 + j) % 250 for j in range(9 + k)] for k in range(6)]
+    off = make_engine(qwen_dir)
+    cold = [run_one(off, p) for p in prompts]
+    eng = make_engine(qwen_dir, cache=store)
+    eng._pace_puts = True  # the engine tells the host tier when it steps, as on CUDA
+    host = eng.prefix_cache.host
+    assert host.put_gate == "engine"
+    rids = [f"gate{k}" for k in range(len(prompts))]
+    for rid, p in zip(rids, prompts):
+        eng.add_request(rid, p, GREEDY)
+    done: dict = {}
+    drain(eng, done, 2000)
+    assert [done[r].outputs[0].token_ids for r in rids] == cold
+    assert host.engine_put_pieces > 0
+    time.sleep(2 * IDLE_S)  # idle: the put thread finishes what is left
+    eng.prefix_cache.flush()
+    assert host.failed_puts == 0
+    eng.prefix_cache.reset_device_cache()
+    again = [run_one(eng, p) for p in prompts]
+    assert again == cold
+    ns = eng.kv.namespace("")
+    assert store.lookup(ns, tokens=prompts[-1]).num_pages > 0
+    eng.close()
