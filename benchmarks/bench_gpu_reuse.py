@@ -596,8 +596,8 @@ def gap_table(label: str, gaps: list[tuple], top: int = 10) -> str:
 
 
 def other_gate(gate: str | None) -> str:
-    """The put gate a variant compares with `gate`: the put thread's default before the "engine"
-    gate ("gpu-queued") against "engine", else "gpu-queued" against "gpu-wait" and vice versa."""
+    """The put gate a variant compares with `gate`: "engine" (the default) and "gpu-queued" (the put
+    thread's default before it) against each other; "gpu-wait" against "gpu-queued"."""
     return {"engine": "gpu-queued", "gpu-queued": "engine"}.get(gate, "gpu-queued")
 
 

@@ -63,7 +63,7 @@ FORCED_SHARE = 0.02
 
 
 class _EventWork:
-    """A put's wait for its pages' copy into the ring, as a piece of work (kvc.pagecopy.drive)."""
+    """A put's wait for its pages' copy into the ring, as a piece of work (kvc.pagecopy.Stepping)."""
 
     def __init__(self, event):
         self.event = event
@@ -79,53 +79,6 @@ class _EventWork:
 
     def result(self) -> None:
         return None
-
-
-class _Failed:
-    """A piece of work that failed to start: its error goes back into the put (Stepping)."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-    def done(self) -> bool:
-        return True
-
-    def result(self):
-        raise self.error
-
-
-class Stepping:
-    """A generator of put work (an offer) advanced one piece at a time by whichever thread holds
-    the host tier's driver lock: advance() runs the Python up to the next piece of byte work,
-    starts it (a native thread, kvc.pagecopy) and returns; the next advance() goes on once that
-    work is done. Results and errors are sent back into the generator."""
-
-    def __init__(self, steps):
-        self.steps = steps
-        self.pending = None
-
-    def advance(self, start: bool = True) -> str:
-        """'ran' (some of its Python ran), 'busy' (its byte work or copy is not done) or 'done'.
-        start=False: the byte work runs here, before the return (work.run)."""
-        send, exc = None, None
-        if self.pending is not None:
-            if not self.pending.done():
-                return "busy"
-            pending, self.pending = self.pending, None
-            try:
-                send = pending.result()
-            except Exception as e:  # noqa: BLE001 - handed to the generator, which logs it
-                exc = e
-        try:
-            work = self.steps.throw(exc) if exc is not None else self.steps.send(send)
-        except StopIteration:
-            return "done"
-        if work is not None:
-            try:
-                self.pending = work.start() if start else pagecopy.Ready(work.run())
-            except Exception as e:  # noqa: BLE001 - as above
-                self.pending = _Failed(e)
-        return "ran"
 
 
 class LayerEvents:
@@ -205,7 +158,7 @@ class HostTier:
         self.put_gate = "engine" if self.stepped else "gpu-queued"
         self._gpu_wait = False
         self._driver = threading.Lock()  # held by the thread advancing the put work ("engine" gate)
-        self._task: Stepping | None = None  # the offer being put ("engine" gate)
+        self._task: pagecopy.Stepping | None = None  # the offer being put ("engine" gate)
         self._offered = threading.Event()  # set by offer: wakes an idle put thread
         self._closed = False
         self._stop = threading.Event()  # set by close(): wakes a put thread waiting for an idle engine
@@ -616,7 +569,7 @@ class HostTier:
                 self._closed = True
                 self._puts.task_done()
                 return "idle"
-            t = self._task = Stepping(self._offer_steps(item))
+            t = self._task = pagecopy.Stepping(self._offer_steps(item))
         st = t.advance(start)
         if st == "done":
             self._task = None
@@ -704,7 +657,7 @@ class HostTier:
         return ring
 
     def _offer_steps(self, item):
-        """One offer's put as a generator of work (Stepping, or kvc.pagecopy.drive): the wait for
+        """One offer's put as a generator of work (kvc.pagecopy.Stepping): the wait for
         its copy into the ring, then the store's put_steps for each PUT_BATCH pages (a remote
         cache's put_pages, which has no steps, as one piece each). A failure is logged and counted
         here; the ring slot and the queue's count are given back at the end."""
@@ -713,14 +666,13 @@ class HostTier:
             if event is not None:
                 yield _EventWork(event)
             pages = list(map(Page, hashes, parents, tokens, data.unbind(0)))
-            kw = {"pause": self._wait_for_slack} if self.pause_puts and not self.stepped else {}
             for i in range(0, len(pages), PUT_BATCH):
                 more = i + PUT_BATCH < len(pages)
                 yield None  # a place to stop between batches
                 if self.stepped:
                     yield from self.cache.put_steps(ns, pages[i:i + PUT_BATCH], chain_continues=more)
                 else:
-                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH], chain_continues=more, **kw)
+                    self.cache.put_pages(ns, pages[i:i + PUT_BATCH], chain_continues=more)
         except Exception:  # a failing tier must not stop the engine; say so and go on
             self.failed_puts += 1
             log.warning("offering %d pages to the host tiers failed", len(hashes), exc_info=True)

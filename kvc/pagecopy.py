@@ -15,8 +15,9 @@ one log line, and `sum_copy_python`, the per-page path, runs instead; it is also
 
 A put can also hand its byte work over without waiting for it (`SumCopyWork` / `CopyWork`, started
 with `start`): the native library runs it on a thread of its own that never takes the GIL, and the
-caller polls `Pending.done()` (no GIL hand-over either: those two calls are made through
-ctypes.PyDLL, which keeps the GIL). An engine's thread drives puts that way inside its waits for the
+caller polls the job's `done()` (no GIL hand-over either: those two calls are made through
+ctypes.PyDLL, which keeps the GIL). `Stepping` advances a generator of such work a piece at a
+time; `drive` runs one to its end on the calling thread. An engine's thread drives puts that way inside its waits for the
 GPU (engine.host_tier, put_gate "engine"), so no other Python thread runs while it launches.
 """
 from __future__ import annotations
@@ -194,11 +195,21 @@ class Ready:
     def done(self) -> bool:
         return True
 
-    def wait(self) -> None:
-        pass
-
     def result(self):
         return self.value
+
+
+class _Failed:
+    """A piece of work that failed: its error goes back into the generator (Stepping)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        raise self.error
 
 
 class SumCopyWork:
@@ -230,24 +241,52 @@ class CopyWork:
         return self.lib.start_pointers(self.src, self.dst, self.lens, sums=False, keep=self.keep)
 
 
-def drive(steps, pause=None):
-    """Run a generator of work items to its end on this thread: each item yielded is run at once
-    (None: no work, a place to stop) and its result sent back, or its error thrown back in; pause(),
-    if given, is called after each. Returns the generator's return value."""
-    send, error = None, None
-    while True:
+class Stepping:
+    """A generator of work items advanced one piece at a time: advance() sends the last piece's
+    result in (or throws its error in), runs the generator's Python up to its next item, and
+    starts that item (start=True: `start()`, e.g. on a native thread, polled by the next advance)
+    or runs it here (start=False: `run()`). None is no work, a place to stop. The generator's
+    return value is `value` once advance() has said "done"; an error it does not handle leaves
+    advance()."""
+
+    def __init__(self, steps):
+        self.steps = steps
+        self.pending = None
+        self.value = None
+
+    def advance(self, start: bool = True) -> str:
+        """'ran' (some of its Python ran), 'busy' (its started work is not done) or 'done'."""
+        send, exc = None, None
+        if self.pending is not None:
+            if not self.pending.done():
+                return "busy"
+            pending, self.pending = self.pending, None
+            try:
+                send = pending.result()
+            except Exception as e:  # noqa: BLE001 - thrown into the generator, which cleans up
+                exc = e
         try:
-            work = steps.throw(error) if error is not None else steps.send(send)
+            work = self.steps.throw(exc) if exc is not None else self.steps.send(send)
         except StopIteration as stop:
-            return stop.value
-        send = error = None
-        try:
-            send = work.run() if work is not None else None
-        except Exception as e:  # noqa: BLE001 - the generator cleans up (or not) and re-raises
-            error = e
-            continue
-        if pause is not None:
+            self.value = stop.value
+            return "done"
+        if work is not None:
+            try:
+                self.pending = work.start() if start else Ready(work.run())
+            except Exception as e:  # noqa: BLE001 - as above
+                self.pending = _Failed(e)
+        return "ran"
+
+
+def drive(steps, pause=None):
+    """Run a generator of work items to its end on this thread (Stepping, each item run at once);
+    pause(), if given, is called after each piece that did not fail. Returns the generator's
+    return value."""
+    stepping = Stepping(steps)
+    while stepping.advance(start=False) == "ran":
+        if pause is not None and not isinstance(stepping.pending, _Failed):
             pause()
+    return stepping.value
 
 
 def library(cc: str | None = None) -> NativeSumCopy | None:
