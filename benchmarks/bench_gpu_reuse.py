@@ -892,11 +892,6 @@ def main() -> None:
             variants["other-gate"] = lambda: setattr(host, "put_gate", other_put_gate)
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)
-        default_ahead = getattr(host, "layers_ahead", None)
-        if default_ahead is not None:  # every layer queued before the step's launch (the path before),
-            variants["all-layers"] = lambda: setattr(host, "layers_ahead", None)  # and one layer ahead
-            if default_ahead != 1:
-                variants["ahead-1"] = lambda: setattr(host, "layers_ahead", 1)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
             other = "kernel" if default_copy == "dma" else "dma"
             variants[other] = lambda: setattr(store, "layer_copy", other)
@@ -917,8 +912,6 @@ def main() -> None:
                     host.layer_loads = True
                     if hasattr(host, "queue_here"):
                         host.queue_here = True
-                    if default_ahead is not None:
-                        host.layers_ahead = default_ahead
                     if default_copy is not None:
                         store.layer_copy = default_copy
                 timed[name].append(t)
@@ -928,8 +921,7 @@ def main() -> None:
         cpu = [t for t, _ in cpus]
         whole = timed["whole"]
         other_rows = [(k, v) for k, v in timed.items()
-                      if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync",
-                                   "all-layers", "ahead-1")]
+                      if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -962,14 +954,6 @@ def main() -> None:
         if timed.get("loader"):
             rows.append((f"{size(n)} TTFT cpu hit, layers queued on the loader thread", ms(statistics.median(timed["loader"])),
                          ms(cfloor), f"{statistics.median(timed['loader']) / cfloor:.2f}x floor"))
-        if timed.get("all-layers"):
-            rows.append((f"{size(n)} TTFT cpu hit, every layer queued before the step (layers_ahead None)",
-                         ms(statistics.median(timed["all-layers"])), ms(cfloor),
-                         f"{statistics.median(timed['all-layers']) / cfloor:.2f}x floor; the default queues "
-                         f"{default_ahead} layers ahead of the step's launch; lazy loads so far {host.lazy_loads}"))
-        if timed.get("ahead-1"):
-            rows.append((f"{size(n)} TTFT cpu hit, one layer ahead (layers_ahead 1)", ms(statistics.median(timed["ahead-1"])),
-                         ms(cfloor), f"{statistics.median(timed['ahead-1']) / cfloor:.2f}x floor"))
         for k, v in other_rows:
             how = "by strided DMA" if k == "dma" else "by the kernel reading the slab"
             rows.append((f"{size(n)} TTFT cpu hit, layers copied {how}", ms(statistics.median(v)), ms(cfloor),

@@ -58,6 +58,8 @@ MARKS = [
     ("store: one layer's strided copies (_copy_layer)", "prefix_cache.host.cache", "_copy_layer"),
     ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
     ("the rest of an on-demand load queued (flush_layers)", "prefix_cache.host", "flush_layers"),
+    ("store: one layer's strided copies (_copy_layer)", "prefix_cache.host.cache", "_copy_layer"),
+    ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
     ("loader: layered verdict (finish_layers)", "prefix_cache.host.cache", "finish_layers"),
     ("layer scatters (the thread that queues the load)", "kv.pool", "scatter_layer"),
     ("loader: verdict (waits for copies + checksums)", "prefix_cache.host.cache", "_verdict"),

@@ -85,13 +85,11 @@ class LayerEvents:
     """The events of a load landing layer by layer, one per layer in order, as the loader records
     them; get(i) waits (on the host) until event i is recorded. A loader that stops early (an
     error) ends the handle: get then gives None for the layers it never queued, and the load's
-    future fails, which voids a step that used them. A load queued on demand sets `pull`: get(i)
-    first asks it to queue the layers up to i (and the ones after it that the load keeps ahead)."""
+    future fails, which voids a step that used them."""
 
     def __init__(self, layers: int):
         self.layers = layers
         self.given = False  # handed to on_queued: a step may wait on it
-        self.pull: Callable[[int], None] | None = None
         self._events: list = []
         self._ended = False
         self._cond = threading.Condition()
@@ -107,13 +105,6 @@ class LayerEvents:
             self._cond.notify_all()
 
     def get(self, layer: int):
-        pull = self.pull
-        if pull is not None and layer >= len(self._events):
-            try:
-                pull(layer)
-            except Exception:  # the load fails (its future says so) and a step that read it is void
-                log.warning("queueing layer %d of a load failed", layer, exc_info=True)
-                self.end()
         with self._cond:
             self._cond.wait_for(lambda: len(self._events) > layer or self._ended)
             return self._events[layer] if layer < len(self._events) else None
@@ -138,16 +129,6 @@ class HostTier:
         # a layered load is queued on the thread that asks for it (_queue_layers_here), else on the
         # loader thread (the path before; benchmarks compare)
         self.queue_here = True
-        # such a load queues its first `layers_ahead` layers before the step that reads them is
-        # launched, and layer i + layers_ahead as the step's launch reaches layer i (LayerEvents'
-        # pull), so the step's first layers start on the GPU without waiting for the host to queue
-        # every layer (run DH, 8K: 3.8 ms of queueing before the launch). None: every layer before
-        # the launch (the path before; benchmarks compare)
-        self.layers_ahead: int | None = 2
-        start = getattr(cache, "start_layers_into", None)
-        self._can_pull = start is not None and "ahead" in inspect.signature(start).parameters
-        self.lazy_loads = 0  # layered loads queued on demand
-        self._lazy: "tuple | None" = None  # (store's get, handle) of the last load queued layer by layer on demand
         self._layer_stream = None
         self._layer_staging: torch.Tensor | None = None  # used by the thread that queues loads here
         self._load_stream = None
@@ -270,13 +251,9 @@ class HostTier:
         spec = ns.spec
         L, n = spec.shape[0], len(hashes)
         device = pool.device
-        self.flush_layers()  # the staging buffer is shared: the last load's layers are all queued first
         stream = self._side(device, "_layer_stream")
         stream.wait_stream(torch.cuda.current_stream(device))  # kernels already queued may touch these blocks
         handle = LayerEvents(L)
-        ahead = self.layers_ahead if self._can_pull else None
-        end = torch.cuda.Event(enable_timing=True)
-        lazy = False
         try:
             with torch.cuda.stream(stream):
                 staging = self._layer_staging_for(ns, n, device)
@@ -285,26 +262,11 @@ class HostTier:
                 start.record()
                 index = pool.index(blocks)
                 layer_landed = self._layer_landed(pool, index, lm, handle, on_queued)
-                if ahead is None:
-                    got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False)
-                else:
-                    def ended() -> None:  # on whichever thread queued the last layer (or failed)
-                        end.record(stream)
-                        handle.end()
-                    got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False,
-                                                       ahead=ahead, ended=ended)
+                got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False)
                 if got is None:  # a put holds the store: the loader thread takes the load
                     return None
-                lazy = ahead is not None and got.run == n and not got.all_queued.is_set()
-                if lazy:  # the step reading it asks for the rest, layer by layer
-                    handle.pull = lambda layer: self.cache.queue_layers(got, layer + 1 + ahead)
-                    self._lazy = (got, handle)
-                    self.lazy_loads += 1
-                    handle.given = True
-                    if on_queued is not None:
-                        on_queued(handle)
-                elif ahead is None or not got.run:
-                    end.record()
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
         except Exception as e:  # the driver's strided copy or the kernel: whole pages from now on
             self.layer_loads_off = f"{type(e).__name__}: {e}"
             log.warning("layer-by-layer loads disabled, loading whole pages: %s", self.layer_loads_off,
@@ -316,24 +278,11 @@ class HostTier:
             failed.set_exception(e)
             return failed
         finally:
-            if not lazy:
-                handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
+            handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
         fut: Future = Future()  # done at the verdict, before the store's bookkeeping and the rate sample
         # the load counts as in flight (puts keep off the store's lock) until the loader is done
         fut.finished = self._loader.submit(self._finish_layers, got, start, end, spec.page_bytes, fut)
         return fut
-
-    def flush_layers(self) -> None:
-        """Queue every layer left of the last load queued on demand (the engine's thread, before it
-        starts another such load or once a step that reads it is launched)."""
-        lazy, self._lazy = self._lazy, None
-        if lazy is not None:
-            got, handle = lazy
-            try:
-                self.cache.queue_layers(got, got.layers)
-            except Exception:  # kept in the get: the load's future fails, a step that read it is void
-                log.warning("queueing the rest of a layer-by-layer load failed", exc_info=True)
-                handle.end()
 
     def _finish_layers(self, got, start, end, page_bytes: int, fut: Future | None = None) -> int:
         """The loader thread's part of a load queued by _queue_layers_here: its verdict, into fut
@@ -453,7 +402,7 @@ class HostTier:
             ev = torch.cuda.Event()
             ev.record()
             handle.add(ev)
-            if on_queued is not None and layer == L - 1 and run == n and not handle.given:
+            if on_queued is not None and layer == L - 1 and run == n:
                 handle.given = True
                 on_queued(handle)
         return layer_landed

@@ -435,8 +435,6 @@ class PrefixCache:
         """The runner queued the step's kernels: register the pages loads brought in while the GPU
         runs them, and let puts use the GPU's busy time."""
         self.kv.clear_layer_waits()  # the step's layers have their waits queued
-        if self.host is not None:  # a load whose step is not this one: its layers are queued now
-            self.host.flush_layers()
         self.run_deferred()  # the last step's running requests' pages, beside this step's kernels
         for req in list(self._unregistered):
             self._register_loaded(req)

@@ -106,8 +106,7 @@ class _Tally:
 
 @dataclass(eq=False)
 class LayeredGet:
-    """A layer-by-layer get queued by TieredStore.start_layers_into; finish_layers gives its count.
-    Started with `ahead`, its later layers are queued by queue_layers (any thread, in order)."""
+    """A layer-by-layer get queued by TieredStore.start_layers_into; finish_layers gives its count."""
     keys: list[bytes]  # the run's keys (its pages are not evicted until finished)
     run: int
     device: torch.device
@@ -117,31 +116,6 @@ class LayeredGet:
     verified: Callable | None = None  # the reader threads' verdict (host verify)
     finished: bool = False
     good: int = 0
-    layers: int = 0
-    queued: int = 0  # layers queued so far
-    error: BaseException | None = None  # queueing a later layer failed: finish_layers raises it
-    all_queued: threading.Event = field(default_factory=threading.Event)  # every layer queued, or error
-    plan: "_LayerPlan | None" = None  # what queue_layers needs (the slab runs, the streams, ...)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass(eq=False)
-class _LayerPlan:
-    lm: torch.Tensor  # uint8 [L, n, seg]: the layer-major destination
-    runs: list  # (first page, end page, slab address) of each run of adjacent slab slots
-    seg: int
-    nbytes: int
-    cur: object  # the stream the copies go on (the caller's at start)
-    side: object  # the stream the callbacks and checksums go on
-    kernel: Callable | None  # layer_copy "kernel"'s copier, or None (DMA)
-    layer_landed: Callable[[int, int], None]
-    on_gpu: bool
-    ended: Callable[[], None] | None  # called once queueing is over (every layer, or an error)
-
-
-# A layered get started with `ahead` whose later layers nobody asked for within this long (its step
-# never ran: the request was aborted or not scheduled) has them queued by finish_layers' thread.
-LAZY_WAIT_S = 0.05
 
 
 class TieredStore:
@@ -589,28 +563,18 @@ class TieredStore:
         return self.finish_layers(self.start_layers_into(ns, hashes, out, layer_landed))
 
     def start_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
-                          layer_landed: Callable[[int, int], None], block: bool = True,
-                          ahead: int | None = None, ended: Callable[[], None] | None = None) -> "LayeredGet | None":
+                          layer_landed: Callable[[int, int], None], block: bool = True) -> "LayeredGet | None":
         """The first half of get_layers_into: queue every layer's copies, the callbacks and the
         checksums, and return at once (nothing here waits for the GPU). finish_layers(get), on any
         thread, waits for the verdict and gives the count. Until then the run's pages are not
         evicted (their slab slots are still being read). block=False: None when the store's lock
-        is held by another thread (an engine thread that must not wait for a put).
-
-        ahead=k (and the run covers every hash): only the first k layers are queued now; the
-        caller queues the others with queue_layers(get, upto) as it needs them (an engine asks
-        for layer i + k as its step reaches layer i, so its launch is not behind the queueing of
-        every layer), and finish_layers queues what is left after LAZY_WAIT_S. The checksums are
-        queued with the last layer. ended(): called on the queueing thread once every layer is
-        queued or queueing failed."""
+        is held by another thread (an engine thread that must not wait for a put)."""
         spec = ns.spec
         L, n = spec.shape[0], len(hashes)
         nbytes = spec.page_bytes
         if (not out.is_cuda or out.dtype != torch_dtype(spec.dtype) or not out.is_contiguous()
                 or tuple(out.shape) != (L, n, *spec.shape[1:]) or nbytes % L):
             raise ValueError(f"out must be a contiguous CUDA tensor [{L}, {n}, {spec.shape[1:]}] of {spec.dtype}")
-        if ahead is not None and ahead < 1:
-            raise ValueError(f"ahead must be >= 1 layer, got {ahead}")
         seg = nbytes // L
         root = ns.root
         keys = keys_of(root, hashes)
@@ -619,87 +583,55 @@ class TieredStore:
         try:
             held = self._cpu_run(keys, nbytes, root)
             run = len(held)
-            got = LayeredGet(keys[:run], run, out.device, held, layers=L)
+            got = LayeredGet(keys[:run], run, out.device, held)
             if not run:
                 return got
             lm = out.view(torch.uint8).view(L, n, seg)
+            cur = torch.cuda.current_stream(out.device)
+            side = self._verify_stream(out.device)
             on_gpu = (self.verify_on_device and seg % gpu_checksum.BLOCK_BYTES == 0
                       and gpu_checksum.supported(lm[0, :run]))
             got.verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
-            got.plan = _LayerPlan(lm, runs, seg, nbytes, torch.cuda.current_stream(out.device),
-                                  self._verify_stream(out.device), self._kernel_copier(held, lm, seg, out.device),
-                                  layer_landed, on_gpu, ended)
+            kernel = self._kernel_copier(held, lm, seg, out.device)
+            landed_at = None
+            if kernel is None:  # DMA: every layer's copies first, so the copy engine starts now and the
+                landed_at = []  # rest of this host work runs beside it; an event after each layer
+                for layer in range(L):
+                    self._copy_layer(lm, runs, layer, seg, nbytes, cur)
+                    landed_at.append(torch.cuda.Event())
+                    landed_at[-1].record(cur)
+            want = self._expected_sums(held, out.device) if on_gpu else None
             for k in got.keys:  # read until finish_layers: not evicted (their slots not reused) before
                 self._reading[k] = self._reading.get(k, 0) + 1
             try:
-                self.queue_layers(got, L if ahead is None or run < n else ahead)
+                for layer in range(L):
+                    if landed_at is not None:
+                        side.wait_event(landed_at[layer])
+                    else:
+                        if not kernel(layer):  # the kernel failed here: this layer and the rest by DMA
+                            self._copy_layer(lm, runs, layer, seg, nbytes, cur)
+                        side.wait_stream(cur)
+                    with torch.cuda.stream(side):
+                        layer_landed(layer, run)
+                side.wait_stream(cur)  # every copy, and the expected sums' upload queued behind them
+                with torch.cuda.stream(side):
+                    if on_gpu:
+                        sums = torch.empty(run, dtype=torch.int64, device=out.device)
+                        gpu_checksum.xxh3_64_segmented(lm, sums)
+                        got.flags = torch.empty(run, dtype=torch.bool, pin_memory=True)
+                        got.flags.copy_(sums != want, non_blocking=True)
+                    got.done = torch.cuda.Event()
+                    got.done.record()
             except BaseException:
                 self._unread(got.keys)
                 raise
+            finally:  # the caller's stream goes on after everything queued on the side stream
+                cur.wait_stream(side)
             return got
         finally:
             self._lock.release()
-
-    def queue_layers(self, got: LayeredGet, upto: int) -> None:
-        """Queue layers [got.queued, upto) of a get from start_layers_into (any thread; the layers go
-        in order, each once): their copies on the get's copy stream, then each layer's callback on
-        its side stream once the layer landed; with the last layer, the checksums. An error is kept
-        in the get (finish_layers raises it) and raised."""
-        with got.lock:
-            p = got.plan
-            lo, hi = got.queued, min(upto, got.layers)
-            if p is None or got.error is not None or lo >= hi:
-                return
-            try:
-                self._queue_batch(got, p, lo, hi)
-                got.queued = hi
-            except BaseException as e:
-                got.error = e
-                with torch.cuda.stream(p.cur):
-                    p.cur.wait_stream(p.side)  # the copy stream goes on after what was queued
-                raise
-            finally:
-                if got.error is not None or got.queued == got.layers:
-                    got.all_queued.set()
-                    got.plan = None  # its closures and views are not needed any more
-                    if p.ended is not None:
-                        p.ended()
-
-    def _queue_batch(self, got: LayeredGet, p: _LayerPlan, lo: int, hi: int) -> None:
-        run, cur, side = got.run, p.cur, p.side
-        landed_at = None
-        if p.kernel is None:  # DMA: the batch's copies first, so the copy engine starts now and the
-            landed_at = []  # callbacks' host work runs beside it; an event after each layer
-            for layer in range(lo, hi):
-                self._copy_layer(p.lm, p.runs, layer, p.seg, p.nbytes, cur)
-                landed_at.append(torch.cuda.Event())
-                landed_at[-1].record(cur)
-        for layer in range(lo, hi):
-            if landed_at is not None:
-                side.wait_event(landed_at[layer - lo])
-            else:
-                with torch.cuda.stream(cur):
-                    if not p.kernel(layer):  # the kernel failed here: this layer and the rest by DMA
-                        self._copy_layer(p.lm, p.runs, layer, p.seg, p.nbytes, cur)
-                side.wait_stream(cur)
-            with torch.cuda.stream(side):
-                p.layer_landed(layer, run)
-        if hi < got.layers:
-            return
-        with torch.cuda.stream(cur):
-            want = self._expected_sums(got.entries, got.device) if p.on_gpu else None
-        side.wait_stream(cur)  # every copy, and the expected sums' upload queued behind them
-        with torch.cuda.stream(side):
-            if p.on_gpu:
-                sums = torch.empty(run, dtype=torch.int64, device=got.device)
-                gpu_checksum.xxh3_64_segmented(p.lm, sums)
-                got.flags = torch.empty(run, dtype=torch.bool, pin_memory=True)
-                got.flags.copy_(sums != want, non_blocking=True)
-            got.done = torch.cuda.Event()
-            got.done.record()
-        cur.wait_stream(side)  # the copy stream goes on after everything queued on the side stream
 
     def finish_layers(self, got: "LayeredGet | None", on_verdict: Callable[[int], None] | None = None) -> int:
         """The second half of get_layers_into (see start_layers_into): wait for the copies and the
@@ -713,10 +645,6 @@ class TieredStore:
             return got.good
         run = got.run
         try:
-            if not got.all_queued.wait(LAZY_WAIT_S):  # started with `ahead` and no step asked for the rest
-                self.queue_layers(got, got.layers)
-            if got.error is not None:
-                raise got.error
             if got.flags is not None:
                 got.done.synchronize()  # the copies and the checksums
                 good = int(got.flags.int().argmax()) if bool(got.flags.any()) else run

@@ -236,31 +236,6 @@ def test_layer_events_wait_for_each_layer_and_end_early():
     assert got == ["e0", "e1", None]
 
 
-def test_layer_events_pull_the_layers_a_step_asks_for():
-    """A load queued on demand: get(i) first asks `pull` for layer i (the loader queues it and the
-    ones it keeps ahead), once per layer not yet recorded; a pull that fails ends the handle, so the
-    step goes on without that layer's wait (its load fails and voids the step) instead of hanging."""
-    from engine.host_tier import LayerEvents
-    h = LayerEvents(4)
-    asked = []
-
-    def pull(layer):
-        asked.append(layer)
-        while len(h._events) <= min(layer + 1, 3):  # this layer and one ahead
-            h.add(f"e{len(h._events)}")
-    h.pull = pull
-    assert [h.get(i) for i in range(4)] == ["e0", "e1", "e2", "e3"]
-    assert asked == [0, 2]  # layers 1 and 3 were already queued when the step reached them
-    bad = LayerEvents(3)
-
-    def failing(layer):
-        if layer == 1:
-            raise RuntimeError("cuMemcpy2DAsync failed")
-        bad.add(f"e{layer}")
-    bad.pull = failing
-    assert [bad.get(i) for i in range(3)] == ["e0", None, None]
-
-
 @pytest.mark.parametrize("gate", ["gpu-wait", "gpu-queued"])
 def test_puts_run_while_the_engine_waits_for_the_gpu(store, gate):
     """Under the "gpu-wait" gate a busy engine's puts run only while its thread waits for a step's

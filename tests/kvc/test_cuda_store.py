@@ -1,10 +1,7 @@
 """get_pages into a CUDA buffer (slab -> device, verified on the device or on threads). Skipped without CUDA."""
-import time
-
 import pytest
 import torch
 
-from kvc import store as store_mod
 from kvc.store import TieredStore
 
 from .conftest import NS, kvc_config, make_pages
@@ -252,81 +249,6 @@ def test_a_started_layered_get_keeps_its_pages_until_another_thread_finishes_it(
             _, more = make_pages(ns, list(range(30_000 + k * 2000, 30_000 + (k + 1) * 2000)), seed=k + 9)
             s.put_pages(ns, more)
         assert any(s.cpu.get(ns.root + h) is None for h in hashes)  # evictable again
-
-
-@pytest.mark.parametrize("copy", ["kernel", "dma"])
-def test_a_layered_get_queued_on_demand_equals_one_queued_at_once(tmp_path, copy):
-    """start_layers_into(ahead=k) queues only layers 0..k-1; queue_layers(get, upto) queues the
-    next ones in order, each once, on any thread, with the checksums after the last (ended() then);
-    the pages and the count equal those of a get queued at once, a corrupt page still ends the run,
-    and a get nobody asks further is finished by finish_layers (after LAZY_WAIT_S). A run that does
-    not cover every hash is queued at once (nobody would ask for its later layers)."""
-    import threading
-    from kvc.hashing import Namespace, PageSpec
-    spec = PageSpec(num_layers=5, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 2 KiB a layer
-    ns = Namespace("test-arch", spec, weights_digest="w0")
-    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
-        s.layer_copy = copy
-        hashes, pages = make_pages(ns, list(range(4 * 30)))
-        s.put_pages(ns, pages[:12])
-        _, other = make_pages(ns, list(range(1000, 1000 + 4 * 3)), seed=1)
-        s.put_pages(ns, other)  # two slab runs
-        s.put_pages(ns, pages[12:])
-        n = len(hashes)
-        want = torch.stack([p.data for p in pages]).transpose(0, 1)
-        out = torch.zeros((5, n, *spec.shape[1:]), device="cuda")
-        seen, ends = [], []
-        got = s.start_layers_into(ns, hashes, out, lambda layer, run: seen.append(layer), ahead=2,
-                                  ended=lambda: ends.append(len(seen)))
-        assert got.queued == 2 and seen == [0, 1] and not got.all_queued.is_set() and not ends
-        s.queue_layers(got, 1)  # already queued: nothing
-        s.queue_layers(got, 3)
-        assert seen == [0, 1, 2]
-        t = threading.Thread(target=s.queue_layers, args=(got, 99))  # another thread queues the rest
-        t.start()
-        t.join(10)
-        assert seen == [0, 1, 2, 3, 4] and got.all_queued.is_set() and ends == [5]
-        assert s.finish_layers(got) == n
-        torch.cuda.synchronize()
-        assert torch.equal(out.cpu(), want) and not s._reading
-        s.cpu.view(ns.root + hashes[21])[9] ^= 0x10
-        got = s.start_layers_into(ns, hashes, out.zero_(), lambda layer, run: None, ahead=1)
-        assert got.queued == 1
-        t0 = time.monotonic()
-        assert s.finish_layers(got) == 21  # nobody asked: finish queued the rest itself
-        assert time.monotonic() - t0 >= store_mod.LAZY_WAIT_S and got.queued == 5
-        torch.cuda.synchronize()
-        assert torch.equal(out[:, :21].cpu(), want[:, :21])
-        got = s.start_layers_into(ns, hashes, out.zero_(), lambda layer, run: None, ahead=1)
-        assert got.run == 21 and got.queued == 5  # a short run: queued at once
-        assert s.finish_layers(got) == 21 and not s._reading
-        with pytest.raises(ValueError, match="ahead"):
-            s.start_layers_into(ns, hashes, out, lambda layer, run: None, ahead=0)
-
-
-def test_a_layer_that_fails_to_queue_fails_the_get(tmp_path, monkeypatch):
-    """A later layer's copy that the driver refuses: queue_layers raises, the get keeps the error
-    (finish_layers raises it and lets its pages go), ended() is still called."""
-    from kvc import cudacopy
-    from kvc.hashing import Namespace, PageSpec
-    spec = PageSpec(num_layers=3, num_kv_heads=2, head_dim=32, page_size=4, dtype="float32")
-    ns = Namespace("test-arch", spec, weights_digest="w0")
-    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
-        hashes, pages = make_pages(ns, list(range(4 * 6)))
-        s.put_pages(ns, pages)
-        out = torch.zeros((3, 6, *spec.shape[1:]), device="cuda")
-        ends = []
-        got = s.start_layers_into(ns, hashes, out, lambda layer, run: None, ahead=1, ended=lambda: ends.append(1))
-
-        def refused(*a, **k):
-            raise RuntimeError("cuMemcpy2DAsync failed: CUDA driver error 1 (CUDA_ERROR_INVALID_VALUE)")
-        monkeypatch.setattr(cudacopy, "copy2d", refused)
-        with pytest.raises(RuntimeError, match="INVALID_VALUE"):
-            s.queue_layers(got, 2)
-        assert ends == [1] and got.all_queued.is_set()
-        with pytest.raises(RuntimeError, match="INVALID_VALUE"):
-            s.finish_layers(got)
-        assert not s._reading
 
 
 def test_start_layers_into_does_not_wait_for_a_held_store(tmp_path):
