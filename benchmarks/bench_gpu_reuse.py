@@ -892,6 +892,8 @@ def main() -> None:
             variants["other-gate"] = lambda: setattr(host, "put_gate", other_put_gate)
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)
+        if getattr(store, "checksum_parts", False):  # every layer's checksums after the last copy (the path before)
+            variants["sums-after"] = lambda: setattr(store, "checksum_parts", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
             other = "kernel" if default_copy == "dma" else "dma"
             variants[other] = lambda: setattr(store, "layer_copy", other)
@@ -914,6 +916,8 @@ def main() -> None:
                         host.queue_here = True
                     if default_copy is not None:
                         store.layer_copy = default_copy
+                    if "sums-after" in variants:
+                        store.checksum_parts = True
                 timed[name].append(t)
                 reused[name] = got
                 if name == "default":
@@ -921,7 +925,8 @@ def main() -> None:
         cpu = [t for t, _ in cpus]
         whole = timed["whole"]
         other_rows = [(k, v) for k, v in timed.items()
-                      if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync")]
+                      if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync",
+                                   "sums-after")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -954,6 +959,11 @@ def main() -> None:
         if timed.get("loader"):
             rows.append((f"{size(n)} TTFT cpu hit, layers queued on the loader thread", ms(statistics.median(timed["loader"])),
                          ms(cfloor), f"{statistics.median(timed['loader']) / cfloor:.2f}x floor"))
+        if timed.get("sums-after"):
+            rows.append((f"{size(n)} TTFT cpu hit, every layer's checksums after the last copy",
+                         ms(statistics.median(timed["sums-after"])), ms(cfloor),
+                         f"{statistics.median(timed['sums-after']) / cfloor:.2f}x floor; the default hashes all "
+                         f"but the last layer as they land"))
         for k, v in other_rows:
             how = "by strided DMA" if k == "dma" else "by the kernel reading the slab"
             rows.append((f"{size(n)} TTFT cpu hit, layers copied {how}", ms(statistics.median(v)), ms(cfloor),

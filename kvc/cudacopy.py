@@ -112,3 +112,22 @@ def copy2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, heigh
                   dstMemoryType=_DEVICE, dstDevice=dst, dstPitch=dst_pitch,
                   WidthInBytes=width, Height=height)
     _check(lib, lib.cuMemcpy2DAsync_v2(ctypes.byref(p), stream.cuda_stream), "cuMemcpy2DAsync")
+
+
+def copy2d_many(copies, stream: torch.cuda.Stream) -> None:
+    """copy2d for each (dst, dst_pitch, src, src_pitch, width, height) of `copies`, in order, on one
+    stream: the context check once and one parameter block reused (a layered load queues one copy
+    per layer and slab run: 160 at 32K tokens)."""
+    lib = _driver()
+    if lib is None:
+        raise RuntimeError(f"strided copies unavailable: {_failed}")
+    _ensure_context(lib, stream.device)
+    p = _Memcpy2D(srcMemoryType=_HOST, dstMemoryType=_DEVICE)
+    ref, handle, call = ctypes.byref(p), stream.cuda_stream, lib.cuMemcpy2DAsync_v2
+    for dst, dst_pitch, src, src_pitch, width, height in copies:
+        if width > src_pitch or width > dst_pitch:
+            raise ValueError(f"row width {width} exceeds a pitch (src {src_pitch}, dst {dst_pitch})")
+        p.srcHost, p.srcPitch, p.dstDevice, p.dstPitch = src, src_pitch, dst, dst_pitch
+        p.WidthInBytes, p.Height = width, height
+        _check(lib, call(ref, handle), "cuMemcpy2DAsync")
+

@@ -98,10 +98,13 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def _xxh3_kernel(X, Out, C, stride_x, n_words, n_blocks, last_stripes, seg_words, seg_stride,
-                     G: tl.constexpr):
+    def _xxh3_kernel(X, Out, C, Acc, stride_x, n_words, n_blocks, last_stripes, seg_words, seg_stride,
+                     b_lo, b_hi, G: tl.constexpr, LOAD_ACC: tl.constexpr, FINAL: tl.constexpr):
         """One row of X (int64 words) per program: XXH3_64bits of its n_words * 8 bytes. A row is
-        segments of seg_words words (a multiple of 128: whole blocks), seg_stride words apart."""
+        segments of seg_words words (a multiple of 128: whole blocks), seg_stride words apart.
+        This launch runs the row's whole blocks b_lo..b_hi (of n_blocks) from the initial
+        accumulators, or from Acc [rows, 8] (LOAD_ACC: an earlier launch's); FINAL: then the tail
+        and the merge into Out, else the accumulators into Acc (a later launch goes on)."""
         row = tl.program_id(0)
         base = X + row.to(tl.int64) * stride_x
         lane = tl.arange(0, 8)
@@ -109,14 +112,17 @@ def _build():
         g = tl.arange(0, G)
         key = tl.load(C + st[:, None] + lane[None, :]).to(tl.uint64, bitcast=True)  # [16, 8]
         scr = tl.load(C + 16 + lane).to(tl.uint64, bitcast=True)
-        acc = tl.load(C + 40 + lane).to(tl.uint64, bitcast=True)
+        if LOAD_ACC:
+            acc = tl.load(Acc + row.to(tl.int64) * 8 + lane).to(tl.uint64, bitcast=True)
+        else:
+            acc = tl.load(C + 40 + lane).to(tl.uint64, bitcast=True)
         p32_1 = tl.load(C + 49).to(tl.uint64, bitcast=True)
         word = st[:, None] * 8 + lane[None, :]  # [16, 8] a block's words by (stripe, lane)
         swap = st[:, None] * 8 + (lane[None, :] ^ 1)  # lane i also adds lane i ^ 1's word
         lo32 = 0xFFFFFFFF
-        for b0 in range(0, n_blocks, G):
+        for b0 in range(b_lo, b_hi, G):
             blk = b0 + g  # [G]
-            live = blk < n_blocks
+            live = blk < b_hi
             w0 = blk * 128  # [G] each block's first word in the row, then where it lies
             at = ((w0 // seg_words).to(tl.int64) * seg_stride + w0 % seg_words)[:, None, None]
             v = tl.load(base + at + word[None], mask=live[:, None, None], other=0).to(tl.uint64, bitcast=True)
@@ -129,7 +135,10 @@ def _build():
                 add = tl.sum(tl.where(g[:, None] == j, sums, 0), axis=0)  # [8]
                 a = acc + add
                 a = (a ^ (a >> 47) ^ scr) * p32_1
-                acc = tl.where(b0 + j < n_blocks, a, acc)
+                acc = tl.where(b0 + j < b_hi, a, acc)
+        if not FINAL:
+            tl.store(Acc + row.to(tl.int64) * 8 + lane, acc.to(tl.int64, bitcast=True))
+            return
         # the last, partial block's stripes (no scramble), then the last stripe of the input
         w0 = n_blocks * 128  # an int where n_blocks arrives as the constant 1
         at = (w0 // seg_words).to(tl.int64) * seg_stride + w0 % seg_words  # the tail: the last segment
@@ -204,33 +213,51 @@ def xxh3_64_rows(rows: torch.Tensor, block_group: int = 2, out: torch.Tensor | N
     return out
 
 
-def xxh3_64_segmented(data: torch.Tensor, out: torch.Tensor, block_group: int = 2) -> torch.Tensor:
+def xxh3_64_segmented(data: torch.Tensor, out: torch.Tensor, block_group: int = 2,
+                      acc: torch.Tensor | None = None, first: int = 0, upto: int | None = None) -> torch.Tensor:
     """out int64 [k]: xxh3_64 of each of the first k rows whose bytes lie in segments: data
     [S, n, seg_bytes] uint8 (contiguous, k <= n), row i = data[0, i] + data[1, i] + ... +
     data[S-1, i] back to back. A cpu-tier load copies pages layer by layer into such a layer-major
     buffer (one segment a layer), and the sums equal those of the pages' own bytes. seg_bytes a
-    multiple of BLOCK_BYTES."""
+    multiple of BLOCK_BYTES.
+
+    In parts, as the segments land: with upto=s (first < s < S) this call hashes segments
+    first..s-1 into acc (int64 [k, 8], the running accumulators; from the start when first is
+    0) and leaves out alone; the call with upto None (the default) goes on from segment `first`
+    (acc from the calls before it) and writes out. The parts' sums equal the whole call's."""
     S, n, seg = data.shape
     if data.dtype != torch.uint8 or not data.is_contiguous() or seg % BLOCK_BYTES or S * seg < MIN_BYTES:
         raise ValueError(f"data must be contiguous uint8 [S, n, seg_bytes] with seg_bytes % {BLOCK_BYTES} == 0; "
                          f"got {data.dtype} {tuple(data.shape)}")
     if out.dim() != 1 or out.shape[0] > n or out.dtype != torch.int64 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous int64 tensor of at most {n} rows, got {out.dtype} {tuple(out.shape)}")
+    last = S if upto is None else upto
+    if not 0 <= first < last <= S or (upto is not None and upto >= S):
+        raise ValueError(f"segments {first}..{last} are not a part of {S} segments (upto < {S}, or None for the last part)")
+    if (first or upto is not None) and (acc is None or acc.shape != (len(out), 8) or acc.dtype != torch.int64
+                                        or not acc.is_contiguous()):
+        raise ValueError(f"acc must be a contiguous int64 tensor [{len(out)}, 8] to hash in parts")
     if len(out):
-        _launch(data.view(torch.int64), out, seg // 8, S * seg // 8, seg // 8, n * seg // 8, block_group)
+        blocks_per_seg = seg // BLOCK_BYTES
+        _launch(data.view(torch.int64), out, seg // 8, S * seg // 8, seg // 8, n * seg // 8, block_group,
+                acc, first * blocks_per_seg, None if upto is None else upto * blocks_per_seg)
     return out
 
 
 def _launch(words: torch.Tensor, out: torch.Tensor, stride_x: int, n_words: int, seg_words: int,
-            seg_stride: int, block_group: int) -> None:
+            seg_stride: int, block_group: int, acc: torch.Tensor | None = None, b_lo: int = 0,
+            b_hi: int | None = None) -> None:
+    """b_lo: the first whole block to hash (from acc when > 0); b_hi: the block to stop before,
+    leaving the accumulators in acc, or None: through the end, into out."""
     global _kernel
     if _kernel is None:
         _kernel = _build()
     nbytes = n_words * 8
     blocks = (nbytes - 1) // BLOCK_BYTES
     last = ((nbytes - 1) - blocks * BLOCK_BYTES) // 64
-    _kernel[(len(out),)](words, out, _table(words.device), stride_x, n_words, blocks, last, seg_words, seg_stride,
-                         G=block_group, num_warps=4)
+    _kernel[(len(out),)](words, out, _table(words.device), out if acc is None else acc, stride_x, n_words, blocks,
+                         last, seg_words, seg_stride, b_lo, blocks if b_hi is None else b_hi,
+                         G=block_group, LOAD_ACC=b_lo > 0, FINAL=b_hi is None, num_warps=4)
 
 
 def warm(nbytes: int, device: torch.device) -> bool:

@@ -136,22 +136,31 @@ def test_copy2d_moves_a_strided_host_region_to_the_device():
     assert torch.equal(dst[:, :32].cpu(), src[1:6, 20:52]) and not dst[:, 32:].any()
     with pytest.raises(ValueError, match="pitch"):
         cudacopy.copy2d(dst.data_ptr(), 40, src.data_ptr(), 100, 41, 5, stream)
+    many = torch.zeros((5, 40), dtype=torch.uint8, device="cuda")  # copy2d_many: several regions, in order
+    cudacopy.copy2d_many([(many.data_ptr(), 40, src.data_ptr() + 100 + 20, 100, 32, 2),
+                          (many.data_ptr() + 80, 40, src.data_ptr() + 300 + 20, 100, 32, 3)], stream)
+    stream.synchronize()
+    assert torch.equal(many.cpu(), dst.cpu())
+    with pytest.raises(ValueError, match="pitch"):
+        cudacopy.copy2d_many([(many.data_ptr(), 40, src.data_ptr(), 100, 41, 5)], stream)
 
 
-@pytest.mark.parametrize("copy", ["kernel", "dma"])
+@pytest.mark.parametrize("copy,parts", [("kernel", True), ("dma", True), ("dma", False)])
 @pytest.mark.parametrize("on_device", [True, False])
-def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, on_device, copy):
+def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, on_device, copy, parts):
     """The layer-by-layer get (an engine's cpu-tier load on CUDA): out [L, n, ...] holds every
     page's layers (slab runs that are not adjacent included), layer_landed(layer, run) comes once
     per layer in order with a stream where that layer's bytes are visible, and a corrupt page ends
-    the count there (verified on the device over the layer-major rows, or on the host threads).
-    Both ways of moving a layer: the GPU kernel reading the pinned slab, and strided DMA."""
+    the count there (verified on the device over the layer-major rows, in two parts or after the
+    last layer, or on the host threads; the corrupt byte in a layer of the first part). Both ways
+    of moving a layer: the GPU kernel reading the pinned slab, and strided DMA."""
     from kvc.hashing import Namespace, PageSpec
     spec = PageSpec(num_layers=3, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 4 KiB a layer
     ns = Namespace("test-arch", spec, weights_digest="w0")
     with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
         s.verify_on_device = on_device
         s.layer_copy = copy
+        s.checksum_parts = parts
         hashes, pages = make_pages(ns, list(range(4 * 40)))
         s.put_pages(ns, pages[:20])
         _, other = make_pages(ns, list(range(1000, 1000 + 4 * 5)), seed=1)
@@ -175,6 +184,8 @@ def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_pa
         seen.clear()
         assert s.get_layers_into(ns, hashes, out.zero_(), landed) == 17  # the run ends at the dropped page
         assert seen == [(layer, 17) for layer in range(3)]
+        s.cpu.view(ns.root + hashes[12])[3 * 4096 - 5] ^= 0x01  # the last layer (the second part)
+        assert s.get_layers_into(ns, hashes, out.zero_(), landed) == 12
         with pytest.raises(ValueError, match="contiguous CUDA"):
             s.get_layers_into(ns, hashes, torch.zeros((n, 3, *spec.shape[1:]), device="cuda"), landed)
         assert s.layer_copy_off is None  # the kernel launched on the mapped slab (not a silent DMA)

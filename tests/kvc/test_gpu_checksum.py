@@ -62,6 +62,26 @@ for S, seg in ((1, 1024), (3, 1024), (4, 2048)):
         assert gc.xxh3_64_segmented(data, out, block_group=g).numpy().view(np.uint64).tolist() == want, (S, seg, g)
 head = torch.empty(3, dtype=torch.int64)  # the first rows only (a load whose cpu run ended early)
 assert gc.xxh3_64_segmented(data, head).numpy().view(np.uint64).tolist() == want[:3]
+# in parts as the segments land (accumulators carried in acc): the same sums
+for S, seg, cuts in ((2, 1024, (1,)), (4, 2048, (1, 3)), (5, 1024, (2, 3, 4)), (4, 2048, (3,))):
+    data = torch.from_numpy(rng.integers(0, 256, (S, 6, seg), dtype=np.uint8))
+    pages = data.permute(1, 0, 2).reshape(6, S * seg)
+    want = [xxhash.xxh3_64_intdigest(r.numpy().tobytes()) for r in pages[:4]]
+    out = torch.full((4,), 7, dtype=torch.int64)
+    acc = torch.empty((4, 8), dtype=torch.int64)
+    first = 0
+    for c in cuts:
+        gc.xxh3_64_segmented(data, out, acc=acc, first=first, upto=c)
+        first = c
+    assert out.tolist() == [7] * 4  # the parts before the last leave out alone
+    assert gc.xxh3_64_segmented(data, out, acc=acc, first=first).numpy().view(np.uint64).tolist() == want, (S, seg, cuts)
+for bad in (dict(acc=acc, first=0, upto=4), dict(acc=acc, first=2, upto=2), dict(first=1),
+            dict(acc=acc[:3], upto=1)):
+    try:
+        gc.xxh3_64_segmented(data, out, **bad)
+        raise SystemExit(f"parts {bad} were taken")
+    except ValueError as e:
+        assert "segments" in str(e) or "acc" in str(e), e
 try:
     gc.xxh3_64_segmented(torch.zeros((2, 3, 1000), dtype=torch.uint8), out[:3])
     raise SystemExit("a segment of 1000 bytes was taken")
