@@ -181,12 +181,12 @@ class HostTier:
         if setter is not None:
             setter(gate)
 
-    def warm(self, page_bytes: int, device: torch.device) -> None:
+    def warm(self, page_bytes: int, device: torch.device, layers: int = 1) -> None:
         """Start-up work for loads on `device`: an in-process store verifies cpu-tier pages on the
         device after their copy (kvc.gpu_checksum); its kernel is compiled now, not at the first
-        hit."""
+        hit (for pages of `layers` layers: a layered get hashes them in parts)."""
         if device.type == "cuda" and getattr(self.cache, "verify_on_device", False):
-            gpu_checksum.warm(page_bytes, device)
+            gpu_checksum.warm(page_bytes, device, layers)
 
     def lookup(self, ns: Namespace, tokens: list[int] | bytes, hashes: list[bytes] | None = None) -> LookupResult:
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes)

@@ -63,6 +63,7 @@ def test_device_checksums_equal_xxhash_at_real_page_sizes():
     got = gpu_checksum.xxh3_64_rows(half).cpu().numpy().view(np.uint64).tolist()
     assert got == [xxhash.xxh3_64_intdigest(r[:2048].numpy().tobytes()) for r in wide]
     assert gpu_checksum.warm(393216, torch.device("cuda"))
+    assert gpu_checksum.warm(393216, torch.device("cuda"), segments=12)  # a layered get's launches too
 
 
 @pytest.mark.parametrize("on_device", [True, False])
