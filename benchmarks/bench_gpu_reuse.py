@@ -758,6 +758,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="hidden layers of the checkpoint (12)")
     ap.add_argument("--lengths", default=None, help="prefix lengths in tokens, comma-separated (8192,32768)")
     ap.add_argument("--repeats", type=int, default=None, help="TTFT samples per row (3)")
+    ap.add_argument("--hit-variants", default="", help="comma-separated: the cpu-hit variants timed beside the "
+                    "default, whole-page, busy and synchronous rows (default every one: other-gate, "
+                    "busy-other-gate, loader, sums-after, kernel / dma)")
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
@@ -897,6 +900,9 @@ def main() -> None:
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
             other = "kernel" if default_copy == "dma" else "dma"
             variants[other] = lambda: setattr(store, "layer_copy", other)
+        if a.hit_variants:  # only these beside the default (the row and its A/B, more samples in the time)
+            keep = set(a.hit_variants.split(",")) | {"default", "whole", "busy", "sync"}
+            variants = {k: v for k, v in variants.items() if k in keep}
         cpus, timed, reused = [], {k: [] for k in variants}, {}
         for _ in range(repeats):
             for name, setup in variants.items():

@@ -132,12 +132,14 @@ def test_copy2d_moves_a_strided_host_region_to_the_device():
     src = torch.randint(0, 256, (6, 100), dtype=torch.uint8, generator=g).pin_memory()
     dst = torch.zeros((5, 40), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # after the zero fills (run DM: a copy ran before one)
     cudacopy.copy2d(dst.data_ptr(), 40, src.data_ptr() + 100 + 20, 100, 32, 5, stream)
     stream.synchronize()
     assert torch.equal(dst[:, :32].cpu(), src[1:6, 20:52]) and not dst[:, 32:].any()
     with pytest.raises(ValueError, match="pitch"):
         cudacopy.copy2d(dst.data_ptr(), 40, src.data_ptr(), 100, 41, 5, stream)
     many = torch.zeros((5, 40), dtype=torch.uint8, device="cuda")  # copy2d_many: several regions, in order
+    stream.wait_stream(torch.cuda.current_stream())
     cudacopy.copy2d_many([(many.data_ptr(), 40, src.data_ptr() + 100 + 20, 100, 32, 2),
                           (many.data_ptr() + 80, 40, src.data_ptr() + 300 + 20, 100, 32, 3)], stream)
     stream.synchronize()
