@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host_path import time_calls  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
+from kvc import store as store_mod  # noqa: E402
 
 GB = 1e9
 ONE = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -969,7 +970,7 @@ def main() -> None:
             rows.append((f"{size(n)} TTFT cpu hit, every layer's checksums after the last copy",
                          ms(statistics.median(timed["sums-after"])), ms(cfloor),
                          f"{statistics.median(timed['sums-after']) / cfloor:.2f}x floor; the default hashes all "
-                         f"but the last layer as they land"))
+                         f"but the last layer as they land from {store_mod.CHECKSUM_PARTS_MIN_BYTES / GB:.2f} GB"))
         for k, v in other_rows:
             how = "by strided DMA" if k == "dma" else "by the kernel reading the slab"
             rows.append((f"{size(n)} TTFT cpu hit, layers copied {how}", ms(statistics.median(v)), ms(cfloor),

@@ -57,6 +57,12 @@ Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, has
 # is ~1,000 pages (~400 MB) for a 4 GB tier: one such hold kept a cpu hit's load waiting 117-145 ms
 # (runs BT, BU; 150-270 ms on the 2-core VM for 400 pages). 32 pages are ~12 MiB a hold.
 DEMOTE_CHUNK = 32
+# a layered get this large hashes its pages in two parts (TieredStore.checksum_parts): the second
+# only after the last copy. Below it one launch after the last copy: at 8K tokens (0.2 GB) the tail
+# is ~0.2 ms and the extra launch cost the engine's thread more (runs DM, DN: two parts 0.3 / 0.5 ms
+# slower); at 32K (0.81 GB, a 0.92 ms tail) they were 1.1 ms quicker in DN (0.8 ms slower in DM's
+# five samples)
+CHECKSUM_PARTS_MIN_BYTES = 256 << 20
 BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
@@ -611,7 +617,7 @@ class TieredStore:
             # the checksums in two parts: every layer but the last as soon as those have landed, on a
             # stream of their own (beside the last layer's copy and the step's first layers), then
             # the last layer and the end of the hash (run DJ: 0.92 ms at 32K after the last copy)
-            parted = on_gpu and L > 1 and self.checksum_parts
+            parted = on_gpu and L > 1 and self.checksum_parts and run * nbytes >= CHECKSUM_PARTS_MIN_BYTES
             with torch.cuda.stream(side):  # allocated where they are last used (freed after that)
                 sums = torch.empty(run, dtype=torch.int64, device=out.device) if on_gpu else None
                 acc = torch.empty((run, 8), dtype=torch.int64, device=out.device) if parted else None

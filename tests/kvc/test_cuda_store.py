@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from kvc import store as store_mod
 from kvc.store import TieredStore
 
 from .conftest import NS, kvc_config, make_pages
@@ -150,7 +151,8 @@ def test_copy2d_moves_a_strided_host_region_to_the_device():
 
 @pytest.mark.parametrize("copy,parts", [("kernel", True), ("dma", True), ("dma", False)])
 @pytest.mark.parametrize("on_device", [True, False])
-def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, on_device, copy, parts):
+def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_path, monkeypatch, on_device, copy,
+                                                                         parts):
     """The layer-by-layer get (an engine's cpu-tier load on CUDA): out [L, n, ...] holds every
     page's layers (slab runs that are not adjacent included), layer_landed(layer, run) comes once
     per layer in order with a stream where that layer's bytes are visible, and a corrupt page ends
@@ -164,6 +166,7 @@ def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_pa
         s.verify_on_device = on_device
         s.layer_copy = copy
         s.checksum_parts = parts
+        monkeypatch.setattr(store_mod, "CHECKSUM_PARTS_MIN_BYTES", 0)  # these test pages are small
         hashes, pages = make_pages(ns, list(range(4 * 40)))
         s.put_pages(ns, pages[:20])
         _, other = make_pages(ns, list(range(1000, 1000 + 4 * 5)), seed=1)
