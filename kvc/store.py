@@ -57,11 +57,11 @@ Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, has
 # is ~1,000 pages (~400 MB) for a 4 GB tier: one such hold kept a cpu hit's load waiting 117-145 ms
 # (runs BT, BU; 150-270 ms on the 2-core VM for 400 pages). 32 pages are ~12 MiB a hold.
 DEMOTE_CHUNK = 32
-# a layered get this large hashes its pages in two parts (TieredStore.checksum_parts): the second
-# only after the last copy. Below it one launch after the last copy: at 8K tokens (0.2 GB) the tail
-# is ~0.2 ms and the extra launch cost the engine's thread more (runs DM, DN: two parts 0.3 / 0.5 ms
-# slower); at 32K (0.81 GB, a 0.92 ms tail) they were 1.1 ms quicker in DN (0.8 ms slower in DM's
-# five samples)
+# a layered get this large hashes its pages in two parts (TieredStore.checksum_parts), only the
+# second after the last copy: at 32K tokens of 12-layer pages (0.81 GB, a 0.92 ms tail) the cpu hit
+# was 1.1 / 1.6 ms quicker in runs DN / DO (0.8 ms slower in DM's five samples). Below it one launch
+# after the last copy: at 8K (0.2 GB) the tail is ~0.2 ms, less than the spread between runs, and
+# the extra launch is host work on a hit whose step waits for the host
 CHECKSUM_PARTS_MIN_BYTES = 256 << 20
 BAD_PARENT = "parent of page {} is not a page of this namespace"
 
