@@ -11,7 +11,8 @@ is often slower than recomputing, and the first hit after a restart must not fin
 being slower than no cache at all. Where the plan stops before such a tier, a probe reads a few
 MiB of it in the background (into the loader's staging buffer, not the request's blocks) to
 measure it; the request recomputes meanwhile. A measured tier that keeps being skipped is probed
-again every REPROBE skips, in case it got faster (a cold disk warmed). `kvc.load_policy` pins the
+again every REPROBE skips or REPROBE_S seconds (at a skip), in case it got faster (a cold disk
+warmed) or its measurement met a one-off stall. `kvc.load_policy` pins the
 choice: always (load every hit), never (recompute).
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ import torch
 
 POLICIES = ("auto", "always", "never")
 REPROBE = 64  # a measured tier skipped this many times is probed again
+# ... or skipped once this long after its last probe (never probed: at its first skip). A tier
+# measured only by a load that met a one-off stall (run DL: a kernel compiled inside the first cpu
+# hit read 3 GB/s) was skipped for the next 64 hits; now the next skip re-measures it.
+REPROBE_S = 10.0
 PROBE_BYTES = 16 << 20  # a probe reads this much (whole pages, at least one): enough that the
 # rate it measures is bandwidth, not the fixed cost of one get (4 MiB from a 20 GB/s cpu tier read 1.8 GB/s)
 # Bandwidth assumed for a tier before its first measurement, on the slow side of what each is
@@ -96,6 +101,7 @@ class LoadPlanner:
         self.prefill = Ewma()  # tokens / s
         self.bandwidth: dict[str, Ewma] = {}  # tier -> bytes / s
         self._skips: dict[str, int] = {}  # tier -> decisions that stopped loading at it since its last probe
+        self._probed_at: dict[str, float] = {}  # tier -> when its last probe was planned (monotonic)
         self._lock = threading.Lock()  # loads and probes report from the loader thread
 
     # -- measurements ----------------------------------------------------------------------------
@@ -144,12 +150,18 @@ class LoadPlanner:
 
     def _probe(self, located: Sequence[str], at: int, measured: bool) -> tuple[int, int] | None:
         """The pages to probe where the plan stopped at page `at`, if its tier is due: at once when
-        never measured, else every REPROBE skips."""
+        never measured, else every REPROBE skips, or at a skip REPROBE_S after its last probe."""
         tier = located[at]
+        now = time.monotonic()
         with self._lock:
             n = self._skips.get(tier, 0)
             self._skips[tier] = n + 1
-        if n % REPROBE != (0 if not measured else REPROBE - 1):
+            due = (n % REPROBE == (0 if not measured else REPROBE - 1)
+                   or (measured and now - self._probed_at.get(tier, -REPROBE_S) >= REPROBE_S))
+            if due:
+                self._probed_at[tier] = now
+                self._skips[tier] = 1 if not measured else 0
+        if not due:
             return None
         end = at
         want = max(1, -(-PROBE_BYTES // self.page_bytes))

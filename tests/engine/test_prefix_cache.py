@@ -340,6 +340,28 @@ def test_planner_walks_tier_runs_as_the_page_by_page_plan_did():
         assert p.plan(located, start).end == by_page(located, start), (located, start)
 
 
+def test_a_tier_measured_slow_by_one_load_is_probed_again_at_its_next_skip(monkeypatch):
+    """A tier whose only sample came from a load that met a one-off stall (run DL: a kernel compiled
+    inside the first cpu hit measured the tier at 3 GB/s) is probed at the next skip, not after
+    REPROBE skips; after that at most every REPROBE skips or REPROBE_S seconds."""
+    import engine.load_policy as lp
+    clock = [1000.0]
+    monkeypatch.setattr(lp.time, "monotonic", lambda: clock[0])
+    p = lp.LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
+    p.observe_prefill(160_000, 1.0)                # recomputing a page takes 0.1 ms
+    p.observe_load("cpu", 3 << 30, 1.0)            # one load at 3 GB/s: 0.33 ms a page, skipped
+    plan = p.plan(["cpu"] * 8, 0)
+    assert plan.end == 0 and plan.probe == (0, 8)  # measured, never probed: probed at once
+    assert [p.plan(["cpu"] * 8, 0).probe for _ in range(5)] == [None] * 5
+    clock[0] += lp.REPROBE_S                       # the probe's sample did not come (still slow)
+    assert p.plan(["cpu"] * 8, 0).probe == (0, 8)  # REPROBE_S after the last probe: again
+    assert p.plan(["cpu"] * 8, 0).probe is None
+    p.observe_load("cpu", 20 << 30, 1.0)           # a probe at 20 GB/s: the EWMA moves up
+    p.observe_load("cpu", 20 << 30, 1.0)
+    p.observe_load("cpu", 20 << 30, 1.0)
+    assert p.plan(["cpu"] * 8, 0).end == 8         # loaded again
+
+
 def test_planner_probes_an_unmeasured_tier_instead_of_loading_from_it():
     from engine.load_policy import PROBE_BYTES, REPROBE, LoadPlanner
     p = LoadPlanner("auto", page_size=16, page_bytes=1 << 20)
