@@ -761,7 +761,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="TTFT samples per row (3)")
     ap.add_argument("--hit-variants", default="", help="comma-separated: the cpu-hit variants timed beside the "
                     "default, whole-page, busy and synchronous rows (default every one: other-gate, "
-                    "busy-other-gate, loader, sums-after, kernel / dma)")
+                    "busy-other-gate, loader, per-layer, sums-after, kernel / dma)")
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
@@ -896,6 +896,9 @@ def main() -> None:
             variants["other-gate"] = lambda: setattr(host, "put_gate", other_put_gate)
         if hasattr(host, "queue_here"):  # a layered load queued on the loader thread (the path before)
             variants["loader"] = lambda: setattr(host, "queue_here", False)
+        default_group = getattr(host, "layer_group_bytes", 0)
+        if default_group:  # every layer landing on its own (the path before): a scatter and an event each
+            variants["per-layer"] = lambda: setattr(host, "layer_group_bytes", 0)
         if getattr(store, "checksum_parts", False):  # every layer's checksums after the last copy (the path before)
             variants["sums-after"] = lambda: setattr(store, "checksum_parts", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
@@ -925,6 +928,8 @@ def main() -> None:
                         store.layer_copy = default_copy
                     if "sums-after" in variants:
                         store.checksum_parts = True
+                    if default_group:
+                        host.layer_group_bytes = default_group
                 timed[name].append(t)
                 reused[name] = got
                 if name == "default":
@@ -933,7 +938,7 @@ def main() -> None:
         whole = timed["whole"]
         other_rows = [(k, v) for k, v in timed.items()
                       if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync",
-                                   "sums-after")]
+                                   "sums-after", "per-layer")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -966,6 +971,12 @@ def main() -> None:
         if timed.get("loader"):
             rows.append((f"{size(n)} TTFT cpu hit, layers queued on the loader thread", ms(statistics.median(timed["loader"])),
                          ms(cfloor), f"{statistics.median(timed['loader']) / cfloor:.2f}x floor"))
+        if timed.get("per-layer"):
+            group = host._layer_group(eng.kv.namespace(""), n // 16) if hasattr(host, "_layer_group") else 1
+            rows.append((f"{size(n)} TTFT cpu hit, each layer landing on its own (no layer groups)",
+                         ms(statistics.median(timed["per-layer"])), ms(cfloor),
+                         f"{statistics.median(timed['per-layer']) / cfloor:.2f}x floor; the default lands "
+                         f"{group} layers a group"))
         if timed.get("sums-after"):
             rows.append((f"{size(n)} TTFT cpu hit, every layer's checksums after the last copy",
                          ms(statistics.median(timed["sums-after"])), ms(cfloor),

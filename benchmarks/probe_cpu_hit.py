@@ -60,6 +60,7 @@ MARKS = [
     ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
     ("loader: layered verdict (finish_layers)", "prefix_cache.host.cache", "finish_layers"),
     ("layer scatters (the thread that queues the load)", "kv.pool", "scatter_layer"),
+    ("layer group scatters (the thread that queues the load)", "kv.pool", "scatter_layers"),
     ("loader: verdict (waits for copies + checksums)", "prefix_cache.host.cache", "_verdict"),
     ("poll (waits for the load)", "prefix_cache", "poll"),
     ("prepare", "runner", "prepare"),

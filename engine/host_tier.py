@@ -81,6 +81,17 @@ class _EventWork:
         return None
 
 
+LAYER_GROUP_BYTES = 64 << 20
+
+
+def _takes(fn, param: str) -> bool:
+    """Whether fn (a backend's method, or None) takes the keyword `param` (a wrapper may not)."""
+    try:
+        return fn is not None and param in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class LayerEvents:
     """The events of a load landing layer by layer, one per layer in order, as the loader records
     them; get(i) waits (on the host) until event i is recorded. A loader that stops early (an
@@ -129,6 +140,13 @@ class HostTier:
         # a layered load is queued on the thread that asks for it (_queue_layers_here), else on the
         # loader thread (the path before; benchmarks compare)
         self.queue_here = True
+        # a layered load's layers land in groups of at least this many bytes (every page of the run),
+        # one scatter and one event a group: an 8K-token hit's copies outrun the engine's thread,
+        # which spent ~0.3 ms a layer queueing them (runs DH, DK); a 32K hit's layers (64 MiB each at
+        # Qwen3-30B-A3B's shapes) stay one a group. 0: every layer on its own (the path before)
+        self.layer_group_bytes = LAYER_GROUP_BYTES
+        self._grouping = {name: _takes(getattr(cache, name, None), "layer_group")
+                          for name in ("start_layers_into", "get_layers_into")}
         self._layer_stream = None
         self._layer_staging: torch.Tensor | None = None  # used by the thread that queues loads here
         self._load_stream = None
@@ -262,7 +280,8 @@ class HostTier:
                 start.record()
                 index = pool.index(blocks)
                 layer_landed = self._layer_landed(pool, index, lm, handle, on_queued)
-                got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False)
+                extra = {"layer_group": self._layer_group(ns, n)} if self._grouping["start_layers_into"] else {}
+                got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False, **extra)
                 if got is None:  # a put holds the store: the loader thread takes the load
                     return None
                 end = torch.cuda.Event(enable_timing=True)
@@ -381,7 +400,9 @@ class HostTier:
         try:
             with torch.cuda.stream(stream):
                 index = pool.index(blocks)
-                got = self.cache.get_layers_into(ns, hashes, lm, self._layer_landed(pool, index, lm, handle, on_queued))
+                extra = {"layer_group": self._layer_group(ns, n)} if self._grouping["get_layers_into"] else {}
+                got = self.cache.get_layers_into(ns, hashes, lm, self._layer_landed(pool, index, lm, handle, on_queued),
+                                                 **extra)
                 stream.synchronize()
         finally:
             handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
@@ -390,18 +411,33 @@ class HostTier:
             self.observe("cpu", got * spec.page_bytes, time.perf_counter() - t0)
         return got
 
+    def _layer_group(self, ns: Namespace, n: int) -> int:
+        """Layers a group of a layered load of n pages (layer_group_bytes)."""
+        L = ns.spec.shape[0]
+        per_layer = max(1, n * (ns.spec.page_bytes // L))
+        return max(1, min(L, -(-int(self.layer_group_bytes) // per_layer)))
+
     @staticmethod
     def _layer_landed(pool: DevicePool, index: torch.Tensor, lm: torch.Tensor, handle: "LayerEvents", on_queued):
-        """A layered get's callback: scatter layer `layer` of the run's pages from the layer-major
-        staging `lm` into the pool's blocks (on the stream it landed on) and record its event into
-        `handle`; once the last layer of every page is queued, hand the handle to on_queued."""
+        """A layered get's callback: layer_landed(layer, run) once every layer up to `layer` of the
+        run's pages has landed (each one, or a group's last): scatter the layers not yet scattered
+        from the layer-major staging `lm` into the pool's blocks (one launch, on the stream they
+        landed on) and record one event for them into `handle`; once the last layer of every page
+        is queued, hand the handle to on_queued."""
         L, n = lm.shape[0], lm.shape[1]
+        done = [0]  # layers scattered so far
 
         def layer_landed(layer: int, run: int) -> None:
-            pool.scatter_layer(layer, index[:run], lm[layer, :run])
+            lo = done[0]
+            if layer == lo:
+                pool.scatter_layer(layer, index[:run], lm[layer, :run])
+            else:
+                pool.scatter_layers(lo, layer + 1, index[:run], lm[lo:layer + 1, :run])
             ev = torch.cuda.Event()
             ev.record()
-            handle.add(ev)
+            for _ in range(lo, layer + 1):
+                handle.add(ev)
+            done[0] = layer + 1
             if on_queued is not None and layer == L - 1 and run == n:
                 handle.given = True
                 on_queued(handle)

@@ -184,6 +184,14 @@ class DevicePool:
             f"layer rows shape {tuple(rows.shape)} != {(len(index), parts, P, H, D)}"
         self.kv[layer].index_copy_(1, index, rows.transpose(0, 1))
 
+    def scatter_layers(self, lo: int, hi: int, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """scatter_layer for layers lo..hi-1 in one launch: rows [hi - lo, n, parts, page_size,
+        heads, head_dim] (layer-major, as a layered load lands them)."""
+        L, parts, P, H, D = self.spec.shape
+        assert 0 <= lo < hi <= L and tuple(rows.shape) == (hi - lo, len(index), parts, P, H, D), \
+            f"layers {lo}..{hi} rows shape {tuple(rows.shape)} != {(hi - lo, len(index), parts, P, H, D)}"
+        self.kv[lo:hi].index_copy_(2, index, rows.transpose(1, 2))
+
     def scatter(self, blocks: Sequence[int], pages: torch.Tensor) -> None:
         """Write pages [n, layers, parts, page_size, heads, head_dim] (any device) into `blocks`."""
         n = len(blocks)

@@ -557,7 +557,7 @@ class TieredStore:
         return got if pages else count
 
     def get_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
-                        layer_landed: Callable[[int, int], None]) -> int:
+                        layer_landed: Callable[[int, int], None], layer_group: int = 1) -> int:
         """get_into for a load that is used layer by layer: out [L, n, *page shape[1:]] (layer-major,
         contiguous, on CUDA; n = len(hashes)) receives the leading run of cpu-tier pages one layer at
         a time (kvc.cudacopy: one strided copy per layer and run of adjacent slab slots), so layer 0
@@ -568,11 +568,15 @@ class TieredStore:
         on the reader threads), so the callbacks precede the verdict: a caller uses the bytes before
         the count only if it can void that use. How many leading pages landed and verified; stops
         at the first page not in the cpu tier (the caller loads the rest another way).
+        layer_group=g: the layers land in groups of g (the last may be shorter), one event and one
+        callback a group, layer_landed(layer, run) for the group's last layer: every layer up to
+        it has landed (fewer launches and events for a small load whose copies outrun the host).
         The same as start_layers_into then finish_layers on one thread."""
-        return self.finish_layers(self.start_layers_into(ns, hashes, out, layer_landed))
+        return self.finish_layers(self.start_layers_into(ns, hashes, out, layer_landed, layer_group=layer_group))
 
     def start_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
-                          layer_landed: Callable[[int, int], None], block: bool = True) -> "LayeredGet | None":
+                          layer_landed: Callable[[int, int], None], block: bool = True,
+                          layer_group: int = 1) -> "LayeredGet | None":
         """The first half of get_layers_into: queue every layer's copies, the callbacks and the
         checksums, and return at once (nothing here waits for the GPU). finish_layers(get), on any
         thread, waits for the verdict and gives the count. Until then the run's pages are not
@@ -604,44 +608,50 @@ class TieredStore:
             base = self.cpu.slab.data_ptr()
             runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
             kernel = self._kernel_copier(held, lm, seg, out.device)
+            g = max(1, min(L, int(layer_group)))
+            groups = [(lo, min(L, lo + g)) for lo in range(0, L, g)]
             landed_at = None
             if kernel is None:  # DMA: every layer's copies first, so the copy engine starts now and the
-                landed_at = []  # rest of this host work runs beside it; an event after each layer
-                for layer in range(L):
-                    self._copy_layer(lm, runs, layer, seg, nbytes, cur)
+                landed_at = []  # rest of this host work runs beside it; an event after each group
+                for lo, hi in groups:
+                    for layer in range(lo, hi):
+                        self._copy_layer(lm, runs, layer, seg, nbytes, cur)
                     landed_at.append(torch.cuda.Event())
                     landed_at[-1].record(cur)
             want = self._expected_sums(held, out.device) if on_gpu else None
             for k in got.keys:  # read until finish_layers: not evicted (their slots not reused) before
                 self._reading[k] = self._reading.get(k, 0) + 1
-            # the checksums in two parts: every layer but the last as soon as those have landed, on a
-            # stream of their own (beside the last layer's copy and the step's first layers), then
-            # the last layer and the end of the hash (run DJ: 0.92 ms at 32K after the last copy)
-            parted = on_gpu and L > 1 and self.checksum_parts and run * nbytes >= CHECKSUM_PARTS_MIN_BYTES
+            # the checksums in two parts: every group but the last as soon as those have landed, on a
+            # stream of their own (beside the last group's copy and the step's first layers), then
+            # the last group and the end of the hash (run DJ: 0.92 ms at 32K after the last copy)
+            parted = (on_gpu and len(groups) > 1 and self.checksum_parts
+                      and run * nbytes >= CHECKSUM_PARTS_MIN_BYTES)
+            last_lo = groups[-1][0]
             with torch.cuda.stream(side):  # allocated where they are last used (freed after that)
                 sums = torch.empty(run, dtype=torch.int64, device=out.device) if on_gpu else None
                 acc = torch.empty((run, 8), dtype=torch.int64, device=out.device) if parted else None
             summer = self._verify_stream(out.device, "sums") if parted else None
             try:
-                with torch.cuda.stream(side):  # the callbacks' stream (one switch for every layer)
-                    for layer in range(L):
+                with torch.cuda.stream(side):  # the callbacks' stream (one switch for every group)
+                    for k, (lo, hi) in enumerate(groups):
                         if landed_at is not None:
-                            side.wait_event(landed_at[layer])
+                            side.wait_event(landed_at[k])
                         else:
                             with torch.cuda.stream(cur):
-                                if not kernel(layer):  # the kernel failed here: this layer and the rest by DMA
-                                    self._copy_layer(lm, runs, layer, seg, nbytes, cur)
+                                for layer in range(lo, hi):
+                                    if not kernel(layer):  # the kernel failed here: this layer and the rest by DMA
+                                        self._copy_layer(lm, runs, layer, seg, nbytes, cur)
                             side.wait_stream(cur)
-                        layer_landed(layer, run)
-                        if parted and layer == L - 2:
-                            summer.wait_stream(side)  # layers 0..L-2 have landed
+                        layer_landed(hi - 1, run)
+                        if parted and hi == last_lo:
+                            summer.wait_stream(side)  # every group before the last has landed
                             with torch.cuda.stream(summer):
-                                gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, upto=L - 1)
+                                gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, upto=last_lo)
                     side.wait_stream(cur)  # every copy, and the expected sums' upload queued behind them
                     if parted:
                         side.wait_stream(summer)
                     if on_gpu:
-                        gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, first=L - 1 if parted else 0)
+                        gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, first=last_lo if parted else 0)
                         got.flags = torch.empty(run, dtype=torch.bool, pin_memory=True)
                         got.flags.copy_(sums != want, non_blocking=True)
                     got.done = torch.cuda.Event()

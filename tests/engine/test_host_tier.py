@@ -216,6 +216,36 @@ def test_disk_writes_are_paced_like_puts(tmp_path):
         s.close()
 
 
+def test_layer_groups_follow_the_loads_bytes(store):
+    """A layered load's layers land in groups of at least layer_group_bytes (all its pages): a 32K
+    hit at Qwen3-30B-A3B's 12-layer shapes (64 MiB a layer) one layer a group, an 8K hit four, a
+    tiny load every layer in one group; 0 is one layer a group. A backend whose layered get does not
+    take layer_group (a wrapper) is not asked to group."""
+    host = HostTier(store)
+    try:
+        spec = PageSpec(num_layers=12, num_kv_heads=4, head_dim=128, page_size=16, dtype="bfloat16")
+        ns = Namespace("qwen3-shapes", spec, weights_digest="w")
+        assert spec.page_bytes == 384 << 10
+        assert [host._layer_group(ns, n) for n in (2048, 512, 1024, 3)] == [1, 4, 2, 12]
+        host.layer_group_bytes = 0
+        assert host._layer_group(ns, 512) == 1
+        assert host._grouping == {"start_layers_into": True, "get_layers_into": True}
+
+        class Wrapper:  # an older backend's signature
+            def start_layers_into(self, ns, hashes, out, layer_landed, block=True):
+                raise AssertionError("not called here")
+
+            def put_pages(self, ns, pages):
+                return None
+        other = HostTier(Wrapper())
+        try:
+            assert other._grouping == {"start_layers_into": False, "get_layers_into": False}
+        finally:
+            other.close()
+    finally:
+        host.close()
+
+
 def test_layer_events_wait_for_each_layer_and_end_early():
     """LayerEvents (a load landing layer by layer): get(i) waits until the loader recorded layer i;
     once the loader ends (an error) the layers it never queued give None instead of blocking."""

@@ -142,9 +142,11 @@ def test_load_bandwidth_excludes_kernels_queued_before_it(qwen_dir, store, monke
     eng.close()
 
 
-@pytest.mark.parametrize("layered,here", [(True, True), (True, False), (False, True)])
-def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here):
-    """cpu-tier hits that land layer by layer (queued on the engine's thread, or on the loader's),
+@pytest.mark.parametrize("layered,here,group", [(True, True, None), (True, True, 0), (True, False, None),
+                                                 (True, False, 0), (False, True, None)])
+def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here, group):
+    """cpu-tier hits that land layer by layer (queued on the engine's thread, or on the loader's;
+    in groups of layers as the default's bytes make them, here one group, or each layer alone),
     or whole pages, beside other requests' prefill and puts: every output equals cache-off, and the
     hits really took that path."""
     off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
@@ -152,6 +154,8 @@ def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, sto
     host = eng.prefix_cache.host
     host.layer_loads = layered
     host.queue_here = here
+    if group is not None:
+        host.layer_group_bytes = group
     run(eng, PROMPTS)
     eng.prefix_cache.flush()
     eng.prefix_cache.reset_device_cache()

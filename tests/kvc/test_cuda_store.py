@@ -197,6 +197,41 @@ def test_get_layers_into_lands_layer_by_layer_and_stops_at_a_corrupt_page(tmp_pa
         assert s.layer_copy_off is None  # the kernel launched on the mapped slab (not a silent DMA)
 
 
+@pytest.mark.parametrize("parts", [True, False])
+def test_a_layered_get_in_groups_of_layers_equals_one_by_layer(tmp_path, monkeypatch, parts):
+    """layer_group=2 over 5 layers: one callback a group, for its last layer (1, 3, 4), each after
+    every layer up to it landed; the bytes, the count and a corrupt page's end of the run as by
+    layer; with the checksums in two parts the first covers the groups before the last."""
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=5, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 4 KiB a layer
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    monkeypatch.setattr(store_mod, "CHECKSUM_PARTS_MIN_BYTES", 0)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        s.checksum_parts = parts
+        hashes, pages = make_pages(ns, list(range(4 * 30)))
+        s.put_pages(ns, pages)
+        n = len(hashes)
+        want = torch.stack([p.data for p in pages]).transpose(0, 1)
+        out = torch.zeros((5, n, *spec.shape[1:]), device="cuda")
+        dst = torch.zeros_like(out)
+        seen, copied = [], [0]
+
+        def landed(layer, run):
+            seen.append((layer, run))
+            dst[copied[0]:layer + 1, :run].copy_(out[copied[0]:layer + 1, :run], non_blocking=True)
+            copied[0] = layer + 1
+        assert s.get_layers_into(ns, hashes, out, landed, layer_group=2) == n
+        torch.cuda.synchronize()
+        assert seen == [(1, n), (3, n), (4, n)] and torch.equal(dst.cpu(), want)
+        s.cpu.view(ns.root + hashes[9])[2 * 4096 + 7] ^= 0x04  # layer 2: a group in the first part
+        assert s.get_layers_into(ns, hashes, out.zero_(), lambda layer, run: None, layer_group=2) == 9
+        seen.clear()
+        copied[0] = 0
+        assert s.get_layers_into(ns, hashes, out.zero_(), landed, layer_group=9) == 9  # one group
+        torch.cuda.synchronize()
+        assert seen == [(4, 9)] and torch.equal(dst[:, :9].cpu(), want[:, :9])
+
+
 def test_gather_rows_reads_pinned_host_memory_in_place():
     """kvc.hostcopy on CUDA: rows scattered over a pinned host buffer land in order on the device,
     from the offsets (plus the shared `add`), widths that are not a multiple of a tile included,

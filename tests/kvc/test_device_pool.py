@@ -78,6 +78,25 @@ def test_gather_scatter_roundtrip():
     assert torch.count_nonzero(pool.kv[:, :, [0, 2, 4]]) == 0
 
 
+def test_layer_scatters_equal_the_whole_page_scatter():
+    """A layered load's writes: scatter_layer one layer at a time, or scatter_layers a range of
+    layers in one launch, from layer-major rows, leave the pool as the whole-page scatter does."""
+    spec = PageSpec(5, 2, 4, 2, "float32")
+    pages = torch.randn(3, *spec.shape)
+    want = DevicePool(spec, 6)
+    want.scatter([4, 0, 2], pages)
+    lm = pages.transpose(0, 1).contiguous()  # [L, n, parts, P, H, D]
+    for groups in ([(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], [(0, 2), (2, 5)], [(0, 5)], [(0, 1), (1, 4), (4, 5)]):
+        pool = DevicePool(spec, 6)
+        index = pool.index([4, 0, 2])
+        for lo, hi in groups:
+            if hi - lo == 1:
+                pool.scatter_layer(lo, index, lm[lo])
+            else:
+                pool.scatter_layers(lo, hi, index, lm[lo:hi])
+        assert torch.equal(pool.kv, want.kv), groups
+
+
 def test_cache_blocks_registers_a_run_like_one_at_a_time():
     pool = BlockPool(8)
     b = pool.allocate(4)
