@@ -951,41 +951,33 @@ def main() -> None:
                      f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
                      f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s; layered loads so far {host.layered_loads}; "
                      f"layer copy {getattr(store, 'layer_copy', '-')} (off: {getattr(store, 'layer_copy_off', None)})"))
-        rows.append((f"{size(n)} TTFT cpu hit, whole-page loads", ms(statistics.median(whole)), ms(cfloor),
-                     f"{statistics.median(whole) / cfloor:.2f}x floor"))
-        rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt",
-                     ms(statistics.median(timed["busy"])), ms(cfloor),
-                     f"{statistics.median(timed['busy']) / cfloor:.2f}x floor; that prompt's puts and disk writes "
-                     f"still running (the other rows wait for them); last {reused['busy']} tokens reused"))
+
+        def hit_row(label: str, times: list, note: str = "") -> None:  # a cpu-hit variant's row
+            med = statistics.median(times)
+            rows.append((f"{size(n)} TTFT cpu hit, {label}", ms(med), ms(cfloor),
+                         f"{med / cfloor:.2f}x floor" + (f"; {note}" if note else "")))
+        hit_row("whole-page loads", whole)
+        hit_row(f"right after another cold {size(n)} prompt", timed["busy"],
+                f"that prompt's puts and disk writes still running (the other rows wait for them); "
+                f"last {reused['busy']} tokens reused")
         if timed.get("busy-other-gate"):
-            rows.append((f"{size(n)} TTFT cpu hit, right after another cold {size(n)} prompt, put gate {other_put_gate}",
-                         ms(statistics.median(timed["busy-other-gate"])), ms(cfloor),
-                         f"{statistics.median(timed['busy-other-gate']) / cfloor:.2f}x floor; that prompt's puts under "
-                         f"the other gate; last {reused['busy-other-gate']} tokens reused"))
+            hit_row(f"right after another cold {size(n)} prompt, put gate {other_put_gate}", timed["busy-other-gate"],
+                    f"that prompt's puts under the other gate; last {reused['busy-other-gate']} tokens reused")
         if timed.get("other-gate"):
-            rows.append((f"{size(n)} TTFT cpu hit, put gate {other_put_gate}", ms(statistics.median(timed["other-gate"])),
-                         ms(cfloor), f"{statistics.median(timed['other-gate']) / cfloor:.2f}x floor; interleaved "
-                         f"with the default gate's row"))
-        rows.append((f"{size(n)} TTFT cpu hit, synchronous scheduling", ms(statistics.median(timed["sync"])),
-                     ms(cfloor), f"{statistics.median(timed['sync']) / cfloor:.2f}x floor"))
+            hit_row(f"put gate {other_put_gate}", timed["other-gate"], "interleaved with the default gate's row")
+        hit_row("synchronous scheduling", timed["sync"])
         if timed.get("loader"):
-            rows.append((f"{size(n)} TTFT cpu hit, layers queued on the loader thread", ms(statistics.median(timed["loader"])),
-                         ms(cfloor), f"{statistics.median(timed['loader']) / cfloor:.2f}x floor"))
+            hit_row("layers queued on the loader thread", timed["loader"])
         if timed.get("per-layer"):
             group = host._layer_group(eng.kv.namespace(""), n // 16) if hasattr(host, "_layer_group") else 1
-            rows.append((f"{size(n)} TTFT cpu hit, each layer landing on its own (no layer groups)",
-                         ms(statistics.median(timed["per-layer"])), ms(cfloor),
-                         f"{statistics.median(timed['per-layer']) / cfloor:.2f}x floor; the default lands "
-                         f"{group} layers a group"))
+            hit_row("each layer landing on its own (no layer groups)", timed["per-layer"],
+                    f"the default lands {group} layers a group")
         if timed.get("sums-after"):
-            rows.append((f"{size(n)} TTFT cpu hit, every layer's checksums after the last copy",
-                         ms(statistics.median(timed["sums-after"])), ms(cfloor),
-                         f"{statistics.median(timed['sums-after']) / cfloor:.2f}x floor; the default hashes all "
-                         f"but the last layer as they land from {store_mod.CHECKSUM_PARTS_MIN_BYTES / GB:.2f} GB"))
+            hit_row("every layer's checksums after the last copy", timed["sums-after"],
+                    f"the default hashes all but the last layer as they land from "
+                    f"{store_mod.CHECKSUM_PARTS_MIN_BYTES / GB:.2f} GB")
         for k, v in other_rows:
-            how = "by strided DMA" if k == "dma" else "by the kernel reading the slab"
-            rows.append((f"{size(n)} TTFT cpu hit, layers copied {how}", ms(statistics.median(v)), ms(cfloor),
-                         f"{statistics.median(v) / cfloor:.2f}x floor"))
+            hit_row(f"layers copied {'by strided DMA' if k == 'dma' else 'by the kernel reading the slab'}", v)
     rates = eng.planner.tier_rates()
     notes.append(f"# measured: prefill {eng.planner.prefill_rate() or 0:.0f} tok/s; load "
                  + ", ".join(f"{t} {bw / GB:.1f} GB/s" for t, bw in rates.items()))
