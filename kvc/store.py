@@ -142,10 +142,11 @@ class TieredStore:
         # interleaved rows, BL-BO). A kernel that fails to launch turns itself off (layer_copy_off
         # says why) and the get goes on as DMA
         self.layer_copy = "dma"
-        # a layered get hashes every layer but the last as soon as they landed, the rest after the
-        # last copy (False: every layer after the last copy, the path before; benchmarks compare)
-        self.checksum_parts = True
         self.layer_copy_off: str | None = None
+        # a layered get of CHECKSUM_PARTS_MIN_BYTES or more hashes every group of layers but the last
+        # as soon as they landed, the rest after the last copy (False: every layer after the last
+        # copy, the path before; benchmarks compare)
+        self.checksum_parts = True
         cpu_bytes = int(config.cpu_memory_size_GB * GB)
         disk_bytes = int(config.disk_size_GB * GB)
         self.cpu = CpuTier(cpu_bytes) if cpu_bytes > 0 and not config.gpu_only else NullTier("cpu")
