@@ -278,8 +278,7 @@ class HostTier:
                 lm = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
-                index = pool.index(blocks)
-                layer_landed = self._layer_landed(pool, index, lm, handle, on_queued)
+                layer_landed = self._layer_landed(pool, blocks, lm, handle, on_queued)
                 extra = {"layer_group": self._layer_group(ns, n)} if self._grouping["start_layers_into"] else {}
                 got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False, **extra)
                 if got is None:  # a put holds the store: the loader thread takes the load
@@ -399,9 +398,8 @@ class HostTier:
         t0 = time.perf_counter()
         try:
             with torch.cuda.stream(stream):
-                index = pool.index(blocks)
                 extra = {"layer_group": self._layer_group(ns, n)} if self._grouping["get_layers_into"] else {}
-                got = self.cache.get_layers_into(ns, hashes, lm, self._layer_landed(pool, index, lm, handle, on_queued),
+                got = self.cache.get_layers_into(ns, hashes, lm, self._layer_landed(pool, blocks, lm, handle, on_queued),
                                                  **extra)
                 stream.synchronize()
         finally:
@@ -418,16 +416,22 @@ class HostTier:
         return max(1, min(L, -(-int(self.layer_group_bytes) // per_layer)))
 
     @staticmethod
-    def _layer_landed(pool: DevicePool, index: torch.Tensor, lm: torch.Tensor, handle: "LayerEvents", on_queued):
+    def _layer_landed(pool: DevicePool, blocks: Sequence[int], lm: torch.Tensor, handle: "LayerEvents", on_queued):
         """A layered get's callback: layer_landed(layer, run) once every layer up to `layer` of the
         run's pages has landed (each one, or a group's last): scatter the layers not yet scattered
-        from the layer-major staging `lm` into the pool's blocks (one launch, on the stream they
+        from the layer-major staging `lm` into the pool's `blocks` (one launch, on the stream they
         landed on) and record one event for them into `handle`; once the last layer of every page
-        is queued, hand the handle to on_queued."""
+        is queued, hand the handle to on_queued. The blocks' index is uploaded at the first call,
+        after the get queued its copies (at 32K tokens the upload of 2,048 block ids came before
+        the first copy, which every later byte waits behind)."""
         L, n = lm.shape[0], lm.shape[1]
         done = [0]  # layers scattered so far
+        idx: list = []  # the blocks' index on the device, made at the first call
 
         def layer_landed(layer: int, run: int) -> None:
+            if not idx:
+                idx.append(pool.index(blocks))
+            index = idx[0]
             lo = done[0]
             if layer == lo:
                 pool.scatter_layer(layer, index[:run], lm[layer, :run])
