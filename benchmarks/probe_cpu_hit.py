@@ -56,8 +56,6 @@ MARKS = [
     ("store: layers queued (start_layers_into)", "prefix_cache.host.cache", "start_layers_into"),
     ("store: one layer's strided copies (_copy_layer)", "prefix_cache.host.cache", "_copy_layer"),
     ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
-    ("store: one layer's strided copies (_copy_layer)", "prefix_cache.host.cache", "_copy_layer"),
-    ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
     ("loader: layered verdict (finish_layers)", "prefix_cache.host.cache", "finish_layers"),
     ("layer scatters (the thread that queues the load)", "kv.pool", "scatter_layer"),
     ("layer group scatters (the thread that queues the load)", "kv.pool", "scatter_layers"),
