@@ -161,7 +161,7 @@ class HostTier:
         # GPU (_wait_for_slack): run BD's paired batches, host tiers on vs off, had the same GPU busy
         # time and 109 ms more GPU idle a batch (the engine's thread kept from launching), not slower
         # kernels. Against the put path without it, in the same pairs: within their spread (BE-BG)
-        self.pause_puts = "pause" in inspect.signature(cache.put_pages).parameters
+        self.pause_puts = _takes(cache.put_pages, "pause")
         # when puts may hold the GIL: "gpu-queued" (default) whenever the GPU has queued work (or the
         # engine is idle); "gpu-wait" only while the engine's thread waits for a step's samples
         # (gpu_wait) or is idle. With async scheduling the GPU always has queued work, so under

@@ -102,16 +102,7 @@ def copy2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, heigh
     """Queue on `stream` a copy of `height` rows of `width` bytes from host address `src` (rows
     `src_pitch` apart; page-locked memory, else the driver stages it synchronously) to device
     address `dst` (rows `dst_pitch` apart). Raises RuntimeError naming the driver's error."""
-    lib = _driver()
-    if lib is None:
-        raise RuntimeError(f"strided copies unavailable: {_failed}")
-    if width > src_pitch or width > dst_pitch:
-        raise ValueError(f"row width {width} exceeds a pitch (src {src_pitch}, dst {dst_pitch})")
-    _ensure_context(lib, stream.device)
-    p = _Memcpy2D(srcMemoryType=_HOST, srcHost=src, srcPitch=src_pitch,
-                  dstMemoryType=_DEVICE, dstDevice=dst, dstPitch=dst_pitch,
-                  WidthInBytes=width, Height=height)
-    _check(lib, lib.cuMemcpy2DAsync_v2(ctypes.byref(p), stream.cuda_stream), "cuMemcpy2DAsync")
+    copy2d_many([(dst, dst_pitch, src, src_pitch, width, height)], stream)
 
 
 def copy2d_many(copies, stream: torch.cuda.Stream) -> None:
