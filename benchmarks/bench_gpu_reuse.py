@@ -761,7 +761,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="TTFT samples per row (3)")
     ap.add_argument("--hit-variants", default="", help="comma-separated: the cpu-hit variants timed beside the "
                     "default, whole-page, busy and synchronous rows (default every one: other-gate, "
-                    "busy-other-gate, loader, per-layer, sums-after, kernel / dma)")
+                    "busy-other-gate, loader, per-layer, sums-after, staged, kernel / dma)")
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
@@ -901,6 +901,9 @@ def main() -> None:
             variants["per-layer"] = lambda: setattr(host, "layer_group_bytes", 0)
         if getattr(store, "checksum_parts", False):  # every layer's checksums after the last copy (the path before)
             variants["sums-after"] = lambda: setattr(store, "checksum_parts", False)
+        default_direct = getattr(host, "direct_loads", False)
+        if default_direct:  # through the staging buffer and a scatter a group (the path before)
+            variants["staged"] = lambda: setattr(host, "direct_loads", False)
         if default_copy is not None:  # the other way of moving a layer (kvc.hostcopy's kernel or strided DMA)
             other = "kernel" if default_copy == "dma" else "dma"
             variants[other] = lambda: setattr(store, "layer_copy", other)
@@ -933,6 +936,8 @@ def main() -> None:
                         store.checksum_parts = True
                     if default_group:
                         host.layer_group_bytes = default_group
+                    if default_direct:
+                        host.direct_loads = True
                 timed[name].append(t)
                 reused[name] = got
                 if name == "default":
@@ -941,7 +946,7 @@ def main() -> None:
         whole = timed["whole"]
         other_rows = [(k, v) for k, v in timed.items()
                       if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync",
-                                   "sums-after", "per-layer")]
+                                   "sums-after", "per-layer", "staged")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -952,7 +957,8 @@ def main() -> None:
         cfloor = bytes_ / h2d + delta
         rows.append((f"{size(n)} TTFT cpu hit", ms(statistics.median(cpu)), ms(cfloor),
                      f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
-                     f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s; layered loads so far {host.layered_loads}; "
+                     f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s; layered loads so far {host.layered_loads} "
+                     f"({getattr(host, 'direct_layer_loads', 0)} straight into the pool); "
                      f"layer copy {getattr(store, 'layer_copy', '-')} (off: {getattr(store, 'layer_copy_off', None)})"))
 
         def hit_row(label: str, times: list, note: str = "") -> None:  # a cpu-hit variant's row
@@ -979,6 +985,8 @@ def main() -> None:
             hit_row("every layer's checksums after the last copy", timed["sums-after"],
                     f"the default hashes all but the last layer as they land from "
                     f"{store_mod.CHECKSUM_PARTS_MIN_BYTES / GB:.2f} GB")
+        if timed.get("staged"):
+            hit_row("through a staging buffer and a scatter (not straight into the pool)", timed["staged"])
         for k, v in other_rows:
             hit_row(f"layers copied {'by strided DMA' if k == 'dma' else 'by the kernel reading the slab'}", v)
     rates = eng.planner.tier_rates()

@@ -55,6 +55,7 @@ MARKS = [
     ("layers queued on the engine's thread (_queue_layers_here)", "prefix_cache.host", "_queue_layers_here"),
     ("store: layers queued (start_layers_into)", "prefix_cache.host.cache", "start_layers_into"),
     ("store: one layer's strided copies (_copy_layer)", "prefix_cache.host.cache", "_copy_layer"),
+    ("store: one layer's strided copies into pool blocks", "prefix_cache.host.cache", "_copy_layer_to_blocks"),
     ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
     ("loader: layered verdict (finish_layers)", "prefix_cache.host.cache", "finish_layers"),
     ("layer scatters (the thread that queues the load)", "kv.pool", "scatter_layer"),

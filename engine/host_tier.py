@@ -82,6 +82,10 @@ class _EventWork:
 
 
 LAYER_GROUP_BYTES = 64 << 20
+# a layered load goes straight into the pool's blocks only where they form fewer runs of consecutive
+# ids than this (each run costs a strided copy per layer and part on the engine's thread; the engine's
+# allocations hand out ascending ids, so a load's blocks are mostly a few runs)
+DIRECT_MAX_RUNS = 16
 
 
 def _takes(fn, param: str) -> bool:
@@ -147,6 +151,15 @@ class HostTier:
         self.layer_group_bytes = LAYER_GROUP_BYTES
         self._grouping = {name: _takes(getattr(cache, name, None), "layer_group")
                           for name in ("start_layers_into", "get_layers_into")}
+        # a layered load copies each layer straight into the pool's blocks where the store can (a
+        # `blocks` parameter, DMA copies) and the load's blocks form at most DIRECT_MAX_RUNS runs of
+        # consecutive ids: no staging buffer and no scatter (at 32K tokens 1.5 GB of HBM traffic
+        # beside the copies, which slow down beside memory-bound kernels). False: through the
+        # staging buffer and a scatter a group (the path before; benchmarks compare)
+        self.direct_loads = True
+        self._direct_ok = {name: _takes(getattr(cache, name, None), "blocks")
+                           for name in ("start_layers_into", "get_layers_into")}
+        self.direct_layer_loads = 0  # layered loads that went straight into the pool
         self._layer_stream = None
         self._layer_staging: torch.Tensor | None = None  # used by the thread that queues loads here
         self._load_stream = None
@@ -199,12 +212,13 @@ class HostTier:
         if setter is not None:
             setter(gate)
 
-    def warm(self, page_bytes: int, device: torch.device, layers: int = 1) -> None:
+    def warm(self, page_bytes: int, device: torch.device, layers: int = 1, parts: int = 0) -> None:
         """Start-up work for loads on `device`: an in-process store verifies cpu-tier pages on the
         device after their copy (kvc.gpu_checksum); its kernel is compiled now, not at the first
-        hit (for pages of `layers` layers: a layered get hashes them in parts)."""
+        hit (for pages of `layers` layers: a layered get hashes them in parts; and of `parts`
+        tensors a layer: a get straight into the pool hashes them in their blocks)."""
         if device.type == "cuda" and getattr(self.cache, "verify_on_device", False):
-            gpu_checksum.warm(page_bytes, device, layers)
+            gpu_checksum.warm(page_bytes, device, layers, parts if self.direct_loads else 0)
 
     def lookup(self, ns: Namespace, tokens: list[int] | bytes, hashes: list[bytes] | None = None) -> LookupResult:
         return self.cache.lookup(ns, tokens=tokens, hashes=hashes)
@@ -274,13 +288,16 @@ class HostTier:
         handle = LayerEvents(L)
         try:
             with torch.cuda.stream(stream):
-                staging = self._layer_staging_for(ns, n, device)
-                lm = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
+                extra = self._layered_args("start_layers_into", ns, pool, blocks)
+                if "blocks" in extra:
+                    lm, into = None, pool.kv  # straight into the pool
+                else:
+                    staging = self._layer_staging_for(ns, n, device)
+                    lm = into = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
-                layer_landed = self._layer_landed(pool, blocks, lm, handle, on_queued)
-                extra = {"layer_group": self._layer_group(ns, n)} if self._grouping["start_layers_into"] else {}
-                got = self.cache.start_layers_into(ns, hashes, lm, layer_landed, block=False, **extra)
+                layer_landed = self._layer_landed(pool, blocks, lm, handle, on_queued, L, n)
+                got = self.cache.start_layers_into(ns, hashes, into, layer_landed, block=False, **extra)
                 if got is None:  # a put holds the store: the loader thread takes the load
                     return None
                 end = torch.cuda.Event(enable_timing=True)
@@ -320,6 +337,7 @@ class HostTier:
             raise
         end.synchronize()
         self.layered_loads += 1
+        self.direct_layer_loads += int(getattr(got, "direct", False))
         seconds = start.elapsed_time(end) / 1e3  # GPU time from the load's start to its last write
         if self.observe is not None and n * page_bytes >= MIN_SAMPLE_BYTES and seconds > 0:
             self.observe("cpu", n * page_bytes, seconds)
@@ -392,19 +410,23 @@ class HostTier:
         the queueing, was slower at 8K in run AG: the two threads' Python work convoyed on the GIL.)"""
         spec = ns.spec
         L, n = spec.shape[0], len(hashes)
-        staging = self._staging_for(ns, n, pool.device)
-        lm = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
+        extra = self._layered_args("get_layers_into", ns, pool, blocks)
+        if "blocks" in extra:
+            lm, into = None, pool.kv  # straight into the pool
+        else:
+            staging = self._staging_for(ns, n, pool.device)
+            lm = into = staging.view(-1)[:n * staging[0].numel()].view(L, n, *spec.shape[1:])  # layer-major
         stream = self._side(pool.device, "_load_stream")
         t0 = time.perf_counter()
         try:
             with torch.cuda.stream(stream):
-                extra = {"layer_group": self._layer_group(ns, n)} if self._grouping["get_layers_into"] else {}
-                got = self.cache.get_layers_into(ns, hashes, lm, self._layer_landed(pool, blocks, lm, handle, on_queued),
-                                                 **extra)
+                got = self.cache.get_layers_into(ns, hashes, into,
+                                                 self._layer_landed(pool, blocks, lm, handle, on_queued, L, n), **extra)
                 stream.synchronize()
         finally:
             handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
         self.layered_loads += 1
+        self.direct_layer_loads += int("blocks" in extra)
         if self.observe is not None and got * spec.page_bytes >= MIN_SAMPLE_BYTES:
             self.observe("cpu", got * spec.page_bytes, time.perf_counter() - t0)
         return got
@@ -415,28 +437,42 @@ class HostTier:
         per_layer = max(1, n * (ns.spec.page_bytes // L))
         return max(1, min(L, -(-int(self.layer_group_bytes) // per_layer)))
 
+    def _layered_args(self, name: str, ns: Namespace, pool: DevicePool, blocks: list[int]) -> dict:
+        """The keyword arguments of a layered get (`name`) of pages into `blocks`: its layer group
+        where the store takes one, and blocks=blocks where the load goes straight into the pool
+        (direct_loads, a store that takes it and copies by DMA, a contiguous pool, at most
+        DIRECT_MAX_RUNS runs of consecutive block ids)."""
+        extra = {"layer_group": self._layer_group(ns, len(blocks))} if self._grouping[name] else {}
+        if (self.direct_loads and self._direct_ok[name] and getattr(self.cache, "layer_copy", "dma") == "dma"
+                and pool.kv.is_contiguous() and len(blocks)
+                and np.count_nonzero(np.diff(np.asarray(blocks, dtype=np.int64)) != 1) < DIRECT_MAX_RUNS):
+            extra["blocks"] = blocks
+        return extra
+
     @staticmethod
-    def _layer_landed(pool: DevicePool, blocks: Sequence[int], lm: torch.Tensor, handle: "LayerEvents", on_queued):
+    def _layer_landed(pool: DevicePool, blocks: Sequence[int], lm: torch.Tensor | None, handle: "LayerEvents",
+                      on_queued, L: int, n: int):
         """A layered get's callback: layer_landed(layer, run) once every layer up to `layer` of the
         run's pages has landed (each one, or a group's last): scatter the layers not yet scattered
         from the layer-major staging `lm` into the pool's `blocks` (one launch, on the stream they
-        landed on) and record one event for them into `handle`; once the last layer of every page
-        is queued, hand the handle to on_queued. The blocks' index is uploaded at the first call,
-        after the get queued its copies (at 32K tokens the upload of 2,048 block ids came before
-        the first copy, which every later byte waits behind)."""
-        L, n = lm.shape[0], lm.shape[1]
+        landed on; nothing to scatter where lm is None: the get copied into the blocks) and record
+        one event for them into `handle`; once the last layer of every page is queued, hand the
+        handle to on_queued. The blocks' index is uploaded at the first call, after the get queued
+        its copies (at 32K tokens the upload of 2,048 block ids came before the first copy, which
+        every later byte waits behind)."""
         done = [0]  # layers scattered so far
         idx: list = []  # the blocks' index on the device, made at the first call
 
         def layer_landed(layer: int, run: int) -> None:
-            if not idx:
-                idx.append(pool.index(blocks))
-            index = idx[0]
             lo = done[0]
-            if layer == lo:
-                pool.scatter_layer(layer, index[:run], lm[layer, :run])
-            else:
-                pool.scatter_layers(lo, layer + 1, index[:run], lm[lo:layer + 1, :run])
+            if lm is not None:
+                if not idx:
+                    idx.append(pool.index(blocks))
+                index = idx[0]
+                if layer == lo:
+                    pool.scatter_layer(layer, index[:run], lm[layer, :run])
+                else:
+                    pool.scatter_layers(lo, layer + 1, index[:run], lm[lo:layer + 1, :run])
             ev = torch.cuda.Event()
             ev.record()
             for _ in range(lo, layer + 1):

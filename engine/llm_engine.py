@@ -180,7 +180,7 @@ class LLMEngine:
         host = (HostTier(cache, observe=self.planner.observe_load, ring_bytes=int(config.kvc.put_buffer_GB * (1 << 30)))
                 if cache is not None and not config.kvc.gpu_only and reuse else None)
         if host is not None:
-            host.warm(spec.page_bytes, self.device, spec.shape[0])
+            host.warm(spec.page_bytes, self.device, spec.shape[0], spec.shape[1])
         self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
         self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)

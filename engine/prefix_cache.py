@@ -196,7 +196,10 @@ class PrefixCache:
         got = self.blocks.allocate(n)
         if got is None:
             return False
-        req.block_table += got
+        # ascending: fresh blocks may go to any page, and runs of consecutive ids let a cpu-tier load
+        # copy straight into them (HostTier.direct_loads); a request's blocks come back to the free
+        # queue tail first, so the next allocation of them is descending without this
+        req.block_table += sorted(got) if n > 1 else got
         return True
 
     def _count_hit(self, req: Request) -> None:

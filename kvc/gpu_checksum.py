@@ -98,15 +98,21 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def _xxh3_kernel(X, Out, C, Acc, stride_x, n_words, n_blocks, last_stripes, seg_words, seg_stride,
-                     b_lo, b_hi, G: tl.constexpr, LOAD_ACC: tl.constexpr, FINAL: tl.constexpr):
+    def _xxh3_kernel(X, Out, C, Acc, Rows, stride_x, n_words, n_blocks, last_stripes, seg_words, seg_stride,
+                     b_lo, b_hi, G: tl.constexpr, LOAD_ACC: tl.constexpr, FINAL: tl.constexpr,
+                     HAS_ROWS: tl.constexpr):
         """One row of X (int64 words) per program: XXH3_64bits of its n_words * 8 bytes. A row is
         segments of seg_words words (a multiple of 128: whole blocks), seg_stride words apart.
         This launch runs the row's whole blocks b_lo..b_hi (of n_blocks) from the initial
         accumulators, or from Acc [rows, 8] (LOAD_ACC: an earlier launch's); FINAL: then the tail
-        and the merge into Out, else the accumulators into Acc (a later launch goes on)."""
+        and the merge into Out, else the accumulators into Acc (a later launch goes on).
+        HAS_ROWS: program i hashes row Rows[i] of X (a page in a device pool's block), and writes
+        Out[i] / Acc[i]."""
         row = tl.program_id(0)
-        base = X + row.to(tl.int64) * stride_x
+        if HAS_ROWS:
+            base = X + tl.load(Rows + row) * stride_x
+        else:
+            base = X + row.to(tl.int64) * stride_x
         lane = tl.arange(0, 8)
         st = tl.arange(0, 16)
         g = tl.arange(0, G)
@@ -214,7 +220,8 @@ def xxh3_64_rows(rows: torch.Tensor, block_group: int = 2, out: torch.Tensor | N
 
 
 def xxh3_64_segmented(data: torch.Tensor, out: torch.Tensor, block_group: int = 2,
-                      acc: torch.Tensor | None = None, first: int = 0, upto: int | None = None) -> torch.Tensor:
+                      acc: torch.Tensor | None = None, first: int = 0, upto: int | None = None,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
     """out int64 [k]: xxh3_64 of each of the first k rows whose bytes lie in segments: data
     [S, n, seg_bytes] uint8 (contiguous, k <= n), row i = data[0, i] + data[1, i] + ... +
     data[S-1, i] back to back. A cpu-tier load copies pages layer by layer into such a layer-major
@@ -224,7 +231,11 @@ def xxh3_64_segmented(data: torch.Tensor, out: torch.Tensor, block_group: int = 
     In parts, as the segments land: with upto=s (first < s < S) this call hashes segments
     first..s-1 into acc (int64 [k, 8], the running accumulators; from the start when first is
     0) and leaves out alone; the call with upto None (the default) goes on from segment `first`
-    (acc from the calls before it) and writes out. The parts' sums equal the whole call's."""
+    (acc from the calls before it) and writes out. The parts' sums equal the whole call's.
+
+    index (int64 [k] on data's device): row i is data[0, index[i]] + ... + data[S-1, index[i]]
+    instead: pages that a load copied straight into a device pool's blocks (the pool [L, parts,
+    blocks, ...] seen as [L * parts, blocks, part bytes]), hashed where they are."""
     S, n, seg = data.shape
     if data.dtype != torch.uint8 or not data.is_contiguous() or seg % BLOCK_BYTES or S * seg < MIN_BYTES:
         raise ValueError(f"data must be contiguous uint8 [S, n, seg_bytes] with seg_bytes % {BLOCK_BYTES} == 0; "
@@ -237,16 +248,20 @@ def xxh3_64_segmented(data: torch.Tensor, out: torch.Tensor, block_group: int = 
     if (first or upto is not None) and (acc is None or acc.shape != (len(out), 8) or acc.dtype != torch.int64
                                         or not acc.is_contiguous()):
         raise ValueError(f"acc must be a contiguous int64 tensor [{len(out)}, 8] to hash in parts")
+    if index is not None and (index.dtype != torch.int64 or index.dim() != 1 or index.shape[0] < len(out)
+                              or index.device != data.device):
+        raise ValueError(f"index must be an int64 tensor of >= {len(out)} rows on {data.device}, "
+                         f"got {index.dtype} {tuple(index.shape)} on {index.device}")
     if len(out):
         blocks_per_seg = seg // BLOCK_BYTES
         _launch(data.view(torch.int64), out, seg // 8, S * seg // 8, seg // 8, n * seg // 8, block_group,
-                acc, first * blocks_per_seg, None if upto is None else upto * blocks_per_seg)
+                acc, first * blocks_per_seg, None if upto is None else upto * blocks_per_seg, index)
     return out
 
 
 def _launch(words: torch.Tensor, out: torch.Tensor, stride_x: int, n_words: int, seg_words: int,
             seg_stride: int, block_group: int, acc: torch.Tensor | None = None, b_lo: int = 0,
-            b_hi: int | None = None) -> None:
+            b_hi: int | None = None, rows: torch.Tensor | None = None) -> None:
     """b_lo: the first whole block to hash (from acc when > 0); b_hi: the block to stop before,
     leaving the accumulators in acc, or None: through the end, into out."""
     global _kernel
@@ -255,18 +270,20 @@ def _launch(words: torch.Tensor, out: torch.Tensor, stride_x: int, n_words: int,
     nbytes = n_words * 8
     blocks = (nbytes - 1) // BLOCK_BYTES
     last = ((nbytes - 1) - blocks * BLOCK_BYTES) // 64
-    _kernel[(len(out),)](words, out, _table(words.device), out if acc is None else acc, stride_x, n_words, blocks,
-                         last, seg_words, seg_stride, b_lo, blocks if b_hi is None else b_hi,
-                         G=block_group, LOAD_ACC=b_lo > 0, FINAL=b_hi is None, num_warps=4)
+    _kernel[(len(out),)](words, out, _table(words.device), out if acc is None else acc, out if rows is None else rows,
+                         stride_x, n_words, blocks, last, seg_words, seg_stride, b_lo,
+                         blocks if b_hi is None else b_hi, G=block_group, LOAD_ACC=b_lo > 0, FINAL=b_hi is None,
+                         HAS_ROWS=rows is not None, num_warps=4)
 
 
-def warm(nbytes: int, device: torch.device, segments: int = 1) -> bool:
+def warm(nbytes: int, device: torch.device, segments: int = 1, parts: int = 0) -> bool:
     """Compile the kernel for rows of nbytes on device now (start-up), not at the first cpu-tier hit
     (Triton's compile or its cache load would land on that request's TTFT, and on the load's
     measured bandwidth: run DL's first hit measured the cpu tier at 3 GB/s and the planner stopped
     loading). segments > 1: also the launches of a layered get (pages in that many segments,
-    hashed whole and in two parts). False where the kernel cannot be used there (then gets
-    verify on the host)."""
+    hashed whole and in two parts). parts > 0: also those of a layered get straight into a device
+    pool whose layers hold `parts` tensors (K and V: 2), pages hashed in their blocks (index).
+    False where the kernel cannot be used there (then gets verify on the host)."""
     rows = torch.zeros((1, nbytes), dtype=torch.uint8, device=device)
     if not supported(rows):
         return False
@@ -280,6 +297,13 @@ def warm(nbytes: int, device: torch.device, segments: int = 1) -> bool:
             acc = torch.empty((1, 8), dtype=torch.int64, device=device)
             xxh3_64_segmented(data, out, acc=acc, upto=segments - 1)
             got.append(xxh3_64_segmented(data, out, acc=acc, first=segments - 1).cpu().item())
+            S = segments * parts
+            if parts and (nbytes // S) % BLOCK_BYTES == 0 and nbytes % S == 0:
+                data = rows.view(S, 1, nbytes // S)
+                index = torch.zeros(1, dtype=torch.int64, device=device)
+                got.append(xxh3_64_segmented(data, out, index=index).cpu().item())
+                xxh3_64_segmented(data, out, acc=acc, upto=S - parts, index=index)
+                got.append(xxh3_64_segmented(data, out, acc=acc, first=S - parts, index=index).cpu().item())
     except Exception as e:
         mark_broken(f"{type(e).__name__}: {e}")
         return False

@@ -122,6 +122,7 @@ class LayeredGet:
     verified: Callable | None = None  # the reader threads' verdict (host verify)
     finished: bool = False
     good: int = 0
+    direct: bool = False  # copied straight into a device pool's blocks
 
 
 class TieredStore:
@@ -558,7 +559,8 @@ class TieredStore:
         return got if pages else count
 
     def get_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
-                        layer_landed: Callable[[int, int], None], layer_group: int = 1) -> int:
+                        layer_landed: Callable[[int, int], None], layer_group: int = 1,
+                        blocks: Sequence[int] | None = None) -> int:
         """get_into for a load that is used layer by layer: out [L, n, *page shape[1:]] (layer-major,
         contiguous, on CUDA; n = len(hashes)) receives the leading run of cpu-tier pages one layer at
         a time (kvc.cudacopy: one strided copy per layer and run of adjacent slab slots), so layer 0
@@ -572,12 +574,17 @@ class TieredStore:
         layer_group=g: the layers land in groups of g (the last may be shorter), one event and one
         callback a group, layer_landed(layer, run) for the group's last layer: every layer up to
         it has landed (fewer launches and events for a small load whose copies outrun the host).
+        blocks: straight into a device pool instead, out its KV tensor [L, parts, num_blocks, *page
+        shape[2:]] (kvc.device_pool.DevicePool.kv) and page i's layers into block blocks[i] (no
+        staging buffer, no scatter: one strided copy per layer, part and run of slab slots whose
+        blocks are consecutive too; the checksums read the pages in their blocks).
         The same as start_layers_into then finish_layers on one thread."""
-        return self.finish_layers(self.start_layers_into(ns, hashes, out, layer_landed, layer_group=layer_group))
+        return self.finish_layers(self.start_layers_into(ns, hashes, out, layer_landed, layer_group=layer_group,
+                                                         blocks=blocks))
 
     def start_layers_into(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor,
                           layer_landed: Callable[[int, int], None], block: bool = True,
-                          layer_group: int = 1) -> "LayeredGet | None":
+                          layer_group: int = 1, blocks: Sequence[int] | None = None) -> "LayeredGet | None":
         """The first half of get_layers_into: queue every layer's copies, the callbacks and the
         checksums, and return at once (nothing here waits for the GPU). finish_layers(get), on any
         thread, waits for the verdict and gives the count. Until then the run's pages are not
@@ -586,9 +593,12 @@ class TieredStore:
         spec = ns.spec
         L, n = spec.shape[0], len(hashes)
         nbytes = spec.page_bytes
-        if (not out.is_cuda or out.dtype != torch_dtype(spec.dtype) or not out.is_contiguous()
-                or tuple(out.shape) != (L, n, *spec.shape[1:]) or nbytes % L):
+        parts = spec.shape[1] if blocks is not None else 1  # a layer's segments: the pool's tensors (K, V)
+        if blocks is None and (not out.is_cuda or out.dtype != torch_dtype(spec.dtype) or not out.is_contiguous()
+                               or tuple(out.shape) != (L, n, *spec.shape[1:]) or nbytes % L):
             raise ValueError(f"out must be a contiguous CUDA tensor [{L}, {n}, {spec.shape[1:]}] of {spec.dtype}")
+        if blocks is not None:
+            self._check_pool(spec, out, blocks, n)
         seg = nbytes // L
         root = ns.root
         keys = keys_of(root, hashes)
@@ -597,18 +607,23 @@ class TieredStore:
         try:
             held = self._cpu_run(keys, nbytes, root)
             run = len(held)
-            got = LayeredGet(keys[:run], run, out.device, held)
+            got = LayeredGet(keys[:run], run, out.device, held, direct=blocks is not None)
             if not run:
                 return got
-            lm = out.view(torch.uint8).view(L, n, seg)
             cur = torch.cuda.current_stream(out.device)
             side = self._verify_stream(out.device)
-            on_gpu = (self.verify_on_device and seg % gpu_checksum.BLOCK_BYTES == 0
+            base = self.cpu.slab.data_ptr()
+            if blocks is None:
+                lm = out.view(torch.uint8).view(L, n, seg)  # the checksums' view: a segment a layer
+                runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
+                kernel = self._kernel_copier(held, lm, seg, out.device)
+            else:  # the pool seen as [L * parts, blocks, part bytes]: a segment a layer and part
+                lm = out.view(torch.uint8).view(L * parts, out.shape[2], seg // parts)
+                runs = self._block_runs(held, blocks, nbytes, run, base)
+                kernel = None  # DMA only
+            on_gpu = (self.verify_on_device and lm.shape[2] % gpu_checksum.BLOCK_BYTES == 0
                       and gpu_checksum.supported(lm[0, :run]))
             got.verified = None if on_gpu else self.cpu.start_verify(held)  # the slab, beside the copies
-            base = self.cpu.slab.data_ptr()
-            runs = [(i, j, base + held[i].slot) for i, j in self._slab_runs(held, nbytes, 0, run)]
-            kernel = self._kernel_copier(held, lm, seg, out.device)
             g = max(1, min(L, int(layer_group)))
             groups = [(lo, min(L, lo + g)) for lo in range(0, L, g)]
             landed_at = None
@@ -616,10 +631,15 @@ class TieredStore:
                 landed_at = []  # rest of this host work runs beside it; an event after each group
                 for lo, hi in groups:
                     for layer in range(lo, hi):
-                        self._copy_layer(lm, runs, layer, seg, nbytes, cur)
+                        if blocks is None:
+                            self._copy_layer(lm, runs, layer, seg, nbytes, cur)
+                        else:
+                            self._copy_layer_to_blocks(lm, runs, layer, parts, seg, nbytes, cur)
                     landed_at.append(torch.cuda.Event())
                     landed_at[-1].record(cur)
             want = self._expected_sums(held, out.device) if on_gpu else None
+            index = pinned.upload(torch.from_numpy(np.asarray(blocks[:run], dtype=np.int64)), out.device) \
+                if on_gpu and blocks is not None else None  # where each page is (after the copies' calls)
             for k in got.keys:  # read until finish_layers: not evicted (their slots not reused) before
                 self._reading[k] = self._reading.get(k, 0) + 1
             # the checksums in two parts: every group but the last as soon as those have landed, on a
@@ -647,12 +667,13 @@ class TieredStore:
                         if parted and hi == last_lo:
                             summer.wait_stream(side)  # every group before the last has landed
                             with torch.cuda.stream(summer):
-                                gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, upto=last_lo)
+                                gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, upto=last_lo * parts, index=index)
                     side.wait_stream(cur)  # every copy, and the expected sums' upload queued behind them
                     if parted:
                         side.wait_stream(summer)
                     if on_gpu:
-                        gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, first=last_lo if parted else 0)
+                        gpu_checksum.xxh3_64_segmented(lm, sums, acc=acc, first=last_lo * parts if parted else 0,
+                                                       index=index)
                         got.flags = torch.empty(run, dtype=torch.bool, pin_memory=True)
                         got.flags.copy_(sums != want, non_blocking=True)
                     got.done = torch.cuda.Event()
@@ -716,6 +737,43 @@ class TieredStore:
         row0 = lm.data_ptr() + layer * lm.shape[1] * seg
         cudacopy.copy2d_many([(row0 + i * seg, seg, src + layer * seg, nbytes, seg, j - i) for i, j, src in runs],
                              stream)
+
+    @staticmethod
+    def _copy_layer_to_blocks(pv: torch.Tensor, runs: list, layer: int, parts: int, seg: int, nbytes: int,
+                              stream) -> None:
+        """One layer of a layered get straight into a device pool (pv: the pool as uint8 [L * parts,
+        blocks, part]): a strided copy per part (K, V) and run of pages adjacent both in the slab
+        and in the pool (runs: (first page, end, its slab address, its block))."""
+        part, stride = pv.shape[2], pv.shape[1] * pv.shape[2]
+        top = pv.data_ptr() + layer * parts * stride
+        cudacopy.copy2d_many([(top + p * stride + b * part, part, src + layer * seg + p * part, nbytes, part, j - i)
+                              for i, j, src, b in runs for p in range(parts)], stream)
+
+    @staticmethod
+    def _block_runs(held: list[Entry], blocks: Sequence[int], nbytes: int, run: int, base: int) -> list[tuple]:
+        """The first `run` pages as runs (i, j, slab address of page i, blocks[i]): pages i..j-1 lie
+        in adjacent slab slots and in consecutive blocks."""
+        runs, i = [], 0
+        while i < run:
+            j = i + 1
+            while j < run and held[j].slot == held[j - 1].slot + nbytes and blocks[j] == blocks[j - 1] + 1:
+                j += 1
+            runs.append((i, j, base + held[i].slot, blocks[i]))
+            i = j
+        return runs
+
+    @staticmethod
+    def _check_pool(spec, pool: torch.Tensor, blocks: Sequence[int], n: int) -> None:
+        """A layered get into a device pool: pool is [L, parts, num_blocks, *page shape[2:]] (contiguous,
+        CUDA, the pages' dtype) and blocks n distinct block ids in it."""
+        L, parts = spec.shape[0], spec.shape[1]
+        if (not pool.is_cuda or pool.dtype != torch_dtype(spec.dtype) or not pool.is_contiguous()
+                or pool.dim() != len(spec.shape) + 1 or tuple(pool.shape[:2]) != (L, parts)
+                or tuple(pool.shape[3:]) != tuple(spec.shape[2:]) or spec.page_bytes % (L * parts)):
+            raise ValueError(f"a pool must be a contiguous CUDA tensor [{L}, {parts}, blocks, {spec.shape[2:]}] "
+                             f"of {spec.dtype}, got {pool.dtype} {tuple(pool.shape)}")
+        if len(blocks) != n or (n and (min(blocks) < 0 or max(blocks) >= pool.shape[2])) or len(set(blocks)) != n:
+            raise ValueError(f"blocks must be {n} distinct ids below {pool.shape[2]}")
 
     def _kernel_copier(self, held: list[Entry], lm: torch.Tensor, seg: int, device: torch.device):
         """For layer_copy "kernel" (not turned off, every slot and layer 8-byte aligned): copy(layer)

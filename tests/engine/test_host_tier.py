@@ -470,3 +470,32 @@ def test_a_host_bound_engine_does_a_bounded_share_of_put_work_past_the_gpu(store
         stop_engine()
         host.flush()
         host.close()
+
+
+def test_a_layered_load_goes_straight_into_the_pool_only_where_its_blocks_allow(store):
+    """The store takes `blocks` and copies by DMA: a load whose blocks form at most DIRECT_MAX_RUNS
+    runs of consecutive ids goes straight into the pool; more runs, the kernel copy, a
+    non-contiguous pool or direct_loads off take the staging buffer (no `blocks` argument)."""
+    from kvc.device_pool import DevicePool
+    spec = PageSpec(num_layers=4, num_kv_heads=2, head_dim=8, page_size=4, dtype="float32")
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    pool = DevicePool(spec, 200)
+    host = HostTier(store)
+    try:
+        runs = engine.host_tier.DIRECT_MAX_RUNS
+        few = [b for r in range(runs) for b in (10 * r, 10 * r + 1)]  # runs of two
+        many = [b for r in range(runs + 1) for b in (10 * r, 10 * r + 1)]
+        assert host._layered_args("start_layers_into", ns, pool, few)["blocks"] == few
+        assert host._layered_args("get_layers_into", ns, pool, few)["blocks"] == few
+        assert "blocks" not in host._layered_args("start_layers_into", ns, pool, many)
+        assert host._layered_args("start_layers_into", ns, pool, many)["layer_group"] >= 1
+        store.layer_copy = "kernel"
+        assert "blocks" not in host._layered_args("start_layers_into", ns, pool, few)
+        store.layer_copy = "dma"
+        host.direct_loads = False
+        assert "blocks" not in host._layered_args("start_layers_into", ns, pool, few)
+        host.direct_loads = True
+        pool.kv = pool.kv.transpose(0, 1)
+        assert "blocks" not in host._layered_args("start_layers_into", ns, pool, few)
+    finally:
+        host.close()

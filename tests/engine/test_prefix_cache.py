@@ -754,3 +754,24 @@ def test_the_engine_gate_puts_on_the_engines_thread_inside_real_steps(qwen_dir, 
     ns = eng.kv.namespace("")
     assert store.lookup(ns, tokens=prompts[-1]).num_pages > 0
     eng.close()
+
+
+def test_fresh_blocks_are_handed_out_ascending_after_churn():
+    """A request's new blocks come in ascending ids even after others were freed (tail first, so
+    the free queue holds them descending): a cpu-tier load into them is a few runs of consecutive
+    blocks, which it copies into straight (HostTier.direct_loads)."""
+    from kvc.device_pool import BlockPool
+    from engine.prefix_cache import PrefixCache
+    pool = BlockPool(64)
+    a = pool.allocate(20)
+    pool.free(a)  # back tail first: the queue now ends 19, 18, ..., 0
+    pc = PrefixCache.__new__(PrefixCache)
+    pc.blocks = pool
+
+    class Req:
+        block_table: list = []
+    req = Req()
+    req.block_table = []
+    assert pc._grow(req, 50)
+    assert req.block_table == sorted(req.block_table) and len(req.block_table) == 50
+    assert pc._grow(req, 1) and len(req.block_table) == 51

@@ -142,18 +142,21 @@ def test_load_bandwidth_excludes_kernels_queued_before_it(qwen_dir, store, monke
     eng.close()
 
 
-@pytest.mark.parametrize("layered,here,group", [(True, True, None), (True, True, 0), (True, False, None),
-                                                 (True, False, 0), (False, True, None)])
-def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here, group):
+@pytest.mark.parametrize("layered,here,group,direct", [
+    (True, True, None, True), (True, True, None, False), (True, True, 0, True), (True, False, None, True),
+    (True, False, 0, False), (False, True, None, True)])
+def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here, group, direct):
     """cpu-tier hits that land layer by layer (queued on the engine's thread, or on the loader's;
-    in groups of layers as the default's bytes make them, here one group, or each layer alone),
-    or whole pages, beside other requests' prefill and puts: every output equals cache-off, and the
-    hits really took that path."""
+    in groups of layers as the default's bytes make them, here one group, or each layer alone;
+    straight into the pool's blocks or through a staging buffer and a scatter), or whole pages,
+    beside other requests' prefill and puts: every output equals cache-off, and the hits really
+    took that path."""
     off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
     eng = engine(qwen_dir, cache=store, load_policy="always")
     host = eng.prefix_cache.host
     host.layer_loads = layered
     host.queue_here = here
+    host.direct_loads = direct
     if group is not None:
         host.layer_group_bytes = group
     run(eng, PROMPTS)
@@ -162,6 +165,8 @@ def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, sto
     again = run(eng, PROMPTS)
     assert any(o.num_cached_tokens > 0 for o in again)
     assert (host.layered_loads > 0) == layered and host.layer_loads_off is None
+    assert (host.direct_layer_loads > 0) == (layered and direct)
+    assert direct or not host.direct_layer_loads
     for a, b in zip(off, again):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     eng.close()

@@ -65,6 +65,7 @@ def test_device_checksums_equal_xxhash_at_real_page_sizes():
     assert got == [xxhash.xxh3_64_intdigest(r[:2048].numpy().tobytes()) for r in wide]
     assert gpu_checksum.warm(393216, torch.device("cuda"))
     assert gpu_checksum.warm(393216, torch.device("cuda"), segments=12)  # a layered get's launches too
+    assert gpu_checksum.warm(393216, torch.device("cuda"), segments=12, parts=2)  # ... into pool blocks
 
 
 @pytest.mark.parametrize("on_device", [True, False])
@@ -328,3 +329,46 @@ def test_start_layers_into_does_not_wait_for_a_held_store(tmp_path):
         assert s.finish_layers(s.start_layers_into(ns, hashes, out, lambda layer, run: None, block=False)) == 5
         torch.cuda.synchronize()
         assert torch.equal(out.cpu(), torch.stack([p.data for p in pages]).transpose(0, 1))
+
+
+@pytest.mark.parametrize("on_device,parts,group", [(True, True, 1), (True, False, 2), (False, True, 1), (True, True, 9)])
+def test_a_layered_get_straight_into_pool_blocks_equals_the_pages(tmp_path, monkeypatch, on_device, parts, group):
+    """blocks=: every page's layers land in its own block of a device pool [L, 2, blocks, ...]
+    (blocks in runs that break where the slab's slots or the ids do), other blocks untouched; the
+    callbacks as with a staging buffer; a corrupt page (a V part of the first checksum part, or of
+    the last) ends the count there; a bad pool or block list is refused before anything is queued."""
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=5, num_kv_heads=4, head_dim=32, page_size=4, dtype="float32")  # 2 KiB a part
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    monkeypatch.setattr(store_mod, "CHECKSUM_PARTS_MIN_BYTES", 0)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=16 / 1024)) as s:
+        s.verify_on_device = on_device
+        s.checksum_parts = parts
+        hashes, pages = make_pages(ns, list(range(4 * 30)))
+        s.put_pages(ns, pages[:12])
+        _, other = make_pages(ns, list(range(1000, 1000 + 4 * 3)), seed=1)
+        s.put_pages(ns, other)  # page 12's slot is not adjacent to page 11's
+        s.put_pages(ns, pages[12:])
+        n = len(hashes)
+        blocks = list(range(40, 60)) + [3, 4, 5, 90, 91, 92, 93, 7, 8, 9]
+        pool = torch.full((5, 2, 100, 4, 4, 32), -1.0, device="cuda")
+        seen = []
+        assert s.get_layers_into(ns, hashes, pool, lambda layer, run: seen.append((layer, run)),
+                                 layer_group=group, blocks=blocks) == n
+        torch.cuda.synchronize()
+        want = [(min(4, lo + group - 1), n) for lo in range(0, 5, group)]
+        assert seen == want
+        for p, b in zip(pages, blocks):
+            assert torch.equal(pool[:, :, b].cpu(), p.data), b
+        rest = [b for b in range(100) if b not in blocks]
+        assert bool((pool[:, :, rest] == -1).all())
+        s.cpu.view(ns.root + hashes[21])[2 * 4096 + 2048 + 7] ^= 0x04  # layer 2's V part
+        assert s.get_layers_into(ns, hashes, pool, lambda layer, run: None, layer_group=group, blocks=blocks) == 21
+        s.cpu.view(ns.root + hashes[14])[5 * 4096 - 3] ^= 0x01  # the last layer's V part
+        assert s.get_layers_into(ns, hashes, pool, lambda layer, run: None, layer_group=group, blocks=blocks) == 14
+        with pytest.raises(ValueError, match="distinct"):
+            s.get_layers_into(ns, hashes, pool, lambda layer, run: None, blocks=blocks[:-1] + [100])
+        with pytest.raises(ValueError, match="distinct"):
+            s.get_layers_into(ns, hashes, pool, lambda layer, run: None, blocks=blocks[:-1] + [3])
+        with pytest.raises(ValueError, match="pool"):
+            s.get_layers_into(ns, hashes, pool.transpose(0, 1), lambda layer, run: None, blocks=blocks)

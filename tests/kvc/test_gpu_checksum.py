@@ -82,6 +82,24 @@ for bad in (dict(acc=acc, first=0, upto=4), dict(acc=acc, first=2, upto=2), dict
         raise SystemExit(f"parts {bad} were taken")
     except ValueError as e:
         assert "segments" in str(e) or "acc" in str(e), e
+# pages in a device pool's blocks (index): pool [L, parts, blocks, part] seen as [L * parts, blocks,
+# part]; page i lies in block index[i] of every segment; whole and in parts, rows in any order
+L, parts, blocks, part = 3, 2, 9, 1024
+pool = torch.from_numpy(rng.integers(0, 256, (L, parts, blocks, part), dtype=np.uint8))
+index = torch.tensor([4, 5, 6, 0, 8], dtype=torch.int64)
+pages = pool.permute(2, 0, 1, 3).reshape(blocks, L * parts * part)[index]
+want = [xxhash.xxh3_64_intdigest(r.numpy().tobytes()) for r in pages]
+seen = pool.view(L * parts, blocks, part)
+out = torch.empty(5, dtype=torch.int64)
+assert gc.xxh3_64_segmented(seen, out, index=index).numpy().view(np.uint64).tolist() == want
+acc = torch.empty((5, 8), dtype=torch.int64)
+gc.xxh3_64_segmented(seen, out, acc=acc, upto=4, index=index)
+assert gc.xxh3_64_segmented(seen, out, acc=acc, first=4, index=index).numpy().view(np.uint64).tolist() == want
+try:
+    gc.xxh3_64_segmented(seen, out, index=index[:3])
+    raise SystemExit("an index shorter than out was taken")
+except ValueError as e:
+    assert "index" in str(e), e
 try:
     gc.xxh3_64_segmented(torch.zeros((2, 3, 1000), dtype=torch.uint8), out[:3])
     raise SystemExit("a segment of 1000 bytes was taken")
