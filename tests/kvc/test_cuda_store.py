@@ -372,3 +372,26 @@ def test_a_layered_get_straight_into_pool_blocks_equals_the_pages(tmp_path, monk
             s.get_layers_into(ns, hashes, pool, lambda layer, run: None, blocks=blocks[:-1] + [3])
         with pytest.raises(ValueError, match="pool"):
             s.get_layers_into(ns, hashes, pool.transpose(0, 1), lambda layer, run: None, blocks=blocks)
+
+
+def test_a_large_get_into_pool_blocks_hashes_its_first_part_with_the_right_blocks(tmp_path, monkeypatch):
+    """A get into pool blocks large enough that its first checksum part runs while the last layers
+    still copy (256 MiB here): that part reads the pages' blocks through an index that must have
+    landed before it. Run DR's bench uploaded the index after the copies, and a first part that
+    read the memory before it (here filled with a wrong block id) failed every page."""
+    from kvc.hashing import Namespace, PageSpec
+    spec = PageSpec(num_layers=5, num_kv_heads=8, head_dim=128, page_size=16, dtype="float32")  # 64 KiB a part
+    ns = Namespace("test-arch", spec, weights_digest="w0")
+    monkeypatch.setattr(store_mod, "CHECKSUM_PARTS_MIN_BYTES", 0)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=0.3)) as s:
+        hashes, pages = make_pages(ns, list(range(16 * 400)))
+        s.put_pages(ns, pages)
+        n = len(hashes)
+        blocks = list(range(100, 100 + n))
+        pool = torch.zeros((5, 2, 600, 16, 8, 128), device="cuda")
+        for _ in range(3):
+            junk = torch.full((n,), 599, dtype=torch.int64, device="cuda")  # the index's memory, reused
+            del junk
+            assert s.get_layers_into(ns, hashes, pool, lambda layer, run: None, blocks=blocks) == n
+        torch.cuda.synchronize()
+        assert all(torch.equal(pool[:, :, b].cpu(), p.data) for b, p in zip(blocks[::37], pages[::37]))
