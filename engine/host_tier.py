@@ -86,6 +86,11 @@ LAYER_GROUP_BYTES = 64 << 20
 # ids than this (each run costs a strided copy per layer and part on the engine's thread; the engine's
 # allocations hand out ascending ids, so a load's blocks are mostly a few runs)
 DIRECT_MAX_RUNS = 16
+# ... and only a load smaller than this: into the pool a DMA row is one part of a layer (16 KiB at
+# Qwen3-30B-A3B's shapes; K and V are separate tensors) where the staging buffer takes the whole
+# layer (32 KiB), and the copies alone ran at 47 against 53 GB/s (probe_copy_rows.py, run DS); a 32K
+# hit was 5-6 ms slower straight into the pool (DR, DS), an 8K one 1.5 / 0.1 ms quicker (no scatter)
+DIRECT_MAX_BYTES = 256 << 20
 
 
 def _takes(fn, param: str) -> bool:
@@ -151,11 +156,11 @@ class HostTier:
         self.layer_group_bytes = LAYER_GROUP_BYTES
         self._grouping = {name: _takes(getattr(cache, name, None), "layer_group")
                           for name in ("start_layers_into", "get_layers_into")}
-        # a layered load copies each layer straight into the pool's blocks where the store can (a
-        # `blocks` parameter, DMA copies) and the load's blocks form at most DIRECT_MAX_RUNS runs of
-        # consecutive ids: no staging buffer and no scatter (at 32K tokens 1.5 GB of HBM traffic
-        # beside the copies, which slow down beside memory-bound kernels). False: through the
-        # staging buffer and a scatter a group (the path before; benchmarks compare)
+        # a small layered load (under DIRECT_MAX_BYTES) copies each layer straight into the pool's
+        # blocks where the store can (a `blocks` parameter, DMA copies) and the load's blocks form at
+        # most DIRECT_MAX_RUNS runs of consecutive ids: no staging buffer and no scatter launches on
+        # the engine's thread. False: always through the staging buffer and a scatter a group (the
+        # path before; benchmarks compare)
         self.direct_loads = True
         self._direct_ok = {name: _takes(getattr(cache, name, None), "blocks")
                            for name in ("start_layers_into", "get_layers_into")}
@@ -440,11 +445,11 @@ class HostTier:
     def _layered_args(self, name: str, ns: Namespace, pool: DevicePool, blocks: list[int]) -> dict:
         """The keyword arguments of a layered get (`name`) of pages into `blocks`: its layer group
         where the store takes one, and blocks=blocks where the load goes straight into the pool
-        (direct_loads, a store that takes it and copies by DMA, a contiguous pool, at most
-        DIRECT_MAX_RUNS runs of consecutive block ids)."""
+        (direct_loads, a store that takes it and copies by DMA, a contiguous pool, a load under
+        DIRECT_MAX_BYTES in at most DIRECT_MAX_RUNS runs of consecutive block ids)."""
         extra = {"layer_group": self._layer_group(ns, len(blocks))} if self._grouping[name] else {}
         if (self.direct_loads and self._direct_ok[name] and getattr(self.cache, "layer_copy", "dma") == "dma"
-                and pool.kv.is_contiguous() and len(blocks)
+                and pool.kv.is_contiguous() and 0 < len(blocks) * ns.spec.page_bytes < DIRECT_MAX_BYTES
                 and np.count_nonzero(np.diff(np.asarray(blocks, dtype=np.int64)) != 1) < DIRECT_MAX_RUNS):
             extra["blocks"] = blocks
         return extra

@@ -489,6 +489,12 @@ def test_a_layered_load_goes_straight_into_the_pool_only_where_its_blocks_allow(
         assert host._layered_args("get_layers_into", ns, pool, few)["blocks"] == few
         assert "blocks" not in host._layered_args("start_layers_into", ns, pool, many)
         assert host._layered_args("start_layers_into", ns, pool, many)["layer_group"] >= 1
+        big = spec.page_bytes * len(few)
+        with pytest.MonkeyPatch.context() as mp:  # a load of DIRECT_MAX_BYTES or more: staged
+            mp.setattr(engine.host_tier, "DIRECT_MAX_BYTES", big)
+            assert "blocks" not in host._layered_args("start_layers_into", ns, pool, few)
+            mp.setattr(engine.host_tier, "DIRECT_MAX_BYTES", big + 1)
+            assert "blocks" in host._layered_args("start_layers_into", ns, pool, few)
         store.layer_copy = "kernel"
         assert "blocks" not in host._layered_args("start_layers_into", ns, pool, few)
         store.layer_copy = "dma"
