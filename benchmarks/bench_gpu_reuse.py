@@ -111,6 +111,12 @@ def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     return dt, out.num_cached_tokens
 
 
+def spread(times: list) -> str:
+    """The samples' min / quartiles / max in ms (a median hides a bimodal row)."""
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return f"{min(times) * 1e3:.1f} / {q[0] * 1e3:.1f} / {q[2] * 1e3:.1f} / {max(times) * 1e3:.1f} ms (min / q1 / q3 / max)"
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -956,7 +962,7 @@ def main() -> None:
                      f"{ms(delta)} (delta)", f"{statistics.median(devs_sync) / delta:.2f}x floor; interleaved with the row above"))
         cfloor = bytes_ / h2d + delta
         rows.append((f"{size(n)} TTFT cpu hit", ms(statistics.median(cpu)), ms(cfloor),
-                     f"{statistics.median(cpu) / cfloor:.2f}x floor; {cpus[-1][1]} tokens loaded; "
+                     f"{statistics.median(cpu) / cfloor:.2f}x floor; samples {spread(cpu)}; {cpus[-1][1]} tokens loaded; "
                      f"{bytes_ / GB:.2f} GB at H2D {h2d / GB:.1f} GB/s; layered loads so far {host.layered_loads} "
                      f"({getattr(host, 'direct_layer_loads', 0)} straight into the pool); "
                      f"layer copy {getattr(store, 'layer_copy', '-')} (off: {getattr(store, 'layer_copy_off', None)})"))
@@ -964,7 +970,7 @@ def main() -> None:
         def hit_row(label: str, times: list, note: str = "") -> None:  # a cpu-hit variant's row
             med = statistics.median(times)
             rows.append((f"{size(n)} TTFT cpu hit, {label}", ms(med), ms(cfloor),
-                         f"{med / cfloor:.2f}x floor" + (f"; {note}" if note else "")))
+                         f"{med / cfloor:.2f}x floor; samples {spread(times)}" + (f"; {note}" if note else "")))
         hit_row("whole-page loads", whole)
         hit_row(f"right after another cold {size(n)} prompt", timed["busy"],
                 f"that prompt's puts and disk writes still running (the other rows wait for them); "

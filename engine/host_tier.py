@@ -402,7 +402,7 @@ class HostTier:
         store, a page that splits into layers, and strided copies available (kvc.cudacopy)."""
         L = ns.spec.shape[0]
         return (self.layer_loads and self.layer_loads_off is None and L > 1 and ns.spec.page_bytes % L == 0
-                and all(t == "cpu" for t in tiers) and hasattr(self.cache, "get_layers_into")
+                and tiers.count("cpu") == len(tiers) and hasattr(self.cache, "get_layers_into")
                 and cudacopy.available())
 
     def _load_layers(self, ns: Namespace, hashes: list[bytes], pool: DevicePool, blocks: list[int],

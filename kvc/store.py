@@ -70,6 +70,9 @@ class _DeviceChecksumError(RuntimeError):
     """The device checksum kernel failed to build or launch (not a caller's callback)."""
 
 
+_SLOT = operator.attrgetter("slot")
+
+
 def key(root: bytes, h: bytes) -> bytes:
     """A page's key in the tiers: its namespace root, then its hash (32 bytes)."""
     return root + h
@@ -761,14 +764,12 @@ class TieredStore:
     def _block_runs(held: list[Entry], blocks: Sequence[int], nbytes: int, run: int, base: int) -> list[tuple]:
         """The first `run` pages as runs (i, j, slab address of page i, blocks[i]): pages i..j-1 lie
         in adjacent slab slots and in consecutive blocks."""
-        runs, i = [], 0
-        while i < run:
-            j = i + 1
-            while j < run and held[j].slot == held[j - 1].slot + nbytes and blocks[j] == blocks[j - 1] + 1:
-                j += 1
-            runs.append((i, j, base + held[i].slot, blocks[i]))
-            i = j
-        return runs
+        if run <= 0:
+            return []
+        slots = np.fromiter(map(_SLOT, held[:run]), dtype=np.int64, count=run)
+        ids = np.asarray(blocks[:run], dtype=np.int64)
+        cuts = (np.flatnonzero((np.diff(slots) != nbytes) | (np.diff(ids) != 1)) + 1).tolist()
+        return [(i, j, base + held[i].slot, blocks[i]) for i, j in zip([0] + cuts, cuts + [run])]
 
     @staticmethod
     def _check_pool(spec, pool: torch.Tensor, blocks: Sequence[int], n: int) -> None:
@@ -855,15 +856,13 @@ class TieredStore:
 
     @staticmethod
     def _slab_runs(held: list[Entry], nbytes: int, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Pages lo..hi of held as runs [i, j) of adjacent slab slots (puts in order fill them so)."""
-        runs, i = [], lo
-        while i < hi:
-            j = i + 1
-            while j < hi and held[j].slot == held[j - 1].slot + nbytes:
-                j += 1
-            runs.append((i, j))
-            i = j
-        return runs
+        """Pages lo..hi of held as runs [i, j) of adjacent slab slots (puts in order fill them so).
+        In numpy: a 32K-token load's 2,048 pages walked in Python took ~0.2 ms before its first copy."""
+        if hi <= lo:
+            return []
+        slots = np.fromiter(map(_SLOT, held[lo:hi]), dtype=np.int64, count=hi - lo)
+        cuts = (np.flatnonzero(np.diff(slots) != nbytes) + (lo + 1)).tolist()
+        return list(zip([lo] + cuts, cuts + [hi]))
 
     def _copy_runs(self, held: list[Entry], flat: torch.Tensor, nbytes: int, lo: int, hi: int) -> None:
         """Pages lo..hi of held from the slab into flat on the current stream: one H2D per run of

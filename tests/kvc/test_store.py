@@ -729,3 +729,38 @@ def test_puts_with_started_byte_work_store_what_the_blocking_put_stores(tmp_path
             got = s.get_pages(NS, hb)
             assert len(got) == 10 and all(torch.equal(g.data, p.data) for g, p in zip(got, pb))
     assert results[0] == results[1]
+
+
+def test_slab_and_block_runs_split_where_slots_or_ids_stop_being_adjacent():
+    """The runs a CUDA get copies in (numpy): a new run wherever the next page's slab slot is not
+    the next slot, or (into pool blocks) its block id not the next id; checked against a walk."""
+    import random
+
+    class E:
+        def __init__(self, slot):
+            self.slot = slot
+
+    def walk(slots, ids, nbytes, lo, hi):
+        runs, i = [], lo
+        while i < hi:
+            j = i + 1
+            while j < hi and slots[j] == slots[j - 1] + nbytes and (ids is None or ids[j] == ids[j - 1] + 1):
+                j += 1
+            runs.append((i, j))
+            i = j
+        return runs
+    r = random.Random(3)
+    for _ in range(300):
+        n = r.randrange(0, 30)
+        slots, ids, s, b = [], [], 0, 4
+        for _ in range(n):
+            s += 16 if r.random() < 0.8 else r.choice([32, 48, -64])
+            b += 1 if r.random() < 0.8 else r.choice([2, -3, 9])
+            slots.append(s)
+            ids.append(b)
+        held = [E(x) for x in slots]
+        lo = r.randrange(0, n + 1)
+        hi = r.randrange(lo, n + 1)
+        assert TieredStore._slab_runs(held, 16, lo, hi) == walk(slots, None, 16, lo, hi)
+        assert TieredStore._block_runs(held, ids, 16, hi, 1000) == [
+            (i, j, 1000 + slots[i], ids[i]) for i, j in walk(slots, ids, 16, 0, hi)]
