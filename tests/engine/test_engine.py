@@ -174,6 +174,10 @@ def test_prompt_ids_are_checked_and_packed_once(model_dir):
     assert ids == [5, 0, 7] and packed == tokens_bytes([5, 0, 7]) and (low, high) == (0, 7)
     ids, packed, low, high = _token_ids(np.array([3, 9], dtype=np.int64))
     assert ids == [3, 9] and all(type(t) is int for t in ids) and (low, high) == (3, 9)
+    given = [4, 8, 2]
+    ids = _token_ids(given)[0]
+    assert ids == given and ids is not given  # a list is copied as it is (no new int per token)
+    assert _token_ids([np.int64(4), 2])[0] == [4, 2]
     assert _token_ids([-1, 4])[2:] == (-1, 4)  # array('I') refuses: the slow path reports the range
     assert _token_ids([2 ** 40])[3] == 2 ** 40
     with pytest.raises(ValueError, match="must be integers"):
