@@ -89,7 +89,8 @@ DIRECT_MAX_RUNS = 16
 # ... and only a load smaller than this: into the pool a DMA row is one part of a layer (16 KiB at
 # Qwen3-30B-A3B's shapes; K and V are separate tensors) where the staging buffer takes the whole
 # layer (32 KiB), and the copies alone ran at 47 against 53 GB/s (probe_copy_rows.py, run DS); a 32K
-# hit was 5-6 ms slower straight into the pool (DR, DS), an 8K one 1.5 / 0.1 ms quicker (no scatter)
+# hit was 5-6 ms slower straight into the pool (DR, DS), an 8K one 0.1-1.5 ms quicker (no scatter
+# launches on the engine's thread; 1.2 ms in DT, DU and DV)
 DIRECT_MAX_BYTES = 256 << 20
 
 
