@@ -83,6 +83,58 @@ def main() -> None:
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"| {name} | {t * 1e3:.2f} | {total / t / 1e9:.1f} |")
+    beside(a, staged, stream, total, dev)
+
+
+def beside(a, staged, stream, total: int, dev) -> None:
+    """The staged layer copies (a 32K load's) alone and with other GPU work queued on another stream
+    for their whole length: HBM-bound reads (a 1.2 GB weight tensor summed again and again, as the
+    step's MoE reads a layer's experts), index_copy scatters of 64 MiB (a layer's), and bf16 matmuls
+    (SM-bound, little HBM traffic). Which of them slows the DMA says what a cpu hit's copies wait for."""
+    other = torch.cuda.Stream(dev)
+    weights = torch.empty(600 << 20, dtype=torch.bfloat16, device=dev).normal_()  # 1.2 GB
+    rows = torch.empty((2048, 16384), dtype=torch.uint8, device=dev)  # 32 MiB a scatter side
+    pool = torch.empty((4096, 16384), dtype=torch.uint8, device=dev)
+    index = torch.randperm(4096, device=dev)[:2048]
+    x = torch.randn((8192, 8192), dtype=torch.bfloat16, device=dev)
+    loads = {"alone": None,
+             "beside HBM reads (1.2 GB sums)": lambda: weights.sum(),
+             "beside index_copy scatters (64 MiB moved each)": lambda: pool.index_copy_(0, index, rows),
+             "beside bf16 matmuls (8192^3)": lambda: x @ x}
+    reps = {}
+    for name, fn in loads.items():  # enough of each to outlast the copies (~15 ms alone): 30 ms of it
+        if fn is None:
+            continue
+        fn()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(5):
+            fn()
+        t1.record()
+        t1.synchronize()
+        one = t0.elapsed_time(t1) / 5 / 1e3
+        reps[name] = max(1, min(2000, int(0.030 / max(one, 1e-6)) + 1))
+        print(f"# {name}: {one * 1e3:.3f} ms each, {reps[name]} queued beside each copy")
+    times = {k: [] for k in loads}
+    for _ in range(a.repeats):
+        for name, fn in loads.items():
+            torch.cuda.synchronize()
+            if fn is not None:
+                with torch.cuda.stream(other):
+                    for _ in range(reps[name]):
+                        fn()
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                t0.record(stream)
+                staged()
+                t1.record(stream)
+            t1.synchronize()
+            times[name].append(t0.elapsed_time(t1) / 1e3)
+    torch.cuda.synchronize()
+    print("\n| layer rows, 32 KiB (staging), with | ms | GB/s |\n|---|---|---|")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"| {name} | {t * 1e3:.2f} | {total / t / 1e9:.1f} |")
 
 
 if __name__ == "__main__":
