@@ -767,7 +767,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="TTFT samples per row (3)")
     ap.add_argument("--hit-variants", default="", help="comma-separated: the cpu-hit variants timed beside the "
                     "default, whole-page, busy and synchronous rows (default every one: other-gate, "
-                    "busy-other-gate, loader, per-layer, sums-after, staged, kernel / dma)")
+                    "busy-other-gate, loader, per-layer, sums-after, staged, lag-2, lag-all, kernel / dma)")
     ap.add_argument("--tput-prompts", type=int, default=None, help="prompts per throughput batch (48)")
     ap.add_argument("--tput-len", type=int, default=2048, help="tokens per throughput prompt")
     ap.add_argument("--tput-reps", type=int, default=3, help="timed throughput batches per row (median)")
@@ -907,6 +907,9 @@ def main() -> None:
             variants["per-layer"] = lambda: setattr(host, "layer_group_bytes", 0)
         if getattr(store, "checksum_parts", False):  # every layer's checksums after the last copy (the path before)
             variants["sums-after"] = lambda: setattr(store, "checksum_parts", False)
+        if hasattr(eng.kv, "layer_lag"):  # a step's layer i waits for the load's layer i + k (k=0: its own)
+            variants["lag-2"] = lambda kv=eng.kv: setattr(kv, "layer_lag", 2)
+            variants["lag-all"] = lambda kv=eng.kv: setattr(kv, "layer_lag", 1 << 20)
         default_direct = getattr(host, "direct_loads", False)
         if default_direct:  # through the staging buffer and a scatter a group (the path before)
             variants["staged"] = lambda: setattr(host, "direct_loads", False)
@@ -944,6 +947,8 @@ def main() -> None:
                         host.layer_group_bytes = default_group
                     if default_direct:
                         host.direct_loads = True
+                    if hasattr(eng.kv, "layer_lag"):
+                        eng.kv.layer_lag = 0
                 timed[name].append(t)
                 reused[name] = got
                 if name == "default":
@@ -952,7 +957,7 @@ def main() -> None:
         whole = timed["whole"]
         other_rows = [(k, v) for k, v in timed.items()
                       if k not in ("default", "whole", "busy", "busy-other-gate", "other-gate", "loader", "sync",
-                                   "sums-after", "per-layer", "staged")]
+                                   "sums-after", "per-layer", "staged", "lag-2", "lag-all")]
         bytes_ = (n // 16) * page_bytes
         peer = f"transformers {ms(hf[n])}" if n in hf else ""
         rows.append((f"{size(n)} TTFT cold", ms(cold), peer, ""))
@@ -991,6 +996,10 @@ def main() -> None:
             hit_row("every layer's checksums after the last copy", timed["sums-after"],
                     f"the default hashes all but the last layer as they land from "
                     f"{store_mod.CHECKSUM_PARTS_MIN_BYTES / GB:.2f} GB")
+        if timed.get("lag-2"):
+            hit_row("a step's layer i waiting for the load's layer i + 2", timed["lag-2"])
+        if timed.get("lag-all"):
+            hit_row("a step's layers waiting for the load's last layer", timed["lag-all"])
         if timed.get("staged"):
             hit_row("through a staging buffer and a scatter (not straight into the pool)", timed["staged"])
         for k, v in other_rows:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, shapes, shapes-norecompile, load-path, host-path, profile, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -87,6 +87,8 @@ for part in "$@"; do
         --skip transformers,throughput,cpu-experts,disk --repeats 11 --hit-variants sums-after,per-layer ;;
     cpu-hits-staged) step cpu-hits-staged 200 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts,disk --repeats 11 --hit-variants staged ;;
+    cpu-hits-lag) step cpu-hits-lag 240 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
+        --skip transformers,throughput,cpu-experts,disk --repeats 11 --hit-variants lag-2,lag-all ;;
     copy-rows) step copy-rows 90 python3 benchmarks/probe_copy_rows.py ;;
     reuse-sweep) step reuse-sweep 300 python3 benchmarks/bench_gpu_reuse.py --model-dir "$ckpt" \
         --skip transformers,throughput,cpu-experts --lengths 4096,8192,16384,24576,32768 ;;

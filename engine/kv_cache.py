@@ -23,16 +23,21 @@ class KVCache:
         self._ns: dict[str, Namespace] = {}
         self._loads = []  # LayerEvents of loads the step being launched waits for, layer by layer
         self._waited: list[int] = []  # per layer: how many of those loads it has waited for
+        # layer i of such a step waits for layer i + layer_lag of each load (its last layer at most):
+        # 0 runs each layer as soon as its own pages landed, beside the later layers' copies; more
+        # keeps the step's HBM-bound kernels (a 64-token step reads nearly every expert of a layer)
+        # off more of the copies, which slow down beside them (a benchmarks' variant, not yet measured)
+        self.layer_lag = 0
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's (K, V) of the pool, for the step being launched: first the current stream
         waits for layer i's event of each load landing layer by layer (`wait_layers`; the host
         waits until the loader has recorded it), so layer i's attention reads their pages while
-        later layers are still being copied."""
+        later layers are still being copied (layer_lag: for layer i + layer_lag's event instead)."""
         if self._loads and self._waited[i] < len(self._loads):
             stream = torch.cuda.current_stream(self.pool.device)
             for handle in self._loads[self._waited[i]:]:
-                ev = handle.get(i)
+                ev = handle.get(min(handle.layers - 1, i + self.layer_lag))
                 if ev is not None:  # None: the loader stopped before it (the load fails, the step is void)
                     stream.wait_event(ev)
             self._waited[i] = len(self._loads)

@@ -505,3 +505,33 @@ def test_a_layered_load_goes_straight_into_the_pool_only_where_its_blocks_allow(
         assert "blocks" not in host._layered_args("start_layers_into", ns, pool, few)
     finally:
         host.close()
+
+
+def test_a_steps_layer_waits_for_the_lagged_layer_of_each_load(monkeypatch):
+    """KVCache.layer(i) waits for layer i's event of each layered load, or with layer_lag k for
+    layer i + k's (at most the last): later events imply earlier layers landed (one copy stream)."""
+    from engine.kv_cache import KVCache
+
+    class Stream:
+        def __init__(self):
+            self.waited = []
+
+        def wait_event(self, ev):
+            self.waited.append(ev)
+
+    class Handle:
+        layers = 4
+
+        def get(self, i):
+            return f"ev{i}"
+    stream = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    spec = PageSpec(num_layers=4, num_kv_heads=1, head_dim=8, page_size=4, dtype="float32")
+    for lag, want in ((0, ["ev0", "ev1", "ev2", "ev3"]), (2, ["ev2", "ev3", "ev3", "ev3"]), (9, ["ev3"] * 4)):
+        kv = KVCache(spec, 8, torch.device("cpu"), "a", "w")
+        kv.layer_lag = lag
+        kv.wait_layers(Handle())
+        stream.waited.clear()
+        for i in range(4):
+            kv.layer(i)
+        assert stream.waited == want, (lag, stream.waited)

@@ -142,21 +142,23 @@ def test_load_bandwidth_excludes_kernels_queued_before_it(qwen_dir, store, monke
     eng.close()
 
 
-@pytest.mark.parametrize("layered,here,group,direct", [
-    (True, True, None, True), (True, True, None, False), (True, True, 0, True), (True, False, None, True),
-    (True, False, 0, False), (False, True, None, True)])
-def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here, group, direct):
+@pytest.mark.parametrize("layered,here,group,direct,lag", [
+    (True, True, None, True, 0), (True, True, None, False, 0), (True, True, 0, True, 0), (True, False, None, True, 0),
+    (True, False, 0, False, 0), (False, True, None, True, 0), (True, True, 0, False, 2)])
+def test_layered_cpu_hits_under_concurrent_prefill_match_cache_off(qwen_dir, store, layered, here, group, direct,
+                                                                   lag):
     """cpu-tier hits that land layer by layer (queued on the engine's thread, or on the loader's;
     in groups of layers as the default's bytes make them, here one group, or each layer alone;
-    straight into the pool's blocks or through a staging buffer and a scatter), or whole pages,
-    beside other requests' prefill and puts: every output equals cache-off, and the hits really
-    took that path."""
+    straight into the pool's blocks or through a staging buffer and a scatter; a step's layer i
+    waiting for layer i + lag), or whole pages, beside other requests' prefill and puts: every
+    output equals cache-off, and the hits really took that path."""
     off = run(engine(qwen_dir, prefix_caching=False), PROMPTS)
     eng = engine(qwen_dir, cache=store, load_policy="always")
     host = eng.prefix_cache.host
     host.layer_loads = layered
     host.queue_here = here
     host.direct_loads = direct
+    eng.kv.layer_lag = lag
     if group is not None:
         host.layer_group_bytes = group
     run(eng, PROMPTS)
