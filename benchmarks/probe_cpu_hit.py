@@ -58,7 +58,6 @@ MARKS = [
     ("store: one layer's strided copies into pool blocks", "prefix_cache.host.cache", "_copy_layer_to_blocks"),
     ("store: expected checksums uploaded", "prefix_cache.host.cache", "_expected_sums"),
     ("loader: layered verdict (finish_layers)", "prefix_cache.host.cache", "finish_layers"),
-    ("layer scatters (the thread that queues the load)", "kv.pool", "scatter_layer"),
     ("layer group scatters (the thread that queues the load)", "kv.pool", "scatter_layers"),
     ("loader: verdict (waits for copies + checksums)", "prefix_cache.host.cache", "_verdict"),
     ("poll (waits for the load)", "prefix_cache", "poll"),

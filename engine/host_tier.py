@@ -474,11 +474,7 @@ class HostTier:
             if lm is not None:
                 if not idx:
                     idx.append(pool.index(blocks))
-                index = idx[0]
-                if layer == lo:
-                    pool.scatter_layer(layer, index[:run], lm[layer, :run])
-                else:
-                    pool.scatter_layers(lo, layer + 1, index[:run], lm[lo:layer + 1, :run])
+                pool.scatter_layers(lo, layer + 1, idx[0][:run], lm[lo:layer + 1, :run])
             ev = torch.cuda.Event()
             ev.record()
             for _ in range(lo, layer + 1):

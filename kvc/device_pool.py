@@ -11,7 +11,6 @@ from collections import OrderedDict
 from itertools import islice
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from . import pinned
@@ -171,18 +170,12 @@ class DevicePool:
         a copy from pageable memory first waits for everything queued on the stream, which stalled
         the engine's thread at every offer (5.7% of its time in a saturating H200 run); and through
         a buffer the calling thread reuses (kvc.pinned), not one pinned per call."""
-        idx = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
-        if self.device.type != "cuda":
-            return idx
-        return pinned.upload(idx, self.device)
+        return pinned.upload_ids(blocks, self.device)
 
     def scatter_layer(self, layer: int, index: torch.Tensor, rows: torch.Tensor) -> None:
         """Write one layer of pages, rows [n, parts, page_size, heads, head_dim] on the pool's device,
         into the blocks of `index` (from `index`, n entries)."""
-        L, parts, P, H, D = self.spec.shape
-        assert tuple(rows.shape) == (len(index), parts, P, H, D), \
-            f"layer rows shape {tuple(rows.shape)} != {(len(index), parts, P, H, D)}"
-        self.kv[layer].index_copy_(1, index, rows.transpose(0, 1))
+        self.scatter_layers(layer, layer + 1, index, rows.unsqueeze(0))
 
     def scatter_layers(self, lo: int, hi: int, index: torch.Tensor, rows: torch.Tensor) -> None:
         """scatter_layer for layers lo..hi-1 in one launch: rows [hi - lo, n, parts, page_size,

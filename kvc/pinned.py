@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 # per thread. A slot is reused only once the copy that last used it is done; a step that uploads
@@ -128,6 +129,11 @@ UPLOADER = PinnedUploader()  # the process's: engine, loader and put threads eac
 
 def upload(src: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return UPLOADER.upload(src, device)
+
+
+def upload_ids(ids, device: torch.device | str) -> torch.Tensor:
+    """A sequence of ints (block ids) as an int64 tensor on `device`, through upload (no host wait)."""
+    return UPLOADER.upload(torch.from_numpy(np.asarray(ids, dtype=np.int64)), device)
 
 
 def download(src: torch.Tensor) -> torch.Tensor:

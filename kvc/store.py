@@ -622,7 +622,7 @@ class TieredStore:
                 kernel = self._kernel_copier(held, lm, seg, out.device)
             else:  # the pool seen as [L * parts, blocks, part bytes]: a segment a layer and part
                 lm = out.view(torch.uint8).view(L * parts, out.shape[2], seg // parts)
-                runs = self._block_runs(held, blocks, nbytes, run, base)
+                runs = [(i, j, base + held[i].slot, blocks[i]) for i, j in self._slab_runs(held, nbytes, 0, run, blocks)]
                 kernel = None  # DMA only
             on_gpu = (self.verify_on_device and lm.shape[2] % gpu_checksum.BLOCK_BYTES == 0
                       and gpu_checksum.supported(lm[0, :run]))
@@ -636,7 +636,7 @@ class TieredStore:
                       and run * nbytes >= CHECKSUM_PARTS_MIN_BYTES)
             index = None  # where each page is, for checksums that read the pool's blocks
             if on_gpu and blocks is not None and parted:  # before the copies: the first part must not
-                index = self._upload_ids(blocks[:run], out.device)  # wait behind them (run DR did: garbage)
+                index = pinned.upload_ids(blocks[:run], out.device)  # wait behind them (run DR did: garbage)
             landed_at = None
             if kernel is None:  # DMA: every layer's copies first, so the copy engine starts now and the
                 landed_at = []  # rest of this host work runs beside it; an event after each group
@@ -650,7 +650,7 @@ class TieredStore:
                     landed_at[-1].record(cur)
             want = self._expected_sums(held, out.device) if on_gpu else None
             if on_gpu and blocks is not None and index is None:  # read after the last copy only
-                index = self._upload_ids(blocks[:run], out.device)
+                index = pinned.upload_ids(blocks[:run], out.device)
             for k in got.keys:  # read until finish_layers: not evicted (their slots not reused) before
                 self._reading[k] = self._reading.get(k, 0) + 1
             last_lo = groups[-1][0]
@@ -756,22 +756,6 @@ class TieredStore:
                               for i, j, src, b in runs for p in range(parts)], stream)
 
     @staticmethod
-    def _upload_ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
-        """ids as int64 on the device, queued on the current stream (kvc.pinned: no host wait)."""
-        return pinned.upload(torch.from_numpy(np.asarray(ids, dtype=np.int64)), device)
-
-    @staticmethod
-    def _block_runs(held: list[Entry], blocks: Sequence[int], nbytes: int, run: int, base: int) -> list[tuple]:
-        """The first `run` pages as runs (i, j, slab address of page i, blocks[i]): pages i..j-1 lie
-        in adjacent slab slots and in consecutive blocks."""
-        if run <= 0:
-            return []
-        slots = np.fromiter(map(_SLOT, held[:run]), dtype=np.int64, count=run)
-        ids = np.asarray(blocks[:run], dtype=np.int64)
-        cuts = (np.flatnonzero((np.diff(slots) != nbytes) | (np.diff(ids) != 1)) + 1).tolist()
-        return [(i, j, base + held[i].slot, blocks[i]) for i, j in zip([0] + cuts, cuts + [run])]
-
-    @staticmethod
     def _check_pool(spec, pool: torch.Tensor, blocks: Sequence[int], n: int) -> None:
         """A layered get into a device pool: pool is [L, parts, num_blocks, *page shape[2:]] (contiguous,
         CUDA, the pages' dtype) and blocks n distinct block ids in it."""
@@ -855,13 +839,17 @@ class TieredStore:
                 self._hit(k)
 
     @staticmethod
-    def _slab_runs(held: list[Entry], nbytes: int, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Pages lo..hi of held as runs [i, j) of adjacent slab slots (puts in order fill them so).
-        In numpy: a 32K-token load's 2,048 pages walked in Python took ~0.2 ms before its first copy."""
+    def _slab_runs(held: list[Entry], nbytes: int, lo: int, hi: int,
+                   blocks: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """Pages lo..hi of held as runs [i, j) of adjacent slab slots (puts in order fill them so);
+        with blocks (page i's block id), also cut where the ids are not consecutive. In numpy, not a
+        walk page by page: it is on a load's way to its first copy."""
         if hi <= lo:
             return []
-        slots = np.fromiter(map(_SLOT, held[lo:hi]), dtype=np.int64, count=hi - lo)
-        cuts = (np.flatnonzero(np.diff(slots) != nbytes) + (lo + 1)).tolist()
+        cut = np.diff(np.fromiter(map(_SLOT, held[lo:hi]), dtype=np.int64, count=hi - lo)) != nbytes
+        if blocks is not None:
+            cut |= np.diff(np.asarray(blocks[lo:hi], dtype=np.int64)) != 1
+        cuts = (np.flatnonzero(cut) + (lo + 1)).tolist()
         return list(zip([lo] + cuts, cuts + [hi]))
 
     def _copy_runs(self, held: list[Entry], flat: torch.Tensor, nbytes: int, lo: int, hi: int) -> None:

@@ -762,5 +762,4 @@ def test_slab_and_block_runs_split_where_slots_or_ids_stop_being_adjacent():
         lo = r.randrange(0, n + 1)
         hi = r.randrange(lo, n + 1)
         assert TieredStore._slab_runs(held, 16, lo, hi) == walk(slots, None, 16, lo, hi)
-        assert TieredStore._block_runs(held, ids, 16, hi, 1000) == [
-            (i, j, 1000 + slots[i], ids[i]) for i, j in walk(slots, ids, 16, 0, hi)]
+        assert TieredStore._slab_runs(held, 16, lo, hi, ids) == walk(slots, ids, 16, lo, hi)
