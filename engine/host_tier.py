@@ -322,10 +322,12 @@ class HostTier:
             handle.end()  # a step waiting for a layer never recorded goes on (its load then fails: void)
         fut: Future = Future()  # done at the verdict, before the store's bookkeeping and the rate sample
         # the load counts as in flight (puts keep off the store's lock) until the loader is done
-        fut.finished = self._loader.submit(self._finish_layers, got, start, end, spec.page_bytes, fut)
+        fut.finished = self._loader.submit(self._finish_layers, got, start, end, spec.page_bytes, fut,
+                                           "blocks" in extra)
         return fut
 
-    def _finish_layers(self, got, start, end, page_bytes: int, fut: Future | None = None) -> int:
+    def _finish_layers(self, got, start, end, page_bytes: int, fut: Future | None = None,
+                       direct: bool = False) -> int:
         """The loader thread's part of a load queued by _queue_layers_here: its verdict, into fut
         as soon as it is known (finish_layers' on_verdict), then the bookkeeping."""
         def verdict(n: int) -> None:
@@ -343,7 +345,7 @@ class HostTier:
             raise
         end.synchronize()
         self.layered_loads += 1
-        self.direct_layer_loads += int(getattr(got, "direct", False))
+        self.direct_layer_loads += int(direct)
         seconds = start.elapsed_time(end) / 1e3  # GPU time from the load's start to its last write
         if self.observe is not None and n * page_bytes >= MIN_SAMPLE_BYTES and seconds > 0:
             self.observe("cpu", n * page_bytes, seconds)

@@ -125,7 +125,6 @@ class LayeredGet:
     verified: Callable | None = None  # the reader threads' verdict (host verify)
     finished: bool = False
     good: int = 0
-    direct: bool = False  # copied straight into a device pool's blocks
 
 
 class TieredStore:
@@ -610,7 +609,7 @@ class TieredStore:
         try:
             held = self._cpu_run(keys, nbytes, root)
             run = len(held)
-            got = LayeredGet(keys[:run], run, out.device, held, direct=blocks is not None)
+            got = LayeredGet(keys[:run], run, out.device, held)
             if not run:
                 return got
             cur = torch.cuda.current_stream(out.device)
