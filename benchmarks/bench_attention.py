@@ -7,8 +7,9 @@ This script times one layer's attention for such pieces, reading the pool in pla
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
 loop), the same kernel with P.V accumulated inside the dot (acc_dot), over the same pages laid out in table order (what the scattered table's gather costs), slice
-counts and tile overrides, and the cuDNN pair (prefix gathered, queries padded to 512) where it
-runs. Every variant is checked against the first one before it is timed; GPU time (launches queued
+counts and tile overrides, the cuDNN pair (prefix gathered, queries padded to 512) where it
+runs, and cuDNN over (query, head) rows with the prefix cut into slices that run as the op's batch
+(pages adjacent: cudnn_prefill.cudnn_hit). Every variant is checked against the first one before it is timed; GPU time (launches queued
 behind a sleep kernel) and the host time of a launch are both given. A last table (CUDA) gives the
 host time of one launch, alone and beside a thread that waits for copies as a cpu hit's loader does.
 
@@ -35,6 +36,7 @@ TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (6
          (256, 64, 8, 2)]
 SLEEP_MS = 100.0  # the sleep kernel ahead of timed launches; its cycles at the H200's ~1.98 GHz
 SLEEP_CYCLES = int(SLEEP_MS * 1.98e6)
+HIT_SPLITS = [2, 4, 8, 16]  # cudnn_hit's prefix slices: Hkv x (new x G / 128) x slices programs (64 new: 16 a slice)
 SPLITS = [4, 8, 16, 32, 64, 128]  # key slices (before run AY the engine filled 512 programs: 32 slices at 64 new
 # tokens, 128 at 16; now about one wave of programs: 8 and 33)
 
@@ -73,6 +75,13 @@ def run_cudnn(x, out, scale):
     slots = x["table"][pos // P].long() * P + pos % P
     if not cudnn_prefill(x["q"], flat_k[slots], flat_v[slots], x["kc"], x["vc"], out, [p], scale):
         raise RuntimeError("cuDNN attention did not run")
+
+
+def run_cudnn_hit(xs, out, scale, splits):
+    """cudnn_prefill.cudnn_hit over xs, whose pages are in table order (block i at pool block i: the
+    prefix and the suffix's own keys at adjacent rows from 0)."""
+    from engine.attention.cudnn_prefill import cudnn_hit
+    cudnn_hit(xs["q"], xs["kc"], xs["vc"], out, 0, xs["prefix"], xs["new"], splits, scale)
 
 
 def timed(fn, iters: int, device) -> tuple[float, float]:
@@ -199,15 +208,20 @@ def main() -> None:
                          lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
                         ("Triton, the engine's, P.V accumulated inside the dot (acc_dot)",
                          lambda o, s: run_triton(x, o, scale, scratch=s, acc_dot=True))]
+            # the same keys with the pages in table order (block i at pool slot i): what the
+            # gather through a scattered block table costs against sequential pages
+            nb = x["table"].numel()
+            xs = dict(x, kc=x["kc"][x["table"].long()].contiguous(), vc=x["vc"][x["table"].long()].contiguous())
+            xs["table"] = torch.arange(nb, dtype=torch.int32, device=device)
+            xs["tables"] = xs["table"][None]
+            variants.append(("Triton, the engine's, pages in table order (no scatter)",
+                             lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
+            if device.type == "cuda":
+                for sp in HIT_SPLITS:
+                    if prefix % sp == 0:
+                        variants.append((f"cuDNN, (query, head) rows, prefix in {sp} slices (pages in table order)",
+                                         lambda o, s, xs=xs, sp=sp: run_cudnn_hit(xs, o, scale, sp)))
             if not args.no_sweep:
-                # the same keys with the pages in table order (block i at pool slot i): what the
-                # gather through a scattered block table costs against sequential pages
-                nb = x["table"].numel()
-                xs = dict(x, kc=x["kc"][x["table"].long()].contiguous(), vc=x["vc"][x["table"].long()].contiguous())
-                xs["table"] = torch.arange(nb, dtype=torch.int32, device=device)
-                xs["tables"] = xs["table"][None]
-                variants.append(("Triton, the engine's, pages in table order (no scatter)",
-                                 lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
                 for sp in SPLITS:
                     variants.append((f"Triton, the engine's tiles, {sp} key slices",
                                      lambda o, s, sp=sp: run_triton(x, o, scale, scratch=s, splits=sp)))

@@ -179,3 +179,85 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         log.warning("cuDNN prefill off, using the other kernels: %s", _broken)
         return False
     return True
+
+
+# A short suffix over a long prefix whose pages are adjacent in the pool (a device hit's step).
+# cuDNN parallelises over (batch, head, 128-query tile) and never splits the keys, so 64 queries of
+# 32 heads would be 32 programs on 132 SMs. Here the rows of a kv head are its G query heads of
+# every query, (query, head in group) pairs, as one "head" of T x G queries over that kv head's keys
+# (no mask: every query sees the whole prefix), and the prefix's keys are cut into `splits` equal
+# slices that run as the op's batch: Hkv x (T x G / 128) x splits programs. The slices are views of
+# the pool (pages adjacent), so nothing is gathered; merge_rows combines the slices with the
+# suffix's own keys (a plain causal call) by their log-sum-exps.
+
+def rows_split_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, prefix: int,
+                      splits: int, scale: float, qrows: torch.Tensor | None = None):
+    """q [T, Hq, D] over the `prefix` keys at pool rows start.. (adjacent pages of k/v_cache
+    [N, P, Hkv, D]; prefix a multiple of splits) -> (out [splits, Hkv, T*G, D], lse [splits, Hkv,
+    T*G(, 1)]) in the op's base, row t*G + g being query t's head kv*G + g. qrows: a buffer for the
+    packed queries [splits, Hkv, T*G, D] (made here when None)."""
+    N, P, Hkv, D = k_cache.shape
+    T, Hq = q.shape[0], q.shape[1]
+    G = Hq // Hkv
+    kps = prefix // splits
+    packed = q.view(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(1, Hkv, T * G, D)
+    if qrows is None:
+        qrows = torch.empty(splits, Hkv, T * G, D, dtype=q.dtype, device=q.device)
+    qrows.copy_(packed.expand(splits, Hkv, T * G, D))
+
+    def keys(cache):
+        return cache.view(N * P, Hkv, D)[start:start + prefix].view(splits, kps, Hkv, D).permute(0, 2, 1, 3)
+    return _attend4(qrows, keys(k_cache), keys(v_cache), False, scale)
+
+
+@triton.jit
+def _merge_rows_kernel(O1, L1, O2, L2, Out, T, S, lse_to_e, s1s, s1h, s1r, sl1s, sl1h, s2h, s2q, sl2h, soq, soh,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    h = tl.program_id(1)
+    kv = h // G
+    r = t * G + h % G  # the row of (query t, head h) in the packed slices
+    qm = t < T
+    d = tl.arange(0, BLOCK_D)
+    m2 = qm[:, None] & (d[None, :] < D)
+    # the suffix's own keys first: every query sees at least its own key, so m starts finite
+    m = tl.load(L2 + h * sl2h + t, mask=qm, other=0.0).to(tl.float32) * lse_to_e
+    w = tl.full([BLOCK_Q], 1.0, tl.float32)
+    acc = tl.load(O2 + t[:, None] * s2q + h * s2h + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    for s in range(0, S):
+        ls = tl.load(L1 + s * sl1s + kv * sl1h + r, mask=qm, other=0.0).to(tl.float32) * lse_to_e
+        os_ = tl.load(O1 + s * s1s + kv * s1h + r[:, None] * s1r + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, ls)
+        a = tl.exp(m - m_new)
+        b = tl.exp(ls - m_new)
+        acc = acc * a[:, None] + os_ * b[:, None]
+        w = w * a + b
+        m = m_new
+    tl.store(Out + t[:, None] * soq + h * soh + d[None, :], (acc / w[:, None]).to(Out.dtype.element_ty), mask=m2)
+
+
+def merge_rows(o1, lse1, o2, lse2, out) -> None:
+    """out [T, Hq, D] = rows_split_prefix's slices (o1 [S, Hkv, T*G, D], lse1 [S, Hkv, T*G(, 1)])
+    merged with the suffix's own keys (o2 [T, Hq, D] view, lse2 [Hq, T]) by their log-sum-exps."""
+    T, Hq, D = out.shape
+    S, Hkv = o1.shape[0], o1.shape[1]
+    assert o1.stride(-1) == 1 and o2.stride(-1) == 1 and lse2.stride(-1) == 1
+    BLOCK_Q = 16
+    _merge_rows_kernel[(triton.cdiv(T, BLOCK_Q), Hq)](
+        o1, lse1, o2, lse2, out, T, S, _lse_to_e, o1.stride(0), o1.stride(1), o1.stride(2),
+        lse1.stride(0), lse1.stride(1), o2.stride(1), o2.stride(0), lse2.stride(0), out.stride(0), out.stride(1),
+        G=Hq // Hkv, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_Q=BLOCK_Q, num_warps=4)
+
+
+def cudnn_hit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, start: int,
+              prefix: int, new: int, splits: int, scale: float) -> None:
+    """Attention of `new` queries q [new, Hq, D] (rows of out [new, Hq, D]) over `prefix` cached keys
+    and their own `new` keys, all at adjacent pool rows from `start` (the own keys at start + prefix):
+    rows_split_prefix over the prefix, one causal call over the own keys, merge_rows."""
+    if _lse_to_e is None:
+        _calibrate(q.device, q.dtype)
+    N, P, Hkv, D = k_cache.shape
+    o1, l1 = rows_split_prefix(q, k_cache, v_cache, start, prefix, splits, scale)
+    own = slice(start + prefix, start + prefix + new)
+    o2, l2 = _attend(q, k_cache.view(N * P, Hkv, D)[own], v_cache.view(N * P, Hkv, D)[own], True, scale)
+    merge_rows(o1, l1, o2, l2, out)

@@ -247,6 +247,45 @@ def check_merge_two(device):
         torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def _reference_cudnn_op(q, k, v, causal, scale):
+    """cudnn_prefill._attend4's contract in plain torch ([B, H, rows, D] views; lse in base e): where
+    cuDNN does not run (the CPU), so the packing and merging around it are checked there too."""
+    G = q.shape[1] // k.shape[1]
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.repeat_interleave(G, 1).float()) * scale
+    if causal:  # top-left, as cuDNN's
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return (torch.softmax(s, -1) @ v.repeat_interleave(G, 1).float()).to(q.dtype), torch.logsumexp(s, -1)
+
+
+def check_cudnn_hit(device, dtype=torch.float32, atol=1e-4, heads=(8, 2), D=16, P=4, prefix=96, new=5,
+                    splits=(1, 4), real_op=True):
+    """cudnn_prefill.cudnn_hit (a suffix over adjacent pages: (query, head) rows, the prefix in
+    slices as the op's batch, merged with the own keys' causal call) against the softmax over the
+    whole prefix and the causal own keys. real_op=False: _reference_cudnn_op stands in for cuDNN's."""
+    from engine.attention import cudnn_prefill
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(5)
+    start = 2 * P  # the prefix starts at the pool's third block
+    N = (start + prefix + new) // P + 2
+    kc, vc = (torch.randn(N, P, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+    q = torch.randn(new, Hq, D, generator=g).to(device, dtype)
+    keys = slice(start, start + prefix + new)
+    K, V = (c.view(-1, Hkv, D)[keys].repeat_interleave(Hq // Hkv, 1).float() for c in (kc, vc))
+    s = torch.einsum("qhd,khd->hqk", q.float(), K) * D ** -0.5
+    seen = torch.arange(prefix + new, device=device)[None, :] <= prefix + torch.arange(new, device=device)[:, None]
+    want = torch.einsum("hqk,khd->qhd", torch.softmax(s.masked_fill(~seen, float("-inf")), -1), V)
+    saved = cudnn_prefill._attend4, cudnn_prefill._lse_to_e
+    if not real_op:
+        cudnn_prefill._attend4, cudnn_prefill._lse_to_e = _reference_cudnn_op, 1.0
+    try:
+        for sp in splits:
+            out = torch.full((new, Hq, D), float("nan"), device=device, dtype=dtype)
+            cudnn_prefill.cudnn_hit(q, kc, vc, out, start, prefix, new, sp, D ** -0.5)
+            torch.testing.assert_close(out.float(), want, rtol=0, atol=atol, msg=f"{sp} slices")
+    finally:
+        cudnn_prefill._attend4, cudnn_prefill._lse_to_e = saved
+
+
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
 def check_cudnn_buckets(Hq, Hkv, dtype):
     """Under attn.prefill_kernel auto, a step mixing pieces whose cached prefix is a multiple of
@@ -333,11 +372,15 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check_unmasked_loop("cuda", torch.bfloat16, atol=2e-2)
         check_merge_two("cuda")
         check_qk_norm_rope("cuda")
+        from engine.attention import prefill_backend
+        if prefill_backend(torch.empty(1, Hq, 128, dtype=dtype, device="cuda"), 1, "cudnn") == "cudnn":
+            check_cudnn_hit("cuda", dtype, atol=2e-2, heads=(32, 4), D=128, P=16, prefix=8192, new=64,
+                            splits=(1, 8))
 
 
 INTERP = """
 import sys, torch
-from tests.engine.test_attention_kernels import (check, check_fixed_plan, check_merge_two, check_norm,
+from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_fixed_plan, check_merge_two, check_norm,
                                                 check_one_wave, check_qk_norm_rope, check_split_scratch,
                                                 check_unmasked_loop, count_paths, engine_tokens)
 check_norm("cpu")
@@ -351,6 +394,7 @@ for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
 check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
 check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
 check_merge_two("cpu")
+check_cudnn_hit("cpu", real_op=False)
 check_qk_norm_rope("cpu")
 calls = count_paths()
 ref = engine_tokens(sys.argv[1], backend="reference")  # attn.backend is obeyed under the interpreter
