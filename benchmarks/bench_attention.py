@@ -6,7 +6,8 @@ heads, head_dim 128, page 16, bf16) that attention is the step's largest cost af
 This script times one layer's attention for such pieces, reading the pool in place through a
 shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
 merge), the same kernel with every key tile through the masks (the kernel before its unmasked
-loop), the same kernel with P.V accumulated inside the dot (acc_dot), over the same pages laid out in table order (what the scattered table's gather costs), slice
+loop), the same kernel with P.V accumulated inside the dot (acc_dot), over the same pages laid out
+in table order (what the scattered table's gather costs) and those read as TMA boxes, slice
 counts and tile overrides, the cuDNN pair (prefix gathered, queries padded to 512) where it
 runs, and cuDNN over (query, head) rows with the prefix cut into slices that run as the op's batch
 (pages adjacent: cudnn_prefill.cudnn_hit). Every variant is checked against the first one before it is timed; GPU time (launches queued
@@ -56,11 +57,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=False):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      splits=splits, acc_dot=acc_dot)
+                      splits=splits, acc_dot=acc_dot, tma=tma)
 
 
 def run_cudnn(x, out, scale):
@@ -216,6 +217,8 @@ def main() -> None:
             xs["tables"] = xs["table"][None]
             variants.append(("Triton, the engine's, pages in table order (no scatter)",
                              lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
+            variants.append(("Triton, the engine's, pages in table order read as TMA boxes",
+                             lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s, tma=True)))
             if device.type == "cuda":
                 for sp in HIT_SPLITS:
                     if prefix % sp == 0:

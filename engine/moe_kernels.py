@@ -433,6 +433,17 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
 _tma_scratch_set = False
 
 
+def tma_allocator() -> None:
+    """In-kernel tensor descriptors need a scratch allocator: set once, process-wide (Triton has
+    one), to device memory from torch's allocator on the current device, so a CUDA-graph capture
+    takes it from its pool (the MoE GEMMs' and the prefill attention's TMA paths)."""
+    global _tma_scratch_set
+    if not _tma_scratch_set:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+                             if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8))
+        _tma_scratch_set = True
+
+
 def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tensor | None, sorted_ids: torch.Tensor,
                block_expert: torch.Tensor, num_pairs: int, row_div: int, gated: bool, cfg: dict) -> None:
     """_launch's GEMM through _moe_gemm_tma_kernel: gated, c [pairs, I] = silu(a . gate) * (a . up)
@@ -440,13 +451,8 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     a . b[e] (b = w2 [E, N, K]) times wt[pair] when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K /
     num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN, TWO_M
     (sorted_ids / block_expert from align with 2 * BLOCK_M rows a block; default off). The
-    descriptors need a scratch allocator: set once, process-wide (Triton has one), to device memory
-    from torch's allocator on the current device, so a CUDA-graph capture takes it from its pool."""
-    global _tma_scratch_set
-    if not _tma_scratch_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
-                             if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8))
-        _tma_scratch_set = True
+    descriptors need tma_allocator's scratch."""
+    tma_allocator()
     cfg = dict(cfg)
     two_m = bool(cfg.pop("TWO_M", False))
     split = bool(cfg.pop("SPLIT", False)) and gated

@@ -112,13 +112,29 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
 
 
 @triton.jit
+def _tile_tma(acc, l_i, m_i, q, kd, vd, row, col, qk_scale, PRECISION: tl.constexpr):
+    """_tile unmasked, its K and V tiles each one TMA box of BLOCK_N adjacent pool rows (the
+    piece's pages adjacent in the pool: the host's promise, see launch's `tma`)."""
+    k = kd.load([row, col])  # [N, D]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = vd.load([row, col])  # [N, D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_scale, keys_per_split,
                     num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_tb,
-                    stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
+                    stride_mt, stride_mh, stride_ms, stride_lt, stride_lh, pool_rows,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, ACC_DOT: tl.constexpr):
+                    PRECISION: tl.constexpr, UNMASKED: tl.constexpr, ACC_DOT: tl.constexpr,
+                    TMA: tl.constexpr = False):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -162,10 +178,20 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         # long prefix: nearly every key): whole tiles of them skip the bounds and causal masks
         full = tl.minimum(end, ctx + m_blk * QB)
         mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
-        for start in range(lo, mid, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
-                                  offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                                  PAGE, PRECISION, False, ACC_DOT)
+        if TMA:  # the piece's pages are adjacent in the pool: key j is pool row table[0] * PAGE + j
+            kd = tl.make_tensor_descriptor(K, shape=[pool_rows, stride_kp], strides=[stride_kp, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+            vd = tl.make_tensor_descriptor(V, shape=[pool_rows, stride_vp], strides=[stride_vp, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+            first_row = tl.load(table) * PAGE
+            for start in range(lo, mid, BLOCK_N):
+                acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, first_row + start, kv_head * HEAD_DIM,
+                                          qk_scale, PRECISION)
+        else:
+            for start in range(lo, mid, BLOCK_N):
+                acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
+                                      offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,
+                                      stride_vh, PAGE, PRECISION, False, ACC_DOT)
     for start in range(mid, end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                               offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
@@ -250,27 +276,45 @@ def split_buffers(T: int, Hq: int, p: Plan, device: torch.device):
 
 def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, k_lens: torch.Tensor,
-           max_q: int, scale: float, bufs=None, unmasked: bool = True, acc_dot: bool = False) -> None:
+           max_q: int, scale: float, bufs=None, unmasked: bool = True, acc_dot: bool = False,
+           tma: bool = False) -> None:
     """The kernel (and the merge of its slices) as planned, over tables.shape[0] pieces; bufs:
-    split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's). Reads the
+    split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's); tma: the
+    caller promises that each piece's pages are adjacent in the pool (block table[b][i] =
+    table[b][0] + i), and the unmasked key tiles are read as TMA boxes (tma_usable). Reads the
     pieces from device tensors only, so a fixed plan and fixed buffers can be captured in a CUDA
     graph (engine.prefill_graphs)."""
     S, G = p.splits, q.shape[1] // k_cache.shape[2]
     mid_o, mid_l, all_rows = bufs if S > 1 else (out, out, None)  # unused without slices
+    if tma:
+        from ..moe_kernels import tma_allocator
+        tma_allocator()
     grid = (triton.cdiv(max_q, p.block_m // G), tables.shape[0] * S, k_cache.shape[2])
     _prefill_kernel[grid](q, k_cache, v_cache, out, mid_o, mid_l, tables, q_starts, q_lens, k_lens, scale,
                           p.kps, S, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
                           mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if S > 1 else 0,
-                          mid_l.stride(0), mid_l.stride(1),
+                          mid_l.stride(0), mid_l.stride(1), k_cache.shape[0] * k_cache.shape[1],
                           GROUP=G, PAGE=k_cache.shape[1], HEAD_DIM=q.shape[2], SPLIT=S > 1,
                           BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
-                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, ACC_DOT=acc_dot, num_warps=p.warps,
+                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, ACC_DOT=acc_dot, TMA=tma, num_warps=p.warps,
                           num_stages=p.stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
         merge_splits(mid_o, mid_l, out, all_rows)
+
+
+def tma_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: Plan) -> bool:
+    """Whether launch(tma=True) can read these caches: Triton's in-kernel tensor descriptors on a
+    CUDA device of compute capability 9+, 2-byte elements, head_dim a whole tile, each cache's pages
+    of rows back to back ([N, P, Hkv, D] contiguous) and 16-byte aligned."""
+    if not (q.is_cuda and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+        return False
+    D = q.shape[-1]
+    if q.element_size() != 2 or p.block_d != D or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    return all(c.is_contiguous() and c.dtype == q.dtype and c.data_ptr() % 16 == 0 for c in (k_cache, v_cache))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -278,7 +322,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
                       tiles: tuple[int, int, int, int] | None = None, splits: int | None = None,
-                      acc_dot: bool = False) -> None:
+                      acc_dot: bool = False, tma: bool = False) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -287,7 +331,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice in `plan`;
     splits (with max_k) sets the number of key slices (a benchmark's sweep); acc_dot: the ACC_DOT
-    variant of _tile (a benchmark's). Two variants measured and
+    variant of _tile (a benchmark's); tma: launch's (the caller promises adjacent pages). Two variants measured and
     left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
     slices merged by each query tile's last program instead of a second launch (~20 us less host
     time a call, 0.02-0.04 ms more GPU time: one program reads all of its tile's partials)."""
@@ -308,4 +352,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             bufs = split_buffers(T, Hq, p, q.device)
             if scratch is not None:
                 scratch[key] = bufs
-    launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked, acc_dot)
+    launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked, acc_dot,
+           tma)

@@ -19,14 +19,23 @@ from engine.layers import AttnMetadata, Piece, paged_attention_reference
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, dtype, device, seed=0):
-    """pieces: (cached, new) per sequence; new == 1 is a decode. Returns inputs and AttnMetadata."""
+def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, dtype, device, seed=0,
+              adjacent: bool = False):
+    """pieces: (cached, new) per sequence; new == 1 is a decode. Returns inputs and AttnMetadata.
+    adjacent: each sequence's blocks are one run of consecutive ids (in pool order), the runs in a
+    shuffled order; else every block is anywhere."""
     g = torch.Generator().manual_seed(seed)
     need = sum((c + n + P - 1) // P for c, n in pieces)
     N = need + 3
     k_cache = torch.randn(N, P, Hkv, D, generator=g).to(dtype).to(device)  # [N, P, Hkv, D]
     v_cache = torch.randn(N, P, Hkv, D, generator=g).to(dtype).to(device)
     perm = torch.randperm(N, generator=g).tolist()  # blocks scattered over the pool
+    if adjacent:  # one run of consecutive blocks a sequence, the runs placed in a shuffled order
+        sizes = [(c + n + P - 1) // P for c, n in pieces]
+        runs, b = [None] * len(pieces), 1
+        for i in torch.randperm(len(pieces), generator=g).tolist():
+            runs[i], b = list(range(b, b + sizes[i])), b + sizes[i]
+        perm = [blk for run in reversed(runs) for blk in reversed(run)]  # pop() takes from the end
     T = sum(n for _, n in pieces)
     q = torch.randn(T, Hq, D, generator=g).to(dtype).to(device)
     k = torch.randn(T, Hkv, D, generator=g).to(dtype).to(device)
@@ -132,6 +141,31 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
         prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 0.25, max_k, splits=splits)
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= atol, f"max abs error {err} splits={splits}"
+
+
+def check_tma(device, dtype=torch.float32, atol=1e-4, heads=(8, 2), D=16, P=16):
+    """launch(tma=True) (the unmasked key tiles as TMA boxes, each piece's pages adjacent) against
+    the reference, with and without split-K, with key tiles that straddle pages and with a key tile
+    of more than one page; and, so the check can fail, that the same call over scattered pages
+    does not match (it reads adjacent rows whatever the table says)."""
+    from engine.attention import prefill_inputs
+    from engine.attention.triton_prefill import prefill_attention
+    pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]
+    for adjacent in (True, False):
+        q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, adjacent=adjacent)
+        ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)
+        tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
+        errs = []
+        for tiles in (None, (16, 32, 4, 2)):
+            for split_k in (max_k, 0):
+                out = torch.zeros_like(q)
+                prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, D ** -0.5, split_k,
+                                  tiles=tiles, tma=True)
+                errs.append((out.float() - ref.float()).abs().max().item())
+        if adjacent:
+            assert max(errs) <= atol, f"max abs errors {errs} with tma over adjacent pages"
+        else:
+            assert min(errs) > 10 * atol, f"tma over scattered pages matched the reference: {errs}"
 
 
 def check_fixed_plan(device, dtype=torch.float32, atol=1e-4, heads=(4, 2), D=16, NP=3, width=40, T=48,
@@ -370,6 +404,8 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
                          steps=([(32768 + 7, 64)], [(8000, 20), (100, 30), (0, 9)]))  # the engine's hit plan
         check_unmasked_loop("cuda")
         check_unmasked_loop("cuda", torch.bfloat16, atol=2e-2)
+        check_tma("cuda", torch.bfloat16, atol=2e-2)
+        check_tma("cuda", torch.bfloat16, atol=2e-2, heads=(32, 4), D=128)
         check_merge_two("cuda")
         check_qk_norm_rope("cuda")
         from engine.attention import prefill_backend
@@ -381,6 +417,7 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 INTERP = """
 import sys, torch
 from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_fixed_plan, check_merge_two, check_norm,
+                                                check_tma,
                                                 check_one_wave, check_qk_norm_rope, check_split_scratch,
                                                 check_unmasked_loop, count_paths, engine_tokens)
 check_norm("cpu")
@@ -388,6 +425,7 @@ check_one_wave()
 check_split_scratch("cpu")
 check_fixed_plan("cpu")
 check_unmasked_loop("cpu")
+check_tma("cpu")
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
