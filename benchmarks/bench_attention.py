@@ -37,6 +37,7 @@ TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (6
          (256, 64, 8, 2)]
 SLEEP_MS = 100.0  # the sleep kernel ahead of timed launches; its cycles at the H200's ~1.98 GHz
 SLEEP_CYCLES = int(SLEEP_MS * 1.98e6)
+TMA_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 4, 2), (64, 128, 4, 2)]
 HIT_SPLITS = [2, 4, 8, 16]  # cudnn_hit's prefix slices: Hkv x (new x G / 128) x slices programs (64 new: 16 a slice)
 SPLITS = [4, 8, 16, 32, 64, 128]  # key slices (before run AY the engine filled 512 programs: 32 slices at 64 new
 # tokens, 128 at 16; now about one wave of programs: 8 and 33)
@@ -219,6 +220,10 @@ def main() -> None:
                              lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
             variants.append(("Triton, the engine's, pages in table order read as TMA boxes",
                              lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s, tma=True)))
+            if device.type == "cuda":
+                for t in TMA_TILES:
+                    variants.append((f"Triton, TMA boxes, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st",
+                                     lambda o, s, xs=xs, t=t: run_triton(xs, o, scale, scratch=s, tma=True, tiles=t)))
             if device.type == "cuda":
                 for sp in HIT_SPLITS:
                     if prefix % sp == 0:
