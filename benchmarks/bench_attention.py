@@ -3,16 +3,18 @@
 A device hit of 32K cached tokens + 64 new ones runs one prefill piece of 64 queries whose keys are
 the whole 32K prefix: in the engine (12 layers of Qwen3-30B-A3B shapes: 32 query heads over 4 kv
 heads, head_dim 128, page 16, bf16) that attention is the step's largest cost after the MoE weights.
-This script times one layer's attention for such pieces, reading the pool in place through a
-shuffled block table, and prints a table: the Triton kernel as the engine runs it (split-K and the
-merge), the same kernel with every key tile through the masks (the kernel before its unmasked
-loop), the same kernel with P.V accumulated inside the dot (acc_dot), over the same pages laid out
-in table order (what the scattered table's gather costs) and those read as TMA boxes, slice
-counts and tile overrides, the cuDNN pair (prefix gathered, queries padded to 512) where it
-runs, and cuDNN over (query, head) rows with the prefix cut into slices that run as the op's batch
-(pages adjacent: cudnn_prefill.cudnn_hit). Every variant is checked against the first one before it is timed; GPU time (launches queued
-behind a sleep kernel) and the host time of a launch are both given. A last table (CUDA) gives the
-host time of one launch, alone and beside a thread that waits for copies as a cpu hit's loader does.
+This script times one layer's attention for such pieces, reading the pool in place through a block
+table, and prints a table: the Triton kernel with pointer loads (split-K and the merge) over a
+shuffled table, with every key tile through the masks (the kernel before its unmasked loop), with
+P.V accumulated inside the dot (acc_dot), and over pages in table order (what the gather costs);
+the engine's kernel (key tiles whose pages are adjacent read as TMA boxes) over scattered pages
+(the adjacency check's cost), pages in table order and pages in runs of one prefill chunk's
+blocks; cuDNN over (query, head) rows with the prefix cut into slices that run as the op's batch
+(pages adjacent: cudnn_prefill.cudnn_hit); without --no-sweep, slice counts and tile overrides; and
+the cuDNN pair (prefix gathered, queries padded to 512) where it runs. Every variant is checked
+against the first one before it is timed; GPU time (launches queued behind a sleep kernel) and the
+host time of a launch are both given. A last table (CUDA) gives the host time of one launch, alone
+and beside a thread that waits for copies as a cpu hit's loader does.
 
     python benchmarks/bench_attention.py                  # CUDA
     python benchmarks/bench_attention.py --device cpu --prefix 300 --new 5 --iters 1   # smoke (interpreter)
@@ -37,7 +39,7 @@ TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (6
          (256, 64, 8, 2)]
 SLEEP_MS = 100.0  # the sleep kernel ahead of timed launches; its cycles at the H200's ~1.98 GHz
 SLEEP_CYCLES = int(SLEEP_MS * 1.98e6)
-TMA_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 4, 2), (64, 128, 4, 2)]
+RUN = 128  # blocks of one 2,048-token prefill chunk at page 16: handed out ascending, one run
 HIT_SPLITS = [2, 4, 8, 16]  # cudnn_hit's prefix slices: Hkv x (new x G / 128) x slices programs (64 new: 16 a slice)
 SPLITS = [4, 8, 16, 32, 64, 128]  # key slices (before run AY the engine filled 512 programs: 32 slices at 64 new
 # tokens, 128 at 16; now about one wave of programs: 8 and 33)
@@ -58,7 +60,7 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=False):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=None):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
@@ -204,26 +206,32 @@ def main() -> None:
         for new in args.new:
             x = make(prefix, new, Hq, Hkv, D, args.page, dtype, device)
             flop = 4.0 * new * Hq * (prefix + new / 2) * D
-            variants = [("Triton, the engine's (unmasked loop + masked tail)",
-                         lambda o, s: run_triton(x, o, scale, scratch=s)),
-                        ("Triton, every tile masked (before)",
-                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s)),
-                        ("Triton, the engine's, P.V accumulated inside the dot (acc_dot)",
-                         lambda o, s: run_triton(x, o, scale, scratch=s, acc_dot=True))]
-            # the same keys with the pages in table order (block i at pool slot i): what the
-            # gather through a scattered block table costs against sequential pages
+            # the same keys with the pages in table order (block i at pool slot i), and in runs of
+            # RUN blocks placed in a shuffled order (what one prefill chunk's fresh blocks are)
             nb = x["table"].numel()
             xs = dict(x, kc=x["kc"][x["table"].long()].contiguous(), vc=x["vc"][x["table"].long()].contiguous())
             xs["table"] = torch.arange(nb, dtype=torch.int32, device=device)
             xs["tables"] = xs["table"][None]
-            variants.append(("Triton, the engine's, pages in table order (no scatter)",
-                             lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s)))
-            variants.append(("Triton, the engine's, pages in table order read as TMA boxes",
-                             lambda o, s, xs=xs: run_triton(xs, o, scale, scratch=s, tma=True)))
-            if device.type == "cuda":
-                for t in TMA_TILES:
-                    variants.append((f"Triton, TMA boxes, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st",
-                                     lambda o, s, xs=xs, t=t: run_triton(xs, o, scale, scratch=s, tma=True, tiles=t)))
+            g = torch.Generator().manual_seed(1)
+            starts = torch.randperm(-(-nb // RUN), generator=g) * RUN
+            xr = dict(x, table=(starts[:, None] + torch.arange(RUN)).reshape(-1)[:nb].to(torch.int32).to(device))
+            xr["kc"] = torch.empty_like(x["kc"]).index_copy_(0, xr["table"].long(), xs["kc"][:nb])
+            xr["vc"] = torch.empty_like(x["vc"]).index_copy_(0, xr["table"].long(), xs["vc"][:nb])
+            xr["tables"] = xr["table"][None]
+            variants = [("Triton, pointer loads (the engine's kernel before TMA)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s, tma=False)),
+                        ("Triton, every tile masked, pointer loads",
+                         lambda o, s: run_triton(x, o, scale, unmasked=False, scratch=s, tma=False)),
+                        ("Triton, pointer loads, P.V accumulated inside the dot (acc_dot)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s, acc_dot=True, tma=False)),
+                        ("Triton, pointer loads, pages in table order",
+                         lambda o, s: run_triton(xs, o, scale, scratch=s, tma=False)),
+                        ("Triton, the engine's (TMA where adjacent), pages scattered (pointer loads after the check)",
+                         lambda o, s: run_triton(x, o, scale, scratch=s)),
+                        ("Triton, the engine's (TMA where adjacent), pages in table order",
+                         lambda o, s: run_triton(xs, o, scale, scratch=s)),
+                        (f"Triton, the engine's (TMA where adjacent), pages in runs of {RUN} blocks, runs shuffled",
+                         lambda o, s: run_triton(xr, o, scale, scratch=s))]
             if device.type == "cuda":
                 for sp in HIT_SPLITS:
                     if prefix % sp == 0:

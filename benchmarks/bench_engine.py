@@ -3,8 +3,9 @@
 Prefill: one cold prompt per --prompt-len (device pool only, no prefix hit), once in --chunk-token
 chunks and once as a single chunk; transformers: one forward with logits_to_keep=1. TTFT: a
 prompt whose first max(--prompt-len) tokens are already in the device pool plus --hit-new new
-tokens, against the new tokens alone, each timed until a step hands the token out (on CUDA twice, side by side: the
-hit's attention inside the prefill graphs and eager between them). Decode: aggregate tokens/s of --concurrency requests each
+tokens, against the new tokens alone, each timed until a step hands the token out (on CUDA side by side: the
+hit's attention inside the prefill graphs, the same with the kernel's pointer loads only (no TMA tiles), and
+eager between them). Decode: aggregate tokens/s of --concurrency requests each
 generating --decode-tokens greedy tokens after a --decode-prompt-len prompt, eager steps against
 CUDA graphs (on CUDA). The HBM floor is the checkpoint's bytes read per single-request decode step
 (attention, router, top-k experts, norms, lm_head) over --hbm-tbps.
@@ -92,10 +93,13 @@ class Ours:
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
         self._prefill, self._moe = self.eng.config.attn.prefill_kernel, self.eng.config.attn.moe_kernel
         self._graph_sets: dict[str, dict] = {}  # attn.moe_kernel -> its prefill graphs (mode(moe=...))
+        self._tma = None  # the prefill graphs' own attn_tma choice (mode(attn_tma=...))
+        if self.attn_sizes:
+            self._tma = self.prefill_graphs._tma(min(self.attn_sizes))
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
              prefill_graphs: bool | None = None, graph_attention: bool | None = None,
-             async_scheduling: bool | None = None, moe: str | None = None):
+             async_scheduling: bool | None = None, moe: str | None = None, attn_tma: bool | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             self._prefill = prefill
         if moe is not None and moe != self._moe and self.prefill_graphs is not None:
@@ -117,6 +121,8 @@ class Ours:
             self.eng.async_scheduling = async_scheduling
         if graph_attention is not None and self.prefill_graphs is not None:  # short steps' attention captured
             self.prefill_graphs.attn_sizes = self.attn_sizes if graph_attention else set()
+        if attn_tma is not None and self.prefill_graphs is not None:  # the captured attention's TMA tiles
+            self.prefill_graphs.attn_tma = self._tma if attn_tma else False
 
     def _run(self, ps, max_tokens, after_first=False, first_token=False):
         """(tokens produced, seconds, prompt tokens reused): the time of the whole run, or from the
@@ -295,13 +301,15 @@ def main():
         print("|---|---|---|---|")
         variants = [("", None)]
         if ours.attn_sizes:  # side by side: the short steps' attention inside the prefill graphs or not
-            variants = [(", attention in the graphs", True), (", attention eager between graphs", False)]
+            variants = [(", attention in the graphs", True), (", attention in the graphs, pointer loads (no TMA)", True),
+                        (", attention eager between graphs", False)]
         variants.append((", synchronous scheduling", variants[0][1]))  # the step read back before the next
-        modes = [dict(graph_attention=inside, async_scheduling="synchronous" not in label) for label, inside in variants]
+        modes = [dict(graph_attention=inside, async_scheduling="synchronous" not in label,
+                      attn_tma="no TMA" not in label) for label, inside in variants]
         for (label, _), (hit, alone) in zip(variants, ours.ttft(cached, a.hit_new, a.repeat, modes)):
             print(f"| chunk {a.chunk}{label} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |",
                   flush=True)
-        ours.mode(graph_attention=True, async_scheduling=True)
+        ours.mode(graph_attention=True, async_scheduling=True, attn_tma=True)
 
         elem = torch.finfo(getattr(torch, a.dtype)).bits // 8
         nbytes = active_bytes(ours.eng.args, elem)

@@ -31,7 +31,10 @@ lengths) with a plan fixed per bucket (engine.attention.triton_prefill.fixed_pla
 splits its own keys), so graph j runs layer j-1's attention first and the step is L + 1 graph
 launches. Each eager attention call (kernel + merge through Triton's Python launcher) took
 0.05-0.26 ms of host time against 0.02-0.13 ms of GPU time on the H200; captured, a 32K device
-hit took 0.4-1.2 ms less (runs BB, BG: most of those launches had hidden behind the GPU). A step's
+hit took 0.4-1.2 ms less (runs BB, BG: most of those launches had hidden behind the GPU). Where the
+device and the pool allow (triton_prefill.tma_usable), the captured kernel reads key tiles whose
+pages are adjacent in the pool as TMA boxes (checked per program in the kernel, so one graph
+serves any block layout; 19% less GPU time at 32K + 64 in run DZ). A step's
 pieces pick the graphs for one piece or for up to MAX_PIECES (pieces past the step's have no
 queries and return at once); config `attn.prefill_kernel` other than auto/triton keeps
 attention eager.
@@ -105,8 +108,13 @@ class PrefillGraphs:
         self.cos = torch.zeros(T, a.head_dim, dtype=dt, device=device)  # [T, D]
         self.sin = torch.zeros_like(self.cos)
         self.hidden = torch.zeros_like(self.x)  # [T, H] the final norm's output
-        # (bucket, pieces): pieces 0 = attention eager between the graphs, 1 or MAX_PIECES captured
-        self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
+        # (bucket, pieces, tma): pieces 0 = attention eager between the graphs, 1 or MAX_PIECES
+        # captured, with the kernel's TMA tiles (tma) or its pointer loads only
+        self.graphs: dict[tuple[int, int, bool], list[torch.cuda.CUDAGraph]] = {}
+        # captured attention reads key tiles on adjacent pages as TMA boxes (triton_prefill.launch's
+        # tma) where the device and the pool allow it; None: decided at the first capture
+        # (benchmarks set False to time the pointer loads side by side)
+        self.attn_tma: bool | None = None
         self.pool = None
         self.disabled: str | None = None
         self.replays = 0
@@ -133,18 +141,27 @@ class PrefillGraphs:
         layer = self.model.model.layers[i]
         self.x[:B].copy_(layer.post(self.x[:B], layer.self_attn.out(self.o[:B])))
 
-    def _attend(self, i: int, B: int, n: int) -> None:
+    def _attend(self, i: int, B: int, n: int, tma: bool) -> None:
         """Layer i's attention over the first B rows, n pieces from the static buffers."""
         from .attention.triton_prefill import launch
         plan, bufs = self.plans[B]
         att = self.model.model.layers[i].self_attn
         k_cache, v_cache = self.kv.pool.layer(i)
         launch(plan, self.q[:B], k_cache, v_cache, self.o[:B], self.tables[:n], self.spans[0, :n],
-               self.spans[1, :n], self.spans[2, :n], B, att.scale, bufs)
+               self.spans[1, :n], self.spans[2, :n], B, att.scale, bufs, tma=tma)
 
-    def _piece(self, j: int, B: int, pieces: int = 0) -> None:
+    def _tma(self, B: int) -> bool:
+        """Whether bucket B's captured attention takes the TMA tiles (attn_tma, decided once)."""
+        if self.attn_tma is None:
+            from .attention.triton_prefill import tma_usable
+            self._plan(B)
+            k_cache, v_cache = self.kv.pool.layer(0)
+            self.attn_tma = tma_usable(self.q[:B], k_cache, v_cache, self.plans[B][0].block_d)
+        return self.attn_tma
+
+    def _piece(self, j: int, B: int, pieces: int = 0, tma: bool = False) -> None:
         """Graph j of bucket B (module doc); pieces > 0: layer j-1's attention over that many
-        pieces first."""
+        pieces first (tma: with the kernel's TMA tiles)."""
         L = len(self.model.model.layers)
         if j == 0:
             x = self.model.model.embed_tokens(self.ids[:B])  # [B, H]
@@ -154,7 +171,7 @@ class PrefillGraphs:
             self.sin[:B].copy_(sin)
         else:
             if pieces:
-                self._attend(j - 1, B, pieces)
+                self._attend(j - 1, B, pieces, tma)
             self._after(j - 1, B)
         if j < L:
             self._before(j, B)
@@ -169,8 +186,8 @@ class PrefillGraphs:
             bufs = split_buffers(B, a.num_heads, plan, self.device) if plan.splits > 1 else None
             self.plans[B] = (plan, bufs)
 
-    def _capture(self, key: tuple[int, int]) -> None:
-        B, pieces = key
+    def _capture(self, key: tuple[int, int, bool]) -> None:
+        B, pieces, tma = key
         self.ids[:B] = 0
         self.positions[:B] = 0
         self.slots[:B] = -1  # the warm-up stores nothing into the pool
@@ -183,7 +200,7 @@ class PrefillGraphs:
         def check() -> None:
             if not all(getattr(b.experts, "capturable", False) for b in self.model.moe_blocks()):
                 raise RuntimeError("the MoE experts' path syncs with the host")
-        graphs, _ = warm_and_capture(self.device, self.pool, lambda j: self._piece(j, B, pieces), n, check)
+        graphs, _ = warm_and_capture(self.device, self.pool, lambda j: self._piece(j, B, pieces, tma), n, check)
         if self.pool is None:
             self.pool = graphs[0].pool()
         self.graphs[key] = graphs
@@ -208,7 +225,8 @@ class PrefillGraphs:
         if B is None:
             return None
         pieces = self._pieces(B, meta)
-        key = (B, pieces)
+        tma = bool(pieces) and self._tma(B)
+        key = (B, pieces, tma)
         if self.capture and not ensure_captured(self, key, "prefill"):
             return None
         self.ids[:T].copy_(input_ids)
@@ -229,7 +247,7 @@ class PrefillGraphs:
         if self.capture:
             run = [g.replay for g in self.graphs[key]]
         else:
-            run = [lambda j=j: self._piece(j, B, pieces) for j in range(len(self.model.model.layers) + 1)]
+            run = [lambda j=j: self._piece(j, B, pieces, tma) for j in range(len(self.model.model.layers) + 1)]
         run[0]()
         for i, layer in enumerate(self.model.model.layers):
             att = layer.self_attn

@@ -112,9 +112,21 @@ def _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, o
 
 
 @triton.jit
+def _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, qk_scale, offs_n, offs_d, d_mask,
+                   stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, PAGE: tl.constexpr,
+                   PRECISION: tl.constexpr, ACC_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The whole key tiles of [lo, mid) by pointer, unmasked."""
+    for start in range(lo, mid, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n, offs_d,
+                              d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, PAGE,
+                              PRECISION, False, ACC_DOT)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _tile_tma(acc, l_i, m_i, q, kd, vd, row, col, qk_scale, PRECISION: tl.constexpr):
-    """_tile unmasked, its K and V tiles each one TMA box of BLOCK_N adjacent pool rows (the
-    piece's pages adjacent in the pool: the host's promise, see launch's `tma`)."""
+    """_tile unmasked, its K and V tiles each one TMA box of BLOCK_N adjacent pool rows from `row`
+    (the tile's pages adjacent in the pool: checked by _prefill_kernel)."""
     k = kd.load([row, col])  # [N, D]
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -178,20 +190,36 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         # long prefix: nearly every key): whole tiles of them skip the bounds and causal masks
         full = tl.minimum(end, ctx + m_blk * QB)
         mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
-        if TMA:  # the piece's pages are adjacent in the pool: key j is pool row table[0] * PAGE + j
-            kd = tl.make_tensor_descriptor(K, shape=[pool_rows, stride_kp], strides=[stride_kp, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-            vd = tl.make_tensor_descriptor(V, shape=[pool_rows, stride_vp], strides=[stride_vp, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-            first_row = tl.load(table) * PAGE
-            for start in range(lo, mid, BLOCK_N):
-                acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, first_row + start, kv_head * HEAD_DIM,
-                                          qk_scale, PRECISION)
+        # TMA: where every key tile of [lo, mid) lies on adjacent pages (block ids consecutive within
+        # the tile), the tiles are TMA boxes of BLOCK_N pool rows; else the pointer loop
+        if TMA:
+            TP: tl.constexpr = BLOCK_N // PAGE if BLOCK_N > PAGE else 1  # pages a tile spans
+            p_hi = (mid + PAGE - 1) // PAGE
+            scattered = 0
+            for p0 in range(lo // PAGE, p_hi, 1024):
+                pj = p0 + tl.arange(0, 1024)
+                pm = pj < p_hi
+                first = pj // TP * TP  # the first page of pj's tile (lo is a multiple of BLOCK_N)
+                b = tl.load(table + pj, mask=pm, other=0)
+                b0 = tl.load(table + first, mask=pm, other=0)
+                scattered += tl.sum(((b - b0 != pj - first) & pm).to(tl.int32))
+            if scattered == 0:
+                kd = tl.make_tensor_descriptor(K, shape=[pool_rows, stride_kp], strides=[stride_kp, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+                vd = tl.make_tensor_descriptor(V, shape=[pool_rows, stride_vp], strides=[stride_vp, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+                for start in range(lo, mid, BLOCK_N):
+                    row = tl.load(table + start // PAGE) * PAGE + start % PAGE
+                    acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
+                                              PRECISION)
+            else:
+                acc, l_i, m_i = _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, qk_scale,
+                                               offs_n, offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb,
+                                               stride_vp, stride_vh, PAGE, PRECISION, ACC_DOT, BLOCK_N)
         else:
-            for start in range(lo, mid, BLOCK_N):
-                acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
-                                      offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,
-                                      stride_vh, PAGE, PRECISION, False, ACC_DOT)
+            acc, l_i, m_i = _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, qk_scale,
+                                           offs_n, offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb,
+                                           stride_vp, stride_vh, PAGE, PRECISION, ACC_DOT, BLOCK_N)
     for start in range(mid, end, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, q, K, V, table, start, end, kv_head, q_pos, qk_scale, offs_n,
                               offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
@@ -279,9 +307,10 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
            max_q: int, scale: float, bufs=None, unmasked: bool = True, acc_dot: bool = False,
            tma: bool = False) -> None:
     """The kernel (and the merge of its slices) as planned, over tables.shape[0] pieces; bufs:
-    split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's); tma: the
-    caller promises that each piece's pages are adjacent in the pool (block table[b][i] =
-    table[b][0] + i), and the unmasked key tiles are read as TMA boxes (tma_usable). Reads the
+    split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's); tma: a
+    program whose unmasked key tiles each lie on adjacent pages (consecutive block ids; fresh
+    blocks are handed out ascending, so the pages of one prefill chunk are) reads them as TMA boxes,
+    any other program by pointer as without it; only where tma_usable. Reads the
     pieces from device tensors only, so a fixed plan and fixed buffers can be captured in a CUDA
     graph (engine.prefill_graphs)."""
     S, G = p.splits, q.shape[1] // k_cache.shape[2]
@@ -305,16 +334,21 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         merge_splits(mid_o, mid_l, out, all_rows)
 
 
-def tma_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: Plan) -> bool:
+def tma_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_d: int) -> bool:
     """Whether launch(tma=True) can read these caches: Triton's in-kernel tensor descriptors on a
-    CUDA device of compute capability 9+, 2-byte elements, head_dim a whole tile, each cache's pages
-    of rows back to back ([N, P, Hkv, D] contiguous) and 16-byte aligned."""
-    if not (q.is_cuda and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+    CUDA device of compute capability 9+, 2-byte elements, head_dim a whole tile (block_d), each
+    cache's pages of rows back to back ([N, P, Hkv, D] contiguous) and 16-byte aligned."""
+    if not q.is_cuda or q.element_size() != 2 or q.shape[-1] != block_d:
         return False
-    D = q.shape[-1]
-    if q.element_size() != 2 or p.block_d != D or torch.cuda.get_device_capability(q.device)[0] < 9:
+    if not all(c.is_contiguous() and c.dtype == q.dtype and c.data_ptr() % 16 == 0 for c in (k_cache, v_cache)):
         return False
-    return all(c.is_contiguous() and c.dtype == q.dtype and c.data_ptr() % 16 == 0 for c in (k_cache, v_cache))
+    return _tma_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(index: int) -> bool:
+    return (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+            and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -322,7 +356,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
                       tiles: tuple[int, int, int, int] | None = None, splits: int | None = None,
-                      acc_dot: bool = False, tma: bool = False) -> None:
+                      acc_dot: bool = False, tma: bool | None = None) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -331,7 +365,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice in `plan`;
     splits (with max_k) sets the number of key slices (a benchmark's sweep); acc_dot: the ACC_DOT
-    variant of _tile (a benchmark's); tma: launch's (the caller promises adjacent pages). Two variants measured and
+    variant of _tile (a benchmark's); tma: launch's, None where tma_usable (the engine's). Two
+    variants measured and
     left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
     slices merged by each query tile's last program instead of a second launch (~20 us less host
     time a call, 0.02-0.04 ms more GPU time: one program reads all of its tile's partials)."""
@@ -352,5 +387,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             bufs = split_buffers(T, Hq, p, q.device)
             if scratch is not None:
                 scratch[key] = bufs
+    if tma is None:
+        tma = tma_usable(q, k_cache, v_cache, p.block_d)
     launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked, acc_dot,
            tma)

@@ -20,22 +20,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, dtype, device, seed=0,
-              adjacent: bool = False):
+              runs: int = 0):
     """pieces: (cached, new) per sequence; new == 1 is a decode. Returns inputs and AttnMetadata.
-    adjacent: each sequence's blocks are one run of consecutive ids (in pool order), the runs in a
-    shuffled order; else every block is anywhere."""
+    runs: 0, every block anywhere in the pool; k > 0, a sequence's blocks in runs of k consecutive
+    ids (the runs in a shuffled order); -1, one run a sequence."""
     g = torch.Generator().manual_seed(seed)
     need = sum((c + n + P - 1) // P for c, n in pieces)
     N = need + 3
     k_cache = torch.randn(N, P, Hkv, D, generator=g).to(dtype).to(device)  # [N, P, Hkv, D]
     v_cache = torch.randn(N, P, Hkv, D, generator=g).to(dtype).to(device)
     perm = torch.randperm(N, generator=g).tolist()  # blocks scattered over the pool
-    if adjacent:  # one run of consecutive blocks a sequence, the runs placed in a shuffled order
-        sizes = [(c + n + P - 1) // P for c, n in pieces]
-        runs, b = [None] * len(pieces), 1
-        for i in torch.randperm(len(pieces), generator=g).tolist():
-            runs[i], b = list(range(b, b + sizes[i])), b + sizes[i]
-        perm = [blk for run in reversed(runs) for blk in reversed(run)]  # pop() takes from the end
+    if runs:  # runs of consecutive blocks placed in a shuffled order; pop() takes from the end
+        cuts = []  # (sequence, its blocks' count in this run)
+        for i, (c, n) in enumerate(pieces):
+            nb = (c + n + P - 1) // P
+            k = nb if runs < 0 else runs
+            cuts += [(i, min(k, nb - j)) for j in range(0, nb, k)]
+        start, b = [0] * len(cuts), 1
+        for r in torch.randperm(len(cuts), generator=g).tolist():
+            start[r], b = b, b + cuts[r][1]
+        seqs = [[] for _ in pieces]
+        for (i, k), b in zip(cuts, start):
+            seqs[i] += range(b, b + k)
+        perm = [blk for seq in reversed(seqs) for blk in reversed(seq)]
     T = sum(n for _, n in pieces)
     q = torch.randn(T, Hq, D, generator=g).to(dtype).to(device)
     k = torch.randn(T, Hkv, D, generator=g).to(dtype).to(device)
@@ -144,28 +151,24 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
 
 
 def check_tma(device, dtype=torch.float32, atol=1e-4, heads=(8, 2), D=16, P=16):
-    """launch(tma=True) (the unmasked key tiles as TMA boxes, each piece's pages adjacent) against
-    the reference, with and without split-K, with key tiles that straddle pages and with a key tile
-    of more than one page; and, so the check can fail, that the same call over scattered pages
-    does not match (it reads adjacent rows whatever the table says)."""
+    """launch(tma=True) (key tiles on adjacent pages as TMA boxes, the others by pointer) against
+    the reference, with and without split-K, with the default tiles and with 32-key tiles of two
+    pages: each sequence's pages in one run, in runs of two (adjacent within a 32-key tile, not
+    across), and scattered."""
     from engine.attention import prefill_inputs
     from engine.attention.triton_prefill import prefill_attention
     pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]
-    for adjacent in (True, False):
-        q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, adjacent=adjacent)
+    for runs in (-1, 2, 0):
+        q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, runs=runs)
         ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)
         tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
-        errs = []
         for tiles in (None, (16, 32, 4, 2)):
             for split_k in (max_k, 0):
                 out = torch.zeros_like(q)
                 prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, D ** -0.5, split_k,
                                   tiles=tiles, tma=True)
-                errs.append((out.float() - ref.float()).abs().max().item())
-        if adjacent:
-            assert max(errs) <= atol, f"max abs errors {errs} with tma over adjacent pages"
-        else:
-            assert min(errs) > 10 * atol, f"tma over scattered pages matched the reference: {errs}"
+                err = (out.float() - ref.float()).abs().max().item()
+                assert err <= atol, f"max abs error {err}: tma, runs {runs}, tiles {tiles}, split {bool(split_k)}"
 
 
 def check_fixed_plan(device, dtype=torch.float32, atol=1e-4, heads=(4, 2), D=16, NP=3, width=40, T=48,

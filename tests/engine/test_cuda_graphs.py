@@ -107,6 +107,29 @@ def test_prefill_graphs_equal_eager(qwen_dir, bf16_dirs, dtype, page, chunk):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_graphs_tma_attention_equals_pointer_loads(bf16_dirs):
+    """Device hits of a 2,600-token prefix + a short suffix, their attention captured in the prefill
+    graphs: with the kernel's TMA tiles (whole 128-key tiles of the prefix on adjacent pages, the
+    engine's choice on Hopper) and with pointer loads only, the tokens of eager steps."""
+    pytest.importorskip("triton")
+    path = bf16_dirs["qwen3_moe"]
+    base = [(i * 29 + 5) % 250 for i in range(2600)]
+    prompts = [base] + [base + [(i * 13 + j) % 250 for i in range(n)] for j, n in enumerate((20, 7, 33))]
+    eager = rounds(engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024, prefill_graph_tokens=0),
+                   prompts)
+    for tma in (None, False):
+        eng = engine(path, "bfloat16", chunk_size=1024, num_device_blocks=1024)
+        pg = eng.runner.prefill_graphs
+        pg.attn_tma = tma
+        got = rounds(eng, prompts)
+        assert got == eager, f"attn_tma {tma}"
+        assert pg.disabled is None and pg.attention_replays > 0
+        if tma is None and torch.cuda.get_device_capability()[0] >= 9:
+            assert pg.attn_tma and any(key[2] for key in pg.graphs), pg.graphs.keys()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_graphs_long_chunks_use_cudnn_between_graphs(bf16_dirs):
     """A 3,000-token prompt in chunks of 1,024 (aligned prefixes: cuDNN runs between the graphs
     where it can) and its repeat after a partial hit give the eager tokens."""
