@@ -215,8 +215,9 @@ def main() -> None:
             g = torch.Generator().manual_seed(1)
             starts = torch.randperm(-(-nb // RUN), generator=g) * RUN
             xr = dict(x, table=(starts[:, None] + torch.arange(RUN)).reshape(-1)[:nb].to(torch.int32).to(device))
-            xr["kc"] = torch.empty_like(x["kc"]).index_copy_(0, xr["table"].long(), xs["kc"][:nb])
-            xr["vc"] = torch.empty_like(x["vc"]).index_copy_(0, xr["table"].long(), xs["vc"][:nb])
+            pool = (len(starts) * RUN, *x["kc"].shape[1:])  # every run's blocks, the last run's unused ones too
+            xr["kc"] = x["kc"].new_zeros(pool).index_copy_(0, xr["table"].long(), xs["kc"][:nb])
+            xr["vc"] = x["vc"].new_zeros(pool).index_copy_(0, xr["table"].long(), xs["vc"][:nb])
             xr["tables"] = xr["table"][None]
             variants = [("Triton, pointer loads (the engine's kernel before TMA)",
                          lambda o, s: run_triton(x, o, scale, scratch=s, tma=False)),

@@ -61,6 +61,11 @@ class BlockPool:
             n = next((i for i, c in enumerate(held[:n]) if c[TOKENS] != tokens[i * step:(i + 1) * step]), n)
         return blocks[:n]
 
+    def records(self, blocks: Sequence[int]) -> list:
+        """Each block's cached record (None where it holds no page): what a remembered match
+        compares to see that its blocks still hold the pages it matched (engine.prefix_cache)."""
+        return list(map(self._cached.get, blocks))
+
     def touch(self, blocks: Sequence[int]) -> None:
         """Take a reference on blocks (cached hits); a block at ref 0 leaves the free queue."""
         rc, free_queue = self.ref_count, self.free_queue

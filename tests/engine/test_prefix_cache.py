@@ -775,3 +775,66 @@ def test_fresh_blocks_are_handed_out_ascending_after_churn():
     assert pc._grow(req, 50)
     assert req.block_table == sorted(req.block_table) and len(req.block_table) == 50
     assert pc._grow(req, 1) and len(req.block_table) == 51
+
+
+def _hit_run(eng, rid: str, prompt: list[int], salt: str = "") -> tuple[list[int], int]:
+    """(greedy tokens, device-hit tokens) of one request run alone."""
+    eng.add_request(rid, prompt, SHORT, cache_salt=salt)
+    req = eng.requests[rid]
+    done = {}
+    drain(eng, done, 500)
+    return list(done[rid].outputs[0].token_ids), req.num_device_hit_tokens
+
+
+def test_a_long_device_hit_is_remembered_and_matches_as_the_page_walk_does(qwen_dir, monkeypatch):
+    """A device hit of MEMO_MIN_PAGES pages or more is remembered: the next prompt with that prefix
+    takes its pages and hashes from the memo (no page-by-page hash or match), then matches the rest
+    page by page; tokens, hit lengths and page hashes equal an engine without the memo. A memo whose
+    pages were evicted (the pool reset), a prompt that leaves the prefix inside it, or another
+    cache salt does not use it."""
+    from engine import prefix_cache
+    from kvc.hashing import page_hashes
+    monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 4)
+    base = [(i * 13 + 5) % 250 for i in range(40)]  # 10 pages of 4
+    cases = [("cold", base, ""), ("first hit", base + [1, 2, 3, 4, 5, 6], ""),  # remembered here
+             ("memo", base + [7, 8, 9], ""),  # from the memo
+             ("memo, longer", base + [1, 2, 3, 4, 5, 6, 11, 12, 13, 14], ""),  # memo + a page after it
+             ("other salt", base + [7, 8, 9], "tenant-b"),
+             ("leaves inside", base[:30] + [99] * 12, ""),
+             ("reset", None, ""), ("after reset", base + [7, 8, 9], ""),  # the memo's pages gone: cold
+             ("hit after reset", base + [3, 3], ""), ("memo again", base + [4, 4, 4], "")]
+    results = {}
+    for memo_on in (True, False):
+        if not memo_on:
+            monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 1 << 30)
+        eng = make_engine(qwen_dir)
+        pc = eng.prefix_cache
+        got = []
+        for i, (label, prompt, salt) in enumerate(cases):
+            if prompt is None:
+                pc.reset_device_cache()
+                continue
+            before = pc.memo_hits
+            rid = f"{memo_on}-{i}"
+            toks, hit = _hit_run(eng, rid, prompt, salt)
+            got.append((label, toks, hit))
+            if memo_on:
+                used = pc.memo_hits - before
+                assert used == (label in ("memo", "memo, longer", "memo again")), (label, used)
+        results[memo_on] = got
+        eng.close()
+    assert results[True] == results[False]
+    hits = {label: hit for label, _, hit in results[True]}
+    assert hits["memo"] == 40 and hits["memo, longer"] == 44 and hits["after reset"] == 0
+    # the hashes a memo hands a request are the page hashes of its ids
+    eng = make_engine(qwen_dir)
+    monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 4)
+    _hit_run(eng, "a", base)
+    _hit_run(eng, "b", base + [1, 2])
+    eng.add_request("c", base + [5, 6, 7, 8, 9], SHORT)
+    req = eng.requests["c"]
+    drain(eng, {}, 500)
+    ns = eng.kv.namespace("")
+    assert eng.prefix_cache.memo_hits == 1
+    assert req.hashes == page_hashes(ns.root, req.ids(0, len(req.hashes) * 4), 4)  # outputs too
+    eng.close()
