@@ -160,12 +160,14 @@ class Ours:
     def ttft(self, cached, new, repeat, modes=({},)):
         """Per mode (kwargs of `mode`), (TTFT with `cached` tokens in the device pool + `new` ones,
         TTFT of the `new` alone) in s, medians; the modes interleaved in each repetition (rows run
-        one after another drift by more than they differ)."""
+        one after another drift by more than they differ), in an order rotated by one each
+        repetition (a mode always run after the same other mode could carry that one's effects)."""
         base = prompts(1, cached, self.vocab, 7)[0]
         self._run([base], 1)
         hit, alone = [[] for _ in modes], [[] for _ in modes]
         for r in range(repeat + 1):
-            for i, m in enumerate(modes):
+            for i in [(r + j) % len(modes) for j in range(len(modes))]:
+                m = modes[i]
                 self.mode(**m)
                 suffix, other = prompts(2, new, self.vocab, 1000 + r * len(modes) + i)
                 _, dt, got = self._run([base + suffix], 1, first_token=True)
