@@ -39,6 +39,7 @@ TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3), (6
          (256, 64, 8, 2)]
 SLEEP_MS = 100.0  # the sleep kernel ahead of timed launches; its cycles at the H200's ~1.98 GHz
 SLEEP_CYCLES = int(SLEEP_MS * 1.98e6)
+TMA_TILES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4)]  # with the engine's slices
 RUN = 128  # blocks of one 2,048-token prefill chunk at page 16: handed out ascending, one run
 HIT_SPLITS = [2, 4, 8, 16]  # cudnn_hit's prefix slices: Hkv x (new x G / 128) x slices programs (64 new: 16 a slice)
 SPLITS = [4, 8, 16, 32, 64, 128]  # key slices (before run AY the engine filled 512 programs: 32 slices at 64 new
@@ -60,11 +61,12 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=None):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=None,
+               fma=False, ws=False):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      splits=splits, acc_dot=acc_dot, tma=tma)
+                      splits=splits, acc_dot=acc_dot, tma=tma, fma=fma, ws=ws)
 
 
 def run_cudnn(x, out, scale):
@@ -232,7 +234,17 @@ def main() -> None:
                         ("Triton, the engine's (TMA where adjacent), pages in table order",
                          lambda o, s: run_triton(xs, o, scale, scratch=s)),
                         (f"Triton, the engine's (TMA where adjacent), pages in runs of {RUN} blocks, runs shuffled",
-                         lambda o, s: run_triton(xr, o, scale, scratch=s))]
+                         lambda o, s: run_triton(xr, o, scale, scratch=s)),
+                        ("Triton, TMA, table order, scale folded into the exponent (fma)",
+                         lambda o, s: run_triton(xs, o, scale, scratch=s, fma=True))]
+            if device.type == "cuda":
+                from engine.attention.triton_prefill import plan as attn_plan
+                S = attn_plan(x["q"], Hkv, new, prefix + new, 1).splits  # the engine's slices, for the tile rows
+                variants.append(("Triton, TMA, table order, the loop warp-specialised (ws)",
+                                 lambda o, s: run_triton(xs, o, scale, scratch=s, ws=True)))
+                for t in TMA_TILES:
+                    variants.append((f"Triton, TMA, table order, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st, {S} slices",
+                                     lambda o, s, t=t: run_triton(xs, o, scale, scratch=s, tiles=t, splits=S)))
             if device.type == "cuda":
                 for sp in HIT_SPLITS:
                     if prefix % sp == 0:
