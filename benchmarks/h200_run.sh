@@ -113,7 +113,7 @@ for part in "$@"; do
     host-path) step host-path 200 python3 benchmarks/bench_host_path.py --device cuda --model-dir "$ckpt" \
         --preset qwen3-30b-a3b-shapes --layers 12 --tiers cpu --repeat 10 ;;
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
-    profile-hit) step profile-hit 150 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
+    profile-hit) step profile-hit 300 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
         --cases hit,prefill --prompt-len 8192 32768 --top 12 ;;
     put-cost) step put-cost 200 python3 benchmarks/bench_put_cost.py --model-dir "$ckpt" ;;
     disk) step disk 90 python3 benchmarks/bench_disk.py --reps 2 ;;
