@@ -61,12 +61,11 @@ def make(prefix: int, new: int, Hq: int, Hkv: int, D: int, P: int, dtype, device
                 prefix=prefix, new=new)
 
 
-def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=None,
-               fma=False, ws=False):
+def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=None, acc_dot=False, tma=None):
     from engine.attention.triton_prefill import prefill_attention  # after TRITON_INTERPRET is set (CPU)
     prefill_attention(x["q"], x["kc"], x["vc"], out, x["tables"], x["starts"], x["q_lens"], x["k_lens"],
                       x["new"], scale, x["prefix"] + x["new"], scratch=scratch, unmasked=unmasked, tiles=tiles,
-                      splits=splits, acc_dot=acc_dot, tma=tma, fma=fma, ws=ws)
+                      splits=splits, acc_dot=acc_dot, tma=tma)
 
 
 def run_cudnn(x, out, scale):
@@ -234,14 +233,10 @@ def main() -> None:
                         ("Triton, the engine's (TMA where adjacent), pages in table order",
                          lambda o, s: run_triton(xs, o, scale, scratch=s)),
                         (f"Triton, the engine's (TMA where adjacent), pages in runs of {RUN} blocks, runs shuffled",
-                         lambda o, s: run_triton(xr, o, scale, scratch=s)),
-                        ("Triton, TMA, table order, scale folded into the exponent (fma)",
-                         lambda o, s: run_triton(xs, o, scale, scratch=s, fma=True))]
+                         lambda o, s: run_triton(xr, o, scale, scratch=s))]
             if device.type == "cuda":
                 from engine.attention.triton_prefill import plan as attn_plan
                 S = attn_plan(x["q"], Hkv, new, prefix + new, 1).splits  # the engine's slices, for the tile rows
-                variants.append(("Triton, TMA, table order, the loop warp-specialised (ws)",
-                                 lambda o, s: run_triton(xs, o, scale, scratch=s, ws=True)))
                 for t in TMA_TILES:
                     variants.append((f"Triton, TMA, table order, tiles M{t[0]} N{t[1]} {t[2]}w {t[3]}st, {S} slices",
                                      lambda o, s, t=t: run_triton(xs, o, scale, scratch=s, tiles=t, splits=S)))

@@ -124,19 +124,15 @@ def _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, 
 
 
 @triton.jit
-def _tile_tma(acc, l_i, m_i, q, kd, vd, row, col, qk_scale, PRECISION: tl.constexpr, FMA: tl.constexpr):
+def _tile_tma(acc, l_i, m_i, q, kd, vd, row, col, qk_scale, PRECISION: tl.constexpr):
     """_tile unmasked, its K and V tiles each one TMA box of BLOCK_N adjacent pool rows from `row`
-    (the tile's pages adjacent in the pool: checked by _prefill_kernel). FMA: the scale folded into
-    the exponent's subtraction (one fused multiply-add a score; a benchmark's variant)."""
+    (the tile's pages adjacent in the pool: checked by _prefill_kernel). Measured and left out (run
+    ED, commit 653ee02): the scale folded into the exponent's subtraction, the loop under Triton's
+    warp specialisation, three stages: none more than 1% quicker."""
     k = kd.load([row, col])  # [N, D]
-    if FMA:
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, N], scaled below
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] in log2 units
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = vd.load([row, col])  # [N, D]
@@ -152,7 +148,7 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr, UNMASKED: tl.constexpr, ACC_DOT: tl.constexpr,
-                    TMA: tl.constexpr = False, FMA: tl.constexpr = False, WS: tl.constexpr = False):
+                    TMA: tl.constexpr = False):
     QB: tl.constexpr = BLOCK_M // GROUP  # queries per tile: each tile row is a (query, head) pair
     m_blk = tl.program_id(0)
     piece = tl.program_id(1) // num_splits
@@ -214,16 +210,10 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                                                block_shape=[BLOCK_N, BLOCK_D])
                 vd = tl.make_tensor_descriptor(V, shape=[pool_rows, stride_vp], strides=[stride_vp, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
-                if WS:  # Triton's warp specialisation of the loop (a benchmark's variant)
-                    for start in tl.range(lo, mid, BLOCK_N, warp_specialize=True):
-                        row = tl.load(table + start // PAGE) * PAGE + start % PAGE
-                        acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
-                                                  PRECISION, FMA)
-                else:
-                    for start in range(lo, mid, BLOCK_N):
-                        row = tl.load(table + start // PAGE) * PAGE + start % PAGE
-                        acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
-                                                  PRECISION, FMA)
+                for start in range(lo, mid, BLOCK_N):
+                    row = tl.load(table + start // PAGE) * PAGE + start % PAGE
+                    acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
+                                              PRECISION)
             else:
                 acc, l_i, m_i = _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, qk_scale,
                                                offs_n, offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb,
@@ -317,13 +307,12 @@ def split_buffers(T: int, Hq: int, p: Plan, device: torch.device):
 def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
            tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, k_lens: torch.Tensor,
            max_q: int, scale: float, bufs=None, unmasked: bool = True, acc_dot: bool = False,
-           tma: bool = False, fma: bool = False, ws: bool = False) -> None:
+           tma: bool = False) -> None:
     """The kernel (and the merge of its slices) as planned, over tables.shape[0] pieces; bufs:
     split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's); tma: a
     program whose unmasked key tiles each lie on adjacent pages (consecutive block ids; fresh
     blocks are handed out ascending, so the pages of one prefill chunk are) reads them as TMA boxes,
-    any other program by pointer as without it; only where tma_usable; fma, ws: variants of the
-    TMA loop a benchmark compares (_tile_tma's FMA; Triton's warp specialisation). Reads the
+    any other program by pointer as without it; only where tma_usable. Reads the
     pieces from device tensors only, so a fixed plan and fixed buffers can be captured in a CUDA
     graph (engine.prefill_graphs)."""
     S, G = p.splits, q.shape[1] // k_cache.shape[2]
@@ -340,7 +329,7 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                           mid_l.stride(0), mid_l.stride(1), k_cache.shape[0] * k_cache.shape[1],
                           GROUP=G, PAGE=k_cache.shape[1], HEAD_DIM=q.shape[2], SPLIT=S > 1,
                           BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
-                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, ACC_DOT=acc_dot, TMA=tma, FMA=fma, WS=ws, num_warps=p.warps,
+                          PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, ACC_DOT=acc_dot, TMA=tma, num_warps=p.warps,
                           num_stages=p.stages)
     if S > 1:
         # rows of T outside every piece (decodes) merge to zero; the decode pass writes them after
@@ -369,8 +358,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_lens: torch.Tensor, max_q: int, scale: float, max_k: int = 0,
                       scratch: dict | None = None, unmasked: bool = True,
                       tiles: tuple[int, int, int, int] | None = None, splits: int | None = None,
-                      acc_dot: bool = False, tma: bool | None = None, fma: bool = False,
-                      ws: bool = False) -> None:
+                      acc_dot: bool = False, tma: bool | None = None) -> None:
     """q/out [T, Hq, D]; caches [N, P, Hkv, D]; tables [B, max_blocks] int; q_starts, q_lens [B]
     int32 (piece b owns rows q_starts[b] + [0, q_lens[b])); k_lens [B] int32 (cached + new keys).
     Writes the pieces' rows of out. max_q bounds q_lens; max_k (0: unknown) bounds k_lens and
@@ -379,8 +367,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     unmasked=False runs every key tile through the masks (the kernel before the unmasked loop: a
     benchmark's baseline); tiles (BLOCK_M, BLOCK_N, warps, stages) overrides the choice in `plan`;
     splits (with max_k) sets the number of key slices (a benchmark's sweep); acc_dot: the ACC_DOT
-    variant of _tile (a benchmark's); tma: launch's, None where tma_usable (the engine's); fma, ws:
-    launch's (a benchmark's). Two
+    variant of _tile (a benchmark's); tma: launch's, None where tma_usable (the engine's). Two
     variants measured and
     left out (runs AY/AZ, commit 9d92cfb): key tiles loaded as [N, D] rows (within 1-3%), and the
     slices merged by each query tile's last program instead of a second launch (~20 us less host
@@ -405,4 +392,4 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if tma is None:
         tma = tma_usable(q, k_cache, v_cache, p.block_d)
     launch(p, q, k_cache, v_cache, out, tables, q_starts, q_lens, k_lens, max_q, scale, bufs, unmasked, acc_dot,
-           tma, fma, ws)
+           tma)
