@@ -312,11 +312,16 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's); tma: a
     program whose unmasked key tiles each lie on adjacent pages (consecutive block ids; fresh
     blocks are handed out ascending, so the pages of one prefill chunk are) reads them as TMA boxes,
-    any other program by pointer as without it; only where tma_usable. Reads the
+    any other program by pointer as without it; only where tma_usable, and with a page size that
+    divides the key tile or that it divides (any other: the pointer loop). Reads the
     pieces from device tensors only, so a fixed plan and fixed buffers can be captured in a CUDA
     graph (engine.prefill_graphs)."""
     S, G = p.splits, q.shape[1] // k_cache.shape[2]
     mid_o, mid_l, all_rows = bufs if S > 1 else (out, out, None)  # unused without slices
+    P = k_cache.shape[1]
+    # the kernel's adjacency check groups a tile's pages from the tile's first key: a tile must
+    # start on a page (whole pages a tile) or lie inside one (whole tiles a page)
+    tma = tma and (p.block_n % P == 0 or P % p.block_n == 0)
     if tma:
         from ..moe_kernels import tma_allocator
         tma_allocator()
@@ -327,7 +332,7 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
                           mid_o.stride(0), mid_o.stride(1), mid_o.stride(2) if S > 1 else 0,
                           mid_l.stride(0), mid_l.stride(1), k_cache.shape[0] * k_cache.shape[1],
-                          GROUP=G, PAGE=k_cache.shape[1], HEAD_DIM=q.shape[2], SPLIT=S > 1,
+                          GROUP=G, PAGE=P, HEAD_DIM=q.shape[2], SPLIT=S > 1,
                           BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
                           PRECISION=dot_precision(q.dtype), UNMASKED=unmasked, ACC_DOT=acc_dot, TMA=tma, num_warps=p.warps,
                           num_stages=p.stages)

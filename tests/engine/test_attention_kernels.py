@@ -429,6 +429,7 @@ check_split_scratch("cpu")
 check_fixed_plan("cpu")
 check_unmasked_loop("cpu")
 check_tma("cpu")
+check_tma("cpu", P=12)  # key tiles of 32 that do not start on a page: the pointer loop throughout
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
