@@ -170,20 +170,15 @@ class DevicePool:
         return torch.index_select(self.kv.permute(2, 0, 1, 3, 4, 5), 0, self.index(blocks))
 
     def index(self, blocks: Sequence[int]) -> torch.Tensor:
-        """blocks as a long tensor on the pool's device (gather, scatter; scatter_layer calls share
-        one). On CUDA through pinned memory, non-blocking:
+        """blocks as a long tensor on the pool's device (gather, scatter; a layered load's
+        scatter_layers calls share one). On CUDA through pinned memory, non-blocking:
         a copy from pageable memory first waits for everything queued on the stream, which stalled
         the engine's thread at every offer (5.7% of its time in a saturating H200 run); and through
         a buffer the calling thread reuses (kvc.pinned), not one pinned per call."""
         return pinned.upload_ids(blocks, self.device)
 
-    def scatter_layer(self, layer: int, index: torch.Tensor, rows: torch.Tensor) -> None:
-        """Write one layer of pages, rows [n, parts, page_size, heads, head_dim] on the pool's device,
-        into the blocks of `index` (from `index`, n entries)."""
-        self.scatter_layers(layer, layer + 1, index, rows.unsqueeze(0))
-
     def scatter_layers(self, lo: int, hi: int, index: torch.Tensor, rows: torch.Tensor) -> None:
-        """scatter_layer for layers lo..hi-1 in one launch: rows [hi - lo, n, parts, page_size,
+        """Write layers lo..hi-1 of pages into the blocks of `index` in one launch: rows [hi - lo, n, parts, page_size,
         heads, head_dim] (layer-major, as a layered load lands them)."""
         L, parts, P, H, D = self.spec.shape
         assert 0 <= lo < hi <= L and tuple(rows.shape) == (hi - lo, len(index), parts, P, H, D), \

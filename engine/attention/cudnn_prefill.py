@@ -191,19 +191,16 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
 # suffix's own keys (a plain causal call) by their log-sum-exps.
 
 def rows_split_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, prefix: int,
-                      splits: int, scale: float, qrows: torch.Tensor | None = None):
+                      splits: int, scale: float):
     """q [T, Hq, D] over the `prefix` keys at pool rows start.. (adjacent pages of k/v_cache
     [N, P, Hkv, D]; prefix a multiple of splits) -> (out [splits, Hkv, T*G, D], lse [splits, Hkv,
-    T*G(, 1)]) in the op's base, row t*G + g being query t's head kv*G + g. qrows: a buffer for the
-    packed queries [splits, Hkv, T*G, D] (made here when None)."""
+    T*G(, 1)]) in the op's base, row t*G + g being query t's head kv*G + g."""
     N, P, Hkv, D = k_cache.shape
     T, Hq = q.shape[0], q.shape[1]
     G = Hq // Hkv
     kps = prefix // splits
     packed = q.view(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(1, Hkv, T * G, D)
-    if qrows is None:
-        qrows = torch.empty(splits, Hkv, T * G, D, dtype=q.dtype, device=q.device)
-    qrows.copy_(packed.expand(splits, Hkv, T * G, D))
+    qrows = packed.expand(splits, Hkv, T * G, D).contiguous()
 
     def keys(cache):
         return cache.view(N * P, Hkv, D)[start:start + prefix].view(splits, kps, Hkv, D).permute(0, 2, 1, 3)

@@ -79,8 +79,8 @@ def test_gather_scatter_roundtrip():
 
 
 def test_layer_scatters_equal_the_whole_page_scatter():
-    """A layered load's writes: scatter_layer one layer at a time, or scatter_layers a range of
-    layers in one launch, from layer-major rows, leave the pool as the whole-page scatter does."""
+    """A layered load's writes: scatter_layers one layer at a time or a range of layers in one
+    launch, from layer-major rows, leave the pool as the whole-page scatter does."""
     spec = PageSpec(5, 2, 4, 2, "float32")
     pages = torch.randn(3, *spec.shape)
     want = DevicePool(spec, 6)
@@ -90,10 +90,7 @@ def test_layer_scatters_equal_the_whole_page_scatter():
         pool = DevicePool(spec, 6)
         index = pool.index([4, 0, 2])
         for lo, hi in groups:
-            if hi - lo == 1:
-                pool.scatter_layer(lo, index, lm[lo])
-            else:
-                pool.scatter_layers(lo, hi, index, lm[lo:hi])
+            pool.scatter_layers(lo, hi, index, lm[lo:hi])
         assert torch.equal(pool.kv, want.kv), groups
 
 
