@@ -38,8 +38,9 @@ def kernel_table(fn, label: str, top: int) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
+        with torch.profiler.record_function("profiled_call"):
+            fn()
+            torch.cuda.synchronize()
         wall = time.perf_counter() - t
     path = tempfile.mktemp(suffix=".json")
     prof.export_chrome_trace(path)
@@ -55,6 +56,8 @@ def kernel_table(fn, label: str, top: int) -> None:
         busy += e - max(s, end)
         end = e
     first, last = (spans[0][0], max(e for _, e in spans)) if spans else (0, 0)
+    call = [e for e in events if e.get("name") == "profiled_call" and "dur" in e and e.get("cat") != "gpu_user_annotation"]
+    t0 = min((e["ts"] for e in call), default=first)
     by = collections.defaultdict(lambda: [0.0, 0])
     for e in kern:
         k = by[short(e["name"])]
@@ -63,10 +66,25 @@ def kernel_table(fn, label: str, top: int) -> None:
     total = sum(v[0] for v in by.values())
     print(f"\n## {label}: wall {wall * 1e3:.1f} ms (profiled), GPU span {(last - first) / 1e3:.1f} ms, "
           f"busy {busy / 1e3:.1f} ms ({busy / max(last - first, 1) * 100:.0f}% of the span), "
-          f"{len(kern)} kernels")
+          f"{len(kern)} kernels; first kernel at +{(first - t0) / 1e3:.2f} ms from the call's start, "
+          f"last kernel ends at +{(last - t0) / 1e3:.2f} ms")
     print("| kernel | ms | share | count |\n|---|---|---|---|")
     for name, (dur, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"| {name} | {dur / 1e3:.2f} | {dur / max(total, 1) * 100:.1f}% | {n} |")
+    # The GPU's idle stretches inside the span, longest first, with the kernels on either side: the
+    # host work a step waits for shows here.
+    ordered = sorted(kern, key=lambda e: e["ts"])
+    gaps, end, prev = [], -1.0, None
+    for e in ordered:
+        if prev is not None and e["ts"] > end:
+            gaps.append((e["ts"] - end, end, short(prev["name"]), short(e["name"])))
+        if e["ts"] + e["dur"] > end:
+            end, prev = e["ts"] + e["dur"], e
+    gaps.sort(reverse=True)
+    if gaps:
+        print(f"idle inside the span: {sum(g[0] for g in gaps) / 1e3:.2f} ms in {len(gaps)} gaps; longest:")
+        for g, at, before, after in gaps[:6]:
+            print(f"  {g / 1e3:.3f} ms at +{(at - t0) / 1e3:.2f} ms: after {before} -> before {after}")
 
 
 def main():
