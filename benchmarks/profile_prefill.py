@@ -87,6 +87,34 @@ def kernel_table(fn, label: str, top: int) -> None:
             print(f"  {g / 1e3:.3f} ms at +{(at - t0) / 1e3:.2f} ms: after {before} -> before {after}")
 
 
+def experts_table(cases: dict, ours) -> None:
+    """Distinct experts each MoE layer routes a run's tokens to (eager, the router's choices read
+    back): the MoE kernel streams each chosen expert's weights once, so two runs of as many tokens
+    differ in MoE time by how many experts they touch, whatever the cache did."""
+    from engine import moe_kernels
+    real = moe_kernels.fused_route
+    seen: list[int] = []
+
+    def counting(logits, top_k, renormalize):
+        ids, w = real(logits, top_k, renormalize)
+        seen.append(int(ids.unique().numel()))
+        return ids, w
+    saved = ours.eng.runner.prefill_graphs
+    ours.mode(prefill_graphs=False)
+    moe_kernels.fused_route = counting
+    try:
+        print("\n| run (eager, router choices read back) | MoE layers | distinct experts a layer, mean | min | max |")
+        print("|---|---|---|---|---|")
+        for label, fn in cases.items():
+            seen.clear()
+            fn()
+            if seen:
+                print(f"| {label} | {len(seen)} | {sum(seen) / len(seen):.1f} | {min(seen)} | {max(seen)} |")
+    finally:
+        moe_kernels.fused_route = real
+        ours.eng.runner.prefill_graphs = saved
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", default=None)
@@ -124,6 +152,11 @@ def main():
             else:
                 kernel_table(hit, f"kvc device hit, {L} cached + {a.hit_new} new", a.top)
                 kernel_table(alone, f"kvc {a.hit_new} new tokens alone", a.top)
+                # fresh tokens: the runs above left theirs in the pool
+                suffix, other = prompts(2, a.hit_new, ours.vocab, 2000)
+                experts_table({"device hit": lambda p=base + suffix: ours._run([p], 1),
+                               "other tokens alone": lambda p=other: ours._run([p], 1),
+                               "the same new tokens alone": lambda p=suffix: ours._run([p], 1)}, ours)
         ours.eng.prefix_cache.reset_device_cache()
     for L in a.prompt_len if "prefill" in cases else []:
         for chunk, label in ((a.chunk, f"kvc {L} tokens, chunk {a.chunk}"), (L, f"kvc {L} tokens, one chunk")):
