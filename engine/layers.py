@@ -9,6 +9,7 @@ SDPA call; prefill pieces run one SDPA each with a causal mask offset by the cac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,7 @@ class Piece:
     q_len: int
     k_len: int
     block_table: torch.Tensor  # [num_blocks] long, device
+    host_table: Sequence[int] | None = None  # the same block ids on the host (None: not known)
 
 
 @dataclass

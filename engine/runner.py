@@ -169,7 +169,7 @@ class ModelRunner:
         meta = AttnMetadata(pos_d, slots_d, [], None, None, None)
         if pre_tables:
             ptab = ptab_d.view(len(pre_tables), pre_w)  # [Np, width] long
-            meta.prefills = [Piece(r, q, k, ptab[i, :(k + P - 1) // P])
+            meta.prefills = [Piece(r, q, k, ptab[i, :(k + P - 1) // P], pre_tables[i])
                              for i, (r, q, k) in enumerate(zip(pre_starts, pre_qlens, pre_lens))]
             meta.prefill_tables = ptab.to(torch.int32)
             meta.prefill_q_starts, meta.prefill_q_lens = starts_d.to(torch.int32), qlens_d.to(torch.int32)

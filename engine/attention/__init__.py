@@ -51,6 +51,20 @@ def key_slots(block_table: torch.Tensor, n: int, P: int) -> torch.Tensor:
     return (block_table[:(n + P - 1) // P, None] * P + ar).reshape(-1)[:n]
 
 
+def adjacent_rows(table, n: int, P: int) -> int:
+    """The pool row (block * P) where a piece's first n keys start when their pages are adjacent in
+    the pool (consecutive block ids: a prompt's chunks take fresh blocks in order), so that those
+    keys are one slice of the pool seen as [N * P, heads, D]; -1 when they are not, or when the
+    host's copy of the table is not known (table None)."""
+    nb = -(-n // P)
+    if table is None or nb <= 0 or len(table) < nb:
+        return -1
+    b0 = table[0]
+    if table[nb - 1] - b0 != nb - 1 or list(table[:nb]) != list(range(b0, b0 + nb)):
+        return -1
+    return b0 * P
+
+
 def prefill_inputs(meta, P: int, device: torch.device):
     """(tables [B, W], q_starts [B], q_lens [B], k_lens [B] (int32), max_q, max_k) of the prefill
     pieces.

@@ -6,7 +6,9 @@ GQA natively, but its causal mask is top-left aligned, which is wrong for a chun
 prefix. So each piece runs as two calls whose results are merged by their log-sum-exp (one Triton
 launch, `merge_two`):
 - the piece's own keys (the fresh K/V, Q == K): causal;
-- the cached prefix (pages gathered out of the pool, one index_select per K and V): no mask.
+- the cached prefix: no mask; a slice of the pool where its pages are adjacent (consecutive block
+  ids, as a prompt's chunks take fresh blocks: `adjacent_rows`), else gathered out of the pool (one
+  index_select per K and V).
 Pieces run one after another; steps with many short pieces stay on flash_prefill or the Triton kernel
 (see engine.attention.prefill_backend).
 
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import key_slots, sdpa_op_usable
+from . import adjacent_rows, key_slots, sdpa_op_usable
 
 log = logging.getLogger(__name__)
 CUDNN_MAX_PIECES = 8  # more pieces than this: one varlen launch beats a pair of calls per piece
@@ -164,11 +166,18 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
             o, lse = _attend4(q4, k4, v4, True, scale)  # own keys; [1, Hq, Qp, D], pad rows dropped below
             off = p.k_len - Q
             if off > 0:  # the cached prefix: every query sees all of it
-                slots = p.__dict__.get("prefix_slots")  # the same for every layer: made once a step
-                if slots is None:
-                    slots = p.prefix_slots = key_slots(p.block_table, off, P)  # [off]
-                kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)  # [off, Hkv, D]
-                vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
+                row = p.__dict__.get("prefix_row")  # the same for every layer: found once a step
+                if row is None:
+                    row = p.prefix_row = adjacent_rows(p.host_table, off, P)
+                if row >= 0:  # its pages adjacent in the pool: a view of it, nothing gathered
+                    kp = k_cache.view(N * P, Hkv, D)[row:row + off]  # [off, Hkv, D]
+                    vp = v_cache.view(N * P, Hkv, D)[row:row + off]
+                else:
+                    slots = p.__dict__.get("prefix_slots")
+                    if slots is None:
+                        slots = p.prefix_slots = key_slots(p.block_table, off, P)  # [off]
+                    kp = k_cache.view(N * P, Hkv, D).index_select(0, slots)
+                    vp = v_cache.view(N * P, Hkv, D).index_select(0, slots)
                 o2, lse2 = _attend4(q4, _heads_first(kp), _heads_first(vp), False, scale)
                 merge_two(o[0].transpose(0, 1)[:Q], lse.reshape(Hq, Qp)[:, :Q],
                           o2[0].transpose(0, 1)[:Q], lse2.reshape(Hq, Qp)[:, :Q], out_rows)

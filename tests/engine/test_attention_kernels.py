@@ -58,7 +58,7 @@ def make_step(pieces: list[tuple[int, int]], Hq: int, Hkv: int, D: int, P: int, 
         if n == 1:
             dec[0].append(row), dec[1].append(table), dec[2].append(c + 1)
         else:
-            prefills.append(Piece(row, n, c + n, torch.tensor(table, dtype=torch.long, device=device)))
+            prefills.append(Piece(row, n, c + n, torch.tensor(table, dtype=torch.long, device=device), table))
         row += n
     lt = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     meta = AttnMetadata(lt(positions), lt(slots), prefills, None, None, None)
@@ -326,6 +326,61 @@ def check_cudnn_hit(device, dtype=torch.float32, atol=1e-4, heads=(8, 2), D=16, 
         cudnn_prefill._attend4, cudnn_prefill._lse_to_e = saved
 
 
+def check_cudnn_prefix_views(device, dtype=torch.float32, atol=1e-4, heads=(4, 2), D=16, P=4, real_op=True):
+    """cudnn_prefill's cached prefix read as a slice of the pool where its pages are adjacent and
+    gathered where they are not: both equal the reference, and the prefix's keys handed to the op
+    are a view of the pool exactly where the host table's prefix pages are consecutive (a prefix
+    ending mid-page, one of whole pages, pages in runs of 3, scattered, one sequence per run).
+    real_op=False: _reference_cudnn_op stands in for cuDNN's."""
+    from engine.attention import cudnn_prefill
+    pieces = [(96, 5), (42, 7), (0, 9), (8, 3)]
+    saved = cudnn_prefill._attend4, cudnn_prefill._lse_to_e
+    if not real_op:
+        cudnn_prefill._attend4, cudnn_prefill._lse_to_e = _reference_cudnn_op, 1.0
+    op = cudnn_prefill._attend4
+    ways = set()
+    try:
+        for runs in (-1, 3, 0):
+            q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, runs=runs)
+            ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)  # stores the step's K/V
+            seen = []
+
+            def spy(q4, k4, v4, causal, scale):
+                if not causal:  # the prefix's call
+                    seen.append(k4.untyped_storage().data_ptr() == kc.untyped_storage().data_ptr())
+                return op(q4, k4, v4, causal, scale)
+            cudnn_prefill._attend4 = spy
+            out = torch.zeros_like(q)
+            assert cudnn_prefill.cudnn_prefill(q, k, v, kc, vc, out, meta.prefills, D ** -0.5), cudnn_prefill._broken
+            cudnn_prefill._attend4 = op
+            want = []
+            for p in meta.prefills:
+                off = p.k_len - p.q_len
+                if off:
+                    nb = -(-off // P)
+                    want.append(p.host_table[:nb] == list(range(p.host_table[0], p.host_table[0] + nb)))
+            assert seen == want, (runs, seen, want)
+            ways.update(seen)
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err <= atol, f"max abs error {err}: runs {runs}"
+    finally:
+        cudnn_prefill._attend4, cudnn_prefill._lse_to_e = saved
+    assert ways == {True, False}, ways  # both ways ran
+
+
+def test_adjacent_rows():
+    """engine.attention.adjacent_rows: the first n keys' pool row when their pages are consecutive
+    block ids, else -1 (a gap, a page out of order, a table too short or not known)."""
+    from engine.attention import adjacent_rows
+    assert adjacent_rows([5, 6, 7, 2], 12, 4) == 20  # three whole pages
+    assert adjacent_rows([5, 6, 7, 2], 10, 4) == 20  # the last one partly
+    assert adjacent_rows([5, 6, 7, 2], 13, 4) == -1  # a fourth page elsewhere
+    assert adjacent_rows([5, 7, 6], 12, 4) == -1  # same ends, out of order
+    assert adjacent_rows([5, 3, 7], 12, 4) == -1  # the right last id, a gap inside
+    assert adjacent_rows([9], 1, 16) == 144
+    assert adjacent_rows([5, 6], 12, 4) == -1 and adjacent_rows(None, 4, 4) == -1 and adjacent_rows([], 0, 4) == -1
+
+
 # (cached, new): cold prefill, prefix ending mid-page, one-token decodes of several lengths
 def check_cudnn_buckets(Hq, Hkv, dtype):
     """Under attn.prefill_kernel auto, a step mixing pieces whose cached prefix is a multiple of
@@ -418,11 +473,12 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         if prefill_backend(torch.empty(1, Hq, 128, dtype=dtype, device="cuda"), 1, "cudnn") == "cudnn":
             check_cudnn_hit("cuda", dtype, atol=2e-2, heads=(32, 4), D=128, P=16, prefix=8192, new=64,
                             splits=(1, 8))
+            check_cudnn_prefix_views("cuda", dtype, atol=2e-2, heads=(Hq, Hkv), D=128, P=page)
 
 
 INTERP = """
 import sys, torch
-from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_fixed_plan, check_merge_two, check_norm,
+from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_cudnn_prefix_views, check_fixed_plan, check_merge_two, check_norm,
                                                 check_tma,
                                                 check_one_wave, check_qk_norm_rope, check_split_scratch,
                                                 check_unmasked_loop, count_paths, engine_tokens)
@@ -440,6 +496,7 @@ check([(0, 1), (40, 1)], 4, 2, 16, 16, torch.float16, "cpu", atol=2e-2)
 check([(300, 5), (3, 1), (200, 1), (100, 20)], 4, 2, 16, 16, torch.float32, "cpu", atol=1e-4)
 check_merge_two("cpu")
 check_cudnn_hit("cpu", real_op=False)
+check_cudnn_prefix_views("cpu", real_op=False)
 check_qk_norm_rope("cpu")
 calls = count_paths()
 ref = engine_tokens(sys.argv[1], backend="reference")  # attn.backend is obeyed under the interpreter
