@@ -99,7 +99,8 @@ class Ours:
 
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
              prefill_graphs: bool | None = None, graph_attention: bool | None = None,
-             async_scheduling: bool | None = None, moe: str | None = None, attn_tma: bool | None = None):
+             async_scheduling: bool | None = None, moe: str | None = None, attn_tma: bool | None = None,
+             prefix_in_place: bool | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             self._prefill = prefill
         if moe is not None and moe != self._moe and self.prefill_graphs is not None:
@@ -123,6 +124,9 @@ class Ours:
             self.prefill_graphs.attn_sizes = self.attn_sizes if graph_attention else set()
         if attn_tma is not None and self.prefill_graphs is not None:  # the captured attention's TMA tiles
             self.prefill_graphs.attn_tma = self._tma if attn_tma else False
+        if prefix_in_place is not None and str(self.device).startswith("cuda"):  # the cuDNN path's cached prefix:
+            from engine.attention import cudnn_prefill  # a slice of the pool on adjacent pages, or gathered
+            cudnn_prefill.PREFIX_IN_PLACE = prefix_in_place
 
     def _run(self, ps, max_tokens, after_first=False, first_token=False):
         """(tokens produced, seconds, prompt tokens reused): the time of the whole run, or from the
@@ -263,14 +267,18 @@ def main():
               f"{time.perf_counter() - t_start:.1f}s since start\n", flush=True)
 
         print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
+              f"kvc, chunk {a.chunk}, cached prefix gathered (ms) | "
               f"kvc, chunk {a.chunk}, MoE without TMA (ms) | kvc, one chunk, MoE without TMA (ms) | "
               f"chunked / one, MoE without TMA | "
               f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
               "transformers (ms) | transformers / kvc chunked |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
             ours.mode(chunk=a.chunk)
             chunked = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(prefix_in_place=False)  # each chunk's cached prefix gathered per layer, side by side
+            gathered = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
+            ours.mode(prefix_in_place=True)
             ours.mode(prefill_graphs=False)  # prefill CUDA graphs off: the eager steps, side by side
             eager = timed(ours.prefill(L, L), a.device, a.repeat) if ours.prefill_graphs is not None else None
             ours.mode(prefill_graphs=True)
@@ -288,7 +296,8 @@ def main():
             hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
             tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
             eag = f"{eager * 1e3:,.1f}" if eager else "-"
-            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {chunked_ptr * 1e3:,.1f} | "
+            gat = f"{gathered * 1e3:,.1f}" if gathered else "-"
+            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {gat} | {chunked_ptr * 1e3:,.1f} | "
                   f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {hf_cols} |", flush=True)
             if ours.prefill_graphs is not None and ours.prefill_graphs.disabled is not None:
                 print(f"# WARNING: the prefill CUDA graphs were turned off during this row ({ours.prefill_graphs.disabled}):"

@@ -39,6 +39,8 @@ CUDNN_MAX_PIECES = 8  # more pieces than this: one varlen launch beats a pair of
 CUDNN_ALIGN = 512  # query lengths are padded to, and (under auto) prefixes must be, a multiple of this
 _broken: str | None = None  # set when the op failed once; the other kernels take over
 _lse_to_e: float | None = None  # factor that turns the op's log-sum-exp into natural log
+PREFIX_IN_PLACE = True  # a prefix on adjacent pages read as a slice of the pool (benchmarks set False
+                        # to time the gather side by side)
 
 
 def cudnn_usable(q: torch.Tensor) -> bool:
@@ -168,7 +170,7 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
             if off > 0:  # the cached prefix: every query sees all of it
                 row = p.__dict__.get("prefix_row")  # the same for every layer: found once a step
                 if row is None:
-                    row = p.prefix_row = adjacent_rows(p.host_table, off, P)
+                    row = p.prefix_row = adjacent_rows(p.host_table, off, P) if PREFIX_IN_PLACE else -1
                 if row >= 0:  # its pages adjacent in the pool: a view of it, nothing gathered
                     kp = k_cache.view(N * P, Hkv, D)[row:row + off]  # [off, Hkv, D]
                     vp = v_cache.view(N * P, Hkv, D)[row:row + off]
