@@ -1,7 +1,11 @@
 """The device tier: a block pool (ids, ref counts, hash map, LRU free queue) and the KV tensors.
 
 BlockPool knows nothing of tensors, requests or tiers. Eviction policy is the order of the free
-queue: blocks are freed tail-first, so the deepest page of a chain is evicted before its parent.
+queue: blocks are freed tail-first, so the deepest page of a chain is evicted before its parent;
+a freed block that holds no page (a partial last page, a decode's, one forgotten by reset_cache)
+goes to the front, so it is handed out before any cached page is evicted, and blocks so freed come
+back in sequence order (a prompt's pages then lie on consecutive block ids where they can, which
+the attention kernels read as one slice or as TMA boxes).
 DevicePool holds the per-layer K and V tensors and moves whole pages in and out with one
 batched gather or scatter per direction.
 """
@@ -93,10 +97,12 @@ class BlockPool:
     def free(self, blocks: Sequence[int]) -> None:
         """Drop a reference on a request's blocks, given in sequence order.
 
-        Blocks reaching ref 0 join the free queue tail-first, so a later allocation evicts the end
-        of the sequence before its prefix.
+        Cached blocks reaching ref 0 join the free queue's end tail-first, so a later allocation
+        evicts the end of the sequence before its prefix. Those that hold no page go to its front
+        (in sequence order): they are handed out before any cached page is evicted.
         """
-        rc, free_queue = self.ref_count, self.free_queue  # locals: a 32K-token prompt frees 2,048
+        rc, free_queue, cached = self.ref_count, self.free_queue, self._cached  # (a 32K-token prompt
+        front = free_queue.move_to_end                                          # frees 2,048)
         for b in reversed(blocks):
             c = rc[b] - 1
             if c < 0:
@@ -104,6 +110,8 @@ class BlockPool:
             rc[b] = c
             if not c:
                 free_queue[b] = None
+                if b not in cached:
+                    front(b, last=False)
 
     def cache_blocks(self, blocks: Sequence[int], hashes: Sequence[bytes], parents: Sequence[bytes],
                      tokens: Sequence[bytes]) -> int:
@@ -135,10 +143,14 @@ class BlockPool:
             del self.hash_to_block[c[HASH]]
 
     def reset_cache(self) -> int:
-        """Forget every cached hash of unreferenced blocks; returns how many were dropped."""
+        """Forget every cached hash of unreferenced blocks; returns how many were dropped. They now
+        hold nothing: to the free queue's front, in ascending block order."""
         dropped = [b for b in self._cached if self.ref_count[b] == 0]  # O(cached), not O(pool)
         for b in dropped:
             self._uncache(b)
+        front = self.free_queue.move_to_end
+        for b in sorted(dropped, reverse=True):
+            front(b, last=False)
         return len(dropped)
 
 

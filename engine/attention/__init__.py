@@ -52,17 +52,21 @@ def key_slots(block_table: torch.Tensor, n: int, P: int) -> torch.Tensor:
 
 
 def adjacent_rows(table, n: int, P: int) -> int:
-    """The pool row (block * P) where a piece's first n keys start when their pages are adjacent in
-    the pool (consecutive block ids: a prompt's chunks take fresh blocks in order), so that those
-    keys are one slice of the pool seen as [N * P, heads, D]; -1 when they are not, or when the
-    host's copy of the table is not known (table None)."""
+    """The pool row (block * P) from which a piece's first n keys are rows row..row+n-1 of the pool
+    seen as [N * P, heads, D], in some order of their pages, or -1. For keys every query sees whole
+    (a cached prefix in an unmasked call) the order does not matter, so it suffices that the pages
+    are a run of consecutive block ids in any order (a prompt's chunks take fresh blocks in order;
+    blocks freed tail-first come back in descending order) with a partial last page, if any, at the
+    run's highest id (the rows past its n % P are not the prefix's). -1 also when the host's copy of
+    the table is not known (table None)."""
     nb = -(-n // P)
     if table is None or nb <= 0 or len(table) < nb:
         return -1
-    b0 = table[0]
-    if table[nb - 1] - b0 != nb - 1 or list(table[:nb]) != list(range(b0, b0 + nb)):
+    pages = table[:nb]
+    lo, hi = min(pages), max(pages)
+    if hi - lo != nb - 1 or (n % P and pages[-1] != hi) or len(set(pages)) != nb:
         return -1
-    return b0 * P
+    return lo * P
 
 
 def prefill_inputs(meta, P: int, device: torch.device):

@@ -6,8 +6,9 @@ GQA natively, but its causal mask is top-left aligned, which is wrong for a chun
 prefix. So each piece runs as two calls whose results are merged by their log-sum-exp (one Triton
 launch, `merge_two`):
 - the piece's own keys (the fresh K/V, Q == K): causal;
-- the cached prefix: no mask; a slice of the pool where its pages are adjacent (consecutive block
-  ids, as a prompt's chunks take fresh blocks: `adjacent_rows`), else gathered out of the pool (one
+- the cached prefix: no mask, so the keys' order does not matter; a slice of the pool where its
+  pages are one run of consecutive block ids in any order (`adjacent_rows`: a prompt's chunks take
+  fresh blocks in order, freed blocks come back in reverse), else gathered out of the pool (one
   index_select per K and V).
 Pieces run one after another; steps with many short pieces stay on flash_prefill or the Triton kernel
 (see engine.attention.prefill_backend).
@@ -171,7 +172,7 @@ def cudnn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
                 row = p.__dict__.get("prefix_row")  # the same for every layer: found once a step
                 if row is None:
                     row = p.prefix_row = adjacent_rows(p.host_table, off, P) if PREFIX_IN_PLACE else -1
-                if row >= 0:  # its pages adjacent in the pool: a view of it, nothing gathered
+                if row >= 0:  # its pages one run of the pool in some order: a view of it, nothing gathered
                     kp = k_cache.view(N * P, Hkv, D)[row:row + off]  # [off, Hkv, D]
                     vp = v_cache.view(N * P, Hkv, D)[row:row + off]
                 else:

@@ -326,22 +326,39 @@ def check_cudnn_hit(device, dtype=torch.float32, atol=1e-4, heads=(8, 2), D=16, 
         cudnn_prefill._attend4, cudnn_prefill._lse_to_e = saved
 
 
+def _reverse_prefix_pages(P, kc, vc, meta):
+    """Each piece's whole cached pages in the reverse order of their blocks, the pool's pages moved
+    to match (the same keys at the same positions): as blocks freed tail-first come back."""
+    kc2, vc2 = kc.clone(), vc.clone()
+    for p in meta.prefills:
+        full = (p.k_len - p.q_len) // P
+        old = list(p.host_table)
+        new = old[:full][::-1] + old[full:]
+        for a, b in zip(new, old):
+            kc2[a], vc2[a] = kc[b], vc[b]
+        p.host_table = new
+        p.block_table = torch.tensor(new, dtype=torch.long, device=kc.device)
+    return kc2, vc2
+
+
 def check_cudnn_prefix_views(device, dtype=torch.float32, atol=1e-4, heads=(4, 2), D=16, P=4, real_op=True):
-    """cudnn_prefill's cached prefix read as a slice of the pool where its pages are adjacent and
-    gathered where they are not: both equal the reference, and the prefix's keys handed to the op
-    are a view of the pool exactly where the host table's prefix pages are consecutive (a prefix
-    ending mid-page, one of whole pages, pages in runs of 3, scattered, one sequence per run).
-    real_op=False: _reference_cudnn_op stands in for cuDNN's."""
+    """cudnn_prefill's cached prefix read as a slice of the pool where its pages are one run of
+    block ids (in order, or reversed as freed blocks come back) and gathered where they are not:
+    each equals the reference, and the prefix's keys handed to the op are a view of the pool
+    exactly for the layouts whose prefix pages are such a run (prefixes ending mid-page and on a
+    page; pages in runs of 3, scattered). real_op=False: _reference_cudnn_op stands in for cuDNN's."""
     from engine.attention import cudnn_prefill
     pieces = [(96, 5), (42, 7), (0, 9), (8, 3)]
     saved = cudnn_prefill._attend4, cudnn_prefill._lse_to_e
     if not real_op:
         cudnn_prefill._attend4, cudnn_prefill._lse_to_e = _reference_cudnn_op, 1.0
     op = cudnn_prefill._attend4
-    ways = set()
     try:
-        for runs in (-1, 3, 0):
+        for layout in ("in order", "reversed", "runs of 3", "scattered"):
+            runs = {"runs of 3": 3, "scattered": 0}.get(layout, -1)
             q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, runs=runs)
+            if layout == "reversed":
+                kc, vc = _reverse_prefix_pages(P, kc, vc, meta)
             ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)  # stores the step's K/V
             seen = []
 
@@ -353,30 +370,30 @@ def check_cudnn_prefix_views(device, dtype=torch.float32, atol=1e-4, heads=(4, 2
             out = torch.zeros_like(q)
             assert cudnn_prefill.cudnn_prefill(q, k, v, kc, vc, out, meta.prefills, D ** -0.5), cudnn_prefill._broken
             cudnn_prefill._attend4 = op
-            want = []
-            for p in meta.prefills:
-                off = p.k_len - p.q_len
-                if off:
-                    nb = -(-off // P)
-                    want.append(p.host_table[:nb] == list(range(p.host_table[0], p.host_table[0] + nb)))
-            assert seen == want, (runs, seen, want)
-            ways.update(seen)
+            if layout in ("in order", "reversed"):
+                assert seen == [True, True, True], (layout, seen)
+            elif layout == "scattered":
+                assert seen == [False, False, False], (layout, seen)
+            else:  # runs of 3 placed apart: only the 2-page prefix lies in one run
+                assert seen == [False, False, True], (layout, seen)
             err = (out.float() - ref.float()).abs().max().item()
-            assert err <= atol, f"max abs error {err}: runs {runs}"
+            assert err <= atol, f"max abs error {err}: {layout}"
     finally:
         cudnn_prefill._attend4, cudnn_prefill._lse_to_e = saved
-    assert ways == {True, False}, ways  # both ways ran
 
 
 def test_adjacent_rows():
-    """engine.attention.adjacent_rows: the first n keys' pool row when their pages are consecutive
-    block ids, else -1 (a gap, a page out of order, a table too short or not known)."""
+    """engine.attention.adjacent_rows: the first n keys' first pool row when their pages are one run
+    of block ids in any order, with a partial last page at the run's end; else -1 (a gap, a
+    duplicate, a partial page inside the run, a table too short or not known)."""
     from engine.attention import adjacent_rows
     assert adjacent_rows([5, 6, 7, 2], 12, 4) == 20  # three whole pages
     assert adjacent_rows([5, 6, 7, 2], 10, 4) == 20  # the last one partly
+    assert adjacent_rows([7, 6, 5], 12, 4) == 20 and adjacent_rows([6, 5, 7], 12, 4) == 20  # any order
+    assert adjacent_rows([6, 5, 7], 10, 4) == 20  # a partial page at the run's highest id
+    assert adjacent_rows([7, 6, 5], 10, 4) == -1  # a partial page inside the run: its rest is not the prefix's
     assert adjacent_rows([5, 6, 7, 2], 13, 4) == -1  # a fourth page elsewhere
-    assert adjacent_rows([5, 7, 6], 12, 4) == -1  # same ends, out of order
-    assert adjacent_rows([5, 3, 7], 12, 4) == -1  # the right last id, a gap inside
+    assert adjacent_rows([5, 3, 7], 12, 4) == -1 and adjacent_rows([5, 5, 7], 12, 4) == -1
     assert adjacent_rows([9], 1, 16) == 144
     assert adjacent_rows([5, 6], 12, 4) == -1 and adjacent_rows(None, 4, 4) == -1 and adjacent_rows([], 0, 4) == -1
 

@@ -22,6 +22,32 @@ def test_allocate_free_order_and_refcounts():
     assert bytes([2]) * 16 not in pool.hash_to_block and bytes([1]) * 16 in pool.hash_to_block
 
 
+def test_blocks_that_hold_no_page_are_handed_out_before_a_cached_page_is_evicted():
+    """A freed block without a page (a partial last page, a decode's) and the blocks reset_cache
+    forgets go to the free queue's front: the next allocation takes them, in sequence / ascending
+    order, and every cached page stays matchable. (Before: they joined the end and the allocation
+    evicted cached pages first.)"""
+    pool = BlockPool(8)
+    a = pool.allocate(4)  # [0, 1, 2, 3]: pages 0-2 full and cached, 3 partial
+    for i, b in enumerate(a[:3]):
+        cache_one(pool, b, bytes([i]) * 16, bytes(16), b"t%d" % i)
+    pool.free(a)
+    assert list(pool.free_queue) == [3, 4, 5, 6, 7, 2, 1, 0]
+    b = pool.allocate(4)  # another prompt: blank blocks only
+    assert b == [3, 4, 5, 6] and all(bytes([i]) * 16 in pool.hash_to_block for i in range(3))
+    pool.free(b)  # none cached: back to the front in sequence order
+    assert list(pool.free_queue)[:5] == [3, 4, 5, 6, 7]
+    assert pool.allocate(8) is not None  # a full pool: now the cached pages go, tail first
+    pool2 = BlockPool(6)
+    c = pool2.allocate(6)
+    for i, blk in enumerate(c):
+        cache_one(pool2, blk, bytes([i]) * 16, bytes(16), b"t%d" % i)
+    pool2.free(c[:3]), pool2.free(c[3:])
+    assert list(pool2.free_queue) == [2, 1, 0, 5, 4, 3]
+    assert pool2.reset_cache() == 6 and list(pool2.free_queue) == [0, 1, 2, 3, 4, 5]
+    assert pool2.allocate(6) == [0, 1, 2, 3, 4, 5]  # consecutive again
+
+
 def test_shortage_is_none_and_changes_nothing():
     pool = BlockPool(2)
     pool.allocate(1)
