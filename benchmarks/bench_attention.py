@@ -8,7 +8,7 @@ table, and prints a table: the Triton kernel with pointer loads (split-K and the
 shuffled table, with every key tile through the masks (the kernel before its unmasked loop), with
 P.V accumulated inside the dot (acc_dot), and over pages in table order (what the gather costs);
 the engine's kernel (key tiles whose pages are adjacent read as TMA boxes) over scattered pages
-(the adjacency check's cost), pages in table order and pages in runs of one prefill chunk's
+(the adjacency check's cost), pages in table order, in reverse table order and pages in runs of one prefill chunk's
 blocks; cuDNN over (query, head) rows with the prefix cut into slices that run as the op's batch
 (pages adjacent: cudnn_prefill.cudnn_hit); without --no-sweep, slice counts and tile overrides; and
 the cuDNN pair (prefix gathered, queries padded to 512) where it runs. Every variant is checked
@@ -220,6 +220,11 @@ def main() -> None:
             xr["kc"] = x["kc"].new_zeros(pool).index_copy_(0, xr["table"].long(), xs["kc"][:nb])
             xr["vc"] = x["vc"].new_zeros(pool).index_copy_(0, xr["table"].long(), xs["vc"][:nb])
             xr["tables"] = xr["table"][None]
+            # pages in reverse table order (block i at pool slot nb-1-i): a sequence freed tail-first
+            # and handed out again
+            xv = dict(x, kc=xs["kc"].flip(0).contiguous(), vc=xs["vc"].flip(0).contiguous())
+            xv["table"] = torch.arange(nb - 1, -1, -1, dtype=torch.int32, device=device)
+            xv["tables"] = xv["table"][None]
             variants = [("Triton, pointer loads (the engine's kernel before TMA)",
                          lambda o, s: run_triton(x, o, scale, scratch=s, tma=False)),
                         ("Triton, every tile masked, pointer loads",
@@ -233,7 +238,11 @@ def main() -> None:
                         ("Triton, the engine's (TMA where adjacent), pages in table order",
                          lambda o, s: run_triton(xs, o, scale, scratch=s)),
                         (f"Triton, the engine's (TMA where adjacent), pages in runs of {RUN} blocks, runs shuffled",
-                         lambda o, s: run_triton(xr, o, scale, scratch=s))]
+                         lambda o, s: run_triton(xr, o, scale, scratch=s)),
+                        ("Triton, the engine's (TMA where adjacent), pages in reverse table order",
+                         lambda o, s: run_triton(xv, o, scale, scratch=s)),
+                        ("Triton, pointer loads, pages in reverse table order",
+                         lambda o, s: run_triton(xv, o, scale, scratch=s, tma=False))]
             if device.type == "cuda":
                 from engine.attention.triton_prefill import plan as attn_plan
                 S = attn_plan(x["q"], Hkv, new, prefix + new, 1).splits  # the engine's slices, for the tile rows

@@ -205,15 +205,35 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                 b = tl.load(table + pj, mask=pm, other=0)
                 b0 = tl.load(table + first, mask=pm, other=0)
                 scattered += tl.sum(((b - b0 != pj - first) & pm).to(tl.int32))
-            if scattered == 0:
+            # else, with whole pages a tile: the range's pages one descending run of block ids (a
+            # sequence freed tail-first comes back so). Its keys are then pool rows row0.. in the
+            # reverse order of their pages; no tile of [lo, mid) is masked, so the order in which
+            # they are summed is free: TMA boxes over those rows in pool order.
+            rev = scattered * 0 + 1
+            if BLOCK_N >= PAGE:
+                if scattered != 0:
+                    rev = scattered * 0
+                    b_end = tl.load(table + p_hi - 1)  # the run's lowest block
+                    for p0 in range(lo // PAGE, p_hi, 1024):
+                        pj = p0 + tl.arange(0, 1024)
+                        pm = pj < p_hi
+                        b = tl.load(table + pj, mask=pm, other=0)
+                        rev += tl.sum(((b - b_end != p_hi - 1 - pj) & pm).to(tl.int32))
+            if scattered == 0 or rev == 0:
                 kd = tl.make_tensor_descriptor(K, shape=[pool_rows, stride_kp], strides=[stride_kp, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
                 vd = tl.make_tensor_descriptor(V, shape=[pool_rows, stride_vp], strides=[stride_vp, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
-                for start in range(lo, mid, BLOCK_N):
-                    row = tl.load(table + start // PAGE) * PAGE + start % PAGE
-                    acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
-                                              PRECISION)
+                if scattered == 0:
+                    for start in range(lo, mid, BLOCK_N):
+                        row = tl.load(table + start // PAGE) * PAGE + start % PAGE
+                        acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
+                                                  PRECISION)
+                else:
+                    row0 = tl.load(table + p_hi - 1) * PAGE - lo  # mid > lo here: a mismatch was counted
+                    for start in range(lo, mid, BLOCK_N):
+                        acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row0 + start, kv_head * HEAD_DIM,
+                                                  qk_scale, PRECISION)
             else:
                 acc, l_i, m_i = _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, qk_scale,
                                                offs_n, offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb,
@@ -311,7 +331,9 @@ def launch(p: Plan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """The kernel (and the merge of its slices) as planned, over tables.shape[0] pieces; bufs:
     split_buffers' when p.splits > 1; acc_dot: _tile's ACC_DOT variant (a benchmark's); tma: a
     program whose unmasked key tiles each lie on adjacent pages (consecutive block ids; fresh
-    blocks are handed out ascending, so the pages of one prefill chunk are) reads them as TMA boxes,
+    blocks are handed out ascending, so the pages of one prefill chunk are) or, with whole pages
+    a tile, whose unmasked range's pages are one descending run of block ids (blocks freed
+    tail-first come back so) reads them as TMA boxes,
     any other program by pointer as without it; only where tma_usable, and with a page size that
     divides the key tile or that it divides (any other: the pointer loop). Reads the
     pieces from device tensors only, so a fixed plan and fixed buffers can be captured in a CUDA

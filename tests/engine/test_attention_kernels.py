@@ -153,17 +153,23 @@ def check_unmasked_loop(device, dtype=torch.float32, atol=1e-4):
 def check_tma(device, dtype=torch.float32, atol=1e-4, heads=(8, 2), D=16, P=16, full=True):
     """launch(tma=True) (key tiles on adjacent pages as TMA boxes, the others by pointer) against
     the reference, with and without split-K, with the default tiles and with 32-key tiles of two
-    pages: each sequence's pages in one run, in runs of two (adjacent within a 32-key tile, not
+    pages: each sequence's pages in one run, in one run with its whole cached pages reversed (a
+    descending run: TMA boxes in pool order), in runs of two (adjacent within a 32-key tile, not
     across), and scattered. full=False: a subset of those (the interpreter's CI time; each distinct
     launch is also compiled for sm_90 by test_triton_compile)."""
     from engine.attention import prefill_inputs
     from engine.attention.triton_prefill import prefill_attention
     pieces = [(300, 5), (64, 40), (3, 2), (129, 17), (0, 9)]
-    cases = [(runs, tiles, split) for runs in (-1, 2, 0) for tiles in (None, (16, 32, 4, 2)) for split in (True, False)]
+    REV = -2  # one run a sequence with its whole cached pages reversed (a descending run of block ids)
+    cases = [(runs, tiles, split) for runs in (-1, REV, 2, 0) for tiles in (None, (16, 32, 4, 2))
+             for split in (True, False)]
     if not full:
-        cases = [(-1, None, True), (-1, (16, 32, 4, 2), False), (2, (16, 32, 4, 2), True), (0, None, True)]
+        cases = [(-1, None, True), (-1, (16, 32, 4, 2), False), (REV, (16, 32, 4, 2), True), (REV, None, False),
+                 (2, (16, 32, 4, 2), True), (0, None, True)]
     for runs in sorted({c[0] for c in cases}):
-        q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, runs=runs)
+        q, k, v, kc, vc, meta = make_step(pieces, *heads, D, P, dtype, device, runs=-1 if runs == REV else runs)
+        if runs == REV:
+            kc, vc = _reverse_prefix_pages(P, kc, vc, meta)
         ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)
         tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, P, q.device)
         for _, tiles, split in (c for c in cases if c[0] == runs):
