@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -70,7 +69,8 @@ def run_triton(x, out, scale, unmasked=True, tiles=None, scratch=None, splits=No
 
 def run_cudnn(x, out, scale):
     from engine.attention.cudnn_prefill import cudnn_prefill
-    p = types.SimpleNamespace(q_start=0, q_len=x["new"], k_len=x["prefix"] + x["new"], block_table=x["table"])
+    from engine.layers import Piece
+    p = Piece(0, x["new"], x["prefix"] + x["new"], x["table"], None)  # no host table: the prefix gathered
     T = x["new"]
     # the piece's own keys: the last `new` keys of the table, as the engine passes the step's k/v
     flat_k = x["kc"].view(-1, *x["kc"].shape[2:])

@@ -224,16 +224,15 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                                                block_shape=[BLOCK_N, BLOCK_D])
                 vd = tl.make_tensor_descriptor(V, shape=[pool_rows, stride_vp], strides=[stride_vp, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
-                if scattered == 0:
-                    for start in range(lo, mid, BLOCK_N):
-                        row = tl.load(table + start // PAGE) * PAGE + start % PAGE
-                        acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
-                                                  PRECISION)
-                else:
-                    row0 = tl.load(table + p_hi - 1) * PAGE - lo  # mid > lo here: a mismatch was counted
-                    for start in range(lo, mid, BLOCK_N):
-                        acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row0 + start, kv_head * HEAD_DIM,
-                                                  qk_scale, PRECISION)
+                # one loop for both (two pipelined loops took twice the shared memory: 288 KiB with
+                # the wide tiles, past the H200's 227, run EL)
+                asc = scattered == 0
+                row0 = tl.load(table + tl.maximum(p_hi - 1, 0)) * PAGE - lo  # descending: the lowest block
+                for start in range(lo, mid, BLOCK_N):
+                    row = tl.load(table + start // PAGE) * PAGE + start % PAGE
+                    row = tl.where(asc, row, row0 + start)
+                    acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, kd, vd, row, kv_head * HEAD_DIM, qk_scale,
+                                              PRECISION)
             else:
                 acc, l_i, m_i = _unmasked_loop(acc, l_i, m_i, q, K, V, table, lo, mid, end, kv_head, q_pos, qk_scale,
                                                offs_n, offs_d, d_mask, stride_kb, stride_kp, stride_kh, stride_vb,

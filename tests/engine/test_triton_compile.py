@@ -40,6 +40,26 @@ def test_attention_kernels_compile_for_hopper(qwen_dir):
     _check(t.INTERP, [str(qwen_dir)], least=6)
 
 
+WIDE_TMA = """
+import torch
+from tests.engine.test_attention_kernels import make_step
+from engine.attention import prefill_inputs
+from engine.attention.triton_prefill import prefill_attention
+q, k, v, kc, vc, meta = make_step([(300, 5)], 32, 4, 128, 16, torch.bfloat16, "cpu", runs=-1)
+tables, starts, q_lens, k_lens, max_q, max_k = prefill_inputs(meta, 16, q.device)
+out = torch.zeros_like(q)
+prefill_attention(q, kc, vc, out, tables, starts, q_lens, k_lens, max_q, 128 ** -0.5, max_k,
+                  tiles=(128, 128, 8, 2), tma=True)
+"""
+
+
+def test_device_hit_attention_plan_fits_hopper_shared_memory():
+    """The prefill kernel as a device hit runs it on the H200 (bf16, 32 / 4 heads of 128, 128 x 128
+    tiles in 2 stages, split-K, TMA tiles) compiles for sm_90 within its shared memory: a second
+    TMA loop once doubled its buffers (288 KiB) and every launch failed on the GPU (run EL)."""
+    _check(WIDE_TMA)
+
+
 def test_checksum_and_hostcopy_kernels_compile_for_hopper():
     from tests.kvc import test_gpu_checksum as c, test_hostcopy as h
     _check(f"SIZES = {c.SIZES!r}\n" + c.INTERP + "\n" + h.INTERP, least=2)
