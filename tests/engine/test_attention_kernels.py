@@ -359,6 +359,7 @@ def check_cudnn_prefix_views(device, dtype=torch.float32, atol=1e-4, heads=(4, 2
     if not real_op:
         cudnn_prefill._attend4, cudnn_prefill._lse_to_e = _reference_cudnn_op, 1.0
     op = cudnn_prefill._attend4
+    ways = set()
     try:
         for layout in ("in order", "reversed", "runs of 3", "scattered"):
             runs = {"runs of 3": 3, "scattered": 0}.get(layout, -1)
@@ -376,16 +377,23 @@ def check_cudnn_prefix_views(device, dtype=torch.float32, atol=1e-4, heads=(4, 2
             out = torch.zeros_like(q)
             assert cudnn_prefill.cudnn_prefill(q, k, v, kc, vc, out, meta.prefills, D ** -0.5), cudnn_prefill._broken
             cudnn_prefill._attend4 = op
-            if layout in ("in order", "reversed"):
-                assert seen == [True, True, True], (layout, seen)
-            elif layout == "scattered":
-                assert seen == [False, False, False], (layout, seen)
-            else:  # runs of 3 placed apart: only the 2-page prefix lies in one run
-                assert seen == [False, False, True], (layout, seen)
+            # a view exactly where the prefix's pages are one run of block ids (in any order, a
+            # partial last page at its end); in order and reversed: every piece
+            want = []
+            for p in meta.prefills:
+                off = p.k_len - p.q_len
+                if off:
+                    pages = p.host_table[:-(-off // P)]
+                    want.append(sorted(pages) == list(range(min(pages), min(pages) + len(pages)))
+                                and (off % P == 0 or pages[-1] == max(pages)))
+            assert seen == want, (layout, seen, want)
+            assert all(want) or layout not in ("in order", "reversed"), (layout, want)
+            ways.update(seen)
             err = (out.float() - ref.float()).abs().max().item()
             assert err <= atol, f"max abs error {err}: {layout}"
     finally:
         cudnn_prefill._attend4, cudnn_prefill._lse_to_e = saved
+    assert ways == {True, False}, ways
 
 
 def test_adjacent_rows():
