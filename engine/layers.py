@@ -175,21 +175,32 @@ class Attention(nn.Module):
         """o [T, Hq, D] -> [T, hidden]: the output projection."""
         return self.o_proj(o.reshape(o.shape[0], self.heads * self.head_dim))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None):
         """x [T, hidden] -> q [T, Hq, D], k, v [T, Hkv, D]: projections, q/k norms and RoPE (the part
-        before attention; engine.prefill_graphs captures it)."""
+        before attention; engine.prefill_graphs captures it). out: the (q, k, v) tensors to write
+        (prefill_graphs' static buffers: with the kernels the RoPE kernel and v's projection write
+        them in place, ~4 copies a layer fewer, 3.2 ms of a 32K chunked prefill in run EH)."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
-        if use_kernels(x, self.backend):  # norms and RoPE of q and k: one launch instead of four
+        kernels = use_kernels(x, self.backend)
+        if out is not None and kernels and self.v_proj.bias is None:
+            v = torch.mm(x, self.v_proj.weight.t(), out=out[2].view(T, -1)).view(T, self.kv_heads, self.head_dim)
+        else:
+            v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        if kernels:  # norms and RoPE of q and k: one launch instead of four
             qn, kn = self.q_norm, self.k_norm
             q, k = qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
-                                0.0 if qn is None else qn.eps, cos, sin)
+                                0.0 if qn is None else qn.eps, cos, sin, None if out is None else out[:2])
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+        if out is not None:
+            for dst, src in zip(out, (q, k, v)):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+            return out
         return q, k, v
 
 

@@ -31,20 +31,21 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         return self.post(x, self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache))
 
-    def pre(self, x, cos, sin):
-        """The part before attention: x [T, H] -> q [T, Hq, D], k, v [T, Hkv, D]."""
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+    def pre(self, x, cos, sin, out=None):
+        """The part before attention: x [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (written into out's
+        three tensors when given)."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin, out)
 
-    def post(self, x, a):
+    def post(self, x, a, out=None):
         """The part after attention: residual x [T, H] and the attention's projected output a [T, H]
-        -> the layer's output [T, H]."""
+        -> the layer's output [T, H] (written into out when given; out may be x)."""
         norm = self.post_attention_layernorm
         if use_kernels(x, norm.backend):  # residual add + norm in one launch
             x, h = add_rms_norm(x, a, norm.weight, norm.eps)
         else:
             x = x + a
             h = norm(x)
-        return x + self.mlp(h)
+        return x + self.mlp(h) if out is None else torch.add(x, self.mlp(h), out=out)
 
 
 class Backbone(nn.Module):

@@ -130,16 +130,13 @@ class PrefillGraphs:
     def _before(self, i: int, B: int) -> None:
         """Layer i's part before attention over the first B rows: q, k, v, and the K/V store."""
         layer = self.model.model.layers[i]
-        q, k, v = layer.pre(self.x[:B], self.cos[:B], self.sin[:B])
-        self.q[:B].copy_(q)
-        self.k[:B].copy_(k)
-        self.v[:B].copy_(v)
+        layer.pre(self.x[:B], self.cos[:B], self.sin[:B], out=(self.q[:B], self.k[:B], self.v[:B]))
         k_cache, v_cache = self.kv.pool.layer(i)
         store_kv(self.k[:B], self.v[:B], k_cache, v_cache, self.slots[:B])
 
     def _after(self, i: int, B: int) -> None:
         layer = self.model.model.layers[i]
-        self.x[:B].copy_(layer.post(self.x[:B], layer.self_attn.out(self.o[:B])))
+        layer.post(self.x[:B], layer.self_attn.out(self.o[:B]), out=self.x[:B])
 
     def _attend(self, i: int, B: int, n: int, tma: bool) -> None:
         """Layer i's attention over the first B rows, n pieces from the static buffers."""

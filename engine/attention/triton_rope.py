@@ -44,16 +44,24 @@ def _qk_norm_rope_kernel(Q, K, QW, KW, YQ, YK, Cos, Sin, stride_qt, stride_qh, s
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight, k_weight, eps: float, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 sin: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k [T, Hkv, D] (last dim contiguous) -> new contiguous (q, k): per-head RMSNorm
-    (when the weights are given: Qwen3) then NeoX RoPE, in one launch instead of four."""
+    (when the weights are given: Qwen3) then NeoX RoPE, in one launch instead of four. out: the
+    (q, k) to write instead where they are contiguous and of the result's shape and dtype
+    (engine.prefill_graphs' static buffers, so that no copy follows); else new tensors."""
     T, Hq, D = q.shape
     Hk = k.shape[1]
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and D % 2 == 0
     norm = q_weight is not None
     dtype = torch.result_type(q_weight, q) if norm else torch.result_type(q, cos)
-    yq = torch.empty((T, Hq, D), dtype=dtype, device=q.device)
-    yk = torch.empty((T, Hk, D), dtype=dtype, device=q.device)
+    if out is not None and (out[0].shape == (T, Hq, D) and out[1].shape == (T, Hk, D)
+                            and out[0].dtype == out[1].dtype == dtype and out[0].is_contiguous()
+                            and out[1].is_contiguous()):
+        yq, yk = out
+    else:
+        yq = torch.empty((T, Hq, D), dtype=dtype, device=q.device)
+        yk = torch.empty((T, Hk, D), dtype=dtype, device=q.device)
     if T:
         _qk_norm_rope_kernel[(T, Hq + Hk)](
             q, k, q_weight if norm else q, k_weight if norm else k, yq, yk, cos, sin, q.stride(0), q.stride(1),

@@ -266,6 +266,16 @@ def check_qk_norm_rope(device):
             assert got_q.dtype == want_q.dtype and got_q.shape == want_q.shape and got_k.shape == want_k.shape
             torch.testing.assert_close(got_q, want_q, rtol=rtol, atol=4 * rtol)
             torch.testing.assert_close(got_k, want_k, rtol=rtol, atol=4 * rtol)
+            # into given buffers (the prefill graphs' static ones): the same values, no new tensors;
+            # buffers of another dtype are left alone and new tensors come back
+            bufs = (torch.full_like(got_q, float("nan")), torch.full_like(got_k, float("nan")))
+            args = (q, k, qn.weight if normed else None, kn.weight if normed else None, 1e-6, cos, sin)
+            in_q, in_k = qk_norm_rope(*args, out=bufs)
+            assert in_q.data_ptr() == bufs[0].data_ptr() and in_k.data_ptr() == bufs[1].data_ptr()
+            assert torch.equal(in_q, got_q) and torch.equal(in_k, got_k)
+            other = (bufs[0].double(), bufs[1].double())
+            new_q, _ = qk_norm_rope(*args, out=other)
+            assert new_q.data_ptr() != other[0].data_ptr() and torch.equal(new_q, got_q)
 
 
 def check_merge_two(device):
