@@ -12,6 +12,7 @@ as one interleaved dot (ONE_DOT) at several tiles and the down GEMM at 128-row t
     python benchmarks/bench_moe.py --parts --tokens 2048
     python benchmarks/bench_moe.py --grouped --tokens 2048 8192 32768   # against torch._grouped_mm
     python benchmarks/bench_moe.py --tma-halves --tokens 2048 8192 32768  # 64-row halves, empty ones skipped
+    python benchmarks/bench_moe.py --tma-sorted --tokens 2048 8192         # down's A by TMA, warp specialisation
 """
 from __future__ import annotations
 
@@ -397,6 +398,86 @@ def tma_halves(w13, w2, x, ids, w, iters):
     _print_rows(f"{T} tokens, TMA GEMMs with 64-row halves on 128-row blocks", rows)
 
 
+def tma_sorted(w13, w2, x, ids, w, iters):
+    """The engine's TMA GEMMs against the sorted layout and warp specialisation (launch_tma's
+    A_TMA / C_SORTED / WS): gate/up writes one row per slot of the 128-row align (C_SORTED), so the
+    down GEMM reads its A tiles as TMA boxes (A_TMA) instead of gathering rows by pointer; gate/up's
+    own A rows either gathered by pointer as now or gathered first into the sorted layout
+    (sorted_rows, one index_select) and read by TMA; each with and without Triton's warp
+    specialisation of the tile loop (producer warps issuing the loads: on Hopper, Triton's
+    automatic WS). Each launch alone (GPU time, CUDA-graph replays) with its largest difference from
+    the engine's output (sorted rows compared slot by slot), then whole calls built from them."""
+    from engine.moe_kernels import TMA_DOWN, TMA_GATE_UP, sorted_rows
+    T, k, E, H, I, n, wf, cnt = _call_shapes(w2, ids, w)
+    rows = []
+    t_engine, ref, s128, b128, act, y, ref13, ref2, _ = _engine_tma_rows(rows, w13, w2, x, ids, w, wf, iters)
+    P = s128.numel()
+    valid = s128 < n
+    pairs = s128[valid].long()
+    xs = sorted_rows(x, s128, k)
+    rows.append((f"gather x into the sorted layout (sorted_rows: {P} rows for {n} pairs)",
+                 graph_time(lambda: sorted_rows(x, s128, k), iters), ""))
+    act_s = torch.zeros(P, I, dtype=x.dtype, device=x.device)
+
+    def sorted_diff(out_s, want):
+        return f"{(out_s[valid].float() - want[pairs].float()).abs().max().item():.4f}"
+
+    best13 = (float("inf"), None)
+    for ws, a_tma in itertools.product((False, True), (False, True)):
+        c = dict(TMA_GATE_UP, C_SORTED=True, A_TMA=a_tma, WS=ws)
+        a_in = xs if a_tma else x
+        name = f"gate/up into the sorted layout, A {'by TMA (x gathered first)' if a_tma else 'by pointer'}" \
+               f"{', WS' if ws else ''}"
+        try:
+            t = graph_time(lambda: launch_tma(a_in, w13, act_s, None, s128, b128, n, k, True, c), iters)
+            rows.append((name, t, sorted_diff(act_s, ref13)))
+            best13 = min(best13, (t, c), key=lambda r: r[0])
+        except Exception as e:
+            rows.append((f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                         float("nan"), ""))
+    _variant_row(rows, "gate/up, the engine's tiles, WS", lambda: launch_tma(
+        x, w13, act, None, s128, b128, n, k, True, dict(TMA_GATE_UP, WS=True)), act, ref13, iters)
+    launch_tma(x, w13, act_s, None, s128, b128, n, k, True, dict(TMA_GATE_UP, C_SORTED=True))  # a clean act_s
+    best2 = (float("inf"), None)
+    for ws in (False, True):
+        c = dict(TMA_DOWN, A_TMA=True, WS=ws)
+        t = _variant_row(rows, f"down, A by TMA from the sorted layout{', WS' if ws else ''}", lambda: launch_tma(
+            act_s, w2, y, wf, s128, b128, n, 1, False, c), y, ref2, iters)
+        best2 = min(best2, (t, c), key=lambda r: r[0])
+    launch_tma(act, w2, y, wf, s128, b128, n, 1, False, TMA_DOWN)
+    _variant_row(rows, "down, the engine's tiles, WS", lambda: launch_tma(
+        ref13, w2, y, wf, s128, b128, n, 1, False, dict(TMA_DOWN, WS=True)), y, ref2, iters)
+
+    def call(c13, c2):
+        s, b = align(ids, E, 128)
+        a_in = sorted_rows(x, s, k) if c13.get("A_TMA") else x
+        a_s = torch.empty(P, I, dtype=x.dtype, device=x.device)
+        launch_tma(a_in, w13, a_s, None, s, b, n, k, True, c13)
+        out = torch.empty(n, H, dtype=x.dtype, device=x.device)
+        launch_tma(a_s, w2, out, wf, s, b, n, 1, False, c2)
+        return out.view(T, k, H).sum(1)
+
+    combos = [(dict(TMA_GATE_UP, C_SORTED=True), dict(TMA_DOWN, A_TMA=True), "gate/up A by pointer, down A by TMA")]
+    if best13[1] is not None and best2[1] is not None:
+        combos.append((best13[1], best2[1], f"the fastest of each ({best13[1].get('A_TMA')} / WS "
+                       f"{best13[1].get('WS')}, {best2[1].get('WS')})"))
+    for c13, c2, label in combos:
+        try:
+            got = call(c13, c2)
+            t = graph_time(lambda: call(c13, c2), iters)
+        except Exception as e:
+            rows.append((f"whole call, {label}: {type(e).__name__}", float("nan"), ""))
+            continue
+        rows.append((f"whole call, sorted layout, {label} ({t / t_engine:.3f}x the engine's)", t,
+                     f"{(got.float() - ref.float()).abs().max().item():.4f}"))
+    from engine.moe_kernels import sum_slots
+    rows.append(("the sum over the k slots, torch (y.view(T, k, H).sum(1))", graph_time(
+        lambda: y.view(T, k, H).sum(1), iters), ""))
+    _variant_row(rows, "the sum over the k slots, Triton sum_slots", lambda: sum_slots(y, T, k),
+                 sum_slots(y, T, k), y.view(T, k, H).sum(1), iters)
+    _print_rows(f"{T} tokens, TMA GEMMs over the sorted layout, warp specialisation", rows)
+
+
 def grouped_rows(w13, w2, x, ids, w, iters):
     """The engine's TMA GEMMs against torch._grouped_mm (CUTLASS's grouped GEMM on Hopper): the
     rows sorted by expert and not padded (each expert's run is as long as its pairs, where the
@@ -488,6 +569,8 @@ def main():
                     "halves on 128-row blocks (an empty second half skipped), and the whole call (tma_halves)")
     ap.add_argument("--grouped", action="store_true", help="the engine's TMA GEMMs against torch._grouped_mm on "
                     "rows sorted by expert, unpadded, and the whole call built on it (grouped_rows)")
+    ap.add_argument("--tma-sorted", action="store_true", help="the engine's TMA GEMMs against the sorted layout "
+                    "(down's A rows by TMA) and warp specialisation, and whole calls on them (tma_sorted)")
     ap.add_argument("--tma", action="store_true", help="both GEMMs with their weights loaded by TMA, on full and "
                     "persistent grids, and the whole call with the fastest (tma_tiles)")
     a = ap.parse_args()
@@ -517,6 +600,8 @@ def main():
             wide_tiles(w13, w2, x, ids, w, iters)
         if a.tma:
             tma_tiles(w13, w2, x, ids, w, iters)
+        if a.tma_sorted:
+            tma_sorted(w13, w2, x, ids, w, iters)
         if a.tma_rows:
             tma_rows(w13, w2, x, ids, w, iters)
         if a.tma_two_m:

@@ -300,10 +300,12 @@ def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _tma_epilogue(acc, acc_up, C, Wt, pair, num_pairs, N, pid_n, stride_cm, GATED: tl.constexpr,
-                  SPLIT: tl.constexpr, MUL_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  SPLIT: tl.constexpr, MUL_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  slot0=0, C_SORTED: tl.constexpr = False):
     """One tile's output: SiLU(gate) * up when GATED (acc holds gate and up interleaved, or gate
     with acc_up the up half when SPLIT), times the routing weight when MUL_W, stored to the rows of
-    its pairs (padding rows masked)."""
+    its pairs (padding rows masked), or with C_SORTED to the tile's own rows of the sorted layout
+    from slot0 (padding rows too: their A rows were zeros, so they hold SiLU(0) * 0 = 0)."""
     valid = pair < num_pairs
     if GATED:
         if SPLIT:
@@ -316,8 +318,13 @@ def _tma_epilogue(acc, acc_up, C, Wt, pair, num_pairs, N, pid_n, stride_cm, GATE
     if MUL_W:
         out = out * tl.load(Wt + pair, mask=valid, other=0.0)[:, None]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
+    if C_SORTED:
+        rows = (slot0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        tl.store(C + rows[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
+                 mask=(offs_n < N)[None, :])
+    else:
+        c_ptrs = C + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -333,6 +340,20 @@ def _tma_k_loop(acc, acc_up, a_ptrs, valid, desc, row0, N, K, offs_k, SPLIT: tl.
             bu = desc.load([row0 + N, k0])
             acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
+    return acc, acc_up
+
+
+@triton.jit
+def _tma_k_loop_a(acc, acc_up, adesc, arow, desc, row0, N, K, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """_tma_k_loop with the A rows one TMA box too (A_TMA: rows in the sorted layout)."""
+    for k0 in range(0, K, BLOCK_K):
+        a = adesc.load([arow, k0])
+        b = desc.load([row0, k0])
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        if SPLIT:
+            bu = desc.load([row0 + N, k0])
+            acc_up = tl.dot(a, tl.trans(bu), acc_up, input_precision=PRECISION)
     return acc, acc_up
 
 
@@ -360,7 +381,8 @@ def _tma_k_loop_two(acc, acc_up, acc2, acc2_up, a_ptrs, valid, a2_ptrs, valid2, 
 def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K, NB, row_div, stride_am, stride_cm,
                          GATED: tl.constexpr, SPLIT: tl.constexpr, MUL_W: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         NUM_PROGS, FLATTEN: tl.constexpr, TWO_M: tl.constexpr):
+                         NUM_PROGS, FLATTEN: tl.constexpr, TWO_M: tl.constexpr, A_TMA: tl.constexpr = False,
+                         A_ROWS=0, C_SORTED: tl.constexpr = False, WS: tl.constexpr = False):
     """_moe_gemm_kernel's GEMMs with their weight tiles loaded by TMA, over the output tiles of the
     blocks that hold pairs (block_expert < E: sentinel blocks cost nothing), program p taking tiles
     p, p + NUM_PROGS, ... (one tile each when launched on every tile; a persistent grid of about one
@@ -373,8 +395,12 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
     block size) and each weight tile loaded serves both halves; the second half's dots run only when
     it holds pairs (an expert's pairs come first in its padded run), so an expert with up to
     2 * BLOCK_M pairs streams its weights once, where 128-row blocks stream them again for a partly
-    filled last block. fused_experts runs it for prefill-sized calls where tma_ready; bench_moe
-    --tma, --tma-rows, --tma-two-m and --tma-halves time its variants."""
+    filled last block. A_TMA: A is already in the sorted layout (A_ROWS rows, one per slot of
+    SortedIds, padding rows included), its tiles TMA boxes too; C_SORTED: the output goes to the
+    sorted layout's rows (gate/up writing what a down launch with A_TMA reads); WS: the tile loop
+    under Triton's warp specialisation (producer warps issuing the loads). fused_experts runs it for
+    prefill-sized calls where tma_ready; bench_moe --tma, --tma-rows, --tma-two-m, --tma-halves and
+    --tma-sorted time its variants."""
     num_n = tl.cdiv(N, BLOCK_N)
     nvalid = 0  # block_expert is non-decreasing; the sentinel blocks (>= E) come last
     for b0 in range(0, NB, 1024):
@@ -386,9 +412,11 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
     UP: tl.constexpr = BLOCK_N if SPLIT else 1  # the up accumulator's width (unused unless SPLIT)
     desc = tl.make_tensor_descriptor(B, shape=[E * (2 if GATED else 1) * N, K], strides=[K, 1],
                                      block_shape=[ROWS * BLOCK_N, BLOCK_K])
+    if A_TMA:
+        adesc = tl.make_tensor_descriptor(A, shape=[A_ROWS, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     offs_k = tl.arange(0, BLOCK_K)
     tile_c = tl.program_id(0) - NUM_PROGS  # the epilogue's own tile counter (as Triton's persistent tutorial)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WS):
         pid_m = tile // num_n
         pid_n = tile % num_n
         e = tl.load(BlockExpert + pid_m)
@@ -416,6 +444,9 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
             else:
                 acc, acc_up = _tma_k_loop(acc, acc_up, a_ptrs, valid, desc, row0, N, K, offs_k, SPLIT, PRECISION,
                                           BLOCK_K)
+        elif A_TMA:
+            acc, acc_up = _tma_k_loop_a(acc, acc_up, adesc, pid_m * BLOCK_ROWS, desc, row0, N, K, SPLIT, PRECISION,
+                                        BLOCK_K)
         else:
             acc, acc_up = _tma_k_loop(acc, acc_up, a_ptrs, valid, desc, row0, N, K, offs_k, SPLIT, PRECISION, BLOCK_K)
         tile_c += NUM_PROGS
@@ -423,7 +454,7 @@ def _moe_gemm_tma_kernel(A, B, C, Wt, SortedIds, BlockExpert, num_pairs, E, N, K
         pid_nc = tile_c % num_n
         pair_c = tl.load(SortedIds + pid_mc * BLOCK_ROWS + tl.arange(0, BLOCK_M))
         _tma_epilogue(acc, acc_up, C, Wt, pair_c, num_pairs, N, pid_nc, stride_cm, GATED, SPLIT, MUL_W,
-                      BLOCK_M, BLOCK_N)
+                      BLOCK_M, BLOCK_N, pid_mc * BLOCK_ROWS, C_SORTED)
         if TWO_M:
             pair2_c = tl.load(SortedIds + pid_mc * BLOCK_ROWS + BLOCK_M + tl.arange(0, BLOCK_M))
             _tma_epilogue(acc2, acc2_up, C, Wt, pair2_c, num_pairs, N, pid_nc, stride_cm, GATED, SPLIT, MUL_W,
@@ -450,11 +481,21 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     with b = w13 when cfg["SPLIT"], else b = interleave_gate_up(w13); not gated, c [pairs, N] =
     a . b[e] (b = w2 [E, N, K]) times wt[pair] when given. cfg: BLOCK_M / BLOCK_N / BLOCK_K /
     num_warps / num_stages, and SPLIT, PERSISTENT (a grid of one program an SM), FLATTEN, TWO_M
-    (sorted_ids / block_expert from align with 2 * BLOCK_M rows a block; default off). The
-    descriptors need tma_allocator's scratch."""
+    (sorted_ids / block_expert from align with 2 * BLOCK_M rows a block; default off), and the
+    sorted layout's options (not with TWO_M): A_TMA (a holds one row per slot of sorted_ids, read by
+    TMA boxes; see sorted_rows), C_SORTED (c gets one row per slot), WS (the tile loop warp
+    specialised). The descriptors need tma_allocator's scratch."""
     tma_allocator()
     cfg = dict(cfg)
     two_m = bool(cfg.pop("TWO_M", False))
+    a_tma, c_sorted = bool(cfg.pop("A_TMA", False)), bool(cfg.pop("C_SORTED", False))
+    ws = bool(cfg.pop("WS", False))
+    if two_m and (a_tma or c_sorted):
+        raise ValueError("launch_tma: A_TMA / C_SORTED take 128-row blocks, not TWO_M")
+    if a_tma and a.shape[0] != sorted_ids.numel():
+        raise ValueError(f"launch_tma: A_TMA needs a row per sorted slot ({sorted_ids.numel()}), got {a.shape[0]}")
+    if c_sorted and c.shape[0] != sorted_ids.numel():
+        raise ValueError(f"launch_tma: C_SORTED needs a row per sorted slot ({sorted_ids.numel()}), got {c.shape[0]}")
     split = bool(cfg.pop("SPLIT", False)) and gated
     persistent = bool(cfg.pop("PERSISTENT", False))
     flatten = bool(cfg.pop("FLATTEN", False))
@@ -466,8 +507,38 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, wt: torch.Tens
     _moe_gemm_tma_kernel[(max(progs, 1),)](
         a, b.view(E * R, K), c, wt if wt is not None else c, sorted_ids, block_expert, num_pairs, E, N, K, NB,
         row_div, a.stride(0), c.stride(0), GATED=gated, SPLIT=split, MUL_W=wt is not None,
-        PRECISION=dot_precision(a.dtype), NUM_PROGS=max(progs, 1), FLATTEN=flatten, TWO_M=two_m, **cfg)
+        PRECISION=dot_precision(a.dtype), NUM_PROGS=max(progs, 1), FLATTEN=flatten, TWO_M=two_m, A_TMA=a_tma,
+        A_ROWS=a.shape[0], C_SORTED=c_sorted, WS=ws, **cfg)
 
+
+def sorted_rows(x: torch.Tensor, sorted_ids: torch.Tensor, row_div: int) -> torch.Tensor:
+    """x [T, H] -> [P, H]: row s is x's row of the pair in slot s of align's sorted_ids (pair //
+    row_div), zeros in the padding slots: a gate/up launch_tma with A_TMA reads it."""
+    pad = torch.cat([x, x.new_zeros(1, x.shape[1])])  # the sentinel (the number of pairs) // row_div -> row T
+    return pad.index_select(0, (sorted_ids // row_div).clamp_(max=x.shape[0]))
+
+
+@triton.jit
+def _sum_slots_kernel(Y, Out, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (t, j): Out[t, j-th BLOCK_H columns] = the sum of Y's K rows of token t, in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = cols < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(Y + (t * K + j) * H + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(Out + t * H + cols, acc.to(Out.dtype.element_ty), mask=m)
+
+
+def sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """y [T * k, H] (a token's k weighted expert rows back to back) -> [T, H], summed in fp32: what
+    y.view(T, k, H).sum(1) computes, as one pass that reads each row once."""
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    if T:
+        BLOCK_H = min(1024, triton.next_power_of_2(H))
+        _sum_slots_kernel[(T, triton.cdiv(H, BLOCK_H))](y, out, H, K=k, BLOCK_H=BLOCK_H, num_warps=4)
+    return out
 
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a persistent grid's size); 4 elsewhere (the

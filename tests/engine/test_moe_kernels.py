@@ -250,6 +250,34 @@ for extra in ({}, dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True)):
     got2 = torch.full((n2, H), float("nan"))
     mk.launch_tma(want, w2, got2, wf2, s32, b32, n2, 1, False, dict(cfg, TWO_M=True, **extra))
     assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), ("two_m", extra, (got2 - want2).abs().max())
+# the sorted layout: gate/up writes a row per slot of the 16-row align (C_SORTED), from x's rows
+# gathered into that layout (A_TMA) or by pointer; down reads it by TMA boxes (A_TMA)
+P = s16.numel()
+valid = s16 < n2
+xs = mk.sorted_rows(x2, s16, k)
+assert xs.shape == (P, H) and torch.equal(xs[valid], x2[s16[valid].long() // k]) and not xs[~valid].any()
+for extra in (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True), dict(PERSISTENT=True, WS=True)):
+    for a_in, a_tma in ((xs, True), (x2, False)):
+        act_s = torch.full((P, I), float("nan"))
+        mk.launch_tma(a_in, w13, act_s, None, s16, b16, n2, k, True,
+                      dict(cfg, SPLIT=True, A_TMA=a_tma, C_SORTED=True, **extra))
+        assert torch.allclose(act_s[valid], want[s16[valid].long()], atol=1e-5, rtol=1e-5), ("sorted", a_tma, extra)
+        # the padding rows of the experts' blocks hold SiLU(0) * 0; the sentinel blocks past the
+        # last expert's are no tile's (down skips them too)
+        used = (b16 < E).repeat_interleave(16)
+        assert not act_s[used & ~valid].any() and act_s[~used].isnan().all(), ("padding rows", a_tma, extra)
+    got2 = torch.full((n2, H), float("nan"))
+    mk.launch_tma(act_s, w2, got2, wf2, s16, b16, n2, 1, False, dict(cfg, A_TMA=True, **extra))
+    assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), ("sorted down", extra, (got2 - want2).abs().max())
+summed = mk.sum_slots(got2, T2, k)  # the k slots' sum in one pass, as torch's
+assert torch.allclose(summed, got2.view(T2, k, H).sum(1), atol=1e-6, rtol=1e-6), "sum_slots"
+for bad in (dict(A_TMA=True), dict(C_SORTED=True)):  # a buffer that is not one row per slot is refused
+    try:
+        mk.launch_tma(x2, w13, torch.empty(n2, I), None, s16, b16, n2, k, True, dict(cfg, SPLIT=True, **bad))
+    except ValueError as e:
+        assert "row per sorted slot" in str(e), e
+    else:
+        raise AssertionError(bad)
 print("ok")
 """
 
@@ -293,6 +321,24 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
         got2 = torch.full_like(want2, float("nan"))
         mk.launch_tma(want, w2, got2, wf, s256, b256, n, 1, False, dict(cfg, TWO_M=True, **extra))
         assert close_bf16(got2, want2), ("two_m", extra)
+    # the sorted layout (bench_moe --tma-sorted): gate/up into a row per slot, A by pointer or from
+    # x gathered first; down's A by TMA from it; each also under warp specialisation
+    valid = s < n
+    pairs = s[valid].long()
+    xs = mk.sorted_rows(x, s, k)
+    for ws in (False, True):
+        for a_in, a_tma in ((x, False), (xs, True)):
+            act_s = torch.zeros(s.numel(), I, dtype=x.dtype, device=x.device)
+            mk.launch_tma(a_in, w13, act_s, None, s, b, n, k, True,
+                          dict(mk.TMA_GATE_UP, A_TMA=a_tma, C_SORTED=True, WS=ws))
+            assert close_bf16(act_s[valid], want[pairs]), ("sorted", a_tma, ws)
+        got2 = torch.full_like(want2, float("nan"))
+        mk.launch_tma(act_s, w2, got2, wf, s, b, n, 1, False, dict(mk.TMA_DOWN, A_TMA=True, WS=ws))
+        assert close_bf16(got2, want2), ("sorted down", ws)
+        got = torch.full_like(want, float("nan"))
+        mk.launch_tma(x, w13, got, None, s, b, n, k, True, dict(mk.TMA_GATE_UP, WS=ws))
+        assert close_bf16(got, want), ("ws gate/up", ws)
+    assert close_bf16(mk.sum_slots(want2, 2048, k), want2.view(2048, k, H).sum(1)), "sum_slots"
     # TWO_M with 64-row halves of the engine's own 128-row blocks (bench_moe --tma-halves)
     halves = dict(cfg, BLOCK_M=64, TWO_M=True, PERSISTENT=True, FLATTEN=True)
     got = torch.full_like(want, float("nan"))
@@ -349,8 +395,9 @@ def _compile_tma_for_hopper(consts: dict, warps: int, stages: int):
     from tests import aot_record
     sig = {"A": "*bf16", "B": "*bf16", "C": "*bf16", "Wt": "*fp32", "SortedIds": "*i32", "BlockExpert": "*i32",
            "num_pairs": "i32", "E": "i32", "N": "i32", "K": "i32", "NB": "i32", "row_div": "i32",
-           "stride_am": "i32", "stride_cm": "i32", "NUM_PROGS": "i32"}
-    consts = {**dict(PRECISION="ieee", FLATTEN=False, TWO_M=False, SPLIT=False), **consts}
+           "stride_am": "i32", "stride_cm": "i32", "NUM_PROGS": "i32", "A_ROWS": "i32"}
+    consts = {**dict(PRECISION="ieee", FLATTEN=False, TWO_M=False, SPLIT=False, A_TMA=False, C_SORTED=False,
+                     WS=False), **consts}
     sig.update({k: "constexpr" for k in consts})
     rec = dict(module="engine.moe_kernels", name="_moe_gemm_tma_kernel", signature=sig, constexprs=consts,
                options={"num_warps": warps, "num_stages": stages})
@@ -361,15 +408,20 @@ def _compile_tma_for_hopper(consts: dict, warps: int, stages: int):
 
 
 @pytest.mark.parametrize("case", ["engine-gate-up", "engine-down", "two-m-gate-up", "two-m-down",
-                                  "halves-gate-up", "halves-down"])
+                                  "halves-gate-up", "halves-down", "sorted-gate-up", "sorted-down",
+                                  "sorted-ws-gate-up", "sorted-ws-down", "ws-gate-up", "ws-down"])
 def test_tma_kernel_compiles_for_hopper(case):
-    """Every TMA kernel configuration the engine launches (TMA_GATE_UP / TMA_DOWN) and the TWO_M
-    variants bench_moe times (256-row blocks; 64-row halves of the engine's 128-row blocks) compile
-    for sm_90 on a machine without a GPU: Triton's interpreter runs code the compiler rejects (a
-    name bound only under a constexpr branch, used under a runtime one, passed the interpreter and
-    failed this)."""
+    """Every TMA kernel configuration the engine launches (TMA_GATE_UP / TMA_DOWN) and the variants
+    bench_moe times (TWO_M: 256-row blocks, 64-row halves of the engine's 128-row blocks; the sorted
+    layout with its A rows by TMA; warp specialisation) compile for sm_90 on a machine without a
+    GPU: Triton's interpreter runs code the compiler rejects (a name bound only under a constexpr
+    branch, used under a runtime one, passed the interpreter and failed this)."""
     from engine import moe_kernels as mk
-    if case.startswith("engine"):
+    if "sorted" in case or "ws" in case:
+        cfg = dict(mk.TMA_GATE_UP if case.endswith("gate-up") else mk.TMA_DOWN, WS="ws" in case)
+        if "sorted" in case:
+            cfg.update(A_TMA=True, C_SORTED=case.endswith("gate-up"))
+    elif case.startswith("engine"):
         cfg = dict(mk.TMA_GATE_UP if case == "engine-gate-up" else mk.TMA_DOWN)
     elif case.startswith("halves"):
         cfg = dict(BLOCK_M=64, BLOCK_N=128 if case == "halves-gate-up" else 256, BLOCK_K=64, num_warps=8,
