@@ -5,12 +5,14 @@ two kernels that read the expert weights in place.
 gather rows, torch._grouped_mm, SiLU, weight, scatter, sum) up to rounding, in four steps:
 1. align: pairs grouped by expert, each expert's run padded to a multiple of BLOCK_M
    (`sorted_ids`, sentinel = number of pairs) and the expert of every block (`block_expert`, >= E
-   past the end), in three small launches (atomics give each pair its slot, so the order inside an
+   past the end), in two small launches (atomics give each pair its slot, so the order inside an
    expert is not stable: every row is computed on its own, the result is the same).
 2. gate/up GEMM: each block's rows are gathered from x inside the kernel (no copy of x per pair),
    gate and up tiles accumulate side by side, SiLU(gate) * up is stored: `act` [pairs, I].
 3. down GEMM: act rows times w2, scaled by the routing weight in the epilogue: `y` [pairs, H].
-4. y.view(T, k, H).sum(1): fp32 accumulation inside torch's sum.
+4. the sum over each token's k rows of y, in fp32: on CUDA one Triton pass (`sum_slots`; torch's
+   y.view(T, k, H).sum(1) read at ~2.1-2.6 TB/s on the H200, 0.028 against 0.020 ms at 2,048
+   tokens, 0.415 against 0.274 at 32,768, run EQ), elsewhere torch's sum.
 Every shape is fixed by T, nothing is read back to the host: decode steps stay capturable in a CUDA
 graph. Block sizes: small M tiles when few rows land on each expert (decode), large ones for prefill.
 On Hopper and newer, prefill-sized calls load the weight tiles by TMA (tensor descriptors) on a
@@ -95,39 +97,38 @@ def _count_kernel(Ids, Cnt, Slots, SortedIds, N, P, G, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
-def _offsets_kernel(Cnt, Base, BlockExpert, G, E, NB, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BM: tl.constexpr):
-    """One program: each expert's padded run (the totals over the programs' counters, rounded up
-    to BM, a cumsum), where program g's pairs of expert e start in it (Base[g, e]), and each
-    block's expert."""
+def _place_kernel(Ids, Slots, Cnt, SortedIds, BlockExpert, N, G, E, NB, BLOCK_N: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, BM: tl.constexpr):
+    """Program g: each expert's padded run (the totals over the programs' counters, rounded up to BM,
+    a cumsum) and where its own pairs of expert e start in it (the run's start plus the counts of
+    programs before g), then every one of its pairs to that start + its rank; program g also writes
+    the expert of blocks g, g + G, ... Every program sums the whole count matrix (G x E ints from L2)
+    instead of one program writing the offsets for the others: one launch less, and no single
+    program walking G rows (the offsets launch took 9 us at 2,048 tokens and 97 at 32,768, run EP)."""
+    g = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     total = tl.zeros([BLOCK_E], tl.int32)
+    before = tl.zeros([BLOCK_E], tl.int32)
     for g0 in range(0, G, BLOCK_G):
         rows = g0 + tl.arange(0, BLOCK_G)
         c = tl.load(Cnt + rows[:, None] * BLOCK_E + offs_e[None, :], mask=rows[:, None] < G, other=0)
         total += tl.sum(c, 0)
+        before += tl.sum(tl.where(rows[:, None] < g, c, 0), 0)
     padded = tl.where(offs_e < E, (total + BM - 1) // BM * BM, 0)
     pend = tl.cumsum(padded, 0)  # [BLOCK_E] end of each expert's padded run
-    run = pend - padded
-    for g0 in range(0, G, BLOCK_G):
-        rows = g0 + tl.arange(0, BLOCK_G)
-        m = rows[:, None] < G
-        c = tl.load(Cnt + rows[:, None] * BLOCK_E + offs_e[None, :], mask=m, other=0)
-        tl.store(Base + rows[:, None] * BLOCK_E + offs_e[None, :], run[None, :] + tl.cumsum(c, 0) - c, mask=m)
-        run += tl.sum(c, 0)
-    _block_experts(pend, BlockExpert, NB, BLOCK_B, BM)
-
-
-@triton.jit
-def _place_kernel(Ids, Slots, Base, SortedIds, N, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Program g: every pair to its expert's run, at Base[g, e] + its rank."""
-    g = tl.program_id(0)
+    tl.store(Cnt + G * BLOCK_E + g * BLOCK_E + offs_e, pend - padded + before)  # this program's starts
+    tl.debug_barrier()
     offs_n = g * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = offs_n < N
     ids = tl.load(Ids + offs_n, mask=valid, other=0).to(tl.int32)
     slot = tl.load(Slots + offs_n, mask=valid, other=0)
-    base = tl.load(Base + g * BLOCK_E + ids, mask=valid, other=0)
+    base = tl.load(Cnt + G * BLOCK_E + g * BLOCK_E + ids, mask=valid, other=0)
     tl.store(SortedIds + base + slot, offs_n.to(tl.int32), mask=valid)
+    for b0 in range(g * BLOCK_B, NB, G * BLOCK_B):
+        ob = b0 + tl.arange(0, BLOCK_B)
+        first = ob * BM  # [BLOCK_B] first slot of each block
+        ex = tl.sum((pend[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(BlockExpert + ob, ex, mask=ob < NB)
 
 
 ALIGN_BLOCK_N = 1024  # pairs per program of the align's count and place launches
@@ -142,12 +143,13 @@ def align(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tenso
     """ids [T, k] -> (sorted_ids [P] int32, block_expert [P // bm] int32): pairs grouped by expert,
     each expert's run padded to a multiple of bm (sentinel: the number of pairs), and the expert of
     each block (>= E past the end); every shape fixed by T (capturable). Up to ALIGN_BLOCK_N pairs
-    (decode-sized calls): one program, one launch. More: three launches, programs of ALIGN_BLOCK_N
-    pairs count and rank their pairs per expert, one program turns the counts into padded runs and
-    per-program offsets, the first programs place their pairs. (One program did it for every size:
-    on the H200 0.23 ms of an 8,192-token call's 1.66, its atomics on 128 counters serialised in one
-    SM; the three launches take 0.037 ms of GPU time there and 0.018 at 2,048 tokens.) The tests
-    check both against a sorted torch version."""
+    (decode-sized calls): one program, one launch. More: two launches, programs of ALIGN_BLOCK_N
+    pairs count and rank their pairs per expert, then each program turns all the counts into padded
+    runs and its own offsets and places its pairs. (One program did it for every size: on the H200
+    0.23 ms of an 8,192-token call's 1.66, its atomics on 128 counters serialised in one SM; three
+    launches, one program between them computing every program's offsets, took 0.018 ms of GPU
+    time at 2,048 tokens and 0.1 at 32,768, runs EP.) The tests check both against a sorted torch
+    version."""
     flat = ids.reshape(-1)
     N = flat.numel()
     P = padded_size(N, E, bm)
@@ -164,13 +166,11 @@ def align(ids: torch.Tensor, E: int, bm: int) -> tuple[torch.Tensor, torch.Tenso
         _align_kernel[(1,)](flat, sorted_ids, block_expert, scratch, slots, N, E, P, NB, BLOCK_N=BLOCK_N,
                             BLOCK_E=BLOCK_E, BLOCK_P=1024, BLOCK_B=64, BM=bm, num_warps=8)
         return sorted_ids, block_expert
-    cnt = torch.empty(G, BLOCK_E, dtype=torch.int32, device=dev)
-    base = torch.empty(G, BLOCK_E, dtype=torch.int32, device=dev)
+    cnt = torch.empty(2 * G, BLOCK_E, dtype=torch.int32, device=dev)  # counts, then each program's starts
     _count_kernel[(G,)](flat, cnt, slots, sorted_ids, N, P, G, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E, BLOCK_P=1024,
                         num_warps=4)
-    _offsets_kernel[(1,)](cnt, base, block_expert, G, E, NB, BLOCK_G=max(1, min(16, 4096 // BLOCK_E)),
-                          BLOCK_E=BLOCK_E, BLOCK_B=64, BM=bm, num_warps=8)
-    _place_kernel[(G,)](flat, slots, base, sorted_ids, N, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E, num_warps=4)
+    _place_kernel[(G,)](flat, slots, cnt, sorted_ids, block_expert, N, G, E, NB, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E,
+                        BLOCK_G=max(1, min(16, 4096 // BLOCK_E)), BLOCK_B=64, BM=bm, num_warps=4)
     return sorted_ids, block_expert
 
 
@@ -530,6 +530,11 @@ def _sum_slots_kernel(Y, Out, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
     tl.store(Out + t * H + cols, acc.to(Out.dtype.element_ty), mask=m)
 
 
+def _slot_sum(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """fused_experts' last step: sum_slots on CUDA, torch's sum elsewhere (the CPU has no Triton)."""
+    return sum_slots(y, T, k) if y.is_cuda else y.view(T, k, -1).sum(1)
+
+
 def sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
     """y [T * k, H] (a token's k weighted expert rows back to back) -> [T, H], summed in fp32: what
     y.view(T, k, H).sum(1) computes, as one pass that reads each row once."""
@@ -613,7 +618,7 @@ def _tma_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torc
         _tma_broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning("MoE TMA kernels off, using the pointer-load kernels: %s", _tma_broken)
         return None
-    return y.view(T, k, H).sum(1)
+    return _slot_sum(y, T, k)
 
 
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
@@ -647,7 +652,7 @@ def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: tor
     y = torch.empty(n_pairs, H, dtype=x.dtype, device=x.device)  # [T*k, H], weighted
     _launch(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, E, H, I,
             1, False, True, cfg2)
-    return y.view(T, k, H).sum(1)
+    return _slot_sum(y, T, k)
 
 
 @triton.jit

@@ -28,7 +28,8 @@ def _check(script: str, argv=(), least: int = 1) -> None:
 
 
 def test_moe_kernels_compile_for_hopper():
-    """align (one program and three launches), the fused GEMMs, the router, and every TMA variant."""
+    """align (one program, and two launches), the fused GEMMs, the router, every TMA variant and the
+    k slots' sum."""
     from tests.engine import test_moe_kernels as t
     _check(t.INTERP + "\n" + t.INTERP_TMA, least=8)
 
