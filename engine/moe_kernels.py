@@ -531,19 +531,24 @@ def _sum_slots_kernel(Y, Out, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 def _slot_sum(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
-    """fused_experts' last step: sum_slots on CUDA, torch's sum elsewhere (the CPU has no Triton)."""
+    """fused_experts' last step: sum_slots on CUDA, torch's sum for CPU tensors (the interpreter's
+    tests; there torch's is the reference the kernel is checked against)."""
     return sum_slots(y, T, k) if y.is_cuda else y.view(T, k, -1).sum(1)
 
 
 def sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
     """y [T * k, H] (a token's k weighted expert rows back to back) -> [T, H], summed in fp32: what
     y.view(T, k, H).sum(1) computes, as one pass that reads each row once."""
+    if y.dim() != 2 or y.shape[0] != T * k or not y.is_contiguous():
+        raise ValueError(f"sum_slots: y must be a contiguous [T * k, H] = [{T * k}, H] tensor, got "
+                         f"{tuple(y.shape)} with strides {y.stride()}")
     H = y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T:
         BLOCK_H = min(1024, triton.next_power_of_2(H))
         _sum_slots_kernel[(T, triton.cdiv(H, BLOCK_H))](y, out, H, K=k, BLOCK_H=BLOCK_H, num_warps=4)
     return out
+
 
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a persistent grid's size); 4 elsewhere (the

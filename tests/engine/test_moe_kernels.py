@@ -271,6 +271,13 @@ for extra in (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True), dict(P
     assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), ("sorted down", extra, (got2 - want2).abs().max())
 summed = mk.sum_slots(got2, T2, k)  # the k slots' sum in one pass, as torch's
 assert torch.allclose(summed, got2.view(T2, k, H).sum(1), atol=1e-6, rtol=1e-6), "sum_slots"
+for bad in (got2[1:], got2.t().contiguous().t()):  # a row short; not row-major
+    try:
+        mk.sum_slots(bad, T2, k)
+    except ValueError as e:
+        assert "contiguous [T * k, H]" in str(e), e
+    else:
+        raise AssertionError(bad.shape)
 for bad in (dict(A_TMA=True), dict(C_SORTED=True)):  # a buffer that is not one row per slot is refused
     try:
         mk.launch_tma(x2, w13, torch.empty(n2, I), None, s16, b16, n2, k, True, dict(cfg, SPLIT=True, **bad))
