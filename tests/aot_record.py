@@ -114,21 +114,19 @@ def compile_one(rec: dict):
                           target=GPUTarget("cuda", 90, 32), options=rec["options"])
 
 
-HOPPER_SHARED = 232448  # bytes of shared memory a block may use on sm_90 (227 KiB)
-
-
 def compile_all(records: list[dict]) -> list[str]:
     """Compile each recorded launch for sm_90; the failures, one line each (kernel, error): a
     compile error, or more shared memory than an sm_90 block may use (which the compile accepts
     and the launch refuses: run EL's TMA prefill kernel, 288 KiB)."""
+    from engine.moe_kernels import SMEM_BYTES  # what an sm_90 block may use (227 KiB)
     failures = []
     for rec in records:
         if "skip" in rec:
             continue
         try:
             shared = compile_one(rec).metadata.shared
-            if shared > HOPPER_SHARED:
-                raise RuntimeError(f"needs {shared} bytes of shared memory, sm_90 has {HOPPER_SHARED}")
+            if shared > SMEM_BYTES:
+                raise RuntimeError(f"needs {shared} bytes of shared memory, sm_90 has {SMEM_BYTES}")
         except Exception as e:
             first = str(e).strip().splitlines()
             failures.append(f"{rec['module']}.{rec['name']} {rec['constexprs']}: {type(e).__name__}: "
