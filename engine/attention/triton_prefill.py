@@ -197,7 +197,15 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
         if TMA:
             TP: tl.constexpr = BLOCK_N // PAGE if BLOCK_N > PAGE else 1  # pages a tile spans
             p_hi = (mid + PAGE - 1) // PAGE
+            # one pass over the range's block ids counts both: pages off their tile's ascending
+            # run (scattered), and pages off one descending run of block ids ending at the range's
+            # last page (rev; a sequence freed tail-first comes back so). A descending run's keys are
+            # pool rows row0.. in the reverse order of their pages; no tile of [lo, mid) is masked,
+            # so the order in which they are summed is free: TMA boxes over those rows in pool order.
+            # That needs whole pages a tile (BLOCK_N >= PAGE), else rev stays nonzero.
+            b_end = tl.load(table + tl.maximum(p_hi - 1, 0))  # a descending run's lowest block
             scattered = 0
+            rev = 0
             for p0 in range(lo // PAGE, p_hi, 1024):
                 pj = p0 + tl.arange(0, 1024)
                 pm = pj < p_hi
@@ -205,20 +213,9 @@ def _prefill_kernel(Q, K, V, O, MidO, MidL, Tables, QStarts, QLens, KLens, sm_sc
                 b = tl.load(table + pj, mask=pm, other=0)
                 b0 = tl.load(table + first, mask=pm, other=0)
                 scattered += tl.sum(((b - b0 != pj - first) & pm).to(tl.int32))
-            # else, with whole pages a tile: the range's pages one descending run of block ids (a
-            # sequence freed tail-first comes back so). Its keys are then pool rows row0.. in the
-            # reverse order of their pages; no tile of [lo, mid) is masked, so the order in which
-            # they are summed is free: TMA boxes over those rows in pool order.
-            rev = scattered * 0 + 1
-            if BLOCK_N >= PAGE:
-                if scattered != 0:
-                    rev = scattered * 0
-                    b_end = tl.load(table + p_hi - 1)  # the run's lowest block
-                    for p0 in range(lo // PAGE, p_hi, 1024):
-                        pj = p0 + tl.arange(0, 1024)
-                        pm = pj < p_hi
-                        b = tl.load(table + pj, mask=pm, other=0)
-                        rev += tl.sum(((b - b_end != p_hi - 1 - pj) & pm).to(tl.int32))
+                rev += tl.sum(((b - b_end != p_hi - 1 - pj) & pm).to(tl.int32))
+            if BLOCK_N < PAGE:
+                rev = scattered * 0 + 1
             if scattered == 0 or rev == 0:
                 kd = tl.make_tensor_descriptor(K, shape=[pool_rows, stride_kp], strides=[stride_kp, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
