@@ -145,6 +145,10 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+FUSED_QKV = True  # one GEMM for q, k and v where fuse_qkv ran (benchmarks set False to time the three
+                  # projections side by side)
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, eps: float):
         super().__init__()
@@ -159,6 +163,25 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.backend, self.prefill_kernel = "auto", "auto"  # attn.backend, attn.prefill_kernel
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_qkv
+
+    def fuse_qkv(self) -> bool:
+        """Put the q, k and v projections' weights in one [(Hq + 2 Hkv) D, hidden] tensor, the three
+        Linear weights becoming views of its rows (no second copy), so that project() runs one GEMM
+        for the three: at 2,048 rows, k's and v's own GEMMs (N = Hkv D, 512 for Qwen3-30B-A3B) run
+        at a fraction of q's rate, and two launches fewer a layer. Not for biased projections or
+        weights on different devices or dtypes (returns False, the projections stay three)."""
+        ws = [m.weight for m in (self.q_proj, self.k_proj, self.v_proj)]
+        if (any(m.bias is not None for m in (self.q_proj, self.k_proj, self.v_proj))
+                or len({(w.device, w.dtype) for w in ws}) != 1 or ws[0].is_meta):
+            return False
+        fused = torch.cat([w.detach() for w in ws])
+        rows = 0
+        for m, w in zip((self.q_proj, self.k_proj, self.v_proj), ws):
+            m.weight = nn.Parameter(fused[rows:rows + w.shape[0]], requires_grad=False)
+            rows += w.shape[0]
+        self.qkv_weight = fused  # a buffer: model.to() moves it with the (then separate) weights
+        return True
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -177,25 +200,38 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None):
         """x [T, hidden] -> q [T, Hq, D], k, v [T, Hkv, D]: projections, q/k norms and RoPE (the part
-        before attention; engine.prefill_graphs captures it). out: the (q, k, v) tensors to write
-        (prefill_graphs' static buffers: with the kernels the RoPE kernel and v's projection write
-        them in place, ~4 copies a layer fewer, 3.2 ms of a 32K chunked prefill in run EH)."""
+        before attention; engine.prefill_graphs captures it). After fuse_qkv the three projections are
+        one GEMM and, with the kernels, the RoPE kernel copies v out of its output beside q and k.
+        out: the (q, k, v) tensors to write (prefill_graphs' static buffers: with the kernels the RoPE
+        kernel (and, unfused, v's projection) write them in place, ~4 copies a layer fewer, 3.2 ms of
+        a 32K chunked prefill in run EH)."""
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)  # [T, Hkv, D]
         kernels = use_kernels(x, self.backend)
-        if out is not None and kernels and self.v_proj.bias is None:
-            v = torch.mm(x, self.v_proj.weight.t(), out=out[2].view(T, -1)).view(T, self.kv_heads, self.head_dim)
+        fused = FUSED_QKV and self.qkv_weight is not None and self.qkv_weight.dtype == x.dtype
+        if fused:  # one GEMM (fuse_qkv); q, k and v are column views of its output
+            nq, nk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            q, k, v = torch.mm(x, self.qkv_weight.t()).split((nq, nk, nk), dim=1)
+            q = q.view(T, self.heads, self.head_dim)
+            k, v = k.view(T, self.kv_heads, self.head_dim), v.view(T, self.kv_heads, self.head_dim)
         else:
-            v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
-        if kernels:  # norms and RoPE of q and k: one launch instead of four
+            q = self.q_proj(x).view(T, self.heads, self.head_dim)  # [T, Hq, D]
+            k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)  # [T, Hkv, D]
+            if out is not None and kernels and self.v_proj.bias is None:
+                v = torch.mm(x, self.v_proj.weight.t(), out=out[2].view(T, -1)).view(T, self.kv_heads, self.head_dim)
+            else:
+                v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        if kernels:  # norms and RoPE of q and k (and, fused, v's copy out of the GEMM's output): one launch
             qn, kn = self.q_norm, self.k_norm
-            q, k = qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
-                                0.0 if qn is None else qn.eps, cos, sin, None if out is None else out[:2])
+            got = qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
+                               0.0 if qn is None else qn.eps, cos, sin,
+                               None if out is None else (out if fused else out[:2]), v if fused else None)
+            q, k = got[:2]
+            v = got[2] if fused else v
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+            v = v.contiguous()
         if out is not None:
             for dst, src in zip(out, (q, k, v)):
                 if dst.data_ptr() != src.data_ptr():

@@ -16,6 +16,7 @@ import xxhash
 from safetensors import SafetensorError, safe_open
 
 from .deepseek import DeepseekCausalLM
+from .layers import Attention
 from .model import CausalLM
 from .model_args import CheckpointError, ModelArgs
 
@@ -132,6 +133,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         dt = torch.float32 if name.endswith(fp32) else dtype
         state[name] = torch.nn.Parameter(t.to(device=dev, dtype=dt), requires_grad=False)
     model.load_state_dict(state, strict=False, assign=True)
+    for m in model.modules():  # q, k and v projections as one GEMM (their weights views of one tensor)
+        if isinstance(m, Attention):
+            m.fuse_qkv()
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope = model.build_rope().to(device)  # its buffers were built on the meta device

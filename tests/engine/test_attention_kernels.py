@@ -248,6 +248,7 @@ def check_qk_norm_rope(device):
     """The fused per-head RMSNorm + RoPE of q and k against RMSNorm.reference then apply_rope,
     with and without the norms (Qwen3 / Mixtral), GQA head counts, strided q/k as projections give."""
     from engine.attention import qk_norm_rope
+    from engine.attention.triton_rope import qk_norm_rope as kernel
     from engine.layers import RMSNorm, Rope, apply_rope_reference
     rope = Rope(32, 1e6).to(device)
     cases = [(torch.float32, 1e-5), (torch.float16, 2e-3)] + ([(torch.bfloat16, 1.6e-2)] if device == "cuda" else [])
@@ -276,6 +277,20 @@ def check_qk_norm_rope(device):
             other = (bufs[0].double(), bufs[1].double())
             new_q, _ = qk_norm_rope(*args, out=other)
             assert new_q.data_ptr() != other[0].data_ptr() and torch.equal(new_q, got_q)
+            # v copied in the same launch (a fused q/k/v projection's output), into a given buffer
+            # or a new tensor; any number of heads a program gives the same bits as one a head
+            v = qkv[:, 10:12]
+            for hb in (1, 2, 4, 8, 16):
+                vbuf = torch.full_like(v.contiguous(), float("nan"))
+                y = kernel(*args, out=bufs + (vbuf,), v=v, heads_per_program=hb)
+                assert len(y) == 3 and y[2].data_ptr() == vbuf.data_ptr() and y[2].is_contiguous()
+                assert torch.equal(y[0], got_q) and torch.equal(y[1], got_k) and torch.equal(y[2], v)
+                y = kernel(*args, v=v, heads_per_program=hb)
+                assert torch.equal(y[0], got_q) and torch.equal(y[1], got_k) and torch.equal(y[2], v)
+            with pytest.raises(ValueError, match="v must be"):
+                kernel(*args, v=v.double())
+            with pytest.raises(ValueError, match="power of two"):
+                kernel(*args, heads_per_program=3)
 
 
 def check_merge_two(device):

@@ -107,6 +107,26 @@ def test_prefill_graphs_equal_eager(qwen_dir, bf16_dirs, dtype, page, chunk):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_fused_qkv_equals_three_projections(bf16_dirs, arch, monkeypatch):
+    """q, k and v as one GEMM (the RoPE kernel copying v out into the static buffers) give the
+    tokens of three projections, through the prefill and decode graphs and eagerly, cold and after
+    device-pool hits."""
+    import engine.layers as layers
+    path = bf16_dirs[arch]
+    prompts = PROMPTS + [PROMPTS[4][:50] + [9, 8, 7, 6]]
+    fused = engine(path, "bfloat16", chunk_size=32)
+    attn = [m for m in fused.model.modules() if isinstance(m, layers.Attention)]
+    assert attn and all(m.qkv_weight is not None for m in attn)
+    got = rounds(fused, prompts)
+    got_eager = rounds(engine(path, "bfloat16", chunk_size=32, enforce_eager=True, prefill_graph_tokens=0), prompts)
+    monkeypatch.setattr(layers, "FUSED_QKV", False)
+    want = rounds(engine(path, "bfloat16", chunk_size=32), prompts)
+    assert got == want and got_eager == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_graphs_tma_attention_equals_pointer_loads(bf16_dirs):
     """Device hits of a 2,600-token prefix + a short suffix, their attention captured in the prefill
     graphs: with the kernel's TMA tiles (whole 128-key tiles of the prefix on adjacent pages, the

@@ -138,3 +138,36 @@ def test_weights_digest_sees_every_byte(tmp_path):
     data[len(data) // 2] ^= 1  # a fine-tune that changes one weight in the middle of the file
     f.write_bytes(bytes(data))
     assert weights_digest(a, shard_files(a)) != weights_digest(b, shard_files(b))
+
+
+def test_qkv_projections_fused_into_one_weight(qwen_dir, monkeypatch):
+    """load_model puts each layer's q, k and v weights in one tensor (the three Linear weights are
+    views of its rows, no second copy); project() then runs one GEMM and gives the three
+    projections' q, k and v, into given buffers too; biased projections are left unfused."""
+    import engine.layers as layers
+    model = load_model(qwen_dir)[0]
+    cos, sin = model.rope.cos_sin(torch.arange(7), torch.float32)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        w = a.qkv_weight
+        assert w is not None and w.shape[0] == (a.heads + 2 * a.kv_heads) * a.head_dim
+        nq, nk = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        assert a.q_proj.weight.data_ptr() == w.data_ptr()
+        assert a.k_proj.weight.data_ptr() == w[nq:].data_ptr() and a.v_proj.weight.data_ptr() == w[nq + nk:].data_ptr()
+        assert "qkv_weight" not in model.state_dict() and "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
+        x = torch.randn(7, a.q_proj.in_features)
+        got = a.project(x, cos, sin)
+        monkeypatch.setattr(layers, "FUSED_QKV", False)
+        want = a.project(x, cos, sin)
+        monkeypatch.setattr(layers, "FUSED_QKV", True)
+        for g, e in zip(got, want):
+            assert g.is_contiguous() and g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        bufs = tuple(torch.full_like(t, float("nan")) for t in want)
+        into = a.project(x, cos, sin, out=bufs)
+        assert all(i is b for i, b in zip(into, bufs))
+        for g, b in zip(got, bufs):
+            torch.testing.assert_close(b, g, rtol=0, atol=0)
+    biased = layers.Attention(16, 2, 1, 8, True, 1e-6)
+    biased.k_proj = torch.nn.Linear(16, 8, bias=True)
+    assert not biased.fuse_qkv() and biased.qkv_weight is None
