@@ -92,7 +92,8 @@ class Ours:
         self.attn_sizes = None if self.prefill_graphs is None else self.prefill_graphs.attn_sizes
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
         self._prefill, self._moe = self.eng.config.attn.prefill_kernel, self.eng.config.attn.moe_kernel
-        self._graph_sets: dict[str, dict] = {}  # attn.moe_kernel -> its prefill graphs (mode(moe=...))
+        self._fused = True  # engine.layers.FUSED_QKV (mode(fused_qkv=...))
+        self._graph_sets: dict[tuple, dict] = {}  # (attn.moe_kernel, fused q/k/v) -> its prefill graphs
         self._tma = None  # the prefill graphs' own attn_tma choice (mode(attn_tma=...))
         if self.attn_sizes:
             self._tma = self.prefill_graphs._tma(min(self.attn_sizes))
@@ -100,14 +101,19 @@ class Ours:
     def mode(self, chunk: int | None = None, graphs: bool | None = None, prefill: str | None = None,
              prefill_graphs: bool | None = None, graph_attention: bool | None = None,
              async_scheduling: bool | None = None, moe: str | None = None, attn_tma: bool | None = None,
-             prefix_in_place: bool | None = None):
+             prefix_in_place: bool | None = None, fused_qkv: bool | None = None):
         if prefill is not None:  # attn.prefill_kernel, switched on the engine's model in place
             self._prefill = prefill
-        if moe is not None and moe != self._moe and self.prefill_graphs is not None:
-            # each MoE kernel keeps its own prefill graphs (captured when first used, in the same pool);
-            # none is deleted: releasing graphs of a shared pool and capturing into it again fails
-            self._graph_sets[self._moe] = self.prefill_graphs.graphs
-            self.prefill_graphs.graphs = self._graph_sets.setdefault(moe, {})
+        key = (moe or self._moe, self._fused if fused_qkv is None else fused_qkv)
+        if key != (self._moe, self._fused) and self.prefill_graphs is not None:
+            # each MoE kernel and projection keeps its own prefill graphs (captured when first used,
+            # in the same pool); none is deleted: releasing graphs of a shared pool and capturing
+            # into it again fails
+            self._graph_sets[(self._moe, self._fused)] = self.prefill_graphs.graphs
+            self.prefill_graphs.graphs = self._graph_sets.setdefault(key, {})
+        if fused_qkv is not None:  # q, k and v as one GEMM, or three (timed side by side; prefill only:
+            import engine.layers  # the decode graphs keep what they captured)
+            engine.layers.FUSED_QKV = self._fused = fused_qkv
         if prefill is not None or moe is not None:
             self._moe = moe or self._moe
             set_attention_backend(self.eng.model, self.eng.config.attn.backend, self._prefill, self._moe)
@@ -271,8 +277,9 @@ def main():
               f"kvc, chunk {a.chunk}, MoE without TMA (ms) | kvc, one chunk, MoE without TMA (ms) | "
               f"chunked / one, MoE without TMA | "
               f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
+              f"kvc, chunk {a.chunk}, q/k/v three GEMMs (ms) | kvc, one chunk, q/k/v three GEMMs (ms) | "
               "transformers (ms) | transformers / kvc chunked |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
             ours.mode(chunk=a.chunk)
             chunked = timed(ours.prefill(L, L), a.device, a.repeat)
@@ -292,13 +299,19 @@ def main():
             ours.mode(chunk=a.chunk)
             chunked_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
             ours.mode(moe=ours.eng.config.attn.moe_kernel)
+            ours.mode(fused_qkv=False)  # q, k and v projected by three GEMMs (before fuse_qkv), side by side
+            chunked_3 = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(chunk=L)
+            one_3 = timed(ours.prefill(L, L), a.device, a.repeat)
+            ours.mode(chunk=a.chunk, fused_qkv=True)
             ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
             hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
             tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
             eag = f"{eager * 1e3:,.1f}" if eager else "-"
             gat = f"{gathered * 1e3:,.1f}" if gathered else "-"
             print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {gat} | {chunked_ptr * 1e3:,.1f} | "
-                  f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {hf_cols} |", flush=True)
+                  f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {chunked_3 * 1e3:,.1f} | "
+                  f"{one_3 * 1e3:,.1f} | {hf_cols} |", flush=True)
             if ours.prefill_graphs is not None and ours.prefill_graphs.disabled is not None:
                 print(f"# WARNING: the prefill CUDA graphs were turned off during this row ({ours.prefill_graphs.disabled}):"
                       " this row and the later ones ran eager", flush=True)
