@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-HEADS_PER_PROGRAM = 8  # a program's heads when a call has many tokens (1 a program for few tokens)
+HEADS_PER_PROGRAM = 16  # a program's heads when a call has many tokens (1 a program for few tokens); run
+                        # ET (bench_qkv, H200): 16 the quickest of 1-16 at 2,048-32,768 tokens
 MANY_TOKENS = 64  # from this many tokens a program takes HEADS_PER_PROGRAM heads of one token
 
 
@@ -20,7 +21,8 @@ def _qk_norm_rope_kernel(Q, K, V, QW, KW, YQ, YK, YV, Cos, Sin, stride_qt, strid
                          HB: tl.constexpr):
     """HB heads of one token, out of its HQ q heads, HK k heads and HV v heads (in that order): the
     per-head RMSNorm (NORM) then RoPE of q and k, with the eager roundings of RMSNorm.reference
-    followed by apply_rope_reference; v's heads are copied as they are."""
+    followed by apply_rope_reference; v's heads are copied as they are. Compiled, the norm's sum
+    over a [HB, BLOCK] tile may round apart from one head a program's (run ET: a bf16 rounding)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * HB + tl.arange(0, HB)  # [HB]
     live = h < HQ + HK + HV

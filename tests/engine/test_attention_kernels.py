@@ -278,15 +278,19 @@ def check_qk_norm_rope(device):
             new_q, _ = qk_norm_rope(*args, out=other)
             assert new_q.data_ptr() != other[0].data_ptr() and torch.equal(new_q, got_q)
             # v copied in the same launch (a fused q/k/v projection's output), into a given buffer
-            # or a new tensor; any number of heads a program gives the same bits as one a head
+            # or a new tensor, bit for bit; q and k at any number of heads a program as at one (the
+            # norm's sum is reduced in another order when compiled: a rounding apart, run ET)
             v = qkv[:, 10:12]
             for hb in (1, 2, 4, 8, 16):
                 vbuf = torch.full_like(v.contiguous(), float("nan"))
-                y = kernel(*args, out=bufs + (vbuf,), v=v, heads_per_program=hb)
-                assert len(y) == 3 and y[2].data_ptr() == vbuf.data_ptr() and y[2].is_contiguous()
-                assert torch.equal(y[0], got_q) and torch.equal(y[1], got_k) and torch.equal(y[2], v)
-                y = kernel(*args, v=v, heads_per_program=hb)
-                assert torch.equal(y[0], got_q) and torch.equal(y[1], got_k) and torch.equal(y[2], v)
+                into = kernel(*args, out=bufs + (vbuf,), v=v, heads_per_program=hb)
+                assert into[0] is bufs[0] and into[1] is bufs[1] and into[2] is vbuf
+                for y in (into, kernel(*args, v=v, heads_per_program=hb)):
+                    assert len(y) == 3 and y[2].is_contiguous() and torch.equal(y[2], v)
+                    torch.testing.assert_close(y[0], got_q, rtol=rtol, atol=4 * rtol)
+                    torch.testing.assert_close(y[1], got_k, rtol=rtol, atol=4 * rtol)
+                    if device == "cpu" or hb == 1:
+                        assert torch.equal(y[0], got_q) and torch.equal(y[1], got_k)
             with pytest.raises(ValueError, match="v must be"):
                 kernel(*args, v=v.double())
             with pytest.raises(ValueError, match="power of two"):
