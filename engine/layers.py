@@ -198,13 +198,15 @@ class Attention(nn.Module):
         """o [T, Hq, D] -> [T, hidden]: the output projection."""
         return self.o_proj(o.reshape(o.shape[0], self.heads * self.head_dim))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None, store=None):
         """x [T, hidden] -> q [T, Hq, D], k, v [T, Hkv, D]: projections, q/k norms and RoPE (the part
         before attention; engine.prefill_graphs captures it). After fuse_qkv the three projections are
         one GEMM and, with the kernels, the RoPE kernel copies v out of its output beside q and k.
         out: the (q, k, v) tensors to write (prefill_graphs' static buffers: with the kernels the RoPE
         kernel (and, unfused, v's projection) write them in place, ~4 copies a layer fewer, 3.2 ms of
-        a 32K chunked prefill in run EH)."""
+        a 32K chunked prefill in run EH). store (k_cache, v_cache, slots): k and v also written into
+        the paged pool at slots (negative: skipped), by the RoPE kernel where it runs fused, else
+        by store_kv after it."""
         T = x.shape[0]
         kernels = use_kernels(x, self.backend)
         fused = FUSED_QKV and self.qkv_weight is not None and self.qkv_weight.dtype == x.dtype
@@ -224,9 +226,11 @@ class Attention(nn.Module):
             qn, kn = self.q_norm, self.k_norm
             got = qk_norm_rope(q, k, None if qn is None else qn.weight, None if kn is None else kn.weight,
                                0.0 if qn is None else qn.eps, cos, sin,
-                               None if out is None else (out if fused else out[:2]), v if fused else None)
+                               None if out is None else (out if fused else out[:2]), v if fused else None,
+                               store if fused else None)
             q, k = got[:2]
             v = got[2] if fused else v
+            store = None if fused else store
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
@@ -236,8 +240,11 @@ class Attention(nn.Module):
             for dst, src in zip(out, (q, k, v)):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)
-            return out
-        return q, k, v
+            q, k, v = out
+        if store is not None:
+            from .attention.triton_cache import store_kv
+            store_kv(k, v, *store)
+        return (q, k, v) if out is None else out
 
 
 def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto",

@@ -31,10 +31,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         return self.post(x, self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache))
 
-    def pre(self, x, cos, sin, out=None):
+    def pre(self, x, cos, sin, out=None, store=None):
         """The part before attention: x [T, H] -> q [T, Hq, D], k, v [T, Hkv, D] (written into out's
-        three tensors when given)."""
-        return self.self_attn.project(self.input_layernorm(x), cos, sin, out)
+        three tensors when given; k and v into the pool too with store: Attention.project)."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin, out, store)
 
     def post(self, x, a, out=None):
         """The part after attention: residual x [T, H] and the attention's projected output a [T, H]
@@ -45,6 +45,8 @@ class DecoderLayer(nn.Module):
         else:
             x = x + a
             h = norm(x)
+        if isinstance(self.mlp, MoEBlock):  # the add inside the experts' last launch where it can
+            return self.mlp(h, residual=x, out=out)
         return x + self.mlp(h) if out is None else torch.add(x, self.mlp(h), out=out)
 
 

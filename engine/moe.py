@@ -119,17 +119,27 @@ class StackedExperts(nn.Module):
         """Whether the router and these experts run as the fused Triton kernels (attn.moe_kernel)."""
         return self.kernel != "torch" and use_kernels(x, self.backend)
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' weighted sum [T, H]; residual (fused kernels only, see MoEBlock.forward): that
+        plus residual, added in the kernels' last launch, written into out when given."""
         if self.fused(x):
             from .moe_kernels import fused_experts
             self.path = "fused"
-            return fused_experts(self.w13, self.w2, x, topk_ids, topk_weights, tma=self.kernel != "triton")
+            return fused_experts(self.w13, self.w2, x, topk_ids, topk_weights, tma=self.kernel != "triton",
+                                 residual=residual, out=out)
+        if residual is not None:
+            raise ValueError("StackedExperts adds a residual only on the fused kernels' path")
         if self._grouped is None:  # decided once, on the device and dtype the weights ended on
             # On CPU the per-expert loop measured 2x faster than torch._grouped_mm (torch 2.13).
             self._grouped = self.w2.device.type == "cuda" and grouped_mm_works(
                 self.w2.device, self.w2.dtype, self.w2.shape[1], self.w2.shape[2])
         self.path = "grouped" if self._grouped else "loop"
         return experts_sorted(self.w13, self.w2, x, topk_ids, topk_weights, self._grouped)
+
+
+FUSED_RESIDUAL = True  # the residual add inside the fused experts' last launch (benchmarks set False to
+                       # time the separate add side by side)
 
 
 class MoEBlock(nn.Module):
@@ -145,11 +155,23 @@ class MoEBlock(nn.Module):
         self._modules.pop("_backend", None)  # a module set earlier would refuse a plain object
         self._backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.experts.fused(x):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] -> the experts' weighted sum [T, H]; with residual [T, H], residual + that (the
+        decoder layer's residual add: on the fused kernels' path inside their last launch, else
+        one add), written into out when given (out may be residual)."""
+        fused = self.experts.fused(x)
+        if fused:
             from .moe_kernels import fused_route
             ids, weights = fused_route(self.gate(x), self.top_k, self.renormalize)  # one launch
         else:
             ids, weights = route(self.gate(x), self.top_k, self.renormalize)  # [T, k], [T, k]
+        if (residual is not None and fused and self._backend is None and FUSED_RESIDUAL
+                and all(t.is_contiguous() and t.dtype == x.dtype and t.shape == x.shape
+                        for t in (residual, out) if t is not None)):
+            return self.experts.forward(x, ids, weights, residual, out)
         backend = self._backend if self._backend is not None else self.experts
-        return backend.forward(x, ids, weights)
+        y = backend.forward(x, ids, weights)
+        if residual is None:
+            return y
+        return residual + y if out is None else torch.add(residual, y, out=out)

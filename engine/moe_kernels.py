@@ -519,34 +519,56 @@ def sorted_rows(x: torch.Tensor, sorted_ids: torch.Tensor, row_div: int) -> torc
 
 
 @triton.jit
-def _sum_slots_kernel(Y, Out, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (t, j): Out[t, j-th BLOCK_H columns] = the sum of Y's K rows of token t, in fp32."""
+def _sum_slots_kernel(Y, R, Out, H, K: tl.constexpr, BLOCK_H: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Program (t, j): Out[t, j-th BLOCK_H columns] = the sum of Y's K rows of token t, in fp32
+    (RESIDUAL: rounded to Out's dtype, then R's row added in fp32 and rounded again: torch's
+    residual + sum, bit for bit)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = cols < H
     acc = tl.zeros([BLOCK_H], tl.float32)
     for j in tl.static_range(K):
         acc += tl.load(Y + (t * K + j) * H + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(Out + t * H + cols, acc.to(Out.dtype.element_ty), mask=m)
+    dt = Out.dtype.element_ty
+    if RESIDUAL:
+        acc = acc.to(dt).to(tl.float32) + tl.load(R + t * H + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(Out + t * H + cols, acc.to(dt), mask=m)
 
 
-def _slot_sum(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
-    """fused_experts' last step: sum_slots on CUDA, torch's sum for CPU tensors (the interpreter's
-    tests; there torch's is the reference the kernel is checked against)."""
-    return sum_slots(y, T, k) if y.is_cuda else y.view(T, k, -1).sum(1)
+def _slot_sum(y: torch.Tensor, T: int, k: int, residual: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """fused_experts' last step: sum_slots on CUDA, torch's sum (and add) for CPU tensors (the
+    interpreter's tests; there torch's is the reference the kernel is checked against)."""
+    if y.is_cuda:
+        return sum_slots(y, T, k, residual, out)
+    s = y.view(T, k, -1).sum(1)
+    if residual is None:
+        return s
+    return residual + s if out is None else torch.add(residual, s, out=out)
 
 
-def sum_slots(y: torch.Tensor, T: int, k: int) -> torch.Tensor:
+def sum_slots(y: torch.Tensor, T: int, k: int, residual: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """y [T * k, H] (a token's k weighted expert rows back to back) -> [T, H], summed in fp32: what
-    y.view(T, k, H).sum(1) computes, as one pass that reads each row once."""
+    y.view(T, k, H).sum(1) computes, as one pass that reads each row once. residual [T, H]: returns
+    residual + that sum (rounded as torch rounds the two steps) in the same pass, the decoder
+    layer's residual add without a launch of its own. out: written instead of a new tensor
+    (contiguous [T, H] of y's dtype; it may be residual itself)."""
     if y.dim() != 2 or y.shape[0] != T * k or not y.is_contiguous():
         raise ValueError(f"sum_slots: y must be a contiguous [T * k, H] = [{T * k}, H] tensor, got "
                          f"{tuple(y.shape)} with strides {y.stride()}")
     H = y.shape[1]
-    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (t.shape != (T, H) or t.dtype != y.dtype or not t.is_contiguous()):
+            raise ValueError(f"sum_slots: {name} must be a contiguous [{T}, {H}] tensor of {y.dtype}, got "
+                             f"{tuple(t.shape)} of {t.dtype} with strides {t.stride()}")
+    if out is None:
+        out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T:
         BLOCK_H = min(1024, triton.next_power_of_2(H))
-        _sum_slots_kernel[(T, triton.cdiv(H, BLOCK_H))](y, out, H, K=k, BLOCK_H=BLOCK_H, num_warps=4)
+        _sum_slots_kernel[(T, triton.cdiv(H, BLOCK_H))](y, out if residual is None else residual, out, H, K=k,
+                                                        BLOCK_H=BLOCK_H, RESIDUAL=residual is not None,
+                                                        num_warps=4)
     return out
 
 
@@ -602,7 +624,7 @@ _tma_broken: str | None = None  # set when the TMA path failed once (its first c
 
 
 def _tma_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor | None:
+                 weights: torch.Tensor, residual=None, out=None) -> torch.Tensor | None:
     """fused_experts through the TMA GEMMs (TMA_GATE_UP / TMA_DOWN, one 128-row align for both), or
     None when they fail: a Triton that cannot build them (an older compiler with tensor descriptors
     but not the persistent loop's options, say) logs one warning and turns the TMA path off for
@@ -623,12 +645,15 @@ def _tma_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torc
         _tma_broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning("MoE TMA kernels off, using the pointer-load kernels: %s", _tma_broken)
         return None
-    return _slot_sum(y, T, k)
+    return _slot_sum(y, T, k, residual, out)
 
 
 def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
-                  weights: torch.Tensor, cfg: tuple[dict, dict] | None = None, tma: bool = True) -> torch.Tensor:
+                  weights: torch.Tensor, cfg: tuple[dict, dict] | None = None, tma: bool = True,
+                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """w13 [E, 2I, H], w2 [E, H, I], x [T, H], ids [T, k], weights [T, k] fp32 -> [T, H] in x's dtype.
+    residual [T, H]: returns residual + that, added in the last launch (sum_slots); out: written
+    instead of a new tensor (it may be residual).
 
     cfg: (gate/up, down) tile sizes instead of `configs`' choice (benchmarks; pointer loads). tma:
     prefill-sized calls (TMA_MIN_ROWS pairs an expert or more) load their weight tiles by TMA where
@@ -637,11 +662,11 @@ def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: tor
     T, k = ids.shape
     E, H, I = w2.shape
     if T == 0:
-        return x.new_zeros(0, H)
+        return x.new_zeros(0, H) if residual is None else residual.clone() if out is None else out
     x = x.contiguous()
     n_pairs = T * k
     if cfg is None and tma and _tma_broken is None and n_pairs >= TMA_MIN_ROWS * E and tma_ready(x, w13, w2):
-        y = _tma_experts(w13, w2, x, ids, weights)
+        y = _tma_experts(w13, w2, x, ids, weights, residual, out)
         if y is not None:
             return y
     if cfg is None:
@@ -657,7 +682,7 @@ def fused_experts(w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, ids: tor
     y = torch.empty(n_pairs, H, dtype=x.dtype, device=x.device)  # [T*k, H], weighted
     _launch(act, w2, y, weights.reshape(-1).float().contiguous(), sorted_ids, block_expert, n_pairs, E, H, I,
             1, False, True, cfg2)
-    return _slot_sum(y, T, k)
+    return _slot_sum(y, T, k, residual, out)
 
 
 @triton.jit

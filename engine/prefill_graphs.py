@@ -44,7 +44,6 @@ from __future__ import annotations
 import torch
 
 from .attention import kernel_attention, use_kernels
-from .attention.triton_cache import store_kv
 from .cuda_graphs import ensure_captured, warm_and_capture
 from .kv_cache import KVCache
 from .layers import AttnMetadata
@@ -130,9 +129,9 @@ class PrefillGraphs:
     def _before(self, i: int, B: int) -> None:
         """Layer i's part before attention over the first B rows: q, k, v, and the K/V store."""
         layer = self.model.model.layers[i]
-        layer.pre(self.x[:B], self.cos[:B], self.sin[:B], out=(self.q[:B], self.k[:B], self.v[:B]))
-        k_cache, v_cache = self.kv.pool.layer(i)
-        store_kv(self.k[:B], self.v[:B], k_cache, v_cache, self.slots[:B])
+        k_cache, v_cache = self.kv.pool.layer(i)  # the store inside the RoPE kernel where it runs fused
+        layer.pre(self.x[:B], self.cos[:B], self.sin[:B], out=(self.q[:B], self.k[:B], self.v[:B]),
+                  store=(k_cache, v_cache, self.slots[:B]))
 
     def _after(self, i: int, B: int) -> None:
         layer = self.model.model.layers[i]

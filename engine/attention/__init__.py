@@ -132,9 +132,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return kernel(x, delta, weight, eps)
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, out=None, v=None):
+def qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, out=None, v=None, store=None):
     from .triton_rope import qk_norm_rope as kernel
-    return kernel(q, k, q_weight, k_weight, eps, cos, sin, out, v)
+    return kernel(q, k, q_weight, k_weight, eps, cos, sin, out, v, store=store)
 
 
 def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

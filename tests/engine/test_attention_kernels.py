@@ -291,6 +291,19 @@ def check_qk_norm_rope(device):
                     torch.testing.assert_close(y[1], got_k, rtol=rtol, atol=4 * rtol)
                     if device == "cpu" or hb == 1:
                         assert torch.equal(y[0], got_q) and torch.equal(y[1], got_k)
+                # k and v into the paged pool in the same launch: what store_kv writes, padding
+                # rows (slot -1) and other slots untouched
+                from engine.attention.triton_cache import store_kv
+                slots = torch.tensor([9, -1, 3, 14, 0], device=device)
+                kc, vc = (torch.full((4, 4, 2, 32), float("nan"), device=device, dtype=dtype) for _ in range(2))
+                y = kernel(*args, v=v, heads_per_program=hb, store=(kc, vc, slots))
+                wk, wv = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+                store_kv(y[1], y[2], wk, wv, slots)
+                assert torch.equal(kc.nan_to_num(7.0), wk.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0),
+                                                                                         wv.nan_to_num(7.0))
+                assert kc.view(-1, 2, 32)[slots[slots >= 0]].isfinite().all() and kc.isnan().sum() == 12 * 64
+            with pytest.raises(ValueError, match="store needs v"):
+                kernel(*args, store=(kc, vc, slots))
             with pytest.raises(ValueError, match="v must be"):
                 kernel(*args, v=v.double())
             with pytest.raises(ValueError, match="power of two"):

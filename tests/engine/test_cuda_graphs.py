@@ -108,21 +108,29 @@ def test_prefill_graphs_equal_eager(qwen_dir, bf16_dirs, dtype, page, chunk):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_fused_qkv_equals_three_projections(bf16_dirs, arch, monkeypatch):
-    """q, k and v as one GEMM (the RoPE kernel copying v out into the static buffers) give the
-    tokens of three projections, through the prefill and decode graphs and eagerly, cold and after
-    device-pool hits."""
+@pytest.mark.parametrize("switch", ["layers.FUSED_QKV", "moe.FUSED_RESIDUAL"])
+def test_fusions_equal_the_separate_launches(bf16_dirs, arch, switch, monkeypatch):
+    """q, k and v as one GEMM (the RoPE kernel copying v out into the static buffers), and the
+    residual add inside the MoE's last launch, give the tokens of three projections and of an add
+    of its own, through the prefill and decode graphs and eagerly, cold and after device-pool hits,
+    in chunks of 32 and of 2,048 (steps of more than 64 tokens: 16 heads a RoPE program)."""
+    import importlib
     import engine.layers as layers
+    module, name = switch.split(".")
     path = bf16_dirs[arch]
     prompts = PROMPTS + [PROMPTS[4][:50] + [9, 8, 7, 6]]
-    fused = engine(path, "bfloat16", chunk_size=32)
-    attn = [m for m in fused.model.modules() if isinstance(m, layers.Attention)]
-    assert attn and all(m.qkv_weight is not None for m in attn)
-    got = rounds(fused, prompts)
-    got_eager = rounds(engine(path, "bfloat16", chunk_size=32, enforce_eager=True, prefill_graph_tokens=0), prompts)
-    monkeypatch.setattr(layers, "FUSED_QKV", False)
-    want = rounds(engine(path, "bfloat16", chunk_size=32), prompts)
-    assert got == want and got_eager == want
+    for chunk in (32, 2048) if arch == "qwen3_moe" else (32,):
+        fused = engine(path, "bfloat16", chunk_size=chunk)
+        attn = [m for m in fused.model.modules() if isinstance(m, layers.Attention)]
+        assert attn and all(m.qkv_weight is not None for m in attn)
+        got = rounds(fused, prompts)
+        if chunk == 32:
+            assert got == rounds(engine(path, "bfloat16", chunk_size=chunk, enforce_eager=True,
+                                        prefill_graph_tokens=0), prompts), "eager"
+        with monkeypatch.context() as m:
+            m.setattr(importlib.import_module(f"engine.{module}"), name, False)
+            want = rounds(engine(path, "bfloat16", chunk_size=chunk), prompts)
+        assert got == want, chunk
 
 
 @pytest.mark.gpu

@@ -40,6 +40,29 @@ def close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
     return (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item() + 1e-3
 
 
+def check_sum_residual(y: torch.Tensor, T: int, k: int) -> None:
+    """sum_slots with a residual: the sum then torch's add (two roundings), bit for bit, into a new
+    tensor, a given one and the residual itself; wrong residual / out buffers refused."""
+    import engine.moe_kernels as mk
+    H = y.shape[1]
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(T, H, generator=g).to(device=y.device, dtype=y.dtype)
+    want = r + mk.sum_slots(y, T, k)  # the engine's two launches before (the sum is checked against torch's)
+    assert torch.equal(mk.sum_slots(y, T, k, r), want), "sum_slots residual"
+    out = torch.full_like(r, float("nan"))
+    assert mk.sum_slots(y, T, k, r, out) is out and torch.equal(out, want), "sum_slots residual, out"
+    same = r.clone()
+    assert mk.sum_slots(y, T, k, same, same) is same and torch.equal(same, want), "sum_slots residual, in place"
+    for name, bad in (("residual", r[1:]), ("residual", r.t().contiguous().t() if T > 1 else r.double()),
+                      ("out", r.double())):
+        try:
+            mk.sum_slots(y, T, k, bad if name == "residual" else r, bad if name == "out" else None)
+        except ValueError as e:
+            assert f"{name} must be a contiguous" in str(e), e
+        else:
+            raise AssertionError((name, bad.shape, bad.dtype))
+
+
 def case(T, E, k, H, I, dtype, device, skew=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     w13 = (torch.randn(E, 2 * I, H, generator=g) * 0.05).to(dtype).to(device)  # [E, 2I, H]
@@ -198,6 +221,7 @@ INTERP_TMA = r"""
 import torch
 from engine import moe_kernels as mk
 from engine.moe import route
+from tests.engine.test_moe_kernels import check_sum_residual
 g = torch.Generator().manual_seed(0)
 E, I, H, T, k = 4, 24, 40, 8, 2  # I not a multiple of the N tile, H not of the K tile: both tails
 w13 = torch.randn(E, 2 * I, H, generator=g) * 0.1
@@ -271,6 +295,7 @@ for extra in (dict(PERSISTENT=True), dict(PERSISTENT=True, FLATTEN=True), dict(P
     assert torch.allclose(got2, want2, atol=1e-5, rtol=1e-5), ("sorted down", extra, (got2 - want2).abs().max())
 summed = mk.sum_slots(got2, T2, k)  # the k slots' sum in one pass, as torch's
 assert torch.allclose(summed, got2.view(T2, k, H).sum(1), atol=1e-6, rtol=1e-6), "sum_slots"
+check_sum_residual(got2, T2, k)
 for bad in (got2[1:], got2.t().contiguous().t()):  # a row short; not row-major
     try:
         mk.sum_slots(bad, T2, k)
@@ -346,6 +371,7 @@ def test_tma_gemms_equal_the_fused_ones_cuda():
         mk.launch_tma(x, w13, got, None, s, b, n, k, True, dict(mk.TMA_GATE_UP, WS=ws))
         assert close_bf16(got, want), ("ws gate/up", ws)
     assert close_bf16(mk.sum_slots(want2, 2048, k), want2.view(2048, k, H).sum(1)), "sum_slots"
+    check_sum_residual(want2, 2048, k)
     # TWO_M with 64-row halves of the engine's own 128-row blocks (bench_moe --tma-halves)
     halves = dict(cfg, BLOCK_M=64, TWO_M=True, PERSISTENT=True, FLATTEN=True)
     got = torch.full_like(want, float("nan"))
@@ -491,4 +517,4 @@ def test_attn_moe_kernel_reaches_the_tma_switch(monkeypatch, moe_kernel, tma):
     set_attention_backend(block, "auto", "auto", moe_kernel)
     x = torch.zeros(2, 8)
     block.experts(x, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
-    assert seen == [dict(tma=tma)] and block.experts.path == "fused"
+    assert seen == [dict(tma=tma, residual=None, out=None)] and block.experts.path == "fused"
