@@ -92,7 +92,7 @@ class Ours:
         self.attn_sizes = None if self.prefill_graphs is None else self.prefill_graphs.attn_sizes
         self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
         self._prefill, self._moe = self.eng.config.attn.prefill_kernel, self.eng.config.attn.moe_kernel
-        self._fused = True  # engine.layers.FUSED_QKV (mode(fused_qkv=...))
+        self._fused = True  # engine.layers.FUSED_QKV and engine.moe.FUSED_RESIDUAL (mode(fused_qkv=...))
         self._graph_sets: dict[tuple, dict] = {}  # (attn.moe_kernel, fused q/k/v) -> its prefill graphs
         self._tma = None  # the prefill graphs' own attn_tma choice (mode(attn_tma=...))
         if self.attn_sizes:
@@ -111,9 +111,11 @@ class Ours:
             # into it again fails
             self._graph_sets[(self._moe, self._fused)] = self.prefill_graphs.graphs
             self.prefill_graphs.graphs = self._graph_sets.setdefault(key, {})
-        if fused_qkv is not None:  # q, k and v as one GEMM, or three (timed side by side; prefill only:
-            import engine.layers  # the decode graphs keep what they captured)
-            engine.layers.FUSED_QKV = self._fused = fused_qkv
+        if fused_qkv is not None:  # q, k and v as one GEMM (the K/V store in its RoPE launch inside the
+            import engine.layers  # prefill graphs) and the residual add inside the MoE's last launch, or
+            import engine.moe  # three GEMMs, store_kv and an add of their own (timed side by side;
+            # prefill only: the decode graphs keep what they captured)
+            engine.layers.FUSED_QKV = engine.moe.FUSED_RESIDUAL = self._fused = fused_qkv
         if prefill is not None or moe is not None:
             self._moe = moe or self._moe
             set_attention_backend(self.eng.model, self.eng.config.attn.backend, self._prefill, self._moe)
@@ -277,7 +279,8 @@ def main():
               f"kvc, chunk {a.chunk}, MoE without TMA (ms) | kvc, one chunk, MoE without TMA (ms) | "
               f"chunked / one, MoE without TMA | "
               f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
-              f"kvc, chunk {a.chunk}, q/k/v three GEMMs (ms) | kvc, one chunk, q/k/v three GEMMs (ms) | "
+              f"kvc, chunk {a.chunk}, q/k/v three GEMMs, residual add and K/V store apart (ms) | "
+              "kvc, one chunk, q/k/v three GEMMs, residual add and K/V store apart (ms) | "
               "transformers (ms) | transformers / kvc chunked |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for L in sorted(set(a.prompt_len)):
@@ -299,7 +302,7 @@ def main():
             ours.mode(chunk=a.chunk)
             chunked_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
             ours.mode(moe=ours.eng.config.attn.moe_kernel)
-            ours.mode(fused_qkv=False)  # q, k and v projected by three GEMMs (before fuse_qkv), side by side
+            ours.mode(fused_qkv=False)  # three q/k/v GEMMs, the add and store apart (as before), side by side
             chunked_3 = timed(ours.prefill(L, L), a.device, a.repeat)
             ours.mode(chunk=L)
             one_3 = timed(ours.prefill(L, L), a.device, a.repeat)

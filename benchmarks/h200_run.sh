@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for part in "$@"; do
   case $part in
-    tests) step tests 170 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
+    tests) step tests 220 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
         tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
         tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py \
         tests/engine/test_llm_close.py tests/engine/test_moe_kernels.py tests/kvc/test_pinned.py ;;
