@@ -133,6 +133,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         dt = torch.float32 if name.endswith(fp32) else dtype
         state[name] = torch.nn.Parameter(t.to(device=dev, dtype=dt), requires_grad=False)
     model.load_state_dict(state, strict=False, assign=True)
+    state.clear()  # the model holds the weights now: each layer's q/k/v is freed as it is fused
     for m in model.modules():  # q, k and v projections as one GEMM (their weights views of one tensor)
         if isinstance(m, Attention):
             m.fuse_qkv()
