@@ -12,7 +12,8 @@ gather rows, torch._grouped_mm, SiLU, weight, scatter, sum) up to rounding, in f
 3. down GEMM: act rows times w2, scaled by the routing weight in the epilogue: `y` [pairs, H].
 4. the sum over each token's k rows of y, in fp32: on CUDA one Triton pass (`sum_slots`; torch's
    y.view(T, k, H).sum(1) read at ~2.1-2.6 TB/s on the H200, 0.028 against 0.020 ms at 2,048
-   tokens, 0.415 against 0.274 at 32,768, run EQ), elsewhere torch's sum.
+   tokens, 0.415 against 0.274 at 32,768, run EQ), elsewhere torch's sum; given the decoder
+   layer's residual, the same pass adds it (engine.moe.MoEBlock), rounded as torch's two launches.
 Every shape is fixed by T, nothing is read back to the host: decode steps stay capturable in a CUDA
 graph. Block sizes: small M tiles when few rows land on each expert (decode), large ones for prefill.
 On Hopper and newer, prefill-sized calls load the weight tiles by TMA (tensor descriptors) on a
