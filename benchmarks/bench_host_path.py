@@ -8,7 +8,10 @@ release. This script times each of those functions (wall time, summed per reques
 8K and 32K cached tokens and for the new tokens alone, over --repeat requests after one untimed
 request a column (a graph bucket's capture and other first-use costs), with this thread's pinned
 upload ring allocated beforehand (before the twenty-seventh session the CUDA prepare rows could
-include page-locked allocations of slots first used there), and prints a table.
+include page-locked allocations of slots first used there), and prints a table. The chats column
+sends --chats conversations round-robin over the cached prefix, each turn its last prompt plus
+--new tokens (an agent's system prompt under several users' chats): each hit is the prefix plus
+that conversation's earlier turns, and the last row says how many started from a remembered hit.
 The model's own time is listed too: on CPU it is the reference attention over the prefix (not the
 point here); on CUDA it is the host time to queue the kernels.
 
@@ -92,6 +95,9 @@ def main():
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--cached", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--chats", type=int, default=6,
+                    help="conversations in the chats column: round-robin over the cached prefix, each turn "
+                         "--new tokens more than its last (0: no such column)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tiers", choices=["none", "cpu", "cpu+disk"], default="none",
                     help="host tiers (none: gpu_only); with tiers a cpu-hit column is added (the device "
@@ -150,6 +156,9 @@ def main():
         kinds = [("device", f"{L} device hit + {a.new}"), ("alone", f"{a.new} alone")]
         if pc.host is not None:
             kinds.insert(1, ("cpu", f"{L} cpu hit + {a.new}"))
+        if a.chats:
+            kinds.insert(1, ("chats", f"{L} hit, {a.chats} chats"))
+        turns: dict[int, list[int]] = {}  # chats: conversation -> its turns so far, after the prefix
         for kind, label in kinds:
             total = 0.0
             allocs = pinned.UPLOADER.allocations
@@ -157,15 +166,21 @@ def main():
                 if r == 0:
                     times.clear()
                     total = 0.0
+                    memo_hits = pc.memo_hits
                 suffix, other = prompts(2, a.new, vocab, 1000 + r)
                 if kind == "cpu":
                     pc.flush()
                     pc.reset_device_cache()
+                if kind == "chats":  # conversation r % chats, its next turn: its last prompt + new tokens
+                    c = r % a.chats
+                    said = turns.get(c, [])
+                    turns[c] = said + prompts(1, a.new, vocab, 5000 + 97 * c + len(said))[0]
+                    suffix = turns[c]
                 dt, got = run(other if kind == "alone" else base + suffix)
                 if kind != "alone":
                     assert got >= L, f"expected a {kind} hit of {L} tokens, got {got}"
                 total += dt
-            cols.append((label, total / a.repeat, dict(times)))
+            cols.append((label, total / a.repeat, dict(times), pc.memo_hits - memo_hits))
             if pinned.UPLOADER.allocations != allocs:
                 print(f"# {label}: {pinned.UPLOADER.allocations - allocs} page-locked allocations during the column")
         if pc.host is not None:
@@ -179,6 +194,8 @@ def main():
     host = [sum(v for k, v in c[2].items() if k in counted) / a.repeat * 1e3 for c in cols]
     print("| host work outside the model | " + " | ".join(f"{h:.3f}" for h in host) + " |")
     print("| request wall time (TTFT) | " + " | ".join(f"{c[1] * 1e3:.2f}" for c in cols) + " |")
+    print("| hits that started from a memo (of the column's requests) | "
+          + " | ".join(f"{c[3]} / {a.repeat}" for c in cols) + " |")
     if eng.tokenizer is not None:
         tokenizer_stall(eng.tokenizer, max(a.cached))
 

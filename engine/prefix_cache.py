@@ -40,7 +40,7 @@ from .request import Request, Status
 log = logging.getLogger("kvc.engine")
 REOFFER_EVERY_S = 30.0
 MEMO_MIN_PAGES = 256  # device hits this long are remembered (_Memo); shorter ones match fast enough
-MEMO_ENTRIES = 4
+MEMO_ENTRIES = 8  # the shared prefixes and the live conversations' latest hits, least recently used dropped
 
 
 class Grant(enum.Enum):
@@ -72,13 +72,19 @@ class _Memo:
     """A long device hit, remembered so that the next prompt with the same prefix skips hashing and
     matching it page by page (an agent's system prompt, a RAG document: every request resends
     them). Valid while the pool still holds the same record for each of its blocks (a page evicted,
-    or its block given to another page, changes or drops the record): checking that is one list
+    or its block given to another page, changes or drops the record): while the pool has dropped
+    no record since they were last seen to hold, that is one int compare; otherwise one list
     compare, ~10x less host time than hashing 2,048 pages and matching them (bench_host_path)."""
     salt: str
     tokens: bytes  # the prefix's ids as little-endian uint32, whole pages
     hashes: list[bytes]
     blocks: list[int]
     records: list  # the pool's record of each block when it matched (BlockPool.records)
+    forgotten: int  # the pool's count of dropped records when those were last seen to hold
+    # Made from a hit that started from another memo (a conversation's next turn over its earlier
+    # one): superseded when its own next turn extends it. A memo made from a page-by-page match (a
+    # system prompt, a document) stays while it is used, whatever extends it.
+    extension: bool = False
 
 
 class PrefixCache:
@@ -135,7 +141,7 @@ class PrefixCache:
             self.memo_hits += 1
             hits = memo.blocks[:k] + hits
         if len(hits) >= MEMO_MIN_PAGES and len(hits) > k:
-            self._remember(req, hits)
+            self._remember(req, hits, memo, k)
         if not req.admitted:
             req.num_device_hit_tokens = len(hits) * P
         self.blocks.touch(hits)
@@ -176,31 +182,40 @@ class PrefixCache:
 
     def _remembered(self, req: Request, cap: int) -> tuple[_Memo | None, int]:
         """(the longest valid _Memo whose prefix starts req's prompt, how many of its pages to take:
-        at most cap) or (None, 0). An entry whose blocks no longer hold what it matched is dropped."""
-        best = None
+        at most cap) or (None, 0). Entries whose blocks no longer hold what they matched are
+        dropped on the way; the one taken becomes the most recently used."""
         raw = req.prompt_bytes
         if raw is None or cap < MEMO_MIN_PAGES:
             return None, 0
-        for m in self._memos:
-            if (m.salt == req.cache_salt and (best is None or len(m.tokens) > len(best.tokens))
-                    and raw.startswith(m.tokens)):
-                best = m
-        if best is None:
-            return None, 0
-        k = min(len(best.blocks), cap)
-        if self.blocks.records(best.blocks[:k]) != best.records[:k]:
-            self._memos.remove(best)
-            return None, 0
-        return best, k
+        last = 4 * self.page_size  # a memo's last page first: other conversations' entries differ there
+        fits = [m for m in self._memos if m.salt == req.cache_salt and len(m.tokens) <= len(raw)
+                and raw.startswith(m.tokens[-last:], len(m.tokens) - last) and raw.startswith(m.tokens)]
+        forgotten = self.blocks.forgotten
+        for m in sorted(fits, key=lambda m: len(m.tokens), reverse=True):
+            k = min(len(m.blocks), cap)
+            self._memos.remove(m)
+            # no record dropped since they were seen to hold, or each block's record unchanged (a
+            # page evicted, or its block given to another page, changes or drops it)
+            if m.forgotten == forgotten or self.blocks.records(m.blocks) == m.records:
+                m.forgotten = forgotten
+                self._memos.append(m)
+                return m, k
+        return None, 0
 
-    def _remember(self, req: Request, hits: list[int]) -> None:
-        """Keep req's device hit (MEMO_MIN_PAGES pages or more) as a _Memo, in place of the entries
-        it extends or that extend it, the oldest dropped past MEMO_ENTRIES."""
+    def _remember(self, req: Request, hits: list[int], base: _Memo | None, k: int) -> None:
+        """Keep req's device hit (MEMO_MIN_PAGES pages or more; its first k pages from the memo
+        `base`, if any, the rest matched) as the most recently used _Memo. It replaces base only
+        where base was itself an extension (a conversation's earlier turn): a shared prefix that
+        conversations extend stays for the next conversation that starts from it (dropping it, or
+        the entries that extend it, made every other request over one system prompt hash and match
+        page by page). The least recently used past MEMO_ENTRIES are dropped."""
         n = len(hits)
         tokens = req.ids_bytes(0, n * self.page_size)
-        keep = [m for m in self._memos if m.salt != req.cache_salt
-                or not (tokens.startswith(m.tokens) or m.tokens.startswith(tokens))]
-        keep.append(_Memo(req.cache_salt, tokens, req.hashes[:n], list(hits), self.blocks.records(hits)))
+        keep = [m for m in self._memos if not ((m is base and m.extension)
+                                               or (m.salt == req.cache_salt and m.tokens == tokens))]
+        records = (base.records[:k] if base is not None else []) + self.blocks.records(hits[k:])  # base's held
+        keep.append(_Memo(req.cache_salt, tokens, req.hashes[:n], list(hits), records, self.blocks.forgotten,
+                          extension=base is not None))
         self._memos = keep[-MEMO_ENTRIES:]
 
     def _host_located(self, req: Request, ns, hits: int, cap: int) -> list[str]:

@@ -37,6 +37,10 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
         self._cached: dict[int, tuple[bytes, bytes, bytes]] = {}  # block -> (hash, parent, tokens)
+        # Records dropped so far (evictions, forgotten pages). A block's record changes only by being
+        # dropped and then replaced, so while this count stands every record read earlier still holds
+        # (a remembered match skips comparing its 2,048 records then: engine.prefix_cache).
+        self.forgotten = 0
 
     @property
     def num_free(self) -> int:
@@ -91,6 +95,7 @@ class BlockPool:
             c = cached.pop(b, None)
             if c is not None:
                 del h2b[c[HASH]]
+                self.forgotten += 1
             rc[b] = 1
         return out
 
@@ -141,6 +146,7 @@ class BlockPool:
         c = self._cached.pop(b, None)
         if c is not None:
             del self.hash_to_block[c[HASH]]
+            self.forgotten += 1
 
     def reset_cache(self) -> int:
         """Forget every cached hash of unreferenced blocks; returns how many were dropped. They now

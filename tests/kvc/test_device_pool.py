@@ -145,3 +145,24 @@ def test_cache_blocks_in_bulk_equals_one_at_a_time():
         got = bulk.cache_blocks(blocks, hashes, ps, ts)
         want = sum(cache_one(loop, b, h, p, t) for b, h, p, t in zip(blocks, hashes, ps, ts))
         assert got == want and state(bulk) == state(loop)
+
+
+def test_forgotten_counts_every_record_dropped_and_nothing_else():
+    """BlockPool.forgotten moves exactly when a block's record is dropped (an eviction by allocate,
+    reset_cache): while it stands, every record read before still holds (the prefix cache's
+    remembered matches rely on that to skip comparing them)."""
+    pool = BlockPool(6)
+    a = pool.allocate(3)
+    assert pool.forgotten == 0  # blank blocks: nothing dropped
+    for i, b in enumerate(a):
+        cache_one(pool, b, bytes([i]) * 16, bytes(16), b"t%d" % i)
+    before = pool.records(a)
+    pool.touch(a)
+    pool.free(a)
+    pool.free(a)
+    assert pool.forgotten == 0 and pool.records(a) == before  # touch, free, a failed re-cache: no change
+    assert not cache_one(pool, a[0], b"\x09" * 16, bytes(16), b"x")
+    assert pool.forgotten == 0 and pool.records(a) == before
+    assert pool.allocate(4) == [3, 4, 5, 2]  # three blank blocks, then block 2's page is evicted
+    assert pool.forgotten == 1 and pool.records(a) != before
+    assert pool.reset_cache() == 2 and pool.forgotten == 3
