@@ -1,0 +1,198 @@
+"""Token ids of long runs of text between a tokenizer's added tokens, kept for the next request.
+
+An agent resends its system prompt on every request, a chat all its earlier turns. Tokenizing a
+32K-token system prompt takes tens of milliseconds of CPU (benchmarks/bench_tokenizer.py: ~58 ms
+with a Qwen-style byte-level BPE on the 2-core VM), several times the device-pool hit that then
+reuses its KV. A chat template puts added tokens (<|im_start|>, <|im_end|>) around every message,
+and a tokenizer cuts its input at added tokens first and then normalizes, pre-tokenizes and
+tokenizes each piece between them on its own: a message's ids do not depend on what surrounds it.
+So a long piece seen before takes its ids from here and only the rest is tokenized.
+
+That independence is a property of the tokenizer's pipeline, so the cache is on only where it
+holds: normalizers and pre-tokenizers that work on each piece alone (_PER_PIECE; not a Metaspace
+that prepends to the text's first piece only), a deterministic model (no BPE dropout), added
+tokens that strip no whitespace and match anywhere, no truncation or padding in tokenizer.json.
+A self-check at load encodes sample texts both ways; any difference turns the cache off.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+
+log = logging.getLogger("kvc.engine")
+
+MIN_CHARS = 2048  # pieces this long are kept (~500 tokens); shorter ones tokenize in ~0.1 ms
+MAX_TOKENS = 1 << 18  # ids kept in all (~9 MB of Python ints): eight 32K-token system prompts
+
+# Normalizers and pre-tokenizers that act on each piece between added tokens by itself.
+_PER_PIECE = {
+    "normalizer": {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents", "Replace",
+                   "Prepend", "BertNormalizer", "Nmt", "Precompiled"},
+    "pre_tokenizer": {"ByteLevel", "Split", "Whitespace", "WhitespaceSplit", "Punctuation", "Digits",
+                      "BertPreTokenizer", "UnicodeScripts", "CharDelimiterSplit"},
+}
+_CHILDREN = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers"}
+
+
+def _per_piece(node, kind: str) -> bool:
+    if node is None:
+        return True
+    t = node.get("type")
+    if t == "Sequence":
+        return all(_per_piece(n, kind) for n in node.get(_CHILDREN[kind], []))
+    if kind == "pre_tokenizer" and t == "Metaspace":  # "first" prepends to the text's first piece only
+        return node.get("prepend_scheme") in ("always", "never")
+    return t in _PER_PIECE[kind]
+
+
+def _why_not(hf) -> str | None:
+    """Why the pieces of hf's input may not tokenize independently, or None when they do."""
+    spec = json.loads(hf.to_str())
+    if spec.get("truncation") or spec.get("padding"):
+        return "tokenizer.json sets truncation or padding"
+    if getattr(hf, "encode_special_tokens", False):
+        return "special tokens are tokenized as text"
+    for kind in ("normalizer", "pre_tokenizer"):
+        if not _per_piece(spec.get(kind), kind):
+            return f"its {kind} ({json.dumps(spec.get(kind))[:80]}) does not act on each piece alone"
+    if (spec.get("model") or {}).get("dropout"):
+        return "its BPE model has dropout"
+    for a in hf.get_added_tokens_decoder().values():
+        if a.lstrip or a.rstrip or a.single_word:
+            return f"added token {a.content!r} strips whitespace or matches single words only"
+        if a.normalized and spec.get("normalizer") is not None:
+            return f"added token {a.content!r} matches in normalized text"
+    return None
+
+
+def _alternation(tokens: list[str]) -> re.Pattern | None:
+    """Leftmost-longest match of any of tokens (tokenizers' added-token split), capturing."""
+    if not tokens:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+
+
+class SegmentCache:
+    """Encodes texts as the tokenizer does, reusing the ids of long pieces between added tokens.
+
+    encode() cuts the text where the tokenizer's added tokens are (those matched in the raw text
+    first, then those matched after normalization, which here is none), so every unit it encodes
+    starts and ends at an added-token boundary: a long piece alone, the runs between long pieces
+    (short text and added tokens together) as they are. Units not held are encoded in one
+    encode_batch call (which lets go of the GIL); long pieces are then kept, least recently used
+    dropped past MAX_TOKENS. Safe from several threads (the server tokenizes on worker threads)."""
+
+    def __init__(self, hf, min_chars: int = MIN_CHARS, max_tokens: int = MAX_TOKENS):
+        self._hf = hf
+        self.min_chars, self.max_tokens = min_chars, max_tokens
+        added = list(hf.get_added_tokens_decoder().values())
+        self._raw = _alternation([a.content for a in added if not a.normalized])
+        self._normalized = _alternation([a.content for a in added if a.normalized])
+        self._held: OrderedDict[str, list[int]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0  # long pieces taken from here / tokenized and kept
+
+    @staticmethod
+    def for_tokenizer(hf) -> "SegmentCache | None":
+        """A cache for hf, or None (with the reason logged once) where its pieces may not
+        tokenize independently or its self-check fails."""
+        try:
+            why = _why_not(hf)
+        except AttributeError as e:  # a tokenizers release without get_added_tokens_decoder
+            why = f"this tokenizers release cannot list its added tokens ({e})"
+        if why is None:
+            cache = SegmentCache(hf)
+            why = cache.self_check()
+            if why is None:
+                cache.hits = cache.misses = 0
+                return cache
+        log.info("tokenizer: long prompt pieces are tokenized every time (%s)", why)
+        return None
+
+    def self_check(self) -> str | None:
+        """Sample texts around every added token, encoded whole and piece by piece (twice, the
+        second from the cache); a description of the first difference, or None."""
+        added = [a.content for a in self._hf.get_added_tokens_decoder().values()][:32] or [""]
+        bits = ["Hello world", " x  y ", "\n\n  z\t", "é ü 12 345 ǅ", "  ", "\n", "a.b,c;d", "'s 're"]
+        texts = ["".join(b + t for b, t in zip(bits * 2, added * 2)) + "tail",
+                 "".join(t + b for b, t in zip(bits, added * 8)), " ".join(added) + " end\n"]
+        saved = self.min_chars
+        self.min_chars = 1  # every piece through the cache
+        try:
+            for text in texts:
+                whole = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
+                for attempt in ("first", "from the cache"):
+                    got = self.encode(text)
+                    if got != whole:
+                        return f"self-check: {text[:40]!r} piece by piece ({attempt}) differs from whole"
+        finally:
+            self.min_chars = saved
+            self.clear()
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+            self._size = 0
+
+    def _split(self, text: str) -> list[tuple[str, bool]]:
+        """(string, is text) in order: the text between added tokens and the added tokens, cut
+        where the tokenizer cuts (tokens matched in the raw text, then in each piece between them
+        those matched after normalization, which is the raw text here: no normalizer then)."""
+        out: list[tuple[str, bool]] = []
+        for i, p in enumerate(self._raw.split(text) if self._raw is not None else [text]):
+            if i % 2:
+                out.append((p, False))
+            elif self._normalized is not None:
+                out += [(q, j % 2 == 0) for j, q in enumerate(self._normalized.split(p))]
+            else:
+                out.append((p, True))
+        return out
+
+    def _units(self, text: str) -> list[tuple[str, bool]]:
+        """(unit, long) in order: long pieces of text alone, everything between them in runs."""
+        units: list[tuple[str, bool]] = []
+        run: list[str] = []
+        for p, is_text in self._split(text):
+            if is_text and len(p) >= self.min_chars:
+                if run:
+                    units.append(("".join(run), False))
+                    run = []
+                units.append((p, True))
+            elif p:
+                run.append(p)
+        if run:
+            units.append(("".join(run), False))
+        return units
+
+    def encode(self, text: str) -> list[int]:
+        units = self._units(text)
+        ids: list[list[int] | None] = []
+        with self._lock:
+            for u, long in units:
+                held = self._held.get(u) if long else None
+                if held is not None:
+                    self._held.move_to_end(u)
+                    self.hits += 1
+                ids.append(held)
+        todo = [i for i, got in enumerate(ids) if got is None]
+        if todo:
+            for i, enc in zip(todo, self._hf.encode_batch([units[i][0] for i in todo], add_special_tokens=False)):
+                ids[i] = enc.ids
+            with self._lock:
+                for i in todo:
+                    u, long = units[i]
+                    if long and u not in self._held and len(ids[i]) <= self.max_tokens:
+                        self._held[u] = ids[i]
+                        self._size += len(ids[i])
+                        self.misses += 1
+                while self._size > self.max_tokens:
+                    self._size -= len(self._held.popitem(last=False)[1])
+        out: list[int] = []
+        for got in ids:
+            out += got
+        return out

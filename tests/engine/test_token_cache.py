@@ -1,0 +1,169 @@
+"""engine.token_cache: long pieces between added tokens keep their ids; every encode equals the
+tokenizer's own, and tokenizers whose pieces do not tokenize independently get no cache."""
+import glob
+import random
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from engine.tiny import byte_tokenizer
+from engine.token_cache import SegmentCache
+
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+STDLIB = sorted(glob.glob(str(Path(sys.modules["glob"].__file__).parent / "*.py")))
+
+
+def corpus(n: int) -> list[str]:
+    return STDLIB[:n]
+
+
+def qwen_like(vocab: int = 3000) -> Tokenizer:
+    """A byte-level BPE with Qwen2's normalizer and split regex, trained on stdlib sources."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train(corpus(12), trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    return tok
+
+
+def metaspace(scheme: str) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+    tok.train(corpus(4), trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>", *SPECIALS]))
+    return tok
+
+
+def chat(rng: random.Random, texts: list[str], turns: int) -> str:
+    """A ChatML render: a long system message, then turns of mixed lengths, some with <think>."""
+    out = "<|im_start|>system\n" + texts[0] + "<|im_end|>\n"
+    for t in range(turns):
+        role = ("user", "assistant")[t % 2]
+        body = rng.choice(texts)[:rng.choice([5, 300, 3000, 9000])]
+        if rng.random() < 0.3:
+            body = "<think>" + body[: len(body) // 2] + " <think>" + body[len(body) // 2:]
+        out += f"<|im_start|>{role}\n{body}<|im_end|>\n"
+    return out + "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    rng = random.Random(0)
+    src = [Path(f).read_text() for f in corpus(40)[20:]]
+    out = [s[:rng.randrange(4000, 12000)] for s in src]
+    return out + ["  é ü ǅ 12 345\n\n\t" * 300, "x" * 5000]
+
+
+def plain(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+
+def byte_with_normalized_token() -> Tokenizer:
+    """No normalizer: an added token matched "after normalization" is matched in the raw text,
+    after the raw-matched ones (tokenizers' order), here one that overlaps <|im_end|>."""
+    tok = byte_tokenizer()
+    tok.add_tokens([AddedToken("end|>\n<", normalized=True), AddedToken("<think>", normalized=True)])
+    return tok
+
+
+@pytest.mark.parametrize("make", [qwen_like, byte_tokenizer, byte_with_normalized_token, lambda: metaspace("always")],
+                         ids=["qwen-like BPE", "the tiny byte tokenizer", "normalized added tokens",
+                              "metaspace always"])
+def test_every_encode_equals_the_tokenizers_own(make, texts):
+    tok = make()
+    cache = SegmentCache.for_tokenizer(tok)
+    assert cache is not None
+    rng = random.Random(1)
+    conversation = chat(rng, texts, 6)
+    for i in range(12):
+        if i % 3 == 0:  # a chat that grows: its earlier turns again, then new ones
+            conversation = conversation[:-len("<|im_start|>assistant\n")] + chat(rng, texts, 2)[
+                len("<|im_start|>system\n" + texts[0] + "<|im_end|>\n"):]
+            text = conversation
+        else:  # the same system prompt, other questions
+            text = chat(rng, texts, rng.randrange(1, 4))
+        assert cache.encode(text) == plain(tok, text), i
+    assert cache.hits > 0 and cache.misses > 0
+    assert cache.encode("no added token at all " * 200) == plain(tok, "no added token at all " * 200)
+    assert cache.encode("") == plain(tok, "") and cache.encode("<|im_end|>") == plain(tok, "<|im_end|>")
+
+
+def test_a_repeated_system_prompt_is_tokenized_once(texts):
+    tok = qwen_like()
+    cache = SegmentCache.for_tokenizer(tok)
+    system = "<|im_start|>system\n" + texts[0] + texts[1] + "<|im_end|>\n"
+    for q in range(5):
+        text = system + f"<|im_start|>user\nquestion {q}?<|im_end|>\n<|im_start|>assistant\n"
+        assert cache.encode(text) == plain(tok, text)
+    assert (cache.misses, cache.hits) == (1, 4)  # the system piece tokenized once, then taken from here
+
+
+def test_the_cache_holds_at_most_max_tokens(texts):
+    tok = qwen_like()
+    cache = SegmentCache(tok, min_chars=100, max_tokens=5000)
+    for t in texts:
+        text = "<|im_start|>" + t + "<|im_end|>"
+        assert cache.encode(text) == plain(tok, text)
+        assert cache._size == sum(len(v) for v in cache._held.values()) <= 5000
+    assert len(cache._held) < len(texts)  # the least recently used went
+    huge = "<|im_start|>" + " ".join(texts) + "<|im_end|>"  # longer than max_tokens: not kept
+    assert cache.encode(huge) == plain(tok, huge) and huge[12:-10] not in cache._held
+
+
+def test_threads_share_one_cache(texts):
+    tok = qwen_like()
+    cache = SegmentCache(tok, min_chars=100)
+    rng = random.Random(2)
+    work = [chat(rng, texts, rng.randrange(1, 5)) for _ in range(24)]
+    want = [plain(tok, t) for t in work]
+    got: dict[int, list[int]] = {}
+
+    def run(k):
+        for i in range(k, len(work), 4):
+            got[i] = cache.encode(work[i])
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(work))] == want
+
+
+def test_tokenizers_whose_pieces_depend_on_their_place_get_no_cache():
+    assert SegmentCache.for_tokenizer(metaspace("first")) is None  # prepends to the text's first piece
+    assert "differs" in SegmentCache(metaspace("first")).self_check()  # the self-check sees it too
+    tok = qwen_like()
+    tok.enable_truncation(100)
+    assert SegmentCache.for_tokenizer(tok) is None
+    tok = qwen_like()
+    tok.add_special_tokens([AddedToken("<pad>", lstrip=True)])
+    assert SegmentCache.for_tokenizer(tok) is None
+    tok = qwen_like()
+    tok.add_tokens([AddedToken("[x]", normalized=True)])  # matched after NFC
+    assert SegmentCache.for_tokenizer(tok) is None
+
+
+def test_a_failed_self_check_turns_the_cache_off(monkeypatch):
+    from engine import token_cache
+    monkeypatch.setattr(token_cache, "_why_not", lambda hf: None)  # past the pipeline's check
+    assert SegmentCache.for_tokenizer(metaspace("first")) is None
+
+
+def test_the_engines_tokenizer_uses_it(qwen_dir):
+    from engine.tokenizer import Tokenizer as EngineTokenizer
+    tok = EngineTokenizer(qwen_dir)
+    assert tok.segments is not None
+    system = {"role": "system", "content": "You are a careful assistant. " * 200}
+    for q in ("What is a KV cache?", "What is prefix reuse?"):
+        text = tok.apply_chat_template([system, {"role": "user", "content": q}])
+        assert tok.encode(text) == plain(tok._tok, text)
+    assert tok.segments.hits == 1
