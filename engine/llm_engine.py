@@ -220,7 +220,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer.json; send token ids, not text")
-            text, raw = prompt, self.tokenizer.encode(prompt)
+            text, raw = prompt, self.tokenizer.encode(prompt, cache_salt)
         else:
             text, raw = None, prompt
         ids, packed, low, high = _token_ids(raw)

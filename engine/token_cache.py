@@ -83,7 +83,10 @@ class SegmentCache:
     starts and ends at an added-token boundary: a long piece alone, the runs between long pieces
     (short text and added tokens together) as they are. Units not held are encoded in one
     encode_batch call (which lets go of the GIL); long pieces are then kept, least recently used
-    dropped past MAX_TOKENS. Safe from several threads (the server tokenizes on worker threads)."""
+    dropped past MAX_TOKENS. Pieces are kept per cache_salt: a tenant's prompt tokenized in a
+    fraction of the time would tell that another tenant sent it (the timing side channel that
+    cache_salt closes for the KV pages). Safe from several threads (the server tokenizes on
+    worker threads)."""
 
     def __init__(self, hf, min_chars: int = MIN_CHARS, max_tokens: int = MAX_TOKENS):
         self._hf = hf
@@ -91,7 +94,7 @@ class SegmentCache:
         added = list(hf.get_added_tokens_decoder().values())
         self._raw = _alternation([a.content for a in added if not a.normalized])
         self._normalized = _alternation([a.content for a in added if a.normalized])
-        self._held: OrderedDict[str, list[int]] = OrderedDict()
+        self._held: OrderedDict[tuple[str, str], list[int]] = OrderedDict()  # (salt, piece) -> ids
         self._size = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0  # long pieces taken from here / tokenized and kept
@@ -169,14 +172,14 @@ class SegmentCache:
             units.append(("".join(run), False))
         return units
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, salt: str = "") -> list[int]:
         units = self._units(text)
         ids: list[list[int] | None] = []
         with self._lock:
             for u, long in units:
-                held = self._held.get(u) if long else None
+                held = self._held.get((salt, u)) if long else None
                 if held is not None:
-                    self._held.move_to_end(u)
+                    self._held.move_to_end((salt, u))
                     self.hits += 1
                 ids.append(held)
         todo = [i for i, got in enumerate(ids) if got is None]
@@ -186,8 +189,8 @@ class SegmentCache:
             with self._lock:
                 for i in todo:
                     u, long = units[i]
-                    if long and u not in self._held and len(ids[i]) <= self.max_tokens:
-                        self._held[u] = ids[i]
+                    if long and (salt, u) not in self._held and len(ids[i]) <= self.max_tokens:
+                        self._held[salt, u] = ids[i]
                         self._size += len(ids[i])
                         self.misses += 1
                 while self._size > self.max_tokens:

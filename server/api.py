@@ -96,7 +96,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
             # Here, on a worker thread, not on the engine's thread: a 32K-token prompt takes
             # ~10-15 ms to tokenize, and every running request's next step would wait for it
             # (Tokenizer.encode lets go of the GIL while it works).
-            prompt = await asyncio.to_thread(tok.encode, prompt)
+            prompt = await asyncio.to_thread(tok.encode, prompt, salt or "")
         try:
             return await engine.submit(rid, prompt, params, salt or "")
         except ValueError as e:

@@ -107,6 +107,17 @@ def test_a_repeated_system_prompt_is_tokenized_once(texts):
     assert (cache.misses, cache.hits) == (1, 4)  # the system piece tokenized once, then taken from here
 
 
+def test_pieces_are_kept_per_cache_salt(texts):
+    """Another tenant's pieces are not reused: a quicker tokenization would tell that tenant that
+    someone sent the same text, as a KV hit across cache salts would."""
+    tok = qwen_like()
+    cache = SegmentCache.for_tokenizer(tok)
+    text = "<|im_start|>system\n" + texts[0] + "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    for salt, misses, hits in (("tenant-a", 1, 0), ("tenant-b", 2, 0), ("tenant-a", 2, 1), ("", 3, 1)):
+        assert cache.encode(text, salt) == plain(tok, text)
+        assert (cache.misses, cache.hits) == (misses, hits), salt
+
+
 def test_the_cache_holds_at_most_max_tokens(texts):
     tok = qwen_like()
     cache = SegmentCache(tok, min_chars=100, max_tokens=5000)
@@ -116,7 +127,7 @@ def test_the_cache_holds_at_most_max_tokens(texts):
         assert cache._size == sum(len(v) for v in cache._held.values()) <= 5000
     assert len(cache._held) < len(texts)  # the least recently used went
     huge = "<|im_start|>" + " ".join(texts) + "<|im_end|>"  # longer than max_tokens: not kept
-    assert cache.encode(huge) == plain(tok, huge) and huge[12:-10] not in cache._held
+    assert cache.encode(huge) == plain(tok, huge) and ("", huge[12:-10]) not in cache._held
 
 
 def test_threads_share_one_cache(texts):
@@ -167,3 +178,18 @@ def test_the_engines_tokenizer_uses_it(qwen_dir):
         text = tok.apply_chat_template([system, {"role": "user", "content": q}])
         assert tok.encode(text) == plain(tok._tok, text)
     assert tok.segments.hits == 1
+    assert tok.encode(text, "another tenant") == plain(tok._tok, text) and tok.segments.hits == 1
+
+
+def test_the_engine_tokenizes_a_text_prompt_under_its_cache_salt(qwen_dir):
+    from engine import SamplingParams
+    from tests.engine.test_prefix_cache import drain, make_engine
+    eng = make_engine(qwen_dir, num_device_blocks=1024, chunk_size=4096)
+    text = eng.tokenizer.apply_chat_template([{"role": "system", "content": "Rules. " * 400},
+                                              {"role": "user", "content": "hi"}])
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for rid, salt in (("a", "tenant-a"), ("b", "tenant-b"), ("c", "tenant-a")):
+        eng.add_request(rid, text, params, cache_salt=salt)
+        drain(eng, {}, 500)
+    assert (eng.tokenizer.segments.misses, eng.tokenizer.segments.hits) == (2, 1)
+    eng.close()

@@ -27,7 +27,7 @@ def app_engine(tmp_path):
 
 def test_text_prompts_are_tokenized_off_the_engine_thread(app_engine, monkeypatch):
     app, eng, loop = app_engine
-    seen, encoded_on = [], []
+    seen, encoded_on, salts = [], [], []
     add = eng.add_request
 
     def record_add(rid, prompt, *a, **k):
@@ -36,9 +36,10 @@ def test_text_prompts_are_tokenized_off_the_engine_thread(app_engine, monkeypatc
     monkeypatch.setattr(eng, "add_request", record_add)
     encode = Tokenizer.encode
 
-    def record_encode(self, text):
+    def record_encode(self, text, cache_salt=""):
         encoded_on.append(threading.current_thread())
-        return encode(self, text)
+        salts.append(cache_salt)
+        return encode(self, text, cache_salt)
     monkeypatch.setattr(Tokenizer, "encode", record_encode)
     prompt = "the cached prefix of a long prompt " * 20
     with TestClient(app) as client:
@@ -46,9 +47,11 @@ def test_text_prompts_are_tokenized_off_the_engine_thread(app_engine, monkeypatc
                                                  "temperature": 0})
         assert r.status_code == 200, r.text
         c = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "temperature": 0,
-                                                      "messages": [{"role": "user", "content": prompt}]})
+                                                      "messages": [{"role": "user", "content": prompt}],
+                                                      "cache_salt": "tenant-b"})
         assert c.status_code == 200, c.text
     assert len(seen) == 2 and all(isinstance(p, list) for p in seen)
+    assert salts == ["", "tenant-b"]  # the tokenizer keeps long pieces per tenant (engine.token_cache)
     assert seen[0] == eng.tokenizer.encode(prompt)
     assert r.json()["usage"]["prompt_tokens"] == len(seen[0])
     assert encoded_on and all(t is not loop._thread for t in encoded_on)
