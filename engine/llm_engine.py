@@ -214,7 +214,10 @@ class LLMEngine:
 
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    cache_salt: str = "") -> None:
+                    cache_salt: str = "", arrival: float | None = None) -> None:
+        """Queue a request. `arrival` (time.monotonic()) is when it reached the caller, if earlier
+        than now: kvc_time_to_first_token_seconds counts from it (the server passes the HTTP
+        handler's start, so the histogram includes tokenizing and the hand-over to this thread)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -241,6 +244,8 @@ class LLMEngine:
                              f"{self.kv.pool.num_blocks} pages; raise kvc.num_device_blocks or lower max_tokens")
         req = Request(request_id, text, ids, params, cache_salt, max_len=max_len,
                       generator=make_generator(params, self.device), prompt_bytes=packed)
+        if arrival is not None:
+            req.arrival = min(arrival, req.arrival)
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.metrics.prompt_tokens.inc(len(ids))

@@ -90,6 +90,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
                            "invalid_request_error", "model", "model_not_found")
 
     async def submit(prompt, params, salt: str | None, http: Request) -> Stream:
+        arrival = time.monotonic()  # TTFT counts from here: tokenizing is part of it
         rid = f"{uuid.uuid4().hex}"
         tok = engine.engine.tokenizer
         if isinstance(prompt, str) and tok is not None:
@@ -98,7 +99,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
             # (Tokenizer.encode lets go of the GIL while it works).
             prompt = await asyncio.to_thread(tok.encode, prompt, salt or "")
         try:
-            return await engine.submit(rid, prompt, params, salt or "")
+            return await engine.submit(rid, prompt, params, salt or "", arrival)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

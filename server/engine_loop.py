@@ -26,6 +26,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future
     stream: asyncio.Queue
+    arrival: float | None = None  # time.monotonic() when the HTTP handler started
 
 
 class AsyncEngine:
@@ -85,7 +86,7 @@ class AsyncEngine:
             if not add.accepted.done():
                 add.accepted.set_exception(error) if error else add.accepted.set_result(True)
         try:
-            self.engine.add_request(add.request_id, add.prompt, add.params, add.cache_salt)
+            self.engine.add_request(add.request_id, add.prompt, add.params, add.cache_salt, arrival=add.arrival)
         except ValueError as e:
             add.loop.call_soon_threadsafe(settle, e)
             return
@@ -93,12 +94,14 @@ class AsyncEngine:
         add.loop.call_soon_threadsafe(settle, None)
 
     # -- asyncio side ----------------------------------------------------------------------------
-    async def submit(self, request_id: str, prompt, params, cache_salt: str = "") -> "Stream":
-        """Hand a request to the engine; raises ValueError (a 400) if the engine refuses it."""
+    async def submit(self, request_id: str, prompt, params, cache_salt: str = "",
+                     arrival: float | None = None) -> "Stream":
+        """Hand a request to the engine; raises ValueError (a 400) if the engine refuses it.
+        `arrival`: when the request came in (time.monotonic()), where TTFT counts from."""
         if not self.alive:
             raise RuntimeError("the engine loop is not running")
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue())
+        add = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue(), arrival)
         self._inbox.put(add)
         await add.accepted
         return Stream(self, request_id, add.stream)

@@ -62,3 +62,23 @@ def test_encode_is_the_tokenizers_encode(tmp_path):
     tok = Tokenizer.from_dir(tmp_path)
     for text in ("", "hello world", "<|im_start|>user\nhi<|im_end|>", "é ü 漢字 🙂" * 3):
         assert tok.encode(text) == tok._tok.encode(text, add_special_tokens=False).ids
+
+
+def test_ttft_counts_from_the_request_not_from_the_engine(app_engine, monkeypatch):
+    """kvc_time_to_first_token_seconds includes tokenizing (before, it started when the engine's
+    thread added the request, after the text was tokenized)."""
+    import time
+    app, eng, loop = app_engine
+    encode = Tokenizer.encode
+
+    def slow_encode(self, text, cache_salt=""):
+        time.sleep(0.3)
+        return encode(self, text, cache_salt)
+    monkeypatch.setattr(Tokenizer, "encode", slow_encode)
+
+    def ttft_sum():
+        return next(s.value for m in eng.metrics.ttft.collect() for s in m.samples if s.name.endswith("_sum"))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    assert ttft_sum() >= 0.3
