@@ -37,8 +37,8 @@ _dirs: dict[tuple, Path] = {}
 def cache_dir() -> Path:
     """Where built libraries are kept: KVC_NATIVE_DIR, else $XDG_CACHE_HOME/kvc/native, else
     ~/.cache/kvc/native. Kept per value of those variables: the libraries' callers look it up on
-    every call (hashing a request's pages, a put's batch) and the pathlib work took 13 us hot and
-    ~70 us cold on the 2-core VM (bench_host_path's chats column), more than the native call."""
+    every call (hashing a request's pages, a put's batch), and building the path with pathlib
+    each time cost more than the native call itself (~13 us on the 2-core VM)."""
     env = os.environ
     key = (env.get("KVC_NATIVE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
     d = _dirs.get(key)
