@@ -6,7 +6,9 @@ script times that per request for system prompts of --lengths tokens: the templa
 tokenizer's own encode, and Tokenizer.encode with the segment cache on a new question (the system
 prompt's ids taken from the cache) and on a first sight (every piece tokenized, the long ones
 kept); then a chat of --turns turns of ~1K tokens each, its next question. Every cached encode is
-checked against the tokenizer's own ids.
+checked against the tokenizer's own ids. The last columns time the engine's conversion of the ids
+in add_request (llm_engine._token_ids: packed uint32, min, max) from a plain list and from the
+cache's TokenIds, which carry them packed.
 
 The tokenizer: --tokenizer-dir (a checkpoint's tokenizer.json, chat template and config), or by
 default a byte-level BPE with Qwen2's normalizer and split regex (30K vocab) trained here on the
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.llm_engine import _token_ids  # noqa: E402
 from engine.tiny import CHAT_TEMPLATE, SPECIALS  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 
@@ -93,8 +96,9 @@ def main():
         return hf.encode_batch([text], add_special_tokens=False)[0].ids
 
     print(f"tokenizer: {what}; ms per request, median of {a.repeat}")
-    print("| request | tokens | render | tokenizer's encode | cached: new question | cached: first sight | equal |")
-    print("|---|---|---|---|---|---|---|")
+    print("| request | tokens | render | tokenizer's encode | cached: new question | cached: first sight | equal "
+          "| add_request's id conversion: list / cache's TokenIds |")
+    print("|---|---|---|---|---|---|---|---|")
     for L in a.lengths:
         system = {"role": "system", "content": prose(tok, L)}
         q = iter(range(10 ** 6))
@@ -114,7 +118,11 @@ def main():
             return tok.encode(text)
         f_ms, got = timed(first, a.repeat)
         ok = ok and got == want
-        print(f"| system prompt + question | {len(want):,} | {r_ms:.2f} | {p_ms:.1f} | **{h_ms:.2f}** | {f_ms:.1f} | {ok} |")
+        got = tok.encode(texts[-1])
+        c_list, _ = timed(lambda: _token_ids(list(want)), a.repeat)
+        c_ids, _ = timed(lambda: _token_ids(got), a.repeat)
+        print(f"| system prompt + question | {len(want):,} | {r_ms:.2f} | {p_ms:.1f} | **{h_ms:.2f}** | {f_ms:.1f} "
+              f"| {ok} | {c_list:.3f} / {c_ids:.3f} |")
 
     turns = [{"role": ("user", "assistant")[i % 2], "content": prose(tok, 1024, 9973 * (i + 1))}
              for i in range(a.turns)]
@@ -126,7 +134,7 @@ def main():
     p_ms, want = timed(lambda: plain(text), a.repeat)
     h_ms, got = timed(lambda: tok.encode(text), a.repeat)
     print(f"| chat of {a.turns} turns over a {a.lengths[0]:,}-token system prompt, its next question | "
-          f"{len(want):,} | - | {p_ms:.1f} | **{h_ms:.2f}** | - | {got == want} |")
+          f"{len(want):,} | - | {p_ms:.1f} | **{h_ms:.2f}** | - | {got == want} | - |")
     print(f"\nsegment cache: {tok.segments.hits} pieces from the cache, {tok.segments.misses} tokenized and kept")
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)

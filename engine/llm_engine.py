@@ -33,6 +33,7 @@ from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
 from .runner import Launched, ModelRunner
 from .sampling import SamplingParams, make_generator
+from .token_cache import TokenIds
 from .scheduler import Scheduler
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -88,6 +89,8 @@ def _token_ids(prompt) -> tuple[list[int], bytes | None, int, int]:
     on every long prompt's critical path: add_request 0.30-0.32 -> 0.24 ms for a 32K prompt in
     bench_host_path.py on the 2-core VM, 1.13 -> 0.43 ms in probe_cpu_hit.py on the H200 host); its
     elements are Python ints or int-likes that array('I') read as such."""
+    if type(prompt) is TokenIds:  # the tokenizer's (engine.token_cache): packed there, piece by piece
+        return list(prompt), prompt.packed, prompt.low, prompt.high
     try:
         arr = array.array("I", prompt)
         if arr.itemsize != 4:  # 32-bit wherever torch runs; the general path otherwise

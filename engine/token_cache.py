@@ -16,11 +16,15 @@ A self-check at load encodes sample texts both ways; any difference turns the ca
 """
 from __future__ import annotations
 
+import array
 import json
 import logging
 import re
 import threading
 from collections import OrderedDict
+from typing import NamedTuple
+
+import numpy as np
 
 log = logging.getLogger("kvc.engine")
 
@@ -35,6 +39,28 @@ _PER_PIECE = {
                       "BertPreTokenizer", "UnicodeScripts", "CharDelimiterSplit"},
 }
 _CHILDREN = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers"}
+
+
+class TokenIds(list):
+    """Token ids (a list) that also carry them packed as little-endian uint32 with their min and
+    max: what the engine's add_request would compute from the list (~0.2 ms for 32K ids on the
+    2-core VM, a C conversion per id), here joined from each piece's, kept with its ids."""
+    __slots__ = ("packed", "low", "high")
+
+
+class _Piece(NamedTuple):
+    ids: list[int]
+    packed: bytes
+    low: int
+    high: int
+
+
+def _piece(ids: list[int]) -> _Piece:
+    packed = array.array("I", ids).tobytes()  # token ids: 0 <= id < 2**32 (an OverflowError otherwise)
+    if not ids:
+        return _Piece(ids, packed, 0, 0)
+    v = np.frombuffer(packed, dtype=np.uint32)
+    return _Piece(ids, packed, int(v.min()), int(v.max()))
 
 
 def _per_piece(node, kind: str) -> bool:
@@ -94,7 +120,7 @@ class SegmentCache:
         added = list(hf.get_added_tokens_decoder().values())
         self._raw = _alternation([a.content for a in added if not a.normalized])
         self._normalized = _alternation([a.content for a in added if a.normalized])
-        self._held: OrderedDict[tuple[str, str], list[int]] = OrderedDict()  # (salt, piece) -> ids
+        self._held: OrderedDict[tuple[str, str], _Piece] = OrderedDict()  # (salt, piece) -> its ids
         self._size = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0  # long pieces taken from here / tokenized and kept
@@ -172,30 +198,34 @@ class SegmentCache:
             units.append(("".join(run), False))
         return units
 
-    def encode(self, text: str, salt: str = "") -> list[int]:
+    def encode(self, text: str, salt: str = "") -> TokenIds:
         units = self._units(text)
-        ids: list[list[int] | None] = []
+        got: list[_Piece | None] = []
         with self._lock:
             for u, long in units:
                 held = self._held.get((salt, u)) if long else None
                 if held is not None:
                     self._held.move_to_end((salt, u))
                     self.hits += 1
-                ids.append(held)
-        todo = [i for i, got in enumerate(ids) if got is None]
+                got.append(held)
+        todo = [i for i, g in enumerate(got) if g is None]
         if todo:
             for i, enc in zip(todo, self._hf.encode_batch([units[i][0] for i in todo], add_special_tokens=False)):
-                ids[i] = enc.ids
+                got[i] = _piece(enc.ids)
             with self._lock:
                 for i in todo:
                     u, long = units[i]
-                    if long and (salt, u) not in self._held and len(ids[i]) <= self.max_tokens:
-                        self._held[salt, u] = ids[i]
-                        self._size += len(ids[i])
+                    if long and (salt, u) not in self._held and len(got[i].ids) <= self.max_tokens:
+                        self._held[salt, u] = got[i]
+                        self._size += len(got[i].ids)
                         self.misses += 1
                 while self._size > self.max_tokens:
-                    self._size -= len(self._held.popitem(last=False)[1])
-        out: list[int] = []
-        for got in ids:
-            out += got
+                    self._size -= len(self._held.popitem(last=False)[1].ids)
+        out = TokenIds()
+        for g in got:
+            out += g.ids
+        out.packed = b"".join([g.packed for g in got])
+        kept = [g for g in got if g.ids]
+        out.low = min(g.low for g in kept) if kept else 0
+        out.high = max(g.high for g in kept) if kept else 0
         return out

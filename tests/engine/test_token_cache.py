@@ -124,7 +124,7 @@ def test_the_cache_holds_at_most_max_tokens(texts):
     for t in texts:
         text = "<|im_start|>" + t + "<|im_end|>"
         assert cache.encode(text) == plain(tok, text)
-        assert cache._size == sum(len(v) for v in cache._held.values()) <= 5000
+        assert cache._size == sum(len(v.ids) for v in cache._held.values()) <= 5000
     assert len(cache._held) < len(texts)  # the least recently used went
     huge = "<|im_start|>" + " ".join(texts) + "<|im_end|>"  # longer than max_tokens: not kept
     assert cache.encode(huge) == plain(tok, huge) and ("", huge[12:-10]) not in cache._held
@@ -193,3 +193,18 @@ def test_the_engine_tokenizes_a_text_prompt_under_its_cache_salt(qwen_dir):
         drain(eng, {}, 500)
     assert (eng.tokenizer.segments.misses, eng.tokenizer.segments.hits) == (2, 1)
     eng.close()
+
+
+def test_the_ids_come_packed_as_the_engine_would_pack_them(texts):
+    """encode returns TokenIds: the engine takes their packed bytes, min and max as they are (the
+    same _token_ids computes from a plain list, which converts every id again)."""
+    from engine.llm_engine import _token_ids
+    from engine.token_cache import TokenIds
+    tok = qwen_like()
+    cache = SegmentCache.for_tokenizer(tok)
+    rng = random.Random(3)
+    for text in [chat(rng, texts, 3), chat(rng, texts, 3), "", "<|im_end|>", texts[2]]:
+        got = cache.encode(text)
+        assert type(got) is TokenIds and got == plain(tok, text)
+        ids, packed, low, high = _token_ids(got)
+        assert (ids, packed, low, high) == _token_ids(list(got)) and type(ids) is list
