@@ -29,7 +29,7 @@ import numpy as np
 log = logging.getLogger("kvc.engine")
 
 MIN_CHARS = 2048  # pieces this long are kept (~500 tokens); shorter ones tokenize in ~0.1 ms
-MAX_TOKENS = 1 << 18  # ids kept in all (~9 MB of Python ints): eight 32K-token system prompts
+MAX_BYTES = 16 << 20  # all entries' estimated memory: about eight 32K-token system prompts
 
 # Normalizers and pre-tokenizers that act on each piece between added tokens by itself.
 _PER_PIECE = {
@@ -61,6 +61,12 @@ def _piece(ids: list[int]) -> _Piece:
         return _Piece(ids, packed, 0, 0)
     v = np.frombuffer(packed, dtype=np.uint32)
     return _Piece(ids, packed, int(v.min()), int(v.max()))
+
+
+def _cost(text: str, piece: _Piece) -> int:
+    """An entry's memory, estimated from above: each id a list slot and an int object (~40
+    bytes), packed (4), and the key's text at up to 4 bytes a character."""
+    return 44 * len(piece.ids) + 4 * len(text)
 
 
 def _per_piece(node, kind: str) -> bool:
@@ -109,19 +115,20 @@ class SegmentCache:
     starts and ends at an added-token boundary: a long piece alone, the runs between long pieces
     (short text and added tokens together) as they are. Units not held are encoded in one
     encode_batch call (which lets go of the GIL); long pieces are then kept, least recently used
-    dropped past MAX_TOKENS. Pieces are kept per cache_salt: a tenant's prompt tokenized in a
+    dropped past MAX_BYTES (_cost: the ids as Python ints, packed, and the piece's text, which is
+    the key). Pieces are kept per cache_salt: a tenant's prompt tokenized in a
     fraction of the time would tell that another tenant sent it (the timing side channel that
     cache_salt closes for the KV pages). Safe from several threads (the server tokenizes on
     worker threads)."""
 
-    def __init__(self, hf, min_chars: int = MIN_CHARS, max_tokens: int = MAX_TOKENS):
+    def __init__(self, hf, min_chars: int = MIN_CHARS, max_bytes: int = MAX_BYTES):
         self._hf = hf
-        self.min_chars, self.max_tokens = min_chars, max_tokens
+        self.min_chars, self.max_bytes = min_chars, max_bytes
         added = list(hf.get_added_tokens_decoder().values())
         self._raw = _alternation([a.content for a in added if not a.normalized])
         self._normalized = _alternation([a.content for a in added if a.normalized])
         self._held: OrderedDict[tuple[str, str], _Piece] = OrderedDict()  # (salt, piece) -> its ids
-        self._size = 0
+        self._size = 0  # the entries' _cost in bytes
         self._lock = threading.Lock()
         self.hits = self.misses = 0  # long pieces taken from here / tokenized and kept
 
@@ -215,12 +222,13 @@ class SegmentCache:
             with self._lock:
                 for i in todo:
                     u, long = units[i]
-                    if long and (salt, u) not in self._held and len(got[i].ids) <= self.max_tokens:
+                    if long and (salt, u) not in self._held and _cost(u, got[i]) <= self.max_bytes:
                         self._held[salt, u] = got[i]
-                        self._size += len(got[i].ids)
+                        self._size += _cost(u, got[i])
                         self.misses += 1
-                while self._size > self.max_tokens:
-                    self._size -= len(self._held.popitem(last=False)[1].ids)
+                while self._size > self.max_bytes:
+                    (_, u), piece = self._held.popitem(last=False)
+                    self._size -= _cost(u, piece)
         out = TokenIds()
         for g in got:
             out += g.ids

@@ -118,15 +118,16 @@ def test_pieces_are_kept_per_cache_salt(texts):
         assert (cache.misses, cache.hits) == (misses, hits), salt
 
 
-def test_the_cache_holds_at_most_max_tokens(texts):
+def test_the_cache_holds_at_most_max_bytes(texts):
+    from engine.token_cache import _cost
     tok = qwen_like()
-    cache = SegmentCache(tok, min_chars=100, max_tokens=5000)
+    cache = SegmentCache(tok, min_chars=100, max_bytes=200_000)
     for t in texts:
         text = "<|im_start|>" + t + "<|im_end|>"
         assert cache.encode(text) == plain(tok, text)
-        assert cache._size == sum(len(v.ids) for v in cache._held.values()) <= 5000
-    assert len(cache._held) < len(texts)  # the least recently used went
-    huge = "<|im_start|>" + " ".join(texts) + "<|im_end|>"  # longer than max_tokens: not kept
+        assert cache._size == sum(_cost(u, v) for (_, u), v in cache._held.items()) <= 200_000
+    assert 0 < len(cache._held) < len(texts)  # the least recently used went
+    huge = "<|im_start|>" + " ".join(texts) + "<|im_end|>"  # more than max_bytes alone: not kept
     assert cache.encode(huge) == plain(tok, huge) and ("", huge[12:-10]) not in cache._held
 
 
