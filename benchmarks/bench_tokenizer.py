@@ -32,25 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.llm_engine import _token_ids  # noqa: E402
-from engine.tiny import CHAT_TEMPLATE, SPECIALS  # noqa: E402
+from engine.tiny import CHAT_TEMPLATE, trained_bpe  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 STDLIB = Path(glob.__file__).parent
 
 
 def qwen_like_dir(d: Path) -> Path:
-    from tokenizers import Regex, Tokenizer as HF, decoders, models, normalizers, pre_tokenizers, trainers
-    tok = HF(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
     files = sorted(str(p) for p in STDLIB.glob("*.py"))[:200] + [str(STDLIB / "pydoc_data" / "topics.py")]
-    tok.train(files, trainers.BpeTrainer(vocab_size=30000, special_tokens=list(SPECIALS),
-                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = trained_bpe(files, 30000)
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
     (d / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -7,13 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from engine.tiny import byte_tokenizer
+from engine.tiny import byte_tokenizer, trained_bpe
 from engine.token_cache import SegmentCache
 
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 STDLIB = sorted(glob.glob(str(Path(sys.modules["glob"].__file__).parent / "*.py")))
 
@@ -24,14 +22,7 @@ def corpus(n: int) -> list[str]:
 
 def qwen_like(vocab: int = 3000) -> Tokenizer:
     """A byte-level BPE with Qwen2's normalizer and split regex, trained on stdlib sources."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train(corpus(12), trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = trained_bpe(corpus(12), vocab)
     tok.add_tokens([AddedToken("<think>", special=False, normalized=False)])
     return tok
 
