@@ -840,6 +840,27 @@ def test_a_long_device_hit_is_remembered_and_matches_as_the_page_walk_does(qwen_
     eng.close()
 
 
+def _memo_on_and_off(qwen_dir, monkeypatch, prompts: list[list[int]], **engine_kw) -> tuple[list, list]:
+    """Run prompts one after another on an engine with memos of 4+ pages, then on one without:
+    ((tokens, hit) of each, with the memo), and how many memo hits each took (asserting that
+    both engines' tokens and hits are equal)."""
+    from engine import prefix_cache
+    results, used = {}, []
+    for memo_on in (True, False):
+        monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 4 if memo_on else 1 << 30)
+        eng = make_engine(qwen_dir, **engine_kw)
+        pc, got = eng.prefix_cache, []
+        for i, p in enumerate(prompts):
+            before = pc.memo_hits
+            got.append(_hit_run(eng, f"{memo_on}-{i}", p))
+            if memo_on:
+                used.append(pc.memo_hits - before)
+        results[memo_on] = got
+        eng.close()
+    assert results[True] == results[False]
+    return results[True], used
+
+
 def test_the_memo_of_a_shared_prefix_outlives_the_conversations_that_extend_it(qwen_dir, monkeypatch):
     """Chats over one long system prompt: each conversation's next turn extends its own earlier hit,
     and a new conversation starts from the system prompt alone. The memo keeps the shared prefix
@@ -847,8 +868,6 @@ def test_the_memo_of_a_shared_prefix_outlives_the_conversations_that_extend_it(q
     shorter hit is (each of those once dropped the other: every new conversation and then every
     next turn hashed and matched its whole prefix page by page). Tokens and hit lengths equal an
     engine without the memo."""
-    from engine import prefix_cache
-    monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 4)
     system = [(i * 13 + 5) % 250 for i in range(40)]  # 10 pages of 4
     turns = {c: [[(ord(c) * 31 + t * 7 + j) % 250 for j in range(8)] for t in range(3)] for c in "ABCDE"}
 
@@ -856,24 +875,11 @@ def test_the_memo_of_a_shared_prefix_outlives_the_conversations_that_extend_it(q
         return system + [x for turn in turns[c][:t + 1] for x in turn]
     order = [("A", 0), ("A", 1), ("B", 0), ("A", 2), ("B", 1), ("C", 0), ("D", 0), ("E", 0),
              ("B", 2), ("C", 1), ("D", 1), ("E", 1), ("C", 2)]
-    results = {}
-    for memo_on in (True, False):
-        if not memo_on:
-            monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 1 << 30)
-        eng = make_engine(qwen_dir, num_device_blocks=128)
-        pc = eng.prefix_cache
-        _hit_run(eng, f"{memo_on}-cold", system)
-        got, used = [], []
-        for c, t in order:
-            before = pc.memo_hits
-            got.append(_hit_run(eng, f"{memo_on}-{c}{t}", prompt(c, t)))
-            used.append(pc.memo_hits - before)
-        results[memo_on] = got
-        if memo_on:  # the first hit (A's first turn) is remembered; every later one starts from a memo
-            assert used == [0] + [1] * (len(order) - 1), list(zip(order, used))
-        eng.close()
-    assert results[True] == results[False]
-    assert [hit for _, hit in results[True]] == [40, 48, 40, 56, 48, 40, 40, 40, 56, 48, 48, 48, 56]
+    got, used = _memo_on_and_off(qwen_dir, monkeypatch, [system] + [prompt(c, t) for c, t in order],
+                                 num_device_blocks=128)
+    # the first hit (A's first turn) is remembered; every later one starts from a memo
+    assert used == [0, 0] + [1] * (len(order) - 1), list(zip([("cold", 0)] + order, used))
+    assert [hit for _, hit in got] == [0, 40, 48, 40, 56, 48, 40, 40, 40, 56, 48, 48, 48, 56]
 
 
 def test_a_memo_whose_pages_were_evicted_by_allocation_is_not_used(qwen_dir, monkeypatch):
@@ -881,32 +887,15 @@ def test_a_memo_whose_pages_were_evicted_by_allocation_is_not_used(qwen_dir, mon
     eviction, not a reset): the next prompt with that prefix does not take the memo's blocks; its
     shorter hit is remembered and used by the one after. Hits and tokens equal an engine without
     the memo."""
-    from engine import prefix_cache
-    monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 4)
     system = [(i * 13 + 5) % 250 for i in range(40)]  # 10 pages of 4
     others = [[(i * 7 + s) % 250 for i in range(36)] for s in (1, 2)]
     seq = [("cold", system), ("remembered", system + [1, 2, 3, 4, 5]), ("memo", system + [6, 7, 8]),
            ("other 1", others[0]), ("other 2", others[1]), ("evicted", system + [9, 9, 9]),
            ("memo again", system + [8, 8, 8])]
-    results = {}
-    for memo_on in (True, False):
-        if not memo_on:
-            monkeypatch.setattr(prefix_cache, "MEMO_MIN_PAGES", 1 << 30)
-        eng = make_engine(qwen_dir, num_device_blocks=26)
-        pc = eng.prefix_cache
-        got, used = [], {}
-        for label, p in seq:
-            before = pc.memo_hits
-            got.append(_hit_run(eng, f"{memo_on}-{label}", p))
-            used[label] = pc.memo_hits - before
-        results[memo_on] = got
-        if memo_on:
-            assert used == {"cold": 0, "remembered": 0, "memo": 1, "other 1": 0, "other 2": 0, "evicted": 0,
-                            "memo again": 1}, used
-            assert pc.blocks.forgotten > 0
-        eng.close()
-    assert results[True] == results[False]
-    hits = [hit for _, hit in results[True]]
+    got, used = _memo_on_and_off(qwen_dir, monkeypatch, [p for _, p in seq], num_device_blocks=26)
+    assert dict(zip([label for label, _ in seq], used)) == {
+        "cold": 0, "remembered": 0, "memo": 1, "other 1": 0, "other 2": 0, "evicted": 0, "memo again": 1}
+    hits = [hit for _, hit in got]
     # the evicted prompt's hit is the prefix's head (remembered again), which the next one starts from;
     # the evicted prompt computed the tail again, so the next one's hit is whole
     assert hits[2] == 40 and 16 <= hits[5] < 40 and hits[6] == 40, hits  # 16: 4 pages, remembered
