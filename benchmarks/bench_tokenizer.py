@@ -5,7 +5,9 @@ server renders the chat template and tokenizes the whole text before the engine 
 script times that per request for system prompts of --lengths tokens: the template's render, the
 tokenizer's own encode, and Tokenizer.encode with the segment cache on a new question (the system
 prompt's ids taken from the cache) and on a first sight (every piece tokenized, the long ones
-kept); then a chat of --turns turns of ~1K tokens each, its next question. Every cached encode is
+kept); then documents of --lengths tokens and a new question in one user message (RAG: the
+documents' parts taken from the cache, the part with the question tokenized); then a chat of
+--turns turns of ~1K tokens each, its next question. Every cached encode is
 checked against the tokenizer's own ids. The last columns time the engine's conversion of the ids
 in add_request (llm_engine._token_ids: packed uint32, min, max) from a plain list and from the
 cache's TokenIds, which carry them packed.
@@ -113,6 +115,22 @@ def main():
         c_ids, _ = timed(lambda: _token_ids(got), a.repeat)
         print(f"| system prompt + question | {len(want):,} | {r_ms:.2f} | {p_ms:.1f} | **{h_ms:.2f}** | {f_ms:.1f} "
               f"| {ok} | {c_list:.3f} / {c_ids:.3f} |")
+
+    for L in a.lengths:  # RAG: the same documents, then another question, in one user message
+        docs = prose(tok, L, 4241)
+        q = iter(range(10 ** 6))
+
+        def rag():
+            return tok.apply_chat_template([{"role": "user", "content": f"{docs}\n\nQuestion {next(q)}: why?"}])
+        text = rag()
+        p_ms, want = timed(lambda: plain(text), a.repeat)
+        tok.encode(rag())  # the documents seen once
+        texts = [rag() for _ in range(a.repeat)]
+        it = iter(texts)
+        h_ms, _ = timed(lambda: tok.encode(next(it)), a.repeat)
+        ok = all(tok.encode(t) == plain(t) for t in texts)
+        print(f"| documents + question in one message | {len(want):,} | - | {p_ms:.1f} | **{h_ms:.2f}** | - "
+              f"| {ok} | - |")
 
     turns = [{"role": ("user", "assistant")[i % 2], "content": prose(tok, 1024, 9973 * (i + 1))}
              for i in range(a.turns)]

@@ -95,7 +95,38 @@ def test_a_repeated_system_prompt_is_tokenized_once(texts):
     for q in range(5):
         text = system + f"<|im_start|>user\nquestion {q}?<|im_end|>\n<|im_start|>assistant\n"
         assert cache.encode(text) == plain(tok, text)
-    assert (cache.misses, cache.hits) == (1, 4)  # the system piece tokenized once, then taken from here
+        if q == 0:
+            parts = cache.misses  # the system piece, kept in parts of ~4K characters
+    assert parts > 1 and (cache.misses, cache.hits) == (parts, 4 * parts)  # tokenized once
+
+
+def test_documents_before_a_new_question_reuse_the_parts_they_share(texts):
+    """RAG: the same documents, then another question, in one message: the parts of the documents
+    come from the cache; only the part with the question is tokenized again."""
+    tok = qwen_like()
+    cache = SegmentCache.for_tokenizer(tok)
+    docs = texts[0] + texts[1] + texts[2]
+    for q in range(4):
+        text = f"<|im_start|>user\n{docs}\n\nQuestion {q}: what does it say?<|im_end|>\n"
+        before = cache.misses
+        assert cache.encode(text) == plain(tok, text)
+        if q == 0:
+            parts = cache.misses
+        else:
+            assert cache.misses - before <= 1  # the last part (documents' tail + question), if long
+    assert parts > 2 and cache.hits >= 3 * (parts - 1)
+
+
+def test_a_tokenizer_whose_words_do_not_start_pre_tokens_keeps_pieces_whole():
+    """A BPE without a pre-tokenizer merges across spaces: cutting at a word's start would change
+    its ids. The cut check sees it; pieces are kept whole, and encodes stay equal."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train(corpus(4), trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", *SPECIALS]))
+    cache = SegmentCache.for_tokenizer(tok)
+    assert cache is not None and cache.cut_chars is None
+    text = "<|im_start|>" + " ".join(["a cache page"] * 2000) + "<|im_end|>"
+    assert cache.encode(text) == plain(tok, text) == cache.encode(text) and cache.hits == 1
+    assert SegmentCache.for_tokenizer(qwen_like()).cut_chars is not None
 
 
 def test_pieces_are_kept_per_cache_salt(texts):
@@ -104,9 +135,13 @@ def test_pieces_are_kept_per_cache_salt(texts):
     tok = qwen_like()
     cache = SegmentCache.for_tokenizer(tok)
     text = "<|im_start|>system\n" + texts[0] + "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    cache.encode(text)
+    n = cache.misses  # the system prompt's parts
+    cache.clear()
+    cache.misses = cache.hits = 0
     for salt, misses, hits in (("tenant-a", 1, 0), ("tenant-b", 2, 0), ("tenant-a", 2, 1), ("", 3, 1)):
         assert cache.encode(text, salt) == plain(tok, text)
-        assert (cache.misses, cache.hits) == (misses, hits), salt
+        assert (cache.misses, cache.hits) == (n * misses, n * hits), salt
 
 
 def test_the_cache_holds_at_most_max_bytes(texts):
