@@ -109,6 +109,23 @@ def _why_not(hf) -> str | None:
     return None
 
 
+def _splits_at_spaces(node) -> bool:
+    """Whether a pre-tokenizer cuts its input into words (so no id spans a space between two
+    words): a regex Split, ByteLevel with its regex, the whitespace and BERT splitters, a
+    splitting Metaspace. Without one (no pre-tokenizer, ByteLevel without its regex, a Metaspace
+    that does not split) a model may hold ids across words, and parts are not cut at words."""
+    if node is None:
+        return False
+    t = node.get("type")
+    if t == "Sequence":
+        return any(_splits_at_spaces(n) for n in node.get("pretokenizers", []))
+    if t == "ByteLevel":
+        return node.get("use_regex", True)
+    if t == "Metaspace":
+        return node.get("split", True)
+    return t in ("Split", "Whitespace", "WhitespaceSplit", "BertPreTokenizer")
+
+
 def _alternation(tokens: list[str]) -> re.Pattern | None:
     """Leftmost-longest match of any of tokens (tokenizers' added-token split), capturing."""
     if not tokens:
@@ -185,8 +202,11 @@ class SegmentCache:
         return None
 
     def cut_check(self) -> str | None:
-        """Sample prose encoded whole and as parts cut at every place _WORD_START allows (the
-        parts encoded apart); a description of the first difference, or None."""
+        """Why long pieces may not be cut where a word starts, or None: the pre-tokenizer must
+        cut words apart (_splits_at_spaces), and sample prose encoded whole must equal its parts
+        cut at every place _WORD_START allows, encoded apart."""
+        if not _splits_at_spaces(json.loads(self._hf.to_str()).get("pre_tokenizer")):
+            return "its pre-tokenizer does not cut words apart"
         words = ("the cache's pages, e.g. a KV page: it's 16 tokens. Don't re-read them; Mr. Smith "
                  "said x y z A B C. CamelCase snake_case x86 3 cats 42nd (see p. 7) and/or 'quoted' "
                  "\"double\" [a] {b} c-d e+f. I'll, we've, they're, he'd; OK? Yes! ...no\n\nnew para\t"

@@ -117,13 +117,19 @@ def test_documents_before_a_new_question_reuse_the_parts_they_share(texts):
     assert parts > 2 and cache.hits >= 3 * (parts - 1)
 
 
-def test_a_tokenizer_whose_words_do_not_start_pre_tokens_keeps_pieces_whole():
+def test_a_tokenizer_whose_words_do_not_start_pre_tokens_keeps_pieces_whole(monkeypatch):
     """A BPE without a pre-tokenizer merges across spaces: cutting at a word's start would change
-    its ids. The cut check sees it; pieces are kept whole, and encodes stay equal."""
+    its ids. The cut check refuses it (no pre-tokenizer that cuts words apart; and, past that, the
+    sample prose cut at every word differs); pieces are kept whole, and encodes stay equal."""
+    from engine import token_cache
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.train(corpus(4), trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", *SPECIALS]))
     cache = SegmentCache.for_tokenizer(tok)
     assert cache is not None and cache.cut_chars is None
+    assert "does not cut words apart" in cache.cut_check()
+    assert SegmentCache.for_tokenizer(byte_tokenizer()).cut_chars is None  # ByteLevel without its regex
+    monkeypatch.setattr(token_cache, "_splits_at_spaces", lambda node: True)
+    assert "not a pre-token boundary" in cache.cut_check()
     text = "<|im_start|>" + " ".join(["a cache page"] * 2000) + "<|im_end|>"
     assert cache.encode(text) == plain(tok, text) == cache.encode(text) and cache.hits == 1
     assert SegmentCache.for_tokenizer(qwen_like()).cut_chars is not None
