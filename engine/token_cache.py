@@ -1,7 +1,7 @@
 """Token ids of long runs of text between a tokenizer's added tokens, kept for the next request.
 
 An agent resends its system prompt on every request, a chat all its earlier turns. Tokenizing a
-32K-token system prompt takes tens of milliseconds of CPU (benchmarks/bench_tokenizer.py: ~58 ms
+32K-token system prompt takes tens of milliseconds of CPU (benchmarks/bench_tokenizer.py: 50-60 ms
 with a Qwen-style byte-level BPE on the 2-core VM), several times the device-pool hit that then
 reuses its KV. A chat template puts added tokens (<|im_start|>, <|im_end|>) around every message,
 and a tokenizer cuts its input at added tokens first and then normalizes, pre-tokenizes and
@@ -11,6 +11,8 @@ So a long piece seen before takes its ids from here and only the rest is tokeniz
 A long piece is also kept in parts of ~4K characters, cut where a word starts (a space between two
 ASCII letters, a pre-token boundary in byte-level BPEs), so a piece that starts like one seen
 before (RAG documents, then another question) reuses the parts they share and tokenizes the rest.
+Only under a pre-tokenizer that cuts words apart, and where a check at load (cut_check) finds that
+cutting sample prose at every such place leaves its ids unchanged; otherwise pieces stay whole.
 
 That independence is a property of the tokenizer's pipeline, so the cache is on only where it
 holds: normalizers and pre-tokenizers that work on each piece alone (_PER_PIECE; not a Metaspace
@@ -36,7 +38,7 @@ MIN_CHARS = 2048  # pieces this long are kept (~500 tokens); shorter ones tokeni
 CUT_CHARS = 4096  # a longer piece is kept in parts of at least this many characters (_parts)
 # Where a part may end: a space between two ASCII letters, where a word's pre-token starts in the
 # byte-level BPEs' split regexes (GPT-2's, cl100k's, Qwen2's: " ?\p{L}+" / "[^\r\n\p{L}\p{N}]?\p{L}+").
-# The self-check tries every such place of a sample text; any difference keeps pieces whole.
+# cut_check tries every such place of a sample text; any difference keeps pieces whole.
 _WORD_START = re.compile(r"[A-Za-z] [A-Za-z]")
 MAX_BYTES = 16 << 20  # all entries' estimated memory: about eight 32K-token system prompts
 
