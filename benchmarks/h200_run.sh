@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, deepseek, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -114,6 +114,7 @@ for part in "$@"; do
     load-path) step load-path 120 python3 benchmarks/probe_load_path.py ;;
     host-path) step host-path 200 python3 benchmarks/bench_host_path.py --device cuda --model-dir "$ckpt" \
         --preset qwen3-30b-a3b-shapes --layers 12 --tiers cpu --repeat 10 ;;
+    tokenizer) step tokenizer 120 python3 benchmarks/bench_tokenizer.py ;;  # the host's CPU, no GPU
     profile) step profile 240 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" ;;
     profile-hit) step profile-hit 300 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
         --cases hit,prefill --prompt-len 8192 32768 --top 12 ;;
