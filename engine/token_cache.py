@@ -140,14 +140,14 @@ class SegmentCache:
 
     encode() cuts the text where the tokenizer's added tokens are (those matched in the raw text
     first, then those matched after normalization, which here is none), so every unit it encodes
-    starts and ends at an added-token boundary: a long piece alone, the runs between long pieces
-    (short text and added tokens together) as they are. Units not held are encoded in one
-    encode_batch call (which lets go of the GIL); long pieces are then kept, least recently used
-    dropped past MAX_BYTES (_cost: the ids as Python ints, packed, and the piece's text, which is
-    the key). Pieces are kept per cache_salt: a tenant's prompt tokenized in a
-    fraction of the time would tell that another tenant sent it (the timing side channel that
-    cache_salt closes for the KV pages). Safe from several threads (the server tokenizes on
-    worker threads)."""
+    starts and ends at an added-token boundary or where a word starts: a long piece alone (or
+    each of its parts, _parts), the runs between them (short text and added tokens together) as
+    they are. Units not held are encoded in one encode_batch call (which lets go of the GIL and
+    runs them in parallel); long ones are then kept, least recently used dropped past MAX_BYTES
+    (_cost: the ids as Python ints, packed, and the text, which is the key). Kept per cache_salt:
+    a tenant's prompt tokenized in a fraction of the time would tell that another tenant sent it
+    (the timing side channel that cache_salt closes for the KV pages). Safe from several threads
+    (the server tokenizes on worker threads)."""
 
     def __init__(self, hf, min_chars: int = MIN_CHARS, max_bytes: int = MAX_BYTES):
         self._hf = hf
