@@ -33,8 +33,8 @@ from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
 from .runner import Launched, ModelRunner
 from .sampling import SamplingParams, make_generator
-from .token_cache import TokenIds
 from .scheduler import Scheduler
+from .token_cache import TokenIds
 from .tokenizer import Detokenizer, Tokenizer
 
 BUILTIN = {"tiny-qwen3-moe": "qwen3_moe", "tiny-mixtral": "mixtral", "tiny-deepseek-v2": "deepseek_v2",

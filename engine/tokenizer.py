@@ -80,9 +80,9 @@ class Tokenizer:
         before under the same cache_salt take their ids from self.segments (engine.token_cache: a
         32K-token system prompt resent with a new question costs ~0.5 ms instead of ~50; another
         tenant's pieces are not reused, or their quicker tokenization would tell that tenant's
-        prompts apart, as a KV hit would). Through encode_batch, which
-        releases the GIL while it works (encode holds it: ~50 ms for a 120K-token text, every other
-        thread of the process stopped); the ids are the same."""
+        prompts apart, as a KV hit would). Through encode_batch, which releases the GIL while it
+        works (encode holds it: ~50 ms for a 120K-token text, every other thread of the process
+        stopped); the ids are the same."""
         if self.segments is not None and len(text) >= self.segments.min_chars:
             return self.segments.encode(text, cache_salt)
         return self._tok.encode_batch([text], add_special_tokens=False)[0].ids

@@ -95,8 +95,9 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
         tok = engine.engine.tokenizer
         if isinstance(prompt, str) and tok is not None:
             # Here, on a worker thread, not on the engine's thread: a 32K-token prompt takes
-            # ~10-15 ms to tokenize, and every running request's next step would wait for it
-            # (Tokenizer.encode lets go of the GIL while it works).
+            # 12-60 ms to tokenize the first time, and every running request's next step would wait
+            # for it (Tokenizer.encode lets go of the GIL while it works; the pieces it has seen
+            # under this cache_salt come from engine.token_cache).
             prompt = await asyncio.to_thread(tok.encode, prompt, salt or "")
         try:
             return await engine.submit(rid, prompt, params, salt or "", arrival)
