@@ -7,7 +7,8 @@ tokenizer's own encode, and Tokenizer.encode with the segment cache on a new que
 prompt's ids taken from the cache) and on a first sight (every piece tokenized, the long ones
 kept); then documents of --lengths tokens and a new question in one user message (RAG: the
 documents' parts taken from the cache, the part with the question tokenized); then a chat of
---turns turns of ~1K tokens each, its next question. Every cached encode is
+--turns turns of ~1K tokens each, its next question; then a chat of --short-turns turns of 100-600
+characters, its newest turn (every earlier turn a piece of its own). Every cached encode is
 checked against the tokenizer's own ids. The last columns time the engine's conversion of the ids
 in add_request (llm_engine._token_ids: packed uint32, min, max) from a plain list and from the
 cache's TokenIds, which carry them packed.
@@ -71,6 +72,7 @@ def main():
     ap.add_argument("--tokenizer-dir", default=None)
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--turns", type=int, default=16, help="turns of the chat row (~1K tokens each)")
+    ap.add_argument("--short-turns", type=int, default=120, help="turns of the short-turn chat row (100-600 characters)")
     ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args()
     tmp = None
@@ -142,6 +144,18 @@ def main():
     p_ms, want = timed(lambda: plain(text), a.repeat)
     h_ms, got = timed(lambda: tok.encode(text), a.repeat)
     print(f"| chat of {a.turns} turns over a {a.lengths[0]:,}-token system prompt, its next question | "
+          f"{len(want):,} | - | {p_ms:.1f} | **{h_ms:.2f}** | - | {got == want} | - |")
+    src = (STDLIB / "pydoc_data" / "topics.py").read_text()
+    rng = __import__("random").Random(0)
+    chat = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(a.short_turns):
+        o = rng.randrange(len(src) - 1000)
+        chat.append({"role": ("user", "assistant")[i % 2], "content": src[o:o + rng.randrange(100, 600)]})
+    tok.encode(tok.apply_chat_template(chat[:-1]))  # the chat so far, seen as it grew
+    text = tok.apply_chat_template(chat)
+    p_ms, want = timed(lambda: plain(text), a.repeat)
+    h_ms, got = timed(lambda: tok.encode(text), a.repeat)
+    print(f"| chat of {a.short_turns} short turns (100-600 characters), its newest turn | "
           f"{len(want):,} | - | {p_ms:.1f} | **{h_ms:.2f}** | - | {got == want} | - |")
     print(f"\nsegment cache: {tok.segments.hits} pieces from the cache, {tok.segments.misses} tokenized and kept")
     if tmp is not None:

@@ -6,7 +6,8 @@ with a Qwen-style byte-level BPE on the 2-core VM), several times the device-poo
 reuses its KV. A chat template puts added tokens (<|im_start|>, <|im_end|>) around every message,
 and a tokenizer cuts its input at added tokens first and then normalizes, pre-tokenizes and
 tokenizes each piece between them on its own: a message's ids do not depend on what surrounds it.
-So a long piece seen before takes its ids from here and only the rest is tokenized.
+So a piece seen before takes its ids from here, an added token is its id, and only new pieces are
+tokenized: a chat's earlier turns however short, a system prompt however long.
 
 A long piece is also kept in parts of ~4K characters, cut where a word starts (a space between two
 ASCII letters, a pre-token boundary in byte-level BPEs), so a piece that starts like one seen
@@ -34,7 +35,7 @@ import numpy as np
 
 log = logging.getLogger("kvc.engine")
 
-MIN_CHARS = 2048  # pieces this long are kept (~500 tokens); shorter ones tokenize in ~0.1 ms
+MIN_CHARS = 2048  # texts this long go through the cache (Tokenizer.encode); shorter ones tokenize in ~0.5 ms
 CUT_CHARS = 4096  # a longer piece is kept in parts of at least this many characters (_parts)
 # Where a part may end: a space between two ASCII letters, where a word's pre-token starts in the
 # byte-level BPEs' split regexes (GPT-2's, cl100k's, Qwen2's: " ?\p{L}+" / "[^\r\n\p{L}\p{N}]?\p{L}+").
@@ -76,8 +77,9 @@ def _piece(ids: list[int]) -> _Piece:
 
 def _cost(text: str, piece: _Piece) -> int:
     """An entry's memory, estimated from above: each id a list slot and an int object (~40
-    bytes), packed (4), and the key's text at up to 4 bytes a character."""
-    return 44 * len(piece.ids) + 4 * len(text)
+    bytes), packed (4), the key's text at up to 4 bytes a character, and ~300 bytes of objects
+    (the dict's entry, the key, the tuple, the lists)."""
+    return 44 * len(piece.ids) + 4 * len(text) + 300
 
 
 def _per_piece(node, kind: str) -> bool:
@@ -136,30 +138,30 @@ def _alternation(tokens: list[str]) -> re.Pattern | None:
 
 
 class SegmentCache:
-    """Encodes texts as the tokenizer does, reusing the ids of long pieces between added tokens.
+    """Encodes texts as the tokenizer does, reusing the ids of the pieces between added tokens.
 
     encode() cuts the text where the tokenizer's added tokens are (those matched in the raw text
-    first, then those matched after normalization, which here is none), so every unit it encodes
-    starts and ends at an added-token boundary or where a word starts: a long piece alone (or
-    each of its parts, _parts), the runs between them (short text and added tokens together) as
-    they are. Units not held are encoded in one encode_batch call (which lets go of the GIL and
-    runs them in parallel); long ones are then kept, least recently used dropped past MAX_BYTES
-    (_cost: the ids as Python ints, packed, and the text, which is the key). Kept per cache_salt:
-    a tenant's prompt tokenized in a fraction of the time would tell that another tenant sent it
-    (the timing side channel that cache_salt closes for the KV pages). Safe from several threads
-    (the server tokenizes on worker threads)."""
+    first, then those matched after normalization, which here is none): an added token is its id;
+    each piece of text between them (or each part of a long one, _parts) is looked up, and those
+    not held are encoded in one encode_batch call (which lets go of the GIL and runs them in
+    parallel) and kept, least recently used dropped past MAX_BYTES (_cost: the ids as Python
+    ints, packed, and the text, which is the key). Kept per cache_salt: a tenant's prompt
+    tokenized in a fraction of the time would tell that another tenant sent it (the timing side
+    channel that cache_salt closes for the KV pages). Safe from several threads (the server
+    tokenizes on worker threads)."""
 
     def __init__(self, hf, min_chars: int = MIN_CHARS, max_bytes: int = MAX_BYTES):
         self._hf = hf
         self.min_chars, self.max_bytes = min_chars, max_bytes
-        added = list(hf.get_added_tokens_decoder().values())
-        self._raw = _alternation([a.content for a in added if not a.normalized])
-        self._normalized = _alternation([a.content for a in added if a.normalized])
+        added = list(hf.get_added_tokens_decoder().items())
+        self._raw = _alternation([a.content for _, a in added if not a.normalized])
+        self._normalized = _alternation([a.content for _, a in added if a.normalized])
+        self._token = {a.content: _piece([i]) for i, a in added}  # an added token's text -> its id
         self._held: OrderedDict[tuple[str, str], _Piece] = OrderedDict()  # (salt, piece) -> its ids
         self.cut_chars: int | None = CUT_CHARS  # None: long pieces are kept whole (_parts)
         self._size = 0  # the entries' _cost in bytes
         self._lock = threading.Lock()
-        self.hits = self.misses = 0  # long pieces taken from here / tokenized and kept
+        self.hits = self.misses = 0  # pieces taken from here / tokenized and kept
 
     @staticmethod
     def for_tokenizer(hf) -> "SegmentCache | None":
@@ -189,8 +191,6 @@ class SegmentCache:
         bits = ["Hello world", " x  y ", "\n\n  z\t", "é ü 12 345 ǅ", "  ", "\n", "a.b,c;d", "'s 're"]
         texts = ["".join(b + t for b, t in zip(bits * 2, added * 2)) + "tail",
                  "".join(t + b for b, t in zip(bits, added * 8)), " ".join(added) + " end\n"]
-        saved = self.min_chars
-        self.min_chars = 1  # every piece through the cache
         try:
             for text in texts:
                 whole = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
@@ -199,7 +199,6 @@ class SegmentCache:
                     if got != whole:
                         return f"self-check: {text[:40]!r} piece by piece ({attempt}) differs from whole"
         finally:
-            self.min_chars = saved
             self.clear()
         return None
 
@@ -258,41 +257,36 @@ class SegmentCache:
                 out.append((p, True))
         return out
 
-    def _units(self, text: str) -> list[tuple[str, bool]]:
-        """(unit, long) in order: long pieces of text alone, everything between them in runs."""
-        units: list[tuple[str, bool]] = []
-        run: list[str] = []
+    def _units(self, text: str) -> list[tuple[str, _Piece | None]]:
+        """(text, None) for each piece of text (each part of a long one) to look up or encode,
+        (added token, its id) for each added token, in order."""
+        units: list[tuple[str, _Piece | None]] = []
         for p, is_text in self._split(text):
-            for q in (self._parts(p) if is_text and len(p) >= self.min_chars else [p]):
-                if is_text and len(q) >= self.min_chars:
-                    if run:
-                        units.append(("".join(run), False))
-                        run = []
-                    units.append((q, True))
-                elif q:
-                    run.append(q)
-        if run:
-            units.append(("".join(run), False))
+            if not is_text:
+                units.append((p, self._token[p]))
+            elif p:
+                units += [(q, None) for q in self._parts(p)]
         return units
 
     def encode(self, text: str, salt: str = "") -> TokenIds:
         units = self._units(text)
-        got: list[_Piece | None] = []
+        got = [g for _, g in units]
         with self._lock:
-            for u, long in units:
-                held = self._held.get((salt, u)) if long else None
-                if held is not None:
-                    self._held.move_to_end((salt, u))
-                    self.hits += 1
-                got.append(held)
+            for i, (u, g) in enumerate(units):
+                if g is None:
+                    held = self._held.get((salt, u))
+                    if held is not None:
+                        self._held.move_to_end((salt, u))
+                        self.hits += 1
+                        got[i] = held
         todo = [i for i, g in enumerate(got) if g is None]
         if todo:
             for i, enc in zip(todo, self._hf.encode_batch([units[i][0] for i in todo], add_special_tokens=False)):
                 got[i] = _piece(enc.ids)
             with self._lock:
                 for i in todo:
-                    u, long = units[i]
-                    if long and (salt, u) not in self._held and _cost(u, got[i]) <= self.max_bytes:
+                    u = units[i][0]
+                    if (salt, u) not in self._held and _cost(u, got[i]) <= self.max_bytes:
                         self._held[salt, u] = got[i]
                         self._size += _cost(u, got[i])
                         self.misses += 1
