@@ -181,7 +181,7 @@ class SegmentCache:
                     log.info("tokenizer: long prompt pieces are kept whole, not in parts (%s)", cut)
                 cache.hits = cache.misses = 0
                 return cache
-        log.info("tokenizer: long prompt pieces are tokenized every time (%s)", why)
+        log.info("tokenizer: prompts are tokenized whole every time, no pieces kept (%s)", why)
         return None
 
     def self_check(self) -> str | None:

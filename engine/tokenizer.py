@@ -60,7 +60,7 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
         src = _find_template(path, tok_cfg)
         self._template = _compile(src) if src is not None else None
-        # the ids of long pieces between added tokens (a system prompt, a chat's earlier turns) kept
+        # the ids of the pieces between added tokens (a system prompt, a chat's earlier turns) kept
         # for the next request; None where this tokenizer's pieces may not tokenize independently
         self.segments = SegmentCache.for_tokenizer(self._tok)
 
@@ -76,8 +76,8 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, cache_salt: str = "") -> list[int]:
-        """Token ids of `text` (no special tokens added). Long pieces between added tokens seen
-        before under the same cache_salt take their ids from self.segments (engine.token_cache: a
+        """Token ids of `text` (no special tokens added). Pieces between added tokens seen before
+        under the same cache_salt take their ids from self.segments (engine.token_cache: a
         32K-token system prompt resent with a new question costs ~0.5 ms instead of ~50; another
         tenant's pieces are not reused, or their quicker tokenization would tell that tenant's
         prompts apart, as a KV hit would). Through encode_batch, which releases the GIL while it
