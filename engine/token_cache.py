@@ -93,6 +93,13 @@ def _per_piece(node, kind: str) -> bool:
     return t in _PER_PIECE[kind]
 
 
+def _no_normalizer(node) -> bool:
+    """None, or a Sequence of nothing (some tokenizer.json files write no normalizer as
+    `{"type": "Sequence", "normalizers": []}`): normalized text is the raw text."""
+    return node is None or (node.get("type") == "Sequence"
+                            and all(_no_normalizer(n) for n in node.get("normalizers", [])))
+
+
 def _why_not(hf) -> str | None:
     """Why the pieces of hf's input may not tokenize independently, or None when they do."""
     spec = json.loads(hf.to_str())
@@ -108,7 +115,7 @@ def _why_not(hf) -> str | None:
     for a in hf.get_added_tokens_decoder().values():
         if a.lstrip or a.rstrip or a.single_word:
             return f"added token {a.content!r} strips whitespace or matches single words only"
-        if a.normalized and spec.get("normalizer") is not None:
+        if a.normalized and not _no_normalizer(spec.get("normalizer")):
             return f"added token {a.content!r} matches in normalized text"
     return None
 

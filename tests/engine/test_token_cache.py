@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from engine.tiny import byte_tokenizer, trained_bpe
 from engine.token_cache import SegmentCache
@@ -59,9 +59,11 @@ def plain(tok: Tokenizer, text: str) -> list[int]:
 
 
 def byte_with_normalized_token() -> Tokenizer:
-    """No normalizer: an added token matched "after normalization" is matched in the raw text,
-    after the raw-matched ones (tokenizers' order), here one that overlaps <|im_end|>."""
+    """No normalizer (written as an empty Sequence, as some tokenizer.json files do): an added token
+    matched "after normalization" is matched in the raw text, after the raw-matched ones
+    (tokenizers' order), here one that overlaps <|im_end|>."""
     tok = byte_tokenizer()
+    tok.normalizer = normalizers.Sequence([])
     tok.add_tokens([AddedToken("end|>\n<", normalized=True), AddedToken("<think>", normalized=True)])
     return tok
 
