@@ -48,7 +48,7 @@ from kvc.cpu_tier import Entry  # noqa: E402
 from kvc.device_pool import DevicePool  # noqa: E402
 from kvc.hashing import Namespace, PageSpec, page_hashes, tokens_bytes  # noqa: E402
 from kvc.record import Page, checksum, decode_header  # noqa: E402
-from kvc.store import TieredStore  # noqa: E402
+from kvc.store import TieredStore, key, keys_of  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -304,7 +304,8 @@ def bench_cpu_tier(name: str, spec: PageSpec, budget: int, batch: int, reps: int
 
     # Breakdown of the get path: the checksum and the copy alone, over the same slab slots.
     cpu = store.cpu
-    views = [cpu.view(h) for h in pp.hashes]
+    keys = keys_of(ns.root, pp.hashes)  # the tiers key a page by its namespace root and hash
+    views = [cpu.view(k) for k in keys]
     flat = staging.view(torch.uint8).reshape(b, -1)
     t_sum, t_cpy, t_both = [], [], []
     for _ in range(min(reps, 3)):
@@ -317,8 +318,8 @@ def bench_cpu_tier(name: str, spec: PageSpec, budget: int, batch: int, reps: int
             flat[i % b].copy_(torch.from_numpy(v))
         t_cpy.append(now() - t0)
         t0 = now()
-        for i, h in enumerate(pp.hashes):
-            cpu.read_into(h, flat[i % b])
+        for i, k in enumerate(keys):
+            cpu.read_into(k, flat[i % b])
         t_both.append(now() - t0)
     prof.append(Row(name, "cpu get: xxh3_64 of each slot only", total / min(t_sum) / GB, ref=memcpy, ref_name="memcpy"))
     prof.append(Row(name, "cpu get: copy_ slot -> staging only", total / min(t_cpy) / GB, ref=memcpy, ref_name="memcpy"))
@@ -388,16 +389,17 @@ def bench_disk_tier(name: str, spec: PageSpec, budget: int, batch: int, reps: in
         # Breakdown: an LMDB read transaction per page that only touches the buffer, checksum of
         # the payload in the map, and the copy out of the map.
         disk = store.disk
+        keys = keys_of(ns.root, pp.hashes)  # the tiers key a page by its namespace root and hash
         flat = staging.view(torch.uint8).reshape(b, -1)
         t_txn, t_sum, t_cpy, t_read = [], [], [], []
         for _ in range(min(reps, 3)):
             t0 = now()
-            for h in pp.hashes:
+            for k in keys:
                 with disk.env.begin(db=disk._data, buffers=True) as txn:
-                    decode_header(txn.get(h))
+                    decode_header(txn.get(k))
             t_txn.append(now() - t0)
             with disk.env.begin(db=disk._data, buffers=True) as txn:
-                bufs = [txn.get(h) for h in pp.hashes]
+                bufs = [txn.get(k) for k in keys]
                 offs = [decode_header(x).payload_offset for x in bufs]
                 t0 = now()
                 for x, o in zip(bufs, offs):
@@ -410,7 +412,7 @@ def bench_disk_tier(name: str, spec: PageSpec, budget: int, batch: int, reps: in
                 del bufs
             t0 = now()
             for lo in range(0, n, b):  # staging-sized runs, as get_pages(out=staging) reads them
-                hs = pp.hashes[lo:lo + b]
+                hs = keys[lo:lo + b]
                 assert len(disk.read_run(hs, [flat[i].numpy() for i in range(len(hs))], ns.root)) == len(hs)
             t_read.append(now() - t0)
         prof.append(Row(name, "disk get: LMDB txn + get + header only", total / min(t_txn) / GB,
@@ -457,7 +459,7 @@ def bench_lookup(name: str, spec: PageSpec, n_tokens: int, runs: int, real: bool
         raw = tokens_bytes(tokens)
         parent = ns.root
         for i, h in enumerate(hashes):
-            store.cpu.entries[h] = Entry(ns.root, parent, raw[i * 4 * P:(i + 1) * 4 * P], spec.dtype,
+            store.cpu.entries[key(ns.root, h)] = Entry(ns.root, parent, raw[i * 4 * P:(i + 1) * 4 * P], spec.dtype,
                                          spec.shape, pb, 0, slot=-1)
             parent = h
 
