@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     spec = PageSpec(num_layers=args.layers, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                     page_size=args.page_size, dtype=args.dtype)
     ns = Namespace("bench-disk", spec, weights_digest="bench")
+    if args.dir and not os.path.isdir(args.dir):
+        ap.error(f"--dir {args.dir}: no such directory (the disk to measure is the one it is on)")
     base = tempfile.mkdtemp(prefix=".bench_disk-", dir=args.dir or ".")
     why = drop_caches()
     cold_ok = why is None
