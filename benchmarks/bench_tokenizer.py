@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import random
 import shutil
 import statistics
 import sys
@@ -146,7 +147,7 @@ def main():
     print(f"| chat of {a.turns} turns over a {a.lengths[0]:,}-token system prompt, its next question | "
           f"{len(want):,} | - | {p_ms:.1f} | **{h_ms:.2f}** | - | {got == want} | - |")
     src = (STDLIB / "pydoc_data" / "topics.py").read_text()
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     chat = [{"role": "system", "content": "You are a helpful assistant."}]
     for i in range(a.short_turns):
         o = rng.randrange(len(src) - 1000)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import array
 import json
 import logging
+import random
 import re
 import threading
 from collections import OrderedDict
@@ -100,9 +101,9 @@ def _no_normalizer(node) -> bool:
                             and all(_no_normalizer(n) for n in node.get("normalizers", [])))
 
 
-def _why_not(hf) -> str | None:
-    """Why the pieces of hf's input may not tokenize independently, or None when they do."""
-    spec = json.loads(hf.to_str())
+def _why_not(hf, spec: dict) -> str | None:
+    """Why the pieces of hf's input may not tokenize independently, or None when they do (spec:
+    hf's tokenizer.json, parsed)."""
     if spec.get("truncation") or spec.get("padding"):
         return "tokenizer.json sets truncation or padding"
     if getattr(hf, "encode_special_tokens", False):
@@ -157,9 +158,9 @@ class SegmentCache:
     channel that cache_salt closes for the KV pages). Safe from several threads (the server
     tokenizes on worker threads)."""
 
-    def __init__(self, hf, min_chars: int = MIN_CHARS, max_bytes: int = MAX_BYTES):
+    def __init__(self, hf, max_bytes: int = MAX_BYTES):
         self._hf = hf
-        self.min_chars, self.max_bytes = min_chars, max_bytes
+        self.max_bytes = max_bytes
         added = list(hf.get_added_tokens_decoder().items())
         self._raw = _alternation([a.content for _, a in added if not a.normalized])
         self._normalized = _alternation([a.content for _, a in added if a.normalized])
@@ -175,14 +176,15 @@ class SegmentCache:
         """A cache for hf, or None (with the reason logged once) where its pieces may not
         tokenize independently or its self-check fails."""
         try:
-            why = _why_not(hf)
+            spec = json.loads(hf.to_str())  # once: a 151K-vocab tokenizer.json is megabytes
+            why = _why_not(hf, spec)
         except AttributeError as e:  # a tokenizers release without get_added_tokens_decoder
             why = f"this tokenizers release cannot list its added tokens ({e})"
         if why is None:
             cache = SegmentCache(hf)
             why = cache.self_check()
             if why is None:
-                cut = cache.cut_check()
+                cut = cache.cut_check(spec)
                 if cut is not None:
                     cache.cut_chars = None
                     log.info("tokenizer: long prompt pieces are kept whole, not in parts (%s)", cut)
@@ -209,17 +211,20 @@ class SegmentCache:
             self.clear()
         return None
 
-    def cut_check(self) -> str | None:
+    def cut_check(self, spec: dict | None = None) -> str | None:
         """Why long pieces may not be cut where a word starts, or None: the pre-tokenizer must
         cut words apart (_splits_at_spaces), and sample prose encoded whole must equal its parts
-        cut at every place _WORD_START allows, encoded apart."""
-        if not _splits_at_spaces(json.loads(self._hf.to_str()).get("pre_tokenizer")):
+        cut at every place _WORD_START allows, encoded apart. spec: the parsed tokenizer.json, if
+        the caller has it."""
+        if spec is None:
+            spec = json.loads(self._hf.to_str())
+        if not _splits_at_spaces(spec.get("pre_tokenizer")):
             return "its pre-tokenizer does not cut words apart"
         words = ("the cache's pages, e.g. a KV page: it's 16 tokens. Don't re-read them; Mr. Smith "
                  "said x y z A B C. CamelCase snake_case x86 3 cats 42nd (see p. 7) and/or 'quoted' "
                  "\"double\" [a] {b} c-d e+f. I'll, we've, they're, he'd; OK? Yes! ...no\n\nnew para\t"
                  "tab a\u00e9b caf\u00e9 au lait \u4e2d\u6587 a \U0001F600 b").split(" ")
-        rng = __import__("random").Random(0)
+        rng = random.Random(0)
         text = " ".join(rng.choice(words) for _ in range(3000))
         cuts = [m.start() + 1 for m in _WORD_START.finditer(text)]
         if not cuts:

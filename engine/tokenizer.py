@@ -16,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .model_args import CheckpointError
+from . import token_cache
 from .token_cache import SegmentCache
 
 
@@ -83,7 +84,7 @@ class Tokenizer:
         prompts apart, as a KV hit would). Through encode_batch, which releases the GIL while it
         works (encode holds it: ~50 ms for a 120K-token text, every other thread of the process
         stopped); the ids are the same."""
-        if self.segments is not None and len(text) >= self.segments.min_chars:
+        if self.segments is not None and len(text) >= token_cache.MIN_CHARS:
             return self.segments.encode(text, cache_salt)
         return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 

@@ -174,7 +174,7 @@ def test_pieces_are_kept_per_cache_salt(texts):
 def test_the_cache_holds_at_most_max_bytes(texts):
     from engine.token_cache import _cost
     tok = qwen_like()
-    cache = SegmentCache(tok, min_chars=100, max_bytes=200_000)
+    cache = SegmentCache(tok, max_bytes=200_000)
     for t in texts:
         text = "<|im_start|>" + t + "<|im_end|>"
         assert cache.encode(text) == plain(tok, text)
@@ -186,7 +186,7 @@ def test_the_cache_holds_at_most_max_bytes(texts):
 
 def test_threads_share_one_cache(texts):
     tok = qwen_like()
-    cache = SegmentCache(tok, min_chars=100)
+    cache = SegmentCache(tok)
     rng = random.Random(2)
     work = [chat(rng, texts, rng.randrange(1, 5)) for _ in range(24)]
     want = [plain(tok, t) for t in work]
@@ -219,7 +219,7 @@ def test_tokenizers_whose_pieces_depend_on_their_place_get_no_cache():
 
 def test_a_failed_self_check_turns_the_cache_off(monkeypatch):
     from engine import token_cache
-    monkeypatch.setattr(token_cache, "_why_not", lambda hf: None)  # past the pipeline's check
+    monkeypatch.setattr(token_cache, "_why_not", lambda hf, spec: None)  # past the pipeline's check
     assert SegmentCache.for_tokenizer(metaspace("first")) is None
 
 
