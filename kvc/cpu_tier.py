@@ -74,8 +74,10 @@ class CpuTier:
         self.classes: dict[int, _SizeClass] = {}
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.used = 0
+        # a core is left for the caller: it reads a part of each read_many itself (a 2-core
+        # machine reads on two threads, one of them the caller's, instead of one)
         threads = min(16, (os.cpu_count() or 1) - 1) if reader_threads is None else reader_threads
-        self._readers = ThreadPoolExecutor(threads, thread_name_prefix="kvc-cpu-read") if threads > 1 else None
+        self._readers = ThreadPoolExecutor(threads, thread_name_prefix="kvc-cpu-read") if threads > 0 else None
         # A lazily mapped slab makes the first put into every page pay a page fault (half the put
         # time measured). Populate it in the background, in the order extents are handed out;
         # MADV_POPULATE_WRITE maps pages without changing their bytes, so puts can run meanwhile.
@@ -263,14 +265,25 @@ class CpuTier:
         sums = lib.pointers([base + e.slot for e in entries], dsts, [e.nbytes for e in entries])
         return [s == e.checksum for s, e in zip(sums, entries)]
 
-    def _in_parts(self, fn: Callable[[list], list], items: list) -> Callable[[], list]:
+    def _in_parts(self, fn: Callable[[list], list], items: list, caller: bool = False) -> Callable[[], list]:
         """fn over items in one part per reader thread (fn(part) -> one result per item), started
-        now; the returned call waits and gives the results in order."""
+        now; the returned call waits and gives the results in order. With `caller` the calling
+        thread takes the last part itself inside the returned call (a caller that only waits: the
+        native byte work releases the GIL, so the parts run side by side)."""
         if len(items) <= 1 or self._readers is None:
             return lambda: fn(items)
-        step = -(-len(items) // self._readers._max_workers)  # one task per thread, not per page
-        futs = [self._readers.submit(fn, items[i:i + step]) for i in range(0, len(items), step)]
-        return lambda: [r for f in futs for r in f.result()]
+        parts = self._readers._max_workers + caller
+        step = -(-len(items) // parts)  # one task per thread, not per page
+        cuts = list(range(0, len(items), step))
+        own = items[cuts.pop():] if caller else None
+        futs = [self._readers.submit(fn, items[i:i + step]) for i in cuts]
+        if not caller:
+            return lambda: [r for f in futs for r in f.result()]
+
+        def run() -> list:
+            mine = fn(own)
+            return [r for f in futs for r in f.result()] + mine
+        return run
 
     def touch_many(self, hashes: list[bytes]) -> None:
         """touch each, in order (the last becomes the most recent)."""
@@ -290,7 +303,7 @@ class CpuTier:
                                    for d, e in zip(dsts, entries)):
             def copy(part: list[tuple[Entry, int]]) -> list[bool]:
                 return self._native_sums(lib, [e for e, _ in part], [d for _, d in part])
-            return self._in_parts(copy, [(e, d.data_ptr()) for e, d in zip(entries, dsts)])()
+            return self._in_parts(copy, [(e, d.data_ptr()) for e, d in zip(entries, dsts)], caller=True)()
         if len(hashes) == 1 or self._readers is None:
             return [self.read_into(h, d) for h, d in zip(hashes, dsts)]
         return list(self._readers.map(self.read_into, hashes, dsts))

@@ -226,20 +226,28 @@ def test_pin_ignores_other_namespaces_pages(tmp_path):
         assert s.put_pages(NS, pb).stored == 1  # the other tenant's pages stayed evictable
 
 
-def test_cpu_tier_parallel_reads_verify_each_page():
-
+@pytest.mark.parametrize("readers", [0, 1, 3])
+def test_cpu_tier_parallel_reads_verify_each_page(readers):
+    """read_many's parts (the reader threads' and, since the caller reads one part itself, the
+    caller's): every page copied, each verdict in its page's place, a corrupt page in the first
+    part and one in the last."""
     from kvc.cpu_tier import CpuTier, Entry
     from kvc.record import checksum
-    tier = CpuTier(1 << 20, pin=False, reader_threads=3)
+    tier = CpuTier(1 << 20, pin=False, reader_threads=readers)
     rng = np.random.default_rng(0)
-    hashes = [bytes([i]) * 16 for i in range(6)]
+    hashes = [bytes([i]) * 16 for i in range(7)]
     payloads = [rng.integers(0, 255, 4096, dtype=np.uint8) for _ in hashes]
     for h, p in zip(hashes, payloads):
         assert tier.put(h, Entry(b"r" * 16, b"p" * 16, b"", "uint8", (4096,), 4096, checksum(p)), p)
-    tier.view(hashes[4])[100] ^= 1
+    tier.view(hashes[0])[7] ^= 1
+    tier.view(hashes[6])[100] ^= 1
     dsts = [torch.empty(4096, dtype=torch.uint8) for _ in hashes]
-    assert tier.read_many(hashes, dsts) == [True, True, True, True, False, True]
-    assert all(torch.equal(d, torch.from_numpy(p)) for d, p in zip(dsts[:4], payloads))
+    assert tier.read_many(hashes, dsts) == [False, True, True, True, True, True, False]
+    assert all(torch.equal(d, torch.from_numpy(p)) for d, p in zip(dsts[1:6], payloads[1:6]))
+    for n in (1, 2, 3):  # fewer pages than parts
+        dsts = [torch.empty(4096, dtype=torch.uint8) for _ in range(n)]
+        assert tier.read_many(hashes[1:1 + n], dsts) == [True] * n
+        assert all(torch.equal(d, torch.from_numpy(p)) for d, p in zip(dsts, payloads[1:]))
     tier.close()
 
 
