@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 
 from kvc import pinned
@@ -31,7 +32,7 @@ from .attention import use_kernels
 from .kv_cache import KVCache
 from .layers import AttnMetadata
 from .model import CausalLM
-from .request import Request, pending_patch
+from .request import Request, pending_patch, table_ids
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,28 @@ class DecodeGraphs:
     def can_run(self, sched: list[tuple[Request, int]]) -> bool:
         return (self.disabled is None and 0 < len(sched) <= self.sizes[-1] and all(n == 1 for _, n in sched))
 
+    def step_inputs(self, sched: list[tuple[Request, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step's inputs on the host: (ids, positions, slots) [3, B] long (a pending
+        token's id 0, patched on the device), key counts [B] int32, block tables [B, width] int32
+        (each request's blocks up to its last key, then 0). The tables are row copies of their
+        int32 bytes (engine.request.BlockTable): as nested lists through torch.tensor they cost
+        ~3.8 ms a step for 32 requests at 32K tokens of context on the 2-core VM."""
+        P = self.kv.page_size
+        ids, pos, slots, lens = [], [], [], []
+        for req, _ in sched:
+            p = req.num_computed
+            ids.append(req.ids(p, p + 1)[0] if not req.pending else 0)
+            pos.append(p)
+            slots.append(req.block_table[p // P] * P + p % P)
+            lens.append(p + 1)
+        width = max(((n + P - 1) // P for n in lens), default=0)
+        rows = np.zeros((len(sched), width), np.int32)
+        for i, ((req, _), n_keys) in enumerate(zip(sched, lens)):
+            nb = (n_keys + P - 1) // P
+            rows[i, :nb] = table_ids(req.block_table, nb)
+        return (torch.tensor([ids, pos, slots], dtype=torch.long), torch.tensor(lens, dtype=torch.int32),
+                torch.from_numpy(rows))
+
     def logits(self, sched: list[tuple[Request, int]], runner) -> torch.Tensor | None:
         """Logits [B, vocab] fp32 of a decode-only step, or None when it must run eagerly. A pending
         token's id is patched in from the step in flight by runner.patch_pending."""
@@ -169,27 +192,12 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= B)
         if not ensure_captured(self, size, "decode"):
             return None
-        P = self.kv.page_size
-        ids, pos, slots, lens = [], [], [], []
-        width = 0
-        for req, _ in sched:
-            p = req.num_computed
-            ids.append(req.ids(p, p + 1)[0] if not req.pending else 0)
-            pos.append(p)
-            slots.append(req.block_table[p // P] * P + p % P)
-            lens.append(p + 1)
-            width = max(width, p // P + 1)
-        rows = []
-        for req, n_keys in zip((r for r, _ in sched), lens):
-            nb = (n_keys + P - 1) // P
-            rows.append(req.block_table[:nb] + [0] * (width - nb))
-        table = torch.tensor(rows, dtype=torch.int32)  # [B, width]
-        host = torch.tensor([ids, pos, slots], dtype=torch.long)  # [3, B]
+        host, lens, table = self.step_inputs(sched)
         self.ids[:B].copy_(host[0], non_blocking=True)
         self.positions[:B].copy_(host[1], non_blocking=True)
         self.slots[:B].copy_(host[2], non_blocking=True)
-        self.lens[:B].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.tables[:B, :width].copy_(table, non_blocking=True)  # entries past a length are never read
+        self.lens[:B].copy_(lens, non_blocking=True)
+        self.tables[:B, :table.shape[1]].copy_(table, non_blocking=True)  # entries past a length are never read
         patch_rows, patch_srcs = pending_patch(sched)
         if patch_rows:
             patch = pinned.upload(torch.tensor([patch_rows, patch_srcs], dtype=torch.long), self.device)

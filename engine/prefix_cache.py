@@ -35,7 +35,7 @@ import torch
 from .host_tier import HostTier, LayerEvents
 from .kv_cache import KVCache
 from .load_policy import LoadPlanner
-from .request import Request, Status
+from .request import BlockTable, Request, Status
 
 log = logging.getLogger("kvc.engine")
 REOFFER_EVERY_S = 30.0
@@ -144,8 +144,8 @@ class PrefixCache:
             self._remember(req, hits, memo, k)
         if not req.admitted:
             req.num_device_hit_tokens = len(hits) * P
-        self.blocks.touch(hits)
-        req.block_table = list(hits)
+        req.block_table = BlockTable(hits)
+        self.blocks.touch(req.block_table)  # (its ids as they are: no conversion of its own)
         req.num_computed, req.num_registered = len(hits) * P, len(hits)
         if self.host is None or cap <= len(hits):
             return None
@@ -325,7 +325,7 @@ class PrefixCache:
             self._settle(req, load)
         self._register_loaded(req)
         self.blocks.free(req.block_table)
-        req.block_table = []
+        req.block_table = BlockTable()
 
     # -- loads -------------------------------------------------------------------------------------
     @property

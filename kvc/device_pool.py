@@ -203,7 +203,12 @@ class _BlockQ(ctypes.Structure):
 
 
 def _ids(blocks: Sequence[int]) -> array.array:
-    """Block ids as uint32 for blockq.c: array('I') converts a list of ints in C (~6 ns an id)."""
+    """Block ids as uint32 for blockq.c: array('I') converts a list of ints in C (~6 ns an id); a
+    sequence that carries its ids as an array('I') in `u32` (an engine's block table) is taken
+    as it is."""
+    u = getattr(blocks, "u32", None)
+    if u is not None:
+        return u
     try:
         return array.array("I", blocks)
     except (OverflowError, TypeError) as e:

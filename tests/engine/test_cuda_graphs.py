@@ -71,6 +71,40 @@ def test_prefill_buckets():
     assert prefill_buckets(8) == [8]
 
 
+@pytest.mark.parametrize("table_type", ["BlockTable", "list"])
+def test_decode_step_inputs_equal_their_definition(qwen_dir, table_type):
+    """The decode graphs' host inputs (built on any device; uploaded into the static buffers on
+    CUDA): ids (0 for a pending token), positions, slots, key counts, and each request's blocks up
+    to its last key padded with 0, from a BlockTable's bytes or a plain list alike."""
+    import random
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.request import BlockTable, Request
+    eng = engine(qwen_dir, device="cpu")
+    P = eng.kv.page_size
+    rng = random.Random(3)
+    sched = []
+    for n, pending in ((5, 0), (40, 0), (P * 3 - 1, 1), (P * 3, 0), (1, 0)):
+        ids = [rng.randrange(100) for _ in range(n)]
+        r = Request(f"d{n}", None, ids, SamplingParams(temperature=0))
+        r.output_ids = [rng.randrange(100)]
+        r.num_computed = n  # the next token's position
+        r.pending = pending
+        blocks = rng.sample(range(200), n // P + 2)
+        r.block_table = BlockTable(blocks) if table_type == "BlockTable" else blocks
+        sched.append((r, 1))
+    g = DecodeGraphs(eng.model, eng.kv, torch.device("cpu"), 8, 512)
+    host, lens, table = g.step_inputs(sched)
+    want_lens = [r.num_computed + 1 for r, _ in sched]
+    assert host.tolist() == [[0 if r.pending else r.ids(r.num_computed, r.num_computed + 1)[0] for r, _ in sched],
+                             [r.num_computed for r, _ in sched],
+                             [r.block_table[r.num_computed // P] * P + r.num_computed % P for r, _ in sched]]
+    assert lens.tolist() == want_lens and lens.dtype == torch.int32 and table.dtype == torch.int32
+    width = max(-(-n // P) for n in want_lens)
+    assert table.tolist() == [r.block_table[:-(-n // P)] + [0] * (width - -(-n // P))
+                              for (r, _), n in zip(sched, want_lens)]
+    eng.close()
+
+
 def test_enforce_eager_is_a_bool_key_and_cpu_stays_eager(qwen_dir):
     with pytest.raises(ConfigError, match="enforce_eager"):
         load_config().replace(enforce_eager="maybe")

@@ -259,3 +259,17 @@ def test_native_pool_names_bad_block_ids_and_double_frees():
     pool.free(a)
     with pytest.raises(AssertionError, match="block 1 freed more often than referenced"):
         pool.free([1])
+
+
+def test_native_pool_takes_a_tables_own_uint32_ids():
+    """An engine's block table carries its ids as an array('I') (`u32`): touch and free read it
+    as it is, with the same effect as the list."""
+    from engine.request import BlockTable
+    a, b = native_pool(8), native_pool(8)
+    ta = a.allocate(5)
+    assert b.allocate(5) == ta
+    a.free(BlockTable(ta[1:])), b.free(ta[1:])
+    a.touch(BlockTable(ta[2:4])), b.touch(ta[2:4])
+    assert a.free_order() == b.free_order() and list(a.ref_count) == list(b.ref_count)
+    with pytest.raises(IndexError, match="block 9 is not in this pool of 8"):
+        a.touch(BlockTable([1, 9]))
