@@ -246,6 +246,8 @@ def main():
     ap.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the floor (H200: 4.8)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--model-dir", default=None, help="write the checkpoint here, or reuse the one there")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode table (at a long --decode-prompt-len: see its K/V floor column)")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     for k, v in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
@@ -269,74 +271,75 @@ def main():
               f"device={a.device} torch={torch.__version__} (written in {time.perf_counter() - t:.1f}s)",
               flush=True)
         ours = Ours(path, a)
-        hf = None if a.no_hf else HF(path, a)
+        hf = None if a.no_hf or a.decode_only else HF(path, a)
         print(f"# decode CUDA graphs: {'on' if ours.graphs is not None else 'off'}; prefill CUDA graphs: "
               f"{'up to %d tokens' % ours.prefill_graphs.sizes[-1] if ours.prefill_graphs is not None else 'off'}; loaded in "
               f"{time.perf_counter() - t_start:.1f}s since start\n", flush=True)
 
-        print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
-              f"kvc, chunk {a.chunk}, cached prefix gathered (ms) | "
-              f"kvc, chunk {a.chunk}, MoE without TMA (ms) | kvc, one chunk, MoE without TMA (ms) | "
-              f"chunked / one, MoE without TMA | "
-              f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
-              f"kvc, chunk {a.chunk}, q/k/v three GEMMs, residual add and K/V store apart (ms) | "
-              "kvc, one chunk, q/k/v three GEMMs, residual add and K/V store apart (ms) | "
-              "transformers (ms) | transformers / kvc chunked |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for L in sorted(set(a.prompt_len)):
-            ours.mode(chunk=a.chunk)
-            chunked = timed(ours.prefill(L, L), a.device, a.repeat)
-            ours.mode(prefix_in_place=False)  # each chunk's cached prefix gathered per layer, side by side
-            gathered = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
-            ours.mode(prefix_in_place=True)
-            ours.mode(prefill_graphs=False)  # prefill CUDA graphs off: the eager steps, side by side
-            eager = timed(ours.prefill(L, L), a.device, a.repeat) if ours.prefill_graphs is not None else None
-            ours.mode(prefill_graphs=True)
-            ours.mode(prefill="triton")  # long pieces otherwise go to FA2 varlen on CUDA
-            triton_only = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
-            ours.mode(prefill=ours.eng.config.attn.prefill_kernel)
-            ours.mode(chunk=L)
-            one = timed(ours.prefill(L, L), a.device, a.repeat)
-            ours.mode(moe="triton")  # the fused MoE kernels with pointer loads only (no TMA), side by side
-            one_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
-            ours.mode(chunk=a.chunk)
-            chunked_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
-            ours.mode(moe=ours.eng.config.attn.moe_kernel)
-            ours.mode(fused_qkv=False)  # three q/k/v GEMMs, the add and store apart (as before), side by side
-            chunked_3 = timed(ours.prefill(L, L), a.device, a.repeat)
-            ours.mode(chunk=L)
-            one_3 = timed(ours.prefill(L, L), a.device, a.repeat)
-            ours.mode(chunk=a.chunk, fused_qkv=True)
-            ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
-            hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
-            tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
-            eag = f"{eager * 1e3:,.1f}" if eager else "-"
-            gat = f"{gathered * 1e3:,.1f}" if gathered else "-"
-            print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {gat} | {chunked_ptr * 1e3:,.1f} | "
-                  f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {chunked_3 * 1e3:,.1f} | "
-                  f"{one_3 * 1e3:,.1f} | {hf_cols} |", flush=True)
-            if ours.prefill_graphs is not None and ours.prefill_graphs.disabled is not None:
-                print(f"# WARNING: the prefill CUDA graphs were turned off during this row ({ours.prefill_graphs.disabled}):"
-                      " this row and the later ones ran eager", flush=True)
-        if hf is not None:
-            del hf
-            if cuda:
-                torch.cuda.empty_cache()
+        if not a.decode_only:  # the prefill and device-hit tables
+            print(f"| prompt tokens | kvc, chunk {a.chunk} (ms) | kvc, one chunk (ms) | chunked / one | "
+                  f"kvc, chunk {a.chunk}, cached prefix gathered (ms) | "
+                  f"kvc, chunk {a.chunk}, MoE without TMA (ms) | kvc, one chunk, MoE without TMA (ms) | "
+                  f"chunked / one, MoE without TMA | "
+                  f"kvc, chunk {a.chunk}, Triton prefill kernel (ms) | kvc, chunk {a.chunk}, steps eager (ms) | "
+                  f"kvc, chunk {a.chunk}, q/k/v three GEMMs, residual add and K/V store apart (ms) | "
+                  "kvc, one chunk, q/k/v three GEMMs, residual add and K/V store apart (ms) | "
+                  "transformers (ms) | transformers / kvc chunked |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for L in sorted(set(a.prompt_len)):
+                ours.mode(chunk=a.chunk)
+                chunked = timed(ours.prefill(L, L), a.device, a.repeat)
+                ours.mode(prefix_in_place=False)  # each chunk's cached prefix gathered per layer, side by side
+                gathered = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
+                ours.mode(prefix_in_place=True)
+                ours.mode(prefill_graphs=False)  # prefill CUDA graphs off: the eager steps, side by side
+                eager = timed(ours.prefill(L, L), a.device, a.repeat) if ours.prefill_graphs is not None else None
+                ours.mode(prefill_graphs=True)
+                ours.mode(prefill="triton")  # long pieces otherwise go to FA2 varlen on CUDA
+                triton_only = timed(ours.prefill(L, L), a.device, a.repeat) if cuda else None
+                ours.mode(prefill=ours.eng.config.attn.prefill_kernel)
+                ours.mode(chunk=L)
+                one = timed(ours.prefill(L, L), a.device, a.repeat)
+                ours.mode(moe="triton")  # the fused MoE kernels with pointer loads only (no TMA), side by side
+                one_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
+                ours.mode(chunk=a.chunk)
+                chunked_ptr = timed(ours.prefill(L, L), a.device, a.repeat)
+                ours.mode(moe=ours.eng.config.attn.moe_kernel)
+                ours.mode(fused_qkv=False)  # three q/k/v GEMMs, the add and store apart (as before), side by side
+                chunked_3 = timed(ours.prefill(L, L), a.device, a.repeat)
+                ours.mode(chunk=L)
+                one_3 = timed(ours.prefill(L, L), a.device, a.repeat)
+                ours.mode(chunk=a.chunk, fused_qkv=True)
+                ref = timed(hf.prefill(L, L), a.device, a.repeat) if hf else None
+                hf_cols = f"{ref * 1e3:,.1f} | {ref / chunked:.2f}x" if ref else "- | -"
+                tri = f"{triton_only * 1e3:,.1f}" if triton_only else "-"
+                eag = f"{eager * 1e3:,.1f}" if eager else "-"
+                gat = f"{gathered * 1e3:,.1f}" if gathered else "-"
+                print(f"| {L} | {chunked * 1e3:,.1f} | {one * 1e3:,.1f} | {chunked / one:.2f}x | {gat} | {chunked_ptr * 1e3:,.1f} | "
+                      f"{one_ptr * 1e3:,.1f} | {chunked_ptr / one_ptr:.2f}x | {tri} | {eag} | {chunked_3 * 1e3:,.1f} | "
+                      f"{one_3 * 1e3:,.1f} | {hf_cols} |", flush=True)
+                if ours.prefill_graphs is not None and ours.prefill_graphs.disabled is not None:
+                    print(f"# WARNING: the prefill CUDA graphs were turned off during this row ({ours.prefill_graphs.disabled}):"
+                          " this row and the later ones ran eager", flush=True)
+            if hf is not None:
+                del hf
+                if cuda:
+                    torch.cuda.empty_cache()
 
-        cached = max(a.prompt_len)
-        print(f"\n| TTFT, device hit (variants interleaved) | {cached} cached + {a.hit_new} new (ms) | {a.hit_new} alone (ms) | ratio |")
-        print("|---|---|---|---|")
-        variants = [("", None)]
-        if ours.attn_sizes:  # side by side: the short steps' attention inside the prefill graphs or not
-            variants = [(", attention in the graphs", True), (", attention in the graphs, pointer loads (no TMA)", True),
-                        (", attention eager between graphs", False)]
-        variants.append((", synchronous scheduling", variants[0][1]))  # the step read back before the next
-        modes = [dict(graph_attention=inside, async_scheduling="synchronous" not in label,
-                      attn_tma="no TMA" not in label) for label, inside in variants]
-        for (label, _), (hit, alone) in zip(variants, ours.ttft(cached, a.hit_new, a.repeat, modes)):
-            print(f"| chunk {a.chunk}{label} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |",
-                  flush=True)
-        ours.mode(graph_attention=True, async_scheduling=True, attn_tma=True)
+            cached = max(a.prompt_len)
+            print(f"\n| TTFT, device hit (variants interleaved) | {cached} cached + {a.hit_new} new (ms) | {a.hit_new} alone (ms) | ratio |")
+            print("|---|---|---|---|")
+            variants = [("", None)]
+            if ours.attn_sizes:  # side by side: the short steps' attention inside the prefill graphs or not
+                variants = [(", attention in the graphs", True), (", attention in the graphs, pointer loads (no TMA)", True),
+                            (", attention eager between graphs", False)]
+            variants.append((", synchronous scheduling", variants[0][1]))  # the step read back before the next
+            modes = [dict(graph_attention=inside, async_scheduling="synchronous" not in label,
+                          attn_tma="no TMA" not in label) for label, inside in variants]
+            for (label, _), (hit, alone) in zip(variants, ours.ttft(cached, a.hit_new, a.repeat, modes)):
+                print(f"| chunk {a.chunk}{label} | {hit * 1e3:,.1f} | {alone * 1e3:,.1f} | {hit / alone:.2f}x |",
+                      flush=True)
+            ours.mode(graph_attention=True, async_scheduling=True, attn_tma=True)
 
         elem = torch.finfo(getattr(torch, a.dtype)).bits // 8
         nbytes = active_bytes(ours.eng.args, elem)
@@ -346,9 +349,13 @@ def main():
                                             if ours.graphs is not None else [("eager, sync scheduling", False, False)])
         if ours.graphs is None:
             modes.reverse()
+        # K/V a step reads: every request's keys and values so far, all layers (the mean context)
+        args = ours.eng.args
+        kv_token = args.num_layers * 2 * args.num_kv_heads * args.head_dim * elem
+        ctx = a.decode_prompt_len + a.decode_tokens / 2
         print("\n| concurrent | " + " | ".join(f"{m} tok/s" for m, _, _ in modes) + " | step ms (last) | "
-              "single-request step / HBM floor |")
-        print("|---|" + "---|" * len(modes) + "---|---|")
+              "single-request step / HBM floor | step / floor with the K/V read (weights + K/V / bandwidth) |")
+        print("|---|" + "---|" * len(modes) + "---|---|---|")
         for c in a.concurrency:
             tps = []
             for _, g, asy in modes:
@@ -356,7 +363,9 @@ def main():
                 tps.append(ours.decode_tps(c, a.decode_prompt_len, a.decode_tokens, a.repeat))
             step = c / tps[-1]
             floor = f"{step / floor_s:.1f}x" if c == 1 else "-"
-            print(f"| {c} | " + " | ".join(f"{x:,.1f}" for x in tps) + f" | {step * 1e3:.2f} | {floor} |", flush=True)
+            kv_floor_s = (nbytes + c * ctx * kv_token) / (a.hbm_tbps * 1e12)
+            print(f"| {c} | " + " | ".join(f"{x:,.1f}" for x in tps) + f" | {step * 1e3:.2f} | {floor} | "
+                  f"{step / kv_floor_s:.1f}x ({kv_floor_s * 1e3:.3f} ms) |", flush=True)
         print(f"\nHBM floor: {nbytes / 1e9:.2f} GB of weights per single-request decode step / "
               f"{a.hbm_tbps} TB/s = {floor_s * 1e3:.3f} ms ({1 / floor_s:,.0f} tok/s). "
               f"Total {time.perf_counter() - t_start:.0f}s.")
