@@ -129,9 +129,9 @@ int64_t kvc_bq_free(blockq_t *q, const uint32_t *blocks, int64_t k, const uint32
 int64_t kvc_bq_take(blockq_t *q, int64_t k, uint32_t *out, uint32_t *evicted, const uint32_t *marks,
                     int64_t m)
 {
+    apply_marks(q, marks, m);  /* first: they stand whatever this call answers */
     if (k < 0)
         return -2;
-    apply_marks(q, marks, m);
     if (k > q->num_free)
         return -1;
     int32_t s = (int32_t)q->n;

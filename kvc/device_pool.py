@@ -248,9 +248,9 @@ class NativeBlockPool(BlockPool):
         self._lib.kvc_bq_order(self._qp, out.ctypes.data)
         return out.tolist()
 
-    def _call(self, fn, blocks: Sequence[int], *extra) -> int:
-        a = _ids(blocks)
-        r = fn(self._qp, a.buffer_info()[0], len(a), *extra)
+    def _call(self, fn, blocks: Sequence[int], marks: bool = False) -> int:
+        a = _ids(blocks)  # (before the marks are taken: a refused id must not lose them)
+        r = fn(self._qp, a.buffer_info()[0], len(a), *(self._marks() if marks else ()))
         if 0 <= r < len(a):
             raise IndexError(f"block {a[r]} is not in this pool of {self.num_blocks}")
         return r
@@ -271,7 +271,7 @@ class NativeBlockPool(BlockPool):
     def free(self, blocks: Sequence[int]) -> None:
         if not blocks:
             return
-        r = self._call(self._lib.kvc_bq_free, blocks, *self._marks())
+        r = self._call(self._lib.kvc_bq_free, blocks, marks=True)
         if r >= 0:
             raise AssertionError(f"block {blocks[r - len(blocks)]} freed more often than referenced")
 
@@ -298,7 +298,7 @@ class NativeBlockPool(BlockPool):
         return ids[self.ref_count[ids] == 0].tolist()
 
     def _to_front(self, blocks: list[int]) -> None:
-        self._call(self._lib.kvc_bq_to_front, blocks, *self._marks())
+        self._call(self._lib.kvc_bq_to_front, blocks, marks=True)
 
 
 _blockq_libs: dict = {}

@@ -243,6 +243,10 @@ def test_native_pool_names_bad_block_ids_and_double_frees():
     pool = native_pool(4)
     a = pool.allocate(2)
     assert cache_one(pool, a[1], b"\x01" * 16, bytes(16), b"x")  # its flag comes with the next call
+    with pytest.raises(IndexError, match=r"\[0, 2\*\*32\)"):
+        pool.free([-1])  # refused before any call
+    with pytest.raises(ValueError, match="cannot allocate -1 blocks"):
+        pool.allocate(-1)
     with pytest.raises(IndexError, match="block 9 is not in this pool of 4"):
         pool.touch([a[0], 9])
     with pytest.raises(IndexError, match="block 9 is not in this pool of 4"):
@@ -253,8 +257,6 @@ def test_native_pool_names_bad_block_ids_and_double_frees():
     pool.free([a[1]])
     assert pool.free_order() == [2, 3, a[1]]  # it holds a page: to the end (the flag survived the errors)
     pool.touch([a[1]])
-    with pytest.raises(ValueError, match="cannot allocate -1 blocks"):
-        pool.allocate(-1)
     assert pool.allocate(3) is None and pool.num_free == 2
     pool.free(a)
     with pytest.raises(AssertionError, match="block 1 freed more often than referenced"):
