@@ -38,16 +38,17 @@ class BlockTable(list):
 
     def __iadd__(self, blocks):
         blocks = blocks if type(blocks) is list else list(blocks)
+        u32 = array.array("I", blocks)  # first: an id it refuses changes nothing
         super().__iadd__(blocks)
-        self.u32 += array.array("I", blocks)
+        self.u32 += u32
         return self
 
     def extend(self, blocks) -> None:
         self.__iadd__(blocks)
 
     def append(self, block) -> None:
-        super().append(block)
         self.u32.append(block)
+        super().append(block)
 
     def __delitem__(self, key) -> None:
         super().__delitem__(key)

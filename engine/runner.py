@@ -61,8 +61,8 @@ def _packed(parts: list, typecode: str) -> array.array:
 
 def _rows(tables: list[tuple[Sequence[int], int]], width: int) -> Segments:
     """Each (table, n): its first n block ids, padded with 0 to `width`, back to back: row copies
-    of the tables' int32 bytes (engine.request.BlockTable), not a conversion of every id (a 32K-token
-    hit's 2,048 ids were ~60 us; 32 decodes at 32K tokens of context 65K ids)."""
+    of the tables' ids arrays (engine.request.BlockTable), not a conversion of every id (a 32K-token
+    hit's 2,048 ids were ~60 us; 32 decodes at 32K tokens of context hold 65K)."""
     out = np.zeros((len(tables), width), np.int64)
     for i, (t, n) in enumerate(tables):
         out[i, :n] = table_ids(t, n)
