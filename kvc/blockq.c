@@ -31,22 +31,24 @@ static void unlink_block(blockq_t *q, int32_t b)
     q->prev[x] = p;
 }
 
+/* Link b in right after a (the sentinel n: at the front). */
+static void insert_after(blockq_t *q, int32_t a, int32_t b)
+{
+    int32_t x = q->next[a];
+    q->next[a] = b;
+    q->prev[b] = a;
+    q->next[b] = x;
+    q->prev[x] = b;
+}
+
 static void push_back(blockq_t *q, int32_t b)
 {
-    int32_t s = (int32_t)q->n, last = q->prev[s];
-    q->next[last] = b;
-    q->prev[b] = last;
-    q->next[b] = s;
-    q->prev[s] = b;
+    insert_after(q, q->prev[q->n], b);
 }
 
 static void push_front(blockq_t *q, int32_t b)
 {
-    int32_t s = (int32_t)q->n, first = q->next[s];
-    q->prev[first] = b;
-    q->next[b] = first;
-    q->prev[b] = s;
-    q->next[s] = b;
+    insert_after(q, (int32_t)q->n, b);
 }
 
 /* All free, in ascending order. */
