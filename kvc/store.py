@@ -480,7 +480,10 @@ class TieredStore:
         starts it and polls): yields the payloads' copy, returns the records."""
         lib = pagecopy.library() if len(items) > 1 else None
         if lib is None or not all(p.flags.c_contiguous for _, _, p in items):
-            return [self._record(h, e, p) for h, e, p in items]
+            records = [self._record(h, e, p) for h, e, p in items]
+            if len(items) > 1:  # built here (no native copy to wait for): a place to stop all the same,
+                yield None      # so demotions pause between chunks without a compiler too
+            return records
         heads = [pack_header(e.ns_root, h, e.parent, e.checksum, e.tokens, e.dtype, e.shape, p.nbytes)
                  for h, e, p in items]
         buf = np.empty(sum(len(hd) + p.nbytes for hd, (_, _, p) in zip(heads, items)), dtype=np.uint8)

@@ -393,15 +393,20 @@ def test_demotions_build_no_records_the_disk_writer_would_refuse(tmp_path):
         assert sum(s.disk.get(key(NS.root, h)) is not None for h in ha) == 3  # the pages taken
 
 
-def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "no-compiler"])
+def test_demotions_let_go_of_the_store_lock_between_chunks(tmp_path, monkeypatch, native):
     """A put into a full cpu tier demotes DEMOTE_CHUNK pages per hold of the store lock and calls
     its pause between holds with the lock free, so a load waits for one chunk's records, not the
     whole batch's (runs BT / BU: a 32K cpu hit waited 117-145 ms behind ~1,000 pages of records
-    built under the lock). The pages evicted, and what reads back, are as with one batch."""
+    built under the lock). The pages evicted, and what reads back, are as with one batch; and so
+    where no compiler builds the native copies (the records built in Python paused nowhere)."""
     import threading
 
+    from kvc import pagecopy
     from kvc import store as store_mod
     monkeypatch.setattr(store_mod, "DEMOTE_CHUNK", 4, raising=False)
+    if not native:
+        monkeypatch.setattr(pagecopy, "library", lambda cc=None: None)
     with store_with_a_chain(tmp_path) as (s, ha, pa, hb, pb):
         sizes = count_demotions(s)
         lock_free = []
