@@ -1,7 +1,8 @@
 """Host time of a step's inputs: ModelRunner.prepare (ids, positions, pool slots and tables, one
 upload; eager steps) for step shapes of a no-reuse throughput batch, of a prefix hit and of decode
-batches at long contexts, and the decode CUDA graphs' host inputs (DecodeGraphs.step_inputs, built
-here on the CPU) for the same decode batches. On CPU with a tiny checkpoint (neither depends on the
+batches at long contexts, the decode CUDA graphs' host inputs (DecodeGraphs.step_inputs, built
+here on the CPU) for the same decode batches, and a decode step's outputs (Request.output) for 32
+requests at long outputs. On CPU with a tiny checkpoint (neither depends on the
 model's size). Median of 200 calls (50 for the long decode batches) after 20 warm-up calls.
 
     python benchmarks/probe_prepare.py            # from any checkout: compare two commits by running
@@ -83,6 +84,13 @@ def main() -> None:
             if step_inputs is not None:
                 graph = f"{median_ms(lambda: step_inputs(sched), n):.3f}"
         print(f"| {name} | {median_ms(lambda: eng.runner.prepare(sched), n):.3f} | {graph} | {ref} |")
+
+    # the step's outputs: one RequestOutput per running request (what the engine hands out)
+    print("\n| step's outputs | ms (median of 50) |\n|---|---|")
+    for n_out in (512, 4096, 16384):
+        reqs = [req(100, 100 + n_out, n_out) for _ in range(32)]
+        print(f"| 32 requests at {n_out:,} output tokens | "
+              f"{median_ms(lambda: [r.output() for r in reqs], 50):.3f} |")
 
 
 if __name__ == "__main__":

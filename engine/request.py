@@ -91,13 +91,49 @@ def table_ids(table, n: int) -> np.ndarray:
     return np.frombuffer(u[:n], np.uint32) if u is not None else np.array(table[:n], dtype=np.uint32)
 
 
-@dataclass
 class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    cumulative_logprob: float | None = None
+    """One choice of a RequestOutput (shaped like vLLM's): its text and token ids so far.
+
+    The engine hands one out per running request per step. It keeps the request's output id list
+    (which only grows) and its length then, and copies that prefix the first time `token_ids` is
+    read: a copy every step cost O(tokens so far) a token, 0.18 ms a step for 32 requests at 4K
+    output tokens and 0.66 ms at 16K on the 2-core VM (probe_prepare.py), for outputs that a
+    server mostly drops unread."""
+
+    __slots__ = ("index", "text", "_ids", "_n", "finish_reason", "cumulative_logprob")
+
+    def __init__(self, index: int, text: str, token_ids: list[int], finish_reason: str | None = None,
+                 cumulative_logprob: float | None = None):
+        self.index, self.text, self.finish_reason = index, text, finish_reason
+        self.cumulative_logprob = cumulative_logprob
+        self._ids, self._n = token_ids, None
+
+    @classmethod
+    def prefix(cls, index: int, text: str, ids: list[int], finish_reason: str | None) -> "CompletionOutput":
+        """token_ids will be ids[:len(ids) now], copied when first read (ids may only grow)."""
+        out = cls(index, text, ids, finish_reason)
+        out._n = len(ids)
+        return out
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self._n is not None:
+            self._ids, self._n = self._ids[:self._n], None
+        return self._ids
+
+    @token_ids.setter
+    def token_ids(self, ids: list[int]) -> None:
+        self._ids, self._n = ids, None
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CompletionOutput):
+            return NotImplemented
+        return (self.index, self.text, self.token_ids, self.finish_reason, self.cumulative_logprob) == \
+            (other.index, other.text, other.token_ids, other.finish_reason, other.cumulative_logprob)
+
+    def __repr__(self) -> str:
+        return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
+                f"finish_reason={self.finish_reason!r}, cumulative_logprob={self.cumulative_logprob})")
 
 
 @dataclass
@@ -179,7 +215,7 @@ class Request:
     def output(self) -> RequestOutput:
         done = self.status is Status.FINISHED
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids,
-                             [CompletionOutput(0, self.text, list(self.output_ids), self.finish_reason)],
+                             [CompletionOutput.prefix(0, self.text, self.output_ids, self.finish_reason)],
                              done, self.num_cached_tokens)
 
 

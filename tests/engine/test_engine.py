@@ -198,3 +198,24 @@ def test_prompt_ids_are_checked_and_packed_once(model_dir):
     while eng.has_unfinished():
         done += [o for o in eng.step() if o.finished]
     assert done[0].outputs[0].token_ids == cold.outputs[0].token_ids
+
+
+def test_each_steps_output_keeps_the_tokens_it_had(qwen_dir):
+    """The engine's outputs share the request's growing id list and copy their prefix when first
+    read: every step's output still says the tokens it had then, read before or after later
+    steps (and an output's own copy is the caller's to change)."""
+    eng = make_engine(qwen_dir)
+    eng.add_request("x", PROMPT, GREEDY)
+    seen = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            seen.append(o)
+    eng.flush_commits()
+    mid = seen[3].outputs[0].token_ids  # read before the later ones
+    mid.append(-1)  # the caller's copy: the later outputs do not see it
+    final = seen[-1].outputs[0].token_ids
+    assert len(final) == GREEDY.max_tokens and seen[-1].finished
+    assert mid == final[:4] + [-1]
+    assert [o.outputs[0].token_ids for i, o in enumerate(seen) if i != 3] == \
+        [final[:i + 1] for i in range(len(final)) if i != 3]
+    assert seen[-1].outputs[0] == type(seen[-1].outputs[0])(0, seen[-1].outputs[0].text, final, "length")
