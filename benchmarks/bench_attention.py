@@ -120,6 +120,47 @@ def timed(fn, iters: int, device) -> tuple[float, float]:
     return gpu, host
 
 
+def decode_table(args, device, dtype, scale) -> None:
+    """Split-K decode attention (one query a sequence) at long contexts, one layer: slices sized from
+    the batch's longest context (an eager step's bound) against a decode graph's bound (the model's
+    length), whose slices either cut each sequence's own keys (the engine's) or are a fixed size
+    from the bound (the kernel before run EX). Each row checked against the first."""
+    from engine.attention.triton_decode import decode_attention
+    Hq, Hkv, D, P = args.heads[0], args.heads[1], args.head_dim, args.page
+    print(f"\n| sequences x context | variant | GPU ms a layer | K/V GB/s | x the K/V read at 4.8 TB/s | "
+          f"host ms a launch | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for ctx in args.decode_context:
+        for B in args.decode_batch:
+            g = torch.Generator().manual_seed(0)
+            nb = -(-ctx // P)
+            kc = torch.randn(B * nb, P, Hkv, D, generator=g).to(device=device, dtype=dtype)
+            vc = torch.randn(B * nb, P, Hkv, D, generator=g).to(device=device, dtype=dtype)
+            tables = torch.randperm(B * nb, generator=g).to(torch.int32).view(B, nb).to(device)
+            q = torch.randn(B, Hq, D, generator=g).to(device=device, dtype=dtype)
+            rows = torch.arange(B, device=device)
+            lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
+            kv_bytes = 2 * B * ctx * Hkv * D * kc.element_size()
+            base = None
+            for label, bound, per in ((f"slices from the context ({ctx:,}: an eager step)", ctx, True),
+                                      (f"a graph's bound ({args.decode_bound:,}), each sequence's keys sliced",
+                                       args.decode_bound, True),
+                                      (f"a graph's bound ({args.decode_bound:,}), slices fixed from the bound "
+                                       "(before run EX)", args.decode_bound, False)):
+                out = torch.empty_like(q)
+
+                def fn():
+                    decode_attention(q, kc, vc, out, rows, tables, lens, bound, scale, per_sequence=per)
+                fn()
+                if base is None:
+                    base = out.clone()
+                diff = (out.float() - base.float()).abs().max().item()
+                ms, host = timed(fn, args.iters, device)
+                print(f"| {B} x {ctx:,} | {label} | {ms:.4f} | {kv_bytes / ms / 1e6:,.0f} | "
+                      f"{ms / (kv_bytes / 4.8e12 * 1e3):.2f}x | {host:.4f} | {diff:.2e} |", flush=True)
+            del kc, vc
+
+
 def launch_table(x, scale, device, calls: int = 200) -> None:
     """Host time of one prefill_attention call (the split-K kernel and the merge, launched, not run)
     with the engine's thread alone, and beside a thread that waits for a side stream's copies as a
@@ -181,6 +222,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--no-sweep", action="store_true", help="only the engine's kernel, the masked one and cuDNN")
     ap.add_argument("--no-launch", action="store_true", help="no table of the launch's host time (CUDA)")
+    ap.add_argument("--decode", action="store_true", help="only the decode table (split-K decode attention)")
+    ap.add_argument("--decode-context", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--decode-bound", type=int, default=40960,
+                    help="a decode graph's bound on the context: the model's length (Qwen3-30B-A3B's 40,960)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -193,9 +239,6 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     print(f"# {name}, torch {torch.__version__}, commit {commit}, {datetime.date.today()}; "
           f"Hq {Hq}, Hkv {Hkv}, head_dim {D}, page {args.page}, {dtype}; ms per layer (mean of {args.iters})")
-    print("| cached + new | variant | GPU ms a layer | x the engine's | TFLOP/s | GPU ms a step of "
-          f"{args.layers} layers | host ms a launch | max abs diff vs the engine's |")
-    print("|---|---|---|---|---|---|---|---|")
     scale = D ** -0.5
     if device.type == "cuda":  # clocks up before the first row (run AV's first row read 1.9x its repeat)
         a = torch.randn(4096, 4096, device=device, dtype=dtype)
@@ -203,6 +246,12 @@ def main() -> None:
         while time.perf_counter() - t < 1.0:
             a @ a
         torch.cuda.synchronize()
+    if args.decode:
+        decode_table(args, device, dtype, scale)
+        return
+    print("| cached + new | variant | GPU ms a layer | x the engine's | TFLOP/s | GPU ms a step of "
+          f"{args.layers} layers | host ms a launch | max abs diff vs the engine's |")
+    print("|---|---|---|---|---|---|---|---|")
     for prefix in args.prefix:
         for new in args.new:
             x = make(prefix, new, Hq, Hkv, D, args.page, dtype, device)

@@ -97,6 +97,23 @@ def check(pieces, Hq, Hkv, D, P, dtype, device, atol):
                              f"P={P} {dtype} split={split} prefill={backend}")
 
 
+def check_decode_bound(device, D=16, P=16, dtype=torch.float32, atol=1e-4):
+    """Decodes under a bound far past their lengths (a decode graph's: the model's length), each
+    sequence's keys in the bound's number of slices and in slices of a size fixed from the bound:
+    both equal the reference, for lengths under one key tile, at a tile's edges and over many."""
+    from engine.attention import triton_decode
+    lens = [1, 5, 63, 64, 65, 200, 700, 1500, 5000]
+    q, k, v, kc, vc, meta = make_step([(n - 1, 1) for n in lens], 8, 2, D, P, dtype, device)
+    ref = paged_attention_reference(q, k, v, kc, vc, meta, D ** -0.5)  # stores the new keys too
+    for bound in (max(lens), 16384):
+        for per_sequence in (True, False):
+            out = torch.zeros_like(q)
+            triton_decode.decode_attention(q, kc, vc, out, meta.decode_rows, meta.decode_tables, meta.decode_lens,
+                                           bound, D ** -0.5, per_sequence=per_sequence)
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err <= atol, f"max abs error {err} > {atol}: bound {bound}, per_sequence={per_sequence}"
+
+
 def check_split_scratch(device):
     """Split-K's buffers made once per step (meta.scratch) and used by every layer: each layer's
     output equals the same kernel with buffers of its own, across two layers' different caches."""
@@ -532,6 +549,8 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check_norm("cuda")
         check_one_wave()
         check_split_scratch("cuda")
+        check_decode_bound("cuda")
+        check_decode_bound("cuda", D=128, P=page, dtype=dtype, atol=2e-2)
         check_fixed_plan("cuda")
         check_fixed_plan("cuda", torch.bfloat16, atol=2e-2)
         check_fixed_plan("cuda", torch.bfloat16, atol=2e-2, heads=(32, 4), D=128, NP=8, width=2200, T=64,
@@ -551,13 +570,15 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 
 INTERP = """
 import sys, torch
-from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_cudnn_prefix_views, check_fixed_plan, check_merge_two, check_norm,
+from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_cudnn_prefix_views, check_decode_bound,
+                                                check_fixed_plan, check_merge_two, check_norm,
                                                 check_tma,
                                                 check_one_wave, check_qk_norm_rope, check_split_scratch,
                                                 check_unmasked_loop, count_paths, engine_tokens)
 check_norm("cpu")
 check_one_wave()
 check_split_scratch("cpu")
+check_decode_bound("cpu")
 check_fixed_plan("cpu")
 check_unmasked_loop("cpu")
 check_tma("cpu", full=False)
