@@ -37,6 +37,32 @@ TRANSFER_BYTES_PER_S = 100e6  # deadline allowance for payloads, on top of the b
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
+_PUT_FRAMES = wire.frames_field(pb.PutPagesRequest)
+
+
+def _as_bytes(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _BadAnswer:
+    """A GetPagesResponse that did not parse: reading its frames raises the reason (a deserializer's
+    exception would end the call as INTERNAL; the pages verified before it are kept instead)."""
+
+    def __init__(self, error: Exception):
+        self.reason = f"malformed GetPagesResponse: {error}"
+
+    @property
+    def frames(self):
+        raise ValueError(self.reason)
+
+
+def _read_get_pages(data: bytes):
+    try:
+        return wire.read_message(data, pb.GetPagesResponse)
+    except Exception as e:  # ValueError, protobuf's DecodeError
+        return _BadAnswer(e)
+
+
 class ServiceDown(Exception):
     """The service cannot be reached now (internal: public methods answer a miss instead)."""
 
@@ -65,6 +91,14 @@ class RemoteCache:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.KVCacheStub(self._channel)
+        # the page-carrying calls write and read their messages by hand (kvc.wire: no payload copies
+        # in protobuf); the bytes on the wire are protobuf's own
+        self._get_pages_rpc = self._channel.unary_stream(
+            "/kvc.v1.KVCache/GetPages", request_serializer=pb.GetPagesRequest.SerializeToString,
+            response_deserializer=_read_get_pages)
+        self._put_pages_rpc = self._channel.stream_unary(
+            "/kvc.v1.KVCache/PutPages", request_serializer=_as_bytes,
+            response_deserializer=pb.PutPagesResponse.FromString)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._shm_wanted = shared_memory and u.hostname in _LOOPBACK
         self._shm: Segment | None = None
@@ -196,7 +230,7 @@ class RemoteCache:
         asm = wire.PageAssembler(ns.spec, out=out, shm=None if seg is None else seg.array,
                                  max_pages=len(hashes))
         try:
-            for resp in self._stub.GetPages(req, timeout=self._deadline(nbytes), metadata=self._metadata):
+            for resp in self._get_pages_rpc(req, timeout=self._deadline(nbytes), metadata=self._metadata):
                 asm.add_all(resp.frames)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and seg is not None:
@@ -268,11 +302,11 @@ class RemoteCache:
                 first.shm.name, first.shm.size = seg.name, seg.size
                 offsets = [i * ns.spec.page_bytes for i in range(len(pages))]
             yield first
-            yield from wire.page_messages(pages, pb.PutPagesRequest, self.chunk_bytes, offsets)
+            yield from wire.page_wire(pages, _PUT_FRAMES, self.chunk_bytes, offsets)
 
         self._check_up()
         try:
-            r = self._stub.PutPages(requests(), timeout=self._deadline(nbytes), metadata=self._metadata)
+            r = self._put_pages_rpc(requests(), timeout=self._deadline(nbytes), metadata=self._metadata)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and seg is not None:
                 raise _ShmRefused() from None

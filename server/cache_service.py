@@ -38,6 +38,7 @@ log = logging.getLogger("kvc.cache_service")
 
 MAX_PUT_RPC_BYTES = 1 << 30  # payload bytes one PutPages stream may carry
 MAX_GET_BATCH_BYTES = 64 << 20  # payload bytes fetched from the store per step of GetPages
+GET_FRAMES = wire.frames_field(pb.GetPagesResponse)
 STATS_SYNC_S = 10.0  # the longest Stats waits for queued disk writes
 
 
@@ -70,13 +71,19 @@ class Malformed:
         self.reason = f"malformed {type_name}: {error}"
 
 
-def _safe_parser(cls):
+def _safe_parser(cls, read=None):
+    read = read or cls.FromString
+
     def parse(data: bytes):
         try:
-            return cls.FromString(data)
+            return read(data)
         except Exception as e:  # DecodeError and friends: never a traceback, never UNKNOWN
             return Malformed(cls.DESCRIPTOR.name, e)
     return parse
+
+
+def _as_bytes(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def add_to_server(service: "CacheService", server) -> None:
@@ -88,8 +95,13 @@ def add_to_server(service: "CacheService", server) -> None:
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = kind(getattr(service, m.name), request_deserializer=_safe_parser(req),
-                                response_serializer=resp.SerializeToString)
+        parse = _safe_parser(req)
+        if req is pb.PutPagesRequest:  # payloads as views of the received bytes (kvc.wire)
+            parse = _safe_parser(req, lambda data: wire.read_message(data, pb.PutPagesRequest))
+        # GetPages yields its messages already serialised (kvc.wire.page_wire)
+        serialize = _as_bytes if resp is pb.GetPagesResponse else resp.SerializeToString
+        handlers[m.name] = kind(getattr(service, m.name), request_deserializer=parse,
+                                response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvc.v1.KVCache", handlers),))
 
 
@@ -279,13 +291,13 @@ class CacheService(pb_grpc.KVCacheServicer):
             out = _pages_view(torch.from_numpy(seg.array[first * size:(first + n) * size]), spec, n)
             pages = self.store.get_pages(ns, hashes, out=out)
             offsets = [(first + i) * size for i in range(len(pages))]
-            messages = list(wire.page_messages(pages, pb.GetPagesResponse, shm_offsets=offsets))
+            messages = list(wire.page_wire(pages, GET_FRAMES, shm_offsets=offsets))
         else:
             buf = getattr(self._local, "staging", None)
             if buf is None or buf.numel() < n * size:  # the largest batch so far, per worker thread
                 buf = self._local.staging = torch.empty(n * size, dtype=torch.uint8)
             pages = self.store.get_pages(ns, hashes, out=_pages_view(buf[:n * size], spec, n))
-            messages = list(wire.page_messages(pages, pb.GetPagesResponse))  # copies the payloads out
+            messages = list(wire.page_wire(pages, GET_FRAMES))  # serialised: the payloads copied out
         return messages, len(pages) == n
 
     @_rpc
