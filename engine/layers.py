@@ -185,9 +185,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(x, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.backend,
-                            self.prefill_kernel)  # [T, Hq, D]
+        if use_kernels(x, self.backend):  # the K/V store inside the RoPE launch (project), not after it
+            q, k, v = self.project(x, cos, sin, store=(k_cache, v_cache, meta.slot_mapping))
+            o = kernel_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.prefill_kernel, store=False)
+        else:
+            q, k, v = self.project(x, cos, sin)
+            o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.backend,
+                                self.prefill_kernel)  # [T, Hq, D]
         return self.out(o)
 
     @property

@@ -91,9 +91,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight, k_weight, eps: floa
     contiguous tensor (out[2] where it fits), returned third: (q, k, v).
     heads_per_program: heads a program takes (a power of two; default HEADS_PER_PROGRAM from
     MANY_TOKENS tokens on, else 1: a program a head).
-    store (k_cache, v_cache [N, P, Hkv, D], slots [T]; needs v): the new k and v rows written into
-    the pool too, at slots (block * P + offset; negative: skipped), in the same launch: what
-    engine.attention.triton_cache.store_kv does after it."""
+    store (k_cache, v_cache [N, P, Hkv, D], slots [>= T], the first T read; needs v): the new k and
+    v rows written into the pool too, at slots (block * P + offset; negative: skipped), in the same
+    launch: what engine.attention.triton_cache.store_kv does after it."""
     T, Hq, D = q.shape
     Hk = k.shape[1]
     Hv = 0 if v is None else v.shape[1]
@@ -115,10 +115,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight, k_weight, eps: floa
     if store is not None:
         k_cache, v_cache, slots = store
         if v is None or k_cache.shape[-2:] != (Hk, D) or v_cache.shape != k_cache.shape or Hv != Hk \
-                or k_cache.dtype != dtype or v_cache.dtype != dtype or slots.shape != (T,) \
+                or k_cache.dtype != dtype or v_cache.dtype != dtype or slots.dim() != 1 or len(slots) < T \
                 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
             raise ValueError(f"qk_norm_rope: store needs v and contiguous caches [N, P, {Hk}, {D}] of {dtype} "
-                             f"and slots [{T}]; got v {None if v is None else tuple(v.shape)}, caches "
+                             f"and slots [>= {T}]; got v {None if v is None else tuple(v.shape)}, caches "
                              f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)} of {k_cache.dtype}, slots "
                              f"{tuple(slots.shape)}")
         kc, vc = k_cache.view(-1, Hk * D), v_cache.view(-1, Hk * D)
