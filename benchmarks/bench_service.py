@@ -10,6 +10,7 @@ missing) on free 127.0.0.1 ports, moves the same pages through RemoteCache (gRPC
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import statistics
@@ -84,18 +85,29 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
     raise SystemExit("redis-server did not start")
 
 
-def best_rate(fn, nbytes: int, reps: int, before=None) -> float:
-    times = []
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def best_rate(fn, nbytes: int, reps: int, server_pid: int, before=None) -> tuple[float, float]:
+    """(GB/s of the quickest rep, CPU seconds per GB of this process and the server together over
+    all reps). The CPU column is the steadier one on a small shared machine: wall time there moves
+    with what else the cores run, the work done for each byte does not."""
+    times, cpu = [], 0.0
     for _ in range(reps):
         if before:
             before()
+        c0, s0 = time.process_time(), cpu_seconds(server_pid)
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return nbytes / min(times) / 1e9
+        cpu += time.process_time() - c0 + cpu_seconds(server_pid) - s0
+    return nbytes / min(times) / 1e9, cpu / (reps * nbytes / 1e9)
 
 
-def bench_remote(url: str, shm: bool, n: int, reps: int) -> tuple[float, float]:
+def bench_remote(url: str, shm: bool, n: int, reps: int, server_pid: int) -> tuple:
     ns = Namespace("bench", PAGE_SPEC, cache_salt="shm" if shm else "stream")
     c = RemoteCache(url, timeout=30.0, shared_memory=shm)
     nbytes = n * PAGE_SPEC.page_bytes
@@ -104,13 +116,13 @@ def bench_remote(url: str, shm: bool, n: int, reps: int) -> tuple[float, float]:
     def put():
         r = c.put_pages(ns, rebuilt)
         assert r.stored == n, r
-    put_rate = best_rate(put, nbytes, reps, before=lambda: c.delete(ns))
+    put_rate = best_rate(put, nbytes, reps, server_pid, before=lambda: c.delete(ns))
     hashes = [p.hash for p in rebuilt]
 
     def get():
         got = c.get_pages(ns, hashes)
         assert len(got) == len(hashes)
-    get_rate = best_rate(get, nbytes, reps)
+    get_rate = best_rate(get, nbytes, reps, server_pid)
     got = c.get_pages(ns, hashes[:2])
     assert torch.equal(got[1].data, rebuilt[1].data)
     c.delete(ns)
@@ -118,7 +130,7 @@ def bench_remote(url: str, shm: bool, n: int, reps: int) -> tuple[float, float]:
     return put_rate, get_rate
 
 
-def bench_redis(port: int, pages, reps: int) -> tuple[float, float]:
+def bench_redis(port: int, pages, reps: int, server_pid: int) -> tuple:
     import redis
     r = redis.Redis(host="127.0.0.1", port=port)
     nbytes = len(pages) * PAGE_SPEC.page_bytes
@@ -136,8 +148,8 @@ def bench_redis(port: int, pages, reps: int) -> tuple[float, float]:
             for v in r.mget(keys[k:k + 16]):
                 out.append(torch.frombuffer(bytearray(v), dtype=torch.bfloat16).view(PAGE_SPEC.shape))
         assert len(out) == len(keys)
-    put_rate = best_rate(put, nbytes, reps, before=r.flushall)
-    get_rate = best_rate(get, nbytes, reps)
+    put_rate = best_rate(put, nbytes, reps, server_pid, before=r.flushall)
+    get_rate = best_rate(get, nbytes, reps, server_pid)
     r.flushall()
     r.close()
     return put_rate, get_rate
@@ -192,9 +204,9 @@ def main() -> None:
             url = f"grpc://127.0.0.1:{cport}"
             _, pages = make_pages(Namespace("bench", PAGE_SPEC, cache_salt="stream"), args.pages, seed=1)
             mib = args.pages * PAGE_SPEC.page_bytes / 2**20
-            rows = [("kvc gRPC stream",) + bench_remote(url, False, args.pages, args.reps),
-                    ("kvc gRPC + /dev/shm",) + bench_remote(url, True, args.pages, args.reps),
-                    ("Redis 7 (redis-py, pipelined)",) + bench_redis(rport, pages, args.reps)]
+            rows = [("kvc gRPC stream",) + bench_remote(url, False, args.pages, args.reps, cache.pid),
+                    ("kvc gRPC + /dev/shm",) + bench_remote(url, True, args.pages, args.reps, cache.pid),
+                    ("Redis 7 (redis-py, pipelined)",) + bench_redis(rport, pages, args.reps, redis_proc.pid)]
             lat, rlat = bench_lookup(url, rport, args.lookups)
         finally:
             cache.terminate()
@@ -202,9 +214,10 @@ def main() -> None:
             cache.wait(30)
             redis_proc.wait(30)
     print(f"\n{args.pages} pages of {PAGE_SPEC.page_bytes / 2**20:.0f} MiB ({mib:.0f} MiB), best of {args.reps}:\n")
-    print("| path | PutPages GB/s | GetPages GB/s |\n| --- | --- | --- |")
-    for name, put, get in rows:
-        print(f"| {name} | {put:.2f} | {get:.2f} |")
+    print("| path | PutPages GB/s | GetPages GB/s | put: CPU s per GB, client + server | "
+          "get: CPU s per GB, client + server |\n| --- | --- | --- | --- | --- |")
+    for name, (put, put_cpu), (get, get_cpu) in rows:
+        print(f"| {name} | {put:.2f} | {get:.2f} | {put_cpu:.2f} | {get_cpu:.2f} |")
     print(f"\nLookup of a 32K-token prompt (2048 pages, all hits), {args.lookups} calls:\n")
     print("| path | p50 ms | p99 ms |\n| --- | --- | --- |")
     print(f"| kvc Lookup (tokens) | {pct(lat, .5):.2f} | {pct(lat, .99):.2f} |")

@@ -1,0 +1,96 @@
+"""What the page-carrying messages cost to write and read, in one process, without gRPC: protobuf's
+own path (fields set on messages, SerializeToString, FromString, the payload read out of each parsed
+frame) against kvc.wire's hand-written one (page_wire, read_message), both into the same assembler.
+
+    python benchmarks/probe_wire.py [--pages 128] [--reps 5]
+
+Pages of bench_service.py's spec (2 MiB: a 16-token page of a Llama-3-8B-shaped model). Prints ms
+for the whole batch, best of --reps, per step and side (the sender's write, the receiver's read).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_service import PAGE_SPEC, make_pages  # noqa: E402
+from kvc import wire  # noqa: E402
+from kvc.hashing import Namespace  # noqa: E402
+from kvc.pb import pb  # noqa: E402
+
+
+def protobuf_write(pages) -> list[bytes]:
+    """Messages built through protobuf, one frame per chunk (kvc.wire's path before page_wire)."""
+    out, msg, size = [], pb.GetPagesResponse(), 0
+    for page in pages:
+        payload = page.payload()
+        for off in range(0, payload.nbytes, wire.CHUNK_BYTES):
+            n = min(wire.CHUNK_BYTES, payload.nbytes - off)
+            if len(msg.frames) and size + n > wire.CHUNK_BYTES:
+                out.append(msg.SerializeToString())
+                msg, size = pb.GetPagesResponse(), 0
+            f = msg.frames.add()
+            if off == 0:
+                wire._header(page, payload, f.header)
+            f.data = payload[off:off + n].tobytes()
+            size += n
+    if len(msg.frames):
+        out.append(msg.SerializeToString())
+    return out
+
+
+def best(fn, reps: int) -> tuple[float, object]:
+    ms, result = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        result = fn()
+        ms = min(ms, (time.perf_counter() - t) * 1e3)
+    return ms, result
+
+
+def assemble(messages, out) -> list:
+    asm = wire.PageAssembler(PAGE_SPEC, out=out, max_pages=len(out))
+    for m in messages:
+        asm.add_all(m.frames)
+    return asm.finish()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    ns = Namespace("bench", PAGE_SPEC)
+    _, pages = make_pages(ns, args.pages, seed=1)
+    out = torch.empty((args.pages, *PAGE_SPEC.shape), dtype=pages[0].data.dtype)
+    mib = args.pages * PAGE_SPEC.page_bytes / 2 ** 20
+    rows = []
+    w_pb, wires_pb = best(lambda: protobuf_write(pages), args.reps)
+    p_pb, parsed = best(lambda: [pb.GetPagesResponse.FromString(b) for b in wires_pb], args.reps)
+    a_pb, got = best(lambda: assemble(parsed, out), args.reps)
+    assert [p.hash for p in got] == [p.hash for p in pages]
+    rows.append(("protobuf", w_pb, p_pb, a_pb))
+    w_kv, wires_kv = best(lambda: list(wire.page_wire(pages, 1)), args.reps)
+    assert wires_kv == wires_pb  # the same bytes on the wire
+    p_kv, read = best(lambda: [wire.read_message(b, pb.GetPagesResponse) for b in wires_kv], args.reps)
+    a_kv, got = best(lambda: assemble(read, out), args.reps)
+    assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+    rows.append(("kvc.wire", w_kv, p_kv, a_kv))
+    print(f"{args.pages} pages of {PAGE_SPEC.page_bytes / 2 ** 20:.0f} MiB ({mib:.0f} MiB) in messages of "
+          f"{wire.CHUNK_BYTES >> 20} MiB, ms for the batch (best of {args.reps}); the bytes written are equal\n")
+    print("| path | sender: write (checksums, messages, serialise) | receiver: parse | receiver: assemble "
+          "(copy out, checksums, hashes) | receiver total | both sides |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, w, p, a in rows:
+        print(f"| {name} | {w:.1f} | {p:.1f} | {a:.1f} | {p + a:.1f} | {w + p + a:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
