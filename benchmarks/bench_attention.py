@@ -127,8 +127,8 @@ def decode_table(args, device, dtype, scale) -> None:
     from the bound (the kernel before run EX). Each row checked against the first."""
     from engine.attention.triton_decode import decode_attention
     Hq, Hkv, D, P = args.heads[0], args.heads[1], args.head_dim, args.page
-    print(f"\n| sequences x context | variant | GPU ms a layer | K/V GB/s | x the K/V read at 4.8 TB/s | "
-          f"host ms a launch | max abs diff |")
+    print("\n| sequences x context | variant | GPU ms a layer | K/V GB/s | x the K/V read at 4.8 TB/s | "
+          "host ms a launch | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for ctx in args.decode_context:
         for B in args.decode_batch:
@@ -158,7 +158,6 @@ def decode_table(args, device, dtype, scale) -> None:
                 ms, host = timed(fn, args.iters, device)
                 print(f"| {B} x {ctx:,} | {label} | {ms:.4f} | {kv_bytes / ms / 1e6:,.0f} | "
                       f"{ms / (kv_bytes / 4.8e12 * 1e3):.2f}x | {host:.4f} | {diff:.2e} |", flush=True)
-            del kc, vc
 
 
 def launch_table(x, scale, device, calls: int = 200) -> None:

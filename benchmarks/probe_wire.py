@@ -27,23 +27,8 @@ from kvc.pb import pb  # noqa: E402
 
 
 def protobuf_write(pages) -> list[bytes]:
-    """Messages built through protobuf, one frame per chunk (kvc.wire's path before page_wire)."""
-    out, msg, size = [], pb.GetPagesResponse(), 0
-    for page in pages:
-        payload = page.payload()
-        for off in range(0, payload.nbytes, wire.CHUNK_BYTES):
-            n = min(wire.CHUNK_BYTES, payload.nbytes - off)
-            if len(msg.frames) and size + n > wire.CHUNK_BYTES:
-                out.append(msg.SerializeToString())
-                msg, size = pb.GetPagesResponse(), 0
-            f = msg.frames.add()
-            if off == 0:
-                wire._header(page, payload, f.header)
-            f.data = payload[off:off + n].tobytes()
-            size += n
-    if len(msg.frames):
-        out.append(msg.SerializeToString())
-    return out
+    """Messages built through protobuf (kvc.wire.page_messages, the path before page_wire), serialised."""
+    return [m.SerializeToString() for m in wire.page_messages(pages, pb.GetPagesResponse)]
 
 
 def best(fn, reps: int) -> tuple[float, object]:

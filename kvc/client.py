@@ -40,10 +40,6 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _PUT_FRAMES = wire.frames_field(pb.PutPagesRequest)
 
 
-def _as_bytes(message) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
 class _BadAnswer:
     """A GetPagesResponse that did not parse: reading its frames raises the reason (a deserializer's
     exception would end the call as INTERNAL; the pages verified before it are kept instead)."""
@@ -59,7 +55,7 @@ class _BadAnswer:
 def _read_get_pages(data: bytes):
     try:
         return wire.read_message(data, pb.GetPagesResponse)
-    except Exception as e:  # ValueError, protobuf's DecodeError
+    except Exception as e:  # ValueError naming the fault; anything else is malformed too
         return _BadAnswer(e)
 
 
@@ -97,7 +93,7 @@ class RemoteCache:
             "/kvc.v1.KVCache/GetPages", request_serializer=pb.GetPagesRequest.SerializeToString,
             response_deserializer=_read_get_pages)
         self._put_pages_rpc = self._channel.stream_unary(
-            "/kvc.v1.KVCache/PutPages", request_serializer=_as_bytes,
+            "/kvc.v1.KVCache/PutPages", request_serializer=wire.as_bytes,
             response_deserializer=pb.PutPagesResponse.FromString)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._shm_wanted = shared_memory and u.hostname in _LOOPBACK

@@ -97,6 +97,11 @@ def _len_field(field: int, n: int) -> bytes:
     return _varint(field << 3 | 2) + _varint(n)
 
 
+def as_bytes(message) -> bytes:
+    """A gRPC serializer for calls whose messages are written by hand (page_wire) or by protobuf."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def frames_field(message_type) -> int:
     """The field number of a page-carrying message type's repeated `frames`."""
     return message_type.DESCRIPTOR.fields_by_name["frames"].number
@@ -143,10 +148,32 @@ def page_wire(pages: Sequence[Page], field: int, chunk_bytes: int = CHUNK_BYTES,
 
 def page_messages(pages: Sequence[Page], new_message, chunk_bytes: int = CHUNK_BYTES,
                   shm_offsets: Sequence[int] | None = None, max_frames: int = 256) -> Iterator:
-    """page_wire's messages as protobuf objects of type new_message (GetPagesResponse or
-    PutPagesRequest): for callers that build requests for a generated stub (tests, tools)."""
-    for b in page_wire(pages, frames_field(new_message), chunk_bytes, shm_offsets, max_frames):
-        yield new_message.FromString(b)
+    """page_wire's messages built field by field through protobuf, as objects of type new_message
+    (GetPagesResponse or PutPagesRequest): for callers that build requests for a generated stub
+    (tests, tools), and the reference page_wire is tested against (their serialisations are equal)."""
+    msg, size = new_message(), 0
+    for i, page in enumerate(pages):
+        payload = page.payload()
+        if shm_offsets is not None:
+            if len(msg.frames) >= max_frames:
+                yield msg
+                msg = new_message()
+            f = msg.frames.add()
+            _header(page, payload, f.header)
+            f.shm_offset = shm_offsets[i]
+            continue
+        for off in range(0, max(payload.nbytes, 1), chunk_bytes):
+            n = min(chunk_bytes, payload.nbytes - off)
+            if len(msg.frames) and (size + n > chunk_bytes or len(msg.frames) >= max_frames):
+                yield msg
+                msg, size = new_message(), 0
+            f = msg.frames.add()
+            if off == 0:
+                _header(page, payload, f.header)
+            f.data = payload[off:off + n].tobytes()
+            size += n
+    if len(msg.frames):
+        yield msg
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:

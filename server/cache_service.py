@@ -82,10 +82,6 @@ def _safe_parser(cls, read=None):
     return parse
 
 
-def _as_bytes(message) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
 def add_to_server(service: "CacheService", server) -> None:
     """Register the servicer with request parsers that turn undecodable bytes into INVALID_ARGUMENT."""
     handlers = {}
@@ -99,7 +95,7 @@ def add_to_server(service: "CacheService", server) -> None:
         if req is pb.PutPagesRequest:  # payloads as views of the received bytes (kvc.wire)
             parse = _safe_parser(req, lambda data: wire.read_message(data, pb.PutPagesRequest))
         # GetPages yields its messages already serialised (kvc.wire.page_wire)
-        serialize = _as_bytes if resp is pb.GetPagesResponse else resp.SerializeToString
+        serialize = wire.as_bytes if resp is pb.GetPagesResponse else resp.SerializeToString
         handlers[m.name] = kind(getattr(service, m.name), request_deserializer=parse,
                                 response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvc.v1.KVCache", handlers),))

@@ -1,6 +1,7 @@
-"""kvc.wire's hand-written encoding of the page-carrying messages against protobuf's own: the bytes
-it writes equal protobuf's serialisation, what it reads equals protobuf's parse, on valid messages,
-unknown and repeated fields, and corrupted ones (truncated, bytes changed)."""
+"""kvc.wire's hand-written encoding of the page-carrying messages against protobuf's own (its
+page_messages builds them field by field through protobuf): the bytes it writes equal protobuf's
+serialisation, what it reads equals protobuf's parse, on valid messages, unknown and repeated
+fields, and corrupted ones (truncated, bytes changed)."""
 import random
 
 import numpy as np
@@ -11,34 +12,6 @@ from google.protobuf.message import DecodeError
 from kvc import wire
 from kvc.pb import pb
 from tests.kvc.conftest import NS, make_pages
-
-
-def protobuf_messages(pages, cls, chunk_bytes=wire.CHUNK_BYTES, shm_offsets=None, max_frames=256):
-    """The messages built field by field through protobuf (kvc.wire's page_messages before it wrote
-    them by hand): the reference."""
-    msg, size = cls(), 0
-    for i, page in enumerate(pages):
-        payload = page.payload()
-        if shm_offsets is not None:
-            if len(msg.frames) >= max_frames:
-                yield msg
-                msg = cls()
-            f = msg.frames.add()
-            wire._header(page, payload, f.header)
-            f.shm_offset = shm_offsets[i]
-            continue
-        for off in range(0, max(payload.nbytes, 1), chunk_bytes):
-            n = min(chunk_bytes, payload.nbytes - off)
-            if len(msg.frames) and (size + n > chunk_bytes or len(msg.frames) >= max_frames):
-                yield msg
-                msg, size = cls(), 0
-            f = msg.frames.add()
-            if off == 0:
-                wire._header(page, payload, f.header)
-            f.data = payload[off:off + n].tobytes()
-            size += n
-    if len(msg.frames):
-        yield msg
 
 
 def pages_of(n, seed=0):
@@ -58,10 +31,9 @@ def test_written_bytes_equal_protobufs(cls, chunk_bytes, max_frames, shm, messag
     pages = pages_of(7)
     offsets = [i * 4096 + 7 for i in range(len(pages))] if shm else None
     ours = list(wire.page_wire(pages, wire.frames_field(cls), chunk_bytes, offsets, max_frames))
-    ref = [m.SerializeToString() for m in protobuf_messages(pages, cls, chunk_bytes, offsets, max_frames)]
+    ref = [m.SerializeToString() for m in wire.page_messages(pages, cls, chunk_bytes, offsets, max_frames)]
     assert len(ref) == messages
     assert ours == ref
-    assert [m.SerializeToString() for m in wire.page_messages(pages, cls, chunk_bytes, offsets, max_frames)] == ref
 
 
 def same(w: wire.WireMessage, m) -> None:
@@ -148,3 +120,40 @@ def test_assembled_pages_equal_the_sent_ones():
         assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
         assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(got, pages))
     assert torch.equal(out, torch.stack([p.data for p in pages]))
+
+
+def test_client_keeps_the_pages_before_a_malformed_answer(caplog):
+    """A service whose GetPages answers one good message and then bytes that do not parse: the
+    client returns the verified pages before them and logs the fault (no exception, no INTERNAL)."""
+    from concurrent import futures
+
+    import grpc
+
+    from kvc.client import RemoteCache
+    pages = pages_of(3, seed=4)
+
+    def lookup(request, context):
+        return pb.LookupResponse(root=NS.root)
+
+    def get_pages(request, context):
+        yield next(wire.page_wire(pages[:2], wire.frames_field(pb.GetPagesResponse)))
+        yield b"\x0a\x7f\x0a"  # a frame of 127 bytes in a 3-byte message
+
+    handlers = {"Lookup": grpc.unary_unary_rpc_method_handler(
+                    lookup, request_deserializer=pb.LookupRequest.FromString,
+                    response_serializer=pb.LookupResponse.SerializeToString),
+                "GetPages": grpc.unary_stream_rpc_method_handler(
+                    get_pages, request_deserializer=pb.GetPagesRequest.FromString, response_serializer=wire.as_bytes)}
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvc.v1.KVCache", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = RemoteCache(f"grpc://127.0.0.1:{port}", timeout=5.0)
+        got = client.get_pages(NS, [p.hash for p in pages])
+        client.close()
+    finally:
+        server.stop(0)
+    assert [p.hash for p in got] == [p.hash for p in pages[:2]]
+    assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+    assert "malformed GetPagesResponse" in caplog.text
