@@ -78,10 +78,13 @@ def _header(page: Page, payload: np.ndarray, into: pb.PageHeader) -> None:
 # Page-carrying messages (GetPagesResponse, PutPagesRequest) are written and read here by hand, in
 # protobuf's own encoding: through protobuf a payload byte was copied five times on its way (out of
 # the page, into the message, into its serialisation; into the parsed message, out of it on every
-# read of the field), ~25-30 ms per 128 MiB each on the 2-core VM. By hand a message is one join
+# read of the field), ~20-30 ms per 256 MiB each on the 2-core VM. By hand a message is one join
 # of its small parts with views of the payloads, and a received payload is a view of the received
 # bytes. Any protobuf library reads what this writes and writes what this reads (tests compare both
 # ways, byte for byte, and on corrupted input).
+
+MAX_GROUP_DEPTH = 100  # nested unknown groups a message may hold (protobuf's own recursion limit)
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -191,7 +194,7 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise ValueError("a varint longer than 10 bytes")
 
 
-def _fields(buf: memoryview, pos: int, end: int, group: int = 0):
+def _fields(buf: memoryview, pos: int, end: int, group: int = 0, depth: int = 0):
     """(field number, wire type, value) of each field of buf[pos:end]: an int for varint and fixed
     fields, (start, stop) for length-delimited ones; groups (unused by this API) are skipped as
     protobuf skips unknown ones. ValueError names what is malformed."""
@@ -215,7 +218,9 @@ def _fields(buf: memoryview, pos: int, end: int, group: int = 0):
             v = (pos, pos + n)
             pos += n
         elif wt == 3:  # an unknown group: skip to its end
-            pos = _skip_group(buf, pos, end, field)
+            if depth >= MAX_GROUP_DEPTH:
+                raise ValueError(f"groups nested deeper than {MAX_GROUP_DEPTH}")
+            pos = _skip_group(buf, pos, end, field, depth + 1)
             continue
         elif wt == 4:
             if field != group:
@@ -229,8 +234,8 @@ def _fields(buf: memoryview, pos: int, end: int, group: int = 0):
         raise ValueError(f"message ends inside group {group}")
 
 
-def _skip_group(buf: memoryview, pos: int, end: int, field: int) -> int:
-    for f, wt, v in _fields(buf, pos, end, field):
+def _skip_group(buf: memoryview, pos: int, end: int, field: int, depth: int) -> int:
+    for f, wt, v in _fields(buf, pos, end, field, depth):
         if wt == 4:
             return v
     raise ValueError(f"message ends inside group {field}")
@@ -266,7 +271,7 @@ class WireMessage:
         return cls.FromString(self._others.get(name, b""))
 
 
-def read_frame(buf: memoryview, pos: int, end: int) -> WireFrame:
+def _read_frame(buf: memoryview, pos: int, end: int) -> WireFrame:
     header = data = offset = None
     for f, wt, v in _fields(buf, pos, end):
         if f == 1 and wt == 2:  # a message field seen twice merges: its parts concatenate
@@ -292,7 +297,7 @@ def read_message(data: bytes, message_type) -> WireMessage:
         if wt != 2:
             continue  # a known field of another wire type is an unknown field to protobuf too
         if f == want:
-            frames.append(read_frame(buf, v[0], v[1]))
+            frames.append(_read_frame(buf, v[0], v[1]))
         elif f in names:
             others.setdefault(names[f], []).append(buf[v[0]:v[1]])
     parsed = {}

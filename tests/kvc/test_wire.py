@@ -80,6 +80,14 @@ def test_reads_what_protobuf_reads():
     same(wire.read_message(data, pb.PutPagesRequest), m)
 
 
+def test_nested_groups_past_the_limit_are_malformed():
+    deep = b"\x0b" * (wire.MAX_GROUP_DEPTH + 1) + b"\x0c" * (wire.MAX_GROUP_DEPTH + 1)  # field 1 groups
+    ok = b"\x0b" * wire.MAX_GROUP_DEPTH + b"\x0c" * wire.MAX_GROUP_DEPTH
+    with pytest.raises(ValueError, match="nested deeper"):
+        wire.read_message(b"\x7b" + deep[1:] + b"\x7c", pb.GetPagesResponse)  # under field 15
+    assert wire.read_message(b"\x7b" + ok[1:-1] + b"\x7c", pb.GetPagesResponse).frames == []
+
+
 def outcome(fn):
     try:
         return fn()
