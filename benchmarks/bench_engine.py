@@ -65,14 +65,18 @@ def prompts(n, length, vocab, seed):
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def active_bytes(a, elem: int) -> int:
-    """Weights one single-request decode step reads: per layer q/k/v/o, norms, router and the top-k
-    experts (or the dense MLP), then the final norm and lm_head."""
+def active_bytes(a, elem: int, tokens: int = 1) -> int:
+    """Weights a decode step of `tokens` requests reads: per layer q/k/v/o, norms, router and the
+    experts the tokens route to (or the dense MLP), then the final norm and lm_head. One token reads
+    its top-k experts; several, the distinct experts uniform routing would give them, E x (1 - (1 -
+    k/E)^tokens): a trained router spreads tokens about so, this random checkpoint's concentrates
+    them (fewer experts), so for tokens > 1 this is an upper estimate of the bytes."""
     H, D = a.hidden_size, a.head_dim
     per_attn = H * D * (2 * a.num_heads + 2 * a.num_kv_heads) + 2 * H + (2 * D if a.qk_norm else 0)
     total = 0
     for i in range(a.num_layers):
-        mlp = (a.num_experts * H + a.top_k * 3 * H * a.moe_intermediate_size if a.is_moe_layer(i)
+        experts = a.top_k if tokens == 1 else a.num_experts * (1 - (1 - a.top_k / max(a.num_experts, 1)) ** tokens)
+        mlp = (a.num_experts * H + int(experts * 3 * H * a.moe_intermediate_size) if a.is_moe_layer(i)
                else 3 * H * a.intermediate_size)
         total += per_attn + mlp
     return (total + H + a.vocab_size * H + H) * elem  # + final norm, lm_head, one embedding row
@@ -354,8 +358,9 @@ def main():
         kv_token = args.num_layers * 2 * args.num_kv_heads * args.head_dim * elem
         ctx = a.decode_prompt_len + a.decode_tokens / 2
         print("\n| concurrent | " + " | ".join(f"{m} tok/s" for m, _, _ in modes) + " | step ms (last) | "
-              "single-request step / HBM floor | step / floor with the K/V read (weights + K/V / bandwidth) |")
-        print("|---|" + "---|" * len(modes) + "---|---|---|")
+              "single-request step / HBM floor | step / floor with the K/V read (weights + K/V / bandwidth) | "
+              "step / floor with the experts uniform routing touches + K/V |")
+        print("|---|" + "---|" * len(modes) + "---|---|---|---|")
         for c in a.concurrency:
             tps = []
             for _, g, asy in modes:
@@ -364,8 +369,10 @@ def main():
             step = c / tps[-1]
             floor = f"{step / floor_s:.1f}x" if c == 1 else "-"
             kv_floor_s = (nbytes + c * ctx * kv_token) / (a.hbm_tbps * 1e12)
+            wide_s = (active_bytes(args, elem, c) + c * ctx * kv_token) / (a.hbm_tbps * 1e12)
             print(f"| {c} | " + " | ".join(f"{x:,.1f}" for x in tps) + f" | {step * 1e3:.2f} | {floor} | "
-                  f"{step / kv_floor_s:.1f}x ({kv_floor_s * 1e3:.3f} ms) |", flush=True)
+                  f"{step / kv_floor_s:.1f}x ({kv_floor_s * 1e3:.3f} ms) | {step / wide_s:.1f}x ({wide_s * 1e3:.3f} ms) |",
+                  flush=True)
         print(f"\nHBM floor: {nbytes / 1e9:.2f} GB of weights per single-request decode step / "
               f"{a.hbm_tbps} TB/s = {floor_s * 1e3:.3f} ms ({1 / floor_s:,.0f} tok/s). "
               f"Total {time.perf_counter() - t_start:.0f}s.")
