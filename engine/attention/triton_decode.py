@@ -18,7 +18,6 @@ import triton.language as tl
 from .triton_merge import dot_precision, keys_per_split, merge_splits
 
 BLOCK_N = 64
-SLICES_PER_SEQUENCE = True  # False: slices of a size fixed from the bound (the kernel before; benchmarks)
 
 
 @triton.jit
@@ -79,11 +78,11 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      rows: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
-                     scale: float, per_sequence: bool | None = None) -> None:
+                     scale: float, per_sequence: bool = True) -> None:
     """q/out [T, Hq, D]; rows [B] (row of q/out per sequence); tables [B, max_blocks] int; lens [B]
     keys per sequence, each <= max_len (a host-side bound: the number of slices comes from it).
-    per_sequence (default SLICES_PER_SEQUENCE): each sequence's keys in that many slices; False:
-    slices of max_len / slices keys, the same for every sequence."""
+    per_sequence: each sequence's keys in that many slices; False (the kernel before run EX, for
+    bench_attention --decode): slices of max_len / slices keys, the same for every sequence."""
     _, P, Hkv, D = k_cache.shape
     Hq = q.shape[1]
     B = rows.shape[0]
@@ -93,7 +92,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = Hq // Hkv
     kps = keys_per_split(B * Hkv, max_len, BLOCK_N)
     S = triton.cdiv(max(max_len, 1), kps)
-    if SLICES_PER_SEQUENCE if per_sequence is None else per_sequence:
+    if per_sequence:
         kps = 0
     BLOCK_D = max(16, triton.next_power_of_2(D))
     mid_o = torch.empty(B, Hq, S, BLOCK_D, dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
