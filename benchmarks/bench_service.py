@@ -5,7 +5,8 @@
 Starts `kvc cache-server` (shared memory on) and a `redis-server` (installed with apt-get when
 missing) on free 127.0.0.1 ports, moves the same pages through RemoteCache (gRPC stream, and
 /dev/shm) and through redis-py (pipelined SET / MGET of the payload bytes), and times Lookup of a
-32K-token prompt whose pages are all cached. Prints a Markdown table; results: RESULTS.md.
+32K-token prompt whose pages are all cached. Prints a Markdown table (rates of the quickest rep,
+and the CPU seconds a GB of client and server together over all reps); results: RESULTS.md.
 """
 from __future__ import annotations
 
