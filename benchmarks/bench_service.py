@@ -92,68 +92,85 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def best_rate(fn, nbytes: int, reps: int, server_pid: int, before=None) -> tuple[float, float]:
-    """(GB/s of the quickest rep, CPU seconds per GB of this process and the server together over
-    all reps). The CPU column is the steadier one on a small shared machine: wall time there moves
-    with what else the cores run, the work done for each byte does not."""
-    times, cpu = [], 0.0
-    for _ in range(reps):
-        if before:
-            before()
-        c0, s0 = time.process_time(), cpu_seconds(server_pid)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu += time.process_time() - c0 + cpu_seconds(server_pid) - s0
-    return nbytes / min(times) / 1e9, cpu / (reps * nbytes / 1e9)
+class Remote:
+    """The pages through RemoteCache; clear() empties its namespace, put() / get() move them all."""
+
+    def __init__(self, url: str, shm: bool, n: int, pid: int):
+        self.name = "kvc gRPC + /dev/shm" if shm else "kvc gRPC stream"
+        self.ns = Namespace("bench", PAGE_SPEC, cache_salt="shm" if shm else "stream")
+        self.c = RemoteCache(url, timeout=30.0, shared_memory=shm)
+        self.n, self.pid = n, pid
+        _, self.pages = make_pages(self.ns, n, seed=1)
+        self.hashes = [p.hash for p in self.pages]
+
+    def clear(self) -> None:
+        self.c.delete(self.ns)
+
+    def put(self) -> None:
+        r = self.c.put_pages(self.ns, self.pages)
+        assert r.stored == self.n, r
+
+    def get(self) -> None:
+        got = self.c.get_pages(self.ns, self.hashes)
+        assert len(got) == len(self.hashes)
+
+    def close(self) -> None:
+        got = self.c.get_pages(self.ns, self.hashes[:2])
+        assert torch.equal(got[1].data, self.pages[1].data)
+        self.c.delete(self.ns)
+        self.c.close()
 
 
-def bench_remote(url: str, shm: bool, n: int, reps: int, server_pid: int) -> tuple:
-    ns = Namespace("bench", PAGE_SPEC, cache_salt="shm" if shm else "stream")
-    c = RemoteCache(url, timeout=30.0, shared_memory=shm)
-    nbytes = n * PAGE_SPEC.page_bytes
-    _, rebuilt = make_pages(ns, n, seed=1)
+class Redis:
+    """The pages through redis-py (pipelined SET, MGET of 16), the reference."""
 
-    def put():
-        r = c.put_pages(ns, rebuilt)
-        assert r.stored == n, r
-    put_rate = best_rate(put, nbytes, reps, server_pid, before=lambda: c.delete(ns))
-    hashes = [p.hash for p in rebuilt]
+    def __init__(self, port: int, pages, pid: int):
+        import redis
+        self.name = "Redis 7 (redis-py, pipelined)"
+        self.r = redis.Redis(host="127.0.0.1", port=port)
+        self.pages, self.keys, self.pid = pages, [p.hash for p in pages], pid
 
-    def get():
-        got = c.get_pages(ns, hashes)
-        assert len(got) == len(hashes)
-    get_rate = best_rate(get, nbytes, reps, server_pid)
-    got = c.get_pages(ns, hashes[:2])
-    assert torch.equal(got[1].data, rebuilt[1].data)
-    c.delete(ns)
-    c.close()
-    return put_rate, get_rate
+    def clear(self) -> None:
+        self.r.flushall()
 
-
-def bench_redis(port: int, pages, reps: int, server_pid: int) -> tuple:
-    import redis
-    r = redis.Redis(host="127.0.0.1", port=port)
-    nbytes = len(pages) * PAGE_SPEC.page_bytes
-    keys = [p.hash for p in pages]
-
-    def put():
-        pipe = r.pipeline(transaction=False)
-        for p in pages:
+    def put(self) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for p in self.pages:
             pipe.set(p.hash, p.payload().tobytes())
         pipe.execute()
 
-    def get():
+    def get(self) -> None:
         out = []
-        for k in range(0, len(keys), 16):
-            for v in r.mget(keys[k:k + 16]):
+        for k in range(0, len(self.keys), 16):
+            for v in self.r.mget(self.keys[k:k + 16]):
                 out.append(torch.frombuffer(bytearray(v), dtype=torch.bfloat16).view(PAGE_SPEC.shape))
-        assert len(out) == len(keys)
-    put_rate = best_rate(put, nbytes, reps, server_pid, before=r.flushall)
-    get_rate = best_rate(get, nbytes, reps, server_pid)
-    r.flushall()
-    r.close()
-    return put_rate, get_rate
+        assert len(out) == len(self.keys)
+
+    def close(self) -> None:
+        self.r.flushall()
+        self.r.close()
+
+
+def timed(fn, pid: int) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process and server `pid` together) of one fn()."""
+    c0, s0 = time.process_time(), cpu_seconds(pid)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0 + cpu_seconds(pid) - s0
+
+
+def run_paths(paths: list, reps: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Every path's puts, then every path's gets, rep after rep: the paths side by side in time, so
+    a rep's ratio between two paths is taken under the same load of the machine. {name: {"put":
+    [(s, cpu s)] per rep, "get": ...}}."""
+    out = {p.name: {"put": [], "get": []} for p in paths}
+    for _ in range(reps):
+        for p in paths:
+            p.clear()
+            out[p.name]["put"].append(timed(p.put, p.pid))
+        for p in paths:
+            out[p.name]["get"].append(timed(p.get, p.pid))
+    return out
 
 
 def bench_lookup(url: str, redis_port: int, n: int) -> tuple[list[float], list[float]]:
@@ -205,20 +222,30 @@ def main() -> None:
             url = f"grpc://127.0.0.1:{cport}"
             _, pages = make_pages(Namespace("bench", PAGE_SPEC, cache_salt="stream"), args.pages, seed=1)
             mib = args.pages * PAGE_SPEC.page_bytes / 2**20
-            rows = [("kvc gRPC stream",) + bench_remote(url, False, args.pages, args.reps, cache.pid),
-                    ("kvc gRPC + /dev/shm",) + bench_remote(url, True, args.pages, args.reps, cache.pid),
-                    ("Redis 7 (redis-py, pipelined)",) + bench_redis(rport, pages, args.reps, redis_proc.pid)]
+            paths = [Remote(url, False, args.pages, cache.pid), Remote(url, True, args.pages, cache.pid),
+                     Redis(rport, pages, redis_proc.pid)]
+            results = run_paths(paths, args.reps)
+            for p in paths:
+                p.close()
             lat, rlat = bench_lookup(url, rport, args.lookups)
         finally:
             cache.terminate()
             redis_proc.terminate()
             cache.wait(30)
             redis_proc.wait(30)
-    print(f"\n{args.pages} pages of {PAGE_SPEC.page_bytes / 2**20:.0f} MiB ({mib:.0f} MiB), best of {args.reps}:\n")
-    print("| path | PutPages GB/s | GetPages GB/s | put: CPU s per GB, client + server | "
-          "get: CPU s per GB, client + server |\n| --- | --- | --- | --- | --- |")
-    for name, (put, put_cpu), (get, get_cpu) in rows:
-        print(f"| {name} | {put:.2f} | {get:.2f} | {put_cpu:.2f} | {get_cpu:.2f} |")
+    gb = args.pages * PAGE_SPEC.page_bytes / 1e9
+    print(f"\n{args.pages} pages of {PAGE_SPEC.page_bytes / 2**20:.0f} MiB ({mib:.0f} MiB), {args.reps} reps, "
+          "the paths interleaved rep by rep (rates: the quickest rep; x Redis: the median of each rep's "
+          "ratio):\n")
+    print("| path | PutPages GB/s | GetPages GB/s | put x Redis | get x Redis | put: CPU s per GB, client + "
+          "server | get: CPU s per GB, client + server |\n| --- | --- | --- | --- | --- | --- | --- |")
+    ref = results[paths[-1].name]
+    for name, r in results.items():
+        rate = {k: gb / min(t for t, _ in r[k]) for k in r}
+        cpu = {k: sum(c for _, c in r[k]) / (len(r[k]) * gb) for k in r}
+        ratio = {k: statistics.median(rt / t for (t, _), (rt, _) in zip(r[k], ref[k])) for k in r}
+        print(f"| {name} | {rate['put']:.2f} | {rate['get']:.2f} | {ratio['put']:.2f}x | {ratio['get']:.2f}x | "
+              f"{cpu['put']:.2f} | {cpu['get']:.2f} |")
     print(f"\nLookup of a 32K-token prompt (2048 pages, all hits), {args.lookups} calls:\n")
     print("| path | p50 ms | p99 ms |\n| --- | --- | --- |")
     print(f"| kvc Lookup (tokens) | {pct(lat, .5):.2f} | {pct(lat, .99):.2f} |")
