@@ -160,16 +160,20 @@ def timed(fn, pid: int) -> tuple[float, float]:
 
 
 def run_paths(paths: list, reps: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Every path's puts, then every path's gets, rep after rep: the paths side by side in time, so
+    """Every path's puts, then every path's gets, rep after rep (after one untimed rep): the paths side by side in time, so
     a rep's ratio between two paths is taken under the same load of the machine. {name: {"put":
     [(s, cpu s)] per rep, "get": ...}}."""
     out = {p.name: {"put": [], "get": []} for p in paths}
-    for _ in range(reps):
+    for rep in range(reps + 1):  # rep 0 untimed: every path's first put and get are 2-5x its later ones
         for p in paths:
             p.clear()
-            out[p.name]["put"].append(timed(p.put, p.pid))
+            t = timed(p.put, p.pid)
+            if rep:
+                out[p.name]["put"].append(t)
         for p in paths:
-            out[p.name]["get"].append(timed(p.get, p.pid))
+            t = timed(p.get, p.pid)
+            if rep:
+                out[p.name]["get"].append(t)
     return out
 
 
