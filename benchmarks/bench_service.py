@@ -160,20 +160,17 @@ def timed(fn, pid: int) -> tuple[float, float]:
 
 
 def run_paths(paths: list, reps: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Every path's puts, then every path's gets, rep after rep (after one untimed rep): the paths side by side in time, so
-    a rep's ratio between two paths is taken under the same load of the machine. {name: {"put":
-    [(s, cpu s)] per rep, "get": ...}}."""
-    out = {p.name: {"put": [], "get": []} for p in paths}
-    for rep in range(reps + 1):  # rep 0 untimed: every path's first put and get are 2-5x its later ones
+    """Every path's puts, then every path's gets, rep after rep (after one rep kept apart): the paths
+    side by side in time, so a rep's ratio between two paths is taken under the same load of the
+    machine. {name: {"put": [(s, cpu s)] per timed rep, "get": ..., "first put": [the first rep's],
+    "first get": ...}}."""
+    out = {p.name: {"put": [], "get": [], "first put": [], "first get": []} for p in paths}
+    for rep in range(reps + 1):  # rep 0 apart: every path's first put and get are 2-5x its later ones
         for p in paths:
             p.clear()
-            t = timed(p.put, p.pid)
-            if rep:
-                out[p.name]["put"].append(t)
+            out[p.name]["put" if rep else "first put"].append(timed(p.put, p.pid))
         for p in paths:
-            t = timed(p.get, p.pid)
-            if rep:
-                out[p.name]["get"].append(t)
+            out[p.name]["get" if rep else "first get"].append(timed(p.get, p.pid))
     return out
 
 
@@ -245,11 +242,16 @@ def main() -> None:
           "server | get: CPU s per GB, client + server |\n| --- | --- | --- | --- | --- | --- | --- |")
     ref = results[paths[-1].name]
     for name, r in results.items():
-        rate = {k: gb / min(t for t, _ in r[k]) for k in r}
-        cpu = {k: sum(c for _, c in r[k]) / (len(r[k]) * gb) for k in r}
-        ratio = {k: statistics.median(rt / t for (t, _), (rt, _) in zip(r[k], ref[k])) for k in r}
+        rate = {k: gb / min(t for t, _ in r[k]) for k in ("put", "get")}
+        cpu = {k: sum(c for _, c in r[k]) / (len(r[k]) * gb) for k in ("put", "get")}
+        ratio = {k: statistics.median(rt / t for (t, _), (rt, _) in zip(r[k], ref[k])) for k in ("put", "get")}
         print(f"| {name} | {rate['put']:.2f} | {rate['get']:.2f} | {ratio['put']:.2f}x | {ratio['get']:.2f}x | "
               f"{cpu['put']:.2f} | {cpu['get']:.2f} |")
+    print("\nSeconds a rep (the untimed first one, then the timed ones):\n")
+    print("| path | put | get |\n| --- | --- | --- |")
+    for name, r in results.items():
+        print(f"| {name} | " + " | ".join(f"{r['first ' + k][0][0]:.3f}; " + ", ".join(f"{t:.3f}" for t, _ in r[k])
+                                         for k in ("put", "get")) + " |")
     print(f"\nLookup of a 32K-token prompt (2048 pages, all hits), {args.lookups} calls:\n")
     print("| path | p50 ms | p99 ms |\n| --- | --- | --- |")
     print(f"| kvc Lookup (tokens) | {pct(lat, .5):.2f} | {pct(lat, .99):.2f} |")
