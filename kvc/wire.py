@@ -78,7 +78,7 @@ def _header(page: Page, payload: np.ndarray, into: pb.PageHeader) -> None:
 # Page-carrying messages (GetPagesResponse, PutPagesRequest) are written and read here by hand, in
 # protobuf's own encoding: through protobuf a payload byte was copied five times on its way (out of
 # the page, into the message, into its serialisation; into the parsed message, out of it on every
-# read of the field), ~20-30 ms per 256 MiB each on the 2-core VM. By hand a message is one join
+# read of the field; benchmarks/probe_wire.py times both paths). By hand a message is one join
 # of its small parts with views of the payloads, and a received payload is a view of the received
 # bytes. Any protobuf library reads what this writes and writes what this reads (tests compare both
 # ways, byte for byte, and on corrupted input).
@@ -257,7 +257,7 @@ class WireMessage:
     """A received page-carrying message: `frames` (WireFrames) and its other message fields parsed
     by protobuf (`HasField`, attributes by name; an absent one reads as its empty message)."""
 
-    def __init__(self, message_type, frames: list[WireFrame], others: dict[str, bytes]):
+    def __init__(self, message_type, frames: list[WireFrame], others: dict):
         self._type, self.frames, self._others = message_type, frames, others
 
     def HasField(self, name: str) -> bool:
@@ -267,8 +267,8 @@ class WireMessage:
         fd = self.__dict__["_type"].DESCRIPTOR.fields_by_name.get(name)
         if fd is None or fd.message_type is None:
             raise AttributeError(name)
-        cls = getattr(pb, fd.message_type.name)
-        return cls.FromString(self._others.get(name, b""))
+        got = self.__dict__["_others"].get(name)
+        return got if got is not None else getattr(pb, fd.message_type.name)()
 
 
 def _read_frame(buf: memoryview, pos: int, end: int) -> WireFrame:
@@ -300,10 +300,8 @@ def read_message(data: bytes, message_type) -> WireMessage:
             frames.append(_read_frame(buf, v[0], v[1]))
         elif f in names:
             others.setdefault(names[f], []).append(buf[v[0]:v[1]])
-    parsed = {}
-    for name, chunks in others.items():
-        parsed[name] = b"".join(chunks)
-        _parse(getattr(pb, message_type.DESCRIPTOR.fields_by_name[name].message_type.name), parsed[name])
+    parsed = {name: _parse(getattr(pb, message_type.DESCRIPTOR.fields_by_name[name].message_type.name),
+                           b"".join(chunks)) for name, chunks in others.items()}
     return WireMessage(message_type, frames, parsed)
 
 

@@ -91,9 +91,9 @@ def add_to_server(service: "CacheService", server) -> None:
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
-        parse = _safe_parser(req)
-        if req is pb.PutPagesRequest:  # payloads as views of the received bytes (kvc.wire)
-            parse = _safe_parser(req, lambda data: wire.read_message(data, pb.PutPagesRequest))
+        # PutPages: payloads as views of the received bytes (kvc.wire)
+        parse = _safe_parser(req, (lambda data: wire.read_message(data, pb.PutPagesRequest))
+                             if req is pb.PutPagesRequest else None)
         # GetPages yields its messages already serialised (kvc.wire.page_wire)
         serialize = wire.as_bytes if resp is pb.GetPagesResponse else resp.SerializeToString
         handlers[m.name] = kind(getattr(service, m.name), request_deserializer=parse,
