@@ -6,7 +6,8 @@ Starts `kvc cache-server` (shared memory on) and a `redis-server` (installed wit
 missing) on free 127.0.0.1 ports, moves the same pages through RemoteCache (gRPC stream, and
 /dev/shm) and through redis-py (pipelined SET / MGET of the payload bytes), and times Lookup of a
 32K-token prompt whose pages are all cached. Prints a Markdown table (rates of the quickest rep,
-and the CPU seconds a GB of client and server together over all reps); results: RESULTS.md.
+the CPU seconds a GB of client and server together over all reps, and the server's minor page
+faults a GB); results: RESULTS.md.
 """
 from __future__ import annotations
 
@@ -86,10 +87,20 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
     raise SystemExit("redis-server did not start")
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def minor_faults(pid: int) -> int:
+    """The minor page faults a process has taken (Linux /proc): a buffer the C library gave back
+    to the OS and took again costs one a 4 KiB page it writes."""
+    return int(_stat(pid)[7])
 
 
 class Remote:
@@ -151,18 +162,20 @@ class Redis:
         self.r.close()
 
 
-def timed(fn, pid: int) -> tuple[float, float]:
-    """(seconds, CPU seconds of this process and server `pid` together) of one fn()."""
-    c0, s0 = time.process_time(), cpu_seconds(pid)
+def timed(fn, pid: int) -> tuple[float, float, int]:
+    """(seconds, CPU seconds of this process and server `pid` together, the server's minor page
+    faults) of one fn()."""
+    c0, s0, f0 = time.process_time(), cpu_seconds(pid), minor_faults(pid)
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0, time.process_time() - c0 + cpu_seconds(pid) - s0
+    t = time.perf_counter() - t0
+    return t, time.process_time() - c0 + cpu_seconds(pid) - s0, minor_faults(pid) - f0
 
 
-def run_paths(paths: list, reps: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def run_paths(paths: list, reps: int) -> dict[str, dict[str, list[tuple[float, float, int]]]]:
     """Every path's puts, then every path's gets, rep after rep (after one rep kept apart): the paths
     side by side in time, so a rep's ratio between two paths is taken under the same load of the
-    machine. {name: {"put": [(s, cpu s)] per timed rep, "get": ..., "first put": [the first rep's],
+    machine. {name: {"put": [(s, cpu s, server faults)] per timed rep, "get": ..., "first put": [the first rep's],
     "first get": ...}}."""
     out = {p.name: {"put": [], "get": [], "first put": [], "first get": []} for p in paths}
     for rep in range(reps + 1):  # rep 0 apart: every path's first put and get are 2-5x its later ones
@@ -239,18 +252,20 @@ def main() -> None:
           "the paths interleaved rep by rep (rates: the quickest rep; x Redis: the median of each rep's "
           "ratio):\n")
     print("| path | PutPages GB/s | GetPages GB/s | put x Redis | get x Redis | put: CPU s per GB, client + "
-          "server | get: CPU s per GB, client + server |\n| --- | --- | --- | --- | --- | --- | --- |")
+          "server | get: CPU s per GB, client + server | server's minor faults per GB, put / get |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     ref = results[paths[-1].name]
     for name, r in results.items():
-        rate = {k: gb / min(t for t, _ in r[k]) for k in ("put", "get")}
-        cpu = {k: sum(c for _, c in r[k]) / (len(r[k]) * gb) for k in ("put", "get")}
-        ratio = {k: statistics.median(rt / t for (t, _), (rt, _) in zip(r[k], ref[k])) for k in ("put", "get")}
+        rate = {k: gb / min(x[0] for x in r[k]) for k in ("put", "get")}
+        cpu = {k: sum(x[1] for x in r[k]) / (len(r[k]) * gb) for k in ("put", "get")}
+        faults = {k: sum(x[2] for x in r[k]) / (len(r[k]) * gb) for k in ("put", "get")}
+        ratio = {k: statistics.median(y[0] / x[0] for x, y in zip(r[k], ref[k])) for k in ("put", "get")}
         print(f"| {name} | {rate['put']:.2f} | {rate['get']:.2f} | {ratio['put']:.2f}x | {ratio['get']:.2f}x | "
-              f"{cpu['put']:.2f} | {cpu['get']:.2f} |")
+              f"{cpu['put']:.2f} | {cpu['get']:.2f} | {faults['put']:,.0f} / {faults['get']:,.0f} |")
     print("\nSeconds a rep (the untimed first one, then the timed ones):\n")
     print("| path | put | get |\n| --- | --- | --- |")
     for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r['first ' + k][0][0]:.3f}; " + ", ".join(f"{t:.3f}" for t, _ in r[k])
+        print(f"| {name} | " + " | ".join(f"{r['first ' + k][0][0]:.3f}; " + ", ".join(f"{x[0]:.3f}" for x in r[k])
                                          for k in ("put", "get")) + " |")
     print(f"\nLookup of a 32K-token prompt (2048 pages, all hits), {args.lookups} calls:\n")
     print("| path | p50 ms | p99 ms |\n| --- | --- | --- |")

@@ -23,6 +23,7 @@ from kvc.config import Config, ConfigError, load_config
 from kvc.metrics import KvcMetrics
 from kvc.pb import pb
 from server.cache_service import CacheService, add_to_server
+from server.heap import retain_freed_memory
 from server.tenant_secret import load_tenant_secret
 
 log = logging.getLogger("kvc.cache_server")
@@ -80,6 +81,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 1
+    # every call's buffers are fresh allocations: keep what calls free (up to the bytes calls in
+    # progress may hold) for the next call, not page-faulted in again (server/heap.py)
+    retain_freed_memory(s.max_inflight_bytes)
     service = CacheService(s, metrics, tenant_secret=secret)
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(options=_options(s.max_message_bytes),
