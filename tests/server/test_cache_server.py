@@ -150,3 +150,31 @@ def test_watch_events_report_stores_and_removals(shared_server, client_factory):
         ("stored", hashes[0], "cpu"), ("stored", hashes[1], "cpu"), ("removed", hashes[1], "cpu")]
     assert all(e.namespace_root == NS.root for e in events)
     assert events[0].event_id < events[1].event_id < events[2].event_id
+
+
+def test_put_messages_assembled_on_the_loop_and_on_a_thread_store_the_same(shared_server, client_factory):
+    """PutPages assembles a small message on the event loop and a large one (or shared-memory
+    frames) on a worker thread: both store the pages as sent, and a bad page fails either way."""
+    import dataclasses
+
+    from server import cache_service
+    _, pages = make_pages(NS, list(range(4 * 100)), seed=5)
+    assert len(pages) > cache_service.INLINE_PUT_FRAMES
+    for salt, chunk in (("loop", 64), ("thread", 8 << 20)):  # 64 B: a frame a message; 8 MiB: all 100 in one
+        ns = dataclasses.replace(NS, cache_salt=salt)
+        _, mine = make_pages(ns, list(range(4 * 100)), seed=5)
+        c = client_factory(shared_server.url, chunk_bytes=chunk)
+        assert c.put_pages(ns, mine).stored == 100
+        got = c.get_pages(ns, [p.hash for p in mine])
+        assert len(got) == 100 and all(torch.equal(g.data, p.data) for g, p in zip(got, pages))
+        c.delete(ns)
+    # a payload changed after its checksum was taken: refused on the loop as on a thread
+    stub = pb_grpc.KVCacheStub(grpc.insecure_channel(f"127.0.0.1:{shared_server.port}"))
+    for chunk in (64, 8 << 20):
+        msgs = [pb.PutPagesRequest(namespace=wire.ns_to_pb(NS))] + list(
+            wire.page_messages(pages, pb.PutPagesRequest, chunk_bytes=chunk))
+        last = msgs[-1].frames[-1]
+        last.data = bytes([last.data[0] ^ 1]) + last.data[1:]
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PutPages(iter(msgs), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in e.value.details()
