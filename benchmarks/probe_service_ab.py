@@ -104,6 +104,8 @@ def main() -> None:
     for e in args.env:
         name, _, kv = e.partition(":")
         k, _, val = kv.partition("=")
+        if name not in variants or not k:
+            ap.error(f"--env {e!r}: want NAME:KEY=VALUE with NAME one of {sorted(variants)}")
         variants[name]["env"][k] = val
     print(f"# probe_service_ab  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {os.cpu_count()} cores")
     for name, v in variants.items():

@@ -40,8 +40,9 @@ MAX_PUT_RPC_BYTES = 1 << 30  # payload bytes one PutPages stream may carry
 MAX_GET_BATCH_BYTES = 64 << 20  # payload bytes fetched from the store per step of GetPages
 # A PutPages message with at most this much payload in at most this many data frames is assembled
 # on the event loop (a copy and the checksums of ~1 MiB, ~0.2 ms); larger ones, and shared-memory
-# frames, on a worker thread. The hand-off to a thread and back cost more than the work
-# (benchmarks/RESULTS.md, thirty-fourth session: a 256 MiB stream put 0.188 -> 0.163 s, 2-core VM).
+# frames, on a worker thread. The hand-off to a thread and back cost more than the work: a 256 MiB
+# stream put 0.184 -> 0.169 s, and a Lookup beside a steady put load p50 3.5 -> 2.1 ms but p99
+# 8.3 -> 10.5 ms (benchmarks/probe_service_ab.py; RESULTS.md, thirty-fourth session, 2-core VM).
 INLINE_PUT_BYTES, INLINE_PUT_FRAMES = 2 << 20, 32
 GET_FRAMES = wire.frames_field(pb.GetPagesResponse)
 STATS_SYNC_S = 10.0  # the longest Stats waits for queued disk writes

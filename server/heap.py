@@ -5,9 +5,10 @@ page is assembled into a fresh tensor before the store copies it into its slab; 
 pages the same way. By default glibc's malloc returns such freed memory to the kernel (buffers
 of 32 MiB and over are unmapped, a heap's free top past a threshold that grows to twice the
 largest buffer freed so far is trimmed), so the next call takes a page fault on every 4 KiB it
-writes again: 14,000-34,000 minor faults and ~0.1 s of the service's CPU per 256 MiB put on the
-2-core VM (benchmarks/bench_service.py; benchmarks/RESULTS.md, thirty-fourth session). Setting
-both thresholds once at start keeps freed heap memory for reuse: the faults fall to ~100 a put.
+writes again: ~30,000 minor faults and ~0.07 s of the service's CPU (a quarter of it) per 256 MiB
+put on the 2-core VM. Setting both thresholds once at start keeps freed heap memory for reuse: the
+faults fall to hundreds or fewer (benchmarks/probe_service_ab.py, bench_service.py; RESULTS.md,
+thirty-fourth session).
 
 What is kept is bounded by what the service held at its busiest: the page bytes of calls in
 progress (server.max_inflight_bytes, which `retain_freed_memory` takes as the trim threshold) and

@@ -166,10 +166,11 @@ def test_put_messages_assembled_on_the_loop_and_on_a_thread_store_the_same(share
         c = client_factory(shared_server.url, chunk_bytes=chunk)
         assert c.put_pages(ns, mine).stored == 100
         got = c.get_pages(ns, [p.hash for p in mine])
-        assert len(got) == 100 and all(torch.equal(g.data, p.data) for g, p in zip(got, pages))
+        assert len(got) == 100 and all(torch.equal(g.data, p.data) for g, p in zip(got, mine))
         c.delete(ns)
     # a payload changed after its checksum was taken: refused on the loop as on a thread
-    stub = pb_grpc.KVCacheStub(grpc.insecure_channel(f"127.0.0.1:{shared_server.port}"))
+    ch = grpc.insecure_channel(f"127.0.0.1:{shared_server.port}")
+    stub = pb_grpc.KVCacheStub(ch)
     for chunk in (64, 8 << 20):
         msgs = [pb.PutPagesRequest(namespace=wire.ns_to_pb(NS))] + list(
             wire.page_messages(pages, pb.PutPagesRequest, chunk_bytes=chunk))
@@ -178,3 +179,4 @@ def test_put_messages_assembled_on_the_loop_and_on_a_thread_store_the_same(share
         with pytest.raises(grpc.RpcError) as e:
             stub.PutPages(iter(msgs), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum" in e.value.details()
+    ch.close()
