@@ -204,15 +204,17 @@ class Ours:
         return statistics.median(best)
 
 
-def cuda_engine(model_dir: str | None, layers: int, chunk: int, longest: int, concurrency: int = 1) -> tuple[Path, Ours]:
+def cuda_engine(model_dir: str | None, layers: int, chunk: int, longest: int, concurrency: int = 1,
+                decode_prompt_len: int = 32) -> tuple[Path, Ours]:
     """The 12-layer Qwen3-30B-A3B-shapes checkpoint at model_dir (written there if missing, or in a
-    temp dir) and an engine over it sized for prompts up to `longest` tokens (the scripts that
-    profile or probe one engine on the H200 share this)."""
+    temp dir) and an engine over it sized for prompts up to `longest` tokens and `concurrency`
+    decoding requests of `decode_prompt_len` (the scripts that profile or probe one engine on the
+    H200 share this)."""
     path = Path(model_dir or tempfile.mkdtemp())
     if not (path / "config.json").exists():
         make_tiny_model(str(path), "qwen3_moe", preset=CUDA_DEFAULTS["preset"], num_hidden_layers=layers,
                         dtype="bfloat16", std=0.02)
-    ns = argparse.Namespace(prompt_len=[longest], hit_new=64, concurrency=[concurrency], decode_prompt_len=32,
+    ns = argparse.Namespace(prompt_len=[longest], hit_new=64, concurrency=[concurrency], decode_prompt_len=decode_prompt_len,
                             decode_tokens=16, dtype="bfloat16", device="cuda", chunk=chunk)
     return path, Ours(path, ns)
 
