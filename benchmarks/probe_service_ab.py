@@ -41,6 +41,8 @@ import sys, time
 sys.path[:0] = [sys.argv[2], sys.argv[2] + "/benchmarks"]
 import bench_service as b
 r = b.Remote(sys.argv[1], False, 64, 0)
+if int(sys.argv[4]):
+    r.c.chunk_bytes = int(sys.argv[4])
 n, t0 = 0, time.time()
 while time.time() - t0 < float(sys.argv[3]):
     a = time.time()
@@ -65,13 +67,14 @@ def start(repo: Path, env: dict, tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"grpc://127.0.0.1:{port}"
 
 
-def lookups_under_load(url: str, seconds: float) -> tuple[int, float, float, int]:
+def lookups_under_load(url: str, seconds: float, chunk_bytes: int | None) -> tuple[int, float, float, int]:
     ns = Namespace("bench-lookup", bs.LOOKUP_SPEC)
     toks, pages = bs.make_pages(ns, 2048, seed=3)
     c = RemoteCache(url, timeout=30.0)
     try:
         c.put_pages(ns, pages)
-        putter = subprocess.Popen([sys.executable, "-c", PUTTER, url, str(HERE.parent), str(seconds + 2.5)],
+        putter = subprocess.Popen([sys.executable, "-c", PUTTER, url, str(HERE.parent), str(seconds + 2.5),
+                                   str(chunk_bytes or 0)],
                                   stdout=subprocess.PIPE, text=True)
         time.sleep(1.5)  # the putter's first puts
         lat = []
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="NAME:KEY=VALUE for that variant's service")
     ap.add_argument("--pages", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--chunk-bytes", type=int, default=None, help="the client's payload bytes a message "
+                    "(every variant's; default: RemoteCache's)")
     ap.add_argument("--lookup-load", action="store_true")
     ap.add_argument("--load-s", type=float, default=6.0)
     ap.add_argument("--rounds", type=int, default=2, help="lookup-load rounds (the variants alternate)")
@@ -122,6 +127,8 @@ def main() -> None:
                 tmp.mkdir()
                 procs[name], urls[name] = start(v["repo"], v["env"], tmp)
                 paths[name] = bs.Remote(urls[name], False, args.pages, procs[name].pid)
+                if args.chunk_bytes:
+                    paths[name].c.chunk_bytes = args.chunk_bytes
             out = {n: {"put": [], "get": []} for n in variants}
             for rep in range(args.reps + 2):
                 for op in ("put", "get"):
@@ -148,7 +155,7 @@ def main() -> None:
                       "| --- | --- | --- | --- | --- | --- |")
                 for rnd in range(args.rounds):
                     for name, url in urls.items():
-                        n, p50, p99, puts = lookups_under_load(url, args.load_s)
+                        n, p50, p99, puts = lookups_under_load(url, args.load_s, args.chunk_bytes)
                         print(f"| {rnd + 1} | {name} | {n} | {p50:.2f} | {p99:.2f} | {puts} |")
         finally:
             for proc in procs.values():
