@@ -56,15 +56,18 @@ def make_pages(ns: Namespace, n: int, seed: int) -> tuple[list[int], list[Page]]
                   for i, (h, p) in enumerate(zip(hashes, parents))]
 
 
-def start_cache_server(tmp: Path) -> tuple[subprocess.Popen, int]:
+def start_cache_server(tmp: Path, repo: Path = REPO, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`kvc cache-server` from checkout `repo` (its code first on PYTHONPATH), with `env` added."""
     port = free_port()
     cfg = {"kvc": {"cpu_memory_size_GB": 3, "disk_path": str(tmp / "pages"), "disk_size_GB": 1},
            "server": {"grpc_port": port, "metrics_port": free_port(), "shared_memory": True}}
     (tmp / "cache.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "cache-server", "--config", str(tmp / "cache.yaml")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {}),
+                                 "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))})
     if "serving" not in proc.stdout.readline():
-        raise SystemExit("cache-server did not start")
+        raise SystemExit(f"cache-server from {repo} did not start")
     return proc, port
 
 

@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
@@ -52,19 +50,6 @@ while time.time() - t0 < float(sys.argv[3]):
     time.sleep(max(0.0, 0.25 - (time.time() - a)))
 print(n)
 """
-
-
-def start(repo: Path, env: dict, tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = bs.free_port()
-    cfg = {"kvc": {"cpu_memory_size_GB": 3, "disk_path": str(tmp / "pages"), "disk_size_GB": 1},
-           "server": {"grpc_port": port, "metrics_port": bs.free_port(), "shared_memory": True}}
-    (tmp / "cache.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "cache-server", "--config", str(tmp / "cache.yaml")],
-                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(repo), **env})
-    if "serving" not in proc.stdout.readline():
-        raise SystemExit(f"cache-server from {repo} did not start")
-    return proc, f"grpc://127.0.0.1:{port}"
 
 
 def lookups_under_load(url: str, seconds: float, chunk_bytes: int | None) -> tuple[int, float, float, int]:
@@ -125,7 +110,8 @@ def main() -> None:
             for name, v in variants.items():
                 tmp = Path(d) / name
                 tmp.mkdir()
-                procs[name], urls[name] = start(v["repo"], v["env"], tmp)
+                procs[name], port = bs.start_cache_server(tmp, v["repo"], v["env"])
+                urls[name] = f"grpc://127.0.0.1:{port}"
                 paths[name] = bs.Remote(urls[name], False, args.pages, procs[name].pid)
                 if args.chunk_bytes:
                     paths[name].c.chunk_bytes = args.chunk_bytes
