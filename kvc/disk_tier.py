@@ -47,6 +47,9 @@ READER_CHECK_S = 60.0
 MAX_BACKLOG_BYTES = 1 << 30  # queued, uncommitted records past which put() refuses (counted)
 GATE_EVERY = 16  # records between two calls of write_gate inside a commit
 DEGRADED_RETRY_S = 30.0
+FAIL_LOG_EVERY_S = 10.0  # failed commits are logged at most this often (the rest counted in the next line)
+SHRINK_EVERY_S = 1.0  # MAP_FULL lowers the budget at most this often, unless puts were committed since
+FULL_FS_OVERHEAD = 1.25  # file bytes per budget byte assumed when the filesystem bounds the file
 READ_PIECE = 256 << 10          # copy-then-hash piece: still in cache when hashed
 READ_TASK_BYTES = 4 << 20       # pages per reader task: about this many bytes
 PARALLEL_MIN_BYTES = 2 << 20    # smaller runs are read on the caller's thread
@@ -81,7 +84,7 @@ class DiskTier:
     def __init__(self, path: str, capacity_bytes: int, metrics, high: float = 0.95, low: float = 0.85,
                  reader_threads: int | None = None, max_backlog_bytes: int = MAX_BACKLOG_BYTES):
         self.path = os.path.abspath(os.path.expanduser(path))
-        self.capacity = int(capacity_bytes)
+        self.capacity = int(capacity_bytes)  # lowered at start when the filesystem is smaller
         self.high, self.low = high, low
         self.metrics = metrics
         os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -111,10 +114,10 @@ class DiskTier:
         self.write_gate = None
         self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
         self.env = self._open()
-        if self.capacity > self.free_bytes() + self.file_bytes():
-            log.warning("kvc.disk_size_GB (%.1f GB) is more than the free space under %s (%.1f GB); "
-                        "the disk tier will degrade when the filesystem fills",
-                        self.capacity / (1 << 30), self.path, self.free_bytes() / (1 << 30))
+        self._fit_filesystem()
+        self.min_capacity = self.capacity // 2  # the floor of _shrink
+        self._shrunk_at = None  # when _shrink last lowered the budget; None after a commit of puts
+        self._fail_logged, self._fail_quiet = -FAIL_LOG_EVERY_S, 0  # failed commits: last logged, since
         self._load_index()
         # reader threads mostly wait on the device, so there are more of them than cores
         threads = min(16, max(4, os.cpu_count() or 1)) if reader_threads is None else reader_threads
@@ -137,6 +140,28 @@ class DiskTier:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
+
+    def _fit_filesystem(self) -> None:
+        """Keep the tier's file inside its filesystem: the file may take what it has plus the free
+        space, less a twentieth left to others. Past that the budget is capped (the file allowed a
+        quarter more than its pages; _shrink lowers it further if that is not enough) and the map
+        is cut to the room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on)
+        before the filesystem is full: a file that fills its filesystem can wedge LMDB, whose
+        deletes need new pages too, and no eviction could then make room. Space freed later is
+        taken at the next start."""
+        room = self.file_bytes() + self.free_bytes()
+        limit = room - room // 20
+        if self.map_size <= limit:
+            return
+        fits = max(0, int((limit - (1 << 20)) / FULL_FS_OVERHEAD))
+        if self.capacity > fits:
+            log.warning("kvc.disk_size_GB (%.3f GB) is more than the filesystem under %s has room for "
+                        "(%.3f GB free, %.3f GB in the tier's file); the disk tier is capped at %.3f GB",
+                        self.capacity / (1 << 30), self.path, self.free_bytes() / (1 << 30),
+                        self.file_bytes() / (1 << 30), fits / (1 << 30))
+            self.capacity = fits
+        self.map_size = max(limit, self.file_bytes())
+        self.env.set_mapsize(self.map_size)
 
     def _open(self) -> lmdb.Environment:
         try:
@@ -447,6 +472,7 @@ class DiskTier:
                             txn.delete(h, db=self._meta)
         except lmdb.Error as e:
             self._failed(batch, e)
+            self._commit_deletes(batch)
             return False
         finally:
             with self._lock:
@@ -455,9 +481,40 @@ class DiskTier:
                         self.backlog_bytes -= len(item[2])
                         if self.pending.get(item[1]) is item[2]:
                             del self.pending[item[1]]
+        if gated:
+            self._shrunk_at = None  # puts fit again: a later MAP_FULL is a new episode
         self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
         self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
         return True
+
+    def _commit_deletes(self, batch) -> None:
+        """After a failed commit, the batch's removals on their own: the index has already dropped
+        those pages, and evictions are what make room in a full file, so they must not be lost
+        with the puts they were batched with. In a file at its map (or on a full filesystem) even
+        a delete needs new LMDB pages (copies of the leaves it changes), and LMDB reuses a freed
+        page only two commits later: a large delete can fail where one of a few keys fits in the
+        pages the last commits freed, and its own commit frees more. So a failed delete is split
+        into smaller ones, down to single pages."""
+        with self._lock:  # those stored again after the removal was queued stay
+            todo = [h for item in batch if item[0] == "del" for h in item[1] if h not in self.index]
+        size, err = len(todo), None
+        while todo:
+            part = todo[:size]
+            try:
+                with self.env.begin(write=True) as txn:
+                    for h in part:
+                        txn.delete(h, db=self._data)
+                        txn.delete(h, db=self._meta)
+            except lmdb.Error as e:
+                err = e
+                if size == 1:
+                    break
+                size = max(1, size // 4)
+                continue
+            del todo[:size]
+        if todo:  # the pages stay in the file, unindexed, until the next start loads them
+            self.metrics.disk_errors.labels(op="commit", kind=_kind(err)).inc()
+            log.error("disk tier could not remove %d pages after a failed commit (%s)", len(todo), err)
 
     def _failed(self, batch, err: lmdb.Error) -> None:
         kind = _kind(err)
@@ -465,8 +522,16 @@ class DiskTier:
             kind = "enospc"  # LMDB reports a short write on a full filesystem as EIO
         self.metrics.disk_errors.labels(op="commit", kind=kind).inc()
         lost = [item[1] for item in batch if item[0] == "put"]
-        log.error("disk tier commit failed (%s: %s); %d pages not written; degraded for %.0fs",
-                  kind, err, len(lost), DEGRADED_RETRY_S)
+        now = time.monotonic()
+        if now - self._fail_logged >= FAIL_LOG_EVERY_S:  # a full map fails commit after commit
+            more = f" ({self._fail_quiet} more failed commits since the last report)" if self._fail_quiet else ""
+            log.error("disk tier commit failed (%s: %s); %d pages not written%s%s", kind, err, len(lost),
+                      "" if kind == "map_full" else f"; degraded for {DEGRADED_RETRY_S:.0f}s", more)
+            self._fail_logged, self._fail_quiet = now, 0
+        else:
+            self._fail_quiet += 1
+        if kind == "map_full":
+            self._shrink()
         with self._lock:
             for h in lost:
                 e = self.index.pop(h, None)
@@ -477,6 +542,25 @@ class DiskTier:
             if kind != "map_full":
                 self.degraded_until = time.monotonic() + DEGRADED_RETRY_S
         self.metrics.degraded.labels(component="disk").set(1 if kind != "map_full" else 0)
+
+    def _shrink(self) -> None:
+        """LMDB's file reached its map while the pages it holds are under the budget: freed pages
+        are reused only two commits later, and a record needs a run of contiguous pages, so with
+        small records (a few LMDB pages each) under churn the file can outgrow the pages by a
+        third. Hold a tenth fewer pages, down to half the budget, so that evictions leave the
+        file room to reuse; the budget stays lowered until the next start."""
+        now = time.monotonic()
+        if self._shrunk_at is not None and now - self._shrunk_at < SHRINK_EVERY_S:
+            return  # once per episode: the commits queued behind the failed one fail alike
+        cap = max(int(self.capacity * 0.9), self.min_capacity)
+        if cap >= self.capacity:
+            return
+        self._shrunk_at = now
+        log.warning("disk tier budget lowered to %.3f GB (from %.3f GB): its LMDB file is at its map "
+                    "size, fragmented by pages of %.0f KiB", cap / (1 << 30), self.capacity / (1 << 30),
+                    self.used / max(len(self.index), 1) / 1024)
+        self.capacity = cap
+        self.metrics.capacity.labels(tier="disk").set(cap)
 
     @property
     def degraded(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from kvc import disk_tier
 from kvc.disk_tier import DiskPathLocked
+from kvc.hashing import Namespace, PageSpec
 from kvc.store import TieredStore
 
 from .conftest import NS, SPEC, kvc_config, make_pages
@@ -118,34 +119,136 @@ def test_disk_file_stays_within_budget_under_churn(tmp_path):
         assert s.lookup(NS, tokens=toks).num_pages == 16
 
 
-def test_full_disk_degrades_disk_tier_and_cpu_keeps_serving(tmp_path):
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of 4 MiB (root only; skipped elsewhere)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(path, leave: int) -> None:
+    """Take the filesystem's free space but `leave` bytes with a file of zeros (another process)."""
+    st = os.statvfs(path)
+    with open(os.path.join(path, "filler"), "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+# 8 KiB pages: LMDB keeps each in overflow pages, as it does real pages
+BIG = Namespace("test-arch", PageSpec(num_layers=2, num_kv_heads=2, head_dim=64, page_size=4, dtype="float32"),
+                weights_digest="w0")
+
+
+def test_full_disk_degrades_disk_tier_and_cpu_keeps_serving(tmp_path, small_fs):
+    # the tier fits the filesystem at start; then another process takes the free space
+    cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=1 / 1024,
+                     cpu_memory_size_GB=64 / 1024, disk_write="through")
+    with TieredStore(cfg) as s:
+        _fill(small_fs, 0)
+        first = None
+        for i in range(200):
+            toks = list(range(i * 4096, i * 4096 + 4096))
+            hashes, pages = make_pages(NS, toks, seed=i)
+            first = first or (toks, hashes, pages)
+            s.put_pages(NS, pages)
+            s.flush()
+            if s.disk.degraded:
+                break
+        assert s.disk.degraded
+        assert metric(s, "kvc_disk_errors_total", op="commit", kind="enospc") >= 1
+        toks, hashes, pages = first
+        got = s.get_pages(NS, hashes)  # the cpu tier keeps serving
+        assert len(got) == len(pages) and torch.equal(got[-1].data, pages[-1].data)
+        assert s.put_pages(NS, make_pages(NS, list(range(10**6, 10**6 + 16)))[1]).stored == 4
+
+
+def test_disk_budget_larger_than_the_filesystem_is_capped_at_start(tmp_path, small_fs):
+    """disk_size_GB of 64 MiB on a 4 MiB filesystem: capped at start, the tier evicts inside the
+    filesystem and keeps writing new pages (before: it filled the filesystem, where LMDB cannot
+    even commit deletes, and stayed degraded)."""
+    cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=64 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(cfg) as s:
+        assert s.disk.capacity < 4 << 20
+        assert metric(s, "kvc_tier_capacity_bytes", tier="disk") == s.disk.capacity
+        for j in range(60):  # ~3x what the filesystem holds
+            toks = list(range(j * 64, j * 64 + 64))
+            hashes, pages = make_pages(BIG, toks, seed=j)
+            s.put_pages(BIG, pages)
+            s.flush()
+        assert metric(s, "kvc_disk_errors_total", op="commit", kind="enospc") == 0
+        assert metric(s, "kvc_disk_errors_total", op="commit", kind="eio") == 0
+        assert not s.disk.degraded
+        assert metric(s, "kvc_evictions_total", tier="disk", reason="capacity") > 0
+        assert s.lookup(BIG, tokens=toks).located == ["disk"] * 16  # the newest pages are on disk
+        got = s.get_pages(BIG, hashes)
+        assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+
+
+def test_failed_commit_still_removes_the_pages_batched_with_it(tmp_path, small_fs):
+    """Removals queued in the same batch as puts that fail (a full disk) are committed on their
+    own: the index has dropped those pages, so leaving them in the file leaked its space."""
+    import threading
+
+    from kvc.metrics import KvcMetrics
+    tier = disk_tier.DiskTier(str(small_fs / "pages"), 2 << 20, KvcMetrics())
     try:
-        # the budget says 64 MiB but the filesystem has 1 MiB: writes must fail cleanly
-        cfg = kvc_config(tmp_path, disk_path=str(mnt / "pages"), disk_size_GB=64 / 1024,
-                         cpu_memory_size_GB=64 / 1024, disk_write="through")
-        with TieredStore(cfg) as s:
-            first = None
-            for i in range(200):
-                toks = list(range(i * 4096, i * 4096 + 4096))
-                hashes, pages = make_pages(NS, toks, seed=i)
-                first = first or (toks, hashes, pages)
-                s.put_pages(NS, pages)
-                s.flush()
-                if s.disk.degraded:
-                    break
-            assert s.disk.degraded
-            assert metric(s, "kvc_disk_errors_total", op="commit", kind="enospc") >= 1
-            toks, hashes, pages = first
-            got = s.get_pages(NS, hashes)  # the cpu tier keeps serving
-            assert len(got) == len(pages) and torch.equal(got[-1].data, pages[-1].data)
-            assert s.put_pages(NS, make_pages(NS, list(range(10**6, 10**6 + 16)))[1]).stored == 4
+        hashes, pages = make_pages(BIG, list(range(40)))
+        for h, p in zip(hashes, pages):
+            tier.put(h, p.data.numpy().tobytes(), BIG.root, p.parent, b"")
+        tier.flush()
+        _fill(small_fs, 96 << 10)  # room for the removals' pages, not for 512 KiB of puts
+        waiting, release = threading.Event(), threading.Event()
+
+        def gate():
+            waiting.set()
+            release.wait()
+        tier.write_gate = gate  # the writer waits inside a first small put's commit, while the
+        tier.put(b"x" * 32, b"x" * 64, BIG.root, BIG.root, b"")  # removal and a large put queue
+        assert waiting.wait(10)  # behind it: the writer takes those two as one batch
+        gone = [h for h, _ in tier.remove(hashes[:5])]
+        tier.put(b"n" * 32, os.urandom(512 << 10), BIG.root, BIG.root, b"")
+        release.set()
+        tier.flush()
+        assert metric_of(tier, "kvc_disk_errors_total", op="commit", kind="enospc") >= 1
+        assert tier.get(b"n" * 32) is None and len(gone) == 5
+        with tier.env.begin() as txn:
+            assert all(txn.get(h, db=tier._data) is None for h in gone)
+            assert all(txn.get(h, db=tier._data) is not None for h in hashes[5:])
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        tier.write_gate = None
+        tier.close()
+
+
+def test_full_map_lowers_the_budget_and_writes_go_on(tmp_path):
+    """LMDB's file at its map size while the pages are under budget (fragmentation under churn):
+    MAP_FULL lowers the budget a tenth (once an episode, down to half), so evictions make room,
+    and the removals of a failed batch are committed apart, so later pages are written (before:
+    the budget stayed, and commit after commit failed)."""
+    cfg = kvc_config(tmp_path, disk_size_GB=2 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(cfg) as s:
+        budget = s.disk.capacity
+        s.disk.env.set_mapsize(budget)  # a map no larger than the budget: the file fills it
+        for j in range(200):
+            toks = list(range(j * 64, j * 64 + 64))
+            hashes, pages = make_pages(BIG, toks, seed=j)
+            s.put_pages(BIG, pages)
+            s.flush()
+        fails = metric(s, "kvc_disk_errors_total", op="commit", kind="map_full")
+        assert 1 <= fails <= 100  # of ~800 commits; the budget kept, they failed from the first on
+        assert budget // 2 <= s.disk.capacity < budget
+        assert metric(s, "kvc_tier_capacity_bytes", tier="disk") == s.disk.capacity
+        assert s.lookup(BIG, tokens=toks).located == ["disk"] * 16
+        got = s.get_pages(BIG, hashes)
+        assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+
+
+def metric_of(tier, name, **labels):
+    v = tier.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
 
 
 def _disk_store(tmp_path, n_pages, **over):
