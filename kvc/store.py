@@ -1396,9 +1396,11 @@ class TieredStore:
             log.warning("byte work of a put still running after 30 s; closing the tiers anyway")
         with self._lock:
             if isinstance(self.cpu, CpuTier) and isinstance(self.disk, DiskTier):
-                for k, e in list(self.cpu.entries.items()):
+                for i, (k, e) in enumerate(list(self.cpu.entries.items())):
                     if self.disk.get(k) is None and self.admission.admitted(k):
                         self._put_disk(k, e, self.cpu.view(k))
+                    if i % 64 == 63:  # a cpu tier larger than the disk's must not overfill its file
+                        self._evict_disk()
                 self._evict_disk()
         self.cluster.close()
         self.disk.close()

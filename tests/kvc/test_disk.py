@@ -188,6 +188,26 @@ def test_disk_budget_larger_than_the_filesystem_is_capped_at_start(tmp_path, sma
         assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
 
 
+def test_close_writes_back_a_cpu_tier_larger_than_the_disk_tier_keeping_the_newest(tmp_path, small_fs):
+    """Write-back at close of a cpu tier that holds more than the disk tier (here capped to its
+    4 MiB filesystem), after churn filled both: evictions run as the pages go down. Before, they
+    ran after the last one: the file overran its map and the newest pages, written last, were
+    the ones dropped."""
+    cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=1,
+                     cpu_memory_size_GB=3 / 1024)
+    with TieredStore(cfg) as s:
+        for j in range(100):  # 1,600 pages of 8 KiB: the disk tier full, the cpu tier too
+            toks = list(range(j * 64, j * 64 + 64))
+            hashes, pages = make_pages(BIG, toks, seed=j)
+            s.put_pages(BIG, pages)
+        assert s.lookup(BIG, tokens=toks).located == ["cpu"] * 16
+    assert metric(s, "kvc_disk_errors_total", op="commit", kind="map_full") == 0
+    with TieredStore(cfg) as s:
+        assert s.lookup(BIG, tokens=toks).located == ["disk"] * 16
+        got = s.get_pages(BIG, hashes)
+        assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+
+
 def test_failed_commit_still_removes_the_pages_batched_with_it(tmp_path, small_fs):
     """Removals queued in the same batch as puts that fail (a full disk) are committed on their
     own: the index has dropped those pages, so leaving them in the file leaked its space."""
