@@ -12,11 +12,13 @@ finds on disk after a restart.
 Run it with another checkout first on the path to compare code (`--repo`).
 
     sudo python benchmarks/probe_full_disk.py [--fs-mb 24] [--budget-gb 32] [--page-kib 8] [--repo .]
+    python benchmarks/probe_full_disk.py --dir /var/tmp --budget-gb 0.5 --page-kib 384 --per 16 --cpu-mb 64
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--page-kib", type=int, default=8, help="page payload (the tiny demo model's: 8)")
     ap.add_argument("--per", type=int, default=32, help="pages an offer")
     ap.add_argument("--rounds", type=int, default=600)
+    ap.add_argument("--dir", default=None,
+                    help="an ordinary folder instead of a tmpfs (no root needed): the file's size against the budget under churn")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent),
                     help="checkout whose kvc is imported")
     args = ap.parse_args()
@@ -49,13 +53,14 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR, format="  log: %(message).160s")
     spec = PageSpec(num_layers=2, num_kv_heads=2, head_dim=args.page_kib * 8, page_size=4, dtype="float32")
     ns = Namespace("probe", spec, weights_digest="w0")
-    tmp = Path(tempfile.mkdtemp(prefix="kvc-full-"))
+    tmp = Path(tempfile.mkdtemp(prefix="kvc-full-", dir=args.dir))
     mnt = tmp / "fs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.fs_mb}m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"cannot mount a tmpfs (run as root): {r.stderr.strip()}")
+    if args.dir is None:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.fs_mb}m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"cannot mount a tmpfs (run as root): {r.stderr.strip()}")
 
     def metric(s, name, **labels):
         return s.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -77,21 +82,24 @@ def main() -> None:
                 s.put_pages(ns, pages)
             s.flush()
             degraded = s.disk.degraded
+            file_x = s.disk.file_bytes() / budget
         # closed: the cpu tier was written back; the counters include that
         errors = {k: metric(s, "kvc_disk_errors_total", op="commit", kind=k) for k in ("enospc", "eio", "map_full", "other")}
         down = metric(s, "kvc_transfer_bytes_total", src="cpu", dst="disk")
         stored = metric(s, "kvc_store_bytes_total", tier="disk")
-        row = [f"{args.fs_mb} MiB", f"{args.budget_gb:g} GB", f"{budget / 2**20:.1f} / {s.disk.capacity / 2**20:.1f} MiB",
+        row = [f"{args.fs_mb} MiB" if args.dir is None else args.dir, f"{args.budget_gb:g} GB", f"{budget / 2**20:.1f} / {s.disk.capacity / 2**20:.1f} MiB",
                " ".join(f"{k} {v:.0f}" for k, v in errors.items() if v) or "none", "yes" if degraded else "no",
                f"{down / 2**20:.0f} / {stored / 2**20:.0f} MiB",
-               f"{metric(s, 'kvc_evictions_total', tier='disk', reason='capacity'):.0f}"]
+               f"{metric(s, 'kvc_evictions_total', tier='disk', reason='capacity'):.0f}", f"{file_x:.2f}x"]
         with TieredStore(cfg) as s:  # a restart: what of the last offer the disk kept
             row.append(f"{s.lookup(ns, tokens=toks).located.count('disk')} of {len(hashes)}")
         row.append(f"{time.perf_counter() - t0:.1f} s")
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        if args.dir is None:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     head = ["filesystem", "disk_size_GB", "budget start / end", "commit errors", "degraded at the end",
-            "sent down / committed", "disk evictions", "last offer after a restart", "time"]
+            "sent down / committed", "disk evictions", "file / start budget", "last offer after a restart", "time"]
     print(f"kvc from {os.path.abspath(args.repo)}; {args.rounds} offers of {args.per} pages of {args.page_kib} KiB, "
           f"cpu tier {args.cpu_mb:g} MiB")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |")
