@@ -59,6 +59,9 @@ def _read_get_pages(data: bytes):
         return _BadAnswer(e)
 
 
+DOWN_LOG_EVERY_S = 30.0  # an outage is logged when it starts, then at most this often, and when it ends
+
+
 class ServiceDown(Exception):
     """The service cannot be reached now (internal: public methods answer a miss instead)."""
 
@@ -66,7 +69,7 @@ class ServiceDown(Exception):
 class RemoteCache:
     def __init__(self, url: str, token: str | None = None, timeout: float = 2.0,
                  shared_memory: bool = False, root_certificates: bytes | None = None,
-                 max_message_bytes: int = 64 << 20, chunk_bytes: int = wire.CHUNK_BYTES):
+                 max_message_bytes: int = 64 << 20, chunk_bytes: int = wire.CHUNK_BYTES, metrics=None):
         u = urlsplit(url)
         if u.scheme not in ("grpc", "grpcs") or not u.hostname or not u.port:
             raise ValueError(f"cache URL {url!r} must look like grpc://host:port or grpcs://host:port")
@@ -101,6 +104,13 @@ class RemoteCache:
         self._shm_lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = 0.05
+        # an outage: since when (None: up), failed calls in it, when it was last logged
+        self._down_since: float | None = None
+        self._down_calls, self._down_logged = 0, 0.0
+        # kvc_degraded{component="service"}: 1 while the service cannot be reached (a KvcMetrics)
+        self._m_down = metrics.degraded.labels(component="service") if metrics is not None else None
+        if self._m_down is not None:
+            self._m_down.set(0)
         self._rebases: dict[bytes, Rebase | None] = {}  # client root -> map to the tenant's chain
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -118,13 +128,32 @@ class RemoteCache:
             return ValueError(e.details())
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return PermissionError(f"cache service {self.url}: {e.details()}")
-        self._down_until = time.monotonic() + self._backoff
+        now = time.monotonic()
+        self._down_until = now + self._backoff
         self._backoff = min(2.0, self._backoff * 2)
-        log.warning("cache service %s unavailable (%s: %s); answering misses", self.url, code.name, e.details())
+        if self._down_since is None:  # a new outage: said once, then every DOWN_LOG_EVERY_S
+            self._down_since, self._down_calls, self._down_logged = now, 1, now
+            log.warning("cache service %s unavailable (%s: %s); answering misses until it is back",
+                        self.url, code.name, e.details())
+            if self._m_down is not None:
+                self._m_down.set(1)
+        else:
+            self._down_calls += 1
+            if now - self._down_logged >= DOWN_LOG_EVERY_S:
+                self._down_logged = now
+                log.warning("cache service %s still unavailable after %.0f s (%d failed calls; %s: %s)",
+                            self.url, now - self._down_since, self._down_calls, code.name, e.details())
         return ServiceDown(self.url)
 
     def _ok(self) -> None:
         self._backoff = 0.05
+        since = self._down_since
+        if since is not None:
+            self._down_since = None
+            log.warning("cache service %s reachable again after %.1f s (%d failed calls)",
+                        self.url, time.monotonic() - since, self._down_calls)
+            if self._m_down is not None:
+                self._m_down.set(0)
 
     def _unary(self, method, request, nbytes: int = 0):
         self._check_up()

@@ -72,7 +72,7 @@ def build(config: Config, cache_token: str | None = None):
         from kvc.client import RemoteCache
         cache = RemoteCache(config.server.cache_url, token=cache_token, timeout=config.server.rpc_timeout_s,
                             shared_memory=config.server.shared_memory,
-                            max_message_bytes=config.server.max_message_bytes)
+                            max_message_bytes=config.server.max_message_bytes, metrics=kvc_metrics)
     elif not config.kvc.gpu_only and (config.kvc.cpu_memory_size_GB > 0 or config.kvc.disk_path
                                       or config.kvc.cluster_url):
         from kvc.store import TieredStore

@@ -134,6 +134,31 @@ def test_restart_serves_disk_pages_client_rides_out_a_crash(make_server, client_
     assert len(c.get_pages(NS, hashes)) == 10
 
 
+def test_an_outage_is_logged_once_shown_as_degraded_and_its_end_logged(make_server, client_factory, caplog):
+    """A client's calls during an outage: one warning when it starts (not one per call, as before),
+    kvc_degraded{component="service"} at 1 until a call succeeds, then a warning that it is back."""
+    from kvc.metrics import KvcMetrics
+    metrics = KvcMetrics()
+    s = make_server().start()
+    c = client_factory(s.url, timeout=1.0, metrics=metrics)
+    down = metrics.degraded.labels(component="service")
+    toks = list(range(40))
+    hashes, pages = make_pages(NS, toks)
+    assert c.put_pages(NS, pages).stored == 10 and down._value.get() == 0
+    s.stop(signal.SIGKILL)
+    with caplog.at_level("WARNING", logger="kvc.client"):
+        for _ in range(6):
+            assert c.lookup(NS, tokens=toks).num_pages == 0
+            time.sleep(0.25)  # past the client's back-off: each call tries the service
+        assert down._value.get() == 1
+        said = [r.getMessage() for r in caplog.records if r.name == "kvc.client"]
+        assert len(said) == 1 and "unavailable" in said[0], said
+        s.start()
+        assert wait_until(lambda: c.lookup(NS, tokens=toks).num_pages == 0 and down._value.get() == 0, timeout=10)
+        said = [r.getMessage() for r in caplog.records if r.name == "kvc.client"]
+    assert len(said) == 2 and "reachable again" in said[1], said
+
+
 def test_watch_events_report_stores_and_removals(shared_server, client_factory):
     s = shared_server
     c = client_factory(s.url)
