@@ -115,6 +115,8 @@ class DiskTier:
         self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
         self.env = self._open()
         self._fit_filesystem()
+        self._psize = self.env.stat()["psize"]
+        self._update_file_gauges()
         self.min_capacity = self.capacity // 2  # the floor of _shrink
         self._shrunk_at = None  # when _shrink last lowered the budget; None after a commit of puts
         self._fail_logged, self._fail_quiet = -FAIL_LOG_EVERY_S, 0  # failed commits: last logged, since
@@ -429,6 +431,7 @@ class DiskTier:
             # the file outgrows the budget by up to one batch: keep a batch small next to it
             batch = take_batch(self._queue, item, 256, max(self.capacity // 64, 1), _item_bytes)
             ok = self._commit(batch)
+            self._update_file_gauges()
             with self._idle:
                 self._inflight -= len(batch)
                 if not ok:
@@ -486,6 +489,17 @@ class DiskTier:
         self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
         self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
         return True
+
+    def _update_file_gauges(self) -> None:
+        """The map, the file's high-water mark and the filesystem's free space (after each commit)."""
+        try:
+            info = self.env.info()
+            free = self.free_bytes()
+        except (lmdb.Error, OSError):  # the writer goes on; the gauges wait for the next commit
+            return
+        self.metrics.lmdb_map_size.set(info["map_size"])
+        self.metrics.lmdb_used.set((info["last_pgno"] + 1) * self._psize)
+        self.metrics.disk_free.set(free)
 
     def _commit_deletes(self, batch) -> None:
         """After a failed commit, the batch's removals on their own: the index has already dropped

@@ -43,6 +43,13 @@ class KvcMetrics:
         self.disk_errors = Counter("kvc_disk_errors_total", "LMDB and filesystem failures",
                                    ["op", "kind"], registry=r)
         self.degraded = Gauge("kvc_degraded", "1 while a tier is bypassed", ["component"], registry=r)
+        self.lmdb_map_size = Gauge("kvc_lmdb_map_size_bytes", "The disk tier's LMDB map (the file's limit)",
+                                   registry=r)
+        self.lmdb_used = Gauge("kvc_lmdb_used_bytes", "The disk tier's LMDB file up to its last used page "
+                               "(its high-water mark: freed pages inside are reused, the file never shrinks)",
+                               registry=r)
+        self.disk_free = Gauge("kvc_disk_filesystem_free_bytes", "Free space of the filesystem under kvc.disk_path",
+                               registry=r)
         self.quarantines = Counter("kvc_quarantines_total", "Disk tier moved aside", ["reason"], registry=r)
         self.pinned_pages = Gauge("kvc_pinned_pages", "Pages held by leases", registry=r)
         self.forced_unpins = Counter("kvc_forced_unpins_total", "Leases released by their TTL", registry=r)

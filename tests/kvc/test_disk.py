@@ -184,6 +184,11 @@ def test_disk_budget_larger_than_the_filesystem_is_capped_at_start(tmp_path, sma
         assert not s.disk.degraded
         assert metric(s, "kvc_evictions_total", tier="disk", reason="capacity") > 0
         assert s.lookup(BIG, tokens=toks).located == ["disk"] * 16  # the newest pages are on disk
+        # the file's gauges: the map inside the filesystem, the file inside its map
+        assert metric(s, "kvc_lmdb_map_size_bytes") <= 4 << 20
+        assert 0 < metric(s, "kvc_lmdb_used_bytes") <= metric(s, "kvc_lmdb_map_size_bytes")
+        assert metric(s, "kvc_lmdb_used_bytes") <= s.disk.file_bytes()
+        assert 0 < metric(s, "kvc_disk_filesystem_free_bytes") <= 4 << 20
         got = s.get_pages(BIG, hashes)
         assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
 
