@@ -389,6 +389,8 @@ class LLMEngine:
             req.finish_reason = "length"
 
     def _update_gauges(self) -> None:
+        sch = self.scheduler
+        self.metrics.requests(len(sch.waiting), self.prefix_cache.num_loading + len(sch.loaded), len(sch.running))
         b = self.kv.blocks
         self.metrics.device_tier(self.kv.pool.num_blocks * self.kv.spec.page_bytes,
                                  b.num_blocks - b.num_free, self.kv.spec.page_bytes)

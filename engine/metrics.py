@@ -48,9 +48,16 @@ class EngineMetrics:
         pieces = Counter("kvc_engine_put_pieces_total", "Pieces of put work (up to 32 pages of the host "
                          "tiers' bookkeeping each), by the thread and the time they ran in", ["where"], registry=r)
         self._pieces = {w: (pieces.labels(where=w), [0]) for w in ("engine_wait", "engine_forced", "put_thread")}
+        requests = Gauge("kvc_engine_requests", "Requests in the engine by state: waiting (admitted, no "
+                         "pages yet), loading (their prefix coming from a host tier), running", ["state"], registry=r)
+        self._requests = tuple(requests.labels(state=s) for s in ("waiting", "loading", "running"))
         self.load_rate = Gauge("kvc_tier_load_bytes_per_second",
                                "Measured bandwidth of loads from a host tier into the device pool (EWMA)",
                                ["tier"], registry=r)
+
+    def requests(self, waiting: int, loading: int, running: int) -> None:
+        for g, n in zip(self._requests, (waiting, loading, running)):
+            g.set(n)
 
     def device_tier(self, capacity_bytes: int, used_pages: int, page_bytes: int) -> None:
         self.capacity.labels(tier="device").set(capacity_bytes)

@@ -163,6 +163,28 @@ def test_device_hits_are_counted_by_tier(model_dir):
     assert reg.get_sample_value("kvc_request_prompt_tokens_total") == 2 * len(PROMPT)
 
 
+def test_request_gauges_follow_the_queue(model_dir):
+    """kvc_engine_requests{state}: waiting past max_num_seqs, running while scheduled, 0 at the end."""
+    from prometheus_client import CollectorRegistry
+    reg = CollectorRegistry()
+    cfg = load_config().replace(path=str(model_dir), dtype="float32", device="cpu", gpu_only=True,
+                                page_size=4, chunk_size=64, num_device_blocks=64, max_num_seqs=2)
+    eng = LLMEngine(cfg, registry=reg)
+    gauge = {s: (lambda s=s: reg.get_sample_value("kvc_engine_requests", {"state": s})) for s in
+             ("waiting", "loading", "running")}
+    assert [g() for g in gauge.values()] == [0, 0, 0]
+    for i in range(3):
+        eng.add_request(f"r{i}", PROMPT[:8 + i], GREEDY)
+    eng.step()
+    eng.step()  # with async scheduling the first step's outputs (and gauges) come with the second
+    assert gauge["running"]() == 2 and gauge["waiting"]() == 1
+    while eng.has_unfinished():
+        eng.step()
+    eng.flush_commits()
+    assert [g() for g in gauge.values()] == [0, 0, 0]
+    eng.close()
+
+
 def test_prompt_ids_are_checked_and_packed_once(model_dir):
     """add_request converts a prompt in C (array('I')) and keeps its uint32 bytes for the page
     hashes and the prefix match; whatever array('I') refuses goes through operator.index() and the same checks."""
