@@ -36,6 +36,7 @@ import numpy as np
 import xxhash
 
 from .batching import take_batch
+from .config import ConfigError
 from .gcfree import Untracked
 from .record import ChecksumError, RecordError, RecordInfo, decode_header
 
@@ -59,8 +60,13 @@ class _Truncated(Exception):
     pass
 
 
-class DiskPathLocked(RuntimeError):
+class DiskPathLocked(ConfigError, RuntimeError):
     """Another process holds this disk_path."""
+
+
+class DiskPathUnusable(ConfigError):
+    """disk_path cannot be made a folder of this tier's (a file is there, a parent is missing on a
+    read-only filesystem, no permission)."""
 
 
 @dataclass
@@ -87,8 +93,17 @@ class DiskTier:
         self.capacity = int(capacity_bytes)  # lowered at start when the filesystem is smaller
         self.high, self.low = high, low
         self.metrics = metrics
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        self._lock_fd = self._take_lock()
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            if not os.path.isdir(self.path):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.path)
+            self._lock_fd = self._take_lock()
+        except OSError as e:
+            why = ("it is a file, not a folder" if os.path.exists(self.path) and not os.path.isdir(self.path)
+                   else f"{e.strerror or e} ({e.filename or self.path})")
+            raise DiskPathUnusable(f"kvc.disk_path {self.path!r} cannot be used: {why}; give a folder the "
+                                   f"process may create and write, or set disk_path: null to run without a "
+                                   f"disk tier") from None
         self.env_path = os.path.join(self.path, "lmdb")
         self.map_size = int(self.capacity * 1.10) + (1 << 20)
         self.index: OrderedDict[bytes, DiskEntry] = OrderedDict()

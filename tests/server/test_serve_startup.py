@@ -37,3 +37,28 @@ def test_serve_keeps_freed_buffers_only_with_a_cache_url(tmp_path, monkeypatch, 
     with pytest.raises(_Stop):
         serve.run_serve(config)
     assert calls == ([serve.CLIENT_RETAIN_BYTES] if cache_url else [])
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below", "held"])
+def test_unusable_disk_path_is_a_one_line_error(tmp_path, capsys, where):
+    """A disk_path that is a file, lies below one, or that another process holds: `kvc serve`
+    names the key and exits 2 (before: a traceback from os.makedirs or DiskPathLocked)."""
+    import socket
+
+    from kvc.disk_tier import DiskTier
+    from kvc.metrics import KvcMetrics
+    from server.cli import main
+
+    (tmp_path / "a_file").write_text("not a folder")
+    holder = DiskTier(str(tmp_path / "held"), 1 << 20, KvcMetrics()) if where == "held" else None
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        rc = main(["serve", "--disk-path", str(tmp_path / where), "--port", str(port)])
+    finally:
+        if holder is not None:
+            holder.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("kvc serve: ") and "disk_path" in err and "Traceback" not in err, err
+    assert ("in use by another kvc process" if where == "held" else "cannot be used") in err
