@@ -3,15 +3,54 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine import SamplingParams
 
 
+def _set(v) -> bool:
+    return v not in (None, False, 0, "", [], {})
+
+
+# Fields of OpenAI's API (and vLLM's extensions) that would change the output, which kvc's sampler
+# does not do: a request that sets one to anything but its default is refused, not served as if
+# it were absent. Each: the test of "set", and what to say.
+_NOT_SUPPORTED = {
+    "presence_penalty": (_set, "penalties are not supported"),
+    "frequency_penalty": (_set, "penalties are not supported"),
+    "repetition_penalty": (lambda v: v not in (None, 1, 1.0), "penalties are not supported"),
+    "logit_bias": (_set, "logit_bias is not supported"),
+    "min_p": (_set, "min_p is not supported"),
+    "min_tokens": (_set, "min_tokens is not supported"),
+    "best_of": (lambda v: v not in (None, 1), "best_of must be 1"),
+    "top_logprobs": (_set, "logprobs are not supported"),
+    "prompt_logprobs": (_set, "logprobs are not supported"),
+    "response_format": (lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") in (None, "text")),
+                        "response_format other than text (JSON mode, schemas) is not supported"),
+    "tools": (_set, "tools (function calling) are not supported"),
+    "functions": (_set, "functions (function calling) are not supported"),
+    "tool_choice": (lambda v: v not in (None, "none", "auto"), "tool_choice is not supported"),
+    "guided_json": (_set, "guided decoding is not supported"),
+    "guided_regex": (_set, "guided decoding is not supported"),
+    "guided_choice": (_set, "guided decoding is not supported"),
+    "guided_grammar": (_set, "guided decoding is not supported"),
+    "suffix": (_set, "suffix is not supported"),
+}
+
+
 class _Base(BaseModel):
     # Clients send fields we do not act on (user, metadata, ...): accept and ignore them, but
-    # refuse the ones whose meaning we would silently change (n > 1, logprobs, ...).
+    # refuse the ones whose meaning we would silently change (n > 1, logprobs, penalties, JSON mode,
+    # tools: _NOT_SUPPORTED).
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _refuse_what_would_change_the_output(self):
+        for name, value in (self.model_extra or {}).items():
+            rule = _NOT_SUPPORTED.get(name)
+            if rule is not None and rule[0](value):
+                raise ValueError(f"{name}={value!r}: {rule[1]} by kvc; leave it out (or at its default)")
+        return self
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)

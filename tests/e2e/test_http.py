@@ -94,12 +94,34 @@ def test_cache_salts_do_not_share(client):
     ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
     ({"model": "tiny-qwen3-moe", "prompt": "x", "logprobs": 3}, 400, "logprobs"),
     ({"model": "tiny-qwen3-moe", "prompt": "x", "max_tokens": 10 ** 12}, 400, "max_tokens"),
+    # what kvc's sampler does not do is refused, not ignored (the output would not be what was asked)
+    ({"model": "tiny-qwen3-moe", "prompt": "x", "frequency_penalty": 0.5}, 400, "penalties are not supported"),
+    ({"model": "tiny-qwen3-moe", "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"model": "tiny-qwen3-moe", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": "tiny-qwen3-moe", "prompt": "x", "suffix": "end"}, 400, "suffix"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, needle):
     r = httpx.post(server[1] + "/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"response_format": {"type": "json_object"}}, "JSON mode"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"presence_penalty": 1.0}, "penalties"),
+])
+def test_chat_options_kvc_does_not_do_are_refused(server, extra, needle):
+    body = {"model": "tiny-qwen3-moe", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = httpx.post(server[1] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    # their defaults are accepted, as the official clients send them
+    defaults = {"response_format": {"type": "text"}, "tools": [], "presence_penalty": 0, "tool_choice": "none",
+                "frequency_penalty": 0.0, "logit_bias": {}, "user": "u"}
+    r = httpx.post(server[1] + "/v1/chat/completions", json={**body, **{k: defaults[k] for k in extra}, **defaults},
+                   timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_malformed_json_and_chat_errors(server):
