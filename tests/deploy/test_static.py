@@ -71,7 +71,9 @@ def test_dashboard_covers_the_required_panels():
                  "kvc_time_to_first_token_seconds_bucket", "kvc_time_per_output_token_seconds_bucket",
                  "kvc_time_to_first_token_seconds_count",                            # request rate
                  "kvc_experts_tokens_total", "kvc_experts_resident",
-                 "kvc_cluster_errors_total", "kvc_cluster_call_duration_seconds_bucket"):  # cluster tier
+                 "kvc_cluster_errors_total", "kvc_cluster_call_duration_seconds_bucket",  # cluster tier
+                 "kvc_lmdb_used_bytes", "kvc_lmdb_map_size_bytes", "kvc_disk_filesystem_free_bytes",
+                 "kvc_engine_requests"):
         assert name in used, f"no panel uses {name}"
     quantiles = [e for e in exprs if "kvc_time_to_first_token_seconds_bucket" in e]
     assert {e.split(",")[0] for e in quantiles} == {f"histogram_quantile({q}" for q in ("0.5", "0.95", "0.99")}
