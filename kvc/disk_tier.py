@@ -50,7 +50,7 @@ GATE_EVERY = 16  # records between two calls of write_gate inside a commit
 DEGRADED_RETRY_S = 30.0
 FAIL_LOG_EVERY_S = 10.0  # failed commits are logged at most this often (the rest counted in the next line)
 SHRINK_EVERY_S = 1.0  # MAP_FULL lowers the budget at most this often, unless puts were committed since
-FULL_FS_OVERHEAD = 1.25  # file bytes per budget byte assumed when the filesystem bounds the file
+MAP_OVERHEAD = 1.10  # the LMDB map per budget byte (+ 1 MiB): room for the file to outgrow its pages
 READ_PIECE = 256 << 10          # copy-then-hash piece: still in cache when hashed
 READ_TASK_BYTES = 4 << 20       # pages per reader task: about this many bytes
 PARALLEL_MIN_BYTES = 2 << 20    # smaller runs are read on the caller's thread
@@ -105,7 +105,7 @@ class DiskTier:
                                    f"process may create and write, or set disk_path: null to run without a "
                                    f"disk tier") from None
         self.env_path = os.path.join(self.path, "lmdb")
-        self.map_size = int(self.capacity * 1.10) + (1 << 20)
+        self.map_size = int(self.capacity * MAP_OVERHEAD) + (1 << 20)
         self.index: OrderedDict[bytes, DiskEntry] = OrderedDict()
         self.pending: dict[bytes, bytes] = {}   # queued records, readable before their commit
         self.used = 0
@@ -160,9 +160,9 @@ class DiskTier:
 
     def _fit_filesystem(self) -> None:
         """Keep the tier's file inside its filesystem: the file may take what it has plus the free
-        space, less a twentieth left to others. Past that the budget is capped (the file allowed a
-        quarter more than its pages; _shrink lowers it further if that is not enough) and the map
-        is cut to the room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on)
+        space, less a twentieth left to others. Past that the budget is capped to the largest whose
+        map fits (_shrink lowers it further if the file outgrows that) and the map is cut to the
+        room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on)
         before the filesystem is full: a file that fills its filesystem can wedge LMDB, whose
         deletes need new pages too, and no eviction could then make room. Space freed later is
         taken at the next start."""
@@ -170,7 +170,7 @@ class DiskTier:
         limit = room - room // 20
         if self.map_size <= limit:
             return
-        fits = max(0, int((limit - (1 << 20)) / FULL_FS_OVERHEAD))
+        fits = max(0, int((limit - (1 << 20)) / MAP_OVERHEAD))
         if self.capacity > fits:
             log.warning("kvc.disk_size_GB (%.3f GB) is more than the filesystem under %s has room for "
                         "(%.3f GB free, %.3f GB in the tier's file); the disk tier is capped at %.3f GB",

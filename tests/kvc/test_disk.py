@@ -170,9 +170,12 @@ def test_disk_budget_larger_than_the_filesystem_is_capped_at_start(tmp_path, sma
     """disk_size_GB of 64 MiB on a 4 MiB filesystem: capped at start, the tier evicts inside the
     filesystem and keeps writing new pages (before: it filled the filesystem, where LMDB cannot
     even commit deletes, and stayed degraded)."""
+    fits = kvc_config(tmp_path, disk_path=str(small_fs / "fits"), disk_size_GB=2 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(fits) as s:  # a budget whose map (1.1x + 1 MiB) fits is left as configured
+        assert s.disk.capacity == 2 << 20
     cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=64 / 1024, cpu_memory_size_GB=0)
     with TieredStore(cfg) as s:
-        assert s.disk.capacity < 4 << 20
+        assert 2 << 20 < s.disk.capacity < 4 << 20  # the largest whose map fits the room
         assert metric(s, "kvc_tier_capacity_bytes", tier="disk") == s.disk.capacity
         for j in range(60):  # ~3x what the filesystem holds
             toks = list(range(j * 64, j * 64 + 64))
