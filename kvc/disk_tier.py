@@ -162,10 +162,10 @@ class DiskTier:
         """Keep the tier's file inside its filesystem: the file may take what it has plus the free
         space, less a twentieth left to others. Past that the budget is capped to the largest whose
         map fits (_shrink lowers it further if the file outgrows that) and the map is cut to the
-        room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on)
-        before the filesystem is full: a file that fills its filesystem can wedge LMDB, whose
-        deletes need new pages too, and no eviction could then make room. Space freed later is
-        taken at the next start."""
+        room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on) before the
+        filesystem is full: a file that fills its filesystem can wedge LMDB, whose deletes need
+        new pages too, and no eviction could then make room. Space freed later is taken at the
+        next start."""
         room = self.file_bytes() + self.free_bytes()
         limit = room - room // 20
         if self.map_size <= limit:
