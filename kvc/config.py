@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+
+# a number in exponent form that YAML 1.1 leaves a string (1e12, 5E-1: no dot or no exponent sign)
+_YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -197,6 +202,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
     elif origin is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.match(value):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e12 as a string: it wants 1.0e+12
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         value = float(value)

@@ -42,6 +42,19 @@ def test_bad_values_name_the_key(tmp_path, text, needle):
         load_config(write(tmp_path, text))
 
 
+def test_numbers_yaml_11_leaves_as_strings_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e3 and 5E-1 as strings; a float key takes them as the numbers they
+    look like (before: "must be a number, got '1e3'"). Words stay errors."""
+    cfg = load_config(write(tmp_path, "kvc: {disk_size_GB: 1e3, utilization_percentage: 5E-1, "
+                                      "cpu_memory_size_GB: '+2.5e0'}"))
+    assert (cfg.kvc.disk_size_GB, cfg.kvc.utilization_percentage, cfg.kvc.cpu_memory_size_GB) == (1000.0, 0.5, 2.5)
+    for bad in ("four", "1e", "e3", "1e3.5", "nan", "inf"):
+        with pytest.raises(ConfigError, match="kvc.disk_size_GB must be a number"):
+            load_config(write(tmp_path, f"kvc: {{disk_size_GB: '{bad}'}}"))
+    with pytest.raises(ConfigError, match="attn.page_size must be an integer"):
+        load_config(write(tmp_path, "attn: {page_size: 1e3}"))  # ints stay strict
+
+
 def test_missing_and_invalid_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
