@@ -26,9 +26,28 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed package's version (and, in a git checkout, its commit: what a bug report needs)."""
+    from importlib import metadata
+    try:
+        v = metadata.version("kvc")
+    except metadata.PackageNotFoundError:
+        v = "unknown (not installed)"
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{v} ({commit})" if commit else v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server import cache_server, serve
     parser = argparse.ArgumentParser(prog="kvc", description="kvc: tiered KV cache, engine and servers")
+    parser.add_argument("--version", action="version", version=f"kvc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the OpenAI-compatible server with the engine and its cache")
     serve.add_arguments(p)

@@ -62,3 +62,14 @@ def test_unusable_disk_path_is_a_one_line_error(tmp_path, capsys, where):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("kvc serve: ") and "disk_path" in err and "Traceback" not in err, err
     assert ("in use by another kvc process" if where == "held" else "cannot be used") in err
+
+
+def test_version_says_the_package(capsys):
+    """`kvc --version`: the installed version (and the commit, in a git checkout)."""
+    from importlib import metadata
+
+    from server.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"kvc {metadata.version('kvc')}"), out
