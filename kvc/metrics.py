@@ -77,4 +77,3 @@ class KvcMetrics:
             self.lookup_requests.labels(result=result)
         self.transfer_bytes.labels(src="disk", dst="cpu")
         self.transfer_bytes.labels(src="cpu", dst="disk")
-        self.degraded.labels(component="disk").set(0)

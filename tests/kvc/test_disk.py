@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import lmdb
 import pytest
@@ -164,6 +165,28 @@ def test_full_disk_degrades_disk_tier_and_cpu_keeps_serving(tmp_path, small_fs):
         got = s.get_pages(NS, hashes)  # the cpu tier keeps serving
         assert len(got) == len(pages) and torch.equal(got[-1].data, pages[-1].data)
         assert s.put_pages(NS, make_pages(NS, list(range(10**6, 10**6 + 16)))[1]).stored == 4
+
+
+def test_degraded_gauge_clears_once_writes_commit_again(tmp_path, small_fs, monkeypatch):
+    """kvc_degraded{component="disk"} goes to 1 on a failed commit and back to 0 when a later
+    commit lands (before, it stayed 1 for good: KvcTierDegraded fired on a tier that had recovered)."""
+    monkeypatch.setattr(disk_tier, "DEGRADED_RETRY_S", 0.05)
+    cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=1 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(cfg) as s:
+        _fill(small_fs, 0)  # another process takes the space
+        for j in range(20):
+            s.put_pages(BIG, make_pages(BIG, list(range(j * 64, j * 64 + 64)), seed=j)[1])
+            s.flush()
+            if metric(s, "kvc_degraded", component="disk") == 1:
+                break
+        assert metric(s, "kvc_degraded", component="disk") == 1
+        os.unlink(small_fs / "filler")  # and gives it back
+        time.sleep(0.1)  # past the retry window
+        toks = list(range(10**6, 10**6 + 64))
+        s.put_pages(BIG, make_pages(BIG, toks, seed=99)[1])
+        s.flush()
+        assert s.lookup(BIG, tokens=toks).located == ["disk"] * 16
+        assert metric(s, "kvc_degraded", component="disk") == 0
 
 
 def test_disk_budget_larger_than_the_filesystem_is_capped_at_start(tmp_path, small_fs):
