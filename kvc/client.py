@@ -69,12 +69,18 @@ class ServiceDown(Exception):
 class RemoteCache:
     def __init__(self, url: str, token: str | None = None, timeout: float = 2.0,
                  shared_memory: bool = False, root_certificates: bytes | None = None,
-                 max_message_bytes: int = 64 << 20, chunk_bytes: int = wire.CHUNK_BYTES, metrics=None):
+                 max_message_bytes: int = 64 << 20, chunk_bytes: int = wire.CHUNK_BYTES, metrics=None,
+                 refused_token: str = "raise"):
         u = urlsplit(url)
         if u.scheme not in ("grpc", "grpcs") or not u.hostname or not u.port:
             raise ValueError(f"cache URL {url!r} must look like grpc://host:port or grpcs://host:port")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        if refused_token not in ("raise", "miss"):
+            raise ValueError(f"refused_token must be 'raise' or 'miss', got {refused_token!r}")
+        # a call the service refuses for the token: PermissionError ("raise"), or a miss, logged and
+        # shown as an outage ("miss": an engine, whose requests must not fail for its cache)
+        self.refused_token = refused_token
         self.url, self.timeout, self.chunk_bytes = url, float(timeout), chunk_bytes
         target = f"{u.hostname}:{u.port}" if ":" not in u.hostname else f"[{u.hostname}]:{u.port}"
         options = [("grpc.max_receive_message_length", max_message_bytes),
@@ -126,7 +132,7 @@ class RemoteCache:
         code = e.code()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return ValueError(e.details())
-        if code == grpc.StatusCode.UNAUTHENTICATED:
+        if code == grpc.StatusCode.UNAUTHENTICATED and self.refused_token == "raise":
             return PermissionError(f"cache service {self.url}: {e.details()}")
         now = time.monotonic()
         self._down_until = now + self._backoff
@@ -372,6 +378,18 @@ class RemoteCache:
             return self._unary(self._stub.Delete, req).deleted
         except ServiceDown:
             return 0
+
+    def probe(self) -> bool:
+        """One call to the service, for a start-up check: True if it answered, False if it cannot
+        be reached now; PermissionError if it refused this client's token (whatever
+        refused_token says). Leaves the client's outage state alone."""
+        try:
+            self._stub.Stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise PermissionError(f"cache service {self.url} refused the token: {e.details()}") from None
+            return False
+        return True
 
     def stats(self) -> dict:
         from google.protobuf.json_format import MessageToDict

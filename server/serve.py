@@ -72,7 +72,17 @@ def build(config: Config, cache_token: str | None = None):
         from kvc.client import RemoteCache
         cache = RemoteCache(config.server.cache_url, token=cache_token, timeout=config.server.rpc_timeout_s,
                             shared_memory=config.server.shared_memory,
-                            max_message_bytes=config.server.max_message_bytes, metrics=kvc_metrics)
+                            max_message_bytes=config.server.max_message_bytes, metrics=kvc_metrics,
+                            refused_token="miss")  # later refusals are misses: requests go on
+        try:
+            reached = cache.probe()
+        except PermissionError as e:
+            cache.close()
+            raise ConfigError(f"{e}; give `kvc serve` a token the cache-server's server.auth_tokens lists "
+                              f"(--cache-token or KVC_CACHE_TOKEN)") from None
+        if not reached:
+            log.warning("cache service %s cannot be reached now; serving, with misses until it can",
+                        config.server.cache_url)
     elif not config.kvc.gpu_only and (config.kvc.cpu_memory_size_GB > 0 or config.kvc.disk_path
                                       or config.kvc.cluster_url):
         from kvc.store import TieredStore

@@ -50,6 +50,30 @@ def test_missing_or_bad_token_is_unauthenticated(auth_server, client_factory, st
         client_factory(auth_server.url, token="wrong").lookup(NS, tokens=[1, 2, 3, 4])
 
 
+def test_an_engine_with_a_refused_token_does_not_start_and_a_later_refusal_is_a_miss(auth_server, client_factory,
+                                                                                    capsys):
+    """`kvc serve` with a token the service refuses exits 2 naming the fix (before: it started, and
+    the first request's PermissionError killed the engine loop for good). A client in the engine's
+    mode answers a refusal as a miss."""
+    import socket
+
+    from server.cli import main
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rc = main(["serve", "--cache-url", auth_server.url, "--cache-token", "wrong", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refused the token" in err and "--cache-token" in err, err
+    good = client_factory(auth_server.url, token="tok-alice")
+    assert good.probe() is True
+    with pytest.raises(PermissionError):
+        client_factory(auth_server.url, token="wrong", refused_token="miss").probe()
+    engine_side = client_factory(auth_server.url, token="wrong", refused_token="miss")
+    assert engine_side.lookup(NS, tokens=[1, 2, 3, 4]).num_pages == 0  # a miss, not an exception
+    assert engine_side.put_pages(NS, make_pages(NS, list(range(8)))[1]).stored == 0
+    assert client_factory("grpc://127.0.0.1:1", timeout=0.5).probe() is False  # nobody there
+
+
 def test_tenants_are_isolated(auth_server, client_factory, stub):
     alice = client_factory(auth_server.url, token="tok-alice")
     bob = client_factory(auth_server.url, token="tok-bob")
