@@ -51,6 +51,7 @@ MIN_SAMPLE_BYTES = 1 << 20  # smaller load runs measure latency, not bandwidth: 
 # interval: calls of 32 lose the spinning thread of probe_gil_put.py 3x less time per page than
 # calls of 4. The store's lock and the GIL are held for the Python part only (~10-20 us a page).
 PUT_BATCH = 32
+LOOKUP_LOG_EVERY_S = 30.0  # a failing lookup is logged (with its traceback) at most this often
 PUT_RING_BYTES = 1 << 30  # default size of the pinned ring offered pages are copied into on CUDA
 IDLE_S = 0.02  # no step started or launched for this long: the engine is idle, puts run freely
 # The "engine" gate when the engine is host-bound (its step is done before it waits: a small model,
@@ -143,6 +144,7 @@ class HostTier:
         self._puts: queue.Queue = queue.Queue(maxsize=max_pending_puts)
         self.dropped_puts = 0
         self.failed_puts = 0
+        self.failed_lookups, self._lookup_logged = 0, -LOOKUP_LOG_EVERY_S  # answered as misses; last logged
         self._staging: torch.Tensor | None = None  # used by the loader thread only
         self.layer_loads = True  # cpu-tier loads on CUDA go layer by layer where they can (_layered)
         self.layer_loads_off: str | None = None  # why they stopped (a failure), if they did
@@ -227,14 +229,34 @@ class HostTier:
             gpu_checksum.warm(page_bytes, device, layers, parts if self.direct_loads else 0)
 
     def lookup(self, ns: Namespace, tokens: list[int] | bytes, hashes: list[bytes] | None = None) -> LookupResult:
-        return self.cache.lookup(ns, tokens=tokens, hashes=hashes)
+        """The host tiers' hit for a prompt; a miss if the backend raises (as a failing put is
+        dropped: a failing tier must not stop the engine, whose scheduler calls this)."""
+        try:
+            return self.cache.lookup(ns, tokens=tokens, hashes=hashes)
+        except Exception:
+            self._lookup_failed()
+            return LookupResult(hashes=list(hashes) if hashes is not None else [])
 
     def lookup_from(self, ns: Namespace, parent: bytes, hashes: list[bytes], tokens: bytes) -> list[str] | None:
         """The tiers of the leading verified pages of a run hanging from `parent` (a page the
         engine holds), where the backend can answer that (an in-process TieredStore); None where it
-        cannot (the gRPC client: the caller looks the whole prompt up)."""
+        cannot (the gRPC client: the caller looks the whole prompt up). No pages if it raises."""
         fn = getattr(self.cache, "lookup_from", None)
-        return None if fn is None else fn(ns, parent, hashes, tokens)
+        if fn is None:
+            return None
+        try:
+            return fn(ns, parent, hashes, tokens)
+        except Exception:
+            self._lookup_failed()
+            return []
+
+    def _lookup_failed(self) -> None:
+        self.failed_lookups += 1
+        now = time.monotonic()
+        if now - self._lookup_logged >= LOOKUP_LOG_EVERY_S:
+            self._lookup_logged = now
+            log.warning("a host-tier lookup failed (%d so far); answered as a miss", self.failed_lookups,
+                        exc_info=True)
 
     # -- loads ---------------------------------------------------------------------------------
     def load(self, ns: Namespace, hashes: Sequence[bytes], pool: DevicePool, blocks: Sequence[int],

@@ -285,6 +285,36 @@ def test_a_prefix_is_offered_again_at_most_once_per_interval(qwen_dir, store):
     eng.close()
 
 
+class BrokenLookups:
+    """A backend whose lookups raise (a bug, or a service answering INVALID_ARGUMENT)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def lookup(self, *a, **k):
+        raise ValueError("namespace.spec: something the service did not accept")
+
+    def lookup_from(self, *a, **k):
+        raise ValueError("namespace.spec: something the service did not accept")
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_a_failing_lookup_is_a_miss_not_a_dead_engine(qwen_dir, store, caplog):
+    """A host-tier lookup that raises is answered as a miss and logged (before: the exception left
+    the scheduler and ended the server's engine loop for good)."""
+    eng = make_engine(qwen_dir, cache=BrokenLookups(store))
+    with caplog.at_level("WARNING", logger="kvc.engine"):
+        outs = [run_one(eng, PROMPT + [i]) for i in range(3)]
+    assert eng.prefix_cache.host.failed_lookups >= 1
+    assert sum("lookup failed" in r.getMessage() for r in caplog.records) == 1  # logged once a while
+    eng.close()
+    cold = make_engine(qwen_dir)
+    assert outs == [run_one(cold, PROMPT + [i]) for i in range(3)]
+    cold.close()
+
+
 _ids = itertools.count()
 
 
