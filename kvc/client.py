@@ -113,6 +113,7 @@ class RemoteCache:
         # an outage: since when (None: up), failed calls in it, when it was last logged
         self._down_since: float | None = None
         self._down_calls, self._down_logged = 0, 0.0
+        self._watching = self._lost = False  # _watch subscribed; the connection lost since
         # kvc_degraded{component="service"}: 1 while the service cannot be reached (a KvcMetrics)
         self._m_down = metrics.degraded.labels(component="service") if metrics is not None else None
         if self._m_down is not None:
@@ -143,6 +144,9 @@ class RemoteCache:
                         self.url, code.name, e.details())
             if self._m_down is not None:
                 self._m_down.set(1)
+            if code != grpc.StatusCode.UNAUTHENTICATED and not self._watching:
+                self._watching, self._lost = True, False  # an idle client learns of the return too
+                self._channel.subscribe(self._watch, try_to_connect=True)
         else:
             self._down_calls += 1
             if now - self._down_logged >= DOWN_LOG_EVERY_S:
@@ -150,6 +154,25 @@ class RemoteCache:
                 log.warning("cache service %s still unavailable after %.0f s (%d failed calls; %s: %s)",
                             self.url, now - self._down_since, self._down_calls, code.name, e.details())
         return ServiceDown(self.url)
+
+    def _watch(self, state: grpc.ChannelConnectivity) -> None:
+        """The channel's connectivity during an outage (a gRPC thread): connected again after the
+        connection was lost ends it, so an idle engine's kvc_degraded{component="service"} clears
+        without waiting for a call. (A service that answers UNAVAILABLE on a live connection,
+        draining, is left to the calls.)"""
+        if state != grpc.ChannelConnectivity.READY:
+            self._lost = True
+            return
+        if not self._lost:
+            return
+        try:
+            self._channel.unsubscribe(self._watch)
+        except ValueError:  # already unsubscribed
+            pass
+        self._watching = False
+        if self._down_since is not None:
+            self._down_until = 0.0
+            self._ok()
 
     def _ok(self) -> None:
         self._backoff = 0.05
