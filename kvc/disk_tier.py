@@ -134,8 +134,9 @@ class DiskTier:
         self._update_file_gauges()
         self.min_capacity = self.capacity // 2  # the floor of _shrink
         self._shrunk_at = None  # when _shrink last lowered the budget; None after a commit of puts
-        self._degraded_shown = False  # kvc_degraded{component="disk"} is 1 (until puts commit again)
-        metrics.degraded.labels(component="disk").set(0)
+        # kvc_degraded{component="disk"}: 1 while the tier is bypassed after a failed commit (read
+        # at each scrape: it clears when the retry window ends, with or without traffic)
+        metrics.degraded.labels(component="disk").set_function(lambda: 1.0 if self.degraded else 0.0)
         self._fail_logged, self._fail_quiet = -FAIL_LOG_EVERY_S, 0  # failed commits: last logged, since
         self._load_index()
         # reader threads mostly wait on the device, so there are more of them than cores
@@ -503,9 +504,6 @@ class DiskTier:
                             del self.pending[item[1]]
         if gated:
             self._shrunk_at = None  # puts fit again: a later MAP_FULL is a new episode
-            if self._degraded_shown:  # writes land again: no longer bypassed
-                self._degraded_shown = False
-                self.metrics.degraded.labels(component="disk").set(0)
         self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
         self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
         return True
@@ -575,9 +573,6 @@ class DiskTier:
                         self.listener("removed", e.ns_root, h, e.parent)
             if kind != "map_full":
                 self.degraded_until = time.monotonic() + DEGRADED_RETRY_S
-        if kind != "map_full":
-            self._degraded_shown = True
-            self.metrics.degraded.labels(component="disk").set(1)
 
     def _shrink(self) -> None:
         """LMDB's file reached its map while the pages it holds are under the budget: freed pages
