@@ -116,7 +116,9 @@ class ClusterTier:
             metrics.cluster_calls.labels(op=op)
             metrics.cluster_errors.labels(op=op, kind="timeout")
             metrics.cluster_errors.labels(op=op, kind="connection")
-        metrics.degraded.labels(component="cluster").set(0)
+        # kvc_degraded{component="cluster"}: 1 during a back-off (read at each scrape: it clears
+        # when the back-off ends, with or without traffic; the next call tries the cluster again)
+        metrics.degraded.labels(component="cluster").set_function(lambda: 1.0 if self.degraded else 0.0)
         self._writer = threading.Thread(target=self._write_loop, name="kvc-cluster-writer", daemon=True)
         self._writer.start()
 
@@ -162,7 +164,6 @@ class ClusterTier:
         self.metrics.cluster_errors.labels(op=op, kind=kind).inc()
         self._backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self._backoff))
         self._down_until = time.monotonic() + self._backoff
-        self.metrics.degraded.labels(component="cluster").set(1)
         log.warning("cluster tier %s failed (%s: %s); misses for %.2fs", op, kind, e, self._backoff)
         if kind != "timeout" and self._client is not None and self.mode == "standalone":
             self._client = None  # reconnect (a restarted standalone server) after the back-off
@@ -170,7 +171,6 @@ class ClusterTier:
     def _ok(self) -> None:
         if self._backoff:
             self._backoff = 0.0
-            self.metrics.degraded.labels(component="cluster").set(0)
 
     @property
     def degraded(self) -> bool:

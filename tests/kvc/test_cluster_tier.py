@@ -1,8 +1,11 @@
 """The cluster tier against a real Redis Cluster (3 masters + 3 replicas on 127.0.0.1)."""
+import time
+
 import pytest
 import redis
 import torch
 
+from kvc import cluster_tier
 from kvc.cluster_tier import page_key, redacted
 from kvc.config import ConfigError, load_config
 from kvc.store import TieredStore
@@ -121,6 +124,12 @@ def test_unreachable_cluster_is_misses_and_backs_off(tmp_path):
         assert metric(s, "kvc_degraded", component="cluster") == 1
         assert sum(metric(s, "kvc_cluster_errors_total", op="connect", kind=k)
                    for k in ("connection", "timeout")) >= 1
+        # no traffic: the gauge clears when the back-off ends (before: it stayed 1 until a call
+        # succeeded, so an idle engine kept KvcTierDegraded firing)
+        deadline = time.monotonic() + cluster_tier.BACKOFF_MAX_S + 2
+        while metric(s, "kvc_degraded", component="cluster") == 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(s, "kvc_degraded", component="cluster") == 0 and not s.cluster.degraded
 
 
 def test_bad_cluster_url_names_the_key():
