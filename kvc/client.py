@@ -60,6 +60,7 @@ def _read_get_pages(data: bytes):
 
 
 DOWN_LOG_EVERY_S = 30.0  # an outage is logged when it starts, then at most this often, and when it ends
+WATCH_EVERY_S = 1.0  # during an outage, how often a watcher asks whether the service answers again
 
 
 class ServiceDown(Exception):
@@ -113,7 +114,8 @@ class RemoteCache:
         # an outage: since when (None: up), failed calls in it, when it was last logged
         self._down_since: float | None = None
         self._down_calls, self._down_logged = 0, 0.0
-        self._watching = self._lost = False  # _watch subscribed; the connection lost since
+        self._watcher: threading.Thread | None = None  # _watch, during an outage
+        self._closed = threading.Event()
         # kvc_degraded{component="service"}: 1 while the service cannot be reached (a KvcMetrics)
         self._m_down = metrics.degraded.labels(component="service") if metrics is not None else None
         if self._m_down is not None:
@@ -144,9 +146,9 @@ class RemoteCache:
                         self.url, code.name, e.details())
             if self._m_down is not None:
                 self._m_down.set(1)
-            if code != grpc.StatusCode.UNAUTHENTICATED and not self._watching:
-                self._watching, self._lost = True, False  # an idle client learns of the return too
-                self._channel.subscribe(self._watch, try_to_connect=True)
+            if code != grpc.StatusCode.UNAUTHENTICATED and (self._watcher is None or not self._watcher.is_alive()):
+                self._watcher = threading.Thread(target=self._watch, name="kvc-client-watch", daemon=True)
+                self._watcher.start()  # an idle client learns of the service's return too
         else:
             self._down_calls += 1
             if now - self._down_logged >= DOWN_LOG_EVERY_S:
@@ -155,24 +157,20 @@ class RemoteCache:
                             self.url, now - self._down_since, self._down_calls, code.name, e.details())
         return ServiceDown(self.url)
 
-    def _watch(self, state: grpc.ChannelConnectivity) -> None:
-        """The channel's connectivity during an outage (a gRPC thread): connected again after the
-        connection was lost ends it, so an idle engine's kvc_degraded{component="service"} clears
-        without waiting for a call. (A service that answers UNAVAILABLE on a live connection,
-        draining, is left to the calls.)"""
-        if state != grpc.ChannelConnectivity.READY:
-            self._lost = True
+    def _watch(self) -> None:
+        """During an outage, ask the service every WATCH_EVERY_S whether it answers (one Stats call),
+        so an idle engine's kvc_degraded{component="service"} clears without waiting for a call of
+        its own. Ends with the outage or the client. (Not gRPC's connectivity subscription: a
+        channel closed under it raises in gRPC's polling thread.)"""
+        while not self._closed.wait(WATCH_EVERY_S) and self._down_since is not None:
+            try:
+                self._stub.Stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._metadata)
+            except (grpc.RpcError, ValueError):  # still away (or the channel closed under it)
+                continue
+            if self._down_since is not None:
+                self._down_until = 0.0
+                self._ok()
             return
-        if not self._lost:
-            return
-        try:
-            self._channel.unsubscribe(self._watch)
-        except ValueError:  # already unsubscribed
-            pass
-        self._watching = False
-        if self._down_since is not None:
-            self._down_until = 0.0
-            self._ok()
 
     def _ok(self) -> None:
         self._backoff = 0.05
@@ -423,6 +421,7 @@ class RemoteCache:
         return wire.to_plain(MessageToDict(r.stats))
 
     def close(self) -> None:
+        self._closed.set()
         self._channel.close()
         with self._shm_lock:
             if self._shm is not None:

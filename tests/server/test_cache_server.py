@@ -153,7 +153,7 @@ def test_an_outage_is_logged_once_shown_as_degraded_and_its_end_logged(make_serv
         assert down._value.get() == 1
         said = [r.getMessage() for r in caplog.records if r.name == "kvc.client"]
         assert len(said) == 1 and "unavailable" in said[0], said
-        s.start()  # no call from here on: the client sees the channel connect again by itself
+        s.start()  # no call from here on: the client's watcher sees the service answer again
         assert wait_until(lambda: down._value.get() == 0, timeout=10)
         said = [r.getMessage() for r in caplog.records if r.name == "kvc.client"]
     assert len(said) == 2 and "reachable again" in said[1], said
