@@ -158,14 +158,15 @@ class RemoteCache:
         return ServiceDown(self.url)
 
     def _watch(self) -> None:
-        """During an outage, ask the service every WATCH_EVERY_S whether it answers (one Stats call),
-        so an idle engine's kvc_degraded{component="service"} clears without waiting for a call of
-        its own. Ends with the outage or the client. (Not gRPC's connectivity subscription: a
-        channel closed under it raises in gRPC's polling thread.)"""
+        """During an outage, ask the service every WATCH_EVERY_S whether it answers (probe), so an
+        idle engine's kvc_degraded{component="service"} clears without waiting for a call of its
+        own. Ends with the outage or the client. (Not gRPC's connectivity subscription: a channel
+        closed under it raises in gRPC's polling thread.)"""
         while not self._closed.wait(WATCH_EVERY_S) and self._down_since is not None:
             try:
-                self._stub.Stats(pb.StatsRequest(), timeout=self.timeout, metadata=self._metadata)
-            except (grpc.RpcError, ValueError):  # still away (or the channel closed under it)
+                if not self.probe():
+                    continue  # still away
+            except (PermissionError, ValueError):  # it refuses the token, or the channel closed
                 continue
             if self._down_since is not None:
                 self._down_until = 0.0
