@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvc.config import load_config  # noqa: E402
 from kvc.hashing import DTYPE_BYTES, PageSpec  # noqa: E402
 from kvc.store import TieredStore  # noqa: E402
-from engine import LLMEngine, SamplingParams  # noqa: E402
+from engine import LLMEngine, SamplingParams, mla  # noqa: E402
 from engine.model_args import ModelArgs  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
@@ -239,6 +239,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sections", default="bytes,throughput,ttft,kt")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--mla-masked", action="store_true",
+                    help="run the TTFT section first with prefill pieces after cached tokens attending through a "
+                         "boolean [Q, K] mask (the path before SDPA's bottom-right causal bias), then as usual")
     a = ap.parse_args()
     if a.quick:
         a.layers, a.prefill_len, a.ttft_len, a.kt_len, a.chunk = 3, [128, 512], [512, 1024], 512, 512
@@ -265,8 +268,13 @@ def main():
         if "throughput" in sections:
             section_throughput(path, a)
         if "ttft" in sections:
-            print(f"\n(3) TTFT by tier: shared prefix + fresh {a.delta}-token delta, median of {a.repeat}")
-            print_tiers(tier_table(path, a, tmp, a.ttft_len, "ttft"), a)
+            for masked in ((True, False) if a.mla_masked else (False,)):
+                mla.LOWER_RIGHT = not masked
+                how = ("; pieces after cached tokens through a boolean mask (the path before)" if masked else
+                       "; pieces after cached tokens through the bottom-right causal bias" if a.mla_masked else "")
+                print(f"\n(3) TTFT by tier: shared prefix + fresh {a.delta}-token delta, median of {a.repeat}{how}")
+                print_tiers(tier_table(path, a, tmp, a.ttft_len, "ttft-masked" if masked else "ttft"), a)
+            mla.LOWER_RIGHT = True
         if "kt" in sections:
             print(f"\n(4) KTransformers case: gpu_experts_ratio={a.kt_ratio} (the rest of the routed experts "
                   f"in CPU memory), {a.kt_len}-token shared prefix")

@@ -17,9 +17,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .layers import AttnMetadata, RMSNorm
 from .model_args import ModelArgs
+
+
+# A prefill piece after cached tokens attends with SDPA's bottom-right causal bias, which the flash
+# kernel runs without a mask; False builds the boolean [Q, K] mask instead (the path before; flash
+# takes no mask): bench_deepseek.py --mla-masked times the two side by side.
+LOWER_RIGHT = True
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -154,6 +161,8 @@ class MLAttention(nn.Module):
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=valid[None, None, None, :], scale=scale)
         elif offset == 0:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        elif LOWER_RIGHT:  # the queries are the keys' last Q: flash takes this without a mask
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(Q, K), scale=scale)
         else:
             rows = torch.arange(Q, device=q.device)[:, None] + offset
             mask = torch.arange(K, device=q.device)[None, :] <= rows  # [Q, K]

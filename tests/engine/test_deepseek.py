@@ -266,3 +266,38 @@ def test_cuda_matches_cpu_and_offload_on_cuda(v3_dir, ratio):
     dec = all_logits(eng, PROMPT[:9], 1).cpu()  # absorbed decode on the device
     torch.testing.assert_close(dec, want[:9], atol=2e-3, rtol=2e-3)
     eng.close()
+
+
+def _mla_prefill_paths(device, dtype, Q, K):
+    """One MLA layer of V2-Lite's head sizes: a prefill piece of Q queries at the end of K latents,
+    through SDPA's bottom-right causal bias and through the boolean [Q, K] mask (the oracle)."""
+    from engine import mla
+    from engine.tiny_deepseek import PRESETS, finish_config
+    cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
+    finish_config(cfg, "deepseek_v2")
+    torch.manual_seed(0)
+    layer = mla.MLAttention(ModelArgs.from_dict(cfg)).to(device, dtype)
+    q = torch.randn(Q, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+    lat = torch.randn(K, layer.r + layer.dr, device=device, dtype=dtype)
+    out = {}
+    for lower_right in (True, False):
+        mla.LOWER_RIGHT = lower_right
+        try:
+            out[lower_right] = layer._expanded(q, lat, K - Q, None, 0.1)
+        finally:
+            mla.LOWER_RIGHT = True
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("Q, K", [(5, 29), (16, 16), (37, 100)])
+def test_prefill_after_cached_latents_bottom_right_equals_the_mask(Q, K):
+    got, want = _mla_prefill_paths("cpu", torch.float32, Q, K)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Q, K", [(2048, 8192), (300, 1000)])
+def test_prefill_after_cached_latents_bottom_right_equals_the_mask_cuda(Q, K):
+    got, want = _mla_prefill_paths("cuda", torch.bfloat16, Q, K)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
