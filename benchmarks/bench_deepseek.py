@@ -221,6 +221,10 @@ def print_tiers(rows, a, tiers=("cold", "device", "cpu", "disk")):
             print(f"| {n} + {a.delta} | {tier} | {t * 1e3:,.1f} | {cached} | {cold / t:.1f}x |", flush=True)
 
 
+# engine.mla's (LOWER_RIGHT, ABSORB_PIECES) for each --mla-paths name
+MLA_PATHS = {"mask": (False, False), "bias": (True, False), "latent": (True, True)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, small sizes")
@@ -239,10 +243,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sections", default="bytes,throughput,ttft,kt")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--mla-masked", action="store_true",
-                    help="run the TTFT section first with prefill pieces after cached tokens attending through a "
-                         "boolean [Q, K] mask (the path before SDPA's bottom-right causal bias), then as usual")
+    ap.add_argument("--mla-paths", default="latent",
+                    help="comma-separated, the TTFT section once per path in this order, for prefill pieces after "
+                         "cached tokens: mask (expanded, a boolean [Q, K] mask: the path before "
+                         "2026-12-05), bias (expanded, SDPA's bottom-right causal bias), latent (the "
+                         "engine's default: the bias, and short pieces in the absorbed latent form)")
     a = ap.parse_args()
+    if set(a.mla_paths.split(",")) - set(MLA_PATHS):
+        ap.error(f"--mla-paths takes {', '.join(MLA_PATHS)}")
     if a.quick:
         a.layers, a.prefill_len, a.ttft_len, a.kt_len, a.chunk = 3, [128, 512], [512, 1024], 512, 512
         a.concurrency, a.decode_prompt_len, a.decode_tokens, a.delta = [1, 4], 32, 8, 16
@@ -268,13 +276,13 @@ def main():
         if "throughput" in sections:
             section_throughput(path, a)
         if "ttft" in sections:
-            for masked in ((True, False) if a.mla_masked else (False,)):
-                mla.LOWER_RIGHT = not masked
-                how = ("; pieces after cached tokens through a boolean mask (the path before)" if masked else
-                       "; pieces after cached tokens through the bottom-right causal bias" if a.mla_masked else "")
+            paths = a.mla_paths.split(",")
+            for path_name in paths:
+                mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS[path_name]
+                how = f"; MLA pieces after cached tokens: {path_name}" if paths != ["latent"] else ""
                 print(f"\n(3) TTFT by tier: shared prefix + fresh {a.delta}-token delta, median of {a.repeat}{how}")
-                print_tiers(tier_table(path, a, tmp, a.ttft_len, "ttft-masked" if masked else "ttft"), a)
-            mla.LOWER_RIGHT = True
+                print_tiers(tier_table(path, a, tmp, a.ttft_len, f"ttft-{path_name}"), a)
+            mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS["latent"]
         if "kt" in sections:
             print(f"\n(4) KTransformers case: gpu_experts_ratio={a.kt_ratio} (the rest of the routed experts "
                   f"in CPU memory), {a.kt_len}-token shared prefix")

@@ -27,6 +27,9 @@ from .model_args import ModelArgs
 # kernel runs without a mask; False builds the boolean [Q, K] mask instead (the path before; flash
 # takes no mask): bench_deepseek.py --mla-masked times the two side by side.
 LOWER_RIGHT = True
+# Short pieces after cached tokens (a question after a long shared prefix) in the absorbed, latent
+# form (MLAttention.absorb_below says how short); False expands them as the long ones.
+ABSORB_PIECES = True
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -101,6 +104,13 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.r, self.heads * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(self.heads * self.dv, H, bias=False)
         self.absorb = True  # decode in the absorbed form; False runs the expanded oracle
+        # A prefill piece after cached tokens attends in latent space (as decode does) when that is
+        # fewer FLOPs than expanding every cached latent through kv_b_proj: per key, expanding costs
+        # 2 r h (dn + dv) plus 4 Q h (dn + dr) of attention, the latent form 2 Q h (2 r + dr). For
+        # V2-Lite's sizes (r 512, dr 64, dn = dv 128) below 186 queries: a question or a chat turn
+        # after a long cached prefix, not the chunks of a long prompt.
+        per_q = 2 * self.r + self.dr - 2 * (self.dn + self.dr)
+        self.absorb_below = (self.r * (self.dn + self.dv) // per_q) if per_q > 0 else 1 << 30
 
     def forward(self, x: torch.Tensor, rope: MlaRope, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttnMetadata, cache: torch.Tensor) -> torch.Tensor:
@@ -128,7 +138,10 @@ class MLAttention(nn.Module):
             else:
                 nb = (p.k_len + P - 1) // P
                 lat = cache[p.block_table[:nb]].reshape(nb * P, -1)[:p.k_len].to(q.dtype)  # [K, r + dr]
-            out[rows] = self._expanded(q[rows], lat, p.k_len - p.q_len, None, scale)
+            if p.k_len > p.q_len and self.absorb and ABSORB_PIECES and p.q_len < self.absorb_below:
+                out[rows] = self._absorbed_piece(q[rows], lat, scale)
+            else:
+                out[rows] = self._expanded(q[rows], lat, p.k_len - p.q_len, None, scale)
         if meta.decode_rows is not None:
             B, nb = meta.decode_tables.shape
             lat = cache[meta.decode_tables].reshape(B, nb * P, -1).to(q.dtype)  # [B, K, r + dr]
@@ -168,6 +181,19 @@ class MLAttention(nn.Module):
             mask = torch.arange(K, device=q.device)[None, :] <= rows  # [Q, K]
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
         return o[0].transpose(0, 1)[..., :self.dv]  # [Q, h, dv]
+
+    def _absorbed_piece(self, q: torch.Tensor, lat: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [Q, h, dn+dr], the last Q of the latents lat [K, r+dr], causal -> [Q, h, dv], in latent
+        space: no per-head K/V of the cached tokens is built."""
+        Q, K = q.shape[0], lat.shape[0]
+        w_uk, w_uv = self._w_kv_b()
+        q_lat = torch.einsum("qhd,hdr->hqr", q[..., :self.dn], w_uk)  # [h, Q, r]
+        qf = torch.cat((q_lat, q[..., self.dn:].transpose(0, 1)), dim=-1)[None]  # [1, h, Q, r + dr]
+        # every head reads the one latent row per key (a stride-0 head dimension, no copy)
+        kt = lat[None, None].expand(1, self.heads, K, lat.shape[-1])
+        vt = lat[None, None, :, :self.r].expand(1, self.heads, K, self.r)
+        o = F.scaled_dot_product_attention(qf, kt, vt, attn_mask=causal_lower_right(Q, K), scale=scale)
+        return torch.einsum("hqr,hvr->qhv", o[0], w_uv)  # [Q, h, dv]
 
     def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, h, dn+dr] over lat [B, K, r+dr] with valid [B, K] -> [B, h, dv], in latent space."""

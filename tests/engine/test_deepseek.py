@@ -270,7 +270,8 @@ def test_cuda_matches_cpu_and_offload_on_cuda(v3_dir, ratio):
 
 def _mla_prefill_paths(device, dtype, Q, K):
     """One MLA layer of V2-Lite's head sizes: a prefill piece of Q queries at the end of K latents,
-    through SDPA's bottom-right causal bias and through the boolean [Q, K] mask (the oracle)."""
+    expanded through SDPA's bottom-right causal bias, in latent space (the absorbed form short
+    pieces take), and expanded through the boolean [Q, K] mask (the oracle)."""
     from engine import mla
     from engine.tiny_deepseek import PRESETS, finish_config
     cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
@@ -279,25 +280,37 @@ def _mla_prefill_paths(device, dtype, Q, K):
     layer = mla.MLAttention(ModelArgs.from_dict(cfg)).to(device, dtype)
     q = torch.randn(Q, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
     lat = torch.randn(K, layer.r + layer.dr, device=device, dtype=dtype)
-    out = {}
+    out = {"absorbed": layer._absorbed_piece(q, lat, 0.1)}
     for lower_right in (True, False):
         mla.LOWER_RIGHT = lower_right
         try:
             out[lower_right] = layer._expanded(q, lat, K - Q, None, 0.1)
         finally:
             mla.LOWER_RIGHT = True
-    return out[True], out[False]
+    return out[True], out["absorbed"], out[False]
 
 
 @pytest.mark.parametrize("Q, K", [(5, 29), (16, 16), (37, 100)])
-def test_prefill_after_cached_latents_bottom_right_equals_the_mask(Q, K):
-    got, want = _mla_prefill_paths("cpu", torch.float32, Q, K)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+def test_prefill_after_cached_latents_bias_and_latent_form_equal_the_mask(Q, K):
+    bias, absorbed, want = _mla_prefill_paths("cpu", torch.float32, Q, K)
+    torch.testing.assert_close(bias, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(absorbed, want, atol=1e-5, rtol=1e-5)
+
+
+def test_short_pieces_after_cached_tokens_take_the_latent_form():
+    """V2-Lite's sizes: the latent form below 186 queries (fewer FLOPs than expanding the prefix)."""
+    from engine import mla
+    from engine.tiny_deepseek import PRESETS, finish_config
+    cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
+    finish_config(cfg, "deepseek_v2")
+    layer = mla.MLAttention(ModelArgs.from_dict(cfg))
+    assert layer.absorb_below == 186
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("Q, K", [(2048, 8192), (300, 1000)])
-def test_prefill_after_cached_latents_bottom_right_equals_the_mask_cuda(Q, K):
-    got, want = _mla_prefill_paths("cuda", torch.bfloat16, Q, K)
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("Q, K", [(2048, 8192), (300, 1000), (64, 32768)])
+def test_prefill_after_cached_latents_bias_and_latent_form_equal_the_mask_cuda(Q, K):
+    bias, absorbed, want = _mla_prefill_paths("cuda", torch.bfloat16, Q, K)
+    torch.testing.assert_close(bias.float(), want.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(absorbed.float(), want.float(), atol=2e-2, rtol=2e-2)
