@@ -30,6 +30,7 @@ LOWER_RIGHT = True
 # Short pieces after cached tokens (a question after a long shared prefix) in the absorbed, latent
 # form (MLAttention.absorb_below says how short); False expands them as the long ones.
 ABSORB_PIECES = True
+PIECE_MASK_BYTES = 64 << 20  # the latent form's boolean mask, per SDPA call
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -184,16 +185,24 @@ class MLAttention(nn.Module):
 
     def _absorbed_piece(self, q: torch.Tensor, lat: torch.Tensor, scale: float) -> torch.Tensor:
         """q [Q, h, dn+dr], the last Q of the latents lat [K, r+dr], causal -> [Q, h, dv], in latent
-        space: no per-head K/V of the cached tokens is built."""
+        space as decode: each query's heads are query rows of the one latent head, so no per-head
+        K/V of the cached tokens is built. The rows' causal mask is [rows, K] booleans, made for a
+        group of queries at a time (at most PIECE_MASK_BYTES)."""
         Q, K = q.shape[0], lat.shape[0]
         w_uk, w_uv = self._w_kv_b()
-        q_lat = torch.einsum("qhd,hdr->hqr", q[..., :self.dn], w_uk)  # [h, Q, r]
-        qf = torch.cat((q_lat, q[..., self.dn:].transpose(0, 1)), dim=-1)[None]  # [1, h, Q, r + dr]
-        # every head reads the one latent row per key (a stride-0 head dimension, no copy)
-        kt = lat[None, None].expand(1, self.heads, K, lat.shape[-1])
-        vt = lat[None, None, :, :self.r].expand(1, self.heads, K, self.r)
-        o = F.scaled_dot_product_attention(qf, kt, vt, attn_mask=causal_lower_right(Q, K), scale=scale)
-        return torch.einsum("hqr,hvr->qhv", o[0], w_uv)  # [Q, h, dv]
+        q_lat = torch.einsum("qhd,hdr->qhr", q[..., :self.dn], w_uk)  # [Q, h, r]
+        qf = torch.cat((q_lat, q[..., self.dn:]), dim=-1)  # [Q, h, r + dr]
+        keys = torch.arange(K, device=q.device)
+        o = qf.new_empty(Q, self.heads, self.r)
+        group = max(1, min(Q, PIECE_MASK_BYTES // (self.heads * K)))
+        for s in range(0, Q, group):
+            n = min(group, Q - s)
+            last = torch.arange(K - Q + s, K - Q + s + n, device=q.device)  # each query's last key
+            mask = (keys[None, :] <= last[:, None]).repeat_interleave(self.heads, dim=0)  # [n h, K]
+            o[s:s + n] = F.scaled_dot_product_attention(
+                qf[s:s + n].reshape(1, 1, n * self.heads, -1), lat[None, None], lat[None, None, :, :self.r],
+                attn_mask=mask[None, None], scale=scale).view(n, self.heads, self.r)
+        return torch.einsum("qhr,hvr->qhv", o, w_uv)  # [Q, h, dv]
 
     def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, h, dn+dr] over lat [B, K, r+dr] with valid [B, K] -> [B, h, dv], in latent space."""

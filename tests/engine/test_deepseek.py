@@ -297,6 +297,16 @@ def test_prefill_after_cached_latents_bias_and_latent_form_equal_the_mask(Q, K):
     torch.testing.assert_close(absorbed, want, atol=1e-5, rtol=1e-5)
 
 
+def test_latent_form_in_groups_of_queries_equals_one_call(monkeypatch):
+    """A mask bound smaller than the piece's: the queries go in groups (3 a call here)."""
+    from engine import mla
+    whole = _mla_prefill_paths("cpu", torch.float32, 10, 100)[1]
+    monkeypatch.setattr(mla, "PIECE_MASK_BYTES", 16 * 100 * 3)
+    bias, grouped, want = _mla_prefill_paths("cpu", torch.float32, 10, 100)
+    torch.testing.assert_close(grouped, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=1e-6)
+
+
 def test_short_pieces_after_cached_tokens_take_the_latent_form():
     """V2-Lite's sizes: the latent form below 186 queries (fewer FLOPs than expanding the prefix)."""
     from engine import mla
