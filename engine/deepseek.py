@@ -111,7 +111,8 @@ class DeepseekCausalLM(nn.Module):
         return [l.mlp for l in self.model.layers if isinstance(l.mlp, MoEBlock)]
 
     def set_absorb(self, on: bool) -> None:
-        """Decode in the absorbed form (default) or through the expanded oracle."""
+        """Decode (and short prefill pieces after cached tokens) in the absorbed form (default) or
+        through the expanded oracle."""
         for l in self.model.layers:
             l.self_attn.absorb = on
 
