@@ -1,0 +1,83 @@
+"""One MLA layer's attention for a prefill piece after cached tokens, three ways side by side.
+
+DeepSeek-V2-Lite's sizes (16 heads, kv_lora 512, rope 64, nope 128, v 128), random weights and
+latents; a piece of Q queries at the end of K latents (K - Q cached tokens before it):
+
+- mask:   expanded through kv_b_proj, SDPA with a boolean [Q, K] mask (the path before 2026-12-05)
+- bias:   expanded, SDPA with the bottom-right causal bias (the engine's path for long pieces)
+- latent: absorbed into latent space as decode (the engine's path below MLAttention.absorb_below)
+
+Prints ms per call (CUDA: GPU time over --iters calls after a warm-up; CPU: wall time).
+
+    python benchmarks/bench_mla_pieces.py                       # CUDA if present, bf16
+    python benchmarks/bench_mla_pieces.py --device cpu --shapes 64x4096 16x2048
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import mla  # noqa: E402
+from engine.model_args import ModelArgs  # noqa: E402
+from engine.tiny_deepseek import PRESETS, finish_config  # noqa: E402
+
+
+def timed(fn, device: torch.device, iters: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--shapes", nargs="+", default=["64x8192", "64x32768", "16x32768", "128x32768",
+                                                     "185x32768", "512x32768", "2048x32768", "8192x32768"],
+                    help="QxK: Q queries after K - Q cached tokens")
+    ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    iters = a.iters or (20 if device.type == "cuda" else 3)
+    cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
+    finish_config(cfg, "deepseek_v2")
+    torch.manual_seed(0)
+    layer = mla.MLAttention(ModelArgs.from_dict(cfg)).to(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# one MLA layer, V2-Lite sizes, {dtype}, {name}, torch {torch.__version__}; "
+          f"latent form taken below {layer.absorb_below} queries")
+    print("| Q x K | mask ms | bias ms | latent ms | bias / mask | latent / bias |\n|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for shape in a.shapes:
+            Q, K = (int(v) for v in shape.split("x"))
+            q = torch.randn(Q, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+            lat = torch.randn(K, layer.r + layer.dr, device=device, dtype=dtype)
+            ms = {}
+            for path, lower_right in (("mask", False), ("bias", True)):
+                mla.LOWER_RIGHT = lower_right
+                ms[path] = timed(lambda: layer._expanded(q, lat, K - Q, None, 0.1), device, iters)
+            mla.LOWER_RIGHT = True
+            ms["latent"] = timed(lambda: layer._absorbed_piece(q, lat, 0.1), device, iters)
+            print(f"| {Q} x {K} | {ms['mask']:.3f} | {ms['bias']:.3f} | {ms['latent']:.3f} | "
+                  f"{ms['bias'] / ms['mask']:.2f}x | {ms['latent'] / ms['bias']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
