@@ -221,8 +221,9 @@ def print_tiers(rows, a, tiers=("cold", "device", "cpu", "disk")):
             print(f"| {n} + {a.delta} | {tier} | {t * 1e3:,.1f} | {cached} | {cold / t:.1f}x |", flush=True)
 
 
-# engine.mla's (LOWER_RIGHT, ABSORB_PIECES) for each --mla-paths name
-MLA_PATHS = {"mask": (False, False), "bias": (True, False), "latent": (True, True)}
+# engine.mla's (LOWER_RIGHT, ABSORB_PIECES) for each --mla-paths name ("engine": as they are)
+MLA_PATHS = {"mask": (False, frozenset()), "bias": (True, frozenset()), "latent": (True, frozenset({"cpu", "cuda"})),
+             "engine": (mla.LOWER_RIGHT, mla.ABSORB_PIECES)}
 
 
 def main():
@@ -243,11 +244,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sections", default="bytes,throughput,ttft,kt")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--mla-paths", default="latent",
+    ap.add_argument("--mla-paths", default="engine",
                     help="comma-separated, the TTFT section once per path in this order, for prefill pieces after "
                          "cached tokens: mask (expanded, a boolean [Q, K] mask: the path before "
-                         "2026-12-05), bias (expanded, SDPA's bottom-right causal bias), latent (the "
-                         "engine's default: the bias, and short pieces in the absorbed latent form)")
+                         "2026-12-05), bias (expanded, SDPA's bottom-right causal bias), latent (the bias, and "
+                         "short pieces in the absorbed latent form on any device), engine (its defaults)")
     a = ap.parse_args()
     if set(a.mla_paths.split(",")) - set(MLA_PATHS):
         ap.error(f"--mla-paths takes {', '.join(MLA_PATHS)}")
@@ -279,10 +280,10 @@ def main():
             paths = a.mla_paths.split(",")
             for path_name in paths:
                 mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS[path_name]
-                how = f"; MLA pieces after cached tokens: {path_name}" if paths != ["latent"] else ""
+                how = f"; MLA pieces after cached tokens: {path_name}" if paths != ["engine"] else ""
                 print(f"\n(3) TTFT by tier: shared prefix + fresh {a.delta}-token delta, median of {a.repeat}{how}")
                 print_tiers(tier_table(path, a, tmp, a.ttft_len, f"ttft-{path_name}"), a)
-            mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS["latent"]
+            mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS["engine"]
         if "kt" in sections:
             print(f"\n(4) KTransformers case: gpu_experts_ratio={a.kt_ratio} (the rest of the routed experts "
                   f"in CPU memory), {a.kt_len}-token shared prefix")

@@ -25,11 +25,14 @@ from .model_args import ModelArgs
 
 # A prefill piece after cached tokens attends with SDPA's bottom-right causal bias, which the flash
 # kernel runs without a mask; False builds the boolean [Q, K] mask instead (the path before; flash
-# takes no mask): bench_deepseek.py --mla-masked times the two side by side.
+# takes no mask): benchmarks/bench_mla_pieces.py and bench_deepseek.py --mla-paths time the paths.
 LOWER_RIGHT = True
-# Short pieces after cached tokens (a question after a long shared prefix) in the absorbed, latent
-# form (MLAttention.absorb_below says how short); False expands them as the long ones.
-ABSORB_PIECES = True
+# The device types on which short pieces after cached tokens (a question after a long shared
+# prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
+# they are expanded as the long ones. CUDA is left out until bench_mla_pieces.py has measured it
+# there: its SDPA call at a 576-wide head can only take the memory-efficient kernel, whose pace
+# against the expanded path's flash is unknown; on the CPU it is 2.4-7.8x quicker.
+ABSORB_PIECES = frozenset({"cpu"})
 PIECE_MASK_BYTES = 64 << 20  # the latent form's boolean mask, per SDPA call
 
 
@@ -139,7 +142,8 @@ class MLAttention(nn.Module):
             else:
                 nb = (p.k_len + P - 1) // P
                 lat = cache[p.block_table[:nb]].reshape(nb * P, -1)[:p.k_len].to(q.dtype)  # [K, r + dr]
-            if p.k_len > p.q_len and self.absorb and ABSORB_PIECES and p.q_len < self.absorb_below:
+            if (p.k_len > p.q_len and self.absorb and p.q_len < self.absorb_below
+                    and x.device.type in ABSORB_PIECES):
                 out[rows] = self._absorbed_piece(q[rows], lat, scale)
             else:
                 out[rows] = self._expanded(q[rows], lat, p.k_len - p.q_len, None, scale)
