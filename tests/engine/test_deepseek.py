@@ -307,14 +307,32 @@ def test_latent_form_in_groups_of_queries_equals_one_call(monkeypatch):
     torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=1e-6)
 
 
-def test_short_pieces_after_cached_tokens_take_the_latent_form():
-    """V2-Lite's sizes: the latent form below 186 queries (fewer FLOPs than expanding the prefix)."""
+def test_pieces_after_cached_tokens_take_the_latent_form_below_the_bound(v3_dir, monkeypatch):
+    """Which path each prefill piece takes: a first piece expanded (no cached tokens), later ones
+    in latent space below absorb_below on a listed device type, expanded otherwise; the logits
+    equal either way. V2-Lite's sizes give the bound 186 (fewer FLOPs than expanding the prefix)."""
     from engine import mla
     from engine.tiny_deepseek import PRESETS, finish_config
     cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
     finish_config(cfg, "deepseek_v2")
-    layer = mla.MLAttention(ModelArgs.from_dict(cfg))
-    assert layer.absorb_below == 186
+    assert mla.MLAttention(ModelArgs.from_dict(cfg)).absorb_below == 186
+    calls = []
+    latent, expanded = mla.MLAttention._absorbed_piece, mla.MLAttention._expanded
+    monkeypatch.setattr(mla.MLAttention, "_absorbed_piece",
+                        lambda self, q, lat, scale: calls.append(("latent", q.shape[0])) or latent(self, q, lat, scale))
+    monkeypatch.setattr(mla.MLAttention, "_expanded", lambda self, q, lat, offset, valid, scale: calls.append(
+        ("expanded", q.shape[0], offset)) or expanded(self, q, lat, offset, valid, scale))
+    eng = make_engine(v3_dir)
+    for layer in eng.model.model.layers:
+        layer.self_attn.absorb_below = 5
+    layers = len(eng.model.model.layers)
+    got = all_logits(eng, PROMPT, 5)  # 29 tokens: pieces of 5 (from 0, 5, ..., 20), then 4 from 25
+    assert calls == ([("expanded", 5, 0)] * layers + [("expanded", 5, off) for off in (5, 10, 15, 20)
+                                                      for _ in range(layers)] + [("latent", 4)] * layers)
+    calls.clear()
+    monkeypatch.setattr(mla, "ABSORB_PIECES", frozenset())  # a device type not listed: expanded
+    torch.testing.assert_close(all_logits(eng, PROMPT, 5), got, atol=1e-5, rtol=1e-5)
+    assert ("latent", 4) not in calls and ("expanded", 4, 25) in calls
 
 
 @pytest.mark.gpu
