@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import mla  # noqa: E402
 from engine.model_args import ModelArgs  # noqa: E402
-from engine.tiny_deepseek import PRESETS, finish_config  # noqa: E402
+from engine.tiny import tiny_config  # noqa: E402
 
 
 def timed(fn, device: torch.device, iters: int) -> float:
@@ -56,9 +56,8 @@ def main():
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     iters = a.iters or (20 if device.type == "cuda" else 3)
-    cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
-    finish_config(cfg, "deepseek_v2")
     torch.manual_seed(0)
+    cfg = tiny_config("deepseek_v2", "deepseek-v2-lite-shapes", num_hidden_layers=1)
     layer = mla.MLAttention(ModelArgs.from_dict(cfg)).to(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# one MLA layer, V2-Lite sizes, {dtype}, {name}, torch {torch.__version__}; "

@@ -157,17 +157,23 @@ def _weights(cfg: dict, gen: torch.Generator, std: float, dtype: torch.dtype) ->
     return w
 
 
+def tiny_config(arch: str = "qwen3_moe", preset: str | None = None, **overrides) -> dict:
+    """The config.json make_tiny_model writes for these arguments, without writing anything (a
+    layer at a preset's shapes needs no checkpoint: ModelArgs.from_dict(tiny_config(...)))."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        overrides = {**PRESETS[preset], **overrides}
+    return _config(arch, overrides)
+
+
 def make_tiny_model(path: str | Path, arch: str = "qwen3_moe", seed: int = 0, *, std: float = 0.2,
                     dtype: str = "float32", preset: str | None = None, device: str = "cpu", **overrides) -> Path:
     """Write a random checkpoint to `path`; `overrides` are config.json keys (e.g. num_hidden_layers=4).
 
     device "cuda" draws the numbers there (other values than on the CPU for the same seed): a
     multi-GB benchmark checkpoint takes seconds instead of a minute of single-threaded randn."""
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        overrides = {**PRESETS[preset], **overrides}
-    cfg = _config(arch, overrides)
+    cfg = tiny_config(arch, preset, **overrides)
     cfg["dtype"] = dtype
     out = Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from engine import LLMEngine, SamplingParams
 from engine.deepseek import DeepseekCausalLM, DeepseekMoE
 from engine.model_args import CheckpointError, ModelArgs
 from engine.offload import OffloadedExperts
-from engine.tiny import make_tiny_model
+from engine.tiny import make_tiny_model, tiny_config
 from .paged import all_logits
 from .paged import run_to_end
 
@@ -268,16 +268,18 @@ def test_cuda_matches_cpu_and_offload_on_cuda(v3_dir, ratio):
     eng.close()
 
 
+def _v2_lite_args() -> ModelArgs:
+    """One layer at DeepSeek-V2-Lite's shapes (no checkpoint needed for a lone MLA layer)."""
+    return ModelArgs.from_dict(tiny_config("deepseek_v2", "deepseek-v2-lite-shapes", num_hidden_layers=1))
+
+
 def _mla_prefill_paths(device, dtype, Q, K):
     """One MLA layer of V2-Lite's head sizes: a prefill piece of Q queries at the end of K latents,
     expanded through SDPA's bottom-right causal bias, in latent space (the absorbed form short
     pieces take), and expanded through the boolean [Q, K] mask (the oracle)."""
     from engine import mla
-    from engine.tiny_deepseek import PRESETS, finish_config
-    cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
-    finish_config(cfg, "deepseek_v2")
     torch.manual_seed(0)
-    layer = mla.MLAttention(ModelArgs.from_dict(cfg)).to(device, dtype)
+    layer = mla.MLAttention(_v2_lite_args()).to(device, dtype)
     q = torch.randn(Q, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
     lat = torch.randn(K, layer.r + layer.dr, device=device, dtype=dtype)
     out = {"absorbed": layer._absorbed_piece(q, lat, 0.1)}
@@ -312,10 +314,7 @@ def test_pieces_after_cached_tokens_take_the_latent_form_below_the_bound(v3_dir,
     in latent space below absorb_below on a listed device type, expanded otherwise; the logits
     equal either way. V2-Lite's sizes give the bound 186 (fewer FLOPs than expanding the prefix)."""
     from engine import mla
-    from engine.tiny_deepseek import PRESETS, finish_config
-    cfg = dict(PRESETS["deepseek-v2-lite-shapes"], num_hidden_layers=1)
-    finish_config(cfg, "deepseek_v2")
-    assert mla.MLAttention(ModelArgs.from_dict(cfg)).absorb_below == 186
+    assert mla.MLAttention(_v2_lite_args()).absorb_below == 186
     calls = []
     latent, expanded = mla.MLAttention._absorbed_piece, mla.MLAttention._expanded
     monkeypatch.setattr(mla.MLAttention, "_absorbed_piece",
