@@ -5,12 +5,18 @@ latents; a piece of Q queries at the end of K latents (K - Q cached tokens befor
 
 - mask:   expanded through kv_b_proj, SDPA with a boolean [Q, K] mask (the path before 2026-12-05)
 - bias:   expanded, SDPA with the bottom-right causal bias (the engine's path for long pieces)
-- latent: absorbed into latent space as decode (the engine's path below MLAttention.absorb_below)
+- latent: absorbed into latent space as decode over gathered rows (SDPA; the CPU's path below
+          MLAttention.absorb_below)
+- kernel: absorbed, the Triton kernel over the paged pool (engine.attention.triton_mla; CUDA only,
+          the path below absorb_below when engine.mla.ABSORB_PIECES lists "cuda")
+
+Then decode (--decode BxK: B sequences of K keys, one query each, pages of 16 in a shuffled pool):
+the gather of the rows + SDPA with a padding mask (the path before the kernel) against the kernel.
 
 Prints ms per call (CUDA: GPU time over --iters calls after a warm-up; CPU: wall time).
 
     python benchmarks/bench_mla_pieces.py                       # CUDA if present, bf16
-    python benchmarks/bench_mla_pieces.py --device cpu --shapes 64x4096 16x2048
+    python benchmarks/bench_mla_pieces.py --device cpu --shapes 64x4096 16x2048 --decode 4x4096
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import mla  # noqa: E402
+from engine.layers import AttnMetadata, Piece  # noqa: E402
 from engine.model_args import ModelArgs  # noqa: E402
 from engine.tiny import tiny_config  # noqa: E402
 
@@ -51,6 +58,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["64x8192", "64x32768", "16x32768", "128x32768",
                                                      "185x32768", "512x32768", "2048x32768", "8192x32768"],
                     help="QxK: Q queries after K - Q cached tokens")
+    ap.add_argument("--decode", nargs="*", default=["1x8192", "1x32768", "8x32768", "32x8192", "32x32768"],
+                    help="BxK: B decodes over K keys each")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -62,20 +71,58 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# one MLA layer, V2-Lite sizes, {dtype}, {name}, torch {torch.__version__}; "
           f"latent form taken below {layer.absorb_below} queries")
-    print("| Q x K | mask ms | bias ms | latent ms | bias / mask | latent / bias |\n|---|---|---|---|---|---|")
+    kernel = device.type == "cuda"
+    print("| Q x K | mask ms | bias ms | latent ms | kernel ms | bias / mask | latent / bias | kernel / bias |\n"
+          "|---|---|---|---|---|---|---|---|")
+    P, W = 16, layer.r + layer.dr
     with torch.inference_mode():
         for shape in a.shapes:
             Q, K = (int(v) for v in shape.split("x"))
             q = torch.randn(Q, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
-            lat = torch.randn(K, layer.r + layer.dr, device=device, dtype=dtype)
+            pool, table = paged(K, P, W, device, dtype)
+            lat = pool[table].reshape(-1, W)[:K]
             ms = {}
             for path, lower_right in (("mask", False), ("bias", True)):
                 mla.LOWER_RIGHT = lower_right
                 ms[path] = timed(lambda: layer._expanded(q, lat, K - Q, None, 0.1), device, iters)
             mla.LOWER_RIGHT = True
             ms["latent"] = timed(lambda: layer._absorbed_piece(q, lat, 0.1), device, iters)
-            print(f"| {Q} x {K} | {ms['mask']:.3f} | {ms['bias']:.3f} | {ms['latent']:.3f} | "
-                  f"{ms['bias'] / ms['mask']:.2f}x | {ms['latent'] / ms['bias']:.2f}x |", flush=True)
+            piece = Piece(0, Q, K, table)
+            ms["kernel"] = timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters) if kernel else 0
+            k_cols = f"{ms['kernel']:.3f} | " if kernel else "- | "
+            k_ratio = f"{ms['kernel'] / ms['bias']:.2f}x" if kernel else "-"
+            print(f"| {Q} x {K} | {ms['mask']:.3f} | {ms['bias']:.3f} | {ms['latent']:.3f} | {k_cols}"
+                  f"{ms['bias'] / ms['mask']:.2f}x | {ms['latent'] / ms['bias']:.2f}x | {k_ratio} |", flush=True)
+        if not a.decode:
+            return
+        print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")
+        for shape in a.decode:
+            B, K = (int(v) for v in shape.split("x"))
+            pool, table = paged(B * K, P, W, device, dtype)
+            nb = (K + P - 1) // P
+            tables = table[:B * nb].view(B, nb)
+            lens = torch.full((B,), K, dtype=torch.long, device=device)
+            q = torch.randn(B, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+            meta = AttnMetadata(positions=lens - 1, slot_mapping=lens, prefills=[], decode_rows=torch.arange(
+                B, device=device), decode_tables=tables, decode_lens=lens, decode_max_len=K)
+
+            def gathered():
+                rows = pool[tables].reshape(B, nb * P, W)
+                valid = torch.arange(nb * P, device=device)[None, :] < lens[:, None]
+                return layer._absorbed(q, rows, valid, 0.1)
+            ms_g = timed(gathered, device, iters)
+            if kernel:
+                ms_k = timed(lambda: layer._kernel_decode(q, pool, meta, 0.1), device, iters)
+                print(f"| {B} x {K} | {ms_g:.3f} | {ms_k:.3f} | {ms_k / ms_g:.2f}x |", flush=True)
+            else:
+                print(f"| {B} x {K} | {ms_g:.3f} | - | - |", flush=True)
+
+
+def paged(K: int, P: int, W: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool [N, P, 1, W] of random latents and a shuffled block table [ceil(K / P)] over it."""
+    nb = (K + P - 1) // P
+    pool = torch.randn(nb + 1, P, 1, W, device=device, dtype=dtype)
+    return pool, torch.randperm(nb + 1, device=device)[:nb]
 
 
 if __name__ == "__main__":

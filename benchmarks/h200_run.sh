@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, decode-attn, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, decode-long, decode-32k, decode-32k-16, profile-decode-long, deepseek, deepseek-mla, deepseek-long, mla-pieces, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, decode-attn, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, decode-long, decode-32k, decode-32k-16, profile-decode-long, deepseek, deepseek-mla, deepseek-long, mla-pieces, mla-tests, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,7 +24,8 @@ for part in "$@"; do
   case $part in
     tests) step tests 220 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/kvc/test_cuda_store.py \
         tests/engine/test_cuda.py tests/engine/test_attention_kernels.py tests/engine/test_cuda_graphs.py \
-        tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_offload.py \
+        tests/engine/test_prefix_cache_cuda.py tests/engine/test_deepseek.py tests/engine/test_mla_kernel.py \
+        tests/engine/test_offload.py \
         tests/engine/test_llm_close.py tests/engine/test_moe_kernels.py tests/kvc/test_pinned.py ;;
     cpu-info) step cpu-info 20 bash -c "lscpu | grep -E 'Model name|Thread|Core|Socket|NUMA node|Flags' | cut -c1-400" ;;
     native-tests) step native-tests 90 python3 -m pytest -q -p no:cacheprovider tests/engine/test_native_experts.py ;;
@@ -135,7 +136,9 @@ for part in "$@"; do
     profile-decode-long) step profile-decode-long 300 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
         --cases decode --decode 32 --decode-prompt-len 8192 --prompt-len 8192 --no-hf --top 14 ;;
     deepseek) step deepseek 200 python3 benchmarks/bench_deepseek.py --ttft-len 8192 32768 ;;
-    mla-pieces) step mla-pieces 120 python3 benchmarks/bench_mla_pieces.py ;;
+    mla-pieces) step mla-pieces 180 python3 benchmarks/bench_mla_pieces.py ;;
+    mla-tests) step mla-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_mla_kernel.py \
+        tests/engine/test_deepseek.py ;;
     deepseek-mla) step deepseek-mla 380 python3 benchmarks/bench_deepseek.py --sections ttft \
         --ttft-len 8192 32768 --mla-paths mask,bias,latent ;;
     deepseek-long) step deepseek-long 300 python3 benchmarks/bench_deepseek.py --sections throughput \

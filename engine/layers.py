@@ -254,9 +254,12 @@ class Attention(nn.Module):
 def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto",
                           moe_kernel: str = "auto") -> None:
     """Hand config attn.backend, attn.prefill_kernel and attn.moe_kernel to every norm, attention
-    and expert layer of `model` (MLA layers run their own attention; their norms follow `backend`)."""
+    and expert layer of `model` (MLA layers take `backend` only: they have one kernel of their own)."""
+    from .mla import MLAttention
     from .moe import StackedExperts
     for m in model.modules():
+        if isinstance(m, MLAttention):
+            m.backend = backend
         if isinstance(m, StackedExperts):
             m.backend, m.kernel = backend, moe_kernel
         if isinstance(m, (RMSNorm, Attention)):

@@ -8,7 +8,9 @@ c [r] and the rotated rope key k_pe [dr], one row [r + dr] (576 for the real mod
   with key = [k_nope, k_pe] and query = [q_nope, q_pe];
 - absorbed (decode): fold kv_b_proj's K half into the query (q_lat = q_nope @ W_UK, [H, r]) and its
   V half into the output (o = o_lat @ W_UV^T), so the scores are [q_lat, q_pe] . [c, k_pe] against
-  the latent rows directly; per-head K/V of the context is never materialised.
+  the latent rows directly; per-head K/V of the context is never materialised. On CUDA (config
+  attn.backend "auto") a Triton kernel (engine.attention.triton_mla) reads the latent rows in the
+  pool through the block tables; elsewhere they are gathered and SDPA attends over them.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from .attention import use_kernels
 from .layers import AttnMetadata, RMSNorm
 from .model_args import ModelArgs
 
@@ -30,8 +33,8 @@ LOWER_RIGHT = True
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
 # they are expanded as the long ones. CUDA is left out until bench_mla_pieces.py has measured it
-# there: its SDPA call at a 576-wide head can only take the memory-efficient kernel, whose pace
-# against the expanded path's flash is unknown; on the CPU it is 2.4-7.8x quicker.
+# there (where kernels run, the latent form is the Triton kernel over the pool, as decode; on the
+# CPU, SDPA over gathered rows, 2.4-7.8x quicker than expanding).
 ABSORB_PIECES = frozenset({"cpu"})
 PIECE_MASK_BYTES = 64 << 20  # the latent form's boolean mask, per SDPA call
 
@@ -108,6 +111,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.r, self.heads * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(self.heads * self.dv, H, bias=False)
         self.absorb = True  # decode in the absorbed form; False runs the expanded oracle
+        self.backend = "auto"  # config attn.backend: "reference" keeps the gather + SDPA forms on CUDA
         # A prefill piece after cached tokens attends in latent space (as decode does) when that is
         # fewer FLOPs than expanding every cached latent through kv_b_proj: per key, expanding costs
         # 2 r h (dn + dv) plus 4 Q h (dn + dr) of attention, the latent form 2 Q h (2 r + dr). For
@@ -135,19 +139,26 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # [T, h, dn + dr]
         out = q.new_empty(T, self.heads, self.dv)
         scale = rope.softmax_scale
+        kernels = self.absorb and use_kernels(x, self.backend)
         for p in meta.prefills:
             rows = slice(p.q_start, p.q_start + p.q_len)
+            latent_form = (p.k_len > p.q_len and self.absorb and p.q_len < self.absorb_below
+                           and x.device.type in ABSORB_PIECES)
+            if latent_form and kernels:
+                out[rows] = self._kernel_piece(q[rows], cache, p, scale)
+                continue
             if p.k_len == p.q_len:  # nothing cached before: this piece's own latents, no gather
                 lat = latent[rows]
             else:
                 nb = (p.k_len + P - 1) // P
                 lat = cache[p.block_table[:nb]].reshape(nb * P, -1)[:p.k_len].to(q.dtype)  # [K, r + dr]
-            if (p.k_len > p.q_len and self.absorb and p.q_len < self.absorb_below
-                    and x.device.type in ABSORB_PIECES):
+            if latent_form:
                 out[rows] = self._absorbed_piece(q[rows], lat, scale)
             else:
                 out[rows] = self._expanded(q[rows], lat, p.k_len - p.q_len, None, scale)
-        if meta.decode_rows is not None:
+        if meta.decode_rows is not None and kernels:
+            out[meta.decode_rows] = self._kernel_decode(q[meta.decode_rows], cache, meta, scale)
+        elif meta.decode_rows is not None:
             B, nb = meta.decode_tables.shape
             lat = cache[meta.decode_tables].reshape(B, nb * P, -1).to(q.dtype)  # [B, K, r + dr]
             valid = torch.arange(nb * P, device=x.device)[None, :] < meta.decode_lens[:, None]  # [B, K]
@@ -207,6 +218,37 @@ class MLAttention(nn.Module):
                 qf[s:s + n].reshape(1, 1, n * self.heads, -1), lat[None, None], lat[None, None, :, :self.r],
                 attn_mask=mask[None, None], scale=scale).view(n, self.heads, self.r)
         return torch.einsum("qhr,hvr->qhv", o, w_uv)  # [Q, h, dv]
+
+    def _absorb_query(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """q [n, h, dn+dr] -> [n, h, r + dr] in latent space ([q_nope @ W_UK, q_pe]), contiguous."""
+        q_lat = torch.einsum("nhd,hdr->nhr", q[..., :self.dn], self._w_kv_b()[0])  # [n, h, r]
+        return torch.cat((q_lat, q[..., self.dn:]), dim=-1).to(dtype)
+
+    def _kernel_piece(self, q: torch.Tensor, cache: torch.Tensor, p, scale: float) -> torch.Tensor:
+        """q [Q, h, dn+dr], a piece's queries at the end of its k_len keys in the pool -> [Q, h, dv]:
+        the Triton kernel over the pool's latent rows (causal, bottom-right)."""
+        from .attention.triton_mla import mla_attention
+        Q, dev = q.shape[0], q.device
+        qf = self._absorb_query(q, cache.dtype)  # [Q, h, r + dr]
+        o = q.new_empty(1, Q * self.heads, self.r)
+        one = torch.zeros(1, dtype=torch.int32, device=dev)
+        mla_attention(qf, cache, self.r, one, one + Q, one + p.k_len, p.block_table[None], Q, p.k_len, scale, o)
+        return torch.einsum("qhr,hvr->qhv", o.view(Q, self.heads, self.r), self._w_kv_b()[1])
+
+    def _kernel_decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+        """q [B, h, dn+dr], one query per sequence after the rest of its decode_lens keys -> [B, h, dv]."""
+        from .attention.triton_mla import mla_attention
+        B, dev = q.shape[0], q.device
+        qf = self._absorb_query(q, cache.dtype)  # [B, h, r + dr]
+        key = ("mla_decode", B, dev)
+        idx = meta.scratch.get(key)
+        if idx is None:  # the same for every layer of the step
+            idx = meta.scratch[key] = (torch.arange(B, dtype=torch.int32, device=dev),
+                                       torch.ones(B, dtype=torch.int32, device=dev))
+        bound = meta.decode_max_len or meta.decode_tables.shape[1] * cache.shape[1]
+        o = q.new_empty(B, self.heads, self.r)
+        mla_attention(qf, cache, self.r, idx[0], idx[1], meta.decode_lens, meta.decode_tables, 1, bound, scale, o)
+        return torch.einsum("bhr,hvr->bhv", o, self._w_kv_b()[1])
 
     def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, h, dn+dr] over lat [B, K, r+dr] with valid [B, K] -> [B, h, dv], in latent space."""

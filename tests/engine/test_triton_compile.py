@@ -64,3 +64,22 @@ def test_device_hit_attention_plan_fits_hopper_shared_memory():
 def test_checksum_and_hostcopy_kernels_compile_for_hopper():
     from tests.kvc import test_gpu_checksum as c, test_hostcopy as h
     _check(f"SIZES = {c.SIZES!r}\n" + c.INTERP + "\n" + h.INTERP, least=2)
+
+
+MLA = """
+import torch
+from engine.attention.triton_mla import mla_attention
+from tests.engine.test_mla_kernel import make_pool
+for H, r, dr, P, dtype in ((16, 512, 64, 16, torch.bfloat16), (128, 512, 64, 64, torch.bfloat16),
+                           (16, 512, 64, 16, torch.float32)):
+    pool, tables, _ = make_pool([40], P, r + dr, dtype, "cpu")
+    q = torch.randn(4, H, r + dr).to(dtype)
+    one = torch.ones(1, dtype=torch.int32)
+    mla_attention(q, pool, r, one * 0, one * 3, one * 40, tables, 3, 40, 0.1, torch.empty(1, 3 * H, r, dtype=dtype))
+"""
+
+
+def test_mla_kernel_compiles_for_hopper():
+    """The MLA latent kernel at DeepSeek-V2-Lite's and V3's sizes (r 512, dr 64; 16 and 128 heads),
+    bf16 and fp32, and its merge, within sm_90's shared memory."""
+    _check(MLA, least=2)

@@ -1,0 +1,120 @@
+"""MLA (DeepSeek-V2/V3) attention in latent space over the paged latent pool, split-K, no gather.
+
+The pool holds one row [r + dr] per token (the compressed KV c [r], then the rotated k_pe [dr]).
+In the absorbed form every query head is a query row of the one latent head: its query is
+[q_nope @ W_UK (r), q_pe (dr)], the keys are the pool's rows and the values their first r columns,
+so the kernel reads each cached row once per block of query rows and never builds per-head K/V.
+
+One launch serves a group of "sequences", each with q_len queries (1 for decode) at the end of its
+k_len keys: its rows are (query, head) pairs, row m = query m // H, head m % H, and row m sees the
+keys up to its query's position (bottom-right causal; a decode row sees all k_len). A program
+takes one sequence, BLOCK_M of its rows and one slice of its keys (slices of whole key tiles, as
+many as an upper bound on k_len asks for, so one grid serves every length), writes the slice's
+normalised output and log2-sum-exp, and `merge_splits` combines the slices. The gather + SDPA forms
+in engine.mla are the CPU path and the oracle.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_merge import dot_precision, keys_per_split, merge_splits
+
+BLOCK_N = 32  # keys a tile: [32, 512] bf16 is 32 KiB of shared memory a stage
+BLOCK_M = 16  # (query, head) rows a program: tl.dot's least M
+
+
+@triton.jit
+def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, num_splits,
+                      stride_qt, stride_qh, stride_cb, stride_cp, stride_tb,
+                      stride_mb, stride_mm, stride_ms, stride_lb, stride_lm,
+                      HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    mblock = tl.program_id(1)
+    split = tl.program_id(2)
+    q_len = tl.load(QLens + b).to(tl.int32)
+    k_len = tl.load(KLens + b).to(tl.int32)
+    rows = q_len * HEADS
+    if mblock * BLOCK_M >= rows:  # this sequence has fewer rows than the launch's widest
+        return
+    kps = tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N  # keys of this slice
+    lo = split * kps
+    offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows
+    query = offs_m // HEADS
+    head = offs_m % HEADS
+    row_end = k_len - q_len + query + 1  # [M] keys each row sees
+    block_end = k_len - q_len + (tl.minimum(mblock * BLOCK_M + BLOCK_M, rows) - 1) // HEADS + 1
+    hi = tl.minimum(lo + kps, block_end)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_DR)
+    offs_n = tl.arange(0, BLOCK_N)
+    r_mask = offs_r < R
+    e_mask = offs_e < DR
+    q_row = (tl.load(Starts + b).to(tl.int64) + query) * stride_qt + head * stride_qh  # [M]
+    q_c = tl.load(Q + q_row[:, None] + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    q_e = tl.load(Q + q_row[:, None] + R + offs_e[None, :], mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    table = Tables + b * stride_tb
+    for start in range(lo, hi, BLOCK_N):
+        kj = start + offs_n
+        n_mask = kj < hi
+        blk = tl.load(table + kj // PAGE, mask=n_mask, other=0).to(tl.int64)
+        base = blk * stride_cb + (kj % PAGE) * stride_cp  # [N]
+        c = tl.load(C + base[:, None] + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        e = tl.load(C + base[:, None] + R + offs_e[None, :], mask=n_mask[:, None] & e_mask[None, :], other=0.0)
+        s = tl.dot(q_c, tl.trans(c), input_precision=PRECISION)
+        s = tl.dot(q_e, tl.trans(e), s, input_precision=PRECISION) * qk_scale  # [M, N]
+        s = tl.where(n_mask[None, :] & (kj[None, :] < row_end[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays empty
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0  # a slice past this row's keys: contributes nothing
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    mid = b * stride_mb + offs_m * stride_mm + split * stride_ms  # [M]
+    tl.store(MidO + mid[:, None] + offs_r[None, :], out, mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(MidL + b * stride_lb + offs_m * stride_lm + split, lse, mask=m_mask)
+
+
+def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
+                  k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
+                  out: torch.Tensor) -> None:
+    """Latent attention of B sequences over the pool.
+
+    q [T, H, r + dr] absorbed queries (contiguous last dim); cache [N, P, 1, r + dr]; starts, q_lens,
+    k_lens [B] (first row of q, queries and keys per sequence, device); tables [B, max_blocks] block
+    ids; max_q / max_k host bounds on q_lens / k_lens (the grid's size). out [B, max_q * H, >= r]:
+    sequence b's row m (query m // H, head m % H) gets its latent output in out[b, m, :r]; rows past
+    q_lens[b] * H (when sequences differ in q_len) get undefined values."""
+    H, W = q.shape[1], q.shape[2]
+    N, P = cache.shape[:2]
+    B = starts.shape[0]
+    if B == 0 or max_q == 0:
+        return
+    assert q.stride(-1) == 1 and cache.stride(-1) == 1 and out.stride(-1) == 1 and cache.shape[-1] == W
+    c = cache.view(N, P, W)
+    m_blocks = triton.cdiv(max_q * H, BLOCK_M)
+    S = triton.cdiv(max(max_k, 1), keys_per_split(B * m_blocks, max_k, BLOCK_N))
+    BLOCK_R = max(16, triton.next_power_of_2(r))
+    mid_o = torch.empty(B, m_blocks * BLOCK_M, S, BLOCK_R, dtype=torch.float32, device=q.device)
+    mid_l = torch.empty(B, m_blocks * BLOCK_M, S, dtype=torch.float32, device=q.device)
+    _mla_split_kernel[(B, m_blocks, S)](
+        q, c, starts, q_lens, k_lens, tables, mid_o, mid_l, scale, S,
+        q.stride(0), q.stride(1), c.stride(0), c.stride(1), tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
+        HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
+        num_warps=4, num_stages=2)
+    rows = torch.arange(B, device=q.device)
+    merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], rows)
