@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import mla  # noqa: E402
+from engine.attention import triton_mla  # noqa: E402
 from engine.layers import AttnMetadata, Piece  # noqa: E402
 from engine.model_args import ModelArgs  # noqa: E402
 from engine.tiny import tiny_config  # noqa: E402
@@ -56,10 +57,13 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--shapes", nargs="+", default=["64x8192", "64x32768", "16x32768", "128x32768",
-                                                     "185x32768", "512x32768", "2048x32768", "8192x32768"],
+                                                     "185x32768", "512x32768", "2048x32768", "8192x32768",
+                                                     "16x8192", "32x8192", "32x32768"],
                     help="QxK: Q queries after K - Q cached tokens")
     ap.add_argument("--decode", nargs="*", default=["1x8192", "1x32768", "8x32768", "32x8192", "32x32768"],
                     help="BxK: B decodes over K keys each")
+    ap.add_argument("--block-m", type=int, nargs="+", default=[16],
+                    help="the kernel's rows a program (engine.attention.triton_mla.BLOCK_M), a column each")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -72,8 +76,10 @@ def main():
     print(f"# one MLA layer, V2-Lite sizes, {dtype}, {name}, torch {torch.__version__}; "
           f"latent form taken below {layer.absorb_below} queries")
     kernel = device.type == "cuda"
-    print("| Q x K | mask ms | bias ms | latent ms | kernel ms | bias / mask | latent / bias | kernel / bias |\n"
-          "|---|---|---|---|---|---|---|---|")
+    kms = [f"kernel{m} ms" for m in a.block_m]
+    kr = [f"kernel{m} / bias" for m in a.block_m]
+    head = ["Q x K", "mask ms", "bias ms", "latent ms", *kms, "bias / mask", "latent / bias", *kr]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     P, W = 16, layer.r + layer.dr
     with torch.inference_mode():
         for shape in a.shapes:
@@ -88,11 +94,15 @@ def main():
             mla.LOWER_RIGHT = True
             ms["latent"] = timed(lambda: layer._absorbed_piece(q, lat, 0.1), device, iters)
             piece = Piece(0, Q, K, table)
-            ms["kernel"] = timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters) if kernel else 0
-            k_cols = f"{ms['kernel']:.3f} | " if kernel else "- | "
-            k_ratio = f"{ms['kernel'] / ms['bias']:.2f}x" if kernel else "-"
-            print(f"| {Q} x {K} | {ms['mask']:.3f} | {ms['bias']:.3f} | {ms['latent']:.3f} | {k_cols}"
-                  f"{ms['bias'] / ms['mask']:.2f}x | {ms['latent'] / ms['bias']:.2f}x | {k_ratio} |", flush=True)
+            k_ms = []
+            for m in a.block_m:
+                triton_mla.BLOCK_M = m
+                k_ms.append(timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters) if kernel else 0)
+            triton_mla.BLOCK_M = 16
+            cells = [f"{Q} x {K}", f"{ms['mask']:.3f}", f"{ms['bias']:.3f}", f"{ms['latent']:.3f}",
+                     *[f"{t:.3f}" if kernel else "-" for t in k_ms], f"{ms['bias'] / ms['mask']:.2f}x",
+                     f"{ms['latent'] / ms['bias']:.2f}x", *[f"{t / ms['bias']:.2f}x" if kernel else "-" for t in k_ms]]
+            print("| " + " | ".join(cells) + " |", flush=True)
         if not a.decode:
             return
         print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")

@@ -136,11 +136,11 @@ for part in "$@"; do
     profile-decode-long) step profile-decode-long 300 python3 benchmarks/profile_prefill.py --model-dir "$ckpt" \
         --cases decode --decode 32 --decode-prompt-len 8192 --prompt-len 8192 --no-hf --top 14 ;;
     deepseek) step deepseek 200 python3 benchmarks/bench_deepseek.py --ttft-len 8192 32768 ;;
-    mla-pieces) step mla-pieces 180 python3 benchmarks/bench_mla_pieces.py ;;
+    mla-pieces) step mla-pieces 180 python3 benchmarks/bench_mla_pieces.py --block-m 16 32 64 ;;
     mla-tests) step mla-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_mla_kernel.py \
         tests/engine/test_deepseek.py ;;
     deepseek-mla) step deepseek-mla 380 python3 benchmarks/bench_deepseek.py --sections ttft \
-        --ttft-len 8192 32768 --mla-paths mask,bias,latent ;;
+        --ttft-len 8192 32768 --mla-paths bias,latent ;;
     deepseek-long) step deepseek-long 300 python3 benchmarks/bench_deepseek.py --sections throughput \
         --prefill-len 8192 32768 ;;
     deepseek-short) step deepseek 150 python3 benchmarks/bench_deepseek.py --layers 6 --ttft-len 8192 --repeat 1 ;;

@@ -29,7 +29,7 @@ def _merge_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     head = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
     d_mask = offs_d < HEAD_DIM
     m_i = tl.full([1], float("-inf"), tl.float32)
@@ -53,9 +53,14 @@ def _merge_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_
     tl.store(O + row * stride_ot + head * stride_oh + offs_d, (acc / l_i).to(O.dtype.element_ty), mask=d_mask)
 
 
-def merge_splits(mid_o: torch.Tensor, mid_l: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
-    """mid_o [B, Hq, S, D] fp32, mid_l [B, Hq, S] fp32 -> out[rows[b], h] for every b, h."""
-    B, Hq, S, BLOCK_D = mid_o.shape
-    _merge_kernel[(B, Hq)](mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-                           mid_l.stride(0), mid_l.stride(1), out.stride(0), out.stride(1),
-                           HEAD_DIM=out.shape[-1], BLOCK_D=BLOCK_D, BLOCK_S=16, num_warps=4)
+def merge_splits(mid_o: torch.Tensor, mid_l: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+                 block_d: int | None = None) -> None:
+    """mid_o [B, Hq, S, D] fp32, mid_l [B, Hq, S] fp32 -> out[rows[b], h] for every b, h.
+    block_d: columns a program (a power of two dividing D; default all D): narrower columns give
+    more programs where B x Hq alone would leave most of the GPU idle (MLA's 512-wide rows)."""
+    B, Hq, S, D = mid_o.shape
+    block_d = block_d or D
+    _merge_kernel[(B, Hq, D // block_d)](mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1),
+                                         mid_o.stride(2), mid_l.stride(0), mid_l.stride(1), out.stride(0),
+                                         out.stride(1), HEAD_DIM=out.shape[-1], BLOCK_D=block_d, BLOCK_S=16,
+                                         num_warps=4)

@@ -23,6 +23,9 @@ from .triton_merge import dot_precision, keys_per_split, merge_splits
 
 BLOCK_N = 32  # keys a tile: [32, 512] bf16 is 32 KiB of shared memory a stage
 BLOCK_M = 16  # (query, head) rows a program: tl.dot's least M
+MERGE_ROWS = 32768  # rows a merge launch
+MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
+MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
 
 @triton.jit
@@ -105,7 +108,9 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     assert q.stride(-1) == 1 and cache.stride(-1) == 1 and out.stride(-1) == 1 and cache.shape[-1] == W
     c = cache.view(N, P, W)
     m_blocks = triton.cdiv(max_q * H, BLOCK_M)
-    S = triton.cdiv(max(max_k, 1), keys_per_split(B * m_blocks, max_k, BLOCK_N))
+    if m_blocks > 65535:
+        raise ValueError(f"mla_attention: {max_q} queries x {H} heads is more rows than one launch takes")
+    S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, BLOCK_N)))
     BLOCK_R = max(16, triton.next_power_of_2(r))
     mid_o = torch.empty(B, m_blocks * BLOCK_M, S, BLOCK_R, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, m_blocks * BLOCK_M, S, dtype=torch.float32, device=q.device)
@@ -115,6 +120,9 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
         HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
         BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        num_warps=4 if BLOCK_M <= 16 else 8, num_stages=2)
     rows = torch.arange(B, device=q.device)
-    merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], rows)
+    for m in range(0, max_q * H, MERGE_ROWS):  # the merge's grid is (B, rows): CUDA caps its y at 65,535
+        n = min(MERGE_ROWS, max_q * H - m)
+        merge_splits(mid_o[:, m:m + n], mid_l[:, m:m + n], out[:, m:m + n, :r], rows,
+                     min(MERGE_COLUMNS, BLOCK_R))
