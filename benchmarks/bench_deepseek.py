@@ -32,6 +32,7 @@ from kvc.config import load_config  # noqa: E402
 from kvc.hashing import DTYPE_BYTES, PageSpec  # noqa: E402
 from kvc.store import TieredStore  # noqa: E402
 from engine import LLMEngine, SamplingParams, mla  # noqa: E402
+from engine.attention import triton_mla  # noqa: E402
 from engine.model_args import ModelArgs  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
@@ -54,6 +55,7 @@ def rand_prompts(n, length, vocab, seed):
 def engine(path, a, tmp: Path | None = None, cpu_gb=2.0, **kw) -> LLMEngine:
     """An engine with an explicit pool; with tmp, a TieredStore (cpu_gb 0: disk only) behind it."""
     blocks = (max(a.ttft_len + [a.kt_len] + a.prefill_len) + 4 * a.delta) // PAGE * 2 + 64
+    blocks = max(blocks, max(a.concurrency) * ((a.decode_prompt_len + a.decode_tokens) // PAGE + 2) + 64)
     cfg = load_config().replace(path=str(path), dtype=a.dtype, device=str(a.device), gpu_only=tmp is None,
                                 page_size=PAGE, chunk_size=a.chunk, max_num_batched_tokens=a.chunk,
                                 num_device_blocks=blocks, cpu_memory_size_GB=cpu_gb,
@@ -122,24 +124,26 @@ def section_bytes(args: ModelArgs, dtype: str, full_layers: int):
 
 
 def section_throughput(path, a):
-    eng = engine(path, a)
+    backends = a.attn_backends.split(",")
     rows = {}
-    for L in a.prefill_len:
-        p = rand_prompts(a.repeat + 1, L, eng.args.vocab_size, L)
-        times = []
-        for i, q in enumerate(p):
-            t, _ = ttft(eng, q)
-            eng.prefix_cache.reset_device_cache()
-            if i:
-                times.append(t)
-        rows[("prefill", L)] = [L / statistics.median(times)]
-    for c in a.concurrency:
-        decode_tps(eng, c, a.decode_prompt_len, 4, 1)  # warm-up
-        rows[("decode", c)] = [statistics.median(decode_tps(eng, c, a.decode_prompt_len, a.decode_tokens, 10 + r)
-                                                 for r in range(a.repeat))]
-    close(eng)
-    del eng
-    gc.collect()
+    for backend in backends:  # the engine once per config attn.backend (auto: the kernels on CUDA)
+        eng = engine(path, a, backend=backend)
+        for L in a.prefill_len:
+            p = rand_prompts(a.repeat + 1, L, eng.args.vocab_size, L)
+            times = []
+            for i, q in enumerate(p):
+                t, _ = ttft(eng, q)
+                eng.prefix_cache.reset_device_cache()
+                if i:
+                    times.append(t)
+            rows.setdefault(("prefill", L), []).append(L / statistics.median(times))
+        for c in a.concurrency:
+            decode_tps(eng, c, a.decode_prompt_len, 4, 1)  # warm-up
+            rows.setdefault(("decode", c), []).append(statistics.median(
+                decode_tps(eng, c, a.decode_prompt_len, a.decode_tokens, 10 + r) for r in range(a.repeat)))
+        close(eng)
+        del eng
+        gc.collect()
     if not a.no_hf:
         import transformers
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.dtype)).to(a.device).eval()
@@ -170,13 +174,19 @@ def section_throughput(path, a):
         gc.collect()
         if a.device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n(2) throughput, engine vs transformers {'(skipped)' if a.no_hf else ''}")
-    print("| phase | size | kvc engine tok/s | transformers tok/s | ratio |\n|---|---|---|---|---|")
+    nb = len(backends)
+    named = ["kvc engine tok/s" if backends == ["auto"] else f"kvc attn.backend {b} tok/s" for b in backends]
+    extra = [f"{backends[0]} / {b}" for b in backends[1:]]
+    print(f"\n(2) throughput, engine vs transformers {'(skipped)' if a.no_hf else ''}; decode after "
+          f"{a.decode_prompt_len}-token prompts")
+    head = ["phase", "size", *named, "transformers tok/s", "ratio", *extra]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for (phase, size), v in rows.items():
         what = f"{size} tokens" if phase == "prefill" else f"{size} requests x {a.decode_tokens} tokens"
-        hf = f"{v[1]:,.1f}" if len(v) > 1 else "-"
-        ratio = f"{v[0] / v[1]:.2f}x" if len(v) > 1 else "-"
-        print(f"| {phase} | {what} | {v[0]:,.1f} | {hf} | {ratio} |", flush=True)
+        hf = f"{v[nb]:,.1f}" if len(v) > nb else "-"
+        ratio = f"{v[0] / v[nb]:.2f}x" if len(v) > nb else "-"
+        cells = [phase, what, *[f"{x:,.1f}" for x in v[:nb]], hf, ratio, *[f"{v[0] / x:.2f}x" for x in v[1:nb]]]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def tier_table(path, a, tmp: Path, lens: list[int], label: str, **kw):
@@ -249,7 +259,14 @@ def main():
                          "cached tokens: mask (expanded, a boolean [Q, K] mask: the path before "
                          "2026-12-05), bias (expanded, SDPA's bottom-right causal bias), latent (the bias, and "
                          "short pieces in the absorbed latent form on any device), engine (its defaults)")
+    ap.add_argument("--attn-backends", default="auto",
+                    help="comma-separated config attn.backend values, the throughput section's engine once each "
+                         "(auto: the Triton kernels on CUDA, MLA's latent kernel among them; reference: gather + SDPA)")
+    ap.add_argument("--mla-block-m", type=int, default=None,
+                    help="the MLA kernel's rows a program (engine.attention.triton_mla.BLOCK_M)")
     a = ap.parse_args()
+    if a.mla_block_m:
+        triton_mla.BLOCK_M = a.mla_block_m
     if set(a.mla_paths.split(",")) - set(MLA_PATHS):
         ap.error(f"--mla-paths takes {', '.join(MLA_PATHS)}")
     if a.quick:
