@@ -124,10 +124,12 @@ def section_bytes(args: ModelArgs, dtype: str, full_layers: int):
 
 
 def section_throughput(path, a):
-    backends = a.attn_backends.split(",")
+    backends = a.mla_backends.split(",")
     rows = {}
-    for backend in backends:  # the engine once per config attn.backend (auto: the kernels on CUDA)
-        eng = engine(path, a, backend=backend)
+    for backend in backends:  # the engine once per MLA layers' backend (auto: the latent kernel on CUDA)
+        eng = engine(path, a)
+        for layer in eng.model.model.layers:
+            layer.self_attn.backend = backend
         for L in a.prefill_len:
             p = rand_prompts(a.repeat + 1, L, eng.args.vocab_size, L)
             times = []
@@ -175,7 +177,7 @@ def section_throughput(path, a):
         if a.device.type == "cuda":
             torch.cuda.empty_cache()
     nb = len(backends)
-    named = ["kvc engine tok/s" if backends == ["auto"] else f"kvc attn.backend {b} tok/s" for b in backends]
+    named = ["kvc engine tok/s" if backends == ["auto"] else f"kvc, MLA {b}, tok/s" for b in backends]
     extra = [f"{backends[0]} / {b}" for b in backends[1:]]
     print(f"\n(2) throughput, engine vs transformers {'(skipped)' if a.no_hf else ''}; decode after "
           f"{a.decode_prompt_len}-token prompts")
@@ -259,9 +261,10 @@ def main():
                          "cached tokens: mask (expanded, a boolean [Q, K] mask: the path before "
                          "2026-12-05), bias (expanded, SDPA's bottom-right causal bias), latent (the bias, and "
                          "short pieces in the absorbed latent form on any device), engine (its defaults)")
-    ap.add_argument("--attn-backends", default="auto",
-                    help="comma-separated config attn.backend values, the throughput section's engine once each "
-                         "(auto: the Triton kernels on CUDA, MLA's latent kernel among them; reference: gather + SDPA)")
+    ap.add_argument("--mla-backends", default="auto",
+                    help="comma-separated, the throughput section's engine once each with its MLA layers on this "
+                         "attn.backend (auto: the latent kernel over the pool on CUDA; reference: gather + SDPA); "
+                         "the rest of the model as configured")
     ap.add_argument("--mla-block-m", type=int, default=None,
                     help="the MLA kernel's rows a program (engine.attention.triton_mla.BLOCK_M)")
     a = ap.parse_args()

@@ -142,7 +142,7 @@ for part in "$@"; do
     deepseek-mla) step deepseek-mla 380 python3 benchmarks/bench_deepseek.py --sections ttft \
         --ttft-len 8192 32768 --mla-paths bias,latent ;;
     deepseek-decode) step deepseek-decode 300 python3 benchmarks/bench_deepseek.py --sections throughput \
-        --prefill-len 32768 --decode-prompt-len 8192 --concurrency 1 16 --attn-backends auto,reference ;;
+        --prefill-len 32768 --decode-prompt-len 8192 --concurrency 1 16 --mla-backends auto,reference ;;
     deepseek-mla-64) step deepseek-mla-64 200 python3 benchmarks/bench_deepseek.py --sections ttft \
         --ttft-len 32768 --mla-paths bias,latent --mla-block-m 64 ;;
     deepseek-long) step deepseek-long 300 python3 benchmarks/bench_deepseek.py --sections throughput \
