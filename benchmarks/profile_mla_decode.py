@@ -37,7 +37,7 @@ def main():
                                     chunk_size=8192, max_num_batched_tokens=8192, num_device_blocks=blocks)
         eng = LLMEngine(cfg)
         g = torch.Generator().manual_seed(0)
-        params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
         for i in range(a.conc):
             eng.add_request(str(i), torch.randint(0, eng.args.vocab_size, (a.prompt_len,), generator=g).tolist(),
                             params)
