@@ -266,10 +266,10 @@ def main():
                          "attn.backend (auto: the latent kernel over the pool on CUDA; reference: gather + SDPA); "
                          "the rest of the model as configured")
     ap.add_argument("--mla-block-m", type=int, default=None,
-                    help="the MLA kernel's rows a program (engine.attention.triton_mla.BLOCK_M)")
+                    help="the MLA kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M)")
     a = ap.parse_args()
     if a.mla_block_m:
-        triton_mla.BLOCK_M = a.mla_block_m
+        triton_mla.BLOCK_M = triton_mla.PIECE_BLOCK_M = a.mla_block_m
     if set(a.mla_paths.split(",")) - set(MLA_PATHS):
         ap.error(f"--mla-paths takes {', '.join(MLA_PATHS)}")
     if a.quick:

@@ -63,7 +63,8 @@ def main():
     ap.add_argument("--decode", nargs="*", default=["1x8192", "1x32768", "8x32768", "32x8192", "32x32768"],
                     help="BxK: B decodes over K keys each")
     ap.add_argument("--block-m", type=int, nargs="+", default=[16],
-                    help="the kernel's rows a program (engine.attention.triton_mla.BLOCK_M), a column each")
+                    help="the kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M), "
+                         "a column each")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -76,6 +77,7 @@ def main():
     print(f"# one MLA layer, V2-Lite sizes, {dtype}, {name}, torch {torch.__version__}; "
           f"latent form taken below {layer.absorb_below} queries")
     kernel = device.type == "cuda"
+    block_m = triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M
     kms = [f"kernel{m} ms" for m in a.block_m]
     kr = [f"kernel{m} / bias" for m in a.block_m]
     head = ["Q x K", "mask ms", "bias ms", "latent ms", *kms, "bias / mask", "latent / bias", *kr]
@@ -96,9 +98,9 @@ def main():
             piece = Piece(0, Q, K, table)
             k_ms = []
             for m in a.block_m:
-                triton_mla.BLOCK_M = m
+                triton_mla.BLOCK_M = triton_mla.PIECE_BLOCK_M = m
                 k_ms.append(timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters) if kernel else 0)
-            triton_mla.BLOCK_M = 16
+            triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M = block_m
             cells = [f"{Q} x {K}", f"{ms['mask']:.3f}", f"{ms['bias']:.3f}", f"{ms['latent']:.3f}",
                      *[f"{t:.3f}" if kernel else "-" for t in k_ms], f"{ms['bias'] / ms['mask']:.2f}x",
                      f"{ms['latent'] / ms['bias']:.2f}x", *[f"{t / ms['bias']:.2f}x" if kernel else "-" for t in k_ms]]

@@ -75,11 +75,13 @@ for H, r, dr, P, dtype in ((16, 512, 64, 16, torch.bfloat16), (128, 512, 64, 64,
     pool, tables, _ = make_pool([40], P, r + dr, dtype, "cpu")
     q = torch.randn(4, H, r + dr).to(dtype)
     one = torch.ones(1, dtype=torch.int32)
-    mla_attention(q, pool, r, one * 0, one * 3, one * 40, tables, 3, 40, 0.1, torch.empty(1, 3 * H, r, dtype=dtype))
+    for block_m in (16, 64):
+        mla_attention(q, pool, r, one * 0, one * 3, one * 40, tables, 3, 40, 0.1,
+                      torch.empty(1, 3 * H, r, dtype=dtype), block_m)
 """
 
 
 def test_mla_kernel_compiles_for_hopper():
     """The MLA latent kernel at DeepSeek-V2-Lite's and V3's sizes (r 512, dr 64; 16 and 128 heads),
-    bf16 and fp32, and its merge, within sm_90's shared memory."""
+    bf16 and fp32, rows in blocks of 16 and 64, and its merge, within sm_90's shared memory."""
     _check(MLA, least=2)
