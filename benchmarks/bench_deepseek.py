@@ -264,7 +264,8 @@ def main():
     ap.add_argument("--mla-backends", default="auto",
                     help="comma-separated, the throughput section's engine once each with its MLA layers on this "
                          "attn.backend (auto: the latent kernel over the pool on CUDA; reference: gather + SDPA); "
-                         "the rest of the model as configured")
+                         "the rest of the model as configured. The process's first engine decodes slower whatever "
+                         "its path (RESULTS, runs FE-FG): list the paths twice, e.g. reference,auto,reference,auto")
     ap.add_argument("--mla-block-m", type=int, default=None,
                     help="the MLA kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M)")
     a = ap.parse_args()
