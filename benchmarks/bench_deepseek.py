@@ -126,8 +126,9 @@ def section_bytes(args: ModelArgs, dtype: str, full_layers: int):
 def section_throughput(path, a):
     backends = a.mla_backends.split(",")
     rows = {}
-    for backend in backends:  # the engine once per MLA layers' backend (auto: the latent kernel on CUDA)
-        eng = engine(path, a)
+    for variant in backends:  # the engine once per MLA layers' backend (auto: the latent kernel on CUDA)
+        backend, _, eager = variant.partition(":")
+        eng = engine(path, a, enforce_eager=eager == "eager")
         for layer in eng.model.model.layers:
             layer.self_attn.backend = backend
         for L in a.prefill_len:
@@ -265,7 +266,8 @@ def main():
                     help="comma-separated, the throughput section's engine once each with its MLA layers on this "
                          "attn.backend (auto: the latent kernel over the pool on CUDA; reference: gather + SDPA); "
                          "the rest of the model as configured. The process's first engine decodes slower whatever "
-                         "its path (RESULTS, runs FE-FG): list the paths twice, e.g. reference,auto,reference,auto")
+                         "its path (RESULTS, runs FE-FG): list the paths twice, e.g. reference,auto,reference,auto. "
+                         "A suffix :eager sets model.enforce_eager (no decode CUDA graphs), e.g. auto:eager,auto")
     ap.add_argument("--mla-block-m", type=int, default=None,
                     help="the MLA kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M)")
     a = ap.parse_args()

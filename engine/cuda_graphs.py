@@ -5,9 +5,11 @@ scheduler.max_num_seqs). Rows past B are padding: slot -1 (the K/V store skips t
 (attention reads nothing), token 0; their logits are dropped. The graph covers embedding, every
 layer (norms, RoPE, the K/V store, split-K decode attention sized for `max_blocks` pages, router
 and the fused MoE kernels) and the lm_head; sampling stays outside. Graphs are captured lazily, the
-first time a bucket is needed. Only engine.model.CausalLM with its own device experts qualifies:
-offloaded or recording experts, CPU, missing triton, `attn.backend: reference` or
-`model.enforce_eager` keep steps eager.
+first time a bucket is needed. engine.model.CausalLM and engine.deepseek.DeepseekCausalLM (its
+MLA layers decode through the latent kernel, their rows stored by a launch that skips slot -1)
+with their own device experts qualify: offloaded or recording experts, CPU, missing triton,
+`attn.backend: reference` or `model.enforce_eager` keep steps eager (prefill graphs are
+CausalLM's only: engine.prefill_graphs splits its layers around attention).
 
 Capture uses capture_error_mode="thread_local": the engine's other threads keep using CUDA while a
 bucket is captured (the kvc-load thread copies pages host -> device on its own stream and
@@ -29,6 +31,7 @@ import torch
 from kvc import pinned
 
 from .attention import use_kernels
+from .deepseek import DeepseekCausalLM
 from .kv_cache import KVCache
 from .layers import AttnMetadata
 from .model import CausalLM
@@ -103,8 +106,8 @@ def graphs_supported(model: torch.nn.Module, device: torch.device, backend: str 
     """None when decode graphs can be used (backend: attn.backend), else why not."""
     if device.type != "cuda":
         return "not on CUDA"
-    if type(model) is not CausalLM:
-        return f"{type(model).__name__} is not engine.model.CausalLM"
+    if type(model) not in (CausalLM, DeepseekCausalLM):
+        return f"{type(model).__name__} is not engine.model.CausalLM or engine.deepseek.DeepseekCausalLM"
     if backend == "reference":
         return "attn.backend is reference"
     if not use_kernels(torch.empty(0, device=device)):
@@ -143,6 +146,9 @@ class DecodeGraphs:
         return self.model.logits(hidden)  # [B, vocab] fp32
 
     def _capture(self, B: int) -> None:
+        blocker = getattr(self.model, "graph_blocker", None)  # checked before the warm-up runs the step
+        if blocker is not None and (why := blocker()):
+            raise RuntimeError(why)
         self._pad(0, B)
 
         def check() -> None:

@@ -116,6 +116,16 @@ class DeepseekCausalLM(nn.Module):
         for l in self.model.layers:
             l.self_attn.absorb = on
 
+    def graph_blocker(self) -> str | None:
+        """Why decode steps cannot be CUDA graphs now (None: they can): a graph's padding rows have
+        slot -1, which only the kernels' store skips, and the gather paths would read max_blocks pages."""
+        for l in self.model.layers:
+            if not l.self_attn.absorb:
+                return "MLA decodes through the expanded oracle (set_absorb(False))"
+            if l.self_attn.backend == "reference":
+                return "MLA layers on attn.backend reference"
+        return None
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_layer) -> torch.Tensor:
         """input_ids [T] -> final hidden [T, H]; kv_layer(i)[0] is layer i's latent pool [N, P, 1, r+dr]."""

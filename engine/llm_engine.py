@@ -27,6 +27,7 @@ from .layers import set_attention_backend
 from .load_policy import LoadPlanner, PrefillClock
 from .loader import load_model
 from .metrics import EngineMetrics
+from .model import CausalLM
 from .offload import experts_load_device, setup_experts
 from .prefill_graphs import PrefillGraphs
 from .prefix_cache import PrefixCache
@@ -206,7 +207,7 @@ class LLMEngine:
             self.runner.graphs = DecodeGraphs(self.model, self.kv, self.device, config.scheduler.max_num_seqs,
                                               self.max_model_len)
             most = min(config.model.prefill_graph_tokens, config.scheduler.max_num_batched_tokens)
-            if most > 0:
+            if most > 0 and type(self.model) is CausalLM:  # its layers split around attention
                 self.runner.prefill_graphs = PrefillGraphs(self.model, self.kv, self.device, most,
                                                            max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}

@@ -135,7 +135,11 @@ class MLAttention(nn.Module):
         k_pe = rope.apply(ckv[:, None, self.r:], cos, sin)[:, 0]  # [T, dr]
         latent = torch.cat((c, k_pe), dim=-1)  # [T, r + dr]
         N, P = cache.shape[:2]
-        cache.view(N * P, self.r + self.dr).index_copy_(0, meta.slot_mapping, latent.to(cache.dtype))
+        if use_kernels(x, self.backend):  # skips the padding rows (slot -1) of a CUDA-graph batch
+            from .attention.triton_cache import store_rows
+            store_rows(latent.to(cache.dtype).contiguous(), cache, meta.slot_mapping)
+        else:
+            cache.view(N * P, self.r + self.dr).index_copy_(0, meta.slot_mapping, latent.to(cache.dtype))
         q = torch.cat((q_nope, q_pe), dim=-1)  # [T, h, dn + dr]
         out = q.new_empty(T, self.heads, self.dv)
         scale = rope.softmax_scale

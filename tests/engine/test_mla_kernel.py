@@ -160,3 +160,68 @@ def test_deepseek_engine_kernel_equals_reference_cuda(ds_dir):
         engine_tokens(str(ds_dir), "reference", "cuda")
     assert calls > 0 and none == 0, (calls, none)
     assert torch.equal(kernel, reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepseek_decode_graphs_equal_eager_cuda(ds_dir, dtype):
+    """DeepSeek's decode steps as CUDA graphs (buckets of 1, 2, 4, 8 as requests finish at different
+    lengths) give the tokens of eager steps, and the graphs ran."""
+    from prometheus_client import CollectorRegistry
+    from engine import LLMEngine, SamplingParams
+    from kvc.config import load_config
+    prompts = [[(i * 37 + 11 + j) % 120 for i in range(n)] for j, n in enumerate((45, 20, 33, 7, 60))]
+    out = {}
+    for eager in (True, False):
+        cfg = load_config().replace(path=str(ds_dir), dtype=dtype, device="cuda", gpu_only=True, page_size=16,
+                                    num_device_blocks=128, max_num_seqs=8, enforce_eager=eager)
+        eng = LLMEngine(cfg, registry=CollectorRegistry())
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=(9, 4, 12, 6, 3)[i], ignore_eos=True))
+        got = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    got[o.request_id] = o.outputs[0].token_ids
+        out[eager] = [got[str(i)] for i in range(len(prompts))]
+        graphs = eng.runner.graphs
+        assert (graphs is None) == eager
+        if not eager:
+            assert graphs.disabled is None and graphs.replays > 0, (graphs.disabled, graphs.replays)
+        eng.close()
+    assert out[False] == out[True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deepseek_expanded_decode_stays_eager_cuda(ds_dir):
+    """With set_absorb(False) the decode cannot be captured (its store and gathers are not graph-safe):
+    the capture is refused before its warm-up, the graphs turn off, the steps run eagerly."""
+    from prometheus_client import CollectorRegistry
+    from engine import LLMEngine, SamplingParams
+    from kvc.config import load_config
+    cfg = load_config().replace(path=str(ds_dir), dtype="float32", device="cuda", gpu_only=True, page_size=16,
+                                num_device_blocks=64, max_num_seqs=4)
+    eng = LLMEngine(cfg, registry=CollectorRegistry())
+    eng.model.set_absorb(False)
+    eng.add_request("a", list(range(3, 40)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    assert "set_absorb" in eng.runner.graphs.disabled and eng.runner.graphs.replays == 0
+    eng.close()
+
+
+def test_deepseek_graph_blocker_names_what_keeps_decode_eager():
+    """engine.cuda_graphs refuses a DeepSeek decode capture (before its warm-up, whose padding rows
+    only the kernels' store skips) while an MLA layer is on the expanded oracle or the reference path."""
+    from engine.deepseek import DeepseekCausalLM
+    from engine.model_args import ModelArgs
+    from engine.tiny import tiny_config
+    m = DeepseekCausalLM(ModelArgs.from_dict(tiny_config("deepseek_v3", None)))
+    assert m.graph_blocker() is None
+    m.set_absorb(False)
+    assert "set_absorb" in m.graph_blocker()
+    m.set_absorb(True)
+    m.model.layers[-1].self_attn.backend = "reference"
+    assert "reference" in m.graph_blocker()
