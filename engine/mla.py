@@ -32,9 +32,11 @@ from .model_args import ModelArgs
 LOWER_RIGHT = True
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
-# they are expanded as the long ones. CUDA is left out until bench_mla_pieces.py has measured it
-# there (where kernels run, the latent form is the Triton kernel over the pool, as decode; on the
-# CPU, SDPA over gathered rows, 2.4-7.8x quicker than expanding).
+# they are expanded as the long ones. On the CPU (SDPA over gathered rows) that is 2.4-7.8x quicker
+# than expanding. CUDA is left out, as measured (benchmarks/RESULTS.md, runs FC-FE): SDPA's form
+# there is 3.6-23x slower than the expanded flash path, and the Triton kernel (what kernels run
+# for it) quicker only for short pieces after long prefixes (0.35-0.59x at 16-64 x 32K, 1.0-1.7x
+# after 8K), so a bound that depends on the prefix length would be needed.
 ABSORB_PIECES = frozenset({"cpu"})
 PIECE_MASK_BYTES = 64 << 20  # the latent form's boolean mask, per SDPA call
 
@@ -208,9 +210,7 @@ class MLAttention(nn.Module):
         K/V of the cached tokens is built. The rows' causal mask is [rows, K] booleans, made for a
         group of queries at a time (at most PIECE_MASK_BYTES)."""
         Q, K = q.shape[0], lat.shape[0]
-        w_uk, w_uv = self._w_kv_b()
-        q_lat = torch.einsum("qhd,hdr->qhr", q[..., :self.dn], w_uk)  # [Q, h, r]
-        qf = torch.cat((q_lat, q[..., self.dn:]), dim=-1)  # [Q, h, r + dr]
+        qf = self._absorb_query(q, q.dtype)  # [Q, h, r + dr]
         keys = torch.arange(K, device=q.device)
         o = qf.new_empty(Q, self.heads, self.r)
         group = max(1, min(Q, PIECE_MASK_BYTES // (self.heads * K)))
@@ -221,7 +221,7 @@ class MLAttention(nn.Module):
             o[s:s + n] = F.scaled_dot_product_attention(
                 qf[s:s + n].reshape(1, 1, n * self.heads, -1), lat[None, None], lat[None, None, :, :self.r],
                 attn_mask=mask[None, None], scale=scale).view(n, self.heads, self.r)
-        return torch.einsum("qhr,hvr->qhv", o, w_uv)  # [Q, h, dv]
+        return torch.einsum("qhr,hvr->qhv", o, self._w_kv_b()[1])  # [Q, h, dv]
 
     def _absorb_query(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """q [n, h, dn+dr] -> [n, h, r + dr] in latent space ([q_nope @ W_UK, q_pe]), contiguous."""
@@ -257,10 +257,8 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B, h, dn+dr] over lat [B, K, r+dr] with valid [B, K] -> [B, h, dv], in latent space."""
-        w_uk, w_uv = self._w_kv_b()
-        q_lat = torch.einsum("bhd,hdr->bhr", q[..., :self.dn], w_uk)  # [B, h, r]
-        qf = torch.cat((q_lat, q[..., self.dn:]), dim=-1)  # [B, h, r + dr]
+        qf = self._absorb_query(q, q.dtype)  # [B, h, r + dr]
         # the heads act as query rows of one shared key/value head: no GQA expansion of the context
         o = F.scaled_dot_product_attention(qf[:, None], lat[:, None], lat[:, None, :, :self.r],
                                            attn_mask=valid[:, None, None, :], scale=scale)  # [B, 1, h, r]
-        return torch.einsum("bhr,hvr->bhv", o[:, 0], w_uv)  # [B, h, dv]
+        return torch.einsum("bhr,hvr->bhv", o[:, 0], self._w_kv_b()[1])  # [B, h, dv]

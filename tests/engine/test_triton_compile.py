@@ -68,6 +68,7 @@ def test_checksum_and_hostcopy_kernels_compile_for_hopper():
 
 MLA = """
 import torch
+from engine.attention.triton_cache import store_rows
 from engine.attention.triton_mla import mla_attention
 from tests.engine.test_mla_kernel import make_pool
 for H, r, dr, P, dtype in ((16, 512, 64, 16, torch.bfloat16), (128, 512, 64, 64, torch.bfloat16),
@@ -78,10 +79,12 @@ for H, r, dr, P, dtype in ((16, 512, 64, 16, torch.bfloat16), (128, 512, 64, 64,
     for block_m in (16, 64):
         mla_attention(q, pool, r, one * 0, one * 3, one * 40, tables, 3, 40, 0.1,
                       torch.empty(1, 3 * H, r, dtype=dtype), block_m)
+    store_rows(q[:, 0].contiguous(), pool, torch.tensor([5, -1, 7, 2]))
 """
 
 
 def test_mla_kernel_compiles_for_hopper():
     """The MLA latent kernel at DeepSeek-V2-Lite's and V3's sizes (r 512, dr 64; 16 and 128 heads),
-    bf16 and fp32, rows in blocks of 16 and 64, and its merge, within sm_90's shared memory."""
+    bf16 and fp32, rows in blocks of 16 and 64, its merge and the latent rows' store, within sm_90's
+    shared memory."""
     _check(MLA, least=2)
