@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_merge import dot_precision, keys_per_split, merge_splits
+from .triton_merge import dot_precision, keys_per_split, merge_splits, split_result
 
 BLOCK_N = 64
 
@@ -68,9 +68,7 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    empty = l_i == 0.0  # slice past the end (or an empty row): contributes nothing
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out, lse = split_result(acc, m_i, l_i)  # a slice past the end (or an empty row) contributes nothing
     base = b * stride_mb + heads * stride_mh + split * stride_ms  # [G]
     tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(MidL + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)

@@ -24,6 +24,15 @@ def keys_per_split(programs: int, max_len: int, block_n: int) -> int:
 
 
 @triton.jit
+def split_result(acc, m_i, l_i):
+    """A split-K slice's online-softmax state -> (its normalised output [rows, D], its log2-sum-exp
+    [rows]); a row that saw no key in the slice gets 0 and -inf, so the merge weighs it 0."""
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    return acc / tl.where(empty, 1.0, l_i)[:, None], lse
+
+
+@triton.jit
 def _merge_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh, stride_ot, stride_oh,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_merge import dot_precision, keys_per_split, merge_splits
+from .triton_merge import dot_precision, keys_per_split, merge_splits, split_result
 
 BLOCK_N = 32  # keys a tile: [32, 512] bf16 is 32 KiB of shared memory a stage
 BLOCK_M = 16  # (query, head) rows a program (decode: one query's heads of V2-Lite); tl.dot's least M
@@ -86,9 +86,7 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
         m_i = m_new
-    empty = l_i == 0.0  # a slice past this row's keys: contributes nothing
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out, lse = split_result(acc, m_i, l_i)  # a slice past this row's keys contributes nothing
     mid = b * stride_mb + offs_m * stride_mm + split * stride_ms  # [M]
     tl.store(MidO + mid[:, None] + offs_r[None, :], out, mask=m_mask[:, None] & r_mask[None, :])
     tl.store(MidL + b * stride_lb + offs_m * stride_lm + split, lse, mask=m_mask)
