@@ -1,6 +1,7 @@
 """Decode steps of the DeepSeek engine (V2-Lite shapes) with the MLA layers on the latent kernel
 (attn.backend auto) and on gather + SDPA (reference), in one process on the same requests: step
-wall time, then torch.profiler's top CUDA kernels and CPU ops over a few steps of each.
+wall time, then over 3 profiled steps of each the GPU and host time a step and torch.profiler's
+top CUDA kernels and CPU ops.
 
     python benchmarks/profile_mla_decode.py --conc 16 --prompt-len 8192
 """
@@ -61,9 +62,12 @@ def main():
                 for _ in range(3):
                     eng.step()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=60))
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top // 2,
-                                            max_name_column_width=60))
+            ev = prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in ev) / 3e3
+            print(f"profiled: {gpu:.2f} ms of GPU time and {sum(e.self_cpu_time_total for e in ev) / 3e3:.2f} ms "
+                  "of host time (CPU self) a step")
+            print(ev.table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=60))
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=a.top // 2, max_name_column_width=60))
         eng.close()
 
 

@@ -137,7 +137,8 @@ class MLAttention(nn.Module):
         k_pe = rope.apply(ckv[:, None, self.r:], cos, sin)[:, 0]  # [T, dr]
         latent = torch.cat((c, k_pe), dim=-1)  # [T, r + dr]
         N, P = cache.shape[:2]
-        if use_kernels(x, self.backend):  # skips the padding rows (slot -1) of a CUDA-graph batch
+        on_kernels = use_kernels(x, self.backend)
+        if on_kernels:  # the store skips the padding rows (slot -1) of a CUDA-graph batch
             from .attention.triton_cache import store_rows
             store_rows(latent.to(cache.dtype).contiguous(), cache, meta.slot_mapping)
         else:
@@ -145,7 +146,7 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # [T, h, dn + dr]
         out = q.new_empty(T, self.heads, self.dv)
         scale = rope.softmax_scale
-        kernels = self.absorb and use_kernels(x, self.backend)
+        kernels = self.absorb and on_kernels
         for p in meta.prefills:
             rows = slice(p.q_start, p.q_start + p.q_len)
             latent_form = (p.k_len > p.q_len and self.absorb and p.q_len < self.absorb_below
@@ -235,8 +236,8 @@ class MLAttention(nn.Module):
         Q, dev = q.shape[0], q.device
         qf = self._absorb_query(q, cache.dtype)  # [Q, h, r + dr]
         o = q.new_empty(1, Q * self.heads, self.r)
-        one = torch.zeros(1, dtype=torch.int32, device=dev)
-        mla_attention(qf, cache, self.r, one, one + Q, one + p.k_len, p.block_table[None], Q, p.k_len, scale, o,
+        zero = torch.zeros(1, dtype=torch.int32, device=dev)  # the piece's first row of qf
+        mla_attention(qf, cache, self.r, zero, zero + Q, zero + p.k_len, p.block_table[None], Q, p.k_len, scale, o,
                       PIECE_BLOCK_M if Q * self.heads >= PIECE_BLOCK_M else None)
         return torch.einsum("qhr,hvr->qhv", o.view(Q, self.heads, self.r), self._w_kv_b()[1])
 

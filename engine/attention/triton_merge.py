@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 TARGET_PROGRAMS = 512  # programs per launch that fill an H200's 132 SMs a few times over
+MERGE_HEADS = 32768  # heads (MLA: query x head rows) a merge launch, under CUDA's grid-y cap
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -69,7 +70,9 @@ def merge_splits(mid_o: torch.Tensor, mid_l: torch.Tensor, out: torch.Tensor, ro
     more programs where B x Hq alone would leave most of the GPU idle (MLA's 512-wide rows)."""
     B, Hq, S, D = mid_o.shape
     block_d = block_d or D
-    _merge_kernel[(B, Hq, D // block_d)](mid_o, mid_l, out, rows, S, mid_o.stride(0), mid_o.stride(1),
-                                         mid_o.stride(2), mid_l.stride(0), mid_l.stride(1), out.stride(0),
-                                         out.stride(1), HEAD_DIM=out.shape[-1], BLOCK_D=block_d, BLOCK_S=16,
-                                         num_warps=4)
+    for h in range(0, Hq, MERGE_HEADS):  # launches of at most MERGE_HEADS heads: CUDA caps grid y at 65,535
+        n = min(MERGE_HEADS, Hq - h)
+        _merge_kernel[(B, n, D // block_d)](mid_o[:, h:], mid_l[:, h:], out[:, h:], rows, S, mid_o.stride(0),
+                                            mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
+                                            out.stride(0), out.stride(1), HEAD_DIM=out.shape[-1], BLOCK_D=block_d,
+                                            BLOCK_S=16, num_warps=4)

@@ -27,7 +27,6 @@ BLOCK_M = 16  # (query, head) rows a program (decode: one query's heads of V2-Li
 # slice, so wider blocks read the cached rows fewer times (H100, one V2-Lite layer: 64 x 32,768
 # 0.56 ms at 64 rows against 0.86 at 16, 2,048 x 32,768 14.6 against 25.1; equal at 16 x 32,768)
 PIECE_BLOCK_M = 64
-MERGE_ROWS = 32768  # rows a merge launch
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
@@ -125,8 +124,5 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
         HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
         BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_m <= 16 else 8, num_stages=2)
-    rows = torch.arange(B, device=q.device)
-    for m in range(0, max_q * H, MERGE_ROWS):  # the merge's grid is (B, rows): CUDA caps its y at 65,535
-        n = min(MERGE_ROWS, max_q * H - m)
-        merge_splits(mid_o[:, m:m + n], mid_l[:, m:m + n], out[:, m:m + n, :r], rows,
-                     min(MERGE_COLUMNS, BLOCK_R))
+    merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
+                 min(MERGE_COLUMNS, BLOCK_R))
