@@ -149,6 +149,8 @@ for part in "$@"; do
         tests/engine/test_mla_kernel.py
       step deepseek-graphs 200 python3 benchmarks/bench_deepseek.py --sections throughput --prefill-len 8192 \
         --decode-prompt-len 8192 --concurrency 1 16 --mla-backends auto,auto:eager,auto ;;
+    profile-deepseek-prefill) step profile-deepseek-prefill 300 python3 benchmarks/profile_deepseek_prefill.py \
+        --prompt-len 32768 --chunk 8192 32768 ;;
     profile-mla-decode) step profile-mla-decode 200 python3 benchmarks/profile_mla_decode.py ;;
     deepseek-long) step deepseek-long 300 python3 benchmarks/bench_deepseek.py --sections throughput \
         --prefill-len 8192 32768 ;;
