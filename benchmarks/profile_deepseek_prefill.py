@@ -1,6 +1,6 @@
 """Where DeepSeek's long prefill goes: a prompt in --chunk-sized chunks against one chunk and transformers.
 
-For each prefill chunk size the engine is built once over the same V2-Lite-shapes checkpoint; one
+For each prefill chunk size (and --cudnn setting: MLA's long pieces on cuDNN or SDPA) the engine is built once over the same V2-Lite-shapes checkpoint; one
 --prompt-len prompt is timed (median of --repeat, wall, after two warm-ups), then split by module
 with CUDA events around each layer's attention (and, inside it, kv_b_proj: the expansion of latents
 to per-head K and V), its MLP/MoE, and the rest (embedding, norms, lm_head, host), then profiled
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_deepseek import close, engine, rand_prompts, sync, ttft  # noqa: E402
 from profile_prefill import kernel_table  # noqa: E402
+from engine import mla  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
 
 
@@ -81,6 +82,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--top", type=int, default=16)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--cudnn", nargs="+", default=["off", "on"], choices=["off", "on"],
+                    help="engine.mla.CUDNN_PIECES for the engine's runs, each chunk size once per value "
+                         "(on: long expanded pieces through cuDNN, V at its own width)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
@@ -95,7 +99,8 @@ def main():
               f"{torch.__version__}; checkpoint in {time.perf_counter() - t:.1f}s; one {L}-token prompt, "
               f"no prefix hit")
         summary = []
-        for chunk in a.chunk:
+        for cudnn, chunk in ((c, n) for c in a.cudnn for n in a.chunk):
+            mla.CUDNN_PIECES = cudnn == "on"
             ns.chunk = chunk
             eng = engine(path, ns)
             V = eng.args.vocab_size
@@ -112,10 +117,10 @@ def main():
                               "kv_b_proj": [m.self_attn.kv_b_proj for m in layers],
                               "mlp": [m.mlp for m in layers]})
             one = run(ps[-1]) * 1e3
-            split_table(f"kvc, chunk {chunk}", one, mt.totals())
+            split_table(f"kvc, chunk {chunk}, cuDNN {cudnn}", one, mt.totals())
             mt.remove()
-            kernel_table(lambda: run(ps[0]), f"kvc {L} tokens, chunk {chunk}", a.top)
-            summary.append((f"kvc, chunk {chunk}", wall))
+            kernel_table(lambda: run(ps[0]), f"kvc {L} tokens, chunk {chunk}, cuDNN {cudnn}", a.top)
+            summary.append((f"kvc, chunk {chunk}, cuDNN {cudnn}", wall))
             close(eng)
             del eng
             gc.collect()

@@ -30,6 +30,11 @@ from .model_args import ModelArgs
 # kernel runs without a mask; False builds the boolean [Q, K] mask instead (the path before; flash
 # takes no mask): benchmarks/bench_mla_pieces.py and bench_deepseek.py --mla-paths time the paths.
 LOWER_RIGHT = True
+# Long expanded pieces on CUDA through cuDNN's fused attention (V at its own width; two calls merged
+# by log-sum-exp after a cached prefix: engine.attention.cudnn_prefill.cudnn_expanded) instead of
+# SDPA's FA2 with V padded to K's width. Pieces whose prefix is not a multiple of CUDNN_ALIGN, and
+# any device without the op, stay on SDPA.
+CUDNN_PIECES = False
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
 # they are expanded as the long ones. On the CPU (SDPA over gathered rows) that is 2.4-7.8x quicker
@@ -190,6 +195,12 @@ class MLAttention(nn.Module):
         kv = self.kv_b_proj(lat[:, :self.r]).view(K, self.heads, self.dn + self.dv)  # [K, h, dn + dv]
         k = torch.cat((kv[..., :self.dn], lat[:, None, self.r:].expand(K, self.heads, self.dr)), -1)  # [K, h, dn+dr]
         v = kv[..., self.dn:]  # [K, h, dv]
+        if valid is None and CUDNN_PIECES and q.is_cuda:
+            from .attention import cudnn_prefill
+            if cudnn_prefill.mla_cudnn_usable(q, offset):
+                o = cudnn_prefill.cudnn_expanded(q, k, v, offset, scale)
+                if o is not None:
+                    return o
         if self.dv < self.dn + self.dr:  # pad V to the QK width so fused SDPA kernels apply
             v = F.pad(v, (0, self.dn + self.dr - self.dv))
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]

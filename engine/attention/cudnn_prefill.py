@@ -270,3 +270,46 @@ def cudnn_hit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
     own = slice(start + prefix, start + prefix + new)
     o2, l2 = _attend(q, k_cache.view(N * P, Hkv, D)[own], v_cache.view(N * P, Hkv, D)[own], True, scale)
     merge_rows(o1, l1, o2, l2, out)
+
+
+# DeepSeek's MLA, expanded: a long prefill piece's latents expanded through kv_b_proj to per-head K
+# (nope + rope, 192 wide in V2-Lite) and V (128). SDPA's flash path needs V padded to K's width and
+# is FA2; cuDNN's op takes V at its own width. The same two calls as cudnn_prefill (own keys causal,
+# the cached prefix unmasked) merged by their log-sum-exps; queries (and own keys) padded to a
+# multiple of CUDNN_ALIGN so the plans come from a bounded set, and only prefixes that are a
+# multiple of it (every chunk of a cold chunked prefill with the default chunk) come here.
+_mla_broken: str | None = None  # set when the op refused MLA's shapes once (Qwen's path is unaffected)
+
+
+def mla_cudnn_usable(q: torch.Tensor, offset: int) -> bool:
+    """Whether cudnn_expanded takes a piece of queries q [Q, h, D] after `offset` cached keys."""
+    return offset % CUDNN_ALIGN == 0 and sdpa_op_usable(q, _mla_broken, 256, (9, 0),
+                                                        "_scaled_dot_product_cudnn_attention")
+
+
+def cudnn_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor | None:
+    """q [Q, h, D] the last Q of keys k [K, h, D] / values v [K, h, Dv] (offset = K - Q), causal
+    -> [Q, h, Dv]; None if the op refused (logged once; the caller takes SDPA)."""
+    global _mla_broken
+    Q, H = q.shape[0], q.shape[1]
+    Qp = -(-Q // CUDNN_ALIGN) * CUDNN_ALIGN
+    try:
+        if _lse_to_e is None:
+            _calibrate(q.device, q.dtype)
+
+        def own(x):  # the piece's rows padded to Qp: the pad comes after every real row (module doc)
+            x = x[offset:] if x.shape[0] > Q else x
+            return _heads_first(x if Qp == Q else torch.nn.functional.pad(x, (0, 0, 0, 0, 0, Qp - Q)))
+        q4 = own(q)
+        o, lse = _attend4(q4, own(k), own(v), True, scale)  # [1, h, Qp, Dv]
+        if offset == 0:
+            return o[0, :, :Q].transpose(0, 1)
+        o2, lse2 = _attend4(q4, _heads_first(k[:offset]), _heads_first(v[:offset]), False, scale)
+        out = q.new_empty(Q, H, v.shape[-1])
+        merge_two(o[0].transpose(0, 1)[:Q], lse.reshape(H, Qp)[:, :Q], o2[0].transpose(0, 1)[:Q],
+                  lse2.reshape(H, Qp)[:, :Q], out)
+        return out
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        _mla_broken = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("cuDNN attention off for MLA pieces, using SDPA: %s", _mla_broken)
+        return None

@@ -229,3 +229,68 @@ def test_deepseek_graph_blocker_names_what_keeps_decode_eager():
     m.set_absorb(True)
     m.model.layers[-1].self_attn.backend = "reference"
     assert "reference" in m.graph_blocker()
+
+
+def expanded_reference(q, k, v, scale):
+    """q [Q, h, D] the last Q of k [K, h, D] / v [K, h, Dv], causal -> [Q, h, Dv] (float64)."""
+    Q, K = q.shape[0], k.shape[0]
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    s = s.masked_fill(torch.arange(K, device=q.device)[None, :] > torch.arange(K - Q, K, device=q.device)[:, None],
+                      float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudnn_expanded_matches_reference_cuda():
+    """MLA's expanded pieces through cuDNN (K 192 wide, V 128, V2-Lite's 16 heads): pieces alone,
+    after prefixes that are multiples of CUDNN_ALIGN, query counts that are not; bf16 and fp16."""
+    from engine.attention import cudnn_prefill
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        for Q, K in ((512, 512), (300, 300), (700, 1212), (1000, 2024), (64, 4160), (1, 513)):
+            q, k = (torch.randn(n, 16, 192, generator=g).to(dtype).cuda() for n in (Q, K))
+            v = torch.randn(K, 16, 128, generator=g).to(dtype).cuda()
+            assert cudnn_prefill.mla_cudnn_usable(q, K - Q)
+            got = cudnn_prefill.cudnn_expanded(q, k, v, K - Q, 192 ** -0.5)
+            assert got is not None, cudnn_prefill._mla_broken
+            want = expanded_reference(q, k, v, 192 ** -0.5)
+            assert got.shape == (Q, 16, 128) and got.dtype == dtype
+            assert (got.double() - want).abs().max().item() < 2e-2, (dtype, Q, K)
+    assert not cudnn_prefill.mla_cudnn_usable(q, 100)  # a prefix off the alignment stays on SDPA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deepseek_engine_cudnn_pieces_equal_sdpa_cuda(ds_dir):
+    """The tiny DeepSeek engine (bf16) on chunks of 512 (each chunk's prefix a multiple of
+    CUDNN_ALIGN) gives the same greedy tokens with MLA's pieces on cuDNN as on SDPA, and cuDNN ran."""
+    from prometheus_client import CollectorRegistry
+    from engine import LLMEngine, SamplingParams, mla
+    from engine.attention import cudnn_prefill
+    from kvc.config import load_config
+    prompts = [[(i * 37 + 11 + j) % 120 for i in range(n)] for j, n in enumerate((1300, 700))]
+    out, calls, real = {}, [], cudnn_prefill.cudnn_expanded
+    old = mla.CUDNN_PIECES
+    cudnn_prefill.cudnn_expanded = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        for on in (False, True):
+            mla.CUDNN_PIECES = on
+            cfg = load_config().replace(path=str(ds_dir), dtype="bfloat16", device="cuda", gpu_only=True,
+                                        page_size=16, chunk_size=512, max_num_batched_tokens=512,
+                                        num_device_blocks=256)
+            eng = LLMEngine(cfg, registry=CollectorRegistry())
+            for i, p in enumerate(prompts):
+                eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            got = {}
+            while eng.has_unfinished():
+                for o in eng.step():
+                    if o.finished:
+                        got[o.request_id] = o.outputs[0].token_ids
+            out[on] = [got["0"], got["1"]]
+            eng.close()
+            assert (len(calls) > 0) == on, len(calls)
+    finally:
+        mla.CUDNN_PIECES, cudnn_prefill.cudnn_expanded = old, real
+    assert cudnn_prefill._mla_broken is None, cudnn_prefill._mla_broken
+    assert out[True] == out[False]
