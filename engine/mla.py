@@ -34,7 +34,7 @@ LOWER_RIGHT = True
 # by log-sum-exp after a cached prefix: engine.attention.cudnn_prefill.cudnn_expanded) instead of
 # SDPA's FA2 with V padded to K's width. Pieces whose prefix is not a multiple of CUDNN_ALIGN, and
 # any device without the op, stay on SDPA.
-CUDNN_PIECES = False
+CUDNN_PIECES = True
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
 # they are expanded as the long ones. On the CPU (SDPA over gathered rows) that is 2.4-7.8x quicker
