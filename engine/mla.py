@@ -35,6 +35,11 @@ LOWER_RIGHT = True
 # SDPA's FA2 with V padded to K's width. Pieces whose prefix is not a multiple of CUDNN_ALIGN, and
 # any device without the op, stay on SDPA.
 CUDNN_PIECES = True
+# ... for pieces of at least this many queries. Measured on an H100 (bench_mla_prefill.py, one V2-Lite
+# layer): 0.36-0.41x SDPA's time at 2,048-8,192 queries after 8K-32K cached, 0.90x for 8K or 32K
+# alone, but 1.17x at 1,000 after 8K, and a 64-token question after 32K cached would be padded to
+# 512 queries (the device hit's TTFT rose from 19.4 to 24.7 ms with no bound).
+CUDNN_MIN_QUERIES = 2048
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
 # they are expanded as the long ones. On the CPU (SDPA over gathered rows) that is 2.4-7.8x quicker
@@ -195,7 +200,7 @@ class MLAttention(nn.Module):
         kv = self.kv_b_proj(lat[:, :self.r]).view(K, self.heads, self.dn + self.dv)  # [K, h, dn + dv]
         k = torch.cat((kv[..., :self.dn], lat[:, None, self.r:].expand(K, self.heads, self.dr)), -1)  # [K, h, dn+dr]
         v = kv[..., self.dn:]  # [K, h, dv]
-        if valid is None and CUDNN_PIECES and q.is_cuda:
+        if valid is None and CUDNN_PIECES and Q >= CUDNN_MIN_QUERIES and q.is_cuda:
             from .attention import cudnn_prefill
             if cudnn_prefill.mla_cudnn_usable(q, offset):
                 o = cudnn_prefill.cudnn_expanded(q, k, v, offset, scale)
