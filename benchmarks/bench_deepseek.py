@@ -234,9 +234,10 @@ def print_tiers(rows, a, tiers=("cold", "device", "cpu", "disk")):
             print(f"| {n} + {a.delta} | {tier} | {t * 1e3:,.1f} | {cached} | {cold / t:.1f}x |", flush=True)
 
 
-# engine.mla's (LOWER_RIGHT, ABSORB_PIECES) for each --mla-paths name ("engine": as they are)
-MLA_PATHS = {"mask": (False, frozenset()), "bias": (True, frozenset()), "latent": (True, frozenset({"cpu", "cuda"})),
-             "engine": (mla.LOWER_RIGHT, mla.ABSORB_PIECES)}
+# engine.mla's (LOWER_RIGHT, ABSORB_PIECES, CUDNN_PIECES) for each --mla-paths name ("engine": as they are)
+MLA_PATHS = {"mask": (False, frozenset(), False), "bias": (True, frozenset(), False),
+             "latent": (True, frozenset({"cpu", "cuda"}), False), "cudnn": (True, frozenset(), True),
+             "engine": (mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES)}
 
 
 def main():
@@ -261,7 +262,8 @@ def main():
                     help="comma-separated, the TTFT section once per path in this order, for prefill pieces after "
                          "cached tokens: mask (expanded, a boolean [Q, K] mask: the path before "
                          "2026-12-05), bias (expanded, SDPA's bottom-right causal bias), latent (the bias, and "
-                         "short pieces in the absorbed latent form on any device), engine (its defaults)")
+                         "short pieces in the absorbed latent form on any device), cudnn (the bias, and pieces of "
+                         "at least mla.CUDNN_MIN_QUERIES through cuDNN), engine (its defaults)")
     ap.add_argument("--mla-backends", default="auto",
                     help="comma-separated, the throughput section's engine once each with its MLA layers on this "
                          "attn.backend (auto: the latent kernel over the pool on CUDA; reference: gather + SDPA); "
@@ -302,11 +304,11 @@ def main():
         if "ttft" in sections:
             paths = a.mla_paths.split(",")
             for path_name in paths:
-                mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS[path_name]
+                mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES = MLA_PATHS[path_name]
                 how = f"; MLA pieces after cached tokens: {path_name}" if paths != ["engine"] else ""
                 print(f"\n(3) TTFT by tier: shared prefix + fresh {a.delta}-token delta, median of {a.repeat}{how}")
                 print_tiers(tier_table(path, a, tmp, a.ttft_len, f"ttft-{path_name}"), a)
-            mla.LOWER_RIGHT, mla.ABSORB_PIECES = MLA_PATHS["engine"]
+            mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES = MLA_PATHS["engine"]
         if "kt" in sections:
             print(f"\n(4) KTransformers case: gpu_experts_ratio={a.kt_ratio} (the rest of the routed experts "
                   f"in CPU memory), {a.kt_len}-token shared prefix")
