@@ -303,11 +303,11 @@ def main():
             section_throughput(path, a)
         if "ttft" in sections:
             paths = a.mla_paths.split(",")
-            for path_name in paths:
+            for i, path_name in enumerate(paths):  # a path listed twice gets its own stores (no hits from the first)
                 mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES = MLA_PATHS[path_name]
                 how = f"; MLA pieces after cached tokens: {path_name}" if paths != ["engine"] else ""
                 print(f"\n(3) TTFT by tier: shared prefix + fresh {a.delta}-token delta, median of {a.repeat}{how}")
-                print_tiers(tier_table(path, a, tmp, a.ttft_len, f"ttft-{path_name}"), a)
+                print_tiers(tier_table(path, a, tmp, a.ttft_len, f"ttft-{i}-{path_name}"), a)
             mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES = MLA_PATHS["engine"]
         if "kt" in sections:
             print(f"\n(4) KTransformers case: gpu_experts_ratio={a.kt_ratio} (the rest of the routed experts "
