@@ -35,7 +35,8 @@ LOWER_RIGHT = True
 # SDPA's FA2 with V padded to K's width. Pieces whose prefix is not a multiple of CUDNN_ALIGN, and
 # any device without the op, stay on SDPA.
 CUDNN_PIECES = True
-# ... for pieces of at least this many queries. Measured on an H100 (bench_mla_prefill.py, one V2-Lite
+# ... for pieces after a cached prefix, of at least this many queries (a piece alone, at 8K or 32K,
+# was 0.90x SDPA's time in one layer but its cold 8K TTFT 44.1 -> 47.9 ms in the engine, run FJ). Measured on an H100 (bench_mla_prefill.py, one V2-Lite
 # layer): 0.36-0.41x SDPA's time at 2,048-8,192 queries after 8K-32K cached, 0.90x for 8K or 32K
 # alone, but 1.17x at 1,000 after 8K, and a 64-token question after 32K cached would be padded to
 # 512 queries (the device hit's TTFT rose from 19.4 to 24.7 ms with no bound).
@@ -200,7 +201,7 @@ class MLAttention(nn.Module):
         kv = self.kv_b_proj(lat[:, :self.r]).view(K, self.heads, self.dn + self.dv)  # [K, h, dn + dv]
         k = torch.cat((kv[..., :self.dn], lat[:, None, self.r:].expand(K, self.heads, self.dr)), -1)  # [K, h, dn+dr]
         v = kv[..., self.dn:]  # [K, h, dv]
-        if valid is None and CUDNN_PIECES and Q >= CUDNN_MIN_QUERIES and q.is_cuda:
+        if valid is None and CUDNN_PIECES and offset > 0 and Q >= CUDNN_MIN_QUERIES and q.is_cuda:
             from .attention import cudnn_prefill
             if cudnn_prefill.mla_cudnn_usable(q, offset):
                 o = cudnn_prefill.cudnn_expanded(q, k, v, offset, scale)
