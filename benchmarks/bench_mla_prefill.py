@@ -6,9 +6,12 @@ long pieces take (MLAttention._expanded):
 
 - expand: kv_b_proj over the K latents, K's rope part broadcast to the heads (what both paths pay)
 - sdpa:   the engine's path before: V padded to K's width (192), SDPA with the bottom-right causal
-          bias (FA2 on Hopper)
+          bias after a prefix (which SDPA runs on FA2), is_causal with none (which torch 2.11's SDPA
+          itself sends to cuDNN on Hopper, at the padded width)
 - cudnn:  engine.attention.cudnn_prefill.cudnn_expanded: cuDNN's fused op at V's own width, the
           piece's own keys causal and the cached prefix unmasked, merged by log-sum-exp
+- whole piece: MLAttention._expanded (expansion included) with mla.CUDNN_PIECES off / on, after a
+          prefix only (the engine sends pieces with nothing cached before them to SDPA)
 - TFLOP/s of each attention: 2 * h * Q * (K - (Q - 1) / 2) * (192 + 128) over its time
 
 Also the largest difference of cudnn's output from sdpa's (bf16). CUDA only; prints ms per call
@@ -43,7 +46,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("needs CUDA")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    mla.CUDNN_MIN_QUERIES = 1  # the whole-piece column takes cuDNN at every size the op takes (the engine: >= 2,048)
+    mla.CUDNN_MIN_QUERIES = 1  # the whole-piece column takes cuDNN at every size after a prefix (the engine: >= 2,048)
     torch.manual_seed(0)
     cfg = tiny_config("deepseek_v2", "deepseek-v2-lite-shapes", num_hidden_layers=1)
     layer = mla.MLAttention(ModelArgs.from_dict(cfg)).to(device, dtype)
@@ -98,7 +101,7 @@ def main():
                 mla.CUDNN_PIECES = layer_cudnn
                 cells = [f"{Q} x {K}", f"{t_exp:.3f}", f"{t_s:.3f}", f"{t_c:.3f}", f"{t_c / t_s:.2f}x",
                          f"{flops / t_s / 1e9:.0f}", f"{flops / t_c / 1e9:.0f}", f"{err:.4f}",
-                         f"{whole_s:.3f} / {whole_c:.3f}"]
+                         f"{whole_s:.3f} / {whole_c:.3f}" if off else "- (no prefix: the engine keeps SDPA)"]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

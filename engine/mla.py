@@ -30,16 +30,16 @@ from .model_args import ModelArgs
 # kernel runs without a mask; False builds the boolean [Q, K] mask instead (the path before; flash
 # takes no mask): benchmarks/bench_mla_pieces.py and bench_deepseek.py --mla-paths time the paths.
 LOWER_RIGHT = True
-# Long expanded pieces on CUDA through cuDNN's fused attention (V at its own width; two calls merged
-# by log-sum-exp after a cached prefix: engine.attention.cudnn_prefill.cudnn_expanded) instead of
-# SDPA's FA2 with V padded to K's width. Pieces whose prefix is not a multiple of CUDNN_ALIGN, and
-# any device without the op, stay on SDPA.
+# Long expanded pieces after a cached prefix (the chunks of a long prompt after its first) run on
+# CUDA through cuDNN's fused attention at V's own width (own keys causal, the prefix unmasked, merged
+# by log-sum-exp: engine.attention.cudnn_prefill.cudnn_expanded) instead of SDPA's FA2 with V padded
+# to K's width. Measured on an H100 (benchmarks/RESULTS.md, runs FI-FO; bench_mla_prefill.py, one
+# V2-Lite layer): 0.36-0.41x SDPA's time at 2,048-8,192 queries after 8K-32K cached; a 32K prompt
+# in 8K chunks 278 -> 184 ms (8 layers). Left on SDPA: pieces of fewer than CUDNN_MIN_QUERIES (1,000
+# after 8K took 1.17x, and a 64-token question would be padded to 512 rows), pieces with nothing
+# cached before them (0.90x in one layer, no gain in the engine's cold 8K TTFT), prefixes off the
+# CUDNN_ALIGN bucket, and devices without the op.
 CUDNN_PIECES = True
-# ... for pieces after a cached prefix, of at least this many queries (a piece alone, at 8K or 32K,
-# was 0.90x SDPA's time in one layer but its cold 8K TTFT 44.1 -> 47.9 ms in the engine, run FJ). Measured on an H100 (bench_mla_prefill.py, one V2-Lite
-# layer): 0.36-0.41x SDPA's time at 2,048-8,192 queries after 8K-32K cached, 0.90x for 8K or 32K
-# alone, but 1.17x at 1,000 after 8K, and a 64-token question after 32K cached would be padded to
-# 512 queries (the device hit's TTFT rose from 19.4 to 24.7 ms with no bound).
 CUDNN_MIN_QUERIES = 2048
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
