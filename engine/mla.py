@@ -36,7 +36,8 @@ LOWER_RIGHT = True
 # to K's width. Measured on an H100 (benchmarks/RESULTS.md, runs FI-FO; bench_mla_prefill.py, one
 # V2-Lite layer): 0.36-0.41x SDPA's time at 2,048-8,192 queries after 8K-32K cached; a 32K prompt
 # in 8K chunks 278 -> 184 ms (8 layers). Left on SDPA: pieces of fewer than CUDNN_MIN_QUERIES (1,000
-# after 8K took 1.17x, and a 64-token question would be padded to 512 rows), pieces with nothing
+# after 8K took 0.59x in run FI but 1.17x in FK, 512 after 32K 0.78x: not settled, so the bound
+# keeps the measured wins; a 64-token question would be padded to 512 rows), pieces with nothing
 # cached before them (0.90x in one layer, no gain in the engine's cold 8K TTFT), prefixes off the
 # CUDNN_ALIGN bucket, and devices without the op.
 CUDNN_PIECES = True
