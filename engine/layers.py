@@ -254,12 +254,13 @@ class Attention(nn.Module):
 def set_attention_backend(model: nn.Module, backend: str = "auto", prefill_kernel: str = "auto",
                           moe_kernel: str = "auto") -> None:
     """Hand config attn.backend, attn.prefill_kernel and attn.moe_kernel to every norm, attention
-    and expert layer of `model` (MLA layers take `backend` only: they have one kernel of their own)."""
+    and expert layer of `model` (MLA layers take `backend` and `prefill_kernel`: cudnn or SDPA for
+    their long expanded pieces, MLAttention.wants_cudnn)."""
     from .mla import MLAttention
     from .moe import StackedExperts
     for m in model.modules():
         if isinstance(m, MLAttention):
-            m.backend = backend
+            m.backend, m.prefill_kernel = backend, prefill_kernel
         if isinstance(m, StackedExperts):
             m.backend, m.kernel = backend, moe_kernel
         if isinstance(m, (RMSNorm, Attention)):

@@ -39,7 +39,8 @@ LOWER_RIGHT = True
 # after 8K took 0.59x in run FI but 1.17x in FK, 512 after 32K 0.78x: not settled, so the bound
 # keeps the measured wins; a 64-token question would be padded to 512 rows), pieces with nothing
 # cached before them (0.90x in one layer, no gain in the engine's cold 8K TTFT), prefixes off the
-# CUDNN_ALIGN bucket, and devices without the op.
+# CUDNN_ALIGN bucket, and devices without the op. Config attn.prefill_kernel (cudnn forces it,
+# flash / triton keep SDPA) and attn.backend reference apply too: MLAttention.wants_cudnn.
 CUDNN_PIECES = True
 CUDNN_MIN_QUERIES = 2048
 # The device types on which short pieces after cached tokens (a question after a long shared
@@ -126,6 +127,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.dv, H, bias=False)
         self.absorb = True  # decode in the absorbed form; False runs the expanded oracle
         self.backend = "auto"  # config attn.backend: "reference" keeps the gather + SDPA forms on CUDA
+        self.prefill_kernel = "auto"  # config attn.prefill_kernel: cudnn forces, flash/triton keep SDPA (wants_cudnn)
         # A prefill piece after cached tokens attends in latent space (as decode does) when that is
         # fewer FLOPs than expanding every cached latent through kv_b_proj: per key, expanding costs
         # 2 r h (dn + dv) plus 4 Q h (dn + dr) of attention, the latent form 2 Q h (2 r + dr). For
@@ -193,6 +195,17 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.r)
         return w[:, :self.dn], w[:, self.dn:]  # W_UK [h, dn, r], W_UV [h, dv, r]
 
+    def wants_cudnn(self, Q: int, offset: int) -> bool:
+        """Whether an expanded piece of Q queries after `offset` cached tokens asks for cuDNN (where
+        the op runs: cudnn_prefill.mla_cudnn_usable): under attn.prefill_kernel auto, pieces after a
+        prefix of at least CUDNN_MIN_QUERIES (module note); cudnn, every piece, any prefix (plans per
+        shape unbounded, as for Qwen's layers); flash or triton, none; attn.backend reference, none."""
+        if not CUDNN_PIECES or self.backend == "reference":
+            return False
+        if self.prefill_kernel == "cudnn":
+            return True
+        return self.prefill_kernel == "auto" and offset > 0 and Q >= CUDNN_MIN_QUERIES
+
     def _expanded(self, q: torch.Tensor, lat: torch.Tensor, offset: int, valid: torch.Tensor | None,
                   scale: float) -> torch.Tensor:
         """q [Q, h, dn+dr] over latents lat [K, r+dr] (queries start at key `offset`) -> [Q, h, dv].
@@ -202,9 +215,9 @@ class MLAttention(nn.Module):
         kv = self.kv_b_proj(lat[:, :self.r]).view(K, self.heads, self.dn + self.dv)  # [K, h, dn + dv]
         k = torch.cat((kv[..., :self.dn], lat[:, None, self.r:].expand(K, self.heads, self.dr)), -1)  # [K, h, dn+dr]
         v = kv[..., self.dn:]  # [K, h, dv]
-        if valid is None and CUDNN_PIECES and offset > 0 and Q >= CUDNN_MIN_QUERIES and q.is_cuda:
+        if valid is None and q.is_cuda and self.wants_cudnn(Q, offset):
             from .attention import cudnn_prefill
-            if cudnn_prefill.mla_cudnn_usable(q, offset):
+            if cudnn_prefill.mla_cudnn_usable(q, offset, forced=self.prefill_kernel == "cudnn"):
                 o = cudnn_prefill.cudnn_expanded(q, k, v, offset, scale)
                 if o is not None:
                     return o

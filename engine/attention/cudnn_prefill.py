@@ -281,10 +281,11 @@ def cudnn_hit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
 _mla_broken: str | None = None  # set when the op refused MLA's shapes once (Qwen's path is unaffected)
 
 
-def mla_cudnn_usable(q: torch.Tensor, offset: int) -> bool:
-    """Whether cudnn_expanded takes a piece of queries q [Q, h, D] after `offset` cached keys."""
-    return offset % CUDNN_ALIGN == 0 and sdpa_op_usable(q, _mla_broken, 256, (9, 0),
-                                                        "_scaled_dot_product_cudnn_attention")
+def mla_cudnn_usable(q: torch.Tensor, offset: int, forced: bool = False) -> bool:
+    """Whether cudnn_expanded takes a piece of queries q [Q, h, D] after `offset` cached keys: the
+    op runs here, and the prefix is on the bucket unless `forced` (attn.prefill_kernel cudnn)."""
+    return (forced or offset % CUDNN_ALIGN == 0) and sdpa_op_usable(q, _mla_broken, 256, (9, 0),
+                                                                   "_scaled_dot_product_cudnn_attention")
 
 
 def cudnn_expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor | None:

@@ -244,14 +244,15 @@ def expanded_reference(q, k, v, scale):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cudnn_expanded_matches_reference_cuda():
     """MLA's expanded pieces through cuDNN (K 192 wide, V 128, V2-Lite's 16 heads): pieces alone,
-    after prefixes that are multiples of CUDNN_ALIGN, query counts that are not; bf16 and fp16."""
+    after prefixes that are multiples of CUDNN_ALIGN and one that is not (attn.prefill_kernel cudnn),
+    query counts that are not; bf16 and fp16."""
     from engine.attention import cudnn_prefill
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.bfloat16, torch.float16):
-        for Q, K in ((512, 512), (300, 300), (700, 1212), (1000, 2024), (64, 4160), (1, 513)):
+        for Q, K in ((512, 512), (300, 300), (700, 1212), (1000, 2024), (64, 4160), (1, 513), (300, 1000)):
             q, k = (torch.randn(n, 16, 192, generator=g).to(dtype).cuda() for n in (Q, K))
             v = torch.randn(K, 16, 128, generator=g).to(dtype).cuda()
-            assert cudnn_prefill.mla_cudnn_usable(q, K - Q)
+            assert cudnn_prefill.mla_cudnn_usable(q, K - Q, forced=(K - Q) % 512 != 0)  # 700 cached: forced
             got = cudnn_prefill.cudnn_expanded(q, k, v, K - Q, 192 ** -0.5)
             assert got is not None, cudnn_prefill._mla_broken
             want = expanded_reference(q, k, v, 192 ** -0.5)
@@ -295,3 +296,33 @@ def test_deepseek_engine_cudnn_pieces_equal_sdpa_cuda(ds_dir):
         (mla.CUDNN_PIECES, mla.CUDNN_MIN_QUERIES), cudnn_prefill.cudnn_expanded = old, real
     assert cudnn_prefill._mla_broken is None, cudnn_prefill._mla_broken
     assert out[True] == out[False]
+
+
+def test_mla_cudnn_choice_follows_config(ds_dir):
+    """Which expanded pieces ask for cuDNN: under attn.prefill_kernel auto, pieces after a cached
+    prefix of at least CUDNN_MIN_QUERIES; cudnn forces every piece; flash / triton and
+    attn.backend reference keep SDPA; engine.mla.CUDNN_PIECES False turns it off. The engine hands
+    its config to the MLA layers."""
+    from prometheus_client import CollectorRegistry
+    from engine import LLMEngine, mla
+    from kvc.config import load_config
+    n = mla.CUDNN_MIN_QUERIES
+    for backend, kernel, want in (("auto", "auto", {(n, 512): True, (n - 1, 512): False, (n, 0): False}),
+                                  ("auto", "cudnn", {(n, 512): True, (1, 0): True, (64, 100): True}),
+                                  ("auto", "flash", {(n, 512): False}), ("auto", "triton", {(n, 512): False}),
+                                  ("reference", "cudnn", {(n, 512): False, (1, 0): False})):
+        cfg = load_config().replace(path=str(ds_dir), device="cpu", gpu_only=True, num_device_blocks=16,
+                                    backend=backend, prefill_kernel=kernel)
+        eng = LLMEngine(cfg, registry=CollectorRegistry())
+        try:
+            layer = eng.model.model.layers[0].self_attn
+            assert (layer.backend, layer.prefill_kernel) == (backend, kernel)
+            assert {qo: layer.wants_cudnn(*qo) for qo in want} == want, (backend, kernel)
+            old = mla.CUDNN_PIECES
+            mla.CUDNN_PIECES = False
+            try:
+                assert not any(layer.wants_cudnn(*qo) for qo in want)
+            finally:
+                mla.CUDNN_PIECES = old
+        finally:
+            eng.close()
