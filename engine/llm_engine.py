@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from kvc.backend import CacheBackend
-from kvc.config import Config
+from kvc.config import Config, chunk_size_for
 from kvc.device_pool import DevicePool
 from kvc.hashing import PageSpec
 from kvc.metrics import KvcMetrics
@@ -190,8 +190,9 @@ class LLMEngine:
                 if cache is not None and not config.kvc.gpu_only and reuse else None)
         if host is not None:
             host.warm(spec.page_bytes, self.device, spec.shape[0], spec.shape[1])
-        self.prefix_cache = PrefixCache(self.kv, host, config.attn.chunk_size, reuse, self.planner)
-        self.scheduler = Scheduler(config.scheduler, config.attn.chunk_size, self.prefix_cache)
+        self.chunk_size = chunk_size_for(config.attn, self.device.type)
+        self.prefix_cache = PrefixCache(self.kv, host, self.chunk_size, reuse, self.planner)
+        self.scheduler = Scheduler(config.scheduler, self.chunk_size, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self._pace_puts = host is not None and self.device.type == "cuda"
         self.runner.on_launched = self.prefix_cache.step_launched  # loaded pages register beside the GPU's step

@@ -40,10 +40,21 @@ class ModelConfig:
     prefill_graph_tokens: int = field(default=4096, metadata=_range(0, 1 << 16))
 
 
+CHUNK_AUTO = {"cuda": 2048, "cpu": 256}  # attn.chunk_size when null / "auto", by device type
+
+
+def chunk_size_for(attn: "AttnConfig", device_type: str) -> int:
+    """attn.chunk_size as the engine uses it on a device of this type (CHUNK_AUTO when unset)."""
+    return attn.chunk_size or CHUNK_AUTO.get(device_type, CHUNK_AUTO["cpu"])
+
+
 @dataclass(frozen=True)
 class AttnConfig:
     page_size: int = field(default=16, metadata=_range(1, 4096))
-    chunk_size: int = field(default=256, metadata=_range(1, 1 << 20))
+    # Tokens per prefill chunk (a request's share of one step). null or "auto": CHUNK_AUTO by device,
+    # 2048 on CUDA (the size the GPU figures in benchmarks/RESULTS.md were measured at: MoE GEMMs of
+    # a 256-token chunk give each expert ~16 rows) and 256 on the CPU.
+    chunk_size: int | None = field(default=None, metadata={**_range(1, 1 << 20), "auto": True})
     # "auto": the Triton paged-attention kernels on CUDA when triton imports, else the gather + SDPA
     # reference path; "reference" always takes the reference path (debugging, the kernels' oracle).
     backend: str = field(default="auto", metadata={"choices": ("auto", "reference")})
@@ -190,6 +201,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     hint = hints[f.name]
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value == "auto" and f.metadata.get("auto"):
+        value = None  # the key's automatic value, as null
     if value is None:
         if optional:
             return None
@@ -200,7 +213,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"{key} must be true or false, got {value!r}")
     elif origin is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            also = " or auto" if f.metadata.get("auto") else ""
+            raise ConfigError(f"{key} must be an integer{also}, got {value!r}")
     elif origin is float:
         if isinstance(value, str) and _YAML11_EXPONENT.match(value):
             value = float(value)  # YAML 1.1 (PyYAML) reads 1e12 as a string: it wants 1.0e+12

@@ -39,3 +39,13 @@ def test_cuda_prefix_and_host_hits_match_cold(model_dir, store):
     singles = [run(engine(model_dir), [p])[0] for p in (PROMPT, PROMPT[:20], PROMPT[5:])]
     assert [o.outputs[0].token_ids for o in batched] == [o.outputs[0].token_ids for o in singles]
     eng.close()
+
+
+def test_chunk_size_auto_is_2048_on_cuda(model_dir):
+    """attn.chunk_size unset: 2048-token chunks on CUDA (the size the GPU figures were measured at)."""
+    eng = LLMEngine(load_config().replace(path=str(model_dir), dtype="float32", device="cuda", gpu_only=True,
+                                          num_device_blocks=64))
+    try:
+        assert eng.chunk_size == eng.scheduler.chunk == eng.prefix_cache.chunk == 2048
+    finally:
+        eng.close()

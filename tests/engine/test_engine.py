@@ -241,3 +241,21 @@ def test_each_steps_output_keeps_the_tokens_it_had(qwen_dir):
     assert [o.outputs[0].token_ids for i, o in enumerate(seen) if i != 3] == \
         [final[:i + 1] for i in range(len(final)) if i != 3]
     assert seen[-1].outputs[0] == type(seen[-1].outputs[0])(0, seen[-1].outputs[0].text, final, "length")
+
+
+def test_chunk_size_auto_is_the_cpus_on_cpu(qwen_dir):
+    """attn.chunk_size unset: the engine on the CPU chunks by 256 tokens (2048 on CUDA: the GPU tests);
+    a prompt of 600 tokens then takes three prefill steps."""
+    from prometheus_client import CollectorRegistry
+    eng = LLMEngine(load_config().replace(path=str(qwen_dir), dtype="float32", device="cpu", gpu_only=True,
+                                          num_device_blocks=128), registry=CollectorRegistry())
+    try:
+        assert eng.chunk_size == eng.scheduler.chunk == eng.prefix_cache.chunk == 256
+        eng.add_request("a", [(i * 7 + 3) % 250 for i in range(600)], SamplingParams(max_tokens=1))
+        steps = 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+        assert steps >= 3, steps
+    finally:
+        eng.close()

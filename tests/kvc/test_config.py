@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kvc.config import ConfigError, load_config
@@ -36,6 +38,8 @@ def test_yaml_and_kvc2_alias_and_tilde(tmp_path):
     ("- a\n- b", "mapping"),
     ("attn: {backend: triton}", "attn.backend must be one of auto, reference"),
     ("attn: {prefill_kernel: fa3}", "attn.prefill_kernel must be one of auto, triton, flash"),
+    ("attn: {chunk_size: big}", "attn.chunk_size must be an integer or auto, got 'big'"),
+    ("attn: {chunk_size: 0}", r"attn.chunk_size must be in \[1, "),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -73,3 +77,18 @@ def test_config_is_frozen():
     cfg = load_config(None)
     with pytest.raises(Exception):
         cfg.attn.page_size = 3
+
+
+def test_chunk_size_auto_by_device(tmp_path):
+    """attn.chunk_size: unset, null or "auto" is 2048 on CUDA and 256 on the CPU; a number is kept."""
+    from kvc.config import chunk_size_for
+    for text in ("attn: {}", "attn: {chunk_size: auto}", "attn: {chunk_size: null}"):
+        attn = load_config(write(tmp_path, text)).attn
+        assert attn.chunk_size is None
+        assert (chunk_size_for(attn, "cuda"), chunk_size_for(attn, "cpu")) == (2048, 256)
+    attn = load_config(write(tmp_path, "attn: {chunk_size: 512}")).attn
+    assert (chunk_size_for(attn, "cuda"), chunk_size_for(attn, "cpu")) == (512, 512)
+    assert chunk_size_for(load_config(chunk_size=64).attn, "cuda") == 64
+    for name in ("configs/default.yaml", "deploy/config/serve.yaml"):  # the shipped files say auto
+        path = Path(__file__).resolve().parents[2] / name
+        assert load_config(path).attn.chunk_size is None, name
