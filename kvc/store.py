@@ -57,6 +57,11 @@ Listener = Callable[[str, bytes, bytes, bytes, str], None]  # kind, ns_root, has
 # is ~1,000 pages (~400 MB) for a 4 GB tier: one such hold kept a cpu hit's load waiting 117-145 ms
 # (runs BT, BU; 150-270 ms on the 2-core VM for 400 pages). 32 pages are ~12 MiB a hold.
 DEMOTE_CHUNK = 32
+# A put's records for the disk and cluster writers are built (and offered) this many pages at a
+# time, so a writer sends one group while the next is copied: on the 2-core VM a cluster-only put
+# of 96 pages of 1.5 MiB spent ~42 ms building every record before its writer began ~105 ms of
+# SETs (benchmarks/probe_cluster_put.py).
+PUBLISH_GROUP = 16
 # a layered get this large hashes its pages in two parts (TieredStore.checksum_parts), only the
 # second after the last copy: at 32K tokens of 12-layer pages (0.81 GB, a 0.92 ms tail) the cpu hit
 # was 1.1 / 1.6 ms quicker in runs DN / DO (0.8 ms slower in DM's five samples). Below it one launch
@@ -1009,9 +1014,18 @@ class TieredStore:
     def _publish_puts(self, root: bytes, todo: list, sums: list[int], placed: set[bytes], tally: "_Tally") -> None:
         """Under the lock, after the copies: commit the reserved slots, send pages down, count."""
         pending = {t[0].hash for t in todo}
-        cpu_bytes = 0
         for (_, _, e, _), csum in zip(todo, sums):
             e.checksum = csum
+        cpu_bytes = sum(self._publish_group(root, todo[start:start + PUBLISH_GROUP], pending, placed, tally)
+                        for start in range(0, len(todo), PUBLISH_GROUP))
+        if cpu_bytes:
+            self._m_cpu_stored.inc(cpu_bytes)
+
+    def _publish_group(self, root: bytes, todo: list, pending: set[bytes], placed: set[bytes], tally: "_Tally") -> int:
+        """_publish_puts for a group of pages in order: their records built (one native copy), then
+        each page committed and offered, so that the disk and cluster writers send a group while
+        the next one's records are built (PUBLISH_GROUP). Returns the bytes stored in the cpu tier."""
+        cpu_bytes = 0
         records = self._put_records(todo)
         for p, k, e, off in todo:
             if p.parent in pending and p.parent not in placed:  # its parent of this call landed nowhere
@@ -1041,8 +1055,7 @@ class TieredStore:
                 placed.add(p.hash)
             else:
                 tally.reject(f"no room for page {p.hash.hex()}")
-        if cpu_bytes:
-            self._m_cpu_stored.inc(cpu_bytes)
+        return cpu_bytes
 
     def _parent_ok(self, root: bytes, parent: bytes, placed: set[bytes]) -> bool:
         """A page hangs from its namespace's root or from its own pages (the cluster's keys carry

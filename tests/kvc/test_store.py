@@ -486,6 +486,28 @@ def test_write_through_and_disk_only_records_read_back_whole(tmp_path, cfg):
         assert len(got) == 12 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
 
 
+@pytest.mark.parametrize("cfg", [{"disk_write": "through"}, {"cpu_memory_size_GB": 0}])
+def test_a_put_publishes_in_groups_in_order(tmp_path, monkeypatch, cfg):
+    """A put's pages are committed and offered PUBLISH_GROUP at a time (groups of 3 here: 3, 3, 1,
+    the last one's record built alone): every page lands once, parents before children across the
+    groups, the cpu tier counts each stored page's bytes once, and the disk reads them back whole."""
+    from kvc import store as store_mod
+    monkeypatch.setattr(store_mod, "PUBLISH_GROUP", 3)
+    ha, pa = make_pages(NS, list(range(4 * 7)))
+    with TieredStore(kvc_config(tmp_path, **cfg)) as s:
+        before = s._m_cpu_stored._value.get()
+        r = s.put_pages(NS, pa)
+        assert (r.stored, r.duplicate, r.rejected) == (7, 0, 0)
+        cpu = 7 * SPEC.page_bytes if s.cpu.capacity else 0
+        assert s._m_cpu_stored._value.get() - before == cpu
+        assert s.put_pages(NS, pa).duplicate == 7
+        s.flush()
+        assert s.disk.pages == 7
+    with TieredStore(kvc_config(tmp_path, **cfg)) as s:
+        got = s.get_pages(NS, ha)
+        assert len(got) == 7 and all(torch.equal(g.data, p.data) for g, p in zip(got, pa))
+
+
 def test_get_into_a_host_buffer_equals_get_pages_and_stops_at_a_corrupt_page(tmp_path):
     """get_into (the engine's load: bytes and a count, no Page objects) lands what get_pages
     returns, calls landed once for the rows that landed, and ends at a page that fails its sum."""
