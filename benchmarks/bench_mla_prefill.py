@@ -94,11 +94,11 @@ def main():
             else:
                 t_c = timed(cudnn, device, a.iters)
                 err = (got.float() - sdpa().float()).abs().max().item()
-                layer_cudnn, mla.CUDNN_PIECES = mla.CUDNN_PIECES, False
+                was, mla.CUDNN_PIECES = mla.CUDNN_PIECES, False
                 whole_s = timed(lambda: layer._expanded(q, lat, off, None, scale), device, a.iters)
                 mla.CUDNN_PIECES = True
                 whole_c = timed(lambda: layer._expanded(q, lat, off, None, scale), device, a.iters)
-                mla.CUDNN_PIECES = layer_cudnn
+                mla.CUDNN_PIECES = was
                 cells = [f"{Q} x {K}", f"{t_exp:.3f}", f"{t_s:.3f}", f"{t_c:.3f}", f"{t_c / t_s:.2f}x",
                          f"{flops / t_s / 1e9:.0f}", f"{flops / t_c / 1e9:.0f}", f"{err:.4f}",
                          f"{whole_s:.3f} / {whole_c:.3f}" if off else "- (no prefix: the engine keeps SDPA)"]

@@ -190,9 +190,9 @@ class LLMEngine:
                 if cache is not None and not config.kvc.gpu_only and reuse else None)
         if host is not None:
             host.warm(spec.page_bytes, self.device, spec.shape[0], spec.shape[1])
-        self.chunk_size = chunk_size_for(config.attn, self.device.type)
-        self.prefix_cache = PrefixCache(self.kv, host, self.chunk_size, reuse, self.planner)
-        self.scheduler = Scheduler(config.scheduler, self.chunk_size, self.prefix_cache)
+        chunk = chunk_size_for(config.attn, self.device.type)
+        self.prefix_cache = PrefixCache(self.kv, host, chunk, reuse, self.planner)
+        self.scheduler = Scheduler(config.scheduler, chunk, self.prefix_cache)
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self._pace_puts = host is not None and self.device.type == "cuda"
         self.runner.on_launched = self.prefix_cache.step_launched  # loaded pages register beside the GPU's step

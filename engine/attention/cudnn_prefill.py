@@ -277,7 +277,8 @@ def cudnn_hit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out
 # is FA2; cuDNN's op takes V at its own width. The same two calls as cudnn_prefill (own keys causal,
 # the cached prefix unmasked) merged by their log-sum-exps; queries (and own keys) padded to a
 # multiple of CUDNN_ALIGN so the plans come from a bounded set, and only prefixes that are a
-# multiple of it (every chunk of a cold chunked prefill with the default chunk) come here.
+# multiple of it (every chunk of a cold chunked prefill with the default chunk) come here unless
+# attn.prefill_kernel forces cuDNN (mla_cudnn_usable's `forced`: any prefix, a plan per shape).
 _mla_broken: str | None = None  # set when the op refused MLA's shapes once (Qwen's path is unaffected)
 
 

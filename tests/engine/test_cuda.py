@@ -46,6 +46,6 @@ def test_chunk_size_auto_is_2048_on_cuda(model_dir):
     eng = LLMEngine(load_config().replace(path=str(model_dir), dtype="float32", device="cuda", gpu_only=True,
                                           num_device_blocks=64))
     try:
-        assert eng.chunk_size == eng.scheduler.chunk == eng.prefix_cache.chunk == 2048
+        assert eng.scheduler.chunk == eng.prefix_cache.chunk == 2048
     finally:
         eng.close()

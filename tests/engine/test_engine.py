@@ -250,7 +250,7 @@ def test_chunk_size_auto_is_the_cpus_on_cpu(qwen_dir):
     eng = LLMEngine(load_config().replace(path=str(qwen_dir), dtype="float32", device="cpu", gpu_only=True,
                                           num_device_blocks=128), registry=CollectorRegistry())
     try:
-        assert eng.chunk_size == eng.scheduler.chunk == eng.prefix_cache.chunk == 256
+        assert eng.scheduler.chunk == eng.prefix_cache.chunk == 256
         eng.add_request("a", [(i * 7 + 3) % 250 for i in range(600)], SamplingParams(max_tokens=1))
         steps = 0
         while eng.has_unfinished():
