@@ -73,20 +73,28 @@ def close(eng: LLMEngine) -> None:
 
 
 def ttft(eng: LLMEngine, prompt: list[int], max_tokens=1) -> tuple[float, int]:
-    """Seconds from add_request to the first token, and the cached tokens it reused."""
+    """Seconds from add_request to the first token, and the cached tokens it reused. eng._last
+    holds where that time went: add_request's ms, and each step() call's host ms up to the token
+    (a step queues its kernels and returns; the token's step waits for them)."""
     eng._n = getattr(eng, "_n", 0) + 1
     rid = f"q{eng._n}"
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     sync(eng.device)
     t0 = time.perf_counter()
     eng.add_request(rid, prompt, params)
-    first, cached = None, 0
+    t_add = time.perf_counter() - t0
+    first, cached, steps = None, 0, []
     while eng.has_unfinished():
-        for o in eng.step():
+        ts = time.perf_counter()
+        outs = eng.step()
+        if first is None:
+            steps.append(time.perf_counter() - ts)
+        for o in outs:
             if o.request_id == rid and first is None and o.outputs[0].token_ids:
                 sync(eng.device)
                 first, cached = time.perf_counter() - t0, o.num_cached_tokens
     eng.prefix_cache.flush()
+    eng._last = dict(add=t_add, steps=steps)
     return first, cached
 
 
@@ -202,20 +210,28 @@ def tier_table(path, a, tmp: Path, lens: list[int], label: str, **kw):
         ttft(e, w)
         ttft(e, w + [1] * a.delta)
         e.prefix_cache.reset_device_cache()
+    def timed(e, prompt):  # (seconds, cached, where the time went)
+        t, c = ttft(e, prompt)
+        return t, c, e._last
+
     out = []
     for n in lens:
-        res = {"cold": [], "device": [], "cpu": [], "disk": []}
+        res = {k: [] for k in ("cold", "device", "device, writers idle", "delta alone", "cpu", "disk")}
         for r in range(a.repeat):
             prefix = rand_prompts(1, n, V, 1000 * n + r)[0]
             delta = lambda k: rand_prompts(1, a.delta, V, 7 * n + 31 * r + k)[0]  # noqa: E731
-            res["cold"].append(ttft(hot, prefix + delta(0)))
-            res["device"].append(ttft(hot, prefix + delta(1)))
+            res["cold"].append(timed(hot, prefix + delta(0)))
+            res["device"].append(timed(hot, prefix + delta(1)))  # right after the cold one's commits
+            if hot._store is not None:
+                hot._store.flush()  # its pages' disk writes done: the host threads idle
+            res["device, writers idle"].append(timed(hot, prefix + delta(5)))
+            res["delta alone"].append(timed(hot, delta(6)))  # the same length, nothing cached
             hot.prefix_cache.reset_device_cache()
-            res["cpu"].append(ttft(hot, prefix + delta(2)))
+            res["cpu"].append(timed(hot, prefix + delta(2)))
             hot.prefix_cache.reset_device_cache()
             ttft(disk, prefix + delta(3))  # fills the disk-only store
             disk.prefix_cache.reset_device_cache()
-            res["disk"].append(ttft(disk, prefix + delta(4)))
+            res["disk"].append(timed(disk, prefix + delta(4)))
             disk.prefix_cache.reset_device_cache()
         out.append((n, res))
     close(hot)
@@ -224,14 +240,25 @@ def tier_table(path, a, tmp: Path, lens: list[int], label: str, **kw):
     return out
 
 
-def print_tiers(rows, a, tiers=("cold", "device", "cpu", "disk")):
-    print("| prefix | hit from | TTFT ms (median) | cached tokens | vs cold |\n|---|---|---|---|---|")
+def print_tiers(rows, a, tiers=("cold", "device", "device, writers idle", "delta alone", "cpu", "disk")):
+    """A row a tier (medians); the last columns say where a TTFT went: add_request, the steps up to
+    the token (the first's host ms, then the rest's)."""
+    print("| prefix | hit from | TTFT ms (median) | all runs ms | cached tokens | vs cold | add_request ms "
+          "| steps | first step host ms | later steps host ms |\n|---|---|---|---|---|---|---|---|---|---|")
+    med = statistics.median
     for n, res in rows:
-        cold = statistics.median(t for t, _ in res["cold"])
+        cold = med(t for t, *_ in res["cold"])
         for tier in tiers:
-            t = statistics.median(x for x, _ in res[tier])
-            cached = min(c for _, c in res[tier])
-            print(f"| {n} + {a.delta} | {tier} | {t * 1e3:,.1f} | {cached} | {cold / t:.1f}x |", flush=True)
+            runs = res[tier]
+            t = med(x for x, *_ in runs)
+            cached = min(r[1] for r in runs)
+            every = " / ".join(f"{x * 1e3:.1f}" for x, *_ in runs)
+            add = med(r[2]["add"] for r in runs) * 1e3
+            nsteps = med(len(r[2]["steps"]) for r in runs)
+            first = med(r[2]["steps"][0] for r in runs) * 1e3
+            later = med(sum(r[2]["steps"][1:]) for r in runs) * 1e3
+            print(f"| {n} + {a.delta} | {tier} | {t * 1e3:,.1f} | {every} | {cached} | {cold / t:.1f}x | {add:.2f} "
+                  f"| {nsteps:g} | {first:.2f} | {later:.2f} |", flush=True)
 
 
 # engine.mla's (LOWER_RIGHT, ABSORB_PIECES, CUDNN_PIECES) for each --mla-paths name ("engine": as they are)
