@@ -88,6 +88,14 @@ def main():
             print(f"\nmodel forward GPU ms (CUDA events), {len(g)} calls: median {med(g):.2f}, "
                   f"min {min(g):.2f}, max {max(g):.2f}")
 
+        if dev.type == "cuda":  # the GPU's kernels for one request (profile_prefill's table)
+            from profile_prefill import kernel_table
+
+            def one(p=ps[-1]):
+                ttft(eng, p)
+                eng.prefix_cache.reset_device_cache()
+            kernel_table(one, f"one {a.tokens}-token request", a.top)
+
         # (2) cProfile of n requests
         prof = cProfile.Profile()
         prof.enable()
