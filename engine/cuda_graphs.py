@@ -8,8 +8,8 @@ and the fused MoE kernels) and the lm_head; sampling stays outside. Graphs are c
 first time a bucket is needed. engine.model.CausalLM and engine.deepseek.DeepseekCausalLM (its
 MLA layers decode through the latent kernel, their rows stored by a launch that skips slot -1)
 with their own device experts qualify: offloaded or recording experts, CPU, missing triton,
-`attn.backend: reference` or `model.enforce_eager` keep steps eager (prefill graphs are
-CausalLM's only: engine.prefill_graphs splits its layers around attention).
+`attn.backend: reference` or `model.enforce_eager` keep steps eager (engine.prefill_graphs
+splits both models' layers around attention for the other steps).
 
 Capture uses capture_error_mode="thread_local": the engine's other threads keep using CUDA while a
 bucket is captured (the kvc-load thread copies pages host -> device on its own stream and

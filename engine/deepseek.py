@@ -79,8 +79,20 @@ class DeepseekLayer(nn.Module):
         self.mlp = DeepseekMoE(a) if a.is_moe_layer(i) else GatedMLP(a.hidden_size, a.intermediate_size)
 
     def forward(self, x, rope, cos, sin, meta, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        q, latent = self.pre(x, rope, cos, sin, cache, meta.slot_mapping)
+        return self.post(x, self.self_attn.out(self.self_attn.attend(q, latent, rope, meta, cache)))
+
+    def pre(self, x, rope, cos, sin, cache, slots, out=None):
+        """The part before attention: x [T, H] -> q [T, h, dn + dr] and the latent rows [T, r + dr],
+        stored into the pool at slots (MLAttention.project; out: the two tensors to write)."""
+        return self.self_attn.project(self.input_layernorm(x), rope, cos, sin, cache, slots, out)
+
+    def post(self, x, a, out=None):
+        """The part after attention: residual x [T, H] and the attention's projected output a [T, H]
+        -> the layer's output [T, H] (written into out when given; out may be x)."""
+        x = x + a
+        y = x + self.mlp(self.post_attention_layernorm(x))
+        return y if out is None else out.copy_(y)
 
 
 class _Backbone(nn.Module):

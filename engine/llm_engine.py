@@ -21,6 +21,7 @@ from kvc.metrics import KvcMetrics
 from kvc.record import dtype_name
 
 from .cuda_graphs import DecodeGraphs, graphs_supported
+from .deepseek import DeepseekCausalLM
 from .host_tier import HostTier
 from .kv_cache import KVCache
 from .layers import set_attention_backend
@@ -29,7 +30,7 @@ from .loader import load_model
 from .metrics import EngineMetrics
 from .model import CausalLM
 from .offload import experts_load_device, setup_experts
-from .prefill_graphs import PrefillGraphs
+from .prefill_graphs import MlaPrefillGraphs, PrefillGraphs
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
 from .runner import Launched, ModelRunner
@@ -208,9 +209,10 @@ class LLMEngine:
             self.runner.graphs = DecodeGraphs(self.model, self.kv, self.device, config.scheduler.max_num_seqs,
                                               self.max_model_len)
             most = min(config.model.prefill_graph_tokens, config.scheduler.max_num_batched_tokens)
-            if most > 0 and type(self.model) is CausalLM:  # its layers split around attention
-                self.runner.prefill_graphs = PrefillGraphs(self.model, self.kv, self.device, most,
-                                                           max_model_len=self.max_model_len)
+            graphs = {CausalLM: PrefillGraphs, DeepseekCausalLM: MlaPrefillGraphs}.get(type(self.model))
+            if most > 0 and graphs is not None:  # their layers split around attention
+                self.runner.prefill_graphs = graphs(self.model, self.kv, self.device, most,
+                                                    max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _Step | None = None  # a launched step not yet read back

@@ -139,6 +139,19 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: MlaRope, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttnMetadata, cache: torch.Tensor) -> torch.Tensor:
         """x [T, H]; cache [N, P, 1, r + dr], this step's rows written through meta.slot_mapping."""
+        q, latent = self.project(x, rope, cos, sin, cache, meta.slot_mapping)
+        return self.out(self.attend(q, latent, rope, meta, cache))
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """o [T, h, dv] -> [T, H]: the output projection."""
+        return self.o_proj(o.reshape(o.shape[0], self.heads * self.dv))
+
+    def project(self, x: torch.Tensor, rope: MlaRope, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                slots: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The part before attention (engine.prefill_graphs captures it): x [T, H] -> q [T, h, dn + dr]
+        (its rope part rotated) and the latent rows [T, r + dr], which are also stored into the pool
+        cache [N, P, 1, r + dr] at slots (negative slots skipped where the kernels run: the padding
+        rows of a CUDA-graph batch). out: the (q, latent) tensors to write."""
         T = x.shape[0]
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -149,22 +162,30 @@ class MLAttention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(x)  # [T, r + dr]
         c = self.kv_a_layernorm(ckv[:, :self.r])  # [T, r]
         k_pe = rope.apply(ckv[:, None, self.r:], cos, sin)[:, 0]  # [T, dr]
-        latent = torch.cat((c, k_pe), dim=-1)  # [T, r + dr]
+        q_out, lat_out = out if out is not None else (None, None)
+        latent = torch.cat((c, k_pe), dim=-1, out=lat_out)  # [T, r + dr]
         N, P = cache.shape[:2]
-        on_kernels = use_kernels(x, self.backend)
-        if on_kernels:  # the store skips the padding rows (slot -1) of a CUDA-graph batch
+        if use_kernels(x, self.backend):  # the store skips the padding rows (slot -1) of a CUDA-graph batch
             from .attention.triton_cache import store_rows
-            store_rows(latent.to(cache.dtype).contiguous(), cache, meta.slot_mapping)
+            store_rows(latent.to(cache.dtype).contiguous(), cache, slots)
         else:
-            cache.view(N * P, self.r + self.dr).index_copy_(0, meta.slot_mapping, latent.to(cache.dtype))
-        q = torch.cat((q_nope, q_pe), dim=-1)  # [T, h, dn + dr]
-        out = q.new_empty(T, self.heads, self.dv)
+            cache.view(N * P, self.r + self.dr).index_copy_(0, slots, latent.to(cache.dtype))
+        return torch.cat((q_nope, q_pe), dim=-1, out=q_out), latent  # [T, h, dn + dr], [T, r + dr]
+
+    def attend(self, q: torch.Tensor, latent: torch.Tensor, rope: MlaRope, meta: AttnMetadata,
+               cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's attention: q [T, h, dn + dr] and latent [T, r + dr] from project (already in
+        the pool) -> [T, h, dv] (written into out when given; rows no piece covers are left as they
+        are)."""
+        T, P = q.shape[0], cache.shape[1]
+        if out is None:
+            out = q.new_empty(T, self.heads, self.dv)
         scale = rope.softmax_scale
-        kernels = self.absorb and on_kernels
+        kernels = self.absorb and use_kernels(q, self.backend)
         for p in meta.prefills:
             rows = slice(p.q_start, p.q_start + p.q_len)
             latent_form = (p.k_len > p.q_len and self.absorb and p.q_len < self.absorb_below
-                           and x.device.type in ABSORB_PIECES)
+                           and q.device.type in ABSORB_PIECES)
             if latent_form and kernels:
                 out[rows] = self._kernel_piece(q[rows], cache, p, scale)
                 continue
@@ -182,14 +203,14 @@ class MLAttention(nn.Module):
         elif meta.decode_rows is not None:
             B, nb = meta.decode_tables.shape
             lat = cache[meta.decode_tables].reshape(B, nb * P, -1).to(q.dtype)  # [B, K, r + dr]
-            valid = torch.arange(nb * P, device=x.device)[None, :] < meta.decode_lens[:, None]  # [B, K]
+            valid = torch.arange(nb * P, device=q.device)[None, :] < meta.decode_lens[:, None]  # [B, K]
             qd = q[meta.decode_rows]  # [B, h, dn + dr]
             if self.absorb:
                 out[meta.decode_rows] = self._absorbed(qd, lat, valid, scale)
             else:
                 for b in range(B):
                     out[meta.decode_rows[b]] = self._expanded(qd[b:b + 1], lat[b], 0, valid[b], scale)[0]
-        return self.o_proj(out.reshape(T, self.heads * self.dv))
+        return out
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.r)

@@ -98,14 +98,7 @@ class PrefillGraphs:
         self.slots = torch.full((T,), -1, **long)
         self.x = torch.zeros(T, a.hidden_size, dtype=dt, device=device)  # [T, H] the residual stream
         self.spare_rows = SPARE_ROWS  # (benchmarks set 0 to time the padding copies and per-layer views)
-        # q, k, v keep SPARE_ROWS zero rows past the largest bucket: the eager cuDNN path reads a
-        # piece's padding up to its CUDNN_ALIGN bucket in place there (cudnn_prefill._rows)
-        self.q = torch.zeros(T + SPARE_ROWS, a.num_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hq, D]
-        self.k = torch.zeros(T + SPARE_ROWS, a.num_kv_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hkv, D]
-        self.v = torch.zeros_like(self.k)
-        self.o = torch.zeros(T, a.num_heads, a.head_dim, dtype=dt, device=device)  # the attention's output (eager)
-        self.cos = torch.zeros(T, a.head_dim, dtype=dt, device=device)  # [T, D]
-        self.sin = torch.zeros_like(self.cos)
+        self._attention_buffers(T, dt)
         self.hidden = torch.zeros_like(self.x)  # [T, H] the final norm's output
         # (bucket, pieces, tma): pieces 0 = attention eager between the graphs, 1 or MAX_PIECES
         # captured, with the kernel's TMA tiles (tma) or its pointer loads only
@@ -118,6 +111,18 @@ class PrefillGraphs:
         self.disabled: str | None = None
         self.replays = 0
         self.attention_replays = 0  # steps whose attention ran inside the graphs
+
+    def _attention_buffers(self, T: int, dt: torch.dtype) -> None:
+        """The static tensors around attention for steps of up to T tokens."""
+        a, device = self.model.args, self.device
+        # q, k, v keep SPARE_ROWS zero rows past the largest bucket: the eager cuDNN path reads a
+        # piece's padding up to its CUDNN_ALIGN bucket in place there (cudnn_prefill._rows)
+        self.q = torch.zeros(T + SPARE_ROWS, a.num_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hq, D]
+        self.k = torch.zeros(T + SPARE_ROWS, a.num_kv_heads, a.head_dim, dtype=dt, device=device)  # [T+, Hkv, D]
+        self.v = torch.zeros_like(self.k)
+        self.o = torch.zeros(T, a.num_heads, a.head_dim, dtype=dt, device=device)  # the attention's output (eager)
+        self.cos = torch.zeros(T, a.head_dim, dtype=dt, device=device)  # [T, D]
+        self.sin = torch.zeros_like(self.cos)
 
     def bucket(self, T: int) -> int | None:
         """The bucket a step of T tokens runs in, or None (eager)."""
@@ -136,6 +141,13 @@ class PrefillGraphs:
     def _after(self, i: int, B: int) -> None:
         layer = self.model.model.layers[i]
         layer.post(self.x[:B], layer.self_attn.out(self.o[:B]), out=self.x[:B])
+
+    def _attend_eager(self, i: int, B: int, meta: AttnMetadata) -> None:
+        """Layer i's attention between graphs i and i + 1, over the step's pieces into o."""
+        att = self.model.model.layers[i].self_attn
+        k_cache, v_cache = self.kv.layer(i)  # after the layer's load events (KVCache.layer)
+        kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
+                         att.prefill_kernel, out=self.o[:B], store=False, spare_rows=self.spare_rows)
 
     def _attend(self, i: int, B: int, n: int, tma: bool) -> None:
         """Layer i's attention over the first B rows, n pieces from the static buffers."""
@@ -245,13 +257,54 @@ class PrefillGraphs:
         else:
             run = [lambda j=j: self._piece(j, B, pieces, tma) for j in range(len(self.model.model.layers) + 1)]
         run[0]()
-        for i, layer in enumerate(self.model.model.layers):
-            att = layer.self_attn
-            k_cache, v_cache = self.kv.layer(i)  # after the layer's load events (KVCache.layer)
+        for i in range(len(self.model.model.layers)):
             if not pieces:
-                kernel_attention(self.q[:B], self.k[:B], self.v[:B], k_cache, v_cache, meta, att.scale,
-                                 att.prefill_kernel, out=self.o[:B], store=False, spare_rows=self.spare_rows)
+                self._attend_eager(i, B, meta)
             run[i + 1]()
         self.replays += 1
         self.attention_replays += pieces > 0
         return self.hidden[:T]
+
+
+class MlaPrefillGraphs(PrefillGraphs):
+    """engine.deepseek.DeepseekCausalLM's steps as the same piecewise graphs, attention always eager.
+
+    A layer splits as DeepseekLayer.pre (norm, q and latent projections, RoPE, the latent rows'
+    store into the pool) / MLAttention.attend (eager: the expanded, cuDNN or latent-kernel paths,
+    whatever the step's pieces need) / MLAttention.out + DeepseekLayer.post (output projection,
+    residual, norm, router, experts, shared experts). Before, a DeepSeek prefill step was eager
+    throughout: a 64-token step of 8 V2-Lite layers was ~400 launches, 4.0 ms of GPU work in a
+    15.3 ms span on an H100 (benchmarks/RESULTS.md, thirty-ninth session)."""
+
+    def _attention_buffers(self, T: int, dt: torch.dtype) -> None:
+        a, device = self.model.args, self.device
+        self.attn_sizes = set()  # no captured attention: its pieces' paths change with their lengths
+        self.q = torch.zeros(T, a.num_heads, a.qk_nope_head_dim + a.qk_rope_head_dim, dtype=dt, device=device)
+        self.lat = torch.zeros(T, a.kv_lora_rank + a.qk_rope_head_dim, dtype=dt, device=device)  # [T, r + dr]
+        self.o = torch.zeros(T, a.num_heads, a.v_head_dim, dtype=dt, device=device)  # [T, h, dv]
+        self.cos = torch.zeros(T, a.qk_rope_head_dim // 2, dtype=dt, device=device)  # [T, dr / 2]
+        self.sin = torch.zeros_like(self.cos)
+
+    def _before(self, i: int, B: int) -> None:
+        layer = self.model.model.layers[i]
+        layer.pre(self.x[:B], self.model.rope, self.cos[:B], self.sin[:B], self.kv.pool.layer(i)[0],
+                  self.slots[:B], out=(self.q[:B], self.lat[:B]))
+
+    def _after(self, i: int, B: int) -> None:
+        layer = self.model.model.layers[i]
+        layer.post(self.x[:B], layer.self_attn.out(self.o[:B]), out=self.x[:B])
+
+    def _attend_eager(self, i: int, B: int, meta: AttnMetadata) -> None:
+        att = self.model.model.layers[i].self_attn
+        cache = self.kv.layer(i)[0]  # after the layer's load events (KVCache.layer)
+        att.attend(self.q[:B], self.lat[:B], self.model.rope, meta, cache, out=self.o[:B])
+
+    def _pieces(self, B: int, meta: AttnMetadata) -> int:
+        return 0
+
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor | None:
+        # a layer put on the reference path stores its latent rows by index_copy_, which the
+        # padding rows' slot -1 would fail: such steps run eagerly
+        if any(layer.self_attn.backend == "reference" for layer in self.model.model.layers):
+            return None
+        return super().forward(input_ids, meta)

@@ -91,15 +91,21 @@ check_kernel(16, 64, 16, 16, [130], [(9, 130)], torch.float16, "cpu", 3e-3)  # t
 (kernel, calls), (reference, none) = engine_tokens(sys.argv[1], "auto"), engine_tokens(sys.argv[1], "reference")
 assert calls > 0 and none == 0, (calls, none)
 assert torch.equal(kernel, reference), (kernel, reference)
+split, _ = engine_tokens(sys.argv[1], "auto", split_steps=True)
+assert torch.equal(split, kernel), (split, kernel)
 print("ok")
 """
 
 
-def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "float32") -> tuple[torch.Tensor, int]:
+def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "float32",
+                  split_steps: bool = False) -> tuple[torch.Tensor, int]:
     """Greedy tokens of the tiny DeepSeek checkpoint at `path` with config attn.backend `backend`:
     prompts of 29 and 13 tokens in pieces of 5 (those after the first, shorter than the lowered
     absorb bound of 6, in latent form), then decodes of both in one step (the engine's own
-    metadata). Returns the tokens and how many times the kernel ran."""
+    metadata). Returns the tokens and how many times the kernel ran. split_steps: every step,
+    decodes too, through engine.prefill_graphs.MlaPrefillGraphs' pieces (padded to a bucket, static
+    buffers, attention between them) without capturing graphs, each step's hidden states checked
+    against the model's own forward."""
     from engine.attention import triton_mla
     from prometheus_client import CollectorRegistry
     from engine import LLMEngine, SamplingParams
@@ -108,6 +114,19 @@ def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "fl
     cfg = load_config().replace(path=path, dtype=dtype, device=device, gpu_only=True, page_size=4, chunk_size=5,
                                 num_device_blocks=64, backend=backend)
     eng = LLMEngine(cfg, registry=CollectorRegistry())
+    if split_steps:
+        from engine.prefill_graphs import MlaPrefillGraphs
+        eng.runner.graphs = None
+        pg = eng.runner.prefill_graphs = MlaPrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False,
+                                                          max_model_len=64)
+        split = pg.forward
+
+        def checked(input_ids, meta):
+            got = split(input_ids, meta).clone()
+            want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same latent rows again
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            return got
+        pg.forward = checked
     old, kernel, calls = mla.ABSORB_PIECES, triton_mla.mla_attention, []
     mla.ABSORB_PIECES = frozenset({"cpu", "cuda"})  # short pieces in latent form, through the kernel
     triton_mla.mla_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
@@ -123,6 +142,8 @@ def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "fl
             for o in eng.step():
                 if o.finished:
                     got[o.request_id] = o.outputs[0].token_ids
+        if split_steps:
+            assert pg.replays > 0 and pg.attention_replays == 0, (pg.replays, pg.attention_replays)
         return torch.tensor([got["0"], got["1"]]), len(calls)
     finally:
         mla.ABSORB_PIECES, triton_mla.mla_attention = old, kernel
@@ -195,6 +216,43 @@ def test_deepseek_decode_graphs_equal_eager_cuda(ds_dir, dtype):
             assert graphs.disabled is None and graphs.replays > 0, (graphs.disabled, graphs.replays)
         eng.close()
     assert out[False] == out[True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk", [16, 2048])
+def test_deepseek_prefill_graphs_equal_eager_cuda(ds_dir, dtype, chunk):
+    """DeepSeek's prefill and mixed steps as piecewise graphs (engine.prefill_graphs.MlaPrefillGraphs,
+    attention eager between them) give the tokens of the same steps run eagerly, cold and then
+    with every prompt's pages hit in the device pool (decode graphs on in both)."""
+    from prometheus_client import CollectorRegistry
+    from engine import LLMEngine, SamplingParams
+    from kvc.config import load_config
+    prompts = [[(i * 37 + 11 + j) % 120 for i in range(n)] for j, n in enumerate((45, 20, 33, 7, 60))]
+    out = {}
+    for graph_tokens in (0, 4096):
+        cfg = load_config().replace(path=str(ds_dir), dtype=dtype, device="cuda", gpu_only=True, page_size=16,
+                                    chunk_size=chunk, num_device_blocks=128, max_num_seqs=8,
+                                    prefill_graph_tokens=graph_tokens)
+        eng = LLMEngine(cfg, registry=CollectorRegistry())
+        got = []
+        for r in range(2):  # the second round hits the first's pages
+            for i, p in enumerate(prompts):
+                eng.add_request(f"{r}-{i}", p + [r] * (i + 1),
+                                SamplingParams(temperature=0, max_tokens=(9, 4, 12, 6, 3)[i], ignore_eos=True))
+            done = {}
+            while eng.has_unfinished():
+                done.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+            got.append([done[f"{r}-{i}"] for i in range(len(prompts))])
+        pg = eng.runner.prefill_graphs
+        if graph_tokens:
+            assert pg is not None and pg.disabled is None and pg.replays > 0, getattr(pg, "disabled", None)
+        else:
+            assert pg is None
+        out[graph_tokens] = got
+        eng.close()
+    assert out[4096] == out[0]
 
 
 @pytest.mark.gpu
