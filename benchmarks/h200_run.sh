@@ -157,7 +157,7 @@ for part in "$@"; do
         --ttft-len 8192 32768 --repeat 3 ;;
     deepseek-ttft-2048) step deepseek-ttft-2048 300 python3 benchmarks/bench_deepseek.py --sections ttft \
         --ttft-len 32768 --repeat 2 --chunk 2048 ;;
-    deepseek-step) step deepseek-step 200 python3 benchmarks/probe_deepseek_step.py ;;
+    deepseek-step) step deepseek-step 200 python3 benchmarks/probe_deepseek_step.py --compare-eager ;;
     mla-prefill) step mla-prefill 150 python3 benchmarks/bench_mla_prefill.py ;;
     profile-mla-decode) step profile-mla-decode 200 python3 benchmarks/profile_mla_decode.py ;;
     deepseek-long) step deepseek-long 300 python3 benchmarks/bench_deepseek.py --sections throughput \

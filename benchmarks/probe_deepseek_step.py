@@ -3,8 +3,10 @@
 bench_deepseek's TTFT table (run FQ, H200, 8 layers of V2-Lite shapes) gave 64 tokens with nothing
 cached 13-20 ms, nearly all of it the first step's host time, while the same step's GPU work should be
 a few ms. This probe builds the engine as bench_deepseek does (device pool only, chunk --chunk),
-warms it up, then for --n fresh --tokens-token prompts: the TTFT and each step's host ms; the GPU
-time of the prompt's step (CUDA events around the model's forward); a cProfile of those requests
+warms it up, then (--compare-eager: first on an engine whose prefill steps are eager, the same
+prompts) for --n fresh --tokens-token prompts: the TTFT and each step's host ms; the GPU
+span of the prompt's step (CUDA events around runner.logits: the forward, as graphs or eager, and
+the lm_head; idle gaps included); the kernel table of one request (busy against span); a cProfile of those requests
 (the --top functions by own time and by cumulative time); and torch.profiler's CPU-side ops by
 count and host time, with the synchronising calls (cudaStreamSynchronize, cudaMemcpy*, ...) named.
 
@@ -38,6 +40,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="first the same prompts on an engine with model.prefill_graph_tokens 0")
     a = ap.parse_args()
     dev = torch.device("cpu" if a.quick or not torch.cuda.is_available() else "cuda")
     dtype = "float32" if dev.type == "cpu" else "bfloat16"
@@ -58,9 +62,22 @@ def main():
             ttft(eng, p)
             eng.prefix_cache.reset_device_cache()
 
-        # (1) TTFT and host ms a step; GPU ms of the forward (CUDA events)
+        if a.compare_eager:  # the same prompts on an engine whose prefill steps are eager, first
+            plain = engine(path, ns, prefill_graph_tokens=0)
+            for p in ps[:4]:
+                ttft(plain, p)
+                plain.prefix_cache.reset_device_cache()
+            eager = []
+            for p in ps[4:4 + a.n]:
+                eager.append(ttft(plain, p)[0])
+                plain.prefix_cache.reset_device_cache()
+            print(f"\nprefill steps eager (model.prefill_graph_tokens 0), TTFT ms: "
+                  f"{' / '.join(f'{t * 1e3:.2f}' for t in eager)} (median {statistics.median(eager) * 1e3:.2f})")
+            close(plain)
+
+        # (1) TTFT and host ms a step; the GPU span of runner.logits (CUDA events)
         gpu_ms = []
-        fwd = eng.model.forward
+        fwd = eng.runner.logits
         if dev.type == "cuda":
             def timed_forward(*args, **kw):
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,7 +86,7 @@ def main():
                 e.record()
                 gpu_ms.append((s, e))
                 return out
-            eng.model.forward = timed_forward
+            eng.runner.logits = timed_forward
         rows = []
         for p in ps[4:4 + a.n]:
             t, _ = ttft(eng, p)
@@ -77,7 +94,7 @@ def main():
             rows.append((t, eng._last))
         sync(dev)
         if dev.type == "cuda":
-            eng.model.forward = fwd
+            eng.runner.logits = fwd
         med = statistics.median
         print("\n| TTFT ms | add_request ms | steps | first step host ms | later steps host ms |\n|---|---|---|---|---|")
         for t, d in rows:
@@ -85,8 +102,10 @@ def main():
                   f"| {sum(d['steps'][1:]) * 1e3:.2f} |")
         if gpu_ms:
             g = [s.elapsed_time(e) for s, e in gpu_ms]
-            print(f"\nmodel forward GPU ms (CUDA events), {len(g)} calls: median {med(g):.2f}, "
-                  f"min {min(g):.2f}, max {max(g):.2f}")
+            pg = eng.runner.prefill_graphs
+            print(f"\nrunner.logits GPU span ms (CUDA events), {len(g)} calls: median {med(g):.2f}, "
+                  f"min {min(g):.2f}, max {max(g):.2f}; prefill graph replays so far: "
+                  f"{pg.replays if pg is not None else 'no prefill graphs'}")
 
         if dev.type == "cuda":  # the GPU's kernels for one request (profile_prefill's table)
             from profile_prefill import kernel_table
