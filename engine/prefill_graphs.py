@@ -272,7 +272,7 @@ class MlaPrefillGraphs(PrefillGraphs):
     A layer splits as DeepseekLayer.pre (norm, q and latent projections, RoPE, the latent rows'
     store into the pool) / MLAttention.attend (eager: the expanded, cuDNN or latent-kernel paths,
     whatever the step's pieces need) / MLAttention.out + DeepseekLayer.post (output projection,
-    residual, norm, router, experts, shared experts). Before, a DeepSeek prefill step was eager
+    residual, norm, router, experts, shared experts; the base class's _after). Before, a DeepSeek prefill step was eager
     throughout: a 64-token step of 8 V2-Lite layers was ~400 launches, 4.0 ms of GPU work in a
     15.3 ms span on an H100 (benchmarks/RESULTS.md, thirty-ninth session)."""
 
@@ -289,10 +289,6 @@ class MlaPrefillGraphs(PrefillGraphs):
         layer = self.model.model.layers[i]
         layer.pre(self.x[:B], self.model.rope, self.cos[:B], self.sin[:B], self.kv.pool.layer(i)[0],
                   self.slots[:B], out=(self.q[:B], self.lat[:B]))
-
-    def _after(self, i: int, B: int) -> None:
-        layer = self.model.model.layers[i]
-        layer.post(self.x[:B], layer.self_attn.out(self.o[:B]), out=self.x[:B])
 
     def _attend_eager(self, i: int, B: int, meta: AttnMetadata) -> None:
         att = self.model.model.layers[i].self_attn
