@@ -272,9 +272,9 @@ class MlaPrefillGraphs(PrefillGraphs):
     A layer splits as DeepseekLayer.pre (norm, q and latent projections, RoPE, the latent rows'
     store into the pool) / MLAttention.attend (eager: the expanded, cuDNN or latent-kernel paths,
     whatever the step's pieces need) / MLAttention.out + DeepseekLayer.post (output projection,
-    residual, norm, router, experts, shared experts; the base class's _after). Before, a DeepSeek prefill step was eager
-    throughout: a 64-token step of 8 V2-Lite layers was ~400 launches, 4.0 ms of GPU work in a
-    15.3 ms span on an H100 (benchmarks/RESULTS.md, thirty-ninth session)."""
+    residual, norm, router, experts, shared experts; the base class's _after). Before, a DeepSeek
+    prefill step was eager throughout: a 64-token step of 8 V2-Lite layers was ~400 launches, 4.0
+    ms of GPU work in a 15.3 ms span on an H100 (benchmarks/RESULTS.md, thirty-ninth session)."""
 
     def _attention_buffers(self, T: int, dt: torch.dtype) -> None:
         a, device = self.model.args, self.device
