@@ -1,0 +1,27 @@
+"""bench_deepseek.py's TTFT table and probe_deepseek_step.py run on the CPU (--quick) to their last
+rows: device time is spent on them, and a script that stops on the device wastes a run."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str, tmp_path: Path) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_bench_deepseek_ttft_table_runs(tmp_path):
+    out = run("bench_deepseek.py", "--quick", "--sections", "ttft", "--repeat", "1", tmp_path=tmp_path)
+    for tier in ("cold", "device", "device, writers idle", "delta alone", "cpu", "disk"):
+        assert f"| 512 + 16 | {tier} |" in out, tier
+    assert "first step host ms" in out
+
+
+def test_probe_deepseek_step_runs(tmp_path):
+    out = run("probe_deepseek_step.py", "--quick", "--n", "2", "--top", "3", "--compare-eager", tmp_path=tmp_path)
+    assert "| TTFT ms | add_request ms |" in out and "cProfile, 2 requests, by tottime" in out
+    assert "ops by host time (self)" in out and "prefill steps eager (model.prefill_graph_tokens 0)" in out
