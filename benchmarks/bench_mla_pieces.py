@@ -5,14 +5,12 @@ latents; a piece of Q queries at the end of K latents (K - Q cached tokens befor
 
 - mask:   expanded through kv_b_proj, SDPA with a boolean [Q, K] mask (the path before 2026-12-05)
 - bias:   expanded, SDPA with the bottom-right causal bias (the engine's path for long pieces)
-- latent: absorbed into latent space as decode over gathered rows (SDPA; the CPU's path below
-          MLAttention.absorb_below)
+- latent: absorbed into latent space as decode over gathered rows, as two GEMMs over fp32 scores
+          (MLAttention._absorbed_piece, the CPU's path below MLAttention.absorb_below; SDPA with a
+          [rows, K] mask before the thirty-ninth session); checked against the bias path first, its
+          largest difference printed
 - kernel: absorbed, the Triton kernel over the paged pool (engine.attention.triton_mla; CUDA only,
           the path below absorb_below when engine.mla.ABSORB_PIECES lists "cuda")
-- gemm:   absorbed, as two GEMMs over materialised fp32 scores (gemm_piece below, not in the engine:
-          a candidate for short pieces after long prefixes, where the expanded paths write ~1 GB a
-          layer at 64 x 32K and the kernel ran ~130 TFLOP/s); checked against the bias path first,
-          its largest difference printed
 
 Then decode (--decode BxK: B sequences of K keys, one query each, pages of 16 in a shuffled pool):
 the gather of the rows + SDPA with a padding mask (the path before the kernel) against the kernel.
@@ -84,8 +82,8 @@ def main():
     block_m = triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M
     kms = [f"kernel{m} ms" for m in a.block_m]
     kr = [f"kernel{m} / bias" for m in a.block_m]
-    head = ["Q x K", "mask ms", "bias ms", "latent ms", *kms, "gemm ms", "bias / mask", "latent / bias", *kr,
-            "gemm / bias", "gemm max diff"]
+    head = ["Q x K", "mask ms", "bias ms", "latent ms", *kms, "bias / mask", "latent / bias", *kr,
+            "latent max diff"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     P, W = 16, layer.r + layer.dr
     with torch.inference_mode():
@@ -107,17 +105,15 @@ def main():
                 k_ms.append(timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters) if kernel else 0)
             triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M = block_m
             want = layer._expanded(q, lat, K - Q, None, 0.1).float()
-            diff = (gemm_piece(layer, q, lat, 0.1).float() - want).abs().max().item()
-            ms["gemm"] = timed(lambda: gemm_piece(layer, q, lat, 0.1), device, iters)
+            diff = (layer._absorbed_piece(q, lat, 0.1).float() - want).abs().max().item()
             cells = [f"{Q} x {K}", f"{ms['mask']:.3f}", f"{ms['bias']:.3f}", f"{ms['latent']:.3f}",
-                     *[f"{t:.3f}" if kernel else "-" for t in k_ms], f"{ms['gemm']:.3f}",
-                     f"{ms['bias'] / ms['mask']:.2f}x", f"{ms['latent'] / ms['bias']:.2f}x",
-                     *[f"{t / ms['bias']:.2f}x" if kernel else "-" for t in k_ms], f"{ms['gemm'] / ms['bias']:.2f}x",
+                     *[f"{t:.3f}" if kernel else "-" for t in k_ms], f"{ms['bias'] / ms['mask']:.2f}x",
+                     f"{ms['latent'] / ms['bias']:.2f}x", *[f"{t / ms['bias']:.2f}x" if kernel else "-" for t in k_ms],
                      f"{diff:.4f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
         if kernel:
-            how = "torch.mm out_dtype fp32" if MM_OUT_DTYPE == [True] else "fp32 GEMM"
-            print(f"(gemm's scores: {how})")
+            how = "torch.mm out_dtype fp32" if mla._MM_OUT_DTYPE == [True] else "fp32 GEMM"
+            print(f"(the latent form's scores: {how})")
         if not a.decode:
             return
         print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")
@@ -141,42 +137,6 @@ def main():
                 print(f"| {B} x {K} | {ms_g:.3f} | {ms_k:.3f} | {ms_k / ms_g:.2f}x |", flush=True)
             else:
                 print(f"| {B} x {K} | {ms_g:.3f} | - | - |", flush=True)
-
-
-MM_OUT_DTYPE: list[bool] = []  # whether torch.mm takes out_dtype here (asked once)
-
-
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 results: a bf16 / fp16 GEMM writing fp32 (torch.mm's out_dtype, CUDA) where
-    torch has it, else the GEMM in fp32."""
-    if a.dtype != torch.float32 and a.is_cuda and MM_OUT_DTYPE != [False]:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            MM_OUT_DTYPE[:] = [True]
-            return out
-        except (RuntimeError, TypeError, NotImplementedError):
-            MM_OUT_DTYPE[:] = [False]
-    return a.float() @ b.float()
-
-
-def gemm_piece(layer, q: torch.Tensor, lat: torch.Tensor, scale: float, group_bytes: int = 256 << 20) -> torch.Tensor:
-    """q [Q, h, dn+dr], the last Q of the latents lat [K, r+dr], causal -> [Q, h, dv]: the absorbed
-    form as two GEMMs, scores [rows, K] materialised in fp32 (mm_fp32), in groups of (query, head)
-    rows of at most group_bytes of scores; only the last Q keys can be masked (bottom-right causal)."""
-    Q, K = q.shape[0], lat.shape[0]
-    h, r = layer.heads, layer.r
-    qf = layer._absorb_query(q, lat.dtype).reshape(Q * h, -1)  # [Q h, r + dr]
-    o = torch.empty(Q * h, r, dtype=lat.dtype, device=q.device)
-    rows = max(h, group_bytes // (4 * K) // h * h)
-    keys = torch.arange(Q, device=q.device)
-    for s in range(0, Q * h, rows):
-        n = min(rows, Q * h - s)
-        sc = mm_fp32(qf[s:s + n], lat.t())  # [n, K]
-        query = torch.arange(s, s + n, device=q.device) // h
-        sc[:, K - Q:].masked_fill_(keys[None, :] > query[:, None], float("-inf"))
-        p = torch.softmax(sc.mul_(scale), dim=-1).to(lat.dtype)
-        torch.mm(p, lat[:, :r], out=o[s:s + n])
-    return torch.einsum("qhr,hvr->qhv", o.view(Q, h, r), layer._w_kv_b()[1])  # [Q, h, dv]
 
 
 def paged(K: int, P: int, W: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

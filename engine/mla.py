@@ -45,13 +45,29 @@ CUDNN_PIECES = True
 CUDNN_MIN_QUERIES = 2048
 # The device types on which short pieces after cached tokens (a question after a long shared
 # prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
-# they are expanded as the long ones. On the CPU (SDPA over gathered rows) that is 2.4-7.8x quicker
-# than expanding. CUDA is left out, as measured (benchmarks/RESULTS.md, runs FC-FE): SDPA's form
-# there is 3.6-23x slower than the expanded flash path, and the Triton kernel (what kernels run
-# for it) quicker only for short pieces after long prefixes (0.35-0.59x at 16-64 x 32K, 1.0-1.7x
-# after 8K), so a bound that depends on the prefix length would be needed.
+# they are expanded as the long ones. On the CPU (over gathered rows) that was 2.4-7.8x quicker
+# than expanding with SDPA's form, and the two GEMMs of _absorbed_piece take 0.65-0.77x of that.
+# CUDA is left out, as measured (benchmarks/RESULTS.md, runs FC-FE): SDPA's form there was 3.6-23x
+# slower than the expanded flash path, and the Triton kernel (what kernels run for it) quicker
+# only for short pieces after long prefixes (0.35-0.59x at 16-64 x 32K, 1.0-1.7x after 8K); the
+# GEMM form is not measured on a GPU yet (bench_mla_pieces.py's latent column).
 ABSORB_PIECES = frozenset({"cpu"})
-PIECE_MASK_BYTES = 64 << 20  # the latent form's boolean mask, per SDPA call
+# The latent form's fp32 scores [queries x heads, K] per pair of GEMMs (MLAttention._absorbed_piece)
+PIECE_SCORE_BYTES = 128 << 20
+_MM_OUT_DTYPE: list[bool] = []  # whether torch.mm takes out_dtype on this build (asked once)
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 results: a bf16 / fp16 GEMM writing fp32 (torch.mm's out_dtype, CUDA) where
+    torch has it, else the GEMM in fp32."""
+    if a.dtype != torch.float32 and a.is_cuda and _MM_OUT_DTYPE != [False]:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[:] = [True]
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[:] = [False]
+    return a.float() @ b.float()
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -260,21 +276,24 @@ class MLAttention(nn.Module):
     def _absorbed_piece(self, q: torch.Tensor, lat: torch.Tensor, scale: float) -> torch.Tensor:
         """q [Q, h, dn+dr], the last Q of the latents lat [K, r+dr], causal -> [Q, h, dv], in latent
         space as decode: each query's heads are query rows of the one latent head, so no per-head
-        K/V of the cached tokens is built. The rows' causal mask is [rows, K] booleans, made for a
-        group of queries at a time (at most PIECE_MASK_BYTES)."""
+        K/V of the cached tokens is built. Two GEMMs over the scores [rows, K], materialised in fp32
+        (mm_fp32) for a group of queries at a time (at most PIECE_SCORE_BYTES); only the last Q keys
+        can be masked (bottom-right causal). On the 2-core VM 0.65-0.77x the time of SDPA with a
+        [rows, K] boolean mask, the form before (benchmarks/RESULTS.md, thirty-ninth session)."""
         Q, K = q.shape[0], lat.shape[0]
-        qf = self._absorb_query(q, q.dtype)  # [Q, h, r + dr]
-        keys = torch.arange(K, device=q.device)
-        o = qf.new_empty(Q, self.heads, self.r)
-        group = max(1, min(Q, PIECE_MASK_BYTES // (self.heads * K)))
-        for s in range(0, Q, group):
-            n = min(group, Q - s)
-            last = torch.arange(K - Q + s, K - Q + s + n, device=q.device)  # each query's last key
-            mask = (keys[None, :] <= last[:, None]).repeat_interleave(self.heads, dim=0)  # [n h, K]
-            o[s:s + n] = F.scaled_dot_product_attention(
-                qf[s:s + n].reshape(1, 1, n * self.heads, -1), lat[None, None], lat[None, None, :, :self.r],
-                attn_mask=mask[None, None], scale=scale).view(n, self.heads, self.r)
-        return torch.einsum("qhr,hvr->qhv", o, self._w_kv_b()[1])  # [Q, h, dv]
+        h, r = self.heads, self.r
+        qf = self._absorb_query(q, lat.dtype).reshape(Q * h, -1)  # [Q h, r + dr]
+        o = qf.new_empty(Q * h, r)
+        rows = max(1, min(Q, PIECE_SCORE_BYTES // (4 * h * K))) * h  # whole queries a group
+        tail = torch.arange(Q, device=q.device)  # the last Q keys, the only ones a row may not see
+        for s in range(0, Q * h, rows):
+            n = min(rows, Q * h - s)
+            scores = mm_fp32(qf[s:s + n], lat.t())  # [n, K]
+            query = torch.arange(s, s + n, device=q.device) // h
+            scores[:, K - Q:].masked_fill_(tail[None, :] > query[:, None], float("-inf"))
+            p = torch.softmax(scores.mul_(scale), dim=-1).to(lat.dtype)
+            o[s:s + n] = p @ lat[:, :r]
+        return torch.einsum("qhr,hvr->qhv", o.view(Q, h, r), self._w_kv_b()[1])  # [Q, h, dv]
 
     def _absorb_query(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """q [n, h, dn+dr] -> [n, h, r + dr] in latent space ([q_nope @ W_UK, q_pe]), contiguous."""

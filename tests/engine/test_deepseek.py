@@ -300,10 +300,11 @@ def test_prefill_after_cached_latents_bias_and_latent_form_equal_the_mask(Q, K):
 
 
 def test_latent_form_in_groups_of_queries_equals_one_call(monkeypatch):
-    """A mask bound smaller than the piece's: the queries go in groups (3 a call here)."""
+    """A scores bound smaller than the piece's: the queries go in groups (3 a pair of GEMMs here,
+    the last group 1)."""
     from engine import mla
     whole = _mla_prefill_paths("cpu", torch.float32, 10, 100)[1]
-    monkeypatch.setattr(mla, "PIECE_MASK_BYTES", 16 * 100 * 3)
+    monkeypatch.setattr(mla, "PIECE_SCORE_BYTES", 4 * 16 * 100 * 3)
     bias, grouped, want = _mla_prefill_paths("cpu", torch.float32, 10, 100)
     torch.testing.assert_close(grouped, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=1e-6)
