@@ -93,19 +93,21 @@ assert calls > 0 and none == 0, (calls, none)
 assert torch.equal(kernel, reference), (kernel, reference)
 split, _ = engine_tokens(sys.argv[1], "auto", split_steps=True)
 assert torch.equal(split, kernel), (split, kernel)
+split, _ = engine_tokens(sys.argv[1], "auto", split_steps=True, absorb_below=1)  # every piece expanded
+assert torch.equal(split, kernel), (split, kernel)
 print("ok")
 """
 
 
 def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "float32",
-                  split_steps: bool = False) -> tuple[torch.Tensor, int]:
+                  split_steps: bool = False, absorb_below: int = 6) -> tuple[torch.Tensor, int]:
     """Greedy tokens of the tiny DeepSeek checkpoint at `path` with config attn.backend `backend`:
     prompts of 29 and 13 tokens in pieces of 5 (those after the first, shorter than the lowered
     absorb bound of 6, in latent form), then decodes of both in one step (the engine's own
     metadata). Returns the tokens and how many times the kernel ran. split_steps: every step,
     decodes too, through engine.prefill_graphs.MlaPrefillGraphs' pieces (padded to a bucket, static
     buffers, attention between them) without capturing graphs, each step's hidden states checked
-    against the model's own forward."""
+    against the model's own forward. absorb_below: the layers' bound (1: every piece expanded)."""
     from engine.attention import triton_mla
     from prometheus_client import CollectorRegistry
     from engine import LLMEngine, SamplingParams
@@ -132,7 +134,7 @@ def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "fl
     triton_mla.mla_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
     try:
         for layer in eng.model.model.layers:
-            layer.self_attn.absorb_below = 6
+            layer.self_attn.absorb_below = absorb_below
         greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         prompts = [[(i * 37 + 11) % 120 for i in range(29)], [(i * 5 + 1) % 120 for i in range(13)]]
         for i, p in enumerate(prompts):
