@@ -258,8 +258,10 @@ class PrefillGraphs:
             run = [lambda j=j: self._piece(j, B, pieces, tma) for j in range(len(self.model.model.layers) + 1)]
         run[0]()
         for i in range(len(self.model.model.layers)):
-            if not pieces:
-                self._attend_eager(i, B, meta)
+            if pieces:  # graph i + 1 runs layer i's attention: first the layer's load events
+                self.kv.layer(i)
+            else:
+                self._attend_eager(i, B, meta)  # (which waits for them itself)
             run[i + 1]()
         self.replays += 1
         self.attention_replays += pieces > 0

@@ -634,10 +634,14 @@ def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str
         eng.runner.graphs = None  # decode steps too
         pg = eng.runner.prefill_graphs = PrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False,
                                                        max_model_len=64)
-        split = pg.forward
+        split, kv_layer, waited = pg.forward, eng.kv.layer, []
+        eng.kv.layer = lambda i: waited.append(i) or kv_layer(i)
 
         def checked(input_ids, meta):  # hidden states of every step equal the model's own forward
+            waited.clear()
             got = split(input_ids, meta).clone()
+            # every layer's load events were waited for before its attention, captured or not
+            assert waited == list(range(len(eng.model.model.layers))), waited
             want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same K/V again
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             return got

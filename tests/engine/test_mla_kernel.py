@@ -121,10 +121,13 @@ def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "fl
         eng.runner.graphs = None
         pg = eng.runner.prefill_graphs = MlaPrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False,
                                                           max_model_len=64)
-        split = pg.forward
+        split, kv_layer, waited = pg.forward, eng.kv.layer, []
+        eng.kv.layer = lambda i: waited.append(i) or kv_layer(i)
 
         def checked(input_ids, meta):
+            waited.clear()
             got = split(input_ids, meta).clone()
+            assert waited == list(range(len(eng.model.model.layers))), waited  # each layer's load events
             want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same latent rows again
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             return got
