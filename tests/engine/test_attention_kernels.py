@@ -620,6 +620,24 @@ def count_paths() -> dict[str, int]:
     return calls
 
 
+def check_split_steps(eng, pg):
+    """pg (engine.prefill_graphs' split, run without capture) with each step checked: it waited
+    for every layer's load events (KVCache.layer) before that layer's attention, captured or not,
+    and its hidden states equal the model's own forward over the same metadata. Returns pg."""
+    split, kv_layer, waited = pg.forward, eng.kv.layer, []
+    eng.kv.layer = lambda i: waited.append(i) or kv_layer(i)
+
+    def checked(input_ids, meta):
+        waited.clear()
+        got = split(input_ids, meta).clone()
+        assert waited == list(range(len(eng.model.model.layers))), waited
+        want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same K/V (or latent rows) again
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return got
+    pg.forward = checked
+    return pg
+
+
 def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str, list[int]]:
     """Greedy tokens of a ragged batch run twice (the second round hits the device pool).
     split_steps: every step goes through engine.prefill_graphs' pieces (padded to a bucket, static
@@ -632,20 +650,8 @@ def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str
                                           num_device_blocks=64, gpu_only=True, **overrides))
     if split_steps:
         eng.runner.graphs = None  # decode steps too
-        pg = eng.runner.prefill_graphs = PrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False,
-                                                       max_model_len=64)
-        split, kv_layer, waited = pg.forward, eng.kv.layer, []
-        eng.kv.layer = lambda i: waited.append(i) or kv_layer(i)
-
-        def checked(input_ids, meta):  # hidden states of every step equal the model's own forward
-            waited.clear()
-            got = split(input_ids, meta).clone()
-            # every layer's load events were waited for before its attention, captured or not
-            assert waited == list(range(len(eng.model.model.layers))), waited
-            want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same K/V again
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            return got
-        pg.forward = checked
+        eng.runner.prefill_graphs = check_split_steps(eng, PrefillGraphs(eng.model, eng.kv, eng.device, 64,
+                                                                         capture=False, max_model_len=64))
     prompts = [[(i * 7 + 3) % 250 for i in range(13)], [(i * 5 + 1) % 250 for i in range(6)]]
     out = {}
     for r in range(2):

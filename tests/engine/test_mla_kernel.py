@@ -118,20 +118,10 @@ def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "fl
     eng = LLMEngine(cfg, registry=CollectorRegistry())
     if split_steps:
         from engine.prefill_graphs import MlaPrefillGraphs
+        from tests.engine.test_attention_kernels import check_split_steps
         eng.runner.graphs = None
-        pg = eng.runner.prefill_graphs = MlaPrefillGraphs(eng.model, eng.kv, eng.device, 64, capture=False,
-                                                          max_model_len=64)
-        split, kv_layer, waited = pg.forward, eng.kv.layer, []
-        eng.kv.layer = lambda i: waited.append(i) or kv_layer(i)
-
-        def checked(input_ids, meta):
-            waited.clear()
-            got = split(input_ids, meta).clone()
-            assert waited == list(range(len(eng.model.model.layers))), waited  # each layer's load events
-            want = eng.model(input_ids, meta, eng.kv.pool.layer)  # stores the same latent rows again
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            return got
-        pg.forward = checked
+        pg = eng.runner.prefill_graphs = check_split_steps(eng, MlaPrefillGraphs(
+            eng.model, eng.kv, eng.device, 64, capture=False, max_model_len=64))
     old, kernel, calls = mla.ABSORB_PIECES, triton_mla.mla_attention, []
     mla.ABSORB_PIECES = frozenset({"cpu", "cuda"})  # short pieces in latent form, through the kernel
     triton_mla.mla_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
