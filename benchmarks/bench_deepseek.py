@@ -210,6 +210,7 @@ def tier_table(path, a, tmp: Path, lens: list[int], label: str, **kw):
         ttft(e, w)
         ttft(e, w + [1] * a.delta)
         e.prefix_cache.reset_device_cache()
+
     def timed(e, prompt):  # (seconds, cached, where the time went)
         t, c = ttft(e, prompt)
         return t, c, e._last

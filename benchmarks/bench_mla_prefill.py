@@ -39,7 +39,8 @@ from engine.tiny import tiny_config  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["8192x8192", "8192x16384", "8192x24576", "8192x32768",
-                                                     "32768x32768", "2048x32768", "2048x2048", "1000x9192", "64x32768", "185x32768", "512x32768"],
+                                                     "32768x32768", "2048x32768", "2048x2048", "1000x9192",
+                                                     "64x32768", "185x32768", "512x32768"],
                     help="QxK: Q queries after K - Q cached tokens")
     ap.add_argument("--iters", type=int, default=10)
     a = ap.parse_args()

@@ -96,7 +96,8 @@ def main():
         if dev.type == "cuda":
             eng.runner.logits = fwd
         med = statistics.median
-        print("\n| TTFT ms | add_request ms | steps | first step host ms | later steps host ms |\n|---|---|---|---|---|")
+        print("\n| TTFT ms | add_request ms | steps | first step host ms | later steps host ms |\n"
+              "|---|---|---|---|---|")
         for t, d in rows:
             print(f"| {t * 1e3:.2f} | {d['add'] * 1e3:.2f} | {len(d['steps'])} | {d['steps'][0] * 1e3:.2f} "
                   f"| {sum(d['steps'][1:]) * 1e3:.2f} |")
