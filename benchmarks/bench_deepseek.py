@@ -263,8 +263,8 @@ def print_tiers(rows, a, tiers=("cold", "device", "device, writers idle", "delta
 
 
 # engine.mla's (LOWER_RIGHT, ABSORB_PIECES, CUDNN_PIECES) for each --mla-paths name ("engine": as they are)
-MLA_PATHS = {"mask": (False, frozenset(), False), "bias": (True, frozenset(), False),
-             "latent": (True, frozenset({"cpu", "cuda"}), False), "cudnn": (True, frozenset(), True),
+MLA_PATHS = {"mask": (False, {}, False), "bias": (True, {}, False),
+             "latent": (True, {"cpu": 1.0, "cuda": 1.0}, False), "cudnn": (True, {}, True),
              "engine": (mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES)}
 
 

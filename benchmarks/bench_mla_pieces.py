@@ -10,7 +10,7 @@ latents; a piece of Q queries at the end of K latents (K - Q cached tokens befor
           [rows, K] mask before the thirty-ninth session); checked against the bias path first, its
           largest difference printed
 - kernel: absorbed, the Triton kernel over the paged pool (engine.attention.triton_mla; CUDA only,
-          the path below absorb_below when engine.mla.ABSORB_PIECES lists "cuda")
+          the path below half of absorb_below, engine.mla.ABSORB_PIECES)
 
 Then decode (--decode BxK: B sequences of K keys, one query each, pages of 16 in a shuffled pool):
 the gather of the rows + SDPA with a padding mask (the path before the kernel) against the kernel.

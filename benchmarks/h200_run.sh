@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, decode-attn, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, decode-long, decode-32k, decode-32k-16, profile-decode-long, deepseek, deepseek-mla, deepseek-long, profile-mla-decode, profile-deepseek-prefill, deepseek-chunks, deepseek-ttft, deepseek-ttft-paths, deepseek-step, mla-prefill, deepseek-graphs, deepseek-decode, deepseek-mla-64, mla-pieces, mla-latent, mla-tests, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, decode-attn, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, decode-long, decode-32k, decode-32k-16, profile-decode-long, deepseek, deepseek-mla, deepseek-long, profile-mla-decode, profile-deepseek-prefill, deepseek-chunks, deepseek-ttft, deepseek-ttft-paths, deepseek-ttft-rule, deepseek-step, mla-prefill, deepseek-graphs, deepseek-decode, deepseek-mla-64, mla-pieces, mla-latent, mla-tests, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -159,6 +159,8 @@ for part in "$@"; do
         --ttft-len 8192 32768 --repeat 3 ;;
     deepseek-ttft-paths) step deepseek-ttft-paths 300 python3 benchmarks/bench_deepseek.py --sections ttft \
         --ttft-len 8192 32768 --repeat 3 --mla-paths engine,latent ;;
+    deepseek-ttft-rule) step deepseek-ttft-rule 300 python3 benchmarks/bench_deepseek.py --sections ttft \
+        --ttft-len 8192 32768 --repeat 5 --mla-paths cudnn,engine,cudnn,engine ;;
     deepseek-step) step deepseek-step 200 python3 benchmarks/probe_deepseek_step.py --compare-eager ;;
     mla-prefill) step mla-prefill 150 python3 benchmarks/bench_mla_prefill.py ;;
     profile-mla-decode) step profile-mla-decode 200 python3 benchmarks/profile_mla_decode.py ;;

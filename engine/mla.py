@@ -43,15 +43,16 @@ LOWER_RIGHT = True
 # flash / triton keep SDPA) and attn.backend reference apply too: MLAttention.wants_cudnn.
 CUDNN_PIECES = True
 CUDNN_MIN_QUERIES = 2048
-# The device types on which short pieces after cached tokens (a question after a long shared
-# prefix) attend in the absorbed, latent form (MLAttention.absorb_below says how short); elsewhere
-# they are expanded as the long ones. On the CPU (over gathered rows) that was 2.4-7.8x quicker
-# than expanding with SDPA's form, and the two GEMMs of _absorbed_piece take 0.65-0.77x of that.
-# CUDA is left out, as measured (benchmarks/RESULTS.md, runs FC-FE): SDPA's form there was 3.6-23x
-# slower than the expanded flash path, and the Triton kernel (what kernels run for it) quicker
-# only for short pieces after long prefixes (0.35-0.59x at 16-64 x 32K, 1.0-1.7x after 8K); the
-# GEMM form is not measured on a GPU yet (bench_mla_pieces.py's latent column).
-ABSORB_PIECES = frozenset({"cpu"})
+# Per device type, the share of MLAttention.absorb_below (the FLOP crossover, 186 queries for
+# V2-Lite's sizes) under which a short piece after cached tokens (a question after a long shared
+# prefix) attends in the absorbed, latent form; device types not listed expand it as the long ones.
+# CPU (over gathered rows, two GEMMs in _absorbed_piece): 2.4-7.8x quicker than expanding with
+# SDPA, the crossover near the FLOP bound. CUDA (the Triton kernel over the pool; the GEMM form
+# alike): on an H100, one V2-Lite layer, 0.29x / 0.58x the expanded path's time at 16 / 64 queries
+# after 32K, 0.99x at 128, 1.36x at 185, 0.99-1.03x at 16-64 after 8K; the engine's TTFT of 64
+# new tokens after a device hit 14.6 -> 11.5 ms at 32K, 9.4 -> 8.7 at 8K (benchmarks/RESULTS.md,
+# fortieth session): half the bound, 93 queries for V2-Lite.
+ABSORB_PIECES: dict[str, float] = {"cpu": 1.0, "cuda": 0.5}
 # The latent form's fp32 scores [queries x heads, K] per pair of GEMMs (MLAttention._absorbed_piece)
 PIECE_SCORE_BYTES = 128 << 20
 _MM_OUT_DTYPE: list[bool] = []  # whether torch.mm takes out_dtype on this build (asked once)
@@ -200,8 +201,8 @@ class MLAttention(nn.Module):
         kernels = self.absorb and use_kernels(q, self.backend)
         for p in meta.prefills:
             rows = slice(p.q_start, p.q_start + p.q_len)
-            latent_form = (p.k_len > p.q_len and self.absorb and p.q_len < self.absorb_below
-                           and q.device.type in ABSORB_PIECES)
+            latent_form = (p.k_len > p.q_len and self.absorb
+                           and p.q_len < self.absorb_below * ABSORB_PIECES.get(q.device.type, 0.0))
             if latent_form and kernels:
                 out[rows] = self._kernel_piece(q[rows], cache, p, scale)
                 continue

@@ -330,9 +330,17 @@ def test_pieces_after_cached_tokens_take_the_latent_form_below_the_bound(v3_dir,
     assert calls == ([("expanded", 5, 0)] * layers + [("expanded", 5, off) for off in (5, 10, 15, 20)
                                                       for _ in range(layers)] + [("latent", 4)] * layers)
     calls.clear()
-    monkeypatch.setattr(mla, "ABSORB_PIECES", frozenset())  # a device type not listed: expanded
+    monkeypatch.setattr(mla, "ABSORB_PIECES", {})  # a device type not listed: expanded
     torch.testing.assert_close(all_logits(eng, PROMPT, 5), got, atol=1e-5, rtol=1e-5)
     assert ("latent", 4) not in calls and ("expanded", 4, 25) in calls
+    # a device type's share of the bound (CUDA's is a half): below absorb_below * share only
+    monkeypatch.setattr(mla, "ABSORB_PIECES", {"cpu": 0.5})
+    for bound, latent_four in ((10, True), (8, False)):  # 4 < 10 / 2; 4 < 8 / 2 is not
+        for layer in eng.model.model.layers:
+            layer.self_attn.absorb_below = bound
+        calls.clear()
+        torch.testing.assert_close(all_logits(eng, PROMPT, 5), got, atol=1e-5, rtol=1e-5)
+        assert (("latent", 4) in calls) == latent_four and ("latent", 5) not in calls, calls
 
 
 @pytest.mark.gpu

@@ -123,7 +123,7 @@ def engine_tokens(path: str, backend: str, device: str = "cpu", dtype: str = "fl
         pg = eng.runner.prefill_graphs = check_split_steps(eng, MlaPrefillGraphs(
             eng.model, eng.kv, eng.device, 64, capture=False, max_model_len=64))
     old, kernel, calls = mla.ABSORB_PIECES, triton_mla.mla_attention, []
-    mla.ABSORB_PIECES = frozenset({"cpu", "cuda"})  # short pieces in latent form, through the kernel
+    mla.ABSORB_PIECES = {"cpu": 1.0, "cuda": 1.0}  # short pieces in latent form, through the kernel
     triton_mla.mla_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
     try:
         for layer in eng.model.model.layers:
