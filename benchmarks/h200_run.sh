@@ -160,7 +160,7 @@ for part in "$@"; do
     deepseek-ttft-paths) step deepseek-ttft-paths 300 python3 benchmarks/bench_deepseek.py --sections ttft \
         --ttft-len 8192 32768 --repeat 3 --mla-paths engine,latent ;;
     deepseek-ttft-rule) step deepseek-ttft-rule 300 python3 benchmarks/bench_deepseek.py --sections ttft \
-        --ttft-len 8192 32768 --repeat 5 --mla-paths cudnn,engine,cudnn,engine ;;
+        --ttft-len 8192 32768 --repeat 3 --mla-paths cudnn,engine ;;
     deepseek-step) step deepseek-step 200 python3 benchmarks/probe_deepseek_step.py --compare-eager ;;
     mla-prefill) step mla-prefill 150 python3 benchmarks/bench_mla_prefill.py ;;
     profile-mla-decode) step profile-mla-decode 200 python3 benchmarks/profile_mla_decode.py ;;
