@@ -50,8 +50,8 @@ CUDNN_MIN_QUERIES = 2048
 # SDPA, the crossover near the FLOP bound. CUDA (the Triton kernel over the pool; the GEMM form
 # alike): on an H100, one V2-Lite layer, 0.29x / 0.58x the expanded path's time at 16 / 64 queries
 # after 32K, 0.99x at 128, 1.36x at 185, 0.99-1.03x at 16-64 after 8K; the engine's TTFT of 64
-# new tokens after a device hit 14.6 -> 11.5 ms at 32K, 9.4 -> 8.7 at 8K (benchmarks/RESULTS.md,
-# fortieth session): half the bound, 93 queries for V2-Lite.
+# new tokens after a device hit, every short piece latent against none, 14.6 -> 11.5 ms at 32K,
+# 9.4 -> 8.7 at 8K (benchmarks/RESULTS.md, runs FT, FU): half the bound, 93 queries for V2-Lite.
 ABSORB_PIECES: dict[str, float] = {"cpu": 1.0, "cuda": 0.5}
 # The latent form's fp32 scores [queries x heads, K] per pair of GEMMs (MLAttention._absorbed_piece)
 PIECE_SCORE_BYTES = 128 << 20
