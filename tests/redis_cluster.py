@@ -28,6 +28,7 @@ cluster-require-full-coverage no
 cluster-replica-validity-factor 0
 appendonly no
 save ""
+repl-diskless-sync-delay 0
 dir {dir}
 maxmemory {maxmemory}
 maxmemory-policy allkeys-lru
@@ -76,6 +77,17 @@ def _free_ports(n: int) -> list[int]:
     return out
 
 
+def replicas_synced(info: str, want: int = 0) -> bool:
+    """From a master's `INFO replication` text: at least `want` replicas, every one online and at the
+    master's replication offset (nothing of the master's writes still on its way)."""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    offset = fields.get("master_repl_offset")
+    replicas = [dict(kv.split("=", 1) for kv in v.split(",") if "=" in kv)
+                for k, v in fields.items() if k.startswith("slave") and k[5:].isdigit()]
+    return (len(replicas) >= want
+            and all(r.get("state") == "online" and r.get("offset") == offset for r in replicas))
+
+
 class RedisClusterProcs:
     def __init__(self, root: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000,
                  maxmemory: str = "256mb"):
@@ -106,6 +118,7 @@ class RedisClusterProcs:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-800:]} {r.stderr[-800:]}")
         self.wait_ok()
+        self.wait_replicas()
         return self
 
     def _start_node(self, port: int, tries: int = 5) -> int:
@@ -142,6 +155,13 @@ class RedisClusterProcs:
         def ok():
             return all("cluster_state:ok" in self.cli(p, "cluster", "info") for p in self.procs)
         self._wait(ok, "cluster_state:ok", timeout)
+
+    def wait_replicas(self, timeout: float = 30) -> None:
+        """Until every live master has its replicas online and caught up: a replica's first sync
+        (a fork of its master and a full copy) must not land inside a test or a timed run."""
+        def synced():
+            return all(replicas_synced(self.cli(p, "info", "replication"), self.replicas) for p in self.masters())
+        self._wait(synced, "the replicas' first sync", timeout)
 
     def masters(self) -> list[int]:
         """Ports of the live masters."""

@@ -201,3 +201,46 @@ def test_cluster_fixture_restarts_a_node_whose_port_was_taken(tmp_path):
             assert rc.cli(got, "ping").strip() == "PONG"
         finally:
             rc.stop()
+
+
+def test_replicas_synced_reads_info_replication():
+    from tests.redis_cluster import replicas_synced
+    head = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\n"
+    online = head + "slave0:ip=127.0.0.1,port=7001,state=online,offset=500,lag=0\r\nmaster_repl_offset:500\r\n"
+    assert replicas_synced(online, 1)
+    assert not replicas_synced(online, 2)  # fewer replicas than the cluster was made with
+    assert not replicas_synced(online.replace("offset=500", "offset=420"), 1)  # writes on their way
+    assert not replicas_synced(online.replace("state=online", "state=wait_bgsave"), 1)  # first sync pending
+    assert replicas_synced("# Replication\r\nrole:master\r\nconnected_slaves:0\r\nmaster_repl_offset:0\r\n")
+
+
+def test_cluster_starts_with_its_replicas_synced(tmp_path):
+    """A replica's first sync (a fork of its master and a full copy, 5 s after the cluster formed
+    by Redis's default) landed inside bench_cluster's timed reps: start() now returns after it."""
+    from tests.redis_cluster import RedisClusterProcs, redis_missing, replicas_synced
+    if redis_missing():
+        pytest.skip(redis_missing())
+    with RedisClusterProcs(tmp_path) as rc:
+        masters = rc.masters()
+        assert len(masters) == 3
+        for port in masters:
+            assert replicas_synced(rc.cli(port, "info", "replication"), 1), port
+
+
+def test_bench_cluster_quick_runs_to_its_tables(tmp_path):
+    """benchmarks/bench_cluster.py --quick (its own local cluster): every section prints its table,
+    with the replicas settled before each timed op."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.redis_cluster import redis_missing
+    if redis_missing():
+        pytest.skip(redis_missing())
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_cluster.py"), "--quick"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("| put |", "| get |", "prefix from the cluster (engine B)", "| p50 ms | p99 ms |"):
+        assert row in r.stdout, row
+    assert "replicas still behind" not in r.stderr
