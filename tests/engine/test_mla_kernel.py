@@ -330,7 +330,8 @@ def test_deepseek_engine_cudnn_pieces_equal_sdpa_cuda(ds_dir):
     from kvc.config import load_config
     prompts = [[(i * 37 + 11 + j) % 120 for i in range(n)] for j, n in enumerate((1300, 700))]
     out, calls, real = {}, [], cudnn_prefill.cudnn_expanded
-    old = mla.CUDNN_PIECES, mla.CUDNN_MIN_QUERIES
+    old, shares = (mla.CUDNN_PIECES, mla.CUDNN_MIN_QUERIES), mla.ABSORB_PIECES
+    mla.ABSORB_PIECES = {**shares, "cuda": 0.0}  # every piece expanded: the tiny engine's are latent-short
     cudnn_prefill.cudnn_expanded = lambda *a, **kw: calls.append(1) or real(*a, **kw)
     mla.CUDNN_MIN_QUERIES = 1  # the tiny engine's pieces are short
     try:
@@ -352,6 +353,7 @@ def test_deepseek_engine_cudnn_pieces_equal_sdpa_cuda(ds_dir):
             assert (len(calls) > 0) == on, len(calls)
     finally:
         (mla.CUDNN_PIECES, mla.CUDNN_MIN_QUERIES), cudnn_prefill.cudnn_expanded = old, real
+        mla.ABSORB_PIECES = shares
     assert cudnn_prefill._mla_broken is None, cudnn_prefill._mla_broken
     assert out[True] == out[False]
 
