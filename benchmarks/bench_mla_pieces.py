@@ -67,9 +67,6 @@ def main():
     ap.add_argument("--block-m", type=int, nargs="+", default=[16],
                     help="the kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M), "
                          "a column each")
-    ap.add_argument("--v-splits", type=int, nargs="+", default=[1],
-                    help="programs sharing a row block's value columns (triton_mla.PIECE_V_SPLITS; pieces of at "
-                         "least PIECE_BLOCK_M rows), a column for each with each --block-m")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -82,11 +79,9 @@ def main():
     print(f"# one MLA layer, V2-Lite sizes, {dtype}, {name}, torch {torch.__version__}; "
           f"latent form taken below {layer.absorb_below} queries")
     kernel = device.type == "cuda"
-    block_m = triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_V_SPLITS
-    variants = [(m, v) for m in a.block_m for v in a.v_splits]
-    label = [f"kernel{m}" + (f"/v{v}" if v > 1 else "") for m, v in variants]
-    kms = [f"{k} ms" for k in label]
-    kr = [f"{k} / bias" for k in label]
+    block_m = triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M
+    kms = [f"kernel{m} ms" for m in a.block_m]
+    kr = [f"kernel{m} / bias" for m in a.block_m]
     head = ["Q x K", "mask ms", "bias ms", "latent ms", *kms, "bias / mask", "latent / bias", *kr,
             "latent max diff"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
@@ -105,11 +100,10 @@ def main():
             ms["latent"] = timed(lambda: layer._absorbed_piece(q, lat, 0.1), device, iters)
             piece = Piece(0, Q, K, table)
             k_ms = []
-            for m, v in variants:
+            for m in a.block_m:
                 triton_mla.BLOCK_M = triton_mla.PIECE_BLOCK_M = m
-                triton_mla.PIECE_V_SPLITS = v
                 k_ms.append(timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters) if kernel else 0)
-            triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_V_SPLITS = block_m
+            triton_mla.BLOCK_M, triton_mla.PIECE_BLOCK_M = block_m
             want = layer._expanded(q, lat, K - Q, None, 0.1).float()
             diff = (layer._absorbed_piece(q, lat, 0.1).float() - want).abs().max().item()
             cells = [f"{Q} x {K}", f"{ms['mask']:.3f}", f"{ms['bias']:.3f}", f"{ms['latent']:.3f}",

@@ -29,11 +29,6 @@ BLOCK_M = 16  # (query, head) rows a program (decode: one query's heads of V2-Li
 PIECE_BLOCK_M = 64
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
-# programs sharing a row block's value columns (a piece's 64-row blocks): each computes the block's
-# scores in full and accumulates 512 / PIECE_V_SPLITS of the output columns, so its fp32
-# accumulator is that much smaller (at 64 rows x 512 and 8 warps, 128 registers a thread). 1: off.
-# Not yet timed on a GPU (bench_mla_pieces --v-splits); the engine keeps 1 until it is.
-PIECE_V_SPLITS = 1
 
 
 @triton.jit
@@ -42,10 +37,9 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
                       stride_mb, stride_mm, stride_ms, stride_lb, stride_lm,
                       HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr, V_SPLITS: tl.constexpr):
+                      BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
-    mblock = tl.program_id(1) // V_SPLITS
-    vpart = tl.program_id(1) % V_SPLITS  # which BLOCK_R // V_SPLITS output columns this program keeps
+    mblock = tl.program_id(1)
     split = tl.program_id(2)
     q_len = tl.load(QLens + b).to(tl.int32)
     k_len = tl.load(KLens + b).to(tl.int32)
@@ -66,16 +60,13 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
     offs_n = tl.arange(0, BLOCK_N)
     r_mask = offs_r < R
     e_mask = offs_e < DR
-    BLOCK_V: tl.constexpr = BLOCK_R // V_SPLITS
-    offs_v = vpart * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = offs_v < R
     q_row = (tl.load(Starts + b).to(tl.int64) + query) * stride_qt + head * stride_qh  # [M]
     q_c = tl.load(Q + q_row[:, None] + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     q_e = tl.load(Q + q_row[:, None] + R + offs_e[None, :], mask=m_mask[:, None] & e_mask[None, :], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     table = Tables + b * stride_tb
     for start in range(lo, hi, BLOCK_N):
         kj = start + offs_n
@@ -92,22 +83,17 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_SPLITS == 1:
-            cv = c
-        else:  # this program's value columns (the tile just read for the scores: cached)
-            cv = tl.load(C + base[:, None] + offs_v[None, :], mask=n_mask[:, None] & v_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), cv, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
         m_i = m_new
     out, lse = split_result(acc, m_i, l_i)  # a slice past this row's keys contributes nothing
     mid = b * stride_mb + offs_m * stride_mm + split * stride_ms  # [M]
-    tl.store(MidO + mid[:, None] + offs_v[None, :], out, mask=m_mask[:, None] & v_mask[None, :])
-    if vpart == 0:  # the row's log-sum-exp, the same in every value part
-        tl.store(MidL + b * stride_lb + offs_m * stride_lm + split, lse, mask=m_mask)
+    tl.store(MidO + mid[:, None] + offs_r[None, :], out, mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(MidL + b * stride_lb + offs_m * stride_lm + split, lse, mask=m_mask)
 
 
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
                   k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
-                  out: torch.Tensor, block_m: int | None = None, v_splits: int = 1) -> None:
+                  out: torch.Tensor, block_m: int | None = None) -> None:
     """Latent attention of B sequences over the pool.
 
     q [T, H, r + dr] absorbed queries (contiguous last dim); cache [N, P, 1, r + dr]; starts, q_lens,
@@ -115,8 +101,7 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     ids; max_q / max_k host bounds on q_lens / k_lens (the grid's size). out [B, max_q * H, >= r]:
     sequence b's row m (query m // H, head m % H) gets its latent output in out[b, m, :r]; rows past
     q_lens[b] * H (when sequences differ in q_len) get undefined values. block_m: rows a program
-    (a power of two >= 16; default BLOCK_M). v_splits: programs a row block's value columns are
-    shared by (PIECE_V_SPLITS; a power of two, BLOCK_R / v_splits >= 16)."""
+    (a power of two >= 16; default BLOCK_M)."""
     H, W = q.shape[1], q.shape[2]
     N, P = cache.shape[:2]
     B = starts.shape[0]
@@ -126,21 +111,18 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     c = cache.view(N, P, W)
     block_m = block_m or BLOCK_M
     m_blocks = triton.cdiv(max_q * H, block_m)
-    if m_blocks * v_splits > 65535:
+    if m_blocks > 65535:
         raise ValueError(f"mla_attention: {max_q} queries x {H} heads is more rows than one launch takes")
+    S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, BLOCK_N)))
     BLOCK_R = max(16, triton.next_power_of_2(r))
-    if v_splits < 1 or v_splits & (v_splits - 1) or BLOCK_R // v_splits < 16:
-        raise ValueError(f"mla_attention: v_splits {v_splits} must be a power of two leaving >= 16 of "
-                         f"{BLOCK_R} columns a program")
-    S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks * v_splits, max_k, BLOCK_N)))
     mid_o = torch.empty(B, m_blocks * block_m, S, BLOCK_R, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, m_blocks * block_m, S, dtype=torch.float32, device=q.device)
-    _mla_split_kernel[(B, m_blocks * v_splits, S)](
+    _mla_split_kernel[(B, m_blocks, S)](
         q, c, starts, q_lens, k_lens, tables, mid_o, mid_l, scale, S,
         q.stride(0), q.stride(1), c.stride(0), c.stride(1), tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
         HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-        BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype), V_SPLITS=v_splits,
+        BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_m <= 16 else 8, num_stages=2)
     merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
                  min(MERGE_COLUMNS, BLOCK_R))
