@@ -232,8 +232,11 @@ class ClusterTier:
             n += 1
         return n
 
-    def get(self, ns: Namespace, hashes: Sequence[bytes]) -> dict[bytes, tuple[RecordInfo, bytes]]:
-        """Verified records of the leading pages of `hashes` that the cluster holds (hash -> info, record)."""
+    def get(self, ns: Namespace, hashes: Sequence[bytes],
+            check_payload: bool = True) -> dict[bytes, tuple[RecordInfo, bytes]]:
+        """Verified records of the leading pages of `hashes` that the cluster holds (hash -> info, record).
+        check_payload=False: everything but the payload's checksum, which the caller then checks
+        (as it copies the payload) and reports with `reject` where it differs."""
         if not hashes:
             return {}
         root = ns.root
@@ -250,13 +253,14 @@ class ClusterTier:
         for h, buf in zip(hashes, bufs):
             if buf is None:
                 break
-            info = self._verify(ns, h, buf, partial=False)
+            info = self._verify(ns, h, buf, partial=False, check_payload=check_payload)
             if info is None:
                 break
             out[h] = (info, buf)
         return out
 
-    def _verify(self, ns: Namespace, h: bytes, buf: bytes, partial: bool) -> RecordInfo | None:
+    def _verify(self, ns: Namespace, h: bytes, buf: bytes, partial: bool,
+                check_payload: bool = True) -> RecordInfo | None:
         spec = ns.spec
         try:
             info = decode_header(buf, partial=partial)
@@ -267,16 +271,20 @@ class ClusterTier:
                                   f"{spec.dtype} {spec.shape}")
             if hashing.chain_hash(info.parent, info.tokens.astype("<u4").tobytes()) != h:
                 raise RecordError("xxh3_128(parent || tokens) is not the key's hash")
-            if not partial and checksum(memoryview(buf)[info.payload_offset:]) != info.checksum:
+            if not partial and check_payload and checksum(memoryview(buf)[info.payload_offset:]) != info.checksum:
                 raise RecordError("payload checksum mismatch")
         except RecordError as e:
-            log.warning("cluster tier dropped page %s: %s", h.hex(), e)
-            self.metrics.checksum_failures.labels(tier="cluster").inc()
-            with self._lock:
-                self.known.pop(h, None)
-            self._pipeline("delete", lambda p: p.delete(page_key(ns.root, h)))
+            self.reject(ns, h, str(e))
             return None
         return info
+
+    def reject(self, ns: Namespace, h: bytes, why: str) -> None:
+        """A record that failed its checks: counted, forgotten and deleted from the cluster."""
+        log.warning("cluster tier dropped page %s: %s", h.hex(), why)
+        self.metrics.checksum_failures.labels(tier="cluster").inc()
+        with self._lock:
+            self.known.pop(h, None)
+        self._pipeline("delete", lambda p: p.delete(page_key(ns.root, h)))
 
     def holds(self, h: bytes) -> tuple[bytes, bytes, bytes] | None:
         """(ns_root, parent, tokens) of a page this process queued or wrote in the last KNOWN_S seconds
@@ -417,7 +425,7 @@ class NullCluster:
     def lookup(self, ns, hashes, parent, raw) -> int:
         return 0
 
-    def get(self, ns, hashes) -> dict:
+    def get(self, ns, hashes, check_payload=True) -> dict:
         return {}
 
     def holds(self, h):

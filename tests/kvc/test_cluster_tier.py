@@ -244,3 +244,54 @@ def test_bench_cluster_quick_runs_to_its_tables(tmp_path):
     for row in ("| put |", "| get |", "prefix from the cluster (engine B)", "| p50 ms | p99 ms |"):
         assert row in r.stdout, row
     assert "replicas still behind" not in r.stderr
+
+
+def _counting_library(monkeypatch):
+    """pagecopy.library() with its `pointers` calls counted (None where no compiler built it)."""
+    from kvc import pagecopy
+    lib = pagecopy.library()
+    if lib is None:
+        return None
+    calls = []
+    real = lib.pointers
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def pointers(self, src, dst, lens):
+            calls.append(len(src))
+            return real(src, dst, lens)
+    monkeypatch.setattr(pagecopy, "library", lambda cc=None: Counted())
+    return calls
+
+
+def test_payloads_checked_as_they_are_copied_into_out(redis_cluster, client, tmp_path, monkeypatch):
+    """get_pages(out=...) copies cluster payloads into out's rows and checksums them in the same
+    pass: the rows equal the pages put, after cpu-tier pages too; a payload that fails its checksum
+    ends the run there, is counted and deleted, as on the path without out."""
+    toks = list(range(2000, 2000 + 8 * SPEC.page_size))
+    hashes, pages = make_pages(NS, toks)
+    with TieredStore(cluster_only(redis_cluster.url)) as a:
+        assert a.put_pages(NS, pages).stored == 8
+        a.flush()
+    calls = _counting_library(monkeypatch)
+    with TieredStore(kvc_config(tmp_path / "b", cluster_url=redis_cluster.url)) as b:
+        assert len(b.get_pages(NS, hashes[:3])) == 3  # promoted: the next get starts in the cpu tier
+        out = torch.full((8, *SPEC.shape), 7, dtype=pages[0].data.dtype)
+        got = b.get_pages(NS, hashes, out=out)
+        assert len(got) == 8
+        for i, p in enumerate(pages):
+            assert torch.equal(out[i], p.data) and torch.equal(got[i].data, p.data), i
+        if calls is not None:
+            assert 5 in calls  # pages 3-7 from the cluster in one native pass (the cpu reads make their own)
+    good = client.get(page_key(NS.root, hashes[5]))
+    flipped = bytearray(good)
+    flipped[-1] ^= 0xFF
+    client.set(page_key(NS.root, hashes[5]), bytes(flipped))
+    with TieredStore(cluster_only(redis_cluster.url)) as c:
+        out = torch.zeros((8, *SPEC.shape), dtype=pages[0].data.dtype)
+        got = c.get_pages(NS, hashes, out=out)
+        assert len(got) == 5 and all(torch.equal(out[i], pages[i].data) for i in range(5))
+        assert metric(c, "kvc_checksum_failures_total", tier="cluster") == 1
+        assert client.exists(page_key(NS.root, hashes[5])) == 0

@@ -1,0 +1,110 @@
+"""Where the cluster tier's get time goes (bench_cluster's get case, 96 pages of 1.5 MiB).
+
+Starts a local Redis Cluster (3+3), puts the pages through a cluster-only TieredStore, then for
+--reps rounds times: the tier's pipelined GETs with every check (ClusterTier.get), the same GETs
+without the payload checksum (check_payload=False), the store's fetch with the payload summed as it
+is copied into a caller's buffer (TieredStore._cluster_fetch with out), and the whole
+get_pages(out=...). Then get_pages(out=...) with the one-pass native sum-and-copy and with the
+Python path (pagecopy.library() -> None: xxhash's checksum, then numpy's copy), alone and beside a
+thread spinning in Python (an engine's launch-bound thread wants the GIL the same way).
+
+    python benchmarks/probe_cluster_get.py --reps 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cluster import SHAPES, client, cluster_store, make_pages, settle  # noqa: E402
+from kvc import pagecopy  # noqa: E402
+from kvc.hashing import Namespace  # noqa: E402
+
+
+def paths(store, ns, hashes, out, reps: int) -> None:
+    """get_pages(out) on the native one-pass path and on the Python path, alone and beside a
+    spinning thread, the two paths alternating; ms a get."""
+    real = pagecopy.library
+    if real() is None:
+        print("(no native library here: the path comparison is skipped)")
+        return
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+    rows = {}
+    try:
+        for beside in (False, True):
+            th = threading.Thread(target=spin, daemon=True) if beside else None
+            if th:
+                th.start()
+            for _ in range(reps):
+                for name, lib in (("native one pass", real), ("Python: checksum, then copy", lambda cc=None: None)):
+                    pagecopy.library = lib
+                    t = time.perf_counter()
+                    assert len(store.get_pages(ns, hashes, out=out)) == len(hashes)
+                    rows.setdefault((name, beside), []).append((time.perf_counter() - t) * 1e3)
+            if th:
+                stop.set()
+                th.join()
+    finally:
+        pagecopy.library = real
+    print("\n| get_pages(out) path | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
+    for name in ("native one pass", "Python: checksum, then copy"):
+        med = [sorted(rows[(name, b)])[len(rows[(name, b)]) // 2] for b in (False, True)]
+        print(f"| {name} | {med[0]:.0f} | {med[1]:.0f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pages", type=int, default=96)
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+    from tests.redis_cluster import RedisClusterProcs, redis_missing
+    if redis_missing():
+        print(f"probe_cluster_get: {redis_missing()}", file=sys.stderr)
+        return 2
+    spec = SHAPES["30B-A3B-MoE"]
+    print(f"# native checksum-and-copy: {'built' if pagecopy.library() is not None else 'not built (Python path)'}")
+    print("| rep | GETs + checksums ms | GETs, no checksum ms | GETs + one-pass sum-and-copy ms | get_pages(out) ms |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = RedisClusterProcs(Path(tmp) / "redis", maxmemory="1gb").start()
+        try:
+            store, raw = cluster_store(procs.url), client(procs.url)
+            ns = Namespace("probe-get", spec)
+            _, hashes, pages = make_pages(ns, a.pages, 0)
+            assert store.put_pages(ns, pages).stored == a.pages
+            store.flush()
+            settle(raw)
+            out = torch.zeros((a.pages, *spec.shape), dtype=torch.bfloat16)
+            for rep in range(a.reps):
+                ms = []
+                for op in (lambda: store.cluster.get(ns, hashes),
+                           lambda: store.cluster.get(ns, hashes, check_payload=False),
+                           lambda: store._cluster_fetch(ns, hashes, out),
+                           lambda: store.get_pages(ns, hashes, out=out)):
+                    t = time.perf_counter()
+                    got = op()
+                    ms.append((time.perf_counter() - t) * 1e3)
+                    assert len(got) == a.pages
+                print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
+            assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
+            paths(store, ns, hashes, out, a.reps)
+            store.close()
+            raw.close()
+        finally:
+            procs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
