@@ -24,6 +24,7 @@ Without --url it starts a local cluster (3 masters + 3 replicas of Debian's redi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -75,6 +76,21 @@ def client(url: str):
     enabled = c.info("cluster").get("cluster_enabled", 0)
     c.close()
     return redis.cluster.RedisCluster.from_url(url) if enabled else redis.Redis.from_url(url)
+
+
+@contextlib.contextmanager
+def local_cluster(tool: str):
+    """A local 3+3 cluster in a temp dir for a probe script, stopped after; exits 2 without redis."""
+    from tests.redis_cluster import RedisClusterProcs, redis_missing
+    if redis_missing():
+        print(f"{tool}: {redis_missing()}", file=sys.stderr)
+        raise SystemExit(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = RedisClusterProcs(Path(tmp) / "redis", maxmemory="1gb").start()
+        try:
+            yield procs
+        finally:
+            procs.stop()
 
 
 def settle(c, timeout: float = 10.0) -> bool:

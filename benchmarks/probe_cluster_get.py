@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cluster import SHAPES, client, cluster_store, make_pages, settle  # noqa: E402
+from bench_cluster import SHAPES, client, cluster_store, local_cluster, make_pages, settle  # noqa: E402
 from kvc import pagecopy  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
 
@@ -68,41 +67,33 @@ def main() -> int:
     ap.add_argument("--pages", type=int, default=96)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    from tests.redis_cluster import RedisClusterProcs, redis_missing
-    if redis_missing():
-        print(f"probe_cluster_get: {redis_missing()}", file=sys.stderr)
-        return 2
     spec = SHAPES["30B-A3B-MoE"]
     print(f"# native checksum-and-copy: {'built' if pagecopy.library() is not None else 'not built (Python path)'}")
     print("| rep | GETs + checksums ms | GETs, no checksum ms | GETs + one-pass sum-and-copy ms | get_pages(out) ms |")
     print("|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = RedisClusterProcs(Path(tmp) / "redis", maxmemory="1gb").start()
-        try:
-            store, raw = cluster_store(procs.url), client(procs.url)
-            ns = Namespace("probe-get", spec)
-            _, hashes, pages = make_pages(ns, a.pages, 0)
-            assert store.put_pages(ns, pages).stored == a.pages
-            store.flush()
-            settle(raw)
-            out = torch.zeros((a.pages, *spec.shape), dtype=torch.bfloat16)
-            for rep in range(a.reps):
-                ms = []
-                for op in (lambda: store.cluster.get(ns, hashes),
-                           lambda: store.cluster.get(ns, hashes, check_payload=False),
-                           lambda: store._cluster_fetch(ns, hashes, out),
-                           lambda: store.get_pages(ns, hashes, out=out)):
-                    t = time.perf_counter()
-                    got = op()
-                    ms.append((time.perf_counter() - t) * 1e3)
-                    assert len(got) == a.pages
-                print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
-            assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
-            paths(store, ns, hashes, out, a.reps)
-            store.close()
-            raw.close()
-        finally:
-            procs.stop()
+    with local_cluster("probe_cluster_get") as procs:
+        store, raw = cluster_store(procs.url), client(procs.url)
+        ns = Namespace("probe-get", spec)
+        _, hashes, pages = make_pages(ns, a.pages, 0)
+        assert store.put_pages(ns, pages).stored == a.pages
+        store.flush()
+        settle(raw)
+        out = torch.zeros((a.pages, *spec.shape), dtype=torch.bfloat16)
+        for rep in range(a.reps):
+            ms = []
+            for op in (lambda: store.cluster.get(ns, hashes),
+                       lambda: store.cluster.get(ns, hashes, check_payload=False),
+                       lambda: store._cluster_fetch(ns, hashes, out),
+                       lambda: store.get_pages(ns, hashes, out=out)):
+                t = time.perf_counter()
+                got = op()
+                ms.append((time.perf_counter() - t) * 1e3)
+                assert len(got) == a.pages
+            print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
+        assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
+        paths(store, ns, hashes, out, a.reps)
+        store.close()
+        raw.close()
     return 0
 
 
