@@ -11,6 +11,7 @@ the lm_head; idle gaps included); the kernel table of one request (busy against 
 count and host time, with the synchronising calls (cudaStreamSynchronize, cudaMemcpy*, ...) named.
 
     python benchmarks/probe_deepseek_step.py                      # CUDA, V2-Lite shapes, 8 layers
+    python benchmarks/probe_deepseek_step.py --cached 32768       # each step a device hit after 32K
     python benchmarks/probe_deepseek_step.py --quick              # CPU, tiny shapes (a smoke run)
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--cached", type=int, default=0,
+                    help="a shared prefix of this many tokens before each prompt, prefilled once and kept in "
+                         "the device pool (each timed step a device hit); 0: nothing cached")
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -55,22 +59,28 @@ def main():
         eng = engine(path, ns)
         name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
         print(f"# DeepSeek-V2 {'tiny' if a.quick else 'V2-Lite'} shapes, {len(eng.model.model.layers)} layers, "
-              f"{dtype}, {name}, torch {torch.__version__}; {a.tokens}-token prompts, nothing cached, chunk {a.chunk}")
+              f"{dtype}, {name}, torch {torch.__version__}; {a.tokens}-token prompts, "
+              f"{f'after {a.cached} cached tokens (device hits)' if a.cached else 'nothing cached'}, chunk {a.chunk}")
         V = eng.args.vocab_size
-        ps = rand_prompts(3 * a.n + 4, a.tokens, V, 5)
-        for p in ps[:4]:  # warm-up: compiles, autotune, allocator
+        prefix = rand_prompts(1, a.cached, V, 99)[0] if a.cached else []
+        ps = [prefix + p for p in rand_prompts(3 * a.n + 4, a.tokens, V, 5)]
+
+        def reset(e) -> None:  # nothing cached: each prompt cold; else the prefix stays in the pool
+            if not a.cached:
+                e.prefix_cache.reset_device_cache()
+        for p in ps[:4]:  # warm-up: compiles, autotune, allocator (and the prefix, prefilled once)
             ttft(eng, p)
-            eng.prefix_cache.reset_device_cache()
+            reset(eng)
 
         if a.compare_eager:  # the same prompts on an engine whose prefill steps are eager, first
             plain = engine(path, ns, prefill_graph_tokens=0)
             for p in ps[:4]:
                 ttft(plain, p)
-                plain.prefix_cache.reset_device_cache()
+                reset(plain)
             eager = []
             for p in ps[4:4 + a.n]:
                 eager.append(ttft(plain, p)[0])
-                plain.prefix_cache.reset_device_cache()
+                reset(plain)
             print(f"\nprefill steps eager (model.prefill_graph_tokens 0), TTFT ms: "
                   f"{' / '.join(f'{t * 1e3:.2f}' for t in eager)} (median {statistics.median(eager) * 1e3:.2f})")
             close(plain)
@@ -89,8 +99,9 @@ def main():
             eng.runner.logits = timed_forward
         rows = []
         for p in ps[4:4 + a.n]:
-            t, _ = ttft(eng, p)
-            eng.prefix_cache.reset_device_cache()
+            t, cached = ttft(eng, p)
+            reset(eng)
+            assert cached >= a.cached // 16 * 16 - 16, f"expected a device hit of the prefix, {cached} cached"
             rows.append((t, eng._last))
         sync(dev)
         if dev.type == "cuda":
@@ -113,7 +124,7 @@ def main():
 
             def one(p=ps[-1]):
                 ttft(eng, p)
-                eng.prefix_cache.reset_device_cache()
+                reset(eng)
             kernel_table(one, f"one {a.tokens}-token request", a.top)
 
         # (2) cProfile of n requests
@@ -121,7 +132,7 @@ def main():
         prof.enable()
         for p in ps[4 + a.n:4 + 2 * a.n]:
             ttft(eng, p)
-            eng.prefix_cache.reset_device_cache()
+            reset(eng)
         prof.disable()
         for key in ("tottime", "cumulative"):
             buf = io.StringIO()
@@ -136,7 +147,7 @@ def main():
         with torch.profiler.profile(activities=acts) as tp:
             for p in ps[4 + 2 * a.n:4 + 3 * a.n]:
                 ttft(eng, p)
-                eng.prefix_cache.reset_device_cache()
+                reset(eng)
         ka = tp.key_averages()
         print(f"\n### torch.profiler, {a.n} requests: ops by host time (self)\n| op | calls | self host ms | "
               f"host ms a request |\n|---|---|---|---|")

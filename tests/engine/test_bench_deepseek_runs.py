@@ -25,3 +25,9 @@ def test_probe_deepseek_step_runs(tmp_path):
     out = run("probe_deepseek_step.py", "--quick", "--n", "2", "--top", "3", "--compare-eager", tmp_path=tmp_path)
     assert "| TTFT ms | add_request ms |" in out and "cProfile, 2 requests, by tottime" in out
     assert "ops by host time (self)" in out and "prefill steps eager (model.prefill_graph_tokens 0)" in out
+
+
+def test_probe_deepseek_step_after_a_cached_prefix_runs(tmp_path):
+    """--cached: each timed step a device hit of the shared prefix (the probe asserts the hit)."""
+    out = run("probe_deepseek_step.py", "--quick", "--n", "2", "--top", "3", "--cached", "256", tmp_path=tmp_path)
+    assert "after 256 cached tokens (device hits)" in out and "| TTFT ms | add_request ms |" in out
