@@ -6,7 +6,9 @@ without the payload checksum (check_payload=False), the store's fetch with the p
 is copied into a caller's buffer (TieredStore._cluster_fetch with out), and the whole
 get_pages(out=...). Then get_pages(out=...) with the one-pass native sum-and-copy and with the
 Python path (pagecopy.library() -> None: xxhash's checksum, then numpy's copy), alone and beside a
-thread spinning in Python (an engine's launch-bound thread wants the GIL the same way).
+thread spinning in Python (an engine's launch-bound thread wants the GIL the same way); and the
+tier's client reopened with receives of 64 KiB (redis-py's default), 1 MiB and
+cluster_tier.SOCKET_READ_BYTES, alone and beside the spinner.
 
     python benchmarks/probe_cluster_get.py --reps 5
 """
@@ -23,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import SHAPES, client, cluster_store, local_cluster, make_pages, settle  # noqa: E402
-from kvc import pagecopy  # noqa: E402
+from kvc import cluster_tier, pagecopy  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
 
 
@@ -62,6 +64,37 @@ def paths(store, ns, hashes, out, reps: int) -> None:
         print(f"| {name} | {med[0]:.0f} | {med[1]:.0f} |")
 
 
+def read_sizes(store, ns, hashes, out, reps: int) -> None:
+    """get_pages(out) with the tier's client reopened at each receive size, alone and beside a
+    spinning thread; ms a get (median of reps)."""
+    default = cluster_tier.SOCKET_READ_BYTES
+    print("\n| receive size | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
+    try:
+        for size in (64 << 10, 1 << 20, default):
+            cluster_tier.SOCKET_READ_BYTES = size
+            store.cluster._client.close()
+            store.cluster._client = None  # the next call opens a client with this size
+            med = []
+            for beside in (False, True):
+                stop = threading.Event()
+                th = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+                if beside:
+                    th.start()
+                ms = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    assert len(store.get_pages(ns, hashes, out=out)) == len(hashes)
+                    ms.append((time.perf_counter() - t) * 1e3)
+                stop.set()
+                if beside:
+                    th.join()
+                med.append(sorted(ms)[len(ms) // 2])
+            print(f"| {size >> 10} KiB{' (the tier' + chr(39) + 's)' if size == default else ''} | {med[0]:.0f} | "
+                  f"{med[1]:.0f} |", flush=True)
+    finally:
+        cluster_tier.SOCKET_READ_BYTES = default
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=96)
@@ -92,6 +125,7 @@ def main() -> int:
             print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
         assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
         paths(store, ns, hashes, out, a.reps)
+        read_sizes(store, ns, hashes, out, a.reps)
         store.close()
         raw.close()
     return 0

@@ -37,6 +37,10 @@ log = logging.getLogger("kvc.cluster")
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0
 WRITE_BATCH_BYTES = 32 << 20
+# bytes a receive may take: redis-py reads replies 64 KiB at a time by default, and every receive
+# hands the GIL over; beside a thread that wants it all the time (an engine's), a 144 MB get took
+# ~3.9 s at 64 KiB, 1.3 s at 1 MiB, 0.75 s at 4 MiB (~0.27 s alone; benchmarks/probe_cluster_get.py)
+SOCKET_READ_BYTES = 4 << 20
 WRITE_BATCH_ITEMS = 256  # records read from the cpu tier at write time count as a page each
 KNOWN_PAGES = 1 << 16
 KNOWN_S = 30.0  # how long a written page counts as held for duplicate puts (Redis may evict it)
@@ -140,7 +144,7 @@ class ClusterTier:
 
     def _open(self):
         kw = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                  retry=Retry(NoBackoff(), 1))
+                  retry=Retry(NoBackoff(), 1), socket_read_size=SOCKET_READ_BYTES)
         if self._password and urlsplit(self.url).password is None:
             kw["password"] = self._password
         probe = redis.Redis.from_url(self.url, **kw)
