@@ -15,6 +15,7 @@ cluster_tier.SOCKET_READ_BYTES, alone and beside the spinner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -29,6 +30,31 @@ from kvc import cluster_tier, pagecopy  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
 
 
+@contextlib.contextmanager
+def spinning(on: bool):
+    """While inside (when on), a thread spinning in Python: it wants the GIL all the time."""
+    stop = threading.Event()
+    th = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+    if on:
+        th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if on:
+            th.join()
+
+
+def get_ms(store, ns, hashes, out) -> float:
+    t = time.perf_counter()
+    assert len(store.get_pages(ns, hashes, out=out)) == len(hashes)
+    return (time.perf_counter() - t) * 1e3
+
+
+def med(ms: list[float]) -> float:
+    return sorted(ms)[len(ms) // 2]
+
+
 def paths(store, ns, hashes, out, reps: int) -> None:
     """get_pages(out) on the native one-pass path and on the Python path, alone and beside a
     spinning thread, the two paths alternating; ms a get."""
@@ -36,32 +62,20 @@ def paths(store, ns, hashes, out, reps: int) -> None:
     if real() is None:
         print("(no native library here: the path comparison is skipped)")
         return
-    stop = threading.Event()
-
-    def spin():
-        while not stop.is_set():
-            pass
-    rows = {}
+    names = {"native one pass": real, "Python: checksum, then copy": lambda cc=None: None}
+    rows: dict = {}
     try:
         for beside in (False, True):
-            th = threading.Thread(target=spin, daemon=True) if beside else None
-            if th:
-                th.start()
-            for _ in range(reps):
-                for name, lib in (("native one pass", real), ("Python: checksum, then copy", lambda cc=None: None)):
-                    pagecopy.library = lib
-                    t = time.perf_counter()
-                    assert len(store.get_pages(ns, hashes, out=out)) == len(hashes)
-                    rows.setdefault((name, beside), []).append((time.perf_counter() - t) * 1e3)
-            if th:
-                stop.set()
-                th.join()
+            with spinning(beside):
+                for _ in range(reps):
+                    for name, lib in names.items():
+                        pagecopy.library = lib
+                        rows.setdefault((name, beside), []).append(get_ms(store, ns, hashes, out))
     finally:
         pagecopy.library = real
     print("\n| get_pages(out) path | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
-    for name in ("native one pass", "Python: checksum, then copy"):
-        med = [sorted(rows[(name, b)])[len(rows[(name, b)]) // 2] for b in (False, True)]
-        print(f"| {name} | {med[0]:.0f} | {med[1]:.0f} |")
+    for name in names:
+        print(f"| {name} | {med(rows[(name, False)]):.0f} | {med(rows[(name, True)]):.0f} |")
 
 
 def read_sizes(store, ns, hashes, out, reps: int) -> None:
@@ -74,23 +88,12 @@ def read_sizes(store, ns, hashes, out, reps: int) -> None:
             cluster_tier.SOCKET_READ_BYTES = size
             store.cluster._client.close()
             store.cluster._client = None  # the next call opens a client with this size
-            med = []
+            cells = []
             for beside in (False, True):
-                stop = threading.Event()
-                th = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
-                if beside:
-                    th.start()
-                ms = []
-                for _ in range(reps):
-                    t = time.perf_counter()
-                    assert len(store.get_pages(ns, hashes, out=out)) == len(hashes)
-                    ms.append((time.perf_counter() - t) * 1e3)
-                stop.set()
-                if beside:
-                    th.join()
-                med.append(sorted(ms)[len(ms) // 2])
-            print(f"| {size >> 10} KiB{' (the tier' + chr(39) + 's)' if size == default else ''} | {med[0]:.0f} | "
-                  f"{med[1]:.0f} |", flush=True)
+                with spinning(beside):
+                    cells.append(med([get_ms(store, ns, hashes, out) for _ in range(reps)]))
+            tier = " (the tier's)" if size == default else ""
+            print(f"| {size >> 10} KiB{tier} | {cells[0]:.0f} | {cells[1]:.0f} |", flush=True)
     finally:
         cluster_tier.SOCKET_READ_BYTES = default
 

@@ -49,9 +49,9 @@ CUDNN_MIN_QUERIES = 2048
 # CPU (over gathered rows, two GEMMs in _absorbed_piece): 2.4-7.8x quicker than expanding with
 # SDPA, the crossover near the FLOP bound. CUDA (the Triton kernel over the pool; the GEMM form
 # alike): on an H100, one V2-Lite layer, 0.29x / 0.58x the expanded path's time at 16 / 64 queries
-# after 32K, 0.99x at 128, 1.36x at 185, 0.99-1.03x at 16-64 after 8K; the engine's TTFT of 64
-# new tokens after a device hit, every short piece latent against none, 14.6 -> 11.5 ms at 32K,
-# 9.4 -> 8.7 at 8K (benchmarks/RESULTS.md, runs FT, FU): half the bound, 93 queries for V2-Lite.
+# after 32K, 0.99x at 128, 1.36x at 185, 0.99-1.03x at 16-64 after 8K (run FT): half the bound,
+# 93 queries for V2-Lite. The engine's TTFT of 64 new tokens after a device hit, this rule against
+# every piece expanded, 15.2 -> 11.8 ms at 32K, 9.3 -> 8.7 at 8K (H100, run FW; benchmarks/RESULTS.md).
 ABSORB_PIECES: dict[str, float] = {"cpu": 1.0, "cuda": 0.5}
 # The latent form's fp32 scores [queries x heads, K] per pair of GEMMs (MLAttention._absorbed_piece)
 PIECE_SCORE_BYTES = 128 << 20
