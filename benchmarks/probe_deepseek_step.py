@@ -49,7 +49,8 @@ def main():
     a = ap.parse_args()
     dev = torch.device("cpu" if a.quick or not torch.cuda.is_available() else "cuda")
     dtype = "float32" if dev.type == "cpu" else "bfloat16"
-    ns = argparse.Namespace(ttft_len=[a.tokens], kt_len=0, prefill_len=[a.tokens], delta=a.tokens,
+    # the pool holds the prefix too (sized from ttft_len)
+    ns = argparse.Namespace(ttft_len=[a.cached + a.tokens], kt_len=0, prefill_len=[a.tokens], delta=a.tokens,
                             concurrency=[1], decode_prompt_len=32, decode_tokens=8, dtype=dtype, device=dev,
                             chunk=a.chunk)
     with tempfile.TemporaryDirectory() as tmp:

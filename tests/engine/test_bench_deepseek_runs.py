@@ -29,5 +29,5 @@ def test_probe_deepseek_step_runs(tmp_path):
 
 def test_probe_deepseek_step_after_a_cached_prefix_runs(tmp_path):
     """--cached: each timed step a device hit of the shared prefix (the probe asserts the hit)."""
-    out = run("probe_deepseek_step.py", "--quick", "--n", "2", "--top", "3", "--cached", "256", tmp_path=tmp_path)
-    assert "after 256 cached tokens (device hits)" in out and "| TTFT ms | add_request ms |" in out
+    out = run("probe_deepseek_step.py", "--quick", "--n", "2", "--top", "3", "--cached", "2048", tmp_path=tmp_path)
+    assert "after 2048 cached tokens (device hits)" in out and "| TTFT ms | add_request ms |" in out
