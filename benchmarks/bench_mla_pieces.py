@@ -15,10 +15,16 @@ latents; a piece of Q queries at the end of K latents (K - Q cached tokens befor
 Then decode (--decode BxK: B sequences of K keys, one query each, pages of 16 in a shuffled pool):
 the gather of the rows + SDPA with a padding mask (the path before the kernel) against the kernel.
 
+--tiles MxNxWxS ... (CUDA): the kernel's launch for pieces of at least M rows swept on the
+--tile-shapes pieces: M rows a program, N keys a tile, W warps, S pipeline stages, a column each
+(the first is the reference: each other's largest difference from it is printed; a tile that does
+not fit the GPU's shared memory or registers prints its error's name).
+
 Prints ms per call (CUDA: GPU time over --iters calls after a warm-up; CPU: wall time).
 
     python benchmarks/bench_mla_pieces.py                       # CUDA if present, bf16
     python benchmarks/bench_mla_pieces.py --device cpu --shapes 64x4096 16x2048 --decode 4x4096
+    python benchmarks/bench_mla_pieces.py --shapes --decode --tiles 64x32x8x2 64x64x8x2
 """
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--shapes", nargs="+", default=["64x8192", "64x32768", "16x32768", "128x32768",
+    ap.add_argument("--shapes", nargs="*", default=["64x8192", "64x32768", "16x32768", "128x32768",
                                                      "185x32768", "512x32768", "2048x32768", "8192x32768",
                                                      "16x8192", "32x8192", "32x32768"],
                     help="QxK: Q queries after K - Q cached tokens")
@@ -67,6 +73,11 @@ def main():
     ap.add_argument("--block-m", type=int, nargs="+", default=[16],
                     help="the kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M), "
                          "a column each")
+    ap.add_argument("--tiles", nargs="*", default=[],
+                    help="MxNxWxS: the pieces' kernel launch (rows a program, keys a tile, warps, stages), a "
+                         "column each on --tile-shapes; the first is the reference")
+    ap.add_argument("--tile-shapes", nargs="+", default=["64x32768", "64x8192", "128x32768", "16x32768"],
+                    help="QxK pieces for --tiles")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -114,6 +125,8 @@ def main():
         if kernel:
             how = "torch.mm out_dtype fp32" if mla._MM_OUT_DTYPE == [True] else "fp32 GEMM"
             print(f"(the latent form's scores: {how})")
+        if a.tiles and kernel:
+            sweep_tiles(layer, a.tiles, a.tile_shapes, device, dtype, iters)
         if not a.decode:
             return
         print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")
@@ -137,6 +150,41 @@ def main():
                 print(f"| {B} x {K} | {ms_g:.3f} | {ms_k:.3f} | {ms_k / ms_g:.2f}x |", flush=True)
             else:
                 print(f"| {B} x {K} | {ms_g:.3f} | - | - |", flush=True)
+
+
+def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters: int) -> None:
+    """The pieces' kernel under each tile (module doc), ms per call and the largest difference from
+    the first tile's output."""
+    keep = (triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS, triton_mla.PIECE_STAGES)
+    print(f"\n(the engine's tile: {'x'.join(map(str, keep))}; cells: ms, then the largest difference from "
+          f"{tiles[0]})")
+    print("| Q x K | " + " | ".join(tiles) + " |\n" + "|---" * (len(tiles) + 1) + "|")
+    P, W = 16, layer.r + layer.dr
+    try:
+        for shape in shapes:
+            Q, K = (int(v) for v in shape.split("x"))
+            q = torch.randn(Q, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+            pool, table = paged(K, P, W, device, dtype)
+            piece = Piece(0, Q, K, table)
+            ref, cells = None, []
+            for tile in tiles:
+                m, n, w, st = (int(v) for v in tile.split("x"))
+                (triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS,
+                 triton_mla.PIECE_STAGES) = m, n, w, st
+                try:
+                    t = timed(lambda: layer._kernel_piece(q, pool, piece, 0.1), device, iters)
+                except Exception as e:  # a tile past the GPU's shared memory or registers
+                    cells.append(type(e).__name__)
+                    continue
+                o = layer._kernel_piece(q, pool, piece, 0.1).float()
+                if ref is None:
+                    ref = o
+                    cells.append(f"{t:.3f}")
+                else:
+                    cells.append(f"{t:.3f} ({(o - ref).abs().max().item():.4f})")
+            print(f"| {Q} x {K} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS, triton_mla.PIECE_STAGES = keep
 
 
 def paged(K: int, P: int, W: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -304,13 +304,17 @@ class MLAttention(nn.Module):
     def _kernel_piece(self, q: torch.Tensor, cache: torch.Tensor, p, scale: float) -> torch.Tensor:
         """q [Q, h, dn+dr], a piece's queries at the end of its k_len keys in the pool -> [Q, h, dv]:
         the Triton kernel over the pool's latent rows (causal, bottom-right)."""
-        from .attention.triton_mla import PIECE_BLOCK_M, mla_attention
+        from .attention import triton_mla as tm
         Q, dev = q.shape[0], q.device
         qf = self._absorb_query(q, cache.dtype)  # [Q, h, r + dr]
         o = q.new_empty(1, Q * self.heads, self.r)
         zero = torch.zeros(1, dtype=torch.int32, device=dev)  # the piece's first row of qf
-        mla_attention(qf, cache, self.r, zero, zero + Q, zero + p.k_len, p.block_table[None], Q, p.k_len, scale, o,
-                      PIECE_BLOCK_M if Q * self.heads >= PIECE_BLOCK_M else None)  # a piece's row blocks, else decode's
+        tile = {}  # a piece's row blocks and tiles, or (fewer rows) decode's
+        if Q * self.heads >= tm.PIECE_BLOCK_M:
+            tile = dict(block_m=tm.PIECE_BLOCK_M, block_n=tm.PIECE_BLOCK_N, num_warps=tm.PIECE_WARPS,
+                        num_stages=tm.PIECE_STAGES)
+        tm.mla_attention(qf, cache, self.r, zero, zero + Q, zero + p.k_len, p.block_table[None], Q, p.k_len, scale, o,
+                         **tile)
         return torch.einsum("qhr,hvr->qhv", o.view(Q, self.heads, self.r), self._w_kv_b()[1])
 
     def _kernel_decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:

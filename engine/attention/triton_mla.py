@@ -27,6 +27,8 @@ BLOCK_M = 16  # (query, head) rows a program (decode: one query's heads of V2-Li
 # slice, so wider blocks read the cached rows fewer times (H100, one V2-Lite layer: 64 x 32,768
 # 0.56 ms at 64 rows against 0.86 at 16, 2,048 x 32,768 14.6 against 25.1; equal at 16 x 32,768)
 PIECE_BLOCK_M = 64
+PIECE_BLOCK_N = 32  # keys a tile for those blocks
+PIECE_WARPS, PIECE_STAGES = 8, 2  # their launch (decode's blocks: 4 warps)
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
@@ -93,7 +95,8 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
 
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
                   k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
-                  out: torch.Tensor, block_m: int | None = None) -> None:
+                  out: torch.Tensor, block_m: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None) -> None:
     """Latent attention of B sequences over the pool.
 
     q [T, H, r + dr] absorbed queries (contiguous last dim); cache [N, P, 1, r + dr]; starts, q_lens,
@@ -101,7 +104,9 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     ids; max_q / max_k host bounds on q_lens / k_lens (the grid's size). out [B, max_q * H, >= r]:
     sequence b's row m (query m // H, head m % H) gets its latent output in out[b, m, :r]; rows past
     q_lens[b] * H (when sequences differ in q_len) get undefined values. block_m: rows a program
-    (a power of two >= 16; default BLOCK_M)."""
+    (a power of two >= 16; default BLOCK_M); block_n: keys a tile (a power of two >= 16; default
+    BLOCK_N); num_warps, num_stages: the launch's (default 4 warps for 16 rows a program, else 8;
+    2 stages)."""
     H, W = q.shape[1], q.shape[2]
     N, P = cache.shape[:2]
     B = starts.shape[0]
@@ -110,10 +115,11 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     assert q.stride(-1) == 1 and cache.stride(-1) == 1 and out.stride(-1) == 1 and cache.shape[-1] == W
     c = cache.view(N, P, W)
     block_m = block_m or BLOCK_M
+    block_n = block_n or BLOCK_N
     m_blocks = triton.cdiv(max_q * H, block_m)
     if m_blocks > 65535:
         raise ValueError(f"mla_attention: {max_q} queries x {H} heads is more rows than one launch takes")
-    S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, BLOCK_N)))
+    S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, block_n)))
     BLOCK_R = max(16, triton.next_power_of_2(r))
     mid_o = torch.empty(B, m_blocks * block_m, S, BLOCK_R, dtype=torch.float32, device=q.device)
     mid_l = torch.empty(B, m_blocks * block_m, S, dtype=torch.float32, device=q.device)
@@ -121,8 +127,8 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
         q, c, starts, q_lens, k_lens, tables, mid_o, mid_l, scale, S,
         q.stride(0), q.stride(1), c.stride(0), c.stride(1), tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
-        HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=BLOCK_R,
         BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_m <= 16 else 8, num_stages=2)
+        num_warps=num_warps or (4 if block_m <= 16 else 8), num_stages=num_stages or 2)
     merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
                  min(MERGE_COLUMNS, BLOCK_R))

@@ -46,9 +46,9 @@ def reference(qf: torch.Tensor, lat: torch.Tensor, r: int, scale: float) -> torc
 
 
 def check_kernel(H: int, r: int, dr: int, P: int, decodes: list[int], pieces: list[tuple[int, int]], dtype,
-                 device, tol: float, block_m: int | None = None) -> None:
+                 device, tol: float, block_m: int | None = None, **tile) -> None:
     """decodes: key counts of single-query sequences (one launch); pieces: (q_len, k_len), one launch each;
-    block_m: the kernel's rows a program (None: its default)."""
+    block_m: the kernel's rows a program (None: its default); tile: block_n / num_warps / num_stages."""
     from engine.attention.triton_mla import mla_attention
     W = r + dr
     scale = W ** -0.5
@@ -61,7 +61,7 @@ def check_kernel(H: int, r: int, dr: int, P: int, decodes: list[int], pieces: li
         out = torch.full((B, H, r), float("nan"), dtype=dtype, device=device)
         ones = torch.ones(B, dtype=torch.int32, device=device)
         k_lens = torch.tensor(decodes, dtype=torch.int32, device=device)
-        mla_attention(qf, pool, r, starts, ones, k_lens, tables, 1, max(decodes) + 5, scale, out, block_m)
+        mla_attention(qf, pool, r, starts, ones, k_lens, tables, 1, max(decodes) + 5, scale, out, block_m, **tile)
         for b, k in enumerate(decodes):
             want = reference(qf[B - b:B - b + 1], rows[b], r, scale)[0]
             torch.testing.assert_close(out[b].double(), want, atol=tol, rtol=tol)
@@ -70,7 +70,7 @@ def check_kernel(H: int, r: int, dr: int, P: int, decodes: list[int], pieces: li
         qf = torch.randn(Q + 3, H, W, generator=g).to(dtype).to(device)
         start = torch.tensor([3], dtype=torch.int32, device=device)
         out = torch.full((1, Q * H, r + 7), float("nan"), dtype=dtype, device=device)  # wider than r: a view
-        mla_attention(qf, pool, r, start, start * 0 + Q, start * 0 + K, tables, Q, K, scale, out, block_m)
+        mla_attention(qf, pool, r, start, start * 0 + Q, start * 0 + K, tables, Q, K, scale, out, block_m, **tile)
         want = reference(qf[3:], rows[0], r, scale)
         torch.testing.assert_close(out[0, :, :r].view(Q, H, r).double(), want, atol=tol, rtol=tol)
         assert out[0, :, r:].isnan().all()  # columns past r untouched
@@ -83,6 +83,10 @@ from tests.engine.test_mla_kernel import check_kernel, engine_tokens
 check_kernel(3, 48, 8, 4, [1, 5, 37, 70], [(7, 30), (6, 6), (1, 9)], torch.float32, "cpu", 1e-4)
 check_kernel(16, 64, 16, 16, [33, 200], [(20, 150)], torch.float32, "cpu", 1e-4)
 check_kernel(3, 48, 8, 4, [9], [(30, 70), (5, 40)], torch.float32, "cpu", 1e-4, block_m=64)  # 64-row blocks
+# key tiles of 16 and 64 (pages of 4 and 16: a tile of many pages, a page of many tiles), other launches
+check_kernel(3, 48, 8, 4, [9, 70], [(30, 70), (5, 300)], torch.float32, "cpu", 1e-4, block_m=64, block_n=64,
+             num_warps=4, num_stages=3)
+check_kernel(16, 64, 16, 16, [33], [(20, 150)], torch.float32, "cpu", 1e-4, block_m=32, block_n=16, num_stages=1)
 from engine.attention import triton_merge
 triton_merge.MERGE_HEADS = 40  # merges in launches of 40 rows (CUDA caps a launch's grid y)
 check_kernel(3, 48, 8, 4, [9, 20], [(30, 70)], torch.float32, "cpu", 1e-4)
@@ -171,6 +175,8 @@ def test_mla_kernel_matches_reference_cuda():
     check_kernel(128, 512, 64, 64, [17, 4097], [(3, 1000)], torch.bfloat16, "cuda", 2e-2)
     check_kernel(16, 512, 64, 16, [77, 1000], [(30, 500)], torch.float32, "cuda", 1e-4)
     check_kernel(16, 512, 64, 16, [3000], [(64, 32768), (185, 8192), (2, 50)], torch.bfloat16, "cuda", 2e-2, 64)
+    check_kernel(16, 512, 64, 16, [300], [(64, 32768), (9, 8000)], torch.bfloat16, "cuda", 2e-2, 64, block_n=64,
+                 num_warps=8, num_stages=2)  # 64-key tiles (bench_mla_pieces --tiles)
 
 
 @pytest.mark.gpu
