@@ -44,9 +44,16 @@ def main():
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--mla-tile", default=None,
+                    help="MxNxWxS: the MLA kernel's launch for prefill pieces (rows a program, keys a tile, warps, "
+                         "stages; engine.attention.triton_mla.PIECE_*); default the engine's")
     ap.add_argument("--compare-eager", action="store_true",
                     help="first the same prompts on an engine with model.prefill_graph_tokens 0")
     a = ap.parse_args()
+    if a.mla_tile:
+        from engine.attention import triton_mla
+        (triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS,
+         triton_mla.PIECE_STAGES) = (int(v) for v in a.mla_tile.split("x"))
     dev = torch.device("cpu" if a.quick or not torch.cuda.is_available() else "cuda")
     dtype = "float32" if dev.type == "cpu" else "bfloat16"
     # the pool holds the prefix too (sized from ttft_len)
@@ -61,7 +68,8 @@ def main():
         name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
         print(f"# DeepSeek-V2 {'tiny' if a.quick else 'V2-Lite'} shapes, {len(eng.model.model.layers)} layers, "
               f"{dtype}, {name}, torch {torch.__version__}; {a.tokens}-token prompts, "
-              f"{f'after {a.cached} cached tokens (device hits)' if a.cached else 'nothing cached'}, chunk {a.chunk}")
+              f"{f'after {a.cached} cached tokens (device hits)' if a.cached else 'nothing cached'}, chunk {a.chunk}"
+              f"{f', MLA pieces tile {a.mla_tile}' if a.mla_tile else ''}")
         V = eng.args.vocab_size
         prefix = rand_prompts(1, a.cached, V, 99)[0] if a.cached else []
         ps = [prefix + p for p in rand_prompts(3 * a.n + 4, a.tokens, V, 5)]
