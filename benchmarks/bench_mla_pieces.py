@@ -195,10 +195,14 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
                 m, n, w, st = (int(v) for v in tile.split("x"))
                 (triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS,
                  triton_mla.PIECE_STAGES) = m, n, w, st
+                triton_mla._TOO_BIG.clear()
                 try:
                     t = timed_graph(lambda: layer._kernel_piece(q, pool, piece, 0.1), iters)
-                except Exception as e:  # a tile past the GPU's shared memory or registers
+                except Exception as e:
                     cells.append(type(e).__name__)
+                    continue
+                if triton_mla._TOO_BIG:  # past the GPU's shared memory or registers: the engine falls back
+                    cells.append("OutOfResources")
                     continue
                 o = layer._kernel_piece(q, pool, piece, 0.1).float()
                 if ref is None:
@@ -209,6 +213,7 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
             print(f"| {Q} x {K} | " + " | ".join(cells) + " |", flush=True)
     finally:
         triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS, triton_mla.PIECE_STAGES = keep
+        triton_mla._TOO_BIG.clear()
 
 
 def paged(K: int, P: int, W: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

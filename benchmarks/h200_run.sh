@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: the CUDA tests and the GPU benchmarks, each under its own time limit, each
 # writing its log to $OUT (or ./h200-out). Usage: bash benchmarks/h200_run.sh PART [PART ...]
-# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, decode-attn, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, decode-long, decode-32k, decode-32k-16, profile-decode-long, deepseek, deepseek-mla, deepseek-long, profile-mla-decode, profile-deepseek-prefill, deepseek-chunks, deepseek-ttft, deepseek-ttft-paths, deepseek-ttft-rule, deepseek-step, deepseek-step-hit, deepseek-step-hit-n64, mla-prefill, deepseek-graphs, deepseek-decode, deepseek-mla-64, mla-pieces, mla-tiles, mla-kernel-tests, mla-latent, mla-tests, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
+# PARTs: tests, cpu-info, native-tests, tests-kvc, attention, decode-attn, attention-hit, cpu-hit, cpu-hits, cpu-hits-sums, cpu-hits-groups, cpu-hits-both, cpu-hits-staged, cpu-hits-lag, copy-rows, cpu-hit-switch, switch-pairs, graph-pairs, reuse-paired, reuse-sweep, paired, paired-16, paired-profile, paired-profile-12, paired-sched-12, paired-sched-12-malloc, paired-sched-12-switch50, paired-sched-12-switch20, paired-switch-12, paired-gaps, paired-host, paired-buffer, paired-variants, paired-async, paired-gate, busy-hit, step-host, paired-switch, moe, moe-parts, moe-wide, moe-wide-tiles, moe-tma, moe-tma-rows, moe-tma-two-m, moe-grouped, moe-tma-halves, moe-tma-sorted, qkv, shapes, shapes-norecompile, load-path, host-path, tokenizer, profile, profile-hit, profile-chunked, hit-experts, reuse, put-cost, disk, engine, decode-long, decode-32k, decode-32k-16, profile-decode-long, deepseek, deepseek-mla, deepseek-long, profile-mla-decode, profile-deepseek-prefill, deepseek-chunks, deepseek-ttft, deepseek-ttft-paths, deepseek-ttft-rule, deepseek-step, deepseek-step-hit, deepseek-step-hit-n32, deepseek-ttft-32k, mla-prefill, deepseek-graphs, deepseek-decode, deepseek-mla-64, mla-pieces, mla-tiles, mla-kernel-tests, mla-latent, mla-tests, offload-layer, offload-steps, offload-variants, offload-e2e. The Qwen3-30B-A3B-shapes
 # checkpoint (12 layers, bf16) is written once to /tmp/kvc-q30b-12l and shared by reuse/engine/offload-e2e.
 set -u
 cd "$(dirname "$0")/.."
@@ -140,8 +140,10 @@ for part in "$@"; do
     mla-tiles) step mla-tiles 240 python3 benchmarks/bench_mla_pieces.py --shapes --decode --tiles 64x32x8x2 \
         64x64x8x2 64x64x8x3 64x64x8x1 64x32x8x3 64x32x8x1 32x32x4x2 32x64x4x2 32x64x4x3 32x64x8x2 64x128x8x1 \
         64x64x4x2 ;;
-    deepseek-step-hit-n64) step deepseek-step-hit-n64 240 python3 benchmarks/probe_deepseek_step.py --cached 32768 \
-        --mla-tile 64x64x8x3 ;;
+    deepseek-step-hit-n32) step deepseek-step-hit-n32 240 python3 benchmarks/probe_deepseek_step.py --cached 32768 \
+        --mla-tile 64x32x8x2 ;;
+    deepseek-ttft-32k) step deepseek-ttft-32k 240 python3 benchmarks/bench_deepseek.py --sections ttft \
+        --ttft-len 32768 --repeat 3 ;;
     mla-kernel-tests) step mla-kernel-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/engine/test_mla_kernel.py -k "matches_reference_cuda" ;;
     mla-latent) step mla-latent 150 python3 benchmarks/bench_mla_pieces.py --block-m 64 --decode \

@@ -309,10 +309,9 @@ class MLAttention(nn.Module):
         qf = self._absorb_query(q, cache.dtype)  # [Q, h, r + dr]
         o = q.new_empty(1, Q * self.heads, self.r)
         zero = torch.zeros(1, dtype=torch.int32, device=dev)  # the piece's first row of qf
-        tile = {}  # a piece's row blocks and tiles, or (fewer rows) decode's
+        tile = {}  # decode's blocks, or (rows enough) a piece's, with their fallback
         if Q * self.heads >= tm.PIECE_BLOCK_M:
-            tile = dict(block_m=tm.PIECE_BLOCK_M, block_n=tm.PIECE_BLOCK_N, num_warps=tm.PIECE_WARPS,
-                        num_stages=tm.PIECE_STAGES)
+            tile = dict(tm.piece_tile(cache), fallback=True)
         tm.mla_attention(qf, cache, self.r, zero, zero + Q, zero + p.k_len, p.block_table[None], Q, p.k_len, scale, o,
                          **tile)
         return torch.einsum("qhr,hvr->qhv", o.view(Q, self.heads, self.r), self._w_kv_b()[1])

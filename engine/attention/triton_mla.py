@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .triton_merge import dot_precision, keys_per_split, merge_splits, split_result
 
@@ -27,8 +28,12 @@ BLOCK_M = 16  # (query, head) rows a program (decode: one query's heads of V2-Li
 # slice, so wider blocks read the cached rows fewer times (H100, one V2-Lite layer: 64 x 32,768
 # 0.56 ms at 64 rows against 0.86 at 16, 2,048 x 32,768 14.6 against 25.1; equal at 16 x 32,768)
 PIECE_BLOCK_M = 64
-PIECE_BLOCK_N = 32  # keys a tile for those blocks
-PIECE_WARPS, PIECE_STAGES = 8, 2  # their launch (decode's blocks: 4 warps)
+# keys a tile for those blocks and their launch (decode's blocks: 32 keys, 4 warps, 2 stages): 64-key
+# tiles in 3 stages took 27-30% less GPU time than 32 in 2 at 16-128 queries x 32,768 on an H100
+# (bench_mla_pieces --tiles, benchmarks/RESULTS.md run GC); their pipelined [64, r + dr] tiles need
+# most of an H100's shared memory, so a GPU with less (or a wider or fp32 pool) takes FALLBACK_TILE
+PIECE_BLOCK_N, PIECE_WARPS, PIECE_STAGES = 64, 8, 3
+FALLBACK_TILE = (32, 8, 2)  # block_n, warps, stages: the tile before run GC
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
@@ -93,10 +98,28 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
     tl.store(MidL + b * stride_lb + offs_m * stride_lm + split, lse, mask=m_mask)
 
 
+def piece_tile(cache: torch.Tensor) -> dict:
+    """The pieces' launch (mla_attention's block_m / block_n / num_warps / num_stages): PIECE_*, or
+    FALLBACK_TILE where PIECE_*'s key tiles did not fit this GPU's shared memory for this pool
+    (mla_attention found it and noted it in _TOO_BIG)."""
+    tile = dict(block_m=PIECE_BLOCK_M, block_n=PIECE_BLOCK_N, num_warps=PIECE_WARPS, num_stages=PIECE_STAGES)
+    if _tile_key(cache, tile) in _TOO_BIG:
+        tile.update(zip(("block_n", "num_warps", "num_stages"), FALLBACK_TILE))
+    return tile
+
+
+_TOO_BIG: set = set()  # (device, dtype, row width, block_m, block_n, warps, stages) that ran out of resources
+
+
+def _tile_key(cache: torch.Tensor, tile: dict) -> tuple:
+    return (cache.device, cache.dtype, cache.shape[-1], tile["block_m"], tile["block_n"], tile["num_warps"],
+            tile["num_stages"])
+
+
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
                   k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
                   out: torch.Tensor, block_m: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None) -> None:
+                  num_warps: int | None = None, num_stages: int | None = None, fallback: bool = False) -> None:
     """Latent attention of B sequences over the pool.
 
     q [T, H, r + dr] absorbed queries (contiguous last dim); cache [N, P, 1, r + dr]; starts, q_lens,
@@ -106,7 +129,8 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     q_lens[b] * H (when sequences differ in q_len) get undefined values. block_m: rows a program
     (a power of two >= 16; default BLOCK_M); block_n: keys a tile (a power of two >= 16; default
     BLOCK_N); num_warps, num_stages: the launch's (default 4 warps for 16 rows a program, else 8;
-    2 stages)."""
+    2 stages). fallback: if that launch needs more shared memory or registers than the GPU has,
+    launch FALLBACK_TILE's instead and note it (piece_tile then picks the fallback at once)."""
     H, W = q.shape[1], q.shape[2]
     N, P = cache.shape[:2]
     B = starts.shape[0]
@@ -119,16 +143,29 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     m_blocks = triton.cdiv(max_q * H, block_m)
     if m_blocks > 65535:
         raise ValueError(f"mla_attention: {max_q} queries x {H} heads is more rows than one launch takes")
-    S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, block_n)))
+    num_warps = num_warps or (4 if block_m <= 16 else 8)
+    num_stages = num_stages or 2
     BLOCK_R = max(16, triton.next_power_of_2(r))
-    mid_o = torch.empty(B, m_blocks * block_m, S, BLOCK_R, dtype=torch.float32, device=q.device)
-    mid_l = torch.empty(B, m_blocks * block_m, S, dtype=torch.float32, device=q.device)
-    _mla_split_kernel[(B, m_blocks, S)](
-        q, c, starts, q_lens, k_lens, tables, mid_o, mid_l, scale, S,
-        q.stride(0), q.stride(1), c.stride(0), c.stride(1), tables.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
-        HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=BLOCK_R,
-        BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps or (4 if block_m <= 16 else 8), num_stages=num_stages or 2)
+
+    def launch(block_n: int, num_warps: int, num_stages: int):
+        S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, block_n)))
+        mid_o = torch.empty(B, m_blocks * block_m, S, BLOCK_R, dtype=torch.float32, device=q.device)
+        mid_l = torch.empty(B, m_blocks * block_m, S, dtype=torch.float32, device=q.device)
+        _mla_split_kernel[(B, m_blocks, S)](
+            q, c, starts, q_lens, k_lens, tables, mid_o, mid_l, scale, S,
+            q.stride(0), q.stride(1), c.stride(0), c.stride(1), tables.stride(0),
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
+            HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=BLOCK_R,
+            BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages)
+        return mid_o, mid_l
+    try:
+        mid_o, mid_l = launch(block_n, num_warps, num_stages)
+    except OutOfResources:  # raised when the kernel is compiled or loaded, before anything runs
+        if not fallback:
+            raise
+        _TOO_BIG.add(_tile_key(cache, dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
+                                           num_stages=num_stages)))
+        mid_o, mid_l = launch(*FALLBACK_TILE)
     merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
                  min(MERGE_COLUMNS, BLOCK_R))

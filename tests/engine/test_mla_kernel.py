@@ -387,3 +387,42 @@ def test_mla_cudnn_choice_follows_config(ds_dir):
                 mla.CUDNN_PIECES = old
         finally:
             eng.close()
+
+
+def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
+    """A pieces' launch that the GPU cannot hold (OutOfResources, raised before anything runs) is
+    launched again with FALLBACK_TILE and noted, so piece_tile picks the fallback from then on;
+    without fallback the error reaches the caller. The kernel and merge are stand-ins that record
+    the launches (the interpreter never runs out of shared memory)."""
+    from triton.runtime.errors import OutOfResources
+    from engine.attention import triton_mla as tm
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_N, num_warps, num_stages, **kw):
+                launches.append((BLOCK_N, num_warps, num_stages))
+                if (BLOCK_N, num_warps, num_stages) != tm.FALLBACK_TILE:
+                    raise OutOfResources(232448, 221184, "shared memory")
+            return run
+    monkeypatch.setattr(tm, "_mla_split_kernel", Kernel())
+    monkeypatch.setattr(tm, "merge_splits", lambda *a, **k: None)
+    monkeypatch.setattr(tm, "_TOO_BIG", set())
+    H, r, dr, P = 16, 64, 16, 16
+    cache = torch.zeros(4, P, 1, r + dr)
+    q = torch.zeros(8, H, r + dr)
+    one = torch.ones(1, dtype=torch.int32)
+    tables = torch.zeros(1, 4, dtype=torch.int32)
+    out = torch.zeros(1, 8 * H, r)
+    tile = tm.piece_tile(cache)
+    assert (tile["block_n"], tile["num_warps"], tile["num_stages"]) == (tm.PIECE_BLOCK_N, tm.PIECE_WARPS,
+                                                                         tm.PIECE_STAGES) != tm.FALLBACK_TILE
+    with pytest.raises(OutOfResources):
+        tm.mla_attention(q, cache, r, one * 0, one * 8, one * 40, tables, 8, 40, 0.1, out, **tile)
+    assert tm.piece_tile(cache) == tile  # nothing noted without fallback
+    launches.clear()
+    tm.mla_attention(q, cache, r, one * 0, one * 8, one * 40, tables, 8, 40, 0.1, out, **tile, fallback=True)
+    assert launches == [(tm.PIECE_BLOCK_N, tm.PIECE_WARPS, tm.PIECE_STAGES), tm.FALLBACK_TILE]
+    after = tm.piece_tile(cache)
+    assert (after["block_n"], after["num_warps"], after["num_stages"]) == tm.FALLBACK_TILE
+    assert tm.piece_tile(cache.double())["block_n"] == tm.PIECE_BLOCK_N  # noted per dtype (and device, width)
