@@ -300,9 +300,15 @@ def main():
                          "A suffix :eager sets model.enforce_eager (no decode CUDA graphs), e.g. auto:eager,auto")
     ap.add_argument("--mla-block-m", type=int, default=None,
                     help="the MLA kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M)")
+    ap.add_argument("--mla-tile", default=None,
+                    help="MxNxWxS: the MLA kernel's launch for prefill pieces (rows a program, keys a tile, warps, "
+                         "stages; engine.attention.triton_mla.PIECE_*); default the engine's")
     a = ap.parse_args()
     if a.mla_block_m:
         triton_mla.BLOCK_M = triton_mla.PIECE_BLOCK_M = a.mla_block_m
+    if a.mla_tile:
+        (triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS,
+         triton_mla.PIECE_STAGES) = (int(v) for v in a.mla_tile.split("x"))
     if set(a.mla_paths.split(",")) - set(MLA_PATHS):
         ap.error(f"--mla-paths takes {', '.join(MLA_PATHS)}")
     if a.quick:
