@@ -20,7 +20,9 @@ the gather of the rows + SDPA with a padding mask (the path before the kernel) a
 (the first is the reference: each other's largest difference from it is printed; a tile that does
 not fit the GPU's shared memory or registers prints its error's name). Each call is captured in a
 CUDA graph and replayed, so the cells are GPU time even where the call's host work (~0.5 ms on an
-H100 host: the query's absorption, the launches) is longer than its kernels.
+H100 host: the query's absorption, the launches) is longer than its kernels. --decode-tiles
+MxNxWxS ... does the same for decode's launch (engine.attention.triton_mla.BLOCK_M / BLOCK_N, 4
+warps, 2 stages) on the --decode-tile-shapes batches (BxK: B decodes over K keys each).
 
 Prints ms per call (CUDA: GPU time over --iters calls after a warm-up; CPU: wall time).
 
@@ -31,6 +33,7 @@ Prints ms per call (CUDA: GPU time over --iters calls after a warm-up; CPU: wall
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,6 +83,12 @@ def main():
                          "column each on --tile-shapes; the first is the reference")
     ap.add_argument("--tile-shapes", nargs="+", default=["64x32768", "64x8192", "128x32768", "16x32768"],
                     help="QxK pieces for --tiles")
+    ap.add_argument("--decode-tiles", nargs="*", default=[],
+                    help="MxNxWxS: decode's kernel launch, a column each on --decode-tile-shapes; the first is the "
+                         "reference")
+    ap.add_argument("--decode-tile-shapes", nargs="+", default=["1x32768", "8x32768", "16x32768", "32x32768",
+                                                                "32x8192"],
+                    help="BxK decode batches for --decode-tiles")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -127,8 +136,11 @@ def main():
         if kernel:
             how = "torch.mm out_dtype fp32" if mla._MM_OUT_DTYPE == [True] else "fp32 GEMM"
             print(f"(the latent form's scores: {how})")
-        if a.tiles and kernel:
+        sweeps = kernel or os.environ.get("TRITON_INTERPRET") == "1"  # CPU: the interpreter's smoke runs
+        if a.tiles and sweeps:
             sweep_tiles(layer, a.tiles, a.tile_shapes, device, dtype, iters)
+        if a.decode_tiles and sweeps:
+            sweep_decode_tiles(layer, a.decode_tiles, a.decode_tile_shapes, device, dtype, iters)
         if not a.decode:
             return
         print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")
@@ -154,8 +166,11 @@ def main():
                 print(f"| {B} x {K} | {ms_g:.3f} | - | - |", flush=True)
 
 
-def timed_graph(fn, iters: int) -> float:
-    """GPU ms of fn (CUDA) as one captured CUDA graph replayed iters times."""
+def timed_graph(fn, iters: int, device: torch.device) -> float:
+    """GPU ms of fn as one captured CUDA graph replayed iters times (CPU: wall ms a call, for the
+    interpreter's smoke runs)."""
+    if device.type != "cuda":
+        return timed(fn, device, iters)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -197,7 +212,7 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
                  triton_mla.PIECE_STAGES) = m, n, w, st
                 triton_mla._TOO_BIG.clear()
                 try:
-                    t = timed_graph(lambda: layer._kernel_piece(q, pool, piece, 0.1), iters)
+                    t = timed_graph(lambda: layer._kernel_piece(q, pool, piece, 0.1), iters, device)
                 except Exception as e:
                     cells.append(type(e).__name__)
                     continue
@@ -214,6 +229,46 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
     finally:
         triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS, triton_mla.PIECE_STAGES = keep
         triton_mla._TOO_BIG.clear()
+
+
+def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters: int) -> None:
+    """Decode's kernel (as _kernel_decode calls it: query absorption, kernel, merge, output
+    absorption) under each tile, GPU ms a call as CUDA graph replays and the largest difference from
+    the first tile's output; a tile past the GPU's resources prints its error's name."""
+    print(f"\n(decode's tile: {triton_mla.BLOCK_M}x{triton_mla.BLOCK_N}x4x2; cells: GPU ms a call (CUDA graph "
+          f"replays), then the largest difference from {tiles[0]})")
+    print("| decode B x K | " + " | ".join(tiles) + " |\n" + "|---" * (len(tiles) + 1) + "|")
+    P, W = 16, layer.r + layer.dr
+    for shape in shapes:
+        B, K = (int(v) for v in shape.split("x"))
+        pool, table = paged(B * K, P, W, device, dtype)
+        nb = (K + P - 1) // P
+        tables = table[:B * nb].view(B, nb)
+        lens = torch.full((B,), K, dtype=torch.int32, device=device)
+        q = torch.randn(B, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+        idx = torch.arange(B, dtype=torch.int32, device=device), torch.ones(B, dtype=torch.int32, device=device)
+        ref, cells = None, []
+        for tile in tiles:
+            m, n, w, st = (int(v) for v in tile.split("x"))
+
+            def call():
+                qf = layer._absorb_query(q, pool.dtype)
+                o = q.new_empty(B, layer.heads, layer.r)
+                triton_mla.mla_attention(qf, pool, layer.r, idx[0], idx[1], lens, tables, 1, K, 0.1, o,
+                                         block_m=m, block_n=n, num_warps=w, num_stages=st)
+                return torch.einsum("bhr,hvr->bhv", o, layer._w_kv_b()[1])
+            try:
+                t = timed_graph(call, iters, device)
+            except Exception as e:  # a tile past the GPU's shared memory or registers
+                cells.append(type(e).__name__)
+                continue
+            o = call().float()
+            if ref is None:
+                ref = o
+                cells.append(f"{t:.3f}")
+            else:
+                cells.append(f"{t:.3f} ({(o - ref).abs().max().item():.4f})")
+        print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
 
 
 def paged(K: int, P: int, W: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

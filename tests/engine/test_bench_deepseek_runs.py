@@ -1,15 +1,19 @@
-"""bench_deepseek.py's TTFT table and probe_deepseek_step.py run on the CPU (--quick) to their last
-rows: device time is spent on them, and a script that stops on the device wastes a run."""
+"""bench_deepseek.py's TTFT table, probe_deepseek_step.py and bench_mla_pieces.py's tile sweeps run on
+the CPU (--quick, or the kernels under triton's interpreter) to their last rows: device time is
+spent on them, and a script that stops on the device wastes a run."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script: str, *args: str, tmp_path: Path) -> str:
+def run(script: str, *args: str, tmp_path: Path, env: dict | None = None) -> str:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -31,3 +35,18 @@ def test_probe_deepseek_step_after_a_cached_prefix_runs(tmp_path):
     """--cached: each timed step a device hit of the shared prefix (the probe asserts the hit)."""
     out = run("probe_deepseek_step.py", "--quick", "--n", "2", "--top", "3", "--cached", "2048", tmp_path=tmp_path)
     assert "after 2048 cached tokens (device hits)" in out and "| TTFT ms | add_request ms |" in out
+
+
+def test_bench_mla_pieces_tile_sweeps_run(tmp_path):
+    """--tiles and --decode-tiles under the interpreter at V2-Lite's sizes (tiny lengths): each tile's
+    output equals the first's."""
+    pytest.importorskip("triton")
+    out = run("bench_mla_pieces.py", "--device", "cpu", "--shapes", "--decode", "--iters", "1",
+              "--tiles", "64x32x8x2", "64x64x8x3", "--tile-shapes", "4x300",
+              "--decode-tiles", "16x32x4x2", "16x64x4x3", "--decode-tile-shapes", "2x300", tmp_path=tmp_path,
+              env=dict(os.environ, TRITON_INTERPRET="1"))
+    piece = next(line for line in out.splitlines() if line.startswith("| 4 x 300 |"))
+    decode = next(line for line in out.splitlines() if line.startswith("| 2 x 300 |"))
+    for row in (piece, decode):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 3 and cells[2].endswith("(0.0000)"), row
