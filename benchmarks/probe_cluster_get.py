@@ -6,9 +6,10 @@ without the payload checksum (check_payload=False), the store's fetch with the p
 is copied into a caller's buffer (TieredStore._cluster_fetch with out), and the whole
 get_pages(out=...). Then get_pages(out=...) with the one-pass native sum-and-copy and with the
 Python path (pagecopy.library() -> None: xxhash's checksum, then numpy's copy), alone and beside a
-thread spinning in Python (an engine's launch-bound thread wants the GIL the same way); and the
-tier's client reopened with receives of 64 KiB (redis-py's default), 1 MiB and
-cluster_tier.SOCKET_READ_BYTES, alone and beside the spinner.
+thread spinning in Python (an engine's launch-bound thread wants the GIL the same way); the GET
+replies read by respread's native reader (the tier's default) against redis-py's reads, alone and
+beside the spinner; and, on redis-py's reads, the tier's client reopened with receives of 64 KiB
+(redis-py's default), 1 MiB and cluster_tier.SOCKET_READ_BYTES.
 
     python benchmarks/probe_cluster_get.py --reps 5
 """
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import SHAPES, client, cluster_store, local_cluster, make_pages, settle  # noqa: E402
-from kvc import cluster_tier, pagecopy  # noqa: E402
+from kvc import cluster_tier, pagecopy, respread  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
 
 
@@ -78,11 +79,37 @@ def paths(store, ns, hashes, out, reps: int) -> None:
         print(f"| {name} | {med(rows[(name, False)]):.0f} | {med(rows[(name, True)]):.0f} |")
 
 
+def readers(store, ns, hashes, out, reps: int) -> None:
+    """get_pages(out) with the replies read by respread (one native call a node) and by redis-py,
+    alone and beside a spinning thread, the two alternating; ms a get (median of reps)."""
+    real = respread.library
+    if real() is None:
+        print("(no native reply reader here: the comparison is skipped)")
+        return
+    names = {"respread, one native read a node (the tier's)": real, "redis-py's reads": lambda cc=None: None}
+    rows: dict = {}
+    try:
+        for beside in (False, True):
+            with spinning(beside):
+                for _ in range(reps):
+                    for name, lib in names.items():
+                        respread.library = lib
+                        rows.setdefault((name, beside), []).append(get_ms(store, ns, hashes, out))
+    finally:
+        respread.library = real
+    print("\n| GET replies read by | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
+    for name in names:
+        print(f"| {name} | {med(rows[(name, False)]):.0f} | {med(rows[(name, True)]):.0f} |")
+
+
 def read_sizes(store, ns, hashes, out, reps: int) -> None:
-    """get_pages(out) with the tier's client reopened at each receive size, alone and beside a
-    spinning thread; ms a get (median of reps)."""
+    """get_pages(out) on redis-py's reads with the tier's client reopened at each receive size,
+    alone and beside a spinning thread; ms a get (median of reps)."""
     default = cluster_tier.SOCKET_READ_BYTES
-    print("\n| receive size | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
+    real = respread.library
+    respread.library = lambda cc=None: None
+    print("\n| receive size (redis-py's reads) | alone ms (median) | beside a spinning thread ms (median) |\n"
+          "|---|---|---|")
     try:
         for size in (64 << 10, 1 << 20, default):
             cluster_tier.SOCKET_READ_BYTES = size
@@ -96,6 +123,7 @@ def read_sizes(store, ns, hashes, out, reps: int) -> None:
             print(f"| {size >> 10} KiB{tier} | {cells[0]:.0f} | {cells[1]:.0f} |", flush=True)
     finally:
         cluster_tier.SOCKET_READ_BYTES = default
+        respread.library = real
 
 
 def main() -> int:
@@ -104,7 +132,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     spec = SHAPES["30B-A3B-MoE"]
-    print(f"# native checksum-and-copy: {'built' if pagecopy.library() is not None else 'not built (Python path)'}")
+    print(f"# native checksum-and-copy: {'built' if pagecopy.library() is not None else 'not built (Python path)'}; "
+          f"native reply reader: {'built' if respread.library() is not None else 'not built (redis-py reads)'}")
     print("| rep | GETs + checksums ms | GETs, no checksum ms | GETs + one-pass sum-and-copy ms | get_pages(out) ms |")
     print("|---|---|---|---|---|")
     with local_cluster("probe_cluster_get") as procs:
@@ -128,6 +157,7 @@ def main() -> int:
             print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
         assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
         paths(store, ns, hashes, out, a.reps)
+        readers(store, ns, hashes, out, a.reps)
         read_sizes(store, ns, hashes, out, a.reps)
         store.close()
         raw.close()

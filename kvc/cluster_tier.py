@@ -22,12 +22,13 @@ from collections import OrderedDict
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from . import hashing
+from . import hashing, respread
 from .batching import take_batch
 from .hashing import Namespace
 from .record import RecordError, RecordInfo, checksum, decode_header, header_bytes
@@ -79,6 +80,9 @@ def _kind(e: BaseException) -> str:
     if isinstance(e, redis.exceptions.ResponseError):
         return "response"
     return "other"
+
+
+_AGAIN = object()  # _get_direct: ask this key again through redis-py
 
 
 class ClusterTier:
@@ -248,9 +252,14 @@ class ClusterTier:
             bufs = [self.pending.get(page_key(root, h)) for h in hashes]
         ask = [i for i, b in enumerate(bufs) if b is None]
         if ask:
-            got = self._pipeline("get", lambda p: [p.get(page_key(root, hashes[i])) for i in ask])
-            if got is None:
-                got = [None] * len(ask)
+            keys = [page_key(root, hashes[i]) for i in ask]
+            got = self._get_direct(keys, header_bytes(ns.spec) + ns.spec.page_bytes)
+            again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
+            if again:  # redis-py's pipeline (it follows MOVED / ASK)
+                more = self._pipeline("get", lambda p: [p.get(keys[j]) for j in again]) or [None] * len(again)
+                got = got or [None] * len(keys)
+                for j, v in zip(again, more):
+                    got[j] = v
             for i, v in zip(ask, got):
                 bufs[i] = v
         out = {}
@@ -262,6 +271,53 @@ class ClusterTier:
                 break
             out[h] = (info, buf)
         return out
+
+    def _get_direct(self, keys: list[bytes], cap: int) -> list | None:
+        """The records at keys, read by respread (each node's replies in one native call, without
+        the GIL) into rows of cap bytes (the namespace's record size): a memoryview of its row for
+        each, None where the key is missing (or the read failed: counted, as _pipeline does), _AGAIN
+        where redis-py must ask (an error reply such as MOVED, a record longer than cap, a node
+        whose connection cannot be read directly). None: this path is unavailable here."""
+        lib = respread.library()
+        client = self._conn()
+        if lib is None or client is None:
+            return None
+        if self.mode == "cluster":
+            groups: dict[str, tuple] = {}
+            for j, k in enumerate(keys):
+                node = client.get_node_from_key(k)
+                if node is None or node.redis_connection is None:
+                    return None
+                groups.setdefault(node.name, (node.redis_connection.connection_pool, []))[1].append(j)
+            targets = list(groups.values())
+        else:
+            targets = [(client.connection_pool, list(range(len(keys))))]
+        got: list = [_AGAIN] * len(keys)
+        t0 = time.perf_counter()
+        sent = []
+        try:
+            for pool, idx in targets:  # every node's GETs out first, then each node's replies
+                conn = respread.send(pool, [keys[j] for j in idx])
+                if conn is not None:
+                    sent.append((pool, conn, idx))
+            while sent:
+                pool, conn, idx = sent.pop(0)
+                rows = np.empty((len(idx), cap), dtype=np.uint8)
+                lens = respread.read(lib, pool, conn, rows, self.timeout_s)
+                for r, (j, n) in enumerate(zip(idx, lens.tolist())):
+                    if n >= 0:
+                        got[j] = memoryview(rows[r, :n])
+                    elif n == respread.MISSING:
+                        got[j] = None
+        except Exception as e:
+            for pool, conn, _ in sent:  # their replies will not be read: the connections are spent
+                conn.disconnect()
+                pool.release(conn)
+            self._failed("get", e)
+            return [None] * len(keys)
+        self.metrics.cluster_calls.labels(op="get").observe(time.perf_counter() - t0)
+        self._ok()
+        return got
 
     def _verify(self, ns: Namespace, h: bytes, buf: bytes, partial: bool,
                 check_payload: bool = True) -> RecordInfo | None:

@@ -1,0 +1,114 @@
+"""The cluster tier's GET replies read in one native call per node, without the GIL.
+
+redis-py reads a pipeline's replies in Python: a receive, then its parser slices the bulk strings
+out, per reply, and every receive hands the GIL over. Beside a thread that always wants it (an
+engine's launch-bound thread) each hand-over costs up to the interpreter's switch interval (5 ms):
+a 144 MB get of 96 pages took ~2.8x its time alone even with 4 MiB receives
+(benchmarks/RESULTS.md, forty-first session). Here the GETs are still packed and sent by redis-py's
+connection, but each node's replies are read by respread.c's kvc_resp_bulks straight into rows the
+caller gives (a payload goes from the socket into its row, no Python bytes in between), one call
+per node, which releases the GIL once.
+
+Anything this path does not handle is left to redis-py: a TLS connection, a connection whose parser
+holds unread bytes or is not redis-py's Python parser (`send` returns None, nothing sent), and replies
+that are errors (MOVED, ASK, ...: `ERROR` in `lens`, for the caller to ask again through redis-py,
+which follows the redirections). A socket error, a timeout or a malformed reply closes the
+connection and raises ConnectionError / TimeoutError. Without a compiler (or if the build fails):
+one log line, `library()` is None and the tier keeps redis-py's reads.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import ssl
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import native
+
+log = logging.getLogger("kvc.respread")
+SOURCE = Path(__file__).with_name("respread.c")
+_libs: dict = {}
+
+MISSING, TOO_LONG, ERROR = -1, -2, -3  # lens[i] other than a reply's length
+_STATUS = {-1: "connection closed or failed", -2: "timed out", -4: "malformed reply", -5: "bytes past the replies"}
+
+
+class NativeResp:
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))  # CDLL: the GIL is released during the call
+        fn = lib.kvc_resp_bulks
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def bulks(self, fd: int, timeout_ms: int, dsts: np.ndarray, caps: np.ndarray, lens: np.ndarray) -> int:
+        """kvc_resp_bulks over len(dsts) replies (dsts uint64 addresses, caps int64, lens int64 out)."""
+        n = len(dsts)
+        assert dsts.dtype == np.uint64 and caps.dtype == np.int64 and lens.dtype == np.int64
+        assert len(caps) == n and len(lens) == n and dsts.flags.c_contiguous and caps.flags.c_contiguous
+        return self._fn(fd, timeout_ms, n, dsts.ctypes.data, caps.ctypes.data, lens.ctypes.data)
+
+
+def library(cc: str | None = None) -> NativeResp | None:
+    cc = native.compiler(cc)
+    return native.once(_libs, (cc, str(native.cache_dir())),
+                       lambda: NativeResp(native.build(SOURCE, "kvc_respread", cc)),
+                       log, "respread: native reply reader unavailable", "cluster gets read replies through redis-py")
+
+
+def _idle_parser(conn) -> bool:
+    """Whether conn's replies can be read from its socket directly: a plain socket (not TLS, whose
+    bytes only ssl can read), redis-py's Python parser (not hiredis) with nothing received and unread."""
+    parser = getattr(conn, "_parser", None)
+    buf = getattr(parser, "_buffer", None)
+    sock = getattr(conn, "_sock", None)
+    if type(parser).__name__ not in ("_RESP2Parser", "_RESP3Parser") or sock is None or isinstance(sock, ssl.SSLSocket):
+        return False
+    return buf is None or buf.unread_bytes() == 0
+
+
+def send(pool, keys: Sequence[bytes]):
+    """GET every key on one connection of `pool` (a node's): the connection, to `read` its replies,
+    or None when its replies cannot be read directly (nothing was sent, the connection is back in
+    the pool). Raises what redis-py's send raises (the connection closed and released)."""
+    try:
+        conn = pool.get_connection()
+    except TypeError:  # redis-py before 6 names the command
+        conn = pool.get_connection("GET")
+    try:
+        if not _idle_parser(conn):
+            pool.release(conn)
+            return None
+        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]), check_health=False)
+    except BaseException:
+        conn.disconnect()
+        pool.release(conn)
+        raise
+    return conn
+
+
+def read(lib: NativeResp, pool, conn, rows: np.ndarray, timeout_s: float) -> np.ndarray:
+    """The replies of `send`'s n GETs on conn, reply i into rows[i] (rows [n, cap] uint8,
+    C-contiguous); conn goes back to pool. Returns lens [n]: a reply's length, or MISSING, TOO_LONG
+    (longer than cap, dropped) or ERROR (an error reply: ask again). Raises redis-py's
+    ConnectionError or TimeoutError (the connection closed) when the stream breaks off."""
+    import redis
+    try:
+        n, cap = rows.shape
+        assert rows.dtype == np.uint8 and rows.flags.c_contiguous
+        dsts = np.uint64(rows.ctypes.data) + np.arange(n, dtype=np.uint64) * np.uint64(cap)
+        lens = np.zeros(n, dtype=np.int64)
+        status = lib.bulks(conn._sock.fileno(), max(1, int(timeout_s * 1000)), dsts,
+                           np.full(n, cap, dtype=np.int64), lens)
+        if status:
+            err = redis.exceptions.TimeoutError if status == -2 else redis.exceptions.ConnectionError
+            raise err(f"reading {n} GET replies from {conn.host}:{conn.port}: {_STATUS.get(status, status)}")
+        return lens
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
