@@ -339,3 +339,35 @@ def test_gets_read_each_nodes_replies_natively(redis_cluster, client, monkeypatc
         assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
         assert metric(b, "kvc_cluster_errors_total", op="get", kind="connection") == 0
         assert not b.cluster.degraded
+
+
+def test_a_node_that_stops_answering_mid_get_is_a_timed_out_miss(redis_cluster, client):
+    """A master paused (SIGSTOP) while a get waits for its replies: the get returns misses within
+    about the socket timeout (no hang), counted as a timeout, the tier backs off; once the node
+    answers again and the back-off ends, the next get is whole (the half-read connection was closed,
+    not reused)."""
+    import os
+    import signal
+    toks = list(range(5000, 5000 + 24 * SPEC.page_size))
+    hashes, pages = make_pages(NS, toks)
+    with TieredStore(cluster_only(redis_cluster.url)) as s:
+        assert s.put_pages(NS, pages).stored == 24
+        s.flush()
+        c = s.cluster._conn()
+        port = next(n.port for n in c.get_primaries() if any(
+            c.get_node_from_key(page_key(NS.root, h)).port == n.port for h in hashes))
+        proc = redis_cluster.procs[port]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            t = time.perf_counter()
+            got = s.get_pages(NS, hashes)
+            took = time.perf_counter() - t
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert len(got) < 24 and took < 2.0, (len(got), took)
+        assert metric(s, "kvc_cluster_errors_total", op="get", kind="timeout") == 1
+        deadline = time.monotonic() + 10
+        while s.cluster.degraded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
