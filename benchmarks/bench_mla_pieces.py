@@ -191,6 +191,14 @@ def timed_graph(fn, iters: int, device: torch.device) -> float:
     return start.elapsed_time(end) / iters
 
 
+def tile_cell(cells: list, t: float, o: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    """A sweep's cell: ms, and past the first tile the largest difference of o from ref (the
+    first tile's output, returned)."""
+    o = o.float()
+    cells.append(f"{t:.3f}" if ref is None else f"{t:.3f} ({(o - ref).abs().max().item():.4f})")
+    return o if ref is None else ref
+
+
 def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters: int) -> None:
     """The pieces' kernel under each tile (module doc), ms per call and the largest difference from
     the first tile's output."""
@@ -219,12 +227,7 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
                 if triton_mla._TOO_BIG:  # past the GPU's shared memory or registers: the engine falls back
                     cells.append("OutOfResources")
                     continue
-                o = layer._kernel_piece(q, pool, piece, 0.1).float()
-                if ref is None:
-                    ref = o
-                    cells.append(f"{t:.3f}")
-                else:
-                    cells.append(f"{t:.3f} ({(o - ref).abs().max().item():.4f})")
+                ref = tile_cell(cells, t, layer._kernel_piece(q, pool, piece, 0.1), ref)
             print(f"| {Q} x {K} | " + " | ".join(cells) + " |", flush=True)
     finally:
         triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS, triton_mla.PIECE_STAGES = keep
@@ -262,12 +265,7 @@ def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype
             except Exception as e:  # a tile past the GPU's shared memory or registers
                 cells.append(type(e).__name__)
                 continue
-            o = call().float()
-            if ref is None:
-                ref = o
-                cells.append(f"{t:.3f}")
-            else:
-                cells.append(f"{t:.3f} ({(o - ref).abs().max().item():.4f})")
+            ref = tile_cell(cells, t, call(), ref)
         print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -56,50 +56,43 @@ def med(ms: list[float]) -> float:
     return sorted(ms)[len(ms) // 2]
 
 
-def paths(store, ns, hashes, out, reps: int) -> None:
-    """get_pages(out) on the native one-pass path and on the Python path, alone and beside a
-    spinning thread, the two paths alternating; ms a get."""
-    real = pagecopy.library
-    if real() is None:
-        print("(no native library here: the path comparison is skipped)")
-        return
-    names = {"native one pass": real, "Python: checksum, then copy": lambda cc=None: None}
+def alternate(store, ns, hashes, out, reps: int, module, variants: dict, title: str) -> None:
+    """get_pages(out) with module.library replaced by each of variants (name -> library()), alone
+    and beside a spinning thread, the variants alternating rep by rep; a table of ms a get (medians)."""
+    real = module.library
     rows: dict = {}
     try:
         for beside in (False, True):
             with spinning(beside):
                 for _ in range(reps):
-                    for name, lib in names.items():
-                        pagecopy.library = lib
+                    for name, lib in variants.items():
+                        module.library = lib
                         rows.setdefault((name, beside), []).append(get_ms(store, ns, hashes, out))
     finally:
-        pagecopy.library = real
-    print("\n| get_pages(out) path | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
-    for name in names:
+        module.library = real
+    print(f"\n| {title} | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
+    for name in variants:
         print(f"| {name} | {med(rows[(name, False)]):.0f} | {med(rows[(name, True)]):.0f} |")
+
+
+def paths(store, ns, hashes, out, reps: int) -> None:
+    """get_pages(out) on the native one-pass path and on the Python path (checksum, then copy)."""
+    if pagecopy.library() is None:
+        print("(no native library here: the path comparison is skipped)")
+        return
+    alternate(store, ns, hashes, out, reps, pagecopy, {"native one pass": pagecopy.library,
+                                                       "Python: checksum, then copy": lambda cc=None: None},
+              "get_pages(out) path")
 
 
 def readers(store, ns, hashes, out, reps: int) -> None:
-    """get_pages(out) with the replies read by respread (one native call a node) and by redis-py,
-    alone and beside a spinning thread, the two alternating; ms a get (median of reps)."""
-    real = respread.library
-    if real() is None:
+    """get_pages(out) with the replies read by respread (one native call a node) and by redis-py."""
+    if respread.library() is None:
         print("(no native reply reader here: the comparison is skipped)")
         return
-    names = {"respread, one native read a node (the tier's)": real, "redis-py's reads": lambda cc=None: None}
-    rows: dict = {}
-    try:
-        for beside in (False, True):
-            with spinning(beside):
-                for _ in range(reps):
-                    for name, lib in names.items():
-                        respread.library = lib
-                        rows.setdefault((name, beside), []).append(get_ms(store, ns, hashes, out))
-    finally:
-        respread.library = real
-    print("\n| GET replies read by | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
-    for name in names:
-        print(f"| {name} | {med(rows[(name, False)]):.0f} | {med(rows[(name, True)]):.0f} |")
+    alternate(store, ns, hashes, out, reps, respread,
+              {"respread, one native read a node (the tier's)": respread.library,
+               "redis-py's reads": lambda cc=None: None}, "GET replies read by")
 
 
 def read_sizes(store, ns, hashes, out, reps: int) -> None:
