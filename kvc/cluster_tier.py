@@ -82,7 +82,7 @@ def _kind(e: BaseException) -> str:
     return "other"
 
 
-_AGAIN = object()  # _get_direct: ask this key again through redis-py
+_AGAIN = object()  # _direct: ask this key again through redis-py
 
 
 class ClusterTier:
@@ -220,12 +220,18 @@ class ClusterTier:
         ask = [i for i, q in enumerate(queued) if q is None]
         hdr = header_bytes(spec)
         if ask:
-            got = self._pipeline("lookup", lambda p: [p.getrange(page_key(root, hashes[i]), 0, hdr - 1)
-                                                      for i in ask])
-            if got is None:
-                return 0
+            keys = [page_key(root, hashes[i]) for i in ask]
+            got = self._direct("lookup", keys, hdr, lambda k: ("GETRANGE", k, 0, hdr - 1))
+            again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
+            if again:  # redis-py's pipeline (it follows MOVED / ASK)
+                more = self._pipeline("lookup", lambda p: [p.getrange(keys[j], 0, hdr - 1) for j in again])
+                if more is None:
+                    return 0
+                got = got or [None] * len(keys)
+                for j, v in zip(again, more):
+                    got[j] = v
             for i, v in zip(ask, got):
-                queued[i] = v or None
+                queued[i] = v or None  # GETRANGE of a missing key: empty
         n = 0
         for i, (h, buf) in enumerate(zip(hashes, queued)):
             if buf is None:
@@ -253,7 +259,7 @@ class ClusterTier:
         ask = [i for i, b in enumerate(bufs) if b is None]
         if ask:
             keys = [page_key(root, hashes[i]) for i in ask]
-            got = self._get_direct(keys, header_bytes(ns.spec) + ns.spec.page_bytes)
+            got = self._direct("get", keys, header_bytes(ns.spec) + ns.spec.page_bytes, lambda k: ("GET", k))
             again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
             if again:  # redis-py's pipeline (it follows MOVED / ASK)
                 more = self._pipeline("get", lambda p: [p.get(keys[j]) for j in again]) or [None] * len(again)
@@ -272,12 +278,13 @@ class ClusterTier:
             out[h] = (info, buf)
         return out
 
-    def _get_direct(self, keys: list[bytes], cap: int) -> list | None:
-        """The records at keys, read by respread (each node's replies in one native call, without
-        the GIL) into rows of cap bytes (the namespace's record size): a memoryview of its row for
-        each, None where the key is missing (or the read failed: counted, as _pipeline does), _AGAIN
-        where redis-py must ask (an error reply such as MOVED, a record longer than cap, a node
-        whose connection cannot be read directly). None: this path is unavailable here."""
+    def _direct(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple]) -> list | None:
+        """command(key) for every key (a GET, a GETRANGE: a bulk-string reply), the replies read by
+        respread (each node's in one native call, without the GIL) into rows of cap bytes (a get:
+        the namespace's record size; a lookup: its header's): a memoryview of its row for each,
+        None where the key is missing (or the read failed: counted as `op`, as _pipeline does),
+        _AGAIN where redis-py must ask (an error reply such as MOVED, a reply longer than cap, a
+        node whose connection cannot be read directly). None: this path is unavailable here."""
         lib = respread.library()
         client = self._conn()
         if lib is None or client is None:
@@ -297,7 +304,7 @@ class ClusterTier:
         sent = []
         try:
             for pool, idx in targets:  # every node's GETs out first, then each node's replies
-                conn = respread.send(pool, [keys[j] for j in idx])
+                conn = respread.send(pool, [command(keys[j]) for j in idx])
                 if conn is not None:
                     sent.append((pool, conn, idx))
             while sent:
@@ -313,9 +320,9 @@ class ClusterTier:
             for pool, conn, _ in sent:  # their replies will not be read: the connections are spent
                 conn.disconnect()
                 pool.release(conn)
-            self._failed("get", e)
+            self._failed(op, e)
             return [None] * len(keys)
-        self.metrics.cluster_calls.labels(op="get").observe(time.perf_counter() - t0)
+        self.metrics.cluster_calls.labels(op=op).observe(time.perf_counter() - t0)
         self._ok()
         return got
 

@@ -1,4 +1,4 @@
-"""The cluster tier's GET replies read in one native call per node, without the GIL.
+"""The cluster tier's GET (and GETRANGE) replies read in one native call per node, without the GIL.
 
 redis-py reads a pipeline's replies in Python: a receive, then its parser slices the bulk strings
 out, per reply, and every receive hands the GIL over. Beside a thread that always wants it (an
@@ -7,7 +7,8 @@ a 144 MB get of 96 pages took ~2.8x its time alone even with 4 MiB receives
 (benchmarks/RESULTS.md, forty-first session). Here the GETs are still packed and sent by redis-py's
 connection, but each node's replies are read by respread.c's kvc_resp_bulks straight into rows the
 caller gives (a payload goes from the socket into its row, no Python bytes in between), one call
-per node, which releases the GIL once.
+per node, which releases the GIL once. A lookup's GETRANGEs of the records' headers (2,048 for a
+32K-token prompt) are read the same way, without redis-py's parsing of each reply.
 
 Anything this path does not handle is left to redis-py: a TLS connection, a connection whose parser
 holds unread bytes or is not redis-py's Python parser (`send` returns None, nothing sent), and replies
@@ -70,10 +71,27 @@ def _idle_parser(conn) -> bool:
     return buf is None or buf.unread_bytes() == 0
 
 
-def send(pool, keys: Sequence[bytes]):
-    """GET every key on one connection of `pool` (a node's): the connection, to `read` its replies,
-    or None when its replies cannot be read directly (nothing was sent, the connection is back in
-    the pool). Raises what redis-py's send raises (the connection closed and released)."""
+def pack(commands: Sequence[tuple]) -> bytes:
+    """Commands (tuples of bytes, str or int arguments) as one RESP request buffer, as redis-py's
+    pack_commands would send them, with less work a command (a lookup sends 2,048 GETRANGEs)."""
+    parts = []
+    add = parts.append
+    for cmd in commands:
+        add(b"*%d\r\n" % len(cmd))
+        for a in cmd:
+            if isinstance(a, str):
+                a = a.encode()
+            elif isinstance(a, int):
+                a = b"%d" % a
+            add(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
+
+
+def send(pool, commands: Sequence[tuple]):
+    """Send commands (each a tuple of a command's arguments, e.g. ("GET", key), whose reply is a bulk
+    string) on one connection of `pool` (a node's): the connection, to `read` their replies, or None
+    when its replies cannot be read directly (nothing was sent, the connection is back in the
+    pool). Raises what redis-py's send raises (the connection closed and released)."""
     try:
         conn = pool.get_connection()
     except TypeError:  # redis-py before 6 names the command
@@ -82,7 +100,7 @@ def send(pool, keys: Sequence[bytes]):
         if not _idle_parser(conn):
             pool.release(conn)
             return None
-        conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]), check_health=False)
+        conn.send_packed_command([pack(commands)], check_health=False)  # a list of buffers
     except BaseException:
         conn.disconnect()
         pool.release(conn)
@@ -91,7 +109,7 @@ def send(pool, keys: Sequence[bytes]):
 
 
 def read(lib: NativeResp, pool, conn, rows: np.ndarray, timeout_s: float) -> np.ndarray:
-    """The replies of `send`'s n GETs on conn, reply i into rows[i] (rows [n, cap] uint8,
+    """The replies of `send`'s n commands on conn, reply i into rows[i] (rows [n, cap] uint8,
     C-contiguous); conn goes back to pool. Returns lens [n]: a reply's length, or MISSING, TOO_LONG
     (longer than cap, dropped) or ERROR (an error reply: ask again). Raises redis-py's
     ConnectionError or TimeoutError (the connection closed) when the stream breaks off."""
@@ -105,7 +123,7 @@ def read(lib: NativeResp, pool, conn, rows: np.ndarray, timeout_s: float) -> np.
                            np.full(n, cap, dtype=np.int64), lens)
         if status:
             err = redis.exceptions.TimeoutError if status == -2 else redis.exceptions.ConnectionError
-            raise err(f"reading {n} GET replies from {conn.host}:{conn.port}: {_STATUS.get(status, status)}")
+            raise err(f"reading {n} replies from {conn.host}:{conn.port}: {_STATUS.get(status, status)}")
         return lens
     except BaseException:
         conn.disconnect()

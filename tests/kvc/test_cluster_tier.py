@@ -311,9 +311,9 @@ def test_the_tier_reads_replies_in_large_receives(redis_cluster, client):
 
 
 def test_gets_read_each_nodes_replies_natively(redis_cluster, client, monkeypatch):
-    """Each node's GET replies are read in one respread call (without the GIL) straight into rows,
-    and equal the pages put; where the client routes a key to the wrong node, the node's MOVED reply
-    sends that key through redis-py's pipeline, which follows it."""
+    """Each node's GET replies (and a lookup's GETRANGEs) are read in one respread call (without the
+    GIL) straight into rows, and equal the pages put; where the client routes a key to the wrong
+    node, the node's MOVED reply sends that key through redis-py's pipeline, which follows it."""
     from kvc import respread
     lib = respread.library()
     if lib is None:
@@ -327,9 +327,12 @@ def test_gets_read_each_nodes_replies_natively(redis_cluster, client, monkeypatc
         assert a.put_pages(NS, pages).stored == 24
         a.flush()
     with TieredStore(cluster_only(redis_cluster.url)) as b:
+        assert b.lookup(NS, tokens=toks).located == ["cluster"] * 24  # the headers' GETRANGEs
+        assert 2 <= len(calls) <= 3 and sum(calls) == 24, calls  # one call a node holding keys
+        calls.clear()
         got = b.get_pages(NS, hashes)
         assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
-        assert 2 <= len(calls) <= 3 and sum(calls) == 24, calls  # one call a node holding keys
+        assert 2 <= len(calls) <= 3 and sum(calls) == 24, calls
         c = b.cluster._conn()
         first = c.get_primaries()[0]
         monkeypatch.setattr(c, "get_node_from_key", lambda key, replica=False: first)
@@ -337,6 +340,7 @@ def test_gets_read_each_nodes_replies_natively(redis_cluster, client, monkeypatc
         got = b.get_pages(NS, hashes)
         assert calls == [24]
         assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
+        assert b.lookup(NS, tokens=toks).num_pages == 24 and calls == [24, 24]
         assert metric(b, "kvc_cluster_errors_total", op="get", kind="connection") == 0
         assert not b.cluster.degraded
 

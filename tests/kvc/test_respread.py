@@ -108,3 +108,10 @@ def test_only_plain_idle_connections_are_read_directly():
     finally:
         plain.close()
         tls.close()
+
+
+def test_pack_is_redis_pys_request():
+    from redis.connection import Connection
+    cmds = [("GET", b"kvc:\x00\xffkey"), ("GETRANGE", b"k" * 300, 0, 171), ("SET", "s", b"")]
+    want = b"".join(bytes(x) for x in Connection().pack_commands(cmds))
+    assert respread.pack(cmds) == want
