@@ -146,11 +146,8 @@ def main():
         print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")
         for shape in a.decode:
             B, K = (int(v) for v in shape.split("x"))
-            pool, table = paged(B * K, P, W, device, dtype)
-            nb = (K + P - 1) // P
-            tables = table[:B * nb].view(B, nb)
-            lens = torch.full((B,), K, dtype=torch.long, device=device)
-            q = torch.randn(B, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+            pool, tables, lens, q = decode_batch(layer, B, K, device, dtype)
+            nb = tables.shape[1]
             meta = AttnMetadata(positions=lens - 1, slot_mapping=lens, prefills=[], decode_rows=torch.arange(
                 B, device=device), decode_tables=tables, decode_lens=lens, decode_max_len=K)
 
@@ -241,14 +238,9 @@ def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype
     print(f"\n(decode's tile: {triton_mla.BLOCK_M}x{triton_mla.BLOCK_N}x4x2; cells: GPU ms a call (CUDA graph "
           f"replays), then the largest difference from {tiles[0]})")
     print("| decode B x K | " + " | ".join(tiles) + " |\n" + "|---" * (len(tiles) + 1) + "|")
-    P, W = 16, layer.r + layer.dr
     for shape in shapes:
         B, K = (int(v) for v in shape.split("x"))
-        pool, table = paged(B * K, P, W, device, dtype)
-        nb = (K + P - 1) // P
-        tables = table[:B * nb].view(B, nb)
-        lens = torch.full((B,), K, dtype=torch.int32, device=device)
-        q = torch.randn(B, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+        pool, tables, lens, q = decode_batch(layer, B, K, device, dtype)
         idx = torch.arange(B, dtype=torch.int32, device=device), torch.ones(B, dtype=torch.int32, device=device)
         ref, cells = None, []
         for tile in tiles:
@@ -267,6 +259,16 @@ def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype
                 continue
             ref = tile_cell(cells, t, call(), ref)
         print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
+
+
+def decode_batch(layer, B: int, K: int, device, dtype, P: int = 16):
+    """B decodes over K keys each: a shuffled pool of pages of P (paged), block tables [B, ceil(K / P)],
+    key counts [B] and queries [B, h, dn + dr]."""
+    pool, table = paged(B * K, P, layer.r + layer.dr, device, dtype)
+    nb = (K + P - 1) // P
+    lens = torch.full((B,), K, dtype=torch.long, device=device)
+    q = torch.randn(B, layer.heads, layer.dn + layer.dr, device=device, dtype=dtype)
+    return pool, table[:B * nb].view(B, nb), lens, q
 
 
 def paged(K: int, P: int, W: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
