@@ -4,8 +4,8 @@ redis-py reads a pipeline's replies in Python: a receive, then its parser slices
 out, per reply, and every receive hands the GIL over. Beside a thread that always wants it (an
 engine's launch-bound thread) each hand-over costs up to the interpreter's switch interval (5 ms):
 a 144 MB get of 96 pages took ~2.8x its time alone even with 4 MiB receives
-(benchmarks/RESULTS.md, forty-first session). Here the GETs are still packed and sent by redis-py's
-connection, but each node's replies are read by respread.c's kvc_resp_bulks straight into rows the
+(benchmarks/RESULTS.md, forty-first session). Here the commands are packed in one buffer (`pack`)
+and sent on a connection from redis-py's pool for the node, and each node's replies are read by respread.c's kvc_resp_bulks straight into rows the
 caller gives (a payload goes from the socket into its row, no Python bytes in between), one call
 per node, which releases the GIL once. A lookup's GETRANGEs of the records' headers (2,048 for a
 32K-token prompt) are read the same way, without redis-py's parsing of each reply.
