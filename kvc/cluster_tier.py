@@ -221,15 +221,9 @@ class ClusterTier:
         hdr = header_bytes(spec)
         if ask:
             keys = [page_key(root, hashes[i]) for i in ask]
-            got = self._direct("lookup", keys, hdr, lambda k: ("GETRANGE", k, 0, hdr - 1))
-            again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
-            if again:  # redis-py's pipeline (it follows MOVED / ASK)
-                more = self._pipeline("lookup", lambda p: [p.getrange(keys[j], 0, hdr - 1) for j in again])
-                if more is None:
-                    return 0
-                got = got or [None] * len(keys)
-                for j, v in zip(again, more):
-                    got[j] = v
+            got, failed = self._fetch("lookup", keys, hdr, lambda k: ("GETRANGE", k, 0, hdr - 1))
+            if failed:
+                return 0
             for i, v in zip(ask, got):
                 queued[i] = v or None  # GETRANGE of a missing key: empty
         n = 0
@@ -259,13 +253,7 @@ class ClusterTier:
         ask = [i for i, b in enumerate(bufs) if b is None]
         if ask:
             keys = [page_key(root, hashes[i]) for i in ask]
-            got = self._direct("get", keys, header_bytes(ns.spec) + ns.spec.page_bytes, lambda k: ("GET", k))
-            again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
-            if again:  # redis-py's pipeline (it follows MOVED / ASK)
-                more = self._pipeline("get", lambda p: [p.get(keys[j]) for j in again]) or [None] * len(again)
-                got = got or [None] * len(keys)
-                for j, v in zip(again, more):
-                    got[j] = v
+            got, _ = self._fetch("get", keys, header_bytes(ns.spec) + ns.spec.page_bytes, lambda k: ("GET", k))
             for i, v in zip(ask, got):
                 bufs[i] = v
         out = {}
@@ -277,6 +265,21 @@ class ClusterTier:
                 break
             out[h] = (info, buf)
         return out
+
+    def _fetch(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple]) -> tuple[list, bool]:
+        """command(key)'s reply for every key (a GET, a GETRANGE): _direct, and redis-py's pipeline
+        (which follows MOVED / ASK) for the keys _direct left to it. Returns the replies (None where
+        missing or not read) and whether that pipeline failed."""
+        got = self._direct(op, keys, cap, command)
+        again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
+        if got is None:
+            got = [None] * len(keys)
+        if not again:
+            return got, False
+        more = self._pipeline(op, lambda p: [p.execute_command(*command(keys[j])) for j in again])
+        for j, v in zip(again, more or [None] * len(again)):
+            got[j] = v
+        return got, more is None
 
     def _direct(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple]) -> list | None:
         """command(key) for every key (a GET, a GETRANGE: a bulk-string reply), the replies read by

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import redis
 
 from . import native
 
@@ -113,7 +114,6 @@ def read(lib: NativeResp, pool, conn, rows: np.ndarray, timeout_s: float) -> np.
     C-contiguous); conn goes back to pool. Returns lens [n]: a reply's length, or MISSING, TOO_LONG
     (longer than cap, dropped) or ERROR (an error reply: ask again). Raises redis-py's
     ConnectionError or TimeoutError (the connection closed) when the stream breaks off."""
-    import redis
     try:
         n, cap = rows.shape
         assert rows.dtype == np.uint8 and rows.flags.c_contiguous
