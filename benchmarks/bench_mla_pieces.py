@@ -235,9 +235,11 @@ def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype
     """Decode's kernel (as _kernel_decode calls it: query absorption, kernel, merge, output
     absorption) under each tile, GPU ms a call as CUDA graph replays and the largest difference from
     the first tile's output; a tile past the GPU's resources prints its error's name."""
-    print(f"\n(decode's tile: {triton_mla.BLOCK_M}x{triton_mla.BLOCK_N}x4x2; cells: GPU ms a call (CUDA graph "
+    engine_tile = (triton_mla.BLOCK_M, triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES)
+    print(f"\n(decode's tile: {'x'.join(map(str, engine_tile))}; cells: GPU ms a call (CUDA graph "
           f"replays), then the largest difference from {tiles[0]})")
     print("| decode B x K | " + " | ".join(tiles) + " |\n" + "|---" * (len(tiles) + 1) + "|")
+    totals = dict.fromkeys(tiles, 0.0)  # ms summed over the shapes; None once a tile failed one
     for shape in shapes:
         B, K = (int(v) for v in shape.split("x"))
         pool, tables, lens, q = decode_batch(layer, B, K, device, dtype)
@@ -256,9 +258,16 @@ def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype
                 t = timed_graph(call, iters, device)
             except Exception as e:  # a tile past the GPU's shared memory or registers
                 cells.append(type(e).__name__)
+                totals[tile] = None
                 continue
             ref = tile_cell(cells, t, call(), ref)
+            if totals[tile] is not None:
+                totals[tile] += t
         print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
+    ran = {t: v for t, v in totals.items() if v is not None}
+    if ran:
+        print("sum over the shapes, ms: " + ", ".join(f"{t} {v:.3f}" for t, v in ran.items()))
+        print(f"quickest decode tile: {min(ran, key=ran.get)}")
 
 
 def decode_batch(layer, B: int, K: int, device, dtype, P: int = 16):

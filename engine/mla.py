@@ -318,7 +318,7 @@ class MLAttention(nn.Module):
 
     def _kernel_decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
         """q [B, h, dn+dr], one query per sequence after the rest of its decode_lens keys -> [B, h, dv]."""
-        from .attention.triton_mla import mla_attention
+        from .attention import triton_mla as tm
         B, dev = q.shape[0], q.device
         qf = self._absorb_query(q, cache.dtype)  # [B, h, r + dr]
         key = ("mla_decode", B, dev)
@@ -328,7 +328,8 @@ class MLAttention(nn.Module):
                                        torch.ones(B, dtype=torch.int32, device=dev))
         bound = meta.decode_max_len or meta.decode_tables.shape[1] * cache.shape[1]
         o = q.new_empty(B, self.heads, self.r)
-        mla_attention(qf, cache, self.r, idx[0], idx[1], meta.decode_lens, meta.decode_tables, 1, bound, scale, o)
+        tm.mla_attention(qf, cache, self.r, idx[0], idx[1], meta.decode_lens, meta.decode_tables, 1, bound, scale, o,
+                         **tm.decode_tile(cache), fallback=tm.DECODE_FALLBACK)
         return torch.einsum("bhr,hvr->bhv", o, self._w_kv_b()[1])
 
     def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:

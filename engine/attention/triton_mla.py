@@ -34,6 +34,9 @@ PIECE_BLOCK_M = 64
 # most of an H100's shared memory, so a GPU with less (or a wider or fp32 pool) takes FALLBACK_TILE
 PIECE_BLOCK_N, PIECE_WARPS, PIECE_STAGES = 64, 8, 3
 FALLBACK_TILE = (32, 8, 2)  # block_n, warps, stages: the tile before run GC
+# decode's launch (BLOCK_M rows a program: one query's heads), and the one it falls back to
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 32, 4, 2
+DECODE_FALLBACK = (32, 4, 2)
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
@@ -102,9 +105,19 @@ def piece_tile(cache: torch.Tensor) -> dict:
     """The pieces' launch (mla_attention's block_m / block_n / num_warps / num_stages): PIECE_*, or
     FALLBACK_TILE where PIECE_*'s key tiles did not fit this GPU's shared memory for this pool
     (mla_attention found it and noted it in _TOO_BIG)."""
-    tile = dict(block_m=PIECE_BLOCK_M, block_n=PIECE_BLOCK_N, num_warps=PIECE_WARPS, num_stages=PIECE_STAGES)
+    return _noted_tile(cache, PIECE_BLOCK_M, (PIECE_BLOCK_N, PIECE_WARPS, PIECE_STAGES), FALLBACK_TILE)
+
+
+def decode_tile(cache: torch.Tensor) -> dict:
+    """Decode's launch: BLOCK_M rows and DECODE_*, or DECODE_FALLBACK where those did not fit (as
+    piece_tile; pass fallback=DECODE_FALLBACK to mla_attention)."""
+    return _noted_tile(cache, BLOCK_M, (DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES), DECODE_FALLBACK)
+
+
+def _noted_tile(cache: torch.Tensor, block_m: int, launch: tuple, fallback: tuple) -> dict:
+    tile = dict(block_m=block_m, **dict(zip(("block_n", "num_warps", "num_stages"), launch)))
     if _tile_key(cache, tile) in _TOO_BIG:
-        tile.update(zip(("block_n", "num_warps", "num_stages"), FALLBACK_TILE))
+        tile.update(zip(("block_n", "num_warps", "num_stages"), fallback))
     return tile
 
 
@@ -119,7 +132,7 @@ def _tile_key(cache: torch.Tensor, tile: dict) -> tuple:
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
                   k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
                   out: torch.Tensor, block_m: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, fallback: bool = False) -> None:
+                  num_warps: int | None = None, num_stages: int | None = None, fallback: bool | tuple = False) -> None:
     """Latent attention of B sequences over the pool.
 
     q [T, H, r + dr] absorbed queries (contiguous last dim); cache [N, P, 1, r + dr]; starts, q_lens,
@@ -130,7 +143,8 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     (a power of two >= 16; default BLOCK_M); block_n: keys a tile (a power of two >= 16; default
     BLOCK_N); num_warps, num_stages: the launch's (default 4 warps for 16 rows a program, else 8;
     2 stages). fallback: if that launch needs more shared memory or registers than the GPU has,
-    launch FALLBACK_TILE's instead and note it (piece_tile then picks the fallback at once)."""
+    launch this (block_n, num_warps, num_stages) instead (True: FALLBACK_TILE) and note it
+    (piece_tile / decode_tile then pick the fallback at once)."""
     H, W = q.shape[1], q.shape[2]
     N, P = cache.shape[:2]
     B = starts.shape[0]
@@ -166,6 +180,6 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
             raise
         _TOO_BIG.add(_tile_key(cache, dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                            num_stages=num_stages)))
-        mid_o, mid_l = launch(*FALLBACK_TILE)
+        mid_o, mid_l = launch(*(FALLBACK_TILE if fallback is True else fallback))
     merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
                  min(MERGE_COLUMNS, BLOCK_R))

@@ -50,3 +50,17 @@ def test_bench_mla_pieces_tile_sweeps_run(tmp_path):
     for row in (piece, decode):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 3 and cells[2].endswith("(0.0000)"), row
+    assert "quickest decode tile: 16x" in out
+
+
+def test_bench_deepseek_decode_tile_variant_runs(tmp_path):
+    """--mla-backends auto,auto@MxNxWxS: an engine with decode's MLA launch set, a column each; a
+    tile that is not decode's shape is a clear error."""
+    out = run("bench_deepseek.py", "--quick", "--sections", "throughput", "--repeat", "1", "--no-hf",
+              "--mla-backends", "auto,auto@16x64x4x3", tmp_path=tmp_path)
+    assert "| kvc, MLA auto, tok/s | kvc, MLA auto@16x64x4x3, tok/s |" in out
+    assert "| decode | 4 requests x 8 tokens |" in out
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_deepseek.py"), "--quick", "--sections",
+                        "throughput", "--no-hf", "--mla-backends", "auto@32x64"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "decode tile '32x64' is not MxNxWxS" in r.stderr

@@ -426,3 +426,39 @@ def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
     after = tm.piece_tile(cache)
     assert (after["block_n"], after["num_warps"], after["num_stages"]) == tm.FALLBACK_TILE
     assert tm.piece_tile(cache.double())["block_n"] == tm.PIECE_BLOCK_N  # noted per dtype (and device, width)
+
+
+def test_mla_decode_tile_falls_back_when_out_of_resources(monkeypatch):
+    """Decode's launch (decode_tile) falls back to DECODE_FALLBACK, not the pieces' tile, when the GPU
+    cannot hold it, and decode_tile picks the fallback from then on (stand-in kernel as above)."""
+    from triton.runtime.errors import OutOfResources
+    from engine.attention import triton_mla as tm
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+                launches.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
+                if (BLOCK_N, num_warps, num_stages) != tm.DECODE_FALLBACK:
+                    raise OutOfResources(232448, 221184, "shared memory")
+            return run
+    monkeypatch.setattr(tm, "_mla_split_kernel", Kernel())
+    monkeypatch.setattr(tm, "merge_splits", lambda *a, **k: None)
+    monkeypatch.setattr(tm, "_TOO_BIG", set())
+    monkeypatch.setattr(tm, "DECODE_BLOCK_N", 128)
+    monkeypatch.setattr(tm, "DECODE_STAGES", 3)
+    H, r, dr, P, B = 16, 64, 16, 16, 3
+    cache = torch.zeros(8, P, 1, r + dr)
+    q = torch.zeros(B, H, r + dr)
+    idx = torch.arange(B, dtype=torch.int32)
+    lens = torch.tensor([5, 40, 17], dtype=torch.int32)
+    tables = torch.zeros(B, 4, dtype=torch.int32)
+    out = torch.zeros(B, H, r)
+    tile = tm.decode_tile(cache)
+    assert tile == dict(block_m=tm.BLOCK_M, block_n=128, num_warps=tm.DECODE_WARPS, num_stages=3)
+    tm.mla_attention(q, cache, r, idx, idx * 0 + 1, lens, tables, 1, 64, 0.1, out, **tile,
+                     fallback=tm.DECODE_FALLBACK)
+    assert launches == [(tm.BLOCK_M, 128, tm.DECODE_WARPS, 3), (tm.BLOCK_M, *tm.DECODE_FALLBACK)]
+    assert tm.decode_tile(cache) == dict(block_m=tm.BLOCK_M, **dict(zip(("block_n", "num_warps", "num_stages"),
+                                                                         tm.DECODE_FALLBACK)))
+    assert tm.piece_tile(cache)["block_n"] == tm.PIECE_BLOCK_N  # the pieces' launch is noted apart
