@@ -132,15 +132,18 @@ def section_bytes(args: ModelArgs, dtype: str, full_layers: int):
 
 
 def decode_tile_arg(text: str) -> tuple:
-    """'MxNxWxS' (rows a program, keys a tile, warps, stages) -> decode's (N, W, S); M must be
-    triton_mla.BLOCK_M (a decode program takes one query's heads)."""
+    """'MxNxWxS[@T]' (rows a program, keys a tile, warps, stages, programs the split-K launch aims
+    at) -> decode's (N, W, S, T or None); M must be triton_mla.BLOCK_M (a decode program takes one
+    query's heads)."""
+    launch, _, target = text.partition("@")
     try:
-        m, n, w, st = (int(v) for v in text.split("x"))
+        m, n, w, st = (int(v) for v in launch.split("x"))
+        target = int(target) if target else None
     except ValueError:
-        raise SystemExit(f"bench_deepseek: decode tile {text!r} is not MxNxWxS (e.g. 16x64x4x3)") from None
+        raise SystemExit(f"bench_deepseek: decode tile {text!r} is not MxNxWxS[@T] (e.g. 16x64x4x3@1024)") from None
     if m != triton_mla.BLOCK_M:
         raise SystemExit(f"bench_deepseek: decode tile {text!r}: decode's rows a program are {triton_mla.BLOCK_M}")
-    return n, w, st
+    return n, w, st, target
 
 
 def section_throughput(path, a):
@@ -149,10 +152,11 @@ def section_throughput(path, a):
     for variant in backends:  # the engine once per MLA layers' backend (auto: the latent kernel on CUDA)
         backend, _, eager = variant.partition(":")
         backend, _, tile = backend.partition("@")
-        default_tile = (triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES)
+        default_tile = (triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES,
+                        triton_mla.DECODE_TARGET_PROGRAMS)
         if tile:  # decode's MLA launch for this engine (its graphs capture it)
-            (triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS,
-             triton_mla.DECODE_STAGES) = decode_tile_arg(tile)
+            (triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES,
+             triton_mla.DECODE_TARGET_PROGRAMS) = decode_tile_arg(tile)
         eng = engine(path, a, enforce_eager=eager == "eager")
         for layer in eng.model.model.layers:
             layer.self_attn.backend = backend
@@ -172,7 +176,8 @@ def section_throughput(path, a):
         close(eng)
         del eng
         gc.collect()
-        triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES = default_tile
+        (triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES,
+         triton_mla.DECODE_TARGET_PROGRAMS) = default_tile
     if not a.no_hf:
         import transformers
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.dtype)).to(a.device).eval()
@@ -316,8 +321,8 @@ def main():
                          "the rest of the model as configured. The process's first engine decodes slower whatever "
                          "its path (RESULTS, runs FE-FG): list the paths twice, e.g. reference,auto,reference,auto. "
                          "A suffix :eager sets model.enforce_eager (no decode CUDA graphs), e.g. auto:eager,auto; "
-                         "@MxNxWxS sets decode's MLA launch for that engine (engine.attention.triton_mla.DECODE_*), "
-                         "e.g. auto,auto@16x64x4x3")
+                         "@MxNxWxS[@T] sets decode's MLA launch for that engine (engine.attention.triton_mla.DECODE_*; "
+                         "T: programs its split-K launch aims at), e.g. auto,auto@16x64x4x3@1024")
     ap.add_argument("--mla-block-m", type=int, default=None,
                     help="the MLA kernel's rows a program (engine.attention.triton_mla's BLOCK_M and PIECE_BLOCK_M)")
     ap.add_argument("--mla-tile", default=None,

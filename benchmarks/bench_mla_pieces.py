@@ -21,8 +21,10 @@ the gather of the rows + SDPA with a padding mask (the path before the kernel) a
 not fit the GPU's shared memory or registers prints its error's name). Each call is captured in a
 CUDA graph and replayed, so the cells are GPU time even where the call's host work (~0.5 ms on an
 H100 host: the query's absorption, the launches) is longer than its kernels. --decode-tiles
-MxNxWxS ... does the same for decode's launch (engine.attention.triton_mla.BLOCK_M / BLOCK_N, 4
-warps, 2 stages) on the --decode-tile-shapes batches (BxK: B decodes over K keys each).
+MxNxWxS ... does the same for decode's launch (engine.attention.triton_mla.BLOCK_M and DECODE_*)
+on the --decode-tile-shapes batches (BxK: B decodes over K keys each); MxNxWxS@T also sets the
+programs the split-K launch aims at (triton_mla.DECODE_TARGET_PROGRAMS; default
+engine.attention.triton_merge.TARGET_PROGRAMS) to T.
 
 Prints ms per call (CUDA: GPU time over --iters calls after a warm-up; CPU: wall time).
 
@@ -241,33 +243,40 @@ def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype
     print("| decode B x K | " + " | ".join(tiles) + " |\n" + "|---" * (len(tiles) + 1) + "|")
     totals = dict.fromkeys(tiles, 0.0)  # ms summed over the shapes; None once a tile failed one
     for shape in shapes:
-        B, K = (int(v) for v in shape.split("x"))
-        pool, tables, lens, q = decode_batch(layer, B, K, device, dtype)
-        idx = torch.arange(B, dtype=torch.int32, device=device), torch.ones(B, dtype=torch.int32, device=device)
-        ref, cells = None, []
-        for tile in tiles:
-            m, n, w, st = (int(v) for v in tile.split("x"))
-
-            def call():
-                qf = layer._absorb_query(q, pool.dtype)
-                o = q.new_empty(B, layer.heads, layer.r)
-                triton_mla.mla_attention(qf, pool, layer.r, idx[0], idx[1], lens, tables, 1, K, 0.1, o,
-                                         block_m=m, block_n=n, num_warps=w, num_stages=st)
-                return torch.einsum("bhr,hvr->bhv", o, layer._w_kv_b()[1])
-            try:
-                t = timed_graph(call, iters, device)
-            except Exception as e:  # a tile past the GPU's shared memory or registers
-                cells.append(type(e).__name__)
-                totals[tile] = None
-                continue
-            ref = tile_cell(cells, t, call(), ref)
-            if totals[tile] is not None:
-                totals[tile] += t
-        print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
+        decode_tile_row(layer, shape, tiles, totals, device, dtype, iters)
     ran = {t: v for t, v in totals.items() if v is not None}
     if ran:
         print("sum over the shapes, ms: " + ", ".join(f"{t} {v:.3f}" for t, v in ran.items()))
         print(f"quickest decode tile: {min(ran, key=ran.get)}")
+
+
+def decode_tile_row(layer, shape: str, tiles: list[str], totals: dict, device, dtype, iters: int) -> None:
+    """One --decode-tile-shapes row of sweep_decode_tiles (each tile's ms added to totals)."""
+    B, K = (int(v) for v in shape.split("x"))
+    pool, tables, lens, q = decode_batch(layer, B, K, device, dtype)
+    idx = torch.arange(B, dtype=torch.int32, device=device), torch.ones(B, dtype=torch.int32, device=device)
+    ref, cells = None, []
+    for tile in tiles:
+        launch, _, target = tile.partition("@")
+        m, n, w, st = (int(v) for v in launch.split("x"))
+        target = int(target) if target else None
+
+        def call():
+            qf = layer._absorb_query(q, pool.dtype)
+            o = q.new_empty(B, layer.heads, layer.r)
+            triton_mla.mla_attention(qf, pool, layer.r, idx[0], idx[1], lens, tables, 1, K, 0.1, o,
+                                     block_m=m, block_n=n, num_warps=w, num_stages=st, target_programs=target)
+            return torch.einsum("bhr,hvr->bhv", o, layer._w_kv_b()[1])
+        try:
+            t = timed_graph(call, iters, device)
+        except Exception as e:  # a tile past the GPU's shared memory or registers
+            cells.append(type(e).__name__)
+            totals[tile] = None
+            continue
+        ref = tile_cell(cells, t, call(), ref)
+        if totals[tile] is not None:
+            totals[tile] += t
+    print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
 
 
 def decode_batch(layer, B: int, K: int, device, dtype, P: int = 16):

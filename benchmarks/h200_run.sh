@@ -141,7 +141,8 @@ for part in "$@"; do
         64x64x8x2 64x64x8x3 64x64x8x1 64x32x8x3 64x32x8x1 32x32x4x2 32x64x4x2 32x64x4x3 32x64x8x2 64x128x8x1 \
         64x64x4x2 ;;
     mla-decode-tiles) step mla-decode-tiles 200 python3 benchmarks/bench_mla_pieces.py --shapes --decode \
-        --decode-tiles 16x32x4x2 16x64x4x2 16x64x4x3 16x32x4x3 16x16x4x2 16x128x4x2 16x64x8x3 16x32x2x2 16x64x2x3 ;;
+        --decode-tiles ${DECODE_TILES:-16x32x4x2 16x64x4x2 16x64x4x3 16x32x4x3 16x16x4x2 16x128x4x2 16x64x8x3 \
+        16x32x2x2 16x64x2x3} ;;
     deepseek-decode-tiles)  # decode's MLA launch: the engine's against $DECODE_TILE or mla-decode-tiles' quickest
       t=${DECODE_TILE:-$(sed -n 's/^quickest decode tile: //p' "$out/mla-decode-tiles.txt" 2>/dev/null)}
       step deepseek-decode-tiles 300 python3 benchmarks/bench_deepseek.py --sections throughput --prefill-len 8192 \

@@ -329,7 +329,8 @@ class MLAttention(nn.Module):
         bound = meta.decode_max_len or meta.decode_tables.shape[1] * cache.shape[1]
         o = q.new_empty(B, self.heads, self.r)
         tm.mla_attention(qf, cache, self.r, idx[0], idx[1], meta.decode_lens, meta.decode_tables, 1, bound, scale, o,
-                         **tm.decode_tile(cache), fallback=tm.DECODE_FALLBACK)
+                         **tm.decode_tile(cache), fallback=tm.DECODE_FALLBACK,
+                         target_programs=tm.DECODE_TARGET_PROGRAMS)
         return torch.einsum("bhr,hvr->bhv", o, self._w_kv_b()[1])
 
     def _absorbed(self, q: torch.Tensor, lat: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:

@@ -17,10 +17,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 models get fp32 dots, not TF32
 
 
-def keys_per_split(programs: int, max_len: int, block_n: int) -> int:
-    """Keys per slice (a multiple of block_n) so that `programs` x slices fills the GPU."""
+def keys_per_split(programs: int, max_len: int, block_n: int, target: int | None = None) -> int:
+    """Keys per slice (a multiple of block_n) so that `programs` x slices fills the GPU (about
+    target programs in all, default TARGET_PROGRAMS)."""
     tiles = triton.cdiv(max(max_len, 1), block_n)
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, max(programs, 1))))
+    splits = max(1, min(tiles, triton.cdiv(target or TARGET_PROGRAMS, max(programs, 1))))
     return triton.cdiv(tiles, splits) * block_n
 
 

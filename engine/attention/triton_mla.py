@@ -37,6 +37,7 @@ FALLBACK_TILE = (32, 8, 2)  # block_n, warps, stages: the tile before run GC
 # decode's launch (BLOCK_M rows a program: one query's heads), and the one it falls back to
 DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 32, 4, 2
 DECODE_FALLBACK = (32, 4, 2)
+DECODE_TARGET_PROGRAMS = None  # programs decode's split-K launch aims at (None: triton_merge.TARGET_PROGRAMS)
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
@@ -132,7 +133,8 @@ def _tile_key(cache: torch.Tensor, tile: dict) -> tuple:
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
                   k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
                   out: torch.Tensor, block_m: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, fallback: bool | tuple = False) -> None:
+                  num_warps: int | None = None, num_stages: int | None = None, fallback: bool | tuple = False,
+                  target_programs: int | None = None) -> None:
     """Latent attention of B sequences over the pool.
 
     q [T, H, r + dr] absorbed queries (contiguous last dim); cache [N, P, 1, r + dr]; starts, q_lens,
@@ -144,7 +146,8 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     BLOCK_N); num_warps, num_stages: the launch's (default 4 warps for 16 rows a program, else 8;
     2 stages). fallback: if that launch needs more shared memory or registers than the GPU has,
     launch this (block_n, num_warps, num_stages) instead (True: FALLBACK_TILE) and note it
-    (piece_tile / decode_tile then pick the fallback at once)."""
+    (piece_tile / decode_tile then pick the fallback at once). target_programs: about how many
+    programs the key slices should make (default triton_merge.TARGET_PROGRAMS)."""
     H, W = q.shape[1], q.shape[2]
     N, P = cache.shape[:2]
     B = starts.shape[0]
@@ -162,7 +165,8 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     BLOCK_R = max(16, triton.next_power_of_2(r))
 
     def launch(block_n: int, num_warps: int, num_stages: int):
-        S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, block_n)))
+        S = triton.cdiv(max(max_k, 1), max(MIN_SPLIT_KEYS, keys_per_split(B * m_blocks, max_k, block_n,
+                                                                                  target_programs)))
         mid_o = torch.empty(B, m_blocks * block_m, S, BLOCK_R, dtype=torch.float32, device=q.device)
         mid_l = torch.empty(B, m_blocks * block_m, S, dtype=torch.float32, device=q.device)
         _mla_split_kernel[(B, m_blocks, S)](

@@ -43,7 +43,7 @@ def test_bench_mla_pieces_tile_sweeps_run(tmp_path):
     pytest.importorskip("triton")
     out = run("bench_mla_pieces.py", "--device", "cpu", "--shapes", "--decode", "--iters", "1",
               "--tiles", "64x32x8x2", "64x64x8x3", "--tile-shapes", "4x300",
-              "--decode-tiles", "16x32x4x2", "16x64x4x3", "--decode-tile-shapes", "2x300", tmp_path=tmp_path,
+              "--decode-tiles", "16x32x4x2", "16x64x4x3@64", "--decode-tile-shapes", "2x300", tmp_path=tmp_path,
               env=dict(os.environ, TRITON_INTERPRET="1"))
     piece = next(line for line in out.splitlines() if line.startswith("| 4 x 300 |"))
     decode = next(line for line in out.splitlines() if line.startswith("| 2 x 300 |"))
@@ -57,10 +57,10 @@ def test_bench_deepseek_decode_tile_variant_runs(tmp_path):
     """--mla-backends auto,auto@MxNxWxS: an engine with decode's MLA launch set, a column each; a
     tile that is not decode's shape is a clear error."""
     out = run("bench_deepseek.py", "--quick", "--sections", "throughput", "--repeat", "1", "--no-hf",
-              "--mla-backends", "auto,auto@16x64x4x3", tmp_path=tmp_path)
-    assert "| kvc, MLA auto, tok/s | kvc, MLA auto@16x64x4x3, tok/s |" in out
+              "--mla-backends", "auto,auto@16x64x4x3@64", tmp_path=tmp_path)
+    assert "| kvc, MLA auto, tok/s | kvc, MLA auto@16x64x4x3@64, tok/s |" in out
     assert "| decode | 4 requests x 8 tokens |" in out
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_deepseek.py"), "--quick", "--sections",
                         "throughput", "--no-hf", "--mla-backends", "auto@32x64"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode != 0 and "decode tile '32x64' is not MxNxWxS" in r.stderr
+    assert r.returncode != 0 and "decode tile '32x64' is not MxNxWxS[@T]" in r.stderr
