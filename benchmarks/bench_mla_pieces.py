@@ -91,6 +91,9 @@ def main():
     ap.add_argument("--decode-tile-shapes", nargs="+", default=["1x32768", "8x32768", "16x32768", "32x32768",
                                                                 "32x8192"],
                     help="BxK decode batches for --decode-tiles")
+    ap.add_argument("--decode-tile-bound", type=int, default=0,
+                    help="the host bound on the keys handed to decode's launch (the engine's CUDA graphs hand it "
+                         "max_model_len, 163,840 for V2-Lite: the slices come from it); default each shape's K")
     ap.add_argument("--iters", type=int, default=None, help="default: 20 on cuda, 3 on cpu")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -142,7 +145,7 @@ def main():
         if a.tiles and sweeps:
             sweep_tiles(layer, a.tiles, a.tile_shapes, device, dtype, iters)
         if a.decode_tiles and sweeps:
-            sweep_decode_tiles(layer, a.decode_tiles, a.decode_tile_shapes, device, dtype, iters)
+            sweep_decode_tiles(layer, a.decode_tiles, a.decode_tile_shapes, device, dtype, iters, a.decode_tile_bound)
         if not a.decode:
             return
         print("\n| decode B x K | gather + SDPA ms | kernel ms | kernel / gather |\n|---|---|---|---|")
@@ -233,24 +236,25 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
         triton_mla._TOO_BIG.clear()
 
 
-def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters: int) -> None:
+def sweep_decode_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters: int, bound: int = 0) -> None:
     """Decode's kernel (as _kernel_decode calls it: query absorption, kernel, merge, output
     absorption) under each tile, GPU ms a call as CUDA graph replays and the largest difference from
     the first tile's output; a tile past the GPU's resources prints its error's name."""
     engine_tile = (triton_mla.BLOCK_M, triton_mla.DECODE_BLOCK_N, triton_mla.DECODE_WARPS, triton_mla.DECODE_STAGES)
     print(f"\n(decode's tile: {'x'.join(map(str, engine_tile))}; cells: GPU ms a call (CUDA graph "
-          f"replays), then the largest difference from {tiles[0]})")
+          f"replays), then the largest difference from {tiles[0]}; keys bound {bound or 'K'})")
     print("| decode B x K | " + " | ".join(tiles) + " |\n" + "|---" * (len(tiles) + 1) + "|")
     totals = dict.fromkeys(tiles, 0.0)  # ms summed over the shapes; None once a tile failed one
     for shape in shapes:
-        decode_tile_row(layer, shape, tiles, totals, device, dtype, iters)
+        decode_tile_row(layer, shape, tiles, totals, device, dtype, iters, bound)
     ran = {t: v for t, v in totals.items() if v is not None}
     if ran:
         print("sum over the shapes, ms: " + ", ".join(f"{t} {v:.3f}" for t, v in ran.items()))
         print(f"quickest decode tile: {min(ran, key=ran.get)}")
 
 
-def decode_tile_row(layer, shape: str, tiles: list[str], totals: dict, device, dtype, iters: int) -> None:
+def decode_tile_row(layer, shape: str, tiles: list[str], totals: dict, device, dtype, iters: int,
+                    bound: int) -> None:
     """One --decode-tile-shapes row of sweep_decode_tiles (each tile's ms added to totals)."""
     B, K = (int(v) for v in shape.split("x"))
     pool, tables, lens, q = decode_batch(layer, B, K, device, dtype)
@@ -264,7 +268,7 @@ def decode_tile_row(layer, shape: str, tiles: list[str], totals: dict, device, d
         def call():
             qf = layer._absorb_query(q, pool.dtype)
             o = q.new_empty(B, layer.heads, layer.r)
-            triton_mla.mla_attention(qf, pool, layer.r, idx[0], idx[1], lens, tables, 1, K, 0.1, o,
+            triton_mla.mla_attention(qf, pool, layer.r, idx[0], idx[1], lens, tables, 1, max(bound, K), 0.1, o,
                                      block_m=m, block_n=n, num_warps=w, num_stages=st, target_programs=target)
             return torch.einsum("bhr,hvr->bhv", o, layer._w_kv_b()[1])
         try:

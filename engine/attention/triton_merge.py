@@ -50,8 +50,9 @@ def _merge_kernel(MidO, MidL, O, Rows, num_splits, stride_mb, stride_mh, stride_
         sj = s0 + offs_s
         s_mask = sj < num_splits
         lse = tl.load(MidL + b * stride_lb + head * stride_lh + sj, mask=s_mask, other=float("-inf"))  # [S]
+        seen = s_mask & (lse > float("-inf"))  # an empty slice's output is not read (nor always written)
         o = tl.load(MidO + b * stride_mb + head * stride_mh + sj[:, None] * stride_ms + offs_d[None, :],
-                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [S, D]
+                    mask=seen[:, None] & d_mask[None, :], other=0.0)  # [S, D]
         m_new = tl.maximum(m_i, tl.max(lse, 0))  # [1]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.math.exp2(lse - m_safe)  # [S]; empty slices weigh 0

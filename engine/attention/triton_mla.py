@@ -34,10 +34,12 @@ PIECE_BLOCK_M = 64
 # most of an H100's shared memory, so a GPU with less (or a wider or fp32 pool) takes FALLBACK_TILE
 PIECE_BLOCK_N, PIECE_WARPS, PIECE_STAGES = 64, 8, 3
 FALLBACK_TILE = (32, 8, 2)  # block_n, warps, stages: the tile before run GC
-# decode's launch (BLOCK_M rows a program: one query's heads), and the one it falls back to
-DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 32, 4, 2
-DECODE_FALLBACK = (32, 4, 2)
-DECODE_TARGET_PROGRAMS = None  # programs decode's split-K launch aims at (None: triton_merge.TARGET_PROGRAMS)
+# decode's launch (BLOCK_M rows a program: one query's heads) and the programs its slices aim at:
+# 32-key tiles in 3 stages, 256 programs, 6-9% less GPU time than 2 stages and 512 at 8-32 decodes x
+# 32K on an H100 (bench_mla_pieces --decode-tiles, RESULTS runs GF, GG; 64-key tiles were slower)
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 32, 4, 3
+DECODE_TARGET_PROGRAMS = 256
+DECODE_FALLBACK = (32, 4, 2)  # block_n, warps, stages where those do not fit: the launch before run GG
 MERGE_COLUMNS = 64  # columns a merge program: 8 programs a row at r = 512
 MIN_SPLIT_KEYS = 256  # keys a slice at least: a slice's partial output (16 rows x 512 fp32) is 32 KiB
 
@@ -48,7 +50,7 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
                       stride_mb, stride_mm, stride_ms, stride_lb, stride_lm,
                       HEADS: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_DR: tl.constexpr, PRECISION: tl.constexpr, MIN_KEYS: tl.constexpr):
     b = tl.program_id(0)
     mblock = tl.program_id(1)
     split = tl.program_id(2)
@@ -57,7 +59,9 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
     rows = q_len * HEADS
     if mblock * BLOCK_M >= rows:  # this sequence has fewer rows than the launch's widest
         return
-    kps = tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N  # keys of this slice
+    # keys of this slice: its share of this sequence's keys, at least MIN_KEYS (the launch's slices
+    # come from a host bound, e.g. a CUDA graph's max_model_len, that can be far past k_len)
+    kps = tl.maximum(tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N, MIN_KEYS)
     lo = split * kps
     offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < rows
@@ -98,7 +102,8 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
         m_i = m_new
     out, lse = split_result(acc, m_i, l_i)  # a slice past this row's keys contributes nothing
     mid = b * stride_mb + offs_m * stride_mm + split * stride_ms  # [M]
-    tl.store(MidO + mid[:, None] + offs_r[None, :], out, mask=m_mask[:, None] & r_mask[None, :])
+    seen = m_mask & (lse > float("-inf"))  # the merge reads no empty slice's output: not written
+    tl.store(MidO + mid[:, None] + offs_r[None, :], out, mask=seen[:, None] & r_mask[None, :])
     tl.store(MidL + b * stride_lb + offs_m * stride_lm + split, lse, mask=m_mask)
 
 
@@ -175,6 +180,7 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
             HEADS=H, R=r, DR=W - r, PAGE=P, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=BLOCK_R,
             BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
+            MIN_KEYS=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
             num_warps=num_warps, num_stages=num_stages)
         return mid_o, mid_l
     try:

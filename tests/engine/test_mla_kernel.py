@@ -46,9 +46,11 @@ def reference(qf: torch.Tensor, lat: torch.Tensor, r: int, scale: float) -> torc
 
 
 def check_kernel(H: int, r: int, dr: int, P: int, decodes: list[int], pieces: list[tuple[int, int]], dtype,
-                 device, tol: float, block_m: int | None = None, **tile) -> None:
+                 device, tol: float, block_m: int | None = None, bound: int = 0, **tile) -> None:
     """decodes: key counts of single-query sequences (one launch); pieces: (q_len, k_len), one launch each;
-    block_m: the kernel's rows a program (None: its default); tile: block_n / num_warps / num_stages."""
+    block_m: the kernel's rows a program (None: its default); bound: the decodes' host bound on keys
+    (default a few past the longest; CUDA graphs hand max_model_len); tile: block_n / num_warps /
+    num_stages / target_programs."""
     from engine.attention.triton_mla import mla_attention
     W = r + dr
     scale = W ** -0.5
@@ -61,7 +63,8 @@ def check_kernel(H: int, r: int, dr: int, P: int, decodes: list[int], pieces: li
         out = torch.full((B, H, r), float("nan"), dtype=dtype, device=device)
         ones = torch.ones(B, dtype=torch.int32, device=device)
         k_lens = torch.tensor(decodes, dtype=torch.int32, device=device)
-        mla_attention(qf, pool, r, starts, ones, k_lens, tables, 1, max(decodes) + 5, scale, out, block_m, **tile)
+        mla_attention(qf, pool, r, starts, ones, k_lens, tables, 1, bound or max(decodes) + 5, scale, out, block_m,
+                      **tile)
         for b, k in enumerate(decodes):
             want = reference(qf[B - b:B - b + 1], rows[b], r, scale)[0]
             torch.testing.assert_close(out[b].double(), want, atol=tol, rtol=tol)
@@ -92,6 +95,22 @@ triton_merge.MERGE_HEADS = 40  # merges in launches of 40 rows (CUDA caps a laun
 check_kernel(3, 48, 8, 4, [9, 20], [(30, 70)], torch.float32, "cpu", 1e-4)
 triton_merge.MERGE_HEADS = 32768
 check_kernel(16, 64, 16, 16, [130], [(9, 130)], torch.float16, "cpu", 3e-3)  # the interpreter mishandles bf16 dots
+# a bound far past the keys (CUDA graphs: max_model_len): most slices empty, each sequence's at least
+# MIN_SPLIT_KEYS; with a split target
+check_kernel(3, 48, 8, 4, [9, 70, 600, 1], [], torch.float32, "cpu", 1e-4, bound=20000)
+check_kernel(3, 48, 8, 4, [300, 5], [], torch.float32, "cpu", 1e-4, bound=9000, target_programs=64, num_stages=3)
+# the merge reads no empty slice's output (the kernel leaves them unwritten): NaN there changes nothing
+from engine.attention.triton_merge import merge_splits
+mid_o, mid_l = torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20)
+mid_l[:, :, 3:17] = float("-inf")
+mid_l[1, 2, :] = float("-inf")  # a row that saw no key: 0
+w = torch.exp2(mid_l - mid_l.amax(-1, keepdim=True).clamp(min=-1e30)).nan_to_num(0.0)
+want = (w[..., None] * mid_o).sum(2) / w.sum(-1, keepdim=True).clamp(min=1e-30)
+mid_o[:, :, 3:17] = float("nan")
+mid_o[1, 2] = float("nan")
+out = torch.full((2, 3, 16), 7.0)
+merge_splits(mid_o, mid_l, out, torch.arange(2))
+torch.testing.assert_close(out, want)
 (kernel, calls), (reference, none) = engine_tokens(sys.argv[1], "auto"), engine_tokens(sys.argv[1], "reference")
 assert calls > 0 and none == 0, (calls, none)
 assert torch.equal(kernel, reference), (kernel, reference)
@@ -177,6 +196,11 @@ def test_mla_kernel_matches_reference_cuda():
     check_kernel(16, 512, 64, 16, [3000], [(64, 32768), (185, 8192), (2, 50)], torch.bfloat16, "cuda", 2e-2, 64)
     check_kernel(16, 512, 64, 16, [300], [(64, 32768), (9, 8000)], torch.bfloat16, "cuda", 2e-2, 64, block_n=64,
                  num_warps=8, num_stages=2)  # 64-key tiles (bench_mla_pieces --tiles)
+    # decode's launch as the engine's CUDA graphs make it: V2-Lite's max_model_len as the bound
+    from engine.attention import triton_mla as tm
+    check_kernel(16, 512, 64, 16, [1, 100, 32768, 5000], [], torch.bfloat16, "cuda", 2e-2, bound=163840,
+                 block_n=tm.DECODE_BLOCK_N, num_warps=tm.DECODE_WARPS, num_stages=tm.DECODE_STAGES,
+                 target_programs=tm.DECODE_TARGET_PROGRAMS)
 
 
 @pytest.mark.gpu
