@@ -7,8 +7,9 @@ is copied into a caller's buffer (TieredStore._cluster_fetch with out), and the 
 get_pages(out=...). Then get_pages(out=...) with the one-pass native sum-and-copy and with the
 Python path (pagecopy.library() -> None: xxhash's checksum, then numpy's copy), alone and beside a
 thread spinning in Python (an engine's launch-bound thread wants the GIL the same way); the GET
-replies read by respread's native reader (the tier's default) against redis-py's reads, alone and
-beside the spinner; and, on redis-py's reads, the tier's client reopened with receives of 64 KiB
+replies read by respread's native reader (the tier's default) against redis-py's parser (each node's
+replies through its connection, the tier's path for TLS, hiredis or no compiler), alone and beside
+the spinner; and, on redis-py's parser, the tier's client reopened with receives of 64 KiB
 (redis-py's default), 1 MiB and cluster_tier.SOCKET_READ_BYTES.
 
     python benchmarks/probe_cluster_get.py --reps 5
@@ -86,22 +87,23 @@ def paths(store, ns, hashes, out, reps: int) -> None:
 
 
 def readers(store, ns, hashes, out, reps: int) -> None:
-    """get_pages(out) with the replies read by respread (one native call a node) and by redis-py."""
+    """get_pages(out) with the replies read by respread (one native call a node) and by redis-py's
+    parser (respread.read_parsed, a node's replies one by one)."""
     if respread.library() is None:
         print("(no native reply reader here: the comparison is skipped)")
         return
     alternate(store, ns, hashes, out, reps, respread,
               {"respread, one native read a node (the tier's)": respread.library,
-               "redis-py's reads": lambda cc=None: None}, "GET replies read by")
+               "redis-py's parser, per node (TLS, no compiler)": lambda cc=None: None}, "GET replies read by")
 
 
 def read_sizes(store, ns, hashes, out, reps: int) -> None:
-    """get_pages(out) on redis-py's reads with the tier's client reopened at each receive size,
+    """get_pages(out) on redis-py's parser with the tier's client reopened at each receive size,
     alone and beside a spinning thread; ms a get (median of reps)."""
     default = cluster_tier.SOCKET_READ_BYTES
     real = respread.library
     respread.library = lambda cc=None: None
-    print("\n| receive size (redis-py's reads) | alone ms (median) | beside a spinning thread ms (median) |\n"
+    print("\n| receive size (redis-py's parser) | alone ms (median) | beside a spinning thread ms (median) |\n"
           "|---|---|---|")
     try:
         for size in (64 << 10, 1 << 20, default):

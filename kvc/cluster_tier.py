@@ -282,15 +282,17 @@ class ClusterTier:
         return got, more is None
 
     def _direct(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple]) -> list | None:
-        """command(key) for every key (a GET, a GETRANGE: a bulk-string reply), the replies read by
-        respread (each node's in one native call, without the GIL) into rows of cap bytes (a get:
-        the namespace's record size; a lookup: its header's): a memoryview of its row for each,
-        None where the key is missing (or the read failed: counted as `op`, as _pipeline does),
-        _AGAIN where redis-py must ask (an error reply such as MOVED, a reply longer than cap, a
-        node whose connection cannot be read directly). None: this path is unavailable here."""
+        """command(key) for every key (a GET, a GETRANGE: a bulk-string reply), sent per node and the
+        replies read by respread (each node's in one native call, without the GIL) into rows of cap
+        bytes (a get: the namespace's record size; a lookup: its header's), or where that cannot
+        read them (TLS, hiredis, no compiler) through the connection's parser: a memoryview of its
+        row (or bytes) for each, None where the key is missing (or the read failed: counted as
+        `op`, as _pipeline does, the call failing as a whole within about the socket timeout),
+        _AGAIN where redis-py must ask (an error reply such as MOVED, a reply longer than cap).
+        None: this path is unavailable (no client, a node without a connection pool)."""
         lib = respread.library()
         client = self._conn()
-        if lib is None or client is None:
+        if client is None:
             return None
         if self.mode == "cluster":
             groups: dict[str, tuple] = {}
@@ -307,20 +309,23 @@ class ClusterTier:
         sent = []
         try:
             for pool, idx in targets:  # every node's GETs out first, then each node's replies
-                conn = respread.send(pool, [command(keys[j]) for j in idx])
-                if conn is not None:
-                    sent.append((pool, conn, idx))
+                conn, direct = respread.send(pool, [command(keys[j]) for j in idx])
+                sent.append((pool, conn, direct and lib is not None, idx))
             while sent:
-                pool, conn, idx = sent.pop(0)
-                rows = np.empty((len(idx), cap), dtype=np.uint8)
-                lens = respread.read(lib, pool, conn, rows, self.timeout_s)
-                for r, (j, n) in enumerate(zip(idx, lens.tolist())):
-                    if n >= 0:
-                        got[j] = memoryview(rows[r, :n])
-                    elif n == respread.MISSING:
+                pool, conn, direct, idx = sent.pop(0)
+                if direct:
+                    rows = np.empty((len(idx), cap), dtype=np.uint8)
+                    lens = respread.read(lib, pool, conn, rows, self.timeout_s)
+                    replies = [memoryview(rows[r, :n]) if n >= 0 else n for r, n in enumerate(lens.tolist())]
+                else:
+                    replies = respread.read_parsed(pool, conn, len(idx), cap)
+                for j, v in zip(idx, replies):
+                    if not isinstance(v, int):
+                        got[j] = v
+                    elif v == respread.MISSING:
                         got[j] = None
         except Exception as e:
-            for pool, conn, _ in sent:  # their replies will not be read: the connections are spent
+            for pool, conn, _, _ in sent:  # their replies will not be read: the connections are spent
                 conn.disconnect()
                 pool.release(conn)
             self._failed(op, e)

@@ -10,12 +10,14 @@ caller gives (a payload goes from the socket into its row, no Python bytes in be
 per node, which releases the GIL once. A lookup's GETRANGEs of the records' headers (2,048 for a
 32K-token prompt) are read the same way, without redis-py's parsing of each reply.
 
-Anything this path does not handle is left to redis-py: a TLS connection, a connection whose parser
-holds unread bytes or is not redis-py's Python parser (`send` returns None, nothing sent), and replies
-that are errors (MOVED, ASK, ...: `ERROR` in `lens`, for the caller to ask again through redis-py,
-which follows the redirections). A socket error, a timeout or a malformed reply closes the
-connection and raises ConnectionError / TimeoutError. Without a compiler (or if the build fails):
-one log line, `library()` is None and the tier keeps redis-py's reads.
+Where the native read cannot be used (a TLS connection, a parser that is hiredis or holds unread
+bytes, no compiler or a failed build: one log line, `library()` is None) the commands are still sent
+per node and `read_parsed` reads the replies through the connection's own parser: slower, but a
+node that stops answering fails the call within its socket timeout, where redis-py's cluster
+pipeline would send each unanswered command again on its own (~3 s for a get of 24 pages against a
+paused master with a 0.2 s timeout). Replies that are errors (MOVED, ASK, ...: `ERROR`) are for the
+caller to ask again through redis-py, which follows the redirections. A socket error, a timeout or
+a malformed reply closes the connection and raises ConnectionError / TimeoutError.
 """
 from __future__ import annotations
 
@@ -88,25 +90,45 @@ def pack(commands: Sequence[tuple]) -> bytes:
     return b"".join(parts)
 
 
-def send(pool, commands: Sequence[tuple]):
+def send(pool, commands: Sequence[tuple]) -> tuple:
     """Send commands (each a tuple of a command's arguments, e.g. ("GET", key), whose reply is a bulk
-    string) on one connection of `pool` (a node's): the connection, to `read` their replies, or None
-    when its replies cannot be read directly (nothing was sent, the connection is back in the
-    pool). Raises what redis-py's send raises (the connection closed and released)."""
+    string) on one connection of `pool` (a node's). Returns the connection and whether `read` may
+    read its replies from the socket (`_idle_parser`); if not, `read_parsed` reads them. Raises what
+    redis-py's send raises (the connection closed and released)."""
     try:
         conn = pool.get_connection()
     except TypeError:  # redis-py before 6 names the command
         conn = pool.get_connection("GET")
     try:
-        if not _idle_parser(conn):
-            pool.release(conn)
-            return None
+        direct = _idle_parser(conn)
         conn.send_packed_command([pack(commands)], check_health=False)  # a list of buffers
     except BaseException:
         conn.disconnect()
         pool.release(conn)
         raise
-    return conn
+    return conn, direct
+
+
+def read_parsed(pool, conn, n: int, cap: int) -> list:
+    """The replies of `send`'s n commands on conn read through conn's own parser (TLS, hiredis, no
+    native reader); conn goes back to pool. Each is bytes, or MISSING, TOO_LONG (longer than cap)
+    or ERROR (an error reply: ask again), as `read`'s lens. Raises redis-py's ConnectionError or
+    TimeoutError (the connection closed) when the stream breaks off: the call fails as a whole."""
+    try:
+        out: list = []
+        for _ in range(n):
+            try:
+                v = conn.read_response(disable_decoding=True)
+            except redis.exceptions.ResponseError:  # MOVED, ASK, ...: the reply is read, the stream intact
+                out.append(ERROR)
+                continue
+            out.append(MISSING if v is None else TOO_LONG if len(v) > cap else bytes(v))
+        return out
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
 
 
 def read(lib: NativeResp, pool, conn, rows: np.ndarray, timeout_s: float) -> np.ndarray:
