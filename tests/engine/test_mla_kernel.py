@@ -413,6 +413,28 @@ def test_mla_cudnn_choice_follows_config(ds_dir):
             eng.close()
 
 
+def stand_in_split_kernel(monkeypatch, fits: tuple) -> list:
+    """_mla_split_kernel replaced by a stand-in that records each launch's (BLOCK_M, BLOCK_N, warps,
+    stages) and raises OutOfResources (as a launch past the GPU's shared memory does, before it
+    runs) unless (BLOCK_N, warps, stages) == fits; the merge does nothing; nothing noted yet.
+    Returns the launches' list."""
+    from triton.runtime.errors import OutOfResources
+    from engine.attention import triton_mla as tm
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
+                launches.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
+                if (BLOCK_N, num_warps, num_stages) != fits:
+                    raise OutOfResources(232448, 221184, "shared memory")
+            return run
+    monkeypatch.setattr(tm, "_mla_split_kernel", Kernel())
+    monkeypatch.setattr(tm, "merge_splits", lambda *a, **k: None)
+    monkeypatch.setattr(tm, "_TOO_BIG", set())
+    return launches
+
+
 def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
     """A pieces' launch that the GPU cannot hold (OutOfResources, raised before anything runs) is
     launched again with FALLBACK_TILE and noted, so piece_tile picks the fallback from then on;
@@ -420,18 +442,7 @@ def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
     the launches (the interpreter never runs out of shared memory)."""
     from triton.runtime.errors import OutOfResources
     from engine.attention import triton_mla as tm
-    launches = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            def run(*args, BLOCK_N, num_warps, num_stages, **kw):
-                launches.append((BLOCK_N, num_warps, num_stages))
-                if (BLOCK_N, num_warps, num_stages) != tm.FALLBACK_TILE:
-                    raise OutOfResources(232448, 221184, "shared memory")
-            return run
-    monkeypatch.setattr(tm, "_mla_split_kernel", Kernel())
-    monkeypatch.setattr(tm, "merge_splits", lambda *a, **k: None)
-    monkeypatch.setattr(tm, "_TOO_BIG", set())
+    launches = stand_in_split_kernel(monkeypatch, tm.FALLBACK_TILE)
     H, r, dr, P = 16, 64, 16, 16
     cache = torch.zeros(4, P, 1, r + dr)
     q = torch.zeros(8, H, r + dr)
@@ -446,7 +457,7 @@ def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
     assert tm.piece_tile(cache) == tile  # nothing noted without fallback
     launches.clear()
     tm.mla_attention(q, cache, r, one * 0, one * 8, one * 40, tables, 8, 40, 0.1, out, **tile, fallback=True)
-    assert launches == [(tm.PIECE_BLOCK_N, tm.PIECE_WARPS, tm.PIECE_STAGES), tm.FALLBACK_TILE]
+    assert [n[1:] for n in launches] == [(tm.PIECE_BLOCK_N, tm.PIECE_WARPS, tm.PIECE_STAGES), tm.FALLBACK_TILE]
     after = tm.piece_tile(cache)
     assert (after["block_n"], after["num_warps"], after["num_stages"]) == tm.FALLBACK_TILE
     assert tm.piece_tile(cache.double())["block_n"] == tm.PIECE_BLOCK_N  # noted per dtype (and device, width)
@@ -455,20 +466,8 @@ def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
 def test_mla_decode_tile_falls_back_when_out_of_resources(monkeypatch):
     """Decode's launch (decode_tile) falls back to DECODE_FALLBACK, not the pieces' tile, when the GPU
     cannot hold it, and decode_tile picks the fallback from then on (stand-in kernel as above)."""
-    from triton.runtime.errors import OutOfResources
     from engine.attention import triton_mla as tm
-    launches = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            def run(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **kw):
-                launches.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
-                if (BLOCK_N, num_warps, num_stages) != tm.DECODE_FALLBACK:
-                    raise OutOfResources(232448, 221184, "shared memory")
-            return run
-    monkeypatch.setattr(tm, "_mla_split_kernel", Kernel())
-    monkeypatch.setattr(tm, "merge_splits", lambda *a, **k: None)
-    monkeypatch.setattr(tm, "_TOO_BIG", set())
+    launches = stand_in_split_kernel(monkeypatch, tm.DECODE_FALLBACK)
     monkeypatch.setattr(tm, "DECODE_BLOCK_N", 128)
     monkeypatch.setattr(tm, "DECODE_STAGES", 3)
     H, r, dr, P, B = 16, 64, 16, 16, 3

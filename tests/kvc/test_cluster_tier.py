@@ -310,17 +310,27 @@ def test_the_tier_reads_replies_in_large_receives(redis_cluster, client):
             assert pool.connection_kwargs["socket_read_size"] == cluster_tier.SOCKET_READ_BYTES >= 1 << 20
 
 
-def test_gets_read_each_nodes_replies_natively(redis_cluster, client, monkeypatch):
-    """Each node's GET replies (and a lookup's GETRANGEs) are read in one respread call (without the
-    GIL) straight into rows, and equal the pages put; where the client routes a key to the wrong
-    node, the node's MOVED reply sends that key through redis-py's pipeline, which follows it."""
+@pytest.mark.parametrize("native", [True, False], ids=["native", "parsed"])
+def test_gets_read_each_nodes_replies_in_one_call(redis_cluster, client, monkeypatch, native):
+    """Each node's GET replies (and a lookup's GETRANGEs) are read in one call and equal the pages
+    put: one respread call (without the GIL, straight into rows), or without the native reader
+    (TLS, hiredis, no compiler) one read_parsed call through the connection's parser, not redis-py's
+    cluster pipeline (which sends each unanswered command again on its own). Where the client
+    routes a key to the wrong node, the node's MOVED reply sends that key through redis-py's
+    pipeline, which follows it."""
     from kvc import respread
-    lib = respread.library()
-    if lib is None:
-        pytest.skip("no C compiler")
     calls = []
-    real = lib.bulks
-    monkeypatch.setattr(lib, "bulks", lambda *a: calls.append(len(a[2])) or real(*a))
+    if native:
+        lib = respread.library()
+        if lib is None:
+            pytest.skip("no C compiler")
+        real = lib.bulks
+        monkeypatch.setattr(lib, "bulks", lambda *a: calls.append(len(a[2])) or real(*a))
+    else:
+        monkeypatch.setattr(respread, "library", lambda cc=None: None)
+        parsed = respread.read_parsed
+        monkeypatch.setattr(respread, "read_parsed", lambda pool, conn, n, cap: calls.append(n) or parsed(
+            pool, conn, n, cap))
     toks = list(range(3000, 3000 + 24 * SPEC.page_size))
     hashes, pages = make_pages(NS, toks)
     with TieredStore(cluster_only(redis_cluster.url)) as a:
@@ -345,36 +355,26 @@ def test_gets_read_each_nodes_replies_natively(redis_cluster, client, monkeypatc
         assert not b.cluster.degraded
 
 
-def test_without_the_native_reader_each_nodes_replies_are_parsed_per_node(redis_cluster, client, monkeypatch):
-    """No native reader (TLS, hiredis, no compiler): the GETs still go out per node and each node's
-    replies are read through its connection's parser in one call (not redis-py's cluster pipeline,
-    which sends each unanswered command again on its own); a MOVED reply still goes through
-    redis-py's pipeline, which follows it."""
-    from kvc import respread
-    monkeypatch.setattr(respread, "library", lambda cc=None: None)
-    calls = []
-    real = respread.read_parsed
-    monkeypatch.setattr(respread, "read_parsed", lambda pool, conn, n, cap: calls.append(n) or real(pool, conn, n, cap))
-    toks = list(range(7000, 7000 + 24 * SPEC.page_size))
-    hashes, pages = make_pages(NS, toks)
-    with TieredStore(cluster_only(redis_cluster.url)) as a:
-        assert a.put_pages(NS, pages).stored == 24
-        a.flush()
-    with TieredStore(cluster_only(redis_cluster.url)) as b:
-        assert b.lookup(NS, tokens=toks).located == ["cluster"] * 24
-        assert 2 <= len(calls) <= 3 and sum(calls) == 24, calls
-        calls.clear()
-        got = b.get_pages(NS, hashes)
-        assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
-        assert 2 <= len(calls) <= 3 and sum(calls) == 24, calls
-        c = b.cluster._conn()
-        first = c.get_primaries()[0]
-        monkeypatch.setattr(c, "get_node_from_key", lambda key, replica=False: first)
-        calls.clear()
-        got = b.get_pages(NS, hashes)
-        assert calls == [24]
-        assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
-        assert not b.cluster.degraded
+def paused_get_is_a_timed_out_miss(store, proc, hashes, pages) -> None:
+    """With proc (a Redis server holding some of the pages) paused (SIGSTOP), a get of the pages
+    returns within 1 s (the 0.2 s socket timeout) missing some, counted as one timeout; once proc
+    answers again and the back-off ends, the next get is whole."""
+    import os
+    import signal
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t = time.perf_counter()
+        got = store.get_pages(NS, hashes)
+        took = time.perf_counter() - t
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert len(got) < len(hashes) and took < 1.0, (len(got), took)
+    assert metric(store, "kvc_cluster_errors_total", op="get", kind="timeout") == 1
+    deadline = time.monotonic() + 10
+    while store.cluster.degraded and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = store.get_pages(NS, hashes)
+    assert len(got) == len(hashes) and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "parsed"])
@@ -385,8 +385,6 @@ def test_a_node_that_stops_answering_mid_get_is_a_timed_out_miss(redis_cluster, 
     not reused). With the native reader and without it (the replies read by redis-py's parser: TLS,
     hiredis, no compiler; through redis-py's cluster pipeline, which sends each unanswered command
     again on its own, this get took ~3 s)."""
-    import os
-    import signal
     from kvc import respread
     if not native:
         monkeypatch.setattr(respread, "library", lambda cc=None: None)
@@ -400,18 +398,4 @@ def test_a_node_that_stops_answering_mid_get_is_a_timed_out_miss(redis_cluster, 
         c = s.cluster._conn()
         port = next(n.port for n in c.get_primaries() if any(
             c.get_node_from_key(page_key(NS.root, h)).port == n.port for h in hashes))
-        proc = redis_cluster.procs[port]
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
-            t = time.perf_counter()
-            got = s.get_pages(NS, hashes)
-            took = time.perf_counter() - t
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
-        assert len(got) < 24 and took < 1.0, (len(got), took)  # 0.2 s timeout
-        assert metric(s, "kvc_cluster_errors_total", op="get", kind="timeout") == 1
-        deadline = time.monotonic() + 10
-        while s.cluster.degraded and time.monotonic() < deadline:
-            time.sleep(0.05)
-        got = s.get_pages(NS, hashes)
-        assert len(got) == 24 and all(torch.equal(x.data, p.data) for x, p in zip(got, pages))
+        paused_get_is_a_timed_out_miss(s, redis_cluster.procs[port], hashes, pages)
