@@ -310,7 +310,8 @@ class ClusterTier:
         try:
             for pool, idx in targets:  # every node's GETs out first, then each node's replies
                 conn, direct = respread.send(pool, [command(keys[j]) for j in idx])
-                sent.append((pool, conn, direct and lib is not None, idx))
+                if conn is not None:  # else these keys are left to redis-py's pipeline
+                    sent.append((pool, conn, direct and lib is not None, idx))
             while sent:
                 pool, conn, direct, idx = sent.pop(0)
                 if direct:

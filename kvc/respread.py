@@ -10,8 +10,8 @@ caller gives (a payload goes from the socket into its row, no Python bytes in be
 per node, which releases the GIL once. A lookup's GETRANGEs of the records' headers (2,048 for a
 32K-token prompt) are read the same way, without redis-py's parsing of each reply.
 
-Where the native read cannot be used (a TLS connection, a parser that is hiredis or holds unread
-bytes, no compiler or a failed build: one log line, `library()` is None) the commands are still sent
+Where the native read cannot be used (a TLS connection, hiredis' parser, no compiler or a failed
+build: one log line, `library()` is None) the commands are still sent
 per node and `read_parsed` reads the replies through the connection's own parser: slower, but a
 node that stops answering fails the call within its socket timeout, where redis-py's cluster
 pipeline would send each unanswered command again on its own (~3 s for a get of 24 pages against a
@@ -63,15 +63,21 @@ def library(cc: str | None = None) -> NativeResp | None:
                        log, "respread: native reply reader unavailable", "cluster gets read replies through redis-py")
 
 
-def _idle_parser(conn) -> bool:
-    """Whether conn's replies can be read from its socket directly: a plain socket (not TLS, whose
-    bytes only ssl can read), redis-py's Python parser (not hiredis) with nothing received and unread."""
+def _reader(conn) -> str | None:
+    """How conn's replies can be read: "native" (a plain socket, redis-py's Python parser with
+    nothing received and unread: `read`), "parsed" (TLS, whose bytes only ssl can read, or hiredis:
+    `read_parsed` through the connection's parser), or None (no socket, or a Python parser holding
+    unread bytes, which would be read as the replies: not used)."""
     parser = getattr(conn, "_parser", None)
-    buf = getattr(parser, "_buffer", None)
     sock = getattr(conn, "_sock", None)
-    if type(parser).__name__ not in ("_RESP2Parser", "_RESP3Parser") or sock is None or isinstance(sock, ssl.SSLSocket):
-        return False
-    return buf is None or buf.unread_bytes() == 0
+    if sock is None or parser is None:
+        return None
+    if type(parser).__name__ not in ("_RESP2Parser", "_RESP3Parser"):
+        return "parsed"
+    buf = getattr(parser, "_buffer", None)
+    if buf is not None and buf.unread_bytes():
+        return None
+    return "parsed" if isinstance(sock, ssl.SSLSocket) else "native"
 
 
 def pack(commands: Sequence[tuple]) -> bytes:
@@ -93,20 +99,24 @@ def pack(commands: Sequence[tuple]) -> bytes:
 def send(pool, commands: Sequence[tuple]) -> tuple:
     """Send commands (each a tuple of a command's arguments, e.g. ("GET", key), whose reply is a bulk
     string) on one connection of `pool` (a node's). Returns the connection and whether `read` may
-    read its replies from the socket (`_idle_parser`); if not, `read_parsed` reads them. Raises what
-    redis-py's send raises (the connection closed and released)."""
+    read its replies from the socket (else `read_parsed` reads them), or (None, False) where neither
+    can (`_reader`: nothing sent, the connection back in the pool). Raises what redis-py's send
+    raises (the connection closed and released)."""
     try:
         conn = pool.get_connection()
     except TypeError:  # redis-py before 6 names the command
         conn = pool.get_connection("GET")
     try:
-        direct = _idle_parser(conn)
+        how = _reader(conn)
+        if how is None:
+            pool.release(conn)
+            return None, False
         conn.send_packed_command([pack(commands)], check_health=False)  # a list of buffers
     except BaseException:
         conn.disconnect()
         pool.release(conn)
         raise
-    return conn, direct
+    return conn, how == "native"
 
 
 def read_parsed(pool, conn, n: int, cap: int) -> list:

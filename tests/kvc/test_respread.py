@@ -88,8 +88,9 @@ def test_bulks_broken_streams(lib, data, n, want):
 
 
 def test_only_plain_idle_connections_are_read_directly():
-    """A TLS socket (bytes only ssl can read), hiredis' parser or bytes already received and unread
-    keep the connection on redis-py's reads."""
+    """A plain socket with redis-py's idle Python parser is read natively; a TLS socket (bytes only
+    ssl can read) or hiredis' parser through the connection's parser; no socket, or bytes already
+    received and unread (they would be read as the replies), not at all."""
     import ssl
     from types import SimpleNamespace
 
@@ -98,13 +99,14 @@ def test_only_plain_idle_connections_are_read_directly():
     tls = ssl.create_default_context().wrap_socket(socket.socket(), server_hostname="x",
                                                   do_handshake_on_connect=False)
     try:
-        assert respread._idle_parser(SimpleNamespace(_parser=_RESP2Parser(1024), _sock=plain))
-        assert not respread._idle_parser(SimpleNamespace(_parser=_RESP2Parser(1024), _sock=tls))
-        assert not respread._idle_parser(SimpleNamespace(_parser=SimpleNamespace(_buffer=None), _sock=plain))
-        assert not respread._idle_parser(SimpleNamespace(_parser=_RESP2Parser(1024), _sock=None))
+        assert respread._reader(SimpleNamespace(_parser=_RESP2Parser(1024), _sock=plain)) == "native"
+        assert respread._reader(SimpleNamespace(_parser=_RESP2Parser(1024), _sock=tls)) == "parsed"
+        assert respread._reader(SimpleNamespace(_parser=SimpleNamespace(_buffer=None), _sock=plain)) == "parsed"
+        assert respread._reader(SimpleNamespace(_parser=_RESP2Parser(1024), _sock=None)) is None
         busy = _RESP2Parser(1024)
         busy._buffer = SimpleNamespace(unread_bytes=lambda: 5)
-        assert not respread._idle_parser(SimpleNamespace(_parser=busy, _sock=plain))
+        assert respread._reader(SimpleNamespace(_parser=busy, _sock=plain)) is None
+        assert respread._reader(SimpleNamespace(_parser=busy, _sock=tls)) is None
     finally:
         plain.close()
         tls.close()
