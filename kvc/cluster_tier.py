@@ -266,11 +266,12 @@ class ClusterTier:
             out[h] = (info, buf)
         return out
 
-    def _fetch(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple]) -> tuple[list, bool]:
-        """command(key)'s reply for every key (a GET, a GETRANGE): _direct, and redis-py's pipeline
-        (which follows MOVED / ASK) for the keys _direct left to it. Returns the replies (None where
-        missing or not read) and whether that pipeline failed."""
-        got = self._direct(op, keys, cap, command)
+    def _fetch(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple],
+               native: bool = True) -> tuple[list, bool]:
+        """command(key)'s reply for every key (a GET, a GETRANGE, a SET): _direct, and redis-py's
+        pipeline (which follows MOVED / ASK) for the keys _direct left to it. Returns the replies
+        (None where missing or not read) and whether that pipeline failed."""
+        got = self._direct(op, keys, cap, command, native)
         again = range(len(keys)) if got is None else [j for j, v in enumerate(got) if v is _AGAIN]
         if got is None:
             got = [None] * len(keys)
@@ -281,16 +282,18 @@ class ClusterTier:
             got[j] = v
         return got, more is None
 
-    def _direct(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple]) -> list | None:
-        """command(key) for every key (a GET, a GETRANGE: a bulk-string reply), sent per node and the
-        replies read by respread (each node's in one native call, without the GIL) into rows of cap
-        bytes (a get: the namespace's record size; a lookup: its header's), or where that cannot
-        read them (TLS, hiredis, no compiler) through the connection's parser: a memoryview of its
-        row (or bytes) for each, None where the key is missing (or the read failed: counted as
-        `op`, as _pipeline does, the call failing as a whole within about the socket timeout),
-        _AGAIN where redis-py must ask (an error reply such as MOVED, a reply longer than cap).
-        None: this path is unavailable (no client, a node without a connection pool)."""
-        lib = respread.library()
+    def _direct(self, op: str, keys: list[bytes], cap: int, command: Callable[[bytes], tuple],
+                native: bool = True) -> list | None:
+        """command(key) for every key (a GET, a GETRANGE: a bulk-string reply; a SET), sent per node
+        and the replies read by respread (each node's in one native call, without the GIL) into
+        rows of cap bytes (a get: the namespace's record size; a lookup: its header's), or where
+        that cannot read them (TLS, hiredis, no compiler; native=False: a put's simple-string
+        replies) through the connection's parser: a memoryview of its row (or bytes) for each, None
+        where the key is missing or its node's read failed (counted as `op`, as _pipeline does: a
+        node that stops answering fails its keys within about the socket timeout, the other nodes'
+        stand), _AGAIN where redis-py must ask (an error reply such as MOVED or OOM, a reply longer
+        than cap). None: this path is unavailable (no client, a node without a connection pool)."""
+        lib = respread.library() if native else None
         client = self._conn()
         if client is None:
             return None
@@ -306,33 +309,38 @@ class ClusterTier:
             targets = [(client.connection_pool, list(range(len(keys))))]
         got: list = [_AGAIN] * len(keys)
         t0 = time.perf_counter()
-        sent = []
-        try:
-            for pool, idx in targets:  # every node's GETs out first, then each node's replies
+        sent, err = [], None
+        for pool, idx in targets:  # every node's commands out first, then each node's replies
+            try:
                 conn, direct = respread.send(pool, [command(keys[j]) for j in idx])
-                if conn is not None:  # else these keys are left to redis-py's pipeline
-                    sent.append((pool, conn, direct and lib is not None, idx))
-            while sent:
-                pool, conn, direct, idx = sent.pop(0)
+            except Exception as e:  # this node's keys fail; the other nodes' go on
+                err = err or e
+                for j in idx:
+                    got[j] = None
+                continue
+            if conn is not None:  # else these keys are left to redis-py's pipeline
+                sent.append((pool, conn, direct and lib is not None, idx))
+        for pool, conn, direct, idx in sent:
+            try:
                 if direct:
                     rows = np.empty((len(idx), cap), dtype=np.uint8)
                     lens = respread.read(lib, pool, conn, rows, self.timeout_s)
                     replies = [memoryview(rows[r, :n]) if n >= 0 else n for r, n in enumerate(lens.tolist())]
                 else:
                     replies = respread.read_parsed(pool, conn, len(idx), cap)
-                for j, v in zip(idx, replies):
-                    if not isinstance(v, int):
-                        got[j] = v
-                    elif v == respread.MISSING:
-                        got[j] = None
-        except Exception as e:
-            for pool, conn, _, _ in sent:  # their replies will not be read: the connections are spent
-                conn.disconnect()
-                pool.release(conn)
-            self._failed(op, e)
-            return [None] * len(keys)
-        self.metrics.cluster_calls.labels(op=op).observe(time.perf_counter() - t0)
-        self._ok()
+            except Exception as e:  # the connection is closed: this node's keys fail, the others' stand
+                err = err or e
+                replies = [respread.MISSING] * len(idx)
+            for j, v in zip(idx, replies):
+                if not isinstance(v, int):
+                    got[j] = v
+                elif v == respread.MISSING:
+                    got[j] = None
+        if err is not None:
+            self._failed(op, err)
+        else:
+            self.metrics.cluster_calls.labels(op=op).observe(time.perf_counter() - t0)
+            self._ok()
         return got
 
     def _verify(self, ns: Namespace, h: bytes, buf: bytes, partial: bool,
@@ -426,10 +434,14 @@ class ClusterTier:
         if not rows:
             return
         t0 = time.perf_counter()
-        out = self._pipeline("put", lambda p: [p.set(page_key(r, h), rec) for r, h, rec in rows])
-        if out is None:
-            self.metrics.store_pages.labels(tier="cluster", result="dropped").inc(len(rows))
-            return
+        keys = [page_key(r, h) for r, h, _ in rows]
+        recs = {k: rec for k, (_, _, rec) in zip(keys, rows)}
+        # each node's SETs sent and their replies read as a get's (a stalled node fails the batch
+        # within the socket timeout); MOVED / ASK / OOM replies asked again through redis-py
+        got, _ = self._fetch("put", keys, 64, lambda k: ("SET", k, recs[k]), native=False)
+        out = [v is True or (v is not None and bytes(v) == b"OK") for v in got]
+        if not all(out):
+            self.metrics.store_pages.labels(tier="cluster", result="dropped").inc(out.count(False))
         stored = 0
         for (r, h, rec), ok in zip(rows, out):
             if not ok:

@@ -80,10 +80,16 @@ def _reader(conn) -> str | None:
     return "parsed" if isinstance(sock, ssl.SSLSocket) else "native"
 
 
-def pack(commands: Sequence[tuple]) -> bytes:
-    """Commands (tuples of bytes, str or int arguments) as one RESP request buffer, as redis-py's
-    pack_commands would send them, with less work a command (a lookup sends 2,048 GETRANGEs)."""
-    parts = []
+BIG_ARG = 6000  # an argument longer than this is sent as it is, not copied into the request (redis-py's cutoff)
+
+
+def pack(commands: Sequence[tuple]) -> list:
+    """Commands (tuples of bytes, memoryview, str or int arguments) as a RESP request: a list of
+    buffers whose bytes are what redis-py's pack_commands would send, with less work a command (a
+    lookup sends 2,048 GETRANGEs); arguments past BIG_ARG bytes (a put's records) are items of
+    their own, not copied."""
+    out: list = []
+    parts: list = []
     add = parts.append
     for cmd in commands:
         add(b"*%d\r\n" % len(cmd))
@@ -92,13 +98,21 @@ def pack(commands: Sequence[tuple]) -> bytes:
                 a = a.encode()
             elif isinstance(a, int):
                 a = b"%d" % a
-            add(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(parts)
+            if len(a) > BIG_ARG:
+                add(b"$%d\r\n" % len(a))
+                out.append(b"".join(parts))
+                out.append(a)
+                parts.clear()
+                add(b"\r\n")
+            else:
+                add(b"$%d\r\n%s\r\n" % (len(a), a))
+    out.append(b"".join(parts))
+    return out
 
 
 def send(pool, commands: Sequence[tuple]) -> tuple:
     """Send commands (each a tuple of a command's arguments, e.g. ("GET", key), whose reply is a bulk
-    string) on one connection of `pool` (a node's). Returns the connection and whether `read` may
+    string for `read`; any reply for `read_parsed`) on one connection of `pool` (a node's). Returns the connection and whether `read` may
     read its replies from the socket (else `read_parsed` reads them), or (None, False) where neither
     can (`_reader`: nothing sent, the connection back in the pool). Raises what redis-py's send
     raises (the connection closed and released)."""
@@ -111,7 +125,7 @@ def send(pool, commands: Sequence[tuple]) -> tuple:
         if how is None:
             pool.release(conn)
             return None, False
-        conn.send_packed_command([pack(commands)], check_health=False)  # a list of buffers
+        conn.send_packed_command(pack(commands), check_health=False)  # a list of buffers
     except BaseException:
         conn.disconnect()
         pool.release(conn)
@@ -121,8 +135,9 @@ def send(pool, commands: Sequence[tuple]) -> tuple:
 
 def read_parsed(pool, conn, n: int, cap: int) -> list:
     """The replies of `send`'s n commands on conn read through conn's own parser (TLS, hiredis, no
-    native reader); conn goes back to pool. Each is bytes, or MISSING, TOO_LONG (longer than cap)
-    or ERROR (an error reply: ask again), as `read`'s lens. Raises redis-py's ConnectionError or
+    native reader, a put's replies); conn goes back to pool. Each is bytes (a bulk or simple
+    string), or MISSING, TOO_LONG (longer than cap) or ERROR (an error reply: MOVED, ASK, OOM, ...),
+    as `read`'s lens. Raises redis-py's ConnectionError or
     TimeoutError (the connection closed) when the stream breaks off: the call fails as a whole."""
     try:
         out: list = []

@@ -336,6 +336,8 @@ def test_gets_read_each_nodes_replies_in_one_call(redis_cluster, client, monkeyp
     with TieredStore(cluster_only(redis_cluster.url)) as a:
         assert a.put_pages(NS, pages).stored == 24
         a.flush()
+    assert sum(calls) == (0 if native else 24)  # a put's SET replies: parsed, a node's in one call
+    calls.clear()
     with TieredStore(cluster_only(redis_cluster.url)) as b:
         assert b.lookup(NS, tokens=toks).located == ["cluster"] * 24  # the headers' GETRANGEs
         assert 2 <= len(calls) <= 3 and sum(calls) == 24, calls  # one call a node holding keys
@@ -399,3 +401,44 @@ def test_a_node_that_stops_answering_mid_get_is_a_timed_out_miss(redis_cluster, 
         port = next(n.port for n in c.get_primaries() if any(
             c.get_node_from_key(page_key(NS.root, h)).port == n.port for h in hashes))
         paused_get_is_a_timed_out_miss(s, redis_cluster.procs[port], hashes, pages)
+
+
+def test_puts_go_out_per_node_and_fail_fast_against_a_stalled_node(redis_cluster, client, monkeypatch):
+    """The writer sends each node's SETs itself and reads their replies in one call a node: a master
+    paused (SIGSTOP) fails its pages within about the socket timeout, counted dropped and the
+    error a timeout, while the other nodes' pages are stored (through redis-py's cluster pipeline
+    the whole batch was dropped, in 0.4 s); once the node answers and the back-off ends,
+    the rest are stored. A MOVED reply (the client routing every key to one node) is followed
+    through redis-py."""
+    import os
+    import signal
+    toks = list(range(11000, 11000 + 24 * SPEC.page_size))
+    hashes, pages = make_pages(NS, toks)
+    with TieredStore(cluster_only(redis_cluster.url)) as s:
+        c = s.cluster._conn()
+        port = next(n.port for n in c.get_primaries() if any(
+            c.get_node_from_key(page_key(NS.root, h)).port == n.port for h in hashes))
+        proc = redis_cluster.procs[port]
+        stalled = [page_key(NS.root, h) for h in hashes if c.get_node_from_key(page_key(NS.root, h)).port == port]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            t = time.perf_counter()
+            s.put_pages(NS, pages)
+            s.flush()
+            took = time.perf_counter() - t
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert took < 1.0, took  # 0.2 s timeout
+        assert metric(s, "kvc_cluster_errors_total", op="put", kind="timeout") == 1
+        assert metric(s, "kvc_store_pages_total", tier="cluster", result="dropped") == len(stalled) < 24
+        assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 24 - len(stalled)
+        assert client.exists(*stalled) == 0
+        deadline = time.monotonic() + 10
+        while s.cluster.degraded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = c.get_primaries()[0]
+        monkeypatch.setattr(c, "get_node_from_key", lambda key, replica=False: first)
+        s.put_pages(NS, pages)
+        s.flush()
+        assert metric(s, "kvc_store_pages_total", tier="cluster", result="stored") >= 24
+    assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 24

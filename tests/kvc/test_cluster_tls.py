@@ -57,6 +57,8 @@ def test_tls_pages_round_trip_through_the_parser(tls_redis, monkeypatch):
     with TieredStore(cluster_only(url)) as s:
         assert s.put_pages(NS, pages).stored == 8
         s.flush()
+    assert calls == [8]  # the SETs' replies
+    calls.clear()
     with TieredStore(cluster_only(url)) as s:
         assert s.lookup(NS, tokens=toks).located == ["cluster"] * 8
         got = s.get_pages(NS, hashes)

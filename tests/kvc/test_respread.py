@@ -114,6 +114,10 @@ def test_only_plain_idle_connections_are_read_directly():
 
 def test_pack_is_redis_pys_request():
     from redis.connection import Connection
-    cmds = [("GET", b"kvc:\x00\xffkey"), ("GETRANGE", b"k" * 300, 0, 171), ("SET", "s", b"")]
+    big = bytes(range(256)) * 40  # past BIG_ARG: an item of its own, not copied
+    cmds = [("GET", b"kvc:\x00\xffkey"), ("GETRANGE", b"k" * 300, 0, 171), ("SET", "s", b""), ("SET", b"b", big),
+            ("SET", b"m", memoryview(big)[:7000]), ("GET", b"x")]
     want = b"".join(bytes(x) for x in Connection().pack_commands(cmds))
-    assert respread.pack(cmds) == want
+    got = respread.pack(cmds)
+    assert b"".join(bytes(x) for x in got) == want
+    assert any(x is big for x in got)
