@@ -442,3 +442,29 @@ def test_puts_go_out_per_node_and_fail_fast_against_a_stalled_node(redis_cluster
         s.flush()
         assert metric(s, "kvc_store_pages_total", tier="cluster", result="stored") >= 24
     assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 24
+
+
+def test_a_full_cluster_drops_the_puts_and_says_why(redis_cluster, client):
+    """Masters at maxmemory with noeviction answer SET with an OOM error: the pages are counted
+    dropped, the error as a response error (asked again through redis-py, which gets the same
+    answer), and nothing is stored."""
+    toks = list(range(13000, 13000 + 6 * SPEC.page_size))
+    hashes, pages = make_pages(NS, toks)
+    masters = [n.redis_connection for n in client.get_primaries()]
+    before = [(r.config_get("maxmemory")["maxmemory"], r.config_get("maxmemory-policy")["maxmemory-policy"])
+              for r in masters]
+    try:
+        for r in masters:
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", 1)
+        with TieredStore(cluster_only(redis_cluster.url)) as s:
+            s.put_pages(NS, pages)
+            s.flush()
+            assert metric(s, "kvc_store_pages_total", tier="cluster", result="dropped") == 6
+            assert metric(s, "kvc_store_pages_total", tier="cluster", result="stored") == 0
+            assert metric(s, "kvc_cluster_errors_total", op="put", kind="response") >= 1
+    finally:
+        for r, (mem, policy) in zip(masters, before):
+            r.config_set("maxmemory", mem)
+            r.config_set("maxmemory-policy", policy)
+    assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 0
