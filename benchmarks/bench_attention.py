@@ -142,19 +142,15 @@ def decode_table(args, device, dtype, scale) -> None:
             lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
             kv_bytes = 2 * B * ctx * Hkv * D * kc.element_size()
             base = None
-            variants = [(f"slices from the context ({ctx:,}: an eager step)", ctx, True, None),
-                        (f"a graph's bound ({args.decode_bound:,}), each sequence's keys sliced",
-                         args.decode_bound, True, None),
-                        (f"a graph's bound ({args.decode_bound:,}), slices fixed from the bound "
-                         "(before run EX)", args.decode_bound, False, None)]
-            variants += [(f"a graph's bound, each sequence's slices >= {m} keys", args.decode_bound, True, m)
-                         for m in args.decode_min_keys]
-            for label, bound, per, min_keys in variants:
+            for label, bound, per in ((f"slices from the context ({ctx:,}: an eager step)", ctx, True),
+                                      (f"a graph's bound ({args.decode_bound:,}), each sequence's keys sliced",
+                                       args.decode_bound, True),
+                                      (f"a graph's bound ({args.decode_bound:,}), slices fixed from the bound "
+                                       "(before run EX)", args.decode_bound, False)):
                 out = torch.empty_like(q)
 
                 def fn():
-                    decode_attention(q, kc, vc, out, rows, tables, lens, bound, scale, per_sequence=per,
-                                     min_split_keys=min_keys)
+                    decode_attention(q, kc, vc, out, rows, tables, lens, bound, scale, per_sequence=per)
                 fn()
                 if base is None:
                     base = out.clone()
@@ -230,8 +226,6 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--decode-bound", type=int, default=40960,
                     help="a decode graph's bound on the context: the model's length (Qwen3-30B-A3B's 40,960)")
-    ap.add_argument("--decode-min-keys", type=int, nargs="*", default=[],
-                    help="more rows under the graph's bound with each sequence's slices at least this many keys")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -18,7 +18,6 @@ import triton.language as tl
 from .triton_merge import dot_precision, keys_per_split, merge_splits, split_result
 
 BLOCK_N = 64
-MIN_SPLIT_KEYS = 0  # keys a sequence's slice at least (a multiple of BLOCK_N; 0: its share of num_splits)
 
 
 @triton.jit
@@ -28,14 +27,14 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
                          stride_lb, stride_lh,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr, MIN_KEYS: tl.constexpr):
+                         PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(Lens + b).to(tl.int32)
     kps = keys_per_split
-    if kps == 0:  # this sequence's keys in num_splits slices of whole tiles, at least MIN_KEYS each
-        kps = tl.maximum(tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits) * BLOCK_N, MIN_KEYS)
+    if kps == 0:  # this sequence's keys in num_splits slices of whole tiles
+        kps = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits) * BLOCK_N
     lo = split * kps
     hi = tl.minimum(lo + kps, length)
     offs_g = tl.arange(0, G_PAD)
@@ -71,20 +70,17 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
         m_i = m_new
     out, lse = split_result(acc, m_i, l_i)  # a slice past the end (or an empty row) contributes nothing
     base = b * stride_mb + heads * stride_mh + split * stride_ms  # [G]
-    seen = g_mask & (lse > float("-inf"))  # the merge reads no empty slice's output: not written
-    tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=seen[:, None] & d_mask[None, :])
+    tl.store(MidO + base[:, None] + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(MidL + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      rows: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, max_len: int,
-                     scale: float, per_sequence: bool = True, min_split_keys: int | None = None) -> None:
+                     scale: float, per_sequence: bool = True) -> None:
     """q/out [T, Hq, D]; rows [B] (row of q/out per sequence); tables [B, max_blocks] int; lens [B]
     keys per sequence, each <= max_len (a host-side bound: the number of slices comes from it).
     per_sequence: each sequence's keys in that many slices; False (the kernel before run EX, for
-    bench_attention --decode): slices of max_len / slices keys, the same for every sequence.
-    min_split_keys: a sequence's slices at least this many keys (rounded up to whole tiles; default
-    MIN_SPLIT_KEYS), where the bound (a graph's: the model's length) cuts short contexts fine."""
+    bench_attention --decode): slices of max_len / slices keys, the same for every sequence."""
     _, P, Hkv, D = k_cache.shape
     Hq = q.shape[1]
     B = rows.shape[0]
@@ -105,7 +101,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), PAGE=P, HEAD_DIM=D,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype),
-        MIN_KEYS=triton.cdiv(MIN_SPLIT_KEYS if min_split_keys is None else min_split_keys, BLOCK_N) * BLOCK_N,
-        num_warps=4, num_stages=2)
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     merge_splits(mid_o, mid_l, out, rows)
