@@ -404,12 +404,13 @@ def test_a_node_that_stops_answering_mid_get_is_a_timed_out_miss(redis_cluster, 
 
 
 def test_puts_go_out_per_node_and_fail_fast_against_a_stalled_node(redis_cluster, client, monkeypatch):
-    """The writer sends each node's SETs itself and reads their replies in one call a node: a master
-    paused (SIGSTOP) fails its pages within about the socket timeout, counted dropped and the
-    error a timeout, while the other nodes' pages are stored (through redis-py's cluster pipeline
-    the whole batch was dropped, in 0.4 s); once the node answers and the back-off ends,
-    the rest are stored. A MOVED reply (the client routing every key to one node) is followed
-    through redis-py."""
+    """The writer sends each node's SETs itself and reads their replies in one call a node: with a
+    master paused (SIGSTOP), a batch of 24 pages fails that node's pages within about the socket
+    timeout, counted dropped and the error a timeout, while the other nodes' pages are stored
+    (through redis-py's cluster pipeline the whole batch was dropped, in 0.4 s); once the node
+    answers and the back-off ends, the rest are stored. A MOVED reply (the client routing every key
+    to one node) is followed through redis-py. The batch is the writer's own _write on the records
+    the store offered, so that it holds all 24 pages (the writer thread batches what has arrived)."""
     import os
     import signal
     toks = list(range(11000, 11000 + 24 * SPEC.page_size))
@@ -420,17 +421,22 @@ def test_puts_go_out_per_node_and_fail_fast_against_a_stalled_node(redis_cluster
             c.get_node_from_key(page_key(NS.root, h)).port == n.port for h in hashes))
         proc = redis_cluster.procs[port]
         stalled = [page_key(NS.root, h) for h in hashes if c.get_node_from_key(page_key(NS.root, h)).port == port]
+        batch = []
+        monkeypatch.setattr(s.cluster, "offer", lambda root, h, rec=None: batch.append((root, h, rec)) or True)
+        s.put_pages(NS, pages)
+        monkeypatch.undo()
+        assert len(batch) == 24 and all(rec is not None for _, _, rec in batch)
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             t = time.perf_counter()
-            s.put_pages(NS, pages)
-            s.flush()
+            s.cluster._write(batch)
             took = time.perf_counter() - t
         finally:
             os.kill(proc.pid, signal.SIGCONT)
         assert took < 1.0, took  # 0.2 s timeout
         assert metric(s, "kvc_cluster_errors_total", op="put", kind="timeout") == 1
         assert metric(s, "kvc_store_pages_total", tier="cluster", result="dropped") == len(stalled) < 24
+        assert metric(s, "kvc_store_pages_total", tier="cluster", result="stored") == 24 - len(stalled)
         assert client.exists(*[page_key(NS.root, h) for h in hashes]) == 24 - len(stalled)
         assert client.exists(*stalled) == 0
         deadline = time.monotonic() + 10
