@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mla_pieces import tile_spec  # noqa: E402
 from kvc.config import load_config  # noqa: E402
 from kvc.hashing import DTYPE_BYTES, PageSpec  # noqa: E402
 from kvc.store import TieredStore  # noqa: E402
@@ -132,15 +134,12 @@ def section_bytes(args: ModelArgs, dtype: str, full_layers: int):
 
 
 def decode_tile_arg(text: str) -> tuple:
-    """'MxNxWxS[@T]' (rows a program, keys a tile, warps, stages, programs the split-K launch aims
-    at) -> decode's (N, W, S, T or None); M must be triton_mla.BLOCK_M (a decode program takes one
-    query's heads)."""
-    launch, _, target = text.partition("@")
+    """'MxNxWxS[@T]' (bench_mla_pieces.tile_spec) -> decode's (N, W, S, T or None); M must be
+    triton_mla.BLOCK_M (a decode program takes one query's heads)."""
     try:
-        m, n, w, st = (int(v) for v in launch.split("x"))
-        target = int(target) if target else None
-    except ValueError:
-        raise SystemExit(f"bench_deepseek: decode tile {text!r} is not MxNxWxS[@T] (e.g. 16x64x4x3@1024)") from None
+        m, n, w, st, target = tile_spec(text)
+    except ValueError as e:
+        raise SystemExit(f"bench_deepseek: decode {e}") from None
     if m != triton_mla.BLOCK_M:
         raise SystemExit(f"bench_deepseek: decode tile {text!r}: decode's rows a program are {triton_mla.BLOCK_M}")
     return n, w, st, target

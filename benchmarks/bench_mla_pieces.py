@@ -217,7 +217,7 @@ def sweep_tiles(layer, tiles: list[str], shapes: list[str], device, dtype, iters
             piece = Piece(0, Q, K, table)
             ref, cells = None, []
             for tile in tiles:
-                m, n, w, st = (int(v) for v in tile.split("x"))
+                m, n, w, st, _ = tile_spec(tile)
                 (triton_mla.PIECE_BLOCK_M, triton_mla.PIECE_BLOCK_N, triton_mla.PIECE_WARPS,
                  triton_mla.PIECE_STAGES) = m, n, w, st
                 triton_mla._TOO_BIG.clear()
@@ -261,9 +261,7 @@ def decode_tile_row(layer, shape: str, tiles: list[str], totals: dict, device, d
     idx = torch.arange(B, dtype=torch.int32, device=device), torch.ones(B, dtype=torch.int32, device=device)
     ref, cells = None, []
     for tile in tiles:
-        launch, _, target = tile.partition("@")
-        m, n, w, st = (int(v) for v in launch.split("x"))
-        target = int(target) if target else None
+        m, n, w, st, target = tile_spec(tile)
 
         def call():
             qf = layer._absorb_query(q, pool.dtype)
@@ -281,6 +279,17 @@ def decode_tile_row(layer, shape: str, tiles: list[str], totals: dict, device, d
         if totals[tile] is not None:
             totals[tile] += t
     print(f"| {B} x {K} | " + " | ".join(cells) + " |", flush=True)
+
+
+def tile_spec(text: str) -> tuple:
+    """'MxNxWxS[@T]' (rows a program, keys a tile, warps, stages; programs the split-K launch aims
+    at) -> (M, N, W, S, T or None); ValueError naming the text otherwise."""
+    launch, _, target = text.partition("@")
+    try:
+        m, n, w, st = (int(v) for v in launch.split("x"))
+        return m, n, w, st, int(target) if target else None
+    except ValueError:
+        raise ValueError(f"tile {text!r} is not MxNxWxS[@T] (e.g. 16x64x4x3@1024)") from None
 
 
 def decode_batch(layer, B: int, K: int, device, dtype, P: int = 16):

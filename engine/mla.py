@@ -311,7 +311,7 @@ class MLAttention(nn.Module):
         zero = torch.zeros(1, dtype=torch.int32, device=dev)  # the piece's first row of qf
         tile = {}  # decode's blocks, or (rows enough) a piece's, with their fallback
         if Q * self.heads >= tm.PIECE_BLOCK_M:
-            tile = dict(tm.piece_tile(cache), fallback=True)
+            tile = dict(tm.piece_tile(cache), fallback=tm.FALLBACK_TILE)
         tm.mla_attention(qf, cache, self.r, zero, zero + Q, zero + p.k_len, p.block_table[None], Q, p.k_len, scale, o,
                          **tile)
         return torch.einsum("qhr,hvr->qhv", o.view(Q, self.heads, self.r), self._w_kv_b()[1])

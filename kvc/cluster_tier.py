@@ -436,7 +436,7 @@ class ClusterTier:
         t0 = time.perf_counter()
         keys = [page_key(r, h) for r, h, _ in rows]
         recs = {k: rec for k, (_, _, rec) in zip(keys, rows)}
-        # each node's SETs sent and their replies read as a get's (a stalled node fails the batch
+        # each node's SETs sent and their replies read as a get's (a stalled node fails its own keys
         # within the socket timeout); MOVED / ASK / OOM replies asked again through redis-py
         got, _ = self._fetch("put", keys, 64, lambda k: ("SET", k, recs[k]), native=False)
         out = [v is True or (v is not None and bytes(v) == b"OK") for v in got]

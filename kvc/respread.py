@@ -4,16 +4,17 @@ redis-py reads a pipeline's replies in Python: a receive, then its parser slices
 out, per reply, and every receive hands the GIL over. Beside a thread that always wants it (an
 engine's launch-bound thread) each hand-over costs up to the interpreter's switch interval (5 ms):
 a 144 MB get of 96 pages took ~2.8x its time alone even with 4 MiB receives
-(benchmarks/RESULTS.md, forty-first session). Here the commands are packed in one buffer (`pack`)
-and sent on a connection from redis-py's pool for the node, and each node's replies are read by respread.c's kvc_resp_bulks straight into rows the
-caller gives (a payload goes from the socket into its row, no Python bytes in between), one call
-per node, which releases the GIL once. A lookup's GETRANGEs of the records' headers (2,048 for a
-32K-token prompt) are read the same way, without redis-py's parsing of each reply.
+(benchmarks/RESULTS.md, forty-first session). Here the commands are packed (`pack`) and sent on a
+connection from redis-py's pool for the node, and each node's replies are read by respread.c's
+kvc_resp_bulks straight into rows the caller gives (a payload goes from the socket into its row, no
+Python bytes in between), one call per node, which releases the GIL once. A lookup's GETRANGEs of
+the records' headers (2,048 for a 32K-token prompt) are read the same way, without redis-py's
+parsing of each reply.
 
 Where the native read cannot be used (a TLS connection, hiredis' parser, no compiler or a failed
-build: one log line, `library()` is None) the commands are still sent
+build: one log line, `library()` is None), and for a put's SET replies, the commands are still sent
 per node and `read_parsed` reads the replies through the connection's own parser: slower, but a
-node that stops answering fails the call within its socket timeout, where redis-py's cluster
+node that stops answering fails its own keys within its socket timeout, where redis-py's cluster
 pipeline would send each unanswered command again on its own (~3 s for a get of 24 pages against a
 paused master with a 0.2 s timeout). Replies that are errors (MOVED, ASK, ...: `ERROR`) are for the
 caller to ask again through redis-py, which follows the redirections. A socket error, a timeout or
@@ -112,10 +113,10 @@ def pack(commands: Sequence[tuple]) -> list:
 
 def send(pool, commands: Sequence[tuple]) -> tuple:
     """Send commands (each a tuple of a command's arguments, e.g. ("GET", key), whose reply is a bulk
-    string for `read`; any reply for `read_parsed`) on one connection of `pool` (a node's). Returns the connection and whether `read` may
-    read its replies from the socket (else `read_parsed` reads them), or (None, False) where neither
-    can (`_reader`: nothing sent, the connection back in the pool). Raises what redis-py's send
-    raises (the connection closed and released)."""
+    string for `read`; any reply for `read_parsed`) on one connection of `pool` (a node's). Returns
+    the connection and whether `read` may read its replies from the socket (else `read_parsed` reads
+    them), or (None, False) where neither can (`_reader`: nothing sent, the connection back in the
+    pool). Raises what redis-py's send raises (the connection closed and released)."""
     try:
         conn = pool.get_connection()
     except TypeError:  # redis-py before 6 names the command
@@ -137,8 +138,8 @@ def read_parsed(pool, conn, n: int, cap: int) -> list:
     """The replies of `send`'s n commands on conn read through conn's own parser (TLS, hiredis, no
     native reader, a put's replies); conn goes back to pool. Each is bytes (a bulk or simple
     string), or MISSING, TOO_LONG (longer than cap) or ERROR (an error reply: MOVED, ASK, OOM, ...),
-    as `read`'s lens. Raises redis-py's ConnectionError or
-    TimeoutError (the connection closed) when the stream breaks off: the call fails as a whole."""
+    as `read`'s lens. Raises redis-py's ConnectionError or TimeoutError (the connection closed) when
+    the stream breaks off: every reply of this node's read is lost."""
     try:
         out: list = []
         for _ in range(n):

@@ -138,7 +138,7 @@ def _tile_key(cache: torch.Tensor, tile: dict) -> tuple:
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Tensor, q_lens: torch.Tensor,
                   k_lens: torch.Tensor, tables: torch.Tensor, max_q: int, max_k: int, scale: float,
                   out: torch.Tensor, block_m: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, fallback: bool | tuple = False,
+                  num_warps: int | None = None, num_stages: int | None = None, fallback: tuple | None = None,
                   target_programs: int | None = None) -> None:
     """Latent attention of B sequences over the pool.
 
@@ -150,7 +150,7 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     (a power of two >= 16; default BLOCK_M); block_n: keys a tile (a power of two >= 16; default
     BLOCK_N); num_warps, num_stages: the launch's (default 4 warps for 16 rows a program, else 8;
     2 stages). fallback: if that launch needs more shared memory or registers than the GPU has,
-    launch this (block_n, num_warps, num_stages) instead (True: FALLBACK_TILE) and note it
+    launch this (block_n, num_warps, num_stages) instead (FALLBACK_TILE, DECODE_FALLBACK) and note it
     (piece_tile / decode_tile then pick the fallback at once). target_programs: about how many
     programs the key slices should make (default triton_merge.TARGET_PROGRAMS)."""
     H, W = q.shape[1], q.shape[2]
@@ -186,10 +186,10 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
     try:
         mid_o, mid_l = launch(block_n, num_warps, num_stages)
     except OutOfResources:  # raised when the kernel is compiled or loaded, before anything runs
-        if not fallback:
+        if fallback is None:
             raise
         _TOO_BIG.add(_tile_key(cache, dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                            num_stages=num_stages)))
-        mid_o, mid_l = launch(*(FALLBACK_TILE if fallback is True else fallback))
+        mid_o, mid_l = launch(*fallback)
     merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
                  min(MERGE_COLUMNS, BLOCK_R))

@@ -43,7 +43,8 @@ def test_bench_mla_pieces_tile_sweeps_run(tmp_path):
     pytest.importorskip("triton")
     out = run("bench_mla_pieces.py", "--device", "cpu", "--shapes", "--decode", "--iters", "1",
               "--tiles", "64x32x8x2", "64x64x8x3", "--tile-shapes", "4x300",
-              "--decode-tiles", "16x32x4x2", "16x64x4x3@64", "--decode-tile-shapes", "2x300", "--decode-tile-bound", "2000", tmp_path=tmp_path,
+              "--decode-tiles", "16x32x4x2", "16x64x4x3@64", "--decode-tile-shapes", "2x300", "--decode-tile-bound",
+              "2000", tmp_path=tmp_path,
               env=dict(os.environ, TRITON_INTERPRET="1"))
     piece = next(line for line in out.splitlines() if line.startswith("| 4 x 300 |"))
     decode = next(line for line in out.splitlines() if line.startswith("| 2 x 300 |"))

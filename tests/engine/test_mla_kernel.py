@@ -456,7 +456,7 @@ def test_mla_piece_tile_falls_back_when_out_of_resources(monkeypatch):
         tm.mla_attention(q, cache, r, one * 0, one * 8, one * 40, tables, 8, 40, 0.1, out, **tile)
     assert tm.piece_tile(cache) == tile  # nothing noted without fallback
     launches.clear()
-    tm.mla_attention(q, cache, r, one * 0, one * 8, one * 40, tables, 8, 40, 0.1, out, **tile, fallback=True)
+    tm.mla_attention(q, cache, r, one * 0, one * 8, one * 40, tables, 8, 40, 0.1, out, **tile, fallback=tm.FALLBACK_TILE)
     assert [n[1:] for n in launches] == [(tm.PIECE_BLOCK_N, tm.PIECE_WARPS, tm.PIECE_STAGES), tm.FALLBACK_TILE]
     after = tm.piece_tile(cache)
     assert (after["block_n"], after["num_warps"], after["num_stages"]) == tm.FALLBACK_TILE
