@@ -38,11 +38,15 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
     lo = split * kps
     hi = tl.minimum(lo + kps, length)
     offs_g = tl.arange(0, G_PAD)
+    g_mask = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g  # [G] query heads of this kv head
+    if lo >= length:  # a slice past this sequence's keys: its log-sum-exp only (the merge reads no output)
+        tl.store(MidL + b * stride_lb + heads * stride_lh + split, tl.full([G_PAD], float("-inf"), tl.float32),
+                 mask=g_mask)
+        return
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g  # [G] query heads of this kv head
     row = tl.load(Rows + b).to(tl.int64)
     q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [G, D]
@@ -102,4 +106,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), PAGE=P, HEAD_DIM=D,
         BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
-    merge_splits(mid_o, mid_l, out, rows)
+    # each sequence's own slices: the merge stops at its last live one (a decode graph's bound,
+    # the model's length, leaves most slices of a short context empty: 1 x 2K read 128, run GJ)
+    merge_splits(mid_o, mid_l, out, rows, lens=lens if per_sequence else None, tile=BLOCK_N)

@@ -63,6 +63,8 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
     # come from a host bound, e.g. a CUDA graph's max_model_len, that can be far past k_len)
     kps = tl.maximum(tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N, MIN_KEYS)
     lo = split * kps
+    if lo >= k_len:  # past this sequence's keys: nothing to write, the merge stops at its last live slice
+        return
     offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < rows
     query = offs_m // HEADS
@@ -182,14 +184,15 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, r: int, starts: torch.Te
             BLOCK_DR=max(16, triton.next_power_of_2(W - r)), PRECISION=dot_precision(q.dtype),
             MIN_KEYS=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n,
             num_warps=num_warps, num_stages=num_stages)
-        return mid_o, mid_l
+        return mid_o, mid_l, block_n
     try:
-        mid_o, mid_l = launch(block_n, num_warps, num_stages)
+        mid_o, mid_l, block_n = launch(block_n, num_warps, num_stages)
     except OutOfResources:  # raised when the kernel is compiled or loaded, before anything runs
         if fallback is None:
             raise
         _TOO_BIG.add(_tile_key(cache, dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                            num_stages=num_stages)))
-        mid_o, mid_l = launch(*fallback)
+        mid_o, mid_l, block_n = launch(*fallback)
     merge_splits(mid_o[:, :max_q * H], mid_l[:, :max_q * H], out[..., :r], torch.arange(B, device=q.device),
-                 min(MERGE_COLUMNS, BLOCK_R))
+                 min(MERGE_COLUMNS, BLOCK_R), lens=k_lens, tile=block_n,
+                 min_keys=triton.cdiv(MIN_SPLIT_KEYS, block_n) * block_n)

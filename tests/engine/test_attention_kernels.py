@@ -114,6 +114,30 @@ def check_decode_bound(device, D=16, P=16, dtype=torch.float32, atol=1e-4):
             assert err <= atol, f"max abs error {err} > {atol}: bound {bound}, per_sequence={per_sequence}"
 
 
+def check_merge_live(device):
+    """merge_splits given each row's keys reads only the slices that hold some (the split kernels'
+    cut: max(ceil(tiles / S) tiles, min_keys) keys a slice): NaN in every slice past them, outputs
+    and log-sum-exps alike, changes nothing; a row with no keys gets 0."""
+    from engine.attention.triton_merge import merge_splits
+    g = torch.Generator().manual_seed(11)
+    B, H, S, D, tile = 4, 3, 8, 16, 4
+    for min_keys, lens, live in ((0, [10, 0, 40, 32], [3, 0, 5, 8]), (16, [10, 0, 40, 100], [1, 0, 3, 7])):
+        mid_o, mid_l = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, generator=g) * 4
+        mid_l[0, 1, 1] = float("-inf")  # a live slice a row saw no key in
+        want = torch.zeros(B, H, D)
+        for b, n in enumerate(live):
+            if n:
+                w = torch.exp2(mid_l[b, :, :n] - mid_l[b, :, :n].amax(-1, keepdim=True))
+                want[b] = (w[..., None] * mid_o[b, :, :n]).sum(1) / w.sum(-1, keepdim=True)
+            mid_o[b, :, n:], mid_l[b, :, n:] = float("nan"), float("nan")
+        out = torch.full((B + 2, H, D), 7.0, device=device)
+        rows = torch.tensor([5, 0, 2, 3], device=device)  # output rows in another order
+        merge_splits(mid_o.to(device), mid_l.to(device), out, rows,
+                     lens=torch.tensor(lens, dtype=torch.int32, device=device), tile=tile, min_keys=min_keys)
+        torch.testing.assert_close(out[rows].cpu(), want, msg=f"min_keys {min_keys}")
+        assert (out[[1, 4]] == 7.0).all()  # rows not named: untouched
+
+
 def check_split_scratch(device):
     """Split-K's buffers made once per step (meta.scratch) and used by every layer: each layer's
     output equals the same kernel with buffers of its own, across two layers' different caches."""
@@ -551,6 +575,7 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
         check_split_scratch("cuda")
         check_decode_bound("cuda")
         check_decode_bound("cuda", D=128, P=page, dtype=dtype, atol=2e-2)
+        check_merge_live("cuda")
         check_fixed_plan("cuda")
         check_fixed_plan("cuda", torch.bfloat16, atol=2e-2)
         check_fixed_plan("cuda", torch.bfloat16, atol=2e-2, heads=(32, 4), D=128, NP=8, width=2200, T=64,
@@ -571,7 +596,7 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
 INTERP = """
 import sys, torch
 from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_cudnn_prefix_views, check_decode_bound,
-                                                check_fixed_plan, check_merge_two, check_norm,
+                                                check_fixed_plan, check_merge_live, check_merge_two, check_norm,
                                                 check_tma,
                                                 check_one_wave, check_qk_norm_rope, check_split_scratch,
                                                 check_unmasked_loop, count_paths, engine_tokens)
@@ -579,6 +604,7 @@ check_norm("cpu")
 check_one_wave()
 check_split_scratch("cpu")
 check_decode_bound("cpu")
+check_merge_live("cpu")
 check_fixed_plan("cpu")
 check_unmasked_loop("cpu")
 check_tma("cpu", full=False)
