@@ -1082,8 +1082,19 @@ def main() -> None:
                 free_gpu()
                 names.append(name)
         if a.tput_pairs:
-            paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs, notes,
-                                variants=a.put_variants)
+            # two LLMs resident at once (~19 GB each at these shapes): on an 80 GB card run GN died
+            # here of CUDA out of memory and took the rows above with it; now a note and a row say so
+            if a.device == "cuda":
+                notes.append(f"# before the paired rows: {torch.cuda.memory_allocated() / GB:.1f} GB allocated "
+                             f"by this process, {torch.cuda.mem_get_info()[0] / GB:.1f} GB free on the device")
+            try:
+                paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs, notes,
+                                    variants=a.put_variants)
+            except torch.OutOfMemoryError as e:
+                paired = [("no-reuse throughput, paired", "not run", "",
+                           f"CUDA out of memory making its resident LLMs: {str(e).splitlines()[0]}")]
+                notes.append(f"# paired rows not run: {e}")
+            free_gpu()
         # off once more, last: one timed batch per row swings between machines (run M's first off
         # row was 0.74x of run L's), so the ratios use the mean of both off rows and both are shown
         llm = LLM(str(model_dir), **dict(base, prefix_caching=False))
