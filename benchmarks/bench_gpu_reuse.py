@@ -92,6 +92,12 @@ def free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
+def held() -> str:
+    """Device memory this process still holds (between sections: what closed LLMs did not give back;
+    run GN found 62.9 GB held before the paired rows on an 80 GB card)."""
+    return f", {torch.cuda.memory_allocated() / GB:.1f} GB allocated" if torch.cuda.is_available() else ""
+
+
 def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     """(seconds from add_request until a step hands the token out, prompt tokens reused from a
     cache). The engine registers and offers the step's pages after that (at the next call into
@@ -1017,7 +1023,7 @@ def main() -> None:
     llm.close()
     del llm, eng
     free_gpu()
-    print(f"# first LLM done at {time.perf_counter() - t_start:.0f} s", flush=True)
+    print(f"# first LLM done at {time.perf_counter() - t_start:.0f} s{held()}", flush=True)
 
     # --- disk hits: a new LLM on the same disk_path, page cache dropped --------------------------
     if "disk" not in skip:
@@ -1044,7 +1050,7 @@ def main() -> None:
         llm.close()
         del llm
         free_gpu()
-        print(f"# disk rows done at {time.perf_counter() - t_start:.0f} s", flush=True)
+        print(f"# disk rows done at {time.perf_counter() - t_start:.0f} s{held()}", flush=True)
 
     # --- no-reuse throughput: off / device pool only ---------------------------------------------
     if "throughput" not in skip:
@@ -1110,7 +1116,7 @@ def main() -> None:
                          f"{tput[name] / off:.2f}x off (mean of both off rows)"))
         if a.tput_pairs:
             rows += paired
-        print(f"# throughput done at {time.perf_counter() - t_start:.0f} s", flush=True)
+        print(f"# throughput done at {time.perf_counter() - t_start:.0f} s{held()}", flush=True)
 
     # --- CPU experts: cold vs disk hit --------------------------------------------------------------
     if "cpu-experts" not in skip:
