@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -1020,9 +1021,17 @@ def main() -> None:
         host = eng.prefix_cache.host
         notes.append(f"# host tiers on: dropped put pages {host.dropped_puts} (all batches), failed puts {host.failed_puts}")
         del host
+    pool = weakref.ref(eng.kv.pool.kv)
     llm.close()
-    del llm, eng
+    # the hit section's closures and variant tables hold the engine (its lambdas take eng and
+    # eng.kv as defaults, busy() the LLM): every name that reaches it goes, or the LLM stays
+    # resident (runs GN / GO: 62.9 GB on an H100, 121.4 GB on an H200, and the paired rows after it
+    # ran out of device memory)
+    llm = eng = host = store = pc = variants = order = busy = busy_other_gate = None
     free_gpu()
+    if pool() is not None:
+        notes.append("# the first LLM's pool is still referenced after close (by this script): the rows after it "
+                     "ran beside it")
     print(f"# first LLM done at {time.perf_counter() - t_start:.0f} s{held()}", flush=True)
 
     # --- disk hits: a new LLM on the same disk_path, page cache dropped --------------------------
