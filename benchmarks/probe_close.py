@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import tempfile
+import weakref
 
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -33,7 +34,7 @@ if tiers:  # a pool of 64 pages of 16: three 600-token prompts push the first ou
 else:
     llm = LLM(d, dtype="bfloat16", device="cuda", disk_path=None, cpu_memory_size_GB=0)
     llm.generate([1, 2, 3, 4, 5], greedy)
-pool = __import__("weakref").ref(llm.engine.kv.pool.kv)
+pool = weakref.ref(llm.engine.kv.pool.kv)
 llm.close()
 del llm
 gc.collect()
