@@ -50,6 +50,12 @@ GATE_EVERY = 16  # records between two calls of write_gate inside a commit
 DEGRADED_RETRY_S = 30.0
 FAIL_LOG_EVERY_S = 10.0  # failed commits are logged at most this often (the rest counted in the next line)
 SHRINK_EVERY_S = 1.0  # MAP_FULL lowers the budget at most this often, unless puts were committed since
+# A budget that MAP_FULL lowered rises back a twentieth of the start's budget a step, each step after
+# this long without MAP_FULL; a step that meets MAP_FULL again within that time doubles the wait (up
+# to RAISE_AFTER_MAX_S), so a file that stays fragmented costs a failed commit now and then, not one
+# a minute
+RAISE_AFTER_S = 60.0
+RAISE_AFTER_MAX_S = 3600.0
 MAP_OVERHEAD = 1.10  # the LMDB map per budget byte (+ 1 MiB): room for the file to outgrow its pages
 READ_PIECE = 256 << 10          # copy-then-hash piece: still in cache when hashed
 READ_TASK_BYTES = 4 << 20       # pages per reader task: about this many bytes
@@ -133,7 +139,11 @@ class DiskTier:
         self._psize = self.env.stat()["psize"]
         self._update_file_gauges()
         self.min_capacity = self.capacity // 2  # the floor of _shrink
+        self.max_capacity = self.capacity  # the ceiling of _recover: the budget after the start's fit
         self._shrunk_at = None  # when _shrink last lowered the budget; None after a commit of puts
+        self._map_full_at = None  # the last MAP_FULL
+        self._raised_at = None  # when _recover last raised the budget (None: not since the last MAP_FULL)
+        self._raise_after = RAISE_AFTER_S
         # kvc_degraded{component="disk"}: 1 while the tier is bypassed after a failed commit (read
         # at each scrape: it clears when the retry window ends, with or without traffic)
         metrics.degraded.labels(component="disk").set_function(lambda: 1.0 if self.degraded else 0.0)
@@ -504,6 +514,7 @@ class DiskTier:
                             del self.pending[item[1]]
         if gated:
             self._shrunk_at = None  # puts fit again: a later MAP_FULL is a new episode
+            self._recover()
         self.metrics.store_bytes.labels(tier="disk").inc(sum(len(i[2]) for i in batch if i[0] == "put"))
         self.metrics.transfer_duration.labels(src="cpu", dst="disk").observe(time.perf_counter() - t0)
         return True
@@ -579,8 +590,11 @@ class DiskTier:
         are reused only two commits later, and a record needs a run of contiguous pages, so with
         small records (a few LMDB pages each) under churn the file can outgrow the pages by a
         third. Hold a tenth fewer pages, down to half the budget, so that evictions leave the
-        file room to reuse; the budget stays lowered until the next start."""
+        file room to reuse; _recover raises it back once MAP_FULL has stayed away."""
         now = time.monotonic()
+        if self._raised_at is not None and now - self._raised_at < self._raise_after:
+            self._raise_after = min(self._raise_after * 2, RAISE_AFTER_MAX_S)  # that raise was too soon
+        self._map_full_at, self._raised_at = now, None
         if self._shrunk_at is not None and now - self._shrunk_at < SHRINK_EVERY_S:
             return  # once per episode: the commits queued behind the failed one fail alike
         cap = max(int(self.capacity * 0.9), self.min_capacity)
@@ -591,6 +605,24 @@ class DiskTier:
                     "size, fragmented by pages of %.0f KiB", cap / (1 << 30), self.capacity / (1 << 30),
                     self.used / max(len(self.index), 1) / 1024)
         self.capacity = cap
+        self.metrics.capacity.labels(tier="disk").set(cap)
+
+    def _recover(self) -> None:
+        """After a commit of puts: a budget _shrink lowered rises a twentieth of the start's budget
+        once MAP_FULL has stayed away for _raise_after seconds (since it, or since the last raise),
+        up to the start's budget. Evictions had freed pages inside the file; if it is still too
+        fragmented for the higher budget, the next MAP_FULL lowers it again and doubles the wait."""
+        if self._map_full_at is None or self.capacity >= self.max_capacity:
+            return
+        now = time.monotonic()
+        if now - max(self._map_full_at, self._raised_at or 0.0) < self._raise_after:
+            return
+        cap = min(self.max_capacity, self.capacity + max(self.max_capacity // 20, 1))
+        log.info("disk tier budget raised to %.3f GB (of %.3f GB): no MAP_FULL for %.0f s", cap / (1 << 30),
+                 self.max_capacity / (1 << 30), now - max(self._map_full_at, self._raised_at or 0.0))
+        self.capacity, self._raised_at = cap, now
+        if cap >= self.max_capacity:  # whole again (a MAP_FULL soon after this raise still doubles the wait)
+            self._map_full_at = None
         self.metrics.capacity.labels(tier="disk").set(cap)
 
     @property

@@ -307,6 +307,41 @@ def test_full_map_lowers_the_budget_and_writes_go_on(tmp_path):
         assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
 
 
+def test_lowered_budget_rises_back_once_map_full_stays_away(tmp_path, monkeypatch):
+    """A budget MAP_FULL lowered rises back a twentieth of the start's a step, each step after
+    RAISE_AFTER_S without MAP_FULL, up to the start's budget (before: it stayed lowered until the
+    next start); a MAP_FULL soon after a raise doubles the wait."""
+    monkeypatch.setattr(disk_tier, "RAISE_AFTER_S", 0.05)
+    cfg = kvc_config(tmp_path, disk_size_GB=2 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(cfg) as s:
+        budget = s.disk.capacity
+        s.disk.env.set_mapsize(budget)  # a map no larger than the budget: the file fills it
+        j = 0
+        while s.disk.capacity == budget and j < 200:
+            s.put_pages(BIG, make_pages(BIG, list(range(j * 64, j * 64 + 64)), seed=j)[1])
+            s.flush()
+            j += 1
+        lowered = s.disk.capacity
+        assert lowered < budget, "churn never filled the map"
+        s.disk.env.set_mapsize(4 * s.disk.map_size)  # the writer idle (flushed): room in the file again
+        fails = metric(s, "kvc_disk_errors_total", op="commit", kind="map_full")
+        seen = {lowered}
+        for k in range(j, j + 200):
+            if s.disk.capacity == budget:
+                break
+            time.sleep(0.06)
+            s.put_pages(BIG, make_pages(BIG, list(range(k * 64, k * 64 + 64)), seed=k)[1])
+            s.flush()
+            seen.add(s.disk.capacity)
+        assert s.disk.capacity == budget and len(seen) >= 2, sorted(seen)
+        assert all(b - a <= budget // 20 for a, b in zip(sorted(seen), sorted(seen)[1:]))  # in steps
+        assert metric(s, "kvc_tier_capacity_bytes", tier="disk") == budget
+        assert metric(s, "kvc_disk_errors_total", op="commit", kind="map_full") == fails  # no MAP_FULL on the way
+        s.disk._raised_at = time.monotonic()  # a MAP_FULL right after a raise: the next raise waits twice as long
+        s.disk._shrink()
+        assert s.disk._raise_after == 0.1 and s.disk.capacity < budget
+
+
 def metric_of(tier, name, **labels):
     v = tier.metrics.registry.get_sample_value(name, labels)
     return 0.0 if v is None else v
