@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=600)
     ap.add_argument("--dir", default=None,
                     help="an ordinary folder instead of a tmpfs (no root needed): the file's size against the budget under churn")
+    ap.add_argument("--raise-after", type=float, default=None,
+                    help="kvc.disk_tier.RAISE_AFTER_S: seconds without MAP_FULL before a lowered budget rises "
+                         "a step (default: the tier's own, 60; a huge value: the budget stays lowered, as before)")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent),
                     help="checkout whose kvc is imported")
     args = ap.parse_args()
@@ -45,11 +48,14 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from kvc import disk_tier
     from kvc.config import load_config
     from kvc.hashing import Namespace, PageSpec, page_hashes
     from kvc.record import Page
     from kvc.store import TieredStore
 
+    if args.raise_after is not None and hasattr(disk_tier, "RAISE_AFTER_S"):
+        disk_tier.RAISE_AFTER_S = args.raise_after
     logging.basicConfig(level=logging.ERROR, format="  log: %(message).160s")
     spec = PageSpec(num_layers=2, num_kv_heads=2, head_dim=args.page_kib * 8, page_size=4, dtype="float32")
     ns = Namespace("probe", spec, weights_digest="w0")
@@ -101,7 +107,8 @@ def main() -> None:
     head = ["filesystem", "disk_size_GB", "budget start / end", "commit errors", "degraded at the end",
             "sent down / committed", "disk evictions", "file / start budget", "last offer after a restart", "time"]
     print(f"kvc from {os.path.abspath(args.repo)}; {args.rounds} offers of {args.per} pages of {args.page_kib} KiB, "
-          f"cpu tier {args.cpu_mb:g} MiB")
+          f"cpu tier {args.cpu_mb:g} MiB; a lowered budget rises after "
+          f"{getattr(disk_tier, 'RAISE_AFTER_S', float('inf')):g} s without MAP_FULL")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |")
 
 
