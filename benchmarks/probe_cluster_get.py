@@ -13,11 +13,13 @@ the spinner; and, on redis-py's parser, the tier's client reopened with receives
 (redis-py's default), 1 MiB and cluster_tier.SOCKET_READ_BYTES.
 
     python benchmarks/probe_cluster_get.py --reps 5
+    python benchmarks/probe_cluster_get.py --sections readers --switch-interval 0.0005
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 import sys
 import threading
 import time
@@ -32,19 +34,31 @@ from kvc import cluster_tier, pagecopy, respread  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
 
 
+BESIDE = (None, "thread", "process")  # alone; a thread spinning in Python; a process spinning (CPU, no GIL)
+HEAD = "alone ms (median) | beside a spinning thread ms (median) | beside a spinning process ms (median)"
+
+
 @contextlib.contextmanager
-def spinning(on: bool):
-    """While inside (when on), a thread spinning in Python: it wants the GIL all the time."""
+def spinning(on: str | None):
+    """While inside: "thread", a thread spinning in Python (it wants the GIL all the time);
+    "process", another process spinning (it takes a core, not the GIL: on the 2-core VM what a
+    thread costs beyond that is the GIL's share); None, nothing."""
     stop = threading.Event()
     th = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
-    if on:
+    proc = None
+    if on == "thread":
         th.start()
+    elif on == "process":
+        proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         yield
     finally:
         stop.set()
-        if on:
+        if on == "thread":
             th.join()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
 
 def get_ms(store, ns, hashes, out) -> float:
@@ -63,7 +77,7 @@ def alternate(store, ns, hashes, out, reps: int, module, variants: dict, title: 
     real = module.library
     rows: dict = {}
     try:
-        for beside in (False, True):
+        for beside in BESIDE:
             with spinning(beside):
                 for _ in range(reps):
                     for name, lib in variants.items():
@@ -71,9 +85,9 @@ def alternate(store, ns, hashes, out, reps: int, module, variants: dict, title: 
                         rows.setdefault((name, beside), []).append(get_ms(store, ns, hashes, out))
     finally:
         module.library = real
-    print(f"\n| {title} | alone ms (median) | beside a spinning thread ms (median) |\n|---|---|---|")
+    print(f"\n| {title} | {HEAD} |\n|---|---|---|---|")
     for name in variants:
-        print(f"| {name} | {med(rows[(name, False)]):.0f} | {med(rows[(name, True)]):.0f} |")
+        print(f"| {name} | " + " | ".join(f"{med(rows[(name, b)]):.0f}" for b in BESIDE) + " |")
 
 
 def paths(store, ns, hashes, out, reps: int) -> None:
@@ -103,29 +117,57 @@ def read_sizes(store, ns, hashes, out, reps: int) -> None:
     default = cluster_tier.SOCKET_READ_BYTES
     real = respread.library
     respread.library = lambda cc=None: None
-    print("\n| receive size (redis-py's parser) | alone ms (median) | beside a spinning thread ms (median) |\n"
-          "|---|---|---|")
+    print(f"\n| receive size (redis-py's parser) | {HEAD} |\n|---|---|---|---|")
     try:
         for size in (64 << 10, 1 << 20, default):
             cluster_tier.SOCKET_READ_BYTES = size
             store.cluster._client.close()
             store.cluster._client = None  # the next call opens a client with this size
             cells = []
-            for beside in (False, True):
+            for beside in BESIDE:
                 with spinning(beside):
                     cells.append(med([get_ms(store, ns, hashes, out) for _ in range(reps)]))
             tier = " (the tier's)" if size == default else ""
-            print(f"| {size >> 10} KiB{tier} | {cells[0]:.0f} | {cells[1]:.0f} |", flush=True)
+            print(f"| {size >> 10} KiB{tier} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
     finally:
         cluster_tier.SOCKET_READ_BYTES = default
         respread.library = real
+
+
+def gil_lines(store, ns, hashes, out, reps: int) -> None:
+    """get_pages(out) traced line by line beside a spinning thread (probe_gil_waits.Waits): a gap of
+    over half the switch interval between two events of the get's thread is a GIL hand-over the get
+    waited out; the lines before such gaps, by count a get (tracing slows the Python ~10x, so the
+    counts are a lower bound; the lines are the result)."""
+    from probe_gil_waits import Waits
+    waits = Waits()
+    with spinning("thread"):
+        sys.settrace(waits.trace)
+        try:
+            for _ in range(reps):
+                get_ms(store, ns, hashes, out)
+        finally:
+            sys.settrace(None)
+    print("\n| line before a GIL wait (get_pages beside a spinning thread) | waits a get |\n|---|---|")
+    for (_, file, line), n in waits.counts.most_common(12):
+        print(f"| {file}:{line} | {n / reps:.1f} |")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=96)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the run (Python's default 0.005 s): what the spinning "
+                         "thread costs a get scales with it where the get waits for the GIL after each release")
+    ap.add_argument("--sections", default="rounds,paths,readers,sizes",
+                    help="comma-separated: rounds (the tier's parts), paths, readers, sizes, gil (the lines "
+                         "before the get's waits for the GIL beside a spinning thread)")
     a = ap.parse_args()
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
+    sections = set(a.sections.split(","))
+    print(f"# switch interval {sys.getswitchinterval() * 1e3:g} ms")
     spec = SHAPES["30B-A3B-MoE"]
     print(f"# native checksum-and-copy: {'built' if pagecopy.library() is not None else 'not built (Python path)'}; "
           f"native reply reader: {'built' if respread.library() is not None else 'not built (redis-py reads)'}")
@@ -139,7 +181,7 @@ def main() -> int:
         store.flush()
         settle(raw)
         out = torch.zeros((a.pages, *spec.shape), dtype=torch.bfloat16)
-        for rep in range(a.reps):
+        for rep in range(a.reps if "rounds" in sections else 0):
             ms = []
             for op in (lambda: store.cluster.get(ns, hashes),
                        lambda: store.cluster.get(ns, hashes, check_payload=False),
@@ -150,10 +192,16 @@ def main() -> int:
                 ms.append((time.perf_counter() - t) * 1e3)
                 assert len(got) == a.pages
             print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
+        store.get_pages(ns, hashes, out=out)
         assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
-        paths(store, ns, hashes, out, a.reps)
-        readers(store, ns, hashes, out, a.reps)
-        read_sizes(store, ns, hashes, out, a.reps)
+        if "paths" in sections:
+            paths(store, ns, hashes, out, a.reps)
+        if "readers" in sections:
+            readers(store, ns, hashes, out, a.reps)
+        if "sizes" in sections:
+            read_sizes(store, ns, hashes, out, a.reps)
+        if "gil" in sections:
+            gil_lines(store, ns, hashes, out, a.reps)
         store.close()
         raw.close()
     return 0
