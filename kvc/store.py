@@ -320,9 +320,16 @@ class TieredStore:
         t0 = time.perf_counter()
         disk_bytes = cluster_bytes = 0
         root = ns.root
+        rows: list = []  # [first index, out's pages from there and their flat bytes], made at the first use
+
         def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (page tensor, its flat bytes)
-            data = out[i] if out is not None else torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
-            return data, data.view(torch.uint8).reshape(-1)
+            if out is None:
+                data = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
+                return data, data.view(torch.uint8).reshape(-1)
+            if not rows or i < rows[0]:  # two torch calls for the rest, not view ops a page (each may
+                seg = out[i:len(hashes)]  # hand the GIL to a busy thread and wait to get it back)
+                rows[:] = [i, list(zip(seg.unbind(0), seg.view(torch.uint8).reshape(len(seg), -1).unbind(0)))]
+            return rows[1][i - rows[0]]
 
         keys = [key(root, bytes(h)) for h in hashes]
         with self._lock:
@@ -439,14 +446,17 @@ class TieredStore:
             return self.cluster.get(ns, hashes[i:])
         got = self.cluster.get(ns, hashes[i:], check_payload=False)
         run, src, dst, lens = [], [], [], []
+        # out's rows by address (out is contiguous): no torch op a page, each of which may hand the
+        # GIL to a busy thread and wait a switch interval to get it back
+        base, row_bytes = out.data_ptr(), out[0].nbytes if len(out) else 0
         for j, h in enumerate(hashes[i:], start=i):
             rec = got.get(h)
-            if rec is None or rec[0].payload_len != out[j].nbytes:
+            if rec is None or rec[0].payload_len != row_bytes:
                 break  # _from_cluster refuses it too
             info, buf = rec
             run.append((h, info, buf))
             src.append(np.frombuffer(buf, dtype=np.uint8).ctypes.data + info.payload_offset)
-            dst.append(out[j].data_ptr())
+            dst.append(base + j * row_bytes)
             lens.append(info.payload_len)
         sums = lib.pointers(src, dst, lens) if run else []
         fetched = {}

@@ -361,6 +361,21 @@ def _get_all(cfg, hashes, out=None):
         return [p.data.clone() for p in got], metric(s, "kvc_checksum_failures_total", tier="disk"), s.disk.pages
 
 
+def test_disk_pages_land_in_a_strided_out(tmp_path):
+    """get_pages(out=...) where out's pages are contiguous but not adjacent (every other row of a
+    larger tensor), disk pages after cpu ones: every page lands in out itself, the rows between untouched."""
+    _, hashes, pages = _disk_store(tmp_path, 12)
+    big = torch.full((24, *SPEC.shape), 7, dtype=pages[0].data.dtype)
+    with TieredStore(kvc_config(tmp_path)) as s:  # the same disk, a cpu tier in front
+        assert len(s.get_pages(NS, hashes[:3])) == 3  # promoted: a cpu run of 3, then 9 disk pages
+        assert s.lookup(NS, tokens=list(range(12 * SPEC.page_size))).located == ["cpu"] * 3 + ["disk"] * 9
+        got = s.get_pages(NS, hashes, out=big[::2])
+    assert len(got) == 12
+    for i, p in enumerate(pages):
+        assert torch.equal(big[2 * i], p.data) and got[i].data.data_ptr() == big[2 * i].data_ptr(), i
+    assert (big[1::2] == 7).all()
+
+
 @pytest.mark.parametrize("task_pages", [1, 3, 64])
 def test_parallel_disk_read_equals_serial_read(tmp_path, monkeypatch, task_pages):
     cfg, hashes, pages = _disk_store(tmp_path, 40)
