@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_merge import dot_precision, keys_per_split, merge_splits, split_result
+from .triton_merge import dot_precision, keys_per_split, merge_splits, slice_keys, split_result
 
 BLOCK_N = 64
 
@@ -34,7 +34,7 @@ def _decode_split_kernel(Q, K, V, Rows, Tables, Lens, MidO, MidL, sm_scale, keys
     length = tl.load(Lens + b).to(tl.int32)
     kps = keys_per_split
     if kps == 0:  # this sequence's keys in num_splits slices of whole tiles
-        kps = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits) * BLOCK_N
+        kps = slice_keys(length, num_splits, BLOCK_N, 0)
     lo = split * kps
     hi = tl.minimum(lo + kps, length)
     offs_g = tl.arange(0, G_PAD)

@@ -27,6 +27,13 @@ def keys_per_split(programs: int, max_len: int, block_n: int, target: int | None
 
 
 @triton.jit
+def slice_keys(length, num_splits, TILE: tl.constexpr, MIN_KEYS: tl.constexpr):
+    """Keys of each of a sequence's num_splits slices (the split kernels' cut, which the merge's
+    count of live slices must match): its keys' tiles shared out, at least MIN_KEYS."""
+    return tl.maximum(tl.cdiv(tl.cdiv(length, TILE), num_splits) * TILE, MIN_KEYS)
+
+
+@triton.jit
 def split_result(acc, m_i, l_i):
     """A split-K slice's online-softmax state -> (its normalised output [rows, D], its log2-sum-exp
     [rows]); a row that saw no key in the slice gets 0 and -inf, so the merge weighs it 0."""
@@ -51,7 +58,7 @@ def _merge_kernel(MidO, MidL, O, Rows, Lens, num_splits, stride_mb, stride_mh, s
     live = num_splits
     if HAS_LENS:  # the slices that hold keys: the split kernels' own cut of this row's keys
         length = tl.load(Lens + b).to(tl.int32)
-        kps = tl.maximum(tl.maximum(tl.cdiv(tl.cdiv(length, TILE), num_splits) * TILE, MIN_KEYS), 1)
+        kps = tl.maximum(slice_keys(length, num_splits, TILE, MIN_KEYS), 1)  # 1: no keys, no slice
         live = tl.minimum(tl.cdiv(length, kps), num_splits)
     for s0 in range(0, live, BLOCK_S):
         sj = s0 + offs_s

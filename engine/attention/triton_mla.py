@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .triton_merge import dot_precision, keys_per_split, merge_splits, split_result
+from .triton_merge import dot_precision, keys_per_split, merge_splits, slice_keys, split_result
 
 BLOCK_N = 32  # keys a tile: [32, 512] bf16 is 32 KiB of shared memory a stage
 BLOCK_M = 16  # (query, head) rows a program (decode: one query's heads of V2-Lite); tl.dot's least M
@@ -61,7 +61,7 @@ def _mla_split_kernel(Q, C, Starts, QLens, KLens, Tables, MidO, MidL, sm_scale, 
         return
     # keys of this slice: its share of this sequence's keys, at least MIN_KEYS (the launch's slices
     # come from a host bound, e.g. a CUDA graph's max_model_len, that can be far past k_len)
-    kps = tl.maximum(tl.cdiv(tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N, MIN_KEYS)
+    kps = slice_keys(k_len, num_splits, BLOCK_N, MIN_KEYS)
     lo = split * kps
     if lo >= k_len:  # past this sequence's keys: nothing to write, the merge stops at its last live slice
         return
