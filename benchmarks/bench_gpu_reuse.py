@@ -1100,8 +1100,8 @@ def main() -> None:
             # two LLMs resident at once (~19 GB each at these shapes): on an 80 GB card run GN died
             # here of CUDA out of memory and took the rows above with it; now a note and a row say so
             if a.device == "cuda":
-                notes.append(f"# before the paired rows: {torch.cuda.memory_allocated() / GB:.1f} GB allocated "
-                             f"by this process, {torch.cuda.mem_get_info()[0] / GB:.1f} GB free on the device")
+                notes.append(f"# before the paired rows{held()} by this process, "
+                             f"{torch.cuda.mem_get_info()[0] / GB:.1f} GB free on the device")
             try:
                 paired = paired_row(model_dir, base, tiers, work, rng, n_tput, tput_len, a.tput_pairs, notes,
                                     variants=a.put_variants)
