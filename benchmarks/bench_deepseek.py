@@ -193,16 +193,28 @@ def section_throughput(path, a):
                 ts.append(time.perf_counter() - t)
             return statistics.median(ts)
 
+        def hf_row(key, fn):  # transformers' rate for a row; out of device memory: nan and a note
+            try:
+                rows[key].append(fn())
+            except torch.OutOfMemoryError:
+                rows[key].append(float("nan"))
+                print(f"# transformers ran out of device memory for {key[0]} {key[1]}: its column is nan", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+
         with torch.inference_mode():
             for L in a.prefill_len:
                 ids = torch.tensor(rand_prompts(1, L, V, L), device=a.device)
-                rows[("prefill", L)].append(L / timed(lambda: m(ids, logits_to_keep=1, use_cache=False)))
+                hf_row(("prefill", L), lambda: L / timed(lambda: m(ids, logits_to_keep=1, use_cache=False)))
             for c in a.concurrency:
                 ids = torch.tensor(rand_prompts(c, a.decode_prompt_len, V, 10), device=a.device)
                 gen = lambda n: m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
                                            pad_token_id=0)
-                t_n, t_1 = timed(lambda: gen(a.decode_tokens)), timed(lambda: gen(1))
-                rows[("decode", c)].append(c * (a.decode_tokens - 1) / (t_n - t_1) if t_n > t_1 else float("nan"))
+
+                def rate():
+                    t_n, t_1 = timed(lambda: gen(a.decode_tokens)), timed(lambda: gen(1))
+                    return c * (a.decode_tokens - 1) / (t_n - t_1) if t_n > t_1 else float("nan")
+                hf_row(("decode", c), rate)
         del m
         gc.collect()
         if a.device.type == "cuda":
@@ -290,6 +302,17 @@ MLA_PATHS = {"mask": (False, {}, False), "bias": (True, {}, False),
              "engine": (mla.LOWER_RIGHT, mla.ABSORB_PIECES, mla.CUDNN_PIECES)}
 
 
+def kept_checkpoint(a) -> Path | None:
+    """--model-dir's checkpoint if an earlier run wrote it with this many layers and dtype, else None."""
+    if not a.model_dir or not (Path(a.model_dir) / "config.json").exists():
+        return None
+    cfg = ModelArgs.from_dir(a.model_dir)
+    if cfg.num_layers != a.layers:
+        raise SystemExit(f"--model-dir {a.model_dir} holds {cfg.num_layers} layers, not --layers {a.layers}: "
+                         "give another directory or remove it")
+    return Path(a.model_dir)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, small sizes")
@@ -308,6 +331,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--sections", default="bytes,throughput,ttft,kt")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--model-dir", default=None,
+                    help="keep the V2-Lite-shapes checkpoint here: written if absent, reused by a later run with the "
+                         "same --layers (a full-depth checkpoint is ~31 GB; default: a temporary directory)")
     ap.add_argument("--mla-paths", default="engine",
                     help="comma-separated, the TTFT section once per path in this order, for prefill pieces after "
                          "cached tokens: mask (expanded, a boolean [Q, K] mask: the path before "
@@ -344,17 +370,20 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
+        where = Path(a.model_dir) if a.model_dir else tmp / "model"
+        kept = "reused" if kept_checkpoint(a) else "written"
         if a.quick:
-            path = make_tiny_model(tmp / "model", "deepseek_v2", dtype=a.dtype, std=0.05, num_hidden_layers=a.layers,
-                                   **QUICK)
+            path = kept_checkpoint(a) or make_tiny_model(where, "deepseek_v2", dtype=a.dtype, std=0.05,
+                                                         num_hidden_layers=a.layers, **QUICK)
         else:
-            path = make_tiny_model(tmp / "model", "deepseek_v2", preset="deepseek-v2-lite-shapes", dtype=a.dtype,
-                                   std=0.02, num_hidden_layers=a.layers, device=str(a.device))
+            path = kept_checkpoint(a) or make_tiny_model(where, "deepseek_v2", preset="deepseek-v2-lite-shapes",
+                                                         dtype=a.dtype, std=0.02, num_hidden_layers=a.layers,
+                                                         device=str(a.device))
         args = ModelArgs.from_dir(path)
         print(f"# DeepSeek-V2 {'tiny' if a.quick else 'V2-Lite'} shapes, {a.layers} layers, {a.dtype}, "
               f"device={a.device} ({torch.cuda.get_device_name(a.device) if a.device.type == 'cuda' else 'cpu'}), "
-              f"torch {torch.__version__}, threads {torch.get_num_threads()}; checkpoint written in "
-              f"{time.perf_counter() - t:.1f}s; page {PAGE} tokens, prefill chunk {a.chunk}")
+              f"torch {torch.__version__}, threads {torch.get_num_threads()}; checkpoint {kept} "
+              f"in {time.perf_counter() - t:.1f}s; page {PAGE} tokens, prefill chunk {a.chunk}")
         if "bytes" in sections:
             section_bytes(args, a.dtype, a.layers if a.quick else 27)
         if "throughput" in sections:
