@@ -56,6 +56,10 @@ SHRINK_EVERY_S = 1.0  # MAP_FULL lowers the budget at most this often, unless pu
 # a minute
 RAISE_AFTER_S = 60.0
 RAISE_AFTER_MAX_S = 3600.0
+# A budget capped at start to a filesystem with less room than disk_size_GB looks at the filesystem
+# again this often (after a commit) and grows, map and budget, into space freed since, up to the
+# configured budget; a gain under a twentieth of the budget (or 1 MiB) waits for more
+REFIT_EVERY_S = 30.0
 MAP_OVERHEAD = 1.10  # the LMDB map per budget byte (+ 1 MiB): room for the file to outgrow its pages
 READ_PIECE = 256 << 10          # copy-then-hash piece: still in cache when hashed
 READ_TASK_BYTES = 4 << 20       # pages per reader task: about this many bytes
@@ -96,7 +100,8 @@ class DiskTier:
     def __init__(self, path: str, capacity_bytes: int, metrics, high: float = 0.95, low: float = 0.85,
                  reader_threads: int | None = None, max_backlog_bytes: int = MAX_BACKLOG_BYTES):
         self.path = os.path.abspath(os.path.expanduser(path))
-        self.capacity = int(capacity_bytes)  # lowered at start when the filesystem is smaller
+        self.configured = int(capacity_bytes)
+        self.capacity = self.configured  # lowered at start when the filesystem is smaller
         self.high, self.low = high, low
         self.metrics = metrics
         try:
@@ -120,6 +125,11 @@ class DiskTier:
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
+        # read transactions open on the reader threads, and whether the writer waits to remap
+        # (LMDB's map may only change while no transaction of this process is open)
+        self._txns = 0
+        self._remapping = False
+        self._no_txns = threading.Condition(self._lock)
         self._queued = 0     # writes ever queued; the writer commits them in this order
         self._committed = 0  # of those, how many the writer has finished (committed or failed)
         self._failures: list[tuple[int, int]] = []  # recent failed commits as (first, last) positions
@@ -144,6 +154,7 @@ class DiskTier:
         self._map_full_at = None  # the last MAP_FULL
         self._raised_at = None  # when _recover last raised the budget (None: not since the last MAP_FULL)
         self._raise_after = RAISE_AFTER_S
+        self._refit_at = time.monotonic()  # when _refit last looked at the filesystem
         # kvc_degraded{component="disk"}: 1 while the tier is bypassed after a failed commit (read
         # at each scrape: it clears when the retry window ends, with or without traffic)
         metrics.degraded.labels(component="disk").set_function(lambda: 1.0 if self.degraded else 0.0)
@@ -177,10 +188,9 @@ class DiskTier:
         map fits (_shrink lowers it further if the file outgrows that) and the map is cut to the
         room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on) before the
         filesystem is full: a file that fills its filesystem can wedge LMDB, whose deletes need
-        new pages too, and no eviction could then make room. Space freed later is taken at the
-        next start."""
-        room = self.file_bytes() + self.free_bytes()
-        limit = room - room // 20
+        new pages too, and no eviction could then make room. Space freed later is taken by
+        _refit."""
+        limit = self._room()
         if self.map_size <= limit:
             return
         fits = max(0, int((limit - (1 << 20)) / MAP_OVERHEAD))
@@ -192,6 +202,57 @@ class DiskTier:
             self.capacity = fits
         self.map_size = max(limit, self.file_bytes())
         self.env.set_mapsize(self.map_size)
+
+    def _room(self) -> int:
+        """What the tier's file may grow to: what it has plus the filesystem's free space, less a
+        twentieth left to others."""
+        room = self.file_bytes() + self.free_bytes()
+        return room - room // 20
+
+    def _refit(self) -> None:
+        """After a commit, at most every REFIT_EVERY_S: a budget the start capped to its filesystem
+        grows into space freed since (another process deleted files, the volume was grown), map
+        first, up to the configured budget. A budget that _shrink lowered keeps its distance below
+        the ceiling (_recover closes it)."""
+        full_map = int(self.configured * MAP_OVERHEAD) + (1 << 20)
+        if self.max_capacity >= self.configured and self.map_size >= full_map:
+            return
+        if time.monotonic() - self._refit_at < REFIT_EVERY_S:
+            return
+        self._refit_at = time.monotonic()
+        try:
+            limit = self._room()
+        except OSError:
+            return
+        fits = min(self.configured, max(0, int((limit - (1 << 20)) / MAP_OVERHEAD)))
+        gain = fits - self.max_capacity
+        if gain < max(self.max_capacity // 20, 1 << 20) and fits < self.configured:
+            return  # a few pages' worth: wait for more (each raise remaps)
+        new_map = min(limit, int(fits * MAP_OVERHEAD) + (1 << 20))
+        if new_map > self.map_size:
+            with self._lock:  # no read transaction may be open while the map changes
+                self._remapping = True
+                while self._txns:
+                    self._no_txns.wait()
+            try:
+                self.env.set_mapsize(new_map)
+            except lmdb.Error as e:
+                log.warning("disk tier could not grow its map to %.3f GB (%s); the budget stays %.3f GB",
+                            new_map / (1 << 30), e, self.capacity / (1 << 30))
+                return
+            finally:
+                with self._lock:
+                    self._remapping = False
+                    self._no_txns.notify_all()
+            self.map_size = new_map
+        if gain <= 0:
+            return
+        log.info("disk tier budget raised to %.3f GB (configured %.3f GB): its filesystem has room again",
+                 (self.capacity + gain) / (1 << 30), self.configured / (1 << 30))
+        self.max_capacity = fits
+        self.min_capacity = fits // 2
+        self.capacity += gain
+        self.metrics.capacity.labels(tier="disk").set(self.capacity)
 
     def _open(self) -> lmdb.Environment:
         try:
@@ -326,7 +387,7 @@ class DiskTier:
         """Pages lo..hi-1 in one read transaction, stopping at the first one that is not served
         (or past a failure another task found). Each result: RecordInfo, None (a miss) or the
         RecordError that disqualified the page."""
-        out, txn, began = [], None, lo
+        out, txn, began, counted = [], None, lo, False
         try:
             for i in range(lo, hi):
                 if i > end.first:
@@ -336,6 +397,12 @@ class DiskTier:
                     rec = self.pending.get(h)
                 if rec is None:
                     if txn is None:
+                        if not counted:
+                            with self._lock:  # the writer may be changing the map
+                                while self._remapping:
+                                    self._no_txns.wait()
+                                self._txns += 1
+                            counted = True
                         txn, began = self.env.begin(db=self._data, buffers=True), i
                     rec = txn.get(h)  # faults the whole value in, GIL released
                     if rec is None and began < i:
@@ -357,6 +424,11 @@ class DiskTier:
         finally:
             if txn is not None:
                 txn.abort()
+            if counted:
+                with self._lock:
+                    self._txns -= 1
+                    if not self._txns:
+                        self._no_txns.notify_all()
         return out
 
     def touch(self, h: bytes) -> None:
@@ -512,6 +584,7 @@ class DiskTier:
                         self.backlog_bytes -= len(item[2])
                         if self.pending.get(item[1]) is item[2]:
                             del self.pending[item[1]]
+        self._refit()
         if gated:
             self._shrunk_at = None  # puts fit again: a later MAP_FULL is a new episode
             self._recover()

@@ -229,6 +229,56 @@ def test_disk_budget_larger_than_the_filesystem_is_capped_at_start(tmp_path, sma
         assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
 
 
+def test_budget_capped_at_start_grows_into_space_freed_later(tmp_path, small_fs, monkeypatch):
+    """Another process holds most of a 4 MiB filesystem at start, so the budget is capped; once it
+    deletes its file the tier takes the room (map, then budget) at a later commit, without a
+    restart. Before, the cap held until the next start."""
+    monkeypatch.setattr(disk_tier, "REFIT_EVERY_S", 0.0, raising=False)
+    _fill(small_fs, 2 << 20)
+    cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=64 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(cfg) as s:
+        capped, map0 = s.disk.capacity, s.disk.map_size
+        assert capped < 1 << 20
+        os.remove(small_fs / "filler")
+        for j in range(40):  # ~2x what the filesystem holds: the tier evicts inside its new budget
+            toks = list(range(j * 64, j * 64 + 64))
+            hashes, pages = make_pages(BIG, toks, seed=j)
+            s.put_pages(BIG, pages)
+            s.flush()
+        assert s.disk.map_size > map0 and 2 << 20 < s.disk.capacity < 4 << 20
+        assert metric(s, "kvc_tier_capacity_bytes", tier="disk") == s.disk.capacity
+        assert metric(s, "kvc_lmdb_map_size_bytes") == s.disk.map_size <= 4 << 20
+        assert metric(s, "kvc_disk_errors_total", op="commit", kind="enospc") == 0
+        assert not s.disk.degraded
+        assert s.disk.used > capped  # holds more than the start's cap allowed
+        got = s.get_pages(BIG, hashes)
+        assert all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+
+
+def test_map_grows_only_while_no_read_transaction_is_open(tmp_path, small_fs, monkeypatch):
+    """LMDB's map may change only while no transaction of the process is open: the refit waits
+    for the readers' transactions to end (and readers wait for it)."""
+    import threading
+
+    monkeypatch.setattr(disk_tier, "REFIT_EVERY_S", 0.0)
+    _fill(small_fs, 2 << 20)
+    cfg = kvc_config(tmp_path, disk_path=str(small_fs / "pages"), disk_size_GB=64 / 1024, cpu_memory_size_GB=0)
+    with TieredStore(cfg) as s:
+        map0 = s.disk.map_size
+        os.remove(small_fs / "filler")
+        with s.disk._lock:
+            s.disk._txns += 1  # a reader inside a transaction
+        grew = threading.Thread(target=s.disk._refit)
+        grew.start()
+        grew.join(0.3)
+        assert grew.is_alive() and s.disk.map_size == map0
+        with s.disk._lock:
+            s.disk._txns -= 1
+            s.disk._no_txns.notify_all()
+        grew.join(10)
+        assert not grew.is_alive() and s.disk.map_size > map0
+
+
 def test_close_writes_back_a_cpu_tier_larger_than_the_disk_tier_keeping_the_newest(tmp_path, small_fs):
     """Write-back at close of a cpu tier that holds more than the disk tier (here capped to its
     4 MiB filesystem), after churn filled both: evictions run as the pages go down. Before, they
