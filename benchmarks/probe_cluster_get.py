@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import SHAPES, client, cluster_store, local_cluster, make_pages, settle  # noqa: E402
 from kvc import cluster_tier, pagecopy, respread  # noqa: E402
+from kvc.config import load_config  # noqa: E402
 from kvc.hashing import Namespace  # noqa: E402
+from kvc.store import TieredStore  # noqa: E402
 
 
 BESIDE = (None, "thread", "process")  # alone; a thread spinning in Python; a process spinning (CPU, no GIL)
@@ -153,16 +155,69 @@ def gil_lines(store, ns, hashes, out, reps: int) -> None:
         print(f"| {file}:{line} | {n / reps:.1f} |")
 
 
+def parts(store, ns, hashes, out, reps: int) -> None:
+    """The rounds' four calls alone and beside a spinner (the calls alternating rep by rep): which
+    part of a get the busy thread stretches."""
+    ops = {"GETs + checksums (ClusterTier.get)": lambda: store.cluster.get(ns, hashes),
+           "GETs, no checksum": lambda: store.cluster.get(ns, hashes, check_payload=False),
+           "GETs + one-pass sum-and-copy (_cluster_fetch)": lambda: store._cluster_fetch(ns, hashes, out),
+           "get_pages(out)": lambda: store.get_pages(ns, hashes, out=out)}
+    rows: dict = {}
+    for beside in BESIDE:
+        with spinning(beside):
+            for _ in range(reps):
+                for name, op in ops.items():
+                    t = time.perf_counter()
+                    assert len(op()) == len(hashes)
+                    rows.setdefault((name, beside), []).append((time.perf_counter() - t) * 1e3)
+    print(f"\n| part of a get | {HEAD} |\n|---|---|---|---|")
+    for name in ops:
+        print(f"| {name} | " + " | ".join(f"{med(rows[(name, b)]):.0f}" for b in BESIDE) + " |")
+
+
+def promotions(url, ns, hashes, out, reps: int, cpu_gb: float) -> None:
+    """get_pages(out) by a store with a cpu tier of cpu_gb, made anew for each get (so every get
+    promotes all its pages from the cluster; its client connected and its slab faulted in first), promotions in one native copy a run (the store's
+    default) against a numpy copy a page (store.BATCH_PROMOTIONS False), alternating, alone and
+    beside a spinner; ms a get (medians)."""
+    from kvc import store as store_mod
+    rows: dict = {}
+    variants = {"one native copy a run (the store's)": True, "a numpy copy a page (before)": False}
+    try:
+        for beside in BESIDE:
+            with spinning(beside):
+                for _ in range(reps):
+                    for name, on in variants.items():
+                        store_mod.BATCH_PROMOTIONS = on
+                        s = TieredStore(load_config(None, cpu_memory_size_GB=cpu_gb, disk_path=None, cluster_url=url,
+                                                    cluster_timeout_s=5.0).kvc)
+                        try:  # a store in service: its cluster client connected, its slab's pages faulted in
+                            s.lookup(ns, hashes=hashes[:1])
+                            s.cpu.slab_np.fill(0)
+                            rows.setdefault((name, beside), []).append(get_ms(s, ns, hashes, out))
+                            assert s.lookup(ns, hashes=hashes).located == ["cpu"] * len(hashes)
+                        finally:
+                            s.close()
+    finally:
+        store_mod.BATCH_PROMOTIONS = True
+    print(f"\n| promotions into a {cpu_gb:g} GB cpu tier | {HEAD} |\n|---|---|---|---|")
+    for name in variants:
+        print(f"| {name} | " + " | ".join(f"{med(rows[(name, b)]):.0f}" for b in BESIDE) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=96)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cpu-gb", type=float, default=0.5, help="the promote section's cpu tier")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for the run (Python's default 0.005 s): what the spinning "
                          "thread costs a get scales with it where the get waits for the GIL after each release")
     ap.add_argument("--sections", default="rounds,paths,readers,sizes",
-                    help="comma-separated: rounds (the tier's parts), paths, readers, sizes, gil (the lines "
-                         "before the get's waits for the GIL beside a spinning thread)")
+                    help="comma-separated: rounds (the tier's parts), parts (those alone and beside a spinner), "
+                         "promote (a store with a cpu tier: its promotions batched or not), "
+                         "paths, readers, sizes, gil (the lines before the get's waits for the GIL beside a "
+                         "spinning thread)")
     a = ap.parse_args()
     if a.switch_interval is not None:
         sys.setswitchinterval(a.switch_interval)
@@ -192,6 +247,10 @@ def main() -> int:
                 ms.append((time.perf_counter() - t) * 1e3)
                 assert len(got) == a.pages
             print(f"| {rep} | " + " | ".join(f"{m:.0f}" for m in ms) + " |", flush=True)
+        if "parts" in sections:
+            parts(store, ns, hashes, out, a.reps)
+        if "promote" in sections:
+            promotions(procs.url, ns, hashes, out, a.reps, a.cpu_gb)
         store.get_pages(ns, hashes, out=out)
         assert all(torch.equal(out[i], p.data) for i, p in enumerate(pages))
         if "paths" in sections:

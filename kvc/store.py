@@ -62,6 +62,9 @@ DEMOTE_CHUNK = 32
 # of 96 pages of 1.5 MiB spent ~42 ms building every record before its writer began ~105 ms of
 # SETs (benchmarks/probe_cluster_put.py).
 PUBLISH_GROUP = 16
+# get_pages copies the pages it promotes from the cluster and disk tiers into the cpu tier in one
+# native call a run (False: a numpy copy a page, as before; benchmarks compare the two)
+BATCH_PROMOTIONS = True
 # a layered get this large hashes its pages in two parts (TieredStore.checksum_parts), only the
 # second after the last copy: at 32K tokens of 12-layer pages (0.81 GB, a 0.92 ms tail) the cpu hit
 # was 1.1 / 1.6 ms quicker in runs DN / DO (0.8 ms slower in DM's five samples). Below it one launch
@@ -318,7 +321,6 @@ class TieredStore:
             return self._get_to_device(ns, list(hashes), out, pages=True)
         fetched = self._cluster_fetch(ns, list(hashes), out)  # before the lock: it is a network call
         t0 = time.perf_counter()
-        disk_bytes = cluster_bytes = 0
         root = ns.root
         rows: list = []  # [first index, out's pages from there and their flat bytes], made at the first use
 
@@ -332,6 +334,23 @@ class TieredStore:
             return rows[1][i - rows[0]]
 
         keys = [key(root, bytes(h)) for h in hashes]
+        # cluster and disk pages promoted to the cpu tier: slots reserved under the lock, the bytes
+        # copied in one native call a run (_commit_promotions) instead of a numpy copy a page, each
+        # of which hands the GIL to a busy thread and waits a switch interval to get it back
+        later: list | None = ([] if BATCH_PROMOTIONS and self._slab is not None and pagecopy.library() is not None
+                              else None)
+        try:
+            return self._get_pages(ns, hashes, out, fetched, t0, keys, row, later)
+        finally:
+            if later:  # an exception on the way: the reserved slots go back
+                with self._lock:
+                    for _, e, off, _ in later:
+                        self.cpu.cancel(off, e.nbytes)
+
+    def _get_pages(self, ns, hashes, out, fetched, t0, keys, row, later) -> list[Page]:
+        """get_pages after its cluster fetch: the cpu run, then cpu, cluster and disk pages in order."""
+        spec, root = ns.spec, ns.root
+        disk_bytes = cluster_bytes = 0
         with self._lock:
             # the leading run of cpu pages is read (copied and verified) by the tier's threads
             run = 0
@@ -354,7 +373,7 @@ class TieredStore:
         i = run if good == run else len(hashes)
         while i < len(hashes):
             with self._lock:
-                step = self._get_step(root, hashes, keys, i, pages, row, fetched)
+                step = self._get_step(root, hashes, keys, i, pages, row, fetched, later)
             if step is None:  # the run ends here
                 break
             if isinstance(step, int):  # a cpu or cluster page, read under the lock
@@ -364,6 +383,7 @@ class TieredStore:
             # a run [i, j) of disk-only pages, read without the store's lock (its reader threads, a
             # slow device: other clients' puts, lookups and gets go on meanwhile); each page is
             # promoted to the cpu tier under the lock as soon as it and all before it are verified
+            self._commit_promotions(later)  # the cluster pages before the run, before its room is made
             j = step[1]
             if self._slab is not None:  # a full cpu tier: room for the promotions, a chunk per lock hold
                 self._make_room(spec.page_bytes, j - i, lambda: keys[i:j], None)
@@ -375,12 +395,14 @@ class TieredStore:
                           info.dtype, info.shape, info.payload_len, info.checksum)
                 pages.append(Page(info.hash, info.parent, info.tokens, data))
                 with self._lock:
-                    self._put_cpu(key(info.ns_root, info.hash), e, flat.numpy())
+                    self._promote(key(info.ns_root, info.hash), e, flat, later)
             infos = self.disk.read_run(keys[i:j], [f.numpy() for _, f in got], root, served)
+            self._commit_promotions(later)
             disk_bytes += sum(info.payload_len for info in infos)
             if len(infos) < j - i:
                 break
             i = j
+        self._commit_promotions(later)
         with self._lock:
             for k in reversed(keys[:len(pages)]):  # tail first: the deepest page becomes the oldest
                 if self.cpu.get(k) is not None:
@@ -396,8 +418,36 @@ class TieredStore:
             self.metrics.transfer_duration.labels(src="cluster", dst="cpu").observe(time.perf_counter() - t0)
         return pages
 
+    def _promote(self, k: bytes, e: Entry, flat: torch.Tensor, later: list | None) -> None:
+        """Under the lock: a page get_pages read from the cluster or disk tier (its bytes in flat)
+        into the cpu tier: with `later`, a reserved slot whose copy _commit_promotions makes with the
+        rest of the run; else copied and published here."""
+        if later is None:
+            self._put_cpu(k, e, flat.numpy())
+            return
+        off = self._reserve_cpu(k, e.nbytes)
+        if off is not None:
+            later.append((k, e, off, flat.data_ptr()))
+
+    def _commit_promotions(self, later: list | None) -> None:
+        """_promote's queued pages: copied into their slots in one native call without the lock or
+        the GIL, then published under the lock (a slot whose page another thread stored meanwhile,
+        or queued twice by this get, goes back)."""
+        if not later:
+            return
+        base = self._slab.ctypes.data
+        pagecopy.library().copy([src for *_, src in later], [base + off for _, _, off, _ in later],
+                                [e.nbytes for _, e, _, _ in later])
+        items, later[:] = list(later), []  # from here on not get_pages' to give back
+        with self._lock:
+            for k, e, off, _ in items:
+                if self.cpu.get(k) is None:
+                    self._cpu_stored(k, e, off)
+                else:
+                    self.cpu.cancel(off, e.nbytes)
+
     def _get_step(self, root: bytes, hashes, keys: list[bytes], i: int, pages: list[Page], row,
-                  fetched: dict) -> "int | tuple[int, int] | None":
+                  fetched: dict, later: list | None) -> "int | tuple[int, int] | None":
         """get_pages' next step from page i, under the lock: a cpu page (read and verified here) or a
         cluster page (its fetched record verified, promoted to the cpu tier): its bytes from the
         cluster (0 for a cpu page) after appending it to `pages`; a run of disk-only pages:
@@ -424,7 +474,7 @@ class TieredStore:
             return None
         e = got1["e"]
         pages.append(self._page_of(h, e, data))
-        self._put_cpu(k, e, flat.numpy())  # promoted, as disk hits are
+        self._promote(k, e, flat, later)  # promoted, as disk hits are
         return e.nbytes
 
     # -- cluster tier and admission ------------------------------------------------------------

@@ -159,6 +159,54 @@ def test_write_back_to_disk_then_promote_on_hit(tmp_path):
         assert metric(s, "kvc_transfer_bytes_total", src="disk", dst="cpu") == 4 * page
 
 
+def test_promotions_of_a_get_are_one_native_copy_a_run(tmp_path, monkeypatch):
+    """Disk pages a get promotes into the cpu tier are copied in one native call for the run (a
+    numpy copy a page hands the GIL to a busy thread each time), into slots reserved under the
+    lock; what the cpu tier then serves is the same bytes, and a page already stored by the time
+    of the commit gives its slot back."""
+    from kvc import pagecopy
+
+    lib = pagecopy.library()
+    if lib is None:
+        pytest.skip("no native library here (no C compiler)")
+    calls = []  # pages a copy call moved from outside the cpu tier's slab into it
+    real = type(lib).copy
+
+    def copy(self, src, dst, lens):
+        lo, hi = s._slab.ctypes.data, s._slab.ctypes.data + s._slab.nbytes
+        if all(lo <= d < hi for d in dst) and not any(lo <= a < hi for a in src):
+            calls.append(len(src))
+        return real(self, src, dst, lens)
+    monkeypatch.setattr(type(lib), "copy", copy)
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=8 * page / (1 << 30))
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(24)))  # 6 pages
+        s.put_pages(NS, pa)
+        s.flush()
+        hb, pb = make_pages(NS, list(range(100, 132)))  # 8 more: the first 6 go down to disk
+        s.put_pages(NS, pb)
+        s.flush()
+        assert s.lookup(NS, hashes=ha).located == ["disk"] * 6
+        calls.clear()
+        got = s.get_pages(NS, ha)
+        assert all(torch.equal(a.data, b.data) for a, b in zip(got, pa))
+        assert calls == [6]  # one call for the run's six promotions
+        assert s.lookup(NS, hashes=ha).located == ["cpu"] * 6
+        assert metric(s, "kvc_tier_pages", tier="cpu") == 8
+        again = s.get_pages(NS, ha)  # now from the cpu tier, its checksums checked
+        assert all(torch.equal(a.data, b.data) for a, b in zip(again, pa))
+        # a slot whose page another thread stored before the commit goes back
+        k, later = NS.root + b"x" * 16, []
+        with s._lock:
+            e = s.cpu.get(NS.root + ha[0])
+            s._promote(k, e, got[0].data.view(torch.uint8).reshape(-1), later)
+            s.cpu.commit(k, e, s.cpu.reserve(e.nbytes))  # stored meanwhile
+        used = s.cpu.used
+        s._commit_promotions(later)
+        assert later == [] and s.cpu.used == used - e.nbytes  # the reserved slot given back, nothing else
+
+
 def test_write_through(tmp_path):
     with TieredStore(kvc_config(tmp_path, disk_write="through")) as s:
         ha, pa = make_pages(NS, list(range(8)))
