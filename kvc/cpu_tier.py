@@ -220,14 +220,14 @@ class CpuTier:
         e = self.entries[h]
         return self.slab_np[e.slot:e.slot + e.nbytes]
 
-    def read_into(self, h: bytes, dst: torch.Tensor) -> bool:
-        """Copy the page into dst (flat uint8 cpu tensor) and verify the bytes delivered.
+    def read_into(self, h: bytes, dst: "torch.Tensor | np.ndarray") -> bool:
+        """Copy the page into dst (flat uint8 cpu tensor or numpy array) and verify the bytes delivered.
 
         The copy goes in cache-sized pieces, each hashed from the destination while it is still in
         cache, so checking costs little more than the copy; a mismatch returns False.
         """
         src = self.view(h)
-        out = dst.numpy()
+        out = dst if isinstance(dst, np.ndarray) else dst.numpy()
         digest = xxhash.xxh3_64()
         for off in range(0, src.nbytes, READ_PIECE):
             end = off + READ_PIECE

@@ -302,7 +302,7 @@ class TieredStore:
         self._check_out(ns, hashes, out)
         if out.device.type == "cuda":
             return self._get_to_device(ns, list(hashes), out, landed=landed)
-        n = len(self.get_pages(ns, hashes, out=out))
+        n = len(self._get_host(ns, hashes, out, False))
         if n and landed is not None:
             landed(0, n)
         return n
@@ -315,23 +315,32 @@ class TieredStore:
             raise ValueError(f"out must be a tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
 
     def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:
-        spec = ns.spec
         self._check_out(ns, hashes, out)
         if out is not None and out.device.type == "cuda":
             return self._get_to_device(ns, list(hashes), out, pages=True)
+        return self._get_host(ns, hashes, out, True)
+
+    def _get_host(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None,
+                  want_pages: bool) -> list:
+        """get_pages into a CPU `out` (or new tensors): the leading pages served, as Page objects, or
+        with want_pages=False as None each (get_into's count: no tensor a page is made or dropped,
+        each of which can hand the GIL to a busy thread and wait a switch interval to get it back)."""
+        spec = ns.spec
         fetched = self._cluster_fetch(ns, list(hashes), out)  # before the lock: it is a network call
         t0 = time.perf_counter()
         root = ns.root
-        rows: list = []  # [first index, out's pages from there and their flat bytes], made at the first use
+        n = len(hashes)
+        rows: list = []  # out's rows as numpy bytes; its pages as tensors from a first index on: made at the first use
 
-        def row(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (page tensor, its flat bytes)
+        def row(i: int) -> tuple[torch.Tensor | None, np.ndarray]:  # (page tensor or None, its flat bytes)
             if out is None:
                 data = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
-                return data, data.view(torch.uint8).reshape(-1)
-            if not rows or i < rows[0]:  # two torch calls for the rest, not view ops a page (each may
-                seg = out[i:len(hashes)]  # hand the GIL to a busy thread and wait to get it back)
-                rows[:] = [i, list(zip(seg.unbind(0), seg.view(torch.uint8).reshape(len(seg), -1).unbind(0)))]
-            return rows[1][i - rows[0]]
+                return data, data.view(torch.uint8).reshape(-1).numpy()
+            if not rows:  # one numpy view of out's bytes: its rows are numpy views, no torch call a page
+                rows[:] = [out[:n].view(torch.uint8).reshape(n, -1).numpy(), n, ()]
+            if want_pages and i < rows[1]:  # the page tensors from i on in one call (unbind)
+                rows[1:] = [i, out[i:n].unbind(0)]
+            return (rows[2][i - rows[1]] if want_pages else None), rows[0][i]
 
         keys = [key(root, bytes(h)) for h in hashes]
         # cluster and disk pages promoted to the cpu tier: slots reserved under the lock, the bytes
@@ -340,14 +349,14 @@ class TieredStore:
         later: list | None = ([] if BATCH_PROMOTIONS and self._slab is not None and pagecopy.library() is not None
                               else None)
         try:
-            return self._get_pages(ns, hashes, out, fetched, t0, keys, row, later)
+            return self._get_pages(ns, hashes, out, fetched, t0, keys, row, later, want_pages)
         finally:
             if later:  # an exception on the way: the reserved slots go back
                 with self._lock:
                     for _, e, off, _ in later:
                         self.cpu.cancel(off, e.nbytes)
 
-    def _get_pages(self, ns, hashes, out, fetched, t0, keys, row, later) -> list[Page]:
+    def _get_pages(self, ns, hashes, out, fetched, t0, keys, row, later, want_pages: bool) -> list:
         """get_pages after its cluster fetch: the cpu run, then cpu, cluster and disk pages in order."""
         spec, root = ns.spec, ns.root
         disk_bytes = cluster_bytes = 0
@@ -367,13 +376,14 @@ class TieredStore:
             else:
                 ok = []
             good = next((i for i, v in enumerate(ok) if not v), run)
-            pages = [self._page_of(h, self.cpu.get(k), datas[i]) for i, (h, k) in enumerate(zip(hashes[:good], keys))]
+            pages = ([self._page_of(h, self.cpu.get(k), datas[i]) for i, (h, k) in enumerate(zip(hashes[:good], keys))]
+                     if want_pages else [None] * good)
             if good < run:
                 self._corrupt_cpu(keys[good])
         i = run if good == run else len(hashes)
         while i < len(hashes):
             with self._lock:
-                step = self._get_step(root, hashes, keys, i, pages, row, fetched, later)
+                step = self._get_step(root, hashes, keys, i, pages, row, fetched, later, want_pages)
             if step is None:  # the run ends here
                 break
             if isinstance(step, int):  # a cpu or cluster page, read under the lock
@@ -393,10 +403,10 @@ class TieredStore:
                 data, flat = got[x]
                 e = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
                           info.dtype, info.shape, info.payload_len, info.checksum)
-                pages.append(Page(info.hash, info.parent, info.tokens, data))
+                pages.append(Page(info.hash, info.parent, info.tokens, data) if want_pages else None)
                 with self._lock:
                     self._promote(key(info.ns_root, info.hash), e, flat, later)
-            infos = self.disk.read_run(keys[i:j], [f.numpy() for _, f in got], root, served)
+            infos = self.disk.read_run(keys[i:j], [f for _, f in got], root, served)
             self._commit_promotions(later)
             disk_bytes += sum(info.payload_len for info in infos)
             if len(infos) < j - i:
@@ -418,16 +428,16 @@ class TieredStore:
             self.metrics.transfer_duration.labels(src="cluster", dst="cpu").observe(time.perf_counter() - t0)
         return pages
 
-    def _promote(self, k: bytes, e: Entry, flat: torch.Tensor, later: list | None) -> None:
+    def _promote(self, k: bytes, e: Entry, flat: np.ndarray, later: list | None) -> None:
         """Under the lock: a page get_pages read from the cluster or disk tier (its bytes in flat)
         into the cpu tier: with `later`, a reserved slot whose copy _commit_promotions makes with the
         rest of the run; else copied and published here."""
         if later is None:
-            self._put_cpu(k, e, flat.numpy())
+            self._put_cpu(k, e, flat)
             return
         off = self._reserve_cpu(k, e.nbytes)
         if off is not None:
-            later.append((k, e, off, flat.data_ptr()))
+            later.append((k, e, off, flat.ctypes.data))
 
     def _commit_promotions(self, later: list | None) -> None:
         """_promote's queued pages: copied into their slots in one native call without the lock or
@@ -446,8 +456,8 @@ class TieredStore:
                 else:
                     self.cpu.cancel(off, e.nbytes)
 
-    def _get_step(self, root: bytes, hashes, keys: list[bytes], i: int, pages: list[Page], row,
-                  fetched: dict, later: list | None) -> "int | tuple[int, int] | None":
+    def _get_step(self, root: bytes, hashes, keys: list[bytes], i: int, pages: list, row,
+                  fetched: dict, later: list | None, want_pages: bool) -> "int | tuple[int, int] | None":
         """get_pages' next step from page i, under the lock: a cpu page (read and verified here) or a
         cluster page (its fetched record verified, promoted to the cpu tier): its bytes from the
         cluster (0 for a cpu page) after appending it to `pages`; a run of disk-only pages:
@@ -456,12 +466,12 @@ class TieredStore:
         e = self.cpu.get(k)
         if e is not None:  # a cpu page after disk pages
             data, flat = row(i)
-            if e.nbytes != flat.numel() or e.ns_root != root:
+            if e.nbytes != flat.nbytes or e.ns_root != root:
                 return None
             if not self.cpu.read_into(k, flat):
                 self._corrupt_cpu(k)
                 return None
-            pages.append(self._page_of(h, e, data))
+            pages.append(self._page_of(h, e, data) if want_pages else None)
             return 0
         j = i
         while j < len(hashes) and self.cpu.get(keys[j]) is None and self.disk.get(keys[j]) is not None:
@@ -473,7 +483,7 @@ class TieredStore:
         if not self._from_cluster(fetched.get(h), root, flat, got1):
             return None
         e = got1["e"]
-        pages.append(self._page_of(h, e, data))
+        pages.append(self._page_of(h, e, data) if want_pages else None)
         self._promote(k, e, flat, later)  # promoted, as disk hits are
         return e.nbytes
 
@@ -518,16 +528,16 @@ class TieredStore:
         return fetched
 
     @staticmethod
-    def _from_cluster(rec, root: bytes, flat: torch.Tensor, got: dict) -> bool:
-        """Copy a verified cluster record's payload into flat (unless _cluster_fetch already did);
-        its Entry goes to got["e"]."""
+    def _from_cluster(rec, root: bytes, flat: np.ndarray, got: dict) -> bool:
+        """Copy a verified cluster record's payload into flat (uint8; unless _cluster_fetch already
+        did); its Entry goes to got["e"]."""
         if rec is None:
             return False
         info, buf = rec[0], rec[1]
-        if info.payload_len != flat.numel() or info.ns_root != root:
+        if info.payload_len != flat.nbytes or info.ns_root != root:
             return False
-        if len(rec) < 3 or rec[2] != flat.data_ptr():
-            flat.numpy()[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
+        if len(rec) < 3 or rec[2] != flat.ctypes.data:
+            flat[:] = np.frombuffer(buf, dtype=np.uint8, offset=info.payload_offset)
         got["e"] = Entry(info.ns_root, info.parent, info.tokens.astype("<u4").tobytes(),
                          info.dtype, info.shape, info.payload_len, info.checksum)
         return True
@@ -647,12 +657,13 @@ class TieredStore:
         if good == run and run < len(hashes):  # continue from the host tiers through a cpu buffer
             rest = hashes[run:]
             tmp = torch.empty((len(rest), *ns.spec.shape), dtype=out.dtype)  # pageable: disk reads are slower than its copy
-            more = self.get_pages(ns, rest, out=tmp)
+            more = self._get_host(ns, rest, tmp, pages)
             if more:
                 out[run:run + len(more)].copy_(tmp[:len(more)])
                 if landed is not None:
                     landed(run, run + len(more))
-                got += [Page(p.hash, p.parent, p.tokens, out[run + i]) for i, p in enumerate(more)]
+                if pages:
+                    got += [Page(p.hash, p.parent, p.tokens, out[run + i]) for i, p in enumerate(more)]
                 count += len(more)
         return got if pages else count
 

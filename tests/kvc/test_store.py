@@ -200,11 +200,35 @@ def test_promotions_of_a_get_are_one_native_copy_a_run(tmp_path, monkeypatch):
         k, later = NS.root + b"x" * 16, []
         with s._lock:
             e = s.cpu.get(NS.root + ha[0])
-            s._promote(k, e, got[0].data.view(torch.uint8).reshape(-1), later)
+            s._promote(k, e, got[0].data.view(torch.uint8).reshape(-1).numpy(), later)
             s.cpu.commit(k, e, s.cpu.reserve(e.nbytes))  # stored meanwhile
         used = s.cpu.used
         s._commit_promotions(later)
         assert later == [] and s.cpu.used == used - e.nbytes  # the reserved slot given back, nothing else
+
+
+def test_get_into_makes_no_tensor_a_page(tmp_path, monkeypatch):
+    """get_into (an engine's load: the bytes and a count) reads disk pages through numpy views of
+    out's rows, making and dropping no torch tensor a page (each can hand the GIL to a busy thread
+    and wait a switch interval); the bytes and the count as get_pages gives them."""
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=8 * page / (1 << 30))
+    with TieredStore(cfg) as s:
+        ha, pa = make_pages(NS, list(range(24)))
+        s.put_pages(NS, pa)
+        s.flush()
+        s.put_pages(NS, make_pages(NS, list(range(100, 132)))[1])  # the first 6 pages go down to disk
+        s.flush()
+        assert s.lookup(NS, hashes=ha).located == ["disk"] * 6
+        out = torch.zeros((6, *SPEC.shape), dtype=torch.float32)
+
+        def refused(*a, **k):
+            raise AssertionError("a tensor a page")
+        monkeypatch.setattr(torch.Tensor, "unbind", refused)
+        assert s.get_into(NS, ha, out) == 6
+        monkeypatch.undo()
+        assert all(torch.equal(out[i], p.data) for i, p in enumerate(pa))
+        assert s.lookup(NS, hashes=ha).located == ["cpu"] * 6  # promoted as get_pages does
 
 
 def test_write_through(tmp_path):
