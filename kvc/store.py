@@ -135,6 +135,16 @@ class LayeredGet:
     good: int = 0
 
 
+def _pages_contiguous(t: torch.Tensor) -> bool:
+    """Whether each t[i] is contiguous (t's first dimension may have any stride)."""
+    want = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != want:
+            return False
+        want *= size
+    return True
+
+
 class TieredStore:
     def __init__(self, config: KvcConfig, metrics: KvcMetrics | None = None,
                  sum_copy: pagecopy.SumCopy | None = None):
@@ -313,6 +323,10 @@ class TieredStore:
         if out is not None and (tuple(out.shape[1:]) != spec.shape or out.shape[0] < len(hashes)
                                 or out.dtype != torch_dtype(spec.dtype)):
             raise ValueError(f"out must be a tensor [>={len(hashes)}, {spec.shape}] of {spec.dtype}")
+        if out is not None and out.device.type == "cpu" and not _pages_contiguous(out):
+            # its pages are read through byte views of its rows, which a page with gaps cannot give
+            raise ValueError("out's pages must each be contiguous (rows may be apart, e.g. every other "
+                             "row of a larger tensor)")
 
     def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:
         self._check_out(ns, hashes, out)
@@ -391,8 +405,9 @@ class TieredStore:
                 i += 1
                 continue
             # a run [i, j) of disk-only pages, read without the store's lock (its reader threads, a
-            # slow device: other clients' puts, lookups and gets go on meanwhile); each page is
-            # promoted to the cpu tier under the lock as soon as it and all before it are verified
+            # slow device: other clients' puts, lookups and gets go on meanwhile); each page gets
+            # its cpu-tier slot under the lock as soon as it and all before it are verified, and
+            # the run's promotions are copied and published when the read ends
             self._commit_promotions(later)  # the cluster pages before the run, before its room is made
             j = step[1]
             if self._slab is not None:  # a full cpu tier: room for the promotions, a chunk per lock hold

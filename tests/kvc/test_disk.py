@@ -426,6 +426,21 @@ def test_disk_pages_land_in_a_strided_out(tmp_path):
     assert (big[1::2] == 7).all()
 
 
+def test_out_with_gaps_inside_its_pages_is_refused(tmp_path):
+    """A CPU out whose pages are not each contiguous (here a transposed view) would be read through
+    byte views that are copies: refused with an error that says so, nothing read."""
+    _, hashes, pages = _disk_store(tmp_path, 4)
+    shape = SPEC.shape
+    odd = torch.zeros((4, *shape[:-2], shape[-1], shape[-2]), dtype=pages[0].data.dtype).transpose(-1, -2)
+    assert tuple(odd.shape[1:]) == shape and not odd[0].is_contiguous()
+    with TieredStore(kvc_config(tmp_path)) as s:
+        with pytest.raises(ValueError, match="pages must each be contiguous"):
+            s.get_pages(NS, hashes, out=odd)
+        with pytest.raises(ValueError, match="pages must each be contiguous"):
+            s.get_into(NS, hashes, odd)
+        assert (odd == 0).all()
+
+
 @pytest.mark.parametrize("task_pages", [1, 3, 64])
 def test_parallel_disk_read_equals_serial_read(tmp_path, monkeypatch, task_pages):
     cfg, hashes, pages = _disk_store(tmp_path, 40)
