@@ -12,6 +12,7 @@ finds on disk after a restart.
 Run it with another checkout first on the path to compare code (`--repo`).
 
     sudo python benchmarks/probe_full_disk.py [--fs-mb 24] [--budget-gb 32] [--page-kib 8] [--repo .]
+    sudo python benchmarks/probe_full_disk.py --held-mb 16 --refit-every 0.5   # room freed while serving
     python benchmarks/probe_full_disk.py --dir /var/tmp --budget-gb 0.5 --page-kib 384 --per 16 --cpu-mb 64
 """
 from __future__ import annotations
@@ -39,6 +40,13 @@ def main() -> None:
     ap.add_argument("--raise-after", type=float, default=None,
                     help="kvc.disk_tier.RAISE_AFTER_S: seconds without MAP_FULL before a lowered budget rises "
                          "a step (default: the tier's own, 60; a huge value: the budget stays lowered, as before)")
+    ap.add_argument("--held-mb", type=float, default=0.0,
+                    help="another process's file takes this much of the filesystem before the store opens "
+                         "(its budget is capped at start), and is deleted after --free-at of the rounds")
+    ap.add_argument("--free-at", type=float, default=0.5, help="share of the rounds after which the held file goes")
+    ap.add_argument("--refit-every", type=float, default=None,
+                    help="kvc.disk_tier.REFIT_EVERY_S: how often a capped budget looks at the filesystem again "
+                         "(default: the tier's own, 30 s)")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent),
                     help="checkout whose kvc is imported")
     args = ap.parse_args()
@@ -56,6 +64,8 @@ def main() -> None:
 
     if args.raise_after is not None and hasattr(disk_tier, "RAISE_AFTER_S"):
         disk_tier.RAISE_AFTER_S = args.raise_after
+    if args.refit_every is not None and hasattr(disk_tier, "REFIT_EVERY_S"):
+        disk_tier.REFIT_EVERY_S = args.refit_every
     logging.basicConfig(level=logging.ERROR, format="  log: %(message).160s")
     spec = PageSpec(num_layers=2, num_kv_heads=2, head_dim=args.page_kib * 8, page_size=4, dtype="float32")
     ns = Namespace("probe", spec, weights_digest="w0")
@@ -75,10 +85,16 @@ def main() -> None:
         cfg = load_config(None, disk_path=str(mnt / "pages"), disk_size_GB=args.budget_gb,
                           cpu_memory_size_GB=args.cpu_mb / 1024).kvc
         g = torch.Generator().manual_seed(0)
+        held = mnt / "held-by-another-process"
+        if args.held_mb:
+            with open(held, "wb") as f:
+                f.write(b"\0" * int(args.held_mb * 2**20))
         t0 = time.perf_counter()
         with TieredStore(cfg) as s:
             budget = s.disk.capacity
             for i in range(args.rounds):
+                if args.held_mb and i == int(args.rounds * args.free_at):
+                    held.unlink()
                 toks = list(range(i * args.per * 4, (i + 1) * args.per * 4))
                 hashes, parent, pages = page_hashes(ns.root, toks, 4), ns.root, []
                 for j, h in enumerate(hashes):
@@ -93,7 +109,9 @@ def main() -> None:
         errors = {k: metric(s, "kvc_disk_errors_total", op="commit", kind=k) for k in ("enospc", "eio", "map_full", "other")}
         down = metric(s, "kvc_transfer_bytes_total", src="cpu", dst="disk")
         stored = metric(s, "kvc_store_bytes_total", tier="disk")
-        row = [f"{args.fs_mb} MiB" if args.dir is None else args.dir, f"{args.budget_gb:g} GB", f"{budget / 2**20:.1f} / {s.disk.capacity / 2**20:.1f} MiB",
+        row = [f"{args.fs_mb} MiB" if args.dir is None else args.dir,
+               f"{args.held_mb:g} MiB, freed at offer {int(args.rounds * args.free_at)}" if args.held_mb else "-",
+               f"{args.budget_gb:g} GB", f"{budget / 2**20:.1f} / {s.disk.capacity / 2**20:.1f} MiB",
                " ".join(f"{k} {v:.0f}" for k, v in errors.items() if v) or "none", "yes" if degraded else "no",
                f"{down / 2**20:.0f} / {stored / 2**20:.0f} MiB",
                f"{metric(s, 'kvc_evictions_total', tier='disk', reason='capacity'):.0f}", f"{file_x:.2f}x"]
@@ -104,7 +122,7 @@ def main() -> None:
         if args.dir is None:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    head = ["filesystem", "disk_size_GB", "budget start / end", "commit errors", "degraded at the end",
+    head = ["filesystem", "held by another file at start", "disk_size_GB", "budget start / end", "commit errors", "degraded at the end",
             "sent down / committed", "disk evictions", "file / start budget", "last offer after a restart", "time"]
     print(f"kvc from {os.path.abspath(args.repo)}; {args.rounds} offers of {args.per} pages of {args.page_kib} KiB, "
           f"cpu tier {args.cpu_mb:g} MiB; a lowered budget rises after "
