@@ -371,14 +371,14 @@ def main():
         tmp = Path(tmp)
         t = time.perf_counter()
         where = Path(a.model_dir) if a.model_dir else tmp / "model"
-        kept = "reused" if kept_checkpoint(a) else "written"
-        if a.quick:
-            path = kept_checkpoint(a) or make_tiny_model(where, "deepseek_v2", dtype=a.dtype, std=0.05,
-                                                         num_hidden_layers=a.layers, **QUICK)
-        else:
-            path = kept_checkpoint(a) or make_tiny_model(where, "deepseek_v2", preset="deepseek-v2-lite-shapes",
-                                                         dtype=a.dtype, std=0.02, num_hidden_layers=a.layers,
-                                                         device=str(a.device))
+        path = kept_checkpoint(a)
+        kept = "reused" if path else "written"
+        if path is None and a.quick:
+            path = make_tiny_model(where, "deepseek_v2", dtype=a.dtype, std=0.05, num_hidden_layers=a.layers,
+                                   **QUICK)
+        elif path is None:
+            path = make_tiny_model(where, "deepseek_v2", preset="deepseek-v2-lite-shapes", dtype=a.dtype,
+                                   std=0.02, num_hidden_layers=a.layers, device=str(a.device))
         args = ModelArgs.from_dir(path)
         print(f"# DeepSeek-V2 {'tiny' if a.quick else 'V2-Lite'} shapes, {a.layers} layers, {a.dtype}, "
               f"device={a.device} ({torch.cuda.get_device_name(a.device) if a.device.type == 'cuda' else 'cpu'}), "

@@ -344,17 +344,19 @@ class TieredStore:
         t0 = time.perf_counter()
         root = ns.root
         n = len(hashes)
-        rows: list = []  # out's rows as numpy bytes; its pages as tensors from a first index on: made at the first use
+        flats = None  # out's rows as numpy bytes (one numpy view of out: no torch call a page)
+        first, datas = n, ()  # out's page tensors from index `first` on (made by one unbind where wanted)
 
         def row(i: int) -> tuple[torch.Tensor | None, np.ndarray]:  # (page tensor or None, its flat bytes)
+            nonlocal flats, first, datas
             if out is None:
                 data = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype))
                 return data, data.view(torch.uint8).reshape(-1).numpy()
-            if not rows:  # one numpy view of out's bytes: its rows are numpy views, no torch call a page
-                rows[:] = [out[:n].view(torch.uint8).reshape(n, -1).numpy(), n, ()]
-            if want_pages and i < rows[1]:  # the page tensors from i on in one call (unbind)
-                rows[1:] = [i, out[i:n].unbind(0)]
-            return (rows[2][i - rows[1]] if want_pages else None), rows[0][i]
+            if flats is None:
+                flats = out[:n].view(torch.uint8).reshape(n, -1).numpy()
+            if want_pages and i < first:
+                first, datas = i, out[i:n].unbind(0)
+            return (datas[i - first] if want_pages else None), flats[i]
 
         keys = [key(root, bytes(h)) for h in hashes]
         # cluster and disk pages promoted to the cpu tier: slots reserved under the lock, the bytes
