@@ -29,7 +29,7 @@ from .load_policy import LoadPlanner, PrefillClock
 from .loader import load_model
 from .metrics import EngineMetrics
 from .model import CausalLM
-from .offload import experts_load_device, setup_experts
+from .offload import approximate_experts, experts_load_device, setup_experts
 from .prefill_graphs import MlaPrefillGraphs, PrefillGraphs
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput, Status
@@ -183,6 +183,9 @@ class LLMEngine:
         a = self.args
         kv_dtype = dtype_name(self.model.lm_head.weight.dtype)
         spec = a.page_spec(config.attn.page_size, kv_dtype)  # MLA models cache one latent part
+        experts = approximate_experts(config.experts, self.model.lm_head.weight.dtype)
+        if experts:  # not the exact model's KV: never shared with an exact engine's pages
+            digest = f"{digest}+cpu-experts:{experts}"
         self.kv = KVCache(spec, _num_blocks(config, spec, self.device), self.device, a.arch, digest)
         reuse = config.kvc.prefix_caching
         self.planner = LoadPlanner(config.kvc.load_policy, spec.page_size, spec.page_bytes)

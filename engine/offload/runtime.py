@@ -30,6 +30,16 @@ def offloading(cfg: ExpertsConfig) -> bool:
     return cfg.num_gpu_experts is not None or cfg.gpu_experts_ratio is not None
 
 
+def approximate_experts(cfg: ExpertsConfig, model_dtype: torch.dtype) -> str:
+    """The CPU experts' weight format where it is not the model's own (int8, or bfloat16 under a
+    float32 model), else "". KV computed through such experts is not the exact model's KV (int8
+    pages differ by ~0.1 from exact ones), so the engine keys its cache namespace with it and a
+    page computed one way is never reused by an engine that computes the other way."""
+    if not offloading(cfg) or cfg.cpu_expert_dtype == "auto":
+        return ""
+    return "" if cfg.cpu_expert_dtype == str(model_dtype).removeprefix("torch.") else cfg.cpu_expert_dtype
+
+
 def experts_load_device(cfg: ExpertsConfig) -> str | None:
     """Where the loader should put expert weights: CPU memory when offloading, else with the rest."""
     return "cpu" if offloading(cfg) else None

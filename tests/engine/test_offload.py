@@ -218,6 +218,23 @@ def test_cpu_expert_dtype_bfloat16_is_close(moe_dir, reference):
     eng.close()
 
 
+def test_approximate_cpu_experts_get_their_own_namespace(moe_dir):
+    """KV computed through int8 (or bfloat16 under a float32 model) CPU experts is not the exact
+    model's: an exact engine must not reuse those pages, nor they its (they shared one namespace)."""
+    def root(**kw):
+        eng = make_engine(moe_dir, **kw)
+        ns = eng.kv.namespace("")
+        eng.close()
+        return ns
+
+    exact, int8 = root(), root(gpu_experts_ratio=0.0, cpu_expert_dtype="int8")
+    assert root(gpu_experts_ratio=0.5, cpu_expert_dtype="float32").root == exact.root  # the model's own dtype
+    bf16 = root(gpu_experts_ratio=0.0, cpu_expert_dtype="bfloat16")
+    assert len({exact.root, int8.root, bf16.root}) == 3
+    assert int8.weights_digest == exact.weights_digest + "+cpu-experts:int8"
+    assert root(gpu_experts_ratio=0.5, cpu_expert_dtype="int8").root == int8.root
+
+
 @pytest.mark.parametrize("T", [1, 9])
 def test_split_halves_sum_to_the_reference(T):
     g = torch.Generator().manual_seed(T)
