@@ -1192,12 +1192,15 @@ class TieredStore:
         tail of a chain before its prefix and never strands a child without its parent.
         """
         parents = {p.parent for p in pages}
-        get = self.cpu.entries.get
+        cpu_get, disk_get = self.cpu.entries.get, self.disk.get
         for leaf in (p.hash for p in pages if p.hash not in parents):
             # collected first, then touched in two bulk calls (the disk tier takes its lock once):
-            # an offer of a 32K-token prompt's next pages walks 2,048 ancestors under the GIL
+            # an offer of a 32K-token prompt's next pages walks 2,048 ancestors under the GIL.
+            # Ancestors on disk only are walked too: without a cpu tier (or past its part of the
+            # chain) the disk tier's order was the pages' write order, and it evicted a prompt's
+            # first pages first, stranding the rest
             chain, k = [], root + leaf
-            while (e := get(k)) is not None:
+            while (e := cpu_get(k) or disk_get(k)) is not None:
                 chain.append(k)
                 k = root + e.parent
             self.cpu.touch_many(chain)

@@ -248,6 +248,21 @@ def test_cpu_zero_goes_straight_to_disk(tmp_path):
         assert torch.equal(s.get_pages(NS, ha)[1].data, pa[1].data)
 
 
+def test_without_a_cpu_tier_disk_eviction_keeps_a_prompts_prefix(tmp_path):
+    """With no cpu tier the chain walk found no ancestors, so the disk tier's order was write
+    order and eviction took a prompt's first pages: the rest stayed on disk, unreachable."""
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=0, disk_size_GB=150_000 / (1 << 30))) as s:
+        ha, pa = make_pages(NS, list(range(4 * 20)))
+        s.put_pages(NS, pa)
+        s.flush()
+        s.put_pages(NS, make_pages(NS, list(range(1000, 1000 + 4 * 20)))[1])  # past the budget
+        s.flush()
+        held = [s.disk.get(NS.root + h) is not None for h in ha]
+        assert 0 < sum(held) < len(ha)
+        assert held == sorted(held, reverse=True)  # a prefix: the tail went first
+        assert s.lookup(NS, hashes=ha).num_pages == sum(held)
+
+
 def test_flipped_byte_in_cpu_is_a_miss_and_counted(tmp_path):
     with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
         ha, pa = make_pages(NS, list(range(12)))
