@@ -5,7 +5,9 @@ section keeps KTransformers' kvc2 key names, and `kvc2:` is accepted as an alias
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -77,7 +79,7 @@ class KvcConfig:
     utilization_percentage: float = field(default=0.9, metadata=_range(0.0, 1.0, lo_open=True))
     cpu_memory_size_GB: float = field(default=4.0, metadata=_range(0.0))
     disk_path: str | None = "~/.cache/kvc/pages"
-    disk_size_GB: float = field(default=32.0, metadata=_range(0.0))
+    disk_size_GB: float = field(default=32.0, metadata=_range(0.0, 1e9))  # an exabyte: sizes stay finite in bytes
     # Where cpu pages go: "back" writes them to disk when evicted from cpu, "through" on every put.
     disk_write: str = field(default="back", metadata={"choices": ("back", "through")})
     # Eviction runs when a tier passes the high watermark and stops at the low one.
@@ -140,7 +142,8 @@ class ServerConfig:
     auth_tokens: Mapping[str, str] | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    max_message_bytes: int = field(default=64 << 20, metadata=_range(1 << 20))
+    # gRPC takes a C int: at most 2**31 - 1
+    max_message_bytes: int = field(default=64 << 20, metadata=_range(1 << 20, (1 << 31) - 1))
     shared_memory: bool = False
     rpc_timeout_s: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
     # Page bytes the cache service holds for PutPages / GetPages calls in progress, all callers
@@ -221,10 +224,12 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # .nan passes every range check (each comparison is false)
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
     elif origin is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
-    elif origin in (Mapping, dict, typing.Mapping):
+    elif origin in (dict, collections.abc.Mapping):  # get_origin(Mapping[str, str]) is the abc
         if not isinstance(value, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ConfigError(f"{key} must be a mapping of strings to strings, got {value!r}")
@@ -262,7 +267,9 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
     sections = {}
     for name, cls in _SECTIONS.items():
-        raw = data.get(name) or {}
+        raw = data.get(name)
+        if raw is None:  # `kvc:` with nothing under it: the defaults (0, [] or false is an error)
+            raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config section {name!r} must be a mapping, got {raw!r}")
         known = {f.name: f for f in fields(cls)}
@@ -313,12 +320,18 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
     data: Mapping[str, Any] = {}
     if path is not None:
         p = Path(path).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {e}") from None
+        except OSError as e:  # a folder, no permission
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if data is None:  # an empty file: the defaults
+            data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     cfg = from_dict(data)

@@ -70,13 +70,22 @@ class _Truncated(Exception):
     pass
 
 
+# LMDB's word that the files themselves are bad (not an LMDB file, a torn or damaged page, a
+# format this build cannot read, databases that are not the tier's): the environment is moved
+# aside. Any other error at start (no memory for the map, no permission, a lock, an I/O error)
+# leaves the files where they are and fails the start.
+_CORRUPT = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+            lmdb.IncompatibleError, lmdb.BadChecksumError)
+
+
 class DiskPathLocked(ConfigError, RuntimeError):
     """Another process holds this disk_path."""
 
 
 class DiskPathUnusable(ConfigError):
     """disk_path cannot be made a folder of this tier's (a file is there, a parent is missing on a
-    read-only filesystem, no permission)."""
+    read-only filesystem, no permission), or LMDB cannot open the files in it for a reason other
+    than their corruption (no address space for the map, no permission)."""
 
 
 @dataclass
@@ -144,12 +153,6 @@ class DiskTier:
         # is not the limit. None: write at once (the cache server, tests).
         self.write_gate = None
         self.listener = None  # fn(kind, ns_root, hash, parent) on removal by the tier itself
-        self.env = self._open()
-        self._fit_filesystem()
-        self._psize = self.env.stat()["psize"]
-        self._update_file_gauges()
-        self.min_capacity = self.capacity // 2  # the floor of _shrink
-        self.max_capacity = self.capacity  # the ceiling of _recover: the budget after the start's fit
         self._shrunk_at = None  # when _shrink last lowered the budget; None after a commit of puts
         self._map_full_at = None  # the last MAP_FULL
         self._raised_at = None  # when _recover last raised the budget (None: not since the last MAP_FULL)
@@ -159,7 +162,19 @@ class DiskTier:
         # at each scrape: it clears when the retry window ends, with or without traffic)
         metrics.degraded.labels(component="disk").set_function(lambda: 1.0 if self.degraded else 0.0)
         self._fail_logged, self._fail_quiet = -FAIL_LOG_EVERY_S, 0  # failed commits: last logged, since
-        self._load_index()
+        env = None
+        try:  # a failed start gives the lock back: a retry in this process must not find it held
+            self.env = env = self._open()  # caps the budget and its map to the filesystem first
+            self._psize = env.stat()["psize"]
+            self._update_file_gauges()
+            self._load_index()
+        except BaseException:
+            if env is not None:
+                env.close()
+            os.close(self._lock_fd)
+            raise
+        self.min_capacity = self.capacity // 2  # the floor of _shrink
+        self.max_capacity = self.capacity  # the ceiling of _recover: the budget after the start's fit
         # reader threads mostly wait on the device, so there are more of them than cores
         threads = min(16, max(4, os.cpu_count() or 1)) if reader_threads is None else reader_threads
         self.reader_threads = threads
@@ -183,12 +198,13 @@ class DiskTier:
         return fd
 
     def _fit_filesystem(self) -> None:
-        """Keep the tier's file inside its filesystem: the file may take what it has plus the free
-        space, less a twentieth left to others. Past that the budget is capped to the largest whose
-        map fits (_shrink lowers it further if the file outgrows that) and the map is cut to the
-        room, so that LMDB reports MAP_FULL (the batch is dropped, later ones go on) before the
-        filesystem is full: a file that fills its filesystem can wedge LMDB, whose deletes need
-        new pages too, and no eviction could then make room. Space freed later is taken by
+        """Before the environment opens, keep the tier's file inside its filesystem: the file may
+        take what it has plus the free space, less a twentieth left to others. Past that the budget
+        is capped to the largest whose map fits (_shrink lowers it further if the file outgrows
+        that) and the map is cut to the room, so that LMDB reports MAP_FULL (the batch is dropped,
+        later ones go on) before the filesystem is full: a file that fills its filesystem can wedge
+        LMDB, whose deletes need new pages too, and no eviction could then make room. (A map cut
+        before the open is never mapped at its full size either.) Space freed later is taken by
         _refit."""
         limit = self._room()
         if self.map_size <= limit:
@@ -201,7 +217,6 @@ class DiskTier:
                         self.file_bytes() / (1 << 30), fits / (1 << 30))
             self.capacity = fits
         self.map_size = max(limit, self.file_bytes())
-        self.env.set_mapsize(self.map_size)
 
     def _room(self) -> int:
         """What the tier's file may grow to: what it has plus the filesystem's free space, less a
@@ -255,13 +270,18 @@ class DiskTier:
         self.metrics.capacity.labels(tier="disk").set(self.capacity)
 
     def _open(self) -> lmdb.Environment:
+        env = None
         try:
             env = self._open_env()
             problem = self._check(env)  # opens the databases once the file is known to be whole
-        except lmdb.Error as e:
-            env, problem = None, f"cannot be opened: {e}"
+        except _CORRUPT as e:
+            problem = f"cannot be opened: {e}"
         except _Truncated as e:
-            env, problem = None, str(e)
+            problem = str(e)
+        except lmdb.Error as e:
+            if env is not None:
+                env.close()
+            raise self._unopenable(e) from None
         if problem is None:
             return env
         if env is not None:
@@ -270,14 +290,30 @@ class DiskTier:
         os.rename(self.env_path, aside)
         log.error("disk tier at %s %s; moved it aside to %s and starting cold", self.env_path, problem, aside)
         self.metrics.quarantines.labels(reason="startup_check").inc()
-        env = self._open_env()
-        self._open_dbs(env)
+        try:
+            env = self._open_env()
+            self._open_dbs(env)
+        except lmdb.Error as e:
+            raise self._unopenable(e) from None
         return env
 
     def _open_env(self) -> lmdb.Environment:
+        self._fit_filesystem()
         return lmdb.open(self.env_path, map_size=self.map_size, max_dbs=2, writemap=False,
                          metasync=False, sync=True, readahead=True, meminit=True, mode=0o700,
                          max_spare_txns=4, lock=True)
+
+    def _unopenable(self, e: lmdb.Error) -> DiskPathUnusable:
+        """The error for an environment LMDB cannot open though its files may be whole: they stay."""
+        if isinstance(e, lmdb.MemoryError):
+            why = (f"kvc.disk_size_GB={self.configured / (1 << 30):g} needs a {self.map_size / (1 << 30):.1f} GB "
+                   f"memory map, more than this process may map ({e}); lower kvc.disk_size_GB or raise the "
+                   f"process's address-space limit (ulimit -v)")
+        else:
+            why = (f"LMDB cannot open it ({e}); check the permissions and the filesystem of kvc.disk_path, "
+                   f"or set disk_path: null to run without a disk tier")
+        return DiskPathUnusable(f"the disk tier at {self.env_path} cannot start: {why}. Its files are left "
+                                f"as they are")
 
     def _open_dbs(self, env: lmdb.Environment) -> None:
         self._data = env.open_db(b"data")
@@ -297,7 +333,7 @@ class DiskTier:
             with env.begin() as txn:
                 for _ in txn.cursor(self._meta):
                     pass
-        except lmdb.Error as e:
+        except _CORRUPT as e:
             return f"is unreadable: {e}"
         return None
 
@@ -707,7 +743,10 @@ class DiskTier:
         return st.f_bavail * st.f_frsize
 
     def file_bytes(self) -> int:
-        return os.path.getsize(os.path.join(self.env_path, "data.mdb"))
+        try:
+            return os.path.getsize(os.path.join(self.env_path, "data.mdb"))
+        except FileNotFoundError:  # before the first start (or after a quarantine)
+            return 0
 
     def close(self) -> None:
         if self._closed:

@@ -69,18 +69,17 @@ def _bind(server: grpc.aio.Server, config: Config) -> int:
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
-    """Run the service until `stop` is set (or SIGTERM / SIGINT); returns the exit status."""
+    """Run the service until `stop` is set (or SIGTERM / SIGINT); returns the exit status. A tenant
+    secret that cannot be read or created raises ConfigError before anything starts."""
     from kvc.store import TieredStore  # the store pulls in torch; keep `--help` fast
 
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     s = config.server
     metrics = KvcMetrics()
-    try:
-        secret = load_tenant_secret(config) if s.auth_tokens else None
-    except ConfigError as e:
-        log.error("%s", e)
-        return 1
+    # before anything starts: a ConfigError here is the CLI's one-line error (exit 2), as a bad
+    # config file's is
+    secret = load_tenant_secret(config) if s.auth_tokens else None
     # every call's buffers are fresh allocations: keep what calls free (up to the bytes calls in
     # progress may hold) for the next call, not page-faulted in again (server/heap.py)
     retain_freed_memory(s.max_inflight_bytes)
@@ -167,11 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
+        return run_cache_server(config_from_args(args))
     except ConfigError as e:
         print(f"kvc cache-server: {e}", file=sys.stderr)
         return 2
-    return run_cache_server(config)
 
 
 if __name__ == "__main__":

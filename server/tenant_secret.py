@@ -41,19 +41,35 @@ def load_tenant_secret(config: Config, environ=os.environ) -> bytes:
         return _read(path)
     except FileNotFoundError:
         pass
+    except OSError as e:  # a file where a folder should be, no permission
+        raise _unusable(config, path, "read", e) from None
+    try:
+        return _create(path)
+    except OSError as e:  # a read-only filesystem, a file where a folder should be, no permission
+        raise _unusable(config, path, "create", e) from None
+
+
+def _create(path: str) -> bytes:
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another start won the race: use its secret
         return _read(path)
-    except OSError as e:
-        raise ConfigError(f"cannot create the tenant secret {path!r} (server.tenant_secret_file): {e}") from None
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
         f.flush()
         os.fsync(f.fileno())
     log.info("created the tenant secret %s", path)
     return _read(path)
+
+
+def _unusable(config: Config, path: str, verb: str, e: OSError) -> ConfigError:
+    if config.server.tenant_secret_file:
+        fix = "give server.tenant_secret_file a path the process may create and read"
+    else:  # the default place, in the disk tier's folder
+        fix = "fix kvc.disk_path, or give server.tenant_secret_file a path the process may create and read"
+    where = f" ({e.filename})" if e.filename and e.filename != path else ""
+    return ConfigError(f"cannot {verb} the tenant secret {path!r}: {e.strerror or e}{where}; {fix}")
 
 
 def _read(path: str) -> bytes:

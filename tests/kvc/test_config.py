@@ -40,10 +40,44 @@ def test_yaml_and_kvc2_alias_and_tilde(tmp_path):
     ("attn: {prefill_kernel: fa3}", "attn.prefill_kernel must be one of auto, triton, flash"),
     ("attn: {chunk_size: big}", "attn.chunk_size must be an integer or auto, got 'big'"),
     ("attn: {chunk_size: 0}", r"attn.chunk_size must be in \[1, "),
+    ("server: {auth_tokens: [tok]}", "server.auth_tokens must be a mapping of strings to strings"),
+    ("server: {auth_tokens: {1: tenant}}", "server.auth_tokens must be a mapping of strings to strings"),
+    ("server: {auth_tokens: {tok: 1}}", "server.auth_tokens must be a mapping of strings to strings"),
+    ("server: {max_message_bytes: 4294967296}", r"server.max_message_bytes must be in \[1048576, 2147483647\]"),
+    ("kvc: {disk_size_GB: 1e300}", r"kvc.disk_size_GB must be in \[0.0, 1000000000.0\]"),
+    ("kvc: 0", "config section 'kvc' must be a mapping, got 0"),
+    ("kvc: []", "config section 'kvc' must be a mapping"),
+    ("kvc: false", "config section 'kvc' must be a mapping"),
+    ("kvc: ''", "config section 'kvc' must be a mapping"),
+    ("server: 0", "config section 'server' must be a mapping"),
+    ("0", "must hold a mapping of sections"),
+    ("false", "must hold a mapping of sections"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(write(tmp_path, text))
+
+
+def test_every_float_key_must_be_finite(tmp_path):
+    """.nan passes every range check (each comparison with it is false) and .inf every open-ended
+    one: each float key refuses both (before: accepted; high_watermark .nan stopped all disk
+    eviction, disk_size_GB .inf was an OverflowError at start)."""
+    import typing
+
+    from kvc.config import _SECTIONS
+    keys = [(section, name) for section, cls in _SECTIONS.items()
+            for name, hint in typing.get_type_hints(cls).items() if float in (hint, *typing.get_args(hint))]
+    assert ("kvc", "high_watermark") in keys and ("server", "rpc_timeout_s") in keys and len(keys) >= 12
+    for section, name in keys:
+        for bad in (".nan", ".inf", "-.inf", "1e999"):
+            with pytest.raises(ConfigError, match=f"{section}.{name} must be a finite number"):
+                load_config(write(tmp_path, f"{section}: {{{name}: {bad}}}"))
+
+
+def test_empty_sections_and_files_are_the_defaults(tmp_path):
+    """Only a missing section, an empty one (null) or {} means the defaults; so does an empty file."""
+    for text in ("", "kvc:\n", "kvc: {}\nserver: null\n", "# nothing\n"):
+        assert load_config(write(tmp_path, text)) == load_config(None)
 
 
 def test_numbers_yaml_11_leaves_as_strings_are_numbers(tmp_path):
@@ -64,6 +98,14 @@ def test_missing_and_invalid_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "kvc: {a: [1,"))
+    # a folder, and a file that is not UTF-8: the message names the file (before: "does not
+    # exist", and the codec's message alone)
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' cannot be read: Is a directory"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"kvc: {disk_path: /caf\xe9}\n")
+    with pytest.raises(ConfigError, match=f"config file '{latin}' is not UTF-8 text"):
+        load_config(latin)
 
 
 def test_overrides_by_leaf_and_dotted_name():

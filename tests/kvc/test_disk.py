@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import lmdb
 import pytest
@@ -78,6 +79,85 @@ def test_garbage_file_is_moved_aside(tmp_path):
     with TieredStore(cfg) as s:
         assert s.disk.pages == 0
         assert metric(s, "kvc_quarantines_total", reason="startup_check") == 1
+
+
+def test_map_the_process_cannot_map_leaves_the_tier_in_place_and_the_lock_free(tmp_path):
+    """A disk_size_GB whose map is more than the process may map (ulimit -v): the start fails with
+    an error naming kvc.disk_size_GB and leaves the tier's files where they are (before: moved
+    aside as corrupt, then an lmdb.MemoryError traceback), and a retry in the same process with a
+    budget that fits opens them warm (before: DiskPathLocked naming its own pid)."""
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=0)
+    st = os.statvfs(tmp_path)
+    if st.f_bavail * st.f_frsize < 2 << 30:
+        pytest.skip("needs 2 GB free: a map the filesystem cannot hold is capped to it before the open")
+    code = textwrap.dedent(f"""
+        import os, resource
+        from kvc.config import load_config
+        from kvc.store import TieredStore
+        from tests.kvc.conftest import NS, make_pages
+        cfg = load_config(None, disk_path={cfg.disk_path!r}, cpu_memory_size_GB=0, disk_size_GB=16 / 1024).kvc
+        with TieredStore(cfg) as s:
+            s.put_pages(NS, make_pages(NS, list(range(40)))[1])
+        vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm * 1024 + (256 << 20), hard))  # a 1.1 GB map cannot fit
+        try:
+            TieredStore(load_config(None, disk_path=cfg.disk_path, cpu_memory_size_GB=0, disk_size_GB=1).kvc)
+        except Exception as e:
+            print("REFUSED", type(e).__name__, e)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        print("FILES", sorted(os.listdir(cfg.disk_path)))
+        try:
+            with TieredStore(cfg) as s:
+                print("RETRY", s.lookup(NS, tokens=list(range(40))).located)
+        except Exception as e:
+            print("RETRY", type(e).__name__, e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines.get("REFUSED", "").startswith("DiskPathUnusable "), out.stdout + out.stderr
+    assert "kvc.disk_size_GB=1 needs a 1.1 GB memory map" in lines["REFUSED"]
+    assert "left as they are" in lines["REFUSED"]
+    assert lines["FILES"] == "['kvc.lock', 'lmdb']"  # nothing moved aside
+    assert lines["RETRY"] == str(["disk"] * 10), out.stdout + out.stderr
+
+
+def test_budget_beyond_the_address_space_is_cut_to_the_filesystem_before_the_map(tmp_path):
+    """disk_size_GB of a petabyte, more than a process's address space: the map is cut to the
+    filesystem's room before LMDB maps it, so the tier starts, capped, with its pages (before:
+    ENOMEM from the full map, the healthy files moved aside as corrupt, then a traceback)."""
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=0)
+    hashes, pa = make_pages(NS, list(range(40)))
+    with TieredStore(cfg) as s:
+        s.put_pages(NS, pa)
+    with TieredStore(kvc_config(tmp_path, cpu_memory_size_GB=0, disk_size_GB=1 << 20)) as s:
+        assert s.disk.capacity < s.disk.configured and s.disk.map_size <= s.disk.file_bytes() + s.disk.free_bytes()
+        assert metric(s, "kvc_quarantines_total", reason="startup_check") == 0
+        assert s.lookup(NS, hashes=hashes).located == ["disk"] * 10
+
+
+def test_lmdb_error_other_than_corruption_leaves_the_files_and_a_retry_opens_them(tmp_path):
+    """An environment LMDB cannot open for a reason that is not its files' (here its lock file is a
+    folder; no permission or a read-only filesystem read the same): the start fails naming
+    kvc.disk_path, nothing is moved aside, and once that is fixed a retry in the same process
+    opens the pages warm (before: moved aside as corrupt and started cold)."""
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=0)
+    hashes, pa = make_pages(NS, list(range(40)))
+    with TieredStore(cfg) as s:
+        s.put_pages(NS, pa)
+    lock = os.path.join(cfg.disk_path, "lmdb", "lock.mdb")
+    os.remove(lock)
+    os.mkdir(lock)
+    with pytest.raises(disk_tier.DiskPathUnusable, match="Is a directory.*kvc.disk_path.*left as they are"):
+        TieredStore(cfg)
+    assert sorted(os.listdir(cfg.disk_path)) == ["kvc.lock", "lmdb"]
+    os.rmdir(lock)
+    with TieredStore(cfg) as s:
+        assert metric(s, "kvc_quarantines_total", reason="startup_check") == 0
+        got = s.get_pages(NS, hashes)
+        assert len(got) == 10 and all(torch.equal(a.data, b.data) for a, b in zip(got, pa))
 
 
 def test_second_process_on_same_disk_path_is_refused(tmp_path):

@@ -1,4 +1,6 @@
 """`kvc serve`'s start-up line says what was configured (issue 13)."""
+import re
+
 import pytest
 
 from kvc.config import load_config
@@ -62,6 +64,34 @@ def test_unusable_disk_path_is_a_one_line_error(tmp_path, capsys, where):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("kvc serve: ") and "disk_path" in err and "Traceback" not in err, err
     assert ("in use by another kvc process" if where == "held" else "cannot be used") in err
+
+
+@pytest.mark.parametrize("server,needle", [
+    ({"auth_tokens": ["tok"]}, "server.auth_tokens must be a mapping of strings to strings"),
+    ({"auth_tokens": {1: "tenant"}}, "server.auth_tokens must be a mapping of strings to strings"),
+    ({"max_message_bytes": 1 << 32}, "server.max_message_bytes must be in"),
+    ({"auth_tokens": {"tok": "tenant"}}, "Not a directory.*fix kvc.disk_path"),
+    ({"auth_tokens": {"tok": "tenant"}, "tenant_secret_file": "{tmp}/a_file/secret"},
+     "Not a directory.*give server.tenant_secret_file a path"),
+])
+def test_cache_server_config_errors_are_one_line(tmp_path, capsys, server, needle):
+    """`kvc cache-server` with a server value gRPC or the service cannot take, or a tenant secret
+    it cannot read or create (kvc.disk_path is a file): a one-line error naming the key, exit 2,
+    as a bad config file gives (before: AttributeError, OverflowError or NotADirectoryError
+    tracebacks)."""
+    import yaml
+
+    from server.cli import main
+
+    (tmp_path / "a_file").write_text("not a folder")
+    server = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in server.items()}
+    config = tmp_path / "cache.yaml"
+    config.write_text(yaml.safe_dump({"kvc": {"cpu_memory_size_GB": 0.01, "disk_path": str(tmp_path / "a_file")},
+                                      "server": {"grpc_port": 0, "metrics_port": 0, **server}}))
+    rc = main(["cache-server", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("kvc cache-server: ") and err.count("\n") == 1, err
+    assert re.search(needle, err), err
 
 
 def test_version_says_the_package(capsys):
