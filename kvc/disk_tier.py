@@ -78,6 +78,30 @@ _CORRUPT = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb
             lmdb.IncompatibleError, lmdb.BadChecksumError)
 
 
+def _chains_before_ancestors(rows: list[tuple[int, bytes, DiskEntry]]) -> list[tuple[bytes, DiskEntry]]:
+    """The loaded pages (sorted by write order) in eviction order, oldest first: write order, but
+    every page before its ancestors, as the running tier keeps them (the store touches a chain
+    deepest page first). Pages written through to disk, or with no cpu tier, were written prefix
+    first: in write order a restarted tier evicted a prompt's first pages first and stranded the
+    rest. One pass from the newest page: each page's ancestors not yet placed go just before it."""
+    by_key = {key: e for _, key, e in rows}
+    placed: set[bytes] = set()
+    newest_first: list[bytes] = []
+    for _, key, e in reversed(rows):
+        if key in placed:
+            continue
+        up, walked, k = [], {key}, e.ns_root + e.parent
+        while k in by_key and k not in placed and k not in walked:  # `walked`: a damaged record's loop
+            up.append(k)
+            walked.add(k)
+            k = by_key[k].ns_root + by_key[k].parent
+        newest_first += reversed(up)  # the chain's root-most unplaced page the most recent
+        newest_first.append(key)
+        placed.update(up)
+        placed.add(key)
+    return [(key, by_key[key]) for key in reversed(newest_first)]
+
+
 class DiskPathLocked(ConfigError, RuntimeError):
     """Another process holds this disk_path."""
 
@@ -354,7 +378,7 @@ class DiskTier:
             log.info("disk tier at %s: dropped %d pages stored under the older hash-only keys",
                      self.path, len(stale))
         rows.sort(key=lambda r: r[0])
-        for seq, key, e in rows:
+        for key, e in _chains_before_ancestors(rows):
             self.index[key] = e
             self.used += e.footprint
         self._seq = rows[-1][0] + 1 if rows else 0

@@ -263,6 +263,27 @@ def test_without_a_cpu_tier_disk_eviction_keeps_a_prompts_prefix(tmp_path):
         assert s.lookup(NS, hashes=ha).num_pages == sum(held)
 
 
+def test_a_restarted_disk_tier_evicts_a_prompts_tail_first(tmp_path):
+    """A restart loads the disk tier's pages in write order, and without a cpu tier (or written
+    through) a prompt is written prefix first: the restarted tier took its first pages first."""
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=0, disk_size_GB=150_000 / (1 << 30))
+    ha, pa = make_pages(NS, list(range(4 * 20)))
+    hx, px = make_pages(NS, list(range(2000, 2000 + 4 * 3)))
+    with TieredStore(cfg) as s:
+        s.put_pages(NS, pa[:12])
+        s.put_pages(NS, px)  # another chain between: write order is not chain order
+        s.put_pages(NS, pa[12:])
+        s.flush()
+        before = list(s.disk.index)
+    with TieredStore(cfg) as s:
+        assert list(s.disk.index) == before  # the order the running tier had
+        s.put_pages(NS, make_pages(NS, list(range(1000, 1000 + 4 * 20)))[1])  # past the budget
+        s.flush()
+        held = [s.disk.get(NS.root + h) is not None for h in ha]
+        assert 0 < sum(held) < len(ha) and held == sorted(held, reverse=True)
+        assert s.lookup(NS, hashes=ha).num_pages == sum(held)
+
+
 def test_flipped_byte_in_cpu_is_a_miss_and_counted(tmp_path):
     with TieredStore(kvc_config(tmp_path, disk_path=None)) as s:
         ha, pa = make_pages(NS, list(range(12)))
