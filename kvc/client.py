@@ -59,6 +59,7 @@ def _read_get_pages(data: bytes):
         return _BadAnswer(e)
 
 
+BAD_PARENT = "is not a page of this namespace"  # in a put's reasons (kvc.store.BAD_PARENT)
 DOWN_LOG_EVERY_S = 30.0  # an outage is logged when it starts, then at most this often, and when it ends
 WATCH_EVERY_S = 1.0  # during an outage, how often a watcher asks whether the service answers again
 
@@ -120,7 +121,9 @@ class RemoteCache:
         self._m_down = metrics.degraded.labels(component="service") if metrics is not None else None
         if self._m_down is not None:
             self._m_down.set(0)
-        self._rebases: dict[bytes, Rebase | None] = {}  # client root -> map to the tenant's chain
+        # client root -> map to the tenant's chain (None: the service keeps the root), replaced when
+        # the service's root for it changes (a restart with a new tenant secret)
+        self._rebases: dict[bytes, Rebase | None] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
     def _deadline(self, nbytes: int = 0) -> float:
@@ -193,14 +196,24 @@ class RemoteCache:
         return resp
 
     def _rebase(self, ns: Namespace, service_root: bytes | None = None) -> Rebase | None:
-        """None when the service keeps this namespace's root (no tenant salt applied)."""
+        """None when the service keeps this namespace's root (no tenant salt applied). service_root:
+        the root the service just answered with; a different one than before replaces the map
+        (the pairs learned chain from a root the service no longer uses)."""
         root = ns.root
-        if root not in self._rebases:
+        known = root in self._rebases
+        rb = self._rebases.get(root)
+        if known and service_root is not None and service_root != (root if rb is None else rb.service_root):
+            log.warning("cache service %s changed namespace root %s to %s (restarted with a new tenant "
+                        "secret?); relearning its page hashes", self.url, root.hex(), service_root.hex())
+            known = False
+        if not known:
             if service_root is None:
-                req = pb.LookupRequest(namespace=wire.ns_to_pb(ns))
-                service_root = self._unary(self._stub.Lookup, req).root
-            self._rebases[root] = None if service_root == root else Rebase(root, service_root)
-        return self._rebases[root]
+                service_root = self._service_root(ns)
+            rb = self._rebases[root] = None if service_root == root else Rebase(root, service_root)
+        return rb
+
+    def _service_root(self, ns: Namespace) -> bytes:
+        return self._unary(self._stub.Lookup, pb.LookupRequest(namespace=wire.ns_to_pb(ns))).root
 
     def _segment(self, nbytes: int) -> Segment:
         if self._shm is None or self._shm.size < nbytes:
@@ -310,7 +323,6 @@ class RemoteCache:
                 p.check(ns.spec)
             except ValueError as e:
                 raise ValueError(f"page {i}: {e}") from None
-        total = PutResult()
         try:
             rb = self._rebase(ns)
         except ServiceDown:
@@ -319,6 +331,20 @@ class RemoteCache:
             for i, p in enumerate(pages):
                 if xxhash.xxh3_128_digest(p.parent + tokens_bytes(p.tokens)) != p.hash:
                     raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
+        total = self._put_pages(ns, pages, rb)
+        if rb is not None and any(BAD_PARENT in r for r in total.reasons):
+            # parents the service does not know: evicted, or chained from a root it no longer uses
+            try:
+                fresh = self._rebase(ns, self._service_root(ns))
+            except ServiceDown:
+                return total
+            if fresh is not rb:
+                total = self._put_pages(ns, pages, fresh)
+        return total
+
+    def _put_pages(self, ns: Namespace, pages: Sequence[Page], rb: Rebase | None) -> PutResult:
+        total = PutResult()
+        if rb is not None:
             pages, unplaced = rb.pages_to_service(pages)
             if unplaced:
                 total = PutResult(rejected=unplaced, reasons=(f"{unplaced} pages have a parent this client "

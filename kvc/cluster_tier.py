@@ -8,8 +8,10 @@ tokens) == hash, and for gets the payload checksum): anything else is a miss, co
 is deleted. Writes are write-behind: the store offers pages, one writer thread pipelines SETs from
 a bounded queue (full: the page is dropped and counted), so no request ever waits for the cluster.
 A call that fails or passes its deadline (socket timeouts of `kvc.cluster_timeout_s`) is a miss;
-the tier then backs off (0.25 s doubling to 5 s) and retries by itself. Memory is the cluster's
-business (maxmemory + allkeys-lru): kvc never relies on a key staying there.
+the tier then backs off (0.25 s doubling to 5 s) and retries by itself; a Cluster node that fails
+a get, lookup or put backs off alone (its keys miss, the other nodes' are read), and meanwhile the
+slot map is read again once a second, so that a failover's promoted replica takes its keys. Memory
+is the cluster's business (maxmemory + allkeys-lru): kvc never relies on a key staying there.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ log = logging.getLogger("kvc.cluster")
 
 BACKOFF_MIN_S = 0.25
 BACKOFF_MAX_S = 5.0
+REFRESH_S = 1.0  # while a node backs off, the slot map is read again at most this often
 WRITE_BATCH_BYTES = 32 << 20
 # bytes a receive may take: redis-py reads replies 64 KiB at a time by default, and every receive
 # hands the GIL over; beside a thread that wants it all the time (an engine's), a 144 MB get took
@@ -46,6 +49,7 @@ WRITE_BATCH_ITEMS = 256  # records read from the cpu tier at write time count as
 KNOWN_PAGES = 1 << 16
 KNOWN_S = 30.0  # how long a written page counts as held for duplicate puts (Redis may evict it)
 PASSWORD_ENV = "KVC_CLUSTER_PASSWORD"
+AUTH_HINT = f"Redis refused the password: set it in kvc.cluster_url (redis://:PASSWORD@host:port) or {PASSWORD_ENV}"
 
 
 def page_key(ns_root: bytes, h: bytes) -> bytes:
@@ -71,6 +75,11 @@ def redacted(url: str) -> str:
 
 
 def _kind(e: BaseException) -> str:
+    # redis-py's AuthenticationError is a ConnectionError; a RedisCluster that no node let in raises
+    # RedisClusterException from it
+    if isinstance(e, redis.exceptions.AuthenticationError) or isinstance(e.__cause__,
+                                                                          redis.exceptions.AuthenticationError):
+        return "auth"
     if isinstance(e, (redis.exceptions.TimeoutError, TimeoutError)):
         return "timeout"
     if isinstance(e, (redis.exceptions.ConnectionError, OSError)):
@@ -80,6 +89,10 @@ def _kind(e: BaseException) -> str:
     if isinstance(e, redis.exceptions.ResponseError):
         return "response"
     return "other"
+
+
+def _why(kind: str, e: BaseException) -> str:
+    return f"{AUTH_HINT} ({e})" if kind == "auth" else str(e)
 
 
 _AGAIN = object()  # _direct: ask this key again through redis-py
@@ -101,6 +114,9 @@ class ClusterTier:
         self._connect_lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = 0.0
+        self._nodes_down: dict[str, tuple[float, float]] = {}  # node name -> (back-off end, back-off)
+        self._refresh_lock = threading.Lock()
+        self._refreshed = 0.0  # monotonic time of the last slot map read
         self._lock = threading.Lock()
         self.pending: dict[bytes, bytes] = {}   # key -> queued record, readable before it is written
         # recently written pages: hash -> (ns_root, parent, tokens, monotonic time written)
@@ -172,17 +188,46 @@ class ClusterTier:
         self.metrics.cluster_errors.labels(op=op, kind=kind).inc()
         self._backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self._backoff))
         self._down_until = time.monotonic() + self._backoff
-        log.warning("cluster tier %s failed (%s: %s); misses for %.2fs", op, kind, e, self._backoff)
+        log.warning("cluster tier %s failed (%s: %s); misses for %.2fs", op, kind, _why(kind, e), self._backoff)
         if kind != "timeout" and self._client is not None and self.mode == "standalone":
             self._client = None  # reconnect (a restarted standalone server) after the back-off
+
+    def _node_failed(self, op: str, node: str, e: BaseException) -> None:
+        """One Cluster node's keys failed: that node backs off (its keys miss), the others go on."""
+        kind = _kind(e)
+        self.metrics.cluster_errors.labels(op=op, kind=kind).inc()
+        backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self._nodes_down.get(node, (0.0, 0.0))[1]))
+        self._nodes_down[node] = (time.monotonic() + backoff, backoff)
+        log.warning("cluster tier %s failed on node %s (%s: %s); its keys miss for %.2fs", op, node, kind,
+                    _why(kind, e), backoff)
 
     def _ok(self) -> None:
         if self._backoff:
             self._backoff = 0.0
 
+    def _refresh(self, client) -> None:
+        """While a node backs off, read the slot map again (at most every REFRESH_S): a failover
+        gives a failed master's slots to its replica, which redis-py's cached map does not know."""
+        now = time.monotonic()
+        if not self._nodes_down or now - self._refreshed < REFRESH_S:
+            return
+        if not self._refresh_lock.acquire(blocking=False):  # another thread reads it
+            return
+        try:
+            self._refreshed = now
+            client.nodes_manager.initialize()
+        except Exception as e:  # no node answered: the map stays as it was
+            log.warning("cluster tier: reading the slot map failed (%s: %s)", _kind(e), e)
+        finally:
+            self._refresh_lock.release()
+        for name in list(self._nodes_down):
+            if name not in client.nodes_manager.nodes_cache:  # a failed-over master: no slots left
+                self._nodes_down.pop(name, None)
+
     @property
     def degraded(self) -> bool:
-        return time.monotonic() < self._down_until
+        now = time.monotonic()
+        return now < self._down_until or any(now < until for until, _ in list(self._nodes_down.values()))
 
     def _pipeline(self, op: str, build) -> list | None:
         """Run build(pipe) as one pipeline (grouped by node in cluster mode); results or None."""
@@ -291,36 +336,46 @@ class ClusterTier:
         replies) through the connection's parser: a memoryview of its row (or bytes) for each, None
         where the key is missing or its node's read failed (counted as `op`, as _pipeline does: a
         node that stops answering fails its keys within about the socket timeout, the other nodes'
-        stand), _AGAIN where redis-py must ask (an error reply such as MOVED or OOM, a reply longer
-        than cap). None: this path is unavailable (no client, a node without a connection pool)."""
+        stand, and that node backs off: its keys are None without asking it until then), _AGAIN
+        where redis-py must ask (an error reply such as MOVED or OOM, a reply longer than cap).
+        None: this path is unavailable (no client, a node without a connection pool)."""
         lib = respread.library() if native else None
         client = self._conn()
         if client is None:
             return None
+        got: list = [_AGAIN] * len(keys)
         if self.mode == "cluster":
+            self._refresh(client)
+            now = time.monotonic()
             groups: dict[str, tuple] = {}
             for j, k in enumerate(keys):
-                node = client.get_node_from_key(k)
+                try:
+                    node = client.get_node_from_key(k)
+                except redis.exceptions.SlotNotCoveredError:  # a failed master's slots, mid-failover
+                    got[j] = None
+                    continue
                 if node is None or node.redis_connection is None:
                     return None
-                groups.setdefault(node.name, (node.redis_connection.connection_pool, []))[1].append(j)
+                if now < self._nodes_down.get(node.name, (0.0, 0.0))[0]:
+                    got[j] = None
+                    continue
+                groups.setdefault(node.name, (node.name, node.redis_connection.connection_pool, []))[2].append(j)
             targets = list(groups.values())
         else:
-            targets = [(client.connection_pool, list(range(len(keys))))]
-        got: list = [_AGAIN] * len(keys)
+            targets = [(None, client.connection_pool, list(range(len(keys))))]
         t0 = time.perf_counter()
-        sent, err = [], None
-        for pool, idx in targets:  # every node's commands out first, then each node's replies
+        sent, failed = [], []
+        for name, pool, idx in targets:  # every node's commands out first, then each node's replies
             try:
                 conn, direct = respread.send(pool, [command(keys[j]) for j in idx])
             except Exception as e:  # this node's keys fail; the other nodes' go on
-                err = err or e
+                failed.append((name, e))
                 for j in idx:
                     got[j] = None
                 continue
             if conn is not None:  # else these keys are left to redis-py's pipeline
-                sent.append((pool, conn, direct and lib is not None, idx))
-        for pool, conn, direct, idx in sent:
+                sent.append((name, pool, conn, direct and lib is not None, idx))
+        for name, pool, conn, direct, idx in sent:
             try:
                 if direct:
                     rows = np.empty((len(idx), cap), dtype=np.uint8)
@@ -328,17 +383,21 @@ class ClusterTier:
                     replies = [memoryview(rows[r, :n]) if n >= 0 else n for r, n in enumerate(lens.tolist())]
                 else:
                     replies = respread.read_parsed(pool, conn, len(idx), cap)
+                self._nodes_down.pop(name, None)
             except Exception as e:  # the connection is closed: this node's keys fail, the others' stand
-                err = err or e
+                failed.append((name, e))
                 replies = [respread.MISSING] * len(idx)
             for j, v in zip(idx, replies):
                 if not isinstance(v, int):
                     got[j] = v
                 elif v == respread.MISSING:
                     got[j] = None
-        if err is not None:
-            self._failed(op, err)
-        else:
+        for name, e in failed:
+            if name is None:
+                self._failed(op, e)
+            else:
+                self._node_failed(op, name, e)
+        if targets and not failed:
             self.metrics.cluster_calls.labels(op=op).observe(time.perf_counter() - t0)
             self._ok()
         return got

@@ -46,6 +46,9 @@ MAX_GET_BATCH_BYTES = 64 << 20  # payload bytes fetched from the store per step 
 INLINE_PUT_BYTES, INLINE_PUT_FRAMES = 2 << 20, 32
 GET_FRAMES = wire.frames_field(pb.GetPagesResponse)
 STATS_SYNC_S = 10.0  # the longest Stats waits for queued disk writes
+# the most a LookupResponse takes per page of the query: its hash (1 + 1 + 16 bytes) and, for a hit,
+# its tier's name (1 + 1 + len("cluster")); and for the rest (root, tiers)
+LOOKUP_PAGE_BYTES, LOOKUP_BASE_BYTES = 27, 256
 
 
 class NotServing(Exception):
@@ -255,8 +258,18 @@ class CacheService(pb_grpc.KVCacheServicer):
         tokens = tokens if len(tokens) or hashes is None else None
         if hashes is not None and tokens is not None and len(tokens) // ns.spec.page_size != len(hashes):
             raise ValueError(f"{len(hashes)} hashes given for {len(tokens) // ns.spec.page_size} full pages of tokens")
+        self._check_lookup_reply(len(hashes) if tokens is None else len(tokens) // ns.spec.page_size)
         r = await self._run(self.store.lookup, ns, tokens, hashes)
         return pb.LookupResponse(hashes=r.hashes, tiers=r.tiers, located=r.located, root=ns.root)
+
+    def _check_lookup_reply(self, pages: int) -> None:
+        """Refuse, before any hashing, a Lookup whose answer could pass server.max_message_bytes
+        (gRPC would fail it only once computed, as "Sent message larger than max")."""
+        limit = self.config.max_message_bytes
+        if LOOKUP_BASE_BYTES + pages * LOOKUP_PAGE_BYTES > limit:
+            most = (limit - LOOKUP_BASE_BYTES) // LOOKUP_PAGE_BYTES
+            raise TooLarge(f"a Lookup of {pages} pages could answer more than server.max_message_bytes = {limit} "
+                           f"bytes ({LOOKUP_PAGE_BYTES} a page); look up at most {most} pages a call")
 
     @_rpc
     async def GetPages(self, request, context, caller):

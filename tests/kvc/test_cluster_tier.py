@@ -10,6 +10,7 @@ from kvc.cluster_tier import page_key, redacted
 from kvc.config import ConfigError, load_config
 from kvc.store import TieredStore
 from tests.redis_cluster import redis_cluster  # noqa: F401  (the module's cluster fixture)
+from tests.redis_cluster import _free_ports, redis_missing
 
 from .backend_suite import BackendSuite
 from .conftest import NS, SPEC, kvc_config, make_pages
@@ -130,6 +131,51 @@ def test_unreachable_cluster_is_misses_and_backs_off(tmp_path):
         while metric(s, "kvc_degraded", component="cluster") == 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert metric(s, "kvc_degraded", component="cluster") == 0 and not s.cluster.degraded
+
+
+def test_a_refused_password_is_an_auth_error_that_names_the_setting(tmp_path, monkeypatch, caplog):
+    """A Redis with requirepass and a wrong or missing password: kvc_cluster_errors_total counts
+    kind="auth" (redis-py's AuthenticationError is a ConnectionError: it was counted "connection",
+    and the log said "HELLO must be called with the client already authenticated"), and the log
+    names the settings that give the password; KVC_CLUSTER_PASSWORD with the right one connects."""
+    import subprocess
+    why = redis_missing()
+    if why:
+        pytest.skip(why)
+    port = _free_ports(1)[0]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--requirepass", "s3cret", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout
+            if "NOAUTH" in out or "PONG" in out:
+                break
+            time.sleep(0.1)
+        monkeypatch.delenv(cluster_tier.PASSWORD_ENV, raising=False)
+        for url in (f"redis://:wrong@127.0.0.1:{port}", f"redis://127.0.0.1:{port}"):
+            caplog.clear()
+            with TieredStore(cluster_only(url)) as s:
+                deadline = time.monotonic() + 5
+                while metric(s, "kvc_cluster_errors_total", op="connect", kind="auth") == 0 \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert metric(s, "kvc_cluster_errors_total", op="connect", kind="auth") >= 1, url
+                assert metric(s, "kvc_cluster_errors_total", op="connect", kind="connection") == 0
+            said = [r.getMessage() for r in caplog.records]
+            assert any("connect failed (auth: Redis refused the password" in m and "kvc.cluster_url" in m
+                       and cluster_tier.PASSWORD_ENV in m for m in said), said
+        monkeypatch.setenv(cluster_tier.PASSWORD_ENV, "s3cret")
+        toks = list(range(4 * SPEC.page_size))
+        _, pages = make_pages(NS, toks)
+        with TieredStore(cluster_only(f"redis://127.0.0.1:{port}")) as s:
+            assert s.put_pages(NS, pages).stored == 4
+            s.flush()
+            assert s.lookup(NS, tokens=toks).num_pages == 4 and s.cluster.mode == "standalone"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_bad_cluster_url_names_the_key():

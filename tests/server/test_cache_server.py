@@ -134,6 +134,36 @@ def test_restart_serves_disk_pages_client_rides_out_a_crash(make_server, client_
     assert len(c.get_pages(NS, hashes)) == 10
 
 
+def test_a_tenant_client_follows_a_restart_with_a_new_secret(make_server, client_factory, monkeypatch):
+    """Bearer tokens and no disk tier: a restarted service has a new tenant secret, so a new root for
+    every namespace. The same client stores and reads pages again, whether its first call after the
+    restart is a put (rejected for parents of the old root, then the root asked again and the put
+    sent again) or a lookup (whose answer carries the new root). Before, the client kept its map to
+    the old root for its life: every put was rejected and every get empty."""
+    monkeypatch.delenv("KVC_TENANT_SECRET", raising=False)
+    s = make_server(kvc={"disk_path": None}, auth_tokens={"tok-a": "alice"}).start()
+    c = client_factory(s.url, token="tok-a", timeout=5.0)
+    other = NS.with_salt("other")
+    for ns in (NS, other):
+        toks = list(range(64))
+        hashes, pages = make_pages(ns, toks)
+        assert c.put_pages(ns, pages).stored == 16
+        assert c.lookup(ns, tokens=toks).num_pages == 16 and len(c.get_pages(ns, hashes)) == 16
+    assert s.stop() == 0
+    s.start()
+    assert wait_until(c.probe, timeout=10)
+    toks = list(range(500, 564))
+    for ns, put_first in ((NS, True), (other, False)):
+        hashes, pages = make_pages(ns, toks, seed=3)
+        if not put_first:
+            assert c.lookup(ns, tokens=toks).num_pages == 0
+        r = c.put_pages(ns, pages)
+        assert r.stored == 16 and r.rejected == 0, r
+        assert c.lookup(ns, tokens=toks).num_pages == 16
+        got = c.get_pages(ns, hashes)
+        assert len(got) == 16 and all(torch.equal(a.data, b.data) for a, b in zip(got, pages))
+
+
 def test_an_outage_is_logged_once_shown_as_degraded_and_its_end_logged(make_server, client_factory, caplog):
     """A client's calls during an outage: one warning when it starts (not one per call, as before),
     kvc_degraded{component="service"} at 1 until a call succeeds, then a warning that it is back."""
