@@ -269,8 +269,15 @@ class ClusterTier:
             got, failed = self._fetch("lookup", keys, hdr, lambda k: ("GETRANGE", k, 0, hdr - 1))
             if failed:
                 return 0
+            missed = []
             for i, v in zip(ask, got):
                 queued[i] = v or None  # GETRANGE of a missing key: empty
+                if not v:
+                    missed.append(hashes[i])
+            if missed:  # not held after all (the cluster evicted them, or restarted empty):
+                with self._lock:  # a put of them writes them again (holds() said "held" for KNOWN_S)
+                    for h in missed:
+                        self.known.pop(h, None)
         n = 0
         for i, (h, buf) in enumerate(zip(hashes, queued)):
             if buf is None:

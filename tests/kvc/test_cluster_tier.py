@@ -226,6 +226,21 @@ def test_a_page_the_cluster_evicted_is_stored_and_written_again(redis_cluster, c
         assert [client.exists(page_key(NS.root, h)) for h in ha] == [1, 1, 1, 1]
 
 
+def test_a_lookup_miss_forgets_the_written_hint(backend, client):
+    """Pages this process wrote count as held for duplicate puts for KNOWN_S; a cluster that lost
+    them (a restart empty, an eviction) and a lookup that misses them must not keep a put of the
+    same pages from writing them again (with no cpu tier nothing else would)."""
+    ha, pa = make_pages(NS, list(range(16)))
+    backend.put_pages(NS, pa)
+    backend.flush()
+    client.delete(*[page_key(NS.root, h) for h in ha])  # as a node restarted empty would
+    assert backend.lookup(NS, hashes=ha).num_pages == 0
+    backend.put_pages(NS, pa)
+    backend.flush()
+    assert [client.exists(page_key(NS.root, h)) for h in ha] == [1, 1, 1, 1]
+    assert backend.lookup(NS, hashes=ha).num_pages == 4
+
+
 def test_cluster_fixture_restarts_a_node_whose_port_was_taken(tmp_path):
     """CI once saw a node never answer: its port, drawn from the ephemeral range, went to another
     socket before redis-server bound it. The helper now draws ports below that range and starts a
