@@ -106,6 +106,9 @@ def _token_ids(prompt) -> tuple[list[int], bytes | None, int, int]:
                 arr = array.array("q", [operator.index(t) for t in prompt])  # numpy ints, not floats
             except TypeError as e:
                 raise ValueError(f"prompt token ids must be integers ({e})") from None
+            except OverflowError:  # past 64 bits: no vocabulary is that large
+                bad = next(t for t in prompt if not -2**63 <= operator.index(t) < 2**63)
+                raise ValueError(f"prompt token ids must be in [0, vocab size); got {bad}") from None
         view = np.frombuffer(arr, dtype=np.int64)  # no copy
     if not arr:
         return [], b"", 0, 0

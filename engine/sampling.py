@@ -1,14 +1,20 @@
-"""SamplingParams (vLLM names) and the sampler: greedy, temperature, top-k, top-p, per-request seed."""
+"""SamplingParams (vLLM names) and the sampler: greedy, temperature, top-k, top-p, per-request seed.
+
+A temperature below GREEDY_BELOW (1e-5, vLLM's threshold) samples greedily, as 0 does."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
+# Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): logits / 1e-320 are inf, and
+# softmax of them NaN, which torch.multinomial refuses.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 is greedy (argmax)
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included) is greedy (argmax)
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     seed: int | None = None
@@ -20,8 +26,8 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0:  # NaN too: it is not greedy, and dividing by it NaNs every logit
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -36,7 +42,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax: temperature 0, or so small (< GREEDY_BELOW) that dividing by it overflows."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -44,6 +44,16 @@ def _token_str(v) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 
 
+# What a normalizer may shrink a text to, at worst: 1/4 of its UTF-8 bytes for one that maps each
+# character to one or more (NFKC: U+1D400, 4 bytes, to "A"; composing Hangul jamo: 9 bytes to 3;
+# lowercase: KELVIN SIGN, 3 bytes, to "k"), nothing for Prepend. The others (Strip, StripAccents,
+# BertNormalizer, Precompiled, a regex Replace) may drop text: no bound at all.
+_SHRINK = {"NFC": 4, "NFD": 4, "NFKC": 4, "NFKD": 4, "Lowercase": 4, "Prepend": 1}
+# Pre-tokenizers that keep every byte of the text in some piece (Whitespace and BertPreTokenizer
+# drop the whitespace, a "Removed" split its matches)
+_KEEPS_ALL = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
+
+
 class Tokenizer:
     def __init__(self, path: str | Path, extra_eos_ids: tuple[int, ...] = ()):
         path = Path(path)
@@ -90,6 +100,35 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def max_text_bytes(self, max_tokens: int) -> int | None:
+        """UTF-8 bytes past which a text needs more than max_tokens tokens, for any text: with a BPE
+        model no token covers more bytes than its vocabulary string has (byte-level strings spend one or
+        two bytes per byte, Metaspace three for a space), times what the normalizer can shrink a text
+        to. None where the tokenizer may drop text (then no size says how many tokens it makes)."""
+        cfg = json.loads(self._tok.to_str())
+        model = cfg["model"]
+        if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
+            return None  # WordPiece, Unigram, WordLevel, fused unknowns: one token may cover a whole word
+        if any(t.get("lstrip") or t.get("rstrip") for t in cfg.get("added_tokens") or ()):
+            return None  # an added token that takes in the whitespace around it
+        shrink, todo = 1, [cfg.get("normalizer"), cfg.get("pre_tokenizer")]
+        while todo:
+            n = todo.pop()
+            if n is None:
+                continue
+            kind = n.get("type")
+            if kind == "Sequence":
+                todo += n.get("normalizers", []) + n.get("pretokenizers", [])
+            elif kind == "Replace" and "String" in n.get("pattern", {}):
+                if len(n["content"].encode()) < len(n["pattern"]["String"].encode()):
+                    return None
+            elif kind in _SHRINK:
+                shrink *= _SHRINK[kind]
+            elif kind not in _KEEPS_ALL or n.get("behavior") == "Removed":
+                return None
+        longest = max(len(t.encode()) for t in self._tok.get_vocab(with_added_tokens=True))
+        return max_tokens * max(longest, 4) * shrink  # 4: an unknown character's unk token covers its bytes
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if self._template is None:

@@ -2,13 +2,13 @@
 
 Thin handlers: parse and validate the body, hand the prompt to the AsyncEngine, shape the
 outputs as OpenAI responses or server-sent events. Every error a client can cause is a 400 with
-an OpenAI-style body; nothing leaks a traceback.
+an OpenAI-style body; nothing leaks a traceback. Every error body, 404 and 405 included, has
+OpenAI's shape: {"error": {"message", "type", "param", "code"}}; a dead engine loop is a 503.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 
@@ -16,11 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
 
-from .engine_loop import AsyncEngine, Stream
+from .engine_loop import AsyncEngine, EngineDead, Stream
 from .protocol import ChatRequest, CompletionRequest
 
-log = logging.getLogger("kvc.server")
 CHAT_DEFAULT_MAX_TOKENS = 128
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
@@ -32,9 +32,40 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={
+def _error(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers, content={
         "error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def _body_error(request: Request, first: dict) -> str | None:
+    """What is wrong with the body as a whole (not JSON, empty, not an object), or None."""
+    loc, kind = tuple(first.get("loc", ())), first.get("type")
+    if kind == "json_invalid":  # loc: ("body", character offset)
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error')} at character {loc[-1]}"
+    if loc != ("body",) or kind not in ("missing", "model_attributes_type", "dict_type"):
+        return None
+    if kind == "missing":
+        return "the request body is empty; send a JSON object"
+    if isinstance(first.get("input"), bytes):  # FastAPI parses JSON only under a JSON content type
+        ctype = request.headers.get("content-type")
+        return (f"the request body must be a JSON object sent with Content-Type: application/json "
+                f"(got {f'Content-Type: {ctype}' if ctype else 'no Content-Type'})")
+    return f"the request body must be a JSON object, got {type(first.get('input')).__name__}"
+
+
+def _http_error(request: Request, e: HTTPException) -> str:
+    """Starlette's own errors (no route, wrong method, a body it could not read) in words."""
+    cause = e.__cause__  # FastAPI raises "There was an error parsing the body" from json.loads' error
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid JSON: not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body is nested too deeply to read as JSON"
+    if e.status_code == 404:
+        return f"Invalid URL ({request.method} {request.url.path})"
+    if e.status_code == 405:
+        allowed = {k.lower(): v for k, v in (e.headers or {}).items()}.get("allow")
+        return f"method {request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+    return str(e.detail)
 
 
 def _usage(out) -> dict:
@@ -55,16 +86,30 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
     async def _api_error(_, e: APIError):
         return _error(e.status, e.message, e.type, e.param, e.code)
 
+    @app.exception_handler(EngineDead)
+    async def _dead(_, e: EngineDead):
+        return _error(503, str(e), "server_error")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return _error(e.status_code, _http_error(request, e), type_, headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
+    async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        whole = _body_error(request, first)
+        if whole is not None:
+            return _error(400, whole, "invalid_request_error")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
-        return _error(400, f"{where}: {msg}" if where else msg, "invalid_request_error", where or None)
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        param = (first.get("ctx") or {}).get("param")
+        return _error(400, f"{where}: {msg}" if where else msg, "invalid_request_error", param or where or None)
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
-        log.exception("request failed")
+        # not logged here: Starlette raises it on to the server, which logs it (uvicorn: "Exception
+        # in ASGI application" and the traceback), once
         return _error(500, "internal error; see the server log", "server_error")
 
     @app.get("/health")
@@ -89,11 +134,28 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
             raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
                            "invalid_request_error", "model", "model_not_found")
 
-    async def submit(prompt, params, salt: str | None, http: Request) -> Stream:
+    tok = engine.engine.tokenizer
+    max_model_len = engine.engine.max_model_len
+    max_prompt_bytes = tok.max_text_bytes(max_model_len) if tok is not None else None
+
+    def check_text(text: str, param: str) -> None:
+        """Refuse a text that is not Unicode, or too long for any tokenization of it to fit, before
+        tokenizing it (a 24 MB message took 48 s and 4.5 GB to tokenize, to be refused after)."""
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{param}: not valid Unicode: a lone surrogate {text[e.start]!r} "
+                           f"at character {e.start}", param=param) from None
+        if max_prompt_bytes is not None and size > max_prompt_bytes:
+            raise APIError(400, f"{param}: the prompt is {size} bytes of UTF-8, more than {max_model_len} "
+                           f"tokens (scheduler.max_model_len) can hold with this tokenizer "
+                           f"(at most {max_prompt_bytes} bytes)", param=param)
+
+    async def submit(prompt, params, salt: str | None, param: str) -> Stream:
         arrival = time.monotonic()  # TTFT counts from here: tokenizing is part of it
         rid = f"{uuid.uuid4().hex}"
-        tok = engine.engine.tokenizer
         if isinstance(prompt, str) and tok is not None:
+            check_text(prompt, param)
             # Here, on a worker thread, not on the engine's thread: a 32K-token prompt takes
             # 12-60 ms to tokenize the first time, and every running request's next step would wait
             # for it (Tokenizer.encode lets go of the GIL while it works; the pieces it has seen
@@ -121,25 +183,43 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    def echoed(prompt) -> str:
+        """The prompt as text, for echo: the text sent, or the token ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        if tok is None:
+            raise APIError(400, "echo: this model has no tokenizer to decode a token-id prompt with",
+                           param="echo")
+        return tok.decode(prompt, skip_special_tokens=False)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
         check_model(body.model)
         params = sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
         prompts = body.prompts()
+        echo = [echoed(p) if body.echo else "" for p in prompts]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             if len(prompts) != 1:
                 raise APIError(400, "stream: true takes one prompt per request", param="prompt")
-            stream = await submit(prompts[0], params, body.cache_salt, http)
-            return StreamingResponse(_stream_completion(stream, cid, created, served, body.include_usage),
+            stream = await submit(prompts[0], params, body.cache_salt, "prompt")
+            return StreamingResponse(_stream_completion(stream, cid, created, served, body.include_usage,
+                                                        _hold(params), echo[0]),
                                      media_type="text/event-stream")
-        streams = [await submit(p, params, body.cache_salt, http) for p in prompts]
+        streams = []
+        try:
+            for p in prompts:
+                streams.append(await submit(p, params, body.cache_salt, "prompt"))
+        except BaseException:  # a later prompt refused: the earlier ones would run for nobody
+            for s in streams:
+                s.close()
+            raise
         outs = await asyncio.gather(*(until_done(s, http) for s in streams))
         if any(o is None for o in outs):
             return Response(status_code=499)
-        choices = [{"index": i, "text": (p if body.echo and isinstance(p, str) else "") + o.outputs[0].text,
+        choices = [{"index": i, "text": e + o.outputs[0].text,
                     "logprobs": None, "finish_reason": o.outputs[0].finish_reason}
-                   for i, (p, o) in enumerate(zip(prompts, outs))]
+                   for i, (e, o) in enumerate(zip(echo, outs))]
         usage = _usage(outs[0])
         for o in outs[1:]:
             u = _usage(o)
@@ -162,9 +242,9 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
             raise APIError(400, str(e), param="messages") from None
         params = sampling(body, CHAT_DEFAULT_MAX_TOKENS)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = await submit(prompt, params, body.cache_salt, http)
+        stream = await submit(prompt, params, body.cache_salt, "messages")
         if body.stream:
-            return StreamingResponse(_stream_chat(stream, cid, created, served, body.include_usage),
+            return StreamingResponse(_stream_chat(stream, cid, created, served, body.include_usage, _hold(params)),
                                      media_type="text/event-stream")
         out = await until_done(stream, http)
         if out is None:
@@ -177,13 +257,31 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
     return app
 
 
-async def _stream_completion(stream: Stream, cid: str, created: int, model: str, include_usage: bool):
-    sent, last = 0, None
+def _hold(params) -> int:
+    """Characters a stream holds back until its request ends: up to one less than a stop string,
+    which may have begun there (the engine cuts it off only once all of it has come)."""
+    return max((len(s) for s in params.stop_strings), default=1) - 1
+
+
+async def _deltas(stream: Stream, hold: int):
+    """(new text, output) per output of `stream`, its last `hold` characters held back until the end."""
+    sent = 0
+    async for out in stream:
+        text = out.outputs[0].text
+        end = len(text) if out.finished else max(sent, len(text) - hold)
+        yield text[sent:end], out
+        sent = end
+
+
+async def _stream_completion(stream: Stream, cid: str, created: int, model: str, include_usage: bool,
+                             hold: int, echo: str):
+    last = None
+    if echo:
+        yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]})
     try:
-        async for out in stream:
+        async for delta, out in _deltas(stream, hold):
             last = out
-            text = out.outputs[0].text
-            delta, sent = text[sent:], len(text)
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model,
                      "choices": [{"index": 0, "text": delta, "logprobs": None,
                                   "finish_reason": out.outputs[0].finish_reason}]}
@@ -197,16 +295,14 @@ async def _stream_completion(stream: Stream, cid: str, created: int, model: str,
     yield "data: [DONE]\n\n"
 
 
-async def _stream_chat(stream: Stream, cid: str, created: int, model: str, include_usage: bool):
+async def _stream_chat(stream: Stream, cid: str, created: int, model: str, include_usage: bool, hold: int):
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]})
-    sent, last = 0, None
+    last = None
     try:
-        async for out in stream:
+        async for delta, out in _deltas(stream, hold):
             last = out
-            text = out.outputs[0].text
-            delta, sent = text[sent:], len(text)
             if delta or out.finished:
                 yield _sse({**head, "choices": [{"index": 0, "delta": {"content": delta} if delta else {},
                                                  "logprobs": None,

@@ -3,7 +3,8 @@
 The engine is not thread-safe, so every call into it (add, abort, step) happens on the loop
 thread; handlers hand requests over through a queue and get their outputs back through an
 asyncio.Queue per request. A handler that goes away (a client disconnect) aborts its request,
-which frees its pages.
+which frees its pages. A request the engine cannot take fails alone; if the loop itself stops (an
+error in step(), or shutdown), every request it holds or has not yet taken fails with it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 log = logging.getLogger("kvc.server")
+
+
+class EngineDead(RuntimeError):
+    """The engine loop has stopped: no request can be served until the server restarts (a 503)."""
 
 
 @dataclass
@@ -35,13 +40,15 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, _Add] = {}
         self._stopped = threading.Event()
+        self._closed = False  # set, under _lock, by the loop as it ends; submit() checks it under _lock
+        self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvc-engine", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive() and not self._closed
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -59,11 +66,26 @@ class AsyncEngine:
                     if out.finished:
                         del self._streams[out.request_id]
                     add.loop.call_soon_threadsafe(add.stream.put_nowait, out)
+            error = EngineDead("the server is shutting down")
         except BaseException as e:  # the loop is dead: fail every waiting request loudly
             log.exception("engine loop failed")
             self.error = e
-            for add in self._streams.values():
-                add.loop.call_soon_threadsafe(add.stream.put_nowait, e)
+            error = EngineDead(f"the engine loop failed ({type(e).__name__}: {e}); see the server log")
+        with self._lock:  # after this, submit() refuses: nothing reaches the inbox unanswered
+            self._closed = True
+            waiting = list(self._streams.values())
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Add):
+                    waiting.append(item)
+        for add in waiting:
+            try:
+                add.loop.call_soon_threadsafe(_fail, add, error)
+            except RuntimeError:  # its event loop is closed: nobody waits for it
+                pass
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -72,7 +94,11 @@ class AsyncEngine:
             return
         while True:
             if isinstance(item, _Add):
-                self._add(item)
+                try:
+                    self._add(item)
+                except BaseException:
+                    self._inbox.put(item)  # the loop ends: it fails with the rest of the inbox
+                    raise
             elif item is not None:
                 self.engine.abort(item)
                 self._streams.pop(item, None)
@@ -87,7 +113,7 @@ class AsyncEngine:
                 add.accepted.set_exception(error) if error else add.accepted.set_result(True)
         try:
             self.engine.add_request(add.request_id, add.prompt, add.params, add.cache_salt, arrival=add.arrival)
-        except ValueError as e:
+        except Exception as e:  # this request only (ValueError: the caller's, a 400; else a 500)
             add.loop.call_soon_threadsafe(settle, e)
             return
         self._streams[add.request_id] = add
@@ -96,13 +122,15 @@ class AsyncEngine:
     # -- asyncio side ----------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt, params, cache_salt: str = "",
                      arrival: float | None = None) -> "Stream":
-        """Hand a request to the engine; raises ValueError (a 400) if the engine refuses it.
+        """Hand a request to the engine; raises ValueError (a 400) if the engine refuses it,
+        EngineDead if the loop has stopped, and whatever else add_request raised.
         `arrival`: when the request came in (time.monotonic()), where TTFT counts from."""
-        if not self.alive:
-            raise RuntimeError("the engine loop is not running")
         loop = asyncio.get_running_loop()
         add = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue(), arrival)
-        self._inbox.put(add)
+        with self._lock:
+            if not self.alive:
+                raise EngineDead("the engine loop is not running; see the server log")
+            self._inbox.put(add)
         await add.accepted
         return Stream(self, request_id, add.stream)
 
@@ -115,6 +143,13 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
 
+def _fail(add: _Add, error: EngineDead) -> None:
+    """On add's event loop: its submit() or its Stream raises `error`."""
+    if not add.accepted.done():
+        add.accepted.set_exception(error)
+    add.stream.put_nowait(error)
+
+
 class Stream:
     """The outputs of one request, in order; aborts the request if left before it finished."""
 
@@ -124,9 +159,9 @@ class Stream:
 
     async def _next(self):
         out = await self._q.get()
-        if isinstance(out, BaseException):
+        if isinstance(out, EngineDead):
             self.finished = True
-            raise RuntimeError(f"the engine failed: {out}") from out
+            raise EngineDead(str(out))
         self.finished = out.finished
         return out
 

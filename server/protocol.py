@@ -4,12 +4,26 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine import SamplingParams
+
+TOKEN_ID_LIMIT = 1 << 31  # token ids are below this (any real vocabulary is far smaller)
 
 
 def _set(v) -> bool:
     return v not in (None, False, 0, "", [], {})
+
+
+def _invalid(param: str, message: str) -> PydanticCustomError:
+    """A validation error whose 400 names `param` (api.py reads ctx["param"])."""
+    return PydanticCustomError("invalid_value", "{message}", {"message": message, "param": param})
+
+
+def _check_token_ids(param: str, ids: list[int]) -> None:
+    bad = next((t for t in ids if not 0 <= t < TOKEN_ID_LIMIT), None)
+    if bad is not None:
+        raise _invalid(param, f"token ids must be integers in [0, 2**31); got {bad}")
 
 
 # Fields of OpenAI's API (and vLLM's extensions) that would change the output, which kvc's sampler
@@ -35,6 +49,29 @@ _NOT_SUPPORTED = {
     "guided_choice": (_set, "guided decoding is not supported"),
     "guided_grammar": (_set, "guided decoding is not supported"),
     "suffix": (_set, "suffix is not supported"),
+    # vLLM's extensions: kvc skips special tokens in the output, tokenizes without adding any, and
+    # renders the model's own chat template with the generation prompt added
+    "skip_special_tokens": (lambda v: v not in (None, True), "special tokens are always skipped in the output"),
+    "spaces_between_special_tokens": (lambda v: v not in (None, True),
+                                      "spaces_between_special_tokens is not supported"),
+    "add_special_tokens": (_set, "prompts are tokenized without adding special tokens"),
+    "chat_template": (_set, "a request's own chat_template is not supported (the model's is used)"),
+    "chat_template_kwargs": (_set, "chat_template_kwargs are not supported"),
+    "add_generation_prompt": (lambda v: v not in (None, True), "the generation prompt is always added"),
+    "continue_final_message": (_set, "continue_final_message is not supported"),
+    "echo": (_set, "echo is not supported on chat completions"),
+    "documents": (_set, "documents are not supported"),
+    "truncate_prompt_tokens": (_set, "truncate_prompt_tokens is not supported"),
+    "allowed_token_ids": (_set, "allowed_token_ids is not supported"),
+    "bad_words": (_set, "bad_words is not supported"),
+    "logits_processors": (_set, "logits_processors are not supported"),
+    "use_beam_search": (_set, "beam search is not supported"),
+    "length_penalty": (lambda v: v not in (None, 1, 1.0), "beam search is not supported"),
+    "return_tokens_as_token_ids": (_set, "return_tokens_as_token_ids is not supported"),
+    "prompt_embeds": (_set, "prompt_embeds are not supported"),
+    "structured_outputs": (_set, "guided decoding is not supported"),
+    "guided_decoding_backend": (_set, "guided decoding is not supported"),
+    "guided_whitespace_pattern": (_set, "guided decoding is not supported"),
 }
 
 
@@ -49,7 +86,7 @@ class _Base(BaseModel):
         for name, value in (self.model_extra or {}).items():
             rule = _NOT_SUPPORTED.get(name)
             if rule is not None and rule[0](value):
-                raise ValueError(f"{name}={value!r}: {rule[1]} by kvc; leave it out (or at its default)")
+                raise _invalid(name, f"{name}={value!r}: {rule[1]} by kvc; leave it out (or at its default)")
         return self
 
     model: str
@@ -61,6 +98,7 @@ class _Base(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -88,13 +126,20 @@ class _Base(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, v):
+        _check_token_ids("stop_token_ids", v or ())
+        return v
+
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0, seed=self.seed,
             max_tokens=self.max_tokens or default_max_tokens,
-            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos)
+            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output)
 
     @property
     def include_usage(self) -> bool:
@@ -107,9 +152,15 @@ class CompletionRequest(_Base):
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, v):
+    def _non_empty_and_in_range(cls, v):
         if isinstance(v, (str, list)) and len(v) == 0:
             raise ValueError("prompt is empty")
+        if isinstance(v, list) and isinstance(v[0], int):
+            _check_token_ids("prompt", v)
+        elif isinstance(v, list):
+            for p in v:
+                if isinstance(p, list):
+                    _check_token_ids("prompt", p)
         return v
 
     def prompts(self) -> list[str | list[int]]:
