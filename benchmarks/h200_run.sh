@@ -184,6 +184,9 @@ for part in "$@"; do
     deepseek-step-hit) step deepseek-step-hit 240 python3 benchmarks/probe_deepseek_step.py --cached 32768 ;;
     mla-prefill) step mla-prefill 150 python3 benchmarks/bench_mla_prefill.py ;;
     profile-mla-decode) step profile-mla-decode 200 python3 benchmarks/profile_mla_decode.py ;;
+    profile-mla-decode-27-32k)  # run GV's 16 decodes after 32K prompts at 27 layers, profiled
+      step profile-mla-decode-27-32k 330 python3 benchmarks/profile_mla_decode.py --layers 27 --conc 16 \
+        --prompt-len 32768 --steps 6 ;;
     deepseek-long) step deepseek-long 300 python3 benchmarks/bench_deepseek.py --sections throughput \
         --prefill-len 8192 32768 ;;
     deepseek-27)  # all 27 of V2-Lite's layers (~31 GB checkpoint, kept in /tmp/kvc-dsv2-27l for deepseek-27-ttft)
