@@ -1199,11 +1199,16 @@ class TieredStore:
             # Ancestors on disk only are walked too: without a cpu tier (or past its part of the
             # chain) the disk tier's order was the pages' write order, and it evicted a prompt's
             # first pages first, stranding the rest
-            chain, k = [], root + leaf
-            while (e := cpu_get(k) or disk_get(k)) is not None:
+            chain, in_cpu, k = [], [], root + leaf
+            while True:
+                e = cpu_get(k)
+                if e is not None:
+                    in_cpu.append(k)
+                elif (e := disk_get(k)) is None:
+                    break
                 chain.append(k)
                 k = root + e.parent
-            self.cpu.touch_many(chain)
+            self.cpu.touch_many(in_cpu)
             self.disk.touch_many(chain)
 
     def _put_cpu(self, k: bytes, e: Entry, payload: np.ndarray) -> bool:

@@ -263,6 +263,27 @@ def test_without_a_cpu_tier_disk_eviction_keeps_a_prompts_prefix(tmp_path):
         assert s.lookup(NS, hashes=ha).num_pages == sum(held)
 
 
+def test_a_chain_walk_through_disk_only_pages_touches_each_tier_its_own(tmp_path):
+    """A page put below a chain that left the cpu tier for the disk, then a get that promotes the
+    chain's first pages again: the walk goes through the disk-only pages to the cpu-held ones and
+    touches in each tier only the pages it holds (a cpu touch of a disk-only page was a KeyError
+    that failed the put)."""
+    page = SPEC.page_bytes
+    cfg = kvc_config(tmp_path, cpu_memory_size_GB=4 * page / (1 << 30), high_watermark=0.99, low_watermark=0.9)
+    with TieredStore(cfg) as s:
+        hs, ps = make_pages(NS, list(range(4 * 5)))
+        s.put_pages(NS, ps[:4])
+        s.flush()
+        s.put_pages(NS, make_pages(NS, list(range(1000, 1016)))[1])  # A's pages demoted to disk
+        s.flush()
+        assert all(s.cpu.get(NS.root + h) is None and s.disk.get(NS.root + h) for h in hs[:4])
+        s.get_pages(NS, hs[:1])  # promoted: the root page in cpu again, its children disk only
+        assert s.put_pages(NS, ps[4:]).stored == 1
+        s.flush()
+        assert s.lookup(NS, hashes=hs).num_pages == 5
+        assert list(s.disk.index)[-1] == NS.root + hs[0]  # the chain's root the most recent
+
+
 def test_a_restarted_disk_tier_evicts_a_prompts_tail_first(tmp_path):
     """A restart loads the disk tier's pages in write order, and without a cpu tier (or written
     through) a prompt is written prefix first: the restarted tier took its first pages first."""
