@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mla_pieces import tile_spec  # noqa: E402
+from decode_window import decode_window, room  # noqa: E402
 from kvc.config import load_config  # noqa: E402
 from kvc.hashing import DTYPE_BYTES, PageSpec  # noqa: E402
 from kvc.store import TieredStore  # noqa: E402
@@ -57,7 +58,9 @@ def rand_prompts(n, length, vocab, seed):
 def engine(path, a, tmp: Path | None = None, cpu_gb=2.0, **kw) -> LLMEngine:
     """An engine with an explicit pool; with tmp, a TieredStore (cpu_gb 0: disk only) behind it."""
     blocks = (max(a.ttft_len + [a.kt_len] + a.prefill_len) + 4 * a.delta) // PAGE * 2 + 64
-    blocks = max(blocks, max(a.concurrency) * ((a.decode_prompt_len + a.decode_tokens) // PAGE + 2) + 64)
+    c = max(a.concurrency)  # each request decodes up to room() tokens (decode_window)
+    decoded = room(c, a.decode_prompt_len, a.chunk, a.decode_tokens)
+    blocks = max(blocks, c * ((a.decode_prompt_len + decoded) // PAGE + 2) + 64)
     cfg = load_config().replace(path=str(path), dtype=a.dtype, device=str(a.device), gpu_only=tmp is None,
                                 page_size=PAGE, chunk_size=a.chunk, max_num_batched_tokens=a.chunk,
                                 num_device_blocks=blocks, cpu_memory_size_GB=cpu_gb,
@@ -100,21 +103,12 @@ def ttft(eng: LLMEngine, prompt: list[int], max_tokens=1) -> tuple[float, int]:
     return first, cached
 
 
-def decode_tps(eng: LLMEngine, conc: int, plen: int, n: int, seed: int) -> float:
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    for i, p in enumerate(rand_prompts(conc, plen, eng.args.vocab_size, seed)):
-        eng.add_request(f"d{seed}-{i}", p, params)
-    t0, produced, started = None, 0, False
-    while eng.has_unfinished():
-        outs = eng.step()
-        if not started and all(r.output_ids for r in eng.requests.values()):
-            sync(eng.device)
-            started, t0 = True, time.perf_counter()
-            continue
-        produced += len(outs)
-    sync(eng.device)
+def decode_tps(eng: LLMEngine, conc: int, plen: int, n: int, seed: int, chunk: int) -> float:
+    """Tokens a second over n steps with all `conc` requests decoding (benchmarks/decode_window.py)."""
+    produced, dt = decode_window(eng, rand_prompts(conc, plen, eng.args.vocab_size, seed), n, chunk, f"d{seed}",
+                                 lambda: sync(eng.device))
     eng.prefix_cache.reset_device_cache()
-    return produced / (time.perf_counter() - t0)
+    return produced / dt
 
 
 def section_bytes(args: ModelArgs, dtype: str, full_layers: int):
@@ -169,9 +163,9 @@ def section_throughput(path, a):
                     times.append(t)
             rows.setdefault(("prefill", L), []).append(L / statistics.median(times))
         for c in a.concurrency:
-            decode_tps(eng, c, a.decode_prompt_len, 4, 1)  # warm-up
+            decode_tps(eng, c, a.decode_prompt_len, 4, 1, a.chunk)  # warm-up
             rows.setdefault(("decode", c), []).append(statistics.median(
-                decode_tps(eng, c, a.decode_prompt_len, a.decode_tokens, 10 + r) for r in range(a.repeat)))
+                decode_tps(eng, c, a.decode_prompt_len, a.decode_tokens, 10 + r, a.chunk) for r in range(a.repeat)))
         close(eng)
         del eng
         gc.collect()

@@ -29,6 +29,7 @@ from kvc.config import load_config  # noqa: E402
 from engine import LLMEngine, SamplingParams  # noqa: E402
 from engine.layers import set_attention_backend  # noqa: E402
 from engine.tiny import make_tiny_model  # noqa: E402
+from decode_window import decode_window, room  # noqa: E402
 
 PRESETS = {
     "tiny": {},
@@ -85,7 +86,9 @@ def active_bytes(a, elem: int, tokens: int = 1) -> int:
 class Ours:
     def __init__(self, path, a):
         longest = max(a.prompt_len) + a.hit_new
-        blocks = 2 * (longest // 16 + 64) + max(a.concurrency) * ((a.decode_prompt_len + a.decode_tokens) // 16 + 2)
+        c = max(a.concurrency)  # each decoding request takes up to room() tokens (decode_window)
+        blocks = 2 * (longest // 16 + 64) + c * ((a.decode_prompt_len + room(c, a.decode_prompt_len, a.chunk,
+                                                                              a.decode_tokens)) // 16 + 2)
         cfg = load_config().replace(path=str(path), dtype=a.dtype, device=a.device, gpu_only=True,
                                     page_size=16, chunk_size=a.chunk, num_device_blocks=blocks,
                                     max_num_batched_tokens=max(longest, 2048),
@@ -94,7 +97,7 @@ class Ours:
         self.graphs = self.eng.runner.graphs
         self.prefill_graphs = self.eng.runner.prefill_graphs
         self.attn_sizes = None if self.prefill_graphs is None else self.prefill_graphs.attn_sizes
-        self.vocab, self.n, self.device = self.eng.args.vocab_size, 0, a.device
+        self.vocab, self.n, self.device, self.chunk = self.eng.args.vocab_size, 0, a.device, a.chunk
         self._prefill, self._moe = self.eng.config.attn.prefill_kernel, self.eng.config.attn.moe_kernel
         self._fused = True  # engine.layers.FUSED_QKV and engine.moe.FUSED_RESIDUAL (mode(fused_qkv=...))
         self._graph_sets: dict[tuple, dict] = {}  # (attn.moe_kernel, fused q/k/v) -> its prefill graphs
@@ -140,9 +143,9 @@ class Ours:
             from engine.attention import cudnn_prefill  # a slice of the pool on adjacent pages, or gathered
             cudnn_prefill.PREFIX_IN_PLACE = prefix_in_place
 
-    def _run(self, ps, max_tokens, after_first=False, first_token=False):
-        """(tokens produced, seconds, prompt tokens reused): the time of the whole run, or from the
-        first step with every first token (after_first), or until a step hands out a first token
+    def _run(self, ps, max_tokens, first_token=False):
+        """(tokens produced, seconds, prompt tokens reused): the time of the whole run, or until a
+        step hands out a first token
         (first_token: a TTFT from before add_request, as a request arrives; the engine's page
         bookkeeping follows, untimed. Before the twenty-sixth session the TTFT started after
         add_request, which left out the prompt's id conversion: 0.4-1.1 ms at 32K tokens on the
@@ -152,7 +155,7 @@ class Ours:
         for p in ps:
             self.n += 1
             self.eng.add_request(f"b{self.n}", p, params)
-        started, t0, produced, cached = False, time.perf_counter(), 0, 0
+        t0, produced, cached = time.perf_counter(), 0, 0
         if first_token:
             t0 = t_arrive
         ttft = None
@@ -161,9 +164,6 @@ class Ours:
             if first_token and ttft is None and any(o.outputs[0].token_ids for o in outs):
                 ttft = time.perf_counter() - t0
             cached += sum(o.num_cached_tokens for o in outs if o.finished)
-            if after_first and not started and all(r.output_ids for r in self.eng.requests.values()):
-                started, t0, produced = True, time.perf_counter(), 0
-                continue
             produced += len(outs)
         self.eng.flush_commits()  # the last step's page bookkeeping (timed, except for a TTFT)
         sync(self.device)
@@ -195,9 +195,12 @@ class Ours:
         return [(statistics.median(h), statistics.median(a)) for h, a in zip(hit, alone)]
 
     def decode_tps(self, c, plen, n, repeat):
+        """Tokens a second over n steps with all c requests decoding (benchmarks/decode_window.py)."""
         best = []
         for r in range(repeat + 1):
-            produced, dt, _ = self._run(prompts(c, plen, self.vocab, 100 + r), n, after_first=True)
+            self.n += 1
+            produced, dt = decode_window(self.eng, prompts(c, plen, self.vocab, 100 + r), n, self.chunk,
+                                         f"d{self.n}", lambda: sync(self.device))
             self.eng.prefix_cache.reset_device_cache()
             if r:
                 best.append(produced / dt)
