@@ -102,8 +102,22 @@ def test_stalled_watch_subscriber_is_bounded(make_server):
     watch = stub.WatchEvents(pb.WatchEventsRequest(namespace=wire.ns_to_pb(ns)), timeout=120)
     put = grpc.insecure_channel(f"127.0.0.1:{s.port}")
     pstub = pb_grpc.KVCacheStub(put)
-    assert put_stream(pstub, ns, chain(ns, 1, seed=999))[0] == grpc.StatusCode.OK
+    # the call returns before the service has registered the subscriber: a page put before that
+    # is never reported (this waited out the 120 s deadline once, in a loaded run of the slow
+    # suite), so pages go in until the first event comes
+    live = threading.Event()
+
+    def until_live():
+        seed = 999
+        while not live.is_set():
+            assert put_stream(pstub, ns, chain(ns, 1, seed=seed))[0] == grpc.StatusCode.OK
+            seed -= 1
+            live.wait(0.2)
+    putter = threading.Thread(target=until_live, daemon=True)
+    putter.start()
     assert next(watch).kind == "stored"  # the subscription is live; from here on it reads nothing
+    live.set()
+    putter.join()
     base = rss_kb(s.proc.pid, "RssAnon")
     t0 = time.monotonic()
     for i in range(400):  # 400 x 64 pages: ~77k stored, written-back and removed events
