@@ -41,6 +41,12 @@ class LookupResult:
         return self.num_pages * page_size
 
 
+# a put's reason for a page whose parent is neither the namespace's root nor one of its pages
+# (the store writes it; a tenant client reads it as "the service's root may have changed")
+BAD_PARENT_TAIL = "is not a page of this namespace"
+BAD_PARENT = "parent of page {} " + BAD_PARENT_TAIL
+
+
 @dataclass(frozen=True)
 class PutResult:
     stored: int = 0

@@ -21,7 +21,7 @@ import torch
 import xxhash
 
 from . import wire
-from .backend import LookupResult, PutResult
+from .backend import BAD_PARENT_TAIL, LookupResult, PutResult
 from .hashing import Namespace, page_hashes, tokens_bytes
 from .pb import pb, pb_grpc
 from .rebase import Rebase
@@ -59,7 +59,6 @@ def _read_get_pages(data: bytes):
         return _BadAnswer(e)
 
 
-BAD_PARENT = "is not a page of this namespace"  # in a put's reasons (kvc.store.BAD_PARENT)
 DOWN_LOG_EVERY_S = 30.0  # an outage is logged when it starts, then at most this often, and when it ends
 WATCH_EVERY_S = 1.0  # during an outage, how often a watcher asks whether the service answers again
 
@@ -332,7 +331,7 @@ class RemoteCache:
                 if xxhash.xxh3_128_digest(p.parent + tokens_bytes(p.tokens)) != p.hash:
                     raise ValueError(f"page {i}: hash {p.hash.hex()} is not xxh3_128(parent || tokens)")
         total = self._put_pages(ns, pages, rb)
-        if rb is not None and any(BAD_PARENT in r for r in total.reasons):
+        if rb is not None and any(BAD_PARENT_TAIL in r for r in total.reasons):
             # parents the service does not know: evicted, or chained from a root it no longer uses
             try:
                 fresh = self._rebase(ns, self._service_root(ns))

@@ -34,7 +34,7 @@ import torch
 
 from . import cudacopy, gpu_checksum, hashing, hostcopy, pagecopy, pinned
 from .admission import Admission
-from .backend import LookupResult, PinBudgetExceeded, PutResult
+from .backend import BAD_PARENT, LookupResult, PinBudgetExceeded, PutResult
 from .cluster_tier import ClusterTier, NullCluster
 from .config import KvcConfig
 from .cpu_tier import CpuTier, Entry, NullTier
@@ -71,7 +71,6 @@ BATCH_PROMOTIONS = True
 # after the last copy: at 8K (0.2 GB) the tail is ~0.2 ms, less than the spread between runs, and
 # the extra launch is host work on a hit whose step waits for the host
 CHECKSUM_PARTS_MIN_BYTES = 256 << 20
-BAD_PARENT = "parent of page {} is not a page of this namespace"
 
 
 class _DeviceChecksumError(RuntimeError):
