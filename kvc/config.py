@@ -144,6 +144,8 @@ class ServerConfig:
     tls_key: str | None = None
     # gRPC takes a C int: at most 2**31 - 1
     max_message_bytes: int = field(default=64 << 20, metadata=_range(1 << 20, (1 << 31) - 1))
+    # The HTTP server refuses a request body larger than this with 413 (uvicorn has no limit).
+    max_request_bytes: int = field(default=32 << 20, metadata=_range(1 << 10))
     shared_memory: bool = False
     rpc_timeout_s: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
     # Page bytes the cache service holds for PutPages / GetPages calls in progress, all callers

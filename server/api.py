@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
+from kvc.config import ServerConfig
+
 from .engine_loop import AsyncEngine, EngineDead, Stream
 from .protocol import ChatRequest, CompletionRequest
 
@@ -68,6 +70,54 @@ def _http_error(request: Request, e: HTTPException) -> str:
     return str(e.detail)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets a 413 before the app sees any of it.
+
+    uvicorn reads bodies without a limit. Every route here reads its body whole anyway, so the body
+    is read here, counted as it arrives (a Content-Length over the limit is refused before a byte
+    of it is read; a chunked body as soon as it passes the limit), and handed to the app in one
+    message. Later receive() calls (the app's disconnect checks) go to the server as before.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send, f"the request body is {int(declared)} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: the app sees that
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(send, f"the request body passed {self.max_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        first = [message]
+
+        async def replay():
+            return first.pop() if first else await receive()
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send, what: str) -> None:
+        body = json.dumps({"error": {
+            "message": f"{what}; this server takes at most {self.max_bytes} bytes a request "
+                       f"(server.max_request_bytes)",
+            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _usage(out) -> dict:
     n_prompt, n_out = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
@@ -78,8 +128,10 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorRegistry) -> FastAPI:
+def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorRegistry,
+               max_request_bytes: int = ServerConfig.max_request_bytes) -> FastAPI:
     app = FastAPI(title="kvc", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     served = model_names[0]
 
     @app.exception_handler(APIError)

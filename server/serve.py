@@ -128,7 +128,7 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
     registry, cache, engine = build(config, cache_token)
     loop = AsyncEngine(engine)
     names = served_names(config)
-    app = create_app(loop, names, registry)
+    app = create_app(loop, names, registry, config.server.max_request_bytes)
     print(f"kvc serve: model {names[0]!r} on {engine.device}, {cache_description(config)}", flush=True)
     print(f"kvc serve: OpenAI API at http://{host}:{port}/v1  (metrics: http://{host}:{port}/metrics)",
           flush=True)
