@@ -195,12 +195,33 @@ def test_watch_events_report_stores_and_removals(shared_server, client_factory):
     c = client_factory(s.url)
     with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
         stream = pb_grpc.KVCacheStub(ch).WatchEvents(pb.WatchEventsRequest(namespace=wire.ns_to_pb(NS)), timeout=10)
-        time.sleep(0.3)  # the watch is registered
+        # the call returns before the service registers the subscriber, and a page put before
+        # that is never reported: probe pages go in until the first event comes
+        probes, live = set(), threading.Event()
+
+        def until_live():
+            for i in range(100):
+                if live.is_set():
+                    return
+                h, p = make_pages(NS, list(range(2000 + 4 * i, 2004 + 4 * i)))
+                probes.update(h)
+                c.put_pages(NS, p)
+                live.wait(0.1)
+        putter = threading.Thread(target=until_live, daemon=True)
+        putter.start()
+        first = next(stream)
+        live.set()
+        putter.join()
+        assert first.kind == "stored" and first.hash in probes
         hashes, pages = make_pages(NS, list(range(900, 908)))
         c.put_pages(NS, pages)
         c.put_pages(NS.with_salt("elsewhere"), make_pages(NS.with_salt("elsewhere"), list(range(8)))[1])
         c.delete(NS, hashes[1:])
-        events = [next(stream) for _ in range(3)]
+        events = []
+        while len(events) < 3:
+            e = next(stream)
+            if e.hash not in probes:  # a probe put after the first event came
+                events.append(e)
         stream.cancel()
     assert [(e.kind, e.hash, e.tier) for e in events] == [
         ("stored", hashes[0], "cpu"), ("stored", hashes[1], "cpu"), ("removed", hashes[1], "cpu")]
