@@ -317,6 +317,26 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return {s.name: dict(dataclasses.asdict(getattr(cfg, s.name))) for s in fields(Config)}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last, so a
+    second `kvc:` section silently dropped every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML's own error for an unhashable key follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = f"at line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
     """Read a YAML config (or the defaults when path is None) and apply leaf overrides."""
     data: Mapping[str, Any] = {}
@@ -325,7 +345,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {e}") from None
         except OSError as e:  # a folder, no permission

@@ -134,3 +134,17 @@ def test_chunk_size_auto_by_device(tmp_path):
     for name in ("configs/default.yaml", "deploy/config/serve.yaml"):  # the shipped files say auto
         path = Path(__file__).resolve().parents[2] / name
         assert load_config(path).attn.chunk_size is None, name
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    # PyYAML keeps the last of two equal keys: the first kvc section's keys were silently dropped
+    p = tmp_path / "dup.yaml"
+    p.write_text("kvc:\n  cpu_memory_size_GB: 1\n  disk_path: /data/pages\nmodel:\n  device: cpu\n"
+                 "kvc:\n  cpu_memory_size_GB: 4\n")
+    with pytest.raises(ConfigError, match=r"key 'kvc' appears twice in one mapping \(first at line 1\)"):
+        load_config(p)
+    p.write_text("kvc:\n  cpu_memory_size_GB: 1\n  cpu_memory_size_GB: 2\n")
+    with pytest.raises(ConfigError, match="'cpu_memory_size_GB' appears twice"):
+        load_config(p)
+    p.write_text("kvc:\n  cpu_memory_size_GB: 1\nmodel:\n  device: cpu\n")  # equal keys in other mappings
+    assert load_config(p).kvc.cpu_memory_size_GB == 1
