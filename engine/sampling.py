@@ -40,6 +40,20 @@ class SamplingParams:
         object.__setattr__(self, "stop_strings", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
 
+    def find_stop(self, text: str, searched: int = 0) -> tuple[int, str] | None:
+        """(where, which) of the stop string that `text` completes first, or None: of the
+        occurrences that end past `searched` (text[:searched] was searched before), the one that
+        ends first (the one a character-by-character stream meets first), of those the one that
+        starts first. So the text before it holds no stop string, whichever order the strings
+        came in and however the text was cut into tokens; taking the first string of the list
+        that occurs anywhere in the new text ([">", '"'] on 'a ">') left '"' in 'a "'."""
+        best = None
+        for s in self.stop_strings:
+            at = text.find(s, max(0, searched - len(s) + 1))
+            if at >= 0 and (best is None or (at + len(s), at) < (best[0] + len(best[1]), best[0])):
+                best = (at, s)
+        return best
+
     @property
     def greedy(self) -> bool:
         """Argmax: temperature 0, or so small (< GREEDY_BELOW) that dividing by it overflows."""

@@ -2,7 +2,8 @@
 
 The chat template comes from chat_template.jinja, then tokenizer_config.json["chat_template"] (a
 string or a list of {name, template}), then chat_template.json; it is rendered the way
-transformers renders it (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, tojson).
+transformers renders it (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, tojson, the
+{% generation %} tag, tools and documents None, the named special tokens).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -22,14 +24,14 @@ from .token_cache import SegmentCache
 
 def _read_json(p: Path) -> dict:
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON: {e}") from None
 
 
 def _find_template(path: Path, tok_cfg: dict) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.jinja").is_file():  # UTF-8 whatever the locale, as transformers reads it
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
     t = tok_cfg.get("chat_template")
     if isinstance(t, list):
         t = next((x.get("template") for x in t if x.get("name") == "default"), None)
@@ -65,6 +67,11 @@ class Tokenizer:
         tok_cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
         self.eos_token = _token_str(tok_cfg.get("eos_token"))
         self.bos_token = _token_str(tok_cfg.get("bos_token"))
+        # what transformers' apply_chat_template hands a template besides the messages: its named
+        # special tokens (special_tokens_map: those set), bos/eos as "" where unset (kvc's own)
+        self._template_tokens = {k: t for k in _NAMED_TOKENS
+                                 if isinstance(t := _token_str(tok_cfg.get(k)), str)}
+        self._template_tokens.update(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         eos = list(extra_eos_ids)
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             eos.append(self._tok.token_to_id(self.eos_token))
@@ -74,6 +81,9 @@ class Tokenizer:
         # the ids of the pieces between added tokens (a system prompt, a chat's earlier turns) kept
         # for the next request; None where this tokenizer's pieces may not tokenize independently
         self.segments = SegmentCache.for_tokenizer(self._tok)
+        # whether the decoder has a ByteFallback step (SentencePiece-style BPEs' <0xE4> ids; Detokenizer)
+        decoder = self._tok.decoder
+        self.byte_fallback = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
 
     @staticmethod
     def from_dir(path: str | Path, extra_eos_ids: tuple[int, ...] = ()) -> "Tokenizer | None":
@@ -134,9 +144,33 @@ class Tokenizer:
         if self._template is None:
             raise ValueError("this model has no chat template (chat_template.jinja or "
                              "tokenizer_config.json chat_template); send a plain completion prompt")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                     **kwargs)
+        # as transformers renders it: tools and documents None (kvc takes neither), the named special
+        # tokens. A template's own error (raise_exception: "roles must alternate", an undefined
+        # field, ...) is the request's: a ValueError, which the server answers with a 400.
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **{"tools": None, "documents": None, **self._template_tokens, **kwargs})
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template refused the messages: {e}") from None
+
+
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the tokens its apply_chat_template passes a template by name
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class _Generation(jinja2.ext.Extension):
+    """transformers' {% generation %}...{% endgeneration %} (it marks the assistant's tokens for
+    training masks): rendered as its body, as transformers renders it outside of that mask."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller):
+        return caller()
 
 
 def _compile(source: str) -> jinja2.Template:
@@ -147,7 +181,7 @@ def _compile(source: str) -> jinja2.Template:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -162,23 +196,56 @@ class Detokenizer:
 
     Each update decodes only a short window: the ids since the last emitted boundary plus the
     new ones, and appends the part of that window's text that the previous window did not
-    produce. Text ending in a split UTF-8 character (U+FFFD) is held back until it completes.
-    The result equals decoding the whole list (tested).
+    produce. Text ending in a split UTF-8 character (U+FFFD) is held back until it completes, or
+    until the last update (final=True: the output ends there, so a character cut off by the
+    length limit is U+FFFD, as in decoding the whole list), or until more than HELD ids follow it
+    (bytes that are no UTF-8: U+FFFD for good). The result equals decoding the whole list (with
+    prompt_ids: the text that follows the prompt's; tested), ByteFallback decoders excepted: they
+    turn every byte of a run of byte ids into U+FFFD once the run holds bytes that are no UTF-8,
+    text already given out included ("\x0c" then "\ufffd\ufffd").
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    CONTEXT = 6  # the prompt's last ids a window may start with (vLLM's offset, 5, and one more)
+    HELD = 4  # a UTF-8 character's most bytes, so its most ids
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
+        """prompt_ids: the prompt's, when the output's text is what follows the prompt's text (as
+        vLLM, TGI and transformers' text-generation pipeline make it): a decoder that strips the
+        text's first space (SentencePiece's Metaspace / Strip, Llama-2, Mistral, Mixtral) then keeps
+        it on the output's first token, " Paris" after "The capital of France is". Without them,
+        the text is the output decoded alone ("Paris"). Byte-level BPEs give the same text both ways."""
         self.tok = tokenizer
         self.text = ""
+        ctx = list(prompt_ids[-self.CONTEXT:]) if len(prompt_ids) else []
+        if ctx and tokenizer.decode(ctx).endswith("\ufffd"):  # the prompt ends inside a character,
+            ctx = []  # which the output may complete: its text is the output's alone
+        self._ctx = ctx  # the window's start while it is still at 0
+        # text held back past HELD ids is let go (update) unless the decoder is ByteFallback's,
+        # whose run of byte ids turns wholly valid or wholly U+FFFD (its last ids decide its first)
+        self._bounded = not tokenizer.byte_fallback
         self._prefix = 0  # start of the decode window
         self._read = 0  # ids before this are in self.text
 
-    def update(self, ids: list[int]) -> str:
-        """The full text so far of `ids` (all ids of the output, the new ones at the end)."""
+    def update(self, ids: list[int], final: bool = False) -> str:
+        """The full text so far of `ids` (all ids of the output, the new ones at the end); with
+        final, the text of the whole output, nothing held back (call it once the output ends)."""
         if len(ids) == self._read:
             return self.text
-        before = self.tok.decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
-        window = self.tok.decode(ids[self._prefix:])
-        if len(window) > len(before) and not window.endswith("\ufffd"):
+        ctx = self._ctx if self._prefix == 0 else []
+        before = self.tok.decode(ctx + ids[self._prefix:self._read]) if self._read > self._prefix or ctx else ""
+        window = self.tok.decode(ctx + ids[self._prefix:])
+        if len(window) > len(before) and (final or not window.endswith("\ufffd")):
             self.text += window[len(before):]
             self._prefix, self._read = self._read, len(ids)
+        elif len(ids) - self._read > self.HELD and self._bounded:
+            # held back behind more ids than a character has bytes: the text of all but the last
+            # HELD ids is final where those ids (a byte or more each) leave it as it was (a U+FFFD
+            # at its end is then invalid bytes, which no later byte completes); else every update
+            # would decode a window as long as a run of invalid bytes or U+FFFD characters
+            # (quadratic: 5.8 s for 8,000 held ids), and stream none of it
+            k = len(ids) - self.HELD
+            part = self.tok.decode(ctx + ids[self._prefix:k])
+            if len(part) > len(before) and window.startswith(part) and all(self.tok.decode([i]) for i in ids[k:]):
+                self.text += part[len(before):]
+                self._prefix, self._read = self._read, k
         return self.text

@@ -150,6 +150,15 @@ class CompletionRequest(_Base):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs_count(cls, v):
+        # the completions API's logprobs is a count: 0 asks for the sampled tokens' logprobs (with
+        # no alternatives), which kvc does not return; only absent/null/false leaves them out
+        if v is not None and v is not False:
+            raise ValueError("logprobs are not supported")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _non_empty_and_in_range(cls, v):
@@ -178,14 +187,18 @@ class ChatMessage(BaseModel):
     content: Union[str, list[dict[str, Any]], None] = None
 
     def text(self) -> str:
+        """The content as one string: a list of text parts joined with newlines, as vLLM, SGLang
+        and TensorRT-LLM join them for a template that takes string content."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
         for part in self.content:
             if part.get("type") != "text":
                 raise ValueError(f"message content of type {part.get('type')!r} is not supported; send text")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part of a message's content needs its text as a string")
+            parts.append(part["text"])
+        return "\n".join(parts)
 
 
 class ChatRequest(_Base):
