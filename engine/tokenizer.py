@@ -81,6 +81,10 @@ class Tokenizer:
         # the ids of the pieces between added tokens (a system prompt, a chat's earlier turns) kept
         # for the next request; None where this tokenizer's pieces may not tokenize independently
         self.segments = SegmentCache.for_tokenizer(self._tok)
+        # the ids the tokenizer's post-processor puts around a text (a BOS for Llama- and DeepSeek-style
+        # tokenizers; none for Qwen's): what add_special_tokens=True adds, as transformers and vLLM
+        # add it to a completion's prompt
+        self.special_prefix, self.special_suffix = self._specials()
         # whether the decoder has a ByteFallback step (SentencePiece-style BPEs' <0xE4> ids; Detokenizer)
         decoder = self._tok.decoder
         self.byte_fallback = decoder is not None and b'"ByteFallback"' in decoder.__getstate__()
@@ -96,8 +100,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str, cache_salt: str = "") -> list[int]:
-        """Token ids of `text` (no special tokens added). Pieces between added tokens seen before
+    def _specials(self) -> tuple[list[int], list[int]]:
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        raise CheckpointError(f"the tokenizer's post-processor changes a text's own ids ({plain} -> {full}); "
+                              "kvc cannot add its special tokens")
+
+    def encode(self, text: str, cache_salt: str = "", add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; add_special_tokens: with the ids the tokenizer's post-processor puts
+        around a text (special_prefix / special_suffix: a BOS for Llama- and DeepSeek-style
+        tokenizers). Pieces between added tokens seen before
         under the same cache_salt take their ids from self.segments (engine.token_cache: a
         32K-token system prompt resent with a new question costs ~0.5 ms instead of ~50; another
         tenant's pieces are not reused, or their quicker tokenization would tell that tenant's
@@ -105,8 +120,12 @@ class Tokenizer:
         works (encode holds it: ~50 ms for a 120K-token text, every other thread of the process
         stopped); the ids are the same."""
         if self.segments is not None and len(text) >= token_cache.MIN_CHARS:
-            return self.segments.encode(text, cache_salt)
-        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+            ids = self.segments.encode(text, cache_salt)
+        else:
+            ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+        if add_special_tokens and (self.special_prefix or self.special_suffix):
+            ids = [*self.special_prefix, *ids, *self.special_suffix]
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

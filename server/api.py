@@ -203,7 +203,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
                            f"tokens (scheduler.max_model_len) can hold with this tokenizer "
                            f"(at most {max_prompt_bytes} bytes)", param=param)
 
-    async def submit(prompt, params, salt: str | None, param: str) -> Stream:
+    async def submit(prompt, params, salt: str | None, param: str, specials: bool = False) -> Stream:
         arrival = time.monotonic()  # TTFT counts from here: tokenizing is part of it
         rid = f"{uuid.uuid4().hex}"
         if isinstance(prompt, str) and tok is not None:
@@ -212,7 +212,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
             # 12-60 ms to tokenize the first time, and every running request's next step would wait
             # for it (Tokenizer.encode lets go of the GIL while it works; the pieces it has seen
             # under this cache_salt come from engine.token_cache).
-            prompt = await asyncio.to_thread(tok.encode, prompt, salt or "")
+            prompt = await asyncio.to_thread(tok.encode, prompt, salt or "", specials)
         try:
             return await engine.submit(rid, prompt, params, salt or "", arrival)
         except ValueError as e:
@@ -254,14 +254,14 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
         if body.stream:
             if len(prompts) != 1:
                 raise APIError(400, "stream: true takes one prompt per request", param="prompt")
-            stream = await submit(prompts[0], params, body.cache_salt, "prompt")
+            stream = await submit(prompts[0], params, body.cache_salt, "prompt", body.add_special_tokens)
             return StreamingResponse(_stream_completion(stream, cid, created, served, body.include_usage,
                                                         _hold(params), echo[0]),
                                      media_type="text/event-stream")
         streams = []
         try:
             for p in prompts:
-                streams.append(await submit(p, params, body.cache_salt, "prompt"))
+                streams.append(await submit(p, params, body.cache_salt, "prompt", body.add_special_tokens))
         except BaseException:  # a later prompt refused: the earlier ones would run for nobody
             for s in streams:
                 s.close()
@@ -294,7 +294,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
             raise APIError(400, str(e), param="messages") from None
         params = sampling(body, CHAT_DEFAULT_MAX_TOKENS)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = await submit(prompt, params, body.cache_salt, "messages")
+        stream = await submit(prompt, params, body.cache_salt, "messages", body.add_special_tokens)
         if body.stream:
             return StreamingResponse(_stream_chat(stream, cid, created, served, body.include_usage, _hold(params)),
                                      media_type="text/event-stream")

@@ -49,12 +49,11 @@ _NOT_SUPPORTED = {
     "guided_choice": (_set, "guided decoding is not supported"),
     "guided_grammar": (_set, "guided decoding is not supported"),
     "suffix": (_set, "suffix is not supported"),
-    # vLLM's extensions: kvc skips special tokens in the output, tokenizes without adding any, and
-    # renders the model's own chat template with the generation prompt added
+    # vLLM's extensions: kvc skips special tokens in the output and renders the model's own chat
+    # template with the generation prompt added
     "skip_special_tokens": (lambda v: v not in (None, True), "special tokens are always skipped in the output"),
     "spaces_between_special_tokens": (lambda v: v not in (None, True),
                                       "spaces_between_special_tokens is not supported"),
-    "add_special_tokens": (_set, "prompts are tokenized without adding special tokens"),
     "chat_template": (_set, "a request's own chat_template is not supported (the model's is used)"),
     "chat_template_kwargs": (_set, "chat_template_kwargs are not supported"),
     "add_generation_prompt": (lambda v: v not in (None, True), "the generation prompt is always added"),
@@ -149,6 +148,9 @@ class _Base(BaseModel):
 class CompletionRequest(_Base):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    # vLLM's extension, its default here: a text prompt gets the special tokens the tokenizer's
+    # post-processor adds (a BOS for Llama- and DeepSeek-style tokenizers); token ids are kept as sent
+    add_special_tokens: bool = True
 
     @field_validator("logprobs")
     @classmethod
@@ -203,6 +205,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Base):
     messages: list[ChatMessage] = Field(min_length=1)
+    # vLLM's default for chat: the template writes the special tokens itself
+    add_special_tokens: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:

@@ -341,7 +341,6 @@ def test_echo_token_ids_and_streams(shared):
     ("continue_final_message", True, False),
     ("chat_template", "{{ messages }}", None),
     ("chat_template_kwargs", {"enable_thinking": False}, {}),
-    ("add_special_tokens", True, False),
     ("truncate_prompt_tokens", 5, None),
     ("spaces_between_special_tokens", False, True),
 ])
@@ -362,9 +361,9 @@ def test_a_prompt_too_big_for_any_tokenization_is_refused_before_tokenizing(serv
     encoded = []
     encode = Tokenizer.encode
 
-    def record(self, text, cache_salt=""):
+    def record(self, text, cache_salt="", add_special_tokens=False):
         encoded.append(len(text))
-        return encode(self, text, cache_salt)
+        return encode(self, text, cache_salt, add_special_tokens)
     monkeypatch.setattr(Tokenizer, "encode", record)
     r = api.completion(prompt="x" * (limit + 1), max_tokens=1)
     err = error(r)

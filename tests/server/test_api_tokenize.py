@@ -36,10 +36,10 @@ def test_text_prompts_are_tokenized_off_the_engine_thread(app_engine, monkeypatc
     monkeypatch.setattr(eng, "add_request", record_add)
     encode = Tokenizer.encode
 
-    def record_encode(self, text, cache_salt=""):
+    def record_encode(self, text, cache_salt="", add_special_tokens=False):
         encoded_on.append(threading.current_thread())
         salts.append(cache_salt)
-        return encode(self, text, cache_salt)
+        return encode(self, text, cache_salt, add_special_tokens)
     monkeypatch.setattr(Tokenizer, "encode", record_encode)
     prompt = "the cached prefix of a long prompt " * 20
     with TestClient(app) as client:
@@ -71,9 +71,9 @@ def test_ttft_counts_from_the_request_not_from_the_engine(app_engine, monkeypatc
     app, eng, loop = app_engine
     encode = Tokenizer.encode
 
-    def slow_encode(self, text, cache_salt=""):
+    def slow_encode(self, text, cache_salt="", add_special_tokens=False):
         time.sleep(0.3)
-        return encode(self, text, cache_salt)
+        return encode(self, text, cache_salt, add_special_tokens)
     monkeypatch.setattr(Tokenizer, "encode", slow_encode)
 
     def ttft_sum():
