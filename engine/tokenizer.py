@@ -101,8 +101,13 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def _specials(self) -> tuple[list[int], list[int]]:
-        plain = self._tok.encode("a", add_special_tokens=False).ids
-        full = self._tok.encode("a", add_special_tokens=True).ids
+        for sample in ("a", "hello world", "0"):  # a text of the tokenizer's own ids (not none)
+            plain = self._tok.encode(sample, add_special_tokens=False).ids
+            if plain:
+                break
+        else:
+            return [], []
+        full = self._tok.encode(sample, add_special_tokens=True).ids
         for i in range(len(full) - len(plain) + 1):
             if full[i:i + len(plain)] == plain:
                 return full[:i], full[i + len(plain):]
