@@ -288,7 +288,7 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
         if tok is None:
             raise APIError(400, "this model has no tokenizer/chat template; use /v1/completions with token ids")
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
             prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None

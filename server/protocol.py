@@ -1,6 +1,8 @@
 """OpenAI request bodies (the subset kvc serves) and their mapping onto SamplingParams."""
 from __future__ import annotations
 
+import json
+
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -201,6 +203,30 @@ class ChatMessage(BaseModel):
                 raise ValueError("a text part of a message's content needs its text as a string")
             parts.append(part["text"])
         return "\n".join(parts)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as a chat template sees it (as transformers and vLLM hand it over): role,
+        content as text, and the message's other fields (name, tool_call_id, an assistant's
+        tool_calls, reasoning_content) as sent, a tool call's JSON `arguments` string parsed into
+        the mapping templates such as Qwen's iterate over."""
+        msg = {**(self.model_extra or {}), "role": self.role, "content": self.text()}
+        calls = msg.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise ValueError("tool_calls must be a list of objects")
+            msg["tool_calls"] = [_parsed_arguments(c) for c in calls]
+        return msg
+
+
+def _parsed_arguments(call: dict) -> dict:
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tool_calls: function.arguments is not valid JSON: {e}") from None
+        return {**call, "function": {**fn, "arguments": args}}
+    return call
 
 
 class ChatRequest(_Base):
