@@ -273,3 +273,15 @@ def test_dashboard_shows_a_counters_first_event(promtool, tmp_path, panel, legen
         "promql_expr_test": [{"expr": expr, "eval_time": "8m", "exp_samples": [{"labels": labels, "value": 1}]}],
     }], rules=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_cluster_init_waits_for_redis_to_answer():
+    # depends_on a list waits for the nodes' containers to start, not for Redis to answer: a slow
+    # node failed the init, and the cache-server waits for the init's success
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    deps = services["redis-cluster-init"]["depends_on"]
+    assert isinstance(deps, dict) and len(deps) == 6
+    for name, cond in deps.items():
+        assert cond == {"condition": "service_healthy"}, name
+        assert "redis-cli" in services[name]["healthcheck"]["test"], name
