@@ -13,6 +13,13 @@ from kvc.hashing import Namespace, PageSpec, page_hashes
 from .request import Request
 
 
+# Namespaces kept by cache_salt (a request's first page hashes from its namespace's root): a client
+# that sends a fresh cache_salt with every request would otherwise grow the map by one entry each,
+# forever. Past this many the oldest is dropped; it is rebuilt if its salt comes back (one xxh3 of
+# ~200 bytes; an equal Namespace, so the same root and the same pages).
+NAMESPACES_KEPT = 1024
+
+
 class KVCache:
     def __init__(self, spec: PageSpec, num_blocks: int, device: torch.device, architecture: str,
                  weights_digest: str):
@@ -64,6 +71,8 @@ class KVCache:
     def namespace(self, salt: str) -> Namespace:
         ns = self._ns.get(salt)
         if ns is None:
+            if len(self._ns) >= NAMESPACES_KEPT:
+                del self._ns[next(iter(self._ns))]  # the oldest made
             ns = self._ns[salt] = Namespace(self._architecture, self.spec, self._digest, "", salt)
         return ns
 

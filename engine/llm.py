@@ -50,13 +50,19 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params):
-            self.engine.add_request(rid, list(prompt) if not isinstance(prompt, str) else prompt, p, cache_salt)
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                self.engine.add_request(rid, list(prompt) if not isinstance(prompt, str) else prompt, p, cache_salt)
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:  # a prompt refused, an interrupt: the others would stay in the engine,
+            for rid in ids:    # holding pages and running in every later generate for nobody
+                if rid not in done:
+                    self.engine.abort(rid)
+            raise
         self.engine.flush_commits()  # the pages are cached (and offered) when generate returns
         return [done[r] for r in ids]
 

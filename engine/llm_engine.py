@@ -222,6 +222,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: _Step | None = None  # a launched step not yet read back
+        # The longest step() waits for a host load when nothing else can run (None: until one
+        # lands). A caller that takes new requests and aborts between steps (the server's engine
+        # loop) sets it: a slow load (a cache service near its RPC timeout, a busy disk) must not
+        # hold back the requests that arrive meanwhile, nor the abort of the loading one.
+        self.load_wait_s: float | None = None
         self._update_gauges()
         freeze_long_lived_objects()
 
@@ -314,7 +319,7 @@ class LLMEngine:
             if prev is not None:
                 return self._finish(prev)
             self.prefix_cache.run_deferred()  # no launch to do it beside
-            self.scheduler.wait_for_loads()  # nothing else can run until a load lands
+            self.scheduler.wait_for_loads(self.load_wait_s)  # nothing else can run until a load lands
             return []
         launched = self._launch(sched)
         if prev is None and not self.async_scheduling:

@@ -47,6 +47,7 @@ class Grant(enum.Enum):
     RUN = "run"          # blocks for the next chunk are allocated
     LOADING = "loading"  # host pages are being loaded; the request waits in LOADING
     NO_ROOM = "no_room"  # the pool is short; the request now holds no blocks
+    WAIT = "wait"        # another request's load brings its next pages; it holds no blocks until then
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,9 @@ class PrefixCache:
 
     # -- admission ---------------------------------------------------------------------------------
     def admit(self, req: Request, budget: int) -> Admission:
-        """Place a waiting request: reuse its cached prefix, start a host load, or give it room
-        for its next chunk of at most `budget` tokens."""
+        """Place a waiting request: reuse its cached prefix, start a host load (or wait for another
+        request's load of the same pages: WAIT), or give it room for its next chunk of at most
+        `budget` tokens."""
         fresh = not req.block_table
         if fresh and self.prefix_caching:
             loading = self._match(req)
@@ -130,6 +132,11 @@ class PrefixCache:
         """Take the device hit; start a host load when the host tiers extend it and loading pays."""
         P = self.page_size
         cap = (req.num_tokens - 1) // P  # at least one token is computed, for its logits
+        if self._unregistered:  # another request's verified load that starts as this prompt does:
+            first = req.ids_bytes(0, P)  # its pages are hits for this one once registered
+            for other in list(self._unregistered):
+                if other.cache_salt == req.cache_salt and other.ids_bytes(0, P) == first:
+                    self._register_loaded(other)
         memo, k = self._remembered(req, cap)
         if memo is not None and len(req.hashes) < k:
             req.hashes = memo.hashes[:k]  # the same ids under the same salt: the same hashes
@@ -149,6 +156,13 @@ class PrefixCache:
         req.num_computed, req.num_registered = len(hits) * P, len(hits)
         if self.host is None or cap <= len(hits):
             return None
+        if self._loads and self._loading(req.hashes[len(hits)], len(hits)):
+            # Another request's load brings the next pages (the same prompt arriving at once after
+            # its prefix left the device pool): wait for it instead of loading them again into
+            # blocks of its own (N identical arrivals held N copies of the prefix and read the host
+            # tiers N times). It holds nothing meanwhile; once that load lands they are device hits.
+            self.release(req)
+            return Admission(Grant.WAIT)
         ns = self.kv.namespace(req.cache_salt)
         located = self._host_located(req, ns, len(hits), cap)
         if len(located) < len(hits) and self._may_reoffer(req.hashes[len(located)]):
@@ -179,6 +193,10 @@ class PrefixCache:
                              on_queued=on_queued)
         self._loads[req] = _Load(req, fut, len(hits), end - len(hits), queued)
         return Admission(Grant.LOADING)
+
+    def _loading(self, h: bytes, page: int) -> bool:
+        """Whether a running load brings page `page` of hash h (a chained hash: the same prefix)."""
+        return any(x.start <= page < x.start + x.pages and x.req.hashes[page] == h for x in self._loads.values())
 
     def _remembered(self, req: Request, cap: int) -> tuple[_Memo | None, int]:
         """(the longest valid _Memo whose prefix starts req's prompt, how many of its pages to take:
@@ -332,14 +350,15 @@ class PrefixCache:
     def num_loading(self) -> int:
         return sum(not (x.freed or x.early) for x in self._loads.values())
 
-    def poll(self, wait_one: bool = False) -> list[Request]:
+    def poll(self, wait_one: bool = False, timeout: float | None = None) -> list[Request]:
         """Requests whose load ended, now WAITING with their loaded pages computed and registered
         (hits for others too). wait_one (the engine has nothing else to run): block until a load
-        ends or has every write queued on the GPU; a queued one goes back early (see `settle`)."""
+        ends or has every write queued on the GPU (or `timeout` seconds pass); a queued one goes
+        back early (see `settle`)."""
         if wait_one and self._loads and not any(self._ready(x) for x in self._loads.values()):
             waits = [x.future for x in self._loads.values()]
             waits += [x.queued for x in self._loads.values() if not (x.early or x.freed)]
-            wait(waits, return_when=FIRST_COMPLETED)
+            wait(waits, timeout=timeout, return_when=FIRST_COMPLETED)
         back = []
         for req, load in list(self._loads.items()):
             if load.future.done():

@@ -1,10 +1,13 @@
 """AsyncEngine: the engine's step loop on its own thread, with asyncio streams for the HTTP side.
 
 The engine is not thread-safe, so every call into it (add, abort, step) happens on the loop
-thread; handlers hand requests over through a queue and get their outputs back through an
-asyncio.Queue per request. A handler that goes away (a client disconnect) aborts its request,
-which frees its pages. A request the engine cannot take fails alone; if the loop itself stops (an
-error in step(), or shutdown), every request it holds or has not yet taken fails with it.
+thread; handlers hand requests over through a queue and get their outputs back through a slot per
+request on their event loop (an output not yet read is replaced by the next: each holds all so
+far). A handler that goes away (a client disconnect, a cancelled submit, a closed event loop)
+aborts its request, which frees its pages. A request the engine cannot take fails alone; if the
+loop itself stops (an error in step(), or shutdown), every request it holds or has not yet taken
+fails with it. While only host-tier loads are in progress, step() waits for them at most
+LOAD_WAIT_S, so requests and aborts that arrive meanwhile are taken.
 """
 from __future__ import annotations
 
@@ -16,10 +19,37 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 log = logging.getLogger("kvc.server")
+LOAD_WAIT_S = 0.02
 
 
 class EngineDead(RuntimeError):
     """The engine loop has stopped: no request can be served until the server restarts (a 503)."""
+
+
+class _Outputs:
+    """A request's outputs for its reader, on the reader's event loop. Each RequestOutput holds
+    everything so far (the whole text, every token id), so one the reader has not taken yet is
+    replaced by the next: a slow reader (a client reading a stream slowly, TCP pushing back) holds
+    one output, not one per token each with the text so far (a queue of them grew quadratically
+    with the output's length). A finished output or an error is never replaced."""
+
+    def __init__(self):
+        self._item = None
+        self._has = False
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        if self._has and (isinstance(self._item, EngineDead) or self._item.finished):
+            return
+        self._item, self._has = item, True
+        self._ready.set()
+
+    async def get(self):
+        while not self._has:
+            self._ready.clear()
+            await self._ready.wait()
+        item, self._item, self._has = self._item, None, False
+        return item
 
 
 @dataclass
@@ -30,13 +60,16 @@ class _Add:
     cache_salt: str
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future
-    stream: asyncio.Queue
+    stream: _Outputs
     arrival: float | None = None  # time.monotonic() when the HTTP handler started
 
 
 class AsyncEngine:
     def __init__(self, engine):
         self.engine = engine
+        # step() waits at most this long for a host load when nothing else can run, so requests
+        # and aborts that arrive during a slow load are taken within it (not after the load)
+        engine.load_wait_s = LOAD_WAIT_S
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, _Add] = {}
         self._stopped = threading.Event()
@@ -65,7 +98,9 @@ class AsyncEngine:
                         continue
                     if out.finished:
                         del self._streams[out.request_id]
-                    add.loop.call_soon_threadsafe(add.stream.put_nowait, out)
+                    if not _send(add, add.stream.put_nowait, out):  # its caller's event loop is gone
+                        self._streams.pop(out.request_id, None)
+                        self.engine.abort(out.request_id)
             error = EngineDead("the server is shutting down")
         except BaseException as e:  # the loop is dead: fail every waiting request loudly
             log.exception("engine loop failed")
@@ -82,10 +117,7 @@ class AsyncEngine:
                 if isinstance(item, _Add):
                     waiting.append(item)
         for add in waiting:
-            try:
-                add.loop.call_soon_threadsafe(_fail, add, error)
-            except RuntimeError:  # its event loop is closed: nobody waits for it
-                pass
+            _send(add, _fail, add, error)  # (a closed event loop: nobody waits for it)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -114,10 +146,12 @@ class AsyncEngine:
         try:
             self.engine.add_request(add.request_id, add.prompt, add.params, add.cache_salt, arrival=add.arrival)
         except Exception as e:  # this request only (ValueError: the caller's, a 400; else a 500)
-            add.loop.call_soon_threadsafe(settle, e)
+            _send(add, settle, e)
             return
         self._streams[add.request_id] = add
-        add.loop.call_soon_threadsafe(settle, None)
+        if not _send(add, settle, None):  # its caller's event loop is gone: nobody reads it
+            del self._streams[add.request_id]
+            self.engine.abort(add.request_id)
 
     # -- asyncio side ----------------------------------------------------------------------------
     async def submit(self, request_id: str, prompt, params, cache_salt: str = "",
@@ -126,12 +160,16 @@ class AsyncEngine:
         EngineDead if the loop has stopped, and whatever else add_request raised.
         `arrival`: when the request came in (time.monotonic()), where TTFT counts from."""
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), asyncio.Queue(), arrival)
+        add = _Add(request_id, prompt, params, cache_salt, loop, loop.create_future(), _Outputs(), arrival)
         with self._lock:
             if not self.alive:
                 raise EngineDead("the engine loop is not running; see the server log")
             self._inbox.put(add)
-        await add.accepted
+        try:
+            await add.accepted
+        except asyncio.CancelledError:  # the caller went away before it had a Stream to abort with:
+            self.abort(request_id)  # the engine may have taken the request (a no-op if it did not)
+            raise
         return Stream(self, request_id, add.stream)
 
     def abort(self, request_id: str) -> None:
@@ -143,6 +181,17 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
 
+def _send(add: _Add, fn, *args) -> bool:
+    """Call fn(*args) on add's event loop; False if that loop is closed (its caller is gone: an
+    asyncio.run that returned with the request unread). One caller's closed loop must not end the
+    engine loop for every other request."""
+    try:
+        add.loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
 def _fail(add: _Add, error: EngineDead) -> None:
     """On add's event loop: its submit() or its Stream raises `error`."""
     if not add.accepted.done():
@@ -151,9 +200,10 @@ def _fail(add: _Add, error: EngineDead) -> None:
 
 
 class Stream:
-    """The outputs of one request, in order; aborts the request if left before it finished."""
+    """The outputs of one request, in order (a reader that falls behind gets the latest: each
+    holds everything so far); aborts the request if left before it finished."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue):
+    def __init__(self, engine: AsyncEngine, request_id: str, q: _Outputs):
         self.engine, self.request_id, self._q = engine, request_id, q
         self.finished = False
 
