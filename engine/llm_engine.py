@@ -387,20 +387,23 @@ class LLMEngine:
 
     def _check_stop(self, req: Request, tok: int) -> None:
         p = req.params
+        by_token = tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)
+        by_length = len(req.output_ids) >= p.max_tokens or req.num_tokens >= req.max_len
         if self.tokenizer is not None:
             prev = len(req.text)
-            if req.detok is None:
-                req.detok = Detokenizer(self.tokenizer)
-            req.text = req.detok.update(req.output_ids)
-            for s in p.stop_strings:
-                at = req.text.find(s, max(0, prev - len(s) + 1))
-                if at >= 0:
-                    req.text = req.text[:at + len(s)] if p.include_stop_str_in_output else req.text[:at]
-                    req.finish_reason = "stop"
-                    return
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            if req.detok is None:  # the text that follows the prompt's (a SentencePiece space kept)
+                req.detok = Detokenizer(self.tokenizer, req.prompt_ids)
+            # the output's last text: nothing held back (a character cut off by the length is U+FFFD)
+            req.text = req.detok.update(req.output_ids, final=by_token or by_length)
+            hit = p.find_stop(req.text, prev) if p.stop_strings else None  # the stop string met first
+            if hit is not None:
+                at, s = hit
+                req.text = req.text[:at + len(s)] if p.include_stop_str_in_output else req.text[:at]
+                req.finish_reason = "stop"
+                return
+        if by_token:
             req.finish_reason = "stop"
-        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= req.max_len:
+        elif by_length:
             req.finish_reason = "length"
 
     def _update_gauges(self) -> None:

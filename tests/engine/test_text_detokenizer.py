@@ -86,8 +86,6 @@ def test_incremental_text_after_the_prompt_equals_the_whole(sp_dir, qwen_dir):
             assert Detokenizer(tok, tok.encode("say: ")).update(ids) == Detokenizer(tok).update(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="needs LLMEngine._check_stop to make the request's Detokenizer with the "
-                                       "prompt: Detokenizer(self.tokenizer, req.prompt_ids)")
 def test_a_completion_is_the_text_after_its_prompt(sp_dir, tmp_path):
     """The engine's output text for a Mixtral-style tokenizer: the text that follows the prompt
     (a completion appended to its prompt reads as the whole decoded sequence)."""

@@ -1,9 +1,8 @@
 """An output's text: the stop string it meets first, and its last character when the output ends
 inside it.
 
-SamplingParams.find_stop and Detokenizer.update(final=True) are the fixes; the engine tests below
-need engine/llm_engine.py's _check_stop to use them (see each test's xfail reason), and are strict
-xfails until it does: once it does they pass, and the xfail marks must go."""
+SamplingParams.find_stop and Detokenizer.update(final=True) are the fixes, used by the engine's
+_check_stop (the engine tests below)."""
 import glob
 from pathlib import Path
 
@@ -74,8 +73,6 @@ def _met_first_case(eng: LLMEngine):
     raise AssertionError("no output with a multi-character token to test with")
 
 
-@pytest.mark.xfail(strict=True, reason="needs LLMEngine._check_stop to cut at SamplingParams.find_stop(req.text, "
-                                       "prev) instead of the first of p.stop_strings found in the new text")
 def test_the_text_before_a_stop_holds_no_stop_string(bpe_engine):
     prompt, stops, want = _met_first_case(bpe_engine)
     out = _run(bpe_engine, prompt, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, stop=stops))
@@ -96,8 +93,6 @@ def test_final_update_gives_the_whole_text(qwen_dir):
     assert got == "ok 🙂"
 
 
-@pytest.mark.xfail(strict=True, reason="needs LLMEngine._check_stop to call req.detok.update(req.output_ids, "
-                                       "final=True) once it sets finish_reason (EOS, stop token, length)")
 def test_an_output_cut_inside_a_character_keeps_its_bytes(qwen_dir):
     """The byte tokenizer's ids are bytes: a length limit often ends an output inside a UTF-8
     character, whose bytes the text dropped (max_tokens=2 could give "" for two ids)."""
