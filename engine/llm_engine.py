@@ -241,7 +241,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer.json; send token ids, not text")
-            text, raw = prompt, self.tokenizer.encode(prompt, cache_salt)
+            # as vLLM's LLM and the server's completions: with the special tokens the tokenizer's
+            # post-processor adds (a DeepSeek or Llama BOS; none for Qwen's)
+            text, raw = prompt, self.tokenizer.encode(prompt, cache_salt, add_special_tokens=True)
         else:
             text, raw = None, prompt
         ids, packed, low, high = _token_ids(raw)

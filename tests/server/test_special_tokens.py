@@ -90,3 +90,17 @@ def test_add_special_tokens_must_be_a_boolean(api):
     a, _, _ = api
     r = a.post("/v1/completions", {"model": "tiny", "prompt": TEXT, "add_special_tokens": "maybe"})
     assert r.status_code == 400 and "add_special_tokens" in error(r)["message"], r.text
+
+
+def test_the_offline_api_adds_them_to_text_prompts(bos_model):
+    from engine import LLM, SamplingParams
+    path, bos_id = bos_model
+    llm = LLM(str(path), device="cpu", dtype="float32", gpu_only=True)
+    try:
+        ids = llm.engine.tokenizer.encode(TEXT)
+        greedy = SamplingParams(temperature=0, max_tokens=4)
+        text_out, ids_out = llm.generate([TEXT, [bos_id, *ids]], greedy)
+        assert text_out.prompt_token_ids == [bos_id, *ids]  # as vLLM's LLM tokenizes a text prompt
+        assert text_out.outputs[0].token_ids == ids_out.outputs[0].token_ids
+    finally:
+        llm.close()
