@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Sequence
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ from . import wire
 from .backend import BAD_PARENT_TAIL, LookupResult, PutResult
 from .hashing import Namespace, page_hashes, tokens_bytes
 from .pb import pb, pb_grpc
+from . import rebase
 from .rebase import Rebase
 from .record import Page
 from .shm import Segment
@@ -35,6 +37,12 @@ _DOWN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, g
 PUT_RPC_BYTES = 256 << 20  # payload bytes per PutPages call
 TRANSFER_BYTES_PER_S = 100e6  # deadline allowance for payloads, on top of the base timeout
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+# Namespace roots whose service root a client remembers (one per cache_salt: an engine whose
+# clients send a salt a request would otherwise grow the map forever), and the pairs their tenant
+# maps may hold together. Past either the least recently used root is dropped: its next lookup
+# learns it again (a put of pages chained from pairs dropped is refused as unplaced meanwhile).
+ROOTS_KEPT = 1024
+PAIRS_KEPT = 4 * rebase.CAPACITY
 
 
 _PUT_FRAMES = wire.frames_field(pb.PutPagesRequest)
@@ -122,7 +130,7 @@ class RemoteCache:
             self._m_down.set(0)
         # client root -> map to the tenant's chain (None: the service keeps the root), replaced when
         # the service's root for it changes (a restart with a new tenant secret)
-        self._rebases: dict[bytes, Rebase | None] = {}
+        self._rebases: OrderedDict[bytes, Rebase | None] = OrderedDict()  # least recently used first
 
     # -- plumbing ------------------------------------------------------------------------------
     def _deadline(self, nbytes: int = 0) -> float:
@@ -201,6 +209,8 @@ class RemoteCache:
         root = ns.root
         known = root in self._rebases
         rb = self._rebases.get(root)
+        if known:
+            self._rebases.move_to_end(root)
         if known and service_root is not None and service_root != (root if rb is None else rb.service_root):
             log.warning("cache service %s changed namespace root %s to %s (restarted with a new tenant "
                         "secret?); relearning its page hashes", self.url, root.hex(), service_root.hex())
@@ -209,7 +219,15 @@ class RemoteCache:
             if service_root is None:
                 service_root = self._service_root(ns)
             rb = self._rebases[root] = None if service_root == root else Rebase(root, service_root)
+            self._rebases.move_to_end(root)
+            self._bound_rebases()
         return rb
+
+    def _bound_rebases(self) -> None:
+        pairs = sum(len(x) for x in self._rebases.values() if x is not None)
+        while len(self._rebases) > 1 and (len(self._rebases) > ROOTS_KEPT or pairs > PAIRS_KEPT):
+            _, dropped = self._rebases.popitem(last=False)
+            pairs -= len(dropped) if dropped is not None else 0
 
     def _service_root(self, ns: Namespace) -> bytes:
         return self._unary(self._stub.Lookup, pb.LookupRequest(namespace=wire.ns_to_pb(ns))).root
@@ -245,6 +263,8 @@ class RemoteCache:
         if client_hashes is None:
             client_hashes = page_hashes(ns.root, tokens, ns.spec.page_size)
             rb.learn(client_hashes, r.hashes)
+            if len(self._rebases) > 1:
+                self._bound_rebases()
         return LookupResult(client_hashes, dict(r.tiers), list(r.located))
 
     def get_pages(self, ns: Namespace, hashes: Sequence[bytes], out: torch.Tensor | None = None) -> list[Page]:

@@ -28,6 +28,10 @@ class Rebase:
         self._s2c: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """Pairs remembered."""
+        return len(self._c2s)
+
     def learn(self, client_hashes: Sequence[bytes], service_hashes: Sequence[bytes]) -> None:
         with self._lock:
             for c, s in zip(client_hashes, service_hashes):

@@ -215,3 +215,27 @@ def test_tls(make_server, client_factory, tmp_path):
     assert len(c.get_pages(NS, hashes)) == 2
     plain = client_factory(f"grpc://127.0.0.1:{s.port}", timeout=1.0)
     assert plain.lookup(NS, tokens=list(range(8))).num_pages == 0  # a plaintext client gets nothing
+
+
+def test_a_tenant_client_remembers_a_bounded_number_of_roots(auth_server, client_factory, monkeypatch):
+    """One root a cache_salt: a client whose engine sees a salt a request kept every root's map (up
+    to 2**18 pairs each) forever. Past the bound the least recently used is dropped, and its salt
+    still hits: its next lookup learns the root again."""
+    from kvc import client as client_mod
+    monkeypatch.setattr(client_mod, "ROOTS_KEPT", 8)
+    alice = client_factory(auth_server.url, token="tok-alice")
+    toks = list(range(5000, 5008))
+    first = NS.with_salt("salt-0")
+    _, pages = make_pages(first, toks)
+    assert alice.put_pages(first, pages).stored == 2
+    for i in range(1, 30):
+        alice.lookup(NS.with_salt(f"salt-{i}"), tokens=toks)
+    assert len(alice._rebases) == 8
+    assert first.root not in alice._rebases
+    r = alice.lookup(first, tokens=toks)  # relearned
+    assert r.num_pages == 2 and first.root in alice._rebases
+    got = alice.get_pages(first, r.hashes)
+    assert [g.hash for g in got] == [p.hash for p in pages]
+    monkeypatch.setattr(client_mod, "PAIRS_KEPT", 3)  # the pairs' bound drops maps too
+    alice.lookup(NS.with_salt("salt-x"), tokens=list(range(6000, 6016)))  # 4 pairs learned
+    assert sum(len(x) for x in alice._rebases.values() if x is not None) <= 4
