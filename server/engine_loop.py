@@ -175,9 +175,14 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(request_id)
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Ask the loop to end (without waiting): the requests it still holds fail with
+        EngineDead("the server is shutting down"), a stream's reader gets that as an error event."""
         self._stopped.set()
         self._inbox.put(None)
+
+    def shutdown(self) -> None:
+        self.stop()
         self._thread.join(timeout=30)
 
 

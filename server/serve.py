@@ -110,9 +110,32 @@ def cache_description(config: Config) -> str:
             + (", cluster tier" if config.kvc.cluster_url else ""))
 
 
-def run_serve(config: Config, cache_token: str | None = None) -> int:
+GRACEFUL_S = 10.0  # uvicorn's graceful shutdown: requests still running then have their connections cut
+DRAIN_S = 8.0  # of it, how long requests may run on before the engine loop ends them
+
+
+def http_server(app, loop, host: str, port: int):
+    """uvicorn's server for `app`. At shutdown (SIGTERM) it stops accepting and waits for running
+    requests; those still running DRAIN_S later are ended by the engine loop (`loop`, an
+    AsyncEngine): a stream gets an error event and [DONE], a plain request a 503, before uvicorn's
+    graceful timeout would cut their connections mid-response."""
+    import asyncio
+
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            ending = asyncio.get_running_loop().call_later(DRAIN_S, loop.stop)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ending.cancel()
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                 timeout_graceful_shutdown=GRACEFUL_S))
+
+
+def run_serve(config: Config, cache_token: str | None = None) -> int:
     from .api import create_app
     from .engine_loop import AsyncEngine
 
@@ -132,8 +155,7 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
     print(f"kvc serve: model {names[0]!r} on {engine.device}, {cache_description(config)}", flush=True)
     print(f"kvc serve: OpenAI API at http://{host}:{port}/v1  (metrics: http://{host}:{port}/metrics)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+    server = http_server(app, loop, host, port)
     # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place
     # that is a no-op, so the cleanup below runs and the cpu tier is written back to disk.
     for sig in (signal.SIGTERM, signal.SIGINT):
