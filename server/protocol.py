@@ -95,7 +95,7 @@ class _Base(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)  # torch.Generator.manual_seed's range
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

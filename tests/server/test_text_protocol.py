@@ -84,3 +84,15 @@ def test_completions_logprobs_zero_is_refused():
         ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], logprobs=ok)
     with pytest.raises(ValueError, match="logprobs"):
         ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], logprobs=True)
+
+
+def test_a_seed_out_of_the_generators_range_is_a_400_naming_it():
+    # it reached torch.Generator.manual_seed: "Overflow when unpacking long long", no param
+    from pydantic import ValidationError
+
+    from server.protocol import CompletionRequest
+    for seed in (1 << 64, -(1 << 63) - 1):
+        with pytest.raises(ValidationError, match="seed"):
+            CompletionRequest(model="tiny", prompt="x", seed=seed)
+    for seed in ((1 << 64) - 1, -(1 << 63), 0):
+        assert CompletionRequest(model="tiny", prompt="x", seed=seed).seed == seed
