@@ -593,13 +593,11 @@ def test_kernels_match_reference_cuda(dtype, page, heads):
             check_cudnn_prefix_views("cuda", dtype, atol=2e-2, heads=(Hq, Hkv), D=128, P=page)
 
 
-INTERP = """
-import sys, torch
-from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_cudnn_prefix_views, check_decode_bound,
-                                                check_fixed_plan, check_merge_live, check_merge_two, check_norm,
-                                                check_tma,
-                                                check_one_wave, check_qk_norm_rope, check_split_scratch,
-                                                check_unmasked_loop, count_paths, engine_tokens)
+# Four subprocesses (each well under pytest's 300 s timeout on a 2-core runner: as one they took
+# ~250 s alone, over 300 beside other work): the kernels' checks in three parts, the engine's dispatch.
+INTERP_KERNELS = """
+from tests.engine.test_attention_kernels import (check_decode_bound, check_fixed_plan, check_merge_live, check_norm,
+                                                check_one_wave, check_split_scratch, check_unmasked_loop)
 check_norm("cpu")
 check_one_wave()
 check_split_scratch("cpu")
@@ -607,8 +605,20 @@ check_decode_bound("cpu")
 check_merge_live("cpu")
 check_fixed_plan("cpu")
 check_unmasked_loop("cpu")
+print("ok")
+"""
+
+INTERP_TMA = """
+from tests.engine.test_attention_kernels import check_tma
 check_tma("cpu", full=False)
 check_tma("cpu", P=12, full=False)  # key tiles of 32 that do not start on a page: the pointer loop throughout
+print("ok")
+"""
+
+INTERP_PREFILL = """
+import torch
+from tests.engine.test_attention_kernels import (check, check_cudnn_hit, check_cudnn_prefix_views, check_merge_two,
+                                                check_qk_norm_rope)
 pieces = [(0, 9), (5, 6), (3, 1), (20, 1), (16, 3)]
 for Hq, Hkv, P in ((2, 2, 16), (4, 1, 16), (8, 1, 32)):
     check(pieces, Hq, Hkv, 16, P, torch.float32, "cpu", atol=1e-4)
@@ -618,6 +628,12 @@ check_merge_two("cpu")
 check_cudnn_hit("cpu", real_op=False)
 check_cudnn_prefix_views("cpu", real_op=False)
 check_qk_norm_rope("cpu")
+print("ok")
+"""
+
+INTERP_ENGINE = """
+import sys
+from tests.engine.test_attention_kernels import count_paths, engine_tokens
 calls = count_paths()
 ref = engine_tokens(sys.argv[1], backend="reference")  # attn.backend is obeyed under the interpreter
 assert calls["reference"] > 0 and calls["kernels"] == calls["norm"] == calls["rope"] == 0, calls
@@ -691,14 +707,36 @@ def engine_tokens(path: str, split_steps: bool = False, **overrides) -> dict[str
     return out
 
 
-def test_kernels_match_reference_interpreter(qwen_dir):
-    """Kernels and the engine's kernel dispatch on CPU tensors under triton's interpreter."""
+def _interpret(script: str, *args: str) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    r = subprocess.run([sys.executable, "-c", INTERP, str(qwen_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=290)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_kernels_match_reference_interpreter():
+    """The kernels on CPU tensors under triton's interpreter, against the reference: norms, decode,
+    merges, plans."""
+    _interpret(INTERP_KERNELS)
+
+
+def test_tma_kernels_match_reference_interpreter():
+    """The prefill kernel's TMA tiles (and its pointer loop where a tile does not start on a page)."""
+    _interpret(INTERP_TMA)
+
+
+def test_prefill_kernels_match_reference_interpreter():
+    """The same for the prefill pieces (ragged, GQA, fp16), the merge of two, cuDNN's packing, q/k
+    norm + RoPE."""
+    _interpret(INTERP_PREFILL)
+
+
+def test_engine_kernel_dispatch_interpreter(qwen_dir):
+    """The engine's kernel dispatch under triton's interpreter: attn.backend obeyed, the kernels'
+    tokens equal the reference's, the prefill graphs' split too."""
+    _interpret(INTERP_ENGINE, str(qwen_dir))
 
 
 def test_attn_backend_config_reaches_the_layers_cpu(qwen_dir):

@@ -40,7 +40,7 @@ def test_attention_kernels_compile_for_hopper(qwen_dir):
     """Prefill (split-K, fixed plans), decode, merge, RMSNorm, q/k norm + RoPE, the cache store,
     as the interpreter test and its engine runs launch them."""
     from tests.engine import test_attention_kernels as t
-    _check(t.INTERP, [str(qwen_dir)], least=6)
+    _check("\n".join((t.INTERP_KERNELS, t.INTERP_TMA, t.INTERP_PREFILL, t.INTERP_ENGINE)), [str(qwen_dir)], least=6)
 
 
 WIDE_TMA = """
