@@ -115,3 +115,18 @@ def wait_until(pred, timeout: float = 10.0, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return pred()
+
+
+def start_uvicorn(srv):
+    """Run a uvicorn.Server (its signal handlers left to the test process) on a thread of its own;
+    returns the thread once the server listens. Stop it with srv.should_exit = True."""
+    import asyncio
+    import threading
+    srv.install_signal_handlers = lambda: None
+    thread = threading.Thread(target=lambda: asyncio.run(srv.serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return thread

@@ -1,10 +1,8 @@
 """server.max_request_bytes under a real uvicorn: a body over the limit gets a 413 with OpenAI's
 error shape before the server reads it (a declared Content-Length) or as soon as it passes the
 limit (a chunked body), and the server keeps serving. uvicorn itself reads bodies of any size."""
-import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -18,7 +16,7 @@ from kvc.config import ConfigError, ServerConfig, load_config
 from server.api import create_app
 from server.engine_loop import AsyncEngine
 
-from .conftest import free_port
+from .conftest import free_port, start_uvicorn
 
 LIMIT = 4096
 
@@ -34,13 +32,7 @@ def server(tmp_path_factory):
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(loop, ["tiny"], CollectorRegistry(), LIMIT),
                                         host="127.0.0.1", port=port, log_level="warning"))
-    srv.install_signal_handlers = lambda: None
-    thread = threading.Thread(target=lambda: asyncio.run(srv.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    thread = start_uvicorn(srv)
     yield port
     srv.should_exit = True
     thread.join(10)

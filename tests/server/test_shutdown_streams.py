@@ -1,9 +1,7 @@
 """A stream still running at shutdown ends with an error event and [DONE], before uvicorn's
 graceful timeout; it was cut mid-response (an incomplete chunked body: httpx's
 RemoteProtocolError) once the timeout passed."""
-import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -17,7 +15,7 @@ from server import serve
 from server.api import create_app
 from server.engine_loop import AsyncEngine
 
-from .conftest import free_port
+from .conftest import free_port, start_uvicorn
 
 
 @pytest.fixture
@@ -31,13 +29,7 @@ def server(tmp_path, monkeypatch):
     loop = AsyncEngine(eng)
     port = free_port()
     srv = serve.http_server(create_app(loop, ["tiny"], CollectorRegistry()), loop, "127.0.0.1", port)
-    srv.install_signal_handlers = lambda: None
-    thread = threading.Thread(target=lambda: asyncio.run(srv.serve()), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    thread = start_uvicorn(srv)
     yield srv, port, thread
     srv.should_exit = True
     thread.join(10)
