@@ -87,7 +87,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send, f"the request body is {int(declared)} bytes")
+            return await self._refuse(scope, receive, send, f"the request body is {int(declared)} bytes")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -96,7 +96,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await self._refuse(send, f"the request body passed {self.max_bytes} bytes")
+                return await self._refuse(scope, receive, send, f"the request body passed {self.max_bytes} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
@@ -107,15 +107,11 @@ class BodyLimit:
             return first.pop() if first else await receive()
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send, what: str) -> None:
-        body = json.dumps({"error": {
-            "message": f"{what}; this server takes at most {self.max_bytes} bytes a request "
-                       f"(server.max_request_bytes)",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope, receive, send, what: str) -> None:
+        response = _error(413, f"{what}; this server takes at most {self.max_bytes} bytes a request "
+                               f"(server.max_request_bytes)", "invalid_request_error",
+                          code="request_too_large", headers={"connection": "close"})
+        await response(scope, receive, send)
 
 
 def _usage(out) -> dict:
