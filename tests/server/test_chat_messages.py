@@ -5,16 +5,11 @@ agent's earlier tool calls vanished from its prompt."""
 import json
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from engine import LLMEngine
 from engine.tiny import make_tiny_model
-from kvc.config import load_config
-from server.api import create_app
-from server.engine_loop import AsyncEngine
 from server.protocol import ChatMessage
 
-from .test_api_hardening import Api, error
+from .test_api_hardening import _serve, error
 
 # renders what Qwen-style templates take from a message besides its content
 TEMPLATE = (
@@ -39,15 +34,8 @@ def api(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m"
     make_tiny_model(path, "qwen3_moe", num_hidden_layers=1)
     (path / "chat_template.jinja").write_text(TEMPLATE)
-    cfg = load_config().replace(path=str(path), dtype="float32", device="cpu", gpu_only=True,
-                                page_size=4, chunk_size=64, num_device_blocks=256)
-    eng = LLMEngine(cfg)
-    loop = AsyncEngine(eng)
-    a = Api(create_app(loop, ["tiny"], CollectorRegistry()))
-    yield a, eng, path
-    loop.shutdown()
-    eng.close()
-    a.close()
+    for a, eng, _ in _serve(path):  # test_api_hardening's in-process server
+        yield a, eng, path
 
 
 def test_the_template_sees_names_tool_call_ids_and_tool_calls(api):

@@ -6,18 +6,13 @@ option, so a DeepSeek checkpoint's completions ran without their BOS."""
 import json
 
 import pytest
-from prometheus_client import CollectorRegistry
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.processors import TemplateProcessing
 
-from engine import LLMEngine
 from engine.tiny import make_tiny_model
 from engine.tokenizer import Tokenizer
-from kvc.config import load_config
-from server.api import create_app
-from server.engine_loop import AsyncEngine
 
-from .test_api_hardening import Api, error
+from .test_api_hardening import _serve, error
 
 BOS = "<|endoftext|>"  # the tiny tokenizer's; any special token serves as this test's BOS
 TEXT = "Hello world, this is a test"
@@ -40,15 +35,8 @@ def bos_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(bos_model):
     path, bos_id = bos_model
-    cfg = load_config().replace(path=str(path), dtype="float32", device="cpu", gpu_only=True,
-                                page_size=4, chunk_size=64, num_device_blocks=256)
-    eng = LLMEngine(cfg)
-    loop = AsyncEngine(eng)
-    a = Api(create_app(loop, ["tiny"], CollectorRegistry()))
-    yield a, eng, bos_id
-    loop.shutdown()
-    eng.close()
-    a.close()
+    for a, eng, _ in _serve(path):  # test_api_hardening's in-process server
+        yield a, eng, bos_id
 
 
 def test_the_tokenizer_adds_what_transformers_adds(bos_model):
