@@ -6,7 +6,8 @@ request on their event loop (an output not yet read is replaced by the next: eac
 far). A handler that goes away (a client disconnect, a cancelled submit, a closed event loop)
 aborts its request, which frees its pages. A request the engine cannot take fails alone; if the
 loop itself stops (an error in step(), or shutdown), every request it holds or has not yet taken
-fails with it. While only host-tier loads are in progress, step() waits for them at most
+fails with it, and then, when it was an error, `on_death` is called (kvc serve exits, so that its
+supervisor restarts it). While only host-tier loads are in progress, step() waits for them at most
 LOAD_WAIT_S, so requests and aborts that arrive meanwhile are taken.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 log = logging.getLogger("kvc.server")
 LOAD_WAIT_S = 0.02
@@ -65,8 +66,11 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, engine):
+    def __init__(self, engine, on_death: Callable[[BaseException], None] | None = None):
+        """on_death(error): called on the loop's thread once an error has stopped the loop and every
+        request it held has been failed (not at stop())."""
         self.engine = engine
+        self._on_death = on_death
         # step() waits at most this long for a host load when nothing else can run, so requests
         # and aborts that arrive during a slow load are taken within it (not after the load)
         engine.load_wait_s = LOAD_WAIT_S
@@ -118,6 +122,8 @@ class AsyncEngine:
                     waiting.append(item)
         for add in waiting:
             _send(add, _fail, add, error)  # (a closed event loop: nobody waits for it)
+        if self.error is not None and self._on_death is not None:
+            self._on_death(self.error)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -112,18 +113,31 @@ def cache_description(config: Config) -> str:
 
 GRACEFUL_S = 10.0  # uvicorn's graceful shutdown: requests still running then have their connections cut
 DRAIN_S = 8.0  # of it, how long requests may run on before the engine loop ends them
+DEATH_EXIT_S = 1.0  # after the engine loop failed: time for the requests it failed to get their errors
 
 
-def http_server(app, loop, host: str, port: int):
+def http_server(app, loop, host: str, port: int, died: threading.Event | None = None):
     """uvicorn's server for `app`. At shutdown (SIGTERM) it stops accepting and waits for running
     requests; those still running DRAIN_S later are ended by the engine loop (`loop`, an
     AsyncEngine): a stream gets an error event and [DONE], a plain request a 503, before uvicorn's
-    graceful timeout would cut their connections mid-response."""
+    graceful timeout would cut their connections mid-response. `died` set (the engine loop failed):
+    the server shuts down DEATH_EXIT_S later, as at SIGTERM."""
     import asyncio
+    import time
 
     import uvicorn
 
     class Server(uvicorn.Server):
+        died_at: float | None = None
+
+        async def on_tick(self, counter: int) -> bool:
+            if died is not None and died.is_set():
+                now = time.monotonic()
+                self.died_at = self.died_at or now
+                if now - self.died_at >= DEATH_EXIT_S:
+                    return True
+            return await super().on_tick(counter)
+
         async def shutdown(self, sockets=None):
             ending = asyncio.get_running_loop().call_later(DRAIN_S, loop.stop)
             try:
@@ -149,13 +163,22 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
         from .heap import retain_freed_memory
         retain_freed_memory(CLIENT_RETAIN_BYTES)
     registry, cache, engine = build(config, cache_token)
-    loop = AsyncEngine(engine)
+    died = threading.Event()
+
+    def engine_died(error: BaseException) -> None:
+        # nothing can be served until a restart: exit (status 1) so that systemd, compose's restart
+        # policy or Kubernetes restarts kvc serve, as vLLM's server exits when its engine dies
+        log.error("the engine loop failed (%s: %s): kvc serve exits with status 1 in %.0f s",
+                  type(error).__name__, error, DEATH_EXIT_S)
+        died.set()
+
+    loop = AsyncEngine(engine, on_death=engine_died)
     names = served_names(config)
     app = create_app(loop, names, registry, config.server.max_request_bytes)
     print(f"kvc serve: model {names[0]!r} on {engine.device}, {cache_description(config)}", flush=True)
     print(f"kvc serve: OpenAI API at http://{host}:{port}/v1  (metrics: http://{host}:{port}/metrics)",
           flush=True)
-    server = http_server(app, loop, host, port)
+    server = http_server(app, loop, host, port, died)
     # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place
     # that is a no-op, so the cleanup below runs and the cpu tier is written back to disk.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,7 +190,7 @@ def run_serve(config: Config, cache_token: str | None = None) -> int:
         engine.close()
         if cache is not None:
             cache.close()
-    return 0
+    return 1 if died.is_set() else 0
 
 
 def main_serve(args: argparse.Namespace) -> int:

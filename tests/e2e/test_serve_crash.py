@@ -1,11 +1,14 @@
 """`kvc serve` SIGKILLed in the middle of a stream restarts on the same port at once and reuses
-the pages its disk tier committed before the kill."""
+the pages its disk tier committed before the kill; a `kvc serve` whose engine loop died exits."""
+import os
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
 
-from .conftest import SERVE_YAML, Proc, free_port, metric_value, wait_http
+from .conftest import ROOT, SERVE_YAML, Proc, free_port, metric_value, wait_http
 
 PROMPT = "You are a careful assistant for a team of engineers who run caches. " * 8 + "Crash test."
 
@@ -44,3 +47,53 @@ def test_sigkill_mid_stream_restarts_and_reuses_disk_pages(tmp_path, tiny_model)
         assert metric_value(base, "kvc_lookup_hit_tokens_total", tier="disk") > 0
     finally:
         proc.stop()
+
+
+_FAULTY_SERVE = """
+import os, sys
+from engine.llm_engine import LLMEngine
+from server.cli import main
+
+step = LLMEngine.step
+
+
+def faulty_step(self):  # a fault in the engine's step (a CUDA error, a bug) once the trigger file exists
+    if os.path.exists(sys.argv[1]):
+        raise RuntimeError("injected fault in step")
+    return step(self)
+
+
+LLMEngine.step = faulty_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow  # one `kvc serve` start-up: ~15 s on the 2-core VM
+def test_a_dead_engine_loop_ends_kvc_serve_with_status_1(tmp_path, tiny_model):
+    """The engine loop dead, nothing could be served until a restart: the request in flight gets
+    its 503, then the process exits with status 1 (a supervisor's restart policy restarts it)
+    instead of answering 503 forever."""
+    port, trigger = free_port(), tmp_path / "fail-now"
+    cfg = tmp_path / "faulty.yaml"
+    cfg.write_text(SERVE_YAML.format(model=tiny_model, disk=tmp_path / "pages", port=port))
+    log = tmp_path / "faulty.log"
+    with open(log, "ab") as f:
+        p = subprocess.Popen([sys.executable, "-c", _FAULTY_SERVE, str(trigger), "serve", "--config", str(cfg)],
+                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = Proc.__new__(Proc)  # wait_http reads .p and .output()
+    proc.p, proc.log = p, log
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc)
+        body = {"model": "tiny-qwen3-moe", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 200
+        trigger.touch()
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and "injected fault" in r.json()["error"]["message"], r.text
+        assert p.wait(30) == 1, log.read_text()
+        out = log.read_text()
+        assert "kvc serve exits with status 1" in out and "Traceback" in out  # the step's, logged once
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
