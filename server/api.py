@@ -22,6 +22,7 @@ from kvc.config import ServerConfig
 
 from .engine_loop import AsyncEngine, EngineDead, Stream
 from .protocol import ChatRequest, CompletionRequest
+from .tool_parser import ToolCallStream, chat_finish_reason, chat_message, template_tool_format
 
 CHAT_DEFAULT_MAX_TOKENS = 128
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -184,6 +185,8 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
 
     tok = engine.engine.tokenizer
     max_model_len = engine.engine.max_model_len
+    # the tool-call format the model's template teaches it (None: kvc cannot read its calls)
+    tool_format = template_tool_format(tok) if tok is not None else None
     max_prompt_bytes = tok.max_text_bytes(max_model_len) if tok is not None else None
 
     def check_text(text: str, param: str) -> None:
@@ -283,23 +286,32 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
         tok = engine.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer/chat template; use /v1/completions with token ids")
+        if body.parse_tools and tool_format is None:
+            raise APIError(400, "tools: this model's chat template has no tool-call format kvc can read "
+                           "(kvc reads Hermes-style <tool_call> blocks, which Qwen2.5, Qwen3 and Hermes "
+                           'templates ask for); send tool_choice "none" to only show the model the tools',
+                           param="tools")
+        # the tools as sent, as transformers and vLLM hand them to the template (with tool_choice
+        # "none" too: the model still sees them)
+        tools = {"tools": body.tools} if body.tools else {}
         try:
             messages = [m.for_template() for m in body.messages]
-            prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, **tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         params = sampling(body, CHAT_DEFAULT_MAX_TOKENS)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = await submit(prompt, params, body.cache_salt, "messages", body.add_special_tokens)
         if body.stream:
-            return StreamingResponse(_stream_chat(stream, cid, created, served, body.include_usage, _hold(params)),
+            return StreamingResponse(_stream_chat(stream, cid, created, served, body.include_usage, _hold(params),
+                                                  body.parse_tools),
                                      media_type="text/event-stream")
         out = await until_done(stream, http)
         if out is None:
             return Response(status_code=499)
+        message, finish = chat_message(out.outputs[0].text, out.outputs[0].finish_reason, body.parse_tools)
         return {"id": cid, "object": "chat.completion", "created": created, "model": served,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.outputs[0].text},
-                             "logprobs": None, "finish_reason": out.outputs[0].finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "usage": _usage(out)}
 
     return app
@@ -343,18 +355,29 @@ async def _stream_completion(stream: Stream, cid: str, created: int, model: str,
     yield "data: [DONE]\n\n"
 
 
-async def _stream_chat(stream: Stream, cid: str, created: int, model: str, include_usage: bool, hold: int):
+async def _stream_chat(stream: Stream, cid: str, created: int, model: str, include_usage: bool, hold: int,
+                       parse_tools: bool = False):
+    """The chat stream's events; parse_tools: with the reply's tool calls read out of its text
+    (ToolCallStream: content and calls add up to the unstreamed reply's)."""
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]})
     last = None
+    calls = ToolCallStream() if parse_tools else None
     try:
         async for delta, out in _deltas(stream, hold):
             last = out
-            if delta or out.finished:
-                yield _sse({**head, "choices": [{"index": 0, "delta": {"content": delta} if delta else {},
-                                                 "logprobs": None,
-                                                 "finish_reason": out.outputs[0].finish_reason}]})
+            finish = out.outputs[0].finish_reason
+            if calls is None:
+                deltas = [{"content": delta}] if delta else []
+            else:
+                deltas = calls.feed(delta, out.finished)
+                finish = chat_finish_reason(finish, calls.calls > 0)
+            if out.finished and not deltas:
+                deltas = [{}]  # the finish_reason's own chunk
+            for i, d in enumerate(deltas):
+                yield _sse({**head, "choices": [{"index": 0, "delta": d, "logprobs": None,
+                                                 "finish_reason": finish if i == len(deltas) - 1 else None}]})
     except RuntimeError as e:
         yield _sse({"error": {"message": str(e), "type": "server_error"}})
     if include_usage and last is not None:

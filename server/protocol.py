@@ -43,9 +43,11 @@ _NOT_SUPPORTED = {
     "prompt_logprobs": (_set, "logprobs are not supported"),
     "response_format": (lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") in (None, "text")),
                         "response_format other than text (JSON mode, schemas) is not supported"),
-    "tools": (_set, "tools (function calling) are not supported"),
-    "functions": (_set, "functions (function calling) are not supported"),
-    "tool_choice": (lambda v: v not in (None, "none", "auto"), "tool_choice is not supported"),
+    # tools are ChatRequest's own fields: on /v1/completions they are refused
+    "tools": (_set, "function calling on /v1/completions (use /v1/chat/completions) is not supported"),
+    "functions": (_set, "functions (the legacy function calling: send tools) are not supported"),
+    "tool_choice": (lambda v: v not in (None, "none", "auto"),
+                    "function calling on /v1/completions (use /v1/chat/completions) is not supported"),
     "guided_json": (_set, "guided decoding is not supported"),
     "guided_regex": (_set, "guided decoding is not supported"),
     "guided_choice": (_set, "guided decoding is not supported"),
@@ -79,7 +81,7 @@ _NOT_SUPPORTED = {
 class _Base(BaseModel):
     # Clients send fields we do not act on (user, metadata, ...): accept and ignore them, but
     # refuse the ones whose meaning we would silently change (n > 1, logprobs, penalties, JSON mode,
-    # tools: _NOT_SUPPORTED).
+    # legacy functions: _NOT_SUPPORTED).
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="after")
@@ -229,11 +231,69 @@ def _parsed_arguments(call: dict) -> dict:
     return call
 
 
+def _check_tool(i: int, tool) -> str:
+    """The name of the function tool `tool` (tools[i]) declares; a 400 naming the field that is wrong."""
+    at = f"tools[{i}]"
+    if not isinstance(tool, dict):
+        raise _invalid(at, f'{at} must be an object: {{"type": "function", "function": {{"name": ...}}}}')
+    if tool.get("type") != "function":
+        raise _invalid(f"{at}.type", f'{at}.type must be "function" (got {tool.get("type")!r}): '
+                                     "function tools are the only kind kvc calls")
+    fn = tool.get("function")
+    if not isinstance(fn, dict):
+        raise _invalid(f"{at}.function", f"{at}.function must be an object with the function's name, "
+                                         "description and parameters")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise _invalid(f"{at}.function.name", f"{at}.function.name must be a non-empty string "
+                                              f"(got {name!r})")
+    if fn.get("description") is not None and not isinstance(fn["description"], str):
+        raise _invalid(f"{at}.function.description", f"{at}.function.description must be a string")
+    if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+        raise _invalid(f"{at}.function.parameters", f"{at}.function.parameters must be a JSON schema object "
+                                                    f"(got {type(fn['parameters']).__name__})")
+    return name
+
+
 class ChatRequest(_Base):
     messages: list[ChatMessage] = Field(min_length=1)
     # vLLM's default for chat: the template writes the special tokens itself
     add_special_tokens: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # function tools, in OpenAI's shape; they reach the chat template as sent
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # accepted: a Hermes model may write several calls either way
+
+    @field_validator("tools")
+    @classmethod
+    def _function_tools(cls, v):
+        seen: dict[str, int] = {}
+        for i, tool in enumerate(v or ()):
+            name = _check_tool(i, tool)
+            if name in seen:
+                raise _invalid(f"tools[{i}].function.name", f"tools[{i}].function.name {name!r} is also "
+                                                            f"tools[{seen[name]}]'s: function names must be unique")
+            seen[name] = i
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _auto_or_none(cls, v):
+        # "required" and a named function force a call: only decoding constrained to the tools'
+        # schemas can promise one, and kvc samples freely
+        if v == "required" or isinstance(v, dict):
+            raise _invalid("tool_choice", f"tool_choice={v!r} needs guided decoding (to force a tool call), "
+                                          'which kvc does not have; send "auto" or "none"')
+        if v not in (None, "none", "auto"):
+            raise _invalid("tool_choice", f'tool_choice must be "none" or "auto" (got {v!r})')
+        return v
+
+    @property
+    def parse_tools(self) -> bool:
+        """Whether the reply's tool calls are read out of its text: tools given and tool_choice not
+        "none" (with "none" the template still lists the tools, as in vLLM, and the text is content)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:

@@ -109,7 +109,8 @@ def test_bad_requests_get_openai_errors(server, body, status, needle):
 
 @pytest.mark.parametrize("extra,needle", [
     ({"response_format": {"type": "json_object"}}, "JSON mode"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+      "tool_choice": "required"}, "guided decoding"),
     ({"presence_penalty": 1.0}, "penalties"),
 ])
 def test_chat_options_kvc_does_not_do_are_refused(server, extra, needle):
