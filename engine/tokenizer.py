@@ -215,22 +215,78 @@ def _compile(source: str) -> jinja2.Template:
         raise CheckpointError(f"chat template does not parse: {e}") from None
 
 
+def _byte_tokens(tokenizer: "Tokenizer") -> tuple[dict[int, int], list[int], set[int]] | None:
+    """For a ByteFallback decoder: {id: byte} of its byte tokens (<0xE2>), the ids of U+FFFD's
+    bytes (EF BF BD), and the special tokens' ids (decode skips them: a run of byte ids goes on
+    past them); None where the bytes are not all there or do not decode as bytes."""
+    cached = tokenizer.__dict__.get("_detok_bytes", False)
+    if cached is not False:
+        return cached
+    found = None
+    if tokenizer.byte_fallback:
+        hf, specials = tokenizer._tok, set()
+        try:
+            specials = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        except AttributeError:  # an older tokenizers library
+            pass
+        byte_of, id_of = {}, {}
+        for tok, i in hf.get_vocab(with_added_tokens=True).items():
+            if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">") and i not in specials:
+                if all(c in "0123456789abcdefABCDEF" for c in tok[3:5]):  # as the decoder reads them
+                    byte_of[i] = b = int(tok[3:5], 16)
+                    id_of.setdefault(b, i)
+        if all(b in id_of for b in (0xEF, 0xBF, 0xBD, 0xC3, 0xA9)):
+            fffd = [id_of[0xEF], id_of[0xBF], id_of[0xBD]]
+            if (hf.decode(fffd) == "\ufffd" and hf.decode([id_of[0xC3], id_of[0xA9]]) == "é"
+                    and hf.decode([id_of[0xC3], id_of[0xA9], id_of[0xBD]]) == "\ufffd" * 3):
+                found = (byte_of, fffd, specials)
+    tokenizer.__dict__["_detok_bytes"] = found
+    return found
+
+
+def _valid_prefix(bs: bytes) -> int:
+    """How many of the bytes' first bytes are whole UTF-8 characters."""
+    try:
+        bs.decode("utf-8")
+        return len(bs)
+    except UnicodeDecodeError as e:
+        return e.start
+
+
 class Detokenizer:
     """Incremental text of a growing id list, in O(new tokens) per update.
 
     Each update decodes only a short window: the ids since the last emitted boundary plus the
     new ones, and appends the part of that window's text that the previous window did not
-    produce. Text ending in a split UTF-8 character (U+FFFD) is held back until it completes, or
-    until the last update (final=True: the output ends there, so a character cut off by the
-    length limit is U+FFFD, as in decoding the whole list), or until more than HELD ids follow it
-    (bytes that are no UTF-8: U+FFFD for good). The result equals decoding the whole list (with
-    prompt_ids: the text that follows the prompt's; tested), ByteFallback decoders excepted: they
-    turn every byte of a run of byte ids into U+FFFD once the run holds bytes that are no UTF-8,
-    text already given out included ("\x0c" then "\ufffd\ufffd").
+    produce. Text is only ever appended: each update's text starts with the one before it, so a
+    stream of the differences adds up to the final text.
+
+    Byte-level decoders (Qwen's, DeepSeek's, GPT-2's) decode the bytes with replacement: one U+FFFD
+    for each ill-formed byte sequence. Text ending in a split UTF-8 character (U+FFFD) is held back
+    until it completes, or until the last update (final=True: the output ends there, so a
+    character cut off by the length limit is U+FFFD, as in decoding the whole list), or until more
+    than HELD ids follow it (bytes that are no UTF-8: U+FFFD for good). The result equals decoding
+    the whole list (with prompt_ids: the text that follows the prompt's; tested).
+
+    A ByteFallback decoder (SentencePiece-style BPEs: Llama's, Mistral's, Mixtral's <0xE2> ids)
+    decodes a run of byte ids as one: its characters where all its bytes are UTF-8, else one
+    U+FFFD per byte, the characters before a bad byte included. So a run of byte ids is held back
+    until it ends (an id that is no byte, or final), or until it has more than RUN byte ids: then
+    its first whole characters (or its first byte, U+FFFD, where it starts with a byte that begins
+    no character) are text, and the rest is a run of its own. The result equals decoding the whole
+    list wherever no run of byte ids is longer than RUN (then text already given out would have to
+    turn into U+FFFD) and in all of a run of bytes that are UTF-8; decoding a window again never
+    rewrites text already given out ("\x0c", then <0x80>: "\x0c" and "\ufffd\ufffd" decoded whole).
+
+    Where the output is UTF-8 the text is what vLLM streams (tokenizers' DecodeStream primed with the
+    prompt's last ids); where it is not, vLLM drops bytes (its stream restarts on an invalid prefix,
+    the space of the id after it dropped too, a character cut off at the end dropped), kvc does
+    not (tests/engine/test_detokenizer_bytefallback.py).
     """
 
     CONTEXT = 6  # the prompt's last ids a window may start with (vLLM's offset, 5, and one more)
     HELD = 4  # a UTF-8 character's most bytes, so its most ids
+    RUN = 16  # ByteFallback: the most byte ids of a run held back (5 CJK characters, 4 emoji)
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
         """prompt_ids: the prompt's, when the output's text is what follows the prompt's text (as
@@ -240,15 +296,67 @@ class Detokenizer:
         the text is the output decoded alone ("Paris"). Byte-level BPEs give the same text both ways."""
         self.tok = tokenizer
         self.text = ""
-        ctx = list(prompt_ids[-self.CONTEXT:]) if len(prompt_ids) else []
+        # ByteFallback's byte ids ({id: byte}, U+FFFD's ids): its windows are decoded through _repair
+        self._bytes = _byte_tokens(tokenizer) if tokenizer.byte_fallback else None
+        start = max(len(prompt_ids) - self.CONTEXT, 0)
+        if self._bytes is not None:  # not inside a character of byte ids (all its bytes U+FFFD)
+            byte_of = self._bytes[0]
+            for _ in range(3):
+                if start and 0x80 <= byte_of.get(prompt_ids[start], 0) <= 0xBF:
+                    start -= 1
+        ctx = list(prompt_ids[start:])
         if ctx and tokenizer.decode(ctx).endswith("\ufffd"):  # the prompt ends inside a character,
             ctx = []  # which the output may complete: its text is the output's alone
         self._ctx = ctx  # the window's start while it is still at 0
-        # text held back past HELD ids is let go (update) unless the decoder is ByteFallback's,
-        # whose run of byte ids turns wholly valid or wholly U+FFFD (its last ids decide its first)
+        # text held back past HELD ids is let go (update) unless the decoder is ByteFallback's
+        # (without its byte ids: a run of byte ids turns wholly valid or wholly U+FFFD)
         self._bounded = not tokenizer.byte_fallback
         self._prefix = 0  # start of the decode window
         self._read = 0  # ids before this are in self.text
+
+    def _repair(self, ids: list[int], final: bool, brk: int, mark: int) -> tuple[list[int], int | None, int]:
+        """(repaired, at_mark, cut) of ids with a ByteFallback decoder: its runs of byte ids split
+        where they have more than RUN (see the class) and at brk (the prompt's end: the prompt's
+        text is its own), each part as the decoder decodes a run: its bytes where they are UTF-8,
+        else one U+FFFD per byte (its bytes EF BF BD). The ids' text is repaired's, of ids[:cut]:
+        the last run's last part is held back (not final). at_mark: where ids[:mark] end in
+        repaired (a place where a run ended or split, as mark is; None where it is not one)."""
+        byte_of, fffd, specials = self._bytes
+        if byte_of.keys().isdisjoint(ids):  # no byte ids: nothing to split or hold
+            return list(ids), (mark if 0 <= mark <= len(ids) else None), len(ids)
+        if specials and not specials.isdisjoint(ids):  # skipped: a run of byte ids goes on past them
+            at = [k for k, t in enumerate(ids) if t not in specials]
+            out, at_mark, cut = self._repair([ids[k] for k in at], final, sum(k < brk for k in at),
+                                             sum(k < mark for k in at))
+            return out, at_mark, (at[cut] if cut < len(at) else len(ids))
+        run = self.RUN
+        out, at_mark, cut, i, n = [], None, len(ids), 0, len(ids)
+        while i < n:
+            if i == mark:
+                at_mark = len(out)
+            if ids[i] not in byte_of:
+                out.append(ids[i])
+                i += 1
+                continue
+            j = i + 1
+            while j < n and j != brk and ids[j] in byte_of:
+                j += 1
+            while j - i > run:  # the run's first whole characters, or its first byte's U+FFFD
+                v = _valid_prefix(bytes(byte_of[t] for t in ids[i:i + run + 1]))
+                out += ids[i:i + v] if v else fffd
+                i += v or 1
+                if i == mark:
+                    at_mark = len(out)
+            if j == n and not final:
+                cut = i  # the rest of a run a later byte id may make bad
+            elif _valid_prefix(part := bytes(byte_of[t] for t in ids[i:j])) == len(part):
+                out += ids[i:j]
+            else:
+                out += fffd * (j - i)
+            i = j
+        if mark == n:
+            at_mark = len(out)
+        return out, at_mark, cut
 
     def update(self, ids: list[int], final: bool = False) -> str:
         """The full text so far of `ids` (all ids of the output, the new ones at the end); with
@@ -256,6 +364,8 @@ class Detokenizer:
         if len(ids) == self._read:
             return self.text
         ctx = self._ctx if self._prefix == 0 else []
+        if self._bytes is not None:
+            return self._update_bytes(ids, final, ctx)
         before = self.tok.decode(ctx + ids[self._prefix:self._read]) if self._read > self._prefix or ctx else ""
         window = self.tok.decode(ctx + ids[self._prefix:])
         if len(window) > len(before) and (final or not window.endswith("\ufffd")):
@@ -272,4 +382,23 @@ class Detokenizer:
             if len(part) > len(before) and window.startswith(part) and all(self.tok.decode([i]) for i in ids[k:]):
                 self.text += part[len(before):]
                 self._prefix, self._read = self._read, k
+        return self.text
+
+    def _update_bytes(self, ids: list[int], final: bool, ctx: list[int]) -> str:
+        """update with a ByteFallback decoder: a window's text is final but for the run of byte
+        ids at its end (its part since its last split). The text before _read is that of the
+        same repaired ids (so split where the window splits them: decoded alone, a run that the
+        window splits would be one run, all U+FFFD where a part of it is)."""
+        window_ids = ctx + ids[self._prefix:]
+        rep, at_read, cut = self._repair(window_ids, final, len(ctx), len(ctx) + self._read - self._prefix)
+        if at_read is not None:
+            before = self.tok.decode(rep[:at_read]) if at_read else ""
+        else:  # (not where a run ends or splits: not met) the ids before it decoded by themselves
+            before = self.tok.decode(self._repair(window_ids[:len(ctx) + self._read - self._prefix], True,
+                                                  len(ctx), -1)[0])
+        window = self.tok.decode(rep)
+        end = self._prefix + cut - len(ctx)  # the window's text is of ids[:end]
+        if len(window) > len(before) and (window.startswith(before) or final):
+            self.text += window[len(before):]
+            self._prefix, self._read = self._read, end
         return self.text
