@@ -13,6 +13,13 @@ registered or offered). A cpu-tier load on CUDA lands layer by layer (HostTier's
 its request goes back once every layer is queued, and each layer of its step waits for that
 layer's event, so the step's first layers run while the last layers are still being copied.
 
+Requests that start alike share what is computed as soon as it is launched: an admission first
+commits the running requests with its first page (their launched steps' pages become hits, as
+vLLM caches a block when its step is scheduled), and a request whose next page a running
+prefill is still to compute waits for it (Grant.WAIT) instead of computing it beside it. A chat's
+next turn reuses every full page of the last turn's prompt and output (pages are committed as
+they fill, decode steps included; a last partial page is not kept).
+
 Invariants that keep the engine from stalling:
 - a request that `admit` cannot place holds no blocks afterwards (its pages stay cached in the
   pool's hash map, so retrying costs nothing unless they are evicted meanwhile);
@@ -47,7 +54,7 @@ class Grant(enum.Enum):
     RUN = "run"          # blocks for the next chunk are allocated
     LOADING = "loading"  # host pages are being loaded; the request waits in LOADING
     NO_ROOM = "no_room"  # the pool is short; the request now holds no blocks
-    WAIT = "wait"        # another request's load brings its next pages; it holds no blocks until then
+    WAIT = "wait"        # another request's load or prefill brings its next pages; it holds nothing meanwhile
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,9 @@ class PrefixCache:
         self._deferred: dict[Request, None] = {}
         self._deferred_free: list[Request] = []
         self._memos: list[_Memo] = []  # long device hits, the latest last (_remembered)
+        # requests placed to run (they hold blocks and compute): an admission commits those that
+        # start as its prompt does first (_share), so it reuses what their launched steps computed
+        self._live: dict[Request, None] = {}
         self.memo_hits = 0  # device hits that started from a _Memo
         self.early_loads = 0  # loads whose request went back to the queue before they were verified
         self.early_loads_failed = 0  # of those, loads whose pages then failed: the step's work was voided
@@ -124,6 +134,7 @@ class PrefixCache:
         n = min(req.num_tokens - req.num_computed, self.chunk, budget)
         if self._grow(req, self._blocks_needed(req, n)):
             self._count_hit(req)
+            self._live[req] = None
             return Admission(Grant.RUN, n)
         self.release(req)
         return Admission(Grant.NO_ROOM)
@@ -137,6 +148,8 @@ class PrefixCache:
             for other in list(self._unregistered):
                 if other.cache_salt == req.cache_salt and other.ids_bytes(0, P) == first:
                     self._register_loaded(other)
+        if self._live and cap:
+            self._share(req)
         memo, k = self._remembered(req, cap)
         if memo is not None and len(req.hashes) < k:
             req.hashes = memo.hashes[:k]  # the same ids under the same salt: the same hashes
@@ -154,6 +167,13 @@ class PrefixCache:
         req.block_table = BlockTable(hits)
         self.blocks.touch(req.block_table)  # (its ids as they are: no conversion of its own)
         req.num_computed, req.num_registered = len(hits) * P, len(hits)
+        if self._live and len(hits) < cap and self._computing(req, len(hits)):
+            # A running request's prefill computes this prompt's next page (agents arriving together
+            # with one system prompt, a chunk smaller than the step's budget): wait for it, holding
+            # nothing, instead of computing the same pages beside it step after step (each arrival
+            # computed the whole shared prefix again, in lockstep with the first)
+            self.release(req)
+            return Admission(Grant.WAIT)
         if self.host is None or cap <= len(hits):
             return None
         if self._loads and self._loading(req.hashes[len(hits)], len(hits)):
@@ -193,6 +213,36 @@ class PrefixCache:
                              on_queued=on_queued)
         self._loads[req] = _Load(req, fut, len(hits), end - len(hits), queued)
         return Admission(Grant.LOADING)
+
+    def _share(self, req: Request) -> None:
+        """Commit the running requests that start as req's prompt does (same salt, same first page)
+        and have full pages past their registered ones: what their launched steps computed becomes
+        a hit for req now, not after its own step (a step's pages are otherwise committed beside the
+        next step's launch, after that step's admissions: agents arriving together with one system
+        prompt, a step's budget one chunk, each computed the pages the others' earlier steps had).
+        As vLLM, which caches a block when the step that computes it is scheduled. Safe for the same
+        reason the commit beside a launch is: the KV of a launched step is written before any later
+        step reads it (one stream; the CPU runs steps in order), a pending token's page has no hash
+        yet, and a step that read an early load (whose work a failed page voids) is read back before
+        anything is scheduled after it; a request whose load is not settled is left alone."""
+        P = self.page_size
+        first = None
+        for other in list(self._live):
+            if (other.num_computed // P <= other.num_registered or other in self._loads
+                    or other.cache_salt != req.cache_salt):
+                continue
+            if first is None:
+                first = req.ids_bytes(0, P)
+            if other.ids_bytes(0, P) == first:
+                self.commit(other)
+
+    def _computing(self, req: Request, page: int) -> bool:
+        """Whether a running request's prefill is still to compute page `page` of req's prompt (the
+        same chained hash: the same prefix under the same salt). A request whose load is not
+        settled is not counted; one that is preempted leaves _live, so a wait always ends."""
+        h, end = req.hashes[page], (page + 1) * self.page_size
+        return any(len(x.hashes) > page and x.hashes[page] == h and x.num_computed < end <= len(x.prompt_ids)
+                   and x not in self._loads for x in self._live)
 
     def _loading(self, h: bytes, page: int) -> bool:
         """Whether a running load brings page `page` of hash h (a chained hash: the same prefix)."""
@@ -331,6 +381,7 @@ class PrefixCache:
     def free(self, req: Request) -> None:
         """Drop a request's blocks; while its load runs they stay taken (deferred free). Loaded
         pages are registered first: they stay cached in the pool and match again."""
+        self._live.pop(req, None)
         if req in self._deferred:  # its last step's pages are registered before they are freed
             self.commit(req)
         load = self._loads.get(req)

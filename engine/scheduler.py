@@ -5,8 +5,9 @@ is short the running tail is preempted (recompute: its pages are freed but stay 
 requests whose host load landed are placed, then the waiting queue, unless something was
 preempted this step. All room comes from the PrefixCache: a request it cannot place holds no
 blocks, so nothing in the waiting queue ever holds blocks while it cannot run (the engine cannot
-stall behind it). A request whose next pages another request's host load brings waits for
-that load (holding nothing, keeping its place) and the queue behind it goes on. A prefix hit only
+stall behind it). A request whose next pages another request's host load brings, or another
+running request's prefill is still to compute (agents arriving together with one system prompt),
+waits for them (holding nothing, keeping its place) and the queue behind it goes on. A prefix hit only
 sets the first uncomputed position: chunked prefill continues from there. With a step in flight
 (the engine's async scheduling) a running request may have a pending token: it is scheduled as a
 decode of that token, unless the token ends it by length.
