@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ from .request import BlockTable, Request, Status
 
 log = logging.getLogger("kvc.engine")
 REOFFER_EVERY_S = 30.0
+REOFFERS_KEPT = 4096  # prefixes whose re-offer time is kept; an older one may be re-offered sooner
 MEMO_MIN_PAGES = 256  # device hits this long are remembered (_Memo); shorter ones match fast enough
 MEMO_ENTRIES = 8  # the shared prefixes and the live conversations' latest hits, least recently used dropped
 
@@ -103,7 +105,8 @@ class PrefixCache:
         self.prefix_caching = prefix_caching
         self.planner = planner or LoadPlanner("auto", kv.page_size, kv.spec.page_bytes)
         self._loads: dict[Request, _Load] = {}
-        self._reoffered: dict[bytes, float] = {}  # page hash -> when a device hit was last offered again
+        # page hash -> when a device hit was last offered again, oldest first (at most REOFFERS_KEPT)
+        self._reoffered: OrderedDict[bytes, float] = OrderedDict()
         # loaded pages not yet in the pool's hash map (request -> pages to register up to): registered
         # at the next step launch, while the GPU runs the step, or at the request's commit or free
         # (registering a 32K load's 2,048 pages sat in the 3.4 ms between the load's end and the
@@ -310,11 +313,13 @@ class PrefixCache:
         while a cache service is down its lookups answer nothing, and every request that reuses a
         prefix from the device pool would otherwise copy it out again."""
         now = time.monotonic()
-        if now - self._reoffered.get(h, -REOFFER_EVERY_S) < REOFFER_EVERY_S:
+        seen = self._reoffered
+        if now - seen.get(h, -REOFFER_EVERY_S) < REOFFER_EVERY_S:
             return False
-        if len(self._reoffered) >= 4096:
-            self._reoffered = {k: t for k, t in self._reoffered.items() if now - t < REOFFER_EVERY_S}
-        self._reoffered[h] = now
+        seen.pop(h, None)
+        seen[h] = now  # in time order: the oldest first
+        while seen and (len(seen) > REOFFERS_KEPT or now - next(iter(seen.values())) >= REOFFER_EVERY_S):
+            seen.popitem(last=False)  # O(1) a call in a long outage (the whole map was rebuilt each call)
         return True
 
     def _blocks_after(self, pages: int, tokens: int) -> int:
