@@ -52,10 +52,17 @@ def resolve_model_path(path: str) -> Path:
         if name not in BUILTIN:
             raise ValueError(f"model.path {path!r}: unknown builtin model; known: "
                              f"{', '.join('builtin:' + n for n in BUILTIN)}")
+        from .tiny import CHAT_TEMPLATE, make_tiny_model
         out = Path("~/.cache/kvc/models").expanduser() / name
         if not (out / "config.json").is_file():
-            from .tiny import make_tiny_model
             make_tiny_model(out, BUILTIN[name])
+        template = out / "chat_template.jinja"
+        if not template.is_file() or template.read_text(encoding="utf-8") != CHAT_TEMPLATE:
+            # written by an older kvc (before the template's tool parts): the weights stay, the
+            # template is this version's, so the builtin model serves what the README says
+            tmp = template.with_suffix(".tmp")
+            tmp.write_text(CHAT_TEMPLATE, encoding="utf-8")
+            tmp.replace(template)
         return out
     return Path(path).expanduser()
 

@@ -171,3 +171,17 @@ def test_qkv_projections_fused_into_one_weight(qwen_dir, monkeypatch):
     biased = layers.Attention(16, 2, 1, 8, True, 1e-6)
     biased.k_proj = torch.nn.Linear(16, 8, bias=True)
     assert not biased.fuse_qkv() and biased.qkv_weight is None
+
+
+def test_a_builtin_model_written_by_an_older_kvc_gets_this_versions_template(tmp_path, monkeypatch):
+    """builtin:<name> is written once under ~/.cache/kvc/models; a copy an older kvc wrote (its
+    template without the tool parts) gets this version's template, its weights kept."""
+    from engine.llm_engine import resolve_model_path
+    from engine.tiny import CHAT_TEMPLATE
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = resolve_model_path("builtin:tiny-qwen3-moe")
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert resolve_model_path("builtin:tiny-qwen3-moe") == out
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
