@@ -153,7 +153,9 @@ def create_app(engine: AsyncEngine, model_names: list[str], registry: CollectorR
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = first.get("msg", "invalid request").removeprefix("Value error, ")
         param = (first.get("ctx") or {}).get("param")
-        return _error(400, f"{where}: {msg}" if where else msg, "invalid_request_error", param or where or None)
+        # a message that starts with the field's name already says where (tools[1].function.name ...)
+        said = f"{where}: {msg}" if where and not msg.startswith(where) else msg
+        return _error(400, said, "invalid_request_error", param or where or None)
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):

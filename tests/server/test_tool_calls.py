@@ -324,6 +324,8 @@ def test_http_400s(shared, extra, param, needle):
     api, _, _ = shared
     r = chat(api, **{"tools": [WEATHER], **extra})
     assert r.status_code == 400 and error(r)["param"] == param and needle in error(r)["message"], r.text
+    if param != "functions":  # named once ("tool_choice: tool_choice='required' ..." before)
+        assert error(r)["message"].count(param) == 1, error(r)["message"]
 
 
 def test_tools_on_completions_are_refused(shared):
