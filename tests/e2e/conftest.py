@@ -23,11 +23,12 @@ def free_port() -> int:
 class Proc:
     """A kvc subprocess with its log; stop() sends SIGTERM (or SIGKILL) and waits."""
 
-    def __init__(self, args: list[str], log: Path, env=None):
+    def __init__(self, args: list[str], log: Path, env=None, python_args: tuple[str, ...] = ("-m", "server.cli")):
+        """python_args: what runs (the kvc CLI, or a script given with -c that calls it)."""
         self.log = log
         self.args = args
         self._f = open(log, "ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "server.cli", *args], cwd=ROOT, stdout=self._f,
+        self.p = subprocess.Popen([sys.executable, *python_args, *args], cwd=ROOT, stdout=self._f,
                                   stderr=subprocess.STDOUT, env=env or dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def output(self) -> str:

@@ -1,14 +1,11 @@
 """`kvc serve` SIGKILLed in the middle of a stream restarts on the same port at once and reuses
 the pages its disk tier committed before the kill; a `kvc serve` whose engine loop died exits."""
-import os
 import signal
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from .conftest import ROOT, SERVE_YAML, Proc, free_port, metric_value, wait_http
+from .conftest import SERVE_YAML, Proc, free_port, metric_value, wait_http
 
 PROMPT = "You are a careful assistant for a team of engineers who run caches. " * 8 + "Crash test."
 
@@ -77,11 +74,8 @@ def test_a_dead_engine_loop_ends_kvc_serve_with_status_1(tmp_path, tiny_model):
     cfg = tmp_path / "faulty.yaml"
     cfg.write_text(SERVE_YAML.format(model=tiny_model, disk=tmp_path / "pages", port=port))
     log = tmp_path / "faulty.log"
-    with open(log, "ab") as f:
-        p = subprocess.Popen([sys.executable, "-c", _FAULTY_SERVE, str(trigger), "serve", "--config", str(cfg)],
-                             cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    proc = Proc.__new__(Proc)  # wait_http reads .p and .output()
-    proc.p, proc.log = p, log
+    proc = Proc([str(trigger), "serve", "--config", str(cfg)], log, python_args=("-c", _FAULTY_SERVE))
+    p = proc.p
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", proc)
@@ -94,6 +88,4 @@ def test_a_dead_engine_loop_ends_kvc_serve_with_status_1(tmp_path, tiny_model):
         out = log.read_text()
         assert "kvc serve exits with status 1" in out and "Traceback" in out  # the step's, logged once
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        proc.stop(signal.SIGKILL)
