@@ -7,6 +7,7 @@ transformers renders it (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, to
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -164,12 +165,38 @@ class Tokenizer:
         longest = max(len(t.encode()) for t in self._tok.get_vocab(with_added_tokens=True))
         return max_tokens * max(longest, 4) * shrink  # 4: an unknown character's unk token covers its bytes
 
+    @functools.cached_property
+    def byte_tokens(self) -> tuple[dict[int, int], list[int], set[int]] | None:
+        """For a ByteFallback decoder: {id: byte} of its byte tokens (<0xE2>), the ids of U+FFFD's
+        bytes (EF BF BD), and the special tokens' ids (decode skips them: a run of byte ids goes on
+        past them); None where the bytes are not all there or do not decode as bytes. Built once a
+        tokenizer (each Detokenizer asks)."""
+        found = None
+        if self.byte_fallback:
+            hf, specials = self._tok, set()
+            try:
+                specials = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+            except AttributeError:  # an older tokenizers library
+                pass
+            byte_of, id_of = {}, {}
+            for tok, i in hf.get_vocab(with_added_tokens=True).items():
+                if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">") and i not in specials:
+                    if all(c in "0123456789abcdefABCDEF" for c in tok[3:5]):  # as the decoder reads them
+                        byte_of[i] = b = int(tok[3:5], 16)
+                        id_of.setdefault(b, i)
+            if all(b in id_of for b in (0xEF, 0xBF, 0xBD, 0xC3, 0xA9)):
+                fffd = [id_of[0xEF], id_of[0xBF], id_of[0xBD]]
+                if (hf.decode(fffd) == "\ufffd" and hf.decode([id_of[0xC3], id_of[0xA9]]) == "é"
+                        and hf.decode([id_of[0xC3], id_of[0xA9], id_of[0xBD]]) == "\ufffd" * 3):
+                    found = (byte_of, fffd, specials)
+        return found
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if self._template is None:
             raise ValueError("this model has no chat template (chat_template.jinja or "
                              "tokenizer_config.json chat_template); send a plain completion prompt")
-        # as transformers renders it: tools and documents None (kvc takes neither), the named special
-        # tokens. A template's own error (raise_exception: "roles must alternate", an undefined
+        # as transformers renders it: tools and documents None unless given (the server passes a
+        # request's tools), the named special tokens. A template's own error (raise_exception: "roles must alternate", an undefined
         # field, ...) is the request's: a ValueError, which the server answers with a 400.
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -213,35 +240,6 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise CheckpointError(f"chat template does not parse: {e}") from None
-
-
-def _byte_tokens(tokenizer: "Tokenizer") -> tuple[dict[int, int], list[int], set[int]] | None:
-    """For a ByteFallback decoder: {id: byte} of its byte tokens (<0xE2>), the ids of U+FFFD's
-    bytes (EF BF BD), and the special tokens' ids (decode skips them: a run of byte ids goes on
-    past them); None where the bytes are not all there or do not decode as bytes."""
-    cached = tokenizer.__dict__.get("_detok_bytes", False)
-    if cached is not False:
-        return cached
-    found = None
-    if tokenizer.byte_fallback:
-        hf, specials = tokenizer._tok, set()
-        try:
-            specials = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        except AttributeError:  # an older tokenizers library
-            pass
-        byte_of, id_of = {}, {}
-        for tok, i in hf.get_vocab(with_added_tokens=True).items():
-            if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">") and i not in specials:
-                if all(c in "0123456789abcdefABCDEF" for c in tok[3:5]):  # as the decoder reads them
-                    byte_of[i] = b = int(tok[3:5], 16)
-                    id_of.setdefault(b, i)
-        if all(b in id_of for b in (0xEF, 0xBF, 0xBD, 0xC3, 0xA9)):
-            fffd = [id_of[0xEF], id_of[0xBF], id_of[0xBD]]
-            if (hf.decode(fffd) == "\ufffd" and hf.decode([id_of[0xC3], id_of[0xA9]]) == "é"
-                    and hf.decode([id_of[0xC3], id_of[0xA9], id_of[0xBD]]) == "\ufffd" * 3):
-                found = (byte_of, fffd, specials)
-    tokenizer.__dict__["_detok_bytes"] = found
-    return found
 
 
 def _valid_prefix(bs: bytes) -> int:
@@ -297,7 +295,7 @@ class Detokenizer:
         self.tok = tokenizer
         self.text = ""
         # ByteFallback's byte ids ({id: byte}, U+FFFD's ids): its windows are decoded through _repair
-        self._bytes = _byte_tokens(tokenizer) if tokenizer.byte_fallback else None
+        self._bytes = tokenizer.byte_tokens
         start = max(len(prompt_ids) - self.CONTEXT, 0)
         if self._bytes is not None:  # not inside a character of byte ids (all its bytes U+FFFD)
             byte_of = self._bytes[0]
